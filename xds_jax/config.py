@@ -182,7 +182,9 @@ def _validate_moe(moe: MoEConfig, num_layers: int) -> None:
     if moe.router not in ("softmax", "sigmoid"):
         raise ConfigError(f"router (scoring_func) must be softmax or sigmoid, got {moe.router!r}")
     if moe.n_group < 1 or moe.num_experts % moe.n_group:
-        raise ConfigError(f"n_group ({moe.n_group}) must divide n_routed_experts ({moe.num_experts})")
+        raise ConfigError(
+            f"n_group ({moe.n_group}) must divide n_routed_experts ({moe.num_experts})"
+        )
     if not 1 <= moe.topk_group <= moe.n_group:
         raise ConfigError(f"topk_group ({moe.topk_group}) must be in 1..n_group ({moe.n_group})")
     per_group = moe.num_experts // moe.n_group

@@ -52,7 +52,7 @@ def _token_ids(value: Any) -> tuple[int, ...]:
 
 
 def parse_rope(d: dict, source: str, interleaved: bool = False) -> RopeConfig:
-    """Read RoPE settings from ``rope_parameters`` (v5) or ``rope_theta`` + ``rope_scaling`` (v4)."""
+    """RoPE settings from ``rope_parameters`` (v5) or ``rope_theta`` + ``rope_scaling`` (v4)."""
     params = d.get("rope_parameters") or {}
     if params and all(isinstance(v, dict) for v in params.values()):
         raise UnsupportedModelError(f"{source}: per-layer-type rope_parameters are not supported")

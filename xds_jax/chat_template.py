@@ -1,0 +1,84 @@
+"""Render Hugging Face chat templates (Jinja) the way transformers does.
+
+Templates come from model files and are untrusted, so they run in Jinja's immutable sandbox. The
+environment matches transformers' `apply_chat_template`: `trim_blocks` and `lstrip_blocks`, the
+`loopcontrols` extension, a `{% generation %}` block (rendered as its body), a `tojson` filter that
+keeps non-ASCII characters and takes `indent`/`separators`/`sort_keys`, and the globals
+`raise_exception` and `strftime_now`.
+"""
+
+import functools
+import json
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.parser
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.CallBlock:
+        """Parse the block into a call that renders its body unchanged."""
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        call = self.call_method("_render_body")
+        return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+    def _render_body(self, caller: Callable[[], str]) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Jinja's own `tojson` escapes HTML characters, which templates' JSON must not contain.
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+@functools.lru_cache(maxsize=16)
+def compile_chat_template(source: str) -> jinja2.Template:
+    """Compile a chat template once per distinct source.
+
+    Raises:
+        jinja2.TemplateSyntaxError: The template is not valid Jinja.
+    """
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_GenerationBlock, jinja2.ext.loopcontrols],
+    )
+    environment.filters["tojson"] = _tojson
+    environment.globals["raise_exception"] = _raise_exception
+    environment.globals["strftime_now"] = _strftime_now
+    return environment.from_string(source)
+
+
+def render_chat_template(source: str, **variables: Any) -> str:
+    """Render a chat template with the given variables (`messages`, `add_generation_prompt`, ...).
+
+    Raises:
+        jinja2.TemplateError: The template is invalid or called `raise_exception`.
+    """
+    return compile_chat_template(source).render(**variables)

@@ -1,0 +1,61 @@
+"""The whole model as a chain of stages, on one device: the ground truth for every other path.
+
+``forward`` is jitted whole by the single-device loop; distributed runners call the same stage
+functions one by one on their own device slices.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from xds_jax import stages
+from xds_jax.attention import new_layer_cache
+from xds_jax.config import ModelConfig
+
+
+def forward(params: dict, cfg: ModelConfig, tokens_BS: jax.Array, positions_BS: jax.Array,
+            caches: list[dict], block_tables_BN: jax.Array) -> tuple[jax.Array, list[dict]]:
+    """Hidden states ``[B, S, D]`` after the last layer (before the final norm), new caches."""
+    x = stages.embed(params, tokens_BS)
+    new_caches = []
+    for i, layer in enumerate(params["layers"]):
+        x, cache = stages.attention(layer, cfg, x, positions_BS, caches[i], block_tables_BN)
+        x = stages.feed_forward(layer, cfg, i, x)
+        new_caches.append(cache)
+    return x, new_caches
+
+
+def last_token_logits(params: dict, cfg: ModelConfig, x_BSD: jax.Array,
+                      last_B: jax.Array) -> jax.Array:
+    """Logits ``[B, V]`` of token ``last_B[b]`` of each sequence."""
+    x_BD = jnp.take_along_axis(x_BSD, last_B[:, None, None], axis=1)[:, 0]
+    return stages.head(params, cfg, x_BD)
+
+
+def new_caches(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> list[dict]:
+    """Zeroed KV pages for every layer."""
+    return [new_layer_cache(cfg, num_pages, page_size, dtype) for _ in range(cfg.num_layers)]
+
+
+def reference_logits(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Logits ``[T, V]`` of one sequence, every position, from an empty cache of one page."""
+    t = tokens.shape[0]
+    caches = new_caches(cfg, 1, t, params["embed"].dtype)
+    x, _ = forward(params, cfg, tokens[None], jnp.arange(t)[None], caches,
+                   jnp.zeros((1, 1), jnp.int32))
+    return stages.head(params, cfg, x[0])
+
+
+def reference_hidden_states(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """``[L + 1, T, D]``: the embedding, then the output of every layer."""
+    t = tokens.shape[0]
+    caches = new_caches(cfg, 1, t, params["embed"].dtype)
+    positions, table = jnp.arange(t)[None], jnp.zeros((1, 1), jnp.int32)
+    x = stages.embed(params, tokens[None])
+    out = [x[0]]
+    for i, layer in enumerate(params["layers"]):
+        x, _ = stages.attention(layer, cfg, x, positions, caches[i], table)
+        x = stages.feed_forward(layer, cfg, i, x)
+        out.append(x[0])
+    return jnp.stack(out)

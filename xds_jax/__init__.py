@@ -1,0 +1,10 @@
+"""xds-jax: a JAX/XLA disaggregated inference engine for LLMs, after xDeepServe.
+
+The library API follows vLLM: ``LLM``, ``SamplingParams``, ``RequestOutput``.
+"""
+
+from xds_jax.llm import LLM
+from xds_jax.outputs import CompletionOutput, Logprob, RequestOutput
+from xds_jax.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]

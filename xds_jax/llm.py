@@ -1,0 +1,164 @@
+"""``LLM``: the offline library API, named and shaped like vLLM's.
+
+    llm = LLM("smollm2")
+    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=32, temperature=0))
+    out[0].outputs[0].text
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from xds_jax.errors import PromptTooLongError, XdsError
+from xds_jax.loader import load_model
+from xds_jax.outputs import RequestMetrics, RequestOutput
+from xds_jax.sampling_params import SamplingParams
+from xds_jax.sequence import Sequence
+
+
+class InvalidPromptError(XdsError, ValueError):
+    """A prompt is empty, of the wrong type, or holds token ids outside the vocabulary."""
+
+
+class LLM:
+    """Load a model and generate from prompts or chats.
+
+    Args:
+      model: a registered name (``"smollm2"``), a Hugging Face directory, a ``.gguf`` file, or a
+        ``config.json`` file (random weights, for simulation).
+      dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` (the checkpoint's).
+      max_model_len: context limit (prompt + output); defaults to the model's.
+      seed: seed for random weights when ``model`` is a bare config.
+      engine: an object with ``run(list[Sequence])``; defaults to the single-device loop.
+    """
+
+    def __init__(self, model: str = "smollm2", dtype: str | None = None,
+                 max_model_len: int | None = None, seed: int = 0, engine: Any = None,
+                 use_param_cache: bool = True):
+        loaded = load_model(model, dtype=dtype, seed=seed, use_cache=use_param_cache)
+        self.model_name = loaded.name
+        self.cfg = loaded.cfg
+        self.params = loaded.params
+        self.tokenizer = loaded.tokenizer
+        limit = self.cfg.max_position_embeddings
+        if max_model_len is not None and not 0 < max_model_len <= limit:
+            raise PromptTooLongError(f"max_model_len must be in 1..{limit}, got {max_model_len}")
+        self.max_model_len = max_model_len or limit
+        if engine is None:
+            from xds_jax.generate import LocalGenerator
+
+            engine = LocalGenerator(self.params, self.cfg)
+        self.engine = engine
+        self._request_ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # -- inputs -------------------------------------------------------------------------------
+    def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, list | tuple) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in ids
+                ):
+                    raise InvalidPromptError("prompt_token_ids must be a list of integers")
+                return prompt.get("prompt"), list(ids)
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise InvalidPromptError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if not isinstance(prompt, str):
+            raise InvalidPromptError(f"a prompt must be a str or dict, got {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise InvalidPromptError(
+                f"model {self.model_name!r} has no tokenizer; pass {{'prompt_token_ids': [...]}}"
+            )
+        return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def _check(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise InvalidPromptError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise InvalidPromptError(
+                f"prompt token ids {bad[:5]} are outside the vocabulary "
+                f"(0..{self.cfg.vocab_size - 1})"
+            )
+        need = len(ids) + (params.max_tokens or 1)
+        if len(ids) >= self.max_model_len or need > self.max_model_len:
+            raise PromptTooLongError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the "
+                f"prompt has {len(ids)} tokens and max_tokens asks for "
+                f"{params.max_tokens or 1} more ({need} in all)"
+            )
+
+    def make_sequences(self, prompt_ids: list[int], params: SamplingParams) -> list[Sequence]:
+        """The ``n`` sequences of one request (seeded requests get seeds seed, seed+1, ...)."""
+        eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else self.cfg.eos_token_ids
+        base = params.request_seed()
+        return [
+            Sequence(prompt_ids, params, index=i, seed=base + i, tokenizer=self.tokenizer,
+                     eos_token_ids=eos, max_model_len=self.max_model_len)
+            for i in range(params.n)
+        ]
+
+    # -- API ----------------------------------------------------------------------------------
+    def generate(self, prompts: Any, sampling_params: SamplingParams | Seq | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Complete each prompt. ``prompts``: a str, a ``{"prompt_token_ids": [...]}`` or
+        ``{"prompt": str}`` dict, or a list of them. One ``SamplingParams`` for all, or one each."""
+        if isinstance(prompts, str | dict):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params_list = self._params_list(sampling_params, len(prompts))
+        requests = []
+        for prompt, params in zip(prompts, params_list, strict=True):
+            text, ids = self._prompt_ids(prompt)
+            self._check(ids, params)
+            requests.append((text, ids, self.make_sequences(ids, params)))
+        arrival = time.monotonic()
+        self.engine.run([s for _, _, seqs in requests for s in seqs])
+        done = time.monotonic()
+        return [
+            RequestOutput(
+                request_id=str(next(self._request_ids)), prompt=text, prompt_token_ids=ids,
+                outputs=[s.output() for s in seqs], finished=True,
+                metrics=RequestMetrics(arrival_time=arrival, finished_time=done),
+            )
+            for text, ids, seqs in requests
+        ]
+
+    def chat(self, messages: list, sampling_params: SamplingParams | Seq | None = None,
+             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Reply to one conversation (a list of ``{"role", "content"}``) or to a list of them."""
+        if self.tokenizer is None:
+            raise InvalidPromptError(f"model {self.model_name!r} has no tokenizer for chat")
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = []
+        for conversation in conversations:
+            text = self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt,
+                **(chat_template_kwargs or {}),
+            )
+            # The template already holds BOS where the model wants it.
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    @staticmethod
+    def _params_list(sampling_params, count: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams() for _ in range(count)]
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        params = list(sampling_params)
+        if len(params) != count:
+            raise InvalidPromptError(
+                f"got {len(params)} SamplingParams for {count} prompts; pass one or one each"
+            )
+        return params

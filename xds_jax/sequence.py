@@ -1,0 +1,140 @@
+"""Host-side state of one generated sequence: tokens, text, logprobs and when to stop.
+
+Shared by the single-device loop and the FlowServe engine, so both stop, detokenize and report
+in exactly the same way. No JAX here.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from xds_jax.detokenizer import IncrementalDetokenizer
+from xds_jax.outputs import CompletionOutput, Logprob
+from xds_jax.sampling_params import SamplingParams
+from xds_jax.stop_strings import find_stop, held_back_length
+
+_ids = itertools.count()
+
+
+class Sequence:
+    """One sample of one request: prompt ids in, output ids and text out."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, *, index: int = 0,
+                 seed: int | None = None, tokenizer=None, eos_token_ids=(),
+                 max_model_len: int | None = None):
+        self.seq_id = next(_ids)
+        self.index = index
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.seed = params.request_seed() if seed is None else seed
+        self.output_ids: list[int] = []
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self._tokenizer = tokenizer
+        self._detok = (IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
+                       if tokenizer is not None else None)
+        self._eos = frozenset(() if params.ignore_eos else eos_token_ids)
+        self._stop_ids = frozenset(params.stop_token_ids)
+        self._text_cut: int | None = None
+        self._sent = 0
+        self._checked = 0
+        limit = params.max_tokens
+        if max_model_len is not None:
+            room = max_model_len - len(self.prompt_ids)
+            limit = room if limit is None else min(limit, room)
+        self.max_tokens = limit
+
+    # -- what the sampler needs -------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def banned_ids(self) -> list[int]:
+        """Ids that may not be sampled yet: EOS and stop ids before ``min_tokens``."""
+        if len(self.output_ids) >= self.params.min_tokens:
+            return []
+        return sorted(self._eos | self._stop_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    # -- advancing ----------------------------------------------------------------------------
+    def append(self, token: int, logprob: float | None = None, rank: int | None = None,
+               top: list[tuple[int, float]] | None = None) -> None:
+        """Record a sampled token and decide whether the sequence is finished."""
+        self.output_ids.append(token)
+        if logprob is not None:
+            self.cumulative_logprob += logprob
+        if self.logprobs is not None:
+            entry = {tid: Logprob(lp, r + 1, self._piece(tid)) for r, (tid, lp) in enumerate(top)}
+            if token not in entry:
+                entry[token] = Logprob(logprob, rank, self._piece(token))
+            self.logprobs.append(entry)
+        if self._detok is not None:
+            self._detok.add([token])
+        if token in self._eos or token in self._stop_ids:
+            if len(self.output_ids) > self.params.min_tokens or token in self._stop_ids:
+                self.finish_reason = "stop"
+                self.stop_reason = token if token in self._stop_ids else None
+                return
+        if self._check_stop_strings():
+            return
+        if self.max_tokens is not None and len(self.output_ids) >= self.max_tokens:
+            self.finish_reason = "length"
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finish_reason = "abort"
+
+    def _check_stop_strings(self) -> bool:
+        stops = self.params.stop
+        if not stops or self._detok is None:
+            return False
+        text = self._detok.text
+        # A new match must end in the text added since the last check.
+        start = max(0, self._checked - max(len(s) for s in stops) + 1)
+        self._checked = len(text)
+        cut = find_stop(text, stops, self.params.include_stop_str_in_output, search_from=start)
+        if cut is None:
+            return False
+        self._text_cut = cut
+        self.finish_reason = "stop"
+        self.stop_reason = next(s for s in stops if s in text[start:])
+        return True
+
+    def _piece(self, token: int) -> str | None:
+        return None if self._tokenizer is None else self._tokenizer.decode([token], False)
+
+    # -- reporting ----------------------------------------------------------------------------
+    @property
+    def text(self) -> str:
+        if self._detok is None:
+            return ""
+        text = self._detok.text if not self.finished else self._detok.text + self._detok.finish()
+        return text if self._text_cut is None else text[: self._text_cut]
+
+    def new_text(self) -> str:
+        """Text not yet handed out, holding back a tail that may still become a stop string."""
+        text = self.text
+        end = len(text) if self.finished else len(text) - held_back_length(text, self.params.stop)
+        delta = text[self._sent:end] if end > self._sent else ""
+        self._sent = max(self._sent, end)
+        return delta
+
+    def output(self) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index,
+            text=self.text,
+            token_ids=list(self.output_ids),
+            cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
+            logprobs=self.logprobs,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )

@@ -9,7 +9,7 @@ keeps non-ASCII characters and takes `indent`/`separators`/`sort_keys`, and the 
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -82,3 +82,26 @@ def render_chat_template(source: str, **variables: Any) -> str:
         jinja2.TemplateError: The template is invalid or called `raise_exception`.
     """
     return compile_chat_template(source).render(**variables)
+
+
+def find_message_problem(messages: Any) -> str | None:
+    """Why `messages` is not a usable chat, or None when it is one.
+
+    A chat is a non-empty list of dicts, each with a string `role` and a `content` that is a
+    string, a list of content parts, or None beside `tool_calls`.
+    """
+    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
+        return f"messages must be a list of dicts, got {type(messages).__name__}"
+    if not messages:
+        return "messages must not be empty"
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            return f"messages[{index}] must be a dict, got {type(message).__name__}"
+        if not isinstance(message.get("role"), str):
+            return f"messages[{index}] needs a string 'role'"
+        content = message.get("content")
+        if not isinstance(content, str | list) and not (
+            content is None and "tool_calls" in message
+        ):
+            return f"messages[{index}] needs 'content' as a string or list of parts"
+    return None

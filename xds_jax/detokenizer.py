@@ -6,6 +6,10 @@ decodes a short window `ids[prefix_offset:]` and emits what it adds over `ids[pr
 read_offset]`. It holds text back while the window ends in U+FFFD (an unfinished UTF-8 character),
 so a delta never carries half a character; `finish` releases what is held at the end.
 
+SentencePiece byte fallback needs one more rule: its decoder turns a whole run of `<0xXX>` tokens
+into U+FFFDs when the run is not valid UTF-8, so a later stray byte can spoil characters already
+complete. Text is held back while the window ends in such a run, until another token closes it.
+
 Unlike vLLM the window starts at the first output id rather than inside the prompt, so the deltas
 always add up to `tokenizer.decode(output_ids)` (vLLM keeps a SentencePiece leading space that
 `decode` strips).
@@ -57,12 +61,19 @@ class IncrementalDetokenizer:
         window_text = self._decode(ids[self._prefix_offset :])
         if len(window_text) <= len(prefix_text) and not final:
             return ""
-        if window_text.endswith(REPLACEMENT_CHAR) and not final:
+        if not final and (window_text.endswith(REPLACEMENT_CHAR) or self._in_byte_run()):
             return ""
         delta = window_text[len(prefix_text) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(ids)
         self.text += delta
         return delta
+
+    def _in_byte_run(self) -> bool:
+        """Whether the last token that shows in the text is a byte-fallback token."""
+        for token_id in reversed(self.output_ids[self._read_offset :]):
+            if not (self._skip_special_tokens and self._tokenizer.is_special(token_id)):
+                return token_id in self._tokenizer.byte_fallback_ids
+        return False
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)

@@ -7,8 +7,11 @@ rebuild the pipeline llama.cpp runs for each `tokenizer.ggml.model`:
 - `"gpt2"`: byte-level BPE. Tokens are already spelled in the GPT-2 byte alphabet; the text is
   split by llama.cpp's regexes for the named pre-tokenizer, applied one after another.
 - `"llama"`: SentencePiece BPE. Merges are derived from the token scores, spaces become `▁`,
-  unknown bytes fall back to `<0xXX>` tokens, and, as in llama.cpp, every run of text that does not
-  follow a plain token gets a leading space when `tokenizer.ggml.add_space_prefix` is set.
+  unknown bytes fall back to `<0xXX>` tokens, and, as in llama.cpp, the text's start and every
+  run of text after a control or user-defined token get a leading space when
+  `tokenizer.ggml.add_space_prefix` is set (the default).
+
+Control and user-defined tokens are matched whole in the text, before any splitting.
 """
 
 from collections.abc import Mapping, Sequence

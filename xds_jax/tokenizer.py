@@ -14,7 +14,7 @@ from typing import Any
 import jinja2
 import tokenizers
 
-from xds_jax.chat_template import render_chat_template
+from xds_jax.chat_template import find_message_problem, render_chat_template
 from xds_jax.gguf_fields import read_gguf_metadata
 from xds_jax.gguf_tokenizer import (
     PRE_TOKENIZER_SPLITS,
@@ -28,20 +28,8 @@ log = logging.getLogger(__name__)
 # Special tokens that close a turn in the chat formats in use; those a model's chat template
 # writes also end generation, as the model emits them when its reply is done.
 END_OF_TURN_TOKENS = frozenset(
-    {
-        "<|im_end|>",
-        "<|eot_id|>",
-        "<|eom_id|>",
-        "<|end|>",
-        "<end_of_turn>",
-        "<|endoftext|>",
-        "<|end_of_text|>",
-        "</s>",
-        "<|return|>",
-        "<|call|>",
-        "<|END_OF_TURN_TOKEN|>",
-        "<｜end▁of▁sentence｜>",
-    }
+    "<|im_end|> <|eot_id|> <|eom_id|> <|end|> <end_of_turn> <|endoftext|> <|end_of_text|> </s> "
+    "<|return|> <|call|> <|END_OF_TURN_TOKEN|> <｜end▁of▁sentence｜>".split()
 )
 _HF_FILES = ("tokenizer_config.json", "generation_config.json", "chat_template.json")
 
@@ -60,10 +48,13 @@ class Tokenizer:
     Attributes:
         bos_token_id: Beginning-of-sequence id, or None.
         eos_token_id: The model's declared end-of-sequence id, or None.
-        eos_token_ids: Every id that ends generation (see `__init__`).
+        eos_token_ids: Every id that ends generation: EOS, `extra_eos_token_ids` and the
+            end-of-turn tokens (`END_OF_TURN_TOKENS`) that the chat template writes.
+        pad_token_id: Padding id, or None.
         add_bos_token: Whether `encode(..., add_special_tokens=True)` prepends BOS.
         chat_template: Jinja source of the chat template, or None.
         vocab_size: Number of ids, added tokens included.
+        byte_fallback_ids: Ids of `<0xXX>` byte tokens when the model falls back to bytes.
     """
 
     def __init__(
@@ -72,37 +63,32 @@ class Tokenizer:
         *,
         bos_token_id: int | None,
         eos_token_id: int | None,
+        pad_token_id: int | None,
         add_bos_token: bool,
         chat_template: str | None,
         extra_eos_token_ids: Iterable[int] = (),
     ) -> None:
-        """Wrap a built `tokenizers.Tokenizer`; prefer `from_gguf` and `from_hf_dir`.
+        """Wrap a built backend whose post-processor adds BOS when `add_bos_token` says so.
 
-        Args:
-            backend: Tokenizer whose post-processor already adds BOS when `add_bos_token`.
-            bos_token_id: Beginning-of-sequence id, or None.
-            eos_token_id: End-of-sequence id, or None.
-            add_bos_token: Whether encoding with special tokens prepends BOS.
-            chat_template: Jinja chat template, or None.
-            extra_eos_token_ids: More ids that end generation (generation config, end of turn).
+        Prefer `from_gguf` and `from_hf_dir`; `extra_eos_token_ids` are further ids that end
+        generation, such as a generation config's.
         """
         self._backend = backend
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
         self.add_bos_token = add_bos_token
         self.chat_template = chat_template
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        added = backend.get_added_tokens_decoder()
-        self._special_ids = frozenset(i for i, token in added.items() if token.special)
-        end_of_turn = {
-            token_id
-            for token_id in self._special_ids
-            if added[token_id].content in END_OF_TURN_TOKENS
-            and added[token_id].content in (chat_template or "")
-        }
-        self.eos_token_ids = frozenset(
-            {*extra_eos_token_ids, *end_of_turn} | ({eos_token_id} - {None})
-        )
+        byte_ids = []
+        if getattr(backend.model, "byte_fallback", False):
+            byte_ids = [backend.token_to_id(f"<0x{byte:02X}>") for byte in range(256)]
+        self.byte_fallback_ids = frozenset(i for i in byte_ids if i is not None)
+        special = {i: t.content for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        self._special_ids = frozenset(special)
+        template = chat_template or ""
+        ends = {i for i, text in special.items() if text in END_OF_TURN_TOKENS and text in template}
+        self.eos_token_ids = frozenset({*extra_eos_token_ids, *ends, eos_token_id} - {None})
 
     @classmethod
     def from_gguf(cls, path: str | PathLike[str]) -> "Tokenizer":
@@ -119,13 +105,21 @@ class Tokenizer:
         Raises:
             UnsupportedTokenizerError: `tokenizer.ggml.model` is neither "gpt2" nor "llama", or
                 the gpt2 pre-tokenizer `tokenizer.ggml.pre` is unknown.
-            TokenizerError: The metadata has no vocabulary.
+            TokenizerError: The metadata has no vocabulary, or a special token id is outside it.
         """
         model = fields.get("tokenizer.ggml.model")
         if "tokenizer.ggml.tokens" not in fields:
             raise TokenizerError("GGUF metadata has no tokenizer.ggml.tokens vocabulary")
+        tokens = fields["tokenizer.ggml.tokens"]
+        bos_id, eos_id, pad_id, eot_id, eom_id = (
+            _gguf_token_id(fields, name, len(tokens))
+            for name in ("bos", "eos", "padding", "eot", "eom")
+        )
         if model == "gpt2":
-            pre_tokenizer = fields.get("tokenizer.ggml.pre", "default")
+            pre_tokenizer = fields.get("tokenizer.ggml.pre")
+            if pre_tokenizer is None:
+                log.warning("GGUF has no tokenizer.ggml.pre; using llama.cpp's default splits")
+                pre_tokenizer = "default"
             if pre_tokenizer not in PRE_TOKENIZER_SPLITS:
                 raise UnsupportedTokenizerError(
                     f"GGUF tokenizer.ggml.pre {pre_tokenizer!r} is not supported; known: "
@@ -139,9 +133,6 @@ class Tokenizer:
                 f"GGUF tokenizer.ggml.model {model!r} is not supported; use 'gpt2' (byte-level "
                 "BPE) or 'llama' (SentencePiece)"
             )
-        tokens = fields["tokenizer.ggml.tokens"]
-        bos_id = fields.get("tokenizer.ggml.bos_token_id")
-        eos_id = fields.get("tokenizer.ggml.eos_token_id")
         # llama.cpp adds BOS to SentencePiece vocabularies that do not say otherwise.
         add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", model == "llama"))
         add_eos = bool(fields.get("tokenizer.ggml.add_eos_token", False))
@@ -150,14 +141,14 @@ class Tokenizer:
             (tokens[bos_id], bos_id) if add_bos and bos_id is not None else None,
             (tokens[eos_id], eos_id) if add_eos and eos_id is not None else None,
         )
-        end_ids = (fields.get(f"tokenizer.ggml.{key}_token_id") for key in ("eot", "eom"))
         return cls(
             backend,
             bos_token_id=bos_id,
             eos_token_id=eos_id,
+            pad_token_id=pad_id,
             add_bos_token=add_bos and bos_id is not None,
             chat_template=fields.get("tokenizer.chat_template"),
-            extra_eos_token_ids=[token_id for token_id in end_ids if token_id is not None],
+            extra_eos_token_ids=[token_id for token_id in (eot_id, eom_id) if token_id is not None],
         )
 
     @classmethod
@@ -179,13 +170,13 @@ class Tokenizer:
         bos_id = _token_id(backend, config.get("bos_token"))
         eos_id = _token_id(backend, config.get("eos_token"))
         if "add_bos_token" in config or "add_eos_token" in config:
-            add_eos = bool(config.get("add_eos_token")) and eos_id is not None
+            # As transformers does, explicit flags replace tokenizer.json's post-processor.
+            add_bos = config.get("add_bos_token") and bos_id is not None
+            add_eos = config.get("add_eos_token") and eos_id is not None
             set_special_token_template(
                 backend,
-                _named(backend, bos_id)
-                if config.get("add_bos_token") and bos_id is not None
-                else None,
-                _named(backend, eos_id) if add_eos else None,
+                (backend.id_to_token(bos_id), bos_id) if add_bos else None,
+                (backend.id_to_token(eos_id), eos_id) if add_eos else None,
             )
         jinja_file = directory / "chat_template.jinja"
         if jinja_file.is_file():
@@ -193,24 +184,23 @@ class Tokenizer:
         else:
             chat_template = template_file.get("chat_template", config.get("chat_template"))
         generation_eos = generation.get("eos_token_id", [])
+        if isinstance(generation_eos, int):
+            generation_eos = [generation_eos]
         prefix = backend.encode("", add_special_tokens=True).ids
         return cls(
             backend,
             bos_token_id=bos_id,
             eos_token_id=eos_id,
+            pad_token_id=_token_id(backend, config.get("pad_token")),
             add_bos_token=bos_id is not None and prefix[:1] == [bos_id],
             chat_template=_default_template(chat_template),
-            extra_eos_token_ids=[generation_eos]
-            if isinstance(generation_eos, int)
-            else generation_eos,
+            extra_eos_token_ids=generation_eos,
         )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; special-token strings in it become their ids.
+        """Token ids of `text`, with BOS (and EOS) as configured if `add_special_tokens`.
 
-        Args:
-            text: Text to tokenize.
-            add_special_tokens: Add BOS (and EOS) as the model's configuration says.
+        Special-token strings in `text`, like `<|im_start|>`, become their ids either way.
         """
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
@@ -246,10 +236,13 @@ class Tokenizer:
         """
         if self.chat_template is None:
             raise TokenizerError("this model has no chat template; send a plain prompt instead")
-        _check_messages(messages)
+        problem = find_message_problem(messages)
+        if problem is not None:
+            raise TokenizerError(problem)
         variables = {
             "bos_token": self._token_text(self.bos_token_id),
             "eos_token": self._token_text(self.eos_token_id),
+            "pad_token": self._token_text(self.pad_token_id),
             "tools": None,
             "documents": None,
             **kwargs,
@@ -268,29 +261,25 @@ class Tokenizer:
         return "" if token_id is None else self._backend.id_to_token(token_id) or ""
 
 
-def _check_messages(messages: Any) -> None:
-    """Raise TokenizerError unless `messages` is a non-empty list of role/content dicts."""
-    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
-        raise TokenizerError(f"messages must be a list of dicts, got {type(messages).__name__}")
-    if not messages:
-        raise TokenizerError("messages must not be empty")
-    for index, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise TokenizerError(f"messages[{index}] must be a dict, got {type(message).__name__}")
-        if not isinstance(message.get("role"), str):
-            raise TokenizerError(f"messages[{index}] needs a string 'role'")
-        content = message.get("content")
-        if not isinstance(content, str | list) and not (
-            content is None and "tool_calls" in message
-        ):
-            raise TokenizerError(f"messages[{index}] needs 'content' as a string or list of parts")
+def _gguf_token_id(fields: Mapping[str, Any], name: str, vocab_size: int) -> int | None:
+    """`tokenizer.ggml.<name>_token_id`, checked against the vocabulary size."""
+    token_id = fields.get(f"tokenizer.ggml.{name}_token_id")
+    if token_id is not None and not 0 <= token_id < vocab_size:
+        raise TokenizerError(
+            f"GGUF tokenizer.ggml.{name}_token_id {token_id} is outside the {vocab_size}-token "
+            "vocabulary"
+        )
+    return token_id
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     """A JSON file's object, or {} when the file is absent."""
     if not path.is_file():
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise TokenizerError(f"{path} is not valid JSON: {error}") from error
 
 
 def _token_id(backend: tokenizers.Tokenizer, token: str | Mapping[str, Any] | None) -> int | None:
@@ -298,10 +287,6 @@ def _token_id(backend: tokenizers.Tokenizer, token: str | Mapping[str, Any] | No
     if isinstance(token, Mapping):
         token = token.get("content")
     return None if token is None else backend.token_to_id(token)
-
-
-def _named(backend: tokenizers.Tokenizer, token_id: int) -> tuple[str, int]:
-    return backend.id_to_token(token_id), token_id
 
 
 def _default_template(template: str | list[Mapping[str, str]] | None) -> str | None:

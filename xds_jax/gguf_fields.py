@@ -12,7 +12,7 @@ import mmap
 import os
 import struct
 from os import PathLike
-from typing import Any
+from typing import Any, NamedTuple
 
 import gguf
 import numpy as np
@@ -99,6 +99,39 @@ def read_gguf_metadata(path: str | PathLike[str]) -> dict[str, Any]:
                 raise GGUFFormatError(f"{path}: corrupt metadata: {error}") from error
 
 
+class GGUFTensorInfo(NamedTuple):
+    """One tensor of a GGUF file: ``shape`` in numpy (row-major) order, data at ``offset``
+    bytes after the start of the data section."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    offset: int
+
+
+def read_gguf_tensor_infos(
+    path: str | PathLike[str],
+) -> tuple[dict[str, Any], list[GGUFTensorInfo], int]:
+    """Metadata, tensor directory and the byte offset of the data section of a GGUF file.
+
+    Raises:
+        GGUFFormatError: as ``read_gguf_metadata``.
+    """
+    with open(path, "rb") as file:
+        if os.fstat(file.fileno()).st_size < _HEADER_SIZE:
+            raise GGUFFormatError(f"{path}: too short to be a GGUF file")
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data[:4] != GGUF_MAGIC:
+                raise GGUFFormatError(f"{path}: not a GGUF file (magic {data[:4]!r})")
+            try:
+                parser = _HeaderParser(data, str(path))
+                fields = parser.parse()
+                infos, start = parser.tensor_infos(int(fields.get("general.alignment", 32)))
+            except (struct.error, UnicodeDecodeError) as error:
+                raise GGUFFormatError(f"{path}: corrupt header: {error}") from error
+    return fields, infos, start
+
+
 class _HeaderParser:
     """Walks the key/value section of a memory-mapped GGUF file.
 
@@ -119,13 +152,25 @@ class _HeaderParser:
 
     def parse(self) -> dict[str, Any]:
         """All key/value pairs, in file order."""
-        _tensor_count, kv_count = self._unpack("QQ")
+        self.tensor_count, kv_count = self._unpack("QQ")
         fields = {}
         for _ in range(kv_count):
             key = self._strings(1)[0]
             (value_type,) = self._unpack("I")
             fields[key] = self._value(value_type, key)
         return fields
+
+    def tensor_infos(self, alignment: int) -> tuple[list["GGUFTensorInfo"], int]:
+        """The tensor directory that follows the metadata, and where tensor data starts."""
+        infos = []
+        for _ in range(self.tensor_count):
+            name = self._strings(1)[0]
+            (n_dims,) = self._unpack("I")
+            dims = self._unpack("Q" * n_dims)
+            ggml_type, offset = self._unpack("IQ")
+            infos.append(GGUFTensorInfo(name, tuple(reversed(dims)), ggml_type, offset))
+        start = -(-self._offset // alignment) * alignment
+        return infos, start
 
     def _unpack(self, fmt: str) -> tuple[Any, ...]:
         layout = struct.Struct(self._endian + fmt)

@@ -119,15 +119,14 @@ def _hf_tokenizer(path: Path):
 
 def _load_gguf(name: str, path: Path, dtype, use_cache: bool) -> LoadedModel:
     from xds_jax.tokenizer import Tokenizer
-    from xds_jax.weights_gguf import GGUFSource, config_from_gguf, gguf_keymap, read_meta
+    from xds_jax.weights_gguf import GGUFSource, config_from_gguf, gguf_keymap
 
-    meta = read_meta(path)
     src = GGUFSource(path)
-    cfg = config_from_gguf(meta, set(src.names()), str(path))
+    cfg = config_from_gguf(src.meta, set(src.names()), str(path))
     jdtype = resolve_dtype(dtype, cfg)
 
     def build() -> dict:
         return assemble(cfg, src, gguf_keymap(cfg, param_shapes(cfg)), jdtype, False)
 
     params = param_cache.cached([path], f"gguf-{jdtype.__name__}", build, enabled=use_cache)
-    return LoadedModel(name, cfg, params, Tokenizer.from_gguf(path))
+    return LoadedModel(name, cfg, params, Tokenizer.from_gguf_fields(src.meta))

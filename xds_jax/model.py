@@ -6,6 +6,8 @@ functions one by one on their own device slices.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -38,6 +40,7 @@ def new_caches(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> list[
     return [new_layer_cache(cfg, num_pages, page_size, dtype) for _ in range(cfg.num_layers)]
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
 def reference_logits(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     """Logits ``[T, V]`` of one sequence, every position, from an empty cache of one page."""
     t = tokens.shape[0]
@@ -47,6 +50,7 @@ def reference_logits(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.A
     return stages.head(params, cfg, x[0])
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
 def reference_hidden_states(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     """``[L + 1, T, D]``: the embedding, then the output of every layer."""
     t = tokens.shape[0]

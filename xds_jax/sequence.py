@@ -11,7 +11,7 @@ import itertools
 from xds_jax.detokenizer import IncrementalDetokenizer
 from xds_jax.outputs import CompletionOutput, Logprob
 from xds_jax.sampling_params import SamplingParams
-from xds_jax.stop_strings import find_stop, held_back_length
+from xds_jax.stop_strings import first_stop, held_back_length
 
 _ids = itertools.count()
 
@@ -101,12 +101,12 @@ class Sequence:
         # A new match must end in the text added since the last check.
         start = max(0, self._checked - max(len(s) for s in stops) + 1)
         self._checked = len(text)
-        cut = find_stop(text, stops, self.params.include_stop_str_in_output, search_from=start)
-        if cut is None:
+        match = first_stop(text, stops, search_from=start)
+        if match is None:
             return False
-        self._text_cut = cut
+        self._text_cut = match.end if self.params.include_stop_str_in_output else match.start
         self.finish_reason = "stop"
-        self.stop_reason = next(s for s in stops if s in text[start:])
+        self.stop_reason = match.stop
         return True
 
     def _piece(self, token: int) -> str | None:

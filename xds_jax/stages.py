@@ -89,5 +89,6 @@ def feed_forward(layer: dict, cfg: ModelConfig, index: int, x: jax.Array) -> jax
 def head(params: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """Final norm and LM head, logits in float32."""
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+    if cfg.tie_word_embeddings:  # contract with the embedding as stored: no transposed copy
+        return jnp.einsum("...d,vd->...v", h, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", h, params["lm_head"], preferred_element_type=jnp.float32)

@@ -14,7 +14,7 @@ import numpy as np
 
 from xds_jax.config import ModelConfig, RopeConfig
 from xds_jax.errors import UnsupportedModelError, WeightLoadError
-from xds_jax.gguf_fields import read_gguf_metadata
+from xds_jax.gguf_fields import read_gguf_tensor_infos
 from xds_jax.weights import Leaf, transpose
 
 # GGUF architecture name -> Hugging Face model_type
@@ -22,22 +22,29 @@ _ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
 class GGUFSource:
-    """Tensors of one GGUF file, dequantised to float32 ``[out, in]`` on request."""
+    """Tensors of one GGUF file (memory-mapped), dequantised to float32 on request."""
 
     def __init__(self, path: Path):
         try:
-            self._reader = gguf.GGUFReader(str(path))
-        except Exception as e:  # the gguf package raises plain ValueErrors and struct errors
+            self.meta, infos, self._start = read_gguf_tensor_infos(path)
+        except Exception as e:  # malformed headers raise several error types
             raise WeightLoadError(f"cannot read GGUF file {path}: {e}") from e
-        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._infos = {t.name: t for t in infos}
+        self._data = np.memmap(path, dtype=np.uint8, mode="r")
 
     def names(self):
-        return self._tensors.keys()
+        return self._infos.keys()
 
     def get(self, name: str) -> np.ndarray:
-        t = self._tensors[name]
-        out = gguf.quants.dequantize(t.data, t.tensor_type)
-        return np.asarray(out, np.float32).reshape(tuple(reversed([int(n) for n in t.shape])))
+        info = self._infos[name]
+        qtype = gguf.GGMLQuantizationType(info.ggml_type)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        rows = int(np.prod(info.shape[:-1], dtype=np.int64))
+        row_bytes = info.shape[-1] // block * type_size
+        begin = self._start + info.offset
+        raw = self._data[begin : begin + rows * row_bytes].reshape(rows, row_bytes)
+        out = gguf.quants.dequantize(np.asarray(raw), qtype)
+        return np.asarray(out, np.float32).reshape(info.shape)
 
 
 def config_from_gguf(meta: dict, tensor_names: set[str], source: str) -> ModelConfig:
@@ -127,9 +134,3 @@ def gguf_keymap(cfg: ModelConfig, shapes: dict) -> dict:
         out["lm_head"] = Leaf(("output.weight",), transpose)
     return out
 
-
-def read_meta(path: Path) -> dict:
-    try:
-        return read_gguf_metadata(path)
-    except Exception as e:  # malformed headers raise several error types
-        raise WeightLoadError(f"cannot read GGUF metadata of {path}: {e}") from e

@@ -1,0 +1,25 @@
+"""Shared test helpers: golden model paths and loading."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+GOLDEN = Path(__file__).parent / "golden"
+TINY_MODELS = ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3",
+               "deepseek_v3_noqlora"]
+
+
+@functools.cache
+def tiny(name: str):
+    """A tiny golden model loaded in float32 (cached per test session)."""
+    from xds_jax.loader import load_model
+
+    return load_model(GOLDEN / name, dtype="float32", use_cache=False)
+
+
+def golden(name: str) -> dict:
+    with np.load(GOLDEN / name / "golden.npz") as g:
+        return {k: g[k] for k in g.files}

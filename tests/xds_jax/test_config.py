@@ -1,0 +1,83 @@
+"""Config parsing: every spelling real checkpoints use, and a named error for each bad field."""
+
+import copy
+import json
+
+import pytest
+
+from tests.helpers import GOLDEN
+from xds_jax.config import load_model_config
+from xds_jax.config_hf import config_from_hf_dict
+from xds_jax.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
+
+LLAMA_V4 = {
+    "model_type": "llama", "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
+    "rope_theta": 500000.0, "torch_dtype": "bfloat16", "max_position_embeddings": 4096,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+}
+
+
+def test_transformers_v4_and_v5_spellings_agree():
+    v5 = copy.deepcopy(LLAMA_V4)
+    del v5["rope_theta"], v5["torch_dtype"], v5["rope_scaling"]
+    v5["dtype"] = "bfloat16"
+    v5["rope_parameters"] = dict(LLAMA_V4["rope_scaling"], rope_theta=500000.0)
+    assert config_from_hf_dict(LLAMA_V4) == config_from_hf_dict(v5)
+    cfg = config_from_hf_dict(v5)
+    assert cfg.rope.type == "llama3" and cfg.rope.theta == 500000.0 and cfg.dtype == "bfloat16"
+    assert cfg.head_dim == 16
+
+
+def test_deepseek_hub_spelling_and_v5_head_dim():
+    hub = json.loads((GOLDEN.parent.parent / "configs/models/deepseek-v3-tiny.json").read_text())
+    cfg = config_from_hf_dict(hub)
+    assert cfg.rope.type == "yarn" and cfg.rope.interleaved  # rope_scaling.type, v4 style
+    assert cfg.head_dim == 48  # nope + rope; transformers 5's head_dim (rope only) is ignored
+    assert cfg.moe.num_experts == 256 and cfg.moe.router == "sigmoid"
+    assert cfg.moe.moe_layers == (1, 2, 3)  # first_k_dense_replace = 1
+    assert cfg.moe.shared_intermediate_size == 32
+    v5 = load_model_config(GOLDEN / "deepseek_v3")
+    assert v5.head_dim == v5.mla.qk_head_dim
+
+
+def test_moe_expert_count_spellings():
+    base = {"model_type": "qwen3_moe", "vocab_size": 100, "hidden_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 16}
+    a = config_from_hf_dict(dict(base, num_experts=8))
+    b = config_from_hf_dict(dict(base, num_local_experts=8))
+    assert a.moe.num_experts == b.moe.num_experts == 8
+
+
+@pytest.mark.parametrize("change, error, words", [
+    ({"model_type": "gpt2"}, UnsupportedModelError, "model_type 'gpt2'"),
+    ({"num_attention_heads": 5}, ConfigError, "multiple of num_key_value_heads"),
+    ({"hidden_size": None}, ConfigError, "'hidden_size' is missing"),
+    ({"vocab_size": -3}, ConfigError, "vocab_size must be a positive integer"),
+    ({"vocab_size": "lots"}, ConfigError, "vocab_size must be an integer"),
+    ({"hidden_act": "gelu"}, UnsupportedModelError, "hidden_act 'gelu'"),
+    ({"rope_scaling": {"rope_type": "longrope"}}, UnsupportedModelError, "rope type"),
+    ({"torch_dtype": "int4"}, ConfigError, "dtype must be one of"),
+])
+def test_bad_fields_are_named(change, error, words):
+    d = dict(LLAMA_V4, **change)
+    d = {k: v for k, v in d.items() if v is not None}
+    with pytest.raises(error, match=words):
+        config_from_hf_dict(d)
+
+
+def test_moe_consistency_errors():
+    d = json.loads((GOLDEN / "qwen3_moe" / "config.json").read_text())
+    with pytest.raises(ConfigError, match="exceeds the number of experts"):
+        config_from_hf_dict(dict(d, num_experts_per_tok=99))
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no such config file"):
+        load_model_config(tmp_path / "nope.json")
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_model_config(tmp_path)

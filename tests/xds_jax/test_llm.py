@@ -1,0 +1,135 @@
+"""The library API end to end: the embedded SmolLM2 against transformers, and bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from tests.helpers import GOLDEN
+from xds_jax import LLM, SamplingParams
+from xds_jax.errors import (
+    ModelNotFoundError,
+    PromptTooLongError,
+    UnsupportedModelError,
+    WeightLoadError,
+)
+from xds_jax.llm import InvalidPromptError
+from xds_jax.loader import load_model
+
+SMOL = json.loads((GOLDEN / "smollm2.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return LLM("smollm2", dtype="float32")
+
+
+def test_chat_answers_paris_with_transformers_tokens(smollm2):
+    case = next(c for c in SMOL["prompts"] if c["chat"] and len(c["messages"]) == 1)
+    out = smollm2.chat(case["messages"], SamplingParams(temperature=0, max_tokens=32))[0]
+    assert "Paris" in out.outputs[0].text
+    assert out.prompt_token_ids == case["prompt_token_ids"]
+    assert out.outputs[0].token_ids == case["greedy_token_ids"]
+    assert out.outputs[0].finish_reason == case["finish_reason"] == "stop"
+
+
+def test_greedy_tokens_match_transformers_for_every_golden_prompt(smollm2):
+    cases = [c for c in SMOL["prompts"] if not c["chat"]]
+    params = [SamplingParams(temperature=0, max_tokens=len(c["greedy_token_ids"])) for c in cases]
+    outs = smollm2.generate([c["text"] for c in cases], params)
+    for case, out in zip(cases, outs, strict=True):
+        assert out.prompt_token_ids == case["prompt_token_ids"]
+        assert out.outputs[0].token_ids == case["greedy_token_ids"]
+        assert out.outputs[0].text == case["greedy_text"]
+
+
+def test_token_prompts_logprobs_and_seeds(smollm2):
+    params = SamplingParams(max_tokens=8, logprobs=5, seed=0, temperature=0.8)
+    a = smollm2.generate([{"prompt_token_ids": [1, 2, 3]}], params)[0].outputs[0]
+    b = smollm2.generate([{"prompt_token_ids": [1, 2, 3]}], params)[0].outputs[0]
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 8
+    assert len(a.logprobs) == 8
+    for token, entry in zip(a.token_ids, a.logprobs, strict=True):
+        assert token in entry and len(entry) >= 5
+        assert all(lp.logprob <= 0 for lp in entry.values())
+    assert a.cumulative_logprob == pytest.approx(
+        sum(e[t].logprob for t, e in zip(a.token_ids, a.logprobs, strict=True)), rel=1e-5)
+
+
+def test_stop_string_cuts_text(smollm2):
+    out = smollm2.generate("The capital of France is",
+                           SamplingParams(temperature=0, max_tokens=20, stop=["\n"]))[0]
+    assert out.outputs[0].text == " Paris."
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == "\n"
+    kept = smollm2.generate("The capital of France is", SamplingParams(
+        temperature=0, max_tokens=20, stop=["Paris"], include_stop_str_in_output=True))[0]
+    assert kept.outputs[0].text == " Paris"
+
+
+def test_n_samples_per_prompt(smollm2):
+    out = smollm2.generate("Once upon a time", SamplingParams(n=3, seed=5, max_tokens=6))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+
+
+def test_bad_prompts(smollm2):
+    with pytest.raises(PromptTooLongError, match="maximum context length is 8192"):
+        smollm2.generate({"prompt_token_ids": [5] * 8192}, SamplingParams(max_tokens=4))
+    with pytest.raises(InvalidPromptError, match="empty"):
+        smollm2.generate({"prompt_token_ids": []})
+    with pytest.raises(InvalidPromptError, match="outside the vocabulary"):
+        smollm2.generate({"prompt_token_ids": [1, 10**9]})
+    with pytest.raises(InvalidPromptError, match="str or dict"):
+        smollm2.generate([3.5])
+
+
+def test_missing_model_path():
+    with pytest.raises(ModelNotFoundError, match="neither a registered name nor a path"):
+        LLM("/no/such/model")
+
+
+def test_unsupported_model_type(tmp_path):
+    cfg = json.loads((GOLDEN / "llama" / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="bert")))
+    with pytest.raises(UnsupportedModelError, match="model_type 'bert' is not supported"):
+        load_model(tmp_path)
+
+
+def _copy_llama(tmp_path, edit):
+    shutil.copy(GOLDEN / "llama" / "config.json", tmp_path / "config.json")
+    tensors = load_file(str(GOLDEN / "llama" / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+
+
+def test_checkpoint_missing_a_tensor(tmp_path):
+    _copy_llama(tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(WeightLoadError, match="model.layers.1.mlp.up_proj.weight"):
+        load_model(tmp_path, use_cache=False)
+
+
+def test_checkpoint_with_a_misshaped_tensor(tmp_path):
+    def shrink(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = np.zeros((3, 3), np.float32)
+
+    _copy_llama(tmp_path, shrink)
+    with pytest.raises(WeightLoadError, match=r"k_proj.weight.*\(3, 3\)"):
+        load_model(tmp_path, use_cache=False)
+
+
+def test_param_cache_restores_identical_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDS_CACHE_DIR", str(tmp_path / "cache"))
+    first = load_model(GOLDEN / "qwen3_moe", dtype="float32")
+    assert any((tmp_path / "cache" / "params").iterdir())
+    second = load_model(GOLDEN / "qwen3_moe", dtype="float32")
+    leaves = zip(jax_leaves(first.params), jax_leaves(second.params), strict=True)
+    for a, b in leaves:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)

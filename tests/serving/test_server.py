@@ -1,0 +1,403 @@
+"""Integration tests of the OpenAI-compatible server: real uvicorn on a loopback port, the
+``openai`` client and ``httpx``. A fake engine (same interface as ``AsyncEngine``, fixed
+tokens, adjustable speed and queue) gives precise control; the real engine runs at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.server import build_app
+from xds_jax.errors import PromptTooLongError
+from xds_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from xds_jax.tokenizer import TokenizerError
+
+REPLY = "The answer is 42. Then it repeats. "
+
+
+class QueueFullError(RuntimeError):
+    """Named like ``serving.async_engine.QueueFullError``, which the server maps to 429."""
+
+
+class ByteTokenizer:
+    """Token id = byte + 3; 1 is BOS, 2 is EOS."""
+
+    eos_token_ids = frozenset({2})
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [1] * add_special_tokens + [b + 3 for b in text.encode()]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(i - 3 for i in ids if i >= 3).decode(errors="replace")
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs) -> str:
+        if any(not isinstance(m, dict) or "role" not in m for m in messages):
+            raise TokenizerError("each message needs a 'role'")
+        turns = "".join(f"<{m['role']}>{m.get('content')}\n" for m in messages)
+        return turns + "<assistant>" * add_generation_prompt
+
+
+class FakeEngine:
+    """Writes ``REPLY`` (sample i starting i characters in) one byte-token per ``delay`` s."""
+
+    def __init__(self, delay: float = 0.0, max_queue: int = 64, max_model_len: int = 128):
+        self.model_name, self.tokenizer = "fake", ByteTokenizer()
+        self.cfg = SimpleNamespace(vocab_size=259)
+        self.delay, self.max_queue, self.max_model_len = delay, max_queue, max_model_len
+        self.active: set[str] = set()
+        self.aborted: list[str] = []
+
+    async def generate(self, prompt_ids, params, request_id, prompt=None):
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise PromptTooLongError("prompt too long")
+        if len(self.active) >= self.max_queue:
+            raise QueueFullError(f"{len(self.active)} requests in flight")
+        self.active.add(request_id)
+        metrics = RequestMetrics(arrival_time=time.monotonic())
+        samples = [CompletionOutput(i, "", [], logprobs=[] if params.logprobs is not None
+                                    else None) for i in range(params.n)]
+        try:
+            for step in range(params.max_tokens):
+                await asyncio.sleep(self.delay)
+                if request_id in self.aborted:
+                    for s in samples:
+                        s.finish_reason = s.finish_reason or "abort"
+                    yield self._out(request_id, prompt, prompt_ids, samples, metrics)
+                    return
+                for s in samples:
+                    if s.finish_reason is None:
+                        self._step(s, step, params)
+                metrics.first_token_time = metrics.first_token_time or time.monotonic()
+                metrics.last_token_time = time.monotonic()
+                done = all(s.finish_reason for s in samples)
+                if done:
+                    metrics.finished_time = time.monotonic()
+                yield self._out(request_id, prompt, prompt_ids, samples, metrics, done)
+                if done:
+                    return
+        finally:
+            self.active.discard(request_id)
+
+    def _step(self, s: CompletionOutput, step: int, params) -> None:
+        char = REPLY[(step + s.index) % len(REPLY)]
+        token = ord(char) + 3
+        s.token_ids.append(token)
+        s.text += char
+        if s.logprobs is not None:
+            s.logprobs.append({token: Logprob(-0.5, 1, char), 3 + ord("?"): Logprob(-2.0, 2, "?")})
+        hit = next((stop for stop in params.stop if stop in s.text), None)
+        if hit:
+            s.text = s.text[:s.text.index(hit)]
+            s.finish_reason, s.stop_reason = "stop", hit
+        elif step + 1 == params.max_tokens:
+            s.finish_reason = "length"
+
+    @staticmethod
+    def _out(request_id, prompt, ids, samples, metrics, finished=True) -> RequestOutput:
+        copies = [CompletionOutput(s.index, s.text, list(s.token_ids), None,
+                                   list(s.logprobs) if s.logprobs is not None else None,
+                                   s.finish_reason, s.stop_reason) for s in samples]
+        return RequestOutput(request_id, prompt, list(ids), copies, finished, metrics)
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    def stats(self) -> dict:
+        return {"num_running": len(self.active), "num_waiting": 0, "kv_usage": 0.25,
+                "prefix_hit_rate": 0.5, "num_preemptions": 0, "prompt_tokens_total": 10,
+                "generation_tokens_total": 20, "collective_latency_s": {"all_to_all": 0.002},
+                "expert_load": {0: [3, 1], 1: [2, 2]}}
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on a free 127.0.0.1 port in a daemon thread."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                return self
+            time.sleep(0.02)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def serve(engine, **kwargs) -> ServerThread:
+    return ServerThread(build_app(engine, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def fake():
+    engine = FakeEngine()
+    with serve(engine, served_model_names=["fake", "alias"]) as server:
+        server.engine = engine
+        yield server
+
+
+def client(server: ServerThread, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, **kwargs)
+
+
+def sse_events(response: httpx.Response) -> list:
+    lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+# -- the happy paths ---------------------------------------------------------------------------
+def test_models_and_health(fake):
+    assert httpx.get(fake.url + "/health").status_code == 200
+    models = client(fake).models.list()
+    assert [m.id for m in models.data] == ["fake", "alias"]
+    assert models.data[0].max_model_len == 128
+
+
+def test_completion(fake):
+    out = client(fake).completions.create(model="alias", prompt="Hi", max_tokens=6)
+    assert out.object == "text_completion" and out.model == "fake"
+    assert out.choices[0].text == REPLY[:6] and out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (
+        3, 6, 9)
+
+
+def test_chat(fake):
+    out = client(fake).chat.completions.create(
+        model="fake", messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=4)
+    assert out.object == "chat.completion"
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == REPLY[:4]
+    assert out.usage.prompt_tokens == len("<user>Hi\n<assistant>")
+
+
+def test_n_prompts_stop_echo(fake):
+    out = client(fake).completions.create(model="fake", prompt=["a", "b"], n=2, max_tokens=20,
+                                          stop=["42"], echo=True)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert out.choices[0].text == "a" + "The answer is "
+    assert out.choices[0].finish_reason == "stop" and out.choices[0].stop_reason == "42"
+    assert out.choices[3].text.startswith("b" + REPLY[1:5])
+    # each sample's tokens: its text after the echoed prompt, and the stop string "42"
+    assert out.usage.prompt_tokens == 4 and out.usage.completion_tokens == sum(
+        len(c.text) - 1 + 2 for c in out.choices)
+
+
+def test_token_id_prompts(fake):
+    out = client(fake).completions.create(model="fake", prompt=[[5, 6], [7]], max_tokens=2)
+    assert len(out.choices) == 2 and out.usage.prompt_tokens == 3
+
+
+def test_logprobs(fake):
+    out = client(fake).completions.create(model="fake", prompt="x", max_tokens=3, logprobs=1)
+    lp = out.choices[0].logprobs
+    assert lp.tokens == list(REPLY[:3]) and lp.token_logprobs == [-0.5] * 3
+    assert lp.text_offset == [0, 1, 2] and lp.top_logprobs[0] == {"T": -0.5, "?": -2.0}
+    chat = client(fake).chat.completions.create(
+        model="fake", messages=[{"role": "user", "content": "x"}], max_tokens=2, logprobs=True,
+        top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert [c.token for c in content] == ["T", "h"] and content[0].bytes == [ord("T")]
+    assert [t.token for t in content[0].top_logprobs] == ["T", "?"]
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_streaming_matches_non_streamed(fake, endpoint):
+    c = client(fake)
+    if endpoint == "chat":
+        kwargs = dict(model="fake", messages=[{"role": "user", "content": "Hi"}], max_tokens=9,
+                      n=2)
+        full = c.chat.completions.create(**kwargs)
+        chunks = list(c.chat.completions.create(**kwargs, stream=True,
+                                                stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        texts = ["".join(ch.choices[0].delta.content or "" for ch in chunks
+                         if ch.choices and ch.choices[0].index == i) for i in range(2)]
+        assert texts == [ch.message.content for ch in full.choices]
+    else:
+        kwargs = dict(model="fake", prompt="Hi", max_tokens=9, n=2)
+        full = c.completions.create(**kwargs)
+        chunks = list(c.completions.create(**kwargs, stream=True,
+                                           stream_options={"include_usage": True}))
+        texts = ["".join(ch.choices[0].text for ch in chunks
+                         if ch.choices and ch.choices[0].index == i) for i in range(2)]
+        assert texts == [ch.text for ch in full.choices]
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices]
+    assert finishes.count("length") == 2
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 18
+    assert all(ch.usage is None for ch in chunks[:-1])
+
+
+def test_sse_wire_format(fake):
+    body = {"model": "fake", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+            "stream": True}
+    with httpx.stream("POST", fake.url + "/v1/chat/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[0]["object"] == "chat.completion.chunk" and "usage" not in events[0]
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert len({e["id"] for e in events}) == 1
+
+
+def test_concurrent_streams():
+    engine = FakeEngine(delay=0.01)
+
+    async def one(c: openai.AsyncOpenAI, i: int) -> str:
+        stream = await c.completions.create(model="fake", prompt=f"p{i}", max_tokens=20,
+                                            stream=True)
+        return "".join([chunk.choices[0].text async for chunk in stream])
+
+    async def run(url: str) -> list[str]:
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(8)))
+
+    with serve(engine) as server:
+        started = time.monotonic()
+        texts = asyncio.run(run(server.url))
+    assert texts == [REPLY[:20]] * 8
+    assert time.monotonic() - started < 8 * 20 * 0.01  # they overlapped
+    assert not engine.active
+
+
+# -- aborts, overload and timeouts -------------------------------------------------------------
+def wait_for(predicate, seconds: float = 5.0) -> bool:
+    for _ in range(int(seconds / 0.02)):
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_disconnect_aborts():
+    engine = FakeEngine(delay=0.02)
+    body = {"model": "fake", "prompt": "Hi", "max_tokens": 100}
+    with serve(engine) as server:
+        with httpx.stream("POST", server.url + "/v1/completions",
+                          json={**body, "stream": True}) as response:
+            next(response.iter_lines())
+        assert wait_for(lambda: len(engine.aborted) == 1 and not engine.active)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json=body, timeout=0.2)
+        assert wait_for(lambda: len(engine.aborted) == 2 and not engine.active)
+        assert httpx.post(server.url + "/v1/completions",
+                          json={**body, "max_tokens": 2}).status_code == 200
+
+
+def test_queue_full_is_429():
+    engine = FakeEngine(delay=0.02, max_queue=1)
+    with serve(engine) as server:
+        c = client(server)
+        stream = c.completions.create(model="fake", prompt="a", max_tokens=50, stream=True)
+        with pytest.raises(openai.RateLimitError) as error:
+            c.completions.create(model="fake", prompt="b", max_tokens=5)
+        assert error.value.status_code == 429
+        assert error.value.body["code"] == "rate_limit_exceeded"
+        assert "".join(chunk.choices[0].text for chunk in stream) == (REPLY * 2)[:50]
+        assert c.completions.create(model="fake", prompt="b", max_tokens=2).choices[0].text
+
+
+def test_request_timeout():
+    engine = FakeEngine(delay=0.05)
+    with serve(engine, request_timeout_s=0.3) as server:
+        body = {"model": "fake", "prompt": "Hi", "max_tokens": 100}
+        response = httpx.post(server.url + "/v1/completions", json=body)
+        assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+        with httpx.stream("POST", server.url + "/v1/completions",
+                          json={**body, "stream": True}) as response:
+            events = sse_events(response)
+        assert events[-1]["error"]["code"] == "timeout"
+        assert len(engine.aborted) == 2 and not engine.active
+
+
+# -- bad input ----------------------------------------------------------------------------------
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "Hi"}]}
+BAD_REQUESTS = [
+    ("completions", b'{"model": "fake", "prompt": ', 400, None),
+    ("completions", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
+    ("chat/completions", {**CHAT, "model": "gpt-9"}, 404, "model"),
+    ("completions", {"model": "fake", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ("completions", {"model": "fake", "prompt": 3.5}, 400, "prompt"),
+    ("completions", {"model": "fake"}, 400, "prompt"),
+    ("completions", {"model": "fake", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ("completions", {"model": "fake", "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
+    ("completions", {"model": "fake", "prompt": "x" * 200}, 400, "prompt"),
+    ("completions", {"model": "fake", "prompt": ""}, 400, "prompt"),
+    ("completions", {"model": "fake", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("completions", {"model": "fake", "prompt": "x", "n": 0}, 400, "n"),
+    ("completions", {"model": "fake", "prompt": "x", "logprobs": 99}, 400, "logprobs"),
+    ("chat/completions", {**CHAT, "messages": []}, 400, "messages"),
+    ("chat/completions", {**CHAT, "messages": "Hi"}, 400, "messages"),
+    ("chat/completions", {**CHAT, "messages": [{"content": "no role"}]}, 400, "messages"),
+    ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 200}]}, 400,
+     "messages"),
+    ("chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat/completions", {**CHAT, "max_completion_tokens": 0}, 400, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), BAD_REQUESTS)
+def test_bad_input(fake, path, body, status, param):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    response = httpx.post(f"{fake.url}/v1/{path}", **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    assert httpx.post(fake.url + "/v1/completions",
+                      json={"model": "fake", "prompt": "ok", "max_tokens": 1}).status_code == 200
+
+
+def test_unknown_route_has_error_body(fake):
+    response = httpx.get(fake.url + "/v1/nothing")
+    assert response.status_code == 404 and "error" in response.json()
+
+
+# -- metrics ------------------------------------------------------------------------------------
+def test_metrics(fake):
+    client(fake).completions.create(model="fake", prompt="m", max_tokens=5)
+    text = httpx.get(fake.url + "/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+
+    def value(family: str, sample: str, **labels) -> float:
+        return next(s.value for s in families[family].samples if s.name == sample
+                    and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    for name in ("ttft", "tpot", "e2e"):
+        family = {"ttft": "xds:time_to_first_token_seconds",
+                  "tpot": "xds:time_per_output_token_seconds",
+                  "e2e": "xds:e2e_request_latency_seconds"}[name]
+        assert families[family].type == "histogram"
+        assert value(family, family + "_count", model_name="fake") >= 1
+    assert value("xds:inter_token_latency_seconds", "xds:inter_token_latency_seconds_count") >= 4
+    assert value("xds:kv_cache_usage_perc", "xds:kv_cache_usage_perc") == 0.25
+    assert value("xds:prefix_cache_hit_rate", "xds:prefix_cache_hit_rate") == 0.5
+    assert value("xds:num_requests_running", "xds:num_requests_running") == 0
+    assert value("xds:num_requests_waiting", "xds:num_requests_waiting") == 0
+    assert value("xds:generation_tokens", "xds:generation_tokens_total") == 20
+    assert value("xds:collective_latency_seconds", "xds:collective_latency_seconds",
+                 collective="all_to_all") == 0.002
+    assert value("xds:expert_load", "xds:expert_load", layer="0", expert="1") == 1
+    assert value("xds:request_success", "xds:request_success_total",
+                 finished_reason="length") >= 1

@@ -33,6 +33,7 @@ class ByteTokenizer:
     """Token id = byte + 3; 1 is BOS, 2 is EOS."""
 
     eos_token_ids = frozenset({2})
+    chat_template = "<role>content"
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [1] * add_special_tokens + [b + 3 for b in text.encode()]
@@ -111,6 +112,12 @@ class FakeEngine:
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+
+    def start(self) -> None:
+        self.started = True
+
+    def shutdown(self) -> None:
+        self.started = False
 
     def stats(self) -> dict:
         return {"num_running": len(self.active), "num_waiting": 0, "kv_usage": 0.25,

@@ -1,0 +1,91 @@
+"""The ``xds`` command line: help for every option, one-line errors with exit codes, and the
+generate/chat/plan commands (over a fake engine where the model does not matter)."""
+
+from __future__ import annotations
+
+import io
+import sys
+import types
+
+import pytest
+
+from serving import cli
+from tests.serving.test_server import REPLY, FakeEngine
+
+COMMANDS = ["serve", "generate", "chat", "bench"]
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_explains_every_option(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0 and all(name in out for name in [*COMMANDS, "plan"])
+    for command in COMMANDS:
+        code, out, _ = run([command, "--help"], capsys)
+        assert code == 0
+        parser = cli.build_parser()._subparsers._group_actions[0].choices[command]
+        for action in parser._actions:
+            assert action.help, f"{command} {action.option_strings} has no help"
+            for flag in action.option_strings:
+                assert flag in out
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["nonsense"],
+    ["generate", "--max-tokens", "-3", "hi"],
+    ["serve", "--port", "eighty"],
+    ["bench", "--request-rate", "0"],
+    ["chat", "--dtype", "float8"],
+])
+def test_bad_options_exit_2(argv, capsys):
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "error:" in err and "Traceback" not in err
+
+
+def test_runtime_errors_are_one_line(capsys, monkeypatch):
+    code, _, err = run(["generate", "--model", "/no/such/model", "hi"], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("xds: error: model '/no/such/model'")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    code, _, err = run(["generate", "--log-level", "error"], capsys)
+    assert code == 1 and err.strip() == "xds: error: no prompt given (pass it as an argument " \
+        "or on stdin)"
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    engine = FakeEngine()
+    monkeypatch.setattr(cli, "load_engine", lambda args: engine)
+    return engine
+
+
+def test_generate_streams_text(fake_engine, capsys, monkeypatch):
+    code, out, _ = run(["generate", "--max-tokens", "5", "Hi", "there"], capsys)
+    assert code == 0 and out == REPLY[:5] + "\n" + REPLY[:5] + "\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("one\n\ntwo\n"))
+    code, out, _ = run(["generate", "--max-tokens", "3", "--stop", "e"], capsys)
+    assert code == 0 and out == "Th\nTh\n"
+    assert fake_engine.started is False  # shut down
+
+
+def test_chat_with_piped_stdin(fake_engine, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n/reset\nHello\n/exit\nignored\n"))
+    code, out, _ = run(["chat", "--max-tokens", "4", "--system", "Be brief."], capsys)
+    assert code == 0 and out == (REPLY[:4] + "\n") * 2
+
+
+def test_plan_delegates(monkeypatch, capsys):
+    seen = []
+    module = types.ModuleType("sharding.plan")
+    module.main = lambda argv: seen.append(argv) or 3
+    monkeypatch.setitem(sys.modules, "sharding.plan", module)
+    assert cli.main(["plan", "--deployment", "x.yaml"]) == 3
+    assert seen == [["--deployment", "x.yaml"]]

@@ -282,6 +282,8 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
 
     @app.get("/health")
     async def health() -> Response:
+        if engine.stats().get("healthy_groups", 1) == 0:
+            raise ApiError(503, "no engine group is healthy", None, "unhealthy")
         return Response(status_code=200)
 
     @app.get("/v1/models")
@@ -504,6 +506,7 @@ class EngineCollector:
             gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
             gauge.add_metric([m], float(stats.get(key, 0.0)))
             yield gauge
+        stats.setdefault("prompt_tokens_total", stats.get("prefill_tokens_total", 0))
         for name, key, doc in (
                 ("xds:num_preemptions", "num_preemptions", "Preemptions by recompute."),
                 ("xds:prompt_tokens", "prompt_tokens_total", "Prompt tokens prefilled."),

@@ -32,12 +32,21 @@ class LLM:
       dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` (the checkpoint's).
       max_model_len: context limit (prompt + output); defaults to the model's.
       seed: seed for random weights when ``model`` is a bare config.
-      engine: an object with ``run(list[Sequence])``; defaults to the single-device loop.
+      num_dp_groups: data-parallel groups, one per device (the first ``num_dp_groups``
+        devices); ignored when ``engine`` is given.
+      max_num_seqs, max_num_batched_tokens, block_size, kv_cache_bytes: FlowServe capacity
+        per DP group (``kv_cache_bytes`` sizes the paged KV pool).
+      engine: ``"flowserve"`` (default: the paged continuous-batching engine),
+        ``"reference"`` (the single-device loop every path is checked against), or any object
+        with ``run(list[Sequence])``.
     """
 
     def __init__(self, model: str = "smollm2", dtype: str | None = None,
-                 max_model_len: int | None = None, seed: int = 0, engine: Any = None,
-                 use_param_cache: bool = True):
+                 max_model_len: int | None = None, seed: int = 0, engine: Any = "flowserve",
+                 num_dp_groups: int = 1, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 512, block_size: int = 16,
+                 kv_cache_bytes: int = 1 << 30, enable_prefix_caching: bool = True,
+                 deployment: str | None = None, use_param_cache: bool = True):
         loaded = load_model(model, dtype=dtype, seed=seed, use_cache=use_param_cache)
         self.model_name = loaded.name
         self.cfg = loaded.cfg
@@ -47,10 +56,24 @@ class LLM:
         if max_model_len is not None and not 0 < max_model_len <= limit:
             raise PromptTooLongError(f"max_model_len must be in 1..{limit}, got {max_model_len}")
         self.max_model_len = max_model_len or limit
-        if engine is None:
+        if engine == "reference":
             from xds_jax.generate import LocalGenerator
 
             engine = LocalGenerator(self.params, self.cfg)
+        elif engine == "flowserve" and deployment is not None:
+            from serving.deploy import build_deployed_engine
+
+            engine = build_deployed_engine(self.params, self.cfg, self.max_model_len, deployment)
+        elif engine == "flowserve":
+            # The public API wires the serving engine; model modules never import serving.
+            from serving.engine import build_engine
+
+            engine = build_engine(
+                self.params, self.cfg, self.max_model_len, num_dp_groups=num_dp_groups,
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                block_size=block_size, kv_cache_bytes=kv_cache_bytes,
+                enable_prefix_caching=enable_prefix_caching,
+            )
         self.engine = engine
         self._request_ids = itertools.count()
 
@@ -79,7 +102,8 @@ class LLM:
             )
         return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
 
-    def _check(self, ids: list[int], params: SamplingParams) -> None:
+    def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        """Raise ``InvalidPromptError``/``PromptTooLongError`` for a prompt that cannot run."""
         if not ids:
             raise InvalidPromptError("the prompt is empty")
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
@@ -118,7 +142,7 @@ class LLM:
         requests = []
         for prompt, params in zip(prompts, params_list, strict=True):
             text, ids = self._prompt_ids(prompt)
-            self._check(ids, params)
+            self.check_prompt(ids, params)
             requests.append((text, ids, self.make_sequences(ids, params)))
         arrival = time.monotonic()
         self.engine.run([s for _, _, seqs in requests for s in seqs])

@@ -1,0 +1,170 @@
+"""One self-contained data-parallel group: scheduler, KV cache, runner, detokenization.
+
+Groups share nothing. Each owns its device, its block pool and its queues, runs its own loop
+(a thread in the server, inline in ``LLM``) and hands outputs straight to each request's
+``on_output`` callback. The control plane only places requests into a group's inbox.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+
+import jax
+
+from serving.kv_cache import BlockManager
+from serving.request import Request
+from serving.runner import ModelRunner
+from serving.scheduler import Scheduler
+from xds_jax.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupConfig:
+    """Capacity knobs of a DP group."""
+
+    num_blocks: int = 512
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupLoad:
+    """What the control plane sees of a group."""
+
+    index: int
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    healthy: bool
+    max_num_seqs: int
+
+    @property
+    def full(self) -> bool:
+        return self.num_running + self.num_waiting >= self.max_num_seqs
+
+
+class DPGroup:
+    """Scheduler + KV blocks + runner for one slice of devices."""
+
+    def __init__(self, index: int, params: dict, cfg: ModelConfig, device: jax.Device,
+                 config: GroupConfig | None = None):
+        self.index = index
+        self.config = config = config or GroupConfig()
+        self.blocks = BlockManager(config.num_blocks, config.block_size,
+                                   enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.runner = ModelRunner(params, cfg, config.num_blocks, config.block_size, device)
+        self.inbox: queue.Queue = queue.Queue()
+        self.requests: dict[str, Request] = {}
+        self._owners: dict[int, Request] = {}  # seq_id -> request
+        self.healthy = True
+        self.steps = 0
+        self.prefill_tokens = 0  # prompt tokens actually computed (prefix-cache hits excluded)
+        self.generated_tokens = 0
+        self.last_heartbeat = time.monotonic()
+        self._wake = threading.Event()
+
+    # -- control plane side (any thread) ------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        self.inbox.put(("add", request))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def load(self) -> GroupLoad:
+        return GroupLoad(self.index, self.scheduler.num_running,
+                         self.scheduler.num_waiting + self.inbox.qsize(),
+                         self.scheduler.kv_usage, self.healthy, self.config.max_num_seqs)
+
+    # -- the group's own loop -----------------------------------------------------------------
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self.requests[item.request_id] = item
+                for seq in item.seqs:
+                    self._owners[seq.seq_id] = item
+                    self.scheduler.add(seq)
+            elif item in self.requests:
+                request = self._forget(self.requests[item])
+                for seq in request.seqs:
+                    if not seq.finished:
+                        self.scheduler.abort(seq.seq_id)
+                request.abort()
+                request.metrics.finished_time = time.monotonic()
+                self._emit(request)
+
+    def has_work(self) -> bool:
+        return bool(self.requests) or not self.inbox.empty()
+
+    def step(self) -> bool:
+        """Run one scheduled step; False when there was nothing to do."""
+        self._drain_inbox()
+        self.last_heartbeat = time.monotonic()
+        if not self.requests:
+            return False
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return False
+        now = time.monotonic()
+        for s in out.scheduled:
+            request = self._owners[s.seq.seq_id]
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+        self.runner.finish(self.runner.launch(out.scheduled))
+        self.scheduler.update(out)
+        self.steps += 1
+        self.prefill_tokens += sum(s.num_tokens for s in out.scheduled if s.is_prefill)
+        self.generated_tokens += sum(1 for s in out.scheduled if s.is_last_chunk)
+        now = time.monotonic()
+        touched = {s.seq.seq_id: self._owners[s.seq.seq_id] for s in out.scheduled
+                   if s.is_last_chunk}
+        for request in {id(r): r for r in touched.values()}.values():
+            request.mark_tokens(now)
+            self._emit(request)
+            if request.finished:
+                self._forget(request)
+        return True
+
+    def _forget(self, request: Request) -> Request:
+        self.requests.pop(request.request_id, None)
+        for seq in request.seqs:
+            self._owners.pop(seq.seq_id, None)
+        return request
+
+    def _emit(self, request: Request) -> None:
+        if request.on_output is not None:
+            request.on_output(request.snapshot())
+
+    def run(self, stop: threading.Event) -> None:
+        """Loop until ``stop`` is set: step while there is work, sleep on the inbox otherwise."""
+        while not stop.is_set():
+            try:
+                busy = self.step()
+            except Exception:  # a failed group is marked unhealthy; the control plane avoids it
+                log.exception("DP group %d failed; marking it unhealthy", self.index)
+                self.healthy = False
+                self._fail_all()
+                return
+            if not busy:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def _fail_all(self) -> None:
+        for request in list(self.requests.values()):
+            request.abort()
+            self._emit(self._forget(request))

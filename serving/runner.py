@@ -1,0 +1,110 @@
+"""Compiled step programs over paged KV for one DP group.
+
+A step holds decode rows (one token each) and prefill rows (a chunk each). Each kind runs as
+its own program, shaped by buckets: rows (powers of two up to ``max_num_seqs``), tokens per row
+(powers of two from 16 up to the chunk size) and block-table width (powers of two). The KV
+pages are donated through every program, so they are updated in place. The same bucket never
+compiles twice: ``compile_count`` lets tests and benchmarks check steady state.
+
+Shape legend: B rows, S tokens per row, N blocks per row, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xds_jax.config import ModelConfig
+from xds_jax.generate import bucket, model_step, sample_rows
+from xds_jax.model import new_caches
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBatch:
+    """Host arrays of one program launch, and which rows sample."""
+
+    tokens_BS: np.ndarray
+    positions_BS: np.ndarray
+    tables_BN: np.ndarray
+    last_B: np.ndarray
+    sampling_seqs: list  # per row: the Sequence to sample for, or None
+
+
+def build_rows(scheduled: list, width_min: int, block_size: int) -> RowBatch:
+    """Pad scheduled sequences (objects with seq, start, num_tokens, block_table,
+    is_last_chunk) into bucketed host arrays. Padding uses position -1 (writes nothing)."""
+    rows = bucket(len(scheduled))
+    width = bucket(max(s.num_tokens for s in scheduled), width_min)
+    blocks = bucket(max(len(s.block_table) for s in scheduled))
+    tokens = np.zeros((rows, width), np.int32)
+    positions = np.full((rows, width), -1, np.int32)
+    tables = np.zeros((rows, blocks), np.int32)
+    last = np.zeros((rows,), np.int32)
+    sampling: list = [None] * rows
+    for i, s in enumerate(scheduled):
+        ids = s.seq.all_ids[s.start : s.start + s.num_tokens]
+        tokens[i, : s.num_tokens] = ids
+        positions[i, : s.num_tokens] = np.arange(s.start, s.start + s.num_tokens)
+        tables[i, : len(s.block_table)] = s.block_table
+        last[i] = s.num_tokens - 1
+        if s.is_last_chunk:
+            sampling[i] = s.seq
+    assert blocks * block_size >= int(positions.max()) + 1, "block table too short"
+    return RowBatch(tokens, positions, tables, last, sampling)
+
+
+class ModelRunner:
+    """Owns a group's parameters and KV pages on its device and runs scheduled steps."""
+
+    def __init__(self, params: dict, cfg: ModelConfig, num_blocks: int, block_size: int,
+                 device: jax.Device | None = None):
+        self.cfg = cfg
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.device = device or jax.devices()[0]
+        self.params = jax.device_put(params, self.device)
+        dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        with jax.default_device(self.device):
+            self.caches = new_caches(cfg, num_blocks, block_size, dtype)
+        self._shapes_seen: set[tuple] = set()
+        self.compile_count = 0
+
+    def _launch(self, rows: RowBatch):
+        key = (rows.tokens_BS.shape, rows.tables_BN.shape)
+        if key not in self._shapes_seen:
+            self._shapes_seen.add(key)
+            self.compile_count += 1
+            log.info("compiling step program for rows x tokens %s, blocks %d", key[0], key[1][1])
+        put = lambda a: jax.device_put(a, self.device)  # noqa: E731
+        logits, self.caches = model_step(
+            self.params, put(rows.tokens_BS), put(rows.positions_BS), self.caches,
+            put(rows.tables_BN), put(rows.last_B), cfg=self.cfg,
+        )
+        return logits
+
+    def launch(self, scheduled: list) -> list[tuple]:
+        """Dispatch the programs of one step (asynchronous); returns what ``finish`` needs."""
+        decodes = [s for s in scheduled if s.num_tokens == 1 and s.start > 0]
+        prefills = [s for s in scheduled if not (s.num_tokens == 1 and s.start > 0)]
+        pending = []
+        for group, width in ((decodes, 1), (prefills, 16)):
+            if group:
+                rows = build_rows(group, width, self.block_size)
+                pending.append((self._launch(rows), rows.sampling_seqs))
+        return pending
+
+    def finish(self, pending: list[tuple]) -> None:
+        """Sample the rows that finished their prompt or decode, appending tokens."""
+        for logits, seqs in pending:
+            sample_rows(logits, seqs, self.cfg.vocab_size)
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype) -> int:
+    """Device bytes of one KV block across all layers."""
+    return cfg.kv_bytes_per_token(jnp.dtype(dtype).itemsize) * block_size

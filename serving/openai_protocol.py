@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from xds_jax.outputs import CompletionOutput, Logprob, RequestOutput
 
@@ -170,8 +170,14 @@ class ChatCompletionResponse(BaseModel):
 
 
 class DeltaMessage(BaseModel):
+    """Only the fields that changed: ``{"role", "content"}`` first, then ``{"content"}``."""
+
     role: str | None = None
     content: str | None = None
+
+    @model_serializer
+    def _without_nones(self) -> dict:
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
 
 
 class ChatStreamChoice(BaseModel):

@@ -264,6 +264,7 @@ def test_sse_wire_format(fake):
         events = sse_events(response)
     assert events[0]["object"] == "chat.completion.chunk" and "usage" not in events[0]
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert events[1]["choices"][0]["delta"] == {"content": "T"}
     assert events[-1]["choices"][0]["finish_reason"] == "length"
     assert len({e["id"] for e in events}) == 1
 

@@ -36,6 +36,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 0..65535, got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -112,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--host", default="127.0.0.1",
                        help="address to listen on; 0.0.0.0 for all interfaces "
                        "(default: %(default)s)")
-    group.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    group.add_argument("--port", type=port, default=8000, help="TCP port (default: %(default)s)")
     group.add_argument("--served-model-name", nargs="+", metavar="NAME",
                        help="names clients may send as `model` (default: the --model value)")
     group.add_argument("--request-timeout", type=positive_float, metavar="SECONDS",
@@ -353,6 +360,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         log.info("wrote %s", plot_results(runs, args.plot))
 
 
+def setup_logging(level: str) -> None:
+    """Our loggers at ``level``; libraries (orbax, absl, jax) only when they warn."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    for name in ("xds", "serving", "xds_jax", "sharding", "collectives"):
+        logging.getLogger(name).setLevel(level.upper())
+
+
 def cmd_plan(argv: list[str]) -> int:
     try:
         from sharding.plan import main as plan_main
@@ -371,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["plan"]:
             return cmd_plan(argv[1:])
         args = build_parser().parse_args(argv)
-        logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(message)s")
+        setup_logging(args.log_level)
         COMMANDS[args.command](args)
         return 0
     except KeyboardInterrupt:

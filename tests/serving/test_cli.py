@@ -42,6 +42,7 @@ def test_help_explains_every_option(capsys):
     ["nonsense"],
     ["generate", "--max-tokens", "-3", "hi"],
     ["serve", "--port", "eighty"],
+    ["serve", "--port", "70000"],
     ["bench", "--request-rate", "0"],
     ["chat", "--dtype", "float8"],
 ])

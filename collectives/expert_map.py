@@ -1,0 +1,112 @@
+"""Logical-to-physical expert placement, passed to the collectives as data.
+
+A physical *slot* holds the weights of one logical expert; device ``d`` owns slots
+``[d * S, (d + 1) * S)``. With more slots than experts the extra slots hold replicas of
+(hot) experts, as xDeepServe's EPLB does; a token picks among an expert's replicas by its
+global position (``replica = position mod replica count``), so replicas share the load
+without any extra communication.
+
+Shape legend: L logical experts, R max replicas of one expert, P physical slots (= N * S).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+
+
+class ExpertMapError(ValueError):
+    """The slot table cannot serve the experts (missing expert, bad sizes)."""
+
+
+@dataclass(frozen=True)
+class ExpertMap:
+    """Which logical expert each physical slot holds.
+
+    Attributes:
+      slot_expert_P: ``[P]`` logical expert id of every physical slot.
+      num_devices: ranks of the expert-parallel axis (N).
+      slots_per_device: S; ``P == N * S``.
+      num_experts: L.
+    """
+
+    slot_expert_P: np.ndarray
+    num_devices: int
+    slots_per_device: int
+    num_experts: int
+
+    def __post_init__(self) -> None:
+        p = self.num_devices * self.slots_per_device
+        if self.slot_expert_P.shape != (p,):
+            raise ExpertMapError(
+                f"slot table has shape {self.slot_expert_P.shape}, expected ({p},) "
+                f"= num_devices {self.num_devices} x slots_per_device {self.slots_per_device}"
+            )
+        held = np.unique(self.slot_expert_P)
+        if held.min() < 0 or held.max() >= self.num_experts:
+            raise ExpertMapError(f"slot table names experts outside 0..{self.num_experts - 1}")
+        if len(held) != self.num_experts:
+            missing = sorted(set(range(self.num_experts)) - set(held.tolist()))
+            raise ExpertMapError(f"experts {missing[:8]} have no slot")
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_devices * self.slots_per_device
+
+    @property
+    def num_redundant(self) -> int:
+        return self.num_slots - self.num_experts
+
+    def replica_counts(self) -> np.ndarray:
+        """``[L]`` how many slots hold each expert."""
+        return np.bincount(self.slot_expert_P, minlength=self.num_experts).astype(np.int32)
+
+    def replica_table(self) -> np.ndarray:
+        """``[L, R]`` slot ids of each expert's replicas, padded by repeating the first."""
+        counts = self.replica_counts()
+        table = np.zeros((self.num_experts, int(counts.max())), dtype=np.int32)
+        for e in range(self.num_experts):
+            slots = np.flatnonzero(self.slot_expert_P == e)
+            table[e, : len(slots)] = slots
+            table[e, len(slots) :] = slots[0]
+        return table
+
+    def device_arrays(self) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """``(replicas_LR, num_replicas_L)`` as int32 device arrays (replicated data)."""
+        return jnp.asarray(self.replica_table()), jnp.asarray(self.replica_counts())
+
+    def physical_weights(self, experts: dict) -> dict:
+        """Gather logical expert weights ``[L, ...]`` into slot order ``[P, ...]``."""
+        return {k: jnp.asarray(v)[self.slot_expert_P] for k, v in experts.items()}
+
+
+def build_expert_map(
+    num_experts: int,
+    num_devices: int,
+    slots_per_device: int,
+    expert_load: np.ndarray | None = None,
+) -> ExpertMap:
+    """Place expert ``e`` on slot ``e`` and fill the spare slots with replicas.
+
+    Spare slots go to the experts with the highest ``expert_load`` per replica (greedy),
+    or round-robin from expert 0 when no load is given.
+    """
+    num_slots = num_devices * slots_per_device
+    if num_slots < num_experts:
+        raise ExpertMapError(
+            f"{num_slots} expert slots ({num_devices} devices x {slots_per_device}) are fewer "
+            f"than the {num_experts} experts"
+        )
+    slots = list(range(num_experts))
+    if expert_load is None:
+        slots += [i % num_experts for i in range(num_slots - num_experts)]
+    else:
+        load = np.asarray(expert_load, dtype=np.float64)
+        reps = np.ones(num_experts)
+        for _ in range(num_slots - num_experts):
+            e = int(np.argmax(load / reps))
+            reps[e] += 1
+            slots.append(e)
+    return ExpertMap(np.asarray(slots, dtype=np.int32), num_devices, slots_per_device, num_experts)

@@ -115,8 +115,9 @@ class EpMoe:
         row_in = dsize + 4 if self.int8_dispatch else dsize * item
         row_out = dsize + 4 if self.int8_combine else dsize * item
         slot_tokens = np.asarray(st.slot_tokens_S).reshape(-1)
+        held = self.expert_map.slot_expert_P >= 0
         self.stats.add_expert_tokens(
-            np.bincount(self.expert_map.slot_expert_P, weights=slot_tokens,
+            np.bincount(self.expert_map.slot_expert_P[held], weights=slot_tokens[held],
                         minlength=self.expert_map.num_experts))
         payload = min_payload_bytes(n * t, k, dsize, item)
         extra = {"capacity": cap, "rounds": rounds, "staged": self.staged,

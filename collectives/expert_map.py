@@ -26,7 +26,8 @@ class ExpertMap:
     """Which logical expert each physical slot holds.
 
     Attributes:
-      slot_expert_P: ``[P]`` logical expert id of every physical slot.
+      slot_expert_P: ``[P]`` logical expert id of every physical slot, -1 for an empty slot
+        (e.g. attention ranks of a union mesh; never routed to).
       num_devices: ranks of the expert-parallel axis (N).
       slots_per_device: S; ``P == N * S``.
       num_experts: L.
@@ -44,8 +45,8 @@ class ExpertMap:
                 f"slot table has shape {self.slot_expert_P.shape}, expected ({p},) "
                 f"= num_devices {self.num_devices} x slots_per_device {self.slots_per_device}"
             )
-        held = np.unique(self.slot_expert_P)
-        if held.min() < 0 or held.max() >= self.num_experts:
+        held = np.unique(self.slot_expert_P[self.slot_expert_P >= 0])
+        if len(held) and (held.max() >= self.num_experts or self.slot_expert_P.min() < -1):
             raise ExpertMapError(f"slot table names experts outside 0..{self.num_experts - 1}")
         if len(held) != self.num_experts:
             missing = sorted(set(range(self.num_experts)) - set(held.tolist()))
@@ -57,11 +58,12 @@ class ExpertMap:
 
     @property
     def num_redundant(self) -> int:
-        return self.num_slots - self.num_experts
+        return int(np.sum(self.slot_expert_P >= 0)) - self.num_experts
 
     def replica_counts(self) -> np.ndarray:
         """``[L]`` how many slots hold each expert."""
-        return np.bincount(self.slot_expert_P, minlength=self.num_experts).astype(np.int32)
+        held = self.slot_expert_P[self.slot_expert_P >= 0]
+        return np.bincount(held, minlength=self.num_experts).astype(np.int32)
 
     def replica_table(self) -> np.ndarray:
         """``[L, R]`` slot ids of each expert's replicas, padded by repeating the first."""
@@ -78,8 +80,21 @@ class ExpertMap:
         return jnp.asarray(self.replica_table()), jnp.asarray(self.replica_counts())
 
     def physical_weights(self, experts: dict) -> dict:
-        """Gather logical expert weights ``[L, ...]`` into slot order ``[P, ...]``."""
-        return {k: jnp.asarray(v)[self.slot_expert_P] for k, v in experts.items()}
+        """Gather logical expert weights ``[L, ...]`` into slot order ``[P, ...]`` (host)."""
+        idx = np.maximum(self.slot_expert_P, 0)
+        out = {}
+        for k, v in experts.items():
+            v = np.asarray(v)
+            held = (self.slot_expert_P >= 0).reshape((-1,) + (1,) * (v.ndim - 1))
+            out[k] = np.where(held, v[idx], np.zeros((), v.dtype))
+        return out
+
+    def with_empty_ranks(self, before: int, after: int = 0) -> ExpertMap:
+        """The same placement on a wider axis whose extra ranks hold no experts."""
+        empty = np.full(self.slots_per_device, -1, np.int32)
+        table = np.concatenate([np.tile(empty, before), self.slot_expert_P, np.tile(empty, after)])
+        return ExpertMap(table, self.num_devices + before + after, self.slots_per_device,
+                         self.num_experts)
 
 
 def build_expert_map(

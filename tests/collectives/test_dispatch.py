@@ -4,11 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 
 from collectives.dispatch import quantize_int8
-from collectives.ep_moe import capacity_buckets
+from collectives.ep_moe import EpMoe, capacity_buckets
 from collectives.expert_map import ExpertMapError, build_expert_map
-from tests.collectives.cases import run_case
+from tests.collectives.cases import make_experts, run_case
+from xds_jax.moe import moe_dense_reference
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -49,12 +51,6 @@ def test_further_rounds_carry_the_overflow_without_a_rerun():
 
 def test_padding_tokens_are_skipped():
     rng = np.random.default_rng(3)
-    from collectives.ep_moe import EpMoe
-    from jax.sharding import Mesh
-
-    from tests.collectives.cases import make_experts
-    from xds_jax.moe import moe_dense_reference
-
     w = make_experts(rng, 8, 16, 8)
     x = jnp.asarray(rng.normal(size=(16, 16)).astype(np.float32))
     ids = jnp.asarray(rng.integers(0, 8, (16, 2)).astype(np.int32)).at[::3].set(-1)

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from collectives.expert_map import build_expert_map
 from collectives.layout import received_slots, rounds_needed, route, send_index
 
-
 # Fixed array shapes (T = 6 tokens, K = 2, expert map padded to 8 x 8) keep the number of
 # compiled programs small; the values cover every layout case.
 T, K, PAD = 6, 2, 8

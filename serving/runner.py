@@ -36,12 +36,19 @@ class RowBatch:
     sampling_seqs: list  # per row: the Sequence to sample for, or None
 
 
-def build_rows(scheduled: list, width_min: int, block_size: int) -> RowBatch:
+# Smallest buckets: a few padded rows or key slots cost less than another compiled program.
+MIN_DECODE_ROWS = 4
+MIN_PREFILL_WIDTH = 16
+MIN_CONTEXT_TOKENS = 128
+
+
+def build_rows(scheduled: list, rows_min: int, width_min: int, block_size: int) -> RowBatch:
     """Pad scheduled sequences (objects with seq, start, num_tokens, block_table,
     is_last_chunk) into bucketed host arrays. Padding uses position -1 (writes nothing)."""
-    rows = bucket(len(scheduled))
+    rows = bucket(len(scheduled), rows_min)
     width = bucket(max(s.num_tokens for s in scheduled), width_min)
-    blocks = bucket(max(len(s.block_table) for s in scheduled))
+    blocks = bucket(max(len(s.block_table) for s in scheduled),
+                    max(1, MIN_CONTEXT_TOKENS // block_size))
     tokens = np.zeros((rows, width), np.int32)
     positions = np.full((rows, width), -1, np.int32)
     tables = np.zeros((rows, blocks), np.int32)
@@ -93,9 +100,10 @@ class ModelRunner:
         decodes = [s for s in scheduled if s.num_tokens == 1 and s.start > 0]
         prefills = [s for s in scheduled if not (s.num_tokens == 1 and s.start > 0)]
         pending = []
-        for group, width in ((decodes, 1), (prefills, 16)):
+        for group, rows_min, width in ((decodes, MIN_DECODE_ROWS, 1),
+                                       (prefills, 1, MIN_PREFILL_WIDTH)):
             if group:
-                rows = build_rows(group, width, self.block_size)
+                rows = build_rows(group, rows_min, width, self.block_size)
                 pending.append((self._launch(rows), rows.sampling_seqs))
         return pending
 

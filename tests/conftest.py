@@ -11,3 +11,7 @@ configure_cpu_devices()
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+from xds_jax.compile_cache import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache()

@@ -18,6 +18,7 @@ import numpy as np
 from xds_jax.config import ModelConfig
 from xds_jax.model import forward, last_token_logits, new_caches
 from xds_jax.sampling import flags_for, make_batch, sample
+from xds_jax.sampling_params import SamplingParams
 from xds_jax.sequence import Sequence
 
 
@@ -34,23 +35,30 @@ def model_step(params: dict, tokens_BS: jax.Array, positions_BS: jax.Array, cach
     return last_token_logits(params, cfg, x, last_B), caches
 
 
+_IDLE_ROW = SamplingParams(temperature=0)
+
+
 def sample_rows(logits_BV: jax.Array, seqs: list[Sequence | None], vocab_size: int) -> None:
-    """Sample one token for each live row and append it to its sequence."""
-    live = [(i, s) for i, s in enumerate(seqs) if s is not None and not s.finished]
-    if not live:
+    """Sample one token for each live row and append it to its sequence.
+
+    Every row of the bucket is sampled (idle rows greedily, results dropped), so the sampler
+    compiles once per bucket rather than once per number of live rows.
+    """
+    live = [s if s is not None and not s.finished else None for s in seqs]
+    if not any(live):
         return
-    rows = np.asarray([i for i, _ in live])
-    group = [s for _, s in live]
-    flags = flags_for([s.params for s in group])
+    params = [s.params if s else _IDLE_ROW for s in live]
+    flags = flags_for(params)
     batch = make_batch(
-        [s.params for s in group], [s.seed for s in group], [len(s.output_ids) for s in group],
-        [s.prompt_ids for s in group], [s.output_ids for s in group],
-        [s.banned_ids() for s in group], vocab_size, flags,
+        params, [s.seed if s else 0 for s in live], [len(s.output_ids) if s else 0 for s in live],
+        [s.prompt_ids if s else [] for s in live], [s.output_ids if s else [] for s in live],
+        [s.banned_ids() if s else [] for s in live], vocab_size, flags,
     )
-    tokens, lps, ranks, top_ids, top_lps = jax.device_get(sample(logits_BV[rows], batch, flags))
-    for j, s in enumerate(group):
-        top = list(zip(top_ids[j].tolist(), top_lps[j].tolist(), strict=True))
-        s.append(int(tokens[j]), float(lps[j]), int(ranks[j]), top)
+    tokens, lps, ranks, top_ids, top_lps = jax.device_get(sample(logits_BV, batch, flags))
+    for j, s in enumerate(live):
+        if s is not None:
+            top = list(zip(top_ids[j].tolist(), top_lps[j].tolist(), strict=True))
+            s.append(int(tokens[j]), float(lps[j]), int(ranks[j]), top)
 
 
 class LocalGenerator:
@@ -68,7 +76,7 @@ class LocalGenerator:
             return
         rows = bucket(len(seqs))
         slots: list[Sequence | None] = list(seqs) + [None] * (rows - len(seqs))
-        context = bucket(max(s.num_tokens + (s.max_tokens or 0) for s in seqs), self.page_size)
+        context = bucket(max(s.num_tokens + (s.max_tokens or 0) for s in seqs), 128)
         n_pages = context // self.page_size
         caches = new_caches(self.cfg, rows * n_pages, self.page_size, self.dtype)
         tables = jnp.arange(rows * n_pages, dtype=jnp.int32).reshape(rows, n_pages)

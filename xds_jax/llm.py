@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence as Seq
 from typing import Any
 
+from xds_jax.compile_cache import enable_compilation_cache
 from xds_jax.errors import PromptTooLongError, XdsError
 from xds_jax.loader import load_model
 from xds_jax.outputs import RequestMetrics, RequestOutput
@@ -47,6 +48,7 @@ class LLM:
                  max_num_batched_tokens: int = 512, block_size: int = 16,
                  kv_cache_bytes: int = 1 << 30, enable_prefix_caching: bool = True,
                  deployment: str | None = None, use_param_cache: bool = True):
+        enable_compilation_cache()
         loaded = load_model(model, dtype=dtype, seed=seed, use_cache=use_param_cache)
         self.model_name = loaded.name
         self.cfg = loaded.cfg

@@ -68,6 +68,7 @@ class DPGroup:
         self._owners: dict[int, Request] = {}  # seq_id -> request
         self.healthy = True
         self.steps = 0
+        self.prompt_tokens = 0  # prompt tokens received
         self.prefill_tokens = 0  # prompt tokens actually computed (prefix-cache hits excluded)
         self.generated_tokens = 0
         self.last_heartbeat = time.monotonic()
@@ -97,6 +98,7 @@ class DPGroup:
             if kind == "add":
                 self.requests[item.request_id] = item
                 for seq in item.seqs:
+                    self.prompt_tokens += len(seq.prompt_ids)
                     self._owners[seq.seq_id] = item
                     self.scheduler.add(seq)
             elif item in self.requests:

@@ -139,6 +139,7 @@ class Engine:
             "num_preemptions": sum(s.num_preemptions for s in schedulers),
             "healthy_groups": sum(x.healthy for x in loads),
             "compiles": sum(g.runner.compile_count for g in self.groups),
+            "prompt_tokens_total": sum(g.prompt_tokens for g in self.groups),
             "prefill_tokens_total": sum(g.prefill_tokens for g in self.groups),
             "generation_tokens_total": sum(g.generated_tokens for g in self.groups),
             "heartbeat_age_s": max(time.monotonic() - g.last_heartbeat for g in self.groups),

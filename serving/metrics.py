@@ -1,0 +1,119 @@
+"""Prometheus metrics of the server: latency histograms per request, engine gauges per scrape.
+
+Names follow vLLM's (``xds:`` instead of ``vllm:``): TTFT, TPOT, ITL and end-to-end histograms,
+running/waiting requests, KV use, prefix-cache hit rate, token counters, per-collective latency
+and per-expert load.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from xds_jax.outputs import RequestOutput
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+                 1.0, 2.5, 5.0, 10.0, 20.0, 80.0)
+E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0,
+               240.0, 480.0, 960.0, 1920.0)
+
+
+class ServerMetrics:
+    """Prometheus metrics of one app (own registry): latency histograms observed here from
+    each request's output stream, engine gauges read from ``engine.stats()`` at each scrape."""
+
+    def __init__(self, registry: CollectorRegistry, engine: Any, model: str):
+        def histogram(name: str, doc: str, buckets: tuple) -> Any:
+            return Histogram(name, doc, ["model_name"], buckets=buckets,
+                             registry=registry).labels(model)
+
+        self.ttft = histogram("xds:time_to_first_token_seconds", "Time to first token.",
+                              TTFT_BUCKETS)
+        self.tpot = histogram("xds:time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request.",
+                              TOKEN_BUCKETS)
+        self.itl = histogram("xds:inter_token_latency_seconds",
+                             "Time between consecutive output tokens.", TOKEN_BUCKETS)
+        self.e2e = histogram("xds:e2e_request_latency_seconds", "Request latency, end to end.",
+                             E2E_BUCKETS)
+        self.finished = Counter("xds:request_success", "Finished requests by finish reason.",
+                                ["model_name", "finished_reason"], registry=registry)
+        self.model = model
+        registry.register(EngineCollector(engine, model))
+
+    async def track(self, first: RequestOutput, rest: AsyncIterator[RequestOutput],
+                    finished_ids: set[str]) -> AsyncIterator[RequestOutput]:
+        """``first`` then ``rest``, observing inter-token gaps and, at the end, the request."""
+        out: RequestOutput | None = first
+        seen, last = 0, 0.0
+        while out is not None:
+            count = max((len(c.token_ids) for c in out.outputs), default=0)
+            if count > seen:
+                stamp = time.monotonic()
+                if seen:
+                    for _ in range(count - seen):
+                        self.itl.observe((stamp - last) / (count - seen))
+                seen, last = count, stamp
+            yield out
+            if out.finished:
+                finished_ids.add(out.request_id)
+                self.observe_finished(out, seen)
+                return
+            out = await anext(rest, None)
+
+    def observe_finished(self, out: RequestOutput, tokens: int) -> None:
+        for c in out.outputs:
+            self.finished.labels(self.model, c.finish_reason or "unknown").inc()
+        m = out.metrics
+        if m is None:
+            return
+        if m.first_token_time is not None:
+            self.ttft.observe(m.first_token_time - m.arrival_time)
+            if tokens > 1 and m.last_token_time is not None:
+                self.tpot.observe((m.last_token_time - m.first_token_time) / (tokens - 1))
+        self.e2e.observe((m.finished_time or time.monotonic()) - m.arrival_time)
+
+
+class EngineCollector:
+    """Reads ``engine.stats()`` at scrape time: queues, KV use, prefix hits, token counters,
+    per-collective latency and per-expert load."""
+
+    def __init__(self, engine: Any, model: str):
+        self.engine, self.model = engine, model
+
+    def collect(self):
+        stats, m = self.engine.stats(), self.model
+        for name, key, doc in (
+                ("xds:num_requests_running", "num_running", "Requests being decoded."),
+                ("xds:num_requests_waiting", "num_waiting", "Requests waiting to be scheduled."),
+                ("xds:kv_cache_usage_perc", "kv_usage", "Fraction of KV blocks in use (0-1)."),
+                ("xds:prefix_cache_hit_rate", "prefix_hit_rate",
+                 "Fraction of prompt tokens served from cached prefixes (0-1).")):
+            gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
+            gauge.add_metric([m], float(stats.get(key, 0.0)))
+            yield gauge
+        for name, key, doc in (
+                ("xds:num_preemptions", "num_preemptions", "Preemptions by recompute."),
+                ("xds:prompt_tokens", "prompt_tokens_total", "Prompt tokens prefilled."),
+                ("xds:generation_tokens", "generation_tokens_total", "Tokens generated.")):
+            counter = CounterMetricFamily(name, doc, labels=["model_name"])
+            counter.add_metric([m], float(stats.get(key, 0)))
+            yield counter
+        latency = GaugeMetricFamily("xds:collective_latency_seconds",
+                                    "Latest latency of each collective.",
+                                    labels=["model_name", "collective"])
+        for collective, seconds in sorted(stats.get("collective_latency_s", {}).items()):
+            latency.add_metric([m, str(collective)], float(seconds))
+        yield latency
+        load = GaugeMetricFamily("xds:expert_load", "Tokens routed to each expert.",
+                                 labels=["model_name", "layer", "expert"])
+        for layer, counts in sorted(stats.get("expert_load", {}).items()):
+            for expert, count in enumerate(counts):
+                load.add_metric([m, str(layer), str(expert)], float(count))
+        yield load

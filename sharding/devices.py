@@ -30,7 +30,9 @@ def configure_cpu_devices(count: int | None = None) -> int:
         except ValueError as e:
             raise DeviceSetupError(f"XDS_CPU_DEVICES must be an integer, got {env!r}") from e
     if not 1 <= count <= MAX_CPU_DEVICES:
-        raise DeviceSetupError(f"virtual CPU device count must be in 1..{MAX_CPU_DEVICES}, got {count}")
+        raise DeviceSetupError(
+            f"virtual CPU device count must be in 1..{MAX_CPU_DEVICES}, got {count}"
+        )
     import jax
 
     try:

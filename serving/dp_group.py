@@ -33,6 +33,7 @@ class GroupConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
+    staged: bool = True  # separately jitted stages (fast compile) or one fused step program
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,8 @@ class DPGroup:
                                    enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
                                    config.max_num_batched_tokens)
-        self.runner = ModelRunner(params, cfg, config.num_blocks, config.block_size, device)
+        self.runner = ModelRunner(params, cfg, config.num_blocks, config.block_size, device,
+                                  staged=config.staged)
         self.inbox: queue.Queue = queue.Queue()
         self.requests: dict[str, Request] = {}
         self._owners: dict[int, Request] = {}  # seq_id -> request

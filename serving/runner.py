@@ -1,10 +1,13 @@
 """Compiled step programs over paged KV for one DP group.
 
-A step holds decode rows (one token each) and prefill rows (a chunk each). Each kind runs as
-its own program, shaped by buckets: rows (powers of two up to ``max_num_seqs``), tokens per row
-(powers of two from 16 up to the chunk size) and block-table width (powers of two). The KV
-pages are donated through every program, so they are updated in place. The same bucket never
-compiles twice: ``compile_count`` lets tests and benchmarks check steady state.
+A step holds decode rows (one token each) and prefill rows (a chunk each), each kind launched
+separately. By default a launch is a chain of separately jitted stage programs (embed, per layer
+attention and FFN/MoE, head), which compile once per shape whatever the depth; ``staged=False``
+fuses the step into one program. Shapes come from buckets: rows (powers of two up to
+``max_num_seqs``), tokens per row (powers of two from 16 up to the chunk size) and block-table
+width (powers of two). The KV pages are donated through every program, so they are updated in
+place. The same bucket never compiles twice: ``compile_count`` lets tests and benchmarks check
+steady state.
 
 Shape legend: B rows, S tokens per row, N blocks per row, V vocabulary.
 """
@@ -20,7 +23,7 @@ import numpy as np
 
 from xds_jax.config import ModelConfig
 from xds_jax.generate import bucket, model_step, sample_rows
-from xds_jax.model import new_caches
+from xds_jax.model import new_caches, staged_step
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +73,9 @@ class ModelRunner:
     """Owns a group's parameters and KV pages on its device and runs scheduled steps."""
 
     def __init__(self, params: dict, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 device: jax.Device | None = None):
+                 device: jax.Device | None = None, staged: bool = True):
         self.cfg = cfg
+        self.staged = staged
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = device or jax.devices()[0]
@@ -89,10 +93,12 @@ class ModelRunner:
             self.compile_count += 1
             log.info("compiling step program for rows x tokens %s, blocks %d", key[0], key[1][1])
         put = lambda a: jax.device_put(a, self.device)  # noqa: E731
-        logits, self.caches = model_step(
-            self.params, put(rows.tokens_BS), put(rows.positions_BS), self.caches,
-            put(rows.tables_BN), put(rows.last_B), cfg=self.cfg,
-        )
+        args = (put(rows.tokens_BS), put(rows.positions_BS), self.caches, put(rows.tables_BN),
+                put(rows.last_B))
+        if self.staged:
+            logits, self.caches = staged_step(self.params, self.cfg, *args)
+        else:
+            logits, self.caches = model_step(self.params, *args, cfg=self.cfg)
         return logits
 
     def launch(self, scheduled: list) -> list[tuple]:

@@ -63,3 +63,29 @@ def reference_hidden_states(params: dict, cfg: ModelConfig, tokens: jax.Array) -
         x = stages.feed_forward(layer, cfg, i, x)
         out.append(x[0])
     return jnp.stack(out)
+
+
+_embed = jax.jit(stages.embed)
+_attention = jax.jit(stages.attention, static_argnums=1, donate_argnums=4)
+_feed_forward = jax.jit(stages.feed_forward, static_argnums=(1, 2))
+_last_logits = jax.jit(last_token_logits, static_argnums=1)
+
+
+def _dense_or_moe(cfg: ModelConfig, index: int) -> int:
+    """A layer index standing for its kind, so all dense (or all MoE) layers share a program."""
+    return next(i for i in range(cfg.num_layers) if cfg.is_moe_layer(i) == cfg.is_moe_layer(index))
+
+
+def staged_step(params: dict, cfg: ModelConfig, tokens_BS: jax.Array, positions_BS: jax.Array,
+                caches: list[dict], block_tables_BN: jax.Array,
+                last_B: jax.Array) -> tuple[jax.Array, list[dict]]:
+    """One step as separately jitted stage programs: embed, then per layer attention (KV pages
+    donated) and dense/MoE FFN, then the head. Each stage compiles once per shape and is reused
+    by every layer, so compile time does not grow with depth; dispatch is asynchronous."""
+    x = _embed(params, tokens_BS)
+    new = []
+    for i, layer in enumerate(params["layers"]):
+        x, cache = _attention(layer, cfg, x, positions_BS, caches[i], block_tables_BN)
+        x = _feed_forward(layer, cfg, _dense_or_moe(cfg, i), x)
+        new.append(cache)
+    return _last_logits(params, cfg, x, last_B), new

@@ -41,9 +41,13 @@ def main() -> None:
     for out in outs:
         print(f"\n> {out.prompt}\n{out.outputs[0].text.strip()}")
 
-    question = [{"role": "user", "content": "What is the capital of France?"}]
-    reply = llm.chat(question, SamplingParams(temperature=0, max_tokens=32))[0]
-    print(f"\n[chat] user: {question[0]['content']}\n[chat] assistant: {reply.outputs[0].text}")
+    # Chats share the template's system prompt: after the first, it comes from the prefix cache.
+    questions = ["What is the capital of France?", "What is the capital of Italy?",
+                 "Name a large river in Europe."]
+    for question in questions:
+        reply = llm.chat([{"role": "user", "content": question}],
+                         SamplingParams(temperature=0, max_tokens=32))[0]
+        print(f"\n[chat] user: {question}\n[chat] assistant: {reply.outputs[0].text}")
     elapsed = time.monotonic() - start
 
     stats = llm.engine.stats()

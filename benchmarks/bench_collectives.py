@@ -7,6 +7,8 @@ Prints one JSON line per configuration:
 ``min_payload_bytes`` is top-k x tokens x hidden x dtype bytes. ``step_ms`` is a whole
 dispatch + experts + combine step, ``comm_ms`` the same step with identity experts.
 Latencies on virtual CPU devices measure XLA:CPU, not an interconnect: compare ratios.
+Beyond 256 CPU devices the dispatch runs staged (see ``collectives.exchange``) and the
+hidden size is capped at 16 to keep its all-gather simulation in memory.
 
     python -m benchmarks.bench_collectives --devices 64
 """
@@ -126,16 +128,22 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
+    from collectives.exchange import XLA_CPU_MAX_COLLECTIVE_DEVICES
+
     n = args.devices
+    hidden = args.hidden
+    if n > XLA_CPU_MAX_COLLECTIVE_DEVICES:
+        # The staged simulation all-gathers N x [N, C, D] per device: keep it in memory.
+        hidden = min(hidden, 16)
     for dtype, int8 in ((jnp.bfloat16, False), (jnp.bfloat16, True)):
-        for row in bench_dispatch(n, args.tokens, args.top_k, args.hidden, dtype, int8,
+        for row in bench_dispatch(n, args.tokens, args.top_k, hidden, dtype, int8,
                                   args.repeats):
             print(json.dumps(row), flush=True)
     a = max(1, (3 * n) // 8)  # attention:expert ~ 3:5 (6 -> 10 on 16, 144 -> 240 on 384)
     e = min(n - a, 256)
     modes = ["trampoline"] + (["direct"] if a + e <= 256 else [])
     for mode in modes:
-        for row in bench_a2e(a, e, args.tokens, args.top_k, args.hidden, np.float32, mode,
+        for row in bench_a2e(a, e, args.tokens, args.top_k, hidden, np.float32, mode,
                              args.repeats):
             print(json.dumps(row), flush=True)
     return 0

@@ -5,7 +5,7 @@ overflow re-runs, and byte/latency/load stats.
 for tokens sharded over the mesh axis (rank-major, T per rank). Programs are compiled once
 per capacity bucket. When a step overflows its bucket the step is re-run with the next
 bucket (the overflowing result is discarded, never returned), the rerun is counted, and
-later steps start from that bucket (grow-only) when a starting capacity was given.
+later steps start from that bucket (grow-only).
 
 On TPU/GPU and CPU meshes up to 256 devices one program does everything ("fused"). On
 larger XLA:CPU meshes the same stage functions run as separate programs with each
@@ -105,7 +105,7 @@ class EpMoe:
                 break
             self.stats.overflow_rows += overflow
             self.stats.reruns += 1
-        if self.capacity is not None and cap > self.capacity:
+        if self.capacity is None or cap > self.capacity:
             self.capacity = cap  # grow-only: later steps start from the bucket that fit
         self._record(cap, seconds, x_TD, t, k, st)
         return out

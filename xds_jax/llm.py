@@ -37,6 +37,8 @@ class LLM:
         devices); ignored when ``engine`` is given.
       max_num_seqs, max_num_batched_tokens, block_size, kv_cache_bytes: FlowServe capacity
         per DP group (``kv_cache_bytes`` sizes the paged KV pool).
+      deployment: a deployment file (``configs/deployments/*.yaml``): one DP group per rank of
+        its ``decode`` role, each on its own devices (instead of ``num_dp_groups``).
       engine: ``"flowserve"`` (default: the paged continuous-batching engine),
         ``"reference"`` (the single-device loop every path is checked against), or any object
         with ``run(list[Sequence])``.
@@ -58,24 +60,24 @@ class LLM:
         if max_model_len is not None and not 0 < max_model_len <= limit:
             raise PromptTooLongError(f"max_model_len must be in 1..{limit}, got {max_model_len}")
         self.max_model_len = max_model_len or limit
+        options = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                       block_size=block_size, kv_cache_bytes=kv_cache_bytes,
+                       enable_prefix_caching=enable_prefix_caching)
         if engine == "reference":
             from xds_jax.generate import LocalGenerator
 
             engine = LocalGenerator(self.params, self.cfg)
         elif engine == "flowserve" and deployment is not None:
+            # The public API wires the serving engine; model modules never import serving.
             from serving.deploy import build_deployed_engine
 
-            engine = build_deployed_engine(self.params, self.cfg, self.max_model_len, deployment)
+            engine = build_deployed_engine(self.params, self.cfg, self.max_model_len,
+                                           deployment, **options)
         elif engine == "flowserve":
-            # The public API wires the serving engine; model modules never import serving.
             from serving.engine import build_engine
 
-            engine = build_engine(
-                self.params, self.cfg, self.max_model_len, num_dp_groups=num_dp_groups,
-                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                block_size=block_size, kv_cache_bytes=kv_cache_bytes,
-                enable_prefix_caching=enable_prefix_caching,
-            )
+            engine = build_engine(self.params, self.cfg, self.max_model_len,
+                                  num_dp_groups=num_dp_groups, **options)
         self.engine = engine
         self._request_ids = itertools.count()
 

@@ -1,6 +1,7 @@
 """FlowServe engine end to end: continuous batching, chunked prefill, prefix caching,
 preemption and DP groups all give exactly the reference loop's greedy tokens."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -39,9 +40,13 @@ def reference(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 
 @pytest.mark.parametrize("name, groups", [("llama", 1), ("qwen3_moe", 1), ("llama", 4),
                                           ("qwen3_moe", 4)])
-def test_64_concurrent_requests_match_reference(name, groups):
-    llm = LLM(str(GOLDEN / name), dtype="float32", num_dp_groups=groups, max_num_seqs=16,
+def test_64_concurrent_requests_match_reference(name, groups, tmp_path):
+    layout = tmp_path / "dp.yaml"  # DP groups on devices 1.., each its own slice
+    layout.write_text(f"name: dp{groups}\nroles:\n  decode:\n"
+                      f"    devices: {{start: 1, count: {groups}}}\n    dp: {groups}\n")
+    llm = LLM(str(GOLDEN / name), dtype="float32", deployment=str(layout), max_num_seqs=16,
               max_num_batched_tokens=48, use_param_cache=False)
+    assert [g.runner.device for g in llm.engine.groups] == jax.devices()[1:1 + groups]
     prompts = workload(llm.cfg.vocab_size, 64, seed=groups)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         [params_for(i) for i in range(len(prompts))])
@@ -96,3 +101,11 @@ def test_no_recompilation_in_steady_state():
     for _ in range(3):
         llm.generate(batch, params)
     assert llm.engine.stats()["compiles"] == compiled
+
+
+def test_disaggregated_deployment_is_refused_with_a_clear_error():
+    from serving.deploy import UnsupportedDeploymentError
+
+    with pytest.raises(UnsupportedDeploymentError, match="prefill/decode disaggregated"):
+        LLM(str(GOLDEN / "llama"), dtype="float32",
+            deployment="configs/deployments/cpu8-pd.yaml", use_param_cache=False)

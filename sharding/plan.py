@@ -2,7 +2,8 @@
 
 Per role: parameter bytes per device under the partition rules (TP splits heads, MLP and
 vocab; experts are spread over slots), KV bytes per token per device, the fixed dispatch
-buffers (send + receive, dispatch + combine, first capacity bucket), and from the memory
+buffers (send + receive, dispatch + combine, first capacity bucket; decode steps carry one
+token per sequence, prefill steps a ``PREFILL_CHUNK``-token chunk), and from the memory
 left the largest batch at the model's full context and the longest context at batch 1.
 Activations are covered by a flat reserve (``RESERVE_FRACTION`` of device memory).
 
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass
 from sharding.deployment import DeploymentError, DeploymentSpec, RoleSpec, read_deployment
 
 RESERVE_FRACTION = 0.1
+PREFILL_CHUNK = 2048  # tokens per prefill DP group per step, for the dispatch buffers
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 1 << 30
 
@@ -120,7 +122,10 @@ def _role_plan(cfg, spec: DeploymentSpec, role: RoleSpec, item: int, mem: int) -
         params = ((g["attention"] + g["dense_mlp"] + g["vocab"] + g["shared_experts"]) // tp
                   + g["replicated"] + slots * g["expert"])
         kv = _kv_per_token(cfg, tp, item)
-        per_rank = lambda b: b * (tp if role.name == "prefill" else 1)  # noqa: E731
+        # Tokens per rank per step: decode carries one per sequence; a prefill step carries a
+        # chunk of PREFILL_CHUNK tokens per DP group, split over its TP ranks.
+        prefill_rank = math.ceil(PREFILL_CHUNK / tp)
+        per_rank = (lambda b: prefill_rank) if role.name == "prefill" else (lambda b: b)
         disp = (lambda b: _dispatch_bytes(per_rank(b), k, n, cfg.hidden_size, item)) if moe \
             else (lambda b: 0)
         note = f"EP over {n} devices, {slots} expert(s) per device" if moe else ""

@@ -218,9 +218,16 @@ class Status:
 
 def load_engine(args: argparse.Namespace) -> Any:
     """Build, start and (unless ``--no-warmup``) warm up the engine for ``args``."""
+    import os
+
     from sharding.devices import configure_cpu_devices
 
-    configure_cpu_devices(getattr(args, "cpu_devices", None))
+    count = getattr(args, "cpu_devices", None)
+    if count is None and args.deployment and not os.environ.get("XDS_CPU_DEVICES"):
+        from sharding import read_deployment  # no JAX: size the simulated mesh to the layout
+
+        count = read_deployment(args.deployment).num_devices
+    configure_cpu_devices(count)
     from serving.async_engine import AsyncEngine, EngineArgs
 
     options = {"model": args.model, "dtype": args.dtype, "deployment": args.deployment,

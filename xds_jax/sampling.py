@@ -41,8 +41,10 @@ class SamplerFlags:
     """Static switches so a batch only pays for the filters it uses."""
 
     penalties: bool = False
+    random: bool = False  # some row samples (temperature > 0); else all rows are greedy
     sort: bool = False
     min_p: bool = False
+    logprobs: bool = False  # some row asked for logprobs (even 0: the sampled token's)
     num_logprobs: int = 0
 
 
@@ -50,8 +52,10 @@ def flags_for(params: list[SamplingParams]) -> SamplerFlags:
     return SamplerFlags(
         penalties=any(p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty
                       for p in params),
+        random=any(not p.greedy for p in params),
         sort=any(p.top_p < 1 or p.top_k > 0 for p in params if not p.greedy),
         min_p=any(p.min_p > 0 for p in params if not p.greedy),
+        logprobs=any(p.logprobs is not None for p in params),
         num_logprobs=max((p.logprobs or 0 for p in params), default=0),
     )
 
@@ -117,34 +121,49 @@ def _filter_sorted(logits_BV: jax.Array, b: SamplingBatch) -> jax.Array:
     return jnp.where(logits_BV >= threshold, logits_BV, -jnp.inf)
 
 
+def _draw(scaled_BV: jax.Array, b: SamplingBatch) -> jax.Array:
+    """One categorical draw per row from a single uniform: the first token whose cumulative
+    probability exceeds it (masked tokens have probability 0 and are never chosen)."""
+    cdf = jnp.cumsum(jax.nn.softmax(scaled_BV, axis=-1), axis=-1)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(b.seed, b.step)
+    u = jax.vmap(lambda k: jax.random.uniform(k))(keys) * cdf[:, -1] * (1 - 1e-6)
+    return jnp.argmax(cdf > u[:, None], axis=-1)
+
+
 @partial(jax.jit, static_argnames=("flags",))
 def sample(logits_BV: jax.Array, b: SamplingBatch, flags: SamplerFlags):
     """Choose one token per row.
 
     Returns:
       tokens ``[B]`` int32, their logprobs ``[B]``, their rank ``[B]`` (1 = most likely), and
-      the top-N ids ``[B, N]`` and logprobs ``[B, N]`` (N = ``flags.num_logprobs``).
+      the top-N ids ``[B, N]`` and logprobs ``[B, N]`` (N = ``flags.num_logprobs``); the
+      logprob outputs are zeros unless ``flags.logprobs``.
     """
     logits_BV = logits_BV.astype(jnp.float32)
-    raw_logprobs = jax.nn.log_softmax(logits_BV, axis=-1)
+    raw_logits = logits_BV
     if flags.penalties:
         logits_BV = apply_penalties(logits_BV, b)
     logits_BV = jnp.where(b.banned, -jnp.inf, logits_BV)
-    greedy_B = jnp.argmax(logits_BV, axis=-1)
-    temp = jnp.where(b.temperature > 0, b.temperature, 1.0)[:, None]
-    scaled = logits_BV / temp
-    if flags.sort:
-        scaled = _filter_sorted(scaled, b)
-    if flags.min_p:
-        probs = jax.nn.softmax(scaled, axis=-1)
-        floor = b.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
-        scaled = jnp.where(probs >= floor, scaled, -jnp.inf)
-    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(b.seed, b.step)
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits_BV.shape[-1:]))(keys)
-    drawn_B = jnp.argmax(scaled + gumbel, axis=-1)
-    tokens_B = jnp.where(b.temperature > 0, drawn_B, greedy_B).astype(jnp.int32)
+    tokens_B = jnp.argmax(logits_BV, axis=-1)
+    if flags.random:
+        temp = jnp.where(b.temperature > 0, b.temperature, 1.0)[:, None]
+        scaled = logits_BV / temp
+        if flags.sort:
+            scaled = _filter_sorted(scaled, b)
+        if flags.min_p:
+            probs = jax.nn.softmax(scaled, axis=-1)
+            floor = b.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+            scaled = jnp.where(probs >= floor, scaled, -jnp.inf)
+        tokens_B = jnp.where(b.temperature > 0, _draw(scaled, b), tokens_B)
+    tokens_B = tokens_B.astype(jnp.int32)
+    n = flags.num_logprobs
+    if not flags.logprobs:
+        rows = tokens_B.shape[0]
+        none = jnp.zeros((rows, 0), jnp.float32)
+        return (tokens_B, jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.int32),
+                none.astype(jnp.int32), none)
+    raw_logprobs = jax.nn.log_softmax(raw_logits, axis=-1)
     token_lp = jnp.take_along_axis(raw_logprobs, tokens_B[:, None], axis=-1)[:, 0]
     rank = 1 + jnp.sum(raw_logprobs > token_lp[:, None], axis=-1)
-    top_lp, top_ids = jax.lax.top_k(raw_logprobs, max(flags.num_logprobs, 1))
-    n = flags.num_logprobs
+    top_lp, top_ids = jax.lax.top_k(raw_logprobs, max(n, 1))
     return tokens_B, token_lp, rank.astype(jnp.int32), top_ids[:, :n], top_lp[:, :n]

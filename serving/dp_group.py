@@ -33,7 +33,7 @@ class GroupConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
-    staged: bool = True  # separately jitted stages (fast compile) or one fused step program
+    staged: bool = False  # separately jitted stage programs, or one fused step program
 
 
 @dataclasses.dataclass(frozen=True)

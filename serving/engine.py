@@ -153,7 +153,7 @@ def _mean(values: list[float]) -> float:
 def build_engine(params: dict, cfg: ModelConfig, max_model_len: int, *, num_dp_groups: int = 1,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512, block_size: int = 16,
                  kv_cache_bytes: int = 1 << 30, enable_prefix_caching: bool = True,
-                 devices: list | None = None) -> Engine:
+                 staged: bool = False, devices: list | None = None) -> Engine:
     """An engine with ``num_dp_groups`` groups on the first devices, KV pools sized to fit
     ``kv_cache_bytes`` per group (but no more than ``max_num_seqs`` full contexts)."""
     devices = devices or jax.devices()
@@ -168,5 +168,5 @@ def build_engine(params: dict, cfg: ModelConfig, max_model_len: int, *, num_dp_g
     group = GroupConfig(num_blocks=int(num_blocks), block_size=block_size,
                         max_num_seqs=max_num_seqs,
                         max_num_batched_tokens=max_num_batched_tokens,
-                        enable_prefix_caching=enable_prefix_caching)
+                        enable_prefix_caching=enable_prefix_caching, staged=staged)
     return Engine(params, cfg, list(devices[:num_dp_groups]), group)

@@ -37,6 +37,8 @@ class LLM:
         devices); ignored when ``engine`` is given.
       max_num_seqs, max_num_batched_tokens, block_size, kv_cache_bytes: FlowServe capacity
         per DP group (``kv_cache_bytes`` sizes the paged KV pool).
+      staged: run each step as separately jitted stage programs (attention, FFN/MoE per layer)
+        instead of one fused program: faster to compile, slower to run.
       deployment: a deployment file (``configs/deployments/*.yaml``): one DP group per rank of
         its ``decode`` role, each on its own devices (instead of ``num_dp_groups``).
       engine: ``"flowserve"`` (default: the paged continuous-batching engine),
@@ -49,7 +51,8 @@ class LLM:
                  num_dp_groups: int = 1, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, block_size: int = 16,
                  kv_cache_bytes: int = 1 << 30, enable_prefix_caching: bool = True,
-                 deployment: str | None = None, use_param_cache: bool = True):
+                 staged: bool = False, deployment: str | None = None,
+                 use_param_cache: bool = True):
         enable_compilation_cache()
         loaded = load_model(model, dtype=dtype, seed=seed, use_cache=use_param_cache)
         self.model_name = loaded.name
@@ -62,7 +65,7 @@ class LLM:
         self.max_model_len = max_model_len or limit
         options = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                        block_size=block_size, kv_cache_bytes=kv_cache_bytes,
-                       enable_prefix_caching=enable_prefix_caching)
+                       enable_prefix_caching=enable_prefix_caching, staged=staged)
         if engine == "reference":
             from xds_jax.generate import LocalGenerator
 

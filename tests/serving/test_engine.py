@@ -38,14 +38,15 @@ def reference(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("name, groups", [("llama", 1), ("qwen3_moe", 1), ("llama", 4),
-                                          ("qwen3_moe", 4)])
-def test_64_concurrent_requests_match_reference(name, groups, tmp_path):
+@pytest.mark.parametrize("name, groups, staged", [
+    ("llama", 1, False), ("qwen3_moe", 1, True), ("llama", 4, True), ("qwen3_moe", 4, False)])
+def test_64_concurrent_requests_match_reference(name, groups, staged, tmp_path):
+    """Fused step programs and separately jitted stages both equal the reference."""
     layout = tmp_path / "dp.yaml"  # DP groups on devices 1.., each its own slice
     layout.write_text(f"name: dp{groups}\nroles:\n  decode:\n"
                       f"    devices: {{start: 1, count: {groups}}}\n    dp: {groups}\n")
     llm = LLM(str(GOLDEN / name), dtype="float32", deployment=str(layout), max_num_seqs=16,
-              max_num_batched_tokens=48, use_param_cache=False)
+              max_num_batched_tokens=48, staged=staged, use_param_cache=False)
     assert [g.runner.device for g in llm.engine.groups] == jax.devices()[1:1 + groups]
     prompts = workload(llm.cfg.vocab_size, 64, seed=groups)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],

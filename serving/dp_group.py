@@ -73,6 +73,7 @@ class DPGroup:
         self.prompt_tokens = 0  # prompt tokens received
         self.prefill_tokens = 0  # prompt tokens actually computed (prefix-cache hits excluded)
         self.generated_tokens = 0
+        self.last_batch = (0, 0)  # (sequences, tokens) of the latest step
         self.last_heartbeat = time.monotonic()
         self._wake = threading.Event()
 
@@ -134,6 +135,7 @@ class DPGroup:
         self.steps += 1
         self.prefill_tokens += sum(s.num_tokens for s in out.scheduled if s.is_prefill)
         self.generated_tokens += sum(1 for s in out.scheduled if s.is_last_chunk)
+        self.last_batch = (len(out.scheduled), out.num_batched_tokens)
         now = time.monotonic()
         touched = {s.seq.seq_id: self._owners[s.seq.seq_id] for s in out.scheduled
                    if s.is_last_chunk}

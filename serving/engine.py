@@ -142,6 +142,8 @@ class Engine:
             "prompt_tokens_total": sum(g.prompt_tokens for g in self.groups),
             "prefill_tokens_total": sum(g.prefill_tokens for g in self.groups),
             "generation_tokens_total": sum(g.generated_tokens for g in self.groups),
+            "batch_size": sum(g.last_batch[0] for g in self.groups),
+            "batched_tokens": sum(g.last_batch[1] for g in self.groups),
             "heartbeat_age_s": max(time.monotonic() - g.last_heartbeat for g in self.groups),
         }
 

@@ -41,13 +41,15 @@ def bench_xds(llm: LLM, batch: int, repeats: int) -> dict:
     llm.generate([{"prompt_token_ids": p} for p in warm], params)  # compile
     rates = []
     for r in range(repeats):
-        batch_prompts = prompts(batch, PROMPT_LEN, llm.cfg.vocab_size, r + 1)
+        # Fresh prompts for each call: a repeated prompt would come from the prefix cache.
         one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
         start = time.perf_counter()
-        llm.generate([{"prompt_token_ids": p} for p in batch_prompts], one)
+        llm.generate([{"prompt_token_ids": p}
+                      for p in prompts(batch, PROMPT_LEN, llm.cfg.vocab_size, 2 * r + 1)], one)
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
-        llm.generate([{"prompt_token_ids": p} for p in batch_prompts], params)
+        llm.generate([{"prompt_token_ids": p}
+                      for p in prompts(batch, PROMPT_LEN, llm.cfg.vocab_size, 2 * r + 2)], params)
         total_s = time.perf_counter() - start
         rates.append(batch * (DECODE_TOKENS - 1) / max(total_s - prefill_s, 1e-9))
     return summary(rates)

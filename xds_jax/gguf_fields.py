@@ -11,6 +11,7 @@ vocabulary, while this reads the same metadata in about a tenth of a second.
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from os import PathLike
 from typing import Any, NamedTuple
 
@@ -87,16 +88,7 @@ def read_gguf_metadata(path: str | PathLike[str]) -> dict[str, Any]:
         GGUFFormatError: The file is not GGUF, has an unknown version or value type, is cut
             short, or has a string that is not UTF-8.
     """
-    with open(path, "rb") as file:
-        if os.fstat(file.fileno()).st_size < _HEADER_SIZE:
-            raise GGUFFormatError(f"{path}: too short to be a GGUF file")
-        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            if data[:4] != GGUF_MAGIC:
-                raise GGUFFormatError(f"{path}: not a GGUF file (magic {data[:4]!r})")
-            try:
-                return _HeaderParser(data, str(path)).parse()
-            except (struct.error, UnicodeDecodeError) as error:
-                raise GGUFFormatError(f"{path}: corrupt metadata: {error}") from error
+    return _parse_header(path, lambda parser: parser.parse())
 
 
 class GGUFTensorInfo(NamedTuple):
@@ -117,6 +109,16 @@ def read_gguf_tensor_infos(
     Raises:
         GGUFFormatError: as ``read_gguf_metadata``.
     """
+
+    def read(parser: _HeaderParser):
+        fields = parser.parse()
+        return (fields, *parser.tensor_infos(int(fields.get("general.alignment", 32))))
+
+    return _parse_header(path, read)
+
+
+def _parse_header(path: str | PathLike[str], read: Callable[["_HeaderParser"], Any]) -> Any:
+    """Map ``path``, check it is GGUF, and run ``read`` on a parser at the start of the header."""
     with open(path, "rb") as file:
         if os.fstat(file.fileno()).st_size < _HEADER_SIZE:
             raise GGUFFormatError(f"{path}: too short to be a GGUF file")
@@ -124,12 +126,9 @@ def read_gguf_tensor_infos(
             if data[:4] != GGUF_MAGIC:
                 raise GGUFFormatError(f"{path}: not a GGUF file (magic {data[:4]!r})")
             try:
-                parser = _HeaderParser(data, str(path))
-                fields = parser.parse()
-                infos, start = parser.tensor_infos(int(fields.get("general.alignment", 32)))
+                return read(_HeaderParser(data, str(path)))
             except (struct.error, UnicodeDecodeError) as error:
-                raise GGUFFormatError(f"{path}: corrupt header: {error}") from error
-    return fields, infos, start
+                raise GGUFFormatError(f"{path}: corrupt metadata: {error}") from error
 
 
 class _HeaderParser:

@@ -18,7 +18,7 @@ import jax
 from serving.kv_cache import BlockManager
 from serving.request import Request
 from serving.runner import ModelRunner
-from serving.scheduler import Scheduler
+from serving.scheduler import Scheduler, SchedulerError
 from xds_jax.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -99,11 +99,7 @@ class DPGroup:
             except queue.Empty:
                 return
             if kind == "add":
-                self.requests[item.request_id] = item
-                for seq in item.seqs:
-                    self.prompt_tokens += len(seq.prompt_ids)
-                    self._owners[seq.seq_id] = item
-                    self.scheduler.add(seq)
+                self._admit(item)
             elif item in self.requests:
                 request = self._forget(self.requests[item])
                 for seq in request.seqs:
@@ -112,6 +108,24 @@ class DPGroup:
                 request.abort()
                 request.metrics.finished_time = time.monotonic()
                 self._emit(request)
+
+    def _admit(self, request: Request) -> None:
+        """Queue a request's sequences; one the scheduler can never run is aborted alone."""
+        self.requests[request.request_id] = request
+        for seq in request.seqs:
+            self._owners[seq.seq_id] = request
+        try:
+            for seq in request.seqs:
+                self.scheduler.add(seq)
+                self.prompt_tokens += len(seq.prompt_ids)
+        except SchedulerError as e:
+            log.error("DP group %d refused request %s: %s", self.index, request.request_id, e)
+            for seq in request.seqs:
+                if seq.seq_id in self._owners and not seq.finished:
+                    self.scheduler.abort(seq.seq_id)
+            request.abort()
+            request.metrics.finished_time = time.monotonic()
+            self._emit(self._forget(request))
 
     def has_work(self) -> bool:
         return bool(self.requests) or not self.inbox.empty()

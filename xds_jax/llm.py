@@ -13,7 +13,7 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from xds_jax.compile_cache import enable_compilation_cache
-from xds_jax.errors import PromptTooLongError, XdsError
+from xds_jax.errors import ConfigError, PromptTooLongError, XdsError
 from xds_jax.loader import load_model
 from xds_jax.outputs import RequestMetrics, RequestOutput
 from xds_jax.sampling_params import SamplingParams
@@ -61,7 +61,9 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         limit = self.cfg.max_position_embeddings
         if max_model_len is not None and not 0 < max_model_len <= limit:
-            raise PromptTooLongError(f"max_model_len must be in 1..{limit}, got {max_model_len}")
+            raise ConfigError(f"max_model_len must be in 1..{limit}, got {max_model_len}")
+        if isinstance(engine, str) and engine not in ("flowserve", "reference"):
+            raise ConfigError(f"engine must be 'flowserve' or 'reference', got {engine!r}")
         self.max_model_len = max_model_len or limit
         options = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                        block_size=block_size, kv_cache_bytes=kv_cache_bytes,

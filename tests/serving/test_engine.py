@@ -110,3 +110,20 @@ def test_disaggregated_deployment_is_refused_with_a_clear_error():
     with pytest.raises(UnsupportedDeploymentError, match="prefill/decode disaggregated"):
         LLM(str(GOLDEN / "llama"), dtype="float32",
             deployment="configs/deployments/cpu8-pd.yaml", use_param_cache=False)
+
+
+def test_a_request_that_can_never_fit_is_aborted_and_the_group_keeps_serving():
+    from serving.dp_group import GroupConfig
+    from serving.engine import Engine
+    from serving.request import Request
+
+    llm = LLM(str(GOLDEN / "llama"), dtype="float32", engine="reference", use_param_cache=False)
+    engine = Engine(llm.params, llm.cfg, group_config=GroupConfig(num_blocks=4, block_size=16,
+                                                                  max_num_seqs=4))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    huge = Request("huge", None, [1] * 100, params, [Sequence([1] * 100, params)])
+    small = Request("small", None, [1, 2, 3], params, [Sequence([1, 2, 3], params)])
+    engine.run_until_done([huge, small])
+    assert huge.seqs[0].finish_reason == "abort"
+    assert small.seqs[0].output_ids == _alone(llm, [1, 2, 3])[:4]
+    assert engine.groups[0].healthy

@@ -8,7 +8,7 @@ import pytest
 
 from serving.bench import METRICS, PERCENTILES, BenchError, arrival_gaps, load_requests
 from serving.cli import main
-from tests.serving.test_server import FakeEngine, serve
+from tests.serving.fake_engine import FakeEngine, serve
 
 RUN_FIELDS = {"date", "backend", "base_url", "endpoint", "model_id", "dataset", "num_prompts",
               "request_rate", "burstiness", "max_concurrency", "duration", "completed", "failed",

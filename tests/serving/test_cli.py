@@ -10,7 +10,7 @@ import types
 import pytest
 
 from serving import cli
-from tests.serving.test_server import REPLY, FakeEngine
+from tests.serving.fake_engine import REPLY, FakeEngine
 
 COMMANDS = ["serve", "generate", "chat", "bench"]
 

@@ -1,158 +1,17 @@
-"""Integration tests of the OpenAI-compatible server: real uvicorn on a loopback port, the
-``openai`` client and ``httpx``. A fake engine (same interface as ``AsyncEngine``, fixed
-tokens, adjustable speed and queue) gives precise control; the real engine runs at the end."""
+"""Integration tests of the OpenAI-compatible server over the fake engine: real uvicorn on a
+loopback port, the ``openai`` client and ``httpx``."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
-import threading
 import time
-from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.server import build_app
-from xds_jax.errors import PromptTooLongError
-from xds_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from xds_jax.tokenizer import TokenizerError
-
-REPLY = "The answer is 42. Then it repeats. "
-
-
-class QueueFullError(RuntimeError):
-    """Named like ``serving.async_engine.QueueFullError``, which the server maps to 429."""
-
-
-class ByteTokenizer:
-    """Token id = byte + 3; 1 is BOS, 2 is EOS."""
-
-    eos_token_ids = frozenset({2})
-    chat_template = "<role>content"
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [1] * add_special_tokens + [b + 3 for b in text.encode()]
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return bytes(i - 3 for i in ids if i >= 3).decode(errors="replace")
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs) -> str:
-        if any(not isinstance(m, dict) or "role" not in m for m in messages):
-            raise TokenizerError("each message needs a 'role'")
-        turns = "".join(f"<{m['role']}>{m.get('content')}\n" for m in messages)
-        return turns + "<assistant>" * add_generation_prompt
-
-
-class FakeEngine:
-    """Writes ``REPLY`` (sample i starting i characters in) one byte-token per ``delay`` s."""
-
-    def __init__(self, delay: float = 0.0, max_queue: int = 64, max_model_len: int = 128):
-        self.model_name, self.tokenizer = "fake", ByteTokenizer()
-        self.cfg = SimpleNamespace(vocab_size=259)
-        self.delay, self.max_queue, self.max_model_len = delay, max_queue, max_model_len
-        self.active: set[str] = set()
-        self.aborted: list[str] = []
-
-    async def generate(self, prompt_ids, params, request_id, prompt=None):
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise PromptTooLongError("prompt too long")
-        if len(self.active) >= self.max_queue:
-            raise QueueFullError(f"{len(self.active)} requests in flight")
-        self.active.add(request_id)
-        metrics = RequestMetrics(arrival_time=time.monotonic())
-        samples = [CompletionOutput(i, "", [], logprobs=[] if params.logprobs is not None
-                                    else None) for i in range(params.n)]
-        try:
-            for step in range(params.max_tokens):
-                await asyncio.sleep(self.delay)
-                if request_id in self.aborted:
-                    for s in samples:
-                        s.finish_reason = s.finish_reason or "abort"
-                    yield self._out(request_id, prompt, prompt_ids, samples, metrics)
-                    return
-                for s in samples:
-                    if s.finish_reason is None:
-                        self._step(s, step, params)
-                metrics.first_token_time = metrics.first_token_time or time.monotonic()
-                metrics.last_token_time = time.monotonic()
-                done = all(s.finish_reason for s in samples)
-                if done:
-                    metrics.finished_time = time.monotonic()
-                yield self._out(request_id, prompt, prompt_ids, samples, metrics, done)
-                if done:
-                    return
-        finally:
-            self.active.discard(request_id)
-
-    def _step(self, s: CompletionOutput, step: int, params) -> None:
-        char = REPLY[(step + s.index) % len(REPLY)]
-        token = ord(char) + 3
-        s.token_ids.append(token)
-        s.text += char
-        if s.logprobs is not None:
-            s.logprobs.append({token: Logprob(-0.5, 1, char), 3 + ord("?"): Logprob(-2.0, 2, "?")})
-        hit = next((stop for stop in params.stop if stop in s.text), None)
-        if hit:
-            s.text = s.text[:s.text.index(hit)]
-            s.finish_reason, s.stop_reason = "stop", hit
-        elif step + 1 == params.max_tokens:
-            s.finish_reason = "length"
-
-    @staticmethod
-    def _out(request_id, prompt, ids, samples, metrics, finished=True) -> RequestOutput:
-        copies = [CompletionOutput(s.index, s.text, list(s.token_ids), None,
-                                   list(s.logprobs) if s.logprobs is not None else None,
-                                   s.finish_reason, s.stop_reason) for s in samples]
-        return RequestOutput(request_id, prompt, list(ids), copies, finished, metrics)
-
-    def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
-
-    def start(self) -> None:
-        self.started = True
-
-    def shutdown(self) -> None:
-        self.started = False
-
-    def stats(self) -> dict:
-        return {"num_running": len(self.active), "num_waiting": 0, "kv_usage": 0.25,
-                "prefix_hit_rate": 0.5, "num_preemptions": 0, "prompt_tokens_total": 10,
-                "generation_tokens_total": 20, "collective_latency_s": {"all_to_all": 0.002},
-                "expert_load": {0: [3, 1], 1: [2, 2]}}
-
-
-class ServerThread:
-    """uvicorn serving ``app`` on a free 127.0.0.1 port in a daemon thread."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                return self
-            time.sleep(0.02)
-        raise RuntimeError("server did not start")
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
-def serve(engine, **kwargs) -> ServerThread:
-    return ServerThread(build_app(engine, **kwargs))
+from tests.serving.fake_engine import REPLY, FakeEngine, client, serve, sse_events, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -161,17 +20,6 @@ def fake():
     with serve(engine, served_model_names=["fake", "alias"]) as server:
         server.engine = engine
         yield server
-
-
-def client(server: ServerThread, **kwargs) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, **kwargs)
-
-
-def sse_events(response: httpx.Response) -> list:
-    lines = [line for line in response.iter_lines() if line]
-    assert all(line.startswith("data: ") for line in lines), lines
-    assert lines[-1] == "data: [DONE]"
-    return [json.loads(line[6:]) for line in lines[:-1]]
 
 
 # -- the happy paths ---------------------------------------------------------------------------
@@ -290,14 +138,6 @@ def test_concurrent_streams():
 
 
 # -- aborts, overload and timeouts -------------------------------------------------------------
-def wait_for(predicate, seconds: float = 5.0) -> bool:
-    for _ in range(int(seconds / 0.02)):
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_disconnect_aborts():
     engine = FakeEngine(delay=0.02)
     body = {"model": "fake", "prompt": "Hi", "max_tokens": 100}
@@ -409,91 +249,3 @@ def test_metrics(fake):
     assert value("xds:expert_load", "xds:expert_load", layer="0", expert="1") == 1
     assert value("xds:request_success", "xds:request_success_total",
                  finished_reason="length") >= 1
-
-
-# -- the real engine (tiny random Llama, no tokenizer: token-id prompts) -------------------------
-@pytest.fixture(scope="module")
-def real():
-    engines = pytest.importorskip("serving.async_engine")
-    from tests.helpers import GOLDEN
-
-    engine = engines.AsyncEngine.from_args(engines.EngineArgs(
-        model=str(GOLDEN / "llama"), dtype="float32", max_num_seqs=8, kv_cache_bytes=8 << 20))
-    engine.start()
-    try:
-        with serve(engine) as server:
-            server.engine = engine
-            yield server
-    finally:
-        engine.shutdown()
-
-
-def token_ids(choice) -> list[str]:
-    return choice.logprobs.tokens
-
-
-def test_real_engine_streaming_equals_non_streamed(real):
-    c = client(real)
-    kwargs = dict(model=real.engine.model_name, prompt=[5, 6, 7, 8, 9], max_tokens=12,
-                  temperature=0, logprobs=0, extra_body={"ignore_eos": True})
-    full = c.completions.create(**kwargs)
-    assert full.usage.completion_tokens == 12 and full.choices[0].finish_reason == "length"
-    chunks = list(c.completions.create(**kwargs, stream=True))
-    streamed = [t for ch in chunks for t in ch.choices[0].logprobs.tokens]
-    assert streamed == token_ids(full.choices[0]) and len(streamed) == 12
-    assert chunks[-1].choices[0].finish_reason == "length"
-
-
-def test_real_engine_concurrent_greedy_streams(real):
-    async def one(c, prompt):
-        stream = await c.completions.create(model=real.engine.model_name, prompt=prompt,
-                                            max_tokens=8, temperature=0, logprobs=0,
-                                            stream=True, extra_body={"ignore_eos": True})
-        return [t async for ch in stream for t in ch.choices[0].logprobs.tokens]
-
-    async def run():
-        async with openai.AsyncOpenAI(base_url=real.url + "/v1", api_key="x",
-                                      max_retries=0) as c:
-            return await asyncio.gather(*(one(c, [3 + i % 2, 4, 5]) for i in range(4)))
-
-    results = asyncio.run(run())
-    assert results[0] == results[2] and results[1] == results[3]
-    assert all(len(r) == 8 for r in results)
-
-
-def test_real_engine_disconnect_frees_kv(real):
-    body = {"model": real.engine.model_name, "prompt": [5, 6, 7], "max_tokens": 200,
-            "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", real.url + "/v1/completions", json=body) as response:
-        next(response.iter_lines())
-        assert real.engine.stats()["num_running"] + real.engine.stats()["num_waiting"] >= 1
-    assert wait_for(lambda: real.engine.stats()["num_running"] == 0
-                    and real.engine.stats()["num_waiting"] == 0, seconds=20)
-    assert wait_for(lambda: real.engine.stats()["kv_usage"] == 0.0, seconds=5)
-    families = {f.name for f in text_string_to_metric_families(
-        httpx.get(real.url + "/metrics").text)}
-    assert {"xds:time_to_first_token_seconds", "xds:kv_cache_usage_perc"} <= families
-
-
-@pytest.mark.slow
-def test_smollm2_chat_streaming_equals_non_streamed():
-    engines = pytest.importorskip("serving.async_engine")
-    try:
-        engine = engines.AsyncEngine.from_args(engines.EngineArgs(
-            model="smollm2", max_num_seqs=4, kv_cache_bytes=32 << 20))
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
-    engine.start()
-    try:
-        with serve(engine) as server:
-            c = client(server)
-            kwargs = dict(model="smollm2", temperature=0, max_tokens=12,
-                          messages=[{"role": "user", "content": "What is the capital of France?"}])
-            full = c.chat.completions.create(**kwargs)
-            chunks = list(c.chat.completions.create(**kwargs, stream=True))
-    finally:
-        engine.shutdown()
-    assert "Paris" in full.choices[0].message.content
-    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == \
-        full.choices[0].message.content
-    assert 0 < full.usage.completion_tokens <= 12

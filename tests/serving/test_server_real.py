@@ -1,0 +1,100 @@
+"""The server over the real engine: a tiny Llama with token-id prompts, and SmolLM2 chat."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.serving.fake_engine import client, serve, wait_for
+
+
+# -- the real engine (tiny random Llama, no tokenizer: token-id prompts) -------------------------
+@pytest.fixture(scope="module")
+def real():
+    engines = pytest.importorskip("serving.async_engine")
+    from tests.helpers import GOLDEN
+
+    engine = engines.AsyncEngine.from_args(engines.EngineArgs(
+        model=str(GOLDEN / "llama"), dtype="float32", max_num_seqs=8, kv_cache_bytes=8 << 20))
+    engine.start()
+    try:
+        with serve(engine) as server:
+            server.engine = engine
+            yield server
+    finally:
+        engine.shutdown()
+
+
+def token_ids(choice) -> list[str]:
+    return choice.logprobs.tokens
+
+
+def test_real_engine_streaming_equals_non_streamed(real):
+    c = client(real)
+    kwargs = dict(model=real.engine.model_name, prompt=[5, 6, 7, 8, 9], max_tokens=12,
+                  temperature=0, logprobs=0, extra_body={"ignore_eos": True})
+    full = c.completions.create(**kwargs)
+    assert full.usage.completion_tokens == 12 and full.choices[0].finish_reason == "length"
+    chunks = list(c.completions.create(**kwargs, stream=True))
+    streamed = [t for ch in chunks for t in ch.choices[0].logprobs.tokens]
+    assert streamed == token_ids(full.choices[0]) and len(streamed) == 12
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_real_engine_concurrent_greedy_streams(real):
+    async def one(c, prompt):
+        stream = await c.completions.create(model=real.engine.model_name, prompt=prompt,
+                                            max_tokens=8, temperature=0, logprobs=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+        return [t async for ch in stream for t in ch.choices[0].logprobs.tokens]
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=real.url + "/v1", api_key="x",
+                                      max_retries=0) as c:
+            return await asyncio.gather(*(one(c, [3 + i % 2, 4, 5]) for i in range(4)))
+
+    results = asyncio.run(run())
+    assert results[0] == results[2] and results[1] == results[3]
+    assert all(len(r) == 8 for r in results)
+
+
+def test_real_engine_disconnect_frees_kv(real):
+    body = {"model": real.engine.model_name, "prompt": [5, 6, 7], "max_tokens": 200,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", real.url + "/v1/completions", json=body) as response:
+        next(response.iter_lines())
+        assert real.engine.stats()["num_running"] + real.engine.stats()["num_waiting"] >= 1
+    assert wait_for(lambda: real.engine.stats()["num_running"] == 0
+                    and real.engine.stats()["num_waiting"] == 0, seconds=20)
+    assert wait_for(lambda: real.engine.stats()["kv_usage"] == 0.0, seconds=5)
+    families = {f.name for f in text_string_to_metric_families(
+        httpx.get(real.url + "/metrics").text)}
+    assert {"xds:time_to_first_token_seconds", "xds:kv_cache_usage_perc"} <= families
+
+
+@pytest.mark.slow
+def test_smollm2_chat_streaming_equals_non_streamed():
+    engines = pytest.importorskip("serving.async_engine")
+    try:
+        engine = engines.AsyncEngine.from_args(engines.EngineArgs(
+            model="smollm2", max_num_seqs=4, kv_cache_bytes=32 << 20))
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    engine.start()
+    try:
+        with serve(engine) as server:
+            c = client(server)
+            kwargs = dict(model="smollm2", temperature=0, max_tokens=12,
+                          messages=[{"role": "user", "content": "What is the capital of France?"}])
+            full = c.chat.completions.create(**kwargs)
+            chunks = list(c.chat.completions.create(**kwargs, stream=True))
+    finally:
+        engine.shutdown()
+    assert "Paris" in full.choices[0].message.content
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == \
+        full.choices[0].message.content
+    assert 0 < full.usage.completion_tokens <= 12

@@ -31,7 +31,8 @@ def main() -> None:
 
     print(f"devices: {len(jax.devices())} x {jax.devices()[0].platform}")
     start = time.monotonic()
-    llm = LLM("smollm2", dtype="float32", num_dp_groups=2, max_num_seqs=16)
+    # Separately jitted stages: each compiles once for all 30 layers, so the demo starts fast.
+    llm = LLM("smollm2", dtype="float32", num_dp_groups=2, max_num_seqs=16, staged=True)
     print(f"loaded SmolLM2-135M-Instruct in {time.monotonic() - start:.1f}s "
           f"({llm.cfg.num_layers} layers, vocab {llm.cfg.vocab_size}), 2 DP groups")
 

@@ -170,8 +170,9 @@ class DPGroup:
         if request.on_output is not None:
             request.on_output(request.snapshot())
 
-    def run(self, stop: threading.Event) -> None:
-        """Loop until ``stop`` is set: step while there is work, sleep on the inbox otherwise."""
+    def run(self, stop: threading.Event, after_step=lambda: None) -> None:
+        """Loop until ``stop`` is set: step while there is work, sleep on the inbox otherwise.
+        ``after_step`` runs between steps (garbage collection)."""
         while not stop.is_set():
             try:
                 busy = self.step()
@@ -180,7 +181,9 @@ class DPGroup:
                 self.healthy = False
                 self._fail_all()
                 return
-            if not busy:
+            if busy:
+                after_step()
+            else:
                 self._wake.wait(0.05)
                 self._wake.clear()
 

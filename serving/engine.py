@@ -111,6 +111,7 @@ class Engine:
         if self._threads:
             return
         self._stop.clear()
+        self._gc = StepGC().__enter__()  # collection only between steps while threads run
         for g in self.groups:
             t = threading.Thread(target=self._group_loop, args=(g,), name=f"dp-group-{g.index}",
                                  daemon=True)
@@ -118,12 +119,14 @@ class Engine:
             self._threads.append(t)
 
     def _group_loop(self, group: DPGroup) -> None:
-        group.run(self._stop)
+        group.run(self._stop, self._gc.after_step)
 
     def shutdown(self) -> None:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=10)
+        if self._threads:
+            self._gc.__exit__(None, None, None)
         self._threads = []
 
     # -- observability ------------------------------------------------------------------------

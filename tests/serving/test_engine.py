@@ -127,3 +127,16 @@ def test_a_request_that_can_never_fit_is_aborted_and_the_group_keeps_serving():
     assert huge.seqs[0].finish_reason == "abort"
     assert small.seqs[0].output_ids == _alone(llm, [1, 2, 3])[:4]
     assert engine.groups[0].healthy
+
+
+def test_automatic_gc_is_off_while_group_threads_run():
+    import gc
+
+    llm = LLM(str(GOLDEN / "llama"), dtype="float32", max_num_seqs=4, use_param_cache=False)
+    assert gc.isenabled()
+    llm.engine.start()
+    try:
+        assert not gc.isenabled()  # collections happen between steps only
+    finally:
+        llm.engine.shutdown()
+    assert gc.isenabled()

@@ -20,6 +20,7 @@ import numpy as np
 
 from xds_jax import LLM, SamplingParams
 from xds_jax.loader import registered_models
+from xds_jax.params import param_bytes
 
 PROMPT_LEN = 64
 DECODE_TOKENS = 32
@@ -113,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
 
     llm = LLM("smollm2", dtype=args.dtype, max_num_seqs=max(args.batches),
               max_num_batched_tokens=max(512, max(args.batches)))
-    weight_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize
-                       for x in __import__("jax").tree_util.tree_leaves(llm.params))
+    weight_bytes = param_bytes(llm.params)
     ratios = {}
     for batch in args.batches:
         ours = bench_xds(llm, batch, args.repeats)

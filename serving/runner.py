@@ -19,7 +19,6 @@ import dataclasses
 import logging
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from xds_jax.config import ModelConfig
@@ -118,8 +117,3 @@ class ModelRunner:
         """Sample the rows that finished their prompt or decode, appending tokens."""
         for logits, seqs in pending:
             sample_rows(logits, seqs, self.cfg.vocab_size)
-
-
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype) -> int:
-    """Device bytes of one KV block across all layers."""
-    return cfg.kv_bytes_per_token(jnp.dtype(dtype).itemsize) * block_size

@@ -129,9 +129,6 @@ class ModelConfig:
         per_layer = heads * dims * (1 if self.mla is not None else 2)
         return per_layer * self.num_layers * itemsize
 
-    def replace(self, **changes) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
-
 
 def _positive(cfg: object, *names: str) -> None:
     for name in names:

@@ -118,5 +118,6 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, scale: float
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def count_params(params: dict) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+def param_bytes(params: dict) -> int:
+    """Bytes held by a parameter tree."""
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))

@@ -18,7 +18,7 @@ import jax
 from serving.kv_cache import BlockManager
 from serving.request import Request
 from serving.runner import ModelRunner
-from serving.scheduler import Scheduler, SchedulerError
+from serving.scheduler import Scheduler, SchedulerError, SchedulerOutput
 from xds_jax.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -55,16 +55,20 @@ class GroupLoad:
 class DPGroup:
     """Scheduler + KV blocks + runner for one slice of devices."""
 
-    def __init__(self, index: int, params: dict, cfg: ModelConfig, device: jax.Device,
-                 config: GroupConfig | None = None):
+    def __init__(self, index: int, params: dict | None, cfg: ModelConfig,
+                 device: jax.Device | list | None, config: GroupConfig | None = None,
+                 runner=None):
+        """``device`` is one device, or a list (a TP group: parameters and KV pages sharded
+        over it). ``runner`` replaces the group's own ``ModelRunner`` (an MA attention rank
+        whose steps a domain runs); it must offer ``pages`` and ``compile_count``."""
         self.index = index
         self.config = config = config or GroupConfig()
         self.blocks = BlockManager(config.num_blocks, config.block_size,
                                    enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
                                    config.max_num_batched_tokens)
-        self.runner = ModelRunner(params, cfg, config.num_blocks, config.block_size, device,
-                                  staged=config.staged)
+        self.runner = runner or ModelRunner(params, cfg, config.num_blocks, config.block_size,
+                                            device, staged=config.staged)
         self.inbox: queue.Queue = queue.Queue()
         self.requests: dict[str, Request] = {}
         self._owners: dict[int, Request] = {}  # seq_id -> request
@@ -132,19 +136,37 @@ class DPGroup:
 
     def step(self) -> bool:
         """Run one scheduled step; False when there was nothing to do."""
+        out = self.plan()
+        if out is None:
+            return False
+        self.runner.finish(self.runner.launch(out.scheduled))
+        self.complete(out)
+        return True
+
+    def plan(self) -> SchedulerOutput | None:
+        """First half of a step: take new work and schedule; None when there is nothing to
+        run. Whoever runs the step (``step``, or an MA domain for all its ranks at once)
+        calls ``complete`` after the tokens are sampled."""
         self._drain_inbox()
         self.last_heartbeat = time.monotonic()
+        self._before_schedule()
         if not self.requests:
-            return False
+            return None
         out = self.scheduler.schedule()
         if not out.scheduled:
-            return False
+            return None
         now = time.monotonic()
         for s in out.scheduled:
             request = self._owners[s.seq.seq_id]
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = now
-        self.runner.finish(self.runner.launch(out.scheduled))
+        return out
+
+    def _before_schedule(self) -> None:
+        """Hook: work a subclass does at the top of each step (KV transfers in PD)."""
+
+    def complete(self, out: SchedulerOutput) -> None:
+        """Second half of a step: record it, emit outputs, forget finished requests."""
         self.scheduler.update(out)
         self.steps += 1
         self.prefill_tokens += sum(s.num_tokens for s in out.scheduled if s.is_prefill)
@@ -158,7 +180,10 @@ class DPGroup:
             self._emit(request)
             if request.finished:
                 self._forget(request)
-        return True
+        self._after_step(out)
+
+    def _after_step(self, out: SchedulerOutput) -> None:
+        """Hook: a subclass's work once a step's tokens are out (hand-off to decode in PD)."""
 
     def _forget(self, request: Request) -> Request:
         self.requests.pop(request.request_id, None)

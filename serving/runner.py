@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
+from sharding.params import kv_page_sharding, param_shardings, tp_mesh
 from xds_jax.config import ModelConfig
 from xds_jax.generate import bucket, model_step, sample_rows
 from xds_jax.model import new_caches, staged_step
@@ -70,19 +73,48 @@ def build_rows(scheduled: list, rows_min: int, width_min: int, block_size: int) 
 
 
 class ModelRunner:
-    """Owns a group's parameters and KV pages on its device and runs scheduled steps."""
+    """Owns a group's parameters and KV pages on its devices and runs scheduled steps.
+
+    ``device`` is one device, or a list of devices forming a tensor-parallel group: weights
+    split by heads and MLP width and KV pages by KV heads (``sharding.params``), inputs
+    replicated, and XLA's SPMD partitioner adds the collectives.
+    """
 
     def __init__(self, params: dict, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 device: jax.Device | None = None, staged: bool = False):
+                 device: jax.Device | list | None = None, staged: bool = False):
         self.cfg = cfg
         self.staged = staged
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.device = device or jax.devices()[0]
-        self.params = jax.device_put(params, self.device)
+        devices = list(device) if isinstance(device, list | tuple) else [device or jax.devices()[0]]
+        self.devices = devices
+        self.device = devices[0]
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
-        with jax.default_device(self.device):
-            self.caches = new_caches(cfg, num_blocks, block_size, dtype)
+        if len(devices) == 1:
+            self.input_sharding = self.device
+            self.params = jax.device_put(params, self.device)
+            with jax.default_device(self.device):
+                self.caches = new_caches(cfg, num_blocks, block_size, dtype)
+        else:
+            mesh = tp_mesh(devices)
+            self.input_sharding = NamedSharding(mesh, PartitionSpec())
+            self.params = jax.device_put(params, param_shardings(params, cfg, mesh))
+            pages = kv_page_sharding(cfg, mesh)
+            with jax.default_device(self.device):
+                caches = new_caches(cfg, num_blocks, block_size, dtype)
+            self.caches = jax.device_put(caches, jax.tree.map(lambda _: pages, caches))
+        self.lock = threading.Lock()  # held while a step swaps the (donated) pages
+        self._shapes_seen: set[tuple] = set()
+        self.compile_count = 0
+
+    @property
+    def pages(self) -> list[dict]:
+        """The current KV pages (each step donates them and gets new arrays back)."""
+        return self.caches
+
+    @pages.setter
+    def pages(self, caches: list[dict]) -> None:
+        self.caches = caches
         self._shapes_seen: set[tuple] = set()
         self.compile_count = 0
 
@@ -92,13 +124,15 @@ class ModelRunner:
             self._shapes_seen.add(key)
             self.compile_count += 1
             log.info("compiling step program for rows x tokens %s, blocks %d", key[0], key[1][1])
-        put = lambda a: jax.device_put(a, self.device)  # noqa: E731
-        args = (put(rows.tokens_BS), put(rows.positions_BS), self.caches, put(rows.tables_BN),
-                put(rows.last_B))
-        if self.staged:
-            logits, self.caches = staged_step(self.params, self.cfg, *args)
-        else:
-            logits, self.caches = model_step(self.params, *args, cfg=self.cfg)
+        put = lambda a: jax.device_put(a, self.input_sharding)  # noqa: E731
+        inputs = [put(a) for a in (rows.tokens_BS, rows.positions_BS, rows.tables_BN,
+                                   rows.last_B)]
+        with self.lock:
+            args = (inputs[0], inputs[1], self.caches, inputs[2], inputs[3])
+            if self.staged:
+                logits, self.caches = staged_step(self.params, self.cfg, *args)
+            else:
+                logits, self.caches = model_step(self.params, *args, cfg=self.cfg)
         return logits
 
     def launch(self, scheduled: list) -> list[tuple]:

@@ -24,6 +24,7 @@ Shape legend: B blocks along ``block_axis`` of every KV page array.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ class _Transfer:
     src: object  # pytree of page arrays, or a callable returning the current pages
     src_blocks: np.ndarray
     dst_blocks: np.ndarray | None = None
+    lock: object = None  # held while reading ``src`` (a sender that donates its pages)
     next_push: int = 0
     next_drain: int = 0
     num_chunks: int = 0
@@ -104,23 +106,36 @@ class KVChannel:
         self._ring: collections.deque[_Slot] = collections.deque()
         self._offered: dict[int, _Transfer] = {}
         self._pulled: collections.deque[_Transfer] = collections.deque()
-        self._done: list[int] = []
+        self._done: list[int] = []  # fully received or cancelled: the sender may free
+        self._arrived: list[int] = []  # fully written at the receiver
 
     # ---- sender (prefill) side ------------------------------------------------------
 
-    def offer(self, event_id: int, pages: object | Callable[[], object], src_blocks) -> None:
+    def offer(self, event_id: int, pages: object | Callable[[], object], src_blocks,
+              lock=None) -> None:
         """Make ``src_blocks`` of ``pages`` available under ``event_id``.
 
         ``pages`` is a pytree of arrays with the block axis first, or a callable returning
-        the current one (use that when the sender donates its pages step to step).
+        the current one (use that when the sender donates its pages step to step, and pass
+        the ``lock`` its steps hold while swapping them).
         """
         with self._cv:
             if event_id in self._offered:
                 raise TransferError(f"event {event_id} offered twice on channel {self.name}")
             blocks = np.asarray(src_blocks, dtype=np.int32)
-            chunks = -(-len(blocks) // self.chunk_blocks)
-            self._offered[event_id] = _Transfer(event_id, pages, blocks, num_chunks=chunks)
+            self._offered[event_id] = _Transfer(event_id, pages, blocks, lock=lock)
             self._cv.notify_all()
+
+    def cancel(self, event_id: int) -> bool:
+        """Withdraw an offer nobody pulled (the receiver gave up on it, e.g. an abort); it
+        is reported by ``completed`` so the sender frees its blocks. False if already pulled."""
+        with self._cv:
+            job = self._offered.get(event_id)
+            if job is None or job.dst_blocks is not None:
+                return False
+            del self._offered[event_id]
+            self._done.append(event_id)
+            return True
 
     def push(self, *, block: bool = False, timeout: float | None = None) -> int:
         """Copy chunks of pulled transfers into free slots; returns how many were moved.
@@ -159,21 +174,39 @@ class KVChannel:
 
     # ---- receiver (decode) side -----------------------------------------------------
 
-    def pull(self, event_id: int, dst_blocks) -> None:
-        """Ask for ``event_id``'s KV, to be written into ``dst_blocks`` (same count)."""
+    def pull(self, event_id: int, dst_blocks, skip: int = 0) -> None:
+        """Ask for ``event_id``'s KV, to be written into ``dst_blocks``: the offered blocks
+        after the first ``skip`` (which the receiver already holds, e.g. a cached prefix).
+        With nothing left to move the event completes at once."""
         with self._cv:
             job = self._offered.get(event_id)
             if job is None:
                 raise TransferError(f"event {event_id} was not offered on channel {self.name}")
             if job.dst_blocks is not None:
                 raise TransferError(f"event {event_id} pulled twice on channel {self.name}")
+            if not 0 <= skip <= len(job.src_blocks):
+                raise TransferError(f"event {event_id}: cannot skip {skip} of "
+                                    f"{len(job.src_blocks)} blocks")
             dst = np.asarray(dst_blocks, dtype=np.int32)
+            job.src_blocks = job.src_blocks[skip:]
             if len(dst) != len(job.src_blocks):
                 raise TransferError(f"event {event_id}: {len(dst)} destination blocks for "
                                     f"{len(job.src_blocks)} source blocks")
             job.dst_blocks = dst
-            self._pulled.append(job)
+            job.num_chunks = -(-len(dst) // self.chunk_blocks)
+            if job.num_chunks == 0:
+                del self._offered[event_id]
+                self._done.append(event_id)
+                self._arrived.append(event_id)
+            else:
+                self._pulled.append(job)
             self._cv.notify_all()
+
+    def arrived(self) -> list[int]:
+        """Receiver side: events fully written into its pages since the last call."""
+        with self._cv:
+            done, self._arrived = self._arrived, []
+            return done
 
     def ready(self, event_id: int) -> bool:
         """True once ``event_id`` is offered (the decode side may pull it)."""
@@ -206,6 +239,7 @@ class KVChannel:
                     self._pulled.popleft()
                     del self._offered[job.event_id]
                     self._done.append(job.event_id)
+                    self._arrived.append(job.event_id)
                     finished.append(job.event_id)
                 self._cv.notify_all()
             n += 1
@@ -227,10 +261,11 @@ class KVChannel:
         lo = chunk_id * self.chunk_blocks
         idx = np.arange(lo, lo + self.chunk_blocks)
         idx = np.minimum(idx, len(job.src_blocks) - 1)  # pad by repeating the last block
-        pages = job.src() if callable(job.src) else job.src
         start = time.perf_counter()
-        chunk = _gather_blocks(pages, jnp.asarray(job.src_blocks[idx]))
-        data = jax.block_until_ready(jax.device_put(chunk, self.dst_sharding))
+        with job.lock or contextlib.nullcontext():
+            pages = job.src() if callable(job.src) else job.src
+            chunk = _gather_blocks(pages, jnp.asarray(job.src_blocks[idx]))
+            data = jax.block_until_ready(jax.device_put(chunk, self.dst_sharding))
         nbytes = sum(a.nbytes for a in jax.tree.leaves(data))
         self.counters.chunks_sent += 1
         self.counters.bytes_sent += nbytes
@@ -250,14 +285,15 @@ class KVTransferHub:
         self._channels: dict[tuple, KVChannel] = {}
         self._lock = threading.Lock()
 
-    def channel(self, src, dst, dst_sharding) -> KVChannel:
-        """The channel for ``(src, dst)``, created on first use."""
+    def channel(self, src, dst, dst_sharding, donate: bool = False) -> KVChannel:
+        """The channel for ``(src, dst)``, created on first use (``donate``: the receiver's
+        pages are updated in place; it must not keep the arrays it passes to ``drain``)."""
         with self._lock:
             key = (src, dst)
             if key not in self._channels:
                 self._channels[key] = KVChannel(
                     dst_sharding, num_slots=self.num_slots, chunk_blocks=self.chunk_blocks,
-                    name=f"{src}->{dst}", stats=self.stats)
+                    donate=donate, name=f"{src}->{dst}", stats=self.stats)
             return self._channels[key]
 
     def channels(self) -> dict[tuple, KVChannel]:

@@ -1,37 +1,79 @@
 """Engines laid out by a deployment file (``configs/deployments/*.yaml``).
 
-A colocated ``decode`` role becomes one DP group per ``dp`` rank, each on its own device slice.
-Prefill pools (PD) and attention/expert slices (MA) are validated here but served by the
-disaggregation layer, which is not in this build yet: such deployments get a clear error.
+=========================================  ================================================
+roles in the file                          engine
+=========================================  ================================================
+``decode``                                 colocated: one DP group per ``dp`` rank
+``prefill`` + ``decode``                   PD: TP prefill groups hand KV to decode groups
+``decode_attention`` + ``decode_experts``  MA: attention DP groups in domains, expert slice
+``prefill`` + both MA roles                PD + MA: prefill groups feed the MA attention
+=========================================  ================================================
+
+Every group gets the same capacity options (``engine.group_config_for``) unless the caller
+passes ``prefill_config`` / ``decode_config``.
 """
 
 from __future__ import annotations
 
-from serving.engine import Engine, build_engine
+from serving.balancer import Balancer
+from serving.dp_group import DPGroup, GroupConfig
+from serving.engine import Engine, group_config_for
+from serving.pd import DecodeGroup, PrefillGroup, connect
 from sharding import load_deployment
-from sharding.deployment import DeploymentError
+from sharding.deployment import Deployment, DeploymentError
 from xds_jax.config import ModelConfig
 
 
 class UnsupportedDeploymentError(DeploymentError):
-    """The deployment is valid but asks for a layout this engine cannot serve yet."""
+    """The deployment is valid but asks for a layout this engine cannot serve."""
 
 
 def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
-                          deployment: str, **group_options) -> Engine:
-    """DP groups on the devices of the deployment's ``decode`` role."""
+                          deployment: str, *, prefill_config: GroupConfig | None = None,
+                          decode_config: GroupConfig | None = None, timeline=None,
+                          micro_batches: int = 2, **group_options) -> Engine:
+    """The engine a deployment file describes (see the module table)."""
     layout = load_deployment(deployment, model=cfg)
-    if layout.spec.is_ma or "prefill" in layout.roles:
-        kind = "MoE-attention" if layout.spec.is_ma else "prefill/decode"
-        raise UnsupportedDeploymentError(
-            f"deployment {layout.name!r} is {kind} disaggregated; this build serves colocated "
-            "'decode' deployments only (e.g. configs/deployments/single.yaml)"
-        )
+    config = group_config_for(params, cfg, max_model_len, **group_options)
+    prefill_config = prefill_config or config
+    decode_config = decode_config or config
+    roles = set(layout.roles)
+    prefill = _prefill_groups(params, cfg, layout, prefill_config) if "prefill" in roles else []
+    first = len(prefill)
+    if layout.spec.is_ma:
+        from serving.ma import MAPool
+
+        factory = DecodeGroup if prefill else None
+        pool = MAPool(params, cfg, layout, decode_config, micro_batches=micro_batches,
+                      timeline=timeline, first_index=first, group_factory=factory)
+        decode, drivers = list(pool.groups), [*prefill, pool]
+    else:
+        devices = _decode_devices(layout)
+        kind = DecodeGroup if prefill else DPGroup
+        decode = [kind(first + i, params, cfg, d, decode_config) for i, d in enumerate(devices)]
+        drivers = [*prefill, *decode]
+    if not prefill:
+        return Engine(params, cfg, groups=decode, drivers=drivers, timeline=timeline)
+    for g in decode:
+        g.timeline = timeline
+    balancer = Balancer()
+    hub = connect(prefill, decode, lambda request: balancer.choose(
+        [g.load() for g in decode], request.prompt_ids))
+    return Engine(params, cfg, groups=[*prefill, *decode], entry=prefill, drivers=drivers,
+                  timeline=timeline, hub=hub)
+
+
+def _prefill_groups(params, cfg, layout: Deployment, config: GroupConfig) -> list[PrefillGroup]:
+    """One prefill group per ``dp`` row of the prefill mesh, TP over the row's devices."""
+    mesh = layout.role("prefill").mesh
+    return [PrefillGroup(i, params, cfg, list(row), config)
+            for i, row in enumerate(mesh.devices.reshape(mesh.devices.shape[0], -1))]
+
+
+def _decode_devices(layout: Deployment) -> list:
     role = layout.role("decode")
     if role.spec.tp != 1:
         raise UnsupportedDeploymentError(
-            f"deployment {layout.name!r}: decode tp={role.spec.tp}; DP groups run with tp=1"
-        )
-    devices = list(role.mesh.devices.reshape(-1))
-    return build_engine(params, cfg, max_model_len, num_dp_groups=len(devices), devices=devices,
-                        **group_options)
+            f"deployment {layout.name!r}: decode tp={role.spec.tp}; decode DP groups run with "
+            "tp=1 (xDeepServe's decode layout); use more dp ranks instead")
+    return list(role.mesh.devices.reshape(-1))

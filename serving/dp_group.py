@@ -104,6 +104,8 @@ class DPGroup:
                 return
             if kind == "add":
                 self._admit(item)
+            elif kind != "abort":
+                self._handle(kind, item)
             elif item in self.requests:
                 request = self._forget(self.requests[item])
                 for seq in request.seqs:
@@ -112,6 +114,10 @@ class DPGroup:
                 request.abort()
                 request.metrics.finished_time = time.monotonic()
                 self._emit(request)
+
+    def _handle(self, kind: str, item) -> None:
+        """Hook: inbox messages a subclass defines (PD arrivals)."""
+        raise ValueError(f"DP group {self.index}: unknown inbox message {kind!r}")
 
     def _admit(self, request: Request) -> None:
         """Queue a request's sequences; one the scheduler can never run is aborted alone."""

@@ -50,34 +50,53 @@ class StepGC:
 
 
 class Engine:
-    """Several self-contained DP groups and the control plane that feeds them."""
+    """Several self-contained DP groups and the control plane that feeds them.
 
-    def __init__(self, params: dict, cfg: ModelConfig, devices: list | None = None,
-                 group_config: GroupConfig | None = None):
-        devices = devices or [jax.devices()[0]]
+    Built from ``devices`` (one colocated group each), or from ready ``groups`` (the
+    disaggregated layouts of ``serving.deploy``): ``entry`` are the groups new requests go
+    to (the prefill pool in PD), ``drivers`` what steps them (a group steps itself; an MA
+    pool steps all its attention groups at once). ``timeline`` records what the steps did.
+    """
+
+    def __init__(self, params: dict | None, cfg: ModelConfig, devices: list | None = None,
+                 group_config: GroupConfig | None = None, *, groups: list | None = None,
+                 entry: list | None = None, drivers: list | None = None,
+                 timeline=None, hub=None):
         self.cfg = cfg
         self.group_config = group_config = group_config or GroupConfig()
-        self.groups = [DPGroup(i, params, cfg, d, group_config) for i, d in enumerate(devices)]
+        if groups is None:
+            devices = devices or [jax.devices()[0]]
+            groups = [DPGroup(i, params, cfg, d, group_config) for i, d in enumerate(devices)]
+        self.groups = groups
+        self.entry = entry or groups
+        self.drivers = drivers or groups
+        self.timeline = timeline
+        self.hub = hub  # KV transfer channels (PD), or None
         self.balancer = Balancer()
-        self._placement: dict[str, int] = {}
+        self._placement: dict[str, DPGroup] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
     # -- control plane ------------------------------------------------------------------------
     def submit(self, request: Request) -> int:
-        """Place a request on a DP group; returns the group index."""
+        """Place a request on an entry group; returns the group's index."""
         with self._lock:
-            index = self.balancer.choose([g.load() for g in self.groups], request.prompt_ids)
-            self._placement[request.request_id] = index
-        self.groups[index].submit(request)
-        return index
+            index = self.balancer.choose([g.load() for g in self.entry], request.prompt_ids)
+            group = next(g for g in self.entry if g.index == index)
+            self._placement[request.request_id] = group
+        group.submit(request)
+        return group.index
 
     def abort(self, request_id: str) -> None:
+        """Abort wherever the request is: its entry group, and any group it moved to."""
         with self._lock:
-            index = self._placement.pop(request_id, None)
-        if index is not None:
-            self.groups[index].abort(request_id)
+            placed = self._placement.pop(request_id, None)
+        if placed is None:
+            return
+        for g in self.groups:
+            if g is placed or request_id in g.requests:
+                g.abort(request_id)
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's placement."""
@@ -98,9 +117,9 @@ class Engine:
         with StepGC() as collector:
             while not all(r.finished for r in requests):
                 busy = False
-                for g in self.groups:
-                    busy |= g.step()
-                if not busy and not any(g.has_work() for g in self.groups):
+                for d in self.drivers:
+                    busy |= d.step()
+                if not busy and not any(d.has_work() for d in self.drivers):
                     raise RuntimeError("engine idle with unfinished requests")
                 collector.after_step()
         for r in requests:
@@ -112,14 +131,12 @@ class Engine:
             return
         self._stop.clear()
         self._gc = StepGC().__enter__()  # collection only between steps while threads run
-        for g in self.groups:
-            t = threading.Thread(target=self._group_loop, args=(g,), name=f"dp-group-{g.index}",
-                                 daemon=True)
+        for i, d in enumerate(self.drivers):
+            name = f"dp-group-{d.index}" if isinstance(d, DPGroup) else f"driver-{i}"
+            t = threading.Thread(target=d.run, args=(self._stop, self._gc.after_step),
+                                 name=name, daemon=True)
             t.start()
             self._threads.append(t)
-
-    def _group_loop(self, group: DPGroup) -> None:
-        group.run(self._stop, self._gc.after_step)
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -148,6 +165,20 @@ class Engine:
             "batch_size": sum(g.last_batch[0] for g in self.groups),
             "batched_tokens": sum(g.last_batch[1] for g in self.groups),
             "heartbeat_age_s": max(time.monotonic() - g.last_heartbeat for g in self.groups),
+        } | self._transfer_stats()
+
+    def _transfer_stats(self) -> dict:
+        """KV transfers into decode groups (PD layouts only)."""
+        counters = [g.transfer for g in self.groups if hasattr(g, "transfer")]
+        if not counters:
+            return {}
+        return {
+            "kv_transfers": sum(c.transfers for c in counters),
+            "kv_blocks_sent": sum(c.blocks_sent for c in counters),
+            "kv_blocks_reused": sum(c.blocks_reused for c in counters),
+            "kv_bytes_sent": sum(c.bytes_sent for c in counters),
+            "kv_wait_s": sum(c.wait_s for c in counters),
+            "kv_transfer_s": sum(c.transfer_s for c in counters),
         }
 
 
@@ -155,23 +186,29 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def group_config_for(params: dict, cfg: ModelConfig, max_model_len: int, *,
+                     max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                     block_size: int = 16, kv_cache_bytes: int = 1 << 30,
+                     enable_prefix_caching: bool = True, staged: bool = False) -> GroupConfig:
+    """A group's capacity: a KV pool sized to fit ``kv_cache_bytes`` (but no more than
+    ``max_num_seqs`` full contexts, and at least one)."""
+    itemsize = jax.tree_util.tree_leaves(params)[0].dtype.itemsize
+    per_block = max(cfg.kv_bytes_per_token(itemsize) * block_size, 1)
+    per_seq = -(-max_model_len // block_size)
+    num_blocks = max(per_seq, min(kv_cache_bytes // per_block, per_seq * max_num_seqs))
+    return GroupConfig(num_blocks=int(num_blocks), block_size=block_size,
+                       max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                       enable_prefix_caching=enable_prefix_caching, staged=staged)
+
+
 def build_engine(params: dict, cfg: ModelConfig, max_model_len: int, *, num_dp_groups: int = 1,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 512, block_size: int = 16,
-                 kv_cache_bytes: int = 1 << 30, enable_prefix_caching: bool = True,
-                 staged: bool = False, devices: list | None = None) -> Engine:
-    """An engine with ``num_dp_groups`` groups on the first devices, KV pools sized to fit
-    ``kv_cache_bytes`` per group (but no more than ``max_num_seqs`` full contexts)."""
+                 devices: list | None = None, **group_options) -> Engine:
+    """An engine with ``num_dp_groups`` colocated groups on the first ``devices``; options as
+    ``group_config_for``."""
     devices = devices or jax.devices()
     if not 1 <= num_dp_groups <= len(devices):
         raise ValueError(
             f"num_dp_groups must be in 1..{len(devices)} (devices available), got {num_dp_groups}"
         )
-    itemsize = jax.tree_util.tree_leaves(params)[0].dtype.itemsize
-    per_block = max(cfg.kv_bytes_per_token(itemsize) * block_size, 1)
-    per_seq = -(-max_model_len // block_size)
-    num_blocks = max(per_seq, min(kv_cache_bytes // per_block, per_seq * max_num_seqs))
-    group = GroupConfig(num_blocks=int(num_blocks), block_size=block_size,
-                        max_num_seqs=max_num_seqs,
-                        max_num_batched_tokens=max_num_batched_tokens,
-                        enable_prefix_caching=enable_prefix_caching, staged=staged)
+    group = group_config_for(params, cfg, max_model_len, **group_options)
     return Engine(params, cfg, list(devices[:num_dp_groups]), group)

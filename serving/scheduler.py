@@ -127,19 +127,25 @@ class Scheduler:
             raise SchedulerError(f"sequence {seq.seq_id} has an empty prompt")
         if any(s.seq_id == seq.seq_id for s in self.waiting) or seq.seq_id in self._computed:
             raise SchedulerError(f"sequence {seq.seq_id} was already added")
-        bm = self.block_manager
-        # The last sampled token never needs KV.
-        most = seq.num_tokens + max((seq.max_tokens or 1) - 1, 0)
-        if most > bm.num_blocks * bm.block_size:
-            raise SchedulerError(
-                f"sequence {seq.seq_id} needs KV for {most} tokens (prompt {seq.num_tokens} + "
-                f"max_tokens {seq.max_tokens}) but the pool holds {bm.num_blocks} blocks of "
-                f"{bm.block_size} = {bm.num_blocks * bm.block_size} tokens")
+        self.check_fits(seq)
         if not self.enable_chunked_prefill and seq.num_tokens > self.max_num_batched_tokens:
             raise SchedulerError(
                 f"prompt of sequence {seq.seq_id} has {seq.num_tokens} tokens, more than "
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) with chunked prefill off")
         self.waiting.append(seq)
+
+    def check_fits(self, seq: Sequence) -> None:
+        """Raise ``SchedulerError`` if the sequence could never fit this pool, even alone."""
+        bm = self.block_manager
+        # The last sampled token never needs KV.
+        most = len(seq.prompt_ids) + max((seq.max_tokens or 1) - 1, 0)
+        most = max(most, seq.num_tokens)
+        if most > bm.num_blocks * bm.block_size:
+            raise SchedulerError(
+                f"sequence {seq.seq_id} needs KV for {most} tokens (prompt "
+                f"{len(seq.prompt_ids)} + max_tokens {seq.max_tokens}) but the pool holds "
+                f"{bm.num_blocks} blocks of {bm.block_size} = {bm.num_blocks * bm.block_size} "
+                "tokens")
 
     def abort(self, seq_id: int) -> Sequence | None:
         """Drop a sequence now, freeing its blocks; marks it aborted. None if unknown."""
@@ -154,6 +160,39 @@ class Scheduler:
                 seq.abort()
                 return seq
         return None
+
+    def detach(self, seq_id: int) -> list[int]:
+        """Take a running sequence out of scheduling but keep its blocks (PD prefill: its KV
+        is offered to a decode group). Returns its block table; the caller frees the blocks
+        (``block_manager.free``) once they are no longer read."""
+        seq = next((s for s in self.running if s.seq_id == seq_id), None)
+        if seq is None:
+            raise SchedulerError(f"sequence {seq_id} is not running")
+        self.running.remove(seq)
+        del self._computed[seq_id]
+        return self.block_manager.block_table(seq_id)
+
+    def can_admit_computed(self, seq: Sequence) -> bool:
+        """Whether ``seq`` can join now with KV for all but its last token written elsewhere."""
+        bm, computed = self.block_manager, seq.num_tokens - 1
+        cached = bm.num_cached_tokens(seq.all_ids)
+        return (len(self.running) < self.max_num_seqs
+                and bm.can_allocate(seq.seq_id, seq.all_ids, computed - cached))
+
+    def admit_computed(self, seq: Sequence) -> tuple[list[int], int]:
+        """Admit a sequence whose KV for all but its last token was computed elsewhere (PD
+        decode). Blocks of a prefix found in this pool's cache are reused. Returns the block
+        table and how many leading blocks were cached (the rest must be filled by the caller
+        before the next step); the sequence decodes from the next ``schedule``."""
+        self.check_fits(seq)
+        if seq.seq_id in self._computed:
+            raise SchedulerError(f"sequence {seq.seq_id} was already added")
+        bm, computed = self.block_manager, seq.num_tokens - 1
+        cached = bm.num_cached_tokens(seq.all_ids)
+        bm.allocate(seq.seq_id, seq.all_ids, computed - cached)
+        self.running.append(seq)
+        self._computed[seq.seq_id] = computed
+        return bm.block_table(seq.seq_id), cached // bm.block_size
 
     def _release(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -120,6 +120,21 @@ class A2E:
         """Hop 2 (dispatch inside the expert mesh), experts, combine."""
         return self.moe(experts_P, *inputs)
 
+    def compute_async(self, experts_P: dict, inputs: tuple[jax.Array, ...],
+                      capacity: int) -> tuple[jax.Array, object]:
+        """Hop 2, experts and combine at a fixed capacity without waiting:
+        ``(out, LocalStats)``; the caller checks ``LocalStats.overflow`` (``EpMoe.launch``)."""
+        return self.moe.launch(capacity, experts_P, *inputs)
+
+    def hop_bytes(self, x_TD, topk_ids_TK) -> tuple[int, int]:
+        """Bytes of hop 1 (A2E: rows, ids and gates) and of the E2A hop back, all ranks;
+        zero in direct mode (no copy between slices)."""
+        if self.mode != "trampoline":
+            return 0, 0
+        row = x_TD.shape[-1] * jnp.dtype(x_TD.dtype).itemsize
+        tokens = x_TD.shape[0]
+        return tokens * (row + topk_ids_TK.shape[-1] * 8), tokens * row
+
     def receive(self, out_TD: jax.Array) -> jax.Array:
         """E2A: combined outputs back onto the attention devices, in token order."""
         by_dev = {s.device: s.data for s in out_TD.addressable_shards}
@@ -146,13 +161,9 @@ class A2E:
         """Bytes of the hops between slices (the expert-mesh exchanges are in the
         ``dispatch`` / ``combine`` records of the same stats)."""
         a = len(self.attn_devices)
-        row = x_TD.shape[-1] * jnp.dtype(x_TD.dtype).itemsize
-        meta = topk_ids_TK.shape[-1] * 8  # int32 id + float32 gate per choice
-        tokens = x_TD.shape[0]
-        hop = tokens * (row + meta) if self.mode == "trampoline" else 0
+        hop, back = self.hop_bytes(x_TD, topk_ids_TK)  # ids int32 + gates float32 per choice
         extra = {"mode": self.mode, "attention": a, "experts": len(self.expert_devices)}
         self.stats.record(CollectiveRecord("a2e_hop", hop, send_s, a, 0, extra))
-        back = tokens * row if self.mode == "trampoline" else 0
         self.stats.record(CollectiveRecord("e2a_hop", back, recv_s, a, 0, extra))
 
 

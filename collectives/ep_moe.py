@@ -48,6 +48,12 @@ def capacity_buckets(tokens_per_rank: int, top_k: int, num_ranks: int) -> tuple[
     return tuple(out)
 
 
+def next_capacity(capacity: int, tokens_per_rank: int, top_k: int, num_ranks: int) -> int:
+    """The smallest capacity bucket above ``capacity`` (``T * K`` at most, which fits all)."""
+    larger = [b for b in capacity_buckets(tokens_per_rank, top_k, num_ranks) if b > capacity]
+    return larger[0] if larger else tokens_per_rank * top_k
+
+
 class EpMoe:
     """Dispatch + experts + combine over ``mesh[axis]`` with an ``ExpertMap``."""
 
@@ -109,6 +115,16 @@ class EpMoe:
             self.capacity = cap  # grow-only: later steps start from the bucket that fit
         self._record(cap, seconds, x_TD, t, k, st)
         return out
+
+    def launch(self, capacity: int, experts_P: dict, x_TD, topk_ids_TK, topk_w_TK):
+        """One dispatch + experts + combine at ``capacity``, without waiting or re-running.
+
+        Returns device arrays ``(out_TD, LocalStats)``; ``out_TD`` is exact only if
+        ``LocalStats.overflow`` sums to 0. For callers that launch many steps and check
+        overflow once (MA decode checks once per model step, then re-runs the step with
+        ``next_capacity``). Nothing is recorded in ``stats``.
+        """
+        return self._run(capacity, experts_P, x_TD, topk_ids_TK, topk_w_TK)
 
     def _record(self, cap, seconds, x_TD, t, k, st) -> None:
         n, s, rounds = self.n, self.expert_map.slots_per_device, self.rounds

@@ -37,7 +37,7 @@ from serving.balancer import Balancer
 from serving.dp_group import DPGroup, GroupConfig
 from serving.ma_runner import Domain, MicroBatch, RankView
 from serving.request import Request
-from serving.runner import MIN_PREFILL_WIDTH
+from serving.runner import MIN_DECODE_ROWS, MIN_PREFILL_WIDTH
 from serving.timeline import Timeline
 from sharding.deployment import Deployment, load_deployment
 from xds_jax.config import ModelConfig
@@ -161,14 +161,15 @@ class MAPool:
         if all(p is None for p in plans):
             return False
         passes = {}
-        for kind, wanted, width_min in (("decode", True, 1), ("prefill", False, MIN_PREFILL_WIDTH)):
+        for kind, wanted, rows_min, width_min in (("decode", True, MIN_DECODE_ROWS, 1),
+                                                  ("prefill", False, 1, MIN_PREFILL_WIDTH)):
             per_domain = []
             for dom in self.domains:
                 per_rank = [[s for s in plans[dom.first_rank + r].scheduled
                              if _is_decode(s) == wanted] if plans[dom.first_rank + r] else []
                             for r in range(dom.num_ranks)]
-                per_domain.append(dom.micro_batches(per_rank, self.micro_batches, width_min, kind)
-                                  if any(per_rank) else [])
+                per_domain.append(dom.micro_batches(per_rank, self.micro_batches, rows_min,
+                                                    width_min, kind) if any(per_rank) else [])
             if any(per_domain):
                 passes[kind] = per_domain
         results, todo = {}, list(passes)

@@ -190,13 +190,13 @@ class Domain:
         return prog(self.params, x_BSD, mb.last_B)
 
     # -- inputs -------------------------------------------------------------------------------
-    def micro_batches(self, per_rank: list[list], micro_batches: int, width_min: int,
-                      kind: str) -> list[MicroBatch]:
+    def micro_batches(self, per_rank: list[list], micro_batches: int, rows_min: int,
+                      width_min: int, kind: str) -> list[MicroBatch]:
         """Pad each micro-batch's per-rank rows to a common bucket and place them."""
         out = []
         for i, parts in enumerate(split_micro_batches(per_rank, micro_batches)):
             live = [s for part in parts for s in part]
-            rows = bucket(max(len(p) for p in parts))
+            rows = bucket(max(len(p) for p in parts), rows_min)
             width = bucket(max(s.num_tokens for s in live), width_min)
             blocks = bucket(max(len(s.block_table) for s in live),
                             max(1, MIN_CONTEXT_TOKENS // self.block_size))

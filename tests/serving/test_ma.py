@@ -1,0 +1,153 @@
+"""MA disaggregated decode: greedy tokens equal the single-device loop's, expert overflow
+re-runs the step, and the recorded timeline shows domains taking turns at the experts and
+micro-batches overlapping attention with the expert round trip."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from serving.dp_group import GroupConfig
+from serving.ma import MAPool
+from serving.request import Request
+from serving.timeline import Timeline
+from sharding.deployment import ExpertSlotsError
+from tests.collectives.cases import need_devices
+from tests.helpers import tiny
+from xds_jax import SamplingParams
+from xds_jax.generate import LocalGenerator
+from xds_jax.sequence import Sequence
+
+CPU16 = "configs/deployments/cpu16-ma.yaml"
+
+
+def requests_for(vocab: int, count: int, seed: int, max_len: int = 15) -> list[Request]:
+    """Greedy requests with mixed prompt lengths (1 .. max_len) and output lengths."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        prompt = rng.integers(0, vocab, int(rng.integers(1, max_len + 1))).tolist()
+        params = SamplingParams(temperature=0, max_tokens=3 + i % 4, ignore_eos=True)
+        out.append(Request(f"r{i}", None, prompt, params, [Sequence(prompt, params)]))
+    return out
+
+
+def assert_matches_reference(params, cfg, requests: list[Request]) -> None:
+    gen = LocalGenerator(params, cfg)
+    for r in requests:
+        seq = Sequence(r.prompt_ids, r.params)
+        gen.run([seq])
+        assert r.seqs[0].output_ids == seq.output_ids, r.request_id
+
+
+def expert_blocks(events) -> list[list]:
+    """Expert events split into one block per (pass, layer), in dispatch order."""
+    blocks: list[list] = []
+    for e in events:
+        if e.role != "expert":
+            continue
+        if not blocks or blocks[-1][-1].layer != e.layer:
+            blocks.append([])
+        blocks[-1].append(e)
+    return blocks
+
+
+def micro_batches_overlap(events) -> bool:
+    """Some layer where the experts of micro-batch 0 and the attention of micro-batch 1 (same
+    domain, same pass) run at the same time."""
+    for i, e in enumerate(events):
+        if e.role != "expert" or e.micro_batch != 0:
+            continue
+        attn = next((a for a in events[i + 1:] if a.stage == f"attn_l{e.layer}"
+                     and a.domain == e.domain and a.micro_batch == 1), None)
+        if attn is not None and e.start < attn.end and attn.start < e.end:
+            return True
+    return False
+
+
+@pytest.mark.mesh16
+@pytest.mark.parametrize("name, capacity", [("deepseek_v3", None), ("qwen3_moe", 1)])
+def test_cpu16_ma_matches_reference_and_traces(name, capacity, tmp_path):
+    """18 requests on 2 domains x 3 ranks (several rows per rank, so 2 micro-batches) give
+    the reference tokens; a forced capacity of 1 overflows, re-runs and stays exact."""
+    need_devices(16)
+    m = tiny(name)
+    timeline = Timeline()
+    pool = MAPool(m.params, m.cfg, CPU16, GroupConfig(num_blocks=16, max_num_seqs=4,
+                                                      max_num_batched_tokens=64),
+                  timeline=timeline, capacity=capacity)
+    assert pool.expert_map.num_redundant == 4  # 8 experts in 6 devices x 2 slots
+    requests = requests_for(m.cfg.vocab_size, 18, seed=1)
+    pool.run_until_done(requests)
+    assert_matches_reference(m.params, m.cfg, requests)
+    stats = pool.stats()
+    assert stats["num_running"] == stats["num_waiting"] == 0
+    assert all(g.steps > 0 for g in pool.groups)
+    if capacity is not None:
+        assert stats["reruns"] > 0 and min(stats["capacity"].values()) > capacity
+
+    events = timeline.events
+    blocks = expert_blocks(events)
+    assert blocks and any(len({e.micro_batch for e in b}) > 1 for b in blocks)
+    for block in blocks:  # domains take turns: d before d + 1, never two at once
+        assert [e.domain for e in block] == sorted(e.domain for e in block)
+        assert {e.domain for e in block} == {0, 1}
+        for a, b in zip(block, block[1:], strict=False):
+            assert b.start >= a.end
+    assert micro_batches_overlap(events)
+    trace = json.loads(timeline.save(tmp_path / "ma.json").read_text())
+    names = {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"}
+    assert {"embed", "attn_l0", "ffn_l0", "gate_l1", "a2e_l1", "moe_l1", "e2a_l1",
+            "combine_l1", "head"} <= names
+    summary = timeline.summary()
+    assert summary["a2e"]["bytes"] > 0 and summary["e2a"]["bytes"] > 0
+    assert 0 <= summary["expert"]["idle_fraction"] < 1
+
+
+@pytest.mark.mesh16
+def test_rank_view_pages_are_the_ranks_own_shard():
+    need_devices(16)
+    m = tiny("deepseek_v3")
+    pool = MAPool(m.params, m.cfg, CPU16, GroupConfig(num_blocks=8))
+    assert len(pool.groups) == 6 and [g.index for g in pool.groups] == list(range(6))
+    view = pool.groups[4].runner  # domain 1, rank 1
+    assert view.device == jax.devices()[4 + 4]
+    pages = view.pages
+    assert len(pages) == m.cfg.num_layers and pages[0]["c"].shape[0] == 8
+    assert pages[0]["c"].devices() == {view.device}
+    view.pages = [{"c": layer["c"] + 1.0} for layer in pages]
+    whole = np.asarray(pool.domains[1].caches[0]["c"])
+    assert (whole[8:16] == 1).all() and (whole[:8] == 0).all() and (whole[16:] == 0).all()
+    assert sum(g.runner.compile_count for g in pool.groups) == 0
+    pool.groups[0].submit(requests_for(m.cfg.vocab_size, 1, seed=0)[0])
+    with pytest.raises(RuntimeError, match="MAPool.step"):
+        pool.groups[0].step()  # a rank's steps belong to its pool
+
+
+def test_dense_model_on_an_ma_layout_is_refused(tmp_path):
+    layout = tmp_path / "ma8.yaml"
+    layout.write_text("name: ma8\nroles:\n  decode_attention:\n    devices: {start: 0, count: 4}\n"
+                      "    domains: 2\n    dp: 2\n  decode_experts:\n"
+                      "    devices: {start: 4, count: 4}\n")
+    m = tiny("llama")
+    with pytest.raises(ExpertSlotsError, match="no routed experts"):
+        MAPool(m.params, m.cfg, str(layout))
+
+
+@pytest.mark.mesh384
+def test_cm384_ma_with_256_experts_matches_reference():
+    """3 domains x 64 ranks and 96 expert dies (288 slots, 32 redundant), few requests."""
+    need_devices(384)
+    from xds_jax.loader import load_model
+
+    m = load_model("configs/models/deepseek-v3-tiny.json", dtype="float32")
+    pool = MAPool(m.params, m.cfg, "configs/deployments/cm384.yaml",
+                  GroupConfig(num_blocks=4, max_num_seqs=2, max_num_batched_tokens=32))
+    assert pool.expert_map.num_slots == 288 and pool.expert_map.num_redundant == 32
+    requests = requests_for(m.cfg.vocab_size, 4, seed=3, max_len=12)
+    for i, r in enumerate(requests):  # ranks in every domain, two sharing one rank
+        pool.groups[[0, 64, 128, 128][i]].submit(r)
+    while not all(r.finished for r in requests):
+        assert pool.step()
+    assert_matches_reference(m.params, m.cfg, requests)

@@ -106,14 +106,20 @@ class DPGroup:
                 self._admit(item)
             elif kind != "abort":
                 self._handle(kind, item)
-            elif item in self.requests:
-                request = self._forget(self.requests[item])
-                for seq in request.seqs:
-                    if not seq.finished:
-                        self.scheduler.abort(seq.seq_id)
-                request.abort()
-                request.metrics.finished_time = time.monotonic()
-                self._emit(request)
+            else:
+                self._abort(item)
+
+    def _abort(self, request_id: str) -> None:
+        """Abort a request this group holds (unknown ids are ignored)."""
+        if request_id not in self.requests:
+            return
+        request = self._forget(self.requests[request_id])
+        for seq in request.seqs:
+            if not seq.finished:
+                self.scheduler.abort(seq.seq_id)
+        request.abort()
+        request.metrics.finished_time = time.monotonic()
+        self._emit(request)
 
     def _handle(self, kind: str, item) -> None:
         """Hook: inbox messages a subclass defines (PD arrivals)."""

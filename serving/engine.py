@@ -89,13 +89,14 @@ class Engine:
         return group.index
 
     def abort(self, request_id: str) -> None:
-        """Abort wherever the request is: its entry group, and any group it moved to."""
+        """Abort wherever the request is: its entry group, and (disaggregated) every group it
+        may have moved to or be moving to; groups ignore ids they never see."""
         with self._lock:
             placed = self._placement.pop(request_id, None)
         if placed is None:
             return
         for g in self.groups:
-            if g is placed or request_id in g.requests:
+            if g is placed or g not in self.entry:
                 g.abort(request_id)
 
     def release(self, request_id: str) -> None:

@@ -34,6 +34,8 @@ from xds_jax.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
+MAX_EARLY_ABORTS = 4096
+
 
 @dataclasses.dataclass
 class Arrival:
@@ -52,7 +54,8 @@ class TransferCounters:
     blocks_sent: int = 0
     blocks_reused: int = 0  # found in the decode group's prefix cache: not sent
     bytes_sent: int = 0
-    wait_s: float = 0.0  # offered -> pulled (backpressure)
+    deferred: int = 0  # steps that left an arrival waiting for room (backpressure)
+    wait_s: float = 0.0  # offered -> pulled
     transfer_s: float = 0.0  # pulled -> written
 
 
@@ -113,6 +116,8 @@ class DecodeGroup(DPGroup):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.arrivals: collections.deque[Arrival] = collections.deque()
+        # Aborts that may have overtaken their request's hand-off (engine aborts everywhere).
+        self._early_aborts: collections.OrderedDict[str, bool] = collections.OrderedDict()
         self.transfer = TransferCounters()
         self.timeline = None
 
@@ -129,6 +134,16 @@ class DecodeGroup(DPGroup):
         self.requests.setdefault(request.request_id, request)
         self._owners[item.seq.seq_id] = request
         self.arrivals.append(item)
+        if self._early_aborts.pop(request.request_id, False):
+            self._abort(request.request_id)  # aborted while in flight from prefill
+
+    def _abort(self, request_id: str) -> None:
+        if request_id in self.requests:
+            super()._abort(request_id)  # waiting arrivals are cancelled before the next pull
+            return
+        self._early_aborts[request_id] = True
+        while len(self._early_aborts) > MAX_EARLY_ABORTS:
+            self._early_aborts.popitem(last=False)
 
     def has_work(self) -> bool:
         return super().has_work() or bool(self.arrivals)
@@ -154,6 +169,7 @@ class DecodeGroup(DPGroup):
                 self._refuse(arrival, e)
                 continue
             if not self.scheduler.can_admit_computed(seq):
+                self.transfer.deferred += 1
                 return  # backpressure: wait for running sequences to finish
             self.arrivals.popleft()
             self._pull(arrival)

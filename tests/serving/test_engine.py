@@ -104,12 +104,16 @@ def test_no_recompilation_in_steady_state():
     assert llm.engine.stats()["compiles"] == compiled
 
 
-def test_disaggregated_deployment_is_refused_with_a_clear_error():
+def test_decode_tensor_parallel_deployment_is_refused_with_a_clear_error(tmp_path):
     from serving.deploy import UnsupportedDeploymentError
 
-    with pytest.raises(UnsupportedDeploymentError, match="prefill/decode disaggregated"):
-        LLM(str(GOLDEN / "llama"), dtype="float32",
-            deployment="configs/deployments/cpu8-pd.yaml", use_param_cache=False)
+    layout = tmp_path / "pd-tp.yaml"
+    layout.write_text("name: pdtp\nroles:\n  prefill:\n    devices: {start: 0, count: 2}\n"
+                      "    dp: 1\n    tp: 2\n  decode:\n    devices: {start: 2, count: 2}\n"
+                      "    dp: 1\n    tp: 2\n")
+    with pytest.raises(UnsupportedDeploymentError, match="decode tp=2"):
+        LLM(str(GOLDEN / "llama"), dtype="float32", deployment=str(layout),
+            use_param_cache=False)
 
 
 def test_a_request_that_can_never_fit_is_aborted_and_the_group_keeps_serving():

@@ -1,0 +1,126 @@
+"""PD disaggregation: TP prefill groups hand KV to decode groups that pull it, and the
+greedy tokens are exactly the single-device reference's."""
+
+import dataclasses
+
+import jax
+import pytest
+
+from serving.deploy import build_deployed_engine
+from serving.engine import group_config_for
+from serving.request import Request
+from tests.helpers import GOLDEN, tiny
+from tests.serving.test_engine import params_for, reference, workload
+from xds_jax import LLM, SamplingParams
+from xds_jax.generate import LocalGenerator
+from xds_jax.sequence import Sequence
+
+PD8 = "configs/deployments/cpu8-pd.yaml"
+
+
+@pytest.mark.parametrize("name", ["llama", "deepseek_v3"])
+def test_pd_outputs_match_reference(name):
+    """Dense GQA and MLA MoE: prefill on 2 TP=2 groups, decode on 4 DP groups."""
+    llm = LLM(str(GOLDEN / name), dtype="float32", deployment=PD8, max_num_seqs=8,
+              max_num_batched_tokens=48, staged=True, use_param_cache=False)
+    engine = llm.engine
+    prefill = [g for g in engine.groups if g in engine.entry]
+    assert [len(g.runner.devices) for g in prefill] == [2, 2]
+    assert [g.runner.devices for g in prefill] == [jax.devices()[0:2], jax.devices()[2:4]]
+    prompts = workload(llm.cfg.vocab_size, 16, seed=3)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        [params_for(i) for i in range(len(prompts))])
+    want = reference(llm, prompts)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    stats = engine.stats()
+    assert stats["kv_transfers"] == len(prompts)
+    assert stats["kv_blocks_sent"] > 0 and stats["kv_bytes_sent"] > 0
+    assert stats["kv_blocks_reused"] > 0  # shared prefixes already cached on decode
+    assert stats["kv_usage"] == 0 and stats["num_running"] == 0  # prefill blocks freed
+    decode = [g for g in engine.groups if g not in engine.entry]
+    assert all(g.steps > 0 for g in prefill) and sum(g.steps > 0 for g in decode) >= 2
+    # Prefill samples each first token; every later token comes from a decode group.
+    first = sum(g.generated_tokens for g in prefill)
+    assert first == len(prompts)
+    assert sum(g.generated_tokens for g in decode) == sum(len(t) - 1 for t in want)
+
+
+def alone(model, seq: Sequence) -> list[int]:
+    """The sequence's tokens from the single-device reference loop."""
+    ref = Sequence(seq.prompt_ids, seq.params)
+    LocalGenerator(model.params, model.cfg).run([ref])
+    return ref.output_ids
+
+
+def small_decode_engine(name: str, decode_blocks: int):
+    """cpu8-pd with decode pools far smaller than what the prefills bring."""
+    model = tiny(name)
+    opts = dict(max_num_seqs=8, max_num_batched_tokens=64, staged=True)
+    config = group_config_for(model.params, model.cfg, 256, **opts)
+    decode = dataclasses.replace(config, num_blocks=decode_blocks)
+    return model, build_deployed_engine(model.params, model.cfg, 256, PD8,
+                                        decode_config=decode, **opts)
+
+
+def test_backpressure_transfers_wait_and_every_request_completes():
+    model, engine = small_decode_engine("llama", decode_blocks=8)  # 128 tokens per group
+    prompts = workload(model.cfg.vocab_size, 24, seed=5)
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(prompts)
+    seqs = [Sequence(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    engine.run(seqs)
+    for seq in seqs:
+        assert seq.output_ids == alone(model, seq)
+    stats = engine.stats()
+    assert sum(g.transfer.deferred for g in engine.groups if hasattr(g, "transfer")) > 0
+    assert stats["kv_transfers"] == len(prompts) and stats["kv_usage"] == 0
+
+
+def test_prefill_blocks_are_held_until_the_transfer_completes():
+    model, engine = small_decode_engine("llama", decode_blocks=16)
+    prefill, decode = engine.entry, [g for g in engine.groups if g not in engine.entry]
+    seq = Sequence(list(range(3, 40)), SamplingParams(temperature=0, max_tokens=5))
+    request = Request("r0", None, seq.prompt_ids, seq.params, [seq])
+    group = prefill[engine.submit(request)]
+    while not seq.output_ids:
+        group.step()
+    assert len(seq.output_ids) == 1  # first token sampled on prefill
+    assert group.held_blocks == 3 and group.blocks.usage > 0  # 37 tokens: 3 blocks of 16
+    assert group.scheduler.num_running == 0  # it never decodes on prefill
+    target = next(g for g in decode if g.arrivals or not g.inbox.empty())
+    target.step()  # pulls the KV, then decodes
+    assert target.transfer.transfers == 1 and target.transfer.blocks_sent == 3
+    assert len(seq.output_ids) == 2
+    group.step()  # sees the completion
+    assert group.held_blocks == 0 and group.blocks.usage == 0
+    while not seq.finished:
+        target.step()
+    assert seq.output_ids == alone(model, seq)
+
+
+def test_abort_while_waiting_for_decode_room_frees_prefill_blocks():
+    model, engine = small_decode_engine("llama", decode_blocks=16)
+    prefill = engine.entry
+    seq = Sequence(list(range(3, 40)), SamplingParams(temperature=0, max_tokens=5))
+    request = Request("r1", None, seq.prompt_ids, seq.params, [seq])
+    group = prefill[engine.submit(request)]
+    while not seq.output_ids:
+        group.step()
+    assert group.held_blocks == 3
+    engine.abort("r1")
+    for g in engine.groups:
+        g.step()
+    group.step()
+    assert seq.finished and group.held_blocks == 0 and group.blocks.usage == 0
+    assert all(g.blocks.usage == 0 for g in engine.groups)
+
+
+def test_pd_request_with_n_samples_and_prefix_reuse_on_decode():
+    llm = LLM(str(GOLDEN / "llama"), dtype="float32", deployment=PD8, max_num_seqs=8,
+              staged=True, use_param_cache=False)
+    prompt = list(range(5, 60))
+    params = SamplingParams(n=2, temperature=0.8, seed=7, max_tokens=6, ignore_eos=True)
+    out = llm.generate({"prompt_token_ids": prompt}, params)[0]
+    ref = LLM(str(GOLDEN / "llama"), dtype="float32", engine="reference",
+              use_param_cache=False).generate({"prompt_token_ids": prompt}, params)[0]
+    assert [o.token_ids for o in out.outputs] == [o.token_ids for o in ref.outputs]
+    assert llm.engine.stats()["kv_transfers"] == 2

@@ -4,6 +4,7 @@ The SmolLM2 golden file comes from transformers' GGUF tokenizer, the tiny Senten
 sentencepiece itself; both are written by tests/golden/make_tokenizer_golden.py.
 """
 
+import dataclasses
 import importlib.util
 import json
 from datetime import datetime
@@ -266,3 +267,19 @@ def test_messages_with_tool_calls_or_content_parts_are_accepted(fields):
     tool_call = {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}
     parts = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
     assert tokenizer.apply_chat_template([parts, tool_call]) == "2"
+
+
+def test_config_only_models_get_a_byte_tokenizer():
+    from xds_jax.byte_tokenizer import byte_tokenizer
+    from xds_jax.config import load_model_config
+
+    cfg = load_model_config("configs/models/deepseek-v3-tiny.json")  # bos 0, eos 1
+    tok = byte_tokenizer(cfg)
+    text = "Héllo, wörld! 日本 \n\t"
+    ids = tok.encode(text)
+    assert ids[0] == 0 and len(ids) == 1 + len(text.encode())  # BOS, then one id a byte
+    assert all(1 < i < cfg.vocab_size for i in ids[1:])
+    assert tok.decode(ids) == text
+    assert tok.eos_token_ids == {1}
+    small = dataclasses.replace(cfg, vocab_size=200)
+    assert byte_tokenizer(small) is None  # too few ids for 256 bytes

@@ -20,6 +20,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from xds_jax import param_cache
+from xds_jax.byte_tokenizer import byte_tokenizer
 from xds_jax.config import ModelConfig, load_model_config
 from xds_jax.errors import ConfigError, ModelNotFoundError
 from xds_jax.params import init_params, param_shapes
@@ -80,8 +81,8 @@ def load_model(model: str | Path, dtype: str | None = None, seed: int = 0,
     if path.is_file():
         cfg = load_model_config(path)
         jdtype = resolve_dtype(dtype, cfg)
-        log.info("random weights for %s (seed %d): config only", path, seed)
-        return LoadedModel(str(model), cfg, init_params(cfg, seed, jdtype), None)
+        log.info("random weights for %s (seed %d): config only, byte tokenizer", path, seed)
+        return LoadedModel(str(model), cfg, init_params(cfg, seed, jdtype), byte_tokenizer(cfg))
     return _load_hf_dir(str(model), path, dtype, use_cache, load_mtp)
 
 

@@ -35,6 +35,8 @@ class EngineArgs:
     num_dp_groups: int = 1
     kv_cache_bytes: int = 1 << 30
     seed: int = 0
+    micro_batches: int = 2
+    trace: bool = False
 
 
 class AsyncEngine:
@@ -57,7 +59,8 @@ class AsyncEngine:
                   seed=args.seed, num_dp_groups=args.num_dp_groups,
                   max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens,
-                  kv_cache_bytes=args.kv_cache_bytes, deployment=args.deployment)
+                  kv_cache_bytes=args.kv_cache_bytes, deployment=args.deployment,
+                  micro_batches=args.micro_batches, trace=args.trace)
         return cls(llm, args.max_queue)
 
     def start(self) -> None:

@@ -72,7 +72,9 @@ def load_engine(args: argparse.Namespace) -> Any:
                "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
                "max_num_batched_tokens": args.max_num_batched_tokens,
                "max_queue": args.max_queue, "num_dp_groups": args.num_dp_groups,
-               "kv_cache_bytes": int(args.kv_cache_gib * (1 << 30)), "seed": args.seed}
+               "kv_cache_bytes": int(args.kv_cache_gib * (1 << 30)), "seed": args.seed,
+               "micro_batches": getattr(args, "micro_batches", 2),
+               "trace": bool(getattr(args, "trace", None))}
     known = {f.name for f in dataclasses.fields(EngineArgs)}
     status = Status()
     try:
@@ -87,7 +89,22 @@ def load_engine(args: argparse.Namespace) -> Any:
         elapsed = status.close()
     log.info("%s ready in %.1f s (context %d tokens)", engine.model_name, elapsed,
              engine.max_model_len)
+    if engine.engine.timeline is not None:
+        engine.engine.timeline.clear()  # the trace starts after the warm-up
     return engine
+
+
+def finish_trace(engine: Any, args: argparse.Namespace) -> None:
+    """With ``--trace``: save the Chrome trace and print the per-role summary (stderr)."""
+    timeline = engine.engine.timeline
+    if not getattr(args, "trace", None) or timeline is None:
+        return
+    from serving.timeline import format_summary
+
+    path = timeline.save(args.trace)
+    print(format_summary(timeline.summary()), file=sys.stderr)
+    print(f"trace: {path} ({len(timeline.events)} events; open in chrome://tracing or "
+          "ui.perfetto.dev)", file=sys.stderr)
 
 
 async def warm_up(engine: Any) -> None:
@@ -135,6 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             ids = engine.tokenizer.encode(prompt)
             asyncio.run(stream_text(engine, ids, sampling(args, engine.max_model_len - len(ids)),
                                     f"generate-{i}", prompt))
+        finish_trace(engine, args)
     finally:
         engine.shutdown()
 
@@ -179,6 +197,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
                 engine, ids, sampling(args, engine.max_model_len - len(ids)), f"chat-{turn}",
                 text))
             history.append({"role": "assistant", "content": reply})
+        finish_trace(engine, args)
     finally:
         engine.shutdown()
 
@@ -186,7 +205,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from serving.server import run_server
 
-    run_server(args, load_engine(args))
+    engine = load_engine(args)
+    try:
+        run_server(args, engine)
+    finally:
+        finish_trace(engine, args)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

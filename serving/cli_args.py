@@ -39,6 +39,13 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--deployment", metavar="YAML",
                        help="deployment file (DP groups, PD pools, MoE-attention split); "
                        "default: one device, colocated")
+    group.add_argument("--micro-batches", type=positive_int, default=2, metavar="N",
+                       help="micro-batches per attention domain and step in MoE-attention "
+                       "deployments (default: %(default)s)")
+    group.add_argument("--trace", metavar="JSON",
+                       help="record a timeline of the disaggregated stages and KV transfers, "
+                       "save it as a Chrome trace (chrome://tracing, Perfetto) and print a "
+                       "per-role summary at exit")
     group.add_argument("--max-model-len", type=positive_int, metavar="N",
                        help="context limit in tokens, prompt plus output (default: the model's)")
     group.add_argument("--max-num-seqs", type=positive_int, default=64, metavar="N",

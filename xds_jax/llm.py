@@ -39,8 +39,12 @@ class LLM:
         per DP group (``kv_cache_bytes`` sizes the paged KV pool).
       staged: run each step as separately jitted stage programs (attention, FFN/MoE per layer)
         instead of one fused program: faster to compile, slower to run.
-      deployment: a deployment file (``configs/deployments/*.yaml``): one DP group per rank of
-        its ``decode`` role, each on its own devices (instead of ``num_dp_groups``).
+      deployment: a deployment file (``configs/deployments/*.yaml``) laying the engine out on
+        devices (instead of ``num_dp_groups``): colocated DP groups, prefill/decode pools (PD)
+        and/or attention/expert slices (MA); see ``serving.deploy``.
+      micro_batches: micro-batches per attention domain and step in MA deployments.
+      trace: record a per-step timeline of the disaggregated stages and transfers
+        (``llm.engine.timeline``: ``summary()``, ``save(path)`` as a Chrome trace).
       engine: ``"flowserve"`` (default: the paged continuous-batching engine),
         ``"reference"`` (the single-device loop every path is checked against), or any object
         with ``run(list[Sequence])``.
@@ -52,7 +56,7 @@ class LLM:
                  max_num_batched_tokens: int = 512, block_size: int = 16,
                  kv_cache_bytes: int = 1 << 30, enable_prefix_caching: bool = True,
                  staged: bool = False, deployment: str | None = None,
-                 use_param_cache: bool = True):
+                 micro_batches: int = 2, trace: bool = False, use_param_cache: bool = True):
         enable_compilation_cache()
         loaded = load_model(model, dtype=dtype, seed=seed, use_cache=use_param_cache)
         self.model_name = loaded.name
@@ -75,9 +79,11 @@ class LLM:
         elif engine == "flowserve" and deployment is not None:
             # The public API wires the serving engine; model modules never import serving.
             from serving.deploy import build_deployed_engine
+            from serving.timeline import Timeline
 
             engine = build_deployed_engine(self.params, self.cfg, self.max_model_len,
-                                           deployment, **options)
+                                           deployment, micro_batches=micro_batches,
+                                           timeline=Timeline() if trace else None, **options)
         elif engine == "flowserve":
             from serving.engine import build_engine
 

@@ -43,19 +43,23 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
     if layout.spec.is_ma:
         from serving.ma import MAPool
 
-        factory = DecodeGroup if prefill else None
+        kind = DecodeGroup if prefill else DPGroup
+
+        def factory(index, *args, **kwargs):  # attention groups numbered after prefill's
+            return kind(first + index, *args, **kwargs)
+
         pool = MAPool(params, cfg, layout, decode_config, micro_batches=micro_batches,
-                      timeline=timeline, first_index=first, group_factory=factory)
+                      timeline=timeline, group_factory=factory)
         decode, drivers = list(pool.groups), [*prefill, pool]
     else:
         devices = _decode_devices(layout)
         kind = DecodeGroup if prefill else DPGroup
         decode = [kind(first + i, params, cfg, d, decode_config) for i, d in enumerate(devices)]
         drivers = [*prefill, *decode]
+    for g in [*prefill, *decode]:
+        g.timeline = timeline
     if not prefill:
         return Engine(params, cfg, groups=decode, drivers=drivers, timeline=timeline)
-    for g in decode:
-        g.timeline = timeline
     balancer = Balancer()
     hub = connect(prefill, decode, lambda request: balancer.choose(
         [g.load() for g in decode], request.prompt_ids))

@@ -55,6 +55,8 @@ class GroupLoad:
 class DPGroup:
     """Scheduler + KV blocks + runner for one slice of devices."""
 
+    role = "decode"  # how traces and stats name what the group does
+
     def __init__(self, index: int, params: dict | None, cfg: ModelConfig,
                  device: jax.Device | list | None, config: GroupConfig | None = None,
                  runner=None):
@@ -62,6 +64,7 @@ class DPGroup:
         over it). ``runner`` replaces the group's own ``ModelRunner`` (an MA attention rank
         whose steps a domain runs); it must offer ``pages`` and ``compile_count``."""
         self.index = index
+        self.timeline = None  # a serving.timeline.Timeline recording each step, when tracing
         self.config = config = config or GroupConfig()
         self.blocks = BlockManager(config.num_blocks, config.block_size,
                                    enable_prefix_caching=config.enable_prefix_caching)
@@ -151,7 +154,12 @@ class DPGroup:
         out = self.plan()
         if out is None:
             return False
+        start = time.perf_counter()
         self.runner.finish(self.runner.launch(out.scheduled))
+        if self.timeline is not None:
+            self.timeline.span(self.role, "step", start, time.perf_counter(),
+                               stream=f"{self.role}{self.index}",
+                               tokens=out.num_batched_tokens)
         self.complete(out)
         return True
 

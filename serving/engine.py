@@ -8,6 +8,7 @@ automatic collection is off while the engine runs, and it collects between steps
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
@@ -134,7 +135,8 @@ class Engine:
         self._gc = StepGC().__enter__()  # collection only between steps while threads run
         for i, d in enumerate(self.drivers):
             name = f"dp-group-{d.index}" if isinstance(d, DPGroup) else f"driver-{i}"
-            t = threading.Thread(target=d.run, args=(self._stop, self._gc.after_step),
+            loop = getattr(d, "run", None) or functools.partial(_drive, d)
+            t = threading.Thread(target=loop, args=(self._stop, self._gc.after_step),
                                  name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -181,6 +183,28 @@ class Engine:
             "kv_wait_s": sum(c.wait_s for c in counters),
             "kv_transfer_s": sum(c.transfer_s for c in counters),
         }
+
+
+def _drive(driver, stop: threading.Event, after_step) -> None:
+    """The loop of a driver that steps many groups (an MA pool): step while there is work;
+    on a failure mark every group it drives unhealthy and abort their requests."""
+    groups = driver.groups
+    while not stop.is_set():
+        try:
+            busy = driver.step()
+        except Exception:
+            log.exception("%s failed; marking its %d groups unhealthy", type(driver).__name__,
+                          len(groups))
+            for g in groups:
+                g.healthy = False
+                g._fail_all()
+            return
+        if busy:
+            after_step()
+        else:
+            for g in groups:
+                g.last_heartbeat = time.monotonic()
+            stop.wait(0.005)
 
 
 def _mean(values: list[float]) -> float:

@@ -238,6 +238,8 @@ class RankView:
     device and compile count. The domain's programs are counted on its rank 0 only, so a sum
     over groups counts each program once."""
 
+    donate_pages = False  # its pages are shards of the domain's arrays: writers must copy
+
     def __init__(self, domain: Domain, rank: int):
         self.domain = domain
         self.rank = rank

@@ -44,7 +44,7 @@ class Arrival:
     request: Request
     seq: Sequence
     channel: KVChannel
-    offered_at: float
+    offered_at: float  # time.perf_counter(), the timeline's clock
     pulled_at: float | None = None
 
 
@@ -65,6 +65,8 @@ class PrefillGroup(DPGroup):
     ``handoff(group, request, seq, block_table)`` (set by the engine) offers the KV to a
     decode group; the blocks stay held until that transfer completes.
     """
+
+    role = "prefill"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -119,7 +121,6 @@ class DecodeGroup(DPGroup):
         # Aborts that may have overtaken their request's hand-off (engine aborts everywhere).
         self._early_aborts: collections.OrderedDict[str, bool] = collections.OrderedDict()
         self.transfer = TransferCounters()
-        self.timeline = None
 
     def receive(self, arrival: Arrival) -> None:
         """Control plane (prefill thread): a prefilled sequence is offered to this group."""
@@ -176,7 +177,7 @@ class DecodeGroup(DPGroup):
 
     def _pull(self, arrival: Arrival) -> None:
         seq, channel = arrival.seq, arrival.channel
-        arrival.pulled_at = time.monotonic()
+        arrival.pulled_at = time.perf_counter()
         table, reused = self.scheduler.admit_computed(seq)
         channel.pull(seq.seq_id, np.asarray(table[reused:], np.int32), skip=reused)
         sent_before = channel.counters.bytes_sent
@@ -186,7 +187,7 @@ class DecodeGroup(DPGroup):
             self.runner.pages, _ = channel.drain(self.runner.pages)
             landed |= set(channel.arrived())
         self.blocks.mark_computed(seq.seq_id, seq.all_ids, seq.num_tokens - 1)
-        now = time.monotonic()
+        now = time.perf_counter()
         c = self.transfer
         c.transfers += 1
         c.blocks_sent += len(table) - reused
@@ -237,7 +238,7 @@ def connect(prefill: list[PrefillGroup], decode: list[DecodeGroup], choose_decod
             group.channels.append(channel)
         source = group.runner
         channel.offer(seq.seq_id, lambda: source.pages, table, lock=source.lock)
-        target.receive(Arrival(request, seq, channel, time.monotonic()))
+        target.receive(Arrival(request, seq, channel, time.perf_counter()))
 
     for group in prefill:
         group.handoff = handoff

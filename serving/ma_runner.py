@@ -167,8 +167,11 @@ class Domain:
         replaced."""
         prog = self._program("attention", _attention, (REPLICATED, RANK, RANK, RANK, RANK),
                              (RANK, RANK), donate=(3,), cfg=self.cfg)
-        x_BSD, self.caches[layer] = prog(self.params["layers"][layer], x_BSD, mb.positions_BS,
-                                         self.caches[layer], mb.tables_BN)
+        p = self.params["layers"][layer]
+        # Only the attention weights go in, so dense and MoE layers share one program.
+        x_BSD, self.caches[layer] = prog({"input_norm": p["input_norm"], "attn": p["attn"]},
+                                         x_BSD, mb.positions_BS, self.caches[layer],
+                                         mb.tables_BN)
         return x_BSD
 
     def gate(self, layer: int, x_BSD: jax.Array, mb: MicroBatch) -> tuple[jax.Array, ...]:

@@ -58,6 +58,7 @@ class _Flight:
     event: int | None = None  # timeline id of the stage that produced x
     pending: tuple | None = None  # (x_TD, routed_TD, shared_TD) awaiting combine
     pending_deps: tuple = ()
+    returning: tuple | None = None  # at the experts: what E2A and the combine need
 
 
 @dataclasses.dataclass
@@ -225,12 +226,24 @@ class MAPool:
                 flights[dom.index, mb.index] = _Flight(x, self._rec(
                     "attention", "embed", x, f"attention/d{dom.index}", domain=dom.index,
                     micro_batch=mb.index))
+        moe = [self.cfg.is_moe_layer(i) for i in range(self.cfg.num_layers)]
         for layer in range(self.cfg.num_layers):
             for dom, mbs in zip(self.domains, per_domain, strict=True):
+                returning = None  # the previous micro-batch, still at the experts
                 for mb in mbs:
                     flight = flights[dom.index, mb.index]
                     self._settle(dom, mb, flight, layer - 1)
-                    self._layer(dom, mb, flight, layer, result)
+                    self._attend(dom, mb, flight, layer)
+                    # E2A of the previous micro-batch goes after this attention, so that
+                    # nothing queued on the attention devices waits for the experts.
+                    if returning is not None:
+                        self._receive(returning)
+                    returning = None
+                    if moe[layer]:
+                        self._to_experts(dom, mb, flight, layer, result)
+                        returning = flight
+                if returning is not None:
+                    self._receive(returning)
         for dom, mbs in zip(self.domains, per_domain, strict=True):
             for mb in mbs:
                 flight = flights[dom.index, mb.index]
@@ -251,11 +264,10 @@ class MAPool:
                                  domain=dom.index, micro_batch=mb.index, layer=layer)
         flight.pending, flight.pending_deps = None, ()
 
-    def _layer(self, dom: Domain, mb: MicroBatch, flight: _Flight, layer: int,
-               result: _PassResult) -> None:
-        """Dispatch one layer of one micro-batch; a MoE layer leaves its combine pending."""
-        d, meta = dom.index, {"domain": dom.index, "micro_batch": mb.index, "layer": layer}
-        stream = f"attention/d{d}"
+    def _attend(self, dom: Domain, mb: MicroBatch, flight: _Flight, layer: int) -> None:
+        """Attention of one layer (KV pages donated), and its FFN when the layer is dense."""
+        meta = {"domain": dom.index, "micro_batch": mb.index, "layer": layer}
+        stream = f"attention/d{dom.index}"
         flight.x = dom.attention(layer, flight.x, mb)
         flight.event = self._rec("attention", f"attn_l{layer}", flight.x, stream,
                                  (flight.event,), **meta)
@@ -263,11 +275,15 @@ class MAPool:
             flight.x = dom.ffn(layer, flight.x)
             flight.event = self._rec("attention", f"ffn_l{layer}", flight.x, stream,
                                      (flight.event,), **meta)
-            return
+
+    def _to_experts(self, dom: Domain, mb: MicroBatch, flight: _Flight, layer: int,
+                    result: _PassResult) -> None:
+        """Gate and shared expert on attention, A2E, routed experts on the expert slice."""
+        d, meta = dom.index, {"domain": dom.index, "micro_batch": mb.index, "layer": layer}
         a2e = self.a2e[d]
         x_TD, h_TD, ids_TK, w_TK, shared_TD = dom.gate(layer, flight.x, mb)
         gate = self._rec("attention", f"gate_l{layer}", (h_TD, ids_TK, w_TK, shared_TD),
-                         stream, (flight.event,), **meta)
+                         f"attention/d{d}", (flight.event,), **meta)
         sent = a2e.send(h_TD, ids_TK, w_TK)
         to_bytes, back_bytes = a2e.hop_bytes(h_TD, ids_TK) if self.timeline else (0, 0)
         send = self._rec("a2e", f"a2e_l{layer}", sent, f"a2e/d{d}", (gate,), bytes=to_bytes,
@@ -279,10 +295,16 @@ class MAPool:
                         bytes=self._expert_bytes(a2e, cap, h_TD) if self.timeline else 0,
                         **meta)
         result.checks.append((stats.overflow, cap, tokens, a2e.moe.n))
+        flight.returning = (a2e, out_TD, x_TD, shared_TD, gate, moe, back_bytes, meta)
+
+    def _receive(self, flight: _Flight) -> None:
+        """E2A: the routed output back to the attention ranks; its combine is now pending."""
+        a2e, out_TD, x_TD, shared_TD, gate, moe, back_bytes, meta = flight.returning
         routed_TD = a2e.receive(out_TD)
-        back = self._rec("e2a", f"e2a_l{layer}", routed_TD, f"e2a/d{d}", (moe,),
-                         bytes=back_bytes, **meta)
+        back = self._rec("e2a", f"e2a_l{meta['layer']}", routed_TD, f"e2a/d{meta['domain']}",
+                         (moe,), bytes=back_bytes, **meta)
         flight.pending, flight.pending_deps = (x_TD, routed_TD, shared_TD), (gate, back)
+        flight.returning = None
 
     def _expert_bytes(self, a2e: A2E, cap: int, h_TD) -> int:
         """Dispatch + combine buffers inside the expert mesh: every rank sends C rows to

@@ -5,7 +5,8 @@ device is one attention DP group (TP = 1) with its own scheduler and KV blocks (
 whose runner is a ``RankView``). A domain runs its ranks' steps SPMD (``serving.ma_runner``).
 The ``decode_experts`` role holds the routed experts in slots (with redundant replicas, per
 the deployment's ``slots_per_device`` / ``redundant_slots``); shared experts run on the
-attention ranks (also when the role sets ``shared_devices``: those devices then stay idle).
+role's ``shared_devices`` when it has some (``serving.ma_shared``), else on the attention
+ranks.
 
 One layer of one micro-batch: attention (KV pages donated) -> gate + shared expert -> A2E
 (``collectives.a2e``: one hop to the trampolines) -> dispatch, experts, combine inside the
@@ -36,6 +37,7 @@ from collectives.expert_map import build_expert_map
 from serving.balancer import Balancer
 from serving.dp_group import DPGroup, GroupConfig
 from serving.ma_runner import Domain, MicroBatch, RankView
+from serving.ma_shared import SharedExperts
 from serving.request import Request
 from serving.runner import MIN_DECODE_ROWS, MIN_PREFILL_WIDTH
 from serving.timeline import Timeline
@@ -117,6 +119,10 @@ class MAPool:
                 self.groups.append(group_factory(d * dp + r, None, cfg, domain.devices[r],
                                                  config, runner=RankView(domain, r)))
         self._experts = self._place_experts(params)
+        shared_devices = list(experts.mesh.devices.flat)[experts.spec.routed_devices:]
+        self.shared = ([SharedExperts(attn.domain_mesh(d), shared_devices, params, cfg)
+                        for d in range(attn.spec.domains)]
+                       if shared_devices and cfg.moe.num_shared_experts else None)
         self.initial_capacity = capacity
         self.capacity: dict[tuple[int, int], int] = {}  # (tokens per rank, ranks) -> rows
         self.reruns = 0
@@ -281,9 +287,15 @@ class MAPool:
         """Gate and shared expert on attention, A2E, routed experts on the expert slice."""
         d, meta = dom.index, {"domain": dom.index, "micro_batch": mb.index, "layer": layer}
         a2e = self.a2e[d]
-        x_TD, h_TD, ids_TK, w_TK, shared_TD = dom.gate(layer, flight.x, mb)
-        gate = self._rec("attention", f"gate_l{layer}", (h_TD, ids_TK, w_TK, shared_TD),
+        service = self.shared[d] if self.shared else None
+        x_TD, h_TD, ids_TK, w_TK, *shared = dom.gate(layer, flight.x, mb, service is None)
+        gate = self._rec("attention", f"gate_l{layer}", (h_TD, ids_TK, w_TK, *shared),
                          f"attention/d{d}", (flight.event,), **meta)
+        if service is not None:
+            shared = [service(layer, h_TD)]
+            gate = self._rec("shared_expert", f"shared_l{layer}", shared, "shared", (gate,),
+                             **meta)
+        shared_TD = shared[0]
         sent = a2e.send(h_TD, ids_TK, w_TK)
         to_bytes, back_bytes = a2e.hop_bytes(h_TD, ids_TK) if self.timeline else (0, 0)
         send = self._rec("a2e", f"a2e_l{layer}", sent, f"a2e/d{d}", (gate,), bytes=to_bytes,
@@ -324,6 +336,7 @@ class MAPool:
             "compiles": sum(d.compile_count for d in self.domains),
             "expert_slots": self.expert_map.num_slots,
             "redundant_slots": self.expert_map.num_redundant,
+            "shared_experts_on": "shared_devices" if self.shared else "attention",
             "num_running": sum(g.scheduler.num_running for g in self.groups),
             "num_waiting": sum(g.scheduler.num_waiting for g in self.groups),
         }

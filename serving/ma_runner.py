@@ -97,13 +97,16 @@ def _attention(layer, x_BSD, positions_BS, cache, tables_BN, *, cfg):
     return stages.attention(layer, cfg, x_BSD, positions_BS, cache, tables_BN)
 
 
-def _gate(layer, x_BSD, positions_BS, *, cfg):
-    """Flatten to tokens, route, shared expert; padding tokens route nowhere."""
+def _gate(layer, x_BSD, positions_BS, *, cfg, shared):
+    """Flatten to tokens, route, and the shared expert unless it runs elsewhere; padding
+    tokens route nowhere."""
     x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
     h_TD, ids_TK, w_TK, _ = stages.moe_gate(layer, cfg, x_TD)
     valid_T = positions_BS.reshape(-1) >= 0
     ids_TK = jnp.where(valid_T[:, None], ids_TK, -1)
     w_TK = jnp.where(valid_T[:, None], w_TK, 0)
+    if not shared:
+        return x_TD, h_TD, ids_TK, w_TK
     return x_TD, h_TD, ids_TK, w_TK, stages.moe_shared(layer, cfg, h_TD)
 
 
@@ -174,9 +177,12 @@ class Domain:
                                          mb.tables_BN)
         return x_BSD
 
-    def gate(self, layer: int, x_BSD: jax.Array, mb: MicroBatch) -> tuple[jax.Array, ...]:
-        """``(x_TD, h_TD, ids_TK, w_TK, shared_TD)``, all rank-major on the domain mesh."""
-        prog = self._program("gate", _gate, (REPLICATED, RANK, RANK), (RANK,) * 5, cfg=self.cfg)
+    def gate(self, layer: int, x_BSD: jax.Array, mb: MicroBatch,
+             shared: bool = True) -> tuple[jax.Array, ...]:
+        """``(x_TD, h_TD, ids_TK, w_TK[, shared_TD])``, rank-major on the domain mesh; the
+        shared-expert output only with ``shared``."""
+        prog = self._program("gate", _gate, (REPLICATED, RANK, RANK), (RANK,) * (4 + shared),
+                             cfg=self.cfg, shared=shared)
         return prog(self.params["layers"][layer], x_BSD, mb.positions_BS)
 
     def combine(self, x_TD, routed_TD, shared_TD, mb: MicroBatch) -> jax.Array:

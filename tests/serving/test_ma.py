@@ -106,6 +106,30 @@ def test_cpu16_ma_matches_reference_and_traces(name, capacity, tmp_path):
 
 
 @pytest.mark.mesh16
+def test_shared_expert_on_shared_devices_matches_reference(tmp_path):
+    """cm768-ma's shape in small: 2 domains x 3 ranks, 8 routed dies and 2 shared-expert dies
+    (each serving 2 of a domain's 3 ranks, one of them 1)."""
+    need_devices(16)
+    layout = tmp_path / "ma16-shared.yaml"
+    layout.write_text("name: ma16-shared\nroles:\n  decode_attention:\n"
+                      "    devices: {start: 0, count: 6}\n    domains: 2\n    dp: 3\n"
+                      "  decode_experts:\n    devices: {start: 6, count: 10}\n"
+                      "    slots_per_device: 1\n    shared_devices: 2\n")
+    m = tiny("deepseek_v3")
+    timeline = Timeline()
+    pool = MAPool(m.params, m.cfg, str(layout), GroupConfig(num_blocks=16, max_num_seqs=4,
+                                                            max_num_batched_tokens=64),
+                  timeline=timeline)
+    assert pool.stats()["shared_experts_on"] == "shared_devices"
+    assert pool.shared[1].per_shared == 2
+    requests = requests_for(m.cfg.vocab_size, 8, seed=2)
+    pool.run_until_done(requests)
+    assert_matches_reference(m.params, m.cfg, requests)
+    shared = [e for e in timeline.events if e.role == "shared_expert"]
+    assert {e.domain for e in shared} == {0, 1} and {e.layer for e in shared} == {1, 2}
+
+
+@pytest.mark.mesh16
 def test_rank_view_pages_are_the_ranks_own_shard():
     need_devices(16)
     m = tiny("deepseek_v3")

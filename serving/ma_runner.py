@@ -226,7 +226,8 @@ class Domain:
 
     # -- one rank's pages ---------------------------------------------------------------------
     def rank_pages(self, rank: int) -> list[dict]:
-        """Rank ``rank``'s own per-layer pages ``[P, page, K, D]`` (views of the shards)."""
+        """Rank ``rank``'s own per-layer pages ``[P, page, K, D]``: the shards themselves,
+        valid until the next step donates the domain's pages."""
         dev = self.devices[rank]
         return [{k: next(s.data for s in v.addressable_shards if s.device == dev)
                  for k, v in layer.items()} for layer in self.caches]

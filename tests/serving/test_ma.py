@@ -176,3 +176,24 @@ def test_cm384_ma_with_256_experts_matches_reference():
     while not all(r.finished for r in requests):
         assert pool.step()
     assert_matches_reference(m.params, m.cfg, requests)
+
+
+@pytest.mark.slow
+def test_cm768_ma_xdeepserve_layout_matches_reference():
+    """xDeepServe's layout: 3 domains x 160 ranks, 256 routed dies, 32 shared-expert dies.
+    Not in ``make test`` (about 2 minutes): run it with
+    ``XDS_CPU_DEVICES=768 python -m pytest -m slow tests/serving/test_ma.py``."""
+    need_devices(768)
+    from xds_jax.loader import load_model
+
+    m = load_model("configs/models/deepseek-v3-tiny.json", dtype="float32")
+    pool = MAPool(m.params, m.cfg, "configs/deployments/cm768-ma.yaml",
+                  GroupConfig(num_blocks=4, max_num_seqs=2, max_num_batched_tokens=32),
+                  capacity=16)
+    assert pool.stats()["shared_experts_on"] == "shared_devices"
+    requests = requests_for(m.cfg.vocab_size, 3, seed=3, max_len=12)
+    for i, r in enumerate(requests):  # one rank in each domain
+        pool.groups[160 * i].submit(r)
+    while not all(r.finished for r in requests):
+        assert pool.step()
+    assert_matches_reference(m.params, m.cfg, requests)

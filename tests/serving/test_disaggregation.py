@@ -100,7 +100,9 @@ def test_pd_plus_ma_on_16_devices_shipped_layout():
 def test_pd_on_384_devices(tmp_path):
     assert len(jax.devices()) == 384
     dep = pd(tmp_path, 2, 4, 8, start=300)  # on the last devices of the pod
-    run_and_compare(str(GOLDEN / "deepseek_v3"), dep, count=6, staged=True)
+    llm = run_and_compare(str(GOLDEN / "llama"), dep, count=6, staged=True)
+    assert [g.runner.devices for g in llm.engine.entry] == [jax.devices()[300:304],
+                                                             jax.devices()[304:308]]
 
 
 @pytest.mark.mesh384

@@ -117,6 +117,14 @@ class Timeline:
         for q in queues:
             q.join()
 
+    def close(self) -> None:
+        """Stop the watcher threads (after ``flush``); recorded events stay readable."""
+        self.flush()
+        with self._lock:
+            queues, self._queues = list(self._queues.values()), {}
+        for q in queues:
+            q.put(None)
+
     def clear(self) -> None:
         """Forget all events (after ``flush``)."""
         self.flush()
@@ -198,11 +206,11 @@ class Timeline:
 
 def format_summary(summary: dict) -> str:
     """A fixed-width table of ``Timeline.summary()``, one row per role."""
-    head = f"{'role':<12}{'events':>8}{'time ms':>11}{'busy ms':>11}{'span ms':>11}" \
+    head = f"{'role':<14}{'events':>8}{'time ms':>11}{'busy ms':>11}{'span ms':>11}" \
            f"{'idle %':>8}{'MiB':>10}{'kv wait ms':>12}"
     rows = [head, "-" * len(head)]
     for role, s in summary.items():
-        rows.append(f"{role:<12}{s['events']:>8}{s['time_s'] * 1e3:>11.2f}"
+        rows.append(f"{role:<14}{s['events']:>8}{s['time_s'] * 1e3:>11.2f}"
                     f"{s['busy_s'] * 1e3:>11.2f}{s['span_s'] * 1e3:>11.2f}"
                     f"{s['idle_fraction'] * 100:>8.1f}{s['bytes'] / 2**20:>10.3f}"
                     f"{s['kv_wait_s'] * 1e3:>12.2f}")
@@ -227,7 +235,10 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
 def _watch(q: queue.Queue) -> None:
     """Watcher loop of one stream: wait for each event's outputs in order, note the time."""
     while True:
-        item, outputs = q.get()
+        got = q.get()
+        if got is None:
+            return
+        item, outputs = got
         try:
             jax.block_until_ready(outputs)
         except Exception as e:  # noqa: BLE001 - the caller sees the failure; the event still ends

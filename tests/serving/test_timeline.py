@@ -68,6 +68,10 @@ def test_real_jitted_work_is_timed_in_order_and_traced(tmp_path):
     names = {e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
     assert {"attention", "expert", "s0", "s1"} <= names
     assert np.isfinite([e["ts"] + e["dur"] for e in xs]).all()
+    tl.close()
+    assert len(tl.events) == 3
+    assert tl.record("expert", "d", f(x), stream="s1") == 3  # a closed timeline restarts
+    assert len(tl.events) == 4
 
 
 def test_disabled_timeline_records_nothing_and_starts_no_thread():

@@ -36,6 +36,7 @@ from collectives.ep_moe import capacity_buckets, next_capacity
 from collectives.expert_map import build_expert_map
 from serving.balancer import Balancer
 from serving.dp_group import DPGroup, GroupConfig
+from serving.ma_ffn import FfnSlice
 from serving.ma_runner import Domain, MicroBatch, RankView
 from serving.ma_shared import SharedExperts
 from serving.request import Request
@@ -102,19 +103,25 @@ class MAPool:
         self.micro_batches = micro_batches
         self.timeline = timeline if timeline is not None and timeline.enabled else None
         attn, experts = deployment.role("decode_attention"), deployment.role("decode_experts")
-        num_experts = cfg.moe.num_experts
-        slots = experts.spec.resolved_slots_per_device(num_experts)
-        self.expert_map = build_expert_map(num_experts, experts.spec.routed_devices, slots)
-        expert_mesh = experts.routed_mesh()
+        self.expert_map = None
+        if cfg.moe is not None:
+            num_experts = cfg.moe.num_experts
+            slots = experts.spec.resolved_slots_per_device(num_experts)
+            self.expert_map = build_expert_map(num_experts, experts.spec.routed_devices, slots)
         self.domains: list[Domain] = []
         self.a2e: list[A2E] = []
+        self.ffn: list[FfnSlice] = []  # dense models: the FFN on the expert devices
         self.groups: list = []
         dp = attn.spec.dp
         for d in range(attn.spec.domains):
             mesh = attn.domain_mesh(d)
             domain = Domain(d, mesh, params, cfg, config.num_blocks, config.block_size, d * dp)
             self.domains.append(domain)
-            self.a2e.append(A2E(mesh, expert_mesh, self.expert_map, mode=a2e_mode))
+            if self.expert_map is not None:
+                self.a2e.append(A2E(mesh, experts.routed_mesh(), self.expert_map,
+                                    mode=a2e_mode))
+            else:
+                self.ffn.append(FfnSlice(mesh, list(experts.mesh.devices.flat), params, cfg))
             for r in range(dp):
                 self.groups.append(group_factory(d * dp + r, None, cfg, domain.devices[r],
                                                  config, runner=RankView(domain, r)))
@@ -122,7 +129,7 @@ class MAPool:
         shared_devices = list(experts.mesh.devices.flat)[experts.spec.routed_devices:]
         self.shared = ([SharedExperts(attn.domain_mesh(d), shared_devices, params, cfg)
                         for d in range(attn.spec.domains)]
-                       if shared_devices and cfg.moe.num_shared_experts else None)
+                       if shared_devices and cfg.moe and cfg.moe.num_shared_experts else None)
         self.initial_capacity = capacity
         self.capacity: dict[tuple[int, int], int] = {}  # (tokens per rank, ranks) -> rows
         self.reruns = 0
@@ -208,6 +215,8 @@ class MAPool:
     def _grow_on_overflow(self, checks: list) -> bool:
         """Read the pass's overflow flags (one wait per step); grow the capacity of every
         shape that overflowed. True when the pass must be re-run."""
+        if not checks:  # no MoE layer ran (a dense model)
+            return False
         k = self.cfg.moe.num_experts_per_tok
         grew = False
         for overflow, cap, tokens, ranks in checks:
@@ -277,10 +286,23 @@ class MAPool:
         flight.x = dom.attention(layer, flight.x, mb)
         flight.event = self._rec("attention", f"attn_l{layer}", flight.x, stream,
                                  (flight.event,), **meta)
-        if not self.cfg.is_moe_layer(layer):
+        if self.cfg.is_moe_layer(layer):
+            return
+        if not self.ffn:  # a MoE model's dense layers stay on attention
             flight.x = dom.ffn(layer, flight.x)
             flight.event = self._rec("attention", f"ffn_l{layer}", flight.x, stream,
                                      (flight.event,), **meta)
+            return
+        ffn, d = self.ffn[dom.index], dom.index
+        nbytes = ffn.hop_bytes(flight.x) if self.timeline else 0
+        sent = ffn.send(flight.x)
+        send = self._rec("a2e", f"a2e_l{layer}", sent, f"a2e/d{d}", (flight.event,),
+                         bytes=nbytes, **meta)
+        out = ffn.compute(layer, sent)
+        work = self._rec("expert", f"ffn_l{layer}", out, "expert", (send,), **meta)
+        flight.x = ffn.receive(out)
+        flight.event = self._rec("e2a", f"e2a_l{layer}", flight.x, f"e2a/d{d}", (work,),
+                                 bytes=nbytes, **meta)
 
     def _to_experts(self, dom: Domain, mb: MicroBatch, flight: _Flight, layer: int,
                     result: _PassResult) -> None:
@@ -334,9 +356,10 @@ class MAPool:
             "reruns": self.reruns,
             "capacity": {f"{t}x{n}": c for (t, n), c in sorted(self.capacity.items())},
             "compiles": sum(d.compile_count for d in self.domains),
-            "expert_slots": self.expert_map.num_slots,
-            "redundant_slots": self.expert_map.num_redundant,
+            "expert_slots": self.expert_map.num_slots if self.expert_map else 0,
+            "redundant_slots": self.expert_map.num_redundant if self.expert_map else 0,
             "shared_experts_on": "shared_devices" if self.shared else "attention",
+            "dense_ffn_on": "expert_devices" if self.ffn else "attention",
             "num_running": sum(g.scheduler.num_running for g in self.groups),
             "num_waiting": sum(g.scheduler.num_waiting for g in self.groups),
         }

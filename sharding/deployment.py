@@ -153,7 +153,8 @@ class DeploymentSpec:
         return "decode_attention" in self.roles
 
     def check_model(self, model) -> None:
-        """Model-dependent checks: TP divides heads, enough expert slots."""
+        """Model-dependent checks: TP divides heads, enough expert slots (or, for a dense
+        model on an MA layout, an FFN device per attention rank)."""
         for role in self.roles.values():
             where = f"{self.source}: roles.{role.name}"
             if role.tp > 1 and model.num_heads % role.tp:
@@ -168,8 +169,14 @@ class DeploymentSpec:
         experts = self.roles.get("decode_experts")
         if experts is not None:
             where = f"{self.source}: roles.decode_experts"
-            if model.moe is None:
-                raise ExpertSlotsError(f"{where}: the model has no routed experts to place")
+            if model.moe is None:  # a dense model: the expert devices serve its FFN
+                attn = self.roles.get("decode_attention")
+                if attn is not None and experts.devices.count < attn.dp:
+                    raise ExpertSlotsError(
+                        f"{where}: a dense model's FFN runs on the expert devices, one per "
+                        f"attention rank of a domain: {experts.devices.count} devices for "
+                        f"{attn.dp} ranks")
+                return
             need = model.moe.num_experts
             slots = experts.expert_slots(need)
             if slots < need:

@@ -95,6 +95,13 @@ def test_pd_plus_ma_on_16_devices_shipped_layout():
     assert summary["a2e"]["bytes"] > 0 and summary["transfer"]["bytes"] > 0
 
 
+@pytest.mark.mesh16
+def test_dense_model_on_pd_plus_ma_runs_its_ffn_on_the_expert_slice():
+    llm = run_and_compare(str(GOLDEN / "llama"), "configs/deployments/cpu16-ma.yaml",
+                          staged=True, trace=True)
+    assert {e.stage[:3] for e in llm.engine.timeline.events if e.role == "expert"} == {"ffn"}
+
+
 # -- 384 devices -------------------------------------------------------------------------------
 @pytest.mark.mesh384
 def test_pd_on_384_devices(tmp_path):

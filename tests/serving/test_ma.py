@@ -152,14 +152,31 @@ def test_rank_view_pages_are_the_ranks_own_shard():
         pool.groups[0].step()  # a rank's steps belong to its pool
 
 
-def test_dense_model_on_an_ma_layout_is_refused(tmp_path):
+def test_dense_model_runs_its_ffn_on_the_expert_slice(tmp_path):
+    """A dense model has no experts: the expert devices serve every layer's FFN instead."""
     layout = tmp_path / "ma8.yaml"
     layout.write_text("name: ma8\nroles:\n  decode_attention:\n    devices: {start: 0, count: 4}\n"
                       "    domains: 2\n    dp: 2\n  decode_experts:\n"
                       "    devices: {start: 4, count: 4}\n")
     m = tiny("llama")
-    with pytest.raises(ExpertSlotsError, match="no routed experts"):
-        MAPool(m.params, m.cfg, str(layout))
+    timeline = Timeline()
+    pool = MAPool(m.params, m.cfg, str(layout), GroupConfig(num_blocks=16, max_num_seqs=4,
+                                                            max_num_batched_tokens=64),
+                  timeline=timeline)
+    assert pool.stats()["dense_ffn_on"] == "expert_devices"
+    requests = requests_for(m.cfg.vocab_size, 6, seed=4)
+    pool.run_until_done(requests)
+    assert_matches_reference(m.params, m.cfg, requests)
+    ffn = [e for e in timeline.events if e.role == "expert"]
+    assert {e.layer for e in ffn} == set(range(m.cfg.num_layers))
+    assert {e.domain for e in ffn} == {0, 1}
+    assert not [e for e in timeline.events if e.stage.startswith("ffn") and e.role == "attention"]
+    small = tmp_path / "ma-small.yaml"  # 4 ranks per domain but 2 FFN devices
+    small.write_text("name: s\nroles:\n  decode_attention:\n    devices: {start: 0, count: 4}\n"
+                     "    domains: 1\n    dp: 4\n  decode_experts:\n"
+                     "    devices: {start: 4, count: 2}\n")
+    with pytest.raises(ExpertSlotsError, match="one per attention rank"):
+        MAPool(m.params, m.cfg, str(small))
 
 
 @pytest.mark.mesh384

@@ -168,7 +168,18 @@ class Engine:
             "batch_size": sum(g.last_batch[0] for g in self.groups),
             "batched_tokens": sum(g.last_batch[1] for g in self.groups),
             "heartbeat_age_s": max(time.monotonic() - g.last_heartbeat for g in self.groups),
-        } | self._transfer_stats()
+        } | self._transfer_stats() | self._pool_stats()
+
+    def _pool_stats(self) -> dict:
+        """Counters of MA pools (drivers that step many groups), prefixed ``ma_``."""
+        out: dict = {}
+        for d in self.drivers:
+            if isinstance(d, DPGroup) or not hasattr(d, "stats"):
+                continue
+            for key, value in d.stats().items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    out[f"ma_{key}"] = out.get(f"ma_{key}", 0) + value
+        return out
 
     def _transfer_stats(self) -> dict:
         """KV transfers into decode groups (PD layouts only)."""

@@ -101,7 +101,13 @@ class EngineCollector:
         for name, key, doc in (
                 ("xds:num_preemptions", "num_preemptions", "Preemptions by recompute."),
                 ("xds:prompt_tokens", "prompt_tokens_total", "Prompt tokens prefilled."),
-                ("xds:generation_tokens", "generation_tokens_total", "Tokens generated.")):
+                ("xds:generation_tokens", "generation_tokens_total", "Tokens generated."),
+                ("xds:kv_transfers", "kv_transfers", "PD: KV transfers pulled by decode."),
+                ("xds:kv_transfer_bytes", "kv_bytes_sent", "PD: KV bytes moved to decode."),
+                ("xds:kv_transfer_wait_seconds", "kv_wait_s",
+                 "PD: time prefilled KV waited for decode room (backpressure)."),
+                ("xds:ma_expert_reruns", "ma_reruns",
+                 "MA: steps re-run after an expert capacity overflow.")):
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric([m], float(stats.get(key, 0)))
             yield counter

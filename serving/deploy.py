@@ -9,8 +9,9 @@ roles in the file                          engine
 ``prefill`` + both MA roles                PD + MA: prefill groups feed the MA attention
 =========================================  ================================================
 
-Every group gets the same capacity options (``engine.group_config_for``) unless the caller
-passes ``prefill_config`` / ``decode_config``.
+Groups get the engine's capacity options (``engine.group_config_for``), overridden per role
+by the file's ``max_num_seqs`` / ``max_num_batched_tokens`` / ``kv_cache_gib`` fields, and
+by the caller's ``prefill_config`` / ``decode_config``.
 """
 
 from __future__ import annotations
@@ -34,10 +35,15 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
                           micro_batches: int = 2, **group_options) -> Engine:
     """The engine a deployment file describes (see the module table)."""
     layout = load_deployment(deployment, model=cfg)
-    config = group_config_for(params, cfg, max_model_len, **group_options)
-    prefill_config = prefill_config or config
-    decode_config = decode_config or config
     roles = set(layout.roles)
+
+    def config_of(role: str) -> GroupConfig:  # the role's own capacity fields win
+        options = group_options | layout.role(role).spec.capacity
+        return group_config_for(params, cfg, max_model_len, **options)
+
+    decode_role = "decode_attention" if layout.spec.is_ma else "decode"
+    prefill_config = prefill_config or (config_of("prefill") if "prefill" in roles else None)
+    decode_config = decode_config or config_of(decode_role)
     prefill = _prefill_groups(params, cfg, layout, prefill_config) if "prefill" in roles else []
     first = len(prefill)
     if layout.spec.is_ma:

@@ -33,10 +33,12 @@ MESH_AXES = {
     "decode_attention": ("domain", "dp"),
     "decode_experts": ("ep",),
 }
+# Optional per-group capacity of the roles that run DP groups (the engine's options otherwise).
+CAPACITY_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "kv_cache_gib")
 _ROLE_FIELDS = {
-    "prefill": {"devices", "dp", "tp"},
-    "decode": {"devices", "dp", "tp"},
-    "decode_attention": {"devices", "domains", "dp"},
+    "prefill": {"devices", "dp", "tp", *CAPACITY_FIELDS},
+    "decode": {"devices", "dp", "tp", *CAPACITY_FIELDS},
+    "decode_attention": {"devices", "domains", "dp", *CAPACITY_FIELDS},
     "decode_experts": {"devices", "slots_per_device", "redundant_slots", "shared_devices"},
 }
 _TOP_FIELDS = {"name", "description", "memory_per_device_gib", "roles"}
@@ -101,6 +103,18 @@ class RoleSpec:
     slots_per_device: int | None = None
     redundant_slots: int = 0
     shared_devices: int = 0
+    max_num_seqs: int | None = None  # per DP group of this role
+    max_num_batched_tokens: int | None = None
+    kv_cache_gib: float | None = None
+
+    @property
+    def capacity(self) -> dict:
+        """The capacity fields this role sets, as engine options (``kv_cache_bytes``)."""
+        out = {k: getattr(self, k) for k in ("max_num_seqs", "max_num_batched_tokens")
+               if getattr(self, k) is not None}
+        if self.kv_cache_gib is not None:
+            out["kv_cache_bytes"] = int(self.kv_cache_gib * (1 << 30))
+        return out
 
     @property
     def mesh_axes(self) -> tuple[str, ...]:
@@ -260,7 +274,13 @@ def _role(name: str, raw, src: str) -> RoleSpec:
     devices = DeviceRange(_int(dev["start"], f"{where}.devices.start", 0),
                           _int(dev["count"], f"{where}.devices.count", 1))
     kw = {k: _int(raw[k], f"{where}.{k}", 0 if k in ("redundant_slots", "shared_devices") else 1)
-          for k in raw if k != "devices"}
+          for k in raw if k not in ("devices", "kv_cache_gib")}
+    if "kv_cache_gib" in raw:
+        gib = raw["kv_cache_gib"]
+        if isinstance(gib, bool) or not isinstance(gib, int | float) or gib <= 0:
+            raise DeploymentFieldError(f"{where}.kv_cache_gib must be a positive number, "
+                                       f"got {gib!r}")
+        kw["kv_cache_gib"] = float(gib)
     spec = RoleSpec(name, devices, **kw)
     n = devices.count
     if name in ("prefill", "decode") and spec.dp * spec.tp != n:

@@ -124,3 +124,24 @@ def test_pd_request_with_n_samples_and_prefix_reuse_on_decode():
               use_param_cache=False).generate({"prompt_token_ids": prompt}, params)[0]
     assert [o.token_ids for o in out.outputs] == [o.token_ids for o in ref.outputs]
     assert llm.engine.stats()["kv_transfers"] == 2
+
+
+def test_pools_are_sized_independently_in_the_deployment_file(tmp_path):
+    layout = tmp_path / "pd.yaml"
+    layout.write_text(
+        "name: pd\nroles:\n"
+        "  prefill:\n    devices: {start: 0, count: 2}\n    dp: 1\n    tp: 2\n"
+        "    max_num_seqs: 4\n    max_num_batched_tokens: 32\n"
+        "  decode:\n    devices: {start: 2, count: 2}\n    dp: 2\n"
+        "    max_num_seqs: 16\n    kv_cache_gib: 0.0001\n")
+    llm = LLM(str(GOLDEN / "llama"), dtype="float32", deployment=str(layout),
+              max_model_len=128, staged=True, use_param_cache=False)
+    prefill, decode = llm.engine.entry[0], [g for g in llm.engine.groups[1:]]
+    assert (prefill.config.max_num_seqs, prefill.config.max_num_batched_tokens) == (4, 32)
+    assert [g.config.max_num_seqs for g in decode] == [16, 16]
+    assert decode[0].config.num_blocks == 8  # 0.0001 GiB holds less than one 128-token context
+    assert prefill.config.num_blocks > decode[0].config.num_blocks
+    prompts = workload(llm.cfg.vocab_size, 6, seed=9)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        [params_for(i) for i in range(len(prompts))])
+    assert [o.outputs[0].token_ids for o in outs] == reference(llm, prompts)

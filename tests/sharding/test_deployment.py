@@ -183,3 +183,21 @@ def test_cm384_meshes_use_every_device_once():
     dep = load_deployment(DEPLOYMENTS / "cm384.yaml", model=load_model_config(TINY_V3))
     used = [d for r in dep.roles.values() for d in r.mesh.devices.flat]
     assert sorted(d.id for d in used) == [d.id for d in jax.devices()]
+
+
+def test_roles_may_set_their_own_capacity():
+    spec = parse_deployment(base(
+        prefill={"devices": {"start": 0, "count": 2}, "dp": 1, "tp": 2, "max_num_seqs": 4},
+        decode={"devices": {"start": 2, "count": 2}, "dp": 2, "kv_cache_gib": 0.5,
+                "max_num_batched_tokens": 256}))
+    assert spec.roles["prefill"].capacity == {"max_num_seqs": 4}
+    assert spec.roles["decode"].capacity == {"kv_cache_bytes": 1 << 29,
+                                             "max_num_batched_tokens": 256}
+    for bad in (0, -1, "1G", True):
+        with pytest.raises(DeploymentFieldError, match="kv_cache_gib must be a positive"):
+            parse_deployment(base(decode={"devices": {"start": 0, "count": 1}, "dp": 1,
+                                          "kv_cache_gib": bad}))
+    with pytest.raises(DeploymentFieldError, match="unknown field"):
+        parse_deployment(base(
+            decode_attention={"devices": {"start": 0, "count": 2}, "domains": 1, "dp": 2},
+            decode_experts={"devices": {"start": 2, "count": 2}, "max_num_seqs": 4}))

@@ -89,14 +89,19 @@ def load_engine(args: argparse.Namespace) -> Any:
         elapsed = status.close()
     log.info("%s ready in %.1f s (context %d tokens)", engine.model_name, elapsed,
              engine.max_model_len)
-    if engine.engine.timeline is not None:
-        engine.engine.timeline.clear()  # the trace starts after the warm-up
+    if timeline_of(engine) is not None:
+        timeline_of(engine).clear()  # the trace starts after the warm-up
     return engine
+
+
+def timeline_of(engine: Any):
+    """The engine's timeline when it records one (``--trace``), else None."""
+    return getattr(getattr(engine, "engine", None), "timeline", None)
 
 
 def finish_trace(engine: Any, args: argparse.Namespace) -> None:
     """With ``--trace``: save the Chrome trace and print the per-role summary (stderr)."""
-    timeline = engine.engine.timeline
+    timeline = timeline_of(engine)
     if not getattr(args, "trace", None) or timeline is None:
         return
     from serving.timeline import format_summary

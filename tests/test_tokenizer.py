@@ -281,5 +281,6 @@ def test_config_only_models_get_a_byte_tokenizer():
     assert all(1 < i < cfg.vocab_size for i in ids[1:])
     assert tok.decode(ids) == text
     assert tok.eos_token_ids == {1}
+    assert tok.vocab_size == cfg.vocab_size and tok.decode([74, 900, 75]) == "H<tok_900>I"
     small = dataclasses.replace(cfg, vocab_size=200)
     assert byte_tokenizer(small) is None  # too few ids for 256 bytes

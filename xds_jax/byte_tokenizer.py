@@ -1,9 +1,10 @@
 """A byte-level tokenizer for models that come without one (a bare ``config.json`` with
 random weights, used to simulate deployments): every UTF-8 byte is one token.
 
-The model's BOS and EOS ids keep their roles; the 256 bytes take the lowest other ids, so
-any vocabulary of at least 256 + specials works and text goes in and out of ``xds
-generate`` and the server unchanged (random weights still produce random text).
+The model's BOS and EOS ids keep their roles; the 256 bytes take the lowest other ids and
+the remaining ids decode as ``<tok_N>``, so any vocabulary of at least 256 + specials works
+and text goes in and out of ``xds generate`` and the server unchanged (random weights still
+produce random text).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def byte_tokenizer(cfg: ModelConfig) -> Tokenizer | None:
         return None
     alphabet = [_BYTE_CHARS[b] for b in range(256)]
     vocab = dict(zip(alphabet, free, strict=False)) | {name: i for i, name in specials.items()}
+    # The rest of the vocabulary decodes to a visible name; encoding never produces it.
+    vocab |= {f"<tok_{i}>": i for i in free[256:]}
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()

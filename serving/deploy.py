@@ -16,6 +16,9 @@ by the caller's ``prefill_config`` / ``decode_config``.
 
 from __future__ import annotations
 
+import logging
+import os
+
 from serving.balancer import Balancer
 from serving.dp_group import DPGroup, GroupConfig
 from serving.engine import Engine, group_config_for
@@ -23,6 +26,8 @@ from serving.pd import DecodeGroup, PrefillGroup, connect
 from sharding import load_deployment
 from sharding.deployment import Deployment, DeploymentError
 from xds_jax.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 class UnsupportedDeploymentError(DeploymentError):
@@ -36,9 +41,15 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
     """The engine a deployment file describes (see the module table)."""
     layout = load_deployment(deployment, model=cfg)
     roles = set(layout.roles)
+    host_share = _host_kv_share(layout)
 
     def config_of(role: str) -> GroupConfig:  # the role's own capacity fields win
         options = group_options | layout.role(role).spec.capacity
+        if host_share is not None and options.get("kv_cache_bytes", 1 << 30) > host_share:
+            log.info("%s: %s KV pools capped at %.1f MiB per group: %d simulated groups share "
+                     "this host's memory", layout.name, role, host_share / 2**20,
+                     _num_groups(layout))
+            options["kv_cache_bytes"] = host_share
         return group_config_for(params, cfg, max_model_len, **options)
 
     decode_role = "decode_attention" if layout.spec.is_ma else "decode"
@@ -71,6 +82,28 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
         [g.load() for g in decode], request.prompt_ids))
     return Engine(params, cfg, groups=[*prefill, *decode], entry=prefill, drivers=drivers,
                   timeline=timeline, hub=hub)
+
+
+# Virtual CPU devices share the host's memory: all simulated KV pools together take at most
+# this fraction of it (each pool still holds at least one full context).
+HOST_KV_FRACTION = 0.25
+
+
+def _num_groups(layout: Deployment) -> int:
+    return sum(r.spec.dp * (r.spec.domains if r.name == "decode_attention" else 1)
+               for r in layout.roles.values() if r.name != "decode_experts")
+
+
+def _host_kv_share(layout: Deployment) -> int | None:
+    """Bytes of KV per group when the deployment runs on virtual CPU devices, else None."""
+    first = next(iter(layout.roles.values())).mesh.devices.flat[0]
+    if first.platform != "cpu":
+        return None
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return int(host * HOST_KV_FRACTION) // max(_num_groups(layout), 1)
 
 
 def _prefill_groups(params, cfg, layout: Deployment, config: GroupConfig) -> list[PrefillGroup]:

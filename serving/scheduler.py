@@ -277,7 +277,10 @@ class Scheduler:
             self._computed[seq.seq_id] = cached
             emit(seq, cached, num)
 
-        if not scheduled and not preempted and self.waiting and not self.running:
+        # Nothing runs and nothing can start: an error only if no block is held at all (blocks
+        # of detached sequences, e.g. PD prefills waiting for their transfer, come back later).
+        if (not scheduled and not preempted and self.waiting and not self.running
+                and bm.usage == 0):
             seq = self.waiting[0]
             raise SchedulerError(f"sequence {seq.seq_id} with {seq.num_tokens} tokens cannot fit "
                                  f"the KV pool even alone; set max_tokens or enlarge the pool")

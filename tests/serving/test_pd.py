@@ -52,18 +52,22 @@ def alone(model, seq: Sequence) -> list[int]:
     return ref.output_ids
 
 
-def small_decode_engine(name: str, decode_blocks: int):
+def small_decode_engine(name: str, decode_blocks: int, prefill_blocks: int | None = None):
     """cpu8-pd with decode pools far smaller than what the prefills bring."""
     model = tiny(name)
     opts = dict(max_num_seqs=8, max_num_batched_tokens=64, staged=True)
     config = group_config_for(model.params, model.cfg, 256, **opts)
     decode = dataclasses.replace(config, num_blocks=decode_blocks)
-    return model, build_deployed_engine(model.params, model.cfg, 256, PD8,
-                                        decode_config=decode, **opts)
+    prefill = dataclasses.replace(config, num_blocks=prefill_blocks or config.num_blocks)
+    return model, build_deployed_engine(model.params, model.cfg, 256, PD8, decode_config=decode,
+                                        prefill_config=prefill, **opts)
 
 
-def test_backpressure_transfers_wait_and_every_request_completes():
-    model, engine = small_decode_engine("llama", decode_blocks=8)  # 128 tokens per group
+@pytest.mark.parametrize("prefill_blocks", [None, 8])
+def test_backpressure_transfers_wait_and_every_request_completes(prefill_blocks):
+    """Decode pools of 8 blocks (128 tokens); with small prefill pools too, prefill runs out
+    of blocks while its finished prompts wait for decode room, and must wait as well."""
+    model, engine = small_decode_engine("llama", decode_blocks=8, prefill_blocks=prefill_blocks)
     prompts = workload(model.cfg.vocab_size, 24, seed=5)
     params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(prompts)
     seqs = [Sequence(p, sp) for p, sp in zip(prompts, params, strict=True)]

@@ -108,6 +108,20 @@ def test_cpu16_ma_matches_reference_and_traces(name, capacity, mode, tmp_path):
     assert 0 <= summary["expert"]["idle_fraction"] < 1
 
 
+def traced_run(name: str, layout, count: int, seed: int):
+    """A traced pool on ``layout`` runs ``count`` requests; outputs checked against the
+    reference. Returns (model, pool, timeline)."""
+    m = tiny(name)
+    timeline = Timeline()
+    pool = MAPool(m.params, m.cfg, str(layout), GroupConfig(num_blocks=16, max_num_seqs=4,
+                                                            max_num_batched_tokens=64),
+                  timeline=timeline)
+    requests = requests_for(m.cfg.vocab_size, count, seed=seed)
+    pool.run_until_done(requests)
+    assert_matches_reference(m.params, m.cfg, requests)
+    return m, pool, timeline
+
+
 @pytest.mark.mesh16
 def test_shared_expert_on_shared_devices_matches_reference(tmp_path):
     """cm768-ma's shape in small: 2 domains x 3 ranks, 8 routed dies and 2 shared-expert dies
@@ -118,16 +132,9 @@ def test_shared_expert_on_shared_devices_matches_reference(tmp_path):
                       "    devices: {start: 0, count: 6}\n    domains: 2\n    dp: 3\n"
                       "  decode_experts:\n    devices: {start: 6, count: 10}\n"
                       "    slots_per_device: 1\n    shared_devices: 2\n")
-    m = tiny("deepseek_v3")
-    timeline = Timeline()
-    pool = MAPool(m.params, m.cfg, str(layout), GroupConfig(num_blocks=16, max_num_seqs=4,
-                                                            max_num_batched_tokens=64),
-                  timeline=timeline)
+    m, pool, timeline = traced_run("deepseek_v3", layout, count=8, seed=2)
     assert pool.stats()["shared_experts_on"] == "shared_devices"
     assert pool.shared[1].per_shared == 2
-    requests = requests_for(m.cfg.vocab_size, 8, seed=2)
-    pool.run_until_done(requests)
-    assert_matches_reference(m.params, m.cfg, requests)
     shared = [e for e in timeline.events if e.role == "shared_expert"]
     assert {e.domain for e in shared} == {0, 1} and {e.layer for e in shared} == {1, 2}
 
@@ -158,15 +165,8 @@ def test_dense_model_runs_its_ffn_on_the_expert_slice(tmp_path):
     layout.write_text("name: ma8\nroles:\n  decode_attention:\n    devices: {start: 0, count: 4}\n"
                       "    domains: 2\n    dp: 2\n  decode_experts:\n"
                       "    devices: {start: 4, count: 4}\n")
-    m = tiny("llama")
-    timeline = Timeline()
-    pool = MAPool(m.params, m.cfg, str(layout), GroupConfig(num_blocks=16, max_num_seqs=4,
-                                                            max_num_batched_tokens=64),
-                  timeline=timeline)
+    m, pool, timeline = traced_run("llama", layout, count=6, seed=4)
     assert pool.stats()["dense_ffn_on"] == "expert_devices"
-    requests = requests_for(m.cfg.vocab_size, 6, seed=4)
-    pool.run_until_done(requests)
-    assert_matches_reference(m.params, m.cfg, requests)
     ffn = [e for e in timeline.events if e.role == "expert"]
     assert {e.layer for e in ffn} == set(range(m.cfg.num_layers))
     assert {e.domain for e in ffn} == {0, 1}

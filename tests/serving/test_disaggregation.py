@@ -1,6 +1,8 @@
 """Every disaggregated layout through the public API (``LLM(deployment=...)``): PD only, MA
 only and PD + MA on 8, 16 and 384 virtual devices, a dense model and DeepSeek-V3-style MoEs,
-greedy tokens of concurrent requests identical to each request alone on one device."""
+greedy tokens of concurrent requests identical to each request alone on one device. (MA only
+on 16 and 384 devices, straight through ``MAPool``, is in test_ma.py; PD details in
+test_pd.py.)"""
 
 import jax
 import numpy as np
@@ -81,11 +83,6 @@ def test_pd_on_16_devices_dense(tmp_path):
 
 
 @pytest.mark.mesh16
-def test_ma_only_on_16_devices(tmp_path):
-    run_and_compare(str(GOLDEN / "deepseek_v3"), ma(tmp_path, domains=2, dp=4, experts=8))
-
-
-@pytest.mark.mesh16
 def test_pd_plus_ma_on_16_devices_shipped_layout():
     llm = run_and_compare(str(GOLDEN / "deepseek_v3"), "configs/deployments/cpu16-ma.yaml",
                           staged=True, trace=True)
@@ -113,23 +110,34 @@ def test_pd_on_384_devices(tmp_path):
 
 
 @pytest.mark.mesh384
+def test_ma_only_on_384_devices(tmp_path):
+    """Attention domains of 16 ranks and the experts at the far end of the pod."""
+    dep = ma(tmp_path, domains=2, dp=16, experts=16, start=336)
+    llm = run_and_compare(str(GOLDEN / "deepseek_v3"), dep, count=6, max_tokens=3)
+    assert {g.runner.device for g in llm.engine.groups} == set(jax.devices()[336:368])
+
+
+@pytest.mark.mesh384
 def test_cm384_pd_plus_ma_with_256_experts():
-    """All 384 devices: 24 TP=4 prefill groups, 3 attention domains of 64, 96 expert dies."""
+    """All 384 devices: 24 TP=4 prefill groups, 3 attention domains of 64, 96 expert dies
+    with 288 slots (256 experts + 32 redundant)."""
     llm = run_and_compare(TINY_V3_256, "configs/deployments/cm384.yaml", count=6,
                           max_tokens=3, staged=True)
     assert llm.engine.stats()["kv_transfers"] == 4  # max_tokens 1 ends on prefill
+    pool = llm.engine.drivers[-1]
+    assert pool.expert_map.num_slots == 288 and pool.expert_map.num_redundant == 32
+    assert len(pool.domains) == 3 and len(pool.groups) == 192
 
 
 # -- threaded (the server's engine): every group and pool in its own thread -------------------
-@pytest.mark.parametrize("deployment", ["configs/deployments/cpu8-pd.yaml", "pdma8"])
-def test_threaded_engine_streams_identical_tokens_and_aborts_cleanly(deployment, tmp_path):
+def test_threaded_engine_streams_identical_tokens_and_aborts_cleanly(tmp_path):
+    """PD + MA: prefill groups in their threads hand off to the MA pool in its own."""
     import asyncio
     import time
 
     from serving.async_engine import AsyncEngine, EngineArgs
 
-    if deployment == "pdma8":
-        deployment = ma(tmp_path, domains=2, dp=1, experts=4, prefill=(1, 2))
+    deployment = ma(tmp_path, domains=2, dp=1, experts=4, prefill=(1, 2))
     engine = AsyncEngine.from_args(EngineArgs(
         model=str(GOLDEN / "deepseek_v3"), dtype="float32", deployment=deployment,
         max_num_seqs=8, kv_cache_bytes=8 << 20))

@@ -1,0 +1,42 @@
+"""``make bench``: every benchmark, each in its own process (they fix different virtual device
+counts before JAX starts). Each prints its JSON lines and ratios; for a benchmark's own
+options run its module directly.
+
+    python -m benchmarks.run_all [--only engine,collectives,ma]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+BENCHMARKS = {
+    "engine": ["benchmarks.bench_engine"],  # needs the `golden` extra for its baseline
+    "collectives": ["benchmarks.bench_collectives", "--devices", "64"],
+    "ma": ["benchmarks.bench_ma"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=",".join(BENCHMARKS),
+                    help="comma-separated subset of: " + ", ".join(BENCHMARKS))
+    args = ap.parse_args(argv)
+    names = [n for n in args.only.split(",") if n]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        ap.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    failed = []
+    for name in names:
+        print(f"# {name}", flush=True)
+        code = subprocess.call([sys.executable, "-m", *BENCHMARKS[name]])
+        if code:
+            failed.append(name)
+    if failed:
+        print(f"# failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

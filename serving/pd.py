@@ -73,7 +73,6 @@ class PrefillGroup(DPGroup):
         self.handoff = None
         self.channels: list[KVChannel] = []  # where this group is the sender
         self._held: dict[int, int] = {}  # event id (seq id) -> blocks held for it
-        self.handed_off = 0
 
     def _before_schedule(self) -> None:
         for channel in list(self.channels):
@@ -99,17 +98,10 @@ class PrefillGroup(DPGroup):
             self._owners.pop(seq.seq_id)
             if not any(s.seq_id in self._owners for s in request.seqs):
                 self.requests.pop(request.request_id, None)
-            self.handed_off += 1
             self.handoff(self, request, seq, table)
 
-    def has_work(self) -> bool:
+    def has_work(self) -> bool:  # held blocks are freed by later (idle) steps' plan()
         return super().has_work() or bool(self._held)
-
-    def step(self) -> bool:
-        busy = super().step()
-        if not busy and self._held:  # still free blocks as transfers complete
-            self._before_schedule()
-        return busy
 
 
 class DecodeGroup(DPGroup):

@@ -1,8 +1,7 @@
 """Every disaggregated layout through the public API (``LLM(deployment=...)``): PD only, MA
 only and PD + MA on 8, 16 and 384 virtual devices, a dense model and DeepSeek-V3-style MoEs,
 greedy tokens of concurrent requests identical to each request alone on one device. (MA only
-on 16 and 384 devices, straight through ``MAPool``, is in test_ma.py; PD details in
-test_pd.py.)"""
+on 16 devices, straight through ``MAPool``, is in test_ma.py; PD details in test_pd.py.)"""
 
 import jax
 import numpy as np

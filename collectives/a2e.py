@@ -47,7 +47,8 @@ def trampoline_devices(expert_devices: list, num_attention: int) -> list:
     return [expert_devices[(i * e) // num_attention] for i in range(num_attention)]
 
 
-def _shards_in_order(x: jax.Array) -> list[jax.Array]:
+def shards_in_order(x: jax.Array) -> list[jax.Array]:
+    """The per-device buffers of an array sharded on its first axis, in index order."""
     shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
     return [s.data for s in shards]
 
@@ -103,10 +104,10 @@ class A2E:
         t = x_TD.shape[0] // len(self.attn_devices)
         if self.mode == "trampoline":
             moved = [{dev: jax.device_put(s, dev) for dev, s in
-                      zip(self.trampolines, _shards_in_order(arr), strict=True)}
+                      zip(self.trampolines, shards_in_order(arr), strict=True)}
                      for arr in arrays]
         else:  # direct: the attention shards are already on their union ranks
-            moved = [dict(zip(self.attn_devices, _shards_in_order(arr), strict=True))
+            moved = [dict(zip(self.attn_devices, shards_in_order(arr), strict=True))
                      for arr in arrays]
         out = []
         for arr, per_device, fill in zip(arrays, moved, (0, -1, 0), strict=True):

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from collectives.a2e import A2EError, trampoline_devices
+from collectives.a2e import A2EError, shards_in_order, trampoline_devices
 from xds_jax import stages
 from xds_jax.config import ModelConfig
 
@@ -52,7 +52,7 @@ class FfnSlice:
 
     def send(self, x_BSD: jax.Array) -> jax.Array:
         """Each rank's rows onto its FFN device (one copy per rank)."""
-        shards = _in_rank_order(x_BSD)
+        shards = shards_in_order(x_BSD)
         moved = [jax.device_put(s, d) for s, d in zip(shards, self.devices, strict=True)]
         return jax.make_array_from_single_device_arrays(x_BSD.shape, self.sharding, moved)
 
@@ -61,18 +61,13 @@ class FfnSlice:
 
     def receive(self, y_BSD: jax.Array) -> jax.Array:
         """The FFN outputs back onto the attention ranks, rank-major as they left."""
-        shards = _in_rank_order(y_BSD)
+        shards = shards_in_order(y_BSD)
         moved = [jax.device_put(s, d) for s, d in zip(shards, self.attn_devices, strict=True)]
         return jax.make_array_from_single_device_arrays(y_BSD.shape, self.attn_sharding, moved)
 
     @staticmethod
     def hop_bytes(x_BSD: jax.Array) -> int:
         return x_BSD.size * x_BSD.dtype.itemsize
-
-
-def _in_rank_order(x: jax.Array) -> list[jax.Array]:
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    return [s.data for s in shards]
 
 
 def _ffn(weights, x_BSD, *, cfg):

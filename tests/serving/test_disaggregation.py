@@ -66,6 +66,14 @@ def run_and_compare(model: str, deployment: str, count: int = 10, seed: int = 0,
 
 
 # -- 8 devices ---------------------------------------------------------------------------------
+def test_pd_on_8_devices_mla_moe():
+    """The shipped cpu8-pd with DeepSeek-V3 (MLA latent KV through the channels, MoE on
+    TP=2 prefill groups); the dense PD cases are in test_pd.py."""
+    llm = run_and_compare(str(GOLDEN / "deepseek_v3"), "configs/deployments/cpu8-pd.yaml",
+                          staged=True)
+    assert llm.engine.stats()["kv_transfers"] == 8  # requests 0 and 5 end at their first token
+
+
 def test_pd_plus_ma_on_8_devices(tmp_path):
     dep = ma(tmp_path, domains=2, dp=1, experts=4, prefill=(1, 2))
     llm = run_and_compare(str(GOLDEN / "deepseek_v3"), dep, staged=True)

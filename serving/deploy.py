@@ -57,10 +57,9 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
     decode_config = decode_config or config_of(decode_role)
     prefill = _prefill_groups(params, cfg, layout, prefill_config) if "prefill" in roles else []
     first = len(prefill)
+    kind = DecodeGroup if prefill else DPGroup  # decode groups fed by prefill, or colocated
     if layout.spec.is_ma:
         from serving.ma import MAPool
-
-        kind = DecodeGroup if prefill else DPGroup
 
         def factory(index, *args, **kwargs):  # attention groups numbered after prefill's
             return kind(first + index, *args, **kwargs)
@@ -70,7 +69,6 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
         decode, drivers = list(pool.groups), [*prefill, pool]
     else:
         devices = _decode_devices(layout)
-        kind = DecodeGroup if prefill else DPGroup
         decode = [kind(first + i, params, cfg, d, decode_config) for i, d in enumerate(devices)]
         drivers = [*prefill, *decode]
     for g in [*prefill, *decode]:

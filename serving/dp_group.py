@@ -114,9 +114,12 @@ class DPGroup:
 
     def _abort(self, request_id: str) -> None:
         """Abort a request this group holds (unknown ids are ignored)."""
-        if request_id not in self.requests:
-            return
-        request = self._forget(self.requests[request_id])
+        if request_id in self.requests:
+            self._end_aborted(self.requests[request_id])
+
+    def _end_aborted(self, request: Request) -> None:
+        """Drop a request here: free its sequences' blocks, mark it aborted, tell the caller."""
+        self._forget(request)
         for seq in request.seqs:
             if not seq.finished:
                 self.scheduler.abort(seq.seq_id)
@@ -139,12 +142,7 @@ class DPGroup:
                 self.prompt_tokens += len(seq.prompt_ids)
         except SchedulerError as e:
             log.error("DP group %d refused request %s: %s", self.index, request.request_id, e)
-            for seq in request.seqs:
-                if seq.seq_id in self._owners and not seq.finished:
-                    self.scheduler.abort(seq.seq_id)
-            request.abort()
-            request.metrics.finished_time = time.monotonic()
-            self._emit(self._forget(request))
+            self._end_aborted(request)
 
     def has_work(self) -> bool:
         return bool(self.requests) or not self.inbox.empty()

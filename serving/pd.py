@@ -198,9 +198,7 @@ class DecodeGroup(DPGroup):
         log.error("decode group %d refused request %s: %s", self.index,
                   arrival.request.request_id, error)
         arrival.channel.cancel(arrival.seq.seq_id)
-        arrival.request.abort()
-        arrival.request.metrics.finished_time = time.monotonic()
-        self._emit(self._forget(arrival.request))
+        self._end_aborted(arrival.request)
 
 
 def connect(prefill: list[PrefillGroup], decode: list[DecodeGroup], choose_decode,

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: install
-	$(BIN)/python -m serving.demo
+	$(BIN)/python -m serving.entrypoints.demo
 
 # The default process has 8 virtual CPU devices; larger meshes each get their own process,
 # because JAX fixes the device count when it starts.

@@ -19,8 +19,8 @@ import time
 import numpy as np
 
 from xds_jax import LLM, SamplingParams
-from xds_jax.loader import registered_models
-from xds_jax.params import param_bytes
+from xds_jax.loading.loader import registered_models
+from xds_jax.model.params import param_bytes
 
 PROMPT_LEN = 64
 DECODE_TOKENS = 32

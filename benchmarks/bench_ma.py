@@ -84,7 +84,7 @@ class StageClock:
 def clocked_pool_class():
     """``MAPool`` whose passes restart a ``StageClock`` (when one is its timeline), so host
     work before a pass is not charged to its first stage."""
-    from serving.ma import MAPool
+    from serving.disagg.ma import MAPool
 
     class ClockedPool(MAPool):
         def _run_pass(self, per_domain):
@@ -98,7 +98,7 @@ def clocked_pool_class():
 def long_requests(count: int, prompt_len: int, max_tokens: int, vocab: int,
                   seed: int = 0) -> list:
     """Greedy requests that outlast the benchmark (``max_tokens`` > its decode steps)."""
-    from serving.request import Request
+    from serving.core.request import Request
     from xds_jax import SamplingParams
     from xds_jax.sequence import Sequence
 
@@ -163,7 +163,7 @@ def isolated_step(pool) -> dict:
 
 def traced_step(pool) -> dict:
     """One step with a timeline: role busy time (ms) and expert idle fractions under overlap."""
-    from serving.timeline import Timeline
+    from serving.core.timeline import Timeline
 
     timeline = Timeline()
     pool.timeline = timeline
@@ -201,9 +201,9 @@ def medians(rows: list[dict]) -> dict:
 
 def build_pool(args):
     """The MA pool with ``rows`` prefilled requests per attention rank."""
-    from serving.dp_group import GroupConfig
-    from serving.runner import MIN_CONTEXT_TOKENS
-    from xds_jax.loader import load_model
+    from serving.core.dp_group import GroupConfig
+    from serving.core.runner import MIN_CONTEXT_TOKENS
+    from xds_jax.loading.loader import load_model
 
     block_size = 16
     m = load_model(args.model, dtype="float32")
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     from sharding.devices import configure_cpu_devices
 
     configure_cpu_devices(DEVICES)
-    from serving.runner import MIN_CONTEXT_TOKENS
+    from serving.core.runner import MIN_CONTEXT_TOKENS
 
     decode_steps = len(CONFIGS) * (3 * args.warmup + args.rounds * (args.steps + 4))
     if args.prompt_len + decode_steps >= MIN_CONTEXT_TOKENS:

@@ -11,7 +11,7 @@ XCCL's two phases on JAX, called per rank inside ``jax.shard_map``:
 
 The receiver lays rows out as ``[S, N * C, D]`` (slot s, rows of source j at
 ``[j * C, (j + 1) * C)``), which is exactly the ``[E, C, D]`` input of
-``xds_jax.moe.expert_ffn``. Combine sends outputs back the same way and sums them,
+``xds_jax.model.moe.expert_ffn``. Combine sends outputs back the same way and sums them,
 weighted by the gates, in the original token order.
 
 Shape legend: T tokens per rank, K choices, D hidden, N ranks, S slots per rank,
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from collectives.exchange import EXCHANGES
 from collectives.layout import Routes, received_slots, route, send_index
-from xds_jax.moe import expert_ffn
+from xds_jax.model.moe import expert_ffn
 
 
 class Payload(NamedTuple):

@@ -29,7 +29,7 @@ from collectives.exchange import gather_exchange, needs_staging
 from collectives.expert_map import ExpertMap
 from collectives.layout import route
 from collectives.stats import CollectiveRecord, CollectiveStats, min_payload_bytes
-from xds_jax.moe import expert_ffn
+from xds_jax.model.moe import expert_ffn
 
 
 def shard_from_host(x, sharding: NamedSharding) -> jax.Array:

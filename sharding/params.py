@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sharding.rules import logical_to_spec
-from xds_jax.config import ModelConfig
+from xds_jax.model.config import ModelConfig
 
 _ATTN_OUT = {"q", "q_b", "kv_b"}  # [in, heads * dh]: split the output by query heads
 _KV_OUT = {"k", "v"}  # [in, kv_heads * dh]

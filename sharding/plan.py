@@ -198,10 +198,10 @@ def format_plan(plan: Plan) -> str:
 
 
 def _load_model(name: str):
-    from xds_jax.config import load_model_config
+    from xds_jax.model.config import load_model_config
 
     try:
-        from xds_jax.loader import resolve
+        from xds_jax.loading.loader import resolve
 
         path = resolve(name)
     except ImportError:

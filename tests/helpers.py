@@ -15,7 +15,7 @@ TINY_MODELS = ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "
 @functools.cache
 def tiny(name: str):
     """A tiny golden model loaded in float32 (cached per test session)."""
-    from xds_jax.loader import load_model
+    from xds_jax.loading.loader import load_model
 
     return load_model(GOLDEN / name, dtype="float32", use_cache=False)
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xds_jax.detokenizer import IncrementalDetokenizer
-from xds_jax.tokenizer import Tokenizer
+from xds_jax.text.detokenizer import IncrementalDetokenizer
+from xds_jax.text.tokenizer import Tokenizer
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 MULTIBYTE = "é😀日本語 Ångström 👍🏽 naïve"

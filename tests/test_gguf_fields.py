@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 
-from xds_jax.gguf_fields import GGUFFormatError, read_gguf_fields, read_gguf_metadata
+from xds_jax.loading.gguf_fields import GGUFFormatError, read_gguf_fields, read_gguf_metadata
 
 T = gguf.GGUFValueType
 SCALARS = {

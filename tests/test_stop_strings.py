@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xds_jax.stop_strings import (
+from xds_jax.text.stop_strings import (
     StopMatch,
     StopStringError,
     find_stop,

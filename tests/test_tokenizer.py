@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from xds_jax.gguf_fields import read_gguf_metadata
-from xds_jax.gguf_tokenizer import PRE_TOKENIZER_SPLITS
-from xds_jax.tokenizer import Tokenizer, TokenizerError, UnsupportedTokenizerError
+from xds_jax.loading.gguf_fields import read_gguf_metadata
+from xds_jax.text.gguf_tokenizer import PRE_TOKENIZER_SPLITS
+from xds_jax.text.tokenizer import Tokenizer, TokenizerError, UnsupportedTokenizerError
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 SMOLLM2 = json.loads((GOLDEN_DIR / "smollm2_tokenizer.json").read_text(encoding="utf-8"))
@@ -270,8 +270,8 @@ def test_messages_with_tool_calls_or_content_parts_are_accepted(fields):
 
 
 def test_config_only_models_get_a_byte_tokenizer():
-    from xds_jax.byte_tokenizer import byte_tokenizer
-    from xds_jax.config import load_model_config
+    from xds_jax.model.config import load_model_config
+    from xds_jax.text.byte_tokenizer import byte_tokenizer
 
     cfg = load_model_config("configs/models/deepseek-v3-tiny.json")  # bos 0, eos 1
     tok = byte_tokenizer(cfg)

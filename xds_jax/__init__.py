@@ -5,6 +5,6 @@ The library API follows vLLM: ``LLM``, ``SamplingParams``, ``RequestOutput``.
 
 from xds_jax.llm import LLM
 from xds_jax.outputs import CompletionOutput, Logprob, RequestOutput
-from xds_jax.sampling_params import SamplingParams
+from xds_jax.sampling.params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xds_jax.config import ModelConfig
-from xds_jax.model import forward, last_token_logits, new_caches
-from xds_jax.sampling import flags_for, make_batch, sample
-from xds_jax.sampling_params import SamplingParams
+from xds_jax.model.config import ModelConfig
+from xds_jax.model.reference import forward, last_token_logits, new_caches
+from xds_jax.sampling.params import SamplingParams
+from xds_jax.sampling.sampler import flags_for, make_batch, sample
 from xds_jax.sequence import Sequence
 
 

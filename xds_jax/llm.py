@@ -14,9 +14,9 @@ from typing import Any
 
 from xds_jax.compile_cache import enable_compilation_cache
 from xds_jax.errors import ConfigError, PromptTooLongError, XdsError
-from xds_jax.loader import load_model
+from xds_jax.loading.loader import load_model
 from xds_jax.outputs import RequestMetrics, RequestOutput
-from xds_jax.sampling_params import SamplingParams
+from xds_jax.sampling.params import SamplingParams
 from xds_jax.sequence import Sequence
 
 
@@ -41,7 +41,7 @@ class LLM:
         instead of one fused program: faster to compile, slower to run.
       deployment: a deployment file (``configs/deployments/*.yaml``) laying the engine out on
         devices (instead of ``num_dp_groups``): colocated DP groups, prefill/decode pools (PD)
-        and/or attention/expert slices (MA); see ``serving.deploy``.
+        and/or attention/expert slices (MA); see ``serving.disagg.deploy``.
       micro_batches: micro-batches per attention domain and step in MA deployments.
       trace: record a per-step timeline of the disaggregated stages and transfers
         (``llm.engine.timeline``: ``summary()``, ``save(path)`` as a Chrome trace).
@@ -78,14 +78,14 @@ class LLM:
             engine = LocalGenerator(self.params, self.cfg)
         elif engine == "flowserve" and deployment is not None:
             # The public API wires the serving engine; model modules never import serving.
-            from serving.deploy import build_deployed_engine
-            from serving.timeline import Timeline
+            from serving.core.timeline import Timeline
+            from serving.disagg.deploy import build_deployed_engine
 
             engine = build_deployed_engine(self.params, self.cfg, self.max_model_len,
                                            deployment, micro_batches=micro_batches,
                                            timeline=Timeline() if trace else None, **options)
         elif engine == "flowserve":
-            from serving.engine import build_engine
+            from serving.core.engine import build_engine
 
             engine = build_engine(self.params, self.cfg, self.max_model_len,
                                   num_dp_groups=num_dp_groups, **options)

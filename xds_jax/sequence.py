@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import itertools
 
-from xds_jax.detokenizer import IncrementalDetokenizer
 from xds_jax.outputs import CompletionOutput, Logprob
-from xds_jax.sampling_params import SamplingParams
-from xds_jax.stop_strings import first_stop, held_back_length
+from xds_jax.sampling.params import SamplingParams
+from xds_jax.text.detokenizer import IncrementalDetokenizer
+from xds_jax.text.stop_strings import first_stop, held_back_length
 
 _ids = itertools.count()
 

@@ -9,7 +9,7 @@ from jax.sharding import Mesh
 
 from collectives.ep_moe import EpMoe
 from collectives.expert_map import build_expert_map
-from xds_jax.moe import moe_dense_reference
+from xds_jax.model.moe import moe_dense_reference
 
 
 def need_devices(n: int):

@@ -11,7 +11,7 @@ from collectives.a2e import A2E, A2EError, trampoline_devices
 from collectives.ep_moe import shard_from_host
 from collectives.expert_map import build_expert_map
 from tests.collectives.cases import make_experts, make_routing, need_devices
-from xds_jax.moe import moe_dense_reference
+from xds_jax.model.moe import moe_dense_reference
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 

@@ -10,7 +10,7 @@ from collectives.dispatch import quantize_int8
 from collectives.ep_moe import EpMoe, capacity_buckets
 from collectives.expert_map import ExpertMapError, build_expert_map
 from tests.collectives.cases import make_experts, run_case
-from xds_jax.moe import moe_dense_reference
+from xds_jax.model.moe import moe_dense_reference
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 

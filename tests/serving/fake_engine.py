@@ -14,16 +14,16 @@ import httpx
 import openai
 import uvicorn
 
-from serving.server import build_app
+from serving.entrypoints.server import build_app
 from xds_jax.errors import PromptTooLongError
 from xds_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from xds_jax.tokenizer import TokenizerError
+from xds_jax.text.tokenizer import TokenizerError
 
 REPLY = "The answer is 42. Then it repeats. "
 
 
 class QueueFullError(RuntimeError):
-    """Named like ``serving.async_engine.QueueFullError``, which the server maps to 429."""
+    """Named like ``serving.core.async_engine.QueueFullError``, which the server maps to 429."""
 
 
 class ByteTokenizer:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from serving.balancer import PREFIX_BLOCK, Balancer, NoHealthyGroupError
-from serving.dp_group import GroupLoad
+from serving.core.balancer import PREFIX_BLOCK, Balancer, NoHealthyGroupError
+from serving.core.dp_group import GroupLoad
 
 
 def load(i, running=0, waiting=0, kv=0.0, healthy=True, cap=8):

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from serving.bench import METRICS, PERCENTILES, BenchError, arrival_gaps, load_requests
-from serving.cli import main
+from serving.entrypoints.bench import METRICS, PERCENTILES, BenchError, arrival_gaps, load_requests
+from serving.entrypoints.cli import main
 from tests.serving.fake_engine import FakeEngine, serve
 
 RUN_FIELDS = {"date", "backend", "base_url", "endpoint", "model_id", "dataset", "num_prompts",

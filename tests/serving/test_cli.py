@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from serving import cli
+from serving.entrypoints import cli
 from tests.serving.fake_engine import REPLY, FakeEngine
 
 COMMANDS = ["serve", "generate", "chat", "bench"]

@@ -145,7 +145,7 @@ def test_threaded_engine_streams_identical_tokens_and_aborts_cleanly(tmp_path):
     import asyncio
     import time
 
-    from serving.async_engine import AsyncEngine, EngineArgs
+    from serving.core.async_engine import AsyncEngine, EngineArgs
 
     deployment = ma(tmp_path, domains=2, dp=1, experts=4, prefill=(1, 2))
     engine = AsyncEngine.from_args(EngineArgs(

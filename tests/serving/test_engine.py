@@ -105,7 +105,7 @@ def test_no_recompilation_in_steady_state():
 
 
 def test_decode_tensor_parallel_deployment_is_refused_with_a_clear_error(tmp_path):
-    from serving.deploy import UnsupportedDeploymentError
+    from serving.disagg.deploy import UnsupportedDeploymentError
 
     layout = tmp_path / "pd-tp.yaml"
     layout.write_text("name: pdtp\nroles:\n  prefill:\n    devices: {start: 0, count: 2}\n"
@@ -117,9 +117,9 @@ def test_decode_tensor_parallel_deployment_is_refused_with_a_clear_error(tmp_pat
 
 
 def test_a_request_that_can_never_fit_is_aborted_and_the_group_keeps_serving():
-    from serving.dp_group import GroupConfig
-    from serving.engine import Engine
-    from serving.request import Request
+    from serving.core.dp_group import GroupConfig
+    from serving.core.engine import Engine
+    from serving.core.request import Request
 
     llm = LLM(str(GOLDEN / "llama"), dtype="float32", engine="reference", use_param_cache=False)
     engine = Engine(llm.params, llm.cfg, group_config=GroupConfig(num_blocks=4, block_size=16,

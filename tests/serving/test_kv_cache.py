@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving.kv_cache import BlockManager, KVCacheError, block_hashes
+from serving.core.kv_cache import BlockManager, KVCacheError, block_hashes
 
 
 def _check(bm: BlockManager) -> None:

@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from serving.dp_group import GroupConfig
-from serving.ma import MAPool
-from serving.request import Request
-from serving.timeline import Timeline
+from serving.core.dp_group import GroupConfig
+from serving.core.request import Request
+from serving.core.timeline import Timeline
+from serving.disagg.ma import MAPool
 from sharding.deployment import ExpertSlotsError
 from tests.collectives.cases import need_devices
 from tests.helpers import tiny
@@ -185,7 +185,7 @@ def test_cm768_ma_xdeepserve_layout_matches_reference():
     Not in ``make test`` (about 2 minutes): run it with
     ``XDS_CPU_DEVICES=768 python -m pytest -m slow tests/serving/test_ma.py``."""
     need_devices(768)
-    from xds_jax.loader import load_model
+    from xds_jax.loading.loader import load_model
 
     m = load_model("configs/models/deepseek-v3-tiny.json", dtype="float32")
     pool = MAPool(m.params, m.cfg, "configs/deployments/cm768-ma.yaml",

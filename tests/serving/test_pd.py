@@ -6,9 +6,9 @@ import dataclasses
 import jax
 import pytest
 
-from serving.deploy import build_deployed_engine
-from serving.engine import group_config_for
-from serving.request import Request
+from serving.core.engine import group_config_for
+from serving.core.request import Request
+from serving.disagg.deploy import build_deployed_engine
 from tests.helpers import GOLDEN, tiny
 from tests.serving.test_engine import params_for, reference, workload
 from xds_jax import LLM, SamplingParams

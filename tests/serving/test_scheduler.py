@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving.kv_cache import BlockManager
-from serving.scheduler import Scheduler, SchedulerError, SchedulerOutput
-from xds_jax.sampling_params import SamplingParams
+from serving.core.kv_cache import BlockManager
+from serving.core.scheduler import Scheduler, SchedulerError, SchedulerOutput
+from xds_jax.sampling.params import SamplingParams
 from xds_jax.sequence import Sequence
 
 
@@ -79,7 +79,8 @@ def _reference(prompt: list[int], max_tokens: int) -> list[int]:
 
 
 def test_scheduler_and_block_manager_import_no_jax():
-    code = ("import sys, serving.kv_cache, serving.scheduler; print(sorted(m for m in sys.modules"
+    code = ("import sys, serving.core.kv_cache, serving.core.scheduler; "
+            "print(sorted(m for m in sys.modules"
             " if m.split('.')[0] in ('jax', 'jaxlib', 'xds_jax')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=Path(__file__).parents[2])

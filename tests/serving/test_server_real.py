@@ -15,7 +15,7 @@ from tests.serving.fake_engine import client, serve, wait_for
 # -- the real engine (tiny random Llama, no tokenizer: token-id prompts) -------------------------
 @pytest.fixture(scope="module")
 def real():
-    engines = pytest.importorskip("serving.async_engine")
+    engines = pytest.importorskip("serving.core.async_engine")
     from tests.helpers import GOLDEN
 
     engine = engines.AsyncEngine.from_args(engines.EngineArgs(
@@ -78,7 +78,7 @@ def test_real_engine_disconnect_frees_kv(real):
 
 @pytest.mark.slow
 def test_smollm2_chat_streaming_equals_non_streamed():
-    engines = pytest.importorskip("serving.async_engine")
+    engines = pytest.importorskip("serving.core.async_engine")
     try:
         engine = engines.AsyncEngine.from_args(engines.EngineArgs(
             model="smollm2", max_num_seqs=4, kv_cache_bytes=32 << 20))

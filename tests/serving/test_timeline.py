@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from serving.timeline import Timeline, _Pending, format_summary
+from serving.core.timeline import Timeline, _Pending, format_summary
 
 
 def _hand_built(entries) -> Timeline:

@@ -16,7 +16,7 @@ from xds_jax.errors import (
     WeightLoadError,
 )
 from xds_jax.llm import InvalidPromptError
-from xds_jax.loader import load_model
+from xds_jax.loading.loader import load_model
 
 SMOL = json.loads((GOLDEN / "smollm2.json").read_text())
 

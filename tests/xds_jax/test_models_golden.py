@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from tests.helpers import TINY_MODELS, golden, tiny
-from xds_jax import stages
 from xds_jax.generate import LocalGenerator
-from xds_jax.layers import rms_norm
-from xds_jax.model import reference_hidden_states, reference_logits
-from xds_jax.sampling_params import SamplingParams
+from xds_jax.model import stages
+from xds_jax.model.layers import rms_norm
+from xds_jax.model.reference import reference_hidden_states, reference_logits
+from xds_jax.sampling.params import SamplingParams
 from xds_jax.sequence import Sequence
 
 TOL = 1e-4
@@ -59,7 +59,7 @@ def test_separately_jitted_stages_match_transformers(name):
     head = jax.jit(stages.head, static_argnums=1)
     tokens = jnp.asarray(g["prompt_2"])
     t = tokens.shape[0]
-    from xds_jax.attention import new_layer_cache
+    from xds_jax.model.attention import new_layer_cache
 
     x = embed(params, tokens[None])
     positions, table = jnp.arange(t)[None], jnp.zeros((1, 1), jnp.int32)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from xds_jax.errors import SamplingParamsError
-from xds_jax.sampling import flags_for, make_batch, sample
-from xds_jax.sampling_params import SamplingParams
+from xds_jax.sampling.params import SamplingParams
+from xds_jax.sampling.sampler import flags_for, make_batch, sample
 
 V = 50
 

@@ -7,9 +7,9 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from tests.helpers import GOLDEN
-from xds_jax.loader import load_model
-from xds_jax.model import reference_logits
-from xds_jax.weights_gguf import _unpermute
+from xds_jax.loading.loader import load_model
+from xds_jax.loading.weights_gguf import _unpermute
+from xds_jax.model.reference import reference_logits
 
 
 def test_deepseek_mtp_block_is_loaded(tmp_path):

@@ -1,0 +1,236 @@
+"""One self-contained data-parallel group: scheduler, KV cache, runner, detokenization.
+
+Groups share nothing. Each owns its device, its block pool and its queues, runs its own loop
+(a thread in the server, inline in ``LLM``) and hands outputs straight to each request's
+``on_output`` callback. The control plane only places requests into a group's inbox.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+
+import jax
+
+from serving.core.kv_cache import BlockManager
+from serving.core.request import Request
+from serving.core.runner import ModelRunner
+from serving.core.scheduler import Scheduler, SchedulerError, SchedulerOutput
+from xds_jax.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupConfig:
+    """Capacity knobs of a DP group."""
+
+    num_blocks: int = 512
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+    staged: bool = False  # separately jitted stage programs, or one fused step program
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupLoad:
+    """What the control plane sees of a group."""
+
+    index: int
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    healthy: bool
+    max_num_seqs: int
+
+    @property
+    def full(self) -> bool:
+        return self.num_running + self.num_waiting >= self.max_num_seqs
+
+
+class DPGroup:
+    """Scheduler + KV blocks + runner for one slice of devices."""
+
+    role = "decode"  # how traces and stats name what the group does
+
+    def __init__(self, index: int, params: dict | None, cfg: ModelConfig,
+                 device: jax.Device | list | None, config: GroupConfig | None = None,
+                 runner=None):
+        """``device`` is one device, or a list (a TP group: parameters and KV pages sharded
+        over it). ``runner`` replaces the group's own ``ModelRunner`` (an MA attention rank
+        whose steps a domain runs); it must offer ``pages`` and ``compile_count``."""
+        self.index = index
+        self.timeline = None  # a serving.core.timeline.Timeline recording each step, when tracing
+        self.config = config = config or GroupConfig()
+        self.blocks = BlockManager(config.num_blocks, config.block_size,
+                                   enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.runner = runner or ModelRunner(params, cfg, config.num_blocks, config.block_size,
+                                            device, staged=config.staged)
+        self.inbox: queue.Queue = queue.Queue()
+        self.requests: dict[str, Request] = {}
+        self._owners: dict[int, Request] = {}  # seq_id -> request
+        self.healthy = True
+        self.steps = 0
+        self.prompt_tokens = 0  # prompt tokens received
+        self.prefill_tokens = 0  # prompt tokens actually computed (prefix-cache hits excluded)
+        self.generated_tokens = 0
+        self.last_batch = (0, 0)  # (sequences, tokens) of the latest step
+        self.last_heartbeat = time.monotonic()
+        self._wake = threading.Event()
+
+    # -- control plane side (any thread) ------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        self.inbox.put(("add", request))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def load(self) -> GroupLoad:
+        return GroupLoad(self.index, self.scheduler.num_running,
+                         self.scheduler.num_waiting + self.inbox.qsize(),
+                         self.scheduler.kv_usage, self.healthy, self.config.max_num_seqs)
+
+    # -- the group's own loop -----------------------------------------------------------------
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._admit(item)
+            elif kind != "abort":
+                self._handle(kind, item)
+            else:
+                self._abort(item)
+
+    def _abort(self, request_id: str) -> None:
+        """Abort a request this group holds (unknown ids are ignored)."""
+        if request_id in self.requests:
+            self._end_aborted(self.requests[request_id])
+
+    def _end_aborted(self, request: Request) -> None:
+        """Drop a request here: free its sequences' blocks, mark it aborted, tell the caller."""
+        self._forget(request)
+        for seq in request.seqs:
+            if not seq.finished:
+                self.scheduler.abort(seq.seq_id)
+        request.abort()
+        request.metrics.finished_time = time.monotonic()
+        self._emit(request)
+
+    def _handle(self, kind: str, item) -> None:
+        """Hook: inbox messages a subclass defines (PD arrivals)."""
+        raise ValueError(f"DP group {self.index}: unknown inbox message {kind!r}")
+
+    def _admit(self, request: Request) -> None:
+        """Queue a request's sequences; one the scheduler can never run is aborted alone."""
+        self.requests[request.request_id] = request
+        for seq in request.seqs:
+            self._owners[seq.seq_id] = request
+        try:
+            for seq in request.seqs:
+                self.scheduler.add(seq)
+                self.prompt_tokens += len(seq.prompt_ids)
+        except SchedulerError as e:
+            log.error("DP group %d refused request %s: %s", self.index, request.request_id, e)
+            self._end_aborted(request)
+
+    def has_work(self) -> bool:
+        return bool(self.requests) or not self.inbox.empty()
+
+    def step(self) -> bool:
+        """Run one scheduled step; False when there was nothing to do."""
+        out = self.plan()
+        if out is None:
+            return False
+        start = time.perf_counter()
+        self.runner.finish(self.runner.launch(out.scheduled))
+        if self.timeline is not None:
+            self.timeline.span(self.role, "step", start, time.perf_counter(),
+                               stream=f"{self.role}{self.index}",
+                               tokens=out.num_batched_tokens)
+        self.complete(out)
+        return True
+
+    def plan(self) -> SchedulerOutput | None:
+        """First half of a step: take new work and schedule; None when there is nothing to
+        run. Whoever runs the step (``step``, or an MA domain for all its ranks at once)
+        calls ``complete`` after the tokens are sampled."""
+        self._drain_inbox()
+        self.last_heartbeat = time.monotonic()
+        self._before_schedule()
+        if not self.requests:
+            return None
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return None
+        now = time.monotonic()
+        for s in out.scheduled:
+            request = self._owners[s.seq.seq_id]
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+        return out
+
+    def _before_schedule(self) -> None:
+        """Hook: work a subclass does at the top of each step (KV transfers in PD)."""
+
+    def complete(self, out: SchedulerOutput) -> None:
+        """Second half of a step: record it, emit outputs, forget finished requests."""
+        self.scheduler.update(out)
+        self.steps += 1
+        self.prefill_tokens += sum(s.num_tokens for s in out.scheduled if s.is_prefill)
+        self.generated_tokens += sum(1 for s in out.scheduled if s.is_last_chunk)
+        self.last_batch = (len(out.scheduled), out.num_batched_tokens)
+        now = time.monotonic()
+        touched = {s.seq.seq_id: self._owners[s.seq.seq_id] for s in out.scheduled
+                   if s.is_last_chunk}
+        for request in {id(r): r for r in touched.values()}.values():
+            request.mark_tokens(now)
+            self._emit(request)
+            if request.finished:
+                self._forget(request)
+        self._after_step(out)
+
+    def _after_step(self, out: SchedulerOutput) -> None:
+        """Hook: a subclass's work once a step's tokens are out (hand-off to decode in PD)."""
+
+    def _forget(self, request: Request) -> Request:
+        self.requests.pop(request.request_id, None)
+        for seq in request.seqs:
+            self._owners.pop(seq.seq_id, None)
+        return request
+
+    def _emit(self, request: Request) -> None:
+        if request.on_output is not None:
+            request.on_output(request.snapshot())
+
+    def run(self, stop: threading.Event, after_step=lambda: None) -> None:
+        """Loop until ``stop`` is set: step while there is work, sleep on the inbox otherwise.
+        ``after_step`` runs between steps (garbage collection)."""
+        while not stop.is_set():
+            try:
+                busy = self.step()
+            except Exception:  # a failed group is marked unhealthy; the control plane avoids it
+                log.exception("DP group %d failed; marking it unhealthy", self.index)
+                self.healthy = False
+                self._fail_all()
+                return
+            if busy:
+                after_step()
+            else:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def _fail_all(self) -> None:
+        for request in list(self.requests.values()):
+            request.abort()
+            self._emit(self._forget(request))

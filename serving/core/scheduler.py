@@ -1,0 +1,318 @@
+"""Host-pure continuous batching: waiting and running queues, chunked prefill, preemption.
+
+Each step ``schedule`` picks, within a token budget, one token for every decoding sequence,
+then prefill chunks: first for sequences already part-way through their prompt, then for new
+ones from the waiting queue (FCFS). When blocks run out the most recently admitted running
+sequence is preempted by recompute: its blocks are freed (computed full blocks stay in the
+prefix cache) and it goes back to the front of the waiting queue, to be prefilled again over
+prompt + output. No JAX here.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from serving.core.kv_cache import BlockManager
+
+if TYPE_CHECKING:
+    from xds_jax.sequence import Sequence
+
+
+class SchedulerError(ValueError):
+    """A request the scheduler can never run, or a broken engine/scheduler contract."""
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One sequence's work in a step: KV for ``seq.all_ids[start:start + num_tokens]``.
+
+    ``block_table`` covers positions ``0 .. start + num_tokens - 1``. ``is_last_chunk`` means
+    the step reaches the sequence's last token, so logits are sampled and one token appended.
+    """
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    block_table: list[int]
+    is_last_chunk: bool
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.all_ids[self.start:self.start + self.num_tokens]
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_tokens > 1 or self.start < len(self.seq.prompt_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """The work of one step: decodes first, then prefill chunks, at most once per sequence."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[int] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Continuous-batching scheduler over one ``BlockManager``.
+
+    Args:
+        block_manager: KV block bookkeeping of this group.
+        max_num_seqs: most sequences running (holding blocks) at once.
+        max_num_batched_tokens: most tokens computed in one step; at least ``max_num_seqs`` so
+            that every running sequence can always decode.
+        chunk_size: most prefill tokens of one sequence in one step (default: the budget).
+        enable_chunked_prefill: if False a prompt is prefilled in one step and prompts longer
+            than the budget are rejected; only a recompute longer than the budget is split.
+    """
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 chunk_size: int | None = None, enable_chunked_prefill: bool = True):
+        if max_num_seqs < 1:
+            raise SchedulerError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < max_num_seqs:
+            raise SchedulerError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
+                                 f"max_num_seqs ({max_num_seqs}) so every sequence can decode")
+        chunk_size = max_num_batched_tokens if chunk_size is None else chunk_size
+        if chunk_size < 1:
+            raise SchedulerError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.chunk_size = chunk_size if enable_chunked_prefill else max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self._computed: dict[int, int] = {}  # seq_id -> tokens whose KV is written
+        self.num_preemptions = 0
+
+    # -- queues -------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.block_manager.usage
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Fraction of prompt tokens found in the prefix cache at admission."""
+        bm = self.block_manager
+        return bm.prefix_hit_tokens / bm.prefix_query_tokens if bm.prefix_query_tokens else 0.0
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def num_computed_tokens(self, seq_id: int) -> int:
+        """Tokens of a running sequence whose KV is written (0 if not running)."""
+        return self._computed.get(seq_id, 0)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; raise ``SchedulerError`` if it could never run."""
+        if seq.finished:
+            raise SchedulerError(f"sequence {seq.seq_id} is already finished")
+        if not seq.prompt_ids:
+            raise SchedulerError(f"sequence {seq.seq_id} has an empty prompt")
+        if any(s.seq_id == seq.seq_id for s in self.waiting) or seq.seq_id in self._computed:
+            raise SchedulerError(f"sequence {seq.seq_id} was already added")
+        self.check_fits(seq)
+        if not self.enable_chunked_prefill and seq.num_tokens > self.max_num_batched_tokens:
+            raise SchedulerError(
+                f"prompt of sequence {seq.seq_id} has {seq.num_tokens} tokens, more than "
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) with chunked prefill off")
+        self.waiting.append(seq)
+
+    def check_fits(self, seq: Sequence) -> None:
+        """Raise ``SchedulerError`` if the sequence could never fit this pool, even alone."""
+        bm = self.block_manager
+        # The last sampled token never needs KV.
+        most = len(seq.prompt_ids) + max((seq.max_tokens or 1) - 1, 0)
+        most = max(most, seq.num_tokens)
+        if most > bm.num_blocks * bm.block_size:
+            raise SchedulerError(
+                f"sequence {seq.seq_id} needs KV for {most} tokens (prompt "
+                f"{len(seq.prompt_ids)} + max_tokens {seq.max_tokens}) but the pool holds "
+                f"{bm.num_blocks} blocks of {bm.block_size} = {bm.num_blocks * bm.block_size} "
+                "tokens")
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        """Drop a sequence now, freeing its blocks; marks it aborted. None if unknown."""
+        for seq in self.waiting:
+            if seq.seq_id == seq_id:
+                self.waiting.remove(seq)
+                seq.abort()
+                return seq
+        for seq in self.running:
+            if seq.seq_id == seq_id:
+                self._release(seq)
+                seq.abort()
+                return seq
+        return None
+
+    def detach(self, seq_id: int) -> list[int]:
+        """Take a running sequence out of scheduling but keep its blocks (PD prefill: its KV
+        is offered to a decode group). Returns its block table; the caller frees the blocks
+        (``block_manager.free``) once they are no longer read."""
+        seq = next((s for s in self.running if s.seq_id == seq_id), None)
+        if seq is None:
+            raise SchedulerError(f"sequence {seq_id} is not running")
+        self.running.remove(seq)
+        del self._computed[seq_id]
+        return self.block_manager.block_table(seq_id)
+
+    def can_admit_computed(self, seq: Sequence) -> bool:
+        """Whether ``seq`` can join now with KV for all but its last token written elsewhere."""
+        bm, computed = self.block_manager, seq.num_tokens - 1
+        cached = bm.num_cached_tokens(seq.all_ids)
+        return (len(self.running) < self.max_num_seqs
+                and bm.can_allocate(seq.seq_id, seq.all_ids, computed - cached))
+
+    def admit_computed(self, seq: Sequence) -> tuple[list[int], int]:
+        """Admit a sequence whose KV for all but its last token was computed elsewhere (PD
+        decode). Blocks of a prefix found in this pool's cache are reused. Returns the block
+        table and how many leading blocks were cached (the rest must be filled by the caller
+        before the next step); the sequence decodes from the next ``schedule``."""
+        self.check_fits(seq)
+        if seq.seq_id in self._computed:
+            raise SchedulerError(f"sequence {seq.seq_id} was already added")
+        bm, computed = self.block_manager, seq.num_tokens - 1
+        cached = bm.num_cached_tokens(seq.all_ids)
+        bm.allocate(seq.seq_id, seq.all_ids, computed - cached)
+        self.running.append(seq)
+        self._computed[seq.seq_id] = computed
+        return bm.block_table(seq.seq_id), cached // bm.block_size
+
+    def _release(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        del self._computed[seq.seq_id]
+        self.block_manager.free(seq.seq_id)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    # -- one step -----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's work; the engine runs it, appends sampled tokens, calls ``update``."""
+        bm = self.block_manager
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        done: set[int] = set()
+        preempted: list[int] = []
+        for seq in [s for s in self.running if s.finished]:  # e.g. seq.abort() by the engine
+            self._release(seq)
+
+        def emit(seq: Sequence, start: int, num: int) -> None:
+            nonlocal budget
+            scheduled.append(ScheduledSeq(seq, start, num, bm.block_table(seq.seq_id),
+                                          start + num == seq.num_tokens))
+            done.add(seq.seq_id)
+            budget -= num
+
+        def make_room(seq: Sequence, num: int, may_preempt_self: bool) -> bool:
+            """Preempt the newest running sequences until ``num`` more slots of ``seq`` fit."""
+            while not bm.can_append(seq.seq_id, num):
+                victim = self.running[-1]
+                if victim.seq_id in done or (victim is seq and not may_preempt_self):
+                    return False
+                self._preempt(victim)
+                preempted.append(victim.seq_id)
+                if victim is seq:
+                    return False
+            return True
+
+        for seq in list(self.running):  # decodes
+            if seq.seq_id not in self._computed:
+                continue  # preempted above
+            start = self._computed[seq.seq_id]
+            if seq.num_tokens - start == 1 and make_room(seq, 1, may_preempt_self=True):
+                bm.append(seq.seq_id, seq.all_ids, 1)
+                emit(seq, start, 1)
+
+        for seq in list(self.running):  # prefills already under way
+            if budget == 0:
+                break
+            if seq.seq_id in done or seq.seq_id not in self._computed:
+                continue
+            start = self._computed[seq.seq_id]
+            want = min(seq.num_tokens - start, self.chunk_size, budget)
+            # A prefill never preempts itself: when it is the newest, older ones run and free.
+            if self._fitting(seq.seq_id, want) == 0:
+                make_room(seq, 1, may_preempt_self=False)
+            num = self._fitting(seq.seq_id, want)
+            if num > 0:
+                bm.append(seq.seq_id, seq.all_ids, num)
+                emit(seq, start, num)
+
+        while (self.waiting and not preempted and budget > 0
+               and len(self.running) < self.max_num_seqs):
+            seq = self.waiting[0]
+            if seq.finished:  # aborted through the sequence itself
+                self.waiting.popleft()
+                continue
+            cached = bm.num_cached_tokens(seq.all_ids)
+            remaining = seq.num_tokens - cached
+            if (not self.enable_chunked_prefill and budget < remaining
+                    and remaining <= self.max_num_batched_tokens):
+                break
+            num = min(remaining, self.chunk_size, budget)
+            if not bm.can_allocate(seq.seq_id, seq.all_ids, num):
+                break
+            self.waiting.popleft()
+            bm.allocate(seq.seq_id, seq.all_ids, num)
+            self.running.append(seq)
+            self._computed[seq.seq_id] = cached
+            emit(seq, cached, num)
+
+        # Nothing runs and nothing can start: an error only if no block is held at all (blocks
+        # of detached sequences, e.g. PD prefills waiting for their transfer, come back later).
+        if (not scheduled and not preempted and self.waiting and not self.running
+                and bm.usage == 0):
+            seq = self.waiting[0]
+            raise SchedulerError(f"sequence {seq.seq_id} with {seq.num_tokens} tokens cannot fit "
+                                 f"the KV pool even alone; set max_tokens or enlarge the pool")
+        return SchedulerOutput(scheduled, preempted, self.max_num_batched_tokens - budget)
+
+    def _fitting(self, seq_id: int, num: int) -> int:
+        """Most of ``num`` new tokens the sequence's blocks plus the free pool can hold."""
+        bm = self.block_manager
+        slack = len(bm.block_table(seq_id)) * bm.block_size - bm.num_reserved_tokens(seq_id)
+        return min(num, slack + bm.num_free_blocks * bm.block_size)
+
+    def update(self, output: SchedulerOutput) -> list[Sequence]:
+        """Record that the step ran: its KV is written and sampled tokens are appended.
+
+        Advances computed counts, registers newly computed full blocks in the prefix cache and
+        frees finished sequences. Sequences aborted since ``schedule`` are skipped.
+
+        Returns:
+            The sequences that finished (and were released) in this update.
+        """
+        finished = []
+        for item in output.scheduled:
+            seq = item.seq
+            if self._computed.get(seq.seq_id) != item.start:
+                continue  # aborted (or preempted and re-admitted) since schedule
+            computed = item.start + item.num_tokens
+            self._computed[seq.seq_id] = computed
+            self.block_manager.mark_computed(seq.seq_id, seq.all_ids, computed)
+            if seq.finished:
+                self._release(seq)
+                finished.append(seq)
+            elif computed >= seq.num_tokens:
+                raise SchedulerError(f"sequence {seq.seq_id} reached its last token but no "
+                                     f"sampled token was appended before update()")
+        return finished

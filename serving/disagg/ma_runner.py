@@ -1,0 +1,274 @@
+"""One MA attention domain: its ranks' KV pages, stage programs and padded micro-batches.
+
+A domain is ``dp`` attention ranks (TP = 1) on a 1-axis ``("dp",)`` mesh. Every stage is one
+SPMD program over the domain (``jax.shard_map``, per-rank semantics): parameters (all but the
+routed experts) are replicated, activations and inputs are rank-major and sharded on ``dp``,
+and each layer's KV pages are one global array sharded on the page axis, so a rank's local
+block ids index its own shard. Ranks' rows are padded to a common bucket (rows, tokens per
+row, block-table width); padding tokens have position -1 (they write no KV) and expert id -1
+(they take no expert capacity).
+
+Shape legend: A ranks in the domain, B rows per rank, S tokens per row, N blocks per row,
+T = B * S tokens per rank, D hidden, K experts per token, V vocabulary, P pages per rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from serving.core.runner import MIN_CONTEXT_TOKENS, RowBatch, build_rows
+from xds_jax.generate import bucket
+from xds_jax.model import stages
+from xds_jax.model.attention import new_layer_cache
+from xds_jax.model.config import ModelConfig
+from xds_jax.model.reference import last_token_logits
+
+log = logging.getLogger(__name__)
+
+RANK = P("dp")
+REPLICATED = P()
+
+
+def attention_params(params: dict) -> dict:
+    """Everything but the routed experts (and the MTP blocks): what attention ranks hold."""
+    layers = [{k: ({n: w for n, w in v.items() if n != "experts"} if k == "moe" else v)
+               for k, v in layer.items()} for layer in params["layers"]]
+    rest = {k: v for k, v in params.items() if k not in ("layers", "mtp")}
+    return rest | {"layers": layers}
+
+
+def from_host(x, sharding: NamedSharding) -> jax.Array:
+    """A global array from host data, built device by device (no slicing program)."""
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """One micro-batch of one domain: inputs on the domain mesh, rows rank-major."""
+
+    domain: int
+    index: int
+    rows: int  # B, rows per rank
+    width: int  # S, tokens per row
+    tokens_BS: jax.Array  # [A * B, S]
+    positions_BS: jax.Array
+    tables_BN: jax.Array  # [A * B, N]
+    last_B: jax.Array  # [A * B]
+    seqs: list  # A * B entries: the Sequence sampled from that row, or None
+
+    @property
+    def shape_key(self) -> tuple[int, int, int]:
+        return (self.rows, self.width, self.tables_BN.shape[1])
+
+
+def _rank_rows(part: list, rows: int, width: int, blocks: int, block_size: int) -> RowBatch:
+    """One rank's rows padded to the domain's common bucket."""
+    if not part:
+        return RowBatch(np.zeros((rows, width), np.int32), np.full((rows, width), -1, np.int32),
+                        np.zeros((rows, blocks), np.int32), np.zeros((rows,), np.int32),
+                        [None] * rows)
+    rb = build_rows(part, rows, width, block_size)
+    tables = np.pad(rb.tables_BN, ((0, 0), (0, blocks - rb.tables_BN.shape[1])))
+    return dataclasses.replace(rb, tables_BN=tables)
+
+
+def split_micro_batches(per_rank: list[list], micro_batches: int) -> list[list[list]]:
+    """Split every rank's scheduled rows into at most ``micro_batches`` contiguous parts
+    (fewer when no rank has that many rows): ``[micro_batch][rank] -> rows``."""
+    m = max(1, min(micro_batches, max(len(rows) for rows in per_rank)))
+    return [[rows[i * len(rows) // m:(i + 1) * len(rows) // m] for rows in per_rank]
+            for i in range(m)]
+
+
+def _embed(params, tokens_BS):
+    return stages.embed(params, tokens_BS)
+
+
+def _attention(layer, x_BSD, positions_BS, cache, tables_BN, *, cfg):
+    return stages.attention(layer, cfg, x_BSD, positions_BS, cache, tables_BN)
+
+
+def _gate(layer, x_BSD, positions_BS, *, cfg, shared):
+    """Flatten to tokens, route, and the shared expert unless it runs elsewhere; padding
+    tokens route nowhere."""
+    x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+    h_TD, ids_TK, w_TK, _ = stages.moe_gate(layer, cfg, x_TD)
+    valid_T = positions_BS.reshape(-1) >= 0
+    ids_TK = jnp.where(valid_T[:, None], ids_TK, -1)
+    w_TK = jnp.where(valid_T[:, None], w_TK, 0)
+    if not shared:
+        return x_TD, h_TD, ids_TK, w_TK
+    return x_TD, h_TD, ids_TK, w_TK, stages.moe_shared(layer, cfg, h_TD)
+
+
+def _combine(x_TD, routed_TD, shared_TD, *, shape):
+    return stages.moe_combine(x_TD, routed_TD, shared_TD).reshape(shape)
+
+
+def _ffn(layer, x_BSD, *, cfg):
+    return stages.ffn(layer, cfg, x_BSD)
+
+
+def _head(params, x_BSD, last_B, *, cfg):
+    return last_token_logits(params, cfg, x_BSD, last_B)
+
+
+class Domain:
+    """Stage programs, replicated parameters and KV pages of one attention domain."""
+
+    def __init__(self, index: int, mesh: Mesh, params: dict, cfg: ModelConfig,
+                 num_blocks: int, block_size: int, first_rank: int = 0):
+        self.index = index
+        self.mesh = mesh
+        self.cfg = cfg
+        self.first_rank = first_rank  # global DP-group index of rank 0
+        self.devices = list(mesh.devices.flat)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.rank_sharding = NamedSharding(mesh, RANK)
+        repl = NamedSharding(mesh, REPLICATED)
+        self.params = jax.tree.map(lambda a: from_host(a, repl), attention_params(params))
+        self.dtype = params["embed"].dtype
+        a = len(self.devices)
+        caches = []
+        for _ in range(cfg.num_layers):
+            shapes = jax.eval_shape(lambda: new_layer_cache(cfg, num_blocks, block_size,
+                                                            self.dtype))
+            caches.append({k: jax.make_array_from_callback(
+                (a * num_blocks,) + s.shape[1:], self.rank_sharding,
+                lambda idx, s=s: np.zeros(s.shape, s.dtype)) for k, s in shapes.items()})
+        self.caches = caches
+        self._shapes_seen: set[tuple] = set()
+        self.compile_count = 0
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.devices)
+
+    # -- programs -----------------------------------------------------------------------------
+    @functools.cache  # noqa: B019 - one set of programs per domain, which lives as long
+    def _program(self, name: str, fn, in_specs, out_specs, donate=(), **static):
+        body = functools.partial(fn, **static) if static else fn
+        return jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=in_specs,
+                                     out_specs=out_specs), donate_argnums=donate)
+
+    def embed(self, mb: MicroBatch) -> jax.Array:
+        return self._program("embed", _embed, (REPLICATED, RANK), RANK)(self.params,
+                                                                          mb.tokens_BS)
+
+    def attention(self, layer: int, x_BSD: jax.Array, mb: MicroBatch) -> jax.Array:
+        """Layer ``layer``'s attention for a micro-batch; its KV pages are donated and
+        replaced."""
+        prog = self._program("attention", _attention, (REPLICATED, RANK, RANK, RANK, RANK),
+                             (RANK, RANK), donate=(3,), cfg=self.cfg)
+        p = self.params["layers"][layer]
+        # Only the attention weights go in, so dense and MoE layers share one program.
+        x_BSD, self.caches[layer] = prog({"input_norm": p["input_norm"], "attn": p["attn"]},
+                                         x_BSD, mb.positions_BS, self.caches[layer],
+                                         mb.tables_BN)
+        return x_BSD
+
+    def gate(self, layer: int, x_BSD: jax.Array, mb: MicroBatch,
+             shared: bool = True) -> tuple[jax.Array, ...]:
+        """``(x_TD, h_TD, ids_TK, w_TK[, shared_TD])``, rank-major on the domain mesh; the
+        shared-expert output only with ``shared``."""
+        prog = self._program("gate", _gate, (REPLICATED, RANK, RANK), (RANK,) * (4 + shared),
+                             cfg=self.cfg, shared=shared)
+        return prog(self.params["layers"][layer], x_BSD, mb.positions_BS)
+
+    def combine(self, x_TD, routed_TD, shared_TD, mb: MicroBatch) -> jax.Array:
+        shape = (mb.rows, mb.width, self.cfg.hidden_size)
+        prog = self._program("combine", _combine, (RANK,) * 3, RANK, shape=shape)
+        return prog(x_TD, routed_TD, shared_TD)
+
+    def ffn(self, layer: int, x_BSD: jax.Array) -> jax.Array:
+        prog = self._program("ffn", _ffn, (REPLICATED, RANK), RANK, cfg=self.cfg)
+        return prog(self.params["layers"][layer], x_BSD)
+
+    def head(self, x_BSD: jax.Array, mb: MicroBatch) -> jax.Array:
+        prog = self._program("head", _head, (REPLICATED, RANK, RANK), RANK, cfg=self.cfg)
+        return prog(self.params, x_BSD, mb.last_B)
+
+    # -- inputs -------------------------------------------------------------------------------
+    def micro_batches(self, per_rank: list[list], micro_batches: int, rows_min: int,
+                      width_min: int, kind: str) -> list[MicroBatch]:
+        """Pad each micro-batch's per-rank rows to a common bucket and place them."""
+        out = []
+        for i, parts in enumerate(split_micro_batches(per_rank, micro_batches)):
+            live = [s for part in parts for s in part]
+            rows = bucket(max(len(p) for p in parts), rows_min)
+            width = bucket(max(s.num_tokens for s in live), width_min)
+            blocks = bucket(max(len(s.block_table) for s in live),
+                            max(1, MIN_CONTEXT_TOKENS // self.block_size))
+            batches = [_rank_rows(p, rows, width, blocks, self.block_size) for p in parts]
+            placed = [from_host(np.concatenate([getattr(b, name) for b in batches]),
+                                self.rank_sharding)
+                      for name in ("tokens_BS", "positions_BS", "tables_BN", "last_B")]
+            mb = MicroBatch(self.index, i, rows, width, *placed,
+                            [s for b in batches for s in b.sampling_seqs])
+            key = (kind,) + mb.shape_key
+            if key not in self._shapes_seen:
+                self._shapes_seen.add(key)
+                self.compile_count += 1
+                log.info("domain %d: compiling %s stages for rows x tokens x blocks %s",
+                         self.index, kind, mb.shape_key)
+            out.append(mb)
+        return out
+
+    # -- one rank's pages ---------------------------------------------------------------------
+    def rank_pages(self, rank: int) -> list[dict]:
+        """Rank ``rank``'s own per-layer pages ``[P, page, K, D]``: the shards themselves,
+        valid until the next step donates the domain's pages."""
+        dev = self.devices[rank]
+        return [{k: next(s.data for s in v.addressable_shards if s.device == dev)
+                 for k, v in layer.items()} for layer in self.caches]
+
+    def set_rank_pages(self, rank: int, pages: list[dict]) -> None:
+        """Replace rank ``rank``'s pages (e.g. KV pulled from prefill), keeping the others'."""
+        dev = self.devices[rank]
+        for layer, new in zip(self.caches, pages, strict=True):
+            for k, v in layer.items():
+                shards = {s.device: s.data for s in v.addressable_shards}
+                shards[dev] = jax.device_put(new[k], dev)
+                layer[k] = jax.make_array_from_single_device_arrays(
+                    v.shape, v.sharding, [shards[d] for d in self.devices])
+
+
+class RankView:
+    """What a ``DPGroup`` sees of its runner when a domain runs its steps: its own pages,
+    device and compile count. The domain's programs are counted on its rank 0 only, so a sum
+    over groups counts each program once."""
+
+    donate_pages = False  # its pages are shards of the domain's arrays: writers must copy
+
+    def __init__(self, domain: Domain, rank: int):
+        self.domain = domain
+        self.rank = rank
+        self.device = domain.devices[rank]
+
+    @property
+    def pages(self) -> list[dict]:
+        return self.domain.rank_pages(self.rank)
+
+    @pages.setter
+    def pages(self, pages: list[dict]) -> None:
+        self.domain.set_rank_pages(self.rank, pages)
+
+    @property
+    def compile_count(self) -> int:
+        return self.domain.compile_count if self.rank == 0 else 0
+
+    def launch(self, scheduled: list):
+        raise RuntimeError("an MA attention rank's steps are run by its pool (MAPool.step), "
+                           "not by DPGroup.step")
+
+    finish = launch

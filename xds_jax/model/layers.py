@@ -1,0 +1,135 @@
+"""Small pure layers: RMSNorm, rotary embeddings, SwiGLU, projections.
+
+Shape legend: B batch, S tokens per sequence, D hidden, H heads, R rotary dims, F intermediate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xds_jax.model.config import ModelConfig, RopeConfig
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32 and cast back, as Hugging Face does."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """``x @ w (+ b)`` with ``w`` stored ``[in, out]``."""
+    y = x @ w
+    return y if b is None else y + b
+
+
+def swiglu(p: dict, x: jax.Array) -> jax.Array:
+    """``down(silu(gate(x)) * up(x))``; biases when the checkpoint has them."""
+    g = linear(x, p["gate"], p.get("gate_bias"))
+    u = linear(x, p["up"], p.get("up_bias"))
+    return linear(jax.nn.silu(g) * u, p["down"], p.get("down_bias"))
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
+    """Inverse frequencies ``[dim / 2]`` (float32) and the cos/sin scale for a RoPE variant.
+
+    ``dynamic`` NTK scaling only changes frequencies past the trained context; within it, it is
+    the default rotation, which is what is computed here.
+    """
+    base = rope.theta
+    inv = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    inv = inv.astype(np.float32)
+    factor = rope.factor
+    if rope.type in ("default", "dynamic"):
+        return inv, 1.0
+    if rope.type == "linear":
+        return (inv / np.float32(factor)).astype(np.float32), 1.0
+    if rope.type == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen = old / rope.low_freq_factor
+        high_wavelen = old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    if rope.type == "yarn":
+        return _yarn_inv_freq(rope, dim, inv)
+    raise ValueError(f"unknown rope type {rope.type!r}")
+
+
+def _yarn_inv_freq(rope: RopeConfig, dim: int, inv_extra: np.ndarray) -> tuple[np.ndarray, float]:
+    factor = rope.factor
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, rope.mscale) / _yarn_mscale(
+                factor, rope.mscale_all_dim
+            )
+        else:
+            attention_factor = _yarn_mscale(factor)
+    original = rope.original_max_position_embeddings
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extra_factor = 1 - ramp.astype(np.float32)
+    inv_inter = inv_extra / np.float32(factor)
+    inv = inv_inter * (1 - extra_factor) + inv_extra * extra_factor
+    return inv.astype(np.float32), float(attention_factor)
+
+
+def attention_scale(cfg: ModelConfig) -> float:
+    """Softmax scale: ``1/sqrt(qk dim)``, times yarn's ``mscale_all_dim`` correction for MLA."""
+    if cfg.mla is None:
+        return cfg.head_dim**-0.5
+    scale = cfg.mla.qk_head_dim**-0.5
+    if cfg.rope.type != "default" and cfg.rope.mscale_all_dim:
+        m = _yarn_mscale(cfg.rope.factor, cfg.rope.mscale_all_dim)
+        scale = scale * m * m
+    return scale
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin ``[..., R / 2]`` in float32 for integer positions ``[...]``."""
+    inv, factor = rope_inv_freq(cfg.rope, cfg.rope_dim)
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)
+    return jnp.cos(freqs) * factor, jnp.sin(freqs) * factor
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleaved: bool) -> jax.Array:
+    """Rotate the first ``2 * cos.shape[-1]`` dims of ``x [B, S, H, Dh]``.
+
+    ``cos``/``sin`` are ``[B, S, R/2]``. Pairs are ``(i, i + R/2)`` (rotate-half layout), or
+    ``(2i, 2i + 1)`` when ``interleaved``; interleaved output is written de-interleaved, as
+    Hugging Face does, which leaves q.k unchanged because q and k are permuted alike.
+    """
+    half = cos.shape[-1]
+    rot, rest = x[..., : 2 * half], x[..., 2 * half :]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+    c = cos[:, :, None, :].astype(jnp.float32)
+    s = sin[:, :, None, :].astype(jnp.float32)
+    x1f, x2f = x1.astype(jnp.float32), x2.astype(jnp.float32)
+    out = jnp.concatenate([x1f * c - x2f * s, x2f * c + x1f * s], axis=-1).astype(x.dtype)
+    return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out

@@ -1,0 +1,99 @@
+"""Mixture-of-experts math: routers, expert SwiGLU and a dense reference combine.
+
+Shape legend: T tokens, D hidden, E experts (local or global), C capacity per expert,
+F expert intermediate size, K experts per token, G expert groups.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from xds_jax.model.config import MoEConfig
+
+
+def expert_ffn(experts: dict, x_ECD: jax.Array) -> jax.Array:
+    """SwiGLU of each expert on its own tokens.
+
+    Args:
+      experts: ``{"gate": [E, D, F], "up": [E, D, F], "down": [E, F, D]}``.
+      x_ECD: tokens grouped by expert, ``[E, C, D]``.
+    Returns:
+      ``[E, C, D]`` expert outputs (padding rows give garbage-free zeros for zero input).
+    """
+    g_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, experts["gate"])
+    u_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, experts["up"])
+    return jnp.einsum("ecf,efd->ecd", jax.nn.silu(g_ECF) * u_ECF, experts["down"])
+
+
+def moe_dense_reference(
+    experts: dict, x_TD: jax.Array, topk_ids_TK: jax.Array, topk_w_TK: jax.Array
+) -> jax.Array:
+    """Every expert on every token, then the gate-weighted sum of the chosen ones.
+
+    The ground truth for dispatch/combine: no capacity, no communication.
+    """
+    num_experts = experts["gate"].shape[0]
+    y_ETD = expert_ffn(experts, jnp.broadcast_to(x_TD, (num_experts,) + x_TD.shape))
+    y_TKD = jnp.take_along_axis(
+        jnp.transpose(y_ETD, (1, 0, 2)), topk_ids_TK[:, :, None], axis=1
+    )
+    return jnp.einsum("tkd,tk->td", y_TKD, topk_w_TK.astype(y_TKD.dtype))
+
+
+def route(p: dict, moe: MoEConfig, h_TD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pick ``K`` experts per token and their combine weights.
+
+    Softmax routers (Mixtral, Qwen-MoE): softmax over all experts, top-k, optional renormalise.
+    Sigmoid routers (DeepSeek-V3): sigmoid scores; choice by scores plus the correction bias,
+    restricted to the ``topk_group`` groups with the best top-2 sums; weights are the unbiased
+    scores, optionally renormalised, times ``routed_scaling_factor``.
+
+    Returns:
+      expert ids ``[T, K]`` int32, weights ``[T, K]`` float32, router logits ``[T, E]`` float32.
+    """
+    logits_TE = h_TD.astype(jnp.float32) @ p["router"].astype(jnp.float32)
+    k = moe.num_experts_per_tok
+    if moe.router == "softmax":
+        scores_TE = jax.nn.softmax(logits_TE, axis=-1)
+        weights_TK, ids_TK = jax.lax.top_k(scores_TE, k)
+    else:
+        scores_TE = jax.nn.sigmoid(logits_TE)
+        choice_TE = scores_TE + p["router_bias"] if moe.score_correction_bias else scores_TE
+        if moe.n_group > 1:
+            choice_TE = _mask_groups(choice_TE, moe.n_group, moe.topk_group)
+        _, ids_TK = jax.lax.top_k(choice_TE, k)
+        weights_TK = jnp.take_along_axis(scores_TE, ids_TK, axis=-1)
+    if moe.norm_topk_prob:
+        denom = weights_TK.sum(-1, keepdims=True)
+        weights_TK = weights_TK / (denom + 1e-20 if moe.router == "sigmoid" else denom)
+    return ids_TK.astype(jnp.int32), weights_TK * moe.routed_scaling_factor, logits_TE
+
+
+def _mask_groups(choice_TE: jax.Array, n_group: int, topk_group: int) -> jax.Array:
+    """Keep only experts of the ``topk_group`` groups whose two best scores sum highest."""
+    t, e = choice_TE.shape
+    grouped_TGX = choice_TE.reshape(t, n_group, e // n_group)
+    best = min(2, e // n_group)
+    group_TG = jax.lax.top_k(grouped_TGX, best)[0].sum(-1)
+    _, keep_TJ = jax.lax.top_k(group_TG, topk_group)
+    keep_TG = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], keep_TJ].set(True)
+    return jnp.where(keep_TG[:, :, None], grouped_TGX, -jnp.inf).reshape(t, e)
+
+
+def moe_local(experts: dict, x_TD: jax.Array, ids_TK: jax.Array, w_TK: jax.Array) -> jax.Array:
+    """All experts on one device, no capacity limit: sort by expert and grouped matmuls.
+
+    Exact (no token is dropped) and proportional to ``T * K`` expert rows, not ``T * E``.
+    """
+    t, k = ids_TK.shape
+    num_experts = experts["gate"].shape[0]
+    flat = ids_TK.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    x_MD = x_TD[order // k]
+    sizes_E = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    g = jax.lax.ragged_dot(x_MD, experts["gate"], sizes_E)
+    u = jax.lax.ragged_dot(x_MD, experts["up"], sizes_E)
+    y_MD = jax.lax.ragged_dot(jax.nn.silu(g) * u, experts["down"], sizes_E)
+    y_TKD = jnp.zeros_like(y_MD).at[order].set(y_MD).reshape(t, k, -1)
+    return jnp.einsum("tkd,tk->td", y_TKD.astype(jnp.float32), w_TK).astype(x_TD.dtype)

@@ -1,0 +1,91 @@
+"""The whole model as a chain of stages, on one device: the ground truth for every other path.
+
+``forward`` is jitted whole by the single-device loop; distributed runners call the same stage
+functions one by one on their own device slices.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from xds_jax.model import stages
+from xds_jax.model.attention import new_layer_cache
+from xds_jax.model.config import ModelConfig
+
+
+def forward(params: dict, cfg: ModelConfig, tokens_BS: jax.Array, positions_BS: jax.Array,
+            caches: list[dict], block_tables_BN: jax.Array) -> tuple[jax.Array, list[dict]]:
+    """Hidden states ``[B, S, D]`` after the last layer (before the final norm), new caches."""
+    x = stages.embed(params, tokens_BS)
+    new_caches = []
+    for i, layer in enumerate(params["layers"]):
+        x, cache = stages.attention(layer, cfg, x, positions_BS, caches[i], block_tables_BN)
+        x = stages.feed_forward(layer, cfg, i, x)
+        new_caches.append(cache)
+    return x, new_caches
+
+
+def last_token_logits(params: dict, cfg: ModelConfig, x_BSD: jax.Array,
+                      last_B: jax.Array) -> jax.Array:
+    """Logits ``[B, V]`` of token ``last_B[b]`` of each sequence."""
+    x_BD = jnp.take_along_axis(x_BSD, last_B[:, None, None], axis=1)[:, 0]
+    return stages.head(params, cfg, x_BD)
+
+
+def new_caches(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> list[dict]:
+    """Zeroed KV pages for every layer."""
+    return [new_layer_cache(cfg, num_pages, page_size, dtype) for _ in range(cfg.num_layers)]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def reference_logits(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Logits ``[T, V]`` of one sequence, every position, from an empty cache of one page."""
+    t = tokens.shape[0]
+    caches = new_caches(cfg, 1, t, params["embed"].dtype)
+    x, _ = forward(params, cfg, tokens[None], jnp.arange(t)[None], caches,
+                   jnp.zeros((1, 1), jnp.int32))
+    return stages.head(params, cfg, x[0])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def reference_hidden_states(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """``[L + 1, T, D]``: the embedding, then the output of every layer."""
+    t = tokens.shape[0]
+    caches = new_caches(cfg, 1, t, params["embed"].dtype)
+    positions, table = jnp.arange(t)[None], jnp.zeros((1, 1), jnp.int32)
+    x = stages.embed(params, tokens[None])
+    out = [x[0]]
+    for i, layer in enumerate(params["layers"]):
+        x, _ = stages.attention(layer, cfg, x, positions, caches[i], table)
+        x = stages.feed_forward(layer, cfg, i, x)
+        out.append(x[0])
+    return jnp.stack(out)
+
+
+_embed = jax.jit(stages.embed)
+_attention = jax.jit(stages.attention, static_argnums=1, donate_argnums=4)
+_feed_forward = jax.jit(stages.feed_forward, static_argnums=(1, 2))
+_last_logits = jax.jit(last_token_logits, static_argnums=1)
+
+
+def _dense_or_moe(cfg: ModelConfig, index: int) -> int:
+    """A layer index standing for its kind, so all dense (or all MoE) layers share a program."""
+    return next(i for i in range(cfg.num_layers) if cfg.is_moe_layer(i) == cfg.is_moe_layer(index))
+
+
+def staged_step(params: dict, cfg: ModelConfig, tokens_BS: jax.Array, positions_BS: jax.Array,
+                caches: list[dict], block_tables_BN: jax.Array,
+                last_B: jax.Array) -> tuple[jax.Array, list[dict]]:
+    """One step as separately jitted stage programs: embed, then per layer attention (KV pages
+    donated) and dense/MoE FFN, then the head. Each stage compiles once per shape and is reused
+    by every layer, so compile time does not grow with depth; dispatch is asynchronous."""
+    x = _embed(params, tokens_BS)
+    new = []
+    for i, layer in enumerate(params["layers"]):
+        x, cache = _attention(layer, cfg, x, positions_BS, caches[i], block_tables_BN)
+        x = _feed_forward(layer, cfg, _dense_or_moe(cfg, i), x)
+        new.append(cache)
+    return _last_logits(params, cfg, x, last_B), new

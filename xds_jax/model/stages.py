@@ -1,0 +1,94 @@
+"""The model as stages: pure functions a runner jits separately and places on device slices.
+
+| stage         | inputs                                   | outputs                            |
+|---------------|------------------------------------------|------------------------------------|
+| embed         | token ids [B, S]                         | hidden [B, S, D]                   |
+| attention     | hidden, positions, KV pages, block table | hidden (residual added), KV pages  |
+| ffn           | hidden                                   | hidden (residual added)            |
+| moe_gate      | hidden                                   | normed hidden, ids [T, K], weights |
+| moe_experts   | dispatched tokens [E, C, D]              | expert outputs [E, C, D]           |
+| moe_shared    | normed hidden                            | shared-expert output               |
+| moe_combine   | hidden, routed output, shared output     | hidden (residual added)            |
+| head          | hidden [..., D]                          | logits [..., V] float32            |
+
+``cfg`` (a frozen ``ModelConfig``) is static; everything else is an array or a pytree of them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from xds_jax.model.attention import gqa_attention, mla_attention
+from xds_jax.model.config import ModelConfig
+from xds_jax.model.layers import rms_norm, swiglu
+from xds_jax.model.moe import expert_ffn, moe_local, route
+
+
+def embed(params: dict, tokens_BS: jax.Array) -> jax.Array:
+    """Token embeddings ``[B, S, D]``."""
+    return params["embed"][tokens_BS]
+
+
+def attention(layer: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax.Array,
+              cache: dict, block_tables_BN: jax.Array) -> tuple[jax.Array, dict]:
+    """Pre-norm attention with residual: ``x + attn(norm(x))``; writes this layer's KV pages."""
+    h = rms_norm(x_BSD, layer["input_norm"], cfg.rms_norm_eps)
+    attend = mla_attention if cfg.mla is not None else gqa_attention
+    out, cache = attend(layer["attn"], cfg, h, positions_BS, cache, block_tables_BN)
+    return x_BSD + out, cache
+
+
+def ffn(layer: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """Dense SwiGLU block with residual: ``x + mlp(norm(x))``."""
+    return x + swiglu(layer["mlp"], rms_norm(x, layer["post_norm"], cfg.rms_norm_eps))
+
+
+def moe_gate(layer: dict, cfg: ModelConfig, x_TD: jax.Array):
+    """Normalise and route. Returns ``(h [T, D], ids [T, K], weights [T, K], logits [T, E])``."""
+    h_TD = rms_norm(x_TD, layer["post_norm"], cfg.rms_norm_eps)
+    ids_TK, w_TK, logits_TE = route(layer["moe"], cfg.moe, h_TD)
+    return h_TD, ids_TK, w_TK, logits_TE
+
+
+def moe_experts(experts: dict, x_ECD: jax.Array) -> jax.Array:
+    """Expert SwiGLU on tokens already dispatched to their experts, ``[E, C, D]``."""
+    return expert_ffn(experts, x_ECD)
+
+
+def moe_shared(layer: dict, cfg: ModelConfig, h_TD: jax.Array) -> jax.Array:
+    """Shared-expert output (zeros when the model has none)."""
+    p = layer["moe"]
+    if not cfg.moe.num_shared_experts:
+        return jnp.zeros_like(h_TD)
+    out = swiglu(p["shared"], h_TD)
+    if cfg.moe.shared_expert_gate:
+        out = out * jax.nn.sigmoid(h_TD.astype(jnp.float32) @ p["shared_gate"]).astype(out.dtype)
+    return out
+
+
+def moe_combine(x_TD: jax.Array, routed_TD: jax.Array, shared_TD: jax.Array) -> jax.Array:
+    """Residual plus routed and shared expert outputs."""
+    return x_TD + routed_TD.astype(x_TD.dtype) + shared_TD.astype(x_TD.dtype)
+
+
+def moe_block(layer: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """A whole MoE block on one device: gate, all experts locally, shared, combine."""
+    shape = x.shape
+    x_TD = x.reshape(-1, shape[-1])
+    h_TD, ids_TK, w_TK, _ = moe_gate(layer, cfg, x_TD)
+    routed = moe_local(layer["moe"]["experts"], h_TD, ids_TK, w_TK)
+    return moe_combine(x_TD, routed, moe_shared(layer, cfg, h_TD)).reshape(shape)
+
+
+def feed_forward(layer: dict, cfg: ModelConfig, index: int, x: jax.Array) -> jax.Array:
+    """Layer ``index``'s FFN part: dense or MoE, as the config says."""
+    return moe_block(layer, cfg, x) if cfg.is_moe_layer(index) else ffn(layer, cfg, x)
+
+
+def head(params: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """Final norm and LM head, logits in float32."""
+    h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    if cfg.tie_word_embeddings:  # contract with the embedding as stored: no transposed copy
+        return jnp.einsum("...d,vd->...v", h, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", h, params["lm_head"], preferred_element_type=jnp.float32)

@@ -1,0 +1,104 @@
+"""The small typed interfaces between the engine's layers.
+
+The control plane talks to **groups** (places requests, reads their load), the engine's loops
+step **drivers** (a colocated group drives itself; an MA domain pool drives many attention
+groups as one SPMD program), and a group's step runs on a **runner** (the colocated
+``ModelRunner`` or an MA rank's view of its domain). Groups receive work only through typed
+inbox **messages**. Nothing here imports JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from serving.core.request import Request
+    from serving.core.scheduler import ScheduledSeq, SchedulerOutput
+
+
+# -- inbox messages ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class AddRequest:
+    """Queue a new request's sequences."""
+
+    request: Request
+
+
+@dataclasses.dataclass(frozen=True)
+class AbortRequest:
+    """Drop a request wherever it is in this group (unknown ids are ignored)."""
+
+    request_id: str
+
+
+# -- the runner: one step's compute -----------------------------------------------------------
+@runtime_checkable
+class Runner(Protocol):
+    """Runs a scheduled batch on the group's devices and appends the sampled tokens."""
+
+    compile_count: int
+
+    def launch(self, scheduled: list[ScheduledSeq]) -> Any:
+        """Dispatch the step asynchronously; returns a handle for ``finish``."""
+
+    def finish(self, handle: Any) -> None:
+        """Wait for the step, append sampled tokens (and logprobs) to the sequences."""
+
+    def export_kv(self, block_ids: Sequence[int]) -> Any:
+        """The KV pages of ``block_ids`` (device arrays, one per layer and kind)."""
+
+    def import_kv(self, block_ids: Sequence[int], pages: Any) -> None:
+        """Write KV pages received from elsewhere into ``block_ids`` (the pool stays donated
+        through steps; no recompilation)."""
+
+
+# -- the group: what the control plane and a driver see ---------------------------------------
+@runtime_checkable
+class Group(Protocol):
+    """A self-contained DP group: scheduler, KV blocks, runner, outputs to callers."""
+
+    index: int
+    role: str
+    healthy: bool
+
+    def submit(self, request: Request) -> None: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def load(self) -> Any:
+        """A ``GroupLoad``: running, waiting, KV use, health, capacity."""
+
+    def has_work(self) -> bool: ...
+
+    def plan(self) -> SchedulerOutput | None:
+        """First half of a step: take inbox messages and schedule; None when idle."""
+
+    def complete(self, out: SchedulerOutput) -> None:
+        """Second half: record the step whose tokens were appended, emit outputs."""
+
+
+# -- the driver: what an engine loop steps ----------------------------------------------------
+@runtime_checkable
+class Driver(Protocol):
+    """Something the engine steps: a group driving itself, or a pool of groups."""
+
+    name: str
+
+    @property
+    def groups(self) -> list[Group]:
+        """The groups this driver steps (itself for a colocated group)."""
+
+    def step(self) -> bool:
+        """Run one step; False when there was nothing to do."""
+
+    def has_work(self) -> bool: ...
+
+    def stats(self) -> dict[str, float]:
+        """Driver-level counters (flat numbers), merged into ``Engine.stats()``."""
+
+
+StopEvent = threading.Event
+AfterStep = Callable[[], None]

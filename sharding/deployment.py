@@ -357,7 +357,9 @@ def build_deployment(spec: DeploymentSpec, devices=None, model=None) -> Deployme
     if spec.num_devices > len(devices):
         raise TooFewDevicesError(
             f"{spec.source}: needs {spec.num_devices} devices, JAX has {len(devices)} "
-            f"(on CPU set XDS_CPU_DEVICES={spec.num_devices} before JAX starts)")
+            f"(on CPU the virtual device count is fixed when JAX starts: build the first "
+            f"LLM of the process with this deployment, which sizes the mesh itself, or set "
+            f"XDS_CPU_DEVICES={spec.num_devices} in the environment before starting Python)")
     roles = {}
     for r in spec.roles.values():
         devs = tuple(devices[i] for i in r.devices.indices())

@@ -59,6 +59,7 @@ class LLM:
                  staged: bool = False, deployment: str | None = None,
                  micro_batches: int = 2, trace: bool = False, use_param_cache: bool = True):
         enable_compilation_cache()
+        _size_cpu_devices(deployment, num_dp_groups)
         loaded = load_model(model, dtype=dtype, seed=seed, use_cache=use_param_cache)
         self.model_name = loaded.name
         self.cfg = loaded.cfg
@@ -207,3 +208,18 @@ class LLM:
                 f"got {len(params)} SamplingParams for {count} prompts; pass one or one each"
             )
         return params
+
+
+def _size_cpu_devices(deployment: str | None, num_dp_groups: int) -> None:
+    """Before JAX starts, give the CPU backend the virtual devices the layout needs (the
+    device count cannot change later in the process)."""
+    from sharding.devices import backends_started, ensure_cpu_devices
+
+    if backends_started():
+        return
+    needed = num_dp_groups
+    if deployment is not None:
+        from sharding.deployment import read_deployment
+
+        needed = max(needed, read_deployment(deployment).num_devices)
+    ensure_cpu_devices(needed)

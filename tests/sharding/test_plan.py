@@ -99,3 +99,12 @@ def test_cli_reports_errors_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "tp = 3" in err
     assert main(["--model", str(tmp_path / "none.json"), "--deployment", str(bad)]) == 2
+
+
+def test_uneven_roles_show_their_range_and_dtype_can_be_chosen(capsys):
+    args = ["--model", str(TINY_V3), "--deployment",
+            str(ROOT / "configs" / "deployments" / "cm768-ma.yaml")]
+    assert main(args + ["--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "(float32," in out and "144.0 KiB..432.0 KiB" in out  # routed vs shared devices
+    assert main(args + ["--dtype", "int3"]) == 2

@@ -37,6 +37,7 @@ from sharding.deployment import DeploymentSpec, RoleSpec
 from sharding.logical import axis_units, expert_slot_axes, kv_page_axes, param_logical_axes
 from sharding.rules import logical_to_spec, tree_shardings
 from xds_jax.config import ModelConfig
+from xds_jax.model import new_caches
 from xds_jax.params import param_shapes
 
 
@@ -48,8 +49,7 @@ def abstract_params(cfg: ModelConfig, dtype, with_mtp: bool = False) -> dict:
 
 
 def abstract_caches(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> list[dict]:
-    from xds_jax.model import new_caches
-
+    """Every layer's KV pages ``[num_pages, page_size, K, D]``, as ``ShapeDtypeStruct``s."""
     return jax.eval_shape(lambda: new_caches(cfg, num_pages, page_size, dtype))
 
 

@@ -7,7 +7,8 @@ each role a disjoint range of device indices and its parallelism:
 role               mesh axes            parallelism fields
 =================  ===================  ==============================================
 prefill            ``(dp, tp)``         ``dp`` groups x ``tp``
-decode             ``(dp, tp)``         ``dp`` groups (``tp`` defaults to 1); EP over all
+decode             ``(dp, tp)``         ``dp`` groups (``tp`` defaults to 1), each holding
+                                        every expert (no expert parallelism)
 decode_attention   ``(domain, dp)``     ``domains`` x ``dp`` per domain, TP = 1
 decode_experts     ``(ep,)``            ``slots_per_device``, ``redundant_slots``,
                                         ``shared_devices`` (the last ones of the range)

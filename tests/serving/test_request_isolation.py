@@ -15,31 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serving.core.runner import ModelRunner
-from tests.serving.fake_engine import serve, wait_for
+from tests.serving.fake_engine import wait_for
+from tests.serving.real_server import text_server_fixture
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 POISON = 7  # a prompt starting with this id makes the patched runner raise
 
-
-@pytest.fixture(scope="module")
-def server():
-    from serving.core import async_engine as engines
-    from tests.helpers import GOLDEN
-    from xds_jax.text.byte_tokenizer import byte_tokenizer
-
-    engine = engines.AsyncEngine.from_args(engines.EngineArgs(
-        model=str(GOLDEN / "llama"), dtype="float32", max_num_seqs=8, kv_cache_bytes=8 << 20))
-    tokenizer = byte_tokenizer(engine.llm.cfg)
-    tokenizer.chat_template = CHATML
-    engine.tokenizer = engine.llm.tokenizer = tokenizer
-    engine.start()
-    try:
-        with serve(engine) as running:
-            running.engine = engine
-            yield running
-    finally:
-        engine.shutdown()
+server = text_server_fixture()
 
 
 def post(server, path: str, body) -> httpx.Response:

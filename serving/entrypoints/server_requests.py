@@ -62,6 +62,14 @@ def sampling_params(req: api.SamplingFields, max_tokens: int,
         raise ApiError(400, "best_of other than n is not supported", "best_of", "unsupported")
     if req.logit_bias:
         raise ApiError(400, "logit_bias is not supported", "logit_bias", "unsupported")
+    kind = (req.response_format or {}).get("type", "text")
+    if kind != "text":
+        raise ApiError(400, f"response_format of type {kind!r} is not supported yet (no "
+                       "constrained decoding): only 'text'", "response_format", "unsupported")
+    if getattr(req, "tools", None) and getattr(req, "tool_choice", None) != "none":
+        raise ApiError(400, "tool calling is not supported yet (the server would not return "
+                       "tool_calls): send tools with tool_choice 'none' or no tools", "tools",
+                       "unsupported")
     optional = {k: v for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
                 if (v := getattr(req, k)) is not None}
     try:

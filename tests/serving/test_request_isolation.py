@@ -46,7 +46,8 @@ def assert_still_serving(server) -> None:
     {"top_k": 2**31}, {"top_k": 2**70}, {"temperature": 1e30}, {"n": 3, "seed": -(2**63)},
 ])
 def test_extreme_but_valid_values_are_served(server, extra):
-    body = {"model": server.engine.model_name, "prompt": [5, 6, 7], "max_tokens": 3, **extra}
+    body = {"model": server.engine.model_name, "prompt": [5, 6, 7], "max_tokens": 3,
+            "ignore_eos": True, **extra}
     r = post(server, "/v1/completions", body)
     assert r.status_code == 200, r.text
     choices = r.json()["choices"]
@@ -206,3 +207,28 @@ def test_fuzzed_completion_bodies_never_take_the_server_down(server, body):
                    headers={"content-type": "application/json"})
     assert r.status_code < 500, (body, r.text)
     assert_still_serving(server)
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+])
+def test_structured_output_and_tools_are_refused_not_ignored(server, extra, field):
+    r = chat(server, [{"role": "user", "content": "hi"}], **extra)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field and r.json()["error"]["code"] == "unsupported"
+
+
+def test_tool_call_histories_are_accepted(server):
+    history = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    r = chat(server, history, response_format={"type": "text"},
+             tools=[{"type": "function", "function": {"name": "w", "parameters": {}}}],
+             tool_choice="none")
+    assert r.status_code == 200, r.text

@@ -66,6 +66,8 @@ def text_parts_joined(message: Mapping[str, Any], index: int) -> dict[str, Any]:
     refused (the models here read text only)."""
     message = dict(message)
     content = message.get("content")
+    if content is None:  # an assistant turn that only called tools
+        message["content"] = ""
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):

@@ -58,8 +58,9 @@ def summary(values: list[float]) -> dict:
 
 
 class StageClock:
-    """Stands in for ``Timeline`` in ``MAPool``: each recorded stage is waited for, and the
-    time since the previous stage ended (or the pass began) goes to its (role, domain)."""
+    """Stands in for ``Timeline`` in ``MAPool``'s tracing wrappers: each recorded stage is
+    waited for, and the time since the previous stage ended (or the pass began) goes to its
+    (role, domain)."""
 
     enabled = True
 
@@ -81,18 +82,16 @@ class StageClock:
         self.stages += 1
 
 
-def clocked_pool_class():
-    """``MAPool`` whose passes restart a ``StageClock`` (when one is its timeline), so host
-    work before a pass is not charged to its first stage."""
-    from serving.disagg.ma import MAPool
+def clock_passes(pool, clock: StageClock) -> None:
+    """Restart ``clock`` at each pass of ``pool``'s pipeline, so host work before a pass
+    (planning, inputs) is not charged to its first stage."""
+    run = pool.pipeline.run
 
-    class ClockedPool(MAPool):
-        def _run_pass(self, per_domain):
-            if isinstance(self.timeline, StageClock):
-                self.timeline.start()
-            return super()._run_pass(per_domain)
+    def run_clocked(per_domain):
+        clock.start()
+        return run(per_domain)
 
-    return ClockedPool
+    pool.pipeline.run = run_clocked
 
 
 def long_requests(count: int, prompt_len: int, max_tokens: int, vocab: int,
@@ -141,7 +140,8 @@ def timed_steps(pool, steps: int) -> list[float]:
 def isolated_step(pool) -> dict:
     """One step with its stages run one by one: attention, expert, comm and host time (ms)."""
     clock = StageClock()
-    pool.timeline = clock
+    pool.timeline = clock  # the pool wraps its stages and services in tracing
+    clock_passes(pool, clock)
     start = time.perf_counter()
     pool.step()
     wall = time.perf_counter() - start
@@ -200,9 +200,12 @@ def medians(rows: list[dict]) -> dict:
 
 
 def build_pool(args):
-    """The MA pool with ``rows`` prefilled requests per attention rank."""
+    """The MA pool (the engine's MA driver) with ``rows`` prefilled requests per attention
+    rank, submitted to each rank's group and stepped through the driver API."""
     from serving.core.dp_group import GroupConfig
     from serving.core.runner import MIN_CONTEXT_TOKENS
+    from serving.disagg.ma import MAPool
+    from serving.disagg.ma_layout import MALayout
     from xds_jax.loading.loader import load_model
 
     block_size = 16
@@ -211,8 +214,8 @@ def build_pool(args):
     config = GroupConfig(num_blocks=args.rows * blocks_per_seq + 1, block_size=block_size,
                          max_num_seqs=args.rows,
                          max_num_batched_tokens=max(256, args.rows * args.prompt_len))
-    pool = clocked_pool_class()(m.params, m.cfg, DEPLOYMENT, config, micro_batches=CONFIGS[0],
-                                capacity=args.capacity)
+    pool = MAPool(m.params, m.cfg, MALayout.load(DEPLOYMENT, m.cfg), config,
+                  micro_batches=CONFIGS[0], capacity=args.capacity)
     requests = long_requests(args.rows * len(pool.groups), args.prompt_len,
                              MIN_CONTEXT_TOKENS - args.prompt_len, m.cfg.vocab_size)
     for i, r in enumerate(requests):  # exactly ``rows`` per rank
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 window[mb][k] += v - before[k]
             isolated[mb] += steady(pool, isolated_step)
             traced[mb] += steady(pool, traced_step)
-    experts = pool.deployment.role("decode_experts").spec.routed_devices
+    experts = len(pool.layout.expert_devices)
     rows_total = args.rows * len(pool.groups)
     results = {}
     for mb in CONFIGS:
@@ -282,14 +285,14 @@ def main(argv: list[str] | None = None) -> int:
         results[mb] = (step, bound, overlap)
         print(json.dumps({
             "engine": "xds-jax", "bench": "ma_pipeline", "model": pool.cfg.model_type,
-            "dtype": "float32", "deployment": pool.deployment.name,
+            "dtype": "float32", "deployment": pool.layout.name,
             "domains": len(pool.domains), "ranks_per_domain": pool.domains[0].num_ranks,
             "expert_devices": experts, "rows_per_rank": args.rows, "micro_batches": mb,
             "step_ms": step, "decode_tok_s": summary([rows_total / s for s in step_s[mb]]),
             **{k: round(v, 3) for k, v in stages.items()}, "bound_ms": round(bound, 3),
             "overlap": {k: round(v, 3) for k, v in overlap.items()},
             "warmup_steps": warm[mb], "window": window[mb],
-            "capacity": pool.stats()["capacity"]}), flush=True)
+            "capacity": pool.capacity.snapshot()}), flush=True)
     step2, bound2, overlap2 = results[CONFIGS[0]]
     ratio = step2["median"] / bound2
     print(json.dumps({"ratios": {

@@ -60,12 +60,13 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
     kind = DecodeGroup if prefill else DPGroup  # decode groups fed by prefill, or colocated
     if layout.spec.is_ma:
         from serving.disagg.ma import MAPool
+        from serving.disagg.ma_layout import MALayout
 
         def factory(index, *args, **kwargs):  # attention groups numbered after prefill's
             return kind(first + index, *args, **kwargs)
 
-        pool = MAPool(params, cfg, layout, decode_config, micro_batches=micro_batches,
-                      timeline=timeline, group_factory=factory)
+        pool = MAPool(params, cfg, MALayout.from_deployment(layout, cfg), decode_config,
+                      micro_batches=micro_batches, timeline=timeline, group_factory=factory)
         decode, drivers = list(pool.groups), [*prefill, pool]
     else:
         devices = _decode_devices(layout)

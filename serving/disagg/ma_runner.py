@@ -242,33 +242,3 @@ class Domain:
                 layer[k] = jax.make_array_from_single_device_arrays(
                     v.shape, v.sharding, [shards[d] for d in self.devices])
 
-
-class RankView:
-    """What a ``DPGroup`` sees of its runner when a domain runs its steps: its own pages,
-    device and compile count. The domain's programs are counted on its rank 0 only, so a sum
-    over groups counts each program once."""
-
-    donate_pages = False  # its pages are shards of the domain's arrays: writers must copy
-
-    def __init__(self, domain: Domain, rank: int):
-        self.domain = domain
-        self.rank = rank
-        self.device = domain.devices[rank]
-
-    @property
-    def pages(self) -> list[dict]:
-        return self.domain.rank_pages(self.rank)
-
-    @pages.setter
-    def pages(self, pages: list[dict]) -> None:
-        self.domain.set_rank_pages(self.rank, pages)
-
-    @property
-    def compile_count(self) -> int:
-        return self.domain.compile_count if self.rank == 0 else 0
-
-    def launch(self, scheduled: list):
-        raise RuntimeError("an MA attention rank's steps are run by its pool (MAPool.step), "
-                           "not by DPGroup.step")
-
-    finish = launch

@@ -1,4 +1,5 @@
-"""A2E/E2A between an attention slice and an expert slice, against the dense MoE."""
+"""A2E/E2A between an attention slice and an expert slice (``collectives.transport`` hops),
+against the dense MoE."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 from collectives.a2e import A2E, A2EError, trampoline_devices
 from collectives.ep_moe import shard_from_host
 from collectives.expert_map import build_expert_map
+from collectives.transport import TrampolineMap
 from tests.collectives.cases import make_experts, make_routing, need_devices
 from xds_jax.model.moe import moe_dense_reference
 
@@ -40,10 +42,20 @@ def test_four_attention_to_four_experts(mode):
     np.testing.assert_allclose(out, ref, **TOL)
 
 
-def test_trampolines_are_spread_and_need_enough_expert_ranks():
+def test_trampolines_are_spread_or_shared_in_rounds():
     assert trampoline_devices(list(range(10)), 6) == [0, 1, 3, 5, 6, 8]
-    with pytest.raises(A2EError, match="direct"):
-        trampoline_devices(list(range(4)), 6)
+    assert trampoline_devices(list(range(4)), 6) == [0, 0, 1, 1, 2, 2]  # 2 rounds
+    tmap = TrampolineMap.spread(5, 3)
+    assert tmap.rounds == 2 and tmap.pairs(0) == [(0, 5), (2, 6), (4, 7)]
+    assert tmap.pairs(1) == [(1, 5), (3, 6)]
+
+
+def test_more_attention_ranks_than_experts_share_trampolines_in_rounds():
+    """5 attention ranks on 3 expert ranks: two rounds of hops, the last trampoline gets
+    one rank (its second-round rows are empty: expert id -1, no capacity used)."""
+    out, ref, a2e = run_a2e(5, 3, mode="trampoline", experts=6, slots=2, tokens=3)
+    np.testing.assert_allclose(out, ref, **TOL)
+    assert a2e.transport.rounds == 2 and a2e.stats.expert_tokens.sum() == 5 * 3 * 2
 
 
 def test_unknown_mode_and_shared_devices_are_errors():

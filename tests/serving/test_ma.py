@@ -1,6 +1,7 @@
-"""MA disaggregated decode: greedy tokens equal the single-device loop's, expert overflow
-re-runs the step, and the recorded timeline shows domains taking turns at the experts and
-micro-batches overlapping attention with the expert round trip."""
+"""MA disaggregated decode through the engine (an ``MAPool`` driver): greedy tokens equal the
+single-device loop's, expert overflow re-runs the step, and the recorded timeline shows
+domains taking turns at the experts and micro-batches overlapping attention with the expert
+round trip."""
 
 import json
 
@@ -9,9 +10,12 @@ import numpy as np
 import pytest
 
 from serving.core.dp_group import GroupConfig
+from serving.core.engine import Engine
+from serving.core.interfaces import Driver, Runner
 from serving.core.request import Request
 from serving.core.timeline import Timeline
 from serving.disagg.ma import MAPool
+from serving.disagg.ma_layout import MALayout
 from sharding.deployment import ExpertSlotsError
 from tests.collectives.cases import need_devices
 from tests.helpers import tiny
@@ -20,6 +24,14 @@ from xds_jax.generate import LocalGenerator
 from xds_jax.sequence import Sequence
 
 CPU16 = "configs/deployments/cpu16-ma.yaml"
+GROUP = GroupConfig(num_blocks=16, max_num_seqs=4, max_num_batched_tokens=64)
+
+
+def run_on_engine(pool: MAPool, requests: list[Request], timeline=None) -> Engine:
+    """The engine with the pool as its only driver runs ``requests`` to the end."""
+    engine = Engine(None, pool.cfg, groups=pool.groups, drivers=[pool], timeline=timeline)
+    engine.run_until_done(requests)
+    return engine
 
 
 def requests_for(vocab: int, count: int, seed: int, max_len: int = 15) -> list[Request]:
@@ -76,18 +88,18 @@ def test_cpu16_ma_matches_reference_and_traces(name, capacity, mode, tmp_path):
     need_devices(16)
     m = tiny(name)
     timeline = Timeline()
-    pool = MAPool(m.params, m.cfg, CPU16, GroupConfig(num_blocks=16, max_num_seqs=4,
-                                                      max_num_batched_tokens=64),
-                  timeline=timeline, capacity=capacity, a2e_mode=mode)
+    pool = MAPool(m.params, m.cfg, MALayout.load(CPU16, m.cfg, a2e_mode=mode), GROUP,
+                  timeline=timeline, capacity=capacity)
+    assert isinstance(pool, Driver) and isinstance(pool.groups[0].runner, Runner)
     assert pool.expert_map.num_redundant == 4  # 8 experts in 6 devices x 2 slots
     requests = requests_for(m.cfg.vocab_size, 18, seed=1)
-    pool.run_until_done(requests)
+    engine = run_on_engine(pool, requests, timeline)
     assert_matches_reference(m.params, m.cfg, requests)
-    stats = pool.stats()
-    assert stats["num_running"] == stats["num_waiting"] == 0
+    stats = engine.stats()
+    assert stats["num_running"] == stats["num_waiting"] == 0 and stats["ma_steps"] > 0
     assert all(g.steps > 0 for g in pool.groups)
     if capacity is not None:
-        assert stats["reruns"] > 0 and max(stats["capacity"].values()) > capacity
+        assert stats["ma_reruns"] > 0 and stats["ma_max_capacity"] > capacity
 
     events = timeline.events
     blocks = expert_blocks(events)
@@ -113,11 +125,9 @@ def traced_run(name: str, layout, count: int, seed: int):
     reference. Returns (model, pool, timeline)."""
     m = tiny(name)
     timeline = Timeline()
-    pool = MAPool(m.params, m.cfg, str(layout), GroupConfig(num_blocks=16, max_num_seqs=4,
-                                                            max_num_batched_tokens=64),
-                  timeline=timeline)
+    pool = MAPool(m.params, m.cfg, MALayout.load(str(layout), m.cfg), GROUP, timeline=timeline)
     requests = requests_for(m.cfg.vocab_size, count, seed=seed)
-    pool.run_until_done(requests)
+    run_on_engine(pool, requests, timeline)
     assert_matches_reference(m.params, m.cfg, requests)
     return m, pool, timeline
 
@@ -133,17 +143,18 @@ def test_shared_expert_on_shared_devices_matches_reference(tmp_path):
                       "  decode_experts:\n    devices: {start: 6, count: 10}\n"
                       "    slots_per_device: 1\n    shared_devices: 2\n")
     m, pool, timeline = traced_run("deepseek_v3", layout, count=8, seed=2)
-    assert pool.stats()["shared_experts_on"] == "shared_devices"
-    assert pool.shared[1].per_shared == 2
+    assert pool.layout.describe()["shared_experts_on"] == "shared_devices"
+    assert pool.parts[1].shared.transport.rounds == 2
     shared = [e for e in timeline.events if e.role == "shared_expert"]
     assert {e.domain for e in shared} == {0, 1} and {e.layer for e in shared} == {1, 2}
+    assert {e.stage[:9] for e in shared} == {"shared_l1", "shared_l2", "shared_a2", "shared_e2"}
 
 
 @pytest.mark.mesh16
 def test_rank_view_pages_are_the_ranks_own_shard():
     need_devices(16)
     m = tiny("deepseek_v3")
-    pool = MAPool(m.params, m.cfg, CPU16, GroupConfig(num_blocks=8))
+    pool = MAPool(m.params, m.cfg, MALayout.load(CPU16, m.cfg), GroupConfig(num_blocks=8))
     assert len(pool.groups) == 6 and [g.index for g in pool.groups] == list(range(6))
     view = pool.groups[4].runner  # domain 1, rank 1
     assert view.device == jax.devices()[4 + 4]
@@ -154,6 +165,11 @@ def test_rank_view_pages_are_the_ranks_own_shard():
     whole = np.asarray(pool.domains[1].caches[0]["c"])
     assert (whole[8:16] == 1).all() and (whole[:8] == 0).all() and (whole[16:] == 0).all()
     assert sum(g.runner.compile_count for g in pool.groups) == 0
+    kv = view.export_kv([2, 5])  # blocks of this rank only, e.g. for a PD arrival
+    assert kv[0]["c"].shape[0] == 2 and (np.asarray(kv[0]["c"]) == 1).all()
+    view.import_kv([0, 7], [{"c": layer["c"] * 3.0} for layer in kv])
+    whole = np.asarray(pool.domains[1].caches[0]["c"])
+    assert (whole[[8, 15]] == 3).all() and (whole[9:15] == 1).all() and (whole[:8] == 0).all()
     pool.groups[0].submit(requests_for(m.cfg.vocab_size, 1, seed=0)[0])
     with pytest.raises(RuntimeError, match="MAPool.step"):
         pool.groups[0].step()  # a rank's steps belong to its pool
@@ -166,7 +182,7 @@ def test_dense_model_runs_its_ffn_on_the_expert_slice(tmp_path):
                       "    domains: 2\n    dp: 2\n  decode_experts:\n"
                       "    devices: {start: 4, count: 4}\n")
     m, pool, timeline = traced_run("llama", layout, count=6, seed=4)
-    assert pool.stats()["dense_ffn_on"] == "expert_devices"
+    assert pool.layout.describe()["dense_ffn_on"] == "expert_devices"
     ffn = [e for e in timeline.events if e.role == "expert"]
     assert {e.layer for e in ffn} == set(range(m.cfg.num_layers))
     assert {e.domain for e in ffn} == {0, 1}
@@ -176,7 +192,7 @@ def test_dense_model_runs_its_ffn_on_the_expert_slice(tmp_path):
                      "    domains: 1\n    dp: 4\n  decode_experts:\n"
                      "    devices: {start: 4, count: 2}\n")
     with pytest.raises(ExpertSlotsError, match="one per attention rank"):
-        MAPool(m.params, m.cfg, str(small))
+        MALayout.load(str(small), m.cfg)
 
 
 @pytest.mark.slow
@@ -188,10 +204,11 @@ def test_cm768_ma_xdeepserve_layout_matches_reference():
     from xds_jax.loading.loader import load_model
 
     m = load_model("configs/models/deepseek-v3-tiny.json", dtype="float32")
-    pool = MAPool(m.params, m.cfg, "configs/deployments/cm768-ma.yaml",
+    layout = MALayout.load("configs/deployments/cm768-ma.yaml", m.cfg)
+    pool = MAPool(m.params, m.cfg, layout,
                   GroupConfig(num_blocks=4, max_num_seqs=2, max_num_batched_tokens=32),
                   capacity=16)
-    assert pool.stats()["shared_experts_on"] == "shared_devices"
+    assert layout.describe()["shared_experts_on"] == "shared_devices"
     requests = requests_for(m.cfg.vocab_size, 3, seed=3, max_len=12)
     for i, r in enumerate(requests):  # one rank in each domain
         pool.groups[160 * i].submit(r)

@@ -114,6 +114,18 @@ class MAPool:
             if layout.shared_devices:
                 part.shared = SharedExperts(mesh, list(layout.shared_devices), params, cfg)
 
+    def expert_side_weights(self) -> list:
+        """Every weight tree placed off the attention ranks, each once: routed-expert slots
+        (shared by the domains on one expert mesh), a dense model's FFN copies and the
+        shared-expert copies (one per domain). What ``xds plan`` counts for the expert slice."""
+        trees, seen = [], set()
+        for part in self.parts:
+            for service in (part.routed, part.ffn, part.shared):
+                if service is not None and id(service.weights) not in seen:
+                    seen.add(id(service.weights))
+                    trees.append(service.weights)
+        return trees
+
     @property
     def timeline(self) -> Timeline | None:
         return self._timeline

@@ -8,6 +8,7 @@ from collections import defaultdict
 import jax
 import pytest
 
+from serving.disagg.ma import MAPool
 from sharding.deployment import read_deployment
 from sharding.placement import abstract_params
 from sharding.plan import plan_deployment
@@ -38,14 +39,12 @@ def engine_bytes(engine) -> tuple[dict, dict, dict]:
             kv.append(runner.caches)
             tokens |= {d: group.config.num_blocks * group.config.block_size
                        for d in runner.devices}
-    pool = next((d for d in engine.drivers if hasattr(d, "domains")), None)
-    if pool is not None:  # MA: serving/disagg/ma.py's placement, specs written by hand there
+    for pool in (d for d in engine.drivers if isinstance(d, MAPool)):
         for dom in pool.domains:
             weights.append(dom.params)
             kv.append(dom.caches)
             tokens |= {d: dom.num_blocks * dom.block_size for d in dom.devices}
-        weights += [pool._experts, [f.weights for f in pool.ffn],
-                    [s.weights for s in pool.shared or []]]
+        weights += pool.expert_side_weights()
     return _bytes_on_devices(weights), _bytes_on_devices(kv), tokens
 
 

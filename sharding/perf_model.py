@@ -257,3 +257,19 @@ def estimate(cfg: ModelConfig, spec: DeploymentSpec, hw: Hardware, *,
         out.append(colocated_decode(cfg, roles["decode"], hw, layout=layout,
                                     batch_per_die=batch_per_die or DECODE_BATCH, **kw))
     return tuple(out)
+
+
+def format_estimates(estimates: tuple[Estimate, ...], model: str, deployment: str) -> str:
+    """One table of stage times (ms) per layout, then iteration, TPOT and tokens/s/chip."""
+    lines = []
+    for e in estimates:
+        lines.append(f"{deployment} / {model} on {e.hardware}: {e.layout} ({e.roles}, "
+                     f"{e.dies} dies = {e.chips:g} chips, batch {e.batch_per_die}/die)")
+        lines += [f"  {k:<12} {v * 1e3:9.3f} ms" for k, v in e.stages.items()]
+        if e.layout == "pd-prefill":
+            lines.append(f"  prefill {e.iteration_s * 1e3:.1f} ms, TTFT {e.tpot_s * 1e3:.1f} ms,"
+                         f" {e.tokens_per_s_per_chip:,.0f} prompt tokens/s/chip")
+        else:
+            lines.append(f"  iteration {e.iteration_s * 1e3:.1f} ms, TPOT {e.tpot_s * 1e3:.1f} "
+                         f"ms, {e.tokens_per_s_per_chip:,.0f} tokens/s/chip")
+    return "\n".join(lines)

@@ -9,7 +9,8 @@ Prefill and decode groups run their MoE layers inside the group (every group hol
 expert), so they have no dispatch buffers. Activations are covered by a flat reserve
 (``RESERVE_FRACTION`` of device memory).
 
-Usage: ``xds plan --model M --deployment D`` or ``python -m sharding.plan ...``.
+Usage: ``xds plan --model M --deployment D`` or ``python -m sharding.plan ...``; with
+``--perf`` it prints ``sharding.perf_model``'s time estimates instead.
 """
 
 from __future__ import annotations

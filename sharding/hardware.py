@@ -90,7 +90,7 @@ CLOUDMATRIX384 = Hardware(
     # GEMMs, 82 GFLOP over the cache, 187 M weights, from the cost analysis).
     attention_overhead_s=220 * MICRO,
     # calibrated: A2E = 172 us at per-die batch 96 over 2 trampoline hops [X §3.3] minus its
-    # bytes (35 us) and link latency terms. Predicts E2A 203 us (paper 193) and EP128
+    # bytes (35 us) and link latency terms. Predicts E2A 207 us (paper 193) and EP128
     # dispatch at batch 128 106 us (paper about 100) [X §3.2].
     hop_overhead_s=67.2 * MICRO,
 )

@@ -9,7 +9,8 @@ Prefill and decode groups run their MoE layers inside the group (every group hol
 expert), so they have no dispatch buffers. Activations are covered by a flat reserve
 (``RESERVE_FRACTION`` of device memory).
 
-Usage: ``xds plan --model M --deployment D`` or ``python -m sharding.plan ...``.
+Usage: ``xds plan --model M --deployment D`` or ``python -m sharding.plan ...``; with
+``--perf`` it prints ``sharding.perf_model``'s time estimates instead.
 """
 
 from __future__ import annotations
@@ -182,6 +183,17 @@ def _load_model(name: str):
     return load_config(name)
 
 
+def _perf(args, cfg, spec: DeploymentSpec) -> int:
+    from sharding.hardware import hardware_preset
+    from sharding.perf_model import estimate, format_estimates
+
+    est = estimate(cfg, spec, hardware_preset(args.hardware), batch_per_die=args.batch_per_die,
+                   context=args.context, mtp_acceptance=args.mtp_acceptance)
+    print(json.dumps([asdict(e) for e in est], indent=1) if args.json
+          else format_estimates(est, args.model, spec.name))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xds plan", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True,
@@ -190,10 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-gib", type=float, help="override memory per device")
     parser.add_argument("--dtype", help="weights and KV dtype (default: the model's)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    perf = parser.add_argument_group("performance model (docs/deployments.md)")
+    perf.add_argument("--perf", action="store_true",
+                      help="estimate iteration time, TPOT and tokens/s per chip instead")
+    perf.add_argument("--hardware", default="cloudmatrix384",
+                      help="cloudmatrix384, h100 or h200 (default: %(default)s)")
+    perf.add_argument("--batch-per-die", type=int, help="default: 96 (MA), 60 (decode)")
+    perf.add_argument("--mtp-acceptance", type=float, default=0.9)
+    perf.add_argument("--context", type=int, default=3072, help="mean KV tokens per sequence")
     args = parser.parse_args(argv)
     try:
         cfg = _load_model(args.model)
         spec = read_deployment(args.deployment)
+        if args.perf:
+            return _perf(args, cfg, spec)
         plan = plan_deployment(cfg, spec, model_name=args.model, memory_gib=args.memory_gib,
                                dtype=args.dtype)
     except (DeploymentError, OSError, ValueError, TypeError) as e:

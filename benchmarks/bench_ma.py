@@ -1,7 +1,8 @@
 """MA pipeline: decode step time against max(attention time, expert time), 16 CPU devices.
 
-The target (``PERFORMANCE.md``): with 2 micro-batches an MA decode step takes at most 1.15x
-the busier of the two slices. The run uses ``configs/deployments/cpu16-ma.yaml`` (2 attention
+The target (the project's performance targets, kept beside the repository in
+shared/PERFORMANCE.md): with 2 micro-batches an MA decode step takes at most 1.15x the busier
+of the two slices. The run uses ``configs/deployments/cpu16-ma.yaml`` (2 attention
 domains x 3 ranks, 6 expert devices; its prefill role is not used by ``MAPool``) and one
 ``MAPool`` holding ``rows`` long-running greedy requests per attention rank (``ignore_eos``,
 no request finishes). After the prefill, and warm-up steps of both configurations until the

@@ -198,7 +198,7 @@ def format_plan(plan: Plan) -> str:
 
 
 def _load_model(name: str):
-    from xds_jax.model.config import load_model_config
+    from xds_jax.model.config_hf import load_model_config
 
     try:
         from xds_jax.loading.loader import resolve

@@ -7,7 +7,7 @@ import pytest
 
 from sharding.deployment import read_deployment
 from sharding.plan import format_plan, main, param_groups, plan_deployment
-from xds_jax.model.config import load_model_config
+from xds_jax.model.config_hf import load_model_config
 
 ROOT = Path(__file__).parents[2]
 TINY_V3 = ROOT / "configs" / "models" / "deepseek-v3-tiny.json"

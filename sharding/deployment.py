@@ -7,7 +7,8 @@ each role a disjoint range of device indices and its parallelism:
 role               mesh axes            parallelism fields
 =================  ===================  ==============================================
 prefill            ``(dp, tp)``         ``dp`` groups x ``tp``
-decode             ``(dp, tp)``         ``dp`` groups (``tp`` defaults to 1); EP over all
+decode             ``(dp, tp)``         ``dp`` groups (``tp`` defaults to 1), each holding
+                                        every expert (no expert parallelism)
 decode_attention   ``(domain, dp)``     ``domains`` x ``dp`` per domain, TP = 1
 decode_experts     ``(ep,)``            ``slots_per_device``, ``redundant_slots``,
                                         ``shared_devices`` (the last ones of the range)
@@ -357,7 +358,9 @@ def build_deployment(spec: DeploymentSpec, devices=None, model=None) -> Deployme
     if spec.num_devices > len(devices):
         raise TooFewDevicesError(
             f"{spec.source}: needs {spec.num_devices} devices, JAX has {len(devices)} "
-            f"(on CPU set XDS_CPU_DEVICES={spec.num_devices} before JAX starts)")
+            f"(on CPU the virtual device count is fixed when JAX starts: build the first "
+            f"LLM of the process with this deployment, which sizes the mesh itself, or set "
+            f"XDS_CPU_DEVICES={spec.num_devices} in the environment before starting Python)")
     roles = {}
     for r in spec.roles.values():
         devs = tuple(devices[i] for i in r.devices.indices())

@@ -45,3 +45,31 @@ def configure_cpu_devices(count: int | None = None) -> int:
                 "first JAX computation (set XDS_CPU_DEVICES in the environment)"
             ) from e
     return count
+
+
+def backends_started() -> bool:
+    """Whether JAX has initialised its backends (after which the device count is fixed)."""
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
+
+
+def ensure_cpu_devices(needed: int) -> int:
+    """Size the virtual CPU mesh for a layout of ``needed`` devices, if JAX has not started.
+
+    The count is the largest of ``needed``, ``$XDS_CPU_DEVICES`` and what was configured
+    before, so a process set up for more keeps them. Once JAX has started nothing changes
+    (a deployment that needs more devices than there are then fails with an error that says
+    how to start over). Returns the count in force, or 0 when it could not be changed. Only the
+    CPU backend reads this setting: on TPU/GPU the real devices are used.
+    """
+    import jax
+
+    if backends_started():
+        return 0
+    env = os.environ.get("XDS_CPU_DEVICES")
+    count = max(needed, int(env) if env and env.isdigit() else 0,
+                jax.config.jax_num_cpu_devices)
+    if count <= 1:
+        return 0
+    return configure_cpu_devices(min(count, MAX_CPU_DEVICES))

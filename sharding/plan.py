@@ -1,11 +1,13 @@
 """``xds plan``: bytes per device and the largest batch and context a deployment fits.
 
-Per role: parameter bytes per device under the partition rules (TP splits heads, MLP and
-vocab; experts are spread over slots), KV bytes per token per device, the fixed dispatch
-buffers (send + receive, dispatch + combine, first capacity bucket; decode steps carry one
-token per sequence, prefill steps a ``PREFILL_CHUNK``-token chunk), and from the memory
+Per role, from the engine's placement (``sharding.placement``: the partition rules over
+``jax.eval_shape`` of the parameter tree and KV pages): weight bytes on each device, KV
+bytes per token per device, the fixed dispatch buffers of the expert slice (send + receive,
+dispatch + combine, first capacity bucket, for the attention batch), and from the memory
 left the largest batch at the model's full context and the longest context at batch 1.
-Activations are covered by a flat reserve (``RESERVE_FRACTION`` of device memory).
+Prefill and decode groups run their MoE layers inside the group (every group holds every
+expert), so they have no dispatch buffers. Activations are covered by a flat reserve
+(``RESERVE_FRACTION`` of device memory).
 
 Usage: ``xds plan --model M --deployment D`` or ``python -m sharding.plan ...``.
 """
@@ -14,15 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass
+from itertools import groupby
+
+import jax.numpy as jnp
 
 from sharding.deployment import DeploymentError, DeploymentSpec, RoleSpec, read_deployment
+from sharding.placement import abstract_params, kv_bytes_per_device, weight_bytes_by_device
 
 RESERVE_FRACTION = 0.1
-PREFILL_CHUNK = 2048  # tokens per prefill DP group per step, for the dispatch buffers
-_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 1 << 30
 
 
@@ -31,13 +34,19 @@ class RolePlan:
     role: str
     devices: str  # "start..stop-1"
     mesh: dict
-    param_bytes: int
+    param_bytes: int  # on the role's fullest device
     kv_bytes_per_token: int
     dispatch_bytes: int
     free_bytes: int
     max_batch: int  # sequences per device at the model's full context
     max_context: int  # tokens of one sequence per device (capped at the model's maximum)
     note: str = ""
+    # (devices, bytes) runs in device order: the weight bytes of every device of the role
+    param_bytes_by_device: tuple[tuple[int, int], ...] = ()
+
+    def weight_bytes(self) -> list[int]:
+        """Weight bytes of each device of the role, in device order."""
+        return [b for count, b in self.param_bytes_by_device for _ in range(count)]
 
 
 @dataclass(frozen=True)
@@ -49,44 +58,6 @@ class Plan:
     roles: tuple[RolePlan, ...]
 
 
-def param_groups(cfg) -> dict[str, int]:
-    """Parameter counts by how they shard: attention, dense MLP, vocab, replicated, experts."""
-    d, h = cfg.hidden_size, cfg.num_heads
-    if cfg.mla is not None:
-        m = cfg.mla
-        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
-        q = (d * m.q_lora_rank + m.q_lora_rank * h * qk + m.q_lora_rank) if m.q_lora_rank \
-            else d * h * qk
-        attn = (q + d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank
-                + m.kv_lora_rank * h * (m.qk_nope_head_dim + m.v_head_dim) + h * m.v_head_dim * d)
-    else:
-        attn = d * h * cfg.head_dim + 2 * d * cfg.num_kv_heads * cfg.head_dim \
-            + h * cfg.head_dim * d
-    moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
-    dense_layers = cfg.num_layers - len(moe_layers)
-    groups = {
-        "attention": attn * cfg.num_layers,
-        "dense_mlp": 3 * d * cfg.intermediate_size * dense_layers,
-        "vocab": cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2),
-        "replicated": 2 * d * cfg.num_layers + d,
-        "expert": 0,  # one routed expert, all MoE layers
-        "shared_experts": 0,
-    }
-    if cfg.moe is not None:
-        e = cfg.moe
-        groups["replicated"] += (d * e.num_experts + e.num_experts) * len(moe_layers)
-        groups["expert"] = 3 * d * e.moe_intermediate_size * len(moe_layers)
-        groups["shared_experts"] = 3 * d * e.shared_intermediate_size * len(moe_layers)
-    return groups
-
-
-def _kv_per_token(cfg, tp: int, item: int) -> int:
-    if cfg.mla is not None:
-        return cfg.kv_bytes_per_token(item)  # one latent head: replicated over TP
-    heads = cfg.num_kv_heads // tp if cfg.num_kv_heads % tp == 0 else 1
-    return 2 * heads * cfg.head_dim * cfg.num_layers * item
-
-
 def _dispatch_bytes(tokens: int, top_k: int, ranks: int, hidden: int, item: int) -> int:
     from collectives.ep_moe import capacity_buckets
 
@@ -94,77 +65,81 @@ def _dispatch_bytes(tokens: int, top_k: int, ranks: int, hidden: int, item: int)
     return 4 * ranks * cap * hidden * item  # send + recv, dispatch + combine
 
 
-def _fit(mem: int, params: int, kv_token: int, max_pos: int, dispatch_for) -> tuple:
-    """(max_batch, max_context, dispatch_bytes, free) with dispatch sized for that batch."""
-    batch, disp = 1, dispatch_for(1)
-    for _ in range(8):  # dispatch buffers grow with the batch they carry
-        free = int(mem * (1 - RESERVE_FRACTION)) - params - disp
-        new_batch = max(free // (kv_token * max_pos), 0) if kv_token else 0
-        if new_batch == batch:
-            break
-        batch, disp = new_batch, dispatch_for(max(new_batch, 1))
-    free = int(mem * (1 - RESERVE_FRACTION)) - params - disp
-    context = min(max_pos, max(free // kv_token, 0)) if kv_token else 0
-    return batch, context, disp, free
+def _fit(mem: int, params: int, kv_token: int, max_pos: int) -> tuple[int, int, int]:
+    """(max_batch, max_context, free bytes)."""
+    free = int(mem * (1 - RESERVE_FRACTION)) - params
+    if not kv_token:
+        return 0, 0, free
+    return max(free // (kv_token * max_pos), 0), min(max_pos, max(free // kv_token, 0)), free
 
 
-def _role_plan(cfg, spec: DeploymentSpec, role: RoleSpec, item: int, mem: int) -> RolePlan:
-    g = param_groups(cfg)
+def _note(cfg, spec: DeploymentSpec, role: RoleSpec, by_device: list[int]) -> str:
     moe = cfg.moe
-    k = moe.num_experts_per_tok if moe else 0
-    n = role.devices.count
+    experts = f"all {moe.num_experts} experts, " if moe else ""
+    if role.name == "prefill":
+        return (f"{role.dp} group(s) x TP={role.tp}: heads and MLP/expert widths split over "
+                f"TP; each group holds {experts}the whole vocabulary and its own KV")
+    if role.name == "decode":
+        return (f"{role.dp} group(s), each on {role.tp} device(s) holding the whole model: "
+                f"{experts}the whole vocabulary and its own KV (no expert parallelism)")
+    if role.name == "decode_attention":
+        shared = bool(moe and moe.num_shared_experts)
+        extra = ("; the shared-expert program on the shared devices keeps a second copy of "
+                 "the shared experts here" if shared and spec.roles["decode_experts"]
+                 .shared_devices else "")
+        return (f"{role.domains} domain(s) x {role.dp} DP ranks (TP = 1), each holding every "
+                f"weight but the routed experts{' (shared experts included)' if shared else ''}"
+                f" and its own KV{extra}")
+    if moe is None:
+        used = sum(1 for b in by_device if b)
+        return (f"dense FFN of every layer replicated on {used} trampoline device(s), one "
+                f"copy per domain; {role.devices.count - used} device(s) idle")
+    slots = role.resolved_slots_per_device(moe.num_experts)
+    return (f"{role.routed_devices} x {slots} slots = {role.routed_devices * slots} for "
+            f"{moe.num_experts} experts" + (f", {role.shared_devices} shared-expert devices "
+                                            "(a copy per domain)" if role.shared_devices
+                                            else ""))
+
+
+def _role_plan(cfg, spec: DeploymentSpec, role: RoleSpec, params, dtype, mem: int,
+               attn_batch: int) -> RolePlan:
     rng = f"{role.devices.start}..{role.devices.stop - 1}"
     mesh = dict(zip(role.mesh_axes, role.mesh_shape, strict=True))
-    experts_role = spec.roles.get("decode_experts")
-    if role.name in ("prefill", "decode"):
-        tp = role.tp
-        slots = math.ceil(moe.num_experts / n) if moe else 0
-        params = ((g["attention"] + g["dense_mlp"] + g["vocab"] + g["shared_experts"]) // tp
-                  + g["replicated"] + slots * g["expert"])
-        kv = _kv_per_token(cfg, tp, item)
-        # Tokens per rank per step: decode carries one per sequence; a prefill step carries a
-        # chunk of PREFILL_CHUNK tokens per DP group, split over its TP ranks.
-        prefill_rank = math.ceil(PREFILL_CHUNK / tp)
-        per_rank = (lambda b: prefill_rank) if role.name == "prefill" else (lambda b: b)
-        disp = (lambda b: _dispatch_bytes(per_rank(b), k, n, cfg.hidden_size, item)) if moe \
-            else (lambda b: 0)
-        note = f"EP over {n} devices, {slots} expert(s) per device" if moe else ""
-    elif role.name == "decode_attention":
-        shared_here = experts_role is None or experts_role.shared_devices == 0
-        params = (g["attention"] + g["dense_mlp"] + g["vocab"] + g["replicated"]
-                  + (g["shared_experts"] if shared_here else 0))
-        kv = _kv_per_token(cfg, 1, item)
-        disp = lambda b: 0  # noqa: E731 - A2E hop buffers are the batch itself
-        note = f"{role.domains} domains x {role.dp} DP" + (", shared experts here"
-                                                            if shared_here and moe else "")
-    else:
-        slots = role.resolved_slots_per_device(moe.num_experts) if moe else 0
-        routed = slots * g["expert"]
-        params = max(routed, g["shared_experts"] if role.shared_devices else 0)
-        attn = spec.roles["decode_attention"]
-        attn_plan = _role_plan(cfg, spec, attn, item, mem)
-        disp_b = _dispatch_bytes(max(attn_plan.max_batch, 1), k, n, cfg.hidden_size, item)
-        free = int(mem * (1 - RESERVE_FRACTION)) - params - disp_b
-        note = (f"{role.routed_devices} x {slots} slots = {role.routed_devices * slots} for "
-                f"{moe.num_experts if moe else 0} experts"
-                + (f", {role.shared_devices} shared-expert devices" if role.shared_devices
-                   else "") + f"; buffers for {attn_plan.max_batch} tokens per trampoline")
-        return RolePlan(role.name, rng, mesh, params * item, 0, disp_b, free, 0, 0, note)
-    batch, context, disp_b, free = _fit(mem, params * item, kv, cfg.max_position_embeddings,
-                                        disp)
-    return RolePlan(role.name, rng, mesh, params * item, kv, disp_b, free, batch, context, note)
+    by_device = list(weight_bytes_by_device(cfg, spec, role, params))
+    runs = tuple((len(list(g)), b) for b, g in groupby(by_device))
+    weights = max(by_device)
+    kv = kv_bytes_per_device(cfg, role, 1, 1, dtype)
+    disp = 0
+    if role.name == "decode_experts" and cfg.moe is not None:
+        disp = _dispatch_bytes(max(attn_batch, 1), cfg.moe.num_experts_per_tok,
+                               role.routed_devices, cfg.hidden_size, jnp.dtype(dtype).itemsize)
+    batch, context, free = _fit(mem, weights + disp, kv, cfg.max_position_embeddings)
+    note = _note(cfg, spec, role, by_device)
+    if role.name == "decode_experts" and cfg.moe is not None:
+        note += f"; buffers for {attn_batch} tokens per trampoline"
+    return RolePlan(role.name, rng, mesh, weights, kv, disp, free, batch, context, note, runs)
 
 
 def plan_deployment(model_cfg, deployment, *, model_name: str = "model",
-                    memory_gib: float | None = None) -> Plan:
-    """Plan a ``DeploymentSpec`` (or ``Deployment``) for a ``ModelConfig``."""
+                    memory_gib: float | None = None, dtype=None, params=None) -> Plan:
+    """Plan a ``DeploymentSpec`` (or ``Deployment``) for a ``ModelConfig``.
+
+    ``dtype`` defaults to the model's; ``params`` is the abstract parameter tree (default
+    the one a loader makes from the config, without MTP blocks; pass
+    ``jax.eval_shape(lambda: params)`` of a loaded tree to plan exactly that).
+    """
     spec = getattr(deployment, "spec", deployment)
     spec.check_model(model_cfg)
-    item = _ITEMSIZE.get(model_cfg.dtype, 2)
+    dtype = jnp.dtype(dtype or model_cfg.dtype)
+    params = params if params is not None else abstract_params(model_cfg, dtype)
     mem = int((memory_gib or spec.memory_per_device_gib) * GIB)
-    roles = tuple(_role_plan(model_cfg, spec, r, item, mem)
+    attn = spec.roles.get("decode_attention")
+    attn_batch = 0
+    if attn is not None:
+        attn_batch = _role_plan(model_cfg, spec, attn, params, dtype, mem, 0).max_batch
+    roles = tuple(_role_plan(model_cfg, spec, r, params, dtype, mem, attn_batch)
                   for r in sorted(spec.roles.values(), key=lambda r: r.devices.start))
-    return Plan(model_name, spec.name, model_cfg.dtype, mem, roles)
+    return Plan(model_name, spec.name, dtype.name, mem, roles)
 
 
 def _b(n: int) -> str:
@@ -186,7 +161,9 @@ def format_plan(plan: Plan) -> str:
         kv = _b(r.kv_bytes_per_token) if r.kv_bytes_per_token else "-"
         batch = str(r.max_batch) if r.kv_bytes_per_token else "-"
         ctx = str(r.max_context) if r.kv_bytes_per_token else "-"
-        rows.append((r.role, r.devices, mesh, _b(r.param_bytes), kv, _b(r.dispatch_bytes),
+        low = min(r.weight_bytes(), default=r.param_bytes)
+        weights = _b(r.param_bytes) if low == r.param_bytes else f"{_b(low)}..{_b(r.param_bytes)}"
+        rows.append((r.role, r.devices, mesh, weights, kv, _b(r.dispatch_bytes),
                      _b(r.free_bytes), batch, ctx))
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     lines = [head, ""] + ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
@@ -198,29 +175,28 @@ def format_plan(plan: Plan) -> str:
 
 
 def _load_model(name: str):
-    from xds_jax.model.config_hf import load_model_config
+    """Config of every model form ``LLM`` reads: a registered name, an HF directory, a
+    ``.gguf`` file or a bare ``config.json``."""
+    from xds_jax.loading.loader import load_config
 
-    try:
-        from xds_jax.loading.loader import resolve
-
-        path = resolve(name)
-    except ImportError:
-        path = name
-    return load_model_config(path)
+    return load_config(name)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xds plan", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="config.json (or its directory)")
+    parser.add_argument("--model", required=True,
+                        help="model as LLM takes it: name, HF directory, .gguf or config.json")
     parser.add_argument("--deployment", required=True, help="deployment YAML")
     parser.add_argument("--memory-gib", type=float, help="override memory per device")
+    parser.add_argument("--dtype", help="weights and KV dtype (default: the model's)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
     try:
         cfg = _load_model(args.model)
         spec = read_deployment(args.deployment)
-        plan = plan_deployment(cfg, spec, model_name=args.model, memory_gib=args.memory_gib)
-    except (DeploymentError, OSError, ValueError) as e:
+        plan = plan_deployment(cfg, spec, model_name=args.model, memory_gib=args.memory_gib,
+                               dtype=args.dtype)
+    except (DeploymentError, OSError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(asdict(plan), indent=1) if args.json else format_plan(plan))

@@ -1,30 +1,62 @@
 """Logical axes to mesh axes, per role: the one table of partition rules.
 
-Arrays are annotated with logical axis names (``batch``, ``vocab``, ``embed``, ``heads``,
-``kv_heads``, ``mlp``, ``experts``; ``None`` for an unsharded dim). The rules say which
-mesh axes of a role's mesh split each logical axis. ``experts`` means physical expert
-slots (``collectives.expert_map``), so expert parallelism always divides evenly.
+Arrays carry logical axis names (``sharding.logical``). Each role has one rules table in
+Flax's format, ``(logical axis, mesh axes)`` pairs, resolved by
+``flax.linen.logical_to_mesh_axes`` as in MaxText (a mesh axis splits at most one dim of an
+array). Every table lists every logical axis, so it reads as the whole picture of the role:
+
+=============  ==================  ==================  ==================  ==================
+logical        prefill             decode              decode_attention    decode_experts
+=============  ==================  ==================  ==================  ==================
+batch          dp                  dp                  (domain, dp)        -
+kv_pages       dp                  dp                  (domain, dp)        -
+heads          tp                  tp                  -                   -
+kv_heads       tp                  tp                  -                   -
+mlp            tp                  tp                  -                   -
+expert_slots   -                   -                   -                   ep
+anything else  -                   -                   -                   -
+=============  ==================  ==================  ==================  ==================
+
+What that means for the engine: a prefill group (one ``dp`` row) splits attention heads and
+MLP / shared / routed expert widths over its ``tp`` devices and holds every expert, the
+whole vocabulary and its own KV pages; a decode group (TP = 1) holds the whole model, every
+expert included, and its own pages (expert parallelism in decode groups is not done); an
+attention rank holds every weight but the routed experts, and its own pages; the expert
+slice spreads physical expert slots over its routed devices.
+
+Programs run on a slice of the role mesh (a prefill group's ``("tp",)`` row, an attention
+domain's ``("dp",)`` row): mesh axes the slice lacks have size 1 there and are dropped. A
+dim whose units (heads for a heads dim, else its size) the mesh axes do not divide is
+replicated, e.g. 2 KV heads under TP = 4 keep a full copy on every TP rank.
 """
 
 from __future__ import annotations
 
+import math
+
+import jax
+from flax.linen import logical_to_mesh_axes
 from jax.sharding import NamedSharding, PartitionSpec
 
-LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "kv_heads", "mlp", "experts")
+from sharding.logical import LOGICAL_AXES
 
-_TP = {"batch": "dp", "vocab": "tp", "embed": None, "heads": "tp", "kv_heads": "tp",
-       "mlp": "tp", "experts": ("dp", "tp")}
+MeshAxes = str | tuple[str, ...] | None
 
-RULES: dict[str, dict[str, str | tuple[str, ...] | None]] = {
-    # Prefill and colocated decode: DP groups of TP; experts parallel over the whole role.
+
+def _table(**split: MeshAxes) -> tuple[tuple[str, MeshAxes], ...]:
+    """Every logical axis, ``None`` unless ``split`` names its mesh axes."""
+    unknown = set(split) - set(LOGICAL_AXES)
+    assert not unknown, unknown
+    return tuple((name, split.get(name)) for name in LOGICAL_AXES)
+
+
+_TP = _table(batch="dp", kv_pages="dp", heads="tp", kv_heads="tp", mlp="tp")
+
+RULES: dict[str, tuple[tuple[str, MeshAxes], ...]] = {
     "prefill": _TP,
     "decode": _TP,
-    # Attention ranks hold full replicas of the dense weights (TP = 1); batch over all.
-    "decode_attention": {"batch": ("domain", "dp"), "vocab": None, "embed": None,
-                         "heads": None, "kv_heads": None, "mlp": None, "experts": None},
-    # The expert slice holds slots; tokens arrive through A2E, not as a sharded batch.
-    "decode_experts": {"batch": None, "vocab": None, "embed": None, "heads": None,
-                       "kv_heads": None, "mlp": None, "experts": "ep"},
+    "decode_attention": _table(batch=("domain", "dp"), kv_pages=("domain", "dp")),
+    "decode_experts": _table(expert_slots="ep"),
 }
 
 
@@ -32,41 +64,52 @@ class ShardingRuleError(KeyError):
     """Unknown role or logical axis."""
 
 
-def mesh_axes_for(role: str, logical: str | None):
-    if logical is None:
-        return None
+def rules_for(role: str) -> tuple[tuple[str, MeshAxes], ...]:
     if role not in RULES:
         raise ShardingRuleError(f"no partition rules for role {role!r}; roles: {sorted(RULES)}")
-    if logical not in RULES[role]:
-        raise ShardingRuleError(f"unknown logical axis {logical!r}; axes: {LOGICAL_AXES}")
-    return RULES[role][logical]
+    return RULES[role]
 
 
-def _size(mesh_shape: dict, axes) -> int:
-    names = (axes,) if isinstance(axes, str) else axes
-    size = 1
-    for a in names:
-        size *= mesh_shape[a]
-    return size
+def _names(axes: MeshAxes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def logical_to_spec(role: str, logical: tuple[str | None, ...], shape=None,
-                    mesh_shape: dict | None = None) -> PartitionSpec:
-    """PartitionSpec for an array with these logical axes on ``role``'s mesh.
+                    mesh_shape: dict | None = None, units: dict | None = None) -> PartitionSpec:
+    """PartitionSpec for an array with these logical axes on (a slice of) ``role``'s mesh.
 
-    With ``shape`` and ``mesh_shape`` a dim the mesh axes do not divide is replicated
-    (e.g. 2 KV heads under TP = 4 keep a full copy on every TP rank).
+    With ``mesh_shape``, mesh axes it lacks (or of size 1) are dropped; with ``shape`` too,
+    a dim the remaining axes do not divide is replicated (``units`` gives a logical axis's
+    count in whole units, e.g. heads, when that is not the dim's size).
     """
+    for name in logical:
+        if name is not None and name not in LOGICAL_AXES:
+            raise ShardingRuleError(f"unknown logical axis {name!r}; axes: {LOGICAL_AXES}")
+    spec = logical_to_mesh_axes(logical, rules_for(role))
     out = []
-    for i, name in enumerate(logical):
-        axes = mesh_axes_for(role, name)
-        if axes is not None and shape is not None and mesh_shape is not None:
-            if shape[i] % _size(mesh_shape, axes):
-                axes = None
-        out.append(axes)
+    for i, (name, axes) in enumerate(zip(logical, spec, strict=True)):
+        names = _names(axes)
+        if mesh_shape is not None:
+            names = tuple(a for a in names if mesh_shape.get(a, 1) > 1)
+            if names and shape is not None:
+                count = (units or {}).get(name, shape[i])
+                if count % math.prod(mesh_shape[a] for a in names):
+                    names = ()
+        out.append(None if not names else names[0] if len(names) == 1 else names)
     return PartitionSpec(*out)
 
 
-def named_sharding(mesh, role: str, logical: tuple[str | None, ...], shape=None) -> NamedSharding:
-    """``NamedSharding`` on ``mesh`` (the role's mesh) for the given logical axes."""
-    return NamedSharding(mesh, logical_to_spec(role, logical, shape, dict(mesh.shape)))
+def named_sharding(mesh, role: str, logical: tuple[str | None, ...], shape=None,
+                   units: dict | None = None) -> NamedSharding:
+    """``NamedSharding`` on ``mesh`` (the role's mesh, a slice of it, or an
+    ``AbstractMesh``) for the given logical axes."""
+    return NamedSharding(mesh, logical_to_spec(role, logical, shape, dict(mesh.shape), units))
+
+
+def tree_shardings(mesh, role: str, logical_tree, arrays, units: dict | None = None):
+    """A ``NamedSharding`` per leaf of ``arrays`` (arrays or ``ShapeDtypeStruct``s), from the
+    matching leaf of ``logical_tree`` (tuples of logical axes)."""
+    return jax.tree.map(lambda axes, a: named_sharding(mesh, role, axes, a.shape, units),
+                        logical_tree, arrays, is_leaf=lambda x: isinstance(x, tuple))

@@ -8,17 +8,19 @@
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Sequence as Seq
 from typing import Any
 
 from xds_jax.compile_cache import enable_compilation_cache
 from xds_jax.engine_config import DEFAULTS, EngineConfig
-from xds_jax.errors import ConfigError, PromptTooLongError, XdsError
+from xds_jax.errors import ConfigError, PromptTooLongError, SamplingParamsError, XdsError
 from xds_jax.loading.loader import load_model
 from xds_jax.outputs import RequestMetrics, RequestOutput
 from xds_jax.sampling.params import SamplingParams
 from xds_jax.sequence import Sequence
+from xds_jax.text.tokenizer import chat_template_options
 
 
 class InvalidPromptError(XdsError, ValueError):
@@ -48,8 +50,9 @@ class LLM:
             config = config or EngineConfig(model=model, **options)
         except TypeError as e:  # an unknown keyword: name it
             raise ConfigError(f"LLM: {e}; the options are EngineConfig's fields") from None
-        self.config = config
         enable_compilation_cache()
+        self.config = config = _read_deployment(config)
+        _size_cpu_devices(config)
         loaded = load_model(config.model, dtype=config.dtype, seed=config.seed,
                             use_cache=config.use_param_cache)
         self.model_name = loaded.name
@@ -109,6 +112,12 @@ class LLM:
                 f"prompt token ids {bad[:5]} are outside the vocabulary "
                 f"(0..{self.cfg.vocab_size - 1})"
             )
+        bad_stops = [t for t in params.stop_token_ids if t >= self.cfg.vocab_size]
+        if bad_stops:
+            raise SamplingParamsError(
+                f"stop_token_ids {bad_stops[:5]} are outside the vocabulary "
+                f"(0..{self.cfg.vocab_size - 1})"
+            )
         need = len(ids) + (params.max_tokens or 1)
         if len(ids) >= self.max_model_len or need > self.max_model_len:
             raise PromptTooLongError(
@@ -120,11 +129,10 @@ class LLM:
     def make_sequences(self, prompt_ids: list[int], params: SamplingParams) -> list[Sequence]:
         """The ``n`` sequences of one request (seeded requests get seeds seed, seed+1, ...)."""
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else self.cfg.eos_token_ids
-        base = params.request_seed()
         return [
-            Sequence(prompt_ids, params, index=i, seed=base + i, tokenizer=self.tokenizer,
+            Sequence(prompt_ids, params, index=i, seed=seed, tokenizer=self.tokenizer,
                      eos_token_ids=eos, max_model_len=self.max_model_len)
-            for i in range(params.n)
+            for i, seed in enumerate(params.sample_seeds())
         ]
 
     # -- API ----------------------------------------------------------------------------------
@@ -162,10 +170,10 @@ class LLM:
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = []
         for conversation in conversations:
+            add_prompt, kwargs = chat_template_options(add_generation_prompt,
+                                                       chat_template_kwargs)
             text = self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt,
-                **(chat_template_kwargs or {}),
-            )
+                conversation, add_generation_prompt=add_prompt, **kwargs)
             # The template already holds BOS where the model wants it.
             ids = self.tokenizer.encode(text, add_special_tokens=False)
             prompts.append({"prompt": text, "prompt_token_ids": ids})
@@ -183,3 +191,25 @@ class LLM:
                 f"got {len(params)} SamplingParams for {count} prompts; pass one or one each"
             )
         return params
+
+
+def _read_deployment(config: EngineConfig) -> EngineConfig:
+    """``config`` with its deployment file parsed (once, here: no JAX needed)."""
+    if not isinstance(config.deployment, str | os.PathLike):
+        return config
+    from sharding.deployment import read_deployment
+
+    return config.replace(deployment=read_deployment(config.deployment))
+
+
+def _size_cpu_devices(config: EngineConfig) -> None:
+    """Before JAX starts, give the CPU backend the virtual devices the layout needs (the
+    device count cannot change later in the process)."""
+    from sharding.devices import backends_started, ensure_cpu_devices
+
+    if backends_started():
+        return
+    needed = config.num_dp_groups
+    if config.deployment is not None:
+        needed = max(needed, config.deployment.num_devices)
+    ensure_cpu_devices(needed)

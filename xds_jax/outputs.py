@@ -52,3 +52,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     metrics: RequestMetrics | None = None
+    error: str | None = None  # set when the engine failed this request (finish reason abort)

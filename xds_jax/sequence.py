@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 
 from xds_jax.outputs import CompletionOutput, Logprob
-from xds_jax.sampling.params import SamplingParams
+from xds_jax.sampling.params import SamplingParams, device_seed
 from xds_jax.text.detokenizer import IncrementalDetokenizer
 from xds_jax.text.stop_strings import first_stop, held_back_length
 
@@ -26,7 +26,7 @@ class Sequence:
         self.index = index
         self.prompt_ids = list(prompt_ids)
         self.params = params
-        self.seed = params.request_seed() if seed is None else seed
+        self.seed = device_seed(params.request_seed() if seed is None else seed)
         self.output_ids: list[int] = []
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0

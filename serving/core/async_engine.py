@@ -22,6 +22,10 @@ class QueueFullError(RuntimeError):
     """Too many requests are waiting; the caller should retry later (HTTP 429)."""
 
 
+class RequestFailedError(RuntimeError):
+    """The engine failed this one request (it kept serving the others)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineArgs(EngineConfig):
     """How to build an ``AsyncEngine`` (the server's and CLI's options): the engine's
@@ -84,6 +88,8 @@ class AsyncEngine:
             self.engine.submit(request)
             while True:
                 out = await outputs.get()
+                if out.error is not None:
+                    raise RequestFailedError(f"request {request_id} failed: {out.error}")
                 yield out
                 if out.finished:
                     return

@@ -89,6 +89,9 @@ class DPGroup:
         self.generated_tokens = 0
         self.last_batch = (0, 0)  # (sequences, tokens) of the latest step
         self.last_heartbeat = time.monotonic()
+        self.rollbacks = 0  # steps undone because they raised
+        self.requests_failed = 0  # requests ended alone with an error, the group serving on
+        self._suspects: list[str] = []  # requests of a failed step, each to run alone once
         self._wake = threading.Event()
         # What each inbox message type does here; a subclass adds its own types.
         self._handlers: dict[type, Callable[[Any], None]] = {
@@ -162,12 +165,17 @@ class DPGroup:
         return bool(self.requests) or not self.inbox.empty()
 
     def step(self) -> bool:
-        """Run one scheduled step; False when there was nothing to do."""
+        """Run one scheduled step; False when there was nothing to do. A step that raises is
+        rolled back (``step_failed``) and the group goes on serving."""
         out = self.plan()
         if out is None:
             return False
         start = time.perf_counter()
-        self.runner.finish(self.runner.launch(out.scheduled))
+        try:
+            self.runner.finish(self.runner.launch(out.scheduled))
+        except Exception as error:  # one request's bad input must not stop the group
+            self.step_failed(out, error)
+            return True
         if self.timeline is not None:
             self.timeline.span(self.role, "step", start, time.perf_counter(),
                                stream=f"{self.role}{self.index}",
@@ -184,7 +192,7 @@ class DPGroup:
         self._before_schedule()
         if not self.requests:
             return None
-        out = self.scheduler.schedule()
+        out = self.scheduler.schedule(only=self._isolated())
         if not out.scheduled:
             return None
         now = time.monotonic()
@@ -193,6 +201,48 @@ class DPGroup:
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = now
         return out
+
+    def _isolated(self) -> set[int] | None:
+        """While requests of a failed step are suspect, the sequences of the first one still
+        here: it runs alone, so a failure names one request. None when nothing is suspect."""
+        while self._suspects and self._suspects[0] not in self.requests:
+            self._suspects.pop(0)
+        if not self._suspects:
+            return None
+        return {s.seq_id for s in self.requests[self._suspects[0]].seqs}
+
+    def step_failed(self, out: SchedulerOutput, error: Exception) -> None:
+        """A step raised before its tokens were recorded: roll it back (its sequences are
+        recomputed from their tokens) and find the request at fault. A step of one request
+        fails that request alone; a step of several makes each suspect, to run alone next."""
+        culprits = list({id(r): r for s in out.scheduled
+                         if (r := self._owners.get(s.seq.seq_id)) is not None}.values())
+        self.scheduler.roll_back(out)
+        self.rollbacks += 1
+        log.warning("DP group %d: a step of %d request(s) failed (%s: %s); rolled back",
+                    self.index, len(culprits), type(error).__name__, error)
+        if len(culprits) == 1:
+            self.fail_request(culprits[0], error)
+        else:
+            ids = [r.request_id for r in culprits]
+            self._suspects = ids + [i for i in self._suspects if i not in ids]
+
+    def fail_request(self, request: Request, error: Exception) -> None:
+        """End one request with an error while the group keeps serving the others."""
+        log.error("DP group %d: request %s failed: %s: %s", self.index, request.request_id,
+                  type(error).__name__, error, exc_info=error)
+        self.requests_failed += 1
+        self._forget(request)
+        for seq in request.seqs:
+            if not seq.finished:
+                self.scheduler.abort(seq.seq_id)
+        request.fail(f"{type(error).__name__}: {error}")
+        request.metrics.finished_time = time.monotonic()
+        try:
+            self._emit(request)
+        except Exception:  # the caller's callback is broken too: nothing more to tell it
+            log.exception("DP group %d: could not report the failure of %s", self.index,
+                          request.request_id)
 
     def _before_schedule(self) -> None:
         """Hook: work a subclass does at the top of each step (KV transfers in PD)."""
@@ -207,9 +257,15 @@ class DPGroup:
         now = time.monotonic()
         touched = {s.seq.seq_id: self._owners[s.seq.seq_id] for s in out.scheduled
                    if s.is_last_chunk}
+        if self._suspects and self._suspects[0] in {r.request_id for r in touched.values()}:
+            self._suspects.pop(0)  # ran alone without failing: no longer suspect
         for request in {id(r): r for r in touched.values()}.values():
             request.mark_tokens(now)
-            self._emit(request)
+            try:
+                self._emit(request)
+            except Exception as error:  # detokenizing or reporting this request failed
+                self.fail_request(request, error)
+                continue
             if request.finished:
                 self._forget(request)
         self._after_step(out)

@@ -28,6 +28,7 @@ class Request:
     metrics: RequestMetrics = dataclasses.field(
         default_factory=lambda: RequestMetrics(arrival_time=time.monotonic())
     )
+    error: str | None = None  # why the engine failed this request, if it did
     _sent_text: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -37,6 +38,11 @@ class Request:
     def abort(self) -> None:
         for s in self.seqs:
             s.abort()
+
+    def fail(self, error: str) -> None:
+        """End the request because processing it raised (finish reason "abort", ``error``)."""
+        self.error = error
+        self.abort()
 
     def mark_tokens(self, now: float) -> None:
         """Record first/last token times after a step that produced tokens."""
@@ -57,5 +63,5 @@ class Request:
             outputs.append(dataclasses.replace(out, text=self._sent_text[i])
                            if not s.finished else out)
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outputs,
-                             finished=self.finished, metrics=self.metrics)
+                             finished=self.finished, metrics=self.metrics, error=self.error)
 

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from collectives.p2p import gather_blocks, scatter_blocks_donated
-from sharding.params import kv_page_sharding, param_shardings, tp_mesh
+from sharding.params import kv_page_shardings, param_shardings, tp_mesh
 from xds_jax.generate import bucket, model_step, sample_rows
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.reference import new_caches, staged_step
@@ -100,10 +100,9 @@ class ModelRunner:
             mesh = tp_mesh(devices)
             self.input_sharding = NamedSharding(mesh, PartitionSpec())
             self.params = jax.device_put(params, param_shardings(params, cfg, mesh))
-            pages = kv_page_sharding(cfg, mesh)
             with jax.default_device(self.device):
                 caches = new_caches(cfg, num_blocks, block_size, dtype)
-            self.caches = jax.device_put(caches, jax.tree.map(lambda _: pages, caches))
+            self.caches = jax.device_put(caches, kv_page_shardings(caches, cfg, mesh))
         self.lock = threading.Lock()  # held while a step swaps the (donated) pages
         self._shapes_seen: set[tuple] = set()
         self.compile_count = 0

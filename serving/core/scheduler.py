@@ -204,10 +204,29 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def roll_back(self, output: SchedulerOutput) -> list[int]:
+        """Undo a step that failed before ``update``: every sequence it scheduled goes back
+        to the front of the waiting queue with its blocks freed, to be recomputed from its
+        tokens (computed full blocks stay in the prefix cache). Returns their ids."""
+        rolled = []
+        for item in reversed(output.scheduled):
+            seq = item.seq
+            if self._computed.get(seq.seq_id) != item.start:
+                continue  # aborted or preempted since schedule
+            self._release(seq)
+            if not seq.finished:
+                self.waiting.appendleft(seq)
+            rolled.append(seq.seq_id)
+        return rolled
+
     # -- one step -----------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
-        """Pick this step's work; the engine runs it, appends sampled tokens, calls ``update``."""
+    def schedule(self, only: set[int] | None = None) -> SchedulerOutput:
+        """Pick this step's work; the engine runs it, appends sampled tokens, calls ``update``.
+
+        ``only``: schedule just these sequence ids (a group isolating a suspect request after
+        a failed step); others wait, though they may still be preempted to make room."""
         bm = self.block_manager
+        allowed = (lambda seq: True) if only is None else (lambda seq: seq.seq_id in only)
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         done: set[int] = set()
@@ -235,8 +254,8 @@ class Scheduler:
             return True
 
         for seq in list(self.running):  # decodes
-            if seq.seq_id not in self._computed:
-                continue  # preempted above
+            if seq.seq_id not in self._computed or not allowed(seq):
+                continue  # preempted above, or held back
             start = self._computed[seq.seq_id]
             if seq.num_tokens - start == 1 and make_room(seq, 1, may_preempt_self=True):
                 bm.append(seq.seq_id, seq.all_ids, 1)
@@ -245,7 +264,7 @@ class Scheduler:
         for seq in list(self.running):  # prefills already under way
             if budget == 0:
                 break
-            if seq.seq_id in done or seq.seq_id not in self._computed:
+            if seq.seq_id in done or seq.seq_id not in self._computed or not allowed(seq):
                 continue
             start = self._computed[seq.seq_id]
             want = min(seq.num_tokens - start, self.chunk_size, budget)
@@ -259,9 +278,12 @@ class Scheduler:
 
         while (self.waiting and not preempted and budget > 0
                and len(self.running) < self.max_num_seqs):
-            seq = self.waiting[0]
+            seq = self.waiting[0] if only is None else next(
+                (s for s in self.waiting if s.seq_id in only or s.finished), None)
+            if seq is None:
+                break
             if seq.finished:  # aborted through the sequence itself
-                self.waiting.popleft()
+                self.waiting.remove(seq)
                 continue
             cached = bm.num_cached_tokens(seq.all_ids)
             remaining = seq.num_tokens - cached
@@ -271,7 +293,7 @@ class Scheduler:
             num = min(remaining, self.chunk_size, budget)
             if not bm.can_allocate(seq.seq_id, seq.all_ids, num):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             bm.allocate(seq.seq_id, seq.all_ids, num)
             self.running.append(seq)
             self._computed[seq.seq_id] = cached
@@ -280,7 +302,7 @@ class Scheduler:
         # Nothing runs and nothing can start: an error only if no block is held at all (blocks
         # of detached sequences, e.g. PD prefills waiting for their transfer, come back later).
         if (not scheduled and not preempted and self.waiting and not self.running
-                and bm.usage == 0):
+                and bm.usage == 0 and only is None):
             seq = self.waiting[0]
             raise SchedulerError(f"sequence {seq.seq_id} with {seq.num_tokens} tokens cannot fit "
                                  f"the KV pool even alone; set max_tokens or enlarge the pool")

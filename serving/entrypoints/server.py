@@ -32,6 +32,7 @@ from serving.entrypoints.server_requests import (
     engine_error,
     sampling_params,
 )
+from serving.entrypoints.tokenizer_routes import add_tokenizer_routes
 from xds_jax.outputs import RequestOutput
 from xds_jax.sampling.params import SamplingParams
 
@@ -222,6 +223,7 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         params = sampling_params(req, served.fit(prompt[1], limit, "messages"), logprobs)
         return await respond(served, raw, req, model, [(prompt, params)], "chat")
 
+    add_tokenizer_routes(app, served)
     return app
 
 

@@ -11,7 +11,7 @@ from serving.entrypoints import openai_protocol as api
 from xds_jax.errors import PromptTooLongError, SamplingParamsError
 from xds_jax.llm import InvalidPromptError
 from xds_jax.sampling.params import SamplingParams
-from xds_jax.text.tokenizer import TokenizerError
+from xds_jax.text.tokenizer import TokenizerError, chat_template_options
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ def engine_error(error: Exception) -> ApiError:
         return ApiError(400, str(error), "prompt", "invalid_prompt")
     if isinstance(error, SamplingParamsError):
         return ApiError(400, str(error), str(error).split()[0], "invalid_value")
+    if type(error).__name__ == "RequestFailedError":  # that request alone; the engine serves on
+        return ApiError(500, str(error), None, "request_failed")
     if type(error).__name__ == "QueueFullError":
         return ApiError(429, f"the server is overloaded, retry later: {error}", None,
                         "rate_limit_exceeded")
@@ -60,6 +62,14 @@ def sampling_params(req: api.SamplingFields, max_tokens: int,
         raise ApiError(400, "best_of other than n is not supported", "best_of", "unsupported")
     if req.logit_bias:
         raise ApiError(400, "logit_bias is not supported", "logit_bias", "unsupported")
+    kind = (req.response_format or {}).get("type", "text")
+    if kind != "text":
+        raise ApiError(400, f"response_format of type {kind!r} is not supported yet (no "
+                       "constrained decoding): only 'text'", "response_format", "unsupported")
+    if getattr(req, "tools", None) and getattr(req, "tool_choice", None) != "none":
+        raise ApiError(400, "tool calling is not supported yet (the server would not return "
+                       "tool_calls): send tools with tool_choice 'none' or no tools", "tools",
+                       "unsupported")
     optional = {k: v for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
                 if (v := getattr(req, k)) is not None}
     try:
@@ -100,10 +110,11 @@ def chat_prompt(req: api.ChatCompletionRequest, tokenizer: Any) -> Prompt:
     if tokenizer is None:
         raise ApiError(400, "this model has no tokenizer or chat template", "messages")
     try:
+        add_generation_prompt, kwargs = chat_template_options(req.add_generation_prompt,
+                                                              req.chat_template_kwargs)
         text = tokenizer.apply_chat_template(
-            req.messages, add_generation_prompt=req.add_generation_prompt,
-            **(req.chat_template_kwargs or {}))
+            req.messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        # The template already holds BOS where the model wants it.
+        return text, tokenizer.encode(text, add_special_tokens=False)
     except TokenizerError as error:
         raise ApiError(400, f"messages: {error}", "messages", "invalid_value") from None
-    # The template already holds BOS where the model wants it.
-    return text, tokenizer.encode(text, add_special_tokens=False)

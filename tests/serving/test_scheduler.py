@@ -349,3 +349,38 @@ def test_random_workloads_without_chunked_prefill(workload, data):
                       enable_chunked_prefill=False)
     requests = [r for r in requests if len(r[0]) <= budget]
     _run_workload(sched, requests, False, data)
+
+
+def test_rolled_back_step_is_recomputed_and_only_runs_the_isolated_sequences():
+    """A failed step is undone (blocks freed, sequences back in front of the queue); with
+    ``only`` a suspect runs alone; every sequence still ends as the reference says."""
+    sched = _make(num_blocks=32, block_size=4, budget=16)
+    engine = FakeEngine(sched)
+    seqs = [_seq([i + 1] * (3 + 2 * i), max_tokens=5) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    engine.step()
+    engine.step()  # now all three are part-way
+    failed = sched.schedule()
+    assert len(failed.scheduled) == 3
+    rolled = sched.roll_back(failed)
+    assert sorted(rolled) == sorted(s.seq_id for s in seqs)
+    assert sched.num_running == 0 and sched.block_manager.usage == 0
+    assert [s.seq_id for s in sched.waiting] == [s.seq_id for s in seqs]
+
+    suspect = {seqs[1].seq_id}
+    out = sched.schedule(only=suspect)
+    assert [x.seq.seq_id for x in out.scheduled] == [seqs[1].seq_id]
+    engine.run(out)
+    sched.update(out)
+    while sched.has_unfinished():
+        engine.step()
+    for s in seqs:
+        assert s.output_ids == _reference(s.prompt_ids, 5)
+    assert sched.block_manager.usage == 0
+
+
+def test_only_with_no_runnable_suspect_schedules_nothing_and_raises_nothing():
+    sched = _make()
+    sched.add(_seq([1, 2, 3]))
+    assert sched.schedule(only={12345}).is_empty

@@ -149,10 +149,11 @@ def test_yaml_roundtrip_of_a_shipped_file_is_plain_data():
 
 
 def test_partition_rules_table():
-    assert logical_to_spec("prefill", ("vocab", "embed")) == P("tp", None)
-    assert logical_to_spec("decode", ("experts", "embed", "mlp")) == P(("dp", "tp"), None, "tp")
+    assert logical_to_spec("prefill", ("vocab", "embed")) == P(None, None)
+    # decode groups hold every expert: no expert parallelism
+    assert logical_to_spec("decode", ("experts", "embed", "mlp")) == P(None, None, "tp")
     assert logical_to_spec("decode_attention", ("batch", "embed")) == P(("domain", "dp"), None)
-    assert logical_to_spec("decode_experts", ("experts", None, None)) == P("ep", None, None)
+    assert logical_to_spec("decode_experts", ("expert_slots", None, None)) == P("ep", None, None)
     # 2 KV heads under TP = 4 stay replicated.
     assert logical_to_spec("prefill", ("kv_heads", None), (2, 8), {"dp": 1, "tp": 4}) == P(None,
                                                                                             None)

@@ -73,6 +73,18 @@ def resolve_dtype(dtype: str | None, cfg: ModelConfig):
     return DTYPES[name]
 
 
+def load_config(model: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` of any model form ``load_model`` reads, without its weights (a GGUF's
+    config comes from its metadata and tensor directory)."""
+    path = resolve(model)
+    if path.suffix == ".gguf":
+        from xds_jax.loading.weights_gguf import GGUFSource, config_from_gguf
+
+        src = GGUFSource(path)
+        return config_from_gguf(src.meta, set(src.names()), str(path))
+    return load_model_config(path)
+
+
 def load_model(model: str | Path, dtype: str | None = None, seed: int = 0,
                use_cache: bool = True, load_mtp: bool = True) -> LoadedModel:
     """Load config, parameters (as ``dtype``) and tokenizer for ``model``."""

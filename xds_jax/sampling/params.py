@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
 import random
 
 from xds_jax.errors import SamplingParamsError
 
 MAX_LOGPROBS = 20
+MAX_N = 128  # samples per request: each is a running sequence holding its own KV
+SEED_SPACE = 1 << 32  # the device draws from 32-bit seeds
+
+
+def device_seed(seed: int) -> int:
+    """Any integer as a 32-bit device seed: 0 .. 2**32 - 1 map to themselves, every other
+    integer (negative, or 64-bit and beyond, as clients send) to a fixed hash of it."""
+    if 0 <= seed < SEED_SPACE:
+        return seed
+    raw = seed.to_bytes((seed.bit_length() + 8) // 8, "little", signed=True)
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=4).digest(), "little")
 
 
 @dataclasses.dataclass
@@ -50,13 +63,19 @@ class SamplingParams:
         def bad(field: str, why: str) -> SamplingParamsError:
             return SamplingParamsError(f"{field} {why}, got {getattr(self, field)!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            raise bad("n", "must be an integer >= 1")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise bad("n", f"must be an integer in 1..{MAX_N}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty",
+                     "frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
         if not self.temperature >= 0:
             raise bad("temperature", "must be >= 0")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise bad("top_k", "must be 0 or -1 (disabled) or a positive integer")
         if not 0 <= self.min_p <= 1:
             raise bad("min_p", "must be in [0, 1]")
@@ -66,21 +85,20 @@ class SamplingParams:
             raise bad("frequency_penalty", "must be in [-2, 2]")
         if not -2 <= self.presence_penalty <= 2:
             raise bad("presence_penalty", "must be in [-2, 2]")
-        if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens < 1
-        ):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", "must be a positive integer")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise bad("min_tokens", "must be a non-negative integer")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"must not exceed max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+        if self.logprobs is not None and (not _is_int(self.logprobs)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"must be in 0..{MAX_LOGPROBS}")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and not _is_int(self.seed):
             raise bad("seed", "must be an integer")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "must be non-empty strings")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative integers")
 
     @property
@@ -90,3 +108,13 @@ class SamplingParams:
     def request_seed(self) -> int:
         """The seed to use: the user's, or a fresh random one."""
         return self.seed if self.seed is not None else random.getrandbits(31)
+
+    def sample_seeds(self) -> list[int]:
+        """32-bit device seeds of the ``n`` samples: seed, seed + 1, ... (each mapped by
+        ``device_seed``), so a seeded request is reproducible whatever its seed's size."""
+        base = self.request_seed()
+        return [device_seed(base + i) for i in range(self.n)]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -79,16 +79,16 @@ def make_batch(params: list[SamplingParams], seeds: list[int], steps: list[int],
             in_prompt[i, prompt] = True
     ban = np.zeros((rows, vocab_size if any(banned) else 1), bool)
     for i, ids in enumerate(banned):
-        ban[i, ids] = True
+        ban[i, [t for t in ids if 0 <= t < vocab_size]] = True  # others can never be drawn
     return SamplingBatch(
         temperature=f32([p.temperature for p in params]),
-        top_k=np.asarray([p.top_k for p in params], np.int32),
+        top_k=np.asarray([min(p.top_k, vocab_size) for p in params], np.int32),
         top_p=f32([p.top_p for p in params]),
         min_p=f32([p.min_p for p in params]),
         repetition_penalty=f32([p.repetition_penalty for p in params]),
         frequency_penalty=f32([p.frequency_penalty for p in params]),
         presence_penalty=f32([p.presence_penalty for p in params]),
-        seed=np.asarray(seeds, np.uint32),
+        seed=np.asarray([s % (1 << 32) for s in seeds], np.uint32),
         step=np.asarray(steps, np.int32),
         output_counts=counts,
         prompt_mask=in_prompt,

@@ -38,6 +38,51 @@ class TokenizerError(ValueError):
     """A tokenizer cannot be built, or a request cannot be tokenized."""
 
 
+def check_unicode(text: str, field: str) -> None:
+    """Raise ``TokenizerError`` naming ``field`` if ``text`` holds a lone UTF-16 surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise TokenizerError(
+            f"{field} holds a lone UTF-16 surrogate ({text[error.start]!r} at index "
+            f"{error.start}), which is not valid Unicode text") from None
+
+
+def chat_template_options(add_generation_prompt: bool,
+                          extra: Mapping[str, Any] | None) -> tuple[bool, dict[str, Any]]:
+    """A request's ``add_generation_prompt`` and ``chat_template_kwargs`` as the arguments of
+    ``apply_chat_template``: the kwargs may override ``add_generation_prompt`` (as in vLLM)
+    but not replace the conversation."""
+    extra = dict(extra or {})
+    if "messages" in extra or "conversation" in extra:
+        raise TokenizerError("chat_template_kwargs may not set 'messages'; send the "
+                             "conversation as the request's messages")
+    return bool(extra.pop("add_generation_prompt", add_generation_prompt)), extra
+
+
+def text_parts_joined(message: Mapping[str, Any], index: int) -> dict[str, Any]:
+    """A chat message with OpenAI content parts (``[{"type": "text", "text": ...}]``) turned
+    into one string, text parts joined by newlines as vLLM does; other part types are
+    refused (the models here read text only)."""
+    message = dict(message)
+    content = message.get("content")
+    if content is None:  # an assistant turn that only called tools
+        message["content"] = ""
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise TokenizerError(
+                    f"messages[{index}].content[{j}] must be a text part "
+                    f"{{'type': 'text', 'text': str}}, got type {kind!r} (text-only model)")
+            texts.append(part["text"])
+        message["content"] = "\n".join(texts)
+    if isinstance(message.get("content"), str):
+        check_unicode(message["content"], f"messages[{index}].content")
+    return message
+
+
 class UnsupportedTokenizerError(TokenizerError):
     """The model's tokenizer type (or pre-tokenizer) is not one this engine can build."""
 
@@ -201,7 +246,12 @@ class Tokenizer:
         """Token ids of `text`, with BOS (and EOS) as configured if `add_special_tokens`.
 
         Special-token strings in `text`, like `<|im_start|>`, become their ids either way.
+
+        Raises:
+            TokenizerError: `text` holds a lone UTF-16 surrogate (JSON allows `"\\ud800"`,
+                UTF-8 has no encoding for it).
         """
+        check_unicode(text, "text")
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -250,12 +300,14 @@ class Tokenizer:
         try:
             return render_chat_template(
                 self.chat_template,
-                messages=[dict(message) for message in messages],
+                messages=[text_parts_joined(message, i) for i, message in enumerate(messages)],
                 add_generation_prompt=add_generation_prompt,
                 **variables,
             )
-        except jinja2.TemplateError as error:
-            raise TokenizerError(f"chat template failed: {error}") from error
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError,
+                IndexError) as error:  # the template is model code run on the caller's input
+            raise TokenizerError(f"chat template failed: {type(error).__name__}: {error}") \
+                from error
 
     def _token_text(self, token_id: int | None) -> str:
         return "" if token_id is None else self._backend.id_to_token(token_id) or ""

@@ -1,0 +1,148 @@
+"""What each role's devices hold, in bytes: the engine's placement over abstract arrays.
+
+The parameter tree and KV pages are ``jax.eval_shape``d (nothing is allocated), given their
+logical axes (``sharding.logical``) and their role's rules (``sharding.rules``) on the mesh
+one program of the role runs on, an ``AbstractMesh`` (no devices needed):
+
+=================  ==================  ===================================================
+role               program mesh        holds
+=================  ==================  ===================================================
+prefill, decode    a group: ``(tp,)``  the whole tree (MTP blocks too when loaded), its
+                                       own KV pool
+decode_attention   a domain: ``(dp,)`` every weight but the routed experts and MTP blocks,
+                                       its own KV pool; with ``shared_devices`` also a
+                                       copy of the shared experts (the shared-expert
+                                       program's replica over attention + shared devices)
+decode_experts     routed: ``(ep,)``   routed experts in slots ``[P, ...]`` split over the
+                                       routed devices (one copy for all domains); shared
+                                       devices: one shared-expert copy per domain; a dense
+                                       model: one MLP replica per domain on each of its
+                                       trampolines (``collectives.a2e.trampoline_devices``)
+=================  ==================  ===================================================
+
+The MA rows mirror ``serving/disagg/ma.py``, ``ma_runner.py``, ``ma_ffn.py`` and ``ma_shared.py``,
+whose specs are still written by hand; ``tests/sharding/test_engine_bytes.py`` checks every
+row against the bytes the engine puts on each device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh
+
+from sharding.deployment import DeploymentSpec, RoleSpec
+from sharding.logical import axis_units, expert_slot_axes, kv_page_axes, param_logical_axes
+from sharding.rules import logical_to_spec, tree_shardings
+from xds_jax.model.config import ModelConfig
+from xds_jax.model.params import param_shapes
+from xds_jax.model.reference import new_caches
+
+
+def abstract_params(cfg: ModelConfig, dtype, with_mtp: bool = False) -> dict:
+    """The parameter tree a loader produces, as ``ShapeDtypeStruct``s."""
+    shapes = param_shapes(cfg, with_mtp=with_mtp)
+    return jax.eval_shape(lambda: jax.tree.map(lambda s: jnp.zeros(s, dtype), shapes,
+                                               is_leaf=lambda x: isinstance(x, tuple)))
+
+
+def abstract_caches(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> list[dict]:
+    """Every layer's KV pages ``[num_pages, page_size, K, D]``, as ``ShapeDtypeStruct``s."""
+    return jax.eval_shape(lambda: new_caches(cfg, num_pages, page_size, dtype))
+
+
+def program_mesh(role: RoleSpec) -> AbstractMesh:
+    """The mesh one program of ``role`` runs on (see the module table)."""
+    if role.name in ("prefill", "decode"):
+        return AbstractMesh((role.tp,), ("tp",))
+    if role.name == "decode_attention":
+        return AbstractMesh((role.dp,), ("dp",))
+    return AbstractMesh((role.routed_devices,), ("ep",))
+
+
+def device_bytes(tree, shardings) -> int:
+    """Bytes one device holds of ``tree`` (rules split evenly, so every device alike)."""
+    return sum(math.prod(s.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize
+               for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True))
+
+
+def _params_bytes(tree, cfg: ModelConfig, role: str, mesh) -> int:
+    logical = param_logical_axes(tree)
+    return device_bytes(tree, tree_shardings(mesh, role, logical, tree, axis_units(cfg)))
+
+
+def attention_rank_params(params: dict) -> dict:
+    """What an MA attention rank holds: everything but routed experts and MTP blocks."""
+    layers = [{k: ({n: w for n, w in v.items() if n != "experts"} if k == "moe" else v)
+               for k, v in layer.items()} for layer in params["layers"]]
+    return {k: v for k, v in params.items() if k not in ("layers", "mtp")} | {"layers": layers}
+
+
+def _shared_experts(params: dict) -> list[dict]:
+    return [{k: layer["moe"][k] for k in ("shared", "shared_gate") if k in layer["moe"]}
+            for layer in params["layers"] if "moe" in layer and "shared" in layer["moe"]]
+
+
+def _expert_slots(params: dict, num_slots: int) -> list[dict]:
+    """The expert slice's slot weights ``[P, ...]`` per MoE layer."""
+    return [{k: jax.ShapeDtypeStruct((num_slots,) + w.shape[1:], w.dtype)
+             for k, w in layer["moe"]["experts"].items()}
+            for layer in params["layers"] if "moe" in layer]
+
+
+def weight_bytes_by_device(cfg: ModelConfig, spec: DeploymentSpec, role: RoleSpec,
+                           params: dict) -> tuple[int, ...]:
+    """Weight bytes on each device of ``role`` (in device order), for the abstract tree
+    ``params`` (``abstract_params``, or ``jax.eval_shape`` of a loaded tree)."""
+    mesh = program_mesh(role)
+    n = role.devices.count
+    if role.name in ("prefill", "decode"):
+        return (_params_bytes(params, cfg, role.name, mesh),) * n
+    experts = spec.roles.get("decode_experts")
+    shared = _shared_experts(params)
+    shared_apart = bool(experts and experts.shared_devices and cfg.moe and shared)
+    one = AbstractMesh((1,), ("ep",))
+    if role.name == "decode_attention":
+        per = _params_bytes(attention_rank_params(params), cfg, role.name, mesh)
+        if shared_apart:
+            per += _params_bytes(shared, cfg, role.name, one)
+        return (per,) * n
+    attn = spec.roles["decode_attention"]
+    out = [0] * n
+    if cfg.moe is None:  # dense FFN replicas on each domain's trampolines
+        from collectives.a2e import trampoline_devices
+
+        ffn = [{"post_norm": layer["post_norm"], "mlp": layer["mlp"]}
+               for layer in params["layers"]]
+        per = _params_bytes(ffn, cfg, role.name, one)
+        for i in trampoline_devices(list(range(n)), attn.dp):
+            out[i] += attn.domains * per
+        return tuple(out)
+    slots = role.resolved_slots_per_device(cfg.moe.num_experts)
+    tree = _expert_slots(params, role.routed_devices * slots)
+    logical = [{k: expert_slot_axes(k) for k in layer} for layer in tree]
+    routed = device_bytes(tree, tree_shardings(mesh, role.name, logical, tree))
+    out[: role.routed_devices] = [routed] * role.routed_devices
+    if shared_apart:
+        per = _params_bytes(shared, cfg, role.name, one)
+        out[role.routed_devices:] = [attn.domains * per] * role.shared_devices
+    return tuple(out)
+
+
+def kv_bytes_per_device(cfg: ModelConfig, role: RoleSpec, num_pages: int, page_size: int,
+                        dtype) -> int:
+    """KV bytes on each device of ``role`` for a pool of ``num_pages`` pages per group (per
+    attention rank); 0 for the expert slice."""
+    if role.name == "decode_experts":
+        return 0
+    mesh = program_mesh(role)
+    axes = kv_page_axes(cfg)
+    owners = logical_to_spec(role.name, axes, mesh_shape=dict(mesh.shape))[0]
+    owners = (owners,) if isinstance(owners, str) else owners or ()
+    pages = num_pages * math.prod(mesh.shape[a] for a in owners)  # one pool per owner
+    caches = abstract_caches(cfg, pages, page_size, dtype)
+    logical = jax.tree.map(lambda _: axes, caches)
+    return device_bytes(caches, tree_shardings(mesh, role.name, logical, caches,
+                                               axis_units(cfg)))

@@ -1,0 +1,93 @@
+"""``xds plan``'s per-device bytes are what the engine puts on each device: the shipped
+cpu8-pd, cpu16-ma and cm384 layouts built through ``LLM(deployment=...)`` with the tiny
+Llama and the 256-expert DeepSeek-V3 config, every role's weight and KV bytes counted from
+the shards on each device."""
+
+from collections import defaultdict
+
+import jax
+import pytest
+
+from sharding.deployment import read_deployment
+from sharding.placement import abstract_params
+from sharding.plan import plan_deployment
+from tests.helpers import GOLDEN
+from xds_jax import LLM
+
+DEPLOYMENTS = "configs/deployments"
+MODELS = {"llama": str(GOLDEN / "llama"), "v3-256": "configs/models/deepseek-v3-tiny.json"}
+
+
+def _bytes_on_devices(trees) -> dict:
+    """Bytes per device of the arrays in ``trees``, each array counted once."""
+    arrays = {id(a): a for a in jax.tree.leaves(trees)}
+    out: dict = defaultdict(int)
+    for a in arrays.values():
+        for shard in a.addressable_shards:
+            out[shard.device] += shard.data.nbytes
+    return out
+
+
+def engine_bytes(engine) -> tuple[dict, dict, dict]:
+    """(weight bytes per device, KV bytes per device, KV token slots of each device's pool)."""
+    weights, kv, tokens = [], [], {}
+    for group in engine.groups:
+        runner = group.runner
+        if hasattr(runner, "params"):  # a ModelRunner (MA ranks' runners are views)
+            weights.append(runner.params)
+            kv.append(runner.caches)
+            tokens |= {d: group.config.num_blocks * group.config.block_size
+                       for d in runner.devices}
+    pool = next((d for d in engine.drivers if hasattr(d, "domains")), None)
+    if pool is not None:  # MA: serving/disagg/ma.py's placement, specs written by hand there
+        for dom in pool.domains:
+            weights.append(dom.params)
+            kv.append(dom.caches)
+            tokens |= {d: dom.num_blocks * dom.block_size for d in dom.devices}
+        weights += [pool._experts, [f.weights for f in pool.ffn],
+                    [s.weights for s in pool.shared or []]]
+    return _bytes_on_devices(weights), _bytes_on_devices(kv), tokens
+
+
+def check(model: str, deployment: str) -> None:
+    if len(jax.devices()) < read_deployment(f"{DEPLOYMENTS}/{deployment}.yaml").num_devices:
+        pytest.skip("needs more devices")
+    llm = LLM(MODELS[model], dtype="float32", deployment=f"{DEPLOYMENTS}/{deployment}.yaml",
+              max_model_len=64, max_num_seqs=2, use_param_cache=False)
+    # the plan's default tree is the tree the loader made
+    planned_tree = abstract_params(llm.cfg, "float32")
+    assert jax.tree.structure(planned_tree) == jax.tree.structure(llm.params)
+    assert jax.tree.leaves(planned_tree) == jax.tree.leaves(jax.eval_shape(lambda: llm.params))
+    plan = plan_deployment(llm.cfg, read_deployment(f"{DEPLOYMENTS}/{deployment}.yaml"),
+                           dtype="float32")
+    weights, kv, tokens = engine_bytes(llm.engine)
+    devices = jax.devices()
+    for role in plan.roles:
+        start = int(role.devices.split("..")[0])
+        on_devices = devices[start:start + len(role.weight_bytes())]
+        assert [weights[d] for d in on_devices] == role.weight_bytes(), role.role
+        assert role.param_bytes == max(weights[d] for d in on_devices)
+        assert [kv[d] for d in on_devices] == [
+            role.kv_bytes_per_token * tokens.get(d, 0) for d in on_devices], role.role
+    # nothing the engine placed is missing from the plan
+    assert set(weights) <= set(devices[:plan_devices(plan)])
+
+
+def plan_devices(plan) -> int:
+    return max(int(r.devices.split("..")[1]) + 1 for r in plan.roles)
+
+
+@pytest.mark.parametrize("model", ["llama", "v3-256"])
+def test_cpu8_pd_plan_equals_engine_bytes(model):
+    check(model, "cpu8-pd")
+
+
+@pytest.mark.mesh16
+@pytest.mark.parametrize("model", ["llama", "v3-256"])
+def test_cpu16_ma_plan_equals_engine_bytes(model):
+    check(model, "cpu16-ma")
+
+
+@pytest.mark.mesh384
+def test_cm384_plan_equals_engine_bytes():
+    check("v3-256", "cm384")

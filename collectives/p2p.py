@@ -10,8 +10,9 @@ like XCCL it is not zero-copy). The protocol follows PD disaggregation:
 3. ``push`` (sender) copies chunks of pulled events into free slots, in order; when the
    ring is full it moves nothing and returns 0 (or waits, with ``block=True``): that is
    backpressure, never a drop or an overwrite;
-4. ``drain`` (receiver) writes arrived chunks into its pages in order, checking each
-   slot's (event id, chunk id) like XCCL's metadata, and frees the slots (the ACK);
+4. ``receive`` (receiver) hands arrived chunks in order to its ``import_kv`` (``drain``:
+   writes them into a pytree of pages), checking each slot's (event id, chunk id) like
+   XCCL's metadata, and frees the slots (the ACK);
 5. ``completed`` tells the sender which events are fully received, so it frees blocks.
 
 All methods are thread-safe; sender and receiver may run on different threads. Chunks are
@@ -24,7 +25,6 @@ Shape legend: B blocks along ``block_axis`` of every KV page array.
 from __future__ import annotations
 
 import collections
-import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -44,10 +44,9 @@ class TransferError(RuntimeError):
 @dataclass
 class _Transfer:
     event_id: int
-    src: object  # pytree of page arrays, or a callable returning the current pages
+    src: object  # pytree of page arrays, or ``export_kv(block_ids) -> pages of those blocks``
     src_blocks: np.ndarray
     dst_blocks: np.ndarray | None = None
-    lock: object = None  # held while reading ``src`` (a sender that donates its pages)
     next_push: int = 0
     next_drain: int = 0
     num_chunks: int = 0
@@ -70,7 +69,8 @@ class ChannelCounters:
 
 
 @jax.jit
-def _gather_blocks(pages, ids_B):
+def gather_blocks(pages, ids_B):
+    """Blocks ``ids_B`` of every page array (block axis first)."""
     return jax.tree.map(lambda a: jnp.take(a, ids_B, axis=0), pages)
 
 
@@ -78,7 +78,10 @@ def _scatter_blocks(pages, ids_B, chunk):
     return jax.tree.map(lambda a, c: a.at[ids_B].set(c), pages, chunk)
 
 
-_scatter_blocks_donated = jax.jit(_scatter_blocks, donate_argnums=0)
+scatter_blocks = jax.jit(_scatter_blocks)
+"""``pages`` with ``chunk`` written into blocks ``ids_B`` (a new pytree)."""
+scatter_blocks_donated = jax.jit(_scatter_blocks, donate_argnums=0)
+"""The same, in place (``pages`` is donated)."""
 
 
 class KVChannel:
@@ -101,7 +104,7 @@ class KVChannel:
         self.name = name
         self.stats = stats if stats is not None else CollectiveStats()
         self.counters = ChannelCounters()
-        self._scatter = _scatter_blocks_donated if donate else jax.jit(_scatter_blocks)
+        self._scatter = scatter_blocks_donated if donate else scatter_blocks
         self._cv = threading.Condition()
         self._ring: collections.deque[_Slot] = collections.deque()
         self._offered: dict[int, _Transfer] = {}
@@ -111,19 +114,19 @@ class KVChannel:
 
     # ---- sender (prefill) side ------------------------------------------------------
 
-    def offer(self, event_id: int, pages: object | Callable[[], object], src_blocks,
-              lock=None) -> None:
+    def offer(self, event_id: int, pages: object | Callable[[np.ndarray], object],
+              src_blocks) -> None:
         """Make ``src_blocks`` of ``pages`` available under ``event_id``.
 
-        ``pages`` is a pytree of arrays with the block axis first, or a callable returning
-        the current one (use that when the sender donates its pages step to step, and pass
-        the ``lock`` its steps hold while swapping them).
+        ``pages`` is a pytree of arrays with the block axis first, or the sender's
+        ``export_kv(block_ids)`` returning a copy of those blocks (a sender that donates its
+        pages step to step reads them under its own lock).
         """
         with self._cv:
             if event_id in self._offered:
                 raise TransferError(f"event {event_id} offered twice on channel {self.name}")
             blocks = np.asarray(src_blocks, dtype=np.int32)
-            self._offered[event_id] = _Transfer(event_id, pages, blocks, lock=lock)
+            self._offered[event_id] = _Transfer(event_id, pages, blocks)
             self._cv.notify_all()
 
     def cancel(self, event_id: int) -> bool:
@@ -218,6 +221,19 @@ class KVChannel:
 
         Returns ``(dst_pages, finished_event_ids)``.
         """
+        pages = [dst_pages]
+
+        def write(ids_B, chunk):
+            pages[0] = self._scatter(pages[0], jnp.asarray(ids_B), chunk)
+
+        finished = self.receive(write, max_chunks=max_chunks)
+        return pages[0], finished
+
+    def receive(self, import_kv: Callable[[np.ndarray, object], None], *,
+                max_chunks: int | None = None) -> list[int]:
+        """Hand arrived chunks in order to ``import_kv(dst_block_ids, chunk)`` (the
+        receiver's runner writes them into its pages) and free their slots; returns the
+        events that finished."""
         finished = []
         n = 0
         while max_chunks is None or n < max_chunks:
@@ -230,7 +246,7 @@ class KVChannel:
                     raise TransferError(
                         f"slot holds event {slot.event_id} chunk {slot.chunk_id}, expected "
                         f"{None if job is None else (job.event_id, job.next_drain)}")
-            dst_pages = self._scatter(dst_pages, jnp.asarray(slot.dst_blocks), slot.data)
+            import_kv(slot.dst_blocks, slot.data)
             with self._cv:
                 self._ring.popleft()  # ACK: the slot is free again
                 self.counters.arrival_order.append((slot.event_id, slot.chunk_id))
@@ -243,7 +259,7 @@ class KVChannel:
                     finished.append(job.event_id)
                 self._cv.notify_all()
             n += 1
-        return dst_pages, finished
+        return finished
 
     def in_flight(self) -> int:
         with self._cv:
@@ -262,10 +278,9 @@ class KVChannel:
         idx = np.arange(lo, lo + self.chunk_blocks)
         idx = np.minimum(idx, len(job.src_blocks) - 1)  # pad by repeating the last block
         start = time.perf_counter()
-        with job.lock or contextlib.nullcontext():
-            pages = job.src() if callable(job.src) else job.src
-            chunk = _gather_blocks(pages, jnp.asarray(job.src_blocks[idx]))
-            data = jax.block_until_ready(jax.device_put(chunk, self.dst_sharding))
+        ids_B = job.src_blocks[idx]
+        chunk = job.src(ids_B) if callable(job.src) else gather_blocks(job.src, jnp.asarray(ids_B))
+        data = jax.block_until_ready(jax.device_put(chunk, self.dst_sharding))
         nbytes = sum(a.nbytes for a in jax.tree.leaves(data))
         self.counters.chunks_sent += 1
         self.counters.bytes_sent += nbytes

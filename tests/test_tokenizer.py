@@ -270,7 +270,7 @@ def test_messages_with_tool_calls_or_content_parts_are_accepted(fields):
 
 
 def test_config_only_models_get_a_byte_tokenizer():
-    from xds_jax.model.config import load_model_config
+    from xds_jax.model.config_hf import load_model_config
     from xds_jax.text.byte_tokenizer import byte_tokenizer
 
     cfg = load_model_config("configs/models/deepseek-v3-tiny.json")  # bos 0, eos 1

@@ -8,11 +8,13 @@
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Sequence as Seq
 from typing import Any
 
 from xds_jax.compile_cache import enable_compilation_cache
+from xds_jax.engine_config import DEFAULTS, EngineConfig
 from xds_jax.errors import ConfigError, PromptTooLongError, SamplingParamsError, XdsError
 from xds_jax.loading.loader import load_model
 from xds_jax.outputs import RequestMetrics, RequestOutput
@@ -31,66 +33,47 @@ class LLM:
     Args:
       model: a registered name (``"smollm2"``), a Hugging Face directory, a ``.gguf`` file, or a
         ``config.json`` file (random weights, for simulation).
-      dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` (the checkpoint's).
-      max_model_len: context limit (prompt + output); defaults to the model's.
-      seed: seed for random weights when ``model`` is a bare config.
-      num_dp_groups: data-parallel groups, one per device (the first ``num_dp_groups``
-        devices); ignored when ``engine`` is given.
-      max_num_seqs, max_num_batched_tokens, block_size, kv_cache_bytes: FlowServe capacity
-        per DP group (``kv_cache_bytes`` sizes the paged KV pool).
-      staged: run each step as separately jitted stage programs (attention, FFN/MoE per layer)
-        instead of one fused program: faster to compile, slower to run.
-      deployment: a deployment file (``configs/deployments/*.yaml``) laying the engine out on
-        devices (instead of ``num_dp_groups``): colocated DP groups, prefill/decode pools (PD)
-        and/or attention/expert slices (MA); see ``serving.disagg.deploy``.
-      micro_batches: micro-batches per attention domain and step in MA deployments.
-      trace: record a per-step timeline of the disaggregated stages and transfers
-        (``llm.engine.timeline``: ``summary()``, ``save(path)`` as a Chrome trace).
       engine: ``"flowserve"`` (default: the paged continuous-batching engine),
         ``"reference"`` (the single-device loop every path is checked against), or any object
         with ``run(list[Sequence])``.
+      config: an ``EngineConfig``; or give its fields as keyword ``options`` (``dtype``,
+        ``max_model_len``, ``deployment``, ``max_num_seqs``, ``kv_cache_bytes``, ``staged``,
+        ``trace``, ...; see ``xds_jax.engine_config``). With ``trace``, ``llm.engine.timeline``
+        records a per-step timeline (``summary()``, ``save(path)`` as a Chrome trace).
     """
 
-    def __init__(self, model: str = "smollm2", dtype: str | None = None,
-                 max_model_len: int | None = None, seed: int = 0, engine: Any = "flowserve",
-                 num_dp_groups: int = 1, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512, block_size: int = 16,
-                 kv_cache_bytes: int = 1 << 30, enable_prefix_caching: bool = True,
-                 staged: bool = False, deployment: str | None = None,
-                 micro_batches: int = 2, trace: bool = False, use_param_cache: bool = True):
+    def __init__(self, model: str = DEFAULTS.model, engine: Any = "flowserve", *,
+                 config: EngineConfig | None = None, **options):
+        if config is not None and options:
+            raise ConfigError(f"pass either config or options, not both: {sorted(options)}")
+        try:
+            config = config or EngineConfig(model=model, **options)
+        except TypeError as e:  # an unknown keyword: name it
+            raise ConfigError(f"LLM: {e}; the options are EngineConfig's fields") from None
         enable_compilation_cache()
-        _size_cpu_devices(deployment, num_dp_groups)
-        loaded = load_model(model, dtype=dtype, seed=seed, use_cache=use_param_cache)
+        self.config = config = _read_deployment(config)
+        _size_cpu_devices(config)
+        loaded = load_model(config.model, dtype=config.dtype, seed=config.seed,
+                            use_cache=config.use_param_cache)
         self.model_name = loaded.name
         self.cfg = loaded.cfg
         self.params = loaded.params
         self.tokenizer = loaded.tokenizer
         limit = self.cfg.max_position_embeddings
-        if max_model_len is not None and not 0 < max_model_len <= limit:
-            raise ConfigError(f"max_model_len must be in 1..{limit}, got {max_model_len}")
+        if config.max_model_len is not None and not config.max_model_len <= limit:
+            raise ConfigError(f"max_model_len must be in 1..{limit}, got {config.max_model_len}")
         if isinstance(engine, str) and engine not in ("flowserve", "reference"):
             raise ConfigError(f"engine must be 'flowserve' or 'reference', got {engine!r}")
-        self.max_model_len = max_model_len or limit
-        options = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                       block_size=block_size, kv_cache_bytes=kv_cache_bytes,
-                       enable_prefix_caching=enable_prefix_caching, staged=staged)
+        self.max_model_len = config.max_model_len or limit
         if engine == "reference":
             from xds_jax.generate import LocalGenerator
 
             engine = LocalGenerator(self.params, self.cfg)
-        elif engine == "flowserve" and deployment is not None:
-            # The public API wires the serving engine; model modules never import serving.
-            from serving.core.timeline import Timeline
-            from serving.disagg.deploy import build_deployed_engine
-
-            engine = build_deployed_engine(self.params, self.cfg, self.max_model_len,
-                                           deployment, micro_batches=micro_batches,
-                                           timeline=Timeline() if trace else None, **options)
         elif engine == "flowserve":
-            from serving.core.engine import build_engine
+            # The public API wires the serving engine; model modules never import serving.
+            from serving.disagg.deploy import build_engine
 
-            engine = build_engine(self.params, self.cfg, self.max_model_len,
-                                  num_dp_groups=num_dp_groups, **options)
+            engine = build_engine(self.params, self.cfg, self.max_model_len, config)
         self.engine = engine
         self._request_ids = itertools.count()
 
@@ -210,16 +193,23 @@ class LLM:
         return params
 
 
-def _size_cpu_devices(deployment: str | None, num_dp_groups: int) -> None:
+def _read_deployment(config: EngineConfig) -> EngineConfig:
+    """``config`` with its deployment file parsed (once, here: no JAX needed)."""
+    if not isinstance(config.deployment, str | os.PathLike):
+        return config
+    from sharding.deployment import read_deployment
+
+    return config.replace(deployment=read_deployment(config.deployment))
+
+
+def _size_cpu_devices(config: EngineConfig) -> None:
     """Before JAX starts, give the CPU backend the virtual devices the layout needs (the
     device count cannot change later in the process)."""
     from sharding.devices import backends_started, ensure_cpu_devices
 
     if backends_started():
         return
-    needed = num_dp_groups
-    if deployment is not None:
-        from sharding.deployment import read_deployment
-
-        needed = max(needed, read_deployment(deployment).num_devices)
+    needed = config.num_dp_groups
+    if config.deployment is not None:
+        needed = max(needed, config.deployment.num_devices)
     ensure_cpu_devices(needed)

@@ -12,6 +12,7 @@ import itertools
 from collections.abc import AsyncIterator
 
 from serving.core.request import Request
+from xds_jax.engine_config import EngineConfig
 from xds_jax.llm import LLM
 from xds_jax.outputs import RequestOutput
 from xds_jax.sampling.params import SamplingParams
@@ -26,21 +27,11 @@ class RequestFailedError(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
-class EngineArgs:
-    """How to build an ``AsyncEngine`` (the server's and CLI's options)."""
+class EngineArgs(EngineConfig):
+    """How to build an ``AsyncEngine`` (the server's and CLI's options): the engine's
+    configuration and the server's queue limit."""
 
-    model: str = "smollm2"
-    dtype: str | None = None
-    deployment: str | None = None
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
     max_queue: int = 256
-    num_dp_groups: int = 1
-    kv_cache_bytes: int = 1 << 30
-    seed: int = 0
-    micro_batches: int = 2
-    trace: bool = False
 
 
 class AsyncEngine:
@@ -59,13 +50,8 @@ class AsyncEngine:
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> AsyncEngine:
-        llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                  seed=args.seed, num_dp_groups=args.num_dp_groups,
-                  max_num_seqs=args.max_num_seqs,
-                  max_num_batched_tokens=args.max_num_batched_tokens,
-                  kv_cache_bytes=args.kv_cache_bytes, deployment=args.deployment,
-                  micro_batches=args.micro_batches, trace=args.trace)
-        return cls(llm, args.max_queue)
+        config = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
+        return cls(LLM(config=EngineConfig(**config)), args.max_queue)
 
     def start(self) -> None:
         self.engine.start()

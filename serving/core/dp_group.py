@@ -1,8 +1,9 @@
 """One self-contained data-parallel group: scheduler, KV cache, runner, detokenization.
 
-Groups share nothing. Each owns its device, its block pool and its queues, runs its own loop
-(a thread in the server, inline in ``LLM``) and hands outputs straight to each request's
-``on_output`` callback. The control plane only places requests into a group's inbox.
+Groups share nothing. Each owns its device, its block pool and its queues, is stepped by the
+engine (a thread per driver in the server, inline in ``LLM``; a colocated group is its own
+``Driver``) and hands outputs straight to each request's ``on_output`` callback. The control
+plane only puts typed messages (``serving.core.interfaces``) into a group's inbox.
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
+from serving.core.interfaces import AbortRequest, AddRequest
 from serving.core.kv_cache import BlockManager
 from serving.core.request import Request
 from serving.core.runner import ModelRunner
 from serving.core.scheduler import Scheduler, SchedulerError, SchedulerOutput
+from xds_jax.engine_config import DEFAULTS
 from xds_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -26,14 +31,15 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class GroupConfig:
-    """Capacity knobs of a DP group."""
+    """Capacity of one DP group (``serving.core.engine.group_config_for`` derives it from the
+    ``EngineConfig``; the defaults are the engine's)."""
 
     num_blocks: int = 512
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    enable_prefix_caching: bool = True
-    staged: bool = False  # separately jitted stage programs, or one fused step program
+    block_size: int = DEFAULTS.block_size
+    max_num_seqs: int = DEFAULTS.max_num_seqs
+    max_num_batched_tokens: int = DEFAULTS.max_num_batched_tokens
+    enable_prefix_caching: bool = DEFAULTS.enable_prefix_caching
+    staged: bool = DEFAULTS.staged  # separately jitted stage programs, or one fused program
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +59,8 @@ class GroupLoad:
 
 
 class DPGroup:
-    """Scheduler + KV blocks + runner for one slice of devices."""
+    """Scheduler + KV blocks + runner for one slice of devices; a ``Group`` and, colocated,
+    the ``Driver`` of itself."""
 
     role = "decode"  # how traces and stats name what the group does
 
@@ -62,7 +69,7 @@ class DPGroup:
                  runner=None):
         """``device`` is one device, or a list (a TP group: parameters and KV pages sharded
         over it). ``runner`` replaces the group's own ``ModelRunner`` (an MA attention rank
-        whose steps a domain runs); it must offer ``pages`` and ``compile_count``."""
+        whose steps a domain runs): a ``serving.core.interfaces.Runner``."""
         self.index = index
         self.timeline = None  # a serving.core.timeline.Timeline recording each step, when tracing
         self.config = config = config or GroupConfig()
@@ -86,34 +93,45 @@ class DPGroup:
         self.requests_failed = 0  # requests ended alone with an error, the group serving on
         self._suspects: list[str] = []  # requests of a failed step, each to run alone once
         self._wake = threading.Event()
+        # What each inbox message type does here; a subclass adds its own types.
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            AddRequest: lambda m: self._admit(m.request),
+            AbortRequest: lambda m: self._abort(m.request_id),
+        }
 
     # -- control plane side (any thread) ------------------------------------------------------
-    def submit(self, request: Request) -> None:
-        self.inbox.put(("add", request))
+    def deliver(self, message: Any) -> None:
+        """Queue a typed message for the group's next step (any thread)."""
+        if type(message) not in self._handlers:
+            raise TypeError(f"DP group {self.index} takes no {type(message).__name__} message")
+        self.inbox.put(message)
         self._wake.set()
 
+    def submit(self, request: Request) -> None:
+        self.deliver(AddRequest(request))
+
     def abort(self, request_id: str) -> None:
-        self.inbox.put(("abort", request_id))
-        self._wake.set()
+        self.deliver(AbortRequest(request_id))
+
+    def wait_for_work(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds until a message arrives; True if one did."""
+        woken = self._wake.wait(timeout)
+        self._wake.clear()
+        return woken
 
     def load(self) -> GroupLoad:
         return GroupLoad(self.index, self.scheduler.num_running,
                          self.scheduler.num_waiting + self.inbox.qsize(),
                          self.scheduler.kv_usage, self.healthy, self.config.max_num_seqs)
 
-    # -- the group's own loop -----------------------------------------------------------------
+    # -- one step, on its driver's thread ------------------------------------------------------
     def _drain_inbox(self) -> None:
         while True:
             try:
-                kind, item = self.inbox.get_nowait()
+                message = self.inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                self._admit(item)
-            elif kind != "abort":
-                self._handle(kind, item)
-            else:
-                self._abort(item)
+            self._handlers[type(message)](message)
 
     def _abort(self, request_id: str) -> None:
         """Abort a request this group holds (unknown ids are ignored)."""
@@ -129,10 +147,6 @@ class DPGroup:
         request.abort()
         request.metrics.finished_time = time.monotonic()
         self._emit(request)
-
-    def _handle(self, kind: str, item) -> None:
-        """Hook: inbox messages a subclass defines (PD arrivals)."""
-        raise ValueError(f"DP group {self.index}: unknown inbox message {kind!r}")
 
     def _admit(self, request: Request) -> None:
         """Queue a request's sequences; one the scheduler can never run is aborted alone."""
@@ -269,24 +283,21 @@ class DPGroup:
         if request.on_output is not None:
             request.on_output(request.snapshot())
 
-    def run(self, stop: threading.Event, after_step=lambda: None) -> None:
-        """Loop until ``stop`` is set: step while there is work, sleep on the inbox otherwise.
-        ``after_step`` runs between steps (garbage collection)."""
-        while not stop.is_set():
-            try:
-                busy = self.step()
-            except Exception:  # a failed group is marked unhealthy; the control plane avoids it
-                log.exception("DP group %d failed; marking it unhealthy", self.index)
-                self.healthy = False
-                self._fail_all()
-                return
-            if busy:
-                after_step()
-            else:
-                self._wake.wait(0.05)
-                self._wake.clear()
-
-    def _fail_all(self) -> None:
+    def fail(self, reason: str) -> None:
+        """Mark the group unhealthy (the control plane avoids it) and end every request it
+        holds, aborted."""
+        log.error("DP group %d failed (%s); aborting its %d requests", self.index, reason,
+                  len(self.requests))
+        self.healthy = False
         for request in list(self.requests.values()):
             request.abort()
             self._emit(self._forget(request))
+
+    # -- as a driver of itself ----------------------------------------------------------------
+    @property
+    def groups(self) -> list[DPGroup]:
+        return [self]
+
+    def stats(self) -> dict[str, Any]:
+        """No counters beyond the group's own (``Engine.stats`` reads those)."""
+        return {}

@@ -1,14 +1,14 @@
 """FlowServe engine: DP groups on their own devices behind a thin control plane.
 
-``Engine`` builds one ``DPGroup`` per device slice, places each request with the ``Balancer``
-and either runs the groups inline until given requests finish (the ``LLM`` path) or gives
-each group its own thread (the server path). Python's garbage collector is kept out of steps:
+``Engine`` builds one ``DPGroup`` per device slice (or takes the groups and drivers a
+deployment built), places each request on an entry group with the ``Balancer`` and either
+steps its ``Driver``s inline until given requests finish (the ``LLM`` path) or gives each
+driver its own thread (the server path). Python's garbage collector is kept out of steps:
 automatic collection is off while the engine runs, and it collects between steps instead.
 """
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import threading
@@ -18,13 +18,16 @@ import jax
 
 from serving.core.balancer import Balancer
 from serving.core.dp_group import DPGroup, GroupConfig
+from serving.core.interfaces import Driver, Router
 from serving.core.request import Request
+from xds_jax.engine_config import EngineConfig
 from xds_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 GC_YOUNG_EVERY = 64  # steps between generation-0 collections
 GC_FULL_EVERY = 2048  # steps between full collections
+IDLE_WAIT_S = 0.05  # an idle driver waits this long on its groups' inboxes between steps
 
 
 class StepGC:
@@ -56,13 +59,14 @@ class Engine:
     Built from ``devices`` (one colocated group each), or from ready ``groups`` (the
     disaggregated layouts of ``serving.disagg.deploy``): ``entry`` are the groups new requests go
     to (the prefill pool in PD), ``drivers`` what steps them (a group steps itself; an MA
-    pool steps all its attention groups at once). ``timeline`` records what the steps did.
+    pool steps all its attention groups at once), ``router`` what moves requests between
+    groups (PD). ``timeline`` records what the steps did.
     """
 
     def __init__(self, params: dict | None, cfg: ModelConfig, devices: list | None = None,
                  group_config: GroupConfig | None = None, *, groups: list | None = None,
-                 entry: list | None = None, drivers: list | None = None,
-                 timeline=None, hub=None):
+                 entry: list | None = None, drivers: list[Driver] | None = None,
+                 router: Router | None = None, timeline=None):
         self.cfg = cfg
         self.group_config = group_config = group_config or GroupConfig()
         if groups is None:
@@ -71,8 +75,8 @@ class Engine:
         self.groups = groups
         self.entry = entry or groups
         self.drivers = drivers or groups
+        self.router = router
         self.timeline = timeline
-        self.hub = hub  # KV transfer channels (PD), or None
         self.balancer = Balancer()
         self._placement: dict[str, DPGroup] = {}
         self._lock = threading.Lock()
@@ -128,16 +132,14 @@ class Engine:
             self.release(r.request_id)
 
     def start(self) -> None:
-        """Give every DP group its own loop thread."""
+        """Give every driver its own loop thread."""
         if self._threads:
             return
         self._stop.clear()
         self._gc = StepGC().__enter__()  # collection only between steps while threads run
-        for i, d in enumerate(self.drivers):
-            name = f"dp-group-{d.index}" if isinstance(d, DPGroup) else f"driver-{i}"
-            loop = getattr(d, "run", None) or functools.partial(_drive, d)
-            t = threading.Thread(target=loop, args=(self._stop, self._gc.after_step),
-                                 name=name, daemon=True)
+        for d in self.drivers:
+            t = threading.Thread(target=drive, args=(d, self._stop, self._gc.after_step),
+                                 name=_thread_name(d), daemon=True)
             t.start()
             self._threads.append(t)
 
@@ -168,83 +170,74 @@ class Engine:
             "batch_size": sum(g.last_batch[0] for g in self.groups),
             "batched_tokens": sum(g.last_batch[1] for g in self.groups),
             "heartbeat_age_s": max(time.monotonic() - g.last_heartbeat for g in self.groups),
-        } | self._transfer_stats() | self._pool_stats()
+        } | (self.router.stats() if self.router is not None else {}) | self._driver_stats()
 
-    def _pool_stats(self) -> dict:
-        """Counters of MA pools (drivers that step many groups), prefixed ``ma_``."""
+    def _driver_stats(self) -> dict:
+        """Numeric counters of drivers that step many groups (MA pools), summed and prefixed
+        ``ma_``; a group driving itself has none."""
         out: dict = {}
         for d in self.drivers:
-            if isinstance(d, DPGroup) or not hasattr(d, "stats"):
-                continue
             for key, value in d.stats().items():
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     out[f"ma_{key}"] = out.get(f"ma_{key}", 0) + value
         return out
 
-    def _transfer_stats(self) -> dict:
-        """KV transfers into decode groups (PD layouts only)."""
-        counters = [g.transfer for g in self.groups if hasattr(g, "transfer")]
-        if not counters:
-            return {}
-        return {
-            "kv_transfers": sum(c.transfers for c in counters),
-            "kv_blocks_sent": sum(c.blocks_sent for c in counters),
-            "kv_blocks_reused": sum(c.blocks_reused for c in counters),
-            "kv_bytes_sent": sum(c.bytes_sent for c in counters),
-            "kv_wait_s": sum(c.wait_s for c in counters),
-            "kv_transfer_s": sum(c.transfer_s for c in counters),
-        }
 
-
-def _drive(driver, stop: threading.Event, after_step) -> None:
-    """The loop of a driver that steps many groups (an MA pool): step while there is work;
-    on a failure mark every group it drives unhealthy and abort their requests."""
+def drive(driver: Driver, stop: threading.Event, after_step=lambda: None) -> None:
+    """A driver's loop until ``stop`` is set: step while there is work, otherwise wait on its
+    groups' inboxes; ``after_step`` runs between busy steps (garbage collection). If a step
+    raises, every group the driver steps fails (unhealthy; its requests end aborted)."""
     groups = driver.groups
     while not stop.is_set():
         try:
             busy = driver.step()
-        except Exception:
-            log.exception("%s failed; marking its %d groups unhealthy", type(driver).__name__,
+        except Exception as error:
+            log.exception("%s failed; marking its %d groups unhealthy", _thread_name(driver),
                           len(groups))
             for g in groups:
-                g.healthy = False
-                g._fail_all()
+                g.fail(f"{type(error).__name__}: {error}")
             return
         if busy:
             after_step()
-        else:
-            for g in groups:
-                g.last_heartbeat = time.monotonic()
-            stop.wait(0.005)
+            continue
+        for g in groups:  # an idle pool wakes when any of its groups gets a message
+            if g.wait_for_work(IDLE_WAIT_S / len(groups)):
+                break
+
+
+def _thread_name(driver: Driver) -> str:
+    """``decode-3`` for a group driving itself, ``decode-4..7`` for a pool of groups."""
+    first, last = driver.groups[0], driver.groups[-1]
+    return f"{first.role}-{first.index}" + (f"..{last.index}" if last is not first else "")
 
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def group_config_for(params: dict, cfg: ModelConfig, max_model_len: int, *,
-                     max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                     block_size: int = 16, kv_cache_bytes: int = 1 << 30,
-                     enable_prefix_caching: bool = True, staged: bool = False) -> GroupConfig:
-    """A group's capacity: a KV pool sized to fit ``kv_cache_bytes`` (but no more than
-    ``max_num_seqs`` full contexts, and at least one)."""
+def group_config_for(params: dict, cfg: ModelConfig, max_model_len: int,
+                     config: EngineConfig) -> GroupConfig:
+    """A group's capacity from the engine's: a KV pool sized to fit ``kv_cache_bytes`` (but
+    no more than ``max_num_seqs`` full contexts, and at least one)."""
     itemsize = jax.tree_util.tree_leaves(params)[0].dtype.itemsize
+    block_size = config.block_size
     per_block = max(cfg.kv_bytes_per_token(itemsize) * block_size, 1)
     per_seq = -(-max_model_len // block_size)
-    num_blocks = max(per_seq, min(kv_cache_bytes // per_block, per_seq * max_num_seqs))
+    num_blocks = max(per_seq, min(config.kv_cache_bytes // per_block,
+                                  per_seq * config.max_num_seqs))
     return GroupConfig(num_blocks=int(num_blocks), block_size=block_size,
-                       max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                       enable_prefix_caching=enable_prefix_caching, staged=staged)
+                       max_num_seqs=config.max_num_seqs,
+                       max_num_batched_tokens=config.max_num_batched_tokens,
+                       enable_prefix_caching=config.enable_prefix_caching,
+                       staged=config.staged)
 
 
-def build_engine(params: dict, cfg: ModelConfig, max_model_len: int, *, num_dp_groups: int = 1,
-                 devices: list | None = None, **group_options) -> Engine:
-    """An engine with ``num_dp_groups`` colocated groups on the first ``devices``; options as
-    ``group_config_for``."""
+def build_colocated_engine(params: dict, cfg: ModelConfig, max_model_len: int,
+                           config: EngineConfig, devices: list | None = None) -> Engine:
+    """An engine with ``config.num_dp_groups`` colocated groups on the first ``devices``."""
     devices = devices or jax.devices()
-    if not 1 <= num_dp_groups <= len(devices):
-        raise ValueError(
-            f"num_dp_groups must be in 1..{len(devices)} (devices available), got {num_dp_groups}"
-        )
-    group = group_config_for(params, cfg, max_model_len, **group_options)
-    return Engine(params, cfg, list(devices[:num_dp_groups]), group)
+    if not config.num_dp_groups <= len(devices):
+        raise ValueError(f"num_dp_groups must be in 1..{len(devices)} (devices available), "
+                         f"got {config.num_dp_groups}")
+    group = group_config_for(params, cfg, max_model_len, config)
+    return Engine(params, cfg, list(devices[:config.num_dp_groups]), group)

@@ -4,14 +4,15 @@ The control plane talks to **groups** (places requests, reads their load), the e
 step **drivers** (a colocated group drives itself; an MA domain pool drives many attention
 groups as one SPMD program), and a group's step runs on a **runner** (the colocated
 ``ModelRunner`` or an MA rank's view of its domain). Groups receive work only through typed
-inbox **messages**. Nothing here imports JAX.
+inbox **messages**, dispatched by type (``DPGroup.deliver``); a disaggregated layout adds its
+own (``serving.disagg.pd.Arrival``). A **router** moves started requests between groups
+(PD). Nothing here imports JAX.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -34,10 +35,11 @@ class AbortRequest:
     request_id: str
 
 
-# -- the runner: one step's compute -----------------------------------------------------------
+# -- the runner: one step's compute, and the group's KV pages --------------------------------
 @runtime_checkable
 class Runner(Protocol):
-    """Runs a scheduled batch on the group's devices and appends the sampled tokens."""
+    """Runs a scheduled batch on the group's devices and appends the sampled tokens; owns the
+    group's KV pages, which leave or enter only through ``export_kv``/``import_kv``."""
 
     compile_count: int
 
@@ -47,12 +49,16 @@ class Runner(Protocol):
     def finish(self, handle: Any) -> None:
         """Wait for the step, append sampled tokens (and logprobs) to the sequences."""
 
+    @property
+    def kv_sharding(self) -> Any:
+        """Where pages given to ``import_kv`` must lie (block axis first): a sharding."""
+
     def export_kv(self, block_ids: Sequence[int]) -> Any:
-        """The KV pages of ``block_ids`` (device arrays, one per layer and kind)."""
+        """A copy of the KV pages of ``block_ids`` (per layer, ``[len(block_ids), ...]``)."""
 
     def import_kv(self, block_ids: Sequence[int], pages: Any) -> None:
         """Write KV pages received from elsewhere into ``block_ids`` (the pool stays donated
-        through steps; no recompilation)."""
+        through steps; nothing recompiles and ``compile_count`` is unchanged)."""
 
 
 # -- the group: what the control plane and a driver see ---------------------------------------
@@ -79,13 +85,19 @@ class Group(Protocol):
     def complete(self, out: SchedulerOutput) -> None:
         """Second half: record the step whose tokens were appended, emit outputs."""
 
+    def fail(self, reason: str) -> None:
+        """Mark the group unhealthy and end every request it holds (aborted)."""
+
+    def wait_for_work(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds until a message arrives; True if one did."""
+
 
 # -- the driver: what an engine loop steps ----------------------------------------------------
 @runtime_checkable
 class Driver(Protocol):
-    """Something the engine steps: a group driving itself, or a pool of groups."""
-
-    name: str
+    """Something the engine steps: a group driving itself, or a pool of groups run as one
+    program (an MA domain pool). The engine owns the loop: ``step`` while there is work,
+    ``Group.wait_for_work`` on its groups when idle, ``Group.fail`` on them if a step raises."""
 
     @property
     def groups(self) -> list[Group]:
@@ -96,9 +108,15 @@ class Driver(Protocol):
 
     def has_work(self) -> bool: ...
 
-    def stats(self) -> dict[str, float]:
-        """Driver-level counters (flat numbers), merged into ``Engine.stats()``."""
+    def stats(self) -> dict[str, Any]:
+        """Driver-level counters, merged into ``Engine.stats()`` (a group driving itself has
+        none: ``{}``)."""
 
 
-StopEvent = threading.Event
-AfterStep = Callable[[], None]
+# -- the router: moves requests between groups after they start -------------------------------
+@runtime_checkable
+class Router(Protocol):
+    """Moves requests from the groups they entered to the groups that finish them (the PD
+    hand-off, ``serving.disagg.pd.PDRouter``); the engine reads its counters."""
+
+    def stats(self) -> dict[str, float]: ...

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from collectives.p2p import gather_blocks, scatter_blocks_donated
 from sharding.params import kv_page_shardings, param_shardings, tp_mesh
 from xds_jax.generate import bucket, model_step, sample_rows
 from xds_jax.model.config import ModelConfig
@@ -106,16 +107,25 @@ class ModelRunner:
         self._shapes_seen: set[tuple] = set()
         self.compile_count = 0
 
+    # -- KV pages in and out (PD transfers) ---------------------------------------------------
     @property
-    def pages(self) -> list[dict]:
-        """The current KV pages (each step donates them and gets new arrays back)."""
-        return self.caches
+    def kv_sharding(self):
+        """Where pages given to ``import_kv`` must lie: as this runner's pages lie."""
+        return jax.tree_util.tree_leaves(self.caches)[0].sharding
 
-    @pages.setter
-    def pages(self, caches: list[dict]) -> None:
-        self.caches = caches
-        self._shapes_seen: set[tuple] = set()
-        self.compile_count = 0
+    def export_kv(self, block_ids) -> list[dict]:
+        """A copy of the KV pages of ``block_ids``, per layer ``[len(block_ids), ...]``
+        (read under the lock: steps donate the pages)."""
+        ids_B = np.asarray(block_ids, np.int32)
+        with self.lock:
+            return gather_blocks(self.caches, ids_B)
+
+    def import_kv(self, block_ids, pages: list[dict]) -> None:
+        """Write ``pages`` (as ``export_kv`` returns them, on ``kv_sharding``) into
+        ``block_ids``, in place; the step programs and ``compile_count`` are untouched."""
+        ids_B = np.asarray(block_ids, np.int32)
+        with self.lock:
+            self.caches = scatter_blocks_donated(self.caches, ids_B, pages)
 
     def _launch(self, rows: RowBatch):
         key = (rows.tokens_BS.shape, rows.tables_BN.shape)

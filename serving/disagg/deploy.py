@@ -9,9 +9,10 @@ roles in the file                          engine
 ``prefill`` + both MA roles                PD + MA: prefill groups feed the MA attention
 =========================================  ================================================
 
-Groups get the engine's capacity options (``engine.group_config_for``), overridden per role
-by the file's ``max_num_seqs`` / ``max_num_batched_tokens`` / ``kv_cache_gib`` fields, and
-by the caller's ``prefill_config`` / ``decode_config``.
+Groups get the engine's capacity (``EngineConfig``, through ``engine.group_config_for``),
+overridden per role by the file's ``max_num_seqs`` / ``max_num_batched_tokens`` /
+``kv_cache_gib`` fields, and by the caller's ``prefill_config`` / ``decode_config``.
+``build_engine`` is the one way in: colocated groups without a deployment, this otherwise.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from __future__ import annotations
 import logging
 import os
 
-from serving.core.balancer import Balancer
 from serving.core.dp_group import DPGroup, GroupConfig
-from serving.core.engine import Engine, group_config_for
-from serving.disagg.pd import DecodeGroup, PrefillGroup, connect
-from sharding import load_deployment
-from sharding.deployment import Deployment, DeploymentError
+from serving.core.engine import Engine, build_colocated_engine, group_config_for
+from serving.core.timeline import Timeline
+from serving.disagg.pd import DecodeGroup, PDRouter, PrefillGroup
+from sharding import read_deployment
+from sharding.deployment import Deployment, DeploymentError, DeploymentSpec, build_deployment
+from xds_jax.engine_config import EngineConfig
 from xds_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -34,53 +36,61 @@ class UnsupportedDeploymentError(DeploymentError):
     """The deployment is valid but asks for a layout this engine cannot serve."""
 
 
+def build_engine(params: dict, cfg: ModelConfig, max_model_len: int,
+                 config: EngineConfig) -> Engine:
+    """The engine ``config`` describes: its deployment's layout, or colocated DP groups."""
+    if config.deployment is None:
+        return build_colocated_engine(params, cfg, max_model_len, config)
+    return build_deployed_engine(params, cfg, max_model_len, config)
+
+
 def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
-                          deployment: str, *, prefill_config: GroupConfig | None = None,
-                          decode_config: GroupConfig | None = None, timeline=None,
-                          micro_batches: int = 2, **group_options) -> Engine:
-    """The engine a deployment file describes (see the module table)."""
-    layout = load_deployment(deployment, model=cfg)
+                          config: EngineConfig, *, prefill_config: GroupConfig | None = None,
+                          decode_config: GroupConfig | None = None) -> Engine:
+    """The engine ``config.deployment`` describes (see the module table)."""
+    spec = config.deployment
+    if not isinstance(spec, DeploymentSpec):  # a path: parse it here, once
+        spec = read_deployment(spec)
+    layout = build_deployment(spec, model=cfg)
     roles = set(layout.roles)
     host_share = _host_kv_share(layout)
+    timeline = Timeline() if config.trace else None
 
     def config_of(role: str) -> GroupConfig:  # the role's own capacity fields win
-        options = group_options | layout.role(role).spec.capacity
-        if host_share is not None and options.get("kv_cache_bytes", 1 << 30) > host_share:
+        options = config.replace(**layout.role(role).spec.capacity)
+        if host_share is not None and options.kv_cache_bytes > host_share:
             log.info("%s: %s KV pools capped at %.1f MiB per group: %d simulated groups share "
                      "this host's memory", layout.name, role, host_share / 2**20,
                      _num_groups(layout))
-            options["kv_cache_bytes"] = host_share
-        return group_config_for(params, cfg, max_model_len, **options)
+            options = options.replace(kv_cache_bytes=host_share)
+        return group_config_for(params, cfg, max_model_len, options)
 
     decode_role = "decode_attention" if layout.spec.is_ma else "decode"
     prefill_config = prefill_config or (config_of("prefill") if "prefill" in roles else None)
     decode_config = decode_config or config_of(decode_role)
-    prefill = _prefill_groups(params, cfg, layout, prefill_config) if "prefill" in roles else []
-    first = len(prefill)
-    kind = DecodeGroup if prefill else DPGroup  # decode groups fed by prefill, or colocated
+    num_prefill = _num_prefill_groups(layout) if "prefill" in roles else 0
+    kind = DecodeGroup if num_prefill else DPGroup  # decode groups fed by prefill, or colocated
     if layout.spec.is_ma:
         from serving.disagg.ma import MAPool
         from serving.disagg.ma_layout import MALayout
 
         def factory(index, *args, **kwargs):  # attention groups numbered after prefill's
-            return kind(first + index, *args, **kwargs)
+            return kind(num_prefill + index, *args, **kwargs)
 
         pool = MAPool(params, cfg, MALayout.from_deployment(layout, cfg), decode_config,
-                      micro_batches=micro_batches, timeline=timeline, group_factory=factory)
-        decode, drivers = list(pool.groups), [*prefill, pool]
+                      micro_batches=config.micro_batches, timeline=timeline,
+                      group_factory=factory)
+        decode, decode_drivers = list(pool.groups), [pool]
     else:
-        devices = _decode_devices(layout)
-        decode = [kind(first + i, params, cfg, d, decode_config) for i, d in enumerate(devices)]
-        drivers = [*prefill, *decode]
+        decode = [kind(num_prefill + i, params, cfg, d, decode_config)
+                  for i, d in enumerate(_decode_devices(layout))]
+        decode_drivers = decode
+    router = PDRouter(decode) if num_prefill else None
+    prefill = _prefill_groups(params, cfg, layout, prefill_config, router) if router else []
     for g in [*prefill, *decode]:
         g.timeline = timeline
-    if not prefill:
-        return Engine(params, cfg, groups=decode, drivers=drivers, timeline=timeline)
-    balancer = Balancer()
-    hub = connect(prefill, decode, lambda request: balancer.choose(
-        [g.load() for g in decode], request.prompt_ids))
-    return Engine(params, cfg, groups=[*prefill, *decode], entry=prefill, drivers=drivers,
-                  timeline=timeline, hub=hub)
+    return Engine(params, cfg, groups=[*prefill, *decode], entry=prefill or None,
+                  drivers=[*prefill, *decode_drivers], router=router, timeline=timeline)
 
 
 # Virtual CPU devices share the host's memory: all simulated KV pools together take at most
@@ -105,10 +115,15 @@ def _host_kv_share(layout: Deployment) -> int | None:
     return int(host * HOST_KV_FRACTION) // max(_num_groups(layout), 1)
 
 
-def _prefill_groups(params, cfg, layout: Deployment, config: GroupConfig) -> list[PrefillGroup]:
+def _num_prefill_groups(layout: Deployment) -> int:
+    return layout.role("prefill").mesh.devices.shape[0]
+
+
+def _prefill_groups(params, cfg, layout: Deployment, config: GroupConfig,
+                    router: PDRouter) -> list[PrefillGroup]:
     """One prefill group per ``dp`` row of the prefill mesh, TP over the row's devices."""
     mesh = layout.role("prefill").mesh
-    return [PrefillGroup(i, params, cfg, list(row), config)
+    return [PrefillGroup(i, params, cfg, list(row), config, router=router)
             for i, row in enumerate(mesh.devices.reshape(mesh.devices.shape[0], -1))]
 
 

@@ -47,6 +47,11 @@ class RankView:
 
     # -- KV in and out ------------------------------------------------------------------------
     @property
+    def kv_sharding(self) -> jax.Device:
+        """Where pages given to ``import_kv`` must lie: this rank's device."""
+        return self.device
+
+    @property
     def pages(self) -> list[dict]:
         """The rank's per-layer pages ``[P, page, ...]`` (shards of the domain's arrays,
         valid until the domain's next step donates them)."""

@@ -12,8 +12,10 @@ into the decode pages; when the event completes the prefill group frees its bloc
 the sequence decodes from the next step.
 
 Both sides are ordinary ``DPGroup``s (own scheduler, KV, runner, thread); only the two
-hooks of a step differ. ``PrefillGroup`` hands sequences off after sampling; a
-``DecodeGroup`` admits pulled sequences before scheduling.
+hooks of a step differ. ``PrefillGroup`` hands sequences off to the ``PDRouter`` after
+sampling; the router picks the decode group, owns the channels and delivers an ``Arrival``
+message; a ``DecodeGroup`` admits pulled sequences before scheduling. KV leaves and enters the
+runners only through ``export_kv``/``import_kv``, so nothing recompiles for a transfer.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 import numpy as np
 
 from collectives.p2p import KVChannel, KVTransferHub
+from serving.core.balancer import Balancer
 from serving.core.dp_group import DPGroup
 from serving.core.request import Request
 from serving.core.scheduler import SchedulerError, SchedulerOutput
@@ -39,7 +42,7 @@ MAX_EARLY_ABORTS = 4096
 
 @dataclasses.dataclass
 class Arrival:
-    """A prefilled sequence offered to a decode group, waiting to be pulled."""
+    """Inbox message of a decode group: a prefilled sequence offered to it, to be pulled."""
 
     request: Request
     seq: Sequence
@@ -60,25 +63,20 @@ class TransferCounters:
 
 
 class PrefillGroup(DPGroup):
-    """A DP group that only prefills: after the first token a sequence is handed off.
-
-    ``handoff(group, request, seq, block_table)`` (set by the engine) offers the KV to a
-    decode group; the blocks stay held until that transfer completes.
-    """
+    """A DP group that only prefills: after the first token a sequence is handed off to the
+    ``router``; its blocks stay held until that transfer completes."""
 
     role = "prefill"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, router: PDRouter, **kwargs):
         super().__init__(*args, **kwargs)
-        self.handoff = None
-        self.channels: list[KVChannel] = []  # where this group is the sender
+        self.router = router
         self._held: dict[int, int] = {}  # event id (seq id) -> blocks held for it
 
     def _before_schedule(self) -> None:
-        for channel in list(self.channels):
-            for event in channel.completed():
-                self._held.pop(event, None)
-                self.blocks.free(event)
+        for event in self.router.completed(self.index):
+            self._held.pop(event, None)
+            self.blocks.free(event)
 
     @property
     def held_blocks(self) -> int:
@@ -98,7 +96,8 @@ class PrefillGroup(DPGroup):
             self._owners.pop(seq.seq_id)
             if not any(s.seq_id in self._owners for s in request.seqs):
                 self.requests.pop(request.request_id, None)
-            self.handoff(self, request, seq, table)
+            last = not any(s.seq_id in self._owners for s in request.seqs if not s.finished)
+            self.router.handoff(self, request, seq, table, last=last)
 
     def has_work(self) -> bool:  # held blocks are freed by later (idle) steps' plan()
         return super().has_work() or bool(self._held)
@@ -113,16 +112,9 @@ class DecodeGroup(DPGroup):
         # Aborts that may have overtaken their request's hand-off (engine aborts everywhere).
         self._early_aborts: collections.OrderedDict[str, bool] = collections.OrderedDict()
         self.transfer = TransferCounters()
+        self._handlers[Arrival] = self._arrive
 
-    def receive(self, arrival: Arrival) -> None:
-        """Control plane (prefill thread): a prefilled sequence is offered to this group."""
-        self.inbox.put(("arrive", arrival))
-        self._wake.set()
-
-    def _handle(self, kind: str, item) -> None:
-        if kind != "arrive":
-            super()._handle(kind, item)
-            return
+    def _arrive(self, item: Arrival) -> None:
         request = item.request
         self.requests.setdefault(request.request_id, request)
         self._owners[item.seq.seq_id] = request
@@ -176,7 +168,7 @@ class DecodeGroup(DPGroup):
         landed = set(channel.arrived())
         while seq.seq_id not in landed:
             channel.push()
-            self.runner.pages, _ = channel.drain(self.runner.pages)
+            channel.receive(self.runner.import_kv)
             landed |= set(channel.arrived())
         self.blocks.mark_computed(seq.seq_id, seq.all_ids, seq.num_tokens - 1)
         now = time.perf_counter()
@@ -201,41 +193,60 @@ class DecodeGroup(DPGroup):
         self._end_aborted(arrival.request)
 
 
-def connect(prefill: list[PrefillGroup], decode: list[DecodeGroup], choose_decode,
-            hub: KVTransferHub | None = None) -> KVTransferHub:
-    """Wire prefill groups to decode groups through ``hub`` (one channel per pair).
+class PDRouter:
+    """The hand-off from prefill to decode groups: picks a request's decode group, owns the
+    KV channels (one per (prefill, decode) pair, in ``hub``) and delivers ``Arrival``s.
 
     ``choose_decode(request) -> group index`` picks a request's decode group at its first
-    hand-off; its other sequences (``n`` > 1) follow it there.
+    hand-off (default: the ``Balancer`` over the decode groups' loads); its other sequences
+    (``n`` > 1) follow it there.
     """
-    hub = hub or KVTransferHub()
-    by_index = {g.index: g for g in decode}
-    chosen: dict[str, int] = {}
-    lock = threading.Lock()
 
-    def handoff(group: PrefillGroup, request: Request, seq: Sequence, table: list[int]):
-        with lock:
-            if request.request_id not in chosen:
-                chosen[request.request_id] = choose_decode(request)
-            index = chosen[request.request_id]
-            if not any(s.seq_id in group._owners for s in request.seqs if not s.finished):
-                del chosen[request.request_id]  # its last sequence to leave prefill
-        target = by_index[index]
-        runner = target.runner
-        channel = hub.channel(group.index, target.index, _page_sharding(runner),
-                              donate=getattr(runner, "donate_pages", True))
-        if channel not in group.channels:
-            group.channels.append(channel)
-        source = group.runner
-        channel.offer(seq.seq_id, lambda: source.pages, table, lock=source.lock)
-        target.receive(Arrival(request, seq, channel, time.perf_counter()))
+    def __init__(self, decode: list[DecodeGroup], choose_decode=None,
+                 hub: KVTransferHub | None = None):
+        self.decode = list(decode)
+        self.hub = hub or KVTransferHub()
+        self._by_index = {g.index: g for g in self.decode}
+        self._choose = choose_decode or self._balanced
+        self._balancer = Balancer()
+        self._chosen: dict[str, int] = {}  # request id -> decode group, while in prefill
+        self._sending: dict[int, list[KVChannel]] = collections.defaultdict(list)
+        self._lock = threading.Lock()
 
-    for group in prefill:
-        group.handoff = handoff
-    return hub
+    def _balanced(self, request: Request) -> int:
+        return self._balancer.choose([g.load() for g in self.decode], request.prompt_ids)
 
+    def handoff(self, source: PrefillGroup, request: Request, seq: Sequence,
+                table: list[int], *, last: bool) -> None:
+        """(Prefill thread) Offer ``seq``'s KV blocks ``table`` to the request's decode
+        group. ``last``: no other sequence of the request remains in ``source``."""
+        with self._lock:
+            if request.request_id not in self._chosen:
+                self._chosen[request.request_id] = self._choose(request)
+            target = self._by_index[self._chosen[request.request_id]]
+            if last:
+                del self._chosen[request.request_id]
+            channel = self.hub.channel(source.index, target.index, target.runner.kv_sharding)
+            if channel not in self._sending[source.index]:
+                self._sending[source.index].append(channel)
+        channel.offer(seq.seq_id, source.runner.export_kv, table)
+        target.deliver(Arrival(request, seq, channel, time.perf_counter()))
 
-def _page_sharding(runner):
-    """Where a chunk of pages lands: the decode group's device(s), as its pages lie."""
-    first = runner.pages[0]
-    return first[next(iter(first))].sharding
+    def completed(self, prefill_index: int) -> list[int]:
+        """Events (sequence ids) whose transfer out of that prefill group completed (or was
+        cancelled) since the last call: their blocks may be freed."""
+        with self._lock:
+            channels = list(self._sending.get(prefill_index, ()))
+        return [event for channel in channels for event in channel.completed()]
+
+    def stats(self) -> dict[str, float]:
+        """KV transfers into the decode groups."""
+        counters = [g.transfer for g in self.decode]
+        return {
+            "kv_transfers": sum(c.transfers for c in counters),
+            "kv_blocks_sent": sum(c.blocks_sent for c in counters),
+            "kv_blocks_reused": sum(c.blocks_reused for c in counters),
+            "kv_bytes_sent": sum(c.bytes_sent for c in counters),
+            "kv_wait_s": sum(c.wait_s for c in counters),
+            "kv_transfer_s": sum(c.transfer_s for c in counters),
+        }

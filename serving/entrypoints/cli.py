@@ -8,118 +8,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import itertools
 import json
 import logging
 import sys
-import threading
-import time
 from typing import Any
 
-from tqdm import tqdm
-
 from serving.entrypoints.cli_args import build_parser
+from serving.entrypoints.launch import finish_trace, load_engine
 
 log = logging.getLogger("xds")
 
+
 class CliError(Exception):
     """A failure reported as one line, without a traceback."""
-
-
-class Status:
-    """A one-line status with elapsed time, kept fresh by a thread while work blocks."""
-
-    def __init__(self) -> None:
-        self.bar = tqdm(total=None, bar_format="{desc} [{elapsed}]", disable=None, leave=False)
-        self.started = time.monotonic()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._tick, daemon=True)
-        self._thread.start()
-
-    def _tick(self) -> None:
-        for frame in itertools.cycle("|/-\\"):
-            if self._done.wait(0.25):
-                return
-            self.bar.set_postfix_str(frame, refresh=True)
-
-    def stage(self, text: str) -> None:
-        log.info("%s", text)
-        self.bar.set_description_str(text, refresh=True)
-
-    def close(self) -> float:
-        self._done.set()
-        self._thread.join()
-        self.bar.close()
-        return time.monotonic() - self.started
-
-
-def load_engine(args: argparse.Namespace) -> Any:
-    """Build, start and (unless ``--no-warmup``) warm up the engine for ``args``."""
-    import os
-
-    from sharding.devices import configure_cpu_devices
-
-    count = getattr(args, "cpu_devices", None)
-    if count is None and args.deployment and not os.environ.get("XDS_CPU_DEVICES"):
-        from sharding import read_deployment  # no JAX: size the simulated mesh to the layout
-
-        count = read_deployment(args.deployment).num_devices
-    configure_cpu_devices(count)
-    from serving.core.async_engine import AsyncEngine, EngineArgs
-
-    options = {"model": args.model, "dtype": args.dtype, "deployment": args.deployment,
-               "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
-               "max_num_batched_tokens": args.max_num_batched_tokens,
-               "max_queue": args.max_queue, "num_dp_groups": args.num_dp_groups,
-               "kv_cache_bytes": int(args.kv_cache_gib * (1 << 30)), "seed": args.seed,
-               "micro_batches": getattr(args, "micro_batches", 2),
-               "trace": bool(getattr(args, "trace", None))}
-    known = {f.name for f in dataclasses.fields(EngineArgs)}
-    status = Status()
-    try:
-        status.stage(f"loading {args.model}")
-        engine = AsyncEngine.from_args(EngineArgs(**{k: v for k, v in options.items()
-                                                     if k in known}))
-        engine.start()
-        if not args.no_warmup:
-            status.stage("compiling step programs (warm-up request)")
-            asyncio.run(warm_up(engine))
-    finally:
-        elapsed = status.close()
-    log.info("%s ready in %.1f s (context %d tokens)", engine.model_name, elapsed,
-             engine.max_model_len)
-    if timeline_of(engine) is not None:
-        timeline_of(engine).clear()  # the trace starts after the warm-up
-    return engine
-
-
-def timeline_of(engine: Any):
-    """The engine's timeline when it records one (``--trace``), else None."""
-    return getattr(getattr(engine, "engine", None), "timeline", None)
-
-
-def finish_trace(engine: Any, args: argparse.Namespace) -> None:
-    """With ``--trace``: save the Chrome trace and print the per-role summary (stderr)."""
-    timeline = timeline_of(engine)
-    if not getattr(args, "trace", None) or timeline is None:
-        return
-    from serving.core.timeline import format_summary
-
-    path = timeline.save(args.trace)
-    print(format_summary(timeline.summary()), file=sys.stderr)
-    print(f"trace: {path} ({len(timeline.events)} events; open in chrome://tracing or "
-          "ui.perfetto.dev)", file=sys.stderr)
-
-
-async def warm_up(engine: Any) -> None:
-    from xds_jax.sampling.params import SamplingParams
-
-    tok = engine.tokenizer
-    ids = tok.encode("Hello") if tok is not None else [1, 2, 3]
-    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    async for _ in engine.generate(ids, params, "warmup"):
-        pass
 
 
 def sampling(args: argparse.Namespace, room: int):

@@ -29,42 +29,63 @@ def positive_float(text: str) -> float:
     return value
 
 
+# ``EngineArgs`` fields set by the engine flags of the same name (``--max-num-seqs`` sets
+# ``max_num_seqs``); their defaults are ``EngineConfig``'s. ``launch.engine_args`` maps them.
+ENGINE_FIELDS = ("model", "dtype", "max_model_len", "seed", "num_dp_groups", "max_num_seqs",
+                 "max_num_batched_tokens", "block_size", "enable_prefix_caching", "staged",
+                 "micro_batches", "max_queue")
+
+
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    from serving.core.async_engine import EngineArgs
+
+    d = EngineArgs()  # the defaults, from xds_jax.engine_config.EngineConfig
     group = parser.add_argument_group("model and engine")
-    group.add_argument("--model", default="smollm2",
+    group.add_argument("--model", default=d.model,
                        help="registered name (smollm2), Hugging Face directory, .gguf file, or "
                        "config.json (random weights) (default: %(default)s)")
     group.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                       default=d.dtype,
                        help="parameter and activation dtype (default: the checkpoint's)")
     group.add_argument("--deployment", metavar="YAML",
                        help="deployment file (DP groups, PD pools, MoE-attention split); "
                        "default: one device, colocated")
-    group.add_argument("--micro-batches", type=positive_int, default=2, metavar="N",
-                       help="micro-batches per attention domain and step in MoE-attention "
-                       "deployments (default: %(default)s)")
+    group.add_argument("--micro-batches", type=positive_int, default=d.micro_batches,
+                       metavar="N", help="micro-batches per attention domain and step in "
+                       "MoE-attention deployments (default: %(default)s)")
     group.add_argument("--trace", metavar="JSON",
                        help="record a timeline of the disaggregated stages and KV transfers, "
                        "save it as a Chrome trace (chrome://tracing, Perfetto) and print a "
                        "per-role summary at exit")
-    group.add_argument("--max-model-len", type=positive_int, metavar="N",
+    group.add_argument("--max-model-len", type=positive_int, metavar="N", default=d.max_model_len,
                        help="context limit in tokens, prompt plus output (default: the model's)")
-    group.add_argument("--max-num-seqs", type=positive_int, default=64, metavar="N",
+    group.add_argument("--max-num-seqs", type=positive_int, default=d.max_num_seqs, metavar="N",
                        help="most sequences decoded together per DP group (default: %(default)s)")
-    group.add_argument("--max-num-batched-tokens", type=positive_int, default=512, metavar="N",
+    group.add_argument("--max-num-batched-tokens", type=positive_int,
+                       default=d.max_num_batched_tokens, metavar="N",
                        help="token budget of one scheduler step, prefill chunks included "
                        "(default: %(default)s)")
-    group.add_argument("--max-queue", type=positive_int, default=256, metavar="N",
+    group.add_argument("--block-size", type=positive_int, default=d.block_size, metavar="N",
+                       help="tokens per KV cache block (default: %(default)s)")
+    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=d.enable_prefix_caching,
+                       help="reuse the KV blocks of shared prompt prefixes (default: on)")
+    group.add_argument("--staged", action="store_true", default=d.staged,
+                       help="run steps as separately jitted stage programs: faster to "
+                       "compile, slower to run")
+    group.add_argument("--max-queue", type=positive_int, default=d.max_queue, metavar="N",
                        help="requests in flight before new ones get HTTP 429 "
                        "(default: %(default)s)")
-    group.add_argument("--num-dp-groups", type=positive_int, default=1, metavar="N",
-                       help="data-parallel groups when no deployment file is given "
-                       "(default: %(default)s)")
-    group.add_argument("--kv-cache-gib", type=float, default=1.0, metavar="GIB",
+    group.add_argument("--num-dp-groups", type=positive_int, default=d.num_dp_groups,
+                       metavar="N", help="data-parallel groups when no deployment file is "
+                       "given (default: %(default)s)")
+    group.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_bytes / (1 << 30),
+                       metavar="GIB",
                        help="KV cache size per DP group in GiB (default: %(default)s)")
     group.add_argument("--cpu-devices", type=positive_int, metavar="N",
                        help="virtual CPU devices to simulate a cluster on "
                        "(default: $XDS_CPU_DEVICES, else JAX's)")
-    group.add_argument("--seed", type=int, default=0,
+    group.add_argument("--seed", type=int, default=d.seed,
                        help="seed of random weights (config-only models) (default: %(default)s)")
     group.add_argument("--no-warmup", action="store_true",
                        help="skip the warm-up request that compiles the step programs up front")

@@ -337,7 +337,7 @@ def run_server(args: Any, engine: Any = None) -> None:
     import uvicorn
 
     if engine is None:
-        from serving.entrypoints.cli import load_engine
+        from serving.entrypoints.launch import load_engine
 
         engine = load_engine(args)
     names = args.served_model_name or [engine.model_name]

@@ -12,6 +12,7 @@ from serving.disagg.deploy import build_deployed_engine
 from tests.helpers import GOLDEN, tiny
 from tests.serving.test_engine import params_for, reference, workload
 from xds_jax import LLM, SamplingParams
+from xds_jax.engine_config import EngineConfig
 from xds_jax.generate import LocalGenerator
 from xds_jax.sequence import Sequence
 
@@ -55,12 +56,13 @@ def alone(model, seq: Sequence) -> list[int]:
 def small_decode_engine(name: str, decode_blocks: int, prefill_blocks: int | None = None):
     """cpu8-pd with decode pools far smaller than what the prefills bring."""
     model = tiny(name)
-    opts = dict(max_num_seqs=8, max_num_batched_tokens=64, staged=True)
-    config = group_config_for(model.params, model.cfg, 256, **opts)
+    options = EngineConfig(deployment=PD8, max_num_seqs=8, max_num_batched_tokens=64,
+                           staged=True)
+    config = group_config_for(model.params, model.cfg, 256, options)
     decode = dataclasses.replace(config, num_blocks=decode_blocks)
     prefill = dataclasses.replace(config, num_blocks=prefill_blocks or config.num_blocks)
-    return model, build_deployed_engine(model.params, model.cfg, 256, PD8, decode_config=decode,
-                                        prefill_config=prefill, **opts)
+    return model, build_deployed_engine(model.params, model.cfg, 256, options,
+                                        decode_config=decode, prefill_config=prefill)
 
 
 @pytest.mark.parametrize("prefill_blocks", [None, 8])
@@ -75,7 +77,7 @@ def test_backpressure_transfers_wait_and_every_request_completes(prefill_blocks)
     for seq in seqs:
         assert seq.output_ids == alone(model, seq)
     stats = engine.stats()
-    assert sum(g.transfer.deferred for g in engine.groups if hasattr(g, "transfer")) > 0
+    assert sum(g.transfer.deferred for g in engine.router.decode) > 0
     assert stats["kv_transfers"] == len(prompts) and stats["kv_usage"] == 0
 
 
@@ -149,3 +151,55 @@ def test_pools_are_sized_independently_in_the_deployment_file(tmp_path):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         [params_for(i) for i in range(len(prompts))])
     assert [o.outputs[0].token_ids for o in outs] == reference(llm, prompts)
+
+
+def test_pd_steady_state_does_not_recompile():
+    """KV pulled into decode groups goes through ``import_kv``, which leaves the step programs
+    and their count alone: ``compiles`` only grows while new shapes show up, and once a
+    workload has been seen (no prefix cache, so the same shapes) running it again compiles
+    nothing, not even in XLA."""
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT
+
+    llm = LLM(str(GOLDEN / "llama"), dtype="float32", deployment=PD8, max_num_seqs=8,
+              max_num_batched_tokens=48, staged=True, enable_prefix_caching=False,
+              use_param_cache=False)
+    prompts = [{"prompt_token_ids": p} for p in workload(llm.cfg.vocab_size, 8, seed=4)]
+    params = [params_for(i) for i in range(len(prompts))]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    counts = [llm.engine.stats()["compiles"]]
+    while len(counts) < 2 or counts[-1] != counts[-2]:  # placements vary: warm every group
+        assert len(counts) < 5, f"compiles never settle: {counts}"
+        llm.generate(prompts, params)
+        counts.append(llm.engine.stats()["compiles"])
+    assert counts == sorted(counts) and counts[0] > 0
+    compiled = []
+
+    def listen(event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            compiled.append(kwargs)
+
+    engine = llm.engine
+    transfers = engine.stats()["kv_transfers"]
+    per_group = [g.runner.compile_count for g in engine.groups]
+    requests = [Request(f"again-{i}", None, p["prompt_token_ids"], sp,
+                        llm.make_sequences(p["prompt_token_ids"], sp))
+                for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        for r in requests:
+            engine.submit(r)
+        while not all(r.finished for r in requests):  # step by step: counts never move
+            for g in engine.entry:
+                g.step()
+            for g in engine.router.decode:  # DPGroup.step, checked right after the pulls
+                out = g.plan()
+                assert [g.runner.compile_count for g in engine.groups] == per_group
+                if out is not None:
+                    g.runner.finish(g.runner.launch(out.scheduled))
+                    g.complete(out)
+            assert [g.runner.compile_count for g in engine.groups] == per_group
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert [r.seqs[0].output_ids for r in requests] == want
+    assert engine.stats()["kv_transfers"] == transfers + len(prompts)
+    assert compiled == []

@@ -21,7 +21,7 @@ from sharding import (
     read_deployment,
 )
 from sharding.rules import ShardingRuleError, logical_to_spec, named_sharding
-from xds_jax.model.config import load_model_config
+from xds_jax.model.config_hf import load_model_config
 
 DEPLOYMENTS = Path(__file__).parents[2] / "configs" / "deployments"
 TINY_V3 = Path(__file__).parents[2] / "configs" / "models" / "deepseek-v3-tiny.json"

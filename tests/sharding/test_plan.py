@@ -8,7 +8,7 @@ import pytest
 
 from sharding.deployment import read_deployment
 from sharding.plan import format_plan, main, plan_deployment
-from xds_jax.model.config import load_model_config
+from xds_jax.model.config_hf import load_model_config
 from xds_jax.model.params import param_shapes
 
 ROOT = Path(__file__).parents[2]

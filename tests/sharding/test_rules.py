@@ -17,7 +17,7 @@ from sharding.params import kv_page_shardings, param_shardings
 from sharding.placement import abstract_caches, abstract_params
 from sharding.rules import RULES, tree_shardings
 from tests.helpers import GOLDEN
-from xds_jax.model.config import load_model_config
+from xds_jax.model.config_hf import load_model_config
 from xds_jax.model.params import init_params
 
 LLAMA = load_model_config(GOLDEN / "llama" / "config.json")  # 4 heads, 2 KV heads

@@ -7,8 +7,7 @@ import pytest
 
 from tests.helpers import GOLDEN
 from xds_jax.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
-from xds_jax.model.config import load_model_config
-from xds_jax.model.config_hf import config_from_hf_dict
+from xds_jax.model.config_hf import config_from_hf_dict, load_model_config
 
 LLAMA_V4 = {
     "model_type": "llama", "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2,

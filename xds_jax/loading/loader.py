@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from xds_jax.errors import ConfigError, ModelNotFoundError
 from xds_jax.loading import param_cache
 from xds_jax.loading.weights import assemble
-from xds_jax.model.config import ModelConfig, load_model_config
+from xds_jax.model.config import ModelConfig
+from xds_jax.model.config_hf import load_model_config
 from xds_jax.model.params import init_params, param_shapes
 from xds_jax.text.byte_tokenizer import byte_tokenizer
 

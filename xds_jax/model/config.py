@@ -9,10 +9,8 @@ stage variants (``mla`` or GQA attention, ``moe`` or dense FFN per layer), not a
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
-from xds_jax.errors import ConfigError, ModelNotFoundError
+from xds_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -195,26 +193,3 @@ def _validate_moe(moe: MoEConfig, num_layers: int) -> None:
     bad = [i for i in moe.moe_layers if not 0 <= i < num_layers]
     if bad:
         raise ConfigError(f"MoE layer indices {bad} are outside 0..{num_layers - 1}")
-
-
-def read_json(path: Path) -> dict:
-    """Read a JSON object, with errors that name the file."""
-    if not path.is_file():
-        raise ModelNotFoundError(f"no such config file: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def load_model_config(path: str | Path) -> ModelConfig:
-    """Load a ``ModelConfig`` from a ``config.json`` file or a directory holding one."""
-    from xds_jax.model.config_hf import config_from_hf_dict
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    return config_from_hf_dict(read_json(path), source=str(path))

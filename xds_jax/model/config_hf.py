@@ -7,9 +7,11 @@ Hub checkpoints (transformers 4) write ``rope_theta`` + ``rope_scaling`` (DeepSe
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
-from xds_jax.errors import ConfigError, UnsupportedModelError
+from xds_jax.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
 from xds_jax.model.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -220,3 +222,24 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=_token_ids(d.get("eos_token_id")),
     )
+
+
+def read_json(path: Path) -> dict:
+    """Read a JSON object, with errors that name the file."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"no such config file: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Load a ``ModelConfig`` from a ``config.json`` file or a directory holding one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    return config_from_hf_dict(read_json(path), source=str(path))

@@ -1,0 +1,123 @@
+"""From ``xds`` options to a running engine: the ``EngineArgs`` they describe (the
+deployment parsed here, once), loading with a status line, the warm-up, and the trace.
+
+``serving.entrypoints.cli`` (every command) and ``serving.entrypoints.server`` (``run_server``
+without an engine) both start engines here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+log = logging.getLogger("xds")
+
+GIB = 1 << 30
+
+
+class Status:
+    """A one-line status with elapsed time, kept fresh by a thread while work blocks."""
+
+    def __init__(self) -> None:
+        self.bar = tqdm(total=None, bar_format="{desc} [{elapsed}]", disable=None, leave=False)
+        self.started = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+        self._thread.start()
+
+    def _tick(self) -> None:
+        for frame in itertools.cycle("|/-\\"):
+            if self._done.wait(0.25):
+                return
+            self.bar.set_postfix_str(frame, refresh=True)
+
+    def stage(self, text: str) -> None:
+        log.info("%s", text)
+        self.bar.set_description_str(text, refresh=True)
+
+    def close(self) -> float:
+        self._done.set()
+        self._thread.join()
+        self.bar.close()
+        return time.monotonic() - self.started
+
+
+def engine_args(args: argparse.Namespace) -> Any:
+    """The ``EngineArgs`` of parsed ``xds`` options, with the deployment file read once here;
+    sizes the simulated CPU mesh to it before JAX starts. Every engine flag sets the field of
+    its name (``cli_args.ENGINE_FIELDS``), except ``--kv-cache-gib`` (``kv_cache_bytes``) and
+    ``--trace`` (a file to save; ``trace`` is on when given)."""
+    from sharding import read_deployment
+    from sharding.devices import configure_cpu_devices
+
+    deployment = read_deployment(args.deployment) if args.deployment else None
+    count = args.cpu_devices
+    if count is None and deployment is not None and not os.environ.get("XDS_CPU_DEVICES"):
+        count = deployment.num_devices
+    configure_cpu_devices(count)
+    from serving.core.async_engine import EngineArgs
+    from serving.entrypoints.cli_args import ENGINE_FIELDS
+
+    return EngineArgs(**{name: getattr(args, name) for name in ENGINE_FIELDS},
+                      deployment=deployment, kv_cache_bytes=int(args.kv_cache_gib * GIB),
+                      trace=bool(args.trace))
+
+
+def load_engine(args: argparse.Namespace) -> Any:
+    """Build, start and (unless ``--no-warmup``) warm up the engine for ``args``."""
+    from serving.core.async_engine import AsyncEngine
+
+    options = engine_args(args)
+    status = Status()
+    try:
+        status.stage(f"loading {args.model}")
+        engine = AsyncEngine.from_args(options)
+        engine.start()
+        if not args.no_warmup:
+            status.stage("compiling step programs (warm-up request)")
+            asyncio.run(warm_up(engine))
+    finally:
+        elapsed = status.close()
+    log.info("%s ready in %.1f s (context %d tokens)", engine.model_name, elapsed,
+             engine.max_model_len)
+    if timeline_of(engine) is not None:
+        timeline_of(engine).clear()  # the trace starts after the warm-up
+    return engine
+
+
+def timeline_of(engine: Any):
+    """The engine's timeline when it records one (``--trace``), else None."""
+    return getattr(getattr(engine, "engine", None), "timeline", None)
+
+
+def finish_trace(engine: Any, args: argparse.Namespace) -> None:
+    """With ``--trace``: save the Chrome trace and print the per-role summary (stderr)."""
+    timeline = timeline_of(engine)
+    if not getattr(args, "trace", None) or timeline is None:
+        return
+    from serving.core.timeline import format_summary
+
+    path = timeline.save(args.trace)
+    print(format_summary(timeline.summary()), file=sys.stderr)
+    print(f"trace: {path} ({len(timeline.events)} events; open in chrome://tracing or "
+          "ui.perfetto.dev)", file=sys.stderr)
+
+
+async def warm_up(engine: Any) -> None:
+    from xds_jax.sampling.params import SamplingParams
+
+    tok = engine.tokenizer
+    ids = tok.encode("Hello") if tok is not None else [1, 2, 3]
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    async for _ in engine.generate(ids, params, "warmup"):
+        pass
+

@@ -1,0 +1,78 @@
+"""``EngineConfig``: everything that shapes an engine, with its defaults in one place.
+
+``LLM(model, **options)`` takes its fields as keyword arguments, the server's ``EngineArgs``
+extends it, and the ``xds`` command line builds its engine flags from its fields (defaults
+and all), as nano-vllm's ``Config``. Groups derive their capacity from it
+(``serving.core.engine.group_config_for``), overridden per role by a deployment file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from xds_jax.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sharding.deployment import DeploymentSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """The model, its layout on devices, and each DP group's capacity.
+
+    Attributes:
+      model: a registered name (``"smollm2"``), a Hugging Face directory, a ``.gguf`` file,
+        or a ``config.json`` file (random weights, for simulation).
+      dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, or ``"auto"``/None (the
+        checkpoint's).
+      max_model_len: context limit in tokens, prompt plus output; None: the model's.
+      seed: seed of random weights when ``model`` is a bare config.
+      num_dp_groups: colocated DP groups, one per device, when there is no ``deployment``.
+      deployment: a deployment file (``configs/deployments/*.yaml``), or its spec already
+        parsed by the entry point (``sharding.read_deployment``): colocated DP groups,
+        prefill/decode pools (PD) and/or attention/expert slices (MA).
+      max_num_seqs: most sequences per DP group and step.
+      max_num_batched_tokens: token budget of one step of a DP group, prefill chunks included.
+      block_size: tokens per KV block.
+      kv_cache_bytes: size of a DP group's paged KV pool (capped at ``max_num_seqs`` full
+        contexts; at least one).
+      enable_prefix_caching: reuse cached KV blocks of shared prompt prefixes.
+      staged: run steps as separately jitted stage programs (faster to compile, slower to
+        run) instead of one fused program.
+      micro_batches: micro-batches per attention domain and step in MA deployments.
+      trace: record a timeline of the disaggregated stages and KV transfers.
+      use_param_cache: cache converted parameters on disk (Orbax).
+    """
+
+    model: str = "smollm2"
+    dtype: str | None = None
+    max_model_len: int | None = None
+    seed: int = 0
+    num_dp_groups: int = 1
+    deployment: str | DeploymentSpec | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    kv_cache_bytes: int = 1 << 30
+    enable_prefix_caching: bool = True
+    staged: bool = False
+    micro_batches: int = 2
+    trace: bool = False
+    use_param_cache: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_dp_groups", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                     "kv_cache_bytes", "micro_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
+
+    def replace(self, **changes) -> EngineConfig:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+DEFAULTS = EngineConfig()

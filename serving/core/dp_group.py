@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 
-from serving.core.interfaces import AbortRequest, AddRequest
+from serving.core.interfaces import AbortRequest, AddRequest, EngineMisuseError
 from serving.core.kv_cache import BlockManager
 from serving.core.request import Request
 from serving.core.runner import ModelRunner
@@ -173,6 +173,9 @@ class DPGroup:
         start = time.perf_counter()
         try:
             self.runner.finish(self.runner.launch(out.scheduled))
+        except EngineMisuseError:  # a wiring bug, not a request's fault: no request is blamed
+            self.scheduler.roll_back(out)
+            raise
         except Exception as error:  # one request's bad input must not stop the group
             self.step_failed(out, error)
             return True

@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     from serving.core.scheduler import ScheduledSeq, SchedulerOutput
 
 
+class EngineMisuseError(RuntimeError):
+    """The engine's parts were wired or called wrongly (a bug, e.g. a runner asked to do what
+    its driver does). A group never blames a request for it: the step is undone and the
+    error goes up."""
+
+
 # -- inbox messages ---------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class AddRequest:

@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from serving.core.interfaces import EngineMisuseError
 from serving.disagg.ma_runner import Domain
 
 
-class RankStepError(RuntimeError):
+class RankStepError(EngineMisuseError):
     """An MA rank was asked to run its own step."""
 
 

@@ -12,7 +12,7 @@ from sharding.hardware import CLOUDMATRIX384, H100, H200, hardware_preset
 from sharding.perf_model import colocated_decode, estimate, ma_decode
 from sharding.plan import main
 from sharding.stage_costs import attention_cost, experts_cost
-from xds_jax.model.config import load_model_config
+from xds_jax.model.config_hf import load_model_config
 
 ROOT = Path(__file__).parents[2]
 V3 = ROOT / "configs" / "models" / "deepseek-v3.json"

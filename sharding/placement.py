@@ -20,7 +20,7 @@ decode_experts     routed: ``(ep,)``   routed experts in slots ``[P, ...]`` spli
                                        trampolines (``collectives.a2e.trampoline_devices``)
 =================  ==================  ===================================================
 
-The MA rows mirror ``serving/disagg/ma.py``, ``ma_runner.py``, ``ma_ffn.py`` and ``ma_shared.py``,
+The MA rows mirror ``serving/disagg/ma.py``, ``ma_runner.py`` and ``ma_slices.py``,
 whose specs are still written by hand; ``tests/sharding/test_engine_bytes.py`` checks every
 row against the bytes the engine puts on each device.
 """

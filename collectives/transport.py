@@ -169,10 +169,7 @@ class Transport:
 
     def __init__(self, attn_mesh: Mesh, other_devices: list, *, attn_axis: str = "dp",
                  other_axis: str = "ep") -> None:
-        self.attn_devices = list(attn_mesh.devices.flat)
-        self.other_devices = list(other_devices)
-        if set(self.attn_devices) & set(self.other_devices):
-            raise TransportError("attention and expert slices share devices")
+        self.attn_devices, self.other_devices = _disjoint_slices(attn_mesh, other_devices)
         self.map = TrampolineMap.spread(len(self.attn_devices), len(self.other_devices))
         self.trampolines = [self.other_devices[t] for t in self.map.target_of]
         self.union_devices = self.attn_devices + self.other_devices
@@ -247,10 +244,7 @@ class DirectTransport:
 
     def __init__(self, attn_mesh: Mesh, other_devices: list, *, attn_axis: str = "dp",
                  other_axis: str = "ep") -> None:
-        self.attn_devices = list(attn_mesh.devices.flat)
-        self.other_devices = list(other_devices)
-        if set(self.attn_devices) & set(self.other_devices):
-            raise TransportError("attention and expert slices share devices")
+        self.attn_devices, self.other_devices = _disjoint_slices(attn_mesh, other_devices)
         self.trampolines: list = []
         self.union_devices = self.attn_devices + self.other_devices
         self.attn_sharding = NamedSharding(attn_mesh, P(attn_axis))
@@ -328,3 +322,11 @@ class SliceService:
 
     def launch_bytes(self, sent: tuple, capacity: int | None) -> int:
         return 0
+
+
+def _disjoint_slices(attn_mesh: Mesh, other_devices: list) -> tuple[list, list]:
+    """The attention domain's devices and the other slice's, refusing any shared device."""
+    attn, other = list(attn_mesh.devices.flat), list(other_devices)
+    if set(attn) & set(other):
+        raise TransportError("attention and expert slices share devices")
+    return attn, other

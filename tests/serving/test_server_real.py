@@ -10,23 +10,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.serving.fake_engine import client, serve, wait_for
-
+from tests.serving.real_server import text_server_fixture
 
 # -- the real engine (tiny random Llama, no tokenizer: token-id prompts) -------------------------
-@pytest.fixture(scope="module")
-def real():
-    engines = pytest.importorskip("serving.core.async_engine")
-    from tests.helpers import GOLDEN
-
-    engine = engines.AsyncEngine.from_args(engines.EngineArgs(
-        model=str(GOLDEN / "llama"), dtype="float32", max_num_seqs=8, kv_cache_bytes=8 << 20))
-    engine.start()
-    try:
-        with serve(engine) as server:
-            server.engine = engine
-            yield server
-    finally:
-        engine.shutdown()
+real = text_server_fixture()  # token-id prompts below; text prompts work too
 
 
 def token_ids(choice) -> list[str]:

@@ -33,7 +33,7 @@ def positive_float(text: str) -> float:
 # ``max_num_seqs``); their defaults are ``EngineConfig``'s. ``launch.engine_args`` maps them.
 ENGINE_FIELDS = ("model", "dtype", "max_model_len", "seed", "num_dp_groups", "max_num_seqs",
                  "max_num_batched_tokens", "block_size", "enable_prefix_caching", "staged",
-                 "micro_batches", "max_queue")
+                 "micro_batches")
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -73,9 +73,6 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--staged", action="store_true", default=d.staged,
                        help="run steps as separately jitted stage programs: faster to "
                        "compile, slower to run")
-    group.add_argument("--max-queue", type=positive_int, default=d.max_queue, metavar="N",
-                       help="requests in flight before new ones get HTTP 429 "
-                       "(default: %(default)s)")
     group.add_argument("--num-dp-groups", type=positive_int, default=d.num_dp_groups,
                        metavar="N", help="data-parallel groups when no deployment file is "
                        "given (default: %(default)s)")
@@ -89,6 +86,47 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="seed of random weights (config-only models) (default: %(default)s)")
     group.add_argument("--no-warmup", action="store_true",
                        help="skip the warm-up request that compiles the step programs up front")
+
+
+# -- admission, shutdown and access (``xds serve``) ---------------------------------------------
+# ``EngineArgs`` fields set by the admission flags of the same name (``launch.engine_args``).
+ADMISSION_FIELDS = ("max_num_queued_reqs", "max_num_queued_tokens")
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {text}")
+    return value
+
+
+def add_admission_options(parser: argparse.ArgumentParser) -> None:
+    from serving.core.async_engine import EngineArgs
+    from serving.entrypoints.server_guards import DEFAULT_MAX_REQUEST_BYTES
+
+    d = EngineArgs()
+    group = parser.add_argument_group("admission, shutdown and access")
+    group.add_argument("--max-num-queued-reqs", "--max-queue", type=positive_int,
+                       default=d.max_num_queued_reqs, metavar="N",
+                       help="most sequences in flight, running or waiting (a request counts "
+                       "prompts x n); more are answered 503 with Retry-After "
+                       "(default: %(default)s)")
+    group.add_argument("--max-num-queued-tokens", type=positive_int,
+                       default=d.max_num_queued_tokens, metavar="N",
+                       help="most prompt tokens of the requests in flight; more are answered "
+                       "503 with Retry-After (default: %(default)s)")
+    group.add_argument("--shutdown-timeout", type=non_negative_float, default=30.0,
+                       metavar="SECONDS",
+                       help="on SIGTERM, let requests in flight finish for up to this long "
+                       "(new ones get 503), then abort the rest and exit 0; 0 stops at once "
+                       "(default: %(default)s)")
+    group.add_argument("--api-key", metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on every route but /health "
+                       "and /metrics (default: $XDS_API_KEY; none: open)")
+    group.add_argument("--max-request-bytes", type=positive_int,
+                       default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
+                       help="largest request body accepted; larger ones get 413 "
+                       "(default: %(default)s, 16 MiB)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -132,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--request-timeout", type=positive_float, metavar="SECONDS",
                        help="abort requests running longer than this (HTTP 504); "
                        "default: no limit")
+    add_admission_options(serve)
 
     generate = commands.add_parser(
         "generate", parents=[common], help="complete prompts and print the text",

@@ -53,9 +53,10 @@ class Status:
 
 def engine_args(args: argparse.Namespace) -> Any:
     """The ``EngineArgs`` of parsed ``xds`` options, with the deployment file read once here;
-    sizes the simulated CPU mesh to it before JAX starts. Every engine flag sets the field of
-    its name (``cli_args.ENGINE_FIELDS``), except ``--kv-cache-gib`` (``kv_cache_bytes``) and
-    ``--trace`` (a file to save; ``trace`` is on when given)."""
+    sizes the simulated CPU mesh to it before JAX starts. Every engine and admission flag sets
+    the field of its name (``cli_args.ENGINE_FIELDS``, ``ADMISSION_FIELDS``), except
+    ``--kv-cache-gib`` (``kv_cache_bytes``) and ``--trace`` (a file to save; ``trace`` is on
+    when given)."""
     from sharding import read_deployment
     from sharding.devices import configure_cpu_devices
 
@@ -65,9 +66,11 @@ def engine_args(args: argparse.Namespace) -> Any:
         count = deployment.num_devices
     configure_cpu_devices(count)
     from serving.core.async_engine import EngineArgs
-    from serving.entrypoints.cli_args import ENGINE_FIELDS
+    from serving.entrypoints.cli_args import ADMISSION_FIELDS, ENGINE_FIELDS
 
-    return EngineArgs(**{name: getattr(args, name) for name in ENGINE_FIELDS},
+    # Only ``xds serve`` has the admission flags; the other commands keep the defaults.
+    admission = {name: getattr(args, name) for name in ADMISSION_FIELDS if hasattr(args, name)}
+    return EngineArgs(**{name: getattr(args, name) for name in ENGINE_FIELDS}, **admission,
                       deployment=deployment, kv_cache_bytes=int(args.kv_cache_gib * GIB),
                       trace=bool(args.trace))
 

@@ -153,15 +153,16 @@ def test_disconnect_aborts():
                           json={**body, "max_tokens": 2}).status_code == 200
 
 
-def test_queue_full_is_429():
-    engine = FakeEngine(delay=0.02, max_queue=1)
+def test_queue_full_is_503_with_retry_after():
+    engine = FakeEngine(delay=0.02, max_num_queued_reqs=1)
     with serve(engine) as server:
         c = client(server)
         stream = c.completions.create(model="fake", prompt="a", max_tokens=50, stream=True)
-        with pytest.raises(openai.RateLimitError) as error:
+        with pytest.raises(openai.InternalServerError) as error:
             c.completions.create(model="fake", prompt="b", max_tokens=5)
-        assert error.value.status_code == 429
-        assert error.value.body["code"] == "rate_limit_exceeded"
+        assert error.value.status_code == 503
+        assert error.value.body["code"] == "overloaded"
+        assert error.value.response.headers["retry-after"] == "1"
         assert "".join(chunk.choices[0].text for chunk in stream) == (REPLY * 2)[:50]
         assert c.completions.create(model="fake", prompt="b", max_tokens=2).choices[0].text
 

@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import Request
 from prometheus_client import CollectorRegistry
 
-from serving.core.admission import OverloadedError, Ticket
+from serving.core.admission import OverloadedError, RequestTooLargeError, Ticket
 from serving.entrypoints.metrics import ServerMetrics
 from serving.entrypoints.server_requests import ApiError, Prompt, engine_error
 from xds_jax.outputs import RequestOutput
@@ -124,19 +124,22 @@ class Served:
         try:
             self._check_draining()
             self.admission.check_room(slots)
-        except OverloadedError as error:
-            self.metrics.rejections.labels(self.names[0], error.reason).inc()
-            raise
+        except (OverloadedError, RequestTooLargeError) as error:
+            raise self._rejected(error) from None
 
     def admit(self, slots: int, tokens: int) -> Ticket:
-        """A ticket for ``slots`` sequences and ``tokens`` prompt tokens, or raise
-        ``OverloadedError`` (503, counted by reason) / ``RequestTooLargeError`` (400)."""
+        """A ticket for ``slots`` sequences and ``tokens`` prompt tokens, or an ``ApiError``:
+        503 with ``Retry-After`` when overloaded (counted by reason), 400 when too large."""
         try:
             self._check_draining()
             return self.admission.admit(slots, tokens)
-        except OverloadedError as error:
+        except (OverloadedError, RequestTooLargeError) as error:
+            raise self._rejected(error) from None
+
+    def _rejected(self, error: OverloadedError | RequestTooLargeError) -> ApiError:
+        if isinstance(error, OverloadedError):
             self.metrics.rejections.labels(self.names[0], error.reason).inc()
-            raise
+        return engine_error(error)
 
     # -- requests ---------------------------------------------------------------------------
     def check_model(self, model: str | None) -> str:

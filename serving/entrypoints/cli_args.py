@@ -197,9 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmark_serving.py.")
     bench.add_argument("--url", default="http://127.0.0.1:8000",
                        help="server base URL (default: %(default)s)")
-    bench.add_argument("--endpoint", default="/v1/completions",
-                       choices=["/v1/completions", "/v1/chat/completions"],
-                       help="API to load (default: %(default)s)")
+    bench.add_argument("--endpoint", choices=["/v1/completions", "/v1/chat/completions"],
+                       help="API to load (default: /v1/chat/completions for dataset prompts, "
+                       "/v1/completions for --random-input-len)")
     bench.add_argument("--model", help="model name to send (default: the server's first)")
     bench.add_argument("--num-prompts", type=positive_int, default=100, metavar="N",
                        help="requests per rate (default: %(default)s)")

@@ -41,6 +41,8 @@ from serving.entrypoints.server_requests import (
 from serving.entrypoints.server_responses import respond
 from serving.entrypoints.server_state import Served
 from serving.entrypoints.tokenizer_routes import add_tokenizer_routes
+from xds_jax.errors import XdsError
+from xds_jax.text.tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,14 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
     async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
         code = "request_too_large" if error.status_code == 413 else None
         return ApiError(error.status_code, str(error.detail), None, code).response()
+
+    # Errors a request can cause are answered here; only bugs reach the catch-all ``Exception``
+    # handler, after which uvicorn also closes the connection (a keep-alive client sees the
+    # next request on it fail).
+    @app.exception_handler(XdsError)
+    @app.exception_handler(TokenizerError)
+    async def _request_error(_: Request, error: Exception) -> JSONResponse:
+        return engine_error(error).response()
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, error: Exception) -> JSONResponse:

@@ -103,7 +103,10 @@ def completion_prompts(prompt: Any, tokenizer: Any) -> list[Prompt]:
         if isinstance(item, str):
             if tokenizer is None:
                 raise ApiError(400, "this model has no tokenizer; send token ids", "prompt")
-            result.append((item, tokenizer.encode(item)))
+            try:
+                result.append((item, tokenizer.encode(item)))
+            except TokenizerError as error:
+                raise ApiError(400, f"prompt: {error}", "prompt", "invalid_prompt") from None
         else:
             result.append((None, list(item)))
     return result

@@ -18,7 +18,7 @@ from serving.core.admission import Admission
 from serving.entrypoints.server import build_app
 from xds_jax.errors import PromptTooLongError
 from xds_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from xds_jax.text.tokenizer import TokenizerError
+from xds_jax.text.tokenizer import TokenizerError, check_unicode
 
 REPLY = "The answer is 42. Then it repeats. "
 
@@ -30,6 +30,7 @@ class ByteTokenizer:
     chat_template = "<role>content"
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_unicode(text, "text")
         return [1] * add_special_tokens + [b + 3 for b in text.encode()]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:

@@ -218,6 +218,18 @@ def test_bad_input(fake, path, body, status, param):
                       json={"model": "fake", "prompt": "ok", "max_tokens": 1}).status_code == 200
 
 
+def test_bad_prompt_keeps_the_connection(fake):
+    """A request error is answered without closing the keep-alive connection (found by
+    benchmarks/chaos.py: the next request on it failed with a ReadError)."""
+    with httpx.Client(base_url=fake.url) as c:
+        for _ in range(3):
+            bad = c.post("/v1/completions", content=b'{"model": "fake", "prompt": "\\ud800"}',
+                         headers={"Content-Type": "application/json"})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+            assert c.post("/v1/completions", json={"model": "fake", "prompt": "ok",
+                                                   "max_tokens": 1}).status_code == 200
+
+
 def test_unknown_route_has_error_body(fake):
     response = httpx.get(fake.url + "/v1/nothing")
     assert response.status_code == 404 and "error" in response.json()

@@ -1,7 +1,7 @@
 """A bounded soak of a local ``xds serve``: random aborts, disconnects, stop strings, bad
 requests (and injected faults where the build has ``--fault``), with nothing lost or leaked.
 
-    python -m benchmarks.chaos --quick                 # about a minute, 1,000 requests
+    python -m benchmarks.chaos --quick                 # 1,000 requests, at most a minute
     python -m benchmarks.chaos                         # 5,000 requests over a few minutes
     python -m benchmarks.chaos --fault group_crash:group=0:after_steps=50
 
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.chaos",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="about a minute: 1000 requests, 16 at a time, at most 60 s")
+                        help="1000 requests, 16 at a time, at most 60 s")
     parser.add_argument("--requests", type=int, default=5000, help="requests to send (5000)")
     parser.add_argument("--concurrency", type=int, default=32, help="in flight at once (32)")
     parser.add_argument("--duration", type=float, default=600,

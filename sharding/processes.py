@@ -111,3 +111,16 @@ def process_count() -> int:
 
     state = distributed.global_state
     return state.num_processes if state.client is not None else 1
+
+
+def native_stdout_to_stderr() -> None:
+    """Send what native code prints on stdout (gloo's connection notices) to stderr, keeping
+    Python's ``sys.stdout`` on the real stdout: a command's output stays exactly its own."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(real, "w", buffering=1, encoding=sys.stdout.encoding,
+                           errors=sys.stdout.errors)

@@ -213,6 +213,9 @@ class LeaderEngine:
             self._thread.join(timeout=30)
             self._thread = None
         self.channel.stop()
+        stats = self.stats()
+        log.info("lockstep: %d rounds over %d processes, step broadcast %.0f us per round",
+                 self.rounds, self.config.num_processes, stats["broadcast_us_per_round"])
 
     def stats(self) -> dict:
         sent = self.channel.sent_frames

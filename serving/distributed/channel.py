@@ -98,9 +98,11 @@ class ControlChannel:
     # -- set-up -------------------------------------------------------------------------------
     @classmethod
     def connect(cls, config: DistributedConfig, on_lost: Callable[[int, str], None],
-                timeout_s: float = 300.0) -> ControlChannel:
-        """Process 0 listens and waits for the others; the others connect to it."""
-        client = _kv_client()
+                timeout_s: float = 300.0, store=None) -> ControlChannel:
+        """Process 0 listens and waits for the others; the others connect to it. ``store``
+        (``key_value_set``, ``blocking_key_value_get``) is where the leader's address is
+        published: by default the ``jax.distributed`` client's key-value store."""
+        client = store if store is not None else _kv_client()
         if config.is_leader:
             server = socket.create_server(("", 0))
             server.settimeout(timeout_s)

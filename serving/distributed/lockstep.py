@@ -147,8 +147,10 @@ class LeaderEngine:
         self._post(Release(request_id))
 
     def _post(self, item) -> None:
-        if self.lost is not None:
-            raise PeerLostError(self.lost)
+        if self.lost is not None:  # nothing runs any more: refuse requests, drop the rest
+            if isinstance(item, Request):
+                raise PeerLostError(self.lost)
+            return
         with self._lock:
             self._outbox.append(item)
         self._wake.set()

@@ -15,6 +15,7 @@ from xds_jax.errors import ConfigError
 
 if TYPE_CHECKING:
     from sharding.deployment import DeploymentSpec
+    from sharding.processes import DistributedConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,9 @@ class EngineConfig:
       micro_batches: micro-batches per attention domain and step in MA deployments.
       trace: record a timeline of the disaggregated stages and KV transfers.
       use_param_cache: cache converted parameters on disk (Orbax).
+      distributed: this process's place among several ``jax.distributed`` processes
+        (``sharding.processes.DistributedConfig``, or a dict of its fields: ``coordinator``,
+        ``num_processes``, ``process_id``); None for one process.
     """
 
     model: str = "smollm2"
@@ -60,6 +64,7 @@ class EngineConfig:
     micro_batches: int = 2
     trace: bool = False
     use_param_cache: bool = True
+    distributed: DistributedConfig | dict | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_dp_groups", "max_num_seqs", "max_num_batched_tokens", "block_size",

@@ -86,6 +86,20 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="seed of random weights (config-only models) (default: %(default)s)")
     group.add_argument("--no-warmup", action="store_true",
                        help="skip the warm-up request that compiles the step programs up front")
+    add_process_options(parser)
+
+
+def add_process_options(parser: argparse.ArgumentParser) -> None:
+    """Several ``jax.distributed`` processes serving one engine (``xds launch`` sets them)."""
+    group = parser.add_argument_group("processes (docs/multihost.md)")
+    group.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="jax.distributed coordinator, on process 0's host; with it this "
+                       "process is one of --num-processes sharing the deployment's devices")
+    group.add_argument("--num-processes", type=positive_int, default=1, metavar="N",
+                       help="processes in all (default: %(default)s)")
+    group.add_argument("--process-id", type=int, default=0, metavar="I",
+                       help="this process, 0..N-1; process 0 runs the control plane and "
+                       "prints, the others follow it (default: %(default)s)")
 
 
 # -- admission, shutdown and access (``xds serve``) ---------------------------------------------
@@ -229,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="draw latency CDFs (and throughput vs rate for a sweep)")
     bench.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
 
+    commands.add_parser("launch", add_help=False,
+                        help="run an xds command as N local processes (see `xds launch --help`)")
     commands.add_parser("plan", add_help=False,
                         help="plan a deployment's sharding and memory (see `xds plan --help`)")
     return parser

@@ -61,6 +61,7 @@ def engine_args(args: argparse.Namespace) -> Any:
     from sharding.devices import configure_cpu_devices
 
     deployment = read_deployment(args.deployment) if args.deployment else None
+    distributed = join_processes(args, deployment)
     count = args.cpu_devices
     if count is None and deployment is not None and not os.environ.get("XDS_CPU_DEVICES"):
         count = deployment.num_devices
@@ -72,7 +73,31 @@ def engine_args(args: argparse.Namespace) -> Any:
     admission = {name: getattr(args, name) for name in ADMISSION_FIELDS if hasattr(args, name)}
     return EngineArgs(**{name: getattr(args, name) for name in ENGINE_FIELDS}, **admission,
                       deployment=deployment, kv_cache_bytes=int(args.kv_cache_gib * GIB),
-                      trace=bool(args.trace))
+                      trace=bool(args.trace), distributed=distributed)
+
+
+def join_processes(args: argparse.Namespace, deployment: Any) -> Any:
+    """With ``--coordinator``: join the other processes before JAX starts, each simulating
+    its share of the deployment's devices on CPU; the ``DistributedConfig``, else None."""
+    if not getattr(args, "coordinator", None):
+        return None
+    from sharding.processes import DistributedConfig, initialize, native_stdout_to_stderr
+
+    native_stdout_to_stderr()
+    config = DistributedConfig(args.coordinator, args.num_processes, args.process_id)
+    needed = deployment.num_devices if deployment is not None else args.num_dp_groups
+    initialize(config, args.cpu_devices or needed)
+    return config
+
+
+def run_follower(args: argparse.Namespace) -> int:
+    """A process other than 0: build the same engine and run process 0's steps until it
+    stops (prints nothing; process 0 prints)."""
+    from serving.core.async_engine import AsyncEngine
+
+    engine = AsyncEngine.from_args(engine_args(args))
+    engine.llm.follow()
+    return 0
 
 
 def load_engine(args: argparse.Namespace) -> Any:

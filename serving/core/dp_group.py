@@ -21,8 +21,8 @@ import jax
 from serving.core.interfaces import AbortRequest, AddRequest, EngineMisuseError
 from serving.core.kv_cache import BlockManager
 from serving.core.request import Request
-from serving.core.runner import ModelRunner
 from serving.core.scheduler import Scheduler, SchedulerError, SchedulerOutput
+from serving.core.spec_decode import build_runner
 from xds_jax.engine_config import DEFAULTS
 from xds_jax.model.config import ModelConfig
 
@@ -40,6 +40,7 @@ class GroupConfig:
     max_num_batched_tokens: int = DEFAULTS.max_num_batched_tokens
     enable_prefix_caching: bool = DEFAULTS.enable_prefix_caching
     staged: bool = DEFAULTS.staged  # separately jitted stage programs, or one fused program
+    num_speculative_tokens: int = 0  # MTP drafts per decode step (serving.core.spec_decode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +77,9 @@ class DPGroup:
         self.blocks = BlockManager(config.num_blocks, config.block_size,
                                    enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
-        self.runner = runner or ModelRunner(params, cfg, config.num_blocks, config.block_size,
-                                            device, staged=config.staged)
+                                   config.max_num_batched_tokens,
+                                   num_lookahead_tokens=config.num_speculative_tokens)
+        self.runner = runner or build_runner(params, cfg, config, device)
         self.inbox: queue.Queue = queue.Queue()
         self.requests: dict[str, Request] = {}
         self._owners: dict[int, Request] = {}  # seq_id -> request

@@ -33,3 +33,30 @@ def make_mtp_checkpoint(out: Path, seed: int = 0) -> Path:
     tensors[f"model.layers.{mtp}.shared_head.norm.weight"] = np.ones(d, np.float32)
     save_file(tensors, str(out / "model.safetensors"))
     return out
+
+
+def make_mimic_checkpoint(out: Path) -> Path:
+    """A one-layer DeepSeek-V3 whose MTP block imitates the target, so drafts are mostly
+    accepted: the block is a copy of layer 0, ``eh_proj`` passes the (RMS-1) token embedding
+    through, and the attention over the MTP KV sees the target's inputs shifted by one
+    position (RoPE is relative), missing only the first token."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((GOLDEN / "deepseek_v3" / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1
+    (out / "config.json").write_text(json.dumps(cfg))
+    full = load_file(str(GOLDEN / "deepseek_v3" / "model.safetensors"))
+    tensors = {k: v for k, v in full.items() if not k.startswith("model.layers.")
+               or k.startswith("model.layers.0.")}
+    emb = tensors["model.embed_tokens.weight"]
+    tensors["model.embed_tokens.weight"] = emb / np.sqrt((emb ** 2).mean(-1, keepdims=True))
+    d = cfg["hidden_size"]
+    for key in [k for k in tensors if k.startswith("model.layers.0.")]:
+        tensors[key.replace("layers.0.", "layers.1.")] = tensors[key].copy()
+    tensors["model.layers.1.enorm.weight"] = np.ones(d, np.float32)
+    tensors["model.layers.1.hnorm.weight"] = np.ones(d, np.float32)
+    eh = np.zeros((d, 2 * d), np.float32)
+    eh[:, :d] = np.eye(d, dtype=np.float32)
+    tensors["model.layers.1.eh_proj.weight"] = eh
+    tensors["model.layers.1.shared_head.norm.weight"] = tensors["model.norm.weight"].copy()
+    save_file(tensors, str(out / "model.safetensors"))
+    return out

@@ -256,7 +256,9 @@ class DPGroup:
         self.scheduler.update(out)
         self.steps += 1
         self.prefill_tokens += sum(s.num_tokens for s in out.scheduled if s.is_prefill)
-        self.generated_tokens += sum(1 for s in out.scheduled if s.is_last_chunk)
+        # One token per sampled row, or 1 .. k + 1 when it speculated.
+        self.generated_tokens += sum(max(0, s.seq.num_tokens - s.start - s.num_tokens)
+                                     for s in out.scheduled if s.is_last_chunk)
         self.last_batch = (len(out.scheduled), out.num_batched_tokens)
         now = time.monotonic()
         touched = {s.seq.seq_id: self._owners[s.seq.seq_id] for s in out.scheduled

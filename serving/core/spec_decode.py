@@ -200,9 +200,9 @@ class SpecRunner(ModelRunner):
         sample_rows(logits, rows.sampling_seqs, self.cfg.vocab_size)
         hidden = np.asarray(jax.device_get(x_last))
         for i, s in enumerate(items):
-            if s.is_last_chunk:
-                self.pending[s.seq.seq_id] = Pending(s.seq, hidden[i:i + 1], s.start + s.num_tokens
-                                                     - 1)
+            if s.is_last_chunk and not s.seq.finished:
+                first = s.start + s.num_tokens - 1
+                self.pending[s.seq.seq_id] = Pending(s.seq, hidden[i:i + 1], first)
 
     def _finish_decode(self, items, rows, num_drafts, drafts, logits, x) -> None:
         plain = [s.seq if num_drafts[i] == 0 else None for i, s in enumerate(items)]
@@ -214,7 +214,10 @@ class SpecRunner(ModelRunner):
             accepted = self._emit_verified(items, spec, num_drafts, drafts, logits)
         hidden = np.asarray(jax.device_get(x))
         for i, s in enumerate(items):
-            self.pending[s.seq.seq_id] = Pending(s.seq, hidden[i, :accepted[i] + 1], s.start)
+            if s.seq.finished:
+                self.pending.pop(s.seq.seq_id, None)
+            else:
+                self.pending[s.seq.seq_id] = Pending(s.seq, hidden[i, :accepted[i] + 1], s.start)
 
     def _emit_verified(self, items, spec, num_drafts, drafts, logits) -> np.ndarray:
         b = len(num_drafts)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,8 @@ from xds_jax.model.config import ModelConfig
 from xds_jax.model.mtp import MAX_SPECULATIVE_TOKENS, draft_tokens, mtp_block
 from xds_jax.model.reference import forward, last_token_logits
 from xds_jax.sampling.rejection import verify_drafts
+
+log = logging.getLogger(__name__)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("caches", "mtp_cache"))
@@ -255,7 +258,10 @@ class SpecRunner(ModelRunner):
 def build_runner(params: dict, cfg: ModelConfig, config, device) -> ModelRunner:
     """The runner a group's ``GroupConfig`` asks for: speculative when it sets
     ``num_speculative_tokens``."""
-    if config.num_speculative_tokens:
+    if config.num_speculative_tokens and isinstance(device, list | tuple) and len(device) > 1:
+        log.warning("MTP drafting runs on tp=1 groups; this tp=%d group (a PD prefill group, "
+                    "say) runs without it", len(device))
+    elif config.num_speculative_tokens:
         return SpecRunner(params, cfg, config.num_blocks, config.block_size, device,
                           num_speculative_tokens=config.num_speculative_tokens)
     return ModelRunner(params, cfg, config.num_blocks, config.block_size, device,

@@ -125,3 +125,26 @@ def test_model_without_mtp_weights_is_refused_at_start_up():
     with pytest.raises(ConfigError, match="MTP weights"):
         LLM(str(GOLDEN / "deepseek_v3"), dtype="float32", use_param_cache=False,
             speculative_config=spec(1))
+
+
+PD_TP1 = ("name: pd-tp1\nroles:\n"
+          "  prefill:\n    devices: {start: 0, count: 1}\n    dp: 1\n    tp: 1\n"
+          "  decode:\n    devices: {start: 1, count: 2}\n    dp: 2\n")
+
+
+@pytest.mark.parametrize("layout", ["tp1", "configs/deployments/cpu8-pd.yaml"])
+def test_pd_greedy_equals_reference(mimic, tmp_path, layout):
+    """PD: a tp=1 prefill group sends its last hidden state with the KV, so the first decode
+    step drafts; a TP prefill group (cpu8-pd) does not draft and sends none, and its
+    sequences draft from their second decode step on. Output equals the reference."""
+    if layout == "tp1":
+        layout = tmp_path / "pd.yaml"
+        layout.write_text(PD_TP1)
+    params = mixed_params()
+    _, ref = run(mimic, None, params)
+    llm, got = run(mimic, 2, params, deployment=str(layout))
+    assert_same(ref, got)
+    stats = llm.engine.stats()
+    assert stats["spec_accepted_tokens"] > 0
+    decode = [g for g in llm.engine.groups if g not in llm.engine.entry]
+    assert all(g.blocks.num_free_blocks == g.blocks.num_blocks for g in decode)

@@ -47,6 +47,9 @@ class EngineConfig:
       distributed: this process's place among several ``jax.distributed`` processes
         (``sharding.processes.DistributedConfig``, or a dict of its fields: ``coordinator``,
         ``num_processes``, ``process_id``); None for one process.
+      speculative_config: ``{"method": "mtp", "num_speculative_tokens": k}`` (vLLM's
+        spelling): draft ``k`` tokens a decode step with the checkpoint's MTP block and verify
+        them in one target step (``docs/speculative.md``); None: no speculation.
     """
 
     model: str = "smollm2"
@@ -65,6 +68,7 @@ class EngineConfig:
     trace: bool = False
     use_param_cache: bool = True
     distributed: DistributedConfig | dict | None = None
+    speculative_config: dict | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_dp_groups", "max_num_seqs", "max_num_batched_tokens", "block_size",
@@ -74,10 +78,37 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
+        _check_speculative(self.speculative_config)
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        """Draft tokens per decode step (0: no speculative decoding)."""
+        spec = self.speculative_config
+        return int(spec["num_speculative_tokens"]) if spec else 0
 
     def replace(self, **changes) -> EngineConfig:
         """A copy with ``changes`` (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+MAX_SPECULATIVE_TOKENS = 4  # xds_jax.model.mtp holds the same limit (no JAX imported here)
+
+
+def _check_speculative(spec) -> None:
+    if spec is None:
+        return
+    if not isinstance(spec, dict):
+        raise ConfigError(f"speculative_config must be a dict, got {type(spec).__name__}")
+    unknown = set(spec) - {"method", "num_speculative_tokens"}
+    if unknown:
+        raise ConfigError(f"speculative_config: unknown keys {sorted(unknown)}; it takes "
+                          "'method' and 'num_speculative_tokens'")
+    if spec.get("method", "mtp") != "mtp":
+        raise ConfigError(f"speculative_config.method must be 'mtp', got {spec['method']!r}")
+    k = spec.get("num_speculative_tokens")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+        raise ConfigError("speculative_config.num_speculative_tokens must be an integer in "
+                          f"1..{MAX_SPECULATIVE_TOKENS}, got {k!r}")
 
 
 DEFAULTS = EngineConfig()

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +50,7 @@ class Arrival:
     channel: KVChannel
     offered_at: float  # time.perf_counter(), the timeline's clock
     pulled_at: float | None = None
+    hidden: Any = None  # speculative decoding: the prefill's pending target hidden state
 
 
 @dataclasses.dataclass
@@ -97,7 +99,8 @@ class PrefillGroup(DPGroup):
             if not any(s.seq_id in self._owners for s in request.seqs):
                 self.requests.pop(request.request_id, None)
             last = not any(s.seq_id in self._owners for s in request.seqs if not s.finished)
-            self.router.handoff(self, request, seq, table, last=last)
+            hidden = getattr(self.runner, "pending", {}).pop(seq.seq_id, None)
+            self.router.handoff(self, request, seq, table, last=last, hidden=hidden)
 
     def has_work(self) -> bool:  # held blocks are freed by later (idle) steps' plan()
         return super().has_work() or bool(self._held)
@@ -171,6 +174,8 @@ class DecodeGroup(DPGroup):
             channel.receive(self.runner.import_kv)
             landed |= set(channel.arrived())
         self.blocks.mark_computed(seq.seq_id, seq.all_ids, seq.num_tokens - 1)
+        if arrival.hidden is not None and hasattr(self.runner, "pending"):
+            self.runner.pending[seq.seq_id] = arrival.hidden  # the first step can draft
         now = time.perf_counter()
         c = self.transfer
         c.transfers += 1
@@ -217,9 +222,10 @@ class PDRouter:
         return self._balancer.choose([g.load() for g in self.decode], request.prompt_ids)
 
     def handoff(self, source: PrefillGroup, request: Request, seq: Sequence,
-                table: list[int], *, last: bool) -> None:
+                table: list[int], *, last: bool, hidden: Any = None) -> None:
         """(Prefill thread) Offer ``seq``'s KV blocks ``table`` to the request's decode
-        group. ``last``: no other sequence of the request remains in ``source``."""
+        group. ``last``: no other sequence of the request remains in ``source``; ``hidden``:
+        its last target hidden state (speculative decoding), sent along with the KV."""
         with self._lock:
             if request.request_id not in self._chosen:
                 self._chosen[request.request_id] = self._choose(request)
@@ -230,7 +236,7 @@ class PDRouter:
             if channel not in self._sending[source.index]:
                 self._sending[source.index].append(channel)
         channel.offer(seq.seq_id, source.runner.export_kv, table)
-        target.deliver(Arrival(request, seq, channel, time.perf_counter()))
+        target.deliver(Arrival(request, seq, channel, time.perf_counter(), hidden=hidden))
 
     def completed(self, prefill_index: int) -> list[int]:
         """Events (sequence ids) whose transfer out of that prefill group completed (or was

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 EPILOG = "Run `xds <command> --help` for the options of each command."
 
@@ -12,6 +13,16 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
     return value
 
 
@@ -33,7 +44,7 @@ def positive_float(text: str) -> float:
 # ``max_num_seqs``); their defaults are ``EngineConfig``'s. ``launch.engine_args`` maps them.
 ENGINE_FIELDS = ("model", "dtype", "max_model_len", "seed", "num_dp_groups", "max_num_seqs",
                  "max_num_batched_tokens", "block_size", "enable_prefix_caching", "staged",
-                 "micro_batches")
+                 "micro_batches", "speculative_config")
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +95,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        "(default: $XDS_CPU_DEVICES, else JAX's)")
     group.add_argument("--seed", type=int, default=d.seed,
                        help="seed of random weights (config-only models) (default: %(default)s)")
+    group.add_argument("--speculative-config", type=json_object, metavar="JSON",
+                       default=d.speculative_config,
+                       help='speculative decoding, e.g. \'{"method": "mtp", '
+                       '"num_speculative_tokens": 2}\' (needs MTP weights)')
     group.add_argument("--no-warmup", action="store_true",
                        help="skip the warm-up request that compiles the step programs up front")
     add_process_options(parser)

@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from collectives.ep_moe import EpMoe
+from collectives.eplb import max_replicas
 from collectives.expert_map import ExpertMap
 from collectives.stats import CollectiveRecord, CollectiveStats
 from collectives.transport import SliceService, TransportError, make_transport, trampoline_devices
@@ -57,16 +58,36 @@ class A2E(SliceService):
         self.expert_devices = self.transport.other_devices
         self.trampolines = self.transport.trampolines
         self.stats = stats if stats is not None else CollectiveStats()
-        emap = expert_map if mode == "trampoline" else expert_map.with_empty_ranks(
-            before=len(self.attn_devices))
-        self.moe = EpMoe(self.transport.other_mesh, emap, axis=expert_axis, stats=self.stats,
-                         **moe_kwargs)
+        self.expert_map = expert_map
+        width = max_replicas(expert_map.num_experts, expert_map.num_devices,
+                             expert_map.slots_per_device)
+        self.moe = EpMoe(self.transport.other_mesh, self._on_run_mesh(expert_map),
+                         axis=expert_axis, stats=self.stats, replica_width=width, **moe_kwargs)
         self.run_devices = list(self.transport.other_mesh.devices.flat)
         self.weights: dict[int, dict] = {}
+        self.maps: dict[int, tuple] = {}  # per-layer map arrays (EPLB); default: expert_map
 
-    def place_experts(self, experts_L: dict) -> dict:
-        """Slot weights for ``compute``, from logical expert weights ``[L, ...]``."""
-        return jax.tree.map(self.moe.shard, self.moe.expert_map.physical_weights(experts_L))
+    def _on_run_mesh(self, emap: ExpertMap) -> ExpertMap:
+        """Direct mode computes over the union: attention ranks hold empty slots in front."""
+        if self.mode == "trampoline":
+            return emap
+        return emap.with_empty_ranks(before=len(self.attn_devices))
+
+    @property
+    def slot_offset(self) -> int:
+        """Index, in the placed slot weights, of the expert map's slot 0."""
+        return self.moe.expert_map.num_slots - self.expert_map.num_slots
+
+    def set_map(self, layer: int, expert_map: ExpertMap) -> None:
+        """Route ``layer`` with ``expert_map`` from the next launch: map arrays are program
+        inputs, so nothing recompiles. Its slots must hold what ``use_weights`` placed."""
+        self.maps[layer] = self.moe.map_arrays(self._on_run_mesh(expert_map))
+
+    def place_experts(self, experts_L: dict, expert_map: ExpertMap | None = None) -> dict:
+        """Slot weights for ``compute``, from logical expert weights ``[L, ...]`` (in the slots
+        of ``expert_map``, default the constructor's)."""
+        emap = self._on_run_mesh(expert_map) if expert_map is not None else self.moe.expert_map
+        return jax.tree.map(self.moe.shard, emap.physical_weights(experts_L))
 
     def use_weights(self, by_layer: dict[int, dict]) -> None:
         """Placed slot weights per MoE layer, for ``launch``."""
@@ -83,7 +104,8 @@ class A2E(SliceService):
     def launch(self, layer: int, sent: tuple, capacity: int | None = None):
         """Hop 2, experts and combine of ``layer`` at a fixed capacity, without waiting:
         ``(out, overflow [E])``; the caller checks the overflow and re-runs."""
-        out, stats = self.moe.launch(capacity, self.weights[layer], *sent)
+        out, stats = self.moe.launch(capacity, self.weights[layer], *sent,
+                                     replicas=self.maps.get(layer))
         return out, stats.overflow
 
     def launch_bytes(self, sent: tuple, capacity: int | None) -> int:

@@ -46,6 +46,9 @@ class LLM:
       micro_batches: micro-batches per attention domain and step in MA deployments.
       trace: record a per-step timeline of the disaggregated stages and transfers
         (``llm.engine.timeline``: ``summary()``, ``save(path)`` as a Chrome trace).
+      enable_eplb, eplb_config: rebalance the MA expert slice while serving
+        (``{"window_size", "step_interval", "num_redundant_experts"}``, a dict or JSON);
+        ``eplb_config`` alone sets the window of ``stats()["expert_load"]``. See docs/eplb.md.
       engine: ``"flowserve"`` (default: the paged continuous-batching engine),
         ``"reference"`` (the single-device loop every path is checked against), or any object
         with ``run(list[Sequence])``.
@@ -57,7 +60,11 @@ class LLM:
                  max_num_batched_tokens: int = 512, block_size: int = 16,
                  kv_cache_bytes: int = 1 << 30, enable_prefix_caching: bool = True,
                  staged: bool = False, deployment: str | None = None,
-                 micro_batches: int = 2, trace: bool = False, use_param_cache: bool = True):
+                 micro_batches: int = 2, trace: bool = False, use_param_cache: bool = True,
+                 enable_eplb: bool = False, eplb_config: dict | str | None = None):
+        from serving.disagg.eplb_config import EplbConfig
+
+        eplb = EplbConfig.parse(enable_eplb, eplb_config)
         enable_compilation_cache()
         _size_cpu_devices(deployment, num_dp_groups)
         loaded = load_model(model, dtype=dtype, seed=seed, use_cache=use_param_cache)
@@ -71,6 +78,9 @@ class LLM:
         if isinstance(engine, str) and engine not in ("flowserve", "reference"):
             raise ConfigError(f"engine must be 'flowserve' or 'reference', got {engine!r}")
         self.max_model_len = max_model_len or limit
+        if eplb.enabled and (deployment is None or engine != "flowserve"):
+            eplb.resolve(self.cfg.moe.num_experts if self.cfg.moe else None, None,
+                         "a layout without a deployment file")
         options = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                        block_size=block_size, kv_cache_bytes=kv_cache_bytes,
                        enable_prefix_caching=enable_prefix_caching, staged=staged)
@@ -85,7 +95,8 @@ class LLM:
 
             engine = build_deployed_engine(self.params, self.cfg, self.max_model_len,
                                            deployment, micro_batches=micro_batches,
-                                           timeline=Timeline() if trace else None, **options)
+                                           timeline=Timeline() if trace else None,
+                                           eplb=eplb, **options)
         elif engine == "flowserve":
             from serving.core.engine import build_engine
 

@@ -41,6 +41,8 @@ class EngineArgs:
     seed: int = 0
     micro_batches: int = 2
     trace: bool = False
+    enable_eplb: bool = False
+    eplb_config: str | None = None  # JSON (serving.disagg.eplb_config)
 
 
 class AsyncEngine:
@@ -64,7 +66,8 @@ class AsyncEngine:
                   max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens,
                   kv_cache_bytes=args.kv_cache_bytes, deployment=args.deployment,
-                  micro_batches=args.micro_batches, trace=args.trace)
+                  micro_batches=args.micro_batches, trace=args.trace,
+                  enable_eplb=args.enable_eplb, eplb_config=args.eplb_config)
         return cls(llm, args.max_queue)
 
     def start(self) -> None:

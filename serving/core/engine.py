@@ -168,7 +168,15 @@ class Engine:
             "batch_size": sum(g.last_batch[0] for g in self.groups),
             "batched_tokens": sum(g.last_batch[1] for g in self.groups),
             "heartbeat_age_s": max(time.monotonic() - g.last_heartbeat for g in self.groups),
-        } | self._transfer_stats() | self._pool_stats()
+        } | self._transfer_stats() | self._pool_stats() | self._expert_stats()
+
+    def _expert_stats(self) -> dict:
+        """``expert_load`` and ``eplb_rebalances`` of an MA pool (``MAPool.expert_stats``)."""
+        out: dict = {}
+        for d in self.drivers:
+            if hasattr(d, "expert_stats"):
+                out |= d.expert_stats()
+        return out
 
     def _pool_stats(self) -> dict:
         """Counters of MA pools (drivers that step many groups), prefixed ``ma_``."""

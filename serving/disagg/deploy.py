@@ -37,9 +37,12 @@ class UnsupportedDeploymentError(DeploymentError):
 def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
                           deployment: str, *, prefill_config: GroupConfig | None = None,
                           decode_config: GroupConfig | None = None, timeline=None,
-                          micro_batches: int = 2, **group_options) -> Engine:
-    """The engine a deployment file describes (see the module table)."""
+                          micro_batches: int = 2, eplb=None, **group_options) -> Engine:
+    """The engine a deployment file describes (see the module table). ``eplb``: an
+    ``EplbConfig`` for the MA expert slice (``serving.disagg.eplb_config``)."""
     layout = load_deployment(deployment, model=cfg)
+    if eplb is not None and not layout.spec.is_ma:  # refused here; MAPool checks the rest
+        eplb.resolve(cfg.moe.num_experts if cfg.moe else None, None, repr(layout.name))
     roles = set(layout.roles)
     host_share = _host_kv_share(layout)
 
@@ -66,7 +69,8 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
             return kind(first + index, *args, **kwargs)
 
         pool = MAPool(params, cfg, MALayout.from_deployment(layout, cfg), decode_config,
-                      micro_batches=micro_batches, timeline=timeline, group_factory=factory)
+                      micro_batches=micro_batches, timeline=timeline, group_factory=factory,
+                      eplb=eplb)
         decode, drivers = list(pool.groups), [*prefill, pool]
     else:
         devices = _decode_devices(layout)

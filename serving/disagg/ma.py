@@ -77,6 +77,10 @@ class MAPool:
                  group_factory=DPGroup, eplb: EplbConfig | None = None):
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        emap = layout.expert_map  # EPLB options checked before anything is placed
+        self.eplb = (eplb or EplbConfig()).resolve(cfg.moe.num_experts if cfg.moe else None,
+                                                    emap.num_slots if emap else None,
+                                                    repr(layout.name))
         self.cfg = cfg
         self.layout = layout
         self.group_config = config = group_config or GroupConfig()
@@ -96,7 +100,7 @@ class MAPool:
         self._build_services(params)
         self.capacity = (CapacityPolicy(cfg.moe.num_experts_per_tok, capacity)
                          if cfg.moe is not None else None)
-        self._build_eplb(params, eplb or EplbConfig())
+        self._build_eplb(params)
         self.reruns = 0
         self.steps = 0
         self.timeline = timeline
@@ -121,11 +125,9 @@ class MAPool:
             if layout.shared_devices:
                 part.shared = SharedExperts(mesh, list(layout.shared_devices), params, cfg)
 
-    def _build_eplb(self, params: dict, config: EplbConfig) -> None:
-        """Load counters (MoE models) and, with ``config.enabled``, the rebalancer."""
+    def _build_eplb(self, params: dict) -> None:
+        """Load counters (MoE models) and, with EPLB enabled, the rebalancer."""
         emap = self.layout.expert_map
-        self.eplb = config.resolve(self.cfg.moe.num_experts if self.cfg.moe else None,
-                                   emap.num_slots if emap else None, repr(self.layout.name))
         self.load = self.rebalancer = None
         if emap is None:
             return

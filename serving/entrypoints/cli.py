@@ -74,7 +74,9 @@ def load_engine(args: argparse.Namespace) -> Any:
                "max_queue": args.max_queue, "num_dp_groups": args.num_dp_groups,
                "kv_cache_bytes": int(args.kv_cache_gib * (1 << 30)), "seed": args.seed,
                "micro_batches": getattr(args, "micro_batches", 2),
-               "trace": bool(getattr(args, "trace", None))}
+               "trace": bool(getattr(args, "trace", None)),
+               "enable_eplb": getattr(args, "enable_eplb", False),
+               "eplb_config": getattr(args, "eplb_config", None)}
     known = {f.name for f in dataclasses.fields(EngineArgs)}
     status = Status()
     try:

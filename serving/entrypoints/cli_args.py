@@ -46,6 +46,13 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="record a timeline of the disaggregated stages and KV transfers, "
                        "save it as a Chrome trace (chrome://tracing, Perfetto) and print a "
                        "per-role summary at exit")
+    group.add_argument("--enable-eplb", action="store_true",
+                       help="rebalance the expert slice of an MoE-attention deployment while "
+                       "serving (redundant expert replicas, see docs/eplb.md)")
+    group.add_argument("--eplb-config", metavar="JSON",
+                       help='EPLB options, e.g. \'{"window_size": 100, "step_interval": 300, '
+                       '"num_redundant_experts": 32}\' (default: those windows, every spare '
+                       "slot)")
     group.add_argument("--max-model-len", type=positive_int, metavar="N",
                        help="context limit in tokens, prompt plus output (default: the model's)")
     group.add_argument("--max-num-seqs", type=positive_int, default=64, metavar="N",

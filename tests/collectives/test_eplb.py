@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh
 
+from collectives.ep_moe import EpMoe
 from collectives.eplb import (
     device_loads,
     hottest_load,
@@ -21,7 +22,6 @@ from collectives.eplb import (
     select_replicas,
     switch_off_map,
 )
-from collectives.ep_moe import EpMoe
 from collectives.expert_map import ExpertMap, ExpertMapError, build_expert_map
 from tests.collectives.cases import make_experts, make_routing, need_devices
 from xds_jax.model.moe import moe_dense_reference

@@ -68,7 +68,8 @@ def select_replicas(counts_TE: np.ndarray, budget: int, *, max_per_expert: int |
 
 
 def place_replicas(load_E: np.ndarray, replicas_E: np.ndarray, num_devices: int,
-                   slots_per_device: int, previous_P: np.ndarray | None = None) -> np.ndarray:
+                   slots_per_device: int, previous_P: np.ndarray | None = None,
+                   keep_within: float = 0.0) -> np.ndarray:
     """``[P]`` slot table: sorted least-loaded placement of every replica.
 
     Args:
@@ -76,6 +77,9 @@ def place_replicas(load_E: np.ndarray, replicas_E: np.ndarray, num_devices: int,
       replicas_E: replicas per expert (``select_replicas``); their sum must fit in P.
       previous_P: the current slot table; a replica placed on a device that already held
         its expert in some slot keeps that slot.
+      keep_within: a replica goes back to a device that held its expert before when that
+        device's load is within ``keep_within`` x the mean device load of the least-loaded
+        one (fewer weights to move for a slightly less even placement; 0: strict).
     Returns:
       slot -> logical expert, -1 for a slot left empty.
     """
@@ -91,11 +95,17 @@ def place_replicas(load_E: np.ndarray, replicas_E: np.ndarray, num_devices: int,
     device_load = np.zeros(n)
     free = np.full(n, s)
     held: list[list[int]] = [[] for _ in range(n)]
+    before = (previous_P.reshape(n, s) if previous_P is not None
+              else np.full((n, s), -1))
+    slack = keep_within * load_E.sum() / n
     for share, e in units:
         fits = free > 0
         fresh = fits & np.array([e not in h for h in held])
         pool = np.flatnonzero(fresh if fresh.any() else fits)
         d = int(pool[np.argmin(device_load[pool])])
+        home = [j for j in pool if e in before[j] and device_load[j] <= device_load[d] + slack]
+        if slack > 0 and home:
+            d = int(home[np.argmin(device_load[home])])
         held[d].append(e)
         device_load[d] += share
         free[d] -= 1
@@ -123,9 +133,11 @@ def _assign_slots(held: list[list[int]], s: int, previous_P: np.ndarray | None) 
     return out
 
 
-def rebalance(counts_TE: np.ndarray, current: ExpertMap, num_redundant: int) -> ExpertMap:
+def rebalance(counts_TE: np.ndarray, current: ExpertMap, num_redundant: int,
+              keep_within: float = 0.05) -> ExpertMap:
     """The balanced map of one layer for ``counts_TE``: ``num_redundant`` replicas chosen by
-    ``select_replicas``, every replica placed by ``place_replicas`` (keeping slots)."""
+    ``select_replicas``, every replica placed by ``place_replicas`` (keeping slots, and
+    devices within ``keep_within`` of the least loaded)."""
     counts_TE = np.atleast_2d(np.asarray(counts_TE, dtype=np.float64))
     n, s, e = current.num_devices, current.slots_per_device, current.num_experts
     if counts_TE.shape[1] != e:
@@ -135,7 +147,8 @@ def rebalance(counts_TE: np.ndarray, current: ExpertMap, num_redundant: int) -> 
                              f"hold {e} experts and {n * s - e} spare")
     replicas_E = select_replicas(counts_TE, num_redundant,
                                  max_per_expert=max_replicas(e, n, s))
-    table = place_replicas(counts_TE.sum(axis=0), replicas_E, n, s, current.slot_expert_P)
+    table = place_replicas(counts_TE.sum(axis=0), replicas_E, n, s, current.slot_expert_P,
+                           keep_within)
     return ExpertMap(table, n, s, e)
 
 

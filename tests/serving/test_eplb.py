@@ -108,3 +108,14 @@ def test_cpu16_ma_deepseek_v3_256_experts_through_llm_and_metrics():
     assert rebalances.name == "xds:eplb_rebalances_total" and rebalances.value > 0
     pool = llm.engine.drivers[-1]
     assert np.all(pool.rebalancer.maps[1].replica_counts() >= 1)
+
+
+@pytest.mark.mesh384
+def test_ma_on_384_devices_rebalances_keep_tokens(tmp_path):
+    """Attention domains of 16 ranks and 16 expert devices (8 experts, 8 spare slots) at the
+    far end of the pod, rebalancing every other step."""
+    need_devices(384)
+    dep = ma(tmp_path, domains=2, dp=16, experts=16, start=336)
+    llm = run_and_compare(str(GOLDEN / "deepseek_v3"), dep, count=6, max_tokens=5,
+                          enable_eplb=True, eplb_config=EVERY_2)
+    assert llm.engine.stats()["eplb_rebalances"] > 0

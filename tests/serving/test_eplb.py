@@ -119,3 +119,14 @@ def test_ma_on_384_devices_rebalances_keep_tokens(tmp_path):
     llm = run_and_compare(str(GOLDEN / "deepseek_v3"), dep, count=6, max_tokens=5,
                           enable_eplb=True, eplb_config=EVERY_2)
     assert llm.engine.stats()["eplb_rebalances"] > 0
+
+
+@pytest.mark.mesh384
+def test_cm384_rebalances_256_experts_keep_tokens():
+    """The shipped cm384 (3 domains x 64 ranks, 96 expert dies x 3 slots, 32 spare), 256
+    experts, rebalancing every other step."""
+    need_devices(384)
+    llm = run_and_compare(TINY_V3_256, "configs/deployments/cm384.yaml", count=6,
+                          max_tokens=5, staged=True, enable_eplb=True, eplb_config=EVERY_2)
+    stats = llm.engine.stats()
+    assert stats["eplb_rebalances"] > 0 and len(stats["expert_load"][1]) == 256

@@ -57,6 +57,21 @@ def test_bad_eplb_options_fail_at_start_up(tmp_path):
         LLM(str(GOLDEN / "deepseek_v3"), enable_eplb=True)
 
 
+def test_cli_flags_reach_the_engine(tmp_path, capsys):
+    """``xds generate --enable-eplb --eplb-config JSON`` on a real MA engine (8 devices), and
+    a bad config as a one-line error."""
+    from tests.serving.test_cli import run
+
+    base = ["generate", "--model", TINY_V3_256, "--deployment", ma8(tmp_path), "--dtype",
+            "float32", "--max-tokens", "4", "--max-num-seqs", "4", "--enable-eplb"]
+    code, _, err = run([*base, "--eplb-config", '{"num_redundant_experts": 9}', "Hi"], capsys)
+    assert code != 0 and "= 9 is more than the 4 spare expert slots" in err
+    assert len(err.strip().splitlines()) <= 2
+    code, out, err = run([*base, "--eplb-config", '{"window_size": 1, "step_interval": 2}',
+                          "Hi"], capsys)
+    assert code == 0 and out.strip(), err
+
+
 def test_rebalancing_every_other_step_keeps_tokens_on_8_devices(tmp_path):
     need_devices(8)
     m = tiny("qwen3_moe")

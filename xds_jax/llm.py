@@ -49,6 +49,8 @@ class LLM:
       enable_eplb, eplb_config: rebalance the MA expert slice while serving
         (``{"window_size", "step_interval", "num_redundant_experts"}``, a dict or JSON);
         ``eplb_config`` alone sets the window of ``stats()["expert_load"]``. See docs/eplb.md.
+      dispatch_dtype: ``"int8"`` sends MA's A2E hops and expert dispatch as INT8 rows with a
+        scale each (``"auto"``: the activations' dtype); default: the deployment's field.
       engine: ``"flowserve"`` (default: the paged continuous-batching engine),
         ``"reference"`` (the single-device loop every path is checked against), or any object
         with ``run(list[Sequence])``.
@@ -61,7 +63,8 @@ class LLM:
                  kv_cache_bytes: int = 1 << 30, enable_prefix_caching: bool = True,
                  staged: bool = False, deployment: str | None = None,
                  micro_batches: int = 2, trace: bool = False, use_param_cache: bool = True,
-                 enable_eplb: bool = False, eplb_config: dict | str | None = None):
+                 enable_eplb: bool = False, eplb_config: dict | str | None = None,
+                 dispatch_dtype: str | None = None):
         from serving.disagg.eplb_config import EplbConfig
 
         eplb = EplbConfig.parse(enable_eplb, eplb_config)
@@ -96,7 +99,8 @@ class LLM:
             engine = build_deployed_engine(self.params, self.cfg, self.max_model_len,
                                            deployment, micro_batches=micro_batches,
                                            timeline=Timeline() if trace else None,
-                                           eplb=eplb, **options)
+                                           eplb=eplb, dispatch_dtype=dispatch_dtype,
+                                           **options)
         elif engine == "flowserve":
             from serving.core.engine import build_engine
 

@@ -43,6 +43,7 @@ class EngineArgs:
     trace: bool = False
     enable_eplb: bool = False
     eplb_config: str | None = None  # JSON (serving.disagg.eplb_config)
+    dispatch_dtype: str | None = None  # "auto" / "int8": MA expert dispatch payload
 
 
 class AsyncEngine:
@@ -67,7 +68,8 @@ class AsyncEngine:
                   max_num_batched_tokens=args.max_num_batched_tokens,
                   kv_cache_bytes=args.kv_cache_bytes, deployment=args.deployment,
                   micro_batches=args.micro_batches, trace=args.trace,
-                  enable_eplb=args.enable_eplb, eplb_config=args.eplb_config)
+                  enable_eplb=args.enable_eplb, eplb_config=args.eplb_config,
+                  dispatch_dtype=args.dispatch_dtype)
         return cls(llm, args.max_queue)
 
     def start(self) -> None:

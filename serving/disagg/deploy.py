@@ -37,9 +37,11 @@ class UnsupportedDeploymentError(DeploymentError):
 def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
                           deployment: str, *, prefill_config: GroupConfig | None = None,
                           decode_config: GroupConfig | None = None, timeline=None,
-                          micro_batches: int = 2, eplb=None, **group_options) -> Engine:
+                          micro_batches: int = 2, eplb=None, dispatch_dtype: str | None = None,
+                          **group_options) -> Engine:
     """The engine a deployment file describes (see the module table). ``eplb``: an
-    ``EplbConfig`` for the MA expert slice (``serving.disagg.eplb_config``)."""
+    ``EplbConfig`` for the MA expert slice (``serving.disagg.eplb_config``);
+    ``dispatch_dtype``: overrides the expert role's (``"auto"`` / ``"int8"``)."""
     layout = load_deployment(deployment, model=cfg)
     if eplb is not None and not layout.spec.is_ma:  # refused here; MAPool checks the rest
         eplb.resolve(cfg.moe.num_experts if cfg.moe else None, None, repr(layout.name))
@@ -68,7 +70,8 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
         def factory(index, *args, **kwargs):  # attention groups numbered after prefill's
             return kind(first + index, *args, **kwargs)
 
-        pool = MAPool(params, cfg, MALayout.from_deployment(layout, cfg), decode_config,
+        ma_layout = MALayout.from_deployment(layout, cfg, dispatch_dtype=dispatch_dtype)
+        pool = MAPool(params, cfg, ma_layout, decode_config,
                       micro_batches=micro_batches, timeline=timeline, group_factory=factory,
                       eplb=eplb)
         decode, drivers = list(pool.groups), [*prefill, pool]

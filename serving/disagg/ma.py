@@ -114,7 +114,7 @@ class MAPool:
                                     cfg)
                 continue
             part.routed = A2E(mesh, layout.expert_mesh(), layout.expert_map,
-                              mode=layout.a2e_mode)
+                              mode=layout.a2e_mode, int8=layout.dispatch_dtype == "int8")
             key = tuple(part.routed.run_devices)
             if key not in placed:
                 placed[key] = {i: part.routed.place_experts(layer["moe"]["experts"])

@@ -76,7 +76,8 @@ def load_engine(args: argparse.Namespace) -> Any:
                "micro_batches": getattr(args, "micro_batches", 2),
                "trace": bool(getattr(args, "trace", None)),
                "enable_eplb": getattr(args, "enable_eplb", False),
-               "eplb_config": getattr(args, "eplb_config", None)}
+               "eplb_config": getattr(args, "eplb_config", None),
+               "dispatch_dtype": getattr(args, "dispatch_dtype", None)}
     known = {f.name for f in dataclasses.fields(EngineArgs)}
     status = Status()
     try:

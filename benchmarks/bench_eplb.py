@@ -21,7 +21,8 @@ Per deployment (``--quick``: cpu16-ma only; otherwise cpu16-ma and cm384 on 384 
 2. **EPLB**: counts per logical expert over ``--slices`` time slices of the trace give a map
    (``collectives.eplb.rebalance``, every spare slot as a redundant replica); the
    ``ExpertRebalancer`` swaps it in (map off, shards of changed devices rebuilt from host
-   weights with ``device_put``, map on): ``swap_ms`` is dispatch to ready.
+   weights with ``device_put``, map on): ``swap_ms`` is plan + dispatch to ready,
+   ``plan_ms`` the part the stepping thread spends (the selection, placement and dispatch).
 3. **after**: the same tokens, capacity search and timing with the new map and weights;
    ``outputs_identical``: the E2A'd outputs of 1 and 3 are bitwise equal.
 
@@ -153,7 +154,7 @@ def run_deployment(name: str, path: str, tokens: int, args) -> dict:
         "moe_ms_tight_after": after["moe_ms_tight"],
         "capacity_tight_before": before["capacity_tight"],
         "capacity_tight_after": after["capacity_tight"],
-        "swap_ms": reb.last_swap_ms, "moved_slots": reb.moved_slots,
+        "swap_ms": reb.last_swap_ms, "plan_ms": reb.last_plan_ms, "moved_slots": reb.moved_slots,
         "moved_mib": reb.moved_bytes / 2**20,
         "outputs_identical": bool(np.array_equal(before["out"], after["out"])),
     }

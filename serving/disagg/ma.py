@@ -26,6 +26,7 @@ import logging
 import numpy as np
 
 from collectives.a2e import A2E
+from collectives.eplb import device_loads, max_over_mean
 from serving.core.dp_group import DPGroup, GroupConfig
 from serving.core.runner import MIN_DECODE_ROWS, MIN_PREFILL_WIDTH
 from serving.core.timeline import Timeline
@@ -167,6 +168,16 @@ class MAPool:
             return {}
         return {layer: counts.tolist() for layer, counts in self.load.last_window.items()}
 
+    def expert_imbalance(self) -> float:
+        """Max / mean tokens per expert device in the last window, under each layer's current
+        map (an expert's tokens split evenly over its replicas), worst layer; 0 before the
+        first window."""
+        if self.load is None or not self.load.last_window:
+            return 0.0
+        maps = self.rebalancer.maps if self.rebalancer else {}
+        return max(max_over_mean(device_loads(maps.get(layer, self.layout.expert_map), c))
+                   for layer, c in self.load.last_window.items())
+
     def expert_stats(self) -> dict:
         """What the engine's ``stats()`` shows unprefixed: ``expert_load`` (per layer, per
         expert, last window) and ``eplb_rebalances``."""
@@ -274,8 +285,10 @@ class MAPool:
             "max_capacity": max(self.capacity.by_shape.values(), default=0)
             if self.capacity else 0,
             "load_windows": self.load.windows if self.load else 0,
+            "expert_imbalance": self.expert_imbalance(),
             "eplb_rebalances": self.rebalancer.rebalances if self.rebalancer else 0,
             "eplb_swap_ms": self.rebalancer.last_swap_ms if self.rebalancer else 0.0,
+            "eplb_plan_ms": self.rebalancer.last_plan_ms if self.rebalancer else 0.0,
             "eplb_moved_slots": self.rebalancer.moved_slots if self.rebalancer else 0,
             "num_running": sum(g.scheduler.num_running for g in self._groups),
             "num_waiting": sum(g.scheduler.num_waiting for g in self._groups),

@@ -120,6 +120,7 @@ class ExpertRebalancer:
         self.moved_slots = 0
         self.moved_bytes = 0
         self.last_swap_ms = 0.0
+        self.last_plan_ms = 0.0  # what the stepping thread spent in ``start`` (its stall)
 
     def start(self, counts: dict[int, np.ndarray]) -> bool:
         """Phases 1 and 2 for the layers whose balanced map differs; False if none does
@@ -149,6 +150,7 @@ class ExpertRebalancer:
         threading.Thread(target=_watch, args=(swap,), daemon=True,
                          name="eplb-swap").start()
         self.pending = swap
+        self.last_plan_ms = (time.perf_counter() - started) * 1e3
         log.info("EPLB: rebalancing layers %s (%d slots, %.1f MiB)", sorted(new), swap.slots,
                  nbytes / 2**20)
         return True

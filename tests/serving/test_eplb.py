@@ -82,6 +82,7 @@ def test_rebalancing_every_other_step_keeps_tokens_on_8_devices(tmp_path):
     assert_matches_reference(m.params, m.cfg, requests)
     stats = engine.stats()
     assert stats["eplb_rebalances"] > 0 and stats["ma_eplb_moved_slots"] > 0
+    assert stats["ma_expert_imbalance"] >= 1.0
     load = stats["expert_load"]
     moe_layers = [i for i in range(m.cfg.num_layers) if m.cfg.is_moe_layer(i)]
     assert sorted(load) == moe_layers and all(len(c) == m.cfg.moe.num_experts
@@ -90,6 +91,36 @@ def test_rebalancing_every_other_step_keeps_tokens_on_8_devices(tmp_path):
     assert all(sum(c) % k == 0 and sum(c) > 0 for c in load.values())  # K per token
     maps = pool.rebalancer.maps
     assert all(maps[i].num_redundant == 4 for i in moe_layers)
+
+
+def test_hot_experts_get_replicas_and_the_devices_even_out(tmp_path):
+    """DeepSeek-V3 with 256 experts whose correction bias makes 3 experts part of every
+    token's top 8 (each ~32x the mean): after a rebalance the expert devices' load evens out,
+    and the tokens stay the reference's."""
+    need_devices(8)
+    from collectives.eplb import device_loads, max_over_mean
+    from xds_jax.loading.loader import load_model
+
+    m = load_model(TINY_V3_256, dtype="float32", use_cache=False)
+    hot = [0, 37, 99]
+    for i, layer in enumerate(m.params["layers"]):
+        if m.cfg.is_moe_layer(i):
+            layer["moe"]["router_bias"] = layer["moe"]["router_bias"].at[np.array(hot)].add(1.0)
+    layout = MALayout.load(ma8(tmp_path), m.cfg)
+    pool = MAPool(m.params, m.cfg, layout, GROUP,
+                  eplb=EplbConfig.parse(True, {"window_size": 2, "step_interval": 2}))
+    requests = requests_for(m.cfg.vocab_size, 8, seed=2)
+    engine = run_on_engine(pool, requests)
+    assert_matches_reference(m.params, m.cfg, requests)
+    stats = engine.stats()
+    assert stats["eplb_rebalances"] > 0
+    window = pool.load.last_window[1]
+    assert set(np.argsort(window)[-3:].tolist()) == set(hot)
+    before = max_over_mean(device_loads(layout.expert_map, window))
+    after = stats["ma_expert_imbalance"]
+    print(f"device max/mean: deployment's map {before:.2f}, rebalanced {after:.2f}")
+    assert after < 0.75 * before  # the last window holds a few decode steps only
+    assert all(pool.rebalancer.maps[1].replica_counts()[hot] >= 2)
 
 
 @pytest.mark.mesh16

@@ -13,9 +13,10 @@ Per deployment (``--quick``: cpu16-ma only; otherwise cpu16-ma and cm384 on 384 
 1. **before**: the deployment's map (expert e on slot e, spare slots round-robin). Tokens of
    one domain (``--tokens`` per rank) go through A2E to the experts; the smallest capacity
    bucket that does not overflow is found (what serving's ``CapacityPolicy`` settles on), then
-   the MoE stage (dispatch, experts, combine inside the expert mesh) is timed at it (median of
-   ``--iters``: ``moe_ms``) and at the exact capacity the fullest (source, destination) pair
-   needs (``moe_ms_tight``: the fixed-capacity buffers are what balance shrinks). Device
+   the MoE stage (dispatch, experts, combine inside the expert mesh) is timed at it
+   (``moe_ms``) and at the exact capacity the fullest (source, destination) pair needs
+   (``moe_ms_tight``: the fixed-capacity buffers are what balance shrinks). Times are medians
+   (and ``moe_min_ms``) of ``--iters`` rounds that alternate before and after. Device
    load = rows each expert device received (``LocalStats.slot_tokens_S``); imbalance = max /
    mean.
 2. **EPLB**: counts per logical expert over ``--slices`` time slices of the trace give a map
@@ -111,28 +112,31 @@ def run_deployment(name: str, path: str, tokens: int, args) -> dict:
     rows = a2e.tokens_per_rank(tokens)
 
     def measure(label: str) -> dict:
+        """Capacity search, device loads and outputs under the current map and weights."""
+        state = (weights[layer], a2e.maps.get(layer))
         for cap in capacity_buckets(rows, k, a2e.ranks):
-            out, st = a2e.moe.launch(cap, weights[layer], *sent, replicas=a2e.maps.get(layer))
+            out, st = a2e.moe.launch(cap, state[0], *sent, replicas=state[1])
             if int(np.asarray(st.overflow).sum()) == 0:
                 break
         loads = np.asarray(st.slot_tokens_S).reshape(a2e.ranks, -1).sum(axis=1)
-        tight = int(np.max(np.asarray(st.max_rows)))  # rows of the fullest (source, dest)
+        result = {"max_mean": max_over_mean(loads), "capacity": cap,
+                  "capacity_tight": int(np.max(np.asarray(st.max_rows))),  # fullest pair
+                  "max_device_rows": int(loads.max())}
+        print(json.dumps({"deployment": name, "phase": label} | result), flush=True)
+        return result | {"state": state, "out": np.asarray(a2e.receive(out))}
 
-        def clock(capacity: int) -> float:
-            jax.block_until_ready(a2e.launch(layer, sent, capacity))  # compile
-            times = []
-            for _ in range(args.iters):
+    def clock(runs: dict) -> dict:
+        """Median and min ms of each ``(weights, replicas, capacity)``, interleaved over
+        ``--iters`` rounds so the shared host's drift hits every configuration alike."""
+        for w, r, c in runs.values():
+            jax.block_until_ready(a2e.moe.launch(c, w, *sent, replicas=r))  # compile
+        times: dict = {key: [] for key in runs}
+        for _ in range(args.iters):
+            for key, (w, r, c) in runs.items():
                 start = time.perf_counter()
-                jax.block_until_ready(a2e.launch(layer, sent, capacity))
-                times.append((time.perf_counter() - start) * 1e3)
-            return statistics.median(times)
-
-        result = {"max_mean": max_over_mean(loads), "moe_ms": clock(cap), "capacity": cap,
-                  "moe_ms_tight": clock(tight), "capacity_tight": tight,
-                  "max_device_rows": int(loads.max()), "out": np.asarray(a2e.receive(out))}
-        print(json.dumps({"deployment": name, "phase": label}
-                         | {k: v for k, v in result.items() if k != "out"}), flush=True)
-        return result
+                jax.block_until_ready(a2e.moe.launch(c, w, *sent, replicas=r))
+                times[key].append((time.perf_counter() - start) * 1e3)
+        return {key: (statistics.median(t), min(t)) for key, t in times.items()}
 
     before = measure("before")
     slices = np.stack([np.bincount(part.reshape(-1), minlength=e)
@@ -142,20 +146,25 @@ def run_deployment(name: str, path: str, tokens: int, args) -> dict:
     reb.start({layer: slices})
     reb.wait()
     after = measure("after")
+    ms = clock({(phase, kind): (*res["state"], res[cap])
+                for phase, res in (("before", before), ("after", after))
+                for kind, cap in (("bucket", "capacity"), ("tight", "capacity_tight"))})
     return {
         "deployment": name, "experts": e, "expert_devices": emap.num_devices,
         "slots": emap.num_slots, "redundant": emap.num_redundant,
         "tokens": int(ids.shape[0]), "expert_max_mean": max_over_mean(slices.sum(0)),
         "max_mean_before": before["max_mean"], "max_mean_after": after["max_mean"],
-        "moe_ms_before": before["moe_ms"], "moe_ms_after": after["moe_ms"],
-        "moe_speedup": before["moe_ms"] / after["moe_ms"],
+        "moe_ms_before": ms["before", "bucket"][0], "moe_ms_after": ms["after", "bucket"][0],
+        "moe_speedup": ms["before", "bucket"][0] / ms["after", "bucket"][0],
+        "moe_min_ms_before": ms["before", "bucket"][1],
+        "moe_min_ms_after": ms["after", "bucket"][1],
         "capacity_before": before["capacity"], "capacity_after": after["capacity"],
-        "moe_ms_tight_before": before["moe_ms_tight"],
-        "moe_ms_tight_after": after["moe_ms_tight"],
+        "moe_ms_tight_before": ms["before", "tight"][0],
+        "moe_ms_tight_after": ms["after", "tight"][0],
         "capacity_tight_before": before["capacity_tight"],
         "capacity_tight_after": after["capacity_tight"],
-        "swap_ms": reb.last_swap_ms, "plan_ms": reb.last_plan_ms, "moved_slots": reb.moved_slots,
-        "moved_mib": reb.moved_bytes / 2**20,
+        "swap_ms": reb.last_swap_ms, "plan_ms": reb.last_plan_ms,
+        "moved_slots": reb.moved_slots, "moved_mib": reb.moved_bytes / 2**20,
         "outputs_identical": bool(np.array_equal(before["out"], after["out"])),
     }
 
@@ -167,7 +176,7 @@ def main() -> None:
     parser.add_argument("--hot-ratio", type=float, default=30.0)
     parser.add_argument("--tokens", type=int, help="tokens per attention rank")
     parser.add_argument("--slices", type=int, default=4, help="time slices of the trace")
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=9, help="timed rounds")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     names = ["cpu16-ma"] if args.quick else ["cpu16-ma", "cm384"]

@@ -155,7 +155,7 @@ class MAPool:
         self._since_rebalance += 1
         if not self.load.step() or reb is None:
             return
-        if self._since_rebalance >= self.eplb.step_interval:
+        if self._since_rebalance >= self.eplb.step_interval and reb.pending is None:
             windows = -(-self._since_rebalance // self.eplb.window_size)
             self._since_rebalance = 0
             reb.start(self.load.time_slices(windows))

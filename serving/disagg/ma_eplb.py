@@ -87,12 +87,13 @@ class _Swap:
     """A swap between phases 2 and 3: new maps and weights, moving."""
 
     maps: dict[int, ExpertMap]
-    weights: list[tuple[dict, int, dict]]  # (placed dict, layer, new tree)
+    weights: list[tuple[dict, int, dict]]  # (placed dict, layer, new tree), filled by _move
     started: float
     slots: int
     bytes: int
     ready: threading.Event = dataclasses.field(default_factory=threading.Event)
     ready_at: float = 0.0
+    failed: bool = False
 
 
 class ExpertRebalancer:
@@ -138,21 +139,16 @@ class ExpertRebalancer:
             off = switch_off_map(self.maps[layer], emap)
             for svc in self.services:
                 svc.set_map(layer, off)
-        weights, nbytes = [], 0
-        for svc, by_layer in self.placed:  # phase 2: new shards, asynchronously
-            for layer, emap in new.items():
-                tree, moved = _rewrite(svc, by_layer[layer], self.maps[layer], emap,
-                                       self.host_experts[layer])
-                weights.append((by_layer, layer, tree))
-                nbytes += moved
-        swap = _Swap(new, weights, started,
-                     sum(len(moved_slots(self.maps[k], m)) for k, m in new.items()), nbytes)
-        threading.Thread(target=_watch, args=(swap,), daemon=True,
+        jobs = [(svc, by_layer, layer, self.maps[layer], emap, self.host_experts[layer])
+                for svc, by_layer in self.placed for layer, emap in new.items()]
+        swap = _Swap(new, [], started,
+                     sum(len(moved_slots(self.maps[k], m)) for k, m in new.items()), 0)
+        # phase 2 off the stepping thread: host -> device copies, then wait for them
+        threading.Thread(target=_move, args=(swap, jobs), daemon=True,
                          name="eplb-swap").start()
         self.pending = swap
         self.last_plan_ms = (time.perf_counter() - started) * 1e3
-        log.info("EPLB: rebalancing layers %s (%d slots, %.1f MiB)", sorted(new), swap.slots,
-                 nbytes / 2**20)
+        log.info("EPLB: rebalancing layers %s (%d slots)", sorted(new), swap.slots)
         return True
 
     def poll(self) -> bool:
@@ -160,13 +156,18 @@ class ExpertRebalancer:
         swap = self.pending
         if swap is None or not swap.ready.is_set():
             return False
+        self.pending = None
+        if swap.failed:
+            for layer in swap.maps:
+                for svc in self.services:
+                    svc.set_map(layer, self.maps[layer])
+            return False
         for by_layer, layer, tree in swap.weights:
             by_layer[layer] = tree
         for layer, emap in swap.maps.items():
             for svc in self.services:
                 svc.set_map(layer, emap)
             self.maps[layer] = emap
-        self.pending = None
         self.rebalances += 1
         self.moved_slots += swap.slots
         self.moved_bytes += swap.bytes
@@ -180,8 +181,18 @@ class ExpertRebalancer:
         return self.poll()
 
 
-def _watch(swap: _Swap) -> None:
-    jax.block_until_ready([tree for _, _, tree in swap.weights])
+def _move(swap: _Swap, jobs: list) -> None:
+    """Phase 2: build every changed shard (``device_put`` from the host copy), wait until
+    they are on their devices, and mark the swap ready."""
+    try:
+        for svc, by_layer, layer, old, new, host in jobs:
+            tree, moved = _rewrite(svc, by_layer[layer], old, new, host)
+            swap.weights.append((by_layer, layer, tree))
+            swap.bytes += moved
+        jax.block_until_ready([tree for _, _, tree in swap.weights])
+    except Exception:  # the old weights and maps stay; poll switches the old maps back on
+        log.exception("EPLB: moving expert weights failed; keeping the current placement")
+        swap.failed = True
     swap.ready_at = time.perf_counter()
     swap.ready.set()
 

@@ -176,3 +176,27 @@ def test_cm384_rebalances_256_experts_keep_tokens():
                           max_tokens=5, staged=True, enable_eplb=True, eplb_config=EVERY_2)
     stats = llm.engine.stats()
     assert stats["eplb_rebalances"] > 0 and len(stats["expert_load"][1]) == 256
+
+
+def test_a_failed_weight_move_keeps_the_current_placement(tmp_path, monkeypatch):
+    need_devices(8)
+    import serving.disagg.ma_eplb as ma_eplb
+
+    m = tiny("qwen3_moe")
+    pool = MAPool(m.params, m.cfg, MALayout.load(ma8(tmp_path), m.cfg), GROUP,
+                  eplb=EplbConfig.parse(True))
+    reb, layer = pool.rebalancer, min(pool.rebalancer.maps)
+    initial = reb.maps[layer]
+
+    def broken(*args):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(ma_eplb, "_rewrite", broken)
+    assert reb.start({layer: np.array([[90, 1, 1, 1, 1, 1, 1, 1]])})
+    off = np.asarray(pool.parts[0].routed.maps[layer][1])
+    assert off.tolist() != initial.replica_counts().tolist()  # phase 1: moving slots left
+    assert reb.wait() is False and reb.pending is None and reb.rebalances == 0
+    for part in pool.parts:
+        counts = np.asarray(part.routed.maps[layer][1])
+        assert counts.tolist() == initial.replica_counts().tolist()
+    assert reb.maps[layer] is initial

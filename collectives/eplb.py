@@ -95,18 +95,23 @@ def place_replicas(load_E: np.ndarray, replicas_E: np.ndarray, num_devices: int,
     device_load = np.zeros(n)
     free = np.full(n, s)
     held: list[list[int]] = [[] for _ in range(n)]
-    before = (previous_P.reshape(n, s) if previous_P is not None
-              else np.full((n, s), -1))
+    has_NE = np.zeros((n, len(load_E)), bool)  # device d already holds expert e
+    before_NE = np.zeros_like(has_NE)  # device d held expert e in ``previous_P``
+    if previous_P is not None:
+        slots_P = np.flatnonzero(previous_P >= 0)
+        before_NE[slots_P // s, previous_P[slots_P]] = True
     slack = keep_within * load_E.sum() / n
     for share, e in units:
         fits = free > 0
-        fresh = fits & np.array([e not in h for h in held])
+        fresh = fits & ~has_NE[:, e]
         pool = np.flatnonzero(fresh if fresh.any() else fits)
         d = int(pool[np.argmin(device_load[pool])])
-        home = [j for j in pool if e in before[j] and device_load[j] <= device_load[d] + slack]
-        if slack > 0 and home:
-            d = int(home[np.argmin(device_load[home])])
+        if slack > 0:
+            home = pool[before_NE[pool, e] & (device_load[pool] <= device_load[d] + slack)]
+            if len(home):
+                d = int(home[np.argmin(device_load[home])])
         held[d].append(e)
+        has_NE[d, e] = True
         device_load[d] += share
         free[d] -= 1
     return _assign_slots(held, s, previous_P)

@@ -22,8 +22,8 @@ Per deployment (``--quick``: cpu16-ma only; otherwise cpu16-ma and cm384 on 384 
 2. **EPLB**: counts per logical expert over ``--slices`` time slices of the trace give a map
    (``collectives.eplb.rebalance``, every spare slot as a redundant replica); the
    ``ExpertRebalancer`` swaps it in (map off, shards of changed devices rebuilt from host
-   weights with ``device_put``, map on): ``swap_ms`` is plan + dispatch to ready,
-   ``plan_ms`` the part the stepping thread spends (the selection, placement and dispatch).
+   weights with ``device_put``, map on): ``swap_ms`` is start to ready (on the swap's
+   thread), ``stall_ms`` what the stepping thread spends (switching prepared arrays in).
 3. **after**: the same tokens, capacity search and timing with the new map and weights;
    ``outputs_identical``: the E2A'd outputs of 1 and 3 are bitwise equal.
 
@@ -163,7 +163,7 @@ def run_deployment(name: str, path: str, tokens: int, args) -> dict:
         "moe_ms_tight_after": ms["after", "tight"][0],
         "capacity_tight_before": before["capacity_tight"],
         "capacity_tight_after": after["capacity_tight"],
-        "swap_ms": reb.last_swap_ms, "plan_ms": reb.last_plan_ms,
+        "swap_ms": reb.last_swap_ms, "stall_ms": reb.last_stall_ms,
         "moved_slots": reb.moved_slots, "moved_mib": reb.moved_bytes / 2**20,
         "outputs_identical": bool(np.array_equal(before["out"], after["out"])),
     }

@@ -92,10 +92,18 @@ class A2E(SliceService):
         """Index, in the placed slot weights, of the expert map's slot 0."""
         return self.moe.expert_map.num_slots - self.expert_map.num_slots
 
+    def map_arrays(self, expert_map: ExpertMap) -> tuple[jax.Array, jax.Array]:
+        """The program inputs of ``expert_map`` on this service's run mesh."""
+        return self.moe.map_arrays(self._on_run_mesh(expert_map))
+
     def set_map(self, layer: int, expert_map: ExpertMap) -> None:
         """Route ``layer`` with ``expert_map`` from the next launch: map arrays are program
         inputs, so nothing recompiles. Its slots must hold what ``use_weights`` placed."""
-        self.maps[layer] = self.moe.map_arrays(self._on_run_mesh(expert_map))
+        self.set_map_arrays(layer, self.map_arrays(expert_map))
+
+    def set_map_arrays(self, layer: int, arrays: tuple[jax.Array, jax.Array]) -> None:
+        """``set_map`` with arrays made by ``map_arrays`` (e.g. on another thread)."""
+        self.maps[layer] = arrays
 
     def place_experts(self, experts_L: dict, expert_map: ExpertMap | None = None) -> dict:
         """Slot weights for ``compute``, from logical expert weights ``[L, ...]`` (in the slots

@@ -288,7 +288,7 @@ class MAPool:
             "expert_imbalance": self.expert_imbalance(),
             "eplb_rebalances": self.rebalancer.rebalances if self.rebalancer else 0,
             "eplb_swap_ms": self.rebalancer.last_swap_ms if self.rebalancer else 0.0,
-            "eplb_plan_ms": self.rebalancer.last_plan_ms if self.rebalancer else 0.0,
+            "eplb_stall_ms": self.rebalancer.last_stall_ms if self.rebalancer else 0.0,
             "eplb_moved_slots": self.rebalancer.moved_slots if self.rebalancer else 0,
             "num_running": sum(g.scheduler.num_running for g in self._groups),
             "num_waiting": sum(g.scheduler.num_waiting for g in self._groups),

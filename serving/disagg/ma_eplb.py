@@ -8,12 +8,13 @@ counted twice). At a window boundary the accumulators are read back (the only ho
 summed over ranks and domains, and become the last window (``stats()["expert_load"]``) and one
 time slice of the selection.
 
-``ExpertRebalancer``: per MoE layer a map from ``collectives.eplb.rebalance``. A swap runs
-between steps in three phases, like the paper's: (1) **map off**: the layer routes with the
-old map minus the slots about to be rewritten; (2) **weights move**: each device whose slots
-change gets a new slot shard built from the host copy of the experts with ``device_put``
-(asynchronous; the old buffers keep serving); (3) **map on**: at the first step boundary after
-the new shards are ready, the new weights and the new map are switched in together.
+``ExpertRebalancer``: per MoE layer a map from ``collectives.eplb.rebalance``, computed on a
+background thread. A swap has the paper's three phases: (1) **map off**: the layer routes
+with the old map minus the slots about to be rewritten; (2) **weights move**: each device
+whose slots change gets a new slot shard built from the host copy of the experts with
+``device_put`` (the old buffers keep serving); (3) **map on**: at the first step boundary
+after the new shards are ready, the new weights and the new map are switched in together.
+The stepping thread only assigns prepared arrays (``last_stall_ms``).
 """
 
 from __future__ import annotations
@@ -84,20 +85,31 @@ class ExpertLoadCounter:
 
 @dataclasses.dataclass
 class _Swap:
-    """A swap between phases 2 and 3: new maps and weights, moving."""
+    """One rebalance, prepared on its own thread and applied by ``poll``."""
 
-    maps: dict[int, ExpertMap]
-    weights: list[tuple[dict, int, dict]]  # (placed dict, layer, new tree), filled by _move
+    counts: dict[int, np.ndarray]  # time slices per layer
+    current: dict[int, ExpertMap]  # the maps it starts from
     started: float
-    slots: int
-    bytes: int
+    maps: dict[int, ExpertMap] = dataclasses.field(default_factory=dict)  # layers that change
+    off: list = dataclasses.field(default_factory=list)  # (service, layer, map arrays)
+    on: list = dataclasses.field(default_factory=list)
+    weights: list = dataclasses.field(default_factory=list)  # (placed dict, layer, new tree)
+    slots: int = 0
+    bytes: int = 0
+    planned: threading.Event = dataclasses.field(default_factory=threading.Event)
     ready: threading.Event = dataclasses.field(default_factory=threading.Event)
     ready_at: float = 0.0
+    off_applied: bool = False
     failed: bool = False
 
 
 class ExpertRebalancer:
     """Per-layer expert maps of one expert slice and their swaps.
+
+    ``start`` hands a rebalance to a thread that computes the maps, builds the switch-off map
+    arrays (then ``planned``), moves the weights and builds the new map arrays (then
+    ``ready``); ``poll``, between steps, applies phase 1 once planned and phase 3 once ready,
+    so the stepping thread only assigns prepared arrays.
 
     Args:
       services: every domain's routed-expert ``A2E`` (each gets every layer's map).
@@ -121,80 +133,89 @@ class ExpertRebalancer:
         self.moved_slots = 0
         self.moved_bytes = 0
         self.last_swap_ms = 0.0
-        self.last_plan_ms = 0.0  # what the stepping thread spent in ``start`` (its stall)
+        self.last_stall_ms = 0.0  # what the stepping thread spent on the last swap
 
     def start(self, counts: dict[int, np.ndarray]) -> bool:
-        """Phases 1 and 2 for the layers whose balanced map differs; False if none does
-        (or a swap is still moving)."""
+        """Hand a rebalance for ``counts`` (``{layer: [T, E]}``) to its thread; False while
+        one is under way."""
         if self.pending is not None:
             return False
-        started = time.perf_counter()
-        new = {layer: rebalance(c, self.maps[layer], self.num_redundant)
-               for layer, c in counts.items()}
-        new = {layer: m for layer, m in new.items()
-               if len(moved_slots(self.maps[layer], m))}
-        if not new:
-            return False
-        for layer, emap in new.items():  # phase 1: moved slots leave the map
-            off = switch_off_map(self.maps[layer], emap)
-            for svc in self.services:
-                svc.set_map(layer, off)
-        jobs = [(svc, by_layer, layer, self.maps[layer], emap, self.host_experts[layer])
-                for svc, by_layer in self.placed for layer, emap in new.items()]
-        swap = _Swap(new, [], started,
-                     sum(len(moved_slots(self.maps[k], m)) for k, m in new.items()), 0)
-        # phase 2 off the stepping thread: host -> device copies, then wait for them
-        threading.Thread(target=_move, args=(swap, jobs), daemon=True,
+        self.pending = _Swap(counts, dict(self.maps), time.perf_counter())
+        self.last_stall_ms = 0.0
+        threading.Thread(target=self._prepare, args=(self.pending,), daemon=True,
                          name="eplb-swap").start()
-        self.pending = swap
-        self.last_plan_ms = (time.perf_counter() - started) * 1e3
-        log.info("EPLB: rebalancing layers %s (%d slots)", sorted(new), swap.slots)
         return True
 
+    def _prepare(self, swap: _Swap) -> None:
+        """On the swap's thread: maps, switch-off arrays, weights (``device_put`` of the
+        changed devices' shards), new map arrays, and a wait until all are on device."""
+        try:
+            for layer, c in swap.counts.items():
+                new = rebalance(c, swap.current[layer], self.num_redundant)
+                if len(moved_slots(swap.current[layer], new)):
+                    swap.maps[layer] = new
+                    swap.slots += len(moved_slots(swap.current[layer], new))
+            swap.off = [(svc, layer, svc.map_arrays(switch_off_map(swap.current[layer], m)))
+                        for layer, m in swap.maps.items() for svc in self.services]
+            swap.planned.set()
+            for svc, by_layer in self.placed:
+                for layer, emap in swap.maps.items():
+                    tree, moved = _rewrite(svc, by_layer[layer], swap.current[layer], emap,
+                                           self.host_experts[layer])
+                    swap.weights.append((by_layer, layer, tree))
+                    swap.bytes += moved
+            swap.on = [(svc, layer, svc.map_arrays(m))
+                       for layer, m in swap.maps.items() for svc in self.services]
+            jax.block_until_ready([[t for *_, t in swap.weights], [a for *_, a in swap.on]])
+        except Exception:  # the current weights and maps stay
+            log.exception("EPLB: preparing the swap failed; keeping the current placement")
+            swap.failed = True
+        swap.ready_at = time.perf_counter()
+        swap.planned.set()
+        swap.ready.set()
+
     def poll(self) -> bool:
-        """Phase 3 once the new shards are ready (never waits). True when switched."""
+        """Between steps, never waiting: phase 1 (map off) once planned, phase 3 (new
+        weights and map on) once ready. True when a new placement was switched on."""
         swap = self.pending
-        if swap is None or not swap.ready.is_set():
+        if swap is None or not swap.planned.is_set():
             return False
-        self.pending = None
-        if swap.failed:
-            for layer in swap.maps:
-                for svc in self.services:
-                    svc.set_map(layer, self.maps[layer])
-            return False
-        for by_layer, layer, tree in swap.weights:
-            by_layer[layer] = tree
-        for layer, emap in swap.maps.items():
-            for svc in self.services:
-                svc.set_map(layer, emap)
-            self.maps[layer] = emap
+        began = time.perf_counter()
+        try:
+            if not swap.off_applied and not swap.failed:
+                for svc, layer, arrays in swap.off:
+                    svc.set_map_arrays(layer, arrays)
+                swap.off_applied = True
+            if not swap.ready.is_set():
+                return False
+            self.pending = None
+            if swap.failed:
+                for layer in swap.maps if swap.off_applied else ():
+                    for svc in self.services:
+                        svc.set_map(layer, self.maps[layer])
+                return False
+            if not swap.maps:
+                return False
+            for by_layer, layer, tree in swap.weights:
+                by_layer[layer] = tree
+            for svc, layer, arrays in swap.on:
+                svc.set_map_arrays(layer, arrays)
+            self.maps.update(swap.maps)
+        finally:
+            self.last_stall_ms += (time.perf_counter() - began) * 1e3
         self.rebalances += 1
         self.moved_slots += swap.slots
         self.moved_bytes += swap.bytes
         self.last_swap_ms = (swap.ready_at - swap.started) * 1e3
+        log.info("EPLB: layers %s rebalanced (%d slots, %.1f MiB, %.1f ms)", sorted(swap.maps),
+                 swap.slots, swap.bytes / 2**20, self.last_swap_ms)
         return True
 
     def wait(self) -> bool:
-        """Phase 3 after waiting for the weights (tests and benchmarks)."""
+        """Phases 1 and 3 after waiting for the thread (tests and benchmarks)."""
         if self.pending is not None:
             self.pending.ready.wait()
         return self.poll()
-
-
-def _move(swap: _Swap, jobs: list) -> None:
-    """Phase 2: build every changed shard (``device_put`` from the host copy), wait until
-    they are on their devices, and mark the swap ready."""
-    try:
-        for svc, by_layer, layer, old, new, host in jobs:
-            tree, moved = _rewrite(svc, by_layer[layer], old, new, host)
-            swap.weights.append((by_layer, layer, tree))
-            swap.bytes += moved
-        jax.block_until_ready([tree for _, _, tree in swap.weights])
-    except Exception:  # the old weights and maps stay; poll switches the old maps back on
-        log.exception("EPLB: moving expert weights failed; keeping the current placement")
-        swap.failed = True
-    swap.ready_at = time.perf_counter()
-    swap.ready.set()
 
 
 def _rewrite(svc, tree: dict, old: ExpertMap, new: ExpertMap, host: dict) -> tuple[dict, int]:

@@ -178,25 +178,48 @@ def test_cm384_rebalances_256_experts_keep_tokens():
     assert stats["eplb_rebalances"] > 0 and len(stats["expert_load"][1]) == 256
 
 
-def test_a_failed_weight_move_keeps_the_current_placement(tmp_path, monkeypatch):
+def test_swap_phases_map_off_then_weights_then_map_on(tmp_path, monkeypatch):
+    """Held inside the weight move: the switch-off map is on between steps, the old weights
+    serve; released: the new weights and map go on together. A failed move switches the
+    old map back on."""
     need_devices(8)
+    import threading
+
     import serving.disagg.ma_eplb as ma_eplb
 
     m = tiny("qwen3_moe")
     pool = MAPool(m.params, m.cfg, MALayout.load(ma8(tmp_path), m.cfg), GROUP,
                   eplb=EplbConfig.parse(True))
     reb, layer = pool.rebalancer, min(pool.rebalancer.maps)
-    initial = reb.maps[layer]
+    initial, svc = reb.maps[layer], pool.parts[0].routed
+    old_weights = svc.weights[layer]
+    skew = {layer: np.array([[90, 1, 1, 1, 1, 1, 1, 1]])}
+    release, rewrite = threading.Event(), ma_eplb._rewrite
+
+    def held(*args):
+        release.wait()
+        return rewrite(*args)
+
+    def replicas() -> list[int]:
+        return np.asarray(svc.maps[layer][1]).tolist()
+
+    monkeypatch.setattr(ma_eplb, "_rewrite", held)
+    assert reb.start(skew) and not reb.start(skew)  # one swap at a time
+    reb.pending.planned.wait()
+    assert reb.poll() is False  # phase 1 only
+    off = replicas()
+    assert off != initial.replica_counts().tolist() and min(off) >= 1
+    assert svc.weights[layer] is old_weights and reb.pending is not None
+    release.set()
+    assert reb.wait() is True and reb.rebalances == 1 and reb.pending is None
+    assert replicas() == reb.maps[layer].replica_counts().tolist()
+    assert reb.maps[layer].replica_counts()[0] == 4 and svc.weights[layer] is not old_weights
 
     def broken(*args):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(ma_eplb, "_rewrite", broken)
-    assert reb.start({layer: np.array([[90, 1, 1, 1, 1, 1, 1, 1]])})
-    off = np.asarray(pool.parts[0].routed.maps[layer][1])
-    assert off.tolist() != initial.replica_counts().tolist()  # phase 1: moving slots left
-    assert reb.wait() is False and reb.pending is None and reb.rebalances == 0
-    for part in pool.parts:
-        counts = np.asarray(part.routed.maps[layer][1])
-        assert counts.tolist() == initial.replica_counts().tolist()
-    assert reb.maps[layer] is initial
+    current = reb.maps[layer]
+    assert reb.start({layer: np.array([[1, 1, 1, 1, 1, 1, 1, 90]])})
+    assert reb.wait() is False and reb.pending is None and reb.rebalances == 1
+    assert replicas() == current.replica_counts().tolist() and reb.maps[layer] is current

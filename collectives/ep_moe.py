@@ -71,6 +71,7 @@ class EpMoe:
         expert_fn=expert_ffn,
         staged: bool | None = None,
         stats: CollectiveStats | None = None,
+        replica_width: int | None = None,
     ) -> None:
         if mesh.shape[axis] != expert_map.num_devices:
             raise ValueError(f"mesh axis {axis!r} has {mesh.shape[axis]} ranks, expert map "
@@ -81,13 +82,25 @@ class EpMoe:
         self.expert_fn = expert_fn
         self.staged = needs_staging(mesh, axis) if staged is None else staged
         self.stats = stats if stats is not None else CollectiveStats()
-        self.replicas = tuple(shard_from_host(a, NamedSharding(mesh, P()))
-                              for a in expert_map.device_arrays())
+        self.replica_width = max(replica_width or 1, int(expert_map.replica_counts().max()))
+        self.replicas = self.map_arrays(expert_map)
         self._programs: dict = {}
 
     @property
     def n(self) -> int:
         return self.expert_map.num_devices
+
+    def map_arrays(self, expert_map: ExpertMap) -> tuple[jax.Array, jax.Array]:
+        """``(replicas_LR, num_replicas_L)`` of a map on this mesh, replicated, at the fixed
+        width ``replica_width``: a program input, so a new map needs no recompile."""
+        if expert_map.num_devices != self.n or expert_map.num_experts != \
+                self.expert_map.num_experts:
+            raise ValueError(f"map of {expert_map.num_devices} devices x "
+                             f"{expert_map.num_experts} experts on an EpMoe of {self.n} x "
+                             f"{self.expert_map.num_experts}")
+        repl = NamedSharding(self.mesh, P())
+        return (shard_from_host(expert_map.replica_table(self.replica_width), repl),
+                shard_from_host(expert_map.replica_counts(), repl))
 
     def shard(self, x):
         """Put a rank-major host array (leading dim N * something) on the mesh axis.
@@ -97,14 +110,19 @@ class EpMoe:
         """
         return shard_from_host(x, NamedSharding(self.mesh, P(self.axis)))
 
-    def __call__(self, experts_P: dict, x_TD, topk_ids_TK, topk_w_TK):
+    def __call__(self, experts_P: dict, x_TD, topk_ids_TK, topk_w_TK,
+                 expert_map: ExpertMap | None = None):
+        """The MoE output; ``expert_map`` routes with another map of the same experts (its
+        slots must hold what ``experts_P`` holds)."""
+        emap = expert_map or self.expert_map
+        replicas = self.map_arrays(emap) if expert_map is not None else None
         t, k = topk_ids_TK.shape[0] // self.n, topk_ids_TK.shape[1]
         buckets = capacity_buckets(t, k, self.n)
         if self.capacity is not None:
             buckets = (self.capacity,) + tuple(b for b in buckets if b > self.capacity)
         for i, cap in enumerate(buckets):
             start = time.perf_counter()
-            out, st = self._run(cap, experts_P, x_TD, topk_ids_TK, topk_w_TK)
+            out, st = self._run(cap, experts_P, x_TD, topk_ids_TK, topk_w_TK, replicas)
             out = jax.block_until_ready(out)
             seconds = time.perf_counter() - start
             overflow = int(np.sum(np.asarray(st.overflow)))
@@ -114,20 +132,22 @@ class EpMoe:
             self.stats.reruns += 1
         if self.capacity is None or cap > self.capacity:
             self.capacity = cap  # grow-only: later steps start from the bucket that fit
-        self._record(cap, seconds, x_TD, t, k, st)
+        self._record(cap, seconds, x_TD, t, k, st, emap)
         return out
 
-    def launch(self, capacity: int, experts_P: dict, x_TD, topk_ids_TK, topk_w_TK):
+    def launch(self, capacity: int, experts_P: dict, x_TD, topk_ids_TK, topk_w_TK,
+               replicas=None):
         """One dispatch + experts + combine at ``capacity``, without waiting or re-running.
 
         Returns device arrays ``(out_TD, LocalStats)``; ``out_TD`` is exact only if
         ``LocalStats.overflow`` sums to 0. For callers that launch many steps and check
         overflow once (MA decode checks once per model step, then re-runs the step with
-        ``next_capacity``). Nothing is recorded in ``stats``.
+        ``next_capacity``). Nothing is recorded in ``stats``. ``replicas``: a map from
+        ``map_arrays`` (default the constructor's).
         """
-        return self._run(capacity, experts_P, x_TD, topk_ids_TK, topk_w_TK)
+        return self._run(capacity, experts_P, x_TD, topk_ids_TK, topk_w_TK, replicas)
 
-    def _record(self, cap, seconds, x_TD, t, k, st) -> None:
+    def _record(self, cap, seconds, x_TD, t, k, st, emap: ExpertMap) -> None:
         n, s, rounds = self.n, self.expert_map.slots_per_device, self.rounds
         dsize = x_TD.shape[-1]
         item = jnp.dtype(x_TD.dtype).itemsize
@@ -135,10 +155,10 @@ class EpMoe:
         row_in = dsize + 4 if self.int8_dispatch else dsize * item
         row_out = dsize + 4 if self.int8_combine else dsize * item
         slot_tokens = np.asarray(st.slot_tokens_S).reshape(-1)
-        held = self.expert_map.slot_expert_P >= 0
+        held = emap.slot_expert_P >= 0
         self.stats.add_expert_tokens(
-            np.bincount(self.expert_map.slot_expert_P[held], weights=slot_tokens[held],
-                        minlength=self.expert_map.num_experts))
+            np.bincount(emap.slot_expert_P[held], weights=slot_tokens[held],
+                        minlength=emap.num_experts))
         payload = min_payload_bytes(n * t, k, dsize, item)
         extra = {"capacity": cap, "rounds": rounds, "staged": self.staged,
                  "max_rows": int(np.max(np.asarray(st.max_rows)))}
@@ -150,10 +170,11 @@ class EpMoe:
         self.stats.record(CollectiveRecord("ep_moe_step", rows * (row_in + row_out), seconds,
                                            n, 2 * payload, extra))
 
-    def _run(self, cap, experts_P, x_TD, ids_TK, w_TK):
+    def _run(self, cap, experts_P, x_TD, ids_TK, w_TK, replicas=None):
+        replicas = replicas if replicas is not None else self.replicas
         if not self.staged:
-            return self._fused(cap)(experts_P, x_TD, ids_TK, w_TK, *self.replicas)
-        return self._run_staged(cap, experts_P, x_TD, ids_TK, w_TK)
+            return self._fused(cap)(experts_P, x_TD, ids_TK, w_TK, *replicas)
+        return self._run_staged(cap, experts_P, x_TD, ids_TK, w_TK, replicas)
 
     def _fused(self, cap):
         return _fused_program(self.mesh, self.axis, cap, self.rounds, self.int8_dispatch,
@@ -174,7 +195,7 @@ class EpMoe:
         prog = self._program("exchange", lambda a: gather_exchange(a, ax), 1)
         return prog(x)
 
-    def _run_staged(self, cap, experts_P, x_TD, ids_TK, w_TK):
+    def _run_staged(self, cap, experts_P, x_TD, ids_TK, w_TK, replicas):
         ax, s = self.axis, self.expert_map.slots_per_device
         i8d, i8c, efn = self.int8_dispatch, self.int8_combine, self.expert_fn
 
@@ -182,7 +203,7 @@ class EpMoe:
             return route(ids, d.token_positions(ids.shape[0], ax), rep, nrep,
                          num_devices=jax.lax.axis_size(ax), slots_per_device=s)
 
-        routes = self._program("route", routes_of, 1, 2)(ids_TK, *self.replicas)
+        routes = self._program("route", routes_of, 1, 2)(ids_TK, *replicas)
         recv_counts = self._exchange(routes.counts_NS)
         out = jnp.zeros_like(x_TD)
         for r in range(self.rounds):

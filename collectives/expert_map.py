@@ -65,19 +65,24 @@ class ExpertMap:
         held = self.slot_expert_P[self.slot_expert_P >= 0]
         return np.bincount(held, minlength=self.num_experts).astype(np.int32)
 
-    def replica_table(self) -> np.ndarray:
-        """``[L, R]`` slot ids of each expert's replicas, padded by repeating the first."""
+    def replica_table(self, width: int | None = None) -> np.ndarray:
+        """``[L, R]`` slot ids of each expert's replicas, padded by repeating the first;
+        ``width`` fixes R (so maps of one layer share a compiled program)."""
         counts = self.replica_counts()
-        table = np.zeros((self.num_experts, int(counts.max())), dtype=np.int32)
+        r = int(counts.max()) if width is None else width
+        if r < counts.max():
+            raise ExpertMapError(f"an expert has {int(counts.max())} replicas, more than the "
+                                 f"table width {r}")
+        table = np.zeros((self.num_experts, r), dtype=np.int32)
         for e in range(self.num_experts):
             slots = np.flatnonzero(self.slot_expert_P == e)
             table[e, : len(slots)] = slots
             table[e, len(slots) :] = slots[0]
         return table
 
-    def device_arrays(self) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def device_arrays(self, width: int | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
         """``(replicas_LR, num_replicas_L)`` as int32 device arrays (replicated data)."""
-        return jnp.asarray(self.replica_table()), jnp.asarray(self.replica_counts())
+        return jnp.asarray(self.replica_table(width)), jnp.asarray(self.replica_counts())
 
     def physical_weights(self, experts: dict) -> dict:
         """Gather logical expert weights ``[L, ...]`` into slot order ``[P, ...]`` (host)."""

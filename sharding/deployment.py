@@ -40,8 +40,11 @@ _ROLE_FIELDS = {
     "prefill": {"devices", "dp", "tp", *CAPACITY_FIELDS},
     "decode": {"devices", "dp", "tp", *CAPACITY_FIELDS},
     "decode_attention": {"devices", "domains", "dp", *CAPACITY_FIELDS},
-    "decode_experts": {"devices", "slots_per_device", "redundant_slots", "shared_devices"},
+    "decode_experts": {"devices", "slots_per_device", "redundant_slots", "shared_devices",
+                       "dispatch_dtype"},
 }
+# Payload of A2E and the expert mesh's dispatch: the activations' dtype, or INT8 + scales.
+DISPATCH_DTYPES = ("auto", "int8")
 _TOP_FIELDS = {"name", "description", "memory_per_device_gib", "roles"}
 
 
@@ -104,6 +107,7 @@ class RoleSpec:
     slots_per_device: int | None = None
     redundant_slots: int = 0
     shared_devices: int = 0
+    dispatch_dtype: str = "auto"  # decode_experts: "int8" quantizes A2E and the dispatch
     max_num_seqs: int | None = None  # per DP group of this role
     max_num_batched_tokens: int | None = None
     kv_cache_gib: float | None = None
@@ -275,7 +279,12 @@ def _role(name: str, raw, src: str) -> RoleSpec:
     devices = DeviceRange(_int(dev["start"], f"{where}.devices.start", 0),
                           _int(dev["count"], f"{where}.devices.count", 1))
     kw = {k: _int(raw[k], f"{where}.{k}", 0 if k in ("redundant_slots", "shared_devices") else 1)
-          for k in raw if k not in ("devices", "kv_cache_gib")}
+          for k in raw if k not in ("devices", "kv_cache_gib", "dispatch_dtype")}
+    if "dispatch_dtype" in raw:
+        if raw["dispatch_dtype"] not in DISPATCH_DTYPES:
+            raise DeploymentFieldError(f"{where}.dispatch_dtype must be one of "
+                                       f"{list(DISPATCH_DTYPES)}, got {raw['dispatch_dtype']!r}")
+        kw["dispatch_dtype"] = raw["dispatch_dtype"]
     if "kv_cache_gib" in raw:
         gib = raw["kv_cache_gib"]
         if isinstance(gib, bool) or not isinstance(gib, int | float) or gib <= 0:

@@ -50,6 +50,12 @@ class EngineConfig:
       speculative_config: ``{"method": "mtp", "num_speculative_tokens": k}`` (vLLM's
         spelling): draft ``k`` tokens a decode step with the checkpoint's MTP block and verify
         them in one target step (``docs/speculative.md``); None: no speculation.
+      enable_eplb, eplb_config: rebalance an MA deployment's expert slice while serving
+        (``{"window_size", "step_interval", "num_redundant_experts"}``, a dict or a JSON
+        object, vLLM's spelling); ``eplb_config`` alone sets the window of
+        ``stats()["expert_load"]``. See docs/eplb.md.
+      dispatch_dtype: ``"int8"`` sends MA's A2E hops and expert dispatch as INT8 rows with a
+        scale each (``"auto"``: the activations' dtype); None: the deployment's field.
     """
 
     model: str = "smollm2"
@@ -69,6 +75,9 @@ class EngineConfig:
     use_param_cache: bool = True
     distributed: DistributedConfig | dict | None = None
     speculative_config: dict | None = None
+    enable_eplb: bool = False
+    eplb_config: dict | str | None = None
+    dispatch_dtype: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_dp_groups", "max_num_seqs", "max_num_batched_tokens", "block_size",
@@ -79,6 +88,9 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
         _check_speculative(self.speculative_config)
+        if self.dispatch_dtype not in (None, "auto", "int8"):
+            raise ConfigError(f"dispatch_dtype must be 'auto' or 'int8', got "
+                              f"{self.dispatch_dtype!r}")
 
     @property
     def num_speculative_tokens(self) -> int:

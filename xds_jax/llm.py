@@ -50,6 +50,10 @@ class LLM:
             config = config or EngineConfig(model=model, **options)
         except TypeError as e:  # an unknown keyword: name it
             raise ConfigError(f"LLM: {e}; the options are EngineConfig's fields") from None
+        if config.enable_eplb or config.eplb_config is not None:
+            from serving.disagg.eplb_config import EplbConfig  # bad options fail before loading
+
+            EplbConfig.parse(config.enable_eplb, config.eplb_config)
         enable_compilation_cache()
         self.config = config = _read_deployment(config)
         _size_cpu_devices(config)

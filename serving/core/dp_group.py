@@ -307,3 +307,7 @@ class DPGroup:
     def stats(self) -> dict[str, Any]:
         """No counters beyond the group's own (``Engine.stats`` reads those)."""
         return {}
+
+    def expert_stats(self) -> dict[str, Any]:
+        """A colocated group balances no expert slice: nothing to report."""
+        return {}

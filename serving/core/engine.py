@@ -171,7 +171,15 @@ class Engine:
             "batched_tokens": sum(g.last_batch[1] for g in self.groups),
             "heartbeat_age_s": max(time.monotonic() - g.last_heartbeat for g in self.groups),
         } | (self.router.stats() if self.router is not None else {}) | self._driver_stats() \
-          | self._spec_stats()
+          | self._spec_stats() | self._expert_stats()
+
+    def _expert_stats(self) -> dict:
+        """Per-expert load of the last window and EPLB counters, from the drivers that have
+        experts to balance (``Driver.expert_stats``; colocated groups report none)."""
+        out: dict = {}
+        for d in self.drivers:
+            out |= d.expert_stats()
+        return out
 
     def _spec_stats(self) -> dict:
         """Speculative-decoding counters summed over the groups that draft (none: empty)."""

@@ -118,6 +118,11 @@ class Driver(Protocol):
         """Driver-level counters, merged into ``Engine.stats()`` (a group driving itself has
         none: ``{}``)."""
 
+    def expert_stats(self) -> dict[str, Any]:
+        """Per-expert load of the last window (``{"expert_load": {layer: [tokens per
+        expert]}}``) and expert-balancing counters, merged unprefixed into
+        ``Engine.stats()``; ``{}`` for drivers with no expert slice."""
+
 
 # -- the router: moves requests between groups after they start -------------------------------
 @runtime_checkable

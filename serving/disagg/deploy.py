@@ -23,6 +23,7 @@ import os
 from serving.core.dp_group import DPGroup, GroupConfig
 from serving.core.engine import Engine, build_colocated_engine, group_config_for
 from serving.core.timeline import Timeline
+from serving.disagg.eplb_config import EplbConfig
 from serving.disagg.pd import DecodeGroup, PDRouter, PrefillGroup
 from sharding import read_deployment
 from sharding.deployment import Deployment, DeploymentError, DeploymentSpec, build_deployment
@@ -40,6 +41,10 @@ def build_engine(params: dict, cfg: ModelConfig, max_model_len: int,
                  config: EngineConfig) -> Engine:
     """The engine ``config`` describes: its deployment's layout, or colocated DP groups."""
     if config.deployment is None:
+        if config.enable_eplb:  # EPLB balances an MA deployment's expert slice
+            EplbConfig.parse(True, config.eplb_config).resolve(
+                cfg.moe.num_experts if cfg.moe else None, None,
+                "a layout without a deployment file")
         return build_colocated_engine(params, cfg, max_model_len, config)
     return build_deployed_engine(params, cfg, max_model_len, config)
 
@@ -52,6 +57,9 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
     if not isinstance(spec, DeploymentSpec):  # a path: parse it here, once
         spec = read_deployment(spec)
     layout = build_deployment(spec, model=cfg)
+    eplb = EplbConfig.parse(config.enable_eplb, config.eplb_config)
+    if eplb.enabled and not layout.spec.is_ma:  # refused here; MAPool checks the rest
+        eplb.resolve(cfg.moe.num_experts if cfg.moe else None, None, repr(layout.name))
     roles = set(layout.roles)
     host_share = _host_kv_share(layout)
     timeline = Timeline() if config.trace else None
@@ -80,9 +88,10 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
         def factory(index, *args, **kwargs):  # attention groups numbered after prefill's
             return kind(num_prefill + index, *args, **kwargs)
 
-        pool = MAPool(params, cfg, MALayout.from_deployment(layout, cfg), decode_config,
-                      micro_batches=config.micro_batches, timeline=timeline,
-                      group_factory=factory)
+        pool = MAPool(params, cfg, MALayout.from_deployment(layout, cfg,
+                                                             dispatch_dtype=config.dispatch_dtype),
+                      decode_config, micro_batches=config.micro_batches, timeline=timeline,
+                      group_factory=factory, eplb=eplb)
         decode, decode_drivers = list(pool.groups), [pool]
     else:
         decode = [kind(num_prefill + i, params, cfg, d, decode_config)

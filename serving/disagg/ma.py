@@ -23,11 +23,16 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from collectives.a2e import A2E
+from collectives.eplb import device_loads, max_over_mean
 from serving.core.dp_group import DPGroup, GroupConfig
 from serving.core.runner import MIN_DECODE_ROWS, MIN_PREFILL_WIDTH
 from serving.core.timeline import Timeline
+from serving.disagg.eplb_config import EplbConfig
 from serving.disagg.ma_capacity import CapacityPolicy
+from serving.disagg.ma_eplb import ExpertLoadCounter, ExpertRebalancer
 from serving.disagg.ma_layout import MALayout
 from serving.disagg.ma_pipeline import DomainParts, LayerPipeline
 from serving.disagg.ma_rank import RankView
@@ -62,6 +67,8 @@ class MAPool:
       capacity: initial expert capacity (rows per destination rank), default the smallest
         bucket; it only grows.
       group_factory: builds each DP group, ``(index, None, cfg, device, config, runner=)``.
+      eplb: expert load windows and, when enabled, rebalancing (``EplbConfig``; checked
+        against the model and the slots here).
     """
 
     name = "ma"
@@ -69,9 +76,13 @@ class MAPool:
     def __init__(self, params: dict, cfg: ModelConfig, layout: MALayout,
                  group_config: GroupConfig | None = None, *, micro_batches: int = 2,
                  timeline: Timeline | None = None, capacity: int | None = None,
-                 group_factory=DPGroup):
+                 group_factory=DPGroup, eplb: EplbConfig | None = None):
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        emap = layout.expert_map  # EPLB options checked before anything is placed
+        self.eplb = (eplb or EplbConfig()).resolve(cfg.moe.num_experts if cfg.moe else None,
+                                                    emap.num_slots if emap else None,
+                                                    repr(layout.name))
         self.cfg = cfg
         self.layout = layout
         self.group_config = config = group_config or GroupConfig()
@@ -87,9 +98,11 @@ class MAPool:
                                                   domain.devices[r], config,
                                                   runner=RankView(domain, r)))
         self.parts = [DomainParts(dom) for dom in self.domains]
+        self._placed: list[tuple] = []  # (service, {layer: slot weights}) per expert mesh
         self._build_services(params)
         self.capacity = (CapacityPolicy(cfg.moe.num_experts_per_tok, capacity)
                          if cfg.moe is not None else None)
+        self._build_eplb(params)
         self.reruns = 0
         self.steps = 0
         self.timeline = timeline
@@ -103,15 +116,75 @@ class MAPool:
                                     cfg)
                 continue
             part.routed = A2E(mesh, layout.expert_mesh(), layout.expert_map,
-                              mode=layout.a2e_mode)
+                              mode=layout.a2e_mode, int8=layout.dispatch_dtype == "int8")
             key = tuple(part.routed.run_devices)
             if key not in placed:
                 placed[key] = {i: part.routed.place_experts(layer["moe"]["experts"])
                                for i, layer in enumerate(params["layers"])
                                if cfg.is_moe_layer(i)}
+                self._placed.append((part.routed, placed[key]))
             part.routed.use_weights(placed[key])
             if layout.shared_devices:
                 part.shared = SharedExperts(mesh, list(layout.shared_devices), params, cfg)
+
+    def _build_eplb(self, params: dict) -> None:
+        """Load counters (MoE models) and, with EPLB enabled, the rebalancer."""
+        emap = self.layout.expert_map
+        self.load = self.rebalancer = None
+        if emap is None:
+            return
+        layers = [i for i in range(self.cfg.num_layers) if self.cfg.is_moe_layer(i)]
+        history = -(-self.eplb.step_interval // self.eplb.window_size)
+        self.load = ExpertLoadCounter(layers, emap.num_experts, self.eplb.window_size, history)
+        self._since_rebalance = 0
+        if self.eplb.enabled:
+            host = {i: {k: np.asarray(v) for k, v in params["layers"][i]["moe"]["experts"]
+                        .items()} for i in layers}
+            self.rebalancer = ExpertRebalancer([p.routed for p in self.parts], self._placed,
+                                               host, emap, self.eplb.num_redundant_experts)
+
+    def _eplb_step(self, results) -> None:
+        """After a step: count its final passes, switch on a swap whose weights are ready,
+        and at a window boundary start a rebalance when one is due."""
+        if self.load is None:
+            return
+        for result in results:
+            self.load.add(result.load)
+        reb = self.rebalancer
+        if reb is not None and reb.poll():
+            self.capacity.reset()  # balanced load may fit smaller buckets
+        self._since_rebalance += 1
+        if not self.load.step() or reb is None:
+            return
+        if self._since_rebalance >= self.eplb.step_interval and reb.pending is None:
+            windows = -(-self._since_rebalance // self.eplb.window_size)
+            self._since_rebalance = 0
+            reb.start(self.load.time_slices(windows))
+
+    def expert_load(self) -> dict[int, list[int]]:
+        """Tokens per logical expert of each MoE layer in the last complete window (all
+        attention ranks of every domain); empty before the first window or for a dense
+        model."""
+        if self.load is None:
+            return {}
+        return {layer: counts.tolist() for layer, counts in self.load.last_window.items()}
+
+    def expert_imbalance(self) -> float:
+        """Max / mean tokens per expert device in the last window, under each layer's current
+        map (an expert's tokens split evenly over its replicas), worst layer; 0 before the
+        first window."""
+        if self.load is None or not self.load.last_window:
+            return 0.0
+        maps = self.rebalancer.maps if self.rebalancer else {}
+        return max(max_over_mean(device_loads(maps.get(layer, self.layout.expert_map), c))
+                   for layer, c in self.load.last_window.items())
+
+    def expert_stats(self) -> dict:
+        """What the engine's ``stats()`` shows unprefixed: ``expert_load`` (per layer, per
+        expert, last window) and ``eplb_rebalances``."""
+        reb = self.rebalancer
+        return {"expert_load": self.expert_load(),
+                "eplb_rebalances": reb.rebalances if reb else 0}
 
     def expert_side_weights(self) -> list:
         """Every weight tree placed off the attention ranks, each once: routed-expert slots
@@ -180,6 +253,7 @@ class MAPool:
         for result in results.values():
             for mb, logits in result.logits:
                 sample_rows(fetch(logits), mb.seqs, self.cfg.vocab_size)
+        self._eplb_step(results.values())
         for group, out in zip(self._groups, plans, strict=True):
             if out is not None:
                 group.complete(out)
@@ -211,6 +285,12 @@ class MAPool:
             "redundant_slots": emap.num_redundant if emap else 0,
             "max_capacity": max(self.capacity.by_shape.values(), default=0)
             if self.capacity else 0,
+            "load_windows": self.load.windows if self.load else 0,
+            "expert_imbalance": self.expert_imbalance(),
+            "eplb_rebalances": self.rebalancer.rebalances if self.rebalancer else 0,
+            "eplb_swap_ms": self.rebalancer.last_swap_ms if self.rebalancer else 0.0,
+            "eplb_stall_ms": self.rebalancer.last_stall_ms if self.rebalancer else 0.0,
+            "eplb_moved_slots": self.rebalancer.moved_slots if self.rebalancer else 0,
             "num_running": sum(g.scheduler.num_running for g in self._groups),
             "num_waiting": sum(g.scheduler.num_waiting for g in self._groups),
         }

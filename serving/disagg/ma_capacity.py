@@ -66,6 +66,11 @@ class CapacityPolicy:
                 grew = True
         return grew
 
+    def reset(self) -> None:
+        """Forget the grown capacities (after an expert map change: the balanced load may
+        fit smaller buckets); shapes start again from ``initial``."""
+        self.by_shape.clear()
+
     def snapshot(self) -> dict[str, int]:
         """``{"TxN": capacity}`` for stats and logs."""
         return {f"{t}x{n}": c for (t, n), c in sorted(self.by_shape.items())}

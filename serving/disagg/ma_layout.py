@@ -17,7 +17,12 @@ from jax.sharding import Mesh
 
 from collectives.expert_map import ExpertMap, build_expert_map
 from collectives.transport import TrampolineMap
-from sharding.deployment import Deployment, load_deployment
+from sharding.deployment import (
+    DISPATCH_DTYPES,
+    Deployment,
+    DeploymentFieldError,
+    load_deployment,
+)
 from xds_jax.model.config import ModelConfig
 
 A2E_MODES = ("trampoline", "direct")
@@ -36,6 +41,8 @@ class MALayout:
       expert_map: slot table of the routed experts, or None for a dense model.
       a2e_mode: ``"trampoline"`` or ``"direct"`` (``collectives.a2e``).
       trampolines: attention rank of a domain -> expert device index (and hop round).
+      dispatch_dtype: ``"int8"``: A2E hops and the expert mesh's dispatch carry INT8 rows
+        with one scale each (combine and E2A stay in the activations' dtype); ``"auto"``.
     """
 
     name: str
@@ -45,13 +52,19 @@ class MALayout:
     expert_map: ExpertMap | None
     a2e_mode: str
     trampolines: TrampolineMap
+    dispatch_dtype: str = "auto"
 
     @classmethod
     def from_deployment(cls, deployment: Deployment, cfg: ModelConfig, *,
-                        a2e_mode: str = "trampoline") -> MALayout:
+                        a2e_mode: str = "trampoline",
+                        dispatch_dtype: str | None = None) -> MALayout:
+        """``dispatch_dtype`` (``"auto"`` / ``"int8"``) overrides the expert role's field."""
         deployment.spec.check_model(cfg)
         if a2e_mode not in A2E_MODES:
             raise ValueError(f"a2e_mode must be one of {A2E_MODES}, got {a2e_mode!r}")
+        if dispatch_dtype not in (None, *DISPATCH_DTYPES):
+            raise DeploymentFieldError(f"dispatch_dtype must be one of "
+                                       f"{list(DISPATCH_DTYPES)}, got {dispatch_dtype!r}")
         attn, experts = deployment.role("decode_attention"), deployment.role("decode_experts")
         every = tuple(experts.mesh.devices.flat)
         routed = every[:experts.spec.routed_devices]
@@ -68,6 +81,7 @@ class MALayout:
             expert_map=expert_map,
             a2e_mode=a2e_mode,
             trampolines=TrampolineMap.spread(attn.spec.dp, len(routed)),
+            dispatch_dtype=dispatch_dtype or experts.spec.dispatch_dtype,
         )
 
     @classmethod
@@ -115,4 +129,5 @@ class MALayout:
             "redundant_slots": emap.num_redundant if emap else 0,
             "shared_experts_on": "shared_devices" if self.shared_devices else "attention",
             "dense_ffn_on": "attention" if emap else "expert_devices",
+            "dispatch_dtype": self.dispatch_dtype,
         }

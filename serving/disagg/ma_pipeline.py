@@ -50,6 +50,8 @@ class _Flight:
 class PassResult:
     logits: list = dataclasses.field(default_factory=list)  # (MicroBatch, logits [A*B, V])
     checks: list[OverflowCheck] = dataclasses.field(default_factory=list)
+    # (domain, layer) -> [A, E] tokens per rank and logical expert in this pass (on device)
+    load: dict = dataclasses.field(default_factory=dict)
 
 
 class LayerPipeline:
@@ -107,8 +109,9 @@ class LayerPipeline:
                     result: PassResult) -> None:
         """Gate (and shared expert), A2E and the routed experts of one micro-batch."""
         shared_svc = part.shared
-        x_TD, h_TD, ids_TK, w_TK, *shared = part.domain.gate(layer, f.x, f.mb,
-                                                             shared_svc is None)
+        key = (part.domain.index, layer)
+        x_TD, h_TD, ids_TK, w_TK, result.load[key], *shared = part.domain.gate(
+            layer, f.x, f.mb, shared_svc is None, result.load.get(key))
         if shared_svc is not None:
             out, _ = shared_svc.launch(layer, shared_svc.send(h_TD))
             shared = [shared_svc.receive(out)]

@@ -98,17 +98,19 @@ def _attention(layer, x_BSD, positions_BS, cache, tables_BN, *, cfg):
     return stages.attention(layer, cfg, x_BSD, positions_BS, cache, tables_BN)
 
 
-def _gate(layer, x_BSD, positions_BS, *, cfg, shared):
-    """Flatten to tokens, route, and the shared expert unless it runs elsewhere; padding
-    tokens route nowhere."""
+def _gate(layer, x_BSD, positions_BS, load_1E, *, cfg, shared):
+    """Flatten to tokens, route, count each expert's tokens into the rank's load row, and
+    the shared expert unless it runs elsewhere; padding tokens route nowhere."""
     x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
     h_TD, ids_TK, w_TK, _ = stages.moe_gate(layer, cfg, x_TD)
     valid_T = positions_BS.reshape(-1) >= 0
     ids_TK = jnp.where(valid_T[:, None], ids_TK, -1)
     w_TK = jnp.where(valid_T[:, None], w_TK, 0)
+    load_1E = load_1E.at[0, jnp.maximum(ids_TK, 0).reshape(-1)].add(
+        (ids_TK >= 0).reshape(-1).astype(load_1E.dtype))
     if not shared:
-        return x_TD, h_TD, ids_TK, w_TK
-    return x_TD, h_TD, ids_TK, w_TK, stages.moe_shared(layer, cfg, h_TD)
+        return x_TD, h_TD, ids_TK, w_TK, load_1E
+    return x_TD, h_TD, ids_TK, w_TK, load_1E, stages.moe_shared(layer, cfg, h_TD)
 
 
 def _combine(x_TD, routed_TD, shared_TD, *, shape):
@@ -149,6 +151,9 @@ class Domain:
                 lambda idx, s=s: np.zeros(s.shape, s.dtype), dtype=s.dtype)
                 for k, s in shapes.items()})
         self.caches = caches
+        experts = cfg.moe.num_experts if cfg.moe is not None else 0
+        self.zero_load = jax.make_array_from_callback(
+            (a, experts), self.rank_sharding, lambda idx: np.zeros((1, experts), np.int32))
         self._shapes_seen: set[tuple] = set()
         self.compile_count = 0
 
@@ -179,13 +184,15 @@ class Domain:
                                          mb.tables_BN)
         return x_BSD
 
-    def gate(self, layer: int, x_BSD: jax.Array, mb: MicroBatch,
-             shared: bool = True) -> tuple[jax.Array, ...]:
-        """``(x_TD, h_TD, ids_TK, w_TK[, shared_TD])``, rank-major on the domain mesh; the
-        shared-expert output only with ``shared``."""
-        prog = self._program("gate", _gate, (REPLICATED, RANK, RANK), (RANK,) * (4 + shared),
-                             cfg=self.cfg, shared=shared)
-        return prog(self.params["layers"][layer], x_BSD, mb.positions_BS)
+    def gate(self, layer: int, x_BSD: jax.Array, mb: MicroBatch, shared: bool = True,
+             load_AE: jax.Array | None = None) -> tuple[jax.Array, ...]:
+        """``(x_TD, h_TD, ids_TK, w_TK, load_AE[, shared_TD])``, rank-major on the domain
+        mesh: ``load_AE`` (default ``zero_load``) plus each rank's tokens per logical expert
+        (``[A, E]`` int32, stays on device); the shared-expert output only with ``shared``."""
+        prog = self._program("gate", _gate, (REPLICATED, RANK, RANK, RANK),
+                             (RANK,) * (5 + shared), cfg=self.cfg, shared=shared)
+        load_AE = self.zero_load if load_AE is None else load_AE
+        return prog(self.params["layers"][layer], x_BSD, mb.positions_BS, load_AE)
 
     def combine(self, x_TD, routed_TD, shared_TD, mb: MicroBatch) -> jax.Array:
         shape = (mb.rows, mb.width, self.cfg.hidden_size)

@@ -84,9 +84,9 @@ class TracedDomain:
     def ffn(self, layer: int, x_BSD):
         return self._call("ffn_l{layer}", self.inner.ffn, (layer, x_BSD), layer=layer)
 
-    def gate(self, layer: int, x_BSD, mb, shared: bool = True):
-        return self._call("gate_l{layer}", self.inner.gate, (layer, x_BSD, mb, shared), mb,
-                          layer=layer)
+    def gate(self, layer: int, x_BSD, mb, shared: bool = True, load_AE=None):
+        return self._call("gate_l{layer}", self.inner.gate,
+                          (layer, x_BSD, mb, shared, load_AE), mb, layer=layer)
 
     def combine(self, x_TD, routed_TD, shared_TD, mb):
         return self._call("combine_l{layer}", self.inner.combine,

@@ -44,7 +44,8 @@ def positive_float(text: str) -> float:
 # ``max_num_seqs``); their defaults are ``EngineConfig``'s. ``launch.engine_args`` maps them.
 ENGINE_FIELDS = ("model", "dtype", "max_model_len", "seed", "num_dp_groups", "max_num_seqs",
                  "max_num_batched_tokens", "block_size", "enable_prefix_caching", "staged",
-                 "micro_batches", "speculative_config")
+                 "micro_batches", "speculative_config", "enable_eplb", "eplb_config",
+                 "dispatch_dtype")
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +69,17 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="record a timeline of the disaggregated stages and KV transfers, "
                        "save it as a Chrome trace (chrome://tracing, Perfetto) and print a "
                        "per-role summary at exit")
+    group.add_argument("--enable-eplb", action="store_true",
+                       help="rebalance the expert slice of an MoE-attention deployment while "
+                       "serving (redundant expert replicas, see docs/eplb.md)")
+    group.add_argument("--eplb-config", metavar="JSON",
+                       help='EPLB options, e.g. \'{"window_size": 100, "step_interval": 300, '
+                       '"num_redundant_experts": 32}\' (default: those windows, every spare '
+                       "slot)")
+    group.add_argument("--dispatch-dtype", choices=["auto", "int8"],
+                       help="payload of the MoE-attention expert dispatch (A2E hops and the "
+                       "expert mesh's all-to-all): int8 rows with one scale each; combine "
+                       "stays in the activations' dtype (default: the deployment's field)")
     group.add_argument("--max-model-len", type=positive_int, metavar="N", default=d.max_model_len,
                        help="context limit in tokens, prompt plus output (default: the model's)")
     group.add_argument("--max-num-seqs", type=positive_int, default=d.max_num_seqs, metavar="N",

@@ -127,7 +127,9 @@ class EngineCollector:
                 ("xds:kv_transfer_wait_seconds", "kv_wait_s",
                  "PD: time prefilled KV waited for decode room (backpressure)."),
                 ("xds:ma_expert_reruns", "ma_reruns",
-                 "MA: steps re-run after an expert capacity overflow.")):
+                 "MA: steps re-run after an expert capacity overflow."),
+                ("xds:eplb_rebalances", "eplb_rebalances",
+                 "EPLB: expert maps rebalanced and switched on.")):
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric([m], float(stats.get(key, 0)))
             yield counter

@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-UNION_AXIS = "u"
+from sharding.rules import UNION_AXIS, program_spec
 
 
 class TransportError(ValueError):
@@ -175,10 +175,10 @@ class Transport:
         self.trampolines = [self.other_devices[t] for t in self.map.target_of]
         self.union_devices = self.attn_devices + self.other_devices
         union = Mesh(np.array(self.union_devices), (UNION_AXIS,))
-        self.union_sharding = NamedSharding(union, P(UNION_AXIS))
-        self.attn_sharding = NamedSharding(attn_mesh, P(attn_axis))
+        self.union_sharding = _rows(union, "transfer")
+        self.attn_sharding = _rows(attn_mesh, "decode_attention")
         self.other_mesh = Mesh(np.array(self.other_devices), (other_axis,))
-        self.other_sharding = NamedSharding(self.other_mesh, P(other_axis))
+        self.other_sharding = _rows(self.other_mesh, "decode_experts")
         # E2A: which union ranks get their rows back in each round
         self._receivers = np.zeros((self.map.rounds, len(self.union_devices)), bool)
         for i, r in enumerate(self.map.round_of):
@@ -230,7 +230,7 @@ class Transport:
 @functools.cache
 def _union_program(mesh: Mesh, fn, n_in: int, n_out: int | None, static: tuple):
     """``fn`` per union rank; ``n_out`` outputs as a tuple, or one array when None."""
-    spec = P(UNION_AXIS)
+    spec = _rows(mesh, "transfer").spec
     out = spec if n_out is None else (spec,) * n_out
     return jax.jit(jax.shard_map(functools.partial(fn, **dict(static)), mesh=mesh,
                                  in_specs=(spec,) * n_in, out_specs=out))
@@ -248,9 +248,9 @@ class DirectTransport:
         self.attn_devices, self.other_devices = _disjoint_slices(attn_mesh, other_devices)
         self.trampolines: list = []
         self.union_devices = self.attn_devices + self.other_devices
-        self.attn_sharding = NamedSharding(attn_mesh, P(attn_axis))
+        self.attn_sharding = _rows(attn_mesh, "decode_attention")
         self.other_mesh = Mesh(np.array(self.union_devices), (other_axis,))
-        self.other_sharding = NamedSharding(self.other_mesh, P(other_axis))
+        self.other_sharding = _rows(self.other_mesh, "decode_experts")
 
     def rows_per_target(self, rows: int) -> int:
         return rows
@@ -331,3 +331,13 @@ def _disjoint_slices(attn_mesh: Mesh, other_devices: list) -> tuple[list, list]:
     if set(attn) & set(other):
         raise TransportError("attention and expert slices share devices")
     return attn, other
+
+
+def _rows(mesh: Mesh, role: str) -> NamedSharding:
+    """One block of rows per device of ``mesh``, by the ``batch`` rule of ``role``'s table
+    (``sharding.rules``); a mesh whose axis the rule does not name is refused."""
+    spec = program_spec(mesh, role, "batch")
+    if spec == P(None) and mesh.size > 1:
+        raise TransportError(f"mesh axes {mesh.axis_names} do not carry the {role} role's "
+                             "batch axis (sharding.rules)")
+    return NamedSharding(mesh, spec)

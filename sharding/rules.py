@@ -8,7 +8,7 @@ array). Every table lists every logical axis, so it reads as the whole picture o
 =============  ==================  ==================  ==================  ==================
 logical        prefill             decode              decode_attention    decode_experts
 =============  ==================  ==================  ==================  ==================
-batch          dp                  dp                  (domain, dp)        -
+batch          dp                  dp                  (domain, dp)        ep
 kv_pages       dp                  dp                  (domain, dp)        -
 heads          tp                  tp                  -                   -
 kv_heads       tp                  tp                  -                   -
@@ -16,6 +16,9 @@ mlp            tp                  tp                  -                   -
 expert_slots   -                   -                   -                   ep
 anything else  -                   -                   -                   -
 =============  ==================  ==================  ==================  ==================
+
+A fifth table, ``transfer``, is for the union mesh of an attention domain and another slice
+that the MA hops run on (axis ``u``): ``batch`` -> ``u``, one block of rows per device.
 
 What that means for the engine: a prefill group (one ``dp`` row) splits attention heads and
 MLP / shared / routed expert widths over its ``tp`` devices and holds every expert, the
@@ -41,6 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sharding.logical import LOGICAL_AXES
 
 MeshAxes = str | tuple[str, ...] | None
+UNION_AXIS = "u"  # the mesh axis of an attention domain joined with another slice
 
 
 def _table(**split: MeshAxes) -> tuple[tuple[str, MeshAxes], ...]:
@@ -56,7 +60,8 @@ RULES: dict[str, tuple[tuple[str, MeshAxes], ...]] = {
     "prefill": _TP,
     "decode": _TP,
     "decode_attention": _table(batch=("domain", "dp"), kv_pages=("domain", "dp")),
-    "decode_experts": _table(expert_slots="ep"),
+    "decode_experts": _table(batch="ep", expert_slots="ep"),
+    "transfer": _table(batch=UNION_AXIS),
 }
 
 
@@ -97,6 +102,22 @@ def logical_to_spec(role: str, logical: tuple[str | None, ...], shape=None,
                 count = (units or {}).get(name, shape[i])
                 if count % math.prod(mesh_shape[a] for a in names):
                     names = ()
+        out.append(None if not names else names[0] if len(names) == 1 else names)
+    return PartitionSpec(*out)
+
+
+def program_spec(mesh, role: str, *logical: str | None) -> PartitionSpec:
+    """Spec of a program argument or result on ``mesh`` (a role's mesh or a slice of it):
+    the role's rules, keeping the mesh axes ``mesh`` has, size 1 included, so a
+    ``shard_map`` sees one block per device (``program_spec(mesh, role)`` is replicated).
+    Micro-batch rows, hop payloads and service inputs get their specs here."""
+    for name in logical:
+        if name is not None and name not in LOGICAL_AXES:
+            raise ShardingRuleError(f"unknown logical axis {name!r}; axes: {LOGICAL_AXES}")
+    have = set(mesh.axis_names)
+    out = []
+    for axes in logical_to_mesh_axes(logical, rules_for(role)):
+        names = tuple(a for a in _names(axes) if a in have)
         out.append(None if not names else names[0] if len(names) == 1 else names)
     return PartitionSpec(*out)
 

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from serving.core.runner import MIN_CONTEXT_TOKENS, RowBatch, build_rows
+from sharding.rules import program_spec
 from xds_jax.generate import bucket
 from xds_jax.model import stages
 from xds_jax.model.attention import new_layer_cache
@@ -33,8 +33,6 @@ from xds_jax.model.reference import last_token_logits
 
 log = logging.getLogger(__name__)
 
-RANK = P("dp")
-REPLICATED = P()
 
 
 def attention_params(params: dict) -> dict:
@@ -137,8 +135,11 @@ class Domain:
         self.devices = list(mesh.devices.flat)
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.rank_sharding = NamedSharding(mesh, RANK)
-        repl = NamedSharding(mesh, REPLICATED)
+        # micro-batch rows, KV pages and load counters: one block per rank; weights: whole
+        self._rank = program_spec(mesh, "decode_attention", "batch")
+        self._whole = program_spec(mesh, "decode_attention")
+        self.rank_sharding = NamedSharding(mesh, self._rank)
+        repl = NamedSharding(mesh, self._whole)
         self.params = jax.tree.map(lambda a: from_host(a, repl), attention_params(params))
         self.dtype = params["embed"].dtype
         a = len(self.devices)
@@ -169,14 +170,15 @@ class Domain:
                                      out_specs=out_specs), donate_argnums=donate)
 
     def embed(self, mb: MicroBatch) -> jax.Array:
-        return self._program("embed", _embed, (REPLICATED, RANK), RANK)(self.params,
-                                                                          mb.tokens_BS)
+        prog = self._program("embed", _embed, (self._whole, self._rank), self._rank)
+        return prog(self.params, mb.tokens_BS)
 
     def attention(self, layer: int, x_BSD: jax.Array, mb: MicroBatch) -> jax.Array:
         """Layer ``layer``'s attention for a micro-batch; its KV pages are donated and
         replaced."""
-        prog = self._program("attention", _attention, (REPLICATED, RANK, RANK, RANK, RANK),
-                             (RANK, RANK), donate=(3,), cfg=self.cfg)
+        rank = self._rank
+        prog = self._program("attention", _attention, (self._whole, rank, rank, rank, rank),
+                             (rank, rank), donate=(3,), cfg=self.cfg)
         p = self.params["layers"][layer]
         # Only the attention weights go in, so dense and MoE layers share one program.
         x_BSD, self.caches[layer] = prog({"input_norm": p["input_norm"], "attn": p["attn"]},
@@ -189,22 +191,23 @@ class Domain:
         """``(x_TD, h_TD, ids_TK, w_TK, load_AE[, shared_TD])``, rank-major on the domain
         mesh: ``load_AE`` (default ``zero_load``) plus each rank's tokens per logical expert
         (``[A, E]`` int32, stays on device); the shared-expert output only with ``shared``."""
-        prog = self._program("gate", _gate, (REPLICATED, RANK, RANK, RANK),
-                             (RANK,) * (5 + shared), cfg=self.cfg, shared=shared)
+        prog = self._program("gate", _gate, (self._whole, self._rank, self._rank, self._rank),
+                             (self._rank,) * (5 + shared), cfg=self.cfg, shared=shared)
         load_AE = self.zero_load if load_AE is None else load_AE
         return prog(self.params["layers"][layer], x_BSD, mb.positions_BS, load_AE)
 
     def combine(self, x_TD, routed_TD, shared_TD, mb: MicroBatch) -> jax.Array:
         shape = (mb.rows, mb.width, self.cfg.hidden_size)
-        prog = self._program("combine", _combine, (RANK,) * 3, RANK, shape=shape)
+        prog = self._program("combine", _combine, (self._rank,) * 3, self._rank, shape=shape)
         return prog(x_TD, routed_TD, shared_TD)
 
     def ffn(self, layer: int, x_BSD: jax.Array) -> jax.Array:
-        prog = self._program("ffn", _ffn, (REPLICATED, RANK), RANK, cfg=self.cfg)
+        prog = self._program("ffn", _ffn, (self._whole, self._rank), self._rank, cfg=self.cfg)
         return prog(self.params["layers"][layer], x_BSD)
 
     def head(self, x_BSD: jax.Array, mb: MicroBatch) -> jax.Array:
-        prog = self._program("head", _head, (REPLICATED, RANK, RANK), RANK, cfg=self.cfg)
+        prog = self._program("head", _head, (self._whole, self._rank, self._rank), self._rank,
+                             cfg=self.cfg)
         return prog(self.params, x_BSD, mb.last_B)
 
     # -- inputs -------------------------------------------------------------------------------

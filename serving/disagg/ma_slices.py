@@ -20,23 +20,26 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from collectives.transport import SliceService, Transport
 from serving.disagg.ma_runner import from_host
+from sharding.rules import program_spec
 from xds_jax.model import stages
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.layers import swiglu
 
 
 def _replicated(tree, mesh: Mesh):
-    repl = NamedSharding(mesh, P())
+    repl = NamedSharding(mesh, program_spec(mesh, "decode_experts"))
     return jax.tree.map(lambda w: from_host(w, repl), tree)
 
 
 def _program(mesh: Mesh, fn):
-    axis = mesh.axis_names[0]
-    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(axis)), out_specs=P(axis)))
+    """``fn(weights, rows)`` per device of the other slice: weights whole, rows one block
+    per device (the ``batch`` rule of the expert role)."""
+    rows = program_spec(mesh, "decode_experts", "batch")
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(program_spec(mesh, "decode_experts"),
+                                                          rows), out_specs=rows))
 
 
 class FfnSlice(SliceService):

@@ -147,3 +147,22 @@ def test_runner_places_weights_by_the_rules(cfg, tp, want):
     axes = set(specs(jax.tree.map(lambda a: a.sharding, runner.caches)).values())
     assert axes == set(specs(kv_page_shardings(runner.caches, cfg, runner.params["embed"]
                                                .sharding.mesh, "prefill")).values())
+
+
+def test_program_specs_of_the_ma_arrays_come_from_the_rules():
+    """Micro-batch rows, service inputs and hop payloads: one block per device of the
+    program's mesh, by each role's ``batch`` rule; weights whole."""
+    from jax.sharding import AbstractMesh
+    from jax.sharding import PartitionSpec as P
+
+    from sharding.rules import UNION_AXIS, program_spec
+
+    domain = AbstractMesh((3,), ("dp",))
+    experts = AbstractMesh((4,), ("ep",))
+    union = AbstractMesh((7,), (UNION_AXIS,))
+    assert program_spec(domain, "decode_attention", "batch") == P("dp")
+    assert program_spec(AbstractMesh((1,), ("dp",)), "decode_attention", "batch") == P("dp")
+    assert program_spec(experts, "decode_experts", "batch") == P("ep")
+    assert program_spec(union, "transfer", "batch") == P(UNION_AXIS)
+    assert program_spec(domain, "decode_attention") == P()
+    assert program_spec(experts, "decode_experts", "batch", "embed") == P("ep", None)

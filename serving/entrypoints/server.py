@@ -125,8 +125,10 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
             raise ApiError(400, "suffix is not supported", "suffix", "unsupported")
         served.precheck(req.n)
         prompts = await served.off_loop(completion_prompts, req.prompt, engine.tokenizer)
-        jobs = [(p, sampling_params(req, served.fit(p[1], req.max_tokens, "prompt"),
-                                    req.logprobs)) for p in prompts]
+        # echo with logprobs scores the prompt too (vLLM); max_tokens 0 generates nothing
+        scored = req.logprobs if req.echo else None
+        jobs = [(p, sampling_params(req, served.fit(p[1], req.max_tokens, "prompt", least=0),
+                                    req.logprobs, scored)) for p in prompts]
         return await respond(served, raw, req, model, jobs, "completion")
 
     @app.post("/v1/chat/completions")

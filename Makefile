@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest --durations=10
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench eval clean
 
 $(BIN)/python:
 	$(shell command -v $(PY) || echo python3) -m venv $(VENV)
@@ -33,6 +33,14 @@ lint: install
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all
+
+# lm-evaluation-harness against a local `xds serve` on the shipped offline tasks (docs/evaluation.md).
+# lm-eval is installed here only, never by `make test`.
+LM_EVAL := lm-eval[api]==0.4.13
+EVAL_ARGS ?= --model smollm2
+eval: install
+	$(BIN)/pip install -q '$(LM_EVAL)'
+	$(BIN)/python -m evals.run $(EVAL_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -81,6 +81,7 @@ class LLM:
             engine = _join_processes(engine, config, self.make_sequences)
         self.engine = engine
         self._request_ids = itertools.count()
+        self._scoring = None
 
     @property
     def is_leader(self) -> bool:
@@ -166,16 +167,26 @@ class LLM:
             self.check_prompt(ids, params)
             requests.append((text, ids, self.make_sequences(ids, params)))
         arrival = time.monotonic()
-        self.engine.run([s for _, _, seqs in requests for s in seqs])
+        self.engine.run([s for _, _, seqs in requests for s in seqs if not s.finished])
         done = time.monotonic()
         return [
             RequestOutput(
                 request_id=str(next(self._request_ids)), prompt=text, prompt_token_ids=ids,
                 outputs=[s.output() for s in seqs], finished=True,
                 metrics=RequestMetrics(arrival_time=arrival, finished_time=done),
+                prompt_logprobs=self._prompt_logprobs(ids, params),
             )
-            for text, ids, seqs in requests
+            for (text, ids, seqs), params in zip(requests, params_list, strict=True)
         ]
+
+    def _prompt_logprobs(self, ids: list[int], params: SamplingParams):
+        if params.prompt_logprobs is None:
+            return None
+        if self._scoring is None:  # the serving engine's scorers, on the groups' devices
+            from serving.core.prompt_scoring import PromptScoring
+
+            self._scoring = PromptScoring(self.engine, self.params, self.cfg, self.tokenizer)
+        return self._scoring.score(ids, params.prompt_logprobs)
 
     def chat(self, messages: list, sampling_params: SamplingParams | Seq | None = None,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,

@@ -44,7 +44,8 @@ class RequestMetrics:
 
 @dataclasses.dataclass
 class RequestOutput:
-    """Everything returned for one prompt."""
+    """Everything returned for one prompt. ``prompt_logprobs`` (when asked for) has one entry
+    per prompt token: None for the first, then the token's and the top alternatives' entries."""
 
     request_id: str
     prompt: str | None
@@ -53,3 +54,4 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the engine failed this request (finish reason abort)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -45,6 +45,8 @@ class Sequence:
             room = max_model_len - len(self.prompt_ids)
             limit = room if limit is None else min(limit, room)
         self.max_tokens = limit
+        if limit == 0:  # nothing to generate: the request only scores its prompt
+            self.finish_reason = "length"
 
     # -- what the sampler needs -------------------------------------------------------------
     @property

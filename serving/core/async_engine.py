@@ -1,7 +1,10 @@
 """The engine for asyncio callers (the HTTP server): streaming generation, aborts, admission.
 
 Each DP group runs in its own thread; outputs travel from the group straight to the request's
-asyncio queue (``loop.call_soon_threadsafe``), never through a central loop.
+asyncio queue (``loop.call_soon_threadsafe``), never through a central loop. Prompt
+log-probabilities (``SamplingParams.prompt_logprobs``) are computed apart from the groups'
+steps (``serving.core.prompt_scoring``), on a worker thread, before the request is submitted;
+``max_tokens=0`` requests are only scored.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import itertools
 from collections.abc import AsyncIterator
 
 from serving.core.admission import Admission
+from serving.core.prompt_scoring import PromptScoring
 from serving.core.request import Request
 from xds_jax.engine_config import EngineConfig
 from xds_jax.errors import ConfigError
@@ -60,6 +64,14 @@ class AsyncEngine:
         self.max_model_len = llm.max_model_len
         self.cfg = llm.cfg
         self._ids = itertools.count()
+        self._scoring: PromptScoring | None = None
+
+    @property
+    def scoring(self) -> PromptScoring:
+        """The prompt scorers (built on first use: most servers never score a prompt)."""
+        if self._scoring is None:
+            self._scoring = PromptScoring(self.engine, self.llm.params, self.cfg, self.tokenizer)
+        return self._scoring
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> AsyncEngine:
@@ -99,12 +111,20 @@ class AsyncEngine:
             self.llm.make_sequences(prompt_ids, params),
             on_output=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
         )
+        scored = None
+        if params.prompt_logprobs is not None:
+            scored = await loop.run_in_executor(None, self.scoring.score, list(prompt_ids),
+                                                params.prompt_logprobs)
+        if request.finished:  # max_tokens=0: the prompt only
+            yield dataclasses.replace(request.snapshot(), prompt_logprobs=scored)
+            return
         try:
             self.engine.submit(request)
             while True:
                 out = await outputs.get()
                 if out.error is not None:
                     raise RequestFailedError(f"request {request_id} failed: {out.error}")
+                out.prompt_logprobs = scored
                 yield out
                 if out.finished:
                     return

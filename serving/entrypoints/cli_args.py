@@ -170,6 +170,15 @@ def add_admission_options(parser: argparse.ArgumentParser) -> None:
                        "(default: %(default)s, 16 MiB)")
 
 
+def add_openai_frontend_options(parser: argparse.ArgumentParser) -> None:
+    """vLLM's OpenAI-frontend options (``--served-model-name`` is in the server group)."""
+    group = parser.add_argument_group("OpenAI frontend (as vllm serve)")
+    group.add_argument("--chat-template", metavar="FILE",
+                       help="Jinja chat template replacing the model's (a file, or the "
+                       "template text itself) for chat completions, /tokenize and "
+                       "/tokenizer_info")
+
+
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("--max-tokens", type=positive_int, default=max_tokens, metavar="N",
@@ -212,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="abort requests running longer than this (HTTP 504); "
                        "default: no limit")
     add_admission_options(serve)
+    add_openai_frontend_options(serve)
 
     generate = commands.add_parser(
         "generate", parents=[common], help="complete prompts and print the text",

@@ -266,6 +266,35 @@ def completion_logprobs(c: CompletionOutput, start: int, offset: int,
     return result
 
 
+def prompt_logprobs(out: RequestOutput, tokenizer: Any) -> CompletionLogprobs | None:
+    """The legacy ``logprobs`` object of an echoed prompt (vLLM's shape: the first token's
+    ``token_logprobs`` and ``top_logprobs`` are null), or None when it was not scored."""
+    if out.prompt_logprobs is None:
+        return None
+    result, offset = CompletionLogprobs(), 0
+    for token_id, entries in zip(out.prompt_token_ids, out.prompt_logprobs, strict=True):
+        text = token_text(tokenizer, (entries or {}).get(token_id), token_id)
+        result.tokens.append(text)
+        result.token_logprobs.append(None if entries is None else entries[token_id].logprob)
+        result.top_logprobs.append(None if entries is None else {
+            token_text(tokenizer, lp, t): lp.logprob for t, lp in entries.items()})
+        result.text_offset.append(offset)
+        offset += len(text)
+    return result
+
+
+def echoed_logprobs(out: RequestOutput, c: CompletionOutput, echo: str,
+                    tokenizer: Any) -> CompletionLogprobs | None:
+    """A choice's ``logprobs``: the scored prompt's (echo), then its generated tokens'."""
+    generated = completion_logprobs(c, 0, len(echo), tokenizer)
+    prompt = prompt_logprobs(out, tokenizer) if echo else None
+    if prompt is None or generated is None:
+        return generated
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        getattr(prompt, field).extend(getattr(generated, field))
+    return prompt
+
+
 def chat_logprobs(c: CompletionOutput, start: int, top: int,
                   tokenizer: Any) -> ChatLogprobs | None:
     """The chat ``logprobs`` object of tokens ``start:`` of ``c``, ``top`` alternatives each."""
@@ -291,7 +320,7 @@ def completion_response(request_id: str, model: str, n: int, echoes: list[str],
     """One choice per prompt and sample, indexed ``prompt * n + sample``."""
     choices = [
         CompletionChoice(index=i * n + c.index, text=echoes[i] + c.text,
-                         logprobs=completion_logprobs(c, 0, len(echoes[i]), tokenizer),
+                         logprobs=echoed_logprobs(out, c, echoes[i], tokenizer),
                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)
         for i, out in enumerate(finals) for c in out.outputs
     ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -41,20 +42,38 @@ from serving.entrypoints.server_requests import (
 from serving.entrypoints.server_responses import respond
 from serving.entrypoints.server_state import Served
 from serving.entrypoints.tokenizer_routes import add_tokenizer_routes
-from xds_jax.errors import XdsError
+from xds_jax.errors import ConfigError, XdsError
 from xds_jax.text.tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
 
 
+def load_chat_template(value: str) -> str:
+    """``--chat-template``: a Jinja file's text, or the template itself when ``value`` is no
+    file but looks like Jinja (as ``vllm serve`` takes it)."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{" in value:
+        return value
+    raise ConfigError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+
+
 def build_app(engine: Any, served_model_names: list[str] | None = None,
               request_timeout_s: float | None = None, *, api_key: str | None = None,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              chat_template: str | None = None) -> FastAPI:
     """The FastAPI app serving ``engine``, which the caller starts and shuts down.
 
     ``api_key``: required as ``Authorization: Bearer <key>`` on every route but ``/health``
-    and ``/metrics``; ``max_request_bytes``: larger bodies are answered 413.
+    and ``/metrics``; ``max_request_bytes``: larger bodies are answered 413;
+    ``chat_template``: Jinja source replacing the model's template (the tokenizer renders
+    chats, ``/tokenize`` messages and ``/tokenizer_info`` with it).
     """
+    if chat_template is not None:
+        if engine.tokenizer is None:
+            raise ConfigError("--chat-template needs a model with a tokenizer")
+        engine.tokenizer.chat_template = chat_template
     served = Served(engine, served_model_names or [engine.model_name], request_timeout_s)
 
     @contextlib.asynccontextmanager
@@ -125,8 +144,10 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
             raise ApiError(400, "suffix is not supported", "suffix", "unsupported")
         served.precheck(req.n)
         prompts = await served.off_loop(completion_prompts, req.prompt, engine.tokenizer)
-        jobs = [(p, sampling_params(req, served.fit(p[1], req.max_tokens, "prompt"),
-                                    req.logprobs)) for p in prompts]
+        # echo with logprobs scores the prompt too (vLLM); max_tokens 0 generates nothing
+        scored = req.logprobs if req.echo else None
+        jobs = [(p, sampling_params(req, served.fit(p[1], req.max_tokens, "prompt", least=0),
+                                    req.logprobs, scored)) for p in prompts]
         return await respond(served, raw, req, model, jobs, "completion")
 
     @app.post("/v1/chat/completions")
@@ -149,7 +170,7 @@ def run_server(args: Any, engine: Any = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain (``serving.entrypoints.shutdown``). ``args``: the
     ``xds serve`` options (``host``, ``port``, ``served_model_name``, ``request_timeout``,
     ``api_key`` (else ``$XDS_API_KEY``), ``max_request_bytes``, ``shutdown_timeout``,
-    ``log_level``, and the engine's when ``engine`` is None)."""
+    ``chat_template``, ``log_level``, and the engine's when ``engine`` is None)."""
     import uvicorn
 
     from serving.entrypoints.shutdown import DrainingServer
@@ -160,8 +181,10 @@ def run_server(args: Any, engine: Any = None) -> None:
         engine = load_engine(args)
     names = args.served_model_name or [engine.model_name]
     api_key = args.api_key or os.environ.get("XDS_API_KEY") or None
+    template = getattr(args, "chat_template", None)
     app = build_app(engine, names, args.request_timeout, api_key=api_key,
-                    max_request_bytes=args.max_request_bytes)
+                    max_request_bytes=args.max_request_bytes,
+                    chat_template=load_chat_template(template) if template else None)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     log.info("serving %s at http://%s:%d/v1%s", names[0], args.host, args.port,

@@ -61,8 +61,8 @@ def engine_error(error: Exception) -> ApiError:
     return ApiError(500, f"internal error: {type(error).__name__}: {error}")
 
 
-def sampling_params(req: api.SamplingFields, max_tokens: int,
-                    logprobs: int | None) -> SamplingParams:
+def sampling_params(req: api.SamplingFields, max_tokens: int, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     if getattr(req, "best_of", None) not in (None, req.n):
         raise ApiError(400, "best_of other than n is not supported", "best_of", "unsupported")
     if req.logit_bias:
@@ -82,7 +82,7 @@ def sampling_params(req: api.SamplingFields, max_tokens: int,
             **optional, n=req.n, seed=req.seed, max_tokens=max_tokens,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             min_tokens=req.min_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
-            ignore_eos=req.ignore_eos, logprobs=logprobs,
+            ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens)
     except SamplingParamsError as error:

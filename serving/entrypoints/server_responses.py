@@ -102,11 +102,12 @@ async def stream_events(served: Served, req: Any, model: str, request_id: str,
                 index=j, delta=api.DeltaMessage(role="assistant", content=""))]).model_dump()
     else:
         head = dict(id=request_id, created=created, model=model)
-        for i, echo in enumerate(echoes):
-            for j in range(n if echo else 0):
-                yield api.CompletionStreamResponse(**head, choices=[api.CompletionChoice(
-                    index=i * n + j, text=echo)]).model_dump()
     async for i, out in merged(streams):
+        if finals[i] is None and echoes[i]:  # the echo first, with its scored prompt
+            logprobs = api.prompt_logprobs(out, tok)
+            for j in range(n):
+                yield api.CompletionStreamResponse(**head, choices=[api.CompletionChoice(
+                    index=i * n + j, text=echoes[i], logprobs=logprobs)]).model_dump()
         finals[i] = out
         for c in out.outputs:
             cursor = cursors[i][c.index]

@@ -143,17 +143,20 @@ class Served:
 
     # -- requests ---------------------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
+        """The served name a request asked for (the first when it named none), as vLLM
+        answers with it."""
         if model is not None and model not in self.names:
             raise ApiError(404, f"The model `{model}` does not exist; this server serves "
                            f"{', '.join(self.names)}", "model", "model_not_found")
-        return self.names[0]
+        return model or self.names[0]
 
-    def fit(self, ids: list[int], max_tokens: int | None, where: str) -> int:
-        """``max_tokens`` checked against the context (None: all the room that is left)."""
+    def fit(self, ids: list[int], max_tokens: int | None, where: str, least: int = 1) -> int:
+        """``max_tokens`` checked against the context (None: all the room that is left) and
+        against ``least`` (0 for completions: score or echo the prompt only)."""
         limit = self.engine.max_model_len
-        if max_tokens is not None and max_tokens < 1:
-            raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens",
-                           "invalid_value")
+        if max_tokens is not None and max_tokens < least:
+            raise ApiError(400, f"max_tokens must be at least {least}, got {max_tokens}",
+                           "max_tokens", "invalid_value")
         wanted = max_tokens if max_tokens is not None else max(limit - len(ids), 1)
         if len(ids) + wanted > limit or len(ids) >= limit:
             raise ApiError(

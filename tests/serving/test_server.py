@@ -32,7 +32,7 @@ def test_models_and_health(fake):
 
 def test_completion(fake):
     out = client(fake).completions.create(model="alias", prompt="Hi", max_tokens=6)
-    assert out.object == "text_completion" and out.model == "fake"
+    assert out.object == "text_completion" and out.model == "alias"  # as asked, like vLLM
     assert out.choices[0].text == REPLY[:6] and out.choices[0].finish_reason == "length"
     assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (
         3, 6, 9)

@@ -107,7 +107,8 @@ def test_logprobs_are_raw_log_softmax_with_ranks():
 
 @pytest.mark.parametrize("kwargs, field", [
     ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -5}, "top_k"),
-    ({"max_tokens": 0}, "max_tokens"), ({"logprobs": 100}, "logprobs"), ({"n": 0}, "n"),
+    ({"max_tokens": -1}, "max_tokens"), ({"logprobs": 100}, "logprobs"), ({"n": 0}, "n"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"stop": [""]}, "stop"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
 ])

@@ -29,7 +29,9 @@ class SamplingParams:
 
     ``temperature=0`` is greedy. ``top_k`` of 0 or -1 and ``top_p=1`` disable those filters.
     ``seed`` makes a request reproducible whatever else is in its batch. ``logprobs=n`` returns
-    the ``n`` most likely tokens (raw model log-probabilities) plus the sampled one per step.
+    the ``n`` most likely tokens (raw model log-probabilities) plus the sampled one per step;
+    ``prompt_logprobs=n`` does the same for every prompt token after the first (vLLM's field).
+    ``max_tokens=0`` generates nothing: the request only scores its prompt.
     """
 
     n: int = 1
@@ -48,6 +50,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -85,15 +88,16 @@ class SamplingParams:
             raise bad("frequency_penalty", "must be in [-2, 2]")
         if not -2 <= self.presence_penalty <= 2:
             raise bad("presence_penalty", "must be in [-2, 2]")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise bad("max_tokens", "must be a positive integer")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 0):
+            raise bad("max_tokens", "must be a non-negative integer (0: score the prompt only)")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise bad("min_tokens", "must be a non-negative integer")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"must not exceed max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and (not _is_int(self.logprobs)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise bad("logprobs", f"must be in 0..{MAX_LOGPROBS}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise bad(name, f"must be in 0..{MAX_LOGPROBS}")
         if self.seed is not None and not _is_int(self.seed):
             raise bad("seed", "must be an integer")
         if not all(isinstance(s, str) and s for s in self.stop):

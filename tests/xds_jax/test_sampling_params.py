@@ -32,7 +32,7 @@ def test_sample_seeds_are_consecutive_then_mapped():
     ("n", 0), ("n", MAX_N + 1), ("n", True), ("temperature", math.inf),
     ("temperature", math.nan), ("top_p", math.nan), ("min_p", -math.inf),
     ("repetition_penalty", math.inf), ("frequency_penalty", math.nan), ("seed", 1.5),
-    ("seed", True), ("top_k", -2), ("top_k", 1.0), ("logprobs", 2.5), ("max_tokens", 0),
+    ("seed", True), ("top_k", -2), ("top_k", 1.0), ("logprobs", 2.5), ("max_tokens", -1),
     ("stop_token_ids", [-1]),
 ])
 def test_unrepresentable_values_name_the_field(field, value):

@@ -43,6 +43,12 @@ class EngineConfig:
       micro_batches: micro-batches per attention domain and step in MA deployments.
       trace: record a timeline of the disaggregated stages and KV transfers.
       use_param_cache: cache converted parameters on disk (Orbax).
+      faults: fault specs to inject (``"group_crash:group=1:after_steps=3"``, ...; parsed
+        and checked against the layout by ``serving.core.faults``; ``docs/reliability.md``).
+      heartbeat_timeout_s: a group of a started (threaded) engine that has not beaten for
+        this long is taken out of service and its work moved; None: not watched.
+      kv_transfer_retries: PD KV pulls retried after a failure before the sequence is
+        prefilled again.
     """
 
     model: str = "smollm2"
@@ -60,6 +66,9 @@ class EngineConfig:
     micro_batches: int = 2
     trace: bool = False
     use_param_cache: bool = True
+    faults: tuple = ()
+    heartbeat_timeout_s: float | None = 60.0
+    kv_transfer_retries: int = 1
 
     def __post_init__(self) -> None:
         for name in ("num_dp_groups", "max_num_seqs", "max_num_batched_tokens", "block_size",
@@ -69,6 +78,19 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
+        faults = (self.faults,) if isinstance(self.faults, str) else tuple(self.faults or ())
+        if not all(isinstance(f, str) or dataclasses.is_dataclass(f) for f in faults):
+            raise ConfigError(f"faults must be fault specs (strings like "
+                              f"'group_crash:group=1:after_steps=3'), got {self.faults!r}")
+        object.__setattr__(self, "faults", faults)
+        timeout = self.heartbeat_timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, int | float) or not 0 < timeout < float("inf")):
+            raise ConfigError(f"heartbeat_timeout_s must be a positive number of seconds or "
+                              f"None, got {timeout!r}")
+        retries = self.kv_transfer_retries
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ConfigError(f"kv_transfer_retries must be an integer >= 0, got {retries!r}")
 
     def replace(self, **changes) -> EngineConfig:
         """A copy with ``changes`` (validated again)."""

@@ -40,6 +40,8 @@ class LLM:
         ``max_model_len``, ``deployment``, ``max_num_seqs``, ``kv_cache_bytes``, ``staged``,
         ``trace``, ...; see ``xds_jax.engine_config``). With ``trace``, ``llm.engine.timeline``
         records a per-step timeline (``summary()``, ``save(path)`` as a Chrome trace).
+        ``faults=["group_crash:group=1:after_steps=3", ...]`` injects faults
+        (``docs/reliability.md``); ``llm.engine.stats()`` counts them and the recoveries.
     """
 
     def __init__(self, model: str = DEFAULTS.model, engine: Any = "flowserve", *,
@@ -50,6 +52,13 @@ class LLM:
             config = config or EngineConfig(model=model, **options)
         except TypeError as e:  # an unknown keyword: name it
             raise ConfigError(f"LLM: {e}; the options are EngineConfig's fields") from None
+        if config.faults:  # their text, checked before the model loads (the layout: later)
+            if engine != "flowserve":
+                raise ConfigError("faults are injected into the flowserve engine only, got "
+                                  f"engine={engine!r}")
+            from serving.core.faults import parse_faults
+
+            config = config.replace(faults=parse_faults(config.faults))
         enable_compilation_cache()
         self.config = config = _read_deployment(config)
         _size_cpu_devices(config)

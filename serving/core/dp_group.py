@@ -3,7 +3,15 @@
 Groups share nothing. Each owns its device, its block pool and its queues, is stepped by the
 engine (a thread per driver in the server, inline in ``LLM``; a colocated group is its own
 ``Driver``) and hands outputs straight to each request's ``on_output`` callback. The control
-plane only puts typed messages (``serving.core.interfaces``) into a group's inbox.
+plane only puts typed messages (``serving.core.interfaces``, and ``Resume`` here) into a
+group's inbox.
+
+A group the engine takes out of service (its loop died or stopped beating) is **fenced**:
+``deliver`` refuses it messages, ``evacuate`` hands its requests back as ``Resume`` messages
+(their sequences continue elsewhere, recomputed from their tokens) and resets its pool, and a
+step that was under way when it was fenced is dropped before it appends a token, so nothing
+is emitted twice. The fence is checked under the group's state lock, which a step holds
+except while it waits for its device (``FaultInjector.stall``, where a stall is injected).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import Any
 
 import jax
 
+from serving.core.faults import NO_FAULTS, GroupCrashed
 from serving.core.interfaces import AbortRequest, AddRequest, EngineMisuseError
 from serving.core.kv_cache import BlockManager
 from serving.core.request import Request
@@ -25,6 +34,7 @@ from serving.core.runner import ModelRunner
 from serving.core.scheduler import Scheduler, SchedulerError, SchedulerOutput
 from xds_jax.engine_config import DEFAULTS
 from xds_jax.model.config import ModelConfig
+from xds_jax.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +50,20 @@ class GroupConfig:
     max_num_batched_tokens: int = DEFAULTS.max_num_batched_tokens
     enable_prefix_caching: bool = DEFAULTS.enable_prefix_caching
     staged: bool = DEFAULTS.staged  # separately jitted stage programs, or one fused program
+
+
+class GroupFencedError(RuntimeError):
+    """The group was taken out of service; send the message to another group."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """Inbox message: continue ``seqs`` of a started request here, recomputed from their
+    tokens (prompt and output so far, as after a preemption); the caller's cumulative output
+    goes on from where it was."""
+
+    request: Request
+    seqs: list[Sequence]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +104,12 @@ class DPGroup:
         self.runner = runner or ModelRunner(params, cfg, config.num_blocks, config.block_size,
                                             device, staged=config.staged)
         self.inbox: queue.Queue = queue.Queue()
+        self.faults = NO_FAULTS  # the engine's FaultInjector, consulted at fixed points of a step
         self.requests: dict[str, Request] = {}
         self._owners: dict[int, Request] = {}  # seq_id -> request
         self.healthy = True
+        self.fenced = False  # out of service: refuses messages, drops a late step
+        self.drained = False  # fenced and its work handed back (``evacuate``)
         self.steps = 0
         self.prompt_tokens = 0  # prompt tokens received
         self.prefill_tokens = 0  # prompt tokens actually computed (prefix-cache hits excluded)
@@ -93,25 +120,35 @@ class DPGroup:
         self.requests_failed = 0  # requests ended alone with an error, the group serving on
         self._suspects: list[str] = []  # requests of a failed step, each to run alone once
         self._wake = threading.Event()
+        self._gate = threading.Lock()  # the fence against inbox puts
+        self._state = threading.RLock()  # scheduler, requests: held by a step but for a stall
         # What each inbox message type does here; a subclass adds its own types.
         self._handlers: dict[type, Callable[[Any], None]] = {
             AddRequest: lambda m: self._admit(m.request),
             AbortRequest: lambda m: self._abort(m.request_id),
+            Resume: self._resume,
         }
 
     # -- control plane side (any thread) ------------------------------------------------------
     def deliver(self, message: Any) -> None:
-        """Queue a typed message for the group's next step (any thread)."""
+        """Queue a typed message for the group's next step (any thread); raises
+        ``GroupFencedError`` once the group is out of service."""
         if type(message) not in self._handlers:
             raise TypeError(f"DP group {self.index} takes no {type(message).__name__} message")
-        self.inbox.put(message)
+        with self._gate:
+            if self.fenced:
+                raise GroupFencedError(f"{self.role} group {self.index} is out of service")
+            self.inbox.put(message)
         self._wake.set()
 
     def submit(self, request: Request) -> None:
         self.deliver(AddRequest(request))
 
     def abort(self, request_id: str) -> None:
-        self.deliver(AbortRequest(request_id))
+        try:
+            self.deliver(AbortRequest(request_id))
+        except GroupFencedError:  # its requests moved; the engine aborts them where they went
+            pass
 
     def wait_for_work(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds until a message arrives; True if one did."""
@@ -161,37 +198,80 @@ class DPGroup:
             log.error("DP group %d refused request %s: %s", self.index, request.request_id, e)
             self._end_aborted(request)
 
+    def _resume(self, message: Resume) -> None:
+        """Take over sequences of a started request from a group taken out of service; they
+        are prefilled again over their tokens (a sequence too big for this pool fails the
+        request alone)."""
+        request = message.request
+        seqs = [s for s in message.seqs if not s.finished]
+        if not seqs:
+            return
+        self.requests[request.request_id] = request
+        for seq in seqs:
+            self._owners[seq.seq_id] = request
+        try:
+            for seq in seqs:
+                self.scheduler.add(seq)
+        except SchedulerError as e:
+            self.fail_request(request, e)
+
     def has_work(self) -> bool:
         return bool(self.requests) or not self.inbox.empty()
 
     def step(self) -> bool:
         """Run one scheduled step; False when there was nothing to do. A step that raises is
-        rolled back (``step_failed``) and the group goes on serving."""
-        out = self.plan()
-        if out is None:
-            return False
-        start = time.perf_counter()
-        try:
-            self.runner.finish(self.runner.launch(out.scheduled))
-        except EngineMisuseError:  # a wiring bug, not a request's fault: no request is blamed
-            self.scheduler.roll_back(out)
-            raise
-        except Exception as error:  # one request's bad input must not stop the group
-            self.step_failed(out, error)
-            return True
-        if self.timeline is not None:
-            self.timeline.span(self.role, "step", start, time.perf_counter(),
-                               stream=f"{self.role}{self.index}",
-                               tokens=out.num_batched_tokens)
-        self.complete(out)
+        rolled back (``step_failed``) and the group goes on serving; an injected crash (or a
+        wiring bug) is rolled back and raised: the group's loop dies. The state lock is let go
+        while the step waits on its device (where a stall is injected); a group fenced in the
+        meantime drops the step before any token is appended."""
+        with self._state:
+            out = self.plan()
+            if out is None:
+                return False
+            start = time.perf_counter()
+            try:
+                self.faults.before_launch(self)
+                handle = self.runner.launch(out.scheduled)
+            except (EngineMisuseError, GroupCrashed):  # no request is to blame
+                self._undo(out)
+                raise
+            except Exception as error:  # one request's bad input must not stop the group
+                self.step_failed(out, error)
+                return True
+        self.faults.stall(self)
+        with self._state:
+            if self.fenced:  # taken out of service meanwhile: its requests went elsewhere
+                if not self.drained:
+                    self._undo(out)
+                return True
+            try:
+                self.runner.finish(handle)
+            except EngineMisuseError:
+                self._undo(out)
+                raise
+            except Exception as error:
+                self.step_failed(out, error)
+                return True
+            if self.timeline is not None:
+                self.timeline.span(self.role, "step", start, time.perf_counter(),
+                                   stream=f"{self.role}{self.index}",
+                                   tokens=out.num_batched_tokens)
+            self.complete(out)
         return True
+
+    def _undo(self, out: SchedulerOutput) -> None:
+        """Roll back a step no request is blamed for (its sequences recompute their tokens)."""
+        self.scheduler.roll_back(out)
+        self.rollbacks += 1
 
     def plan(self) -> SchedulerOutput | None:
         """First half of a step: take new work and schedule; None when there is nothing to
-        run. Whoever runs the step (``step``, or an MA domain for all its ranks at once)
-        calls ``complete`` after the tokens are sampled."""
-        self._drain_inbox()
+        run (or the group is fenced). Whoever runs the step (``step``, or an MA domain for
+        all its ranks at once) calls ``complete`` after the tokens are sampled."""
         self.last_heartbeat = time.monotonic()
+        if self.fenced:
+            return None
+        self._drain_inbox()
         self._before_schedule()
         if not self.requests:
             return None
@@ -295,6 +375,59 @@ class DPGroup:
         for request in list(self.requests.values()):
             request.abort()
             self._emit(self._forget(request))
+
+    # -- out of service (any thread) ----------------------------------------------------------
+    def fence(self) -> bool:
+        """Take the group out of service: unhealthy, refusing messages. False if it already
+        was."""
+        with self._gate:
+            if self.fenced:
+                return False
+            self.fenced, self.healthy = True, False
+        self._wake.set()  # an idle loop notices at once
+        return True
+
+    def evacuate(self, timeout: float = -1) -> list[Resume] | None:
+        """Fence the group and hand back its work: a ``Resume`` per request, holding its
+        unfinished sequences here (queued messages are applied first, so aborts hold). The
+        scheduler and pool are reset; the sequences themselves are not touched. Waits up to
+        ``timeout`` seconds (-1: no limit) for a step under way to let go of the state; None
+        if it did not (try again later)."""
+        self.fence()
+        if not self._state.acquire(timeout=timeout):
+            return None
+        try:
+            if self.drained:
+                return []
+            self._drain_inbox()  # nothing more arrives: the fence is up
+            moves = self._take_work()
+            self._reset()
+            self.drained = True
+            return moves
+        finally:
+            self._state.release()
+
+    def _take_work(self) -> list[Resume]:
+        moves = []
+        for request in self.requests.values():
+            seqs = [s for s in request.seqs if s.seq_id in self._owners and not s.finished]
+            if seqs:
+                moves.append(Resume(request, seqs))
+        return moves
+
+    def _reset(self) -> None:
+        """Forget every request and free every block, leaving the sequences as they are."""
+        self.scheduler.clear()
+        self.requests.clear()
+        self._owners.clear()
+        self._suspects.clear()
+
+    def rejoin(self) -> None:
+        """Back in service after an evacuation (its loop beats again), with an empty pool."""
+        with self._state, self._gate:
+            if self.drained:
+                self.fenced = self.drained = False
+                self.healthy = True
 
     # -- as a driver of itself ----------------------------------------------------------------
     @property

@@ -6,12 +6,9 @@ engine (a thread per driver in the server, inline in ``LLM``; a colocated group 
 plane only puts typed messages (``serving.core.interfaces``, and ``Resume`` here) into a
 group's inbox.
 
-A group the engine takes out of service (its loop died or stopped beating) is **fenced**:
-``deliver`` refuses it messages, ``evacuate`` hands its requests back as ``Resume`` messages
-(their sequences continue elsewhere, recomputed from their tokens) and resets its pool, and a
-step that was under way when it was fenced is dropped before it appends a token, so nothing
-is emitted twice. The fence is checked under the group's state lock, which a step holds
-except while it waits for its device (``FaultInjector.stall``, where a stall is injected).
+A group the engine takes out of service is fenced (``serving.core.fencing``): a step under
+way when that happens is dropped before it appends a token. The step holds the group's state
+lock except while it waits on its device (``FaultInjector.stall``, where stalls are injected).
 """
 
 from __future__ import annotations
@@ -27,6 +24,7 @@ from typing import Any
 import jax
 
 from serving.core.faults import NO_FAULTS, GroupCrashed
+from serving.core.fencing import Fencing, GroupFencedError, Resume
 from serving.core.interfaces import AbortRequest, AddRequest, EngineMisuseError
 from serving.core.kv_cache import BlockManager
 from serving.core.request import Request
@@ -34,7 +32,6 @@ from serving.core.runner import ModelRunner
 from serving.core.scheduler import Scheduler, SchedulerError, SchedulerOutput
 from xds_jax.engine_config import DEFAULTS
 from xds_jax.model.config import ModelConfig
-from xds_jax.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +47,6 @@ class GroupConfig:
     max_num_batched_tokens: int = DEFAULTS.max_num_batched_tokens
     enable_prefix_caching: bool = DEFAULTS.enable_prefix_caching
     staged: bool = DEFAULTS.staged  # separately jitted stage programs, or one fused program
-
-
-class GroupFencedError(RuntimeError):
-    """The group was taken out of service; send the message to another group."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Resume:
-    """Inbox message: continue ``seqs`` of a started request here, recomputed from their
-    tokens (prompt and output so far, as after a preemption); the caller's cumulative output
-    goes on from where it was."""
-
-    request: Request
-    seqs: list[Sequence]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +65,7 @@ class GroupLoad:
         return self.num_running + self.num_waiting >= self.max_num_seqs
 
 
-class DPGroup:
+class DPGroup(Fencing):
     """Scheduler + KV blocks + runner for one slice of devices; a ``Group`` and, colocated,
     the ``Driver`` of itself."""
 
@@ -108,8 +91,6 @@ class DPGroup:
         self.requests: dict[str, Request] = {}
         self._owners: dict[int, Request] = {}  # seq_id -> request
         self.healthy = True
-        self.fenced = False  # out of service: refuses messages, drops a late step
-        self.drained = False  # fenced and its work handed back (``evacuate``)
         self.steps = 0
         self.prompt_tokens = 0  # prompt tokens received
         self.prefill_tokens = 0  # prompt tokens actually computed (prefix-cache hits excluded)
@@ -120,8 +101,7 @@ class DPGroup:
         self.requests_failed = 0  # requests ended alone with an error, the group serving on
         self._suspects: list[str] = []  # requests of a failed step, each to run alone once
         self._wake = threading.Event()
-        self._gate = threading.Lock()  # the fence against inbox puts
-        self._state = threading.RLock()  # scheduler, requests: held by a step but for a stall
+        self._init_fence()
         # What each inbox message type does here; a subclass adds its own types.
         self._handlers: dict[type, Callable[[Any], None]] = {
             AddRequest: lambda m: self._admit(m.request),
@@ -375,59 +355,6 @@ class DPGroup:
         for request in list(self.requests.values()):
             request.abort()
             self._emit(self._forget(request))
-
-    # -- out of service (any thread) ----------------------------------------------------------
-    def fence(self) -> bool:
-        """Take the group out of service: unhealthy, refusing messages. False if it already
-        was."""
-        with self._gate:
-            if self.fenced:
-                return False
-            self.fenced, self.healthy = True, False
-        self._wake.set()  # an idle loop notices at once
-        return True
-
-    def evacuate(self, timeout: float = -1) -> list[Resume] | None:
-        """Fence the group and hand back its work: a ``Resume`` per request, holding its
-        unfinished sequences here (queued messages are applied first, so aborts hold). The
-        scheduler and pool are reset; the sequences themselves are not touched. Waits up to
-        ``timeout`` seconds (-1: no limit) for a step under way to let go of the state; None
-        if it did not (try again later)."""
-        self.fence()
-        if not self._state.acquire(timeout=timeout):
-            return None
-        try:
-            if self.drained:
-                return []
-            self._drain_inbox()  # nothing more arrives: the fence is up
-            moves = self._take_work()
-            self._reset()
-            self.drained = True
-            return moves
-        finally:
-            self._state.release()
-
-    def _take_work(self) -> list[Resume]:
-        moves = []
-        for request in self.requests.values():
-            seqs = [s for s in request.seqs if s.seq_id in self._owners and not s.finished]
-            if seqs:
-                moves.append(Resume(request, seqs))
-        return moves
-
-    def _reset(self) -> None:
-        """Forget every request and free every block, leaving the sequences as they are."""
-        self.scheduler.clear()
-        self.requests.clear()
-        self._owners.clear()
-        self._suspects.clear()
-
-    def rejoin(self) -> None:
-        """Back in service after an evacuation (its loop beats again), with an empty pool."""
-        with self._state, self._gate:
-            if self.drained:
-                self.fenced = self.drained = False
-                self.healthy = True
 
     # -- as a driver of itself ----------------------------------------------------------------
     @property

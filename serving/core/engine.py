@@ -14,6 +14,7 @@ service by ``recover``: its requests continue on healthy groups, recomputed from
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
@@ -35,6 +36,16 @@ GC_YOUNG_EVERY = 64  # steps between generation-0 collections
 GC_FULL_EVERY = 2048  # steps between full collections
 IDLE_WAIT_S = 0.05  # an idle driver waits this long on its groups' inboxes between steps
 EVACUATE_WAIT_S = 0.5  # the monitor waits this long for a stalled group's state, then retries
+
+
+@dataclasses.dataclass(frozen=True)
+class Recovery:
+    """A group taken out of service: when (``time.monotonic()``), which, and why."""
+
+    time: float
+    role: str
+    group: int
+    reason: str
 
 
 class StepGC:
@@ -99,6 +110,7 @@ class Engine:
         self.rejoins = 0  # stalled groups back in service
         self._crashed: set[int] = set()  # groups whose loop died: they never rejoin
         self._pending: list[DPGroup] = []  # fenced, their state not yet taken (stalled inside)
+        self.recoveries: list[Recovery] = []
         self._recovering = threading.RLock()
         self.faults = FaultInjector(self.groups, self.drivers, router)
         for g in self.groups:
@@ -157,6 +169,7 @@ class Engine:
             if not group.fence():
                 return 0
             self.scale_downs += 1
+            self.recoveries.append(Recovery(time.monotonic(), group.role, group.index, reason))
             log.error("%s group %d out of service (%s); moving its work", group.role,
                       group.index, reason)
             if self.router is not None:
@@ -203,22 +216,26 @@ class Engine:
         timeout = self.heartbeat_timeout_s
         watched = [g for g in self.groups if any(d is g for d in self.drivers)]
         while not self._stop.wait(timeout / 4):
-            for group in list(self._pending):
-                moves = group.evacuate(timeout=EVACUATE_WAIT_S)
-                if moves is not None:
-                    self._pending.remove(group)
-                    for move in moves:
-                        self.resume(move)
-            now = time.monotonic()
-            for g in watched:
-                age = now - g.last_heartbeat
-                if g.healthy and age > timeout:
-                    self.recover(g, f"no heartbeat for {age:.1f} s")
-                elif (g.drained and age < timeout and g.index not in self._crashed
-                      and g not in self._pending):
-                    g.rejoin()
-                    self.rejoins += 1
-                    log.warning("%s group %d beats again; back in service", g.role, g.index)
+            with self._recovering:
+                for group in list(self._pending):  # stalled inside a step when fenced
+                    moves = group.evacuate(timeout=EVACUATE_WAIT_S)
+                    if moves is not None:
+                        self._pending.remove(group)
+                        for move in moves:
+                            self.resume(move)
+                for g in watched:
+                    age = time.monotonic() - g.last_heartbeat
+                    if g.healthy and age > timeout:
+                        self.recover(g, f"no heartbeat for {age:.1f} s")
+                    elif g.drained and age < timeout and g.index not in self._crashed:
+                        self._rejoin(g)
+
+    def _rejoin(self, group: DPGroup) -> None:
+        group.rejoin()
+        if self.router is not None:
+            self.router.group_back(group)
+        self.rejoins += 1
+        log.warning("%s group %d beats again; back in service, empty", group.role, group.index)
 
     # -- running ------------------------------------------------------------------------------
     def run(self, seqs: list) -> None:

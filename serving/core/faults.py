@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -87,7 +88,9 @@ class _Spec:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, FIELDS[f.name](f.name, getattr(self, f.name)))
+            value = getattr(self, f.name)
+            if value is not None or f.default is not None:  # None: an optional field unset
+                object.__setattr__(self, f.name, FIELDS[f.name](f.name, value))
 
     def __str__(self) -> str:
         parts = [self.kind] + [f"{f.name}={getattr(self, f.name)}"
@@ -121,10 +124,12 @@ class GroupStall(_Spec):
 
 @dataclasses.dataclass(frozen=True)
 class KVTransferFail(_Spec):
-    """The next ``times`` PD KV pulls fail (any decode group)."""
+    """The next ``times`` PD KV pulls fail: into any decode group, or into decode group
+    ``group`` (its index among the decode groups), where they hit one sequence's retries."""
 
     kind: ClassVar[str] = "kv_transfer_fail"
     times: int = 1
+    group: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +198,7 @@ def parse_faults(specs: Iterable[str | FaultSpec]) -> tuple[FaultSpec, ...]:
 @dataclasses.dataclass
 class _Armed:
     spec: FaultSpec
-    target: Any  # the group a group fault hits; None for kv_transfer_fail
+    target: Any  # the group the fault hits; None: any group
     baseline: int  # the target's steps when armed
     left: int  # injections still to come
 
@@ -213,7 +218,7 @@ class FaultInjector:
         self._armed: list[_Armed] = []
         self._released = threading.Event()  # set at shutdown: stalls end at once
         self.injected = 0
-        self.fired: list[str] = []  # the specs that fired, in order
+        self.fired: list[tuple[float, str]] = []  # (time.monotonic(), spec) of each injection
 
     # -- arming -------------------------------------------------------------------------------
     def add(self, spec: str | FaultSpec) -> FaultSpec:
@@ -239,6 +244,12 @@ class FaultInjector:
                 raise UnsupportedFaultError(
                     f"fault {spec}: KV transfer faults into MA attention groups are not "
                     "supported yet")
+            if spec.group is not None:
+                if spec.group >= len(self._router.decode):
+                    raise UnsupportedFaultError(
+                        f"fault {spec}: field 'group': decode group {spec.group} does not "
+                        f"exist ({len(self._router.decode)} decode groups)")
+                target = self._router.decode[spec.group]
         else:
             target = self._target(spec)
         with self._lock:
@@ -281,12 +292,12 @@ class FaultInjector:
                 if not isinstance(armed.spec, kind) or armed.left <= 0:
                     continue
                 if armed.target is not None and (
-                        armed.target is not group
-                        or group.steps - armed.baseline < armed.spec.after_steps):
+                        armed.target is not group or group.steps - armed.baseline
+                        < getattr(armed.spec, "after_steps", 0)):
                     continue
                 armed.left -= 1
                 self.injected += 1
-                self.fired.append(str(armed.spec))
+                self.fired.append((time.monotonic(), str(armed.spec)))
                 return armed.spec
         return None
 

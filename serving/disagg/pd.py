@@ -81,6 +81,7 @@ class TransferCounters:
     transfer_s: float = 0.0  # pulled -> written
     retries: int = 0  # failed pulls tried again
     reprefills: int = 0  # sequences sent back to prefill after their pulls kept failing
+    cancelled: int = 0  # offers held here, cancelled when the group went out of service
 
 
 class PrefillGroup(DPGroup):
@@ -174,7 +175,9 @@ class DecodeGroup(DPGroup):
 
     def _take_work(self) -> list[Resume]:
         for arrival in self.arrivals:  # offers held here: cancelled, so prefill frees them
-            if not arrival.channel.cancel(arrival.seq.seq_id):
+            if arrival.channel.cancel(arrival.seq.seq_id):
+                self.transfer.cancelled += 1
+            else:
                 self._drop(arrival)  # withdrawn already: the router prefills it again
         self.arrivals.clear()
         return super()._take_work()
@@ -302,6 +305,7 @@ class PDRouter:
         self._sending: dict[int, list[KVChannel]] = collections.defaultdict(list)
         self._offers: dict[int, _Offer] = {}  # seq id -> its offer, until the source frees it
         self._lost: set[int] = set()  # groups out of service
+        self.withdrawn = 0  # offers of lost prefill groups, cancelled before any pull
         self._lock = threading.Lock()
         for g in self.decode:
             g.router = self
@@ -362,8 +366,14 @@ class PDRouter:
             lost = [o for o in mine if o.channel.cancel(o.seq.seq_id)]
             for offer in mine:
                 del self._offers[offer.seq.seq_id]
+            self.withdrawn += len(lost)
         for offer in lost:
             self.on_lost(Resume(offer.request, [offer.seq]))
+
+    def group_back(self, group: DPGroup) -> None:
+        """``group`` is in service again: hand-offs may go to it."""
+        with self._lock:
+            self._lost.discard(group.index)
 
     def stats(self) -> dict[str, float]:
         """KV transfers into the decode groups."""
@@ -377,6 +387,7 @@ class PDRouter:
             "kv_transfer_s": sum(c.transfer_s for c in counters),
             "kv_transfer_retries": sum(c.retries for c in counters),
             "kv_reprefills": sum(c.reprefills for c in counters),
+            "kv_offers_cancelled": sum(c.cancelled for c in counters) + self.withdrawn,
         }
 
 

@@ -97,6 +97,7 @@ class DPGroup(Fencing):
         self.generated_tokens = 0
         self.last_batch = (0, 0)  # (sequences, tokens) of the latest step
         self.last_heartbeat = time.monotonic()
+        self.beat_compiles = self.runner.compile_count
         self.rollbacks = 0  # steps undone because they raised
         self.requests_failed = 0  # requests ended alone with an error, the group serving on
         self._suspects: list[str] = []  # requests of a failed step, each to run alone once
@@ -221,7 +222,9 @@ class DPGroup(Fencing):
         self.faults.stall(self)
         with self._state:
             if self.fenced:  # taken out of service meanwhile: its requests went elsewhere
-                if not self.drained:
+                if self.drained:
+                    self.rollbacks += 1  # the pool is reset already
+                else:
                     self._undo(out)
                 return True
             try:
@@ -249,6 +252,7 @@ class DPGroup(Fencing):
         run (or the group is fenced). Whoever runs the step (``step``, or an MA domain for
         all its ranks at once) calls ``complete`` after the tokens are sampled."""
         self.last_heartbeat = time.monotonic()
+        self.beat_compiles = self.runner.compile_count  # a step that compiles: slow, not stuck
         if self.fenced:
             return None
         self._drain_inbox()

@@ -36,6 +36,7 @@ GC_YOUNG_EVERY = 64  # steps between generation-0 collections
 GC_FULL_EVERY = 2048  # steps between full collections
 IDLE_WAIT_S = 0.05  # an idle driver waits this long on its groups' inboxes between steps
 EVACUATE_WAIT_S = 0.5  # the monitor waits this long for a stalled group's state, then retries
+COMPILE_GRACE_S = 600.0  # more silence allowed while a group compiles a new step program
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +213,9 @@ class Engine:
     def _watch(self) -> None:
         """Heartbeat monitor (its own thread): a healthy group that has not beaten for
         ``heartbeat_timeout_s`` is taken out of service; a stalled one that beats again after
-        its work moved rejoins. Detection takes at most the timeout plus a quarter of it."""
+        its work moved rejoins. Detection takes at most the timeout plus a quarter of it. A
+        group whose runner started compiling since its last beat gets ``COMPILE_GRACE_S``
+        more: a compile is slow, not stuck."""
         timeout = self.heartbeat_timeout_s
         watched = [g for g in self.groups if any(d is g for d in self.drivers)]
         while not self._stop.wait(timeout / 4):
@@ -225,7 +228,8 @@ class Engine:
                             self.resume(move)
                 for g in watched:
                     age = time.monotonic() - g.last_heartbeat
-                    if g.healthy and age > timeout:
+                    compiling = g.runner.compile_count != g.beat_compiles
+                    if g.healthy and age > timeout + (COMPILE_GRACE_S if compiling else 0):
                         self.recover(g, f"no heartbeat for {age:.1f} s")
                     elif g.drained and age < timeout and g.index not in self._crashed:
                         self._rejoin(g)

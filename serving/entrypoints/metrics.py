@@ -94,7 +94,8 @@ class EngineCollector:
                 ("xds:num_requests_waiting", "num_waiting", "Requests waiting to be scheduled."),
                 ("xds:kv_cache_usage_perc", "kv_usage", "Fraction of KV blocks in use (0-1)."),
                 ("xds:prefix_cache_hit_rate", "prefix_hit_rate",
-                 "Fraction of prompt tokens served from cached prefixes (0-1).")):
+                 "Fraction of prompt tokens served from cached prefixes (0-1)."),
+                ("xds:healthy_groups", "healthy_groups", "DP groups in service.")):
             gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
             gauge.add_metric([m], float(stats.get(key, 0.0)))
             yield gauge
@@ -107,7 +108,12 @@ class EngineCollector:
                 ("xds:kv_transfer_wait_seconds", "kv_wait_s",
                  "PD: time prefilled KV waited for decode room (backpressure)."),
                 ("xds:ma_expert_reruns", "ma_reruns",
-                 "MA: steps re-run after an expert capacity overflow.")):
+                 "MA: steps re-run after an expert capacity overflow."),
+                ("xds:faults_injected", "faults_injected", "Faults injected (--fault)."),
+                ("xds:requests_recovered", "requests_recovered",
+                 "Requests moved off a group taken out of service, recomputed elsewhere."),
+                ("xds:rollbacks", "rollbacks", "Steps undone and recomputed."),
+                ("xds:scale_downs", "scale_downs", "DP groups taken out of service.")):
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric([m], float(stats.get(key, 0)))
             yield counter

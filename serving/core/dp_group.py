@@ -213,6 +213,7 @@ class DPGroup(Fencing):
             try:
                 self.faults.before_launch(self)
                 handle = self.runner.launch(out.scheduled)
+                self._beat()  # a compile in the launch is over
             except (EngineMisuseError, GroupCrashed):  # no request is to blame
                 self._undo(out)
                 raise
@@ -242,6 +243,12 @@ class DPGroup(Fencing):
             self.complete(out)
         return True
 
+    def _beat(self) -> None:
+        """The loop is alive. ``beat_compiles``: the runner's compiles so far, so a monitor
+        sees that a launch since the last beat is compiling (slow, not stuck)."""
+        self.last_heartbeat = time.monotonic()
+        self.beat_compiles = self.runner.compile_count
+
     def _undo(self, out: SchedulerOutput) -> None:
         """Roll back a step no request is blamed for (its sequences recompute their tokens)."""
         self.scheduler.roll_back(out)
@@ -251,8 +258,7 @@ class DPGroup(Fencing):
         """First half of a step: take new work and schedule; None when there is nothing to
         run (or the group is fenced). Whoever runs the step (``step``, or an MA domain for
         all its ranks at once) calls ``complete`` after the tokens are sampled."""
-        self.last_heartbeat = time.monotonic()
-        self.beat_compiles = self.runner.compile_count  # a step that compiles: slow, not stuck
+        self._beat()
         if self.fenced:
             return None
         self._drain_inbox()

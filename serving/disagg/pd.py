@@ -303,7 +303,8 @@ class PDRouter:
         self._balancer = Balancer()
         self._chosen: dict[str, int] = {}  # request id -> decode group, while in prefill
         self._sending: dict[int, list[KVChannel]] = collections.defaultdict(list)
-        self._offers: dict[int, _Offer] = {}  # seq id -> its offer, until the source frees it
+        # (prefill index, seq id) -> the offer, until that prefill group sees it complete
+        self._offers: dict[tuple[int, int], _Offer] = {}
         self._lost: set[int] = set()  # groups out of service
         self.withdrawn = 0  # offers of lost prefill groups, cancelled before any pull
         self._lock = threading.Lock()
@@ -338,7 +339,7 @@ class PDRouter:
             if channel not in self._sending[source.index]:
                 self._sending[source.index].append(channel)
             channel.offer(seq.seq_id, source.runner.export_kv, table)
-            self._offers[seq.seq_id] = _Offer(source.index, channel, request, seq)
+            self._offers[source.index, seq.seq_id] = _Offer(source.index, channel, request, seq)
             try:
                 target.deliver(Arrival(request, seq, channel, time.perf_counter()))
                 return
@@ -353,7 +354,7 @@ class PDRouter:
             channels = list(self._sending.get(prefill_index, ()))
             events = [event for channel in channels for event in channel.completed()]
             for event in events:
-                self._offers.pop(event, None)
+                self._offers.pop((prefill_index, event), None)
         return events
 
     def group_lost(self, group: DPGroup) -> None:
@@ -365,7 +366,7 @@ class PDRouter:
             mine = [o for o in self._offers.values() if o.source == group.index]
             lost = [o for o in mine if o.channel.cancel(o.seq.seq_id)]
             for offer in mine:
-                del self._offers[offer.seq.seq_id]
+                del self._offers[offer.source, offer.seq.seq_id]
             self.withdrawn += len(lost)
         for offer in lost:
             self.on_lost(Resume(offer.request, [offer.seq]))

@@ -192,9 +192,9 @@ class Engine:
         try:
             if self._place(request, move) is not None:
                 return
+            request.abort()
         except NoHealthyGroupError as error:
             request.fail(f"{type(error).__name__}: {error}")
-        request.abort()
         request.metrics.finished_time = time.monotonic()
         if request.on_output is not None:
             request.on_output(request.snapshot())

@@ -339,6 +339,26 @@ def test_a_stalled_group_is_detected_fenced_and_its_work_moved(layout, role):
     assert_pools_whole(engine)
 
 
+def test_pd_plus_ma_recovers_a_prefill_group_and_refuses_ma_faults(tmp_path):
+    """2 prefill groups feeding MA attention (2 domains of 1 rank, 4 expert devices): a
+    prefill group that dies recovers as in PD; faults of the MA slices are refused."""
+    from tests.serving.test_disaggregation import ma
+
+    deployment = ma(tmp_path, domains=2, dp=1, experts=4, prefill=(2, 1))
+    llm = LLM(str(GOLDEN / "deepseek_v3"), dtype="float32", deployment=deployment,
+              max_num_seqs=8, max_num_batched_tokens=48, staged=True, use_param_cache=False,
+              faults=["group_crash:role=prefill:group=0:after_steps=1"])
+    prompts = workload(llm.cfg.vocab_size, 8, seed=6)
+    assert run_inline(llm.engine, llm, prompts) == reference(llm, prompts)
+    stats = llm.engine.stats()
+    assert stats["scale_downs"] == 1 and stats["requests_recovered"] >= 1
+    assert_pools_whole(llm.engine)
+    for text in ("expert_rank_down:rank=1:after_steps=2", "collective_error:after_steps=2",
+                 "group_stall:role=decode:group=0:seconds=1"):
+        with pytest.raises(UnsupportedFaultError, match="not supported yet"):
+            llm.engine.faults.add(text)
+
+
 # -- options ----------------------------------------------------------------------------------
 def test_the_cli_takes_repeated_fault_flags_and_refuses_bad_ones(capsys):
     from serving.core.async_engine import EngineArgs

@@ -223,6 +223,22 @@ def test_a_colocated_group_that_dies_loses_nothing():
     assert_pools_whole(engine)
 
 
+def test_when_no_group_is_left_requests_end_with_an_error_not_a_hang():
+    from serving.core.balancer import NoHealthyGroupError
+
+    llm = LLM(str(GOLDEN / "llama"), dtype="float32", max_num_seqs=8, staged=True,
+              use_param_cache=False, faults=["group_crash:group=0:after_steps=1"])
+    requests, streams = requests_for([[5, 6, 7], [8, 9]], byte_tokenizer(llm.cfg))
+    llm.engine.run_until_done(requests)
+    for stream in streams:
+        last = stream.outputs[-1]
+        assert last.finished and "NoHealthyGroupError" in last.error
+        assert last.outputs[0].finish_reason == "abort"
+    with pytest.raises(NoHealthyGroupError):
+        llm.engine.submit(requests_for([[1, 2]], None)[0][0])
+    assert_pools_whole(llm.engine)
+
+
 def pd_engine(*faults: str, decode_blocks: int | None = None, prefill_blocks: int | None = None):
     """cpu8-pd (2 TP=2 prefill groups, 4 decode groups); small decode pools make prefilled
     sequences wait for room, so offers are still unpulled when a group dies."""

@@ -24,7 +24,7 @@ import jax
 
 from serving.core.balancer import Balancer, NoHealthyGroupError
 from serving.core.dp_group import DPGroup, GroupConfig, GroupFencedError, Resume
-from serving.core.faults import FaultInjector, FaultSpec
+from serving.core.faults import FaultInjector, FaultSpec, InjectedFault
 from serving.core.interfaces import AddRequest, Driver, EngineMisuseError, Router
 from serving.core.request import Request
 from xds_jax.engine_config import EngineConfig
@@ -344,7 +344,10 @@ def drive(driver: Driver, stop: threading.Event, after_step=lambda: None,
         try:
             busy = driver.step()
         except Exception as error:
-            log.exception("%s failed", _thread_name(driver))
+            if isinstance(error, InjectedFault):
+                log.error("%s: %s", _thread_name(driver), error)
+            else:
+                log.exception("%s failed", _thread_name(driver))
             if failed is not None:
                 failed(driver, error)
             else:

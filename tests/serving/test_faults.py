@@ -309,6 +309,38 @@ def test_failed_kv_transfers_are_retried_then_prefilled_again(spec, retries, rep
     assert_pools_whole(engine)
 
 
+def run_threaded(engine, fault: str, requests: list[Request], settled) -> None:
+    """Start the engine's threads (the server's engine), arm ``fault``, submit ``requests``
+    and wait until ``settled()``; shut down."""
+    engine.start()
+    try:
+        engine.faults.add(fault)
+        for r in requests:
+            engine.submit(r)
+        deadline = time.monotonic() + 300
+        while not settled():
+            assert time.monotonic() < deadline, engine.stats()
+            time.sleep(0.05)
+    finally:
+        engine.shutdown()
+
+
+def test_a_group_that_dies_in_a_started_engine_loses_nothing():
+    """Threaded: the group's loop thread ends; its requests finish on the other groups."""
+    llm = colocated()
+    prompts = workload(llm.cfg.vocab_size, 16, seed=8)
+    want = reference(llm, prompts)
+    assert run_inline(llm.engine, llm, prompts) == want  # warm-up
+    requests, streams = requests_for(prompts, byte_tokenizer(llm.cfg))
+    run_threaded(llm.engine, "group_crash:group=2:after_steps=2", requests,
+                 lambda: all(r.finished for r in requests))
+    assert [s.check() for s in streams] == want
+    stats = llm.engine.stats()
+    assert stats["scale_downs"] == 1 and stats["healthy_groups"] == 3
+    assert stats["requests_recovered"] >= 1 and stats["rejoins"] == 0
+    assert_pools_whole(llm.engine)
+
+
 @pytest.mark.parametrize("layout, role", [(None, "decode"), (PD8, "decode"), (PD8, "prefill")])
 def test_a_stalled_group_is_detected_fenced_and_its_work_moved(layout, role):
     """Threaded (the server's engine): a group blocks inside a step; the heartbeat monitor
@@ -325,24 +357,15 @@ def test_a_stalled_group_is_detected_fenced_and_its_work_moved(layout, role):
     prompts = workload(llm.cfg.vocab_size, 16, seed=4)
     want = reference(llm, prompts)
     assert run_inline(engine, llm, prompts) == want  # warm-up: the shapes compile here
-    engine.start()
-    try:
-        engine.faults.add(f"group_stall:role={role}:group=0:seconds={stall}:after_steps=2")
-        requests, streams = requests_for(prompts, byte_tokenizer(llm.cfg))
-        for r in requests:
-            engine.submit(r)
-        deadline = time.monotonic() + 300
+    requests, streams = requests_for(prompts, byte_tokenizer(llm.cfg))
 
-        def settled() -> bool:  # all done, the stall over, every group back in service
-            return (all(r.finished for r in requests) and bool(engine.faults.fired)
-                    and time.monotonic() > engine.faults.fired[0][0] + stall + 0.5
-                    and engine.stats()["healthy_groups"] == len(engine.groups))
+    def settled() -> bool:  # all done, the stall over, every group back in service
+        return (all(r.finished for r in requests) and bool(engine.faults.fired)
+                and time.monotonic() > engine.faults.fired[0][0] + stall + 0.5
+                and engine.stats()["healthy_groups"] == len(engine.groups))
 
-        while not settled():
-            assert time.monotonic() < deadline, engine.stats()
-            time.sleep(0.05)
-    finally:
-        engine.shutdown()
+    fault = f"group_stall:role={role}:group=0:seconds={stall}:after_steps=2"
+    run_threaded(engine, fault, requests, settled)
     assert [s.check() for s in streams] == want
     stalled_at = engine.faults.fired[0][0]
     detected = next(r for r in engine.recoveries if r.group == target.index)

@@ -35,7 +35,8 @@ from xds_jax.model.moe import expert_ffn
 def shard_from_host(x, sharding: NamedSharding) -> jax.Array:
     """A global array from host data, each device given only its own slice."""
     host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx],
+                                        dtype=host.dtype)
 
 
 def capacity_buckets(tokens_per_rank: int, top_k: int, num_ranks: int) -> tuple[int, ...]:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collectives.stats import CollectiveRecord, CollectiveStats
+from xds_jax.multihost import move
 
 
 class TransferError(RuntimeError):
@@ -280,7 +281,7 @@ class KVChannel:
         start = time.perf_counter()
         ids_B = job.src_blocks[idx]
         chunk = job.src(ids_B) if callable(job.src) else gather_blocks(job.src, jnp.asarray(ids_B))
-        data = jax.block_until_ready(jax.device_put(chunk, self.dst_sharding))
+        data = jax.block_until_ready(move(chunk, self.dst_sharding))
         nbytes = sum(a.nbytes for a in jax.tree.leaves(data))
         self.counters.chunks_sent += 1
         self.counters.bytes_sent += nbytes

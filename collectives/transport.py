@@ -149,11 +149,12 @@ def relabel(x: jax.Array, sharding: NamedSharding, devices: list, fill=0) -> jax
     """``x``'s per-device buffers as an array over ``devices`` (sharded on the first axis);
     devices ``x`` has no buffer on get a ``fill`` placeholder. No data moves."""
     have = _by_device(x)
-    local = next(iter(have.values())).shape
+    local = x.sharding.shard_shape(x.shape)
+    me = jax.process_index()  # each process supplies the buffers of its own devices
     bufs = [have[d] if d in have else _filled(local, np.dtype(x.dtype), fill, d)
-            for d in devices]
+            for d in devices if d.process_index == me]
     return jax.make_array_from_single_device_arrays((local[0] * len(devices),) + local[1:],
-                                                    sharding, bufs)
+                                                    sharding, bufs, dtype=x.dtype)
 
 
 class Transport:

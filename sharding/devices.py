@@ -19,8 +19,11 @@ def configure_cpu_devices(count: int | None = None) -> int:
     """Ask JAX for ``count`` virtual CPU devices (default: ``$XDS_CPU_DEVICES`` or leave as is).
 
     Returns the device count requested, or 0 when nothing was changed. A process already
-    running on an accelerator is left alone; on CPU this must be called before JAX starts.
+    running on an accelerator is left alone; on CPU this must be called before JAX starts. One
+    of several ``jax.distributed`` processes keeps the share ``sharding.processes`` gave it.
     """
+    if _joined_processes():
+        return 0
     if count is None:
         env = os.environ.get("XDS_CPU_DEVICES")
         if not env:
@@ -65,7 +68,7 @@ def ensure_cpu_devices(needed: int) -> int:
     """
     import jax
 
-    if backends_started():
+    if backends_started() or _joined_processes():
         return 0
     env = os.environ.get("XDS_CPU_DEVICES")
     count = max(needed, int(env) if env and env.isdigit() else 0,
@@ -73,3 +76,11 @@ def ensure_cpu_devices(needed: int) -> int:
     if count <= 1:
         return 0
     return configure_cpu_devices(min(count, MAX_CPU_DEVICES))
+
+
+def _joined_processes() -> bool:
+    """Whether this process joined others (``sharding.processes.initialize``): its CPU device
+    count is then its share of the deployment, already set."""
+    from jax._src import distributed
+
+    return distributed.global_state.client is not None

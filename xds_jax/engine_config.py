@@ -15,6 +15,7 @@ from xds_jax.errors import ConfigError
 
 if TYPE_CHECKING:
     from sharding.deployment import DeploymentSpec
+    from sharding.processes import DistributedConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,12 @@ class EngineConfig:
       micro_batches: micro-batches per attention domain and step in MA deployments.
       trace: record a timeline of the disaggregated stages and KV transfers.
       use_param_cache: cache converted parameters on disk (Orbax).
+      distributed: this process's place among several ``jax.distributed`` processes
+        (``sharding.processes.DistributedConfig``, or a dict of its fields: ``coordinator``,
+        ``num_processes``, ``process_id``); None for one process.
+      speculative_config: ``{"method": "mtp", "num_speculative_tokens": k}`` (vLLM's
+        spelling): draft ``k`` tokens a decode step with the checkpoint's MTP block and verify
+        them in one target step (``docs/speculative.md``); None: no speculation.
       faults: fault specs to inject (``"group_crash:group=1:after_steps=3"``, ...; parsed
         and checked against the layout by ``serving.core.faults``; ``docs/reliability.md``).
       heartbeat_timeout_s: a group of a started (threaded) engine that has not beaten for
@@ -66,6 +73,8 @@ class EngineConfig:
     micro_batches: int = 2
     trace: bool = False
     use_param_cache: bool = True
+    distributed: DistributedConfig | dict | None = None
+    speculative_config: dict | None = None
     faults: tuple = ()
     heartbeat_timeout_s: float | None = 60.0
     kv_transfer_retries: int = 1
@@ -78,6 +87,7 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
+        _check_speculative(self.speculative_config)
         faults = (self.faults,) if isinstance(self.faults, str) else tuple(self.faults or ())
         if not all(isinstance(f, str) or dataclasses.is_dataclass(f) for f in faults):
             raise ConfigError(f"faults must be fault specs (strings like "
@@ -92,9 +102,35 @@ class EngineConfig:
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ConfigError(f"kv_transfer_retries must be an integer >= 0, got {retries!r}")
 
+    @property
+    def num_speculative_tokens(self) -> int:
+        """Draft tokens per decode step (0: no speculative decoding)."""
+        spec = self.speculative_config
+        return int(spec["num_speculative_tokens"]) if spec else 0
+
     def replace(self, **changes) -> EngineConfig:
         """A copy with ``changes`` (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+MAX_SPECULATIVE_TOKENS = 4  # xds_jax.model.mtp holds the same limit (no JAX imported here)
+
+
+def _check_speculative(spec) -> None:
+    if spec is None:
+        return
+    if not isinstance(spec, dict):
+        raise ConfigError(f"speculative_config must be a dict, got {type(spec).__name__}")
+    unknown = set(spec) - {"method", "num_speculative_tokens"}
+    if unknown:
+        raise ConfigError(f"speculative_config: unknown keys {sorted(unknown)}; it takes "
+                          "'method' and 'num_speculative_tokens'")
+    if spec.get("method", "mtp") != "mtp":
+        raise ConfigError(f"speculative_config.method must be 'mtp', got {spec['method']!r}")
+    k = spec.get("num_speculative_tokens")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+        raise ConfigError("speculative_config.num_speculative_tokens must be an integer in "
+                          f"1..{MAX_SPECULATIVE_TOKENS}, got {k!r}")
 
 
 DEFAULTS = EngineConfig()

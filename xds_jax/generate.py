@@ -17,6 +17,7 @@ import numpy as np
 
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.reference import forward, last_token_logits, new_caches
+from xds_jax.multihost import fetch
 from xds_jax.sampling.params import SamplingParams
 from xds_jax.sampling.sampler import flags_for, make_batch, sample
 from xds_jax.sequence import Sequence
@@ -54,7 +55,9 @@ def sample_rows(logits_BV: jax.Array, seqs: list[Sequence | None], vocab_size: i
         [s.prompt_ids if s else [] for s in live], [s.output_ids if s else [] for s in live],
         [s.banned_ids() if s else [] for s in live], vocab_size, flags,
     )
-    tokens, lps, ranks, top_ids, top_lps = jax.device_get(sample(logits_BV, batch, flags))
+    # Host logits sample on this process's device; device logits are read on every process.
+    read = jax.device_get if isinstance(logits_BV, np.ndarray) else fetch
+    tokens, lps, ranks, top_ids, top_lps = read(sample(logits_BV, batch, flags))
     for j, s in enumerate(live):
         if s is not None:
             top = list(zip(top_ids[j].tolist(), top_lps[j].tolist(), strict=True))

@@ -83,8 +83,20 @@ class LLM:
             from serving.disagg.deploy import build_engine
 
             engine = build_engine(self.params, self.cfg, self.max_model_len, config)
+            engine = _join_processes(engine, config, self.make_sequences)
         self.engine = engine
         self._request_ids = itertools.count()
+
+    @property
+    def is_leader(self) -> bool:
+        """False on a process other than 0 of several (``distributed=``): it ``follow``s."""
+        return not hasattr(self.engine, "follow")
+
+    def follow(self) -> int:
+        """On a process other than 0: run the steps process 0 sends until it shuts down."""
+        if self.is_leader:
+            raise ConfigError("follow() is for processes other than 0; process 0 generates")
+        return self.engine.follow()
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -216,9 +228,26 @@ def _size_cpu_devices(config: EngineConfig) -> None:
     device count cannot change later in the process)."""
     from sharding.devices import backends_started, ensure_cpu_devices
 
-    if backends_started():
-        return
     needed = config.num_dp_groups
     if config.deployment is not None:
         needed = max(needed, config.deployment.num_devices)
+    if config.distributed is not None:  # first of all: join the other processes
+        from sharding.processes import DistributedConfig, initialize
+
+        initialize(DistributedConfig.of(config.distributed), needed)
+    if backends_started():
+        return
     ensure_cpu_devices(needed)
+
+
+def _join_processes(engine, config: EngineConfig, make_sequences):
+    """With several processes: process 0's engine steps every process in lockstep; the
+    others' follow it (``serving.distributed.lockstep``)."""
+    from sharding.processes import DistributedConfig
+
+    dist = DistributedConfig.of(config.distributed)
+    if dist is None or dist.num_processes == 1:
+        return engine
+    from serving.distributed.lockstep import attach
+
+    return attach(engine, dist, make_sequences)

@@ -1,4 +1,4 @@
-"""The engine for asyncio callers (the HTTP server): streaming generation, aborts, a queue limit.
+"""The engine for asyncio callers (the HTTP server): streaming generation, aborts, admission.
 
 Each DP group runs in its own thread; outputs travel from the group straight to the request's
 asyncio queue (``loop.call_soon_threadsafe``), never through a central loop.
@@ -11,15 +11,13 @@ import dataclasses
 import itertools
 from collections.abc import AsyncIterator
 
+from serving.core.admission import Admission
 from serving.core.request import Request
 from xds_jax.engine_config import EngineConfig
+from xds_jax.errors import ConfigError
 from xds_jax.llm import LLM
 from xds_jax.outputs import RequestOutput
 from xds_jax.sampling.params import SamplingParams
-
-
-class QueueFullError(RuntimeError):
-    """Too many requests are waiting; the caller should retry later (HTTP 429)."""
 
 
 class RequestFailedError(RuntimeError):
@@ -29,29 +27,45 @@ class RequestFailedError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class EngineArgs(EngineConfig):
     """How to build an ``AsyncEngine`` (the server's and CLI's options): the engine's
-    configuration and the server's queue limit."""
+    configuration and the admission limits (``serving.core.admission``).
 
-    max_queue: int = 256
+    Attributes:
+      max_num_queued_reqs: most sequences in flight, running or waiting (a request counts
+        prompts x ``n``); more are answered 503.
+      max_num_queued_tokens: most prompt tokens of the requests in flight; more are
+        answered 503.
+    """
+
+    max_num_queued_reqs: int = 256
+    max_num_queued_tokens: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("max_num_queued_reqs", "max_num_queued_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 class AsyncEngine:
     """Streams ``RequestOutput``s (cumulative) for requests submitted from asyncio."""
 
-    def __init__(self, llm: LLM, max_queue: int = 256):
+    def __init__(self, llm: LLM, admission: Admission | None = None):
         self.llm = llm
         self.engine = llm.engine
-        self.max_queue = max_queue
+        self.admission = admission or Admission(EngineArgs.max_num_queued_reqs,
+                                                EngineArgs.max_num_queued_tokens)
         self.model_name = llm.model_name
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.max_model_len
         self.cfg = llm.cfg
         self._ids = itertools.count()
-        self._active: set[str] = set()
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> AsyncEngine:
         config = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
-        return cls(LLM(config=EngineConfig(**config)), args.max_queue)
+        admission = Admission(args.max_num_queued_reqs, args.max_num_queued_tokens)
+        return cls(LLM(config=EngineConfig(**config)), admission)
 
     def start(self) -> None:
         self.engine.start()
@@ -60,21 +74,23 @@ class AsyncEngine:
         self.engine.shutdown()
 
     def stats(self) -> dict:
-        return self.engine.stats()
+        """The engine's counters, the KV blocks free and in all (summed over groups; cached
+        blocks no sequence holds count as free) and what admission holds now."""
+        blocks = [g.scheduler.block_manager for g in self.engine.groups]
+        return self.engine.stats() | {
+            "kv_free_blocks": sum(b.num_free_blocks for b in blocks),
+            "kv_total_blocks": sum(b.num_blocks for b in blocks),
+            "admitted_seqs": self.admission.slots, "admitted_tokens": self.admission.tokens}
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str | None = None,
                        prompt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield cumulative outputs until the request finishes or is aborted.
 
-        Raises (before yielding) ``PromptTooLongError``/``InvalidPromptError`` for bad input and
-        ``QueueFullError`` when ``max_queue`` requests are already in flight.
+        Raises (before yielding) ``PromptTooLongError``/``InvalidPromptError`` for bad input.
+        Admission is the caller's (``self.admission.admit`` for a whole HTTP request).
         """
         self.llm.check_prompt(prompt_ids, params)
-        if len(self._active) >= self.max_queue:
-            raise QueueFullError(
-                f"{len(self._active)} requests are in flight (limit {self.max_queue}); retry later"
-            )
         request_id = request_id or f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
@@ -83,7 +99,6 @@ class AsyncEngine:
             self.llm.make_sequences(prompt_ids, params),
             on_output=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
         )
-        self._active.add(request_id)
         try:
             self.engine.submit(request)
             while True:
@@ -94,7 +109,6 @@ class AsyncEngine:
                 if out.finished:
                     return
         finally:
-            self._active.discard(request_id)
             if not request.finished:
                 self.engine.abort(request_id)
             else:

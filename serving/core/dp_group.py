@@ -28,8 +28,8 @@ from serving.core.fencing import Fencing, GroupFencedError, Resume
 from serving.core.interfaces import AbortRequest, AddRequest, EngineMisuseError
 from serving.core.kv_cache import BlockManager
 from serving.core.request import Request
-from serving.core.runner import ModelRunner
 from serving.core.scheduler import Scheduler, SchedulerError, SchedulerOutput
+from serving.core.spec_decode import build_runner
 from xds_jax.engine_config import DEFAULTS
 from xds_jax.model.config import ModelConfig
 
@@ -47,6 +47,7 @@ class GroupConfig:
     max_num_batched_tokens: int = DEFAULTS.max_num_batched_tokens
     enable_prefix_caching: bool = DEFAULTS.enable_prefix_caching
     staged: bool = DEFAULTS.staged  # separately jitted stage programs, or one fused program
+    num_speculative_tokens: int = 0  # MTP drafts per decode step (serving.core.spec_decode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +84,9 @@ class DPGroup(Fencing):
         self.blocks = BlockManager(config.num_blocks, config.block_size,
                                    enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
-        self.runner = runner or ModelRunner(params, cfg, config.num_blocks, config.block_size,
-                                            device, staged=config.staged)
+                                   config.max_num_batched_tokens,
+                                   num_lookahead_tokens=config.num_speculative_tokens)
+        self.runner = runner or build_runner(params, cfg, config, device)
         self.inbox: queue.Queue = queue.Queue()
         self.faults = NO_FAULTS  # the engine's FaultInjector, consulted at fixed points of a step
         self.requests: dict[str, Request] = {}
@@ -325,7 +326,9 @@ class DPGroup(Fencing):
         self.scheduler.update(out)
         self.steps += 1
         self.prefill_tokens += sum(s.num_tokens for s in out.scheduled if s.is_prefill)
-        self.generated_tokens += sum(1 for s in out.scheduled if s.is_last_chunk)
+        # One token per sampled row, or 1 .. k + 1 when it speculated.
+        self.generated_tokens += sum(max(0, s.seq.num_tokens - s.start - s.num_tokens)
+                                     for s in out.scheduled if s.is_last_chunk)
         self.last_batch = (len(out.scheduled), out.num_batched_tokens)
         now = time.monotonic()
         touched = {s.seq.seq_id: self._owners[s.seq.seq_id] for s in out.scheduled

@@ -320,7 +320,20 @@ class Engine:
             "rollbacks": sum(g.rollbacks for g in self.groups),
             "scale_downs": self.scale_downs,
             "rejoins": self.rejoins,
-        } | (self.router.stats() if self.router is not None else {}) | self._driver_stats()
+        } | (self.router.stats() if self.router is not None else {}) | self._driver_stats() \
+          | self._spec_stats()
+
+    def _spec_stats(self) -> dict:
+        """Speculative-decoding counters summed over the groups that draft (none: empty)."""
+        out: dict = {}
+        for g in self.groups:
+            for key, value in getattr(g.runner, "spec_stats", dict)().items():
+                if isinstance(value, list):
+                    old = out.get(key, [0] * len(value))
+                    out[key] = [a + b for a, b in zip(old, value, strict=True)]
+                else:
+                    out[key] = out.get(key, 0) + value
+        return out
 
     def _driver_stats(self) -> dict:
         """Numeric counters of drivers that step many groups (MA pools), summed and prefixed
@@ -386,7 +399,8 @@ def group_config_for(params: dict, cfg: ModelConfig, max_model_len: int,
                        max_num_seqs=config.max_num_seqs,
                        max_num_batched_tokens=config.max_num_batched_tokens,
                        enable_prefix_caching=config.enable_prefix_caching,
-                       staged=config.staged)
+                       staged=config.staged,
+                       num_speculative_tokens=config.num_speculative_tokens)
 
 
 def build_colocated_engine(params: dict, cfg: ModelConfig, max_model_len: int,

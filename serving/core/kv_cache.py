@@ -154,20 +154,39 @@ class BlockManager:
         """Whether the sequence's table can grow to cover ``num_new_tokens`` more tokens."""
         return self._blocks_for(seq_id, num_new_tokens) <= self.num_free_blocks
 
-    def append(self, seq_id: int, token_ids_total: list[int], num_new_tokens: int) -> None:
-        """Grow the table by ``num_new_tokens`` token slots (a decode token or a prefill chunk).
+    def append(self, seq_id: int, token_ids_total: list[int], num_new_tokens: int,
+               num_lookahead: int = 0) -> None:
+        """Grow the table by ``num_new_tokens`` token slots (a decode token or a prefill chunk)
+        plus ``num_lookahead`` slots past the known tokens (speculative drafts, given back by
+        ``trim`` after the step).
 
         Args:
             seq_id: the sequence.
             token_ids_total: all its tokens; must include the new ones.
             num_new_tokens: slots to add after those already reserved.
+            num_lookahead: extra slots for tokens not known yet.
         """
         if self._reserved[seq_id] + num_new_tokens > len(token_ids_total):
             raise KVCacheError(f"sequence {seq_id}: cannot reserve past its "
                                f"{len(token_ids_total)} tokens")
-        if not self.can_append(seq_id, num_new_tokens):
+        if not self.can_append(seq_id, num_new_tokens + num_lookahead):
             raise KVCacheError(f"not enough free blocks to grow sequence {seq_id}")
-        self._grow(seq_id, num_new_tokens)
+        self._grow(seq_id, num_new_tokens + num_lookahead)
+
+    def trim(self, seq_id: int, num_tokens: int) -> None:
+        """Shrink the reservation to the first ``num_tokens`` slots (rejected speculative
+        positions), freeing blocks past them. Hashed (registered) blocks are never trimmed."""
+        if not 0 <= num_tokens <= self._reserved[seq_id]:
+            raise KVCacheError(f"sequence {seq_id}: cannot trim {self._reserved[seq_id]} "
+                               f"reserved slots to {num_tokens}")
+        table = self._tables[seq_id]
+        keep = max(_cdiv(num_tokens, self.block_size), self._hashed[seq_id][0])
+        for block in reversed(table[keep:]):
+            self._ref[block] -= 1
+            if self._ref[block] == 0:
+                self._free.append(block)
+        del table[keep:]
+        self._reserved[seq_id] = num_tokens
 
     def num_reserved_tokens(self, seq_id: int) -> int:
         """Token slots the sequence's table covers."""

@@ -28,6 +28,7 @@ from sharding.params import kv_page_shardings, param_shardings, tp_mesh
 from xds_jax.generate import bucket, model_step, sample_rows
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.reference import new_caches, staged_step
+from xds_jax.multihost import place, place_tree, zeros_tree
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +94,18 @@ class ModelRunner:
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
         if len(devices) == 1:
             self.input_sharding = self.device
-            self.params = jax.device_put(params, self.device)
-            with jax.default_device(self.device):
-                self.caches = new_caches(cfg, num_blocks, block_size, dtype)
+            self.params = place_tree(params, self.device)
+            cache_shardings = self.device
         else:
             mesh = tp_mesh(devices)
             self.input_sharding = NamedSharding(mesh, PartitionSpec())
-            self.params = jax.device_put(params, param_shardings(params, cfg, mesh))
-            with jax.default_device(self.device):
-                caches = new_caches(cfg, num_blocks, block_size, dtype)
-            self.caches = jax.device_put(caches, kv_page_shardings(caches, cfg, mesh))
+            self.params = place_tree(params, param_shardings(params, cfg, mesh))
+            cache_shardings = None
+        # Built where they live, shard by shard (a group may lie on another process).
+        shapes = jax.eval_shape(lambda: new_caches(cfg, num_blocks, block_size, dtype))
+        if cache_shardings is None:
+            cache_shardings = kv_page_shardings(shapes, cfg, mesh)
+        self.caches = zeros_tree(shapes, cache_shardings)
         self.lock = threading.Lock()  # held while a step swaps the (donated) pages
         self._shapes_seen: set[tuple] = set()
         self.compile_count = 0
@@ -133,7 +136,7 @@ class ModelRunner:
             self._shapes_seen.add(key)
             self.compile_count += 1
             log.info("compiling step program for rows x tokens %s, blocks %d", key[0], key[1][1])
-        put = lambda a: jax.device_put(a, self.input_sharding)  # noqa: E731
+        put = lambda a: place(a, self.input_sharding)  # noqa: E731
         inputs = [put(a) for a in (rows.tokens_BS, rows.positions_BS, rows.tables_BN,
                                    rows.last_B)]
         with self.lock:

@@ -37,6 +37,7 @@ class ScheduledSeq:
     num_tokens: int
     block_table: list[int]
     is_last_chunk: bool
+    num_lookahead: int = 0  # KV slots reserved past the last token, for speculative drafts
 
     @property
     def token_ids(self) -> list[int]:
@@ -71,10 +72,14 @@ class Scheduler:
         chunk_size: most prefill tokens of one sequence in one step (default: the budget).
         enable_chunked_prefill: if False a prompt is prefilled in one step and prompts longer
             than the budget are rejected; only a recompute longer than the budget is split.
+        num_lookahead_tokens: KV slots reserved past each decoding sequence's last token
+            (speculative decoding: a step appends 1 .. 1 + this many tokens); ``update``
+            trims each reservation back to the tokens actually accepted.
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 chunk_size: int | None = None, enable_chunked_prefill: bool = True):
+                 chunk_size: int | None = None, enable_chunked_prefill: bool = True,
+                 num_lookahead_tokens: int = 0):
         if max_num_seqs < 1:
             raise SchedulerError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < max_num_seqs:
@@ -88,6 +93,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
         self.chunk_size = chunk_size if enable_chunked_prefill else max_num_batched_tokens
+        self.num_lookahead_tokens = num_lookahead_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self._computed: dict[int, int] = {}  # seq_id -> tokens whose KV is written
@@ -251,10 +257,10 @@ class Scheduler:
         for seq in [s for s in self.running if s.finished]:  # e.g. seq.abort() by the engine
             self._release(seq)
 
-        def emit(seq: Sequence, start: int, num: int) -> None:
+        def emit(seq: Sequence, start: int, num: int, lookahead: int = 0) -> None:
             nonlocal budget
             scheduled.append(ScheduledSeq(seq, start, num, bm.block_table(seq.seq_id),
-                                          start + num == seq.num_tokens))
+                                          start + num == seq.num_tokens, lookahead))
             done.add(seq.seq_id)
             budget -= num
 
@@ -274,9 +280,10 @@ class Scheduler:
             if seq.seq_id not in self._computed or not allowed(seq):
                 continue  # preempted above, or held back
             start = self._computed[seq.seq_id]
-            if seq.num_tokens - start == 1 and make_room(seq, 1, may_preempt_self=True):
-                bm.append(seq.seq_id, seq.all_ids, 1)
-                emit(seq, start, 1)
+            ahead = self._lookahead(seq)
+            if seq.num_tokens - start == 1 and make_room(seq, 1 + ahead, may_preempt_self=True):
+                bm.append(seq.seq_id, seq.all_ids, 1, ahead)
+                emit(seq, start, 1, ahead)
 
         for seq in list(self.running):  # prefills already under way
             if budget == 0:
@@ -325,6 +332,12 @@ class Scheduler:
                                  f"the KV pool even alone; set max_tokens or enlarge the pool")
         return SchedulerOutput(scheduled, preempted, self.max_num_batched_tokens - budget)
 
+    def _lookahead(self, seq: Sequence) -> int:
+        """Draft slots worth reserving: none past the sequence's ``max_tokens``."""
+        if seq.max_tokens is None:
+            return self.num_lookahead_tokens
+        return max(0, min(self.num_lookahead_tokens, seq.max_tokens - len(seq.output_ids) - 1))
+
     def _fitting(self, seq_id: int, num: int) -> int:
         """Most of ``num`` new tokens the sequence's blocks plus the free pool can hold."""
         bm = self.block_manager
@@ -346,6 +359,9 @@ class Scheduler:
             if self._computed.get(seq.seq_id) != item.start:
                 continue  # aborted (or preempted and re-admitted) since schedule
             computed = item.start + item.num_tokens
+            if item.num_lookahead:  # speculative: keep the accepted tokens' KV only
+                computed = min(seq.num_tokens - 1, computed + item.num_lookahead)
+                self.block_manager.trim(seq.seq_id, computed)
             self._computed[seq.seq_id] = computed
             self.block_manager.mark_computed(seq.seq_id, seq.all_ids, computed)
             if seq.finished:

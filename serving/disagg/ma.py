@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
 from collectives.a2e import A2E
 from serving.core.dp_group import DPGroup, GroupConfig
 from serving.core.runner import MIN_DECODE_ROWS, MIN_PREFILL_WIDTH
@@ -38,6 +36,7 @@ from serving.disagg.ma_slices import FfnSlice, SharedExperts
 from serving.disagg.ma_trace import TracedDomain, TracedService, Tracer
 from xds_jax.generate import sample_rows
 from xds_jax.model.config import ModelConfig
+from xds_jax.multihost import fetch
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +179,7 @@ class MAPool:
                          self.capacity.snapshot())
         for result in results.values():
             for mb, logits in result.logits:
-                sample_rows(np.asarray(logits), mb.seqs, self.cfg.vocab_size)
+                sample_rows(fetch(logits), mb.seqs, self.cfg.vocab_size)
         for group, out in zip(self._groups, plans, strict=True):
             if out is not None:
                 group.complete(out)

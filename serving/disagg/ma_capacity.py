@@ -15,6 +15,7 @@ import dataclasses
 import numpy as np
 
 from collectives.ep_moe import capacity_buckets, next_capacity
+from xds_jax.multihost import fetch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +57,9 @@ class CapacityPolicy:
     def grow(self, checks: list[OverflowCheck]) -> bool:
         """Read the flags; grow every shape that overflowed. True when a re-run is due."""
         grew = False
-        for c in checks:
-            if int(np.asarray(c.overflow).sum()) > 0:
+        flags = fetch([c.overflow for c in checks])  # one read, the same on every process
+        for c, overflow in zip(checks, flags, strict=True):
+            if int(np.asarray(overflow).sum()) > 0:
                 key = (c.tokens, c.ranks)
                 bigger = next_capacity(c.capacity, c.tokens, self.top_k, c.ranks)
                 self.by_shape[key] = max(self.by_shape[key], bigger)

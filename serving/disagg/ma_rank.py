@@ -68,7 +68,10 @@ class RankView:
         return [{k: jnp.take(v, ids, axis=0) for k, v in layer.items()} for layer in self.pages]
 
     def import_kv(self, block_ids: Sequence[int], pages: list[dict]) -> None:
-        """Write ``pages`` (as ``export_kv`` returns them) into ``block_ids`` of this rank."""
+        """Write ``pages`` (as ``export_kv`` returns them) into ``block_ids`` of this rank
+        (nothing to write on a process that does not hold the rank's device)."""
+        if self.device.process_index != jax.process_index():
+            return
         ids = jax.device_put(np.asarray(block_ids, np.int32), self.device)
         self.pages = [{k: v.at[ids].set(jax.device_put(new[k], self.device))
                        for k, v in layer.items()}

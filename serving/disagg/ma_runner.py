@@ -48,7 +48,8 @@ def attention_params(params: dict) -> dict:
 def from_host(x, sharding: NamedSharding) -> jax.Array:
     """A global array from host data, built device by device (no slicing program)."""
     host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx],
+                                        dtype=host.dtype)
 
 
 @dataclasses.dataclass
@@ -145,7 +146,8 @@ class Domain:
                                                             self.dtype))
             caches.append({k: jax.make_array_from_callback(
                 (a * num_blocks,) + s.shape[1:], self.rank_sharding,
-                lambda idx, s=s: np.zeros(s.shape, s.dtype)) for k, s in shapes.items()})
+                lambda idx, s=s: np.zeros(s.shape, s.dtype), dtype=s.dtype)
+                for k, s in shapes.items()})
         self.caches = caches
         self._shapes_seen: set[tuple] = set()
         self.compile_count = 0
@@ -233,12 +235,15 @@ class Domain:
                  for k, v in layer.items()} for layer in self.caches]
 
     def set_rank_pages(self, rank: int, pages: list[dict]) -> None:
-        """Replace rank ``rank``'s pages (e.g. KV pulled from prefill), keeping the others'."""
+        """Replace rank ``rank``'s pages (e.g. KV pulled from prefill), keeping the others';
+        a process that does not hold the rank's device has nothing to replace."""
         dev = self.devices[rank]
+        if dev.process_index != jax.process_index():
+            return
         for layer, new in zip(self.caches, pages, strict=True):
             for k, v in layer.items():
                 shards = {s.device: s.data for s in v.addressable_shards}
                 shards[dev] = jax.device_put(new[k], dev)
                 layer[k] = jax.make_array_from_single_device_arrays(
-                    v.shape, v.sharding, [shards[d] for d in self.devices])
+                    v.shape, v.sharding, [shards[d] for d in self.devices if d in shards])
 

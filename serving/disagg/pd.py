@@ -32,6 +32,7 @@ import dataclasses
 import logging
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +59,7 @@ class Arrival:
     offered_at: float  # time.perf_counter(), the timeline's clock
     pulled_at: float | None = None
     failures: int = 0  # failed pulls so far
+    hidden: Any = None  # speculative decoding: the prefill's pending target hidden state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +127,10 @@ class PrefillGroup(DPGroup):
             if not any(s.seq_id in self._owners for s in request.seqs):
                 self.requests.pop(request.request_id, None)
             last = not any(s.seq_id in self._owners for s in request.seqs if not s.finished)
+            hidden = getattr(self.runner, "pending", {}).pop(seq.seq_id, None)
             try:
-                self.router.handoff(self, request, seq, table, last=last)
+                self.router.handoff(self, request, seq, table, last=last,
+                                    hidden=hidden)
             except NoHealthyGroupError as error:  # every decode group is out of service
                 del self._held[seq.seq_id]
                 self.blocks.free(seq.seq_id)
@@ -259,6 +263,8 @@ class DecodeGroup(DPGroup):
             channel.receive(self.runner.import_kv)
             landed |= set(channel.arrived())
         self.blocks.mark_computed(seq.seq_id, seq.all_ids, seq.num_tokens - 1)
+        if arrival.hidden is not None and hasattr(self.runner, "pending"):
+            self.runner.pending[seq.seq_id] = arrival.hidden  # the first step can draft
         now = time.perf_counter()
         c = self.transfer
         c.transfers += 1
@@ -326,9 +332,10 @@ class PDRouter:
         return self._by_index[index]
 
     def handoff(self, source: PrefillGroup, request: Request, seq: Sequence,
-                table: list[int], *, last: bool) -> None:
+                table: list[int], *, last: bool, hidden: Any = None) -> None:
         """(Prefill thread) Offer ``seq``'s KV blocks ``table`` to the request's decode
-        group. ``last``: no other sequence of the request remains in ``source``. A decode
+        group. ``last``: no other sequence of the request remains in ``source``; ``hidden``:
+        its last target hidden state (speculative decoding), sent along with the KV. A decode
         group fenced at this moment gets nothing: the offer is cancelled and the sequence
         prefilled again."""
         with self._lock:
@@ -341,7 +348,8 @@ class PDRouter:
             channel.offer(seq.seq_id, source.runner.export_kv, table)
             self._offers[source.index, seq.seq_id] = _Offer(source.index, channel, request, seq)
             try:
-                target.deliver(Arrival(request, seq, channel, time.perf_counter()))
+                target.deliver(Arrival(request, seq, channel, time.perf_counter(),
+                                       hidden=hidden))
                 return
             except GroupFencedError:
                 channel.cancel(seq.seq_id)

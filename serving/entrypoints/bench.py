@@ -5,6 +5,11 @@ optionally capped at ``max_concurrency`` in flight. Each one streams, so the cli
 time to first token (TTFT), inter-token latency (ITL, between streamed chunks), time per output
 token after the first (TPOT) and end-to-end latency (E2EL). Token counts come from the server's
 ``usage`` (``stream_options.include_usage``), so no tokenizer is needed here.
+
+The shipped prompts are questions and instructions, so they go to the chat endpoint by default:
+a raw completion of them often ends at once with no text, which counts as a failure (there is no
+first token to time). Every failure is counted and its reason reported; the achieved request
+rate (how fast requests actually went out) is reported beside the offered one.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
@@ -25,6 +31,9 @@ from tqdm import tqdm
 SHIPPED_DATASET = Path(__file__).parent / "datasets" / "prompts.jsonl"
 METRICS = ("ttft", "tpot", "itl", "e2el")
 PERCENTILES = (90, 99)
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+NO_TEXT = ("the stream held no text (the model ended at once; try --endpoint "
+           "/v1/chat/completions or --ignore-eos)")
 
 
 class BenchError(RuntimeError):
@@ -47,6 +56,7 @@ class RequestResult:
     latency: float = 0.0
     text: str = ""
     error: str = ""
+    sent_at: float = 0.0  # perf_counter when the request went out
 
     @property
     def tpot(self) -> float | None:
@@ -93,7 +103,7 @@ async def send(client: httpx.AsyncClient, url: str, model: str, request: BenchRe
     else:
         body["prompt"] = request.prompt
     result, chunks = RequestResult(), []
-    start = last = time.perf_counter()
+    start = last = result.sent_at = time.perf_counter()
     try:
         async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
@@ -124,7 +134,7 @@ async def send(client: httpx.AsyncClient, url: str, model: str, request: BenchRe
         result.text = "".join(chunks)
         result.success = bool(chunks) or result.output_len == 0
         if not result.success:
-            result.error = "the stream held no text"
+            result.error = NO_TEXT
     except (httpx.HTTPError, json.JSONDecodeError) as error:
         result.error = f"{type(error).__name__}: {error}"
     return result
@@ -170,15 +180,32 @@ async def run_one_rate(url: str, model: str, requests: list[BenchRequest], rate:
     return list(results), duration
 
 
+def achieved_rate(results: list[RequestResult]) -> float:
+    """Requests per second as they actually went out (first to last send); inf when they all
+    left at once."""
+    sent = sorted(r.sent_at for r in results)
+    spread = sent[-1] - sent[0] if len(sent) > 1 else 0.0
+    return (len(sent) - 1) / spread if spread > 1e-3 else math.inf
+
+
+def error_counts(results: list[RequestResult]) -> dict[str, int]:
+    """How many requests failed for each reason, most frequent first."""
+    counts = Counter(r.error for r in results if not r.success)
+    return dict(counts.most_common())
+
+
 def summarize(results: list[RequestResult], duration: float) -> dict:
     """Throughputs and latency statistics (milliseconds), plus the per-request lists."""
     ok = [r for r in results if r.success]
+    rate = achieved_rate(results)
     input_tokens = sum(r.prompt_len for r in ok)
     output_tokens = sum(r.output_len for r in ok)
     samples = {"ttft": [r.ttft for r in ok], "tpot": [r.tpot for r in ok if r.tpot is not None],
                "itl": [gap for r in ok for gap in r.itl], "e2el": [r.latency for r in ok]}
     summary = {
-        "duration": duration, "completed": len(ok), "failed": len(results) - len(ok),
+        "duration": duration, "num_requests": len(results), "completed": len(ok),
+        "failed": len(results) - len(ok), "failure_reasons": error_counts(results),
+        "achieved_request_rate": "inf" if math.isinf(rate) else rate,
         "total_input_tokens": input_tokens, "total_output_tokens": output_tokens,
         "request_throughput": len(ok) / duration, "input_throughput": input_tokens / duration,
         "output_throughput": output_tokens / duration,
@@ -215,7 +242,8 @@ def fetch_model(base_url: str, model: str | None) -> tuple[str, int | None]:
 def run_benchmark(args) -> list[dict]:
     """Run ``xds bench`` (``args`` from its parser): one result dict per request rate."""
     base_url = args.url.rstrip("/")
-    chat = args.endpoint.endswith("chat/completions")
+    endpoint = args.endpoint or (COMPLETIONS if args.random_input_len is not None else CHAT)
+    chat = endpoint == CHAT
     if chat and args.random_input_len is not None:
         raise BenchError("random token prompts need --endpoint /v1/completions")
     if args.max_concurrency is not None and args.max_concurrency < 1:
@@ -228,12 +256,12 @@ def run_benchmark(args) -> list[dict]:
     runs = []
     for rate in args.request_rate:
         results, duration = asyncio.run(run_one_rate(
-            base_url + args.endpoint, model, requests, rate, args.max_concurrency, chat,
+            base_url + endpoint, model, requests, rate, args.max_concurrency, chat,
             args.ignore_eos or args.random_input_len is not None, args.burstiness, args.seed,
             not args.disable_tqdm))
         runs.append({
             "date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": "openai",
-            "base_url": base_url, "endpoint": args.endpoint, "model_id": model,
+            "base_url": base_url, "endpoint": endpoint, "model_id": model,
             "dataset": "random" if args.random_input_len is not None
             else str(args.dataset or SHIPPED_DATASET.name),
             "num_prompts": args.num_prompts, "request_rate": "inf" if math.isinf(rate) else rate,
@@ -244,8 +272,11 @@ def run_benchmark(args) -> list[dict]:
 
 def format_summary(run: dict) -> str:
     """A human-readable table of one run, like vLLM's."""
-    rows = [("Successful requests", run["completed"]), ("Failed requests", run["failed"]),
-            ("Request rate (req/s)", run["request_rate"]),
+    achieved = run["achieved_request_rate"]
+    rows = [("Requests sent", run["num_requests"]), ("Successful requests", run["completed"]),
+            ("Failed requests", run["failed"]),
+            ("Offered request rate (req/s)", run["request_rate"]),
+            ("Achieved request rate (req/s)", achieved if achieved == "inf" else f"{achieved:.2f}"),
             ("Benchmark duration (s)", f"{run['duration']:.2f}"),
             ("Total input tokens", run["total_input_tokens"]),
             ("Total generated tokens", run["total_output_tokens"]),
@@ -259,4 +290,6 @@ def format_summary(run: dict) -> str:
     lines = ["{:=^60}".format(" Serving Benchmark Result ")]
     lines += [f"{label:<44}{value:>16}" for label, value in rows]
     lines.append("=" * 60)
+    for reason, count in list(run["failure_reasons"].items())[:5]:
+        lines.append(f"failed x{count}: {reason[:200]}")
     return "\n".join(lines)

@@ -1,5 +1,7 @@
-"""Plots of ``xds bench`` results (matplotlib, Agg): latency CDFs per request rate and, when
-several rates ran, throughput and latency against the rate."""
+"""Plots of ``xds bench`` results (matplotlib, Agg): latency CDFs per request rate, with the
+p50/p90/p99 of each marked, and, when several rates ran, throughput, achieved request rate and
+latency against the offered rate. The title says how many requests were sent and how many
+failed, since the curves are drawn from the successful ones only."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import numpy as np  # noqa: E402
 
 CDF_PANELS = (("ttfts", "Time to first token"), ("tpots", "Time per output token"),
               ("itls", "Inter-token latency"), ("e2els", "End-to-end latency"))
+MARKS = ((50, "o"), (90, "s"), (99, "^"))  # percentiles marked on each CDF
 
 
 def _samples_ms(run: dict, key: str) -> np.ndarray:
@@ -36,7 +39,25 @@ def _rate(run: dict) -> float:
 
 def _label(run: dict) -> str:
     label = f"{run['request_rate']} req/s"
-    return label + (f", ≤{run['max_concurrency']} in flight" if run["max_concurrency"] else "")
+    label += f", ≤{run['max_concurrency']} in flight" if run["max_concurrency"] else ""
+    return label + f" ({run['completed']}/{run['num_requests']} ok)"
+
+
+def plot_title(runs: list[dict]) -> str:
+    sent = sum(r["num_requests"] for r in runs)
+    failed = sum(r["failed"] for r in runs)
+    per_rate = f" over {len(runs)} rates" if len(runs) > 1 else ""
+    return (f"xds bench: {runs[0]['model_id']} {runs[0]['endpoint']}, {sent} requests{per_rate}"
+            f", {sent - failed} completed, {failed} failed")
+
+
+def _mark_percentiles(ax, values: np.ndarray, color: str) -> None:
+    """Dots at the p50/p90/p99 of a sorted sample on its CDF, each labelled with its value."""
+    for p, marker in MARKS:
+        x = float(np.percentile(values, p))
+        ax.plot([x], [p / 100], marker=marker, color=color, markersize=6, linestyle="none")
+        ax.annotate(f"p{p} {x:.3g}", (x, p / 100), textcoords="offset points", xytext=(5, -10),
+                    fontsize="x-small", color=color)
 
 
 def plot_results(runs: list[dict], path: str | Path) -> Path:
@@ -50,14 +71,17 @@ def plot_results(runs: list[dict], path: str | Path) -> Path:
         for run in runs:
             values = _samples_ms(run, key)
             if values.size:
-                ax.step(values, np.arange(1, values.size + 1) / values.size, where="post",
-                        label=_label(run))
+                line, = ax.step(values, np.arange(1, values.size + 1) / values.size,
+                                where="post", label=_label(run))
+                _mark_percentiles(ax, values, line.get_color())
+            elif not run["completed"]:
+                ax.plot([], [], label=_label(run) + ": no samples")
         ax.set(title=f"{title} (CDF)", xlabel="ms", ylabel="fraction of samples", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     if sweep:
         _plot_sweep(grid[2], grid[5], runs)
-    fig.suptitle(f"xds bench: {runs[0]['model_id']}, {runs[0]['num_prompts']} prompts")
+    fig.suptitle(plot_title(runs))
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
@@ -76,17 +100,20 @@ def _plot_sweep(throughput_ax, latency_ax, runs: list[dict]) -> None:
                        label="total tok/s")
     requests_ax = throughput_ax.twinx()
     requests_ax.plot(xs, [r["request_throughput"] for r in runs], "^:", color="tab:red",
-                     label="requests/s")
+                     label="completed req/s")
+    achieved = [inf_x if r["achieved_request_rate"] == "inf" else r["achieved_request_rate"]
+                for r in runs]
+    requests_ax.plot(xs, achieved, "v-.", color="tab:purple", label="achieved (sent) req/s")
     requests_ax.set_ylabel("requests/s")
-    throughput_ax.set(title="Throughput vs request rate", xlabel="request rate (req/s)",
-                      ylabel="tokens/s")
+    throughput_ax.set(title="Throughput vs offered request rate",
+                      xlabel="offered request rate (req/s)", ylabel="tokens/s")
     for name, style in (("ttft", "o-"), ("tpot", "s-"), ("itl", "^-")):
         latency_ax.plot(xs, [r[f"median_{name}_ms"] for r in runs], style,
                         label=f"median {name.upper()}")
         latency_ax.plot(xs, [r[f"p99_{name}_ms"] for r in runs], style.replace("-", "--"),
                         label=f"p99 {name.upper()}")
-    latency_ax.set(title="Latency vs request rate", xlabel="request rate (req/s)", ylabel="ms",
-                   yscale="log")
+    latency_ax.set(title="Latency vs offered request rate", xlabel="offered request rate (req/s)",
+                   ylabel="ms", yscale="log")
     for ax in (throughput_ax, latency_ax):
         ax.set_xticks(xs, ticks)
         ax.grid(alpha=0.3)

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from serving.entrypoints.cli_args import build_parser
-from serving.entrypoints.launch import finish_trace, load_engine
+from serving.entrypoints.launch import finish_trace, load_engine, run_follower
 
 log = logging.getLogger("xds")
 
@@ -158,8 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["plan"]:
             return cmd_plan(argv[1:])
+        if argv[:1] == ["launch"]:
+            from serving.distributed.launcher import main as launch_main
+
+            return launch_main(argv[1:])
         args = build_parser().parse_args(argv)
         setup_logging(args.log_level)
+        if getattr(args, "process_id", 0):  # another process runs the command; follow it
+            return run_follower(args)
         COMMANDS[args.command](args)
         return 0
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 EPILOG = "Run `xds <command> --help` for the options of each command."
 
@@ -12,6 +13,16 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
     return value
 
 
@@ -43,7 +54,7 @@ def positive_float(text: str) -> float:
 # ``max_num_seqs``); their defaults are ``EngineConfig``'s. ``launch.engine_args`` maps them.
 ENGINE_FIELDS = ("model", "dtype", "max_model_len", "seed", "num_dp_groups", "max_num_seqs",
                  "max_num_batched_tokens", "block_size", "enable_prefix_caching", "staged",
-                 "micro_batches", "max_queue", "faults", "heartbeat_timeout_s",
+                 "micro_batches", "speculative_config", "faults", "heartbeat_timeout_s",
                  "kv_transfer_retries")
 
 
@@ -84,9 +95,6 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--staged", action="store_true", default=d.staged,
                        help="run steps as separately jitted stage programs: faster to "
                        "compile, slower to run")
-    group.add_argument("--max-queue", type=positive_int, default=d.max_queue, metavar="N",
-                       help="requests in flight before new ones get HTTP 429 "
-                       "(default: %(default)s)")
     group.add_argument("--num-dp-groups", type=positive_int, default=d.num_dp_groups,
                        metavar="N", help="data-parallel groups when no deployment file is "
                        "given (default: %(default)s)")
@@ -98,6 +106,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        "(default: $XDS_CPU_DEVICES, else JAX's)")
     group.add_argument("--seed", type=int, default=d.seed,
                        help="seed of random weights (config-only models) (default: %(default)s)")
+    group.add_argument("--speculative-config", type=json_object, metavar="JSON",
+                       default=d.speculative_config,
+                       help='speculative decoding, e.g. \'{"method": "mtp", '
+                       '"num_speculative_tokens": 2}\' (needs MTP weights)')
     group.add_argument("--no-warmup", action="store_true",
                        help="skip the warm-up request that compiles the step programs up front")
     group.add_argument("--fault", dest="faults", action="append", type=fault_spec, default=[],
@@ -111,6 +123,61 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-transfer-retries", type=int, default=d.kv_transfer_retries,
                        metavar="N", help="PD: a failed KV pull is retried N times, then the "
                        "sequence is prefilled again (default: %(default)s)")
+    add_process_options(parser)
+
+
+def add_process_options(parser: argparse.ArgumentParser) -> None:
+    """Several ``jax.distributed`` processes serving one engine (``xds launch`` sets them)."""
+    group = parser.add_argument_group("processes (docs/multihost.md)")
+    group.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="jax.distributed coordinator, on process 0's host; with it this "
+                       "process is one of --num-processes sharing the deployment's devices")
+    group.add_argument("--num-processes", type=positive_int, default=1, metavar="N",
+                       help="processes in all (default: %(default)s)")
+    group.add_argument("--process-id", type=int, default=0, metavar="I",
+                       help="this process, 0..N-1; process 0 runs the control plane and "
+                       "prints, the others follow it (default: %(default)s)")
+
+
+# -- admission, shutdown and access (``xds serve``) ---------------------------------------------
+# ``EngineArgs`` fields set by the admission flags of the same name (``launch.engine_args``).
+ADMISSION_FIELDS = ("max_num_queued_reqs", "max_num_queued_tokens")
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {text}")
+    return value
+
+
+def add_admission_options(parser: argparse.ArgumentParser) -> None:
+    from serving.core.async_engine import EngineArgs
+    from serving.entrypoints.server_guards import DEFAULT_MAX_REQUEST_BYTES
+
+    d = EngineArgs()
+    group = parser.add_argument_group("admission, shutdown and access")
+    group.add_argument("--max-num-queued-reqs", "--max-queue", type=positive_int,
+                       default=d.max_num_queued_reqs, metavar="N",
+                       help="most sequences in flight, running or waiting (a request counts "
+                       "prompts x n); more are answered 503 with Retry-After "
+                       "(default: %(default)s)")
+    group.add_argument("--max-num-queued-tokens", type=positive_int,
+                       default=d.max_num_queued_tokens, metavar="N",
+                       help="most prompt tokens of the requests in flight; more are answered "
+                       "503 with Retry-After (default: %(default)s)")
+    group.add_argument("--shutdown-timeout", type=non_negative_float, default=30.0,
+                       metavar="SECONDS",
+                       help="on SIGTERM, let requests in flight finish for up to this long "
+                       "(new ones get 503), then abort the rest and exit 0; 0 stops at once "
+                       "(default: %(default)s)")
+    group.add_argument("--api-key", metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on every route but /health "
+                       "and /metrics (default: $XDS_API_KEY; none: open)")
+    group.add_argument("--max-request-bytes", type=positive_int,
+                       default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
+                       help="largest request body accepted; larger ones get 413 "
+                       "(default: %(default)s, 16 MiB)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -154,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--request-timeout", type=positive_float, metavar="SECONDS",
                        help="abort requests running longer than this (HTTP 504); "
                        "default: no limit")
+    add_admission_options(serve)
 
     generate = commands.add_parser(
         "generate", parents=[common], help="complete prompts and print the text",
@@ -180,9 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmark_serving.py.")
     bench.add_argument("--url", default="http://127.0.0.1:8000",
                        help="server base URL (default: %(default)s)")
-    bench.add_argument("--endpoint", default="/v1/completions",
-                       choices=["/v1/completions", "/v1/chat/completions"],
-                       help="API to load (default: %(default)s)")
+    bench.add_argument("--endpoint", choices=["/v1/completions", "/v1/chat/completions"],
+                       help="API to load (default: /v1/chat/completions for dataset prompts, "
+                       "/v1/completions for --random-input-len)")
     bench.add_argument("--model", help="model name to send (default: the server's first)")
     bench.add_argument("--num-prompts", type=positive_int, default=100, metavar="N",
                        help="requests per rate (default: %(default)s)")
@@ -212,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="draw latency CDFs (and throughput vs rate for a sweep)")
     bench.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
 
+    commands.add_parser("launch", add_help=False,
+                        help="run an xds command as N local processes (see `xds launch --help`)")
     commands.add_parser("plan", add_help=False,
                         help="plan a deployment's sharding and memory (see `xds plan --help`)")
     return parser

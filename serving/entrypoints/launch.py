@@ -53,23 +53,51 @@ class Status:
 
 def engine_args(args: argparse.Namespace) -> Any:
     """The ``EngineArgs`` of parsed ``xds`` options, with the deployment file read once here;
-    sizes the simulated CPU mesh to it before JAX starts. Every engine flag sets the field of
-    its name (``cli_args.ENGINE_FIELDS``), except ``--kv-cache-gib`` (``kv_cache_bytes``) and
-    ``--trace`` (a file to save; ``trace`` is on when given)."""
+    sizes the simulated CPU mesh to it before JAX starts. Every engine and admission flag sets
+    the field of its name (``cli_args.ENGINE_FIELDS``, ``ADMISSION_FIELDS``), except
+    ``--kv-cache-gib`` (``kv_cache_bytes``) and ``--trace`` (a file to save; ``trace`` is on
+    when given)."""
     from sharding import read_deployment
     from sharding.devices import configure_cpu_devices
 
     deployment = read_deployment(args.deployment) if args.deployment else None
+    distributed = join_processes(args, deployment)
     count = args.cpu_devices
     if count is None and deployment is not None and not os.environ.get("XDS_CPU_DEVICES"):
         count = deployment.num_devices
     configure_cpu_devices(count)
     from serving.core.async_engine import EngineArgs
-    from serving.entrypoints.cli_args import ENGINE_FIELDS
+    from serving.entrypoints.cli_args import ADMISSION_FIELDS, ENGINE_FIELDS
 
-    return EngineArgs(**{name: getattr(args, name) for name in ENGINE_FIELDS},
+    # Only ``xds serve`` has the admission flags; the other commands keep the defaults.
+    admission = {name: getattr(args, name) for name in ADMISSION_FIELDS if hasattr(args, name)}
+    return EngineArgs(**{name: getattr(args, name) for name in ENGINE_FIELDS}, **admission,
                       deployment=deployment, kv_cache_bytes=int(args.kv_cache_gib * GIB),
-                      trace=bool(args.trace))
+                      trace=bool(args.trace), distributed=distributed)
+
+
+def join_processes(args: argparse.Namespace, deployment: Any) -> Any:
+    """With ``--coordinator``: join the other processes before JAX starts, each simulating
+    its share of the deployment's devices on CPU; the ``DistributedConfig``, else None."""
+    if not getattr(args, "coordinator", None):
+        return None
+    from sharding.processes import DistributedConfig, initialize, native_stdout_to_stderr
+
+    native_stdout_to_stderr()
+    config = DistributedConfig(args.coordinator, args.num_processes, args.process_id)
+    needed = deployment.num_devices if deployment is not None else args.num_dp_groups
+    initialize(config, args.cpu_devices or needed)
+    return config
+
+
+def run_follower(args: argparse.Namespace) -> int:
+    """A process other than 0: build the same engine and run process 0's steps until it
+    stops (prints nothing; process 0 prints)."""
+    from serving.core.async_engine import AsyncEngine
+
+    engine = AsyncEngine.from_args(engine_args(args))
+    engine.llm.follow()
+    return 0
 
 
 def load_engine(args: argparse.Namespace) -> Any:

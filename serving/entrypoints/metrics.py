@@ -1,8 +1,8 @@
 """Prometheus metrics of the server: latency histograms per request, engine gauges per scrape.
 
 Names follow vLLM's (``xds:`` instead of ``vllm:``): TTFT, TPOT, ITL and end-to-end histograms,
-running/waiting requests, KV use, prefix-cache hit rate, token counters, per-collective latency
-and per-expert load.
+running/waiting requests, KV use and free blocks, prefix-cache hit rate, token counters,
+admission (what is admitted, rejections by reason), per-collective latency and per-expert load.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from serving.core.admission import REJECT_REASONS
 from xds_jax.outputs import RequestOutput
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -44,6 +45,12 @@ class ServerMetrics:
                              E2E_BUCKETS)
         self.finished = Counter("xds:request_success", "Finished requests by finish reason.",
                                 ["model_name", "finished_reason"], registry=registry)
+        self.rejections = Counter(
+            "xds:admission_rejections", "Requests turned away with 503, by reason: queued_reqs "
+            "(--max-num-queued-reqs), queued_tokens (--max-num-queued-tokens), shutting_down.",
+            ["model_name", "reason"], registry=registry)
+        for reason in REJECT_REASONS:
+            self.rejections.labels(model, reason)
         self.model = model
         registry.register(EngineCollector(engine, model))
 
@@ -95,6 +102,13 @@ class EngineCollector:
                 ("xds:kv_cache_usage_perc", "kv_usage", "Fraction of KV blocks in use (0-1)."),
                 ("xds:prefix_cache_hit_rate", "prefix_hit_rate",
                  "Fraction of prompt tokens served from cached prefixes (0-1)."),
+                ("xds:kv_cache_free_blocks", "kv_free_blocks",
+                 "KV blocks no sequence holds (cached prefixes included), all groups."),
+                ("xds:kv_cache_total_blocks", "kv_total_blocks", "KV blocks, all groups."),
+                ("xds:num_admitted_seqs", "admitted_seqs",
+                 "Sequences admitted and not finished (counted against --max-num-queued-reqs)."),
+                ("xds:num_admitted_prompt_tokens", "admitted_tokens",
+                 "Prompt tokens admitted and not finished (against --max-num-queued-tokens)."),
                 ("xds:healthy_groups", "healthy_groups", "DP groups in service.")):
             gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
             gauge.add_metric([m], float(stats.get(key, 0.0)))
@@ -104,6 +118,12 @@ class EngineCollector:
                 ("xds:prompt_tokens", "prompt_tokens_total", "Prompt tokens prefilled."),
                 ("xds:generation_tokens", "generation_tokens_total", "Tokens generated."),
                 ("xds:kv_transfers", "kv_transfers", "PD: KV transfers pulled by decode."),
+                ("xds:spec_decode_num_drafts", "spec_num_drafts",
+                 "Speculative decoding: draft proposals verified."),
+                ("xds:spec_decode_num_draft_tokens", "spec_draft_tokens",
+                 "Speculative decoding: tokens drafted."),
+                ("xds:spec_decode_num_accepted_tokens", "spec_accepted_tokens",
+                 "Speculative decoding: drafted tokens accepted."),
                 ("xds:kv_transfer_bytes", "kv_bytes_sent", "PD: KV bytes moved to decode."),
                 ("xds:kv_transfer_wait_seconds", "kv_wait_s",
                  "PD: time prefilled KV waited for decode room (backpressure)."),

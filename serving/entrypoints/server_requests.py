@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from serving.core.admission import OverloadedError, RequestTooLargeError
 from serving.entrypoints import openai_protocol as api
 from xds_jax.errors import PromptTooLongError, SamplingParamsError
 from xds_jax.llm import InvalidPromptError
@@ -15,7 +16,8 @@ from xds_jax.text.tokenizer import TokenizerError, chat_template_options
 
 log = logging.getLogger(__name__)
 
-ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
+               404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
                504: "timeout_error"}
 Prompt = tuple[str | None, list[int]]  # (text if given as text, token ids)
 
@@ -24,9 +26,10 @@ class ApiError(Exception):
     """An error answered as an OpenAI error body with HTTP ``status``."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         kind = ERROR_TYPES.get(self.status, "server_error")
@@ -34,7 +37,7 @@ class ApiError(Exception):
         return api.ErrorResponse(error=info).model_dump()
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def engine_error(error: Exception) -> ApiError:
@@ -49,9 +52,11 @@ def engine_error(error: Exception) -> ApiError:
         return ApiError(400, str(error), str(error).split()[0], "invalid_value")
     if type(error).__name__ == "RequestFailedError":  # that request alone; the engine serves on
         return ApiError(500, str(error), None, "request_failed")
-    if type(error).__name__ == "QueueFullError":
-        return ApiError(429, f"the server is overloaded, retry later: {error}", None,
-                        "rate_limit_exceeded")
+    if isinstance(error, OverloadedError):
+        code = "shutting_down" if error.reason == "shutting_down" else "overloaded"
+        return ApiError(503, str(error), None, code, {"Retry-After": str(error.retry_after_s)})
+    if isinstance(error, RequestTooLargeError):
+        return ApiError(400, str(error), error.field, "request_too_large")
     log.error("request failed: %s: %s", type(error).__name__, error, exc_info=error)
     return ApiError(500, f"internal error: {type(error).__name__}: {error}")
 
@@ -98,7 +103,10 @@ def completion_prompts(prompt: Any, tokenizer: Any) -> list[Prompt]:
         if isinstance(item, str):
             if tokenizer is None:
                 raise ApiError(400, "this model has no tokenizer; send token ids", "prompt")
-            result.append((item, tokenizer.encode(item)))
+            try:
+                result.append((item, tokenizer.encode(item)))
+            except TokenizerError as error:
+                raise ApiError(400, f"prompt: {error}", "prompt", "invalid_prompt") from None
         else:
             result.append((None, list(item)))
     return result

@@ -51,8 +51,25 @@ def package_version() -> str:
         return "0+unknown"
 
 
+def tokenize_ids(tok: Any, req: TokenizeRequest) -> list[int]:
+    """The token ids of a ``/tokenize`` request (run on a tokenizer thread)."""
+    try:
+        if req.messages is not None:
+            add_prompt, kwargs = chat_template_options(req.add_generation_prompt,
+                                                       req.chat_template_kwargs)
+            text = tok.apply_chat_template(req.messages, add_generation_prompt=add_prompt,
+                                           **kwargs)
+            return tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
+        special = True if req.add_special_tokens is None else req.add_special_tokens
+        return tok.encode(req.prompt, add_special_tokens=special)
+    except TokenizerError as error:
+        field = "messages" if req.messages is not None else "prompt"
+        raise ApiError(400, f"{field}: {error}", field, "invalid_value") from None
+
+
 def add_tokenizer_routes(app: FastAPI, served: Any) -> None:
-    """Register the routes on ``app``; ``served`` gives the engine and the served names."""
+    """Register the routes on ``app``; ``served`` gives the engine, the served names and the
+    tokenizer threads."""
     engine = served.engine
 
     def tokenizer():
@@ -67,19 +84,7 @@ def add_tokenizer_routes(app: FastAPI, served: Any) -> None:
         tok = tokenizer()
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "send either 'prompt' or 'messages'", "prompt", "invalid_value")
-        try:
-            if req.messages is not None:
-                add_prompt, kwargs = chat_template_options(req.add_generation_prompt,
-                                                           req.chat_template_kwargs)
-                text = tok.apply_chat_template(req.messages, add_generation_prompt=add_prompt,
-                                               **kwargs)
-                ids = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
-            else:
-                special = True if req.add_special_tokens is None else req.add_special_tokens
-                ids = tok.encode(req.prompt, add_special_tokens=special)
-        except TokenizerError as error:
-            field = "messages" if req.messages is not None else "prompt"
-            raise ApiError(400, f"{field}: {error}", field, "invalid_value") from None
+        ids = await served.off_loop(tokenize_ids, tok, req)
         strs = [tok.id_to_token(i) or "" for i in ids] if req.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids,
                                 token_strs=strs).model_dump()

@@ -1,5 +1,5 @@
 """Test doubles for the server tests: a fake engine with the ``AsyncEngine`` interface (fixed
-tokens, adjustable speed and queue) and a real uvicorn server on a loopback port."""
+tokens, adjustable speed and admission limits) and a real uvicorn server on a loopback port."""
 
 from __future__ import annotations
 
@@ -14,16 +14,13 @@ import httpx
 import openai
 import uvicorn
 
+from serving.core.admission import Admission
 from serving.entrypoints.server import build_app
 from xds_jax.errors import PromptTooLongError
 from xds_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from xds_jax.text.tokenizer import TokenizerError
+from xds_jax.text.tokenizer import TokenizerError, check_unicode
 
 REPLY = "The answer is 42. Then it repeats. "
-
-
-class QueueFullError(RuntimeError):
-    """Named like ``serving.core.async_engine.QueueFullError``, which the server maps to 429."""
 
 
 class ByteTokenizer:
@@ -33,6 +30,7 @@ class ByteTokenizer:
     chat_template = "<role>content"
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_unicode(text, "text")
         return [1] * add_special_tokens + [b + 3 for b in text.encode()]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -48,18 +46,18 @@ class ByteTokenizer:
 class FakeEngine:
     """Writes ``REPLY`` (sample i starting i characters in) one byte-token per ``delay`` s."""
 
-    def __init__(self, delay: float = 0.0, max_queue: int = 64, max_model_len: int = 128):
+    def __init__(self, delay: float = 0.0, max_num_queued_reqs: int = 64,
+                 max_model_len: int = 128, max_num_queued_tokens: int = 1 << 20):
         self.model_name, self.tokenizer = "fake", ByteTokenizer()
         self.cfg = SimpleNamespace(vocab_size=259)
-        self.delay, self.max_queue, self.max_model_len = delay, max_queue, max_model_len
+        self.delay, self.max_model_len = delay, max_model_len
+        self.admission = Admission(max_num_queued_reqs, max_num_queued_tokens)
         self.active: set[str] = set()
         self.aborted: list[str] = []
 
     async def generate(self, prompt_ids, params, request_id, prompt=None):
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise PromptTooLongError("prompt too long")
-        if len(self.active) >= self.max_queue:
-            raise QueueFullError(f"{len(self.active)} requests in flight")
         self.active.add(request_id)
         metrics = RequestMetrics(arrival_time=time.monotonic())
         samples = [CompletionOutput(i, "", [], logprobs=[] if params.logprobs is not None

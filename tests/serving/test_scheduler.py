@@ -384,3 +384,31 @@ def test_only_with_no_runnable_suspect_schedules_nothing_and_raises_nothing():
     sched = _make()
     sched.add(_seq([1, 2, 3]))
     assert sched.schedule(only={12345}).is_empty
+
+
+def test_lookahead_slots_are_reserved_and_trimmed_to_the_accepted_tokens():
+    """Speculative decoding: a decode reserves 1 + k slots; ``update`` keeps only the KV of
+    tokens actually appended, frees blocks past them and hashes no rejected token."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=16, num_lookahead_tokens=3)
+    seq = Sequence(list(range(1, 8)), SamplingParams(max_tokens=20, ignore_eos=True))
+    sched.add(seq)
+    out = sched.schedule()
+    seq.append(50)
+    sched.update(out)
+    out = sched.schedule()
+    item = out.scheduled[0]
+    assert (item.start, item.num_tokens, item.num_lookahead) == (7, 1, 3)
+    assert bm.num_reserved_tokens(seq.seq_id) == 11 and len(bm.block_table(seq.seq_id)) == 3
+    seq.append(51)  # one draft accepted, then the target's token
+    seq.append(52)
+    sched.update(out)
+    assert sched.num_computed_tokens(seq.seq_id) == 9
+    assert bm.num_reserved_tokens(seq.seq_id) == 9 and len(bm.block_table(seq.seq_id)) == 3
+    assert bm.num_cached_blocks == 2  # blocks [1..4], [5, 6, 7, 50]: accepted tokens only
+    out = sched.schedule()
+    seq.append(53)
+    sched.update(out)
+    assert bm.num_reserved_tokens(seq.seq_id) == 10
+    sched.abort(seq.seq_id)
+    assert bm.num_free_blocks == 8

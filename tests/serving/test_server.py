@@ -153,15 +153,16 @@ def test_disconnect_aborts():
                           json={**body, "max_tokens": 2}).status_code == 200
 
 
-def test_queue_full_is_429():
-    engine = FakeEngine(delay=0.02, max_queue=1)
+def test_queue_full_is_503_with_retry_after():
+    engine = FakeEngine(delay=0.02, max_num_queued_reqs=1)
     with serve(engine) as server:
         c = client(server)
         stream = c.completions.create(model="fake", prompt="a", max_tokens=50, stream=True)
-        with pytest.raises(openai.RateLimitError) as error:
+        with pytest.raises(openai.InternalServerError) as error:
             c.completions.create(model="fake", prompt="b", max_tokens=5)
-        assert error.value.status_code == 429
-        assert error.value.body["code"] == "rate_limit_exceeded"
+        assert error.value.status_code == 503
+        assert error.value.body["code"] == "overloaded"
+        assert error.value.response.headers["retry-after"] == "1"
         assert "".join(chunk.choices[0].text for chunk in stream) == (REPLY * 2)[:50]
         assert c.completions.create(model="fake", prompt="b", max_tokens=2).choices[0].text
 
@@ -215,6 +216,18 @@ def test_bad_input(fake, path, body, status, param):
     assert error["param"] == param
     assert httpx.post(fake.url + "/v1/completions",
                       json={"model": "fake", "prompt": "ok", "max_tokens": 1}).status_code == 200
+
+
+def test_bad_prompt_keeps_the_connection(fake):
+    """A request error is answered without closing the keep-alive connection (found by
+    benchmarks/chaos.py: the next request on it failed with a ReadError)."""
+    with httpx.Client(base_url=fake.url) as c:
+        for _ in range(3):
+            bad = c.post("/v1/completions", content=b'{"model": "fake", "prompt": "\\ud800"}',
+                         headers={"Content-Type": "application/json"})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+            assert c.post("/v1/completions", json={"model": "fake", "prompt": "ok",
+                                                   "max_tokens": 1}).status_code == 200
 
 
 def test_unknown_route_has_error_body(fake):

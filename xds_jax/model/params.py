@@ -102,9 +102,11 @@ def _is_norm(path: tuple) -> bool:
     return name.endswith("norm")
 
 
-def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, scale: float = 0.02) -> dict:
-    """Random weights (normal(0, scale), norms 1) for simulation, tests and planning."""
-    shapes = param_shapes(cfg)
+def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, scale: float = 0.02,
+                with_mtp: bool = False) -> dict:
+    """Random weights (normal(0, scale), norms 1) for simulation, tests and planning; with
+    ``with_mtp``, the config's MTP blocks too."""
+    shapes = param_shapes(cfg, with_mtp=with_mtp)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(
         shapes, is_leaf=lambda x: isinstance(x, tuple)
     )

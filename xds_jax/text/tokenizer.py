@@ -252,7 +252,9 @@ class Tokenizer:
                 UTF-8 has no encoding for it).
         """
         check_unicode(text, "text")
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the GIL while it works (encode holds it throughout), so a long
+        # text tokenized on a worker thread leaves the server's event loop running.
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; invalid UTF-8 byte sequences become U+FFFD."""

@@ -1,0 +1,159 @@
+"""Answers of the generation routes: one JSON body, or an SSE stream of OpenAI chunks.
+
+``respond`` admits the request (a ticket for its sequences and prompt tokens), opens its engine
+streams under a ``Watchdog`` and answers; the watch aborts what is left and returns the ticket
+however the response ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from serving.entrypoints import openai_protocol as api
+from serving.entrypoints.server_requests import ApiError, Prompt, engine_error
+from serving.entrypoints.server_state import Served, Watchdog
+from xds_jax.outputs import RequestOutput
+from xds_jax.sampling.params import SamplingParams
+
+
+async def merged(streams: list[AsyncIterator[RequestOutput]]):
+    """Yield ``(stream index, output)`` from several streams as outputs arrive."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out, None))
+            await queue.put((i, None, None))
+        except Exception as error:
+            await queue.put((i, None, error))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        for _ in range(len(tasks)):
+            while (item := await queue.get())[1] is not None:
+                yield item[:2]
+            if item[2] is not None:
+                raise item[2]
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+async def respond(served: Served, raw: Request, req: Any, model: str,
+                  jobs: list[tuple[Prompt, SamplingParams]], kind: str):
+    """Admit and run the prompts; answer with one JSON body or, for ``stream``, an SSE
+    stream."""
+    ticket = served.admit(len(jobs) * req.n, sum(len(prompt[1]) for prompt, _ in jobs))
+    watch = Watchdog(raw, served, ticket)
+    request_id = api.random_id("chatcmpl" if kind == "chat" else "cmpl")
+    try:
+        streams = await served.open(watch, jobs, request_id)
+    except BaseException:
+        await watch.stop()
+        raise
+    tok, lens = served.engine.tokenizer, [len(p[1]) for p, _ in jobs]
+    echoes = [(p[0] or tok.decode(p[1])) if getattr(req, "echo", False) else "" for p, _ in jobs]
+    finals: list[RequestOutput | None] = [None] * len(streams)
+    if req.stream:
+        events = stream_events(served, req, model, request_id, streams, finals, echoes, kind)
+        return StreamingResponse(
+            finish_stream(watch, events, req, lambda: api.usage(lens, finals), model, request_id),
+            media_type="text/event-stream")
+    try:
+        async for i, out in merged(streams):
+            finals[i] = out
+    finally:
+        await watch.stop()
+    if watch.timed_out:
+        raise ApiError(504, f"the request timed out after {watch.timeout_s} s", None, "timeout")
+    if kind == "chat":
+        return api.chat_response(request_id, model, req.top_logprobs or 0, finals[0], lens[0],
+                                 tok).model_dump()
+    return api.completion_response(request_id, model, req.n, echoes, finals, lens,
+                                   tok).model_dump()
+
+
+async def stream_events(served: Served, req: Any, model: str, request_id: str,
+                        streams: list, finals: list, echoes: list[str],
+                        kind: str) -> AsyncIterator[dict]:
+    """The chunks of a stream in OpenAI's shapes (without ``usage``); one chunk per choice
+    update. Chat opens each choice with a ``role`` delta; completions may echo the prompt."""
+    tok, created, n = served.engine.tokenizer, api.now(), req.n
+    cursors = [[api.ChoiceCursor() for _ in range(n)] for _ in streams]
+    if kind == "chat":
+        head = dict(id=request_id, created=created, model=model)
+        for j in range(n):
+            yield api.ChatCompletionStreamResponse(**head, choices=[api.ChatStreamChoice(
+                index=j, delta=api.DeltaMessage(role="assistant", content=""))]).model_dump()
+    else:
+        head = dict(id=request_id, created=created, model=model)
+        for i, echo in enumerate(echoes):
+            for j in range(n if echo else 0):
+                yield api.CompletionStreamResponse(**head, choices=[api.CompletionChoice(
+                    index=i * n + j, text=echo)]).model_dump()
+    async for i, out in merged(streams):
+        finals[i] = out
+        for c in out.outputs:
+            cursor = cursors[i][c.index]
+            offset = cursor.chars + len(echoes[i])
+            text, start, finished = cursor.advance(c)
+            if not (text or finished or len(c.token_ids) > start):
+                continue
+            reason = dict(finish_reason=c.finish_reason if finished else None,
+                          stop_reason=c.stop_reason if finished else None)
+            if kind == "chat":
+                choice = api.ChatStreamChoice(
+                    index=c.index, delta=api.DeltaMessage(content=text),
+                    logprobs=api.chat_logprobs(c, start, req.top_logprobs or 0, tok), **reason)
+                yield api.ChatCompletionStreamResponse(**head, choices=[choice]).model_dump()
+            else:
+                choice = api.CompletionChoice(
+                    index=i * n + c.index, text=text,
+                    logprobs=api.completion_logprobs(c, start, offset, tok), **reason)
+                yield api.CompletionStreamResponse(**head, choices=[choice]).model_dump()
+
+
+async def finish_stream(watch: Watchdog, events: AsyncIterator[dict], req: Any,
+                        usage: Callable[[], api.UsageInfo], model: str,
+                        request_id: str) -> AsyncIterator[str]:
+    """SSE lines: the chunks, the usage chunk if asked for, an error event if the request
+    failed after the 200 header, then ``[DONE]``. Cut-short requests are aborted."""
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    try:
+        try:
+            async for chunk in events:
+                if include_usage:
+                    chunk["usage"] = None
+                else:
+                    chunk.pop("usage", None)
+                yield sse(chunk)
+        except Exception as error:
+            yield sse(engine_error(error).body())
+        else:
+            if watch.timed_out:
+                yield sse(ApiError(504, f"the request timed out after {watch.timeout_s} s",
+                                   None, "timeout").body())
+            elif include_usage:
+                last = {"id": request_id, "object": "chat.completion.chunk"
+                        if request_id.startswith("chatcmpl") else "text_completion",
+                        "created": api.now(), "model": model, "choices": [],
+                        "usage": usage().model_dump()}
+                yield sse(last)
+        yield sse("[DONE]")
+    finally:
+        await watch.stop()

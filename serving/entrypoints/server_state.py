@@ -1,0 +1,185 @@
+"""What the server's routes share (``Served``) and the watch over each request (``Watchdog``).
+
+``Served`` holds the engine, the served names, the metrics, the admission limits (each request
+takes a ``Ticket`` for its sequences and prompt tokens, given back when it ends), the drain state
+of a graceful shutdown, and the thread pool that tokenizes and renders chat templates, so the
+event loop keeps streaming while a long prompt is encoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fastapi import Request
+from prometheus_client import CollectorRegistry
+
+from serving.core.admission import OverloadedError, RequestTooLargeError, Ticket
+from serving.entrypoints.metrics import ServerMetrics
+from serving.entrypoints.server_requests import ApiError, Prompt, engine_error
+from xds_jax.outputs import RequestOutput
+from xds_jax.sampling.params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_THREADS = 4  # tokenization and template rendering run here, off the event loop
+
+
+class Watchdog:
+    """Aborts a request's engine streams when its client disconnects or its time is up, and
+    gives its admission ticket back when it ends (``abort`` runs at the end of every path)."""
+
+    def __init__(self, raw: Request, served: Served, ticket: Ticket | None = None):
+        self.raw, self.served, self.engine = raw, served, served.engine
+        self.timeout_s, self.ticket = served.timeout_s, ticket
+        self.request_ids: list[str] = []
+        self.finished: set[str] = set()
+        self.disconnected = self.timed_out = False
+        served.watches.add(self)
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while (await self.raw.receive())["type"] != "http.disconnect":
+                    pass
+            self.disconnected = True
+        except TimeoutError:
+            self.timed_out = True
+        log.info("aborting %s: %s", self.request_ids,
+                 "client disconnected" if self.disconnected else "request timed out")
+        self.abort()
+
+    def abort(self) -> None:
+        """Abort what still runs and give the admission ticket back."""
+        for request_id in self.request_ids:
+            if request_id not in self.finished:
+                self.finished.add(request_id)
+                self.engine.abort(request_id)
+        if self.ticket is not None:
+            self.ticket.release()
+        self.served.watches.discard(self)
+
+    async def stop(self) -> None:
+        """Stop watching and abort whatever is still running (the response was cut short)."""
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self.abort()
+
+
+class Served:
+    """What the routes share: the engine, its public names, the timeout, the metrics, the
+    admission limits (``engine.admission``), the drain state and the tokenizer threads."""
+
+    def __init__(self, engine: Any, names: list[str], timeout_s: float | None):
+        self.engine, self.names, self.timeout_s = engine, names, timeout_s
+        self.admission = engine.admission
+        self.registry = CollectorRegistry()
+        self.metrics = ServerMetrics(self.registry, engine, names[0])
+        self.watches: set[Watchdog] = set()
+        self.drain_deadline: float | None = None
+        self.pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="xds-tokenize")
+
+    # -- tokenizer threads ------------------------------------------------------------------
+    async def off_loop(self, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)`` on a tokenizer thread (tokenizing, chat templates), awaited."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- admission and drain ----------------------------------------------------------------
+    @property
+    def draining(self) -> bool:
+        return self.drain_deadline is not None
+
+    def start_drain(self, timeout_s: float) -> None:
+        """Refuse new requests (503) from now on; those in flight may run ``timeout_s``."""
+        if not self.draining:
+            log.info("draining %d requests in flight (up to %.0f s); new ones get 503",
+                     self.admission.requests, timeout_s)
+            self.drain_deadline = time.monotonic() + timeout_s
+
+    def abort_all(self) -> None:
+        """Abort every request in flight (the drain ran out of time)."""
+        for watch in list(self.watches):
+            watch.abort()
+
+    def _check_draining(self) -> None:
+        if self.drain_deadline is not None:
+            left = max(self.drain_deadline - time.monotonic(), 0.0)
+            raise OverloadedError("shutting_down", "the server is shutting down and takes no "
+                                  "new requests; retry on another replica or later",
+                                  retry_after_s=max(math.ceil(left), 1))
+
+    def precheck(self, slots: int) -> None:
+        """Turn a request away before tokenizing it when it could not be admitted now."""
+        try:
+            self._check_draining()
+            self.admission.check_room(slots)
+        except (OverloadedError, RequestTooLargeError) as error:
+            raise self._rejected(error) from None
+
+    def admit(self, slots: int, tokens: int) -> Ticket:
+        """A ticket for ``slots`` sequences and ``tokens`` prompt tokens, or an ``ApiError``:
+        503 with ``Retry-After`` when overloaded (counted by reason), 400 when too large."""
+        try:
+            self._check_draining()
+            return self.admission.admit(slots, tokens)
+        except (OverloadedError, RequestTooLargeError) as error:
+            raise self._rejected(error) from None
+
+    def _rejected(self, error: OverloadedError | RequestTooLargeError) -> ApiError:
+        if isinstance(error, OverloadedError):
+            self.metrics.rejections.labels(self.names[0], error.reason).inc()
+        return engine_error(error)
+
+    # -- requests ---------------------------------------------------------------------------
+    def check_model(self, model: str | None) -> str:
+        if model is not None and model not in self.names:
+            raise ApiError(404, f"The model `{model}` does not exist; this server serves "
+                           f"{', '.join(self.names)}", "model", "model_not_found")
+        return self.names[0]
+
+    def fit(self, ids: list[int], max_tokens: int | None, where: str) -> int:
+        """``max_tokens`` checked against the context (None: all the room that is left)."""
+        limit = self.engine.max_model_len
+        if max_tokens is not None and max_tokens < 1:
+            raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens",
+                           "invalid_value")
+        wanted = max_tokens if max_tokens is not None else max(limit - len(ids), 1)
+        if len(ids) + wanted > limit or len(ids) >= limit:
+            raise ApiError(
+                400, f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {len(ids) + wanted} tokens ({len(ids)} in the {where}, {wanted} in "
+                "the completion). Please reduce the length of the prompt or completion.",
+                where if len(ids) >= limit or max_tokens is None else "max_tokens",
+                "context_length_exceeded")
+        return wanted
+
+    async def open(self, watch: Watchdog, jobs: list[tuple[Prompt, SamplingParams]],
+                   request_id: str) -> list[AsyncIterator[RequestOutput]]:
+        """Submit every prompt; on any engine error abort the others and raise it."""
+        ids = [f"{request_id}-{i}" for i in range(len(jobs))]
+        watch.request_ids.extend(ids)
+        opened = await asyncio.gather(
+            *(self._open_one(prompt, params, rid)
+              for (prompt, params), rid in zip(jobs, ids, strict=True)),
+            return_exceptions=True)
+        errors = [e for e in opened if isinstance(e, BaseException)]
+        if errors:
+            watch.abort()
+            raise engine_error(errors[0]) if isinstance(errors[0], Exception) else errors[0]
+        return [self.metrics.track(first, gen, watch.finished) for first, gen in opened]
+
+    async def _open_one(self, prompt: Prompt, params: SamplingParams, request_id: str):
+        # The first output surfaces the engine's synchronous errors before any header is sent.
+        gen = self.engine.generate(prompt[1], params, request_id, prompt=prompt[0])
+        return await anext(gen), gen

@@ -1,0 +1,167 @@
+"""Admission control (queue limits by sequences and prompt tokens, n counted as n, 503 with
+Retry-After), the API key and the body-size limit, over the fake engine."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.core.admission import Admission, OverloadedError, RequestTooLargeError
+from tests.serving.fake_engine import FakeEngine, client, serve, wait_for
+
+
+def rejections(url: str, **headers) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", headers=headers).text
+    family = next(f for f in text_string_to_metric_families(text)
+                  if f.name == "xds:admission_rejections")
+    return {s.labels["reason"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+
+# -- the bookkeeping ----------------------------------------------------------------------------
+def test_admission_limits_and_release():
+    admission = Admission(max_num_queued_reqs=8, max_num_queued_tokens=100)
+    first = admission.admit(6, 40)
+    with pytest.raises(OverloadedError) as error:
+        admission.admit(4, 10)
+    assert error.value.reason == "queued_reqs" and admission.slots == 6
+    with pytest.raises(OverloadedError) as error:
+        admission.admit(1, 61)
+    assert error.value.reason == "queued_tokens" and admission.tokens == 40
+    with pytest.raises(RequestTooLargeError) as too_large:
+        admission.admit(9, 1)
+    assert too_large.value.field == "n"
+    with pytest.raises(RequestTooLargeError) as too_large:
+        admission.admit(1, 101)
+    assert too_large.value.field == "prompt"
+    second = admission.admit(2, 60)
+    first.release()
+    first.release()  # idempotent
+    assert (admission.slots, admission.tokens, admission.requests) == (2, 60, 1)
+    second.release()
+    assert (admission.slots, admission.tokens, admission.requests) == (0, 0, 0)
+    with pytest.raises(ValueError, match="max_num_queued_reqs"):
+        Admission(0, 10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 5), st.integers(0, 40)), max_size=40))
+def test_admission_never_exceeds_its_limits(ops):
+    admission, held = Admission(10, 100), []
+    for admit, slots, tokens in ops:
+        if admit:
+            try:
+                held.append(admission.admit(slots, tokens))
+            except OverloadedError:
+                assert admission.slots + slots > 10 or admission.tokens + tokens > 100
+        elif held:
+            held.pop(tokens % len(held)).release()
+        assert admission.slots == sum(t.slots for t in held) <= 10
+        assert admission.tokens == sum(t.tokens for t in held) <= 100
+    for ticket in held:
+        ticket.release()
+    assert (admission.slots, admission.tokens, admission.requests) == (0, 0, 0)
+
+
+# -- through the server -------------------------------------------------------------------------
+def test_n_counts_as_n_slots():
+    engine = FakeEngine(delay=0.02, max_num_queued_reqs=8)
+    with serve(engine) as server:
+        c = client(server)
+        big = c.completions.create(model="fake", prompt="a", max_tokens=60, n=6, stream=True)
+        next(iter(big))
+        assert engine.admission.slots == 6
+        with pytest.raises(openai.InternalServerError) as error:
+            c.completions.create(model="fake", prompt="b", max_tokens=2, n=4)
+        assert error.value.status_code == 503 and error.value.body["code"] == "overloaded"
+        assert int(error.value.response.headers["retry-after"]) >= 1
+        # two prompts x n=2 are four sequences, one more than the room left
+        with pytest.raises(openai.InternalServerError):
+            c.completions.create(model="fake", prompt=["b", "c"], max_tokens=2, n=2)
+        # a small request is served at once next to the big one
+        assert len(c.completions.create(model="fake", prompt="b", max_tokens=2, n=2).choices) == 2
+        with pytest.raises(openai.BadRequestError) as error:
+            c.completions.create(model="fake", prompt="b", max_tokens=2, n=9)
+        assert error.value.body["param"] == "n"
+        assert error.value.body["code"] == "request_too_large"
+        assert sum(len(chunk.choices) for chunk in big) > 0
+        assert wait_for(lambda: engine.admission.slots == 0)
+        assert rejections(server.url) == {"queued_reqs": 2.0, "queued_tokens": 0.0,
+                                          "shutting_down": 0.0}
+
+
+def test_prompt_tokens_are_limited():
+    engine = FakeEngine(delay=0.02, max_num_queued_tokens=40)
+    with serve(engine) as server:
+        c = client(server)
+        stream = c.completions.create(model="fake", prompt="x" * 24, max_tokens=40, stream=True)
+        next(iter(stream))
+        assert engine.admission.tokens == 25  # BOS and 24 bytes
+        with pytest.raises(openai.InternalServerError) as error:
+            c.chat.completions.create(model="fake", max_tokens=2,
+                                      messages=[{"role": "user", "content": "y" * 20}])
+        assert error.value.status_code == 503
+        assert c.completions.create(model="fake", prompt="short", max_tokens=2).choices
+        with pytest.raises(openai.BadRequestError) as error:
+            c.completions.create(model="fake", prompt="z" * 50, max_tokens=2)
+        assert error.value.body["param"] == "prompt"
+        stream.close()
+        assert wait_for(lambda: engine.admission.tokens == 0 and not engine.active)
+        assert rejections(server.url)["queued_tokens"] == 1
+
+
+def test_disconnects_and_errors_give_tickets_back():
+    engine = FakeEngine(delay=0.02, max_num_queued_reqs=4)
+    body = {"model": "fake", "prompt": "Hi", "max_tokens": 100, "n": 4}
+    with serve(engine) as server:
+        for _ in range(3):
+            with httpx.stream("POST", server.url + "/v1/completions",
+                              json={**body, "stream": True}) as response:
+                next(response.iter_lines())
+            assert wait_for(lambda: engine.admission.slots == 0)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json=body, timeout=0.2)
+        assert wait_for(lambda: engine.admission.slots == 0)
+        bad = httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 500})
+        assert bad.status_code == 400 and engine.admission.slots == 0
+        assert httpx.post(server.url + "/v1/completions",
+                          json={**body, "max_tokens": 2}).status_code == 200
+
+
+# -- API key and body size ----------------------------------------------------------------------
+def test_api_key():
+    with serve(FakeEngine(), api_key="s3cret") as server:
+        assert httpx.get(server.url + "/health").status_code == 200
+        assert httpx.get(server.url + "/metrics").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            response = httpx.get(server.url + "/v1/models", headers=headers)
+            assert response.status_code == 401, headers
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            client(server).models.list()
+        good = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model="fake", prompt="a", max_tokens=2).choices
+        assert httpx.post(server.url + "/tokenize", json={"prompt": "a"}).status_code == 401
+
+
+def test_body_size_limit():
+    with serve(FakeEngine(), max_request_bytes=2000) as server:
+        url = server.url + "/v1/completions"
+        big = {"model": "fake", "prompt": "x" * 3000, "max_tokens": 2}
+        response = httpx.post(url, json=big)
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+
+        def chunks():  # no Content-Length: the limit applies as the body streams in
+            yield b'{"model": "fake", "prompt": "'
+            for _ in range(10):
+                yield b"y" * 500
+            yield b'", "max_tokens": 2}'
+
+        response = httpx.post(url, content=chunks(), headers={"Content-Type": "application/json"})
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+        assert httpx.post(url, json={**big, "prompt": "x" * 100}).status_code == 200

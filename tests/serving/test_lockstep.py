@@ -1,0 +1,129 @@
+"""The multi-process control plane without JAX processes: the config, the control channel
+(rounds, heartbeats, a lost peer) between threads, and the step broadcast's cost."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+
+import pytest
+
+from serving.core.request import Request
+from serving.distributed.channel import ControlChannel
+from serving.distributed.launcher import LaunchError, child_argv, describe, exit_code, launch
+from serving.distributed.lockstep import Round, Submit, _wire
+from sharding.devices import DeviceSetupError
+from sharding.processes import DistributedConfig
+from xds_jax.sampling.params import SamplingParams
+from xds_jax.sequence import Sequence
+
+
+class Store:
+    """A stand-in for the jax.distributed key-value store."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+        self.changed = threading.Condition()
+
+    def key_value_set(self, key: str, value: str) -> None:
+        with self.changed:
+            self.values[key] = value
+            self.changed.notify_all()
+
+    def blocking_key_value_get(self, key: str, timeout_ms: int) -> str:
+        with self.changed:
+            assert self.changed.wait_for(lambda: key in self.values, timeout_ms / 1000)
+            return self.values[key]
+
+
+def connect_pair(heartbeat_s=0.05, timeout_s=0.5):
+    """A leader and one follower channel connected through a fake store; lost peers go to
+    the returned lists."""
+    store, lost = Store(), {0: [], 1: []}
+    configs = [DistributedConfig("127.0.0.1:1", 2, i, heartbeat_s, timeout_s) for i in (0, 1)]
+    channels = {}
+
+    def open_side(i):
+        channels[i] = ControlChannel.connect(configs[i], lambda p, r, i=i: lost[i].append((p, r)),
+                                             timeout_s=10, store=store)
+
+    threads = [threading.Thread(target=open_side, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return channels[0], channels[1], lost
+
+
+def test_config_validates_fields():
+    with pytest.raises(DeviceSetupError, match="HOST:PORT"):
+        DistributedConfig("nohost", 2, 0)
+    with pytest.raises(DeviceSetupError, match="process_id must be in 0..1"):
+        DistributedConfig("h:1", 2, 2)
+    with pytest.raises(DeviceSetupError, match="unknown keys"):
+        DistributedConfig.of({"coordinator": "h:1", "num_processes": 2, "process_id": 0,
+                              "rank": 1})
+    config = DistributedConfig.of({"coordinator": "h:1", "num_processes": 2, "process_id": 0})
+    assert config.is_leader and config.host == "h"
+
+
+def test_rounds_reach_the_follower_in_order_then_stop():
+    leader, follower, lost = connect_pair()
+    for i in range(5):
+        leader.broadcast(pickle.dumps(Round(i, (), 0)))
+    leader.stop()
+    got = []
+    while (payload := follower.receive()) is not None:
+        got.append(pickle.loads(payload).number)
+    assert got == [0, 1, 2, 3, 4]
+    time.sleep(0.2)
+    assert lost == {0: [], 1: []}  # a stop is not a loss
+
+
+def test_a_closed_peer_is_reported_within_the_timeout():
+    leader, follower, lost = connect_pair()
+    follower.peers[0].sock.close()  # the follower's process "dies"
+    follower.closing.set()
+    deadline = time.monotonic() + 2
+    while not lost[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lost[0] and lost[0][0][0] == 1
+
+
+def test_a_silent_peer_is_reported_as_hung():
+    leader, follower, lost = connect_pair(heartbeat_s=0.05, timeout_s=0.3)
+    follower.closing.set()  # its heartbeat thread stops; the socket stays open (a hang)
+    deadline = time.monotonic() + 3
+    while not lost[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lost[0] and "no heartbeat" in lost[0][0][1]
+
+
+def test_step_broadcast_costs_little():
+    """One round's message (a new request of a 32-token prompt) pickled, sent and received:
+    tens of microseconds, against steps of milliseconds."""
+    leader, follower, _ = connect_pair(heartbeat_s=1.0, timeout_s=5.0)
+    params = SamplingParams(max_tokens=16, temperature=0)
+    request = Request("r", None, list(range(32)), params, [Sequence(list(range(32)), params)])
+    rounds = 500
+    start = time.perf_counter()
+    for i in range(rounds):
+        events = (_wire(request),) if i % 8 == 0 else ()
+        leader.broadcast(pickle.dumps(Round(i, events, 123), protocol=pickle.HIGHEST_PROTOCOL))
+        message = pickle.loads(follower.receive())
+        assert message.number == i
+    per_round_us = (time.perf_counter() - start) / rounds * 1e6
+    leader.stop()
+    print(f"step broadcast round trip: {per_round_us:.0f} us")
+    assert per_round_us < 5000
+    assert isinstance(_wire(request), Submit) and _wire(request).seqs[0][1] == request.seqs[0].seed
+
+
+def test_launcher_argv_and_statuses():
+    argv = child_argv(["generate", "--max-tokens", "2", "Hi"], "127.0.0.1:9", 2, 1)
+    assert argv[3:] == ["generate", "--coordinator", "127.0.0.1:9", "--num-processes", "2",
+                        "--process-id", "1", "--max-tokens", "2", "Hi"]
+    assert describe(-9) == "was killed by SIGKILL" and exit_code(-9) == 137
+    with pytest.raises(LaunchError, match="not 'bench'"):
+        launch(["--", "bench"], 2)

@@ -1,0 +1,69 @@
+"""Several jax.distributed processes on one machine (``xds launch``): the same text as one
+process, and a killed process reported. Each case starts its own processes, so it runs in any
+pytest process group; they are slow (two engines compile)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+MODEL = "configs/models/deepseek-v3-tiny.json"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+pytestmark = pytest.mark.slow
+
+
+def xds(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XDS_CPU_DEVICES"}
+    return subprocess.run([sys.executable, "-m", "serving.entrypoints.cli", *argv], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def generate_args(deployment: str, max_tokens: int = 8) -> list[str]:
+    return ["generate", "--model", MODEL, "--deployment", f"configs/deployments/{deployment}",
+            "--max-tokens", str(max_tokens), "--temperature", "0", "--log-level", "warning",
+            "Hello"]
+
+
+def test_two_processes_print_what_one_prints_on_cpu16_ma():
+    """PD + MA over 2 processes (8 devices each): prefill and attention domain 0 on process
+    0, domain 1 across both, the expert slice on process 1; KV hand-off, A2E/E2A and the
+    sampled tokens all cross the process boundary."""
+    one = xds(*generate_args("cpu16-ma.yaml"))
+    assert one.returncode == 0, one.stderr
+    two = xds("launch", "--num-processes", "2", "--", *generate_args("cpu16-ma.yaml"))
+    assert two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout and one.stdout.strip()
+
+
+def test_a_killed_process_is_named_and_the_launch_fails(tmp_path):
+    """Process 1 is killed while process 0 generates: process 0 fails the request with a
+    clear error, and the launcher exits non-zero naming process 1."""
+    argv = [sys.executable, "-m", "serving.entrypoints.cli", "launch", "--num-processes", "2",
+            "--log-dir", str(tmp_path), "--grace", "20", "--",
+            *generate_args("cpu16-ma.yaml", max_tokens=4000)]
+    env = {k: v for k, v in os.environ.items() if k != "XDS_CPU_DEVICES"}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    pid = None
+    for line in proc.stderr:
+        if m := re.search(r"process 1 is pid (\d+)", line):
+            pid = int(m.group(1))
+            break
+    assert pid is not None
+    assert proc.stdout.read(1)  # process 0 is generating (past the warm-up)
+    time.sleep(1)
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 40
+    assert "process 1" in err and "SIGKILL" in err
+    assert "process 1 of 2 was lost" in err
+

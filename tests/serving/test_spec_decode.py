@@ -1,0 +1,150 @@
+"""MTP speculative decoding: greedy output equals the reference loop, counters move, KV
+blocks come back, bad configurations fail at start-up."""
+
+import pytest
+
+from serving.core.request import Request
+from tests.helpers import GOLDEN
+from tests.mtp_checkpoint import make_mimic_checkpoint, make_mtp_checkpoint
+from xds_jax import LLM, SamplingParams
+from xds_jax.errors import ConfigError
+
+PROMPTS = [[5, 9, 17, 33, 2, 7], list(range(3, 40)), [11] * 20, [200, 100, 50]]
+
+
+def spec(k: int) -> dict:
+    return {"method": "mtp", "num_speculative_tokens": k}
+
+
+@pytest.fixture(scope="module")
+def mimic(tmp_path_factory):
+    return str(make_mimic_checkpoint(tmp_path_factory.mktemp("mimic")))
+
+
+@pytest.fixture(scope="module")
+def random_mtp(tmp_path_factory):
+    return str(make_mtp_checkpoint(tmp_path_factory.mktemp("mtp")))
+
+
+def mixed_params() -> list[SamplingParams]:
+    return [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=3),
+            SamplingParams(temperature=0, max_tokens=30, n=2, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=19, stop_token_ids=[316, 45])]
+
+
+def run(model: str, k: int | None, params, **options):
+    options = {"dtype": "float32", "use_param_cache": False, **options}
+    if k is None:
+        return None, LLM(model, engine="reference", **options).generate(
+            [{"prompt_token_ids": p} for p in PROMPTS], params)
+    llm = LLM(model, speculative_config=spec(k), max_num_seqs=8, **options)
+    return llm, llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+
+
+def assert_same(ref, got):
+    for r, g in zip(ref, got, strict=True):
+        for a, b in zip(r.outputs, g.outputs, strict=True):
+            assert b.token_ids == a.token_ids
+            assert b.finish_reason == a.finish_reason
+            if a.logprobs is not None:
+                for x, y in zip(a.logprobs, b.logprobs, strict=True):
+                    assert set(x) == set(y)
+                    for t in x:
+                        assert y[t].logprob == pytest.approx(x[t].logprob, abs=1e-4)
+                        assert y[t].rank == x[t].rank
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_equals_reference_with_accepted_drafts(mimic, k):
+    _, ref = run(mimic, None, mixed_params())
+    llm, got = run(mimic, k, mixed_params())
+    assert_same(ref, got)
+    stats = llm.engine.stats()
+    assert stats["spec_num_drafts"] > 0
+    assert 0 < stats["spec_accepted_tokens"] <= stats["spec_draft_tokens"]
+    assert len(stats["spec_accepted_per_position"]) == k
+    assert stats["spec_accepted_per_position"][0] == max(stats["spec_accepted_per_position"])
+    assert stats["generation_tokens_total"] == sum(
+        len(o.token_ids) for r in got for o in r.outputs)
+    assert stats["kv_usage"] == 0
+
+
+def test_greedy_equals_reference_with_rejected_drafts(random_mtp):
+    _, ref = run(random_mtp, None, mixed_params())
+    llm, got = run(random_mtp, 2, mixed_params())
+    assert_same(ref, got)
+    stats = llm.engine.stats()
+    assert stats["spec_draft_tokens"] > stats["spec_accepted_tokens"]
+
+
+def test_sampled_requests_share_batches_with_greedy_ones(mimic):
+    params = mixed_params()
+    params[0] = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=24,
+                               ignore_eos=True)
+    params[2] = SamplingParams(temperature=1.0, max_tokens=30, n=2, ignore_eos=True,
+                               repetition_penalty=1.2)
+    _, ref = run(mimic, None, params)
+    _, got = run(mimic, 2, params)
+    assert_same(ref[1:2] + ref[3:], got[1:2] + got[3:])
+    assert len(got[0].outputs[0].token_ids) == 24
+    assert all(len(o.token_ids) == 30 for o in got[2].outputs)
+
+
+def test_kv_blocks_return_after_aborts_mid_speculation(mimic):
+    llm = LLM(mimic, dtype="float32", use_param_cache=False, speculative_config=spec(2),
+              max_num_seqs=4)
+    engine, group = llm.engine, llm.engine.groups[0]
+    sp = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    requests = [Request(f"r{i}", None, p, sp, llm.make_sequences(p, sp))
+                for i, p in enumerate(PROMPTS)]
+    for r in requests:
+        engine.submit(r)
+    for _ in range(6):
+        group.step()
+    assert llm.engine.stats()["spec_num_drafts"] > 0
+    for r in requests[:3]:
+        engine.abort(r.request_id)
+    while group.step():
+        pass
+    assert requests[3].finished and len(requests[3].seqs[0].output_ids) == 60
+    assert group.blocks.num_free_blocks == group.blocks.num_blocks
+    assert not group.runner.pending
+
+
+@pytest.mark.parametrize("bad", [{"method": "mtp", "num_speculative_tokens": 0},
+                                 {"method": "mtp", "num_speculative_tokens": 5},
+                                 {"method": "eagle", "num_speculative_tokens": 1},
+                                 {"method": "mtp", "num_speculative_tokens": 1, "x": 1}])
+def test_bad_speculative_config_is_refused(bad):
+    with pytest.raises(ConfigError, match="speculative_config"):
+        LLM(str(GOLDEN / "deepseek_v3"), speculative_config=bad)
+
+
+def test_model_without_mtp_weights_is_refused_at_start_up():
+    with pytest.raises(ConfigError, match="MTP weights"):
+        LLM(str(GOLDEN / "deepseek_v3"), dtype="float32", use_param_cache=False,
+            speculative_config=spec(1))
+
+
+PD_TP1 = ("name: pd-tp1\nroles:\n"
+          "  prefill:\n    devices: {start: 0, count: 1}\n    dp: 1\n    tp: 1\n"
+          "  decode:\n    devices: {start: 1, count: 2}\n    dp: 2\n")
+
+
+@pytest.mark.parametrize("layout", ["tp1", "configs/deployments/cpu8-pd.yaml"])
+def test_pd_greedy_equals_reference(mimic, tmp_path, layout):
+    """PD: a tp=1 prefill group sends its last hidden state with the KV, so the first decode
+    step drafts; a TP prefill group (cpu8-pd) does not draft and sends none, and its
+    sequences draft from their second decode step on. Output equals the reference."""
+    if layout == "tp1":
+        layout = tmp_path / "pd.yaml"
+        layout.write_text(PD_TP1)
+    params = mixed_params()
+    _, ref = run(mimic, None, params)
+    llm, got = run(mimic, 2, params, deployment=str(layout))
+    assert_same(ref, got)
+    stats = llm.engine.stats()
+    assert stats["spec_accepted_tokens"] > 0
+    decode = [g for g in llm.engine.groups if g not in llm.engine.entry]
+    assert all(g.blocks.num_free_blocks == g.blocks.num_blocks for g in decode)

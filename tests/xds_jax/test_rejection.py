@@ -1,0 +1,52 @@
+"""Draft verification: greedy prefix match, and rejection sampling keeps the target law."""
+
+import jax
+import numpy as np
+
+from xds_jax.sampling.rejection import verify_drafts
+
+
+def _verify(logits, drafts, num_drafts, temperature, seeds, **kw):
+    b = logits.shape[0]
+    return jax.device_get(verify_drafts(
+        np.asarray(logits, np.float32), np.asarray(drafts, np.int32),
+        np.asarray(num_drafts, np.int32), np.full((b,), temperature, np.float32),
+        np.zeros((b,), np.int32), np.ones((b,), np.float32), np.asarray(seeds, np.uint32),
+        np.zeros((b,), np.int32), random=temperature > 0, **kw))
+
+
+def test_greedy_accepts_the_matching_prefix_plus_the_target_token():
+    logits = np.zeros((3, 3, 5))
+    target = [[1, 2, 3], [1, 4, 0], [2, 2, 2]]
+    for b, row in enumerate(target):
+        logits[b, np.arange(3), row] = 5.0
+    drafts = [[1, 2], [1, 2], [1, 2]]
+    tokens, accepted, *_ = _verify(logits, drafts, [2, 2, 1], 0.0, [0, 0, 0])
+    assert accepted.tolist() == [2, 1, 0]
+    assert tokens[0].tolist() == [1, 2, 3]
+    assert tokens[1, :2].tolist() == [1, 4]
+    assert tokens[2, 0] == 2
+
+
+def test_rejection_sampling_keeps_the_target_distribution():
+    v, rows = 4, 20000
+    target_logits = np.log(np.array([[0.1, 0.5, 0.15, 0.25], [0.4, 0.3, 0.2, 0.1],
+                                     [0.25, 0.25, 0.25, 0.25]]))
+    logits = np.broadcast_to(target_logits, (rows, 3, v))
+    drafts = np.tile([[2, 0]], (rows, 1))  # an unlikely first draft, a likely second
+    tokens, accepted, *_ = _verify(logits, drafts, np.full(rows, 2), 1.0, np.arange(rows))
+    first = np.bincount(tokens[:, 0], minlength=v) / rows
+    np.testing.assert_allclose(first, [0.1, 0.5, 0.15, 0.25], atol=0.015)
+    # Given the first draft was accepted, the second token follows position 1's law.
+    second = tokens[accepted >= 1, 1]
+    np.testing.assert_allclose(np.bincount(second, minlength=v) / len(second),
+                               [0.4, 0.3, 0.2, 0.1], atol=0.04)
+    assert abs((accepted >= 1).mean() - 0.15) < 0.015  # accept d with probability p(d)
+    assert abs((accepted[accepted >= 1] == 2).mean() - 0.4) < 0.04
+
+
+def test_same_seed_same_tokens():
+    logits = np.random.default_rng(0).normal(size=(4, 3, 6))
+    a = _verify(logits, np.ones((4, 2)), [2, 2, 1, 0], 0.7, [1, 2, 3, 4])
+    b = _verify(logits, np.ones((4, 2)), [2, 2, 1, 0], 0.7, [1, 2, 3, 4])
+    np.testing.assert_array_equal(a[0], b[0])

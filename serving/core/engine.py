@@ -14,7 +14,6 @@ service by ``recover``: its requests continue on healthy groups, recomputed from
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import threading
@@ -23,8 +22,10 @@ import time
 import jax
 
 from serving.core.balancer import Balancer, NoHealthyGroupError
-from serving.core.dp_group import DPGroup, GroupConfig, GroupFencedError, Resume
+from serving.core.dp_group import DPGroup, GroupConfig
 from serving.core.faults import FaultInjector, FaultSpec, InjectedFault
+from serving.core.fencing import GroupFencedError, Recovery, Resume
+from serving.core.heartbeat import watch_heartbeats
 from serving.core.interfaces import AddRequest, Driver, EngineMisuseError, Router
 from serving.core.request import Request
 from xds_jax.engine_config import EngineConfig
@@ -36,17 +37,6 @@ GC_YOUNG_EVERY = 64  # steps between generation-0 collections
 GC_FULL_EVERY = 2048  # steps between full collections
 IDLE_WAIT_S = 0.05  # an idle driver waits this long on its groups' inboxes between steps
 EVACUATE_WAIT_S = 0.5  # the monitor waits this long for a stalled group's state, then retries
-COMPILE_GRACE_S = 600.0  # more silence allowed while a group compiles a new step program
-
-
-@dataclasses.dataclass(frozen=True)
-class Recovery:
-    """A group taken out of service: when (``time.monotonic()``), which, and why."""
-
-    time: float
-    role: str
-    group: int
-    reason: str
 
 
 class StepGC:
@@ -210,36 +200,28 @@ class Engine:
         for g in driver.groups:
             g.fail(reason)
 
-    def _watch(self) -> None:
-        """Heartbeat monitor (its own thread): a healthy group that has not beaten for
-        ``heartbeat_timeout_s`` is taken out of service; a stalled one that beats again after
-        its work moved rejoins. Detection takes at most the timeout plus a quarter of it. A
-        group whose runner started compiling since its last beat gets ``COMPILE_GRACE_S``
-        more: a compile is slow, not stuck."""
-        timeout = self.heartbeat_timeout_s
-        watched = [g for g in self.groups if any(d is g for d in self.drivers)]
-        while not self._stop.wait(timeout / 4):
-            with self._recovering:
-                for group in list(self._pending):  # stalled inside a step when fenced
-                    moves = group.evacuate(timeout=EVACUATE_WAIT_S)
-                    if moves is not None:
-                        self._pending.remove(group)
-                        for move in moves:
-                            self.resume(move)
-                for g in watched:
-                    age = time.monotonic() - g.last_heartbeat
-                    compiling = g.runner.compile_count != g.beat_compiles
-                    if g.healthy and age > timeout + (COMPILE_GRACE_S if compiling else 0):
-                        self.recover(g, f"no heartbeat for {age:.1f} s")
-                    elif g.drained and age < timeout and g.index not in self._crashed:
-                        self._rejoin(g)
+    def retry_evacuations(self) -> None:
+        """Move the work of groups fenced while a step held their state, if it let go."""
+        with self._recovering:
+            for group in list(self._pending):
+                moves = group.evacuate(timeout=EVACUATE_WAIT_S)
+                if moves is not None:
+                    self._pending.remove(group)
+                    for move in moves:
+                        self.resume(move)
 
-    def _rejoin(self, group: DPGroup) -> None:
-        group.rejoin()
-        if self.router is not None:
-            self.router.group_back(group)
-        self.rejoins += 1
+    def rejoin(self, group: DPGroup) -> bool:
+        """Put a stalled group back in service, empty, once its work has moved; a group
+        whose loop died never rejoins. True if it did."""
+        with self._recovering:
+            if not group.drained or group.index in self._crashed:
+                return False
+            group.rejoin()
+            if self.router is not None:
+                self.router.group_back(group)
+            self.rejoins += 1
         log.warning("%s group %d beats again; back in service, empty", group.role, group.index)
+        return True
 
     # -- running ------------------------------------------------------------------------------
     def run(self, seqs: list) -> None:
@@ -282,7 +264,9 @@ class Engine:
             t.start()
             self._threads.append(t)
         if self.heartbeat_timeout_s is not None:
-            t = threading.Thread(target=self._watch, name="heartbeat", daemon=True)
+            watched = [g for g in self.groups if any(d is g for d in self.drivers)]
+            t = threading.Thread(target=watch_heartbeats, name="heartbeat", daemon=True,
+                                 args=(self, watched, self.heartbeat_timeout_s, self._stop))
             t.start()
             self._threads.append(t)
 

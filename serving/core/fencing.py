@@ -39,6 +39,17 @@ class Resume:
     seqs: list[Sequence]
 
 
+@dataclasses.dataclass(frozen=True)
+class Recovery:
+    """A group taken out of service (``Engine.recoveries``): when (``time.monotonic()``),
+    which, and why."""
+
+    time: float
+    role: str
+    group: int
+    reason: str
+
+
 class Fencing:
     """The out-of-service part of ``DPGroup`` (which holds ``requests``, ``_owners``,
     ``scheduler``, the inbox and ``_wake``); subclasses extend ``_take_work`` and ``_reset``

@@ -17,12 +17,10 @@ sampling; the router picks the decode group, owns the channels and delivers an `
 message; a ``DecodeGroup`` admits pulled sequences before scheduling. KV leaves and enters the
 runners only through ``export_kv``/``import_kv``, so nothing recompiles for a transfer.
 
-Failures (``docs/reliability.md``): a pull that fails is retried ``kv_retries`` times at the
-decode group's next steps, then its offer is cancelled (the prefill group frees the blocks)
-and the sequence is prefilled again on a healthy prefill group (``PDRouter.on_lost``, the
-engine's ``resume``). When the engine takes a group out of service the router stops handing
-off to it (``group_lost``); offers a lost prefill group made and nobody pulled yet are
-cancelled and prefilled again elsewhere; a lost decode group cancels the offers it held.
+Failures (``docs/reliability.md``): a failed pull is retried ``kv_retries`` times, then its
+offer is cancelled and the sequence prefilled again (``PDRouter.on_lost``). A group out of
+service gets no hand-offs (``group_lost``); unpulled offers it made or held are cancelled,
+their sequences prefilled again elsewhere.
 """
 
 from __future__ import annotations
@@ -63,9 +61,7 @@ class Arrival:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Offer:
-    """A hand-off the router made and the source has not seen complete."""
-
+class _Offer:  # a hand-off the router made and its source has not seen complete
     source: int  # prefill group index
     channel: KVChannel
     request: Request
@@ -230,8 +226,8 @@ class DecodeGroup(DPGroup):
                 self._drop(arrival)
 
     def _pull_failed(self, arrival: Arrival, error: Exception) -> bool:
-        """A pull failed: queue it first again while retries are left (False), else cancel
-        the offer and send the sequence back to prefill (True)."""
+        """Queue a failed pull first again while retries are left (False), else cancel it and
+        send the sequence back to prefill (True)."""
         arrival.failures += 1
         seq = arrival.seq
         if arrival.failures <= self.router.kv_retries:
@@ -380,8 +376,7 @@ class PDRouter:
             self.on_lost(Resume(offer.request, [offer.seq]))
 
     def group_back(self, group: DPGroup) -> None:
-        """``group`` is in service again: hand-offs may go to it."""
-        with self._lock:
+        with self._lock:  # in service again: hand-offs may go to it
             self._lost.discard(group.index)
 
     def stats(self) -> dict[str, float]:

@@ -56,6 +56,12 @@ class EngineConfig:
         ``stats()["expert_load"]``. See docs/eplb.md.
       dispatch_dtype: ``"int8"`` sends MA's A2E hops and expert dispatch as INT8 rows with a
         scale each (``"auto"``: the activations' dtype); None: the deployment's field.
+      faults: fault specs to inject (``"group_crash:group=1:after_steps=3"``, ...; parsed
+        and checked against the layout by ``serving.core.faults``; ``docs/reliability.md``).
+      heartbeat_timeout_s: a group of a started (threaded) engine that has not beaten for
+        this long is taken out of service and its work moved; None: not watched.
+      kv_transfer_retries: PD KV pulls retried after a failure before the sequence is
+        prefilled again.
     """
 
     model: str = "smollm2"
@@ -78,6 +84,9 @@ class EngineConfig:
     enable_eplb: bool = False
     eplb_config: dict | str | None = None
     dispatch_dtype: str | None = None
+    faults: tuple = ()
+    heartbeat_timeout_s: float | None = 60.0
+    kv_transfer_retries: int = 1
 
     def __post_init__(self) -> None:
         for name in ("num_dp_groups", "max_num_seqs", "max_num_batched_tokens", "block_size",
@@ -91,6 +100,19 @@ class EngineConfig:
         if self.dispatch_dtype not in (None, "auto", "int8"):
             raise ConfigError(f"dispatch_dtype must be 'auto' or 'int8', got "
                               f"{self.dispatch_dtype!r}")
+        faults = (self.faults,) if isinstance(self.faults, str) else tuple(self.faults or ())
+        if not all(isinstance(f, str) or dataclasses.is_dataclass(f) for f in faults):
+            raise ConfigError(f"faults must be fault specs (strings like "
+                              f"'group_crash:group=1:after_steps=3'), got {self.faults!r}")
+        object.__setattr__(self, "faults", faults)
+        timeout = self.heartbeat_timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, int | float) or not 0 < timeout < float("inf")):
+            raise ConfigError(f"heartbeat_timeout_s must be a positive number of seconds or "
+                              f"None, got {timeout!r}")
+        retries = self.kv_transfer_retries
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ConfigError(f"kv_transfer_retries must be an integer >= 0, got {retries!r}")
 
     @property
     def num_speculative_tokens(self) -> int:

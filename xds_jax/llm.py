@@ -40,6 +40,8 @@ class LLM:
         ``max_model_len``, ``deployment``, ``max_num_seqs``, ``kv_cache_bytes``, ``staged``,
         ``trace``, ...; see ``xds_jax.engine_config``). With ``trace``, ``llm.engine.timeline``
         records a per-step timeline (``summary()``, ``save(path)`` as a Chrome trace).
+        ``faults=["group_crash:group=1:after_steps=3", ...]`` injects faults
+        (``docs/reliability.md``); ``llm.engine.stats()`` counts them and the recoveries.
     """
 
     def __init__(self, model: str = DEFAULTS.model, engine: Any = "flowserve", *,
@@ -54,6 +56,13 @@ class LLM:
             from serving.disagg.eplb_config import EplbConfig  # bad options fail before loading
 
             EplbConfig.parse(config.enable_eplb, config.eplb_config)
+        if config.faults:  # their text, checked before the model loads (the layout: later)
+            if engine != "flowserve":
+                raise ConfigError("faults are injected into the flowserve engine only, got "
+                                  f"engine={engine!r}")
+            from serving.core.faults import parse_faults
+
+            config = config.replace(faults=parse_faults(config.faults))
         enable_compilation_cache()
         self.config = config = _read_deployment(config)
         _size_cpu_devices(config)

@@ -3,7 +3,12 @@
 Groups share nothing. Each owns its device, its block pool and its queues, is stepped by the
 engine (a thread per driver in the server, inline in ``LLM``; a colocated group is its own
 ``Driver``) and hands outputs straight to each request's ``on_output`` callback. The control
-plane only puts typed messages (``serving.core.interfaces``) into a group's inbox.
+plane only puts typed messages (``serving.core.interfaces``, and ``Resume`` here) into a
+group's inbox.
+
+A group the engine takes out of service is fenced (``serving.core.fencing``): a step under
+way when that happens is dropped before it appends a token. The step holds the group's state
+lock except while it waits on its device (``FaultInjector.stall``, where stalls are injected).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Any
 
 import jax
 
+from serving.core.faults import NO_FAULTS, GroupCrashed
+from serving.core.fencing import Fencing, GroupFencedError, Resume
 from serving.core.interfaces import AbortRequest, AddRequest, EngineMisuseError
 from serving.core.kv_cache import BlockManager
 from serving.core.request import Request
@@ -59,7 +66,7 @@ class GroupLoad:
         return self.num_running + self.num_waiting >= self.max_num_seqs
 
 
-class DPGroup:
+class DPGroup(Fencing):
     """Scheduler + KV blocks + runner for one slice of devices; a ``Group`` and, colocated,
     the ``Driver`` of itself."""
 
@@ -81,6 +88,7 @@ class DPGroup:
                                    num_lookahead_tokens=config.num_speculative_tokens)
         self.runner = runner or build_runner(params, cfg, config, device)
         self.inbox: queue.Queue = queue.Queue()
+        self.faults = NO_FAULTS  # the engine's FaultInjector, consulted at fixed points of a step
         self.requests: dict[str, Request] = {}
         self._owners: dict[int, Request] = {}  # seq_id -> request
         self.healthy = True
@@ -90,29 +98,39 @@ class DPGroup:
         self.generated_tokens = 0
         self.last_batch = (0, 0)  # (sequences, tokens) of the latest step
         self.last_heartbeat = time.monotonic()
+        self.beat_compiles = self.runner.compile_count
         self.rollbacks = 0  # steps undone because they raised
         self.requests_failed = 0  # requests ended alone with an error, the group serving on
         self._suspects: list[str] = []  # requests of a failed step, each to run alone once
         self._wake = threading.Event()
+        self._init_fence()
         # What each inbox message type does here; a subclass adds its own types.
         self._handlers: dict[type, Callable[[Any], None]] = {
             AddRequest: lambda m: self._admit(m.request),
             AbortRequest: lambda m: self._abort(m.request_id),
+            Resume: self._resume,
         }
 
     # -- control plane side (any thread) ------------------------------------------------------
     def deliver(self, message: Any) -> None:
-        """Queue a typed message for the group's next step (any thread)."""
+        """Queue a typed message for the group's next step (any thread); raises
+        ``GroupFencedError`` once the group is out of service."""
         if type(message) not in self._handlers:
             raise TypeError(f"DP group {self.index} takes no {type(message).__name__} message")
-        self.inbox.put(message)
+        with self._gate:
+            if self.fenced:
+                raise GroupFencedError(f"{self.role} group {self.index} is out of service")
+            self.inbox.put(message)
         self._wake.set()
 
     def submit(self, request: Request) -> None:
         self.deliver(AddRequest(request))
 
     def abort(self, request_id: str) -> None:
-        self.deliver(AbortRequest(request_id))
+        try:
+            self.deliver(AbortRequest(request_id))
+        except GroupFencedError:  # its requests moved; the engine aborts them where they went
+            pass
 
     def wait_for_work(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds until a message arrives; True if one did."""
@@ -162,37 +180,89 @@ class DPGroup:
             log.error("DP group %d refused request %s: %s", self.index, request.request_id, e)
             self._end_aborted(request)
 
+    def _resume(self, message: Resume) -> None:
+        """Take over sequences of a started request from a group taken out of service; they
+        are prefilled again over their tokens (a sequence too big for this pool fails the
+        request alone)."""
+        request = message.request
+        seqs = [s for s in message.seqs if not s.finished]
+        if not seqs:
+            return
+        self.requests[request.request_id] = request
+        for seq in seqs:
+            self._owners[seq.seq_id] = request
+        try:
+            for seq in seqs:
+                self.scheduler.add(seq)
+        except SchedulerError as e:
+            self.fail_request(request, e)
+
     def has_work(self) -> bool:
         return bool(self.requests) or not self.inbox.empty()
 
     def step(self) -> bool:
         """Run one scheduled step; False when there was nothing to do. A step that raises is
-        rolled back (``step_failed``) and the group goes on serving."""
-        out = self.plan()
-        if out is None:
-            return False
-        start = time.perf_counter()
-        try:
-            self.runner.finish(self.runner.launch(out.scheduled))
-        except EngineMisuseError:  # a wiring bug, not a request's fault: no request is blamed
-            self.scheduler.roll_back(out)
-            raise
-        except Exception as error:  # one request's bad input must not stop the group
-            self.step_failed(out, error)
-            return True
-        if self.timeline is not None:
-            self.timeline.span(self.role, "step", start, time.perf_counter(),
-                               stream=f"{self.role}{self.index}",
-                               tokens=out.num_batched_tokens)
-        self.complete(out)
+        rolled back (``step_failed``) and the group goes on serving; an injected crash (or a
+        wiring bug) is rolled back and raised: the group's loop dies. The state lock is let go
+        while the step waits on its device (where a stall is injected); a group fenced in the
+        meantime drops the step before any token is appended."""
+        with self._state:
+            out = self.plan()
+            if out is None:
+                return False
+            start = time.perf_counter()
+            try:
+                self.faults.before_launch(self)
+                handle = self.runner.launch(out.scheduled)
+                self._beat()  # a compile in the launch is over
+            except (EngineMisuseError, GroupCrashed):  # no request is to blame
+                self._undo(out)
+                raise
+            except Exception as error:  # one request's bad input must not stop the group
+                self.step_failed(out, error)
+                return True
+        self.faults.stall(self)
+        with self._state:
+            if self.fenced:  # taken out of service meanwhile: its requests went elsewhere
+                if self.drained:
+                    self.rollbacks += 1  # the pool is reset already
+                else:
+                    self._undo(out)
+                return True
+            try:
+                self.runner.finish(handle)
+            except EngineMisuseError:
+                self._undo(out)
+                raise
+            except Exception as error:
+                self.step_failed(out, error)
+                return True
+            if self.timeline is not None:
+                self.timeline.span(self.role, "step", start, time.perf_counter(),
+                                   stream=f"{self.role}{self.index}",
+                                   tokens=out.num_batched_tokens)
+            self.complete(out)
         return True
+
+    def _beat(self) -> None:
+        """The loop is alive. ``beat_compiles``: the runner's compiles so far, so a monitor
+        sees that a launch since the last beat is compiling (slow, not stuck)."""
+        self.last_heartbeat = time.monotonic()
+        self.beat_compiles = self.runner.compile_count
+
+    def _undo(self, out: SchedulerOutput) -> None:
+        """Roll back a step no request is blamed for (its sequences recompute their tokens)."""
+        self.scheduler.roll_back(out)
+        self.rollbacks += 1
 
     def plan(self) -> SchedulerOutput | None:
         """First half of a step: take new work and schedule; None when there is nothing to
-        run. Whoever runs the step (``step``, or an MA domain for all its ranks at once)
-        calls ``complete`` after the tokens are sampled."""
+        run (or the group is fenced). Whoever runs the step (``step``, or an MA domain for
+        all its ranks at once) calls ``complete`` after the tokens are sampled."""
+        self._beat()
+        if self.fenced:
+            return None
         self._drain_inbox()
-        self.last_heartbeat = time.monotonic()
         self._before_schedule()
         if not self.requests:
             return None

@@ -5,52 +5,36 @@ deployment built), places each request on an entry group with the ``Balancer`` a
 steps its ``Driver``s inline until given requests finish (the ``LLM`` path) or gives each
 driver its own thread (the server path). Python's garbage collector is kept out of steps:
 automatic collection is off while the engine runs, and it collects between steps instead.
+
+Reliability (``docs/reliability.md``): a group whose loop raises (a crash), or whose heartbeat
+stops for ``heartbeat_timeout_s`` (a stall; threaded engines watch for it), is taken out of
+service by ``recover``: its requests continue on healthy groups, recomputed from their tokens
+(``resume``). Faults are injected through ``self.faults`` (``serving.core.faults``).
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
 
 import jax
 
-from serving.core.balancer import Balancer
+from serving.core.balancer import Balancer, NoHealthyGroupError
 from serving.core.dp_group import DPGroup, GroupConfig
-from serving.core.interfaces import Driver, Router
+from serving.core.faults import FaultInjector, FaultSpec, InjectedFault
+from serving.core.fencing import GroupFencedError, Recovery, Resume
+from serving.core.heartbeat import watch_heartbeats
+from serving.core.interfaces import AddRequest, Driver, EngineMisuseError, Router
 from serving.core.request import Request
+from serving.core.step_gc import StepGC
 from xds_jax.engine_config import EngineConfig
 from xds_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-GC_YOUNG_EVERY = 64  # steps between generation-0 collections
-GC_FULL_EVERY = 2048  # steps between full collections
 IDLE_WAIT_S = 0.05  # an idle driver waits this long on its groups' inboxes between steps
-
-
-class StepGC:
-    """Collect garbage only at step boundaries."""
-
-    def __init__(self) -> None:
-        self._steps = 0
-        self._was_enabled = gc.isenabled()
-
-    def __enter__(self) -> StepGC:
-        gc.disable()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._was_enabled:
-            gc.enable()
-
-    def after_step(self) -> None:
-        self._steps += 1
-        if self._steps % GC_FULL_EVERY == 0:
-            gc.collect()
-        elif self._steps % GC_YOUNG_EVERY == 0:
-            gc.collect(0)
+EVACUATE_WAIT_S = 0.5  # the monitor waits this long for a stalled group's state, then retries
 
 
 class Engine:
@@ -60,13 +44,17 @@ class Engine:
     disaggregated layouts of ``serving.disagg.deploy``): ``entry`` are the groups new requests go
     to (the prefill pool in PD), ``drivers`` what steps them (a group steps itself; an MA
     pool steps all its attention groups at once), ``router`` what moves requests between
-    groups (PD). ``timeline`` records what the steps did.
+    groups (PD). ``timeline`` records what the steps did. ``faults`` are armed at once (specs
+    or their text); ``heartbeat_timeout_s`` (None: no monitor) bounds how long a group of a
+    started engine may go without a heartbeat before its work is moved.
     """
 
     def __init__(self, params: dict | None, cfg: ModelConfig, devices: list | None = None,
                  group_config: GroupConfig | None = None, *, groups: list | None = None,
                  entry: list | None = None, drivers: list[Driver] | None = None,
-                 router: Router | None = None, timeline=None):
+                 router: Router | None = None, timeline=None,
+                 faults: tuple[str | FaultSpec, ...] = (),
+                 heartbeat_timeout_s: float | None = None):
         self.cfg = cfg
         self.group_config = group_config = group_config or GroupConfig()
         if groups is None:
@@ -82,16 +70,43 @@ class Engine:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.requests_recovered = 0  # requests moved off groups taken out of service
+        self.scale_downs = 0  # groups taken out of service
+        self.rejoins = 0  # stalled groups back in service
+        self._crashed: set[int] = set()  # groups whose loop died: they never rejoin
+        self._pending: list[DPGroup] = []  # fenced, their state not yet taken (stalled inside)
+        self.recoveries: list[Recovery] = []
+        self._recovering = threading.RLock()
+        self.faults = FaultInjector(self.groups, self.drivers, router)
+        for g in self.groups:
+            g.faults = self.faults
+        if router is not None:
+            router.on_lost = self.resume  # PD sequences whose hand-off failed
+        for spec in faults:
+            self.faults.add(spec)
 
     # -- control plane ------------------------------------------------------------------------
     def submit(self, request: Request) -> int:
         """Place a request on an entry group; returns the group's index."""
-        with self._lock:
-            index = self.balancer.choose([g.load() for g in self.entry], request.prompt_ids)
-            group = next(g for g in self.entry if g.index == index)
-            self._placement[request.request_id] = group
-        group.submit(request)
-        return group.index
+        return self._place(request, AddRequest(request))
+
+    def _place(self, request: Request, message: AddRequest | Resume) -> int | None:
+        """Deliver ``message`` to a healthy entry group chosen by the balancer (again if that
+        group is fenced meanwhile) and record the placement. A ``Resume`` of a request no
+        longer placed (its caller aborted it while it moved) is not delivered: None."""
+        while True:
+            with self._lock:
+                if isinstance(message, Resume) and request.request_id not in self._placement:
+                    return None
+                index = self.balancer.choose([g.load() for g in self.entry], request.prompt_ids)
+                group = next(g for g in self.entry if g.index == index)
+                self._placement[request.request_id] = group
+            try:
+                group.deliver(message)
+                return group.index
+            except GroupFencedError:
+                continue
 
     def abort(self, request_id: str) -> None:
         """Abort wherever the request is: its entry group, and (disaggregated) every group it
@@ -109,6 +124,80 @@ class Engine:
         with self._lock:
             self._placement.pop(request_id, None)
 
+    # -- recovery -----------------------------------------------------------------------------
+    def recover(self, group: DPGroup, reason: str) -> int:
+        """Take ``group`` out of service (any thread) and move its work to healthy groups:
+        its requests continue there from their tokens; PD offers it made or was to pull are
+        cancelled (the prefill side frees their blocks) and their sequences prefilled again.
+        Returns how many requests moved (0 if the group was out already, or if a stalled step
+        still holds its state: it moves once the step lets go, the monitor retrying)."""
+        with self._recovering:
+            if not group.fence():
+                return 0
+            self.scale_downs += 1
+            self.recoveries.append(Recovery(time.monotonic(), group.role, group.index, reason))
+            log.error("%s group %d out of service (%s); moving its work", group.role,
+                      group.index, reason)
+            if self.router is not None:
+                self.router.group_lost(group)
+            moves = group.evacuate(timeout=EVACUATE_WAIT_S)
+            if moves is None:
+                self._pending.append(group)
+                return 0
+            for move in moves:
+                self.resume(move)
+            return len(moves)
+
+    def resume(self, move: Resume) -> None:
+        """Continue a started request's sequences on a healthy entry group (any thread);
+        a request aborted meanwhile ends aborted, and one with nowhere to go ends failed."""
+        request = move.request
+        with self._lock:
+            self.requests_recovered += 1
+        try:
+            if self._place(request, move) is not None:
+                return
+            request.abort()
+        except NoHealthyGroupError as error:
+            request.fail(f"{type(error).__name__}: {error}")
+        request.metrics.finished_time = time.monotonic()
+        if request.on_output is not None:
+            request.on_output(request.snapshot())
+
+    def _driver_failed(self, driver: Driver, error: Exception) -> None:
+        """A driver's step raised: a group driving itself is recovered (its work moves); the
+        groups of a pool fail (their requests end aborted)."""
+        reason = f"{type(error).__name__}: {error}"
+        if driver.groups == [driver] and not isinstance(error, EngineMisuseError):
+            self._crashed.add(driver.index)
+            self.recover(driver, reason)
+            return
+        for g in driver.groups:
+            g.fail(reason)
+
+    def retry_evacuations(self) -> None:
+        """Move the work of groups fenced while a step held their state, if it let go."""
+        with self._recovering:
+            for group in list(self._pending):
+                moves = group.evacuate(timeout=EVACUATE_WAIT_S)
+                if moves is not None:
+                    self._pending.remove(group)
+                    for move in moves:
+                        self.resume(move)
+
+    def rejoin(self, group: DPGroup) -> bool:
+        """Put a stalled group back in service, empty, once its work has moved; a group
+        whose loop died never rejoins. True if it did."""
+        with self._recovering:
+            if not group.drained or group.index in self._crashed:
+                return False
+            group.rejoin()
+            if self.router is not None:
+                self.router.group_back(group)
+            self.rejoins += 1
+        log.warning("%s group %d beats again; back in service, empty", group.role, group.index)
+        return True
+
     # -- running ------------------------------------------------------------------------------
     def run(self, seqs: list) -> None:
         """Run sequences to completion inline (the ``LLM.generate`` contract)."""
@@ -124,7 +213,13 @@ class Engine:
             while not all(r.finished for r in requests):
                 busy = False
                 for d in self.drivers:
-                    busy |= d.step()
+                    try:
+                        busy |= d.step()
+                    except Exception as error:
+                        if d.groups != [d] or isinstance(error, EngineMisuseError):
+                            raise  # a pool's step, or a wiring bug: up to the caller
+                        self._driver_failed(d, error)
+                        busy = True
                 if not busy and not any(d.has_work() for d in self.drivers):
                     raise RuntimeError("engine idle with unfinished requests")
                 collector.after_step()
@@ -138,13 +233,21 @@ class Engine:
         self._stop.clear()
         self._gc = StepGC().__enter__()  # collection only between steps while threads run
         for d in self.drivers:
-            t = threading.Thread(target=drive, args=(d, self._stop, self._gc.after_step),
+            t = threading.Thread(target=drive, args=(d, self._stop, self._gc.after_step,
+                                                     self._driver_failed),
                                  name=_thread_name(d), daemon=True)
+            t.start()
+            self._threads.append(t)
+        if self.heartbeat_timeout_s is not None:
+            watched = [g for g in self.groups if any(d is g for d in self.drivers)]
+            t = threading.Thread(target=watch_heartbeats, name="heartbeat", daemon=True,
+                                 args=(self, watched, self.heartbeat_timeout_s, self._stop))
             t.start()
             self._threads.append(t)
 
     def shutdown(self) -> None:
         self._stop.set()
+        self.faults.release()
         for t in self._threads:
             t.join(timeout=10)
         if self._threads:
@@ -169,7 +272,13 @@ class Engine:
             "generation_tokens_total": sum(g.generated_tokens for g in self.groups),
             "batch_size": sum(g.last_batch[0] for g in self.groups),
             "batched_tokens": sum(g.last_batch[1] for g in self.groups),
-            "heartbeat_age_s": max(time.monotonic() - g.last_heartbeat for g in self.groups),
+            "heartbeat_age_s": max((time.monotonic() - g.last_heartbeat
+                                    for g in self.groups if g.healthy), default=0.0),
+            "faults_injected": self.faults.injected,
+            "requests_recovered": self.requests_recovered,
+            "rollbacks": sum(g.rollbacks for g in self.groups),
+            "scale_downs": self.scale_downs,
+            "rejoins": self.rejoins,
         } | (self.router.stats() if self.router is not None else {}) | self._driver_stats() \
           | self._spec_stats() | self._expert_stats()
 
@@ -204,19 +313,26 @@ class Engine:
         return out
 
 
-def drive(driver: Driver, stop: threading.Event, after_step=lambda: None) -> None:
+def drive(driver: Driver, stop: threading.Event, after_step=lambda: None,
+          failed=None) -> None:
     """A driver's loop until ``stop`` is set: step while there is work, otherwise wait on its
     groups' inboxes; ``after_step`` runs between busy steps (garbage collection). If a step
-    raises, every group the driver steps fails (unhealthy; its requests end aborted)."""
+    raises, the loop ends with ``failed(driver, error)`` (``Engine._driver_failed``; without
+    it every group the driver steps fails: unhealthy, its requests aborted)."""
     groups = driver.groups
     while not stop.is_set():
         try:
             busy = driver.step()
         except Exception as error:
-            log.exception("%s failed; marking its %d groups unhealthy", _thread_name(driver),
-                          len(groups))
-            for g in groups:
-                g.fail(f"{type(error).__name__}: {error}")
+            if isinstance(error, InjectedFault):
+                log.error("%s: %s", _thread_name(driver), error)
+            else:
+                log.exception("%s failed", _thread_name(driver))
+            if failed is not None:
+                failed(driver, error)
+            else:
+                for g in groups:
+                    g.fail(f"{type(error).__name__}: {error}")
             return
         if busy:
             after_step()
@@ -262,4 +378,5 @@ def build_colocated_engine(params: dict, cfg: ModelConfig, max_model_len: int,
         raise ValueError(f"num_dp_groups must be in 1..{len(devices)} (devices available), "
                          f"got {config.num_dp_groups}")
     group = group_config_for(params, cfg, max_model_len, config)
-    return Engine(params, cfg, list(devices[:config.num_dp_groups]), group)
+    return Engine(params, cfg, list(devices[:config.num_dp_groups]), group,
+                  faults=config.faults, heartbeat_timeout_s=config.heartbeat_timeout_s)

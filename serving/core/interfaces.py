@@ -92,7 +92,18 @@ class Group(Protocol):
         """Second half: record the step whose tokens were appended, emit outputs."""
 
     def fail(self, reason: str) -> None:
-        """Mark the group unhealthy and end every request it holds (aborted)."""
+        """Mark the group unhealthy and end every request it holds (aborted): the groups of
+        a pool whose step raised."""
+
+    def fence(self) -> bool:
+        """Take the group out of service (unhealthy, refusing messages); False if it was."""
+
+    def evacuate(self, timeout: float = -1) -> list | None:
+        """Fence it and hand back its work as ``Resume`` messages, its pool reset; None if a
+        step held its state past ``timeout`` seconds (``serving.core.fencing``)."""
+
+    def rejoin(self) -> None:
+        """Back in service, empty, after an evacuation."""
 
     def wait_for_work(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds until a message arrives; True if one did."""
@@ -128,6 +139,14 @@ class Driver(Protocol):
 @runtime_checkable
 class Router(Protocol):
     """Moves requests from the groups they entered to the groups that finish them (the PD
-    hand-off, ``serving.disagg.pd.PDRouter``); the engine reads its counters."""
+    hand-off, ``serving.disagg.pd.PDRouter``); the engine reads its counters, tells it which
+    groups go out of service and come back, and gives it ``on_lost``: where sequences whose
+    hand-off failed go to be started again (``Engine.resume``)."""
+
+    on_lost: Any
+
+    def group_lost(self, group: Group) -> None: ...
+
+    def group_back(self, group: Group) -> None: ...
 
     def stats(self) -> dict[str, float]: ...

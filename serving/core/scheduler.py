@@ -200,6 +200,23 @@ class Scheduler:
         self._computed[seq.seq_id] = computed
         return bm.block_table(seq.seq_id), cached // bm.block_size
 
+    def drop(self, seq_id: int) -> None:
+        """Take a running sequence out and free its blocks without touching the sequence (a
+        PD pull that failed: it goes on elsewhere)."""
+        seq = next((s for s in self.running if s.seq_id == seq_id), None)
+        if seq is None:
+            raise SchedulerError(f"sequence {seq_id} is not running")
+        self._release(seq)
+
+    def clear(self) -> list[Sequence]:
+        """Drop every sequence and free its blocks without touching the sequences (a group
+        taken out of service: they go on elsewhere). Returns them, running first."""
+        dropped = [*self.running, *self.waiting]
+        for seq in list(self.running):
+            self._release(seq)
+        self.waiting.clear()
+        return dropped
+
     def _release(self, seq: Sequence) -> None:
         self.running.remove(seq)
         del self._computed[seq.seq_id]

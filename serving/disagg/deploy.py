@@ -97,12 +97,13 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
         decode = [kind(num_prefill + i, params, cfg, d, decode_config)
                   for i, d in enumerate(_decode_devices(layout))]
         decode_drivers = decode
-    router = PDRouter(decode) if num_prefill else None
+    router = PDRouter(decode, kv_retries=config.kv_transfer_retries) if num_prefill else None
     prefill = _prefill_groups(params, cfg, layout, prefill_config, router) if router else []
     for g in [*prefill, *decode]:
         g.timeline = timeline
     return Engine(params, cfg, groups=[*prefill, *decode], entry=prefill or None,
-                  drivers=[*prefill, *decode_drivers], router=router, timeline=timeline)
+                  drivers=[*prefill, *decode_drivers], router=router, timeline=timeline,
+                  faults=config.faults, heartbeat_timeout_s=config.heartbeat_timeout_s)
 
 
 # Virtual CPU devices share the host's memory: all simulated KV pools together take at most

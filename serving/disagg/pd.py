@@ -16,6 +16,11 @@ hooks of a step differ. ``PrefillGroup`` hands sequences off to the ``PDRouter``
 sampling; the router picks the decode group, owns the channels and delivers an ``Arrival``
 message; a ``DecodeGroup`` admits pulled sequences before scheduling. KV leaves and enters the
 runners only through ``export_kv``/``import_kv``, so nothing recompiles for a transfer.
+
+Failures (``docs/reliability.md``): a failed pull is retried ``kv_retries`` times, then its
+offer is cancelled and the sequence prefilled again (``PDRouter.on_lost``). A group out of
+service gets no hand-offs (``group_lost``); unpulled offers it made or held are cancelled,
+their sequences prefilled again elsewhere.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from collectives.p2p import KVChannel, KVTransferHub
-from serving.core.balancer import Balancer
-from serving.core.dp_group import DPGroup
+from collectives.p2p import KVChannel, KVTransferHub, TransferError
+from serving.core.balancer import Balancer, NoHealthyGroupError
+from serving.core.dp_group import DPGroup, GroupFencedError, Resume
+from serving.core.faults import KVTransferFailed
 from serving.core.request import Request
 from serving.core.scheduler import SchedulerError, SchedulerOutput
 from xds_jax.sequence import Sequence
@@ -50,7 +56,16 @@ class Arrival:
     channel: KVChannel
     offered_at: float  # time.perf_counter(), the timeline's clock
     pulled_at: float | None = None
+    failures: int = 0  # failed pulls so far
     hidden: Any = None  # speculative decoding: the prefill's pending target hidden state
+
+
+@dataclasses.dataclass(frozen=True)
+class _Offer:  # a hand-off the router made and its source has not seen complete
+    source: int  # prefill group index
+    channel: KVChannel
+    request: Request
+    seq: Sequence
 
 
 @dataclasses.dataclass
@@ -62,6 +77,9 @@ class TransferCounters:
     deferred: int = 0  # steps that left an arrival waiting for room (backpressure)
     wait_s: float = 0.0  # offered -> pulled
     transfer_s: float = 0.0  # pulled -> written
+    retries: int = 0  # failed pulls tried again
+    reprefills: int = 0  # sequences sent back to prefill after their pulls kept failing
+    cancelled: int = 0  # offers held here, cancelled when the group went out of service
 
 
 class PrefillGroup(DPGroup):
@@ -77,8 +95,14 @@ class PrefillGroup(DPGroup):
 
     def _before_schedule(self) -> None:
         for event in self.router.completed(self.index):
-            self._held.pop(event, None)
+            if self._held.pop(event, None) is not None:  # not freed already by a reset
+                self.blocks.free(event)
+
+    def _reset(self) -> None:
+        super()._reset()
+        for event in self._held:
             self.blocks.free(event)
+        self._held.clear()
 
     @property
     def held_blocks(self) -> int:
@@ -100,7 +124,13 @@ class PrefillGroup(DPGroup):
                 self.requests.pop(request.request_id, None)
             last = not any(s.seq_id in self._owners for s in request.seqs if not s.finished)
             hidden = getattr(self.runner, "pending", {}).pop(seq.seq_id, None)
-            self.router.handoff(self, request, seq, table, last=last, hidden=hidden)
+            try:
+                self.router.handoff(self, request, seq, table, last=last,
+                                    hidden=hidden)
+            except NoHealthyGroupError as error:  # every decode group is out of service
+                del self._held[seq.seq_id]
+                self.blocks.free(seq.seq_id)
+                self.fail_request(request, error)
 
     def has_work(self) -> bool:  # held blocks are freed by later (idle) steps' plan()
         return super().has_work() or bool(self._held)
@@ -136,6 +166,27 @@ class DecodeGroup(DPGroup):
     def has_work(self) -> bool:
         return super().has_work() or bool(self.arrivals)
 
+    def _drop(self, arrival: Arrival) -> None:
+        """Forget an arrival's sequence here without touching it (it goes on elsewhere)."""
+        request = arrival.request
+        self._owners.pop(arrival.seq.seq_id, None)
+        if not any(s.seq_id in self._owners for s in request.seqs):
+            self.requests.pop(request.request_id, None)
+
+    def _take_work(self) -> list[Resume]:
+        for arrival in self.arrivals:  # offers held here: cancelled, so prefill frees them
+            if arrival.channel.cancel(arrival.seq.seq_id):
+                self.transfer.cancelled += 1
+            else:
+                self._drop(arrival)  # withdrawn already: the router prefills it again
+        self.arrivals.clear()
+        return super()._take_work()
+
+    def _reset(self) -> None:
+        super()._reset()
+        self.arrivals.clear()
+        self._early_aborts.clear()
+
     def load(self):
         load = super().load()
         return dataclasses.replace(load, num_waiting=load.num_waiting + len(self.arrivals))
@@ -150,6 +201,10 @@ class DecodeGroup(DPGroup):
                 arrival.channel.cancel(seq.seq_id)
                 self._owners.pop(seq.seq_id, None)
                 continue
+            if not arrival.channel.ready(seq.seq_id):  # withdrawn: its prefill group is lost
+                self.arrivals.popleft()
+                self._drop(arrival)
+                continue
             try:
                 self.scheduler.check_fits(seq)
             except SchedulerError as e:
@@ -160,12 +215,42 @@ class DecodeGroup(DPGroup):
                 self.transfer.deferred += 1
                 return  # backpressure: wait for running sequences to finish
             self.arrivals.popleft()
-            self._pull(arrival)
+            try:
+                self._pull(arrival)
+            except KVTransferFailed as error:
+                self.scheduler.drop(seq.seq_id)
+                if not self._pull_failed(arrival, error):
+                    return  # tried again at the next step
+            except TransferError:  # withdrawn just now: the router prefills it again
+                self.scheduler.drop(seq.seq_id)
+                self._drop(arrival)
+
+    def _pull_failed(self, arrival: Arrival, error: Exception) -> bool:
+        """Queue a failed pull first again while retries are left (False), else cancel it and
+        send the sequence back to prefill (True)."""
+        arrival.failures += 1
+        seq = arrival.seq
+        if arrival.failures <= self.router.kv_retries:
+            log.warning("decode group %d: KV pull of sequence %d failed (%s); retry %d of %d",
+                        self.index, seq.seq_id, error, arrival.failures, self.router.kv_retries)
+            self.transfer.retries += 1
+            self.arrivals.appendleft(arrival)
+            return False
+        log.error("decode group %d: KV pull of sequence %d failed %d times (%s); prefilling "
+                  "it again", self.index, seq.seq_id, arrival.failures, error)
+        self._drop(arrival)
+        if arrival.channel.cancel(seq.seq_id):  # else withdrawn: the router took care of it
+            self.transfer.reprefills += 1
+            self.router.on_lost(Resume(arrival.request, [seq]))
+        return True
 
     def _pull(self, arrival: Arrival) -> None:
+        """Admit the arrival's sequence and move its KV here (raises ``KVTransferFailed``,
+        or ``TransferError`` if the offer was withdrawn, with the sequence admitted)."""
         seq, channel = arrival.seq, arrival.channel
         arrival.pulled_at = time.perf_counter()
         table, reused = self.scheduler.admit_computed(seq)
+        self.faults.before_transfer(self)
         channel.pull(seq.seq_id, np.asarray(table[reused:], np.int32), skip=reused)
         sent_before = channel.counters.bytes_sent
         landed = set(channel.arrived())
@@ -203,47 +288,96 @@ class PDRouter:
     KV channels (one per (prefill, decode) pair, in ``hub``) and delivers ``Arrival``s.
 
     ``choose_decode(request) -> group index`` picks a request's decode group at its first
-    hand-off (default: the ``Balancer`` over the decode groups' loads); its other sequences
-    (``n`` > 1) follow it there.
+    hand-off (default: the ``Balancer`` over the decode groups' loads; a healthy group is
+    chosen instead of one out of service); its other sequences (``n`` > 1) follow it there.
+    ``kv_retries``: failed pulls tried again before the sequence is prefilled again through
+    ``on_lost`` (the engine sets it to its ``resume``).
     """
 
     def __init__(self, decode: list[DecodeGroup], choose_decode=None,
-                 hub: KVTransferHub | None = None):
+                 hub: KVTransferHub | None = None, kv_retries: int = 1):
         self.decode = list(decode)
         self.hub = hub or KVTransferHub()
+        self.kv_retries = kv_retries
+        self.on_lost = _nowhere
         self._by_index = {g.index: g for g in self.decode}
         self._choose = choose_decode or self._balanced
         self._balancer = Balancer()
         self._chosen: dict[str, int] = {}  # request id -> decode group, while in prefill
         self._sending: dict[int, list[KVChannel]] = collections.defaultdict(list)
+        # (prefill index, seq id) -> the offer, until that prefill group sees it complete
+        self._offers: dict[tuple[int, int], _Offer] = {}
+        self._lost: set[int] = set()  # groups out of service
+        self.withdrawn = 0  # offers of lost prefill groups, cancelled before any pull
         self._lock = threading.Lock()
+        for g in self.decode:
+            g.router = self
 
     def _balanced(self, request: Request) -> int:
         return self._balancer.choose([g.load() for g in self.decode], request.prompt_ids)
+
+    def _target(self, request: Request) -> DecodeGroup:
+        """The request's decode group (under the lock): chosen at its first hand-off, again
+        if that group is out of service."""
+        index = self._chosen.get(request.request_id)
+        if index is None or index in self._lost:
+            index = self._choose(request)
+            if index in self._lost:  # a custom choice of a lost group
+                index = self._balanced(request)
+            self._chosen[request.request_id] = index
+        return self._by_index[index]
 
     def handoff(self, source: PrefillGroup, request: Request, seq: Sequence,
                 table: list[int], *, last: bool, hidden: Any = None) -> None:
         """(Prefill thread) Offer ``seq``'s KV blocks ``table`` to the request's decode
         group. ``last``: no other sequence of the request remains in ``source``; ``hidden``:
-        its last target hidden state (speculative decoding), sent along with the KV."""
+        its last target hidden state (speculative decoding), sent along with the KV. A decode
+        group fenced at this moment gets nothing: the offer is cancelled and the sequence
+        prefilled again."""
         with self._lock:
-            if request.request_id not in self._chosen:
-                self._chosen[request.request_id] = self._choose(request)
-            target = self._by_index[self._chosen[request.request_id]]
+            target = self._target(request)
             if last:
                 del self._chosen[request.request_id]
             channel = self.hub.channel(source.index, target.index, target.runner.kv_sharding)
             if channel not in self._sending[source.index]:
                 self._sending[source.index].append(channel)
-        channel.offer(seq.seq_id, source.runner.export_kv, table)
-        target.deliver(Arrival(request, seq, channel, time.perf_counter(), hidden=hidden))
+            channel.offer(seq.seq_id, source.runner.export_kv, table)
+            self._offers[source.index, seq.seq_id] = _Offer(source.index, channel, request, seq)
+            try:
+                target.deliver(Arrival(request, seq, channel, time.perf_counter(),
+                                       hidden=hidden))
+                return
+            except GroupFencedError:
+                channel.cancel(seq.seq_id)
+        self.on_lost(Resume(request, [seq]))
 
     def completed(self, prefill_index: int) -> list[int]:
         """Events (sequence ids) whose transfer out of that prefill group completed (or was
         cancelled) since the last call: their blocks may be freed."""
         with self._lock:
             channels = list(self._sending.get(prefill_index, ()))
-        return [event for channel in channels for event in channel.completed()]
+            events = [event for channel in channels for event in channel.completed()]
+            for event in events:
+                self._offers.pop((prefill_index, event), None)
+        return events
+
+    def group_lost(self, group: DPGroup) -> None:
+        """(The engine, taking ``group`` out of service) Hand off to it no more; offers it
+        made that no decode group pulled yet are cancelled and prefilled again elsewhere."""
+        with self._lock:
+            self._lost.add(group.index)
+            self._chosen = {r: i for r, i in self._chosen.items() if i != group.index}
+            mine = [o for o in self._offers.values() if o.source == group.index]
+            lost = [o for o in mine if o.channel.cancel(o.seq.seq_id)]
+            for offer in mine:
+                del self._offers[offer.source, offer.seq.seq_id]
+            self.withdrawn += len(lost)
+        for offer in lost:
+            self.on_lost(Resume(offer.request, [offer.seq]))
+
+    def group_back(self, group: DPGroup) -> None:
+        with self._lock:  # in service again: hand-offs may go to it
+            self._lost.discard(group.index)
 
     def stats(self) -> dict[str, float]:
         """KV transfers into the decode groups."""
@@ -255,4 +389,12 @@ class PDRouter:
             "kv_bytes_sent": sum(c.bytes_sent for c in counters),
             "kv_wait_s": sum(c.wait_s for c in counters),
             "kv_transfer_s": sum(c.transfer_s for c in counters),
+            "kv_transfer_retries": sum(c.retries for c in counters),
+            "kv_reprefills": sum(c.reprefills for c in counters),
+            "kv_offers_cancelled": sum(c.cancelled for c in counters) + self.withdrawn,
         }
+
+
+def _nowhere(move: Resume) -> None:
+    """``on_lost`` of a router no engine runs: the sequence cannot go on."""
+    move.request.fail("its KV transfer failed and no engine can prefill it again")

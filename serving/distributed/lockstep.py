@@ -31,8 +31,9 @@ import threading
 import zlib
 from collections.abc import Callable
 
-from serving.core.engine import IDLE_WAIT_S, Engine, StepGC
+from serving.core.engine import IDLE_WAIT_S, Engine
 from serving.core.request import Request
+from serving.core.step_gc import StepGC
 from serving.distributed.channel import ControlChannel
 from sharding.processes import DistributedConfig
 from xds_jax.errors import XdsError

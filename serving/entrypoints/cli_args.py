@@ -33,6 +33,16 @@ def port(text: str) -> int:
     return value
 
 
+def fault_spec(text: str):
+    """A ``--fault`` value parsed (``serving.core.faults``); a bad one names its field."""
+    from serving.core.faults import FaultSpecError, parse_fault
+
+    try:
+        return parse_fault(text)
+    except FaultSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -45,7 +55,7 @@ def positive_float(text: str) -> float:
 ENGINE_FIELDS = ("model", "dtype", "max_model_len", "seed", "num_dp_groups", "max_num_seqs",
                  "max_num_batched_tokens", "block_size", "enable_prefix_caching", "staged",
                  "micro_batches", "speculative_config", "enable_eplb", "eplb_config",
-                 "dispatch_dtype")
+                 "dispatch_dtype", "faults", "heartbeat_timeout_s", "kv_transfer_retries")
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -113,6 +123,17 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        '"num_speculative_tokens": 2}\' (needs MTP weights)')
     group.add_argument("--no-warmup", action="store_true",
                        help="skip the warm-up request that compiles the step programs up front")
+    group.add_argument("--fault", dest="faults", action="append", type=fault_spec, default=[],
+                       metavar="SPEC", help="inject a fault (repeatable), e.g. "
+                       "group_crash:group=1:after_steps=3, group_stall:group=0:seconds=5, "
+                       "kv_transfer_fail:times=2; see docs/reliability.md")
+    group.add_argument("--heartbeat-timeout", dest="heartbeat_timeout_s", type=positive_float,
+                       default=d.heartbeat_timeout_s, metavar="SECONDS",
+                       help="a DP group silent this long is taken out of service and its "
+                       "requests moved (default: %(default)s)")
+    group.add_argument("--kv-transfer-retries", type=int, default=d.kv_transfer_retries,
+                       metavar="N", help="PD: a failed KV pull is retried N times, then the "
+                       "sequence is prefilled again (default: %(default)s)")
     add_process_options(parser)
 
 

@@ -108,7 +108,8 @@ class EngineCollector:
                 ("xds:num_admitted_seqs", "admitted_seqs",
                  "Sequences admitted and not finished (counted against --max-num-queued-reqs)."),
                 ("xds:num_admitted_prompt_tokens", "admitted_tokens",
-                 "Prompt tokens admitted and not finished (against --max-num-queued-tokens).")):
+                 "Prompt tokens admitted and not finished (against --max-num-queued-tokens)."),
+                ("xds:healthy_groups", "healthy_groups", "DP groups in service.")):
             gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
             gauge.add_metric([m], float(stats.get(key, 0.0)))
             yield gauge
@@ -129,7 +130,12 @@ class EngineCollector:
                 ("xds:ma_expert_reruns", "ma_reruns",
                  "MA: steps re-run after an expert capacity overflow."),
                 ("xds:eplb_rebalances", "eplb_rebalances",
-                 "EPLB: expert maps rebalanced and switched on.")):
+                 "EPLB: expert maps rebalanced and switched on."),
+                ("xds:faults_injected", "faults_injected", "Faults injected (--fault)."),
+                ("xds:requests_recovered", "requests_recovered",
+                 "Requests moved off a group taken out of service, recomputed elsewhere."),
+                ("xds:rollbacks", "rollbacks", "Steps undone and recomputed."),
+                ("xds:scale_downs", "scale_downs", "DP groups taken out of service.")):
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric([m], float(stats.get(key, 0)))
             yield counter

@@ -21,19 +21,30 @@ _MASKED = -1e30
 
 
 def as_bits(a: jax.Array) -> jax.Array:
-    """A 16-bit float array viewed as ``uint16`` (others unchanged).
+    """A bfloat16 array viewed as ``uint16`` (others unchanged).
 
-    XLA:CPU upcasts a gather or scatter on 16-bit floats to float32, converting the whole
-    operand (the entire KV pool, on every step and layer); on integers it moves the bytes.
+    XLA:CPU upcasts a gather or scatter on bfloat16 to float32 (converting the whole operand);
+    on integers it moves the bytes. A bitcast of a whole array is a copy there, so bfloat16 KV
+    pages are *stored* as ``uint16`` (``kv_storage_dtype``) and only new or gathered rows are
+    bitcast.
     """
-    if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize == 2:
-        return jax.lax.bitcast_convert_type(a, jnp.uint16)
-    return a
+    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
 
 
 def from_bits(a: jax.Array, dtype) -> jax.Array:
-    """Undo ``as_bits``."""
+    """Undo ``as_bits``: ``uint16`` bits back to ``dtype`` (bfloat16)."""
     return a if a.dtype == dtype else jax.lax.bitcast_convert_type(a, dtype)
+
+
+def kv_storage_dtype(dtype) -> jnp.dtype:
+    """The dtype KV pages are stored in for values of ``dtype``: bfloat16 as its bits."""
+    return jnp.dtype(jnp.uint16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
+def kv_value_dtype(storage_dtype) -> jnp.dtype:
+    """The dtype of the values held in pages stored as ``storage_dtype``."""
+    storage = jnp.dtype(storage_dtype)
+    return jnp.dtype(jnp.bfloat16) if storage == jnp.uint16 else storage
 
 
 def write_pages(pages: jax.Array, new_BSKD: jax.Array, positions_BS: jax.Array,
@@ -43,10 +54,10 @@ def write_pages(pages: jax.Array, new_BSKD: jax.Array, positions_BS: jax.Array,
     block = jnp.take_along_axis(block_tables_BN, jnp.maximum(positions_BS, 0) // page_size, axis=1)
     slots = block * page_size + positions_BS % page_size
     slots = jnp.where(positions_BS >= 0, slots, num_pages * page_size)  # out of range: dropped
-    flat = as_bits(pages.reshape((num_pages * page_size,) + pages.shape[2:]))
-    new = as_bits(new_BSKD.reshape((-1,) + new_BSKD.shape[2:]).astype(pages.dtype))
-    flat = flat.at[slots.reshape(-1)].set(new, mode="drop")
-    return from_bits(flat, pages.dtype).reshape(pages.shape)
+    flat = pages.reshape((num_pages * page_size,) + pages.shape[2:])
+    new = new_BSKD.reshape((-1,) + new_BSKD.shape[2:]).astype(kv_value_dtype(pages.dtype))
+    flat = flat.at[slots.reshape(-1)].set(as_bits(new), mode="drop")
+    return flat.reshape(pages.shape)
 
 
 def read_pages(pages: jax.Array, block_tables_BN: jax.Array) -> jax.Array:
@@ -55,7 +66,8 @@ def read_pages(pages: jax.Array, block_tables_BN: jax.Array) -> jax.Array:
     Block ids are always valid pool indices, so the gather clips instead of bounds-filling,
     which XLA:CPU runs about three times faster.
     """
-    got = from_bits(jnp.take(as_bits(pages), block_tables_BN, axis=0, mode="clip"), pages.dtype)
+    got = jnp.take(pages, block_tables_BN, axis=0, mode="clip")
+    got = from_bits(got, kv_value_dtype(pages.dtype))
     b, n, pg = got.shape[:3]
     return got.reshape((b, n * pg) + got.shape[3:]).astype(jnp.float32)
 
@@ -145,9 +157,10 @@ def mla_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
 
 
 def new_layer_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> dict:
-    """Zeroed pages for one layer."""
+    """Zeroed pages for one layer, holding values of ``dtype`` (stored as ``kv_storage_dtype``)."""
     heads, dims = cfg.kv_cache_dims()
     shape = (num_pages, page_size, heads, dims)
+    dtype = kv_storage_dtype(dtype)
     if cfg.mla is not None:
         return {"c": jnp.zeros(shape, dtype)}
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -17,7 +17,7 @@ from serving.runner import ModelRunner
 from tests.helpers import GOLDEN, TINY_MODELS, golden, tiny
 from xds_jax.attention import kv_value_dtype
 from xds_jax.generate import LocalGenerator, model_step
-from xds_jax.loader import load_model
+from xds_jax.loader import auto_dtype, load_model
 from xds_jax.model import new_caches, reference_logits
 from xds_jax.sampling_params import SamplingParams
 from xds_jax.sequence import Sequence
@@ -105,3 +105,14 @@ def test_runner_launch_reuses_the_kv_pool_buffers():
     jax.block_until_ready(runner.pages)
     assert all(c["k"].is_deleted() for c in old)
     assert [c["k"].unsafe_buffer_pointer() for c in runner.pages] == before
+
+
+def test_auto_dtype_keeps_the_checkpoint_dtype_except_float16_on_cpu(caplog):
+    assert auto_dtype("bfloat16", "cpu") == "bfloat16"
+    assert auto_dtype("float32", "cpu") == "float32"
+    assert auto_dtype("float16", "cpu") == "float32"  # XLA:CPU upcasts every float16 op
+    assert auto_dtype("float16", "gpu") == "float16"
+    with caplog.at_level("INFO", logger="xds_jax.loader"):
+        m = load_model(GOLDEN / "llama", dtype="auto", use_cache=False)
+    assert jax.tree.leaves(m.params)[0].dtype == jnp.float32
+    assert "dtype auto: float32 (checkpoint float32, platform cpu)" in caplog.text

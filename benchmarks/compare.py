@@ -7,10 +7,12 @@ The memory-bandwidth roofline is measured in the same run (numpy copy of a 1 GiB
 bytes read + bytes written per second), and batch-1 decode is reported against
 ``bandwidth / weight bytes``.
 
-How decode is timed, honestly: inside one ``generate`` call. xds-jax: the runner's ``launch``
-and ``finish`` are timestamped, so the decode rate is decoded tokens over the time from the
-first decode step's launch to the last one's end; the time ``finish`` spends waiting for the
-device is subtracted from each step's period to give the Python host time per step.
+xds-jax and transformers runs alternate (one each per repeat) and each ratio is the median of
+the per-pair ratios: these machines are shared and noisy. Decode is timed inside one
+``generate`` call. xds-jax: the runner's ``launch`` and ``finish`` are timestamped, so the
+decode rate is decoded tokens over the time from the first decode step's launch to the last
+one's end; the time ``finish`` spends waiting for the device, subtracted from each step's
+period, gives the Python host time per step (``host_fraction``).
 transformers: a logits processor timestamps each generation step of one ``generate`` call.
 Prompts are fresh random ids each run (no prefix-cache hits). Prefill: one ``generate`` call
 with ``max_tokens=1`` on a fresh 512-token prompt, whole-call wall time.
@@ -22,7 +24,7 @@ are printed. Usage: ``python -m benchmarks.compare [--quick] [--dtypes ...] [--b
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import json
 import os
 import statistics
@@ -93,40 +95,25 @@ class StepClock:
         return tokens / span, 1 - sum(waits) / sum(periods)
 
 
-def group_runners(llm: LLM) -> list:
-    return [d.runner for d in llm.engine.drivers]
-
-
-def bench_xds_decode(llm: LLM, batch: int, tokens: int, repeats: int) -> dict:
+def xds_decode_once(llm: LLM, batch: int, tokens: int, seed: int) -> tuple[float, float]:
+    """Decode tok/s and host fraction of one ``generate`` call of ``batch`` fresh prompts."""
+    runner = llm.engine.drivers[0].runner
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    vocab = llm.cfg.vocab_size
-    llm.generate([{"prompt_token_ids": p} for p in prompts(batch, PROMPT_LEN, vocab, 0)],
-                 params)  # compiles this batch's buckets
-    runner = group_runners(llm)[0]
-    compiled = runner.compile_count
-    rates, host = [], []
-    for r in range(repeats):
-        clock = StepClock(runner)
+    clock = StepClock(runner)
+    try:
         llm.generate([{"prompt_token_ids": p}
-                      for p in prompts(batch, PROMPT_LEN, vocab, 100 * batch + r + 1)], params)
-        del runner.launch, runner.finish  # back to the class methods
-        rate, fraction = clock.decode_stats()
-        rates.append(rate)
-        host.append(fraction)
-    return {"decode_tok_s": summary(rates), "host_fraction": summary(host),
-            "recompiles": runner.compile_count - compiled}
+                      for p in prompts(batch, PROMPT_LEN, llm.cfg.vocab_size, seed)], params)
+    finally:
+        del runner.launch, runner.finish  # back to the class's methods
+    return clock.decode_stats()
 
 
-def bench_xds_prefill(llm: LLM, repeats: int) -> dict:
-    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    rates = []
-    for r in range(repeats + 1):
-        ids = prompts(1, PREFILL_LEN, llm.cfg.vocab_size, 7000 + r)[0]
-        start = time.perf_counter()
-        llm.generate({"prompt_token_ids": ids}, one)
-        if r:  # the first compiles
-            rates.append(PREFILL_LEN / (time.perf_counter() - start))
-    return {"prefill_tok_s": summary(rates)}
+def xds_prefill_once(llm: LLM, seed: int) -> float:
+    ids = prompts(1, PREFILL_LEN, llm.cfg.vocab_size, seed)[0]
+    start = time.perf_counter()
+    llm.generate({"prompt_token_ids": ids},
+                 SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    return PREFILL_LEN / (time.perf_counter() - start)
 
 
 def load_hf(dtype: str):
@@ -146,7 +133,7 @@ def load_hf(dtype: str):
     return model.eval()
 
 
-def bench_hf_decode(model, batch: int, tokens: int, repeats: int) -> dict:
+def hf_decode_once(model, batch: int, tokens: int, seed: int) -> float:
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -158,33 +145,24 @@ def bench_hf_decode(model, batch: int, tokens: int, repeats: int) -> dict:
             self.times.append(time.perf_counter())
             return scores
 
-    rates = []
-    for r in range(repeats + 1):
-        ids = torch.tensor(prompts(batch, PROMPT_LEN, model.config.vocab_size,
-                                   100 * batch + r))
-        stamp = Stamp()
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                           min_new_tokens=tokens, do_sample=False,
-                           logits_processor=LogitsProcessorList([stamp]))
-        if r:  # the first warms up
-            rates.append(batch * (len(stamp.times) - 1) / (stamp.times[-1] - stamp.times[0]))
-    return {"decode_tok_s": summary(rates)}
+    ids = torch.tensor(prompts(batch, PROMPT_LEN, model.config.vocab_size, seed))
+    stamp = Stamp()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                       min_new_tokens=tokens, do_sample=False,
+                       logits_processor=LogitsProcessorList([stamp]))
+    return batch * (len(stamp.times) - 1) / (stamp.times[-1] - stamp.times[0])
 
 
-def bench_hf_prefill(model, repeats: int) -> dict:
+def hf_prefill_once(model, seed: int) -> float:
     import torch
 
-    rates = []
-    for r in range(repeats + 1):
-        ids = torch.tensor(prompts(1, PREFILL_LEN, model.config.vocab_size, 7000 + r))
-        with torch.no_grad():
-            start = time.perf_counter()
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
-                           do_sample=False)
-            if r:
-                rates.append(PREFILL_LEN / (time.perf_counter() - start))
-    return {"prefill_tok_s": summary(rates)}
+    ids = torch.tensor(prompts(1, PREFILL_LEN, model.config.vocab_size, seed))
+    with torch.no_grad():
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
+                       do_sample=False)
+        return PREFILL_LEN / (time.perf_counter() - start)
 
 
 def emit(line: dict) -> None:
@@ -193,40 +171,57 @@ def emit(line: dict) -> None:
 
 def run_dtype(dtype: str, batches: list[int], tokens: int, repeats: int, bandwidth: float,
               ratios: dict) -> None:
+    """Every configuration of one dtype. xds-jax and transformers runs alternate, so a burst
+    of load from elsewhere hits both; ratios are medians of the per-pair ratios."""
     llm = LLM("smollm2", dtype=dtype, max_num_seqs=max(max(batches), 4),
               max_num_batched_tokens=max(PREFILL_LEN, max(batches)))
+    hf = load_hf(dtype)
+    if hf is None:
+        emit({"engine": "transformers", "skipped": "torch/transformers not installed "
+              "(pip install -e '.[golden]' for the baseline)"})
     weight_bytes = param_bytes(llm.params)
     base = {"dtype": dtype, "weight_bytes": weight_bytes}
     roofline = bandwidth / weight_bytes
     emit({"engine": "roofline", **base, "bandwidth_GBps": bandwidth / 1e9,
           "batch1_decode_tok_s": roofline})
-    ours = {}
-    for batch in batches:
-        ours[batch] = bench_xds_decode(llm, batch, tokens, repeats)
-        emit({"engine": "xds-jax", **base, "batch": batch, **ours[batch]})
-    ours["prefill"] = bench_xds_prefill(llm, repeats)
-    emit({"engine": "xds-jax", **base, "prompt_tokens": PREFILL_LEN, **ours["prefill"]})
-    if 1 in batches:
-        ratios[f"{dtype}_b1_of_roofline"] = ours[1]["decode_tok_s"]["median"] / roofline
-    if max(batches) >= 8:
-        ratios[f"{dtype}_host_fraction_b{max(batches)}"] = (
-            ours[max(batches)]["host_fraction"]["median"])
-    del llm
-    gc.collect()
-    model = load_hf(dtype)
-    if model is None:
-        emit({"engine": "transformers", "skipped": "torch/transformers not installed "
-              "(pip install -e '.[golden]' for the baseline)"})
-        return
-    for batch in batches:
-        hf = bench_hf_decode(model, batch, tokens, repeats)
-        emit({"engine": "transformers", **base, "batch": batch, **hf})
-        ratios[f"{dtype}_decode_b{batch}_vs_hf"] = (
-            ours[batch]["decode_tok_s"]["median"] / hf["decode_tok_s"]["median"])
-    hf = bench_hf_prefill(model, repeats)
-    emit({"engine": "transformers", **base, "prompt_tokens": PREFILL_LEN, **hf})
-    ratios[f"{dtype}_prefill_vs_hf"] = (
-        ours["prefill"]["prefill_tok_s"]["median"] / hf["prefill_tok_s"]["median"])
+    runner = llm.engine.drivers[0].runner
+    configs = [("decode", b) for b in batches] + [("prefill", 1)]
+    for kind, batch in configs:
+        seed = 1000 * batch + (kind == "prefill")
+        if kind == "decode":
+            ours_once = functools.partial(xds_decode_once, llm, batch, tokens)
+            hf_once = functools.partial(hf_decode_once, hf, batch, tokens)
+        else:
+            ours_once = functools.partial(xds_prefill_once, llm)
+            hf_once = functools.partial(hf_prefill_once, hf)
+        ours_once(seed)  # compiles this configuration's buckets
+        if hf is not None:
+            hf_once(seed)
+        compiled = runner.compile_count
+        ours, host, theirs = [], [], []
+        for r in range(1, repeats + 1):
+            got = ours_once(seed + r)
+            ours.append(got[0] if kind == "decode" else got)
+            if kind == "decode":
+                host.append(got[1])
+            if hf is not None:
+                theirs.append(hf_once(seed + r))
+        key = "decode_tok_s" if kind == "decode" else "prefill_tok_s"
+        shape = {"batch": batch} if kind == "decode" else {"prompt_tokens": PREFILL_LEN}
+        line = {"engine": "xds-jax", **base, **shape, key: summary(ours),
+                "recompiles": runner.compile_count - compiled}
+        if host:
+            line["host_fraction"] = summary(host)
+        emit(line)
+        name = f"{dtype}_{kind}_b{batch}" if kind == "decode" else f"{dtype}_prefill"
+        if kind == "decode" and batch == 1:
+            ratios[f"{dtype}_decode_b1_of_roofline"] = statistics.median(ours) / roofline
+        if host and batch == max(batches):
+            ratios[f"{dtype}_host_fraction_b{batch}"] = statistics.median(host)
+        if theirs:
+            emit({"engine": "transformers", **base, **shape, key: summary(theirs)})
+            ratios[f"{name}_vs_hf"] = statistics.median(
+                o / t for o, t in zip(ours, theirs, strict=True))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,10 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per decode run")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="1 repeat of 16 tokens")
+    ap.add_argument("--quick", action="store_true", help="2 repeats of 16 tokens")
     args = ap.parse_args(argv)
     if args.quick:
-        args.tokens, args.repeats = 16, 1
+        args.tokens, args.repeats = 16, 2
     bandwidth = memory_bandwidth()
     ratios: dict = {}
     for dtype in args.dtypes:

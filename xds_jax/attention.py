@@ -60,8 +60,8 @@ def write_pages(pages: jax.Array, new_BSKD: jax.Array, positions_BS: jax.Array,
     return flat.reshape(pages.shape)
 
 
-def read_pages(pages: jax.Array, block_tables_BN: jax.Array) -> jax.Array:
-    """Gather each sequence's pages into ``[B, L, K, D]`` in token order, as float32.
+def read_pages(pages: jax.Array, block_tables_BN: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Gather each sequence's pages into ``[B, L, K, D]`` in token order, as ``dtype``.
 
     Block ids are always valid pool indices, so the gather clips instead of bounds-filling,
     which XLA:CPU runs about three times faster.
@@ -69,7 +69,7 @@ def read_pages(pages: jax.Array, block_tables_BN: jax.Array) -> jax.Array:
     got = jnp.take(pages, block_tables_BN, axis=0, mode="clip")
     got = from_bits(got, kv_value_dtype(pages.dtype))
     b, n, pg = got.shape[:3]
-    return got.reshape((b, n * pg) + got.shape[3:]).astype(jnp.float32)
+    return got.reshape((b, n * pg) + got.shape[3:]).astype(dtype)
 
 
 def attention_mask(cfg: ModelConfig, positions_BS: jax.Array, num_keys: int) -> jax.Array:
@@ -105,14 +105,19 @@ def gqa_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
         "k": write_pages(cache["k"], kk, positions_BS, block_tables_BN),
         "v": write_pages(cache["v"], v, positions_BS, block_tables_BN),
     }
-    keys_BLKD = read_pages(cache["k"], block_tables_BN)
-    vals_BLKD = read_pages(cache["v"], block_tables_BN)
+    # Prefill: both attention matmuls take the KV dtype and accumulate in float32, as Hugging
+    # Face's eager attention does (bf16 prefill 1.9x faster on XLA:CPU); softmax is float32.
+    # Decode (one query row per sequence) reads the pages as float32, which was not slower.
+    kv_dtype = kv_value_dtype(cache["k"].dtype) if s > 1 else jnp.float32
+    keys_BLKD = read_pages(cache["k"], block_tables_BN, kv_dtype)
+    vals_BLKD = read_pages(cache["v"], block_tables_BN, kv_dtype)
     q_BSKGD = q.reshape(b, s, k, h // k, dh)
-    scores = jnp.einsum("bskgd,blkd->bkgsl", q_BSKGD, keys_BLKD,
+    scores = jnp.einsum("bskgd,blkd->bkgsl", q_BSKGD.astype(kv_dtype), keys_BLKD,
                         preferred_element_type=jnp.float32) * attention_scale(cfg)
     mask = attention_mask(cfg, positions_BS, keys_BLKD.shape[1])[:, None, None]
     probs = _softmax(scores, mask)
-    out = jnp.einsum("bkgsl,blkd->bskgd", probs, vals_BLKD)
+    out = jnp.einsum("bkgsl,blkd->bskgd", probs.astype(kv_dtype), vals_BLKD,
+                     preferred_element_type=jnp.float32)
     out = out.reshape(b, s, h * dh)
     return linear(out, p["o"], p.get("o_bias")), cache
 

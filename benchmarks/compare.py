@@ -30,6 +30,11 @@ import os
 import statistics
 import time
 
+# torch's OpenMP threads spin at barriers by default; on a shared machine (another process on
+# a core) that made transformers 10-20x slower and erratic here (bf16 decode 0.6 vs 11 tok/s).
+# Passive waiting must be set before torch loads; OMP_WAIT_POLICY=ACTIVE in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import jax
 import numpy as np
 

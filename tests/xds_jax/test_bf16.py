@@ -105,6 +105,10 @@ def test_runner_launch_reuses_the_kv_pool_buffers():
     jax.block_until_ready(runner.pages)
     assert all(c["k"].is_deleted() for c in old)
     assert [c["k"].unsafe_buffer_pointer() for c in runner.pages] == before
+    # Swapping in pages of the same shapes (a PD KV pull) keeps the compile count.
+    runner.pages = runner.pages
+    runner.launch(scheduled)
+    assert runner.compile_count == 1
 
 
 def test_auto_dtype_keeps_the_checkpoint_dtype_except_float16_on_cpu(caplog):

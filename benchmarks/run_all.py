@@ -2,7 +2,7 @@
 counts before JAX starts). Each prints its JSON lines and ratios; for a benchmark's own
 options run its module directly.
 
-    python -m benchmarks.run_all [--only engine,collectives,ma]
+    python -m benchmarks.run_all [--only compare,prefix,collectives,ma]
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import subprocess
 import sys
 
 BENCHMARKS = {
-    "engine": ["benchmarks.bench_engine"],  # needs the `golden` extra for its baseline
+    # xds-jax vs transformers (the `golden` extra; without it, xds-jax rows only)
+    "compare": ["benchmarks.compare"],
+    "prefix": ["benchmarks.bench_engine"],
     "collectives": ["benchmarks.bench_collectives", "--devices", "64"],
     "ma": ["benchmarks.bench_ma"],
 }

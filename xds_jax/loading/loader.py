@@ -17,6 +17,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 from xds_jax.errors import ConfigError, ModelNotFoundError
@@ -64,10 +65,25 @@ def resolve(model: str | Path) -> Path:
     raise ModelNotFoundError(f"model {name!r} is neither a registered name nor a path{hint}")
 
 
+def auto_dtype(checkpoint_dtype: str, platform: str) -> str:
+    """The fastest dtype that holds the checkpoint's values exactly, on ``platform``.
+
+    The checkpoint's own dtype everywhere (bfloat16 runs at full speed on XLA:CPU: matmuls
+    accumulate in float32, element-wise math is float32), except float16 on CPU: XLA:CPU has no
+    float16 matmul and upcasts every op, so float32, which holds every float16 value, is faster.
+    """
+    if checkpoint_dtype == "float16" and platform == "cpu":
+        return "float32"
+    return checkpoint_dtype
+
+
 def resolve_dtype(dtype: str | None, cfg: ModelConfig):
-    name = dtype or cfg.dtype
+    """The parameter dtype for a requested name; ``None`` and ``"auto"`` use ``auto_dtype``."""
+    name = dtype or "auto"
     if name == "auto":
-        name = cfg.dtype
+        platform = jax.default_backend()
+        name = auto_dtype(cfg.dtype, platform)
+        log.info("dtype auto: %s (checkpoint %s, platform %s)", name, cfg.dtype, platform)
     if name not in DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {name!r}")
     return DTYPES[name]

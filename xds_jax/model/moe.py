@@ -19,11 +19,16 @@ def expert_ffn(experts: dict, x_ECD: jax.Array) -> jax.Array:
       experts: ``{"gate": [E, D, F], "up": [E, D, F], "down": [E, F, D]}``.
       x_ECD: tokens grouped by expert, ``[E, C, D]``.
     Returns:
-      ``[E, C, D]`` expert outputs (padding rows give garbage-free zeros for zero input).
+      ``[E, C, D]`` expert outputs in ``x_ECD``'s dtype (padding rows give garbage-free zeros
+      for zero input). Matmuls read the weights as stored and accumulate in float32.
     """
-    g_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, experts["gate"])
-    u_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, experts["up"])
-    return jnp.einsum("ecf,efd->ecd", jax.nn.silu(g_ECF) * u_ECF, experts["down"])
+    dt = experts["gate"].dtype
+    x_ECD = x_ECD.astype(dt)
+    g_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, experts["gate"], preferred_element_type=jnp.float32)
+    u_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, experts["up"], preferred_element_type=jnp.float32)
+    h_ECF = (jax.nn.silu(g_ECF) * u_ECF).astype(dt)
+    y_ECD = jnp.einsum("ecf,efd->ecd", h_ECF, experts["down"], preferred_element_type=jnp.float32)
+    return y_ECD.astype(x_ECD.dtype)
 
 
 def moe_dense_reference(
@@ -90,10 +95,13 @@ def moe_local(experts: dict, x_TD: jax.Array, ids_TK: jax.Array, w_TK: jax.Array
     num_experts = experts["gate"].shape[0]
     flat = ids_TK.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    x_MD = x_TD[order // k]
+    dt = experts["gate"].dtype
+    x_MD = x_TD.astype(dt)[order // k]
     sizes_E = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    g = jax.lax.ragged_dot(x_MD, experts["gate"], sizes_E)
-    u = jax.lax.ragged_dot(x_MD, experts["up"], sizes_E)
-    y_MD = jax.lax.ragged_dot(jax.nn.silu(g) * u, experts["down"], sizes_E)
+    f32 = jnp.float32
+    g = jax.lax.ragged_dot(x_MD, experts["gate"], sizes_E, preferred_element_type=f32)
+    u = jax.lax.ragged_dot(x_MD, experts["up"], sizes_E, preferred_element_type=f32)
+    y_MD = jax.lax.ragged_dot((jax.nn.silu(g) * u).astype(dt), experts["down"], sizes_E,
+                              preferred_element_type=f32)
     y_TKD = jnp.zeros_like(y_MD).at[order].set(y_MD).reshape(t, k, -1)
     return jnp.einsum("tkd,tk->td", y_TKD.astype(jnp.float32), w_TK).astype(x_TD.dtype)

@@ -19,15 +19,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xds_jax.model.attention import gqa_attention, mla_attention
+from xds_jax.model.attention import as_bits, from_bits, gqa_attention, mla_attention
 from xds_jax.model.config import ModelConfig
-from xds_jax.model.layers import rms_norm, swiglu
+from xds_jax.model.layers import matmul_f32, rms_norm, swiglu
 from xds_jax.model.moe import expert_ffn, moe_local, route
 
 
 def embed(params: dict, tokens_BS: jax.Array) -> jax.Array:
-    """Token embeddings ``[B, S, D]``."""
-    return params["embed"][tokens_BS]
+    """Token embeddings ``[B, S, D]`` in float32: the hidden state between layers is float32
+    whatever the weights' dtype (element-wise math is fastest there; matmuls cast their input)."""
+    table = params["embed"]
+    return from_bits(jnp.take(as_bits(table), tokens_BS, axis=0, mode="clip"),
+                     table.dtype).astype(jnp.float32)
 
 
 def attention(layer: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax.Array,
@@ -45,8 +48,12 @@ def ffn(layer: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
 
 
 def moe_gate(layer: dict, cfg: ModelConfig, x_TD: jax.Array):
-    """Normalise and route. Returns ``(h [T, D], ids [T, K], weights [T, K], logits [T, E])``."""
+    """Normalise and route. Returns ``(h [T, D], ids [T, K], weights [T, K], logits [T, E])``.
+
+    ``h`` is in the experts' dtype: it is only ever a matmul input, and dispatch moves it.
+    """
     h_TD = rms_norm(x_TD, layer["post_norm"], cfg.rms_norm_eps)
+    h_TD = h_TD.astype(layer["moe"]["router"].dtype)
     ids_TK, w_TK, logits_TE = route(layer["moe"], cfg.moe, h_TD)
     return h_TD, ids_TK, w_TK, logits_TE
 
@@ -60,10 +67,10 @@ def moe_shared(layer: dict, cfg: ModelConfig, h_TD: jax.Array) -> jax.Array:
     """Shared-expert output (zeros when the model has none)."""
     p = layer["moe"]
     if not cfg.moe.num_shared_experts:
-        return jnp.zeros_like(h_TD)
+        return jnp.zeros(h_TD.shape, jnp.float32)
     out = swiglu(p["shared"], h_TD)
     if cfg.moe.shared_expert_gate:
-        out = out * jax.nn.sigmoid(h_TD.astype(jnp.float32) @ p["shared_gate"]).astype(out.dtype)
+        out = out * jax.nn.sigmoid(matmul_f32(h_TD, p["shared_gate"]))
     return out
 
 
@@ -90,5 +97,5 @@ def head(params: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """Final norm and LM head, logits in float32."""
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cfg.tie_word_embeddings:  # contract with the embedding as stored: no transposed copy
-        return jnp.einsum("...d,vd->...v", h, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
+        return matmul_f32(h, params["embed"], w_transposed=True)
+    return matmul_f32(h, params["lm_head"])

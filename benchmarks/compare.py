@@ -1,0 +1,251 @@
+"""xds-jax against Hugging Face transformers: one process, the same weights, the same prompts.
+
+For each dtype (float32, bfloat16) it prints one JSON line per engine and configuration:
+decode at batch 1 / 8 / 32 (64-token prompts, ``--tokens`` new tokens) and prefill of one
+512-token prompt, tokens/s as median/min/max over ``--repeats`` runs, then a final ratios line.
+The memory-bandwidth roofline is measured in the same run (numpy copy of a 1 GiB buffer:
+bytes read + bytes written per second), and batch-1 decode is reported against
+``bandwidth / weight bytes``.
+
+xds-jax and transformers runs alternate (one each per repeat) and each ratio is the median of
+the per-pair ratios: these machines are shared and noisy. Decode is timed inside one
+``generate`` call. xds-jax: the runner's ``launch`` and ``finish`` are timestamped, so the
+decode rate is decoded tokens over the time from the first decode step's launch to the last
+one's end; the time ``finish`` spends waiting for the device, subtracted from each step's
+period, gives the Python host time per step (``host_fraction``).
+transformers: a logits processor timestamps each generation step of one ``generate`` call.
+Prompts are fresh random ids each run (no prefix-cache hits). Prefill: one ``generate`` call
+with ``max_tokens=1`` on a fresh 512-token prompt, whole-call wall time.
+
+transformers comes from the ``golden`` extra; without it a line says so and only xds-jax rows
+are printed. Usage: ``python -m benchmarks.compare [--quick] [--dtypes ...] [--batches ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import time
+
+# torch's OpenMP threads spin at barriers by default; on a shared machine (another process on
+# a core) that made transformers 10-20x slower and erratic here (bf16 decode 0.6 vs 11 tok/s).
+# Passive waiting must be set before torch loads; OMP_WAIT_POLICY=ACTIVE in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax
+import numpy as np
+
+from xds_jax import LLM, SamplingParams
+from xds_jax.loading.loader import registered_models
+from xds_jax.model.params import param_bytes
+
+PROMPT_LEN = 64
+PREFILL_LEN = 512
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(100, vocab, length).tolist() for _ in range(batch)]
+
+
+def memory_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
+    """Bytes moved per second (read + write) by a numpy copy of a ``gib`` GiB buffer."""
+    src = np.ones(int(gib * (1 << 30)), np.uint8)
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - start)
+    del src, dst
+    return 2 * gib * (1 << 30) / min(times[1:])
+
+
+class StepClock:
+    """Timestamps a ``ModelRunner``'s steps: launch start, time waiting for the device, end."""
+
+    def __init__(self, runner):
+        self.steps: list[dict] = []
+        launch, finish = runner.launch, runner.finish
+
+        def timed_launch(scheduled):
+            self.steps.append({"start": time.perf_counter(),
+                               "decode": all(s.num_tokens == 1 and s.start > 0 for s in scheduled),
+                               "tokens": sum(s.num_tokens for s in scheduled)})
+            return launch(scheduled)
+
+        def timed_finish(pending):
+            start = time.perf_counter()
+            jax.block_until_ready([logits for logits, _ in pending])
+            self.steps[-1]["wait"] = time.perf_counter() - start
+            finish(pending)
+            self.steps[-1]["end"] = time.perf_counter()
+
+        runner.launch, runner.finish = timed_launch, timed_finish
+
+    def decode_stats(self) -> tuple[float, float]:
+        """Decode tok/s and host fraction (1 - device wait / step period) over decode steps."""
+        dec = [i for i, s in enumerate(self.steps) if s["decode"]]
+        tokens = sum(self.steps[i]["tokens"] for i in dec)
+        span = self.steps[dec[-1]]["end"] - self.steps[dec[0]]["start"]
+        periods = [self.steps[i + 1]["start"] - self.steps[i]["start"] for i in dec[:-1]]
+        waits = [self.steps[i]["wait"] for i in dec[:-1]]
+        return tokens / span, 1 - sum(waits) / sum(periods)
+
+
+def xds_decode_once(llm: LLM, batch: int, tokens: int, seed: int) -> tuple[float, float]:
+    """Decode tok/s and host fraction of one ``generate`` call of ``batch`` fresh prompts."""
+    runner = llm.engine.drivers[0].runner
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    clock = StepClock(runner)
+    try:
+        llm.generate([{"prompt_token_ids": p}
+                      for p in prompts(batch, PROMPT_LEN, llm.cfg.vocab_size, seed)], params)
+    finally:
+        del runner.launch, runner.finish  # back to the class's methods
+    return clock.decode_stats()
+
+
+def xds_prefill_once(llm: LLM, seed: int) -> float:
+    ids = prompts(1, PREFILL_LEN, llm.cfg.vocab_size, seed)[0]
+    start = time.perf_counter()
+    llm.generate({"prompt_token_ids": ids},
+                 SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    return PREFILL_LEN / (time.perf_counter() - start)
+
+
+def load_hf(dtype: str):
+    """The transformers model of the registered SmolLM2 GGUF, or None without transformers."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, GgufConfig
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    gguf = registered_models()["smollm2"]
+    # Dequantised at load, as xds-jax does: a dense model of the same values in ``dtype``.
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, dtype),
+        quantization_config=GgufConfig(dequantize=True))
+    assert next(model.parameters()).dtype == getattr(torch, dtype)
+    return model.eval()
+
+
+def hf_decode_once(model, batch: int, tokens: int, seed: int) -> float:
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Stamp(LogitsProcessor):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    ids = torch.tensor(prompts(batch, PROMPT_LEN, model.config.vocab_size, seed))
+    stamp = Stamp()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                       min_new_tokens=tokens, do_sample=False,
+                       logits_processor=LogitsProcessorList([stamp]))
+    return batch * (len(stamp.times) - 1) / (stamp.times[-1] - stamp.times[0])
+
+
+def hf_prefill_once(model, seed: int) -> float:
+    import torch
+
+    ids = torch.tensor(prompts(1, PREFILL_LEN, model.config.vocab_size, seed))
+    with torch.no_grad():
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
+                       do_sample=False)
+        return PREFILL_LEN / (time.perf_counter() - start)
+
+
+def emit(line: dict) -> None:
+    print(json.dumps(line), flush=True)
+
+
+def run_dtype(dtype: str, batches: list[int], tokens: int, repeats: int, bandwidth: float,
+              ratios: dict) -> None:
+    """Every configuration of one dtype. xds-jax and transformers runs alternate, so a burst
+    of load from elsewhere hits both; ratios are medians of the per-pair ratios."""
+    llm = LLM("smollm2", dtype=dtype, max_num_seqs=max(max(batches), 4),
+              max_num_batched_tokens=max(PREFILL_LEN, max(batches)))
+    hf = load_hf(dtype)
+    if hf is None:
+        emit({"engine": "transformers", "skipped": "torch/transformers not installed "
+              "(pip install -e '.[golden]' for the baseline)"})
+    weight_bytes = param_bytes(llm.params)
+    base = {"dtype": dtype, "weight_bytes": weight_bytes}
+    roofline = bandwidth / weight_bytes
+    emit({"engine": "roofline", **base, "bandwidth_GBps": bandwidth / 1e9,
+          "batch1_decode_tok_s": roofline})
+    runner = llm.engine.drivers[0].runner
+    configs = [("decode", b) for b in batches] + [("prefill", 1)]
+    for kind, batch in configs:
+        seed = 1000 * batch + (kind == "prefill")
+        if kind == "decode":
+            ours_once = functools.partial(xds_decode_once, llm, batch, tokens)
+            hf_once = functools.partial(hf_decode_once, hf, batch, tokens)
+        else:
+            ours_once = functools.partial(xds_prefill_once, llm)
+            hf_once = functools.partial(hf_prefill_once, hf)
+        ours_once(seed)  # compiles this configuration's buckets
+        if hf is not None:
+            hf_once(seed)
+        compiled = runner.compile_count
+        ours, host, theirs = [], [], []
+        for r in range(1, repeats + 1):
+            got = ours_once(seed + r)
+            ours.append(got[0] if kind == "decode" else got)
+            if kind == "decode":
+                host.append(got[1])
+            if hf is not None:
+                theirs.append(hf_once(seed + r))
+        key = "decode_tok_s" if kind == "decode" else "prefill_tok_s"
+        shape = {"batch": batch} if kind == "decode" else {"prompt_tokens": PREFILL_LEN}
+        line = {"engine": "xds-jax", **base, **shape, key: summary(ours),
+                "recompiles": runner.compile_count - compiled}
+        if host:
+            line["host_fraction"] = summary(host)
+        emit(line)
+        name = f"{dtype}_{kind}_b{batch}" if kind == "decode" else f"{dtype}_prefill"
+        if kind == "decode" and batch == 1:
+            ratios[f"{dtype}_decode_b1_of_roofline"] = statistics.median(ours) / roofline
+        if host and batch == max(batches):
+            ratios[f"{dtype}_host_fraction_b{batch}"] = statistics.median(host)
+        if theirs:
+            emit({"engine": "transformers", **base, **shape, key: summary(theirs)})
+            ratios[f"{name}_vs_hf"] = statistics.median(
+                o / t for o, t in zip(ours, theirs, strict=True))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                    choices=["float32", "bfloat16"])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--tokens", type=int, default=32, help="new tokens per decode run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="2 repeats of 16 tokens")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.tokens, args.repeats = 16, 2
+    bandwidth = memory_bandwidth()
+    ratios: dict = {}
+    for dtype in args.dtypes:
+        run_dtype(dtype, args.batches, args.tokens, args.repeats, bandwidth, ratios)
+    emit({"ratios": ratios})
+
+
+if __name__ == "__main__":
+    main()

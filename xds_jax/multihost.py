@@ -58,11 +58,14 @@ def place_tree(tree, targets):
 
 
 def zeros(shape: tuple, dtype, target) -> jax.Array:
-    """A zero array on ``target``, built shard by shard (no program, no host copy of it all)."""
-    sharding = _sharding(target)
-    return jax.make_array_from_callback(
-        tuple(shape), sharding,
-        lambda idx: np.zeros(sharding.shard_shape(tuple(shape)), dtype), dtype=np.dtype(dtype))
+    """A zero array on ``target``, made by a program on its devices (every process runs it).
+
+    Not from host zeros: on CPU ``device_put`` may alias an aligned numpy buffer, which XLA
+    cannot donate, so a KV pool made that way would be copied by every step instead of
+    updated in place."""
+    make = jax.jit(functools.partial(jnp.zeros, tuple(shape), dtype),
+                   out_shardings=_sharding(target))
+    return make()
 
 
 def zeros_tree(shapes, targets):

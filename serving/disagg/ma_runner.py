@@ -30,6 +30,7 @@ from xds_jax.model import stages
 from xds_jax.model.attention import new_layer_cache
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.reference import last_token_logits
+from xds_jax.multihost import zeros
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +148,9 @@ class Domain:
         for _ in range(cfg.num_layers):
             shapes = jax.eval_shape(lambda: new_layer_cache(cfg, num_blocks, block_size,
                                                             self.dtype))
-            caches.append({k: jax.make_array_from_callback(
-                (a * num_blocks,) + s.shape[1:], self.rank_sharding,
-                lambda idx, s=s: np.zeros(s.shape, s.dtype), dtype=s.dtype)
-                for k, s in shapes.items()})
+            # made on device: host zeros could alias numpy memory, which donation cannot reuse
+            caches.append({k: zeros((a * num_blocks,) + s.shape[1:], s.dtype,
+                                    self.rank_sharding) for k, s in shapes.items()})
         self.caches = caches
         experts = cfg.moe.num_experts if cfg.moe is not None else 0
         self.zero_load = jax.make_array_from_callback(

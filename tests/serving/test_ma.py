@@ -215,3 +215,21 @@ def test_cm768_ma_xdeepserve_layout_matches_reference():
     while not all(r.finished for r in requests):
         assert pool.step()
     assert_matches_reference(m.params, m.cfg, requests)
+
+
+def test_domain_kv_pages_can_be_updated_in_place():
+    """A domain's pages are device-owned, so a donating program reuses their buffers (host-made
+    zeros could alias numpy memory that XLA cannot reuse: every step would copy the pool)."""
+    from serving.disagg.ma_runner import Domain
+    from tests.helpers import tiny
+    from xds_jax.multihost import zeros
+
+    model = tiny("llama")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("dp",))
+    dom = Domain(0, mesh, model.params, model.cfg, num_blocks=8, block_size=16)
+    write = jax.jit(lambda x: x.at[0].add(1), donate_argnums=0)
+    for pages in (dom.caches[0]["k"], zeros((64, 4), np.float32, jax.devices()[0])):
+        before = [shard.data.unsafe_buffer_pointer() for shard in pages.addressable_shards]
+        after = jax.block_until_ready(write(pages))
+        assert pages.is_deleted()
+        assert [shard.data.unsafe_buffer_pointer() for shard in after.addressable_shards] == before

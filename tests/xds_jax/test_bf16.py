@@ -96,17 +96,17 @@ def test_step_program_updates_kv_pool_in_place(dtype):
 def test_runner_launch_reuses_the_kv_pool_buffers():
     m = tiny_bf16("llama")
     runner = ModelRunner(m.params, m.cfg, num_blocks=16, block_size=16)
-    before = [c["k"].unsafe_buffer_pointer() for c in runner.pages]
-    old = runner.pages
+    before = [c["k"].unsafe_buffer_pointer() for c in runner.caches]
+    old = runner.caches
     seq = SimpleNamespace(all_ids=list(range(1, 40)))
     scheduled = [SimpleNamespace(seq=seq, start=38, num_tokens=1, block_table=[0, 1, 2],
                                  is_last_chunk=False)]
     runner.launch(scheduled)
-    jax.block_until_ready(runner.pages)
+    jax.block_until_ready(runner.caches)
     assert all(c["k"].is_deleted() for c in old)
-    assert [c["k"].unsafe_buffer_pointer() for c in runner.pages] == before
-    # Swapping in pages of the same shapes (a PD KV pull) keeps the compile count.
-    runner.pages = runner.pages
+    assert [c["k"].unsafe_buffer_pointer() for c in runner.caches] == before
+    # Writing pulled KV pages in (a PD arrival) keeps the compile count.
+    runner.import_kv([3, 4], runner.export_kv([1, 2]))
     runner.launch(scheduled)
     assert runner.compile_count == 1
 

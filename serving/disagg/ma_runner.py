@@ -154,7 +154,8 @@ class Domain:
         self.caches = caches
         experts = cfg.moe.num_experts if cfg.moe is not None else 0
         self.zero_load = jax.make_array_from_callback(
-            (a, experts), self.rank_sharding, lambda idx: np.zeros((1, experts), np.int32))
+            (a, experts), self.rank_sharding, lambda idx: np.zeros((1, experts), np.int32),
+            dtype=np.int32)  # a process holding none of the ranks still needs the dtype
         self._shapes_seen: set[tuple] = set()
         self.compile_count = 0
 

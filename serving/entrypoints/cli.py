@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -178,7 +179,22 @@ def main(argv: list[str] | None = None) -> int:
             log.debug("traceback", exc_info=error)
             print(f"xds: error: {type(error).__name__}: {error} (run with --log-level debug "
                   "for the traceback)", file=sys.stderr)
+        _exit_now_if_distributed(1)
         return 1
+
+
+def _exit_now_if_distributed(code: int) -> None:
+    """A failed process of a multi-process run exits at once: JAX's distributed shutdown at
+    interpreter exit waits for every peer, so it would hang instead of letting ``xds launch``
+    see the failure and name it."""
+    if "jax" not in sys.modules:
+        return
+    from xds_jax.multihost import multi_process
+
+    if multi_process():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def is_user_error(error: Exception) -> bool:

@@ -1,7 +1,8 @@
 """JAX's persistent compilation cache, so a restart does not recompile every step program.
 
 On by default under ``$XDS_CACHE_DIR/jit`` (``~/.cache/xds_jax/jit``); ``XDS_NO_CACHE=1`` turns it
-off. Only programs that took a while to compile are stored.
+off (with the parameter cache), ``XDS_NO_COMPILE_CACHE=1`` only it. Only programs that took a
+while to compile are stored.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ _enabled = False
 def enable_compilation_cache() -> Path | None:
     """Point JAX at the on-disk cache once per process; returns its directory (or None)."""
     global _enabled
-    if os.environ.get("XDS_NO_CACHE"):
+    if os.environ.get("XDS_NO_CACHE") or os.environ.get("XDS_NO_COMPILE_CACHE"):
         return None
     root = Path(os.environ.get("XDS_CACHE_DIR", Path.home() / ".cache" / "xds_jax")) / "jit"
     if not _enabled:

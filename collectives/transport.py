@@ -28,6 +28,7 @@ Shape legend: A domain ranks, N other-slice devices, U = A + N, T rows per rank,
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import math
@@ -275,7 +276,7 @@ def make_transport(mode: str, attn_mesh: Mesh, other_devices: list, **axes):
     raise TransportError(f"unknown A2E mode {mode!r}; use 'trampoline' or 'direct'")
 
 
-class SliceService:
+class SliceService(abc.ABC):
     """Send a domain's rows to another slice, compute there, bring the result back.
 
     Subclasses set ``fills`` (one per sent array), the trace names and ``launch``. The
@@ -301,9 +302,9 @@ class SliceService:
     def send(self, *arrays: jax.Array) -> tuple[jax.Array, ...]:
         return self.transport.send(*arrays, fills=self.fills)
 
+    @abc.abstractmethod
     def launch(self, layer: int, sent: tuple, capacity: int | None = None):
         """``(out on the other slice, overflow flags or None)``, without waiting."""
-        raise NotImplementedError
 
     def receive(self, out: jax.Array) -> jax.Array:
         return self.transport.receive(out)

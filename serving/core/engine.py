@@ -201,9 +201,7 @@ class Engine:
     # -- running ------------------------------------------------------------------------------
     def run(self, seqs: list) -> None:
         """Run sequences to completion inline (the ``LLM.generate`` contract)."""
-        self.run_until_done([
-            Request(f"seq-{s.seq_id}", None, s.prompt_ids, s.params, [s]) for s in seqs
-        ])
+        self.run_until_done([Request.of_sequence(s) for s in seqs])
 
     def run_until_done(self, requests: list[Request]) -> None:
         """Submit ``requests`` and step all groups inline until they have finished."""
@@ -294,7 +292,7 @@ class Engine:
         """Speculative-decoding counters summed over the groups that draft (none: empty)."""
         out: dict = {}
         for g in self.groups:
-            for key, value in getattr(g.runner, "spec_stats", dict)().items():
+            for key, value in g.runner.spec_stats().items():
                 if isinstance(value, list):
                     old = out.get(key, [0] * len(value))
                     out[key] = [a + b for a, b in zip(old, value, strict=True)]

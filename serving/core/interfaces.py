@@ -66,6 +66,10 @@ class Runner(Protocol):
         """Write KV pages received from elsewhere into ``block_ids`` (the pool stays donated
         through steps; nothing recompiles and ``compile_count`` is unchanged)."""
 
+    def spec_stats(self) -> dict[str, Any]:
+        """Speculative-decoding counters (``spec_*``; ``{}`` for a runner that does not
+        draft), summed over groups into ``Engine.stats()``."""
+
 
 # -- the group: what the control plane and a driver see ---------------------------------------
 @runtime_checkable

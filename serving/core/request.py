@@ -31,6 +31,11 @@ class Request:
     error: str | None = None  # why the engine failed this request, if it did
     _sent_text: list[str] = dataclasses.field(default_factory=list)
 
+    @classmethod
+    def of_sequence(cls, seq: Sequence) -> Request:
+        """A request holding one ready-made sequence (``LLM.generate`` runs its own)."""
+        return cls(f"seq-{seq.seq_id}", None, seq.prompt_ids, seq.params, [seq])
+
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.seqs)

@@ -110,6 +110,10 @@ class ModelRunner:
         self._shapes_seen: set[tuple] = set()
         self.compile_count = 0
 
+    def spec_stats(self) -> dict:
+        """No drafting here (``serving.core.spec_decode.SpecRunner`` counts its drafts)."""
+        return {}
+
     # -- KV pages in and out (PD transfers) ---------------------------------------------------
     @property
     def kv_sharding(self):

@@ -46,6 +46,10 @@ class RankView:
     def finish(self, handle) -> None:
         self.launch([])
 
+    def spec_stats(self) -> dict:
+        """MA ranks do not draft (speculative decoding is colocated and PD only)."""
+        return {}
+
     # -- KV in and out ------------------------------------------------------------------------
     @property
     def kv_sharding(self) -> jax.Device:

@@ -175,9 +175,7 @@ class LeaderEngine:
 
     def run(self, seqs: list) -> None:
         """Run sequences to completion inline (the ``LLM.generate`` contract)."""
-        self.run_until_done([
-            Request(f"seq-{s.seq_id}", None, s.prompt_ids, s.params, [s]) for s in seqs
-        ])
+        self.run_until_done([Request.of_sequence(s) for s in seqs])
 
     def run_until_done(self, requests: list[Request]) -> None:
         for r in requests:

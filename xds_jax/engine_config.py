@@ -25,8 +25,9 @@ class EngineConfig:
     Attributes:
       model: a registered name (``"smollm2"``), a Hugging Face directory, a ``.gguf`` file,
         or a ``config.json`` file (random weights, for simulation).
-      dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, or ``"auto"``/None (the
-        checkpoint's).
+      dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, or ``"auto"``/None: the
+        checkpoint's dtype, except float16 on CPU, which runs as float32 (XLA:CPU has no
+        float16 matmul; ``xds_jax.loading.loader.auto_dtype``).
       max_model_len: context limit in tokens, prompt plus output; None: the model's.
       seed: seed of random weights when ``model`` is a bare config.
       num_dp_groups: colocated DP groups, one per device, when there is no ``deployment``.

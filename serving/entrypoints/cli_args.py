@@ -68,7 +68,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        "config.json (random weights) (default: %(default)s)")
     group.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                        default=d.dtype,
-                       help="parameter and activation dtype (default: the checkpoint's)")
+                       help="parameter and activation dtype (default auto: the checkpoint's, "
+                       "except float16 on CPU, which runs as float32)")
     group.add_argument("--deployment", metavar="YAML",
                        help="deployment file (DP groups, PD pools, MoE-attention split); "
                        "default: one device, colocated")

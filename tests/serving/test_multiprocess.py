@@ -67,3 +67,20 @@ def test_a_killed_process_is_named_and_the_launch_fails(tmp_path):
     assert "process 1" in err and "SIGKILL" in err
     assert "process 1 of 2 was lost" in err
 
+
+
+def test_move_copies_device_to_device_across_processes():
+    """``multihost.move`` between slices on different processes: every case (a PD pull from
+    a TP pair, a sharded source, several rounds, overlapping slices, one process only) lands
+    on the destination with the source's values and reads nothing back to host memory."""
+    from serving.distributed.launcher import free_port
+
+    coordinator = f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if k != "XDS_CPU_DEVICES"} | {"PYTHONPATH": ROOT}
+    procs = [subprocess.Popen([sys.executable, "tests/serving/move_worker.py", coordinator,
+                               str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+        assert out.strip() == "ok"

@@ -112,7 +112,7 @@ def launch(command: list[str], num_processes: int, log_dir: str | None = None,
               flush=True)
     signal.signal(signal.SIGTERM, lambda signum, frame: _stop_leader(procs[0]))
     try:
-        return _watch(procs, logs, grace)
+        return watch(procs, logs, grace)
     except KeyboardInterrupt:
         _terminate(procs, 5.0)
         return 130
@@ -124,7 +124,7 @@ def _stop_leader(leader: subprocess.Popen) -> None:
         leader.send_signal(signal.SIGTERM)
 
 
-def _watch(procs: list, logs: list, grace: float) -> int:
+def watch(procs: list, logs: list, grace: float) -> int:
     """Wait for every process; on the first failure, name it and stop the rest."""
     leader_done = None
     while True:

@@ -118,14 +118,14 @@ def move(tree, target):
 
 
 def _move_one(a: jax.Array, dst: jax.sharding.Sharding) -> jax.Array:
+    if not a.ndim:  # a scalar: through the host (fetch is a collective of every process)
+        return place(fetch(a), dst)
     me = jax.process_index()
     owners = {d.process_index for d in a.sharding.device_set | dst.device_set}
     if owners == {me}:
         return jax.device_put(a, dst)
     if me not in owners:  # nothing of it here: no shard to make
         return _no_shards(a, dst)
-    if not a.ndim:
-        return place(fetch(a), dst)
     return _copy_across(a, dst)
 
 
@@ -137,8 +137,9 @@ def _no_shards(a: jax.Array, dst: jax.sharding.Sharding) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class CopyPlan:
     """Who sends which destination shard to whom: destination device ``j`` receives its
-    shard from ``sources[j]`` (a source device; itself when it is one) in round ``rounds[j]``
-    (a source serves one destination per round: each round is one ``ppermute``)."""
+    shard from ``sources[j]`` (itself when it holds the source; else a source device on its
+    own process if there is one) in round ``rounds[j]`` (a source serves one destination per
+    round: each round is one ``ppermute``)."""
 
     union: tuple  # source devices that send, then destination devices not among them
     destinations: tuple
@@ -153,7 +154,8 @@ class CopyPlan:
         destinations = tuple(sorted(dst.device_set, key=lambda d: d.id))
         sources, rounds, served = [], [], {}
         for j, d in enumerate(destinations):
-            s = d if d in src.device_set else holders[j % len(holders)]
+            near = [h for h in holders if h.process_index == d.process_index] or holders
+            s = d if d in src.device_set else near[j % len(near)]
             sources.append(s)
             rounds.append(served.get(s, 0))
             served[s] = rounds[-1] + 1

@@ -33,6 +33,7 @@ def main(coordinator: str, process_id: int) -> None:
         "one device -> sharded over 4 (4 rounds)": (SingleDeviceSharding(devices[2]),
                                                     on([4, 5, 6, 7], "x")),
         "spanning -> overlapping replicated": (on([3, 4]), on([4, 5])),
+        "served from the destination's process": (on([0, 4]), SingleDeviceSharding(devices[5])),
         "back: decode device -> prefill pair": (SingleDeviceSharding(devices[7]), on([0, 1])),
         "within process 0": (SingleDeviceSharding(devices[1]), SingleDeviceSharding(devices[2])),
     }

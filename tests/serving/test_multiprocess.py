@@ -1,6 +1,8 @@
 """Several jax.distributed processes on one machine (``xds launch``): the same text as one
-process, and a killed process reported. Each case starts its own processes, so it runs in any
-pytest process group; they are slow (two engines compile)."""
+process (``generate``, and ``serve`` answering a completion), a killed process reported, and
+KV arrays copied device to device between processes (``multihost.move``). Each case starts
+its own processes, so it runs in any pytest process group; they are slow (two engines
+compile)."""
 
 from __future__ import annotations
 

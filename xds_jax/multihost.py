@@ -11,12 +11,15 @@ process runs the same calls in the same order (``serving.distributed``), so:
   JAX collective over one device per process (each process contributes the shards it holds;
   each byte comes from the first process that holds it), so host decisions that follow (sampled
   tokens, overflow flags) agree across processes;
-- ``move`` takes arrays from one slice to another (KV pages from prefill to decode) when the
-  two lie on different processes: ``fetch`` then ``place``.
+- ``move`` takes arrays from one slice to another (KV pages from prefill to decode), device to
+  device: when the two slices lie on different processes, one ``shard_map`` program over
+  the union of the source and destination devices ``ppermute``s each destination device its
+  shard (``_copy_across``); the bytes never pass through host memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -106,11 +109,123 @@ def fetch(tree):
 
 
 def move(tree, target):
-    """Arrays of ``tree`` onto ``target`` (device or sharding), across processes if need be.
-    Every process must call it at the same point when several run."""
+    """Arrays of ``tree`` onto ``target`` (device or sharding), across processes if need be,
+    device to device. Every process must call it at the same point when several run."""
     if not multi_process():
         return jax.device_put(tree, target)
-    return jax.tree.map(lambda a: place(a, target), fetch(tree))
+    dst = _sharding(target)
+    return jax.tree.map(lambda a: _move_one(a, dst), tree)
+
+
+def _move_one(a: jax.Array, dst: jax.sharding.Sharding) -> jax.Array:
+    if not a.ndim:  # a scalar: through the host (fetch is a collective of every process)
+        return place(fetch(a), dst)
+    me = jax.process_index()
+    owners = {d.process_index for d in a.sharding.device_set | dst.device_set}
+    if owners == {me}:
+        return jax.device_put(a, dst)
+    if me not in owners:  # nothing of it here: no shard to make
+        return _no_shards(a, dst)
+    return _copy_across(a, dst)
+
+
+def _no_shards(a: jax.Array, dst: jax.sharding.Sharding) -> jax.Array:
+    return jax.make_array_from_single_device_arrays(a.shape, dst, [], dtype=a.dtype)
+
+
+# -- device to device across processes (move) -------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CopyPlan:
+    """Who sends which destination shard to whom: destination device ``j`` receives its
+    shard from ``sources[j]`` (itself when it holds the source; else a source device on its
+    own process if there is one) in round ``rounds[j]`` (a source serves one destination per
+    round: each round is one ``ppermute``)."""
+
+    union: tuple  # source devices that send, then destination devices not among them
+    destinations: tuple
+    sources: tuple
+    rounds: tuple
+    starts: tuple  # per destination, where its shard starts in the array
+
+    @classmethod
+    def of(cls, shape: tuple, src: jax.sharding.Sharding, dst: jax.sharding.Sharding):
+        holders = sorted(src.device_set, key=lambda d: d.id)
+        index = dst.devices_indices_map(shape)
+        destinations = tuple(sorted(dst.device_set, key=lambda d: d.id))
+        sources, rounds, served = [], [], {}
+        for j, d in enumerate(destinations):
+            near = [h for h in holders if h.process_index == d.process_index] or holders
+            s = d if d in src.device_set else near[j % len(near)]
+            sources.append(s)
+            rounds.append(served.get(s, 0))
+            served[s] = rounds[-1] + 1
+        senders = sorted(set(sources), key=lambda d: d.id)
+        union = tuple(senders + [d for d in destinations if d not in senders])
+        starts = tuple(tuple(sl.indices(n)[0] for sl, n in zip(index[d], shape, strict=True))
+                       for d in destinations)
+        return cls(union, destinations, tuple(sources), tuple(rounds), starts)
+
+    def pairs(self, r: int) -> tuple:
+        """``(sender, receiver)`` union ranks of round ``r``."""
+        rank = {d: i for i, d in enumerate(self.union)}
+        return tuple((rank[s], rank[d]) for s, d, k in
+                     zip(self.sources, self.destinations, self.rounds, strict=True) if k == r)
+
+
+def _copy_across(a: jax.Array, dst: jax.sharding.Sharding) -> jax.Array:
+    """``a`` on ``dst`` by one ppermute program over the devices of both (``CopyPlan``); the
+    source is first replicated over its own devices (a no-op for a replicated one)."""
+    if not a.sharding.is_fully_replicated:
+        mesh = Mesh(np.array(sorted(a.sharding.device_set, key=lambda d: d.id)), ("src",))
+        a = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))(a)
+    plan = CopyPlan.of(a.shape, a.sharding, dst)
+    me = jax.process_index()
+    if all(d.process_index != me for d in plan.union):  # a source holder that sends nothing
+        return _no_shards(a, dst)
+    have = {s.device: s.data for s in a.addressable_shards}
+    full = [have[d] if d in have else _placeholder(a.shape, np.dtype(a.dtype), d)
+            for d in plan.union if d.process_index == me]
+    union = Mesh(np.array(plan.union), ("u",))
+    rows = NamedSharding(union, PartitionSpec("u"))
+    n = len(plan.union)
+    x = jax.make_array_from_single_device_arrays((n * a.shape[0],) + a.shape[1:], rows, full,
+                                                 dtype=a.dtype)
+    out = _copy_program(plan, union, dst.shard_shape(a.shape))(x)
+    by_device = {s.device: s.data for s in out.addressable_shards}
+    mine = [by_device[d] for d in plan.destinations if d.process_index == me]
+    return jax.make_array_from_single_device_arrays(a.shape, dst, mine, dtype=a.dtype)
+
+
+@functools.cache
+def _placeholder(shape: tuple, dtype: np.dtype, device) -> jax.Array:
+    """What a destination-only device feeds the copy program (never read; cached)."""
+    return jax.device_put(np.zeros(shape, dtype), device)
+
+
+@functools.cache
+def _copy_program(plan: CopyPlan, union: Mesh, shard_shape: tuple):
+    """Per union rank: each round, slice the destination shard a receiver needs out of the
+    full value (senders) and ``ppermute`` it; receivers keep their round's arrival."""
+    rank = {d: i for i, d in enumerate(plan.union)}
+    num_rounds = max(plan.rounds) + 1
+    starts_RUD = np.zeros((num_rounds, len(plan.union), len(shard_shape)), np.int32)
+    receives_RU = np.zeros((num_rounds, len(plan.union)), bool)
+    for s, d, r, start in zip(plan.sources, plan.destinations, plan.rounds, plan.starts,
+                              strict=True):
+        starts_RUD[r, rank[s]] = start
+        receives_RU[r, rank[d]] = True
+
+    def copy(full):
+        i = jax.lax.axis_index("u")
+        out = jnp.zeros(shard_shape, full.dtype)
+        for r in range(num_rounds):
+            send = jax.lax.dynamic_slice(full, tuple(jnp.asarray(starts_RUD)[r, i]), shard_shape)
+            got = jax.lax.ppermute(send, "u", plan.pairs(r))
+            out = jnp.where(jnp.asarray(receives_RU)[r, i], got, out)
+        return out
+
+    spec = PartitionSpec("u")
+    return jax.jit(jax.shard_map(copy, mesh=union, in_specs=spec, out_specs=spec))
 
 
 # -- the collective behind fetch --------------------------------------------------------------

@@ -6,7 +6,9 @@ are this command's; the others write to ``<log-dir>/process-I.log``. When a proc
 a non-zero status (or is killed), the others get ``--grace`` seconds to notice and report it
 (process 0 fails the requests in flight), then are terminated; the launcher names the process
 that failed first, shows the end of its log and exits with its status (128 + signal number
-for a signal).
+for a signal). SIGTERM to the launcher goes to process 0 (``xds serve`` drains its requests and
+shuts the engine down, which releases the others): a clean stop exits 0. Once process 0 has
+exited 0 the others get ``--grace`` seconds to follow it before they are terminated.
 """
 
 from __future__ import annotations
@@ -108,15 +110,23 @@ def launch(command: list[str], num_processes: int, log_dir: str | None = None,
         logs.append(path)
         print(f"xds launch: process {i} is pid {procs[i].pid} (log {path})", file=sys.stderr,
               flush=True)
+    signal.signal(signal.SIGTERM, lambda signum, frame: _stop_leader(procs[0]))
     try:
-        return _watch(procs, logs, grace)
+        return watch(procs, logs, grace)
     except KeyboardInterrupt:
         _terminate(procs, 5.0)
         return 130
 
 
-def _watch(procs: list, logs: list, grace: float) -> int:
+def _stop_leader(leader: subprocess.Popen) -> None:
+    """SIGTERM: process 0 stops (a server drains first); the others follow it out."""
+    if leader.poll() is None:
+        leader.send_signal(signal.SIGTERM)
+
+
+def watch(procs: list, logs: list, grace: float) -> int:
     """Wait for every process; on the first failure, name it and stop the rest."""
+    leader_done = None
     while True:
         statuses = [p.poll() for p in procs]
         failed = next((i for i, s in enumerate(statuses) if s not in (None, 0)), None)
@@ -124,6 +134,14 @@ def _watch(procs: list, logs: list, grace: float) -> int:
             break
         if all(s == 0 for s in statuses):
             return 0
+        if statuses[0] == 0:
+            leader_done = leader_done or time.monotonic()
+            if time.monotonic() - leader_done > grace:
+                left = [i for i, s in enumerate(statuses) if s is None]
+                print(f"xds launch: process 0 finished but processes {left} did not follow "
+                      f"within {grace:g} s; terminating them", file=sys.stderr, flush=True)
+                _terminate(procs, 5.0)
+                return 1
         time.sleep(POLL_S)
     status = statuses[failed]
     print(f"xds launch: process {failed} (pid {procs[failed].pid}) {describe(status)}",

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import pickle
+import signal
+import subprocess
 import threading
 import time
 
@@ -11,7 +13,7 @@ import pytest
 
 from serving.core.request import Request
 from serving.distributed.channel import ControlChannel
-from serving.distributed.launcher import LaunchError, child_argv, describe, exit_code, launch
+from serving.distributed.launcher import LaunchError, child_argv, describe, exit_code, launch, watch
 from serving.distributed.lockstep import Round, Submit, _wire
 from sharding.devices import DeviceSetupError
 from sharding.processes import DistributedConfig
@@ -127,3 +129,14 @@ def test_launcher_argv_and_statuses():
     assert describe(-9) == "was killed by SIGKILL" and exit_code(-9) == 137
     with pytest.raises(LaunchError, match="not 'bench'"):
         launch(["--", "bench"], 2)
+
+
+def test_launcher_stops_followers_that_outlive_process_0(capsys):
+    """Process 0 finished (status 0) but process 1 keeps running: after --grace it is
+    terminated and named, and the launch fails; all finishing with 0 is a success."""
+    procs = [subprocess.Popen(["true"]), subprocess.Popen(["sleep", "60"])]
+    assert watch(procs, [None, None], grace=0.5) == 1
+    assert procs[1].returncode == -signal.SIGTERM
+    assert "processes [1] did not follow" in capsys.readouterr().err
+    assert watch([subprocess.Popen(["true"]), subprocess.Popen(["true"])], [None, None],
+                  grace=5) == 0

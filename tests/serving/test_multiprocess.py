@@ -1,15 +1,19 @@
 """Several jax.distributed processes on one machine (``xds launch``): the same text as one
-process, and a killed process reported. Each case starts its own processes, so it runs in any
-pytest process group; they are slow (two engines compile)."""
+process (``generate``, and ``serve`` answering a completion), a killed process reported, and
+KV arrays copied device to device between processes (``multihost.move``). Each case starts
+its own processes, so it runs in any pytest process group; they are slow (two engines
+compile)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -31,13 +35,15 @@ def generate_args(deployment: str, max_tokens: int = 8) -> list[str]:
             "Hello"]
 
 
-def test_two_processes_print_what_one_prints_on_cpu16_ma():
-    """PD + MA over 2 processes (8 devices each): prefill and attention domain 0 on process
-    0, domain 1 across both, the expert slice on process 1; KV hand-off, A2E/E2A and the
-    sampled tokens all cross the process boundary."""
-    one = xds(*generate_args("cpu16-ma.yaml"))
+@pytest.mark.parametrize("deployment", ["cpu16-ma.yaml", "cpu8-pd.yaml"])
+def test_two_processes_print_what_one_prints(deployment):
+    """cpu16-ma (PD + MA over 8 devices each): prefill and attention domain 0 on process 0,
+    domain 1 across both, the expert slice on process 1; KV hand-off, A2E/E2A and the
+    sampled tokens all cross the process boundary. cpu8-pd: prefill on process 0, decode on
+    process 1, so every KV pull is a device-to-device copy between the processes."""
+    one = xds(*generate_args(deployment))
     assert one.returncode == 0, one.stderr
-    two = xds("launch", "--num-processes", "2", "--", *generate_args("cpu16-ma.yaml"))
+    two = xds("launch", "--num-processes", "2", "--", *generate_args(deployment))
     assert two.returncode == 0, two.stderr
     assert two.stdout == one.stdout and one.stdout.strip()
 
@@ -67,3 +73,65 @@ def test_a_killed_process_is_named_and_the_launch_fails(tmp_path):
     assert "process 1" in err and "SIGKILL" in err
     assert "process 1 of 2 was lost" in err
 
+
+
+def test_move_copies_device_to_device_across_processes():
+    """``multihost.move`` between slices on different processes: every case (a PD pull from
+    a TP pair, a sharded source, several rounds, overlapping slices, one process only) lands
+    on the destination with the source's values and reads nothing back to host memory."""
+    from serving.distributed.launcher import free_port
+
+    coordinator = f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if k != "XDS_CPU_DEVICES"} | {"PYTHONPATH": ROOT}
+    procs = [subprocess.Popen([sys.executable, "tests/serving/move_worker.py", coordinator,
+                               str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+        assert out.strip() == "ok"
+
+
+def _get(url: str, body: dict | None = None) -> dict | None:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        raw = reply.read()
+    return json.loads(raw) if raw else None
+
+
+def test_serve_over_two_processes_answers_and_stops_cleanly(tmp_path):
+    """``xds launch -- serve`` on cpu8-pd (prefill on process 0, decode on process 1): process
+    0 answers an OpenAI completion with the text one process generates; SIGTERM to the
+    launcher drains the server, releases process 1, and the launch exits 0."""
+    from serving.distributed.launcher import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    argv = [sys.executable, "-m", "serving.entrypoints.cli", "launch", "--num-processes", "2",
+            "--log-dir", str(tmp_path), "--", "serve", "--model", MODEL, "--deployment",
+            "configs/deployments/cpu8-pd.yaml", "--port", url.rpartition(":")[2],
+            "--log-level", "warning"]
+    env = {k: v for k, v in os.environ.items() if k != "XDS_CPU_DEVICES"}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                model = _get(f"{url}/v1/models")["data"][0]["id"]
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1][-3000:]
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(1)
+        reply = _get(f"{url}/v1/completions", {"model": model, "prompt": "Hello",
+                                               "max_tokens": 8, "temperature": 0})
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    one = xds(*generate_args("cpu8-pd.yaml"))
+    assert one.returncode == 0, one.stderr
+    assert reply["choices"][0]["text"] == one.stdout.removesuffix("\n") != ""

@@ -102,9 +102,9 @@ def test_a_silent_peer_is_reported_as_hung():
     assert lost[0] and "no heartbeat" in lost[0][0][1]
 
 
-def test_step_broadcast_costs_little():
-    """One round's message (a new request of a 32-token prompt) pickled, sent and received:
-    tens of microseconds, against steps of milliseconds."""
+def test_step_broadcast_round_trip():
+    """Rounds (some carrying a new request of a 32-token prompt) arrive whole and in order.
+    Their cost is printed here and logged by the engine at shutdown, never asserted."""
     leader, follower, _ = connect_pair(heartbeat_s=1.0, timeout_s=5.0)
     params = SamplingParams(max_tokens=16, temperature=0)
     request = Request("r", None, list(range(32)), params, [Sequence(list(range(32)), params)])
@@ -118,7 +118,6 @@ def test_step_broadcast_costs_little():
     per_round_us = (time.perf_counter() - start) / rounds * 1e6
     leader.stop()
     print(f"step broadcast round trip: {per_round_us:.0f} us")
-    assert per_round_us < 5000
     assert isinstance(_wire(request), Submit) and _wire(request).seqs[0][1] == request.seqs[0].seed
 
 

@@ -262,7 +262,8 @@ def test_a_stalled_group_is_detected_fenced_and_its_work_moved(layout, role):
 
 def test_pd_plus_ma_recovers_a_prefill_group_and_refuses_ma_faults(tmp_path):
     """2 prefill groups feeding MA attention (2 domains of 1 rank, 4 expert devices): a
-    prefill group that dies recovers as in PD; faults of the MA slices are refused."""
+    prefill group that dies recovers as in PD; stalls of the MA groups, and losing an expert
+rank without spare slots, are refused."""
     from tests.serving.test_disaggregation import ma
 
     deployment = ma(tmp_path, domains=2, dp=1, experts=4, prefill=(2, 1))
@@ -274,7 +275,7 @@ def test_pd_plus_ma_recovers_a_prefill_group_and_refuses_ma_faults(tmp_path):
     stats = llm.engine.stats()
     assert stats["scale_downs"] == 1 and stats["requests_recovered"] >= 1
     assert_pools_whole(llm.engine)
-    for text in ("expert_rank_down:rank=1:after_steps=2", "collective_error:after_steps=2",
-                 "group_stall:role=decode:group=0:seconds=1"):
-        with pytest.raises(UnsupportedFaultError, match="not supported yet"):
-            llm.engine.faults.add(text)
+    with pytest.raises(UnsupportedFaultError, match="not supported yet"):
+        llm.engine.faults.add("group_stall:role=decode:group=0:seconds=1")
+    with pytest.raises(UnsupportedFaultError, match="no replica"):  # 4 x 2 slots, none spare
+        llm.engine.faults.add("expert_rank_down:rank=1:after_steps=2")

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import time
 
+import numpy as np
 import pytest
 
 from serving.core.engine import group_config_for
@@ -188,6 +189,27 @@ def test_failed_kv_transfers_are_retried_then_prefilled_again(spec, retries, rep
     assert stats["requests_recovered"] == stats["kv_reprefills"]
     assert stats["healthy_groups"] == 6
     assert stats["kv_transfers"] == len(prompts)  # each pulled once, in the end
+    assert_pools_whole(engine)
+
+
+@pytest.mark.parametrize("spec, retries, reprefills", [
+    ("kv_transfer_fail:times=1:after_chunks=1", 1, 0),  # the retry pulls it whole
+    ("kv_transfer_fail:times=2:group=0:after_chunks=2", 1, 1),  # the retry fails too
+])
+def test_a_kv_pull_failing_after_some_chunks_frees_them_retries_then_prefills_again(
+        spec, retries, reprefills):
+    """Prompts of 130-200 tokens pull 3-4 chunks of 4 blocks: the pull fails once
+    ``after_chunks`` landed; the blocks they were written into are freed, and the offer is
+    pulled again from its first chunk, or cancelled and prefilled again."""
+    model, engine = pd_engine(spec)
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, model.cfg.vocab_size, n).tolist()
+               for n in (150, 140, 200, 131, 170, 135)]
+    assert run_inline(engine, model, prompts) == reference(model, prompts)
+    stats = engine.stats()
+    assert stats["faults_injected"] == parse_fault(spec).times
+    assert (stats["kv_transfer_retries"], stats["kv_reprefills"]) == (retries, reprefills)
+    assert stats["kv_transfers"] == len(prompts)
     assert_pools_whole(engine)
 
 

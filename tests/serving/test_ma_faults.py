@@ -133,3 +133,20 @@ def test_collective_error_beyond_the_retries_fails_the_steps_requests_not_the_po
     engine.run_until_done(after)
     assert_matches_reference(m.params, m.cfg, after)
     assert_pools_whole(pool)
+
+
+@pytest.mark.mesh16
+def test_pd_plus_ma_through_llm_recovers_both_hop_faults():
+    """The user's path: ``LLM(..., deployment=cpu16-ma, faults=[...])`` (prefill groups in
+    front of the MA slices) with an expert rank lost and a collective error; the tokens are
+    the reference's."""
+    from tests.helpers import GOLDEN
+    from tests.serving.test_disaggregation import run_and_compare
+
+    need_devices(16)
+    llm = run_and_compare(str(GOLDEN / "deepseek_v3"), CPU16, count=8, max_tokens=6,
+                          faults=["expert_rank_down:rank=5:after_steps=2",
+                                  "collective_error:after_steps=4"])
+    stats = llm.engine.stats()
+    assert (stats["faults_injected"], stats["scale_downs"], stats["rollbacks"]) == (2, 1, 2)
+    assert stats["ma_expert_slots"] == 10 and stats["healthy_groups"] == stats["num_groups"]

@@ -94,6 +94,22 @@ class ExpertMap:
             out[k] = np.where(held, v[idx], np.zeros((), v.dtype))
         return out
 
+    def without_device(self, device: int) -> ExpertMap:
+        """The placement on the other ``N - 1`` devices after losing ``device`` (vertical
+        scale-down): its slots are gone, every other slot keeps its expert. Raises
+        ``ExpertMapError`` naming the experts that would be left without a replica."""
+        if not 0 <= device < self.num_devices:
+            raise ExpertMapError(f"expert device {device} does not exist ({self.num_devices} "
+                                 "devices)")
+        s = self.slots_per_device
+        table = np.delete(self.slot_expert_P, np.s_[device * s:(device + 1) * s])
+        lost = sorted(set(range(self.num_experts)) - set(table[table >= 0].tolist()))
+        if lost:
+            raise ExpertMapError(
+                f"losing expert device {device} would leave experts {lost[:8]} with no "
+                f"replica ({len(lost)} in all; {self.num_redundant} redundant slots)")
+        return ExpertMap(table, self.num_devices - 1, s, self.num_experts)
+
     def with_empty_ranks(self, before: int, after: int = 0) -> ExpertMap:
         """The same placement on a wider axis whose extra ranks hold no experts."""
         empty = np.full(self.slots_per_device, -1, np.int32)

@@ -46,7 +46,8 @@ class TransferError(RuntimeError):
 class _Transfer:
     event_id: int
     src: object  # pytree of page arrays, or ``export_kv(block_ids) -> pages of those blocks``
-    src_blocks: np.ndarray
+    src_blocks: np.ndarray  # the blocks still to move (after a pull's ``skip``)
+    offered: np.ndarray  # every block offered (a pull given up on starts from these again)
     dst_blocks: np.ndarray | None = None
     next_push: int = 0
     next_drain: int = 0
@@ -127,7 +128,7 @@ class KVChannel:
             if event_id in self._offered:
                 raise TransferError(f"event {event_id} offered twice on channel {self.name}")
             blocks = np.asarray(src_blocks, dtype=np.int32)
-            self._offered[event_id] = _Transfer(event_id, pages, blocks)
+            self._offered[event_id] = _Transfer(event_id, pages, blocks, blocks)
             self._cv.notify_all()
 
     def cancel(self, event_id: int) -> bool:
@@ -188,11 +189,11 @@ class KVChannel:
                 raise TransferError(f"event {event_id} was not offered on channel {self.name}")
             if job.dst_blocks is not None:
                 raise TransferError(f"event {event_id} pulled twice on channel {self.name}")
-            if not 0 <= skip <= len(job.src_blocks):
+            if not 0 <= skip <= len(job.offered):
                 raise TransferError(f"event {event_id}: cannot skip {skip} of "
-                                    f"{len(job.src_blocks)} blocks")
+                                    f"{len(job.offered)} blocks")
             dst = np.asarray(dst_blocks, dtype=np.int32)
-            job.src_blocks = job.src_blocks[skip:]
+            job.src_blocks = job.offered[skip:]
             if len(dst) != len(job.src_blocks):
                 raise TransferError(f"event {event_id}: {len(dst)} destination blocks for "
                                     f"{len(job.src_blocks)} source blocks")
@@ -204,6 +205,21 @@ class KVChannel:
                 self._arrived.append(event_id)
             else:
                 self._pulled.append(job)
+            self._cv.notify_all()
+
+    def unpull(self, event_id: int) -> None:
+        """Give up a pull part-way (the receiver failed after some chunks landed and frees
+        the blocks they went to): its chunks still in the ring are dropped and the offer is
+        as before the pull, to be pulled again or cancelled."""
+        with self._cv:
+            job = self._offered.get(event_id)
+            if job is None or job.dst_blocks is None or job not in self._pulled:
+                raise TransferError(f"event {event_id} is not being pulled on channel "
+                                    f"{self.name}")
+            self._pulled.remove(job)
+            self._ring = collections.deque(s for s in self._ring if s.event_id != event_id)
+            job.dst_blocks = None
+            job.next_push = job.next_drain = job.num_chunks = 0
             self._cv.notify_all()
 
     def arrived(self) -> list[int]:

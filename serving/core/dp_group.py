@@ -289,8 +289,7 @@ class DPGroup(Fencing):
         """A step raised before its tokens were recorded: roll it back (its sequences are
         recomputed from their tokens) and find the request at fault. A step of one request
         fails that request alone; a step of several makes each suspect, to run alone next."""
-        culprits = list({id(r): r for s in out.scheduled
-                         if (r := self._owners.get(s.seq.seq_id)) is not None}.values())
+        culprits = self.requests_in(out)
         self.scheduler.roll_back(out)
         self.rollbacks += 1
         log.warning("DP group %d: a step of %d request(s) failed (%s: %s); rolled back",
@@ -300,6 +299,11 @@ class DPGroup(Fencing):
         else:
             ids = [r.request_id for r in culprits]
             self._suspects = ids + [i for i in self._suspects if i not in ids]
+
+    def requests_in(self, out: SchedulerOutput) -> list[Request]:
+        """The requests a step scheduled (each once, in schedule order)."""
+        return list({id(r): r for s in out.scheduled
+                     if (r := self._owners.get(s.seq.seq_id)) is not None}.values())
 
     def fail_request(self, request: Request, error: Exception) -> None:
         """End one request with an error while the group keeps serving the others."""

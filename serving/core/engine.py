@@ -79,7 +79,7 @@ class Engine:
         self.recoveries: list[Recovery] = []
         self._recovering = threading.RLock()
         self.faults = FaultInjector(self.groups, self.drivers, router)
-        for g in self.groups:
+        for g in [*self.groups, *self.drivers]:  # an MA pool's hops consult it too
             g.faults = self.faults
         if router is not None:
             router.on_lost = self.resume  # PD sequences whose hand-off failed
@@ -256,6 +256,7 @@ class Engine:
     def stats(self) -> dict:
         loads = [g.load() for g in self.groups]
         schedulers = [g.scheduler for g in self.groups]
+        drivers = self._driver_stats()
         return {
             "num_groups": len(self.groups),
             "num_running": sum(x.num_running for x in loads),
@@ -274,10 +275,11 @@ class Engine:
                                     for g in self.groups if g.healthy), default=0.0),
             "faults_injected": self.faults.injected,
             "requests_recovered": self.requests_recovered,
-            "rollbacks": sum(g.rollbacks for g in self.groups),
-            "scale_downs": self.scale_downs,
+            # MA pools: steps rolled back on all ranks, expert devices taken out
+            "rollbacks": sum(g.rollbacks for g in self.groups) + drivers.get("ma_rollbacks", 0),
+            "scale_downs": self.scale_downs + drivers.get("ma_scale_downs", 0),
             "rejoins": self.rejoins,
-        } | (self.router.stats() if self.router is not None else {}) | self._driver_stats() \
+        } | (self.router.stats() if self.router is not None else {}) | drivers \
           | self._spec_stats() | self._expert_stats()
 
     def _expert_stats(self) -> dict:

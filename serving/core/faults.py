@@ -1,15 +1,16 @@
 """Fault injection: specs parsed into frozen dataclasses, and the hooks where groups meet them.
 
 A spec is ``kind:field=value:...``, e.g. ``group_crash:group=1:after_steps=3``. Groups (and
-PD decode groups' KV pulls) consult the engine's ``FaultInjector`` at three fixed points of a
-step, so nothing is patched in: ``before_launch`` (a crash: the group's loop raises),
-``stall`` (between launch and finish: the loop blocks) and ``before_transfer`` (a KV pull
-fails before any chunk moves). ``after_steps`` counts the target's steps from when the fault
-was armed (``FaultInjector.add``, at engine build or later, e.g. after a warm-up).
+PD decode groups' KV pulls) consult the engine's ``FaultInjector`` at fixed points of a step,
+so nothing is patched in: ``before_launch`` (a crash: the group's loop raises), ``stall``
+(between launch and finish: the loop blocks), ``during_transfer`` (a KV pull fails before its
+first chunk, or after ``after_chunks`` chunks landed) and, in an MA pool's step,
+``before_dispatch`` (each hop to the expert slice: a lost expert rank or a transient
+collective error). ``after_steps`` counts the target's steps from when the fault was armed
+(``FaultInjector.add``, at engine build or later, e.g. after a warm-up).
 
 What recovers how: ``docs/reliability.md``. ``expert_rank_down`` and ``collective_error``
-parse but are refused when armed: on layouts without MA they mean nothing, and their recovery
-on MA layouts (scale-down, rollback on all ranks) is not built yet.
+need an MA layout (``serving.disagg.ma_recovery`` recovers from them).
 """
 
 from __future__ import annotations
@@ -42,7 +43,20 @@ class GroupCrashed(InjectedFault):
 
 
 class KVTransferFailed(InjectedFault):
-    """A ``kv_transfer_fail`` fault: one KV pull fails before any chunk moves."""
+    """A ``kv_transfer_fail`` fault: one KV pull fails (after ``after_chunks`` chunks)."""
+
+
+class CollectiveFailed(InjectedFault):
+    """A transient error of one MA hop (``collective_error``): the step is re-run."""
+
+
+class ExpertRankLost(InjectedFault):
+    """An ``expert_rank_down`` fault: expert device ``rank`` of the deployment's expert slice
+    is gone for good."""
+
+    def __init__(self, message: str, rank: int) -> None:
+        super().__init__(message)
+        self.rank = rank
 
 
 # -- field values -----------------------------------------------------------------------------
@@ -77,6 +91,7 @@ def _role(name: str, value: Any) -> str | None:
 
 FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "group": _count(0), "rank": _count(0), "after_steps": _count(0), "times": _count(1),
+    "after_chunks": _count(0),
     "seconds": _seconds, "role": _role,
 }
 
@@ -125,16 +140,20 @@ class GroupStall(_Spec):
 @dataclasses.dataclass(frozen=True)
 class KVTransferFail(_Spec):
     """The next ``times`` PD KV pulls fail: into any decode group, or into decode group
-    ``group`` (its index among the decode groups), where they hit one sequence's retries."""
+    ``group`` (its index among the decode groups), where they hit one sequence's retries.
+    ``after_chunks``: a pull fails once that many of its chunks have landed (0: before the
+    first moves); pulls of fewer chunks go through."""
 
     kind: ClassVar[str] = "kv_transfer_fail"
     times: int = 1
     group: int | None = None
+    after_chunks: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpertRankDown(_Spec):
-    """An MA expert rank is lost after ``after_steps`` MA steps (not supported yet)."""
+    """Expert device ``rank`` (its index in the deployment's routed-expert slice) is lost in
+    the MA step after ``after_steps`` steps; the pool scales the expert slice down."""
 
     kind: ClassVar[str] = "expert_rank_down"
     rank: int
@@ -143,8 +162,8 @@ class ExpertRankDown(_Spec):
 
 @dataclasses.dataclass(frozen=True)
 class CollectiveError(_Spec):
-    """A transient collective error in ``times`` MA steps from ``after_steps`` (not supported
-    yet)."""
+    """A transient collective error at an MA hop, ``times`` attempts in a row from the step
+    after ``after_steps`` steps; the pool rolls the step back and re-runs it."""
 
     kind: ClassVar[str] = "collective_error"
     after_steps: int = 0
@@ -232,10 +251,13 @@ class FaultInjector:
                 raise UnsupportedFaultError(
                     f"fault {spec}: {spec.kind} needs an MA layout (decode_attention and "
                     "decode_experts roles); this engine has none")
-            raise UnsupportedFaultError(
-                f"fault {spec}: {spec.kind} on MA layouts is not supported yet (expert "
-                "scale-down and all-rank rollback are not built; see docs/reliability.md)")
-        if isinstance(spec, KVTransferFail):
+            target = pools[0]
+            if isinstance(spec, ExpertRankDown):
+                try:
+                    target.check_scale_down(spec.rank)
+                except ConfigError as e:
+                    raise UnsupportedFaultError(f"fault {spec}: {e}") from None
+        elif isinstance(spec, KVTransferFail):
             if self._router is None:
                 raise UnsupportedFaultError(
                     f"fault {spec}: kv_transfer_fail needs a PD layout (prefill and decode "
@@ -283,13 +305,14 @@ class FaultInjector:
         return target
 
     # -- hooks --------------------------------------------------------------------------------
-    def _fire(self, kind: type, group: Any) -> FaultSpec | None:
-        """The first armed fault of ``kind`` due now for ``group``, spent by one."""
+    def _fire(self, kind: type, group: Any, due=lambda spec: True) -> FaultSpec | None:
+        """The first armed fault of ``kind`` due now for ``group`` (and ``due(spec)``),
+        spent by one."""
         if not self._armed:  # the common case: nothing armed, no lock taken
             return None
         with self._lock:
             for armed in self._armed:
-                if not isinstance(armed.spec, kind) or armed.left <= 0:
+                if not isinstance(armed.spec, kind) or armed.left <= 0 or not due(armed.spec):
                     continue
                 if armed.target is not None and (
                         armed.target is not group or group.steps - armed.baseline
@@ -316,12 +339,23 @@ class FaultInjector:
         self._released.wait(spec.seconds)
         return spec.seconds
 
-    def before_transfer(self, group: Any) -> None:
-        """A decode group is about to pull KV: raise ``KVTransferFailed`` if a failure is due."""
-        spec = self._fire(KVTransferFail, group)
+    def during_transfer(self, group: Any, landed: int) -> None:
+        """A decode group's KV pull has ``landed`` chunks so far (0: about to start): raise
+        ``KVTransferFailed`` if a failure after that many chunks is due."""
+        spec = self._fire(KVTransferFail, group, lambda s: s.after_chunks == landed)
         if spec is not None:
             raise KVTransferFailed(f"injected fault {spec} (pull into decode group "
-                                   f"{group.index})")
+                                   f"{group.index}, {landed} chunks landed)")
+
+    def before_dispatch(self, pool: Any) -> None:
+        """An MA pool's step is about to hop to the expert slice: raise ``ExpertRankLost`` or
+        ``CollectiveFailed`` if such a fault is due."""
+        spec = self._fire(ExpertRankDown, pool)
+        if spec is not None:
+            raise ExpertRankLost(f"injected fault {spec}", spec.rank)
+        spec = self._fire(CollectiveError, pool)
+        if spec is not None:
+            raise CollectiveFailed(f"injected fault {spec}")
 
     def release(self) -> None:
         """End every stall now and let no later one block (engine shutdown)."""

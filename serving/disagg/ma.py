@@ -28,6 +28,7 @@ import numpy as np
 from collectives.a2e import A2E
 from collectives.eplb import device_loads, max_over_mean
 from serving.core.dp_group import DPGroup, GroupConfig
+from serving.core.faults import NO_FAULTS
 from serving.core.runner import MIN_DECODE_ROWS, MIN_PREFILL_WIDTH
 from serving.core.timeline import Timeline
 from serving.disagg.eplb_config import EplbConfig
@@ -36,6 +37,7 @@ from serving.disagg.ma_eplb import ExpertLoadCounter, ExpertRebalancer
 from serving.disagg.ma_layout import MALayout
 from serving.disagg.ma_pipeline import DomainParts, LayerPipeline
 from serving.disagg.ma_rank import RankView
+from serving.disagg.ma_recovery import StepRecovery, guard, shrink_expert_slice
 from serving.disagg.ma_runner import Domain, MicroBatch
 from serving.disagg.ma_slices import FfnSlice, SharedExperts
 from serving.disagg.ma_trace import TracedDomain, TracedService, Tracer
@@ -105,6 +107,8 @@ class MAPool:
         self._build_eplb(params)
         self.reruns = 0
         self.steps = 0
+        self.faults = NO_FAULTS  # the engine's FaultInjector (hops consult it)
+        self.recovery = StepRecovery(self)
         self.timeline = timeline
 
     def _build_services(self, params: dict) -> None:
@@ -212,7 +216,30 @@ class MAPool:
             wrap = lambda s: TracedService(s, self._tracer) if s else None  # noqa: E731
             parts = [DomainParts(TracedDomain(p.domain, self._tracer), wrap(p.routed),
                                  wrap(p.ffn), wrap(p.shared)) for p in parts]
-        self.pipeline = LayerPipeline(self.cfg, parts, self.capacity)
+        self.pipeline = LayerPipeline(self.cfg, guard(parts, self), self.capacity)
+
+    def check_scale_down(self, rank: int) -> None:
+        """Raise ``ScaleDownError`` if the expert slice cannot lose the deployment's expert
+        rank ``rank`` (``serving.disagg.ma_recovery``)."""
+        self.recovery.position(rank)
+
+    def scale_down(self, rank: int) -> None:
+        """Vertical scale-down between steps: the expert slice goes on without the
+        deployment's expert rank ``rank``; its slots are never routed to again (every layer's
+        map rebuilt without them). Attention is not touched."""
+        index = self.recovery.position(rank)
+        reb = self.rebalancer
+        self.layout, services, self._placed = shrink_expert_slice(
+            self.layout, [p.routed for p in self.parts], index, dict(reb.maps) if reb else {})
+        for part, service in zip(self.parts, services, strict=True):
+            part.routed = service
+        if reb is not None:
+            reb.scale_down(services, self._placed, index)
+        self.recovery.lost.append(rank)
+        self.recovery.scale_downs += 1
+        self.timeline = self._timeline  # the pipeline over the new services
+        log.warning("expert rank %d out of service: %d expert devices, %d redundant slots",
+                    rank, len(self.layout.expert_devices), self.layout.expert_map.num_redundant)
 
     @property
     def expert_map(self):
@@ -233,6 +260,18 @@ class MAPool:
         plans = [g.plan() for g in self._groups]
         if all(p is None for p in plans):
             return False
+        plans = self.recovery.run(plans, self._run_passes)  # hop faults: roll back, re-run
+        if plans is None:
+            return True
+        for group, out in zip(self._groups, plans, strict=True):
+            if out is not None:
+                group.complete(out)
+        self.steps += 1
+        return True
+
+    def _run_passes(self, plans: list) -> None:
+        """The step's decode and prefill passes (re-run on expert overflow), sampling and the
+        EPLB bookkeeping."""
         passes = {}
         for spec in PASSES:
             per_domain = self._micro_batches(plans, *spec)
@@ -254,11 +293,6 @@ class MAPool:
             for mb, logits in result.logits:
                 sample_rows(fetch(logits), mb.seqs, self.cfg.vocab_size)
         self._eplb_step(results.values())
-        for group, out in zip(self._groups, plans, strict=True):
-            if out is not None:
-                group.complete(out)
-        self.steps += 1
-        return True
 
     def _micro_batches(self, plans: list, kind: str, decode: bool, rows_min: int,
                        width_min: int) -> list[list[MicroBatch]]:
@@ -280,6 +314,8 @@ class MAPool:
             "micro_batches": self.micro_batches,
             "steps": self.steps,
             "reruns": self.reruns,
+            "rollbacks": self.recovery.rollbacks,
+            "scale_downs": self.recovery.scale_downs,
             "compiles": sum(d.compile_count for d in self.domains),
             "expert_slots": emap.num_slots if emap else 0,
             "redundant_slots": emap.num_redundant if emap else 0,

@@ -211,6 +211,19 @@ class ExpertRebalancer:
                  swap.slots, swap.bytes / 2**20, self.last_swap_ms)
         return True
 
+    def scale_down(self, services: list, placed: list[tuple[object, dict]],
+                   device: int) -> None:
+        """The expert slice lost its device ``device`` (``MAPool.scale_down``): every layer's
+        map goes on without its slots, later rebalances place replicas on the devices left
+        (as many redundant ones as still fit), and a swap under way is dropped (it was built
+        for the old slice; its thread's results are never applied)."""
+        self.pending = None
+        self.services, self.placed = services, placed
+        self.maps = {layer: m.without_device(device) for layer, m in self.maps.items()}
+        some = next(iter(self.maps.values()), None)
+        if some is not None:
+            self.num_redundant = min(self.num_redundant, some.num_slots - some.num_experts)
+
     def wait(self) -> bool:
         """Phases 1 and 3 after waiting for the thread (tests and benchmarks)."""
         if self.pending is not None:

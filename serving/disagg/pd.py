@@ -250,14 +250,22 @@ class DecodeGroup(DPGroup):
         seq, channel = arrival.seq, arrival.channel
         arrival.pulled_at = time.perf_counter()
         table, reused = self.scheduler.admit_computed(seq)
-        self.faults.before_transfer(self)
+        self.faults.during_transfer(self, 0)
         channel.pull(seq.seq_id, np.asarray(table[reused:], np.int32), skip=reused)
         sent_before = channel.counters.bytes_sent
         landed = set(channel.arrived())
-        while seq.seq_id not in landed:
+        chunks = 0
+        while seq.seq_id not in landed:  # one chunk lands per turn
             channel.push()
-            channel.receive(self.runner.import_kv)
+            channel.receive(self.runner.import_kv, max_chunks=1)
             landed |= set(channel.arrived())
+            chunks += 1
+            if seq.seq_id not in landed:
+                try:
+                    self.faults.during_transfer(self, chunks)
+                except KVTransferFailed:
+                    channel.unpull(seq.seq_id)  # the caller frees the blocks written so far
+                    raise
         self.blocks.mark_computed(seq.seq_id, seq.all_ids, seq.num_tokens - 1)
         if arrival.hidden is not None and hasattr(self.runner, "pending"):
             self.runner.pending[seq.seq_id] = arrival.hidden  # the first step can draft

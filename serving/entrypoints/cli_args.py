@@ -127,7 +127,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fault", dest="faults", action="append", type=fault_spec, default=[],
                        metavar="SPEC", help="inject a fault (repeatable), e.g. "
                        "group_crash:group=1:after_steps=3, group_stall:group=0:seconds=5, "
-                       "kv_transfer_fail:times=2; see docs/reliability.md")
+                       "kv_transfer_fail:times=2:after_chunks=1, "
+                       "expert_rank_down:rank=1:after_steps=2 (MA), "
+                       "collective_error:after_steps=2:times=1 (MA); see docs/reliability.md")
     group.add_argument("--heartbeat-timeout", dest="heartbeat_timeout_s", type=positive_float,
                        default=d.heartbeat_timeout_s, metavar="SECONDS",
                        help="a DP group silent this long is taken out of service and its "

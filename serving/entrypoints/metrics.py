@@ -135,7 +135,8 @@ class EngineCollector:
                 ("xds:requests_recovered", "requests_recovered",
                  "Requests moved off a group taken out of service, recomputed elsewhere."),
                 ("xds:rollbacks", "rollbacks", "Steps undone and recomputed."),
-                ("xds:scale_downs", "scale_downs", "DP groups taken out of service.")):
+                ("xds:scale_downs", "scale_downs",
+                 "DP groups and MA expert devices taken out of service.")):
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric([m], float(stats.get(key, 0)))
             yield counter

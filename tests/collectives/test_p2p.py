@@ -46,6 +46,41 @@ def test_blocks_arrive_bit_identical_in_order_through_a_small_ring():
     assert next(iter(dst["k"].devices())) == dst_dev
 
 
+def test_a_pull_given_up_part_way_is_pulled_again_whole_or_cancelled():
+    """After 2 of 4 chunks landed the receiver gives up (``unpull``): the chunk still in the
+    ring is dropped, the offer is as before, and a second pull (other blocks, a cached
+    prefix skipped) moves every block again; a pull given up on can also be cancelled."""
+    src_dev, dst_dev = jax.devices()[0], jax.devices()[3]
+    src = pages_on(src_dev, 16, 0)
+    dst = jax.tree.map(jnp.zeros_like, pages_on(dst_dev, 24, 1))
+    ch = KVChannel(dst_dev, num_slots=3, chunk_blocks=2)
+    src_blocks = [3, 4, 5, 6, 7, 8, 9]
+    ch.offer(1, src, src_blocks)
+    ch.pull(1, [10, 11, 12, 13, 14, 15, 16])
+    ch.push()
+    dst, _ = ch.drain(dst, max_chunks=2)
+    assert ch.in_flight() == 1
+    ch.unpull(1)
+    assert ch.in_flight() == 0 and ch.ready(1) and ch.completed() == [] and ch.arrived() == []
+    with pytest.raises(TransferError, match="not being pulled"):
+        ch.unpull(1)
+    ch.pull(1, [20, 21, 22, 23, 0, 1], skip=1)
+    finished = []
+    while not finished:
+        ch.push()
+        dst, finished = ch.drain(dst)
+    assert finished == [1] and ch.completed() == [1]
+    for name in ("k", "v"):
+        np.testing.assert_array_equal(np.asarray(dst[name])[[20, 21, 22, 23, 0, 1]],
+                                      np.asarray(src[name])[src_blocks[1:]])
+    ch.offer(2, src, [1, 2, 3])
+    ch.pull(2, [5, 6, 7])
+    ch.push()
+    ch.drain(dst, max_chunks=1)
+    ch.unpull(2)
+    assert ch.cancel(2) and ch.completed() == [2] and ch.in_flight() == 0
+
+
 def test_protocol_errors_are_named():
     ch = KVChannel(jax.devices()[1], num_slots=1, chunk_blocks=2)
     with pytest.raises(TransferError, match="not offered"):

@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.core.admission import Admission, OverloadedError, RequestTooLargeError
+from serving.core.admission import (
+    DRAIN_WINDOW_S,
+    RETRY_AFTER_MAX_S,
+    Admission,
+    OverloadedError,
+    RequestTooLargeError,
+)
 from tests.serving.fake_engine import FakeEngine, client, serve, wait_for
 
 
@@ -45,6 +51,51 @@ def test_admission_limits_and_release():
     assert (admission.slots, admission.tokens, admission.requests) == (0, 0, 0)
     with pytest.raises(ValueError, match="max_num_queued_reqs"):
         Admission(0, 10)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def retry_after(admission: Admission, slots: int, tokens: int) -> int:
+    with pytest.raises(OverloadedError) as error:
+        admission.admit(slots, tokens)
+    return error.value.retry_after_s
+
+
+def test_retry_after_follows_the_measured_drain_rate():
+    """Worked by hand: 4 sequences (40 prompt tokens) released in the 10 s since the first
+    admission drain at 0.4 sequences (4 tokens) per second."""
+    clock = Clock()
+    admission = Admission(max_num_queued_reqs=8, max_num_queued_tokens=100, clock=clock)
+    tickets = [admission.admit(2, 20) for _ in range(4)]
+    assert retry_after(admission, 1, 1) == 1  # nothing drained yet, the server just started
+    clock.now += 10
+    assert retry_after(admission, 3, 1) == 10  # nothing drained in 10 s: as long again
+    for t in tickets[:2]:
+        t.release()
+    held = [admission.admit(2, 20) for _ in range(2)]
+    # 4 sequences over the limit at 0.4/s: 10 s; 1 over: 2.5 s -> 3
+    assert retry_after(admission, 4, 1) == 10 and retry_after(admission, 1, 1) == 3
+    for t in tickets[2:]:
+        t.release()
+    more = admission.admit(2, 59)  # 99 tokens in flight; 80 released in 10 s: 8 per s
+    assert retry_after(admission, 1, 100) == 13  # 99 tokens over: 12.4 s
+    clock.now += 1000  # the releases are old: nothing drained in the window
+    assert retry_after(admission, 3, 1) == DRAIN_WINDOW_S
+    for t in (*held, more):
+        t.release()
+    clock.now += 1
+    big = Admission(max_num_queued_reqs=1000, max_num_queued_tokens=10**6, clock=clock)
+    slow = big.admit(999, 1)
+    clock.now += 29
+    big.admit(1, 1).release()  # one sequence in 29 s
+    assert retry_after(big, 999, 1) == RETRY_AFTER_MAX_S  # bounded
+    slow.release()
 
 
 @settings(max_examples=60, deadline=None)

@@ -12,7 +12,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from serving.core.faults import (
     CollectiveError,
+    CollectiveFailed,
     ExpertRankDown,
+    ExpertRankLost,
     FaultInjector,
     FaultSpecError,
     GroupCrash,
@@ -26,6 +28,7 @@ from serving.core.scheduler import Scheduler
 from tests.helpers import GOLDEN
 from xds_jax import LLM, SamplingParams
 from xds_jax.engine_config import EngineConfig
+from xds_jax.errors import ConfigError
 from xds_jax.sequence import Sequence
 
 
@@ -78,8 +81,17 @@ class FakeGroup:
 
 
 class FakePool:
-    def __init__(self, groups: list):
+    """An MA pool as the injector sees it: groups, steps, which expert ranks it can lose."""
+
+    def __init__(self, groups: list, spare: tuple = (0,)):
         self.groups = groups
+        self.steps = 0
+        self.spare = spare
+
+    def check_scale_down(self, rank: int) -> None:
+        if rank not in self.spare:
+            raise ConfigError(f"losing expert device {rank} would leave experts [3] with no "
+                              "replica")
 
 
 def test_faults_a_layout_cannot_recover_from_are_refused_when_armed():
@@ -97,12 +109,33 @@ def test_faults_a_layout_cannot_recover_from_are_refused_when_armed():
     attention = [FakeGroup(1), FakeGroup(2)]
     prefill = FakeGroup(0, "prefill")
     ma = FaultInjector([prefill, *attention], [prefill, FakePool(attention)])
-    for text in ("expert_rank_down:rank=1:after_steps=2", "collective_error:after_steps=2",
-                 "group_crash:role=decode:group=0"):
-        with pytest.raises(UnsupportedFaultError, match="not supported yet"):
-            ma.add(text)
+    with pytest.raises(UnsupportedFaultError, match="not supported yet"):
+        ma.add("group_crash:role=decode:group=0")
+    with pytest.raises(UnsupportedFaultError, match=r"rank=1:after_steps=2: losing expert "
+                                                    r"device 1 would leave experts \[3\]"):
+        ma.add("expert_rank_down:rank=1:after_steps=2")
     ma.add("group_crash:role=prefill:group=0")  # PD + MA: a prefill group recovers as in PD
+    ma.add("expert_rank_down:rank=0")
+    ma.add("collective_error:after_steps=2")
     assert faults.injected == ma.injected == 0
+
+
+def test_ma_hop_faults_fire_at_dispatch_after_the_pools_steps():
+    pool = FakePool([FakeGroup(1)])
+    faults = FaultInjector(pool.groups, [pool])
+    faults.add("collective_error:after_steps=1:times=2")
+    faults.add("expert_rank_down:rank=0:after_steps=3")
+    faults.before_dispatch(pool)  # step 0: nothing due
+    pool.steps = 1
+    for _ in range(2):  # the same step's attempts, one after another
+        with pytest.raises(CollectiveFailed, match="collective_error:after_steps=1:times=2"):
+            faults.before_dispatch(pool)
+    faults.before_dispatch(pool)  # spent
+    pool.steps = 3
+    with pytest.raises(ExpertRankLost) as lost:
+        faults.before_dispatch(pool)
+    assert lost.value.rank == 0 and faults.injected == 3
+    faults.before_dispatch(pool)
 
 
 def test_injector_fires_after_steps_counted_from_arming():

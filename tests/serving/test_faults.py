@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import time
 
+import numpy as np
 import pytest
 
 from serving.core.engine import group_config_for
@@ -191,6 +192,27 @@ def test_failed_kv_transfers_are_retried_then_prefilled_again(spec, retries, rep
     assert_pools_whole(engine)
 
 
+@pytest.mark.parametrize("spec, retries, reprefills", [
+    ("kv_transfer_fail:times=1:after_chunks=1", 1, 0),  # the retry pulls it whole
+    ("kv_transfer_fail:times=2:group=0:after_chunks=2", 1, 1),  # the retry fails too
+])
+def test_a_kv_pull_failing_after_some_chunks_frees_them_retries_then_prefills_again(
+        spec, retries, reprefills):
+    """Prompts of 130-200 tokens pull 3-4 chunks of 4 blocks: the pull fails once
+    ``after_chunks`` landed; the blocks they were written into are freed, and the offer is
+    pulled again from its first chunk, or cancelled and prefilled again."""
+    model, engine = pd_engine(spec)
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, model.cfg.vocab_size, n).tolist()
+               for n in (150, 140, 200, 131, 170, 135)]
+    assert run_inline(engine, model, prompts) == reference(model, prompts)
+    stats = engine.stats()
+    assert stats["faults_injected"] == parse_fault(spec).times
+    assert (stats["kv_transfer_retries"], stats["kv_reprefills"]) == (retries, reprefills)
+    assert stats["kv_transfers"] == len(prompts)
+    assert_pools_whole(engine)
+
+
 def run_threaded(engine, fault: str, requests: list[Request], settled) -> None:
     """Start the engine's threads (the server's engine), arm ``fault``, submit ``requests``
     and wait until ``settled()``; shut down."""
@@ -262,7 +284,8 @@ def test_a_stalled_group_is_detected_fenced_and_its_work_moved(layout, role):
 
 def test_pd_plus_ma_recovers_a_prefill_group_and_refuses_ma_faults(tmp_path):
     """2 prefill groups feeding MA attention (2 domains of 1 rank, 4 expert devices): a
-    prefill group that dies recovers as in PD; faults of the MA slices are refused."""
+    prefill group that dies recovers as in PD; stalls of the MA groups, and losing an expert
+rank without spare slots, are refused."""
     from tests.serving.test_disaggregation import ma
 
     deployment = ma(tmp_path, domains=2, dp=1, experts=4, prefill=(2, 1))
@@ -274,7 +297,7 @@ def test_pd_plus_ma_recovers_a_prefill_group_and_refuses_ma_faults(tmp_path):
     stats = llm.engine.stats()
     assert stats["scale_downs"] == 1 and stats["requests_recovered"] >= 1
     assert_pools_whole(llm.engine)
-    for text in ("expert_rank_down:rank=1:after_steps=2", "collective_error:after_steps=2",
-                 "group_stall:role=decode:group=0:seconds=1"):
-        with pytest.raises(UnsupportedFaultError, match="not supported yet"):
-            llm.engine.faults.add(text)
+    with pytest.raises(UnsupportedFaultError, match="not supported yet"):
+        llm.engine.faults.add("group_stall:role=decode:group=0:seconds=1")
+    with pytest.raises(UnsupportedFaultError, match="no replica"):  # 4 x 2 slots, none spare
+        llm.engine.faults.add("expert_rank_down:rank=1:after_steps=2")

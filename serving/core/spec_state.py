@@ -138,11 +138,14 @@ class SpecState:
 
 
 def prefill_pairs(items: list, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """The MTP block's inputs over prefill rows ``[B, S]``: the next prompt token of each
-    position and its position (-1 where the next token is not known yet)."""
+    """The MTP block's inputs over prefill rows ``[B, S]`` (``items`` may hold None for
+    padding rows): the next prompt token of each position and its position (-1 where the
+    next token is not known yet)."""
     nxt = np.zeros(shape, np.int32)
     mtp_pos = np.full(shape, -1, np.int32)
     for i, s in enumerate(items):
+        if s is None:
+            continue
         ids = s.seq.all_ids
         for j in range(s.num_tokens):
             p = s.start + j

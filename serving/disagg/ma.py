@@ -16,7 +16,9 @@ built once by the deployment) it builds:
 
 A step plans every group, runs the decode pass and the prefill pass of every domain, reads
 the overflow flags once and re-runs a pass whose experts overflowed (grow-only capacity; the
-re-run rewrites the same KV slots), samples, and completes the groups.
+re-run rewrites the same KV slots), samples, and completes the groups. With
+``num_speculative_tokens`` the decode pass drafts on the attention ranks and verifies
+``k + 1`` tokens per sequence (``serving.disagg.ma_spec``).
 """
 
 from __future__ import annotations

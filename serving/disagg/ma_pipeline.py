@@ -14,6 +14,11 @@ so while micro-batch 0's tokens are at the experts, attention runs micro-batch 1
 previous micro-batch is queued after the next attention, so nothing on the attention devices
 waits for the experts), and the domains' micro-batches reach the expert slice in turn. The
 pipeline never waits: each routed launch leaves an ``OverflowCheck`` for the pool.
+
+A pass may start from given hiddens and run other layers: speculative decoding
+(``serving.disagg.ma_spec``) runs the MTP block as "layer" ``cfg.num_layers`` (its routed
+experts on the expert slice, its shared expert or dense FFN on attention), and verifies
+drafts with a full pass whose final hiddens it keeps.
 """
 
 from __future__ import annotations

@@ -157,8 +157,8 @@ def _mtp_draft(params, x_BSD, last_B, *, cfg):
     return g_BD, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def _verify_tokens(last_B, drafts):
-    return jnp.stack([last_B, *drafts], axis=1)
+def _verify_tokens(tokens_BS, drafts):
+    return jnp.stack([tokens_BS[:, 0], *drafts], axis=1)
 
 
 class Domain:
@@ -283,11 +283,12 @@ class Domain:
                              (self._rank, self._rank), cfg=self.cfg)
         return prog(self.params, x_BSD, last_B)
 
-    def verify_tokens(self, last_B: jax.Array, drafts: tuple) -> jax.Array:
-        """``[t[n - 1], d_1 .. d_k]`` per row ``[A * B, k + 1]``."""
+    def verify_tokens(self, tokens_BS: jax.Array, drafts: tuple) -> jax.Array:
+        """``[t[n - 1], d_1 .. d_k]`` per row ``[A * B, k + 1]`` from a decode micro-batch's
+        tokens ``[A * B, 1]`` and the drafts (``[A * B]`` each)."""
         prog = self._program("verify_tokens", _verify_tokens, (self._rank, self._rank),
                              self._rank)
-        return prog(last_B, tuple(drafts))
+        return prog(tokens_BS, tuple(drafts))
 
     def place(self, index: int, rows: int, width: int, arrays: dict, seqs: list,
               items: list, kind: str) -> MicroBatch:

@@ -144,7 +144,7 @@ class MADrafter:
                 j = np.arange(self.k + 1)[None, :]
                 live = (j <= r.num_drafts_B[:, None]) & (last_pos[:, None] >= 0)
                 positions = np.where(live, last_pos[:, None] + j, -1).astype(np.int32)
-                tokens = dom.verify_tokens(mb.tokens_BS[:, 0], dr)
+                tokens = dom.verify_tokens(mb.tokens_BS, dr)
                 vb = dom.place(mb.index, mb.rows, self.k + 1,
                                {"tokens_BS": tokens, "positions_BS": positions,
                                 "tables_BN": mb.tables_BN, "last_B": mb.last_B},

@@ -53,8 +53,11 @@ class _Verify:
 
 @dataclasses.dataclass
 class SpecPass(PassResult):
+    """A pass of a drafting pool: a decode pass's verified micro-batches, or a prefill
+    pass's last hiddens (its logits as usual)."""
+
     verify: list[_Verify] = dataclasses.field(default_factory=list)
-    last_hidden: list = dataclasses.field(default_factory=list)  # prefill: (mb, x [A*B, D])
+    last_hidden: list = dataclasses.field(default_factory=list)  # (domain, mb, x [A*B, D])
 
 
 class MADrafter:

@@ -35,18 +35,23 @@ def make_mtp_checkpoint(out: Path, seed: int = 0) -> Path:
     return out
 
 
-def make_mimic_checkpoint(out: Path) -> Path:
+def make_mimic_checkpoint(out: Path, moe: bool = False) -> Path:
     """A one-layer DeepSeek-V3 whose MTP block imitates the target, so drafts are mostly
     accepted: the block is a copy of layer 0, ``eh_proj`` passes the (RMS-1) token embedding
     through, and the attention over the MTP KV sees the target's inputs shifted by one
-    position (RoPE is relative), missing only the first token."""
+    position (RoPE is relative), missing only the first token. With ``moe`` the one layer
+    (and so the MTP block) is the golden model's first MoE layer (its routed experts go to an
+    MA expert slice); else its dense layer 0."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = json.loads((GOLDEN / "deepseek_v3" / "config.json").read_text())
     cfg["num_hidden_layers"] = 1
+    src = cfg["first_k_dense_replace"] if moe else 0
+    if moe:
+        cfg["first_k_dense_replace"] = 0
     (out / "config.json").write_text(json.dumps(cfg))
     full = load_file(str(GOLDEN / "deepseek_v3" / "model.safetensors"))
-    tensors = {k: v for k, v in full.items() if not k.startswith("model.layers.")
-               or k.startswith("model.layers.0.")}
+    tensors = {k.replace(f"layers.{src}.", "layers.0."): v for k, v in full.items()
+               if not k.startswith("model.layers.") or k.startswith(f"model.layers.{src}.")}
     emb = tensors["model.embed_tokens.weight"]
     tensors["model.embed_tokens.weight"] = emb / np.sqrt((emb ** 2).mean(-1, keepdims=True))
     d = cfg["hidden_size"]

@@ -78,9 +78,6 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
     decode_config = decode_config or config_of(decode_role)
     num_prefill = _num_prefill_groups(layout) if "prefill" in roles else 0
     kind = DecodeGroup if num_prefill else DPGroup  # decode groups fed by prefill, or colocated
-    if layout.spec.is_ma and config.num_speculative_tokens:
-        log.warning("%s: MA decode does not draft yet; speculative_config is ignored there "
-                    "(docs/speculative.md)", layout.name)
     if layout.spec.is_ma:
         from serving.disagg.ma import MAPool
         from serving.disagg.ma_layout import MALayout

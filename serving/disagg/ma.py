@@ -16,7 +16,9 @@ built once by the deployment) it builds:
 
 A step plans every group, runs the decode pass and the prefill pass of every domain, reads
 the overflow flags once and re-runs a pass whose experts overflowed (grow-only capacity; the
-re-run rewrites the same KV slots), samples, and completes the groups.
+re-run rewrites the same KV slots), samples, and completes the groups. With
+``num_speculative_tokens`` the decode pass drafts on the attention ranks and verifies
+``k + 1`` tokens per sequence (``serving.disagg.ma_spec``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from collectives.eplb import device_loads, max_over_mean
 from serving.core.dp_group import DPGroup, GroupConfig
 from serving.core.faults import NO_FAULTS
 from serving.core.runner import MIN_DECODE_ROWS, MIN_PREFILL_WIDTH
+from serving.core.spec_decode import check_speculative
+from serving.core.spec_state import SpecState
 from serving.core.timeline import Timeline
 from serving.disagg.eplb_config import EplbConfig
 from serving.disagg.ma_capacity import CapacityPolicy
@@ -40,6 +44,7 @@ from serving.disagg.ma_rank import RankView
 from serving.disagg.ma_recovery import StepRecovery, guard, shrink_expert_slice
 from serving.disagg.ma_runner import Domain, MicroBatch
 from serving.disagg.ma_slices import FfnSlice, SharedExperts
+from serving.disagg.ma_spec import MADrafter, SpecPass
 from serving.disagg.ma_trace import TracedDomain, TracedService, Tracer
 from xds_jax.generate import sample_rows
 from xds_jax.model.config import ModelConfig
@@ -89,16 +94,23 @@ class MAPool:
         self.layout = layout
         self.group_config = config = group_config or GroupConfig()
         self.micro_batches = micro_batches
+        k = config.num_speculative_tokens
+        if k:
+            check_speculative(params, k)
         self.domains: list[Domain] = []
         self._groups: list = []
         for d, mesh in enumerate(layout.domain_meshes):
             domain = Domain(d, mesh, params, cfg, config.num_blocks, config.block_size,
-                            layout.first_rank(d))
+                            layout.first_rank(d), mtp=bool(k))
             self.domains.append(domain)
             for r in range(domain.num_ranks):
+                spec = SpecState(k, cfg.hidden_size) if k else None
                 self._groups.append(group_factory(domain.first_rank + r, None, cfg,
                                                   domain.devices[r], config,
-                                                  runner=RankView(domain, r)))
+                                                  runner=RankView(domain, r, spec)))
+        self.drafter = (MADrafter(k, [g.runner.spec for g in self._groups], cfg.num_layers)
+                        if k else None)
+        self._mtp_moe = bool(k) and "moe" in params["mtp"][0]["layer"]
         self.parts = [DomainParts(dom) for dom in self.domains]
         self._placed: list[tuple] = []  # (service, {layer: slot weights}) per expert mesh
         self._build_services(params)
@@ -126,6 +138,9 @@ class MAPool:
                 placed[key] = {i: part.routed.place_experts(layer["moe"]["experts"])
                                for i, layer in enumerate(params["layers"])
                                if cfg.is_moe_layer(i)}
+                if self._mtp_moe:  # the MTP block's experts: one more layer on the slice
+                    placed[key][cfg.num_layers] = part.routed.place_experts(
+                        params["mtp"][0]["layer"]["moe"]["experts"])
                 self._placed.append((part.routed, placed[key]))
             part.routed.use_weights(placed[key])
             if layout.shared_devices:
@@ -216,7 +231,8 @@ class MAPool:
             wrap = lambda s: TracedService(s, self._tracer) if s else None  # noqa: E731
             parts = [DomainParts(TracedDomain(p.domain, self._tracer), wrap(p.routed),
                                  wrap(p.ffn), wrap(p.shared)) for p in parts]
-        self.pipeline = LayerPipeline(self.cfg, guard(parts, self), self.capacity)
+        self.pipeline = LayerPipeline(self.cfg, guard(parts, self), self.capacity,
+                                      mtp_moe=self._mtp_moe)
 
     def check_scale_down(self, rank: int) -> None:
         """Raise ``ScaleDownError`` if the expert slice cannot lose the deployment's expert
@@ -257,6 +273,8 @@ class MAPool:
     def step(self) -> bool:
         """Plan every group, run every domain's passes interleaved, sample, complete.
         Returns False when no group had work."""
+        if self.drafter is not None:
+            self.drafter.prune()
         plans = [g.plan() for g in self._groups]
         if all(p is None for p in plans):
             return False
@@ -282,7 +300,7 @@ class MAPool:
             for kind in todo:
                 if self._tracer is not None:
                     self._tracer.reset()
-                results[kind] = self.pipeline.run(passes[kind])
+                results[kind] = self._run_pass(kind, passes[kind])
             todo = [kind for kind in todo
                     if self.capacity is not None and self.capacity.grow(results[kind].checks)]
             if todo:
@@ -290,9 +308,22 @@ class MAPool:
                 log.info("expert capacity overflow: re-running %s (capacities %s)", todo,
                          self.capacity.snapshot())
         for result in results.values():
+            if isinstance(result, SpecPass):
+                self.drafter.finish_decode(result, self.cfg.vocab_size)
             for mb, logits in result.logits:
                 sample_rows(fetch(logits), mb.seqs, self.cfg.vocab_size)
+            if isinstance(result, SpecPass):
+                self.drafter.finish_prefill(result)
         self._eplb_step(results.values())
+
+    def _run_pass(self, kind: str, per_domain: list[list[MicroBatch]]):
+        """One pass of every domain; with drafting, decode drafts and verifies
+        (``serving.disagg.ma_spec``) and prefill also feeds the MTP block."""
+        if self.drafter is None:
+            return self.pipeline.run(per_domain)
+        if kind == "decode":
+            return self.drafter.decode(self.pipeline, per_domain)
+        return self.drafter.prefill(self.pipeline, self.pipeline.run(per_domain))
 
     def _micro_batches(self, plans: list, kind: str, decode: bool, rows_min: int,
                        width_min: int) -> list[list[MicroBatch]]:

@@ -6,6 +6,10 @@ dispatched the policy reads their flags (one wait) and, if any overflowed, grows
 shape's capacity to the next bucket and asks for the pass to be re-run from the same inputs
 (grow-only: later steps start from the bucket that fit). Nothing is dropped: the last bucket
 is ``T * K``, which cannot overflow.
+
+Shapes count tokens, not sequences: a speculative verify pass brings ``k + 1`` tokens per
+sequence (and the MTP passes their own widths), so each gets its own capacity, sized and
+grown for what it carries.
 """
 
 from __future__ import annotations

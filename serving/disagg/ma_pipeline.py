@@ -14,6 +14,11 @@ so while micro-batch 0's tokens are at the experts, attention runs micro-batch 1
 previous micro-batch is queued after the next attention, so nothing on the attention devices
 waits for the experts), and the domains' micro-batches reach the expert slice in turn. The
 pipeline never waits: each routed launch leaves an ``OverflowCheck`` for the pool.
+
+A pass may start from given hiddens and run other layers: speculative decoding
+(``serving.disagg.ma_spec``) runs the MTP block as "layer" ``cfg.num_layers`` (its routed
+experts on the expert slice, its shared expert or dense FFN on attention), and verifies
+drafts with a full pass whose final hiddens it keeps.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class _Flight:
 @dataclasses.dataclass
 class PassResult:
     logits: list = dataclasses.field(default_factory=list)  # (MicroBatch, logits [A*B, V])
+    hidden: list = dataclasses.field(default_factory=list)  # (MicroBatch, x [A*B, S, D])
     checks: list[OverflowCheck] = dataclasses.field(default_factory=list)
     # (domain, layer) -> [A, E] tokens per rank and logical expert in this pass (on device)
     load: dict = dataclasses.field(default_factory=dict)
@@ -58,17 +64,29 @@ class LayerPipeline:
     """Dispatches passes (all decode rows, or all prefill rows) of every domain."""
 
     def __init__(self, cfg: ModelConfig, parts: list[DomainParts],
-                 capacity: CapacityPolicy | None) -> None:
+                 capacity: CapacityPolicy | None, mtp_moe: bool = False) -> None:
         self.cfg = cfg
         self.parts = parts
         self.capacity = capacity
+        self.mtp_moe = mtp_moe  # the MTP block ("layer" num_layers) routes to the experts
 
-    def run(self, per_domain: list[list[MicroBatch]]) -> PassResult:
+    def is_moe(self, layer: int) -> bool:
+        return self.mtp_moe if layer == self.cfg.num_layers else self.cfg.is_moe_layer(layer)
+
+    def run(self, per_domain: list[list[MicroBatch]], inputs: list[list] | None = None,
+            layers=None, head: bool = True) -> PassResult:
+        """One pass of every domain's micro-batches through ``layers`` (default: the target's;
+        ``[cfg.num_layers]`` is the MTP block), from ``inputs`` (hiddens per domain and
+        micro-batch; default: the tokens' embeddings). Final hiddens are always kept; with
+        ``head``, the last tokens' logits too."""
         result = PassResult()
-        flights = [[_Flight(mb, p.domain.embed(mb)) for mb in mbs]
-                   for p, mbs in zip(self.parts, per_domain, strict=True)]
-        for layer in range(self.cfg.num_layers):
-            moe = self.cfg.is_moe_layer(layer)
+        if inputs is None:
+            inputs = [[p.domain.embed(mb) for mb in mbs]
+                      for p, mbs in zip(self.parts, per_domain, strict=True)]
+        flights = [[_Flight(mb, x) for mb, x in zip(mbs, xs, strict=True)]
+                   for mbs, xs in zip(per_domain, inputs, strict=True)]
+        for layer in range(self.cfg.num_layers) if layers is None else layers:
+            moe = self.is_moe(layer)
             for part, domain_flights in zip(self.parts, flights, strict=True):
                 returning = None  # the previous micro-batch, still at the experts
                 for f in domain_flights:
@@ -85,7 +103,9 @@ class LayerPipeline:
         for part, domain_flights in zip(self.parts, flights, strict=True):
             for f in domain_flights:
                 self._settle(part, f)
-                result.logits.append((f.mb, part.domain.head(f.x, f.mb)))
+                result.hidden.append((f.mb, f.x))
+                if head:
+                    result.logits.append((f.mb, part.domain.head(f.x, f.mb)))
         return result
 
     def _settle(self, part: DomainParts, f: _Flight) -> None:
@@ -97,9 +117,10 @@ class LayerPipeline:
     def _attend(self, part: DomainParts, f: _Flight, layer: int) -> None:
         """Attention of one layer, and its FFN when the layer is dense."""
         f.x = part.domain.attention(layer, f.x, f.mb)
-        if self.cfg.is_moe_layer(layer):
+        if self.is_moe(layer):
             return
-        if part.ffn is None:  # a MoE model's dense layers stay on attention
+        # a MoE model's dense layers stay on attention, and so does a dense MTP block's FFN
+        if part.ffn is None or layer == self.cfg.num_layers:
             f.x = part.domain.ffn(layer, f.x)
         else:
             out, _ = part.ffn.launch(layer, part.ffn.send(f.x))
@@ -108,10 +129,13 @@ class LayerPipeline:
     def _to_experts(self, part: DomainParts, f: _Flight, layer: int,
                     result: PassResult) -> None:
         """Gate (and shared expert), A2E and the routed experts of one micro-batch."""
-        shared_svc = part.shared
+        mtp = layer == self.cfg.num_layers  # its shared expert runs on attention, its load
+        shared_svc = None if mtp else part.shared  # is not counted for EPLB
         key = (part.domain.index, layer)
-        x_TD, h_TD, ids_TK, w_TK, result.load[key], *shared = part.domain.gate(
+        x_TD, h_TD, ids_TK, w_TK, load, *shared = part.domain.gate(
             layer, f.x, f.mb, shared_svc is None, result.load.get(key))
+        if not mtp:
+            result.load[key] = load
         if shared_svc is not None:
             out, _ = shared_svc.launch(layer, shared_svc.send(h_TD))
             shared = [shared_svc.receive(out)]

@@ -3,7 +3,8 @@
 The group schedules and keeps its KV block bookkeeping; its steps run inside its domain's
 SPMD programs (``MAPool.step``), so ``launch`` / ``finish`` refuse with a message that says
 so. KV moves in and out of the rank's own shard of the domain's page arrays
-(``export_kv`` / ``import_kv``, e.g. a PD arrival from a prefill group).
+(``export_kv`` / ``import_kv``, e.g. a PD arrival from a prefill group; when the pool drafts,
+the MTP block's pages are the last layer, as a ``SpecRunner``'s are).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from serving.core.interfaces import EngineMisuseError
+from serving.core.spec_state import SpecState
 from serving.disagg.ma_runner import Domain
 
 
@@ -28,10 +30,11 @@ class RankView:
 
     donate_pages = False  # its pages are shards of the domain's arrays: writers must copy
 
-    def __init__(self, domain: Domain, rank: int):
+    def __init__(self, domain: Domain, rank: int, spec: SpecState | None = None):
         self.domain = domain
         self.rank = rank
         self.device = domain.devices[rank]
+        self.spec = spec  # speculative decoding: pending hiddens and counters (ma_spec)
 
     @property
     def compile_count(self) -> int:
@@ -47,8 +50,15 @@ class RankView:
         self.launch([])
 
     def spec_stats(self) -> dict:
-        """MA ranks do not draft (speculative decoding is colocated and PD only)."""
-        return {}
+        return self.spec.stats() if self.spec is not None else {}
+
+    @property
+    def pending(self) -> dict:
+        """Sequence id -> ``Pending`` hidden (a PD arrival's is put here); only when the
+        rank drafts."""
+        if self.spec is None:
+            raise AttributeError("this MA rank does not draft: it has no pending hiddens")
+        return self.spec.pending
 
     # -- KV in and out ------------------------------------------------------------------------
     @property

@@ -29,6 +29,7 @@ from xds_jax.generate import bucket
 from xds_jax.model import stages
 from xds_jax.model.attention import new_layer_cache
 from xds_jax.model.config import ModelConfig
+from xds_jax.model.mtp import mtp_input, mtp_logits
 from xds_jax.model.reference import last_token_logits
 from xds_jax.multihost import zeros
 
@@ -36,11 +37,19 @@ log = logging.getLogger(__name__)
 
 
 
-def attention_params(params: dict) -> dict:
-    """Everything but the routed experts (and the MTP blocks): what attention ranks hold."""
-    layers = [{k: ({n: w for n, w in v.items() if n != "experts"} if k == "moe" else v)
-               for k, v in layer.items()} for layer in params["layers"]]
+def _without_experts(layer: dict) -> dict:
+    return {k: ({n: w for n, w in v.items() if n != "experts"} if k == "moe" else v)
+            for k, v in layer.items()}
+
+
+def attention_params(params: dict, mtp: bool = False) -> dict:
+    """Everything but the routed experts: what attention ranks hold. With ``mtp``, the first
+    MTP block too (as ``"mtp"``, its routed experts also on the expert slice)."""
+    layers = [_without_experts(layer) for layer in params["layers"]]
     rest = {k: v for k, v in params.items() if k not in ("layers", "mtp")}
+    if mtp:
+        block = params["mtp"][0]
+        rest["mtp"] = block | {"layer": _without_experts(block["layer"])}
     return rest | {"layers": layers}
 
 
@@ -64,6 +73,7 @@ class MicroBatch:
     tables_BN: jax.Array  # [A * B, N]
     last_B: jax.Array  # [A * B]
     seqs: list  # A * B entries: the Sequence sampled from that row, or None
+    items: list = dataclasses.field(default_factory=list)  # A * B: scheduled item, or None
 
     @property
     def shape_key(self) -> tuple[int, int, int]:
@@ -124,11 +134,38 @@ def _head(params, x_BSD, last_B, *, cfg):
     return last_token_logits(params, cfg, x_BSD, last_B)
 
 
+def _head_all(params, x_BSD, *, cfg):
+    return stages.head(params, cfg, x_BSD)
+
+
+def _take_last(x_BSD, last_B):
+    return jnp.take_along_axis(x_BSD, last_B[:, None, None], axis=1)[:, 0]
+
+
+def _mtp_input(params, tokens_BS, hidden_BSD, *, cfg):
+    return mtp_input(params["mtp"], params, cfg, tokens_BS, hidden_BSD)
+
+
+def _mtp_next(params, draft_B, g_BD, *, cfg):
+    return mtp_input(params["mtp"], params, cfg, draft_B[:, None], g_BD[:, None])
+
+
+def _mtp_draft(params, x_BSD, last_B, *, cfg):
+    """The MTP output at ``last_B`` and its greedy draft ``(g [B, D], token [B])``."""
+    g_BD = _take_last(x_BSD, last_B)
+    logits = mtp_logits(params["mtp"], params, cfg, g_BD)
+    return g_BD, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _verify_tokens(tokens_BS, drafts):
+    return jnp.stack([tokens_BS[:, 0], *drafts], axis=1)
+
+
 class Domain:
     """Stage programs, replicated parameters and KV pages of one attention domain."""
 
     def __init__(self, index: int, mesh: Mesh, params: dict, cfg: ModelConfig,
-                 num_blocks: int, block_size: int, first_rank: int = 0):
+                 num_blocks: int, block_size: int, first_rank: int = 0, mtp: bool = False):
         self.index = index
         self.mesh = mesh
         self.cfg = cfg
@@ -141,11 +178,11 @@ class Domain:
         self._whole = program_spec(mesh, "decode_attention")
         self.rank_sharding = NamedSharding(mesh, self._rank)
         repl = NamedSharding(mesh, self._whole)
-        self.params = jax.tree.map(lambda a: from_host(a, repl), attention_params(params))
+        self.params = jax.tree.map(lambda a: from_host(a, repl), attention_params(params, mtp))
         self.dtype = params["embed"].dtype
         a = len(self.devices)
-        caches = []
-        for _ in range(cfg.num_layers):
+        caches = []  # the target's layers, then (MTP) the MTP block's: "layer" num_layers
+        for _ in range(cfg.num_layers + mtp):
             shapes = jax.eval_shape(lambda: new_layer_cache(cfg, num_blocks, block_size,
                                                             self.dtype))
             # made on device: host zeros could alias numpy memory, which donation cannot reuse
@@ -174,13 +211,19 @@ class Domain:
         prog = self._program("embed", _embed, (self._whole, self._rank), self._rank)
         return prog(self.params, mb.tokens_BS)
 
+    def layer_params(self, layer: int) -> dict:
+        """Layer ``layer``'s weights; ``cfg.num_layers`` is the MTP block's decoder layer."""
+        if layer == self.cfg.num_layers:
+            return self.params["mtp"]["layer"]
+        return self.params["layers"][layer]
+
     def attention(self, layer: int, x_BSD: jax.Array, mb: MicroBatch) -> jax.Array:
         """Layer ``layer``'s attention for a micro-batch; its KV pages are donated and
         replaced."""
         rank = self._rank
         prog = self._program("attention", _attention, (self._whole, rank, rank, rank, rank),
                              (rank, rank), donate=(3,), cfg=self.cfg)
-        p = self.params["layers"][layer]
+        p = self.layer_params(layer)
         # Only the attention weights go in, so dense and MoE layers share one program.
         x_BSD, self.caches[layer] = prog({"input_norm": p["input_norm"], "attn": p["attn"]},
                                          x_BSD, mb.positions_BS, self.caches[layer],
@@ -195,7 +238,7 @@ class Domain:
         prog = self._program("gate", _gate, (self._whole, self._rank, self._rank, self._rank),
                              (self._rank,) * (5 + shared), cfg=self.cfg, shared=shared)
         load_AE = self.zero_load if load_AE is None else load_AE
-        return prog(self.params["layers"][layer], x_BSD, mb.positions_BS, load_AE)
+        return prog(self.layer_params(layer), x_BSD, mb.positions_BS, load_AE)
 
     def combine(self, x_TD, routed_TD, shared_TD, mb: MicroBatch) -> jax.Array:
         shape = (mb.rows, mb.width, self.cfg.hidden_size)
@@ -204,12 +247,64 @@ class Domain:
 
     def ffn(self, layer: int, x_BSD: jax.Array) -> jax.Array:
         prog = self._program("ffn", _ffn, (self._whole, self._rank), self._rank, cfg=self.cfg)
-        return prog(self.params["layers"][layer], x_BSD)
+        return prog(self.layer_params(layer), x_BSD)
 
     def head(self, x_BSD: jax.Array, mb: MicroBatch) -> jax.Array:
         prog = self._program("head", _head, (self._whole, self._rank, self._rank), self._rank,
                              cfg=self.cfg)
         return prog(self.params, x_BSD, mb.last_B)
+
+    def head_all(self, x_BSD: jax.Array) -> jax.Array:
+        """Target logits at every position ``[A * B, S, V]`` (verification)."""
+        prog = self._program("head_all", _head_all, (self._whole, self._rank), self._rank,
+                             cfg=self.cfg)
+        return prog(self.params, x_BSD)
+
+    def take_last(self, x_BSD: jax.Array, last_B: jax.Array) -> jax.Array:
+        prog = self._program("take_last", _take_last, (self._rank, self._rank), self._rank)
+        return prog(x_BSD, last_B)
+
+    # -- the MTP block (speculative decoding) ---------------------------------------------------
+    def mtp_input(self, tokens_BS: jax.Array, hidden_BSD: jax.Array) -> jax.Array:
+        """The MTP block's decoder input from (next token, target hidden) pairs."""
+        prog = self._program("mtp_input", _mtp_input, (self._whole, self._rank, self._rank),
+                             self._rank, cfg=self.cfg)
+        return prog(self.params, tokens_BS, hidden_BSD)
+
+    def mtp_next(self, draft_B: jax.Array, g_BD: jax.Array) -> jax.Array:
+        """The decoder input ``[A * B, 1, D]`` of the next draft: the last draft and the MTP
+        block's own output hidden."""
+        prog = self._program("mtp_next", _mtp_next, (self._whole, self._rank, self._rank),
+                             self._rank, cfg=self.cfg)
+        return prog(self.params, draft_B, g_BD)
+
+    def mtp_draft(self, x_BSD: jax.Array, last_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+        prog = self._program("mtp_draft", _mtp_draft, (self._whole, self._rank, self._rank),
+                             (self._rank, self._rank), cfg=self.cfg)
+        return prog(self.params, x_BSD, last_B)
+
+    def verify_tokens(self, tokens_BS: jax.Array, drafts: tuple) -> jax.Array:
+        """``[t[n - 1], d_1 .. d_k]`` per row ``[A * B, k + 1]`` from a decode micro-batch's
+        tokens ``[A * B, 1]`` and the drafts (``[A * B]`` each)."""
+        prog = self._program("verify_tokens", _verify_tokens, (self._rank, self._rank),
+                             self._rank)
+        return prog(tokens_BS, tuple(drafts))
+
+    def place(self, index: int, rows: int, width: int, arrays: dict, seqs: list,
+              items: list, kind: str) -> MicroBatch:
+        """A micro-batch from rank-major inputs (host arrays are placed, device arrays kept):
+        ``tokens_BS``, ``positions_BS``, ``tables_BN``, ``last_B``."""
+        placed = [a if isinstance(a, jax.Array) else from_host(a, self.rank_sharding)
+                  for a in (arrays[n] for n in ("tokens_BS", "positions_BS", "tables_BN",
+                                                "last_B"))]
+        mb = MicroBatch(self.index, index, rows, width, *placed, seqs, items)
+        key = (kind,) + mb.shape_key
+        if key not in self._shapes_seen:
+            self._shapes_seen.add(key)
+            self.compile_count += 1
+            log.info("domain %d: compiling %s stages for rows x tokens x blocks %s",
+                     self.index, kind, mb.shape_key)
+        return mb
 
     # -- inputs -------------------------------------------------------------------------------
     def micro_batches(self, per_rank: list[list], micro_batches: int, rows_min: int,
@@ -223,18 +318,11 @@ class Domain:
             blocks = bucket(max(len(s.block_table) for s in live),
                             max(1, MIN_CONTEXT_TOKENS // self.block_size))
             batches = [_rank_rows(p, rows, width, blocks, self.block_size) for p in parts]
-            placed = [from_host(np.concatenate([getattr(b, name) for b in batches]),
-                                self.rank_sharding)
-                      for name in ("tokens_BS", "positions_BS", "tables_BN", "last_B")]
-            mb = MicroBatch(self.index, i, rows, width, *placed,
-                            [s for b in batches for s in b.sampling_seqs])
-            key = (kind,) + mb.shape_key
-            if key not in self._shapes_seen:
-                self._shapes_seen.add(key)
-                self.compile_count += 1
-                log.info("domain %d: compiling %s stages for rows x tokens x blocks %s",
-                         self.index, kind, mb.shape_key)
-            out.append(mb)
+            arrays = {name: np.concatenate([getattr(b, name) for b in batches])
+                      for name in ("tokens_BS", "positions_BS", "tables_BN", "last_B")}
+            items = [s for p in parts for s in p + [None] * (rows - len(p))]
+            out.append(self.place(i, rows, width, arrays,
+                                  [s for b in batches for s in b.sampling_seqs], items, kind))
         return out
 
     # -- one rank's pages ---------------------------------------------------------------------

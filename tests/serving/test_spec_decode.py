@@ -134,17 +134,21 @@ PD_TP1 = ("name: pd-tp1\nroles:\n"
 
 @pytest.mark.parametrize("layout", ["tp1", "configs/deployments/cpu8-pd.yaml"])
 def test_pd_greedy_equals_reference(mimic, tmp_path, layout):
-    """PD: a tp=1 prefill group sends its last hidden state with the KV, so the first decode
-    step drafts; a TP prefill group (cpu8-pd) does not draft and sends none, and its
-    sequences draft from their second decode step on. Output equals the reference."""
+    """PD: the prefill group (tp=1, or TP=2 in cpu8-pd) runs the MTP block over the prompt
+    and sends its pages with the target's KV and the last hidden state with the sequence, so
+    decode drafts from its first step exactly as a colocated group does: the same drafts,
+    the same acceptances. Output equals the reference."""
     if layout == "tp1":
         layout = tmp_path / "pd.yaml"
         layout.write_text(PD_TP1)
     params = mixed_params()
     _, ref = run(mimic, None, params)
+    colocated, _ = run(mimic, 2, params)
     llm, got = run(mimic, 2, params, deployment=str(layout))
     assert_same(ref, got)
-    stats = llm.engine.stats()
+    stats, alone = llm.engine.stats(), colocated.engine.stats()
     assert stats["spec_accepted_tokens"] > 0
+    for key in ("spec_num_drafts", "spec_draft_tokens", "spec_accepted_per_position"):
+        assert stats[key] == alone[key], key
     decode = [g for g in llm.engine.groups if g not in llm.engine.entry]
     assert all(g.blocks.num_free_blocks == g.blocks.num_blocks for g in decode)

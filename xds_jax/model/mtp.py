@@ -23,7 +23,7 @@ from xds_jax.model import stages
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.layers import rms_norm
 
-__all__ = ["MAX_SPECULATIVE_TOKENS", "draft_tokens", "mtp_block", "mtp_logits"]
+__all__ = ["MAX_SPECULATIVE_TOKENS", "draft_tokens", "mtp_block", "mtp_input", "mtp_logits"]
 
 
 def mtp_block(block: dict, params: dict, cfg: ModelConfig, tokens_BS: jax.Array,
@@ -34,9 +34,7 @@ def mtp_block(block: dict, params: dict, cfg: ModelConfig, tokens_BS: jax.Array,
     ``tokens_BS[b, s]`` is the token after the one whose target hidden is ``hidden_BSD[b, s]``;
     ``positions_BS`` are the target positions of those hiddens (negative: padding).
     """
-    e = rms_norm(stages.embed(params, tokens_BS), block["enorm"], cfg.rms_norm_eps)
-    h = rms_norm(hidden_BSD.astype(e.dtype), block["hnorm"], cfg.rms_norm_eps)
-    x = jnp.concatenate([e, h], axis=-1) @ block["eh_proj"]
+    x = mtp_input(block, params, cfg, tokens_BS, hidden_BSD)
     layer = block["layer"]
     x, cache = stages.attention(layer, cfg, x, positions_BS, cache, block_tables_BN)
     if "moe" in layer:
@@ -44,6 +42,14 @@ def mtp_block(block: dict, params: dict, cfg: ModelConfig, tokens_BS: jax.Array,
     else:
         x = stages.ffn(layer, cfg, x)
     return x, cache
+
+
+def mtp_input(block: dict, params: dict, cfg: ModelConfig, tokens_BS: jax.Array,
+              hidden_BSD: jax.Array) -> jax.Array:
+    """The block's decoder input ``[B, S, D]``: ``eh_proj([enorm(embed(t)), hnorm(h)])``."""
+    e = rms_norm(stages.embed(params, tokens_BS), block["enorm"], cfg.rms_norm_eps)
+    h = rms_norm(hidden_BSD.astype(e.dtype), block["hnorm"], cfg.rms_norm_eps)
+    return jnp.concatenate([e, h], axis=-1) @ block["eh_proj"]
 
 
 def mtp_logits(block: dict, params: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:

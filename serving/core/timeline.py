@@ -50,6 +50,9 @@ from jax.experimental import io_callback
 log = logging.getLogger(__name__)
 
 KV_WAIT_STAGE = "kv_wait"
+# Stages that move data between slices, by collective name: a stage "a2e_l3" is collective
+# "a2e" (the routed experts' and a dense FFN's hop), "shared_a2e_l1" is "shared_a2e".
+COLLECTIVES = ("a2e", "e2a", "shared_a2e", "shared_e2a", "kv_transfer")
 
 # Markers in flight, by id: one jitted marker program serves every timeline, so its callback
 # finds the ``Start`` to fill here (each id is removed once its marker has run).
@@ -221,6 +224,21 @@ class Timeline:
                              item.meta.get("micro_batch"), item.meta.get("layer"),
                              int(item.meta.get("bytes", 0)), observed, item.deps))
         return out
+
+    def collective_latency(self) -> dict[str, float]:
+        """Mean observed duration (s) of each collective's events seen ready so far (see
+        ``COLLECTIVES``; none recorded: absent). Reads without waiting for the watchers, so a
+        metrics scrape never blocks on the devices."""
+        with self._lock:
+            items = [i for i in self._items if i.ready is not None]
+        seconds: dict[str, list[float]] = defaultdict(list)
+        for item in items:
+            name = item.stage.rsplit("_l", 1)[0] if "_l" in item.stage else item.stage
+            if name in COLLECTIVES:
+                begun = item.begun
+                start = begun.observed if begun and begun.observed is not None else item.dispatch
+                seconds[name].append(item.ready - min(start, item.ready))
+        return {name: sum(v) / len(v) for name, v in seconds.items()}
 
     def chrome_trace(self) -> dict:
         """Chrome trace JSON (``chrome://tracing``, Perfetto): one process per role, one

@@ -40,6 +40,18 @@ def test_start_is_the_observed_marker_time_never_inferred():
     assert ev[0].layer == 0 and ev[1].bytes == 100 and ev[1].deps == (0,)
 
 
+def test_collective_latency_is_the_mean_per_collective_of_ready_events():
+    tl = _hand_built([
+        ("a2e", "a2e_l1", "a2e/d0", 0.0, 1.0, 2.0, (), {}),
+        ("a2e", "a2e_l2", "a2e/d1", 0.0, 1.0, 4.0, (), {}),
+        ("shared_expert", "shared_e2a_l1", "shared/e2a/d0", 0.0, None, 0.5, (), {}),
+        ("expert", "moe_l1", "expert", 0.0, 0.0, 9.0, (), {}),  # compute, not a collective
+        ("e2a", "e2a_l1", "e2a/d0", 0.0, 1.0, None, (), {}),  # not seen ready yet
+    ])
+    tl.span("transfer", "kv_transfer", 1.0, 1.25)
+    assert tl.collective_latency() == {"a2e": 2.0, "shared_e2a": 0.5, "kv_transfer": 0.25}
+
+
 def _pair_mesh(first: int) -> NamedSharding:
     """Rows split over two devices: a two-device program runs on XLA:CPU's thread pool, off
     the dispatching thread (a one-device program runs inline at dispatch)."""

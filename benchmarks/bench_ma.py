@@ -24,7 +24,8 @@ larger capacity, inside the timed steps), it measures:
    its stage intervals, each observed on the devices, not inferred) and the expert slice's
    idle fraction, of the step's wall time and of the span of its expert stages;
    ``dispatch_ms`` is when the last stage was queued. The timeline's start markers add a
-   small program per stage to these two probe steps only, never to the timed steps.
+   small program per stage to these two probe steps only, never to the timed steps (they are
+   compiled during the warm-up).
 
 The host's load drifts, so the run goes in rounds: each configuration in turn runs its timed
 steps, then one step of 2 and one of 3 (a probe step that re-ran for an expert overflow is
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_cpu_devices(DEVICES)
     from serving.core.runner import MIN_CONTEXT_TOKENS
 
-    decode_steps = len(CONFIGS) * (3 * args.warmup + args.rounds * (args.steps + 4))
+    decode_steps = len(CONFIGS) * (3 * args.warmup + 2 + args.rounds * (args.steps + 4))
     if args.prompt_len + decode_steps >= MIN_CONTEXT_TOKENS:
         ap.error(f"--prompt-len + {decode_steps} decode steps must stay within "
                  f"{MIN_CONTEXT_TOKENS} tokens (one block-table bucket, no recompiles)")
@@ -232,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     for mb in CONFIGS:
         pool.micro_batches = mb
         warm[mb] = warm_up(pool, args.warmup, 3 * args.warmup)
+        isolated_step(pool)  # compiles the timeline's start markers for these shapes
+        traced_step(pool)
     step_s = {mb: [] for mb in CONFIGS}
     window = {mb: {"compiles": 0, "reruns": 0} for mb in CONFIGS}  # in the timed steps
     isolated, traced = {mb: [] for mb in CONFIGS}, {mb: [] for mb in CONFIGS}

@@ -256,7 +256,7 @@ class Engine:
     def stats(self) -> dict:
         loads = [g.load() for g in self.groups]
         schedulers = [g.scheduler for g in self.groups]
-        return {
+        stats = {
             "num_groups": len(self.groups),
             "num_running": sum(x.num_running for x in loads),
             "num_waiting": sum(x.num_waiting for x in loads),
@@ -278,16 +278,17 @@ class Engine:
             "scale_downs": self.scale_downs,
             "rejoins": self.rejoins,
         } | (self.router.stats() if self.router is not None else {}) | self._driver_stats() \
-          | self._spec_stats() | self._expert_stats() | self._collective_stats()
+          | self._spec_stats() | self._expert_stats()
+        stats["collective_latency_s"] = self._collective_latency(stats)
+        return stats
 
-    def _collective_stats(self) -> dict:
-        """``collective_latency_s``: mean seconds per collective. PD KV pulls (pull to landed)
-        always; with a timeline (``trace``), the observed A2E / E2A hops of MA too."""
+    def _collective_latency(self, stats: dict) -> dict[str, float]:
+        """Mean seconds per collective: PD KV pulls (pull to landed) always; with a timeline
+        (``trace``), the observed A2E / E2A hops of MA too."""
         out = self.timeline.collective_latency() if self.timeline is not None else {}
-        transfers = self.router.stats() if self.router is not None else {}
-        if transfers.get("kv_transfers"):
-            out["kv_transfer"] = transfers["kv_transfer_s"] / transfers["kv_transfers"]
-        return {"collective_latency_s": out}
+        if stats.get("kv_transfers"):
+            out["kv_transfer"] = stats["kv_transfer_s"] / stats["kv_transfers"]
+        return out
 
     def _expert_stats(self) -> dict:
         """Per-expert load of the last window and EPLB counters, from the drivers that have

@@ -82,6 +82,7 @@ def test_stage_starts_when_its_input_is_ready_not_when_queued():
     x = jax.device_put(jnp.ones((256, 128)), _pair_mesh(0))
     tl = Timeline()
     begun = tl.begin(x)
+    jax.block_until_ready(begun.markers)  # a's marker has run before anything is held
     held = _held(x, gate)
     a = tl.record("expert", "a", held, stream="s0", begun=begun)
     y = jax.device_put(held, _pair_mesh(2))

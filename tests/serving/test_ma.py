@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from serving.core import timeline as timeline_module
 from serving.core.dp_group import GroupConfig
 from serving.core.engine import Engine
 from serving.core.interfaces import Driver, Runner
@@ -185,7 +186,7 @@ def test_serialised_schedule_is_reported_serialised(tmp_path):
     """The same pool and requests, stage by stage (``Timeline(serialize=True)``: each stage
     dispatched after the previous one was observed done): exact tokens, no two events
     overlap, so no micro-batch's attention overlaps another's experts; then pipelined again,
-    every start observed."""
+    every start observed; then untraced, with no marker at all."""
     layout = tmp_path / "ma8.yaml"
     layout.write_text("name: ma8\nroles:\n  decode_attention:\n    devices: {start: 0, count: 4}\n"
                       "    domains: 2\n    dp: 2\n  decode_experts:\n"
@@ -206,6 +207,10 @@ def test_serialised_schedule_is_reported_serialised(tmp_path):
     assert_matches_reference(m.params, m.cfg, requests)
     assert len(pipelined.events) > 0
     assert all(e.observed_start and e.dispatch <= e.start <= e.end for e in pipelined.events)
+    pool.timeline = None  # untraced: no marker program is dispatched
+    markers_before = next(timeline_module._marker_ids)
+    run_on_engine(pool, requests_for(m.cfg.vocab_size, 4, seed=7))
+    assert next(timeline_module._marker_ids) == markers_before + 1
 
 
 def test_dense_model_runs_its_ffn_on_the_expert_slice(tmp_path):

@@ -1,13 +1,13 @@
 """Tracing of MA decode as a wrapper around the stage and service calls.
 
-``traced(pipeline_parts, timeline)`` wraps each domain and each ``SliceService`` so that every
-call is recorded on the ``Timeline`` (``serving.core.timeline``) while the compute code stays
-free of tracing. Each call dispatches the timeline's start markers on its inputs right before
-the stage (``Timeline.begin``), so its start and end are observed on the devices. A ``Tracer``
-remembers which event produced each output array, so an event's dependencies are the events
-that produced its inputs, and its ``domain`` / ``micro_batch`` / ``layer`` come from them
-unless the call names its own (an A2E hop belongs to the gate's
-micro-batch and layer, E2A to the experts'). Roles and streams:
+With a timeline, ``MAPool`` wraps each domain (``TracedDomain``) and each ``SliceService``
+(``TracedService``) so that every call is recorded on the ``Timeline``
+(``serving.core.timeline``) while the compute code stays free of tracing. Each call dispatches
+the timeline's start markers on its inputs right before the stage (``Timeline.begin``), so its
+start and end are observed on the devices. A ``Tracer`` remembers which event produced each
+output array, so an event's dependencies are the events that produced its inputs, and its
+``domain`` / ``micro_batch`` / ``layer`` come from them unless the call names its own (an A2E
+hop belongs to the gate's micro-batch and layer, E2A to the experts'). Roles and streams:
 
 - ``attention`` on ``attention/d{domain}``: embed, attn, ffn (MoE models' dense layers),
   gate, combine, head;

@@ -257,7 +257,7 @@ class Engine:
         loads = [g.load() for g in self.groups]
         schedulers = [g.scheduler for g in self.groups]
         drivers = self._driver_stats()
-        return {
+        stats = {
             "num_groups": len(self.groups),
             "num_running": sum(x.num_running for x in loads),
             "num_waiting": sum(x.num_waiting for x in loads),
@@ -281,6 +281,16 @@ class Engine:
             "rejoins": self.rejoins,
         } | (self.router.stats() if self.router is not None else {}) | drivers \
           | self._spec_stats() | self._expert_stats()
+        stats["collective_latency_s"] = self._collective_latency(stats)
+        return stats
+
+    def _collective_latency(self, stats: dict) -> dict[str, float]:
+        """Mean seconds per collective: PD KV pulls (pull to landed) always; with a timeline
+        (``trace``), the observed A2E / E2A hops of MA too."""
+        out = self.timeline.collective_latency() if self.timeline is not None else {}
+        if stats.get("kv_transfers"):
+            out["kv_transfer"] = stats["kv_transfer_s"] / stats["kv_transfers"]
+        return out
 
     def _expert_stats(self) -> dict:
         """Per-expert load of the last window and EPLB counters, from the drivers that have

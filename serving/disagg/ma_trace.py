@@ -1,11 +1,13 @@
 """Tracing of MA decode as a wrapper around the stage and service calls.
 
-``traced(pipeline_parts, timeline)`` wraps each domain and each ``SliceService`` so that every
-call is recorded on the ``Timeline`` (``serving.core.timeline``) while the compute code stays
-free of tracing. A ``Tracer`` remembers which event produced each output array, so an event's
-dependencies are the events that produced its inputs, and its ``domain`` / ``micro_batch`` /
-``layer`` come from them unless the call names its own (an A2E hop belongs to the gate's
-micro-batch and layer, E2A to the experts'). Roles and streams:
+With a timeline, ``MAPool`` wraps each domain (``TracedDomain``) and each ``SliceService``
+(``TracedService``) so that every call is recorded on the ``Timeline``
+(``serving.core.timeline``) while the compute code stays free of tracing. Each call dispatches
+the timeline's start markers on its inputs right before the stage (``Timeline.begin``), so its
+start and end are observed on the devices. A ``Tracer`` remembers which event produced each
+output array, so an event's dependencies are the events that produced its inputs, and its
+``domain`` / ``micro_batch`` / ``layer`` come from them unless the call names its own (an A2E
+hop belongs to the gate's micro-batch and layer, E2A to the experts'). Roles and streams:
 
 - ``attention`` on ``attention/d{domain}``: embed, attn, ffn (MoE models' dense layers),
   gate, combine, head;
@@ -46,13 +48,14 @@ class Tracer:
                     deps.append(hit[1])
                 inherited |= hit[2]
         merged = {k: v for k, v in (inherited | meta).items() if v is not None}
+        begun = self.timeline.begin(args)
         out = fn(*args)
         leaves = [a for a in jax.tree.leaves(out) if isinstance(a, jax.Array)]
         names = {"layer": merged.get("layer"), "domain": merged.get("domain")}
         moved = nbytes(out) if callable(nbytes) else nbytes
         event = self.timeline.record(role, stage.format(**names), leaves,
-                                     stream=stream.format(**names), deps=deps, bytes=moved,
-                                     **merged)
+                                     stream=stream.format(**names), deps=deps, begun=begun,
+                                     bytes=moved, **merged)
         for a in leaves:
             self._made[id(a)] = (a, event, merged)
         return out

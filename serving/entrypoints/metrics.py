@@ -141,7 +141,8 @@ class EngineCollector:
             counter.add_metric([m], float(stats.get(key, 0)))
             yield counter
         latency = GaugeMetricFamily("xds:collective_latency_seconds",
-                                    "Latest latency of each collective.",
+                                    "Mean latency of each collective: kv_transfer (PD KV "
+                                    "pulls), a2e / e2a hops of MA (with --trace).",
                                     labels=["model_name", "collective"])
         for collective, seconds in sorted(stats.get("collective_latency_s", {}).items()):
             latency.add_metric([m, str(collective)], float(seconds))

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from serving.entrypoints.metrics import EngineCollector
 from tests.helpers import GOLDEN
 from xds_jax import LLM, SamplingParams
 from xds_jax.generate import LocalGenerator
@@ -71,13 +72,30 @@ def test_pd_on_8_devices_mla_moe():
     TP=2 prefill groups); the dense PD cases are in test_pd.py."""
     llm = run_and_compare(str(GOLDEN / "deepseek_v3"), "configs/deployments/cpu8-pd.yaml",
                           staged=True)
-    assert llm.engine.stats()["kv_transfers"] == 8  # requests 0 and 5 end at their first token
+    stats = llm.engine.stats()
+    assert stats["kv_transfers"] == 8  # requests 0 and 5 end at their first token
+    # no timeline: only the always-measured KV pulls have a latency
+    assert stats["collective_latency_s"] == {"kv_transfer": stats["kv_transfer_s"] / 8}
 
 
 def test_pd_plus_ma_on_8_devices(tmp_path):
+    """With a timeline, the engine's collective latencies (KV pulls, A2E / E2A hops) are the
+    means of what was measured, and the metrics endpoint exports them."""
     dep = ma(tmp_path, domains=2, dp=1, experts=4, prefill=(1, 2))
-    llm = run_and_compare(str(GOLDEN / "deepseek_v3"), dep, staged=True)
-    assert llm.engine.stats()["kv_transfers"] == 8  # requests 0 and 5 end at their first token
+    llm = run_and_compare(str(GOLDEN / "deepseek_v3"), dep, staged=True, trace=True)
+    llm.engine.timeline.flush()  # stats read only the events already seen ready
+    stats = llm.engine.stats()
+    assert stats["kv_transfers"] == 8  # requests 0 and 5 end at their first token
+    latency = stats["collective_latency_s"]
+    assert latency["kv_transfer"] == stats["kv_transfer_s"] / stats["kv_transfers"] > 0
+    for hop in ("a2e", "e2a"):
+        events = [e for e in llm.engine.timeline.events if e.stage.startswith(f"{hop}_l")]
+        assert events and all(e.observed_start for e in events)
+        assert latency[hop] == pytest.approx(sum(e.duration for e in events) / len(events))
+    families = {f.name: f for f in EngineCollector(llm.engine, "m").collect()}
+    exported = {s.labels["collective"]: s.value
+                for s in families["xds:collective_latency_seconds"].samples}
+    assert exported == pytest.approx(latency) and set(exported) == {"kv_transfer", "a2e", "e2a"}
 
 
 def test_ma_only_on_8_devices(tmp_path):

@@ -1,7 +1,7 @@
 """MA disaggregated decode through the engine (an ``MAPool`` driver): greedy tokens equal the
-single-device loop's, expert overflow re-runs the step, and the recorded timeline shows
-domains taking turns at the experts and micro-batches overlapping attention with the expert
-round trip."""
+single-device loop's, expert overflow re-runs the step, and the recorded timeline reports what
+the devices were seen doing: the pipeline dispatches the domains in turn to the experts, and a
+schedule serialised stage by stage is reported with no overlap."""
 
 import json
 
@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from serving.core import timeline as timeline_module
 from serving.core.dp_group import GroupConfig
 from serving.core.engine import Engine
 from serving.core.interfaces import Driver, Runner
@@ -105,11 +106,11 @@ def test_cpu16_ma_matches_reference_and_traces(name, capacity, mode, tmp_path):
     blocks = expert_blocks(events)
     assert any(len({e.micro_batch for e in b}) > 1 for b in blocks)
     assert any({e.domain for e in b} == {0, 1} for b in blocks)
-    for block in blocks:  # domains take turns: d before d + 1, never two at once
+    for block in blocks:  # domains are dispatched to the experts in turn: d before d + 1
         assert [e.domain for e in block] == sorted(e.domain for e in block)
-        for a, b in zip(block, block[1:], strict=False):
-            assert b.start >= a.end
-    assert micro_batches_overlap(events)
+    # Whether stages overlapped is what the devices showed (on virtual CPU devices sharing
+    # the host's cores, often little): every start observed by a marker, none inferred.
+    assert all(e.observed_start and e.dispatch <= e.start <= e.end for e in events)
     trace = json.loads(timeline.save(tmp_path / "ma.json").read_text())
     names = {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"}
     assert {"embed", "attn_l0", "ffn_l0", "gate_l1", "a2e_l1", "moe_l1", "e2a_l1",
@@ -173,6 +174,43 @@ def test_rank_view_pages_are_the_ranks_own_shard():
     pool.groups[0].submit(requests_for(m.cfg.vocab_size, 1, seed=0)[0])
     with pytest.raises(RuntimeError, match="MAPool.step"):
         pool.groups[0].step()  # a rank's steps belong to its pool
+
+
+def overlapping(events) -> list[tuple]:
+    """Pairs of events whose intervals intersect."""
+    ordered = sorted(events, key=lambda e: e.start)
+    return [(a, b) for i, a in enumerate(ordered) for b in ordered[i + 1:] if b.start < a.end]
+
+
+def test_serialised_schedule_is_reported_serialised(tmp_path):
+    """The same pool and requests, stage by stage (``Timeline(serialize=True)``: each stage
+    dispatched after the previous one was observed done): exact tokens, no two events
+    overlap, so no micro-batch's attention overlaps another's experts; then pipelined again,
+    every start observed; then untraced, with no marker at all."""
+    layout = tmp_path / "ma8.yaml"
+    layout.write_text("name: ma8\nroles:\n  decode_attention:\n    devices: {start: 0, count: 4}\n"
+                      "    domains: 2\n    dp: 2\n  decode_experts:\n"
+                      "    devices: {start: 4, count: 4}\n")
+    m = tiny("llama")
+    serial = Timeline(serialize=True)
+    pool = MAPool(m.params, m.cfg, MALayout.load(str(layout), m.cfg), GROUP, timeline=serial)
+    requests = requests_for(m.cfg.vocab_size, 8, seed=5)  # 2 rows per rank: 2 micro-batches
+    run_on_engine(pool, requests, serial)
+    assert_matches_reference(m.params, m.cfg, requests)
+    events = serial.events
+    assert any(len({e.micro_batch for e in b}) > 1 for b in expert_blocks(events))
+    assert overlapping(events) == [] and not micro_batches_overlap(events)
+    pipelined = Timeline()
+    pool.timeline = pipelined
+    requests = requests_for(m.cfg.vocab_size, 8, seed=6)
+    run_on_engine(pool, requests, pipelined)
+    assert_matches_reference(m.params, m.cfg, requests)
+    assert len(pipelined.events) > 0
+    assert all(e.observed_start and e.dispatch <= e.start <= e.end for e in pipelined.events)
+    pool.timeline = None  # untraced: no marker program is dispatched
+    markers_before = next(timeline_module._marker_ids)
+    run_on_engine(pool, requests_for(m.cfg.vocab_size, 4, seed=7))
+    assert next(timeline_module._marker_ids) == markers_before + 1
 
 
 def test_dense_model_runs_its_ffn_on_the_expert_slice(tmp_path):

@@ -169,7 +169,7 @@ def test_ma_on_384_devices_rebalances_keep_tokens(tmp_path):
 
 @pytest.mark.mesh384
 def test_cm384_rebalances_256_experts_keep_tokens():
-    """The shipped cm384 (3 domains x 64 ranks, 96 expert dies x 3 slots, 32 spare), 256
+    """The shipped cm384 (3 domains x 64 ranks, 96 expert dies x 4 slots, 128 spare), 256
     experts, rebalancing every other step."""
     need_devices(384)
     llm = run_and_compare(TINY_V3_256, "configs/deployments/cm384.yaml", count=6,

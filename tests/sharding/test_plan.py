@@ -77,7 +77,7 @@ def test_format_names_every_role():
     cfg = load_model_config(TINY_V3)
     text = format_plan(plan_deployment(cfg, dep("cm384"), model_name="tiny"))
     for word in ("prefill", "decode_attention", "decode_experts", "dp=24 x tp=4", "ep=96",
-                 "288 for 256 experts", "max batch"):
+                 "384 for 256 experts", "max batch"):
         assert word in text
 
 

@@ -14,6 +14,9 @@ attention ranks than expert ranks a trampoline serves several, in rounds.
 and every attention rank writes into every expert rank (the high fan-out trampolines
 avoid). Works for any A and E.
 
+``colocated`` (EP decode): the expert mesh is the domain's own devices; the dispatch
+all-to-all inside it is the only exchange (``collectives.transport.ColocatedTransport``).
+
 Shape legend: A attention ranks, E expert ranks, T tokens per attention rank, K choices,
 D hidden.
 """
@@ -83,7 +86,7 @@ class A2E(SliceService):
 
     def _on_run_mesh(self, emap: ExpertMap) -> ExpertMap:
         """Direct mode computes over the union: attention ranks hold empty slots in front."""
-        if self.mode == "trampoline":
+        if self.mode != "direct":
             return emap
         return emap.with_empty_ranks(before=len(self.attn_devices))
 

@@ -8,7 +8,10 @@ role               mesh axes            parallelism fields
 =================  ===================  ==============================================
 prefill            ``(dp, tp)``         ``dp`` groups x ``tp``
 decode             ``(dp, tp)``         ``dp`` groups (``tp`` defaults to 1), each holding
-                                        every expert (no expert parallelism)
+                                        every expert; or ``ep: N`` (N = devices.count,
+                                        TP = 1): DP attention per device, routed experts
+                                        split over the N devices (``slots_per_device``,
+                                        ``redundant_slots``, ``dispatch_dtype``)
 decode_attention   ``(domain, dp)``     ``domains`` x ``dp`` per domain, TP = 1
 decode_experts     ``(ep,)``            ``slots_per_device``, ``redundant_slots``,
                                         ``shared_devices`` (the last ones of the range)
@@ -38,7 +41,8 @@ MESH_AXES = {
 CAPACITY_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "kv_cache_gib")
 _ROLE_FIELDS = {
     "prefill": {"devices", "dp", "tp", *CAPACITY_FIELDS},
-    "decode": {"devices", "dp", "tp", *CAPACITY_FIELDS},
+    "decode": {"devices", "dp", "tp", "ep", "slots_per_device", "redundant_slots",
+               "dispatch_dtype", *CAPACITY_FIELDS},
     "decode_attention": {"devices", "domains", "dp", *CAPACITY_FIELDS},
     "decode_experts": {"devices", "slots_per_device", "redundant_slots", "shared_devices",
                        "dispatch_dtype"},
@@ -104,6 +108,7 @@ class RoleSpec:
     dp: int = 1
     tp: int = 1
     domains: int = 1
+    ep: int = 1  # decode: routed experts parallel over this many devices (1: none)
     slots_per_device: int | None = None
     redundant_slots: int = 0
     shared_devices: int = 0
@@ -132,6 +137,11 @@ class RoleSpec:
         if self.name == "decode_attention":
             return (self.domains, self.dp)
         return (self.devices.count,)
+
+    @property
+    def expert_parallel(self) -> bool:
+        """A decode role whose routed experts are split over its devices."""
+        return self.name == "decode" and self.ep > 1
 
     @property
     def routed_devices(self) -> int:
@@ -185,9 +195,12 @@ class DeploymentSpec:
                 raise HeadsNotDivisibleError(
                     f"{where}.tp = {role.tp} neither divides nor is a multiple of the "
                     f"model's {kv} KV heads")
-        experts = self.roles.get("decode_experts")
+        experts = self.roles.get("decode_experts") or next(
+            (r for r in self.roles.values() if r.expert_parallel), None)
+        if experts is not None and experts.name == "decode" and model.moe is None:
+            return  # a dense model has no routed experts: its EP decode devices run DP alone
         if experts is not None:
-            where = f"{self.source}: roles.decode_experts"
+            where = f"{self.source}: roles.{experts.name}"
             if model.moe is None:  # a dense model: the expert devices serve its FFN
                 attn = self.roles.get("decode_attention")
                 if attn is not None and experts.devices.count < attn.dp:
@@ -291,11 +304,22 @@ def _role(name: str, raw, src: str) -> RoleSpec:
             raise DeploymentFieldError(f"{where}.kv_cache_gib must be a positive number, "
                                        f"got {gib!r}")
         kw["kv_cache_gib"] = float(gib)
+    if name == "decode" and kw.get("ep", 1) > 1:
+        kw.setdefault("dp", kw["ep"])  # every EP device is a DP rank
     spec = RoleSpec(name, devices, **kw)
     n = devices.count
     if name in ("prefill", "decode") and spec.dp * spec.tp != n:
         raise DeploymentFieldError(
             f"{where}: dp {spec.dp} x tp {spec.tp} = {spec.dp * spec.tp} != devices.count {n}")
+    if name == "decode" and spec.ep > 1 and (spec.ep != n or spec.tp != 1):
+        raise DeploymentFieldError(
+            f"{where}.ep = {spec.ep}: expert parallelism spans the role's {n} devices, each "
+            f"one a DP rank (tp = 1): ep must equal devices.count ({n}), got tp {spec.tp}")
+    if name == "decode" and spec.ep == 1 and (
+            set(raw) & {"slots_per_device", "redundant_slots", "dispatch_dtype"}):
+        raise DeploymentFieldError(
+            f"{where}: slots_per_device, redundant_slots and dispatch_dtype describe expert "
+            f"parallelism; set ep: {n} (or drop them: each decode group holds every expert)")
     if name == "decode_attention" and spec.domains * spec.dp != n:
         raise DeploymentFieldError(f"{where}: domains {spec.domains} x dp {spec.dp} = "
                                    f"{spec.domains * spec.dp} != devices.count {n}")

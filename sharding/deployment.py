@@ -308,9 +308,6 @@ def _role(name: str, raw, src: str) -> RoleSpec:
         kw.setdefault("dp", kw["ep"])  # every EP device is a DP rank
     spec = RoleSpec(name, devices, **kw)
     n = devices.count
-    if name in ("prefill", "decode") and spec.dp * spec.tp != n:
-        raise DeploymentFieldError(
-            f"{where}: dp {spec.dp} x tp {spec.tp} = {spec.dp * spec.tp} != devices.count {n}")
     if name == "decode" and spec.ep > 1 and (spec.ep != n or spec.tp != 1):
         raise DeploymentFieldError(
             f"{where}.ep = {spec.ep}: expert parallelism spans the role's {n} devices, each "
@@ -320,6 +317,9 @@ def _role(name: str, raw, src: str) -> RoleSpec:
         raise DeploymentFieldError(
             f"{where}: slots_per_device, redundant_slots and dispatch_dtype describe expert "
             f"parallelism; set ep: {n} (or drop them: each decode group holds every expert)")
+    if name in ("prefill", "decode") and spec.dp * spec.tp != n:
+        raise DeploymentFieldError(
+            f"{where}: dp {spec.dp} x tp {spec.tp} = {spec.dp * spec.tp} != devices.count {n}")
     if name == "decode_attention" and spec.domains * spec.dp != n:
         raise DeploymentFieldError(f"{where}: domains {spec.domains} x dp {spec.dp} = "
                                    f"{spec.domains * spec.dp} != devices.count {n}")

@@ -81,7 +81,8 @@ def test_format_names_every_role():
         assert word in text
 
 
-@pytest.mark.parametrize("name", ["single", "cpu8-pd", "cpu16-ma", "cm384", "cm768-ma"])
+@pytest.mark.parametrize("name", ["single", "cpu8-pd", "cpu8-pd-ep", "cpu16-ma", "cm384",
+                                  "cm768-ma"])
 def test_cli_prints_a_plan_for_every_shipped_deployment(name, capsys):
     args = ["--model", str(TINY_V3), "--deployment",
             str(ROOT / "configs" / "deployments" / f"{name}.yaml")]

@@ -9,6 +9,7 @@ import pytest
 
 from collectives.a2e import A2E
 from serving.disagg.ma import MAPool
+from serving.entrypoints.metrics import EngineCollector
 from tests.collectives.cases import need_devices
 from tests.helpers import GOLDEN
 from tests.serving.test_disaggregation import layout, run_and_compare
@@ -58,6 +59,16 @@ def test_pd_ep_decode_rebalances_and_keeps_tokens(tmp_path):
                           enable_eplb=True, eplb_config=EVERY_2)
     stats = llm.engine.stats()
     assert stats["kv_transfers"] > 0 and stats["eplb_rebalances"] > 0
+    # the last window counted on both sides: what the attention ranks routed per expert is
+    # what the expert ranks received
+    by_expert, by_device = stats["expert_load"], stats["expert_device_load"]
+    assert sorted(by_device) == sorted(by_expert) and by_expert
+    for layer, counts in by_expert.items():
+        assert len(by_device[layer]) == 4 and sum(by_device[layer]) == sum(counts) > 0
+    families = {f.name: f for f in EngineCollector(llm.engine, "m").collect()}
+    samples = families["xds:expert_device_load"].samples
+    assert len(samples) == 4 * len(by_device)
+    assert sum(s.value for s in samples) == sum(map(sum, by_device.values()))
     pool = ep_pool(llm)
     assert_slots_on_own_devices(pool, jax.devices()[4:8])
     assert all(m.num_redundant == 4 for m in pool.rebalancer.maps.values())

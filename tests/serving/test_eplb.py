@@ -89,6 +89,8 @@ def test_rebalancing_every_other_step_keeps_tokens_on_8_devices(tmp_path):
                                               for c in load.values())
     k = m.cfg.moe.num_experts_per_tok
     assert all(sum(c) % k == 0 and sum(c) > 0 for c in load.values())  # K per token
+    devices = stats["expert_device_load"]  # counted on the 4 expert ranks
+    assert all(len(devices[i]) == 4 and sum(devices[i]) == sum(load[i]) for i in moe_layers)
     maps = pool.rebalancer.maps
     assert all(maps[i].num_redundant == 4 for i in moe_layers)
 

@@ -26,7 +26,7 @@ import os
 from serving.core.dp_group import DPGroup, GroupConfig
 from serving.core.engine import Engine, build_colocated_engine, group_config_for
 from serving.core.timeline import Timeline
-from serving.disagg.ep_decode import ep_decode_layout, runs_ep_decode
+from serving.disagg.ep_decode import ep_decode_pool, runs_ep_decode
 from serving.disagg.eplb_config import EplbConfig
 from serving.disagg.pd import DecodeGroup, PDRouter, PrefillGroup
 from sharding import read_deployment
@@ -88,20 +88,24 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
     decode_config = decode_config or config_of(decode_role)
     num_prefill = _num_prefill_groups(layout) if "prefill" in roles else 0
     kind = DecodeGroup if num_prefill else DPGroup  # decode groups fed by prefill, or colocated
-    if pooled and config.num_speculative_tokens:
-        log.warning("%s: MA and EP decode do not draft yet; speculative_config is ignored "
-                    "there (docs/speculative.md)", layout.name)
-    if pooled:
+    if layout.spec.is_ma and config.num_speculative_tokens:
+        log.warning("%s: MA decode does not draft yet; speculative_config is ignored there "
+                    "(docs/speculative.md)", layout.name)
+    if layout.spec.is_ma:
         from serving.disagg.ma import MAPool
         from serving.disagg.ma_layout import MALayout
 
         def factory(index, *args, **kwargs):  # attention groups numbered after prefill's
             return kind(num_prefill + index, *args, **kwargs)
 
-        where = ep_decode_layout if ep_decode else MALayout.from_deployment
-        pool = MAPool(params, cfg, where(layout, cfg, dispatch_dtype=config.dispatch_dtype),
+        pool = MAPool(params, cfg, MALayout.from_deployment(layout, cfg,
+                                                             dispatch_dtype=config.dispatch_dtype),
                       decode_config, micro_batches=config.micro_batches, timeline=timeline,
                       group_factory=factory, eplb=eplb)
+        decode, decode_drivers = list(pool.groups), [pool]
+    elif ep_decode:
+        pool = ep_decode_pool(params, cfg, layout, decode_config, config, eplb, timeline,
+                              lambda index, *a, **kw: kind(num_prefill + index, *a, **kw))
         decode, decode_drivers = list(pool.groups), [pool]
     else:
         decode = [kind(num_prefill + i, params, cfg, d, decode_config)

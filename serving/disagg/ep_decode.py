@@ -23,8 +23,12 @@ from jax.sharding import Mesh
 
 from collectives.expert_map import build_expert_map
 from collectives.transport import TrampolineMap
+from serving.core.dp_group import GroupConfig
+from serving.core.timeline import Timeline
+from serving.disagg.eplb_config import EplbConfig
 from serving.disagg.ma_layout import MALayout
 from sharding.deployment import DISPATCH_DTYPES, Deployment, DeploymentFieldError
+from xds_jax.engine_config import EngineConfig
 from xds_jax.model.config import ModelConfig
 
 
@@ -32,6 +36,18 @@ def runs_ep_decode(deployment: Deployment, cfg: ModelConfig) -> bool:
     """True when the deployment's decode role splits a MoE model's experts over its devices."""
     role = deployment.spec.roles.get("decode")
     return role is not None and role.expert_parallel and cfg.moe is not None
+
+
+def ep_decode_pool(params: dict, cfg: ModelConfig, deployment: Deployment,
+                   group_config: GroupConfig, config: EngineConfig, eplb: EplbConfig,
+                   timeline: Timeline | None, group_factory):
+    """The engine's driver of an EP decode role: an ``MAPool`` over ``ep_decode_layout``,
+    its groups made by ``group_factory`` (colocated DP groups, or PD decode groups)."""
+    from serving.disagg.ma import MAPool
+
+    layout = ep_decode_layout(deployment, cfg, dispatch_dtype=config.dispatch_dtype)
+    return MAPool(params, cfg, layout, group_config, micro_batches=config.micro_batches,
+                  timeline=timeline, group_factory=group_factory, eplb=eplb)
 
 
 def ep_decode_layout(deployment: Deployment, cfg: ModelConfig, *,

@@ -1,7 +1,7 @@
 """``xds plan``'s per-device bytes are what the engine puts on each device: the shipped
-cpu8-pd, cpu8-pd-ep (expert-parallel decode), cpu16-ma and cm384 layouts built through
-``LLM(deployment=...)`` with the tiny Llama and the 256-expert DeepSeek-V3 config, every
-role's weight and KV bytes counted from the shards on each device."""
+cpu8-pd, cpu16-ma and cm384 layouts built through ``LLM(deployment=...)`` with the tiny
+Llama and the 256-expert DeepSeek-V3 config, every role's weight and KV bytes counted from
+the shards on each device."""
 
 from collections import defaultdict
 
@@ -81,13 +81,6 @@ def test_cpu8_pd_plan_equals_engine_bytes(model):
     check(model, "cpu8-pd")
 
 
-@pytest.mark.parametrize("model", ["llama", "v3-256"])
-def test_cpu8_pd_ep_plan_equals_engine_bytes(model):
-    """EP decode: each decode device holds the attention weights and 64 of the 256 expert
-    slots (a dense model: the whole model, as plain DP groups)."""
-    check(model, "cpu8-pd-ep")
-
-
 @pytest.mark.mesh16
 @pytest.mark.parametrize("model", ["llama", "v3-256"])
 def test_cpu16_ma_plan_equals_engine_bytes(model):
@@ -97,3 +90,10 @@ def test_cpu16_ma_plan_equals_engine_bytes(model):
 @pytest.mark.mesh384
 def test_cm384_plan_equals_engine_bytes():
     check("v3-256", "cm384")
+
+
+@pytest.mark.parametrize("model", ["llama", "v3-256"])
+def test_cpu8_pd_ep_plan_equals_engine_bytes(model):
+    """EP decode: each decode device holds the attention weights and 64 of the 256 expert
+    slots (a dense model: the whole model, as plain DP groups)."""
+    check(model, "cpu8-pd-ep")

@@ -8,18 +8,15 @@ role               mesh axes            parallelism fields
 =================  ===================  ==============================================
 prefill            ``(dp, tp)``         ``dp`` groups x ``tp``
 decode             ``(dp, tp)``         ``dp`` groups (``tp`` defaults to 1), each holding
-                                        every expert; or ``ep: N`` (N = devices.count,
-                                        TP = 1): DP attention per device, routed experts
-                                        split over the N devices (``slots_per_device``,
-                                        ``redundant_slots``, ``dispatch_dtype``)
+                                        every expert; or ``ep: N`` (N = count): N DP ranks
+                                        with the routed experts' slots split over them
 decode_attention   ``(domain, dp)``     ``domains`` x ``dp`` per domain, TP = 1
 decode_experts     ``(ep,)``            ``slots_per_device``, ``redundant_slots``,
                                         ``shared_devices`` (the last ones of the range)
 =================  ===================  ==============================================
 
-``parse_deployment`` validates the text alone (no JAX); ``DeploymentSpec.check_model``
-adds the model checks; ``load_deployment`` also builds the meshes from ``jax.devices()``
-(virtual CPU devices in simulation, TPU/GPU unchanged).
+``parse_deployment`` validates the text alone (no JAX); ``DeploymentSpec.check_model`` adds
+the model checks; ``load_deployment`` also builds the meshes from ``jax.devices()``.
 """
 
 from __future__ import annotations
@@ -39,10 +36,10 @@ MESH_AXES = {
 }
 # Optional per-group capacity of the roles that run DP groups (the engine's options otherwise).
 CAPACITY_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "kv_cache_gib")
+EP_FIELDS = ("slots_per_device", "redundant_slots", "dispatch_dtype")  # decode, with ep
 _ROLE_FIELDS = {
     "prefill": {"devices", "dp", "tp", *CAPACITY_FIELDS},
-    "decode": {"devices", "dp", "tp", "ep", "slots_per_device", "redundant_slots",
-               "dispatch_dtype", *CAPACITY_FIELDS},
+    "decode": {"devices", "dp", "tp", "ep", *EP_FIELDS, *CAPACITY_FIELDS},
     "decode_attention": {"devices", "domains", "dp", *CAPACITY_FIELDS},
     "decode_experts": {"devices", "slots_per_device", "redundant_slots", "shared_devices",
                        "dispatch_dtype"},
@@ -195,10 +192,8 @@ class DeploymentSpec:
                 raise HeadsNotDivisibleError(
                     f"{where}.tp = {role.tp} neither divides nor is a multiple of the "
                     f"model's {kv} KV heads")
-        experts = self.roles.get("decode_experts") or next(
-            (r for r in self.roles.values() if r.expert_parallel), None)
-        if experts is not None and experts.name == "decode" and model.moe is None:
-            return  # a dense model has no routed experts: its EP decode devices run DP alone
+        experts = self.roles.get("decode_experts") or next(  # a dense model's EP decode: DP
+            (r for r in self.roles.values() if r.expert_parallel and model.moe), None)
         if experts is not None:
             where = f"{self.source}: roles.{experts.name}"
             if model.moe is None:  # a dense model: the expert devices serve its FFN
@@ -304,16 +299,14 @@ def _role(name: str, raw, src: str) -> RoleSpec:
             raise DeploymentFieldError(f"{where}.kv_cache_gib must be a positive number, "
                                        f"got {gib!r}")
         kw["kv_cache_gib"] = float(gib)
-    if name == "decode" and kw.get("ep", 1) > 1:
-        kw.setdefault("dp", kw["ep"])  # every EP device is a DP rank
+    kw.setdefault("dp", kw.get("ep", 1))  # every device of an EP decode role is a DP rank
     spec = RoleSpec(name, devices, **kw)
     n = devices.count
     if name == "decode" and spec.ep > 1 and (spec.ep != n or spec.tp != 1):
-        raise DeploymentFieldError(
-            f"{where}.ep = {spec.ep}: expert parallelism spans the role's {n} devices, each "
-            f"one a DP rank (tp = 1): ep must equal devices.count ({n}), got tp {spec.tp}")
-    if name == "decode" and spec.ep == 1 and (
-            set(raw) & {"slots_per_device", "redundant_slots", "dispatch_dtype"}):
+        raise DeploymentFieldError(f"{where}.ep = {spec.ep}: expert parallelism spans the role's "
+                                   f"devices, each a DP rank (tp = 1): ep must equal "
+                                   f"devices.count ({n}), got tp {spec.tp}")
+    if name == "decode" and spec.ep == 1 and set(raw) & set(EP_FIELDS):
         raise DeploymentFieldError(
             f"{where}: slots_per_device, redundant_slots and dispatch_dtype describe expert "
             f"parallelism; set ep: {n} (or drop them: each decode group holds every expert)")

@@ -66,8 +66,8 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
     eplb = EplbConfig.parse(config.enable_eplb, config.eplb_config)
     ep_decode = runs_ep_decode(layout, cfg)
     pooled = layout.spec.is_ma or ep_decode  # decode ranks stepped together by an MA pool
-    if not pooled:
-        _no_dispatch(config, repr(layout.name))
+    if not pooled or cfg.moe is None:
+        _no_dispatch(config, f"{layout.name!r} with this model")
     if eplb.enabled and not pooled:  # refused here; MAPool checks the rest
         eplb.resolve(cfg.moe.num_experts if cfg.moe else None, None, repr(layout.name))
     roles = set(layout.roles)
@@ -123,9 +123,9 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
 def _no_dispatch(config: EngineConfig, where: str) -> None:
     """``dispatch_dtype: int8`` needs an expert dispatch: refused where none runs."""
     if config.dispatch_dtype == "int8":
-        raise ConfigError(f"dispatch_dtype 'int8': {where} runs no expert dispatch (each decode "
-                          "group holds every expert); use an MA deployment or a decode role "
-                          "with ep: N")
+        raise ConfigError(f"dispatch_dtype 'int8': {where} runs no expert dispatch (a dense "
+                          "model, or decode groups that hold every expert); use a MoE model "
+                          "on an MA deployment or a decode role with ep: N")
 
 
 # Virtual CPU devices share the host's memory: all simulated KV pools together take at most

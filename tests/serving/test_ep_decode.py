@@ -76,7 +76,7 @@ def test_pd_ep_decode_rebalances_and_keeps_tokens(tmp_path):
 
 def test_shipped_cpu8_pd_ep_int8_dispatch(tmp_path):
     """The shipped cpu8-pd-ep with INT8 dispatch payloads: the rows of the dispatch travel as
-    INT8; on cpu8-pd (no dispatch) the option is refused."""
+    INT8; where no dispatch runs (cpu8-pd, a dense model) the option is refused."""
     need_devices(8)
     llm = LLM(str(GOLDEN / "qwen3_moe"), dtype="float32", deployment=CPU8_PD_EP,
               max_num_seqs=4, use_param_cache=False, dispatch_dtype="int8")
@@ -85,9 +85,10 @@ def test_shipped_cpu8_pd_ep_int8_dispatch(tmp_path):
     out = llm.generate([{"prompt_token_ids": [3, 4, 5]}],
                        SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 3
-    with pytest.raises(ConfigError, match="runs no expert dispatch"):
-        LLM(str(GOLDEN / "qwen3_moe"), deployment="configs/deployments/cpu8-pd.yaml",
-            dispatch_dtype="int8", use_param_cache=False)
+    for model, dep in (("qwen3_moe", "configs/deployments/cpu8-pd.yaml"), ("llama", CPU8_PD_EP)):
+        with pytest.raises(ConfigError, match="runs no expert dispatch"):
+            LLM(str(GOLDEN / model), deployment=dep, dispatch_dtype="int8",
+                use_param_cache=False)
 
 
 def test_dense_model_on_ep_decode_keeps_dp_groups():

@@ -50,6 +50,16 @@ def test_colocated_ep_decode_mla_moe_matches_reference(tmp_path):
     assert pool.layout.describe()["a2e_mode"] == "colocated"
 
 
+def test_shipped_cpu8_pd_ep_mla_moe_matches_reference():
+    """The shipped cpu8-pd-ep: DeepSeek-V3's KV (MLA latents) pulled from TP=2 prefill groups
+    into EP decode ranks, 2 of the 8 expert slots on each."""
+    need_devices(8)
+    llm = run_and_compare(str(GOLDEN / "deepseek_v3"), CPU8_PD_EP, count=6, max_tokens=4,
+                          staged=True)
+    assert llm.engine.stats()["kv_transfers"] > 0
+    assert_slots_on_own_devices(ep_pool(llm), jax.devices()[4:8])
+
+
 def test_pd_ep_decode_rebalances_and_keeps_tokens(tmp_path):
     """PD with EP decode, Qwen3-MoE, 4 redundant slots and a rebalance every other step."""
     need_devices(8)

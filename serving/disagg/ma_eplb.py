@@ -97,7 +97,9 @@ class ExpertLoadCounter:
         n = self._expert_devices
         devices = {layer: np.zeros(n, np.int64) for layer in self.layers} if n else {}
         for (_, layer, k), rows in self._slot_acc.items():
-            if k == n:  # counts from before a scale-down of the slice are dropped
+            # counts from before a scale-down of the slice, or of a layer not balanced (an
+            # MTP block's experts), are dropped
+            if k == n and layer in devices:
                 devices[layer] += np.asarray(rows)[-n:].sum(axis=1)
         self._slot_acc = {}
         self.last_device_window = devices

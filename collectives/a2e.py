@@ -14,6 +14,9 @@ attention ranks than expert ranks a trampoline serves several, in rounds.
 and every attention rank writes into every expert rank (the high fan-out trampolines
 avoid). Works for any A and E.
 
+``colocated`` (EP decode): the expert mesh is the domain's own devices; the dispatch
+all-to-all inside it is the only exchange (``collectives.transport.ColocatedTransport``).
+
 Shape legend: A attention ranks, E expert ranks, T tokens per attention rank, K choices,
 D hidden.
 """
@@ -80,10 +83,11 @@ class A2E(SliceService):
         self.weights: dict[int, dict] = {}
         self.dtype = jnp.float32  # activations' dtype, from the last send
         self.maps: dict[int, tuple] = {}  # per-layer map arrays (EPLB); default: expert_map
+        self.last_slot_rows = None  # [ranks, S] rows each run-mesh rank got per slot, last launch
 
     def _on_run_mesh(self, emap: ExpertMap) -> ExpertMap:
         """Direct mode computes over the union: attention ranks hold empty slots in front."""
-        if self.mode == "trampoline":
+        if self.mode != "direct":
             return emap
         return emap.with_empty_ranks(before=len(self.attn_devices))
 
@@ -141,9 +145,12 @@ class A2E(SliceService):
 
     def launch(self, layer: int, sent: tuple, capacity: int | None = None):
         """Hop 2, experts and combine of ``layer`` at a fixed capacity, without waiting:
-        ``(out, overflow [E])``; the caller checks the overflow and re-runs."""
+        ``(out, overflow [E])``; the caller checks the overflow and re-runs. The rows each
+        rank received per local slot stay on device as ``last_slot_rows`` (the expert ranks'
+        load counters)."""
         out, stats = self.moe.launch(capacity, self.weights[layer], *self._expert_inputs(sent),
                                      replicas=self.maps.get(layer))
+        self.last_slot_rows = stats.slot_tokens_S
         return out, stats.overflow
 
     def launch_bytes(self, sent: tuple, capacity: int | None) -> int:

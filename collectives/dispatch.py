@@ -116,11 +116,6 @@ def combine_round(back: Payload, routes: Routes, topk_w_TK, *, capacity: int, ro
     return jnp.sum((y_AD * w_A[:, None]).reshape(t, k, -1), axis=1)
 
 
-def token_positions(num_tokens: int, axis: str) -> jax.Array:
-    """Global positions of this rank's tokens (rank-major), for the replica choice."""
-    return jax.lax.axis_index(axis) * num_tokens + jnp.arange(num_tokens, dtype=jnp.int32)
-
-
 def moe_ep_local(
     experts_S: dict,
     x_TD: jax.Array,
@@ -136,7 +131,6 @@ def moe_ep_local(
     int8_combine: bool = False,
     expert_fn: Callable = expert_ffn,
     exchange: str = "all_to_all",
-    position_T: jax.Array | None = None,
 ) -> tuple[jax.Array, LocalStats]:
     """Dispatch, expert compute and combine for one rank; call inside ``shard_map``.
 
@@ -152,10 +146,7 @@ def moe_ep_local(
     xchg = EXCHANGES[exchange]
     n = jax.lax.axis_size(axis)
     s = next(iter(experts_S.values())).shape[0]
-    t = x_TD.shape[0]
-    if position_T is None:
-        position_T = token_positions(t, axis)
-    routes = route(topk_ids_TK, position_T, replicas_LR, num_replicas_L,
+    routes = route(topk_ids_TK, jax.lax.axis_index(axis), replicas_LR, num_replicas_L,
                    num_devices=n, slots_per_device=s)
     recv_counts_NS = xchg(routes.counts_NS, axis)  # phase 1
     out_TD = jnp.zeros_like(x_TD)

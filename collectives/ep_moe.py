@@ -200,7 +200,7 @@ class EpMoe:
         i8d, i8c, efn = self.int8_dispatch, self.int8_combine, self.expert_fn
 
         def routes_of(ids, rep, nrep):
-            return route(ids, d.token_positions(ids.shape[0], ax), rep, nrep,
+            return route(ids, jax.lax.axis_index(ax), rep, nrep,
                          num_devices=jax.lax.axis_size(ax), slots_per_device=s)
 
         routes = self._program("route", routes_of, 1, 2)(ids_TK, *replicas)

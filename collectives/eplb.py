@@ -159,7 +159,7 @@ def rebalance(counts_TE: np.ndarray, current: ExpertMap, num_redundant: int,
 
 def device_loads(emap: ExpertMap, load_E: np.ndarray) -> np.ndarray:
     """``[N]`` tokens each device serves when an expert's tokens split evenly over its
-    replicas (what replica choice by token position does on average)."""
+    replicas (what the per-rank rotation over replicas does, up to one token per rank)."""
     load_E = np.asarray(load_E, dtype=np.float64)
     reps_E = np.maximum(emap.replica_counts(), 1)
     table = emap.slot_expert_P

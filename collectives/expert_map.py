@@ -2,9 +2,9 @@
 
 A physical *slot* holds the weights of one logical expert; device ``d`` owns slots
 ``[d * S, (d + 1) * S)``. With more slots than experts the extra slots hold replicas of
-(hot) experts, as xDeepServe's EPLB does; a token picks among an expert's replicas by its
-global position (``replica = position mod replica count``), so replicas share the load
-without any extra communication.
+(hot) experts, as xDeepServe's EPLB does; each rank rotates an expert's tokens over its
+replicas (``collectives.layout.route``), so replicas share the load without any extra
+communication.
 
 Shape legend: L logical experts, R max replicas of one expert, P physical slots (= N * S).
 """

@@ -3,8 +3,11 @@
 Pure per-rank math, no communication, so it is property-tested on its own.
 
 A rank holds T tokens, each routed to K logical experts. Each assignment ``a = t * K + k``
-goes to one physical slot (replica chosen by global token position), hence to a
-destination rank ``dest`` and a local slot on it. Rows sent to one destination are
+goes to one physical slot, hence to a destination rank ``dest`` and a local slot on it. The
+replica of expert ``e`` is ``(j + rank + e) mod replicas[e]`` for the rank's ``j``-th
+assignment to ``e`` (in token order): a rank spreads an expert's tokens over its replicas
+exactly evenly, the offset staggers ranks (and experts, so replicas with the same index do
+not fill together), and no rank needs to know what the others send. Rows sent to one destination are
 ordered by (local slot, token, choice) and numbered ``row = 0, 1, ...``; with capacity C a
 round ``r`` carries rows ``[r * C, (r + 1) * C)`` of every destination in a ``[N, C, D]``
 buffer. Phase 1 of the dispatch exchanges the per-(destination, slot) counts, which lets
@@ -32,7 +35,7 @@ class Routes(NamedTuple):
 
 def route(
     topk_ids_TK: jax.Array,
-    position_T: jax.Array,
+    rank: jax.Array | int,
     replicas_LR: jax.Array,
     num_replicas_L: jax.Array,
     *,
@@ -43,14 +46,14 @@ def route(
 
     Args:
       topk_ids_TK: logical expert ids; a negative id means "no expert" (padding token).
-      position_T: global token positions, for the replica choice.
+      rank: this rank's index on the expert-parallel axis (offsets the replica choice).
       replicas_LR, num_replicas_L: the expert map (see ``ExpertMap.device_arrays``).
     """
     n, s = num_devices, slots_per_device
     t, k = topk_ids_TK.shape
     valid_TK = topk_ids_TK >= 0
     ids_TK = jnp.where(valid_TK, topk_ids_TK, 0)
-    replica_TK = position_T[:, None] % num_replicas_L[ids_TK]
+    replica_TK = (expert_occurrence(ids_TK, valid_TK) + rank + ids_TK) % num_replicas_L[ids_TK]
     slot_TK = replicas_LR[ids_TK, replica_TK]
     # Invalid assignments get the key n * s, past every real (destination, slot).
     key_A = jnp.where(valid_TK, slot_TK, n * s).reshape(t * k)
@@ -65,6 +68,18 @@ def route(
     row_A = slot_offset_NS.reshape(-1)[jnp.minimum(key_A, n * s - 1)] + rank_A
     row_A = jnp.where(dest_A < n, row_A, -1)
     return Routes(dest_A.astype(jnp.int32), row_A.astype(jnp.int32), counts_NS)
+
+
+def expert_occurrence(ids_TK: jax.Array, valid_TK: jax.Array) -> jax.Array:
+    """``[T, K]``: how many earlier assignments (token-major) of this rank chose the same
+    expert; invalid assignments count in a group of their own."""
+    t, k = ids_TK.shape
+    key_A = jnp.where(valid_TK, ids_TK, -1).reshape(t * k)
+    order_A = jnp.argsort(key_A, stable=True)
+    sorted_A = key_A[order_A]
+    first_A = jnp.searchsorted(sorted_A, sorted_A, side="left").astype(jnp.int32)
+    occ_sorted = jnp.arange(t * k, dtype=jnp.int32) - first_A
+    return jnp.zeros(t * k, jnp.int32).at[order_A].set(occ_sorted).reshape(t, k)
 
 
 def rounds_needed(counts_NS: jax.Array, capacity: int) -> jax.Array:

@@ -20,6 +20,10 @@ cannot take arguments committed to two meshes.
 ``DirectTransport``: the computation itself runs over the union (attention ranks hold empty
 rows), so there is no hop: every attention rank writes into every expert rank.
 
+``ColocatedTransport``: the other slice is the domain itself (EP decode, where each DP rank
+also holds expert slots): hops only re-label arrays between the two meshes of the same
+devices.
+
 ``SliceService`` is what MA's pipeline calls: ``send`` (A2E), ``launch`` (compute on the other
 slice at a fixed capacity, returning an overflow flag or None), ``receive`` (E2A).
 
@@ -268,12 +272,47 @@ class DirectTransport:
         return 0
 
 
+class ColocatedTransport:
+    """The other slice *is* the domain (EP decode: every DP rank also holds expert slots), so
+    a hop re-labels each rank's rows from the ``("dp",)`` mesh to the ``("ep",)`` mesh of the
+    same devices: nothing moves, the service's dispatch all-to-all is the only exchange."""
+
+    moves_data = False
+    rounds = 1
+
+    def __init__(self, attn_mesh: Mesh, other_devices: list, *, attn_axis: str = "dp",
+                 other_axis: str = "ep") -> None:
+        self.attn_devices, self.other_devices = list(attn_mesh.devices.flat), list(other_devices)
+        if self.attn_devices != self.other_devices:
+            raise TransportError("colocated mode needs the expert slice to be the attention "
+                                 "domain's own devices, in the same order")
+        self.trampolines: list = []
+        self.union_devices = self.attn_devices
+        self.attn_sharding = _rows(attn_mesh, "decode_attention")
+        self.other_mesh = Mesh(np.array(self.other_devices), (other_axis,))
+        self.other_sharding = _rows(self.other_mesh, "decode_experts")
+
+    def rows_per_target(self, rows: int) -> int:
+        return rows
+
+    def send(self, *arrays: jax.Array, fills: tuple = ()) -> tuple[jax.Array, ...]:
+        return tuple(relabel(a, self.other_sharding, self.other_devices) for a in arrays)
+
+    def receive(self, y: jax.Array) -> jax.Array:
+        return relabel(y, self.attn_sharding, self.attn_devices)
+
+    def hop_bytes(self, arrays) -> int:
+        return 0
+
+
+TRANSPORTS = {"trampoline": Transport, "direct": DirectTransport,
+              "colocated": ColocatedTransport}
+
+
 def make_transport(mode: str, attn_mesh: Mesh, other_devices: list, **axes):
-    if mode == "trampoline":
-        return Transport(attn_mesh, other_devices, **axes)
-    if mode == "direct":
-        return DirectTransport(attn_mesh, other_devices, **axes)
-    raise TransportError(f"unknown A2E mode {mode!r}; use 'trampoline' or 'direct'")
+    if mode not in TRANSPORTS:
+        raise TransportError(f"unknown A2E mode {mode!r}; use one of {sorted(TRANSPORTS)}")
+    return TRANSPORTS[mode](attn_mesh, other_devices, **axes)
 
 
 class SliceService(abc.ABC):

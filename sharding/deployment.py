@@ -8,15 +8,15 @@ role               mesh axes            parallelism fields
 =================  ===================  ==============================================
 prefill            ``(dp, tp)``         ``dp`` groups x ``tp``
 decode             ``(dp, tp)``         ``dp`` groups (``tp`` defaults to 1), each holding
-                                        every expert (no expert parallelism)
+                                        every expert; or ``ep: N`` (N = count): N DP ranks
+                                        with the routed experts' slots split over them
 decode_attention   ``(domain, dp)``     ``domains`` x ``dp`` per domain, TP = 1
 decode_experts     ``(ep,)``            ``slots_per_device``, ``redundant_slots``,
                                         ``shared_devices`` (the last ones of the range)
 =================  ===================  ==============================================
 
-``parse_deployment`` validates the text alone (no JAX); ``DeploymentSpec.check_model``
-adds the model checks; ``load_deployment`` also builds the meshes from ``jax.devices()``
-(virtual CPU devices in simulation, TPU/GPU unchanged).
+``parse_deployment`` validates the text alone (no JAX); ``DeploymentSpec.check_model`` adds
+the model checks; ``load_deployment`` also builds the meshes from ``jax.devices()``.
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ MESH_AXES = {
 }
 # Optional per-group capacity of the roles that run DP groups (the engine's options otherwise).
 CAPACITY_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "kv_cache_gib")
+EP_FIELDS = ("slots_per_device", "redundant_slots", "dispatch_dtype")  # decode, with ep
 _ROLE_FIELDS = {
     "prefill": {"devices", "dp", "tp", *CAPACITY_FIELDS},
-    "decode": {"devices", "dp", "tp", *CAPACITY_FIELDS},
+    "decode": {"devices", "dp", "tp", "ep", *EP_FIELDS, *CAPACITY_FIELDS},
     "decode_attention": {"devices", "domains", "dp", *CAPACITY_FIELDS},
     "decode_experts": {"devices", "slots_per_device", "redundant_slots", "shared_devices",
                        "dispatch_dtype"},
@@ -104,6 +105,7 @@ class RoleSpec:
     dp: int = 1
     tp: int = 1
     domains: int = 1
+    ep: int = 1  # decode: routed experts parallel over this many devices (1: none)
     slots_per_device: int | None = None
     redundant_slots: int = 0
     shared_devices: int = 0
@@ -132,6 +134,11 @@ class RoleSpec:
         if self.name == "decode_attention":
             return (self.domains, self.dp)
         return (self.devices.count,)
+
+    @property
+    def expert_parallel(self) -> bool:
+        """A decode role whose routed experts are split over its devices."""
+        return self.name == "decode" and self.ep > 1
 
     @property
     def routed_devices(self) -> int:
@@ -185,9 +192,10 @@ class DeploymentSpec:
                 raise HeadsNotDivisibleError(
                     f"{where}.tp = {role.tp} neither divides nor is a multiple of the "
                     f"model's {kv} KV heads")
-        experts = self.roles.get("decode_experts")
+        experts = self.roles.get("decode_experts") or next(  # a dense model's EP decode: DP
+            (r for r in self.roles.values() if r.expert_parallel and model.moe), None)
         if experts is not None:
-            where = f"{self.source}: roles.decode_experts"
+            where = f"{self.source}: roles.{experts.name}"
             if model.moe is None:  # a dense model: the expert devices serve its FFN
                 attn = self.roles.get("decode_attention")
                 if attn is not None and experts.devices.count < attn.dp:
@@ -291,8 +299,17 @@ def _role(name: str, raw, src: str) -> RoleSpec:
             raise DeploymentFieldError(f"{where}.kv_cache_gib must be a positive number, "
                                        f"got {gib!r}")
         kw["kv_cache_gib"] = float(gib)
+    kw.setdefault("dp", kw.get("ep", 1))  # every device of an EP decode role is a DP rank
     spec = RoleSpec(name, devices, **kw)
     n = devices.count
+    if name == "decode" and spec.ep > 1 and (spec.ep != n or spec.tp != 1):
+        raise DeploymentFieldError(f"{where}.ep = {spec.ep}: expert parallelism spans the role's "
+                                   f"devices, each a DP rank (tp = 1): ep must equal "
+                                   f"devices.count ({n}), got tp {spec.tp}")
+    if name == "decode" and spec.ep == 1 and set(raw) & set(EP_FIELDS):
+        raise DeploymentFieldError(
+            f"{where}: slots_per_device, redundant_slots and dispatch_dtype describe expert "
+            f"parallelism; set ep: {n} (or drop them: each decode group holds every expert)")
     if name in ("prefill", "decode") and spec.dp * spec.tp != n:
         raise DeploymentFieldError(
             f"{where}: dp {spec.dp} x tp {spec.tp} = {spec.dp * spec.tp} != devices.count {n}")

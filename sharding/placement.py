@@ -9,6 +9,9 @@ role               program mesh        holds
 =================  ==================  ===================================================
 prefill, decode    a group: ``(tp,)``  the whole tree (MTP blocks too when loaded), its
                                        own KV pool
+decode, ``ep: N``  a rank: ``(tp,)``,  every weight but the routed experts and MTP blocks,
+                   slots: ``(dp,)``    its own KV pool, and its ``slots_per_device`` of the
+                                       N x S expert slots (``serving.disagg.ep_decode``)
 decode_attention   a domain: ``(dp,)`` every weight but the routed experts and MTP blocks,
                                        its own KV pool; with ``shared_devices`` also a
                                        copy of the shared experts (the shared-expert
@@ -20,7 +23,7 @@ decode_experts     routed: ``(ep,)``   routed experts in slots ``[P, ...]`` spli
                                        trampolines (``collectives.a2e.trampoline_devices``)
 =================  ==================  ===================================================
 
-The MA rows mirror ``serving/disagg/ma.py``, ``ma_runner.py`` and ``ma_slices.py``,
+The MA and EP decode rows mirror ``serving/disagg/ma.py``, ``ma_runner.py`` and ``ma_slices.py``,
 whose specs are still written by hand; ``tests/sharding/test_engine_bytes.py`` checks every
 row against the bytes the engine puts on each device.
 """
@@ -92,12 +95,23 @@ def _expert_slots(params: dict, num_slots: int) -> list[dict]:
             for layer in params["layers"] if "moe" in layer]
 
 
+def _slot_bytes(cfg: ModelConfig, role: RoleSpec, params: dict, mesh) -> int:
+    """Routed-expert slot bytes on each device of ``role`` (split over ``mesh``)."""
+    slots = role.resolved_slots_per_device(cfg.moe.num_experts)
+    tree = _expert_slots(params, role.routed_devices * slots)
+    logical = [{k: expert_slot_axes(k) for k in layer} for layer in tree]
+    return device_bytes(tree, tree_shardings(mesh, role.name, logical, tree))
+
+
 def weight_bytes_by_device(cfg: ModelConfig, spec: DeploymentSpec, role: RoleSpec,
                            params: dict) -> tuple[int, ...]:
     """Weight bytes on each device of ``role`` (in device order), for the abstract tree
     ``params`` (``abstract_params``, or ``jax.eval_shape`` of a loaded tree)."""
     mesh = program_mesh(role)
     n = role.devices.count
+    if role.expert_parallel and cfg.moe is not None:
+        per = _params_bytes(attention_rank_params(params), cfg, role.name, mesh)
+        return (per + _slot_bytes(cfg, role, params, AbstractMesh((n,), ("dp",))),) * n
     if role.name in ("prefill", "decode"):
         return (_params_bytes(params, cfg, role.name, mesh),) * n
     experts = spec.roles.get("decode_experts")
@@ -120,10 +134,7 @@ def weight_bytes_by_device(cfg: ModelConfig, spec: DeploymentSpec, role: RoleSpe
         for i in trampoline_devices(list(range(n)), attn.dp):
             out[i] += attn.domains * per
         return tuple(out)
-    slots = role.resolved_slots_per_device(cfg.moe.num_experts)
-    tree = _expert_slots(params, role.routed_devices * slots)
-    logical = [{k: expert_slot_axes(k) for k in layer} for layer in tree]
-    routed = device_bytes(tree, tree_shardings(mesh, role.name, logical, tree))
+    routed = _slot_bytes(cfg, role, params, mesh)
     out[: role.routed_devices] = [routed] * role.routed_devices
     if shared_apart:
         per = _params_bytes(shared, cfg, role.name, one)

@@ -6,8 +6,9 @@ bytes per token per device, the fixed dispatch buffers of the expert slice (send
 dispatch + combine, first capacity bucket, for the attention batch), and from the memory
 left the largest batch at the model's full context and the longest context at batch 1.
 Prefill and decode groups run their MoE layers inside the group (every group holds every
-expert), so they have no dispatch buffers. Activations are covered by a flat reserve
-(``RESERVE_FRACTION`` of device memory).
+expert), so they have no dispatch buffers; a decode role with ``ep: N`` holds expert slots
+on every rank and counts the dispatch buffers of the batch that fits without them.
+Activations are covered by a flat reserve (``RESERVE_FRACTION`` of device memory).
 
 Usage: ``xds plan --model M --deployment D`` or ``python -m sharding.plan ...``; with
 ``--perf`` it prints ``sharding.perf_model``'s time estimates instead.
@@ -80,6 +81,12 @@ def _note(cfg, spec: DeploymentSpec, role: RoleSpec, by_device: list[int]) -> st
     if role.name == "prefill":
         return (f"{role.dp} group(s) x TP={role.tp}: heads and MLP/expert widths split over "
                 f"TP; each group holds {experts}the whole vocabulary and its own KV")
+    if role.name == "decode" and role.expert_parallel and moe is not None:
+        slots = role.resolved_slots_per_device(moe.num_experts)
+        return (f"{role.dp} DP ranks (TP = 1) with the routed experts parallel over them "
+                f"(EP={role.ep}): each holds every weight but the routed experts, its own KV "
+                f"and {slots} of the {role.ep * slots} expert slots for {moe.num_experts} "
+                f"experts")
     if role.name == "decode":
         return (f"{role.dp} group(s), each on {role.tp} device(s) holding the whole model: "
                 f"{experts}the whole vocabulary and its own KV (no expert parallelism)")
@@ -114,6 +121,10 @@ def _role_plan(cfg, spec: DeploymentSpec, role: RoleSpec, params, dtype, mem: in
     if role.name == "decode_experts" and cfg.moe is not None:
         disp = _dispatch_bytes(max(attn_batch, 1), cfg.moe.num_experts_per_tok,
                                role.routed_devices, cfg.hidden_size, jnp.dtype(dtype).itemsize)
+    if role.expert_parallel and cfg.moe is not None:  # every rank attends and dispatches
+        batch = _fit(mem, weights, kv, cfg.max_position_embeddings)[0]
+        disp = _dispatch_bytes(max(batch, 1), cfg.moe.num_experts_per_tok, role.ep,
+                               cfg.hidden_size, jnp.dtype(dtype).itemsize)
     batch, context, free = _fit(mem, weights + disp, kv, cfg.max_position_embeddings)
     note = _note(cfg, spec, role, by_device)
     if role.name == "decode_experts" and cfg.moe is not None:

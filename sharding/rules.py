@@ -13,7 +13,7 @@ kv_pages       dp                  dp                  (domain, dp)        -
 heads          tp                  tp                  -                   -
 kv_heads       tp                  tp                  -                   -
 mlp            tp                  tp                  -                   -
-expert_slots   -                   -                   -                   ep
+expert_slots   -                   dp (with ``ep``)    -                   ep
 anything else  -                   -                   -                   -
 =============  ==================  ==================  ==================  ==================
 
@@ -23,9 +23,12 @@ that the MA hops run on (axis ``u``): ``batch`` -> ``u``, one block of rows per 
 What that means for the engine: a prefill group (one ``dp`` row) splits attention heads and
 MLP / shared / routed expert widths over its ``tp`` devices and holds every expert, the
 whole vocabulary and its own KV pages; a decode group (TP = 1) holds the whole model, every
-expert included, and its own pages (expert parallelism in decode groups is not done); an
-attention rank holds every weight but the routed experts, and its own pages; the expert
-slice spreads physical expert slots over its routed devices.
+expert included, and its own pages; in a decode role with ``ep: N`` each device is a DP rank
+holding every weight but the routed experts, its own pages, and ``slots_per_device`` of the
+physical expert slots, split over the role's devices on the ``dp`` axis (the engine's
+``("ep",)`` mesh of the same devices); an attention rank holds every weight but the routed
+experts, and its own pages; the expert slice spreads physical expert slots over its routed
+devices.
 
 Programs run on a slice of the role mesh (a prefill group's ``("tp",)`` row, an attention
 domain's ``("dp",)`` row): mesh axes the slice lacks have size 1 there and are dropped. A
@@ -58,7 +61,9 @@ _TP = _table(batch="dp", kv_pages="dp", heads="tp", kv_heads="tp", mlp="tp")
 
 RULES: dict[str, tuple[tuple[str, MeshAxes], ...]] = {
     "prefill": _TP,
-    "decode": _TP,
+    # expert_slots only ever split in an EP decode role (a group alone holds logical experts)
+    "decode": _table(batch="dp", kv_pages="dp", heads="tp", kv_heads="tp", mlp="tp",
+                     expert_slots="dp"),
     "decode_attention": _table(batch=("domain", "dp"), kv_pages=("domain", "dp")),
     "decode_experts": _table(batch="ep", expert_slots="ep"),
     "transfer": _table(batch=UNION_AXIS),

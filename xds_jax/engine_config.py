@@ -55,8 +55,9 @@ class EngineConfig:
         (``{"window_size", "step_interval", "num_redundant_experts"}``, a dict or a JSON
         object, vLLM's spelling); ``eplb_config`` alone sets the window of
         ``stats()["expert_load"]``. See docs/eplb.md.
-      dispatch_dtype: ``"int8"`` sends MA's A2E hops and expert dispatch as INT8 rows with a
-        scale each (``"auto"``: the activations' dtype); None: the deployment's field.
+      dispatch_dtype: ``"int8"`` sends MA's A2E hops and the expert dispatch of MA and EP
+        decode as INT8 rows with a scale each (``"auto"``: the activations' dtype; refused
+        where no dispatch runs); None: the deployment's field.
       faults: fault specs to inject (``"group_crash:group=1:after_steps=3"``, ...; parsed
         and checked against the layout by ``serving.core.faults``; ``docs/reliability.md``).
       heartbeat_timeout_s: a group of a started (threaded) engine that has not beaten for

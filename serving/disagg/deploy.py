@@ -4,7 +4,10 @@
 roles in the file                          engine
 =========================================  ================================================
 ``decode``                                 colocated: one DP group per ``dp`` rank
+``decode`` with ``ep: N`` (a MoE model)    colocated DP + EP: an MA pool whose expert slice is
+                                           its own N ranks (``serving.disagg.ep_decode``)
 ``prefill`` + ``decode``                   PD: TP prefill groups hand KV to decode groups
+                                           (EP decode groups too)
 ``decode_attention`` + ``decode_experts``  MA: attention DP groups in domains, expert slice
 ``prefill`` + both MA roles                PD + MA: prefill groups feed the MA attention
 =========================================  ================================================
@@ -23,11 +26,13 @@ import os
 from serving.core.dp_group import DPGroup, GroupConfig
 from serving.core.engine import Engine, build_colocated_engine, group_config_for
 from serving.core.timeline import Timeline
+from serving.disagg.ep_decode import ep_decode_pool, runs_ep_decode
 from serving.disagg.eplb_config import EplbConfig
 from serving.disagg.pd import DecodeGroup, PDRouter, PrefillGroup
 from sharding import read_deployment
 from sharding.deployment import Deployment, DeploymentError, DeploymentSpec, build_deployment
 from xds_jax.engine_config import EngineConfig
+from xds_jax.errors import ConfigError
 from xds_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,7 @@ def build_engine(params: dict, cfg: ModelConfig, max_model_len: int,
                  config: EngineConfig) -> Engine:
     """The engine ``config`` describes: its deployment's layout, or colocated DP groups."""
     if config.deployment is None:
+        _no_dispatch(config, "a layout without a deployment file")
         if config.enable_eplb:  # EPLB balances an MA deployment's expert slice
             EplbConfig.parse(True, config.eplb_config).resolve(
                 cfg.moe.num_experts if cfg.moe else None, None,
@@ -58,7 +64,11 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
         spec = read_deployment(spec)
     layout = build_deployment(spec, model=cfg)
     eplb = EplbConfig.parse(config.enable_eplb, config.eplb_config)
-    if eplb.enabled and not layout.spec.is_ma:  # refused here; MAPool checks the rest
+    ep_decode = runs_ep_decode(layout, cfg)
+    pooled = layout.spec.is_ma or ep_decode  # decode ranks stepped together by an MA pool
+    if not pooled or cfg.moe is None:
+        _no_dispatch(config, f"{layout.name!r} with this model")
+    if eplb.enabled and not pooled:  # refused here; MAPool checks the rest
         eplb.resolve(cfg.moe.num_experts if cfg.moe else None, None, repr(layout.name))
     roles = set(layout.roles)
     host_share = _host_kv_share(layout)
@@ -90,6 +100,10 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
                       decode_config, micro_batches=config.micro_batches, timeline=timeline,
                       group_factory=factory, eplb=eplb)
         decode, decode_drivers = list(pool.groups), [pool]
+    elif ep_decode:
+        pool = ep_decode_pool(params, cfg, layout, decode_config, config, eplb, timeline,
+                              lambda index, *a, **kw: kind(num_prefill + index, *a, **kw))
+        decode, decode_drivers = list(pool.groups), [pool]
     else:
         decode = [kind(num_prefill + i, params, cfg, d, decode_config)
                   for i, d in enumerate(_decode_devices(layout))]
@@ -101,6 +115,14 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
     return Engine(params, cfg, groups=[*prefill, *decode], entry=prefill or None,
                   drivers=[*prefill, *decode_drivers], router=router, timeline=timeline,
                   faults=config.faults, heartbeat_timeout_s=config.heartbeat_timeout_s)
+
+
+def _no_dispatch(config: EngineConfig, where: str) -> None:
+    """``dispatch_dtype: int8`` needs an expert dispatch: refused where none runs."""
+    if config.dispatch_dtype == "int8":
+        raise ConfigError(f"dispatch_dtype 'int8': {where} runs no expert dispatch (a dense "
+                          "model, or decode groups that hold every expert); use a MoE model "
+                          "on an MA deployment or a decode role with ep: N")
 
 
 # Virtual CPU devices share the host's memory: all simulated KV pools together take at most

@@ -78,8 +78,9 @@ class EplbConfig:
         if num_experts is None:
             raise ConfigError("enable_eplb: the model is dense (no routed experts to balance)")
         if num_slots is None:
-            raise ConfigError(f"enable_eplb: {deployment} has no decode_experts role; EPLB "
-                              "balances the expert slice of an MA deployment")
+            raise ConfigError(f"enable_eplb: {deployment} has no decode_experts role and no "
+                              "decode role with ep: N; EPLB balances the expert slots of MA "
+                              "or EP decode")
         spare = num_slots - num_experts
         r = spare if self.num_redundant_experts is None else self.num_redundant_experts
         if r > spare:

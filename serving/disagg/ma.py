@@ -169,6 +169,7 @@ class MAPool:
             return
         for result in results:
             self.load.add(result.load)
+            self.load.add_slots(result.slot_rows, len(self.layout.expert_devices))
         reb = self.rebalancer
         if reb is not None and reb.poll():
             self.capacity.reset()  # balanced load may fit smaller buckets
@@ -200,9 +201,13 @@ class MAPool:
 
     def expert_stats(self) -> dict:
         """What the engine's ``stats()`` shows unprefixed: ``expert_load`` (per layer, per
-        expert, last window) and ``eplb_rebalances``."""
+        expert, last window, counted on the attention ranks), ``expert_device_load`` (per
+        layer, tokens each expert device received in the last window, counted on the expert
+        ranks) and ``eplb_rebalances``."""
         reb = self.rebalancer
+        devices = self.load.last_device_window if self.load else {}
         return {"expert_load": self.expert_load(),
+                "expert_device_load": {layer: c.tolist() for layer, c in devices.items()},
                 "eplb_rebalances": reb.rebalances if reb else 0}
 
     def expert_side_weights(self) -> list:

@@ -2,11 +2,13 @@
 their boundaries, and the swap of a rebalanced expert map (xDeepServe §4.5).
 
 ``ExpertLoadCounter``: every gate program adds each attention rank's tokens per logical expert
-into a ``[A, E]`` int32 row per (domain, MoE layer) (``Domain.gate``); a pass's rows are added
-into the window's accumulators on the device once the pass is final (a re-run pass is not
-counted twice). At a window boundary the accumulators are read back (the only host sync),
-summed over ranks and domains, and become the last window (``stats()["expert_load"]``) and one
-time slice of the selection.
+into a ``[A, E]`` int32 row per (domain, MoE layer) (``Domain.gate``), and every routed launch
+leaves the rows each expert rank received per local slot (``A2E.last_slot_rows``); a pass's
+counts are added into the window's accumulators on the device once the pass is final (a
+re-run pass is not counted twice). At a window boundary the accumulators are read back (the
+only host sync): attention counts summed over ranks and domains become the last window
+(``stats()["expert_load"]``) and one time slice of the selection; expert-rank counts, tokens
+per expert device (``stats()["expert_device_load"]``), what the devices really served.
 
 ``ExpertRebalancer``: per MoE layer a map from ``collectives.eplb.rebalance``, computed on a
 background thread. A swap has the paper's three phases: (1) **map off**: the layer routes
@@ -39,6 +41,11 @@ def _add_rows(pairs: dict) -> dict:
     return {k: a + b for k, (a, b) in pairs.items()}
 
 
+@jax.jit
+def _sum_rows(parts: dict) -> dict:
+    return {k: sum(rows[1:], rows[0]) for k, rows in parts.items()}
+
+
 class ExpertLoadCounter:
     """Tokens per (MoE layer, logical expert), accumulated on device, read per window."""
 
@@ -52,6 +59,10 @@ class ExpertLoadCounter:
         self.windows = 0
         self.last_window: dict[int, np.ndarray] = {}
         self.slices: deque[dict[int, np.ndarray]] = deque(maxlen=max(1, history))
+        # (domain, layer, expert devices) -> [ranks, S] rows received per slot
+        self._slot_acc: dict[tuple[int, int, int], jax.Array] = {}
+        self._expert_devices = 0  # of the latest launches (the slice may shrink)
+        self.last_device_window: dict[int, np.ndarray] = {}  # layer -> [N] tokens per device
 
     def add(self, load: dict[tuple[int, int], jax.Array]) -> None:
         """A final pass's rows: one device add per domain, no host sync."""
@@ -62,6 +73,18 @@ class ExpertLoadCounter:
             if pairs:
                 self._acc.update(_add_rows(pairs))
 
+    def add_slots(self, slot_rows: dict[tuple[int, int], list], expert_devices: int) -> None:
+        """A final pass's expert-rank counts (``PassResult.slot_rows``) from launches over
+        ``expert_devices`` expert ranks (the last ones of each launch's rows): one device
+        program per domain, no host sync."""
+        self._expert_devices = expert_devices
+        for domain in sorted({d for d, _ in slot_rows}):
+            parts = {(d, layer, expert_devices): ([self._slot_acc[d, layer, expert_devices]]
+                                                  if (d, layer, expert_devices) in self._slot_acc
+                                                  else []) + rows
+                     for (d, layer), rows in slot_rows.items() if d == domain}
+            self._slot_acc.update(_sum_rows(parts))
+
     def step(self) -> bool:
         """Count a step; at a window boundary read the window back. True at a boundary."""
         self.steps_in_window += 1
@@ -71,6 +94,15 @@ class ExpertLoadCounter:
         for (_, layer), rows in self._acc.items():
             window[layer] += np.asarray(rows).sum(axis=0)
         self._acc = {}
+        n = self._expert_devices
+        devices = {layer: np.zeros(n, np.int64) for layer in self.layers} if n else {}
+        for (_, layer, k), rows in self._slot_acc.items():
+            # counts from before a scale-down of the slice, or of a layer not balanced (an
+            # MTP block's experts), are dropped
+            if k == n and layer in devices:
+                devices[layer] += np.asarray(rows)[-n:].sum(axis=1)
+        self._slot_acc = {}
+        self.last_device_window = devices
         self.steps_in_window = 0
         self.windows += 1
         self.last_window = window

@@ -58,6 +58,8 @@ class PassResult:
     checks: list[OverflowCheck] = dataclasses.field(default_factory=list)
     # (domain, layer) -> [A, E] tokens per rank and logical expert in this pass (on device)
     load: dict = dataclasses.field(default_factory=dict)
+    # (domain, layer) -> per routed launch, [ranks, S] rows each expert rank got per slot
+    slot_rows: dict = dataclasses.field(default_factory=dict)
 
 
 class LayerPipeline:
@@ -144,6 +146,7 @@ class LayerPipeline:
         tokens = routed.tokens_per_rank(f.mb.rows * f.mb.width)
         cap = self.capacity.capacity(tokens, routed.ranks)
         out, overflow = routed.launch(layer, sent, cap)
+        result.slot_rows.setdefault(key, []).append(routed.last_slot_rows)
         result.checks.append(self.capacity.check(overflow, tokens, routed.ranks))
         f.returning = (routed, out, x_TD, shared[0])
 

@@ -88,9 +88,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        '"num_redundant_experts": 32}\' (default: those windows, every spare '
                        "slot)")
     group.add_argument("--dispatch-dtype", choices=["auto", "int8"],
-                       help="payload of the MoE-attention expert dispatch (A2E hops and the "
-                       "expert mesh's all-to-all): int8 rows with one scale each; combine "
-                       "stays in the activations' dtype (default: the deployment's field)")
+                       help="payload of the expert dispatch of MA (A2E hops and the expert "
+                       "mesh's all-to-all) and EP decode: int8 rows with one scale each; "
+                       "combine stays in the activations' dtype (default: the deployment's "
+                       "field)")
     group.add_argument("--max-model-len", type=positive_int, metavar="N", default=d.max_model_len,
                        help="context limit in tokens, prompt plus output (default: the model's)")
     group.add_argument("--max-num-seqs", type=positive_int, default=d.max_num_seqs, metavar="N",

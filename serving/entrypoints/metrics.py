@@ -153,3 +153,10 @@ class EngineCollector:
             for expert, count in enumerate(counts):
                 load.add_metric([m, str(layer), str(expert)], float(count))
         yield load
+        devices = GaugeMetricFamily("xds:expert_device_load",
+                                    "Tokens each expert device received in the last window.",
+                                    labels=["model_name", "layer", "device"])
+        for layer, counts in sorted(stats.get("expert_device_load", {}).items()):
+            for device, count in enumerate(counts):
+                devices.add_metric([m, str(layer), str(device)], float(count))
+        yield devices

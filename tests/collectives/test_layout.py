@@ -36,8 +36,7 @@ def _route(n, s, num_experts, ids, rank):
     rep[: table.shape[0], : table.shape[1]] = table
     nrep = np.ones(PAD, np.int32)
     nrep[: len(counts)] = counts
-    pos = rank * T + np.arange(T, dtype=np.int32)
-    return emap, pos, _route_jit(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(rep),
+    return emap, rank, _route_jit(jnp.asarray(ids), jnp.int32(rank), jnp.asarray(rep),
                                  jnp.asarray(nrep), num_devices=n, slots_per_device=s)
 
 
@@ -57,21 +56,28 @@ def test_rows_are_a_dense_numbering_per_destination(p):
 
 @settings(max_examples=40, deadline=None)
 @given(problems())
-def test_slot_is_the_position_rotated_replica_and_rows_are_slot_ordered(p):
+def test_slot_is_the_rotated_replica_and_rows_are_slot_ordered(p):
     n, s, num_experts, ids, rank, _ = p
-    emap, pos, r = _route(n, s, num_experts, ids, rank)
+    emap, _, r = _route(n, s, num_experts, ids, rank)
     dest, row, counts = (np.asarray(a) for a in r)
     table, nrep = emap.replica_table(), emap.replica_counts()
+    seen = np.zeros(num_experts, int)  # the rank's earlier assignments of each expert
     for a in range(T * K):
         e = ids.reshape(-1)[a]
         if e < 0:
             continue
-        slot = table[e, pos[a // K] % nrep[e]]
+        slot = table[e, (seen[e] + rank + e) % nrep[e]]
+        seen[e] += 1
         assert emap.slot_expert_P[slot] == e
         assert dest[a] == slot // s
         # the row lies in its slot's block of the destination stream
         start = counts[dest[a], : slot % s].sum()
         assert start <= row[a] < start + counts[dest[a], slot % s]
+    # a rank splits each expert's tokens over its replicas evenly (within one)
+    per_slot = counts.reshape(-1)
+    for e in range(num_experts):
+        shares = per_slot[np.flatnonzero(emap.slot_expert_P == e)]
+        assert shares.max() - shares.min() <= 1
 
 
 @settings(max_examples=40, deadline=None)

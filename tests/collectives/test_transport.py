@@ -50,3 +50,21 @@ def test_direct_transport_only_relabels_and_refuses_overlap():
         Transport(mesh, jax.devices()[1:4])
     with pytest.raises(TransportError, match="unknown"):
         make_transport("fanout", mesh, jax.devices()[2:5])
+
+
+def test_colocated_hops_relabel_rows_on_the_same_devices():
+    """EP decode: the expert mesh is the domain's own devices; each rank keeps its rows (no
+    copy: the same buffers), and a slice of other devices is refused."""
+    mesh, on = _domain(4)
+    tr = make_transport("colocated", mesh, list(mesh.devices.flat))
+    x = shard_from_host(np.arange(16, dtype=np.float32).reshape(8, 2), on)
+    (sent,) = tr.send(x)
+    assert sent.sharding.mesh == tr.other_mesh and tr.other_mesh.axis_names == ("ep",)
+    assert {s.device: s.data.unsafe_buffer_pointer() for s in sent.addressable_shards} == {
+        s.device: s.data.unsafe_buffer_pointer() for s in x.addressable_shards}
+    back = tr.receive(sent)
+    assert back.sharding.mesh == mesh
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(x))
+    assert tr.hop_bytes([x]) == 0
+    with pytest.raises(TransportError, match="attention domain's own devices"):
+        make_transport("colocated", mesh, jax.devices()[4:8])

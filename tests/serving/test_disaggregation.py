@@ -148,12 +148,12 @@ def test_ma_only_on_384_devices(tmp_path):
 @pytest.mark.mesh384
 def test_cm384_pd_plus_ma_with_256_experts():
     """All 384 devices: 24 TP=4 prefill groups, 3 attention domains of 64, 96 expert dies
-    with 288 slots (256 experts + 32 redundant)."""
+    with 384 slots (256 experts + 128 redundant)."""
     llm = run_and_compare(TINY_V3_256, "configs/deployments/cm384.yaml", count=6,
                           max_tokens=3, staged=True)
     assert llm.engine.stats()["kv_transfers"] == 4  # max_tokens 1 ends on prefill
     pool = llm.engine.drivers[-1]
-    assert pool.expert_map.num_slots == 288 and pool.expert_map.num_redundant == 32
+    assert pool.expert_map.num_slots == 384 and pool.expert_map.num_redundant == 128
     assert len(pool.domains) == 3 and len(pool.groups) == 192
 
 

@@ -25,7 +25,7 @@ from xds_jax.model.config_hf import load_model_config
 
 DEPLOYMENTS = Path(__file__).parents[2] / "configs" / "deployments"
 TINY_V3 = Path(__file__).parents[2] / "configs" / "models" / "deepseek-v3-tiny.json"
-SHIPPED = ["single", "cpu8-pd", "cpu16-ma", "cm384", "cm768-ma"]
+SHIPPED = ["single", "cpu8-pd", "cpu8-pd-ep", "cpu16-ma", "cm384", "cm768-ma"]
 
 
 def base(**roles):
@@ -88,8 +88,25 @@ def test_overlapping_ranges():
 def test_unknown_role_and_unknown_field():
     with pytest.raises(UnknownRoleError, match="'encode'"):
         parse_deployment(base(encode={"devices": {"start": 0, "count": 1}}))
-    with pytest.raises(DeploymentFieldError, match=r"roles.decode.*'ep'"):
-        parse_deployment(base(decode={"devices": {"start": 0, "count": 1}, "ep": 1}))
+    with pytest.raises(DeploymentFieldError, match=r"roles.decode.*'domains'"):
+        parse_deployment(base(decode={"devices": {"start": 0, "count": 1}, "domains": 1}))
+
+
+def test_expert_parallel_decode_fields():
+    """ep spans the role's devices, each a DP rank; expert-slot fields need ep."""
+    spec = parse_deployment(base(decode={"devices": {"start": 0, "count": 4}, "ep": 4,
+                                         "redundant_slots": 4}))
+    role = spec.roles["decode"]
+    assert role.expert_parallel and role.dp == 4 and role.expert_slots(8) == 12
+    for bad, match in (({"ep": 2}, r"decode.ep = 2: .*must equal devices.count \(4\)"),
+                       ({"ep": 4, "dp": 2, "tp": 2}, r"ep must equal .* got tp 2"),
+                       ({"slots_per_device": 3}, r"set ep: 4")):
+        with pytest.raises(DeploymentFieldError, match=match):
+            parse_deployment(base(decode={"devices": {"start": 0, "count": 4}} | bad))
+    small = parse_deployment(base(decode={"devices": {"start": 0, "count": 4}, "ep": 4,
+                                          "slots_per_device": 1}))
+    with pytest.raises(ExpertSlotsError, match=r"roles.decode.slots_per_device: .* fewer"):
+        small.check_model(load_model_config(TINY_V3))
 
 
 @pytest.mark.parametrize("role, match", [

@@ -90,3 +90,10 @@ def test_cpu16_ma_plan_equals_engine_bytes(model):
 @pytest.mark.mesh384
 def test_cm384_plan_equals_engine_bytes():
     check("v3-256", "cm384")
+
+
+@pytest.mark.parametrize("model", ["llama", "v3-256"])
+def test_cpu8_pd_ep_plan_equals_engine_bytes(model):
+    """EP decode: each decode device holds the attention weights and 64 of the 256 expert
+    slots (a dense model: the whole model, as plain DP groups)."""
+    check(model, "cpu8-pd-ep")

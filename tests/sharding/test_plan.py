@@ -77,11 +77,12 @@ def test_format_names_every_role():
     cfg = load_model_config(TINY_V3)
     text = format_plan(plan_deployment(cfg, dep("cm384"), model_name="tiny"))
     for word in ("prefill", "decode_attention", "decode_experts", "dp=24 x tp=4", "ep=96",
-                 "288 for 256 experts", "max batch"):
+                 "384 for 256 experts", "max batch"):
         assert word in text
 
 
-@pytest.mark.parametrize("name", ["single", "cpu8-pd", "cpu16-ma", "cm384", "cm768-ma"])
+@pytest.mark.parametrize("name", ["single", "cpu8-pd", "cpu8-pd-ep", "cpu16-ma", "cm384",
+                                  "cm768-ma"])
 def test_cli_prints_a_plan_for_every_shipped_deployment(name, capsys):
     args = ["--model", str(TINY_V3), "--deployment",
             str(ROOT / "configs" / "deployments" / f"{name}.yaml")]

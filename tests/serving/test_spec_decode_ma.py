@@ -54,6 +54,18 @@ def test_cpu16_ma_greedy_equals_reference(mimic_moe, k=3):
     assert any(e.role == "expert" and e.layer == mtp_layer for e in llm.engine.timeline.events)
 
 
+def test_ep_decode_greedy_equals_reference(mimic_moe):
+    """Expert-parallel decode (cpu8-pd-ep: TP=2 prefill groups, 4 decode ranks holding a
+    quarter of the routed-expert slots each) is an MA pool over the same devices, so it
+    drafts the same way: MTP block on each rank, its experts dispatched over the 4."""
+    params = mixed_params()
+    _, ref = run(mimic_moe, None, params)
+    colocated, _ = run(mimic_moe, 2, params)
+    llm, got = run(mimic_moe, 2, params, deployment="configs/deployments/cpu8-pd-ep.yaml")
+    assert_same(ref, got)
+    check_drafted(llm, colocated, 2)
+
+
 def test_ma_kv_blocks_return_after_aborts_mid_speculation(mimic_moe, tmp_path):
     llm = LLM(mimic_moe, dtype="float32", use_param_cache=False, speculative_config=spec(2),
               max_num_seqs=4, deployment=ma(tmp_path, domains=1, dp=2, experts=2))

@@ -1,6 +1,6 @@
 """``make train-mtp``: train the shipped SmolLM2 MTP draft head by self-distillation.
 
-    python -m xds_jax.train.mtp_train [--steps 600] [--vocab 8192] [--out DIR]
+    python -m xds_jax.train.mtp_train [--steps 240] [--vocab 4096] [--out DIR]
 
 1. Corpus: the target's greedy replies to the training prompts (``mtp_corpus``), cached as
    token ids under ``$XDS_CACHE_DIR/mtp`` (greedy, so a rerun regenerates the same file).
@@ -86,9 +86,11 @@ def corpus_states(llm, name: str, conversations: list, max_tokens: int, width: i
         seqs = mtp_corpus.load_corpus(replies)
         print(f"corpus: {len(seqs)} sequences from {replies}", flush=True)
     else:
-        t = time.monotonic()
-        print(f"corpus: generating replies to {len(conversations)} prompts ...", flush=True)
-        seqs = mtp_corpus.generate_replies(llm, conversations, max_tokens)
+        t, seqs = time.monotonic(), []
+        for lo in range(0, len(conversations), 64):
+            seqs += mtp_corpus.generate_replies(llm, conversations[lo:lo + 64], max_tokens)
+            print(f"corpus: {name} replies {len(seqs)}/{len(conversations)} "
+                  f"({time.monotonic() - t:.0f} s)", flush=True)
         mtp_corpus.save_corpus(replies, seqs)
         print(f"corpus: {len(seqs)} sequences ({sum(map(len, seqs))} tokens) in "
               f"{time.monotonic() - t:.0f} s -> {replies}", flush=True)
@@ -121,8 +123,6 @@ def train(args) -> dict:
     cfg = llm.cfg
     train_c = corpus_states(llm, "train", mtp_corpus.train_conversations()[:args.prompts],
                             args.max_tokens, args.width)
-    held = corpus_states(llm, "held-out", mtp_corpus.held_out_conversations(args.held_out),
-                         args.max_tokens, args.width)
     vocab = draft_vocab(train_c.choice, train_c.lengths, args.vocab)
     index_of = np.full(cfg.vocab_size, -1, np.int32)
     index_of[vocab] = np.arange(len(vocab))
@@ -146,6 +146,8 @@ def train(args) -> dict:
         if step % 50 == 0 or step == args.steps - 1:
             print(f"step {step + 1}/{args.steps} loss {float(loss):.3f} "
                   f"({time.monotonic() - t0:.0f} s)", flush=True)
+    held = corpus_states(llm, "held-out", mtp_corpus.held_out_conversations(args.held_out),
+                         args.max_tokens, args.width)
     offline = offline_acceptance(block, embed, head, cfg, held, index_of, args.batch)
     print(f"held-out offline (k=2): {json.dumps(offline)}", flush=True)
     meta = {"target": "SmolLM2-135M-Instruct.Q4_1.gguf", "hidden_size": cfg.hidden_size,
@@ -167,18 +169,19 @@ def train(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=16, help="sequences per step")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size")
-    ap.add_argument("--prompts", type=int, default=512, help="training prompts (of 800)")
+    ap.add_argument("--steps", type=int, default=240)
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--vocab", type=int, default=4096, help="draft vocabulary size")
+    ap.add_argument("--prompts", type=int, default=384, help="training prompts (of 800)")
     ap.add_argument("--max-tokens", type=int, default=96, help="reply length in the corpus")
     ap.add_argument("--width", type=int, default=128, help="tokens per training sequence")
-    ap.add_argument("--held-out", type=int, default=96, help="held-out prompts")
+    ap.add_argument("--held-out", type=int, default=48, help="held-out prompts")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(SHIPPED["SmolLM2-135M-Instruct.Q4_1.gguf"]))
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("xds_jax.train").setLevel(logging.INFO)  # target-state progress
     train(args)
 
 

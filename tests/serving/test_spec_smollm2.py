@@ -9,6 +9,7 @@ import pytest
 from tests.helpers import GOLDEN
 from xds_jax import LLM, SamplingParams
 from xds_jax.errors import ConfigError
+from xds_jax.loading.draft_heads import SHIPPED
 from xds_jax.loading.loader import registered_models
 from xds_jax.train.mtp_corpus import held_out_conversations
 
@@ -59,8 +60,15 @@ def test_model_without_mtp_weights_or_shipped_head_is_refused(monkeypatch):
             speculative_config=SPEC)
 
 
-def test_a_draft_head_for_another_model_is_refused(monkeypatch, tmp_path):
+def test_a_directory_without_a_head_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("XDS_DRAFT_HEAD", str(tmp_path))
     with pytest.raises(ConfigError, match="not a draft head directory"):
+        LLM(str(GOLDEN / "llama"), dtype="float32", use_param_cache=False,
+            speculative_config=SPEC)
+
+
+def test_a_head_trained_for_another_model_is_refused(monkeypatch):
+    monkeypatch.setenv("XDS_DRAFT_HEAD", str(SHIPPED["SmolLM2-135M-Instruct.Q4_1.gguf"]))
+    with pytest.raises(ConfigError, match="was trained for"):
         LLM(str(GOLDEN / "llama"), dtype="float32", use_param_cache=False,
             speculative_config=SPEC)

@@ -10,6 +10,7 @@ import numpy as np
 from tests.helpers import tiny
 from xds_jax.model.attention import new_layer_cache
 from xds_jax.model.mtp import draft_argmax, draft_tokens, mtp_block
+from xds_jax.train.mtp_corpus import Corpus
 from xds_jax.train.mtp_model import block_pass, init_block, make_batch
 from xds_jax.train.mtp_train import draft_vocab
 
@@ -74,16 +75,17 @@ def test_draft_vocabulary_maps_drafts_back_to_target_ids():
     assert set(np.asarray(drafts).ravel()) <= set(np.asarray(ids).tolist())
 
 
-def test_batches_label_the_targets_choices_two_and_three_ahead():
+def test_batches_label_the_targets_choices_two_and_three_ahead_in_the_reply():
     tokens = np.array([[5, 6, 7, 8, 9, 0]])
     choice = np.array([[6, 7, 1, 9, 4, 0]])  # the target picks 1 where the text has 8
-    index_of = np.arange(10, dtype=np.int32)
-    b = make_batch(tokens, np.array([5]), np.zeros((1, 6, 4)), choice, index_of)
+    corpus = Corpus(tokens, np.array([5]), np.zeros((1, 6, 4)), choice, np.array([2]))
+    b = make_batch(corpus, [0], np.arange(10, dtype=np.int32))
     assert b["tok1"][0, :4].tolist() == [6, 7, 8, 9] and b["lab1"][0, :4].tolist() == [7, 1, 9, 4]
-    assert b["use1"][0].tolist() == [True, True, True, True, False, False]
-    # pass 2 at s needs t[s+2] == choice[s+1]: true at s = 0 (7 == 7), false at s = 1 (8 != 1)
-    assert b["use2"][0].tolist() == [True, False, True, False, False, False]
-    assert b["lab2"][0, 0] == 1 and b["tok2"][0, 0] == 7
+    # pairs from the last prompt token (s = 1) on, while the label is inside the sequence
+    assert b["use1"][0].tolist() == [False, True, True, True, False, False]
+    # pass 2 at s needs t[s+2] == choice[s+1]: false at s = 1 (8 != 1), true at s = 2 (9 == 9)
+    assert b["use2"][0].tolist() == [False, False, True, False, False, False]
+    assert b["lab2"][0, 2] == 4 and b["tok2"][0, 2] == 9
 
 
 def test_draft_vocabulary_is_the_most_chosen_ids():

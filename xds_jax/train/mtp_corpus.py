@@ -78,12 +78,13 @@ def held_out_conversations(limit: int | None = None) -> list[list[dict]]:
 class Corpus:
     """Sequences (prompt + greedy reply), right-padded: ``tokens [N, S]``, ``lengths [N]``;
     ``hidden [N, S, D]`` the target's last hidden state before the final norm (float16) and
-    ``choice [N, S]`` its argmax next token at each position."""
+    ``choice [N, S]`` its argmax next token at each position; ``prompt_lens [N]``."""
 
     tokens: np.ndarray
     lengths: np.ndarray
     hidden: np.ndarray
     choice: np.ndarray
+    prompt_lens: np.ndarray
 
 
 def generate_replies(llm, conversations: list, max_tokens: int) -> list[list[int]]:
@@ -137,10 +138,11 @@ def target_states(params: dict, cfg: ModelConfig, seqs: list[list[int]],
         hidden[lo:lo + rows] = np.asarray(x[:rows], np.float32).astype(np.float16)
         choice[lo:lo + rows] = np.asarray(a[:rows])
         log.info("target states: %d/%d sequences", lo + rows, n)
-    reply = idx + 1 >= np.asarray(prompt_lens, np.int32)[:, None]
+    prompt_lens = np.asarray(prompt_lens, np.int32)
+    reply = idx + 1 >= prompt_lens[:, None]
     nxt = np.concatenate([tokens[:, 1:], np.zeros((n, 1), np.int32)], axis=1)
     choice = np.where(reply & (idx + 1 < lengths[:, None]), nxt, choice)
-    return Corpus(tokens, lengths, hidden, choice)
+    return Corpus(tokens, lengths, hidden, choice, prompt_lens)
 
 
 def save_corpus(path: Path, seqs: list[list[int]]) -> None:
@@ -153,9 +155,9 @@ def load_corpus(path: Path) -> list[list[int]]:
 
 
 def save_states(path: Path, c: Corpus) -> None:
-    np.savez(path, tokens=c.tokens, lengths=c.lengths, hidden=c.hidden, choice=c.choice)
+    np.savez(path, **dataclasses.asdict(c))
 
 
 def load_states(path: Path) -> Corpus:
     with np.load(path) as f:
-        return Corpus(f["tokens"], f["lengths"], f["hidden"], f["choice"])
+        return Corpus(**{k: f[k] for k in f.files})

@@ -56,13 +56,12 @@ def _eval_step(block, embed, head, batch, *, cfg):
 
 
 def offline_acceptance(block, embed, head, cfg, corpus, index_of, batch_size: int) -> dict:
-    """Draft hit rates on corpus rows and the mean accepted length with ``k = 2`` they give:
-    ``1 + p1 + p1 * p2`` (``p2``: second draft right given the first was)."""
+    """Draft hit rates over the replies of corpus rows and the mean accepted length with
+    ``k = 2`` they give: ``1 + p1 + p1 * p2`` (``p2``: second draft right given the first was)."""
     n1 = h1 = n21 = h21 = 0
     for lo in range(0, len(corpus.tokens), batch_size):
         sl = slice(lo, lo + batch_size)
-        b = make_batch(corpus.tokens[sl], corpus.lengths[sl], corpus.hidden[sl],
-                       corpus.choice[sl], index_of)
+        b = make_batch(corpus, sl, index_of)
         hit1, hit2 = (np.asarray(a) for a in _eval_step(block, embed, head, b, cfg=cfg))
         n1 += b["use1"].sum()
         h1 += hit1.sum()
@@ -140,8 +139,7 @@ def train(args) -> dict:
         if lo + args.batch > n:
             order, lo = rng.permutation(n), 0
         rows = order[lo:lo + args.batch]
-        b = make_batch(train_c.tokens[rows], train_c.lengths[rows], train_c.hidden[rows],
-                       train_c.choice[rows], index_of)
+        b = make_batch(train_c, rows, index_of)
         block, opt_state, loss = _train_step(block, opt_state, embed, head, b, cfg=cfg, opt=opt)
         if step % 50 == 0 or step == args.steps - 1:
             print(f"step {step + 1}/{args.steps} loss {float(loss):.3f} "

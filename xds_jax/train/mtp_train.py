@@ -1,6 +1,6 @@
 """``make train-mtp``: train the shipped SmolLM2 MTP draft head by self-distillation.
 
-    python -m xds_jax.train.mtp_train [--steps 240] [--vocab 4096] [--out DIR]
+    python -m xds_jax.train.mtp_train [--steps 480] [--vocab 4096] [--out DIR]
 
 1. Corpus: the target's greedy replies to the training prompts (``mtp_corpus``), cached as
    token ids under ``$XDS_CACHE_DIR/mtp`` (greedy, so a rerun regenerates the same file).
@@ -167,7 +167,7 @@ def train(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=240)
+    ap.add_argument("--steps", type=int, default=480)
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--vocab", type=int, default=4096, help="draft vocabulary size")

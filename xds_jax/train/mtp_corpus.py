@@ -3,8 +3,9 @@ hidden states and its next-token choices.
 
 Training prompts are chat turns built from ``TEMPLATES x SUBJECTS`` (deterministic); held-out
 prompts are the serving benchmark's dataset (``serving/entrypoints/datasets/prompts.jsonl``):
-no prompt in common, other templates (but one), 3 of the 40 subjects shared. Replies come from our engine,
-batched and greedy, so the corpus is the same on every run.
+no prompt in common, other templates (but one), 3 of the 40 subjects shared. Replies come
+from our engine, batched and greedy, so a rerun gives the same corpus (up to float rounding
+between batch shapes).
 """
 
 from __future__ import annotations

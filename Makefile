@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest --durations=10
 
-.PHONY: install demo test lint bench eval clean
+.PHONY: install demo test lint bench eval train-mtp clean
 
 $(BIN)/python:
 	$(shell command -v $(PY) || echo python3) -m venv $(VENV)
@@ -40,6 +40,12 @@ lint: install
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all
+
+# Retrain the shipped SmolLM2 MTP draft head (xds_jax/assets/mtp/smollm2, docs/speculative.md):
+# self-distillation on CPU, prints progress, held-out acceptance and where it saved.
+train-mtp: export XDS_CACHE_DIR ?= $(CURDIR)/.cache/xds_jax
+train-mtp: install
+	$(BIN)/python -m xds_jax.train.mtp_train $(TRAIN_MTP_ARGS)
 
 # lm-evaluation-harness against a local `xds serve` on the shipped offline tasks (docs/evaluation.md).
 # lm-eval is installed here only, never by `make test`.

@@ -2,7 +2,7 @@
 counts before JAX starts). Each prints its JSON lines and ratios; for a benchmark's own
 options run its module directly.
 
-    python -m benchmarks.run_all [--only compare,prefix,collectives,ma]
+    python -m benchmarks.run_all [--only compare,prefix,collectives,ma,spec]
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ BENCHMARKS = {
     "prefix": ["benchmarks.bench_engine"],
     "collectives": ["benchmarks.bench_collectives", "--devices", "64"],
     "ma": ["benchmarks.bench_ma"],
+    # SmolLM2 with and without MTP speculation (the shipped draft head), batch 1, 8, 32
+    "spec": ["benchmarks.bench_spec"],
 }
 
 

@@ -49,8 +49,9 @@ class EngineConfig:
         (``sharding.processes.DistributedConfig``, or a dict of its fields: ``coordinator``,
         ``num_processes``, ``process_id``); None for one process.
       speculative_config: ``{"method": "mtp", "num_speculative_tokens": k}`` (vLLM's
-        spelling): draft ``k`` tokens a decode step with the checkpoint's MTP block and verify
-        them in one target step (``docs/speculative.md``); None: no speculation.
+        spelling): draft ``k`` tokens a decode step with the checkpoint's MTP block (or the
+        head shipped for it, ``xds_jax/assets/mtp``) and verify them in one target step
+        (``docs/speculative.md``); None: no speculation.
       enable_eplb, eplb_config: rebalance an MA deployment's expert slice while serving
         (``{"window_size", "step_interval", "num_redundant_experts"}``, a dict or a JSON
         object, vLLM's spelling); ``eplb_config`` alone sets the window of

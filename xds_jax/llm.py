@@ -16,7 +16,8 @@ from typing import Any
 from xds_jax.compile_cache import enable_compilation_cache
 from xds_jax.engine_config import DEFAULTS, EngineConfig
 from xds_jax.errors import ConfigError, PromptTooLongError, SamplingParamsError, XdsError
-from xds_jax.loading.loader import load_model
+from xds_jax.loading.draft_heads import attach_shipped_head
+from xds_jax.loading.loader import load_model, resolve
 from xds_jax.outputs import RequestMetrics, RequestOutput
 from xds_jax.sampling.params import SamplingParams
 from xds_jax.sequence import Sequence
@@ -71,6 +72,8 @@ class LLM:
         self.model_name = loaded.name
         self.cfg = loaded.cfg
         self.params = loaded.params
+        if config.speculative_config:  # a model without MTP weights may have a shipped head
+            self.params = attach_shipped_head(loaded.params, loaded.cfg, resolve(config.model))
         self.tokenizer = loaded.tokenizer
         limit = self.cfg.max_position_embeddings
         if config.max_model_len is not None and not config.max_model_len <= limit:

@@ -29,7 +29,7 @@ from xds_jax.generate import bucket
 from xds_jax.model import stages
 from xds_jax.model.attention import new_layer_cache
 from xds_jax.model.config import ModelConfig
-from xds_jax.model.mtp import mtp_input, mtp_logits
+from xds_jax.model.mtp import draft_argmax, mtp_input
 from xds_jax.model.reference import last_token_logits
 from xds_jax.multihost import zeros
 
@@ -153,8 +153,7 @@ def _mtp_next(params, draft_B, g_BD, *, cfg):
 def _mtp_draft(params, x_BSD, last_B, *, cfg):
     """The MTP output at ``last_B`` and its greedy draft ``(g [B, D], token [B])``."""
     g_BD = _take_last(x_BSD, last_B)
-    logits = mtp_logits(params["mtp"], params, cfg, g_BD)
-    return g_BD, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return g_BD, draft_argmax(params["mtp"], params, cfg, g_BD)
 
 
 def _verify_tokens(tokens_BS, drafts):

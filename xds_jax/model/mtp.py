@@ -11,6 +11,11 @@ Drafting ``k`` tokens runs the first MTP block ``k`` times, each time feeding it
 hidden state as the next "target" hidden (vLLM and SGLang do the same with DeepSeek's one
 released MTP layer). The block's KV lives in its own pages, indexed by the target's block
 table, so it is freed and rolled back with the target's KV.
+
+A block may carry a draft vocabulary (FR-Spec, EAGLE-3): ``vocab_ids [N]`` (int32 target ids)
+and ``head [N, D]`` (those rows of the target's LM head). Its logits then cover those ``N``
+tokens only and drafts are mapped back to target ids: a smaller head is cheaper to read at
+small batch (``xds_jax/assets/mtp``). Blocks without them (DeepSeek) use the full shared head.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import jax.numpy as jnp
 from xds_jax.engine_config import MAX_SPECULATIVE_TOKENS  # one MTP block drifts past a few
 from xds_jax.model import stages
 from xds_jax.model.config import ModelConfig
-from xds_jax.model.layers import rms_norm
+from xds_jax.model.layers import matmul_f32, rms_norm
 
-__all__ = ["MAX_SPECULATIVE_TOKENS", "draft_tokens", "mtp_block", "mtp_input", "mtp_logits"]
+__all__ = ["MAX_SPECULATIVE_TOKENS", "draft_argmax", "draft_tokens", "mtp_block", "mtp_input",
+           "mtp_logits"]
 
 
 def mtp_block(block: dict, params: dict, cfg: ModelConfig, tokens_BS: jax.Array,
@@ -53,8 +59,18 @@ def mtp_input(block: dict, params: dict, cfg: ModelConfig, tokens_BS: jax.Array,
 
 
 def mtp_logits(block: dict, params: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
-    """The shared head on an MTP hidden state: the block's norm, the target's LM head."""
+    """The shared head on an MTP hidden state: the block's norm, the target's LM head (only
+    the rows of the block's draft vocabulary when it has one: ``[..., N]``)."""
+    if "vocab_ids" in block:
+        h = rms_norm(x, block["final_norm"], cfg.rms_norm_eps)
+        return matmul_f32(h, block["head"], w_transposed=True)
     return stages.head({**params, "final_norm": block["final_norm"]}, cfg, x)
+
+
+def draft_argmax(block: dict, params: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """The greedy draft (a target token id, int32) of an MTP hidden state."""
+    ids = jnp.argmax(mtp_logits(block, params, cfg, x), axis=-1).astype(jnp.int32)
+    return block["vocab_ids"][ids] if "vocab_ids" in block else ids
 
 
 def draft_tokens(block: dict, params: dict, cfg: ModelConfig, tokens_BW: jax.Array,
@@ -72,12 +88,11 @@ def draft_tokens(block: dict, params: dict, cfg: ModelConfig, tokens_BW: jax.Arr
                          block_tables_BN)
     g_BD = jnp.take_along_axis(x, last_B[:, None, None], axis=1)[:, 0]
     position_B = jnp.take_along_axis(positions_BW, last_B[:, None], axis=1)[:, 0]
-    drafts = [jnp.argmax(mtp_logits(block, params, cfg, g_BD), axis=-1).astype(jnp.int32)]
+    drafts = [draft_argmax(block, params, cfg, g_BD)]
     for j in range(1, k):
         pos_B = jnp.where((j < num_drafts_B) & (position_B >= 0), position_B + j, -1)
         out, cache = mtp_block(block, params, cfg, drafts[-1][:, None], g_BD[:, None],
                                pos_B[:, None], cache, block_tables_BN)
         g_BD = out[:, 0]
-        drafts.append(jnp.argmax(mtp_logits(block, params, cfg, g_BD), axis=-1)
-                      .astype(jnp.int32))
+        drafts.append(draft_argmax(block, params, cfg, g_BD))
     return jnp.stack(drafts, axis=1), cache

@@ -1,0 +1,115 @@
+"""SmolLM2 greedy decoding with and without MTP speculation (the shipped draft head), side by
+side in one process, at batch 1, 8 and 32 on held-out prompts (the serving benchmark's
+dataset, past the ones ``make train-mtp`` measures acceptance on).
+
+Each config runs once to compile, then ``--repeats`` times alternating the two engines;
+tokens/s is generated tokens over the wall time of ``LLM.chat`` (prefill included: one short
+prompt step per sequence), median over repeats. One JSON line per batch size; the mean
+accepted length is ``1 + accepted / drafts`` over the measured runs. ``--draft-vocabs
+49152,4096`` also times the head cut to those draft vocabularies (its most frequent ids; 49152:
+the full vocabulary, what the head would cost drafting through the whole shared LM head).
+Usage: ``python -m benchmarks.bench_spec [--batches 1,8,32] [--k 2] [--repeats 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from xds_jax import LLM, SamplingParams
+from xds_jax.loading.draft_heads import SHIPPED, read_head, save_head
+from xds_jax.train.mtp_corpus import held_out_conversations
+
+FIRST_PROMPT = 48  # make train-mtp measures acceptance on the first 48 held-out prompts
+
+
+def timed_chat(llm: LLM, conversations: list, params: SamplingParams) -> tuple[int, float]:
+    start = time.perf_counter()
+    outs = llm.chat(conversations, params)
+    return sum(len(o.outputs[0].token_ids) for o in outs), time.perf_counter() - start
+
+
+def spec_counters(llm: LLM) -> tuple[int, int]:
+    s = llm.engine.stats()
+    return s["spec_num_drafts"], s["spec_accepted_tokens"]
+
+
+def bench_batch(base: LLM, spec: LLM, conversations: list, params: SamplingParams,
+                repeats: int) -> dict:
+    timed_chat(base, conversations, params)  # compile both engines' shapes for this batch
+    timed_chat(spec, conversations, params)
+    drafts0, accepted0 = spec_counters(spec)
+    base_rates, spec_rates = [], []
+    for _ in range(repeats):
+        n, dt = timed_chat(base, conversations, params)
+        base_rates.append(n / dt)
+        n, dt = timed_chat(spec, conversations, params)
+        spec_rates.append(n / dt)
+    drafts, accepted = (a - b for a, b in zip(spec_counters(spec), (drafts0, accepted0),
+                                               strict=True))
+    base_tps, spec_tps = statistics.median(base_rates), statistics.median(spec_rates)
+    return {"tokens_per_run": n, "baseline_tok_s": round(base_tps, 2),
+            "spec_tok_s": round(spec_tps, 2), "ratio": round(spec_tps / base_tps, 3),
+            "mean_accepted_len": round(1 + accepted / max(drafts, 1), 3),
+            "baseline_tok_s_all": [round(r, 2) for r in base_rates],
+            "spec_tok_s_all": [round(r, 2) for r in spec_rates]}
+
+
+def spec_engine(k: int, draft_vocab: int | None, options: dict) -> LLM:
+    """SmolLM2 with the shipped head, its draft vocabulary cut to ``draft_vocab`` ids (or,
+    past the head's own, widened with the remaining ids: the full shared head's cost)."""
+    spec = {"method": "mtp", "num_speculative_tokens": k}
+    if draft_vocab is None:
+        return LLM("smollm2", speculative_config=spec, **options)
+    block, ids, meta = read_head(SHIPPED["SmolLM2-135M-Instruct.Q4_1.gguf"])
+    have = set(ids.tolist())
+    rest = [i for i in range(meta["vocab_size"]) if i not in have]
+    ids = [*ids.tolist(), *rest][:draft_vocab]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_head(Path(tmp), block, ids, meta)
+        os.environ["XDS_DRAFT_HEAD"] = tmp
+        try:
+            return LLM("smollm2", speculative_config=spec, **options)
+        finally:
+            del os.environ["XDS_DRAFT_HEAD"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--k", type=int, default=2, help="num_speculative_tokens")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default=None, help="parameter dtype (default: auto)")
+    ap.add_argument("--draft-vocabs", default="",
+                    help="comma-separated draft vocabulary sizes to time besides the shipped")
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    size = max(batches)
+    options = {"dtype": args.dtype, "max_num_seqs": size}
+    base = LLM("smollm2", **options)
+    shipped = spec_engine(args.k, None, options)
+    engines = {"shipped": shipped, **{int(v): spec_engine(args.k, int(v), options)
+                                      for v in args.draft_vocabs.split(",") if v}}
+    prompts = held_out_conversations()[FIRST_PROMPT:]
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    draft_vocab = int(shipped.params["mtp"][0]["vocab_ids"].shape[0])
+    ratios = {}
+    for b in batches:
+        for name, spec in engines.items():
+            result = bench_batch(base, spec, prompts[:b], params, args.repeats)
+            vocab = draft_vocab if name == "shipped" else name
+            print(json.dumps({"bench": "spec", "model": "smollm2", "k": args.k, "batch": b,
+                              "draft_vocab": vocab, "max_tokens": args.max_tokens, **result}),
+                  flush=True)
+            ratios[f"batch{b}_vocab{vocab}_speedup"] = result["ratio"]
+    print(json.dumps({"ratios": ratios}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""``make train-mtp``: train the shipped SmolLM2 MTP draft head by self-distillation.
+
+    python -m xds_jax.train.mtp_train [--steps 480] [--vocab 4096] [--out DIR]
+
+1. Corpus: the target's greedy replies to the training prompts (``mtp_corpus``), cached as
+   token ids under ``$XDS_CACHE_DIR/mtp`` (greedy, so a rerun regenerates the same file).
+2. The target's last hidden states and next-token choices over each sequence.
+3. A draft vocabulary: the ``--vocab`` ids the target chooses most often in the corpus.
+4. AdamW (optax) on both drafting passes' cross-entropy (``mtp_model.two_pass_loss``).
+5. Save (Orbax, bfloat16) and measure the held-out mean accepted length with ``k = 2`` twice:
+   offline on held-out target states, and in the engine (``LLM(.., speculative_config)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from xds_jax.loading.draft_heads import SHIPPED, save_head
+from xds_jax.train import mtp_corpus
+from xds_jax.train.mtp_model import init_block, make_batch, two_pass_loss
+
+log = logging.getLogger(__name__)
+MODEL = "smollm2"
+
+
+def draft_vocab(choice: np.ndarray, lengths: np.ndarray, size: int) -> np.ndarray:
+    """The ``size`` target ids chosen most often in the corpus, most frequent first (ties:
+    lower id), so that a prefix is the best smaller vocabulary."""
+    used = choice[np.arange(choice.shape[1])[None, :] < lengths[:, None]]
+    counts = np.bincount(used, minlength=size)
+    return np.argsort(-counts, kind="stable")[:size].astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "opt"))
+def _train_step(block, opt_state, embed, head, batch, *, cfg, opt):
+    (loss, _), grads = jax.value_and_grad(two_pass_loss, has_aux=True)(block, embed, head,
+                                                                       cfg, batch)
+    updates, opt_state = opt.update(grads, opt_state, block)
+    return optax.apply_updates(block, updates), opt_state, loss
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _eval_step(block, embed, head, batch, *, cfg):
+    return two_pass_loss(block, embed, head, cfg, batch)[1]
+
+
+def offline_acceptance(block, embed, head, cfg, corpus, index_of, batch_size: int) -> dict:
+    """Draft hit rates over the replies of corpus rows and the mean accepted length with
+    ``k = 2`` they give: ``1 + p1 + p1 * p2`` (``p2``: second draft right given the first was)."""
+    n1 = h1 = n21 = h21 = 0
+    for lo in range(0, len(corpus.tokens), batch_size):
+        sl = slice(lo, lo + batch_size)
+        b = make_batch(corpus, sl, index_of)
+        hit1, hit2 = (np.asarray(a) for a in _eval_step(block, embed, head, b, cfg=cfg))
+        n1 += b["use1"].sum()
+        h1 += hit1.sum()
+        n21 += (hit1 & b["use2"]).sum()
+        h21 += (hit1 & hit2).sum()
+    p1, p2 = h1 / max(n1, 1), h21 / max(n21, 1)
+    return {"p1": float(p1), "p2_given_1": float(p2), "mean_accepted_len": float(1 + p1 + p1 * p2)}
+
+
+def corpus_states(llm, name: str, conversations: list, max_tokens: int, width: int):
+    """Target states of the greedy replies to ``conversations``; replies and states are
+    cached under ``$XDS_CACHE_DIR/mtp`` (delete it to regenerate)."""
+    cache = Path(os.environ.get("XDS_CACHE_DIR", Path.home() / ".cache/xds_jax")) / "mtp"
+    stem = cache / f"{name}-{len(conversations)}x{max_tokens}"
+    states = stem.with_suffix(f".w{width}.npz")
+    if states.is_file():
+        print(f"corpus: target states from {states}", flush=True)
+        return mtp_corpus.load_states(states)
+    replies = stem.with_suffix(".jsonl")
+    if replies.is_file():
+        seqs = mtp_corpus.load_corpus(replies)
+        print(f"corpus: {len(seqs)} sequences from {replies}", flush=True)
+    else:
+        t, seqs = time.monotonic(), []
+        for lo in range(0, len(conversations), 64):
+            seqs += mtp_corpus.generate_replies(llm, conversations[lo:lo + 64], max_tokens)
+            print(f"corpus: {name} replies {len(seqs)}/{len(conversations)} "
+                  f"({time.monotonic() - t:.0f} s)", flush=True)
+        mtp_corpus.save_corpus(replies, seqs)
+        print(f"corpus: {len(seqs)} sequences ({sum(map(len, seqs))} tokens) in "
+              f"{time.monotonic() - t:.0f} s -> {replies}", flush=True)
+    t = time.monotonic()
+    bf16 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.bfloat16), llm.params)
+    corpus = mtp_corpus.target_states(bf16, llm.cfg, seqs,
+                                      mtp_corpus.prompt_lengths(llm, conversations), width)
+    mtp_corpus.save_states(states, corpus)
+    print(f"corpus: target states in {time.monotonic() - t:.0f} s -> {states}", flush=True)
+    return corpus
+
+
+def engine_acceptance(out: Path, conversations: list, max_tokens: int) -> dict:
+    """Mean accepted length (k = 2) of the saved head in the serving engine, greedy."""
+    from xds_jax import LLM, SamplingParams
+
+    os.environ["XDS_DRAFT_HEAD"] = str(out)
+    llm = LLM(MODEL, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    s = llm.engine.stats()
+    return {"spec_num_drafts": s["spec_num_drafts"],
+            "spec_accepted_tokens": s["spec_accepted_tokens"],
+            "mean_accepted_len": 1 + s["spec_accepted_tokens"] / max(s["spec_num_drafts"], 1)}
+
+
+def train(args) -> dict:
+    from xds_jax import LLM
+
+    llm = LLM(MODEL, max_num_seqs=64)
+    cfg = llm.cfg
+    train_c = corpus_states(llm, "train", mtp_corpus.train_conversations()[:args.prompts],
+                            args.max_tokens, args.width)
+    vocab = draft_vocab(train_c.choice, train_c.lengths, args.vocab)
+    index_of = np.full(cfg.vocab_size, -1, np.int32)
+    index_of[vocab] = np.arange(len(vocab))
+    embed = jnp.asarray(llm.params["embed"], jnp.float32)
+    head = embed[jnp.asarray(vocab)]
+    block = init_block(llm.params, cfg, args.seed)
+    sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.steps // 20, args.steps)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
+    opt_state = opt.init(block)
+    rng = np.random.default_rng(args.seed)
+    n, t0 = len(train_c.tokens), time.monotonic()
+    order = rng.permutation(n)
+    for step in range(args.steps):
+        lo = (step * args.batch) % n
+        if lo + args.batch > n:
+            order, lo = rng.permutation(n), 0
+        rows = order[lo:lo + args.batch]
+        b = make_batch(train_c, rows, index_of)
+        block, opt_state, loss = _train_step(block, opt_state, embed, head, b, cfg=cfg, opt=opt)
+        if step % 50 == 0 or step == args.steps - 1:
+            print(f"step {step + 1}/{args.steps} loss {float(loss):.3f} "
+                  f"({time.monotonic() - t0:.0f} s)", flush=True)
+    held = corpus_states(llm, "held-out", mtp_corpus.held_out_conversations(args.held_out),
+                         args.max_tokens, args.width)
+    offline = offline_acceptance(block, embed, head, cfg, held, index_of, args.batch)
+    print(f"held-out offline (k=2): {json.dumps(offline)}", flush=True)
+    meta = {"target": "SmolLM2-135M-Instruct.Q4_1.gguf", "hidden_size": cfg.hidden_size,
+            "vocab_size": cfg.vocab_size, "num_heads": cfg.num_heads,
+            "num_kv_heads": cfg.num_kv_heads, "draft_vocab": int(len(vocab)),
+            "train_sequences": int(n), "steps": args.steps, "batch": args.batch,
+            "lr": args.lr, "seed": args.seed, "held_out_offline": offline}
+    out = Path(args.out)
+    save_head(out, block, vocab, meta)
+    print(f"saved the draft head to {out.resolve()}", flush=True)
+    engine = engine_acceptance(out, mtp_corpus.held_out_conversations(args.held_out),
+                               args.max_tokens)
+    meta["held_out_engine"] = engine
+    (out / "head.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"held-out engine (k=2, greedy): mean accepted length "
+          f"{engine['mean_accepted_len']:.3f} ({json.dumps(engine)})", flush=True)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=480)
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--vocab", type=int, default=4096, help="draft vocabulary size")
+    ap.add_argument("--prompts", type=int, default=384, help="training prompts (of 800)")
+    ap.add_argument("--max-tokens", type=int, default=96, help="reply length in the corpus")
+    ap.add_argument("--width", type=int, default=128, help="tokens per training sequence")
+    ap.add_argument("--held-out", type=int, default=48, help="held-out prompts")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(SHIPPED["SmolLM2-135M-Instruct.Q4_1.gguf"]))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("xds_jax.train").setLevel(logging.INFO)  # target-state progress
+    train(args)
+
+
+if __name__ == "__main__":
+    main()

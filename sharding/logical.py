@@ -63,6 +63,9 @@ _LEAF_AXES = {
     "router_bias": ("experts",),
     "shared_gate": ("embed", None),
     "eh_proj": (None, "embed"),
+    # a draft head's own vocabulary (xds_jax.model.mtp): its target ids and their head rows
+    "vocab_ids": ("vocab",),
+    "head": ("vocab", "embed"),
 }
 _EXPERT_LEAVES = {"gate", "up", "down"}
 

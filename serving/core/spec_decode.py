@@ -178,7 +178,8 @@ def check_speculative(params: dict, k: int) -> None:
     if not params.get("mtp"):
         raise ConfigError("speculative_config: method 'mtp' needs a checkpoint with MTP "
                           "weights (num_nextn_predict_layers > 0 and model.layers.N.* "
-                          "tensors); this model has none")
+                          "tensors) or a shipped draft head (xds_jax/assets/mtp/, or "
+                          "XDS_DRAFT_HEAD=<dir>); this model has neither")
     if not 1 <= k <= MAX_SPECULATIVE_TOKENS:
         raise ConfigError(f"num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS}")
 

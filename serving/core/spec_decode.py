@@ -33,6 +33,7 @@ from xds_jax.model import stages
 from xds_jax.model.attention import new_layer_cache
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.mtp import MAX_SPECULATIVE_TOKENS, draft_tokens, mtp_block
+from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import forward, last_token_logits
 from xds_jax.sampling.rejection import verify_drafts
 
@@ -104,7 +105,7 @@ class SpecRunner(ModelRunner):
             raise ConfigError(f"num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS}")
         super().__init__(params, cfg, num_blocks, block_size, device, staged=False)
         self.k = num_speculative_tokens
-        dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        dtype = model_dtype(params)
         with jax.default_device(self.device):
             self.mtp_cache = new_layer_cache(cfg, num_blocks, block_size, dtype)
         self.pending: dict[int, Pending] = {}
@@ -184,7 +185,7 @@ class SpecRunner(ModelRunner):
 
     @property
     def mtp_cache_dtype(self):
-        return self.params["embed"].dtype
+        return model_dtype(self.params)
 
     def _pending_of(self, item) -> Pending | None:
         p = self.pending.get(item.seq.seq_id)

@@ -29,6 +29,7 @@ from xds_jax.generate import bucket
 from xds_jax.model import stages
 from xds_jax.model.attention import new_layer_cache
 from xds_jax.model.config import ModelConfig
+from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import last_token_logits
 from xds_jax.multihost import zeros
 
@@ -142,7 +143,7 @@ class Domain:
         self.rank_sharding = NamedSharding(mesh, self._rank)
         repl = NamedSharding(mesh, self._whole)
         self.params = jax.tree.map(lambda a: from_host(a, repl), attention_params(params))
-        self.dtype = params["embed"].dtype
+        self.dtype = model_dtype(params)
         a = len(self.devices)
         caches = []
         for _ in range(cfg.num_layers):

@@ -123,3 +123,9 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, scale: float
 def param_bytes(params: dict) -> int:
     """Bytes held by a parameter tree."""
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+
+
+def model_dtype(params: dict):
+    """The model's floating dtype (KV pages, activations between stages): the final norm's,
+    which int8 quantisation (``xds_jax.model.quant``) never touches, unlike the embedding."""
+    return params["final_norm"].dtype

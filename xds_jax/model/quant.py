@@ -79,8 +79,28 @@ def dequantize(q: jax.Array, scale: jax.Array, axis: int = -2) -> jax.Array:
 def quantize_params(params: dict, method: str | None) -> dict:
     """The tree with every linear weight of ``LAYER_LEAVES`` / ``TOP_LEAVES`` as int8 plus a
     ``<name>_scale`` sibling; ``method=None`` returns ``params`` as is."""
-    if check_quantization(method) is None:
-        return params
+
+    def one(name: str, w) -> tuple:
+        q, scale = quantize_weight(w, contract_axis(name))
+        return jnp.asarray(q), jnp.asarray(scale)
+
+    return params if check_quantization(method) is None else _map_linear(params, one)
+
+
+def quantized_shapes(params: dict, method: str | None) -> dict:
+    """``quantize_params``'s tree as ``ShapeDtypeStruct``s, from a tree of them (planning)."""
+
+    def one(name: str, w) -> tuple:
+        axis = contract_axis(name) % len(w.shape)
+        return (jax.ShapeDtypeStruct(w.shape, jnp.int8),
+                jax.ShapeDtypeStruct(w.shape[:axis] + w.shape[axis + 1:], jnp.float32))
+
+    return params if check_quantization(method) is None else _map_linear(params, one)
+
+
+def _map_linear(params: dict, quantize) -> dict:
+    """``params`` with each quantised leaf ``w`` replaced by ``quantize(name, w)``'s
+    ``(values, scales)`` as ``name`` and ``name_scale``."""
 
     def leaves(d: dict, names: frozenset) -> dict:
         out = {}
@@ -88,8 +108,7 @@ def quantize_params(params: dict, method: str | None) -> dict:
             if isinstance(value, dict):
                 out[key] = leaves(value, names if key != "experts" else LAYER_LEAVES)
             elif key in names:
-                q, scale = quantize_weight(value, contract_axis(key))
-                out[key], out[key + SCALE_SUFFIX] = jnp.asarray(q), jnp.asarray(scale)
+                out[key], out[key + SCALE_SUFFIX] = quantize(key, value)
             else:
                 out[key] = value
         return out

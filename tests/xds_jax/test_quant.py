@@ -158,3 +158,27 @@ def test_converted_weights_cache_keeps_int8(tmp_path, monkeypatch):
     for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(again.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert fp.params["layers"][0]["attn"]["q"].dtype == jnp.float32
+
+
+def test_gguf_q8_0_tensor_requantised_per_channel(tmp_path):
+    """A Q8_0 tensor read from a GGUF file and requantised per output channel: within half a
+    channel step of the Q8_0 values, and the source reports its storage type."""
+    import gguf
+
+    from xds_jax.loading.weights_gguf import GGUFSource
+
+    w = RNG.normal(size=(8, 64)).astype(np.float32)  # GGUF layout [out, in]
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
+    writer = gguf.GGUFWriter(tmp_path / "m.gguf", "llama")
+    writer.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(w, q8_0), raw_dtype=q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    src = GGUFSource(tmp_path / "m.gguf")
+    assert src.quant_type("blk.0.attn_q.weight") == "Q8_0"
+    assert src.linear_quant_types() == {"Q8_0"}
+    blocks = src.get("blk.0.attn_q.weight")
+    np.testing.assert_allclose(blocks, w, atol=np.abs(w).max() / 127)
+    q, scale = quantize_weight(blocks.T)
+    assert (np.abs(q * scale - blocks.T) <= scale / 2 + 1e-7).all()

@@ -166,6 +166,11 @@ def _load_gguf(name: str, path: Path, dtype, use_cache: bool,
     src = GGUFSource(path)
     cfg = config_from_gguf(src.meta, set(src.names()), str(path))
     jdtype = resolve_dtype(dtype, cfg)
+    stored = src.linear_quant_types()
+    if quantization is None and stored & {"Q8_0", "Q4_0", "Q4_1"}:
+        log.info("%s stores %s weights, dequantised to %s; quantization='int8' holds them in "
+                 "8 bits (docs/quantization.md)", path.name, "/".join(sorted(stored)),
+                 jdtype.__name__)
 
     def build() -> dict:
         params = assemble(cfg, src, gguf_keymap(cfg, param_shapes(cfg)), jdtype, False)

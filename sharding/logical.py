@@ -44,6 +44,8 @@ _LEAF_AXES = {
     "q": ("embed", "heads"),
     "k": ("embed", "kv_heads"),
     "v": ("embed", "kv_heads"),
+    "qkv": ("embed", "kv_heads"),  # fused, grouped by KV head (xds_jax.model.fused)
+    "qkv_bias": ("kv_heads",),
     "o": ("heads", "embed"),
     "q_bias": ("heads",),
     "k_bias": ("kv_heads",),
@@ -60,6 +62,8 @@ _LEAF_AXES = {
     "gate": ("embed", "mlp"),
     "up": ("embed", "mlp"),
     "down": ("mlp", "embed"),
+    "gate_up": ("embed", "mlp"),  # fused, gate/up columns interleaved
+    "gate_up_bias": ("mlp",),
     "gate_bias": ("mlp",),
     "up_bias": ("mlp",),
     "down_bias": ("embed",),

@@ -33,11 +33,10 @@ def test_int8_engine_matches_int8_reference(name, deployment):
               use_param_cache=False)
     assert llm.params["layers"][0]["attn"]["o"].dtype == "int8"
     if deployment is not None:
-        runner = llm.engine.groups[0].runner
-        q = runner.params["layers"][0]["attn"]["q_b" if name == "deepseek_v3" else "q"]
-        scale = runner.params["layers"][0]["attn"]["q_b_scale" if name == "deepseek_v3"
-                                                   else "q_scale"]
-        assert q.sharding.spec == P(None, "tp") and scale.sharding.spec == P("tp")
+        attn = llm.engine.groups[0].runner.params["layers"][0]["attn"]
+        q = "q_b" if name == "deepseek_v3" else "qkv"  # MLA's query up-projection, fused GQA
+        assert attn[q].sharding.spec == P(None, "tp")
+        assert attn[q + "_scale"].sharding.spec == P("tp")
     prompts = workload(llm.cfg.vocab_size, 10, seed=5)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         [params_for(i) for i in range(len(prompts))])

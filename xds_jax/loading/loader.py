@@ -25,6 +25,7 @@ from xds_jax.loading import param_cache
 from xds_jax.loading.weights import assemble
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.config_hf import load_model_config
+from xds_jax.model.fused import fuse_projections
 from xds_jax.model.params import init_params, param_shapes
 from xds_jax.model.quant import check_quantization, quantize_params
 from xds_jax.text.byte_tokenizer import byte_tokenizer
@@ -105,8 +106,9 @@ def load_config(model: str | Path) -> ModelConfig:
 def load_model(model: str | Path, dtype: str | None = None, seed: int = 0,
                use_cache: bool = True, load_mtp: bool = True,
                quantization: str | None = None) -> LoadedModel:
-    """Load config, parameters (as ``dtype``; linear weights quantised after conversion with
-    ``quantization``, ``xds_jax.model.quant``) and tokenizer for ``model``."""
+    """Load config, parameters (as ``dtype``; Q/K/V and gate/up fused, ``xds_jax.model.fused``;
+    linear weights then quantised with ``quantization``, ``xds_jax.model.quant``) and
+    tokenizer for ``model``."""
     path = resolve(model)
     q = check_quantization(quantization)
     if path.suffix == ".gguf":
@@ -115,13 +117,13 @@ def load_model(model: str | Path, dtype: str | None = None, seed: int = 0,
         cfg = load_model_config(path)
         jdtype = resolve_dtype(dtype, cfg)
         log.info("random weights for %s (seed %d): config only, byte tokenizer", path, seed)
-        params = quantize_params(init_params(cfg, seed, jdtype), q)
+        params = quantize_params(fuse_projections(init_params(cfg, seed, jdtype), cfg), q)
         return LoadedModel(str(model), cfg, params, byte_tokenizer(cfg))
     return _load_hf_dir(str(model), path, dtype, use_cache, load_mtp, q)
 
 
 def _cache_tag(fmt: str, jdtype, quantization: str | None) -> str:
-    return f"{fmt}-{jdtype.__name__}" + (f"-{quantization}" if quantization else "")
+    return f"{fmt}-{jdtype.__name__}-fused" + (f"-{quantization}" if quantization else "")
 
 
 def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool,
@@ -143,7 +145,7 @@ def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool,
         with_mtp = load_mtp and has_mtp_weights(cfg, names)
         shapes = param_shapes(cfg, with_mtp=with_mtp)
         params = assemble(cfg, src, hf_keymap(cfg, shapes, names), jdtype, with_mtp)
-        return quantize_params(params, quantization)
+        return quantize_params(fuse_projections(params, cfg), quantization)
 
     params = param_cache.cached(files + [path / "config.json"],
                                 _cache_tag("hf", jdtype, quantization), build, enabled=use_cache)
@@ -174,7 +176,7 @@ def _load_gguf(name: str, path: Path, dtype, use_cache: bool,
 
     def build() -> dict:
         params = assemble(cfg, src, gguf_keymap(cfg, param_shapes(cfg)), jdtype, False)
-        return quantize_params(params, quantization)
+        return quantize_params(fuse_projections(params, cfg), quantization)
 
     params = param_cache.cached([path], _cache_tag("gguf", jdtype, quantization), build,
                                 enabled=use_cache)

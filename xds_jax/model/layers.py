@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xds_jax.model.config import ModelConfig, RopeConfig
+from xds_jax.model.fused import split_gate_up
 from xds_jax.model.quant import SCALE_SUFFIX, dequantize, int8_matmul
 
 
@@ -75,9 +76,12 @@ def weight_f32(p: dict, name: str) -> jax.Array:
 
 
 def swiglu(p: dict, x: jax.Array) -> jax.Array:
-    """``down(silu(gate(x)) * up(x))``; biases when the checkpoint has them. Float32 out."""
-    g = project(p, "gate", x)
-    u = project(p, "up", x)
+    """``down(silu(gate(x)) * up(x))``; biases when the checkpoint has them. Float32 out.
+    A ``gate_up`` weight (``xds_jax.model.fused``) computes gate and up in one matmul."""
+    if "gate_up" in p:
+        g, u = split_gate_up(project(p, "gate_up", x))
+    else:
+        g, u = project(p, "gate", x), project(p, "up", x)
     return project(p, "down", jax.nn.silu(g) * u)
 
 

@@ -44,8 +44,8 @@ _LEAF_AXES = {
     "q": ("embed", "heads"),
     "k": ("embed", "kv_heads"),
     "v": ("embed", "kv_heads"),
-    "qkv": ("embed", "kv_heads"),  # fused, grouped by KV head (xds_jax.model.fused)
-    "qkv_bias": ("kv_heads",),
+    "kv": ("embed", "kv_heads"),  # fused, grouped by KV head (xds_jax.model.fused)
+    "kv_bias": ("kv_heads",),
     "o": ("heads", "embed"),
     "q_bias": ("heads",),
     "k_bias": ("kv_heads",),

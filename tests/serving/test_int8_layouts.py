@@ -34,7 +34,7 @@ def test_int8_engine_matches_int8_reference(name, deployment):
     assert llm.params["layers"][0]["attn"]["o"].dtype == "int8"
     if deployment is not None:
         attn = llm.engine.groups[0].runner.params["layers"][0]["attn"]
-        q = "q_b" if name == "deepseek_v3" else "qkv"  # MLA's query up-projection, fused GQA
+        q = "q_b" if name == "deepseek_v3" else "q"  # MLA's query up-projection
         assert attn[q].sharding.spec == P(None, "tp")
         assert attn[q + "_scale"].sharding.spec == P("tp")
     prompts = workload(llm.cfg.vocab_size, 10, seed=5)

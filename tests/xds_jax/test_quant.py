@@ -154,10 +154,10 @@ def test_converted_weights_cache_keeps_int8(tmp_path, monkeypatch):
     again = load_model(GOLDEN / "llama", dtype="float32", quantization="int8")
     fp = load_model(GOLDEN / "llama", dtype="float32")
     assert len(list((tmp_path / "params").iterdir())) == len(entries) + 1  # fp: its own entry
-    assert again.params["layers"][0]["attn"]["q"].dtype == jnp.int8
+    assert again.params["layers"][0]["attn"]["kv"].dtype == jnp.int8
     for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(again.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert fp.params["layers"][0]["attn"]["q"].dtype == jnp.float32
+    assert fp.params["layers"][0]["attn"]["kv"].dtype == jnp.float32
 
 
 def test_gguf_q8_0_tensor_requantised_per_channel(tmp_path):

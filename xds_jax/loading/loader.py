@@ -106,7 +106,7 @@ def load_config(model: str | Path) -> ModelConfig:
 def load_model(model: str | Path, dtype: str | None = None, seed: int = 0,
                use_cache: bool = True, load_mtp: bool = True,
                quantization: str | None = None) -> LoadedModel:
-    """Load config, parameters (as ``dtype``; Q/K/V and gate/up fused, ``xds_jax.model.fused``;
+    """Load config, parameters (as ``dtype``; K/V and gate/up fused, ``xds_jax.model.fused``;
     linear weights then quantised with ``quantization``, ``xds_jax.model.quant``) and
     tokenizer for ``model``."""
     path = resolve(model)

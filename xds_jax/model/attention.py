@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from xds_jax.model.config import ModelConfig
-from xds_jax.model.fused import split_qkv
+from xds_jax.model.fused import split_kv
 from xds_jax.model.layers import (
     apply_rope,
     attention_scale,
@@ -100,10 +100,10 @@ def gqa_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
     """Grouped-query attention (Llama, Qwen, Mixtral). Returns output ``[B, S, D]`` and cache."""
     b, s, _ = x_BSD.shape
     h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    if "qkv" in p:  # fused at load time (xds_jax.model.fused): one matmul
-        q, kk, v = split_qkv(project(p, "qkv", x_BSD), cfg)
+    q = project(p, "q", x_BSD).reshape(b, s, h, dh)
+    if "kv" in p:  # fused at load time (xds_jax.model.fused): one matmul
+        kk, v = split_kv(project(p, "kv", x_BSD), cfg)
     else:
-        q = project(p, "q", x_BSD).reshape(b, s, h, dh)
         kk = project(p, "k", x_BSD).reshape(b, s, k, dh)
         v = project(p, "v", x_BSD).reshape(b, s, k, dh)
     if cfg.qk_norm:

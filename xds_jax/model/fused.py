@@ -1,19 +1,21 @@
-"""Fused projections, made once at load time: Q, K and V as one matmul, gate and up as one.
+"""Fused projections, made once at load time: K and V as one matmul, gate and up as one.
 
-Layouts that tensor parallelism splits whole (a TP shard is a contiguous block of columns):
+Layouts that tensor parallelism splits whole (a TP shard is a contiguous block of columns),
+with exactly the sharding the separate weights had:
 
-- ``qkv [D, K * (G + 2) * Dh]``: per KV head ``j``, its ``G`` query heads, then ``k_j``, then
-  ``v_j``. Split by KV heads (logical axis ``kv_heads``), each TP rank holds whole groups:
-  its query heads with the keys and values they attend to. Query head ``j * G + g`` is the
-  unfused ``q``'s head of that index, so GQA's ``h // G`` pairing is unchanged.
+- ``kv [D, K * 2 * Dh]``: per KV head ``j``, ``k_j`` then ``v_j``; split by KV heads (axis
+  ``kv_heads``) as ``k`` and ``v`` were. Q stays its own matmul: fused into the KV-head
+  groups it would split only where TP divides the KV heads, and replicate the query
+  projection where TP divides the query heads alone (2 KV heads under TP 4), so the loader,
+  which does not know the layout, never fuses it.
 - ``gate_up [D, 2F]``: columns interleaved, ``2f`` gate ``f`` and ``2f + 1`` up ``f``, so a
   block of columns holds matching gate/up pairs (axis ``mlp``).
 
-Biases fuse alike (``qkv_bias``, ``gate_up_bias``). MLA attention and routed experts stay
+Biases fuse alike (``kv_bias``, ``gate_up_bias``). MLA attention and routed experts stay
 unfused (the expert slice gathers and moves experts by their own names). The stage code takes
 either layout, so trees built without loading (``init_params``) still run.
 
-Shape legend: D hidden, H query heads, K KV heads, G = H / K, Dh head dim, F MLP width.
+Shape legend: D hidden, K KV heads, Dh head dim, F MLP width.
 """
 
 from __future__ import annotations
@@ -24,13 +26,12 @@ import jax.numpy as jnp
 from xds_jax.model.config import ModelConfig
 
 
-def _fuse_qkv_cols(q, k, v, kv_heads: int):
-    """``[..., H*Dh], [..., K*Dh], [..., K*Dh]`` -> ``[..., K*(G+2)*Dh]`` grouped by KV head."""
-    lead = q.shape[:-1]
-    q_ = q.reshape(lead + (kv_heads, -1))
+def _fuse_kv_cols(k, v, kv_heads: int):
+    """``[..., K*Dh], [..., K*Dh]`` -> ``[..., K*2*Dh]`` grouped by KV head."""
+    lead = k.shape[:-1]
     k_ = k.reshape(lead + (kv_heads, -1))
     v_ = v.reshape(lead + (kv_heads, -1))
-    return jnp.concatenate([q_, k_, v_], axis=-1).reshape(lead + (-1,))
+    return jnp.concatenate([k_, v_], axis=-1).reshape(lead + (-1,))
 
 
 def _interleave(gate, up):
@@ -39,14 +40,14 @@ def _interleave(gate, up):
 
 
 def fuse_attention(p: dict, cfg: ModelConfig) -> dict:
-    """A GQA attention dict with ``q``/``k``/``v`` (and biases) replaced by ``qkv``."""
-    if cfg.mla is not None or "q" not in p:
+    """A GQA attention dict with ``k``/``v`` (and biases) replaced by ``kv``."""
+    if cfg.mla is not None or "k" not in p:
         return p
-    k = cfg.num_kv_heads
-    out = {n: w for n, w in p.items() if n not in ("q", "k", "v", "q_bias", "k_bias", "v_bias")}
-    out["qkv"] = _fuse_qkv_cols(p["q"], p["k"], p["v"], k)
-    if "q_bias" in p:
-        out["qkv_bias"] = _fuse_qkv_cols(p["q_bias"], p["k_bias"], p["v_bias"], k)
+    heads = cfg.num_kv_heads
+    out = {n: w for n, w in p.items() if n not in ("k", "v", "k_bias", "v_bias")}
+    out["kv"] = _fuse_kv_cols(p["k"], p["v"], heads)
+    if "k_bias" in p:
+        out["kv_bias"] = _fuse_kv_cols(p["k_bias"], p["v_bias"], heads)
     return out
 
 
@@ -75,13 +76,11 @@ def fuse_projections(params: dict, cfg: ModelConfig) -> dict:
     return dict(params, layers=[layer(lay) for lay in params["layers"]])
 
 
-def split_qkv(y: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``qkv``'s output ``[B, S, K*(G+2)*Dh]`` -> q ``[B, S, H, Dh]``, k and v ``[B, S, K, Dh]``."""
+def split_kv(y: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """``kv``'s output ``[B, S, K*2*Dh]`` -> k and v ``[B, S, K, Dh]``."""
     b, s = y.shape[:2]
-    k, dh = cfg.num_kv_heads, cfg.head_dim
-    g = cfg.num_heads // k
-    y = y.reshape(b, s, k, g + 2, dh)
-    return y[:, :, :, :g].reshape(b, s, k * g, dh), y[:, :, :, g], y[:, :, :, g + 1]
+    y = y.reshape(b, s, cfg.num_kv_heads, 2, cfg.head_dim)
+    return y[:, :, :, 0], y[:, :, :, 1]
 
 
 def split_gate_up(y: jax.Array) -> tuple[jax.Array, jax.Array]:

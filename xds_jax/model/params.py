@@ -5,6 +5,9 @@ Matrices are stored ``[in, out]`` so that stages compute ``x @ w``. The tree is:
     {"embed": [V, D], "final_norm": [D], "lm_head": [D, V] (untied only),
      "layers": [{"input_norm", "post_norm", "attn": {...}, "mlp" | "moe": {...}}, ...],
      "mtp": [{"enorm", "hnorm", "eh_proj", "layer": {...}, "final_norm"}, ...] (DeepSeek MTP)}
+
+Loaders then fuse K/V and gate/up (``xds_jax.model.fused``) and may quantise linear weights
+to int8 with ``<name>_scale`` siblings (``xds_jax.model.quant``); stages take every variant.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """xds-jax against Hugging Face transformers: one process, the same weights, the same prompts.
 
-For each dtype (float32, bfloat16) it prints one JSON line per engine and configuration:
+For each dtype (float32, bfloat16, and int8: weight-only INT8 over bfloat16, ``LLM(...,
+quantization="int8")``) it prints one JSON line per engine and configuration:
 decode at batch 1 / 8 / 32 (64-token prompts, ``--tokens`` new tokens) and prefill of one
 512-token prompt, tokens/s as median/min/max over ``--repeats`` runs, then a final ratios line.
 The memory-bandwidth roofline is measured in the same run (numpy copy of a 1 GiB buffer:
@@ -16,6 +17,11 @@ period, gives the Python host time per step (``host_fraction``).
 transformers: a logits processor timestamps each generation step of one ``generate`` call.
 Prompts are fresh random ids each run (no prefix-cache hits). Prefill: one ``generate`` call
 with ``max_tokens=1`` on a fresh 512-token prompt, whole-call wall time.
+
+transformers has no weight-only INT8 CPU path of its own (bitsandbytes and torchao kernels
+need an accelerator or extra packages), so int8 rows have no transformers row; the ratios
+line gives ``int8_decode_b1_vs_bfloat16`` (our int8 batch 1 over our bfloat16 batch 1) and
+likewise for the other batches and prefill.
 
 transformers comes from the ``golden`` extra; without it a line says so and only xds-jax rows
 are printed. Usage: ``python -m benchmarks.compare [--quick] [--dtypes ...] [--batches ...]``.
@@ -175,15 +181,19 @@ def emit(line: dict) -> None:
 
 
 def run_dtype(dtype: str, batches: list[int], tokens: int, repeats: int, bandwidth: float,
-              ratios: dict) -> None:
+              ratios: dict, medians: dict) -> None:
     """Every configuration of one dtype. xds-jax and transformers runs alternate, so a burst
-    of load from elsewhere hits both; ratios are medians of the per-pair ratios."""
-    llm = LLM("smollm2", dtype=dtype, max_num_seqs=max(max(batches), 4),
+    of load from elsewhere hits both; ratios are medians of the per-pair ratios. ``medians``
+    gets our median rate per configuration name."""
+    quantization = "int8" if dtype == "int8" else None
+    llm = LLM("smollm2", dtype="bfloat16" if quantization else dtype, quantization=quantization,
+              max_num_seqs=max(max(batches), 4),
               max_num_batched_tokens=max(PREFILL_LEN, max(batches)))
-    hf = load_hf(dtype)
+    hf = None if quantization else load_hf(dtype)
     if hf is None:
-        emit({"engine": "transformers", "skipped": "torch/transformers not installed "
-              "(pip install -e '.[golden]' for the baseline)"})
+        emit({"engine": "transformers", "dtype": dtype, "skipped": (
+            "no weight-only INT8 CPU path in transformers" if quantization else
+            "torch/transformers not installed (pip install -e '.[golden]' for the baseline)")})
     weight_bytes = param_bytes(llm.params)
     base = {"dtype": dtype, "weight_bytes": weight_bytes}
     roofline = bandwidth / weight_bytes
@@ -219,6 +229,7 @@ def run_dtype(dtype: str, batches: list[int], tokens: int, repeats: int, bandwid
             line["host_fraction"] = summary(host)
         emit(line)
         name = f"{dtype}_{kind}_b{batch}" if kind == "decode" else f"{dtype}_prefill"
+        medians[name] = statistics.median(ours)
         if kind == "decode" and batch == 1:
             ratios[f"{dtype}_decode_b1_of_roofline"] = statistics.median(ours) / roofline
         if host and batch == max(batches):
@@ -231,8 +242,8 @@ def run_dtype(dtype: str, batches: list[int], tokens: int, repeats: int, bandwid
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
-                    choices=["float32", "bfloat16"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"],
+                    choices=["float32", "bfloat16", "int8"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per decode run")
     ap.add_argument("--repeats", type=int, default=3)
@@ -242,8 +253,13 @@ def main(argv: list[str] | None = None) -> None:
         args.tokens, args.repeats = 16, 2
     bandwidth = memory_bandwidth()
     ratios: dict = {}
+    medians: dict = {}
     for dtype in args.dtypes:
-        run_dtype(dtype, args.batches, args.tokens, args.repeats, bandwidth, ratios)
+        run_dtype(dtype, args.batches, args.tokens, args.repeats, bandwidth, ratios, medians)
+    for name, rate in medians.items():  # int8 against bfloat16, configuration by configuration
+        base = name.replace("int8_", "bfloat16_", 1)
+        if name.startswith("int8_") and base in medians:
+            ratios[name + "_vs_bfloat16"] = rate / medians[base]
     emit({"ratios": ratios})
 
 

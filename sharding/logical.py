@@ -18,6 +18,9 @@ axes per role. The names:
 ``page``        token slots within a page
 ==============  ===========================================================================
 
+An int8 weight's per-output-channel scales (``<name>_scale``, ``xds_jax.model.quant``) take
+the weight's axes less its input axis, so they split exactly as the columns they scale.
+
 ``None`` marks a dim no rule may split (MTP's concatenated ``[2D]`` input, a one-column gate,
 MLA's single latent KV head). Parameter axes come from a parameter's path in the tree that
 ``xds_jax.model.params.param_shapes`` describes, so they fit every loader's output.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import jax
 
 from xds_jax.model.config import ModelConfig
+from xds_jax.model.quant import SCALE_SUFFIX, contract_axis
 
 LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "kv_heads", "head_dim", "latent", "mlp",
                 "experts", "expert_slots", "kv_pages", "page")
@@ -40,6 +44,8 @@ _LEAF_AXES = {
     "q": ("embed", "heads"),
     "k": ("embed", "kv_heads"),
     "v": ("embed", "kv_heads"),
+    "kv": ("embed", "kv_heads"),  # fused, grouped by KV head (xds_jax.model.fused)
+    "kv_bias": ("kv_heads",),
     "o": ("heads", "embed"),
     "q_bias": ("heads",),
     "k_bias": ("kv_heads",),
@@ -56,6 +62,8 @@ _LEAF_AXES = {
     "gate": ("embed", "mlp"),
     "up": ("embed", "mlp"),
     "down": ("mlp", "embed"),
+    "gate_up": ("embed", "mlp"),  # fused, gate/up columns interleaved
+    "gate_up_bias": ("mlp",),
     "gate_bias": ("mlp",),
     "up_bias": ("mlp",),
     "down_bias": ("embed",),
@@ -78,10 +86,20 @@ def _names(path: tuple) -> list[str]:
     return [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
 
 
+def _drop_input_axis(axes: tuple, weight: str) -> tuple:
+    return tuple(a for i, a in enumerate(axes) if i != len(axes) + contract_axis(weight))
+
+
 def axes_for_path(path: tuple) -> tuple[str | None, ...]:
     """Logical axes of the parameter at ``path`` (a ``jax.tree_util`` key path)."""
-    names = _names(path)
+    return _axes_for_names(_names(path))
+
+
+def _axes_for_names(names: list[str]) -> tuple[str | None, ...]:
     leaf = names[-1]
+    if leaf.endswith(SCALE_SUFFIX):
+        weight = leaf[: -len(SCALE_SUFFIX)]
+        return _drop_input_axis(_axes_for_names(names[:-1] + [weight]), weight)
     if len(names) > 1 and names[-2] == "experts" and leaf in _EXPERT_LEAVES:
         return ("experts",) + _LEAF_AXES[leaf]
     if leaf in _LEAF_AXES:
@@ -115,7 +133,11 @@ def kv_page_axes(cfg: ModelConfig) -> tuple[str | None, ...]:
 
 
 def expert_slot_axes(leaf: str) -> tuple[str | None, ...]:
-    """Axes of the expert slice's slot weights ``[P, D, F]`` / ``[P, F, D]``."""
+    """Axes of the expert slice's slot weights ``[P, D, F]`` / ``[P, F, D]`` (and of int8
+    weights' scales ``[P, F]`` / ``[P, D]``)."""
+    if leaf.endswith(SCALE_SUFFIX):
+        weight = leaf[: -len(SCALE_SUFFIX)]
+        return ("expert_slots",) + _drop_input_axis(_LEAF_AXES[weight], weight)
     return ("expert_slots",) + _LEAF_AXES[leaf]
 
 

@@ -40,15 +40,20 @@ from sharding.deployment import DeploymentSpec, RoleSpec
 from sharding.logical import axis_units, expert_slot_axes, kv_page_axes, param_logical_axes
 from sharding.rules import logical_to_spec, tree_shardings
 from xds_jax.model.config import ModelConfig
+from xds_jax.model.fused import fuse_projections
 from xds_jax.model.params import param_shapes
+from xds_jax.model.quant import quantized_shapes
 from xds_jax.model.reference import new_caches
 
 
-def abstract_params(cfg: ModelConfig, dtype, with_mtp: bool = False) -> dict:
-    """The parameter tree a loader produces, as ``ShapeDtypeStruct``s."""
+def abstract_params(cfg: ModelConfig, dtype, with_mtp: bool = False,
+                    quantization: str | None = None) -> dict:
+    """The parameter tree a loader produces (projections fused; with ``quantization``,
+    ``"int8"``: its int8 weights and scales), as ``ShapeDtypeStruct``s."""
     shapes = param_shapes(cfg, with_mtp=with_mtp)
-    return jax.eval_shape(lambda: jax.tree.map(lambda s: jnp.zeros(s, dtype), shapes,
-                                               is_leaf=lambda x: isinstance(x, tuple)))
+    tree = jax.eval_shape(lambda: fuse_projections(jax.tree.map(
+        lambda s: jnp.zeros(s, dtype), shapes, is_leaf=lambda x: isinstance(x, tuple)), cfg))
+    return quantized_shapes(tree, quantization)
 
 
 def abstract_caches(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> list[dict]:

@@ -133,17 +133,20 @@ def _role_plan(cfg, spec: DeploymentSpec, role: RoleSpec, params, dtype, mem: in
 
 
 def plan_deployment(model_cfg, deployment, *, model_name: str = "model",
-                    memory_gib: float | None = None, dtype=None, params=None) -> Plan:
+                    memory_gib: float | None = None, dtype=None, params=None,
+                    quantization: str | None = None) -> Plan:
     """Plan a ``DeploymentSpec`` (or ``Deployment``) for a ``ModelConfig``.
 
     ``dtype`` defaults to the model's; ``params`` is the abstract parameter tree (default
     the one a loader makes from the config, without MTP blocks; pass
-    ``jax.eval_shape(lambda: params)`` of a loaded tree to plan exactly that).
+    ``jax.eval_shape(lambda: params)`` of a loaded tree to plan exactly that);
+    ``quantization="int8"`` plans that default tree's int8 weights and scales.
     """
     spec = getattr(deployment, "spec", deployment)
     spec.check_model(model_cfg)
     dtype = jnp.dtype(dtype or model_cfg.dtype)
-    params = params if params is not None else abstract_params(model_cfg, dtype)
+    if params is None:
+        params = abstract_params(model_cfg, dtype, quantization=quantization)
     mem = int((memory_gib or spec.memory_per_device_gib) * GIB)
     attn = spec.roles.get("decode_attention")
     attn_batch = 0
@@ -151,7 +154,8 @@ def plan_deployment(model_cfg, deployment, *, model_name: str = "model",
         attn_batch = _role_plan(model_cfg, spec, attn, params, dtype, mem, 0).max_batch
     roles = tuple(_role_plan(model_cfg, spec, r, params, dtype, mem, attn_batch)
                   for r in sorted(spec.roles.values(), key=lambda r: r.devices.start))
-    return Plan(model_name, spec.name, dtype.name, mem, roles)
+    label = dtype.name + (f" + {quantization} weights" if quantization else "")
+    return Plan(model_name, spec.name, label, mem, roles)
 
 
 def _b(n: int) -> str:
@@ -212,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deployment", required=True, help="deployment YAML")
     parser.add_argument("--memory-gib", type=float, help="override memory per device")
     parser.add_argument("--dtype", help="weights and KV dtype (default: the model's)")
+    parser.add_argument("--quantization", choices=["int8"],
+                        help="int8: weight-only INT8 linear weights (default: none)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     perf = parser.add_argument_group("performance model (docs/deployments.md)")
     perf.add_argument("--perf", action="store_true",
@@ -228,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.perf:
             return _perf(args, cfg, spec)
         plan = plan_deployment(cfg, spec, model_name=args.model, memory_gib=args.memory_gib,
-                               dtype=args.dtype)
+                               dtype=args.dtype, quantization=args.quantization)
     except (DeploymentError, OSError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

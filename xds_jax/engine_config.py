@@ -28,6 +28,9 @@ class EngineConfig:
       dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, or ``"auto"``/None: the
         checkpoint's dtype, except float16 on CPU, which runs as float32 (XLA:CPU has no
         float16 matmul; ``xds_jax.loading.loader.auto_dtype``).
+      quantization: ``"int8"``: weight-only INT8 linear layers, experts, embedding and LM head
+        with one scale per output channel, quantised at load time (``docs/quantization.md``);
+        None: weights as ``dtype``.
       max_model_len: context limit in tokens, prompt plus output; None: the model's.
       seed: seed of random weights when ``model`` is a bare config.
       num_dp_groups: colocated DP groups, one per device, when there is no ``deployment``.
@@ -69,6 +72,7 @@ class EngineConfig:
 
     model: str = "smollm2"
     dtype: str | None = None
+    quantization: str | None = None
     max_model_len: int | None = None
     seed: int = 0
     num_dp_groups: int = 1
@@ -100,6 +104,8 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
         _check_speculative(self.speculative_config)
+        if self.quantization not in (None, "int8"):
+            raise ConfigError(f"quantization must be 'int8' or None, got {self.quantization!r}")
         if self.dispatch_dtype not in (None, "auto", "int8"):
             raise ConfigError(f"dispatch_dtype must be 'auto' or 'int8', got "
                               f"{self.dispatch_dtype!r}")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xds_jax.model.config import ModelConfig
+from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import forward, last_token_logits, new_caches
 from xds_jax.multihost import fetch
 from xds_jax.sampling.params import SamplingParams
@@ -71,7 +72,7 @@ class LocalGenerator:
         self.params = params
         self.cfg = cfg
         self.page_size = page_size
-        self.dtype = params["embed"].dtype
+        self.dtype = model_dtype(params)
 
     def run(self, seqs: list[Sequence]) -> None:
         """Generate until every sequence has finished (results are left in the sequences)."""

@@ -68,7 +68,7 @@ class LLM:
         self.config = config = _read_deployment(config)
         _size_cpu_devices(config)
         loaded = load_model(config.model, dtype=config.dtype, seed=config.seed,
-                            use_cache=config.use_param_cache)
+                            use_cache=config.use_param_cache, quantization=config.quantization)
         self.model_name = loaded.name
         self.cfg = loaded.cfg
         self.params = loaded.params

@@ -30,6 +30,7 @@ from serving.core.request import Request
 from serving.core.step_gc import StepGC
 from xds_jax.engine_config import EngineConfig
 from xds_jax.model.config import ModelConfig
+from xds_jax.model.params import model_dtype
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +367,7 @@ def group_config_for(params: dict, cfg: ModelConfig, max_model_len: int,
                      config: EngineConfig) -> GroupConfig:
     """A group's capacity from the engine's: a KV pool sized to fit ``kv_cache_bytes`` (but
     no more than ``max_num_seqs`` full contexts, and at least one)."""
-    itemsize = jax.tree_util.tree_leaves(params)[0].dtype.itemsize
+    itemsize = model_dtype(params).itemsize
     block_size = config.block_size
     per_block = max(cfg.kv_bytes_per_token(itemsize) * block_size, 1)
     per_seq = -(-max_model_len // block_size)

@@ -26,6 +26,7 @@ from serving.core.runner import ModelRunner
 from xds_jax.generate import bucket
 from xds_jax.model import stages
 from xds_jax.model.config import ModelConfig
+from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import forward, new_caches
 from xds_jax.outputs import Logprob
 
@@ -41,7 +42,7 @@ def score_tokens(params: dict, tokens_S: jax.Array, *, cfg: ModelConfig, top_n: 
     ``top_logprobs [S, K]``; the last position (and the padding) pairs with a dummy token.
     """
     s = tokens_S.shape[0]
-    caches = new_caches(cfg, 1, s, jax.tree_util.tree_leaves(params)[0].dtype)
+    caches = new_caches(cfg, 1, s, model_dtype(params))
     x_1SD, _ = forward(params, cfg, tokens_S[None], jnp.arange(s)[None], caches,
                        jnp.zeros((1, 1), jnp.int32))
     chunk = min(s, HEAD_CHUNK)

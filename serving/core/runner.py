@@ -27,6 +27,7 @@ from collectives.p2p import gather_blocks, scatter_blocks_donated
 from sharding.params import kv_page_shardings, param_shardings, tp_mesh
 from xds_jax.generate import bucket, model_step, sample_rows
 from xds_jax.model.config import ModelConfig
+from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import new_caches, staged_step
 from xds_jax.multihost import place, place_tree, zeros_tree
 
@@ -91,7 +92,7 @@ class ModelRunner:
         devices = list(device) if isinstance(device, list | tuple) else [device or jax.devices()[0]]
         self.devices = devices
         self.device = devices[0]
-        dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        dtype = model_dtype(params)
         if len(devices) == 1:
             self.input_sharding = self.device
             self.params = place_tree(params, self.device)

@@ -34,6 +34,7 @@ from xds_jax.model import stages
 from xds_jax.model.attention import new_layer_cache
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.mtp import MAX_SPECULATIVE_TOKENS, draft_tokens, mtp_block
+from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import forward, last_token_logits
 from xds_jax.multihost import place, zeros_tree
 
@@ -81,7 +82,7 @@ class SpecRunner(ModelRunner):
         check_speculative(params, num_speculative_tokens)
         super().__init__(params, cfg, num_blocks, block_size, device, staged=False)
         self.k = num_speculative_tokens
-        dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        dtype = model_dtype(params)
         shapes = jax.eval_shape(lambda: new_layer_cache(cfg, num_blocks, block_size, dtype))
         if len(self.devices) == 1:
             self.mtp_cache = zeros_tree(shapes, self.device)
@@ -150,7 +151,7 @@ class SpecRunner(ModelRunner):
         width = bucket(self.spec.width(items))
         dr = self.spec.draft_rows(items, b, width)
         self._count_shape(("decode", b, width, rows.tables_BN.shape))
-        inputs = self._put(dr.tokens_BW, dr.hidden_BWD.astype(self.params["embed"].dtype),
+        inputs = self._put(dr.tokens_BW, dr.hidden_BWD.astype(model_dtype(self.params)),
                            dr.positions_BW, dr.last_B, dr.num_drafts_B, rows.tokens_BS[:, 0],
                            rows.positions_BS[:, 0])
         with self.lock:

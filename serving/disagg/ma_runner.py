@@ -30,6 +30,7 @@ from xds_jax.model import stages
 from xds_jax.model.attention import new_layer_cache
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.mtp import draft_argmax, mtp_input
+from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import last_token_logits
 from xds_jax.multihost import zeros
 
@@ -178,7 +179,7 @@ class Domain:
         self.rank_sharding = NamedSharding(mesh, self._rank)
         repl = NamedSharding(mesh, self._whole)
         self.params = jax.tree.map(lambda a: from_host(a, repl), attention_params(params, mtp))
-        self.dtype = params["embed"].dtype
+        self.dtype = model_dtype(params)
         a = len(self.devices)
         caches = []  # the target's layers, then (MTP) the MTP block's: "layer" num_layers
         for _ in range(cfg.num_layers + mtp):

@@ -52,9 +52,9 @@ def positive_float(text: str) -> float:
 
 # ``EngineArgs`` fields set by the engine flags of the same name (``--max-num-seqs`` sets
 # ``max_num_seqs``); their defaults are ``EngineConfig``'s. ``launch.engine_args`` maps them.
-ENGINE_FIELDS = ("model", "dtype", "max_model_len", "seed", "num_dp_groups", "max_num_seqs",
-                 "max_num_batched_tokens", "block_size", "enable_prefix_caching", "staged",
-                 "micro_batches", "speculative_config", "enable_eplb", "eplb_config",
+ENGINE_FIELDS = ("model", "dtype", "quantization", "max_model_len", "seed", "num_dp_groups",
+                 "max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching",
+                 "staged", "micro_batches", "speculative_config", "enable_eplb", "eplb_config",
                  "dispatch_dtype", "faults", "heartbeat_timeout_s", "kv_transfer_retries")
 
 
@@ -70,6 +70,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        default=d.dtype,
                        help="parameter and activation dtype (default auto: the checkpoint's, "
                        "except float16 on CPU, which runs as float32)")
+    group.add_argument("--quantization", choices=["int8"], default=d.quantization,
+                       help="int8: weight-only INT8 linear layers and embeddings, one scale "
+                       "per output channel (docs/quantization.md) (default: none)")
     group.add_argument("--deployment", metavar="YAML",
                        help="deployment file (DP groups, PD pools, MoE-attention split); "
                        "default: one device, colocated")

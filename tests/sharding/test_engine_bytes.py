@@ -1,7 +1,8 @@
 """``xds plan``'s per-device bytes are what the engine puts on each device: the shipped
 cpu8-pd, cpu16-ma and cm384 layouts built through ``LLM(deployment=...)`` with the tiny
 Llama and the 256-expert DeepSeek-V3 config, every role's weight and KV bytes counted from
-the shards on each device."""
+the shards on each device; with int8 weights too (their scales placed with them), where
+the plan's weight bytes per device come out near half of float32's bfloat16."""
 
 from collections import defaultdict
 
@@ -48,17 +49,19 @@ def engine_bytes(engine) -> tuple[dict, dict, dict]:
     return _bytes_on_devices(weights), _bytes_on_devices(kv), tokens
 
 
-def check(model: str, deployment: str) -> None:
+def check(model: str, deployment: str, quantization: str | None = None):
+    """The plan's bytes per device are the engine's; returns the plan."""
     if len(jax.devices()) < read_deployment(f"{DEPLOYMENTS}/{deployment}.yaml").num_devices:
         pytest.skip("needs more devices")
     llm = LLM(MODELS[model], dtype="float32", deployment=f"{DEPLOYMENTS}/{deployment}.yaml",
-              max_model_len=64, max_num_seqs=2, use_param_cache=False)
+              max_model_len=64, max_num_seqs=2, use_param_cache=False,
+              quantization=quantization)
     # the plan's default tree is the tree the loader made
-    planned_tree = abstract_params(llm.cfg, "float32")
+    planned_tree = abstract_params(llm.cfg, "float32", quantization=quantization)
     assert jax.tree.structure(planned_tree) == jax.tree.structure(llm.params)
     assert jax.tree.leaves(planned_tree) == jax.tree.leaves(jax.eval_shape(lambda: llm.params))
     plan = plan_deployment(llm.cfg, read_deployment(f"{DEPLOYMENTS}/{deployment}.yaml"),
-                           dtype="float32")
+                           dtype="float32", quantization=quantization)
     weights, kv, tokens = engine_bytes(llm.engine)
     devices = jax.devices()
     for role in plan.roles:
@@ -70,6 +73,7 @@ def check(model: str, deployment: str) -> None:
             role.kv_bytes_per_token * tokens.get(d, 0) for d in on_devices], role.role
     # nothing the engine placed is missing from the plan
     assert set(weights) <= set(devices[:plan_devices(plan)])
+    return plan
 
 
 def plan_devices(plan) -> int:
@@ -81,10 +85,20 @@ def test_cpu8_pd_plan_equals_engine_bytes(model):
     check(model, "cpu8-pd")
 
 
+@pytest.mark.parametrize("model", ["llama", "v3-256"])
+def test_cpu8_pd_int8_plan_equals_engine_bytes_and_quarters_float32(model):
+    """int8 weights with their scales (TP-split on the prefill pool) are what the plan
+    counts, and about a quarter of float32's bytes per device (half of bfloat16's)."""
+    fp32, int8 = check(model, "cpu8-pd"), check(model, "cpu8-pd", "int8")
+    for a, b in zip(fp32.roles, int8.roles, strict=True):
+        assert 0.25 < b.param_bytes / a.param_bytes < 0.3, (a.role, a.param_bytes, b.param_bytes)
+
+
 @pytest.mark.mesh16
 @pytest.mark.parametrize("model", ["llama", "v3-256"])
-def test_cpu16_ma_plan_equals_engine_bytes(model):
-    check(model, "cpu16-ma")
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_cpu16_ma_plan_equals_engine_bytes(model, quantization):
+    check(model, "cpu16-ma", quantization)
 
 
 @pytest.mark.mesh384

@@ -18,6 +18,7 @@ from sharding.placement import abstract_caches, abstract_params
 from sharding.rules import RULES, tree_shardings
 from tests.helpers import GOLDEN
 from xds_jax.model.config_hf import load_model_config
+from xds_jax.model.fused import fuse_projections
 from xds_jax.model.params import init_params
 
 LLAMA = load_model_config(GOLDEN / "llama" / "config.json")  # 4 heads, 2 KV heads
@@ -29,15 +30,16 @@ SMOL = dataclasses.replace(LLAMA, num_heads=9, num_kv_heads=3, head_dim=8,
 
 R = P()  # replicated (no dim split)
 
-# Leaf path (layer index dropped) -> spec on a TP=4 prefill group.
+# Leaf path (layer index dropped) -> spec on a TP=4 prefill group, of the loaders' tree (K/V
+# and gate/up fused at load time, xds_jax.model.fused).
 LLAMA_TP4 = {
     "embed": P(None, None), "lm_head": P(None, None), "final_norm": P(None),
     "input_norm": P(None), "post_norm": P(None),
-    "attn/q": P(None, "tp"), "attn/k": P(None, None), "attn/v": P(None, None),  # 2 KV heads
+    "attn/q": P(None, "tp"), "attn/kv": P(None, None),  # 2 KV heads
     "attn/o": P("tp", None),
-    "mlp/gate": P(None, "tp"), "mlp/up": P(None, "tp"), "mlp/down": P("tp", None),
+    "mlp/gate_up": P(None, "tp"), "mlp/down": P("tp", None),
 }
-SMOL_TP3 = LLAMA_TP4 | {"attn/k": P(None, "tp"), "attn/v": P(None, "tp")}
+SMOL_TP3 = LLAMA_TP4 | {"attn/kv": P(None, "tp")}
 del SMOL_TP3["lm_head"]  # tied
 V3_TP4 = {
     "embed": P(None, None), "lm_head": P(None, None), "final_norm": P(None),
@@ -45,18 +47,17 @@ V3_TP4 = {
     "attn/q_a": P(None, None), "attn/q_a_norm": P(None), "attn/q_b": P(None, "tp"),
     "attn/kv_a": P(None, None), "attn/kv_a_norm": P(None), "attn/kv_b": P(None, "tp"),
     "attn/o": P("tp", None),
-    "mlp/gate": P(None, "tp"), "mlp/up": P(None, "tp"), "mlp/down": P("tp", None),
+    "mlp/gate_up": P(None, "tp"), "mlp/down": P("tp", None),
     "moe/router": P(None, None), "moe/router_bias": P(None),
     "moe/experts/gate": P(None, None, "tp"), "moe/experts/up": P(None, None, "tp"),
     "moe/experts/down": P(None, "tp", None),  # every group holds every expert
-    "moe/shared/gate": P(None, "tp"), "moe/shared/up": P(None, "tp"),
-    "moe/shared/down": P("tp", None),
+    "moe/shared/gate_up": P(None, "tp"), "moe/shared/down": P("tp", None),
 }
 QWEN2_MOE_TP4 = {k: v for k, v in V3_TP4.items()
                  if not k.startswith(("attn/", "mlp/")) and k != "moe/router_bias"} | {
-    "attn/q": P(None, "tp"), "attn/k": P(None, None), "attn/v": P(None, None),
-    "attn/o": P("tp", None), "attn/q_bias": P("tp"), "attn/k_bias": P(None),
-    "attn/v_bias": P(None), "moe/shared_gate": P(None, None),
+    "attn/q": P(None, "tp"), "attn/kv": P(None, None),
+    "attn/o": P("tp", None), "attn/q_bias": P("tp"), "attn/kv_bias": P(None),
+    "moe/shared_gate": P(None, None),
 }
 
 
@@ -141,8 +142,8 @@ def test_every_parameter_of_every_architecture_has_logical_axes(name):
 @pytest.mark.parametrize("cfg, tp, want", [(LLAMA, 4, LLAMA_TP4), (SMOL, 3, SMOL_TP3),
                                            (V3, 4, V3_TP4)], ids=["llama", "smol", "v3"])
 def test_runner_places_weights_by_the_rules(cfg, tp, want):
-    runner = ModelRunner(init_params(cfg, dtype=np.float32), cfg, 4, 16,
-                         jax.devices()[:tp])
+    params = fuse_projections(init_params(cfg, dtype=np.float32), cfg)  # as loaders make it
+    runner = ModelRunner(params, cfg, 4, 16, jax.devices()[:tp])
     assert specs(jax.tree.map(lambda a: a.sharding, runner.params)) == want
     axes = set(specs(jax.tree.map(lambda a: a.sharding, runner.caches)).values())
     assert axes == set(specs(kv_page_shardings(runner.caches, cfg, runner.params["embed"]

@@ -22,6 +22,8 @@ import numpy as np
 
 from xds_jax.errors import ConfigError
 from xds_jax.model.config import ModelConfig
+from xds_jax.model.params import model_dtype
+from xds_jax.model.quant import SCALE_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +77,25 @@ def load_head(path: Path, params: dict, cfg: ModelConfig) -> dict:
     got = {k: meta.get(k) for k in want}
     if got != want:
         raise ConfigError(f"draft head {path} was trained for {got}, this model is {want}")
-    dtype = params["embed"].dtype
+    dtype = model_dtype(params)
     block = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), tree)
     ids = jnp.asarray(vocab_ids)
     block["vocab_ids"] = ids
-    block["head"] = (jnp.take(params["embed"], ids, axis=0) if cfg.tie_word_embeddings
-                     else jnp.take(params["lm_head"], ids, axis=1).T)
+    block["head"] = _head_rows(params, cfg, ids).astype(dtype)
     return block
+
+
+def _head_rows(params: dict, cfg: ModelConfig, ids: jax.Array) -> jax.Array:
+    """The target head's rows ``[N, D]`` for the draft vocabulary ``ids``, dequantised when
+    the target's embedding / LM head is INT8 (``xds_jax.model.quant``: one scale per
+    vocabulary row)."""
+    name = "embed" if cfg.tie_word_embeddings else "lm_head"
+    w = params[name] if name == "embed" else params[name].T  # [V, D]
+    rows = jnp.take(w, ids, axis=0)
+    scale = params.get(name + SCALE_SUFFIX)
+    if scale is not None:
+        rows = rows.astype(jnp.float32) * jnp.take(scale, ids)[:, None]
+    return rows
 
 
 def attach_shipped_head(params: dict, cfg: ModelConfig, model_path: Path) -> dict:

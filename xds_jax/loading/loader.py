@@ -25,7 +25,9 @@ from xds_jax.loading import param_cache
 from xds_jax.loading.weights import assemble
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.config_hf import load_model_config
+from xds_jax.model.fused import fuse_projections
 from xds_jax.model.params import init_params, param_shapes
+from xds_jax.model.quant import check_quantization, quantize_params
 from xds_jax.text.byte_tokenizer import byte_tokenizer
 
 log = logging.getLogger(__name__)
@@ -102,20 +104,30 @@ def load_config(model: str | Path) -> ModelConfig:
 
 
 def load_model(model: str | Path, dtype: str | None = None, seed: int = 0,
-               use_cache: bool = True, load_mtp: bool = True) -> LoadedModel:
-    """Load config, parameters (as ``dtype``) and tokenizer for ``model``."""
+               use_cache: bool = True, load_mtp: bool = True,
+               quantization: str | None = None) -> LoadedModel:
+    """Load config, parameters (as ``dtype``; K/V and gate/up fused, ``xds_jax.model.fused``;
+    linear weights then quantised with ``quantization``, ``xds_jax.model.quant``) and
+    tokenizer for ``model``."""
     path = resolve(model)
+    q = check_quantization(quantization)
     if path.suffix == ".gguf":
-        return _load_gguf(str(model), path, dtype, use_cache)
+        return _load_gguf(str(model), path, dtype, use_cache, q)
     if path.is_file():
         cfg = load_model_config(path)
         jdtype = resolve_dtype(dtype, cfg)
         log.info("random weights for %s (seed %d): config only, byte tokenizer", path, seed)
-        return LoadedModel(str(model), cfg, init_params(cfg, seed, jdtype), byte_tokenizer(cfg))
-    return _load_hf_dir(str(model), path, dtype, use_cache, load_mtp)
+        params = quantize_params(fuse_projections(init_params(cfg, seed, jdtype), cfg), q)
+        return LoadedModel(str(model), cfg, params, byte_tokenizer(cfg))
+    return _load_hf_dir(str(model), path, dtype, use_cache, load_mtp, q)
 
 
-def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool) -> LoadedModel:
+def _cache_tag(fmt: str, jdtype, quantization: str | None) -> str:
+    return f"{fmt}-{jdtype.__name__}-fused" + (f"-{quantization}" if quantization else "")
+
+
+def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool,
+                 quantization: str | None) -> LoadedModel:
     from xds_jax.loading.weights_hf import SafetensorsSource, has_mtp_weights, hf_keymap
 
     cfg = load_model_config(path)
@@ -132,10 +144,11 @@ def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool) 
         names = set(src.names())
         with_mtp = load_mtp and has_mtp_weights(cfg, names)
         shapes = param_shapes(cfg, with_mtp=with_mtp)
-        return assemble(cfg, src, hf_keymap(cfg, shapes, names), jdtype, with_mtp)
+        params = assemble(cfg, src, hf_keymap(cfg, shapes, names), jdtype, with_mtp)
+        return quantize_params(fuse_projections(params, cfg), quantization)
 
-    params = param_cache.cached(files + [path / "config.json"], f"hf-{jdtype.__name__}", build,
-                                enabled=use_cache)
+    params = param_cache.cached(files + [path / "config.json"],
+                                _cache_tag("hf", jdtype, quantization), build, enabled=use_cache)
     return LoadedModel(name, cfg, params, _hf_tokenizer(path))
 
 
@@ -147,16 +160,24 @@ def _hf_tokenizer(path: Path):
     return Tokenizer.from_hf_dir(path)
 
 
-def _load_gguf(name: str, path: Path, dtype, use_cache: bool) -> LoadedModel:
+def _load_gguf(name: str, path: Path, dtype, use_cache: bool,
+               quantization: str | None) -> LoadedModel:
     from xds_jax.loading.weights_gguf import GGUFSource, config_from_gguf, gguf_keymap
     from xds_jax.text.tokenizer import Tokenizer
 
     src = GGUFSource(path)
     cfg = config_from_gguf(src.meta, set(src.names()), str(path))
     jdtype = resolve_dtype(dtype, cfg)
+    stored = src.linear_quant_types()
+    if quantization is None and stored & {"Q8_0", "Q4_0", "Q4_1"}:
+        log.info("%s stores %s weights, dequantised to %s; quantization='int8' holds them in "
+                 "8 bits (docs/quantization.md)", path.name, "/".join(sorted(stored)),
+                 jdtype.__name__)
 
     def build() -> dict:
-        return assemble(cfg, src, gguf_keymap(cfg, param_shapes(cfg)), jdtype, False)
+        params = assemble(cfg, src, gguf_keymap(cfg, param_shapes(cfg)), jdtype, False)
+        return quantize_params(fuse_projections(params, cfg), quantization)
 
-    params = param_cache.cached([path], f"gguf-{jdtype.__name__}", build, enabled=use_cache)
+    params = param_cache.cached([path], _cache_tag("gguf", jdtype, quantization), build,
+                                enabled=use_cache)
     return LoadedModel(name, cfg, params, Tokenizer.from_gguf_fields(src.meta))

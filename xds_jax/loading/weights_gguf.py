@@ -1,8 +1,16 @@
 """GGUF checkpoints (llama.cpp): config from metadata, tensors dequantised on load.
 
 Quantised blocks (Q4_0/Q4_1/Q5/Q8_0/K-quants, F16/BF16) are expanded to float32 by the
-``gguf`` package and then cast to the serving dtype. llama.cpp stores Llama's Q and K rows
-permuted for its interleaved RoPE; they are permuted back to the Hugging Face layout here.
+``gguf`` package and then cast to the serving dtype; with ``quantization="int8"`` the loader
+then requantises every linear weight per output channel (``xds_jax.model.quant``), so a Q8_0
+or Q4 file is held as 8 bits per weight. Q8_0's own 32-value block scales are not kept: the
+matmul has one scale per output channel (block scales would need per-block int32 partial
+sums, too many for prefill on XLA:CPU), which adds 0.8% relative RMS error to Q8_0's 0.56%
+on SmolLM2's weights (docs/quantization.md). Q4 blocks are not kept as 4 bits: XLA:CPU has
+no 4-bit dot, and a converted operand is materialised on every call.
+
+llama.cpp stores Llama's Q and K rows permuted for its interleaved RoPE; they are permuted
+back to the Hugging Face layout here.
 """
 
 from __future__ import annotations
@@ -34,6 +42,15 @@ class GGUFSource:
 
     def names(self):
         return self._infos.keys()
+
+    def quant_type(self, name: str) -> str:
+        """The GGML storage type of tensor ``name`` (``"Q8_0"``, ``"Q4_1"``, ``"F32"``...)."""
+        return gguf.GGMLQuantizationType(self._infos[name].ggml_type).name
+
+    def linear_quant_types(self) -> set[str]:
+        """Storage types of the layers' matrices (norms and biases aside)."""
+        return {self.quant_type(n) for n, info in self._infos.items()
+                if n.startswith("blk.") and len(info.shape) == 2}
 
     def get(self, name: str) -> np.ndarray:
         info = self._infos[name]

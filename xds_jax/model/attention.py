@@ -15,7 +15,15 @@ import jax
 import jax.numpy as jnp
 
 from xds_jax.model.config import ModelConfig
-from xds_jax.model.layers import apply_rope, attention_scale, linear, rms_norm, rope_cos_sin
+from xds_jax.model.fused import split_kv
+from xds_jax.model.layers import (
+    apply_rope,
+    attention_scale,
+    project,
+    rms_norm,
+    rope_cos_sin,
+    weight_f32,
+)
 
 _MASKED = -1e30
 
@@ -92,9 +100,12 @@ def gqa_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
     """Grouped-query attention (Llama, Qwen, Mixtral). Returns output ``[B, S, D]`` and cache."""
     b, s, _ = x_BSD.shape
     h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = linear(x_BSD, p["q"], p.get("q_bias")).reshape(b, s, h, dh)
-    kk = linear(x_BSD, p["k"], p.get("k_bias")).reshape(b, s, k, dh)
-    v = linear(x_BSD, p["v"], p.get("v_bias")).reshape(b, s, k, dh)
+    q = project(p, "q", x_BSD).reshape(b, s, h, dh)
+    if "kv" in p:  # fused at load time (xds_jax.model.fused): one matmul
+        kk, v = split_kv(project(p, "kv", x_BSD), cfg)
+    else:
+        kk = project(p, "k", x_BSD).reshape(b, s, k, dh)
+        v = project(p, "v", x_BSD).reshape(b, s, k, dh)
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
         kk = rms_norm(kk, p["k_norm"], cfg.rms_norm_eps)
@@ -119,7 +130,7 @@ def gqa_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
     out = jnp.einsum("bkgsl,blkd->bskgd", probs.astype(kv_dtype), vals_BLKD,
                      preferred_element_type=jnp.float32)
     out = out.reshape(b, s, h * dh)
-    return linear(out, p["o"], p.get("o_bias")), cache
+    return project(p, "o", out), cache
 
 
 def mla_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax.Array,
@@ -134,12 +145,12 @@ def mla_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
     b, s, _ = x_BSD.shape
     h, nope, r, c = cfg.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank
     if m.q_lora_rank is None:
-        q = linear(x_BSD, p["q"])
+        q = project(p, "q", x_BSD)
     else:
-        q = linear(rms_norm(linear(x_BSD, p["q_a"]), p["q_a_norm"], cfg.rms_norm_eps), p["q_b"])
+        q = project(p, "q_b", rms_norm(project(p, "q_a", x_BSD), p["q_a_norm"], cfg.rms_norm_eps))
     q = q.reshape(b, s, h, m.qk_head_dim)
     q_nope, q_rope = q[..., :nope], q[..., nope:]
-    kv = linear(x_BSD, p["kv_a"])
+    kv = project(p, "kv_a", x_BSD)
     c_kv = rms_norm(kv[..., :c], p["kv_a_norm"], cfg.rms_norm_eps)
     k_rope = kv[..., c:].reshape(b, s, 1, r)
     cos, sin = rope_cos_sin(cfg, positions_BS)
@@ -149,7 +160,7 @@ def mla_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
     cache = {"c": write_pages(cache["c"], latent, positions_BS, block_tables_BN)}
     cached = read_pages(cache["c"], block_tables_BN)[:, :, 0, :]
     c_BLC, kr_BLR = cached[..., :c], cached[..., c:]
-    kv_b = p["kv_b"].reshape(c, h, nope + m.v_head_dim).astype(jnp.float32)
+    kv_b = weight_f32(p, "kv_b").reshape(c, h, nope + m.v_head_dim)
     w_uk, w_uv = kv_b[..., :nope], kv_b[..., nope:]
     q_lat = jnp.einsum("bshn,chn->bshc", q_nope.astype(jnp.float32), w_uk)
     scores = jnp.einsum("bshc,blc->bhsl", q_lat, c_BLC)
@@ -158,7 +169,7 @@ def mla_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
     probs = _softmax(scores * attention_scale(cfg), mask)
     o_lat = jnp.einsum("bhsl,blc->bshc", probs, c_BLC)
     out = jnp.einsum("bshc,chv->bshv", o_lat, w_uv).reshape(b, s, h * m.v_head_dim)
-    return linear(out, p["o"]), cache
+    return project(p, "o", out), cache
 
 
 def new_layer_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> dict:

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from xds_jax.model.config import ModelConfig, RopeConfig
+from xds_jax.model.fused import split_gate_up
+from xds_jax.model.quant import SCALE_SUFFIX, dequantize, int8_matmul
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -25,14 +27,22 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight.astype(jnp.float32) * x32.astype(x.dtype).astype(jnp.float32)
 
 
-def matmul_f32(x: jax.Array, w: jax.Array, w_transposed: bool = False) -> jax.Array:
+def matmul_f32(x: jax.Array, w: jax.Array, w_transposed: bool = False,
+               scale: jax.Array | None = None) -> jax.Array:
     """``x [..., K] @ w [K, N]`` (``w [N, K]`` when ``w_transposed``), float32 result.
+
+    An int8 ``w`` is a quantised weight with per-output-channel ``scale [N]``
+    (``xds_jax.model.quant.int8_matmul``).
 
     ``x`` is cast to ``w``'s dtype (a 16-bit weight is read as stored) and the dot accumulates
     in float32: on XLA:CPU a bfloat16 x bfloat16 dot with a float32 result runs about twice as
     fast as float32, while one with a bfloat16 result is upcast (the whole weight converted to
     float32 on every call). A single-row 16-bit dot is upcast too, so it runs as two rows.
     """
+    if w.dtype == jnp.int8:
+        if scale is None:
+            raise ValueError(f"an int8 weight {w.shape} needs its per-channel scale")
+        return int8_matmul(x, w, scale, w_transposed)
     lead, k = x.shape[:-1], x.shape[-1]
     x_MK = x.reshape(-1, k).astype(w.dtype)
     single = x_MK.shape[0] == 1 and w.dtype.itemsize == 2
@@ -45,17 +55,34 @@ def matmul_f32(x: jax.Array, w: jax.Array, w_transposed: bool = False) -> jax.Ar
     return y_MN.reshape(lead + (y_MN.shape[-1],))
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None,
+           scale: jax.Array | None = None) -> jax.Array:
     """``x @ w (+ b)`` with ``w`` stored ``[in, out]``; float32 out (see ``matmul_f32``)."""
-    y = matmul_f32(x, w)
+    y = matmul_f32(x, w, scale=scale)
     return y if b is None else y + b.astype(jnp.float32)
 
 
+def project(p: dict, name: str, x: jax.Array) -> jax.Array:
+    """``x @ p[name]`` plus ``p[name + "_bias"]`` and with ``p[name + "_scale"]`` (int8
+    weights) when the tree has them; float32 out."""
+    return linear(x, p[name], p.get(name + "_bias"), p.get(name + SCALE_SUFFIX))
+
+
+def weight_f32(p: dict, name: str) -> jax.Array:
+    """``p[name]`` as float32, dequantised when it is int8 with a ``_scale`` sibling."""
+    scale = p.get(name + SCALE_SUFFIX)
+    w = p[name]
+    return w.astype(jnp.float32) if scale is None else dequantize(w, scale)
+
+
 def swiglu(p: dict, x: jax.Array) -> jax.Array:
-    """``down(silu(gate(x)) * up(x))``; biases when the checkpoint has them. Float32 out."""
-    g = linear(x, p["gate"], p.get("gate_bias"))
-    u = linear(x, p["up"], p.get("up_bias"))
-    return linear(jax.nn.silu(g) * u, p["down"], p.get("down_bias"))
+    """``down(silu(gate(x)) * up(x))``; biases when the checkpoint has them. Float32 out.
+    A ``gate_up`` weight (``xds_jax.model.fused``) computes gate and up in one matmul."""
+    if "gate_up" in p:
+        g, u = split_gate_up(project(p, "gate_up", x))
+    else:
+        g, u = project(p, "gate", x), project(p, "up", x)
+    return project(p, "down", jax.nn.silu(g) * u)
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -10,18 +10,34 @@ import jax
 import jax.numpy as jnp
 
 from xds_jax.model.config import MoEConfig
+from xds_jax.model.quant import SCALE_SUFFIX, int8_expert_matmul, int8_ragged_matmul
+
+
+def _is_int8(experts: dict) -> bool:
+    return experts["gate"].dtype == jnp.int8
+
+
+def _scale(experts: dict, name: str) -> jax.Array:
+    return experts[name + SCALE_SUFFIX]
 
 
 def expert_ffn(experts: dict, x_ECD: jax.Array) -> jax.Array:
     """SwiGLU of each expert on its own tokens.
 
     Args:
-      experts: ``{"gate": [E, D, F], "up": [E, D, F], "down": [E, F, D]}``.
+      experts: ``{"gate": [E, D, F], "up": [E, D, F], "down": [E, F, D]}``; int8 weights
+        (``xds_jax.model.quant``) come with ``gate_scale`` ``[E, F]`` etc.
       x_ECD: tokens grouped by expert, ``[E, C, D]``.
     Returns:
       ``[E, C, D]`` expert outputs in ``x_ECD``'s dtype (padding rows give garbage-free zeros
       for zero input). Matmuls read the weights as stored and accumulate in float32.
     """
+    if _is_int8(experts):
+        g_ECF = int8_expert_matmul(x_ECD, experts["gate"], _scale(experts, "gate"))
+        u_ECF = int8_expert_matmul(x_ECD, experts["up"], _scale(experts, "up"))
+        y_ECD = int8_expert_matmul(jax.nn.silu(g_ECF) * u_ECF, experts["down"],
+                                   _scale(experts, "down"))
+        return y_ECD.astype(x_ECD.dtype)
     dt = experts["gate"].dtype
     x_ECD = x_ECD.astype(dt)
     g_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, experts["gate"], preferred_element_type=jnp.float32)
@@ -95,13 +111,22 @@ def moe_local(experts: dict, x_TD: jax.Array, ids_TK: jax.Array, w_TK: jax.Array
     num_experts = experts["gate"].shape[0]
     flat = ids_TK.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    dt = experts["gate"].dtype
-    x_MD = x_TD.astype(dt)[order // k]
     sizes_E = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    f32 = jnp.float32
-    g = jax.lax.ragged_dot(x_MD, experts["gate"], sizes_E, preferred_element_type=f32)
-    u = jax.lax.ragged_dot(x_MD, experts["up"], sizes_E, preferred_element_type=f32)
-    y_MD = jax.lax.ragged_dot((jax.nn.silu(g) * u).astype(dt), experts["down"], sizes_E,
-                              preferred_element_type=f32)
+    if _is_int8(experts):
+        x_MD, expert_M = x_TD[order // k], flat[order]
+
+        def mm(x, name):
+            return int8_ragged_matmul(x, experts[name], _scale(experts, name), sizes_E,
+                                      expert_M)
+
+        y_MD = mm(jax.nn.silu(mm(x_MD, "gate")) * mm(x_MD, "up"), "down")
+    else:
+        dt = experts["gate"].dtype
+        x_MD = x_TD.astype(dt)[order // k]
+        f32 = jnp.float32
+        g = jax.lax.ragged_dot(x_MD, experts["gate"], sizes_E, preferred_element_type=f32)
+        u = jax.lax.ragged_dot(x_MD, experts["up"], sizes_E, preferred_element_type=f32)
+        y_MD = jax.lax.ragged_dot((jax.nn.silu(g) * u).astype(dt), experts["down"], sizes_E,
+                                  preferred_element_type=f32)
     y_TKD = jnp.zeros_like(y_MD).at[order].set(y_MD).reshape(t, k, -1)
     return jnp.einsum("tkd,tk->td", y_TKD.astype(jnp.float32), w_TK).astype(x_TD.dtype)

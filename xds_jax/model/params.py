@@ -5,6 +5,9 @@ Matrices are stored ``[in, out]`` so that stages compute ``x @ w``. The tree is:
     {"embed": [V, D], "final_norm": [D], "lm_head": [D, V] (untied only),
      "layers": [{"input_norm", "post_norm", "attn": {...}, "mlp" | "moe": {...}}, ...],
      "mtp": [{"enorm", "hnorm", "eh_proj", "layer": {...}, "final_norm"}, ...] (DeepSeek MTP)}
+
+Loaders then fuse K/V and gate/up (``xds_jax.model.fused``) and may quantise linear weights
+to int8 with ``<name>_scale`` siblings (``xds_jax.model.quant``); stages take every variant.
 """
 
 from __future__ import annotations
@@ -123,3 +126,9 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, scale: float
 def param_bytes(params: dict) -> int:
     """Bytes held by a parameter tree."""
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+
+
+def model_dtype(params: dict):
+    """The model's floating dtype (KV pages, activations between stages): the final norm's,
+    which int8 quantisation (``xds_jax.model.quant``) never touches, unlike the embedding."""
+    return params["final_norm"].dtype

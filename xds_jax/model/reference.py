@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from xds_jax.model import stages
 from xds_jax.model.attention import new_layer_cache
 from xds_jax.model.config import ModelConfig
+from xds_jax.model.params import model_dtype
 
 
 def forward(params: dict, cfg: ModelConfig, tokens_BS: jax.Array, positions_BS: jax.Array,
@@ -44,7 +45,7 @@ def new_caches(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> list[
 def reference_logits(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     """Logits ``[T, V]`` of one sequence, every position, from an empty cache of one page."""
     t = tokens.shape[0]
-    caches = new_caches(cfg, 1, t, params["embed"].dtype)
+    caches = new_caches(cfg, 1, t, model_dtype(params))
     x, _ = forward(params, cfg, tokens[None], jnp.arange(t)[None], caches,
                    jnp.zeros((1, 1), jnp.int32))
     return stages.head(params, cfg, x[0])
@@ -54,7 +55,7 @@ def reference_logits(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.A
 def reference_hidden_states(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     """``[L + 1, T, D]``: the embedding, then the output of every layer."""
     t = tokens.shape[0]
-    caches = new_caches(cfg, 1, t, params["embed"].dtype)
+    caches = new_caches(cfg, 1, t, model_dtype(params))
     positions, table = jnp.arange(t)[None], jnp.zeros((1, 1), jnp.int32)
     x = stages.embed(params, tokens[None])
     out = [x[0]]

@@ -23,14 +23,19 @@ from xds_jax.model.attention import as_bits, from_bits, gqa_attention, mla_atten
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.layers import matmul_f32, rms_norm, swiglu
 from xds_jax.model.moe import expert_ffn, moe_local, route
+from xds_jax.model.quant import SCALE_SUFFIX
 
 
 def embed(params: dict, tokens_BS: jax.Array) -> jax.Array:
     """Token embeddings ``[B, S, D]`` in float32: the hidden state between layers is float32
     whatever the weights' dtype (element-wise math is fastest there; matmuls cast their input)."""
     table = params["embed"]
-    return from_bits(jnp.take(as_bits(table), tokens_BS, axis=0, mode="clip"),
+    rows = from_bits(jnp.take(as_bits(table), tokens_BS, axis=0, mode="clip"),
                      table.dtype).astype(jnp.float32)
+    scale_V = params.get("embed" + SCALE_SUFFIX)  # int8 rows: one scale per vocabulary row
+    if scale_V is None:
+        return rows
+    return rows * jnp.take(scale_V, tokens_BS, axis=0, mode="clip")[..., None]
 
 
 def attention(layer: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax.Array,
@@ -97,5 +102,6 @@ def head(params: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """Final norm and LM head, logits in float32."""
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cfg.tie_word_embeddings:  # contract with the embedding as stored: no transposed copy
-        return matmul_f32(h, params["embed"], w_transposed=True)
-    return matmul_f32(h, params["lm_head"])
+        return matmul_f32(h, params["embed"], w_transposed=True,
+                          scale=params.get("embed" + SCALE_SUFFIX))
+    return matmul_f32(h, params["lm_head"], scale=params.get("lm_head" + SCALE_SUFFIX))

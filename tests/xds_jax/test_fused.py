@@ -1,0 +1,66 @@
+"""Fused projections: the fused layouts compute the unfused matmuls, and TP splits them into
+whole KV heads (key with its value) and whole gate/up pairs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from sharding.params import param_shardings
+from tests.helpers import tiny
+from xds_jax.model.fused import fuse_projections, split_gate_up, split_kv
+from xds_jax.model.layers import project, swiglu
+from xds_jax.model.params import init_params
+from xds_jax.model.quant import quantize_params
+from xds_jax.model.reference import reference_logits
+
+RNG = np.random.default_rng(0)
+
+
+def test_fused_kv_and_gate_up_equal_the_separate_matmuls():
+    cfg = tiny("qwen2").cfg  # attention biases, 2 query heads per KV head
+    layer = init_params(cfg, seed=1)["layers"][0]
+    fused = fuse_projections({"layers": [layer]}, cfg)["layers"][0]
+    assert set(fused["attn"]) >= {"q", "q_bias", "kv", "kv_bias"} and "k" not in fused["attn"]
+    x = jnp.asarray(RNG.normal(size=(2, 3, cfg.hidden_size)), jnp.float32)
+    k, v = split_kv(project(fused["attn"], "kv", x), cfg)
+    for got, name in ((k, "k"), (v, "v")):
+        want = project(layer["attn"], name, x).reshape(2, 3, cfg.num_kv_heads, cfg.head_dim)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    g, u = split_gate_up(project(fused["mlp"], "gate_up", x))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(project(layer["mlp"], "gate", x)),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(u), np.asarray(project(layer["mlp"], "up", x)),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(swiglu(fused["mlp"], x)),
+                               np.asarray(swiglu(layer["mlp"], x)), rtol=1e-5, atol=1e-6)
+
+
+def test_loaded_models_are_fused_and_match_unfused_logits():
+    m = tiny("qwen3_moe")  # shared-expert-free MoE: attention fused, experts as they are
+    assert "kv" in m.params["layers"][0]["attn"]
+    assert "gate" in m.params["layers"][-1]["moe"]["experts"]
+    unfused = init_params(m.cfg, seed=3)
+    tokens = jnp.asarray(RNG.integers(0, m.cfg.vocab_size, 9))
+    for q in (None, "int8"):
+        want = reference_logits(quantize_params(unfused, q), m.cfg, tokens)
+        got = reference_logits(quantize_params(fuse_projections(unfused, m.cfg), q), m.cfg,
+                               tokens)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_tp_shards_hold_whole_kv_heads_and_gate_up_pairs():
+    m = tiny("llama")  # 4 query heads, 2 KV heads
+    cfg, layer = m.cfg, m.params["layers"][0]
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    shardings = param_shardings(m.params, cfg, mesh)["layers"][0]
+    kv, gate_up = jax.device_put(layer["attn"]["kv"], shardings["attn"]["kv"]), \
+        jax.device_put(layer["mlp"]["gate_up"], shardings["mlp"]["gate_up"])
+    group = 2 * cfg.head_dim
+    for j, shard in enumerate(sorted(kv.addressable_shards, key=lambda s: s.index[1].start)):
+        assert shard.data.shape[1] == group  # one KV head's key and value on each rank
+        np.testing.assert_array_equal(np.asarray(shard.data),
+                                      np.asarray(layer["attn"]["kv"])[:, j * group:][:, :group])
+    width = gate_up.shape[1] // 2
+    assert all(s.data.shape[1] == width and s.index[1].start % 2 == 0
+               for s in gate_up.addressable_shards)

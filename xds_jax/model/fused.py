@@ -1,0 +1,89 @@
+"""Fused projections, made once at load time: K and V as one matmul, gate and up as one.
+
+Layouts that tensor parallelism splits whole (a TP shard is a contiguous block of columns),
+with exactly the sharding the separate weights had:
+
+- ``kv [D, K * 2 * Dh]``: per KV head ``j``, ``k_j`` then ``v_j``; split by KV heads (axis
+  ``kv_heads``) as ``k`` and ``v`` were. Q stays its own matmul: fused into the KV-head
+  groups it would split only where TP divides the KV heads, and replicate the query
+  projection where TP divides the query heads alone (2 KV heads under TP 4), so the loader,
+  which does not know the layout, never fuses it.
+- ``gate_up [D, 2F]``: columns interleaved, ``2f`` gate ``f`` and ``2f + 1`` up ``f``, so a
+  block of columns holds matching gate/up pairs (axis ``mlp``).
+
+Biases fuse alike (``kv_bias``, ``gate_up_bias``). MLA attention and routed experts stay
+unfused (the expert slice gathers and moves experts by their own names). The stage code takes
+either layout, so trees built without loading (``init_params``) still run.
+
+Shape legend: D hidden, K KV heads, Dh head dim, F MLP width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from xds_jax.model.config import ModelConfig
+
+
+def _fuse_kv_cols(k, v, kv_heads: int):
+    """``[..., K*Dh], [..., K*Dh]`` -> ``[..., K*2*Dh]`` grouped by KV head."""
+    lead = k.shape[:-1]
+    k_ = k.reshape(lead + (kv_heads, -1))
+    v_ = v.reshape(lead + (kv_heads, -1))
+    return jnp.concatenate([k_, v_], axis=-1).reshape(lead + (-1,))
+
+
+def _interleave(gate, up):
+    """``[..., F], [..., F]`` -> ``[..., 2F]`` with gate/up pairs side by side."""
+    return jnp.stack([gate, up], axis=-1).reshape(gate.shape[:-1] + (-1,))
+
+
+def fuse_attention(p: dict, cfg: ModelConfig) -> dict:
+    """A GQA attention dict with ``k``/``v`` (and biases) replaced by ``kv``."""
+    if cfg.mla is not None or "k" not in p:
+        return p
+    heads = cfg.num_kv_heads
+    out = {n: w for n, w in p.items() if n not in ("k", "v", "k_bias", "v_bias")}
+    out["kv"] = _fuse_kv_cols(p["k"], p["v"], heads)
+    if "k_bias" in p:
+        out["kv_bias"] = _fuse_kv_cols(p["k_bias"], p["v_bias"], heads)
+    return out
+
+
+def fuse_mlp(p: dict) -> dict:
+    """A SwiGLU dict with ``gate``/``up`` (and biases) replaced by ``gate_up``."""
+    if "gate" not in p:
+        return p
+    out = {n: w for n, w in p.items() if n not in ("gate", "up", "gate_bias", "up_bias")}
+    out["gate_up"] = _interleave(p["gate"], p["up"])
+    if "gate_bias" in p:
+        out["gate_up_bias"] = _interleave(p["gate_bias"], p["up_bias"])
+    return out
+
+
+def fuse_projections(params: dict, cfg: ModelConfig) -> dict:
+    """Every layer's attention, dense MLP and shared expert fused (MTP blocks as they are)."""
+
+    def layer(lay: dict) -> dict:
+        out = dict(lay, attn=fuse_attention(lay["attn"], cfg))
+        if "mlp" in lay:
+            out["mlp"] = fuse_mlp(lay["mlp"])
+        if "moe" in lay and "shared" in lay["moe"]:
+            out["moe"] = dict(lay["moe"], shared=fuse_mlp(lay["moe"]["shared"]))
+        return out
+
+    return dict(params, layers=[layer(lay) for lay in params["layers"]])
+
+
+def split_kv(y: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """``kv``'s output ``[B, S, K*2*Dh]`` -> k and v ``[B, S, K, Dh]``."""
+    b, s = y.shape[:2]
+    y = y.reshape(b, s, cfg.num_kv_heads, 2, cfg.head_dim)
+    return y[:, :, :, 0], y[:, :, :, 1]
+
+
+def split_gate_up(y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``gate_up``'s output ``[..., 2F]`` -> gate and up ``[..., F]``."""
+    y = y.reshape(y.shape[:-1] + (-1, 2))
+    return y[..., 0], y[..., 1]

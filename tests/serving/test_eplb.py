@@ -172,9 +172,10 @@ def test_ma_on_384_devices_rebalances_keep_tokens(tmp_path):
 @pytest.mark.mesh384
 def test_cm384_rebalances_256_experts_keep_tokens(monkeypatch):
     """The shipped cm384 (3 domains x 64 ranks, 96 expert dies x 4 slots, 128 spare), 256
-    experts, rebalancing every other step. A swap moves most slots of 96 dies (about 1.5 s on
-    this host, longer than the few decode steps), so each step boundary waits for the swap
-    under way to be ready: every rebalance lands between the same steps on any host."""
+    experts, rebalancing every other step with 32 of the spare slots replicated (all 128 move
+    most slots of 96 dies per swap, minutes of this test on a 2-core host). A swap can take
+    longer than the few decode steps, so each step boundary waits for the swap under way to
+    be ready: every rebalance lands between the same steps on any host."""
     need_devices(384)
     from serving.disagg.ma_eplb import ExpertRebalancer
 
@@ -187,7 +188,8 @@ def test_cm384_rebalances_256_experts_keep_tokens(monkeypatch):
 
     monkeypatch.setattr(ExpertRebalancer, "poll", settled)
     llm = run_and_compare(TINY_V3_256, "configs/deployments/cm384.yaml", count=6,
-                          max_tokens=5, staged=True, enable_eplb=True, eplb_config=EVERY_2)
+                          max_tokens=5, staged=True, enable_eplb=True,
+                          eplb_config=EVERY_2 | {"num_redundant_experts": 32})
     stats = llm.engine.stats()
     assert stats["eplb_rebalances"] > 0 and len(stats["expert_load"][1]) == 256
 

@@ -8,7 +8,7 @@ from jax.sharding import Mesh
 
 from sharding.params import param_shardings
 from tests.helpers import tiny
-from xds_jax.model.fused import fuse_projections, split_gate_up, split_kv
+from xds_jax.model.fused import fuse_projections, split_gate_up, split_kv, unfuse_layer
 from xds_jax.model.layers import project, swiglu
 from xds_jax.model.params import init_params
 from xds_jax.model.quant import quantize_params
@@ -34,6 +34,17 @@ def test_fused_kv_and_gate_up_equal_the_separate_matmuls():
                                rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(swiglu(fused["mlp"], x)),
                                np.asarray(swiglu(layer["mlp"], x)), rtol=1e-5, atol=1e-6)
+
+
+def test_unfuse_layer_gives_back_the_separate_weights():
+    for name in ("qwen2", "llama"):  # with and without attention biases
+        cfg = tiny(name).cfg
+        layer = init_params(cfg, seed=2)["layers"][0]
+        back = unfuse_layer(fuse_projections({"layers": [layer]}, cfg)["layers"][0], cfg)
+        assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(layer)
+        for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(layer),
+                        strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_loaded_models_are_fused_and_match_unfused_logits():

@@ -87,3 +87,36 @@ def split_gate_up(y: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``gate_up``'s output ``[..., 2F]`` -> gate and up ``[..., F]``."""
     y = y.reshape(y.shape[:-1] + (-1, 2))
     return y[..., 0], y[..., 1]
+
+
+def unfuse_layer(lay: dict, cfg: ModelConfig) -> dict:
+    """A decoder layer with ``kv`` / ``gate_up`` (and their biases) split back into ``k``,
+    ``v``, ``gate`` and ``up`` (the inverse of ``fuse_projections`` for one layer; e.g. to
+    start a draft block from a loaded target layer)."""
+
+    def kv(w):
+        lead = w.shape[:-1]
+        w = w.reshape(lead + (cfg.num_kv_heads, 2, cfg.head_dim))
+        return w[..., 0, :].reshape(lead + (-1,)), w[..., 1, :].reshape(lead + (-1,))
+
+    def mlp(p: dict) -> dict:
+        if "gate_up" not in p:
+            return p
+        out = {n: w for n, w in p.items() if n not in ("gate_up", "gate_up_bias")}
+        out["gate"], out["up"] = split_gate_up(p["gate_up"])
+        if "gate_up_bias" in p:
+            out["gate_bias"], out["up_bias"] = split_gate_up(p["gate_up_bias"])
+        return out
+
+    out = dict(lay)
+    attn = lay["attn"]
+    if "kv" in attn:
+        out["attn"] = {n: w for n, w in attn.items() if n not in ("kv", "kv_bias")}
+        out["attn"]["k"], out["attn"]["v"] = kv(attn["kv"])
+        if "kv_bias" in attn:
+            out["attn"]["k_bias"], out["attn"]["v_bias"] = kv(attn["kv_bias"])
+    if "mlp" in lay:
+        out["mlp"] = mlp(lay["mlp"])
+    if "moe" in lay and "shared" in lay["moe"]:
+        out["moe"] = dict(lay["moe"], shared=mlp(lay["moe"]["shared"]))
+    return out

@@ -20,6 +20,7 @@ import optax
 
 from xds_jax.model import stages
 from xds_jax.model.config import ModelConfig
+from xds_jax.model.fused import unfuse_layer
 from xds_jax.model.layers import apply_rope, attention_scale, linear, rms_norm, rope_cos_sin
 
 
@@ -31,7 +32,7 @@ def init_block(params: dict, cfg: ModelConfig, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     return {"enorm": jnp.ones((d,)), "hnorm": jnp.ones((d,)),
             "eh_proj": f32(rng.normal(0.0, 0.02, (2 * d, d))),
-            "layer": jax.tree_util.tree_map(f32, params["layers"][-1]),
+            "layer": jax.tree_util.tree_map(f32, unfuse_layer(params["layers"][-1], cfg)),
             "final_norm": f32(params["final_norm"])}
 
 

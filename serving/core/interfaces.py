@@ -143,7 +143,7 @@ class Driver(Protocol):
 @runtime_checkable
 class Router(Protocol):
     """Moves requests from the groups they entered to the groups that finish them (the PD
-    hand-off, ``serving.disagg.pd.PDRouter``); the engine reads its counters, tells it which
+    hand-off, ``serving.disagg.pd_router.PDRouter``); the engine reads its counters, tells it which
     groups go out of service and come back, and gives it ``on_lost``: where sequences whose
     hand-off failed go to be started again (``Engine.resume``)."""
 

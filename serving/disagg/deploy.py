@@ -28,7 +28,8 @@ from serving.core.engine import Engine, build_colocated_engine, group_config_for
 from serving.core.timeline import Timeline
 from serving.disagg.ep_decode import ep_decode_pool, runs_ep_decode
 from serving.disagg.eplb_config import EplbConfig
-from serving.disagg.pd import DecodeGroup, PDRouter, PrefillGroup
+from serving.disagg.pd import DecodeGroup, PrefillGroup
+from serving.disagg.pd_router import PDRouter
 from sharding import read_deployment
 from sharding.deployment import Deployment, DeploymentError, DeploymentSpec, build_deployment
 from xds_jax.engine_config import EngineConfig

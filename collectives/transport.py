@@ -272,13 +272,11 @@ class DirectTransport:
         return 0
 
 
-class ColocatedTransport:
+class ColocatedTransport(DirectTransport):
     """The other slice *is* the domain (EP decode: every DP rank also holds expert slots), so
     a hop re-labels each rank's rows from the ``("dp",)`` mesh to the ``("ep",)`` mesh of the
-    same devices: nothing moves, the service's dispatch all-to-all is the only exchange."""
-
-    moves_data = False
-    rounds = 1
+    same devices: nothing moves, the service's dispatch all-to-all is the only exchange.
+    ``DirectTransport``'s hops with a union that is the domain itself (no empty rows)."""
 
     def __init__(self, attn_mesh: Mesh, other_devices: list, *, attn_axis: str = "dp",
                  other_axis: str = "ep") -> None:
@@ -291,18 +289,6 @@ class ColocatedTransport:
         self.attn_sharding = _rows(attn_mesh, "decode_attention")
         self.other_mesh = Mesh(np.array(self.other_devices), (other_axis,))
         self.other_sharding = _rows(self.other_mesh, "decode_experts")
-
-    def rows_per_target(self, rows: int) -> int:
-        return rows
-
-    def send(self, *arrays: jax.Array, fills: tuple = ()) -> tuple[jax.Array, ...]:
-        return tuple(relabel(a, self.other_sharding, self.other_devices) for a in arrays)
-
-    def receive(self, y: jax.Array) -> jax.Array:
-        return relabel(y, self.attn_sharding, self.attn_devices)
-
-    def hop_bytes(self, arrays) -> int:
-        return 0
 
 
 TRANSPORTS = {"trampoline": Transport, "direct": DirectTransport,

@@ -91,23 +91,30 @@ def test_sampled_requests_share_batches_with_greedy_ones(mimic):
     assert all(len(o.token_ids) == 30 for o in got[2].outputs)
 
 
-def test_kv_blocks_return_after_aborts_mid_speculation(mimic):
-    llm = LLM(mimic, dtype="float32", use_param_cache=False, speculative_config=spec(2),
-              max_num_seqs=4)
-    engine, group = llm.engine, llm.engine.groups[0]
-    sp = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+def abort_mid_speculation(llm, driver, max_tokens: int) -> None:
+    """Submit ``PROMPTS``, step ``driver`` (a group or an MA pool) until drafts were made,
+    abort three requests mid-speculation and run the fourth to ``max_tokens``."""
+    engine = llm.engine
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     requests = [Request(f"r{i}", None, p, sp, llm.make_sequences(p, sp))
                 for i, p in enumerate(PROMPTS)]
     for r in requests:
         engine.submit(r)
     for _ in range(6):
-        group.step()
-    assert llm.engine.stats()["spec_num_drafts"] > 0
+        driver.step()
+    assert engine.stats()["spec_num_drafts"] > 0
     for r in requests[:3]:
         engine.abort(r.request_id)
-    while group.step():
+    while driver.step():
         pass
-    assert requests[3].finished and len(requests[3].seqs[0].output_ids) == 60
+    assert requests[3].finished and len(requests[3].seqs[0].output_ids) == max_tokens
+
+
+def test_kv_blocks_return_after_aborts_mid_speculation(mimic):
+    llm = LLM(mimic, dtype="float32", use_param_cache=False, speculative_config=spec(2),
+              max_num_seqs=4)
+    group = llm.engine.groups[0]
+    abort_mid_speculation(llm, group, 60)
     assert group.blocks.num_free_blocks == group.blocks.num_blocks
     assert not group.runner.pending
 

@@ -4,11 +4,16 @@ Greedy output equals the reference loop, counters move, KV blocks come back afte
 
 import pytest
 
-from serving.core.request import Request
 from tests.mtp_checkpoint import make_mimic_checkpoint
 from tests.serving.test_disaggregation import ma
-from tests.serving.test_spec_decode import PROMPTS, assert_same, mixed_params, run, spec
-from xds_jax import LLM, SamplingParams
+from tests.serving.test_spec_decode import (
+    abort_mid_speculation,
+    assert_same,
+    mixed_params,
+    run,
+    spec,
+)
+from xds_jax import LLM
 
 
 @pytest.fixture(scope="module")
@@ -69,20 +74,8 @@ def test_ep_decode_greedy_equals_reference(mimic_moe):
 def test_ma_kv_blocks_return_after_aborts_mid_speculation(mimic_moe, tmp_path):
     llm = LLM(mimic_moe, dtype="float32", use_param_cache=False, speculative_config=spec(2),
               max_num_seqs=4, deployment=ma(tmp_path, domains=1, dp=2, experts=2))
-    engine, pool = llm.engine, llm.engine.drivers[-1]
-    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    requests = [Request(f"r{i}", None, p, sp, llm.make_sequences(p, sp))
-                for i, p in enumerate(PROMPTS)]
-    for r in requests:
-        engine.submit(r)
-    for _ in range(6):
-        pool.step()
-    assert engine.stats()["spec_num_drafts"] > 0
-    for r in requests[:3]:
-        engine.abort(r.request_id)
-    while pool.step():
-        pass
-    assert requests[3].finished and len(requests[3].seqs[0].output_ids) == 40
+    pool = llm.engine.drivers[-1]
+    abort_mid_speculation(llm, pool, 40)
     for g in pool.groups:
         assert g.blocks.num_free_blocks == g.blocks.num_blocks
         assert not g.runner.pending

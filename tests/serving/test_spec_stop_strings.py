@@ -38,12 +38,12 @@ def mimic_moe(tmp_path_factory):
 
 def _texts(llm, prompt, token_ids) -> list[str]:
     """The text a sequence shows after each of its tokens (index 0: none yet)."""
-    seq = Sequence(prompt, SamplingParams(max_tokens=len(token_ids), ignore_eos=True),
-                   tokenizer=llm.tokenizer)
+    seq = Sequence(prompt, SamplingParams(max_tokens=len(token_ids) + 1, ignore_eos=True),
+                   tokenizer=llm.tokenizer)  # never finished: the text as it streams
     texts = [seq.text]
     for t in token_ids:
         seq.append(t)
-        texts.append(seq.text if not seq.finished else seq._detok.text)
+        texts.append(seq.text)
     return texts
 
 
@@ -88,7 +88,7 @@ def cases(model: str) -> tuple[list, list[SamplingParams]]:
     return prompts, params
 
 
-def run_cases(model: str, **options) -> tuple[list, list, list]:
+def run_cases(monkeypatch, model: str, **options) -> tuple[list, list, list]:
     """(reference outputs, speculative outputs, per verified row (tokens kept, accepted + 1))."""
     prompts, params = cases(model)
     requests = [{"prompt_token_ids": p} for p in prompts]
@@ -104,13 +104,10 @@ def run_cases(model: str, **options) -> tuple[list, list, list]:
                     for s, b, a in zip(seqs, before, accepted, strict=True) if s is not None)
         return accepted
 
-    spec_state._emit_verified = recording
-    try:
-        llm = LLM(model, dtype="float32", use_param_cache=False, speculative_config=spec(K),
-                  max_num_seqs=8, **options)
-        got = llm.generate(requests, params)
-    finally:
-        spec_state._emit_verified = verify
+    monkeypatch.setattr(spec_state, "_emit_verified", recording)
+    llm = LLM(model, dtype="float32", use_param_cache=False, speculative_config=spec(K),
+              max_num_seqs=8, **options)
+    got = llm.generate(requests, params)
     assert llm.engine.stats()["kv_usage"] == 0
     return expected, got, rows
 
@@ -137,16 +134,17 @@ def assert_same_ends(expected, got, rows) -> None:
                                    for o in r.outputs)
 
 
-def test_colocated_stop_strings_end_where_the_plain_run_ends(mimic):
-    assert_same_ends(*run_cases(mimic))
+def test_colocated_stop_strings_end_where_the_plain_run_ends(mimic, monkeypatch):
+    assert_same_ends(*run_cases(monkeypatch, mimic))
 
 
-def test_pd_stop_strings_end_where_the_plain_run_ends(mimic):
+def test_pd_stop_strings_end_where_the_plain_run_ends(mimic, monkeypatch):
     need_devices(8)
-    assert_same_ends(*run_cases(mimic, deployment="configs/deployments/cpu8-pd.yaml"))
+    assert_same_ends(*run_cases(monkeypatch, mimic,
+                                deployment="configs/deployments/cpu8-pd.yaml"))
 
 
-def test_ma_stop_strings_end_where_the_plain_run_ends(mimic_moe, tmp_path):
+def test_ma_stop_strings_end_where_the_plain_run_ends(mimic_moe, tmp_path, monkeypatch):
     need_devices(8)
-    assert_same_ends(*run_cases(mimic_moe, deployment=ma(tmp_path, domains=1, dp=2,
-                                                          experts=2)))
+    assert_same_ends(*run_cases(monkeypatch, mimic_moe,
+                                deployment=ma(tmp_path, domains=1, dp=2, experts=2)))

@@ -23,6 +23,11 @@ decode_experts     routed: ``(ep,)``   routed experts in slots ``[P, ...]`` spli
                                        trampolines (``collectives.a2e.trampoline_devices``)
 =================  ==================  ===================================================
 
+With MTP drafting (``drafting``, ``serving.core.spec_decode``, ``serving.disagg.ma_spec``)
+every role but ``decode_experts`` has one more layer of KV pages (the MTP block's, indexed by
+the same block tables); an MA attention rank and an EP rank also hold the first MTP block
+but its routed experts, which are one more layer of slots on the expert slice.
+
 The MA and EP decode rows mirror ``serving/disagg/ma.py``, ``ma_runner.py`` and ``ma_slices.py``,
 whose specs are still written by hand; ``tests/sharding/test_engine_bytes.py`` checks every
 row against the bytes the engine puts on each device.
@@ -56,9 +61,23 @@ def abstract_params(cfg: ModelConfig, dtype, with_mtp: bool = False,
     return quantized_shapes(tree, quantization)
 
 
-def abstract_caches(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> list[dict]:
-    """Every layer's KV pages ``[num_pages, page_size, K, D]``, as ``ShapeDtypeStruct``s."""
-    return jax.eval_shape(lambda: new_caches(cfg, num_pages, page_size, dtype))
+def abstract_draft_head(path, cfg: ModelConfig, dtype) -> dict:
+    """A shipped draft head's MTP block as ``load_head`` puts it in ``params["mtp"]`` (its
+    block cast to ``dtype``, ``vocab_ids [N]`` and the target's head rows ``[N, D]``)."""
+    from xds_jax.loading.draft_heads import read_head
+
+    tree, vocab_ids, _ = read_head(path)
+    block = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), tree)
+    return block | {"vocab_ids": jax.ShapeDtypeStruct(vocab_ids.shape, jnp.int32),
+                    "head": jax.ShapeDtypeStruct((len(vocab_ids), cfg.hidden_size), dtype)}
+
+
+def abstract_caches(cfg: ModelConfig, num_pages: int, page_size: int, dtype,
+                    drafting: bool = False) -> list[dict]:
+    """Every layer's KV pages ``[num_pages, page_size, K, D]`` (with ``drafting``, the MTP
+    block's after them), as ``ShapeDtypeStruct``s."""
+    caches = jax.eval_shape(lambda: new_caches(cfg, num_pages, page_size, dtype))
+    return caches + caches[-1:] if drafting else caches
 
 
 def program_mesh(role: RoleSpec) -> AbstractMesh:
@@ -81,11 +100,20 @@ def _params_bytes(tree, cfg: ModelConfig, role: str, mesh) -> int:
     return device_bytes(tree, tree_shardings(mesh, role, logical, tree, axis_units(cfg)))
 
 
-def attention_rank_params(params: dict) -> dict:
-    """What an MA attention rank holds: everything but routed experts and MTP blocks."""
-    layers = [{k: ({n: w for n, w in v.items() if n != "experts"} if k == "moe" else v)
-               for k, v in layer.items()} for layer in params["layers"]]
-    return {k: v for k, v in params.items() if k not in ("layers", "mtp")} | {"layers": layers}
+def _without_experts(layer: dict) -> dict:
+    return {k: ({n: w for n, w in v.items() if n != "experts"} if k == "moe" else v)
+            for k, v in layer.items()}
+
+
+def attention_rank_params(params: dict, drafting: bool = False) -> dict:
+    """What an MA attention rank holds: everything but routed experts and MTP blocks (with
+    ``drafting``, the first MTP block but its routed experts)."""
+    layers = [_without_experts(layer) for layer in params["layers"]]
+    out = {k: v for k, v in params.items() if k not in ("layers", "mtp")} | {"layers": layers}
+    if drafting:
+        block = params["mtp"][0]
+        out["mtp"] = [block | {"layer": _without_experts(block["layer"])}]
+    return out
 
 
 def _shared_experts(params: dict) -> list[dict]:
@@ -93,30 +121,35 @@ def _shared_experts(params: dict) -> list[dict]:
             for layer in params["layers"] if "moe" in layer and "shared" in layer["moe"]]
 
 
-def _expert_slots(params: dict, num_slots: int) -> list[dict]:
-    """The expert slice's slot weights ``[P, ...]`` per MoE layer."""
+def _expert_slots(params: dict, num_slots: int, drafting: bool = False) -> list[dict]:
+    """The expert slice's slot weights ``[P, ...]`` per MoE layer (with ``drafting``, the
+    first MTP block's too when it is MoE: one more layer on the slice)."""
+    layers = params["layers"] + ([params["mtp"][0]["layer"]] if drafting else [])
     return [{k: jax.ShapeDtypeStruct((num_slots,) + w.shape[1:], w.dtype)
              for k, w in layer["moe"]["experts"].items()}
-            for layer in params["layers"] if "moe" in layer]
+            for layer in layers if "moe" in layer]
 
 
-def _slot_bytes(cfg: ModelConfig, role: RoleSpec, params: dict, mesh) -> int:
+def _slot_bytes(cfg: ModelConfig, role: RoleSpec, params: dict, mesh,
+                drafting: bool = False) -> int:
     """Routed-expert slot bytes on each device of ``role`` (split over ``mesh``)."""
     slots = role.resolved_slots_per_device(cfg.moe.num_experts)
-    tree = _expert_slots(params, role.routed_devices * slots)
+    tree = _expert_slots(params, role.routed_devices * slots, drafting)
     logical = [{k: expert_slot_axes(k) for k in layer} for layer in tree]
     return device_bytes(tree, tree_shardings(mesh, role.name, logical, tree))
 
 
 def weight_bytes_by_device(cfg: ModelConfig, spec: DeploymentSpec, role: RoleSpec,
-                           params: dict) -> tuple[int, ...]:
+                           params: dict, drafting: bool = False) -> tuple[int, ...]:
     """Weight bytes on each device of ``role`` (in device order), for the abstract tree
-    ``params`` (``abstract_params``, or ``jax.eval_shape`` of a loaded tree)."""
+    ``params`` (``abstract_params``, or ``jax.eval_shape`` of a loaded tree); ``drafting``:
+    MTP speculative decoding is on (``params`` then has an ``"mtp"`` block)."""
     mesh = program_mesh(role)
     n = role.devices.count
     if role.expert_parallel and cfg.moe is not None:
-        per = _params_bytes(attention_rank_params(params), cfg, role.name, mesh)
-        return (per + _slot_bytes(cfg, role, params, AbstractMesh((n,), ("dp",))),) * n
+        per = _params_bytes(attention_rank_params(params, drafting), cfg, role.name, mesh)
+        slots = _slot_bytes(cfg, role, params, AbstractMesh((n,), ("dp",)), drafting)
+        return (per + slots,) * n
     if role.name in ("prefill", "decode"):
         return (_params_bytes(params, cfg, role.name, mesh),) * n
     experts = spec.roles.get("decode_experts")
@@ -124,7 +157,7 @@ def weight_bytes_by_device(cfg: ModelConfig, spec: DeploymentSpec, role: RoleSpe
     shared_apart = bool(experts and experts.shared_devices and cfg.moe and shared)
     one = AbstractMesh((1,), ("ep",))
     if role.name == "decode_attention":
-        per = _params_bytes(attention_rank_params(params), cfg, role.name, mesh)
+        per = _params_bytes(attention_rank_params(params, drafting), cfg, role.name, mesh)
         if shared_apart:
             per += _params_bytes(shared, cfg, role.name, one)
         return (per,) * n
@@ -139,7 +172,7 @@ def weight_bytes_by_device(cfg: ModelConfig, spec: DeploymentSpec, role: RoleSpe
         for i in trampoline_devices(list(range(n)), attn.dp):
             out[i] += attn.domains * per
         return tuple(out)
-    routed = _slot_bytes(cfg, role, params, mesh)
+    routed = _slot_bytes(cfg, role, params, mesh, drafting)
     out[: role.routed_devices] = [routed] * role.routed_devices
     if shared_apart:
         per = _params_bytes(shared, cfg, role.name, one)
@@ -148,9 +181,9 @@ def weight_bytes_by_device(cfg: ModelConfig, spec: DeploymentSpec, role: RoleSpe
 
 
 def kv_bytes_per_device(cfg: ModelConfig, role: RoleSpec, num_pages: int, page_size: int,
-                        dtype) -> int:
+                        dtype, drafting: bool = False) -> int:
     """KV bytes on each device of ``role`` for a pool of ``num_pages`` pages per group (per
-    attention rank); 0 for the expert slice."""
+    attention rank; with ``drafting``, the MTP block's pages too); 0 for the expert slice."""
     if role.name == "decode_experts":
         return 0
     mesh = program_mesh(role)
@@ -158,7 +191,7 @@ def kv_bytes_per_device(cfg: ModelConfig, role: RoleSpec, num_pages: int, page_s
     owners = logical_to_spec(role.name, axes, mesh_shape=dict(mesh.shape))[0]
     owners = (owners,) if isinstance(owners, str) else owners or ()
     pages = num_pages * math.prod(mesh.shape[a] for a in owners)  # one pool per owner
-    caches = abstract_caches(cfg, pages, page_size, dtype)
+    caches = abstract_caches(cfg, pages, page_size, dtype, drafting)
     logical = jax.tree.map(lambda _: axes, caches)
     return device_bytes(caches, tree_shardings(mesh, role.name, logical, caches,
                                                axis_units(cfg)))

@@ -8,7 +8,9 @@ left the largest batch at the model's full context and the longest context at ba
 Prefill and decode groups run their MoE layers inside the group (every group holds every
 expert), so they have no dispatch buffers; a decode role with ``ep: N`` holds expert slots
 on every rank and counts the dispatch buffers of the batch that fits without them.
-Activations are covered by a flat reserve (``RESERVE_FRACTION`` of device memory).
+Activations are covered by a flat reserve (``RESERVE_FRACTION`` of device memory). With
+``--speculative-config`` (MTP drafting) the MTP block is counted where the engine puts it and
+its KV pages (one more layer) on every role that attends (``sharding.placement``).
 
 Usage: ``xds plan --model M --deployment D`` or ``python -m sharding.plan ...``; with
 ``--perf`` it prints ``sharding.perf_model``'s time estimates instead.
@@ -25,7 +27,13 @@ from itertools import groupby
 import jax.numpy as jnp
 
 from sharding.deployment import DeploymentError, DeploymentSpec, RoleSpec, read_deployment
-from sharding.placement import abstract_params, kv_bytes_per_device, weight_bytes_by_device
+from sharding.placement import (
+    abstract_draft_head,
+    abstract_params,
+    kv_bytes_per_device,
+    weight_bytes_by_device,
+)
+from xds_jax.errors import ConfigError
 
 RESERVE_FRACTION = 0.1
 GIB = 1 << 30
@@ -110,13 +118,13 @@ def _note(cfg, spec: DeploymentSpec, role: RoleSpec, by_device: list[int]) -> st
 
 
 def _role_plan(cfg, spec: DeploymentSpec, role: RoleSpec, params, dtype, mem: int,
-               attn_batch: int) -> RolePlan:
+               attn_batch: int, drafting: bool = False) -> RolePlan:
     rng = f"{role.devices.start}..{role.devices.stop - 1}"
     mesh = dict(zip(role.mesh_axes, role.mesh_shape, strict=True))
-    by_device = list(weight_bytes_by_device(cfg, spec, role, params))
+    by_device = list(weight_bytes_by_device(cfg, spec, role, params, drafting))
     runs = tuple((len(list(g)), b) for b, g in groupby(by_device))
     weights = max(by_device)
-    kv = kv_bytes_per_device(cfg, role, 1, 1, dtype)
+    kv = kv_bytes_per_device(cfg, role, 1, 1, dtype, drafting)
     disp = 0
     if role.name == "decode_experts" and cfg.moe is not None:
         disp = _dispatch_bytes(max(attn_batch, 1), cfg.moe.num_experts_per_tok,
@@ -127,6 +135,8 @@ def _role_plan(cfg, spec: DeploymentSpec, role: RoleSpec, params, dtype, mem: in
                                cfg.hidden_size, jnp.dtype(dtype).itemsize)
     batch, context, free = _fit(mem, weights + disp, kv, cfg.max_position_embeddings)
     note = _note(cfg, spec, role, by_device)
+    if drafting and role.name != "decode_experts":
+        note += "; MTP drafting: the MTP block and its KV pages (one more layer)"
     if role.name == "decode_experts" and cfg.moe is not None:
         note += f"; buffers for {attn_batch} tokens per trampoline"
     return RolePlan(role.name, rng, mesh, weights, kv, disp, free, batch, context, note, runs)
@@ -134,27 +144,38 @@ def _role_plan(cfg, spec: DeploymentSpec, role: RoleSpec, params, dtype, mem: in
 
 def plan_deployment(model_cfg, deployment, *, model_name: str = "model",
                     memory_gib: float | None = None, dtype=None, params=None,
-                    quantization: str | None = None) -> Plan:
+                    quantization: str | None = None, drafting: bool = False,
+                    draft_head=None) -> Plan:
     """Plan a ``DeploymentSpec`` (or ``Deployment``) for a ``ModelConfig``.
 
     ``dtype`` defaults to the model's; ``params`` is the abstract parameter tree (default
     the one a loader makes from the config, without MTP blocks; pass
     ``jax.eval_shape(lambda: params)`` of a loaded tree to plan exactly that);
-    ``quantization="int8"`` plans that default tree's int8 weights and scales.
+    ``quantization="int8"`` plans that default tree's int8 weights and scales. ``drafting``
+    plans MTP speculative decoding: the default tree gets the config's MTP blocks, or the
+    draft head in the directory ``draft_head`` for a model without them.
     """
     spec = getattr(deployment, "spec", deployment)
     spec.check_model(model_cfg)
     dtype = jnp.dtype(dtype or model_cfg.dtype)
     if params is None:
-        params = abstract_params(model_cfg, dtype, quantization=quantization)
+        with_mtp = drafting and draft_head is None
+        params = abstract_params(model_cfg, dtype, with_mtp, quantization=quantization)
+        if drafting and draft_head is not None:
+            params = params | {"mtp": [abstract_draft_head(draft_head, model_cfg, dtype)]}
+    if drafting and not params.get("mtp"):
+        raise ValueError(f"speculative decoding needs MTP weights: {model_name} has no MTP "
+                         "layers (num_nextn_predict_layers) and no draft head is shipped for it")
     mem = int((memory_gib or spec.memory_per_device_gib) * GIB)
     attn = spec.roles.get("decode_attention")
     attn_batch = 0
     if attn is not None:
-        attn_batch = _role_plan(model_cfg, spec, attn, params, dtype, mem, 0).max_batch
-    roles = tuple(_role_plan(model_cfg, spec, r, params, dtype, mem, attn_batch)
+        attn_batch = _role_plan(model_cfg, spec, attn, params, dtype, mem, 0,
+                                drafting).max_batch
+    roles = tuple(_role_plan(model_cfg, spec, r, params, dtype, mem, attn_batch, drafting)
                   for r in sorted(spec.roles.values(), key=lambda r: r.devices.start))
     label = dtype.name + (f" + {quantization} weights" if quantization else "")
+    label += " + MTP drafting" if drafting else ""
     return Plan(model_name, spec.name, label, mem, roles)
 
 
@@ -198,6 +219,30 @@ def _load_model(name: str):
     return load_config(name)
 
 
+def _speculative(text: str | None) -> bool:
+    """Whether ``--speculative-config`` turns MTP drafting on (checked as the engine does)."""
+    if text is None:
+        return False
+    from xds_jax.engine_config import EngineConfig
+
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--speculative-config is not valid JSON: {e}") from None
+    return EngineConfig(speculative_config=config).num_speculative_tokens > 0
+
+
+def _draft_head(cfg, model: str):
+    """The head directory the engine would attach to ``model`` (no MTP layers in its config
+    and a shipped head, or ``XDS_DRAFT_HEAD``), else None."""
+    if cfg.num_mtp_layers:
+        return None
+    from xds_jax.loading.draft_heads import shipped_head_dir
+    from xds_jax.loading.loader import resolve
+
+    return shipped_head_dir(resolve(model))
+
+
 def _perf(args, cfg, spec: DeploymentSpec) -> int:
     from sharding.hardware import hardware_preset
     from sharding.perf_model import estimate, format_estimates
@@ -218,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", help="weights and KV dtype (default: the model's)")
     parser.add_argument("--quantization", choices=["int8"],
                         help="int8: weight-only INT8 linear weights (default: none)")
+    parser.add_argument("--speculative-config", metavar="JSON",
+                        help='MTP speculative decoding as xds serve takes it, e.g. \'{"method": '
+                        '"mtp", "num_speculative_tokens": 2}\': counts the MTP block and its KV')
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     perf = parser.add_argument_group("performance model (docs/deployments.md)")
     perf.add_argument("--perf", action="store_true",
@@ -233,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         spec = read_deployment(args.deployment)
         if args.perf:
             return _perf(args, cfg, spec)
+        drafting = _speculative(args.speculative_config)
+        head = _draft_head(cfg, args.model) if drafting else None
         plan = plan_deployment(cfg, spec, model_name=args.model, memory_gib=args.memory_gib,
-                               dtype=args.dtype, quantization=args.quantization)
+                               dtype=args.dtype, quantization=args.quantization,
+                               drafting=drafting, draft_head=head)
     except (DeploymentError, OSError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -75,6 +75,8 @@ class Sequence:
         if logprob is not None:
             self.cumulative_logprob += logprob
         if self.logprobs is not None:
+            # a batch returns its widest request's top-N: keep this request's own
+            top = top[:self.params.logprobs]
             entry = {tid: Logprob(lp, r + 1, self._piece(tid)) for r, (tid, lp) in enumerate(top)}
             if token not in entry:
                 entry[token] = Logprob(logprob, rank, self._piece(token))

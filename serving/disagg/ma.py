@@ -39,7 +39,7 @@ from serving.disagg.eplb_config import EplbConfig
 from serving.disagg.ma_capacity import CapacityPolicy
 from serving.disagg.ma_eplb import ExpertLoadCounter, ExpertRebalancer
 from serving.disagg.ma_layout import MALayout
-from serving.disagg.ma_pipeline import DomainParts, LayerPipeline
+from serving.disagg.ma_pipeline import DomainParts, LayerPipeline, RecordingPipeline
 from serving.disagg.ma_rank import RankView
 from serving.disagg.ma_recovery import StepRecovery, guard, shrink_expert_slice
 from serving.disagg.ma_runner import Domain, MicroBatch
@@ -152,22 +152,27 @@ class MAPool:
         self.load = self.rebalancer = None
         if emap is None:
             return
-        layers = [i for i in range(self.cfg.num_layers) if self.cfg.is_moe_layer(i)]
+        experts = {i: layer["moe"]["experts"] for i, layer in enumerate(params["layers"])
+                   if self.cfg.is_moe_layer(i)}
+        if self._mtp_moe:  # the MTP block's experts: balanced like a target layer
+            experts[self.cfg.num_layers] = params["mtp"][0]["layer"]["moe"]["experts"]
         history = -(-self.eplb.step_interval // self.eplb.window_size)
-        self.load = ExpertLoadCounter(layers, emap.num_experts, self.eplb.window_size, history)
+        self.load = ExpertLoadCounter(list(experts), emap.num_experts, self.eplb.window_size,
+                                      history)
         self._since_rebalance = 0
         if self.eplb.enabled:
-            host = {i: {k: np.asarray(v) for k, v in params["layers"][i]["moe"]["experts"]
-                        .items()} for i in layers}
+            host = {i: {k: np.asarray(v) for k, v in tree.items()}
+                    for i, tree in experts.items()}
             self.rebalancer = ExpertRebalancer([p.routed for p in self.parts], self._placed,
                                                host, emap, self.eplb.num_redundant_experts)
 
-    def _eplb_step(self, results) -> None:
-        """After a step: count its final passes, switch on a swap whose weights are ready,
-        and at a window boundary start a rebalance when one is due."""
+    def _eplb_step(self, runs: list) -> None:
+        """After a step: count its final pipeline runs (``PassResult``s: a drafting pass's
+        MTP runs too), switch on a swap whose weights are ready, and at a window boundary
+        start a rebalance when one is due."""
         if self.load is None:
             return
-        for result in results:
+        for result in runs:
             self.load.add(result.load)
             self.load.add_slots(result.slot_rows, len(self.layout.expert_devices))
         reb = self.rebalancer
@@ -300,12 +305,12 @@ class MAPool:
             per_domain = self._micro_batches(plans, *spec)
             if any(per_domain):
                 passes[spec[0]] = per_domain
-        results, todo = {}, list(passes)
+        results, runs, todo = {}, {}, list(passes)
         while todo:
             for kind in todo:
                 if self._tracer is not None:
                     self._tracer.reset()
-                results[kind] = self._run_pass(kind, passes[kind])
+                results[kind], runs[kind] = self._run_pass(kind, passes[kind])
             todo = [kind for kind in todo
                     if self.capacity is not None and self.capacity.grow(results[kind].checks)]
             if todo:
@@ -319,16 +324,19 @@ class MAPool:
                 sample_rows(fetch(logits), mb.seqs, self.cfg.vocab_size)
             if isinstance(result, SpecPass):
                 self.drafter.finish_prefill(result)
-        self._eplb_step(results.values())
+        self._eplb_step([run for kind_runs in runs.values() for run in kind_runs])
 
-    def _run_pass(self, kind: str, per_domain: list[list[MicroBatch]]):
-        """One pass of every domain; with drafting, decode drafts and verifies
-        (``serving.disagg.ma_spec``) and prefill also feeds the MTP block."""
+    def _run_pass(self, kind: str, per_domain: list[list[MicroBatch]]) -> tuple:
+        """One pass of every domain, and every pipeline run it made (what EPLB counts); with
+        drafting, decode drafts and verifies (``serving.disagg.ma_spec``) and prefill also
+        feeds the MTP block."""
         if self.drafter is None:
-            return self.pipeline.run(per_domain)
+            result = self.pipeline.run(per_domain)
+            return result, [result]
+        pipeline = RecordingPipeline(self.pipeline)
         if kind == "decode":
-            return self.drafter.decode(self.pipeline, per_domain)
-        return self.drafter.prefill(self.pipeline, self.pipeline.run(per_domain))
+            return self.drafter.decode(pipeline, per_domain), pipeline.runs
+        return self.drafter.prefill(pipeline, pipeline.run(per_domain)), pipeline.runs
 
     def _micro_batches(self, plans: list, kind: str, decode: bool, rows_min: int,
                        width_min: int) -> list[list[MicroBatch]]:

@@ -8,7 +8,9 @@ counts are added into the window's accumulators on the device once the pass is f
 re-run pass is not counted twice). At a window boundary the accumulators are read back (the
 only host sync): attention counts summed over ranks and domains become the last window
 (``stats()["expert_load"]``) and one time slice of the selection; expert-rank counts, tokens
-per expert device (``stats()["expert_device_load"]``), what the devices really served.
+per expert device (``stats()["expert_device_load"]``), what the devices really served. The
+MTP block's routed experts (speculative decoding, ``serving.disagg.ma_spec``) are one more
+layer, ``cfg.num_layers``, counted and rebalanced like a target layer.
 
 ``ExpertRebalancer``: per MoE layer a map from ``collectives.eplb.rebalance``, computed on a
 background thread. A swap has the paper's three phases: (1) **map off**: the layer routes
@@ -97,8 +99,7 @@ class ExpertLoadCounter:
         n = self._expert_devices
         devices = {layer: np.zeros(n, np.int64) for layer in self.layers} if n else {}
         for (_, layer, k), rows in self._slot_acc.items():
-            # counts from before a scale-down of the slice, or of a layer not balanced (an
-            # MTP block's experts), are dropped
+            # counts from before a scale-down of the slice are dropped
             if k == n and layer in devices:
                 devices[layer] += np.asarray(rows)[-n:].sum(axis=1)
         self._slot_acc = {}

@@ -131,13 +131,12 @@ class LayerPipeline:
     def _to_experts(self, part: DomainParts, f: _Flight, layer: int,
                     result: PassResult) -> None:
         """Gate (and shared expert), A2E and the routed experts of one micro-batch."""
-        mtp = layer == self.cfg.num_layers  # its shared expert runs on attention, its load
-        shared_svc = None if mtp else part.shared  # is not counted for EPLB
+        # the MTP block's shared expert runs on attention; its routed load counts for EPLB
+        shared_svc = None if layer == self.cfg.num_layers else part.shared
         key = (part.domain.index, layer)
         x_TD, h_TD, ids_TK, w_TK, load, *shared = part.domain.gate(
             layer, f.x, f.mb, shared_svc is None, result.load.get(key))
-        if not mtp:
-            result.load[key] = load
+        result.load[key] = load
         if shared_svc is not None:
             out, _ = shared_svc.launch(layer, shared_svc.send(h_TD))
             shared = [shared_svc.receive(out)]
@@ -156,3 +155,20 @@ class LayerPipeline:
         routed, out, x_TD, shared_TD = f.returning
         f.pending = (x_TD, routed.receive(out), shared_TD)
         f.returning = None
+
+
+class RecordingPipeline:
+    """A ``LayerPipeline`` that keeps the ``PassResult`` of every run it makes: a drafting
+    pass is several runs (MTP passes, then verify), and EPLB counts the experts of each."""
+
+    def __init__(self, pipeline: LayerPipeline) -> None:
+        self.pipeline = pipeline
+        self.runs: list[PassResult] = []
+
+    def __getattr__(self, name):
+        return getattr(self.pipeline, name)
+
+    def run(self, *args, **kwargs) -> PassResult:
+        result = self.pipeline.run(*args, **kwargs)
+        self.runs.append(result)
+        return result

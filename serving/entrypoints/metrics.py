@@ -147,7 +147,8 @@ class EngineCollector:
         for collective, seconds in sorted(stats.get("collective_latency_s", {}).items()):
             latency.add_metric([m, str(collective)], float(seconds))
         yield latency
-        load = GaugeMetricFamily("xds:expert_load", "Tokens routed to each expert.",
+        load = GaugeMetricFamily("xds:expert_load", "Tokens routed to each expert (layer "
+                                 "num_layers: the MTP block's, when it drafts under MA).",
                                  labels=["model_name", "layer", "expert"])
         for layer, counts in sorted(stats.get("expert_load", {}).items()):
             for expert, count in enumerate(counts):

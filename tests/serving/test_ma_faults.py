@@ -150,3 +150,46 @@ def test_pd_plus_ma_through_llm_recovers_both_hop_faults():
     stats = llm.engine.stats()
     assert (stats["faults_injected"], stats["scale_downs"], stats["rollbacks"]) == (2, 1, 2)
     assert stats["ma_expert_slots"] == 10 and stats["healthy_groups"] == stats["num_groups"]
+
+
+def test_collective_error_mid_speculation_rolls_back_the_drafting_state(tmp_path_factory,
+                                                                        tmp_path):
+    """MA with MTP drafting (8 devices: 1 domain x 2 ranks, 2 expert devices; the MTP block's
+    experts on the slice too), ``LLM(faults=...)``: hop errors after drafts were made roll
+    the step back; every rank's pending hiddens stay those of the sequence's last accepted
+    positions after each step, greedy output equals the reference, every block comes back."""
+    from serving.core.request import Request
+    from tests.mtp_checkpoint import make_mimic_checkpoint
+    from tests.serving.test_disaggregation import ma
+    from tests.serving.test_spec_decode import PROMPTS, mixed_params, run, spec
+    from xds_jax import LLM
+
+    need_devices(8)
+    model = str(make_mimic_checkpoint(tmp_path_factory.mktemp("mimic_moe"), moe=True))
+    params = mixed_params()
+    _, ref = run(model, None, params)
+    llm = LLM(model, dtype="float32", use_param_cache=False, speculative_config=spec(2),
+              max_num_seqs=8, deployment=ma(tmp_path, domains=1, dp=2, experts=2),
+              faults=[f"collective_error:after_steps=4:times={STEP_RETRIES}"])
+    engine, pool = llm.engine, llm.engine.drivers[-1]
+    requests = [Request(f"r{i}", None, p, sp, llm.make_sequences(p, sp))
+                for i, (p, sp) in enumerate(zip(PROMPTS, params, strict=True))]
+    for r in requests:
+        engine.submit(r)
+    drafted_before_fault = None
+    while pool.step():
+        stats = engine.stats()
+        if stats["rollbacks"] and drafted_before_fault is None:
+            drafted_before_fault = stats["spec_num_drafts"]
+        for g in pool.groups:
+            for p in g.runner.spec.pending.values():
+                if not p.seq.finished:  # the next token of the last pending hidden is the last
+                    assert p.first + len(p.hidden) == p.seq.num_tokens - 1
+    stats = engine.stats()
+    assert stats["rollbacks"] == stats["faults_injected"] == STEP_RETRIES
+    assert drafted_before_fault and stats["spec_num_drafts"] > drafted_before_fault
+    for r, expected in zip(requests, ref, strict=True):
+        assert [s.output_ids for s in r.seqs] == [o.token_ids for o in expected.outputs]
+        assert [s.finish_reason for s in r.seqs] == [o.finish_reason for o in expected.outputs]
+    assert_pools_whole(pool)
+    assert all(not g.runner.spec.pending for g in pool.groups)

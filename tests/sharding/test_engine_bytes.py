@@ -38,6 +38,7 @@ def engine_bytes(engine) -> tuple[dict, dict, dict]:
         if hasattr(runner, "params"):  # a ModelRunner (MA ranks' runners are views)
             weights.append(runner.params)
             kv.append(runner.caches)
+            kv.append(getattr(runner, "mtp_cache", None))  # a SpecRunner's MTP pages
             tokens |= {d: group.config.num_blocks * group.config.block_size
                        for d in runner.devices}
     for pool in (d for d in engine.drivers if isinstance(d, MAPool)):
@@ -62,6 +63,13 @@ def check(model: str, deployment: str, quantization: str | None = None):
     assert jax.tree.leaves(planned_tree) == jax.tree.leaves(jax.eval_shape(lambda: llm.params))
     plan = plan_deployment(llm.cfg, read_deployment(f"{DEPLOYMENTS}/{deployment}.yaml"),
                            dtype="float32", quantization=quantization)
+    assert_plan_is_engine(plan, llm)
+    return plan
+
+
+def assert_plan_is_engine(plan, llm) -> None:
+    """Every role's weight and KV bytes per device are the engine's, and the engine placed
+    nothing on a device the plan does not name."""
     weights, kv, tokens = engine_bytes(llm.engine)
     devices = jax.devices()
     for role in plan.roles:
@@ -73,7 +81,6 @@ def check(model: str, deployment: str, quantization: str | None = None):
             role.kv_bytes_per_token * tokens.get(d, 0) for d in on_devices], role.role
     # nothing the engine placed is missing from the plan
     assert set(weights) <= set(devices[:plan_devices(plan)])
-    return plan
 
 
 def plan_devices(plan) -> int:

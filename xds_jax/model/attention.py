@@ -57,14 +57,24 @@ def kv_value_dtype(storage_dtype) -> jnp.dtype:
 
 def write_pages(pages: jax.Array, new_BSKD: jax.Array, positions_BS: jax.Array,
                 block_tables_BN: jax.Array) -> jax.Array:
-    """Store new keys/values at their positions; padding tokens (position < 0) are dropped."""
+    """Store new keys/values at their positions; padding tokens (position < 0) are dropped.
+
+    One new token (a one-row decode) is scattered with a second, always-dropped slot: XLA
+    rewrites a one-index scatter into a bounds-checked update of the flattened pool, which
+    XLA:CPU then copied whole, every layer, every step (SmolLM2 at one row: 690 ms a step
+    instead of 48). ``maximum`` keeps the extra index from being folded away as a constant.
+    """
     num_pages, page_size = pages.shape[:2]
     block = jnp.take_along_axis(block_tables_BN, jnp.maximum(positions_BS, 0) // page_size, axis=1)
     slots = block * page_size + positions_BS % page_size
     slots = jnp.where(positions_BS >= 0, slots, num_pages * page_size)  # out of range: dropped
     flat = pages.reshape((num_pages * page_size,) + pages.shape[2:])
     new = new_BSKD.reshape((-1,) + new_BSKD.shape[2:]).astype(kv_value_dtype(pages.dtype))
-    flat = flat.at[slots.reshape(-1)].set(as_bits(new), mode="drop")
+    slots, new = slots.reshape(-1), as_bits(new)
+    if slots.shape[0] == 1:  # see above
+        slots = jnp.concatenate([slots, jnp.maximum(slots, num_pages * page_size)])
+        new = jnp.concatenate([new, new])
+    flat = flat.at[slots].set(new, mode="drop")
     return flat.reshape(pages.shape)
 
 

@@ -107,14 +107,21 @@ def _softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
 
 def _prefill_attention(q_BSKGD: jax.Array, keys_BLKD: jax.Array, vals_BLKD: jax.Array,
                        mask_BSL: jax.Array, scale: float) -> jax.Array:
-    """Per-kv-head attention, ``[B, S, H * Dh]`` float32."""
+    """Per-kv-head attention, ``[B, S, H * Dh]`` float32.
+
+    The queries of a kv head are one ``[G * S, Dh]`` matrix, so the scores come out as
+    ``[B, K, G * S, L]`` in the order the mask, the softmax and the value product read them;
+    a ``bskgd,blkd->bkgsl`` einsum left XLA:CPU scores as ``[K, S, G * L]`` (keys broadcast
+    G times) and two transposing copies of the ``S x L`` scores a layer.
+    """
     b, s, k, g, dh = q_BSKGD.shape
-    scores = jnp.einsum("bskgd,blkd->bkgsl", q_BSKGD, keys_BLKD,
+    q_BKMD = q_BSKGD.transpose(0, 2, 3, 1, 4).reshape(b, k, g * s, dh)
+    scores = jnp.einsum("bkmd,blkd->bkml", q_BKMD, keys_BLKD,
                         preferred_element_type=jnp.float32) * scale
-    probs = _softmax(scores, mask_BSL[:, None, None])
-    out = jnp.einsum("bkgsl,blkd->bskgd", probs.astype(vals_BLKD.dtype), vals_BLKD,
-                     preferred_element_type=jnp.float32)
-    return out.reshape(b, s, k * g * dh)
+    probs = _softmax(scores.reshape(b, k, g, s, -1), mask_BSL[:, None, None])
+    out = jnp.einsum("bkml,blkd->bkmd", probs.reshape(b, k, g * s, -1).astype(vals_BLKD.dtype),
+                     vals_BLKD, preferred_element_type=jnp.float32)
+    return out.reshape(b, k, g, s, dh).transpose(0, 3, 1, 2, 4).reshape(b, s, k * g * dh)
 
 
 def _decode_attention(q_BSKGD: jax.Array, keys_BLKD: jax.Array, vals_BLKD: jax.Array,

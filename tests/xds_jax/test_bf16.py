@@ -6,6 +6,7 @@ bfloat16 keeps 8 mantissa bits, so one rounding of a weight or cached key is off
 their largest magnitude. Greedy tokens must agree wherever the float32 top-1 margin is clear.
 """
 
+import re
 from types import SimpleNamespace
 
 import jax
@@ -91,6 +92,42 @@ def test_step_program_updates_kv_pool_in_place(dtype):
     written = np.asarray(new[0]["k"])
     assert np.abs(written[0, 3]).sum() > 0
     assert np.abs(written[0, 4:]).sum() == 0 and np.abs(written[1:]).sum() > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_compiled_step_never_copies_the_kv_pool(dtype, rows):
+    """No copy of a whole page pool (as stored or flattened to token slots) in the step
+    program, at one row too: there XLA turned the one-token scatter into an update that copied
+    every layer's pool each step."""
+    m = tiny("llama") if dtype == "float32" else tiny_bf16("llama")
+    caches = new_caches(m.cfg, 16, 16, jnp.dtype(dtype))
+    tokens, positions, tables, last = _decode_rows(m.cfg, rows, 4)
+    text = model_step.lower(m.params, tokens, positions, caches, tables, last,
+                            cfg=m.cfg).compile().as_text()
+    pages, size, heads, dims = caches[0]["k"].shape
+    pool = rf"\[({pages},{size}|{pages * size}),{heads},{dims}\]\{{[^}}]*\}} copy\("
+    assert re.search(r"[fsu]\d+\[\d", text), "unexpected HLO text"
+    assert not re.findall(pool, text)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_row_step_writes_its_slot_or_nothing(dtype):
+    """At one row the new key lands in its slot only, and a padding row (position -1) writes
+    nothing."""
+    m = tiny("llama") if dtype == "float32" else tiny_bf16("llama")
+    tokens, positions, tables, last = _decode_rows(m.cfg, 1, 4)
+    tables = tables + 5  # the row's pages are 5..8
+    for pos, written_pages in ((3, [5]), (-1, [])):
+        caches = new_caches(m.cfg, 16, 16, jnp.dtype(dtype))
+        _, new = model_step(m.params, tokens, jnp.full_like(positions, pos), caches, tables,
+                            last, cfg=m.cfg)
+        for c in new:
+            k = np.asarray(c["k"])
+            nonzero = sorted({int(p) for p in np.nonzero(np.abs(k).sum(axis=(2, 3)))[0]})
+            assert nonzero == written_pages
+            if pos >= 0:
+                assert np.abs(k[5, 3]).sum() > 0 and np.abs(k[5, :3]).sum() == 0
 
 
 def test_runner_launch_reuses_the_kv_pool_buffers():

@@ -9,6 +9,14 @@ group's inbox.
 A group the engine takes out of service is fenced (``serving.core.fencing``): a step under
 way when that happens is dropped before it appends a token. The step holds the group's state
 lock except while it waits on its device (``FaultInjector.stall``, where stalls are injected).
+
+With asynchronous scheduling (``GroupConfig.async_scheduling``, on a runner that
+``overlaps_steps``) a step schedules and launches step n + 1 while step n still runs on the
+device, then finishes step n: reads its tokens, appends, checks stops, detokenizes and emits.
+Step n + 1 stays in flight until the next call. A sequence that stopped at step n drops its
+step n + 1 token; a step that fails or is fenced drops the step in flight with it. Rows whose
+sampling counts every output token (penalties), and requests isolated after a failure, run
+with nothing in flight.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ class GroupConfig:
     enable_prefix_caching: bool = DEFAULTS.enable_prefix_caching
     staged: bool = DEFAULTS.staged  # separately jitted stage programs, or one fused program
     num_speculative_tokens: int = 0  # MTP drafts per decode step (serving.core.spec_decode)
+    async_scheduling: bool = DEFAULTS.async_scheduling  # launch step n + 1 before n's tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +80,7 @@ class DPGroup(Fencing):
     the ``Driver`` of itself."""
 
     role = "decode"  # how traces and stats name what the group does
+    may_overlap = True  # a group whose steps may overlap (PD prefill hands off after each)
 
     def __init__(self, index: int, params: dict | None, cfg: ModelConfig,
                  device: jax.Device | list | None, config: GroupConfig | None = None,
@@ -87,6 +97,10 @@ class DPGroup(Fencing):
                                    config.max_num_batched_tokens,
                                    num_lookahead_tokens=config.num_speculative_tokens)
         self.runner = runner or build_runner(params, cfg, config, device)
+        # Steps overlap only on a runner that says it can (not speculative, not MA ranks).
+        self.overlap = (config.async_scheduling and self.may_overlap
+                        and getattr(self.runner, "overlaps_steps", False))
+        self._in_flight: tuple | None = None  # (SchedulerOutput, handle, start) launched
         self.inbox: queue.Queue = queue.Queue()
         self.faults = NO_FAULTS  # the engine's FaultInjector, consulted at fixed points of a step
         self.requests: dict[str, Request] = {}
@@ -206,6 +220,8 @@ class DPGroup(Fencing):
         wiring bug) is rolled back and raised: the group's loop dies. The state lock is let go
         while the step waits on its device (where a stall is injected); a group fenced in the
         meantime drops the step before any token is appended."""
+        if self.overlap:
+            return self._step_overlapped()
         with self._state:
             out = self.plan()
             if out is None:
@@ -243,6 +259,86 @@ class DPGroup(Fencing):
                                    tokens=out.num_batched_tokens)
             self.complete(out)
         return True
+
+    def _step_overlapped(self) -> bool:
+        """Schedule and launch step n + 1 (its decode inputs taken on device from step n),
+        then finish step n; with nothing in flight, only launch."""
+        with self._state:
+            prev, self._in_flight = self._in_flight, None
+            out = None
+            if prev is None or self._may_follow(prev[0]):
+                out = self.plan()
+            if out is not None:
+                start = time.perf_counter()
+                try:
+                    self.faults.before_launch(self)
+                    handle = self.runner.launch(out.scheduled, after=prev and prev[1])
+                    self._beat()
+                except (EngineMisuseError, GroupCrashed):
+                    self._undo(out)
+                    self._drop(prev)
+                    raise
+                except Exception as error:
+                    self.step_failed(out, error)
+                    self._drop(prev)
+                    return True
+                self.scheduler.launched(out)
+                self._in_flight = (out, handle, start)
+            if prev is None:
+                return out is not None
+        self._finish(*prev)
+        return True
+
+    def _may_follow(self, prev: SchedulerOutput) -> bool:
+        """Whether the next step may be scheduled before ``prev``'s tokens are appended: not
+        while a request runs alone after a failure, nor for sampling that counts every
+        output token (penalties)."""
+        if self._suspects:
+            return False
+        return not any(s.seq.params.penalized for s in prev.scheduled)
+
+    def _finish(self, out: SchedulerOutput, handle, start: float) -> None:
+        """Second half of an overlapped step: wait for ``out`` on the device, append its
+        tokens, emit. If it was fenced meanwhile or fails, the step in flight goes too."""
+        self.faults.stall(self)
+        with self._state:
+            if self.fenced:
+                if self.drained:
+                    self.rollbacks += 1  # the pool is reset already (and the flight dropped)
+                else:
+                    self._drop(self._in_flight)
+                    self._undo(out)
+                self._in_flight = None
+                return
+            try:
+                self.runner.finish(handle)
+            except EngineMisuseError:
+                self._drop(self._in_flight)
+                self._undo(out)
+                raise
+            except Exception as error:
+                self._drop(self._in_flight)
+                self.step_failed(out, error)
+                return
+            if self.timeline is not None:
+                self.timeline.span(self.role, "step", start, time.perf_counter(),
+                                   stream=f"{self.role}{self.index}",
+                                   tokens=out.num_batched_tokens)
+            self.complete(out)
+
+    def _drop(self, flight: tuple | None) -> None:
+        """Roll back a launched step whose input tokens are gone (the step before it failed
+        or was fenced); its results are never read."""
+        if flight is None:
+            return
+        if flight is self._in_flight:
+            self._in_flight = None
+        self._undo(flight[0])
+
+    def _reset(self) -> None:
+        """Fenced and drained: the step in flight goes with the pool."""
+        super()._reset()
+        self._in_flight = None
 
     def _beat(self) -> None:
         """The loop is alive. ``beat_compiles``: the runner's compiles so far, so a monitor
@@ -335,8 +431,9 @@ class DPGroup(Fencing):
                                      for s in out.scheduled if s.is_last_chunk)
         self.last_batch = (len(out.scheduled), out.num_batched_tokens)
         now = time.monotonic()
-        touched = {s.seq.seq_id: self._owners[s.seq.seq_id] for s in out.scheduled
-                   if s.is_last_chunk}
+        # A request may have ended while an overlapped step ran (aborted, failed).
+        touched = {s.seq.seq_id: r for s in out.scheduled
+                   if s.is_last_chunk and (r := self._owners.get(s.seq.seq_id)) is not None}
         if self._suspects and self._suspects[0] in {r.request_id for r in touched.values()}:
             self._suspects.pop(0)  # ran alone without failing: no longer suspect
         for request in {id(r): r for r in touched.values()}.values():

@@ -340,7 +340,8 @@ class Scheduler:
         for seq in list(self.running):  # prefills already under way
             if budget == 0:
                 break
-            if seq.seq_id in done or seq.seq_id not in self._computed or not allowed(seq):
+            if (seq.seq_id in done or seq.seq_id not in self._computed or not allowed(seq)
+                    or self._last_in_flight(seq)):
                 continue
             start = self._start(seq)
             want = min(self._num_tokens(seq) - start, self.chunk_size, budget)

@@ -43,6 +43,11 @@ class EngineConfig:
       kv_cache_bytes: size of a DP group's paged KV pool (capped at ``max_num_seqs`` full
         contexts; at least one).
       enable_prefix_caching: reuse cached KV blocks of shared prompt prefixes.
+      async_scheduling: schedule and launch a DP group's step n + 1 while step n runs on the
+        device, its decode inputs taken from step n's sampled tokens on device (vLLM's
+        ``--async-scheduling``); the host's appends, stop checks and detokenization overlap
+        the device. Colocated and PD decode groups; speculative and MA ranks step one at a
+        time.
       staged: run steps as separately jitted stage programs (faster to compile, slower to
         run) instead of one fused program.
       micro_batches: micro-batches per attention domain and step in MA deployments.
@@ -83,6 +88,7 @@ class EngineConfig:
     kv_cache_bytes: int = 1 << 30
     enable_prefix_caching: bool = True
     staged: bool = False
+    async_scheduling: bool = False
     micro_batches: int = 2
     trace: bool = False
     use_param_cache: bool = True

@@ -18,10 +18,10 @@ import numpy as np
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import forward, last_token_logits, new_caches
-from xds_jax.multihost import fetch
-from xds_jax.sampling.params import SamplingParams
-from xds_jax.sampling.sampler import flags_for, make_batch, sample
+from xds_jax.sampling.rows import sample_rows
 from xds_jax.sequence import Sequence
+
+__all__ = ["LocalGenerator", "bucket", "model_step", "sample_rows"]
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -35,34 +35,6 @@ def model_step(params: dict, tokens_BS: jax.Array, positions_BS: jax.Array, cach
     """One forward step; returns the logits of each row's last real token and the new caches."""
     x, caches = forward(params, cfg, tokens_BS, positions_BS, caches, block_tables_BN)
     return last_token_logits(params, cfg, x, last_B), caches
-
-
-_IDLE_ROW = SamplingParams(temperature=0)
-
-
-def sample_rows(logits_BV: jax.Array, seqs: list[Sequence | None], vocab_size: int) -> None:
-    """Sample one token for each live row and append it to its sequence.
-
-    Every row of the bucket is sampled (idle rows greedily, results dropped), so the sampler
-    compiles once per bucket rather than once per number of live rows.
-    """
-    live = [s if s is not None and not s.finished else None for s in seqs]
-    if not any(live):
-        return
-    params = [s.params if s else _IDLE_ROW for s in live]
-    flags = flags_for(params)
-    batch = make_batch(
-        params, [s.seed if s else 0 for s in live], [len(s.output_ids) if s else 0 for s in live],
-        [s.prompt_ids if s else [] for s in live], [s.output_ids if s else [] for s in live],
-        [s.banned_ids() if s else [] for s in live], vocab_size, flags,
-    )
-    # Host logits sample on this process's device; device logits are read on every process.
-    read = jax.device_get if isinstance(logits_BV, np.ndarray) else fetch
-    tokens, lps, ranks, top_ids, top_lps = read(sample(logits_BV, batch, flags))
-    for j, s in enumerate(live):
-        if s is not None:
-            top = list(zip(top_ids[j].tolist(), top_lps[j].tolist(), strict=True))
-            s.append(int(tokens[j]), float(lps[j]), int(ranks[j]), top)
 
 
 class LocalGenerator:

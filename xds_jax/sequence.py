@@ -57,9 +57,10 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
-    def banned_ids(self) -> list[int]:
-        """Ids that may not be sampled yet: EOS and stop ids before ``min_tokens``."""
-        if len(self.output_ids) >= self.params.min_tokens:
+    def banned_ids(self, in_flight: int = 0) -> list[int]:
+        """Ids that may not be sampled yet: EOS and stop ids before ``min_tokens``
+        (``in_flight``: sampled tokens not appended yet, which count)."""
+        if len(self.output_ids) + in_flight >= self.params.min_tokens:
             return []
         return sorted(self._eos | self._stop_ids)
 

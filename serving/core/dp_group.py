@@ -9,6 +9,9 @@ group's inbox.
 A group the engine takes out of service is fenced (``serving.core.fencing``): a step under
 way when that happens is dropped before it appends a token. The step holds the group's state
 lock except while it waits on its device (``FaultInjector.stall``, where stalls are injected).
+
+With asynchronous scheduling (``GroupConfig.async_scheduling``, on a runner that
+``overlaps_steps``) steps overlap: ``serving.core.overlap``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from serving.core.faults import NO_FAULTS, GroupCrashed
 from serving.core.fencing import Fencing, GroupFencedError, Resume
 from serving.core.interfaces import AbortRequest, AddRequest, EngineMisuseError
 from serving.core.kv_cache import BlockManager
+from serving.core.overlap import OverlappedSteps
 from serving.core.request import Request
 from serving.core.scheduler import Scheduler, SchedulerError, SchedulerOutput
 from serving.core.spec_decode import build_runner
@@ -48,6 +52,7 @@ class GroupConfig:
     enable_prefix_caching: bool = DEFAULTS.enable_prefix_caching
     staged: bool = DEFAULTS.staged  # separately jitted stage programs, or one fused program
     num_speculative_tokens: int = 0  # MTP drafts per decode step (serving.core.spec_decode)
+    async_scheduling: bool = DEFAULTS.async_scheduling  # launch step n + 1 before n's tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +71,12 @@ class GroupLoad:
         return self.num_running + self.num_waiting >= self.max_num_seqs
 
 
-class DPGroup(Fencing):
+class DPGroup(OverlappedSteps, Fencing):
     """Scheduler + KV blocks + runner for one slice of devices; a ``Group`` and, colocated,
     the ``Driver`` of itself."""
 
     role = "decode"  # how traces and stats name what the group does
+    may_overlap = True  # a group whose steps may overlap (PD prefill hands off after each)
 
     def __init__(self, index: int, params: dict | None, cfg: ModelConfig,
                  device: jax.Device | list | None, config: GroupConfig | None = None,
@@ -87,6 +93,10 @@ class DPGroup(Fencing):
                                    config.max_num_batched_tokens,
                                    num_lookahead_tokens=config.num_speculative_tokens)
         self.runner = runner or build_runner(params, cfg, config, device)
+        # Steps overlap only on a runner that says it can (not speculative, not MA ranks).
+        self.overlap = (config.async_scheduling and self.may_overlap
+                        and getattr(self.runner, "overlaps_steps", False))
+        self._in_flight: tuple | None = None  # (SchedulerOutput, handle, start) launched
         self.inbox: queue.Queue = queue.Queue()
         self.faults = NO_FAULTS  # the engine's FaultInjector, consulted at fixed points of a step
         self.requests: dict[str, Request] = {}
@@ -206,6 +216,8 @@ class DPGroup(Fencing):
         wiring bug) is rolled back and raised: the group's loop dies. The state lock is let go
         while the step waits on its device (where a stall is injected); a group fenced in the
         meantime drops the step before any token is appended."""
+        if self.overlap:
+            return self._step_overlapped()
         with self._state:
             out = self.plan()
             if out is None:
@@ -335,8 +347,9 @@ class DPGroup(Fencing):
                                      for s in out.scheduled if s.is_last_chunk)
         self.last_batch = (len(out.scheduled), out.num_batched_tokens)
         now = time.monotonic()
-        touched = {s.seq.seq_id: self._owners[s.seq.seq_id] for s in out.scheduled
-                   if s.is_last_chunk}
+        # A request may have ended while an overlapped step ran (aborted, failed).
+        touched = {s.seq.seq_id: r for s in out.scheduled
+                   if s.is_last_chunk and (r := self._owners.get(s.seq.seq_id)) is not None}
         if self._suspects and self._suspects[0] in {r.request_id for r in touched.values()}:
             self._suspects.pop(0)  # ran alone without failing: no longer suspect
         for request in {id(r): r for r in touched.values()}.values():

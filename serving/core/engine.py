@@ -377,7 +377,7 @@ def group_config_for(params: dict, cfg: ModelConfig, max_model_len: int,
                        max_num_seqs=config.max_num_seqs,
                        max_num_batched_tokens=config.max_num_batched_tokens,
                        enable_prefix_caching=config.enable_prefix_caching,
-                       staged=config.staged,
+                       staged=config.staged, async_scheduling=config.async_scheduling,
                        num_speculative_tokens=config.num_speculative_tokens)
 
 

@@ -10,6 +10,11 @@ width (powers of two). The KV pages are donated through every program, so they a
 place. The same bucket never compiles twice: ``compile_count`` lets tests and benchmarks check
 steady state.
 
+Sampling is dispatched with the step (``launch``) and read by ``finish``. With asynchronous
+scheduling (``overlaps_steps``) the next step is launched before ``finish``: a decode row whose
+input is the previous step's sampled token takes it from that step's device array by index
+(``take_inputs``), so the launch waits for nothing.
+
 Shape legend: B rows, S tokens per row, N blocks per row, V vocabulary.
 """
 
@@ -20,16 +25,18 @@ import logging
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from collectives.p2p import gather_blocks, scatter_blocks_donated
 from sharding.params import kv_page_shardings, param_shardings, tp_mesh
-from xds_jax.generate import bucket, model_step, sample_rows
+from xds_jax.generate import bucket, model_step
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import new_caches, staged_step
-from xds_jax.multihost import place, place_tree, zeros_tree
+from xds_jax.multihost import multi_process, place, place_tree, zeros_tree
+from xds_jax.sampling.rows import append_rows, dispatch_rows
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,7 @@ class RowBatch:
     tables_BN: np.ndarray
     last_B: np.ndarray
     sampling_seqs: list  # per row: the Sequence to sample for, or None
+    source_B: np.ndarray | None = None  # per row: index of its input token on device, or -1
 
 
 # Smallest buckets: a few padded rows or key slots cost less than another compiled program.
@@ -51,9 +59,12 @@ MIN_PREFILL_WIDTH = 16
 MIN_CONTEXT_TOKENS = 128
 
 
-def build_rows(scheduled: list, rows_min: int, width_min: int, block_size: int) -> RowBatch:
+def build_rows(scheduled: list, rows_min: int, width_min: int, block_size: int,
+               sources: dict[int, int] | None = None) -> RowBatch:
     """Pad scheduled sequences (objects with seq, start, num_tokens, block_table,
-    is_last_chunk) into bucketed host arrays. Padding uses position -1 (writes nothing)."""
+    is_last_chunk) into bucketed host arrays. Padding uses position -1 (writes nothing).
+    ``sources``: seq id -> index of the token in flight on device that a decode row of that
+    sequence takes as input (its host token is then a 0 placeholder)."""
     rows = bucket(len(scheduled), rows_min)
     width = bucket(max(s.num_tokens for s in scheduled), width_min)
     blocks = bucket(max(len(s.block_table) for s in scheduled),
@@ -63,16 +74,28 @@ def build_rows(scheduled: list, rows_min: int, width_min: int, block_size: int) 
     tables = np.zeros((rows, blocks), np.int32)
     last = np.zeros((rows,), np.int32)
     sampling: list = [None] * rows
+    source = np.full((rows,), -1, np.int32) if sources else None
     for i, s in enumerate(scheduled):
-        ids = s.seq.all_ids[s.start : s.start + s.num_tokens]
-        tokens[i, : s.num_tokens] = ids
+        if sources and s.seq.seq_id in sources:
+            source[i] = sources[s.seq.seq_id]
+        else:
+            tokens[i, : s.num_tokens] = s.seq.all_ids[s.start : s.start + s.num_tokens]
         positions[i, : s.num_tokens] = np.arange(s.start, s.start + s.num_tokens)
         tables[i, : len(s.block_table)] = s.block_table
         last[i] = s.num_tokens - 1
         if s.is_last_chunk:
             sampling[i] = s.seq
     assert blocks * block_size >= int(positions.max()) + 1, "block table too short"
-    return RowBatch(tokens, positions, tables, last, sampling)
+    return RowBatch(tokens, positions, tables, last, sampling, source)
+
+
+@jax.jit
+def take_inputs(sampled: tuple, source_B: jax.Array, tokens_BS: jax.Array) -> jax.Array:
+    """Decode inputs on device: row ``i`` takes the ``source_B[i]``-th token of the previous
+    step's ``sampled`` launches (concatenated), or keeps its host token where -1."""
+    flat = jnp.concatenate(sampled)
+    taken = flat[jnp.maximum(source_B, 0)]
+    return jnp.where(source_B[:, None] >= 0, taken[:, None], tokens_BS)
 
 
 class ModelRunner:
@@ -107,9 +130,23 @@ class ModelRunner:
         if cache_shardings is None:
             cache_shardings = kv_page_shardings(shapes, cfg, mesh)
         self.caches = zeros_tree(shapes, cache_shardings)
+        # Step inputs: host arrays straight into the program, which puts them beside the
+        # (committed) weights; on CPU that dispatches in ~1 ms where device_put arrays took
+        # ~10 ms. Several devices or processes need them laid out (replicated) first, and
+        # stage programs (staged) share one placed copy.
+        self._direct_inputs = len(devices) == 1 and not multi_process() and not staged
         self.lock = threading.Lock()  # held while a step swaps the (donated) pages
         self._shapes_seen: set[tuple] = set()
         self.compile_count = 0
+
+    @property
+    def overlaps_steps(self) -> bool:
+        """Whether a step may be launched before the previous one's tokens are appended
+        (asynchronous scheduling): true of the plain runner, whose launch reads nothing of
+        the previous step on the host. A subclass with its own launch or finish (speculative
+        decoding verifies drafts on the host between steps) runs steps one at a time."""
+        cls = type(self)
+        return cls.launch is ModelRunner.launch and cls.finish is ModelRunner.finish
 
     def spec_stats(self) -> dict:
         """No drafting here (``serving.core.spec_decode.SpecRunner`` counts its drafts)."""
@@ -135,15 +172,24 @@ class ModelRunner:
         with self.lock:
             self.caches = scatter_blocks_donated(self.caches, ids_B, pages)
 
-    def _launch(self, rows: RowBatch):
-        key = (rows.tokens_BS.shape, rows.tables_BN.shape)
+    def _seen(self, key: tuple, what: str) -> None:
+        """Count a program shape the first time it is launched (it compiles then)."""
         if key not in self._shapes_seen:
             self._shapes_seen.add(key)
             self.compile_count += 1
-            log.info("compiling step program for rows x tokens %s, blocks %d", key[0], key[1][1])
-        put = lambda a: place(a, self.input_sharding)  # noqa: E731
+            log.info("compiling %s for %s", what, key)
+
+    def _launch(self, rows: RowBatch, sampled: tuple = ()):
+        key = (rows.tokens_BS.shape, rows.tables_BN.shape)
+        self._seen(key, "step program (rows x tokens, rows x blocks)")
+        put = (lambda a: a) if self._direct_inputs else (  # noqa: E731
+            lambda a: place(a, self.input_sharding))
         inputs = [put(a) for a in (rows.tokens_BS, rows.positions_BS, rows.tables_BN,
                                    rows.last_B)]
+        if rows.source_B is not None:
+            self._seen(("inputs", tuple(a.shape for a in sampled), rows.tokens_BS.shape),
+                       "decode inputs taken on device")
+            inputs[0] = take_inputs(sampled, put(rows.source_B), inputs[0])
         with self.lock:
             args = (inputs[0], inputs[1], self.caches, inputs[2], inputs[3])
             if self.staged:
@@ -152,19 +198,47 @@ class ModelRunner:
                 logits, self.caches = model_step(self.params, *args, cfg=self.cfg)
         return logits
 
-    def launch(self, scheduled: list) -> list[tuple]:
-        """Dispatch the programs of one step (asynchronous); returns what ``finish`` needs."""
+    def launch(self, scheduled: list, after: list | None = None) -> list[tuple]:
+        """Dispatch the programs of one step and their sampling (asynchronous); returns what
+        ``finish`` needs, a ``(logits, sampled)`` pair per program. ``after``: the handle of
+        a step launched but not finished (asynchronous scheduling); a decode row whose input
+        token that step samples takes it on device."""
         decodes = [s for s in scheduled if s.num_tokens == 1 and s.start > 0]
         prefills = [s for s in scheduled if not (s.num_tokens == 1 and s.start > 0)]
+        sampled, sources = _in_flight(after)
         pending = []
         for group, rows_min, width in ((decodes, MIN_DECODE_ROWS, 1),
                                        (prefills, 1, MIN_PREFILL_WIDTH)):
             if group:
-                rows = build_rows(group, rows_min, width, self.block_size)
-                pending.append((self._launch(rows), rows.sampling_seqs))
+                rows = build_rows(group, rows_min, width, self.block_size,
+                                  sources if group is decodes else None)
+                logits = self._launch(rows, sampled)
+                flying = {s.seq.seq_id for s in group if s.seq.seq_id in sources} \
+                    if sources else set()
+                pending.append((logits, dispatch_rows(logits, rows.sampling_seqs,
+                                                      self.cfg.vocab_size, flying)))
         return pending
 
     def finish(self, pending: list[tuple]) -> None:
-        """Sample the rows that finished their prompt or decode, appending tokens."""
-        for logits, seqs in pending:
-            sample_rows(logits, seqs, self.cfg.vocab_size)
+        """Read each program's sampled tokens and append them to their sequences (those
+        finished or aborted since the launch drop theirs)."""
+        for logits, sampled in pending:
+            append_rows(sampled, logits)
+
+
+def _in_flight(handle: list | None) -> tuple[tuple, dict[int, int]]:
+    """The sampled token arrays of a launched step and, per sequence, the index of its token
+    in their concatenation."""
+    if not handle:
+        return (), {}
+    arrays, sources, offset = [], {}, 0
+    for _, sampled in handle:
+        if sampled is None:
+            continue
+        arrays.append(sampled.tokens_B)
+        for row, seq in enumerate(sampled.seqs):
+            if seq is not None:
+                sources[seq.seq_id] = offset + row
+        offset += len(sampled.seqs)
+    return tuple(arrays), sources
+

@@ -6,6 +6,12 @@ ones from the waiting queue (FCFS). When blocks run out the most recently admitt
 sequence is preempted by recompute: its blocks are freed (computed full blocks stay in the
 prefix cache) and it goes back to the front of the waiting queue, to be prefilled again over
 prompt + output. No JAX here.
+
+Asynchronous scheduling (``launched``): a step may be scheduled while the previous one still
+runs. Its sequences count the KV slots that step writes and the token it samples as already
+there (``in_flight``); a decode row's input is then that unsampled token, which the runner
+takes on device. ``update`` of the earlier step turns them into known tokens; a sequence
+whose in-flight token is its last (``max_tokens``) is not scheduled again.
 """
 
 from __future__ import annotations
@@ -97,6 +103,11 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self._computed: dict[int, int] = {}  # seq_id -> tokens whose KV is written
+        # Launched steps not yet updated (asynchronous scheduling): per sequence, the KV slots
+        # they write and the tokens they sample (appended at their update).
+        self._launched: set[int] = set()  # id() of those SchedulerOutputs
+        self._ahead: dict[int, int] = {}
+        self._unsampled: dict[int, int] = {}
         self.num_preemptions = 0
 
     # -- queues -------------------------------------------------------------------------------
@@ -120,6 +131,10 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def in_flight(self, seq_id: int) -> int:
+        """Sampled tokens of a running sequence still in flight (not yet appended)."""
+        return self._unsampled.get(seq_id, 0)
 
     def num_computed_tokens(self, seq_id: int) -> int:
         """Tokens of a running sequence whose KV is written (0 if not running)."""
@@ -176,6 +191,8 @@ class Scheduler:
             raise SchedulerError(f"sequence {seq_id} is not running")
         self.running.remove(seq)
         del self._computed[seq_id]
+        self._ahead.pop(seq_id, None)
+        self._unsampled.pop(seq_id, None)
         return self.block_manager.block_table(seq_id)
 
     def can_admit_computed(self, seq: Sequence) -> bool:
@@ -215,11 +232,14 @@ class Scheduler:
         for seq in list(self.running):
             self._release(seq)
         self.waiting.clear()
+        self._launched.clear()
         return dropped
 
     def _release(self, seq: Sequence) -> None:
         self.running.remove(seq)
         del self._computed[seq.seq_id]
+        self._ahead.pop(seq.seq_id, None)
+        self._unsampled.pop(seq.seq_id, None)
         self.block_manager.free(seq.seq_id)
 
     def _preempt(self, seq: Sequence) -> None:
@@ -230,7 +250,9 @@ class Scheduler:
     def roll_back(self, output: SchedulerOutput) -> list[int]:
         """Undo a step that failed before ``update``: every sequence it scheduled goes back
         to the front of the waiting queue with its blocks freed, to be recomputed from its
-        tokens (computed full blocks stay in the prefix cache). Returns their ids."""
+        tokens (computed full blocks stay in the prefix cache). Returns their ids. Of launched
+        steps not yet updated, roll back the newest first."""
+        self._land(output)
         rolled = []
         for item in reversed(output.scheduled):
             seq = item.seq
@@ -241,6 +263,34 @@ class Scheduler:
                 self.waiting.appendleft(seq)
             rolled.append(seq.seq_id)
         return rolled
+
+    def launched(self, output: SchedulerOutput) -> None:
+        """The step ``output`` was launched and the next one may be scheduled before its
+        ``update``: its KV slots and sampled tokens count as there (asynchronous scheduling)."""
+        self._launched.add(id(output))
+        for item in output.scheduled:
+            seq_id = item.seq.seq_id
+            self._ahead[seq_id] = self._ahead.get(seq_id, 0) + item.num_tokens
+            if item.is_last_chunk:
+                self._unsampled[seq_id] = self._unsampled.get(seq_id, 0) + 1
+
+    def _land(self, output: SchedulerOutput) -> None:
+        """A launched step is updated or rolled back: its slots and tokens are no longer
+        in flight."""
+        if id(output) not in self._launched:
+            return
+        self._launched.discard(id(output))
+        for item in output.scheduled:
+            seq_id = item.seq.seq_id
+            if seq_id not in self._ahead:
+                continue  # released since
+            self._ahead[seq_id] -= item.num_tokens
+            if item.is_last_chunk:
+                self._unsampled[seq_id] -= 1
+            if not self._ahead[seq_id]:
+                del self._ahead[seq_id]
+            if not self._unsampled.get(seq_id, 1):
+                del self._unsampled[seq_id]
 
     # -- one step -----------------------------------------------------------------------------
     def schedule(self, only: set[int] | None = None) -> SchedulerOutput:
@@ -260,7 +310,7 @@ class Scheduler:
         def emit(seq: Sequence, start: int, num: int, lookahead: int = 0) -> None:
             nonlocal budget
             scheduled.append(ScheduledSeq(seq, start, num, bm.block_table(seq.seq_id),
-                                          start + num == seq.num_tokens, lookahead))
+                                          start + num == self._num_tokens(seq), lookahead))
             done.add(seq.seq_id)
             budget -= num
 
@@ -279,25 +329,28 @@ class Scheduler:
         for seq in list(self.running):  # decodes
             if seq.seq_id not in self._computed or not allowed(seq):
                 continue  # preempted above, or held back
-            start = self._computed[seq.seq_id]
+            start = self._start(seq)
+            if self._num_tokens(seq) - start != 1 or self._last_in_flight(seq):
+                continue
             ahead = self._lookahead(seq)
-            if seq.num_tokens - start == 1 and make_room(seq, 1 + ahead, may_preempt_self=True):
-                bm.append(seq.seq_id, seq.all_ids, 1, ahead)
+            if make_room(seq, 1 + ahead, may_preempt_self=True):
+                bm.append(seq.seq_id, self._token_ids(seq), 1, ahead)
                 emit(seq, start, 1, ahead)
 
         for seq in list(self.running):  # prefills already under way
             if budget == 0:
                 break
-            if seq.seq_id in done or seq.seq_id not in self._computed or not allowed(seq):
+            if (seq.seq_id in done or seq.seq_id not in self._computed or not allowed(seq)
+                    or self._last_in_flight(seq)):
                 continue
-            start = self._computed[seq.seq_id]
-            want = min(seq.num_tokens - start, self.chunk_size, budget)
+            start = self._start(seq)
+            want = min(self._num_tokens(seq) - start, self.chunk_size, budget)
             # A prefill never preempts itself: when it is the newest, older ones run and free.
             if self._fitting(seq.seq_id, want) == 0:
                 make_room(seq, 1, may_preempt_self=False)
             num = self._fitting(seq.seq_id, want)
             if num > 0:
-                bm.append(seq.seq_id, seq.all_ids, num)
+                bm.append(seq.seq_id, self._token_ids(seq), num)
                 emit(seq, start, num)
 
         while (self.waiting and not preempted and budget > 0
@@ -332,6 +385,25 @@ class Scheduler:
                                  f"the KV pool even alone; set max_tokens or enlarge the pool")
         return SchedulerOutput(scheduled, preempted, self.max_num_batched_tokens - budget)
 
+    def _start(self, seq: Sequence) -> int:
+        """The first position a new step computes: past the KV written and in flight."""
+        return self._computed[seq.seq_id] + self._ahead.get(seq.seq_id, 0)
+
+    def _num_tokens(self, seq: Sequence) -> int:
+        """Tokens of a sequence, counting those sampled by launched steps."""
+        return seq.num_tokens + self._unsampled.get(seq.seq_id, 0)
+
+    def _token_ids(self, seq: Sequence) -> list[int]:
+        """All its tokens for the block manager (which reserves by their count); a token in
+        flight is a placeholder, never hashed: hashes cover computed KV only."""
+        return seq.all_ids + [-1] * self._unsampled.get(seq.seq_id, 0)
+
+    def _last_in_flight(self, seq: Sequence) -> bool:
+        """Its token in flight is its last (``max_tokens``): nothing more to schedule."""
+        flying = self._unsampled.get(seq.seq_id, 0)
+        return bool(flying) and seq.max_tokens is not None \
+            and len(seq.output_ids) + flying >= seq.max_tokens
+
     def _lookahead(self, seq: Sequence) -> int:
         """Draft slots worth reserving: none past the sequence's ``max_tokens``."""
         if seq.max_tokens is None:
@@ -353,6 +425,7 @@ class Scheduler:
         Returns:
             The sequences that finished (and were released) in this update.
         """
+        self._land(output)
         finished = []
         for item in output.scheduled:
             seq = item.seq

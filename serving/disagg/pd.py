@@ -81,6 +81,7 @@ class PrefillGroup(DPGroup):
     ``router``; its blocks stay held until that transfer completes."""
 
     role = "prefill"
+    may_overlap = False  # each step's finished prompts are handed off before the next
 
     def __init__(self, *args, router: PDRouter, **kwargs):
         super().__init__(*args, **kwargs)

@@ -109,6 +109,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalized(self) -> bool:
+        """Some penalty reads the tokens generated so far."""
+        return (self.repetition_penalty != 1 or self.frequency_penalty != 0
+                or self.presence_penalty != 0)
+
     def request_seed(self) -> int:
         """The seed to use: the user's, or a fresh random one."""
         return self.seed if self.seed is not None else random.getrandbits(31)

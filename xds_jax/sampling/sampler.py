@@ -50,8 +50,7 @@ class SamplerFlags:
 
 def flags_for(params: list[SamplingParams]) -> SamplerFlags:
     return SamplerFlags(
-        penalties=any(p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty
-                      for p in params),
+        penalties=any(p.penalized for p in params),
         random=any(not p.greedy for p in params),
         sort=any(p.top_p < 1 or p.top_k > 0 for p in params if not p.greedy),
         min_p=any(p.min_p > 0 for p in params if not p.greedy),

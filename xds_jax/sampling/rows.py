@@ -1,0 +1,100 @@
+"""Sampling the rows of a step: dispatch on device, then append on the host.
+
+``dispatch_rows`` builds the rows' ``SamplingBatch`` and launches the sampler without waiting;
+``append_rows`` reads the tokens (and logprobs when asked) and appends them to the sequences
+still live then. Between the two the device works on: the asynchronous scheduler launches the
+next step with these tokens as its inputs, still on device. A row whose previous token is
+still in flight (``in_flight``) counts it: its seeded draw and its ``min_tokens`` ban are
+those of the token after it. Shape legend: B rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+
+from xds_jax.errors import XdsError
+from xds_jax.multihost import fetch
+from xds_jax.sampling.params import SamplingParams
+from xds_jax.sampling.sampler import SamplerFlags, SamplingBatch, flags_for, make_batch, sample
+from xds_jax.sequence import Sequence
+
+_IDLE_ROW = SamplingParams(temperature=0)
+_GREEDY = SamplerFlags()
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledRows:
+    """One launch's sampled tokens ``[B]`` on device, and the sequence of each row."""
+
+    seqs: list  # per row: the Sequence to append to, or None (idle row)
+    tokens_B: jax.Array
+    extras: tuple | None  # logprobs, ranks, top-N ids and logprobs; None: no row asked
+
+
+def dispatch_rows(logits_BV: jax.Array, seqs: list[Sequence | None], vocab_size: int,
+                  in_flight: set[int] = frozenset()) -> SampledRows | None:
+    """Launch the sampler over every row of the bucket (idle rows greedily, results dropped,
+    so it compiles once per bucket rather than once per number of live rows). None when no
+    row is live. ``in_flight``: seq ids whose previous sampled token is not appended yet."""
+    live = [s if s is not None and not s.finished else None for s in seqs]
+    if not any(live):
+        return None
+    params = [s.params if s else _IDLE_ROW for s in live]
+    distinct = list({id(p): p for p in params}.values())
+    flags = flags_for(distinct)
+    if flags.penalties and any(s is not None and s.seq_id in in_flight and s.params.penalized
+                               for s in live):
+        raise XdsError("penalties count every output token: a row with a token in flight "
+                       "cannot sample with them (the group schedules it synchronously)")
+    if flags == _GREEDY and all(p.min_tokens == 0 for p in distinct):
+        batch = _greedy_batch(len(live))  # nothing per row: argmax
+    else:
+        ahead = [int(s is not None and s.seq_id in in_flight) for s in live]
+        batch = make_batch(
+            params, [s.seed if s else 0 for s in live],
+            [len(s.output_ids) + a if s else 0 for s, a in zip(live, ahead, strict=True)],
+            [s.prompt_ids if s else [] for s in live], [s.output_ids if s else [] for s in live],
+            [s.banned_ids(a) if s else [] for s, a in zip(live, ahead, strict=True)],
+            vocab_size, flags)
+    tokens, *extras = sample(logits_BV, batch, flags)
+    return SampledRows(live, tokens, tuple(extras) if flags.logprobs else None)
+
+
+def append_rows(sampled: SampledRows | None, logits_BV: jax.Array | None = None) -> None:
+    """Read the sampled tokens and append each to its sequence, unless it finished since the
+    launch (a stop or an abort while the step ran: its token is dropped). Host logits
+    (``logits_BV`` a numpy array) were sampled on this process's device; device logits are
+    read on every process."""
+    if sampled is None:
+        return
+    read = jax.device_get if isinstance(logits_BV, np.ndarray) else fetch
+    if sampled.extras is None:
+        tokens = read(sampled.tokens_B).tolist()
+        for s, token in zip(sampled.seqs, tokens, strict=True):
+            if s is not None and not s.finished:
+                s.append(token)
+        return
+    tokens, lps, ranks, top_ids, top_lps = read((sampled.tokens_B, *sampled.extras))
+    for j, s in enumerate(sampled.seqs):
+        if s is not None and not s.finished:
+            n = s.params.logprobs or 0  # the batch computed the most any row asked for
+            top = list(zip(top_ids[j, :n].tolist(), top_lps[j, :n].tolist(), strict=True))
+            s.append(int(tokens[j]), float(lps[j]), int(ranks[j]), top)
+
+
+def sample_rows(logits_BV: jax.Array, seqs: list[Sequence | None], vocab_size: int) -> None:
+    """Sample one token for each live row and append it to its sequence."""
+    append_rows(dispatch_rows(logits_BV, seqs, vocab_size), logits_BV)
+
+
+@functools.lru_cache(maxsize=16)
+def _greedy_batch(rows: int) -> SamplingBatch:
+    """The batch of ``rows`` greedy rows that ban nothing (the sampler reads none of it but
+    its shape), built once."""
+    params = [_IDLE_ROW] * rows
+    zeros = [0] * rows
+    return make_batch(params, zeros, zeros, [[]] * rows, [[]] * rows, [[]] * rows, 1, _GREEDY)

@@ -33,7 +33,7 @@ from collectives.p2p import gather_blocks, scatter_blocks_donated
 from sharding.params import kv_page_shardings, param_shardings, tp_mesh
 from xds_jax.generate import bucket, model_step
 from xds_jax.model.config import ModelConfig
-from xds_jax.model.params import model_dtype
+from xds_jax.model.params import model_dtype, param_bytes
 from xds_jax.model.reference import new_caches, staged_step
 from xds_jax.multihost import multi_process, place, place_tree, zeros_tree
 from xds_jax.sampling.rows import append_rows, dispatch_rows
@@ -55,6 +55,16 @@ class RowBatch:
 
 # Smallest buckets: a few padded rows or key slots cost less than another compiled program.
 MIN_DECODE_ROWS = 4
+# ... except where a decode step streams enough weight bytes that padding one live row to four
+# costs more than a compile: on XLA:CPU a 1-row SmolLM2-135M step ran 1.78x faster than the
+# 4-row one in float32 (matmul-vector at ~30 GB/s against ~15 GB/s for 4 rows), 1.09x in
+# bfloat16 (docs/performance.md). Tiny models keep the 4-row floor (fewer programs to compile).
+ONE_ROW_DECODE_BYTES = 32 << 20
+
+
+def decode_rows_min(params: dict) -> int:
+    """The smallest decode bucket for these weights (see ``ONE_ROW_DECODE_BYTES``)."""
+    return 1 if param_bytes(params) >= ONE_ROW_DECODE_BYTES else MIN_DECODE_ROWS
 MIN_PREFILL_WIDTH = 16
 MIN_CONTEXT_TOKENS = 128
 
@@ -110,6 +120,7 @@ class ModelRunner:
                  device: jax.Device | list | None = None, staged: bool = False):
         self.cfg = cfg
         self.staged = staged
+        self.decode_rows_min = decode_rows_min(params)
         self.block_size = block_size
         self.num_blocks = num_blocks
         devices = list(device) if isinstance(device, list | tuple) else [device or jax.devices()[0]]
@@ -207,7 +218,7 @@ class ModelRunner:
         prefills = [s for s in scheduled if not (s.num_tokens == 1 and s.start > 0)]
         sampled, sources = _in_flight(after)
         pending = []
-        for group, rows_min, width in ((decodes, MIN_DECODE_ROWS, 1),
+        for group, rows_min, width in ((decodes, self.decode_rows_min, 1),
                                        (prefills, 1, MIN_PREFILL_WIDTH)):
             if group:
                 rows = build_rows(group, rows_min, width, self.block_size,

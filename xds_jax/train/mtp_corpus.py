@@ -49,26 +49,6 @@ TEMPLATES = [
     "Write a tweet about {}.",
     "Explain the science behind {}.",
     "Give some tips for a school project on {}.",
-    "Summarize what everyone should know about {}.",
-    "Write a short speech about {}.",
-    "What questions would a child ask about {}?",
-    "Write a news headline and a short article about {}.",
-    "List the key facts about {}.",
-    "How has {} changed over the last hundred years?",
-    "Write a motivational message inspired by {}.",
-    "What are three surprising facts about {}?",
-    "Explain {} in one sentence, then in more detail.",
-    "Write a diary entry from someone who loves {}.",
-    "What jobs are connected to {}?",
-    "Write a riddle whose answer is {}.",
-    "How would you teach a class about {}?",
-    "What is the history of {}?",
-    "Write a short review of a documentary about {}.",
-    "Give me an analogy that explains {}.",
-    "What problems does {} solve, and what problems does it cause?",
-    "Write a four-line rhyming poem about {}.",
-    "Describe {} to someone who has never heard of it.",
-    "What are the most important words to know when talking about {}?",
 ]
 
 SUBJECTS = [
@@ -80,23 +60,12 @@ SUBJECTS = [
     "mountain climbing", "tea", "wind turbines", "the Renaissance", "sharks", "bridges",
     "public libraries", "the immune system", "comets", "cooking pasta", "Mars rovers",
     "trains", "sleep", "the periodic table",
-    "bees and flowers", "skyscrapers", "the printing of newspapers", "whales", "snowflakes",
-    "coffee farming", "kites", "the Moon landing", "rivers and lakes", "the violin",
-    "robots in factories", "pyramids", "electric cars", "fossils", "the stars at night",
-    "chocolate", "rock climbing", "the postal service", "tigers", "glass making",
-    "volunteering", "friendship", "bicycles in cities", "the Vikings", "ants",
-    "weather forecasts", "the heart and lungs", "space telescopes", "birds migrating",
-    "bread and cheese", "board games", "ocean waves", "honesty", "smartphones", "castles",
-    "the alphabet", "magnets", "forests", "museums", "clocks",
 ]
 
 
 def train_conversations() -> list[list[dict]]:
-    """Every training chat turn (``TEMPLATES x SUBJECTS``) in a fixed shuffled order, so
-    that the first ``n`` spread over all templates and subjects."""
-    pairs = [(t, s) for t in TEMPLATES for s in SUBJECTS]
-    order = np.random.default_rng(0).permutation(len(pairs))
-    return [[{"role": "user", "content": pairs[i][0].format(pairs[i][1])}] for i in order]
+    """Every training chat turn, in a fixed order (template-major)."""
+    return [[{"role": "user", "content": t.format(s)}] for t in TEMPLATES for s in SUBJECTS]
 
 
 def held_out_conversations(limit: int | None = None) -> list[list[dict]]:

@@ -1,6 +1,6 @@
 """``make train-mtp``: train the shipped SmolLM2 MTP draft head by self-distillation.
 
-    python -m xds_jax.train.mtp_train [--steps 320] [--vocab 4096] [--out DIR]
+    python -m xds_jax.train.mtp_train [--steps 480] [--vocab 4096] [--out DIR]
 
 1. Corpus: the target's greedy replies to the training prompts (``mtp_corpus``), cached as
    token ids under ``$XDS_CACHE_DIR/mtp`` (greedy, so a rerun regenerates the same file).
@@ -85,14 +85,9 @@ def corpus_states(llm, name: str, conversations: list, max_tokens: int, width: i
         seqs = mtp_corpus.load_corpus(replies)
         print(f"corpus: {len(seqs)} sequences from {replies}", flush=True)
     else:
-        from xds_jax import LLM
-
-        # bfloat16 generates about twice as fast on XLA:CPU; its greedy replies are the
-        # float32 target's but where the two round a near-tie differently.
-        gen = LLM(MODEL, dtype="bfloat16", max_num_seqs=64)
         t, seqs = time.monotonic(), []
-        for lo in range(0, len(conversations), 256):
-            seqs += mtp_corpus.generate_replies(gen, conversations[lo:lo + 256], max_tokens)
+        for lo in range(0, len(conversations), 64):
+            seqs += mtp_corpus.generate_replies(llm, conversations[lo:lo + 64], max_tokens)
             print(f"corpus: {name} replies {len(seqs)}/{len(conversations)} "
                   f"({time.monotonic() - t:.0f} s)", flush=True)
         mtp_corpus.save_corpus(replies, seqs)
@@ -172,13 +167,13 @@ def train(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=320)
+    ap.add_argument("--steps", type=int, default=480)
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--vocab", type=int, default=4096, help="draft vocabulary size")
-    ap.add_argument("--prompts", type=int, default=640, help="training prompts (of 3200)")
-    ap.add_argument("--max-tokens", type=int, default=128, help="reply length in the corpus")
-    ap.add_argument("--width", type=int, default=176, help="tokens per training sequence")
+    ap.add_argument("--prompts", type=int, default=384, help="training prompts (of 800)")
+    ap.add_argument("--max-tokens", type=int, default=96, help="reply length in the corpus")
+    ap.add_argument("--width", type=int, default=128, help="tokens per training sequence")
     ap.add_argument("--held-out", type=int, default=48, help="held-out prompts")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(SHIPPED["SmolLM2-135M-Instruct.Q4_1.gguf"]))

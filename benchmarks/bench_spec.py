@@ -8,6 +8,9 @@ prompt step per sequence), median over repeats. One JSON line per batch size; th
 accepted length is ``1 + accepted / drafts`` over the measured runs. ``--draft-vocabs
 49152,4096`` also times the head cut to those draft vocabularies (its most frequent ids; 49152:
 the full vocabulary, what the head would cost drafting through the whole shared LM head).
+Decode steps of more than ``serving.core.spec_decode.DISABLE_BY_BATCH_SIZE`` rows do not draft
+(mean accepted length 1.0 there), so at batch 8 and 32 the speculative engine drafts only in
+the last steps, once few sequences are left.
 Usage: ``python -m benchmarks.bench_spec [--batches 1,8,32] [--k 2] [--repeats 3]``.
 """
 

@@ -38,6 +38,11 @@ from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import forward, last_token_logits
 from xds_jax.multihost import place, zeros_tree
 
+# Decode steps of more rows than this do not draft (vLLM's ``disable_by_batch_size``): on
+# XLA:CPU a step is compute-bound past a few rows, so verifying k + 1 tokens per row costs
+# nearly k + 1 plain steps (docs/speculative.md: batch 8 ran at 0.57x with drafting).
+DISABLE_BY_BATCH_SIZE = 2
+
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("caches", "mtp_cache"))
 def prefill_step(params: dict, tokens_BS, positions_BS, next_BS, mtp_positions_BS, caches: list,
@@ -58,15 +63,18 @@ def spec_step(params: dict, pend_tokens_BW, pend_hidden_BWD, pend_positions_BW, 
               *, cfg: ModelConfig, k: int):
     """Draft ``k`` tokens per row and verify them in one target forward over ``k + 1``
     positions. Returns drafts ``[B, k]``, target logits ``[B, k + 1, V]``, target hiddens
-    ``[B, k + 1, D]`` and the caches."""
+    ``[B, k + 1, D]`` and the caches. With ``k = 0`` (every ``num_drafts_B`` 0) it is a plain
+    decode step that still runs the MTP block over the pending pairs, keeping its KV whole."""
+    b = last_token_B.shape[0]  # verified rows; the draft inputs may carry more (padding)
     drafts_BK, mtp_cache = draft_tokens(params["mtp"][0], params, cfg, pend_tokens_BW,
                                         pend_hidden_BWD, pend_positions_BW, pend_last_B,
                                         num_drafts_B, mtp_cache, tables_BN, k)
+    drafts_BK, num_drafts_B = drafts_BK[:b, :k], num_drafts_B[:b]  # k = 0: no draft
     tokens_BK1 = jnp.concatenate([last_token_B[:, None], drafts_BK], axis=1)
     j = jnp.arange(k + 1)[None, :]
     live = (j <= num_drafts_B[:, None]) & (last_pos_B[:, None] >= 0)
     positions_BK1 = jnp.where(live, last_pos_B[:, None] + j, -1)
-    x, caches = forward(params, cfg, tokens_BK1, positions_BK1, caches, tables_BN)
+    x, caches = forward(params, cfg, tokens_BK1, positions_BK1, caches, tables_BN[:b])
     return drafts_BK, stages.head(params, cfg, x), x, caches, mtp_cache
 
 
@@ -78,10 +86,13 @@ class SpecRunner(ModelRunner):
     (``export_kv`` / ``import_kv`` carry them as one more layer, last)."""
 
     def __init__(self, params: dict, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 device=None, staged: bool = False, *, num_speculative_tokens: int):
+                 device=None, staged: bool = False, *, num_speculative_tokens: int,
+                 disable_by_batch_size: int | None = None):
         check_speculative(params, num_speculative_tokens)
         super().__init__(params, cfg, num_blocks, block_size, device, staged=False)
         self.k = num_speculative_tokens
+        self.disable_by_batch_size = (DISABLE_BY_BATCH_SIZE if disable_by_batch_size is None
+                                      else disable_by_batch_size)
         dtype = model_dtype(params)
         shapes = jax.eval_shape(lambda: new_layer_cache(cfg, num_blocks, block_size, dtype))
         if len(self.devices) == 1:
@@ -146,19 +157,27 @@ class SpecRunner(ModelRunner):
         return items, rows, logits, x_last
 
     def _launch_decode(self, items: list) -> tuple:
-        rows = build_rows(items, MIN_DECODE_ROWS, 1, self.block_size)
+        # The target verifies k + 1 tokens per row, so fewer padded rows keep its matmuls as
+        # tall as a plain step's; the MTP block's passes (one token per row after the first)
+        # keep MIN_DECODE_ROWS, since XLA:CPU's matmuls over one or two rows are slow.
+        k = self.k if len(items) <= self.disable_by_batch_size else 0
+        rows = build_rows(items, _verify_rows(k), 1, self.block_size)
         b = rows.tokens_BS.shape[0]
         width = bucket(self.spec.width(items))
-        dr = self.spec.draft_rows(items, b, width)
-        self._count_shape(("decode", b, width, rows.tables_BN.shape))
+        dr = self.spec.draft_rows(items, max(b, MIN_DECODE_ROWS), width)
+        if k == 0:
+            dr.num_drafts_B[:] = 0
+        tables = np.zeros((len(dr.last_B), rows.tables_BN.shape[1]), np.int32)
+        tables[:b] = rows.tables_BN
+        self._count_shape(("decode", b, width, rows.tables_BN.shape, k))
         inputs = self._put(dr.tokens_BW, dr.hidden_BWD.astype(model_dtype(self.params)),
                            dr.positions_BW, dr.last_B, dr.num_drafts_B, rows.tokens_BS[:, 0],
                            rows.positions_BS[:, 0])
         with self.lock:
             drafts, logits, x, self.caches, self.mtp_cache = spec_step(
                 self.params, *inputs, self.caches, self.mtp_cache,
-                place(rows.tables_BN, self.input_sharding), cfg=self.cfg, k=self.k)
-        return items, rows, dr.num_drafts_B, drafts, logits, x
+                place(tables, self.input_sharding), cfg=self.cfg, k=k)
+        return items, rows, dr.num_drafts_B[:b], drafts, logits, x
 
     def finish(self, pending: list[tuple]) -> None:
         for kind, launched in pending:
@@ -172,6 +191,12 @@ class SpecRunner(ModelRunner):
                 accepted = emit_decode(seqs, num_drafts, drafts, logits, self.cfg.vocab_size)
                 self.spec.keep_decode(items, num_drafts, accepted,
                                       np.asarray(jax.device_get(x)))
+
+
+def _verify_rows(k: int) -> int:
+    """The fewest rows a verify pass is padded to: as many as keep ``rows x (k + 1)`` tokens
+    at least ``MIN_DECODE_ROWS`` - 1 (a plain step's 4 rows at batch 1; 1 row when k >= 2)."""
+    return bucket(-(-(MIN_DECODE_ROWS - 1) // (k + 1)))
 
 
 def check_speculative(params: dict, k: int) -> None:

@@ -3,6 +3,7 @@ blocks come back, bad configurations fail at start-up."""
 
 import pytest
 
+from serving.core import spec_decode
 from serving.core.request import Request
 from tests.helpers import GOLDEN
 from tests.mtp_checkpoint import make_mimic_checkpoint, make_mtp_checkpoint
@@ -14,6 +15,12 @@ PROMPTS = [[5, 9, 17, 33, 2, 7], list(range(3, 40)), [11] * 20, [200, 100, 50]]
 
 def spec(k: int) -> dict:
     return {"method": "mtp", "num_speculative_tokens": k}
+
+
+@pytest.fixture(autouse=True)
+def draft_at_every_batch_size(monkeypatch):
+    """These tests batch up to 5 sequences: let every step draft (the default stops past 2)."""
+    monkeypatch.setattr(spec_decode, "DISABLE_BY_BATCH_SIZE", 64)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +75,25 @@ def test_greedy_equals_reference_with_accepted_drafts(mimic, k):
     assert stats["generation_tokens_total"] == sum(
         len(o.token_ids) for r in got for o in r.outputs)
     assert stats["kv_usage"] == 0
+
+
+def test_steps_past_the_batch_size_limit_decode_without_drafting(mimic, monkeypatch):
+    """With drafting limited to steps of at most 2 rows, the 5 sequences' first steps
+    decode one token each (still through the MTP block) and the last ones, once the others
+    finished, draft: output stays the reference's and only those steps count drafts."""
+    monkeypatch.setattr(spec_decode, "DISABLE_BY_BATCH_SIZE", 2)
+    _, ref = run(mimic, None, mixed_params())
+    llm, got = run(mimic, 2, mixed_params())
+    assert_same(ref, got)
+    stats = llm.engine.stats()
+    assert 0 < stats["spec_accepted_tokens"] <= stats["spec_draft_tokens"]
+    # Only the 30-token pair of n=2 outlives the others (24 and 19 tokens): at most its
+    # last 11 tokens (plus a lag step) come from drafting steps, two rows each.
+    assert stats["spec_num_drafts"] <= 2 * 12
+    monkeypatch.setattr(spec_decode, "DISABLE_BY_BATCH_SIZE", 0)
+    llm, got = run(mimic, 2, mixed_params())
+    assert_same(ref, got)
+    assert llm.engine.stats()["spec_num_drafts"] == 0
 
 
 def test_greedy_equals_reference_with_rejected_drafts(random_mtp):

@@ -6,9 +6,10 @@ import pytest
 
 from tests.mtp_checkpoint import make_mimic_checkpoint
 from tests.serving.test_disaggregation import ma
-from tests.serving.test_spec_decode import (
+from tests.serving.test_spec_decode import (  # noqa: F401 (an autouse fixture)
     abort_mid_speculation,
     assert_same,
+    draft_at_every_batch_size,
     mixed_params,
     run,
     spec,

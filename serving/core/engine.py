@@ -252,6 +252,8 @@ class Engine:
         if self._threads:
             self._gc.__exit__(None, None, None)
         self._threads = []
+        if self.timeline is not None:
+            self.timeline.close()  # its watcher threads (recorded events stay readable)
 
     # -- observability ------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -17,7 +17,8 @@ slice like the target's MoE layers (placed there as one more layer): attention r
 routed experts in MA, and DeepSeek-V3's MTP layer has as many as a target layer (~11 B
 parameters), more than an attention die should hold for a few tokens a step. Its shared
 expert (and a dense block's FFN) runs on the attention ranks, as a MoE model's dense layers
-do. The MTP passes are not counted in the EPLB load (their layer keeps the deployment's map).
+do. Every MTP pass and the verify pass count in the EPLB load (the MTP block's experts are
+layer ``num_layers`` of the counter and of the rebalancer).
 
 Prefill passes on the attention ranks run the MTP block over their (hidden, next prompt token)
 pairs afterwards, so its KV covers the prompt; PD arrivals bring those pages with the target's

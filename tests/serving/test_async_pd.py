@@ -9,6 +9,7 @@ from jax._src.dispatch import BACKEND_COMPILE_EVENT
 from tests.helpers import GOLDEN
 from tests.serving.test_engine import params_for, reference, workload
 from tests.serving.test_faults import assert_pools_whole
+from tests.serving.test_pd import warm_until_nothing_compiles
 from xds_jax import LLM, SamplingParams
 
 PD8 = "configs/deployments/cpu8-pd.yaml"
@@ -43,14 +44,7 @@ def test_pd_decode_groups_overlap_and_match_the_reference():
 
 def test_pd_async_steady_state_compiles_nothing_after_kv_pulls():
     llm = pd_engine(enable_prefix_caching=False)
-    prompts = [{"prompt_token_ids": p} for p in workload(llm.cfg.vocab_size, 8, seed=4)]
-    params = [params_for(i) for i in range(len(prompts))]
-    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    counts = [llm.engine.stats()["compiles"]]
-    while len(counts) < 2 or counts[-1] != counts[-2]:  # placements vary: warm every group
-        assert len(counts) < 6, f"compiles never settle: {counts}"
-        llm.generate(prompts, params)
-        counts.append(llm.engine.stats()["compiles"])
+    prompts, params, want, counts = warm_until_nothing_compiles(llm, tries=6)
     compiled = []
 
     def listen(event, duration, **kwargs):

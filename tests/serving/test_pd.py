@@ -153,6 +153,22 @@ def test_pools_are_sized_independently_in_the_deployment_file(tmp_path):
     assert [o.outputs[0].token_ids for o in outs] == reference(llm, prompts)
 
 
+def warm_until_nothing_compiles(llm: LLM, tries: int = 5):
+    """Run one fixed workload (8 prompts, no prefix cache: the same shapes each time) until a
+    run compiles nothing new; returns the prompts, their params, the first run's tokens and the
+    engine's compile count after each run."""
+    prompts = [{"prompt_token_ids": p} for p in workload(llm.cfg.vocab_size, 8, seed=4)]
+    params = [params_for(i) for i in range(len(prompts))]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    counts = [llm.engine.stats()["compiles"]]
+    while len(counts) < 2 or counts[-1] != counts[-2]:  # placements vary: warm every group
+        assert len(counts) < tries, f"compiles never settle: {counts}"
+        llm.generate(prompts, params)
+        counts.append(llm.engine.stats()["compiles"])
+    assert counts == sorted(counts) and counts[0] > 0
+    return prompts, params, want, counts
+
+
 def test_pd_steady_state_does_not_recompile():
     """KV pulled into decode groups goes through ``import_kv``, which leaves the step programs
     and their count alone: ``compiles`` only grows while new shapes show up, and once a
@@ -163,15 +179,7 @@ def test_pd_steady_state_does_not_recompile():
     llm = LLM(str(GOLDEN / "llama"), dtype="float32", deployment=PD8, max_num_seqs=8,
               max_num_batched_tokens=48, staged=True, enable_prefix_caching=False,
               use_param_cache=False)
-    prompts = [{"prompt_token_ids": p} for p in workload(llm.cfg.vocab_size, 8, seed=4)]
-    params = [params_for(i) for i in range(len(prompts))]
-    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    counts = [llm.engine.stats()["compiles"]]
-    while len(counts) < 2 or counts[-1] != counts[-2]:  # placements vary: warm every group
-        assert len(counts) < 5, f"compiles never settle: {counts}"
-        llm.generate(prompts, params)
-        counts.append(llm.engine.stats()["compiles"])
-    assert counts == sorted(counts) and counts[0] > 0
+    prompts, params, want, counts = warm_until_nothing_compiles(llm)
     compiled = []
 
     def listen(event, duration, **kwargs):

@@ -8,9 +8,10 @@ prompt step per sequence), median over repeats. One JSON line per batch size; th
 accepted length is ``1 + accepted / drafts`` over the measured runs. ``--draft-vocabs
 49152,4096`` also times the head cut to those draft vocabularies (its most frequent ids; 49152:
 the full vocabulary, what the head would cost drafting through the whole shared LM head).
-Decode steps of more than ``serving.core.spec_decode.DISABLE_BY_BATCH_SIZE`` rows do not draft
-(mean accepted length 1.0 there), so at batch 8 and 32 the speculative engine drafts only in
-the last steps, once few sequences are left.
+On CPU, decode steps of more than ``serving.core.spec_decode.DISABLE_BY_BATCH_SIZE`` rows do
+not draft by default (mean accepted length 1.0 there), so at batch 8 and 32 the speculative
+engine drafts only in the last steps, once few sequences are left; ``--disable-by-batch-size
+N`` sets ``speculative_config``'s limit (e.g. 64: draft in every step).
 Usage: ``python -m benchmarks.bench_spec [--batches 1,8,32] [--k 2] [--repeats 3]``.
 """
 
@@ -63,10 +64,11 @@ def bench_batch(base: LLM, spec: LLM, conversations: list, params: SamplingParam
             "spec_tok_s_all": [round(r, 2) for r in spec_rates]}
 
 
-def spec_engine(k: int, draft_vocab: int | None, options: dict) -> LLM:
+def spec_engine(k: int, draft_vocab: int | None, options: dict,
+                limit: int | None = None) -> LLM:
     """SmolLM2 with the shipped head, its draft vocabulary cut to ``draft_vocab`` ids (or,
     past the head's own, widened with the remaining ids: the full shared head's cost)."""
-    spec = {"method": "mtp", "num_speculative_tokens": k}
+    spec = {"method": "mtp", "num_speculative_tokens": k, "disable_by_batch_size": limit}
     if draft_vocab is None:
         return LLM("smollm2", speculative_config=spec, **options)
     block, ids, meta = read_head(SHIPPED["SmolLM2-135M-Instruct.Q4_1.gguf"])
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default=None, help="parameter dtype (default: auto)")
+    ap.add_argument("--disable-by-batch-size", type=int, default=None,
+                    help="speculative_config's drafting limit (default: the platform's)")
     ap.add_argument("--draft-vocabs", default="",
                     help="comma-separated draft vocabulary sizes to time besides the shipped")
     args = ap.parse_args(argv)
@@ -96,8 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     size = max(batches)
     options = {"dtype": args.dtype, "max_num_seqs": size}
     base = LLM("smollm2", **options)
-    shipped = spec_engine(args.k, None, options)
-    engines = {"shipped": shipped, **{int(v): spec_engine(args.k, int(v), options)
+    limit = args.disable_by_batch_size
+    shipped = spec_engine(args.k, None, options, limit)
+    engines = {"shipped": shipped, **{int(v): spec_engine(args.k, int(v), options, limit)
                                       for v in args.draft_vocabs.split(",") if v}}
     prompts = held_out_conversations()[FIRST_PROMPT:]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)

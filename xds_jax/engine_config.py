@@ -135,6 +135,13 @@ class EngineConfig:
         spec = self.speculative_config
         return int(spec["num_speculative_tokens"]) if spec else 0
 
+    @property
+    def spec_disable_by_batch_size(self) -> int | None:
+        """Decode steps of more rows than this do not draft (None: the platform's default,
+        ``serving.core.spec_decode.default_disable_by_batch_size``)."""
+        spec = self.speculative_config
+        return spec.get("disable_by_batch_size") if spec else None
+
     def replace(self, **changes) -> EngineConfig:
         """A copy with ``changes`` (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -148,16 +155,21 @@ def _check_speculative(spec) -> None:
         return
     if not isinstance(spec, dict):
         raise ConfigError(f"speculative_config must be a dict, got {type(spec).__name__}")
-    unknown = set(spec) - {"method", "num_speculative_tokens"}
+    unknown = set(spec) - {"method", "num_speculative_tokens", "disable_by_batch_size"}
     if unknown:
         raise ConfigError(f"speculative_config: unknown keys {sorted(unknown)}; it takes "
-                          "'method' and 'num_speculative_tokens'")
+                          "'method', 'num_speculative_tokens' and 'disable_by_batch_size'")
     if spec.get("method", "mtp") != "mtp":
         raise ConfigError(f"speculative_config.method must be 'mtp', got {spec['method']!r}")
     k = spec.get("num_speculative_tokens")
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
         raise ConfigError("speculative_config.num_speculative_tokens must be an integer in "
                           f"1..{MAX_SPECULATIVE_TOKENS}, got {k!r}")
+    limit = spec.get("disable_by_batch_size")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
+                              or limit < 0):
+        raise ConfigError("speculative_config.disable_by_batch_size must be an integer >= 0 "
+                          f"(decode steps of more rows do not draft) or null, got {limit!r}")
 
 
 DEFAULTS = EngineConfig()

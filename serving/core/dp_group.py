@@ -52,6 +52,7 @@ class GroupConfig:
     enable_prefix_caching: bool = DEFAULTS.enable_prefix_caching
     staged: bool = DEFAULTS.staged  # separately jitted stage programs, or one fused program
     num_speculative_tokens: int = 0  # MTP drafts per decode step (serving.core.spec_decode)
+    spec_disable_by_batch_size: int | None = None  # steps of more rows do not draft
     async_scheduling: bool = DEFAULTS.async_scheduling  # launch step n + 1 before n's tokens
 
 

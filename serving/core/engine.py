@@ -380,7 +380,8 @@ def group_config_for(params: dict, cfg: ModelConfig, max_model_len: int,
                        max_num_batched_tokens=config.max_num_batched_tokens,
                        enable_prefix_caching=config.enable_prefix_caching,
                        staged=config.staged, async_scheduling=config.async_scheduling,
-                       num_speculative_tokens=config.num_speculative_tokens)
+                       num_speculative_tokens=config.num_speculative_tokens,
+                       spec_disable_by_batch_size=config.spec_disable_by_batch_size)
 
 
 def build_colocated_engine(params: dict, cfg: ModelConfig, max_model_len: int,

@@ -38,10 +38,18 @@ from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import forward, last_token_logits
 from xds_jax.multihost import place, zeros_tree
 
-# Decode steps of more rows than this do not draft (vLLM's ``disable_by_batch_size``): on
-# XLA:CPU a step is compute-bound past a few rows, so verifying k + 1 tokens per row costs
-# nearly k + 1 plain steps (docs/speculative.md: batch 8 ran at 0.57x with drafting).
+# Decode steps of more rows than this do not draft (vLLM's ``disable_by_batch_size``), by
+# default on CPU: on XLA:CPU a step is compute-bound past a few rows, so verifying k + 1 tokens
+# per row costs nearly k + 1 plain steps (docs/speculative.md: batch 8 ran at 0.57x with
+# drafting). Accelerators draft at every batch size unless ``speculative_config`` sets
+# ``disable_by_batch_size``.
 DISABLE_BY_BATCH_SIZE = 2
+
+
+def default_disable_by_batch_size(device) -> int | None:
+    """The drafting limit where ``speculative_config`` sets none: ``DISABLE_BY_BATCH_SIZE``
+    rows on CPU, none elsewhere."""
+    return DISABLE_BY_BATCH_SIZE if device.platform == "cpu" else None
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("caches", "mtp_cache"))
@@ -91,7 +99,8 @@ class SpecRunner(ModelRunner):
         check_speculative(params, num_speculative_tokens)
         super().__init__(params, cfg, num_blocks, block_size, device, staged=False)
         self.k = num_speculative_tokens
-        self.disable_by_batch_size = (DISABLE_BY_BATCH_SIZE if disable_by_batch_size is None
+        self.disable_by_batch_size = (default_disable_by_batch_size(self.device)
+                                      if disable_by_batch_size is None
                                       else disable_by_batch_size)
         dtype = model_dtype(params)
         shapes = jax.eval_shape(lambda: new_layer_cache(cfg, num_blocks, block_size, dtype))
@@ -160,7 +169,8 @@ class SpecRunner(ModelRunner):
         # The target verifies k + 1 tokens per row, so fewer padded rows keep its matmuls as
         # tall as a plain step's; the MTP block's passes (one token per row after the first)
         # keep MIN_DECODE_ROWS, since XLA:CPU's matmuls over one or two rows are slow.
-        k = self.k if len(items) <= self.disable_by_batch_size else 0
+        limit = self.disable_by_batch_size
+        k = self.k if limit is None or len(items) <= limit else 0
         rows = build_rows(items, _verify_rows(k), 1, self.block_size)
         b = rows.tokens_BS.shape[0]
         width = bucket(self.spec.width(items))
@@ -215,6 +225,7 @@ def build_runner(params: dict, cfg: ModelConfig, config, device) -> ModelRunner:
     ``num_speculative_tokens``."""
     if config.num_speculative_tokens:
         return SpecRunner(params, cfg, config.num_blocks, config.block_size, device,
-                          num_speculative_tokens=config.num_speculative_tokens)
+                          num_speculative_tokens=config.num_speculative_tokens,
+                          disable_by_batch_size=config.spec_disable_by_batch_size)
     return ModelRunner(params, cfg, config.num_blocks, config.block_size, device,
                        staged=config.staged)

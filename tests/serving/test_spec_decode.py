@@ -1,6 +1,7 @@
 """MTP speculative decoding: greedy output equals the reference loop, counters move, KV
 blocks come back, bad configurations fail at start-up."""
 
+import jax
 import pytest
 
 from serving.core import spec_decode
@@ -90,10 +91,12 @@ def test_steps_past_the_batch_size_limit_decode_without_drafting(mimic, monkeypa
     # Only the 30-token pair of n=2 outlives the others (24 and 19 tokens): at most its
     # last 11 tokens (plus a lag step) come from drafting steps, two rows each.
     assert stats["spec_num_drafts"] <= 2 * 12
-    monkeypatch.setattr(spec_decode, "DISABLE_BY_BATCH_SIZE", 0)
-    llm, got = run(mimic, 2, mixed_params())
-    assert_same(ref, got)
+    # speculative_config's limit overrides the platform's default: 0 rows, no step drafts
+    llm = LLM(mimic, dtype="float32", use_param_cache=False, max_num_seqs=8,
+              speculative_config={**spec(2), "disable_by_batch_size": 0})
+    assert_same(ref, llm.generate([{"prompt_token_ids": p} for p in PROMPTS], mixed_params()))
     assert llm.engine.stats()["spec_num_drafts"] == 0
+    assert spec_decode.default_disable_by_batch_size(jax.devices("cpu")[0]) == 2
 
 
 def test_greedy_equals_reference_with_rejected_drafts(random_mtp):
@@ -148,7 +151,9 @@ def test_kv_blocks_return_after_aborts_mid_speculation(mimic):
 @pytest.mark.parametrize("bad", [{"method": "mtp", "num_speculative_tokens": 0},
                                  {"method": "mtp", "num_speculative_tokens": 5},
                                  {"method": "eagle", "num_speculative_tokens": 1},
-                                 {"method": "mtp", "num_speculative_tokens": 1, "x": 1}])
+                                 {"method": "mtp", "num_speculative_tokens": 1, "x": 1},
+                                 {**spec(1), "disable_by_batch_size": -1},
+                                 {**spec(1), "disable_by_batch_size": "8"}])
 def test_bad_speculative_config_is_refused(bad):
     with pytest.raises(ConfigError, match="speculative_config"):
         LLM(str(GOLDEN / "deepseek_v3"), speculative_config=bad)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from serving.core import spec_decode
 from tests.helpers import GOLDEN
 from xds_jax import LLM, SamplingParams
 from xds_jax.errors import ConfigError
@@ -28,9 +27,9 @@ def replies():
     plain = LLM("smollm2", max_num_seqs=4)
     want = [o.outputs[0].token_ids for o in plain.chat(convs, greedy)]
     del plain
-    with pytest.MonkeyPatch.context() as mp:  # 3 rows: draft in every step
-        mp.setattr(spec_decode, "DISABLE_BY_BATCH_SIZE", 4)
-        spec = LLM("smollm2", max_num_seqs=4, speculative_config=SPEC)
+    # 3 rows: draft in every step
+    spec = LLM("smollm2", max_num_seqs=4,
+               speculative_config={**SPEC, "disable_by_batch_size": 4})
     got = [o.outputs[0].token_ids for o in spec.chat(convs, greedy)]
     return want, got, spec.engine.stats(), spec.params["mtp"][0]
 

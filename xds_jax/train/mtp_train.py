@@ -104,16 +104,12 @@ def corpus_states(llm, name: str, conversations: list, max_tokens: int, width: i
 
 def engine_acceptance(out: Path, conversations: list, max_tokens: int) -> dict:
     """Mean accepted length (k = 2) of the saved head in the serving engine, greedy."""
-    from serving.core import spec_decode
     from xds_jax import LLM, SamplingParams
 
     os.environ["XDS_DRAFT_HEAD"] = str(out)
-    limit = spec_decode.DISABLE_BY_BATCH_SIZE
-    spec_decode.DISABLE_BY_BATCH_SIZE = len(conversations)  # acceptance: draft in every step
-    try:
-        llm = LLM(MODEL, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
-    finally:
-        spec_decode.DISABLE_BY_BATCH_SIZE = limit
+    # acceptance: every step drafts, whatever its batch
+    llm = LLM(MODEL, speculative_config={"method": "mtp", "num_speculative_tokens": 2,
+                                         "disable_by_batch_size": len(conversations)})
     llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=max_tokens))
     s = llm.engine.stats()
     return {"spec_num_drafts": s["spec_num_drafts"],

@@ -48,6 +48,10 @@ class Runner(Protocol):
     group's KV pages, which leave or enter only through ``export_kv``/``import_kv``."""
 
     compile_count: int
+    # Optional: ``overlaps_steps`` (a property, False when absent) says the runner takes
+    # ``launch(scheduled, after=handle)``: the handle of a step launched but not finished yet,
+    # whose sampled tokens the new step's decode rows take on device (asynchronous scheduling,
+    # ``serving.core.overlap``).
 
     def launch(self, scheduled: list[ScheduledSeq]) -> Any:
         """Dispatch the step asynchronously; returns a handle for ``finish``."""

@@ -11,7 +11,12 @@ from serving.entrypoints.metrics import EngineCollector
 from tests.collectives.cases import need_devices
 from tests.mtp_checkpoint import make_mimic_checkpoint
 from tests.serving.test_disaggregation import ma
-from tests.serving.test_spec_decode import assert_same, mixed_params, run
+from tests.serving.test_spec_decode import (  # noqa: F401 (an autouse fixture)
+    assert_same,
+    draft_at_every_batch_size,
+    mixed_params,
+    run,
+)
 from tests.serving.test_spec_decode_ma import check_drafted
 
 EVERY_2 = {"window_size": 2, "step_interval": 2}  # a rebalance every other step

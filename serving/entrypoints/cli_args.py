@@ -130,7 +130,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        default=d.speculative_config,
                        help='speculative decoding, e.g. \'{"method": "mtp", '
                        '"num_speculative_tokens": 2}\' (needs MTP weights or a shipped '
-                       'draft head, as smollm2 has)')
+                       'draft head, as smollm2 has; "disable_by_batch_size": N stops drafting '
+                       'in decode steps of more than N rows)')
     group.add_argument("--no-warmup", action="store_true",
                        help="skip the warm-up request that compiles the step programs up front")
     group.add_argument("--fault", dest="faults", action="append", type=fault_spec, default=[],

@@ -55,18 +55,18 @@ class RowBatch:
 
 # Smallest buckets: a few padded rows or key slots cost less than another compiled program.
 MIN_DECODE_ROWS = 4
-# ... except where a decode step streams enough weight bytes that padding one live row to four
-# costs more than a compile: on XLA:CPU a 1-row SmolLM2-135M step ran 1.78x faster than the
-# 4-row one in float32 (matmul-vector at ~30 GB/s against ~15 GB/s for 4 rows), 1.09x in
-# bfloat16 (docs/performance.md). Tiny models keep the 4-row floor (fewer programs to compile).
+MIN_PREFILL_WIDTH = 16
+MIN_CONTEXT_TOKENS = 128
+# Decode rows keep MIN_DECODE_ROWS except where a step streams enough weight bytes that
+# padding one live row to four costs more than a compile: on XLA:CPU a 1-row SmolLM2-135M step
+# ran 1.78x faster than the 4-row one in float32 (matmul-vector at ~30 GB/s against ~15 GB/s
+# for 4 rows), 1.09x in bfloat16 (docs/performance.md). Tiny models keep the 4-row floor.
 ONE_ROW_DECODE_BYTES = 32 << 20
 
 
 def decode_rows_min(params: dict) -> int:
     """The smallest decode bucket for these weights (see ``ONE_ROW_DECODE_BYTES``)."""
     return 1 if param_bytes(params) >= ONE_ROW_DECODE_BYTES else MIN_DECODE_ROWS
-MIN_PREFILL_WIDTH = 16
-MIN_CONTEXT_TOKENS = 128
 
 
 def build_rows(scheduled: list, rows_min: int, width_min: int, block_size: int,

@@ -81,8 +81,7 @@ def append_rows(sampled: SampledRows | None, logits_BV: jax.Array | None = None)
     tokens, lps, ranks, top_ids, top_lps = read((sampled.tokens_B, *sampled.extras))
     for j, s in enumerate(sampled.seqs):
         if s is not None and not s.finished:
-            n = s.params.logprobs or 0  # the batch computed the most any row asked for
-            top = list(zip(top_ids[j, :n].tolist(), top_lps[j, :n].tolist(), strict=True))
+            top = list(zip(top_ids[j].tolist(), top_lps[j].tolist(), strict=True))
             s.append(int(tokens[j]), float(lps[j]), int(ranks[j]), top)
 
 

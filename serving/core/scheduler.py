@@ -148,10 +148,7 @@ class Scheduler:
         seq = next((s for s in self.running if s.seq_id == seq_id), None)
         if seq is None:
             raise SchedulerError(f"sequence {seq_id} is not running")
-        self.running.remove(seq)
-        del self._computed[seq_id]
-        self._ahead.pop(seq_id, None)
-        self._unsampled.pop(seq_id, None)
+        self._stop_running(seq)
         return self.block_manager.block_table(seq_id)
 
     def can_admit_computed(self, seq: Sequence) -> bool:
@@ -195,11 +192,15 @@ class Scheduler:
         return dropped
 
     def _release(self, seq: Sequence) -> None:
+        self._stop_running(seq)
+        self.block_manager.free(seq.seq_id)
+
+    def _stop_running(self, seq: Sequence) -> None:
+        """Forget a running sequence's scheduling state (its blocks are the caller's)."""
         self.running.remove(seq)
         del self._computed[seq.seq_id]
         self._ahead.pop(seq.seq_id, None)
         self._unsampled.pop(seq.seq_id, None)
-        self.block_manager.free(seq.seq_id)
 
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)

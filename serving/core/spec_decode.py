@@ -134,11 +134,6 @@ class SpecRunner(ModelRunner):
             *self.caches, self.mtp_cache = scatter_blocks_donated(
                 [*self.caches, self.mtp_cache], ids_B, pages)
 
-    def _count_shape(self, key: tuple) -> None:
-        if key not in self._shapes_seen:
-            self._shapes_seen.add(key)
-            self.compile_count += 1
-
     def _put(self, *arrays):
         return [place(a, self.input_sharding) for a in arrays]
 
@@ -156,7 +151,8 @@ class SpecRunner(ModelRunner):
     def _launch_prefill(self, items: list) -> tuple:
         rows = build_rows(items, 1, MIN_PREFILL_WIDTH, self.block_size)
         nxt, mtp_pos = prefill_pairs(items, rows.tokens_BS.shape)
-        self._count_shape(("prefill", rows.tokens_BS.shape, rows.tables_BN.shape))
+        self._seen(("prefill", rows.tokens_BS.shape, rows.tables_BN.shape),
+                   "prefill step with the MTP block")
         inputs = self._put(rows.tokens_BS, rows.positions_BS, nxt, mtp_pos, rows.tables_BN,
                            rows.last_B)
         with self.lock:
@@ -179,7 +175,8 @@ class SpecRunner(ModelRunner):
             dr.num_drafts_B[:] = 0
         tables = np.zeros((len(dr.last_B), rows.tables_BN.shape[1]), np.int32)
         tables[:b] = rows.tables_BN
-        self._count_shape(("decode", b, width, rows.tables_BN.shape, k))
+        self._seen(("decode", b, width, rows.tables_BN.shape, k),
+                   "speculative step (rows, pending width, tables, k)")
         inputs = self._put(dr.tokens_BW, dr.hidden_BWD.astype(model_dtype(self.params)),
                            dr.positions_BW, dr.last_B, dr.num_drafts_B, rows.tokens_BS[:, 0],
                            rows.positions_BS[:, 0])

@@ -29,6 +29,7 @@ import jax
 from serving.core.faults import NO_FAULTS, GroupCrashed
 from serving.core.fencing import Fencing, GroupFencedError, Resume
 from serving.core.interfaces import AbortRequest, AddRequest, EngineMisuseError
+from serving.core.isolation import RequestIsolation
 from serving.core.kv_cache import BlockManager
 from serving.core.overlap import OverlappedSteps
 from serving.core.request import Request
@@ -72,7 +73,7 @@ class GroupLoad:
         return self.num_running + self.num_waiting >= self.max_num_seqs
 
 
-class DPGroup(OverlappedSteps, Fencing):
+class DPGroup(OverlappedSteps, Fencing, RequestIsolation):
     """Scheduler + KV blocks + runner for one slice of devices; a ``Group`` and, colocated,
     the ``Driver`` of itself."""
 
@@ -288,52 +289,6 @@ class DPGroup(OverlappedSteps, Fencing):
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = now
         return out
-
-    def _isolated(self) -> set[int] | None:
-        """While requests of a failed step are suspect, the sequences of the first one still
-        here: it runs alone, so a failure names one request. None when nothing is suspect."""
-        while self._suspects and self._suspects[0] not in self.requests:
-            self._suspects.pop(0)
-        if not self._suspects:
-            return None
-        return {s.seq_id for s in self.requests[self._suspects[0]].seqs}
-
-    def step_failed(self, out: SchedulerOutput, error: Exception) -> None:
-        """A step raised before its tokens were recorded: roll it back (its sequences are
-        recomputed from their tokens) and find the request at fault. A step of one request
-        fails that request alone; a step of several makes each suspect, to run alone next."""
-        culprits = self.requests_in(out)
-        self.scheduler.roll_back(out)
-        self.rollbacks += 1
-        log.warning("DP group %d: a step of %d request(s) failed (%s: %s); rolled back",
-                    self.index, len(culprits), type(error).__name__, error)
-        if len(culprits) == 1:
-            self.fail_request(culprits[0], error)
-        else:
-            ids = [r.request_id for r in culprits]
-            self._suspects = ids + [i for i in self._suspects if i not in ids]
-
-    def requests_in(self, out: SchedulerOutput) -> list[Request]:
-        """The requests a step scheduled (each once, in schedule order)."""
-        return list({id(r): r for s in out.scheduled
-                     if (r := self._owners.get(s.seq.seq_id)) is not None}.values())
-
-    def fail_request(self, request: Request, error: Exception) -> None:
-        """End one request with an error while the group keeps serving the others."""
-        log.error("DP group %d: request %s failed: %s: %s", self.index, request.request_id,
-                  type(error).__name__, error, exc_info=error)
-        self.requests_failed += 1
-        self._forget(request)
-        for seq in request.seqs:
-            if not seq.finished:
-                self.scheduler.abort(seq.seq_id)
-        request.fail(f"{type(error).__name__}: {error}")
-        request.metrics.finished_time = time.monotonic()
-        try:
-            self._emit(request)
-        except Exception:  # the caller's callback is broken too: nothing more to tell it
-            log.exception("DP group %d: could not report the failure of %s", self.index,
-                          request.request_id)
 
     def _before_schedule(self) -> None:
         """Hook: work a subclass does at the top of each step (KV transfers in PD)."""

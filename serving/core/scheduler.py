@@ -9,9 +9,10 @@ prompt + output. No JAX here.
 
 Asynchronous scheduling (``launched``): a step may be scheduled while the previous one still
 runs. Its sequences count the KV slots that step writes and the token it samples as already
-there (``in_flight``); a decode row's input is then that unsampled token, which the runner
-takes on device. ``update`` of the earlier step turns them into known tokens; a sequence
-whose in-flight token is its last (``max_tokens``) is not scheduled again.
+there (``in_flight``, kept by ``serving.core.in_flight.InFlight``); a decode row's input is
+then that unsampled token, which the runner takes on device. ``update`` of the earlier step
+turns them into known tokens; a sequence whose in-flight token is its last (``max_tokens``)
+is not scheduled again.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
+from serving.core.in_flight import InFlight
 from serving.core.kv_cache import BlockManager
 from serving.core.scheduled import ScheduledSeq, SchedulerError, SchedulerOutput
 
@@ -62,11 +64,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self._computed: dict[int, int] = {}  # seq_id -> tokens whose KV is written
-        # Launched steps not yet updated (asynchronous scheduling): per sequence, the KV slots
-        # they write and the tokens they sample (appended at their update).
-        self._launched: set[int] = set()  # id() of those SchedulerOutputs
-        self._ahead: dict[int, int] = {}
-        self._unsampled: dict[int, int] = {}
+        self._flight = InFlight()  # launched steps not yet updated (asynchronous scheduling)
         self.num_preemptions = 0
 
     # -- queues -------------------------------------------------------------------------------
@@ -93,7 +91,7 @@ class Scheduler:
 
     def in_flight(self, seq_id: int) -> int:
         """Sampled tokens of a running sequence still in flight (not yet appended)."""
-        return self._unsampled.get(seq_id, 0)
+        return self._flight.tokens(seq_id)
 
     def num_computed_tokens(self, seq_id: int) -> int:
         """Tokens of a running sequence whose KV is written (0 if not running)."""
@@ -188,7 +186,7 @@ class Scheduler:
         for seq in list(self.running):
             self._release(seq)
         self.waiting.clear()
-        self._launched.clear()
+        self._flight.clear()
         return dropped
 
     def _release(self, seq: Sequence) -> None:
@@ -199,8 +197,7 @@ class Scheduler:
         """Forget a running sequence's scheduling state (its blocks are the caller's)."""
         self.running.remove(seq)
         del self._computed[seq.seq_id]
-        self._ahead.pop(seq.seq_id, None)
-        self._unsampled.pop(seq.seq_id, None)
+        self._flight.forget(seq.seq_id)
 
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)
@@ -212,7 +209,7 @@ class Scheduler:
         to the front of the waiting queue with its blocks freed, to be recomputed from its
         tokens (computed full blocks stay in the prefix cache). Returns their ids. Of launched
         steps not yet updated, roll back the newest first."""
-        self._land(output)
+        self._flight.land(output)
         rolled = []
         for item in reversed(output.scheduled):
             seq = item.seq
@@ -227,30 +224,7 @@ class Scheduler:
     def launched(self, output: SchedulerOutput) -> None:
         """The step ``output`` was launched and the next one may be scheduled before its
         ``update``: its KV slots and sampled tokens count as there (asynchronous scheduling)."""
-        self._launched.add(id(output))
-        for item in output.scheduled:
-            seq_id = item.seq.seq_id
-            self._ahead[seq_id] = self._ahead.get(seq_id, 0) + item.num_tokens
-            if item.is_last_chunk:
-                self._unsampled[seq_id] = self._unsampled.get(seq_id, 0) + 1
-
-    def _land(self, output: SchedulerOutput) -> None:
-        """A launched step is updated or rolled back: its slots and tokens are no longer
-        in flight."""
-        if id(output) not in self._launched:
-            return
-        self._launched.discard(id(output))
-        for item in output.scheduled:
-            seq_id = item.seq.seq_id
-            if seq_id not in self._ahead:
-                continue  # released since
-            self._ahead[seq_id] -= item.num_tokens
-            if item.is_last_chunk:
-                self._unsampled[seq_id] -= 1
-            if not self._ahead[seq_id]:
-                del self._ahead[seq_id]
-            if not self._unsampled.get(seq_id, 1):
-                del self._unsampled[seq_id]
+        self._flight.launch(output)
 
     # -- one step -----------------------------------------------------------------------------
     def schedule(self, only: set[int] | None = None) -> SchedulerOutput:
@@ -347,20 +321,20 @@ class Scheduler:
 
     def _start(self, seq: Sequence) -> int:
         """The first position a new step computes: past the KV written and in flight."""
-        return self._computed[seq.seq_id] + self._ahead.get(seq.seq_id, 0)
+        return self._computed[seq.seq_id] + self._flight.slots(seq.seq_id)
 
     def _num_tokens(self, seq: Sequence) -> int:
         """Tokens of a sequence, counting those sampled by launched steps."""
-        return seq.num_tokens + self._unsampled.get(seq.seq_id, 0)
+        return seq.num_tokens + self._flight.tokens(seq.seq_id)
 
     def _token_ids(self, seq: Sequence) -> list[int]:
         """All its tokens for the block manager (which reserves by their count); a token in
         flight is a placeholder, never hashed: hashes cover computed KV only."""
-        return seq.all_ids + [-1] * self._unsampled.get(seq.seq_id, 0)
+        return seq.all_ids + [-1] * self._flight.tokens(seq.seq_id)
 
     def _last_in_flight(self, seq: Sequence) -> bool:
         """Its token in flight is its last (``max_tokens``): nothing more to schedule."""
-        flying = self._unsampled.get(seq.seq_id, 0)
+        flying = self._flight.tokens(seq.seq_id)
         return bool(flying) and seq.max_tokens is not None \
             and len(seq.output_ids) + flying >= seq.max_tokens
 
@@ -385,7 +359,7 @@ class Scheduler:
         Returns:
             The sequences that finished (and were released) in this update.
         """
-        self._land(output)
+        self._flight.land(output)
         finished = []
         for item in output.scheduled:
             seq = item.seq

@@ -85,7 +85,7 @@ def test_overlapped_steps_give_the_synchronous_tokens(seed, num_blocks):
         sched = Scheduler(bm, max_num_seqs=6, max_num_batched_tokens=24, chunk_size=10)
         seqs = [Sequence(p, SamplingParams(max_tokens=m)) for p, m in work]
         PipelinedFake(sched, overlap).run(seqs, aborts)
-        assert bm.num_free_blocks == num_blocks and not sched._ahead and not sched._unsampled
+        assert bm.num_free_blocks == num_blocks and not sched._flight
         results.append([(s.output_ids, s.finish_reason) for s in seqs])
     sync, overlapped = results
     for i, ((want, why), (got, got_why)) in enumerate(zip(sync, overlapped, strict=True)):

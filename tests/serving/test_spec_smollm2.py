@@ -11,7 +11,7 @@ from xds_jax import LLM, SamplingParams
 from xds_jax.errors import ConfigError
 from xds_jax.loading.draft_heads import SHIPPED
 from xds_jax.loading.loader import registered_models
-from xds_jax.train.mtp_corpus import held_out_conversations
+from xds_jax.train.mtp_prompts import held_out_conversations
 
 SPEC = {"method": "mtp", "num_speculative_tokens": 2}
 needs_smollm2 = pytest.mark.skipif("smollm2" not in registered_models(),

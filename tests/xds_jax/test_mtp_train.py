@@ -20,6 +20,12 @@ from xds_jax.train.mtp_model import (
     teacher_logits,
     two_pass_loss,
 )
+from xds_jax.train.mtp_prompts import (
+    SUBJECTS,
+    TEMPLATES,
+    held_out_conversations,
+    train_conversations,
+)
 from xds_jax.train.mtp_train import draft_vocab
 
 
@@ -151,3 +157,14 @@ def test_soft_zero_is_the_hard_cross_entropy_and_soft_pulls_to_the_teacher():
         xent = -(p * jax.nn.log_softmax(lg)).sum(-1)
         want += (xent * mask).sum() / max(mask.sum(), 1)
     np.testing.assert_allclose(float(soft), float(want), rtol=1e-4)
+
+
+def test_training_prompts_are_distinct_and_none_is_a_benchmark_prompt():
+    train = [c[0]["content"] for c in train_conversations()]
+    bench = {c[0]["content"] for c in held_out_conversations()}
+    assert len(set(train)) == len(train) == len(TEMPLATES) * len(SUBJECTS) - len(
+        bench & {t.format(s) for t in TEMPLATES for s in SUBJECTS})
+    assert not bench & set(train)
+    # the first 1600 (the shipped recipe's) mix every template
+    template_of = {t.format(s): t for t in TEMPLATES for s in SUBJECTS}
+    assert {template_of[p] for p in train[:1600]} == set(TEMPLATES)

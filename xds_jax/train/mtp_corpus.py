@@ -88,7 +88,8 @@ def target_states(params: dict, cfg: ModelConfig, seqs: list[list[int]],
         x, a = _target_pass(params, jnp.asarray(t), jnp.asarray(pos), cfg=cfg)
         hidden[lo:lo + rows] = np.asarray(x[:rows], np.float32).astype(np.float16)
         choice[lo:lo + rows] = np.asarray(a[:rows])
-        log.info("target states: %d/%d sequences", lo + rows, n)
+        if (lo + rows) % (32 * batch) == 0 or lo + rows == n:
+            log.info("target states: %d/%d sequences", lo + rows, n)
     prompt_lens = np.asarray(prompt_lens, np.int32)
     reply = idx + 1 >= prompt_lens[:, None]
     nxt = np.concatenate([tokens[:, 1:], np.zeros((n, 1), np.int32)], axis=1)

@@ -165,7 +165,7 @@ class SpecRunner(ModelRunner):
         # The target verifies k + 1 tokens per row, so fewer padded rows keep its matmuls as
         # tall as a plain step's; the MTP block's passes (one token per row after the first)
         # pad like a plain decode step (``decode_rows_min``: 1 row where one-row matmuls are
-        # the fast path, SmolLM2 at batch 1: 0.89-0.94x -> 1.01x; else MIN_DECODE_ROWS).
+        # the fast path, SmolLM2 at batch 1: 0.92x -> 0.98x; else MIN_DECODE_ROWS).
         limit = self.disable_by_batch_size
         k = self.k if limit is None or len(items) <= limit else 0
         rows = build_rows(items, _verify_rows(k), 1, self.block_size)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from xds_jax import LLM, SamplingParams
 from xds_jax.loading.draft_heads import SHIPPED, read_head, save_head
-from xds_jax.train.mtp_corpus import held_out_conversations
+from xds_jax.train.mtp_prompts import held_out_conversations
 
 FIRST_PROMPT = 48  # make train-mtp measures acceptance on the first 48 held-out prompts
 

@@ -11,7 +11,7 @@ from xds_jax import LLM, SamplingParams
 from xds_jax.errors import ConfigError
 from xds_jax.loading.draft_heads import SHIPPED
 from xds_jax.loading.loader import registered_models
-from xds_jax.train.mtp_corpus import held_out_conversations
+from xds_jax.train.mtp_prompts import held_out_conversations
 
 SPEC = {"method": "mtp", "num_speculative_tokens": 2}
 needs_smollm2 = pytest.mark.skipif("smollm2" not in registered_models(),
@@ -51,7 +51,8 @@ def test_greedy_output_with_the_head_equals_output_without_speculation(replies):
 def test_held_out_drafts_are_accepted(replies):
     stats = replies[2]
     assert stats["spec_num_drafts"] > 0
-    assert 1 + stats["spec_accepted_tokens"] / stats["spec_num_drafts"] > 1.2
+    # the retrained head accepts 1.46 per step here (the first head cleared 1.2)
+    assert 1 + stats["spec_accepted_tokens"] / stats["spec_num_drafts"] > 1.35
     assert stats["spec_accepted_per_position"][0] >= stats["spec_accepted_per_position"][1] > 0
 
 

@@ -1,11 +1,9 @@
 """Self-distillation data for an MTP draft head: the target's own greedy replies, its last
 hidden states and its next-token choices.
 
-Training prompts are chat turns built from ``TEMPLATES x SUBJECTS`` (deterministic); held-out
-prompts are the serving benchmark's dataset (``serving/entrypoints/datasets/prompts.jsonl``):
-no prompt in common, other templates (but one), 3 of the 40 subjects shared. Replies come
-from our engine, batched and greedy, so a rerun gives the same corpus (up to float rounding
-between batch shapes).
+Prompts come from ``mtp_prompts``. Replies come from our engine, batched wide and greedy, so
+a rerun gives the same corpus (up to float rounding between batch shapes); they are appended
+to a JSON-lines file chunk by chunk, so an interrupted generation resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
+import time
 from pathlib import Path
 
 import jax
@@ -25,55 +24,6 @@ from xds_jax.model.config import ModelConfig
 from xds_jax.model.reference import forward, new_caches
 
 log = logging.getLogger(__name__)
-
-HELD_OUT = Path(__file__).resolve().parents[2] / "serving/entrypoints/datasets/prompts.jsonl"
-
-TEMPLATES = [
-    "How does {} work? Keep it simple.",
-    "Write a haiku about {}.",
-    "What are the pros and cons of {}?",
-    "Tell me a fun story involving {}.",
-    "Write a short email to a friend about {}.",
-    "Explain {} like I am a beginner.",
-    "What would happen if {} disappeared tomorrow?",
-    "Give me a step-by-step guide to learning about {}.",
-    "Compare {} with something from everyday life.",
-    "Write a limerick about {}.",
-    "What are common misconceptions about {}?",
-    "Describe a day in the life of someone who studies {}.",
-    "Why do people find {} interesting?",
-    "Write a product description for a book about {}.",
-    "Give me five quiz questions about {}, with answers.",
-    "Write a dialogue between two friends discussing {}.",
-    "What is the future of {}?",
-    "Write a tweet about {}.",
-    "Explain the science behind {}.",
-    "Give some tips for a school project on {}.",
-]
-
-SUBJECTS = [
-    "coral reefs", "the French Revolution", "machine learning", "recycling", "penguins",
-    "the Great Wall of China", "solar panels", "earthquakes", "jazz music", "the human brain",
-    "origami", "hurricanes", "the Olympic Games", "vaccines", "dinosaurs", "rainbows",
-    "cryptography", "the Amazon river", "gardening", "the water cycle", "democracy",
-    "football", "submarines", "butterflies", "the theory of evolution", "video games",
-    "mountain climbing", "tea", "wind turbines", "the Renaissance", "sharks", "bridges",
-    "public libraries", "the immune system", "comets", "cooking pasta", "Mars rovers",
-    "trains", "sleep", "the periodic table",
-]
-
-
-def train_conversations() -> list[list[dict]]:
-    """Every training chat turn, in a fixed order (template-major)."""
-    return [[{"role": "user", "content": t.format(s)}] for t in TEMPLATES for s in SUBJECTS]
-
-
-def held_out_conversations(limit: int | None = None) -> list[list[dict]]:
-    """The serving benchmark's prompts as chat turns (none of them is a training prompt)."""
-    with HELD_OUT.open() as f:
-        prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
-    return [[{"role": "user", "content": p}] for p in prompts[:limit]]
-
 
 @dataclasses.dataclass
 class Corpus:
@@ -138,7 +88,8 @@ def target_states(params: dict, cfg: ModelConfig, seqs: list[list[int]],
         x, a = _target_pass(params, jnp.asarray(t), jnp.asarray(pos), cfg=cfg)
         hidden[lo:lo + rows] = np.asarray(x[:rows], np.float32).astype(np.float16)
         choice[lo:lo + rows] = np.asarray(a[:rows])
-        log.info("target states: %d/%d sequences", lo + rows, n)
+        if (lo + rows) % (32 * batch) == 0 or lo + rows == n:
+            log.info("target states: %d/%d sequences", lo + rows, n)
     prompt_lens = np.asarray(prompt_lens, np.int32)
     reply = idx + 1 >= prompt_lens[:, None]
     nxt = np.concatenate([tokens[:, 1:], np.zeros((n, 1), np.int32)], axis=1)
@@ -146,9 +97,25 @@ def target_states(params: dict, cfg: ModelConfig, seqs: list[list[int]],
     return Corpus(tokens, lengths, hidden, choice, prompt_lens)
 
 
-def save_corpus(path: Path, seqs: list[list[int]]) -> None:
+def extend_replies(llm, path: Path, conversations: list, max_tokens: int,
+                   chunk: int = 64) -> list[list[int]]:
+    """Prompt + greedy reply of every conversation, read from ``path`` (JSON lines, one per
+    conversation in order) as far as it goes; the rest are generated ``chunk`` at a time and
+    appended to it."""
+    seqs = load_corpus(path) if path.is_file() else []
+    if len(seqs) >= len(conversations):
+        return seqs[:len(conversations)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(s) + "\n" for s in seqs))
+    t0, done = time.monotonic(), len(seqs)
+    for lo in range(done, len(conversations), chunk):
+        new = generate_replies(llm, conversations[lo:lo + chunk], max_tokens)
+        with path.open("a") as f:
+            f.write("".join(json.dumps(s) + "\n" for s in new))
+        seqs += new
+        log.info("corpus: %d/%d replies (%.0f s, %.0f tokens/s)", len(seqs),
+                 len(conversations), time.monotonic() - t0,
+                 sum(len(s) for s in seqs[done:]) / (time.monotonic() - t0))
+    return seqs
 
 
 def load_corpus(path: Path) -> list[list[int]]:

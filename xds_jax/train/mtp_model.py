@@ -78,28 +78,46 @@ def draft_logits(block: dict, head_ND: jax.Array, cfg: ModelConfig, x: jax.Array
     return rms_norm(x, block["final_norm"], cfg.rms_norm_eps) @ head_ND.T
 
 
-def _masked_ce(logits, labels, mask):
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+def teacher_logits(hidden_BSD: jax.Array, norm_D: jax.Array, head_ND: jax.Array,
+                   cfg: ModelConfig, ahead: int) -> jax.Array:
+    """The target's logits over the draft vocabulary for the token ``ahead + 1`` positions on
+    ``[B, S, N]``: its head over its own hidden at ``s + ahead`` (wrapping at the end, where
+    no pair is used)."""
+    h = jnp.roll(hidden_BSD, -ahead, axis=1).astype(jnp.float32)
+    return rms_norm(h, norm_D, cfg.rms_norm_eps) @ head_ND.T
+
+
+def _masked_loss(logits, labels, teacher, mask, soft: float):
+    """``soft`` x cross-entropy to the teacher's distribution (KL up to a constant) plus
+    ``1 - soft`` x cross-entropy to its choice, averaged over ``mask``; and the hits."""
+    hard = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+    dist = optax.softmax_cross_entropy(logits, jax.nn.softmax(teacher, axis=-1))
+    loss = soft * dist + (1.0 - soft) * hard
     hit = (jnp.argmax(logits, axis=-1) == labels) & mask
-    return jnp.sum(ce * mask) / jnp.maximum(mask.sum(), 1), hit
+    return jnp.sum(loss * mask) / jnp.maximum(mask.sum(), 1), hit
 
 
 def two_pass_loss(block: dict, embed_VD: jax.Array, head_ND: jax.Array, cfg: ModelConfig,
-                  batch: dict):
-    """Mean cross-entropy of both passes, and per-row hits ``(hit1, hit2) [B, S]``.
+                  batch: dict, teacher_norm_D: jax.Array, soft: float = 1.0):
+    """Mean distillation loss of both passes, and per-row hits ``(hit1, hit2) [B, S]``.
 
     ``batch``: ``hidden [B, S, D]``, ``tok1``/``tok2``, ``lab1``/``lab2`` (draft-vocabulary
-    indices, -1 outside it) and ``use1``/``use2`` masks ``[B, S]``.
+    indices, -1 outside it) and ``use1``/``use2`` masks ``[B, S]``. Each pass is pulled towards
+    the target's next-token distribution over the draft vocabulary (``teacher_norm_D``: the
+    target's final norm; ``soft`` weighs it against the target's hard choice).
     """
     s = batch["tok1"].shape[1]
     pos = jnp.broadcast_to(jnp.arange(s), batch["tok1"].shape)
-    g, kv = block_pass(block, embed_VD, cfg, batch["tok1"], batch["hidden"], pos)
+    hidden = batch["hidden"].astype(jnp.float32)
+    g, kv = block_pass(block, embed_VD, cfg, batch["tok1"], hidden, pos)
     m1 = batch["use1"] & (batch["lab1"] >= 0)
-    ce1, hit1 = _masked_ce(draft_logits(block, head_ND, cfg, g), batch["lab1"], m1)
+    t1 = teacher_logits(hidden, teacher_norm_D, head_ND, cfg, 1)
+    l1, hit1 = _masked_loss(draft_logits(block, head_ND, cfg, g), batch["lab1"], t1, m1, soft)
     g2, _ = block_pass(block, embed_VD, cfg, batch["tok2"], g, pos + 1, prev_kv=kv)
     m2 = batch["use2"] & (batch["lab2"] >= 0)
-    ce2, hit2 = _masked_ce(draft_logits(block, head_ND, cfg, g2), batch["lab2"], m2)
-    return ce1 + ce2, (hit1, hit2)
+    t2 = teacher_logits(hidden, teacher_norm_D, head_ND, cfg, 2)
+    l2, hit2 = _masked_loss(draft_logits(block, head_ND, cfg, g2), batch["lab2"], t2, m2, soft)
+    return l1 + l2, (hit1, hit2)
 
 
 def make_batch(c, rows, index_of: np.ndarray) -> dict:

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xds_jax.model.out_major import TRANSPOSED_SUFFIX
+
 QUANTIZATIONS = ("int8",)
 # Leaves quantised in a layer (attention, MLP, shared and routed experts) and at the top.
 # Routers, the shared-expert gate, norms, biases and MTP blocks stay in the model's dtype:
@@ -51,8 +53,9 @@ def check_quantization(method: str | None) -> str | None:
 
 
 def contract_axis(name: str) -> int:
-    """The input (reduced) axis of weight ``name``: the embedding's last, others' ``-2``."""
-    return -1 if name == "embed" else -2
+    """The input (reduced) axis of weight ``name``: the embedding's and an output-major
+    weight's (``<name>_t``, ``xds_jax.model.out_major``) last, others' ``-2``."""
+    return -1 if name == "embed" or name.endswith(TRANSPOSED_SUFFIX) else -2
 
 
 def quantize_weight(w, axis: int = -2) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +110,7 @@ def _map_linear(params: dict, quantize) -> dict:
         for key, value in d.items():
             if isinstance(value, dict):
                 out[key] = leaves(value, names if key != "experts" else LAYER_LEAVES)
-            elif key in names:
+            elif key.removesuffix(TRANSPOSED_SUFFIX) in names:
                 out[key], out[key + SCALE_SUFFIX] = quantize(key, value)
             else:
                 out[key] = value

@@ -33,8 +33,8 @@ from __future__ import annotations
 import jax
 
 from xds_jax.model.config import ModelConfig
-from xds_jax.model.out_major import OUT_MAJOR_LEAVES, TRANSPOSED_SUFFIX
-from xds_jax.model.quant import SCALE_SUFFIX, contract_axis
+from xds_jax.model.out_major import OUT_MAJOR_LEAVES
+from xds_jax.model.quant import SCALE_SUFFIX, TRANSPOSED_SUFFIX, contract_axis
 
 LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "kv_heads", "head_dim", "latent", "mlp",
                 "experts", "expert_slots", "kv_pages", "page")

@@ -13,8 +13,8 @@ import numpy as np
 
 from xds_jax.model.config import ModelConfig, RopeConfig
 from xds_jax.model.fused import split_gate_up
-from xds_jax.model.out_major import TRANSPOSED_SUFFIX, has_weight, weight_for
-from xds_jax.model.quant import SCALE_SUFFIX, dequantize, int8_matmul
+from xds_jax.model.out_major import has_weight, weight_for
+from xds_jax.model.quant import SCALE_SUFFIX, TRANSPOSED_SUFFIX, dequantize, int8_matmul
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

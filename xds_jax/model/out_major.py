@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from xds_jax.model.config import ModelConfig
+from xds_jax.model.quant import SCALE_SUFFIX, TRANSPOSED_SUFFIX
 
-TRANSPOSED_SUFFIX = "_t"
 OUT_MAJOR_LEAVES = frozenset({"q", "k", "v", "kv", "o", "gate", "up", "gate_up", "down"})
 
 
@@ -32,8 +32,6 @@ def prefers_out_major(platform: str | None = None) -> bool:
 
 
 def _flip(p: dict, to_out_major: bool) -> dict:
-    from xds_jax.model.quant import SCALE_SUFFIX  # quant imports this module
-
     out = {}
     for name, w in p.items():
         stem = name.removesuffix(SCALE_SUFFIX)

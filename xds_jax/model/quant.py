@@ -26,8 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xds_jax.model.out_major import TRANSPOSED_SUFFIX
-
 QUANTIZATIONS = ("int8",)
 # Leaves quantised in a layer (attention, MLP, shared and routed experts) and at the top.
 # Routers, the shared-expert gate, norms, biases and MTP blocks stay in the model's dtype:
@@ -36,6 +34,7 @@ LAYER_LEAVES = frozenset({"q", "k", "v", "kv", "o", "q_a", "q_b", "kv_a", "kv_b"
                           "up", "gate_up", "down"})
 TOP_LEAVES = frozenset({"embed", "lm_head"})
 SCALE_SUFFIX = "_scale"
+TRANSPOSED_SUFFIX = "_t"  # a weight stored [out, in] (xds_jax.model.out_major)
 _ACT_LIMIT = 127 * 256 + 127  # hi = (x_q + 128) >> 8 then stays in int8
 MAX_INPUTS = (2**31 - 1) // (128 * 127)  # int32 accumulation of K products stays exact
 

@@ -2,9 +2,10 @@
 
 On XLA:CPU (YNNPACK dots) ``x [M, K]`` contracted with a weight stored ``[N, K]`` (each
 output's inputs contiguous, the layout of a PyTorch ``Linear``) runs faster than with the
-same weight stored ``[K, N]``: on SmolLM2-135M's layer shapes, 30 layers of distinct weights,
-1.3-1.5x at 1-32 rows, 1.06x (float32) and 1.2x (bfloat16) at 512 rows; the whole decode or
-prefill step 1.03-1.18x (``docs/performance.md``). TPU and GPU keep ``[in, out]``.
+same weight stored ``[K, N]``: over SmolLM2-135M's matmuls, 1.1-1.4x from 4 rows up (bfloat16
+and int8 from 2 rows), about even at 1-2 float32 rows; the decode step 1.0-1.18x and the
+prefill step 1.01-1.03x (``docs/performance.md``, ``benchmarks/bench_matmul.py``). TPU and GPU
+keep ``[in, out]``.
 
 So on CPU the loader stores the decoder layers' projections (attention ``q``/``k``/``v``/
 ``kv``/``o`` and the dense MLP's and shared expert's ``gate``/``up``/``gate_up``/``down``)

@@ -53,12 +53,16 @@ from xds_jax.model.reference import new_caches
 
 
 def abstract_params(cfg: ModelConfig, dtype, with_mtp: bool = False,
-                    quantization: str | None = None) -> dict:
+                    quantization: str | None = None,
+                    output_major: bool | None = None) -> dict:
     """The parameter tree a loader produces (projections fused; with ``quantization``,
-    ``"int8"``: its int8 weights and scales; on CPU the layers' projections output-major,
-    ``xds_jax.model.out_major``), as ``ShapeDtypeStruct``s."""
+    ``"int8"``: its int8 weights and scales; with ``output_major``, default on CPU, the
+    layers' projections stored ``[out, in]``, ``xds_jax.model.out_major``), as
+    ``ShapeDtypeStruct``s."""
     shapes = param_shapes(cfg, with_mtp=with_mtp)
-    layout = out_major if prefers_out_major() else (lambda tree, cfg: tree)
+    if output_major is None:
+        output_major = prefers_out_major()
+    layout = out_major if output_major else (lambda tree, cfg: tree)
     tree = jax.eval_shape(lambda: layout(fuse_projections(jax.tree.map(
         lambda s: jnp.zeros(s, dtype), shapes, is_leaf=lambda x: isinstance(x, tuple)), cfg),
         cfg))

@@ -18,8 +18,10 @@ axes per role. The names:
 ``page``        token slots within a page
 ==============  ===========================================================================
 
-An int8 weight's per-output-channel scales (``<name>_scale``, ``xds_jax.model.quant``) take
-the weight's axes less its input axis, so they split exactly as the columns they scale.
+A projection stored output-major (``<name>_t``, ``xds_jax.model.out_major``) has its
+weight's axes reversed. An int8 weight's per-output-channel scales (``<name>_scale``,
+``xds_jax.model.quant``) take the weight's axes less its input axis, so they split exactly as
+the columns they scale.
 
 ``None`` marks a dim no rule may split (MTP's concatenated ``[2D]`` input, a one-column gate,
 MLA's single latent KV head). Parameter axes come from a parameter's path in the tree that
@@ -31,7 +33,8 @@ from __future__ import annotations
 import jax
 
 from xds_jax.model.config import ModelConfig
-from xds_jax.model.quant import SCALE_SUFFIX, contract_axis
+from xds_jax.model.out_major import OUT_MAJOR_LEAVES
+from xds_jax.model.quant import SCALE_SUFFIX, TRANSPOSED_SUFFIX, contract_axis
 
 LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "kv_heads", "head_dim", "latent", "mlp",
                 "experts", "expert_slots", "kv_pages", "page")
@@ -100,6 +103,9 @@ def _axes_for_names(names: list[str]) -> tuple[str | None, ...]:
     if leaf.endswith(SCALE_SUFFIX):
         weight = leaf[: -len(SCALE_SUFFIX)]
         return _drop_input_axis(_axes_for_names(names[:-1] + [weight]), weight)
+    base = leaf.removesuffix(TRANSPOSED_SUFFIX)
+    if base != leaf and base in OUT_MAJOR_LEAVES:  # stored [out, in] (xds_jax.model.out_major)
+        return _axes_for_names(names[:-1] + [base])[::-1]
     if len(names) > 1 and names[-2] == "experts" and leaf in _EXPERT_LEAVES:
         return ("experts",) + _LEAF_AXES[leaf]
     if leaf in _LEAF_AXES:

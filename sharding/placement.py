@@ -46,18 +46,26 @@ from sharding.logical import axis_units, expert_slot_axes, kv_page_axes, param_l
 from sharding.rules import logical_to_spec, tree_shardings
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.fused import fuse_projections
+from xds_jax.model.out_major import out_major, prefers_out_major
 from xds_jax.model.params import param_shapes
 from xds_jax.model.quant import quantized_shapes
 from xds_jax.model.reference import new_caches
 
 
 def abstract_params(cfg: ModelConfig, dtype, with_mtp: bool = False,
-                    quantization: str | None = None) -> dict:
+                    quantization: str | None = None,
+                    output_major: bool | None = None) -> dict:
     """The parameter tree a loader produces (projections fused; with ``quantization``,
-    ``"int8"``: its int8 weights and scales), as ``ShapeDtypeStruct``s."""
+    ``"int8"``: its int8 weights and scales; with ``output_major``, default on CPU, the
+    layers' projections stored ``[out, in]``, ``xds_jax.model.out_major``), as
+    ``ShapeDtypeStruct``s."""
     shapes = param_shapes(cfg, with_mtp=with_mtp)
-    tree = jax.eval_shape(lambda: fuse_projections(jax.tree.map(
-        lambda s: jnp.zeros(s, dtype), shapes, is_leaf=lambda x: isinstance(x, tuple)), cfg))
+    if output_major is None:
+        output_major = prefers_out_major()
+    layout = out_major if output_major else (lambda tree, cfg: tree)
+    tree = jax.eval_shape(lambda: layout(fuse_projections(jax.tree.map(
+        lambda s: jnp.zeros(s, dtype), shapes, is_leaf=lambda x: isinstance(x, tuple)), cfg),
+        cfg))
     return quantized_shapes(tree, quantization)
 
 

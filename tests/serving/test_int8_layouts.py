@@ -18,6 +18,7 @@ from tests.serving.test_ma import (
     run_on_engine,
 )
 from xds_jax import LLM
+from xds_jax.model.out_major import weight_for
 from xds_jax.model.quant import quantize_params
 
 PD8 = "configs/deployments/cpu8-pd.yaml"
@@ -31,12 +32,14 @@ def test_int8_engine_matches_int8_reference(name, deployment):
     llm = LLM(str(GOLDEN / name), dtype="float32", quantization="int8", deployment=deployment,
               max_num_seqs=8, max_num_batched_tokens=48, staged=deployment is not None,
               use_param_cache=False)
-    assert llm.params["layers"][0]["attn"]["o"].dtype == "int8"
+    assert weight_for(llm.params["layers"][0]["attn"], "o")[0].dtype == "int8"
     if deployment is not None:
         attn = llm.engine.groups[0].runner.params["layers"][0]["attn"]
         q = "q_b" if name == "deepseek_v3" else "q"  # MLA's query up-projection
-        assert attn[q].sharding.spec == P(None, "tp")
-        assert attn[q + "_scale"].sharding.spec == P("tp")
+        w, transposed = weight_for(attn, q)  # stored [out, in] on CPU (model.out_major)
+        spec = tuple(w.sharding.spec) + (None, None)
+        assert spec[:2] == (("tp", None) if transposed else (None, "tp"))
+        assert attn[q + "_t" * transposed + "_scale"].sharding.spec == P("tp")
     prompts = workload(llm.cfg.vocab_size, 10, seed=5)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         [params_for(i) for i in range(len(prompts))])

@@ -19,6 +19,7 @@ from sharding.rules import RULES, tree_shardings
 from tests.helpers import GOLDEN
 from xds_jax.model.config_hf import load_model_config
 from xds_jax.model.fused import fuse_projections
+from xds_jax.model.out_major import OUT_MAJOR_LEAVES
 from xds_jax.model.params import init_params
 
 LLAMA = load_model_config(GOLDEN / "llama" / "config.json")  # 4 heads, 2 KV heads
@@ -76,7 +77,8 @@ def specs(shardings) -> dict[str, P]:
 
 
 def pinned(cfg, role: str, mesh, params=None) -> dict[str, P]:
-    params = params if params is not None else abstract_params(cfg, "float32")
+    params = params if params is not None else abstract_params(cfg, "float32",
+                                                               output_major=False)
     return specs(param_shardings(params, cfg, mesh, role))
 
 
@@ -84,7 +86,18 @@ def pinned(cfg, role: str, mesh, params=None) -> dict[str, P]:
                                            (V3, 4, V3_TP4), (QWEN2_MOE, 4, QWEN2_MOE_TP4)],
                          ids=["llama-tp4", "smol-tp3", "v3-tp4", "qwen2moe-tp4"])
 def test_prefill_group_parameters(cfg, tp, want):
-    assert pinned(cfg, "prefill", AbstractMesh((tp,), ("tp",))) == want
+    mesh = AbstractMesh((tp,), ("tp",))
+    assert pinned(cfg, "prefill", mesh) == want
+    # stored [out, in] (xds_jax.model.out_major, CPU loads): the same split, dims reversed
+    flipped = pinned(cfg, "prefill", mesh, abstract_params(cfg, "float32", output_major=True))
+    moved = {k for k in flipped if k.endswith("_t")}
+    assert moved == {k + "_t" for k in want if k.split("/")[-1] in OUT_MAJOR_LEAVES
+                     and "experts/" not in k and not (cfg.mla and k.startswith("attn/"))}
+    for key, spec in flipped.items():
+        base = key.removesuffix("_t")
+        want_spec = P(*reversed(tuple(want[base]) + (None,) * (2 - len(want[base])))) \
+            if key in moved else want[key]
+        assert tuple(spec) + (None,) * (len(want_spec) - len(spec)) == tuple(want_spec), key
 
 
 @pytest.mark.parametrize("cfg", [LLAMA, V3, QWEN2_MOE], ids=["llama", "v3", "qwen2moe"])

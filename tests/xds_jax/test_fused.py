@@ -10,6 +10,7 @@ from sharding.params import param_shardings
 from tests.helpers import tiny
 from xds_jax.model.fused import fuse_projections, split_gate_up, split_kv, unfuse_layer
 from xds_jax.model.layers import project, swiglu
+from xds_jax.model.out_major import has_weight, in_major_layer, out_major, weight_for
 from xds_jax.model.params import init_params
 from xds_jax.model.quant import quantize_params
 from xds_jax.model.reference import reference_logits
@@ -49,7 +50,7 @@ def test_unfuse_layer_gives_back_the_separate_weights():
 
 def test_loaded_models_are_fused_and_match_unfused_logits():
     m = tiny("qwen3_moe")  # shared-expert-free MoE: attention fused, experts as they are
-    assert "kv" in m.params["layers"][0]["attn"]
+    assert has_weight(m.params["layers"][0]["attn"], "kv")
     assert "gate" in m.params["layers"][-1]["moe"]["experts"]
     unfused = init_params(m.cfg, seed=3)
     tokens = jnp.asarray(RNG.integers(0, m.cfg.vocab_size, 9))
@@ -62,16 +63,25 @@ def test_loaded_models_are_fused_and_match_unfused_logits():
 
 def test_tp_shards_hold_whole_kv_heads_and_gate_up_pairs():
     m = tiny("llama")  # 4 query heads, 2 KV heads
-    cfg, layer = m.cfg, m.params["layers"][0]
+    cfg = m.cfg
     mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
-    shardings = param_shardings(m.params, cfg, mesh)["layers"][0]
-    kv, gate_up = jax.device_put(layer["attn"]["kv"], shardings["attn"]["kv"]), \
-        jax.device_put(layer["mlp"]["gate_up"], shardings["mlp"]["gate_up"])
-    group = 2 * cfg.head_dim
-    for j, shard in enumerate(sorted(kv.addressable_shards, key=lambda s: s.index[1].start)):
-        assert shard.data.shape[1] == group  # one KV head's key and value on each rank
-        np.testing.assert_array_equal(np.asarray(shard.data),
-                                      np.asarray(layer["attn"]["kv"])[:, j * group:][:, :group])
-    width = gate_up.shape[1] // 2
-    assert all(s.data.shape[1] == width and s.index[1].start % 2 == 0
-               for s in gate_up.addressable_shards)
+    in_major = dict(m.params, layers=[in_major_layer(lay) for lay in m.params["layers"]])
+    for params in (in_major, out_major(in_major, cfg)):  # [in, out] and [out, in] storage
+        layer = params["layers"][0]
+        shardings = param_shardings(params, cfg, mesh)["layers"][0]
+        (kv, kv_t), (gate_up, gu_t) = weight_for(layer["attn"], "kv"), \
+            weight_for(layer["mlp"], "gate_up")
+        cols = 0 if kv_t else 1  # the output axis TP splits
+        kv_name, gu_name = "kv" + "_t" * kv_t, "gate_up" + "_t" * gu_t
+        kv_s = jax.device_put(kv, shardings["attn"][kv_name])
+        gu_s = jax.device_put(gate_up, shardings["mlp"][gu_name])
+        group = 2 * cfg.head_dim
+        for j, shard in enumerate(sorted(kv_s.addressable_shards,
+                                         key=lambda s: s.index[cols].start)):
+            assert shard.data.shape[cols] == group  # one KV head's key and value on each rank
+            np.testing.assert_array_equal(
+                np.asarray(shard.data),
+                np.take(np.asarray(kv), np.arange(j * group, (j + 1) * group), axis=cols))
+        width = gate_up.shape[cols] // 2
+        assert all(s.data.shape[cols] == width and s.index[cols].start % 2 == 0
+                   for s in gu_s.addressable_shards)

@@ -26,6 +26,7 @@ from xds_jax.loading.weights import assemble
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.config_hf import load_model_config
 from xds_jax.model.fused import fuse_projections
+from xds_jax.model.out_major import out_major, prefers_out_major
 from xds_jax.model.params import init_params, param_shapes
 from xds_jax.model.quant import check_quantization, quantize_params
 from xds_jax.text.byte_tokenizer import byte_tokenizer
@@ -107,8 +108,17 @@ def load_model(model: str | Path, dtype: str | None = None, seed: int = 0,
                use_cache: bool = True, load_mtp: bool = True,
                quantization: str | None = None) -> LoadedModel:
     """Load config, parameters (as ``dtype``; K/V and gate/up fused, ``xds_jax.model.fused``;
-    linear weights then quantised with ``quantization``, ``xds_jax.model.quant``) and
-    tokenizer for ``model``."""
+    linear weights then quantised with ``quantization``, ``xds_jax.model.quant``; on CPU the
+    layers' projections stored output-major, ``xds_jax.model.out_major``) and tokenizer for
+    ``model``."""
+    loaded = _load(model, dtype, seed, use_cache, load_mtp, quantization)
+    if prefers_out_major():
+        loaded.params = out_major(loaded.params, loaded.cfg)
+    return loaded
+
+
+def _load(model: str | Path, dtype: str | None, seed: int, use_cache: bool, load_mtp: bool,
+          quantization: str | None) -> LoadedModel:
     path = resolve(model)
     q = check_quantization(quantization)
     if path.suffix == ".gguf":

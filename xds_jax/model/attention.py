@@ -24,6 +24,7 @@ from xds_jax.model.layers import (
     rope_cos_sin,
     weight_f32,
 )
+from xds_jax.model.out_major import has_weight
 
 _MASKED = -1e30
 
@@ -154,7 +155,7 @@ def gqa_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
     b, s, _ = x_BSD.shape
     h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = project(p, "q", x_BSD).reshape(b, s, h, dh)
-    if "kv" in p:  # fused at load time (xds_jax.model.fused): one matmul
+    if has_weight(p, "kv"):  # fused at load time (xds_jax.model.fused): one matmul
         kk, v = split_kv(project(p, "kv", x_BSD), cfg)
     else:
         kk = project(p, "k", x_BSD).reshape(b, s, k, dh)

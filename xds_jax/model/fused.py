@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from xds_jax.model.config import ModelConfig
+from xds_jax.model.out_major import in_major_layer
 
 
 def _fuse_kv_cols(k, v, kv_heads: int):
@@ -92,7 +93,8 @@ def split_gate_up(y: jax.Array) -> tuple[jax.Array, jax.Array]:
 def unfuse_layer(lay: dict, cfg: ModelConfig) -> dict:
     """A decoder layer with ``kv`` / ``gate_up`` (and their biases) split back into ``k``,
     ``v``, ``gate`` and ``up`` (the inverse of ``fuse_projections`` for one layer; e.g. to
-    start a draft block from a loaded target layer)."""
+    start a draft block from a loaded target layer); output-major leaves
+    (``xds_jax.model.out_major``) come back ``[in, out]``."""
 
     def kv(w):
         lead = w.shape[:-1]
@@ -108,6 +110,7 @@ def unfuse_layer(lay: dict, cfg: ModelConfig) -> dict:
             out["gate_bias"], out["up_bias"] = split_gate_up(p["gate_up_bias"])
         return out
 
+    lay = in_major_layer(lay)
     out = dict(lay)
     attn = lay["attn"]
     if "kv" in attn:

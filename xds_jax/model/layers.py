@@ -13,7 +13,8 @@ import numpy as np
 
 from xds_jax.model.config import ModelConfig, RopeConfig
 from xds_jax.model.fused import split_gate_up
-from xds_jax.model.quant import SCALE_SUFFIX, dequantize, int8_matmul
+from xds_jax.model.out_major import has_weight, weight_for
+from xds_jax.model.quant import SCALE_SUFFIX, TRANSPOSED_SUFFIX, dequantize, int8_matmul
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -64,8 +65,13 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None,
 
 def project(p: dict, name: str, x: jax.Array) -> jax.Array:
     """``x @ p[name]`` plus ``p[name + "_bias"]`` and with ``p[name + "_scale"]`` (int8
-    weights) when the tree has them; float32 out."""
-    return linear(x, p[name], p.get(name + "_bias"), p.get(name + SCALE_SUFFIX))
+    weights) when the tree has them; float32 out. A weight stored output-major
+    (``p[name + "_t"]``, ``xds_jax.model.out_major``) is contracted as stored."""
+    w, transposed = weight_for(p, name)
+    stored = name + TRANSPOSED_SUFFIX if transposed else name
+    y = matmul_f32(x, w, transposed, p.get(stored + SCALE_SUFFIX))
+    b = p.get(name + "_bias")
+    return y if b is None else y + b.astype(jnp.float32)
 
 
 def weight_f32(p: dict, name: str) -> jax.Array:
@@ -78,7 +84,7 @@ def weight_f32(p: dict, name: str) -> jax.Array:
 def swiglu(p: dict, x: jax.Array) -> jax.Array:
     """``down(silu(gate(x)) * up(x))``; biases when the checkpoint has them. Float32 out.
     A ``gate_up`` weight (``xds_jax.model.fused``) computes gate and up in one matmul."""
-    if "gate_up" in p:
+    if has_weight(p, "gate_up"):
         g, u = split_gate_up(project(p, "gate_up", x))
     else:
         g, u = project(p, "gate", x), project(p, "up", x)

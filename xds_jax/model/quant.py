@@ -34,6 +34,7 @@ LAYER_LEAVES = frozenset({"q", "k", "v", "kv", "o", "q_a", "q_b", "kv_a", "kv_b"
                           "up", "gate_up", "down"})
 TOP_LEAVES = frozenset({"embed", "lm_head"})
 SCALE_SUFFIX = "_scale"
+TRANSPOSED_SUFFIX = "_t"  # a weight stored [out, in] (xds_jax.model.out_major)
 _ACT_LIMIT = 127 * 256 + 127  # hi = (x_q + 128) >> 8 then stays in int8
 MAX_INPUTS = (2**31 - 1) // (128 * 127)  # int32 accumulation of K products stays exact
 
@@ -51,8 +52,9 @@ def check_quantization(method: str | None) -> str | None:
 
 
 def contract_axis(name: str) -> int:
-    """The input (reduced) axis of weight ``name``: the embedding's last, others' ``-2``."""
-    return -1 if name == "embed" else -2
+    """The input (reduced) axis of weight ``name``: the embedding's and an output-major
+    weight's (``<name>_t``, ``xds_jax.model.out_major``) last, others' ``-2``."""
+    return -1 if name == "embed" or name.endswith(TRANSPOSED_SUFFIX) else -2
 
 
 def quantize_weight(w, axis: int = -2) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +109,7 @@ def _map_linear(params: dict, quantize) -> dict:
         for key, value in d.items():
             if isinstance(value, dict):
                 out[key] = leaves(value, names if key != "experts" else LAYER_LEAVES)
-            elif key in names:
+            elif key.removesuffix(TRANSPOSED_SUFFIX) in names:
                 out[key], out[key + SCALE_SUFFIX] = quantize(key, value)
             else:
                 out[key] = value

@@ -20,23 +20,20 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python -m serving.entrypoints.demo
 
-# The default processes have 8 virtual CPU devices (the serving tests in two, the rest in
-# another: XLA:CPU segfaulted compiling late in a process that ran all serving tests);
-# larger meshes each get their own process, because JAX fixes the device count when it starts.
-# Converted weights are cached under the checkout (not ~/.cache). Compiled programs are not
-# written to disk in tests: XLA:CPU segfaulted serializing an executable late in long test
-# processes (twice, in different tests), and CI starts cold anyway. tests/run_pytest.sh prints
-# a summary of a process that crashes (a native abort once ended CI after 211 s with only
-# pytest's own frames in the kept tail) and runs it once more; failed tests are never rerun.
+# tests/run_suite.py runs the suite's pytest processes, two at a time (most of a test is
+# single-threaded compiling): 8 virtual CPU devices in three processes (XLA:CPU segfaulted
+# compiling late in a process that ran all serving tests), the 16-, 64- and 384-device tests in
+# their own (JAX fixes the device count when it starts), the 384-device one alone. Each runs
+# under tests/run_pytest.sh: a native crash is summarised last and the process run once more
+# (an abort once ended CI with only pytest's own frames in the kept tail); a failed test is
+# never rerun. XDS_TEST_JOBS=1 runs them one at a time. Converted weights are cached under the
+# checkout (not ~/.cache). Compiled programs are not written to disk in tests: XLA:CPU
+# segfaulted serializing an executable late in long test processes (twice, in different
+# tests), and CI starts cold anyway.
 test: export XDS_CACHE_DIR ?= $(CURDIR)/.cache/xds_jax
 test: export XDS_NO_COMPILE_CACHE ?= 1
 test: install
-	tests/run_pytest.sh $(PYTEST) -m "not mesh16 and not mesh64 and not mesh384" tests/serving/test_[a-l]*.py
-	tests/run_pytest.sh $(PYTEST) -m "not mesh16 and not mesh64 and not mesh384" tests/serving/test_[m-z]*.py
-	tests/run_pytest.sh $(PYTEST) -m "not mesh16 and not mesh64 and not mesh384" --ignore=tests/serving
-	XDS_CPU_DEVICES=16 tests/run_pytest.sh $(PYTEST) -m mesh16; r=$$?; [ $$r -eq 0 ] || [ $$r -eq 5 ] || exit $$r
-	XDS_CPU_DEVICES=64 tests/run_pytest.sh $(PYTEST) -m mesh64; r=$$?; [ $$r -eq 0 ] || [ $$r -eq 5 ] || exit $$r
-	XDS_CPU_DEVICES=384 tests/run_pytest.sh $(PYTEST) -m mesh384; r=$$?; [ $$r -eq 0 ] || [ $$r -eq 5 ] || exit $$r
+	$(BIN)/python tests/run_suite.py
 
 lint: install
 	$(BIN)/ruff check .

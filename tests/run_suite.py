@@ -1,0 +1,128 @@
+"""`make test`: the suite's pytest processes, two at a time, each printed whole when it ends.
+
+JAX fixes the number of virtual CPU devices when it starts, so tests needing 16, 64 or 384
+devices run in processes of their own; the 8-device tests run in three processes (XLA:CPU
+segfaulted compiling late in one process that ran all serving tests). Most of a test's time is
+single-threaded compiling, so two processes at once use both cores of a 2-core machine; the
+384-device process (14.5 GB at its peak) runs alone, last. Each process runs under
+``tests/run_pytest.sh`` (a native crash is summarised and the process run once more).
+
+    python tests/run_suite.py [--jobs N] [NAME ...]    # names: see PROCESSES
+
+Exits non-zero if any process failed; its last line sums the processes' closing lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NOT_MESH = "not mesh16 and not mesh64 and not mesh384"
+ALONE = "mesh384"  # the memory of a 384-device process: nothing beside it
+
+# name -> (virtual CPU devices, pytest arguments), longest first (the order they start in)
+PROCESSES = {
+    "serving-m-z": (8, ["-m", NOT_MESH, *sorted(str(p.relative_to(ROOT)) for p in
+                                                 (ROOT / "tests/serving").glob("test_[m-z]*.py"))]),
+    "serving-a-l": (8, ["-m", NOT_MESH, *sorted(str(p.relative_to(ROOT)) for p in
+                                                 (ROOT / "tests/serving").glob("test_[a-l]*.py"))]),
+    "rest": (8, ["-m", NOT_MESH, "--ignore=tests/serving"]),
+    "mesh16": (16, ["-m", "mesh16"]),
+    "mesh64": (64, ["-m", "mesh64"]),
+    "mesh384": (384, ["-m", "mesh384"]),
+}
+NO_TESTS = 5  # pytest's exit code when a marker selects nothing: not a failure
+CLOSING = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)")
+
+
+def run(name: str, out: dict, lock: threading.Lock) -> None:
+    devices, args = PROCESSES[name]
+    env = {**os.environ, "XDS_CPU_DEVICES": str(devices)}
+    cmd = [str(ROOT / "tests/run_pytest.sh"), sys.executable, "-m", "pytest", "--durations=10",
+           *args]
+    start = time.monotonic()
+    with lock:
+        print(f"===== {name}: started", flush=True)
+    with tempfile.TemporaryFile("w+") as log:
+        rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.seek(0)
+        text = log.read()
+    seconds = time.monotonic() - start
+    if rc == NO_TESTS:
+        rc = 0
+    with lock:
+        print(f"\n===== {name}: {' '.join(cmd[1:])} (XDS_CPU_DEVICES={devices})", flush=True)
+        print(text, end="", flush=True)
+        print(f"===== {name}: exit {rc} after {seconds:.0f} s", flush=True)
+        out[name] = (rc, seconds, text)
+
+
+def closing_counts(text: str) -> dict[str, int]:
+    """The counts of pytest's closing line (the last line naming any)."""
+    for line in reversed(text.splitlines()):
+        found = CLOSING.findall(line)
+        if found and (" in " in line or line.startswith("=")):
+            return {word.rstrip("s") if word.startswith("error") else word: int(n)
+                    for n, word in found}
+    return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=int(os.environ.get("XDS_TEST_JOBS", 2)),
+                    help="pytest processes at once (default 2, or $XDS_TEST_JOBS)")
+    ap.add_argument("names", nargs="*",
+                    help=f"processes to run (default all: {', '.join(PROCESSES)})")
+    args = ap.parse_args(argv)
+    unknown = [n for n in args.names if n not in PROCESSES]
+    if unknown:
+        ap.error(f"unknown process {', '.join(unknown)}; choose from {', '.join(PROCESSES)}")
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
+    names = args.names or list(PROCESSES)
+    out: dict = {}
+    lock = threading.Lock()
+    start = time.monotonic()
+    pending = [n for n in names if n != ALONE]
+    running: list[threading.Thread] = []
+    while pending:
+        running = [t for t in running if t.is_alive()]
+        if len(running) < args.jobs:
+            t = threading.Thread(target=run, args=(pending.pop(0), out, lock))
+            t.start()
+            running.append(t)
+        else:
+            time.sleep(0.2)
+    for t in running:
+        t.join()
+    if ALONE in names:
+        run(ALONE, out, lock)
+    totals: dict[str, int] = {}
+    print("\n===== test processes")
+    for name in names:
+        rc, seconds, text = out[name]
+        counts = closing_counts(text)
+        if rc and not counts.get("failed") and not counts.get("error"):
+            counts["error"] = 1  # crashed, or stopped before its closing line
+        for word, n in counts.items():
+            totals[word] = totals.get(word, 0) + n
+        print(f"  {name:12s} exit {rc:3d}  {seconds:5.0f} s  "
+              + ", ".join(f"{n} {w}" for w, n in counts.items()))
+    failed = [n for n in names if out[n][0] != 0]
+    print(f"  wall time {time.monotonic() - start:.0f} s"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    print(f"{totals.get('passed', 0)} passed, {totals.get('failed', 0) + totals.get('error', 0)} "
+          f"failed, {totals.get('skipped', 0)} skipped", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

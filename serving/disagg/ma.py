@@ -32,7 +32,7 @@ from collectives.eplb import device_loads, max_over_mean
 from serving.core.dp_group import DPGroup, GroupConfig
 from serving.core.faults import NO_FAULTS
 from serving.core.runner import MIN_DECODE_ROWS, MIN_PREFILL_WIDTH
-from serving.core.spec_decode import check_speculative
+from serving.core.spec_decode import check_speculative, default_disable_by_batch_size
 from serving.core.spec_state import SpecState
 from serving.core.timeline import Timeline
 from serving.disagg.eplb_config import EplbConfig
@@ -108,8 +108,11 @@ class MAPool:
                 self._groups.append(group_factory(domain.first_rank + r, None, cfg,
                                                   domain.devices[r], config,
                                                   runner=RankView(domain, r, spec)))
-        self.drafter = (MADrafter(k, [g.runner.spec for g in self._groups], cfg.num_layers)
-                        if k else None)
+        limit = config.spec_disable_by_batch_size
+        if k and limit is None:
+            limit = default_disable_by_batch_size(self.domains[0].devices[0])
+        self.drafter = (MADrafter(k, [g.runner.spec for g in self._groups], cfg.num_layers,
+                                  limit) if k else None)
         self._mtp_moe = bool(k) and "moe" in params["mtp"][0]["layer"]
         self.parts = [DomainParts(dom) for dom in self.domains]
         self._placed: list[tuple] = []  # (service, {layer: slot weights}) per expert mesh

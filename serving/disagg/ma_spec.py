@@ -67,10 +67,26 @@ class MADrafter:
     ``states[g]`` is the ``SpecState`` of the pool's group ``g`` (domain ``d``'s rank ``r``
     is group ``domain.first_rank + r``)."""
 
-    def __init__(self, k: int, states: list[SpecState], num_layers: int):
+    def __init__(self, k: int, states: list[SpecState], num_layers: int,
+                 disable_by_batch_size: int | None = None):
         self.k = k
         self.states = states
         self.mtp_layer = num_layers
+        self.disable_by_batch_size = disable_by_batch_size
+
+    def step_k(self, per_domain: list[list[MicroBatch]]) -> int:
+        """Drafts per row this pass: ``k``, or 0 when a rank decodes more rows than
+        ``disable_by_batch_size`` (a rank is an MA pool's counterpart of a colocated DP group,
+        which decides by its own step's rows; one pass of every rank has one shape)."""
+        limit = self.disable_by_batch_size
+        if limit is None:
+            return self.k
+        rows: dict[tuple, int] = {}  # (domain, rank) -> live rows over its micro-batches
+        for mb in (mb for mbs in per_domain for mb in mbs):
+            for r in range(len(mb.items) // mb.rows):
+                live = sum(s is not None for s in mb.items[r * mb.rows:(r + 1) * mb.rows])
+                rows[mb.domain, r] = rows.get((mb.domain, r), 0) + live
+        return self.k if max(rows.values(), default=0) <= limit else 0
 
     def _rank_states(self, domain: Domain) -> list[SpecState]:
         return self.states[domain.first_rank:domain.first_rank + domain.num_ranks]
@@ -79,8 +95,12 @@ class MADrafter:
         """Draft and verify every decode micro-batch (width-1 batches of the last tokens)."""
         result = SpecPass()
         domains = self._domains(pipeline)
+        k = self.step_k(per_domain)
         rows = [[self._draft_rows(dom, mb) for mb in mbs]
                 for dom, mbs in zip(domains, per_domain, strict=True)]
+        if k == 0:  # the MTP block still runs its first pass: its KV covers every position
+            for r in (r for rs in rows for r in rs):
+                r.num_drafts_B[:] = 0
         batches, inputs = [], []
         for dom, mbs, rs in zip(domains, per_domain, rows, strict=True):
             batches.append([self._first_batch(dom, mb, r) for mb, r in zip(mbs, rs, strict=True)])
@@ -88,7 +108,7 @@ class MADrafter:
                                                                 dom.rank_sharding))
                            for b, r in zip(batches[-1], rs, strict=True)])
         drafts = [[[] for _ in mbs] for mbs in per_domain]
-        for j in range(self.k):
+        for j in range(max(k, 1)):
             out = pipeline.run(batches, inputs, layers=[self.mtp_layer], head=False)
             result.checks.extend(out.checks)
             hidden = iter(out.hidden)  # domain-major, as batches
@@ -98,12 +118,14 @@ class MADrafter:
                 inputs.append([])
                 for i, mb in enumerate(mbs):
                     b, x = next(hidden)
+                    if k == 0:
+                        continue
                     g_BD, draft_B = dom.mtp_draft(x, b.last_B)
                     drafts[d][i].append(draft_B)
-                    if j + 1 < self.k:
+                    if j + 1 < k:
                         batches[-1].append(self._next_batch(dom, mb, rows[d][i], j + 1))
                         inputs[-1].append(dom.mtp_next(draft_B, g_BD))
-        checked = self._verify(pipeline, per_domain, rows, drafts, result)
+        checked = self._verify(pipeline, per_domain, rows, drafts, result, k)
         result.checks.extend(checked.checks)
         result.load = checked.load
         return result
@@ -136,8 +158,9 @@ class MADrafter:
                                                 "tables_BN": mb.tables_BN, "last_B": zeros},
                          mb.seqs, mb.items, "mtp")
 
-    def _verify(self, pipeline, per_domain, rows, drafts, result: SpecPass) -> PassResult:
-        """The target over each row's last token and drafts, one pipeline pass."""
+    def _verify(self, pipeline, per_domain, rows, drafts, result: SpecPass,
+                k: int) -> PassResult:
+        """The target over each row's last token and ``k`` drafts, one pipeline pass."""
         batches = []
         for dom, mbs, rs, ds in zip(self._domains(pipeline), per_domain, rows, drafts,
                                     strict=True):
@@ -145,11 +168,11 @@ class MADrafter:
             for mb, r, dr in zip(mbs, rs, ds, strict=True):
                 last_pos = np.array([s.start if s is not None else -1 for s in mb.items],
                                     np.int32)
-                j = np.arange(self.k + 1)[None, :]
+                j = np.arange(k + 1)[None, :]
                 live = (j <= r.num_drafts_B[:, None]) & (last_pos[:, None] >= 0)
                 positions = np.where(live, last_pos[:, None] + j, -1).astype(np.int32)
-                tokens = dom.verify_tokens(mb.tokens_BS, dr)
-                vb = dom.place(mb.index, mb.rows, self.k + 1,
+                tokens = dom.verify_tokens(mb.tokens_BS, dr) if k else mb.tokens_BS
+                vb = dom.place(mb.index, mb.rows, k + 1,
                                {"tokens_BS": tokens, "positions_BS": positions,
                                 "tables_BN": mb.tables_BN, "last_B": mb.last_B},
                                mb.seqs, mb.items, "verify")
@@ -166,7 +189,8 @@ class MADrafter:
         and counts its drafts."""
         for v in result.verify:
             drafts_BK, logits, hidden = fetch((v.drafts, v.logits, v.hidden))
-            drafts_BK = np.stack(drafts_BK, axis=1)
+            drafts_BK = (np.stack(drafts_BK, axis=1) if drafts_BK
+                         else np.zeros((len(v.mb.items), 0), np.int32))
             seqs = [s.seq if s is not None else None for s in v.mb.items]
             accepted = emit_decode(seqs, v.rows.num_drafts_B, drafts_BK, logits, vocab_size)
             for st, part, sl in self._rank_parts(v.domain, v.mb):

@@ -168,8 +168,9 @@ def test_collective_error_mid_speculation_rolls_back_the_drafting_state(tmp_path
     model = str(make_mimic_checkpoint(tmp_path_factory.mktemp("mimic_moe"), moe=True))
     params = mixed_params()
     _, ref = run(model, None, params)
-    llm = LLM(model, dtype="float32", use_param_cache=False, speculative_config=spec(2),
-              max_num_seqs=8, deployment=ma(tmp_path, domains=1, dp=2, experts=2),
+    llm = LLM(model, dtype="float32", use_param_cache=False, max_num_seqs=8,
+              speculative_config={**spec(2), "disable_by_batch_size": 8},  # draft every step
+              deployment=ma(tmp_path, domains=1, dp=2, experts=2),
               faults=[f"collective_error:after_steps=4:times={STEP_RETRIES}"])
     engine, pool = llm.engine, llm.engine.drivers[-1]
     requests = [Request(f"r{i}", None, p, sp, llm.make_sequences(p, sp))

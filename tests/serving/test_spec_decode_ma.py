@@ -4,9 +4,11 @@ Greedy output equals the reference loop, counters move, KV blocks come back afte
 
 import pytest
 
+import serving.core.spec_decode as spec_decode
 from tests.mtp_checkpoint import make_mimic_checkpoint
 from tests.serving.test_disaggregation import ma
 from tests.serving.test_spec_decode import (  # noqa: F401 (an autouse fixture)
+    PROMPTS,
     abort_mid_speculation,
     assert_same,
     draft_at_every_batch_size,
@@ -44,6 +46,28 @@ def test_ma_only_greedy_equals_reference(mimic_moe, tmp_path):
     assert_same(ref, got)
     check_drafted(llm, colocated, 2)
 
+
+
+def test_ma_steps_past_the_batch_size_limit_decode_without_drafting(mimic_moe, tmp_path,
+                                                                     monkeypatch):
+    """``disable_by_batch_size`` holds on MA as on a colocated group, per attention rank: a
+    pass where some rank decodes more rows than the limit verifies one token per row (the
+    MTP block still covers the positions), later passes draft; a limit of 0 never drafts.
+    Output stays the reference's either way."""
+    params = mixed_params()
+    _, ref = run(mimic_moe, None, params)
+    unlimited, _ = run(mimic_moe, 2, params)
+    monkeypatch.setattr(spec_decode, "DISABLE_BY_BATCH_SIZE", 2)
+    layout = ma(tmp_path, domains=1, dp=2, experts=2)
+    llm, got = run(mimic_moe, 2, params, deployment=layout)
+    assert_same(ref, got)
+    drafts = llm.engine.stats()["spec_num_drafts"]
+    assert 0 < drafts < unlimited.engine.stats()["spec_num_drafts"]
+    assert llm.engine.stats()["kv_usage"] == 0
+    llm = LLM(mimic_moe, dtype="float32", use_param_cache=False, max_num_seqs=8,
+              deployment=layout, speculative_config={**spec(2), "disable_by_batch_size": 0})
+    assert_same(ref, llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params))
+    assert llm.engine.stats()["spec_num_drafts"] == 0
 
 @pytest.mark.mesh16
 def test_cpu16_ma_greedy_equals_reference(mimic_moe, k=3):

@@ -11,7 +11,11 @@ import serving.core.spec_state as spec_state
 from tests.collectives.cases import need_devices
 from tests.mtp_checkpoint import make_mimic_checkpoint
 from tests.serving.test_disaggregation import ma
-from tests.serving.test_spec_decode import PROMPTS, spec
+from tests.serving.test_spec_decode import (  # noqa: F401 (an autouse fixture)
+    PROMPTS,
+    draft_at_every_batch_size,
+    spec,
+)
 from xds_jax import LLM, SamplingParams
 from xds_jax.loading.loader import load_config
 from xds_jax.sequence import Sequence

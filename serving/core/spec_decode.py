@@ -135,6 +135,10 @@ class SpecRunner(ModelRunner):
                 [*self.caches, self.mtp_cache], ids_B, pages)
 
     def _put(self, *arrays):
+        """Host inputs of a step program: straight into it on one device (as the plain
+        runner's, ``ModelRunner._direct_inputs``), else laid out over the group first."""
+        if self._direct_inputs:
+            return list(arrays)
         return [place(a, self.input_sharding) for a in arrays]
 
     def launch(self, scheduled: list) -> list[tuple]:
@@ -184,7 +188,7 @@ class SpecRunner(ModelRunner):
         with self.lock:
             drafts, logits, x, self.caches, self.mtp_cache = spec_step(
                 self.params, *inputs, self.caches, self.mtp_cache,
-                place(tables, self.input_sharding), cfg=self.cfg, k=k)
+                *self._put(tables), cfg=self.cfg, k=k)
         return items, rows, dr.num_drafts_B[:b], drafts, logits, x
 
     def finish(self, pending: list[tuple]) -> None:

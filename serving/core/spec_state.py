@@ -180,17 +180,23 @@ def _emit_verified(seqs: list, num_drafts, drafts, logits, vocab_size: int) -> n
     live = [p for p in params if p is not None]
     random = any(not p.greedy for p in live)
     sort = any(p.top_p < 1 or p.top_k > 0 for p in live if not p.greedy)
+    want = any(p.logprobs is not None for p in live)
     n_lp = max((p.logprobs or 0 for p in live), default=0)
     num_drafts = np.where([s is not None for s in seqs], num_drafts, 0).astype(np.int32)
-    out = verify_drafts(logits, drafts, num_drafts, temps, top_k, top_p, seeds, steps,
-                        random=random, sort=sort, num_logprobs=n_lp)
-    tokens, accepted, lps, ranks, top_ids, top_lps = jax.device_get(out)
+    out = jax.device_get(verify_drafts(logits, drafts, num_drafts, temps, top_k, top_p, seeds,
+                                       steps, random=random, sort=sort, logprobs=want,
+                                       num_logprobs=n_lp))
+    tokens, accepted = out[:2]
     for i, seq in enumerate(seqs):
         if seq is None:
             continue
         for j in range(int(accepted[i]) + 1):
-            top = list(zip(top_ids[i, j].tolist(), top_lps[i, j].tolist(), strict=True))
-            seq.append(int(tokens[i, j]), float(lps[i, j]), int(ranks[i, j]), top)
+            if want:
+                lps, ranks, top_ids, top_lps = out[2:]
+                top = list(zip(top_ids[i, j].tolist(), top_lps[i, j].tolist(), strict=True))
+                seq.append(int(tokens[i, j]), float(lps[i, j]), int(ranks[i, j]), top)
+            else:
+                seq.append(int(tokens[i, j]))
             if seq.finished:
                 break
     return np.where([s is not None for s in seqs], accepted, 0)

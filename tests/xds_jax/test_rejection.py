@@ -50,3 +50,21 @@ def test_same_seed_same_tokens():
     a = _verify(logits, np.ones((4, 2)), [2, 2, 1, 0], 0.7, [1, 2, 3, 4])
     b = _verify(logits, np.ones((4, 2)), [2, 2, 1, 0], 0.7, [1, 2, 3, 4])
     np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_without_logprobs_the_same_tokens_and_nothing_else():
+    """``logprobs=False`` (no row asked) skips the log-softmax: the same tokens and
+    acceptances, greedy and sampled, and only those two arrays."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 3, 7)) * 3
+    drafts = rng.integers(0, 7, size=(6, 2))
+    drafts[:3] = logits[:3, :2].argmax(-1)  # some rows accept
+    for temperature in (0.0, 0.8):
+        full = _verify(logits, drafts, [2, 2, 1, 2, 0, 2], temperature, range(6))
+        bare = _verify(logits, drafts, [2, 2, 1, 2, 0, 2], temperature, range(6),
+                       logprobs=False)
+        assert len(full) == 6 and len(bare) == 2
+        np.testing.assert_array_equal(bare[0], full[0])
+        np.testing.assert_array_equal(bare[1], full[1])
+        if temperature == 0:  # the rows whose drafts are the target's argmax accept all
+            assert full[1][:3].tolist() == [2, 2, 1]

@@ -41,11 +41,11 @@ def _categorical(probs_NV: jax.Array, keys_N: jax.Array) -> jax.Array:
     return jnp.argmax(cdf > u[:, None], axis=-1)
 
 
-@partial(jax.jit, static_argnames=("random", "sort", "num_logprobs"))
+@partial(jax.jit, static_argnames=("random", "sort", "logprobs", "num_logprobs"))
 def verify_drafts(logits_BKV: jax.Array, drafts_BK: jax.Array, num_drafts_B: jax.Array,
                   temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array,
                   seed_B: jax.Array, step_B: jax.Array, *, random: bool = False,
-                  sort: bool = False, num_logprobs: int = 0):
+                  sort: bool = False, logprobs: bool = True, num_logprobs: int = 0):
     """Tokens to emit per row and how many drafts were accepted.
 
     Args:
@@ -57,7 +57,9 @@ def verify_drafts(logits_BKV: jax.Array, drafts_BK: jax.Array, num_drafts_B: jax
     Returns:
       ``tokens [B, K + 1]`` (row b emits ``tokens[b, :accepted[b] + 1]``), ``accepted [B]``,
       and for each emitted slot its logprob ``[B, K + 1]``, rank ``[B, K + 1]`` and the top-N
-      ids and logprobs ``[B, K + 1, N]`` under the raw target distribution.
+      ids and logprobs ``[B, K + 1, N]`` under the raw target distribution; only the first two
+      when ``logprobs`` is False (no row asked for any: the log-softmax over the vocabulary
+      is skipped, as the plain sampler skips it).
     """
     b, k1, v = logits_BKV.shape
     k = k1 - 1
@@ -91,6 +93,8 @@ def verify_drafts(logits_BKV: jax.Array, drafts_BK: jax.Array, num_drafts_B: jax
             jnp.concatenate([sampled_accept, jnp.zeros((b, 1), bool)], axis=1),
             drafts_pad, drawn.astype(jnp.int32)), greedy_BK1)
     accepted_B = jnp.sum(jnp.cumprod(accept_BK.astype(jnp.int32), axis=1), axis=1)
+    if not logprobs:
+        return tokens_BK1, accepted_B.astype(jnp.int32)
     raw = jax.nn.log_softmax(logits, axis=-1)
     token_lp = jnp.take_along_axis(raw, tokens_BK1[..., None], axis=-1)[..., 0]
     rank = 1 + jnp.sum(raw > token_lp[..., None], axis=-1)

@@ -2,9 +2,12 @@
 side in one process, at batch 1, 8 and 32 on held-out prompts (the serving benchmark's
 dataset, past the ones ``make train-mtp`` measures acceptance on).
 
-Each config runs once to compile, then ``--repeats`` times alternating the two engines;
-tokens/s is generated tokens over the wall time of ``LLM.chat`` (prefill included: one short
-prompt step per sequence), median over repeats. One JSON line per batch size; the mean
+Each config runs twice to compile (the second time its prompts hit the prefix cache, as in
+the measured runs), then ``--repeats`` times alternating the two engines; tokens/s is generated
+tokens over the wall time of ``LLM.chat`` (prefill included: one short prompt step per
+sequence), median over repeats; decode tokens/s (``decode_ratio``) leaves the prefill and
+first token out, as ``benchmarks.compare`` does: ``(N - B) / (T(N tokens) - T(1 token))``, the
+one-token run timed just before. One JSON line per batch size; the mean
 accepted length is ``1 + accepted / drafts`` over the measured runs. ``--draft-vocabs
 49152,4096`` also times the head cut to those draft vocabularies (its most frequent ids; 49152:
 the full vocabulary, what the head would cost drafting through the whole shared LM head).
@@ -18,6 +21,7 @@ Usage: ``python -m benchmarks.bench_spec [--batches 1,8,32] [--k 2] [--repeats 3
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -45,23 +49,29 @@ def spec_counters(llm: LLM) -> tuple[int, int]:
 
 def bench_batch(base: LLM, spec: LLM, conversations: list, params: SamplingParams,
                 repeats: int) -> dict:
-    timed_chat(base, conversations, params)  # compile both engines' shapes for this batch
-    timed_chat(spec, conversations, params)
+    first = dataclasses.replace(params, max_tokens=1)
+    for llm in (base, spec):  # compile both engines' shapes for this batch (prefix hits too)
+        for _ in range(2):
+            timed_chat(llm, conversations, first)
+            timed_chat(llm, conversations, params)
     drafts0, accepted0 = spec_counters(spec)
-    base_rates, spec_rates = [], []
+    rates = {"base": [], "spec": [], "base_decode": [], "spec_decode": []}
     for _ in range(repeats):
-        n, dt = timed_chat(base, conversations, params)
-        base_rates.append(n / dt)
-        n, dt = timed_chat(spec, conversations, params)
-        spec_rates.append(n / dt)
+        for name, llm in (("base", base), ("spec", spec)):
+            _, dt1 = timed_chat(llm, conversations, first)
+            n, dt = timed_chat(llm, conversations, params)
+            rates[name].append(n / dt)
+            rates[name + "_decode"].append((n - len(conversations)) / max(dt - dt1, 1e-9))
     drafts, accepted = (a - b for a, b in zip(spec_counters(spec), (drafts0, accepted0),
                                                strict=True))
-    base_tps, spec_tps = statistics.median(base_rates), statistics.median(spec_rates)
-    return {"tokens_per_run": n, "baseline_tok_s": round(base_tps, 2),
-            "spec_tok_s": round(spec_tps, 2), "ratio": round(spec_tps / base_tps, 3),
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    return {"tokens_per_run": n, "baseline_tok_s": round(med["base"], 2),
+            "spec_tok_s": round(med["spec"], 2), "ratio": round(med["spec"] / med["base"], 3),
+            "baseline_decode_tok_s": round(med["base_decode"], 2),
+            "spec_decode_tok_s": round(med["spec_decode"], 2),
+            "decode_ratio": round(med["spec_decode"] / med["base_decode"], 3),
             "mean_accepted_len": round(1 + accepted / max(drafts, 1), 3),
-            "baseline_tok_s_all": [round(r, 2) for r in base_rates],
-            "spec_tok_s_all": [round(r, 2) for r in spec_rates]}
+            **{f"{name}_tok_s_all": [round(r, 2) for r in rs] for name, rs in rates.items()}}
 
 
 def spec_engine(k: int, draft_vocab: int | None, options: dict,
@@ -116,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                               "draft_vocab": vocab, "max_tokens": args.max_tokens, **result}),
                   flush=True)
             ratios[f"batch{b}_vocab{vocab}_speedup"] = result["ratio"]
+            ratios[f"batch{b}_vocab{vocab}_decode_speedup"] = result["decode_ratio"]
     print(json.dumps({"ratios": ratios}))
 
 

@@ -12,8 +12,9 @@ xds-jax and transformers runs alternate (one each per repeat) and each ratio is 
 the per-pair ratios: these machines are shared and noisy. Decode is timed inside one
 ``generate`` call. xds-jax: the runner's ``launch`` and ``finish`` are timestamped, so the
 decode rate is decoded tokens over the time from the first decode step's launch to the last
-one's end; the time ``finish`` spends waiting for the device, subtracted from each step's
-period, gives the Python host time per step (``host_fraction``).
+one's end; the time ``finish`` spends waiting for the device (the step program and its
+sampler), subtracted from each step's period, gives the Python host time per step
+(``host_fraction``).
 transformers: a logits processor timestamps each generation step of one ``generate`` call.
 Prompts are fresh random ids each run (no prefix-cache hits). Prefill: one ``generate`` call
 with ``max_tokens=1`` on a fresh 512-token prompt, whole-call wall time.
@@ -89,7 +90,8 @@ class StepClock:
 
         def timed_finish(pending):
             start = time.perf_counter()
-            jax.block_until_ready([logits for logits, _ in pending])
+            jax.block_until_ready([(logits, sampled.tokens_B if sampled else None)
+                                   for logits, sampled in pending])  # the sampler is device work
             self.steps[-1]["wait"] = time.perf_counter() - start
             finish(pending)
             self.steps[-1]["end"] = time.perf_counter()

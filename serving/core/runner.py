@@ -190,17 +190,21 @@ class ModelRunner:
             self.compile_count += 1
             log.info("compiling %s for %s", what, key)
 
+    def _put(self, *arrays) -> list:
+        """Host inputs of a step program: straight into it where ``_direct_inputs``, else
+        laid out over the group first."""
+        if self._direct_inputs:
+            return list(arrays)
+        return [place(a, self.input_sharding) for a in arrays]
+
     def _launch(self, rows: RowBatch, sampled: tuple = ()):
         key = (rows.tokens_BS.shape, rows.tables_BN.shape)
         self._seen(key, "step program (rows x tokens, rows x blocks)")
-        put = (lambda a: a) if self._direct_inputs else (  # noqa: E731
-            lambda a: place(a, self.input_sharding))
-        inputs = [put(a) for a in (rows.tokens_BS, rows.positions_BS, rows.tables_BN,
-                                   rows.last_B)]
+        inputs = self._put(rows.tokens_BS, rows.positions_BS, rows.tables_BN, rows.last_B)
         if rows.source_B is not None:
             self._seen(("inputs", tuple(a.shape for a in sampled), rows.tokens_BS.shape),
                        "decode inputs taken on device")
-            inputs[0] = take_inputs(sampled, put(rows.source_B), inputs[0])
+            inputs[0] = take_inputs(sampled, *self._put(rows.source_B), inputs[0])
         with self.lock:
             args = (inputs[0], inputs[1], self.caches, inputs[2], inputs[3])
             if self.staged:

@@ -36,7 +36,7 @@ from xds_jax.model.config import ModelConfig
 from xds_jax.model.mtp import MAX_SPECULATIVE_TOKENS, draft_tokens, mtp_block
 from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import forward, last_token_logits
-from xds_jax.multihost import place, zeros_tree
+from xds_jax.multihost import zeros_tree
 
 # Decode steps of more rows than this do not draft (vLLM's ``disable_by_batch_size``), by
 # default on CPU: on XLA:CPU a step is compute-bound past a few rows, so verifying k + 1 tokens
@@ -44,6 +44,11 @@ from xds_jax.multihost import place, zeros_tree
 # drafting). Accelerators draft at every batch size unless ``speculative_config`` sets
 # ``disable_by_batch_size``.
 DISABLE_BY_BATCH_SIZE = 2
+
+
+def drafts_this_step(k: int, rows: int, limit: int | None) -> int:
+    """Drafts per row in a decode step of ``rows`` rows: ``k``, or 0 past ``limit``."""
+    return k if limit is None or rows <= limit else 0
 
 
 def default_disable_by_batch_size(device) -> int | None:
@@ -134,13 +139,6 @@ class SpecRunner(ModelRunner):
             *self.caches, self.mtp_cache = scatter_blocks_donated(
                 [*self.caches, self.mtp_cache], ids_B, pages)
 
-    def _put(self, *arrays):
-        """Host inputs of a step program: straight into it on one device (as the plain
-        runner's, ``ModelRunner._direct_inputs``), else laid out over the group first."""
-        if self._direct_inputs:
-            return list(arrays)
-        return [place(a, self.input_sharding) for a in arrays]
-
     def launch(self, scheduled: list) -> list[tuple]:
         self.spec.prune()
         decodes = [s for s in scheduled if s.num_tokens == 1 and s.start > 0]
@@ -170,8 +168,7 @@ class SpecRunner(ModelRunner):
         # tall as a plain step's; the MTP block's passes (one token per row after the first)
         # pad like a plain decode step (``decode_rows_min``: 1 row where one-row matmuls are
         # the fast path, SmolLM2 at batch 1: 0.92x -> 0.98x; else MIN_DECODE_ROWS).
-        limit = self.disable_by_batch_size
-        k = self.k if limit is None or len(items) <= limit else 0
+        k = drafts_this_step(self.k, len(items), self.disable_by_batch_size)
         rows = build_rows(items, _verify_rows(k), 1, self.block_size)
         b = rows.tokens_BS.shape[0]
         width = bucket(self.spec.width(items))

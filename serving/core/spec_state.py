@@ -186,13 +186,14 @@ def _emit_verified(seqs: list, num_drafts, drafts, logits, vocab_size: int) -> n
     out = jax.device_get(verify_drafts(logits, drafts, num_drafts, temps, top_k, top_p, seeds,
                                        steps, random=random, sort=sort, logprobs=want,
                                        num_logprobs=n_lp))
-    tokens, accepted = out[:2]
+    tokens, accepted, *logprobs = out
+    if want:
+        lps, ranks, top_ids, top_lps = logprobs
     for i, seq in enumerate(seqs):
         if seq is None:
             continue
         for j in range(int(accepted[i]) + 1):
             if want:
-                lps, ranks, top_ids, top_lps = out[2:]
                 top = list(zip(top_ids[i, j].tolist(), top_lps[i, j].tolist(), strict=True))
                 seq.append(int(tokens[i, j]), float(lps[i, j]), int(ranks[i, j]), top)
             else:

@@ -33,6 +33,7 @@ import dataclasses
 
 import numpy as np
 
+from serving.core.spec_decode import drafts_this_step
 from serving.core.spec_state import DraftRows, SpecState, emit_decode, prefill_pairs
 from serving.disagg.ma_pipeline import LayerPipeline, PassResult
 from serving.disagg.ma_runner import Domain, MicroBatch, from_host
@@ -74,19 +75,17 @@ class MADrafter:
         self.mtp_layer = num_layers
         self.disable_by_batch_size = disable_by_batch_size
 
-    def step_k(self, per_domain: list[list[MicroBatch]]) -> int:
+    def step_k(self, domains: list[Domain], per_domain: list[list[MicroBatch]]) -> int:
         """Drafts per row this pass: ``k``, or 0 when a rank decodes more rows than
         ``disable_by_batch_size`` (a rank is an MA pool's counterpart of a colocated DP group,
         which decides by its own step's rows; one pass of every rank has one shape)."""
-        limit = self.disable_by_batch_size
-        if limit is None:
-            return self.k
-        rows: dict[tuple, int] = {}  # (domain, rank) -> live rows over its micro-batches
-        for mb in (mb for mbs in per_domain for mb in mbs):
-            for r in range(len(mb.items) // mb.rows):
-                live = sum(s is not None for s in mb.items[r * mb.rows:(r + 1) * mb.rows])
-                rows[mb.domain, r] = rows.get((mb.domain, r), 0) + live
-        return self.k if max(rows.values(), default=0) <= limit else 0
+        rows: dict[int, int] = {}  # rank's state -> its live rows over the micro-batches
+        for dom, mbs in zip(domains, per_domain, strict=True):
+            for mb in mbs:
+                for st, part, _ in self._rank_parts(dom, mb):
+                    rows[id(st)] = rows.get(id(st), 0) + len(part)
+        return drafts_this_step(self.k, max(rows.values(), default=0),
+                                self.disable_by_batch_size)
 
     def _rank_states(self, domain: Domain) -> list[SpecState]:
         return self.states[domain.first_rank:domain.first_rank + domain.num_ranks]
@@ -95,7 +94,7 @@ class MADrafter:
         """Draft and verify every decode micro-batch (width-1 batches of the last tokens)."""
         result = SpecPass()
         domains = self._domains(pipeline)
-        k = self.step_k(per_domain)
+        k = self.step_k(domains, per_domain)
         rows = [[self._draft_rows(dom, mb) for mb in mbs]
                 for dom, mbs in zip(domains, per_domain, strict=True)]
         if k == 0:  # the MTP block still runs its first pass: its KV covers every position

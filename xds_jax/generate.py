@@ -17,7 +17,7 @@ import numpy as np
 
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.params import model_dtype
-from xds_jax.model.reference import forward, last_token_logits, new_caches
+from xds_jax.model.reference import forward, last_token_outputs, new_caches
 from xds_jax.sampling.rows import sample_rows
 from xds_jax.sequence import Sequence
 
@@ -32,9 +32,10 @@ def bucket(n: int, minimum: int = 1) -> int:
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("caches",))
 def model_step(params: dict, tokens_BS: jax.Array, positions_BS: jax.Array, caches: list,
                block_tables_BN: jax.Array, last_B: jax.Array, *, cfg: ModelConfig):
-    """One forward step; returns the logits of each row's last real token and the new caches."""
+    """One forward step; returns the logits ``[B, V]`` of each row's last real token, their
+    greedy tokens ``[B]`` and the new caches."""
     x, caches = forward(params, cfg, tokens_BS, positions_BS, caches, block_tables_BN)
-    return last_token_logits(params, cfg, x, last_B), caches
+    return *last_token_outputs(params, cfg, x, last_B), caches
 
 
 class LocalGenerator:
@@ -64,9 +65,9 @@ class LocalGenerator:
         for i, s in enumerate(seqs):
             n = len(s.prompt_ids)
             tokens[i, :n], positions[i, :n], last[i] = s.prompt_ids, np.arange(n), n - 1
-        logits, caches = model_step(self.params, tokens, positions, caches, tables, last,
-                                    cfg=self.cfg)
-        sample_rows(logits, slots, self.cfg.vocab_size)
+        logits, greedy, caches = model_step(self.params, tokens, positions, caches, tables, last,
+                                            cfg=self.cfg)
+        sample_rows(logits, slots, self.cfg.vocab_size, greedy)
         zero_last = np.zeros((rows,), np.int32)
         while not all(s.finished for s in seqs):
             tokens = np.zeros((rows, 1), np.int32)
@@ -74,6 +75,6 @@ class LocalGenerator:
             for i, s in enumerate(seqs):
                 if not s.finished:
                     tokens[i, 0], positions[i, 0] = s.output_ids[-1], s.num_tokens - 1
-            logits, caches = model_step(self.params, tokens, positions, caches, tables,
-                                        zero_last, cfg=self.cfg)
-            sample_rows(logits, slots, self.cfg.vocab_size)
+            logits, greedy, caches = model_step(self.params, tokens, positions, caches, tables,
+                                                zero_last, cfg=self.cfg)
+            sample_rows(logits, slots, self.cfg.vocab_size, greedy)

@@ -208,10 +208,10 @@ class ModelRunner:
         with self.lock:
             args = (inputs[0], inputs[1], self.caches, inputs[2], inputs[3])
             if self.staged:
-                logits, self.caches = staged_step(self.params, self.cfg, *args)
+                logits, greedy, self.caches = staged_step(self.params, self.cfg, *args)
             else:
-                logits, self.caches = model_step(self.params, *args, cfg=self.cfg)
-        return logits
+                logits, greedy, self.caches = model_step(self.params, *args, cfg=self.cfg)
+        return logits, greedy
 
     def launch(self, scheduled: list, after: list | None = None) -> list[tuple]:
         """Dispatch the programs of one step and their sampling (asynchronous); returns what
@@ -227,11 +227,11 @@ class ModelRunner:
             if group:
                 rows = build_rows(group, rows_min, width, self.block_size,
                                   sources if group is decodes else None)
-                logits = self._launch(rows, sampled)
+                logits, greedy = self._launch(rows, sampled)
                 flying = {s.seq.seq_id for s in group if s.seq.seq_id in sources} \
                     if sources else set()
                 pending.append((logits, dispatch_rows(logits, rows.sampling_seqs,
-                                                      self.cfg.vocab_size, flying)))
+                                                      self.cfg.vocab_size, flying, greedy)))
         return pending
 
     def finish(self, pending: list[tuple]) -> None:

@@ -35,8 +35,9 @@ from xds_jax.model.attention import new_layer_cache
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.mtp import MAX_SPECULATIVE_TOKENS, draft_tokens, mtp_block
 from xds_jax.model.params import model_dtype
-from xds_jax.model.reference import forward, last_token_logits
+from xds_jax.model.reference import forward, last_token_outputs
 from xds_jax.multihost import zeros_tree
+from xds_jax.sampling.argmax import argmax_last
 
 # Decode steps of more rows than this do not draft (vLLM's ``disable_by_batch_size``), by
 # default on CPU: on XLA:CPU a step is compute-bound past a few rows, so verifying k + 1 tokens
@@ -61,13 +62,14 @@ def default_disable_by_batch_size(device) -> int | None:
 def prefill_step(params: dict, tokens_BS, positions_BS, next_BS, mtp_positions_BS, caches: list,
                  mtp_cache: dict, tables_BN, last_B, *, cfg: ModelConfig):
     """A prefill chunk of the target, then the MTP block over the chunk's known pairs.
-    Returns last-token logits ``[B, V]``, the last token's target hidden ``[B, D]`` and caches."""
+    Returns last-token logits ``[B, V]`` and their argmax ``[B]``, the last token's target
+    hidden ``[B, D]`` and the caches."""
     x, caches = forward(params, cfg, tokens_BS, positions_BS, caches, tables_BN)
-    logits = last_token_logits(params, cfg, x, last_B)
+    logits, greedy_B = last_token_outputs(params, cfg, x, last_B)
     _, mtp_cache = mtp_block(params["mtp"][0], params, cfg, next_BS, x, mtp_positions_BS,
                              mtp_cache, tables_BN)
     x_last = jnp.take_along_axis(x, last_B[:, None, None], axis=1)[:, 0]
-    return logits, x_last, caches, mtp_cache
+    return logits, greedy_B, x_last, caches, mtp_cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k"), donate_argnames=("caches", "mtp_cache"))
@@ -75,9 +77,10 @@ def spec_step(params: dict, pend_tokens_BW, pend_hidden_BWD, pend_positions_BW, 
               num_drafts_B, last_token_B, last_pos_B, caches: list, mtp_cache: dict, tables_BN,
               *, cfg: ModelConfig, k: int):
     """Draft ``k`` tokens per row and verify them in one target forward over ``k + 1``
-    positions. Returns drafts ``[B, k]``, target logits ``[B, k + 1, V]``, target hiddens
-    ``[B, k + 1, D]`` and the caches. With ``k = 0`` (every ``num_drafts_B`` 0) it is a plain
-    decode step that still runs the MTP block over the pending pairs, keeping its KV whole."""
+    positions. Returns drafts ``[B, k]``, target logits ``[B, k + 1, V]`` and their argmax
+    ``[B, k + 1]``, target hiddens ``[B, k + 1, D]`` and the caches. With ``k = 0`` (every
+    ``num_drafts_B`` 0) it is a plain decode step that still runs the MTP block over the
+    pending pairs, keeping its KV whole."""
     b = last_token_B.shape[0]  # verified rows; the draft inputs may carry more (padding)
     drafts_BK, mtp_cache = draft_tokens(params["mtp"][0], params, cfg, pend_tokens_BW,
                                         pend_hidden_BWD, pend_positions_BW, pend_last_B,
@@ -88,7 +91,8 @@ def spec_step(params: dict, pend_tokens_BW, pend_hidden_BWD, pend_positions_BW, 
     live = (j <= num_drafts_B[:, None]) & (last_pos_B[:, None] >= 0)
     positions_BK1 = jnp.where(live, last_pos_B[:, None] + j, -1)
     x, caches = forward(params, cfg, tokens_BK1, positions_BK1, caches, tables_BN[:b])
-    return drafts_BK, stages.head(params, cfg, x), x, caches, mtp_cache
+    logits_BK1V = stages.head(params, cfg, x)
+    return drafts_BK, logits_BK1V, argmax_last(logits_BK1V), x, caches, mtp_cache
 
 
 class SpecRunner(ModelRunner):
@@ -158,10 +162,10 @@ class SpecRunner(ModelRunner):
         inputs = self._put(rows.tokens_BS, rows.positions_BS, nxt, mtp_pos, rows.tables_BN,
                            rows.last_B)
         with self.lock:
-            logits, x_last, self.caches, self.mtp_cache = prefill_step(
+            logits, greedy, x_last, self.caches, self.mtp_cache = prefill_step(
                 self.params, *inputs[:4], self.caches, self.mtp_cache, *inputs[4:],
                 cfg=self.cfg)
-        return items, rows, logits, x_last
+        return items, rows, logits, greedy, x_last
 
     def _launch_decode(self, items: list) -> tuple:
         # The target verifies k + 1 tokens per row, so fewer padded rows keep its matmuls as
@@ -183,21 +187,22 @@ class SpecRunner(ModelRunner):
                            dr.positions_BW, dr.last_B, dr.num_drafts_B, rows.tokens_BS[:, 0],
                            rows.positions_BS[:, 0])
         with self.lock:
-            drafts, logits, x, self.caches, self.mtp_cache = spec_step(
+            drafts, logits, greedy, x, self.caches, self.mtp_cache = spec_step(
                 self.params, *inputs, self.caches, self.mtp_cache,
                 *self._put(tables), cfg=self.cfg, k=k)
-        return items, rows, dr.num_drafts_B[:b], drafts, logits, x
+        return items, rows, dr.num_drafts_B[:b], drafts, logits, greedy, x
 
     def finish(self, pending: list[tuple]) -> None:
         for kind, launched in pending:
             if kind == "prefill":
-                items, rows, logits, x_last = launched
-                sample_rows(logits, rows.sampling_seqs, self.cfg.vocab_size)
+                items, rows, logits, greedy, x_last = launched
+                sample_rows(logits, rows.sampling_seqs, self.cfg.vocab_size, greedy)
                 self.spec.keep_prefill(items, np.asarray(jax.device_get(x_last)))
             else:
-                items, rows, num_drafts, drafts, logits, x = launched
+                items, rows, num_drafts, drafts, logits, greedy, x = launched
                 seqs = [s.seq for s in items] + [None] * (len(num_drafts) - len(items))
-                accepted = emit_decode(seqs, num_drafts, drafts, logits, self.cfg.vocab_size)
+                accepted = emit_decode(seqs, num_drafts, drafts, logits, self.cfg.vocab_size,
+                                       greedy)
                 self.spec.keep_decode(items, num_drafts, accepted,
                                       np.asarray(jax.device_get(x)))
 

@@ -154,39 +154,39 @@ def prefill_pairs(items: list, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
     return nxt, mtp_pos
 
 
-def emit_decode(seqs: list, num_drafts_B, drafts_BK, logits_BKV, vocab_size: int) -> np.ndarray:
+def emit_decode(seqs: list, num_drafts_B, drafts_BK, logits_BKV, vocab_size: int,
+                greedy_BK1=None) -> np.ndarray:
     """Append one decode step's tokens to ``seqs`` (per row a Sequence or None): rows with
-    no drafts sample position 0 as usual, the others keep their verified run. Returns the
-    accepted drafts per row ``[B]``."""
+    no drafts sample position 0 as usual, the others keep their verified run. ``greedy_BK1``:
+    the target's argmax at each position, computed in the step program (``spec_step``); rows
+    that only take argmaxes are then verified on the host, with no verifier program. Returns
+    the accepted drafts per row ``[B]``."""
     num_drafts_B = np.asarray(num_drafts_B)
     plain = [s if s is not None and num_drafts_B[i] == 0 else None for i, s in enumerate(seqs)]
     if any(s is not None for s in plain):
-        sample_rows(logits_BKV[:, 0], plain, vocab_size)
+        sample_rows(logits_BKV[:, 0], plain, vocab_size,
+                    None if greedy_BK1 is None else greedy_BK1[:, 0])
     accepted = np.zeros((len(seqs),), np.int32)
     spec = [s if s is not None and num_drafts_B[i] > 0 else None for i, s in enumerate(seqs)]
     if any(s is not None for s in spec):
-        accepted = _emit_verified(spec, num_drafts_B, drafts_BK, logits_BKV, vocab_size)
+        accepted = _emit_verified(spec, num_drafts_B, drafts_BK, logits_BKV, vocab_size,
+                                  greedy_BK1)
     return accepted
 
 
-def _emit_verified(seqs: list, num_drafts, drafts, logits, vocab_size: int) -> np.ndarray:
+def _emit_verified(seqs: list, num_drafts, drafts, logits, vocab_size: int,
+                   greedy_BK1) -> np.ndarray:
     params = [s.params if s is not None else None for s in seqs]
-    f32 = functools.partial(np.asarray, dtype=np.float32)
-    temps = f32([p.temperature if p else 0 for p in params])
-    top_k = np.asarray([min(p.top_k, vocab_size) if p else 0 for p in params], np.int32)
-    top_p = f32([p.top_p if p else 1 for p in params])
-    seeds = np.asarray([(s.seed if s else 0) % (1 << 32) for s in seqs], np.uint32)
-    steps = np.asarray([len(s.output_ids) if s else 0 for s in seqs], np.int32)
     live = [p for p in params if p is not None]
     random = any(not p.greedy for p in live)
-    sort = any(p.top_p < 1 or p.top_k > 0 for p in live if not p.greedy)
     want = any(p.logprobs is not None for p in live)
-    n_lp = max((p.logprobs or 0 for p in live), default=0)
     num_drafts = np.where([s is not None for s in seqs], num_drafts, 0).astype(np.int32)
-    out = jax.device_get(verify_drafts(logits, drafts, num_drafts, temps, top_k, top_p, seeds,
-                                       steps, random=random, sort=sort, logprobs=want,
-                                       num_logprobs=n_lp))
-    tokens, accepted, *logprobs = out
+    if greedy_BK1 is not None and not random and not want:
+        tokens, drafts = jax.device_get((greedy_BK1, drafts))
+        accepted = accept_greedy(tokens, drafts, num_drafts)
+    else:
+        tokens, accepted, *logprobs = _verify(seqs, params, num_drafts, drafts, logits,
+                                              vocab_size, random, want)
     if want:
         lps, ranks, top_ids, top_lps = logprobs
     for i, seq in enumerate(seqs):
@@ -201,3 +201,29 @@ def _emit_verified(seqs: list, num_drafts, drafts, logits, vocab_size: int) -> n
             if seq.finished:
                 break
     return np.where([s is not None for s in seqs], accepted, 0)
+
+
+def accept_greedy(greedy_BK1: np.ndarray, drafts_BK: np.ndarray,
+                  num_drafts_B: np.ndarray) -> np.ndarray:
+    """Accepted drafts per row ``[B]`` of greedy rows: the run of leading drafts equal to the
+    target's argmax (``verify_drafts`` without sampling, on the host)."""
+    k = drafts_BK.shape[1]
+    match = (np.arange(k)[None, :] < num_drafts_B[:, None]) & (drafts_BK == greedy_BK1[:, :k])
+    return np.cumprod(match, axis=1).sum(axis=1).astype(np.int32)
+
+
+def _verify(seqs: list, params: list, num_drafts, drafts, logits, vocab_size: int,
+            random: bool, want: bool) -> list:
+    """``verify_drafts`` over the rows, read back: tokens, accepted and (``want``) logprobs."""
+    f32 = functools.partial(np.asarray, dtype=np.float32)
+    live = [p for p in params if p is not None]
+    temps = f32([p.temperature if p else 0 for p in params])
+    top_k = np.asarray([min(p.top_k, vocab_size) if p else 0 for p in params], np.int32)
+    top_p = f32([p.top_p if p else 1 for p in params])
+    seeds = np.asarray([(s.seed if s else 0) % (1 << 32) for s in seqs], np.uint32)
+    steps = np.asarray([len(s.output_ids) if s else 0 for s in seqs], np.int32)
+    sort = any(p.top_p < 1 or p.top_k > 0 for p in live if not p.greedy)
+    n_lp = max((p.logprobs or 0 for p in live), default=0)
+    return jax.device_get(verify_drafts(logits, drafts, num_drafts, temps, top_k, top_p, seeds,
+                                        steps, random=random, sort=sort, logprobs=want,
+                                        num_logprobs=n_lp))

@@ -83,8 +83,10 @@ def test_step_program_updates_kv_pool_in_place(dtype):
     caches = new_caches(m.cfg, 16, 16, jnp.dtype(dtype))
     pointers = [c["k"].unsafe_buffer_pointer() for c in caches]
     tokens, positions, tables, last = _decode_rows(m.cfg, 4, 4)
-    logits, new = model_step(m.params, tokens, positions, caches, tables, last, cfg=m.cfg)
+    logits, greedy, new = model_step(m.params, tokens, positions, caches, tables, last,
+                                     cfg=m.cfg)
     logits.block_until_ready()
+    np.testing.assert_array_equal(greedy, np.argmax(np.asarray(logits), axis=-1))
     assert all(c["k"].is_deleted() and c["v"].is_deleted() for c in caches)
     assert [c["k"].unsafe_buffer_pointer() for c in new] == pointers
     assert kv_value_dtype(new[0]["k"].dtype) == jnp.dtype(dtype)
@@ -120,8 +122,8 @@ def test_one_row_step_writes_its_slot_or_nothing(dtype):
     tables = tables + 5  # the row's pages are 5..8
     for pos, written_pages in ((3, [5]), (-1, [])):
         caches = new_caches(m.cfg, 16, 16, jnp.dtype(dtype))
-        _, new = model_step(m.params, tokens, jnp.full_like(positions, pos), caches, tables,
-                            last, cfg=m.cfg)
+        _, _, new = model_step(m.params, tokens, jnp.full_like(positions, pos), caches, tables,
+                               last, cfg=m.cfg)
         for c in new:
             k = np.asarray(c["k"])
             nonzero = sorted({int(p) for p in np.nonzero(np.abs(k).sum(axis=(2, 3)))[0]})

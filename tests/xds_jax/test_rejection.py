@@ -68,3 +68,19 @@ def test_without_logprobs_the_same_tokens_and_nothing_else():
         np.testing.assert_array_equal(bare[1], full[1])
         if temperature == 0:  # the rows whose drafts are the target's argmax accept all
             assert full[1][:3].tolist() == [2, 2, 1]
+
+
+def test_host_greedy_acceptance_equals_the_verifier():
+    """``accept_greedy`` (greedy rows verified on the host from the step's argmax) accepts
+    exactly what ``verify_drafts`` accepts, draft counts and ties included."""
+    from serving.core.spec_state import accept_greedy
+    rng = np.random.default_rng(0)
+    b, k, v = 64, 3, 6
+    logits = rng.integers(0, 3, size=(b, k + 1, v)).astype(np.float32)  # ties: first wins
+    greedy = logits.argmax(-1).astype(np.int32)
+    drafts = np.where(rng.random((b, k)) < 0.7, greedy[:, :k], rng.integers(0, v, (b, k)))
+    num_drafts = rng.integers(0, k + 1, size=b)
+    tokens, accepted, *_ = _verify(logits, drafts, num_drafts, 0.0, np.zeros(b))
+    np.testing.assert_array_equal(accept_greedy(greedy, drafts, num_drafts), accepted)
+    np.testing.assert_array_equal(tokens, greedy)
+    assert 0 < accepted.sum() < num_drafts.sum()

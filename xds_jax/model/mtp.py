@@ -27,6 +27,7 @@ from xds_jax.engine_config import MAX_SPECULATIVE_TOKENS  # one MTP block drifts
 from xds_jax.model import stages
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.layers import matmul_f32, rms_norm
+from xds_jax.sampling.argmax import argmax_last
 
 __all__ = ["MAX_SPECULATIVE_TOKENS", "draft_argmax", "draft_tokens", "mtp_block", "mtp_input",
            "mtp_logits"]
@@ -69,7 +70,7 @@ def mtp_logits(block: dict, params: dict, cfg: ModelConfig, x: jax.Array) -> jax
 
 def draft_argmax(block: dict, params: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """The greedy draft (a target token id, int32) of an MTP hidden state."""
-    ids = jnp.argmax(mtp_logits(block, params, cfg, x), axis=-1).astype(jnp.int32)
+    ids = argmax_last(mtp_logits(block, params, cfg, x))
     return block["vocab_ids"][ids] if "vocab_ids" in block else ids
 
 

@@ -15,6 +15,7 @@ from xds_jax.model import stages
 from xds_jax.model.attention import new_layer_cache
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.params import model_dtype
+from xds_jax.sampling.argmax import argmax_last
 
 
 def forward(params: dict, cfg: ModelConfig, tokens_BS: jax.Array, positions_BS: jax.Array,
@@ -34,6 +35,15 @@ def last_token_logits(params: dict, cfg: ModelConfig, x_BSD: jax.Array,
     """Logits ``[B, V]`` of token ``last_B[b]`` of each sequence."""
     x_BD = jnp.take_along_axis(x_BSD, last_B[:, None, None], axis=1)[:, 0]
     return stages.head(params, cfg, x_BD)
+
+
+def last_token_outputs(params: dict, cfg: ModelConfig, x_BSD: jax.Array,
+                       last_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Logits ``[B, V]`` of token ``last_B[b]`` of each row and their greedy tokens ``[B]``
+    (int32): an all-greedy batch takes them as sampled, with no sampler program after the
+    step (``xds_jax.sampling.rows.dispatch_rows``)."""
+    logits_BV = last_token_logits(params, cfg, x_BSD, last_B)
+    return logits_BV, argmax_last(logits_BV)
 
 
 def new_caches(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> list[dict]:
@@ -69,7 +79,7 @@ def reference_hidden_states(params: dict, cfg: ModelConfig, tokens: jax.Array) -
 _embed = jax.jit(stages.embed)
 _attention = jax.jit(stages.attention, static_argnums=1, donate_argnums=4)
 _feed_forward = jax.jit(stages.feed_forward, static_argnums=(1, 2))
-_last_logits = jax.jit(last_token_logits, static_argnums=1)
+_last_outputs = jax.jit(last_token_outputs, static_argnums=1)
 
 
 def _dense_or_moe(cfg: ModelConfig, index: int) -> int:
@@ -79,14 +89,15 @@ def _dense_or_moe(cfg: ModelConfig, index: int) -> int:
 
 def staged_step(params: dict, cfg: ModelConfig, tokens_BS: jax.Array, positions_BS: jax.Array,
                 caches: list[dict], block_tables_BN: jax.Array,
-                last_B: jax.Array) -> tuple[jax.Array, list[dict]]:
+                last_B: jax.Array) -> tuple[jax.Array, jax.Array, list[dict]]:
     """One step as separately jitted stage programs: embed, then per layer attention (KV pages
     donated) and dense/MoE FFN, then the head. Each stage compiles once per shape and is reused
-    by every layer, so compile time does not grow with depth; dispatch is asynchronous."""
+    by every layer, so compile time does not grow with depth; dispatch is asynchronous.
+    Returns logits, greedy tokens (``last_token_outputs``) and caches, as ``model_step``."""
     x = _embed(params, tokens_BS)
     new = []
     for i, layer in enumerate(params["layers"]):
         x, cache = _attention(layer, cfg, x, positions_BS, caches[i], block_tables_BN)
         x = _feed_forward(layer, cfg, _dense_or_moe(cfg, i), x)
         new.append(cache)
-    return _last_logits(params, cfg, x, last_B), new
+    return *_last_outputs(params, cfg, x, last_B), new

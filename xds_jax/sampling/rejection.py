@@ -18,6 +18,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from xds_jax.sampling.argmax import argmax_last, first_true
 from xds_jax.sampling.sampler import _filter_sorted
 
 
@@ -38,7 +39,7 @@ def _keys(seed_B: jax.Array, step_B: jax.Array, k1: int, salt: int) -> jax.Array
 def _categorical(probs_NV: jax.Array, keys_N: jax.Array) -> jax.Array:
     cdf = jnp.cumsum(probs_NV, axis=-1)
     u = jax.vmap(jax.random.uniform)(keys_N) * cdf[:, -1] * (1 - 1e-6)
-    return jnp.argmax(cdf > u[:, None], axis=-1)
+    return first_true(cdf > u[:, None])
 
 
 @partial(jax.jit, static_argnames=("random", "sort", "logprobs", "num_logprobs"))
@@ -64,7 +65,7 @@ def verify_drafts(logits_BKV: jax.Array, drafts_BK: jax.Array, num_drafts_B: jax
     b, k1, v = logits_BKV.shape
     k = k1 - 1
     logits = logits_BKV.astype(jnp.float32)
-    greedy_BK1 = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy_BK1 = argmax_last(logits)
     has_draft_BK = jnp.arange(k)[None, :] < num_drafts_B[:, None]
     drafts_pad = jnp.concatenate([drafts_BK, jnp.zeros((b, 1), drafts_BK.dtype)], axis=1)
     has_draft_BK1 = jnp.concatenate([has_draft_BK, jnp.zeros((b, 1), bool)], axis=1)

@@ -36,10 +36,13 @@ class SampledRows:
 
 
 def dispatch_rows(logits_BV: jax.Array, seqs: list[Sequence | None], vocab_size: int,
-                  in_flight: set[int] = frozenset()) -> SampledRows | None:
+                  in_flight: set[int] = frozenset(),
+                  greedy_B: jax.Array | None = None) -> SampledRows | None:
     """Launch the sampler over every row of the bucket (idle rows greedily, results dropped,
     so it compiles once per bucket rather than once per number of live rows). None when no
-    row is live. ``in_flight``: seq ids whose previous sampled token is not appended yet."""
+    row is live. ``in_flight``: seq ids whose previous sampled token is not appended yet.
+    ``greedy_B``: the argmax of each row, computed with the logits (``model_step``); a batch
+    that only takes argmaxes takes these and launches no sampler."""
     live = [s if s is not None and not s.finished else None for s in seqs]
     if not any(live):
         return None
@@ -51,6 +54,8 @@ def dispatch_rows(logits_BV: jax.Array, seqs: list[Sequence | None], vocab_size:
         raise XdsError("penalties count every output token: a row with a token in flight "
                        "cannot sample with them (the group schedules it synchronously)")
     if flags == _GREEDY and all(p.min_tokens == 0 for p in distinct):
+        if greedy_B is not None:
+            return SampledRows(live, greedy_B, None)
         batch = _greedy_batch(len(live))  # nothing per row: argmax
     else:
         ahead = [int(s is not None and s.seq_id in in_flight) for s in live]
@@ -85,9 +90,11 @@ def append_rows(sampled: SampledRows | None, logits_BV: jax.Array | None = None)
             s.append(int(tokens[j]), float(lps[j]), int(ranks[j]), top)
 
 
-def sample_rows(logits_BV: jax.Array, seqs: list[Sequence | None], vocab_size: int) -> None:
-    """Sample one token for each live row and append it to its sequence."""
-    append_rows(dispatch_rows(logits_BV, seqs, vocab_size), logits_BV)
+def sample_rows(logits_BV: jax.Array, seqs: list[Sequence | None], vocab_size: int,
+                greedy_B: jax.Array | None = None) -> None:
+    """Sample one token for each live row and append it to its sequence (``greedy_B``: as
+    ``dispatch_rows`` takes it)."""
+    append_rows(dispatch_rows(logits_BV, seqs, vocab_size, greedy_B=greedy_B), logits_BV)
 
 
 @functools.lru_cache(maxsize=16)

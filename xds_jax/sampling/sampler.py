@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xds_jax.sampling.argmax import argmax_last, first_true
 from xds_jax.sampling.params import SamplingParams
 
 
@@ -126,7 +127,7 @@ def _draw(scaled_BV: jax.Array, b: SamplingBatch) -> jax.Array:
     cdf = jnp.cumsum(jax.nn.softmax(scaled_BV, axis=-1), axis=-1)
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(b.seed, b.step)
     u = jax.vmap(lambda k: jax.random.uniform(k))(keys) * cdf[:, -1] * (1 - 1e-6)
-    return jnp.argmax(cdf > u[:, None], axis=-1)
+    return first_true(cdf > u[:, None])
 
 
 @partial(jax.jit, static_argnames=("flags",))
@@ -143,7 +144,7 @@ def sample(logits_BV: jax.Array, b: SamplingBatch, flags: SamplerFlags):
     if flags.penalties:
         logits_BV = apply_penalties(logits_BV, b)
     logits_BV = jnp.where(b.banned, -jnp.inf, logits_BV)
-    tokens_B = jnp.argmax(logits_BV, axis=-1)
+    tokens_B = argmax_last(logits_BV)
     if flags.random:
         temp = jnp.where(b.temperature > 0, b.temperature, 1.0)[:, None]
         scaled = logits_BV / temp

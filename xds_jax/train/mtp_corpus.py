@@ -22,6 +22,7 @@ import numpy as np
 from xds_jax.model import stages
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.reference import forward, new_caches
+from xds_jax.sampling.argmax import argmax_last
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def _target_pass(params: dict, tokens_BS: jax.Array, positions_BS: jax.Array, *,
     b, s = tokens_BS.shape
     caches = new_caches(cfg, b, s, params["embed"].dtype)
     x, _ = forward(params, cfg, tokens_BS, positions_BS, caches, jnp.arange(b)[:, None])
-    return x, jnp.argmax(stages.head(params, cfg, x), axis=-1).astype(jnp.int32)
+    return x, argmax_last(stages.head(params, cfg, x))
 
 
 def target_states(params: dict, cfg: ModelConfig, seqs: list[list[int]],

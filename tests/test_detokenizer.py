@@ -99,3 +99,28 @@ def test_special_tokens_are_skipped_or_kept():
     skipping, keeping = IncrementalDetokenizer(SMOLLM2), IncrementalDetokenizer(SMOLLM2, False)
     assert "".join(skipping.add([i]) for i in ids) == "hi"
     assert "".join(keeping.add([i]) for i in ids) == "<|im_start|>hi<|im_end|>"
+
+
+@pytest.mark.parametrize("name", POOLS)
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_sequence_text_read_at_any_steps_adds_up_to_decode(name, data):
+    """A Sequence decodes its output ids only when its text is read (no stop strings): read
+    after any steps, its deltas still add up to ``decode(output_ids)``."""
+    from xds_jax.sampling.params import SamplingParams
+    from xds_jax.sequence import Sequence
+    tokenizer, pool = POOLS[name]
+    ids = data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=30), label="ids")
+    reads = data.draw(st.lists(st.booleans(), min_size=len(ids), max_size=len(ids)),
+                      label="reads")
+    seq = Sequence([1], SamplingParams(max_tokens=len(ids), ignore_eos=True),
+                   tokenizer=tokenizer)
+    full, deltas = tokenizer.decode(ids), []
+    for token, read in zip(ids, reads, strict=True):
+        seq.append(token)
+        if read:
+            deltas.append(seq.new_text())
+            assert full.startswith("".join(deltas))
+    assert seq.finished
+    deltas.append(seq.new_text())
+    assert "".join(deltas) == full == seq.text

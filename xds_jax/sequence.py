@@ -38,6 +38,9 @@ class Sequence:
         self._eos = frozenset(() if params.ignore_eos else eos_token_ids)
         self._stop_ids = frozenset(params.stop_token_ids)
         self._text_cut: int | None = None
+        # Output ids the detokenizer has not seen: without stop strings nothing reads the text
+        # between steps unless asked (a stream, the end), so it decodes them all at once then.
+        self._undecoded = 0
         self._sent = 0
         self._checked = 0
         limit = params.max_tokens
@@ -83,7 +86,7 @@ class Sequence:
                 entry[token] = Logprob(logprob, rank, self._piece(token))
             self.logprobs.append(entry)
         if self._detok is not None:
-            self._detok.add([token])
+            self._undecoded += 1
         if token in self._eos or token in self._stop_ids:
             if len(self.output_ids) > self.params.min_tokens or token in self._stop_ids:
                 self.finish_reason = "stop"
@@ -102,7 +105,7 @@ class Sequence:
         stops = self.params.stop
         if not stops or self._detok is None:
             return False
-        text = self._detok.text
+        text = self._decoded_text()
         # A new match must end in the text added since the last check.
         start = max(0, self._checked - max(len(s) for s in stops) + 1)
         self._checked = len(text)
@@ -114,6 +117,13 @@ class Sequence:
         self.stop_reason = match.stop
         return True
 
+    def _decoded_text(self) -> str:
+        """The detokenizer's text after it takes the output ids it has not seen, in one go."""
+        if self._undecoded:
+            self._detok.add(self.output_ids[-self._undecoded:])
+            self._undecoded = 0
+        return self._detok.text
+
     def _piece(self, token: int) -> str | None:
         return None if self._tokenizer is None else self._tokenizer.decode([token], False)
 
@@ -122,7 +132,9 @@ class Sequence:
     def text(self) -> str:
         if self._detok is None:
             return ""
-        text = self._detok.text if not self.finished else self._detok.text + self._detok.finish()
+        text = self._decoded_text()
+        if self.finished:
+            text += self._detok.finish()
         return text if self._text_cut is None else text[: self._text_cut]
 
     def new_text(self) -> str:

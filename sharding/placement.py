@@ -72,10 +72,11 @@ def abstract_params(cfg: ModelConfig, dtype, with_mtp: bool = False,
 def abstract_draft_head(path, cfg: ModelConfig, dtype) -> dict:
     """A shipped draft head's MTP block as ``load_head`` puts it in ``params["mtp"]`` (its
     block cast to ``dtype``, ``vocab_ids [N]`` and the target's head rows ``[N, D]``)."""
-    from xds_jax.loading.draft_heads import read_head
+    from xds_jax.loading.draft_heads import head_layout, read_head
 
     tree, vocab_ids, _ = read_head(path)
     block = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), tree)
+    block = jax.eval_shape(lambda b: head_layout(b, cfg), block)
     return block | {"vocab_ids": jax.ShapeDtypeStruct(vocab_ids.shape, jnp.int32),
                     "head": jax.ShapeDtypeStruct((len(vocab_ids), cfg.hidden_size), dtype)}
 

@@ -19,6 +19,7 @@ covers the prompt; the last position's pair waits for the sampled token (pending
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,8 @@ from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import forward, last_token_outputs
 from xds_jax.multihost import zeros_tree
 from xds_jax.sampling.argmax import argmax_last
+
+log = logging.getLogger(__name__)
 
 # Decode steps of more rows than this do not draft (vLLM's ``disable_by_batch_size``), by
 # default on CPU: on XLA:CPU a step is compute-bound past a few rows, so verifying k + 1 tokens
@@ -112,6 +115,11 @@ class SpecRunner(ModelRunner):
                                       if disable_by_batch_size is None
                                       else disable_by_batch_size)
         dtype = model_dtype(params)
+        if self.device.platform == "cpu" and dtype == jnp.float32:
+            log.warning("speculative decoding in float32 on CPU: verifying k + 1 rows takes "
+                        "XLA:CPU's multi-row matmul, ~1.5x a one-row step, so drafting "
+                        "slows batch-1 decode (SmolLM2: 0.85x); dtype='bfloat16' gains "
+                        "(docs/speculative.md)")
         shapes = jax.eval_shape(lambda: new_layer_cache(cfg, num_blocks, block_size, dtype))
         if len(self.devices) == 1:
             self.mtp_cache = zeros_tree(shapes, self.device)

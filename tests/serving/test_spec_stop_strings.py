@@ -101,9 +101,9 @@ def run_cases(monkeypatch, model: str, **options) -> tuple[list, list, list]:
     rows = []
     verify = spec_state._emit_verified
 
-    def recording(seqs, num_drafts, drafts, logits, vocab_size):
+    def recording(seqs, num_drafts, drafts, logits, vocab_size, greedy_BK1):
         before = [len(s.output_ids) if s is not None else 0 for s in seqs]
-        accepted = verify(seqs, num_drafts, drafts, logits, vocab_size)
+        accepted = verify(seqs, num_drafts, drafts, logits, vocab_size, greedy_BK1)
         rows.extend((s, len(s.output_ids) - b, int(a) + 1)
                     for s, b, a in zip(seqs, before, accepted, strict=True) if s is not None)
         return accepted

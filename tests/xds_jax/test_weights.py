@@ -9,6 +9,7 @@ from safetensors.numpy import load_file, save_file
 from tests.helpers import GOLDEN
 from xds_jax.loading.loader import load_model
 from xds_jax.loading.weights_gguf import _unpermute
+from xds_jax.model.out_major import weight_for
 from xds_jax.model.reference import reference_logits
 
 
@@ -28,8 +29,9 @@ def test_deepseek_mtp_block_is_loaded(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     m = load_model(tmp_path, dtype="float32", use_cache=False)
     block = m.params["mtp"][0]
-    np.testing.assert_array_equal(np.asarray(block["eh_proj"]),
-                                  tensors[f"model.layers.{mtp}.eh_proj.weight"].T)
+    eh_proj, out_major = weight_for(block, "eh_proj")  # [out, in] on CPU, as HF stores it
+    hf = tensors[f"model.layers.{mtp}.eh_proj.weight"]
+    np.testing.assert_array_equal(np.asarray(eh_proj), hf if out_major else hf.T)
     np.testing.assert_array_equal(
         np.asarray(block["layer"]["attn"]["kv_b"]),
         tensors[f"model.layers.{mtp}.self_attn.kv_b_proj.weight"].T)

@@ -22,6 +22,8 @@ import numpy as np
 
 from xds_jax.errors import ConfigError
 from xds_jax.model.config import ModelConfig
+from xds_jax.model.fused import fuse_block
+from xds_jax.model.out_major import out_major_block, prefers_out_major
 from xds_jax.model.params import model_dtype
 from xds_jax.model.quant import SCALE_SUFFIX
 
@@ -82,7 +84,14 @@ def load_head(path: Path, params: dict, cfg: ModelConfig) -> dict:
     ids = jnp.asarray(vocab_ids)
     block["vocab_ids"] = ids
     block["head"] = _head_rows(params, cfg, ids).astype(dtype)
-    return block
+    return head_layout(block, cfg)
+
+
+def head_layout(block: dict, cfg: ModelConfig) -> dict:
+    """A head's block as the loader lays out a target layer: fused projections, and on CPU
+    stored output-major (``xds_jax.model.fused``, ``xds_jax.model.out_major``)."""
+    block = fuse_block(block, cfg)
+    return out_major_block(block, cfg) if prefers_out_major() else block
 
 
 def _head_rows(params: dict, cfg: ModelConfig, ids: jax.Array) -> jax.Array:

@@ -64,17 +64,27 @@ def fuse_mlp(p: dict) -> dict:
 
 
 def fuse_projections(params: dict, cfg: ModelConfig) -> dict:
-    """Every layer's attention, dense MLP and shared expert fused (MTP blocks as they are)."""
+    """Every layer's attention, dense MLP and shared expert fused, MTP blocks' layers too."""
+    out = dict(params, layers=[fuse_layer(lay, cfg) for lay in params["layers"]])
+    if params.get("mtp"):
+        out["mtp"] = [fuse_block(block, cfg) for block in params["mtp"]]
+    return out
 
-    def layer(lay: dict) -> dict:
-        out = dict(lay, attn=fuse_attention(lay["attn"], cfg))
-        if "mlp" in lay:
-            out["mlp"] = fuse_mlp(lay["mlp"])
-        if "moe" in lay and "shared" in lay["moe"]:
-            out["moe"] = dict(lay["moe"], shared=fuse_mlp(lay["moe"]["shared"]))
-        return out
 
-    return dict(params, layers=[layer(lay) for lay in params["layers"]])
+def fuse_layer(lay: dict, cfg: ModelConfig) -> dict:
+    """One decoder layer's attention, dense MLP and shared expert fused."""
+    out = dict(lay, attn=fuse_attention(lay["attn"], cfg))
+    if "mlp" in lay:
+        out["mlp"] = fuse_mlp(lay["mlp"])
+    if "moe" in lay and "shared" in lay["moe"]:
+        out["moe"] = dict(lay["moe"], shared=fuse_mlp(lay["moe"]["shared"]))
+    return out
+
+
+def fuse_block(block: dict, cfg: ModelConfig) -> dict:
+    """An MTP block (``xds_jax.model.mtp``) with its decoder layer fused: a draft pass runs
+    the same matmuls as a target layer."""
+    return dict(block, layer=fuse_layer(block["layer"], cfg))
 
 
 def split_kv(y: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:

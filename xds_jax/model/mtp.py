@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from xds_jax.engine_config import MAX_SPECULATIVE_TOKENS  # one MTP block drifts past a few
 from xds_jax.model import stages
 from xds_jax.model.config import ModelConfig
-from xds_jax.model.layers import matmul_f32, rms_norm
+from xds_jax.model.layers import matmul_f32, project, rms_norm
 from xds_jax.sampling.argmax import argmax_last
 
 __all__ = ["MAX_SPECULATIVE_TOKENS", "draft_argmax", "draft_tokens", "mtp_block", "mtp_input",
@@ -56,7 +56,7 @@ def mtp_input(block: dict, params: dict, cfg: ModelConfig, tokens_BS: jax.Array,
     """The block's decoder input ``[B, S, D]``: ``eh_proj([enorm(embed(t)), hnorm(h)])``."""
     e = rms_norm(stages.embed(params, tokens_BS), block["enorm"], cfg.rms_norm_eps)
     h = rms_norm(hidden_BSD.astype(e.dtype), block["hnorm"], cfg.rms_norm_eps)
-    return jnp.concatenate([e, h], axis=-1) @ block["eh_proj"]
+    return project(block, "eh_proj", jnp.concatenate([e, h], axis=-1))
 
 
 def mtp_logits(block: dict, params: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:

@@ -11,9 +11,9 @@ So on CPU the loader stores the decoder layers' projections (attention ``q``/``k
 ``kv``/``o`` and the dense MLP's and shared expert's ``gate``/``up``/``gate_up``/``down``)
 transposed, ``[out, in]``, under ``<name>_t``; ``layers.project`` contracts either form as
 stored. An int8 weight's scales ``[out]`` follow it as ``<name>_t_scale`` (one scale per
-output channel either way; ``quant.contract_axis`` gives either form's input axis). MLA, routed
-experts, the embedding (already ``[V, D]``), an untied LM head and MTP blocks keep their
-layout.
+output channel either way; ``quant.contract_axis`` gives either form's input axis). MTP blocks
+store their layer alike, and their ``eh_proj`` as ``eh_proj_t``. MLA, routed experts, the
+embedding (already ``[V, D]``) and an untied LM head keep their layout.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.quant import SCALE_SUFFIX, TRANSPOSED_SUFFIX
 
-OUT_MAJOR_LEAVES = frozenset({"q", "k", "v", "kv", "o", "gate", "up", "gate_up", "down"})
+OUT_MAJOR_LEAVES = frozenset({"q", "k", "v", "kv", "o", "gate", "up", "gate_up", "down",
+                              "eh_proj"})
 
 
 def prefers_out_major(platform: str | None = None) -> bool:
@@ -58,8 +59,17 @@ def _map_layer(lay: dict, cfg: ModelConfig | None, to_out_major: bool) -> dict:
 
 def out_major(params: dict, cfg: ModelConfig) -> dict:
     """``params`` with every decoder layer's projections stored ``[out, in]`` as ``<name>_t``
-    (already transposed leaves are kept)."""
-    return dict(params, layers=[_map_layer(lay, cfg, True) for lay in params["layers"]])
+    (already transposed leaves are kept), MTP blocks' too (``out_major_block``)."""
+    out = dict(params, layers=[_map_layer(lay, cfg, True) for lay in params["layers"]])
+    if params.get("mtp"):
+        out["mtp"] = [out_major_block(block, cfg) for block in params["mtp"]]
+    return out
+
+
+def out_major_block(block: dict, cfg: ModelConfig) -> dict:
+    """An MTP block with its layer's projections and its ``eh_proj`` stored ``[out, in]``
+    (its draft vocabulary's ``head [N, D]`` is output-major already)."""
+    return _flip(dict(block, layer=_map_layer(block["layer"], cfg, True)), True)
 
 
 def in_major_layer(lay: dict) -> dict:

@@ -187,6 +187,7 @@ class LLM:
                 request_id=str(next(self._request_ids)), prompt=text, prompt_token_ids=ids,
                 outputs=[s.output() for s in seqs], finished=True,
                 metrics=RequestMetrics(arrival_time=arrival, finished_time=done),
+                error=next((s.error for s in seqs if s.error), None),
                 prompt_logprobs=self._prompt_logprobs(ids, params),
             )
             for (text, ids, seqs), params in zip(requests, params_list, strict=True)

@@ -32,6 +32,7 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.error: str | None = None  # why the engine failed it (finish reason "abort")
         self._tokenizer = tokenizer
         self._detok = (IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
                        if tokenizer is not None else None)

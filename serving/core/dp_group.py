@@ -29,7 +29,7 @@ import jax
 from serving.core.faults import NO_FAULTS, GroupCrashed
 from serving.core.fencing import Fencing, GroupFencedError, Resume
 from serving.core.interfaces import AbortRequest, AddRequest, EngineMisuseError
-from serving.core.isolation import RequestIsolation
+from serving.core.isolation import RequestIsolation, Suspects
 from serving.core.kv_cache import BlockManager
 from serving.core.overlap import OverlappedSteps
 from serving.core.request import Request
@@ -113,7 +113,7 @@ class DPGroup(OverlappedSteps, Fencing, RequestIsolation):
         self.beat_compiles = self.runner.compile_count
         self.rollbacks = 0  # steps undone because they raised
         self.requests_failed = 0  # requests ended alone with an error, the group serving on
-        self._suspects: list[str] = []  # requests of a failed step, each to run alone once
+        self._suspects = Suspects()  # requests of failed steps, each to run alone
         self._wake = threading.Event()
         self._init_fence()
         # What each inbox message type does here; a subclass adds its own types.
@@ -306,8 +306,7 @@ class DPGroup(OverlappedSteps, Fencing, RequestIsolation):
         # A request may have ended while an overlapped step ran (aborted, failed).
         touched = {s.seq.seq_id: r for s in out.scheduled
                    if s.is_last_chunk and (r := self._owners.get(s.seq.seq_id)) is not None}
-        if self._suspects and self._suspects[0] in {r.request_id for r in touched.values()}:
-            self._suspects.pop(0)  # ran alone without failing: no longer suspect
+        self.suspect_ran(out, touched)
         for request in {id(r): r for r in touched.values()}.values():
             request.mark_tokens(now)
             try:
@@ -324,6 +323,7 @@ class DPGroup(OverlappedSteps, Fencing, RequestIsolation):
 
     def _forget(self, request: Request) -> Request:
         self.requests.pop(request.request_id, None)
+        self._suspects.forget(request.request_id)
         for seq in request.seqs:
             self._owners.pop(seq.seq_id, None)
         return request

@@ -47,6 +47,8 @@ class Request:
     def fail(self, error: str) -> None:
         """End the request because processing it raised (finish reason "abort", ``error``)."""
         self.error = error
+        for s in self.seqs:
+            s.error = s.error or error
         self.abort()
 
     def mark_tokens(self, now: float) -> None:

@@ -3,9 +3,10 @@
 Each decode step of a sequence with ``n`` tokens (target KV written for ``0 .. n - 2``) is
 one jitted program: the MTP block first catches up on the sequence's pending (target hidden,
 next token) pairs and drafts up to ``k`` tokens (``xds_jax.model.mtp``); the target then runs
-over ``[t[n - 1], d_1 .. d_k]`` at positions ``n - 1 .. n - 1 + k``. On the host,
-``xds_jax.sampling.rejection.verify_drafts`` keeps the longest accepted prefix plus one target
-token, which are appended one by one (stop strings, ``max_tokens`` and logprobs as usual); the
+over ``[t[n - 1], d_1 .. d_k]`` at positions ``n - 1 .. n - 1 + k``. Verification keeps the
+longest accepted prefix plus one target token (greedy rows on the host from the target argmax
+the program returns, others through ``xds_jax.sampling.rejection.verify_drafts``), appended
+one by one (stop strings, ``max_tokens`` and logprobs as usual); the
 target hiddens of the accepted positions become the next step's pending pairs. The scheduler
 reserves KV for the ``k`` look-ahead slots and trims back to the accepted length after the
 step (``Scheduler(num_lookahead_tokens=k)``), so rejected positions never keep a block and

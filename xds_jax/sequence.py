@@ -39,9 +39,6 @@ class Sequence:
         self._eos = frozenset(() if params.ignore_eos else eos_token_ids)
         self._stop_ids = frozenset(params.stop_token_ids)
         self._text_cut: int | None = None
-        # Output ids the detokenizer has not seen: without stop strings nothing reads the text
-        # between steps unless asked (a stream, the end), so it decodes them all at once then.
-        self._undecoded = 0
         self._sent = 0
         self._checked = 0
         limit = params.max_tokens
@@ -86,8 +83,6 @@ class Sequence:
             if token not in entry:
                 entry[token] = Logprob(logprob, rank, self._piece(token))
             self.logprobs.append(entry)
-        if self._detok is not None:
-            self._undecoded += 1
         if token in self._eos or token in self._stop_ids:
             if len(self.output_ids) > self.params.min_tokens or token in self._stop_ids:
                 self.finish_reason = "stop"
@@ -119,10 +114,12 @@ class Sequence:
         return True
 
     def _decoded_text(self) -> str:
-        """The detokenizer's text after it takes the output ids it has not seen, in one go."""
-        if self._undecoded:
-            self._detok.add(self.output_ids[-self._undecoded:])
-            self._undecoded = 0
+        """The detokenizer's text after it takes the output ids it has not seen, in one go:
+        without stop strings nothing reads the text between steps unless asked (a stream, the
+        end), so appending a token does not decode it."""
+        seen = len(self._detok.output_ids)
+        if seen < len(self.output_ids):
+            self._detok.add(self.output_ids[seen:])
         return self._detok.text
 
     def _piece(self, token: int) -> str | None:

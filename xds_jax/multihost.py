@@ -66,17 +66,37 @@ def zeros(shape: tuple, dtype, target) -> jax.Array:
     Not from host zeros: on CPU ``device_put`` may alias an aligned numpy buffer, which XLA
     cannot donate, so a KV pool made that way would be copied by every step instead of
     updated in place."""
-    make = jax.jit(functools.partial(jnp.zeros, tuple(shape), dtype),
-                   out_shardings=_sharding(target))
-    return make()
+    return _zeros_program(((tuple(shape), jnp.dtype(dtype)),), (_sharding(target),))()[0]
 
 
 def zeros_tree(shapes, targets):
     """Zero arrays shaped like ``shapes`` (``jax.ShapeDtypeStruct`` leaves) on ``targets`` (one
-    device/sharding, or a matching tree)."""
+    device/sharding, or a matching tree), made by one program per set of devices (a KV pool
+    of 60 layer arrays compiled 60 programs when each leaf had its own: most of a PD engine's
+    start-up)."""
+    leaves, treedef = jax.tree.flatten(shapes)
     if isinstance(targets, jax.Device | jax.sharding.Sharding):
-        return jax.tree.map(lambda s: zeros(s.shape, s.dtype, targets), shapes)
-    return jax.tree.map(lambda s, t: zeros(s.shape, s.dtype, t), shapes, targets)
+        shardings = [_sharding(targets)] * len(leaves)
+    else:
+        shardings = [_sharding(t) for t in treedef.flatten_up_to(targets)]
+    groups: dict[tuple, list[int]] = {}
+    for i, sh in enumerate(shardings):
+        groups.setdefault(tuple(sorted(d.id for d in sh.device_set)), []).append(i)
+    out = [None] * len(leaves)
+    for idx in groups.values():
+        made = _zeros_program(tuple((tuple(leaves[i].shape), jnp.dtype(leaves[i].dtype))
+                                    for i in idx), tuple(shardings[i] for i in idx))()
+        for i, a in zip(idx, made, strict=True):
+            out[i] = a
+    return treedef.unflatten(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_program(specs: tuple, shardings: tuple):
+    """A compiled program making zero arrays of ``specs`` ((shape, dtype) pairs) laid out as
+    ``shardings`` (all over one set of devices), kept for the next runner of the same shape."""
+    return jax.jit(lambda: tuple(jnp.zeros(shape, dtype) for shape, dtype in specs),
+                   out_shardings=shardings)
 
 
 def fetch(tree):

@@ -209,11 +209,13 @@ class SpecRunner(ModelRunner):
                 self.spec.keep_prefill(items, np.asarray(jax.device_get(x_last)))
             else:
                 items, rows, num_drafts, drafts, logits, greedy, x = launched
+                # one read of everything small the host needs (the logits stay on device:
+                # only sampled or logprob rows read them, through their own programs)
+                drafts, greedy, x = jax.device_get((drafts, greedy, x))
                 seqs = [s.seq for s in items] + [None] * (len(num_drafts) - len(items))
                 accepted = emit_decode(seqs, num_drafts, drafts, logits, self.cfg.vocab_size,
                                        greedy)
-                self.spec.keep_decode(items, num_drafts, accepted,
-                                      np.asarray(jax.device_get(x)))
+                self.spec.keep_decode(items, num_drafts, accepted, x)
 
 
 def _verify_rows(k: int) -> int:

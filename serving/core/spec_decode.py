@@ -119,7 +119,7 @@ class SpecRunner(ModelRunner):
         if self.device.platform == "cpu" and dtype == jnp.float32:
             log.warning("speculative decoding in float32 on CPU: verifying k + 1 rows takes "
                         "XLA:CPU's multi-row matmul, ~1.5x a one-row step, so drafting "
-                        "slows batch-1 decode (SmolLM2: 0.85x); dtype='bfloat16' gains "
+                        "slows batch-1 decode (SmolLM2: 0.8x); dtype='bfloat16' gains "
                         "(docs/speculative.md)")
         shapes = jax.eval_shape(lambda: new_layer_cache(cfg, num_blocks, block_size, dtype))
         if len(self.devices) == 1:

@@ -51,8 +51,8 @@ def test_greedy_output_with_the_head_equals_output_without_speculation(replies):
 def test_held_out_drafts_are_accepted(replies):
     stats = replies[2]
     assert stats["spec_num_drafts"] > 0
-    # the retrained head accepts 1.46 per step here (the first head cleared 1.2)
-    assert 1 + stats["spec_accepted_tokens"] / stats["spec_num_drafts"] > 1.35
+    # the shipped head accepts 1.52 per step here (the previous one 1.46, the first 1.2)
+    assert 1 + stats["spec_accepted_tokens"] / stats["spec_num_drafts"] > 1.4
     assert stats["spec_accepted_per_position"][0] >= stats["spec_accepted_per_position"][1] > 0
 
 

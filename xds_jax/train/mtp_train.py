@@ -1,6 +1,6 @@
 """``make train-mtp``: train the shipped SmolLM2 MTP draft head by self-distillation.
 
-    python -m xds_jax.train.mtp_train [--steps 800] [--vocab 4096] [--out DIR]
+    python -m xds_jax.train.mtp_train [--steps 1600] [--vocab 4096] [--out DIR]
 
 1. Corpus: the target's greedy replies to the training prompts (``mtp_corpus``), cached as
    token ids under ``$XDS_CACHE_DIR/mtp`` (greedy, so a rerun regenerates the same file).
@@ -86,14 +86,15 @@ def offline_acceptance(block, embed, head, norm, cfg, corpus, index_of,
 
 
 def corpus_states(llm, name: str, conversations: list, max_tokens: int, width: int):
-    """Target states of the greedy replies to ``conversations``; replies and states are
-    cached under ``$XDS_CACHE_DIR/mtp`` (delete it to regenerate)."""
+    """Target states of the greedy replies to ``conversations`` (from ``llm``, in its dtype);
+    replies and states are cached under ``$XDS_CACHE_DIR/mtp`` (delete it to regenerate)."""
     cache = Path(os.environ.get("XDS_CACHE_DIR", Path.home() / ".cache/xds_jax")) / "mtp"
-    states = cache / f"{name}-{len(conversations)}x{max_tokens}.w{width}.npz"
+    dtype = jnp.dtype(llm.params["embed"].dtype).name
+    states = cache / f"{name}-{len(conversations)}x{max_tokens}.{dtype}.w{width}.npz"
     if states.is_file():
         print(f"corpus: target states from {states}", flush=True)
         return mtp_corpus.load_states(states)
-    replies = cache / f"{name}-x{max_tokens}.jsonl"
+    replies = cache / f"{name}-x{max_tokens}.{dtype}.jsonl"
     t = time.monotonic()
     seqs = mtp_corpus.extend_replies(llm, replies, conversations, max_tokens)
     print(f"corpus: {len(seqs)} sequences ({sum(map(len, seqs))} tokens) in "
@@ -107,14 +108,15 @@ def corpus_states(llm, name: str, conversations: list, max_tokens: int, width: i
     return corpus
 
 
-def engine_acceptance(out: Path, conversations: list, max_tokens: int) -> dict:
+def engine_acceptance(out: Path, conversations: list, max_tokens: int, dtype: str) -> dict:
     """Mean accepted length (k = 2) of the saved head in the serving engine, greedy."""
     from xds_jax import LLM, SamplingParams
 
     os.environ["XDS_DRAFT_HEAD"] = str(out)
     # acceptance: every step drafts, whatever its batch
-    llm = LLM(MODEL, speculative_config={"method": "mtp", "num_speculative_tokens": 2,
-                                         "disable_by_batch_size": len(conversations)})
+    llm = LLM(MODEL, dtype=dtype,
+              speculative_config={"method": "mtp", "num_speculative_tokens": 2,
+                                  "disable_by_batch_size": len(conversations)})
     llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=max_tokens))
     s = llm.engine.stats()
     return {"spec_num_drafts": s["spec_num_drafts"],
@@ -125,7 +127,7 @@ def engine_acceptance(out: Path, conversations: list, max_tokens: int) -> dict:
 def train(args) -> dict:
     from xds_jax import LLM
 
-    llm = LLM(MODEL, max_num_seqs=64)
+    llm = LLM(MODEL, max_num_seqs=64, dtype=args.dtype)
     cfg = llm.cfg
     train_c = corpus_states(llm, "train", train_conversations()[:args.prompts],
                             args.max_tokens, args.width)
@@ -164,7 +166,8 @@ def train(args) -> dict:
             "vocab_size": cfg.vocab_size, "num_heads": cfg.num_heads,
             "num_kv_heads": cfg.num_kv_heads, "draft_vocab": int(len(vocab)),
             "train_sequences": int(n), "steps": args.steps, "batch": args.batch,
-            "lr": args.lr, "soft": args.soft, "seed": args.seed, "held_out_offline": offline,
+            "lr": args.lr, "soft": args.soft, "seed": args.seed, "corpus_dtype": args.dtype,
+            "held_out_offline": offline,
             "held_out_vocab_coverage": coverage}
     out = Path(args.out)
     save_head(out, block, vocab, meta)
@@ -172,7 +175,7 @@ def train(args) -> dict:
     if not args.engine:
         return meta
     engine = engine_acceptance(out, held_out_conversations(args.held_out),
-                               args.max_tokens)
+                               args.max_tokens, args.dtype)
     meta["held_out_engine"] = engine
     (out / "head.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"held-out engine (k=2, greedy): mean accepted length "
@@ -182,17 +185,19 @@ def train(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--vocab", type=int, default=4096, help="draft vocabulary size")
-    ap.add_argument("--prompts", type=int, default=1600, help="training prompts (of 7260)")
+    ap.add_argument("--prompts", type=int, default=3200, help="training prompts (of 7260)")
     ap.add_argument("--max-tokens", type=int, default=128, help="reply length in the corpus")
     ap.add_argument("--width", type=int, default=176, help="tokens per training sequence")
     ap.add_argument("--held-out", type=int, default=48, help="held-out prompts")
     ap.add_argument("--soft", type=float, default=0.0,
                     help="weight of the target's distribution against its choice in the loss")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="the target's dtype for the replies, its states and the engine check")
     ap.add_argument("--engine", action=argparse.BooleanOptionalAction, default=True,
                     help="measure the saved head's held-out acceptance in the serving engine")
     ap.add_argument("--out", default=str(SHIPPED["SmolLM2-135M-Instruct.Q4_1.gguf"]))

@@ -2,6 +2,8 @@
 side in one process, at batch 1, 8 and 32 on held-out prompts (the serving benchmark's
 dataset, past the ones ``make train-mtp`` measures acceptance on).
 
+Batch ``b`` runs ``max(1, --prompts // b)`` batches of distinct prompts one after another (8
+prompts by default: at batch 1 the speed-up then averages 8 prompts' acceptance, not one's).
 Each config runs twice to compile (the second time its prompts hit the prefix cache, as in
 the measured runs), then ``--repeats`` times alternating the two engines; tokens/s is generated
 tokens over the wall time of ``LLM.chat`` (prefill included: one short prompt step per
@@ -36,10 +38,13 @@ from xds_jax.train.mtp_prompts import held_out_conversations
 FIRST_PROMPT = 48  # make train-mtp measures acceptance on the first 48 held-out prompts
 
 
-def timed_chat(llm: LLM, conversations: list, params: SamplingParams) -> tuple[int, float]:
-    start = time.perf_counter()
-    outs = llm.chat(conversations, params)
-    return sum(len(o.outputs[0].token_ids) for o in outs), time.perf_counter() - start
+def timed_chat(llm: LLM, groups: list[list], params: SamplingParams) -> tuple[int, float]:
+    """Generated tokens and wall time of one ``LLM.chat`` per group, one after another."""
+    start, n = time.perf_counter(), 0
+    for conversations in groups:
+        outs = llm.chat(conversations, params)
+        n += sum(len(o.outputs[0].token_ids) for o in outs)
+    return n, time.perf_counter() - start
 
 
 def spec_counters(llm: LLM) -> tuple[int, int]:
@@ -47,25 +52,30 @@ def spec_counters(llm: LLM) -> tuple[int, int]:
     return s["spec_num_drafts"], s["spec_accepted_tokens"]
 
 
-def bench_batch(base: LLM, spec: LLM, conversations: list, params: SamplingParams,
+def bench_batch(base: LLM, spec: LLM, groups: list[list], params: SamplingParams,
                 repeats: int) -> dict:
+    """Both engines over ``groups`` (each a batch of conversations, run in turn)."""
     first = dataclasses.replace(params, max_tokens=1)
     for llm in (base, spec):  # compile both engines' shapes for this batch (prefix hits too)
         for _ in range(2):
-            timed_chat(llm, conversations, first)
-            timed_chat(llm, conversations, params)
+            timed_chat(llm, groups, first)
+            timed_chat(llm, groups, params)
     drafts0, accepted0 = spec_counters(spec)
     rates = {"base": [], "spec": [], "base_decode": [], "spec_decode": []}
+    rows, tokens = sum(len(g) for g in groups), {}
     for _ in range(repeats):
         for name, llm in (("base", base), ("spec", spec)):
-            _, dt1 = timed_chat(llm, conversations, first)
-            n, dt = timed_chat(llm, conversations, params)
+            _, dt1 = timed_chat(llm, groups, first)
+            n, dt = tokens[name] = timed_chat(llm, groups, params)
             rates[name].append(n / dt)
-            rates[name + "_decode"].append((n - len(conversations)) / max(dt - dt1, 1e-9))
+            rates[name + "_decode"].append((n - rows) / max(dt - dt1, 1e-9))
     drafts, accepted = (a - b for a, b in zip(spec_counters(spec), (drafts0, accepted0),
                                                strict=True))
     med = {name: statistics.median(r) for name, r in rates.items()}
-    return {"tokens_per_run": n, "baseline_tok_s": round(med["base"], 2),
+    # in bfloat16 the two may differ by a few tokens: a k + 1-token verify pass rounds its
+    # matmuls unlike a one-token step, and a near-tie can flip (float32: equal)
+    return {"prompts": rows, "tokens_per_run": tokens["spec"][0],
+            "baseline_tokens_per_run": tokens["base"][0], "baseline_tok_s": round(med["base"], 2),
             "spec_tok_s": round(med["spec"], 2), "ratio": round(med["spec"] / med["base"], 3),
             "baseline_decode_tok_s": round(med["base_decode"], 2),
             "spec_decode_tok_s": round(med["spec_decode"], 2),
@@ -100,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k", type=int, default=2, help="num_speculative_tokens")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=8,
+                    help="distinct prompts per batch size: batch b runs max(1, N // b) "
+                         "batches of b in turn (one prompt would time one prompt's acceptance)")
     ap.add_argument("--dtype", default=None, help="parameter dtype (default: auto)")
     ap.add_argument("--disable-by-batch-size", type=int, default=None,
                     help="speculative_config's drafting limit (default: the platform's)")
@@ -120,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     ratios = {}
     for b in batches:
         for name, spec in engines.items():
-            result = bench_batch(base, spec, prompts[:b], params, args.repeats)
+            groups = [prompts[g * b:(g + 1) * b] for g in range(max(1, args.prompts // b))]
+            result = bench_batch(base, spec, groups, params, args.repeats)
             vocab = draft_vocab if name == "shipped" else name
             print(json.dumps({"bench": "spec", "model": "smollm2", "k": args.k, "batch": b,
                               "draft_vocab": vocab, "max_tokens": args.max_tokens, **result}),

@@ -66,7 +66,7 @@ def zeros(shape: tuple, dtype, target) -> jax.Array:
     Not from host zeros: on CPU ``device_put`` may alias an aligned numpy buffer, which XLA
     cannot donate, so a KV pool made that way would be copied by every step instead of
     updated in place."""
-    return _zeros_program(((tuple(shape), jnp.dtype(dtype)),), (_sharding(target),))()[0]
+    return zeros_tree(jax.ShapeDtypeStruct(tuple(shape), dtype), target)
 
 
 def zeros_tree(shapes, targets):

@@ -32,7 +32,7 @@ from xds_jax.model.config import ModelConfig
 from xds_jax.model.mtp import draft_argmax, mtp_input
 from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import last_token_logits
-from xds_jax.multihost import zeros
+from xds_jax.multihost import zeros_tree
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +181,12 @@ class Domain:
         self.params = jax.tree.map(lambda a: from_host(a, repl), attention_params(params, mtp))
         self.dtype = model_dtype(params)
         a = len(self.devices)
-        caches = []  # the target's layers, then (MTP) the MTP block's: "layer" num_layers
-        for _ in range(cfg.num_layers + mtp):
-            shapes = jax.eval_shape(lambda: new_layer_cache(cfg, num_blocks, block_size,
-                                                            self.dtype))
-            # made on device: host zeros could alias numpy memory, which donation cannot reuse
-            caches.append({k: zeros((a * num_blocks,) + s.shape[1:], s.dtype,
-                                    self.rank_sharding) for k, s in shapes.items()})
-        self.caches = caches
+        one = jax.eval_shape(lambda: new_layer_cache(cfg, num_blocks, block_size, self.dtype))
+        pages = {k: jax.ShapeDtypeStruct((a * num_blocks,) + s.shape[1:], s.dtype)
+                 for k, s in one.items()}
+        # the target's layers, then (MTP) the MTP block's ("layer" num_layers); made on device
+        # (host zeros could alias numpy memory, which donation cannot reuse), in one program
+        self.caches = zeros_tree([pages] * (cfg.num_layers + mtp), self.rank_sharding)
         experts = cfg.moe.num_experts if cfg.moe is not None else 0
         self.zero_load = jax.make_array_from_callback(
             (a, experts), self.rank_sharding, lambda idx: np.zeros((1, experts), np.int32),

@@ -86,8 +86,9 @@ def offline_acceptance(block, embed, head, norm, cfg, corpus, index_of,
 
 
 def corpus_states(llm, name: str, conversations: list, max_tokens: int, width: int):
-    """Target states of the greedy replies to ``conversations`` (from ``llm``, in its dtype);
-    replies and states are cached under ``$XDS_CACHE_DIR/mtp`` (delete it to regenerate)."""
+    """Target states (computed in bfloat16) of the greedy replies to ``conversations`` (from
+    ``llm``, in its dtype, which names the cache files); replies and states are cached under
+    ``$XDS_CACHE_DIR/mtp`` (delete it to regenerate)."""
     cache = Path(os.environ.get("XDS_CACHE_DIR", Path.home() / ".cache/xds_jax")) / "mtp"
     dtype = jnp.dtype(llm.params["embed"].dtype).name
     states = cache / f"{name}-{len(conversations)}x{max_tokens}.{dtype}.w{width}.npz"
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="weight of the target's distribution against its choice in the loss")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                    help="the target's dtype for the replies, its states and the engine check")
+                    help="the target's dtype for the replies and the engine check (its "
+                         "hidden states are computed in bfloat16 either way)")
     ap.add_argument("--engine", action=argparse.BooleanOptionalAction, default=True,
                     help="measure the saved head's held-out acceptance in the serving engine")
     ap.add_argument("--out", default=str(SHIPPED["SmolLM2-135M-Instruct.Q4_1.gguf"]))

@@ -128,13 +128,15 @@ class GroupCrash(_Spec):
 @dataclasses.dataclass(frozen=True)
 class GroupStall(_Spec):
     """The group's loop blocks ``seconds`` inside the step after ``after_steps`` steps
-    (between launching the step and recording it)."""
+    (between launching the step and recording it), and in each of the ``times - 1`` steps
+    after it (a slow group)."""
 
     kind: ClassVar[str] = "group_stall"
     group: int
     seconds: float
     role: str | None = None
     after_steps: int = 0
+    times: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ admission (what is admitted, rejections by reason), per-collective latency and p
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -55,8 +55,10 @@ class ServerMetrics:
         registry.register(EngineCollector(engine, model))
 
     async def track(self, first: RequestOutput, rest: AsyncIterator[RequestOutput],
-                    finished_ids: set[str]) -> AsyncIterator[RequestOutput]:
-        """``first`` then ``rest``, observing inter-token gaps and, at the end, the request."""
+                    on_finished: Callable[[str], None]) -> AsyncIterator[RequestOutput]:
+        """``first`` then ``rest``, observing inter-token gaps and, at the end, the request.
+        ``on_finished(request_id)`` runs *before* the last output is yielded, so whatever it
+        frees (the admission ticket) is free by the time a client can see the end."""
         out: RequestOutput | None = first
         seen, last = 0, 0.0
         while out is not None:
@@ -67,11 +69,12 @@ class ServerMetrics:
                     for _ in range(count - seen):
                         self.itl.observe((stamp - last) / (count - seen))
                 seen, last = count, stamp
-            yield out
             if out.finished:
-                finished_ids.add(out.request_id)
                 self.observe_finished(out, seen)
+                on_finished(out.request_id)
+                yield out
                 return
+            yield out
             out = await anext(rest, None)
 
     def observe_finished(self, out: RequestOutput, tokens: int) -> None:

@@ -56,6 +56,13 @@ class Watchdog:
                  "client disconnected" if self.disconnected else "request timed out")
         self.abort()
 
+    def finish(self, request_id: str) -> None:
+        """``request_id`` finished in the engine; once all have, the ticket goes back (before
+        the last chunk is sent, so a client that saw the end finds its room free)."""
+        self.finished.add(request_id)
+        if self.ticket is not None and self.finished.issuperset(self.request_ids):
+            self.ticket.release()
+
     def abort(self) -> None:
         """Abort what still runs and give the admission ticket back."""
         for request_id in self.request_ids:
@@ -180,7 +187,7 @@ class Served:
         if errors:
             watch.abort()
             raise engine_error(errors[0]) if isinstance(errors[0], Exception) else errors[0]
-        return [self.metrics.track(first, gen, watch.finished) for first, gen in opened]
+        return [self.metrics.track(first, gen, watch.finish) for first, gen in opened]
 
     async def _open_one(self, prompt: Prompt, params: SamplingParams, request_id: str):
         # The first output surfaces the engine's synchronous errors before any header is sent.

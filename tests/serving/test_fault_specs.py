@@ -40,6 +40,7 @@ from xds_jax.sequence import Sequence
     ("kv_transfer_fail:times=2", KVTransferFail(times=2)),
     ("kv_transfer_fail:times=2:group=1", KVTransferFail(times=2, group=1)),
     ("group_stall:group=0:seconds=5", GroupStall(group=0, seconds=5.0)),
+    ("group_stall:group=0:seconds=0.5:times=3", GroupStall(group=0, seconds=0.5, times=3)),
     ("expert_rank_down:rank=1:after_steps=2", ExpertRankDown(rank=1, after_steps=2)),
     ("collective_error:after_steps=2:times=1", CollectiveError(after_steps=2, times=1)),
 ])
@@ -149,6 +150,17 @@ def test_injector_fires_after_steps_counted_from_arming():
         faults.before_launch(group)
     faults.before_launch(group)  # spent
     assert faults.injected == 1 and faults.fired[0][1] == "group_crash:group=0:after_steps=2"
+
+
+def test_a_stall_with_times_slows_that_many_steps_in_a_row():
+    group = FakeGroup(0)
+    faults = FaultInjector([group], [group])
+    faults.add("group_stall:group=0:seconds=0.001:after_steps=1:times=3")
+    stalled = []
+    for step in range(6):
+        group.steps = step
+        stalled.append(faults.stall(group))
+    assert stalled == [0.0, 0.001, 0.001, 0.001, 0.0, 0.0] and faults.injected == 3
 
 
 def test_scheduler_clear_and_drop_free_blocks_and_leave_sequences_alone():

@@ -14,6 +14,9 @@ from tests.serving.real_server import text_server_fixture
 
 # -- the real engine (tiny random Llama, no tokenizer: token-id prompts) -------------------------
 real = text_server_fixture()  # token-id prompts below; text prompts work too
+# The same engine as a slow group: every step after the first blocks 0.2 s, so a request is
+# still running when its client goes away, however fast the machine.
+slow = text_server_fixture(faults=["group_stall:group=0:seconds=0.2:after_steps=1:times=1000000"])
 
 
 def token_ids(choice) -> list[str]:
@@ -49,17 +52,19 @@ def test_real_engine_concurrent_greedy_streams(real):
     assert all(len(r) == 8 for r in results)
 
 
-def test_real_engine_disconnect_frees_kv(real):
-    body = {"model": real.engine.model_name, "prompt": [5, 6, 7], "max_tokens": 200,
+def test_real_engine_disconnect_frees_kv(slow):
+    body = {"model": slow.engine.model_name, "prompt": [5, 6, 7], "max_tokens": 200,
             "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", real.url + "/v1/completions", json=body) as response:
+    with httpx.stream("POST", slow.url + "/v1/completions", json=body) as response:
         next(response.iter_lines())
-        assert real.engine.stats()["num_running"] + real.engine.stats()["num_waiting"] >= 1
-    assert wait_for(lambda: real.engine.stats()["num_running"] == 0
-                    and real.engine.stats()["num_waiting"] == 0, seconds=20)
-    assert wait_for(lambda: real.engine.stats()["kv_usage"] == 0.0, seconds=5)
+        assert slow.engine.stats()["num_running"] == 1
+        assert slow.engine.stats()["kv_usage"] > 0.0
+    assert wait_for(lambda: slow.engine.stats()["num_running"] == 0
+                    and slow.engine.stats()["num_waiting"] == 0, seconds=20)
+    assert wait_for(lambda: slow.engine.stats()["kv_usage"] == 0.0, seconds=5)
+    assert slow.engine.stats()["admitted_seqs"] == 0
     families = {f.name for f in text_string_to_metric_families(
-        httpx.get(real.url + "/metrics").text)}
+        httpx.get(slow.url + "/metrics").text)}
     assert {"xds:time_to_first_token_seconds", "xds:kv_cache_usage_perc"} <= families
 
 

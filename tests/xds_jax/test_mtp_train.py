@@ -168,3 +168,63 @@ def test_training_prompts_are_distinct_and_none_is_a_benchmark_prompt():
     # the first 1600 (the shipped recipe's) mix every template
     template_of = {t.format(s): t for t in TEMPLATES for s in SUBJECTS}
     assert {template_of[p] for p in train[:1600]} == set(TEMPLATES)
+
+
+def test_bf16_training_step_keeps_float32_weights_and_follows_the_float32_loss():
+    """``mtp_train._train_step`` with bfloat16 matmuls: master weights and optimiser state
+    stay float32, its loss is the float32 loss within bfloat16 rounding, and a few steps on
+    one batch lower it as float32 steps do."""
+    import optax
+
+    from xds_jax.train.mtp_train import _train_step, in_dtype
+
+    m, block, tokens, hidden, s = _setup(5)
+    corpus = Corpus(np.asarray(tokens), np.array([s, s - 2]), np.asarray(hidden),
+                    np.asarray(tokens), np.array([3, 3]))
+    b = make_batch(corpus, [0, 1], np.arange(m.cfg.vocab_size, dtype=np.int32))
+    head = (m.params["embed"] if m.cfg.tie_word_embeddings else m.params["lm_head"].T)
+    norm = m.params["final_norm"]
+    cast = in_dtype(block, "bfloat16")
+    assert cast["eh_proj"].dtype == jnp.bfloat16 and cast["enorm"].dtype == jnp.float32
+    opt = optax.adam(1e-2)
+    losses = {}
+    for compute in ("float32", "bfloat16"):
+        blk, state, seen = block, opt.init(block), []
+        for _ in range(5):
+            blk, state, loss = _train_step(blk, state, m.params["embed"], head, norm, b,
+                                           cfg=m.cfg, opt=opt, soft=0.0, compute=compute)
+            seen.append(float(loss))
+        assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(blk))
+        assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(state)
+                   if hasattr(a, "dtype") and a.dtype != jnp.int32)
+        losses[compute] = seen
+    np.testing.assert_allclose(losses["bfloat16"][0], losses["float32"][0], rtol=2e-2)
+    assert losses["bfloat16"][-1] < 0.8 * losses["bfloat16"][0]
+    assert losses["float32"][-1] < 0.8 * losses["float32"][0]
+
+
+def test_replies_resume_from_the_file_in_conversation_order(tmp_path):
+    """``extend_replies`` reads what the file holds, generates the rest chunk by chunk in
+    order and appends them, so an interrupted corpus resumes where it stopped."""
+    from types import SimpleNamespace
+
+    from xds_jax.train.mtp_corpus import extend_replies, load_corpus
+
+    class FakeLLM:  # a test double: the reply of prompt i is [i, i + 1]
+        calls: list = []
+
+        def chat(self, conversations, params):
+            self.calls.append(len(conversations))
+            return [SimpleNamespace(prompt_token_ids=[int(c[0]["content"])],
+                                    outputs=[SimpleNamespace(token_ids=[int(c[0]["content"]) + 1])])
+                    for c in conversations]
+
+    convs = [[{"role": "user", "content": str(i)}] for i in range(10)]
+    path = tmp_path / "replies.jsonl"
+    llm = FakeLLM()
+    assert extend_replies(llm, path, convs[:3], 8, chunk=2) == [[0, 1], [1, 2], [2, 3]]
+    assert llm.calls == [2, 1]
+    assert extend_replies(llm, path, convs, 8, chunk=4) == [[i, i + 1] for i in range(10)]
+    assert llm.calls == [2, 1, 4, 3] and load_corpus(path) == [[i, i + 1] for i in range(10)]
+    assert extend_replies(llm, path, convs[:5], 8) == [[i, i + 1] for i in range(5)]
+    assert llm.calls == [2, 1, 4, 3]  # all read back from the file

@@ -102,7 +102,9 @@ def extend_replies(llm, path: Path, conversations: list, max_tokens: int,
                    chunk: int = 64) -> list[list[int]]:
     """Prompt + greedy reply of every conversation, read from ``path`` (JSON lines, one per
     conversation in order) as far as it goes; the rest are generated ``chunk`` at a time and
-    appended to it."""
+    appended to it. (A chunk of 256 at ``max_num_seqs=64`` measured slower than one batch at
+    a time: 392 against 473 tokens/s over 256 prompts, as its new prompts' prefills join the
+    decode steps.)"""
     seqs = load_corpus(path) if path.is_file() else []
     if len(seqs) >= len(conversations):
         return seqs[:len(conversations)]

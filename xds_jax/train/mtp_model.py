@@ -21,7 +21,14 @@ import optax
 from xds_jax.model import stages
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.fused import unfuse_layer
-from xds_jax.model.layers import apply_rope, attention_scale, linear, rms_norm, rope_cos_sin
+from xds_jax.model.layers import (
+    apply_rope,
+    attention_scale,
+    linear,
+    matmul_f32,
+    rms_norm,
+    rope_cos_sin,
+)
 
 
 def init_block(params: dict, cfg: ModelConfig, seed: int) -> dict:
@@ -46,7 +53,7 @@ def block_pass(block: dict, embed_VD: jax.Array, cfg: ModelConfig, tokens_BS: ja
     eps = cfg.rms_norm_eps
     e = rms_norm(jnp.take(embed_VD, tokens_BS, axis=0), block["enorm"], eps)
     h = rms_norm(hidden_BSD, block["hnorm"], eps)
-    x = jnp.concatenate([e, h], axis=-1) @ block["eh_proj"]
+    x = matmul_f32(jnp.concatenate([e, h], axis=-1), block["eh_proj"])
     layer, p = block["layer"], block["layer"]["attn"]
     b, s, _ = x.shape
     nh, nk, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -75,7 +82,8 @@ def block_pass(block: dict, embed_VD: jax.Array, cfg: ModelConfig, tokens_BS: ja
 
 def draft_logits(block: dict, head_ND: jax.Array, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """Logits over the draft vocabulary ``[..., N]`` (as ``xds_jax.model.mtp.mtp_logits``)."""
-    return rms_norm(x, block["final_norm"], cfg.rms_norm_eps) @ head_ND.T
+    return matmul_f32(rms_norm(x, block["final_norm"], cfg.rms_norm_eps), head_ND,
+                      w_transposed=True)
 
 
 def teacher_logits(hidden_BSD: jax.Array, norm_D: jax.Array, head_ND: jax.Array,
@@ -84,15 +92,17 @@ def teacher_logits(hidden_BSD: jax.Array, norm_D: jax.Array, head_ND: jax.Array,
     ``[B, S, N]``: its head over its own hidden at ``s + ahead`` (wrapping at the end, where
     no pair is used)."""
     h = jnp.roll(hidden_BSD, -ahead, axis=1).astype(jnp.float32)
-    return rms_norm(h, norm_D, cfg.rms_norm_eps) @ head_ND.T
+    return matmul_f32(rms_norm(h, norm_D, cfg.rms_norm_eps), head_ND, w_transposed=True)
 
 
 def _masked_loss(logits, labels, teacher, mask, soft: float):
     """``soft`` x cross-entropy to the teacher's distribution (KL up to a constant) plus
-    ``1 - soft`` x cross-entropy to its choice, averaged over ``mask``; and the hits."""
-    hard = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
-    dist = optax.softmax_cross_entropy(logits, jax.nn.softmax(teacher, axis=-1))
-    loss = soft * dist + (1.0 - soft) * hard
+    ``1 - soft`` x cross-entropy to its choice, averaged over ``mask``; and the hits.
+    ``teacher`` is a function giving the teacher's logits, called only when ``soft`` > 0."""
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+    if soft:
+        dist = optax.softmax_cross_entropy(logits, jax.nn.softmax(teacher(), axis=-1))
+        loss = soft * dist + (1.0 - soft) * loss
     hit = (jnp.argmax(logits, axis=-1) == labels) & mask
     return jnp.sum(loss * mask) / jnp.maximum(mask.sum(), 1), hit
 
@@ -111,11 +121,11 @@ def two_pass_loss(block: dict, embed_VD: jax.Array, head_ND: jax.Array, cfg: Mod
     hidden = batch["hidden"].astype(jnp.float32)
     g, kv = block_pass(block, embed_VD, cfg, batch["tok1"], hidden, pos)
     m1 = batch["use1"] & (batch["lab1"] >= 0)
-    t1 = teacher_logits(hidden, teacher_norm_D, head_ND, cfg, 1)
+    t1 = lambda: teacher_logits(hidden, teacher_norm_D, head_ND, cfg, 1)  # noqa: E731
     l1, hit1 = _masked_loss(draft_logits(block, head_ND, cfg, g), batch["lab1"], t1, m1, soft)
     g2, _ = block_pass(block, embed_VD, cfg, batch["tok2"], g, pos + 1, prev_kv=kv)
     m2 = batch["use2"] & (batch["lab2"] >= 0)
-    t2 = teacher_logits(hidden, teacher_norm_D, head_ND, cfg, 2)
+    t2 = lambda: teacher_logits(hidden, teacher_norm_D, head_ND, cfg, 2)  # noqa: E731
     l2, hit2 = _masked_loss(draft_logits(block, head_ND, cfg, g2), batch["lab2"], t2, m2, soft)
     return l1 + l2, (hit1, hit2)
 

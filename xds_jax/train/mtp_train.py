@@ -45,17 +45,28 @@ def draft_vocab(choice: np.ndarray, lengths: np.ndarray, size: int) -> np.ndarra
     return np.argsort(-counts, kind="stable")[:size].astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "opt", "soft"))
-def _train_step(block, opt_state, embed, head, norm, batch, *, cfg, opt, soft):
-    (loss, _), grads = jax.value_and_grad(two_pass_loss, has_aux=True)(block, embed, head,
-                                                                       cfg, batch, norm, soft)
+def in_dtype(block: dict, dtype: str) -> dict:
+    """The block with its matrices in ``dtype`` (the norms stay float32): the weights its
+    matmuls read. A bfloat16 x bfloat16 dot with float32 accumulation is what serving runs."""
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype) if a.ndim == 2 else a, block)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "opt", "soft", "compute"))
+def _train_step(block, opt_state, embed, head, norm, batch, *, cfg, opt, soft, compute):
+    """One AdamW step on float32 weights; the loss's matmuls read them (and the head) in
+    ``compute``, accumulating in float32 (norms, softmax and the loss are float32)."""
+    def loss_of(b):
+        return two_pass_loss(in_dtype(b, compute), embed, head.astype(compute), cfg, batch,
+                             norm, soft)
+
+    (loss, _), grads = jax.value_and_grad(loss_of, has_aux=True)(block)
     updates, opt_state = opt.update(grads, opt_state, block)
     return optax.apply_updates(block, updates), opt_state, loss
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _eval_step(block, embed, head, norm, batch, *, cfg):
-    return two_pass_loss(block, embed, head, cfg, batch, norm)[1]
+    return two_pass_loss(block, embed, head, cfg, batch, norm, soft=0.0)[1]
 
 
 def vocab_coverage(train_c, held, sizes=(1024, 2048, 4096, 8192)) -> dict:
@@ -152,7 +163,8 @@ def train(args) -> dict:
         rows = order[lo:lo + args.batch]
         b = make_batch(train_c, rows, index_of)
         block, opt_state, loss = _train_step(block, opt_state, embed, head, norm, b, cfg=cfg,
-                                                opt=opt, soft=args.soft)
+                                             opt=opt, soft=args.soft,
+                                             compute=args.compute_dtype)
         if step % 50 == 0 or step == args.steps - 1:
             print(f"step {step + 1}/{args.steps} loss {float(loss):.3f} "
                   f"({time.monotonic() - t0:.0f} s)", flush=True)
@@ -168,6 +180,7 @@ def train(args) -> dict:
             "num_kv_heads": cfg.num_kv_heads, "draft_vocab": int(len(vocab)),
             "train_sequences": int(n), "steps": args.steps, "batch": args.batch,
             "lr": args.lr, "soft": args.soft, "seed": args.seed, "corpus_dtype": args.dtype,
+            "compute_dtype": args.compute_dtype,
             "held_out_offline": offline,
             "held_out_vocab_coverage": coverage}
     out = Path(args.out)
@@ -200,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="the target's dtype for the replies and the engine check (its "
                          "hidden states are computed in bfloat16 either way)")
+    ap.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="dtype the training matmuls read the weights in (float32 master "
+                         "weights and accumulation either way)")
     ap.add_argument("--engine", action=argparse.BooleanOptionalAction, default=True,
                     help="measure the saved head's held-out acceptance in the serving engine")
     ap.add_argument("--out", default=str(SHIPPED["SmolLM2-135M-Instruct.Q4_1.gguf"]))

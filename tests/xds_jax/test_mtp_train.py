@@ -211,7 +211,8 @@ def test_replies_resume_from_the_file_in_conversation_order(tmp_path):
     from xds_jax.train.mtp_corpus import extend_replies, load_corpus
 
     class FakeLLM:  # a test double: the reply of prompt i is [i, i + 1]
-        calls: list = []
+        def __init__(self):
+            self.calls: list[int] = []
 
         def chat(self, conversations, params):
             self.calls.append(len(conversations))

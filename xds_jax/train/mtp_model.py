@@ -98,10 +98,10 @@ def teacher_logits(hidden_BSD: jax.Array, norm_D: jax.Array, head_ND: jax.Array,
 def _masked_loss(logits, labels, teacher, mask, soft: float):
     """``soft`` x cross-entropy to the teacher's distribution (KL up to a constant) plus
     ``1 - soft`` x cross-entropy to its choice, averaged over ``mask``; and the hits.
-    ``teacher`` is a function giving the teacher's logits, called only when ``soft`` > 0."""
+    ``teacher``: the teacher's logits, None when ``soft`` is 0 (nothing reads them then)."""
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
     if soft:
-        dist = optax.softmax_cross_entropy(logits, jax.nn.softmax(teacher(), axis=-1))
+        dist = optax.softmax_cross_entropy(logits, jax.nn.softmax(teacher, axis=-1))
         loss = soft * dist + (1.0 - soft) * loss
     hit = (jnp.argmax(logits, axis=-1) == labels) & mask
     return jnp.sum(loss * mask) / jnp.maximum(mask.sum(), 1), hit
@@ -121,11 +121,11 @@ def two_pass_loss(block: dict, embed_VD: jax.Array, head_ND: jax.Array, cfg: Mod
     hidden = batch["hidden"].astype(jnp.float32)
     g, kv = block_pass(block, embed_VD, cfg, batch["tok1"], hidden, pos)
     m1 = batch["use1"] & (batch["lab1"] >= 0)
-    t1 = lambda: teacher_logits(hidden, teacher_norm_D, head_ND, cfg, 1)  # noqa: E731
+    t1 = teacher_logits(hidden, teacher_norm_D, head_ND, cfg, 1) if soft else None
     l1, hit1 = _masked_loss(draft_logits(block, head_ND, cfg, g), batch["lab1"], t1, m1, soft)
     g2, _ = block_pass(block, embed_VD, cfg, batch["tok2"], g, pos + 1, prev_kv=kv)
     m2 = batch["use2"] & (batch["lab2"] >= 0)
-    t2 = lambda: teacher_logits(hidden, teacher_norm_D, head_ND, cfg, 2)  # noqa: E731
+    t2 = teacher_logits(hidden, teacher_norm_D, head_ND, cfg, 2) if soft else None
     l2, hit2 = _masked_loss(draft_logits(block, head_ND, cfg, g2), batch["lab2"], t2, m2, soft)
     return l1 + l2, (hit1, hit2)
 

@@ -2,7 +2,9 @@
 
 Requests accept the OpenAI fields plus vLLM's sampling extras (``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``...). Unknown fields
-are ignored, as the OpenAI service does. Responses are built from these models and dumped to
+are ignored, as the OpenAI service does, and an explicit ``null`` means the field's default
+(the OpenAI spec marks these nullable and vLLM declares them ``Optional``; clients that send
+every field, unset ones as null, rely on it). Responses are built from these models and dumped to
 JSON; streamed chunks are the ``*StreamResponse`` models. The functions at the end turn engine
 ``RequestOutput``s into these shapes.
 """
@@ -11,9 +13,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from xds_jax.outputs import CompletionOutput, Logprob, RequestOutput
 
@@ -27,7 +29,18 @@ def now() -> int:
 
 
 class OpenAIModel(BaseModel):
+    """A request body: unknown fields ignored; ``null`` for a field of ``null_is_default``
+    gives it its default (such fields are typed ``X | None`` for the schema, never None)."""
+
     model_config = ConfigDict(extra="ignore")
+    null_is_default: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_to_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k not in cls.null_is_default}
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -44,45 +57,53 @@ class ErrorResponse(BaseModel):
 
 # -- requests ---------------------------------------------------------------------------------
 class StreamOptions(OpenAIModel):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    null_is_default = frozenset({"include_usage", "continuous_usage_stats"})
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # usage so far in every chunk (vLLM)
 
 
 class SamplingFields(OpenAIModel):
     """Fields shared by both endpoints; defaults are OpenAI's where it has them, else vLLM's."""
 
+    null_is_default = frozenset({
+        "n", "stream", "presence_penalty", "frequency_penalty", "min_tokens", "ignore_eos",
+        "include_stop_str_in_output", "skip_special_tokens"})
     model: str | None = None
-    n: int = 1
-    stream: bool = False
+    n: int | None = 1
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM extras
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    min_tokens: int = 0
-    ignore_eos: bool = False
+    min_tokens: int | None = 0
+    ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool | None = False
+    skip_special_tokens: bool | None = True
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the context)
+    prompt_logprobs: int | None = None  # each prompt token's logprob and top k (not streamed)
     # Structured output; refused with a 400 naming the field until constrained decoding exists
     response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):
     """``POST /v1/completions``: ``prompt`` is a string, a list of strings, a list of token
-    ids, or a list of lists of token ids (one choice per prompt and sample)."""
+    ids, or a list of lists of token ids (one choice per prompt and sample). ``max_tokens``
+    null: all the room the context leaves."""
 
+    null_is_default = SamplingFields.null_is_default | {"echo"}
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
-    echo: bool = False
+    echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
@@ -91,12 +112,16 @@ class CompletionRequest(SamplingFields):
 class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``: ``messages`` rendered with the model's chat template."""
 
+    null_is_default = SamplingFields.null_is_default | {
+        "logprobs", "add_generation_prompt", "continue_final_message"}
     messages: list[dict[str, Any]]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | None = True
+    # vLLM's: the reply continues the last message (an assistant prefill) instead of a new turn
+    continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -125,17 +150,34 @@ class CompletionChoice(BaseModel):
     stop_reason: int | str | None = None
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's ``Logprob``: one entry of ``prompt_logprobs``, keyed by token id."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, PromptLogprob] | None]  # per prompt token; the first: None
+
+
+class CompletionResponseChoice(CompletionChoice):
+    prompt_logprobs: PromptLogprobs | None = None
+
+
 class CompletionResponse(BaseModel):
     id: str = Field(default_factory=lambda: random_id("cmpl"))
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=now)
     model: str
-    choices: list[CompletionChoice]
+    choices: list[CompletionResponseChoice]
     usage: UsageInfo | None = None
 
 
 class CompletionStreamResponse(CompletionResponse):
     """One SSE chunk; ``usage`` is present (null) only when the client asked for usage."""
+
+    choices: list[CompletionChoice]
 
 
 class TopLogprob(BaseModel):
@@ -172,6 +214,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -283,6 +326,17 @@ def prompt_logprobs(out: RequestOutput, tokenizer: Any) -> CompletionLogprobs | 
     return result
 
 
+def vllm_prompt_logprobs(out: RequestOutput, tokenizer: Any) -> PromptLogprobs | None:
+    """vLLM's ``prompt_logprobs`` of a response: per prompt token, ``{token id: logprob, rank,
+    decoded_token}`` of the token and its top alternatives (None for the first token)."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if entries is None else {
+        t: PromptLogprob(logprob=max(lp.logprob, -9999.0), rank=lp.rank,
+                         decoded_token=token_text(tokenizer, lp, t))
+        for t, lp in entries.items()} for entries in out.prompt_logprobs]
+
+
 def echoed_logprobs(out: RequestOutput, c: CompletionOutput, echo: str,
                     tokenizer: Any) -> CompletionLogprobs | None:
     """A choice's ``logprobs``: the scored prompt's (echo), then its generated tokens'."""
@@ -319,9 +373,10 @@ def completion_response(request_id: str, model: str, n: int, echoes: list[str],
                         tokenizer: Any) -> CompletionResponse:
     """One choice per prompt and sample, indexed ``prompt * n + sample``."""
     choices = [
-        CompletionChoice(index=i * n + c.index, text=echoes[i] + c.text,
-                         logprobs=echoed_logprobs(out, c, echoes[i], tokenizer),
-                         finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+        CompletionResponseChoice(index=i * n + c.index, text=echoes[i] + c.text,
+                                 logprobs=echoed_logprobs(out, c, echoes[i], tokenizer),
+                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                 prompt_logprobs=vllm_prompt_logprobs(out, tokenizer))
         for i, out in enumerate(finals) for c in out.outputs
     ]
     return CompletionResponse(id=request_id, model=model, choices=choices,
@@ -335,4 +390,5 @@ def chat_response(request_id: str, model: str, top: int, final: RequestOutput,
                           finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                for c in final.outputs]
     return ChatCompletionResponse(id=request_id, model=model, choices=choices,
-                                  usage=usage([prompt_len], [final]))
+                                  usage=usage([prompt_len], [final]),
+                                  prompt_logprobs=vllm_prompt_logprobs(final, tokenizer))

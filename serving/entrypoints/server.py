@@ -38,11 +38,13 @@ from serving.entrypoints.server_requests import (
     completion_prompts,
     engine_error,
     sampling_params,
+    truncated,
 )
 from serving.entrypoints.server_responses import respond
 from serving.entrypoints.server_state import Served
 from serving.entrypoints.tokenizer_routes import add_tokenizer_routes
 from xds_jax.errors import ConfigError, XdsError
+from xds_jax.sampling.params import MAX_LOGPROBS
 from xds_jax.text.tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
@@ -144,8 +146,11 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
             raise ApiError(400, "suffix is not supported", "suffix", "unsupported")
         served.precheck(req.n)
         prompts = await served.off_loop(completion_prompts, req.prompt, engine.tokenizer)
+        prompts = [truncated(p, req.truncate_prompt_tokens, engine.max_model_len)
+                   for p in prompts]
         # echo with logprobs scores the prompt too (vLLM); max_tokens 0 generates nothing
-        scored = req.logprobs if req.echo else None
+        scored = req.prompt_logprobs if req.prompt_logprobs is not None else (
+            req.logprobs if req.echo else None)
         jobs = [(p, sampling_params(req, served.fit(p[1], req.max_tokens, "prompt", least=0),
                                     req.logprobs, scored)) for p in prompts]
         return await respond(served, raw, req, model, jobs, "completion")
@@ -155,11 +160,16 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         model = served.check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
+        if not 0 <= (req.top_logprobs or 0) <= MAX_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be in 0..{MAX_LOGPROBS}, got "
+                           f"{req.top_logprobs}", "top_logprobs", "invalid_value")
         served.precheck(req.n)
-        prompt = await served.off_loop(chat_prompt, req, engine.tokenizer)
+        prompt = truncated(await served.off_loop(chat_prompt, req, engine.tokenizer),
+                           req.truncate_prompt_tokens, engine.max_model_len)
         limit = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = sampling_params(req, served.fit(prompt[1], limit, "messages"), logprobs)
+        params = sampling_params(req, served.fit(prompt[1], limit, "messages"), logprobs,
+                                 req.prompt_logprobs)
         return await respond(served, raw, req, model, [(prompt, params)], "chat")
 
     add_tokenizer_routes(app, served)

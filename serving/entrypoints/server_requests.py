@@ -32,7 +32,8 @@ class ApiError(Exception):
         self.headers = headers
 
     def body(self) -> dict:
-        kind = ERROR_TYPES.get(self.status, "server_error")
+        default = "invalid_request_error" if self.status < 500 else "server_error"
+        kind = ERROR_TYPES.get(self.status, default)
         info = api.ErrorInfo(message=self.message, type=kind, param=self.param, code=self.code)
         return api.ErrorResponse(error=info).model_dump()
 
@@ -67,6 +68,9 @@ def sampling_params(req: api.SamplingFields, max_tokens: int, logprobs: int | No
         raise ApiError(400, "best_of other than n is not supported", "best_of", "unsupported")
     if req.logit_bias:
         raise ApiError(400, "logit_bias is not supported", "logit_bias", "unsupported")
+    if req.prompt_logprobs is not None and req.stream:
+        raise ApiError(400, "prompt_logprobs are not available when streaming (as in vLLM)",
+                       "prompt_logprobs", "unsupported")
     kind = (req.response_format or {}).get("type", "text")
     if kind != "text":
         raise ApiError(400, f"response_format of type {kind!r} is not supported yet (no "
@@ -87,6 +91,18 @@ def sampling_params(req: api.SamplingFields, max_tokens: int, logprobs: int | No
             skip_special_tokens=req.skip_special_tokens)
     except SamplingParamsError as error:
         raise engine_error(error) from None
+
+
+def truncated(prompt: Prompt, keep: int | None, max_model_len: int) -> Prompt:
+    """vLLM's ``truncate_prompt_tokens``: the prompt's last ``keep`` tokens (-1: as many as the
+    context holds). A cut prompt loses its text, so an echo shows the tokens kept."""
+    if keep is None:
+        return prompt
+    keep = max_model_len if keep == -1 else keep
+    if not 1 <= keep <= max_model_len:
+        raise ApiError(400, f"truncate_prompt_tokens must be -1 or in 1..{max_model_len} (the "
+                       f"context length), got {keep}", "truncate_prompt_tokens", "invalid_value")
+    return prompt if len(prompt[1]) <= keep else (None, prompt[1][-keep:])
 
 
 def completion_prompts(prompt: Any, tokenizer: Any) -> list[Prompt]:
@@ -120,9 +136,28 @@ def chat_prompt(req: api.ChatCompletionRequest, tokenizer: Any) -> Prompt:
     try:
         add_generation_prompt, kwargs = chat_template_options(req.add_generation_prompt,
                                                               req.chat_template_kwargs)
+        if req.continue_final_message and add_generation_prompt:
+            raise ApiError(400, "continue_final_message needs add_generation_prompt set to "
+                           "false", "continue_final_message", "invalid_value")
         text = tokenizer.apply_chat_template(
             req.messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        if req.continue_final_message:
+            text = open_final_message(text, req.messages[-1])
         # The template already holds BOS where the model wants it.
         return text, tokenizer.encode(text, add_special_tokens=False)
     except TokenizerError as error:
         raise ApiError(400, f"messages: {error}", "messages", "invalid_value") from None
+
+
+def open_final_message(text: str, final: dict[str, Any]) -> str:
+    """The rendered chat ``text`` cut right after the last message's content, so the reply
+    continues it (what transformers and vLLM do for ``continue_final_message``)."""
+    content = final.get("content")
+    if isinstance(content, list):
+        content = "\n".join(part.get("text", "") for part in content if isinstance(part, dict))
+    content = (content or "").strip() if isinstance(content, str) else ""
+    if not content or content not in text:
+        raise ApiError(400, "continue_final_message: the last message's content must be "
+                       "non-empty text that the chat template renders verbatim",
+                       "continue_final_message", "invalid_value")
+    return text[:text.rindex(content) + len(content)]

@@ -133,13 +133,18 @@ async def finish_stream(watch: Watchdog, events: AsyncIterator[dict], req: Any,
                         usage: Callable[[], api.UsageInfo], model: str,
                         request_id: str) -> AsyncIterator[str]:
     """SSE lines: the chunks, the usage chunk if asked for, an error event if the request
-    failed after the 200 header, then ``[DONE]``. Cut-short requests are aborted."""
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    failed after the 200 header, then ``[DONE]``. Cut-short requests are aborted. With
+    ``continuous_usage_stats`` (vLLM) every chunk carries the usage so far."""
+    options = req.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = include_usage and options.continuous_usage_stats
+    created = api.now()  # every chunk, the usage chunk too, has the stream's timestamp
     try:
         try:
             async for chunk in events:
+                created = chunk["created"]
                 if include_usage:
-                    chunk["usage"] = None
+                    chunk["usage"] = usage().model_dump() if continuous else None
                 else:
                     chunk.pop("usage", None)
                 yield sse(chunk)
@@ -152,7 +157,7 @@ async def finish_stream(watch: Watchdog, events: AsyncIterator[dict], req: Any,
             elif include_usage:
                 last = {"id": request_id, "object": "chat.completion.chunk"
                         if request_id.startswith("chatcmpl") else "text_completion",
-                        "created": api.now(), "model": model, "choices": [],
+                        "created": created, "model": model, "choices": [],
                         "usage": usage().model_dump()}
                 yield sse(last)
         yield sse("[DONE]")

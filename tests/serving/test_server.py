@@ -117,6 +117,17 @@ def test_sse_wire_format(fake):
     assert len({e["id"] for e in events}) == 1
 
 
+def test_stream_chunks_share_the_timestamp():
+    """OpenAI: "each chunk has the same timestamp"; the usage chunk of a stream longer than a
+    second had a later one."""
+    with serve(FakeEngine(delay=0.05)) as server:
+        chunks = list(client(server).chat.completions.create(
+            model="fake", messages=[{"role": "user", "content": "Hi"}], max_tokens=25,
+            stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 25
+    assert len({chunk.created for chunk in chunks}) == 1
+
+
 def test_concurrent_streams():
     engine = FakeEngine(delay=0.01)
 
@@ -202,6 +213,8 @@ BAD_REQUESTS = [
     ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 200}]}, 400,
      "messages"),
     ("chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("chat/completions", {**CHAT, "logprobs": True, "top_logprobs": -1}, 400, "top_logprobs"),
     ("chat/completions", {**CHAT, "max_completion_tokens": 0}, 400, "max_tokens"),
 ]
 
@@ -233,6 +246,13 @@ def test_bad_prompt_keeps_the_connection(fake):
 def test_unknown_route_has_error_body(fake):
     response = httpx.get(fake.url + "/v1/nothing")
     assert response.status_code == 404 and "error" in response.json()
+
+
+def test_client_errors_are_invalid_request_errors(fake):
+    """Every 4xx is the client's fault, typed so by OpenAI (a 405 said "server_error")."""
+    response = httpx.get(fake.url + "/v1/completions")
+    assert response.status_code == 405
+    assert response.json()["error"]["type"] == "invalid_request_error"
 
 
 # -- metrics ------------------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""The server through the ``openai`` SDK on the real engine (tiny golden Llama, byte tokenizer,
+ChatML): request shapes other clients send and vLLM accepts, answered as vLLM answers them."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.serving.fake_engine import client
+from tests.serving.real_server import text_server_fixture
+
+server = text_server_fixture()
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def sdk(server) -> openai.OpenAI:
+    return client(server)
+
+
+def test_explicit_nulls_take_the_defaults(server, sdk):
+    """Clients that send every field send unset ones as null; the OpenAI spec marks these
+    nullable and vLLM takes null as the default (they were 400s)."""
+    nulls = dict(n=None, stream=None, presence_penalty=None, frequency_penalty=None,
+                 extra_body={"min_tokens": None, "ignore_eos": None, "skip_special_tokens": None,
+                             "include_stop_str_in_output": None})
+    model = server.engine.model_name
+    done = sdk.completions.create(model=model, prompt=[5, 6, 7], max_tokens=3, temperature=0,
+                                  echo=None, **nulls)
+    plain = sdk.completions.create(model=model, prompt=[5, 6, 7], max_tokens=3, temperature=0)
+    assert [c.text for c in done.choices] == [c.text for c in plain.choices]
+    chat = sdk.chat.completions.create(model=model, messages=HI, max_tokens=2, logprobs=None,
+                                       stream_options=None, **nulls)
+    assert len(chat.choices) == 1 and chat.choices[0].logprobs is None
+    assert chat.usage.completion_tokens == 2
+
+
+def test_continuous_usage_stats(server, sdk):
+    """vLLM's ``stream_options.continuous_usage_stats``: every chunk carries the usage so far
+    (it was accepted and ignored: every chunk said null)."""
+    chunks = list(sdk.chat.completions.create(
+        model=server.engine.model_name, messages=HI, max_tokens=4, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"ignore_eos": True}))
+    usages = [chunk.usage for chunk in chunks]
+    assert all(u is not None and u.total_tokens == u.prompt_tokens + u.completion_tokens
+               for u in usages)
+    counts = [u.completion_tokens for u in usages]
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 4
+    assert chunks[-1].choices == [] and len({u.prompt_tokens for u in usages}) == 1
+
+
+def test_continue_final_message(server, sdk):
+    """vLLM's assistant prefill: ``continue_final_message`` ends the prompt inside the last
+    message, so the reply is what a completion of that text gives (it was ignored: the turn
+    was closed and a new one opened)."""
+    model = server.engine.model_name
+    messages = [*HI, {"role": "assistant", "content": "Sure, the answer"}]
+    text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nSure, the answer"
+    ids = httpx.post(server.url + "/tokenize", json={
+        "model": model, "prompt": text, "add_special_tokens": False}).json()["tokens"]
+    chat = sdk.chat.completions.create(
+        model=model, messages=messages, max_tokens=6, temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False,
+                    "ignore_eos": True})
+    same = sdk.completions.create(model=model, prompt=ids, max_tokens=6, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert chat.usage.prompt_tokens == len(ids)
+    assert chat.choices[0].message.content == same.choices[0].text
+    with pytest.raises(openai.BadRequestError) as error:
+        sdk.chat.completions.create(model=model, messages=messages, max_tokens=1,
+                                    extra_body={"continue_final_message": True})
+    assert error.value.param == "continue_final_message"
+
+
+def test_truncate_prompt_tokens(server, sdk):
+    """vLLM's ``truncate_prompt_tokens`` keeps a prompt's last k tokens (it was ignored: a
+    prompt over the context got the 400 the client asked to avoid)."""
+    model, ids = server.engine.model_name, list(range(3, 303))  # 300 tokens > 256
+    greedy = dict(model=model, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    cut = sdk.completions.create(prompt=ids, **greedy | {"extra_body": {
+        "ignore_eos": True, "truncate_prompt_tokens": 100}})
+    tail = sdk.completions.create(prompt=ids[-100:], **greedy)
+    assert cut.usage.prompt_tokens == 100 and cut.choices[0].text == tail.choices[0].text
+    chat = sdk.chat.completions.create(messages=[{"role": "user", "content": "x" * 400}],
+                                       **greedy | {"extra_body": {"truncate_prompt_tokens": 200}})
+    assert chat.usage.prompt_tokens == 200 and chat.usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError) as error:
+        sdk.completions.create(prompt=ids, **greedy | {"extra_body": {
+            "truncate_prompt_tokens": 300}})
+    assert error.value.param == "truncate_prompt_tokens" and "256" in error.value.message
+
+
+def test_prompt_logprobs(server, sdk):
+    """vLLM's ``prompt_logprobs``: per prompt token ``{token id: {logprob, rank,
+    decoded_token}}``, on each completion choice and on a chat response (it was ignored)."""
+    model, ids = server.engine.model_name, [5, 6, 7, 8]
+    done = sdk.completions.create(model=model, prompt=ids, max_tokens=1,
+                                  extra_body={"prompt_logprobs": 2})
+    echo = sdk.completions.create(model=model, prompt=ids, max_tokens=0, echo=True, logprobs=2)
+    scored = done.choices[0].model_extra["prompt_logprobs"]
+    assert len(scored) == len(ids) and scored[0] is None
+    want = echo.choices[0].logprobs.token_logprobs[1:]
+    assert [entries[str(t)]["logprob"] for entries, t in zip(scored[1:], ids[1:],
+                                                              strict=True)] == want
+    assert all(2 <= len(entries) <= 3 and {e["rank"] for e in entries.values()} >= {1, 2}
+               for entries in scored[1:])
+    chat = sdk.chat.completions.create(model=model, messages=HI, max_tokens=1,
+                                       extra_body={"prompt_logprobs": 0})
+    assert len(chat.model_extra["prompt_logprobs"]) == chat.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as error:
+        sdk.completions.create(model=model, prompt=ids, max_tokens=1, stream=True,
+                               extra_body={"prompt_logprobs": 1})
+    assert error.value.param == "prompt_logprobs"

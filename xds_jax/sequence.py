@@ -87,11 +87,23 @@ class Sequence:
             if len(self.output_ids) > self.params.min_tokens or token in self._stop_ids:
                 self.finish_reason = "stop"
                 self.stop_reason = token if token in self._stop_ids else None
+                self._cut_stop_token()
                 return
         if self._check_stop_strings():
             return
         if self.max_tokens is not None and len(self.output_ids) >= self.max_tokens:
             self.finish_reason = "length"
+
+    def _cut_stop_token(self) -> None:
+        """The text ends before the EOS or stop id that ended the sequence unless
+        ``include_stop_str_in_output`` (vLLM: its text, ``</s>`` with special tokens kept, or
+        a plain token given as a stop id, is not part of the reply). The id stays an output."""
+        if self._detok is None or self.params.include_stop_str_in_output:
+            return
+        seen = len(self._detok.output_ids)
+        if seen < len(self.output_ids) - 1:
+            self._detok.add(self.output_ids[seen:-1])
+        self._text_cut = len(self._detok.text)
 
     def abort(self) -> None:
         if not self.finished:

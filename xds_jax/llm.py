@@ -142,12 +142,14 @@ class LLM:
                 f"prompt token ids {bad[:5]} are outside the vocabulary "
                 f"(0..{self.cfg.vocab_size - 1})"
             )
-        bad_stops = [t for t in params.stop_token_ids if t >= self.cfg.vocab_size]
-        if bad_stops:
-            raise SamplingParamsError(
-                f"stop_token_ids {bad_stops[:5]} are outside the vocabulary "
-                f"(0..{self.cfg.vocab_size - 1})"
-            )
+        for field, ids in (("stop_token_ids", params.stop_token_ids),
+                           ("logit_bias", params.logit_bias)):
+            outside = [t for t in ids if t >= self.cfg.vocab_size]
+            if outside:
+                raise SamplingParamsError(
+                    f"{field} {outside[:5]} are outside the vocabulary "
+                    f"(0..{self.cfg.vocab_size - 1})"
+                )
         need = len(ids) + (params.max_tokens or 1)
         if len(ids) >= self.max_model_len or need > self.max_model_len:
             raise PromptTooLongError(

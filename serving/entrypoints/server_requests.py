@@ -66,8 +66,6 @@ def sampling_params(req: api.SamplingFields, max_tokens: int, logprobs: int | No
                     prompt_logprobs: int | None = None) -> SamplingParams:
     if getattr(req, "best_of", None) not in (None, req.n):
         raise ApiError(400, "best_of other than n is not supported", "best_of", "unsupported")
-    if req.logit_bias:
-        raise ApiError(400, "logit_bias is not supported", "logit_bias", "unsupported")
     if req.prompt_logprobs is not None and req.stream:
         raise ApiError(400, "prompt_logprobs are not available when streaming (as in vLLM)",
                        "prompt_logprobs", "unsupported")
@@ -88,9 +86,20 @@ def sampling_params(req: api.SamplingFields, max_tokens: int, logprobs: int | No
             min_tokens=req.min_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
             ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
-            skip_special_tokens=req.skip_special_tokens)
+            skip_special_tokens=req.skip_special_tokens, logit_bias=logit_bias(req.logit_bias))
     except SamplingParamsError as error:
         raise engine_error(error) from None
+
+
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias`` (token ids as JSON object keys) with integer keys."""
+    if not bias:
+        return None
+    try:
+        return {int(t): v for t, v in bias.items()}
+    except ValueError:
+        raise ApiError(400, "logit_bias keys must be token ids (integers as strings), got "
+                       f"{list(bias)[:5]}", "logit_bias", "invalid_value") from None
 
 
 def truncated(prompt: Prompt, keep: int | None, max_model_len: int) -> Prompt:

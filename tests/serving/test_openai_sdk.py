@@ -113,3 +113,23 @@ def test_prompt_logprobs(server, sdk):
         sdk.completions.create(model=model, prompt=ids, max_tokens=1, stream=True,
                                extra_body={"prompt_logprobs": 1})
     assert error.value.param == "prompt_logprobs"
+
+
+def test_logit_bias(server, sdk):
+    """OpenAI's ``logit_bias`` (it was a 400): +100 makes a token the greedy pick at every
+    step, streamed or not, on both endpoints; bad keys and ids outside the vocabulary are 400s
+    naming the field."""
+    model = server.engine.model_name
+    h, i = (server.engine.tokenizer.encode(c, add_special_tokens=False)[0] for c in "hi")
+    done = sdk.completions.create(model=model, prompt=[5, 6, 7], max_tokens=4, temperature=0,
+                                  logit_bias={str(h): 100}, logprobs=0,
+                                  extra_body={"ignore_eos": True})
+    assert done.choices[0].text == "hhhh"
+    chunks = sdk.chat.completions.create(model=model, messages=HI, max_tokens=3, temperature=0.7,
+                                         seed=2, logit_bias={str(i): 100}, stream=True,
+                                         extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "iii"
+    for bias in ({"x": 1}, {"-3": 1}, {str(10**6): 1}):
+        with pytest.raises(openai.BadRequestError) as error:
+            sdk.completions.create(model=model, prompt=[5], max_tokens=1, logit_bias=bias)
+        assert "logit_bias" in str(error.value)

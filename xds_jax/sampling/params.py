@@ -10,6 +10,7 @@ import random
 from xds_jax.errors import SamplingParamsError
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value; larger ones are clipped to it
 MAX_N = 128  # samples per request: each is a running sequence holding its own KV
 SEED_SPACE = 1 << 32  # the device draws from 32-bit seeds
 
@@ -31,7 +32,9 @@ class SamplingParams:
     ``seed`` makes a request reproducible whatever else is in its batch. ``logprobs=n`` returns
     the ``n`` most likely tokens (raw model log-probabilities) plus the sampled one per step;
     ``prompt_logprobs=n`` does the same for every prompt token after the first (vLLM's field).
-    ``max_tokens=0`` generates nothing: the request only scores its prompt.
+    ``max_tokens=0`` generates nothing: the request only scores its prompt. ``logit_bias``
+    maps token ids to a value added to their logits before sampling (penalties, filters and
+    greedy picks see it; reported logprobs stay the model's), clipped to +-100 as OpenAI does.
     """
 
     n: int = 1
@@ -52,6 +55,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -61,6 +65,8 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+        self.logit_bias = {int(t): max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, float(v)))
+                           for t, v in (self.logit_bias or {}).items()}
 
     def _validate(self) -> None:
         def bad(field: str, why: str) -> SamplingParamsError:
@@ -104,6 +110,11 @@ class SamplingParams:
             raise bad("stop", "must be non-empty strings")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative integers")
+        bias = self.logit_bias
+        if bias is not None and not (isinstance(bias, dict) and all(
+                _is_int(t) and t >= 0 and not isinstance(v, bool) and isinstance(v, int | float)
+                and math.isfinite(v) for t, v in bias.items())):
+            raise bad("logit_bias", "must map non-negative integer token ids to finite numbers")
 
     @property
     def greedy(self) -> bool:

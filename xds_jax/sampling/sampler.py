@@ -35,6 +35,7 @@ class SamplingBatch:
     output_counts: jax.Array  # [B, V] int32: how often each token was generated
     prompt_mask: jax.Array  # [B, V] bool: token occurs in the prompt
     banned: jax.Array  # [B, V] bool: may not be sampled now (EOS before min_tokens)
+    bias: jax.Array  # [B, V] float32 added to the logits (logit_bias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,7 @@ class SamplerFlags:
     """Static switches so a batch only pays for the filters it uses."""
 
     penalties: bool = False
+    bias: bool = False  # some row has a logit_bias
     random: bool = False  # some row samples (temperature > 0); else all rows are greedy
     sort: bool = False
     min_p: bool = False
@@ -52,6 +54,7 @@ class SamplerFlags:
 def flags_for(params: list[SamplingParams]) -> SamplerFlags:
     return SamplerFlags(
         penalties=any(p.penalized for p in params),
+        bias=any(p.logit_bias for p in params),
         random=any(not p.greedy for p in params),
         sort=any(p.top_p < 1 or p.top_k > 0 for p in params if not p.greedy),
         min_p=any(p.min_p > 0 for p in params if not p.greedy),
@@ -65,8 +68,9 @@ def make_batch(params: list[SamplingParams], seeds: list[int], steps: list[int],
                vocab_size: int, flags: SamplerFlags) -> SamplingBatch:
     """Host lists to a ``SamplingBatch`` (one row per sequence).
 
-    Token statistics are built ``[B, V]`` only when penalties are on, and the banned mask only
-    when some row bans a token; otherwise they are ``[B, 1]`` and broadcast.
+    Token statistics are built ``[B, V]`` only when penalties are on, the banned mask only
+    when some row bans a token and the bias only when some row has one; otherwise they are
+    ``[B, 1]`` and broadcast.
     """
     rows = len(params)
     f32 = partial(np.asarray, dtype=np.float32)
@@ -80,6 +84,12 @@ def make_batch(params: list[SamplingParams], seeds: list[int], steps: list[int],
     ban = np.zeros((rows, vocab_size if any(banned) else 1), bool)
     for i, ids in enumerate(banned):
         ban[i, [t for t in ids if 0 <= t < vocab_size]] = True  # others can never be drawn
+    bias = np.zeros((rows, vocab_size if flags.bias else 1), np.float32)
+    if flags.bias:
+        for i, p in enumerate(params):
+            for t, v in p.logit_bias.items():
+                if t < vocab_size:  # others can never be drawn
+                    bias[i, t] = v
     return SamplingBatch(
         temperature=f32([p.temperature for p in params]),
         top_k=np.asarray([min(p.top_k, vocab_size) for p in params], np.int32),
@@ -93,6 +103,7 @@ def make_batch(params: list[SamplingParams], seeds: list[int], steps: list[int],
         output_counts=counts,
         prompt_mask=in_prompt,
         banned=ban,
+        bias=bias,
     )
 
 
@@ -141,6 +152,8 @@ def sample(logits_BV: jax.Array, b: SamplingBatch, flags: SamplerFlags):
     """
     logits_BV = logits_BV.astype(jnp.float32)
     raw_logits = logits_BV
+    if flags.bias:  # before the penalties, as vLLM applies its logits processors
+        logits_BV = logits_BV + b.bias
     if flags.penalties:
         logits_BV = apply_penalties(logits_BV, b)
     logits_BV = jnp.where(b.banned, -jnp.inf, logits_BV)

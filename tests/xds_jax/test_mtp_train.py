@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from tests.helpers import tiny
+from xds_jax.model import stages
 from xds_jax.model.attention import new_layer_cache
 from xds_jax.model.mtp import draft_argmax, draft_tokens, mtp_block
-from xds_jax.train.mtp_corpus import Corpus, target_states
+from xds_jax.model.reference import forward, new_caches
+from xds_jax.train.mtp_corpus import Corpus, greedy_states
 from xds_jax.train.mtp_model import (
     block_pass,
     draft_logits,
@@ -100,6 +102,10 @@ def test_batches_label_the_targets_choices_two_and_three_ahead_in_the_reply():
     # pass 2 at s needs t[s+2] == choice[s+1]: false at s = 1 (8 != 1), true at s = 2 (9 == 9)
     assert b["use2"][0].tolist() == [False, False, True, False, False, False]
     assert b["lab2"][0, 2] == 4 and b["tok2"][0, 2] == 9
+    # prompt_pairs: the prompt's pairs are labelled too (s = 0: t[1] = 6, the target picks 7)
+    b = make_batch(corpus, [0], np.arange(10, dtype=np.int32), prompt_pairs=True)
+    assert b["use1"][0].tolist() == [True, True, True, True, False, False]
+    assert b["lab1"][0, 0] == 7 and b["use2"][0, 0] == (tokens[0, 2] == choice[0, 1])
 
 
 def test_draft_vocabulary_is_the_most_chosen_ids():
@@ -114,7 +120,7 @@ def test_teacher_logits_at_each_pair_are_the_targets_own_choice_for_its_label():
     m = tiny("llama")
     rng = np.random.default_rng(3)
     seqs = [rng.integers(1, m.cfg.vocab_size, n).tolist() for n in (10, 7)]
-    c = target_states(m.params, m.cfg, seqs, [10, 7], width=10, batch=2)
+    c = greedy_states(m.params, m.cfg, seqs, [], max_tokens=0, width=10, batch=2)
     c.hidden = c.hidden.astype(np.float32)
     b = make_batch(c, [0, 1], np.arange(m.cfg.vocab_size, dtype=np.int32))
     head = (m.params["embed"] if m.cfg.tie_word_embeddings else m.params["lm_head"].T)
@@ -122,6 +128,54 @@ def test_teacher_logits_at_each_pair_are_the_targets_own_choice_for_its_label():
         t = teacher_logits(jnp.asarray(c.hidden), m.params["final_norm"], head, m.cfg, ahead)
         valid = np.arange(10)[None] + ahead < c.lengths[:, None]
         np.testing.assert_array_equal(np.asarray(jnp.argmax(t, -1))[valid], lab[valid])
+
+
+def _dense(m, seq: list[int]):
+    """An independent reference: hiddens ``[L, D]`` and picks ``[L]`` of one whole sequence in
+    one dense pass."""
+    t = len(seq)
+    x, _ = forward(m.params, m.cfg, jnp.asarray([seq], jnp.int32), jnp.arange(t)[None],
+                   new_caches(m.cfg, 1, t, jnp.float32), jnp.zeros((1, 1), jnp.int32))
+    return np.asarray(x[0]), np.asarray(jnp.argmax(stages.head(m.params, m.cfg, x[0]), -1))
+
+
+def test_greedy_states_are_the_targets_greedy_replies_hiddens_and_picks():
+    """Replies decoded a batch at a time (a padded last batch, prompts of several lengths)
+    are the greedy continuation of a dense pass over each whole sequence, and the hiddens and
+    picks kept from the decoding passes are that pass's, at every position."""
+    m = tiny("llama")
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(1, m.cfg.vocab_size, n).tolist() for n in (5, 3, 7)]
+    c = greedy_states(m.params, m.cfg, prompts, [], max_tokens=6, width=16, batch=2)
+    assert c.lengths.tolist() == [11, 9, 13] and c.prompt_lens.tolist() == [5, 3, 7]
+    for i, p in enumerate(prompts):
+        n = c.lengths[i]
+        seq = c.tokens[i, :n].tolist()
+        assert seq[:len(p)] == p and not c.tokens[i, n:].any()
+        x, picks = _dense(m, seq)
+        assert seq[len(p):] == picks[len(p) - 1:n - 1].tolist()  # greedy
+        assert c.choice[i, :n].tolist() == picks.tolist()  # prompt, reply, after the end
+        np.testing.assert_allclose(c.hidden[i, :n].astype(np.float32), x, rtol=2e-3, atol=2e-3)
+
+
+def test_greedy_states_stop_a_row_after_it_is_fed_an_eos_token():
+    m = tiny("llama")
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(1, m.cfg.vocab_size, n).tolist() for n in (4, 6)]
+    free = greedy_states(m.params, m.cfg, prompts, [], max_tokens=8, width=16)
+    eos = int(free.tokens[0, 4 + 2])  # row 0's third reply token
+    c = greedy_states(m.params, m.cfg, prompts, [eos], max_tokens=8, width=16)
+    for i, plen in enumerate((4, 6)):
+        reply = free.tokens[i, plen:plen + 8].tolist()
+        stop = reply.index(eos) + 1 if eos in reply else 8
+        assert c.lengths[i] == plen + stop
+        assert c.tokens[i, :plen + stop].tolist() == free.tokens[i, :plen + stop].tolist()
+        # the pick after the eos token comes from the pass that fed it
+        assert c.choice[i, plen + stop - 1] == free.choice[i, plen + stop - 1]
+    assert c.lengths[0] <= 4 + 3
+    # max_tokens and width bound a row too
+    short = greedy_states(m.params, m.cfg, prompts, [], max_tokens=8, width=9)
+    assert short.lengths.tolist() == [9, 9]
 
 
 def test_soft_zero_is_the_hard_cross_entropy_and_soft_pulls_to_the_teacher():
@@ -203,29 +257,41 @@ def test_bf16_training_step_keeps_float32_weights_and_follows_the_float32_loss()
     assert losses["float32"][-1] < 0.8 * losses["float32"][0]
 
 
-def test_replies_resume_from_the_file_in_conversation_order(tmp_path):
-    """``extend_replies`` reads what the file holds, generates the rest chunk by chunk in
-    order and appends them, so an interrupted corpus resumes where it stopped."""
+def test_corpus_resumes_at_its_first_missing_chunk(tmp_path, monkeypatch):
+    """``corpus_states`` caches the corpus chunk by chunk; a rerun reads the chunks it finds
+    and decodes only the missing ones, with the same result."""
     from types import SimpleNamespace
 
-    from xds_jax.train.mtp_corpus import extend_replies, load_corpus
+    from xds_jax.train import mtp_corpus
+    from xds_jax.train.mtp_train import corpus_states
 
-    class FakeLLM:  # a test double: the reply of prompt i is [i, i + 1]
-        def __init__(self):
-            self.calls: list[int] = []
+    m = tiny("llama")
 
-        def chat(self, conversations, params):
-            self.calls.append(len(conversations))
-            return [SimpleNamespace(prompt_token_ids=[int(c[0]["content"])],
-                                    outputs=[SimpleNamespace(token_ids=[int(c[0]["content"]) + 1])])
-                    for c in conversations]
+    class Tokenizer:  # a test double: a conversation's content is its prompt ids
+        eos_token_ids = {1}
 
-    convs = [[{"role": "user", "content": str(i)}] for i in range(10)]
-    path = tmp_path / "replies.jsonl"
-    llm = FakeLLM()
-    assert extend_replies(llm, path, convs[:3], 8, chunk=2) == [[0, 1], [1, 2], [2, 3]]
-    assert llm.calls == [2, 1]
-    assert extend_replies(llm, path, convs, 8, chunk=4) == [[i, i + 1] for i in range(10)]
-    assert llm.calls == [2, 1, 4, 3] and load_corpus(path) == [[i, i + 1] for i in range(10)]
-    assert extend_replies(llm, path, convs[:5], 8) == [[i, i + 1] for i in range(5)]
-    assert llm.calls == [2, 1, 4, 3]  # all read back from the file
+        def apply_chat_template(self, conversation, add_generation_prompt):
+            return conversation[0]["content"]
+
+        def encode(self, text, add_special_tokens):
+            return [int(t) for t in text.split()]
+
+    llm = SimpleNamespace(params=m.params, cfg=m.cfg, tokenizer=Tokenizer())
+    rng = np.random.default_rng(6)
+    convs = [[{"role": "user", "content": " ".join(map(str, rng.integers(2, 60, n)))}]
+             for n in (3, 5, 4, 6, 2)]
+    monkeypatch.setenv("XDS_CACHE_DIR", str(tmp_path))
+    calls = []
+    real = mtp_corpus.greedy_states
+    monkeypatch.setattr(mtp_corpus, "greedy_states",
+                        lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    first = corpus_states(llm, "t", convs, 4, 12, chunk=2)
+    assert calls == [2, 2, 1]
+    files = sorted((tmp_path / "mtp" / "t-x4.float32.w12").iterdir())
+    assert [f.name for f in files] == ["00000-00002.npz", "00002-00004.npz", "00004-00005.npz"]
+    files[1].unlink()
+    again = corpus_states(llm, "t", convs, 4, 12, chunk=2)
+    assert calls == [2, 2, 1, 2]  # only the missing chunk
+    for f in ("tokens", "lengths", "hidden", "choice", "prompt_lens"):
+        np.testing.assert_array_equal(getattr(again, f), getattr(first, f))
+    assert first.prompt_lens.tolist() == [3, 5, 4, 6, 2]

@@ -1,24 +1,24 @@
 """Self-distillation data for an MTP draft head: the target's own greedy replies, its last
 hidden states and its next-token choices.
 
-Prompts come from ``mtp_prompts``. Replies come from our engine, batched wide and greedy, so
-a rerun gives the same corpus (up to float rounding between batch shapes); they are appended
-to a JSON-lines file chunk by chunk, so an interrupted generation resumes where it stopped.
+Prompts come from ``mtp_prompts``. ``greedy_states`` decodes them greedily with the model's
+own stage functions over one dense KV page per row, keeping the hidden state and the pick of
+every pass as it goes: the corpus costs one pass over its text, not a generation and then a
+second pass for the states.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xds_jax.generate import bucket
 from xds_jax.model import stages
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.reference import forward, new_caches
@@ -39,94 +39,85 @@ class Corpus:
     prompt_lens: np.ndarray
 
 
-def generate_replies(llm, conversations: list, max_tokens: int) -> list[list[int]]:
-    """Prompt + greedy reply token ids of each conversation, from the serving engine."""
-    from xds_jax.sampling.params import SamplingParams
-
-    outs = llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=max_tokens))
-    return [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
+def prompt_ids(llm, conversations: list) -> list[list[int]]:
+    """The prompt token ids of each conversation, as ``LLM.chat`` encodes it."""
+    return [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
+        c, add_generation_prompt=True), add_special_tokens=False) for c in conversations]
 
 
-def prompt_lengths(llm, conversations: list) -> list[int]:
-    """Prompt tokens of each conversation, as ``LLM.chat`` encodes it."""
-    return [len(llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
-        c, add_generation_prompt=True), add_special_tokens=False)) for c in conversations]
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("caches",))
+def _target_pass(params: dict, tokens_BS: jax.Array, positions_BS: jax.Array, pages_B: jax.Array,
+                 caches: list, *, cfg: ModelConfig):
+    """Hiddens ``[B, S, D]`` and the target's picks ``[B, S]``; row ``b`` keeps its KV in
+    page ``pages_B[b]`` (one page per sequence)."""
+    x, caches = forward(params, cfg, tokens_BS, positions_BS, caches, pages_B[:, None])
+    return x, argmax_last(stages.head(params, cfg, x)), caches
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _target_pass(params: dict, tokens_BS: jax.Array, positions_BS: jax.Array, *,
-                 cfg: ModelConfig):
-    b, s = tokens_BS.shape
-    caches = new_caches(cfg, b, s, params["embed"].dtype)
-    x, _ = forward(params, cfg, tokens_BS, positions_BS, caches, jnp.arange(b)[:, None])
-    return x, argmax_last(stages.head(params, cfg, x))
+def greedy_states(params: dict, cfg: ModelConfig, prompts: list[list[int]], eos_ids,
+                  max_tokens: int, width: int, batch: int = 64) -> Corpus:
+    """The target's greedy replies to ``prompts`` with, from the same passes, its hidden state
+    and pick at every position (no second pass over the text for them).
 
-
-def target_states(params: dict, cfg: ModelConfig, seqs: list[list[int]],
-                  prompt_lens: list[int], width: int, batch: int = 8) -> Corpus:
-    """Run the target over ``seqs`` (cut to ``width`` tokens) for hiddens and choices.
-
-    In the reply the target's choice is the next token itself (the replies are its greedy
-    output); in the prompt it is the argmax of this pass. Pass bfloat16 ``params`` for speed
-    (twice as fast on XLA:CPU): hiddens then differ slightly from a float32 target's.
+    ``batch`` prompts at a time: one prefill over their prompts (right-padded to the longest
+    prompt of all: one compiled shape), then one-token steps over the rows still running
+    (padded to a power of two, so a batch's tail runs narrower steps). A row stops once it
+    has been fed an ``eos_ids`` token, its ``max_tokens``-th reply token or its ``width``-th
+    token; the step that feeds a token gives the pick after it.
     """
-    seqs = [s[:width] for s in seqs]
-    n = len(seqs)
+    n = len(prompts)
+    prompt_lens = np.array([min(len(p), width) for p in prompts], np.int32)
+    pw = int(prompt_lens.max())
     tokens = np.zeros((n, width), np.int32)
-    lengths = np.array([len(s) for s in seqs], np.int32)
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = s
     hidden = np.zeros((n, width, cfg.hidden_size), np.float16)
     choice = np.zeros((n, width), np.int32)
-    idx = np.arange(width)[None]
+    lengths = prompt_lens.copy()
+    eos = np.asarray(sorted(eos_ids), np.int32)
+    idx = np.arange(pw)[None]
     for lo in range(0, n, batch):
-        rows = min(batch, n - lo)
-        t = np.zeros((batch, width), np.int32)  # one compiled shape
-        t[:rows] = tokens[lo:lo + rows]
-        lens = np.zeros(batch, np.int32)
-        lens[:rows] = lengths[lo:lo + rows]
-        pos = np.where(idx < lens[:, None], idx, -1)
-        x, a = _target_pass(params, jnp.asarray(t), jnp.asarray(pos), cfg=cfg)
-        hidden[lo:lo + rows] = np.asarray(x[:rows], np.float32).astype(np.float16)
-        choice[lo:lo + rows] = np.asarray(a[:rows])
-        if (lo + rows) % (32 * batch) == 0 or lo + rows == n:
-            log.info("target states: %d/%d sequences", lo + rows, n)
-    prompt_lens = np.asarray(prompt_lens, np.int32)
-    reply = idx + 1 >= prompt_lens[:, None]
-    nxt = np.concatenate([tokens[:, 1:], np.zeros((n, 1), np.int32)], axis=1)
-    choice = np.where(reply & (idx + 1 < lengths[:, None]), nxt, choice)
+        rows = np.arange(lo, min(lo + batch, n))
+        used = np.arange(batch) < len(rows)
+        plen = np.ones(batch, np.int32)  # padding rows: one position, never read
+        plen[used] = prompt_lens[rows]
+        t = np.zeros((batch, pw), np.int32)
+        for i, r in enumerate(rows):
+            t[i, :plen[i]] = prompts[r][:plen[i]]
+        tokens[rows, :pw] = t[used]
+        caches = new_caches(cfg, batch, width, params["embed"].dtype)
+        x, picks, caches = _target_pass(params, jnp.asarray(t),
+                                        jnp.asarray(np.where(idx < plen[:, None], idx, -1)),
+                                        jnp.arange(batch), caches, cfg=cfg)
+        hidden[rows, :pw] = np.asarray(x[used], np.float32).astype(np.float16)
+        choice[rows, :pw] = np.asarray(picks)[used]
+        cur = np.asarray(picks)[np.arange(batch), plen - 1]
+        length, alive = plen.copy(), used & (max_tokens > 0)
+        while alive.any():
+            live = np.flatnonzero(alive)
+            r, at = rows[live], length[live]
+            tokens[r, at] = cur[live]
+            pad = bucket(len(live)) - len(live)
+            x, picks, caches = _target_pass(
+                params, jnp.asarray(np.pad(cur[live], (0, pad))[:, None]),
+                jnp.asarray(np.pad(at, (0, pad), constant_values=-1)[:, None]),
+                jnp.asarray(np.pad(live, (0, pad))), caches, cfg=cfg)
+            hidden[r, at] = np.asarray(x[:len(live), 0], np.float32).astype(np.float16)
+            choice[r, at] = cur[live] = np.asarray(picks[:len(live), 0])
+            length[live] += 1
+            alive[live] &= ~(np.isin(tokens[r, at], eos) | (length[live] - plen[live] >= max_tokens)
+                             | (length[live] >= width))
+        lengths[rows] = length[used]
+        log.info("corpus: %d/%d sequences", rows[-1] + 1, n)
     return Corpus(tokens, lengths, hidden, choice, prompt_lens)
-
-
-def extend_replies(llm, path: Path, conversations: list, max_tokens: int,
-                   chunk: int = 64) -> list[list[int]]:
-    """Prompt + greedy reply of every conversation, read from ``path`` (JSON lines, one per
-    conversation in order) as far as it goes; the rest are generated ``chunk`` at a time and
-    appended to it. (A chunk of 256 at ``max_num_seqs=64`` measured slower than one batch at
-    a time: 392 against 473 tokens/s over 256 prompts, as its new prompts' prefills join the
-    decode steps.)"""
-    seqs = load_corpus(path) if path.is_file() else []
-    if len(seqs) >= len(conversations):
-        return seqs[:len(conversations)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    t0, done = time.monotonic(), len(seqs)
-    for lo in range(done, len(conversations), chunk):
-        new = generate_replies(llm, conversations[lo:lo + chunk], max_tokens)
-        with path.open("a") as f:
-            f.write("".join(json.dumps(s) + "\n" for s in new))
-        seqs += new
-        log.info("corpus: %d/%d replies (%.0f s, %.0f tokens/s)", len(seqs),
-                 len(conversations), time.monotonic() - t0,
-                 sum(len(s) for s in seqs[done:]) / (time.monotonic() - t0))
-    return seqs
-
-
-def load_corpus(path: Path) -> list[list[int]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def save_states(path: Path, c: Corpus) -> None:
     np.savez(path, **dataclasses.asdict(c))
+
+
+def concat(parts: list[Corpus]) -> Corpus:
+    """One corpus of the rows of ``parts``, in order."""
+    return Corpus(*(np.concatenate([getattr(c, f.name) for c in parts])
+                    for f in dataclasses.fields(Corpus)))
 
 
 def load_states(path: Path) -> Corpus:

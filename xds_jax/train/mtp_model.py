@@ -130,19 +130,22 @@ def two_pass_loss(block: dict, embed_VD: jax.Array, head_ND: jax.Array, cfg: Mod
     return l1 + l2, (hit1, hit2)
 
 
-def make_batch(c, rows, index_of: np.ndarray) -> dict:
+def make_batch(c, rows, index_of: np.ndarray, prompt_pairs: bool = False) -> dict:
     """Pass inputs, labels and masks (``two_pass_loss``) for rows ``rows`` of corpus ``c``.
 
     ``choice[s]`` is the target's pick for token ``s+1``; ``index_of`` maps a target id to its
-    draft-vocabulary index (-1 outside). Only pairs that decoding drafts from count: ``s`` from
-    the last prompt token on (the prompt's pairs only fill the block's KV). Pass 2 at ``s``
-    needs ``t[s+2]`` to be the target's pick, so that the target's next pick after it is known.
+    draft-vocabulary index (-1 outside). By default only pairs that decoding drafts from count:
+    ``s`` from the last prompt token on (the prompt's pairs only fill the block's KV). With
+    ``prompt_pairs`` the prompt's pairs are labelled too (the target's pick after each prompt
+    token: more data at no cost, the same positions run either way). Pass 2 at ``s`` needs
+    ``t[s+2]`` to be the target's pick, so that the target's next pick after it is known.
     """
     tokens, lengths, choice = c.tokens[rows], c.lengths[rows], c.choice[rows]
     b, s = tokens.shape
     shift = lambda a, n: np.concatenate([a[:, n:], np.zeros((b, n), a.dtype)], axis=1)  # noqa: E731
     idx = np.arange(s)[None, :]
-    use1 = (idx + 1 <= lengths[:, None] - 1) & (idx + 1 >= c.prompt_lens[rows][:, None])
+    first = 0 if prompt_pairs else c.prompt_lens[rows][:, None]
+    use1 = (idx + 1 <= lengths[:, None] - 1) & (idx + 1 >= first)
     use2 = use1 & (idx + 2 <= lengths[:, None] - 1) & (shift(tokens, 2) == shift(choice, 1))
     return {"hidden": c.hidden[rows], "tok1": shift(tokens, 1), "tok2": shift(tokens, 2),
             "lab1": index_of[shift(choice, 1)], "lab2": index_of[shift(choice, 2)],

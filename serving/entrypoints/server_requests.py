@@ -145,6 +145,8 @@ def chat_prompt(req: api.ChatCompletionRequest, tokenizer: Any) -> Prompt:
     try:
         add_generation_prompt, kwargs = chat_template_options(req.add_generation_prompt,
                                                               req.chat_template_kwargs)
+        if req.tools:  # tool_choice "none" (others are refused): the model still sees them
+            kwargs = {"tools": req.tools, **kwargs}
         if req.continue_final_message and add_generation_prompt:
             raise ApiError(400, "continue_final_message needs add_generation_prompt set to "
                            "false", "continue_final_message", "invalid_value")

@@ -133,3 +133,20 @@ def test_logit_bias(server, sdk):
         with pytest.raises(openai.BadRequestError) as error:
             sdk.completions.create(model=model, prompt=[5], max_tokens=1, logit_bias=bias)
         assert "logit_bias" in str(error.value)
+
+
+def test_tools_with_tool_choice_none_reach_the_chat_template(server, sdk):
+    """vLLM renders ``tools`` into the prompt even when ``tool_choice`` is "none" (the model
+    may not call them, but reads them); they were dropped."""
+    tok = server.engine.tokenizer
+    plain_template = tok.chat_template
+    tok.chat_template = ("{% for t in tools or [] %}<tool:{{ t['function']['name'] }}>"
+                         "{% endfor %}" + plain_template)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    try:
+        kw = dict(model=server.engine.model_name, messages=HI, max_tokens=1, temperature=0)
+        without = sdk.chat.completions.create(**kw).usage.prompt_tokens
+        with_tools = sdk.chat.completions.create(**kw, tools=tools, tool_choice="none")
+    finally:
+        tok.chat_template = plain_template
+    assert with_tools.usage.prompt_tokens == without + len("<tool:get_weather>")  # byte tokens

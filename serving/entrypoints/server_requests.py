@@ -142,22 +142,37 @@ def chat_prompt(req: api.ChatCompletionRequest, tokenizer: Any) -> Prompt:
         raise ApiError(400, "messages must be a non-empty list", "messages", "invalid_value")
     if tokenizer is None:
         raise ApiError(400, "this model has no tokenizer or chat template", "messages")
+    text = render_chat(tokenizer, req)
+    # The template already holds BOS where the model wants it.
+    return text, encode_chat(tokenizer, text, False)
+
+
+def encode_chat(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    """Rendered chat text to ids; a text the tokenizer refuses is a 400 on ``messages``."""
+    try:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    except TokenizerError as error:
+        raise ApiError(400, f"messages: {error}", "messages", "invalid_value") from None
+
+
+def render_chat(tokenizer: Any, req: Any) -> str:
+    """A chat request's prompt text (chat completions and ``/tokenize`` alike): ``messages``
+    through the chat template with ``add_generation_prompt``, ``chat_template_kwargs``,
+    ``tools`` (rendered even with ``tool_choice`` "none", as vLLM does) and
+    ``continue_final_message``."""
     try:
         add_generation_prompt, kwargs = chat_template_options(req.add_generation_prompt,
                                                               req.chat_template_kwargs)
-        if req.tools:  # tool_choice "none" (others are refused): the model still sees them
+        if req.tools:
             kwargs = {"tools": req.tools, **kwargs}
         if req.continue_final_message and add_generation_prompt:
             raise ApiError(400, "continue_final_message needs add_generation_prompt set to "
                            "false", "continue_final_message", "invalid_value")
         text = tokenizer.apply_chat_template(
             req.messages, add_generation_prompt=add_generation_prompt, **kwargs)
-        if req.continue_final_message:
-            text = open_final_message(text, req.messages[-1])
-        # The template already holds BOS where the model wants it.
-        return text, tokenizer.encode(text, add_special_tokens=False)
     except TokenizerError as error:
         raise ApiError(400, f"messages: {error}", "messages", "invalid_value") from None
+    return open_final_message(text, req.messages[-1]) if req.continue_final_message else text
 
 
 def open_final_message(text: str, final: dict[str, Any]) -> str:

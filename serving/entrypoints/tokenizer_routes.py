@@ -16,8 +16,8 @@ from fastapi import FastAPI
 from pydantic import Field
 
 from serving.entrypoints.openai_protocol import ModelCard, OpenAIModel
-from serving.entrypoints.server_requests import ApiError
-from xds_jax.text.tokenizer import TokenizerError, chat_template_options
+from serving.entrypoints.server_requests import ApiError, encode_chat, render_chat
+from xds_jax.text.tokenizer import TokenizerError
 
 
 class TokenizeRequest(OpenAIModel):
@@ -28,7 +28,9 @@ class TokenizeRequest(OpenAIModel):
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
     return_token_strs: bool = False
 
 
@@ -53,18 +55,13 @@ def package_version() -> str:
 
 def tokenize_ids(tok: Any, req: TokenizeRequest) -> list[int]:
     """The token ids of a ``/tokenize`` request (run on a tokenizer thread)."""
+    if req.messages is not None:  # as chat completions renders them
+        return encode_chat(tok, render_chat(tok, req), bool(req.add_special_tokens))
     try:
-        if req.messages is not None:
-            add_prompt, kwargs = chat_template_options(req.add_generation_prompt,
-                                                       req.chat_template_kwargs)
-            text = tok.apply_chat_template(req.messages, add_generation_prompt=add_prompt,
-                                           **kwargs)
-            return tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
         special = True if req.add_special_tokens is None else req.add_special_tokens
         return tok.encode(req.prompt, add_special_tokens=special)
     except TokenizerError as error:
-        field = "messages" if req.messages is not None else "prompt"
-        raise ApiError(400, f"{field}: {error}", field, "invalid_value") from None
+        raise ApiError(400, f"prompt: {error}", "prompt", "invalid_value") from None
 
 
 def add_tokenizer_routes(app: FastAPI, served: Any) -> None:

@@ -75,3 +75,26 @@ def test_version_and_model_card(server):
     assert card.status_code == 200 and card.json()["id"] == name
     missing = httpx.get(server.url + "/v1/models/nope")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_tokenize_messages_takes_tools_and_continue_final_message_as_chat_does(server):
+    """``/tokenize`` renders ``messages`` exactly as chat completions does, with vLLM's
+    ``tools`` and ``continue_final_message`` (it ignored both)."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}]
+    body = {"messages": messages, "add_generation_prompt": False,
+            "continue_final_message": True}
+    got = httpx.post(f"{server.url}/tokenize", json=body).json()
+    text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nSure"
+    assert got["tokens"] == server.engine.tokenizer.encode(text, add_special_tokens=False)
+    bad = httpx.post(f"{server.url}/tokenize", json={**body, "add_generation_prompt": True})
+    assert bad.status_code == 400 and "continue_final_message" in bad.text
+    tok = server.engine.tokenizer
+    plain_template = tok.chat_template
+    tok.chat_template = "{% for t in tools or [] %}[{{ t['name'] }}]{% endfor %}" + plain_template
+    try:
+        with_tools = httpx.post(f"{server.url}/tokenize",
+                                json={"messages": messages[:1], "tools": [{"name": "f"}]}).json()
+        without = httpx.post(f"{server.url}/tokenize", json={"messages": messages[:1]}).json()
+    finally:
+        tok.chat_template = plain_template
+    assert with_tools["count"] == without["count"] + len("[f]")

@@ -142,9 +142,9 @@ class LLM:
                 f"prompt token ids {bad[:5]} are outside the vocabulary "
                 f"(0..{self.cfg.vocab_size - 1})"
             )
-        for field, ids in (("stop_token_ids", params.stop_token_ids),
-                           ("logit_bias", params.logit_bias)):
-            outside = [t for t in ids if t >= self.cfg.vocab_size]
+        for field, given in (("stop_token_ids", params.stop_token_ids),
+                             ("logit_bias", params.logit_bias)):
+            outside = [t for t in given if t >= self.cfg.vocab_size]
             if outside:
                 raise SamplingParamsError(
                     f"{field} {outside[:5]} are outside the vocabulary "

@@ -176,6 +176,8 @@ def test_greedy_states_stop_a_row_after_it_is_fed_an_eos_token():
     # max_tokens and width bound a row too
     short = greedy_states(m.params, m.cfg, prompts, [], max_tokens=8, width=9)
     assert short.lengths.tolist() == [9, 9]
+    full = greedy_states(m.params, m.cfg, [*prompts, list(range(1, 12))], [], 8, width=6)
+    assert full.lengths.tolist() == [6, 6, 6] and full.prompt_lens.tolist() == [4, 6, 6]
 
 
 def test_soft_zero_is_the_hard_cross_entropy_and_soft_pulls_to_the_teacher():

@@ -90,7 +90,7 @@ def greedy_states(params: dict, cfg: ModelConfig, prompts: list[list[int]], eos_
         hidden[rows, :pw] = np.asarray(x[used], np.float32).astype(np.float16)
         choice[rows, :pw] = np.asarray(picks)[used]
         cur = np.asarray(picks)[np.arange(batch), plen - 1]
-        length, alive = plen.copy(), used & (max_tokens > 0)
+        length, alive = plen.copy(), used & (max_tokens > 0) & (plen < width)
         while alive.any():
             live = np.flatnonzero(alive)
             r, at = rows[live], length[live]

@@ -208,19 +208,24 @@ class LLM:
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
              use_tqdm: bool = False) -> list[RequestOutput]:
         """Reply to one conversation (a list of ``{"role", "content"}``) or to a list of them."""
-        if self.tokenizer is None:
-            raise InvalidPromptError(f"model {self.model_name!r} has no tokenizer for chat")
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = []
         for conversation in conversations:
-            add_prompt, kwargs = chat_template_options(add_generation_prompt,
-                                                       chat_template_kwargs)
-            text = self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_prompt, **kwargs)
-            # The template already holds BOS where the model wants it.
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            text, ids = self.chat_prompt(conversation, add_generation_prompt,
+                                         chat_template_kwargs)
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def chat_prompt(self, conversation: list, add_generation_prompt: bool = True,
+                    chat_template_kwargs: dict | None = None) -> tuple[str, list[int]]:
+        """The prompt text and token ids ``chat`` sends for one conversation."""
+        if self.tokenizer is None:
+            raise InvalidPromptError(f"model {self.model_name!r} has no tokenizer for chat")
+        add_prompt, kwargs = chat_template_options(add_generation_prompt, chat_template_kwargs)
+        text = self.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=add_prompt, **kwargs)
+        # The template already holds BOS where the model wants it.
+        return text, self.tokenizer.encode(text, add_special_tokens=False)
 
     @staticmethod
     def _params_list(sampling_params, count: int) -> list[SamplingParams]:

@@ -262,8 +262,9 @@ def test_bf16_training_step_keeps_float32_weights_and_follows_the_float32_loss()
 def test_corpus_resumes_at_its_first_missing_chunk(tmp_path, monkeypatch):
     """``corpus_states`` caches the corpus chunk by chunk; a rerun reads the chunks it finds
     and decodes only the missing ones, with the same result."""
-    from types import SimpleNamespace
+    from types import MethodType, SimpleNamespace
 
+    from xds_jax import LLM
     from xds_jax.train import mtp_corpus
     from xds_jax.train.mtp_train import corpus_states
 
@@ -278,7 +279,8 @@ def test_corpus_resumes_at_its_first_missing_chunk(tmp_path, monkeypatch):
         def encode(self, text, add_special_tokens):
             return [int(t) for t in text.split()]
 
-    llm = SimpleNamespace(params=m.params, cfg=m.cfg, tokenizer=Tokenizer())
+    llm = SimpleNamespace(params=m.params, cfg=m.cfg, tokenizer=Tokenizer(), model_name="t")
+    llm.chat_prompt = MethodType(LLM.chat_prompt, llm)  # the real encoding, over the double
     rng = np.random.default_rng(6)
     convs = [[{"role": "user", "content": " ".join(map(str, rng.integers(2, 60, n)))}]
              for n in (3, 5, 4, 6, 2)]

@@ -40,9 +40,8 @@ class Corpus:
 
 
 def prompt_ids(llm, conversations: list) -> list[list[int]]:
-    """The prompt token ids of each conversation, as ``LLM.chat`` encodes it."""
-    return [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
-        c, add_generation_prompt=True), add_special_tokens=False) for c in conversations]
+    """The prompt token ids of each conversation, as ``LLM.chat`` sends them."""
+    return [llm.chat_prompt(c)[1] for c in conversations]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("caches",))

@@ -12,7 +12,7 @@ from serving.entrypoints import openai_protocol as api
 from xds_jax.errors import PromptTooLongError, SamplingParamsError
 from xds_jax.llm import InvalidPromptError
 from xds_jax.sampling.params import SamplingParams
-from xds_jax.text.tokenizer import TokenizerError, chat_template_options
+from xds_jax.text.tokenizer import TokenizerError, chat_template_options, text_parts_joined
 
 log = logging.getLogger(__name__)
 
@@ -172,16 +172,15 @@ def render_chat(tokenizer: Any, req: Any) -> str:
             req.messages, add_generation_prompt=add_generation_prompt, **kwargs)
     except TokenizerError as error:
         raise ApiError(400, f"messages: {error}", "messages", "invalid_value") from None
-    return open_final_message(text, req.messages[-1]) if req.continue_final_message else text
+    return open_final_message(text, req.messages) if req.continue_final_message else text
 
 
-def open_final_message(text: str, final: dict[str, Any]) -> str:
+def open_final_message(text: str, messages: list[dict[str, Any]]) -> str:
     """The rendered chat ``text`` cut right after the last message's content, so the reply
-    continues it (what transformers and vLLM do for ``continue_final_message``)."""
-    content = final.get("content")
-    if isinstance(content, list):
-        content = "\n".join(part.get("text", "") for part in content if isinstance(part, dict))
-    content = (content or "").strip() if isinstance(content, str) else ""
+    continues it (what transformers and vLLM do for ``continue_final_message``). The content
+    is read as the template read it (text parts joined, ``text_parts_joined``)."""
+    content = text_parts_joined(messages[-1], len(messages) - 1).get("content")
+    content = content.strip() if isinstance(content, str) else ""
     if not content or content not in text:
         raise ApiError(400, "continue_final_message: the last message's content must be "
                        "non-empty text that the chat template renders verbatim",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -56,9 +57,14 @@ def test_real_engine_disconnect_frees_kv(slow):
     body = {"model": slow.engine.model_name, "prompt": [5, 6, 7], "max_tokens": 200,
             "ignore_eos": True, "stream": True}
     with httpx.stream("POST", slow.url + "/v1/completions", json=body) as response:
-        next(response.iter_lines())
-        assert slow.engine.stats()["num_running"] == 1
-        assert slow.engine.stats()["kv_usage"] > 0.0
+        first = next(response.iter_lines())
+        chunk = json.loads(first.removeprefix("data: "))
+        assert "error" not in chunk and chunk["choices"][0]["finish_reason"] is None, first
+        # Running and holding KV while the stream is open (polled: the counters are read from
+        # another thread than the group's loop).
+        assert wait_for(lambda: slow.engine.stats()["num_running"] == 1
+                        and slow.engine.stats()["kv_usage"] > 0.0, seconds=5), \
+            (first, slow.engine.stats())
     assert wait_for(lambda: slow.engine.stats()["num_running"] == 0
                     and slow.engine.stats()["num_waiting"] == 0, seconds=20)
     assert wait_for(lambda: slow.engine.stats()["kv_usage"] == 0.0, seconds=5)

@@ -59,7 +59,9 @@ class EngineConfig:
       speculative_config: ``{"method": "mtp", "num_speculative_tokens": k}`` (vLLM's
         spelling): draft ``k`` tokens a decode step with the checkpoint's MTP block (or the
         head shipped for it, ``xds_jax/assets/mtp``) and verify them in one target step
-        (``docs/speculative.md``); None: no speculation.
+        (``docs/speculative.md``); None: no speculation. Optional keys:
+        ``disable_by_batch_size`` (steps of more rows do not draft) and
+        ``num_chained_steps`` (greedy steps launched back to back, default 4; 1: none).
       enable_eplb, eplb_config: rebalance an MA deployment's expert slice while serving
         (``{"window_size", "step_interval", "num_redundant_experts"}``, a dict or a JSON
         object, vLLM's spelling); ``eplb_config`` alone sets the window of
@@ -142,12 +144,24 @@ class EngineConfig:
         spec = self.speculative_config
         return spec.get("disable_by_batch_size") if spec else None
 
+    @property
+    def spec_chained_steps(self) -> int:
+        """Greedy speculative steps launched back to back (``serving.core.spec_decode``)."""
+        spec = self.speculative_config or {}
+        return spec.get("num_chained_steps") or DEFAULT_CHAINED_STEPS
+
     def replace(self, **changes) -> EngineConfig:
         """A copy with ``changes`` (validated again)."""
         return dataclasses.replace(self, **changes)
 
 
 MAX_SPECULATIVE_TOKENS = 4  # xds_jax.model.mtp holds the same limit (no JAX imported here)
+# Greedy speculative steps launched back to back, each from the last one's results on the
+# device (``serving.core.spec_decode.SpecRunner``): the host's per-step work (reading the run,
+# appending, launching: ~2 ms against a ~28 ms SmolLM2 step on CPU) overlaps the device but
+# for the first launch and the last read. Tokens reach the client once per chain.
+DEFAULT_CHAINED_STEPS = 4
+MAX_CHAINED_STEPS = 16
 
 
 def _check_speculative(spec) -> None:
@@ -155,10 +169,12 @@ def _check_speculative(spec) -> None:
         return
     if not isinstance(spec, dict):
         raise ConfigError(f"speculative_config must be a dict, got {type(spec).__name__}")
-    unknown = set(spec) - {"method", "num_speculative_tokens", "disable_by_batch_size"}
+    unknown = set(spec) - {"method", "num_speculative_tokens", "disable_by_batch_size",
+                           "num_chained_steps"}
     if unknown:
         raise ConfigError(f"speculative_config: unknown keys {sorted(unknown)}; it takes "
-                          "'method', 'num_speculative_tokens' and 'disable_by_batch_size'")
+                          "'method', 'num_speculative_tokens', 'disable_by_batch_size' and "
+                          "'num_chained_steps'")
     if spec.get("method", "mtp") != "mtp":
         raise ConfigError(f"speculative_config.method must be 'mtp', got {spec['method']!r}")
     k = spec.get("num_speculative_tokens")
@@ -170,6 +186,12 @@ def _check_speculative(spec) -> None:
                               or limit < 0):
         raise ConfigError("speculative_config.disable_by_batch_size must be an integer >= 0 "
                           f"(decode steps of more rows do not draft) or null, got {limit!r}")
+    chained = spec.get("num_chained_steps")
+    if chained is not None and (not isinstance(chained, int) or isinstance(chained, bool)
+                                or not 1 <= chained <= MAX_CHAINED_STEPS):
+        raise ConfigError("speculative_config.num_chained_steps must be an integer in "
+                          f"1..{MAX_CHAINED_STEPS} (greedy speculative steps launched back to "
+                          f"back; 1: none chained) or null, got {chained!r}")
 
 
 DEFAULTS = EngineConfig()

@@ -35,7 +35,7 @@ from serving.core.overlap import OverlappedSteps
 from serving.core.request import Request
 from serving.core.scheduler import Scheduler, SchedulerError, SchedulerOutput
 from serving.core.spec_decode import build_runner
-from xds_jax.engine_config import DEFAULTS
+from xds_jax.engine_config import DEFAULT_CHAINED_STEPS, DEFAULTS
 from xds_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class GroupConfig:
     staged: bool = DEFAULTS.staged  # separately jitted stage programs, or one fused program
     num_speculative_tokens: int = 0  # MTP drafts per decode step (serving.core.spec_decode)
     spec_disable_by_batch_size: int | None = None  # steps of more rows do not draft
+    spec_chained_steps: int = DEFAULT_CHAINED_STEPS  # greedy speculative steps back to back
     async_scheduling: bool = DEFAULTS.async_scheduling  # launch step n + 1 before n's tokens
 
 
@@ -91,10 +92,13 @@ class DPGroup(OverlappedSteps, Fencing, RequestIsolation):
         self.config = config = config or GroupConfig()
         self.blocks = BlockManager(config.num_blocks, config.block_size,
                                    enable_prefix_caching=config.enable_prefix_caching)
+        self.runner = runner or build_runner(params, cfg, config, device)
+        # KV slots reserved past each decoding sequence: its drafts (more where the runner
+        # chains speculative steps).
+        lookahead = getattr(self.runner, "num_lookahead_tokens", config.num_speculative_tokens)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
                                    config.max_num_batched_tokens,
-                                   num_lookahead_tokens=config.num_speculative_tokens)
-        self.runner = runner or build_runner(params, cfg, config, device)
+                                   num_lookahead_tokens=lookahead)
         # Steps overlap only on a runner that says it can (not speculative, not MA ranks).
         self.overlap = (config.async_scheduling and self.may_overlap
                         and getattr(self.runner, "overlaps_steps", False))

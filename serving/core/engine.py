@@ -381,7 +381,8 @@ def group_config_for(params: dict, cfg: ModelConfig, max_model_len: int,
                        enable_prefix_caching=config.enable_prefix_caching,
                        staged=config.staged, async_scheduling=config.async_scheduling,
                        num_speculative_tokens=config.num_speculative_tokens,
-                       spec_disable_by_batch_size=config.spec_disable_by_batch_size)
+                       spec_disable_by_batch_size=config.spec_disable_by_batch_size,
+                       spec_chained_steps=config.spec_chained_steps)
 
 
 def build_colocated_engine(params: dict, cfg: ModelConfig, max_model_len: int,

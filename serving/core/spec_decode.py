@@ -28,8 +28,9 @@ import numpy as np
 
 from collectives.p2p import gather_blocks, scatter_blocks_donated
 from serving.core.runner import MIN_DECODE_ROWS, MIN_PREFILL_WIDTH, ModelRunner, build_rows
-from serving.core.spec_state import SpecState, emit_decode, prefill_pairs
+from serving.core.spec_state import SpecState, accept_greedy, emit_decode, prefill_pairs, speculable
 from sharding.params import kv_page_shardings, tp_mesh
+from xds_jax.engine_config import DEFAULT_CHAINED_STEPS
 from xds_jax.errors import ConfigError
 from xds_jax.generate import bucket, sample_rows
 from xds_jax.model import stages
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 # drafting). Accelerators draft at every batch size unless ``speculative_config`` sets
 # ``disable_by_batch_size``.
 DISABLE_BY_BATCH_SIZE = 2
+
 
 
 def drafts_this_step(k: int, rows: int, limit: int | None) -> int:
@@ -96,7 +98,34 @@ def spec_step(params: dict, pend_tokens_BW, pend_hidden_BWD, pend_positions_BW, 
     positions_BK1 = jnp.where(live, last_pos_B[:, None] + j, -1)
     x, caches = forward(params, cfg, tokens_BK1, positions_BK1, caches, tables_BN[:b])
     logits_BK1V = stages.head(params, cfg, x)
-    return drafts_BK, logits_BK1V, argmax_last(logits_BK1V), x, caches, mtp_cache
+    greedy_BK1 = argmax_last(logits_BK1V)
+    nxt = greedy_next_inputs(drafts_BK, greedy_BK1, x.astype(pend_hidden_BWD.dtype),
+                             num_drafts_B, last_pos_B, pend_tokens_BW.shape[0],
+                             max(pend_tokens_BW.shape[1], k + 1))
+    return drafts_BK, logits_BK1V, greedy_BK1, x, caches, mtp_cache, nxt
+
+
+def greedy_next_inputs(drafts_BK, greedy_BK1, x_BK1D, num_drafts_B, last_pos_B, rows: int,
+                       width: int) -> tuple:
+    """The next step's inputs of greedy rows after this one, on the device: its pending pairs
+    (the accepted positions' hiddens and the target's token after each, padded to ``rows``
+    draft rows x ``width`` >= k + 1), the index of the last pair, and the last token and
+    its position (the target's token after the accepted run). What the host builds from the
+    appended tokens (``SpecState.keep_decode``, ``draft_rows``) for a row that takes the
+    argmax, so greedy steps can be chained without a round trip (``SpecRunner``)."""
+    b, k1 = greedy_BK1.shape
+    k = k1 - 1
+    match = (jnp.arange(k)[None, :] < num_drafts_B[:, None]) & (drafts_BK == greedy_BK1[:, :k])
+    accepted_B = jnp.cumprod(match, axis=1).sum(axis=1).astype(jnp.int32)
+    live = last_pos_B >= 0
+    j = jnp.arange(k1)[None, :]
+    positions = jnp.where(live[:, None] & (j <= accepted_B[:, None]), last_pos_B[:, None] + j, -1)
+    pad = ((0, rows - b), (0, width - k1))
+    last_token_B = jnp.take_along_axis(greedy_BK1, accepted_B[:, None], axis=1)[:, 0]
+    return (jnp.pad(greedy_BK1, pad), jnp.pad(x_BK1D, (*pad, (0, 0))),
+            jnp.pad(positions.astype(jnp.int32), pad, constant_values=-1),
+            jnp.pad(accepted_B, (0, rows - b)), last_token_B,
+            jnp.where(live, last_pos_B + accepted_B + 1, -1).astype(jnp.int32))
 
 
 class SpecRunner(ModelRunner):
@@ -108,10 +137,14 @@ class SpecRunner(ModelRunner):
 
     def __init__(self, params: dict, cfg: ModelConfig, num_blocks: int, block_size: int,
                  device=None, staged: bool = False, *, num_speculative_tokens: int,
-                 disable_by_batch_size: int | None = None):
+                 disable_by_batch_size: int | None = None,
+                 num_chained_steps: int = DEFAULT_CHAINED_STEPS):
         check_speculative(params, num_speculative_tokens)
         super().__init__(params, cfg, num_blocks, block_size, device, staged=False)
         self.k = num_speculative_tokens
+        # Chained steps need their KV slots reserved up front, by the group's scheduler.
+        self.chained_steps = num_chained_steps if self._direct_inputs else 1
+        self.num_lookahead_tokens = self.chained_steps * (self.k + 1) - 1
         self.disable_by_batch_size = (default_disable_by_batch_size(self.device)
                                       if disable_by_batch_size is None
                                       else disable_by_batch_size)
@@ -184,7 +217,8 @@ class SpecRunner(ModelRunner):
         k = drafts_this_step(self.k, len(items), self.disable_by_batch_size)
         rows = build_rows(items, _verify_rows(k), 1, self.block_size)
         b = rows.tokens_BS.shape[0]
-        width = bucket(self.spec.width(items))
+        chain = self._chain_length(items, k)
+        width = bucket(k + 1 if chain > 1 else self.spec.width(items))
         dr = self.spec.draft_rows(items, max(b, self.decode_rows_min), width)
         if k == 0:
             dr.num_drafts_B[:] = 0
@@ -195,11 +229,31 @@ class SpecRunner(ModelRunner):
         inputs = self._put(dr.tokens_BW, dr.hidden_BWD.astype(model_dtype(self.params)),
                            dr.positions_BW, dr.last_B, dr.num_drafts_B, rows.tokens_BS[:, 0],
                            rows.positions_BS[:, 0])
+        tables = self._put(tables)[0]
+        steps = []
         with self.lock:
-            drafts, logits, greedy, x, self.caches, self.mtp_cache = spec_step(
-                self.params, *inputs, self.caches, self.mtp_cache,
-                *self._put(tables), cfg=self.cfg, k=k)
-        return items, rows, dr.num_drafts_B[:b], drafts, logits, greedy, x
+            for _ in range(chain):  # each step's inputs come from the last one, on device
+                *out, self.caches, self.mtp_cache, nxt = spec_step(
+                    self.params, *inputs, self.caches, self.mtp_cache, tables, cfg=self.cfg,
+                    k=k)
+                steps.append(out)
+                inputs = [*nxt[:4], inputs[4], *nxt[4:]]
+        return items, rows, dr.num_drafts_B[:b], steps
+
+    def _chain_length(self, items: list, k: int) -> int:
+        """Speculative steps this decode launches back to back: ``chained_steps`` when every
+        row drafts ``k`` tokens and takes the argmax without logprobs (the next step's inputs
+        are then known on the device), as many as every row's reserved KV slots hold; else
+        one."""
+        if self.chained_steps <= 1 or k == 0:
+            return 1
+        for s in items:
+            p = s.seq.params
+            if (not p.greedy or p.logprobs is not None or not speculable(s.seq)
+                    or self.spec.pending_of(s) is None):
+                return 1
+        room = min((s.num_lookahead + 1) // (k + 1) for s in items)
+        return max(1, min(self.chained_steps, room))
 
     def finish(self, pending: list[tuple]) -> None:
         for kind, launched in pending:
@@ -208,7 +262,11 @@ class SpecRunner(ModelRunner):
                 sample_rows(logits, rows.sampling_seqs, self.cfg.vocab_size, greedy)
                 self.spec.keep_prefill(items, np.asarray(jax.device_get(x_last)))
             else:
-                items, rows, num_drafts, drafts, logits, greedy, x = launched
+                items, rows, num_drafts, steps = launched
+                if len(steps) > 1:
+                    self._finish_chain(items, num_drafts, steps)
+                    continue
+                drafts, logits, greedy, x = steps[0]
                 # one read of everything small the host needs (the logits stay on device:
                 # only sampled or logprob rows read them, through their own programs)
                 drafts, greedy, x = jax.device_get((drafts, greedy, x))
@@ -216,6 +274,28 @@ class SpecRunner(ModelRunner):
                 accepted = emit_decode(seqs, num_drafts, drafts, logits, self.cfg.vocab_size,
                                        greedy)
                 self.spec.keep_decode(items, num_drafts, accepted, x)
+
+    def _finish_chain(self, items: list, num_drafts, steps: list) -> None:
+        """Append the runs of chained greedy steps in order (each read while the next ones
+        run); a sequence that stops ignores the steps after. The last step's accepted hiddens
+        pend for the next decode."""
+        last_pos = [s.start for s in items]
+        for n, (drafts, _, greedy, x) in enumerate(steps):
+            drafts, greedy = jax.device_get((drafts, greedy))
+            accepted = accept_greedy(greedy, drafts, num_drafts)
+            live = [i for i, s in enumerate(items) if not s.seq.finished]
+            for i in live:
+                for token in greedy[i, :accepted[i] + 1]:
+                    items[i].seq.append(int(token))
+                    if items[i].seq.finished:
+                        break
+            self.spec.count(num_drafts[live], accepted[live])
+            if n == len(steps) - 1:
+                x = np.asarray(jax.device_get(x))
+                for i in live:
+                    self.spec.keep_pending(items[i].seq, x[i, :accepted[i] + 1], last_pos[i])
+            for i in live:
+                last_pos[i] += int(accepted[i]) + 1
 
 
 def _verify_rows(k: int) -> int:
@@ -241,6 +321,7 @@ def build_runner(params: dict, cfg: ModelConfig, config, device) -> ModelRunner:
     if config.num_speculative_tokens:
         return SpecRunner(params, cfg, config.num_blocks, config.block_size, device,
                           num_speculative_tokens=config.num_speculative_tokens,
-                          disable_by_batch_size=config.spec_disable_by_batch_size)
+                          disable_by_batch_size=config.spec_disable_by_batch_size,
+                          num_chained_steps=config.spec_chained_steps)
     return ModelRunner(params, cfg, config.num_blocks, config.block_size, device,
                        staged=config.staged)

@@ -124,19 +124,27 @@ class SpecState:
 
     def keep_decode(self, items: list, num_drafts_B, accepted_B, hidden_BKD) -> None:
         """After a decode step: count the drafts; the accepted positions' hiddens pend."""
+        self.count(np.asarray(num_drafts_B)[:len(items)], np.asarray(accepted_B)[:len(items)])
         for i, s in enumerate(items):
-            if num_drafts_B[i] > 0:
-                a = int(accepted_B[i])
+            self.keep_pending(s.seq, hidden_BKD[i, :accepted_B[i] + 1], s.start)
+
+    def count(self, num_drafts_B: np.ndarray, accepted_B: np.ndarray) -> None:
+        """Count one step's drafts and accepted tokens (rows that drafted)."""
+        for n, a in zip(num_drafts_B.tolist(), accepted_B.tolist(), strict=True):
+            if n > 0:
                 self.num_drafts += 1
-                self.num_draft_tokens += int(num_drafts_B[i])
+                self.num_draft_tokens += n
                 self.num_accepted_tokens += a
                 for j in range(a):
                     self.accepted_per_position[j] += 1
-            if s.seq.finished:
-                self.pending.pop(s.seq.seq_id, None)
-            else:
-                self.pending[s.seq.seq_id] = Pending(
-                    s.seq, np.asarray(hidden_BKD[i, :accepted_B[i] + 1]), s.start)
+
+    def keep_pending(self, seq, hidden_MD: np.ndarray, first: int) -> None:
+        """Hiddens ``[m, D]`` of positions ``first ..`` wait for the MTP block; a finished
+        sequence keeps none."""
+        if seq.finished:
+            self.pending.pop(seq.seq_id, None)
+        else:
+            self.pending[seq.seq_id] = Pending(seq, np.asarray(hidden_MD), first)
 
 
 def prefill_pairs(items: list, shape: tuple) -> tuple[np.ndarray, np.ndarray]:

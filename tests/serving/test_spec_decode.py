@@ -120,6 +120,49 @@ def test_sampled_requests_share_batches_with_greedy_ones(mimic):
     assert all(len(o.token_ids) == 30 for o in got[2].outputs)
 
 
+def count_launches(monkeypatch) -> list:
+    """Record the k of every speculative step program launched."""
+    launched, step = [], spec_decode.spec_step
+
+    def counted(*args, **kwargs):
+        launched.append(kwargs["k"])
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(spec_decode, "spec_step", counted)
+    return launched
+
+
+@pytest.mark.parametrize("model", ["mimic", "random_mtp"])
+def test_chained_greedy_steps_equal_reference(model, request, monkeypatch):
+    """Greedy rows without logprobs launch up to ``num_chained_steps`` speculative steps back
+    to back, each from the last one's results on the device; a sequence that stops (stop
+    id, ``max_tokens``) inside a chain drops the steps after. Output, counters and KV are as
+    one step at a time."""
+    path = request.getfixturevalue(model)
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=30, n=2, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=19, stop_token_ids=[316, 45])]
+    _, ref = run(path, None, params)
+    results = {}
+    for chained in (1, 4):
+        launched = count_launches(monkeypatch)
+        llm = LLM(path, dtype="float32", use_param_cache=False, max_num_seqs=8,
+                  speculative_config={**spec(2), "num_chained_steps": chained})
+        got = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+        assert_same(ref, got)
+        group = llm.engine.groups[0]
+        assert group.blocks.num_free_blocks == group.blocks.num_blocks
+        assert group.scheduler.num_lookahead_tokens == chained * 3 - 1
+        results[chained] = (len(launched), group.steps, llm.engine.stats())
+    (one, steps_one, stats_one), (four, steps_four, stats_four) = results[1], results[4]
+    assert one == steps_one - 1  # one program a decode step (the first step is a prefill)
+    assert four > steps_four and steps_four < steps_one  # chains ran
+    assert stats_four["spec_num_drafts"] >= stats_one["spec_num_drafts"]
+    assert stats_four["spec_accepted_tokens"] > 0
+    assert stats_four["generation_tokens_total"] == stats_one["generation_tokens_total"]
+
+
 def abort_mid_speculation(llm, driver, max_tokens: int) -> None:
     """Submit ``PROMPTS``, step ``driver`` (a group or an MA pool) until drafts were made,
     abort three requests mid-speculation and run the fourth to ``max_tokens``."""
@@ -153,7 +196,10 @@ def test_kv_blocks_return_after_aborts_mid_speculation(mimic):
                                  {"method": "eagle", "num_speculative_tokens": 1},
                                  {"method": "mtp", "num_speculative_tokens": 1, "x": 1},
                                  {**spec(1), "disable_by_batch_size": -1},
-                                 {**spec(1), "disable_by_batch_size": "8"}])
+                                 {**spec(1), "disable_by_batch_size": "8"},
+                                 {**spec(1), "num_chained_steps": 0},
+                                 {**spec(1), "num_chained_steps": 17},
+                                 {**spec(1), "num_chained_steps": True}])
 def test_bad_speculative_config_is_refused(bad):
     with pytest.raises(ConfigError, match="speculative_config"):
         LLM(str(GOLDEN / "deepseek_v3"), speculative_config=bad)

@@ -19,6 +19,7 @@ from xds_jax.errors import ConfigError, PromptTooLongError, SamplingParamsError,
 from xds_jax.loading.draft_heads import attach_shipped_head
 from xds_jax.loading.loader import load_model, resolve
 from xds_jax.outputs import RequestMetrics, RequestOutput
+from xds_jax.sampling import structured
 from xds_jax.sampling.params import SamplingParams
 from xds_jax.sequence import Sequence
 from xds_jax.text.tokenizer import chat_template_options
@@ -133,7 +134,8 @@ class LLM:
         return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
 
     def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
-        """Raise ``InvalidPromptError``/``PromptTooLongError`` for a prompt that cannot run."""
+        """Raise ``InvalidPromptError``/``PromptTooLongError`` for a prompt that cannot run
+        (``SamplingParamsError`` for parameters this model cannot honour)."""
         if not ids:
             raise InvalidPromptError("the prompt is empty")
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
@@ -150,6 +152,8 @@ class LLM:
                     f"{field} {outside[:5]} are outside the vocabulary "
                     f"(0..{self.cfg.vocab_size - 1})"
                 )
+        if params.structured_outputs is not None:  # an invalid schema fails here, not later
+            structured.check(params.structured_outputs, self.tokenizer)
         need = len(ids) + (params.max_tokens or 1)
         if len(ids) >= self.max_model_len or need > self.max_model_len:
             raise PromptTooLongError(

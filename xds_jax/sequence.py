@@ -36,6 +36,7 @@ class Sequence:
         self._tokenizer = tokenizer
         self._detok = (IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
                        if tokenizer is not None else None)
+        self._grammar = None  # its GrammarState, built at the first mask (structured outputs)
         self._eos = frozenset(() if params.ignore_eos else eos_token_ids)
         self._stop_ids = frozenset(params.stop_token_ids)
         self._text_cut: int | None = None
@@ -65,6 +66,24 @@ class Sequence:
             return []
         return sorted(self._eos | self._stop_ids)
 
+    def allowed_mask(self, vocab_size: int):
+        """``[vocab_size]`` bool numpy mask of the ids its grammar accepts next
+        (``params.structured_outputs``)."""
+        return self._grammar_state().allowed(vocab_size)
+
+    def _grammar_state(self):
+        if self._grammar is None:
+            from xds_jax.sampling.structured import GrammarState
+
+            self._grammar = GrammarState(self.params.structured_outputs, self._tokenizer)
+            for token in self.output_ids:  # a sequence that resumes elsewhere
+                self._grammar.consume(token)
+        return self._grammar
+
+    def __getstate__(self) -> dict:
+        """Pickled without its grammar state (a native matcher): rebuilt from the outputs."""
+        return self.__dict__ | {"_grammar": None}
+
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -91,8 +110,25 @@ class Sequence:
                 return
         if self._check_stop_strings():
             return
+        if self.params.structured_outputs is not None and self._grammar_done(token):
+            return
         if self.max_tokens is not None and len(self.output_ids) >= self.max_tokens:
             self.finish_reason = "length"
+
+    def _grammar_done(self, token: int) -> bool:
+        """Advance the grammar over ``token``; True when the sequence ends there: the grammar
+        is complete (only EOS could follow) or refused the token (it was drawn unmasked)."""
+        if self._grammar is None:
+            grammar = self._grammar_state()  # built over the outputs, this token included
+        else:
+            grammar = self._grammar
+            grammar.consume(token)
+        if grammar.error is not None:
+            self.error = f"structured_outputs: {grammar.error}"
+            self.finish_reason = "abort"
+        elif grammar.stopped:
+            self.finish_reason = "stop"
+        return self.finished
 
     def _cut_stop_token(self) -> None:
         """The text ends before the EOS or stop id that ended the sequence unless

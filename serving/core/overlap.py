@@ -7,8 +7,8 @@ step n: reads its tokens, appends, checks stops, detokenizes and emits. Step n +
 flight until the next call. A sequence that stopped (or was aborted) at step n drops its step
 n + 1 token; a sequence whose in-flight token is its last is not scheduled again
 (``Scheduler.launched``). A step that fails or is fenced drops the step in flight with it,
-newest first, as ``step_failed`` and ``_undo`` roll back. Sampling that counts every output
-token (penalties) and a request isolated after a failure run with nothing in flight.
+newest first, as ``step_failed`` and ``_undo`` roll back. Sampling that reads every output
+token (penalties, a grammar) and a request isolated after a failure run with nothing in flight.
 """
 
 from __future__ import annotations
@@ -57,11 +57,11 @@ class OverlappedSteps:
 
     def _may_follow(self, prev: SchedulerOutput) -> bool:
         """Whether the next step may be scheduled before ``prev``'s tokens are appended: not
-        while a request runs alone after a failure, nor for sampling that counts every
-        output token (penalties)."""
+        while a request runs alone after a failure, nor for sampling that reads every output
+        token (penalties, a grammar)."""
         if self._suspects:
             return False
-        return not any(s.seq.params.penalized for s in prev.scheduled)
+        return not any(s.seq.params.reads_outputs for s in prev.scheduled)
 
     def _finish(self, out: SchedulerOutput, handle, start: float) -> None:
         """Second half of an overlapped step: wait for ``out`` on the device, append its

@@ -8,6 +8,7 @@ import math
 import random
 
 from xds_jax.errors import SamplingParamsError
+from xds_jax.sampling.structured import StructuredOutputs
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value; larger ones are clipped to it
@@ -35,6 +36,9 @@ class SamplingParams:
     ``max_tokens=0`` generates nothing: the request only scores its prompt. ``logit_bias``
     maps token ids to a value added to their logits before sampling (penalties, filters and
     greedy picks see it; reported logprobs stay the model's), clipped to +-100 as OpenAI does.
+    ``structured_outputs`` (a ``StructuredOutputs`` or a dict of its fields: ``json`` schema,
+    ``json_object``, ``regex``, ``choice`` or ``grammar``) constrains every sampled token to
+    what it allows (vLLM's field; ``xds_jax/sampling/structured.py``).
     """
 
     n: int = 1
@@ -56,8 +60,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputs | dict | None = None
 
     def __post_init__(self) -> None:
+        self.structured_outputs = StructuredOutputs.coerce(self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -125,6 +131,12 @@ class SamplingParams:
         """Some penalty reads the tokens generated so far."""
         return (self.repetition_penalty != 1 or self.frequency_penalty != 0
                 or self.presence_penalty != 0)
+
+    @property
+    def reads_outputs(self) -> bool:
+        """Sampling reads the tokens generated so far (penalties count them, a grammar
+        consumed them): the previous token must be appended before the next is drawn."""
+        return self.penalized or self.structured_outputs is not None
 
     def request_seed(self) -> int:
         """The seed to use: the user's, or a fresh random one."""

@@ -49,11 +49,14 @@ def dispatch_rows(logits_BV: jax.Array, seqs: list[Sequence | None], vocab_size:
     params = [s.params if s else _IDLE_ROW for s in live]
     distinct = list({id(p): p for p in params}.values())
     flags = flags_for(distinct)
-    if flags.penalties and any(s is not None and s.seq_id in in_flight and s.params.penalized
-                               for s in live):
-        raise XdsError("penalties count every output token: a row with a token in flight "
-                       "cannot sample with them (the group schedules it synchronously)")
-    if flags == _GREEDY and all(p.min_tokens == 0 for p in distinct):
+    if any(s is not None and s.seq_id in in_flight and s.params.reads_outputs for s in live):
+        raise XdsError("penalties and grammars read every output token: a row with a token "
+                       "in flight cannot sample with them (the group schedules it "
+                       "synchronously)")
+    allowed = [s.allowed_mask(vocab_size) if s is not None and s.params.structured_outputs
+               else None for s in live]
+    constrained = any(a is not None for a in allowed)
+    if flags == _GREEDY and not constrained and all(p.min_tokens == 0 for p in distinct):
         if greedy_B is not None:
             return SampledRows(live, greedy_B, None)
         batch = _greedy_batch(len(live))  # nothing per row: argmax
@@ -64,7 +67,7 @@ def dispatch_rows(logits_BV: jax.Array, seqs: list[Sequence | None], vocab_size:
             [len(s.output_ids) + a if s else 0 for s, a in zip(live, ahead, strict=True)],
             [s.prompt_ids if s else [] for s in live], [s.output_ids if s else [] for s in live],
             [s.banned_ids(a) if s else [] for s, a in zip(live, ahead, strict=True)],
-            vocab_size, flags)
+            vocab_size, flags, allowed if constrained else None)
     tokens, *extras = sample(logits_BV, batch, flags)
     return SampledRows(live, tokens, tuple(extras) if flags.logprobs else None)
 

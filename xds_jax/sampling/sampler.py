@@ -65,12 +65,15 @@ def flags_for(params: list[SamplingParams]) -> SamplerFlags:
 
 def make_batch(params: list[SamplingParams], seeds: list[int], steps: list[int],
                prompts: list[list[int]], outputs: list[list[int]], banned: list[list[int]],
-               vocab_size: int, flags: SamplerFlags) -> SamplingBatch:
+               vocab_size: int, flags: SamplerFlags,
+               allowed: list[np.ndarray | None] | None = None) -> SamplingBatch:
     """Host lists to a ``SamplingBatch`` (one row per sequence).
 
     Token statistics are built ``[B, V]`` only when penalties are on, the banned mask only
     when some row bans a token and the bias only when some row has one; otherwise they are
-    ``[B, 1]`` and broadcast.
+    ``[B, 1]`` and broadcast. ``allowed``: per row None or a ``[V]`` bool mask of the only
+    ids it may draw (a grammar's); where it and the row's banned ids leave nothing, the
+    grammar wins (``min_tokens`` yields to a grammar that is complete).
     """
     rows = len(params)
     f32 = partial(np.asarray, dtype=np.float32)
@@ -81,9 +84,13 @@ def make_batch(params: list[SamplingParams], seeds: list[int], steps: list[int],
         for i, (prompt, out) in enumerate(zip(prompts, outputs, strict=True)):
             np.add.at(counts[i], np.asarray(out, np.int64), 1)
             in_prompt[i, prompt] = True
-    ban = np.zeros((rows, vocab_size if any(banned) else 1), bool)
+    allowed = allowed or [None] * rows
+    masked = any(a is not None for a in allowed)
+    ban = np.zeros((rows, vocab_size if any(banned) or masked else 1), bool)
     for i, ids in enumerate(banned):
         ban[i, [t for t in ids if 0 <= t < vocab_size]] = True  # others can never be drawn
+        if allowed[i] is not None:
+            ban[i] = ~allowed[i] if (ban[i] >= allowed[i]).all() else ban[i] | ~allowed[i]
     bias = np.zeros((rows, vocab_size if flags.bias else 1), np.float32)
     if flags.bias:
         for i, p in enumerate(params):

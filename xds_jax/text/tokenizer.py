@@ -260,6 +260,10 @@ class Tokenizer:
         """Text of `ids`; invalid UTF-8 byte sequences become U+FFFD."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def backend_json(self) -> str:
+        """The backend tokenizer serialised as ``tokenizer.json`` (for llguidance)."""
+        return self._backend.to_str()
+
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary entry of `token_id` (as spelled in the vocabulary), or None."""
         return self._backend.id_to_token(token_id)

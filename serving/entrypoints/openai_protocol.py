@@ -91,8 +91,14 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: bool | None = True
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the context)
     prompt_logprobs: int | None = None  # each prompt token's logprob and top k (not streamed)
-    # Structured output; refused with a 400 naming the field until constrained decoding exists
+    # Structured outputs (at most one; ``server_requests.structured_outputs``): OpenAI's
+    # response_format, vLLM's structured_outputs object and its older guided_* fields
     response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(SamplingFields):

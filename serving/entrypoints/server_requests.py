@@ -12,6 +12,8 @@ from serving.entrypoints import openai_protocol as api
 from xds_jax.errors import PromptTooLongError, SamplingParamsError
 from xds_jax.llm import InvalidPromptError
 from xds_jax.sampling.params import SamplingParams
+from xds_jax.sampling.structured import FIELD as STRUCTURED
+from xds_jax.sampling.structured import StructuredOutputs
 from xds_jax.text.tokenizer import TokenizerError, chat_template_options, text_parts_joined
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,8 @@ def engine_error(error: Exception) -> ApiError:
         return ApiError(400, str(error), "prompt", "context_length_exceeded")
     if isinstance(error, InvalidPromptError | TokenizerError):
         return ApiError(400, str(error), "prompt", "invalid_prompt")
-    if isinstance(error, SamplingParamsError):
-        return ApiError(400, str(error), str(error).split()[0], "invalid_value")
+    if isinstance(error, SamplingParamsError):  # the message opens with the field's name
+        return ApiError(400, str(error), str(error).split()[0].rstrip(":"), "invalid_value")
     if type(error).__name__ == "RequestFailedError":  # that request alone; the engine serves on
         return ApiError(500, str(error), None, "request_failed")
     if isinstance(error, OverloadedError):
@@ -64,19 +66,18 @@ def engine_error(error: Exception) -> ApiError:
 
 def sampling_params(req: api.SamplingFields, max_tokens: int, logprobs: int | None,
                     prompt_logprobs: int | None = None) -> SamplingParams:
+    """The engine's ``SamplingParams`` for a request of either endpoint (fields it cannot
+    honour are a 400 naming them)."""
     if getattr(req, "best_of", None) not in (None, req.n):
         raise ApiError(400, "best_of other than n is not supported", "best_of", "unsupported")
     if req.prompt_logprobs is not None and req.stream:
         raise ApiError(400, "prompt_logprobs are not available when streaming (as in vLLM)",
                        "prompt_logprobs", "unsupported")
-    kind = (req.response_format or {}).get("type", "text")
-    if kind != "text":
-        raise ApiError(400, f"response_format of type {kind!r} is not supported yet (no "
-                       "constrained decoding): only 'text'", "response_format", "unsupported")
-    if getattr(req, "tools", None) and getattr(req, "tool_choice", None) != "none":
+    tools, choice = getattr(req, "tools", None), getattr(req, "tool_choice", None)
+    if (tools and choice != "none") or choice == "required" or isinstance(choice, dict):
         raise ApiError(400, "tool calling is not supported yet (the server would not return "
-                       "tool_calls): send tools with tool_choice 'none' or no tools", "tools",
-                       "unsupported")
+                       "tool_calls): send tools with tool_choice 'none' or no tools",
+                       "tools" if tools else "tool_choice", "unsupported")
     optional = {k: v for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
                 if (v := getattr(req, k)) is not None}
     try:
@@ -86,7 +87,8 @@ def sampling_params(req: api.SamplingFields, max_tokens: int, logprobs: int | No
             min_tokens=req.min_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
             ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
-            skip_special_tokens=req.skip_special_tokens, logit_bias=logit_bias(req.logit_bias))
+            skip_special_tokens=req.skip_special_tokens, logit_bias=logit_bias(req.logit_bias),
+            structured_outputs=structured_outputs(req))
     except SamplingParamsError as error:
         raise engine_error(error) from None
 
@@ -100,6 +102,81 @@ def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
     except ValueError:
         raise ApiError(400, "logit_bias keys must be token ids (integers as strings), got "
                        f"{list(bias)[:5]}", "logit_bias", "invalid_value") from None
+
+
+# -- structured outputs -----------------------------------------------------------------------
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+          "guided_grammar": "grammar"}  # vLLM's older fields, each one structured_outputs key
+OPTIONS = {"disable_any_whitespace"}  # structured_outputs keys that constrain nothing alone
+
+
+def response_format_fields(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """OpenAI's ``response_format`` as ``StructuredOutputs`` fields; None for plain text."""
+    kind = (value or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind != "json_schema":
+        raise ApiError(400, "response_format.type must be 'text', 'json_object' or "
+                       f"'json_schema', got {kind!r}", "response_format", "unsupported")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise ApiError(400, "response_format.json_schema is required with type 'json_schema': "
+                       "an object with 'name' and 'schema'", "response_format", "invalid_value")
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        why = "is required" if schema is None else f"must be an object, got {schema!r:.40}"
+        raise ApiError(400, f"response_format.json_schema.schema {why}: the JSON schema the "
+                       "output must match", "response_format", "invalid_value")
+    return {"json": schema}
+
+
+def constraints(req: api.SamplingFields) -> dict[str, dict[str, Any]]:
+    """Each request field that constrains the output, as ``StructuredOutputs`` fields. A
+    ``structured_outputs`` of ``OPTIONS`` alone shapes the constraint another field sets (as
+    in vLLM) and is no constraint of its own; an explicit null in it means the default."""
+    fmt = response_format_fields(req.response_format)
+    guided = {name: {key: getattr(req, name)} for name, key in GUIDED.items()
+              if getattr(req, name) is not None}
+    own = {k: v for k, v in (req.structured_outputs or {}).items() if v is not None}
+    found = {} if fmt is None else {"response_format": fmt}
+    if req.structured_outputs is not None and (set(own) - OPTIONS or not (found or guided)):
+        found[STRUCTURED] = own
+    return found | guided
+
+
+def structured_outputs(req: api.SamplingFields) -> StructuredOutputs | None:
+    """The request's output constraint (None: free text); more than one is a 400 naming
+    them."""
+    found = constraints(req)
+    if len(found) > 1:
+        names = list(found)
+        raise ApiError(400, f"only one output constraint per request, got {' and '.join(names)}",
+                       names[-1], "invalid_value")
+    if not found:
+        return None
+    options = {k: v for k, v in (req.structured_outputs or {}).items()
+               if k in OPTIONS and v is not None}
+    try:
+        return StructuredOutputs.coerce(options | next(iter(found.values())))
+    except SamplingParamsError as error:
+        raise constraint_error(engine_error(error), req) from None
+
+
+def constraint_error(error: ApiError, req: api.SamplingFields) -> ApiError:
+    """``error`` about ``structured_outputs.<key>`` (the engine's names, as when a schema does
+    not compile) named after the request field that set the constraint; other errors as
+    they are."""
+    param = error.param or ""
+    if not param.startswith(STRUCTURED):
+        return error
+    field = next(iter(constraints(req)), STRUCTURED)
+    if field == STRUCTURED:
+        return ApiError(error.status, error.message, field, error.code)
+    path = ("response_format.json_schema.schema"
+            if (field, param) == ("response_format", f"{STRUCTURED}.json") else field)
+    return ApiError(error.status, path + error.message[len(param):], field, error.code)
 
 
 def truncated(prompt: Prompt, keep: int | None, max_model_len: int) -> Prompt:

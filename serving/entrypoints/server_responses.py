@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from serving.entrypoints import openai_protocol as api
-from serving.entrypoints.server_requests import ApiError, Prompt, engine_error
+from serving.entrypoints.server_requests import ApiError, Prompt, constraint_error, engine_error
 from serving.entrypoints.server_state import Served, Watchdog
 from xds_jax.outputs import RequestOutput
 from xds_jax.sampling.params import SamplingParams
@@ -63,6 +63,9 @@ async def respond(served: Served, raw: Request, req: Any, model: str,
     request_id = api.random_id("chatcmpl" if kind == "chat" else "cmpl")
     try:
         streams = await served.open(watch, jobs, request_id)
+    except ApiError as error:  # named after the request's fields, not the engine's
+        await watch.stop()
+        raise constraint_error(error, req) from None
     except BaseException:
         await watch.stop()
         raise

@@ -209,16 +209,17 @@ def test_fuzzed_completion_bodies_never_take_the_server_down(server, body):
     assert_still_serving(server)
 
 
-@pytest.mark.parametrize("extra,field", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+@pytest.mark.parametrize("extra,field,code", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-     "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+     "response_format", "invalid_value"),
+    ({"response_format": {"type": "xml"}}, "response_format", "unsupported"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools",
+     "unsupported"),
 ])
-def test_structured_output_and_tools_are_refused_not_ignored(server, extra, field):
+def test_bad_response_format_and_tools_are_refused_not_ignored(server, extra, field, code):
     r = chat(server, [{"role": "user", "content": "hi"}], **extra)
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"] == field and r.json()["error"]["code"] == "unsupported"
+    assert r.json()["error"]["param"] == field and r.json()["error"]["code"] == code
 
 
 def test_tool_call_histories_are_accepted(server):

@@ -206,11 +206,21 @@ def add_admission_options(parser: argparse.ArgumentParser) -> None:
 
 def add_openai_frontend_options(parser: argparse.ArgumentParser) -> None:
     """vLLM's OpenAI-frontend options (``--served-model-name`` is in the server group)."""
+    from serving.entrypoints.tool_parsers import PARSERS
+
     group = parser.add_argument_group("OpenAI frontend (as vllm serve)")
     group.add_argument("--chat-template", metavar="FILE",
                        help="Jinja chat template replacing the model's (a file, or the "
                        "template text itself) for chat completions, /tokenize and "
                        "/tokenizer_info")
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='serve tool_choice "auto" (the default when tools are sent): '
+                       "the --tool-call-parser reads the calls out of the reply; without it "
+                       '"auto" is answered 400 (docs/server.md#tool-calling)')
+    group.add_argument("--tool-call-parser", choices=sorted(PARSERS), metavar="NAME",
+                       help="how the model writes tool calls, for --enable-auto-tool-choice: "
+                       f"{', '.join(sorted(PARSERS))} (hermes: Qwen2.5 and Hermes "
+                       "<tool_call> blocks; llama3_json: Llama 3.1/3.2 JSON calls)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:

@@ -5,7 +5,7 @@ Requests accept the OpenAI fields plus vLLM's sampling extras (``top_k``, ``min_
 are ignored, as the OpenAI service does, and an explicit ``null`` means the field's default
 (the OpenAI spec marks these nullable and vLLM declares them ``Optional``; clients that send
 every field, unset ones as null, rely on it). Responses are built from these models and dumped to
-JSON; streamed chunks are the ``*StreamResponse`` models. The functions at the end turn engine
+JSON; streamed chunks are the ``*StreamResponse`` models. ``openai_outputs`` turns engine
 ``RequestOutput``s into these shapes.
 """
 
@@ -16,8 +16,6 @@ import uuid
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
-
-from xds_jax.outputs import CompletionOutput, Logprob, RequestOutput
 
 
 def random_id(prefix: str) -> str:
@@ -200,9 +198,30 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it (or as parsed and dumped again)
+
+
+class ToolCall(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl-tool"))
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
+    """A reply; ``tool_calls`` appears only when the reply made some."""
+
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _tool_calls_if_any(self, handler) -> dict:
+        data = handler(self)
+        if self.tool_calls is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -223,15 +242,36 @@ class ChatCompletionResponse(BaseModel):
     prompt_logprobs: PromptLogprobs | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of the ``index``-th tool call: its first carries ``id``, ``type`` and the
+    function's ``name``; clients concatenate the ``arguments`` of the pieces."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class DeltaMessage(BaseModel):
-    """Only the fields that changed: ``{"role", "content"}`` first, then ``{"content"}``."""
+    """Only the fields that changed: ``{"role", "content"}`` first, then ``{"content"}`` or
+    ``{"tool_calls"}`` (each piece without its unset fields)."""
 
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer
     def _without_nones(self) -> dict:
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        data = {k: v for k, v in (("role", self.role), ("content", self.content))
+                if v is not None}
+        if self.tool_calls is not None:
+            data["tool_calls"] = [t.model_dump(exclude_none=True) for t in self.tool_calls]
+        return data
 
 
 class ChatStreamChoice(BaseModel):
@@ -265,136 +305,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-# -- engine outputs to API shapes -------------------------------------------------------------
-def usage(prompt_lens: list[int], finals: list[RequestOutput | None]) -> UsageInfo:
-    """Prompt tokens count once per prompt; completion tokens once per sample."""
-    done = sum(len(c.token_ids) for out in finals if out is not None for c in out.outputs)
-    return UsageInfo(prompt_tokens=sum(prompt_lens), completion_tokens=done,
-                     total_tokens=sum(prompt_lens) + done)
-
-
-class ChoiceCursor:
-    """How much of one choice's text and tokens were already streamed."""
-
-    def __init__(self) -> None:
-        self.chars = self.tokens = 0
-        self.done = False
-
-    def advance(self, c: CompletionOutput) -> tuple[str, int, bool]:
-        """New text, index of the first new token, and whether ``c`` just finished."""
-        text, start = c.text[self.chars:], self.tokens
-        self.chars, self.tokens = len(c.text), len(c.token_ids)
-        finished = c.finish_reason is not None and not self.done
-        self.done = self.done or finished
-        return text, start, finished
-
-
-def token_text(tokenizer: Any, entry: Logprob | None, token_id: int) -> str:
-    if entry is not None and entry.decoded_token is not None:
-        return entry.decoded_token
-    return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
-
-
-def completion_logprobs(c: CompletionOutput, start: int, offset: int,
-                        tokenizer: Any) -> CompletionLogprobs | None:
-    """The legacy ``logprobs`` object of tokens ``start:`` of ``c``, text offsets from
-    ``offset`` characters."""
-    if c.logprobs is None:
-        return None
-    result = CompletionLogprobs()
-    for token_id, entries in zip(c.token_ids[start:], c.logprobs[start:], strict=False):
-        text = token_text(tokenizer, entries.get(token_id), token_id)
-        result.tokens.append(text)
-        result.token_logprobs.append(entries[token_id].logprob if token_id in entries else None)
-        result.top_logprobs.append({token_text(tokenizer, lp, t): lp.logprob
-                                    for t, lp in entries.items()})
-        result.text_offset.append(offset)
-        offset += len(text)
-    return result
-
-
-def prompt_logprobs(out: RequestOutput, tokenizer: Any) -> CompletionLogprobs | None:
-    """The legacy ``logprobs`` object of an echoed prompt (vLLM's shape: the first token's
-    ``token_logprobs`` and ``top_logprobs`` are null), or None when it was not scored."""
-    if out.prompt_logprobs is None:
-        return None
-    result, offset = CompletionLogprobs(), 0
-    for token_id, entries in zip(out.prompt_token_ids, out.prompt_logprobs, strict=True):
-        text = token_text(tokenizer, (entries or {}).get(token_id), token_id)
-        result.tokens.append(text)
-        result.token_logprobs.append(None if entries is None else entries[token_id].logprob)
-        result.top_logprobs.append(None if entries is None else {
-            token_text(tokenizer, lp, t): lp.logprob for t, lp in entries.items()})
-        result.text_offset.append(offset)
-        offset += len(text)
-    return result
-
-
-def vllm_prompt_logprobs(out: RequestOutput, tokenizer: Any) -> PromptLogprobs | None:
-    """vLLM's ``prompt_logprobs`` of a response: per prompt token, ``{token id: logprob, rank,
-    decoded_token}`` of the token and its top alternatives (None for the first token)."""
-    if out.prompt_logprobs is None:
-        return None
-    return [None if entries is None else {
-        t: PromptLogprob(logprob=max(lp.logprob, -9999.0), rank=lp.rank,
-                         decoded_token=token_text(tokenizer, lp, t))
-        for t, lp in entries.items()} for entries in out.prompt_logprobs]
-
-
-def echoed_logprobs(out: RequestOutput, c: CompletionOutput, echo: str,
-                    tokenizer: Any) -> CompletionLogprobs | None:
-    """A choice's ``logprobs``: the scored prompt's (echo), then its generated tokens'."""
-    generated = completion_logprobs(c, 0, len(echo), tokenizer)
-    prompt = prompt_logprobs(out, tokenizer) if echo else None
-    if prompt is None or generated is None:
-        return generated
-    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-        getattr(prompt, field).extend(getattr(generated, field))
-    return prompt
-
-
-def chat_logprobs(c: CompletionOutput, start: int, top: int,
-                  tokenizer: Any) -> ChatLogprobs | None:
-    """The chat ``logprobs`` object of tokens ``start:`` of ``c``, ``top`` alternatives each."""
-    if c.logprobs is None:
-        return None
-    content = []
-    for token_id, entries in zip(c.token_ids[start:], c.logprobs[start:], strict=False):
-        text = token_text(tokenizer, entries.get(token_id), token_id)
-        ranked = sorted((lp.rank, t) for t, lp in entries.items() if lp.rank)
-        tops = []
-        for _, t in ranked[:top]:
-            alt = token_text(tokenizer, entries[t], t)
-            tops.append(TopLogprob(token=alt, logprob=entries[t].logprob, bytes=list(alt.encode())))
-        logprob = entries[token_id].logprob if token_id in entries else -9999.0
-        content.append(ChatTokenLogprob(token=text, logprob=max(logprob, -9999.0),
-                                        bytes=list(text.encode()), top_logprobs=tops))
-    return ChatLogprobs(content=content)
-
-
-def completion_response(request_id: str, model: str, n: int, echoes: list[str],
-                        finals: list[RequestOutput], prompt_lens: list[int],
-                        tokenizer: Any) -> CompletionResponse:
-    """One choice per prompt and sample, indexed ``prompt * n + sample``."""
-    choices = [
-        CompletionResponseChoice(index=i * n + c.index, text=echoes[i] + c.text,
-                                 logprobs=echoed_logprobs(out, c, echoes[i], tokenizer),
-                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                                 prompt_logprobs=vllm_prompt_logprobs(out, tokenizer))
-        for i, out in enumerate(finals) for c in out.outputs
-    ]
-    return CompletionResponse(id=request_id, model=model, choices=choices,
-                              usage=usage(prompt_lens, finals))
-
-
-def chat_response(request_id: str, model: str, top: int, final: RequestOutput,
-                  prompt_len: int, tokenizer: Any) -> ChatCompletionResponse:
-    choices = [ChatChoice(index=c.index, message=ChatMessage(content=c.text),
-                          logprobs=chat_logprobs(c, 0, top, tokenizer),
-                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-               for c in final.outputs]
-    return ChatCompletionResponse(id=request_id, model=model, choices=choices,
-                                  usage=usage([prompt_len], [final]),
-                                  prompt_logprobs=vllm_prompt_logprobs(final, tokenizer))

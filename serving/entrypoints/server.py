@@ -9,7 +9,8 @@ as n; over a limit, 503 with ``Retry-After``), tokenized on a thread so the even
 streaming, and lives under a ``Watchdog``: when its client disconnects or its timeout passes,
 the engine aborts it at once, which frees its KV blocks and ends its output stream. An API key
 and a body-size limit guard the door (``server_guards``); SIGTERM drains (``shutdown``).
-Modules: ``server_state`` (shared state), ``server_responses`` (JSON and SSE answers).
+Modules: ``server_state`` (shared state), ``server_responses`` (JSON and SSE answers),
+``tool_calls`` and ``tool_parsers`` (``tools`` and ``tool_choice``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from serving.entrypoints.server_requests import (
 from serving.entrypoints.server_responses import respond
 from serving.entrypoints.server_state import Served
 from serving.entrypoints.tokenizer_routes import add_tokenizer_routes
+from serving.entrypoints.tool_calls import tool_plan
+from serving.entrypoints.tool_parsers import PARSERS, ToolParser
 from xds_jax.errors import ConfigError, XdsError
 from xds_jax.sampling.params import MAX_LOGPROBS
 from xds_jax.text.tokenizer import TokenizerError
@@ -61,22 +64,38 @@ def load_chat_template(value: str) -> str:
     raise ConfigError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
 
 
+def tool_parser(enable_auto_tool_choice: bool, name: str | None) -> ToolParser | None:
+    """The parser of ``tool_choice`` "auto" (``--enable-auto-tool-choice`` with
+    ``--tool-call-parser NAME``, as in vLLM); None when auto tool choice is off."""
+    if not enable_auto_tool_choice:
+        return None
+    if name not in PARSERS:
+        raise ConfigError(f"--enable-auto-tool-choice needs --tool-call-parser, one of "
+                          f"{', '.join(PARSERS)}; got {name!r}")
+    return PARSERS[name]
+
+
 def build_app(engine: Any, served_model_names: list[str] | None = None,
               request_timeout_s: float | None = None, *, api_key: str | None = None,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-              chat_template: str | None = None) -> FastAPI:
+              chat_template: str | None = None,
+              tool_call_parser: str | None = None) -> FastAPI:
     """The FastAPI app serving ``engine``, which the caller starts and shuts down.
 
     ``api_key``: required as ``Authorization: Bearer <key>`` on every route but ``/health``
     and ``/metrics``; ``max_request_bytes``: larger bodies are answered 413;
     ``chat_template``: Jinja source replacing the model's template (the tokenizer renders
-    chats, ``/tokenize`` messages and ``/tokenizer_info`` with it).
+    chats, ``/tokenize`` messages and ``/tokenizer_info`` with it); ``tool_call_parser``: the
+    ``tool_parsers.PARSERS`` name that reads tool calls out of ``tool_choice`` "auto" replies
+    (None: "auto" is refused, as vLLM does without ``--enable-auto-tool-choice``).
     """
     if chat_template is not None:
         if engine.tokenizer is None:
             raise ConfigError("--chat-template needs a model with a tokenizer")
         engine.tokenizer.chat_template = chat_template
-    served = Served(engine, served_model_names or [engine.model_name], request_timeout_s)
+    parser = None if tool_call_parser is None else tool_parser(True, tool_call_parser)
+    served = Served(engine, served_model_names or [engine.model_name], request_timeout_s,
+                    parser)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -163,6 +182,7 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         if not 0 <= (req.top_logprobs or 0) <= MAX_LOGPROBS:
             raise ApiError(400, f"top_logprobs must be in 0..{MAX_LOGPROBS}, got "
                            f"{req.top_logprobs}", "top_logprobs", "invalid_value")
+        tools = tool_plan(req, served.tool_parser)
         served.precheck(req.n)
         prompt = truncated(await served.off_loop(chat_prompt, req, engine.tokenizer),
                            req.truncate_prompt_tokens, engine.max_model_len)
@@ -170,7 +190,7 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling_params(req, served.fit(prompt[1], limit, "messages"), logprobs,
                                  req.prompt_logprobs)
-        return await respond(served, raw, req, model, [(prompt, params)], "chat")
+        return await respond(served, raw, req, model, [(prompt, params)], "chat", tools)
 
     add_tokenizer_routes(app, served)
     return app
@@ -180,11 +200,14 @@ def run_server(args: Any, engine: Any = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain (``serving.entrypoints.shutdown``). ``args``: the
     ``xds serve`` options (``host``, ``port``, ``served_model_name``, ``request_timeout``,
     ``api_key`` (else ``$XDS_API_KEY``), ``max_request_bytes``, ``shutdown_timeout``,
-    ``chat_template``, ``log_level``, and the engine's when ``engine`` is None)."""
+    ``chat_template``, ``enable_auto_tool_choice``, ``tool_call_parser``, ``log_level``, and the
+    engine's when ``engine`` is None)."""
     import uvicorn
 
     from serving.entrypoints.shutdown import DrainingServer
 
+    parser = tool_parser(getattr(args, "enable_auto_tool_choice", False),
+                         getattr(args, "tool_call_parser", None))  # before the slow load
     if engine is None:
         from serving.entrypoints.launch import load_engine
 
@@ -194,7 +217,8 @@ def run_server(args: Any, engine: Any = None) -> None:
     template = getattr(args, "chat_template", None)
     app = build_app(engine, names, args.request_timeout, api_key=api_key,
                     max_request_bytes=args.max_request_bytes,
-                    chat_template=load_chat_template(template) if template else None)
+                    chat_template=load_chat_template(template) if template else None,
+                    tool_call_parser=parser and parser.name)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     log.info("serving %s at http://%s:%d/v1%s", names[0], args.host, args.port,

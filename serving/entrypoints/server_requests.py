@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi.responses import JSONResponse
-
 from serving.core.admission import OverloadedError, RequestTooLargeError
 from serving.entrypoints import openai_protocol as api
+from serving.entrypoints.api_error import ApiError
+from serving.entrypoints.tool_calls import tool_constraint
 from xds_jax.errors import PromptTooLongError, SamplingParamsError
 from xds_jax.llm import InvalidPromptError
 from xds_jax.sampling.params import SamplingParams
@@ -18,29 +18,7 @@ from xds_jax.text.tokenizer import TokenizerError, chat_template_options, text_p
 
 log = logging.getLogger(__name__)
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-               404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               504: "timeout_error"}
 Prompt = tuple[str | None, list[int]]  # (text if given as text, token ids)
-
-
-class ApiError(Exception):
-    """An error answered as an OpenAI error body with HTTP ``status``."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        default = "invalid_request_error" if self.status < 500 else "server_error"
-        kind = ERROR_TYPES.get(self.status, default)
-        info = api.ErrorInfo(message=self.message, type=kind, param=self.param, code=self.code)
-        return api.ErrorResponse(error=info).model_dump()
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def engine_error(error: Exception) -> ApiError:
@@ -73,11 +51,6 @@ def sampling_params(req: api.SamplingFields, max_tokens: int, logprobs: int | No
     if req.prompt_logprobs is not None and req.stream:
         raise ApiError(400, "prompt_logprobs are not available when streaming (as in vLLM)",
                        "prompt_logprobs", "unsupported")
-    tools, choice = getattr(req, "tools", None), getattr(req, "tool_choice", None)
-    if (tools and choice != "none") or choice == "required" or isinstance(choice, dict):
-        raise ApiError(400, "tool calling is not supported yet (the server would not return "
-                       "tool_calls): send tools with tool_choice 'none' or no tools",
-                       "tools" if tools else "tool_choice", "unsupported")
     optional = {k: v for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
                 if (v := getattr(req, k)) is not None}
     try:
@@ -133,17 +106,20 @@ def response_format_fields(value: dict[str, Any] | None) -> dict[str, Any] | Non
 
 
 def constraints(req: api.SamplingFields) -> dict[str, dict[str, Any]]:
-    """Each request field that constrains the output, as ``StructuredOutputs`` fields. A
+    """Each request field that constrains the output, as ``StructuredOutputs`` fields (a
+    named or required ``tool_choice`` too, last: ``tool_calls.tool_constraint``). A
     ``structured_outputs`` of ``OPTIONS`` alone shapes the constraint another field sets (as
     in vLLM) and is no constraint of its own; an explicit null in it means the default."""
     fmt = response_format_fields(req.response_format)
     guided = {name: {key: getattr(req, name)} for name, key in GUIDED.items()
               if getattr(req, name) is not None}
+    tools = tool_constraint(req)
     own = {k: v for k, v in (req.structured_outputs or {}).items() if v is not None}
     found = {} if fmt is None else {"response_format": fmt}
-    if req.structured_outputs is not None and (set(own) - OPTIONS or not (found or guided)):
+    if req.structured_outputs is not None and (
+            set(own) - OPTIONS or not (found or guided or tools)):
         found[STRUCTURED] = own
-    return found | guided
+    return found | guided | ({} if tools is None else {"tool_choice": tools})
 
 
 def structured_outputs(req: api.SamplingFields) -> StructuredOutputs | None:
@@ -174,6 +150,9 @@ def constraint_error(error: ApiError, req: api.SamplingFields) -> ApiError:
     field = next(iter(constraints(req)), STRUCTURED)
     if field == STRUCTURED:
         return ApiError(error.status, error.message, field, error.code)
+    if field == "tool_choice":  # the schema came from the functions' parameters
+        return ApiError(error.status, "tools: a function's parameters do not compile as a JSON "
+                        "schema" + error.message[len(param):], "tools", error.code)
     path = ("response_format.json_schema.schema"
             if (field, param) == ("response_format", f"{STRUCTURED}.json") else field)
     return ApiError(error.status, path + error.message[len(param):], field, error.code)

@@ -15,10 +15,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from serving.entrypoints import openai_outputs as outputs
 from serving.entrypoints import openai_protocol as api
 from serving.entrypoints.server_requests import ApiError, Prompt, constraint_error, engine_error
 from serving.entrypoints.server_state import Served, Watchdog
-from xds_jax.outputs import RequestOutput
+from serving.entrypoints.tool_calls import PLAIN, ChoiceDeltas, ToolPlan
+from xds_jax.outputs import CompletionOutput, RequestOutput
 from xds_jax.sampling.params import SamplingParams
 
 
@@ -55,9 +57,10 @@ def sse(payload: dict | str) -> str:
 
 
 async def respond(served: Served, raw: Request, req: Any, model: str,
-                  jobs: list[tuple[Prompt, SamplingParams]], kind: str):
+                  jobs: list[tuple[Prompt, SamplingParams]], kind: str,
+                  tools: ToolPlan = PLAIN):
     """Admit and run the prompts; answer with one JSON body or, for ``stream``, an SSE
-    stream."""
+    stream. ``tools``: how a chat reply is read (plain text, or tool calls)."""
     ticket = served.admit(len(jobs) * req.n, sum(len(prompt[1]) for prompt, _ in jobs))
     watch = Watchdog(raw, served, ticket)
     request_id = api.random_id("chatcmpl" if kind == "chat" else "cmpl")
@@ -73,9 +76,11 @@ async def respond(served: Served, raw: Request, req: Any, model: str,
     echoes = [(p[0] or tok.decode(p[1])) if getattr(req, "echo", False) else "" for p, _ in jobs]
     finals: list[RequestOutput | None] = [None] * len(streams)
     if req.stream:
-        events = stream_events(served, req, model, request_id, streams, finals, echoes, kind)
+        events = stream_events(served, req, model, request_id, streams, finals, echoes, kind,
+                               tools)
         return StreamingResponse(
-            finish_stream(watch, events, req, lambda: api.usage(lens, finals), model, request_id),
+            finish_stream(watch, events, req, lambda: outputs.usage(lens, finals), model,
+                          request_id),
             media_type="text/event-stream")
     try:
         async for i, out in merged(streams):
@@ -85,19 +90,21 @@ async def respond(served: Served, raw: Request, req: Any, model: str,
     if watch.timed_out:
         raise ApiError(504, f"the request timed out after {watch.timeout_s} s", None, "timeout")
     if kind == "chat":
-        return api.chat_response(request_id, model, req.top_logprobs or 0, finals[0], lens[0],
-                                 tok).model_dump()
-    return api.completion_response(request_id, model, req.n, echoes, finals, lens,
-                                   tok).model_dump()
+        return outputs.chat_response(request_id, model, req.top_logprobs or 0, finals[0],
+                                     lens[0], tok, tools.reply).model_dump()
+    return outputs.completion_response(request_id, model, req.n, echoes, finals, lens,
+                                       tok).model_dump()
 
 
 async def stream_events(served: Served, req: Any, model: str, request_id: str,
-                        streams: list, finals: list, echoes: list[str],
-                        kind: str) -> AsyncIterator[dict]:
+                        streams: list, finals: list, echoes: list[str], kind: str,
+                        tools: ToolPlan) -> AsyncIterator[dict]:
     """The chunks of a stream in OpenAI's shapes (without ``usage``); one chunk per choice
-    update. Chat opens each choice with a ``role`` delta; completions may echo the prompt."""
+    update (chat: one per delta ``tools`` makes of it). Chat opens each choice with a ``role``
+    delta; completions may echo the prompt."""
     tok, created, n = served.engine.tokenizer, api.now(), req.n
-    cursors = [[api.ChoiceCursor() for _ in range(n)] for _ in streams]
+    cursors = [[outputs.ChoiceCursor() for _ in range(n)] for _ in streams]
+    shapers = [ChoiceDeltas(tools) for _ in range(n)]  # chat has one stream
     if kind == "chat":
         head = dict(id=request_id, created=created, model=model)
         for j in range(n):
@@ -107,7 +114,7 @@ async def stream_events(served: Served, req: Any, model: str, request_id: str,
         head = dict(id=request_id, created=created, model=model)
     async for i, out in merged(streams):
         if finals[i] is None and echoes[i]:  # the echo first, with its scored prompt
-            logprobs = api.prompt_logprobs(out, tok)
+            logprobs = outputs.prompt_logprobs(out, tok)
             for j in range(n):
                 yield api.CompletionStreamResponse(**head, choices=[api.CompletionChoice(
                     index=i * n + j, text=echoes[i], logprobs=logprobs)]).model_dump()
@@ -121,15 +128,31 @@ async def stream_events(served: Served, req: Any, model: str, request_id: str,
             reason = dict(finish_reason=c.finish_reason if finished else None,
                           stop_reason=c.stop_reason if finished else None)
             if kind == "chat":
-                choice = api.ChatStreamChoice(
-                    index=c.index, delta=api.DeltaMessage(content=text),
-                    logprobs=api.chat_logprobs(c, start, req.top_logprobs or 0, tok), **reason)
-                yield api.ChatCompletionStreamResponse(**head, choices=[choice]).model_dump()
+                for chunk in chat_chunks(shapers[c.index], c, text, start, finished, req, tok):
+                    yield api.ChatCompletionStreamResponse(**head, choices=[chunk]).model_dump()
             else:
                 choice = api.CompletionChoice(
                     index=i * n + c.index, text=text,
-                    logprobs=api.completion_logprobs(c, start, offset, tok), **reason)
+                    logprobs=outputs.completion_logprobs(c, start, offset, tok), **reason)
                 yield api.CompletionStreamResponse(**head, choices=[choice]).model_dump()
+
+
+def chat_chunks(shaper: ChoiceDeltas, c: CompletionOutput, text: str, start: int,
+                finished: bool, req: Any, tok: Any) -> list[api.ChatStreamChoice]:
+    """A chat choice's update as stream choices: one per delta ``shaper`` makes of ``text``,
+    the new tokens' logprobs on the first and the finish reason on the last. Held-back text
+    sends nothing unless it carries logprobs or the end."""
+    deltas = shaper.feed(text, finished)
+    logprobs = outputs.chat_logprobs(c, start, req.top_logprobs or 0, tok)
+    if not deltas and not (finished or (logprobs and logprobs.content)):
+        return []
+    chunks = [api.ChatStreamChoice(index=c.index, delta=delta) for delta in deltas or
+              [api.DeltaMessage()]]
+    chunks[0].logprobs = logprobs
+    if finished:
+        chunks[-1].finish_reason = shaper.finish_reason(c.finish_reason)
+        chunks[-1].stop_reason = c.stop_reason
+    return chunks
 
 
 async def finish_stream(watch: Watchdog, events: AsyncIterator[dict], req: Any,

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from serving.core.admission import OverloadedError, RequestTooLargeError, Ticket
 from serving.entrypoints.metrics import ServerMetrics
 from serving.entrypoints.server_requests import ApiError, Prompt, engine_error
+from serving.entrypoints.tool_parsers import ToolParser
 from xds_jax.outputs import RequestOutput
 from xds_jax.sampling.params import SamplingParams
 
@@ -82,10 +83,13 @@ class Watchdog:
 
 class Served:
     """What the routes share: the engine, its public names, the timeout, the metrics, the
-    admission limits (``engine.admission``), the drain state and the tokenizer threads."""
+    admission limits (``engine.admission``), the drain state, the tokenizer threads and the
+    tool-call parser of ``tool_choice`` "auto" (None: "auto" is refused)."""
 
-    def __init__(self, engine: Any, names: list[str], timeout_s: float | None):
+    def __init__(self, engine: Any, names: list[str], timeout_s: float | None,
+                 tool_parser: ToolParser | None = None):
         self.engine, self.names, self.timeout_s = engine, names, timeout_s
+        self.tool_parser = tool_parser
         self.admission = engine.admission
         self.registry = CollectorRegistry()
         self.metrics = ServerMetrics(self.registry, engine, names[0])

@@ -213,8 +213,10 @@ def test_fuzzed_completion_bodies_never_take_the_server_down(server, body):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      "response_format", "invalid_value"),
     ({"response_format": {"type": "xml"}}, "response_format", "unsupported"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools",
-     "unsupported"),
+    # tools default tool_choice to "auto", which needs --enable-auto-tool-choice (as in vLLM)
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+     "tool_choice", "unsupported"),
+    ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools", "invalid_value"),
 ])
 def test_bad_response_format_and_tools_are_refused_not_ignored(server, extra, field, code):
     r = chat(server, [{"role": "user", "content": "hi"}], **extra)

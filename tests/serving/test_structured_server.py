@@ -222,11 +222,14 @@ def test_two_constraints_are_a_400_naming_both(server, sdk):
     assert "structured_outputs and guided_json" in message
 
 
-def test_tool_choice_that_needs_tool_calls_is_still_refused(server, sdk):
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+def test_a_tool_choice_constraint_and_another_are_two_constraints(server, sdk):
+    """A named or required ``tool_choice`` constrains the output too (tests/serving/
+    test_tool_calls.py); with another constraint the request is refused, naming both."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": PERSON}}]
     named = {"type": "function", "function": {"name": "f"}}
-    for kwargs, param in [(dict(tools=tools, tool_choice="required"), "tools"),
-                          (dict(tools=tools, tool_choice=named), "tools"),
-                          (dict(tool_choice="required"), "tool_choice")]:
-        message = bad_request(lambda kwargs=kwargs: chat(server, sdk, **kwargs), param)
-        assert message.startswith("tool calling is not supported yet")
+    for kwargs in (dict(tools=tools, tool_choice="required", extra_body={"guided_regex": PHONE}),
+                   dict(tools=tools, tool_choice=named, response_format={"type": "json_object"})):
+        message = bad_request(lambda kwargs=kwargs: chat(server, sdk, **kwargs), "tool_choice")
+        assert message.startswith("only one output constraint per request"), message
+    message = bad_request(lambda: chat(server, sdk, tool_choice="required"), "tool_choice")
+    assert message == "tool_choice 'required' needs tools: none were given"

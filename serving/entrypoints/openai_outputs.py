@@ -1,0 +1,168 @@
+"""Engine ``RequestOutput``s in the OpenAI API's shapes: usage, log-probabilities (chat and
+legacy), vLLM's ``prompt_logprobs``, whole responses, and the cursor that streams a choice."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from serving.entrypoints.openai_protocol import (
+    ChatChoice,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    CompletionResponse,
+    CompletionResponseChoice,
+    PromptLogprob,
+    PromptLogprobs,
+    TopLogprob,
+    UsageInfo,
+)
+from xds_jax.outputs import CompletionOutput, Logprob, RequestOutput
+
+
+def usage(prompt_lens: list[int], finals: list[RequestOutput | None]) -> UsageInfo:
+    """Prompt tokens count once per prompt; completion tokens once per sample."""
+    done = sum(len(c.token_ids) for out in finals if out is not None for c in out.outputs)
+    return UsageInfo(prompt_tokens=sum(prompt_lens), completion_tokens=done,
+                     total_tokens=sum(prompt_lens) + done)
+
+
+class ChoiceCursor:
+    """How much of one choice's text and tokens were already streamed."""
+
+    def __init__(self) -> None:
+        self.chars = self.tokens = 0
+        self.done = False
+
+    def advance(self, c: CompletionOutput) -> tuple[str, int, bool]:
+        """New text, index of the first new token, and whether ``c`` just finished."""
+        text, start = c.text[self.chars:], self.tokens
+        self.chars, self.tokens = len(c.text), len(c.token_ids)
+        finished = c.finish_reason is not None and not self.done
+        self.done = self.done or finished
+        return text, start, finished
+
+
+def token_text(tokenizer: Any, entry: Logprob | None, token_id: int) -> str:
+    if entry is not None and entry.decoded_token is not None:
+        return entry.decoded_token
+    return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
+
+
+def completion_logprobs(c: CompletionOutput, start: int, offset: int,
+                        tokenizer: Any) -> CompletionLogprobs | None:
+    """The legacy ``logprobs`` object of tokens ``start:`` of ``c``, text offsets from
+    ``offset`` characters."""
+    if c.logprobs is None:
+        return None
+    result = CompletionLogprobs()
+    for token_id, entries in zip(c.token_ids[start:], c.logprobs[start:], strict=False):
+        text = token_text(tokenizer, entries.get(token_id), token_id)
+        result.tokens.append(text)
+        result.token_logprobs.append(entries[token_id].logprob if token_id in entries else None)
+        result.top_logprobs.append({token_text(tokenizer, lp, t): lp.logprob
+                                    for t, lp in entries.items()})
+        result.text_offset.append(offset)
+        offset += len(text)
+    return result
+
+
+def prompt_logprobs(out: RequestOutput, tokenizer: Any) -> CompletionLogprobs | None:
+    """The legacy ``logprobs`` object of an echoed prompt (vLLM's shape: the first token's
+    ``token_logprobs`` and ``top_logprobs`` are null), or None when it was not scored."""
+    if out.prompt_logprobs is None:
+        return None
+    result, offset = CompletionLogprobs(), 0
+    for token_id, entries in zip(out.prompt_token_ids, out.prompt_logprobs, strict=True):
+        text = token_text(tokenizer, (entries or {}).get(token_id), token_id)
+        result.tokens.append(text)
+        result.token_logprobs.append(None if entries is None else entries[token_id].logprob)
+        result.top_logprobs.append(None if entries is None else {
+            token_text(tokenizer, lp, t): lp.logprob for t, lp in entries.items()})
+        result.text_offset.append(offset)
+        offset += len(text)
+    return result
+
+
+def vllm_prompt_logprobs(out: RequestOutput, tokenizer: Any) -> PromptLogprobs | None:
+    """vLLM's ``prompt_logprobs`` of a response: per prompt token, ``{token id: logprob, rank,
+    decoded_token}`` of the token and its top alternatives (None for the first token)."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if entries is None else {
+        t: PromptLogprob(logprob=max(lp.logprob, -9999.0), rank=lp.rank,
+                         decoded_token=token_text(tokenizer, lp, t))
+        for t, lp in entries.items()} for entries in out.prompt_logprobs]
+
+
+def echoed_logprobs(out: RequestOutput, c: CompletionOutput, echo: str,
+                    tokenizer: Any) -> CompletionLogprobs | None:
+    """A choice's ``logprobs``: the scored prompt's (echo), then its generated tokens'."""
+    generated = completion_logprobs(c, 0, len(echo), tokenizer)
+    prompt = prompt_logprobs(out, tokenizer) if echo else None
+    if prompt is None or generated is None:
+        return generated
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        getattr(prompt, field).extend(getattr(generated, field))
+    return prompt
+
+
+def chat_logprobs(c: CompletionOutput, start: int, top: int,
+                  tokenizer: Any) -> ChatLogprobs | None:
+    """The chat ``logprobs`` object of tokens ``start:`` of ``c``, ``top`` alternatives each."""
+    if c.logprobs is None:
+        return None
+    content = []
+    for token_id, entries in zip(c.token_ids[start:], c.logprobs[start:], strict=False):
+        text = token_text(tokenizer, entries.get(token_id), token_id)
+        ranked = sorted((lp.rank, t) for t, lp in entries.items() if lp.rank)
+        tops = []
+        for _, t in ranked[:top]:
+            alt = token_text(tokenizer, entries[t], t)
+            tops.append(TopLogprob(token=alt, logprob=entries[t].logprob, bytes=list(alt.encode())))
+        logprob = entries[token_id].logprob if token_id in entries else -9999.0
+        content.append(ChatTokenLogprob(token=text, logprob=max(logprob, -9999.0),
+                                        bytes=list(text.encode()), top_logprobs=tops))
+    return ChatLogprobs(content=content)
+
+
+def completion_response(request_id: str, model: str, n: int, echoes: list[str],
+                        finals: list[RequestOutput], prompt_lens: list[int],
+                        tokenizer: Any) -> CompletionResponse:
+    """One choice per prompt and sample, indexed ``prompt * n + sample``."""
+    choices = [
+        CompletionResponseChoice(index=i * n + c.index, text=echoes[i] + c.text,
+                                 logprobs=echoed_logprobs(out, c, echoes[i], tokenizer),
+                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                 prompt_logprobs=vllm_prompt_logprobs(out, tokenizer))
+        for i, out in enumerate(finals) for c in out.outputs
+    ]
+    return CompletionResponse(id=request_id, model=model, choices=choices,
+                              usage=usage(prompt_lens, finals))
+
+
+def plain_reply(text: str, finish_reason: str | None) -> tuple[ChatMessage, str | None]:
+    """A reply without tool calls: the text as the message's content."""
+    return ChatMessage(content=text), finish_reason
+
+
+Reply = Callable[[str, str | None], tuple[ChatMessage, str | None]]
+
+
+def chat_response(request_id: str, model: str, top: int, final: RequestOutput,
+                  prompt_len: int, tokenizer: Any,
+                  reply: Reply = plain_reply) -> ChatCompletionResponse:
+    """One choice per sample; ``reply`` reads its text and finish reason as the message and
+    the finish reason to answer (tool calls: ``tool_calls.ToolPlan.reply``)."""
+    choices = []
+    for c in final.outputs:
+        message, reason = reply(c.text, c.finish_reason)
+        choices.append(ChatChoice(index=c.index, message=message,
+                                  logprobs=chat_logprobs(c, 0, top, tokenizer),
+                                  finish_reason=reason, stop_reason=c.stop_reason))
+    return ChatCompletionResponse(id=request_id, model=model, choices=choices,
+                                  usage=usage([prompt_len], [final]),
+                                  prompt_logprobs=vllm_prompt_logprobs(final, tokenizer))

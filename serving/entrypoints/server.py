@@ -186,10 +186,10 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         served.precheck(req.n)
         prompt = truncated(await served.off_loop(chat_prompt, req, engine.tokenizer),
                            req.truncate_prompt_tokens, engine.max_model_len)
-        limit = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+        field = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = sampling_params(req, served.fit(prompt[1], limit, "messages"), logprobs,
-                                 req.prompt_logprobs)
+        params = sampling_params(req, served.fit(prompt[1], getattr(req, field), "messages",
+                                                 field=field), logprobs, req.prompt_logprobs)
         return await respond(served, raw, req, model, [(prompt, params)], "chat", tools)
 
     add_tokenizer_routes(app, served)

@@ -48,6 +48,9 @@ def sampling_params(req: api.SamplingFields, max_tokens: int, logprobs: int | No
     honour are a 400 naming them)."""
     if getattr(req, "best_of", None) not in (None, req.n):
         raise ApiError(400, "best_of other than n is not supported", "best_of", "unsupported")
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "stream_options can only be set when stream is true (as in vLLM "
+                       "and OpenAI)", "stream_options", "invalid_value")
     if req.prompt_logprobs is not None and req.stream:
         raise ApiError(400, "prompt_logprobs are not available when streaming (as in vLLM)",
                        "prompt_logprobs", "unsupported")

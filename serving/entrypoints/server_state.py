@@ -161,20 +161,22 @@ class Served:
                            f"{', '.join(self.names)}", "model", "model_not_found")
         return model or self.names[0]
 
-    def fit(self, ids: list[int], max_tokens: int | None, where: str, least: int = 1) -> int:
+    def fit(self, ids: list[int], max_tokens: int | None, where: str, least: int = 1,
+            field: str = "max_tokens") -> int:
         """``max_tokens`` checked against the context (None: all the room that is left) and
-        against ``least`` (0 for completions: score or echo the prompt only)."""
+        against ``least`` (0 for completions: score or echo the prompt only); ``field``: the
+        request field that gave it, named in errors."""
         limit = self.engine.max_model_len
         if max_tokens is not None and max_tokens < least:
-            raise ApiError(400, f"max_tokens must be at least {least}, got {max_tokens}",
-                           "max_tokens", "invalid_value")
+            raise ApiError(400, f"{field} must be at least {least}, got {max_tokens}",
+                           field, "invalid_value")
         wanted = max_tokens if max_tokens is not None else max(limit - len(ids), 1)
         if len(ids) + wanted > limit or len(ids) >= limit:
             raise ApiError(
                 400, f"This model's maximum context length is {limit} tokens. However, you "
                 f"requested {len(ids) + wanted} tokens ({len(ids)} in the {where}, {wanted} in "
                 "the completion). Please reduce the length of the prompt or completion.",
-                where if len(ids) >= limit or max_tokens is None else "max_tokens",
+                where if len(ids) >= limit or max_tokens is None else field,
                 "context_length_exceeded")
         return wanted
 

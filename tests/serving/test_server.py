@@ -215,7 +215,13 @@ BAD_REQUESTS = [
     ("chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("chat/completions", {**CHAT, "logprobs": True, "top_logprobs": -1}, 400, "top_logprobs"),
-    ("chat/completions", {**CHAT, "max_completion_tokens": 0}, 400, "max_tokens"),
+    ("chat/completions", {**CHAT, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ("chat/completions", {**CHAT, "max_completion_tokens": 10 ** 6}, 400,
+     "max_completion_tokens"),
+    ("chat/completions", {**CHAT, "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ("completions", {"model": "fake", "prompt": "x", "stream": False,
+                     "stream_options": {"include_usage": True}}, 400, "stream_options"),
 ]
 
 

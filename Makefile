@@ -21,8 +21,8 @@ demo: install
 	$(BIN)/python -m serving.entrypoints.demo
 
 # tests/run_suite.py runs the suite's pytest processes, two at a time (most of a test is
-# single-threaded compiling): 8 virtual CPU devices in three processes (XLA:CPU segfaulted
-# compiling late in a process that ran all serving tests), the 16-, 64- and 384-device tests in
+# single-threaded compiling): 8 virtual CPU devices in five processes (XLA:CPU segfaulted
+# late in processes that ran many serving tests), the 16-, 64- and 384-device tests in
 # their own (JAX fixes the device count when it starts), the 384-device one alone. Each runs
 # under tests/run_pytest.sh: a native crash is summarised last and the process run once more
 # (an abort once ended CI with only pytest's own frames in the kept tail); a failed test is

@@ -154,12 +154,15 @@ Reply = Callable[[str, str | None], tuple[ChatMessage, str | None]]
 
 def chat_response(request_id: str, model: str, top: int, final: RequestOutput,
                   prompt_len: int, tokenizer: Any,
-                  reply: Reply = plain_reply) -> ChatCompletionResponse:
+                  reply: Reply = plain_reply, echo: str = "") -> ChatCompletionResponse:
     """One choice per sample; ``reply`` reads its text and finish reason as the message and
-    the finish reason to answer (tool calls: ``tool_calls.ToolPlan.reply``)."""
+    the finish reason to answer (tool calls: ``tool_calls.ToolPlan.reply``); ``echo`` leads
+    each message's content (vLLM's chat ``echo``)."""
     choices = []
     for c in final.outputs:
         message, reason = reply(c.text, c.finish_reason)
+        if echo:
+            message.content = echo + (message.content or "")
         choices.append(ChatChoice(index=c.index, message=message,
                                   logprobs=chat_logprobs(c, 0, top, tokenizer),
                                   finish_reason=reason, stop_reason=c.stop_reason))

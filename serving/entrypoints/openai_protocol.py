@@ -117,8 +117,10 @@ class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``: ``messages`` rendered with the model's chat template."""
 
     null_is_default = SamplingFields.null_is_default | {
-        "logprobs", "add_generation_prompt", "continue_final_message"}
+        "logprobs", "add_generation_prompt", "continue_final_message", "echo"}
     messages: list[dict[str, Any]]
+    # vLLM's: the reply starts with the last message's content when it has the reply's role
+    echo: bool | None = False
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False

@@ -206,6 +206,19 @@ def chat_prompt(req: api.ChatCompletionRequest, tokenizer: Any) -> Prompt:
     return text, encode_chat(tokenizer, text, False)
 
 
+def chat_echo(req: api.ChatCompletionRequest) -> str:
+    """vLLM's chat ``echo``: the last message's text when its role is the reply's (the
+    assistant's after a generation prompt, else the last message's own: a continued final
+    message), to lead the reply; "" otherwise."""
+    if not req.echo or not req.messages:
+        return ""
+    last = req.messages[-1]
+    role = "assistant" if req.add_generation_prompt else last.get("role")
+    if last.get("role") != role:
+        return ""
+    return text_parts_joined(last, len(req.messages) - 1).get("content") or ""
+
+
 def encode_chat(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     """Rendered chat text to ids; a text the tokenizer refuses is a 400 on ``messages``."""
     try:

@@ -17,7 +17,13 @@ from fastapi.responses import StreamingResponse
 
 from serving.entrypoints import openai_outputs as outputs
 from serving.entrypoints import openai_protocol as api
-from serving.entrypoints.server_requests import ApiError, Prompt, constraint_error, engine_error
+from serving.entrypoints.server_requests import (
+    ApiError,
+    Prompt,
+    chat_echo,
+    constraint_error,
+    engine_error,
+)
 from serving.entrypoints.server_state import Served, Watchdog
 from serving.entrypoints.tool_calls import PLAIN, ChoiceDeltas, ToolPlan
 from xds_jax.outputs import CompletionOutput, RequestOutput
@@ -73,7 +79,10 @@ async def respond(served: Served, raw: Request, req: Any, model: str,
         await watch.stop()
         raise
     tok, lens = served.engine.tokenizer, [len(p[1]) for p, _ in jobs]
-    echoes = [(p[0] or tok.decode(p[1])) if getattr(req, "echo", False) else "" for p, _ in jobs]
+    if kind == "chat":
+        echoes = [chat_echo(req)]
+    else:
+        echoes = [(p[0] or tok.decode(p[1])) if req.echo else "" for p, _ in jobs]
     finals: list[RequestOutput | None] = [None] * len(streams)
     if req.stream:
         events = stream_events(served, req, model, request_id, streams, finals, echoes, kind,
@@ -91,7 +100,7 @@ async def respond(served: Served, raw: Request, req: Any, model: str,
         raise ApiError(504, f"the request timed out after {watch.timeout_s} s", None, "timeout")
     if kind == "chat":
         return outputs.chat_response(request_id, model, req.top_logprobs or 0, finals[0],
-                                     lens[0], tok, tools.reply).model_dump()
+                                     lens[0], tok, tools.reply, echoes[0]).model_dump()
     return outputs.completion_response(request_id, model, req.n, echoes, finals, lens,
                                        tok).model_dump()
 
@@ -101,7 +110,8 @@ async def stream_events(served: Served, req: Any, model: str, request_id: str,
                         tools: ToolPlan) -> AsyncIterator[dict]:
     """The chunks of a stream in OpenAI's shapes (without ``usage``); one chunk per choice
     update (chat: one per delta ``tools`` makes of it). Chat opens each choice with a ``role``
-    delta; completions may echo the prompt."""
+    delta, and leads with the echoed last message (``chat_echo``); completions may echo the
+    prompt."""
     tok, created, n = served.engine.tokenizer, api.now(), req.n
     cursors = [[outputs.ChoiceCursor() for _ in range(n)] for _ in streams]
     shapers = [ChoiceDeltas(tools) for _ in range(n)]  # chat has one stream
@@ -110,10 +120,13 @@ async def stream_events(served: Served, req: Any, model: str, request_id: str,
         for j in range(n):
             yield api.ChatCompletionStreamResponse(**head, choices=[api.ChatStreamChoice(
                 index=j, delta=api.DeltaMessage(role="assistant", content=""))]).model_dump()
+            if echoes[0]:  # the echoed last message leads the reply
+                yield api.ChatCompletionStreamResponse(**head, choices=[api.ChatStreamChoice(
+                    index=j, delta=api.DeltaMessage(content=echoes[0]))]).model_dump()
     else:
         head = dict(id=request_id, created=created, model=model)
     async for i, out in merged(streams):
-        if finals[i] is None and echoes[i]:  # the echo first, with its scored prompt
+        if kind != "chat" and finals[i] is None and echoes[i]:  # the echo, its scored prompt
             logprobs = outputs.prompt_logprobs(out, tok)
             for j in range(n):
                 yield api.CompletionStreamResponse(**head, choices=[api.CompletionChoice(

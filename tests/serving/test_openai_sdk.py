@@ -74,6 +74,31 @@ def test_continue_final_message(server, sdk):
     assert error.value.param == "continue_final_message"
 
 
+def test_chat_echo(server, sdk):
+    """vLLM's chat ``echo``: a reply continuing the last message (its role is the reply's)
+    starts with that message's text, streamed or not; after a generation prompt the last
+    message is the user's and nothing is echoed (it was ignored)."""
+    model = server.engine.model_name
+    messages = [*HI, {"role": "assistant", "content": [{"type": "text", "text": "Sure,"},
+                                                       {"type": "text", "text": "the"}]}]
+    extra = {"continue_final_message": True, "add_generation_prompt": False,
+             "ignore_eos": True}
+    kwargs = dict(model=model, messages=messages, max_tokens=5, temperature=0)
+    plain = sdk.chat.completions.create(**kwargs, extra_body=extra)
+    echoed = sdk.chat.completions.create(**kwargs, extra_body={**extra, "echo": True})
+    assert echoed.choices[0].message.content == "Sure,\nthe" + plain.choices[0].message.content
+    assert echoed.usage == plain.usage
+    chunks = list(sdk.chat.completions.create(**kwargs, stream=True,
+                                              extra_body={**extra, "echo": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
+        echoed.choices[0].message.content
+    fresh = sdk.chat.completions.create(model=model, messages=HI, max_tokens=3, temperature=0,
+                                        extra_body={"echo": True, "ignore_eos": True})
+    alone = sdk.chat.completions.create(model=model, messages=HI, max_tokens=3, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    assert fresh.choices[0].message.content == alone.choices[0].message.content
+
+
 def test_truncate_prompt_tokens(server, sdk):
     """vLLM's ``truncate_prompt_tokens`` keeps a prompt's last k tokens (it was ignored: a
     prompt over the context got the 400 the client asked to avoid)."""

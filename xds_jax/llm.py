@@ -22,7 +22,7 @@ from xds_jax.outputs import RequestMetrics, RequestOutput
 from xds_jax.sampling import structured
 from xds_jax.sampling.params import SamplingParams
 from xds_jax.sequence import Sequence
-from xds_jax.text.tokenizer import chat_template_options
+from xds_jax.text.tokenizer import chat_template_options, open_final_message
 
 
 class InvalidPromptError(XdsError, ValueError):
@@ -210,24 +210,41 @@ class LLM:
 
     def chat(self, messages: list, sampling_params: SamplingParams | Seq | None = None,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
-             use_tqdm: bool = False) -> list[RequestOutput]:
-        """Reply to one conversation (a list of ``{"role", "content"}``) or to a list of them."""
+             use_tqdm: bool = False, *, chat_template: str | None = None,
+             continue_final_message: bool = False,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
+        """Reply to one conversation (a list of ``{"role", "content"}``) or to a list of them.
+        As vLLM's ``LLM.chat``: ``chat_template`` replaces the model's, ``tools`` reach the
+        template, ``continue_final_message`` (with ``add_generation_prompt=False``) continues
+        the last message instead of opening a new turn."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = []
         for conversation in conversations:
             text, ids = self.chat_prompt(conversation, add_generation_prompt,
-                                         chat_template_kwargs)
+                                         chat_template_kwargs, chat_template=chat_template,
+                                         continue_final_message=continue_final_message,
+                                         tools=tools)
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def chat_prompt(self, conversation: list, add_generation_prompt: bool = True,
-                    chat_template_kwargs: dict | None = None) -> tuple[str, list[int]]:
+                    chat_template_kwargs: dict | None = None, *,
+                    chat_template: str | None = None, continue_final_message: bool = False,
+                    tools: list[dict] | None = None) -> tuple[str, list[int]]:
         """The prompt text and token ids ``chat`` sends for one conversation."""
         if self.tokenizer is None:
             raise InvalidPromptError(f"model {self.model_name!r} has no tokenizer for chat")
         add_prompt, kwargs = chat_template_options(add_generation_prompt, chat_template_kwargs)
+        if continue_final_message and add_prompt:
+            raise InvalidPromptError("continue_final_message needs add_generation_prompt=False")
+        if tools:
+            kwargs = {"tools": tools, **kwargs}
+        if chat_template is not None:
+            kwargs["chat_template"] = chat_template
         text = self.tokenizer.apply_chat_template(
             conversation, add_generation_prompt=add_prompt, **kwargs)
+        if continue_final_message:
+            text = open_final_message(text, conversation)
         # The template already holds BOS where the model wants it.
         return text, self.tokenizer.encode(text, add_special_tokens=False)
 

@@ -15,6 +15,7 @@ from xds_jax.sampling.params import SamplingParams
 from xds_jax.sampling.structured import FIELD as STRUCTURED
 from xds_jax.sampling.structured import StructuredOutputs
 from xds_jax.text.tokenizer import TokenizerError, chat_template_options, text_parts_joined
+from xds_jax.text.tokenizer import open_final_message as tokenizer_open_final_message
 
 log = logging.getLogger(__name__)
 
@@ -248,13 +249,8 @@ def render_chat(tokenizer: Any, req: Any) -> str:
 
 
 def open_final_message(text: str, messages: list[dict[str, Any]]) -> str:
-    """The rendered chat ``text`` cut right after the last message's content, so the reply
-    continues it (what transformers and vLLM do for ``continue_final_message``). The content
-    is read as the template read it (text parts joined, ``text_parts_joined``)."""
-    content = text_parts_joined(messages[-1], len(messages) - 1).get("content")
-    content = content.strip() if isinstance(content, str) else ""
-    if not content or content not in text:
-        raise ApiError(400, "continue_final_message: the last message's content must be "
-                       "non-empty text that the chat template renders verbatim",
-                       "continue_final_message", "invalid_value")
-    return text[:text.rindex(content) + len(content)]
+    """``tokenizer.open_final_message``, its error a 400 on ``continue_final_message``."""
+    try:
+        return tokenizer_open_final_message(text, messages)
+    except TokenizerError as error:
+        raise ApiError(400, str(error), "continue_final_message", "invalid_value") from None

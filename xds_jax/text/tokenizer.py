@@ -83,6 +83,18 @@ def text_parts_joined(message: Mapping[str, Any], index: int) -> dict[str, Any]:
     return message
 
 
+def open_final_message(text: str, messages: Sequence[Mapping[str, Any]]) -> str:
+    """The rendered chat ``text`` cut right after the last message's content, so the reply
+    continues it (what transformers and vLLM do for ``continue_final_message``). The content
+    is read as the template read it (text parts joined, ``text_parts_joined``)."""
+    content = text_parts_joined(messages[-1], len(messages) - 1).get("content")
+    content = content.strip() if isinstance(content, str) else ""
+    if not content or content not in text:
+        raise TokenizerError("continue_final_message: the last message's content must be "
+                             "non-empty text that the chat template renders verbatim")
+    return text[:text.rindex(content) + len(content)]
+
+
 class UnsupportedTokenizerError(TokenizerError):
     """The model's tokenizer type (or pre-tokenizer) is not one this engine can build."""
 
@@ -276,6 +288,7 @@ class Tokenizer:
         self,
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> str:
         """Render a conversation as the model's prompt text.
@@ -283,6 +296,7 @@ class Tokenizer:
         Args:
             messages: Non-empty list of `{"role": str, "content": str | list}` dicts.
             add_generation_prompt: End with the header that opens the assistant's turn.
+            chat_template: Jinja source to use instead of the model's own.
             **kwargs: More template variables (`tools`, `documents`, ...); they override the
                 special-token variables.
 
@@ -290,7 +304,8 @@ class Tokenizer:
             TokenizerError: The model has no chat template, `messages` is malformed, or the
                 template rejects the conversation.
         """
-        if self.chat_template is None:
+        chat_template = chat_template or self.chat_template
+        if chat_template is None:
             raise TokenizerError("this model has no chat template; send a plain prompt instead")
         problem = find_message_problem(messages)
         if problem is not None:
@@ -305,7 +320,7 @@ class Tokenizer:
         }
         try:
             return render_chat_template(
-                self.chat_template,
+                chat_template,
                 messages=[text_parts_joined(message, i) for i, message in enumerate(messages)],
                 add_generation_prompt=add_generation_prompt,
                 **variables,

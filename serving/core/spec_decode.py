@@ -28,7 +28,7 @@ import numpy as np
 
 from collectives.p2p import gather_blocks, scatter_blocks_donated
 from serving.core.runner import MIN_DECODE_ROWS, MIN_PREFILL_WIDTH, ModelRunner, build_rows
-from serving.core.spec_state import SpecState, accept_greedy, emit_decode, prefill_pairs, speculable
+from serving.core.spec_state import SpecState, emit_decode, prefill_pairs, speculable
 from sharding.params import kv_page_shardings, tp_mesh
 from xds_jax.engine_config import DEFAULT_CHAINED_STEPS
 from xds_jax.errors import ConfigError
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 # drafting). Accelerators draft at every batch size unless ``speculative_config`` sets
 # ``disable_by_batch_size``.
 DISABLE_BY_BATCH_SIZE = 2
-
 
 
 def drafts_this_step(k: int, rows: int, limit: int | None) -> int:
@@ -280,15 +279,12 @@ class SpecRunner(ModelRunner):
         run); a sequence that stops ignores the steps after. The last step's accepted hiddens
         pend for the next decode."""
         last_pos = [s.start for s in items]
-        for n, (drafts, _, greedy, x) in enumerate(steps):
-            drafts, greedy = jax.device_get((drafts, greedy))
-            accepted = accept_greedy(greedy, drafts, num_drafts)
+        pad = [None] * (len(num_drafts) - len(items))
+        for n, (drafts, logits, greedy, x) in enumerate(steps):
             live = [i for i, s in enumerate(items) if not s.seq.finished]
-            for i in live:
-                for token in greedy[i, :accepted[i] + 1]:
-                    items[i].seq.append(int(token))
-                    if items[i].seq.finished:
-                        break
+            seqs = [None if s.seq.finished else s.seq for s in items] + pad
+            accepted = emit_decode(seqs, num_drafts, drafts, logits, self.cfg.vocab_size,
+                                   greedy)
             self.spec.count(num_drafts[live], accepted[live])
             if n == len(steps) - 1:
                 x = np.asarray(jax.device_get(x))

@@ -125,6 +125,24 @@ TINY_MODELS = {
         ),
         0,
     ),
+    # DeepSeek-V2(-Lite): MLA without q_lora, softmax router, group-limited greedy (group score =
+    # its best expert), no renormalisation, two shared experts; yarn with mscale 0.707 as V2 ships.
+    "deepseek_v2": (
+        tf.DeepseekV2Config(
+            **dict(
+                DEEPSEEK,
+                q_lora_rank=None,
+                n_shared_experts=2,
+                topk_method="group_limited_greedy",
+                norm_topk_prob=False,
+                routed_scaling_factor=2.0,
+                rope_parameters=dict(
+                    DEEPSEEK["rope_parameters"], mscale=0.707, mscale_all_dim=0.707
+                ),
+            )
+        ),
+        0,
+    ),
     "qwen2_moe": (
         tf.Qwen2MoeConfig(
             **BASE,
@@ -190,6 +208,13 @@ def min_router_gap(model, seq: torch.Tensor) -> float:
             keep = group_scores.topk(router.topk_group, dim=-1).indices
             mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             scores = groups.masked_fill(~mask[..., None], -torch.inf).flatten(1)
+        elif getattr(router, "topk_method", None) == "group_limited_greedy":  # DeepSeek-V2
+            groups = scores.softmax(-1).view(len(scores), router.num_group, -1)
+            group_scores = groups.max(dim=-1).values
+            gaps.append(gap(group_scores, router.topk_group))
+            keep = group_scores.topk(router.topk_group, dim=-1).indices
+            mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            scores = groups.masked_fill(~mask[..., None], -torch.inf).flatten(1)
         gaps.append(gap(scores, router.top_k))
 
     routers = [m for m in model.modules() if type(m).__name__.endswith("Router")]
@@ -225,6 +250,13 @@ def tiny_golden(name: str, config, prompt_seed: int) -> None:
     )
     assert not any(info.values()), f"{name}: save/load mismatch {info}"
 
+    run_prompts(name, model, reloaded, out_dir, prompt_seed)
+
+
+def run_prompts(name: str, model, reloaded, out_dir: Path, prompt_seed: int) -> None:
+    """Run the 3 prompts through ``model`` (greedy, checked) and write ``out_dir/golden.npz``;
+    ``reloaded`` (the saved directory loaded back) must give the same logits."""
+    config = model.config
     rng = np.random.default_rng(prompt_seed)
     golden = {}
     router_gap_min = float("inf")
@@ -277,14 +309,22 @@ def main() -> None:
     """Regenerate every golden file."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", type=Path, default=DEFAULT_GGUF, help="SmolLM2 Q4_1 GGUF")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="regenerate only these tiny models / FP8 checkpoints")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.use_deterministic_algorithms(True)
+    from golden_fp8 import FP8_MODELS, fp8_golden
     from golden_smollm2 import smollm2_golden  # it imports this module's helpers
 
     for name, (config, prompt_seed) in TINY_MODELS.items():
-        tiny_golden(name, config, prompt_seed)
-    smollm2_golden(args.gguf)
+        if not args.only or name in args.only:
+            tiny_golden(name, config, prompt_seed)
+    for name, (source, block, prompt_seed) in FP8_MODELS.items():
+        if not args.only or name in args.only:
+            fp8_golden(name, source, block, prompt_seed)
+    if not args.only:
+        smollm2_golden(args.gguf)
 
 
 if __name__ == "__main__":

@@ -80,3 +80,60 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_model_config(tmp_path)
+
+
+# DeepSeek-V2 (236B) and V2-Lite as they ship on the Hub (transformers 4 spelling), trimmed.
+DEEPSEEK_V2 = {
+    "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 5120,
+    "num_hidden_layers": 60, "num_attention_heads": 128, "num_key_value_heads": 128,
+    "intermediate_size": 12288, "moe_intermediate_size": 1536, "n_routed_experts": 160,
+    "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1,
+    "moe_layer_freq": 1, "n_group": 8, "topk_group": 3, "topk_method": "group_limited_greedy",
+    "norm_topk_prob": False, "routed_scaling_factor": 16.0, "scoring_func": "softmax",
+    "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "rope_theta": 10000, "torch_dtype": "bfloat16",
+    "max_position_embeddings": 163840,
+    "rope_scaling": {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1,
+                     "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096},
+}
+DEEPSEEK_V2_LITE = dict(
+    DEEPSEEK_V2, hidden_size=2048, num_hidden_layers=27, num_attention_heads=16,
+    num_key_value_heads=16, intermediate_size=10944, moe_intermediate_size=1408,
+    n_routed_experts=64, q_lora_rank=None, n_group=1, topk_group=1, topk_method="greedy",
+    routed_scaling_factor=1.0,
+)
+
+
+def test_deepseek_v2_and_v2_lite_spellings():
+    v2 = config_from_hf_dict(DEEPSEEK_V2)
+    assert v2.mla is not None and v2.mla.q_lora_rank == 1536 and v2.rope.interleaved
+    assert v2.moe.router == "softmax" and not v2.moe.score_correction_bias
+    assert (v2.moe.n_group, v2.moe.topk_group, v2.moe.group_score) == (8, 3, "max")
+    assert v2.moe.routed_scaling_factor == 16.0 and not v2.moe.norm_topk_prob
+    assert v2.moe.shared_intermediate_size == 2 * 1536 and v2.moe.moe_layers[0] == 1
+    lite = config_from_hf_dict(DEEPSEEK_V2_LITE)
+    assert lite.mla.q_lora_rank is None and lite.moe.n_group == 1
+    # "greedy" ignores any grouping fields: top-k over all experts.
+    assert config_from_hf_dict(dict(DEEPSEEK_V2_LITE, n_group=8, topk_group=3)).moe.n_group == 1
+    with pytest.raises(UnsupportedModelError, match="topk_method 'noaux_tc'.*deepseek_v2"):
+        config_from_hf_dict(dict(DEEPSEEK_V2, topk_method="noaux_tc"))
+
+
+@pytest.mark.parametrize("qc, words", [
+    ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq' is not supported"),
+    ({"quant_method": "awq"}, "quant_method 'awq'"),
+    ({"quant_method": "fp8", "fmt": "e5m2"}, "fmt 'e5m2'"),
+    ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size must be two"),
+    ({"quant_method": "fp8", "weight_block_size": [0, 128]}, "weight_block_size must be two"),
+    ("fp8", "quantization_config must be an object"),
+])
+def test_checkpoint_quantization_is_refused_by_name(qc, words):
+    with pytest.raises(UnsupportedModelError, match=words):
+        config_from_hf_dict(dict(LLAMA_V4, quantization_config=qc))
+
+
+def test_fp8_quantization_config_is_accepted():
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+           "weight_block_size": [128, 128]}
+    assert config_from_hf_dict(dict(DEEPSEEK_V2, quantization_config=fp8)).mla is not None

@@ -77,3 +77,22 @@ def test_separately_jitted_stages_match_transformers(name):
         x = stages.moe_combine(x[0], routed, shared(layer, cfg, h))[None]
     logits = head(params, cfg, x[0])
     np.testing.assert_allclose(np.asarray(logits), g["logits_2"], atol=TOL, rtol=TOL)
+
+
+def test_group_limited_routing_ranks_groups_by_best_or_top_two():
+    """Hand-worked: group 0 holds the single best expert, group 1 the best pair. DeepSeek-V2
+    (best expert) keeps group 0; DeepSeek-V3 (top-two sum) keeps group 1."""
+    import dataclasses
+
+    from xds_jax.model.config import MoEConfig
+    from xds_jax.model.moe import route
+
+    # Softmax over logits log(p) gives back p: group 0 = experts 0-1, group 1 = experts 2-3.
+    probs = np.array([[0.40, 0.02, 0.30, 0.28]], np.float32)
+    p = {"router": jnp.eye(4, dtype=jnp.float32)}
+    moe = MoEConfig(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=8,
+                    norm_topk_prob=False, n_group=2, topk_group=1, group_score="max")
+    ids, w, _ = route(p, moe, jnp.log(jnp.asarray(probs)))
+    assert ids.tolist() == [[0]] and np.allclose(w, [[0.40]])
+    ids, w, _ = route(p, dataclasses.replace(moe, group_score="top2_sum"), jnp.log(probs))
+    assert ids.tolist() == [[2]] and np.allclose(w, [[0.30]])

@@ -24,7 +24,7 @@ from xds_jax.errors import ConfigError, ModelNotFoundError
 from xds_jax.loading import param_cache
 from xds_jax.loading.weights import assemble
 from xds_jax.model.config import ModelConfig
-from xds_jax.model.config_hf import load_model_config
+from xds_jax.model.config_hf import load_model_config, read_json
 from xds_jax.model.fused import fuse_projections
 from xds_jax.model.out_major import out_major, prefers_out_major
 from xds_jax.model.params import init_params, param_shapes
@@ -138,9 +138,11 @@ def _cache_tag(fmt: str, jdtype, quantization: str | None) -> str:
 
 def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool,
                  quantization: str | None) -> LoadedModel:
+    from xds_jax.loading.checkpoint_quant import DequantizingSource, checkpoint_quantization
     from xds_jax.loading.weights_hf import SafetensorsSource, has_mtp_weights, hf_keymap
 
     cfg = load_model_config(path)
+    stored = checkpoint_quantization(read_json(path / "config.json"), str(path / "config.json"))
     jdtype = resolve_dtype(dtype, cfg)
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -149,8 +151,13 @@ def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool,
             "(pass the config.json file itself for random weights)"
         )
 
+    if stored is not None:
+        log.info("%s stores FP8 weights (blocks %s), dequantised to %s at load%s", path.name,
+                 stored.block or "per tensor", jdtype.__name__,
+                 "" if quantization else "; quantization='int8' holds them in 8 bits")
+
     def build() -> dict:
-        src = SafetensorsSource(path)
+        src = DequantizingSource(SafetensorsSource(path), stored)
         names = set(src.names())
         with_mtp = load_mtp and has_mtp_weights(cfg, names)
         shapes = param_shapes(cfg, with_mtp=with_mtp)

@@ -13,6 +13,7 @@ import numpy as np
 from safetensors import safe_open
 
 from xds_jax.errors import WeightLoadError
+from xds_jax.loading.checkpoint_quant import RAW_DTYPES, read_raw
 from xds_jax.loading.weights import Leaf, first_present, transpose, transpose_last2
 from xds_jax.model.config import ModelConfig
 
@@ -52,7 +53,10 @@ class SafetensorsSource:
         f = self._where[name]
         if f not in self._handles:
             self._handles[f] = safe_open(str(f), framework="flax")
-        return np.asarray(self._handles[f].get_tensor(name))
+        handle = self._handles[f]
+        if handle.get_slice(name).get_dtype() in RAW_DTYPES:  # FP8: safetensors cannot convert it
+            return read_raw(f, name)
+        return np.asarray(handle.get_tensor(name))
 
 
 def _leaf(name: str) -> Leaf:

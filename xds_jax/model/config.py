@@ -64,6 +64,7 @@ class MoEConfig:
     norm_topk_prob: bool = True
     n_group: int = 1
     topk_group: int = 1
+    group_score: str = "top2_sum"  # a group's rank: its two best scores (V3) or best one (V2)
     routed_scaling_factor: float = 1.0
     score_correction_bias: bool = False
     num_shared_experts: int = 0
@@ -180,6 +181,8 @@ def _validate_moe(moe: MoEConfig, num_layers: int) -> None:
         raise ConfigError(
             f"n_group ({moe.n_group}) must divide n_routed_experts ({moe.num_experts})"
         )
+    if moe.group_score not in ("top2_sum", "max"):
+        raise ConfigError(f"group_score must be top2_sum or max, got {moe.group_score!r}")
     if not 1 <= moe.topk_group <= moe.n_group:
         raise ConfigError(f"topk_group ({moe.topk_group}) must be in 1..n_group ({moe.n_group})")
     per_group = moe.num_experts // moe.n_group

@@ -12,10 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from xds_jax.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
+from xds_jax.loading.checkpoint_quant import checkpoint_quantization
 from xds_jax.model.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+MLA_TYPES = ("deepseek_v2", "deepseek_v3")
+# DeepSeek-V2's topk_method: "greedy" (V2-Lite: top-k of all experts) or "group_limited_greedy"
+# (V2: the topk_group groups with the best single expert score first).
+V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 SUPPORTED_TYPES = DENSE_TYPES + MOE_TYPES
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 _DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16",
@@ -132,8 +137,14 @@ def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | 
             shared_expert_gate=bool(shared),
             moe_layers=layers,
         )
-    if model_type == "deepseek_v3":
-        scoring = d.get("scoring_func", "sigmoid")
+    if model_type in MLA_TYPES:
+        v2 = model_type == "deepseek_v2"
+        scoring = d.get("scoring_func", "softmax" if v2 else "sigmoid")
+        topk_method = d.get("topk_method", "greedy" if v2 else "noaux_tc")
+        if v2 and topk_method not in V2_TOPK_METHODS:
+            raise UnsupportedModelError(f"{source}: topk_method {topk_method!r} is not supported "
+                                        f"for deepseek_v2 (supported: {V2_TOPK_METHODS})")
+        grouped = not v2 or topk_method == "group_limited_greedy"
         first_dense = _int(d, "first_k_dense_replace", source, default=0)
         freq = _int(d, "moe_layer_freq", source, default=1)
         layers = tuple(i for i in range(first_dense, num_layers) if i % freq == 0)
@@ -147,11 +158,12 @@ def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | 
             num_experts_per_tok=_int(d, "num_experts_per_tok", source),
             moe_intermediate_size=inter,
             router=scoring,
-            norm_topk_prob=bool(d.get("norm_topk_prob", True)),
-            n_group=_int(d, "n_group", source, default=1) or 1,
-            topk_group=_int(d, "topk_group", source, default=1) or 1,
+            norm_topk_prob=bool(d.get("norm_topk_prob", not v2)),
+            n_group=(_int(d, "n_group", source, default=1) or 1) if grouped else 1,
+            topk_group=(_int(d, "topk_group", source, default=1) or 1) if grouped else 1,
+            group_score="max" if v2 else "top2_sum",
             routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
-            score_correction_bias=d.get("topk_method", "noaux_tc") == "noaux_tc",
+            score_correction_bias=topk_method == "noaux_tc",
             num_shared_experts=n_shared,
             shared_intermediate_size=inter * n_shared,
             moe_layers=layers,
@@ -177,8 +189,9 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
     hidden = _int(d, "hidden_size", source)
     heads = _int(d, "num_attention_heads", source)
     layers = _int(d, "num_hidden_layers", source)
+    checkpoint_quantization(d, source)  # an unsupported quant_method fails here, by name
     mla = None
-    if model_type == "deepseek_v3":
+    if model_type in MLA_TYPES:
         mla = MLAConfig(
             q_lora_rank=_int(d, "q_lora_rank", source, default=None),
             kv_lora_rank=_int(d, "kv_lora_rank", source),

@@ -65,10 +65,11 @@ def moe_dense_reference(
 def route(p: dict, moe: MoEConfig, h_TD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Pick ``K`` experts per token and their combine weights.
 
-    Softmax routers (Mixtral, Qwen-MoE): softmax over all experts, top-k, optional renormalise.
-    Sigmoid routers (DeepSeek-V3): sigmoid scores; choice by scores plus the correction bias,
-    restricted to the ``topk_group`` groups with the best top-2 sums; weights are the unbiased
-    scores, optionally renormalised, times ``routed_scaling_factor``.
+    Softmax routers (Mixtral, Qwen-MoE, DeepSeek-V2): softmax over all experts, top-k (V2's
+    group-limited greedy: among the ``topk_group`` groups with the best single score), optional
+    renormalise. Sigmoid routers (DeepSeek-V3): sigmoid scores; choice by scores plus the
+    correction bias, restricted to the ``topk_group`` groups with the best top-2 sums. Weights
+    are the unbiased scores, optionally renormalised, times ``routed_scaling_factor``.
 
     Returns:
       expert ids ``[T, K]`` int32, weights ``[T, K]`` float32, router logits ``[T, E]`` float32.
@@ -77,25 +78,26 @@ def route(p: dict, moe: MoEConfig, h_TD: jax.Array) -> tuple[jax.Array, jax.Arra
     k = moe.num_experts_per_tok
     if moe.router == "softmax":
         scores_TE = jax.nn.softmax(logits_TE, axis=-1)
-        weights_TK, ids_TK = jax.lax.top_k(scores_TE, k)
     else:
         scores_TE = jax.nn.sigmoid(logits_TE)
-        choice_TE = scores_TE + p["router_bias"] if moe.score_correction_bias else scores_TE
-        if moe.n_group > 1:
-            choice_TE = _mask_groups(choice_TE, moe.n_group, moe.topk_group)
-        _, ids_TK = jax.lax.top_k(choice_TE, k)
-        weights_TK = jnp.take_along_axis(scores_TE, ids_TK, axis=-1)
+    choice_TE = scores_TE + p["router_bias"] if moe.score_correction_bias else scores_TE
+    if moe.n_group > 1:
+        choice_TE = _mask_groups(choice_TE, moe.n_group, moe.topk_group, moe.group_score)
+    _, ids_TK = jax.lax.top_k(choice_TE, k)
+    weights_TK = jnp.take_along_axis(scores_TE, ids_TK, axis=-1)
     if moe.norm_topk_prob:
         denom = weights_TK.sum(-1, keepdims=True)
         weights_TK = weights_TK / (denom + 1e-20 if moe.router == "sigmoid" else denom)
     return ids_TK.astype(jnp.int32), weights_TK * moe.routed_scaling_factor, logits_TE
 
 
-def _mask_groups(choice_TE: jax.Array, n_group: int, topk_group: int) -> jax.Array:
-    """Keep only experts of the ``topk_group`` groups whose two best scores sum highest."""
+def _mask_groups(choice_TE: jax.Array, n_group: int, topk_group: int,
+                 group_score: str = "top2_sum") -> jax.Array:
+    """Keep only experts of the ``topk_group`` groups ranked highest by their two best scores'
+    sum (``top2_sum``, DeepSeek-V3) or their best score (``max``, DeepSeek-V2)."""
     t, e = choice_TE.shape
     grouped_TGX = choice_TE.reshape(t, n_group, e // n_group)
-    best = min(2, e // n_group)
+    best = 1 if group_score == "max" else min(2, e // n_group)
     group_TG = jax.lax.top_k(grouped_TGX, best)[0].sum(-1)
     _, keep_TJ = jax.lax.top_k(group_TG, topk_group)
     keep_TG = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], keep_TJ].set(True)

@@ -314,6 +314,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.use_deterministic_algorithms(True)
+    from golden_compressed import COMPRESSED_MODELS, compressed_golden
     from golden_fp8 import FP8_MODELS, fp8_golden
     from golden_smollm2 import smollm2_golden  # it imports this module's helpers
 
@@ -323,6 +324,9 @@ def main() -> None:
     for name, (source, block, prompt_seed) in FP8_MODELS.items():
         if not args.only or name in args.only:
             fp8_golden(name, source, block, prompt_seed)
+    for name, (fmt, weights, acts, prompt_seed) in COMPRESSED_MODELS.items():
+        if not args.only or name in args.only:
+            compressed_golden(name, fmt, weights, acts, prompt_seed)
     if not args.only:
         smollm2_golden(args.gguf)
 

@@ -9,8 +9,11 @@ dequantises every such tensor to the model's dtype (so an FP8 checkpoint serves 
 default, or ``--quantization int8`` re-quantises it); activation scales of static schemes
 (``input_scale``) are not used: activations stay in the model's dtype.
 
-Any other ``quant_method`` (GPTQ, AWQ, bitsandbytes, compressed-tensors, ...) is refused when the
-config is read, naming the method, rather than loading its packed integers as weights.
+**compressed-tensors** (``quant_method: "compressed-tensors"``, llm-compressor's W4A16, W8A8,
+FP8-dynamic, ...): ``xds_jax.loading.compressed``.
+
+Any other ``quant_method`` (GPTQ, AWQ, bitsandbytes, ...) is refused when the config is read,
+naming the method, rather than loading its packed integers as weights.
 """
 
 from __future__ import annotations
@@ -25,8 +28,14 @@ import ml_dtypes
 import numpy as np
 
 from xds_jax.errors import UnsupportedModelError, WeightLoadError
+from xds_jax.loading.compressed import (
+    COMPANIONS,
+    CompressedScheme,
+    dequantize_module,
+    parse_compressed,
+)
 
-SUPPORTED_METHODS = ("fp8",)
+SUPPORTED_METHODS = ("fp8", "compressed-tensors")
 SCALE_SUFFIX = "_scale_inv"
 _UNUSED_SUFFIXES = (SCALE_SUFFIX, ".input_scale", ".activation_scale")
 # safetensors dtype names numpy does not know, and their ml_dtypes types.
@@ -45,7 +54,7 @@ class Fp8Scheme:
     block: tuple[int, int] | None
 
 
-def checkpoint_quantization(d: dict, source: str) -> Fp8Scheme | None:
+def checkpoint_quantization(d: dict, source: str) -> Fp8Scheme | CompressedScheme | None:
     """The checkpoint quantisation ``config.json`` declares (None when it declares none).
 
     Raises ``UnsupportedModelError`` for a method the loader cannot dequantise, naming it.
@@ -62,6 +71,8 @@ def checkpoint_quantization(d: dict, source: str) -> Fp8Scheme | None:
             f"(supported: {', '.join(SUPPORTED_METHODS)}; for int8 weights load the unquantised "
             "checkpoint with quantization='int8')"
         )
+    if method == "compressed-tensors":
+        return parse_compressed(q, f"{source}: quantization_config")
     fmt = q.get("fmt", "e4m3")
     if fmt != "e4m3":
         raise UnsupportedModelError(f"{source}: quantization_config.fmt {fmt!r} is not supported "
@@ -121,28 +132,54 @@ def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, 
 
 
 class DequantizingSource:
-    """A tensor source whose FP8 weights come out dequantised (float32), scales hidden.
+    """A tensor source whose quantised weights come out dequantised (float32), scales hidden.
 
     Wraps every Hugging Face checkpoint: an FP8 tensor without a scale (a ``config.json`` that
     does not declare the quantisation) is an error, not a silently unscaled weight.
     """
 
-    def __init__(self, src, scheme: Fp8Scheme | None):
+    def __init__(self, src, scheme: Fp8Scheme | CompressedScheme | None):
         self._src = src
         self._scheme = scheme
         self._names = set(src.names())
 
+    def _compressed_module(self, name: str) -> str | None:
+        """The module whose compressed weight ``name`` (``<module>.weight``) is, if it is one."""
+        if not isinstance(self._scheme, CompressedScheme) or not name.endswith(".weight"):
+            return None
+        module = name.removesuffix(".weight")
+        if module + ".weight_packed" in self._names or module + ".weight_scale" in self._names:
+            return module
+        return None
+
     def names(self):
+        if isinstance(self._scheme, CompressedScheme):
+            packed = {n.removesuffix("_packed") for n in self._names
+                      if n.endswith(".weight_packed")}
+            return [n for n in self._names | packed
+                    if n.rsplit(".", 1)[-1] not in COMPANIONS]
         return [n for n in self._names if not n.endswith(_UNUSED_SUFFIXES)]
 
     def get(self, name: str) -> np.ndarray:
+        module = self._compressed_module(name)
+        if module is not None:
+            return dequantize_module(self._src.get, self._names, module,
+                                     self._scheme.args_for(module))
         arr = self._src.get(name)
         if arr.dtype not in _FLOAT8:
             return arr
         scale = name + SCALE_SUFFIX
-        if self._scheme is None or scale not in self._names:
+        if not isinstance(self._scheme, Fp8Scheme) or scale not in self._names:
             raise WeightLoadError(
                 f"tensor {name!r} is stored as {arr.dtype} but has no {scale!r}"
                 + ("" if self._scheme else " and config.json declares no quantization_config")
             )
         return dequantize_fp8(arr, self._src.get(scale), self._scheme.block, name)
+
+
+def describe(scheme: Fp8Scheme | CompressedScheme) -> str:
+    """A short description of a checkpoint's quantisation, for the load log."""
+    if isinstance(scheme, Fp8Scheme):
+        return f"FP8 (blocks {list(scheme.block) if scheme.block else 'per tensor'})"
+    return "compressed-tensors " + ", ".join(
+        f"{g.format} {g.type}{g.num_bits} per {g.strategy}" for g in scheme.groups)

@@ -138,7 +138,11 @@ def _cache_tag(fmt: str, jdtype, quantization: str | None) -> str:
 
 def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool,
                  quantization: str | None) -> LoadedModel:
-    from xds_jax.loading.checkpoint_quant import DequantizingSource, checkpoint_quantization
+    from xds_jax.loading.checkpoint_quant import (
+        DequantizingSource,
+        checkpoint_quantization,
+        describe,
+    )
     from xds_jax.loading.weights_hf import SafetensorsSource, has_mtp_weights, hf_keymap
 
     cfg = load_model_config(path)
@@ -152,8 +156,8 @@ def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool,
         )
 
     if stored is not None:
-        log.info("%s stores FP8 weights (blocks %s), dequantised to %s at load%s", path.name,
-                 stored.block or "per tensor", jdtype.__name__,
+        log.info("%s stores %s weights, dequantised to %s at load%s", path.name,
+                 describe(stored), jdtype.__name__,
                  "" if quantization else "; quantization='int8' holds them in 8 bits")
 
     def build() -> dict:

@@ -316,6 +316,7 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     from golden_compressed import COMPRESSED_MODELS, compressed_golden
     from golden_fp8 import FP8_MODELS, fp8_golden
+    from golden_gptq import GPTQ_MODELS, gptq_golden
     from golden_smollm2 import smollm2_golden  # it imports this module's helpers
 
     for name, (config, prompt_seed) in TINY_MODELS.items():
@@ -327,6 +328,9 @@ def main() -> None:
     for name, (fmt, weights, acts, prompt_seed) in COMPRESSED_MODELS.items():
         if not args.only or name in args.only:
             compressed_golden(name, fmt, weights, acts, prompt_seed)
+    for name, spec in GPTQ_MODELS.items():
+        if not args.only or name in args.only:
+            gptq_golden(name, *spec)
     if not args.only:
         smollm2_golden(args.gguf)
 

@@ -121,8 +121,14 @@ def test_deepseek_v2_and_v2_lite_spellings():
 
 
 @pytest.mark.parametrize("qc, words", [
-    ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq' is not supported"),
-    ({"quant_method": "awq"}, "quant_method 'awq'"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True},
+     "quant_method 'bitsandbytes' is not supported"),
+    ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "bits 3 is not supported for gptq"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 0}, "group_size must be -1 or a positive"),
+    ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"},
+     "checkpoint_format 'marlin'"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"},
+     "version 'gemv' is not supported for awq"),
     ({"quant_method": "fp8", "fmt": "e5m2"}, "fmt 'e5m2'"),
     ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size must be two"),
     ({"quant_method": "fp8", "weight_block_size": [0, 128]}, "weight_block_size must be two"),

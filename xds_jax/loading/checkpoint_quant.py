@@ -12,8 +12,10 @@ default, or ``--quantization int8`` re-quantises it); activation scales of stati
 **compressed-tensors** (``quant_method: "compressed-tensors"``, llm-compressor's W4A16, W8A8,
 FP8-dynamic, ...): ``xds_jax.loading.compressed``.
 
-Any other ``quant_method`` (GPTQ, AWQ, bitsandbytes, ...) is refused when the config is read,
-naming the method, rather than loading its packed integers as weights.
+**GPTQ** and **AWQ** (``quant_method: "gptq"`` / ``"awq"``): ``xds_jax.loading.gptq_awq``.
+
+Any other ``quant_method`` (bitsandbytes, HQQ, ...) is refused when the config is read, naming
+the method, rather than loading its packed integers as weights.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ from xds_jax.loading.compressed import (
     dequantize_module,
     parse_compressed,
 )
+from xds_jax.loading.gptq_awq import COMPANIONS as GROUP_COMPANIONS
+from xds_jax.loading.gptq_awq import GroupQuantScheme, dequantize_group_quant, parse_gptq_awq
 
-SUPPORTED_METHODS = ("fp8", "compressed-tensors")
+SUPPORTED_METHODS = ("fp8", "compressed-tensors", "gptq", "awq")
+
 SCALE_SUFFIX = "_scale_inv"
 _UNUSED_SUFFIXES = (SCALE_SUFFIX, ".input_scale", ".activation_scale")
 # safetensors dtype names numpy does not know, and their ml_dtypes types.
@@ -54,7 +59,10 @@ class Fp8Scheme:
     block: tuple[int, int] | None
 
 
-def checkpoint_quantization(d: dict, source: str) -> Fp8Scheme | CompressedScheme | None:
+Scheme = Fp8Scheme | CompressedScheme | GroupQuantScheme
+
+
+def checkpoint_quantization(d: dict, source: str) -> Scheme | None:
     """The checkpoint quantisation ``config.json`` declares (None when it declares none).
 
     Raises ``UnsupportedModelError`` for a method the loader cannot dequantise, naming it.
@@ -73,6 +81,8 @@ def checkpoint_quantization(d: dict, source: str) -> Fp8Scheme | CompressedSchem
         )
     if method == "compressed-tensors":
         return parse_compressed(q, f"{source}: quantization_config")
+    if method in ("gptq", "awq"):
+        return parse_gptq_awq(q, f"{source}: quantization_config")
     fmt = q.get("fmt", "e4m3")
     if fmt != "e4m3":
         raise UnsupportedModelError(f"{source}: quantization_config.fmt {fmt!r} is not supported "
@@ -138,17 +148,21 @@ class DequantizingSource:
     does not declare the quantisation) is an error, not a silently unscaled weight.
     """
 
-    def __init__(self, src, scheme: Fp8Scheme | CompressedScheme | None):
+    def __init__(self, src, scheme: Scheme | None):
         self._src = src
         self._scheme = scheme
         self._names = set(src.names())
 
-    def _compressed_module(self, name: str) -> str | None:
-        """The module whose compressed weight ``name`` (``<module>.weight``) is, if it is one."""
-        if not isinstance(self._scheme, CompressedScheme) or not name.endswith(".weight"):
+    def _packed_module(self, name: str) -> str | None:
+        """The module whose packed weight ``name`` (``<module>.weight``) is, if it is one."""
+        if not name.endswith(".weight"):
             return None
         module = name.removesuffix(".weight")
-        if module + ".weight_packed" in self._names or module + ".weight_scale" in self._names:
+        stored = self._names
+        if isinstance(self._scheme, CompressedScheme) and (
+                module + ".weight_packed" in stored or module + ".weight_scale" in stored):
+            return module
+        if isinstance(self._scheme, GroupQuantScheme) and module + ".qweight" in self._names:
             return module
         return None
 
@@ -158,13 +172,20 @@ class DequantizingSource:
                       if n.endswith(".weight_packed")}
             return [n for n in self._names | packed
                     if n.rsplit(".", 1)[-1] not in COMPANIONS]
+        if isinstance(self._scheme, GroupQuantScheme):
+            packed = {n.removesuffix(".qweight") + ".weight" for n in self._names
+                      if n.endswith(".qweight")}
+            return [n for n in self._names | packed
+                    if n.rsplit(".", 1)[-1] not in GROUP_COMPANIONS]
         return [n for n in self._names if not n.endswith(_UNUSED_SUFFIXES)]
 
     def get(self, name: str) -> np.ndarray:
-        module = self._compressed_module(name)
-        if module is not None:
+        module = self._packed_module(name)
+        if isinstance(self._scheme, CompressedScheme) and module is not None:
             return dequantize_module(self._src.get, self._names, module,
                                      self._scheme.args_for(module))
+        if module is not None:
+            return dequantize_group_quant(self._src.get, self._names, module, self._scheme)
         arr = self._src.get(name)
         if arr.dtype not in _FLOAT8:
             return arr
@@ -177,9 +198,11 @@ class DequantizingSource:
         return dequantize_fp8(arr, self._src.get(scale), self._scheme.block, name)
 
 
-def describe(scheme: Fp8Scheme | CompressedScheme) -> str:
+def describe(scheme: Scheme) -> str:
     """A short description of a checkpoint's quantisation, for the load log."""
     if isinstance(scheme, Fp8Scheme):
         return f"FP8 (blocks {list(scheme.block) if scheme.block else 'per tensor'})"
+    if isinstance(scheme, GroupQuantScheme):
+        return f"{scheme.method.upper()} int{scheme.bits} (group {scheme.group_size})"
     return "compressed-tensors " + ", ".join(
         f"{g.format} {g.type}{g.num_bits} per {g.strategy}" for g in scheme.groups)

@@ -100,7 +100,7 @@ def load_config(model: str | Path) -> ModelConfig:
         from xds_jax.loading.weights_gguf import GGUFSource, config_from_gguf
 
         src = GGUFSource(path)
-        return config_from_gguf(src.meta, set(src.names()), str(path))
+        return config_from_gguf(src.meta, set(src.names()), str(path), src.rope_freqs())
     return load_model_config(path)
 
 
@@ -187,7 +187,7 @@ def _load_gguf(name: str, path: Path, dtype, use_cache: bool,
     from xds_jax.text.tokenizer import Tokenizer
 
     src = GGUFSource(path)
-    cfg = config_from_gguf(src.meta, set(src.names()), str(path))
+    cfg = config_from_gguf(src.meta, set(src.names()), str(path), src.rope_freqs())
     jdtype = resolve_dtype(dtype, cfg)
     stored = src.linear_quant_types()
     if quantization is None and stored & {"Q8_0", "Q4_0", "Q4_1"}:

@@ -43,6 +43,10 @@ class GGUFSource:
     def names(self):
         return self._infos.keys()
 
+    def rope_freqs(self) -> np.ndarray | None:
+        """``rope_freqs.weight`` (Llama 3.x's RoPE frequency divisors) if the file has it."""
+        return self.get("rope_freqs.weight") if "rope_freqs.weight" in self._infos else None
+
     def quant_type(self, name: str) -> str:
         """The GGML storage type of tensor ``name`` (``"Q8_0"``, ``"Q4_1"``, ``"F32"``...)."""
         return gguf.GGMLQuantizationType(self._infos[name].ggml_type).name
@@ -64,12 +68,23 @@ class GGUFSource:
         return np.asarray(out, np.float32).reshape(info.shape)
 
 
-def config_from_gguf(meta: dict, tensor_names: set[str], source: str) -> ModelConfig:
-    """``ModelConfig`` from GGUF metadata; the LM head is tied when ``output.weight`` is absent."""
+def config_from_gguf(meta: dict, tensor_names: set[str], source: str,
+                     rope_freqs: np.ndarray | None = None) -> ModelConfig:
+    """``ModelConfig`` from GGUF metadata; the LM head is tied when ``output.weight`` is absent.
+
+    ``rope_freqs`` is the file's ``rope_freqs.weight`` (llama.cpp stores Llama 3.x's RoPE
+    scaling as per-frequency divisors, not as metadata), when it has one.
+    """
     arch = meta.get("general.architecture")
     if arch not in _ARCHS:
         raise UnsupportedModelError(
             f"{source}: GGUF architecture {arch!r} is not supported (supported: {sorted(_ARCHS)})"
+        )
+    experts = meta.get(f"{arch}.expert_count") or 0
+    if experts:
+        raise UnsupportedModelError(
+            f"{source}: GGUF mixture-of-experts models ({arch}.expert_count {experts}) are not "
+            "supported; load the Hugging Face checkpoint instead"
         )
 
     def field(name: str, default=None):
@@ -94,7 +109,7 @@ def config_from_gguf(meta: dict, tensor_names: set[str], source: str) -> ModelCo
         intermediate_size=int(field("feed_forward_length")),
         max_position_embeddings=int(field("context_length")),
         rms_norm_eps=float(field("attention.layer_norm_rms_epsilon")),
-        rope=RopeConfig(theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0))),
+        rope=_gguf_rope(meta, arch, source, rope_freqs),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         attention_out_bias="blk.0.attn_output.bias" in tensor_names,
@@ -103,6 +118,25 @@ def config_from_gguf(meta: dict, tensor_names: set[str], source: str) -> ModelCo
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
     )
+
+
+def _gguf_rope(meta: dict, arch: str, source: str, rope_freqs) -> RopeConfig:
+    """RoPE from ``{arch}.rope.*`` metadata (none / linear / yarn scaling) and ``rope_freqs``."""
+    theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    kind = str(meta.get(f"{arch}.rope.scaling.type", "none"))
+    factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
+    original = meta.get(f"{arch}.rope.scaling.original_context_length")
+    factors = None if rope_freqs is None else tuple(float(f) for f in np.ravel(rope_freqs))
+    if kind == "none" or factor == 1.0:
+        return RopeConfig(theta=theta, freq_factors=factors)
+    if kind == "linear":
+        return RopeConfig(theta=theta, type="linear", factor=factor, freq_factors=factors)
+    if kind == "yarn" and original:
+        return RopeConfig(theta=theta, type="yarn", factor=factor,
+                          original_max_position_embeddings=int(original), freq_factors=factors)
+    raise UnsupportedModelError(f"{source}: GGUF {arch}.rope.scaling.type {kind!r} is not "
+                                "supported (supported: none, linear, yarn with "
+                                "original_context_length)")
 
 
 def _unpermute(heads: int):

@@ -36,6 +36,9 @@ class RopeConfig:
     # DeepSeek lays rotary pairs out interleaved (x0, x1), (x2, x3), ...
     interleaved: bool = False
     partial_rotary_factor: float = 1.0
+    # GGUF ``rope_freqs.weight`` (llama.cpp's Llama 3 conversion): each frequency divided by
+    # its factor, on top of ``type`` (which is then default).
+    freq_factors: tuple[float, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

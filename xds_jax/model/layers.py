@@ -104,6 +104,11 @@ def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
     base = rope.theta
     inv = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
     inv = inv.astype(np.float32)
+    if rope.freq_factors is not None:
+        if len(rope.freq_factors) != inv.shape[0]:
+            raise ValueError(f"{len(rope.freq_factors)} RoPE frequency factors for "
+                             f"{inv.shape[0]} frequencies")
+        inv = (inv / np.asarray(rope.freq_factors, np.float32)).astype(np.float32)
     factor = rope.factor
     if rope.type in ("default", "dynamic"):
         return inv, 1.0

@@ -15,7 +15,6 @@ import logging
 import shutil
 
 import torch
-import transformers as tf
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.quantization import (
     QuantizationArgs,
@@ -25,7 +24,7 @@ from compressed_tensors.quantization import (
 )
 from compressed_tensors.quantization.lifecycle.forward import quantize
 from compressed_tensors.quantization.utils import calculate_qparams
-from make_golden import GOLDEN_DIR, run_prompts
+from make_golden import GOLDEN_DIR, golden_with_weights
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger("make_golden")
@@ -98,14 +97,5 @@ def compressed_golden(name: str, fmt: str, weights: dict, acts: dict | None,
     config["quantization_config"] = qconfig.model_dump(exclude_none=True)
     config["quantization_config"]["quant_method"] = "compressed-tensors"
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    # The reference: transformers' float Llama with the library's decompressed weights.
-    model = tf.AutoModelForCausalLM.from_pretrained(
-        src_dir, attn_implementation="eager", dtype=torch.float32
-    ).eval()
-    state = model.state_dict()
-    with torch.no_grad():
-        for key, w in dequantised.items():
-            assert not torch.equal(state[key], w), key  # quantisation changed every weight
-            state[key].copy_(w)
-    model.generation_config.eos_token_id = None
-    run_prompts(name, model, model, out_dir, prompt_seed)
+    # The reference: transformers' float Llama on the dequantised weights.
+    golden_with_weights(name, src_dir, out_dir, dequantised, prompt_seed)

@@ -15,8 +15,7 @@ import shutil
 
 import numpy as np
 import torch
-import transformers as tf
-from make_golden import GOLDEN_DIR, run_prompts
+from make_golden import GOLDEN_DIR, golden_with_weights
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger("make_golden")
@@ -102,12 +101,5 @@ def gptq_golden(name: str, method: str, bits: int, group: int, act_order: bool,
             "version": "gemm", "modules_to_not_convert": None,
         }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    model = tf.AutoModelForCausalLM.from_pretrained(
-        src_dir, attn_implementation="eager", dtype=torch.float32
-    ).eval()
-    state = model.state_dict()
-    with torch.no_grad():
-        for key, w in dequantised.items():
-            state[key].copy_(w)
-    model.generation_config.eos_token_id = None
-    run_prompts(name, model, model, out_dir, prompt_seed)
+    # The reference: transformers' float Llama on the dequantised weights.
+    golden_with_weights(name, src_dir, out_dir, dequantised, prompt_seed)

@@ -253,6 +253,22 @@ def tiny_golden(name: str, config, prompt_seed: int) -> None:
     run_prompts(name, model, reloaded, out_dir, prompt_seed)
 
 
+def golden_with_weights(name: str, src_dir: Path, out_dir: Path, weights: dict,
+                        prompt_seed: int) -> None:
+    """Write ``out_dir/golden.npz`` from transformers' float32 model of ``src_dir`` with
+    ``weights`` (name -> dequantised tensor) in place of its own; each must differ from it."""
+    model = tf.AutoModelForCausalLM.from_pretrained(
+        src_dir, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, w in weights.items():
+            assert not torch.equal(state[key], w), key  # quantisation changed every weight
+            state[key].copy_(w)
+    model.generation_config.eos_token_id = None
+    run_prompts(name, model, model, out_dir, prompt_seed)
+
+
 def run_prompts(name: str, model, reloaded, out_dir: Path, prompt_seed: int) -> None:
     """Run the 3 prompts through ``model`` (greedy, checked) and write ``out_dir/golden.npz``;
     ``reloaded`` (the saved directory loaded back) must give the same logits."""

@@ -52,6 +52,24 @@ def token_text(tokenizer: Any, entry: Logprob | None, token_id: int) -> str:
     return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
 
 
+def echo_text(prompt: tuple[str | None, list[int]], tokenizer: Any) -> str:
+    """What ``echo`` leads a completion with: the prompt's text, or its token ids decoded
+    ("" without a tokenizer; "" too for special tokens only, whose scores are echoed all the
+    same)."""
+    if prompt[0] is not None:
+        return prompt[0]
+    return "" if tokenizer is None else tokenizer.decode(prompt[1])
+
+
+def next_offset(logprobs: CompletionLogprobs | None, default: int) -> int:
+    """The ``text_offset`` of the token after ``logprobs``' last: offsets count the token
+    strings (as in vLLM), which need not spell the text (a token may hold part of a
+    character); ``default`` when there are none."""
+    if logprobs is None or not logprobs.tokens:
+        return default
+    return logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+
+
 def completion_logprobs(c: CompletionOutput, start: int, offset: int,
                         tokenizer: Any) -> CompletionLogprobs | None:
     """The legacy ``logprobs`` object of tokens ``start:`` of ``c``, text offsets from
@@ -98,11 +116,12 @@ def vllm_prompt_logprobs(out: RequestOutput, tokenizer: Any) -> PromptLogprobs |
         for t, lp in entries.items()} for entries in out.prompt_logprobs]
 
 
-def echoed_logprobs(out: RequestOutput, c: CompletionOutput, echo: str,
+def echoed_logprobs(out: RequestOutput, c: CompletionOutput, echo: str | None,
                     tokenizer: Any) -> CompletionLogprobs | None:
-    """A choice's ``logprobs``: the scored prompt's (echo), then its generated tokens'."""
-    generated = completion_logprobs(c, 0, len(echo), tokenizer)
-    prompt = prompt_logprobs(out, tokenizer) if echo else None
+    """A choice's ``logprobs``: the scored prompt's (``echo`` not None, even when it is no
+    text: special tokens), then its generated tokens'."""
+    prompt = prompt_logprobs(out, tokenizer) if echo is not None else None
+    generated = completion_logprobs(c, 0, next_offset(prompt, len(echo or "")), tokenizer)
     if prompt is None or generated is None:
         return generated
     for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
@@ -129,12 +148,13 @@ def chat_logprobs(c: CompletionOutput, start: int, top: int,
     return ChatLogprobs(content=content)
 
 
-def completion_response(request_id: str, model: str, n: int, echoes: list[str],
+def completion_response(request_id: str, model: str, n: int, echoes: list[str | None],
                         finals: list[RequestOutput], prompt_lens: list[int],
                         tokenizer: Any) -> CompletionResponse:
-    """One choice per prompt and sample, indexed ``prompt * n + sample``."""
+    """One choice per prompt and sample, indexed ``prompt * n + sample``; ``echoes``: each
+    prompt's ``echo_text``, None when not echoed."""
     choices = [
-        CompletionResponseChoice(index=i * n + c.index, text=echoes[i] + c.text,
+        CompletionResponseChoice(index=i * n + c.index, text=(echoes[i] or "") + c.text,
                                  logprobs=echoed_logprobs(out, c, echoes[i], tokenizer),
                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                                  prompt_logprobs=vllm_prompt_logprobs(out, tokenizer))

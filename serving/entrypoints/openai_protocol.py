@@ -11,6 +11,7 @@ JSON; streamed chunks are the ``*StreamResponse`` models. ``openai_outputs`` tur
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, ClassVar, Literal
@@ -26,9 +27,46 @@ def now() -> int:
     return int(time.time())
 
 
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # JSON's "\ud800" decodes to one
+SCALARS = frozenset({int, float, bool, type(None)})  # lists of these (token ids) are skipped
+
+
+class InvalidTextError(Exception):
+    """A request string holds a lone UTF-16 surrogate: not Unicode text, so it can be neither
+    tokenized, compiled into a grammar, nor written back in a UTF-8 answer. Not a
+    ``ValueError``, so pydantic lets it through to the server, which answers a 400 naming
+    ``field`` (the top-level field holding it; None for a top-level key)."""
+
+    def __init__(self, field: str | None, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+def check_text(data: dict[str, Any]) -> None:
+    """Raise ``InvalidTextError`` for the first string of a request body, key or value at any
+    depth, that holds a lone surrogate. Iterative: JSON nests as deep as its parser allows;
+    a key is checked before the value under it, so a path in a message is valid text."""
+    stack: list[tuple[Any, str, str | None]] = []
+    for key, value in data.items():
+        stack += [(value, str(key), str(key)), (key, "a field name", None)]
+    while stack:
+        value, path, field = stack.pop()
+        if isinstance(value, str):
+            if found := LONE_SURROGATE.search(value):
+                raise InvalidTextError(field, (
+                    f"{path} holds a lone UTF-16 surrogate ({found.group()!r} at index "
+                    f"{found.start()}), which is not valid Unicode text"))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack += [(item, f"{path}.{key}", field), (key, f"a key of {path}", field)]
+        elif isinstance(value, list) and not SCALARS.issuperset(map(type, value)):
+            stack += [(item, f"{path}[{i}]", field) for i, item in enumerate(value)]
+
+
 class OpenAIModel(BaseModel):
     """A request body: unknown fields ignored; ``null`` for a field of ``null_is_default``
-    gives it its default (such fields are typed ``X | None`` for the schema, never None)."""
+    gives it its default (such fields are typed ``X | None`` for the schema, never None);
+    a lone surrogate in any string is an ``InvalidTextError``."""
 
     model_config = ConfigDict(extra="ignore")
     null_is_default: ClassVar[frozenset[str]] = frozenset()
@@ -38,6 +76,7 @@ class OpenAIModel(BaseModel):
     def _nulls_to_defaults(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        check_text(data)
         return {k: v for k, v in data.items() if v is not None or k not in cls.null_is_default}
 
 

@@ -119,11 +119,21 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
             detail = first.get("ctx", {}).get("error", first.get("msg"))
             return ApiError(400, f"malformed JSON body: {detail}", None, "invalid_json").response()
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if not loc and isinstance(first.get("input"), bytes):  # not read as JSON
+            return ApiError(400, "the body must be a JSON object, sent with Content-Type: "
+                            "application/json", None, "invalid_json").response()
         return ApiError(400, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}",
                         loc[0] if loc else None, "invalid_value").response()
 
+    @app.exception_handler(api.InvalidTextError)
+    async def _invalid_text(_: Request, error: api.InvalidTextError) -> JSONResponse:
+        return ApiError(400, error.message, error.field, "invalid_value").response()
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 400:  # FastAPI read no JSON: not UTF-8, or nested too deep
+            return ApiError(400, f"malformed JSON body: {error.detail} (it must be UTF-8 JSON, "
+                            "nested less than 1000 deep)", None, "invalid_json").response()
         code = "request_too_large" if error.status_code == 413 else None
         return ApiError(error.status_code, str(error.detail), None, code).response()
 

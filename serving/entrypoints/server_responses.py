@@ -82,7 +82,7 @@ async def respond(served: Served, raw: Request, req: Any, model: str,
     if kind == "chat":
         echoes = [chat_echo(req)]
     else:
-        echoes = [(p[0] or tok.decode(p[1])) if req.echo else "" for p, _ in jobs]
+        echoes = [outputs.echo_text(p, tok) if req.echo else None for p, _ in jobs]
     finals: list[RequestOutput | None] = [None] * len(streams)
     if req.stream:
         events = stream_events(served, req, model, request_id, streams, finals, echoes, kind,
@@ -106,7 +106,7 @@ async def respond(served: Served, raw: Request, req: Any, model: str,
 
 
 async def stream_events(served: Served, req: Any, model: str, request_id: str,
-                        streams: list, finals: list, echoes: list[str], kind: str,
+                        streams: list, finals: list, echoes: list[str | None], kind: str,
                         tools: ToolPlan) -> AsyncIterator[dict]:
     """The chunks of a stream in OpenAI's shapes (without ``usage``); one chunk per choice
     update (chat: one per delta ``tools`` makes of it). Chat opens each choice with a ``role``
@@ -114,6 +114,7 @@ async def stream_events(served: Served, req: Any, model: str, request_id: str,
     prompt."""
     tok, created, n = served.engine.tokenizer, api.now(), req.n
     cursors = [[outputs.ChoiceCursor() for _ in range(n)] for _ in streams]
+    offsets = [[0] * n for _ in streams]  # each choice's next text_offset
     shapers = [ChoiceDeltas(tools) for _ in range(n)]  # chat has one stream
     if kind == "chat":
         head = dict(id=request_id, created=created, model=model)
@@ -126,15 +127,16 @@ async def stream_events(served: Served, req: Any, model: str, request_id: str,
     else:
         head = dict(id=request_id, created=created, model=model)
     async for i, out in merged(streams):
-        if kind != "chat" and finals[i] is None and echoes[i]:  # the echo, its scored prompt
+        if kind != "chat" and finals[i] is None and echoes[i] is not None:
+            # the echo and its scored prompt, sent even when the echo is no text
             logprobs = outputs.prompt_logprobs(out, tok)
+            offsets[i] = [outputs.next_offset(logprobs, len(echoes[i]))] * n
             for j in range(n):
                 yield api.CompletionStreamResponse(**head, choices=[api.CompletionChoice(
                     index=i * n + j, text=echoes[i], logprobs=logprobs)]).model_dump()
         finals[i] = out
         for c in out.outputs:
             cursor = cursors[i][c.index]
-            offset = cursor.chars + len(echoes[i])
             text, start, finished = cursor.advance(c)
             if not (text or finished or len(c.token_ids) > start):
                 continue
@@ -144,9 +146,10 @@ async def stream_events(served: Served, req: Any, model: str, request_id: str,
                 for chunk in chat_chunks(shapers[c.index], c, text, start, finished, req, tok):
                     yield api.ChatCompletionStreamResponse(**head, choices=[chunk]).model_dump()
             else:
-                choice = api.CompletionChoice(
-                    index=i * n + c.index, text=text,
-                    logprobs=outputs.completion_logprobs(c, start, offset, tok), **reason)
+                logprobs = outputs.completion_logprobs(c, start, offsets[i][c.index], tok)
+                offsets[i][c.index] = outputs.next_offset(logprobs, offsets[i][c.index])
+                choice = api.CompletionChoice(index=i * n + c.index, text=text,
+                                              logprobs=logprobs, **reason)
                 yield api.CompletionStreamResponse(**head, choices=[choice]).model_dump()
 
 

@@ -23,15 +23,17 @@ from xds_jax.text.tokenizer import TokenizerError
 class TokenizeRequest(OpenAIModel):
     """``POST /tokenize``: a ``prompt`` (completion form) or ``messages`` (chat form)."""
 
+    null_is_default = frozenset({"add_generation_prompt", "continue_final_message",
+                                 "return_token_strs"})
     model: str | None = None
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
-    return_token_strs: bool = False
+    return_token_strs: bool | None = False
 
 
 class TokenizeResponse(OpenAIModel):

@@ -222,12 +222,30 @@ BAD_REQUESTS = [
      "stream_options"),
     ("completions", {"model": "fake", "prompt": "x", "stream": False,
                      "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    # a lone surrogate anywhere (JSON's "\ud800") is a 400 naming its field; it was a 500 and
+    # a closed connection where the string reached an error message or llguidance
+    ("completions", b'{"model": "\\ud800", "prompt": "x"}', 400, "model"),
+    ("completions", b'{"model": "fake", "prompt": "x", "user": "\\ud800"}', 400, "user"),
+    ("completions", b'{"model": "fake", "prompt": "x", "logit_bias": {"\\ud800": 1}}', 400,
+     "logit_bias"),
+    ("completions", b'{"model": "fake", "prompt": "x", "\\udc00": 1}', 400, None),
+    ("chat/completions", b'{"model": "fake", "messages": [{"role": "user", "content": "Hi"}], '
+     b'"guided_regex": "a\\ud800"}', 400, "guided_regex"),
+    ("chat/completions", b'{"model": "fake", "messages": [{"role": "user", "content": "Hi"}], '
+     b'"tools": [{"type": "function", "function": {"name": "\\ud800"}}], "tool_choice": '
+     b'"none"}', 400, "tools"),
+    ("chat/completions", b'{"model": "fake", "messages": [{"role": "user", "content": "Hi", '
+     b'"name": {"\\ud800": [1]}}]}', 400, "messages"),
+    ("completions", b'{"model": "fake", "prompt": "caf\xe9"}', 400, None),  # not UTF-8
+    ("completions", b'{"model": "fake", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400,
+     None),
 ]
 
 
 @pytest.mark.parametrize(("path", "body", "status", "param"), BAD_REQUESTS)
 def test_bad_input(fake, path, body, status, param):
-    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    kwargs = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(
+        body, bytes) else {"json": body}
     response = httpx.post(f"{fake.url}/v1/{path}", **kwargs)
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -247,6 +265,46 @@ def test_bad_prompt_keeps_the_connection(fake):
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
             assert c.post("/v1/completions", json={"model": "fake", "prompt": "ok",
                                                    "max_tokens": 1}).status_code == 200
+
+
+def test_surrogates_are_400s_on_every_route(fake):
+    """A lone surrogate in a field the server echoes back (``model``: it was a 500, then the
+    keep-alive connection closed) is a 400 naming the field, the connection kept."""
+    with httpx.Client(base_url=fake.url, headers={"Content-Type": "application/json"}) as c:
+        for path, body in [("/v1/completions", b'{"model": "\\ud800", "prompt": "x"}'),
+                           ("/tokenize", b'{"model": "fake", "prompt": "a\\udfff"}'),
+                           ("/detokenize", b'{"model": "\\ud800", "tokens": [70]}')]:
+            bad = c.post(path, content=body)
+            assert bad.status_code == 400, bad.text
+            error = bad.json()["error"]
+            assert error["code"] == "invalid_value" and "surrogate" in error["message"]
+            assert c.post("/v1/completions", json={"model": "fake", "prompt": "ok",
+                                                   "max_tokens": 1}).status_code == 200
+
+
+def test_body_that_is_no_json_object_says_so(fake):
+    """Not UTF-8, or JSON without its Content-Type (curl -d sends a form's): an
+    ``invalid_json`` 400 that says what to send (it said "body: Input should be a valid
+    dictionary")."""
+    for content, headers in [(b'{"prompt": "caf\xe9"}', {"Content-Type": "application/json"}),
+                             (b'{"prompt": "x"}', {"Content-Type": "text/plain"}),
+                             (b'{"prompt": "x"}', {})]:
+        response = httpx.post(fake.url + "/v1/completions", content=content, headers=headers)
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_json"
+    assert "Content-Type: application/json" in response.json()["error"]["message"]
+
+
+def test_tokenize_takes_nulls_as_defaults(fake):
+    """As the generation routes do: clients that send every field send unset ones as null
+    (they were 400s on /tokenize)."""
+    nulls = {"add_generation_prompt": None, "continue_final_message": None,
+             "return_token_strs": None, "add_special_tokens": None}
+    prompt = httpx.post(fake.url + "/tokenize", json={"prompt": "ab", **nulls})
+    assert prompt.status_code == 200 and prompt.json()["tokens"] == [1, 100, 101]
+    chat = httpx.post(fake.url + "/tokenize", json={"messages": CHAT["messages"], **nulls})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["tokens"] == [ord(c) + 3 for c in "<user>Hi\n<assistant>"]
 
 
 def test_unknown_route_has_error_body(fake):

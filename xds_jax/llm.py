@@ -154,12 +154,13 @@ class LLM:
                 )
         if params.structured_outputs is not None:  # an invalid schema fails here, not later
             structured.check(params.structured_outputs, self.tokenizer)
-        need = len(ids) + (params.max_tokens or 1)
-        if len(ids) >= self.max_model_len or need > self.max_model_len:
+        more = 0 if params.max_tokens == 0 else params.max_tokens or 1  # 0: scoring only
+        need = len(ids) + more
+        if need > self.max_model_len:
             raise PromptTooLongError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the "
-                f"prompt has {len(ids)} tokens and max_tokens asks for "
-                f"{params.max_tokens or 1} more ({need} in all)"
+                f"prompt has {len(ids)} tokens and max_tokens asks for {more} more "
+                f"({need} in all)"
             )
 
     def make_sequences(self, prompt_ids: list[int], params: SamplingParams) -> list[Sequence]:

@@ -85,6 +85,22 @@ def test_bad_prompts(smollm2):
         smollm2.generate([3.5])
 
 
+def test_a_prompt_filling_the_context_can_be_scored_but_not_continued():
+    """max_tokens=0 only scores the prompt (vLLM: a prompt may be max_model_len long)."""
+    llm = LLM(str(GOLDEN / "llama"), dtype="float32", max_model_len=64)
+    ids = [int(t) for t in np.random.default_rng(0).integers(0, 320, 64)]
+    scored = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=0,
+                                                                     prompt_logprobs=1))[0]
+    shorter = llm.generate({"prompt_token_ids": ids[:63]},
+                           SamplingParams(max_tokens=0, prompt_logprobs=1))[0]
+    assert scored.outputs[0].token_ids == [] and len(scored.prompt_logprobs) == 64
+    for a, b, t in zip(scored.prompt_logprobs[1:63], shorter.prompt_logprobs[1:], ids[1:63],
+                       strict=True):
+        assert abs(a[t].logprob - b[t].logprob) < 1e-4
+    with pytest.raises(PromptTooLongError, match="asks for 1 more"):
+        llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1))
+
+
 def test_missing_model_path():
     with pytest.raises(ModelNotFoundError, match="neither a registered name nor a path"):
         LLM("/no/such/model")

@@ -21,7 +21,7 @@ from xds_jax.loading.loader import load_model, resolve
 from xds_jax.outputs import RequestMetrics, RequestOutput
 from xds_jax.sampling import structured
 from xds_jax.sampling.params import SamplingParams
-from xds_jax.sequence import Sequence
+from xds_jax.sequence import Sequence, bad_word_ids
 from xds_jax.text.tokenizer import chat_template_options, open_final_message
 
 
@@ -145,13 +145,16 @@ class LLM:
                 f"(0..{self.cfg.vocab_size - 1})"
             )
         for field, given in (("stop_token_ids", params.stop_token_ids),
-                             ("logit_bias", params.logit_bias)):
+                             ("logit_bias", params.logit_bias),
+                             ("allowed_token_ids", params.allowed_token_ids or ())):
             outside = [t for t in given if t >= self.cfg.vocab_size]
             if outside:
                 raise SamplingParamsError(
                     f"{field} {outside[:5]} are outside the vocabulary "
                     f"(0..{self.cfg.vocab_size - 1})"
                 )
+        if params.bad_words:  # needs a tokenizer: fails here, not in a step
+            bad_word_ids(params.bad_words, self.tokenizer)
         if params.structured_outputs is not None:  # an invalid schema fails here, not later
             structured.check(params.structured_outputs, self.tokenizer)
         more = 0 if params.max_tokens == 0 else params.max_tokens or 1  # 0: scoring only

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
+
+from xds_jax.errors import SamplingParamsError
 from xds_jax.outputs import CompletionOutput, Logprob
 from xds_jax.sampling.params import SamplingParams, device_seed
 from xds_jax.text.detokenizer import IncrementalDetokenizer
@@ -34,6 +37,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.error: str | None = None  # why the engine failed it (finish reason "abort")
         self._tokenizer = tokenizer
+        self._bad_words: list[list[int]] | None = None
         self._detok = (IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
                        if tokenizer is not None else None)
         self._grammar = None  # its GrammarState, built at the first mask (structured outputs)
@@ -67,9 +71,29 @@ class Sequence:
         return sorted(self._eos | self._stop_ids)
 
     def allowed_mask(self, vocab_size: int):
-        """``[vocab_size]`` bool numpy mask of the ids its grammar accepts next
-        (``params.structured_outputs``)."""
-        return self._grammar_state().allowed(vocab_size)
+        """``[vocab_size]`` bool numpy mask of the ids it may draw next (``params.masked``):
+        its grammar's (``structured_outputs``), within ``allowed_token_ids``, and not the last
+        token of a ``bad_words`` entry whose other tokens the output ends with (vLLM)."""
+        p = self.params
+        mask = (self._grammar_state().allowed(vocab_size) if p.structured_outputs is not None
+                else np.ones(vocab_size, bool))
+        if p.allowed_token_ids is not None:
+            only = np.zeros(vocab_size, bool)
+            only[[t for t in p.allowed_token_ids if t < vocab_size]] = True
+            mask &= only
+        out = self.output_ids
+        for word in self._bad_word_ids():
+            ends_with = len(word) == 1 or out[max(0, len(out) - len(word) + 1):] == word[:-1]
+            if ends_with and word[-1] < vocab_size:
+                mask[word[-1]] = False
+        return mask
+
+    def _bad_word_ids(self) -> list[list[int]]:
+        """``bad_words`` as token ids, each word alone and after a space where that is a
+        different first token of the same length (as vLLM tokenizes them)."""
+        if self._bad_words is None:
+            self._bad_words = bad_word_ids(self.params.bad_words, self._tokenizer)
+        return self._bad_words
 
     def _grammar_state(self):
         if self._grammar is None:
@@ -201,3 +225,18 @@ class Sequence:
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
         )
+
+
+def bad_word_ids(words: list[str], tokenizer) -> list[list[int]]:
+    """vLLM's tokenization of ``bad_words``: each word's ids without special tokens, and again
+    with a leading space when that starts with another token and has as many tokens."""
+    if words and tokenizer is None:
+        raise SamplingParamsError("bad_words need a tokenizer; this model has none")
+    out: list[list[int]] = []
+    for word in words:
+        plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        out.append(plain)
+        if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+            out.append(spaced)
+    return out

@@ -34,12 +34,12 @@ class Pending:
 
 def speculable(seq) -> bool:
     """Rows whose sampling the verifier reproduces exactly: no penalties, no min-p, no
-    banned ids, no logit bias, no grammar; others decode one token a step (still through the same
-    program)."""
+    banned ids, no logit bias, no token mask (grammar, allowed ids, bad words); others decode one
+    token a step (still through the same program)."""
     p = seq.params
     return (p.repetition_penalty == 1 and not p.frequency_penalty and not p.presence_penalty
             and not (p.min_p > 0 and not p.greedy) and not seq.banned_ids()
-            and not p.logit_bias and p.structured_outputs is None)
+            and not p.logit_bias and not p.masked)
 
 
 @dataclasses.dataclass

@@ -124,6 +124,8 @@ class SamplingFields(OpenAIModel):
     min_tokens: int | None = 0
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     include_stop_str_in_output: bool | None = False
     skip_special_tokens: bool | None = True
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the context)

@@ -62,6 +62,7 @@ def sampling_params(req: api.SamplingFields, max_tokens: int, logprobs: int | No
             **optional, n=req.n, seed=req.seed, max_tokens=max_tokens,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             min_tokens=req.min_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
+            allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words,
             ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens, logit_bias=logit_bias(req.logit_bias),

@@ -104,3 +104,30 @@ def test_chat_logprobs_in_openai_form(server):
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
     bare = c.chat.completions.create(**{**kwargs, "top_logprobs": None})
     assert all(e.top_logprobs == [] for e in bare.choices[0].logprobs.content)
+
+
+def test_allowed_token_ids_and_bad_words(server):
+    """vLLM's extra_body fields reach the sampler: every token from the allowed set, and a bad
+    word's last token never right after its first; out-of-vocabulary ids are a 400."""
+    tok = server.engine.tokenizer
+    letters = tok.encode("abcdefgh", add_special_tokens=False)
+    body = dict(prompt="Name a river:", max_tokens=16, temperature=0, ignore_eos=True,
+                allowed_token_ids=letters)
+    free = client(server).completions.create(model=NAMES[0], **_split(body))
+    ids = tok.encode(free.choices[0].text, add_special_tokens=False)
+    assert len(ids) == 16 and set(ids) <= set(letters)
+    word = tok.decode(ids[:2])
+    banned = client(server).completions.create(model=NAMES[0],
+                                               **_split(dict(body, bad_words=[word])))
+    text = banned.choices[0].text
+    assert text[0] == word[0] and word not in text
+    r = httpx.post(server.url + "/v1/completions", timeout=60,
+                   json=dict(body, model=NAMES[0], allowed_token_ids=[1, 10**6]))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "allowed_token_ids"
+
+
+def _split(body: dict) -> dict:
+    """OpenAI's fields as arguments, vLLM's in ``extra_body``."""
+    known = {"prompt", "max_tokens", "temperature"}
+    return {k: v for k, v in body.items() if k in known} | {
+        "extra_body": {k: v for k, v in body.items() if k not in known}}

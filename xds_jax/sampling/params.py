@@ -61,6 +61,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     structured_outputs: StructuredOutputs | dict | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.structured_outputs = StructuredOutputs.coerce(self.structured_outputs)
@@ -68,6 +70,11 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, str):
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        self.bad_words = list(self.bad_words or [])
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -116,6 +123,12 @@ class SamplingParams:
             raise bad("stop", "must be non-empty strings")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative integers")
+        allowed = self.allowed_token_ids
+        if allowed is not None and not (isinstance(allowed, list) and allowed and all(
+                _is_int(t) and t >= 0 for t in allowed)):
+            raise bad("allowed_token_ids", "must be a non-empty list of non-negative integers")
+        if not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+            raise bad("bad_words", "must be non-blank strings")
         bias = self.logit_bias
         if bias is not None and not (isinstance(bias, dict) and all(
                 _is_int(t) and t >= 0 and not isinstance(v, bool) and isinstance(v, int | float)
@@ -135,8 +148,16 @@ class SamplingParams:
     @property
     def reads_outputs(self) -> bool:
         """Sampling reads the tokens generated so far (penalties count them, a grammar
-        consumed them): the previous token must be appended before the next is drawn."""
-        return self.penalized or self.structured_outputs is not None
+        consumed them, a bad word's last token is banned after its first ones): the previous
+        token must be appended before the next is drawn."""
+        return self.penalized or self.structured_outputs is not None or bool(self.bad_words)
+
+    @property
+    def masked(self) -> bool:
+        """Some ids may not be drawn next (a grammar, ``allowed_token_ids``, ``bad_words``):
+        the row samples through a ``[V]`` mask, never from the step's plain argmax."""
+        return (self.structured_outputs is not None or self.allowed_token_ids is not None
+                or bool(self.bad_words))
 
     def request_seed(self) -> int:
         """The seed to use: the user's, or a fresh random one."""

@@ -53,7 +53,7 @@ def dispatch_rows(logits_BV: jax.Array, seqs: list[Sequence | None], vocab_size:
         raise XdsError("penalties and grammars read every output token: a row with a token "
                        "in flight cannot sample with them (the group schedules it "
                        "synchronously)")
-    allowed = [s.allowed_mask(vocab_size) if s is not None and s.params.structured_outputs
+    allowed = [s.allowed_mask(vocab_size) if s is not None and s.params.masked
                else None for s in live]
     constrained = any(a is not None for a in allowed)
     if flags == _GREEDY and not constrained and all(p.min_tokens == 0 for p in distinct):

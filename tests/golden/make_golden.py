@@ -92,6 +92,29 @@ TINY_MODELS = {
         0,
     ),
     "qwen2": (tf.Qwen2Config(**BASE, tie_word_embeddings=True), 0),
+    # Phi-3/3.5/4-mini: fused qkv_proj and gate_up_proj, LongRoPE (served within its original
+    # context: short factors, attention factor sqrt(1 + ln 4 / ln 64)), partial rotary 0.75 as
+    # Phi-4-mini, a 16-token sliding window the 23-token prompt crosses.
+    "phi3": (
+        tf.Phi3Config(
+            **BASE,
+            head_dim=16,
+            tie_word_embeddings=False,
+            sliding_window=16,
+            pad_token_id=None,
+            bos_token_id=1,
+            eos_token_id=2,
+            original_max_position_embeddings=64,
+            rope_parameters=dict(
+                rope_type="longrope",
+                rope_theta=10000.0,
+                partial_rotary_factor=0.75,
+                short_factor=[1.0, 1.1, 1.3, 1.7, 2.2, 3.0],
+                long_factor=[1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+            ),
+        ),
+        3,
+    ),
     "qwen3": (tf.Qwen3Config(**BASE, head_dim=32), 0),
     "qwen3_moe": (
         tf.Qwen3MoeConfig(

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import pytest
 
@@ -57,7 +58,7 @@ def test_moe_expert_count_spellings():
     ({"vocab_size": -3}, ConfigError, "vocab_size must be a positive integer"),
     ({"vocab_size": "lots"}, ConfigError, "vocab_size must be an integer"),
     ({"hidden_act": "gelu"}, UnsupportedModelError, "hidden_act 'gelu'"),
-    ({"rope_scaling": {"rope_type": "longrope"}}, UnsupportedModelError, "rope type"),
+    ({"rope_scaling": {"rope_type": "longrope2"}}, UnsupportedModelError, "rope type"),
     ({"torch_dtype": "int4"}, ConfigError, "dtype must be one of"),
 ])
 def test_bad_fields_are_named(change, error, words):
@@ -143,3 +144,27 @@ def test_fp8_quantization_config_is_accepted():
     fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
            "weight_block_size": [128, 128]}
     assert config_from_hf_dict(dict(DEEPSEEK_V2, quantization_config=fp8)).mla is not None
+
+
+PHI35_MINI = {
+    "model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 8192,
+    "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+    "rope_theta": 10000.0, "sliding_window": 262144, "torch_dtype": "bfloat16",
+    "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48,
+                     "long_factor": [2.0] * 48},
+}
+
+
+def test_phi3_longrope_serves_its_original_context():
+    cfg = config_from_hf_dict(PHI35_MINI)
+    assert cfg.rope.type == "longrope" and cfg.rope.freq_factors == (1.0,) * 48
+    assert cfg.max_position_embeddings == 4096  # the short factors' context
+    assert cfg.rope.attention_factor == pytest.approx((1 + math.log(32) / math.log(4096)) ** 0.5)
+    su = dict(PHI35_MINI, rope_scaling=dict(PHI35_MINI["rope_scaling"], type="su"))
+    assert config_from_hf_dict(su) == cfg  # Phi-3-mini-128k's first spelling
+    plain = config_from_hf_dict(dict(PHI35_MINI, rope_scaling=None, max_position_embeddings=4096,
+                                     sliding_window=2047))  # Phi-3-mini-4k
+    assert plain.rope.type == "default" and plain.sliding_window == 2047
+    with pytest.raises(ConfigError, match="longrope needs short_factor"):
+        config_from_hf_dict(dict(PHI35_MINI, rope_scaling={"type": "longrope"}))

@@ -107,6 +107,21 @@ def _moe(cfg: ModelConfig, p: str, shapes: dict, names: set[str]) -> dict:
     return out
 
 
+def _rows(name: str, start: int, stop: int) -> Leaf:
+    """Rows ``start:stop`` of a fused ``[out, in]`` checkpoint weight, as ``[in, rows]``."""
+    return Leaf((name,), lambda a: transpose(a[start:stop]))
+
+
+def _fused_phi3(cfg: ModelConfig, p: str, out: dict) -> None:
+    """Phi-3 stores q/k/v as one ``qkv_proj`` and gate/up as one ``gate_up_proj``."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    qkv = f"{p}.self_attn.qkv_proj.weight"
+    out["attn"] |= {"q": _rows(qkv, 0, q), "k": _rows(qkv, q, q + kv),
+                    "v": _rows(qkv, q + kv, q + 2 * kv)}
+    f, gate_up = cfg.intermediate_size, f"{p}.mlp.gate_up_proj.weight"
+    out["mlp"] |= {"gate": _rows(gate_up, 0, f), "up": _rows(gate_up, f, 2 * f)}
+
+
 def _layer(cfg: ModelConfig, p: str, shapes: dict, names: set[str]) -> dict:
     out = {
         "input_norm": Leaf((f"{p}.input_layernorm.weight",)),
@@ -117,6 +132,8 @@ def _layer(cfg: ModelConfig, p: str, shapes: dict, names: set[str]) -> dict:
         out["moe"] = _moe(cfg, p, shapes["moe"], names)
     else:
         out["mlp"] = _mlp(f"{p}.mlp", shapes["mlp"])
+    if f"{p}.self_attn.qkv_proj.weight" in names:
+        _fused_phi3(cfg, p, out)
     return out
 
 

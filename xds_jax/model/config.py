@@ -17,7 +17,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding: ``type`` is one of default, linear, dynamic, yarn, llama3."""
+    """Rotary embedding: ``type`` is one of default, linear, dynamic, yarn, llama3, longrope."""
 
     theta: float = 10000.0
     type: str = "default"

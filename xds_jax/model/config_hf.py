@@ -8,6 +8,7 @@ Hub checkpoints (transformers 4) write ``rope_theta`` + ``rope_scaling`` (DeepSe
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,14 @@ from xds_jax.errors import ConfigError, ModelNotFoundError, UnsupportedModelErro
 from xds_jax.loading.checkpoint_quant import checkpoint_quantization
 from xds_jax.model.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
 
-DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 MLA_TYPES = ("deepseek_v2", "deepseek_v3")
 # DeepSeek-V2's topk_method: "greedy" (V2-Lite: top-k of all experts) or "group_limited_greedy"
 # (V2: the topk_group groups with the best single expert score first).
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 SUPPORTED_TYPES = DENSE_TYPES + MOE_TYPES
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 _DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16",
                   "fp16": "float16"}
 
@@ -67,6 +68,8 @@ def parse_rope(d: dict, source: str, interleaved: bool = False) -> RopeConfig:
     merged = {**scaling, **params}
     theta = _get(merged, "rope_theta", default=_get(d, "rope_theta", default=10000.0))
     rope_type = _get(merged, "rope_type", "type", default="default")
+    if rope_type == "su":  # Phi-3's first name for LongRoPE
+        rope_type = "longrope"
     if rope_type not in ROPE_TYPES:
         raise UnsupportedModelError(
             f"{source}: rope type {rope_type!r} is not supported (supported: {ROPE_TYPES})"
@@ -74,8 +77,11 @@ def parse_rope(d: dict, source: str, interleaved: bool = False) -> RopeConfig:
     factor = float(_get(merged, "factor", default=1.0))
     original = _get(merged, "original_max_position_embeddings",
                     default=d.get("original_max_position_embeddings"))
-    if rope_type in ("yarn", "llama3") and original is None:
+    if rope_type in ("yarn", "llama3", "longrope") and original is None:
         original = d.get("max_position_embeddings")
+    freq_factors = attention = None
+    if rope_type == "longrope":
+        freq_factors, attention = _longrope(merged, d, original, source)
     return RopeConfig(
         theta=float(theta),
         type=rope_type,
@@ -87,13 +93,31 @@ def parse_rope(d: dict, source: str, interleaved: bool = False) -> RopeConfig:
         beta_slow=float(_get(merged, "beta_slow", default=1.0)),
         mscale=merged.get("mscale"),
         mscale_all_dim=merged.get("mscale_all_dim"),
-        attention_factor=merged.get("attention_factor"),
+        attention_factor=attention if attention is not None else merged.get("attention_factor"),
         truncate=bool(merged.get("truncate", True)),
         interleaved=interleaved,
         partial_rotary_factor=float(
             _get(merged, "partial_rotary_factor", default=d.get("partial_rotary_factor", 1.0))
         ),
+        freq_factors=freq_factors,
     )
+
+
+def _longrope(merged: dict, d: dict, original, source: str) -> tuple[tuple[float, ...], float]:
+    """LongRoPE (Phi-3/3.5/4-mini) within its original context: the short factors divide the
+    frequencies, and cos/sin carry transformers' attention factor, ``sqrt(1 + ln(s) / ln(L0))``
+    for ``s = max_position_embeddings / L0``. Past ``L0`` transformers switches every position
+    to the long factors; the engine serves the original context (``max_position_embeddings``
+    becomes ``L0``, ``config_from_hf_dict``)."""
+    short = merged.get("short_factor")
+    if not isinstance(short, list) or not short or original is None:
+        raise ConfigError(f"{source}: longrope needs short_factor (a list) and "
+                          "original_max_position_embeddings")
+    attention = merged.get("attention_factor")
+    if attention is None:
+        scale = d.get("max_position_embeddings", original) / original
+        attention = 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(original))
+    return tuple(float(f) for f in short), float(attention)
 
 
 def _dtype(d: dict) -> str:
@@ -210,6 +234,10 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         qkv_bias = out_bias = bool(d.get("attention_bias", False))
     if mla is not None and qkv_bias:
         raise UnsupportedModelError(f"{source}: attention_bias is not supported with MLA")
+    rope = parse_rope(d, source, interleaved=bool(d.get("rope_interleave", mla is not None)))
+    context = _int(d, "max_position_embeddings", source, default=2048)
+    if rope.type == "longrope":  # served within the context its short factors cover
+        context = min(context, rope.original_max_position_embeddings)
     return ModelConfig(
         model_type=model_type,
         vocab_size=_int(d, "vocab_size", source),
@@ -219,9 +247,9 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         num_kv_heads=_int(d, "num_key_value_heads", source, default=None) or heads,
         head_dim=head_dim,
         intermediate_size=_int(d, "intermediate_size", source, default=0) or 0,
-        max_position_embeddings=_int(d, "max_position_embeddings", source, default=2048),
+        max_position_embeddings=context,
         rms_norm_eps=float(_get(d, "rms_norm_eps", default=1e-6)),
-        rope=parse_rope(d, source, interleaved=bool(d.get("rope_interleave", mla is not None))),
+        rope=rope,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         attention_bias=qkv_bias,
         attention_out_bias=out_bias,

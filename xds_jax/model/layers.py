@@ -112,6 +112,8 @@ def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
     factor = rope.factor
     if rope.type in ("default", "dynamic"):
         return inv, 1.0
+    if rope.type == "longrope":  # the short factors are freq_factors (config_hf._longrope)
+        return inv, float(rope.attention_factor if rope.attention_factor is not None else 1.0)
     if rope.type == "linear":
         return (inv / np.float32(factor)).astype(np.float32), 1.0
     if rope.type == "llama3":

@@ -3,8 +3,9 @@
 **FP8** (``quant_method: "fp8"``): DeepSeek-V3/R1's official weights, Qwen3's ``-FP8`` releases
 and transformers' ``FineGrainedFP8Config`` store each linear weight as ``float8_e4m3fn`` with a
 ``<name>_scale_inv`` tensor: one float32 (or UE8M0) factor per ``weight_block_size`` block of
-``[out, in]`` (edge blocks ragged), or one per tensor without ``weight_block_size``. The
-weight is ``fp8 x scale_inv`` of its block, as transformers dequantises it on a CPU. The loader
+``[out, in]`` (edge blocks cut short), or one per tensor without ``weight_block_size``. The
+weight is ``fp8 x scale_inv`` of its block, as DeepSeek's reference ``weight_dequant`` and vLLM
+read it (``docs/quantization.md``: where transformers differs). The loader
 dequantises every such tensor to the model's dtype (so an FP8 checkpoint serves in bfloat16 by
 default, or ``--quantization int8`` re-quantises it); activation scales of static schemes
 (``input_scale``) are not used: activations stay in the model's dtype.

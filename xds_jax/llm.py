@@ -166,6 +166,18 @@ class LLM:
                 f"({need} in all)"
             )
 
+    def truncate_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
+        """vLLM's ``truncate_prompt_tokens``: the prompt's last k tokens (-1: as many as the
+        context holds); k above the context length is a ``SamplingParamsError``."""
+        keep = params.truncate_prompt_tokens
+        if keep is None:
+            return ids
+        keep = self.max_model_len if keep == -1 else keep
+        if keep > self.max_model_len:
+            raise SamplingParamsError(f"truncate_prompt_tokens must be -1 or in "
+                                      f"1..{self.max_model_len} (the context length), got {keep}")
+        return ids[-keep:]
+
     def make_sequences(self, prompt_ids: list[int], params: SamplingParams) -> list[Sequence]:
         """The ``n`` sequences of one request (seeded requests get seeds seed, seed+1, ...)."""
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else self.cfg.eos_token_ids
@@ -187,6 +199,7 @@ class LLM:
         requests = []
         for prompt, params in zip(prompts, params_list, strict=True):
             text, ids = self._prompt_ids(prompt)
+            ids = self.truncate_prompt(ids, params)
             self.check_prompt(ids, params)
             requests.append((text, ids, self.make_sequences(ids, params)))
         arrival = time.monotonic()

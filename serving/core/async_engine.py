@@ -102,6 +102,7 @@ class AsyncEngine:
         Raises (before yielding) ``PromptTooLongError``/``InvalidPromptError`` for bad input.
         Admission is the caller's (``self.admission.admit`` for a whole HTTP request).
         """
+        prompt_ids = self.llm.truncate_prompt(prompt_ids, params)
         self.llm.check_prompt(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()

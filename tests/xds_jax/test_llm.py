@@ -12,6 +12,7 @@ from xds_jax import LLM, SamplingParams
 from xds_jax.errors import (
     ModelNotFoundError,
     PromptTooLongError,
+    SamplingParamsError,
     UnsupportedModelError,
     WeightLoadError,
 )
@@ -85,7 +86,7 @@ def test_bad_prompts(smollm2):
         smollm2.generate([3.5])
 
 
-def test_a_prompt_filling_the_context_can_be_scored_but_not_continued():
+def test_a_prompt_filling_the_context_can_be_scored_truncated_but_not_continued():
     """max_tokens=0 only scores the prompt (vLLM: a prompt may be max_model_len long)."""
     llm = LLM(str(GOLDEN / "llama"), dtype="float32", max_model_len=64)
     ids = [int(t) for t in np.random.default_rng(0).integers(0, 320, 64)]
@@ -99,6 +100,20 @@ def test_a_prompt_filling_the_context_can_be_scored_but_not_continued():
         assert abs(a[t].logprob - b[t].logprob) < 1e-4
     with pytest.raises(PromptTooLongError, match="asks for 1 more"):
         llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1))
+    # vLLM's truncate_prompt_tokens keeps the last k tokens (-1: the context length).
+    greedy = dict(temperature=0, max_tokens=4, ignore_eos=True)
+    cut = llm.generate({"prompt_token_ids": ids}, SamplingParams(truncate_prompt_tokens=8,
+                                                                  **greedy))[0]
+    assert cut.prompt_token_ids == ids[-8:]
+    plain = llm.generate({"prompt_token_ids": ids[-8:]}, SamplingParams(**greedy))[0]
+    assert cut.outputs[0].token_ids == plain.outputs[0].token_ids
+    whole = llm.generate({"prompt_token_ids": ids + ids[:6]},
+                         SamplingParams(truncate_prompt_tokens=-1, max_tokens=0))[0]
+    assert whole.prompt_token_ids == (ids + ids[:6])[-64:]
+    with pytest.raises(SamplingParamsError, match="must be -1 or in 1..64"):
+        llm.generate({"prompt_token_ids": ids}, SamplingParams(truncate_prompt_tokens=65))
+    with pytest.raises(SamplingParamsError, match="truncate_prompt_tokens must be -1"):
+        SamplingParams(truncate_prompt_tokens=0)
 
 
 def test_missing_model_path():

@@ -63,6 +63,7 @@ class SamplingParams:
     structured_outputs: StructuredOutputs | dict | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the context)
 
     def __post_init__(self) -> None:
         self.structured_outputs = StructuredOutputs.coerce(self.structured_outputs)
@@ -127,6 +128,9 @@ class SamplingParams:
         if allowed is not None and not (isinstance(allowed, list) and allowed and all(
                 _is_int(t) and t >= 0 for t in allowed)):
             raise bad("allowed_token_ids", "must be a non-empty list of non-negative integers")
+        keep = self.truncate_prompt_tokens
+        if keep is not None and (not _is_int(keep) or not (keep == -1 or keep >= 1)):
+            raise bad("truncate_prompt_tokens", "must be -1 (the context length) or >= 1")
         if not all(isinstance(w, str) and w.strip() for w in self.bad_words):
             raise bad("bad_words", "must be non-blank strings")
         bias = self.logit_bias

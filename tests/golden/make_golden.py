@@ -92,6 +92,19 @@ TINY_MODELS = {
         0,
     ),
     "qwen2": (tf.Qwen2Config(**BASE, tie_word_embeddings=True), 0),
+    # Granite 3.x: Llama with multipliers on the embeddings, residual branches, attention
+    # scores and logits; tied embeddings (the head reads the table the multiplier scales).
+    "granite": (
+        tf.GraniteConfig(
+            **BASE,
+            tie_word_embeddings=True,
+            embedding_multiplier=12.0,
+            residual_multiplier=0.22,
+            attention_multiplier=0.125,
+            logits_scaling=4.0,
+        ),
+        0,
+    ),
     # Phi-3/3.5/4-mini: fused qkv_proj and gate_up_proj, LongRoPE (served within its original
     # context: short factors, attention factor sqrt(1 + ln 4 / ln 64)), partial rotary 0.75 as
     # Phi-4-mini, a 16-token sliding window the 23-token prompt crosses.
@@ -195,7 +208,8 @@ def randomise(model: torch.nn.Module) -> None:
 
 
 def check_hidden_convention(model, ids: torch.Tensor, hidden: tuple[torch.Tensor, ...]) -> None:
-    """Assert hidden[0] = embeddings, hidden[i] = output of layer i-1, hidden[L] = final norm."""
+    """Assert hidden[0] = embeddings (times Granite's multiplier), hidden[i] = output of layer
+    i-1, hidden[L] = final norm."""
     seen = []
     modules = [*model.model.layers, model.model.norm]
     hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out)) for m in modules]
@@ -205,7 +219,8 @@ def check_hidden_convention(model, ids: torch.Tensor, hidden: tuple[torch.Tensor
         handle.remove()
     num_layers = len(model.model.layers)
     assert len(hidden) == num_layers + 1
-    assert torch.equal(hidden[0], model.model.embed_tokens(ids))
+    scale = getattr(model.config, "embedding_multiplier", 1.0)  # Granite scales embeddings
+    assert torch.equal(hidden[0], model.model.embed_tokens(ids) * scale)
     for i in range(1, num_layers):
         assert torch.equal(hidden[i], seen[i - 1])
     assert torch.equal(hidden[num_layers], seen[num_layers])

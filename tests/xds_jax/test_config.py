@@ -168,3 +168,15 @@ def test_phi3_longrope_serves_its_original_context():
     assert plain.rope.type == "default" and plain.sliding_window == 2047
     with pytest.raises(ConfigError, match="longrope needs short_factor"):
         config_from_hf_dict(dict(PHI35_MINI, rope_scaling={"type": "longrope"}))
+
+
+def test_granite_multipliers():
+    d = json.loads((GOLDEN / "granite" / "config.json").read_text())
+    tied = config_from_hf_dict(d)
+    assert tied.attention_multiplier == 0.125 and tied.residual_multiplier == 0.22
+    # The tied head reads the table the embedding multiplier scales: the logits undo it.
+    assert tied.logits_scale == pytest.approx(1 / (4.0 * 12.0))
+    untied = config_from_hf_dict(dict(d, tie_word_embeddings=False))
+    assert untied.logits_scale == pytest.approx(1 / 4.0)
+    with pytest.raises(ConfigError, match="residual_multiplier must be a positive number"):
+        config_from_hf_dict(dict(d, residual_multiplier="big"))

@@ -134,7 +134,16 @@ def _layer(cfg: ModelConfig, p: str, shapes: dict, names: set[str]) -> dict:
         out["mlp"] = _mlp(f"{p}.mlp", shapes["mlp"])
     if f"{p}.self_attn.qkv_proj.weight" in names:
         _fused_phi3(cfg, p, out)
+    if cfg.residual_multiplier != 1.0:  # Granite: x + r * f(x), folded into f's last matmul
+        out["attn"]["o"] = _scaled(out["attn"]["o"], cfg.residual_multiplier)
+        out["mlp"]["down"] = _scaled(out["mlp"]["down"], cfg.residual_multiplier)
     return out
+
+
+def _scaled(leaf: Leaf, factor: float) -> Leaf:
+    """``leaf`` with its tensor multiplied by ``factor`` (in float32)."""
+    return Leaf(leaf.names, lambda a, f=leaf.transform: f(a).astype(np.float32) * factor,
+                leaf.optional)
 
 
 def hf_keymap(cfg: ModelConfig, shapes: dict, names: set[str]) -> dict:
@@ -145,6 +154,8 @@ def hf_keymap(cfg: ModelConfig, shapes: dict, names: set[str]) -> dict:
         "layers": [_layer(cfg, f"model.layers.{i}", s, names)
                    for i, s in enumerate(shapes["layers"])],
     }
+    if cfg.embedding_multiplier != 1.0:  # Granite: embeddings scaled as they are read
+        out["embed"] = _scaled(out["embed"], cfg.embedding_multiplier)
     if "lm_head" in shapes:
         out["lm_head"] = Leaf(("lm_head.weight",), transpose)
     for j, s in enumerate(shapes.get("mtp", [])):

@@ -100,6 +100,13 @@ class ModelConfig:
     mla: MLAConfig | None = None
     moe: MoEConfig | None = None
     num_mtp_layers: int = 0
+    # Granite's multipliers. The embedding and residual ones are folded into the weights when
+    # a checkpoint loads (``weights_hf``): the embedding table (so a tied head reads it scaled,
+    # which ``logits_scale`` undoes), ``o_proj`` and ``down_proj``.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None  # the softmax scale, instead of 1/sqrt(d)
+    logits_scale: float = 1.0  # logits are multiplied by it
     dtype: str = "bfloat16"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()

@@ -16,7 +16,7 @@ from xds_jax.errors import ConfigError, ModelNotFoundError, UnsupportedModelErro
 from xds_jax.loading.checkpoint_quant import checkpoint_quantization
 from xds_jax.model.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
 
-DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 MLA_TYPES = ("deepseek_v2", "deepseek_v3")
 # DeepSeek-V2's topk_method: "greedy" (V2-Lite: top-k of all experts) or "group_limited_greedy"
@@ -238,7 +238,9 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
     context = _int(d, "max_position_embeddings", source, default=2048)
     if rope.type == "longrope":  # served within the context its short factors cover
         context = min(context, rope.original_max_position_embeddings)
+    granite = _granite(d, source) if model_type == "granite" else {}
     return ModelConfig(
+        **granite,
         model_type=model_type,
         vocab_size=_int(d, "vocab_size", source),
         hidden_size=hidden,
@@ -263,6 +265,22 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=_token_ids(d.get("eos_token_id")),
     )
+
+
+def _granite(d: dict, source: str) -> dict:
+    """Granite's multipliers as ``ModelConfig`` fields; the logits scale also undoes the
+    embedding multiplier a tied head reads (it is folded into the embedding table)."""
+    out = {}
+    for name in ("embedding_multiplier", "residual_multiplier", "attention_multiplier",
+                 "logits_scaling"):
+        value = d.get(name, 1.0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ConfigError(f"{source}: {name} must be a positive number, got {value!r}")
+        out[name] = float(value)
+    scaling = out.pop("logits_scaling")
+    tied = bool(d.get("tie_word_embeddings", False))
+    out["logits_scale"] = 1.0 / (scaling * (out["embedding_multiplier"] if tied else 1.0))
+    return out
 
 
 def read_json(path: Path) -> dict:

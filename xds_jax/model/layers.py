@@ -162,7 +162,10 @@ def _yarn_inv_freq(rope: RopeConfig, dim: int, inv_extra: np.ndarray) -> tuple[n
 
 
 def attention_scale(cfg: ModelConfig) -> float:
-    """Softmax scale: ``1/sqrt(qk dim)``, times yarn's ``mscale_all_dim`` correction for MLA."""
+    """Softmax scale: ``1/sqrt(qk dim)``, times yarn's ``mscale_all_dim`` correction for MLA
+    (Granite's ``attention_multiplier`` where it sets one)."""
+    if cfg.attention_multiplier is not None:
+        return cfg.attention_multiplier
     if cfg.mla is None:
         return cfg.head_dim**-0.5
     scale = cfg.mla.qk_head_dim**-0.5

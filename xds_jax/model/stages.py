@@ -102,6 +102,8 @@ def head(params: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """Final norm and LM head, logits in float32."""
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cfg.tie_word_embeddings:  # contract with the embedding as stored: no transposed copy
-        return matmul_f32(h, params["embed"], w_transposed=True,
-                          scale=params.get("embed" + SCALE_SUFFIX))
-    return matmul_f32(h, params["lm_head"], scale=params.get("lm_head" + SCALE_SUFFIX))
+        logits = matmul_f32(h, params["embed"], w_transposed=True,
+                            scale=params.get("embed" + SCALE_SUFFIX))
+    else:
+        logits = matmul_f32(h, params["lm_head"], scale=params.get("lm_head" + SCALE_SUFFIX))
+    return logits if cfg.logits_scale == 1.0 else logits * cfg.logits_scale

@@ -104,8 +104,8 @@ def _embed(params, tokens_BS):
     return stages.embed(params, tokens_BS)
 
 
-def _attention(layer, x_BSD, positions_BS, cache, tables_BN, *, cfg):
-    return stages.attention(layer, cfg, x_BSD, positions_BS, cache, tables_BN)
+def _attention(layer, x_BSD, positions_BS, cache, tables_BN, *, cfg, index):
+    return stages.attention(layer, cfg, x_BSD, positions_BS, cache, tables_BN, index)
 
 
 def _gate(layer, x_BSD, positions_BS, load_1E, *, cfg, shared):
@@ -219,8 +219,11 @@ class Domain:
         """Layer ``layer``'s attention for a micro-batch; its KV pages are donated and
         replaced."""
         rank = self._rank
+        local = layer < self.cfg.num_layers and self.cfg.is_local_layer(layer)
+        index = next((i for i in range(self.cfg.num_layers)  # one program a kind of layer
+                      if self.cfg.is_local_layer(i) == local), None)
         prog = self._program("attention", _attention, (self._whole, rank, rank, rank, rank),
-                             (rank, rank), donate=(3,), cfg=self.cfg)
+                             (rank, rank), donate=(3,), cfg=self.cfg, index=index)
         p = self.layer_params(layer)
         # Only the attention weights go in, so dense and MoE layers share one program.
         x_BSD, self.caches[layer] = prog({"input_norm": p["input_norm"], "attn": p["attn"]},

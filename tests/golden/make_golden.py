@@ -92,6 +92,30 @@ TINY_MODELS = {
         0,
     ),
     "qwen2": (tf.Qwen2Config(**BASE, tie_word_embeddings=True), 0),
+    # Gemma: GeGLU, norms applied as 1 + w, embeddings scaled by sqrt(hidden), tied head.
+    "gemma": (tf.GemmaConfig(**BASE, head_dim=16, hidden_activation="gelu_pytorch_tanh"), 0),
+    # Gemma 2: + sandwich norms, query_pre_attn_scalar, soft-capped scores and logits (small
+    # caps, so tanh bends), a sliding window of 8 on the even layers (the prompt crosses it).
+    "gemma2": (
+        tf.Gemma2Config(
+            **BASE, head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0, sliding_window=8,
+        ),
+        0,
+    ),
+    # Gemma 3 (text): + q/k norms, local layers with their own RoPE base, global layers with
+    # linear RoPE scaling (per-layer-type rope_parameters, transformers 5's spelling).
+    "gemma3_text": (
+        tf.Gemma3TextConfig(
+            **BASE, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        ),
+        0,
+    ),
     # Granite 3.x: Llama with multipliers on the embeddings, residual branches, attention
     # scores and logits; tied embeddings (the head reads the table the multiplier scales).
     "granite": (

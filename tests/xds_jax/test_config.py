@@ -180,3 +180,34 @@ def test_granite_multipliers():
     assert untied.logits_scale == pytest.approx(1 / 4.0)
     with pytest.raises(ConfigError, match="residual_multiplier must be a positive number"):
         config_from_hf_dict(dict(d, residual_multiplier="big"))
+
+
+GEMMA3_1B_V4 = {  # google/gemma-3-1b-it as transformers 4 wrote it, trimmed
+    "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152,
+    "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+    "intermediate_size": 6912, "max_position_embeddings": 32768, "query_pre_attn_scalar": 256,
+    "rope_theta": 1000000, "rope_local_base_freq": 10000, "rope_scaling": None,
+    "sliding_window": 512, "sliding_window_pattern": 6, "hidden_activation": "gelu_pytorch_tanh",
+    "final_logit_softcapping": None, "attn_logit_softcapping": None, "torch_dtype": "bfloat16",
+}
+
+
+def test_gemma_spellings():
+    g3 = config_from_hf_dict(GEMMA3_1B_V4)
+    assert g3.local_layers == tuple(i for i in range(26) if (i + 1) % 6)  # 5 local : 1 global
+    assert g3.local_rope_theta == 10000.0 and g3.rope.theta == 1e6 and g3.qk_norm
+    assert g3.attention_multiplier == 256 ** -0.5 and g3.sandwich_norms and g3.tie_word_embeddings
+    assert g3.logits_scale == pytest.approx(1152 ** -0.5)
+    assert g3.embedding_multiplier == pytest.approx(1152 ** 0.5)
+    assert not g3.is_local_layer(5) and g3.is_local_layer(6)
+    v5 = dict(GEMMA3_1B_V4, layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention"
+                                         for i in range(26)])
+    assert config_from_hf_dict(v5) == g3
+    g2 = config_from_hf_dict(dict(GEMMA3_1B_V4, model_type="gemma2", sliding_window=4096,
+                                  attn_logit_softcapping=50.0, final_logit_softcapping=30.0))
+    assert g2.local_layers == tuple(range(0, 26, 2)) and g2.local_rope_theta is None
+    assert (g2.attn_softcap, g2.final_softcap) == (50.0, 30.0) and not g2.qk_norm
+    g1 = config_from_hf_dict(dict(GEMMA3_1B_V4, model_type="gemma", hidden_act="gelu"))
+    assert not g1.sandwich_norms and g1.sliding_window is None and g1.mlp_act == "gelu_tanh"
+    with pytest.raises(UnsupportedModelError, match="hidden_activation 'relu'"):
+        config_from_hf_dict(dict(GEMMA3_1B_V4, hidden_activation="relu"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 from safetensors import safe_open
 
@@ -16,6 +17,7 @@ from xds_jax.errors import WeightLoadError
 from xds_jax.loading.checkpoint_quant import RAW_DTYPES, read_raw
 from xds_jax.loading.weights import Leaf, first_present, transpose, transpose_last2
 from xds_jax.model.config import ModelConfig
+from xds_jax.model.config_hf import GEMMA_TYPES
 
 _ATTN = {
     "q": "q_proj.weight", "k": "k_proj.weight", "v": "v_proj.weight", "o": "o_proj.weight",
@@ -126,7 +128,7 @@ def _layer(cfg: ModelConfig, p: str, shapes: dict, names: set[str]) -> dict:
     out = {
         "input_norm": Leaf((f"{p}.input_layernorm.weight",)),
         "post_norm": Leaf((f"{p}.post_attention_layernorm.weight",)),
-        "attn": {k: _leaf(f"{p}.self_attn.{_ATTN[k]}") for k in shapes["attn"]},
+        "attn": {k: _leaf(f"{p}.self_attn.{_ATTN[k]}") for k in shapes["attn"] if k in _ATTN},
     }
     if "moe" in shapes:
         out["moe"] = _moe(cfg, p, shapes["moe"], names)
@@ -134,10 +136,20 @@ def _layer(cfg: ModelConfig, p: str, shapes: dict, names: set[str]) -> dict:
         out["mlp"] = _mlp(f"{p}.mlp", shapes["mlp"])
     if f"{p}.self_attn.qkv_proj.weight" in names:
         _fused_phi3(cfg, p, out)
+    if cfg.sandwich_norms:  # Gemma 2/3: post-attention, pre- and post-feed-forward norms
+        out["attn"]["out_norm"] = Leaf((f"{p}.post_attention_layernorm.weight",))
+        out["post_norm"] = Leaf((f"{p}.pre_feedforward_layernorm.weight",))
+        out["mlp"]["out_norm"] = Leaf((f"{p}.post_feedforward_layernorm.weight",))
     if cfg.residual_multiplier != 1.0:  # Granite: x + r * f(x), folded into f's last matmul
         out["attn"]["o"] = _scaled(out["attn"]["o"], cfg.residual_multiplier)
         out["mlp"]["down"] = _scaled(out["mlp"]["down"], cfg.residual_multiplier)
     return out
+
+
+def _plus_one(leaf: Leaf) -> Leaf:
+    """``leaf`` plus one, in float32 (Gemma stores its norm weights as ``w`` for ``1 + w``)."""
+    return Leaf(leaf.names, lambda a, f=leaf.transform: f(a).astype(np.float32) + 1.0,
+                leaf.optional)
 
 
 def _scaled(leaf: Leaf, factor: float) -> Leaf:
@@ -154,8 +166,12 @@ def hf_keymap(cfg: ModelConfig, shapes: dict, names: set[str]) -> dict:
         "layers": [_layer(cfg, f"model.layers.{i}", s, names)
                    for i, s in enumerate(shapes["layers"])],
     }
-    if cfg.embedding_multiplier != 1.0:  # Granite: embeddings scaled as they are read
+    if cfg.embedding_multiplier != 1.0:  # Granite, Gemma: embeddings scaled as they are read
         out["embed"] = _scaled(out["embed"], cfg.embedding_multiplier)
+    if cfg.model_type in GEMMA_TYPES:  # Gemma's norms apply 1 + w
+        out = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: _plus_one(leaf) if str(path[-1].key).endswith("norm") else leaf,
+            out, is_leaf=lambda x: isinstance(x, Leaf))
     if "lm_head" in shapes:
         out["lm_head"] = Leaf(("lm_head.weight",), transpose)
     for j, s in enumerate(shapes.get("mtp", [])):

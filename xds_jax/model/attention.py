@@ -91,23 +91,29 @@ def read_pages(pages: jax.Array, block_tables_BN: jax.Array, dtype=jnp.float32) 
     return got.reshape((b, n * pg) + got.shape[3:]).astype(dtype)
 
 
-def attention_mask(cfg: ModelConfig, positions_BS: jax.Array, num_keys: int) -> jax.Array:
-    """``[B, S, L]`` True where query may attend: causal, within the sliding window."""
+def attention_mask(cfg: ModelConfig, positions_BS: jax.Array, num_keys: int,
+                   layer: int | None = None) -> jax.Array:
+    """``[B, S, L]`` True where query may attend: causal, within the sliding window where
+    layer ``layer`` has one (``ModelConfig.is_local_layer``)."""
     k_pos = jnp.arange(num_keys)[None, None, :]
     q_pos = positions_BS[:, :, None]
     mask = k_pos <= q_pos
-    if cfg.sliding_window is not None:
+    if cfg.is_local_layer(layer):
         mask &= k_pos > q_pos - cfg.sliding_window
     return mask
 
 
-def _softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+def _softmax(scores: jax.Array, mask: jax.Array, cap: float | None = None) -> jax.Array:
+    """Masked softmax; ``cap``: Gemma 2's soft-capping ``cap * tanh(scores / cap)`` first."""
+    if cap is not None:
+        scores = cap * jnp.tanh(scores / cap)
     scores = jnp.where(mask, scores, _MASKED)
     return jax.nn.softmax(scores, axis=-1)
 
 
 def _prefill_attention(q_BSKGD: jax.Array, keys_BLKD: jax.Array, vals_BLKD: jax.Array,
-                       mask_BSL: jax.Array, scale: float) -> jax.Array:
+                       mask_BSL: jax.Array, scale: float, cap: float | None = None
+                       ) -> jax.Array:
     """Per-kv-head attention, ``[B, S, H * Dh]`` float32.
 
     The queries of a kv head are one ``[G * S, Dh]`` matrix, so the scores come out as
@@ -119,14 +125,14 @@ def _prefill_attention(q_BSKGD: jax.Array, keys_BLKD: jax.Array, vals_BLKD: jax.
     q_BKMD = q_BSKGD.transpose(0, 2, 3, 1, 4).reshape(b, k, g * s, dh)
     scores = jnp.einsum("bkmd,blkd->bkml", q_BKMD, keys_BLKD,
                         preferred_element_type=jnp.float32) * scale
-    probs = _softmax(scores.reshape(b, k, g, s, -1), mask_BSL[:, None, None])
+    probs = _softmax(scores.reshape(b, k, g, s, -1), mask_BSL[:, None, None], cap)
     out = jnp.einsum("bkml,blkd->bkmd", probs.reshape(b, k, g * s, -1).astype(vals_BLKD.dtype),
                      vals_BLKD, preferred_element_type=jnp.float32)
     return out.reshape(b, k, g, s, dh).transpose(0, 3, 1, 2, 4).reshape(b, s, k * g * dh)
 
 
 def _decode_attention(q_BSKGD: jax.Array, keys_BLKD: jax.Array, vals_BLKD: jax.Array,
-                      mask_BSL: jax.Array, scale: float) -> jax.Array:
+                      mask_BSL: jax.Array, scale: float, cap: float | None = None) -> jax.Array:
     """One query token per row, contracting the gathered pages as laid out, ``[B, 1, H * Dh]``.
 
     Per-kv-head dots (batch dims ``b, k``) made XLA:CPU copy the keys and values transposed to
@@ -142,7 +148,7 @@ def _decode_attention(q_BSKGD: jax.Array, keys_BLKD: jax.Array, vals_BLKD: jax.A
     keys_BLE = keys_BLKD.reshape(b, -1, k * dh)
     scores = jnp.einsum("bhe,ble->bhl", q_BHE, keys_BLE,
                         preferred_element_type=jnp.float32) * scale
-    probs = _softmax(scores, mask_BSL)  # [B, H, L]; the mask [B, 1, L] broadcasts
+    probs = _softmax(scores, mask_BSL, cap)  # [B, H, L]; the mask [B, 1, L] broadcasts
     mix = jnp.einsum("bhl,ble->bhe", probs.astype(vals_BLKD.dtype),
                      vals_BLKD.reshape(b, -1, k * dh), preferred_element_type=jnp.float32)
     out = (mix.reshape(b, k, g, k, dh) * own.astype(jnp.float32)).sum(axis=3)
@@ -150,8 +156,10 @@ def _decode_attention(q_BSKGD: jax.Array, keys_BLKD: jax.Array, vals_BLKD: jax.A
 
 
 def gqa_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax.Array,
-                  cache: dict, block_tables_BN: jax.Array) -> tuple[jax.Array, dict]:
-    """Grouped-query attention (Llama, Qwen, Mixtral). Returns output ``[B, S, D]`` and cache."""
+                  cache: dict, block_tables_BN: jax.Array, layer: int | None = None
+                  ) -> tuple[jax.Array, dict]:
+    """Grouped-query attention (Llama, Qwen, Mixtral, Gemma). Returns output ``[B, S, D]`` and
+    cache; ``layer`` picks a local layer's window and RoPE base (``is_local_layer``)."""
     b, s, _ = x_BSD.shape
     h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = project(p, "q", x_BSD).reshape(b, s, h, dh)
@@ -163,7 +171,7 @@ def gqa_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
         kk = rms_norm(kk, p["k_norm"], cfg.rms_norm_eps)
-    cos, sin = rope_cos_sin(cfg, positions_BS)
+    cos, sin = rope_cos_sin(cfg, positions_BS, local=cfg.is_local_layer(layer))
     q = apply_rope(q, cos, sin, cfg.rope.interleaved)
     kk = apply_rope(kk, cos, sin, cfg.rope.interleaved)
     cache = {
@@ -175,15 +183,16 @@ def gqa_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
     kv_dtype = kv_value_dtype(cache["k"].dtype)
     keys_BLKD = read_pages(cache["k"], block_tables_BN, kv_dtype)
     vals_BLKD = read_pages(cache["v"], block_tables_BN, kv_dtype)
-    mask_BSL = attention_mask(cfg, positions_BS, keys_BLKD.shape[1])
+    mask_BSL = attention_mask(cfg, positions_BS, keys_BLKD.shape[1], layer)
     q_BSKGD = q.reshape(b, s, k, h // k, dh).astype(kv_dtype)
     attend = _decode_attention if s == 1 else _prefill_attention
-    out = attend(q_BSKGD, keys_BLKD, vals_BLKD, mask_BSL, attention_scale(cfg))
+    out = attend(q_BSKGD, keys_BLKD, vals_BLKD, mask_BSL, attention_scale(cfg), cfg.attn_softcap)
     return project(p, "o", out), cache
 
 
 def mla_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax.Array,
-                  cache: dict, block_tables_BN: jax.Array) -> tuple[jax.Array, dict]:
+                  cache: dict, block_tables_BN: jax.Array, layer: int | None = None
+                  ) -> tuple[jax.Array, dict]:
     """DeepSeek multi-head latent attention in absorbed form.
 
     The cache holds the normalised latent ``c_kv [C]`` and the rotated shared key ``[R]`` per
@@ -214,7 +223,7 @@ def mla_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
     q_lat = jnp.einsum("bshn,chn->bshc", q_nope.astype(jnp.float32), w_uk)
     scores = jnp.einsum("bshc,blc->bhsl", q_lat, c_BLC)
     scores += jnp.einsum("bshr,blr->bhsl", q_rope.astype(jnp.float32), kr_BLR)
-    mask = attention_mask(cfg, positions_BS, c_BLC.shape[1])[:, None]
+    mask = attention_mask(cfg, positions_BS, c_BLC.shape[1], layer)[:, None]
     probs = _softmax(scores * attention_scale(cfg), mask)
     o_lat = jnp.einsum("bhsl,blc->bshc", probs, c_BLC)
     out = jnp.einsum("bshc,chv->bshv", o_lat, w_uv).reshape(b, s, h * m.v_head_dim)

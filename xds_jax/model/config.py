@@ -107,6 +107,15 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None  # the softmax scale, instead of 1/sqrt(d)
     logits_scale: float = 1.0  # logits are multiplied by it
+    # Gemma: GeLU (tanh) MLPs, norms after attention and after the MLP too ("sandwich"),
+    # tanh soft-capping of attention scores and logits, and local layers: a sliding window and
+    # their own RoPE base (the other layers attend to everything).
+    mlp_act: str = "silu"  # "silu" or "gelu_tanh"
+    sandwich_norms: bool = False
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    local_layers: tuple[int, ...] | None = None  # None: sliding_window (if any) on every layer
+    local_rope_theta: float | None = None
     dtype: str = "bfloat16"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -116,6 +125,12 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer in self.moe.moe_layers
+
+    def is_local_layer(self, layer: int | None) -> bool:
+        """Layer ``layer`` attends within ``sliding_window`` (with ``local_rope_theta``)."""
+        if self.sliding_window is None:
+            return False
+        return self.local_layers is None or (layer is not None and layer in self.local_layers)
 
     @property
     def rope_dim(self) -> int:
@@ -167,6 +182,12 @@ def validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"the rotary dimension must be even, got {cfg.rope_dim}")
     if cfg.sliding_window is not None and cfg.sliding_window <= 0:
         raise ConfigError(f"sliding_window must be positive, got {cfg.sliding_window!r}")
+    if cfg.mlp_act not in ("silu", "gelu_tanh"):
+        raise ConfigError(f"mlp activation must be silu or gelu_tanh, got {cfg.mlp_act!r}")
+    bad = [i for i in cfg.local_layers or () if not 0 <= i < cfg.num_layers]
+    if bad:
+        raise ConfigError(f"local (sliding-window) layers {bad} are outside "
+                          f"0..{cfg.num_layers - 1}")
     dense_layers = [i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]
     if dense_layers and cfg.intermediate_size <= 0:
         raise ConfigError(f"intermediate_size must be positive, got {cfg.intermediate_size!r}")

@@ -16,7 +16,8 @@ from xds_jax.errors import ConfigError, ModelNotFoundError, UnsupportedModelErro
 from xds_jax.loading.checkpoint_quant import checkpoint_quantization
 from xds_jax.model.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
 
-DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
+DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite") + GEMMA_TYPES
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 MLA_TYPES = ("deepseek_v2", "deepseek_v3")
 # DeepSeek-V2's topk_method: "greedy" (V2-Lite: top-k of all experts) or "group_limited_greedy"
@@ -207,8 +208,11 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
             f"{source}: model_type {model_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_TYPES)})"
         )
+    gemma = _gemma(d, model_type, source) if model_type in GEMMA_TYPES else {}
+    if gemma:
+        d = gemma.pop("config")  # Gemma 3's per-layer-type rope_parameters: the global ones
     act = d.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
+    if not gemma and act not in ("silu", "swish"):
         raise UnsupportedModelError(f"{source}: hidden_act {act!r} is not supported (only silu)")
     hidden = _int(d, "hidden_size", source)
     heads = _int(d, "num_attention_heads", source)
@@ -241,6 +245,7 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
     granite = _granite(d, source) if model_type == "granite" else {}
     return ModelConfig(
         **granite,
+        **gemma,
         model_type=model_type,
         vocab_size=_int(d, "vocab_size", source),
         hidden_size=hidden,
@@ -256,7 +261,7 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         attention_bias=qkv_bias,
         attention_out_bias=out_bias,
         mlp_bias=bool(d.get("mlp_bias", False)),
-        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
         sliding_window=_sliding_window(d, model_type),
         mla=mla,
         moe=_moe(d, model_type, layers, source),
@@ -265,6 +270,58 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=_token_ids(d.get("eos_token_id")),
     )
+
+
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu")
+
+
+def _gemma(d: dict, model_type: str, source: str) -> dict:
+    """Gemma / Gemma 2 / Gemma 3 (text) fields of ``ModelConfig``, plus ``config``: ``d`` with
+    Gemma 3's per-layer-type ``rope_parameters`` replaced by the global layers' ones.
+
+    Norm weights are stored as ``w`` and applied as ``1 + w``; the loader adds the one. The
+    embeddings are scaled by ``sqrt(hidden_size)`` (folded into the table like Granite's
+    multiplier, the tied head undoing it). Local (sliding-window) layers: ``layer_types``
+    (transformers 5), else Gemma 2's even layers, else Gemma 3's ``sliding_window_pattern``."""
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in GELU_TANH:
+        raise UnsupportedModelError(f"{source}: hidden_activation {act!r} is not supported "
+                                    f"for {model_type} (supported: {', '.join(GELU_TANH)})")
+    layers = _int(d, "num_hidden_layers", source)
+    out: dict = {"mlp_act": "gelu_tanh", "sandwich_norms": model_type != "gemma"}
+    scalar = d.get("query_pre_attn_scalar")
+    if scalar is not None and model_type != "gemma":
+        out["attention_multiplier"] = float(scalar) ** -0.5
+    for key, field in (("attn_logit_softcapping", "attn_softcap"),
+                       ("final_logit_softcapping", "final_softcap")):
+        if d.get(key) is not None and model_type == "gemma2":
+            out[field] = float(d[key])
+    hidden = _int(d, "hidden_size", source)
+    out["embedding_multiplier"] = math.sqrt(hidden)
+    tied = bool(d.get("tie_word_embeddings", True))
+    out["logits_scale"] = 1 / math.sqrt(hidden) if tied else 1.0
+    config = dict(d, tie_word_embeddings=tied)
+    if model_type != "gemma" and d.get("sliding_window"):
+        types = d.get("layer_types")
+        if types:
+            out["local_layers"] = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+        elif model_type == "gemma2":
+            out["local_layers"] = tuple(range(0, layers, 2))
+        else:
+            pattern = _int(d, "sliding_window_pattern", source, default=6)
+            out["local_layers"] = tuple(i for i in range(layers) if (i + 1) % pattern)
+    else:
+        config["sliding_window"] = None
+    params = d.get("rope_parameters") or {}
+    if params and all(isinstance(v, dict) for v in params.values()):  # Gemma 3, transformers 5
+        config["rope_parameters"] = params.get("full_attention", {})
+        local = params.get("sliding_attention", {}).get("rope_theta")
+    else:
+        local = d.get("rope_local_base_freq")
+    if model_type == "gemma3_text":
+        out["local_rope_theta"] = float(local if local is not None else 10000.0)
+    out["config"] = config
+    return out
 
 
 def _granite(d: dict, source: str) -> dict:

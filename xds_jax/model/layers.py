@@ -81,14 +81,16 @@ def weight_f32(p: dict, name: str) -> jax.Array:
     return w.astype(jnp.float32) if scale is None else dequantize(w, scale)
 
 
-def swiglu(p: dict, x: jax.Array) -> jax.Array:
-    """``down(silu(gate(x)) * up(x))``; biases when the checkpoint has them. Float32 out.
-    A ``gate_up`` weight (``xds_jax.model.fused``) computes gate and up in one matmul."""
+def swiglu(p: dict, x: jax.Array, act: str = "silu") -> jax.Array:
+    """``down(silu(gate(x)) * up(x))`` (``act="gelu_tanh"``: GeGLU, Gemma's); biases when the
+    checkpoint has them. Float32 out. A ``gate_up`` weight (``xds_jax.model.fused``) computes
+    gate and up in one matmul."""
     if has_weight(p, "gate_up"):
         g, u = split_gate_up(project(p, "gate_up", x))
     else:
         g, u = project(p, "gate", x), project(p, "up", x)
-    return project(p, "down", jax.nn.silu(g) * u)
+    g = jax.nn.gelu(g, approximate=True) if act == "gelu_tanh" else jax.nn.silu(g)
+    return project(p, "down", g * u)
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -175,9 +177,15 @@ def attention_scale(cfg: ModelConfig) -> float:
     return scale
 
 
-def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos and sin ``[..., R / 2]`` in float32 for integer positions ``[...]``."""
-    inv, factor = rope_inv_freq(cfg.rope, cfg.rope_dim)
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array,
+                 local: bool = False) -> tuple[jax.Array, jax.Array]:
+    """cos and sin ``[..., R / 2]`` in float32 for integer positions ``[...]``; ``local``: a
+    local layer's plain rotation at ``local_rope_theta`` (Gemma 3), where the model has one."""
+    rope = cfg.rope
+    if local and cfg.local_rope_theta is not None:
+        rope = RopeConfig(theta=cfg.local_rope_theta, interleaved=rope.interleaved,
+                          partial_rotary_factor=rope.partial_rotary_factor)
+    inv, factor = rope_inv_freq(rope, cfg.rope_dim)
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)
     return jnp.cos(freqs) * factor, jnp.sin(freqs) * factor
 

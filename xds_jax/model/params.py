@@ -76,6 +76,9 @@ def layer_shapes(cfg: ModelConfig, index: int) -> dict:
         shapes["moe"] = _moe_shapes(cfg)
     else:
         shapes["mlp"] = _mlp_shapes(d, cfg.intermediate_size, cfg.mlp_bias)
+    if cfg.sandwich_norms:  # Gemma 2/3: norms on the attention and MLP outputs
+        shapes["attn"]["out_norm"] = (d,)
+        shapes["mlp"]["out_norm"] = (d,)
     return shapes
 
 

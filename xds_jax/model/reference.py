@@ -24,7 +24,7 @@ def forward(params: dict, cfg: ModelConfig, tokens_BS: jax.Array, positions_BS: 
     x = stages.embed(params, tokens_BS)
     new_caches = []
     for i, layer in enumerate(params["layers"]):
-        x, cache = stages.attention(layer, cfg, x, positions_BS, caches[i], block_tables_BN)
+        x, cache = stages.attention(layer, cfg, x, positions_BS, caches[i], block_tables_BN, i)
         x = stages.feed_forward(layer, cfg, i, x)
         new_caches.append(cache)
     return x, new_caches
@@ -70,14 +70,14 @@ def reference_hidden_states(params: dict, cfg: ModelConfig, tokens: jax.Array) -
     x = stages.embed(params, tokens[None])
     out = [x[0]]
     for i, layer in enumerate(params["layers"]):
-        x, _ = stages.attention(layer, cfg, x, positions, caches[i], table)
+        x, _ = stages.attention(layer, cfg, x, positions, caches[i], table, i)
         x = stages.feed_forward(layer, cfg, i, x)
         out.append(x[0])
     return jnp.stack(out)
 
 
 _embed = jax.jit(stages.embed)
-_attention = jax.jit(stages.attention, static_argnums=1, donate_argnums=4)
+_attention = jax.jit(stages.attention, static_argnums=(1, 6), donate_argnums=4)
 _feed_forward = jax.jit(stages.feed_forward, static_argnums=(1, 2))
 _last_outputs = jax.jit(last_token_outputs, static_argnums=1)
 
@@ -85,6 +85,13 @@ _last_outputs = jax.jit(last_token_outputs, static_argnums=1)
 def _dense_or_moe(cfg: ModelConfig, index: int) -> int:
     """A layer index standing for its kind, so all dense (or all MoE) layers share a program."""
     return next(i for i in range(cfg.num_layers) if cfg.is_moe_layer(i) == cfg.is_moe_layer(index))
+
+
+def _local_or_global(cfg: ModelConfig, index: int) -> int:
+    """A layer index standing for its attention kind (local or global, ``is_local_layer``), so
+    layers of a kind share an attention program."""
+    return next(i for i in range(cfg.num_layers)
+                if cfg.is_local_layer(i) == cfg.is_local_layer(index))
 
 
 def staged_step(params: dict, cfg: ModelConfig, tokens_BS: jax.Array, positions_BS: jax.Array,
@@ -97,7 +104,8 @@ def staged_step(params: dict, cfg: ModelConfig, tokens_BS: jax.Array, positions_
     x = _embed(params, tokens_BS)
     new = []
     for i, layer in enumerate(params["layers"]):
-        x, cache = _attention(layer, cfg, x, positions_BS, caches[i], block_tables_BN)
+        x, cache = _attention(layer, cfg, x, positions_BS, caches[i], block_tables_BN,
+                              _local_or_global(cfg, i))
         x = _feed_forward(layer, cfg, _dense_or_moe(cfg, i), x)
         new.append(cache)
     return *_last_outputs(params, cfg, x, last_B), new

@@ -39,17 +39,26 @@ def embed(params: dict, tokens_BS: jax.Array) -> jax.Array:
 
 
 def attention(layer: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax.Array,
-              cache: dict, block_tables_BN: jax.Array) -> tuple[jax.Array, dict]:
-    """Pre-norm attention with residual: ``x + attn(norm(x))``; writes this layer's KV pages."""
+              cache: dict, block_tables_BN: jax.Array, index: int | None = None
+              ) -> tuple[jax.Array, dict]:
+    """Pre-norm attention with residual: ``x + attn(norm(x))`` (Gemma 2/3's sandwich: ``x +
+    norm(attn(norm(x)))``, ``attn["out_norm"]``); writes this layer's KV pages. ``index``:
+    the layer's number, for models whose local layers differ (``is_local_layer``)."""
     h = rms_norm(x_BSD, layer["input_norm"], cfg.rms_norm_eps)
     attend = mla_attention if cfg.mla is not None else gqa_attention
-    out, cache = attend(layer["attn"], cfg, h, positions_BS, cache, block_tables_BN)
+    out, cache = attend(layer["attn"], cfg, h, positions_BS, cache, block_tables_BN, index)
+    if "out_norm" in layer["attn"]:
+        out = rms_norm(out, layer["attn"]["out_norm"], cfg.rms_norm_eps)
     return x_BSD + out, cache
 
 
 def ffn(layer: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
-    """Dense SwiGLU block with residual: ``x + mlp(norm(x))``."""
-    return x + swiglu(layer["mlp"], rms_norm(x, layer["post_norm"], cfg.rms_norm_eps))
+    """Dense SwiGLU (GeGLU) block with residual: ``x + mlp(norm(x))``, or Gemma 2/3's ``x +
+    norm(mlp(norm(x)))`` (``mlp["out_norm"]``)."""
+    y = swiglu(layer["mlp"], rms_norm(x, layer["post_norm"], cfg.rms_norm_eps), cfg.mlp_act)
+    if "out_norm" in layer["mlp"]:
+        y = rms_norm(y, layer["mlp"]["out_norm"], cfg.rms_norm_eps)
+    return x + y
 
 
 def moe_gate(layer: dict, cfg: ModelConfig, x_TD: jax.Array):
@@ -106,4 +115,8 @@ def head(params: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
                             scale=params.get("embed" + SCALE_SUFFIX))
     else:
         logits = matmul_f32(h, params["lm_head"], scale=params.get("lm_head" + SCALE_SUFFIX))
-    return logits if cfg.logits_scale == 1.0 else logits * cfg.logits_scale
+    if cfg.logits_scale != 1.0:
+        logits = logits * cfg.logits_scale
+    if cfg.final_softcap is not None:  # Gemma 2
+        logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
+    return logits

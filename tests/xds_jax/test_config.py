@@ -211,3 +211,21 @@ def test_gemma_spellings():
     assert not g1.sandwich_norms and g1.sliding_window is None and g1.mlp_act == "gelu_tanh"
     with pytest.raises(UnsupportedModelError, match="hidden_activation 'relu'"):
         config_from_hf_dict(dict(GEMMA3_1B_V4, hidden_activation="relu"))
+
+
+def test_qwen_sliding_window_covers_the_layers_from_max_window_layers():
+    """As transformers builds Qwen's layer_types: layers i >= max_window_layers slide."""
+    d = dict(json.loads((GOLDEN / "qwen2" / "config.json").read_text()), sliding_window=8)
+    d.pop("layer_types", None)
+    assert config_from_hf_dict(d).sliding_window is None  # use_sliding_window false
+    some = config_from_hf_dict(dict(d, use_sliding_window=True, max_window_layers=1))
+    assert some.sliding_window == 8 and some.local_layers == (1, 2)
+    assert not some.is_local_layer(0) and some.is_local_layer(2)
+    none = config_from_hf_dict(dict(d, use_sliding_window=True, max_window_layers=3))
+    assert none.sliding_window is None  # no layer reaches max_window_layers
+    listed = config_from_hf_dict(dict(d, use_sliding_window=True, layer_types=[
+        "sliding_attention", "full_attention", "full_attention"]))
+    assert listed.local_layers == (0,)
+    mistral = config_from_hf_dict(dict(LLAMA_V4, model_type="mistral", sliding_window=4096))
+    assert mistral.sliding_window == 4096 and mistral.local_layers is None
+    assert mistral.is_local_layer(0) and mistral.is_local_layer(None)

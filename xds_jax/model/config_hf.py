@@ -127,13 +127,26 @@ def _dtype(d: dict) -> str:
     return _DTYPE_ALIASES.get(name, name)
 
 
-def _sliding_window(d: dict, model_type: str) -> int | None:
+def _sliding_window(d: dict, model_type: str) -> dict:
+    """``sliding_window`` and ``local_layers`` of a non-Gemma model (Gemma: ``_gemma``).
+
+    Qwen's window (``use_sliding_window``) covers the layers from ``max_window_layers`` on, as
+    transformers builds its ``layer_types``; an explicit ``layer_types`` list wins. Others
+    (Mistral) slide on every layer."""
+    window = d.get("sliding_window")
+    layers = d.get("num_hidden_layers", 0)
+    types = d.get("layer_types")
     if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         if not d.get("use_sliding_window", False):
-            return None
-        if d.get("max_window_layers", 0) < d.get("num_hidden_layers", 0):
-            raise UnsupportedModelError("sliding window on only some layers is not supported")
-    return d.get("sliding_window")
+            return {"sliding_window": None}
+        if not types:
+            start = d.get("max_window_layers", layers)
+            types = ["sliding_attention" if i >= start else "full_attention"
+                     for i in range(layers)]
+    if window is None or not types:
+        return {"sliding_window": window}
+    local = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return {"sliding_window": window if local else None, "local_layers": local or None}
 
 
 def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | None:
@@ -262,7 +275,8 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         attention_out_bias=out_bias,
         mlp_bias=bool(d.get("mlp_bias", False)),
         qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
-        sliding_window=_sliding_window(d, model_type),
+        **({"sliding_window": d.get("sliding_window")} if gemma
+           else _sliding_window(d, model_type)),
         mla=mla,
         moe=_moe(d, model_type, layers, source),
         num_mtp_layers=_int(d, "num_nextn_predict_layers", source, default=0) or 0,

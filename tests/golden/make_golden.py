@@ -409,6 +409,10 @@ def main() -> None:
     for name, spec in GPTQ_MODELS.items():
         if not args.only or name in args.only:
             gptq_golden(name, *spec)
+    if not args.only or "gemma3_mm" in args.only:
+        from golden_gemma3_mm import gemma3_mm_golden
+
+        gemma3_mm_golden()
     if not args.only:
         smollm2_golden(args.gguf)
 

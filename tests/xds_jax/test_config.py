@@ -229,3 +229,23 @@ def test_qwen_sliding_window_covers_the_layers_from_max_window_layers():
     mistral = config_from_hf_dict(dict(LLAMA_V4, model_type="mistral", sliding_window=4096))
     assert mistral.sliding_window == 4096 and mistral.local_layers is None
     assert mistral.is_local_layer(0) and mistral.is_local_layer(None)
+
+
+def test_image_text_gemma3_config_leans_on_the_text_defaults():
+    """gemma-3-4b-it's config.json: a text_config naming only what differs from
+    Gemma3TextConfig's defaults; the top level holds the token ids."""
+    hub = {"model_type": "gemma3", "eos_token_id": [1, 106], "torch_dtype": "bfloat16",
+           "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                           "model_type": "gemma3_text", "num_hidden_layers": 34,
+                           "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                           "sliding_window": 1024},
+           "vision_config": {"model_type": "siglip_vision_model"}}
+    cfg = config_from_hf_dict(hub)
+    assert (cfg.model_type, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+        "gemma3_text", 8, 4, 256)
+    assert cfg.rope.type == "linear" and cfg.rope.factor == 8.0 and cfg.rope.theta == 1e6
+    assert cfg.local_rope_theta == 1e4 and cfg.sliding_window == 1024
+    assert cfg.eos_token_ids == (1, 106) and cfg.vocab_size == 262208
+    assert cfg.local_layers == tuple(i for i in range(34) if (i + 1) % 6)
+    with pytest.raises(ConfigError, match="gemma3 needs a text_config"):
+        config_from_hf_dict({"model_type": "gemma3"})

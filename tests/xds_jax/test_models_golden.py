@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import TINY_MODELS, golden, tiny
+from tests.helpers import GOLDEN, TINY_MODELS, golden, tiny
 from xds_jax.generate import LocalGenerator
 from xds_jax.model import stages
 from xds_jax.model.layers import rms_norm
@@ -96,3 +96,21 @@ def test_group_limited_routing_ranks_groups_by_best_or_top_two():
     assert ids.tolist() == [[0]] and np.allclose(w, [[0.40]])
     ids, w, _ = route(p, dataclasses.replace(moe, group_score="top2_sum"), jnp.log(probs))
     assert ids.tolist() == [[2]] and np.allclose(w, [[0.30]])
+
+
+def test_image_text_gemma3_serves_its_language_model():
+    """An image-text Gemma 3 checkpoint (language model under ``language_model.model.``,
+    a vision tower beside it) against transformers' Gemma3ForConditionalGeneration on text:
+    logits, and greedy tokens through the engine (image token ids excluded on both sides)."""
+    from xds_jax import LLM
+
+    m, g = tiny("gemma3_mm"), golden("gemma3_mm")
+    for i in range(3):
+        logits = reference_logits(m.params, m.cfg, jnp.asarray(g[f"prompt_{i}"]))
+        np.testing.assert_allclose(np.asarray(logits), g[f"logits_{i}"], atol=TOL, rtol=TOL)
+    llm = LLM(str(GOLDEN / "gemma3_mm"), dtype="float32")
+    outs = llm.generate([{"prompt_token_ids": g[f"prompt_{i}"].tolist()} for i in range(3)],
+                        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                       allowed_token_ids=list(range(300))))
+    for i, out in enumerate(outs):
+        assert out.outputs[0].token_ids == g[f"greedy_{i}"].tolist(), f"prompt {i}"

@@ -143,7 +143,12 @@ def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool,
         checkpoint_quantization,
         describe,
     )
-    from xds_jax.loading.weights_hf import SafetensorsSource, has_mtp_weights, hf_keymap
+    from xds_jax.loading.weights_hf import (
+        SafetensorsSource,
+        has_mtp_weights,
+        hf_keymap,
+        text_model_source,
+    )
 
     cfg = load_model_config(path)
     stored = checkpoint_quantization(read_json(path / "config.json"), str(path / "config.json"))
@@ -161,7 +166,7 @@ def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool,
                  "" if quantization else "; quantization='int8' holds them in 8 bits")
 
     def build() -> dict:
-        src = DequantizingSource(SafetensorsSource(path), stored)
+        src = DequantizingSource(text_model_source(SafetensorsSource(path)), stored)
         names = set(src.names())
         with_mtp = load_mtp and has_mtp_weights(cfg, names)
         shapes = param_shapes(cfg, with_mtp=with_mtp)

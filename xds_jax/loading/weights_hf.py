@@ -61,6 +61,37 @@ class SafetensorsSource:
         return np.asarray(handle.get_tensor(name))
 
 
+TEXT_MODEL_PREFIXES = ("language_model.model.", "model.language_model.")
+
+
+class TextModelSource:
+    """An image-text checkpoint's language model under the plain names (``model.*``,
+    ``lm_head.weight``): Gemma 3 keeps it under ``language_model.model.`` (transformers 4)
+    or ``model.language_model.`` (5); the vision tower's tensors are left out."""
+
+    def __init__(self, src, prefix: str):
+        self._src, self._prefix = src, prefix
+        self._map = {"model." + n[len(prefix):]: n for n in src.names() if n.startswith(prefix)}
+        for head in ("language_model.lm_head.weight", "lm_head.weight"):
+            if head in src.names():
+                self._map["lm_head.weight"] = head
+
+    def names(self):
+        return self._map.keys()
+
+    def get(self, name: str):
+        return self._src.get(self._map[name])
+
+
+def text_model_source(src):
+    """``src`` itself, or its language model (``TextModelSource``) where it nests one."""
+    names = set(src.names())
+    for prefix in TEXT_MODEL_PREFIXES:
+        if prefix + "embed_tokens.weight" in names:
+            return TextModelSource(src, prefix)
+    return src
+
+
 def _leaf(name: str) -> Leaf:
     return Leaf((name,), transpose) if not name.endswith(("norm.weight", "bias")) else Leaf((name,))
 

@@ -213,6 +213,8 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
     """Build and validate a ``ModelConfig`` from a parsed ``config.json``."""
     if not isinstance(d, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    if d.get("model_type") == "gemma3":  # image-text Gemma 3: serve its language model
+        d = gemma3_text_config(d, source)
     model_type = d.get("model_type")
     if model_type is None:
         raise ConfigError(f"{source}: required field 'model_type' is missing")
@@ -287,6 +289,27 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
 
 
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu")
+# transformers' Gemma3TextConfig defaults: the text_config of an image-text Gemma 3 on the Hub
+# names only what differs from them (gemma-3-4b-it: sizes, layer count, rope_scaling, window).
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+    "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6, "bos_token_id": 2, "eos_token_id": 1, "tie_word_embeddings": True,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+}
+
+
+def gemma3_text_config(d: dict, source: str) -> dict:
+    """The language model's config of an image-text Gemma 3 (``model_type: gemma3``): its
+    ``text_config`` over Gemma3TextConfig's defaults, the top level's token ids and dtype."""
+    text = d.get("text_config")
+    if not isinstance(text, dict):
+        raise ConfigError(f"{source}: model_type gemma3 needs a text_config object")
+    top = {k: d[k] for k in ("eos_token_id", "bos_token_id", "torch_dtype", "dtype",
+                             "tie_word_embeddings") if d.get(k) is not None}
+    return {**GEMMA3_TEXT_DEFAULTS, **top, **text, "model_type": "gemma3_text"}
 
 
 def _gemma(d: dict, model_type: str, source: str) -> dict:
@@ -297,6 +320,9 @@ def _gemma(d: dict, model_type: str, source: str) -> dict:
     embeddings are scaled by ``sqrt(hidden_size)`` (folded into the table like Granite's
     multiplier, the tied head undoing it). Local (sliding-window) layers: ``layer_types``
     (transformers 5), else Gemma 2's even layers, else Gemma 3's ``sliding_window_pattern``."""
+    if d.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(f"{source}: use_bidirectional_attention (an embedding "
+                                    "model) is not supported")
     act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in GELU_TANH:
         raise UnsupportedModelError(f"{source}: hidden_activation {act!r} is not supported "
@@ -334,6 +360,8 @@ def _gemma(d: dict, model_type: str, source: str) -> dict:
         local = d.get("rope_local_base_freq")
     if model_type == "gemma3_text":
         out["local_rope_theta"] = float(local if local is not None else 10000.0)
+        if not (config.get("rope_parameters") or {}).get("rope_theta") and "rope_theta" not in d:
+            config["rope_theta"] = GEMMA3_TEXT_DEFAULTS["rope_theta"]  # the global base
     out["config"] = config
     return out
 

@@ -1,0 +1,59 @@
+"""A multimodal Gemma 3 checkpoint (``Gemma3ForConditionalGeneration``) for make_golden.py.
+
+Gemma 3 from 4B up ships as an image-text model: ``model_type: gemma3`` with a ``text_config``
+that leans on ``Gemma3TextConfig``'s defaults, and the language model's weights under a
+prefix (``model.language_model.`` as transformers 5 saves them) beside a vision tower. The
+entry saves a tiny one and runs it on text only (prompts and greedy tokens below the image
+token ids): the reference for serving the text part.
+"""
+
+import logging
+import shutil
+
+import numpy as np
+import torch
+import transformers as tf
+from make_golden import BASE, GOLDEN_DIR, NEW_TOKENS, greedy_margins, randomise
+
+log = logging.getLogger("make_golden")
+
+NAME = "gemma3_mm"
+TEXT = dict(BASE, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+              image_size=28, patch_size=14)
+IMAGE_IDS = dict(boi_token_index=317, eoi_token_index=318, image_token_index=319,
+                 mm_tokens_per_image=4)
+
+
+def gemma3_mm_golden() -> None:
+    torch.manual_seed(0)
+    config = tf.Gemma3Config(text_config=TEXT, vision_config=VISION, **IMAGE_IDS)
+    config._attn_implementation = "eager"
+    model = tf.Gemma3ForConditionalGeneration(config).eval()
+    randomise(model)
+    out_dir = GOLDEN_DIR / NAME
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model.save_pretrained(out_dir)
+    (out_dir / "generation_config.json").unlink(missing_ok=True)
+    rng = np.random.default_rng(0)
+    golden = {}
+    for i, length in enumerate((1, 7, 23)):
+        ids = torch.from_numpy(rng.integers(0, 300, size=(1, length)))
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0]
+        tokens = ids
+        margins = []
+        for _ in range(NEW_TOKENS):  # greedy by hand: image ids never chosen
+            with torch.no_grad():
+                step = model(input_ids=tokens).logits[:, -1, :300]
+            margins.append(step)
+            tokens = torch.cat([tokens, step.argmax(-1, keepdim=True)], dim=1)
+        argmax, margin = greedy_margins(tuple(margins))
+        assert margin.min() >= 1e-3, f"{NAME} prompt {i}: margin {margin.min():.2e}"
+        golden[f"prompt_{i}"] = ids[0].numpy().astype(np.int32)
+        golden[f"logits_{i}"] = logits.numpy().astype(np.float32)
+        golden[f"greedy_{i}"] = argmax.astype(np.int32)
+    np.savez(out_dir / "golden.npz", **golden)
+    names = sorted(p.name for p in out_dir.iterdir())
+    log.info("%s: %s", NAME, names)

@@ -219,11 +219,9 @@ class Domain:
         """Layer ``layer``'s attention for a micro-batch; its KV pages are donated and
         replaced."""
         rank = self._rank
-        local = layer < self.cfg.num_layers and self.cfg.is_local_layer(layer)
-        index = next((i for i in range(self.cfg.num_layers)  # one program a kind of layer
-                      if self.cfg.is_local_layer(i) == local), None)
         prog = self._program("attention", _attention, (self._whole, rank, rank, rank, rank),
-                             (rank, rank), donate=(3,), cfg=self.cfg, index=index)
+                             (rank, rank), donate=(3,), cfg=self.cfg,
+                             index=self.cfg.attention_kind_layer(layer))
         p = self.layer_params(layer)
         # Only the attention weights go in, so dense and MoE layers share one program.
         x_BSD, self.caches[layer] = prog({"input_norm": p["input_norm"], "attn": p["attn"]},

@@ -39,6 +39,7 @@ from xds_jax.loading.compressed import (
 )
 from xds_jax.loading.gptq_awq import COMPANIONS as GROUP_COMPANIONS
 from xds_jax.loading.gptq_awq import GroupQuantScheme, dequantize_group_quant, parse_gptq_awq
+from xds_jax.loading.weights import expand_blocks
 
 SUPPORTED_METHODS = ("fp8", "compressed-tensors", "gptq", "awq")
 
@@ -138,8 +139,7 @@ def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, 
     if s.shape != want:
         raise WeightLoadError(f"scale {name + SCALE_SUFFIX!r} has shape {s.shape}, expected {want} "
                               f"for weight {name!r} {w.shape} in blocks of {list(block)}")
-    full = np.repeat(np.repeat(s, block[0], axis=-2)[..., :rows, :], block[1], axis=-1)
-    return w * full[..., :cols]
+    return w * expand_blocks(s, block, rows, cols)
 
 
 class DequantizingSource:

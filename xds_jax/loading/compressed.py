@@ -27,6 +27,7 @@ import re
 import numpy as np
 
 from xds_jax.errors import UnsupportedModelError, WeightLoadError
+from xds_jax.loading.weights import expand_blocks
 
 FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized", "dense")
 STRATEGIES = ("tensor", "channel", "group", "block")
@@ -157,8 +158,7 @@ def _expand(scale: np.ndarray, args: WeightArgs, shape: tuple[int, int],
     if args.strategy == "group":
         column_group = g_idx if g_idx is not None else np.arange(cols) // args.group_size
         return s[:, column_group]
-    full = np.repeat(np.repeat(s, args.block[0], axis=0)[:rows], args.block[1], axis=1)
-    return full[:, :cols]
+    return expand_blocks(s, args.block, rows, cols)
 
 
 def dequantize_module(get, names: set[str], module: str, args: WeightArgs) -> np.ndarray:

@@ -24,7 +24,7 @@ from xds_jax.errors import ConfigError, ModelNotFoundError
 from xds_jax.loading import param_cache
 from xds_jax.loading.weights import assemble
 from xds_jax.model.config import ModelConfig
-from xds_jax.model.config_hf import load_model_config, read_json
+from xds_jax.model.config_hf import config_from_hf_dict, load_model_config, read_json
 from xds_jax.model.fused import fuse_projections
 from xds_jax.model.out_major import out_major, prefers_out_major
 from xds_jax.model.params import init_params, param_shapes
@@ -150,8 +150,9 @@ def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool,
         text_model_source,
     )
 
-    cfg = load_model_config(path)
-    stored = checkpoint_quantization(read_json(path / "config.json"), str(path / "config.json"))
+    raw = read_json(path / "config.json")
+    cfg = config_from_hf_dict(raw, str(path / "config.json"))
+    stored = checkpoint_quantization(raw, str(path / "config.json"))
     jdtype = resolve_dtype(dtype, cfg)
     files = sorted(path.glob("*.safetensors"))
     if not files:

@@ -43,6 +43,15 @@ def transpose_last2(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(a, -1, -2))
 
 
+def expand_blocks(scale: np.ndarray, block: tuple[int, int], rows: int,
+                  cols: int) -> np.ndarray:
+    """One value per ``block`` of the last two dimensions, repeated over its block's
+    ``[rows, cols]`` elements; edge blocks are cut short (DeepSeek's FP8 blocks,
+    compressed-tensors' ``block`` strategy)."""
+    full = np.repeat(np.repeat(scale, block[0], axis=-2)[..., :rows, :], block[1], axis=-1)
+    return full[..., :cols]
+
+
 def first_present(src_names: set[str], *candidates: str) -> str:
     """The first candidate the checkpoint has (or the first, to be reported missing)."""
     for name in candidates:

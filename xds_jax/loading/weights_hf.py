@@ -17,7 +17,7 @@ from xds_jax.errors import WeightLoadError
 from xds_jax.loading.checkpoint_quant import RAW_DTYPES, read_raw
 from xds_jax.loading.weights import Leaf, first_present, transpose, transpose_last2
 from xds_jax.model.config import ModelConfig
-from xds_jax.model.config_hf import GEMMA_TYPES
+from xds_jax.model.config_families import GEMMA_TYPES
 
 _ATTN = {
     "q": "q_proj.weight", "k": "k_proj.weight", "v": "v_proj.weight", "o": "o_proj.weight",
@@ -177,16 +177,19 @@ def _layer(cfg: ModelConfig, p: str, shapes: dict, names: set[str]) -> dict:
     return out
 
 
-def _plus_one(leaf: Leaf) -> Leaf:
-    """``leaf`` plus one, in float32 (Gemma stores its norm weights as ``w`` for ``1 + w``)."""
-    return Leaf(leaf.names, lambda a, f=leaf.transform: f(a).astype(np.float32) + 1.0,
+def _then(leaf: Leaf, fn) -> Leaf:
+    """``leaf`` with ``fn`` applied to its tensor, in float32, after its own transform."""
+    return Leaf(leaf.names, lambda a, f=leaf.transform: fn(f(a).astype(np.float32)),
                 leaf.optional)
+
+
+def _plus_one(leaf: Leaf) -> Leaf:
+    """Gemma stores its norm weights as ``w`` for ``1 + w``."""
+    return _then(leaf, lambda w: w + 1.0)
 
 
 def _scaled(leaf: Leaf, factor: float) -> Leaf:
-    """``leaf`` with its tensor multiplied by ``factor`` (in float32)."""
-    return Leaf(leaf.names, lambda a, f=leaf.transform: f(a).astype(np.float32) * factor,
-                leaf.optional)
+    return _then(leaf, lambda w: w * factor)
 
 
 def hf_keymap(cfg: ModelConfig, shapes: dict, names: set[str]) -> dict:

@@ -132,6 +132,13 @@ class ModelConfig:
             return False
         return self.local_layers is None or (layer is not None and layer in self.local_layers)
 
+    def attention_kind_layer(self, layer: int) -> int | None:
+        """The first layer attending like layer ``layer`` (local or global; an MTP layer,
+        ``layer >= num_layers``, as a global one), so layers of a kind share one attention
+        program; None when no target layer is of that kind."""
+        local = layer < self.num_layers and self.is_local_layer(layer)
+        return next((i for i in range(self.num_layers) if self.is_local_layer(i) == local), None)
+
     @property
     def rope_dim(self) -> int:
         """Number of rotated dimensions per head."""

@@ -15,8 +15,14 @@ from typing import Any
 from xds_jax.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
 from xds_jax.loading.checkpoint_quant import checkpoint_quantization
 from xds_jax.model.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
+from xds_jax.model.config_families import (
+    GEMMA_TYPES,
+    gemma3_text_config,
+    gemma_fields,
+    granite_fields,
+)
+from xds_jax.model.config_fields import get_any, int_field
 
-GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite") + GEMMA_TYPES
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 MLA_TYPES = ("deepseek_v2", "deepseek_v3")
@@ -27,29 +33,6 @@ SUPPORTED_TYPES = DENSE_TYPES + MOE_TYPES
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 _DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16",
                   "fp16": "float16"}
-
-
-def _get(d: dict, *names: str, default: Any = None) -> Any:
-    """The first of ``names`` present with a non-null value."""
-    for name in names:
-        if d.get(name) is not None:
-            return d[name]
-    return default
-
-
-def _require(d: dict, name: str, source: str) -> Any:
-    if d.get(name) is None:
-        raise ConfigError(f"{source}: required field {name!r} is missing")
-    return d[name]
-
-
-def _int(d: dict, name: str, source: str, default: Any = ...) -> int:
-    value = _require(d, name, source) if default is ... else d.get(name, default)
-    if value is None:
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-        raise ConfigError(f"{source}: {name} must be an integer, got {value!r}")
-    return int(value)
 
 
 def _token_ids(value: Any) -> tuple[int, ...]:
@@ -67,16 +50,16 @@ def parse_rope(d: dict, source: str, interleaved: bool = False) -> RopeConfig:
         raise UnsupportedModelError(f"{source}: per-layer-type rope_parameters are not supported")
     scaling = d.get("rope_scaling") or {}
     merged = {**scaling, **params}
-    theta = _get(merged, "rope_theta", default=_get(d, "rope_theta", default=10000.0))
-    rope_type = _get(merged, "rope_type", "type", default="default")
+    theta = get_any(merged, "rope_theta", default=get_any(d, "rope_theta", default=10000.0))
+    rope_type = get_any(merged, "rope_type", "type", default="default")
     if rope_type == "su":  # Phi-3's first name for LongRoPE
         rope_type = "longrope"
     if rope_type not in ROPE_TYPES:
         raise UnsupportedModelError(
             f"{source}: rope type {rope_type!r} is not supported (supported: {ROPE_TYPES})"
         )
-    factor = float(_get(merged, "factor", default=1.0))
-    original = _get(merged, "original_max_position_embeddings",
+    factor = float(get_any(merged, "factor", default=1.0))
+    original = get_any(merged, "original_max_position_embeddings",
                     default=d.get("original_max_position_embeddings"))
     if rope_type in ("yarn", "llama3", "longrope") and original is None:
         original = d.get("max_position_embeddings")
@@ -88,17 +71,17 @@ def parse_rope(d: dict, source: str, interleaved: bool = False) -> RopeConfig:
         type=rope_type,
         factor=factor,
         original_max_position_embeddings=None if original is None else int(original),
-        low_freq_factor=float(_get(merged, "low_freq_factor", default=1.0)),
-        high_freq_factor=float(_get(merged, "high_freq_factor", default=4.0)),
-        beta_fast=float(_get(merged, "beta_fast", default=32.0)),
-        beta_slow=float(_get(merged, "beta_slow", default=1.0)),
+        low_freq_factor=float(get_any(merged, "low_freq_factor", default=1.0)),
+        high_freq_factor=float(get_any(merged, "high_freq_factor", default=4.0)),
+        beta_fast=float(get_any(merged, "beta_fast", default=32.0)),
+        beta_slow=float(get_any(merged, "beta_slow", default=1.0)),
         mscale=merged.get("mscale"),
         mscale_all_dim=merged.get("mscale_all_dim"),
         attention_factor=attention if attention is not None else merged.get("attention_factor"),
         truncate=bool(merged.get("truncate", True)),
         interleaved=interleaved,
         partial_rotary_factor=float(
-            _get(merged, "partial_rotary_factor", default=d.get("partial_rotary_factor", 1.0))
+            get_any(merged, "partial_rotary_factor", default=d.get("partial_rotary_factor", 1.0))
         ),
         freq_factors=freq_factors,
     )
@@ -122,7 +105,7 @@ def _longrope(merged: dict, d: dict, original, source: str) -> tuple[tuple[float
 
 
 def _dtype(d: dict) -> str:
-    name = _get(d, "dtype", "torch_dtype", default="bfloat16")
+    name = get_any(d, "dtype", "torch_dtype", default="bfloat16")
     name = str(name).removeprefix("torch.")
     return _DTYPE_ALIASES.get(name, name)
 
@@ -152,23 +135,23 @@ def _sliding_window(d: dict, model_type: str) -> dict:
 def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | None:
     if model_type == "mixtral":
         return MoEConfig(
-            num_experts=_int(d, "num_local_experts", source),
-            num_experts_per_tok=_int(d, "num_experts_per_tok", source),
-            moe_intermediate_size=_int(d, "intermediate_size", source),
+            num_experts=int_field(d, "num_local_experts", source),
+            num_experts_per_tok=int_field(d, "num_experts_per_tok", source),
+            moe_intermediate_size=int_field(d, "intermediate_size", source),
             moe_layers=tuple(range(num_layers)),
         )
     if model_type in ("qwen2_moe", "qwen3_moe"):
-        num_experts = _get(d, "num_experts", "num_local_experts")
+        num_experts = get_any(d, "num_experts", "num_local_experts")
         if num_experts is None:
             raise ConfigError(f"{source}: required field 'num_experts' is missing")
-        step = _int(d, "decoder_sparse_step", source, default=1)
+        step = int_field(d, "decoder_sparse_step", source, default=1)
         dense = set(d.get("mlp_only_layers") or [])
         layers = tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
-        shared = _int(d, "shared_expert_intermediate_size", source, default=0) or 0
+        shared = int_field(d, "shared_expert_intermediate_size", source, default=0) or 0
         return MoEConfig(
             num_experts=int(num_experts),
-            num_experts_per_tok=_int(d, "num_experts_per_tok", source),
-            moe_intermediate_size=_int(d, "moe_intermediate_size", source),
+            num_experts_per_tok=int_field(d, "num_experts_per_tok", source),
+            moe_intermediate_size=int_field(d, "moe_intermediate_size", source),
             norm_topk_prob=bool(d.get("norm_topk_prob", model_type == "qwen3_moe")),
             num_shared_experts=1 if shared else 0,
             shared_intermediate_size=shared,
@@ -183,22 +166,22 @@ def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | 
             raise UnsupportedModelError(f"{source}: topk_method {topk_method!r} is not supported "
                                         f"for deepseek_v2 (supported: {V2_TOPK_METHODS})")
         grouped = not v2 or topk_method == "group_limited_greedy"
-        first_dense = _int(d, "first_k_dense_replace", source, default=0)
-        freq = _int(d, "moe_layer_freq", source, default=1)
+        first_dense = int_field(d, "first_k_dense_replace", source, default=0)
+        freq = int_field(d, "moe_layer_freq", source, default=1)
         layers = tuple(i for i in range(first_dense, num_layers) if i % freq == 0)
-        inter = _int(d, "moe_intermediate_size", source)
-        n_shared = _int(d, "n_shared_experts", source, default=0) or 0
-        num_experts = _get(d, "n_routed_experts", "num_local_experts")
+        inter = int_field(d, "moe_intermediate_size", source)
+        n_shared = int_field(d, "n_shared_experts", source, default=0) or 0
+        num_experts = get_any(d, "n_routed_experts", "num_local_experts")
         if num_experts is None:
             raise ConfigError(f"{source}: required field 'n_routed_experts' is missing")
         return MoEConfig(
             num_experts=int(num_experts),
-            num_experts_per_tok=_int(d, "num_experts_per_tok", source),
+            num_experts_per_tok=int_field(d, "num_experts_per_tok", source),
             moe_intermediate_size=inter,
             router=scoring,
             norm_topk_prob=bool(d.get("norm_topk_prob", not v2)),
-            n_group=(_int(d, "n_group", source, default=1) or 1) if grouped else 1,
-            topk_group=(_int(d, "topk_group", source, default=1) or 1) if grouped else 1,
+            n_group=(int_field(d, "n_group", source, default=1) or 1) if grouped else 1,
+            topk_group=(int_field(d, "topk_group", source, default=1) or 1) if grouped else 1,
             group_score="max" if v2 else "top2_sum",
             routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
             score_correction_bias=topk_method == "noaux_tc",
@@ -223,28 +206,28 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
             f"{source}: model_type {model_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_TYPES)})"
         )
-    gemma = _gemma(d, model_type, source) if model_type in GEMMA_TYPES else {}
+    gemma = gemma_fields(d, model_type, source) if model_type in GEMMA_TYPES else {}
     if gemma:
         d = gemma.pop("config")  # Gemma 3's per-layer-type rope_parameters: the global ones
     act = d.get("hidden_act", "silu")
     if not gemma and act not in ("silu", "swish"):
         raise UnsupportedModelError(f"{source}: hidden_act {act!r} is not supported (only silu)")
-    hidden = _int(d, "hidden_size", source)
-    heads = _int(d, "num_attention_heads", source)
-    layers = _int(d, "num_hidden_layers", source)
+    hidden = int_field(d, "hidden_size", source)
+    heads = int_field(d, "num_attention_heads", source)
+    layers = int_field(d, "num_hidden_layers", source)
     checkpoint_quantization(d, source)  # an unsupported quant_method fails here, by name
     mla = None
     if model_type in MLA_TYPES:
         mla = MLAConfig(
-            q_lora_rank=_int(d, "q_lora_rank", source, default=None),
-            kv_lora_rank=_int(d, "kv_lora_rank", source),
-            qk_nope_head_dim=_int(d, "qk_nope_head_dim", source),
-            qk_rope_head_dim=_int(d, "qk_rope_head_dim", source),
-            v_head_dim=_int(d, "v_head_dim", source),
+            q_lora_rank=int_field(d, "q_lora_rank", source, default=None),
+            kv_lora_rank=int_field(d, "kv_lora_rank", source),
+            qk_nope_head_dim=int_field(d, "qk_nope_head_dim", source),
+            qk_rope_head_dim=int_field(d, "qk_rope_head_dim", source),
+            v_head_dim=int_field(d, "v_head_dim", source),
         )
         head_dim = mla.qk_head_dim  # transformers 5 writes only the RoPE part as head_dim
     else:
-        head_dim = _int(d, "head_dim", source, default=None) or (hidden // max(heads, 1))
+        head_dim = int_field(d, "head_dim", source, default=None) or (hidden // max(heads, 1))
     if model_type in ("qwen2", "qwen2_moe"):
         qkv_bias, out_bias = True, False  # hard-wired in Qwen2: biases on q/k/v only
     elif model_type in ("mistral", "mixtral"):
@@ -254,23 +237,23 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
     if mla is not None and qkv_bias:
         raise UnsupportedModelError(f"{source}: attention_bias is not supported with MLA")
     rope = parse_rope(d, source, interleaved=bool(d.get("rope_interleave", mla is not None)))
-    context = _int(d, "max_position_embeddings", source, default=2048)
+    context = int_field(d, "max_position_embeddings", source, default=2048)
     if rope.type == "longrope":  # served within the context its short factors cover
         context = min(context, rope.original_max_position_embeddings)
-    granite = _granite(d, source) if model_type == "granite" else {}
+    granite = granite_fields(d, source) if model_type == "granite" else {}
     return ModelConfig(
         **granite,
         **gemma,
         model_type=model_type,
-        vocab_size=_int(d, "vocab_size", source),
+        vocab_size=int_field(d, "vocab_size", source),
         hidden_size=hidden,
         num_layers=layers,
         num_heads=heads,
-        num_kv_heads=_int(d, "num_key_value_heads", source, default=None) or heads,
+        num_kv_heads=int_field(d, "num_key_value_heads", source, default=None) or heads,
         head_dim=head_dim,
-        intermediate_size=_int(d, "intermediate_size", source, default=0) or 0,
+        intermediate_size=int_field(d, "intermediate_size", source, default=0) or 0,
         max_position_embeddings=context,
-        rms_norm_eps=float(_get(d, "rms_norm_eps", default=1e-6)),
+        rms_norm_eps=float(get_any(d, "rms_norm_eps", default=1e-6)),
         rope=rope,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         attention_bias=qkv_bias,
@@ -281,105 +264,11 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
            else _sliding_window(d, model_type)),
         mla=mla,
         moe=_moe(d, model_type, layers, source),
-        num_mtp_layers=_int(d, "num_nextn_predict_layers", source, default=0) or 0,
+        num_mtp_layers=int_field(d, "num_nextn_predict_layers", source, default=0) or 0,
         dtype=_dtype(d),
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=_token_ids(d.get("eos_token_id")),
     )
-
-
-GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu")
-# transformers' Gemma3TextConfig defaults: the text_config of an image-text Gemma 3 on the Hub
-# names only what differs from them (gemma-3-4b-it: sizes, layer count, rope_scaling, window).
-GEMMA3_TEXT_DEFAULTS = {
-    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
-    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
-    "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-6, "bos_token_id": 2, "eos_token_id": 1, "tie_word_embeddings": True,
-    "query_pre_attn_scalar": 256, "sliding_window": 4096, "rope_theta": 1_000_000.0,
-    "rope_local_base_freq": 10_000.0,
-}
-
-
-def gemma3_text_config(d: dict, source: str) -> dict:
-    """The language model's config of an image-text Gemma 3 (``model_type: gemma3``): its
-    ``text_config`` over Gemma3TextConfig's defaults, the top level's token ids and dtype."""
-    text = d.get("text_config")
-    if not isinstance(text, dict):
-        raise ConfigError(f"{source}: model_type gemma3 needs a text_config object")
-    top = {k: d[k] for k in ("eos_token_id", "bos_token_id", "torch_dtype", "dtype",
-                             "tie_word_embeddings") if d.get(k) is not None}
-    return {**GEMMA3_TEXT_DEFAULTS, **top, **text, "model_type": "gemma3_text"}
-
-
-def _gemma(d: dict, model_type: str, source: str) -> dict:
-    """Gemma / Gemma 2 / Gemma 3 (text) fields of ``ModelConfig``, plus ``config``: ``d`` with
-    Gemma 3's per-layer-type ``rope_parameters`` replaced by the global layers' ones.
-
-    Norm weights are stored as ``w`` and applied as ``1 + w``; the loader adds the one. The
-    embeddings are scaled by ``sqrt(hidden_size)`` (folded into the table like Granite's
-    multiplier, the tied head undoing it). Local (sliding-window) layers: ``layer_types``
-    (transformers 5), else Gemma 2's even layers, else Gemma 3's ``sliding_window_pattern``."""
-    if d.get("use_bidirectional_attention"):
-        raise UnsupportedModelError(f"{source}: use_bidirectional_attention (an embedding "
-                                    "model) is not supported")
-    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in GELU_TANH:
-        raise UnsupportedModelError(f"{source}: hidden_activation {act!r} is not supported "
-                                    f"for {model_type} (supported: {', '.join(GELU_TANH)})")
-    layers = _int(d, "num_hidden_layers", source)
-    out: dict = {"mlp_act": "gelu_tanh", "sandwich_norms": model_type != "gemma"}
-    scalar = d.get("query_pre_attn_scalar")
-    if scalar is not None and model_type != "gemma":
-        out["attention_multiplier"] = float(scalar) ** -0.5
-    for key, field in (("attn_logit_softcapping", "attn_softcap"),
-                       ("final_logit_softcapping", "final_softcap")):
-        if d.get(key) is not None and model_type == "gemma2":
-            out[field] = float(d[key])
-    hidden = _int(d, "hidden_size", source)
-    out["embedding_multiplier"] = math.sqrt(hidden)
-    tied = bool(d.get("tie_word_embeddings", True))
-    out["logits_scale"] = 1 / math.sqrt(hidden) if tied else 1.0
-    config = dict(d, tie_word_embeddings=tied)
-    if model_type != "gemma" and d.get("sliding_window"):
-        types = d.get("layer_types")
-        if types:
-            out["local_layers"] = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-        elif model_type == "gemma2":
-            out["local_layers"] = tuple(range(0, layers, 2))
-        else:
-            pattern = _int(d, "sliding_window_pattern", source, default=6)
-            out["local_layers"] = tuple(i for i in range(layers) if (i + 1) % pattern)
-    else:
-        config["sliding_window"] = None
-    params = d.get("rope_parameters") or {}
-    if params and all(isinstance(v, dict) for v in params.values()):  # Gemma 3, transformers 5
-        config["rope_parameters"] = params.get("full_attention", {})
-        local = params.get("sliding_attention", {}).get("rope_theta")
-    else:
-        local = d.get("rope_local_base_freq")
-    if model_type == "gemma3_text":
-        out["local_rope_theta"] = float(local if local is not None else 10000.0)
-        if not (config.get("rope_parameters") or {}).get("rope_theta") and "rope_theta" not in d:
-            config["rope_theta"] = GEMMA3_TEXT_DEFAULTS["rope_theta"]  # the global base
-    out["config"] = config
-    return out
-
-
-def _granite(d: dict, source: str) -> dict:
-    """Granite's multipliers as ``ModelConfig`` fields; the logits scale also undoes the
-    embedding multiplier a tied head reads (it is folded into the embedding table)."""
-    out = {}
-    for name in ("embedding_multiplier", "residual_multiplier", "attention_multiplier",
-                 "logits_scaling"):
-        value = d.get(name, 1.0)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise ConfigError(f"{source}: {name} must be a positive number, got {value!r}")
-        out[name] = float(value)
-    scaling = out.pop("logits_scaling")
-    tied = bool(d.get("tie_word_embeddings", False))
-    out["logits_scale"] = 1.0 / (scaling * (out["embedding_multiplier"] if tied else 1.0))
-    return out
 
 
 def read_json(path: Path) -> dict:

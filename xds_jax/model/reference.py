@@ -87,13 +87,6 @@ def _dense_or_moe(cfg: ModelConfig, index: int) -> int:
     return next(i for i in range(cfg.num_layers) if cfg.is_moe_layer(i) == cfg.is_moe_layer(index))
 
 
-def _local_or_global(cfg: ModelConfig, index: int) -> int:
-    """A layer index standing for its attention kind (local or global, ``is_local_layer``), so
-    layers of a kind share an attention program."""
-    return next(i for i in range(cfg.num_layers)
-                if cfg.is_local_layer(i) == cfg.is_local_layer(index))
-
-
 def staged_step(params: dict, cfg: ModelConfig, tokens_BS: jax.Array, positions_BS: jax.Array,
                 caches: list[dict], block_tables_BN: jax.Array,
                 last_B: jax.Array) -> tuple[jax.Array, jax.Array, list[dict]]:
@@ -105,7 +98,7 @@ def staged_step(params: dict, cfg: ModelConfig, tokens_BS: jax.Array, positions_
     new = []
     for i, layer in enumerate(params["layers"]):
         x, cache = _attention(layer, cfg, x, positions_BS, caches[i], block_tables_BN,
-                              _local_or_global(cfg, i))
+                              cfg.attention_kind_layer(i))
         x = _feed_forward(layer, cfg, _dense_or_moe(cfg, i), x)
         new.append(cache)
     return *_last_outputs(params, cfg, x, last_B), new

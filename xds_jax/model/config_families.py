@@ -1,0 +1,103 @@
+"""Family-specific ``config.json`` fields: Gemma's (Gemma, Gemma 2, Gemma 3 and the language
+model of an image-text Gemma 3) and Granite's multipliers, as ``ModelConfig`` fields."""
+
+from __future__ import annotations
+
+import math
+
+from xds_jax.errors import ConfigError, UnsupportedModelError
+from xds_jax.model.config_fields import int_field
+
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu")
+# transformers' Gemma3TextConfig defaults: the text_config of an image-text Gemma 3 on the Hub
+# names only what differs from them (gemma-3-4b-it: sizes, layer count, rope_scaling, window).
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+    "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6, "bos_token_id": 2, "eos_token_id": 1, "tie_word_embeddings": True,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+}
+
+
+def gemma3_text_config(d: dict, source: str) -> dict:
+    """The language model's config of an image-text Gemma 3 (``model_type: gemma3``): its
+    ``text_config`` over Gemma3TextConfig's defaults, the top level's token ids and dtype."""
+    text = d.get("text_config")
+    if not isinstance(text, dict):
+        raise ConfigError(f"{source}: model_type gemma3 needs a text_config object")
+    top = {k: d[k] for k in ("eos_token_id", "bos_token_id", "torch_dtype", "dtype",
+                             "tie_word_embeddings") if d.get(k) is not None}
+    return {**GEMMA3_TEXT_DEFAULTS, **top, **text, "model_type": "gemma3_text"}
+
+
+def gemma_fields(d: dict, model_type: str, source: str) -> dict:
+    """Gemma / Gemma 2 / Gemma 3 (text) fields of ``ModelConfig``, plus ``config``: ``d`` with
+    Gemma 3's per-layer-type ``rope_parameters`` replaced by the global layers' ones.
+
+    Norm weights are stored as ``w`` and applied as ``1 + w``; the loader adds the one. The
+    embeddings are scaled by ``sqrt(hidden_size)`` (folded into the table like Granite's
+    multiplier, the tied head undoing it). Local (sliding-window) layers: ``layer_types``
+    (transformers 5), else Gemma 2's even layers, else Gemma 3's ``sliding_window_pattern``."""
+    if d.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(f"{source}: use_bidirectional_attention (an embedding "
+                                    "model) is not supported")
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in GELU_TANH:
+        raise UnsupportedModelError(f"{source}: hidden_activation {act!r} is not supported "
+                                    f"for {model_type} (supported: {', '.join(GELU_TANH)})")
+    layers = int_field(d, "num_hidden_layers", source)
+    out: dict = {"mlp_act": "gelu_tanh", "sandwich_norms": model_type != "gemma"}
+    scalar = d.get("query_pre_attn_scalar")
+    if scalar is not None and model_type != "gemma":
+        out["attention_multiplier"] = float(scalar) ** -0.5
+    for key, field in (("attn_logit_softcapping", "attn_softcap"),
+                       ("final_logit_softcapping", "final_softcap")):
+        if d.get(key) is not None and model_type == "gemma2":
+            out[field] = float(d[key])
+    hidden = int_field(d, "hidden_size", source)
+    out["embedding_multiplier"] = math.sqrt(hidden)
+    tied = bool(d.get("tie_word_embeddings", True))
+    out["logits_scale"] = 1 / math.sqrt(hidden) if tied else 1.0
+    config = dict(d, tie_word_embeddings=tied)
+    if model_type != "gemma" and d.get("sliding_window"):
+        types = d.get("layer_types")
+        if types:
+            out["local_layers"] = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+        elif model_type == "gemma2":
+            out["local_layers"] = tuple(range(0, layers, 2))
+        else:
+            pattern = int_field(d, "sliding_window_pattern", source, default=6)
+            out["local_layers"] = tuple(i for i in range(layers) if (i + 1) % pattern)
+    else:
+        config["sliding_window"] = None
+    params = d.get("rope_parameters") or {}
+    if params and all(isinstance(v, dict) for v in params.values()):  # Gemma 3, transformers 5
+        config["rope_parameters"] = params.get("full_attention", {})
+        local = params.get("sliding_attention", {}).get("rope_theta")
+    else:
+        local = d.get("rope_local_base_freq")
+    if model_type == "gemma3_text":
+        out["local_rope_theta"] = float(local if local is not None else 10000.0)
+        if not (config.get("rope_parameters") or {}).get("rope_theta") and "rope_theta" not in d:
+            config["rope_theta"] = GEMMA3_TEXT_DEFAULTS["rope_theta"]  # the global base
+    out["config"] = config
+    return out
+
+
+def granite_fields(d: dict, source: str) -> dict:
+    """Granite's multipliers as ``ModelConfig`` fields; the logits scale also undoes the
+    embedding multiplier a tied head reads (it is folded into the embedding table)."""
+    out = {}
+    for name in ("embedding_multiplier", "residual_multiplier", "attention_multiplier",
+                 "logits_scaling"):
+        value = d.get(name, 1.0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ConfigError(f"{source}: {name} must be a positive number, got {value!r}")
+        out[name] = float(value)
+    scaling = out.pop("logits_scaling")
+    tied = bool(d.get("tie_word_embeddings", False))
+    out["logits_scale"] = 1.0 / (scaling * (out["embedding_multiplier"] if tied else 1.0))
+    return out

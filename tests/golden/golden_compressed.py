@@ -24,8 +24,8 @@ from compressed_tensors.quantization import (
 )
 from compressed_tensors.quantization.lifecycle.forward import quantize
 from compressed_tensors.quantization.utils import calculate_qparams
-from make_golden import GOLDEN_DIR, golden_with_weights
-from safetensors.torch import load_file, save_file
+from make_golden import GOLDEN_DIR, golden_with_weights, split_projections
+from safetensors.torch import save_file
 
 log = logging.getLogger("make_golden")
 
@@ -68,11 +68,9 @@ def compressed_golden(name: str, fmt: str, weights: dict, acts: dict | None,
         input_activations=QuantizationArgs(**acts) if acts else None,
     )
     compressor = BaseCompressor.load_from_registry(fmt)
-    tensors, dequantised = {}, {}
-    for key, value in load_file(src_dir / "model.safetensors").items():
-        if not (key.startswith("model.layers.") and key.endswith("proj.weight")):
-            tensors[key] = value
-            continue
+    tensors, projections = split_projections(src_dir / "model.safetensors")
+    dequantised = {}
+    for key, value in projections.items():
         prefix = key.removesuffix(".weight")
         scale, zp = _qparams(value, scheme.weights)
         local = {"weight": value, "weight_scale": scale, "weight_zero_point": zp.to(torch.int8)

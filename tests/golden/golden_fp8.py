@@ -16,7 +16,7 @@ import shutil
 
 import torch
 import transformers as tf
-from make_golden import GOLDEN_DIR, run_prompts
+from make_golden import GOLDEN_DIR, run_prompts, split_projections
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger("make_golden")
@@ -57,12 +57,9 @@ def fp8_golden(name: str, source: str, block: tuple[int, int], prompt_seed: int)
     src_dir, out_dir = GOLDEN_DIR / source, GOLDEN_DIR / name
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir()
-    tensors = {}
-    for key, value in load_file(src_dir / "model.safetensors").items():
-        if is_quantised(key, value):
-            tensors[key], tensors[key + "_scale_inv"] = quantise(value, block)
-        else:
-            tensors[key] = value
+    tensors, projections = split_projections(src_dir / "model.safetensors", is_quantised)
+    for key, value in projections.items():
+        tensors[key], tensors[key + "_scale_inv"] = quantise(value, block)
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src_dir / "config.json").read_text())
     config["dtype"] = "bfloat16"  # as DeepSeek-V3 ships: the unquantised tensors' dtype

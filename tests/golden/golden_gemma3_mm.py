@@ -13,7 +13,8 @@ import shutil
 import numpy as np
 import torch
 import transformers as tf
-from make_golden import BASE, GOLDEN_DIR, NEW_TOKENS, greedy_margins, randomise
+from make_golden import GOLDEN_DIR, NEW_TOKENS, greedy_margins, randomise
+from tiny_configs import BASE
 
 log = logging.getLogger("make_golden")
 

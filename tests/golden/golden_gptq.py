@@ -15,8 +15,8 @@ import shutil
 
 import numpy as np
 import torch
-from make_golden import GOLDEN_DIR, golden_with_weights
-from safetensors.torch import load_file, save_file
+from make_golden import GOLDEN_DIR, golden_with_weights, split_projections
+from safetensors.torch import save_file
 
 log = logging.getLogger("make_golden")
 
@@ -68,11 +68,9 @@ def gptq_golden(name: str, method: str, bits: int, group: int, act_order: bool,
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir()
     rng = np.random.default_rng(0)
-    tensors, dequantised = {}, {}
-    for key, value in load_file(src_dir / "model.safetensors").items():
-        if not (key.startswith("model.layers.") and key.endswith("proj.weight")):
-            tensors[key] = value
-            continue
+    tensors, projections = split_projections(src_dir / "model.safetensors")
+    dequantised = {}
+    for key, value in projections.items():
         prefix = key.removesuffix(".weight")
         q, zeros, scales, g_idx = quantise(value.numpy(), bits, group, act_order, rng)
         dequantised[key] = torch.from_numpy(((q - zeros[g_idx]) * scales[g_idx]).T.copy())

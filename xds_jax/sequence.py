@@ -38,6 +38,7 @@ class Sequence:
         self.error: str | None = None  # why the engine failed it (finish reason "abort")
         self._tokenizer = tokenizer
         self._bad_words: list[list[int]] | None = None
+        self._allowed_only = None  # allowed_token_ids as a [V] mask (allowed_mask)
         self._detok = (IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
                        if tokenizer is not None else None)
         self._grammar = None  # its GrammarState, built at the first mask (structured outputs)
@@ -78,9 +79,10 @@ class Sequence:
         mask = (self._grammar_state().allowed(vocab_size) if p.structured_outputs is not None
                 else np.ones(vocab_size, bool))
         if p.allowed_token_ids is not None:
-            only = np.zeros(vocab_size, bool)
-            only[[t for t in p.allowed_token_ids if t < vocab_size]] = True
-            mask &= only
+            if self._allowed_only is None or self._allowed_only.shape[0] != vocab_size:
+                self._allowed_only = np.zeros(vocab_size, bool)  # built once, read each step
+                self._allowed_only[[t for t in p.allowed_token_ids if t < vocab_size]] = True
+            mask &= self._allowed_only
         out = self.output_ids
         for word in self._bad_word_ids():
             ends_with = len(word) == 1 or out[max(0, len(out) - len(word) + 1):] == word[:-1]

@@ -117,6 +117,32 @@ TINY_MODELS = {
         ),
         3,
     ),
+    # SmolLM3: a Llama whose layer 1 attends without RoPE (no_rope_layers), tied embeddings.
+    "smollm3": (
+        tf.SmolLM3Config(**BASE, no_rope_layers=[1, 0, 1], tie_word_embeddings=True,
+                         pad_token_id=None, bos_token_id=1, eos_token_id=2),
+        0,
+    ),
+    # OLMo 2: norms on the attention and MLP outputs only, q/k norms over the whole q and k
+    # projections (64 and 32 wide: GQA), untied head.
+    "olmo2": (tf.Olmo2Config(**BASE, tie_word_embeddings=False, eos_token_id=2), 0),
+    # OLMo 3: OLMo 2 plus sliding-window layers (window 8 the prompt crosses) with a plain
+    # rotation; the full-attention layer's RoPE is yarn-scaled (per-layer-type rope_parameters).
+    "olmo3": (
+        tf.Olmo3Config(
+            **BASE,
+            tie_word_embeddings=False,
+            eos_token_id=2,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0,
+                                   "original_max_position_embeddings": 64},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        ),
+        0,
+    ),
     "qwen3": (tf.Qwen3Config(**BASE, head_dim=32), 0),
     "qwen3_moe": (
         tf.Qwen3MoeConfig(

@@ -1,6 +1,7 @@
 """Config parsing: every spelling real checkpoints use, and a named error for each bad field."""
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -196,7 +197,8 @@ def test_gemma_spellings():
     g3 = config_from_hf_dict(GEMMA3_1B_V4)
     assert g3.local_layers == tuple(i for i in range(26) if (i + 1) % 6)  # 5 local : 1 global
     assert g3.local_rope_theta == 10000.0 and g3.rope.theta == 1e6 and g3.qk_norm
-    assert g3.attention_multiplier == 256 ** -0.5 and g3.sandwich_norms and g3.tie_word_embeddings
+    assert g3.attention_multiplier == 256 ** -0.5 and g3.norm_placement == "sandwich"
+    assert g3.tie_word_embeddings
     assert g3.logits_scale == pytest.approx(1152 ** -0.5)
     assert g3.embedding_multiplier == pytest.approx(1152 ** 0.5)
     assert not g3.is_local_layer(5) and g3.is_local_layer(6)
@@ -208,7 +210,7 @@ def test_gemma_spellings():
     assert g2.local_layers == tuple(range(0, 26, 2)) and g2.local_rope_theta is None
     assert (g2.attn_softcap, g2.final_softcap) == (50.0, 30.0) and not g2.qk_norm
     g1 = config_from_hf_dict(dict(GEMMA3_1B_V4, model_type="gemma", hidden_act="gelu"))
-    assert not g1.sandwich_norms and g1.sliding_window is None and g1.mlp_act == "gelu_tanh"
+    assert g1.norm_placement == "pre" and g1.sliding_window is None and g1.mlp_act == "gelu_tanh"
     with pytest.raises(UnsupportedModelError, match="hidden_activation 'relu'"):
         config_from_hf_dict(dict(GEMMA3_1B_V4, hidden_activation="relu"))
 
@@ -249,3 +251,83 @@ def test_image_text_gemma3_config_leans_on_the_text_defaults():
     assert cfg.local_layers == tuple(i for i in range(34) if (i + 1) % 6)
     with pytest.raises(ConfigError, match="gemma3 needs a text_config"):
         config_from_hf_dict({"model_type": "gemma3"})
+
+
+SMOLLM3_3B = {  # HuggingFaceTB/SmolLM3-3B's config.json (transformers 4 spelling), trimmed
+    "model_type": "smollm3", "vocab_size": 128256, "hidden_size": 2048,
+    "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+    "num_key_value_heads": 4, "max_position_embeddings": 65536, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 5000000.0, "sliding_window": None,
+    "use_sliding_window": False, "no_rope_layer_interval": 4,
+    "no_rope_layers": [int((i + 1) % 4 != 0) for i in range(36)],
+    "layer_types": ["full_attention"] * 36, "eos_token_id": 128012, "torch_dtype": "bfloat16",
+}
+
+
+def test_smollm3_layers_without_rope():
+    cfg = config_from_hf_dict(SMOLLM3_3B)
+    assert cfg.nope_layers == tuple(range(3, 36, 4)) and cfg.tie_word_embeddings
+    assert cfg.rope.theta == 5e6 and cfg.sliding_window is None
+    assert not cfg.uses_rope(3) and cfg.uses_rope(4) and cfg.uses_rope(None)
+    # One attention program per kind: rotated layers share layer 0's, NoPE layers layer 3's.
+    assert [cfg.attention_kind_layer(i) for i in (0, 2, 3, 7, 36)] == [0, 0, 3, 3, 0]
+    derived = dict(SMOLLM3_3B, no_rope_layers=None, layer_types=None)
+    assert config_from_hf_dict(derived) == cfg  # from no_rope_layer_interval
+    bare = {k: v for k, v in SMOLLM3_3B.items() if k not in ("rope_theta", "no_rope_layers")}
+    assert config_from_hf_dict(bare).rope.theta == 2e6  # SmolLM3Config's default base
+    # use_sliding_window: the window covers the NoPE layers, as SmolLM3Config's layer_types.
+    sliding = config_from_hf_dict(dict(derived, use_sliding_window=True, sliding_window=64))
+    assert sliding.local_layers == cfg.nope_layers and sliding.sliding_window == 64
+    assert [sliding.attention_kind(i) for i in (0, 3)] == [(False, True), (True, False)]
+    with pytest.raises(ConfigError, match="no_rope_layers must list 0 or 1"):
+        config_from_hf_dict(dict(SMOLLM3_3B, no_rope_layers=[1, 0]))
+    with pytest.raises(ConfigError, match="no_rope_layer_interval must be a positive"):
+        config_from_hf_dict(dict(derived, no_rope_layer_interval=0))
+    with pytest.raises(ConfigError, match="layer_types must list"):
+        config_from_hf_dict(dict(SMOLLM3_3B, use_sliding_window=True, sliding_window=64,
+                                 layer_types=["local"] * 36))
+
+
+OLMO2_7B = {  # allenai/OLMo-2-1124-7B's config.json, trimmed
+    "model_type": "olmo2", "vocab_size": 100352, "hidden_size": 4096,
+    "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 32, "max_position_embeddings": 4096, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 500000, "attention_bias": False,
+    "tie_word_embeddings": False, "eos_token_id": 100257, "torch_dtype": "float32",
+}
+
+
+def test_olmo2_post_norms_and_whole_qk_norms():
+    from xds_jax.model.params import param_shapes
+
+    cfg = config_from_hf_dict(OLMO2_7B)
+    assert (cfg.norm_placement, cfg.qk_norm, cfg.qk_norm_scope) == ("post", True, "whole")
+    assert cfg.rms_norm_eps == 1e-6 and cfg.rope.theta == 5e5 and not cfg.tie_word_embeddings
+    gqa = config_from_hf_dict(dict(OLMO2_7B, num_key_value_heads=8, rms_norm_eps=None))
+    assert gqa.rms_norm_eps == 1e-5  # Olmo2Config's default
+    attn = param_shapes(gqa)["layers"][0]["attn"]
+    assert attn["q_norm"] == (4096,) and attn["k_norm"] == (1024,)  # whole q and k
+    with pytest.raises(ConfigError, match="norm_placement must be one of"):
+        dataclasses.replace(cfg, norm_placement="middle")
+    with pytest.raises(ConfigError, match="qk_norm_scope must be one of"):
+        dataclasses.replace(cfg, qk_norm_scope="half")
+
+
+def test_olmo3_sliding_layers_and_their_rope():
+    v4 = dict(OLMO2_7B, model_type="olmo3", sliding_window=4096,
+              rope_scaling={"rope_type": "yarn", "factor": 8.0,
+                            "original_max_position_embeddings": 8192})
+    cfg = config_from_hf_dict(v4)
+    assert cfg.local_layers == tuple(i for i in range(32) if (i + 1) % 4)  # 3 local : 1 full
+    assert cfg.rope.type == "yarn" and cfg.rope.theta == 5e5 and cfg.local_rope_theta == 5e5
+    v5 = dict(v4, rope_scaling=None, rope_theta=None, layer_types=[
+        "sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(32)],
+        rope_parameters={
+            "full_attention": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 500000,
+                               "original_max_position_embeddings": 8192},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 500000}})
+    assert config_from_hf_dict(v5) == cfg
+    bad = dict(v5, rope_parameters=dict(v5["rope_parameters"], sliding_attention={
+        "rope_type": "linear", "factor": 2.0}))
+    with pytest.raises(UnsupportedModelError, match="sliding_attention.rope_type 'linear'"):
+        config_from_hf_dict(bad)

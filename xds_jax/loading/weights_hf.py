@@ -167,10 +167,13 @@ def _layer(cfg: ModelConfig, p: str, shapes: dict, names: set[str]) -> dict:
         out["mlp"] = _mlp(f"{p}.mlp", shapes["mlp"])
     if f"{p}.self_attn.qkv_proj.weight" in names:
         _fused_phi3(cfg, p, out)
-    if cfg.sandwich_norms:  # Gemma 2/3: post-attention, pre- and post-feed-forward norms
+    if cfg.norm_placement == "sandwich":  # Gemma 2/3: post-attention, pre- and post-FFN norms
         out["attn"]["out_norm"] = Leaf((f"{p}.post_attention_layernorm.weight",))
         out["post_norm"] = Leaf((f"{p}.pre_feedforward_layernorm.weight",))
         out["mlp"]["out_norm"] = Leaf((f"{p}.post_feedforward_layernorm.weight",))
+    elif cfg.norm_placement == "post":  # OLMo 2: each block's one norm is on its output
+        out["input_norm"] = Leaf((f"{p}.post_attention_layernorm.weight",))
+        out["post_norm"] = Leaf((f"{p}.post_feedforward_layernorm.weight",))
     if cfg.residual_multiplier != 1.0:  # Granite: x + r * f(x), folded into f's last matmul
         out["attn"]["o"] = _scaled(out["attn"]["o"], cfg.residual_multiplier)
         out["mlp"]["down"] = _scaled(out["mlp"]["down"], cfg.residual_multiplier)

@@ -155,11 +155,21 @@ def _decode_attention(q_BSKGD: jax.Array, keys_BLKD: jax.Array, vals_BLKD: jax.A
     return out.reshape(b, 1, k * g * dh)
 
 
+def _qk_norm(x_BSHD: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """RMSNorm of queries or keys over each head (``qk_norm_scope`` "head") or over all heads
+    of a token at once ("whole", OLMo 2's norm of the whole projection)."""
+    if cfg.qk_norm_scope == "head":
+        return rms_norm(x_BSHD, weight, cfg.rms_norm_eps)
+    b, s = x_BSHD.shape[:2]
+    return rms_norm(x_BSHD.reshape(b, s, -1), weight, cfg.rms_norm_eps).reshape(x_BSHD.shape)
+
+
 def gqa_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax.Array,
                   cache: dict, block_tables_BN: jax.Array, layer: int | None = None
                   ) -> tuple[jax.Array, dict]:
     """Grouped-query attention (Llama, Qwen, Mixtral, Gemma). Returns output ``[B, S, D]`` and
-    cache; ``layer`` picks a local layer's window and RoPE base (``is_local_layer``)."""
+    cache; ``layer`` picks a local layer's window and RoPE base (``is_local_layer``) and
+    whether it rotates at all (``uses_rope``)."""
     b, s, _ = x_BSD.shape
     h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = project(p, "q", x_BSD).reshape(b, s, h, dh)
@@ -169,11 +179,11 @@ def gqa_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
         kk = project(p, "k", x_BSD).reshape(b, s, k, dh)
         v = project(p, "v", x_BSD).reshape(b, s, k, dh)
     if cfg.qk_norm:
-        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
-        kk = rms_norm(kk, p["k_norm"], cfg.rms_norm_eps)
-    cos, sin = rope_cos_sin(cfg, positions_BS, local=cfg.is_local_layer(layer))
-    q = apply_rope(q, cos, sin, cfg.rope.interleaved)
-    kk = apply_rope(kk, cos, sin, cfg.rope.interleaved)
+        q, kk = _qk_norm(q, p["q_norm"], cfg), _qk_norm(kk, p["k_norm"], cfg)
+    if cfg.uses_rope(layer):
+        cos, sin = rope_cos_sin(cfg, positions_BS, local=cfg.is_local_layer(layer))
+        q = apply_rope(q, cos, sin, cfg.rope.interleaved)
+        kk = apply_rope(kk, cos, sin, cfg.rope.interleaved)
     cache = {
         "k": write_pages(cache["k"], kk, positions_BS, block_tables_BN),
         "v": write_pages(cache["v"], v, positions_BS, block_tables_BN),

@@ -1,7 +1,7 @@
 """Frozen model configuration, read once from a Hugging Face ``config.json`` and validated.
 
 One ``ModelConfig`` describes every supported architecture: Llama-style dense models
-(Llama, Mistral, Qwen2, Qwen3, SmolLM), Mixtral, Qwen2-MoE, Qwen3-MoE and DeepSeek-V3
+(Llama, Mistral, Qwen2, Qwen3, SmolLM, OLMo 2), Mixtral, Qwen2-MoE, Qwen3-MoE and DeepSeek-V3
 (MLA attention, grouped sigmoid routing, shared experts, MTP). The architecture is a choice of
 stage variants (``mla`` or GQA attention, ``moe`` or dense FFN per layer), not a separate model.
 """
@@ -13,6 +13,8 @@ import dataclasses
 from xds_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+NORM_PLACEMENTS = ("pre", "sandwich", "post")
+QK_NORM_SCOPES = ("head", "whole")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +98,9 @@ class ModelConfig:
     attention_out_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    # q/k RMSNorm over each head's dims ("head": Qwen3, Gemma 3) or over the whole q and k
+    # projections, all heads at once ("whole": OLMo 2)
+    qk_norm_scope: str = "head"
     sliding_window: int | None = None
     mla: MLAConfig | None = None
     moe: MoEConfig | None = None
@@ -111,11 +116,14 @@ class ModelConfig:
     # tanh soft-capping of attention scores and logits, and local layers: a sliding window and
     # their own RoPE base (the other layers attend to everything).
     mlp_act: str = "silu"  # "silu" or "gelu_tanh"
-    sandwich_norms: bool = False
+    # Where a layer's norms sit: "pre" (on the attention and MLP inputs), "sandwich" (Gemma
+    # 2/3: on their outputs too) or "post" (OLMo 2: on their outputs only).
+    norm_placement: str = "pre"
     attn_softcap: float | None = None
     final_softcap: float | None = None
     local_layers: tuple[int, ...] | None = None  # None: sliding_window (if any) on every layer
     local_rope_theta: float | None = None
+    nope_layers: tuple[int, ...] = ()  # layers whose attention has no RoPE (SmolLM3's NoPE)
     dtype: str = "bfloat16"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -132,12 +140,22 @@ class ModelConfig:
             return False
         return self.local_layers is None or (layer is not None and layer in self.local_layers)
 
+    def uses_rope(self, layer: int | None) -> bool:
+        """Layer ``layer`` rotates its queries and keys (all but ``nope_layers``)."""
+        return layer not in self.nope_layers
+
+    def attention_kind(self, layer: int) -> tuple[bool, bool]:
+        """(local, rotated) of layer ``layer``; an MTP layer, ``layer >= num_layers``, is a
+        global rotated one."""
+        if layer >= self.num_layers:
+            return False, True
+        return self.is_local_layer(layer), self.uses_rope(layer)
+
     def attention_kind_layer(self, layer: int) -> int | None:
-        """The first layer attending like layer ``layer`` (local or global; an MTP layer,
-        ``layer >= num_layers``, as a global one), so layers of a kind share one attention
-        program; None when no target layer is of that kind."""
-        local = layer < self.num_layers and self.is_local_layer(layer)
-        return next((i for i in range(self.num_layers) if self.is_local_layer(i) == local), None)
+        """The first layer attending like layer ``layer`` (``attention_kind``), so layers of a
+        kind share one attention program; None when no target layer is of that kind."""
+        kind = self.attention_kind(layer)
+        return next((i for i in range(self.num_layers) if self.attention_kind(i) == kind), None)
 
     @property
     def rope_dim(self) -> int:
@@ -191,10 +209,16 @@ def validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"sliding_window must be positive, got {cfg.sliding_window!r}")
     if cfg.mlp_act not in ("silu", "gelu_tanh"):
         raise ConfigError(f"mlp activation must be silu or gelu_tanh, got {cfg.mlp_act!r}")
-    bad = [i for i in cfg.local_layers or () if not 0 <= i < cfg.num_layers]
-    if bad:
-        raise ConfigError(f"local (sliding-window) layers {bad} are outside "
-                          f"0..{cfg.num_layers - 1}")
+    if cfg.norm_placement not in NORM_PLACEMENTS:
+        raise ConfigError(f"norm_placement must be one of {NORM_PLACEMENTS}, "
+                          f"got {cfg.norm_placement!r}")
+    if cfg.qk_norm_scope not in QK_NORM_SCOPES:
+        raise ConfigError(f"qk_norm_scope must be one of {QK_NORM_SCOPES}, "
+                          f"got {cfg.qk_norm_scope!r}")
+    for name in ("local_layers", "nope_layers"):
+        bad = [i for i in getattr(cfg, name) or () if not 0 <= i < cfg.num_layers]
+        if bad:
+            raise ConfigError(f"{name} {bad} are outside 0..{cfg.num_layers - 1}")
     dense_layers = [i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]
     if dense_layers and cfg.intermediate_size <= 0:
         raise ConfigError(f"intermediate_size must be positive, got {cfg.intermediate_size!r}")
@@ -202,6 +226,10 @@ def validate(cfg: ModelConfig) -> None:
         _positive(cfg.mla, "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
         if cfg.mla.q_lora_rank is not None:
             _positive(cfg.mla, "q_lora_rank")
+    if cfg.mla is not None and cfg.nope_layers:
+        raise ConfigError("nope_layers (attention without RoPE) are not supported with MLA")
+    if cfg.moe is not None and cfg.norm_placement == "post":
+        raise ConfigError("norm_placement 'post' is not supported with MoE layers")
     if cfg.moe is not None:
         _validate_moe(cfg.moe, cfg.num_layers)
 

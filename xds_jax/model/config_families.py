@@ -1,5 +1,6 @@
-"""Family-specific ``config.json`` fields: Gemma's (Gemma, Gemma 2, Gemma 3 and the language
-model of an image-text Gemma 3) and Granite's multipliers, as ``ModelConfig`` fields."""
+"""Family-specific ``config.json`` fields as ``ModelConfig`` fields: Gemma's (Gemma, Gemma 2,
+Gemma 3 and the language model of an image-text Gemma 3), Granite's multipliers, SmolLM3's
+layers without RoPE, OLMo 2/3's post-norms and whole-projection q/k norms."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from xds_jax.errors import ConfigError, UnsupportedModelError
 from xds_jax.model.config_fields import int_field
 
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
+OLMO_TYPES = ("olmo2", "olmo3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu")
 # transformers' Gemma3TextConfig defaults: the text_config of an image-text Gemma 3 on the Hub
 # names only what differs from them (gemma-3-4b-it: sizes, layer count, rope_scaling, window).
@@ -49,7 +52,8 @@ def gemma_fields(d: dict, model_type: str, source: str) -> dict:
         raise UnsupportedModelError(f"{source}: hidden_activation {act!r} is not supported "
                                     f"for {model_type} (supported: {', '.join(GELU_TANH)})")
     layers = int_field(d, "num_hidden_layers", source)
-    out: dict = {"mlp_act": "gelu_tanh", "sandwich_norms": model_type != "gemma"}
+    out: dict = {"mlp_act": "gelu_tanh",
+                 "norm_placement": "pre" if model_type == "gemma" else "sandwich"}
     scalar = d.get("query_pre_attn_scalar")
     if scalar is not None and model_type != "gemma":
         out["attention_multiplier"] = float(scalar) ** -0.5
@@ -84,6 +88,7 @@ def gemma_fields(d: dict, model_type: str, source: str) -> dict:
         if not (config.get("rope_parameters") or {}).get("rope_theta") and "rope_theta" not in d:
             config["rope_theta"] = GEMMA3_TEXT_DEFAULTS["rope_theta"]  # the global base
     out["config"] = config
+    out["sliding_window"] = config.get("sliding_window")
     return out
 
 
@@ -100,4 +105,103 @@ def granite_fields(d: dict, source: str) -> dict:
     scaling = out.pop("logits_scaling")
     tied = bool(d.get("tie_word_embeddings", False))
     out["logits_scale"] = 1.0 / (scaling * (out["embedding_multiplier"] if tied else 1.0))
+    return out
+
+
+def family_fields(d: dict, model_type: str, source: str) -> dict:
+    """The ``ModelConfig`` fields particular to ``model_type``'s family, plus ``config``: ``d``
+    as the generic reading should see it (the family's defaults filled in). A family that sets
+    ``sliding_window`` sets its ``local_layers`` too."""
+    if model_type in GEMMA_TYPES:
+        return gemma_fields(d, model_type, source)
+    if model_type == "granite":
+        return granite_fields(d, source) | {"config": d}
+    if model_type == "smollm3":
+        return smollm3_fields(d, source)
+    if model_type in OLMO_TYPES:
+        return olmo_fields(d, model_type, source)
+    return {"config": d}
+
+
+def layer_types(d: dict, layers: int, source: str) -> list[str] | None:
+    """``layer_types`` (one of ``LAYER_TYPES`` per layer), checked; None when absent."""
+    types = d.get("layer_types")
+    if types is None:
+        return None
+    if (not isinstance(types, list) or len(types) < layers
+            or any(t not in LAYER_TYPES for t in types)):
+        raise ConfigError(f"{source}: layer_types must list one of {LAYER_TYPES} for each of "
+                          f"the {layers} layers, got {types!r}")
+    return types[:layers]
+
+
+def _with_rope_theta(d: dict, theta: float) -> dict:
+    """``d`` with ``rope_theta`` set to the family's default where it names no RoPE base."""
+    if d.get("rope_theta") is not None or (d.get("rope_parameters") or {}).get("rope_theta"):
+        return d
+    return dict(d, rope_theta=theta)
+
+
+def smollm3_fields(d: dict, source: str) -> dict:
+    """SmolLM3: a Llama whose ``no_rope_layers`` (1: RoPE, 0: none; by default every
+    ``no_rope_layer_interval``-th layer has none) attend without RoPE; a sliding window only
+    with ``use_sliding_window``, on the ``layer_types`` sliding layers (by default the NoPE
+    ones), as SmolLM3Config builds them. Tied embeddings and RoPE base 2e6 by default."""
+    layers = int_field(d, "num_hidden_layers", source)
+    flags = d.get("no_rope_layers")
+    if flags is None:
+        interval = int_field(d, "no_rope_layer_interval", source, default=4)
+        if interval is None or interval <= 0:
+            raise ConfigError(f"{source}: no_rope_layer_interval must be a positive integer, "
+                              f"got {interval!r}")
+        flags = [int((i + 1) % interval != 0) for i in range(layers)]
+    if (not isinstance(flags, list) or len(flags) < layers
+            or any(isinstance(f, bool) or f not in (0, 1) for f in flags)):
+        raise ConfigError(f"{source}: no_rope_layers must list 0 or 1 for each of the "
+                          f"{layers} layers, got {flags!r}")
+    out: dict = {"nope_layers": tuple(i for i in range(layers) if not flags[i])}
+    window = int_field(d, "sliding_window", source, default=None)
+    types = layer_types(d, layers, source)
+    local = ()
+    if d.get("use_sliding_window") and window is not None:
+        types = types or ["full_attention" if flags[i] else "sliding_attention"
+                          for i in range(layers)]
+        local = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    out |= {"sliding_window": window if local else None, "local_layers": local or None}
+    config = dict(d, tie_word_embeddings=bool(d.get("tie_word_embeddings", True)))
+    out["config"] = _with_rope_theta(config, 2_000_000.0)
+    return out
+
+
+def olmo_fields(d: dict, model_type: str, source: str) -> dict:
+    """OLMo 2 / 3: norms on the attention and MLP outputs only, q/k norms over the whole
+    projections, RMSNorm eps 1e-5 by default. OLMo 3 adds sliding-window layers
+    (``layer_types``, by default three of every four; window 4096 by default) whose RoPE is
+    the plain rotation at their own base (per-layer-type ``rope_parameters``; any scaling
+    belongs to the full-attention layers)."""
+    out: dict = {"norm_placement": "post", "qk_norm_scope": "whole"}
+    config = dict(d)
+    if config.get("rms_norm_eps") is None:
+        config["rms_norm_eps"] = 1e-5
+    if model_type == "olmo2":
+        out["config"] = config
+        return out
+    layers = int_field(d, "num_hidden_layers", source)
+    types = layer_types(d, layers, source) or [
+        "sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(layers)]
+    window = int_field(d, "sliding_window", source, default=4096)
+    local = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    out |= {"sliding_window": window if local else None, "local_layers": local or None}
+    params = d.get("rope_parameters") or {}
+    sliding = {}
+    if params and all(isinstance(v, dict) for v in params.values()):  # transformers 5
+        config["rope_parameters"] = params.get("full_attention") or {}
+        sliding = params.get("sliding_attention") or {}
+    if sliding.get("rope_type", "default") != "default":
+        raise UnsupportedModelError(f"{source}: rope_parameters.sliding_attention.rope_type "
+                                    f"{sliding['rope_type']!r} is not supported (only default)")
+    config = _with_rope_theta(config, 500_000.0)
+    full_theta = (config.get("rope_parameters") or {}).get("rope_theta") or config["rope_theta"]
+    out["local_rope_theta"] = float(sliding.get("rope_theta") or full_theta)
+    out["config"] = config
     return out

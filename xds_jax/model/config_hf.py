@@ -17,13 +17,14 @@ from xds_jax.loading.checkpoint_quant import checkpoint_quantization
 from xds_jax.model.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
 from xds_jax.model.config_families import (
     GEMMA_TYPES,
+    OLMO_TYPES,
+    family_fields,
     gemma3_text_config,
-    gemma_fields,
-    granite_fields,
 )
 from xds_jax.model.config_fields import get_any, int_field
 
-DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite") + GEMMA_TYPES
+DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", *GEMMA_TYPES,
+               *OLMO_TYPES)
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 MLA_TYPES = ("deepseek_v2", "deepseek_v3")
 # DeepSeek-V2's topk_method: "greedy" (V2-Lite: top-k of all experts) or "group_limited_greedy"
@@ -111,7 +112,8 @@ def _dtype(d: dict) -> str:
 
 
 def _sliding_window(d: dict, model_type: str) -> dict:
-    """``sliding_window`` and ``local_layers`` of a non-Gemma model (Gemma: ``_gemma``).
+    """``sliding_window`` and ``local_layers`` of a model whose family sets none
+    (``config_families.family_fields``).
 
     Qwen's window (``use_sliding_window``) covers the layers from ``max_window_layers`` on, as
     transformers builds its ``layer_types``; an explicit ``layer_types`` list wins. Others
@@ -206,11 +208,10 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
             f"{source}: model_type {model_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_TYPES)})"
         )
-    gemma = gemma_fields(d, model_type, source) if model_type in GEMMA_TYPES else {}
-    if gemma:
-        d = gemma.pop("config")  # Gemma 3's per-layer-type rope_parameters: the global ones
+    family = family_fields(d, model_type, source)
+    d = family.pop("config")  # e.g. per-layer-type rope_parameters: the global layers' ones
     act = d.get("hidden_act", "silu")
-    if not gemma and act not in ("silu", "swish"):
+    if model_type not in GEMMA_TYPES and act not in ("silu", "swish"):
         raise UnsupportedModelError(f"{source}: hidden_act {act!r} is not supported (only silu)")
     hidden = int_field(d, "hidden_size", source)
     heads = int_field(d, "num_attention_heads", source)
@@ -240,10 +241,10 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
     context = int_field(d, "max_position_embeddings", source, default=2048)
     if rope.type == "longrope":  # served within the context its short factors cover
         context = min(context, rope.original_max_position_embeddings)
-    granite = granite_fields(d, source) if model_type == "granite" else {}
+    if "sliding_window" not in family:
+        family |= _sliding_window(d, model_type)
     return ModelConfig(
-        **granite,
-        **gemma,
+        **family,
         model_type=model_type,
         vocab_size=int_field(d, "vocab_size", source),
         hidden_size=hidden,
@@ -259,9 +260,7 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         attention_bias=qkv_bias,
         attention_out_bias=out_bias,
         mlp_bias=bool(d.get("mlp_bias", False)),
-        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
-        **({"sliding_window": d.get("sliding_window")} if gemma
-           else _sliding_window(d, model_type)),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text") + OLMO_TYPES,
         mla=mla,
         moe=_moe(d, model_type, layers, source),
         num_mtp_layers=int_field(d, "num_nextn_predict_layers", source, default=0) or 0,

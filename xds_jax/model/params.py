@@ -6,6 +6,10 @@ Matrices are stored ``[in, out]`` so that stages compute ``x @ w``. The tree is:
      "layers": [{"input_norm", "post_norm", "attn": {...}, "mlp" | "moe": {...}}, ...],
      "mtp": [{"enorm", "hnorm", "eh_proj", "layer": {...}, "final_norm"}, ...] (DeepSeek MTP)}
 
+``input_norm`` is the attention block's norm and ``post_norm`` the FFN block's: on their
+inputs, or on their outputs where ``ModelConfig.norm_placement`` is "post" (OLMo 2); Gemma's
+sandwich norms add ``out_norm`` to ``attn`` and ``mlp``.
+
 Loaders then fuse K/V and gate/up (``xds_jax.model.fused``) and may quantise linear weights
 to int8 with ``<name>_scale`` siblings (``xds_jax.model.quant``); stages take every variant.
 """
@@ -41,7 +45,9 @@ def _attention_shapes(cfg: ModelConfig) -> dict:
         shapes |= {"q_bias": (q_dim,), "k_bias": (kv_dim,), "v_bias": (kv_dim,)}
     if cfg.attention_out_bias:
         shapes["o_bias"] = (d,)
-    if cfg.qk_norm:
+    if cfg.qk_norm and cfg.qk_norm_scope == "whole":  # OLMo 2: over all heads at once
+        shapes |= {"q_norm": (q_dim,), "k_norm": (kv_dim,)}
+    elif cfg.qk_norm:
         shapes |= {"q_norm": (cfg.head_dim,), "k_norm": (cfg.head_dim,)}
     return shapes
 
@@ -76,7 +82,7 @@ def layer_shapes(cfg: ModelConfig, index: int) -> dict:
         shapes["moe"] = _moe_shapes(cfg)
     else:
         shapes["mlp"] = _mlp_shapes(d, cfg.intermediate_size, cfg.mlp_bias)
-    if cfg.sandwich_norms:  # Gemma 2/3: norms on the attention and MLP outputs
+    if cfg.norm_placement == "sandwich":  # Gemma 2/3: norms on the attention and MLP outputs
         shapes["attn"]["out_norm"] = (d,)
         shapes["mlp"]["out_norm"] = (d,)
     return shapes

@@ -42,19 +42,26 @@ def attention(layer: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
               cache: dict, block_tables_BN: jax.Array, index: int | None = None
               ) -> tuple[jax.Array, dict]:
     """Pre-norm attention with residual: ``x + attn(norm(x))`` (Gemma 2/3's sandwich: ``x +
-    norm(attn(norm(x)))``, ``attn["out_norm"]``); writes this layer's KV pages. ``index``:
-    the layer's number, for models whose local layers differ (``is_local_layer``)."""
-    h = rms_norm(x_BSD, layer["input_norm"], cfg.rms_norm_eps)
+    norm(attn(norm(x)))``, ``attn["out_norm"]``; OLMo 2's post-norm: ``x + norm(attn(x))``);
+    writes this layer's KV pages. ``index``: the layer's number, for models whose layers
+    attend differently (``ModelConfig.attention_kind``)."""
+    post = cfg.norm_placement == "post"
+    h = x_BSD if post else rms_norm(x_BSD, layer["input_norm"], cfg.rms_norm_eps)
     attend = mla_attention if cfg.mla is not None else gqa_attention
     out, cache = attend(layer["attn"], cfg, h, positions_BS, cache, block_tables_BN, index)
-    if "out_norm" in layer["attn"]:
+    if post:
+        out = rms_norm(out, layer["input_norm"], cfg.rms_norm_eps)
+    elif "out_norm" in layer["attn"]:
         out = rms_norm(out, layer["attn"]["out_norm"], cfg.rms_norm_eps)
     return x_BSD + out, cache
 
 
 def ffn(layer: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """Dense SwiGLU (GeGLU) block with residual: ``x + mlp(norm(x))``, or Gemma 2/3's ``x +
-    norm(mlp(norm(x)))`` (``mlp["out_norm"]``)."""
+    norm(mlp(norm(x)))`` (``mlp["out_norm"]``), or OLMo 2's ``x + norm(mlp(x))``."""
+    if cfg.norm_placement == "post":
+        y = swiglu(layer["mlp"], x, cfg.mlp_act)
+        return x + rms_norm(y, layer["post_norm"], cfg.rms_norm_eps)
     y = swiglu(layer["mlp"], rms_norm(x, layer["post_norm"], cfg.rms_norm_eps), cfg.mlp_act)
     if "out_norm" in layer["mlp"]:
         y = rms_norm(y, layer["mlp"]["out_norm"], cfg.rms_norm_eps)

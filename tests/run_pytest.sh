@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One pytest process of `make test`: runs "$@", its output also kept in a file.
 #
-# A process killed by a signal is a native crash (XLA:CPU has segfaulted and aborted late in
-# long test processes, not reproducibly). Only a tail of CI's output is kept, so the crash is
-# summarised last: the fatal line, native error lines, and the frames of this repository in
-# every thread's Python stack (faulthandler's dump). The process is then run once more; a test
-# that fails (exit 1) is never rerun, and a second crash fails the run.
+# A process killed by a signal is a native crash (XLA:CPU segfaulted late in long test
+# processes that had reached Linux's vm.max_map_count: tests/conftest.py now frees compiled
+# programs before that; a crash is still possible). Only a tail of CI's output is kept, so the
+# crash is summarised last: the fatal line, native error lines, and the frames of this
+# repository in every thread's Python stack (faulthandler's dump). The process is then run once
+# more; a test that fails (exit 1) is never rerun, and a second crash fails the run.
 set -u
 log=$(mktemp "${TMPDIR:-/tmp}/xds-pytest.XXXXXX")
 trap 'rm -f "$log"' EXIT

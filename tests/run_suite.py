@@ -1,11 +1,12 @@
 """`make test`: the suite's pytest processes, two at a time, each printed whole when it ends.
 
 JAX fixes the number of virtual CPU devices when it starts, so tests needing 16, 64 or 384
-devices run in processes of their own; the 8-device tests run in six processes (XLA:CPU
-segfaulted late in processes that ran many serving tests). Most of a test's time is
-single-threaded compiling, so two processes at once use both cores of a 2-core machine; the
-384-device process (14.5 GB at its peak) runs alone, last (run beside the 16-device one, both
-slowed by ~70 s: no gain). The others start longest first, so the two lanes end together.
+devices run in processes of their own; the 8-device tests run in six processes (so that the two
+lanes end together; a process compiling thousands of programs also neared Linux's limit on
+memory mappings, where XLA:CPU segfaults: `tests/conftest.py` now frees them). Most of a test's
+time is single-threaded compiling, so two processes at once use both cores of a 2-core machine;
+the 384-device process (14.5 GB at its peak) runs alone, last (run beside the 16-device one,
+both slowed by ~70 s: no gain). The others start longest first, so the two lanes end together.
 Each process runs under ``tests/run_pytest.sh`` (a native crash is summarised and the process
 run once more).
 
@@ -39,9 +40,10 @@ def serving(pattern: str) -> list[str]:
 
 # name -> (virtual CPU devices, pytest arguments), longest first (the order they start in;
 # seconds in a CI run: a-l 392, xds_jax 372, s 349, mesh16 205, m-r 169, rest 114, t-z 28,
-# mesh64 11, mesh384 86). The serving tests run in four processes: XLA:CPU segfaulted late
-# in a process that ran the m-z files once structured outputs and tool calling added theirs
-# (each file passes alone); the other tests in two (model and loader tests, the rest).
+# mesh64 11, mesh384 86, before the elemental fusion emitters). The serving tests run in four
+# processes (XLA:CPU segfaulted late in a process that ran the m-z files: the process had
+# reached vm.max_map_count, see tests/conftest.py); the other tests in two (model and loader
+# tests, the rest).
 PROCESSES = {
     "serving-a-l": (8, ["-m", NOT_MESH, *serving("test_[a-l]*.py")]),
     "xds_jax": (8, ["-m", NOT_MESH, "tests/xds_jax"]),

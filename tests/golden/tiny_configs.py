@@ -194,6 +194,50 @@ TINY_MODELS = {
         ),
         0,
     ),
+    # OLMoE: pre-norm Llama attention with q/k norms over the whole projections (64 and 32
+    # wide: GQA), a MoE FFN on every layer: softmax router, top-2 of 8, no renormalisation.
+    "olmoe": (
+        tf.OlmoeConfig(
+            **dict(BASE, intermediate_size=32),
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            eos_token_id=2,
+        ),
+        0,
+    ),
+    # Granite 3.x MoE: Granite's multipliers (tied head), experts fused as input_linear
+    # [E, 2F, D] (gate rows first) and output_linear; softmax over the top-2 router logits (a
+    # renormalised top-k).
+    "granitemoe": (
+        tf.GraniteMoeConfig(
+            **dict(BASE, intermediate_size=32),
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            tie_word_embeddings=True,
+            embedding_multiplier=12.0,
+            residual_multiplier=0.22,
+            attention_multiplier=0.125,
+            logits_scaling=4.0,
+        ),
+        1,
+    ),
+    # Granite MoE Shared: Granite MoE plus a shared MLP (shared_mlp.input_linear fuses its gate
+    # and up) added to the routed output before the residual multiplier.
+    "granitemoeshared": (
+        tf.GraniteMoeSharedConfig(
+            **dict(BASE, intermediate_size=32),
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            shared_intermediate_size=48,
+            tie_word_embeddings=False,
+            embedding_multiplier=6.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+            logits_scaling=2.0,
+        ),
+        0,
+    ),
     "qwen2_moe": (
         tf.Qwen2MoeConfig(
             **BASE,

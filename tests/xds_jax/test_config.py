@@ -331,3 +331,67 @@ def test_olmo3_sliding_layers_and_their_rope():
         "rope_type": "linear", "factor": 2.0}))
     with pytest.raises(UnsupportedModelError, match="sliding_attention.rope_type 'linear'"):
         config_from_hf_dict(bad)
+
+
+OLMOE_1B_7B = {  # the sizes and fields of allenai/OLMoE-1B-7B-0924's config.json, trimmed
+    "model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 1024,
+    "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16,
+    "max_position_embeddings": 4096, "rope_theta": 10000.0, "rope_scaling": None,
+    "rms_norm_eps": 1e-05, "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False,
+    "clip_qkv": None, "tie_word_embeddings": False, "eos_token_id": 50279, "pad_token_id": 1,
+}
+
+
+def test_olmoe_pre_norms_whole_qk_norms_and_moe_on_every_layer():
+    cfg = config_from_hf_dict(OLMOE_1B_7B)
+    assert (cfg.norm_placement, cfg.qk_norm, cfg.qk_norm_scope) == ("pre", True, "whole")
+    moe = cfg.moe
+    assert (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size) == (64, 8, 1024)
+    assert moe.router == "softmax" and not moe.norm_topk_prob and not moe.num_shared_experts
+    assert moe.moe_layers == tuple(range(16))
+    defaults = {k: v for k, v in OLMOE_1B_7B.items()
+                if k not in ("rms_norm_eps", "num_experts", "num_experts_per_tok",
+                             "norm_topk_prob")}
+    assert config_from_hf_dict(defaults) == cfg  # OlmoeConfig's defaults
+    assert config_from_hf_dict(dict(OLMOE_1B_7B, norm_topk_prob=True)).moe.norm_topk_prob
+    assert load_model_config(GOLDEN / "olmoe").qk_norm_scope == "whole"
+    with pytest.raises(UnsupportedModelError, match="clip_qkv 8.0 is not supported"):
+        config_from_hf_dict(dict(OLMOE_1B_7B, clip_qkv=8.0))
+    with pytest.raises(ConfigError, match="norm_topk_prob must be true or false"):
+        config_from_hf_dict(dict(OLMOE_1B_7B, norm_topk_prob="yes"))
+    with pytest.raises(ConfigError, match="num_experts_per_tok .9. exceeds"):
+        config_from_hf_dict(dict(OLMOE_1B_7B, num_experts=8, num_experts_per_tok=9))
+
+
+GRANITE_MOE_3B = {  # the sizes and multipliers of ibm-granite/granite-3.1-3b-a800m, trimmed
+    "model_type": "granitemoe", "vocab_size": 49155, "hidden_size": 1536,
+    "intermediate_size": 512, "num_hidden_layers": 32, "num_attention_heads": 24,
+    "num_key_value_heads": 8, "max_position_embeddings": 131072, "rope_theta": 10000000.0,
+    "rms_norm_eps": 1e-06, "num_local_experts": 40, "num_experts_per_tok": 8,
+    "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.015625,
+    "logits_scaling": 6.0, "tie_word_embeddings": True, "hidden_act": "silu",
+}
+
+
+def test_granite_moe_multipliers_renormalised_routing_and_shared_mlp():
+    cfg = config_from_hf_dict(GRANITE_MOE_3B)
+    assert cfg.attention_multiplier == 0.015625 and cfg.residual_multiplier == 0.22
+    assert cfg.logits_scale == pytest.approx(1 / (6.0 * 12.0))  # tied: undoes the embedding's
+    moe = cfg.moe
+    assert (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size) == (40, 8, 512)
+    # softmax over the top-k logits is the softmax over all experts, top-k, renormalised
+    assert moe.router == "softmax" and moe.norm_topk_prob and not moe.num_shared_experts
+    assert moe.moe_layers == tuple(range(32)) and not cfg.qk_norm
+    shared = config_from_hf_dict(dict(GRANITE_MOE_3B, model_type="granitemoeshared",
+                                      shared_intermediate_size=1024)).moe
+    assert (shared.num_shared_experts, shared.shared_intermediate_size) == (1, 1024)
+    assert not shared.shared_expert_gate  # added as it is, unlike Qwen2-MoE's gated one
+    plain = config_from_hf_dict(dict(GRANITE_MOE_3B, model_type="granitemoeshared"))
+    assert plain.moe == moe  # shared_intermediate_size 0 (the default): no shared MLP
+    with pytest.raises(ConfigError, match="num_local_experts must be an integer"):
+        config_from_hf_dict(dict(GRANITE_MOE_3B, num_local_experts="many"))
+    with pytest.raises(ConfigError, match="logits_scaling must be a positive number"):
+        config_from_hf_dict(dict(GRANITE_MOE_3B, logits_scaling=0))
+    with pytest.raises(ConfigError, match="shared_intermediate_size must be an integer"):
+        config_from_hf_dict(dict(GRANITE_MOE_3B, model_type="granitemoeshared",
+                                 shared_intermediate_size=1.5))

@@ -45,7 +45,7 @@ def test_greedy_generation_matches_transformers(name):
         assert s.finish_reason == "length"
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3_moe", "granitemoeshared", "deepseek_v3"])
 def test_separately_jitted_stages_match_transformers(name):
     """Chain the stages as a distributed runner does: one jitted program per stage."""
     m, g = tiny(name), golden(name)
@@ -114,3 +114,30 @@ def test_image_text_gemma3_serves_its_language_model():
                                        allowed_token_ids=list(range(300))))
     for i, out in enumerate(outs):
         assert out.outputs[0].token_ids == g[f"greedy_{i}"].tolist(), f"prompt {i}"
+
+
+def test_granite_moe_in_memory_names_load_like_checkpoint_ones(tmp_path):
+    """transformers 5 renames Granite MoE's ``input_linear`` / ``output_linear`` /
+    ``router.layer`` to ``experts.gate_up_proj`` / ``experts.down_proj`` / ``router`` in
+    memory; a checkpoint under those names loads to the same model."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from xds_jax.loading.loader import load_model
+
+    src = GOLDEN / "granitemoeshared"
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    renames = {"input_linear.weight": "experts.gate_up_proj",
+               "output_linear.weight": "experts.down_proj", "router.layer.weight": "router.weight"}
+    tensors = {}
+    for name, w in load_file(str(src / "model.safetensors")).items():
+        for old, new in renames.items():
+            if ".block_sparse_moe." in name and name.endswith(old):
+                name = name.removesuffix(old) + new
+        tensors[name] = w
+    assert "model.layers.0.block_sparse_moe.experts.gate_up_proj" in tensors
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    m, g = load_model(tmp_path, dtype="float32", use_cache=False), golden("granitemoeshared")
+    logits = reference_logits(m.params, m.cfg, jnp.asarray(g["prompt_2"]))
+    np.testing.assert_allclose(np.asarray(logits), g["logits_2"], atol=TOL, rtol=TOL)

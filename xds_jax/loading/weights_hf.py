@@ -2,7 +2,8 @@
 
 Experts are read split per expert (``mlp.experts.{e}.gate_proj.weight``, Mixtral's
 ``block_sparse_moe.experts.{e}.w1``) and stacked, or fused (``mlp.experts.gate_up_proj``) as
-transformers 5 keeps them in memory. DeepSeek MTP blocks sit after the last decoder layer.
+transformers 5 keeps them in memory and Granite MoE stores them (``input_linear``). DeepSeek
+MTP blocks sit after the last decoder layer.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from xds_jax.errors import WeightLoadError
 from xds_jax.loading.checkpoint_quant import RAW_DTYPES, read_raw
 from xds_jax.loading.weights import Leaf, first_present, transpose, transpose_last2
 from xds_jax.model.config import ModelConfig
-from xds_jax.model.config_families import GEMMA_TYPES
+from xds_jax.model.config_families import GEMMA_TYPES, GRANITE_MOE_TYPES
 
 _ATTN = {
     "q": "q_proj.weight", "k": "k_proj.weight", "v": "v_proj.weight", "o": "o_proj.weight",
@@ -122,7 +123,36 @@ def _experts(cfg: ModelConfig, prefix: str, names: set[str], mixtral: bool) -> d
     }
 
 
+def _granite_moe(cfg: ModelConfig, p: str, shapes: dict, names: set[str]) -> dict:
+    """Granite MoE: experts fused as ``input_linear`` ``[E, 2F, D]`` (gate rows, then up) and
+    ``output_linear`` ``[E, D, F]`` (transformers 5 in memory: ``experts.gate_up_proj`` and
+    ``experts.down_proj``); Granite MoE Shared's ``shared_mlp`` fuses its gate and up alike."""
+    prefix, f = f"{p}.block_sparse_moe", cfg.moe.moe_intermediate_size
+    gate_up = first_present(names, f"{prefix}.input_linear.weight",
+                            f"{prefix}.experts.gate_up_proj")
+    out = {
+        "router": Leaf((first_present(names, f"{prefix}.router.layer.weight",
+                                      f"{prefix}.router.weight"),), transpose),
+        "experts": {
+            "gate": Leaf((gate_up,), lambda a: transpose_last2(a[:, :f])),
+            "up": Leaf((gate_up,), lambda a: transpose_last2(a[:, f:])),
+            "down": Leaf((first_present(names, f"{prefix}.output_linear.weight",
+                                        f"{prefix}.experts.down_proj"),), transpose_last2),
+        },
+    }
+    if "shared" in shapes:
+        s, shared = cfg.moe.shared_intermediate_size, f"{p}.shared_mlp"
+        out["shared"] = {
+            "gate": _rows(f"{shared}.input_linear.weight", 0, s),
+            "up": _rows(f"{shared}.input_linear.weight", s, 2 * s),
+            "down": Leaf((f"{shared}.output_linear.weight",), transpose),
+        }
+    return out
+
+
 def _moe(cfg: ModelConfig, p: str, shapes: dict, names: set[str]) -> dict:
+    if cfg.model_type in GRANITE_MOE_TYPES:
+        return _granite_moe(cfg, p, shapes, names)
     mixtral = f"{p}.block_sparse_moe.gate.weight" in names
     prefix = f"{p}.block_sparse_moe" if mixtral else f"{p}.mlp"
     out = {
@@ -175,8 +205,11 @@ def _layer(cfg: ModelConfig, p: str, shapes: dict, names: set[str]) -> dict:
         out["input_norm"] = Leaf((f"{p}.post_attention_layernorm.weight",))
         out["post_norm"] = Leaf((f"{p}.post_feedforward_layernorm.weight",))
     if cfg.residual_multiplier != 1.0:  # Granite: x + r * f(x), folded into f's last matmul
-        out["attn"]["o"] = _scaled(out["attn"]["o"], cfg.residual_multiplier)
-        out["mlp"]["down"] = _scaled(out["mlp"]["down"], cfg.residual_multiplier)
+        r = cfg.residual_multiplier
+        out["attn"]["o"] = _scaled(out["attn"]["o"], r)
+        ffns = [out["mlp"]] if "mlp" in out else [out["moe"]["experts"], out["moe"].get("shared")]
+        for ffn in filter(None, ffns):
+            ffn["down"] = _scaled(ffn["down"], r)
     return out
 
 

@@ -1,9 +1,10 @@
 """Frozen model configuration, read once from a Hugging Face ``config.json`` and validated.
 
 One ``ModelConfig`` describes every supported architecture: Llama-style dense models
-(Llama, Mistral, Qwen2, Qwen3, SmolLM, OLMo 2), Mixtral, Qwen2-MoE, Qwen3-MoE and DeepSeek-V3
-(MLA attention, grouped sigmoid routing, shared experts, MTP). The architecture is a choice of
-stage variants (``mla`` or GQA attention, ``moe`` or dense FFN per layer), not a separate model.
+(Llama, Mistral, Qwen2, Qwen3, SmolLM, OLMo 2), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite
+MoE and DeepSeek-V3 (MLA attention, grouped sigmoid routing, shared experts, MTP). The
+architecture is a choice of stage variants (``mla`` or GQA attention, ``moe`` or dense FFN per
+layer), not a separate model.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Family-specific ``config.json`` fields as ``ModelConfig`` fields: Gemma's (Gemma, Gemma 2,
-Gemma 3 and the language model of an image-text Gemma 3), Granite's multipliers, SmolLM3's
-layers without RoPE, OLMo 2/3's post-norms and whole-projection q/k norms."""
+Gemma 3 and the language model of an image-text Gemma 3), Granite's multipliers (Granite and
+Granite MoE), SmolLM3's layers without RoPE, OLMo 2/3's post-norms and OLMo 2/3 and OLMoE's
+whole-projection q/k norms."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from xds_jax.model.config_fields import int_field
 
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")
+GRANITE_MOE_TYPES = ("granitemoe", "granitemoeshared")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu")
 # transformers' Gemma3TextConfig defaults: the text_config of an image-text Gemma 3 on the Hub
@@ -114,12 +116,14 @@ def family_fields(d: dict, model_type: str, source: str) -> dict:
     ``sliding_window`` sets its ``local_layers`` too."""
     if model_type in GEMMA_TYPES:
         return gemma_fields(d, model_type, source)
-    if model_type == "granite":
+    if model_type in ("granite", *GRANITE_MOE_TYPES):
         return granite_fields(d, source) | {"config": d}
     if model_type == "smollm3":
         return smollm3_fields(d, source)
     if model_type in OLMO_TYPES:
         return olmo_fields(d, model_type, source)
+    if model_type == "olmoe":
+        return olmoe_fields(d, source)
     return {"config": d}
 
 
@@ -205,3 +209,15 @@ def olmo_fields(d: dict, model_type: str, source: str) -> dict:
     out["local_rope_theta"] = float(sliding.get("rope_theta") or full_theta)
     out["config"] = config
     return out
+
+
+def olmoe_fields(d: dict, source: str) -> dict:
+    """OLMoE: pre-norm layers (unlike OLMo 2) with q/k norms over the whole projections, RMSNorm
+    eps 1e-5 by default; its ``clip_qkv`` (unset on the released checkpoints) is not served."""
+    if d.get("clip_qkv") is not None:
+        raise UnsupportedModelError(f"{source}: clip_qkv {d['clip_qkv']!r} is not supported "
+                                    "(only null)")
+    config = dict(d)
+    if config.get("rms_norm_eps") is None:
+        config["rms_norm_eps"] = 1e-5
+    return {"qk_norm_scope": "whole", "config": config}

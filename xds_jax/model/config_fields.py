@@ -1,5 +1,5 @@
 """Reading ``config.json`` fields: the first present spelling, required fields, integers,
-each error naming the field and the file."""
+booleans, each error naming the field and the file."""
 
 from __future__ import annotations
 
@@ -29,3 +29,13 @@ def int_field(d: dict, name: str, source: str, default: Any = ...) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
         raise ConfigError(f"{source}: {name} must be an integer, got {value!r}")
     return int(value)
+
+
+def bool_field(d: dict, name: str, source: str, default: bool) -> bool:
+    """``d[name]`` as a JSON boolean; ``default`` where it is absent or null."""
+    value = d.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
+    return value

@@ -17,15 +17,17 @@ from xds_jax.loading.checkpoint_quant import checkpoint_quantization
 from xds_jax.model.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
 from xds_jax.model.config_families import (
     GEMMA_TYPES,
+    GRANITE_MOE_TYPES,
     OLMO_TYPES,
     family_fields,
     gemma3_text_config,
 )
-from xds_jax.model.config_fields import get_any, int_field
+from xds_jax.model.config_fields import bool_field, get_any, int_field
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", *GEMMA_TYPES,
                *OLMO_TYPES)
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", *GRANITE_MOE_TYPES, "deepseek_v2",
+             "deepseek_v3")
 MLA_TYPES = ("deepseek_v2", "deepseek_v3")
 # DeepSeek-V2's topk_method: "greedy" (V2-Lite: top-k of all experts) or "group_limited_greedy"
 # (V2: the topk_group groups with the best single expert score first).
@@ -140,6 +142,25 @@ def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | 
             num_experts=int_field(d, "num_local_experts", source),
             num_experts_per_tok=int_field(d, "num_experts_per_tok", source),
             moe_intermediate_size=int_field(d, "intermediate_size", source),
+            moe_layers=tuple(range(num_layers)),
+        )
+    if model_type == "olmoe":  # softmax, top-k, renormalised only with norm_topk_prob
+        return MoEConfig(
+            num_experts=int_field(d, "num_experts", source, default=64),
+            num_experts_per_tok=int_field(d, "num_experts_per_tok", source, default=8),
+            moe_intermediate_size=int_field(d, "intermediate_size", source, default=2048),
+            norm_topk_prob=bool_field(d, "norm_topk_prob", source, default=False),
+            moe_layers=tuple(range(num_layers)),
+        )
+    if model_type in GRANITE_MOE_TYPES:  # softmax over the top-k logits: renormalised top-k
+        shared = int_field(d, "shared_intermediate_size", source, default=0) or 0
+        return MoEConfig(
+            num_experts=int_field(d, "num_local_experts", source, default=8),
+            num_experts_per_tok=int_field(d, "num_experts_per_tok", source, default=2),
+            moe_intermediate_size=int_field(d, "intermediate_size", source, default=11008),
+            norm_topk_prob=True,
+            num_shared_experts=1 if shared else 0,
+            shared_intermediate_size=shared,
             moe_layers=tuple(range(num_layers)),
         )
     if model_type in ("qwen2_moe", "qwen3_moe"):
@@ -260,7 +281,7 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         attention_bias=qkv_bias,
         attention_out_bias=out_bias,
         mlp_bias=bool(d.get("mlp_bias", False)),
-        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text") + OLMO_TYPES,
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe") + OLMO_TYPES,
         mla=mla,
         moe=_moe(d, model_type, layers, source),
         num_mtp_layers=int_field(d, "num_nextn_predict_layers", source, default=0) or 0,

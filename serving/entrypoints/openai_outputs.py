@@ -49,16 +49,18 @@ class ChoiceCursor:
 def token_text(tokenizer: Any, entry: Logprob | None, token_id: int) -> str:
     if entry is not None and entry.decoded_token is not None:
         return entry.decoded_token
-    return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
+    if tokenizer is None:
+        return f"token_id:{token_id}"
+    return tokenizer.decode([token_id], skip_special_tokens=False)  # vLLM spells specials
 
 
 def echo_text(prompt: tuple[str | None, list[int]], tokenizer: Any) -> str:
-    """What ``echo`` leads a completion with: the prompt's text, or its token ids decoded
-    ("" without a tokenizer; "" too for special tokens only, whose scores are echoed all the
-    same)."""
+    """What ``echo`` leads a completion with: the prompt's text, or its token ids decoded with
+    their special tokens spelled, as vLLM decodes a token prompt for ``echo`` and as the echoed
+    logprob tokens spell them ("" without a tokenizer)."""
     if prompt[0] is not None:
         return prompt[0]
-    return "" if tokenizer is None else tokenizer.decode(prompt[1])
+    return "" if tokenizer is None else tokenizer.decode(prompt[1], skip_special_tokens=False)
 
 
 def next_offset(logprobs: CompletionLogprobs | None, default: int) -> int:

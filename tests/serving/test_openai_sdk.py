@@ -141,13 +141,15 @@ def test_prompt_logprobs(server, sdk):
 
 
 def test_echo_of_special_tokens_keeps_the_prompt_logprobs(server, sdk):
-    """An echoed token-id prompt that decodes to no text, special tokens only, still leads
-    the logprobs with its scored tokens, streamed or not (they were dropped, shifting the
-    indices lm-eval's loglikelihood reads)."""
+    """An echoed token-id prompt of special tokens only leads the logprobs with its scored
+    tokens, streamed or not (they were dropped, shifting the indices lm-eval's loglikelihood
+    reads), and its text spells them, as vLLM's does and as the logprob tokens do."""
     model, ids = server.engine.model_name, [1, 2, 1]  # BOS, EOS, BOS
     echo = dict(model=model, prompt=ids, echo=True, logprobs=1, temperature=0)
     scored = sdk.completions.create(max_tokens=0, **echo).choices[0]
-    assert scored.text == "" and len(scored.logprobs.tokens) == 3
+    assert len(scored.logprobs.tokens) == 3
+    specials = server.engine.tokenizer.decode(ids, skip_special_tokens=False)
+    assert scored.text == "".join(scored.logprobs.tokens) == specials and specials
     assert scored.logprobs.token_logprobs[0] is None
     assert all(lp < 0 for lp in scored.logprobs.token_logprobs[1:])
     done = sdk.completions.create(max_tokens=2, extra_body={"ignore_eos": True}, **echo)
@@ -155,6 +157,7 @@ def test_echo_of_special_tokens_keeps_the_prompt_logprobs(server, sdk):
     assert lp.token_logprobs[:3] == scored.logprobs.token_logprobs and len(lp.tokens) == 5
     chunks = list(sdk.completions.create(max_tokens=2, stream=True,
                                          extra_body={"ignore_eos": True}, **echo))
+    assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text
     streamed = [c.choices[0].logprobs for c in chunks]
     assert sum((s.token_logprobs for s in streamed), []) == lp.token_logprobs
     assert sum((s.text_offset for s in streamed), []) == lp.text_offset
@@ -164,13 +167,17 @@ def test_echo_text_offsets_count_on_past_the_prompt_tokens(server, sdk):
     """``text_offset`` counts the token strings (vLLM's): a prompt whose tokens each hold part
     of a character ("é" is two byte tokens, each shown as U+FFFD) is two characters long in
     them, one in its echoed text; the generated tokens' offsets continue after the prompt's
-    (they restarted at the echoed text's length, inside the prompt's own)."""
+    (they restarted at the echoed text's length, inside the prompt's own). The BOS token's
+    string spells it."""
     echo = dict(model=server.engine.model_name, prompt="é", echo=True, logprobs=0,
                 max_tokens=2, temperature=0, extra_body={"ignore_eos": True})
     done = sdk.completions.create(**echo)
     lp, first = done.choices[0].logprobs, done.usage.prompt_tokens  # BOS and two bytes
     assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
-    assert lp.text_offset[first] == 2 and done.choices[0].text.startswith("é")
+    bos = server.engine.tokenizer.decode([server.engine.tokenizer.bos_token_id],
+                                         skip_special_tokens=False)
+    assert lp.tokens[0] == bos != ""  # spelled, as vLLM's tokenizer.decode(token_id) does
+    assert lp.text_offset[first] == len(bos) + 2 and done.choices[0].text.startswith("é")
     chunks = list(sdk.completions.create(stream=True, **echo))
     assert sum((c.choices[0].logprobs.text_offset for c in chunks), []) == lp.text_offset
 

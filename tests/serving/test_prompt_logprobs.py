@@ -64,7 +64,8 @@ def test_http_echo_equals_in_process(server):
         assert lp["token_logprobs"] == want  # bit-equal: the same program on the same device
         assert len(lp["tokens"]) == len(ids) == len(lp["text_offset"])
         assert all(len(top) in (2, 3) for top in lp["top_logprobs"][1:])
-        assert choice["text"] == server.engine.tokenizer.decode(ids)
+        assert choice["text"] == server.engine.tokenizer.decode(ids, skip_special_tokens=False)
+        assert choice["text"] == "".join(lp["tokens"])  # special tokens spelled in both
 
 
 def test_echo_with_one_generated_token_appends_it(server):

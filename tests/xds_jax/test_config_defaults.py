@@ -37,6 +37,10 @@ def test_transformers_defaults_read_as_transformers_reads_them(name):
         assert cfg.head_dim == (d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"])
     assert cfg.rms_norm_eps == d["rms_norm_eps"]
     assert cfg.tie_word_embeddings == d["tie_word_embeddings"]
+    # transformers 4 left tie_word_embeddings out of a saved config when it equalled both its
+    # base default (true) and the class's: read without it, the class default holds
+    untied = {k: v for k, v in d.items() if k != "tie_word_embeddings"}
+    assert config_from_hf_dict(untied, name).tie_word_embeddings == d["tie_word_embeddings"]
     assert cfg.rope.theta == _rope_theta(d)
     if cfg.moe is not None:
         assert cfg.moe.num_experts_per_tok == d["num_experts_per_tok"]

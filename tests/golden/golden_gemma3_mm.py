@@ -1,10 +1,12 @@
-"""A multimodal Gemma 3 checkpoint (``Gemma3ForConditionalGeneration``) for make_golden.py.
+"""Image-text checkpoints (Gemma3ForConditionalGeneration, Mistral3ForConditionalGeneration)
+for make_golden.py.
 
 Gemma 3 from 4B up ships as an image-text model: ``model_type: gemma3`` with a ``text_config``
 that leans on ``Gemma3TextConfig``'s defaults, and the language model's weights under a
 prefix (``model.language_model.`` as transformers 5 saves them) beside a vision tower. The
 entry saves a tiny one and runs it on text only (prompts and greedy tokens below the image
-token ids): the reference for serving the text part.
+token ids): the reference for serving the text part. Mistral Small 3.x (``mistral3``) is
+built the same way around a Pixtral vision tower.
 """
 
 import logging
@@ -30,10 +32,29 @@ IMAGE_IDS = dict(boi_token_index=317, eoi_token_index=318, image_token_index=319
 def gemma3_mm_golden() -> None:
     torch.manual_seed(0)
     config = tf.Gemma3Config(text_config=TEXT, vision_config=VISION, **IMAGE_IDS)
+    text_only_golden(NAME, tf.Gemma3ForConditionalGeneration, config)
+
+
+def mistral3_mm_golden() -> None:
+    """Mistral Small 3.x (``model_type: mistral3``): a Mistral language model under a Pixtral
+    vision tower; image token id 10 lies below 300, so prompts and greedy picks skip it."""
+    torch.manual_seed(0)
+    text = {k: v for k, v in BASE.items() if k != "rope_theta"}
+    config = tf.Mistral3Config(
+        text_config=dict(text, model_type="mistral", head_dim=16, sliding_window=None,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+        vision_config=dict(VISION, model_type="pixtral", head_dim=16, image_size=28,
+                           patch_size=14),
+        image_token_index=319)
+    text_only_golden("mistral3_mm", tf.Mistral3ForConditionalGeneration, config)
+
+
+def text_only_golden(name: str, cls, config) -> None:
+    """Save ``cls(config)`` with random weights under ``name`` and its text-only golden."""
     config._attn_implementation = "eager"
-    model = tf.Gemma3ForConditionalGeneration(config).eval()
+    model = cls(config).eval()
     randomise(model)
-    out_dir = GOLDEN_DIR / NAME
+    out_dir = GOLDEN_DIR / name
     shutil.rmtree(out_dir, ignore_errors=True)
     model.save_pretrained(out_dir)
     (out_dir / "generation_config.json").unlink(missing_ok=True)
@@ -51,10 +72,10 @@ def gemma3_mm_golden() -> None:
             margins.append(step)
             tokens = torch.cat([tokens, step.argmax(-1, keepdim=True)], dim=1)
         argmax, margin = greedy_margins(tuple(margins))
-        assert margin.min() >= 1e-3, f"{NAME} prompt {i}: margin {margin.min():.2e}"
+        assert margin.min() >= 1e-3, f"{name} prompt {i}: margin {margin.min():.2e}"
         golden[f"prompt_{i}"] = ids[0].numpy().astype(np.int32)
         golden[f"logits_{i}"] = logits.numpy().astype(np.float32)
         golden[f"greedy_{i}"] = argmax.astype(np.int32)
     np.savez(out_dir / "golden.npz", **golden)
     names = sorted(p.name for p in out_dir.iterdir())
-    log.info("%s: %s", NAME, names)
+    log.info("%s: %s", name, names)

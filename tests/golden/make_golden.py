@@ -252,6 +252,10 @@ def main() -> None:
         from golden_gemma3_mm import gemma3_mm_golden
 
         gemma3_mm_golden()
+    if not args.only or "mistral3_mm" in args.only:
+        from golden_gemma3_mm import mistral3_mm_golden
+
+        mistral3_mm_golden()
     if not args.only:
         smollm2_golden(args.gguf)
 

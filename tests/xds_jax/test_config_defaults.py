@@ -10,7 +10,7 @@ import json
 import pytest
 
 from tests.helpers import GOLDEN
-from xds_jax.errors import ConfigError
+from xds_jax.errors import ConfigError, UnsupportedModelError
 from xds_jax.model.config_hf import config_from_hf_dict
 
 DEFAULTS = json.loads((GOLDEN / "default_configs.json").read_text())["configs"]
@@ -75,3 +75,20 @@ def test_each_family_s_distinctive_defaults():
 def test_a_default_without_top_k_is_named():
     with pytest.raises(ConfigError, match="num_experts_per_tok"):
         config_from_hf_dict(DEFAULTS["DeepseekV2Config"], "DeepseekV2Config")
+
+
+def test_image_text_mistral3_reads_its_text_config():
+    """Mistral Small 3.1 as released: ``mistral3`` over a Mistral ``text_config``, the top
+    level's dtype; its head untied unless the top level ties it; bad nesting is named."""
+    text = {k: v for k, v in DEFAULTS["MistralConfig"].items() if k != "tie_word_embeddings"}
+    cfg = config_from_hf_dict({"model_type": "mistral3", "torch_dtype": "bfloat16",
+                               "text_config": dict(text, tie_word_embeddings=False)}, "m3")
+    assert cfg.model_type == "mistral" and cfg.dtype == "bfloat16"
+    assert not cfg.tie_word_embeddings and cfg.hidden_size == text["hidden_size"]
+    tied = {"model_type": "mistral3", "tie_word_embeddings": True, "text_config": text}
+    assert config_from_hf_dict(tied, "m3").tie_word_embeddings
+    with pytest.raises(ConfigError, match="needs a text_config"):
+        config_from_hf_dict({"model_type": "mistral3"}, "m3")
+    with pytest.raises(UnsupportedModelError, match="'qwen2' is not supported"):
+        config_from_hf_dict({"model_type": "mistral3",
+                             "text_config": dict(text, model_type="qwen2")}, "m3")

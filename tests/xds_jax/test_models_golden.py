@@ -98,22 +98,47 @@ def test_group_limited_routing_ranks_groups_by_best_or_top_two():
     assert ids.tolist() == [[2]] and np.allclose(w, [[0.30]])
 
 
-def test_image_text_gemma3_serves_its_language_model():
-    """An image-text Gemma 3 checkpoint (language model under ``language_model.model.``,
-    a vision tower beside it) against transformers' Gemma3ForConditionalGeneration on text:
-    logits, and greedy tokens through the engine (image token ids excluded on both sides)."""
+@pytest.mark.parametrize("name", ["gemma3_mm", "mistral3_mm"])
+def test_image_text_checkpoint_serves_its_language_model(name):
+    """An image-text Gemma 3 or Mistral 3 checkpoint (language model under
+    ``language_model.model.``, a vision tower beside it) against transformers'
+    ``*ForConditionalGeneration`` on text: logits, and greedy tokens through the engine (image
+    token ids excluded on both sides)."""
     from xds_jax import LLM
 
-    m, g = tiny("gemma3_mm"), golden("gemma3_mm")
+    m, g = tiny(name), golden(name)
     for i in range(3):
         logits = reference_logits(m.params, m.cfg, jnp.asarray(g[f"prompt_{i}"]))
         np.testing.assert_allclose(np.asarray(logits), g[f"logits_{i}"], atol=TOL, rtol=TOL)
-    llm = LLM(str(GOLDEN / "gemma3_mm"), dtype="float32")
+    llm = LLM(str(GOLDEN / name), dtype="float32")
     outs = llm.generate([{"prompt_token_ids": g[f"prompt_{i}"].tolist()} for i in range(3)],
                         SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
                                        allowed_token_ids=list(range(300))))
     for i, out in enumerate(outs):
         assert out.outputs[0].token_ids == g[f"greedy_{i}"].tolist(), f"prompt {i}"
+
+
+def test_mistral3_as_released_reads_its_own_untied_head(tmp_path):
+    """Mistral Small 3.x as released: no top-level ``tie_word_embeddings``, the text config
+    untied and the head stored as ``language_model.lm_head.weight`` (here the embedding's
+    values, so transformers' tied logits still hold)."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    from xds_jax.loading.loader import load_model
+
+    src = GOLDEN / "mistral3_mm"
+    config = json.loads((src / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tensors = load_file(src / "model.safetensors")
+    tensors["language_model.lm_head.weight"] = tensors["language_model.model.embed_tokens.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    m, g = load_model(tmp_path, dtype="float32", use_cache=False), golden("mistral3_mm")
+    assert not m.cfg.tie_word_embeddings and "lm_head" in m.params
+    logits = reference_logits(m.params, m.cfg, jnp.asarray(g["prompt_2"]))
+    np.testing.assert_allclose(np.asarray(logits), g["logits_2"], atol=TOL, rtol=TOL)
 
 
 def test_granite_moe_in_memory_names_load_like_checkpoint_ones(tmp_path):

@@ -38,6 +38,25 @@ def gemma3_text_config(d: dict, source: str) -> dict:
     return {**GEMMA3_TEXT_DEFAULTS, **top, **text, "model_type": "gemma3_text"}
 
 
+def mistral3_text_config(d: dict, source: str) -> dict:
+    """The language model's config of an image-text Mistral 3 (Mistral Small 3.1 / 3.2,
+    ``model_type: mistral3``): its ``text_config`` (a Mistral or Llama config) with the top
+    level's token ids and dtype. Tying follows the top level where it says (transformers 5
+    ties the head there, and saves no ``lm_head``), else the text config (released
+    checkpoints: untied, ``language_model.lm_head.weight`` stored)."""
+    text = d.get("text_config")
+    if not isinstance(text, dict):
+        raise ConfigError(f"{source}: model_type mistral3 needs a text_config object")
+    if text.get("model_type", "mistral") not in ("mistral", "llama"):
+        raise UnsupportedModelError(f"{source}: mistral3 text_config model_type "
+                                    f"{text.get('model_type')!r} is not supported")
+    top = {k: d[k] for k in ("eos_token_id", "bos_token_id", "torch_dtype", "dtype")
+           if d.get(k) is not None}
+    tied = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    return {**top, **text, "model_type": text.get("model_type", "mistral"),
+            "tie_word_embeddings": bool(tied)}
+
+
 def gemma_fields(d: dict, model_type: str, source: str) -> dict:
     """Gemma / Gemma 2 / Gemma 3 (text) fields of ``ModelConfig``, plus ``config``: ``d`` with
     Gemma 3's per-layer-type ``rope_parameters`` replaced by the global layers' ones.

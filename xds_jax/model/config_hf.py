@@ -21,6 +21,7 @@ from xds_jax.model.config_families import (
     OLMO_TYPES,
     family_fields,
     gemma3_text_config,
+    mistral3_text_config,
 )
 from xds_jax.model.config_fields import bool_field, get_any, int_field
 
@@ -221,6 +222,8 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
     if d.get("model_type") == "gemma3":  # image-text Gemma 3: serve its language model
         d = gemma3_text_config(d, source)
+    elif d.get("model_type") == "mistral3":  # image-text Mistral Small 3.x: likewise
+        d = mistral3_text_config(d, source)
     model_type = d.get("model_type")
     if model_type is None:
         raise ConfigError(f"{source}: required field 'model_type' is missing")

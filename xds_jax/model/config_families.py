@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from xds_jax.errors import ConfigError, UnsupportedModelError
-from xds_jax.model.config_fields import int_field
+from xds_jax.model.config_fields import int_field, rope_by_layer_type
 
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")
@@ -30,12 +30,19 @@ GEMMA3_TEXT_DEFAULTS = {
 def gemma3_text_config(d: dict, source: str) -> dict:
     """The language model's config of an image-text Gemma 3 (``model_type: gemma3``): its
     ``text_config`` over Gemma3TextConfig's defaults, the top level's token ids and dtype."""
+    text, top = _text_config(d, source, "tie_word_embeddings")
+    return {**GEMMA3_TEXT_DEFAULTS, **top, **text, "model_type": "gemma3_text"}
+
+
+def _text_config(d: dict, source: str, *shared: str) -> tuple[dict, dict]:
+    """An image-text config's ``text_config`` and the top level's token ids, dtype and
+    ``shared`` fields (those it sets)."""
     text = d.get("text_config")
     if not isinstance(text, dict):
-        raise ConfigError(f"{source}: model_type gemma3 needs a text_config object")
-    top = {k: d[k] for k in ("eos_token_id", "bos_token_id", "torch_dtype", "dtype",
-                             "tie_word_embeddings") if d.get(k) is not None}
-    return {**GEMMA3_TEXT_DEFAULTS, **top, **text, "model_type": "gemma3_text"}
+        raise ConfigError(f"{source}: model_type {d.get('model_type')} needs a text_config "
+                          "object")
+    keys = ("eos_token_id", "bos_token_id", "torch_dtype", "dtype", *shared)
+    return text, {k: d[k] for k in keys if d.get(k) is not None}
 
 
 def mistral3_text_config(d: dict, source: str) -> dict:
@@ -44,14 +51,10 @@ def mistral3_text_config(d: dict, source: str) -> dict:
     level's token ids and dtype. Tying follows the top level where it says (transformers 5
     ties the head there, and saves no ``lm_head``), else the text config (released
     checkpoints: untied, ``language_model.lm_head.weight`` stored)."""
-    text = d.get("text_config")
-    if not isinstance(text, dict):
-        raise ConfigError(f"{source}: model_type mistral3 needs a text_config object")
+    text, top = _text_config(d, source)
     if text.get("model_type", "mistral") not in ("mistral", "llama"):
         raise UnsupportedModelError(f"{source}: mistral3 text_config model_type "
                                     f"{text.get('model_type')!r} is not supported")
-    top = {k: d[k] for k in ("eos_token_id", "bos_token_id", "torch_dtype", "dtype")
-           if d.get(k) is not None}
     tied = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     return {**top, **text, "model_type": text.get("model_type", "mistral"),
             "tie_word_embeddings": bool(tied)}
@@ -98,10 +101,10 @@ def gemma_fields(d: dict, model_type: str, source: str) -> dict:
             out["local_layers"] = tuple(i for i in range(layers) if (i + 1) % pattern)
     else:
         config["sliding_window"] = None
-    params = d.get("rope_parameters") or {}
-    if params and all(isinstance(v, dict) for v in params.values()):  # Gemma 3, transformers 5
-        config["rope_parameters"] = params.get("full_attention", {})
-        local = params.get("sliding_attention", {}).get("rope_theta")
+    by_type = rope_by_layer_type(d)
+    if by_type is not None:  # Gemma 3, transformers 5
+        config["rope_parameters"] = by_type[0]
+        local = by_type[1].get("rope_theta")
     else:
         local = d.get("rope_local_base_freq")
     if model_type == "gemma3_text":
@@ -158,6 +161,13 @@ def layer_types(d: dict, layers: int, source: str) -> list[str] | None:
     return types[:layers]
 
 
+def window_fields(window: int | None, types: list[str] | None) -> dict:
+    """``sliding_window`` and ``local_layers`` for the layers ``types`` names sliding; no
+    window where none is."""
+    local = tuple(i for i, t in enumerate(types or ()) if t == "sliding_attention")
+    return {"sliding_window": window if local else None, "local_layers": local or None}
+
+
 def _with_rope_theta(d: dict, theta: float) -> dict:
     """``d`` with ``rope_theta`` set to the family's default where it names no RoPE base."""
     if d.get("rope_theta") is not None or (d.get("rope_parameters") or {}).get("rope_theta"):
@@ -185,12 +195,12 @@ def smollm3_fields(d: dict, source: str) -> dict:
     out: dict = {"nope_layers": tuple(i for i in range(layers) if not flags[i])}
     window = int_field(d, "sliding_window", source, default=None)
     types = layer_types(d, layers, source)
-    local = ()
     if d.get("use_sliding_window") and window is not None:
         types = types or ["full_attention" if flags[i] else "sliding_attention"
                           for i in range(layers)]
-        local = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-    out |= {"sliding_window": window if local else None, "local_layers": local or None}
+    else:
+        types = None
+    out |= window_fields(window, types)
     config = dict(d, tie_word_embeddings=bool(d.get("tie_word_embeddings", True)))
     out["config"] = _with_rope_theta(config, 2_000_000.0)
     return out
@@ -212,14 +222,11 @@ def olmo_fields(d: dict, model_type: str, source: str) -> dict:
     layers = int_field(d, "num_hidden_layers", source)
     types = layer_types(d, layers, source) or [
         "sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(layers)]
-    window = int_field(d, "sliding_window", source, default=4096)
-    local = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-    out |= {"sliding_window": window if local else None, "local_layers": local or None}
-    params = d.get("rope_parameters") or {}
+    out |= window_fields(int_field(d, "sliding_window", source, default=4096), types)
+    by_type = rope_by_layer_type(d)
     sliding = {}
-    if params and all(isinstance(v, dict) for v in params.values()):  # transformers 5
-        config["rope_parameters"] = params.get("full_attention") or {}
-        sliding = params.get("sliding_attention") or {}
+    if by_type is not None:  # transformers 5
+        config["rope_parameters"], sliding = by_type
     if sliding.get("rope_type", "default") != "default":
         raise UnsupportedModelError(f"{source}: rope_parameters.sliding_attention.rope_type "
                                     f"{sliding['rope_type']!r} is not supported (only default)")

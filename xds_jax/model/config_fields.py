@@ -39,3 +39,12 @@ def bool_field(d: dict, name: str, source: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
     return value
+
+
+def rope_by_layer_type(d: dict) -> tuple[dict, dict] | None:
+    """transformers 5's per-layer-type ``rope_parameters`` (``{"full_attention": {...},
+    "sliding_attention": {...}}``) as (full, sliding); None where ``d`` has one set."""
+    params = d.get("rope_parameters") or {}
+    if params and all(isinstance(v, dict) for v in params.values()):
+        return params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    return None

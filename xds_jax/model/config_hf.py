@@ -22,8 +22,9 @@ from xds_jax.model.config_families import (
     family_fields,
     gemma3_text_config,
     mistral3_text_config,
+    window_fields,
 )
-from xds_jax.model.config_fields import bool_field, get_any, int_field
+from xds_jax.model.config_fields import bool_field, get_any, int_field, rope_by_layer_type
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", *GEMMA_TYPES,
                *OLMO_TYPES)
@@ -49,11 +50,10 @@ def _token_ids(value: Any) -> tuple[int, ...]:
 
 def parse_rope(d: dict, source: str, interleaved: bool = False) -> RopeConfig:
     """RoPE settings from ``rope_parameters`` (v5) or ``rope_theta`` + ``rope_scaling`` (v4)."""
-    params = d.get("rope_parameters") or {}
-    if params and all(isinstance(v, dict) for v in params.values()):
+    if rope_by_layer_type(d) is not None:
         raise UnsupportedModelError(f"{source}: per-layer-type rope_parameters are not supported")
     scaling = d.get("rope_scaling") or {}
-    merged = {**scaling, **params}
+    merged = {**scaling, **(d.get("rope_parameters") or {})}
     theta = get_any(merged, "rope_theta", default=get_any(d, "rope_theta", default=10000.0))
     rope_type = get_any(merged, "rope_type", "type", default="default")
     if rope_type == "su":  # Phi-3's first name for LongRoPE
@@ -133,8 +133,7 @@ def _sliding_window(d: dict, model_type: str) -> dict:
                      for i in range(layers)]
     if window is None or not types:
         return {"sliding_window": window}
-    local = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-    return {"sliding_window": window if local else None, "local_layers": local or None}
+    return window_fields(window, types)
 
 
 def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | None:

@@ -22,6 +22,7 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from xds_jax.compile_cache import enable_compilation_cache  # noqa: E402
+from xds_jax.memory_maps import make_room  # noqa: E402
 
 enable_compilation_cache()
 
@@ -31,31 +32,19 @@ import gc  # noqa: E402
 import pytest  # noqa: E402
 
 
-def _memory_maps_near_the_limit() -> bool:
-    """Whether this process holds more than half the memory mappings Linux allows it
-    (``vm.max_map_count``, 65530 by default). Each compiled XLA:CPU program maps ~17 regions
-    and lives as long as the jitted function that cached it (the model's and sampler's jitted
-    functions live for the process), so a test process that compiles a few thousand programs
-    reaches the limit, and XLA:CPU's next allocation segfaults (the 8-device `tests/xds_jax`
-    process did at 63.6k mappings)."""
-    try:
-        with open("/proc/sys/vm/max_map_count") as f:
-            limit = int(f.read())
-        with open("/proc/self/maps") as f:
-            return sum(1 for _ in f) > limit // 2
-    except OSError:  # not Linux
-        return False
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _collect_a_module_s_garbage():
     """At the end of a module, collect everything again (objects kept by the per-test collection
     below were frozen; the module's fixtures are gone now). The compiled programs go too on the
     large virtual meshes (a 384-device process held ~17 GB by its last module) and wherever
-    the process's memory mappings near the kernel's limit."""
+    the process's memory mappings near the kernel's limit (``xds_jax.memory_maps``: each
+    compiled XLA:CPU kernel maps three regions, and a test process compiles thousands of
+    programs; the 8-device ``tests/xds_jax`` process segfaulted at 63.6k mappings before)."""
     yield
-    if jax.device_count() >= 64 or _memory_maps_near_the_limit():
+    if jax.device_count() >= 64:
         jax.clear_caches()
+    else:
+        make_room("the next test module")
     gc.unfreeze()
     gc.collect()
 

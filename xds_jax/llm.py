@@ -18,6 +18,7 @@ from xds_jax.engine_config import DEFAULTS, EngineConfig
 from xds_jax.errors import ConfigError, PromptTooLongError, SamplingParamsError, XdsError
 from xds_jax.loading.draft_heads import attach_shipped_head
 from xds_jax.loading.loader import load_model, resolve
+from xds_jax.memory_maps import make_room
 from xds_jax.outputs import RequestMetrics, RequestOutput
 from xds_jax.sampling import structured
 from xds_jax.sampling.params import SamplingParams
@@ -67,6 +68,7 @@ class LLM:
 
             config = config.replace(faults=parse_faults(config.faults))
         enable_compilation_cache()
+        make_room("building an engine")  # programs of engines built before may hold them
         self.config = config = _read_deployment(config)
         _size_cpu_devices(config)
         loaded = load_model(config.model, dtype=config.dtype, seed=config.seed,

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from collectives.p2p import gather_blocks, scatter_blocks_donated
 from sharding.params import kv_page_shardings, param_shardings, tp_mesh
 from xds_jax.generate import bucket, model_step
+from xds_jax.memory_maps import make_room
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.params import model_dtype, param_bytes
 from xds_jax.model.reference import new_caches, staged_step
@@ -184,8 +185,10 @@ class ModelRunner:
             self.caches = scatter_blocks_donated(self.caches, ids_B, pages)
 
     def _seen(self, key: tuple, what: str) -> None:
-        """Count a program shape the first time it is launched (it compiles then)."""
+        """Count a program shape the first time it is launched (it compiles then), first
+        making room for it among the process's memory mappings (``xds_jax.memory_maps``)."""
         if key not in self._shapes_seen:
+            make_room(f"compiling {what} {key}")
             self._shapes_seen.add(key)
             self.compile_count += 1
             log.info("compiling %s for %s", what, key)

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from serving.core.runner import MIN_CONTEXT_TOKENS, RowBatch, build_rows
 from sharding.rules import program_spec
 from xds_jax.generate import bucket
+from xds_jax.memory_maps import make_room
 from xds_jax.model import stages
 from xds_jax.model.attention import new_layer_cache
 from xds_jax.model.config import ModelConfig
@@ -299,6 +300,7 @@ class Domain:
         mb = MicroBatch(self.index, index, rows, width, *placed, seqs, items)
         key = (kind,) + mb.shape_key
         if key not in self._shapes_seen:
+            make_room(f"compiling {kind} stages for {mb.shape_key}")
             self._shapes_seen.add(key)
             self.compile_count += 1
             log.info("domain %d: compiling %s stages for rows x tokens x blocks %s",

@@ -84,3 +84,35 @@ def make_room(why: str = "a new program") -> bool:
         else:
             _state["floor"] = 0
         return True
+
+
+class ProgramShapes:
+    """The program shapes an owner (a runner, the prompt scorer) has launched since the
+    compiled programs were last dropped: a shape's first launch compiles it."""
+
+    def __init__(self) -> None:
+        self._shapes: set = set()
+        self._drops = _state["clears"]
+
+    def __contains__(self, key) -> bool:
+        self._forget_dropped()
+        return key in self._shapes
+
+    def __iter__(self):
+        self._forget_dropped()
+        return iter(set(self._shapes))
+
+    def first_launch(self, key, why: str) -> bool:
+        """Whether ``key``'s program compiles now (never launched, or dropped since): then
+        ``make_room`` for it first."""
+        if key in self:
+            return False
+        make_room(why)
+        self._forget_dropped()
+        self._shapes.add(key)
+        return True
+
+    def _forget_dropped(self) -> None:
+        if self._drops != _state["clears"]:  # every program was dropped: each compiles again
+            self._shapes.clear()
+            self._drops = _state["clears"]

@@ -24,7 +24,7 @@ import numpy as np
 
 from serving.core.runner import ModelRunner
 from xds_jax.generate import bucket
-from xds_jax.memory_maps import make_room
+from xds_jax.memory_maps import ProgramShapes
 from xds_jax.model import stages
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.params import model_dtype
@@ -82,7 +82,7 @@ class PromptScorer:
         self.params, self.cfg = params, cfg
         self.input_sharding, self.tokenizer = input_sharding, tokenizer
         self.lock = threading.Lock()
-        self._shapes_seen: set[tuple[int, int]] = set()
+        self._shapes_seen = ProgramShapes()
 
     def raw(self, ids: list[int], top_n: int) -> tuple[np.ndarray, ...]:
         """``score_tokens`` of ``ids`` cut to the ``len(ids) - 1`` real positions."""
@@ -90,9 +90,8 @@ class PromptScorer:
         tokens = np.zeros((length,), np.int32)
         tokens[: len(ids)] = ids
         with self.lock:
-            if (length, top_n) not in self._shapes_seen:  # it compiles: room for it first
-                make_room(f"compiling prompt scoring for {length} positions")
-                self._shapes_seen.add((length, top_n))
+            self._shapes_seen.first_launch((length, top_n),
+                                           f"compiling prompt scoring for {length} positions")
             out = score_tokens(self.params, jax.device_put(tokens, self.input_sharding),
                                cfg=self.cfg, top_n=max(top_n, 1))
             out = jax.device_get(out)

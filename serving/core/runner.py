@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from collectives.p2p import gather_blocks, scatter_blocks_donated
 from sharding.params import kv_page_shardings, param_shardings, tp_mesh
 from xds_jax.generate import bucket, model_step
-from xds_jax.memory_maps import make_room
+from xds_jax.memory_maps import ProgramShapes
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.params import model_dtype, param_bytes
 from xds_jax.model.reference import new_caches, staged_step
@@ -148,7 +148,7 @@ class ModelRunner:
         # stage programs (staged) share one placed copy.
         self._direct_inputs = len(devices) == 1 and not multi_process() and not staged
         self.lock = threading.Lock()  # held while a step swaps the (donated) pages
-        self._shapes_seen: set[tuple] = set()
+        self._shapes_seen = ProgramShapes()
         self.compile_count = 0
 
     @property
@@ -186,10 +186,10 @@ class ModelRunner:
 
     def _seen(self, key: tuple, what: str) -> None:
         """Count a program shape the first time it is launched (it compiles then), first
-        making room for it among the process's memory mappings (``xds_jax.memory_maps``)."""
-        if key not in self._shapes_seen:
-            make_room(f"compiling {what} {key}")
-            self._shapes_seen.add(key)
+        making room for it among the process's memory mappings (``xds_jax.memory_maps``);
+        after every program was dropped there, each shape counts (and compiles) again, so
+        the heartbeat's compile grace covers the recompiles."""
+        if self._shapes_seen.first_launch(key, f"compiling {what} {key}"):
             self.compile_count += 1
             log.info("compiling %s for %s", what, key)
 

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from serving.core.runner import MIN_CONTEXT_TOKENS, RowBatch, build_rows
 from sharding.rules import program_spec
 from xds_jax.generate import bucket
-from xds_jax.memory_maps import make_room
+from xds_jax.memory_maps import ProgramShapes
 from xds_jax.model import stages
 from xds_jax.model.attention import new_layer_cache
 from xds_jax.model.config import ModelConfig
@@ -192,7 +192,7 @@ class Domain:
         self.zero_load = jax.make_array_from_callback(
             (a, experts), self.rank_sharding, lambda idx: np.zeros((1, experts), np.int32),
             dtype=np.int32)  # a process holding none of the ranks still needs the dtype
-        self._shapes_seen: set[tuple] = set()
+        self._shapes_seen = ProgramShapes()
         self.compile_count = 0
 
     @property
@@ -299,9 +299,7 @@ class Domain:
                                                 "last_B"))]
         mb = MicroBatch(self.index, index, rows, width, *placed, seqs, items)
         key = (kind,) + mb.shape_key
-        if key not in self._shapes_seen:
-            make_room(f"compiling {kind} stages for {mb.shape_key}")
-            self._shapes_seen.add(key)
+        if self._shapes_seen.first_launch(key, f"compiling {kind} stages for {mb.shape_key}"):
             self.compile_count += 1
             log.info("domain %d: compiling %s stages for rows x tokens x blocks %s",
                      self.index, kind, mb.shape_key)

@@ -70,6 +70,17 @@ def test_mappings_held_elsewhere_are_not_cleared_again_and_again(limit, caplog):
     assert not memory_maps.make_room()  # not again until as many mappings again are added
 
 
+def test_a_shape_compiles_again_after_a_drop(limit):
+    shapes = memory_maps.ProgramShapes()
+    limit(1 << 30)
+    assert shapes.first_launch(("decode", 4), "a") and not shapes.first_launch(("decode", 4), "a")
+    limit(memory_maps.map_count() + 10)
+    assert shapes.first_launch(("prefill", 16), "b")  # dropped everything before it compiles
+    assert ("prefill", 16) in shapes and ("decode", 4) not in shapes
+    limit(1 << 30)
+    assert shapes.first_launch(("decode", 4), "a") and list(shapes) != []
+
+
 def test_an_engine_serves_the_same_tokens_across_a_drop(limit):
     """A new prefill shape past the limit drops every program mid-serving (the engine's own
     step programs included); they compile again and the tokens are those of a run without
@@ -80,11 +91,14 @@ def test_an_engine_serves_the_same_tokens_across_a_drop(limit):
     prompts = [rng.integers(0, llm.cfg.vocab_size, n).tolist() for n in (5, 40, 90)]
     expected = [o.outputs[0].token_ids for o in llm.generate(
         [{"prompt_token_ids": p} for p in prompts], params)]
-    clears = memory_maps.clears()
+    clears, compiles = memory_maps.clears(), llm.engine.stats()["compiles"]
     limit(memory_maps.map_count() + 10)
     longer = rng.integers(0, llm.cfg.vocab_size, 200).tolist()  # a new width: it compiles
     got = llm.generate([{"prompt_token_ids": p} for p in prompts + [longer]], params)
     assert memory_maps.clears() > clears
+    # the new width, then shapes launched before the drop count again: they recompile, and
+    # the heartbeat's compile grace covers them
+    assert llm.engine.stats()["compiles"] >= compiles + 2
     assert [o.outputs[0].token_ids for o in got[:3]] == expected
     limit(1 << 30)
     again = llm.generate([{"prompt_token_ids": longer}], params)[0]

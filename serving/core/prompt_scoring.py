@@ -30,6 +30,7 @@ from xds_jax.model.config import ModelConfig
 from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import forward, new_caches
 from xds_jax.outputs import Logprob
+from xds_jax.sampling.params import logprobs_width
 
 MIN_PROMPT_BUCKET = 16
 # Logits that exist at once, [C, V] float32 (128 MB): C = 512 positions of SmolLM2's 49152
@@ -65,7 +66,7 @@ def score_tokens(params: dict, tokens_S: jax.Array, *, cfg: ModelConfig, top_n: 
         logprobs_CV = jax.nn.log_softmax(stages.head(params, cfg, x_CD), axis=-1)
         token_C = jnp.take_along_axis(logprobs_CV, next_C[:, None], axis=1)[:, 0]
         rank_C = 1 + jnp.sum(logprobs_CV > token_C[:, None], axis=-1)
-        top_lps, top_ids = jax.lax.top_k(logprobs_CV, top_n)
+        top_lps, top_ids = jax.lax.top_k(logprobs_CV, min(top_n, logprobs_CV.shape[-1]))
         return token_C, rank_C, top_ids, top_lps
 
     d = x_1SD.shape[-1]
@@ -90,10 +91,11 @@ class PromptScorer:
         tokens = np.zeros((length,), np.int32)
         tokens[: len(ids)] = ids
         with self.lock:
-            self._shapes_seen.first_launch((length, top_n),
+            width = max(logprobs_width(top_n), 1)
+            self._shapes_seen.first_launch((length, width),
                                            f"compiling prompt scoring for {length} positions")
             out = score_tokens(self.params, jax.device_put(tokens, self.input_sharding),
-                               cfg=self.cfg, top_n=max(top_n, 1))
+                               cfg=self.cfg, top_n=width)
             out = jax.device_get(out)
         return tuple(a[: len(ids) - 1] for a in out)
 

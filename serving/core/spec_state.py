@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from xds_jax.generate import sample_rows
+from xds_jax.sampling.params import logprobs_width
 from xds_jax.sampling.rejection import verify_drafts
 
 
@@ -233,7 +234,7 @@ def _verify(seqs: list, params: list, num_drafts, drafts, logits, vocab_size: in
     seeds = np.asarray([(s.seed if s else 0) % (1 << 32) for s in seqs], np.uint32)
     steps = np.asarray([len(s.output_ids) if s else 0 for s in seqs], np.int32)
     sort = any(p.top_p < 1 or p.top_k > 0 for p in live if not p.greedy)
-    n_lp = max((p.logprobs or 0 for p in live), default=0)
+    n_lp = logprobs_width(max((p.logprobs or 0 for p in live), default=0))
     return jax.device_get(verify_drafts(logits, drafts, num_drafts, temps, top_k, top_p, seeds,
                                         steps, random=random, sort=sort, logprobs=want,
                                         num_logprobs=n_lp))

@@ -40,3 +40,17 @@ def test_chunked_head_equals_one_pass_over_the_reference_logits(monkeypatch):
     np.testing.assert_array_equal(rank, 1 + (want > own[:, None]).sum(-1))
     np.testing.assert_array_equal(top_ids, np.argsort(-want, axis=-1, kind="stable")[:, :7])
     np.testing.assert_allclose(top_lps, np.sort(want, axis=-1)[:, ::-1][:, :7], atol=2e-5)
+
+
+def test_top_counts_share_a_program_and_each_request_keeps_its_own():
+    """Scoring with 3 and then 4 top entries runs one program (width 4, the power of two
+    ``logprobs_width`` gives); each request gets exactly its own count."""
+    m = tiny("llama")
+    scorer = prompt_scoring.PromptScorer(m.params, m.cfg, jax.devices()[0], None)
+    ids = np.random.default_rng(4).integers(0, m.cfg.vocab_size, 20).tolist()
+    before = score_tokens._cache_size()
+    three, four = scorer.score(ids, 3), scorer.score(ids, 4)
+    assert score_tokens._cache_size() == before + 1
+    for i, token in enumerate(ids[1:], start=1):
+        assert len(three[i]) - (token not in list(three[i])[:3]) == 3
+        assert list(three[i])[:3] == list(four[i])[:3] and len(four[i]) >= 4

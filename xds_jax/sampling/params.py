@@ -11,6 +11,14 @@ from xds_jax.errors import SamplingParamsError
 from xds_jax.sampling.structured import StructuredOutputs
 
 MAX_LOGPROBS = 20
+
+
+def logprobs_width(n: int) -> int:
+    """How many top log-probabilities a program computes for requests asking up to ``n``:
+    the next power of two, at most ``MAX_LOGPROBS`` (0 stays 0), so requests' varied counts
+    share 7 programs instead of 21; each request keeps its own top ``n``
+    (``Sequence.append``, the prompt scorer)."""
+    return 0 if n <= 0 else min(1 << (n - 1).bit_length(), max(n, MAX_LOGPROBS))
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value; larger ones are clipped to it
 MAX_N = 128  # samples per request: each is a running sequence holding its own KV
 SEED_SPACE = 1 << 32  # the device draws from 32-bit seeds

@@ -99,6 +99,7 @@ def verify_drafts(logits_BKV: jax.Array, drafts_BK: jax.Array, num_drafts_B: jax
     raw = jax.nn.log_softmax(logits, axis=-1)
     token_lp = jnp.take_along_axis(raw, tokens_BK1[..., None], axis=-1)[..., 0]
     rank = 1 + jnp.sum(raw > token_lp[..., None], axis=-1)
+    num_logprobs = min(num_logprobs, raw.shape[-1])  # a bucketed width past a tiny vocabulary
     top_lp, top_ids = jax.lax.top_k(raw, max(num_logprobs, 1))
     return (tokens_BK1, accepted_B.astype(jnp.int32), token_lp, rank.astype(jnp.int32),
             top_ids[..., :num_logprobs], top_lp[..., :num_logprobs])

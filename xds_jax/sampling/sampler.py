@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xds_jax.sampling.argmax import argmax_last, first_true
-from xds_jax.sampling.params import SamplingParams
+from xds_jax.sampling.params import SamplingParams, logprobs_width
 
 
 @jax.tree_util.register_dataclass
@@ -59,7 +59,7 @@ def flags_for(params: list[SamplingParams]) -> SamplerFlags:
         sort=any(p.top_p < 1 or p.top_k > 0 for p in params if not p.greedy),
         min_p=any(p.min_p > 0 for p in params if not p.greedy),
         logprobs=any(p.logprobs is not None for p in params),
-        num_logprobs=max((p.logprobs or 0 for p in params), default=0),
+        num_logprobs=logprobs_width(max((p.logprobs or 0 for p in params), default=0)),
     )
 
 
@@ -176,7 +176,7 @@ def sample(logits_BV: jax.Array, b: SamplingBatch, flags: SamplerFlags):
             scaled = jnp.where(probs >= floor, scaled, -jnp.inf)
         tokens_B = jnp.where(b.temperature > 0, _draw(scaled, b), tokens_B)
     tokens_B = tokens_B.astype(jnp.int32)
-    n = flags.num_logprobs
+    n = min(flags.num_logprobs, logits_BV.shape[-1])  # a bucketed width past a tiny vocabulary
     if not flags.logprobs:
         rows = tokens_B.shape[0]
         none = jnp.zeros((rows, 0), jnp.float32)

@@ -1,4 +1,5 @@
-"""A tiny DeepSeek-V3 checkpoint with an MTP block: the golden model plus random MTP weights."""
+"""Tiny checkpoints with an MTP block (DeepSeek-V3's, GLM-4.5's): a golden model plus MTP weights
+(transformers builds the models without their MTP layers, so the goldens have none)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from safetensors.numpy import load_file, save_file
 from tests.helpers import GOLDEN
 
 
-def make_mtp_checkpoint(out: Path, seed: int = 0) -> Path:
-    """Copy ``tests/golden/deepseek_v3`` into ``out`` with an MTP block (layer N): the last
+def make_mtp_checkpoint(out: Path, seed: int = 0, name: str = "deepseek_v3") -> Path:
+    """Copy ``tests/golden/<name>`` (a model whose config counts ``num_nextn_predict_layers``)
+    into ``out`` with an MTP block (layer N) named as DeepSeek-V3 and GLM-4.5 ship it: the last
     layer's weights, perturbed, and random enorm/hnorm/eh_proj. Returns ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(GOLDEN / "deepseek_v3" / "config.json", out / "config.json")
-    tensors = load_file(str(GOLDEN / "deepseek_v3" / "model.safetensors"))
+    shutil.copy(GOLDEN / name / "config.json", out / "config.json")
+    tensors = load_file(str(GOLDEN / name / "model.safetensors"))
     cfg = json.loads((out / "config.json").read_text())
     last, mtp, d = cfg["num_hidden_layers"] - 1, cfg["num_hidden_layers"], cfg["hidden_size"]
     rng = np.random.default_rng(seed)

@@ -194,6 +194,28 @@ TINY_MODELS = {
         ),
         0,
     ),
+    # GLM-4.5 / 4.6 (glm4_moe): DeepSeek-V3's MoE (sigmoid router with correction bias, grouped
+    # top-2-sum group scores, a shared expert, a dense first layer, scaled weights) behind
+    # grouped-query attention with q/k/v biases (none on o), per-head q/k norms and RoPE on the
+    # first half of each head's dims (partial_rotary_factor left at its 0.5 default).
+    "glm4_moe": (
+        tf.Glm4MoeConfig(
+            **dict(BASE, head_dim=16),
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            attention_bias=True,
+            use_qk_norm=True,
+            eos_token_id=2,
+        ),
+        7,
+    ),
     # OLMoE: pre-norm Llama attention with q/k norms over the whole projections (64 and 32
     # wide: GQA), a MoE FFN on every layer: softmax router, top-2 of 8, no renormalisation.
     "olmoe": (

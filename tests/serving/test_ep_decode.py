@@ -50,11 +50,12 @@ def test_colocated_ep_decode_mla_moe_matches_reference(tmp_path):
     assert pool.layout.describe()["a2e_mode"] == "colocated"
 
 
-@pytest.mark.parametrize("name", ["olmoe", "granitemoeshared"])
+@pytest.mark.parametrize("name", ["olmoe", "granitemoeshared", "glm4_moe"])
 def test_shipped_cpu8_pd_ep_newer_moe_families_match_reference(name):
-    """OLMoE (whole-projection q/k norms, top-k without renormalising) and Granite MoE Shared
-    (fused expert weights, an ungated shared MLP, multipliers folded in) through the shipped
-    cpu8-pd-ep: TP=2 prefill, KV pulled into EP decode ranks."""
+    """OLMoE (whole-projection q/k norms, top-k without renormalising), Granite MoE Shared
+    (fused expert weights, an ungated shared MLP, multipliers folded in) and GLM-4.5
+    (DeepSeek's router and shared expert behind GQA with biases, q/k norms and half-width
+    RoPE) through the shipped cpu8-pd-ep: TP=2 prefill, KV pulled into EP decode ranks."""
     need_devices(8)
     llm = run_and_compare(str(GOLDEN / name), CPU8_PD_EP, count=6, max_tokens=4, staged=True)
     assert llm.engine.stats()["kv_transfers"] > 0

@@ -82,7 +82,8 @@ def micro_batches_overlap(events) -> bool:
 @pytest.mark.mesh16
 @pytest.mark.parametrize("name, capacity, mode", [("deepseek_v3", None, "direct"),
                                                   ("qwen3_moe", 1, "trampoline"),
-                                                  ("granitemoeshared", 1, "trampoline")])
+                                                  ("granitemoeshared", 1, "trampoline"),
+                                                  ("glm4_moe", None, "trampoline")])
 def test_cpu16_ma_matches_reference_and_traces(name, capacity, mode, tmp_path):
     """18 requests on 2 domains x 3 ranks (several rows per rank, so 2 micro-batches) give
     the reference tokens, through trampolines or direct A2E; a forced capacity of 1

@@ -107,6 +107,17 @@ def test_greedy_equals_reference_with_rejected_drafts(random_mtp):
     assert stats["spec_draft_tokens"] > stats["spec_accepted_tokens"]
 
 
+def test_glm_4_5_s_mtp_layer_drafts_behind_grouped_query_attention(tmp_path):
+    """GLM-4.5 (glm4_moe) ships its MTP layer as DeepSeek-V3 does (layer N: enorm, hnorm,
+    eh_proj, a decoder layer, shared_head.norm) behind GQA attention with biases, q/k norms
+    and half-width RoPE: it is loaded and drafts, and greedy output is the reference's."""
+    model = str(make_mtp_checkpoint(tmp_path / "glm", name="glm4_moe"))
+    _, ref = run(model, None, mixed_params())
+    llm, got = run(model, 2, mixed_params())
+    assert_same(ref, got)
+    assert llm.engine.stats()["spec_num_drafts"] > 0
+
+
 def test_sampled_requests_share_batches_with_greedy_ones(mimic):
     params = mixed_params()
     params[0] = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=24,

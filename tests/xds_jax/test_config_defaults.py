@@ -16,7 +16,11 @@ from xds_jax.model.config_hf import config_from_hf_dict
 DEFAULTS = json.loads((GOLDEN / "default_configs.json").read_text())["configs"]
 # transformers' DeepseekV2Config leaves num_experts_per_tok None (its model cannot run so):
 # every real V2 config names it, and without it the loader names the field.
-UNRUNNABLE = {"DeepseekV2Config": "num_experts_per_tok"}
+# Glm4MoeConfig's default heads are 4096 / 96 = 42 wide, so RoPE on half of them is 21 dims (an
+# odd width that transformers rounds up to 22 with frequencies over 21): no GLM checkpoint has
+# it (GLM-4.5: head_dim 128), and the loader names it.
+UNRUNNABLE = {"DeepseekV2Config": "num_experts_per_tok",
+              "Glm4MoeConfig": "rotary dimension must be even, got 21"}
 
 
 def _rope_theta(d: dict) -> float:
@@ -70,11 +74,17 @@ def test_each_family_s_distinctive_defaults():
     assert v3.moe.router == "sigmoid" and v3.moe.moe_layers[0] == 3  # first_k_dense_replace
     for name in ("GraniteMoeConfig", "GraniteMoeSharedConfig"):
         assert read(name).moe.norm_topk_prob  # top-k logits, then softmax
+    glm = config_from_hf_dict(dict(DEFAULTS["Glm4MoeConfig"], head_dim=128), "Glm4MoeConfig")
+    # RoPE on half the head (in rope_parameters), one shared expert after one dense layer
+    assert glm.rope.partial_rotary_factor == 0.5 and glm.rope_dim == glm.head_dim // 2
+    assert glm.moe.moe_layers[0] == 1 and glm.moe.num_shared_experts == 1
+    assert glm.moe.score_correction_bias and not glm.qk_norm and glm.num_mtp_layers == 1
 
 
-def test_a_default_without_top_k_is_named():
-    with pytest.raises(ConfigError, match="num_experts_per_tok"):
-        config_from_hf_dict(DEFAULTS["DeepseekV2Config"], "DeepseekV2Config")
+@pytest.mark.parametrize("name", sorted(UNRUNNABLE))
+def test_an_unrunnable_default_is_named(name):
+    with pytest.raises(ConfigError, match=UNRUNNABLE[name]):
+        config_from_hf_dict(DEFAULTS[name], name)
 
 
 def test_image_text_mistral3_reads_its_text_config():
@@ -92,3 +102,40 @@ def test_image_text_mistral3_reads_its_text_config():
     with pytest.raises(UnsupportedModelError, match="'qwen2' is not supported"):
         config_from_hf_dict({"model_type": "mistral3",
                              "text_config": dict(text, model_type="qwen2")}, "m3")
+
+
+# GLM-4.5's config.json as released (zai-org/GLM-4.5, transformers 4.54: rope_theta and
+# partial_rotary_factor at the top level, per-expert weights, one MTP layer).
+GLM_4_5 = {
+    "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "attention_bias": True,
+    "eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 5120, "partial_rotary_factor": 0.5,
+    "intermediate_size": 12288, "max_position_embeddings": 131072, "moe_intermediate_size": 1536,
+    "norm_topk_prob": True, "num_attention_heads": 96, "n_group": 1, "topk_group": 1,
+    "n_routed_experts": 160, "n_shared_experts": 1, "routed_scaling_factor": 2.5,
+    "num_experts_per_tok": 8, "first_k_dense_replace": 3, "num_hidden_layers": 92,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 1000000,
+    "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_cache": True, "use_qk_norm": True, "vocab_size": 151552}
+
+
+def test_glm_4_5_is_deepseek_s_moe_behind_grouped_query_attention():
+    cfg = config_from_hf_dict(GLM_4_5, "GLM-4.5")
+    assert cfg.mla is None and (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (96, 8, 128)
+    assert cfg.attention_bias and not cfg.attention_out_bias  # q/k/v biases, none on o_proj
+    assert cfg.qk_norm and cfg.qk_norm_scope == "head"
+    assert cfg.rope.theta == 1e6 and cfg.rope_dim == 64 and not cfg.rope.interleaved
+    moe = cfg.moe
+    assert (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size) == (160, 8, 1536)
+    assert moe.router == "sigmoid" and moe.score_correction_bias and moe.norm_topk_prob
+    assert (moe.n_group, moe.topk_group, moe.group_score) == (1, 1, "top2_sum")
+    assert moe.routed_scaling_factor == 2.5 and moe.moe_layers == tuple(range(3, 92))
+    assert (moe.num_shared_experts, moe.shared_intermediate_size) == (1, 1536)
+    assert cfg.num_mtp_layers == 1 and cfg.eos_token_ids == (151329, 151336, 151338)
+    # without the fields: Glm4MoeConfig's own defaults, not DeepSeek's
+    bare = {k: v for k, v in GLM_4_5.items()
+            if k not in ("partial_rotary_factor", "first_k_dense_replace", "n_shared_experts",
+                         "use_qk_norm", "attention_bias")}
+    cfg = config_from_hf_dict(bare, "GLM-4.5 bare")
+    assert cfg.rope_dim == 64 and cfg.moe.moe_layers[0] == 1 and cfg.moe.num_shared_experts == 1
+    assert not cfg.qk_norm and not cfg.attention_bias

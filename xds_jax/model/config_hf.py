@@ -29,8 +29,11 @@ from xds_jax.model.config_fields import bool_field, get_any, int_field, rope_by_
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", *GEMMA_TYPES,
                *OLMO_TYPES)
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", *GRANITE_MOE_TYPES, "deepseek_v2",
-             "deepseek_v3")
+             "deepseek_v3", "glm4_moe")
 MLA_TYPES = ("deepseek_v2", "deepseek_v3")
+# DeepSeek's MoE (router, shared experts, dense first layers, MTP layers after the last): with
+# MLA in DeepSeek, with grouped-query attention in GLM-4.5 / 4.6 (glm4_moe).
+DEEPSEEK_MOE_TYPES = (*MLA_TYPES, "glm4_moe")
 # DeepSeek-V2's topk_method: "greedy" (V2-Lite: top-k of all experts) or "group_limited_greedy"
 # (V2: the topk_group groups with the best single expert score first).
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
@@ -181,19 +184,19 @@ def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | 
             shared_expert_gate=bool(shared),
             moe_layers=layers,
         )
-    if model_type in MLA_TYPES:
-        v2 = model_type == "deepseek_v2"
+    if model_type in DEEPSEEK_MOE_TYPES:
+        v2, glm = model_type == "deepseek_v2", model_type == "glm4_moe"
         scoring = d.get("scoring_func", "softmax" if v2 else "sigmoid")
         topk_method = d.get("topk_method", "greedy" if v2 else "noaux_tc")
         if v2 and topk_method not in V2_TOPK_METHODS:
             raise UnsupportedModelError(f"{source}: topk_method {topk_method!r} is not supported "
                                         f"for deepseek_v2 (supported: {V2_TOPK_METHODS})")
         grouped = not v2 or topk_method == "group_limited_greedy"
-        first_dense = int_field(d, "first_k_dense_replace", source, default=0)
+        first_dense = int_field(d, "first_k_dense_replace", source, default=int(glm))
         freq = int_field(d, "moe_layer_freq", source, default=1)
         layers = tuple(i for i in range(first_dense, num_layers) if i % freq == 0)
         inter = int_field(d, "moe_intermediate_size", source)
-        n_shared = int_field(d, "n_shared_experts", source, default=0) or 0
+        n_shared = int_field(d, "n_shared_experts", source, default=int(glm)) or 0
         num_experts = get_any(d, "n_routed_experts", "num_local_experts")
         if num_experts is None:
             raise ConfigError(f"{source}: required field 'n_routed_experts' is missing")
@@ -254,12 +257,17 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         head_dim = int_field(d, "head_dim", source, default=None) or (hidden // max(heads, 1))
     if model_type in ("qwen2", "qwen2_moe"):
         qkv_bias, out_bias = True, False  # hard-wired in Qwen2: biases on q/k/v only
+    elif model_type == "glm4_moe":  # attention_bias puts biases on q/k/v; o_proj has none
+        qkv_bias, out_bias = bool(d.get("attention_bias", False)), False
     elif model_type in ("mistral", "mixtral"):
         qkv_bias = out_bias = False
     else:
         qkv_bias = out_bias = bool(d.get("attention_bias", False))
     if mla is not None and qkv_bias:
         raise UnsupportedModelError(f"{source}: attention_bias is not supported with MLA")
+    if model_type == "glm4_moe" and "partial_rotary_factor" not in {
+            **d, **(d.get("rope_parameters") or {}), **(d.get("rope_scaling") or {})}:
+        d = {**d, "partial_rotary_factor": 0.5}  # Glm4MoeConfig's default: half the head dims
     rope = parse_rope(d, source, interleaved=bool(d.get("rope_interleave", mla is not None)))
     context = int_field(d, "max_position_embeddings", source, default=2048)
     if rope.type == "longrope":  # served within the context its short factors cover
@@ -283,7 +291,9 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         attention_bias=qkv_bias,
         attention_out_bias=out_bias,
         mlp_bias=bool(d.get("mlp_bias", False)),
-        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe") + OLMO_TYPES,
+        qk_norm=(model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe") + OLMO_TYPES
+                 or (model_type == "glm4_moe" and bool_field(d, "use_qk_norm", source,
+                                                             default=False))),
         mla=mla,
         moe=_moe(d, model_type, layers, source),
         num_mtp_layers=int_field(d, "num_nextn_predict_layers", source, default=0) or 0,

@@ -194,6 +194,9 @@ TINY_MODELS = {
         ),
         0,
     ),
+    # GLM-4 (0414, dense): q/k/v biases (attention_bias's default), RoPE on interleaved pairs of
+    # the first half of each head, norms on the attention and MLP outputs too, gate/up fused.
+    "glm4": (tf.Glm4Config(**dict(BASE, head_dim=16), eos_token_id=2, pad_token_id=0), 0),
     # GLM-4.5 / 4.6 (glm4_moe): DeepSeek-V3's MoE (sigmoid router with correction bias, grouped
     # top-2-sum group scores, a shared expert, a dense first layer, scaled weights) behind
     # grouped-query attention with q/k/v biases (none on o), per-head q/k norms and RoPE on the

@@ -74,6 +74,10 @@ def test_each_family_s_distinctive_defaults():
     assert v3.moe.router == "sigmoid" and v3.moe.moe_layers[0] == 3  # first_k_dense_replace
     for name in ("GraniteMoeConfig", "GraniteMoeSharedConfig"):
         assert read(name).moe.norm_topk_prob  # top-k logits, then softmax
+    glm4 = read("Glm4Config")  # q/k/v biases, sandwich norms, interleaved half-width RoPE
+    assert glm4.attention_bias and not glm4.attention_out_bias and glm4.rope.interleaved
+    assert glm4.norm_placement == "sandwich" and glm4.rope_dim == 64
+    assert glm4.rms_norm_eps == 1.5625e-7
     glm = config_from_hf_dict(dict(DEFAULTS["Glm4MoeConfig"], head_dim=128), "Glm4MoeConfig")
     # RoPE on half the head (in rope_parameters), one shared expert after one dense layer
     assert glm.rope.partial_rotary_factor == 0.5 and glm.rope_dim == glm.head_dim // 2
@@ -139,3 +143,23 @@ def test_glm_4_5_is_deepseek_s_moe_behind_grouped_query_attention():
     cfg = config_from_hf_dict(bare, "GLM-4.5 bare")
     assert cfg.rope_dim == 64 and cfg.moe.moe_layers[0] == 1 and cfg.moe.num_shared_experts == 1
     assert not cfg.qk_norm and not cfg.attention_bias
+
+
+# GLM-4-9B-0414's config.json as released (transformers 4.51).
+GLM_4_0414 = {
+    "architectures": ["Glm4ForCausalLM"], "model_type": "glm4", "attention_bias": True,
+    "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 4096, "intermediate_size": 13696, "max_position_embeddings": 32768,
+    "num_attention_heads": 32, "num_hidden_layers": 40, "num_key_value_heads": 2,
+    "pad_token_id": 151329, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "vocab_size": 151552}
+
+
+def test_glm_4_0414_rotates_interleaved_pairs_of_half_the_head():
+    cfg = config_from_hf_dict(GLM_4_0414, "GLM-4-9B-0414")
+    assert cfg.moe is None and (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (32, 2, 128)
+    assert cfg.rope_dim == 64 and cfg.rope.interleaved and cfg.rms_norm_eps == 1e-5
+    assert cfg.norm_placement == "sandwich" and cfg.attention_bias and not cfg.attention_out_bias
+    bare = {k: v for k, v in GLM_4_0414.items() if k not in ("attention_bias", "rms_norm_eps")}
+    assert config_from_hf_dict(bare, "bare").attention_bias  # Glm4Config's default: true

@@ -175,12 +175,16 @@ def _rows(name: str, start: int, stop: int) -> Leaf:
     return Leaf((name,), lambda a: transpose(a[start:stop]))
 
 
-def _fused_phi3(cfg: ModelConfig, p: str, out: dict) -> None:
-    """Phi-3 stores q/k/v as one ``qkv_proj`` and gate/up as one ``gate_up_proj``."""
+def _fused_qkv(cfg: ModelConfig, p: str, out: dict) -> None:
+    """Phi-3 stores q/k/v as one ``qkv_proj``."""
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     qkv = f"{p}.self_attn.qkv_proj.weight"
     out["attn"] |= {"q": _rows(qkv, 0, q), "k": _rows(qkv, q, q + kv),
                     "v": _rows(qkv, q + kv, q + 2 * kv)}
+
+
+def _fused_gate_up(cfg: ModelConfig, p: str, out: dict) -> None:
+    """Phi-3 and GLM-4 store gate and up as one ``gate_up_proj`` (gate rows first)."""
     f, gate_up = cfg.intermediate_size, f"{p}.mlp.gate_up_proj.weight"
     out["mlp"] |= {"gate": _rows(gate_up, 0, f), "up": _rows(gate_up, f, 2 * f)}
 
@@ -196,8 +200,13 @@ def _layer(cfg: ModelConfig, p: str, shapes: dict, names: set[str]) -> dict:
     else:
         out["mlp"] = _mlp(f"{p}.mlp", shapes["mlp"])
     if f"{p}.self_attn.qkv_proj.weight" in names:
-        _fused_phi3(cfg, p, out)
-    if cfg.norm_placement == "sandwich":  # Gemma 2/3: post-attention, pre- and post-FFN norms
+        _fused_qkv(cfg, p, out)
+    if f"{p}.mlp.gate_up_proj.weight" in names:
+        _fused_gate_up(cfg, p, out)
+    if cfg.model_type == "glm4":  # GLM-4: norms on the attention and MLP outputs too
+        out["attn"]["out_norm"] = Leaf((f"{p}.post_self_attn_layernorm.weight",))
+        out["mlp"]["out_norm"] = Leaf((f"{p}.post_mlp_layernorm.weight",))
+    elif cfg.norm_placement == "sandwich":  # Gemma 2/3: post-attention, pre- and post-FFN norms
         out["attn"]["out_norm"] = Leaf((f"{p}.post_attention_layernorm.weight",))
         out["post_norm"] = Leaf((f"{p}.pre_feedforward_layernorm.weight",))
         out["mlp"]["out_norm"] = Leaf((f"{p}.post_feedforward_layernorm.weight",))

@@ -1,7 +1,7 @@
 """Family-specific ``config.json`` fields as ``ModelConfig`` fields: Gemma's (Gemma, Gemma 2,
 Gemma 3 and the language model of an image-text Gemma 3), Granite's multipliers (Granite and
 Granite MoE), SmolLM3's layers without RoPE, OLMo 2/3's post-norms and OLMo 2/3 and OLMoE's
-whole-projection q/k norms."""
+whole-projection q/k norms, GLM-4 and GLM-4.5's half-width RoPE and defaults."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from xds_jax.model.config_fields import int_field, rope_by_layer_type
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")
 GRANITE_MOE_TYPES = ("granitemoe", "granitemoeshared")
+GLM_TYPES = ("glm4", "glm4_moe")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu")
 # transformers' Gemma3TextConfig defaults: the text_config of an image-text Gemma 3 on the Hub
@@ -146,6 +147,8 @@ def family_fields(d: dict, model_type: str, source: str) -> dict:
         return olmo_fields(d, model_type, source)
     if model_type == "olmoe":
         return olmoe_fields(d, source)
+    if model_type in GLM_TYPES:
+        return glm_fields(d, model_type)
     return {"config": d}
 
 
@@ -247,3 +250,24 @@ def olmoe_fields(d: dict, source: str) -> dict:
     if config.get("rms_norm_eps") is None:
         config["rms_norm_eps"] = 1e-5
     return {"qk_norm_scope": "whole", "config": config}
+
+
+def glm_fields(d: dict, model_type: str) -> dict:
+    """GLM-4 (``glm4``: GLM-4-9B/32B-0414, GLM-Z1) and GLM-4.5 / 4.6 (``glm4_moe``) with their
+    config classes' defaults where a field is absent: RoPE on the first half of each head
+    (``partial_rotary_factor`` 0.5, at the top level or in ``rope_parameters``), RMSNorm eps
+    (1.5625e-7 / 1e-5). GLM-4 also: q/k/v biases by default (``attention_bias`` true), RoPE on
+    interleaved pairs, and norms on the attention and MLP outputs too (sandwich: its
+    ``post_self_attn_layernorm`` and ``post_mlp_layernorm``). o_proj has no bias in either."""
+    config = dict(d)
+    rope = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
+    if d.get("partial_rotary_factor") is None and rope.get("partial_rotary_factor") is None:
+        config["partial_rotary_factor"] = 0.5
+    if config.get("rms_norm_eps") is None:
+        config["rms_norm_eps"] = 1e-5 if model_type == "glm4_moe" else 1.5625e-7
+    if model_type == "glm4_moe":
+        return {"config": config}
+    if config.get("attention_bias") is None:
+        config["attention_bias"] = True
+    config.setdefault("rope_interleave", True)
+    return {"norm_placement": "sandwich", "config": config}

@@ -17,6 +17,7 @@ from xds_jax.loading.checkpoint_quant import checkpoint_quantization
 from xds_jax.model.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
 from xds_jax.model.config_families import (
     GEMMA_TYPES,
+    GLM_TYPES,
     GRANITE_MOE_TYPES,
     OLMO_TYPES,
     family_fields,
@@ -27,7 +28,7 @@ from xds_jax.model.config_families import (
 from xds_jax.model.config_fields import bool_field, get_any, int_field, rope_by_layer_type
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", *GEMMA_TYPES,
-               *OLMO_TYPES)
+               *OLMO_TYPES, "glm4")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", *GRANITE_MOE_TYPES, "deepseek_v2",
              "deepseek_v3", "glm4_moe")
 MLA_TYPES = ("deepseek_v2", "deepseek_v3")
@@ -257,7 +258,7 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         head_dim = int_field(d, "head_dim", source, default=None) or (hidden // max(heads, 1))
     if model_type in ("qwen2", "qwen2_moe"):
         qkv_bias, out_bias = True, False  # hard-wired in Qwen2: biases on q/k/v only
-    elif model_type == "glm4_moe":  # attention_bias puts biases on q/k/v; o_proj has none
+    elif model_type in GLM_TYPES:  # attention_bias puts biases on q/k/v; o_proj has none
         qkv_bias, out_bias = bool(d.get("attention_bias", False)), False
     elif model_type in ("mistral", "mixtral"):
         qkv_bias = out_bias = False
@@ -265,9 +266,6 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         qkv_bias = out_bias = bool(d.get("attention_bias", False))
     if mla is not None and qkv_bias:
         raise UnsupportedModelError(f"{source}: attention_bias is not supported with MLA")
-    if model_type == "glm4_moe" and "partial_rotary_factor" not in {
-            **d, **(d.get("rope_parameters") or {}), **(d.get("rope_scaling") or {})}:
-        d = {**d, "partial_rotary_factor": 0.5}  # Glm4MoeConfig's default: half the head dims
     rope = parse_rope(d, source, interleaved=bool(d.get("rope_interleave", mla is not None)))
     context = int_field(d, "max_position_embeddings", source, default=2048)
     if rope.type == "longrope":  # served within the context its short factors cover

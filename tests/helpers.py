@@ -11,7 +11,8 @@ GOLDEN = Path(__file__).parent / "golden"
 TINY_MODELS = ["llama", "phi3", "granite", "gemma", "gemma2", "gemma3_text", "smollm3", "olmo2",
                "olmo3", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe",
                "granitemoe", "granitemoeshared", "deepseek_v2", "deepseek_v3",
-               "deepseek_v3_noqlora", "glm4", "glm4_moe"]
+               "deepseek_v3_noqlora", "glm4", "glm4_moe",
+               "ernie4_5"]
 
 
 @functools.cache

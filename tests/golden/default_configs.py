@@ -14,7 +14,8 @@ CLASSES = ["LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "Phi3Co
            "GraniteConfig", "SmolLM3Config", "GemmaConfig", "Gemma2Config", "Gemma3TextConfig",
            "Olmo2Config", "Olmo3Config", "MixtralConfig", "Qwen2MoeConfig", "Qwen3MoeConfig",
            "OlmoeConfig", "GraniteMoeConfig", "GraniteMoeSharedConfig", "DeepseekV2Config",
-           "DeepseekV3Config", "Glm4Config", "Glm4MoeConfig"]
+           "DeepseekV3Config", "Glm4Config", "Glm4MoeConfig",
+           "Ernie4_5Config"]
 
 
 def main() -> None:

@@ -74,6 +74,9 @@ def test_each_family_s_distinctive_defaults():
     assert v3.moe.router == "sigmoid" and v3.moe.moe_layers[0] == 3  # first_k_dense_replace
     for name in ("GraniteMoeConfig", "GraniteMoeSharedConfig"):
         assert read(name).moe.norm_topk_prob  # top-k logits, then softmax
+    ernie = read("Ernie4_5Config")  # interleaved RoPE, tied, no biases unless use_bias
+    assert ernie.rope.interleaved and ernie.tie_word_embeddings and not ernie.attention_bias
+    assert config_from_hf_dict(dict(DEFAULTS["Ernie4_5Config"], use_bias=True), "e").mlp_bias
     glm4 = read("Glm4Config")  # q/k/v biases, sandwich norms, interleaved half-width RoPE
     assert glm4.attention_bias and not glm4.attention_out_bias and glm4.rope.interleaved
     assert glm4.norm_placement == "sandwich" and glm4.rope_dim == 64

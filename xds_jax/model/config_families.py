@@ -1,7 +1,7 @@
 """Family-specific ``config.json`` fields as ``ModelConfig`` fields: Gemma's (Gemma, Gemma 2,
 Gemma 3 and the language model of an image-text Gemma 3), Granite's multipliers (Granite and
 Granite MoE), SmolLM3's layers without RoPE, OLMo 2/3's post-norms and OLMo 2/3 and OLMoE's
-whole-projection q/k norms, GLM-4 and GLM-4.5's half-width RoPE and defaults."""
+whole-projection q/k norms, GLM-4 and GLM-4.5's half-width RoPE and defaults, ERNIE 4.5's."""
 
 from __future__ import annotations
 
@@ -149,6 +149,8 @@ def family_fields(d: dict, model_type: str, source: str) -> dict:
         return olmoe_fields(d, source)
     if model_type in GLM_TYPES:
         return glm_fields(d, model_type)
+    if model_type == "ernie4_5":
+        return ernie_fields(d)
     return {"config": d}
 
 
@@ -271,3 +273,15 @@ def glm_fields(d: dict, model_type: str) -> dict:
         config["attention_bias"] = True
     config.setdefault("rope_interleave", True)
     return {"norm_placement": "sandwich", "config": config}
+
+
+def ernie_fields(d: dict) -> dict:
+    """ERNIE 4.5 dense (``ernie4_5``: ERNIE-4.5-0.3B): a Llama whose RoPE turns interleaved
+    pairs (GLM's rotation over the whole head) and whose ``use_bias`` puts biases on every
+    attention and MLP projection; Ernie4_5Config's defaults where a field is absent (tied
+    embeddings, 128-wide heads, eps 1e-5)."""
+    config = {"tie_word_embeddings": True, "head_dim": 128, "rms_norm_eps": 1e-5,
+              **{k: v for k, v in d.items() if v is not None}}
+    bias = bool(config.get("use_bias", False))
+    config |= {"attention_bias": bias, "mlp_bias": bias, "rope_interleave": True}
+    return {"config": config}

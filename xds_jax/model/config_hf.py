@@ -28,7 +28,7 @@ from xds_jax.model.config_families import (
 from xds_jax.model.config_fields import bool_field, get_any, int_field, rope_by_layer_type
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", *GEMMA_TYPES,
-               *OLMO_TYPES, "glm4")
+               *OLMO_TYPES, "glm4", "ernie4_5")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", *GRANITE_MOE_TYPES, "deepseek_v2",
              "deepseek_v3", "glm4_moe")
 MLA_TYPES = ("deepseek_v2", "deepseek_v3")

@@ -223,6 +223,26 @@ TINY_MODELS = {
         ),
         7,
     ),
+    # dots.llm1 (dots1): Qwen3's attention (per-head q/k norms) over DeepSeek-V3's MoE, its
+    # defaults otherwise (no renormalised top-k); a 16-token window on the layers from
+    # max_window_layers on (the last one here).
+    "dots1": (
+        tf.Dots1Config(
+            **dict(BASE, head_dim=16),
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            sliding_window=16,
+            max_window_layers=2,
+            eos_token_id=2,
+        ),
+        0,
+    ),
     # OLMoE: pre-norm Llama attention with q/k norms over the whole projections (64 and 32
     # wide: GQA), a MoE FFN on every layer: softmax router, top-2 of 8, no renormalisation.
     "olmoe": (

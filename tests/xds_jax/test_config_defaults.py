@@ -19,7 +19,8 @@ DEFAULTS = json.loads((GOLDEN / "default_configs.json").read_text())["configs"]
 # Glm4MoeConfig's default heads are 4096 / 96 = 42 wide, so RoPE on half of them is 21 dims (an
 # odd width that transformers rounds up to 22 with frequencies over 21): no GLM checkpoint has
 # it (GLM-4.5: head_dim 128), and the loader names it.
-UNRUNNABLE = {"DeepseekV2Config": "num_experts_per_tok",
+# Dots1Config leaves its expert counts None likewise.
+UNRUNNABLE = {"DeepseekV2Config": "num_experts_per_tok", "Dots1Config": "n_routed_experts",
               "Glm4MoeConfig": "rotary dimension must be even, got 21"}
 
 
@@ -77,6 +78,10 @@ def test_each_family_s_distinctive_defaults():
     ernie = read("Ernie4_5Config")  # interleaved RoPE, tied, no biases unless use_bias
     assert ernie.rope.interleaved and ernie.tie_word_embeddings and not ernie.attention_bias
     assert config_from_hf_dict(dict(DEFAULTS["Ernie4_5Config"], use_bias=True), "e").mlp_bias
+    dots = config_from_hf_dict(dict(DEFAULTS["Dots1Config"], n_routed_experts=128,
+                                    num_experts_per_tok=6), "Dots1Config")
+    assert dots.qk_norm and not dots.moe.norm_topk_prob and dots.moe.moe_layers[0] == 0
+    assert dots.sliding_window is None  # the window starts at layer 62 of 62
     glm4 = read("Glm4Config")  # q/k/v biases, sandwich norms, interleaved half-width RoPE
     assert glm4.attention_bias and not glm4.attention_out_bias and glm4.rope.interleaved
     assert glm4.norm_placement == "sandwich" and glm4.rope_dim == 64

@@ -30,11 +30,12 @@ from xds_jax.model.config_fields import bool_field, get_any, int_field, rope_by_
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", *GEMMA_TYPES,
                *OLMO_TYPES, "glm4", "ernie4_5")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", *GRANITE_MOE_TYPES, "deepseek_v2",
-             "deepseek_v3", "glm4_moe")
+             "deepseek_v3", "glm4_moe", "dots1")
 MLA_TYPES = ("deepseek_v2", "deepseek_v3")
 # DeepSeek's MoE (router, shared experts, dense first layers, MTP layers after the last): with
-# MLA in DeepSeek, with grouped-query attention in GLM-4.5 / 4.6 (glm4_moe).
-DEEPSEEK_MOE_TYPES = (*MLA_TYPES, "glm4_moe")
+# MLA in DeepSeek, with grouped-query attention in GLM-4.5 / 4.6 (glm4_moe) and dots.llm1
+# (dots1, Qwen3's attention).
+DEEPSEEK_MOE_TYPES = (*MLA_TYPES, "glm4_moe", "dots1")
 # DeepSeek-V2's topk_method: "greedy" (V2-Lite: top-k of all experts) or "group_limited_greedy"
 # (V2: the topk_group groups with the best single expert score first).
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
@@ -123,16 +124,17 @@ def _sliding_window(d: dict, model_type: str) -> dict:
     (``config_families.family_fields``).
 
     Qwen's window (``use_sliding_window``) covers the layers from ``max_window_layers`` on, as
-    transformers builds its ``layer_types``; an explicit ``layer_types`` list wins. Others
-    (Mistral) slide on every layer."""
+    transformers builds its ``layer_types``; so does dots.llm1's, without the switch (its
+    class default: from layer 62); an explicit ``layer_types`` list wins. Others (Mistral)
+    slide on every layer."""
     window = d.get("sliding_window")
     layers = d.get("num_hidden_layers", 0)
     types = d.get("layer_types")
-    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
-        if not d.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "dots1"):
+        if model_type != "dots1" and not d.get("use_sliding_window", False):
             return {"sliding_window": None}
-        if not types:
-            start = d.get("max_window_layers", layers)
+        if not types:  # dots.llm1: the window from max_window_layers on, always
+            start = d.get("max_window_layers", 62 if model_type == "dots1" else layers)
             types = ["sliding_attention" if i >= start else "full_attention"
                      for i in range(layers)]
     if window is None or not types:
@@ -206,7 +208,7 @@ def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | 
             num_experts_per_tok=int_field(d, "num_experts_per_tok", source),
             moe_intermediate_size=inter,
             router=scoring,
-            norm_topk_prob=bool(d.get("norm_topk_prob", not v2)),
+            norm_topk_prob=bool(d.get("norm_topk_prob", not v2 and model_type != "dots1")),
             n_group=(int_field(d, "n_group", source, default=1) or 1) if grouped else 1,
             topk_group=(int_field(d, "topk_group", source, default=1) or 1) if grouped else 1,
             group_score="max" if v2 else "top2_sum",
@@ -289,7 +291,7 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         attention_bias=qkv_bias,
         attention_out_bias=out_bias,
         mlp_bias=bool(d.get("mlp_bias", False)),
-        qk_norm=(model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe") + OLMO_TYPES
+        qk_norm=(model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe", "dots1") + OLMO_TYPES
                  or (model_type == "glm4_moe" and bool_field(d, "use_qk_norm", source,
                                                              default=False))),
         mla=mla,

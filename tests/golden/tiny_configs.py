@@ -198,6 +198,9 @@ TINY_MODELS = {
     # projection (use_bias), tied embeddings (its default).
     "ernie4_5": (tf.Ernie4_5Config(**dict(BASE, head_dim=16), use_bias=True, pad_token_id=0,
                                    bos_token_id=1, eos_token_id=2), 0),
+    # Seed-OSS: a Llama with q/k/v biases (attention_bias) apart from o's (attention_out_bias).
+    "seed_oss": (tf.SeedOssConfig(**dict(BASE, head_dim=16), attention_out_bias=True,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2), 0),
     # GLM-4 (0414, dense): q/k/v biases (attention_bias's default), RoPE on interleaved pairs of
     # the first half of each head, norms on the attention and MLP outputs too, gate/up fused.
     "glm4": (tf.Glm4Config(**dict(BASE, head_dim=16), eos_token_id=2, pad_token_id=0), 0),

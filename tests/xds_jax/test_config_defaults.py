@@ -82,6 +82,8 @@ def test_each_family_s_distinctive_defaults():
                                     num_experts_per_tok=6), "Dots1Config")
     assert dots.qk_norm and not dots.moe.norm_topk_prob and dots.moe.moe_layers[0] == 0
     assert dots.sliding_window is None  # the window starts at layer 62 of 62
+    seed = read("SeedOssConfig")  # q/k/v biases without o's by default
+    assert seed.attention_bias and not seed.attention_out_bias and seed.head_dim == 128
     glm4 = read("Glm4Config")  # q/k/v biases, sandwich norms, interleaved half-width RoPE
     assert glm4.attention_bias and not glm4.attention_out_bias and glm4.rope.interleaved
     assert glm4.norm_placement == "sandwich" and glm4.rope_dim == 64

@@ -28,7 +28,7 @@ from xds_jax.model.config_families import (
 from xds_jax.model.config_fields import bool_field, get_any, int_field, rope_by_layer_type
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", *GEMMA_TYPES,
-               *OLMO_TYPES, "glm4", "ernie4_5")
+               *OLMO_TYPES, "glm4", "ernie4_5", "seed_oss")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", *GRANITE_MOE_TYPES, "deepseek_v2",
              "deepseek_v3", "glm4_moe", "dots1")
 MLA_TYPES = ("deepseek_v2", "deepseek_v3")
@@ -257,11 +257,15 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         )
         head_dim = mla.qk_head_dim  # transformers 5 writes only the RoPE part as head_dim
     else:
-        head_dim = int_field(d, "head_dim", source, default=None) or (hidden // max(heads, 1))
+        head_dim = int_field(d, "head_dim", source, default=None) or (
+            128 if model_type == "seed_oss" else hidden // max(heads, 1))
     if model_type in ("qwen2", "qwen2_moe"):
         qkv_bias, out_bias = True, False  # hard-wired in Qwen2: biases on q/k/v only
     elif model_type in GLM_TYPES:  # attention_bias puts biases on q/k/v; o_proj has none
         qkv_bias, out_bias = bool(d.get("attention_bias", False)), False
+    elif model_type == "seed_oss":  # q/k/v and o biases apart, as SeedOssConfig's defaults
+        qkv_bias = bool_field(d, "attention_bias", source, default=True)
+        out_bias = bool_field(d, "attention_out_bias", source, default=False)
     elif model_type in ("mistral", "mixtral"):
         qkv_bias = out_bias = False
     else:

@@ -15,7 +15,8 @@ CLASSES = ["LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "Phi3Co
            "Olmo2Config", "Olmo3Config", "MixtralConfig", "Qwen2MoeConfig", "Qwen3MoeConfig",
            "OlmoeConfig", "GraniteMoeConfig", "GraniteMoeSharedConfig", "DeepseekV2Config",
            "DeepseekV3Config", "Glm4Config", "Glm4MoeConfig",
-           "Ernie4_5Config", "Dots1Config", "SeedOssConfig"]
+           "Ernie4_5Config", "Dots1Config", "SeedOssConfig",
+           "Ernie4_5_MoeConfig"]
 
 
 def main() -> None:

@@ -93,6 +93,8 @@ def min_router_gap(model, seq: torch.Tensor) -> float:
             keep = group_scores.topk(router.topk_group, dim=-1).indices
             mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             scores = groups.masked_fill(~mask[..., None], -torch.inf).flatten(1)
+        elif hasattr(router, "moe_statics"):  # ERNIE 4.5: softmax chosen with a bias
+            scores = scores.softmax(-1) + router.moe_statics.e_score_correction_bias[0]
         elif getattr(router, "topk_method", None) == "group_limited_greedy":  # DeepSeek-V2
             groups = scores.softmax(-1).view(len(scores), router.num_group, -1)
             group_scores = groups.max(dim=-1).values

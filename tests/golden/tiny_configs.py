@@ -201,6 +201,22 @@ TINY_MODELS = {
     # Seed-OSS: a Llama with q/k/v biases (attention_bias) apart from o's (attention_out_bias).
     "seed_oss": (tf.SeedOssConfig(**dict(BASE, head_dim=16), attention_out_bias=True,
                                   pad_token_id=0, bos_token_id=1, eos_token_id=2), 0),
+    # ERNIE 4.5 MoE: softmax router whose choice adds a correction bias (moe_statics), top-k
+    # renormalised, two shared experts, MoE from moe_layer_start_index on; ERNIE's attention.
+    "ernie4_5_moe": (
+        tf.Ernie4_5_MoeConfig(
+            **dict(BASE, head_dim=16),
+            moe_intermediate_size=32,
+            moe_num_experts=8,
+            moe_k=2,
+            moe_num_shared_experts=2,
+            moe_layer_start_index=1,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        10,
+    ),
     # GLM-4 (0414, dense): q/k/v biases (attention_bias's default), RoPE on interleaved pairs of
     # the first half of each head, norms on the attention and MLP outputs too, gate/up fused.
     "glm4": (tf.Glm4Config(**dict(BASE, head_dim=16), eos_token_id=2, pad_token_id=0), 0),

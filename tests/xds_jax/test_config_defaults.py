@@ -48,7 +48,7 @@ def test_transformers_defaults_read_as_transformers_reads_them(name):
     assert config_from_hf_dict(untied, name).tie_word_embeddings == d["tie_word_embeddings"]
     assert cfg.rope.theta == _rope_theta(d)
     if cfg.moe is not None:
-        assert cfg.moe.num_experts_per_tok == d["num_experts_per_tok"]
+        assert cfg.moe.num_experts_per_tok == d.get("num_experts_per_tok", d.get("moe_k"))
 
 
 def test_each_family_s_distinctive_defaults():
@@ -84,6 +84,9 @@ def test_each_family_s_distinctive_defaults():
     assert dots.sliding_window is None  # the window starts at layer 62 of 62
     seed = read("SeedOssConfig")  # q/k/v biases without o's by default
     assert seed.attention_bias and not seed.attention_out_bias and seed.head_dim == 128
+    ernie_moe = read("Ernie4_5_MoeConfig").moe  # 2 shared experts, MoE from layer 1
+    assert ernie_moe.router == "softmax" and ernie_moe.score_correction_bias
+    assert ernie_moe.moe_layers == tuple(range(1, 28)) and ernie_moe.num_shared_experts == 2
     glm4 = read("Glm4Config")  # q/k/v biases, sandwich norms, interleaved half-width RoPE
     assert glm4.attention_bias and not glm4.attention_out_bias and glm4.rope.interleaved
     assert glm4.norm_placement == "sandwich" and glm4.rope_dim == 64

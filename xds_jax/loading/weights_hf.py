@@ -160,7 +160,9 @@ def _moe(cfg: ModelConfig, p: str, shapes: dict, names: set[str]) -> dict:
         "experts": _experts(cfg, prefix, names, mixtral),
     }
     if "router_bias" in shapes:
-        out["router_bias"] = Leaf((f"{prefix}.gate.e_score_correction_bias",))
+        statics = f"{prefix}.moe_statics.e_score_correction_bias"  # ERNIE 4.5: [1, E]
+        out["router_bias"] = (Leaf((statics,), lambda a: a.reshape(-1)) if statics in names
+                              else Leaf((f"{prefix}.gate.e_score_correction_bias",)))
     if "shared" in shapes:
         shared = first_present(names, f"{prefix}.shared_experts.gate_proj.weight",
                                f"{prefix}.shared_expert.gate_proj.weight")

@@ -149,8 +149,8 @@ def family_fields(d: dict, model_type: str, source: str) -> dict:
         return olmoe_fields(d, source)
     if model_type in GLM_TYPES:
         return glm_fields(d, model_type)
-    if model_type == "ernie4_5":
-        return ernie_fields(d)
+    if model_type in ("ernie4_5", "ernie4_5_moe"):
+        return ernie_fields(d, model_type, source)
     return {"config": d}
 
 
@@ -275,13 +275,19 @@ def glm_fields(d: dict, model_type: str) -> dict:
     return {"norm_placement": "sandwich", "config": config}
 
 
-def ernie_fields(d: dict) -> dict:
-    """ERNIE 4.5 dense (``ernie4_5``: ERNIE-4.5-0.3B): a Llama whose RoPE turns interleaved
-    pairs (GLM's rotation over the whole head) and whose ``use_bias`` puts biases on every
-    attention and MLP projection; Ernie4_5Config's defaults where a field is absent (tied
-    embeddings, 128-wide heads, eps 1e-5)."""
-    config = {"tie_word_embeddings": True, "head_dim": 128, "rms_norm_eps": 1e-5,
-              **{k: v for k, v in d.items() if v is not None}}
+def ernie_fields(d: dict, model_type: str, source: str) -> dict:
+    """ERNIE 4.5 (``ernie4_5``: ERNIE-4.5-0.3B; ``ernie4_5_moe``: 21B-A3B, 300B-A47B): a Llama
+    whose RoPE turns interleaved pairs (GLM's rotation over the whole head) and whose
+    ``use_bias`` puts biases on every attention and MLP projection; the config classes'
+    defaults where a field is absent (tied embeddings, eps 1e-5; the dense model's 128-wide
+    heads). The MoE model's ``use_bias`` would also bias the LM head: not served."""
+    defaults = {"tie_word_embeddings": True, "rms_norm_eps": 1e-5}
+    if model_type == "ernie4_5":
+        defaults["head_dim"] = 128
+    config = {**defaults, **{k: v for k, v in d.items() if v is not None}}
     bias = bool(config.get("use_bias", False))
+    if bias and model_type == "ernie4_5_moe":
+        raise UnsupportedModelError(f"{source}: use_bias is not supported for ernie4_5_moe "
+                                    "(its LM head would have a bias)")
     config |= {"attention_bias": bias, "mlp_bias": bias, "rope_interleave": True}
     return {"config": config}

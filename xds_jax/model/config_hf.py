@@ -30,7 +30,7 @@ from xds_jax.model.config_fields import bool_field, get_any, int_field, rope_by_
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", *GEMMA_TYPES,
                *OLMO_TYPES, "glm4", "ernie4_5", "seed_oss")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", *GRANITE_MOE_TYPES, "deepseek_v2",
-             "deepseek_v3", "glm4_moe", "dots1")
+             "deepseek_v3", "glm4_moe", "dots1", "ernie4_5_moe")
 MLA_TYPES = ("deepseek_v2", "deepseek_v3")
 # DeepSeek's MoE (router, shared experts, dense first layers, MTP layers after the last): with
 # MLA in DeepSeek, with grouped-query attention in GLM-4.5 / 4.6 (glm4_moe) and dots.llm1
@@ -142,6 +142,12 @@ def _sliding_window(d: dict, model_type: str) -> dict:
     return window_fields(window, types)
 
 
+def _spelt(d: dict, name: str, alias: str) -> str:
+    """``name``, or ``alias`` where the config spells the field so (transformers' attribute
+    maps let either be written)."""
+    return alias if name not in d and alias in d else name
+
+
 def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | None:
     if model_type == "mixtral":
         return MoEConfig(
@@ -168,6 +174,26 @@ def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | 
             num_shared_experts=1 if shared else 0,
             shared_intermediate_size=shared,
             moe_layers=tuple(range(num_layers)),
+        )
+    if model_type == "ernie4_5_moe":  # softmax, chosen with a correction bias, renormalised
+        inter = int_field(d, "moe_intermediate_size", source, default=1536)
+        shared = int_field(d, "moe_num_shared_experts", source, default=2) or 0
+        step = int_field(d, "moe_layer_interval", source, default=1)
+        first = int_field(d, "moe_layer_start_index", source, default=1)
+        last = int_field(d, "moe_layer_end_index", source, default=-1)
+        last = num_layers - 1 if last == -1 else last
+        return MoEConfig(
+            num_experts=int_field(d, _spelt(d, "moe_num_experts", "num_experts"), source,
+                                  default=64),
+            num_experts_per_tok=int_field(d, _spelt(d, "moe_k", "num_experts_per_tok"), source,
+                                          default=6),
+            moe_intermediate_size=inter,
+            norm_topk_prob=True,
+            score_correction_bias=True,
+            num_shared_experts=shared,
+            shared_intermediate_size=inter * shared,
+            moe_layers=tuple(i for i in range(num_layers)
+                             if (i + 1) % step == 0 and first <= i <= last),
         )
     if model_type in ("qwen2_moe", "qwen3_moe"):
         num_experts = get_any(d, "num_experts", "num_local_experts")

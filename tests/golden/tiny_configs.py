@@ -217,6 +217,10 @@ TINY_MODELS = {
         ),
         10,
     ),
+    # EXAONE 4.0: OLMo 2's post-norms with per-head q/k norms; hybrid attention: an 8-token
+    # window with RoPE on sliding layers, global layers (every 2nd here) without RoPE.
+    "exaone4": (tf.Exaone4Config(**dict(BASE, head_dim=16), sliding_window=8,
+                                 sliding_window_pattern=2, pad_token_id=0, eos_token_id=2), 0),
     # GLM-4 (0414, dense): q/k/v biases (attention_bias's default), RoPE on interleaved pairs of
     # the first half of each head, norms on the attention and MLP outputs too, gate/up fused.
     "glm4": (tf.Glm4Config(**dict(BASE, head_dim=16), eos_token_id=2, pad_token_id=0), 0),

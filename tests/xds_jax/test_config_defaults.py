@@ -176,3 +176,29 @@ def test_glm_4_0414_rotates_interleaved_pairs_of_half_the_head():
     assert cfg.norm_placement == "sandwich" and cfg.attention_bias and not cfg.attention_out_bias
     bare = {k: v for k, v in GLM_4_0414.items() if k not in ("attention_bias", "rms_norm_eps")}
     assert config_from_hf_dict(bare, "bare").attention_bias  # Glm4Config's default: true
+
+
+# EXAONE 4.0 32B's config.json fields that shape its layers (layer_types left out: the
+# "LLLG" pattern then builds them).
+EXAONE_4_32B = {
+    "model_type": "exaone4", "hidden_size": 5120, "intermediate_size": 27392, "head_dim": 128,
+    "num_attention_heads": 40, "num_hidden_layers": 64, "num_key_value_heads": 8,
+    "vocab_size": 102400, "rms_norm_eps": 1e-05, "rope_theta": 1000000,
+    "rope_scaling": {"factor": 16.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "sliding_window": 4096, "sliding_window_pattern": "LLLG", "max_position_embeddings": 131072}
+
+
+def test_exaone_4_slides_three_layers_of_four_and_leaves_the_fourth_without_rope():
+    cfg = config_from_hf_dict(EXAONE_4_32B, "EXAONE-4.0-32B")
+    global_layers = tuple(range(3, 64, 4))
+    assert cfg.nope_layers == global_layers and cfg.sliding_window == 4096
+    assert cfg.local_layers == tuple(i for i in range(64) if i not in global_layers)
+    assert cfg.norm_placement == "post" and cfg.qk_norm and cfg.qk_norm_scope == "head"
+    assert cfg.rope.type == "llama3" and cfg.uses_rope(0) and not cfg.uses_rope(3)
+    assert config_from_hf_dict(dict(EXAONE_4_32B, sliding_window_pattern=2), "e").nope_layers \
+        == tuple(range(1, 64, 2))
+    plain = config_from_hf_dict(dict(EXAONE_4_32B, sliding_window=None), "no window")
+    assert plain.sliding_window is None and plain.nope_layers == () and plain.uses_rope(3)
+    with pytest.raises(ConfigError, match="sliding_window_pattern"):
+        config_from_hf_dict(dict(EXAONE_4_32B, sliding_window_pattern="LLX"), "bad")

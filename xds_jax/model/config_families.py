@@ -1,7 +1,8 @@
 """Family-specific ``config.json`` fields as ``ModelConfig`` fields: Gemma's (Gemma, Gemma 2,
 Gemma 3 and the language model of an image-text Gemma 3), Granite's multipliers (Granite and
 Granite MoE), SmolLM3's layers without RoPE, OLMo 2/3's post-norms and OLMo 2/3 and OLMoE's
-whole-projection q/k norms, GLM-4 and GLM-4.5's half-width RoPE and defaults, ERNIE 4.5's."""
+whole-projection q/k norms, GLM-4 and GLM-4.5's half-width RoPE and defaults, ERNIE 4.5's,
+EXAONE 4's hybrid local / global layers."""
 
 from __future__ import annotations
 
@@ -151,6 +152,8 @@ def family_fields(d: dict, model_type: str, source: str) -> dict:
         return glm_fields(d, model_type)
     if model_type in ("ernie4_5", "ernie4_5_moe"):
         return ernie_fields(d, model_type, source)
+    if model_type == "exaone4":
+        return exaone4_fields(d, source)
     return {"config": d}
 
 
@@ -291,3 +294,35 @@ def ernie_fields(d: dict, model_type: str, source: str) -> dict:
                                     "(its LM head would have a bias)")
     config |= {"attention_bias": bias, "mlp_bias": bias, "rope_interleave": True}
     return {"config": config}
+
+
+def exaone4_fields(d: dict, source: str) -> dict:
+    """EXAONE 4.0: OLMo 2's layer (norms on the attention and MLP outputs only) with per-head
+    q/k norms; with a ``sliding_window``, hybrid attention: sliding layers (``layer_types``,
+    else ``sliding_window_pattern``: every 4th layer global, or a string such as "LLLG"
+    repeated) rotate with RoPE and the global ones use none (NoPE); without a window every
+    layer is global with RoPE. Exaone4Config's defaults where absent: window 4096, eps 1e-5."""
+    layers = int_field(d, "num_hidden_layers", source)
+    window = int_field(d, "sliding_window", source, default=4096) if (
+        d.get("sliding_window") is not None or "sliding_window" not in d) else None
+    config = dict(d)
+    if config.get("rms_norm_eps") is None:
+        config["rms_norm_eps"] = 1e-5
+    out: dict = {"norm_placement": "post", "config": config}
+    if window is None:
+        return out
+    types = layer_types(d, layers, source)
+    if types is None:
+        pattern = d.get("sliding_window_pattern", 4)
+        if isinstance(pattern, str) and pattern and set(pattern) <= {"L", "G"}:
+            types = ["sliding_attention" if pattern[i % len(pattern)] == "L"
+                     else "full_attention" for i in range(layers)]
+        elif isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                     for i in range(layers)]
+        else:
+            raise ConfigError(f"{source}: sliding_window_pattern must be a positive integer or "
+                              f"a string of L and G, got {pattern!r}")
+    out |= window_fields(window, types)
+    out["nope_layers"] = tuple(i for i, t in enumerate(types) if t == "full_attention")
+    return out

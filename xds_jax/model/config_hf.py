@@ -28,7 +28,7 @@ from xds_jax.model.config_families import (
 from xds_jax.model.config_fields import bool_field, get_any, int_field, rope_by_layer_type
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", *GEMMA_TYPES,
-               *OLMO_TYPES, "glm4", "ernie4_5", "seed_oss")
+               *OLMO_TYPES, "glm4", "ernie4_5", "seed_oss", "exaone4")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", *GRANITE_MOE_TYPES, "deepseek_v2",
              "deepseek_v3", "glm4_moe", "dots1", "ernie4_5_moe")
 MLA_TYPES = ("deepseek_v2", "deepseek_v3")
@@ -321,7 +321,8 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         attention_bias=qkv_bias,
         attention_out_bias=out_bias,
         mlp_bias=bool(d.get("mlp_bias", False)),
-        qk_norm=(model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe", "dots1") + OLMO_TYPES
+        qk_norm=(model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe", "dots1",
+                                "exaone4") + OLMO_TYPES
                  or (model_type == "glm4_moe" and bool_field(d, "use_qk_norm", source,
                                                              default=False))),
         mla=mla,

@@ -12,14 +12,8 @@ BASE = dict(
     intermediate_size=96,
     max_position_embeddings=256,
 )
-DEEPSEEK = dict(
-    BASE,
-    num_key_value_heads=4,  # MLA expands the latent into one K/V per query head.
-    q_lora_rank=32,
-    kv_lora_rank=24,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=16,
+# DeepSeek-V3's MoE as the tiny models have it (DeepSeek, GLM-4.5, dots.llm1).
+DEEPSEEK_MOE = dict(
     n_routed_experts=8,
     num_experts_per_tok=2,
     n_group=4,
@@ -28,6 +22,16 @@ DEEPSEEK = dict(
     moe_intermediate_size=32,
     first_k_dense_replace=1,
     routed_scaling_factor=2.5,
+)
+DEEPSEEK = dict(
+    BASE,
+    num_key_value_heads=4,  # MLA expands the latent into one K/V per query head.
+    q_lora_rank=32,
+    kv_lora_rank=24,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    **DEEPSEEK_MOE,
     norm_topk_prob=True,
     rope_parameters=dict(
         rope_type="yarn",
@@ -231,14 +235,7 @@ TINY_MODELS = {
     "glm4_moe": (
         tf.Glm4MoeConfig(
             **dict(BASE, head_dim=16),
-            moe_intermediate_size=32,
-            n_routed_experts=8,
-            num_experts_per_tok=2,
-            n_group=4,
-            topk_group=2,
-            n_shared_experts=1,
-            first_k_dense_replace=1,
-            routed_scaling_factor=2.5,
+            **DEEPSEEK_MOE,
             norm_topk_prob=True,
             attention_bias=True,
             use_qk_norm=True,
@@ -252,14 +249,7 @@ TINY_MODELS = {
     "dots1": (
         tf.Dots1Config(
             **dict(BASE, head_dim=16),
-            moe_intermediate_size=32,
-            n_routed_experts=8,
-            num_experts_per_tok=2,
-            n_group=4,
-            topk_group=2,
-            n_shared_experts=1,
-            first_k_dense_replace=1,
-            routed_scaling_factor=2.5,
+            **DEEPSEEK_MOE,
             sliding_window=16,
             max_window_layers=2,
             eos_token_id=2,

@@ -1,12 +1,13 @@
-"""Image-text checkpoints (Gemma3ForConditionalGeneration, Mistral3ForConditionalGeneration)
-for make_golden.py.
+"""Image-text checkpoints (Gemma3ForConditionalGeneration, Mistral3ForConditionalGeneration,
+Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration) for make_golden.py.
 
 Gemma 3 from 4B up ships as an image-text model: ``model_type: gemma3`` with a ``text_config``
 that leans on ``Gemma3TextConfig``'s defaults, and the language model's weights under a
 prefix (``model.language_model.`` as transformers 5 saves them) beside a vision tower. The
 entry saves a tiny one and runs it on text only (prompts and greedy tokens below the image
 token ids): the reference for serving the text part. Mistral Small 3.x (``mistral3``) is
-built the same way around a Pixtral vision tower.
+built the same way around a Pixtral vision tower, Qwen2.5-VL and Qwen3-VL around theirs (a
+text-only prompt takes one position in all three of their multimodal RoPE sections).
 """
 
 import logging
@@ -47,6 +48,30 @@ def mistral3_mm_golden() -> None:
                            patch_size=14),
         image_token_index=319)
     text_only_golden("mistral3_mm", tf.Mistral3ForConditionalGeneration, config)
+
+
+QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                   out_hidden_size=64, patch_size=14)
+
+
+def qwen_vl_goldens() -> None:
+    """Qwen2.5-VL (a Qwen2 language model: q/k/v biases), Qwen3-VL (Qwen3: per-head q/k
+    norms; interleaved mrope sections) and Qwen3-VL-MoE (Qwen3-MoE; experts fused, F = 24 so
+    that no expert tensor is square) with their multimodal RoPE sections set."""
+    moe = dict(BASE, head_dim=16, num_experts=8, num_experts_per_tok=2,
+               moe_intermediate_size=24, decoder_sparse_step=1)
+    for name, cls, model, text in (
+            ("qwen2_5_vl_mm", tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration,
+             dict(BASE)),
+            ("qwen3_vl_mm", tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration,
+             dict(BASE, head_dim=16)),
+            ("qwen3_vl_moe_mm", tf.Qwen3VLMoeConfig, tf.Qwen3VLMoeForConditionalGeneration,
+             moe)):
+        torch.manual_seed(0)
+        rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
+        config = cls(text_config=dict(text, rope_parameters=rope, bos_token_id=1,
+                                      eos_token_id=2), vision_config=QWEN_VISION)
+        text_only_golden(name, model, config)
 
 
 def text_only_golden(name: str, cls, config) -> None:

@@ -258,6 +258,10 @@ def main() -> None:
         from golden_gemma3_mm import mistral3_mm_golden
 
         mistral3_mm_golden()
+    if not args.only or "qwen_vl_mm" in args.only:
+        from golden_gemma3_mm import qwen_vl_goldens
+
+        qwen_vl_goldens()
     if not args.only:
         smollm2_golden(args.gguf)
 

@@ -202,3 +202,31 @@ def test_exaone_4_slides_three_layers_of_four_and_leaves_the_fourth_without_rope
     assert plain.sliding_window is None and plain.nope_layers == () and plain.uses_rope(3)
     with pytest.raises(ConfigError, match="sliding_window_pattern"):
         config_from_hf_dict(dict(EXAONE_4_32B, sliding_window_pattern="LLX"), "bad")
+
+
+def test_qwen_image_text_configs_read_their_language_model():
+    """Qwen2.5-VL as the Hub has it (transformers 4: text fields at the top level, RoPE typed
+    "mrope") and Qwen3-VL (a text_config with interleaved mrope sections): the language
+    model's config, with the plain RoPE a text-only prompt takes."""
+    qwen25 = {"model_type": "qwen2_5_vl", "hidden_size": 3584, "intermediate_size": 18944,
+              "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+              "vocab_size": 152064, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+              "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 28,
+              "max_position_embeddings": 128000, "tie_word_embeddings": False,
+              "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+              "vision_config": {"depth": 32, "hidden_size": 1280}, "torch_dtype": "bfloat16"}
+    cfg = config_from_hf_dict(qwen25, "Qwen2.5-VL-7B")
+    assert cfg.model_type == "qwen2" and cfg.attention_bias and cfg.rope.type == "default"
+    assert cfg.rope.theta == 1e6 and cfg.sliding_window is None and cfg.head_dim == 128
+    assert config_from_hf_dict(dict(qwen25, tie_word_embeddings=True), "3B").tie_word_embeddings
+    qwen3 = {"model_type": "qwen3_vl", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+             "text_config": {
+                 "model_type": "qwen3_vl_text", "hidden_size": 4096, "head_dim": 128,
+                 "intermediate_size": 12288, "num_attention_heads": 32, "num_hidden_layers": 36,
+                 "num_key_value_heads": 8, "vocab_size": 151936, "rms_norm_eps": 1e-6,
+                 "rope_theta": 5000000, "max_position_embeddings": 262144,
+                 "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                                  "rope_type": "default"}}}
+    cfg = config_from_hf_dict(qwen3, "Qwen3-VL-8B")
+    assert cfg.model_type == "qwen3" and cfg.qk_norm and cfg.rope.theta == 5e6
+    assert cfg.dtype == "bfloat16" and not cfg.attention_bias

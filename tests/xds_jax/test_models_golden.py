@@ -98,10 +98,12 @@ def test_group_limited_routing_ranks_groups_by_best_or_top_two():
     assert ids.tolist() == [[2]] and np.allclose(w, [[0.30]])
 
 
-@pytest.mark.parametrize("name", ["gemma3_mm", "mistral3_mm"])
+@pytest.mark.parametrize("name", ["gemma3_mm", "mistral3_mm", "qwen2_5_vl_mm", "qwen3_vl_mm",
+                                  "qwen3_vl_moe_mm"])
 def test_image_text_checkpoint_serves_its_language_model(name):
-    """An image-text Gemma 3 or Mistral 3 checkpoint (language model under
-    ``language_model.model.``, a vision tower beside it) against transformers'
+    """An image-text Gemma 3, Mistral 3, Qwen2.5-VL or Qwen3-VL checkpoint (language model
+    under ``model.language_model.``, or ``model.`` as transformers saves Qwen2.5-VL, a vision
+    tower beside it; Qwen's multimodal RoPE sections set) against transformers'
     ``*ForConditionalGeneration`` on text: logits, and greedy tokens through the engine (image
     token ids excluded on both sides)."""
     from xds_jax import LLM
@@ -164,5 +166,27 @@ def test_granite_moe_in_memory_names_load_like_checkpoint_ones(tmp_path):
     assert "model.layers.0.block_sparse_moe.experts.gate_up_proj" in tensors
     save_file(tensors, str(tmp_path / "model.safetensors"))
     m, g = load_model(tmp_path, dtype="float32", use_cache=False), golden("granitemoeshared")
+    logits = reference_logits(m.params, m.cfg, jnp.asarray(g["prompt_2"]))
+    np.testing.assert_allclose(np.asarray(logits), g["logits_2"], atol=TOL, rtol=TOL)
+
+
+def test_qwen3_vl_moe_as_released_reads_its_transposed_experts(tmp_path):
+    """Qwen3-VL-MoE's released checkpoints keep the fused experts transposed from transformers
+    5's layout (``gate_up_proj [E, D, 2F]``, ``down_proj [E, F, D]``; transformers transposes
+    them on load): read either way, the same model."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from xds_jax.loading.loader import load_model
+
+    src = GOLDEN / "qwen3_vl_moe_mm"
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    tensors = load_file(str(src / "model.safetensors"))
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        tensors[name] = np.ascontiguousarray(np.swapaxes(tensors[name], 1, 2))
+    assert tensors["model.language_model.layers.0.mlp.experts.gate_up_proj"].shape == (8, 64, 48)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    m, g = load_model(tmp_path, dtype="float32", use_cache=False), golden("qwen3_vl_moe_mm")
     logits = reference_logits(m.params, m.cfg, jnp.asarray(g["prompt_2"]))
     np.testing.assert_allclose(np.asarray(logits), g["logits_2"], atol=TOL, rtol=TOL)

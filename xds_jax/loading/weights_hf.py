@@ -105,14 +105,22 @@ def _mlp(prefix: str, shapes: dict) -> dict:
     return out
 
 
+def _rows_first(a: np.ndarray, rows: int) -> np.ndarray:
+    """A fused expert tensor as transformers 5 holds it, ``[E, rows, cols]``: as stored, or
+    transposed where the checkpoint keeps ``[E, cols, rows]`` (Qwen3-VL-MoE's gate_up
+    ``[E, D, 2F]`` and down ``[E, F, D]``; transformers transposes them on load too)."""
+    return a if a.shape[1] == rows else np.swapaxes(a, 1, 2)
+
+
 def _experts(cfg: ModelConfig, prefix: str, names: set[str], mixtral: bool) -> dict:
     fused = f"{prefix}.experts.gate_up_proj"
     if fused in names:  # transformers 5 in-memory layout: [E, 2F, D] and [E, D, F]
-        f = cfg.moe.moe_intermediate_size
+        f, d = cfg.moe.moe_intermediate_size, cfg.hidden_size
         return {
-            "gate": Leaf((fused,), lambda a: transpose_last2(a[:, :f])),
-            "up": Leaf((fused,), lambda a: transpose_last2(a[:, f:])),
-            "down": Leaf((f"{prefix}.experts.down_proj",), transpose_last2),
+            "gate": Leaf((fused,), lambda a: transpose_last2(_rows_first(a, 2 * f)[:, :f])),
+            "up": Leaf((fused,), lambda a: transpose_last2(_rows_first(a, 2 * f)[:, f:])),
+            "down": Leaf((f"{prefix}.experts.down_proj",),
+                         lambda a: transpose_last2(_rows_first(a, d))),
         }
     names_of = _MIXTRAL_EXPERT if mixtral else _MLP
     e = cfg.moe.num_experts

@@ -1,8 +1,8 @@
 """Family-specific ``config.json`` fields as ``ModelConfig`` fields: Gemma's (Gemma, Gemma 2,
-Gemma 3 and the language model of an image-text Gemma 3), Granite's multipliers (Granite and
-Granite MoE), SmolLM3's layers without RoPE, OLMo 2/3's post-norms and OLMo 2/3 and OLMoE's
-whole-projection q/k norms, GLM-4 and GLM-4.5's half-width RoPE and defaults, ERNIE 4.5's,
-EXAONE 4's hybrid local / global layers."""
+Gemma 3; an image-text checkpoint's text config is read by ``config_image_text``), Granite's
+multipliers (Granite and Granite MoE), SmolLM3's layers without RoPE, OLMo 2/3's post-norms,
+OLMo 2/3 and OLMoE's whole-projection q/k norms, GLM-4 and GLM-4.5's half-width RoPE and
+defaults, ERNIE 4.5's, EXAONE 4's hybrid local / global layers."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import math
 
 from xds_jax.errors import ConfigError, UnsupportedModelError
 from xds_jax.model.config_fields import int_field, rope_by_layer_type
+from xds_jax.model.config_image_text import GEMMA3_TEXT_DEFAULTS
 
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")
@@ -17,51 +18,6 @@ GRANITE_MOE_TYPES = ("granitemoe", "granitemoeshared")
 GLM_TYPES = ("glm4", "glm4_moe")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu")
-# transformers' Gemma3TextConfig defaults: the text_config of an image-text Gemma 3 on the Hub
-# names only what differs from them (gemma-3-4b-it: sizes, layer count, rope_scaling, window).
-GEMMA3_TEXT_DEFAULTS = {
-    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
-    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
-    "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-6, "bos_token_id": 2, "eos_token_id": 1, "tie_word_embeddings": True,
-    "query_pre_attn_scalar": 256, "sliding_window": 4096, "rope_theta": 1_000_000.0,
-    "rope_local_base_freq": 10_000.0,
-}
-
-
-def gemma3_text_config(d: dict, source: str) -> dict:
-    """The language model's config of an image-text Gemma 3 (``model_type: gemma3``): its
-    ``text_config`` over Gemma3TextConfig's defaults, the top level's token ids and dtype."""
-    text, top = _text_config(d, source, "tie_word_embeddings")
-    return {**GEMMA3_TEXT_DEFAULTS, **top, **text, "model_type": "gemma3_text"}
-
-
-def _text_config(d: dict, source: str, *shared: str) -> tuple[dict, dict]:
-    """An image-text config's ``text_config`` and the top level's token ids, dtype and
-    ``shared`` fields (those it sets)."""
-    text = d.get("text_config")
-    if not isinstance(text, dict):
-        raise ConfigError(f"{source}: model_type {d.get('model_type')} needs a text_config "
-                          "object")
-    keys = ("eos_token_id", "bos_token_id", "torch_dtype", "dtype", *shared)
-    return text, {k: d[k] for k in keys if d.get(k) is not None}
-
-
-def mistral3_text_config(d: dict, source: str) -> dict:
-    """The language model's config of an image-text Mistral 3 (Mistral Small 3.1 / 3.2,
-    ``model_type: mistral3``): its ``text_config`` (a Mistral or Llama config) with the top
-    level's token ids and dtype. Tying follows the top level where it says (transformers 5
-    ties the head there, and saves no ``lm_head``), else the text config (released
-    checkpoints: untied, ``language_model.lm_head.weight`` stored)."""
-    text, top = _text_config(d, source)
-    if text.get("model_type", "mistral") not in ("mistral", "llama"):
-        raise UnsupportedModelError(f"{source}: mistral3 text_config model_type "
-                                    f"{text.get('model_type')!r} is not supported")
-    tied = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-    return {**top, **text, "model_type": text.get("model_type", "mistral"),
-            "tie_word_embeddings": bool(tied)}
-
-
 def gemma_fields(d: dict, model_type: str, source: str) -> dict:
     """Gemma / Gemma 2 / Gemma 3 (text) fields of ``ModelConfig``, plus ``config``: ``d`` with
     Gemma 3's per-layer-type ``rope_parameters`` replaced by the global layers' ones.

@@ -21,11 +21,15 @@ from xds_jax.model.config_families import (
     GRANITE_MOE_TYPES,
     OLMO_TYPES,
     family_fields,
-    gemma3_text_config,
-    mistral3_text_config,
     window_fields,
 )
 from xds_jax.model.config_fields import bool_field, get_any, int_field, rope_by_layer_type
+from xds_jax.model.config_image_text import (
+    QWEN_VL_TEXT_TYPES,
+    gemma3_text_config,
+    mistral3_text_config,
+    qwen_vl_text_config,
+)
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", *GEMMA_TYPES,
                *OLMO_TYPES, "glm4", "ernie4_5", "seed_oss", "exaone4")
@@ -255,6 +259,8 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         d = gemma3_text_config(d, source)
     elif d.get("model_type") == "mistral3":  # image-text Mistral Small 3.x: likewise
         d = mistral3_text_config(d, source)
+    elif d.get("model_type") in QWEN_VL_TEXT_TYPES:  # Qwen2-VL / 2.5-VL / 3-VL: likewise
+        d = qwen_vl_text_config(d, source)
     model_type = d.get("model_type")
     if model_type is None:
         raise ConfigError(f"{source}: required field 'model_type' is missing")

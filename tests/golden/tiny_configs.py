@@ -243,6 +243,16 @@ TINY_MODELS = {
         ),
         7,
     ),
+    # GLM-4.7-Flash (glm4_moe_lite): DeepSeek-V3's MLA and MoE with GLM's defaults; dense and
+    # MoE layers named per layer (mlp_layer_types: dense, then sparse by default).
+    "glm4_moe_lite": (
+        tf.Glm4MoeLiteConfig(
+            **{k: v for k, v in DEEPSEEK.items()
+               if k not in ("first_k_dense_replace", "rope_parameters")},
+            eos_token_id=2,
+        ),
+        1,
+    ),
     # dots.llm1 (dots1): Qwen3's attention (per-head q/k norms) over DeepSeek-V3's MoE, its
     # defaults otherwise (no renormalised top-k); a 16-token window on the layers from
     # max_window_layers on (the last one here).

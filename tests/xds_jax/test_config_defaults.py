@@ -87,6 +87,12 @@ def test_each_family_s_distinctive_defaults():
     ernie_moe = read("Ernie4_5_MoeConfig").moe  # 2 shared experts, MoE from layer 1
     assert ernie_moe.router == "softmax" and ernie_moe.score_correction_bias
     assert ernie_moe.moe_layers == tuple(range(1, 28)) and ernie_moe.num_shared_experts == 2
+    lite = read("Glm4MoeLiteConfig")  # MLA, interleaved RoPE, MoE after one dense layer
+    assert lite.mla is not None and lite.rope.interleaved and lite.rms_norm_eps == 1e-5
+    assert lite.moe.moe_layers == tuple(range(1, 47)) and lite.moe.routed_scaling_factor == 1.8
+    with pytest.raises(ConfigError, match="mlp_layer_types"):
+        config_from_hf_dict(dict(DEFAULTS["Glm4MoeLiteConfig"], mlp_layer_types=["moe"] * 47),
+                            "bad")
     glm4 = read("Glm4Config")  # q/k/v biases, sandwich norms, interleaved half-width RoPE
     assert glm4.attention_bias and not glm4.attention_out_bias and glm4.rope.interleaved
     assert glm4.norm_placement == "sandwich" and glm4.rope_dim == 64

@@ -15,9 +15,11 @@ from xds_jax.model.config_image_text import GEMMA3_TEXT_DEFAULTS
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")
 GRANITE_MOE_TYPES = ("granitemoe", "granitemoeshared")
-GLM_TYPES = ("glm4", "glm4_moe")
+GLM_TYPES = ("glm4", "glm4_moe", "glm4_moe_lite")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu")
+
+
 def gemma_fields(d: dict, model_type: str, source: str) -> dict:
     """Gemma / Gemma 2 / Gemma 3 (text) fields of ``ModelConfig``, plus ``config``: ``d`` with
     Gemma 3's per-layer-type ``rope_parameters`` replaced by the global layers' ones.
@@ -214,18 +216,21 @@ def olmoe_fields(d: dict, source: str) -> dict:
 
 
 def glm_fields(d: dict, model_type: str) -> dict:
-    """GLM-4 (``glm4``: GLM-4-9B/32B-0414, GLM-Z1) and GLM-4.5 / 4.6 (``glm4_moe``) with their
-    config classes' defaults where a field is absent: RoPE on the first half of each head
+    """GLM-4 (``glm4``: GLM-4-9B/32B-0414, GLM-Z1), GLM-4.5 / 4.6 (``glm4_moe``) and the MLA
+    GLM (``glm4_moe_lite``: RMSNorm eps 1e-5 only) with their config classes' defaults where
+    a field is absent: RoPE on the first half of each head
     (``partial_rotary_factor`` 0.5, at the top level or in ``rope_parameters``), RMSNorm eps
     (1.5625e-7 / 1e-5). GLM-4 also: q/k/v biases by default (``attention_bias`` true), RoPE on
     interleaved pairs, and norms on the attention and MLP outputs too (sandwich: its
     ``post_self_attn_layernorm`` and ``post_mlp_layernorm``). o_proj has no bias in either."""
     config = dict(d)
+    if config.get("rms_norm_eps") is None:
+        config["rms_norm_eps"] = 1.5625e-7 if model_type == "glm4" else 1e-5
+    if model_type == "glm4_moe_lite":  # DeepSeek's MLA: RoPE on its qk_rope_head_dim
+        return {"config": config}
     rope = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
     if d.get("partial_rotary_factor") is None and rope.get("partial_rotary_factor") is None:
         config["partial_rotary_factor"] = 0.5
-    if config.get("rms_norm_eps") is None:
-        config["rms_norm_eps"] = 1e-5 if model_type == "glm4_moe" else 1.5625e-7
     if model_type == "glm4_moe":
         return {"config": config}
     if config.get("attention_bias") is None:

@@ -34,11 +34,11 @@ from xds_jax.model.config_image_text import (
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", *GEMMA_TYPES,
                *OLMO_TYPES, "glm4", "ernie4_5", "seed_oss", "exaone4")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", *GRANITE_MOE_TYPES, "deepseek_v2",
-             "deepseek_v3", "glm4_moe", "dots1", "ernie4_5_moe")
-MLA_TYPES = ("deepseek_v2", "deepseek_v3")
+             "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "ernie4_5_moe")
+MLA_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")
 # DeepSeek's MoE (router, shared experts, dense first layers, MTP layers after the last): with
-# MLA in DeepSeek, with grouped-query attention in GLM-4.5 / 4.6 (glm4_moe) and dots.llm1
-# (dots1, Qwen3's attention).
+# MLA in DeepSeek and GLM-4.7-Flash (glm4_moe_lite), with grouped-query attention in GLM-4.5 /
+# 4.6 (glm4_moe) and dots.llm1 (dots1, Qwen3's attention).
 DEEPSEEK_MOE_TYPES = (*MLA_TYPES, "glm4_moe", "dots1")
 # DeepSeek-V2's topk_method: "greedy" (V2-Lite: top-k of all experts) or "group_limited_greedy"
 # (V2: the topk_group groups with the best single expert score first).
@@ -218,7 +218,7 @@ def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | 
             moe_layers=layers,
         )
     if model_type in DEEPSEEK_MOE_TYPES:
-        v2, glm = model_type == "deepseek_v2", model_type == "glm4_moe"
+        v2, glm = model_type == "deepseek_v2", model_type in ("glm4_moe", "glm4_moe_lite")
         scoring = d.get("scoring_func", "softmax" if v2 else "sigmoid")
         topk_method = d.get("topk_method", "greedy" if v2 else "noaux_tc")
         if v2 and topk_method not in V2_TOPK_METHODS:
@@ -228,6 +228,13 @@ def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | 
         first_dense = int_field(d, "first_k_dense_replace", source, default=int(glm))
         freq = int_field(d, "moe_layer_freq", source, default=1)
         layers = tuple(i for i in range(first_dense, num_layers) if i % freq == 0)
+        kinds = d.get("mlp_layer_types")  # GLM-4.7-Flash: "dense" / "sparse" per layer
+        if kinds is not None:
+            if (not isinstance(kinds, list) or len(kinds) < num_layers
+                    or any(k not in ("dense", "sparse") for k in kinds)):
+                raise ConfigError(f"{source}: mlp_layer_types must list dense or sparse for "
+                                  f"each of the {num_layers} layers, got {kinds!r}")
+            layers = tuple(i for i in range(num_layers) if kinds[i] == "sparse")
         inter = int_field(d, "moe_intermediate_size", source)
         n_shared = int_field(d, "n_shared_experts", source, default=int(glm)) or 0
         num_experts = get_any(d, "n_routed_experts", "num_local_experts")

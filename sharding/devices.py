@@ -38,6 +38,7 @@ def configure_cpu_devices(count: int | None = None) -> int:
         )
     import jax
 
+    size_dispatch_pool(count)
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError as e:  # backends already initialised
@@ -48,6 +49,25 @@ def configure_cpu_devices(count: int | None = None) -> int:
                 "first JAX computation (set XDS_CPU_DEVICES in the environment)"
             ) from e
     return count
+
+
+def size_dispatch_pool(devices: int) -> None:
+    """Give XLA:CPU's dispatch pool two threads per virtual device (``PJRT_NPROC``, read when
+    the CPU client is created; a larger value already set is kept).
+
+    The CPU client runs every device's part of a multi-device launch on one pool of
+    max(``PJRT_NPROC`` or cores, devices) threads, and a launch blocks its pool thread while
+    its device already has 32 computations in flight. With one thread per device (8 on a
+    2-core host) an MA step, which queues dozens of programs on the expert devices without
+    waiting, let the next program's blocked launches take every thread a queued collective's
+    participants needed: the rendezvous never completed and XLA aborted the process after its
+    40 s terminate timeout (once in CI; 3 in 12 runs of the EPLB test on their own). Only one
+    collective runs at a time, so at most N threads wait in a rendezvous and at most N
+    launches block: 2N threads always leave a participant one."""
+    want = max(2 * devices, os.cpu_count() or 1)
+    have = os.environ.get("PJRT_NPROC", "")
+    if not have.isdigit() or int(have) < want:
+        os.environ["PJRT_NPROC"] = str(want)
 
 
 def backends_started() -> bool:

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from sharding.devices import DeviceSetupError, backends_started
+from sharding.devices import DeviceSetupError, backends_started, size_dispatch_pool
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ def initialize(config: DistributedConfig, devices_needed: int = 0) -> None:
             raise DeviceSetupError(
                 f"the deployment's {devices_needed} devices do not split evenly over "
                 f"{config.num_processes} processes")
+        size_dispatch_pool(devices_needed // config.num_processes)
         jax.config.update("jax_num_cpu_devices", devices_needed // config.num_processes)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     log.info("process %d of %d joining %s", config.process_id, config.num_processes,

@@ -15,7 +15,7 @@ summarise() {
     local rc=$1
     shift
     echo "=== pytest crashed (exit $rc, signal $(( rc - 128 ))): $*"
-    grep -n -E "Fatal Python error|Check failed|terminate called|corrupted|double free|free\(\)|Segmentation|Aborted|^(Thread|Current thread) 0x" "$log" | head -40
+    grep -n -E "^F[0-9]{4} |Fatal Python error|Check failed|terminate called|corrupted|double free|free\(\)|Segmentation|Aborted|^(Thread|Current thread) 0x" "$log" | head -40
     echo "--- frames of this repository (most recent call first, per thread):"
     grep -E "^(Thread|Current thread) 0x|  File \"[^\"]*/(tests|xds_jax|serving|sharding|collectives|benchmarks)/" "$log" \
         | grep -v "/.venv/" | head -60

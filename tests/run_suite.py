@@ -62,8 +62,11 @@ CLOSING = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|x
 def run(name: str, out: dict, lock: threading.Lock) -> None:
     devices, args = PROCESSES[name]
     env = {**os.environ, "XDS_CPU_DEVICES": str(devices)}
+    # --capture=sys: Python's output is captured per test as usual, native writes to fd 2 are
+    # not, so XLA's fatal message (F... rendezvous.cc: Termination timeout ...) reaches the log
+    # when a process aborts (fd capture kept it in a buffer the abort discarded).
     cmd = [str(ROOT / "tests/run_pytest.sh"), sys.executable, "-m", "pytest", "--durations=10",
-           *args]
+           "--capture=sys", *args]
     start = time.monotonic()
     with lock:
         print(f"===== {name}: started", flush=True)

@@ -175,7 +175,10 @@ class ExpertRebalancer:
             return False
         self.pending = _Swap(counts, dict(self.maps), time.perf_counter())
         self.last_stall_ms = 0.0
-        threading.Thread(target=self._prepare, args=(self.pending,), daemon=True,
+        # Not a daemon: the thread waits inside jaxlib calls, and a daemon thread there when
+        # the interpreter finalizes is unwound through C++ frames (SIGABRT at exit). A swap
+        # is bounded work, so exit waits for it.
+        threading.Thread(target=self._prepare, args=(self.pending,), daemon=False,
                          name="eplb-swap").start()
         return True
 

@@ -239,3 +239,48 @@ def test_swap_phases_map_off_then_weights_then_map_on(tmp_path, monkeypatch):
     assert reb.start({layer: np.array([[1, 1, 1, 1, 1, 1, 1, 90]])})
     assert reb.wait() is False and reb.pending is None and reb.rebalances == 1
     assert replicas() == current.replica_counts().tolist() and reb.maps[layer] is current
+
+
+SWAP_AT_EXIT = """
+import sys, threading
+import jax, jax.numpy as jnp, numpy as np
+from sharding.devices import configure_cpu_devices
+configure_cpu_devices(8)
+import serving.disagg.ma_eplb as ma_eplb
+from serving.disagg.eplb_config import EplbConfig
+from serving.disagg.ma import MAPool
+from serving.disagg.ma_layout import MALayout
+from tests.helpers import tiny
+from tests.serving.test_ma import GROUP
+
+m = tiny("qwen3_moe")
+pool = MAPool(m.params, m.cfg, MALayout.load(sys.argv[1], m.cfg), GROUP,
+              eplb=EplbConfig.parse(True))
+slow = jax.jit(lambda x: jax.lax.fori_loop(0, 100, lambda i, y: jnp.tanh(y @ y), x))
+x = jnp.ones((512, 512)) / 512
+slow(x).block_until_ready()
+inside, rewrite = threading.Event(), ma_eplb._rewrite
+
+def moving(*args):  # a weight move still on the device when the interpreter exits
+    inside.set()
+    jax.block_until_ready(slow(x))
+    return rewrite(*args)
+
+ma_eplb._rewrite = moving
+assert pool.rebalancer.start({min(pool.rebalancer.maps): np.array([[90] + [1] * 7])})
+inside.wait()
+"""
+
+
+def test_a_swap_under_way_when_the_process_exits_does_not_abort_it(tmp_path):
+    """The swap thread waits in jaxlib calls; a daemon thread there when the interpreter
+    finalizes is unwound by ``pthread_exit`` through C++ frames, and the process ends in
+    SIGABRT ("terminate called ..."). Exit waits for the swap instead."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", SWAP_AT_EXIT, ma8(tmp_path)],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]

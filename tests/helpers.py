@@ -12,7 +12,8 @@ TINY_MODELS = ["llama", "phi3", "granite", "gemma", "gemma2", "gemma3_text", "sm
                "olmo3", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe",
                "granitemoe", "granitemoeshared", "deepseek_v2", "deepseek_v3",
                "deepseek_v3_noqlora", "glm4", "glm4_moe",
-               "ernie4_5", "dots1", "seed_oss", "ernie4_5_moe", "exaone4", "glm4_moe_lite"]
+               "ernie4_5", "dots1", "seed_oss", "ernie4_5_moe", "exaone4", "glm4_moe_lite",
+               "minimax_m2"]
 
 
 @functools.cache

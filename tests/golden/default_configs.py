@@ -16,7 +16,8 @@ CLASSES = ["LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "Phi3Co
            "OlmoeConfig", "GraniteMoeConfig", "GraniteMoeSharedConfig", "DeepseekV2Config",
            "DeepseekV3Config", "Glm4Config", "Glm4MoeConfig",
            "Ernie4_5Config", "Dots1Config", "SeedOssConfig",
-           "Ernie4_5_MoeConfig", "Exaone4Config", "Glm4MoeLiteConfig"]
+           "Ernie4_5_MoeConfig", "Exaone4Config", "Glm4MoeLiteConfig",
+           "MiniMaxM2Config"]
 
 
 def main() -> None:

@@ -266,6 +266,18 @@ TINY_MODELS = {
         ),
         0,
     ),
+    # MiniMax-M2: Mixtral's experts chosen by sigmoid scores plus a correction bias, renormalised;
+    # q/k norms over the whole projections; RoPE on half of each head (rotary_dim).
+    "minimax_m2": (
+        tf.MiniMaxM2Config(
+            **dict(BASE, head_dim=16),
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            rotary_dim=8,
+            eos_token_id=2,
+        ),
+        4,
+    ),
     # OLMoE: pre-norm Llama attention with q/k norms over the whole projections (64 and 32
     # wide: GQA), a MoE FFN on every layer: softmax router, top-2 of 8, no renormalisation.
     "olmoe": (

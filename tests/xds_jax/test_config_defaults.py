@@ -236,3 +236,27 @@ def test_qwen_image_text_configs_read_their_language_model():
     cfg = config_from_hf_dict(qwen3, "Qwen3-VL-8B")
     assert cfg.model_type == "qwen3" and cfg.qk_norm and cfg.rope.theta == 5e6
     assert cfg.dtype == "bfloat16" and not cfg.attention_bias
+
+
+# MiniMax-M2's config.json as released (FP8 block-quantised weights; its MTP modules are not
+# part of transformers' model and are left out).
+MINIMAX_M2 = {
+    "architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2", "head_dim": 128,
+    "hidden_size": 3072, "intermediate_size": 1536, "max_position_embeddings": 196608,
+    "num_attention_heads": 48, "num_experts_per_tok": 8, "num_hidden_layers": 62,
+    "num_key_value_heads": 8, "num_local_experts": 256, "qk_norm_type": "per_layer",
+    "rms_norm_eps": 1e-06, "rope_theta": 5000000, "rotary_dim": 64, "scoring_func": "sigmoid",
+    "use_qk_norm": True, "use_routing_bias": True, "vocab_size": 200064,
+    "shared_intermediate_size": 0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "float8_e4m3fn",
+                            "quant_method": "fp8", "weight_block_size": [128, 128]}}
+
+
+def test_minimax_m2_chooses_experts_by_biased_sigmoid_behind_whole_projection_norms():
+    cfg = config_from_hf_dict(MINIMAX_M2, "MiniMax-M2")
+    assert cfg.head_dim == 128 and cfg.rope_dim == 64 and cfg.rope.theta == 5e6
+    assert cfg.qk_norm and cfg.qk_norm_scope == "whole"
+    moe = cfg.moe
+    assert (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size) == (256, 8, 1536)
+    assert moe.router == "sigmoid" and moe.score_correction_bias and moe.norm_topk_prob
+    assert moe.moe_layers == tuple(range(62)) and moe.num_shared_experts == 0

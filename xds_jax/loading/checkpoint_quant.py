@@ -86,9 +86,9 @@ def checkpoint_quantization(d: dict, source: str) -> Scheme | None:
     if method in ("gptq", "awq"):
         return parse_gptq_awq(q, f"{source}: quantization_config")
     fmt = q.get("fmt", "e4m3")
-    if fmt != "e4m3":
+    if fmt not in ("e4m3", "float8_e4m3fn"):  # MiniMax-M2 names the dtype
         raise UnsupportedModelError(f"{source}: quantization_config.fmt {fmt!r} is not supported "
-                                    "(supported: e4m3)")
+                                    "(supported: e4m3, float8_e4m3fn)")
     block = q.get("weight_block_size")
     if block is None:
         return Fp8Scheme(None)

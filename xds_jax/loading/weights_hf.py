@@ -170,7 +170,9 @@ def _moe(cfg: ModelConfig, p: str, shapes: dict, names: set[str]) -> dict:
     if "router_bias" in shapes:
         statics = f"{prefix}.moe_statics.e_score_correction_bias"  # ERNIE 4.5: [1, E]
         out["router_bias"] = (Leaf((statics,), lambda a: a.reshape(-1)) if statics in names
-                              else Leaf((f"{prefix}.gate.e_score_correction_bias",)))
+                              else Leaf((first_present(  # MiniMax-M2: the block's own
+                                  names, f"{prefix}.gate.e_score_correction_bias",
+                                  f"{prefix}.e_score_correction_bias"),)))
     if "shared" in shapes:
         shared = first_present(names, f"{prefix}.shared_experts.gate_proj.weight",
                                f"{prefix}.shared_expert.gate_proj.weight")

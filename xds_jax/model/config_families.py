@@ -112,6 +112,8 @@ def family_fields(d: dict, model_type: str, source: str) -> dict:
         return ernie_fields(d, model_type, source)
     if model_type == "exaone4":
         return exaone4_fields(d, source)
+    if model_type == "minimax_m2":
+        return minimax_m2_fields(d)
     return {"config": d}
 
 
@@ -287,3 +289,18 @@ def exaone4_fields(d: dict, source: str) -> dict:
     out |= window_fields(window, types)
     out["nope_layers"] = tuple(i for i, t in enumerate(types) if t == "full_attention")
     return out
+
+
+def minimax_m2_fields(d: dict) -> dict:
+    """MiniMax-M2: q/k norms over the whole projections (OLMo's), RoPE on the first
+    ``rotary_dim`` dims of each head (its released configs' spelling of a partial rotary
+    factor), MiniMaxM2Config's RoPE base 5e6 and 128-wide heads where none is named."""
+    config = dict(d)
+    if config.get("head_dim") is None:
+        config["head_dim"] = 128
+    rope = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
+    rotary = d.get("rotary_dim")
+    if (rotary is not None and d.get("partial_rotary_factor") is None
+            and rope.get("partial_rotary_factor") is None):
+        config["partial_rotary_factor"] = rotary / config["head_dim"]
+    return {"qk_norm_scope": "whole", "config": _with_rope_theta(config, 5_000_000.0)}

@@ -33,8 +33,8 @@ from xds_jax.model.config_image_text import (
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", *GEMMA_TYPES,
                *OLMO_TYPES, "glm4", "ernie4_5", "seed_oss", "exaone4")
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", *GRANITE_MOE_TYPES, "deepseek_v2",
-             "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "ernie4_5_moe")
+MOE_TYPES = ("mixtral", "minimax_m2", "qwen2_moe", "qwen3_moe", "olmoe", *GRANITE_MOE_TYPES,
+             "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "ernie4_5_moe")
 MLA_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")
 # DeepSeek's MoE (router, shared experts, dense first layers, MTP layers after the last): with
 # MLA in DeepSeek and GLM-4.7-Flash (glm4_moe_lite), with grouped-query attention in GLM-4.5 /
@@ -158,6 +158,17 @@ def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | 
             num_experts=int_field(d, "num_local_experts", source),
             num_experts_per_tok=int_field(d, "num_experts_per_tok", source),
             moe_intermediate_size=int_field(d, "intermediate_size", source),
+            moe_layers=tuple(range(num_layers)),
+        )
+    if model_type == "minimax_m2":  # Mixtral's experts, DeepSeek-V3's biased sigmoid choice
+        return MoEConfig(
+            num_experts=int_field(d, _spelt(d, "num_local_experts", "num_experts"), source,
+                                  default=256),
+            num_experts_per_tok=int_field(d, "num_experts_per_tok", source, default=8),
+            moe_intermediate_size=int_field(d, "intermediate_size", source, default=1536),
+            router=d.get("scoring_func") or "sigmoid",
+            norm_topk_prob=True,
+            score_correction_bias=bool_field(d, "use_routing_bias", source, default=True),
             moe_layers=tuple(range(num_layers)),
         )
     if model_type == "olmoe":  # softmax, top-k, renormalised only with norm_topk_prob
@@ -335,7 +346,7 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         attention_out_bias=out_bias,
         mlp_bias=bool(d.get("mlp_bias", False)),
         qk_norm=(model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe", "dots1",
-                                "exaone4") + OLMO_TYPES
+                                "exaone4", "minimax_m2") + OLMO_TYPES
                  or (model_type == "glm4_moe" and bool_field(d, "use_qk_norm", source,
                                                              default=False))),
         mla=mla,

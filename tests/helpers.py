@@ -13,7 +13,7 @@ TINY_MODELS = ["llama", "phi3", "granite", "gemma", "gemma2", "gemma3_text", "sm
                "granitemoe", "granitemoeshared", "deepseek_v2", "deepseek_v3",
                "deepseek_v3_noqlora", "glm4", "glm4_moe",
                "ernie4_5", "dots1", "seed_oss", "ernie4_5_moe", "exaone4", "glm4_moe_lite",
-               "minimax_m2"]
+               "minimax_m2", "internlm3"]
 
 
 @functools.cache

@@ -17,7 +17,7 @@ CLASSES = ["LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "Phi3Co
            "DeepseekV3Config", "Glm4Config", "Glm4MoeConfig",
            "Ernie4_5Config", "Dots1Config", "SeedOssConfig",
            "Ernie4_5_MoeConfig", "Exaone4Config", "Glm4MoeLiteConfig",
-           "MiniMaxM2Config"]
+           "MiniMaxM2Config", "InternLM3Config"]
 
 
 def main() -> None:

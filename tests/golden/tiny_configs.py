@@ -225,6 +225,9 @@ TINY_MODELS = {
     # window with RoPE on sliding layers, global layers (every 2nd here) without RoPE.
     "exaone4": (tf.Exaone4Config(**dict(BASE, head_dim=16), sliding_window=8,
                                  sliding_window_pattern=2, pad_token_id=0, eos_token_id=2), 0),
+    # InternLM3: a Llama whose biases are spelt qkv_bias / bias (on here).
+    "internlm3": (tf.InternLM3Config(**dict(BASE, head_dim=16), qkv_bias=True, bias=True,
+                                     pad_token_id=0, eos_token_id=2), 0),
     # GLM-4 (0414, dense): q/k/v biases (attention_bias's default), RoPE on interleaved pairs of
     # the first half of each head, norms on the attention and MLP outputs too, gate/up fused.
     "glm4": (tf.Glm4Config(**dict(BASE, head_dim=16), eos_token_id=2, pad_token_id=0), 0),

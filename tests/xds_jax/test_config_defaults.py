@@ -260,3 +260,11 @@ def test_minimax_m2_chooses_experts_by_biased_sigmoid_behind_whole_projection_no
     assert (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size) == (256, 8, 1536)
     assert moe.router == "sigmoid" and moe.score_correction_bias and moe.norm_topk_prob
     assert moe.moe_layers == tuple(range(62)) and moe.num_shared_experts == 0
+
+
+def test_internlm3_spells_its_biases_as_its_attribute_map_reads_them():
+    hub = {k: v for k, v in DEFAULTS["InternLM3Config"].items()
+           if k not in ("attention_bias", "mlp_bias")}
+    cfg = config_from_hf_dict(dict(hub, qkv_bias=True, bias=True), "internlm3-8b")
+    assert cfg.attention_bias and cfg.attention_out_bias and cfg.mlp_bias and cfg.head_dim == 128
+    assert not config_from_hf_dict(hub, "no biases").attention_bias

@@ -114,6 +114,8 @@ def family_fields(d: dict, model_type: str, source: str) -> dict:
         return exaone4_fields(d, source)
     if model_type == "minimax_m2":
         return minimax_m2_fields(d)
+    if model_type == "internlm3":
+        return internlm3_fields(d)
     return {"config": d}
 
 
@@ -304,3 +306,15 @@ def minimax_m2_fields(d: dict) -> dict:
             and rope.get("partial_rotary_factor") is None):
         config["partial_rotary_factor"] = rotary / config["head_dim"]
     return {"qk_norm_scope": "whole", "config": _with_rope_theta(config, 5_000_000.0)}
+
+
+def internlm3_fields(d: dict) -> dict:
+    """InternLM3: a Llama whose configs spell its biases ``qkv_bias`` (every attention
+    projection) and ``bias`` (the MLP's), as InternLM3Config's attribute map reads them, with
+    its defaults where absent (128-wide heads, eps 1e-5)."""
+    config = {"head_dim": 128, "rms_norm_eps": 1e-5,
+              **{k: v for k, v in d.items() if v is not None}}
+    for name, alias in (("attention_bias", "qkv_bias"), ("mlp_bias", "bias")):
+        if name not in config and alias in config:
+            config[name] = config[alias]
+    return {"config": config}

@@ -32,7 +32,7 @@ from xds_jax.model.config_image_text import (
 )
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", *GEMMA_TYPES,
-               *OLMO_TYPES, "glm4", "ernie4_5", "seed_oss", "exaone4")
+               *OLMO_TYPES, "glm4", "ernie4_5", "seed_oss", "exaone4", "internlm3")
 MOE_TYPES = ("mixtral", "minimax_m2", "qwen2_moe", "qwen3_moe", "olmoe", *GRANITE_MOE_TYPES,
              "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "ernie4_5_moe")
 MLA_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")

@@ -14,6 +14,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from xds_jax.model import attention_blocks
+from xds_jax.model.attention_blocks import (
+    LoadKV,
+    blockwise_attention,
+    key_block_size,
+    use_blockwise,
+)
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.fused import split_kv
 from xds_jax.model.layers import (
@@ -89,6 +96,42 @@ def read_pages(pages: jax.Array, block_tables_BN: jax.Array, dtype=jnp.float32) 
     got = from_bits(got, kv_value_dtype(pages.dtype))
     b, n, pg = got.shape[:3]
     return got.reshape((b, n * pg) + got.shape[3:]).astype(dtype)
+
+
+def paged_kv_blocks(k_pages: jax.Array, v_pages: jax.Array | None, block_tables_BN: jax.Array,
+                    dtype, value_dims: int | None = None) -> tuple[LoadKV, int]:
+    """A key-block reader for ``blockwise_attention`` and its block size ``Tk``.
+
+    Blocks of whole pages are gathered from their block-table columns inside the loop, so
+    only visited blocks are read; where a page is larger than a block (the prompt scorer's
+    single page) all pages are gathered once and sliced. ``v_pages`` None: the values are
+    the keys' first ``value_dims`` dims (MLA's latent).
+    """
+    page_size = k_pages.shape[1]
+    num_keys = block_tables_BN.shape[1] * page_size
+    tk = key_block_size(num_keys, page_size)
+
+    def values(keys, cols):
+        if v_pages is None:
+            return keys[..., :value_dims]
+        return read_pages(v_pages, cols, dtype)
+
+    if tk:
+        def load(start):
+            cols = jax.lax.dynamic_slice_in_dim(block_tables_BN, start // page_size,
+                                                tk // page_size, axis=1)
+            keys = read_pages(k_pages, cols, dtype)
+            return keys, values(keys, cols)
+        return load, tk
+    tk = min(attention_blocks.K_BLOCK, num_keys)
+    keys_BLKD = read_pages(k_pages, block_tables_BN, dtype)
+    vals_BLKE = values(keys_BLKD, block_tables_BN)
+    return (lambda start: (jax.lax.dynamic_slice_in_dim(keys_BLKD, start, tk, axis=1),
+                           jax.lax.dynamic_slice_in_dim(vals_BLKE, start, tk, axis=1))), tk
+
+
+def _window(cfg: ModelConfig, layer: int | None) -> int | None:
+    return cfg.sliding_window if cfg.is_local_layer(layer) else None
 
 
 def attention_mask(cfg: ModelConfig, positions_BS: jax.Array, num_keys: int,
@@ -191,12 +234,18 @@ def gqa_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
     # Both attention matmuls take the KV dtype and accumulate in float32, as Hugging Face's
     # eager attention does (bf16 prefill 1.9x faster on XLA:CPU); softmax is float32.
     kv_dtype = kv_value_dtype(cache["k"].dtype)
+    q_BSKGD = q.reshape(b, s, k, h // k, dh).astype(kv_dtype)
+    scale, num_keys = attention_scale(cfg), block_tables_BN.shape[1] * cache["k"].shape[1]
+    if use_blockwise(h, s, num_keys):  # long prefill: bounded memory, masked blocks skipped
+        load_kv, tk = paged_kv_blocks(cache["k"], cache["v"], block_tables_BN, kv_dtype)
+        out = blockwise_attention(q_BSKGD, load_kv, num_keys, tk, positions_BS, scale,
+                                  cfg.attn_softcap, _window(cfg, layer))
+        return project(p, "o", out), cache
     keys_BLKD = read_pages(cache["k"], block_tables_BN, kv_dtype)
     vals_BLKD = read_pages(cache["v"], block_tables_BN, kv_dtype)
     mask_BSL = attention_mask(cfg, positions_BS, keys_BLKD.shape[1], layer)
-    q_BSKGD = q.reshape(b, s, k, h // k, dh).astype(kv_dtype)
     attend = _decode_attention if s == 1 else _prefill_attention
-    out = attend(q_BSKGD, keys_BLKD, vals_BLKD, mask_BSL, attention_scale(cfg), cfg.attn_softcap)
+    out = attend(q_BSKGD, keys_BLKD, vals_BLKD, mask_BSL, scale, cfg.attn_softcap)
     return project(p, "o", out), cache
 
 
@@ -226,16 +275,25 @@ def mla_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
     k_rope = apply_rope(k_rope, cos, sin, cfg.rope.interleaved)
     latent = jnp.concatenate([c_kv[:, :, None, :], k_rope], axis=-1)
     cache = {"c": write_pages(cache["c"], latent, positions_BS, block_tables_BN)}
-    cached = read_pages(cache["c"], block_tables_BN)[:, :, 0, :]
-    c_BLC, kr_BLR = cached[..., :c], cached[..., c:]
     kv_b = weight_f32(p, "kv_b").reshape(c, h, nope + m.v_head_dim)
     w_uk, w_uv = kv_b[..., :nope], kv_b[..., nope:]
     q_lat = jnp.einsum("bshn,chn->bshc", q_nope.astype(jnp.float32), w_uk)
-    scores = jnp.einsum("bshc,blc->bhsl", q_lat, c_BLC)
-    scores += jnp.einsum("bshr,blr->bhsl", q_rope.astype(jnp.float32), kr_BLR)
-    mask = attention_mask(cfg, positions_BS, c_BLC.shape[1], layer)[:, None]
-    probs = _softmax(scores * attention_scale(cfg), mask)
-    o_lat = jnp.einsum("bhsl,blc->bshc", probs, c_BLC)
+    scale, num_keys = attention_scale(cfg), block_tables_BN.shape[1] * cache["c"].shape[1]
+    if use_blockwise(h, s, num_keys):
+        # The latent's keys [C + R] are the whole cached row and its values its first C dims:
+        # one kv head that all H query heads share.
+        q_BS1HF = jnp.concatenate([q_lat, q_rope.astype(jnp.float32)], axis=-1)[:, :, None]
+        load_kv, tk = paged_kv_blocks(cache["c"], None, block_tables_BN, jnp.float32, c)
+        o_lat = blockwise_attention(q_BS1HF, load_kv, num_keys, tk, positions_BS, scale,
+                                    window=_window(cfg, layer)).reshape(b, s, h, c)
+    else:
+        cached = read_pages(cache["c"], block_tables_BN)[:, :, 0, :]
+        c_BLC, kr_BLR = cached[..., :c], cached[..., c:]
+        scores = jnp.einsum("bshc,blc->bhsl", q_lat, c_BLC)
+        scores += jnp.einsum("bshr,blr->bhsl", q_rope.astype(jnp.float32), kr_BLR)
+        mask = attention_mask(cfg, positions_BS, c_BLC.shape[1], layer)[:, None]
+        probs = _softmax(scores * scale, mask)
+        o_lat = jnp.einsum("bhsl,blc->bshc", probs, c_BLC)
     out = jnp.einsum("bshc,chv->bshv", o_lat, w_uv).reshape(b, s, h * m.v_head_dim)
     return project(p, "o", out), cache
 

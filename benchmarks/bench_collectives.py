@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("XDS_CPU_DEVICES", str(args.devices))
     from sharding.devices import configure_cpu_devices
 
-    configure_cpu_devices(args.devices)
+    configure_cpu_devices(args.devices, collectives=True)
     import jax.numpy as jnp
     import numpy as np
 

@@ -183,7 +183,7 @@ def main() -> None:
     os.environ.setdefault("XDS_CPU_DEVICES", "16" if args.quick else "384")
     from sharding.devices import configure_cpu_devices
 
-    configure_cpu_devices()
+    configure_cpu_devices(collectives=True)
     results = {}
     for name in names:
         path, tokens = DEPLOYMENTS[name]

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("XDS_CPU_DEVICES", str(DEVICES))
     from sharding.devices import configure_cpu_devices
 
-    configure_cpu_devices(DEVICES)
+    configure_cpu_devices(DEVICES, collectives=True)
     from serving.core.runner import MIN_CONTEXT_TOKENS
 
     decode_steps = len(CONFIGS) * (3 * args.warmup + 2 + args.rounds * (args.steps + 4))

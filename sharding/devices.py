@@ -15,12 +15,14 @@ class DeviceSetupError(RuntimeError):
     """The requested device setup cannot be applied."""
 
 
-def configure_cpu_devices(count: int | None = None) -> int:
+def configure_cpu_devices(count: int | None = None, collectives: bool = False) -> int:
     """Ask JAX for ``count`` virtual CPU devices (default: ``$XDS_CPU_DEVICES`` or leave as is).
 
     Returns the device count requested, or 0 when nothing was changed. A process already
     running on an accelerator is left alone; on CPU this must be called before JAX starts. One
     of several ``jax.distributed`` processes keeps the share ``sharding.processes`` gave it.
+    ``collectives``: the process will queue many multi-device programs (an MA or expert-
+    parallel decode): the dispatch pool is sized for them (``size_dispatch_pool``).
     """
     if _joined_processes():
         return 0
@@ -38,7 +40,8 @@ def configure_cpu_devices(count: int | None = None) -> int:
         )
     import jax
 
-    size_dispatch_pool(count)
+    if collectives:
+        size_dispatch_pool(count)
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError as e:  # backends already initialised
@@ -63,7 +66,12 @@ def size_dispatch_pool(devices: int) -> None:
     participants needed: the rendezvous never completed and XLA aborted the process after its
     40 s terminate timeout (once in CI; 3 in 12 runs of the EPLB test on their own). Only one
     collective runs at a time, so at most N threads wait in a rendezvous and at most N
-    launches block: 2N threads always leave a participant one."""
+    launches block: 2N threads always leave a participant one.
+
+    Only where such programs run (``DeploymentSpec.queues_collectives``): the pool is also
+    XLA:CPU's intra-op pool, and 16 threads for 8 devices on 2 cores made a one-device
+    SmolLM2 decode step ~6% slower at batch 1 (27.1-28.2 ms against 28.6-30.8, quiet
+    machine, alternating processes)."""
     want = max(2 * devices, os.cpu_count() or 1)
     have = os.environ.get("PJRT_NPROC", "")
     if not have.isdigit() or int(have) < want:
@@ -77,7 +85,7 @@ def backends_started() -> bool:
     return xla_bridge.backends_are_initialized()
 
 
-def ensure_cpu_devices(needed: int) -> int:
+def ensure_cpu_devices(needed: int, collectives: bool = False) -> int:
     """Size the virtual CPU mesh for a layout of ``needed`` devices, if JAX has not started.
 
     The count is the largest of ``needed``, ``$XDS_CPU_DEVICES`` and what was configured
@@ -95,7 +103,7 @@ def ensure_cpu_devices(needed: int) -> int:
                 jax.config.jax_num_cpu_devices)
     if count <= 1:
         return 0
-    return configure_cpu_devices(min(count, MAX_CPU_DEVICES))
+    return configure_cpu_devices(min(count, MAX_CPU_DEVICES), collectives)
 
 
 def _joined_processes() -> bool:

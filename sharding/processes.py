@@ -72,12 +72,14 @@ class DistributedConfig:
         return cls(**value)
 
 
-def initialize(config: DistributedConfig, devices_needed: int = 0) -> None:
+def initialize(config: DistributedConfig, devices_needed: int = 0,
+               collectives: bool = False) -> None:
     """Join the processes of ``config`` (``jax.distributed.initialize``) before JAX starts.
 
     ``devices_needed``: the deployment's device count; on CPU each process then simulates
     ``devices_needed / num_processes`` devices (an error if that does not divide). Calling it
-    again in a process already set up this way does nothing.
+    again in a process already set up this way does nothing. ``collectives``: as
+    ``sharding.devices.configure_cpu_devices``.
     """
     import jax
     from jax._src import distributed
@@ -96,7 +98,8 @@ def initialize(config: DistributedConfig, devices_needed: int = 0) -> None:
             raise DeviceSetupError(
                 f"the deployment's {devices_needed} devices do not split evenly over "
                 f"{config.num_processes} processes")
-        size_dispatch_pool(devices_needed // config.num_processes)
+        if collectives:
+            size_dispatch_pool(devices_needed // config.num_processes)
         jax.config.update("jax_num_cpu_devices", devices_needed // config.num_processes)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     log.info("process %d of %d joining %s", config.process_id, config.num_processes,

@@ -15,7 +15,7 @@ for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitte
 
 from sharding.devices import configure_cpu_devices  # noqa: E402
 
-configure_cpu_devices()
+configure_cpu_devices(collectives=True)  # the MA and EP tests (sharding.devices)
 
 import jax  # noqa: E402
 

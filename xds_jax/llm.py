@@ -296,15 +296,17 @@ def _size_cpu_devices(config: EngineConfig) -> None:
     from sharding.devices import backends_started, ensure_cpu_devices
 
     needed = config.num_dp_groups
+    collectives = False
     if config.deployment is not None:
         needed = max(needed, config.deployment.num_devices)
+        collectives = config.deployment.queues_collectives
     if config.distributed is not None:  # first of all: join the other processes
         from sharding.processes import DistributedConfig, initialize
 
-        initialize(DistributedConfig.of(config.distributed), needed)
+        initialize(DistributedConfig.of(config.distributed), needed, collectives)
     if backends_started():
         return
-    ensure_cpu_devices(needed)
+    ensure_cpu_devices(needed, collectives)
 
 
 def _join_processes(engine, config: EngineConfig, make_sequences):

@@ -85,7 +85,7 @@ def ma_demo(trace_path: Path) -> None:
 
 def main() -> None:
     os.environ.setdefault("XDS_CPU_DEVICES", "16")
-    configure_cpu_devices()
+    configure_cpu_devices(collectives=True)  # the MA demo's expert slice
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import jax
 

@@ -65,7 +65,7 @@ def engine_args(args: argparse.Namespace) -> Any:
     count = args.cpu_devices
     if count is None and deployment is not None and not os.environ.get("XDS_CPU_DEVICES"):
         count = deployment.num_devices
-    configure_cpu_devices(count)
+    configure_cpu_devices(count, deployment is not None and deployment.queues_collectives)
     from serving.core.async_engine import EngineArgs
     from serving.entrypoints.cli_args import ADMISSION_FIELDS, ENGINE_FIELDS
 
@@ -86,7 +86,8 @@ def join_processes(args: argparse.Namespace, deployment: Any) -> Any:
     native_stdout_to_stderr()
     config = DistributedConfig(args.coordinator, args.num_processes, args.process_id)
     needed = deployment.num_devices if deployment is not None else args.num_dp_groups
-    initialize(config, args.cpu_devices or needed)
+    initialize(config, args.cpu_devices or needed,
+               deployment is not None and deployment.queues_collectives)
     return config
 
 

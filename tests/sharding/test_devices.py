@@ -12,7 +12,7 @@ STARVE = textwrap.dedent("""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from sharding.devices import configure_cpu_devices
 
-    configure_cpu_devices(8)
+    configure_cpu_devices(8, collectives=True)
     d = jax.devices()
     mz, ma, mb = (Mesh(np.array(x), ("x",)) for x in (d[:2], d, d[2:]))
     smap = lambda f, m: jax.jit(jax.shard_map(f, mesh=m, in_specs=P("x"), out_specs=P("x")))
@@ -53,3 +53,23 @@ def test_the_pool_gets_two_threads_a_device_and_keeps_a_larger_setting(monkeypat
     monkeypatch.setenv("PJRT_NPROC", "4096")
     size_dispatch_pool(8)
     assert os.environ["PJRT_NPROC"] == "4096"
+
+
+def test_only_layouts_that_queue_collectives_size_the_pool(monkeypatch):
+    """The pool is also XLA:CPU's intra-op pool (more threads than cores cost a one-device
+    decode step ~6%), so only MA and expert-parallel layouts ask for it."""
+    import jax
+
+    from sharding.deployment import read_deployment
+    from sharding.devices import configure_cpu_devices
+
+    n = len(jax.devices())
+    monkeypatch.delenv("PJRT_NPROC", raising=False)
+    configure_cpu_devices(n)  # JAX has started: the count stays, the pool is not asked for
+    assert "PJRT_NPROC" not in os.environ
+    configure_cpu_devices(n, collectives=True)
+    assert int(os.environ["PJRT_NPROC"]) >= 2 * n
+    layouts = {name: read_deployment(f"configs/deployments/{name}.yaml").queues_collectives
+               for name in ("single", "cpu8-pd", "cpu10-pd-tp3", "cpu8-pd-ep", "cpu16-ma")}
+    assert layouts == {"single": False, "cpu8-pd": False, "cpu10-pd-tp3": False,
+                       "cpu8-pd-ep": True, "cpu16-ma": True}

@@ -285,7 +285,8 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
     if model_type not in SUPPORTED_TYPES:
         raise UnsupportedModelError(
             f"{source}: model_type {model_type!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_TYPES)})"
+            f"(supported: {', '.join(SUPPORTED_TYPES)}; image-text checkpoints served as "
+            f"their language model: gemma3, mistral3, {', '.join(QWEN_VL_TEXT_TYPES)})"
         )
     family = family_fields(d, model_type, source)
     d = family.pop("config")  # e.g. per-layer-type rope_parameters: the global layers' ones

@@ -7,16 +7,17 @@ engine's jitted functions (the step programs keyed by model configuration and sh
 samplers) live for the process. So a server that keeps meeting new shapes (decode rows x
 block-table widths, prefill rows x chunk widths x widths, once per DP group's devices) or a
 process that builds many engines keeps adding mappings, and past ``vm.max_map_count`` (65,530
-by default) XLA's next allocation segfaults: ~230 SmolLM2 programs, which a default
-single-group server reaches over a day of varied traffic and a 4-group one much sooner.
+by default) XLA's next allocation segfaults: ~230 SmolLM2 programs, about as many as the
+default buckets allow one group (decode rows x table widths and prefill rows x chunk widths x
+table widths: ~200), so varied traffic can get there, and several groups sooner.
 
 ``make_room`` is called before a program of a new shape compiles (``ModelRunner``, the MA
 runner, the prompt scorer) and when an ``LLM`` is built. Past half the limit it drops every
 compiled program (``jax.clear_caches()``, safe while other threads run programs: an execution
 holds its own reference), logged as a warning; the programs still in use compile again on
 their next call, from the persistent compilation cache where it holds them. Where a clear does
-not bring the count under half (mappings held by something else), it says so once and clears
-again only after as many mappings again have been added.
+not bring the count under half (mappings held by something else), it says so and clears again
+only past halfway from there to the limit.
 """
 
 from __future__ import annotations

@@ -119,16 +119,33 @@ def family_fields(d: dict, model_type: str, source: str) -> dict:
     return {"config": d}
 
 
-def layer_types(d: dict, layers: int, source: str) -> list[str] | None:
-    """``layer_types`` (one of ``LAYER_TYPES`` per layer), checked; None when absent."""
-    types = d.get("layer_types")
+def layer_types(d: dict, layers: int, source: str, name: str = "layer_types",
+                kinds: tuple[str, ...] = LAYER_TYPES) -> list[str] | None:
+    """``d[name]`` (one of ``kinds`` per layer: ``layer_types``' attention kinds, or GLM-4.7-
+    Flash's ``mlp_layer_types``), checked; None when absent."""
+    types = d.get(name)
     if types is None:
         return None
     if (not isinstance(types, list) or len(types) < layers
-            or any(t not in LAYER_TYPES for t in types)):
-        raise ConfigError(f"{source}: layer_types must list one of {LAYER_TYPES} for each of "
+            or any(t not in kinds for t in types)):
+        raise ConfigError(f"{source}: {name} must list one of {kinds} for each of "
                           f"the {layers} layers, got {types!r}")
     return types[:layers]
+
+
+def _with_defaults(d: dict, **fields) -> dict:
+    """A copy of ``d`` with each of ``fields`` where ``d`` leaves it absent or null (a config
+    class's defaults)."""
+    return {**d, **{k: v for k, v in fields.items() if d.get(k) is None}}
+
+
+def _rope_field(d: dict, name: str):
+    """``name`` as the top level or the RoPE parameters (v4 ``rope_scaling``, v5
+    ``rope_parameters``) set it; None where none does."""
+    for where in (d, d.get("rope_parameters") or {}, d.get("rope_scaling") or {}):
+        if where.get(name) is not None:
+            return where[name]
+    return None
 
 
 def window_fields(window: int | None, types: list[str] | None) -> dict:
@@ -183,9 +200,7 @@ def olmo_fields(d: dict, model_type: str, source: str) -> dict:
     the plain rotation at their own base (per-layer-type ``rope_parameters``; any scaling
     belongs to the full-attention layers)."""
     out: dict = {"norm_placement": "post", "qk_norm_scope": "whole"}
-    config = dict(d)
-    if config.get("rms_norm_eps") is None:
-        config["rms_norm_eps"] = 1e-5
+    config = _with_defaults(d, rms_norm_eps=1e-5)
     if model_type == "olmo2":
         out["config"] = config
         return out
@@ -213,10 +228,7 @@ def olmoe_fields(d: dict, source: str) -> dict:
     if d.get("clip_qkv") is not None:
         raise UnsupportedModelError(f"{source}: clip_qkv {d['clip_qkv']!r} is not supported "
                                     "(only null)")
-    config = dict(d)
-    if config.get("rms_norm_eps") is None:
-        config["rms_norm_eps"] = 1e-5
-    return {"qk_norm_scope": "whole", "config": config}
+    return {"qk_norm_scope": "whole", "config": _with_defaults(d, rms_norm_eps=1e-5)}
 
 
 def glm_fields(d: dict, model_type: str) -> dict:
@@ -227,18 +239,14 @@ def glm_fields(d: dict, model_type: str) -> dict:
     (1.5625e-7 / 1e-5). GLM-4 also: q/k/v biases by default (``attention_bias`` true), RoPE on
     interleaved pairs, and norms on the attention and MLP outputs too (sandwich: its
     ``post_self_attn_layernorm`` and ``post_mlp_layernorm``). o_proj has no bias in either."""
-    config = dict(d)
-    if config.get("rms_norm_eps") is None:
-        config["rms_norm_eps"] = 1.5625e-7 if model_type == "glm4" else 1e-5
+    config = _with_defaults(d, rms_norm_eps=1.5625e-7 if model_type == "glm4" else 1e-5)
     if model_type == "glm4_moe_lite":  # DeepSeek's MLA: RoPE on its qk_rope_head_dim
         return {"config": config}
-    rope = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
-    if d.get("partial_rotary_factor") is None and rope.get("partial_rotary_factor") is None:
+    if _rope_field(d, "partial_rotary_factor") is None:
         config["partial_rotary_factor"] = 0.5
     if model_type == "glm4_moe":
         return {"config": config}
-    if config.get("attention_bias") is None:
-        config["attention_bias"] = True
+    config = _with_defaults(config, attention_bias=True)
     config.setdefault("rope_interleave", True)
     return {"norm_placement": "sandwich", "config": config}
 
@@ -270,10 +278,7 @@ def exaone4_fields(d: dict, source: str) -> dict:
     layers = int_field(d, "num_hidden_layers", source)
     window = int_field(d, "sliding_window", source, default=4096) if (
         d.get("sliding_window") is not None or "sliding_window" not in d) else None
-    config = dict(d)
-    if config.get("rms_norm_eps") is None:
-        config["rms_norm_eps"] = 1e-5
-    out: dict = {"norm_placement": "post", "config": config}
+    out: dict = {"norm_placement": "post", "config": _with_defaults(d, rms_norm_eps=1e-5)}
     if window is None:
         return out
     types = layer_types(d, layers, source)
@@ -297,13 +302,9 @@ def minimax_m2_fields(d: dict) -> dict:
     """MiniMax-M2: q/k norms over the whole projections (OLMo's), RoPE on the first
     ``rotary_dim`` dims of each head (its released configs' spelling of a partial rotary
     factor), MiniMaxM2Config's RoPE base 5e6 and 128-wide heads where none is named."""
-    config = dict(d)
-    if config.get("head_dim") is None:
-        config["head_dim"] = 128
-    rope = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
+    config = _with_defaults(d, head_dim=128)
     rotary = d.get("rotary_dim")
-    if (rotary is not None and d.get("partial_rotary_factor") is None
-            and rope.get("partial_rotary_factor") is None):
+    if rotary is not None and _rope_field(d, "partial_rotary_factor") is None:
         config["partial_rotary_factor"] = rotary / config["head_dim"]
     return {"qk_norm_scope": "whole", "config": _with_rope_theta(config, 5_000_000.0)}
 

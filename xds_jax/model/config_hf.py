@@ -21,6 +21,7 @@ from xds_jax.model.config_families import (
     GRANITE_MOE_TYPES,
     OLMO_TYPES,
     family_fields,
+    layer_types,
     window_fields,
 )
 from xds_jax.model.config_fields import bool_field, get_any, int_field, rope_by_layer_type
@@ -239,13 +240,9 @@ def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | 
         first_dense = int_field(d, "first_k_dense_replace", source, default=int(glm))
         freq = int_field(d, "moe_layer_freq", source, default=1)
         layers = tuple(i for i in range(first_dense, num_layers) if i % freq == 0)
-        kinds = d.get("mlp_layer_types")  # GLM-4.7-Flash: "dense" / "sparse" per layer
-        if kinds is not None:
-            if (not isinstance(kinds, list) or len(kinds) < num_layers
-                    or any(k not in ("dense", "sparse") for k in kinds)):
-                raise ConfigError(f"{source}: mlp_layer_types must list dense or sparse for "
-                                  f"each of the {num_layers} layers, got {kinds!r}")
-            layers = tuple(i for i in range(num_layers) if kinds[i] == "sparse")
+        kinds = layer_types(d, num_layers, source, "mlp_layer_types", ("dense", "sparse"))
+        if kinds is not None:  # GLM-4.7-Flash: "dense" / "sparse" per layer
+            layers = tuple(i for i, kind in enumerate(kinds) if kind == "sparse")
         inter = int_field(d, "moe_intermediate_size", source)
         n_shared = int_field(d, "n_shared_experts", source, default=int(glm)) or 0
         num_experts = get_any(d, "n_routed_experts", "num_local_experts")

@@ -178,13 +178,6 @@ class DeploymentSpec:
         """MoE-attention disaggregation: decode split into attention and expert slices."""
         return "decode_attention" in self.roles
 
-    @property
-    def queues_collectives(self) -> bool:
-        """Whether decode queues many multi-device programs a step (MA's hops, expert-parallel
-        dispatch and combine): on CPU the dispatch pool is sized for them
-        (``sharding.devices.size_dispatch_pool``)."""
-        return self.is_ma or any(r.expert_parallel for r in self.roles.values())
-
     def check_model(self, model) -> None:
         """Model-dependent checks: TP divides heads, enough expert slots (or, for a dense
         model on an MA layout, an FFN device per attention rank)."""

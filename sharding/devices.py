@@ -54,6 +54,15 @@ def configure_cpu_devices(count: int | None = None, collectives: bool = False) -
     return count
 
 
+def queues_collectives(deployment) -> bool:
+    """Whether a deployment (a ``DeploymentSpec``; None: one group, no layout) decodes by
+    queueing many multi-device programs a step (MA's hops, expert-parallel dispatch and
+    combine), so the CPU dispatch pool must be sized for them (``size_dispatch_pool``)."""
+    if deployment is None:
+        return False
+    return deployment.is_ma or any(r.expert_parallel for r in deployment.roles.values())
+
+
 def size_dispatch_pool(devices: int) -> None:
     """Give XLA:CPU's dispatch pool two threads per virtual device (``PJRT_NPROC``, read when
     the CPU client is created; a larger value already set is kept).
@@ -68,7 +77,7 @@ def size_dispatch_pool(devices: int) -> None:
     collective runs at a time, so at most N threads wait in a rendezvous and at most N
     launches block: 2N threads always leave a participant one.
 
-    Only where such programs run (``DeploymentSpec.queues_collectives``): the pool is also
+    Only where such programs run (``queues_collectives``): the pool is also
     XLA:CPU's intra-op pool, and 16 threads for 8 devices on 2 cores made a one-device
     SmolLM2 decode step ~6% slower at batch 1 (27.1-28.2 ms against 28.6-30.8, quiet
     machine, alternating processes)."""

@@ -293,13 +293,12 @@ def _read_deployment(config: EngineConfig) -> EngineConfig:
 def _size_cpu_devices(config: EngineConfig) -> None:
     """Before JAX starts, give the CPU backend the virtual devices the layout needs (the
     device count cannot change later in the process)."""
-    from sharding.devices import backends_started, ensure_cpu_devices
+    from sharding.devices import backends_started, ensure_cpu_devices, queues_collectives
 
     needed = config.num_dp_groups
-    collectives = False
+    collectives = queues_collectives(config.deployment)
     if config.deployment is not None:
         needed = max(needed, config.deployment.num_devices)
-        collectives = config.deployment.queues_collectives
     if config.distributed is not None:  # first of all: join the other processes
         from sharding.processes import DistributedConfig, initialize
 

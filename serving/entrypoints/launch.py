@@ -58,14 +58,14 @@ def engine_args(args: argparse.Namespace) -> Any:
     ``--kv-cache-gib`` (``kv_cache_bytes``) and ``--trace`` (a file to save; ``trace`` is on
     when given)."""
     from sharding import read_deployment
-    from sharding.devices import configure_cpu_devices
+    from sharding.devices import configure_cpu_devices, queues_collectives
 
     deployment = read_deployment(args.deployment) if args.deployment else None
     distributed = join_processes(args, deployment)
     count = args.cpu_devices
     if count is None and deployment is not None and not os.environ.get("XDS_CPU_DEVICES"):
         count = deployment.num_devices
-    configure_cpu_devices(count, deployment is not None and deployment.queues_collectives)
+    configure_cpu_devices(count, queues_collectives(deployment))
     from serving.core.async_engine import EngineArgs
     from serving.entrypoints.cli_args import ADMISSION_FIELDS, ENGINE_FIELDS
 
@@ -81,13 +81,13 @@ def join_processes(args: argparse.Namespace, deployment: Any) -> Any:
     its share of the deployment's devices on CPU; the ``DistributedConfig``, else None."""
     if not getattr(args, "coordinator", None):
         return None
+    from sharding.devices import queues_collectives
     from sharding.processes import DistributedConfig, initialize, native_stdout_to_stderr
 
     native_stdout_to_stderr()
     config = DistributedConfig(args.coordinator, args.num_processes, args.process_id)
     needed = deployment.num_devices if deployment is not None else args.num_dp_groups
-    initialize(config, args.cpu_devices or needed,
-               deployment is not None and deployment.queues_collectives)
+    initialize(config, args.cpu_devices or needed, queues_collectives(deployment))
     return config
 
 

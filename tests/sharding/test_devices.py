@@ -61,7 +61,7 @@ def test_only_layouts_that_queue_collectives_size_the_pool(monkeypatch):
     import jax
 
     from sharding.deployment import read_deployment
-    from sharding.devices import configure_cpu_devices
+    from sharding.devices import configure_cpu_devices, queues_collectives
 
     n = len(jax.devices())
     monkeypatch.delenv("PJRT_NPROC", raising=False)
@@ -69,7 +69,8 @@ def test_only_layouts_that_queue_collectives_size_the_pool(monkeypatch):
     assert "PJRT_NPROC" not in os.environ
     configure_cpu_devices(n, collectives=True)
     assert int(os.environ["PJRT_NPROC"]) >= 2 * n
-    layouts = {name: read_deployment(f"configs/deployments/{name}.yaml").queues_collectives
+    layouts = {name: queues_collectives(read_deployment(f"configs/deployments/{name}.yaml"))
                for name in ("single", "cpu8-pd", "cpu10-pd-tp3", "cpu8-pd-ep", "cpu16-ma")}
     assert layouts == {"single": False, "cpu8-pd": False, "cpu10-pd-tp3": False,
                        "cpu8-pd-ep": True, "cpu16-ma": True}
+    assert not queues_collectives(None)

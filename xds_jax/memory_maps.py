@@ -103,12 +103,13 @@ class ProgramShapes:
         self._forget_dropped()
         return iter(set(self._shapes))
 
-    def first_launch(self, key, why: str) -> bool:
-        """Whether ``key``'s program compiles now (never launched, or dropped since): then
-        ``make_room`` for it first."""
+    def first_launch(self, key, what: str) -> bool:
+        """Whether ``key``'s program (``what``, for the log) compiles now (never launched, or
+        dropped since): then ``make_room`` for it first. Called at every launch, so it
+        formats nothing unless the program compiles."""
         if key in self:
             return False
-        make_room(why)
+        make_room(f"compiling {what} {key}")
         self._forget_dropped()
         self._shapes.add(key)
         return True

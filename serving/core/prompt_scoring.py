@@ -92,8 +92,7 @@ class PromptScorer:
         tokens[: len(ids)] = ids
         with self.lock:
             width = max(logprobs_width(top_n), 1)
-            self._shapes_seen.first_launch((length, width),
-                                           f"compiling prompt scoring for {length} positions")
+            self._shapes_seen.first_launch((length, width), "prompt scoring (positions, top)")
             out = score_tokens(self.params, jax.device_put(tokens, self.input_sharding),
                                cfg=self.cfg, top_n=width)
             out = jax.device_get(out)

@@ -189,7 +189,7 @@ class ModelRunner:
         making room for it among the process's memory mappings (``xds_jax.memory_maps``);
         after every program was dropped there, each shape counts (and compiles) again, so
         the heartbeat's compile grace covers the recompiles."""
-        if self._shapes_seen.first_launch(key, f"compiling {what} {key}"):
+        if self._shapes_seen.first_launch(key, what):
             self.compile_count += 1
             log.info("compiling %s for %s", what, key)
 

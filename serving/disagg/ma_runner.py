@@ -299,7 +299,7 @@ class Domain:
                                                 "last_B"))]
         mb = MicroBatch(self.index, index, rows, width, *placed, seqs, items)
         key = (kind,) + mb.shape_key
-        if self._shapes_seen.first_launch(key, f"compiling {kind} stages for {mb.shape_key}"):
+        if self._shapes_seen.first_launch(key, "MA stages"):
             self.compile_count += 1
             log.info("domain %d: compiling %s stages for rows x tokens x blocks %s",
                      self.index, kind, mb.shape_key)

@@ -11,6 +11,9 @@ from xds_jax.errors import SamplingParamsError
 from xds_jax.sampling.structured import StructuredOutputs
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value; larger ones are clipped to it
+MAX_N = 128  # samples per request: each is a running sequence holding its own KV
+SEED_SPACE = 1 << 32  # the device draws from 32-bit seeds
 
 
 def logprobs_width(n: int) -> int:
@@ -19,9 +22,6 @@ def logprobs_width(n: int) -> int:
     share 7 programs instead of 21; each request keeps its own top ``n``
     (``Sequence.append``, the prompt scorer)."""
     return 0 if n <= 0 else min(1 << (n - 1).bit_length(), max(n, MAX_LOGPROBS))
-MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value; larger ones are clipped to it
-MAX_N = 128  # samples per request: each is a running sequence holding its own KV
-SEED_SPACE = 1 << 32  # the device draws from 32-bit seeds
 
 
 def device_seed(seed: int) -> int:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xds_jax.kernels import cpu_matmul
 from xds_jax.model.config import ModelConfig, RopeConfig
 from xds_jax.model.fused import split_gate_up
 from xds_jax.model.out_major import has_weight, weight_for
@@ -46,6 +47,8 @@ def matmul_f32(x: jax.Array, w: jax.Array, w_transposed: bool = False,
         return int8_matmul(x, w, scale, w_transposed)
     lead, k = x.shape[:-1], x.shape[-1]
     x_MK = x.reshape(-1, k).astype(w.dtype)
+    if cpu_matmul.applies(x_MK, w, w_transposed):
+        return cpu_matmul.few_row_matmul(x_MK, w).reshape(lead + (w.shape[0],))
     single = x_MK.shape[0] == 1 and w.dtype.itemsize == 2
     if single:
         x_MK = jnp.concatenate([x_MK, jnp.zeros_like(x_MK)])

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xds_jax.kernels import cpu_matmul
+
 QUANTIZATIONS = ("int8",)
 # Leaves quantised in a layer (attention, MLP, shared and routed experts) and at the top.
 # Routers, the shared-expert gate, norms, biases and MTP blocks stay in the model's dtype:
@@ -135,9 +137,13 @@ def _split_rows(x_MK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 def int8_matmul(x: jax.Array, w_q: jax.Array, scale: jax.Array,
                 w_transposed: bool = False) -> jax.Array:
     """``x [..., K] @ (w_q * scale)`` with ``w_q [K, N]`` (``[N, K]`` when ``w_transposed``)
-    int8 and ``scale [N]``; float32 ``[..., N]``."""
+    int8 and ``scale [N]``; float32 ``[..., N]``. On CPU a few rows against an output-major
+    ``w_q`` go through xds-jax's kernel (``xds_jax.kernels.cpu_matmul``, the same numbers)."""
     lead, k = x.shape[:-1], x.shape[-1]
     hi, lo, x_scale = _split_rows(x.reshape(-1, k))
+    if cpu_matmul.applies_int8(hi, w_q, w_transposed):
+        y_MN = cpu_matmul.few_row_int8_matmul(hi, lo, x_scale[:, 0], w_q, scale)
+        return y_MN.reshape(lead + (y_MN.shape[-1],))
     m = hi.shape[0]
     dims = (((1,), (1 if w_transposed else 0,)), ((), ()))
     y = jax.lax.dot_general(jnp.concatenate([hi, lo]), w_q, dims,

@@ -1,0 +1,188 @@
+"""xds-jax's CPU kernel for few-row bfloat16 matmuls (``xds_jax.kernels``): against a float32
+reference on both instruction-set paths, its lowering (the kernel only where a program sees
+whole arrays), the transformations, the model's greedy output, and the fallback where it
+cannot be built."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from xds_jax.kernels import cpu_matmul
+from xds_jax.model.layers import matmul_f32
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(cpu_matmul.kernel_isa() == 0,
+                                reason="the kernel cannot run here (no AVX2 or no compiler)")
+
+
+def _operands(m: int, n: int, k: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, k), np.float32), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((n, k), np.float32), jnp.bfloat16)
+    ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T  # exact products of bf16s
+    return x, w, ref
+
+
+def _kernel(x, w):
+    return jax.jit(cpu_matmul.few_row_matmul)(x, w)
+
+
+@pytest.fixture(params=[2, 1], ids=["avx512-bf16", "avx2"])
+def isa(request):
+    if request.param > cpu_matmul.kernel_isa():
+        pytest.skip("this CPU lacks AVX-512 BF16")
+    yield cpu_matmul.use_isa(request.param)
+    cpu_matmul.use_isa(2)
+
+
+@pytest.mark.parametrize("m", range(1, 9))
+@pytest.mark.parametrize("n,k", [(1, 576), (67, 37), (130, 100), (576, 1536), (1000, 64)])
+def test_kernel_equals_float_reference(isa, m, n, k):
+    """Every row count the kernel takes, widths off its 32- and 8-wide steps and its 64-column
+    chunks, K with tails: float32 accumulation of exact bfloat16 products."""
+    x, w, ref = _operands(m, n, k, seed=m * 1000 + n + k)
+    got = np.asarray(_kernel(x, w))
+    assert got.shape == (m, n) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4 * np.sqrt(k))
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 8])
+@pytest.mark.parametrize("n,k", [(1, 576), (67, 37), (130, 100), (576, 1536)])
+def test_int8_kernel_equals_xla_s_int32_dot(isa, m, n, k):
+    """Weight-only int8: the rows' 16-bit halves against int8 weights, exact int32 sums: the
+    same float32 numbers as XLA's int32 dot (``quant.int8_matmul``'s arithmetic), and the
+    quantised matmul the model calls within int8 rounding of the float32 product."""
+    from xds_jax.model.quant import _split_rows, int8_matmul
+
+    rng = np.random.default_rng(m * 1000 + n + k)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    w_q = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
+    scale = jnp.asarray(rng.uniform(1e-3, 2e-2, n), jnp.float32)
+    hi, lo, x_scale = _split_rows(x)
+    got = np.asarray(jax.jit(cpu_matmul.few_row_int8_matmul)(hi, lo, x_scale[:, 0], w_q, scale))
+    want = np.asarray(jax.jit(cpu_matmul._int8_dot)(hi, lo, x_scale[:, 0], w_q, scale))
+    assert got.shape == (m, n) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    if m <= cpu_matmul.MAX_ROWS:
+        via = np.asarray(jax.jit(int8_matmul, static_argnums=3)(x, w_q, scale, True))
+        exact = np.asarray(x, np.float64) @ (np.asarray(w_q, np.float64) * np.asarray(
+            scale, np.float64)[:, None]).T
+        np.testing.assert_allclose(via, exact, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+def test_matmul_f32_takes_the_kernel_only_where_it_applies():
+    x4, w, _ = _operands(4, 64, 32)
+    assert cpu_matmul.applies(x4, w, w_transposed=True)
+    assert not cpu_matmul.applies(x4, w.T, w_transposed=False)  # [K, N]: XLA's dot
+    assert not cpu_matmul.applies(x4.astype(jnp.float32), w.astype(jnp.float32), True)
+    x5 = jnp.ones((cpu_matmul.MAX_ROWS + 1, 32), jnp.bfloat16)
+    assert not cpu_matmul.applies(x5, w, w_transposed=True)
+    w_q = jnp.ones((64, 32), jnp.int8)
+    assert cpu_matmul.applies_int8(x4, w_q, w_transposed=True)
+    assert not cpu_matmul.applies_int8(x4, w_q.T, w_transposed=False)
+    assert not cpu_matmul.applies_int8(x5, w_q, w_transposed=True)
+    assert not cpu_matmul.applies_int8(x4, w, w_transposed=True)  # not int8
+    # matmul_f32 over leading dims: [B, S, K] rows flattened, the same numbers either way
+    x_BSK = x4.reshape(2, 2, 32)
+    text = jax.jit(lambda a, b: matmul_f32(a, b, w_transposed=True)).lower(x_BSK, w).as_text()
+    assert cpu_matmul.TARGET in text
+    np.testing.assert_allclose(
+        np.asarray(matmul_f32(x_BSK, w, w_transposed=True)).reshape(4, 64),
+        np.asarray(cpu_matmul._dot(x4, w)), rtol=1e-5, atol=1e-4)
+
+
+def test_partitioned_programs_keep_the_dot():
+    """A GSPMD program over two devices lowers to XLA's dot (no gather of a sharded weight
+    for the kernel); one device and a fully manual ``shard_map`` body take the kernel."""
+    x, w, ref = _operands(2, 128, 64)
+    f = jax.jit(lambda a, b: matmul_f32(a, b, w_transposed=True))
+    assert cpu_matmul.TARGET in f.lower(x, w).as_text(dialect="hlo")
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    w_sharded = jax.device_put(w, NamedSharding(mesh, PartitionSpec("tp", None)))
+    x_repl = jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+    compiled = f.lower(x_repl, w_sharded).compile()
+    assert cpu_matmul.TARGET not in compiled.as_text()
+    np.testing.assert_allclose(np.asarray(compiled(x_repl, w_sharded)), ref, rtol=1e-5,
+                               atol=1e-3)
+
+    def local(a, b):
+        return matmul_f32(a, b, w_transposed=True)
+
+    g = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("tp")),
+                              out_specs=PartitionSpec(None, "tp")))
+    assert cpu_matmul.TARGET in g.lower(x_repl, w_sharded).as_text(dialect="hlo")
+    np.testing.assert_allclose(np.asarray(g(x_repl, w_sharded)), ref, rtol=1e-5, atol=1e-3)
+
+
+def test_gradients_and_vmap_see_the_dot():
+    x, w, _ = _operands(3, 48, 40)
+    xf, wf = x.astype(jnp.float32), w.astype(jnp.float32)
+
+    def loss(fn, a, b):
+        return jnp.sum(jnp.sin(fn(a, b)))
+
+    got = jax.grad(lambda a, b: loss(cpu_matmul.few_row_matmul, a, b), argnums=(0, 1))(x, w)
+    want = jax.grad(lambda a, b: loss(cpu_matmul._dot, a, b), argnums=(0, 1))(x, w)
+    for g_, w_ in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g_, np.float32), np.asarray(w_, np.float32),
+                                   rtol=2e-2, atol=2e-2)
+    xs = jnp.stack([x, x[::-1]])
+    batched = jax.vmap(cpu_matmul.few_row_matmul, in_axes=(0, None))(xs, w)
+    np.testing.assert_allclose(np.asarray(batched[1]), np.asarray(xf[::-1] @ wf.T), rtol=1e-5,
+                               atol=1e-3)
+
+
+def test_tiny_model_greedy_output_is_the_dot_s(monkeypatch):
+    """A bfloat16 decode through the kernel (a tiny model's rows pad to 4) gives XLA's dot's
+    greedy tokens and logits within bfloat16 rounding."""
+    from xds_jax import LLM, SamplingParams
+
+    golden = ROOT / "tests" / "golden" / "llama"
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=3)
+    prompts = [{"prompt_token_ids": [1, 5, 9, 2, 7]}, {"prompt_token_ids": [3, 3, 8]}]
+    traced = []
+    kernel = cpu_matmul.few_row_matmul
+    monkeypatch.setattr(cpu_matmul, "few_row_matmul", lambda x, w: traced.append(x.shape) or
+                        kernel(x, w))
+    jax.clear_caches()
+    with_kernel = LLM(str(golden), dtype="bfloat16").generate(prompts, params)
+    assert traced  # the decode steps' projections went through it
+    monkeypatch.setattr(cpu_matmul, "applies", lambda *a: False)
+    jax.clear_caches()
+    without = LLM(str(golden), dtype="bfloat16").generate(prompts, params)
+    jax.clear_caches()
+    for a, b in zip(with_kernel, without, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            tok = next(iter(la))
+            assert la[tok].logprob == pytest.approx(lb[tok].logprob, abs=3e-2)
+
+
+def _probe(env: dict, tmp_path: Path) -> str:
+    code = ("import logging, sys; logging.basicConfig(stream=sys.stdout, level=logging.WARNING)\n"
+            "import jax.numpy as jnp\n"
+            "from xds_jax.kernels import cpu_matmul\n"
+            "from xds_jax.model.layers import matmul_f32\n"
+            "y = matmul_f32(jnp.ones((1, 8), jnp.bfloat16), jnp.ones((3, 8), jnp.bfloat16), True)\n"
+            "print('isa', cpu_matmul.kernel_isa(), 'sum', float(y.sum()))\n")
+    run_env = {**os.environ, "XDS_CACHE_DIR": str(tmp_path), **env}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=run_env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_without_the_kernel_xla_runs_the_matmuls(tmp_path):
+    """Turned off, or no compiler: the same numbers from XLA's dot, the reason logged."""
+    assert "isa 0 sum 24.0" in _probe({"XDS_CPU_KERNELS": "0"}, tmp_path)
+    out = _probe({"CXX": "/nonexistent/g++"}, tmp_path)
+    assert "isa 0 sum 24.0" in out and "no C++ compiler" in out
+    assert f"isa {cpu_matmul.kernel_isa()} sum 24.0" in _probe({}, tmp_path)
+    assert list((tmp_path / "kernels").glob("few_row_matmul-*.so"))

@@ -1,0 +1,96 @@
+"""Build, cache and load xds-jax's C++ CPU kernels (XLA FFI handlers), once per process.
+
+A kernel's source ships with the package (``xds_jax/kernels/*.cc``); the first process that
+needs it compiles it with the system C++ compiler (``$CXX``, default ``g++``) against the XLA
+FFI headers jaxlib ships, into ``$XDS_CACHE_DIR/kernels/`` (``~/.cache/xds_jax/kernels``), named
+by a hash of the source, the headers' jaxlib version and the compiler, so a changed source or
+jaxlib builds anew and concurrent processes never read a half-written file. Where it cannot be
+built (no compiler, a failed build) or ``XDS_CPU_KERNELS=0`` is set, ``load`` returns None and
+the callers keep XLA's own ops: the kernels are a speed-up, never a requirement.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jaxlib
+
+log = logging.getLogger(__name__)
+SOURCE_DIR = Path(__file__).parent
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL | None] = {}
+
+
+def enabled() -> bool:
+    """False where ``XDS_CPU_KERNELS=0`` (or ``false``/``off``) turns the kernels off."""
+    return os.environ.get("XDS_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "off",
+                                                                          "no")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDS_CACHE_DIR", Path.home() / ".cache" / "xds_jax")) / "kernels"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def library_path(name: str, compiler: str) -> Path:
+    """Where ``name``'s library is cached: hashed on its source, jaxlib and the compiler."""
+    source = (SOURCE_DIR / f"{name}.cc").read_bytes()
+    key = hashlib.sha256(source + jaxlib.__version__.encode() + compiler.encode()).hexdigest()
+    return cache_dir() / f"{name}-{key[:16]}.so"
+
+
+def compile_library(name: str, compiler: str, out: Path) -> None:
+    """Compile ``name.cc`` to the shared library ``out`` (atomically: a temporary file moved
+    into place). Raises ``RuntimeError`` with the compiler's message on failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-return-type",
+           f"-I{jax.ffi.include_dir()}", str(SOURCE_DIR / f"{name}.cc"), "-o", tmp]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """The kernel library ``name`` (built if needed), or None where it cannot be had (the
+    reason logged once)."""
+    with _lock:
+        if name in _loaded:
+            return _loaded[name]
+        lib = None
+        if enabled():
+            try:
+                lib = _build_and_open(name)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                log.warning("CPU kernel %s unavailable, XLA's ops run instead: %s", name, e)
+        _loaded[name] = lib
+        return lib
+
+
+def _build_and_open(name: str) -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH")
+    path = library_path(name, compiler)
+    if not path.is_file():
+        log.info("building CPU kernel %s -> %s", name, path)
+        compile_library(name, compiler, path)
+    return ctypes.CDLL(str(path))

@@ -42,19 +42,22 @@ def isa(request):
     cpu_matmul.use_isa(2)
 
 
-@pytest.mark.parametrize("m", range(1, 9))
-@pytest.mark.parametrize("n,k", [(1, 576), (67, 37), (130, 100), (576, 1536), (1000, 64)])
+# every row count the kernels take (each has its own block width), N off the block widths and
+# the 24-column chunk multiples, K with tails past the 32-, 16- and 8-wide steps
+SHAPES = [(1, 1, 576), (1, 130, 100), (2, 67, 37), (3, 1000, 64), (4, 576, 1536), (5, 67, 37),
+          (6, 130, 100), (7, 25, 70), (8, 1000, 64)]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
 def test_kernel_equals_float_reference(isa, m, n, k):
-    """Every row count the kernel takes, widths off its 32- and 8-wide steps and its 64-column
-    chunks, K with tails: float32 accumulation of exact bfloat16 products."""
+    """float32 accumulation of exact bfloat16 products."""
     x, w, ref = _operands(m, n, k, seed=m * 1000 + n + k)
     got = np.asarray(_kernel(x, w))
     assert got.shape == (m, n) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4 * np.sqrt(k))
 
 
-@pytest.mark.parametrize("m", [1, 3, 4, 8])
-@pytest.mark.parametrize("n,k", [(1, 576), (67, 37), (130, 100), (576, 1536)])
+@pytest.mark.parametrize("m,n,k", SHAPES[::2] + [(2, 130, 100)])
 def test_int8_kernel_equals_xla_s_int32_dot(isa, m, n, k):
     """Weight-only int8: the rows' 16-bit halves against int8 weights, exact int32 sums: the
     same float32 numbers as XLA's int32 dot (``quant.int8_matmul``'s arithmetic), and the
@@ -179,10 +182,17 @@ def _probe(env: dict, tmp_path: Path) -> str:
     return done.stdout
 
 
-def test_without_the_kernel_xla_runs_the_matmuls(tmp_path):
-    """Turned off, or no compiler: the same numbers from XLA's dot, the reason logged."""
-    assert "isa 0 sum 24.0" in _probe({"XDS_CPU_KERNELS": "0"}, tmp_path)
-    out = _probe({"CXX": "/nonexistent/g++"}, tmp_path)
+def test_without_the_kernel_xla_runs_the_matmuls(tmp_path, monkeypatch):
+    """Turned off, or no compiler: the same numbers from XLA's dot, the reason logged; a
+    fresh cache builds it."""
+    from xds_jax.kernels import build
+
+    for off in ("0", "false", "OFF"):
+        monkeypatch.setenv("XDS_CPU_KERNELS", off)
+        assert not build.enabled()
+    monkeypatch.delenv("XDS_CPU_KERNELS")
+    assert build.enabled()
+    out = _probe({"CXX": "/nonexistent/g++", "XDS_CPU_KERNELS": "1"}, tmp_path)
     assert "isa 0 sum 24.0" in out and "no C++ compiler" in out
-    assert f"isa {cpu_matmul.kernel_isa()} sum 24.0" in _probe({}, tmp_path)
+    assert f"isa {cpu_matmul.kernel_isa()} sum 24.0" in _probe({"XDS_CPU_KERNELS": "1"}, tmp_path)
     assert list((tmp_path / "kernels").glob("few_row_matmul-*.so"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import platform
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,9 @@ def kernel_isa() -> int:
     where they are unavailable (not built, turned off, JAX's backend not the CPU, no support):
     registers the FFI targets on first use."""
     if jax.default_backend() != "cpu":
+        return 0
+    if platform.machine().lower() not in ("x86_64", "amd64"):  # AVX only; Arm keeps XLA's
+        log.debug("few-row matmul kernel: x86-64 only, %s runs XLA's dots", platform.machine())
         return 0
     lib = build.load(LIBRARY)
     if lib is None:

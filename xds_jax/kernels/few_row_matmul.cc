@@ -72,17 +72,23 @@ XDS_AVX512 void bf16_block512(const Operands& o, int64_t n) {
   // one loop, the last step masked (masked loads cost as much as plain ones; a lambda for
   // the step kept the accumulators in memory); the rows' values held, one weight at a time
   const __mmask32 tail = (__mmask32)((1ull << (K - kfull)) - 1);
+  // rows' values held in registers where they fit beside the accumulators, else read from L1
+  constexpr bool hold = M * NB + M + 1 <= 32;
   for (int64_t k = 0; k < K; k += 32) {
     const __mmask32 mask = k < kfull ? ~__mmask32{0} : tail;
-    __m512i xv[M];
-    #pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, o.x + m * K + k);
+    __m512i xv[hold ? M : 1];
+    if constexpr (hold) {
+      #pragma GCC unroll 16
+      for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, o.x + m * K + k);
+    }
     #pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) {
       const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + j * K + k);
       #pragma GCC unroll 16
-      for (int m = 0; m < M; ++m)
-        acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)xv[m], (__m512bh)wv);
+      for (int m = 0; m < M; ++m) {
+        const __m512i x = hold ? xv[hold ? m : 0] : _mm512_maskz_loadu_epi16(mask, o.x + m * K + k);
+        acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)x, (__m512bh)wv);
+      }
     }
   }
   #pragma GCC unroll 16
@@ -260,7 +266,7 @@ void columns(const Operands& o, int64_t n0, int64_t n1) {
     constexpr int NB = M <= 1 ? 4 : M <= 2 ? 2 : 1;
     blocks<NB>(n0, n1, [&](int64_t n, auto nb) { int8_block256<M, nb()>(o, n); });
   } else if (g_isa.load(std::memory_order_relaxed) == 2) {  // M x NB accumulators, M rows
-    constexpr int NB = M <= 3 ? 8 : M <= 4 ? 6 : M <= 7 ? 3 : 2;
+    constexpr int NB = M <= 3 ? 8 : M <= 4 ? 6 : 3;
     blocks<NB>(n0, n1, [&](int64_t n, auto nb) { bf16_block512<M, nb()>(o, n); });
   } else {
     constexpr int NB = M <= 1 ? 8 : M <= 2 ? 6 : M <= 3 ? 3 : M <= 4 ? 2 : 1;

@@ -46,6 +46,7 @@ import jax
 import numpy as np
 
 from xds_jax import LLM, SamplingParams
+from xds_jax.kernels import cpu_matmul
 from xds_jax.loading.loader import registered_models
 from xds_jax.model.params import param_bytes
 
@@ -200,7 +201,9 @@ def run_dtype(dtype: str, batches: list[int], tokens: int, repeats: int, bandwid
     base = {"dtype": dtype, "weight_bytes": weight_bytes}
     roofline = bandwidth / weight_bytes
     emit({"engine": "roofline", **base, "bandwidth_GBps": bandwidth / 1e9,
-          "batch1_decode_tok_s": roofline})
+          "batch1_decode_tok_s": roofline,
+          # xds-jax's few-row matmul kernel (1-8 rows): its instruction set, or off
+          "cpu_kernel": {2: "avx512", 1: "avx2"}.get(cpu_matmul.kernel_isa(), "off")})
     runner = llm.engine.drivers[0].runner
     configs = [("decode", b) for b in batches] + [("prefill", 1)]
     for kind, batch in configs:

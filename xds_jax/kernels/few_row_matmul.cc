@@ -30,6 +30,9 @@
 
 namespace ffi = xla::ffi;
 
+// Loops over rows and block columns unrolled whole, so their accumulators stay in registers.
+#define UNROLL _Pragma("GCC unroll 16")
+
 namespace {
 
 constexpr int64_t kBlocks = 24;  // a multiple of every block width: chunks are multiples of it
@@ -65,10 +68,8 @@ XDS_AVX512 void bf16_block512(const Operands& o, int64_t n) {
   const int64_t K = o.K, kfull = K / 32 * 32;
   const auto* w = static_cast<const uint16_t*>(o.w) + n * K;
   __m512 acc[M][NB];
-  #pragma GCC unroll 16
-  for (int m = 0; m < M; ++m)
-    #pragma GCC unroll 16
-    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
   // one loop, the last step masked (masked loads cost as much as plain ones; a lambda for
   // the step kept the accumulators in memory); the rows' values held, one weight at a time
   const __mmask32 tail = (__mmask32)((1ull << (K - kfull)) - 1);
@@ -78,23 +79,18 @@ XDS_AVX512 void bf16_block512(const Operands& o, int64_t n) {
     const __mmask32 mask = k < kfull ? ~__mmask32{0} : tail;
     __m512i xv[hold ? M : 1];
     if constexpr (hold) {
-      #pragma GCC unroll 16
-      for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, o.x + m * K + k);
+      UNROLL for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, o.x + m * K + k);
     }
-    #pragma GCC unroll 16
-    for (int j = 0; j < NB; ++j) {
+    UNROLL for (int j = 0; j < NB; ++j) {
       const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + j * K + k);
-      #pragma GCC unroll 16
-      for (int m = 0; m < M; ++m) {
+      UNROLL for (int m = 0; m < M; ++m) {
         const __m512i x = hold ? xv[hold ? m : 0] : _mm512_maskz_loadu_epi16(mask, o.x + m * K + k);
         acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)x, (__m512bh)wv);
       }
     }
   }
-  #pragma GCC unroll 16
-  for (int m = 0; m < M; ++m)
-    #pragma GCC unroll 16
-    for (int j = 0; j < NB; ++j) o.y[m * o.N + n + j] = _mm512_reduce_add_ps(acc[m][j]);
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) o.y[m * o.N + n + j] = _mm512_reduce_add_ps(acc[m][j]);
 }
 
 // VNNI multiplies unsigned by signed bytes, so the halves arrive offset by 128 (xq8: hi + 128
@@ -105,37 +101,30 @@ XDS_AVX512 void int8_block512(const Operands& o, int64_t n) {
   const auto* w = static_cast<const int8_t*>(o.w) + n * K;
   const __m512i ones = _mm512_set1_epi8(1);
   __m512i hi[M][NB], lo[M][NB], sum[NB];
-#pragma GCC unroll 16
-  for (int j = 0; j < NB; ++j) {
+  UNROLL for (int j = 0; j < NB; ++j) {
     sum[j] = _mm512_setzero_si512();
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) hi[m][j] = lo[m][j] = _mm512_setzero_si512();
+    UNROLL for (int m = 0; m < M; ++m) hi[m][j] = lo[m][j] = _mm512_setzero_si512();
   }
   const __mmask64 tail = K - kfull == 0 ? 0 : (~__mmask64{0} >> (64 - (K - kfull)));
   for (int64_t k = 0; k < K; k += 64) {
     const __mmask64 mask = k < kfull ? ~__mmask64{0} : tail;
     __m512i h[M], l[M];
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) {
+    UNROLL for (int m = 0; m < M; ++m) {
       h[m] = _mm512_maskz_loadu_epi8(mask, o.xq8 + m * K + k);
       l[m] = _mm512_maskz_loadu_epi8(mask, o.xq8 + (M + m) * K + k);
     }
-#pragma GCC unroll 16
-    for (int j = 0; j < NB; ++j) {
+    UNROLL for (int j = 0; j < NB; ++j) {
       const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + j * K + k);
       sum[j] = _mm512_dpbusd_epi32(sum[j], ones, wv);
-#pragma GCC unroll 16
-      for (int m = 0; m < M; ++m) {
+      UNROLL for (int m = 0; m < M; ++m) {
         hi[m][j] = _mm512_dpbusd_epi32(hi[m][j], h[m], wv);
         lo[m][j] = _mm512_dpbusd_epi32(lo[m][j], l[m], wv);
       }
     }
   }
-#pragma GCC unroll 16
-  for (int j = 0; j < NB; ++j) {
+  UNROLL for (int j = 0; j < NB; ++j) {
     const int32_t offset = 128 * _mm512_reduce_add_epi32(sum[j]);
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) {
+    UNROLL for (int m = 0; m < M; ++m) {
       const float hs = static_cast<float>(_mm512_reduce_add_epi32(hi[m][j]) - offset);
       const float ls = static_cast<float>(_mm512_reduce_add_epi32(lo[m][j]) - offset);
       o.y[m * o.N + n + j] = (hs * 256.0f + ls) * o.x_scale[m] * o.w_scale[n + j];
@@ -177,27 +166,21 @@ XDS_AVX2 void bf16_block256(const Operands& o, int64_t n) {
   const int64_t K = o.K, kfull = K / 8 * 8;
   const auto* w = static_cast<const uint16_t*>(o.w) + n * K;
   __m256 acc[M][NB];
-  #pragma GCC unroll 16
-  for (int m = 0; m < M; ++m)
-    #pragma GCC unroll 16
-    for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kfull; k += 8) {
     __m256 xv[M];
-    #pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) xv[m] = widen8(o.x + m * K + k);
-    #pragma GCC unroll 16
-    for (int j = 0; j < NB; ++j) {
+    UNROLL for (int m = 0; m < M; ++m) xv[m] = widen8(o.x + m * K + k);
+    UNROLL for (int j = 0; j < NB; ++j) {
       const __m256 wv = widen8(w + j * K + k);
-      #pragma GCC unroll 16
-      for (int m = 0; m < M; ++m) acc[m][j] = _mm256_fmadd_ps(xv[m], wv, acc[m][j]);
+      UNROLL for (int m = 0; m < M; ++m) acc[m][j] = _mm256_fmadd_ps(xv[m], wv, acc[m][j]);
     }
   }
-  #pragma GCC unroll 16
-  for (int m = 0; m < M; ++m)
-    #pragma GCC unroll 16
-    for (int j = 0; j < NB; ++j) {
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) {
       float s = hsum(acc[m][j]);
-      for (int64_t k = kfull; k < K; ++k) s += bf16_value(o.x[m * K + k]) * bf16_value(w[j * K + k]);
+      for (int64_t k = kfull; k < K; ++k)
+        s += bf16_value(o.x[m * K + k]) * bf16_value(w[j * K + k]);
       o.y[m * o.N + n + j] = s;
     }
 }
@@ -207,37 +190,33 @@ XDS_AVX2 void int8_block256(const Operands& o, int64_t n) {
   const int64_t K = o.K, kfull = K / 16 * 16;
   const auto* w = static_cast<const int8_t*>(o.w) + n * K;
   __m256i hi[M][NB], lo[M][NB];
-  #pragma GCC unroll 16
-  for (int m = 0; m < M; ++m)
-    #pragma GCC unroll 16
-    for (int j = 0; j < NB; ++j) hi[m][j] = lo[m][j] = _mm256_setzero_si256();
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) hi[m][j] = lo[m][j] = _mm256_setzero_si256();
   for (int64_t k = 0; k < kfull; k += 16) {
     __m256i wv[NB];
-    #pragma GCC unroll 16
-    for (int j = 0; j < NB; ++j)
-      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * K + k)));
-    #pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) {
+    UNROLL for (int j = 0; j < NB; ++j)
+      wv[j] = _mm256_cvtepi8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * K + k)));
+    UNROLL for (int m = 0; m < M; ++m) {
       const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o.xq + m * K + k));
-      const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o.xq + (M + m) * K + k));
-      #pragma GCC unroll 16
-      for (int j = 0; j < NB; ++j) {
+      const __m256i l =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o.xq + (M + m) * K + k));
+      UNROLL for (int j = 0; j < NB; ++j) {
         hi[m][j] = _mm256_add_epi32(hi[m][j], _mm256_madd_epi16(h, wv[j]));
         lo[m][j] = _mm256_add_epi32(lo[m][j], _mm256_madd_epi16(l, wv[j]));
       }
     }
   }
-  #pragma GCC unroll 16
-  for (int m = 0; m < M; ++m)
-    #pragma GCC unroll 16
-    for (int j = 0; j < NB; ++j) {
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) {
       int32_t h = hsum(hi[m][j]), l = hsum(lo[m][j]);
       for (int64_t k = kfull; k < K; ++k) {
         h += o.xq[m * K + k] * w[j * K + k];
         l += o.xq[(M + m) * K + k] * w[j * K + k];
       }
       o.y[m * o.N + n + j] =
-          (static_cast<float>(h) * 256.0f + static_cast<float>(l)) * o.x_scale[m] * o.w_scale[n + j];
+          (static_cast<float>(h) * 256.0f + static_cast<float>(l)) * o.x_scale[m] *
+          o.w_scale[n + j];
     }
 }
 
@@ -311,7 +290,8 @@ ffi::Error Run(ffi::ThreadPool& pool, std::shared_ptr<Work> work) {
     return ffi::Error::Internal("xds few-row matmul: this CPU has neither AVX-512 nor AVX2");
   }
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t per_chunk = (work->o.N + threads * kChunksPerThread - 1) / (threads * kChunksPerThread);
+  const int64_t pieces = threads * kChunksPerThread;
+  const int64_t per_chunk = (work->o.N + pieces - 1) / pieces;
   work->chunk = (per_chunk + kBlocks - 1) / kBlocks * kBlocks;
   work->chunks = (work->o.N + work->chunk - 1) / work->chunk;
   const int64_t helpers = std::min(threads, work->chunks) - 1;

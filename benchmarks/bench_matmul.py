@@ -4,7 +4,8 @@ For each matmul shape of the model (``K x N``: 576x576 q and o, 576x384 kv, 576x
 1536x576 down, 576x49152 the tied head), dtype (float32, bfloat16 and int8, accumulating in
 float32 / int32) and row count ``M``, one call contracts ``x [M, K]`` with ``--mb`` MB of
 distinct weights of that shape (no cache reuse). The variants (XLA ``dot_general`` on a
-``[K, N]`` weight, on a ``[N, K]`` weight, and torch ``F.linear`` with 2 threads) are timed
+``[K, N]`` weight, on a ``[N, K]`` weight, xds-jax's few-row CPU kernel on the ``[N, K]``
+weight for bfloat16 and int8 up to 8 rows, and torch ``F.linear`` with 2 threads) are timed
 alternately in one process, best of ``--rounds``: the machine is shared. One JSON line per
 shape, dtype and rows (GB/s of weight bytes, GFLOP/s), then one per dtype and rows with the
 shapes weighed by their bytes in the model (the rate a whole step's matmuls would run at),
@@ -53,6 +54,28 @@ def xla_call(x, ws: list, transposed: bool):
     return lambda: jax.block_until_ready(f(x, ws))
 
 
+def kernel_call(x, ws_NK: list):
+    """xds-jax's few-row kernel (``xds_jax.kernels``) on ``[N, K]`` weights. int8 rows go in as
+    both halves of the model's 16-bit split (``quant.int8_matmul``), the work it does there:
+    twice ``xla_NK``'s multiply-adds at the same rows (XLA runs the halves as 2M rows)."""
+    from xds_jax.kernels import cpu_matmul
+
+    if x.dtype == jnp.int8:
+        ones_M = jnp.ones((x.shape[0],), jnp.float32)
+        f = jax.jit(lambda x, ws: [cpu_matmul.few_row_int8_matmul(
+            x, x, ones_M, w, jnp.ones((w.shape[0],), jnp.float32)) for w in ws])
+    else:
+        f = jax.jit(lambda x, ws: [cpu_matmul.few_row_matmul(x, w) for w in ws])
+    return lambda: jax.block_until_ready(f(x, ws_NK))
+
+
+def kernel_applies(x) -> bool:
+    from xds_jax.kernels import cpu_matmul
+
+    return (x.dtype in (jnp.bfloat16, jnp.int8) and x.shape[0] <= cpu_matmul.MAX_ROWS
+            and cpu_matmul.kernel_isa() > 0)
+
+
 def torch_call(x, ws_NK: list):
     import torch
 
@@ -85,6 +108,8 @@ def shape_rates(k: int, n: int, dtype: str, rows: list[int], mb: float, rounds: 
         else:
             x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32).astype(dtype)
         variants = {"xla_KN": xla_call(x, ws_KN, False), "xla_NK": xla_call(x, ws_NK, True)}
+        if kernel_applies(x):
+            variants["xds_kernel"] = kernel_call(x, ws_NK)
         if torch_ws is not None:
             tx = torch.tensor(np.asarray(x.astype(jnp.float32))).to(torch_ws[0].dtype)
             variants["torch"] = torch_call(tx, torch_ws)
@@ -104,7 +129,7 @@ def model_mix(lines: list[dict]) -> list[dict]:
     for dtype, m in dict.fromkeys((ln["dtype"], ln["rows"]) for ln in lines):
         group = {ln["shape"]: ln for ln in lines if ln["dtype"] == dtype and ln["rows"] == m}
         line = {"model_mix": dtype, "rows": m}
-        for name in ("xla_KN", "xla_NK", "torch"):
+        for name in ("xla_KN", "xla_NK", "xds_kernel", "torch"):
             if not all(name in group[f"{k}x{n}"] for k, n in SHAPES):
                 continue
             seconds = sum(k * n * c * ITEMSIZE[dtype] / (group[f"{k}x{n}"][name]["GBps"] * 1e9)

@@ -171,14 +171,14 @@ def test_tiny_model_greedy_output_is_the_dot_s(monkeypatch):
             assert la[tok].logprob == pytest.approx(lb[tok].logprob, abs=3e-2)
 
 
-def _probe(env: dict, tmp_path: Path) -> str:
+def _probe(env: dict, tmp_path: Path, cache: Path | None = None) -> str:
     code = ("import logging, sys; logging.basicConfig(stream=sys.stdout, level=logging.WARNING)\n"
             "import jax.numpy as jnp\n"
             "from xds_jax.kernels import cpu_matmul\n"
             "from xds_jax.model.layers import matmul_f32\n"
             "y = matmul_f32(jnp.ones((1, 8), jnp.bfloat16), jnp.ones((3, 8), jnp.bfloat16), True)\n"
             "print('isa', cpu_matmul.kernel_isa(), 'sum', float(y.sum()))\n")
-    run_env = {**os.environ, "XDS_CACHE_DIR": str(tmp_path), **env}
+    run_env = {**os.environ, "XDS_CACHE_DIR": str(cache or tmp_path), **env}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=run_env, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -197,5 +197,10 @@ def test_without_the_kernel_xla_runs_the_matmuls(tmp_path, monkeypatch):
     assert build.enabled()
     out = _probe({"CXX": "/nonexistent/g++", "XDS_CPU_KERNELS": "1"}, tmp_path)
     assert "isa 0 sum 24.0" in out and "no C++ compiler" in out
-    assert f"isa {cpu_matmul.kernel_isa()} sum 24.0" in _probe({"XDS_CPU_KERNELS": "1"}, tmp_path)
-    assert list((tmp_path / "kernels").glob("few_row_matmul-*.so"))
+    # a fresh build where the cache directory cannot be made (a file there): in TMPDIR instead
+    (tmp_path / "not-a-dir").write_text("")
+    (tmp_path / "tmp").mkdir()
+    env = {"XDS_CPU_KERNELS": "1", "TMPDIR": str(tmp_path / "tmp")}
+    built = _probe(env, tmp_path, cache=tmp_path / "not-a-dir" / "cache")
+    assert f"isa {cpu_matmul.kernel_isa()} sum 24.0" in built
+    assert list((tmp_path / "tmp" / "xds_jax-kernels").glob("few_row_matmul-*.so"))

@@ -4,9 +4,11 @@ A kernel's source ships with the package (``xds_jax/kernels/*.cc``); the first p
 needs it compiles it with the system C++ compiler (``$CXX``, default ``g++``) against the XLA
 FFI headers jaxlib ships, into ``$XDS_CACHE_DIR/kernels/`` (``~/.cache/xds_jax/kernels``), named
 by a hash of the source, the headers' jaxlib version and the compiler, so a changed source or
-jaxlib builds anew and concurrent processes never read a half-written file. Where it cannot be
-built (no compiler, a failed build) or ``XDS_CPU_KERNELS=0`` is set, ``load`` returns None and
-the callers keep XLA's own ops: the kernels are a speed-up, never a requirement.
+jaxlib builds anew and concurrent processes never read a half-written file; a cache directory
+that cannot be written (a container's read-only home) builds under the temporary directory.
+Where it cannot be built (no compiler, a failed build) or ``XDS_CPU_KERNELS=0`` is set,
+``load`` returns None and the callers keep XLA's own ops: the kernels are a speed-up, never a
+requirement.
 """
 
 from __future__ import annotations
@@ -92,5 +94,11 @@ def _build_and_open(name: str) -> ctypes.CDLL:
     path = library_path(name, compiler)
     if not path.is_file():
         log.info("building CPU kernel %s -> %s", name, path)
-        compile_library(name, compiler, path)
+        try:
+            compile_library(name, compiler, path)
+        except OSError as e:  # a read-only cache (a container's home): build in /tmp instead
+            path = Path(tempfile.gettempdir()) / "xds_jax-kernels" / path.name
+            log.info("cache directory not writable (%s); building %s in %s", e, name, path)
+            if not path.is_file():
+                compile_library(name, compiler, path)
     return ctypes.CDLL(str(path))

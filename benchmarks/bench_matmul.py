@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xds_jax.kernels import cpu_matmul
+
 LAYERS = 30
 SHAPES = {(576, 576): 2 * LAYERS, (576, 384): LAYERS, (576, 3072): LAYERS,
           (1536, 576): LAYERS, (576, 49152): 1}  # (K, N): matrices of that shape in the model
@@ -58,8 +60,6 @@ def kernel_call(x, ws_NK: list):
     """xds-jax's few-row kernel (``xds_jax.kernels``) on ``[N, K]`` weights. int8 rows go in as
     both halves of the model's 16-bit split (``quant.int8_matmul``), the work it does there:
     twice ``xla_NK``'s multiply-adds at the same rows (XLA runs the halves as 2M rows)."""
-    from xds_jax.kernels import cpu_matmul
-
     if x.dtype == jnp.int8:
         ones_M = jnp.ones((x.shape[0],), jnp.float32)
         f = jax.jit(lambda x, ws: [cpu_matmul.few_row_int8_matmul(
@@ -67,13 +67,6 @@ def kernel_call(x, ws_NK: list):
     else:
         f = jax.jit(lambda x, ws: [cpu_matmul.few_row_matmul(x, w) for w in ws])
     return lambda: jax.block_until_ready(f(x, ws_NK))
-
-
-def kernel_applies(x) -> bool:
-    from xds_jax.kernels import cpu_matmul
-
-    return (x.dtype in (jnp.bfloat16, jnp.int8) and x.shape[0] <= cpu_matmul.MAX_ROWS
-            and cpu_matmul.kernel_isa() > 0)
 
 
 def torch_call(x, ws_NK: list):
@@ -108,7 +101,7 @@ def shape_rates(k: int, n: int, dtype: str, rows: list[int], mb: float, rounds: 
         else:
             x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32).astype(dtype)
         variants = {"xla_KN": xla_call(x, ws_KN, False), "xla_NK": xla_call(x, ws_NK, True)}
-        if kernel_applies(x):
+        if cpu_matmul.applies(x, ws_NK[0], True) or cpu_matmul.applies_int8(x, ws_NK[0], True):
             variants["xds_kernel"] = kernel_call(x, ws_NK)
         if torch_ws is not None:
             tx = torch.tensor(np.asarray(x.astype(jnp.float32))).to(torch_ws[0].dtype)

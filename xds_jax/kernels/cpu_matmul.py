@@ -91,13 +91,11 @@ def _dot(x_MK, w_NK):
 
 
 def _int8_dot(hi_MK, lo_MK, x_scale_M, w_NK, scale_N):
-    """``quant.int8_matmul``'s arithmetic: both halves through one int32 dot, then
-    ``((256 hi + lo) * x_scale) * scale``."""
-    m = hi_MK.shape[0]
-    dims = (((1,), (1,)), ((), ()))
-    y = jax.lax.dot_general(jnp.concatenate([hi_MK, lo_MK]), w_NK, dims,
-                            preferred_element_type=jnp.int32).astype(jnp.float32)
-    return (y[:m] * 256.0 + y[m:]) * x_scale_M[:, None] * scale_N
+    """``quant.split_rows_matmul`` on an output-major weight: XLA's arithmetic for the same
+    operands (quant imports this module, so it is imported when first traced)."""
+    from xds_jax.model.quant import split_rows_matmul
+
+    return split_rows_matmul(hi_MK, lo_MK, x_scale_M[:, None], w_NK, scale_N, True)
 
 
 def _unpartitioned(axis_context) -> bool:

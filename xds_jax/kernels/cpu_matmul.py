@@ -90,11 +90,21 @@ def _dot(x_MK, w_NK):
     return jax.lax.dot_general(x_MK, w_NK, dims, preferred_element_type=jnp.float32)
 
 
-def _int8_dot(hi_MK, lo_MK, x_scale_M, w_NK, scale_N):
-    """``quant.split_rows_matmul`` on an output-major weight: XLA's arithmetic for the same
-    operands (quant imports this module, so it is imported when first traced)."""
-    from xds_jax.model.quant import split_rows_matmul
+def split_rows_matmul(hi_MK: jax.Array, lo_MK: jax.Array, x_scale_M1: jax.Array,
+                      w_q: jax.Array, scale: jax.Array, w_transposed: bool) -> jax.Array:
+    """Rows split by ``quant._split_rows`` against int8 ``w_q`` (``[K, N]``, ``[N, K]`` when
+    ``w_transposed``): both halves through one int32 dot, then ``((256 hi + lo) * x_scale) *
+    scale``; float32 ``[M, N]``. XLA's arithmetic, which the CPU kernel reproduces (and
+    lowers to where it does not run)."""
+    m = hi_MK.shape[0]
+    dims = (((1,), (1 if w_transposed else 0,)), ((), ()))
+    y = jax.lax.dot_general(jnp.concatenate([hi_MK, lo_MK]), w_q, dims,
+                            preferred_element_type=jnp.int32).astype(jnp.float32)
+    return (y[:m] * 256.0 + y[m:]) * x_scale_M1 * scale.astype(jnp.float32)
 
+
+def _int8_dot(hi_MK, lo_MK, x_scale_M, w_NK, scale_N):
+    """``split_rows_matmul`` on an output-major weight, the kernel's operands."""
     return split_rows_matmul(hi_MK, lo_MK, x_scale_M[:, None], w_NK, scale_N, True)
 
 

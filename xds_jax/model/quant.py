@@ -144,21 +144,8 @@ def int8_matmul(x: jax.Array, w_q: jax.Array, scale: jax.Array,
     if cpu_matmul.applies_int8(hi, w_q, w_transposed):
         y_MN = cpu_matmul.few_row_int8_matmul(hi, lo, x_scale[:, 0], w_q, scale)
     else:
-        y_MN = split_rows_matmul(hi, lo, x_scale, w_q, scale, w_transposed)
+        y_MN = cpu_matmul.split_rows_matmul(hi, lo, x_scale, w_q, scale, w_transposed)
     return y_MN.reshape(lead + (y_MN.shape[-1],))
-
-
-def split_rows_matmul(hi_MK: jax.Array, lo_MK: jax.Array, x_scale_M1: jax.Array,
-                      w_q: jax.Array, scale: jax.Array, w_transposed: bool) -> jax.Array:
-    """Rows split by ``_split_rows`` against int8 ``w_q`` (``[K, N]``, ``[N, K]`` when
-    ``w_transposed``): both halves through one int32 dot, then ``((256 hi + lo) * x_scale) *
-    scale``; float32 ``[M, N]``. XLA's arithmetic, which the CPU kernel reproduces (and
-    lowers to where it does not run)."""
-    m = hi_MK.shape[0]
-    dims = (((1,), (1 if w_transposed else 0,)), ((), ()))
-    y = jax.lax.dot_general(jnp.concatenate([hi_MK, lo_MK]), w_q, dims,
-                            preferred_element_type=jnp.int32).astype(jnp.float32)
-    return (y[:m] * 256.0 + y[m:]) * x_scale_M1 * scale.astype(jnp.float32)
 
 
 def int8_expert_matmul(x_ECK: jax.Array, w_q: jax.Array, scale_EN: jax.Array) -> jax.Array:

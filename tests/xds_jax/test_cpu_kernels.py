@@ -45,7 +45,8 @@ def isa(request):
 # every row count the kernels take (each has its own block width), N off the block widths and
 # the 24-column chunk multiples, K with tails past the 32-, 16- and 8-wide steps
 SHAPES = [(1, 1, 576), (1, 130, 100), (2, 67, 37), (3, 1000, 64), (4, 576, 1536), (5, 67, 37),
-          (6, 130, 100), (7, 25, 70), (8, 1000, 64)]
+          (6, 130, 100), (7, 25, 70), (8, 1000, 64), (13, 67, 37), (32, 130, 100),
+          (100, 25, 70)]  # past 8 rows: groups of rows, a group's rest, a second panel of rows
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
@@ -73,7 +74,7 @@ def test_int8_kernel_equals_xla_s_int32_dot(isa, m, n, k):
     want = np.asarray(jax.jit(cpu_matmul._int8_dot)(hi, lo, x_scale[:, 0], w_q, scale))
     assert got.shape == (m, n) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    if m <= cpu_matmul.MAX_ROWS:
+    if m <= cpu_matmul.max_rows(int8=True):
         via = np.asarray(jax.jit(int8_matmul, static_argnums=3)(x, w_q, scale, True))
         w = np.asarray(w_q, np.float64) * np.asarray(scale, np.float64)[:, None]
         exact = np.asarray(x, np.float64) @ w.T
@@ -88,12 +89,14 @@ def test_matmul_f32_takes_the_kernel_only_where_it_applies():
     assert cpu_matmul.applies(x4, w, w_transposed=True)
     assert not cpu_matmul.applies(x4, w.T, w_transposed=False)  # [K, N]: XLA's dot
     assert not cpu_matmul.applies(x4.astype(jnp.float32), w.astype(jnp.float32), True)
-    x5 = jnp.ones((cpu_matmul.MAX_ROWS + 1, 32), jnp.bfloat16)  # past the kernel: XLA's dot
-    assert not cpu_matmul.applies(x5, w, w_transposed=True)
+    x_past = jnp.ones((cpu_matmul.max_rows() + 1, 32), jnp.bfloat16)  # past it: XLA's dot
+    assert not cpu_matmul.applies(x_past, w, w_transposed=True)
     w_q = jnp.ones((64, 32), jnp.int8)
     assert cpu_matmul.applies_int8(x4, w_q, w_transposed=True)
     assert not cpu_matmul.applies_int8(x4, w_q.T, w_transposed=False)
-    assert not cpu_matmul.applies_int8(x5, w_q, w_transposed=True)
+    # int8 takes any rows with AVX-512 (ahead of XLA's int32 dot at every count), AVX2 to 8
+    x_many = jnp.ones((600, 32), jnp.bfloat16)
+    assert cpu_matmul.applies_int8(x_many, w_q, True) == (cpu_matmul.kernel_isa() == 2)
     assert not cpu_matmul.applies_int8(x4, w, w_transposed=True)  # not int8
     # matmul_f32 over leading dims: [B, S, K] rows flattened, the same numbers either way
     x_BSK = x4.reshape(2, 2, 32)
@@ -102,6 +105,14 @@ def test_matmul_f32_takes_the_kernel_only_where_it_applies():
     np.testing.assert_allclose(
         np.asarray(matmul_f32(x_BSK, w, w_transposed=True)).reshape(4, 64),
         np.asarray(cpu_matmul._dot(x4, w)), rtol=1e-5, atol=1e-4)
+
+
+def test_row_limits_follow_the_instruction_set(monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "kernel_isa", lambda: 1)
+    assert cpu_matmul.max_rows() == cpu_matmul.max_rows(int8=True) == cpu_matmul.MAX_ROWS_AVX2
+    monkeypatch.setattr(cpu_matmul, "kernel_isa", lambda: 0)
+    assert cpu_matmul.max_rows() == cpu_matmul.max_rows(int8=True) == 0
+    assert not cpu_matmul.applies(*_operands(2, 8, 16)[:2], w_transposed=True)
 
 
 def test_partitioned_programs_keep_the_dot():

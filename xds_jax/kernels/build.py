@@ -1,11 +1,12 @@
 """Build, cache and load xds-jax's C++ CPU kernels (XLA FFI handlers), once per process.
 
-A kernel's source ships with the package (``xds_jax/kernels/*.cc``); the first process that
-needs it compiles it with the system C++ compiler (``$CXX``, default ``g++``) against the XLA
-FFI headers jaxlib ships, into ``$XDS_CACHE_DIR/kernels/`` (``~/.cache/xds_jax/kernels``), named
-by a hash of the source, the headers' jaxlib version and the compiler, so a changed source or
-jaxlib builds anew and concurrent processes never read a half-written file; a cache directory
-that cannot be written (a container's read-only home) builds under the temporary directory.
+A kernel's source ships with the package (``xds_jax/kernels/*.cc`` and the ``*.h`` they
+include); the first process that needs it compiles it with the system C++ compiler (``$CXX``,
+default ``g++``) against the XLA FFI headers jaxlib ships, into ``$XDS_CACHE_DIR/kernels/``
+(``~/.cache/xds_jax/kernels``), named by a hash of the sources, the headers' jaxlib version
+and the compiler, so a changed source or jaxlib builds anew and concurrent processes never
+read a half-written file; a cache directory that cannot be written (a container's read-only
+home) builds under the temporary directory.
 Where it cannot be built (no compiler, a failed build) or ``XDS_CPU_KERNELS=0`` is set,
 ``load`` returns None and the callers keep XLA's own ops: the kernels are a speed-up, never a
 requirement.
@@ -48,7 +49,8 @@ def _compiler() -> str | None:
 
 def library_path(name: str, compiler: str) -> Path:
     """Where ``name``'s library is cached: hashed on its source, jaxlib and the compiler."""
-    source = (SOURCE_DIR / f"{name}.cc").read_bytes()
+    source = b"".join(p.read_bytes() for p in [SOURCE_DIR / f"{name}.cc",
+                                                *sorted(SOURCE_DIR.glob("*.h"))])
     key = hashlib.sha256(source + jaxlib.__version__.encode() + compiler.encode()).hexdigest()
     return cache_dir() / f"{name}-{key[:16]}.so"
 

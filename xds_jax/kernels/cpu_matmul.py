@@ -1,19 +1,20 @@
 """Few-row bfloat16 and int8 matmuls on CPU through xds-jax's kernel (``few_row_matmul.cc``).
 
 ``few_row_matmul(x [M, K], w [N, K])`` is ``x @ w.T`` accumulated in float32, for bfloat16
-operands and ``M <= MAX_ROWS``: a decode step's projections and LM head, whose time is the
-weight stream. ``few_row_int8_matmul`` is the same for weight-only int8 (``--quantization
-int8``), half the bytes, with integer arithmetic equal to XLA's. Each is a JAX primitive
-whose CPU lowering is the FFI kernel when the program is not partitioned (one device, or the
-body of a ``shard_map`` manual over every mesh axis: the operands are then whole local
-arrays) and XLA's dot otherwise, so a GSPMD tensor-parallel program never gathers its sharded
-weights for it; every other platform lowers it to the dot. ``vmap`` sees the dot,
-differentiation (bfloat16) too.
+operands and ``M <= max_rows()``: a decode step's projections and LM head, whose time is the
+weight stream at a few rows and the multiply-adds at tens (batched decode, short prefills).
+``few_row_int8_matmul`` is the same for weight-only int8 (``--quantization int8``), half the
+bytes, with integer arithmetic equal to XLA's. Each is a JAX primitive whose CPU lowering is
+the FFI kernel when the program is not partitioned (one device, or the body of a
+``shard_map`` manual over every mesh axis: the operands are then whole local arrays) and
+XLA's dot otherwise, so a GSPMD tensor-parallel program never gathers its sharded weights
+for it; every other platform lowers it to the dot. ``vmap`` sees the dot, differentiation
+(bfloat16) too.
 
-Measured on this machine (AMD EPYC, AVX-512 BF16, 2 cores; 30 layers of SmolLM2's MLP weights
-chained as in a model, ``docs/performance.md``): 21.8 / 20.1 / 17.4 / 16.6 GB/s of weights at
-1 / 2 / 3 / 4 rows against XLA's 14.5 / 12.8 / 13.4 / 12.6, a few percent ahead at 8 rows,
-behind from 16.
+Measured on this machine (AMD EPYC, AVX-512 BF16, 2 cores; SmolLM2's weight shapes,
+``benchmarks.bench_matmul`` and ``docs/performance.md``): bfloat16 at 1 / 2 / 4 rows about
+twice XLA's dots (the weight stream), 16 / 32 / 64 rows 1.15-1.25x (the multiply-adds, in
+register tiles), level around 256 rows; int8 ahead at every row count.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import platform
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +36,13 @@ log = logging.getLogger(__name__)
 TARGET = "xds_bf16_matmul"
 INT8_TARGET = "xds_int8_matmul"
 LIBRARY = "few_row_matmul"
-# Rows up to which the kernels beat XLA's dots: to 8 (the kernel's limit); a SmolLM2 step at 8
-# rows 1.04x (bfloat16) and 1.30x (int8, whose XLA dot doubles the rows); 16 rows: behind.
-MAX_ROWS = 8
+# Rows up to which the kernels beat XLA's dots (SmolLM2's weight shapes, this AMD EPYC;
+# docs/performance.md). AVX-512: bfloat16 to 128 rows (1.15-1.25x at 16-64, even around 256,
+# behind from 512 where XLA's packed GEMM is at its peak), weight-only int8 at every count
+# (1.3-1.9x the model's int32 dot, whose split halves double the rows). The AVX2 path is
+# held to 8 rows, where it was measured ahead; here XLA's dots beyond that have AVX-512.
+MAX_ROWS = 128
+MAX_ROWS_AVX2 = 8
 
 
 @functools.cache
@@ -68,21 +74,30 @@ def use_isa(isa: int) -> int:
     return int(lib.xds_few_row_use_isa(isa)) if lib is not None else 0
 
 
-def _few_rows(x_MK: jax.Array, w: jax.Array, w_transposed: bool) -> bool:
-    return w_transposed and w.ndim == 2 and 1 <= x_MK.shape[0] <= MAX_ROWS
+def max_rows(int8: bool = False) -> int:
+    """The most rows a matmul takes through the kernel on this CPU (0: the kernel is
+    unavailable); see ``MAX_ROWS``."""
+    isa = kernel_isa()
+    if isa == 2:
+        return sys.maxsize if int8 else MAX_ROWS
+    return MAX_ROWS_AVX2 if isa == 1 else 0
+
+
+def _takes(x_MK: jax.Array, w: jax.Array, w_transposed: bool, int8: bool) -> bool:
+    return (w_transposed and w.ndim == 2 and x_MK.ndim == 2
+            and 1 <= x_MK.shape[0] <= max_rows(int8))
 
 
 def applies(x_MK: jax.Array, w: jax.Array, w_transposed: bool) -> bool:
     """Whether ``x_MK @ w`` (``w [N, K]`` when ``w_transposed``) goes through the kernel:
-    bfloat16 both, ``w`` output-major, at most ``MAX_ROWS`` rows, the kernel available."""
-    return (_few_rows(x_MK, w, w_transposed) and x_MK.dtype == jnp.bfloat16
-            and w.dtype == jnp.bfloat16 and kernel_isa() > 0)
+    bfloat16 both, ``w`` output-major, at most ``max_rows()`` rows, the kernel available."""
+    return (x_MK.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16
+            and _takes(x_MK, w, w_transposed, int8=False))
 
 
 def applies_int8(x_MK: jax.Array, w_q: jax.Array, w_transposed: bool) -> bool:
     """The same for an int8 ``w_q`` (``xds_jax.model.quant``'s weight-only int8)."""
-    return (_few_rows(x_MK, w_q, w_transposed) and w_q.dtype == jnp.int8
-            and kernel_isa() > 0)
+    return w_q.dtype == jnp.int8 and _takes(x_MK, w_q, w_transposed, int8=True)
 
 
 def _dot(x_MK, w_NK):

@@ -1,12 +1,14 @@
-// xds-jax CPU kernels: y[M, N] (float32) = x[M, K] . w[N, K]^T for a few rows M <= 8.
+// xds-jax CPU kernels: y[M, N] (float32) = x[M, K] . w[N, K]^T for decode's rows (batch x tokens).
 //
-// A decode step's matmuls have a handful of rows (batch x tokens) against weights read once:
-// the time is the weight stream. XLA:CPU runs a one-row bfloat16 dot as a matrix-vector
-// product that converts the weight to float32 on every call, and 2-4-row dots at 13-15 GB/s
-// (docs/performance.md). These kernels read each output's weight row once (output-major, the
-// layout xds_jax.model.out_major stores on CPU), multiply it into every row of x and split
-// the outputs over XLA's intra-op thread pool (the caller takes chunks too, so it never waits
-// on a task that has not started).
+// At a few rows a matmul's time is the weight stream; at tens (batched decode, short prefills)
+// it is the multiply-adds. XLA:CPU runs a one-row bfloat16 dot as a matrix-vector product that
+// converts the weight to float32 on every call, 2-8-row dots at 10-15 GB/s and 16-256-row dots
+// 15-25% under these kernels (docs/performance.md). These kernels read each output's weight row
+// once from memory (output-major, the layout xds_jax.model.out_major stores on CPU), multiply it
+// into every row of x in register tiles (few_row_blocks.h; rows in groups, the block's weights
+// from L1 after the first group, the rows in panels that stay in L2) and split the outputs over
+// XLA's intra-op thread pool (the caller takes chunks too, so it never waits on a task that has
+// not started).
 //
 // - XdsBf16Matmul: bfloat16 x and w, float32 accumulation: AVX-512 BF16's pair dot product,
 //   or AVX2 FMAs on the widened values.
@@ -27,30 +29,17 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "few_row_blocks.h"
 
 namespace ffi = xla::ffi;
 
-// Loops over rows and block columns unrolled whole, so their accumulators stay in registers.
-#define UNROLL _Pragma("GCC unroll 16")
-
 namespace {
+
+using namespace xds_kernels;
 
 constexpr int64_t kBlocks = 24;  // a multiple of every block width: chunks are multiples of it
 constexpr int64_t kChunksPerThread = 16;  // few enough grabs that the counters stay cold
-constexpr int64_t kMaxRows = 8;
-
-// The operands of one call. ``x`` is bfloat16 rows; or, with int8 weights, the rows' hi halves
-// then their lo halves ([2M, K]): widened to int16 (``xq``) or offset to unsigned (``xq8``).
-struct Operands {
-  const uint16_t* x = nullptr;
-  const int16_t* xq = nullptr;    // AVX2
-  const uint8_t* xq8 = nullptr;   // AVX-512 VNNI
-  const float* x_scale = nullptr;  // [M]
-  const void* w = nullptr;
-  const float* w_scale = nullptr;  // [N]
-  float* y = nullptr;
-  int64_t M = 0, N = 0, K = 0;
-};
+constexpr int64_t kPanel = 96;  // rows whose values stay in L2 (a multiple of every group)
 
 // Output blocks of NB columns; the tail of a chunk runs with NB = 1.
 template <int NB, typename Block>
@@ -58,166 +47,6 @@ inline void blocks(int64_t n0, int64_t n1, Block&& block) {
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) block(n, std::integral_constant<int, NB>{});
   for (; n < n1; ++n) block(n, std::integral_constant<int, 1>{});
-}
-
-// ---- AVX-512 -----------------------------------------------------------------------------------
-#define XDS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni")))
-
-template <int M, int NB>
-XDS_AVX512 void bf16_block512(const Operands& o, int64_t n) {
-  const int64_t K = o.K, kfull = K / 32 * 32;
-  const auto* w = static_cast<const uint16_t*>(o.w) + n * K;
-  __m512 acc[M][NB];
-  UNROLL for (int m = 0; m < M; ++m)
-    UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
-  // one loop, the last step masked (masked loads cost as much as plain ones; a lambda for
-  // the step kept the accumulators in memory); the rows' values held, one weight at a time
-  const __mmask32 tail = (__mmask32)((1ull << (K - kfull)) - 1);
-  // rows' values held in registers where they fit beside the accumulators, else read from L1
-  constexpr bool hold = M * NB + M + 1 <= 32;
-  for (int64_t k = 0; k < K; k += 32) {
-    const __mmask32 mask = k < kfull ? ~__mmask32{0} : tail;
-    __m512i xv[hold ? M : 1];
-    if constexpr (hold) {
-      UNROLL for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, o.x + m * K + k);
-    }
-    UNROLL for (int j = 0; j < NB; ++j) {
-      const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + j * K + k);
-      UNROLL for (int m = 0; m < M; ++m) {
-        const __m512i x = hold ? xv[hold ? m : 0] : _mm512_maskz_loadu_epi16(mask, o.x + m * K + k);
-        acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)x, (__m512bh)wv);
-      }
-    }
-  }
-  UNROLL for (int m = 0; m < M; ++m)
-    UNROLL for (int j = 0; j < NB; ++j) o.y[m * o.N + n + j] = _mm512_reduce_add_ps(acc[m][j]);
-}
-
-// VNNI multiplies unsigned by signed bytes, so the halves arrive offset by 128 (xq8: hi + 128
-// then lo + 128, [2M, K] bytes) and 128 times each column's weight sum comes off.
-template <int M, int NB>
-XDS_AVX512 void int8_block512(const Operands& o, int64_t n) {
-  const int64_t K = o.K, kfull = K / 64 * 64;
-  const auto* w = static_cast<const int8_t*>(o.w) + n * K;
-  const __m512i ones = _mm512_set1_epi8(1);
-  __m512i hi[M][NB], lo[M][NB], sum[NB];
-  UNROLL for (int j = 0; j < NB; ++j) {
-    sum[j] = _mm512_setzero_si512();
-    UNROLL for (int m = 0; m < M; ++m) hi[m][j] = lo[m][j] = _mm512_setzero_si512();
-  }
-  const __mmask64 tail = K - kfull == 0 ? 0 : (~__mmask64{0} >> (64 - (K - kfull)));
-  for (int64_t k = 0; k < K; k += 64) {
-    const __mmask64 mask = k < kfull ? ~__mmask64{0} : tail;
-    __m512i h[M], l[M];
-    UNROLL for (int m = 0; m < M; ++m) {
-      h[m] = _mm512_maskz_loadu_epi8(mask, o.xq8 + m * K + k);
-      l[m] = _mm512_maskz_loadu_epi8(mask, o.xq8 + (M + m) * K + k);
-    }
-    UNROLL for (int j = 0; j < NB; ++j) {
-      const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + j * K + k);
-      sum[j] = _mm512_dpbusd_epi32(sum[j], ones, wv);
-      UNROLL for (int m = 0; m < M; ++m) {
-        hi[m][j] = _mm512_dpbusd_epi32(hi[m][j], h[m], wv);
-        lo[m][j] = _mm512_dpbusd_epi32(lo[m][j], l[m], wv);
-      }
-    }
-  }
-  UNROLL for (int j = 0; j < NB; ++j) {
-    const int32_t offset = 128 * _mm512_reduce_add_epi32(sum[j]);
-    UNROLL for (int m = 0; m < M; ++m) {
-      const float hs = static_cast<float>(_mm512_reduce_add_epi32(hi[m][j]) - offset);
-      const float ls = static_cast<float>(_mm512_reduce_add_epi32(lo[m][j]) - offset);
-      o.y[m * o.N + n + j] = (hs * 256.0f + ls) * o.x_scale[m] * o.w_scale[n + j];
-    }
-  }
-}
-
-// ---- AVX2 + FMA --------------------------------------------------------------------------------
-#define XDS_AVX2 __attribute__((target("avx2,fma")))
-
-XDS_AVX2 inline __m256 widen8(const uint16_t* p) {  // 8 bfloat16 -> float32: a 16-bit shift
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-XDS_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-XDS_AVX2 inline int32_t hsum(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-  return _mm_cvtsi128_si32(s);
-}
-
-inline float bf16_value(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  __builtin_memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-template <int M, int NB>
-XDS_AVX2 void bf16_block256(const Operands& o, int64_t n) {
-  const int64_t K = o.K, kfull = K / 8 * 8;
-  const auto* w = static_cast<const uint16_t*>(o.w) + n * K;
-  __m256 acc[M][NB];
-  UNROLL for (int m = 0; m < M; ++m)
-    UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < kfull; k += 8) {
-    __m256 xv[M];
-    UNROLL for (int m = 0; m < M; ++m) xv[m] = widen8(o.x + m * K + k);
-    UNROLL for (int j = 0; j < NB; ++j) {
-      const __m256 wv = widen8(w + j * K + k);
-      UNROLL for (int m = 0; m < M; ++m) acc[m][j] = _mm256_fmadd_ps(xv[m], wv, acc[m][j]);
-    }
-  }
-  UNROLL for (int m = 0; m < M; ++m)
-    UNROLL for (int j = 0; j < NB; ++j) {
-      float s = hsum(acc[m][j]);
-      for (int64_t k = kfull; k < K; ++k)
-        s += bf16_value(o.x[m * K + k]) * bf16_value(w[j * K + k]);
-      o.y[m * o.N + n + j] = s;
-    }
-}
-
-template <int M, int NB>
-XDS_AVX2 void int8_block256(const Operands& o, int64_t n) {
-  const int64_t K = o.K, kfull = K / 16 * 16;
-  const auto* w = static_cast<const int8_t*>(o.w) + n * K;
-  __m256i hi[M][NB], lo[M][NB];
-  UNROLL for (int m = 0; m < M; ++m)
-    UNROLL for (int j = 0; j < NB; ++j) hi[m][j] = lo[m][j] = _mm256_setzero_si256();
-  for (int64_t k = 0; k < kfull; k += 16) {
-    __m256i wv[NB];
-    UNROLL for (int j = 0; j < NB; ++j)
-      wv[j] = _mm256_cvtepi8_epi16(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * K + k)));
-    UNROLL for (int m = 0; m < M; ++m) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o.xq + m * K + k));
-      const __m256i l =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o.xq + (M + m) * K + k));
-      UNROLL for (int j = 0; j < NB; ++j) {
-        hi[m][j] = _mm256_add_epi32(hi[m][j], _mm256_madd_epi16(h, wv[j]));
-        lo[m][j] = _mm256_add_epi32(lo[m][j], _mm256_madd_epi16(l, wv[j]));
-      }
-    }
-  }
-  UNROLL for (int m = 0; m < M; ++m)
-    UNROLL for (int j = 0; j < NB; ++j) {
-      int32_t h = hsum(hi[m][j]), l = hsum(lo[m][j]);
-      for (int64_t k = kfull; k < K; ++k) {
-        h += o.xq[m * K + k] * w[j * K + k];
-        l += o.xq[(M + m) * K + k] * w[j * K + k];
-      }
-      o.y[m * o.N + n + j] =
-          (static_cast<float>(h) * 256.0f + static_cast<float>(l)) * o.x_scale[m] *
-          o.w_scale[n + j];
-    }
 }
 
 // ---- dispatch -----------------------------------------------------------------------------------
@@ -234,36 +63,78 @@ int detect_isa() {
 std::atomic<int> g_isa{detect_isa()};
 
 // Block widths keep the accumulators, the rows' values and a weight in registers: 32 zmm
-// (AVX-512) or 16 ymm (AVX2); each divides kBlocks. The int8 path was chosen when the call's
-// rows were prepared (xq8 or xq).
-template <int M>
-void columns(const Operands& o, int64_t n0, int64_t n1) {
-  if (o.xq8 != nullptr) {  // 2M x NB accumulators, NB weight sums, 2M rows
-    constexpr int NB = M <= 1 ? 8 : M <= 2 ? 4 : M <= 3 ? 3 : M <= 4 ? 2 : 1;
-    blocks<NB>(n0, n1, [&](int64_t n, auto nb) { int8_block512<M, nb()>(o, n); });
-  } else if (o.xq != nullptr) {
-    constexpr int NB = M <= 1 ? 4 : M <= 2 ? 2 : 1;
-    blocks<NB>(n0, n1, [&](int64_t n, auto nb) { int8_block256<M, nb()>(o, n); });
-  } else if (g_isa.load(std::memory_order_relaxed) == 2) {  // M x NB accumulators, M rows
-    constexpr int NB = M <= 3 ? 8 : M <= 4 ? 6 : 3;
-    blocks<NB>(n0, n1, [&](int64_t n, auto nb) { bf16_block512<M, nb()>(o, n); });
-  } else {
-    constexpr int NB = M <= 1 ? 8 : M <= 2 ? 6 : M <= 3 ? 3 : M <= 4 ? 2 : 1;
-    blocks<NB>(n0, n1, [&](int64_t n, auto nb) { bf16_block256<M, nb()>(o, n); });
+// (AVX-512) or 16 ymm (AVX2); each divides kBlocks. Up to kGroup rows run as one block; more
+// rows run in groups of kGroup (and one of the rest) per block of outputs, the block's weights
+// read from memory once and from L1 for the other groups. The int8 path was chosen when the
+// call's rows were prepared (xq8 or xq).
+struct Bf16Avx512 {  // M x NB accumulators, M rows held
+  static constexpr int kGroup = 3;
+  static constexpr int nb(int) { return 8; }
+  template <int M, int NB>
+  static void run(const Operands& o, int64_t n, int64_t r0) { bf16_block512<M, NB>(o, n, r0); }
+};
+struct Int8Avx512 {  // 2M x NB accumulators, NB weight sums, 2M rows
+  static constexpr int kGroup = 2;
+  static constexpr int nb(int M) { return M <= 1 ? 8 : 4; }
+  template <int M, int NB>
+  static void run(const Operands& o, int64_t n, int64_t r0) { int8_block512<M, NB>(o, n, r0); }
+};
+struct Bf16Avx2 {
+  static constexpr int kGroup = 4;
+  static constexpr int nb(int M) { return M <= 1 ? 8 : M <= 2 ? 6 : M <= 3 ? 3 : M <= 4 ? 2 : 1; }
+  template <int M, int NB>
+  static void run(const Operands& o, int64_t n, int64_t r0) { bf16_block256<M, NB>(o, n, r0); }
+};
+struct Int8Avx2 {
+  static constexpr int kGroup = 2;
+  static constexpr int nb(int M) { return M <= 1 ? 4 : M <= 2 ? 2 : 1; }
+  template <int M, int NB>
+  static void run(const Operands& o, int64_t n, int64_t r0) { int8_block256<M, NB>(o, n, r0); }
+};
+
+// f(std::integral_constant<int, rows>) for 1 <= rows <= 4 (every group is at most 4 rows).
+template <typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
   }
 }
 
-void columns(const Operands& o, int64_t n0, int64_t n1) {
-  switch (o.M) {
-    case 1: return columns<1>(o, n0, n1);
-    case 2: return columns<2>(o, n0, n1);
-    case 3: return columns<3>(o, n0, n1);
-    case 4: return columns<4>(o, n0, n1);
-    case 5: return columns<5>(o, n0, n1);
-    case 6: return columns<6>(o, n0, n1);
-    case 7: return columns<7>(o, n0, n1);
-    default: return columns<8>(o, n0, n1);
+// Outputs n0 .. n1 for every row: panels of kPanel rows, so that a panel's rows stay in L2 while
+// the chunk's weights pass; in a panel, groups of G rows and the rest (fewer) with the same NB.
+template <typename Path, int G>
+void tiles(const Operands& o, int64_t n0, int64_t n1) {
+  static_assert(G <= 4 && kPanel % G == 0 && kBlocks % Path::nb(G) == 0);
+  constexpr int NB = Path::nb(G);
+  for (int64_t p0 = 0; p0 < o.M; p0 += kPanel) {
+    const int64_t p1 = std::min(o.M, p0 + kPanel), full = p0 + (p1 - p0) / G * G;
+    blocks<NB>(n0, n1, [&](int64_t n, auto nb) {
+      for (int64_t r = p0; r < full; r += G) Path::template run<G, nb()>(o, n, r);
+      if (full < p1) {
+        with_rows(p1 - full, [&](auto rest) {
+          if constexpr (rest() < G) Path::template run<rest(), nb()>(o, n, full);
+        });
+      }
+    });
   }
+}
+
+template <typename Path>
+void columns(const Operands& o, int64_t n0, int64_t n1) {
+  if (o.M > Path::kGroup) return tiles<Path, Path::kGroup>(o, n0, n1);
+  with_rows(o.M, [&](auto m) {
+    if constexpr (m() <= Path::kGroup) tiles<Path, m()>(o, n0, n1);
+  });
+}
+
+void columns(const Operands& o, int64_t n0, int64_t n1) {
+  if (o.xq8 != nullptr) return columns<Int8Avx512>(o, n0, n1);
+  if (o.xq != nullptr) return columns<Int8Avx2>(o, n0, n1);
+  if (g_isa.load(std::memory_order_relaxed) == 2) return columns<Bf16Avx512>(o, n0, n1);
+  columns<Bf16Avx2>(o, n0, n1);
 }
 
 // One call's outputs, handed out in chunks to the caller and the pool's tasks. Shared so that
@@ -311,7 +182,7 @@ ffi::Error Run(ffi::ThreadPool& pool, std::shared_ptr<Work> work) {
 bool rows_ok(ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi::AnyBuffer& y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
   return xd.size() == 2 && wd.size() == 2 && yd.size() == 2 && xd[1] == wd[1] && xd[0] >= 1 &&
-         xd[0] <= kMaxRows && yd[0] == xd[0] && yd[1] == wd[0] &&
+         yd[0] == xd[0] && yd[1] == wd[0] &&
          y.element_type() == ffi::DataType::F32;
 }
 
@@ -320,7 +191,7 @@ ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   if (!rows_ok(x, w, *y) || x.element_type() != ffi::DataType::BF16 ||
       w.element_type() != ffi::DataType::BF16) {
     return ffi::Error::InvalidArgument(
-        "xds_bf16_matmul: bfloat16 x [M <= 8, K] and w [N, K] to a float32 [M, N] expected");
+        "xds_bf16_matmul: bfloat16 x [M, K] and w [N, K] to a float32 [M, N] expected");
   }
   auto work = std::make_shared<Work>();
   work->o.x = reinterpret_cast<const uint16_t*>(x.untyped_data());
@@ -343,7 +214,7 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer hi, ffi::AnyBuffer lo
       w_scale.element_type() != ffi::DataType::F32 ||
       w_scale.element_count() != static_cast<size_t>(w.dimensions()[0])) {
     return ffi::Error::InvalidArgument(
-        "xds_int8_matmul: int8 hi, lo [M <= 8, K], float32 x_scale [M], int8 w [N, K] and "
+        "xds_int8_matmul: int8 hi, lo [M, K], float32 x_scale [M], int8 w [N, K] and "
         "float32 w_scale [N] to a float32 [M, N] expected");
   }
   auto work = std::make_shared<Work>();

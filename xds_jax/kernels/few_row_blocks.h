@@ -1,0 +1,245 @@
+// Register-tiled blocks of xds-jax's CPU matmul kernel (few_row_matmul.cc, which includes this
+// file): rows r0 .. r0 + M of y against the weight rows (outputs) n .. n + NB, the M x NB
+// accumulators held in registers over the whole of K. The dispatch picks M and NB so they fit
+// (32 zmm with AVX-512, 16 ymm with AVX2) and calls a block once per group of rows, so the
+// block's weights come from L1 after the first group.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+// Loops over rows and block columns unrolled whole, so their accumulators stay in registers.
+#define UNROLL _Pragma("GCC unroll 16")
+
+namespace xds_kernels {
+
+// The operands of one call. ``x`` is bfloat16 rows; or, with int8 weights, the rows' hi halves
+// then their lo halves ([2M, K]): widened to int16 (``xq``) or offset to unsigned (``xq8``).
+struct Operands {
+  const uint16_t* x = nullptr;
+  const int16_t* xq = nullptr;    // AVX2
+  const uint8_t* xq8 = nullptr;   // AVX-512 VNNI
+  const float* x_scale = nullptr;  // [M]
+  const void* w = nullptr;
+  const float* w_scale = nullptr;  // [N]
+  float* y = nullptr;
+  int64_t M = 0, N = 0, K = 0;
+};
+
+// ---- AVX-512 -----------------------------------------------------------------------------------
+#define XDS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni")))
+
+XDS_AVX512 inline __m512 add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+XDS_AVX512 inline __m512i add(__m512i a, __m512i b) { return _mm512_add_epi32(a, b); }
+XDS_AVX512 inline __m512 bits(__m512 v) { return v; }
+XDS_AVX512 inline __m512 bits(__m512i v) { return _mm512_castsi512_ps(v); }
+XDS_AVX512 inline __m512 as(__m512 v, __m512) { return v; }  // bits as the second's type
+XDS_AVX512 inline __m512i as(__m512 v, __m512i) { return _mm512_castps_si512(v); }
+
+// Level L of lane_sums' tree: halves of 256 (L = 0), 128, 64 and 32 bits of a and b added
+// pairwise, the 512 bits of the result covering both.
+template <int L, typename V>
+XDS_AVX512 inline V fold(V a, V b) {
+  const __m512 x = bits(a), y = bits(b);
+  __m512 lo, hi;
+  if constexpr (L == 0) {
+    lo = _mm512_shuffle_f32x4(x, y, 0x44), hi = _mm512_shuffle_f32x4(x, y, 0xee);
+  } else if constexpr (L == 1) {
+    lo = _mm512_shuffle_f32x4(x, y, 0x88), hi = _mm512_shuffle_f32x4(x, y, 0xdd);
+  } else if constexpr (L == 2) {
+    const __m512d xd = _mm512_castps_pd(x), yd = _mm512_castps_pd(y);
+    lo = _mm512_castpd_ps(_mm512_unpacklo_pd(xd, yd));
+    hi = _mm512_castpd_ps(_mm512_unpackhi_pd(xd, yd));
+  } else {
+    lo = _mm512_shuffle_ps(x, y, 0x88), hi = _mm512_shuffle_ps(x, y, 0xdd);
+  }
+  return add(as(lo, a), as(hi, a));
+}
+
+// out[i] = the sum of acc[i]'s 16 lanes (float32 or int32) for i < T: a transposing tree of 45
+// shuffles and adds per 16 accumulators, where each alone takes 8 (a quarter of a block's time
+// at K = 576); lane 4 (i % 4) + i / 4 of the tree's last vector holds acc[i]'s sum.
+template <int T, typename V, typename S>
+XDS_AVX512 inline void lane_sums(const V* acc, S* out) {
+  UNROLL for (int g = 0; g < T; g += 16) {
+    V v[16];
+    UNROLL for (int i = 0; i < 16; ++i) v[i] = g + i < T ? acc[g + i] : as(_mm512_setzero_ps(), V{});
+    UNROLL for (int i = 0; i < 8; ++i) v[i] = fold<0>(v[2 * i], v[2 * i + 1]);
+    UNROLL for (int i = 0; i < 4; ++i) v[i] = fold<1>(v[2 * i], v[2 * i + 1]);
+    UNROLL for (int i = 0; i < 2; ++i) v[i] = fold<2>(v[2 * i], v[2 * i + 1]);
+    v[0] = fold<3>(v[0], v[1]);
+    alignas(64) S lanes[16];
+    _mm512_store_ps(reinterpret_cast<float*>(lanes), bits(v[0]));
+    UNROLL for (int i = 0; i < 16; ++i)
+      if (g + i < T) out[g + i] = lanes[4 * (i % 4) + i / 4];
+  }
+}
+
+template <int M, int NB>
+XDS_AVX512 void bf16_block512(const Operands& o, int64_t n, int64_t r0) {
+  const int64_t K = o.K, kfull = K / 32 * 32;
+  const auto* w = static_cast<const uint16_t*>(o.w) + n * K;
+  const auto* x = o.x + r0 * K;
+  __m512 acc[M][NB];
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
+  // one loop, the last step masked (masked loads cost as much as plain ones; a lambda for
+  // the step kept the accumulators in memory); the rows' values held, one weight at a time
+  const __mmask32 tail = (__mmask32)((1ull << (K - kfull)) - 1);
+  // rows' values held in registers where they fit beside the accumulators, else read from L1
+  constexpr bool hold = M * NB + M + 1 <= 32;
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 mask = k < kfull ? ~__mmask32{0} : tail;
+    __m512i xv[hold ? M : 1];
+    if constexpr (hold) {
+      UNROLL for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, x + m * K + k);
+    }
+    UNROLL for (int j = 0; j < NB; ++j) {
+      const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + j * K + k);
+      UNROLL for (int m = 0; m < M; ++m) {
+        const __m512i xm = hold ? xv[hold ? m : 0] : _mm512_maskz_loadu_epi16(mask, x + m * K + k);
+        acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)xm, (__m512bh)wv);
+      }
+    }
+  }
+  float sums[M * NB];
+  lane_sums<M * NB>(&acc[0][0], sums);
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) o.y[(r0 + m) * o.N + n + j] = sums[m * NB + j];
+}
+
+// VNNI multiplies unsigned by signed bytes, so the halves arrive offset by 128 (xq8: hi + 128
+// then lo + 128, [2M, K] bytes) and 128 times each column's weight sum comes off.
+template <int M, int NB>
+XDS_AVX512 void int8_block512(const Operands& o, int64_t n, int64_t r0) {
+  const int64_t K = o.K, kfull = K / 64 * 64;
+  const auto* w = static_cast<const int8_t*>(o.w) + n * K;
+  const uint8_t* xh = o.xq8 + r0 * K;
+  const uint8_t* xl = o.xq8 + (o.M + r0) * K;
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i hi[M][NB], lo[M][NB], sum[NB];
+  UNROLL for (int j = 0; j < NB; ++j) {
+    sum[j] = _mm512_setzero_si512();
+    UNROLL for (int m = 0; m < M; ++m) hi[m][j] = lo[m][j] = _mm512_setzero_si512();
+  }
+  const __mmask64 tail = K - kfull == 0 ? 0 : (~__mmask64{0} >> (64 - (K - kfull)));
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 mask = k < kfull ? ~__mmask64{0} : tail;
+    __m512i h[M], l[M];
+    UNROLL for (int m = 0; m < M; ++m) {
+      h[m] = _mm512_maskz_loadu_epi8(mask, xh + m * K + k);
+      l[m] = _mm512_maskz_loadu_epi8(mask, xl + m * K + k);
+    }
+    UNROLL for (int j = 0; j < NB; ++j) {
+      const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + j * K + k);
+      sum[j] = _mm512_dpbusd_epi32(sum[j], ones, wv);
+      UNROLL for (int m = 0; m < M; ++m) {
+        hi[m][j] = _mm512_dpbusd_epi32(hi[m][j], h[m], wv);
+        lo[m][j] = _mm512_dpbusd_epi32(lo[m][j], l[m], wv);
+      }
+    }
+  }
+  int32_t his[M * NB], los[M * NB], sums[NB];
+  lane_sums<M * NB>(&hi[0][0], his);
+  lane_sums<M * NB>(&lo[0][0], los);
+  lane_sums<NB>(sum, sums);
+  UNROLL for (int j = 0; j < NB; ++j) {
+    const int32_t offset = 128 * sums[j];
+    UNROLL for (int m = 0; m < M; ++m) {
+      const float hs = static_cast<float>(his[m * NB + j] - offset);
+      const float ls = static_cast<float>(los[m * NB + j] - offset);
+      o.y[(r0 + m) * o.N + n + j] = (hs * 256.0f + ls) * o.x_scale[r0 + m] * o.w_scale[n + j];
+    }
+  }
+}
+
+// ---- AVX2 + FMA --------------------------------------------------------------------------------
+#define XDS_AVX2 __attribute__((target("avx2,fma")))
+
+XDS_AVX2 inline __m256 widen8(const uint16_t* p) {  // 8 bfloat16 -> float32: a 16-bit shift
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+XDS_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+XDS_AVX2 inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline float bf16_value(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+template <int M, int NB>
+XDS_AVX2 void bf16_block256(const Operands& o, int64_t n, int64_t r0) {
+  const int64_t K = o.K, kfull = K / 8 * 8;
+  const auto* w = static_cast<const uint16_t*>(o.w) + n * K;
+  const auto* x = o.x + r0 * K;
+  __m256 acc[M][NB];
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kfull; k += 8) {
+    __m256 xv[M];
+    UNROLL for (int m = 0; m < M; ++m) xv[m] = widen8(x + m * K + k);
+    UNROLL for (int j = 0; j < NB; ++j) {
+      const __m256 wv = widen8(w + j * K + k);
+      UNROLL for (int m = 0; m < M; ++m) acc[m][j] = _mm256_fmadd_ps(xv[m], wv, acc[m][j]);
+    }
+  }
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) {
+      float s = hsum(acc[m][j]);
+      for (int64_t k = kfull; k < K; ++k) s += bf16_value(x[m * K + k]) * bf16_value(w[j * K + k]);
+      o.y[(r0 + m) * o.N + n + j] = s;
+    }
+}
+
+template <int M, int NB>
+XDS_AVX2 void int8_block256(const Operands& o, int64_t n, int64_t r0) {
+  const int64_t K = o.K, kfull = K / 16 * 16;
+  const auto* w = static_cast<const int8_t*>(o.w) + n * K;
+  const int16_t* xh = o.xq + r0 * K;
+  const int16_t* xl = o.xq + (o.M + r0) * K;
+  __m256i hi[M][NB], lo[M][NB];
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) hi[m][j] = lo[m][j] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < kfull; k += 16) {
+    __m256i wv[NB];
+    UNROLL for (int j = 0; j < NB; ++j)
+      wv[j] = _mm256_cvtepi8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * K + k)));
+    UNROLL for (int m = 0; m < M; ++m) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh + m * K + k));
+      const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl + m * K + k));
+      UNROLL for (int j = 0; j < NB; ++j) {
+        hi[m][j] = _mm256_add_epi32(hi[m][j], _mm256_madd_epi16(h, wv[j]));
+        lo[m][j] = _mm256_add_epi32(lo[m][j], _mm256_madd_epi16(l, wv[j]));
+      }
+    }
+  }
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) {
+      int32_t h = hsum(hi[m][j]), l = hsum(lo[m][j]);
+      for (int64_t k = kfull; k < K; ++k) {
+        h += xh[m * K + k] * w[j * K + k];
+        l += xl[m * K + k] * w[j * K + k];
+      }
+      o.y[(r0 + m) * o.N + n + j] = (static_cast<float>(h) * 256.0f + static_cast<float>(l)) *
+                                    o.x_scale[r0 + m] * o.w_scale[n + j];
+    }
+}
+
+}  // namespace xds_kernels

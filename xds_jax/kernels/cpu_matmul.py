@@ -26,6 +26,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
@@ -135,32 +136,31 @@ def _unpartitioned(axis_context) -> bool:
     return False
 
 
-def _primitive(target: str, reference) -> Primitive:
-    """A primitive computing ``reference`` (a float32 ``[M, N]``) that lowers to the FFI
-    ``target`` on an unpartitioned CPU program and to ``reference`` everywhere else, ``vmap``
-    included."""
+def primitive(target: str, reference) -> Primitive:
+    """A primitive computing ``reference(*args, **params)`` (a float32 array) that lowers to
+    the FFI ``target`` (``params`` as its float32 attributes) on an unpartitioned CPU program
+    and to ``reference`` everywhere else, ``vmap`` included."""
     prim = Primitive(target)
-    prim.def_impl(jax.jit(lambda *args: prim.bind(*args)))
-    prim.def_abstract_eval(
-        lambda *avals: jax.core.ShapedArray(jax.eval_shape(reference, *avals).shape,
-                                            jnp.float32))
+    prim.def_impl(lambda *args, **params: jax.jit(functools.partial(prim.bind, **params))(*args))
+    prim.def_abstract_eval(lambda *avals, **params: jax.core.ShapedArray(
+        jax.eval_shape(functools.partial(reference, **params), *avals).shape, jnp.float32))
     reference_lowering = mlir.lower_fun(reference, multiple_results=False)
     ffi_lowering = jax.ffi.ffi_lowering(target)
 
-    def cpu_lowering(ctx, *args):
+    def cpu_lowering(ctx, *args, **params):
         if _unpartitioned(ctx.module_context.axis_context):
-            return ffi_lowering(ctx, *args)
-        return reference_lowering(ctx, *args)
+            return ffi_lowering(ctx, *args, **{k: np.float32(v) for k, v in params.items()})
+        return reference_lowering(ctx, *args, **params)
 
     mlir.register_lowering(prim, reference_lowering)
     mlir.register_lowering(prim, cpu_lowering, platform="cpu")
-    batching.primitive_batchers[prim] = (
-        lambda args, dims: (jax.vmap(reference, in_axes=dims)(*args), 0))
+    batching.primitive_batchers[prim] = lambda args, dims, **params: (
+        jax.vmap(functools.partial(reference, **params), in_axes=dims)(*args), 0)
     return prim
 
 
-_bf16_prim = _primitive(TARGET, _dot)
-_int8_prim = _primitive(INT8_TARGET, _int8_dot)
+_bf16_prim = primitive(TARGET, _dot)
+_int8_prim = primitive(INT8_TARGET, _int8_dot)
 
 
 @jax.custom_jvp

@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from xds_jax.kernels import cpu_attention
 from xds_jax.model import attention_blocks
 from xds_jax.model.attention_blocks import (
     LoadKV,
@@ -198,6 +199,22 @@ def _decode_attention(q_BSKGD: jax.Array, keys_BLKD: jax.Array, vals_BLKD: jax.A
     return out.reshape(b, 1, k * g * dh)
 
 
+def _paged_decode_reference(q_BKGD: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                            block_tables_BN: jax.Array, mask_BL: jax.Array, *, scale: float,
+                            cap: float) -> jax.Array:
+    """``_decode_attention`` over the pages themselves, float32 ``[B, K, G, D]`` (``cap`` 0:
+    none): what the CPU kernel computes, and its lowering everywhere else."""
+    dtype = q_BKGD.dtype
+    keys_BLKD = read_pages(k_pages, block_tables_BN, dtype)
+    vals_BLKD = read_pages(v_pages, block_tables_BN, dtype)
+    out = _decode_attention(q_BKGD[:, None], keys_BLKD, vals_BLKD, mask_BL[:, None], scale,
+                            cap or None)
+    return out.reshape(q_BKGD.shape)
+
+
+_paged_decode = cpu_attention.paged_decode_primitive(_paged_decode_reference)
+
+
 def _qk_norm(x_BSHD: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
     """RMSNorm of queries or keys over each head (``qk_norm_scope`` "head") or over all heads
     of a token at once ("whole", OLMo 2's norm of the whole projection)."""
@@ -241,6 +258,11 @@ def gqa_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
         out = blockwise_attention(q_BSKGD, load_kv, num_keys, tk, positions_BS, scale,
                                   cfg.attn_softcap, _window(cfg, layer))
         return project(p, "o", out), cache
+    if s == 1 and cpu_attention.applies(q_BSKGD[:, 0], cache["k"]):  # xds-jax's CPU kernel
+        mask_BL = attention_mask(cfg, positions_BS, num_keys, layer)[:, 0]
+        out = _paged_decode.bind(q_BSKGD[:, 0], cache["k"], cache["v"], block_tables_BN,
+                                 mask_BL, scale=scale, cap=cfg.attn_softcap or 0.0)
+        return project(p, "o", out.reshape(b, 1, h * dh)), cache
     keys_BLKD = read_pages(cache["k"], block_tables_BN, kv_dtype)
     vals_BLKD = read_pages(cache["v"], block_tables_BN, kv_dtype)
     mask_BSL = attention_mask(cfg, positions_BS, keys_BLKD.shape[1], layer)

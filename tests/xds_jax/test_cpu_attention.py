@@ -1,0 +1,109 @@
+"""xds-jax's CPU kernel for one decode token's attention over paged KV
+(``xds_jax/kernels/paged_attention.cc``): against the XLA path it replaces and a float64
+reference, masks (causal, sliding window, padding rows), soft-capping, page ids past the
+pool, both dtypes; the model's lowering and a tiny model's greedy decode with and without it."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import xds_jax.model.attention as att
+from xds_jax.kernels import cpu_attention
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(not cpu_attention.available(),
+                                reason="the kernel cannot run here (no x86-64 or compiler)")
+
+
+def _case(dtype, b=5, k=3, g=2, d=48, pg=4, n=6, pages=40, seed=0):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((b, k, g, d)), dtype)
+    kp = att.as_bits(jnp.asarray(rng.standard_normal((pages, pg, k, d)), dtype))
+    vp = att.as_bits(jnp.asarray(rng.standard_normal((pages, pg, k, d)), dtype))
+    tables = rng.integers(0, pages, (b, n)).astype(np.int32)
+    tables[0, -1] = pages + 7  # past the pool: clipped, as the XLA gather's mode="clip"
+    return q, kp, vp, jnp.asarray(tables)
+
+
+def _float64(q, kp, vp, tables, mask, scale, cap):
+    """Attention in float64 from the pages, each query head against its kv head."""
+    dtype = q.dtype
+    q = np.asarray(q, np.float64)
+    keys = np.asarray(att.read_pages(kp, tables, dtype), np.float64)  # [B, L, K, D]
+    vals = np.asarray(att.read_pages(vp, tables, dtype), np.float64)
+    s = np.einsum("bkgd,blkd->bkgl", q, keys) * scale
+    if cap:
+        s = cap * np.tanh(s / cap)
+    s = np.where(np.asarray(mask)[:, None, None, :], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bkgl,blkd->bkgd", p, vals)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("cap", [0.0, 5.0])
+@pytest.mark.parametrize("window", [None, 7])
+def test_kernel_equals_the_xla_path_and_float64(dtype, cap, window):
+    q, kp, vp, tables = _case(dtype, seed=int(cap) + (window or 0))
+    pos = jnp.asarray([23, 0, 9, 17, 4])
+    k_pos = jnp.arange(tables.shape[1] * kp.shape[1])[None]
+    mask = k_pos <= pos[:, None]
+    if window:
+        mask &= k_pos > pos[:, None] - window
+    kw = {"scale": 0.2, "cap": cap}
+    got = np.asarray(jax.jit(lambda *a: att._paged_decode.bind(*a, **kw))(q, kp, vp, tables, mask))
+    assert cpu_attention.TARGET in jax.jit(lambda *a: att._paged_decode.bind(*a, **kw)).lower(
+        q, kp, vp, tables, mask).as_text()
+    xla = np.asarray(jax.jit(lambda *a: att._paged_decode_reference(*a, **kw))(
+        q, kp, vp, tables, mask))
+    exact = _float64(q, kp, vp, tables, mask, 0.2, cap)
+    # the XLA path's arithmetic (float32, probabilities rounded to bfloat16 before the values)
+    np.testing.assert_allclose(got, xla, rtol=1e-5, atol=1e-5)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5  # bfloat16: the rounded probabilities
+    np.testing.assert_allclose(got, exact, rtol=tol, atol=tol)
+
+
+def test_padding_rows_get_zeros_and_vmap_sees_the_xla_path():
+    q, kp, vp, tables = _case(jnp.float32)
+    mask = jnp.zeros((q.shape[0], tables.shape[1] * kp.shape[1]), bool).at[1, :3].set(True)
+    got = np.asarray(att._paged_decode.bind(q, kp, vp, tables, mask, scale=0.1, cap=0.0))
+    assert not got[[0, 2, 3, 4]].any() and got[1].any()
+    batched = jax.vmap(lambda q_: att._paged_decode.bind(q_, kp, vp, tables, mask, scale=0.1,
+                                                         cap=0.0))(jnp.stack([q, q]))
+    np.testing.assert_allclose(np.asarray(batched[0, 1]), got[1], rtol=1e-5, atol=1e-6)
+
+
+def test_one_sequence_keeps_xla_s_attention():
+    q, kp, _, _ = _case(jnp.bfloat16)
+    assert cpu_attention.applies(q, kp) and not cpu_attention.applies(q[:1], kp)
+    assert not cpu_attention.applies(q.astype(jnp.float32), kp)  # float32 q, bf16 pages
+
+
+def test_tiny_model_decode_with_and_without_the_kernel(monkeypatch):
+    """Batched greedy decode of a tiny Llama: the same tokens, logprobs within float32
+    rounding, and the decode steps' attention went through the kernel."""
+    from xds_jax import LLM, SamplingParams
+
+    golden = ROOT / "tests" / "golden" / "llama"
+    params = SamplingParams(max_tokens=10, temperature=0.0, logprobs=2)
+    prompts = [{"prompt_token_ids": [1, 5, 9, 2, 7]}, {"prompt_token_ids": [3, 3, 8]},
+               {"prompt_token_ids": list(range(1, 30))}]
+    calls = []
+    applies = cpu_attention.applies
+    monkeypatch.setattr(cpu_attention, "applies", lambda q, k: calls.append(q.shape) or
+                        applies(q, k))
+    jax.clear_caches()
+    with_kernel = LLM(str(golden), dtype="float32").generate(prompts, params)
+    assert any(shape[0] >= 2 for shape in calls)
+    monkeypatch.setattr(cpu_attention, "applies", lambda *a: False)
+    jax.clear_caches()
+    without = LLM(str(golden), dtype="float32").generate(prompts, params)
+    jax.clear_caches()
+    for a, b in zip(with_kernel, without, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            tok = next(iter(la))
+            assert la[tok].logprob == pytest.approx(lb[tok].logprob, abs=1e-4)

@@ -1,0 +1,290 @@
+// xds-jax CPU kernel: one decode token's grouped-query attention over a paged KV cache.
+//
+// out[b, k, g, :] = softmax_l(mask[b, l] ? cap(scale * q[b, k, g, :] . K[l, k, :]) : -inf) . V
+// where key l of sequence b lives at page tables[b, l / Pg], offset l % Pg. XLA:CPU runs this
+// as a page gather, small batched dots (every query head against all heads' keys, the layout
+// attention._decode_attention explains) and a softmax: 18 of a batch-32 SmolLM2 step's 63 ms
+// with ~80-token contexts (docs/performance.md). Here each (sequence, kv head) reads its own
+// keys and values once, straight from the pages, with the arithmetic of the XLA path: scores
+// accumulated in float32, a float32 softmax, the probabilities rounded to the values' dtype
+// (bfloat16 pages) before the value product, accumulated in float32. A row without a visible
+// key (padding) gets zeros. Pages hold bfloat16 as its uint16 bits, or float32.
+//
+// Built and registered by xds_jax/kernels/build.py; used through xds_jax/kernels/cpu_attention.py.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include <immintrin.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Args {
+  const void* q = nullptr;      // [B, K, G, D]
+  const void* kp = nullptr;     // [P, Pg, K, D]
+  const void* vp = nullptr;     // [P, Pg, K, D]
+  const int32_t* tables = nullptr;  // [B, N]
+  const bool* mask = nullptr;   // [B, N * Pg]
+  float* out = nullptr;         // [B, K, G, D]
+  int64_t B = 0, K = 0, G = 0, D = 0, P = 0, Pg = 0, N = 0;
+  float scale = 1.0f, cap = 0.0f;
+  bool bf16 = false;
+};
+
+inline float value(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline float value(float f) { return f; }
+
+// exp(x) for x <= 0 (a score minus its row's maximum) within ~2 ulp, in plain arithmetic the
+// compiler vectorises (glibc's expf is a call per element): x = n ln 2 + r, a degree-7
+// polynomial in r (Cephes' expf), 2^n put in the exponent bits.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float round_bf16(float f) {  // round to nearest even, as XLA's convert
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7f800000u) != 0x7f800000u) u += 0x7fffu + ((u >> 16) & 1u);
+  u &= 0xffff0000u;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// One sequence b, all its heads: each visible key's row (every kv head's D values, contiguous
+// in the page) is read once for the scores and once for the values, so a page streams. The
+// scratch holds H x L scores (H = K G query heads), the visible keys' rows, the queries and a
+// key or value row in float32. Inlined into one wrapper per instruction set.
+template <typename T>
+[[gnu::always_inline]] inline void attend_body(const Args& a, int64_t b, float* s,
+                                               int64_t* keys, float* qf, float* kf, float* mx) {
+  const int64_t K = a.K, G = a.G, D = a.D, H = K * G, L = a.N * a.Pg, E = K * D;
+  const T* q = static_cast<const T*>(a.q) + b * H * D;
+  const T* kp = static_cast<const T*>(a.kp);
+  const T* vp = static_cast<const T*>(a.vp);
+  float* out = a.out + b * H * D;
+  for (int64_t i = 0; i < H * D; ++i) qf[i] = value(q[i]);
+  std::fill(mx, mx + H, -std::numeric_limits<float>::infinity());
+  int64_t seen = 0;  // visible keys: their scores s[h * L + i] and rows keys[i]
+  const auto page_of = [&](int64_t n) {
+    return std::clamp<int64_t>(a.tables[b * a.N + n], 0, a.P - 1);
+  };
+  const int64_t page_bytes = a.Pg * E * static_cast<int64_t>(sizeof(T));
+  for (int64_t n = 0; n < a.N; ++n) {
+    const int64_t page = page_of(n);
+    if (n + 1 < a.N && a.mask[b * L + (n + 1) * a.Pg]) {  // the next page while this one runs
+      const char* next = reinterpret_cast<const char*>(kp + page_of(n + 1) * a.Pg * E);
+      for (int64_t off = 0; off < page_bytes; off += 64) __builtin_prefetch(next + off);
+    }
+    for (int64_t t = 0; t < a.Pg; ++t) {
+      if (!a.mask[b * L + n * a.Pg + t]) continue;
+      const int64_t row = page * a.Pg + t;
+      const T* kr = kp + row * E;
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) kf[e] = value(kr[e]);
+      for (int64_t h = 0; h < H; ++h) {  // query head h = k G + g reads kv head k
+        const float* qh = qf + h * D;
+        const float* kk = kf + (h / G) * D;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; ++d) acc += qh[d] * kk[d];
+        float sc = acc * a.scale;
+        if (a.cap > 0.0f) sc = a.cap * std::tanh(sc / a.cap);
+        s[h * L + seen] = sc;
+        mx[h] = std::max(mx[h], sc);
+      }
+      keys[seen++] = row;
+    }
+  }
+  std::fill(out, out + H * D, 0.0f);
+  if (seen == 0) return;
+  for (int64_t h = 0; h < H; ++h) {  // softmax, then the probabilities in the values' dtype
+    float* sh = s + h * L;
+    const float top = mx[h];
+#pragma omp simd
+    for (int64_t i = 0; i < seen; ++i) sh[i] = exp_nonpositive(sh[i] - top);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < seen; ++i) sum += sh[i];
+    if (a.bf16) {
+#pragma omp simd
+      for (int64_t i = 0; i < seen; ++i) sh[i] = round_bf16(sh[i] / sum);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < seen; ++i) sh[i] /= sum;
+    }
+  }
+  const int64_t row_bytes = E * static_cast<int64_t>(sizeof(T)), ahead = 2 * a.Pg;
+  for (int64_t i = 0; i < std::min(seen, ahead); ++i) {
+    for (int64_t off = 0; off < row_bytes; off += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(vp + keys[i] * E) + off);
+    }
+  }
+  for (int64_t i = 0; i < seen; ++i) {
+    if (i + ahead < seen) {  // values a page or two ahead
+      const char* next = reinterpret_cast<const char*>(vp + keys[i + ahead] * E);
+      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(next + off);
+    }
+    const T* vr = vp + keys[i] * E;
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) kf[e] = value(vr[e]);
+    for (int64_t h = 0; h < H; ++h) {
+      const float p = s[h * L + i];
+      const float* vk = kf + (h / G) * D;
+      float* oh = out + h * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) oh[d] += p * vk[d];
+    }
+  }
+}
+
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void attend512(
+    const Args& a, int64_t b, float* s, int64_t* keys, float* qf, float* kf, float* mx) {
+  attend_body<T>(a, b, s, keys, qf, kf, mx);
+}
+
+template <typename T>
+__attribute__((target("avx2,fma"))) void attend256(const Args& a, int64_t b, float* s,
+                                                    int64_t* keys, float* qf, float* kf,
+                                                    float* mx) {
+  attend_body<T>(a, b, s, keys, qf, kf, mx);
+}
+
+template <typename T>
+void attend_default(const Args& a, int64_t b, float* s, int64_t* keys, float* qf, float* kf,
+                    float* mx) {
+  attend_body<T>(a, b, s, keys, qf, kf, mx);
+}
+
+int detect_isa() {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
+    return 2;
+  }
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+}
+const int g_isa = detect_isa();
+
+template <typename T>
+void attend_items(const Args& a, int64_t b0, int64_t b1) {
+  const int64_t H = a.K * a.G, L = std::max<int64_t>(a.N * a.Pg, 1);
+  std::vector<float> s(H * L), qf(H * a.D), kf(a.K * a.D), mx(H);
+  std::vector<int64_t> keys(L);
+  for (int64_t b = b0; b < b1; ++b) {
+    if (g_isa == 2) {
+      attend512<T>(a, b, s.data(), keys.data(), qf.data(), kf.data(), mx.data());
+    } else if (g_isa == 1) {
+      attend256<T>(a, b, s.data(), keys.data(), qf.data(), kf.data(), mx.data());
+    } else {
+      attend_default<T>(a, b, s.data(), keys.data(), qf.data(), kf.data(), mx.data());
+    }
+  }
+}
+
+// Sequences in chunks over XLA's intra-op pool, the caller draining too; shared
+// so a task the pool starts after the call returned finds nothing left and exits.
+struct Work {
+  Args a;
+  int64_t items = 0, chunk = 1, chunks = 0;
+  alignas(64) std::atomic<int64_t> next{0};
+  alignas(64) std::atomic<int64_t> done{0};
+
+  void drain() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      const int64_t i0 = c * chunk, i1 = std::min(items, i0 + chunk);
+      if (a.bf16) {
+        attend_items<uint16_t>(a, i0, i1);
+      } else {
+        attend_items<float>(a, i0, i1);
+      }
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error Attend(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kp, ffi::AnyBuffer vp,
+                  ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::PRED> mask, float scale,
+                  float cap, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  const auto qd = q.dimensions(), kd = kp.dimensions(), td = tables.dimensions();
+  const bool bf16 = q.element_type() == ffi::DataType::BF16;
+  const bool dtypes_ok = bf16 ? kp.element_type() == ffi::DataType::U16
+                              : q.element_type() == ffi::DataType::F32 &&
+                                    kp.element_type() == ffi::DataType::F32;
+  if (qd.size() != 4 || kd.size() != 4 || td.size() != 2 || !dtypes_ok ||
+      vp.element_type() != kp.element_type() || vp.element_count() != kp.element_count() ||
+      kd[2] != qd[1] || kd[3] != qd[3] || td[0] != qd[0] ||
+      mask.element_count() != static_cast<size_t>(td[0] * td[1] * kd[1]) ||
+      out->element_count() != q.element_count()) {
+    return ffi::Error::InvalidArgument(
+        "xds_paged_attention: q [B, K, G, D] (bfloat16 or float32), pages [P, Pg, K, D] "
+        "(uint16 bits or float32), int32 tables [B, N], bool mask [B, N * Pg] expected");
+  }
+  auto work = std::make_shared<Work>();
+  Args& a = work->a;
+  a.q = q.untyped_data();
+  a.kp = kp.untyped_data();
+  a.vp = vp.untyped_data();
+  a.tables = tables.typed_data();
+  a.mask = mask.typed_data();
+  a.out = out->typed_data();
+  a.B = qd[0], a.K = qd[1], a.G = qd[2], a.D = qd[3];
+  a.P = kd[0], a.Pg = kd[1], a.N = td[1];
+  a.scale = scale, a.cap = cap, a.bf16 = bf16;
+  work->items = a.B;
+  if (work->items == 0) return ffi::Error::Success();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  work->chunk = std::max<int64_t>(1, work->items / (threads * 2));
+  work->chunks = (work->items + work->chunk - 1) / work->chunk;
+  const int64_t helpers = std::min(threads, work->chunks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->drain(); });
+  work->drain();
+  for (int spins = 0; work->done.load(std::memory_order_acquire) < work->chunks; ++spins) {
+    if (spins < 4096) {
+      _mm_pause();
+    } else {
+      std::this_thread::yield();
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XdsPagedAttention, Attend,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<float>("scale")
+                                  .Attr<float>("cap")
+                                  .Ret<ffi::Buffer<ffi::F32>>());

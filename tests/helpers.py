@@ -27,3 +27,15 @@ def tiny(name: str):
 def golden(name: str) -> dict:
     with np.load(GOLDEN / name / "golden.npz") as g:
         return {k: g[k] for k in g.files}
+
+
+def assert_same_greedy(got: list, want: list, logprob_tol: float) -> None:
+    """Two ``LLM.generate`` results (``logprobs`` on): the same tokens, each chosen token's
+    logprob within ``logprob_tol``."""
+    import pytest
+
+    for a, b in zip(got, want, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            tok = next(iter(la))
+            assert la[tok].logprob == pytest.approx(lb[tok].logprob, abs=logprob_tol)

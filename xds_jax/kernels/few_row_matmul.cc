@@ -25,11 +25,11 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
 #include "few_row_blocks.h"
+#include "pool_chunks.h"
 
 namespace ffi = xla::ffi;
 
@@ -139,20 +139,15 @@ void columns(const Operands& o, int64_t n0, int64_t n1) {
 
 // One call's outputs, handed out in chunks to the caller and the pool's tasks. Shared so that
 // a task the pool starts after the call returned finds nothing left and exits.
-struct Work {
+struct Work : Chunks {
   Operands o;
   std::vector<int16_t> xq;
   std::vector<uint8_t> xq8;
-  int64_t chunk = 0, chunks = 0;
-  alignas(64) std::atomic<int64_t> next{0};  // own cache lines: grabbed and done by different cores
-  alignas(64) std::atomic<int64_t> done{0};
+  int64_t chunk = 0;
 
-  void drain() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      const int64_t n0 = c * chunk;
-      columns(o, n0, std::min(o.N, n0 + chunk));
-      done.fetch_add(1, std::memory_order_release);
-    }
+  void run(int64_t c) override {
+    const int64_t n0 = c * chunk;
+    columns(o, n0, std::min(o.N, n0 + chunk));
   }
 };
 
@@ -160,22 +155,11 @@ ffi::Error Run(ffi::ThreadPool& pool, std::shared_ptr<Work> work) {
   if (g_isa.load(std::memory_order_relaxed) == 0) {
     return ffi::Error::Internal("xds few-row matmul: this CPU has neither AVX-512 nor AVX2");
   }
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t pieces = threads * kChunksPerThread;
+  const int64_t pieces = std::max<int64_t>(1, pool.num_threads()) * kChunksPerThread;
   const int64_t per_chunk = (work->o.N + pieces - 1) / pieces;
   work->chunk = (per_chunk + kBlocks - 1) / kBlocks * kBlocks;
   work->chunks = (work->o.N + work->chunk - 1) / work->chunk;
-  const int64_t helpers = std::min(threads, work->chunks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->drain(); });
-  work->drain();
-  // only chunks a running task took are left: wait for them
-  for (int spins = 0; work->done.load(std::memory_order_acquire) < work->chunks; ++spins) {
-    if (spins < 4096) {
-      _mm_pause();
-    } else {
-      std::this_thread::yield();
-    }
-  }
+  run_chunks(pool, work);
   return ffi::Error::Success();
 }
 

@@ -12,18 +12,15 @@
 //
 // Built and registered by xds_jax/kernels/build.py; used through xds_jax/kernels/cpu_attention.py.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <thread>
 #include <vector>
 
-#include <immintrin.h>
-
 #include "xla/ffi/api/ffi.h"
+#include "pool_chunks.h"
 
 namespace ffi = xla::ffi;
 
@@ -208,23 +205,17 @@ void attend_items(const Args& a, int64_t b0, int64_t b1) {
   }
 }
 
-// Sequences in chunks over XLA's intra-op pool, the caller draining too; shared
-// so a task the pool starts after the call returned finds nothing left and exits.
-struct Work {
+// Sequences in chunks over XLA's intra-op pool (pool_chunks.h).
+struct Work : xds_kernels::Chunks {
   Args a;
-  int64_t items = 0, chunk = 1, chunks = 0;
-  alignas(64) std::atomic<int64_t> next{0};
-  alignas(64) std::atomic<int64_t> done{0};
+  int64_t chunk = 1;
 
-  void drain() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      const int64_t i0 = c * chunk, i1 = std::min(items, i0 + chunk);
-      if (a.bf16) {
-        attend_items<uint16_t>(a, i0, i1);
-      } else {
-        attend_items<float>(a, i0, i1);
-      }
-      done.fetch_add(1, std::memory_order_release);
+  void run(int64_t c) override {
+    const int64_t b0 = c * chunk, b1 = std::min(a.B, b0 + chunk);
+    if (a.bf16) {
+      attend_items<uint16_t>(a, b0, b1);
+    } else {
+      attend_items<float>(a, b0, b1);
     }
   }
 };
@@ -257,21 +248,11 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kp, ffi
   a.B = qd[0], a.K = qd[1], a.G = qd[2], a.D = qd[3];
   a.P = kd[0], a.Pg = kd[1], a.N = td[1];
   a.scale = scale, a.cap = cap, a.bf16 = bf16;
-  work->items = a.B;
-  if (work->items == 0) return ffi::Error::Success();
+  if (a.B == 0) return ffi::Error::Success();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  work->chunk = std::max<int64_t>(1, work->items / (threads * 2));
-  work->chunks = (work->items + work->chunk - 1) / work->chunk;
-  const int64_t helpers = std::min(threads, work->chunks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->drain(); });
-  work->drain();
-  for (int spins = 0; work->done.load(std::memory_order_acquire) < work->chunks; ++spins) {
-    if (spins < 4096) {
-      _mm_pause();
-    } else {
-      std::this_thread::yield();
-    }
-  }
+  work->chunk = std::max<int64_t>(1, a.B / (threads * 2));
+  work->chunks = (a.B + work->chunk - 1) / work->chunk;
+  xds_kernels::run_chunks(pool, work);
   return ffi::Error::Success();
 }
 

@@ -77,9 +77,9 @@ def test_padding_rows_get_zeros_and_vmap_sees_the_xla_path():
     np.testing.assert_allclose(np.asarray(batched[0, 1]), got[1], rtol=1e-5, atol=1e-6)
 
 
-def test_one_sequence_keeps_xla_s_attention():
+def test_dtypes_the_kernel_takes():
     q, kp, _, _ = _case(jnp.bfloat16)
-    assert cpu_attention.applies(q, kp) and not cpu_attention.applies(q[:1], kp)
+    assert cpu_attention.applies(q, kp) and cpu_attention.applies(q[:1], kp)
     assert not cpu_attention.applies(q.astype(jnp.float32), kp)  # float32 q, bf16 pages
 
 
@@ -104,3 +104,39 @@ def test_tiny_model_decode_with_and_without_the_kernel(monkeypatch):
     without = LLM(str(golden), dtype="float32").generate(prompts, params)
     jax.clear_caches()
     assert_same_greedy(with_kernel, without, logprob_tol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_few_query_tokens_go_in_as_rows(dtype, monkeypatch):
+    """A verify pass's k + 1 tokens per sequence (and padding) through the kernel, each with
+    its own causal mask: the same output as XLA's prefill attention, and the cache the same."""
+    from tests.helpers import tiny
+
+    m = tiny("llama")
+    cfg, layer = m.cfg, jax.tree.map(lambda w: w.astype(dtype), m.params["layers"][0]["attn"])
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 3, cfg.hidden_size)), dtype)
+    positions = jnp.asarray([[9, 10, 11], [4, 5, -1]])  # the second sequence's last: padding
+    tables = jnp.asarray([[3, 1, 4, 0], [2, 5, 6, 7]], jnp.int32)
+    cache = att.new_layer_cache(cfg, 8, 4, dtype)
+    filled = jax.tree.map(lambda c: jnp.asarray(rng.standard_normal(c.shape), dtype), cache)
+    cache = jax.tree.map(att.as_bits, filled)
+
+    def run():
+        f = jax.jit(lambda x, c: att.gqa_attention(layer, cfg, x, positions, c, tables))
+        return f(x, cache), f.lower(x, cache).as_text()
+
+    (got, got_cache), text = run()
+    assert cpu_attention.TARGET in text
+    monkeypatch.setattr(cpu_attention, "applies", lambda *a: False)
+    jax.clear_caches()
+    (want, want_cache), text = run()
+    assert cpu_attention.TARGET not in text
+    jax.clear_caches()
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32),
+                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(got[1, :2], np.float32),
+                               np.asarray(want[1, :2], np.float32), rtol=tol, atol=tol)
+    for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache), strict=True):
+        assert (np.asarray(a) == np.asarray(b)).all()

@@ -1,15 +1,16 @@
-"""One decode token's attention over the paged KV cache on CPU through xds-jax's kernel
+"""Decode's attention over the paged KV cache on CPU through xds-jax's kernel
 (``paged_attention.cc``).
 
 XLA:CPU runs a decode step's attention as a gather of each sequence's pages, small batched
 dots and a softmax, which took 8 of a batch-8 SmolLM2 bfloat16 step's 28 ms and 18 of a
 batch-32 step's 63 ms with ~80-token contexts (``docs/performance.md``). The kernel reads
-each (sequence, kv head)'s keys and values once, straight from the pages, with the XLA
-path's arithmetic (float32 scores and softmax, the probabilities rounded to the values'
-dtype before the value product). ``paged_decode_primitive(reference)`` makes the JAX
-primitive: its CPU lowering is the kernel where the program sees whole arrays (one device,
-or a fully manual ``shard_map`` body, as ``cpu_matmul``), ``reference`` (the XLA path)
-everywhere else and under ``vmap``.
+each sequence's keys and values once, straight from the pages, with the XLA path's
+arithmetic (float32 scores and softmax, the probabilities rounded to the values' dtype
+before the value product). A few query tokens per sequence (a speculative verify pass) go in
+as rows of their own, so each is computed as a one-token step computes it.
+``paged_decode_primitive(reference)`` makes the JAX primitive: its CPU lowering is the
+kernel where the program sees whole arrays (one device, or a fully manual ``shard_map``
+body, as ``cpu_matmul``), ``reference`` (the XLA path) everywhere else and under ``vmap``.
 """
 
 from __future__ import annotations
@@ -44,14 +45,18 @@ def available() -> bool:
     return True
 
 
+# Query tokens per sequence up to which the model's attention takes the kernel, each token a
+# row: decode steps and speculative verify passes (k + 1); longer chunks keep XLA's prefill
+# attention, whose dots share the keys among a sequence's tokens.
+MAX_TOKENS = 8
+
+
 def applies(q: jax.Array, k_pages: jax.Array) -> bool:
-    """Whether the kernel takes queries ``q [B, K, G, D]`` against pages ``k_pages``:
-    bfloat16 queries with pages stored as their bits (``uint16``), or float32 both, and at
-    least 2 sequences (one sequence's attention is a small share of its step and runs on one
-    thread in the kernel; XLA's keeps it)."""
+    """Whether the kernel takes query rows ``q [R, K, G, D]`` against pages ``k_pages``:
+    bfloat16 queries with pages stored as their bits (``uint16``), or float32 both."""
     dtypes = (q.dtype, k_pages.dtype)
     return (dtypes in ((jnp.bfloat16, jnp.uint16), (jnp.float32, jnp.float32))
-            and q.ndim == 4 and k_pages.ndim == 4 and q.shape[0] >= 2 and available())
+            and q.ndim == 4 and k_pages.ndim == 4 and available())
 
 
 def paged_decode_primitive(reference):

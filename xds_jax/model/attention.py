@@ -258,11 +258,16 @@ def gqa_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
         out = blockwise_attention(q_BSKGD, load_kv, num_keys, tk, positions_BS, scale,
                                   cfg.attn_softcap, _window(cfg, layer))
         return project(p, "o", out), cache
-    if s == 1 and cpu_attention.applies(q_BSKGD[:, 0], cache["k"]):  # xds-jax's CPU kernel
-        mask_BL = attention_mask(cfg, positions_BS, num_keys, layer)[:, 0]
-        out = _paged_decode.bind(q_BSKGD[:, 0], cache["k"], cache["v"], block_tables_BN,
-                                 mask_BL, scale=scale, cap=cfg.attn_softcap or 0.0)
-        return project(p, "o", out.reshape(b, 1, h * dh)), cache
+    q_RKGD = q_BSKGD.reshape(b * s, k, h // k, dh)  # one row per query token
+    if s <= cpu_attention.MAX_TOKENS and cpu_attention.applies(q_RKGD, cache["k"]):
+        # xds-jax's CPU kernel: each query token (a decode step's, a speculative verify
+        # pass's k + 1, a short chunk's) is a row with its sequence's pages and its own mask,
+        # computed the same way whatever the step: verify rows round as the plain steps do
+        mask_RL = attention_mask(cfg, positions_BS, num_keys, layer).reshape(b * s, -1)
+        tables_RN = jnp.repeat(block_tables_BN, s, axis=0) if s > 1 else block_tables_BN
+        out = _paged_decode.bind(q_RKGD, cache["k"], cache["v"], tables_RN, mask_RL,
+                                 scale=scale, cap=cfg.attn_softcap or 0.0)
+        return project(p, "o", out.reshape(b, s, h * dh)), cache
     keys_BLKD = read_pages(cache["k"], block_tables_BN, kv_dtype)
     vals_BLKD = read_pages(cache["v"], block_tables_BN, kv_dtype)
     mask_BSL = attention_mask(cfg, positions_BS, keys_BLKD.shape[1], layer)

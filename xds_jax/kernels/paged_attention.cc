@@ -90,16 +90,8 @@ template <typename T>
   for (int64_t i = 0; i < H * D; ++i) qf[i] = value(q[i]);
   std::fill(mx, mx + H, -std::numeric_limits<float>::infinity());
   int64_t seen = 0;  // visible keys: their scores s[h * L + i] and rows keys[i]
-  const auto page_of = [&](int64_t n) {
-    return std::clamp<int64_t>(a.tables[b * a.N + n], 0, a.P - 1);
-  };
-  const int64_t page_bytes = a.Pg * E * static_cast<int64_t>(sizeof(T));
   for (int64_t n = 0; n < a.N; ++n) {
-    const int64_t page = page_of(n);
-    if (n + 1 < a.N && a.mask[b * L + (n + 1) * a.Pg]) {  // the next page while this one runs
-      const char* next = reinterpret_cast<const char*>(kp + page_of(n + 1) * a.Pg * E);
-      for (int64_t off = 0; off < page_bytes; off += 64) __builtin_prefetch(next + off);
-    }
+    const int64_t page = std::clamp<int64_t>(a.tables[b * a.N + n], 0, a.P - 1);
     for (int64_t t = 0; t < a.Pg; ++t) {
       if (!a.mask[b * L + n * a.Pg + t]) continue;
       const int64_t row = page * a.Pg + t;
@@ -137,17 +129,7 @@ template <typename T>
       for (int64_t i = 0; i < seen; ++i) sh[i] /= sum;
     }
   }
-  const int64_t row_bytes = E * static_cast<int64_t>(sizeof(T)), ahead = 2 * a.Pg;
-  for (int64_t i = 0; i < std::min(seen, ahead); ++i) {
-    for (int64_t off = 0; off < row_bytes; off += 64) {
-      __builtin_prefetch(reinterpret_cast<const char*>(vp + keys[i] * E) + off);
-    }
-  }
   for (int64_t i = 0; i < seen; ++i) {
-    if (i + ahead < seen) {  // values a page or two ahead
-      const char* next = reinterpret_cast<const char*>(vp + keys[i + ahead] * E);
-      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(next + off);
-    }
     const T* vr = vp + keys[i] * E;
 #pragma omp simd
     for (int64_t e = 0; e < E; ++e) kf[e] = value(vr[e]);

@@ -4,13 +4,14 @@ For each matmul shape of the model (``K x N``: 576x576 q and o, 576x384 kv, 576x
 1536x576 down, 576x49152 the tied head), dtype (float32, bfloat16 and int8, accumulating in
 float32 / int32) and row count ``M``, one call contracts ``x [M, K]`` with ``--mb`` MB of
 distinct weights of that shape (no cache reuse). The variants (XLA ``dot_general`` on a
-``[K, N]`` weight, on a ``[N, K]`` weight, xds-jax's few-row CPU kernel on the ``[N, K]``
-weight for bfloat16 and int8 up to 8 rows, and torch ``F.linear`` with 2 threads) are timed
-alternately in one process, best of ``--rounds``: the machine is shared. One JSON line per
-shape, dtype and rows (GB/s of weight bytes, GFLOP/s), then one per dtype and rows with the
-shapes weighed by their bytes in the model (the rate a whole step's matmuls would run at),
-then a 2048-cube matmul (XLA, torch, numpy). ``docs/performance.md`` holds a run and what it
-says about issue #11's targets. Usage: ``python -m benchmarks.bench_matmul [--quick]``.
+``[K, N]`` weight, on a ``[N, K]`` weight, xds-jax's CPU kernel on the ``[N, K]`` weight
+for bfloat16 and int8 at the rows it takes (``cpu_matmul.max_rows``), and torch ``F.linear``
+with 2 threads) are timed alternately in one process, best of ``--rounds``: the machine is
+shared. One JSON line per shape, dtype and rows (GB/s of weight bytes, GFLOP/s), then one
+per dtype and rows with the shapes weighed by their bytes in the model (the rate a whole
+step's matmuls would run at), then a 2048-cube matmul (XLA, torch, numpy).
+``docs/performance.md`` holds a run and what it says about issue #11's targets. Usage:
+``python -m benchmarks.bench_matmul [--quick]``.
 """
 
 from __future__ import annotations

@@ -39,3 +39,20 @@ def assert_same_greedy(got: list, want: list, logprob_tol: float) -> None:
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
             tok = next(iter(la))
             assert la[tok].logprob == pytest.approx(lb[tok].logprob, abs=logprob_tol)
+
+
+def generate_with_and_without(model: str, dtype: str, prompts: list, params,
+                              turn_off) -> tuple[list, list]:
+    """``LLM(model, dtype=dtype).generate(prompts, params)`` as things are, then after
+    ``turn_off()`` (a test's monkeypatch taking a kernel out), each from fresh traces."""
+    import jax
+
+    from xds_jax import LLM
+
+    outputs = []
+    for step in (lambda: None, turn_off):
+        step()
+        jax.clear_caches()
+        outputs.append(LLM(model, dtype=dtype).generate(prompts, params))
+    jax.clear_caches()
+    return outputs[0], outputs[1]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import xds_jax.model.attention as att
-from tests.helpers import assert_same_greedy
+from tests.helpers import assert_same_greedy, generate_with_and_without
 from xds_jax.kernels import cpu_attention
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,7 +86,7 @@ def test_dtypes_the_kernel_takes():
 def test_tiny_model_decode_with_and_without_the_kernel(monkeypatch):
     """Batched greedy decode of a tiny Llama: the same tokens, logprobs within float32
     rounding, and the decode steps' attention went through the kernel."""
-    from xds_jax import LLM, SamplingParams
+    from xds_jax import SamplingParams
 
     golden = ROOT / "tests" / "golden" / "llama"
     params = SamplingParams(max_tokens=10, temperature=0.0, logprobs=2)
@@ -96,13 +96,10 @@ def test_tiny_model_decode_with_and_without_the_kernel(monkeypatch):
     applies = cpu_attention.applies
     monkeypatch.setattr(cpu_attention, "applies", lambda q, k: calls.append(q.shape) or
                         applies(q, k))
-    jax.clear_caches()
-    with_kernel = LLM(str(golden), dtype="float32").generate(prompts, params)
-    assert any(shape[0] >= 2 for shape in calls)
-    monkeypatch.setattr(cpu_attention, "applies", lambda *a: False)
-    jax.clear_caches()
-    without = LLM(str(golden), dtype="float32").generate(prompts, params)
-    jax.clear_caches()
+    with_kernel, without = generate_with_and_without(
+        str(golden), "float32", prompts, params,
+        lambda: monkeypatch.setattr(cpu_attention, "applies", lambda *a: False))
+    assert any(shape[0] >= 2 for shape in calls)  # batched decode rows went through it
     assert_same_greedy(with_kernel, without, logprob_tol=1e-4)
 
 

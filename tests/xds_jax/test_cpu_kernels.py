@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tests.helpers import assert_same_greedy
+from tests.helpers import assert_same_greedy, generate_with_and_without
 from xds_jax.kernels import cpu_matmul
 from xds_jax.model.layers import matmul_f32
 
@@ -160,7 +160,7 @@ def test_gradients_and_vmap_see_the_dot():
 def test_tiny_model_greedy_output_is_the_dot_s(monkeypatch):
     """A bfloat16 decode through the kernel (a tiny model's rows pad to 4) gives XLA's dot's
     greedy tokens and logits within bfloat16 rounding."""
-    from xds_jax import LLM, SamplingParams
+    from xds_jax import SamplingParams
 
     golden = ROOT / "tests" / "golden" / "llama"
     params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=3)
@@ -169,13 +169,10 @@ def test_tiny_model_greedy_output_is_the_dot_s(monkeypatch):
     kernel = cpu_matmul.few_row_matmul
     monkeypatch.setattr(cpu_matmul, "few_row_matmul", lambda x, w: traced.append(x.shape) or
                         kernel(x, w))
-    jax.clear_caches()
-    with_kernel = LLM(str(golden), dtype="bfloat16").generate(prompts, params)
+    with_kernel, without = generate_with_and_without(
+        str(golden), "bfloat16", prompts, params,
+        lambda: monkeypatch.setattr(cpu_matmul, "applies", lambda *a: False))
     assert traced  # the decode steps' projections went through it
-    monkeypatch.setattr(cpu_matmul, "applies", lambda *a: False)
-    jax.clear_caches()
-    without = LLM(str(golden), dtype="bfloat16").generate(prompts, params)
-    jax.clear_caches()
     assert_same_greedy(with_kernel, without, logprob_tol=3e-2)
 
 

@@ -18,6 +18,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -92,6 +93,17 @@ def load(name: str) -> ctypes.CDLL | None:
                 log.warning("CPU kernel %s unavailable, XLA's ops run instead: %s", name, e)
         _loaded[name] = lib
         return lib
+
+
+def load_x86_cpu(name: str) -> ctypes.CDLL | None:
+    """``load(name)`` where JAX runs on an x86-64 CPU (the kernels are AVX code); None
+    elsewhere, where the callers keep XLA's ops (Arm, TPU, GPU)."""
+    if jax.default_backend() != "cpu":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        log.debug("CPU kernel %s: x86-64 only, %s runs XLA's ops", name, platform.machine())
+        return None
+    return load(name)
 
 
 def _build_and_open(name: str) -> ctypes.CDLL:

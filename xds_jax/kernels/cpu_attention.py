@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import platform
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +33,7 @@ LIBRARY = "paged_attention"
 def available() -> bool:
     """Whether the kernel runs here (x86-64 CPU backend, built, not turned off); registers
     its FFI target on first use."""
-    if jax.default_backend() != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    lib = build.load(LIBRARY)
+    lib = build.load_x86_cpu(LIBRARY)
     if lib is None:
         return False
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.XdsPagedAttention),

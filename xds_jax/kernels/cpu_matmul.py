@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import platform
 import sys
 
 import jax
@@ -51,12 +50,7 @@ def kernel_isa() -> int:
     """The instruction set the kernels run on this CPU (2: AVX-512 BF16, 1: AVX2 + FMA), or 0
     where they are unavailable (not built, turned off, JAX's backend not the CPU, no support):
     registers the FFI targets on first use."""
-    if jax.default_backend() != "cpu":
-        return 0
-    if platform.machine().lower() not in ("x86_64", "amd64"):  # AVX only; Arm keeps XLA's
-        log.debug("few-row matmul kernel: x86-64 only, %s runs XLA's dots", platform.machine())
-        return 0
-    lib = build.load(LIBRARY)
+    lib = build.load_x86_cpu(LIBRARY)
     if lib is None:
         return 0
     isa = int(lib.xds_few_row_isa())
@@ -141,7 +135,8 @@ def primitive(target: str, reference) -> Primitive:
     the FFI ``target`` (``params`` as its float32 attributes) on an unpartitioned CPU program
     and to ``reference`` everywhere else, ``vmap`` included."""
     prim = Primitive(target)
-    prim.def_impl(lambda *args, **params: jax.jit(functools.partial(prim.bind, **params))(*args))
+    bound = functools.cache(lambda **params: jax.jit(functools.partial(prim.bind, **params)))
+    prim.def_impl(lambda *args, **params: bound(**params)(*args))  # one program per params
     prim.def_abstract_eval(lambda *avals, **params: jax.core.ShapedArray(
         jax.eval_shape(functools.partial(reference, **params), *avals).shape, jnp.float32))
     reference_lowering = mlir.lower_fun(reference, multiple_results=False)

@@ -126,9 +126,10 @@ def test_a_few_query_tokens_go_in_as_rows(dtype, monkeypatch):
     (got, got_cache), text = run()
     assert cpu_attention.TARGET in text
     monkeypatch.setattr(cpu_attention, "applies", lambda *a: False)
+    monkeypatch.setattr(cpu_attention, "prefill_applies", lambda *a: False)
     jax.clear_caches()
     (want, want_cache), text = run()
-    assert cpu_attention.TARGET not in text
+    assert cpu_attention.TARGET not in text and cpu_attention.PREFILL_TARGET not in text
     jax.clear_caches()
     tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
     np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32),

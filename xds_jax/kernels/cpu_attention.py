@@ -1,5 +1,5 @@
-"""Decode's attention over the paged KV cache on CPU through xds-jax's kernel
-(``paged_attention.cc``).
+"""Attention over the paged KV cache on CPU through xds-jax's kernels: decode's
+(``paged_attention.cc``) and a prefill chunk's (``prefill_attention.cc``).
 
 XLA:CPU runs a decode step's attention as a gather of each sequence's pages, small batched
 dots and a softmax, which took 8 of a batch-8 SmolLM2 bfloat16 step's 28 ms and 18 of a
@@ -11,6 +11,12 @@ as rows of their own, so each is computed as a one-token step computes it.
 ``paged_decode_primitive(reference)`` makes the JAX primitive: its CPU lowering is the
 kernel where the program sees whole arrays (one device, or a fully manual ``shard_map``
 body, as ``cpu_matmul``), ``reference`` (the XLA path) everywhere else and under ``vmap``.
+
+A prefill chunk's attention (more query tokens than ``MAX_TOKENS``) went through XLA's dense
+scores, softmax and value product in memory: 30-40% of a 512-token SmolLM2 prefill. Its kernel
+takes a block of query tokens of one sequence and kv head at a time, both products as outer
+products in registers over the keys each block sees (causal: half the dense work), the same
+float32 softmax and rounding; ``paged_prefill_primitive`` makes its primitive likewise.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ log = logging.getLogger(__name__)
 
 TARGET = "xds_paged_attention"
 LIBRARY = "paged_attention"
+PREFILL_TARGET = "xds_prefill_attention"
+PREFILL_LIBRARY = "prefill_attention"
 
 
 @functools.cache
@@ -61,3 +69,34 @@ def paged_decode_primitive(reference):
     mask [B, N * Pg] bool; scale, cap) -> float32 [B, K, G, D]`` with ``reference`` (the XLA
     computation of the same, ``cap`` 0 for none) as its lowering off the kernel."""
     return cpu_matmul.primitive(TARGET, reference)
+
+
+@functools.cache
+def prefill_available() -> bool:
+    """Whether the prefill kernel runs here: as ``available``, and a CPU with AVX-512 BF16
+    (the kernel has no AVX2 path); registers its FFI target on first use."""
+    lib = build.load_x86_cpu(PREFILL_LIBRARY)
+    if lib is None or not lib.xds_prefill_attention_ok():
+        return False
+    jax.ffi.register_ffi_target(PREFILL_TARGET, jax.ffi.pycapsule(lib.XdsPrefillAttention),
+                                platform="cpu")
+    log.info("prefill attention over paged KV runs xds-jax's CPU kernel")
+    return True
+
+
+def prefill_applies(q_BSKGD: jax.Array, k_pages: jax.Array) -> bool:
+    """Whether the prefill kernel takes queries ``q_BSKGD`` against pages ``k_pages``: the
+    dtypes of ``applies``, head dims a multiple of 16."""
+    dtypes = (q_BSKGD.dtype, k_pages.dtype)
+    return (dtypes in ((jnp.bfloat16, jnp.uint16), (jnp.float32, jnp.float32))
+            and q_BSKGD.ndim == 5 and k_pages.ndim == 4 and q_BSKGD.shape[-1] % 16 == 0
+            and prefill_available())
+
+
+def paged_prefill_primitive(reference):
+    """The primitive ``(q [B, S, K, G, D], k_pages, v_pages [P, Pg, K, D], tables [B, N]
+    int32, positions [B, S] int32; scale, cap, window) -> float32 [B, S, K G D]``: causal
+    attention of each query token (a negative position: padding, zeros) over the keys of its
+    sequence at positions up to its own (and within ``window`` where it is not 0), with
+    ``reference`` as its lowering off the kernel."""
+    return cpu_matmul.primitive(PREFILL_TARGET, reference)

@@ -20,11 +20,14 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "attention_math.h"
 #include "pool_chunks.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using namespace xds_kernels;
 
 struct Args {
   const void* q = nullptr;      // [B, K, G, D]
@@ -37,43 +40,6 @@ struct Args {
   float scale = 1.0f, cap = 0.0f;
   bool bf16 = false;
 };
-
-inline float value(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline float value(float f) { return f; }
-
-// exp(x) for x <= 0 (a score minus its row's maximum) within ~2 ulp, in plain arithmetic the
-// compiler vectorises (glibc's expf is a call per element): x = n ln 2 + r, a degree-7
-// polynomial in r (Cephes' expf), 2^n put in the exponent bits.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-inline float round_bf16(float f) {  // round to nearest even, as XLA's convert
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7f800000u) != 0x7f800000u) u += 0x7fffu + ((u >> 16) & 1u);
-  u &= 0xffff0000u;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 // One sequence b, all its heads: each visible key's row (every kv head's D values, contiguous
 // in the page) is read once for the scores and once for the values, so a page streams. The

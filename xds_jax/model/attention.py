@@ -139,11 +139,17 @@ def attention_mask(cfg: ModelConfig, positions_BS: jax.Array, num_keys: int,
                    layer: int | None = None) -> jax.Array:
     """``[B, S, L]`` True where query may attend: causal, within the sliding window where
     layer ``layer`` has one (``ModelConfig.is_local_layer``)."""
+    return causal_mask(positions_BS, num_keys, _window(cfg, layer))
+
+
+def causal_mask(positions_BS: jax.Array, num_keys: int, window: int | None) -> jax.Array:
+    """``[B, S, L]`` True where key slot ``l`` is at most the query's position and, with a
+    ``window``, within it."""
     k_pos = jnp.arange(num_keys)[None, None, :]
     q_pos = positions_BS[:, :, None]
     mask = k_pos <= q_pos
-    if cfg.is_local_layer(layer):
-        mask &= k_pos > q_pos - cfg.sliding_window
+    if window:
+        mask &= k_pos > q_pos - window
     return mask
 
 
@@ -215,6 +221,28 @@ def _paged_decode_reference(q_BKGD: jax.Array, k_pages: jax.Array, v_pages: jax.
 _paged_decode = cpu_attention.paged_decode_primitive(_paged_decode_reference)
 
 
+def _paged_prefill_reference(q_BSKGD: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                             block_tables_BN: jax.Array, positions_BS: jax.Array, *,
+                             scale: float, cap: float, window: float) -> jax.Array:
+    """``_prefill_attention`` over the pages, float32 ``[B, S, H * D]`` (``cap``, ``window``
+    0: none), blockwise where the dense scores would be large (``use_blockwise``): what the
+    CPU prefill kernel computes, and its lowering everywhere else."""
+    dtype = q_BSKGD.dtype
+    b, s, k, g, _ = q_BSKGD.shape
+    num_keys = block_tables_BN.shape[1] * k_pages.shape[1]
+    if use_blockwise(k * g, s, num_keys):
+        load_kv, tk = paged_kv_blocks(k_pages, v_pages, block_tables_BN, dtype)
+        return blockwise_attention(q_BSKGD, load_kv, num_keys, tk, positions_BS, scale,
+                                   cap or None, int(window) or None)
+    keys_BLKD = read_pages(k_pages, block_tables_BN, dtype)
+    vals_BLKD = read_pages(v_pages, block_tables_BN, dtype)
+    mask_BSL = causal_mask(positions_BS, keys_BLKD.shape[1], int(window) or None)
+    return _prefill_attention(q_BSKGD, keys_BLKD, vals_BLKD, mask_BSL, scale, cap or None)
+
+
+_paged_prefill = cpu_attention.paged_prefill_primitive(_paged_prefill_reference)
+
+
 def _qk_norm(x_BSHD: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
     """RMSNorm of queries or keys over each head (``qk_norm_scope`` "head") or over all heads
     of a token at once ("whole", OLMo 2's norm of the whole projection)."""
@@ -253,11 +281,6 @@ def gqa_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
     kv_dtype = kv_value_dtype(cache["k"].dtype)
     q_BSKGD = q.reshape(b, s, k, h // k, dh).astype(kv_dtype)
     scale, num_keys = attention_scale(cfg), block_tables_BN.shape[1] * cache["k"].shape[1]
-    if use_blockwise(h, s, num_keys):  # long prefill: bounded memory, masked blocks skipped
-        load_kv, tk = paged_kv_blocks(cache["k"], cache["v"], block_tables_BN, kv_dtype)
-        out = blockwise_attention(q_BSKGD, load_kv, num_keys, tk, positions_BS, scale,
-                                  cfg.attn_softcap, _window(cfg, layer))
-        return project(p, "o", out), cache
     q_RKGD = q_BSKGD.reshape(b * s, k, h // k, dh)  # one row per query token
     if s <= cpu_attention.MAX_TOKENS and cpu_attention.applies(q_RKGD, cache["k"]):
         # xds-jax's CPU kernel: each query token (a decode step's, a speculative verify
@@ -268,6 +291,19 @@ def gqa_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
         out = _paged_decode.bind(q_RKGD, cache["k"], cache["v"], tables_RN, mask_RL,
                                  scale=scale, cap=cfg.attn_softcap or 0.0)
         return project(p, "o", out.reshape(b, s, h * dh)), cache
+    if s > 1 and cpu_attention.prefill_applies(q_BSKGD, cache["k"]):
+        # xds-jax's CPU prefill kernel, any prompt length: blocks of query tokens against
+        # the keys each sees, scores and probabilities of a block at a time
+        out = _paged_prefill.bind(q_BSKGD, cache["k"], cache["v"], block_tables_BN,
+                                  positions_BS.astype(jnp.int32), scale=scale,
+                                  cap=cfg.attn_softcap or 0.0,
+                                  window=float(_window(cfg, layer) or 0))
+        return project(p, "o", out), cache
+    if use_blockwise(h, s, num_keys):  # long prefill: bounded memory, masked blocks skipped
+        load_kv, tk = paged_kv_blocks(cache["k"], cache["v"], block_tables_BN, kv_dtype)
+        out = blockwise_attention(q_BSKGD, load_kv, num_keys, tk, positions_BS, scale,
+                                  cfg.attn_softcap, _window(cfg, layer))
+        return project(p, "o", out), cache
     keys_BLKD = read_pages(cache["k"], block_tables_BN, kv_dtype)
     vals_BLKD = read_pages(cache["v"], block_tables_BN, kv_dtype)
     mask_BSL = attention_mask(cfg, positions_BS, keys_BLKD.shape[1], layer)

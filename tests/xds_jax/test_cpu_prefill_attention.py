@@ -1,0 +1,172 @@
+"""xds-jax's CPU kernel for a prefill chunk's attention over paged KV
+(``xds_jax/kernels/prefill_attention.cc``): against the XLA paths it replaces (dense and
+blockwise) and a float64 reference, both dtypes, head dims that are not a multiple of 64,
+sliding windows, soft-capping, padding rows, page ids past the pool, long contexts (few query
+tokens per work item); the model's attention and a tiny model's generation with and without
+it."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import xds_jax.model.attention as att
+from tests.helpers import assert_same_greedy, generate_with_and_without
+from xds_jax.kernels import cpu_attention
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(not cpu_attention.prefill_available(),
+                                reason="the kernel cannot run here (no AVX-512 BF16 or compiler)")
+
+
+def _case(dtype, s=37, k=3, g=2, d=48, pg=4, n=16, pages=70, start=(5, 20), seed=0):
+    """Two sequences of ``s`` query tokens from positions ``start``, the second's last four
+    padding; random pages, one table entry past the pool."""
+    rng = np.random.default_rng(seed)
+    b = len(start)
+    q = jnp.asarray(rng.standard_normal((b, s, k, g, d)), dtype)
+    kp = att.as_bits(jnp.asarray(rng.standard_normal((pages, pg, k, d)), dtype))
+    vp = att.as_bits(jnp.asarray(rng.standard_normal((pages, pg, k, d)), dtype))
+    tables = rng.permutation(pages)[:b * n].reshape(b, n).astype(np.int32)
+    tables[0, -1] = pages + 9  # past the pool: clipped, as the XLA gather's mode="clip"
+    pos = np.stack([np.arange(s) + p0 for p0 in start]).astype(np.int32)
+    pos[-1, -4:] = -1
+    return q, kp, vp, jnp.asarray(tables), jnp.asarray(pos)
+
+
+def _float64(q, kp, vp, tables, pos, scale, cap, window):
+    dtype = q.dtype
+    q = np.asarray(q, np.float64)
+    keys = np.asarray(att.read_pages(kp, tables, dtype), np.float64)  # [B, L, K, D]
+    vals = np.asarray(att.read_pages(vp, tables, dtype), np.float64)
+    s = np.einsum("bskgd,blkd->bskgl", q, keys) * scale
+    if cap:
+        s = cap * np.tanh(s / cap)
+    mask = np.asarray(att.causal_mask(pos, keys.shape[1], window or None))
+    s = np.where(mask[:, :, None, None, :], s, -np.inf)
+    with np.errstate(invalid="ignore"):  # padding rows see no key: NaN, not compared
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+    return np.einsum("bskgl,blkd->bskgd", p, vals).reshape(q.shape[0], q.shape[1], -1)
+
+
+def _run(args, **kw):
+    f = jax.jit(lambda *a: att._paged_prefill.bind(*a, **kw))
+    assert cpu_attention.PREFILL_TARGET in f.lower(*args).as_text()
+    ref = jax.jit(lambda *a: att._paged_prefill_reference(*a, **kw))
+    return np.asarray(f(*args)), np.asarray(ref(*args))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("cap", [0.0, 5.0])
+@pytest.mark.parametrize("window", [0, 9])
+@pytest.mark.parametrize("d", [48, 80])
+def test_kernel_equals_the_xla_path_and_float64(dtype, cap, window, d):
+    args = _case(dtype, d=d, seed=d + int(cap) + window)
+    kw = {"scale": 0.15, "cap": cap, "window": float(window)}
+    got, xla = _run(args, **kw)
+    real = np.asarray(args[4]) >= 0
+    assert not got[~real].any()  # padding rows: zeros
+    # the XLA path's arithmetic up to the order of its sums: bfloat16 probabilities may round
+    # the other way
+    tol = 2e-3 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(got[real], xla[real], rtol=tol, atol=tol)
+    exact = _float64(*args, 0.15, cap, window)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(got[real], exact[real], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_long_context_against_the_blockwise_path(dtype):
+    """A 240-token chunk at positions 2800.. over 3072 slots (few query tokens per work item),
+    and a window: the reference there is XLA's blockwise attention."""
+    for window in (0, 700):
+        args = _case(dtype, s=240, k=2, g=3, d=64, pg=16, n=192, pages=400, start=(2800, 10),
+                     seed=window)
+        assert att.use_blockwise(6, 240, 3072)
+        got, xla = _run(args, scale=0.125, cap=0.0, window=float(window))
+        real = np.asarray(args[4]) >= 0
+        # bfloat16: the blockwise path rounds unnormalised probabilities, the kernel (as the
+        # dense path and Hugging Face's eager attention) normalised ones
+        tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
+        np.testing.assert_allclose(got[real], xla[real], rtol=tol, atol=tol)
+        q, kp, vp, tables, pos = args
+        dense = np.asarray(jax.jit(lambda *a: att._prefill_attention(*a, 0.125))(
+            q, att.read_pages(kp, tables, dtype), att.read_pages(vp, tables, dtype),
+            att.causal_mask(pos, 3072, window or None)))
+        tol = 2e-3 if dtype == jnp.bfloat16 else 1e-5
+        np.testing.assert_allclose(got[real], dense[real], rtol=tol, atol=tol)
+
+
+def test_applies_and_vmap_sees_the_xla_path():
+    q, kp, vp, tables, pos = _case(jnp.float32)
+    assert cpu_attention.prefill_applies(q, kp)
+    assert not cpu_attention.prefill_applies(q[..., :40], kp)  # head dims not a multiple of 16
+    assert not cpu_attention.prefill_applies(q.astype(jnp.bfloat16), kp)  # float32 pages
+    kw = {"scale": 0.1, "cap": 0.0, "window": 0.0}
+    got = np.asarray(att._paged_prefill.bind(q, kp, vp, tables, pos, **kw))
+    batched = jax.vmap(lambda q_: att._paged_prefill.bind(q_, kp, vp, tables, pos, **kw))(
+        jnp.stack([q, q]))
+    real = np.asarray(pos) >= 0
+    np.testing.assert_allclose(np.asarray(batched[1])[real], got[real], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_model_attention_with_and_without_the_kernel(dtype, monkeypatch):
+    """A tiny Llama layer's prefill of a 13-token chunk after 6 cached tokens (and a padded
+    sequence): the same output as XLA's prefill attention, the same cache."""
+    from tests.helpers import tiny
+
+    m = tiny("llama")
+    cfg, layer = m.cfg, jax.tree.map(lambda w: w.astype(dtype), m.params["layers"][0]["attn"])
+    if cfg.head_dim % 16:
+        pytest.skip("the tiny model's heads are not a multiple of 16 dims")
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 13, cfg.hidden_size)), dtype)
+    positions = jnp.asarray([list(range(6, 19)), list(range(9)) + [-1] * 4])
+    tables = jnp.asarray([[3, 1, 4, 0, 9], [2, 5, 6, 7, 8]], jnp.int32)
+    cache = att.new_layer_cache(cfg, 10, 4, dtype)
+    filled = jax.tree.map(lambda c: jnp.asarray(rng.standard_normal(c.shape), dtype), cache)
+    cache = jax.tree.map(att.as_bits, filled)
+
+    def run():
+        jax.clear_caches()
+        f = jax.jit(lambda x, c: att.gqa_attention(layer, cfg, x, positions, c, tables))
+        return f(x, cache), f.lower(x, cache).as_text()
+
+    (got, got_cache), text = run()
+    assert cpu_attention.PREFILL_TARGET in text
+    monkeypatch.setattr(cpu_attention, "prefill_applies", lambda *a: False)
+    (want, want_cache), text = run()
+    assert cpu_attention.PREFILL_TARGET not in text
+    jax.clear_caches()
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32),
+                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(got[1, :9], np.float32),
+                               np.asarray(want[1, :9], np.float32), rtol=tol, atol=tol)
+    for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache), strict=True):
+        assert (np.asarray(a) == np.asarray(b)).all()
+
+
+def test_tiny_model_generation_with_and_without_the_kernel(monkeypatch):
+    """Greedy generation of a tiny Llama from prompts of several lengths: the same tokens,
+    logprobs within float32 rounding, and the prompts' attention went through the kernel."""
+    from xds_jax import SamplingParams
+
+    golden = ROOT / "tests" / "golden" / "llama"
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=2)
+    prompts = [{"prompt_token_ids": list(range(1, 40))}, {"prompt_token_ids": [3, 3, 8, 1]},
+               {"prompt_token_ids": [int(t) for t in np.arange(70) % 50 + 1]}]
+    calls = []
+    applies = cpu_attention.prefill_applies
+    monkeypatch.setattr(cpu_attention, "prefill_applies", lambda q, k: calls.append(q.shape)
+                        or applies(q, k))
+    with_kernel, without = generate_with_and_without(
+        str(golden), "float32", prompts, params,
+        lambda: monkeypatch.setattr(cpu_attention, "prefill_applies", lambda *a: False))
+    if not applies(jnp.zeros(calls[0], jnp.float32), jnp.zeros((1, 1, calls[0][2], calls[0][4]))):
+        pytest.skip("the tiny model's heads are not a multiple of 16 dims")
+    assert_same_greedy(with_kernel, without, logprob_tol=1e-4)

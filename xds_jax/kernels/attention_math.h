@@ -1,0 +1,53 @@
+// Scalar arithmetic shared by xds-jax's CPU attention kernels (paged_attention.cc,
+// prefill_attention.cc), written so the compiler vectorises the loops that call it.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace xds_kernels {
+
+inline float value(uint16_t bits) {  // a bfloat16's bits as float32
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline float value(float f) { return f; }
+
+// exp(x) for x <= 0 (a score minus its row's maximum) within ~2 ulp, in plain arithmetic the
+// compiler vectorises (glibc's expf is a call per element): x = n ln 2 + r, a degree-7
+// polynomial in r (Cephes' expf), 2^n put in the exponent bits.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline uint32_t bf16_bits(float f) {  // round to nearest even, as XLA's convert; the top half
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7f800000u) != 0x7f800000u) u += 0x7fffu + ((u >> 16) & 1u);
+  return u & 0xffff0000u;
+}
+
+inline float round_bf16(float f) {
+  const uint32_t u = bf16_bits(f);
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+}  // namespace xds_kernels

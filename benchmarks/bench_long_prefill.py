@@ -1,4 +1,5 @@
-"""Long-prompt prefill: dense against blockwise attention (``xds_jax.model.attention_blocks``).
+"""Long-prompt prefill: dense against blockwise attention (``xds_jax.model.attention_blocks``),
+and against the CPU prefill kernel (``xds_jax/kernels/prefill_attention.cc``) where it runs.
 
 SmolLM2-135M (the shipped default model) in each ``--dtypes``, one JSON line per configuration:
 
@@ -9,12 +10,14 @@ SmolLM2-135M (the shipped default model) in each ``--dtypes``, one JSON line per
 - ``scorer``: the prompt scorer's ``score_tokens`` (``prompt_logprobs`` / ``echo``): one forward
   over the whole prompt from a single page, then the log-softmax of every position.
 
-Prefill tokens/s of each path, the blockwise / dense ratio as the median of per-round ratios
-(the two run alternately in one process: this 2-core machine is shared), and for the jitted
+Prefill tokens/s of each path, the blockwise / dense ratio (``speedup``) and the kernel /
+blockwise ratio (``kernel_speedup``) as medians of per-round ratios (the variants run
+alternately in one process: this 2-core machine is shared), and for the jitted
 programs XLA's temporary buffer bytes (``compile().memory_analysis()``): the working memory
 beyond parameters, inputs and outputs, where the dense ``[B, K, G*S, L]`` scores live.
 
-The path is chosen when a program traces (``attention_blocks.BLOCKWISE_MIN_SCORES``), so each
+The path is chosen when a program traces (``attention_blocks.BLOCKWISE_MIN_SCORES``, and
+``cpu_attention.prefill_applies``, which ``dense`` and ``blockwise`` turn off), so each
 variant gets its own jitted function: the engine's runner looks ``model_step`` up at call time
 and is handed the variant's (a new function object, see ``fresh_jit``).
 Usage: ``python -m benchmarks.bench_long_prefill [--quick]``.
@@ -37,23 +40,27 @@ from serving.core import runner as runner_module
 from serving.core.prompt_scoring import score_tokens
 from xds_jax import LLM, SamplingParams
 from xds_jax.generate import model_step
+from xds_jax.kernels import cpu_attention
 from xds_jax.model import attention_blocks
 from xds_jax.model.reference import new_caches
 
-VARIANTS = ("dense", "blockwise")
+VARIANTS = ("dense", "blockwise", "kernel")
 PAGE = 16
 
 
 @contextlib.contextmanager
 def variant(name: str):
-    """Programs traced inside take the dense path (``dense``) or the shipped threshold."""
-    shipped = attention_blocks.BLOCKWISE_MIN_SCORES
+    """Programs traced inside take XLA's dense path (``dense``), XLA's at the shipped threshold
+    (``blockwise``), or what ships (``kernel``: the CPU kernel where it runs)."""
+    shipped = attention_blocks.BLOCKWISE_MIN_SCORES, cpu_attention.prefill_applies
     if name == "dense":
         attention_blocks.BLOCKWISE_MIN_SCORES = 1 << 62
+    if name != "kernel":
+        cpu_attention.prefill_applies = lambda *a: False
     try:
         yield
     finally:
-        attention_blocks.BLOCKWISE_MIN_SCORES = shipped
+        attention_blocks.BLOCKWISE_MIN_SCORES, cpu_attention.prefill_applies = shipped
 
 
 def fresh_prompt(length: int, vocab: int, seed: int) -> list[int]:
@@ -148,6 +155,8 @@ def compare(kind: str, llm: LLM, length: int, dtype: str, rounds: int) -> dict:
         line[f"{name}_tok_s"] = round(length / statistics.median(seconds[name]), 1)
     line["speedup"] = round(statistics.median(
         d / b for d, b in zip(seconds["dense"], seconds["blockwise"], strict=True)), 2)
+    line["kernel_speedup"] = round(statistics.median(
+        b / k for b, k in zip(seconds["blockwise"], seconds["kernel"], strict=True)), 2)
     for name, size in temp.items():
         line[f"{name}_temp_mb"] = round(size / 2**20, 1)
     return line

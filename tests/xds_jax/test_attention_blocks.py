@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import golden, tiny
+from xds_jax.kernels import cpu_attention
 from xds_jax.model import attention_blocks, reference, stages
 from xds_jax.model.attention import (
     _prefill_attention,
@@ -122,6 +123,8 @@ def whole_model_logits(m, tokens, forced):
         return stages.head(params, m.cfg, x[0])
 
     with pytest.MonkeyPatch.context() as mp:
+        # the XLA paths (the CPU prefill kernel, which would take both, has its own tests)
+        mp.setattr(cpu_attention, "prefill_applies", lambda *a: False)
         if forced:
             mp.setattr(attention_blocks, "BLOCKWISE_MIN_SCORES", 0)
             mp.setattr(attention_blocks, "Q_BLOCK", 8)

@@ -14,12 +14,15 @@
 
 namespace xds_kernels {
 
-// The operands of one call. ``x`` is bfloat16 rows; or, with int8 weights, the rows' hi halves
-// then their lo halves ([2M, K]): widened to int16 (``xq``) or offset to unsigned (``xq8``).
+// The operands of one call. ``x`` is bfloat16 rows; or, with int8 weights, the rows' hi and lo
+// halves: as they are (``xh8``, ``xl8`` [M, K]) with their sums, or widened to int16, hi then
+// lo (``xq`` [2M, K]).
 struct Operands {
   const uint16_t* x = nullptr;
   const int16_t* xq = nullptr;    // AVX2
-  const uint8_t* xq8 = nullptr;   // AVX-512 VNNI
+  const int8_t* xh8 = nullptr;    // AVX-512 VNNI
+  const int8_t* xl8 = nullptr;
+  const int32_t* xsum = nullptr;  // [2M]: each row's sum of hi, then of lo
   const float* x_scale = nullptr;  // [M]
   const void* w = nullptr;
   const float* w_scale = nullptr;  // [N]
@@ -109,46 +112,43 @@ XDS_AVX512 void bf16_block512(const Operands& o, int64_t n, int64_t r0) {
     UNROLL for (int j = 0; j < NB; ++j) o.y[(r0 + m) * o.N + n + j] = sums[m * NB + j];
 }
 
-// VNNI multiplies unsigned by signed bytes, so the halves arrive offset by 128 (xq8: hi + 128
-// then lo + 128, [2M, K] bytes) and 128 times each column's weight sum comes off.
+// VNNI multiplies unsigned by signed bytes: each weight byte is flipped to w + 128 (unsigned,
+// one xor a vector) and multiplies the signed halves hi and lo (xh8, xl8 [M, K]), so 128 times
+// each row's sum (xsum: hi's M, then lo's M) comes off.
 template <int M, int NB>
 XDS_AVX512 void int8_block512(const Operands& o, int64_t n, int64_t r0) {
   const int64_t K = o.K, kfull = K / 64 * 64;
   const auto* w = static_cast<const int8_t*>(o.w) + n * K;
-  const uint8_t* xh = o.xq8 + r0 * K;
-  const uint8_t* xl = o.xq8 + (o.M + r0) * K;
-  const __m512i ones = _mm512_set1_epi8(1);
-  __m512i hi[M][NB], lo[M][NB], sum[NB];
-  UNROLL for (int j = 0; j < NB; ++j) {
-    sum[j] = _mm512_setzero_si512();
+  const int8_t* xh = o.xh8 + r0 * K;
+  const int8_t* xl = o.xl8 + r0 * K;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i hi[M][NB], lo[M][NB];
+  UNROLL for (int j = 0; j < NB; ++j)
     UNROLL for (int m = 0; m < M; ++m) hi[m][j] = lo[m][j] = _mm512_setzero_si512();
-  }
   const __mmask64 tail = K - kfull == 0 ? 0 : (~__mmask64{0} >> (64 - (K - kfull)));
   for (int64_t k = 0; k < K; k += 64) {
     const __mmask64 mask = k < kfull ? ~__mmask64{0} : tail;
-    __m512i h[M], l[M];
+    __m512i h[M], l[M];  // zeros past K, so the flipped weights' 128s there add nothing
     UNROLL for (int m = 0; m < M; ++m) {
       h[m] = _mm512_maskz_loadu_epi8(mask, xh + m * K + k);
       l[m] = _mm512_maskz_loadu_epi8(mask, xl + m * K + k);
     }
     UNROLL for (int j = 0; j < NB; ++j) {
-      const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + j * K + k);
-      sum[j] = _mm512_dpbusd_epi32(sum[j], ones, wv);
+      const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + j * K + k), flip);
       UNROLL for (int m = 0; m < M; ++m) {
-        hi[m][j] = _mm512_dpbusd_epi32(hi[m][j], h[m], wv);
-        lo[m][j] = _mm512_dpbusd_epi32(lo[m][j], l[m], wv);
+        hi[m][j] = _mm512_dpbusd_epi32(hi[m][j], wv, h[m]);
+        lo[m][j] = _mm512_dpbusd_epi32(lo[m][j], wv, l[m]);
       }
     }
   }
-  int32_t his[M * NB], los[M * NB], sums[NB];
+  int32_t his[M * NB], los[M * NB];
   lane_sums<M * NB>(&hi[0][0], his);
   lane_sums<M * NB>(&lo[0][0], los);
-  lane_sums<NB>(sum, sums);
-  UNROLL for (int j = 0; j < NB; ++j) {
-    const int32_t offset = 128 * sums[j];
-    UNROLL for (int m = 0; m < M; ++m) {
-      const float hs = static_cast<float>(his[m * NB + j] - offset);
-      const float ls = static_cast<float>(los[m * NB + j] - offset);
+  UNROLL for (int m = 0; m < M; ++m) {
+    const int32_t hoff = 128 * o.xsum[r0 + m], loff = 128 * o.xsum[o.M + r0 + m];
+    UNROLL for (int j = 0; j < NB; ++j) {
+      const float hs = static_cast<float>(his[m * NB + j] - hoff);
+      const float ls = static_cast<float>(los[m * NB + j] - loff);
       o.y[(r0 + m) * o.N + n + j] = (hs * 256.0f + ls) * o.x_scale[r0 + m] * o.w_scale[n + j];
     }
   }

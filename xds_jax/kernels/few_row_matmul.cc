@@ -66,16 +66,16 @@ std::atomic<int> g_isa{detect_isa()};
 // (AVX-512) or 16 ymm (AVX2); each divides kBlocks. Up to kGroup rows run as one block; more
 // rows run in groups of kGroup (and one of the rest) per block of outputs, the block's weights
 // read from memory once and from L1 for the other groups. The int8 path was chosen when the
-// call's rows were prepared (xq8 or xq).
+// call's rows were prepared (xh8 or xq).
 struct Bf16Avx512 {  // M x NB accumulators, M rows held
   static constexpr int kGroup = 3;
-  static constexpr int nb(int) { return 8; }
+  static constexpr int nb(int M) { return M <= 1 ? 12 : 8; }
   template <int M, int NB>
   static void run(const Operands& o, int64_t n, int64_t r0) { bf16_block512<M, NB>(o, n, r0); }
 };
-struct Int8Avx512 {  // 2M x NB accumulators, NB weight sums, 2M rows
+struct Int8Avx512 {  // 2M x NB accumulators, 2M rows
   static constexpr int kGroup = 2;
-  static constexpr int nb(int M) { return M <= 1 ? 8 : 4; }
+  static constexpr int nb(int M) { return M <= 1 ? 12 : 4; }
   template <int M, int NB>
   static void run(const Operands& o, int64_t n, int64_t r0) { int8_block512<M, NB>(o, n, r0); }
 };
@@ -131,7 +131,7 @@ void columns(const Operands& o, int64_t n0, int64_t n1) {
 }
 
 void columns(const Operands& o, int64_t n0, int64_t n1) {
-  if (o.xq8 != nullptr) return columns<Int8Avx512>(o, n0, n1);
+  if (o.xh8 != nullptr) return columns<Int8Avx512>(o, n0, n1);
   if (o.xq != nullptr) return columns<Int8Avx2>(o, n0, n1);
   if (g_isa.load(std::memory_order_relaxed) == 2) return columns<Bf16Avx512>(o, n0, n1);
   columns<Bf16Avx2>(o, n0, n1);
@@ -142,7 +142,7 @@ void columns(const Operands& o, int64_t n0, int64_t n1) {
 struct Work : Chunks {
   Operands o;
   std::vector<int16_t> xq;
-  std::vector<uint8_t> xq8;
+  std::vector<int32_t> xsum;
   int64_t chunk = 0;
 
   void run(int64_t c) override {
@@ -206,11 +206,15 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer hi, ffi::AnyBuffer lo
   const auto* h = reinterpret_cast<const int8_t*>(hi.untyped_data());
   const auto* l = reinterpret_cast<const int8_t*>(lo.untyped_data());
   if (g_isa.load(std::memory_order_relaxed) == 2) {
-    work->xq8.resize(2 * M * K);
-    auto offset = [](int8_t v) { return static_cast<uint8_t>(v ^ 0x80); };  // v + 128
-    std::transform(h, h + M * K, work->xq8.begin(), offset);
-    std::transform(l, l + M * K, work->xq8.begin() + M * K, offset);
-    work->o.xq8 = work->xq8.data();
+    work->xsum.resize(2 * M);
+    for (int64_t m = 0; m < 2 * M; ++m) {
+      const int8_t* row = (m < M ? h : l) + (m % M) * K;
+      int32_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < K; ++k) sum += row[k];
+      work->xsum[m] = sum;
+    }
+    work->o.xh8 = h, work->o.xl8 = l, work->o.xsum = work->xsum.data();
   } else {
     work->xq.assign(h, h + M * K);
     work->xq.insert(work->xq.end(), l, l + M * K);

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "kernel_math.h"
+
 // Loops over rows and block columns unrolled whole, so their accumulators stay in registers.
 #define UNROLL _Pragma("GCC unroll 16")
 
@@ -176,13 +178,6 @@ XDS_AVX2 inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-inline float bf16_value(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  __builtin_memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
 template <int M, int NB>
 XDS_AVX2 void bf16_block256(const Operands& o, int64_t n, int64_t r0) {
   const int64_t K = o.K, kfull = K / 8 * 8;
@@ -202,7 +197,7 @@ XDS_AVX2 void bf16_block256(const Operands& o, int64_t n, int64_t r0) {
   UNROLL for (int m = 0; m < M; ++m)
     UNROLL for (int j = 0; j < NB; ++j) {
       float s = hsum(acc[m][j]);
-      for (int64_t k = kfull; k < K; ++k) s += bf16_value(x[m * K + k]) * bf16_value(w[j * K + k]);
+      for (int64_t k = kfull; k < K; ++k) s += value(x[m * K + k]) * value(w[j * K + k]);
       o.y[(r0 + m) * o.N + n + j] = s;
     }
 }

@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
-#include "attention_math.h"
+#include "kernel_math.h"
 #include "pool_chunks.h"
 
 namespace ffi = xla::ffi;

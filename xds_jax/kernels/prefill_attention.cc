@@ -28,7 +28,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
-#include "attention_math.h"
+#include "kernel_math.h"
 #include "pool_chunks.h"
 #include "prefill_tiles.h"
 

@@ -113,7 +113,7 @@ inline void with_count(int64_t n, F&& f) {
   }
 }
 
-// exp_nonpositive (attention_math.h) on 16 lanes.
+// exp_nonpositive (kernel_math.h) on 16 lanes.
 XDS_PREFILL_AVX512 inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 n = _mm512_roundscale_ps(

@@ -1,4 +1,4 @@
-// Scalar arithmetic shared by xds-jax's CPU attention kernels (paged_attention.cc,
+// Scalar arithmetic shared by xds-jax's CPU kernels (few_row_matmul.cc, paged_attention.cc,
 // prefill_attention.cc), written so the compiler vectorises the loops that call it.
 #pragma once
 

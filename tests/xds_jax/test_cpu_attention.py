@@ -47,8 +47,11 @@ def _float64(q, kp, vp, tables, mask, scale, cap):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("cap", [0.0, 5.0])
 @pytest.mark.parametrize("window", [None, 7])
-def test_kernel_equals_the_xla_path_and_float64(dtype, cap, window):
-    q, kp, vp, tables = _case(dtype, seed=int(cap) + (window or 0))
+@pytest.mark.parametrize("g,d", [(2, 48), (3, 80), (5, 40)])  # value product in registers
+def test_kernel_equals_the_xla_path_and_float64(dtype, cap, window, g, d):
+    """Head dims in blocks of 64 and 16 (48, 80) or in the plain loop (40; 5 heads a kv
+    head)."""
+    q, kp, vp, tables = _case(dtype, g=g, d=d, seed=int(cap) + (window or 0) + d)
     pos = jnp.asarray([23, 0, 9, 17, 4])
     k_pos = jnp.arange(tables.shape[1] * kp.shape[1])[None]
     mask = k_pos <= pos[:, None]

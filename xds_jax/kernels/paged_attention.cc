@@ -94,6 +94,7 @@ template <typename T, typename Dot>
       for (int64_t i = 0; i < seen; ++i) sh[i] /= sum;
     }
   }
+  if (Dot::template values<T>(s, L, keys, seen, vp, a.K, G, D, out)) return;
   for (int64_t i = 0; i < seen; ++i) {
     const T* vr = vp + keys[i] * E;
 #pragma omp simd
@@ -113,7 +114,62 @@ template <typename T, typename Dot>
 #define XDS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 #define XDS_AVX2 __attribute__((target("avx2,fma")))
 
+// 16 values from p as float32 (bfloat16 bits widened by a shift).
+XDS_AVX512 inline __m512 load16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+XDS_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+// out[k G + g][d0 .. d0 + 16 NV) = sum_i s[(k G + g) L + i] value_i[k][d0 ..] for kv head k:
+// the G heads' outputs held in registers over the visible keys, each value read once.
+template <typename T, int G, int NV>
+XDS_AVX512 void value_block(const float* s, int64_t L, const int64_t* keys, int64_t seen,
+                            const T* vp, int64_t E, int64_t k, int64_t D, int64_t d0,
+                            float* out) {
+  __m512 acc[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_setzero_ps();
+  const float* sk = s + k * G * L;
+  for (int64_t i = 0; i < seen; ++i) {
+    const T* vr = vp + keys[i] * E + k * D + d0;
+    __m512 v[NV];
+    for (int j = 0; j < NV; ++j) v[j] = load16(vr + 16 * j);
+    for (int g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(sk[g * L + i]);
+      for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_fmadd_ps(p, v[j], acc[g][j]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(out + (k * G + g) * D + d0 + 16 * j, acc[g][j]);
+}
+
+template <typename T, int G>
+XDS_AVX512 void value_heads(const float* s, int64_t L, const int64_t* keys, int64_t seen,
+                            const T* vp, int64_t K, int64_t D, float* out) {
+  for (int64_t k = 0; k < K; ++k) {
+    int64_t d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) value_block<T, G, 4>(s, L, keys, seen, vp, K * D, k, D, d0, out);
+    for (; d0 < D; d0 += 16) value_block<T, G, 1>(s, L, keys, seen, vp, K * D, k, D, d0, out);
+  }
+}
+
 struct Dot512 {
+  // The value product in registers where the heads per kv head (G <= 4) and D (a multiple of
+  // 16) allow: true if done.
+  template <typename T>
+  XDS_AVX512 static bool values(const float* s, int64_t L, const int64_t* keys, int64_t seen,
+                                const T* vp, int64_t K, int64_t G, int64_t D, float* out) {
+    if (D % 16 != 0) return false;
+    switch (G) {
+      case 1: value_heads<T, 1>(s, L, keys, seen, vp, K, D, out); return true;
+      case 2: value_heads<T, 2>(s, L, keys, seen, vp, K, D, out); return true;
+      case 3: value_heads<T, 3>(s, L, keys, seen, vp, K, D, out); return true;
+      case 4: value_heads<T, 4>(s, L, keys, seen, vp, K, D, out); return true;
+      default: return false;
+    }
+  }
+
   XDS_AVX512 static inline float dot(const float* a, const float* b, int64_t D) {
     __m512 acc = _mm512_setzero_ps();
     int64_t d = 0;
@@ -128,7 +184,15 @@ struct Dot512 {
   }
 };
 
-struct Dot256 {
+struct NoValues {  // the value product in the plain loop
+  template <typename T>
+  static bool values(const float*, int64_t, const int64_t*, int64_t, const T*, int64_t, int64_t,
+                     int64_t, float*) {
+    return false;
+  }
+};
+
+struct Dot256 : NoValues {
   XDS_AVX2 static inline float dot(const float* a, const float* b, int64_t D) {
     __m256 acc = _mm256_setzero_ps();
     int64_t d = 0;
@@ -144,7 +208,7 @@ struct Dot256 {
   }
 };
 
-struct DotPlain {
+struct DotPlain : NoValues {
   static inline float dot(const float* a, const float* b, int64_t D) {
     float sum = 0.0f;
     for (int64_t d = 0; d < D; ++d) sum += a[d] * b[d];

@@ -82,6 +82,7 @@ template <typename T, typename Dot>
   for (int64_t h = 0; h < H; ++h) {  // softmax, then the probabilities in the values' dtype
     float* sh = s + h * L;
     const float top = mx[h];
+    if (Dot::softmax(sh, seen, top, a.bf16)) continue;
 #pragma omp simd
     for (int64_t i = 0; i < seen; ++i) sh[i] = exp_nonpositive(sh[i] - top);
     float sum = 0.0f;
@@ -155,6 +156,34 @@ XDS_AVX512 void value_heads(const float* s, int64_t L, const int64_t* keys, int6
 }
 
 struct Dot512 {
+  // A row's probabilities from its n scores and their maximum, in place (bf16: rounded to
+  // nearest even, as XLA's convert), 16 lanes at a time.
+  XDS_AVX512 static bool softmax(float* x, int64_t n, float top, bool bf16) {
+    auto mask = [n](int64_t i) {
+      return static_cast<__mmask16>(n - i >= 16 ? 0xffff : (1u << (n - i)) - 1);
+    };
+    const __m512 mx = _mm512_set1_ps(top);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask(i), x + i), mx));
+      sum = _mm512_mask_add_ps(sum, mask(i), sum, e);
+      _mm512_mask_storeu_ps(x + i, mask(i), e);
+    }
+    const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+    const __m512i half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+    const __m512i top16 = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    for (int64_t i = 0; i < n; i += 16) {
+      __m512 p = _mm512_div_ps(_mm512_maskz_loadu_ps(mask(i), x + i), total);
+      if (bf16) {
+        __m512i u = _mm512_castps_si512(p);
+        u = _mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+        p = _mm512_castsi512_ps(_mm512_and_si512(u, top16));
+      }
+      _mm512_mask_storeu_ps(x + i, mask(i), p);
+    }
+    return true;
+  }
+
   // The value product in registers where the heads per kv head (G <= 4) and D (a multiple of
   // 16) allow: true if done.
   template <typename T>
@@ -184,7 +213,8 @@ struct Dot512 {
   }
 };
 
-struct NoValues {  // the value product in the plain loop
+struct NoValues {  // the softmax and the value product in plain loops
+  static bool softmax(float*, int64_t, float, bool) { return false; }
   template <typename T>
   static bool values(const float*, int64_t, const int64_t*, int64_t, const T*, int64_t, int64_t,
                      int64_t, float*) {

@@ -59,6 +59,24 @@ __attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
+// Lanes i .. i + 16 of n: all but past the end.
+inline __mmask16 lanes16(int64_t n, int64_t i) {
+  return static_cast<__mmask16>(n - i >= 16 ? 0xffff : (1u << (n - i)) - 1);
+}
+
+// x[i] = exp(x[i] - top) for i < n (top: their maximum), 16 lanes at a time; returns the sum.
+__attribute__((target("avx512f"))) inline float exp_sum(float* x, int64_t n, float top) {
+  const __m512 mx = _mm512_set1_ps(top);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes16(n, i);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), mx));
+    sum = _mm512_mask_add_ps(sum, m, sum, e);
+    _mm512_mask_storeu_ps(x + i, m, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
 inline uint32_t bf16_bits(float f) {  // round to nearest even, as XLA's convert; the top half
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);

@@ -159,27 +159,18 @@ struct Dot512 {
   // A row's probabilities from its n scores and their maximum, in place (bf16: rounded to
   // nearest even, as XLA's convert), 16 lanes at a time.
   XDS_AVX512 static bool softmax(float* x, int64_t n, float top, bool bf16) {
-    auto mask = [n](int64_t i) {
-      return static_cast<__mmask16>(n - i >= 16 ? 0xffff : (1u << (n - i)) - 1);
-    };
-    const __m512 mx = _mm512_set1_ps(top);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) {
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask(i), x + i), mx));
-      sum = _mm512_mask_add_ps(sum, mask(i), sum, e);
-      _mm512_mask_storeu_ps(x + i, mask(i), e);
-    }
-    const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+    const __m512 total = _mm512_set1_ps(exp_sum(x, n, top));
     const __m512i half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
     const __m512i top16 = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
     for (int64_t i = 0; i < n; i += 16) {
-      __m512 p = _mm512_div_ps(_mm512_maskz_loadu_ps(mask(i), x + i), total);
+      __m512 p = _mm512_div_ps(_mm512_maskz_loadu_ps(lanes16(n, i), x + i), total);
       if (bf16) {
         __m512i u = _mm512_castps_si512(p);
-        u = _mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+        u = _mm512_add_epi32(u, _mm512_add_epi32(half, odd));
         p = _mm512_castsi512_ps(_mm512_and_si512(u, top16));
       }
-      _mm512_mask_storeu_ps(x + i, mask(i), p);
+      _mm512_mask_storeu_ps(x + i, lanes16(n, i), p);
     }
     return true;
   }

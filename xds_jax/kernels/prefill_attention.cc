@@ -234,7 +234,8 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kp, ffi
       a.first[b] = std::min(a.first[b], a.window ? std::max<int64_t>(p - a.window + 1, 0) : 0);
     }
     for (int64_t kv = 0; kv < a.K; ++kv) {
-      a.offset[b * a.K + kv + 1] = a.offset[b * a.K + kv] + panel_width(a, b) * a.D / (bf16 ? 2 : 1);
+      const int64_t words = panel_width(a, b) * a.D / (bf16 ? 2 : 1);
+      a.offset[b * a.K + kv + 1] = a.offset[b * a.K + kv] + words;
     }
   }
   thread_local std::vector<uint32_t> keys, vals;  // kept between calls: no page faults

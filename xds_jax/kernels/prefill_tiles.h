@@ -85,8 +85,8 @@ XDS_PREFILL_AVX512 void score_tile(const Row* rows, const uint32_t* keys, int64_
 // out_r[d0 .. d0 + 16 NV) = sum over the group's keys of prob[r][t] value_t[d0 ..] for R rows;
 // words w0 .. w1 of the probabilities (pairs of keys for bf16).
 template <typename T, int R, int NV>
-XDS_PREFILL_AVX512 void value_tile(Row* rows, const uint32_t* probs, const uint32_t* vals, int64_t lpw,
-                           int64_t D, int64_t d0, int64_t w0, int64_t w1) {
+XDS_PREFILL_AVX512 void value_tile(Row* rows, const uint32_t* probs, const uint32_t* vals,
+                                   int64_t lpw, int64_t D, int64_t d0, int64_t w0, int64_t w1) {
   __m512 acc[R][NV];
   XDS_UNROLL for (int r = 0; r < R; ++r)
     XDS_UNROLL for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
@@ -118,12 +118,11 @@ inline void with_count(int64_t n, F&& f) {
 // Softmax of one row's visible scores [lo, hi]; its probabilities (zeros elsewhere, up to lp)
 // in the values' dtype, as words: 16 lanes at a time, the last ones masked.
 template <typename T>
-XDS_PREFILL_AVX512 void softmax_row(float* s, const Row& row, int64_t lp, float cap, uint32_t* probs) {
+XDS_PREFILL_AVX512 void softmax_row(float* s, const Row& row, int64_t lp, float cap,
+                                    uint32_t* probs) {
   const int64_t lo = row.lo, n = row.hi - row.lo + 1;
   float* x = s + lo;
-  auto mask = [n](int64_t i) {
-    return static_cast<__mmask16>(n - i >= 16 ? 0xffff : (1u << (n - i)) - 1);
-  };
+  auto mask = [n](int64_t i) { return lanes16(n, i); };
   if (cap > 0.0f) {
     for (int64_t i = 0; i < n; ++i) x[i] = cap * std::tanh(x[i] / cap);
   }
@@ -131,14 +130,7 @@ XDS_PREFILL_AVX512 void softmax_row(float* s, const Row& row, int64_t lp, float 
   for (int64_t i = 0; i < n; i += 16) {
     top = _mm512_mask_max_ps(top, mask(i), top, _mm512_maskz_loadu_ps(mask(i), x + i));
   }
-  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask(i), x + i), mx));
-    sum = _mm512_mask_add_ps(sum, mask(i), sum, e);
-    _mm512_mask_storeu_ps(x + i, mask(i), e);
-  }
-  const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+  const __m512 total = _mm512_set1_ps(exp_sum(x, n, _mm512_reduce_max_ps(top)));
   if constexpr (sizeof(T) == 2) {
     auto* p = reinterpret_cast<uint16_t*>(probs);
     std::memset(p, 0, lp * sizeof(uint16_t));

@@ -5,7 +5,8 @@ For each matmul shape of the model (``K x N``: 576x576 q and o, 576x384 kv, 576x
 float32 / int32) and row count ``M``, one call contracts ``x [M, K]`` with ``--mb`` MB of
 distinct weights of that shape (no cache reuse). The variants (XLA ``dot_general`` on a
 ``[K, N]`` weight, on a ``[N, K]`` weight, xds-jax's CPU kernel on the ``[N, K]`` weight
-for bfloat16 and int8 at the rows it takes (``cpu_matmul.max_rows``), and torch ``F.linear``
+for bfloat16, float32 (AVX-512) and int8 at the rows it takes (``cpu_matmul.max_rows``), and
+torch ``F.linear``
 with 2 threads) are timed alternately in one process, best of ``--rounds``: the machine is
 shared. One JSON line per shape, dtype and rows (GB/s of weight bytes, GFLOP/s), then one
 per dtype and rows with the shapes weighed by their bytes in the model (the rate a whole

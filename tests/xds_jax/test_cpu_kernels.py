@@ -59,6 +59,23 @@ def test_kernel_equals_float_reference(isa, m, n, k):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4 * np.sqrt(k))
 
 
+@pytest.mark.parametrize("m,n,k", [s for s in SHAPES if s[0] <= 64] + [(64, 130, 100)])
+def test_float32_kernel_equals_float64_reference(m, n, k):
+    """float32 rows and weights (AVX-512): float32 sums of the products, the lowering the
+    kernel where ``applies`` says so."""
+    if cpu_matmul.kernel_isa() != 2:
+        pytest.skip("the float32 path is AVX-512 only")
+    rng = np.random.default_rng(m * 1000 + n + k)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+    assert cpu_matmul.applies(x, w, w_transposed=True)
+    f = jax.jit(lambda a, b: matmul_f32(a, b, w_transposed=True))
+    assert cpu_matmul.F32_TARGET in f.lower(x, w).as_text()
+    got = np.asarray(f(x, w))
+    ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-6 * np.sqrt(k) * np.sqrt(k))
+
+
 @pytest.mark.parametrize("m,n,k", SHAPES[::2] + [(2, 130, 100)])
 def test_int8_kernel_equals_xla_s_int32_dot(isa, m, n, k):
     """Weight-only int8: the rows' 16-bit halves against int8 weights, exact int32 sums: the
@@ -89,7 +106,9 @@ def test_matmul_f32_takes_the_kernel_only_where_it_applies():
     x4, w, _ = _operands(4, 64, 32)
     assert cpu_matmul.applies(x4, w, w_transposed=True)
     assert not cpu_matmul.applies(x4, w.T, w_transposed=False)  # [K, N]: XLA's dot
-    assert not cpu_matmul.applies(x4.astype(jnp.float32), w.astype(jnp.float32), True)
+    x4f, wf = x4.astype(jnp.float32), w.astype(jnp.float32)  # float32: AVX-512 only
+    assert cpu_matmul.applies(x4f, wf, True) == (cpu_matmul.kernel_isa() == 2)
+    assert not cpu_matmul.applies(x4f, w, True)  # mixed dtypes: XLA's dot
     x_past = jnp.ones((cpu_matmul.max_rows() + 1, 32), jnp.bfloat16)  # past it: XLA's dot
     assert not cpu_matmul.applies(x_past, w, w_transposed=True)
     w_q = jnp.ones((64, 32), jnp.int8)
@@ -109,8 +128,11 @@ def test_matmul_f32_takes_the_kernel_only_where_it_applies():
 
 
 def test_row_limits_follow_the_instruction_set(monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "kernel_isa", lambda: 2)
+    assert cpu_matmul.max_rows(float32=True) == cpu_matmul.MAX_ROWS_F32
     monkeypatch.setattr(cpu_matmul, "kernel_isa", lambda: 1)
     assert cpu_matmul.max_rows() == cpu_matmul.max_rows(int8=True) == cpu_matmul.MAX_ROWS_AVX2
+    assert cpu_matmul.max_rows(float32=True) == 0  # no AVX2 float32 path
     monkeypatch.setattr(cpu_matmul, "kernel_isa", lambda: 0)
     assert cpu_matmul.max_rows() == cpu_matmul.max_rows(int8=True) == 0
     assert not cpu_matmul.applies(*_operands(2, 8, 16)[:2], w_transposed=True)

@@ -1,8 +1,10 @@
-"""Few-row bfloat16 and int8 matmuls on CPU through xds-jax's kernel (``few_row_matmul.cc``).
+"""Few-row bfloat16, float32 and int8 matmuls on CPU through xds-jax's kernel
+(``few_row_matmul.cc``).
 
 ``few_row_matmul(x [M, K], w [N, K])`` is ``x @ w.T`` accumulated in float32, for bfloat16
-operands and ``M <= max_rows()``: a decode step's projections and LM head, whose time is the
-weight stream at a few rows and the multiply-adds at tens (batched decode, short prefills).
+(or float32, AVX-512 only) operands and ``M <= max_rows()``: a decode step's projections and
+LM head, whose time is the weight stream at a few rows and the multiply-adds at tens
+(batched decode, short prefills).
 ``few_row_int8_matmul`` is the same for weight-only int8 (``--quantization int8``), half the
 bytes, with integer arithmetic equal to XLA's. Each is a JAX primitive whose CPU lowering is
 the FFI kernel when the program is not partitioned (one device, or the body of a
@@ -34,6 +36,7 @@ from xds_jax.kernels import build
 log = logging.getLogger(__name__)
 
 TARGET = "xds_bf16_matmul"
+F32_TARGET = "xds_f32_matmul"
 INT8_TARGET = "xds_int8_matmul"
 LIBRARY = "few_row_matmul"
 # Rows up to which the kernels beat XLA's dots (SmolLM2's weight shapes, this AMD EPYC;
@@ -43,6 +46,9 @@ LIBRARY = "few_row_matmul"
 # held to 8 rows, where it was measured ahead; here XLA's dots beyond that have AVX-512.
 MAX_ROWS = 128
 MAX_ROWS_AVX2 = 8
+# float32 (AVX-512 only): 1.2x XLA's dot at 1 row, 1.6-2x at 2-8, 1.3-1.4x at 16-32, even
+# at 64, behind from 128 (the same chained SmolLM2 shapes).
+MAX_ROWS_F32 = 64
 
 
 @functools.cache
@@ -55,7 +61,8 @@ def kernel_isa() -> int:
         return 0
     isa = int(lib.xds_few_row_isa())
     if isa:
-        for target, symbol in ((TARGET, lib.XdsBf16Matmul), (INT8_TARGET, lib.XdsInt8Matmul)):
+        for target, symbol in ((TARGET, lib.XdsBf16Matmul), (F32_TARGET, lib.XdsF32Matmul),
+                               (INT8_TARGET, lib.XdsInt8Matmul)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
         log.info("few-row bfloat16 and int8 matmuls run xds-jax's CPU kernel (%s)",
                  "AVX-512 BF16" if isa == 2 else "AVX2")
@@ -69,25 +76,29 @@ def use_isa(isa: int) -> int:
     return int(lib.xds_few_row_use_isa(isa)) if lib is not None else 0
 
 
-def max_rows(int8: bool = False) -> int:
+def max_rows(int8: bool = False, float32: bool = False) -> int:
     """The most rows a matmul takes through the kernel on this CPU (0: the kernel is
-    unavailable); see ``MAX_ROWS``."""
+    unavailable): bfloat16, int8 or float32 weights; see ``MAX_ROWS``."""
     isa = kernel_isa()
     if isa == 2:
-        return sys.maxsize if int8 else MAX_ROWS
-    return MAX_ROWS_AVX2 if isa == 1 else 0
+        return sys.maxsize if int8 else MAX_ROWS_F32 if float32 else MAX_ROWS
+    return MAX_ROWS_AVX2 if isa == 1 and not float32 else 0
 
 
-def _takes(x_MK: jax.Array, w: jax.Array, w_transposed: bool, int8: bool) -> bool:
+def _takes(x_MK: jax.Array, w: jax.Array, w_transposed: bool, int8: bool,
+           float32: bool = False) -> bool:
     return (w_transposed and w.ndim == 2 and x_MK.ndim == 2
-            and 1 <= x_MK.shape[0] <= max_rows(int8))
+            and 1 <= x_MK.shape[0] <= max_rows(int8, float32))
 
 
 def applies(x_MK: jax.Array, w: jax.Array, w_transposed: bool) -> bool:
     """Whether ``x_MK @ w`` (``w [N, K]`` when ``w_transposed``) goes through the kernel:
-    bfloat16 both, ``w`` output-major, at most ``max_rows()`` rows, the kernel available."""
-    return (x_MK.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16
-            and _takes(x_MK, w, w_transposed, int8=False))
+    bfloat16 both (or float32 both), ``w`` output-major, at most ``max_rows()`` rows
+    (``max_rows(float32=True)``), the kernel available."""
+    dtypes = (x_MK.dtype, w.dtype)
+    if dtypes == (jnp.float32, jnp.float32):
+        return _takes(x_MK, w, w_transposed, int8=False, float32=True)
+    return dtypes == (jnp.bfloat16, jnp.bfloat16) and _takes(x_MK, w, w_transposed, int8=False)
 
 
 def applies_int8(x_MK: jax.Array, w_q: jax.Array, w_transposed: bool) -> bool:
@@ -155,6 +166,7 @@ def primitive(target: str, reference) -> Primitive:
 
 
 _bf16_prim = primitive(TARGET, _dot)
+_f32_prim = primitive(F32_TARGET, _dot)
 _int8_prim = primitive(INT8_TARGET, _int8_dot)
 
 
@@ -162,7 +174,8 @@ _int8_prim = primitive(INT8_TARGET, _int8_dot)
 def few_row_matmul(x_MK: jax.Array, w_NK: jax.Array) -> jax.Array:
     """``x_MK @ w_NK.T`` in float32 through the kernel (see the module docstring); callers
     check ``applies`` first."""
-    return _bf16_prim.bind(x_MK, w_NK)
+    prim = _f32_prim if x_MK.dtype == jnp.float32 else _bf16_prim
+    return prim.bind(x_MK, w_NK)
 
 
 @few_row_matmul.defjvp

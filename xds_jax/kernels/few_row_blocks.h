@@ -21,6 +21,7 @@ namespace xds_kernels {
 // lo (``xq`` [2M, K]).
 struct Operands {
   const uint16_t* x = nullptr;
+  const float* xf = nullptr;      // float32 rows (float32 weights), AVX-512
   const int16_t* xq = nullptr;    // AVX2
   const int8_t* xh8 = nullptr;    // AVX-512 VNNI
   const int8_t* xl8 = nullptr;
@@ -106,6 +107,31 @@ XDS_AVX512 void bf16_block512(const Operands& o, int64_t n, int64_t r0) {
         const __m512i xm = hold ? xv[hold ? m : 0] : _mm512_maskz_loadu_epi16(mask, x + m * K + k);
         acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)xm, (__m512bh)wv);
       }
+    }
+  }
+  float sums[M * NB];
+  lane_sums<M * NB>(&acc[0][0], sums);
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) o.y[(r0 + m) * o.N + n + j] = sums[m * NB + j];
+}
+
+// float32 rows against float32 weights: FMAs on 16 lanes of K, the rows held in registers.
+template <int M, int NB>
+XDS_AVX512 void f32_block512(const Operands& o, int64_t n, int64_t r0) {
+  const int64_t K = o.K, kfull = K / 16 * 16;
+  const auto* w = static_cast<const float*>(o.w) + n * K;
+  const float* x = o.xf + r0 * K;
+  __m512 acc[M][NB];
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
+  const __mmask16 tail = static_cast<__mmask16>((1u << (K - kfull)) - 1);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mask = k < kfull ? static_cast<__mmask16>(0xffff) : tail;
+    __m512 xv[M];
+    UNROLL for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+    UNROLL for (int j = 0; j < NB; ++j) {
+      const __m512 wv = _mm512_maskz_loadu_ps(mask, w + j * K + k);
+      UNROLL for (int m = 0; m < M; ++m) acc[m][j] = _mm512_fmadd_ps(xv[m], wv, acc[m][j]);
     }
   }
   float sums[M * NB];

@@ -60,8 +60,8 @@ struct Row {
 
 // scores[r][t0 .. t0 + 64) = scale * q_r . key_t for R rows, keys from the transposed panel.
 template <typename T, int R>
-XDS_PREFILL_AVX512 void score_tile(const Row* rows, const uint32_t* keys, int64_t lp, int64_t words,
-                           int64_t t0, float scale, float* scores) {
+XDS_PREFILL_AVX512 void score_tile(const Row* rows, const uint32_t* keys, int64_t lp,
+                                   int64_t words, int64_t t0, float scale, float* scores) {
   __m512 acc[R][4];
   XDS_UNROLL for (int r = 0; r < R; ++r)
     XDS_UNROLL for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();

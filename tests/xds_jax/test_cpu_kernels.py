@@ -60,11 +60,11 @@ def test_kernel_equals_float_reference(isa, m, n, k):
 
 
 @pytest.mark.parametrize("m,n,k", [s for s in SHAPES if s[0] <= 64] + [(64, 130, 100)])
-def test_float32_kernel_equals_float64_reference(m, n, k):
-    """float32 rows and weights (AVX-512): float32 sums of the products, the lowering the
-    kernel where ``applies`` says so."""
+def test_float32_kernel_equals_float64_reference(isa, m, n, k):
+    """float32 rows and weights: float32 sums of the products, the lowering the kernel where
+    ``applies`` says so (AVX-512 CPUs; the AVX2 blocks run only where forced, as here)."""
     if cpu_matmul.kernel_isa() != 2:
-        pytest.skip("the float32 path is AVX-512 only")
+        pytest.skip("float32 takes the kernel on AVX-512 CPUs only")
     rng = np.random.default_rng(m * 1000 + n + k)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)

@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernel_math.h"
 
@@ -204,19 +205,24 @@ XDS_AVX2 inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-template <int M, int NB>
-XDS_AVX2 void bf16_block256(const Operands& o, int64_t n, int64_t r0) {
+XDS_AVX2 inline __m256 load8(const uint16_t* p) { return widen8(p); }
+XDS_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+// bfloat16 (T = uint16_t, rows o.x) or float32 (rows o.xf) rows and weights: FMAs on 8 lanes.
+template <int M, int NB, typename T>
+XDS_AVX2 void float_block256(const Operands& o, int64_t n, int64_t r0) {
   const int64_t K = o.K, kfull = K / 8 * 8;
-  const auto* w = static_cast<const uint16_t*>(o.w) + n * K;
-  const auto* x = o.x + r0 * K;
+  const auto* w = static_cast<const T*>(o.w) + n * K;
+  const T* x = (std::is_same_v<T, float> ? reinterpret_cast<const T*>(o.xf)
+                                         : reinterpret_cast<const T*>(o.x)) + r0 * K;
   __m256 acc[M][NB];
   UNROLL for (int m = 0; m < M; ++m)
     UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kfull; k += 8) {
     __m256 xv[M];
-    UNROLL for (int m = 0; m < M; ++m) xv[m] = widen8(x + m * K + k);
+    UNROLL for (int m = 0; m < M; ++m) xv[m] = load8(x + m * K + k);
     UNROLL for (int j = 0; j < NB; ++j) {
-      const __m256 wv = widen8(w + j * K + k);
+      const __m256 wv = load8(w + j * K + k);
       UNROLL for (int m = 0; m < M; ++m) acc[m][j] = _mm256_fmadd_ps(xv[m], wv, acc[m][j]);
     }
   }

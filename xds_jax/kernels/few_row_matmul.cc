@@ -13,7 +13,7 @@
 // - XdsBf16Matmul: bfloat16 x and w, float32 accumulation: AVX-512 BF16's pair dot product,
 //   or AVX2 FMAs on the widened values.
 // - XdsF32Matmul: float32 x and w, AVX-512 FMAs (XLA's float32 dots stream 2-8 rows at ~10
-//   GB/s).
+//   GB/s); AVX2 FMAs where forced (tests), not routed to there.
 // - XdsInt8Matmul: weight-only int8 (xds_jax.model.quant): w int8 with float32 scales [N]; the
 //   rows arrive as quant._split_rows' 16-bit fixed point, int8 halves hi and lo with a float32
 //   scale per row, x ~= (256 hi + lo) * x_scale. Integer products accumulate exactly in int32
@@ -91,7 +91,17 @@ struct Bf16Avx2 {
   static constexpr int kGroup = 4;
   static constexpr int nb(int M) { return M <= 1 ? 8 : M <= 2 ? 6 : M <= 3 ? 3 : M <= 4 ? 2 : 1; }
   template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0) { bf16_block256<M, NB>(o, n, r0); }
+  static void run(const Operands& o, int64_t n, int64_t r0) {
+    float_block256<M, NB, uint16_t>(o, n, r0);
+  }
+};
+struct F32Avx2 {  // not routed to by cpu_matmul (unmeasured), correct where it runs
+  static constexpr int kGroup = 4;
+  static constexpr int nb(int M) { return M <= 1 ? 8 : M <= 2 ? 6 : M <= 3 ? 3 : M <= 4 ? 2 : 1; }
+  template <int M, int NB>
+  static void run(const Operands& o, int64_t n, int64_t r0) {
+    float_block256<M, NB, float>(o, n, r0);
+  }
 };
 struct Int8Avx2 {
   static constexpr int kGroup = 2;
@@ -139,7 +149,10 @@ void columns(const Operands& o, int64_t n0, int64_t n1) {
 }
 
 void columns(const Operands& o, int64_t n0, int64_t n1) {
-  if (o.xf != nullptr) return columns<F32Avx512>(o, n0, n1);
+  if (o.xf != nullptr) {
+    if (g_isa.load(std::memory_order_relaxed) == 2) return columns<F32Avx512>(o, n0, n1);
+    return columns<F32Avx2>(o, n0, n1);
+  }
   if (o.xh8 != nullptr) return columns<Int8Avx512>(o, n0, n1);
   if (o.xq != nullptr) return columns<Int8Avx2>(o, n0, n1);
   if (g_isa.load(std::memory_order_relaxed) == 2) return columns<Bf16Avx512>(o, n0, n1);
@@ -179,41 +192,38 @@ bool rows_ok(ffi::AnyBuffer& x, ffi::AnyBuffer& w, ffi::AnyBuffer& y) {
          y.element_type() == ffi::DataType::F32;
 }
 
-ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                      ffi::Result<ffi::AnyBuffer> y) {
-  if (!rows_ok(x, w, *y) || x.element_type() != ffi::DataType::BF16 ||
-      w.element_type() != ffi::DataType::BF16) {
-    return ffi::Error::InvalidArgument(
-        "xds_bf16_matmul: bfloat16 x [M, K] and w [N, K] to a float32 [M, N] expected");
+// x [M, K] @ w [N, K]^T with x and w both bfloat16 (``x``) or both float32 (``xf``).
+ffi::Error FloatMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer& w,
+                       ffi::AnyBuffer& y, ffi::DataType dtype, const char* expected) {
+  if (!rows_ok(x, w, y) || x.element_type() != dtype || w.element_type() != dtype) {
+    return ffi::Error::InvalidArgument(expected);
   }
   auto work = std::make_shared<Work>();
-  work->o.x = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  if (dtype == ffi::DataType::F32) {
+    work->o.xf = reinterpret_cast<const float*>(x.untyped_data());
+  } else {
+    work->o.x = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  }
   work->o.w = w.untyped_data();
-  work->o.y = reinterpret_cast<float*>(y->untyped_data());
+  work->o.y = reinterpret_cast<float*>(y.untyped_data());
   work->o.M = x.dimensions()[0];
   work->o.N = w.dimensions()[0];
   work->o.K = w.dimensions()[1];
   return Run(pool, std::move(work));
 }
 
+ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                      ffi::Result<ffi::AnyBuffer> y) {
+  return FloatMatmul(pool, x, w, *y, ffi::DataType::BF16,
+                     "xds_bf16_matmul: bfloat16 x [M, K] and w [N, K] to a float32 [M, N] "
+                     "expected");
+}
+
 ffi::Error F32Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                      ffi::Result<ffi::AnyBuffer> y) {
-  if (!rows_ok(x, w, *y) || x.element_type() != ffi::DataType::F32 ||
-      w.element_type() != ffi::DataType::F32) {
-    return ffi::Error::InvalidArgument(
-        "xds_f32_matmul: float32 x [M, K] and w [N, K] to a float32 [M, N] expected");
-  }
-  if (g_isa.load(std::memory_order_relaxed) != 2) {
-    return ffi::Error::Internal("xds_f32_matmul: AVX-512 only");
-  }
-  auto work = std::make_shared<Work>();
-  work->o.xf = reinterpret_cast<const float*>(x.untyped_data());
-  work->o.w = w.untyped_data();
-  work->o.y = reinterpret_cast<float*>(y->untyped_data());
-  work->o.M = x.dimensions()[0];
-  work->o.N = w.dimensions()[0];
-  work->o.K = w.dimensions()[1];
-  return Run(pool, std::move(work));
+  return FloatMatmul(pool, x, w, *y, ffi::DataType::F32,
+                     "xds_f32_matmul: float32 x [M, K] and w [N, K] to a float32 [M, N] "
+                     "expected");
 }
 
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer hi, ffi::AnyBuffer lo,

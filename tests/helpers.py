@@ -41,6 +41,20 @@ def assert_same_greedy(got: list, want: list, logprob_tol: float) -> None:
             assert la[tok].logprob == pytest.approx(lb[tok].logprob, abs=logprob_tol)
 
 
+def spy(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` so each call records ``(first argument's shape, result)`` and
+    still returns its result; the records, in call order."""
+    calls, real = [], getattr(module, name)
+
+    def recorded(*args):
+        result = real(*args)
+        calls.append((args[0].shape, result))
+        return result
+
+    monkeypatch.setattr(module, name, recorded)
+    return calls
+
+
 def generate_with_and_without(model: str, dtype: str, prompts: list, params,
                               turn_off) -> tuple[list, list]:
     """``LLM(model, dtype=dtype).generate(prompts, params)`` as things are, then after

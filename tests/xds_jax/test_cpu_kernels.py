@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tests.helpers import assert_same_greedy, generate_with_and_without
+from tests.helpers import assert_same_greedy, generate_with_and_without, spy
 from xds_jax.kernels import cpu_matmul
 from xds_jax.model.layers import matmul_f32
 
@@ -187,10 +187,7 @@ def test_tiny_model_greedy_output_is_the_dot_s(monkeypatch):
     golden = ROOT / "tests" / "golden" / "llama"
     params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=3)
     prompts = [{"prompt_token_ids": [1, 5, 9, 2, 7]}, {"prompt_token_ids": [3, 3, 8]}]
-    traced = []
-    kernel = cpu_matmul.few_row_matmul
-    monkeypatch.setattr(cpu_matmul, "few_row_matmul", lambda x, w: traced.append(x.shape) or
-                        kernel(x, w))
+    traced = spy(monkeypatch, cpu_matmul, "few_row_matmul")
     with_kernel, without = generate_with_and_without(
         str(golden), "bfloat16", prompts, params,
         lambda: monkeypatch.setattr(cpu_matmul, "applies", lambda *a: False))

@@ -56,12 +56,16 @@ def available() -> bool:
 MAX_TOKENS = 8
 
 
+def _dtypes_ok(q: jax.Array, k_pages: jax.Array) -> bool:
+    """bfloat16 queries with pages stored as their bits (``uint16``), or float32 both: the
+    kernels' two dtypes."""
+    return (q.dtype, k_pages.dtype) in ((jnp.bfloat16, jnp.uint16), (jnp.float32, jnp.float32))
+
+
 def applies(q: jax.Array, k_pages: jax.Array) -> bool:
     """Whether the kernel takes query rows ``q [R, K, G, D]`` against pages ``k_pages``:
-    bfloat16 queries with pages stored as their bits (``uint16``), or float32 both."""
-    dtypes = (q.dtype, k_pages.dtype)
-    return (dtypes in ((jnp.bfloat16, jnp.uint16), (jnp.float32, jnp.float32))
-            and q.ndim == 4 and k_pages.ndim == 4 and available())
+    ``_dtypes_ok``, the kernel available."""
+    return _dtypes_ok(q, k_pages) and q.ndim == 4 and k_pages.ndim == 4 and available()
 
 
 def paged_decode_primitive(reference):
@@ -87,10 +91,8 @@ def prefill_available() -> bool:
 def prefill_applies(q_BSKGD: jax.Array, k_pages: jax.Array) -> bool:
     """Whether the prefill kernel takes queries ``q_BSKGD`` against pages ``k_pages``: the
     dtypes of ``applies``, head dims a multiple of 16."""
-    dtypes = (q_BSKGD.dtype, k_pages.dtype)
-    return (dtypes in ((jnp.bfloat16, jnp.uint16), (jnp.float32, jnp.float32))
-            and q_BSKGD.ndim == 5 and k_pages.ndim == 4 and q_BSKGD.shape[-1] % 16 == 0
-            and prefill_available())
+    return (_dtypes_ok(q_BSKGD, k_pages) and q_BSKGD.ndim == 5 and k_pages.ndim == 4
+            and q_BSKGD.shape[-1] % 16 == 0 and prefill_available())
 
 
 def paged_prefill_primitive(reference):

@@ -197,7 +197,7 @@ struct Dot512 {
       acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
     }
     if (d < D) {
-      const __mmask16 m = static_cast<__mmask16>((1u << (D - d)) - 1);
+      const __mmask16 m = lanes16(D, d);
       acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), acc);
     }
     return _mm512_reduce_add_ps(acc);

@@ -291,24 +291,20 @@ def gqa_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
         out = _paged_decode.bind(q_RKGD, cache["k"], cache["v"], tables_RN, mask_RL,
                                  scale=scale, cap=cfg.attn_softcap or 0.0)
         return project(p, "o", out.reshape(b, s, h * dh)), cache
-    if s > 1 and cpu_attention.prefill_applies(q_BSKGD, cache["k"]):
-        # xds-jax's CPU prefill kernel, any prompt length: blocks of query tokens against
-        # the keys each sees, scores and probabilities of a block at a time
-        out = _paged_prefill.bind(q_BSKGD, cache["k"], cache["v"], block_tables_BN,
-                                  positions_BS.astype(jnp.int32), scale=scale,
-                                  cap=cfg.attn_softcap or 0.0,
-                                  window=float(_window(cfg, layer) or 0))
-        return project(p, "o", out), cache
-    if use_blockwise(h, s, num_keys):  # long prefill: bounded memory, masked blocks skipped
-        load_kv, tk = paged_kv_blocks(cache["k"], cache["v"], block_tables_BN, kv_dtype)
-        out = blockwise_attention(q_BSKGD, load_kv, num_keys, tk, positions_BS, scale,
-                                  cfg.attn_softcap, _window(cfg, layer))
+    if s > 1:
+        # a prefill chunk: xds-jax's CPU prefill kernel (any prompt length: blocks of query
+        # tokens against the keys each sees) where it runs, else its reference, XLA's
+        # blockwise (long prompts: bounded memory, masked blocks skipped) or dense attention
+        kernel = cpu_attention.prefill_applies(q_BSKGD, cache["k"])
+        attend = _paged_prefill.bind if kernel else _paged_prefill_reference
+        out = attend(q_BSKGD, cache["k"], cache["v"], block_tables_BN,
+                     positions_BS.astype(jnp.int32), scale=scale, cap=cfg.attn_softcap or 0.0,
+                     window=float(_window(cfg, layer) or 0))
         return project(p, "o", out), cache
     keys_BLKD = read_pages(cache["k"], block_tables_BN, kv_dtype)
     vals_BLKD = read_pages(cache["v"], block_tables_BN, kv_dtype)
-    mask_BSL = attention_mask(cfg, positions_BS, keys_BLKD.shape[1], layer)
-    attend = _decode_attention if s == 1 else _prefill_attention
-    out = attend(q_BSKGD, keys_BLKD, vals_BLKD, mask_BSL, scale, cfg.attn_softcap)
+    mask_BSL = attention_mask(cfg, positions_BS, num_keys, layer)
+    out = _decode_attention(q_BSKGD, keys_BLKD, vals_BLKD, mask_BSL, scale, cfg.attn_softcap)
     return project(p, "o", out), cache
 
 

@@ -70,3 +70,45 @@ def generate_with_and_without(model: str, dtype: str, prompts: list, params,
         outputs.append(LLM(model, dtype=dtype).generate(prompts, params))
     jax.clear_caches()
     return outputs[0], outputs[1]
+
+
+def attention_layer_with_and_without(dtype, x_shape: tuple, positions: list, tables: list,
+                                     num_pages: int, seed: int, turn_off) -> list:
+    """A tiny Llama's first attention layer (``gqa_attention``) on random rows ``x_shape``
+    over random pages of 4 tokens: ``(output, cache, lowered text)`` as things are, then
+    after ``turn_off()`` (a test's monkeypatch taking a kernel out), each from fresh traces."""
+    import jax
+    import jax.numpy as jnp
+
+    import xds_jax.model.attention as att
+
+    m = tiny("llama")
+    cfg, layer = m.cfg, jax.tree.map(lambda w: w.astype(dtype), m.params["layers"][0]["attn"])
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal(x_shape[:2] + (cfg.hidden_size,)), dtype)
+    positions, tables = jnp.asarray(positions), jnp.asarray(tables, jnp.int32)
+    cache = att.new_layer_cache(cfg, num_pages, 4, dtype)
+    filled = jax.tree.map(lambda c: jnp.asarray(rng.standard_normal(c.shape), dtype), cache)
+    cache = jax.tree.map(att.as_bits, filled)
+    runs = []
+    for step in (lambda: None, turn_off):
+        step()
+        jax.clear_caches()
+        f = jax.jit(lambda x, c: att.gqa_attention(layer, cfg, x, positions, c, tables))
+        runs.append((*f(x, cache), f.lower(x, cache).as_text()))
+    jax.clear_caches()
+    return runs
+
+
+def assert_same_attention(got: tuple, want: tuple, positions: list, dtype) -> None:
+    """Two ``attention_layer_with_and_without`` runs: outputs within ``dtype``'s rounding at
+    every real token (position >= 0), caches bit for bit."""
+    import jax
+    import jax.numpy as jnp
+
+    real = np.asarray(positions) >= 0
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.asarray(got[0], np.float32)[real],
+                               np.asarray(want[0], np.float32)[real], rtol=tol, atol=tol)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        assert (np.asarray(a) == np.asarray(b)).all()

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 import xds_jax.model.attention as att
-from tests.helpers import assert_same_greedy, generate_with_and_without, spy
+from tests.helpers import (
+    assert_same_attention,
+    assert_same_greedy,
+    attention_layer_with_and_without,
+    generate_with_and_without,
+    spy,
+)
 from xds_jax.kernels import cpu_attention
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,34 +113,14 @@ def test_tiny_model_decode_with_and_without_the_kernel(monkeypatch):
 def test_a_few_query_tokens_go_in_as_rows(dtype, monkeypatch):
     """A verify pass's k + 1 tokens per sequence (and padding) through the kernel, each with
     its own causal mask: the same output as XLA's prefill attention, and the cache the same."""
-    from tests.helpers import tiny
+    positions = [[9, 10, 11], [4, 5, -1]]  # the second sequence's last: padding
 
-    m = tiny("llama")
-    cfg, layer = m.cfg, jax.tree.map(lambda w: w.astype(dtype), m.params["layers"][0]["attn"])
-    rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.standard_normal((2, 3, cfg.hidden_size)), dtype)
-    positions = jnp.asarray([[9, 10, 11], [4, 5, -1]])  # the second sequence's last: padding
-    tables = jnp.asarray([[3, 1, 4, 0], [2, 5, 6, 7]], jnp.int32)
-    cache = att.new_layer_cache(cfg, 8, 4, dtype)
-    filled = jax.tree.map(lambda c: jnp.asarray(rng.standard_normal(c.shape), dtype), cache)
-    cache = jax.tree.map(att.as_bits, filled)
+    def turn_off():
+        monkeypatch.setattr(cpu_attention, "applies", lambda *a: False)
+        monkeypatch.setattr(cpu_attention, "prefill_applies", lambda *a: False)
 
-    def run():
-        f = jax.jit(lambda x, c: att.gqa_attention(layer, cfg, x, positions, c, tables))
-        return f(x, cache), f.lower(x, cache).as_text()
-
-    (got, got_cache), text = run()
-    assert cpu_attention.TARGET in text
-    monkeypatch.setattr(cpu_attention, "applies", lambda *a: False)
-    monkeypatch.setattr(cpu_attention, "prefill_applies", lambda *a: False)
-    jax.clear_caches()
-    (want, want_cache), text = run()
-    assert cpu_attention.TARGET not in text and cpu_attention.PREFILL_TARGET not in text
-    jax.clear_caches()
-    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
-    np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32),
-                               rtol=tol, atol=tol)
-    np.testing.assert_allclose(np.asarray(got[1, :2], np.float32),
-                               np.asarray(want[1, :2], np.float32), rtol=tol, atol=tol)
-    for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache), strict=True):
-        assert (np.asarray(a) == np.asarray(b)).all()
+    got, want = attention_layer_with_and_without(
+        dtype, (2, 3), positions, [[3, 1, 4, 0], [2, 5, 6, 7]], 8, 3, turn_off)
+    assert cpu_attention.TARGET in got[2]
+    assert cpu_attention.TARGET not in want[2] and cpu_attention.PREFILL_TARGET not in want[2]
+    assert_same_attention(got, want, positions, dtype)

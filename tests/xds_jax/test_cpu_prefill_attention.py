@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 import xds_jax.model.attention as att
-from tests.helpers import assert_same_greedy, generate_with_and_without, spy
+from tests.helpers import (
+    assert_same_attention,
+    assert_same_greedy,
+    attention_layer_with_and_without,
+    generate_with_and_without,
+    spy,
+)
 from xds_jax.kernels import cpu_attention
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,36 +125,15 @@ def test_model_attention_with_and_without_the_kernel(dtype, monkeypatch):
     sequence): the same output as XLA's prefill attention, the same cache."""
     from tests.helpers import tiny
 
-    m = tiny("llama")
-    cfg, layer = m.cfg, jax.tree.map(lambda w: w.astype(dtype), m.params["layers"][0]["attn"])
-    if cfg.head_dim % 16:
+    if tiny("llama").cfg.head_dim % 16:
         pytest.skip("the tiny model's heads are not a multiple of 16 dims")
-    rng = np.random.default_rng(4)
-    x = jnp.asarray(rng.standard_normal((2, 13, cfg.hidden_size)), dtype)
-    positions = jnp.asarray([list(range(6, 19)), list(range(9)) + [-1] * 4])
-    tables = jnp.asarray([[3, 1, 4, 0, 9], [2, 5, 6, 7, 8]], jnp.int32)
-    cache = att.new_layer_cache(cfg, 10, 4, dtype)
-    filled = jax.tree.map(lambda c: jnp.asarray(rng.standard_normal(c.shape), dtype), cache)
-    cache = jax.tree.map(att.as_bits, filled)
-
-    def run():
-        jax.clear_caches()
-        f = jax.jit(lambda x, c: att.gqa_attention(layer, cfg, x, positions, c, tables))
-        return f(x, cache), f.lower(x, cache).as_text()
-
-    (got, got_cache), text = run()
-    assert cpu_attention.PREFILL_TARGET in text
-    monkeypatch.setattr(cpu_attention, "prefill_applies", lambda *a: False)
-    (want, want_cache), text = run()
-    assert cpu_attention.PREFILL_TARGET not in text
-    jax.clear_caches()
-    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
-    np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32),
-                               rtol=tol, atol=tol)
-    np.testing.assert_allclose(np.asarray(got[1, :9], np.float32),
-                               np.asarray(want[1, :9], np.float32), rtol=tol, atol=tol)
-    for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache), strict=True):
-        assert (np.asarray(a) == np.asarray(b)).all()
+    positions = [list(range(6, 19)), list(range(9)) + [-1] * 4]
+    got, want = attention_layer_with_and_without(
+        dtype, (2, 13), positions, [[3, 1, 4, 0, 9], [2, 5, 6, 7, 8]], 10, 4,
+        lambda: monkeypatch.setattr(cpu_attention, "prefill_applies", lambda *a: False))
+    assert cpu_attention.PREFILL_TARGET in got[2]
+    assert cpu_attention.PREFILL_TARGET not in want[2]
+    assert_same_attention(got, want, positions, dtype)
 
 
 def test_tiny_model_generation_with_and_without_the_kernel(monkeypatch):

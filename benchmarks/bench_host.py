@@ -1,25 +1,29 @@
-"""Host time per decode step, synchronous against asynchronous scheduling, in one process.
+"""Host time per decode step: synchronous, asynchronous and chained scheduling, in one process.
 
 One ``LLM`` (SmolLM2, ``--dtype``) decodes ``--tokens`` tokens for batches of 1 / 8 / 32 fresh
-random 64-token prompts (greedy, ``ignore_eos``); each repeat runs the synchronous engine and
-then the asynchronous one (the same group and compiled programs, ``DPGroup.overlap`` switched),
-so a burst of load from elsewhere hits both. Per run, timed on the runner's ``launch`` and
-``finish`` over the decode steps:
+random 64-token prompts (greedy, ``ignore_eos``); each repeat runs the synchronous engine, the
+asynchronous one and the chained one (``--chain`` decode steps a launch,
+``num_scheduler_steps``), the same group and compiled programs switched between modes, so a
+burst of load from elsewhere hits all three. Per run, timed on the runner's ``launch`` and
+``finish`` over the decode launches:
 
 - ``tok_s``: decoded tokens over the time from the first decode launch to the last finish;
-- ``period_ms``: time per decode step;
+- ``period_ms``: time per decode step (a chained launch counts its steps);
 - ``host_ms``: Python time per step outside waits for the device (schedule, build rows,
   launch, append, stop checks, detokenize, emit);
 - ``host_fraction``: the host time on the critical path, as a share of the step. Synchronous:
   all of it (``host_ms / period_ms``, as ``benchmarks.compare`` reports). Asynchronous: the
   device has the next step queued while the host works, so only the steps whose previous
   step was already done when the next was launched (``starved``) leave it idle; their share
-  of ``host_ms`` counts.
+  of ``host_ms`` counts. Chained: all of it, per step of the chain (an upper bound: a chain's
+  later launches are made while its first steps run).
 
-One JSON line per run, then per batch the medians and ``async_vs_sync`` (median of per-pair
-tok/s ratios). Usage: ``python -m benchmarks.bench_host [--dtype bfloat16] [--tokens 48]
-[--repeats 3] [--batches 1 8 32]``. On a CPU the "device" is the same cores as the host, so
-overlap gains only what idle cores allow.
+One JSON line per run, then per batch the medians, ``async_vs_sync`` and ``chained_vs_sync``
+(medians of per-repeat tok/s ratios). Usage: ``python -m benchmarks.bench_host [--dtype
+bfloat16] [--tokens 48] [--repeats 3] [--batches 1 8 32] [--chain 4]``. On a CPU the
+"device" is the same cores as the host, so overlap gains only what idle cores allow, and a
+chain saves only the host's per-step Python (its launches still cost the cores their
+dispatch); on an accelerator both hide the host.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ class Clock:
             starved = bool(after) and all(_ready(a) for a in after)
             start = time.perf_counter()
             handle = launch(scheduled, after=after)
-            self.steps.append({"start": start, "decode": decode, "rows": len(scheduled),
+            self.steps.append({"start": start, "decode": decode, "seqs": scheduled,
+                               "programs": len(handle),
                                "starved": starved, "handle": handle})
             return handle
 
@@ -59,8 +64,10 @@ class Clock:
             start = time.perf_counter()
             jax.block_until_ready([sampled.tokens_B for _, sampled in handle if sampled])
             step["wait"] = time.perf_counter() - start
+            before = _outputs(step["seqs"])  # a step launched meanwhile appends nothing yet
             finish(handle)
             step["end"] = time.perf_counter()
+            step["tokens"] = _outputs(step["seqs"]) - before
 
         runner.launch, runner.finish = timed_launch, timed_finish
 
@@ -70,11 +77,17 @@ class Clock:
     def stats(self) -> dict:
         dec = [s for s in self.steps if s["decode"] and "end" in s]
         span = max(s["end"] for s in dec) - dec[0]["start"]
-        period = span / len(dec)
-        host = (span - sum(s["wait"] for s in dec)) / len(dec)
+        steps = sum(s["programs"] for s in dec)  # decode launches hold only decode programs
+        period = span / steps
+        host = (span - sum(s["wait"] for s in dec)) / steps
         starved = sum(s["starved"] for s in dec) / len(dec)
-        return {"tok_s": sum(s["rows"] for s in dec) / span, "period_ms": 1e3 * period,
+        return {"tok_s": sum(s["tokens"] for s in dec) / span, "period_ms": 1e3 * period,
                 "host_ms": 1e3 * host, "starved": starved}
+
+
+def _outputs(scheduled) -> int:
+    """Tokens the scheduled sequences hold so far."""
+    return sum(len(s.seq.output_ids) for s in scheduled)
 
 
 def _ready(pair) -> bool:
@@ -83,9 +96,18 @@ def _ready(pair) -> bool:
     return sampled is None or sampled.tokens_B.is_ready()
 
 
-def run_once(llm: LLM, overlap: bool, batch: int, tokens: int, seed: int) -> dict:
+def set_mode(llm: LLM, mode: str, chain: int) -> None:
+    """Switch the group between modes; its compiled programs serve all three."""
     group = llm.engine.groups[0]
-    group.overlap = overlap
+    group.overlap = mode == "async"
+    steps = chain if mode == "chained" else 1
+    group.runner.num_scheduler_steps = steps
+    group.scheduler.num_lookahead_tokens = steps - 1
+
+
+def run_once(llm: LLM, mode: str, chain: int, batch: int, tokens: int, seed: int) -> dict:
+    group = llm.engine.groups[0]
+    set_mode(llm, mode, chain)
     rng = np.random.default_rng(seed)
     prompts = [{"prompt_token_ids": rng.integers(100, llm.cfg.vocab_size, PROMPT_LEN).tolist()}
                for _ in range(batch)]
@@ -95,7 +117,7 @@ def run_once(llm: LLM, overlap: bool, batch: int, tokens: int, seed: int) -> dic
     finally:
         clock.close()
     stats = clock.stats()
-    exposed = stats["host_ms"] * (stats["starved"] if overlap else 1.0)
+    exposed = stats["host_ms"] * (stats["starved"] if mode == "async" else 1.0)
     stats["host_fraction"] = exposed / stats["period_ms"]
     return stats
 
@@ -106,27 +128,32 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chain", type=int, default=4, help="decode steps a chained launch")
     args = ap.parse_args(argv)
     llm = LLM("smollm2", dtype=args.dtype, max_num_seqs=max(max(args.batches), 4),
               async_scheduling=True)
     if not llm.engine.groups[0].overlap:
         raise SystemExit("the engine's group cannot overlap steps (speculative or MA layout)")
+    modes = ("sync", "async", "chained")
     for batch in args.batches:
-        for overlap in (False, True):  # warm-up: compile every shape of both modes
-            run_once(llm, overlap, batch, 4, seed=0)
-        runs = {False: [], True: []}
+        for mode in modes:  # warm-up: compile every shape of every mode
+            run_once(llm, mode, args.chain, batch, 4, seed=0)
+        runs = {mode: [] for mode in modes}
         for repeat in range(args.repeats):
-            for overlap in (False, True):
-                stats = run_once(llm, overlap, batch, args.tokens, seed=1000 * batch + repeat)
-                runs[overlap].append(stats)
-                print(json.dumps({"dtype": args.dtype, "batch": batch, "async": overlap,
+            for mode in modes:
+                stats = run_once(llm, mode, args.chain, batch, args.tokens,
+                                 seed=1000 * batch + repeat)
+                runs[mode].append(stats)
+                print(json.dumps({"dtype": args.dtype, "batch": batch, "mode": mode,
                                   **{k: round(v, 4) for k, v in stats.items()}}), flush=True)
-        line = {"dtype": args.dtype, "batch": batch}
-        for overlap, name in ((False, "sync"), (True, "async")):
+        line = {"dtype": args.dtype, "batch": batch, "chain": args.chain}
+        for mode in modes:
             for key in ("tok_s", "host_ms", "host_fraction"):
-                line[f"{name}_{key}"] = round(statistics.median(r[key] for r in runs[overlap]), 4)
-        line["async_vs_sync"] = round(statistics.median(
-            a["tok_s"] / s["tok_s"] for s, a in zip(runs[False], runs[True], strict=True)), 3)
+                line[f"{mode}_{key}"] = round(statistics.median(r[key] for r in runs[mode]), 4)
+        for mode in ("async", "chained"):
+            line[f"{mode}_vs_sync"] = round(statistics.median(
+                m["tok_s"] / s["tok_s"] for s, m in zip(runs["sync"], runs[mode], strict=True)),
+                3)
         print(json.dumps(line), flush=True)
 
 

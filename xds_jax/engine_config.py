@@ -48,6 +48,15 @@ class EngineConfig:
         ``--async-scheduling``); the host's appends, stop checks and detokenization overlap
         the device. Colocated and PD decode groups; speculative and MA ranks step one at a
         time.
+      num_scheduler_steps: decode steps a DP group launches per scheduler step (vLLM's
+        multi-step scheduling): the same decode program back to back, each step's inputs the
+        last one's sampled tokens on the device, into KV slots reserved up front; the host's
+        per-step work (schedule, read, append, stop checks, detokenize, emit) is paid once
+        per chain. Tokens reach the client once per chain, a request arriving meanwhile
+        waits for the chain to end, and a sequence that stops mid-chain drops the tokens
+        after. Rows whose sampling reads every output token (penalties, a grammar) run one
+        step at a time; ``async_scheduling`` and speculative decoding (which chains its own
+        steps: ``speculative_config.num_chained_steps``) take one. 1: none chained.
       staged: run steps as separately jitted stage programs (faster to compile, slower to
         run) instead of one fused program.
       micro_batches: micro-batches per attention domain and step in MA deployments.
@@ -91,6 +100,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     staged: bool = False
     async_scheduling: bool = False
+    num_scheduler_steps: int = 1
     micro_batches: int = 2
     trace: bool = False
     use_param_cache: bool = True
@@ -109,6 +119,12 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        steps = self.num_scheduler_steps
+        if (not isinstance(steps, int) or isinstance(steps, bool)
+                or not 1 <= steps <= MAX_SCHEDULER_STEPS):
+            raise ConfigError(f"num_scheduler_steps must be an integer in "
+                              f"1..{MAX_SCHEDULER_STEPS} (decode steps chained per scheduler "
+                              f"step; 1: none chained), got {steps!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
         _check_speculative(self.speculative_config)
@@ -162,6 +178,7 @@ MAX_SPECULATIVE_TOKENS = 4  # xds_jax.model.mtp holds the same limit (no JAX imp
 # for the first launch and the last read. Tokens reach the client once per chain.
 DEFAULT_CHAINED_STEPS = 4
 MAX_CHAINED_STEPS = 16
+MAX_SCHEDULER_STEPS = 64
 
 
 def _check_speculative(spec) -> None:

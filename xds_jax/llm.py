@@ -41,8 +41,8 @@ class LLM:
         with ``run(list[Sequence])``.
       config: an ``EngineConfig``; or give its fields as keyword ``options`` (``dtype``,
         ``max_model_len``, ``deployment``, ``max_num_seqs``, ``kv_cache_bytes``, ``staged``,
-        ``async_scheduling``,
-        ``trace``, ...; see ``xds_jax.engine_config``). With ``trace``, ``llm.engine.timeline``
+        ``async_scheduling``, ``num_scheduler_steps``, ``trace``, ...; see
+        ``xds_jax.engine_config``). With ``trace``, ``llm.engine.timeline``
         records a per-step timeline (``summary()``, ``save(path)`` as a Chrome trace).
         ``faults=["group_crash:group=1:after_steps=3", ...]`` injects faults
         (``docs/reliability.md``); ``llm.engine.stats()`` counts them and the recoveries.

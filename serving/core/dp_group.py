@@ -56,6 +56,7 @@ class GroupConfig:
     spec_disable_by_batch_size: int | None = None  # steps of more rows do not draft
     spec_chained_steps: int = DEFAULT_CHAINED_STEPS  # greedy speculative steps back to back
     async_scheduling: bool = DEFAULTS.async_scheduling  # launch step n + 1 before n's tokens
+    num_scheduler_steps: int = DEFAULTS.num_scheduler_steps  # decode steps chained per launch
 
 
 @dataclasses.dataclass(frozen=True)

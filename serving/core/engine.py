@@ -380,6 +380,7 @@ def group_config_for(params: dict, cfg: ModelConfig, max_model_len: int,
                        max_num_batched_tokens=config.max_num_batched_tokens,
                        enable_prefix_caching=config.enable_prefix_caching,
                        staged=config.staged, async_scheduling=config.async_scheduling,
+                       num_scheduler_steps=config.num_scheduler_steps,
                        num_speculative_tokens=config.num_speculative_tokens,
                        spec_disable_by_batch_size=config.spec_disable_by_batch_size,
                        spec_chained_steps=config.spec_chained_steps)

@@ -10,7 +10,12 @@ width (powers of two). The KV pages are donated through every program, so they a
 place. The same bucket never compiles twice: ``compile_count`` lets tests and benchmarks check
 steady state.
 
-Sampling is dispatched with the step (``launch``) and read by ``finish``. With asynchronous
+Sampling is dispatched with the step (``launch``) and read by ``finish``. Decode rows may run
+``num_scheduler_steps`` steps a launch (vLLM's multi-step scheduling): the same decode program
+launched back to back, each step's inputs the last one's sampled tokens on device, into KV
+slots the group's scheduler reserved up front (``num_lookahead_tokens``); the host's work per
+step (schedule, build rows, read, append, stop checks, emit) is paid once per chain, and a
+row that stops mid-chain drops the tokens after. With asynchronous
 scheduling (``overlaps_steps``) the next step is launched before ``finish``: a decode row whose
 input is the previous step's sampled token takes it from that step's device array by index
 (``take_inputs``), so the launch waits for nothing.
@@ -101,6 +106,12 @@ def build_rows(scheduled: list, rows_min: int, width_min: int, block_size: int,
 
 
 @jax.jit
+def as_decode_inputs(tokens_B: jax.Array) -> jax.Array:
+    """A chained decode step's ``[B, 1]`` inputs: the previous step's sampled tokens."""
+    return tokens_B[:, None]
+
+
+@jax.jit
 def take_inputs(sampled: tuple, source_B: jax.Array, tokens_BS: jax.Array) -> jax.Array:
     """Decode inputs on device: row ``i`` takes the ``source_B[i]``-th token of the previous
     step's ``sampled`` launches (concatenated), or keeps its host token where -1."""
@@ -118,7 +129,8 @@ class ModelRunner:
     """
 
     def __init__(self, params: dict, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 device: jax.Device | list | None = None, staged: bool = False):
+                 device: jax.Device | list | None = None, staged: bool = False,
+                 num_scheduler_steps: int = 1):
         self.cfg = cfg
         self.staged = staged
         self.decode_rows_min = decode_rows_min(params)
@@ -148,6 +160,9 @@ class ModelRunner:
         # stage programs (staged) share one placed copy.
         self._direct_inputs = len(devices) == 1 and not multi_process() and not staged
         self.lock = threading.Lock()  # held while a step swaps the (donated) pages
+        # Decode steps per launch; the group's scheduler reserves their KV slots up front.
+        self.num_scheduler_steps = num_scheduler_steps
+        self.num_lookahead_tokens = num_scheduler_steps - 1
         self._shapes_seen = ProgramShapes()
         self.compile_count = 0
 
@@ -200,7 +215,9 @@ class ModelRunner:
             return list(arrays)
         return [place(a, self.input_sharding) for a in arrays]
 
-    def _launch(self, rows: RowBatch, sampled: tuple = ()):
+    def _launch(self, rows: RowBatch, sampled: tuple = (), tokens_B: jax.Array | None = None):
+        """Dispatch one step program; ``tokens_B``: the decode inputs of a chained step, the
+        previous step's sampled tokens on device."""
         key = (rows.tokens_BS.shape, rows.tables_BN.shape)
         self._seen(key, "step program (rows x tokens, rows x blocks)")
         inputs = self._put(rows.tokens_BS, rows.positions_BS, rows.tables_BN, rows.last_B)
@@ -208,6 +225,8 @@ class ModelRunner:
             self._seen(("inputs", tuple(a.shape for a in sampled), rows.tokens_BS.shape),
                        "decode inputs taken on device")
             inputs[0] = take_inputs(sampled, *self._put(rows.source_B), inputs[0])
+        elif tokens_B is not None:
+            inputs[0] = as_decode_inputs(tokens_B)
         with self.lock:
             args = (inputs[0], inputs[1], self.caches, inputs[2], inputs[3])
             if self.staged:
@@ -218,24 +237,61 @@ class ModelRunner:
 
     def launch(self, scheduled: list, after: list | None = None) -> list[tuple]:
         """Dispatch the programs of one step and their sampling (asynchronous); returns what
-        ``finish`` needs, a ``(logits, sampled)`` pair per program. ``after``: the handle of
-        a step launched but not finished (asynchronous scheduling); a decode row whose input
-        token that step samples takes it on device."""
+        ``finish`` needs, a ``(logits, sampled)`` pair per program, in order. ``after``: the
+        handle of a step launched but not finished (asynchronous scheduling); a decode row
+        whose input token that step samples takes it on device."""
         decodes = [s for s in scheduled if s.num_tokens == 1 and s.start > 0]
         prefills = [s for s in scheduled if not (s.num_tokens == 1 and s.start > 0)]
         sampled, sources = _in_flight(after)
         pending = []
-        for group, rows_min, width in ((decodes, self.decode_rows_min, 1),
-                                       (prefills, 1, MIN_PREFILL_WIDTH)):
-            if group:
-                rows = build_rows(group, rows_min, width, self.block_size,
-                                  sources if group is decodes else None)
-                logits, greedy = self._launch(rows, sampled)
-                flying = {s.seq.seq_id for s in group if s.seq.seq_id in sources} \
-                    if sources else set()
-                pending.append((logits, dispatch_rows(logits, rows.sampling_seqs,
-                                                      self.cfg.vocab_size, flying, greedy)))
+        if decodes:
+            pending += self._launch_decodes(decodes, sampled, sources)
+        if prefills:
+            rows = build_rows(prefills, 1, MIN_PREFILL_WIDTH, self.block_size)
+            logits, greedy = self._launch(rows)
+            pending.append((logits, dispatch_rows(logits, rows.sampling_seqs,
+                                                  self.cfg.vocab_size, greedy_B=greedy)))
         return pending
+
+    def _launch_decodes(self, items: list, sampled: tuple, sources: dict) -> list[tuple]:
+        """The decode rows' steps: one, or a chain (``num_scheduler_steps``), each row
+        running as many as its reserved KV slots hold (the rest of its chain writes nothing
+        and samples nothing)."""
+        rows = build_rows(items, self.decode_rows_min, 1, self.block_size, sources)
+        logits, greedy = self._launch(rows, sampled)
+        flying = {s.seq.seq_id for s in items if s.seq.seq_id in sources}
+        first = dispatch_rows(logits, rows.sampling_seqs, self.cfg.vocab_size, flying, greedy)
+        pending = [(logits, first)]
+        chain = self._chain_length(items, sources)
+        if chain == 1 or first is None:
+            return pending
+        steps_B = np.zeros(len(rows.sampling_seqs), np.int32)
+        steps_B[:len(items)] = [min(chain, s.num_lookahead + 1) for s in items]
+        tokens_B = first.tokens_B
+        for j in range(1, chain):
+            live = j < steps_B
+            seqs = [s if ok else None for s, ok in zip(rows.sampling_seqs, live, strict=True)]
+            positions = np.where(live[:, None] & (rows.positions_BS >= 0),
+                                 rows.positions_BS + j, -1).astype(np.int32)
+            step = dataclasses.replace(rows, positions_BS=positions, sampling_seqs=seqs)
+            logits, greedy = self._launch(step, tokens_B=tokens_B)
+            out = dispatch_rows(logits, seqs, self.cfg.vocab_size, ahead=j, greedy_B=greedy)
+            if out is None:
+                break
+            pending.append((logits, out))
+            tokens_B = out.tokens_B
+        return pending
+
+    def _chain_length(self, items: list, sources: dict) -> int:
+        """Decode steps this launch chains: ``num_scheduler_steps``, no more than the most
+        any row has KV slots reserved for; one where a row's sampling reads every output
+        token (penalties, a grammar: the host appends each before the next is drawn) or a
+        row's input is still in flight (asynchronous scheduling)."""
+        if self.num_scheduler_steps == 1 or sources:
+            return 1
+        if any(s.seq.params.reads_outputs for s in items):
+            return 1
+        return min(self.num_scheduler_steps, 1 + max(s.num_lookahead for s in items))
 
     def finish(self, pending: list[tuple]) -> None:
         """Read each program's sampled tokens and append them to their sequences (those

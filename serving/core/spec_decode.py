@@ -319,5 +319,8 @@ def build_runner(params: dict, cfg: ModelConfig, config, device) -> ModelRunner:
                           num_speculative_tokens=config.num_speculative_tokens,
                           disable_by_batch_size=config.spec_disable_by_batch_size,
                           num_chained_steps=config.spec_chained_steps)
+    # Asynchronous scheduling overlaps the host with the device its own way: one step a
+    # launch, the next launched before this one's tokens are read.
+    steps = 1 if config.async_scheduling else config.num_scheduler_steps
     return ModelRunner(params, cfg, config.num_blocks, config.block_size, device,
-                       staged=config.staged)
+                       staged=config.staged, num_scheduler_steps=steps)

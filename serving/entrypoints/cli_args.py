@@ -54,9 +54,9 @@ def positive_float(text: str) -> float:
 # ``max_num_seqs``); their defaults are ``EngineConfig``'s. ``launch.engine_args`` maps them.
 ENGINE_FIELDS = ("model", "dtype", "quantization", "max_model_len", "seed", "num_dp_groups",
                  "max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching",
-                 "staged", "async_scheduling", "micro_batches", "speculative_config",
-                 "enable_eplb", "eplb_config", "dispatch_dtype", "faults", "heartbeat_timeout_s",
-                 "kv_transfer_retries")
+                 "staged", "async_scheduling", "num_scheduler_steps", "micro_batches",
+                 "speculative_config", "enable_eplb", "eplb_config", "dispatch_dtype", "faults",
+                 "heartbeat_timeout_s", "kv_transfer_retries")
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +115,11 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--async-scheduling", action="store_true", default=d.async_scheduling,
                        help="schedule and launch step n + 1 while step n runs on the device "
                        "(colocated and PD decode groups)")
+    group.add_argument("--num-scheduler-steps", type=positive_int,
+                       default=d.num_scheduler_steps, metavar="N",
+                       help="decode steps launched back to back per scheduler step (host "
+                       "work paid once per N tokens; tokens stream N at a time) "
+                       "(default: %(default)s)")
     group.add_argument("--num-dp-groups", type=positive_int, default=d.num_dp_groups,
                        metavar="N", help="data-parallel groups when no deployment file is "
                        "given (default: %(default)s)")

@@ -37,19 +37,23 @@ class SampledRows:
 
 def dispatch_rows(logits_BV: jax.Array, seqs: list[Sequence | None], vocab_size: int,
                   in_flight: set[int] = frozenset(),
-                  greedy_B: jax.Array | None = None) -> SampledRows | None:
+                  greedy_B: jax.Array | None = None, ahead: int = 0) -> SampledRows | None:
     """Launch the sampler over every row of the bucket (idle rows greedily, results dropped,
     so it compiles once per bucket rather than once per number of live rows). None when no
     row is live. ``in_flight``: seq ids whose previous sampled token is not appended yet.
     ``greedy_B``: the argmax of each row, computed with the logits (``model_step``); a batch
-    that only takes argmaxes takes these and launches no sampler."""
+    that only takes argmaxes takes these and launches no sampler. ``ahead``: tokens every
+    live row has sampled before this one and not appended yet (the steps before it in a
+    chain, ``serving.core.runner``); they count as ``in_flight``'s one does."""
     live = [s if s is not None and not s.finished else None for s in seqs]
     if not any(live):
         return None
     params = [s.params if s else _IDLE_ROW for s in live]
     distinct = list({id(p): p for p in params}.values())
     flags = flags_for(distinct)
-    if any(s is not None and s.seq_id in in_flight and s.params.reads_outputs for s in live):
+    ahead_B = [ahead + int(s is not None and s.seq_id in in_flight) for s in live]
+    if any(s is not None and a and s.params.reads_outputs
+           for s, a in zip(live, ahead_B, strict=True)):
         raise XdsError("penalties and grammars read every output token: a row with a token "
                        "in flight cannot sample with them (the group schedules it "
                        "synchronously)")
@@ -61,12 +65,11 @@ def dispatch_rows(logits_BV: jax.Array, seqs: list[Sequence | None], vocab_size:
             return SampledRows(live, greedy_B, None)
         batch = _greedy_batch(len(live))  # nothing per row: argmax
     else:
-        ahead = [int(s is not None and s.seq_id in in_flight) for s in live]
         batch = make_batch(
             params, [s.seed if s else 0 for s in live],
-            [len(s.output_ids) + a if s else 0 for s, a in zip(live, ahead, strict=True)],
+            [len(s.output_ids) + a if s else 0 for s, a in zip(live, ahead_B, strict=True)],
             [s.prompt_ids if s else [] for s in live], [s.output_ids if s else [] for s in live],
-            [s.banned_ids(a) if s else [] for s, a in zip(live, ahead, strict=True)],
+            [s.banned_ids(a) if s else [] for s, a in zip(live, ahead_B, strict=True)],
             vocab_size, flags, allowed if constrained else None)
     tokens, *extras = sample(logits_BV, batch, flags)
     return SampledRows(live, tokens, tuple(extras) if flags.logprobs else None)

@@ -259,7 +259,7 @@ class ModelRunner:
         and samples nothing)."""
         rows = build_rows(items, self.decode_rows_min, 1, self.block_size, sources)
         logits, greedy = self._launch(rows, sampled)
-        flying = {s.seq.seq_id for s in items if s.seq.seq_id in sources}
+        flying = {s.seq.seq_id for s in items if s.seq.seq_id in sources} if sources else set()
         first = dispatch_rows(logits, rows.sampling_seqs, self.cfg.vocab_size, flying, greedy)
         pending = [(logits, first)]
         chain = self._chain_length(items, sources)

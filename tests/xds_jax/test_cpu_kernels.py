@@ -35,19 +35,32 @@ def _kernel(x, w):
     return jax.jit(cpu_matmul.few_row_matmul)(x, w)
 
 
-@pytest.fixture(params=[2, 1], ids=["avx512-bf16", "avx2"])
+@pytest.fixture(params=["amx", 2, 1], ids=["amx", "avx512-bf16", "avx2"])
 def isa(request):
+    """The kernel's paths: Intel AMX tiles (bfloat16 from 2 rows, K a multiple of 32), AVX-512
+    BF16 (AMX off) and AVX2."""
+    default_amx = cpu_matmul.amx_rows()
+    if request.param == "amx":
+        if not default_amx:
+            pytest.skip("this CPU (or its OS) gives no AMX tiles")
+        yield cpu_matmul.use_isa(2)
+        return
     if request.param > cpu_matmul.kernel_isa():
         pytest.skip("this CPU lacks AVX-512 BF16")
+    cpu_matmul.use_amx(0)
     yield cpu_matmul.use_isa(request.param)
     cpu_matmul.use_isa(2)
+    cpu_matmul.use_amx(default_amx)
 
 
 # every row count the kernels take (each has its own block width), N off the block widths and
 # the 24-column chunk multiples, K with tails past the 32-, 16- and 8-wide steps
 SHAPES = [(1, 1, 576), (1, 130, 100), (2, 67, 37), (3, 1000, 64), (4, 576, 1536), (5, 67, 37),
           (6, 130, 100), (7, 25, 70), (8, 1000, 64), (13, 67, 37), (32, 130, 100),
-          (100, 25, 70)]  # past 8 rows: groups of rows, a group's rest, a second panel of rows
+          (100, 25, 70),  # past 8 rows: groups of rows, a group's rest, a second panel of rows
+          # AMX: one tile of rows against 64 weight rows and a tail, pairs of tiles (rows
+          # padded) against 32 and a tail, a second panel of 256 rows
+          (2, 64, 64), (16, 70, 32), (17, 600, 576), (48, 64, 1536), (300, 96, 64)]
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)

@@ -13,14 +13,18 @@ XLA's dot otherwise, so a GSPMD tensor-parallel program never gathers its sharde
 for it; every other platform lowers it to the dot. ``vmap`` sees the dot, differentiation
 (bfloat16) too.
 
-Measured on this machine (AMD EPYC, AVX-512 BF16, 2 cores; SmolLM2's weight shapes,
-``benchmarks.bench_matmul`` and ``docs/performance.md``): bfloat16 at 1 / 2 / 4 rows about
-twice XLA's dots (the weight stream), 16 / 32 / 64 rows 1.15-1.25x (the multiply-adds, in
-register tiles), level around 256 rows; int8 ahead at every row count.
+Measured (SmolLM2's weight shapes, ``benchmarks.bench_matmul`` and ``docs/performance.md``):
+on an AMD EPYC (AVX-512 BF16, 2 cores) bfloat16 at 1 / 2 / 4 rows about twice XLA's dots (the
+weight stream), 16 / 32 / 64 rows 1.15-1.25x (the multiply-adds, in register tiles), level
+around 256 rows; int8 ahead at every row count. On an Intel Xeon with AMX (2 cores), where
+XLA's own bfloat16 dots run 2-3x the AVX-512 kernel from 16 rows, the kernel's AMX tiles
+(``amx_tiles.h``, from 2 rows) run 1.7x / 1.9x / 1.8x / 1.4x XLA at 8 / 16 / 32 / 64 rows,
+even at 128, behind from 256.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import sys
@@ -39,8 +43,9 @@ TARGET = "xds_bf16_matmul"
 F32_TARGET = "xds_f32_matmul"
 INT8_TARGET = "xds_int8_matmul"
 LIBRARY = "few_row_matmul"
-# Rows up to which the kernels beat XLA's dots (SmolLM2's weight shapes, this AMD EPYC;
-# docs/performance.md). AVX-512: bfloat16 to 128 rows (1.15-1.25x at 16-64, even around 256,
+# Rows up to which the kernels beat XLA's dots (SmolLM2's weight shapes, an AMD EPYC, and an
+# Intel Xeon with AMX tiles, even at 128 rows; docs/performance.md). AVX-512: bfloat16 to 128
+# rows (1.15-1.25x at 16-64, even around 256,
 # behind from 512 where XLA's packed GEMM is at its peak), weight-only int8 at every count
 # (1.3-1.9x the model's int32 dot, whose split halves double the rows). The AVX2 path is
 # held to 8 rows, where it was measured ahead; here XLA's dots beyond that have AVX-512.
@@ -64,8 +69,11 @@ def kernel_isa() -> int:
         for target, symbol in ((TARGET, lib.XdsBf16Matmul), (F32_TARGET, lib.XdsF32Matmul),
                                (INT8_TARGET, lib.XdsInt8Matmul)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
-        log.info("few-row bfloat16 and int8 matmuls run xds-jax's CPU kernel (%s)",
-                 "AVX-512 BF16" if isa == 2 else "AVX2")
+        lib.xds_few_row_amx.restype = ctypes.c_int64
+        amx = int(lib.xds_few_row_amx())
+        log.info("few-row bfloat16 and int8 matmuls run xds-jax's CPU kernel (%s%s)",
+                 "AVX-512 BF16" if isa == 2 else "AVX2",
+                 f"; bfloat16 on AMX tiles from {amx} rows" if amx else "")
     return isa
 
 
@@ -74,6 +82,27 @@ def use_isa(isa: int) -> int:
     an AVX-512 machine); returns the one in use. Takes effect for calls made after it."""
     lib = build.load(LIBRARY)
     return int(lib.xds_few_row_use_isa(isa)) if lib is not None else 0
+
+
+def amx_rows() -> int:
+    """The fewest rows a bfloat16 matmul runs Intel AMX tiles at (0: no AMX here, or turned
+    off by ``use_amx(0)``)."""
+    lib = build.load(LIBRARY) if kernel_isa() else None
+    if lib is None:
+        return 0
+    lib.xds_few_row_amx.restype = ctypes.c_int64
+    return int(lib.xds_few_row_amx())
+
+
+def use_amx(rows: int) -> int:
+    """Run bfloat16 matmuls of ``rows`` rows or more on AMX tiles (0: never; tests and
+    benchmarks compare the paths); returns ``amx_rows()``. Takes effect for calls made after
+    it."""
+    lib = build.load(LIBRARY) if kernel_isa() else None
+    if lib is None:
+        return 0
+    lib.xds_few_row_use_amx.restype = ctypes.c_int64
+    return int(lib.xds_few_row_use_amx(ctypes.c_int64(rows)))
 
 
 def max_rows(int8: bool = False, float32: bool = False) -> int:

@@ -11,7 +11,8 @@
 // not started).
 //
 // - XdsBf16Matmul: bfloat16 x and w, float32 accumulation: AVX-512 BF16's pair dot product,
-//   or AVX2 FMAs on the widened values.
+//   or AVX2 FMAs on the widened values; from kAmxMinRows rows, Intel AMX tiles where the CPU
+//   and the OS allow them (amx_tiles.h).
 // - XdsF32Matmul: float32 x and w, AVX-512 FMAs (XLA's float32 dots stream 2-8 rows at ~10
 //   GB/s); AVX2 FMAs where forced (tests), not routed to there.
 // - XdsInt8Matmul: weight-only int8 (xds_jax.model.quant): w int8 with float32 scales [N]; the
@@ -30,6 +31,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "amx_tiles.h"
 #include "few_row_blocks.h"
 #include "pool_chunks.h"
 
@@ -63,6 +65,10 @@ int detect_isa() {
 
 // 2: AVX-512 (BF16, VNNI), 1: AVX2 + FMA, 0: neither. Lowered by xds_few_row_use_isa (tests).
 std::atomic<int> g_isa{detect_isa()};
+// bfloat16 matmuls of at least this many rows run AMX tiles (0: never; xds_few_row_use_amx).
+constexpr int64_t kAmxMinRows = 2;
+const bool kAmx = detect_isa() == 2 && amx_usable();
+std::atomic<int64_t> g_amx_rows{kAmx ? kAmxMinRows : 0};
 
 // Block widths keep the accumulators, the rows' values and a weight in registers: 32 zmm
 // (AVX-512) or 16 ymm (AVX2); each divides kBlocks. Up to kGroup rows run as one block; more
@@ -165,11 +171,17 @@ struct Work : Chunks {
   Operands o;
   std::vector<int16_t> xq;
   std::vector<int32_t> xsum;
+  std::vector<uint32_t> xp;  // x packed for AMX tiles (amx_pack); empty: no AMX
   int64_t chunk = 0;
 
   void run(int64_t c) override {
-    const int64_t n0 = c * chunk;
-    columns(o, n0, std::min(o.N, n0 + chunk));
+    const int64_t n0 = c * chunk, n1 = std::min(o.N, n0 + chunk);
+    if (xp.empty()) return columns(o, n0, n1);
+    const int64_t width = amx_width(o.M), mid = n0 + (n1 - n0) / width * width;
+    if (mid > n0) {
+      amx_columns(static_cast<const uint16_t*>(o.w), xp.data(), o.y, o.M, o.N, o.K, n0, mid);
+    }
+    if (mid < n1) columns(o, mid, n1);  // the outputs past the last whole AMX block
   }
 };
 
@@ -179,7 +191,8 @@ ffi::Error Run(ffi::ThreadPool& pool, std::shared_ptr<Work> work) {
   }
   const int64_t pieces = std::max<int64_t>(1, pool.num_threads()) * kChunksPerThread;
   const int64_t per_chunk = (work->o.N + pieces - 1) / pieces;
-  work->chunk = (per_chunk + kBlocks - 1) / kBlocks * kBlocks;
+  const int64_t unit = work->xp.empty() ? kBlocks : amx_width(work->o.M);
+  work->chunk = (per_chunk + unit - 1) / unit * unit;
   work->chunks = (work->o.N + work->chunk - 1) / work->chunk;
   run_chunks(pool, work);
   return ffi::Error::Success();
@@ -206,9 +219,14 @@ ffi::Error FloatMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer&
   }
   work->o.w = w.untyped_data();
   work->o.y = reinterpret_cast<float*>(y.untyped_data());
-  work->o.M = x.dimensions()[0];
+  const int64_t M = work->o.M = x.dimensions()[0];
   work->o.N = w.dimensions()[0];
-  work->o.K = w.dimensions()[1];
+  const int64_t K = work->o.K = w.dimensions()[1];
+  const int64_t amx_rows_min = g_amx_rows.load(std::memory_order_relaxed);
+  if (dtype == ffi::DataType::BF16 && amx_rows_min > 0 && M >= amx_rows_min && K % 32 == 0 &&
+      g_isa.load(std::memory_order_relaxed) == 2) {
+    amx_pack(work->o.x, M, K, amx_rows(M), work->xp);
+  }
   return Run(pool, std::move(work));
 }
 
@@ -297,6 +315,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XdsInt8Matmul, Int8Matmul,
 
 // The instruction set the kernels run: 2 AVX-512 (BF16, VNNI), 1 AVX2 + FMA, 0 none (not used).
 extern "C" int xds_few_row_isa() { return g_isa.load(); }
+
+// The fewest rows a bfloat16 matmul runs AMX tiles at (0: AMX unavailable or turned off).
+extern "C" int64_t xds_few_row_amx() { return g_amx_rows.load(); }
+
+// Run AMX from ``rows`` rows (0: never; ignored where AMX is unavailable); returns the rows now.
+extern "C" int64_t xds_few_row_use_amx(int64_t rows) {
+  g_amx_rows.store(kAmx ? std::max<int64_t>(0, rows) : 0);
+  return g_amx_rows.load();
+}
 
 // Run at most ``isa`` (never above what the CPU has); returns the one now in use.
 extern "C" int xds_few_row_use_isa(int isa) {

@@ -37,8 +37,8 @@ def _kernel(x, w):
 
 @pytest.fixture(params=["amx", 2, 1], ids=["amx", "avx512-bf16", "avx2"])
 def isa(request):
-    """The kernel's paths: Intel AMX tiles (bfloat16 from 2 rows, K a multiple of 32), AVX-512
-    BF16 (AMX off) and AVX2."""
+    """The kernel's paths: Intel AMX tiles (from 2 rows; bfloat16 with K a multiple of 32,
+    int8 of 64), AVX-512 BF16 (AMX off) and AVX2."""
     default_amx = cpu_matmul.amx_rows()
     if request.param == "amx":
         if not default_amx:

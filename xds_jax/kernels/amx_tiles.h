@@ -1,13 +1,17 @@
-// Intel AMX blocks of xds-jax's bfloat16 matmul (few_row_matmul.cc includes this file):
+// Intel AMX blocks of xds-jax's bfloat16 and int8 matmuls (few_row_matmul.cc includes this file):
 // y[M, N] (float32) = x[M, K] . w[N, K]^T with TDPBF16PS, 16 x 16 float32 tiles of
 // 16 weight rows (A: read in place from the output-major weight, a row's 32 values of K per
 // tile row) by 16 rows of x (B: x packed once per call into AMX's pair layout, 16 pairs of K by
 // 16 rows a tile). Pair products are exact in float32 and accumulate in float32, as AVX-512
 // BF16's dot product does (denormals flushed).
 //
-// Used where the CPU has AMX-BF16 and Linux lets the process use tile data (arch_prctl
-// ARCH_REQ_XCOMP_PERM, asked once), for K a multiple of 32; the outputs past the last whole
-// block of tile columns run the AVX-512 blocks.
+// Weight-only int8 (TDPBSSD): the rows' int8 halves hi and lo (quant._split_rows) packed the
+// same way, 4 values of K a word, against int8 weight tiles: exact int32 sums of each half,
+// then ((256 hi + lo) * x_scale) * w_scale, XLA's arithmetic and the AVX-512 path's.
+//
+// Used where the CPU has AMX-BF16 (AMX-INT8) and Linux lets the process use tile data
+// (arch_prctl ARCH_REQ_XCOMP_PERM, asked once), for K a multiple of 32 (64); the outputs past
+// the last whole block of tile columns run the AVX-512 blocks.
 #pragma once
 
 #include <cpuid.h>
@@ -22,17 +26,18 @@
 
 namespace xds_kernels {
 
-#define XDS_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
+#define XDS_AMX __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw")))
 
 constexpr int64_t kAmxPanel = 256;  // packed rows of x that stay in L2 while weights pass
 
-// Whether AMX-BF16 runs here: the CPU has it and the kernel grants this process tile data.
-inline bool amx_usable() {
+// What AMX runs here (1: BF16, 2: INT8, or both): what the CPU has, where the kernel grants
+// this process tile data.
+inline int amx_usable() {
   unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const bool tile = d & (1u << 24), bf16 = d & (1u << 22);
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24))) return 0;
   constexpr long kReqPerm = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
-  return tile && bf16 && syscall(SYS_arch_prctl, kReqPerm, kTileData) == 0;
+  if (syscall(SYS_arch_prctl, kReqPerm, kTileData) != 0) return 0;
+  return (d & (1u << 22) ? 1 : 0) | (d & (1u << 25) ? 2 : 0);
 }
 
 struct alignas(64) TileConfig {
@@ -64,17 +69,16 @@ XDS_AMX inline void amx_stored4(float (*t)[256]) {
   _tile_stored(3, t[3], 64);
 }
 
-// x [M, K] bfloat16 into tiles of 16 rows by 32 values of K: tile (mb, s) at
-// (mb * K / 32 + s) * 512, its row r holding the pairs x[16 mb + j][32 s + 2 r .. + 1] for
-// j < 16 (rows past M zeros). ``mp``: rows rounded up to a whole number of tile pairs.
-inline void amx_pack(const uint16_t* x, int64_t M, int64_t K, int64_t mp,
-                     std::vector<uint32_t>& out) {
-  const int64_t steps = K / 32;
-  out.assign(mp * K / 2, 0);
-  const auto* x32 = reinterpret_cast<const uint32_t*>(x);
+// Rows x [M, words] of 32-bit words (pairs of bfloat16, quads of int8) into tiles of 16 rows
+// by 16 words: tile (mb, s) at out + (mb * words / 16 + s) * 256, its row r holding word
+// 16 s + r of rows 16 mb .. 16 mb + 15 (rows past M zeros; ``mp`` rows in all).
+inline void amx_pack(const void* x, int64_t M, int64_t words, int64_t mp, uint32_t* out) {
+  const int64_t steps = words / 16;
+  std::fill(out, out + mp * words, 0u);
+  const auto* x32 = static_cast<const uint32_t*>(x);
   for (int64_t m = 0; m < M; ++m) {
-    uint32_t* tiles = out.data() + (m / 16) * steps * 256 + m % 16;
-    const uint32_t* row = x32 + m * (K / 2);
+    uint32_t* tiles = out + (m / 16) * steps * 256 + m % 16;
+    const uint32_t* row = x32 + m * words;
     for (int64_t s = 0; s < steps; ++s)
       for (int r = 0; r < 16; ++r) tiles[s * 256 + r * 16] = row[s * 16 + r];
   }
@@ -87,12 +91,10 @@ XDS_AMX inline __m512 hi64(__m512 a, __m512 b) {
   return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
 }
 
-// A tile of y^T (16 weight rows by 16 rows of x) into y [M, N] at (m0, n): transposed in
-// registers (32-, 64-bit unpacks, then 128-bit lane shuffles).
-XDS_AMX inline void amx_store(const float* tile, float* y, int64_t m0, int64_t M, int64_t N,
-                              int64_t n) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(tile + 16 * i);
+// r[i] = row i of a 16 x 16 float32 tile becomes column i (32-, 64-bit unpacks, then
+// 128-bit lane shuffles).
+XDS_AMX inline void transpose16(__m512* r) {
+  __m512 t[16];
   for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
     t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
@@ -113,6 +115,14 @@ XDS_AMX inline void amx_store(const float* tile, float* y, int64_t m0, int64_t M
     r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
     r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
   }
+}
+
+// A tile of y^T (16 weight rows by 16 rows of x) into y [M, N] at (m0, n).
+XDS_AMX inline void amx_store(const float* tile, float* y, int64_t m0, int64_t M, int64_t N,
+                              int64_t n) {
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(tile + 16 * i);
+  transpose16(r);
   for (int j = 0; j < 16 && m0 + j < M; ++j) _mm512_storeu_ps(y + (m0 + j) * N + n, r[j]);
 }
 
@@ -177,6 +187,58 @@ XDS_AMX inline void amx_columns(const uint16_t* w, const uint32_t* xp, float* y,
       for (int64_t n = n0; n < n1; n += 32)
         for (int64_t mb = p0; mb < p1; mb += 2) amx_block22(w, xp, y, M, N, K, n, mb);
     }
+  }
+  amx_end();
+}
+
+// Int8 weight rows n .. n + 32 against tile mb of the rows' hi and lo halves (packed one after
+// the other, ``lo_at`` words apart): four int32 accumulators, then y as the AVX-512 path.
+XDS_AMX inline void amx_int8_block(const int8_t* w, const uint32_t* xp, int64_t lo_at,
+                                   const float* x_scale, const float* w_scale, float* y,
+                                   int64_t M, int64_t N, int64_t K, int64_t n, int64_t mb) {
+  const int64_t steps = K / 64;
+  const uint32_t* b = xp + mb * steps * 256;
+  const int8_t* a = w + n * K;
+  amx_zero4();
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(6, b + s * 256, 64);
+    _tile_loadd(7, b + lo_at + s * 256, 64);
+    _tile_loadd(4, a + s * 64, K);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_loadd(5, a + 16 * K + s * 64, K);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  }
+  alignas(64) int32_t t[4][256];
+  amx_stored4(reinterpret_cast<float(*)[256]>(t));
+  for (int h = 0; h < 2; ++h) {  // weight rows n + 16 h ..
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) {
+      const __m512 hs = _mm512_cvtepi32_ps(_mm512_load_si512(t[2 * h] + 16 * i));
+      const __m512 ls = _mm512_cvtepi32_ps(_mm512_load_si512(t[2 * h + 1] + 16 * i));
+      r[i] = _mm512_add_ps(_mm512_mul_ps(hs, _mm512_set1_ps(256.0f)), ls);
+    }
+    transpose16(r);
+    const __m512 ws = _mm512_loadu_ps(w_scale + n + 16 * h);
+    for (int j = 0; j < 16 && mb * 16 + j < M; ++j) {
+      const __m512 v = _mm512_mul_ps(_mm512_mul_ps(r[j], _mm512_set1_ps(x_scale[mb * 16 + j])), ws);
+      _mm512_storeu_ps(y + (mb * 16 + j) * N + n + 16 * h, v);
+    }
+  }
+}
+
+// Int8 outputs n0 .. n1 (a multiple of 32) for every row.
+XDS_AMX inline void amx_int8_columns(const int8_t* w, const uint32_t* xp, int64_t lo_at,
+                                     const float* x_scale, const float* w_scale, float* y,
+                                     int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  amx_begin();
+  const int64_t tiles = (M + 15) / 16;
+  for (int64_t p0 = 0; p0 < tiles; p0 += kAmxPanel / 16) {
+    const int64_t p1 = std::min(tiles, p0 + kAmxPanel / 16);
+    for (int64_t n = n0; n < n1; n += 32)
+      for (int64_t mb = p0; mb < p1; ++mb)
+        amx_int8_block(w, xp, lo_at, x_scale, w_scale, y, M, N, K, n, mb);
   }
   amx_end();
 }

@@ -19,7 +19,8 @@ weight stream), 16 / 32 / 64 rows 1.15-1.25x (the multiply-adds, in register til
 around 256 rows; int8 ahead at every row count. On an Intel Xeon with AMX (2 cores), where
 XLA's own bfloat16 dots run 2-3x the AVX-512 kernel from 16 rows, the kernel's AMX tiles
 (``amx_tiles.h``, from 2 rows) run 1.7x / 1.9x / 1.8x / 1.4x XLA at 8 / 16 / 32 / 64 rows,
-even at 128, behind from 256.
+even at 128, behind from 256; weight-only int8 runs AMX-INT8 tiles from 2 rows too (exact
+int32 sums, as the other paths).
 """
 
 from __future__ import annotations

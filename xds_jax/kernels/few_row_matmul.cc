@@ -65,9 +65,10 @@ int detect_isa() {
 
 // 2: AVX-512 (BF16, VNNI), 1: AVX2 + FMA, 0: neither. Lowered by xds_few_row_use_isa (tests).
 std::atomic<int> g_isa{detect_isa()};
-// bfloat16 matmuls of at least this many rows run AMX tiles (0: never; xds_few_row_use_amx).
+// bfloat16 and int8 matmuls of at least this many rows run AMX tiles (0: never;
+// xds_few_row_use_amx), where the CPU has them (kAmx: 1 BF16, 2 INT8).
 constexpr int64_t kAmxMinRows = 2;
-const bool kAmx = detect_isa() == 2 && amx_usable();
+const int kAmx = detect_isa() == 2 ? amx_usable() : 0;
 std::atomic<int64_t> g_amx_rows{kAmx ? kAmxMinRows : 0};
 
 // Block widths keep the accumulators, the rows' values and a weight in registers: 32 zmm
@@ -172,18 +173,33 @@ struct Work : Chunks {
   std::vector<int16_t> xq;
   std::vector<int32_t> xsum;
   std::vector<uint32_t> xp;  // x packed for AMX tiles (amx_pack); empty: no AMX
+  int64_t lo_at = 0;  // int8: where the lo half's tiles start in xp
   int64_t chunk = 0;
+
+  // Weight rows per AMX block (chunks are multiples of it).
+  int64_t amx_unit() const { return o.xh8 != nullptr ? 32 : amx_width(o.M); }
 
   void run(int64_t c) override {
     const int64_t n0 = c * chunk, n1 = std::min(o.N, n0 + chunk);
     if (xp.empty()) return columns(o, n0, n1);
-    const int64_t width = amx_width(o.M), mid = n0 + (n1 - n0) / width * width;
-    if (mid > n0) {
+    const int64_t width = amx_unit(), mid = n0 + (n1 - n0) / width * width;
+    if (mid > n0 && o.xh8 != nullptr) {
+      amx_int8_columns(static_cast<const int8_t*>(o.w), xp.data(), lo_at, o.x_scale,
+                       o.w_scale, o.y, o.M, o.N, o.K, n0, mid);
+    } else if (mid > n0) {
       amx_columns(static_cast<const uint16_t*>(o.w), xp.data(), o.y, o.M, o.N, o.K, n0, mid);
     }
     if (mid < n1) columns(o, mid, n1);  // the outputs past the last whole AMX block
   }
 };
+
+// Whether a matmul of M rows by K runs AMX tiles of ``kind`` (1 BF16, 2 INT8), K a multiple
+// of ``k_step``.
+bool takes_amx(int kind, int64_t M, int64_t K, int64_t k_step) {
+  const int64_t rows = g_amx_rows.load(std::memory_order_relaxed);
+  return (kAmx & kind) && rows > 0 && M >= rows && K % k_step == 0 &&
+         g_isa.load(std::memory_order_relaxed) == 2;
+}
 
 ffi::Error Run(ffi::ThreadPool& pool, std::shared_ptr<Work> work) {
   if (g_isa.load(std::memory_order_relaxed) == 0) {
@@ -191,7 +207,7 @@ ffi::Error Run(ffi::ThreadPool& pool, std::shared_ptr<Work> work) {
   }
   const int64_t pieces = std::max<int64_t>(1, pool.num_threads()) * kChunksPerThread;
   const int64_t per_chunk = (work->o.N + pieces - 1) / pieces;
-  const int64_t unit = work->xp.empty() ? kBlocks : amx_width(work->o.M);
+  const int64_t unit = work->xp.empty() ? kBlocks : work->amx_unit();
   work->chunk = (per_chunk + unit - 1) / unit * unit;
   work->chunks = (work->o.N + work->chunk - 1) / work->chunk;
   run_chunks(pool, work);
@@ -222,10 +238,9 @@ ffi::Error FloatMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer&
   const int64_t M = work->o.M = x.dimensions()[0];
   work->o.N = w.dimensions()[0];
   const int64_t K = work->o.K = w.dimensions()[1];
-  const int64_t amx_rows_min = g_amx_rows.load(std::memory_order_relaxed);
-  if (dtype == ffi::DataType::BF16 && amx_rows_min > 0 && M >= amx_rows_min && K % 32 == 0 &&
-      g_isa.load(std::memory_order_relaxed) == 2) {
-    amx_pack(work->o.x, M, K, amx_rows(M), work->xp);
+  if (dtype == ffi::DataType::BF16 && takes_amx(1, M, K, 32)) {
+    work->xp.resize(amx_rows(M) * K / 2);
+    amx_pack(work->o.x, M, K / 2, amx_rows(M), work->xp.data());
   }
   return Run(pool, std::move(work));
 }
@@ -272,6 +287,13 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer hi, ffi::AnyBuffer lo
       work->xsum[m] = sum;
     }
     work->o.xh8 = h, work->o.xl8 = l, work->o.xsum = work->xsum.data();
+    if (takes_amx(2, M, K, 64)) {
+      const int64_t mp = (M + 15) / 16 * 16;
+      work->lo_at = mp * K / 4;
+      work->xp.resize(2 * work->lo_at);
+      amx_pack(h, M, K / 4, mp, work->xp.data());
+      amx_pack(l, M, K / 4, mp, work->xp.data() + work->lo_at);
+    }
   } else {
     work->xq.assign(h, h + M * K);
     work->xq.insert(work->xq.end(), l, l + M * K);
@@ -316,7 +338,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XdsInt8Matmul, Int8Matmul,
 // The instruction set the kernels run: 2 AVX-512 (BF16, VNNI), 1 AVX2 + FMA, 0 none (not used).
 extern "C" int xds_few_row_isa() { return g_isa.load(); }
 
-// The fewest rows a bfloat16 matmul runs AMX tiles at (0: AMX unavailable or turned off).
+// The fewest rows a bfloat16 or int8 matmul runs AMX tiles at (0: AMX unavailable or off).
 extern "C" int64_t xds_few_row_amx() { return g_amx_rows.load(); }
 
 // Run AMX from ``rows`` rows (0: never; ignored where AMX is unavailable); returns the rows now.

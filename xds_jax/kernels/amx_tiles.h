@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <vector>
 
 namespace xds_kernels {
@@ -29,6 +30,32 @@ namespace xds_kernels {
 #define XDS_AMX __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw")))
 
 constexpr int64_t kAmxPanel = 256;  // packed rows of x that stay in L2 while weights pass
+
+// Packed rows on whole cache lines (a tile row is one line).
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
+using TileBuffer = std::vector<uint32_t, Aligned64<uint32_t>>;
+
+// The calling thread's packing buffer of at least ``words`` words, kept between calls (a call's
+// chunks are all done before it returns, so the next call on this thread may reuse it).
+inline uint32_t* amx_buffer(int64_t words) {
+  thread_local TileBuffer buffer;
+  if (static_cast<int64_t>(buffer.size()) < words) buffer.resize(words);
+  return buffer.data();
+}
 
 // What AMX runs here (1: BF16, 2: INT8, or both): what the CPU has, where the kernel grants
 // this process tile data.
@@ -69,21 +96,6 @@ XDS_AMX inline void amx_stored4(float (*t)[256]) {
   _tile_stored(3, t[3], 64);
 }
 
-// Rows x [M, words] of 32-bit words (pairs of bfloat16, quads of int8) into tiles of 16 rows
-// by 16 words: tile (mb, s) at out + (mb * words / 16 + s) * 256, its row r holding word
-// 16 s + r of rows 16 mb .. 16 mb + 15 (rows past M zeros; ``mp`` rows in all).
-inline void amx_pack(const void* x, int64_t M, int64_t words, int64_t mp, uint32_t* out) {
-  const int64_t steps = words / 16;
-  std::fill(out, out + mp * words, 0u);
-  const auto* x32 = static_cast<const uint32_t*>(x);
-  for (int64_t m = 0; m < M; ++m) {
-    uint32_t* tiles = out + (m / 16) * steps * 256 + m % 16;
-    const uint32_t* row = x32 + m * words;
-    for (int64_t s = 0; s < steps; ++s)
-      for (int r = 0; r < 16; ++r) tiles[s * 256 + r * 16] = row[s * 16 + r];
-  }
-}
-
 XDS_AMX inline __m512 lo64(__m512 a, __m512 b) {
   return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
 }
@@ -114,6 +126,29 @@ XDS_AMX inline void transpose16(__m512* r) {
   for (int i = 0; i < 8; ++i) {
     r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
     r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// Rows x [M, words] of 32-bit words (pairs of bfloat16, quads of int8) into tiles of 16 rows
+// by 16 words: tile (mb, s) at out + (mb * words / 16 + s) * 256, its row r holding word
+// 16 s + r of rows 16 mb .. 16 mb + 15 (rows past M zeros; ``mp`` rows in all): a 16 x 16
+// transpose per tile.
+XDS_AMX inline void amx_pack(const void* x, int64_t M, int64_t words, int64_t mp,
+                             uint32_t* out) {
+  const int64_t steps = words / 16;
+  const auto* x32 = static_cast<const uint32_t*>(x);
+  for (int64_t mb = 0; mb < mp / 16; ++mb) {
+    for (int64_t s = 0; s < steps; ++s) {
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j) {
+        const int64_t m = mb * 16 + j;
+        r[j] = m < M ? _mm512_loadu_ps(reinterpret_cast<const float*>(x32 + m * words + s * 16))
+                     : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      float* tile = reinterpret_cast<float*>(out + (mb * steps + s) * 256);
+      for (int i = 0; i < 16; ++i) _mm512_store_ps(tile + 16 * i, r[i]);
+    }
   }
 }
 

@@ -172,7 +172,7 @@ struct Work : Chunks {
   Operands o;
   std::vector<int16_t> xq;
   std::vector<int32_t> xsum;
-  std::vector<uint32_t> xp;  // x packed for AMX tiles (amx_pack); empty: no AMX
+  const uint32_t* xp = nullptr;  // x packed for AMX tiles (amx_pack); null: no AMX
   int64_t lo_at = 0;  // int8: where the lo half's tiles start in xp
   int64_t chunk = 0;
 
@@ -181,13 +181,13 @@ struct Work : Chunks {
 
   void run(int64_t c) override {
     const int64_t n0 = c * chunk, n1 = std::min(o.N, n0 + chunk);
-    if (xp.empty()) return columns(o, n0, n1);
+    if (xp == nullptr) return columns(o, n0, n1);
     const int64_t width = amx_unit(), mid = n0 + (n1 - n0) / width * width;
     if (mid > n0 && o.xh8 != nullptr) {
-      amx_int8_columns(static_cast<const int8_t*>(o.w), xp.data(), lo_at, o.x_scale,
+      amx_int8_columns(static_cast<const int8_t*>(o.w), xp, lo_at, o.x_scale,
                        o.w_scale, o.y, o.M, o.N, o.K, n0, mid);
     } else if (mid > n0) {
-      amx_columns(static_cast<const uint16_t*>(o.w), xp.data(), o.y, o.M, o.N, o.K, n0, mid);
+      amx_columns(static_cast<const uint16_t*>(o.w), xp, o.y, o.M, o.N, o.K, n0, mid);
     }
     if (mid < n1) columns(o, mid, n1);  // the outputs past the last whole AMX block
   }
@@ -207,7 +207,7 @@ ffi::Error Run(ffi::ThreadPool& pool, std::shared_ptr<Work> work) {
   }
   const int64_t pieces = std::max<int64_t>(1, pool.num_threads()) * kChunksPerThread;
   const int64_t per_chunk = (work->o.N + pieces - 1) / pieces;
-  const int64_t unit = work->xp.empty() ? kBlocks : work->amx_unit();
+  const int64_t unit = work->xp == nullptr ? kBlocks : work->amx_unit();
   work->chunk = (per_chunk + unit - 1) / unit * unit;
   work->chunks = (work->o.N + work->chunk - 1) / work->chunk;
   run_chunks(pool, work);
@@ -239,8 +239,9 @@ ffi::Error FloatMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer&
   work->o.N = w.dimensions()[0];
   const int64_t K = work->o.K = w.dimensions()[1];
   if (dtype == ffi::DataType::BF16 && takes_amx(1, M, K, 32)) {
-    work->xp.resize(amx_rows(M) * K / 2);
-    amx_pack(work->o.x, M, K / 2, amx_rows(M), work->xp.data());
+    uint32_t* xp = amx_buffer(amx_rows(M) * K / 2);
+    amx_pack(work->o.x, M, K / 2, amx_rows(M), xp);
+    work->xp = xp;
   }
   return Run(pool, std::move(work));
 }
@@ -290,9 +291,10 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer hi, ffi::AnyBuffer lo
     if (takes_amx(2, M, K, 64)) {
       const int64_t mp = (M + 15) / 16 * 16;
       work->lo_at = mp * K / 4;
-      work->xp.resize(2 * work->lo_at);
-      amx_pack(h, M, K / 4, mp, work->xp.data());
-      amx_pack(l, M, K / 4, mp, work->xp.data() + work->lo_at);
+      uint32_t* xp = amx_buffer(2 * work->lo_at);
+      amx_pack(h, M, K / 4, mp, xp);
+      amx_pack(l, M, K / 4, mp, xp + work->lo_at);
+      work->xp = xp;
     }
   } else {
     work->xq.assign(h, h + M * K);

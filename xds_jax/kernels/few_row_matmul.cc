@@ -68,6 +68,7 @@ std::atomic<int> g_isa{detect_isa()};
 // bfloat16 and int8 matmuls of at least this many rows run AMX tiles (0: never;
 // xds_few_row_use_amx), where the CPU has them (kAmx: 1 BF16, 2 INT8).
 constexpr int64_t kAmxMinRows = 2;
+constexpr int64_t kAmxMaxRows = 512;  // bounds the packed rows each calling thread keeps
 const int kAmx = detect_isa() == 2 ? amx_usable() : 0;
 std::atomic<int64_t> g_amx_rows{kAmx ? kAmxMinRows : 0};
 
@@ -197,7 +198,7 @@ struct Work : Chunks {
 // of ``k_step``.
 bool takes_amx(int kind, int64_t M, int64_t K, int64_t k_step) {
   const int64_t rows = g_amx_rows.load(std::memory_order_relaxed);
-  return (kAmx & kind) && rows > 0 && M >= rows && K % k_step == 0 &&
+  return (kAmx & kind) && rows > 0 && M >= rows && M <= kAmxMaxRows && K % k_step == 0 &&
          g_isa.load(std::memory_order_relaxed) == 2;
 }
 

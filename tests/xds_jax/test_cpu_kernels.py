@@ -143,10 +143,6 @@ def test_matmul_f32_takes_the_kernel_only_where_it_applies():
 def test_row_limits_follow_the_instruction_set(monkeypatch):
     monkeypatch.setattr(cpu_matmul, "kernel_isa", lambda: 2)
     assert cpu_matmul.max_rows(float32=True) == cpu_matmul.MAX_ROWS_F32
-    monkeypatch.setattr(cpu_matmul, "amx_rows", lambda: 2)  # bfloat16 on AMX tiles: prefills
-    assert cpu_matmul.max_rows() == cpu_matmul.MAX_ROWS_AMX
-    monkeypatch.setattr(cpu_matmul, "amx_rows", lambda: 0)
-    assert cpu_matmul.max_rows() == cpu_matmul.MAX_ROWS
     monkeypatch.setattr(cpu_matmul, "kernel_isa", lambda: 1)
     assert cpu_matmul.max_rows() == cpu_matmul.max_rows(int8=True) == cpu_matmul.MAX_ROWS_AVX2
     assert cpu_matmul.max_rows(float32=True) == 0  # no AVX2 float32 path

@@ -51,10 +51,6 @@ LIBRARY = "few_row_matmul"
 # (1.3-1.9x the model's int32 dot, whose split halves double the rows). The AVX2 path is
 # held to 8 rows, where it was measured ahead; here XLA's dots beyond that have AVX-512.
 MAX_ROWS = 128
-# With AMX tiles (amx_rows() > 0) bfloat16 takes the kernel up to here: a 512-token SmolLM2
-# prefill step 1.08x XLA's dots (which run 1-1.3x the tiles' rate from 256 rows alone); the
-# rows a call packs (per calling thread, kept) stay bounded.
-MAX_ROWS_AMX = 512
 MAX_ROWS_AVX2 = 8
 # float32 (AVX-512 only): 1.2x XLA's dot at 1 row, 1.6-2x at 2-8, 1.3-1.4x at 16-32, even
 # at 64, behind from 128 (the same chained SmolLM2 shapes).
@@ -115,9 +111,7 @@ def max_rows(int8: bool = False, float32: bool = False) -> int:
     unavailable): bfloat16, int8 or float32 weights; see ``MAX_ROWS``."""
     isa = kernel_isa()
     if isa == 2:
-        if int8 or float32:
-            return sys.maxsize if int8 else MAX_ROWS_F32
-        return MAX_ROWS_AMX if amx_rows() else MAX_ROWS
+        return sys.maxsize if int8 else MAX_ROWS_F32 if float32 else MAX_ROWS
     return MAX_ROWS_AVX2 if isa == 1 and not float32 else 0
 
 

@@ -21,7 +21,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <new>
 #include <vector>
 
@@ -209,6 +208,18 @@ XDS_AMX inline void amx_block22(const uint16_t* w, const uint32_t* xp, float* y,
   amx_store(t[3], y, mb * 16 + 16, M, N, n + 16);
 }
 
+// block(n, mb) for weight rows n0 .. n1 in steps of 32 against row tiles 0 .. tiles, ``step``
+// at a time: in panels of kAmxPanel rows, so that a panel's packed rows stay in L2 while the
+// weights pass.
+template <typename Block>
+inline void amx_panels(int64_t tiles, int64_t step, int64_t n0, int64_t n1, Block&& block) {
+  for (int64_t p0 = 0; p0 < tiles; p0 += kAmxPanel / 16) {
+    const int64_t p1 = std::min(tiles, p0 + kAmxPanel / 16);
+    for (int64_t n = n0; n < n1; n += 32)
+      for (int64_t mb = p0; mb < p1; mb += step) block(n, mb);
+  }
+}
+
 // Outputs n0 .. n1 (a multiple of amx_width(M)) for every row of x.
 XDS_AMX inline void amx_columns(const uint16_t* w, const uint32_t* xp, float* y, int64_t M,
                                 int64_t N, int64_t K, int64_t n0, int64_t n1) {
@@ -216,12 +227,8 @@ XDS_AMX inline void amx_columns(const uint16_t* w, const uint32_t* xp, float* y,
   if (M <= 16) {
     for (int64_t n = n0; n < n1; n += 64) amx_block41(w, xp, y, M, N, K, n, 0);
   } else {
-    const int64_t tiles = (M + 31) / 32 * 2;
-    for (int64_t p0 = 0; p0 < tiles; p0 += kAmxPanel / 16) {
-      const int64_t p1 = std::min(tiles, p0 + kAmxPanel / 16);
-      for (int64_t n = n0; n < n1; n += 32)
-        for (int64_t mb = p0; mb < p1; mb += 2) amx_block22(w, xp, y, M, N, K, n, mb);
-    }
+    amx_panels((M + 31) / 32 * 2, 2, n0, n1,
+               [&](int64_t n, int64_t mb) { amx_block22(w, xp, y, M, N, K, n, mb); });
   }
   amx_end();
 }
@@ -268,13 +275,9 @@ XDS_AMX inline void amx_int8_columns(const int8_t* w, const uint32_t* xp, int64_
                                      const float* x_scale, const float* w_scale, float* y,
                                      int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
   amx_begin();
-  const int64_t tiles = (M + 15) / 16;
-  for (int64_t p0 = 0; p0 < tiles; p0 += kAmxPanel / 16) {
-    const int64_t p1 = std::min(tiles, p0 + kAmxPanel / 16);
-    for (int64_t n = n0; n < n1; n += 32)
-      for (int64_t mb = p0; mb < p1; ++mb)
-        amx_int8_block(w, xp, lo_at, x_scale, w_scale, y, M, N, K, n, mb);
-  }
+  amx_panels((M + 15) / 16, 1, n0, n1, [&](int64_t n, int64_t mb) {
+    amx_int8_block(w, xp, lo_at, x_scale, w_scale, y, M, N, K, n, mb);
+  });
   amx_end();
 }
 

@@ -70,11 +70,11 @@ def kernel_isa() -> int:
         for target, symbol in ((TARGET, lib.XdsBf16Matmul), (F32_TARGET, lib.XdsF32Matmul),
                                (INT8_TARGET, lib.XdsInt8Matmul)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
-        lib.xds_few_row_amx.restype = ctypes.c_int64
+        lib.xds_few_row_amx.restype = lib.xds_few_row_use_amx.restype = ctypes.c_int64
         amx = int(lib.xds_few_row_amx())
         log.info("few-row bfloat16 and int8 matmuls run xds-jax's CPU kernel (%s%s)",
                  "AVX-512 BF16" if isa == 2 else "AVX2",
-                 f"; bfloat16 on AMX tiles from {amx} rows" if amx else "")
+                 f"; on AMX tiles from {amx} rows" if amx else "")
     return isa
 
 
@@ -86,24 +86,18 @@ def use_isa(isa: int) -> int:
 
 
 def amx_rows() -> int:
-    """The fewest rows a bfloat16 matmul runs Intel AMX tiles at (0: no AMX here, or turned
-    off by ``use_amx(0)``)."""
-    lib = build.load(LIBRARY) if kernel_isa() else None
-    if lib is None:
-        return 0
-    lib.xds_few_row_amx.restype = ctypes.c_int64
-    return int(lib.xds_few_row_amx())
+    """The fewest rows a bfloat16 or int8 matmul runs Intel AMX tiles at (0: no AMX here, or
+    turned off by ``use_amx(0)``)."""
+    lib = build.load(LIBRARY) if kernel_isa() else None  # kernel_isa set the return types
+    return int(lib.xds_few_row_amx()) if lib is not None else 0
 
 
 def use_amx(rows: int) -> int:
-    """Run bfloat16 matmuls of ``rows`` rows or more on AMX tiles (0: never; tests and
-    benchmarks compare the paths); returns ``amx_rows()``. Takes effect for calls made after
-    it."""
+    """Run bfloat16 and int8 matmuls of ``rows`` rows or more on AMX tiles (0: never; tests
+    and benchmarks compare the paths); returns ``amx_rows()``. Takes effect for calls made
+    after it."""
     lib = build.load(LIBRARY) if kernel_isa() else None
-    if lib is None:
-        return 0
-    lib.xds_few_row_use_amx.restype = ctypes.c_int64
-    return int(lib.xds_few_row_use_amx(ctypes.c_int64(rows)))
+    return int(lib.xds_few_row_use_amx(ctypes.c_int64(rows))) if lib is not None else 0
 
 
 def max_rows(int8: bool = False, float32: bool = False) -> int:

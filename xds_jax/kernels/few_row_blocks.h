@@ -71,7 +71,8 @@ template <int T, typename V, typename S>
 XDS_AVX512 inline void lane_sums(const V* acc, S* out) {
   UNROLL for (int g = 0; g < T; g += 16) {
     V v[16];
-    UNROLL for (int i = 0; i < 16; ++i) v[i] = g + i < T ? acc[g + i] : as(_mm512_setzero_ps(), V{});
+    UNROLL for (int i = 0; i < 16; ++i)
+      v[i] = g + i < T ? acc[g + i] : as(_mm512_setzero_ps(), V{});
     UNROLL for (int i = 0; i < 8; ++i) v[i] = fold<0>(v[2 * i], v[2 * i + 1]);
     UNROLL for (int i = 0; i < 4; ++i) v[i] = fold<1>(v[2 * i], v[2 * i + 1]);
     UNROLL for (int i = 0; i < 2; ++i) v[i] = fold<2>(v[2 * i], v[2 * i + 1]);

@@ -12,7 +12,13 @@ from tests.helpers import GOLDEN, TINY_MODELS, golden, tiny
 from xds_jax.generate import LocalGenerator
 from xds_jax.model import stages
 from xds_jax.model.layers import rms_norm
-from xds_jax.model.reference import reference_hidden_states, reference_logits
+from xds_jax.model.reference import (
+    _reference_hidden_states,
+    _reference_logits,
+    reference_hidden_states,
+    reference_length,
+    reference_logits,
+)
 from xds_jax.sampling.params import SamplingParams
 from xds_jax.sequence import Sequence
 
@@ -32,6 +38,29 @@ def test_logits_and_every_layer_match_transformers(name):
         np.testing.assert_allclose(hidden, want, atol=TOL, rtol=TOL)
         logits = reference_logits(m.params, m.cfg, tokens)
         np.testing.assert_allclose(np.asarray(logits), g[f"logits_{i}"], atol=TOL, rtol=TOL)
+
+
+def test_reference_lengths_are_bucketed_within_the_model_s_positions():
+    assert [reference_length(t, 4096) for t in (1, 16, 17, 33, 512, 513)] == [
+        16, 16, 32, 64, 512, 1024]
+    assert reference_length(40, 48) == 48  # not past the model's positions...
+    assert reference_length(60, 48) == 60  # ...unless the sequence itself is
+
+
+@pytest.mark.parametrize("name", ["gemma2", "qwen3_moe"])  # sliding window, softcaps; MoE
+def test_the_padded_reference_equals_the_exact_length_program(name):
+    """Padding hides behind the causal mask: the padded references equal programs compiled
+    for the prompt's own length."""
+    m, g = tiny(name), golden(name)
+    tokens = np.asarray(g["prompt_1"])
+    t = len(tokens)
+    assert reference_length(t, m.cfg.max_position_embeddings) > t
+    np.testing.assert_allclose(np.asarray(reference_logits(m.params, m.cfg, tokens)),
+                               np.asarray(_reference_logits(m.params, m.cfg, tokens)),
+                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(reference_hidden_states(m.params, m.cfg, tokens)),
+                               np.asarray(_reference_hidden_states(m.params, m.cfg, tokens)),
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)

@@ -10,6 +10,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xds_jax.model import stages
 from xds_jax.model.attention import new_layer_cache
@@ -51,9 +52,30 @@ def new_caches(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> list[
     return [new_layer_cache(cfg, num_pages, page_size, dtype) for _ in range(cfg.num_layers)]
 
 
+MIN_REFERENCE_LENGTH = 16
+
+
+def reference_length(t: int, max_positions: int) -> int:
+    """The length a ``t``-token sequence runs at in the whole-sequence references: the next
+    power of two (at least ``MIN_REFERENCE_LENGTH``, at most the model's positions unless
+    ``t`` is past them). Tokens past ``t`` are padding that the causal mask hides from the
+    real ones, so one program serves every length up to it (the test suite compiled one per
+    prompt length: most of its compile time)."""
+    bucket = max(MIN_REFERENCE_LENGTH, 1 << max(0, t - 1).bit_length())
+    return max(t, min(bucket, max_positions))
+
+
+def _padded(tokens, cfg: ModelConfig) -> jax.Array:
+    """``tokens`` with zeros to ``reference_length``; on the host where they are concrete
+    (a device pad would compile once per length)."""
+    xp = jnp if isinstance(tokens, jax.core.Tracer) else np
+    tokens = xp.asarray(tokens)
+    t = tokens.shape[0]
+    return xp.pad(tokens, (0, reference_length(t, cfg.max_position_embeddings) - t))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def reference_logits(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
-    """Logits ``[T, V]`` of one sequence, every position, from an empty cache of one page."""
+def _reference_logits(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     t = tokens.shape[0]
     caches = new_caches(cfg, 1, t, model_dtype(params))
     x, _ = forward(params, cfg, tokens[None], jnp.arange(t)[None], caches,
@@ -61,9 +83,15 @@ def reference_logits(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.A
     return stages.head(params, cfg, x[0])
 
 
+def reference_logits(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Logits ``[T, V]`` of one sequence, every position, from an empty cache of one page
+    (run padded to ``reference_length(T)``)."""
+    t = len(tokens)
+    return _reference_logits(params, cfg, _padded(tokens, cfg))[:t]
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def reference_hidden_states(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
-    """``[L + 1, T, D]``: the embedding, then the output of every layer."""
+def _reference_hidden_states(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     t = tokens.shape[0]
     caches = new_caches(cfg, 1, t, model_dtype(params))
     positions, table = jnp.arange(t)[None], jnp.zeros((1, 1), jnp.int32)
@@ -74,6 +102,13 @@ def reference_hidden_states(params: dict, cfg: ModelConfig, tokens: jax.Array) -
         x = stages.feed_forward(layer, cfg, i, x)
         out.append(x[0])
     return jnp.stack(out)
+
+
+def reference_hidden_states(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """``[L + 1, T, D]``: the embedding, then the output of every layer (run padded, as
+    ``reference_logits``)."""
+    t = len(tokens)
+    return _reference_hidden_states(params, cfg, _padded(tokens, cfg))[:, :t]
 
 
 _embed = jax.jit(stages.embed)

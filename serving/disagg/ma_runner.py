@@ -162,6 +162,18 @@ def _verify_tokens(tokens_BS, drafts):
     return jnp.stack([tokens_BS[:, 0], *drafts], axis=1)
 
 
+@functools.cache
+def _domain_program(mesh: Mesh, name: str, fn, in_specs, out_specs, donate: tuple,
+                    static: tuple):
+    """A domain's stage program ``name``: one per process for each mesh and configuration, so
+    that domains rebuilt on the same devices (a restarted engine, another engine) reuse what
+    compiled before."""
+    del name  # part of the key only
+    body = functools.partial(fn, **dict(static)) if static else fn
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs),
+                   donate_argnums=donate)
+
+
 class Domain:
     """Stage programs, replicated parameters and KV pages of one attention domain."""
 
@@ -200,11 +212,9 @@ class Domain:
         return len(self.devices)
 
     # -- programs -----------------------------------------------------------------------------
-    @functools.cache  # noqa: B019 - one set of programs per domain, which lives as long
     def _program(self, name: str, fn, in_specs, out_specs, donate=(), **static):
-        body = functools.partial(fn, **static) if static else fn
-        return jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=in_specs,
-                                     out_specs=out_specs), donate_argnums=donate)
+        return _domain_program(self.mesh, name, fn, in_specs, out_specs, donate,
+                               tuple(sorted(static.items())))
 
     def embed(self, mb: MicroBatch) -> jax.Array:
         prog = self._program("embed", _embed, (self._whole, self._rank), self._rank)

@@ -34,12 +34,15 @@ def _replicated(tree, mesh: Mesh):
     return jax.tree.map(lambda w: from_host(w, repl), tree)
 
 
-def _program(mesh: Mesh, fn):
-    """``fn(weights, rows)`` per device of the other slice: weights whole, rows one block
-    per device (the ``batch`` rule of the expert role)."""
+@functools.cache
+def _program(mesh: Mesh, fn, cfg=None):
+    """``fn(weights, rows[, cfg=cfg])`` per device of the other slice: weights whole, rows one
+    block per device (the ``batch`` rule of the expert role). One per process for each mesh
+    and configuration: a slice rebuilt on the same devices reuses what compiled before."""
     rows = program_spec(mesh, "decode_experts", "batch")
-    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(program_spec(mesh, "decode_experts"),
-                                                          rows), out_specs=rows))
+    body = fn if cfg is None else functools.partial(fn, cfg=cfg)
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(program_spec(mesh, "decode_experts"),
+                                                            rows), out_specs=rows))
 
 
 class FfnSlice(SliceService):
@@ -60,7 +63,7 @@ class FfnSlice(SliceService):
         mesh = self.transport.other_mesh
         self.weights = [_replicated({"post_norm": layer["post_norm"], "mlp": layer["mlp"]},
                                     mesh) for layer in params["layers"]]
-        self._program = _program(mesh, functools.partial(_ffn, cfg=cfg))
+        self._program = _program(mesh, _ffn, cfg)
 
     def launch(self, layer: int, sent: tuple, capacity: int | None = None):
         return self._program(self.weights[layer], sent[0]), None

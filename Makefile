@@ -21,17 +21,19 @@ demo: install
 	$(BIN)/python -m serving.entrypoints.demo
 
 # tests/run_suite.py runs the suite's pytest processes, two at a time (most of a test is
-# single-threaded compiling): 8 virtual CPU devices in five processes (XLA:CPU segfaulted
+# single-threaded compiling): 8 virtual CPU devices in six processes (XLA:CPU segfaulted
 # late in processes that ran many serving tests), the 16-, 64- and 384-device tests in
-# their own (JAX fixes the device count when it starts), the 384-device one alone. Each runs
-# under tests/run_pytest.sh: a native crash is summarised last and the process run once more
-# (an abort once ended CI with only pytest's own frames in the kept tail); a failed test is
-# never rerun. XDS_TEST_JOBS=1 runs them one at a time. Converted weights are cached under the
-# checkout (not ~/.cache). Compiled programs are not written to disk in tests: XLA:CPU
-# segfaulted serializing an executable late in long test processes (twice, in different
-# tests), and CI starts cold anyway.
+# their own (JAX fixes the device count when it starts), the 384-device one last with only
+# small processes beside it. Each runs under tests/run_pytest.sh: a native crash is
+# summarised last and the process run once more (an abort once ended CI with only pytest's
+# own frames in the kept tail); a failed test is never rerun. XDS_TEST_JOBS=1 runs them one
+# at a time. Converted weights are cached under the checkout (not ~/.cache), and so are
+# compiled programs: even a cold run reuses them across and within its processes (970 -> 881
+# s on a 2-core machine). They were once kept off disk after XLA:CPU segfaulted serializing
+# an executable late in long test processes, before xds_jax/memory_maps.py held a process's
+# memory mappings under half of vm.max_map_count (the likely cause); XDS_NO_COMPILE_CACHE=1
+# turns the cache off.
 test: export XDS_CACHE_DIR ?= $(CURDIR)/.cache/xds_jax
-test: export XDS_NO_COMPILE_CACHE ?= 1
 test: install
 	$(BIN)/python tests/run_suite.py
 

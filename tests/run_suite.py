@@ -42,13 +42,13 @@ def serving(pattern: str) -> list[str]:
 
 
 # name -> (virtual CPU devices, pytest arguments), longest first (the order they start in;
-# seconds in a CI run: a-l 392, xds_jax 372, s 349, mesh16 205, m-r 169, rest 114, t-z 28,
-# mesh64 11, mesh384 86, before the elemental fusion emitters; on 2026-12-05's slower Intel
-# machine xds_jax 674, a-l 403, s 362, mesh16 253, m-r 220, rest 135, t-z 45, mesh64 24,
-# mesh384 98: 1160 s in all, the session-start commit's xds_jax alone 653 s there). The
-# serving tests run in four processes (XLA:CPU segfaulted late in a process that ran the m-z
-# files: the process had reached vm.max_map_count, see tests/conftest.py); the other tests in
-# two (model and loader tests, the rest).
+# seconds in a run on 2026-12-06's 2-core Intel machine, the compilation cache on and cold:
+# xds_jax 473, a-l 329, s 277, m-r 182, mesh16 152, rest 150, mesh384 93, t-z 29, mesh64 19:
+# 881 s in all, 1160 s the day before, before the references were padded to a few lengths,
+# MA programs were shared between engines and the cache was turned on). The serving tests run
+# in four processes (XLA:CPU segfaulted late in a process that ran the m-z files: the process
+# had reached vm.max_map_count, see tests/conftest.py); the other tests in two (model and
+# loader tests, the rest).
 PROCESSES = {
     "serving-a-l": (8, ["-m", NOT_MESH, *serving("test_[a-l]*.py")]),
     "xds_jax": (8, ["-m", NOT_MESH, "tests/xds_jax"]),

@@ -163,12 +163,10 @@ def _verify_tokens(tokens_BS, drafts):
 
 
 @functools.cache
-def _domain_program(mesh: Mesh, name: str, fn, in_specs, out_specs, donate: tuple,
-                    static: tuple):
-    """A domain's stage program ``name``: one per process for each mesh and configuration, so
-    that domains rebuilt on the same devices (a restarted engine, another engine) reuse what
-    compiled before."""
-    del name  # part of the key only
+def _domain_program(mesh: Mesh, fn, in_specs, out_specs, donate: tuple, static: tuple):
+    """A domain's stage program running ``fn``: one per process for each mesh and
+    configuration, so that domains rebuilt on the same devices (a restarted engine, another
+    engine) reuse what compiled before."""
     body = functools.partial(fn, **dict(static)) if static else fn
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs),
                    donate_argnums=donate)
@@ -212,12 +210,12 @@ class Domain:
         return len(self.devices)
 
     # -- programs -----------------------------------------------------------------------------
-    def _program(self, name: str, fn, in_specs, out_specs, donate=(), **static):
-        return _domain_program(self.mesh, name, fn, in_specs, out_specs, donate,
+    def _program(self, fn, in_specs, out_specs, donate=(), **static):
+        return _domain_program(self.mesh, fn, in_specs, out_specs, donate,
                                tuple(sorted(static.items())))
 
     def embed(self, mb: MicroBatch) -> jax.Array:
-        prog = self._program("embed", _embed, (self._whole, self._rank), self._rank)
+        prog = self._program(_embed, (self._whole, self._rank), self._rank)
         return prog(self.params, mb.tokens_BS)
 
     def layer_params(self, layer: int) -> dict:
@@ -230,7 +228,7 @@ class Domain:
         """Layer ``layer``'s attention for a micro-batch; its KV pages are donated and
         replaced."""
         rank = self._rank
-        prog = self._program("attention", _attention, (self._whole, rank, rank, rank, rank),
+        prog = self._program(_attention, (self._whole, rank, rank, rank, rank),
                              (rank, rank), donate=(3,), cfg=self.cfg,
                              index=self.cfg.attention_kind_layer(layer))
         p = self.layer_params(layer)
@@ -245,58 +243,58 @@ class Domain:
         """``(x_TD, h_TD, ids_TK, w_TK, load_AE[, shared_TD])``, rank-major on the domain
         mesh: ``load_AE`` (default ``zero_load``) plus each rank's tokens per logical expert
         (``[A, E]`` int32, stays on device); the shared-expert output only with ``shared``."""
-        prog = self._program("gate", _gate, (self._whole, self._rank, self._rank, self._rank),
+        prog = self._program(_gate, (self._whole, self._rank, self._rank, self._rank),
                              (self._rank,) * (5 + shared), cfg=self.cfg, shared=shared)
         load_AE = self.zero_load if load_AE is None else load_AE
         return prog(self.layer_params(layer), x_BSD, mb.positions_BS, load_AE)
 
     def combine(self, x_TD, routed_TD, shared_TD, mb: MicroBatch) -> jax.Array:
         shape = (mb.rows, mb.width, self.cfg.hidden_size)
-        prog = self._program("combine", _combine, (self._rank,) * 3, self._rank, shape=shape)
+        prog = self._program(_combine, (self._rank,) * 3, self._rank, shape=shape)
         return prog(x_TD, routed_TD, shared_TD)
 
     def ffn(self, layer: int, x_BSD: jax.Array) -> jax.Array:
-        prog = self._program("ffn", _ffn, (self._whole, self._rank), self._rank, cfg=self.cfg)
+        prog = self._program(_ffn, (self._whole, self._rank), self._rank, cfg=self.cfg)
         return prog(self.layer_params(layer), x_BSD)
 
     def head(self, x_BSD: jax.Array, mb: MicroBatch) -> jax.Array:
-        prog = self._program("head", _head, (self._whole, self._rank, self._rank), self._rank,
+        prog = self._program(_head, (self._whole, self._rank, self._rank), self._rank,
                              cfg=self.cfg)
         return prog(self.params, x_BSD, mb.last_B)
 
     def head_all(self, x_BSD: jax.Array) -> jax.Array:
         """Target logits at every position ``[A * B, S, V]`` (verification)."""
-        prog = self._program("head_all", _head_all, (self._whole, self._rank), self._rank,
+        prog = self._program(_head_all, (self._whole, self._rank), self._rank,
                              cfg=self.cfg)
         return prog(self.params, x_BSD)
 
     def take_last(self, x_BSD: jax.Array, last_B: jax.Array) -> jax.Array:
-        prog = self._program("take_last", _take_last, (self._rank, self._rank), self._rank)
+        prog = self._program(_take_last, (self._rank, self._rank), self._rank)
         return prog(x_BSD, last_B)
 
     # -- the MTP block (speculative decoding) ---------------------------------------------------
     def mtp_input(self, tokens_BS: jax.Array, hidden_BSD: jax.Array) -> jax.Array:
         """The MTP block's decoder input from (next token, target hidden) pairs."""
-        prog = self._program("mtp_input", _mtp_input, (self._whole, self._rank, self._rank),
+        prog = self._program(_mtp_input, (self._whole, self._rank, self._rank),
                              self._rank, cfg=self.cfg)
         return prog(self.params, tokens_BS, hidden_BSD)
 
     def mtp_next(self, draft_B: jax.Array, g_BD: jax.Array) -> jax.Array:
         """The decoder input ``[A * B, 1, D]`` of the next draft: the last draft and the MTP
         block's own output hidden."""
-        prog = self._program("mtp_next", _mtp_next, (self._whole, self._rank, self._rank),
+        prog = self._program(_mtp_next, (self._whole, self._rank, self._rank),
                              self._rank, cfg=self.cfg)
         return prog(self.params, draft_B, g_BD)
 
     def mtp_draft(self, x_BSD: jax.Array, last_B: jax.Array) -> tuple[jax.Array, jax.Array]:
-        prog = self._program("mtp_draft", _mtp_draft, (self._whole, self._rank, self._rank),
+        prog = self._program(_mtp_draft, (self._whole, self._rank, self._rank),
                              (self._rank, self._rank), cfg=self.cfg)
         return prog(self.params, x_BSD, last_B)
 
     def verify_tokens(self, tokens_BS: jax.Array, drafts: tuple) -> jax.Array:
         """``[t[n - 1], d_1 .. d_k]`` per row ``[A * B, k + 1]`` from a decode micro-batch's
         tokens ``[A * B, 1]`` and the drafts (``[A * B]`` each)."""
-        prog = self._program("verify_tokens", _verify_tokens, (self._rank, self._rank),
+        prog = self._program(_verify_tokens, (self._rank, self._rank),
                              self._rank)
         return prog(tokens_BS, tuple(drafts))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
@@ -31,15 +31,49 @@ LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # JSON's "\ud800" decodes to on
 SCALARS = frozenset({int, float, bool, type(None)})  # lists of these (token ids) are skipped
 
 
-class InvalidTextError(Exception):
-    """A request string holds a lone UTF-16 surrogate: not Unicode text, so it can be neither
-    tokenized, compiled into a grammar, nor written back in a UTF-8 answer. Not a
-    ``ValueError``, so pydantic lets it through to the server, which answers a 400 naming
-    ``field`` (the top-level field holding it; None for a top-level key)."""
+class InvalidFieldError(Exception):
+    """A request field's value no client means: not a ``ValueError``, so pydantic lets it
+    through to the server, which answers a 400 naming ``field`` (the top-level field holding
+    it; None for a top-level key)."""
 
     def __init__(self, field: str | None, message: str):
         super().__init__(message)
         self.field, self.message = field, message
+
+
+class InvalidTextError(InvalidFieldError):
+    """A request string holds a lone UTF-16 surrogate: not Unicode text, so it can be neither
+    tokenized, compiled into a grammar, nor written back in a UTF-8 answer."""
+
+
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field's type admits ``true``/``false`` anywhere (``bool``, ``Any``, a model)."""
+    if annotation is bool or annotation is Any:
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True  # validated as its own model
+    return any(_takes_bool(arg) for arg in get_args(annotation))
+
+
+def _holds_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, list):
+        return any(_holds_bool(item) for item in value)
+    if isinstance(value, dict):
+        return any(_holds_bool(item) for item in value.values())
+    return False
+
+
+def check_no_bools(model: type[BaseModel], data: dict[str, Any]) -> None:
+    """Raise ``InvalidFieldError`` for a ``true``/``false`` in a numeric field (token ids,
+    ``max_tokens``, ``logit_bias``...): pydantic would read it as 1 or 0, which no client
+    means and the schema does not allow (JSON's booleans are not numbers)."""
+    for name, value in data.items():
+        field = model.model_fields.get(name)
+        if field is not None and not _takes_bool(field.annotation) and _holds_bool(value):
+            raise InvalidFieldError(name, f"{name}: true/false where the field takes "
+                                    "numbers or text")
 
 
 def check_text(data: dict[str, Any]) -> None:
@@ -66,7 +100,8 @@ def check_text(data: dict[str, Any]) -> None:
 class OpenAIModel(BaseModel):
     """A request body: unknown fields ignored; ``null`` for a field of ``null_is_default``
     gives it its default (such fields are typed ``X | None`` for the schema, never None);
-    a lone surrogate in any string is an ``InvalidTextError``."""
+    a lone surrogate in any string is an ``InvalidTextError``; ``true``/``false`` in a field
+    of numbers or text an ``InvalidFieldError``."""
 
     model_config = ConfigDict(extra="ignore")
     null_is_default: ClassVar[frozenset[str]] = frozenset()
@@ -77,6 +112,7 @@ class OpenAIModel(BaseModel):
         if not isinstance(data, dict):
             return data
         check_text(data)
+        check_no_bools(cls, data)
         return {k: v for k, v in data.items() if v is not None or k not in cls.null_is_default}
 
 

@@ -125,8 +125,8 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         return ApiError(400, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}",
                         loc[0] if loc else None, "invalid_value").response()
 
-    @app.exception_handler(api.InvalidTextError)
-    async def _invalid_text(_: Request, error: api.InvalidTextError) -> JSONResponse:
+    @app.exception_handler(api.InvalidFieldError)
+    async def _invalid_field(_: Request, error: api.InvalidFieldError) -> JSONResponse:
         return ApiError(400, error.message, error.field, "invalid_value").response()
 
     @app.exception_handler(StarletteHTTPException)

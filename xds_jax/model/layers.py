@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xds_jax.kernels import cpu_matmul
+from xds_jax.kernels.materialize import materialize
 from xds_jax.model.config import ModelConfig, RopeConfig
 from xds_jax.model.fused import split_gate_up
 from xds_jax.model.out_major import has_weight, weight_for
@@ -183,14 +184,18 @@ def attention_scale(cfg: ModelConfig) -> float:
 def rope_cos_sin(cfg: ModelConfig, positions: jax.Array,
                  local: bool = False) -> tuple[jax.Array, jax.Array]:
     """cos and sin ``[..., R / 2]`` in float32 for integer positions ``[...]``; ``local``: a
-    local layer's plain rotation at ``local_rope_theta`` (Gemma 3), where the model has one."""
+    local layer's plain rotation at ``local_rope_theta`` (Gemma 3), where the model has one.
+
+    Both are materialised (``kernels.materialize``): every layer's q and k rotation reads them
+    rather than recomputing a cos and a sin per rotated element, which XLA:CPU's fusion
+    otherwise does."""
     rope = cfg.rope
     if local and cfg.local_rope_theta is not None:
         rope = RopeConfig(theta=cfg.local_rope_theta, interleaved=rope.interleaved,
                           partial_rotary_factor=rope.partial_rotary_factor)
     inv, factor = rope_inv_freq(rope, cfg.rope_dim)
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)
-    return jnp.cos(freqs) * factor, jnp.sin(freqs) * factor
+    return materialize(jnp.cos(freqs) * factor), materialize(jnp.sin(freqs) * factor)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleaved: bool) -> jax.Array:

@@ -84,6 +84,30 @@ def test_kernel_equals_the_xla_path_and_float64(dtype, cap, window, d):
     np.testing.assert_allclose(got[real], exact[real], rtol=tol, atol=tol)
 
 
+@pytest.mark.skipif(not cpu_attention.prefill_amx(), reason="this CPU (or OS) has no AMX tiles")
+@pytest.mark.parametrize("cap", [0.0, 5.0])
+@pytest.mark.parametrize("window", [0, 9])
+@pytest.mark.parametrize("d", [64, 96])
+def test_amx_tiles_equal_the_avx512_path_and_float64(cap, window, d):
+    """bfloat16 with head dims a multiple of 32 on AMX tiles (96: a 64- and a 32-dim step of
+    the value product; 37 tokens x 3 heads: a last group of 15 rows), against the same kernel
+    with AMX off, the XLA path and float64."""
+    args = _case(jnp.bfloat16, g=3, d=d, seed=d + int(cap) + window)
+    kw = {"scale": 0.15, "cap": cap, "window": float(window)}
+    got, xla = _run(args, **kw)
+    assert not cpu_attention.use_prefill_amx(False)
+    try:
+        avx512, _ = _run(args, **kw)
+    finally:
+        assert cpu_attention.use_prefill_amx(True)
+    real = np.asarray(args[4]) >= 0
+    assert not got[~real].any()  # padding rows: zeros
+    for want in (avx512, xla):  # the order of the sums differs: probabilities may round apart
+        np.testing.assert_allclose(got[real], want[real], rtol=2e-3, atol=2e-3)
+    exact = _float64(*args, 0.15, cap, window)
+    np.testing.assert_allclose(got[real], exact[real], rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_long_context_against_the_blockwise_path(dtype):
     """A 240-token chunk at positions 2800.. over 3072 slots (few query tokens per work item),

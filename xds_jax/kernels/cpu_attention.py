@@ -16,7 +16,9 @@ A prefill chunk's attention (more query tokens than ``MAX_TOKENS``) went through
 scores, softmax and value product in memory: 30-40% of a 512-token SmolLM2 prefill. Its kernel
 takes a block of query tokens of one sequence and kv head at a time, both products as outer
 products in registers over the keys each block sees (causal: half the dense work), the same
-float32 softmax and rounding; ``paged_prefill_primitive`` makes its primitive likewise.
+float32 softmax and rounding; ``paged_prefill_primitive`` makes its primitive likewise. On a
+CPU with AMX-BF16, bfloat16 blocks with head dims a multiple of 32 run both products on AMX
+tiles, 16 rows at a time (``prefill_amx.h``).
 """
 
 from __future__ import annotations
@@ -86,6 +88,20 @@ def prefill_available() -> bool:
                                 platform="cpu")
     log.info("prefill attention over paged KV runs xds-jax's CPU kernel")
     return True
+
+
+def prefill_amx() -> bool:
+    """Whether bfloat16 prefill attention with head dims a multiple of 32 runs AMX tiles."""
+    return prefill_available() and bool(build.load(PREFILL_LIBRARY).xds_prefill_attention_amx())
+
+
+def use_prefill_amx(on: bool) -> bool:
+    """Turn the prefill kernel's AMX tiles off (or back on, where the CPU has them); returns
+    whether they are on. Read at run time, so compiled programs follow it (tests and
+    benchmarks compare the AVX-512 path)."""
+    if prefill_available():
+        build.load(PREFILL_LIBRARY).xds_prefill_attention_use_amx(int(on))
+    return prefill_amx()
 
 
 def prefill_applies(q_BSKGD: jax.Array, k_pages: jax.Array) -> bool:

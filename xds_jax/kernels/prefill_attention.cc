@@ -16,11 +16,15 @@
 // throughout (AVX-512 BF16's pair dot product, or float32 FMAs), the XLA path's arithmetic up
 // to the order of the sums. A row whose position is negative (padding) gets zeros.
 //
+// On a CPU with AMX-BF16, bfloat16 items with head dims a multiple of 32 run both products on
+// AMX tiles instead (prefill_amx.h), 16 rows a group; the softmax stays AVX-512.
+//
 // AVX-512 only (cpu_attention.prefill_applies checks); built and registered by
 // xds_jax/kernels/build.py, used through xds_jax/kernels/cpu_attention.py.
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -31,6 +35,7 @@
 #include "kernel_math.h"
 #include "pool_chunks.h"
 #include "prefill_tiles.h"
+#include "prefill_amx.h"
 
 namespace ffi = xla::ffi;
 
@@ -62,12 +67,18 @@ struct Args {
 };
 
 // One item's scratch, per thread: its rows, scores [M][Lp] and the probabilities [M][Lp] in
-// the values' dtype.
+// the values' dtype (M rounded up to a group of AMX rows), and the AMX path's packed queries
+// and outputs of a group.
 struct Scratch {
   std::vector<Row> rows;
-  std::vector<uint32_t> probs;
-  std::vector<float> scores;
+  std::vector<uint32_t> probs, qpack;
+  std::vector<float> scores, outs;
 };
+
+// Whether bfloat16 items with head dims a multiple of 32 run AMX tiles (prefill_amx.h): where
+// the CPU has AMX-BF16 and the OS grants tile data; xds_prefill_attention_use_amx (tests).
+const bool kAmxBf16 = (amx_usable() & 1) != 0;
+std::atomic<bool> g_amx{kAmxBf16};
 
 inline int64_t panel_width(const Args& a, int64_t b) {
   const int64_t seen = a.last[b] - a.first[b] + 1;
@@ -100,6 +111,43 @@ void pack_panel(const Args& a, int64_t panel) {
   }
 }
 
+// An item's rows on AMX tiles, 16 at a time (bfloat16, D a multiple of 32): scores over the
+// 64-key tiles up to the group's last visible key, each row's softmax, the value product over
+// the 32-key steps the group sees.
+XDS_AMX void attend_rows_amx(const Args& a, Row* rows, int64_t M, const uint32_t* keys,
+                             const uint32_t* vals, int64_t lp, Scratch& sc) {
+  const int64_t D = a.D, dw = D / 2, lpw = lp / 2;
+  sc.qpack.resize(kAmxGroup * dw);
+  sc.outs.resize(kAmxGroup * D);
+  amx_begin();
+  for (int64_t r0 = 0; r0 < M; r0 += kAmxGroup) {
+    const int64_t n = std::min<int64_t>(kAmxGroup, M - r0);
+    int64_t lo = lp, hi = -1;
+    for (int64_t r = r0; r < r0 + n; ++r) {
+      if (rows[r].hi < rows[r].lo) continue;
+      lo = std::min(lo, rows[r].lo), hi = std::max(hi, rows[r].hi);
+    }
+    if (hi < lo) continue;  // every row is padding, its output already zeros
+    float* scores = sc.scores.data() + r0 * lp;
+    uint32_t* probs = sc.probs.data() + r0 * lpw;
+    amx_pack_queries(rows + r0, n, dw, sc.qpack.data());
+    amx_score_group(sc.qpack.data(), keys, lp, dw, lo / 64 * 64, (hi / 64 + 1) * 64, a.scale,
+                    scores);
+    for (int64_t r = 0; r < n; ++r) {
+      if (rows[r0 + r].hi >= rows[r0 + r].lo) {
+        softmax_row<uint16_t>(scores + r * lp, rows[r0 + r], lp, a.cap, probs + r * lpw);
+      }
+    }
+    // rows past n and padding rows multiply stale probabilities: their outputs are not kept
+    amx_value_group(probs, vals, lpw, D, lo / 32 * 16, (hi / 32 + 1) * 16, sc.outs.data());
+    for (int64_t r = 0; r < n; ++r) {
+      const Row& row = rows[r0 + r];
+      if (row.hi >= row.lo) std::memcpy(row.out, sc.outs.data() + r * D, D * sizeof(float));
+    }
+  }
+  amx_end();
+}
+
 template <typename T>
 XDS_PREFILL_AVX512 void attend_item(const Args& a, int64_t item, Scratch& sc) {
   constexpr int pw = Words<T>::per_word;
@@ -128,8 +176,14 @@ XDS_PREFILL_AVX512 void attend_item(const Args& a, int64_t item, Scratch& sc) {
   const int64_t lp = panel_width(a, b), dw = D / pw;
   const uint32_t* keys = a.keys + a.offset[b * a.K + kv];
   const uint32_t* vals = a.vals + a.offset[b * a.K + kv];
-  sc.scores.resize(M * lp);
-  sc.probs.resize(M * lp / pw);
+  const int64_t groups = (M + kAmxGroup - 1) / kAmxGroup * kAmxGroup;
+  sc.scores.resize(groups * lp);
+  sc.probs.resize(groups * lp / pw);
+  if constexpr (sizeof(T) == 2) {
+    if (D % 32 == 0 && g_amx.load(std::memory_order_relaxed)) {
+      return attend_rows_amx(a, rows, M, keys, vals, lp, sc);
+    }
+  }
   for (int64_t r0 = 0; r0 < M; r0 += kRows) {
     const int64_t n = std::min<int64_t>(kRows, M - r0);
     int64_t lo = lp, hi = -1;
@@ -283,3 +337,7 @@ extern "C" int xds_prefill_attention_ok() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
 }
 
+// Whether bfloat16 prefill attention runs AMX tiles (1) or AVX-512 (0); ``on`` 0 turns them off,
+// 1 back on where the CPU has them (tests and benchmarks compare the paths).
+extern "C" int xds_prefill_attention_amx() { return g_amx.load() ? 1 : 0; }
+extern "C" void xds_prefill_attention_use_amx(int on) { g_amx.store(on != 0 && kAmxBf16); }

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xds_jax.kernels import cpu_matmul
+from xds_jax.kernels import cpu_matmul, cpu_swiglu
 from xds_jax.kernels.materialize import materialize
 from xds_jax.model.config import ModelConfig, RopeConfig
 from xds_jax.model.fused import split_gate_up
@@ -90,7 +90,12 @@ def swiglu(p: dict, x: jax.Array, act: str = "silu") -> jax.Array:
     checkpoint has them. Float32 out. A ``gate_up`` weight (``xds_jax.model.fused``) computes
     gate and up in one matmul."""
     if has_weight(p, "gate_up"):
-        g, u = split_gate_up(project(p, "gate_up", x))
+        y = project(p, "gate_up", x)
+        down = weight_for(p, "down")[0].dtype
+        dtype = jnp.bfloat16 if down == jnp.bfloat16 else jnp.float32  # what "down" reads
+        if act == "silu" and cpu_swiglu.applies(y, dtype):  # the pairs split in registers
+            return project(p, "down", cpu_swiglu.silu_mul(y, dtype))
+        g, u = split_gate_up(y)
     else:
         g, u = project(p, "gate", x), project(p, "up", x)
     g = jax.nn.gelu(g, approximate=True) if act == "gelu_tanh" else jax.nn.silu(g)

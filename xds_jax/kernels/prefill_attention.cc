@@ -111,6 +111,15 @@ void pack_panel(const Args& a, int64_t panel) {
   }
 }
 
+// The keys [lo, hi] any of n rows sees (hi < lo: none, every row padding).
+inline void visible_span(const Row* rows, int64_t n, int64_t lp, int64_t& lo, int64_t& hi) {
+  lo = lp, hi = -1;
+  for (int64_t r = 0; r < n; ++r) {
+    if (rows[r].hi < rows[r].lo) continue;
+    lo = std::min(lo, rows[r].lo), hi = std::max(hi, rows[r].hi);
+  }
+}
+
 // An item's rows on AMX tiles, 16 at a time (bfloat16, D a multiple of 32): scores over the
 // 64-key tiles up to the group's last visible key, each row's softmax, the value product over
 // the 32-key steps the group sees.
@@ -122,11 +131,8 @@ XDS_AMX void attend_rows_amx(const Args& a, Row* rows, int64_t M, const uint32_t
   amx_begin();
   for (int64_t r0 = 0; r0 < M; r0 += kAmxGroup) {
     const int64_t n = std::min<int64_t>(kAmxGroup, M - r0);
-    int64_t lo = lp, hi = -1;
-    for (int64_t r = r0; r < r0 + n; ++r) {
-      if (rows[r].hi < rows[r].lo) continue;
-      lo = std::min(lo, rows[r].lo), hi = std::max(hi, rows[r].hi);
-    }
+    int64_t lo, hi;
+    visible_span(rows + r0, n, lp, lo, hi);
     if (hi < lo) continue;  // every row is padding, its output already zeros
     float* scores = sc.scores.data() + r0 * lp;
     uint32_t* probs = sc.probs.data() + r0 * lpw;
@@ -186,11 +192,8 @@ XDS_PREFILL_AVX512 void attend_item(const Args& a, int64_t item, Scratch& sc) {
   }
   for (int64_t r0 = 0; r0 < M; r0 += kRows) {
     const int64_t n = std::min<int64_t>(kRows, M - r0);
-    int64_t lo = lp, hi = -1;
-    for (int64_t r = r0; r < r0 + n; ++r) {
-      if (rows[r].hi < rows[r].lo) continue;
-      lo = std::min(lo, rows[r].lo), hi = std::max(hi, rows[r].hi);
-    }
+    int64_t lo, hi;
+    visible_span(rows + r0, n, lp, lo, hi);
     if (hi < lo) continue;
     float* scores = sc.scores.data() + r0 * lp;
     uint32_t* probs = sc.probs.data() + r0 * lp / pw;

@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any, ClassVar, Literal, get_args
+from types import UnionType
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
@@ -46,34 +47,58 @@ class InvalidTextError(InvalidFieldError):
     tokenized, compiled into a grammar, nor written back in a UTF-8 answer."""
 
 
-def _takes_bool(annotation: Any) -> bool:
-    """Whether a field's type admits ``true``/``false`` anywhere (``bool``, ``Any``, a model)."""
-    if annotation is bool or annotation is Any:
+_JSON_KINDS = {bool: "true/false", int: "a number", float: "a number", str: "a string",
+               list: "a list", dict: "an object", type(None): "null"}
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` (parsed JSON) is of the JSON type ``annotation`` declares, as JSON
+    Schema reads it: no ``true`` for a number, no ``"5"`` for a number, no ``1`` for a
+    boolean (all of which pydantic's lax mode would coerce). Models and ``Any`` are left to
+    pydantic."""
+    if annotation is Any or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
         return True
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return True  # validated as its own model
-    return any(_takes_bool(arg) for arg in get_args(annotation))
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is Literal:
+        return value in args
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:  # 5.0 is an integer to JSON Schema
+        return type(value) is int or (type(value) is float and value.is_integer())
+    if annotation is float:
+        return type(value) in (int, float)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin is list or annotation is list:
+        if not isinstance(value, list):
+            return False
+        item = args[0] if args else Any
+        if item is int and all(type(v) is int for v in value):  # token ids: the common case
+            return True
+        return all(_fits(v, item) for v in value)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict) and all(_fits(v, args[1] if args else Any)
+                                               for v in value.values())
+    return True
 
 
-def _holds_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return True
-    if isinstance(value, list):
-        return any(_holds_bool(item) for item in value)
-    if isinstance(value, dict):
-        return any(_holds_bool(item) for item in value.values())
-    return False
-
-
-def check_no_bools(model: type[BaseModel], data: dict[str, Any]) -> None:
-    """Raise ``InvalidFieldError`` for a ``true``/``false`` in a numeric field (token ids,
-    ``max_tokens``, ``logit_bias``...): pydantic would read it as 1 or 0, which no client
-    means and the schema does not allow (JSON's booleans are not numbers)."""
+def check_json_types(model: type[BaseModel], data: dict[str, Any]) -> None:
+    """Raise ``InvalidFieldError`` for a field whose value is not of the JSON type the schema
+    declares (``true`` or ``"5"`` for a number, ``["1", 2]`` for token ids, ``1`` for a
+    boolean): pydantic would coerce it, and no client means it."""
     for name, value in data.items():
         field = model.model_fields.get(name)
-        if field is not None and not _takes_bool(field.annotation) and _holds_bool(value):
-            raise InvalidFieldError(name, f"{name}: true/false where the field takes "
-                                    "numbers or text")
+        if field is None or value is None or _fits(value, field.annotation):
+            continue
+        kind = _JSON_KINDS.get(type(value), type(value).__name__)
+        raise InvalidFieldError(name, f"{name}: {kind} does not fit the field's type "
+                                f"({field.annotation})" if kind not in ("a list", "an object")
+                                else f"{name}: {kind} with a value that does not fit the "
+                                f"field's type ({field.annotation})")
 
 
 def check_text(data: dict[str, Any]) -> None:
@@ -100,8 +125,8 @@ def check_text(data: dict[str, Any]) -> None:
 class OpenAIModel(BaseModel):
     """A request body: unknown fields ignored; ``null`` for a field of ``null_is_default``
     gives it its default (such fields are typed ``X | None`` for the schema, never None);
-    a lone surrogate in any string is an ``InvalidTextError``; ``true``/``false`` in a field
-    of numbers or text an ``InvalidFieldError``."""
+    a lone surrogate in any string is an ``InvalidTextError``; a value of another JSON type
+    than the field's (``true`` or ``"5"`` for a number) an ``InvalidFieldError``."""
 
     model_config = ConfigDict(extra="ignore")
     null_is_default: ClassVar[frozenset[str]] = frozenset()
@@ -112,7 +137,7 @@ class OpenAIModel(BaseModel):
         if not isinstance(data, dict):
             return data
         check_text(data)
-        check_no_bools(cls, data)
+        check_json_types(cls, data)
         return {k: v for k, v in data.items() if v is not None or k not in cls.null_is_default}
 
 

@@ -236,14 +236,20 @@ BAD_REQUESTS = [
      b'"none"}', 400, "tools"),
     ("chat/completions", b'{"model": "fake", "messages": [{"role": "user", "content": "Hi", '
      b'"name": {"\\ud800": [1]}}]}', 400, "messages"),
-    # true/false where the schema takes numbers: pydantic would read 1 / 0 (schemathesis'
-    # negative cases got a 200 for token ids of booleans)
+    # a value of another JSON type than the schema's, which pydantic's lax mode would coerce
+    # (schemathesis' negative cases got a 200 for token ids of booleans): true/false or "0.5"
+    # for a number, ["1", 2] for token ids, 1 for a boolean
     ("completions", {"model": "fake", "prompt": [[True, False], [1, 2]]}, 400, "prompt"),
     ("completions", {"model": "fake", "prompt": [True, 5]}, 400, "prompt"),
     ("completions", {"model": "fake", "prompt": "x", "max_tokens": True}, 400, "max_tokens"),
     ("completions", {"model": "fake", "prompt": "x", "logit_bias": {"5": False}}, 400,
      "logit_bias"),
     ("chat/completions", {**CHAT, "temperature": False}, 400, "temperature"),
+    ("chat/completions", {**CHAT, "temperature": "0.5"}, 400, "temperature"),
+    ("completions", {"model": "fake", "prompt": ["1", 2]}, 400, "prompt"),
+    ("completions", {"model": "fake", "prompt": "x", "stream": 1}, 400, "stream"),
+    ("completions", {"model": "fake", "prompt": "x", "stop_token_ids": ["7"]}, 400,
+     "stop_token_ids"),
     ("completions", b'{"model": "fake", "prompt": "caf\xe9"}', 400, None),  # not UTF-8
     ("completions", b'{"model": "fake", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400,
      None),

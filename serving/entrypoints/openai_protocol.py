@@ -92,7 +92,15 @@ def check_json_types(model: type[BaseModel], data: dict[str, Any]) -> None:
     boolean): pydantic would coerce it, and no client means it."""
     for name, value in data.items():
         field = model.model_fields.get(name)
-        if field is None or value is None or _fits(value, field.annotation):
+        if field is None or value is None:
+            continue
+        for sub in get_args(field.annotation) or (field.annotation,):
+            if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+                try:  # a nested request model's fields: named under this one
+                    check_json_types(sub, value)
+                except InvalidFieldError as error:
+                    raise InvalidFieldError(name, f"{name}.{error.message}") from None
+        if _fits(value, field.annotation):
             continue
         kind = _JSON_KINDS.get(type(value), type(value).__name__)
         raise InvalidFieldError(name, f"{name}: {kind} does not fit the field's type "

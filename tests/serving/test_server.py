@@ -250,6 +250,8 @@ BAD_REQUESTS = [
     ("completions", {"model": "fake", "prompt": "x", "stream": 1}, 400, "stream"),
     ("completions", {"model": "fake", "prompt": "x", "stop_token_ids": ["7"]}, 400,
      "stop_token_ids"),
+    ("completions", {"model": "fake", "prompt": "x", "stream": True,
+                     "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
     ("completions", b'{"model": "fake", "prompt": "caf\xe9"}', 400, None),  # not UTF-8
     ("completions", b'{"model": "fake", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400,
      None),

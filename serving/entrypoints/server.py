@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.entrypoints import openai_protocol as api
+from serving.entrypoints.request_checks import InvalidFieldError
 from serving.entrypoints.server_guards import (
     DEFAULT_MAX_REQUEST_BYTES,
     ApiKeyMiddleware,
@@ -125,8 +126,8 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         return ApiError(400, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}",
                         loc[0] if loc else None, "invalid_value").response()
 
-    @app.exception_handler(api.InvalidFieldError)
-    async def _invalid_field(_: Request, error: api.InvalidFieldError) -> JSONResponse:
+    @app.exception_handler(InvalidFieldError)
+    async def _invalid_field(_: Request, error: InvalidFieldError) -> JSONResponse:
         return ApiError(400, error.message, error.field, "invalid_value").response()
 
     @app.exception_handler(StarletteHTTPException)

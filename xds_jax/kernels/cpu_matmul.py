@@ -165,21 +165,28 @@ def _unpartitioned(axis_context) -> bool:
     return False
 
 
+def _shape_dtype(out: jax.ShapeDtypeStruct) -> tuple:
+    return out.shape, out.dtype
+
+
 def primitive(target: str, reference) -> Primitive:
-    """A primitive computing ``reference(*args, **params)`` (a float32 array) that lowers to
-    the FFI ``target`` (``params`` as its float32 attributes) on an unpartitioned CPU program
-    and to ``reference`` everywhere else, ``vmap`` included."""
+    """A primitive computing ``reference(*args, **params)`` (one array, of the shape and dtype
+    the reference gives) that lowers to the FFI ``target`` on an unpartitioned CPU program
+    and to ``reference`` everywhere else, ``vmap`` included. Numeric ``params`` are the
+    kernel's float32 attributes; others (a result dtype) only shape the reference."""
     prim = Primitive(target)
     bound = functools.cache(lambda **params: jax.jit(functools.partial(prim.bind, **params)))
     prim.def_impl(lambda *args, **params: bound(**params)(*args))  # one program per params
     prim.def_abstract_eval(lambda *avals, **params: jax.core.ShapedArray(
-        jax.eval_shape(functools.partial(reference, **params), *avals).shape, jnp.float32))
+        *_shape_dtype(jax.eval_shape(functools.partial(reference, **params), *avals))))
     reference_lowering = mlir.lower_fun(reference, multiple_results=False)
     ffi_lowering = jax.ffi.ffi_lowering(target)
 
     def cpu_lowering(ctx, *args, **params):
         if _unpartitioned(ctx.module_context.axis_context):
-            return ffi_lowering(ctx, *args, **{k: np.float32(v) for k, v in params.items()})
+            attributes = {k: np.float32(v) for k, v in params.items()
+                          if isinstance(v, (int, float))}
+            return ffi_lowering(ctx, *args, **attributes)
         return reference_lowering(ctx, *args, **params)
 
     mlir.register_lowering(prim, reference_lowering)

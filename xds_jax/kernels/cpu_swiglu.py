@@ -7,9 +7,10 @@ pairs), rounded to ``dtype`` (bfloat16 or float32: what the down projection read
 runs the loop over the two strided halves at about a third of its rate over contiguous ones:
 ~0.8 ms a layer of a 512-token SmolLM2 bfloat16 prefill step (~25 ms of the step), where the
 kernel splits 16 pairs at a time in registers. The arithmetic is XLA's (the exponential within
-a few ulps of its own). A primitive like ``cpu_matmul``'s: the kernel where the program is not
-partitioned (one device, a ``shard_map`` body manual over every axis) on a CPU with AVX-512
-BF16, the XLA computation everywhere else, under ``vmap`` and for derivatives.
+a few ulps of its own). A ``cpu_matmul.primitive``: the kernel where the program is not
+partitioned (one device, a ``shard_map`` body manual over every axis), the XLA computation
+everywhere else, under ``vmap`` and for derivatives; callers check ``applies`` (a CPU with
+AVX-512 BF16 and the kernel built) first.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ import logging
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad
 
-from xds_jax.kernels import build
-from xds_jax.kernels.cpu_matmul import _unpartitioned
+from xds_jax.kernels import build, cpu_matmul
+from xds_jax.model.fused import split_gate_up
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +46,11 @@ def available() -> bool:
 
 def reference(y: jax.Array, dtype) -> jax.Array:
     """XLA's ``silu(gate) * up`` of interleaved pairs ``y [..., 2F]``, as ``dtype``."""
-    pairs = y.reshape(y.shape[:-1] + (-1, 2))
-    return (jax.nn.silu(pairs[..., 0]) * pairs[..., 1]).astype(dtype)
+    gate, up = split_gate_up(y)
+    return (jax.nn.silu(gate) * up).astype(dtype)
 
 
-_prim = Primitive(TARGET)
-_bound = functools.cache(lambda dtype: jax.jit(functools.partial(_prim.bind, dtype=dtype)))
-_prim.def_impl(lambda y, dtype: _bound(dtype)(y))
-_prim.def_abstract_eval(lambda y, dtype: jax.core.ShapedArray(
-    y.shape[:-1] + (y.shape[-1] // 2,), dtype))
-_reference_lowering = mlir.lower_fun(reference, multiple_results=False)
-_ffi_lowering = jax.ffi.ffi_lowering(TARGET)
-
-
-def _cpu_lowering(ctx, y, dtype):
-    if _unpartitioned(ctx.module_context.axis_context) and available():
-        return _ffi_lowering(ctx, y)
-    return _reference_lowering(ctx, y, dtype=dtype)
-
-
-mlir.register_lowering(_prim, _reference_lowering)
-mlir.register_lowering(_prim, _cpu_lowering, platform="cpu")
-batching.primitive_batchers[_prim] = lambda args, dims, dtype: (
-    jax.vmap(functools.partial(reference, dtype=dtype), in_axes=dims)(*args), 0)
+_prim = cpu_matmul.primitive(TARGET, reference)  # the dtype: the reference's alone
 ad.primitive_jvps[_prim] = lambda primals, tangents, dtype: jax.jvp(
     functools.partial(reference, dtype=dtype), tuple(primals),
     tuple(ad.instantiate_zeros(t) for t in tangents))

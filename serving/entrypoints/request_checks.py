@@ -86,10 +86,10 @@ def check_json_types(model: type[BaseModel], data: dict[str, Any]) -> None:
         if _fits(value, field.annotation):
             continue
         kind = _JSON_KINDS.get(type(value), type(value).__name__)
+        if isinstance(value, (list, dict)):  # the container is right, something in it is not
+            kind += " with a value that"
         raise InvalidFieldError(name, f"{name}: {kind} does not fit the field's type "
-                                f"({field.annotation})" if kind not in ("a list", "an object")
-                                else f"{name}: {kind} with a value that does not fit the "
-                                f"field's type ({field.annotation})")
+                                f"({field.annotation})")
 
 
 def check_text(data: dict[str, Any]) -> None:

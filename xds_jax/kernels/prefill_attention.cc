@@ -182,9 +182,9 @@ XDS_PREFILL_AVX512 void attend_item(const Args& a, int64_t item, Scratch& sc) {
   const int64_t lp = panel_width(a, b), dw = D / pw;
   const uint32_t* keys = a.keys + a.offset[b * a.K + kv];
   const uint32_t* vals = a.vals + a.offset[b * a.K + kv];
-  const int64_t groups = (M + kAmxGroup - 1) / kAmxGroup * kAmxGroup;
-  sc.scores.resize(groups * lp);
-  sc.probs.resize(groups * lp / pw);
+  const int64_t padded = (M + kAmxGroup - 1) / kAmxGroup * kAmxGroup;  // whole AMX groups
+  sc.scores.resize(padded * lp);
+  sc.probs.resize(padded * lp / pw);
   if constexpr (sizeof(T) == 2) {
     if (D % 32 == 0 && g_amx.load(std::memory_order_relaxed)) {
       return attend_rows_amx(a, rows, M, keys, vals, lp, sc);

@@ -60,14 +60,17 @@ def xla_call(x, ws: list, transposed: bool):
 
 def kernel_call(x, ws_NK: list):
     """xds-jax's few-row kernel (``xds_jax.kernels``) on ``[N, K]`` weights. int8 rows go in as
-    both halves of the model's 16-bit split (``quant.int8_matmul``), the work it does there:
-    twice ``xla_NK``'s multiply-adds at the same rows (XLA runs the halves as 2M rows)."""
+    the float32 rows the model splits in 16-bit halves there (``quant.int8_matmul``), the work
+    it does: the split and twice ``xla_NK``'s multiply-adds at the same rows (XLA runs the
+    halves as 2M rows)."""
     if x.dtype == jnp.int8:
-        ones_M = jnp.ones((x.shape[0],), jnp.float32)
+        from xds_jax.model.quant import _ACT_LIMIT
+
+        x32 = x.astype(jnp.float32)
         f = jax.jit(lambda x, ws: [cpu_matmul.few_row_int8_matmul(
-            x, x, ones_M, w, jnp.ones((w.shape[0],), jnp.float32)) for w in ws])
-    else:
-        f = jax.jit(lambda x, ws: [cpu_matmul.few_row_matmul(x, w) for w in ws])
+            x, w, jnp.ones((w.shape[0],), jnp.float32), _ACT_LIMIT) for w in ws])
+        return lambda: jax.block_until_ready(f(x32, ws_NK))
+    f = jax.jit(lambda x, ws: [cpu_matmul.few_row_matmul(x, w) for w in ws])
     return lambda: jax.block_until_ready(f(x, ws_NK))
 
 

@@ -3,6 +3,7 @@ reference on both instruction-set paths, its lowering (the kernel only where a p
 whole arrays), the transformations, the model's greedy output, and the fallback where it
 cannot be built."""
 
+import functools
 import os
 import shutil
 import subprocess
@@ -90,24 +91,42 @@ def test_float32_kernel_equals_float64_reference(isa, m, n, k):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-6 * np.sqrt(k) * np.sqrt(k))
 
 
+def _tied_rows(m: int, k: int, rng) -> np.ndarray:
+    """Normal rows, the first with entries that land halfway between two fixed-point steps
+    (its max is the limit, so its scale is 1: 2.5 rounds to 2, -3.5 to -4), a zero and, when
+    there are more rows, a row of zeros."""
+    from xds_jax.model.quant import _ACT_LIMIT
+
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0, :6] = [_ACT_LIMIT, 2.5, -3.5, 0.5, -0.5, 0.0][:k]
+    if m > 1:
+        x[-1] = 0.0
+    return x
+
+
 @pytest.mark.parametrize("m,n,k", SHAPES[::2] + [(2, 130, 100)])
-def test_int8_kernel_equals_xla_s_int32_dot(isa, m, n, k):
-    """Weight-only int8: the rows' 16-bit halves against int8 weights, exact int32 sums: the
-    same float32 numbers as XLA's int32 dot (``quant.int8_matmul``'s arithmetic), and the
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_int8_kernel_equals_xla_s_int32_dot(isa, m, n, k, dtype):
+    """Weight-only int8: float32 or bfloat16 rows split in the kernel into 16-bit halves
+    against int8 weights, exact int32 sums: the same float32 numbers as XLA's split and int32
+    dot (``quant.int8_matmul``'s arithmetic; rows with ties and a row of zeros), and the
     quantised matmul the model calls within int8 rounding of the float32 product."""
-    from xds_jax.model.quant import _split_rows, int8_matmul
+    from xds_jax.model.quant import _ACT_LIMIT, int8_matmul
 
     rng = np.random.default_rng(m * 1000 + n + k)
-    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    x = jnp.asarray(_tied_rows(m, k, rng), dtype)
     w_q = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
     scale = jnp.asarray(rng.uniform(1e-3, 2e-2, n), jnp.float32)
-    hi, lo, x_scale = _split_rows(x)
-    got = np.asarray(jax.jit(cpu_matmul.few_row_int8_matmul)(hi, lo, x_scale[:, 0], w_q, scale))
-    want = np.asarray(jax.jit(cpu_matmul._int8_dot)(hi, lo, x_scale[:, 0], w_q, scale))
+    kernel = jax.jit(cpu_matmul.few_row_int8_matmul, static_argnums=3)
+    assert cpu_matmul.INT8_TARGET in kernel.lower(x, w_q, scale, _ACT_LIMIT).as_text()
+    got = np.asarray(kernel(x, w_q, scale, _ACT_LIMIT))
+    xla = jax.jit(functools.partial(cpu_matmul._int8_dot, act_limit=_ACT_LIMIT))
+    want = np.asarray(xla(x, w_q, scale))
     assert got.shape == (m, n) and got.dtype == np.float32
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got, want)
     if m <= cpu_matmul.max_rows(int8=True):
         via = np.asarray(jax.jit(int8_matmul, static_argnums=3)(x, w_q, scale, True))
+        np.testing.assert_array_equal(via, got)
         w = np.asarray(w_q, np.float64) * np.asarray(scale, np.float64)[:, None]
         exact = np.asarray(x, np.float64) @ w.T
         # the rows' 16-bit fixed point is off by half a step per element, at most

@@ -6,7 +6,9 @@
 LM head, whose time is the weight stream at a few rows and the multiply-adds at tens
 (batched decode, short prefills).
 ``few_row_int8_matmul`` is the same for weight-only int8 (``--quantization int8``), half the
-bytes, with integer arithmetic equal to XLA's. Each is a JAX primitive whose CPU lowering is
+bytes, with integer arithmetic equal to XLA's; it takes the float rows and splits them in 16-bit
+fixed point itself (``split_rows``; as five XLA ops before every call they cost an int8
+SmolLM2 decode step ~1 ms). Each is a JAX primitive whose CPU lowering is
 the FFI kernel when the program is not partitioned (one device, or the body of a
 ``shard_map`` manual over every mesh axis: the operands are then whole local arrays) and
 XLA's dot otherwise, so a GSPMD tensor-parallel program never gathers its sharded weights
@@ -126,13 +128,30 @@ def applies(x_MK: jax.Array, w: jax.Array, w_transposed: bool) -> bool:
 
 
 def applies_int8(x_MK: jax.Array, w_q: jax.Array, w_transposed: bool) -> bool:
-    """The same for an int8 ``w_q`` (``xds_jax.model.quant``'s weight-only int8)."""
-    return w_q.dtype == jnp.int8 and _takes(x_MK, w_q, w_transposed, int8=True)
+    """The same for an int8 ``w_q`` (``xds_jax.model.quant``'s weight-only int8) and float32
+    or bfloat16 rows."""
+    return (w_q.dtype == jnp.int8 and x_MK.dtype in (jnp.float32, jnp.bfloat16)
+            and _takes(x_MK, w_q, w_transposed, int8=True))
 
 
 def _dot(x_MK, w_NK):
     dims = (((1,), (1,)), ((), ()))
     return jax.lax.dot_general(x_MK, w_NK, dims, preferred_element_type=jnp.float32)
+
+
+def split_rows(x_MK: jax.Array, act_limit: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(hi, lo)`` int8 halves of the rows of ``x`` in 16-bit fixed point (``max|row|`` maps
+    to ``act_limit``) and the row scales ``[..., M, 1]``: ``x ~= (256 * hi + lo) * scale``
+    (``xds_jax.model.quant``; the int8 kernel computes the same, ``int8_rows.h``)."""
+    x32 = x_MK.astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    # Multiplications by reciprocals, written out: XLA:CPU rewrites both divisions so anyway,
+    # and the kernel must round as the program does.
+    scale = jnp.where(absmax > 0, absmax, 1.0) * (np.float32(1) / np.float32(act_limit))
+    x_q = jnp.round(x32 * (1 / scale)).astype(jnp.int32)
+    hi = (x_q + 128) >> 8
+    lo = x_q - hi * 256
+    return hi.astype(jnp.int8), lo.astype(jnp.int8), scale
 
 
 def split_rows_matmul(hi_MK: jax.Array, lo_MK: jax.Array, x_scale_M1: jax.Array,
@@ -148,9 +167,11 @@ def split_rows_matmul(hi_MK: jax.Array, lo_MK: jax.Array, x_scale_M1: jax.Array,
     return (y[:m] * 256.0 + y[m:]) * x_scale_M1 * scale.astype(jnp.float32)
 
 
-def _int8_dot(hi_MK, lo_MK, x_scale_M, w_NK, scale_N):
-    """``split_rows_matmul`` on an output-major weight, the kernel's operands."""
-    return split_rows_matmul(hi_MK, lo_MK, x_scale_M[:, None], w_NK, scale_N, True)
+def _int8_dot(x_MK, w_NK, scale_N, *, act_limit):
+    """The int8 kernel's arithmetic: ``split_rows`` then ``split_rows_matmul`` on an
+    output-major weight."""
+    hi, lo, x_scale = split_rows(x_MK, act_limit)
+    return split_rows_matmul(hi, lo, x_scale, w_NK, scale_N, True)
 
 
 def _unpartitioned(axis_context) -> bool:
@@ -216,11 +237,10 @@ def _jvp(primals, tangents):
     return few_row_matmul(x, w), _dot(dx, w) + _dot(x, dw)
 
 
-def few_row_int8_matmul(hi_MK: jax.Array, lo_MK: jax.Array, x_scale_M: jax.Array,
-                        w_q_NK: jax.Array, scale_N: jax.Array) -> jax.Array:
-    """``quant.int8_matmul`` of rows split into int8 halves (``quant._split_rows``: ``x ~=
-    (256 hi + lo) * x_scale``) against an output-major int8 ``w_q_NK`` with per-output
-    ``scale_N``, through the kernel: exact int32 sums, the same float32 result as XLA's int32
-    dot. Callers check ``applies_int8`` first."""
-    return _int8_prim.bind(hi_MK, lo_MK, x_scale_M.astype(jnp.float32), w_q_NK,
-                           scale_N.astype(jnp.float32))
+def few_row_int8_matmul(x_MK: jax.Array, w_q_NK: jax.Array, scale_N: jax.Array,
+                        act_limit: int) -> jax.Array:
+    """``quant.int8_matmul`` through the kernel: float32 or bfloat16 rows split as
+    ``split_rows`` splits them, against an output-major int8 ``w_q_NK`` with per-output
+    ``scale_N``; exact int32 sums, the same float32 result as XLA's int32 dot of the halves.
+    Callers check ``applies_int8`` first."""
+    return _int8_prim.bind(x_MK, w_q_NK, scale_N.astype(jnp.float32), act_limit=act_limit)

@@ -16,8 +16,9 @@
 // - XdsF32Matmul: float32 x and w, AVX-512 FMAs (XLA's float32 dots stream 2-8 rows at ~10
 //   GB/s); AVX2 FMAs where forced (tests), not routed to there.
 // - XdsInt8Matmul: weight-only int8 (xds_jax.model.quant): w int8 with float32 scales [N]; the
-//   rows arrive as quant._split_rows' 16-bit fixed point, int8 halves hi and lo with a float32
-//   scale per row, x ~= (256 hi + lo) * x_scale. Integer products accumulate exactly in int32
+//   float32 or bfloat16 rows are split as quant._split_rows splits them (int8_rows.h): 16-bit
+//   fixed point in int8 halves hi and lo with a float32 scale per row, x ~= (256 hi + lo) *
+//   x_scale (attribute act_limit: the fixed point's largest value). Integer products accumulate exactly in int32
 //   (AVX-512 VNNI's byte dot product, or AVX2's 16-bit multiply-add), then
 //   y = ((256 acc_hi + acc_lo) * x_scale) * w_scale: the same numbers as XLA's int32 dot.
 //
@@ -33,6 +34,7 @@
 #include "xla/ffi/api/ffi.h"
 #include "amx_tiles.h"
 #include "few_row_blocks.h"
+#include "int8_rows.h"
 #include "pool_chunks.h"
 
 namespace ffi = xla::ffi;
@@ -173,6 +175,8 @@ struct Work : Chunks {
   Operands o;
   std::vector<int16_t> xq;
   std::vector<int32_t> xsum;
+  std::vector<int8_t> halves;  // int8: the rows' hi [M, K] then lo [M, K]
+  std::vector<float> x_scale;  // int8: the rows' scales [M]
   const uint32_t* xp = nullptr;  // x packed for AMX tiles (amx_pack); null: no AMX
   int64_t lo_at = 0;  // int8: where the lo half's tiles start in xp
   int64_t chunk = 0;
@@ -261,28 +265,43 @@ ffi::Error F32Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                      "expected");
 }
 
-ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer hi, ffi::AnyBuffer lo,
-                      ffi::AnyBuffer x_scale, ffi::AnyBuffer w, ffi::AnyBuffer w_scale,
-                      ffi::Result<ffi::AnyBuffer> y) {
-  const int64_t M = hi.dimensions().size() == 2 ? hi.dimensions()[0] : 0;
-  if (!rows_ok(hi, w, *y) || hi.element_type() != ffi::DataType::S8 ||
-      lo.element_type() != ffi::DataType::S8 || lo.element_count() != hi.element_count() ||
-      w.element_type() != ffi::DataType::S8 || x_scale.element_type() != ffi::DataType::F32 ||
-      x_scale.element_count() != static_cast<size_t>(M) ||
-      w_scale.element_type() != ffi::DataType::F32 ||
-      w_scale.element_count() != static_cast<size_t>(w.dimensions()[0])) {
+// The rows of x [M, K] split (int8_rows.h): hi [M, K], then lo [M, K] at hi + M K, scales [M].
+void split_rows(const void* x, bool bf16, int64_t M, int64_t K, float limit, int8_t* hi,
+                float* scale) {
+  const bool avx512 = g_isa.load(std::memory_order_relaxed) == 2;
+  std::vector<float> row(avx512 ? 0 : K);
+  const char* bytes = static_cast<const char*>(x);
+  const int64_t stride = K * (bf16 ? 2 : 4);
+  for (int64_t m = 0; m < M; ++m) {
+    int8_t* h = hi + m * K;
+    int8_t* l = hi + (M + m) * K;
+    scale[m] = avx512 ? split_row_avx512(bytes + m * stride, bf16, K, limit, h, l)
+                      : split_row(bytes + m * stride, bf16, K, limit, row.data(), h, l);
+  }
+}
+
+ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                      ffi::AnyBuffer w_scale, ffi::Result<ffi::AnyBuffer> y, float act_limit) {
+  const bool bf16 = x.element_type() == ffi::DataType::BF16;
+  if (!rows_ok(x, w, *y) || !(bf16 || x.element_type() == ffi::DataType::F32) ||
+      w.element_type() != ffi::DataType::S8 || w_scale.element_type() != ffi::DataType::F32 ||
+      w_scale.element_count() != static_cast<size_t>(w.dimensions()[0]) ||
+      !(act_limit > 0.0f && act_limit <= 127 * 256 + 127)) {
     return ffi::Error::InvalidArgument(
-        "xds_int8_matmul: int8 hi, lo [M, K], float32 x_scale [M], int8 w [N, K] and "
-        "float32 w_scale [N] to a float32 [M, N] expected");
+        "xds_int8_matmul: float32 or bfloat16 x [M, K], int8 w [N, K] and float32 w_scale [N] "
+        "to a float32 [M, N], act_limit in (0, 32639] expected");
   }
   auto work = std::make_shared<Work>();
-  const int64_t K = w.dimensions()[1];
-  const auto* h = reinterpret_cast<const int8_t*>(hi.untyped_data());
-  const auto* l = reinterpret_cast<const int8_t*>(lo.untyped_data());
+  const int64_t M = x.dimensions()[0], K = w.dimensions()[1];
+  work->halves.resize(2 * M * K);
+  work->x_scale.resize(M);
+  int8_t* h = work->halves.data();
+  int8_t* l = h + M * K;
+  split_rows(x.untyped_data(), bf16, M, K, act_limit, h, work->x_scale.data());
   if (g_isa.load(std::memory_order_relaxed) == 2) {
     work->xsum.resize(2 * M);
     for (int64_t m = 0; m < 2 * M; ++m) {
-      const int8_t* row = (m < M ? h : l) + (m % M) * K;
+      const int8_t* row = h + m * K;  // lo's rows follow hi's
       int32_t sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t k = 0; k < K; ++k) sum += row[k];
@@ -298,11 +317,10 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer hi, ffi::AnyBuffer lo
       work->xp = xp;
     }
   } else {
-    work->xq.assign(h, h + M * K);
-    work->xq.insert(work->xq.end(), l, l + M * K);
+    work->xq.assign(h, h + 2 * M * K);
     work->o.xq = work->xq.data();
   }
-  work->o.x_scale = reinterpret_cast<const float*>(x_scale.untyped_data());
+  work->o.x_scale = work->x_scale.data();
   work->o.w = w.untyped_data();
   work->o.w_scale = reinterpret_cast<const float*>(w_scale.untyped_data());
   work->o.y = reinterpret_cast<float*>(y->untyped_data());
@@ -334,9 +352,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XdsInt8Matmul, Int8Matmul,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("act_limit"));
 
 // The instruction set the kernels run: 2 AVX-512 (BF16, VNNI), 1 AVX2 + FMA, 0 none (not used).
 extern "C" int xds_few_row_isa() { return g_isa.load(); }

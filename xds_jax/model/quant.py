@@ -125,13 +125,7 @@ def _map_linear(params: dict, quantize) -> dict:
 def _split_rows(x_MK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(hi, lo)`` int8 halves of the 16-bit fixed point rows of ``x`` and the row scales
     ``[..., M, 1]``: ``x ~= (256 * hi + lo) * scale``."""
-    x32 = x_MK.astype(jnp.float32)
-    absmax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
-    scale = jnp.where(absmax > 0, absmax, 1.0) / _ACT_LIMIT
-    x_q = jnp.round(x32 / scale).astype(jnp.int32)
-    hi = (x_q + 128) >> 8
-    lo = x_q - hi * 256
-    return hi.astype(jnp.int8), lo.astype(jnp.int8), scale
+    return cpu_matmul.split_rows(x_MK, _ACT_LIMIT)
 
 
 def int8_matmul(x: jax.Array, w_q: jax.Array, scale: jax.Array,
@@ -140,10 +134,11 @@ def int8_matmul(x: jax.Array, w_q: jax.Array, scale: jax.Array,
     int8 and ``scale [N]``; float32 ``[..., N]``. On CPU a few rows against an output-major
     ``w_q`` go through xds-jax's kernel (``xds_jax.kernels.cpu_matmul``, the same numbers)."""
     lead, k = x.shape[:-1], x.shape[-1]
-    hi, lo, x_scale = _split_rows(x.reshape(-1, k))
-    if cpu_matmul.applies_int8(hi, w_q, w_transposed):
-        y_MN = cpu_matmul.few_row_int8_matmul(hi, lo, x_scale[:, 0], w_q, scale)
+    x_MK = x.reshape(-1, k)
+    if cpu_matmul.applies_int8(x_MK, w_q, w_transposed):
+        y_MN = cpu_matmul.few_row_int8_matmul(x_MK, w_q, scale, _ACT_LIMIT)
     else:
+        hi, lo, x_scale = _split_rows(x_MK)
         y_MN = cpu_matmul.split_rows_matmul(hi, lo, x_scale, w_q, scale, w_transposed)
     return y_MN.reshape(lead + (y_MN.shape[-1],))
 

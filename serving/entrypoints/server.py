@@ -1,8 +1,9 @@
 """OpenAI-compatible HTTP server over ``AsyncEngine`` (FastAPI + uvicorn), like ``vllm serve``.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /health``, ``GET /metrics`` (Prometheus text). Every error is an OpenAI error body
-``{"error": {"message", "type", "param", "code"}}``; a bad request never disturbs the others.
+``GET /health`` (and vLLM's ``/ping``), ``GET /metrics`` (Prometheus text). Every error is an
+OpenAI error body ``{"error": {"message", "type", "param", "code"}}``; a bad request never
+disturbs the others.
 
 Each request is admitted against the queue limits (``serving.core.admission``: n samples count
 as n; over a limit, 503 with ``Retry-After``), tokenized on a thread so the event loop keeps
@@ -151,6 +152,7 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         return engine_error(error).response()
 
     @app.get("/health")
+    @app.api_route("/ping", methods=["GET", "POST"])  # vLLM's, for SageMaker's health checks
     async def health() -> Response:
         if served.draining:
             raise ApiError(503, "the server is shutting down", None, "shutting_down")

@@ -1,8 +1,8 @@
 """Checks at the server's door, as ASGI middleware: the API key and the request body size.
 
 ``ApiKeyMiddleware`` wants ``Authorization: Bearer <key>`` on every route but the open ones
-(``/health`` and ``/metrics``, for load balancers and Prometheus), answering 401 in OpenAI's
-shape otherwise, as ``vllm serve --api-key`` does. ``BodyLimitMiddleware`` answers 413 to a
+(``/health``, ``/ping`` and ``/metrics``, for load balancers and Prometheus), answering 401 in
+OpenAI's shape otherwise, as ``vllm serve --api-key`` does. ``BodyLimitMiddleware`` answers 413 to a
 body over the limit, from ``Content-Length`` before anything is read, or as soon as a streamed
 (chunked) body passes it, so no one can make the server buffer and parse gigabytes.
 """
@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 
 from serving.entrypoints.server_requests import ApiError
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/ping", "/metrics"})
 DEFAULT_MAX_REQUEST_BYTES = 16 << 20
 
 

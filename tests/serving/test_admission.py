@@ -187,6 +187,7 @@ def test_api_key():
     with serve(FakeEngine(), api_key="s3cret") as server:
         assert httpx.get(server.url + "/health").status_code == 200
         assert httpx.get(server.url + "/metrics").status_code == 200
+        assert httpx.post(server.url + "/ping").status_code == 200
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             response = httpx.get(server.url + "/v1/models", headers=headers)
             assert response.status_code == 401, headers

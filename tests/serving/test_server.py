@@ -25,6 +25,8 @@ def fake():
 # -- the happy paths ---------------------------------------------------------------------------
 def test_models_and_health(fake):
     assert httpx.get(fake.url + "/health").status_code == 200
+    assert httpx.get(fake.url + "/ping").status_code == 200  # vLLM's SageMaker route
+    assert httpx.post(fake.url + "/ping").status_code == 200
     models = client(fake).models.list()
     assert [m.id for m in models.data] == ["fake", "alias"]
     assert models.data[0].max_model_len == 128

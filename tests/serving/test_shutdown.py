@@ -71,6 +71,7 @@ def test_sigterm_drains_in_flight_and_refuses_new():
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
     assert 1 <= int(refused.headers["retry-after"]) <= 31
     assert httpx.get(running.url + "/health").status_code == 503
+    assert httpx.post(running.url + "/ping").status_code == 503
     client.join(30)
     assert texts(lines) == ((REPLY * 2)[:60], "length") and lines[-1] == "data: [DONE]"
     running.thread.join(10)

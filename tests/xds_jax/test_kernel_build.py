@@ -5,6 +5,7 @@ kernel test."""
 
 import stat
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -106,4 +107,17 @@ def test_load_builds_all_then_opens_the_asked_one(fake, monkeypatch, caplog):
     assert "CPU kernel materialize unavailable" in caplog.text
     assert build.load("no_such_kernel") is None
     assert "no kernel source no_such_kernel.cc" in caplog.text
+    assert _compiled(log) == build.library_names()
+
+
+def test_an_unwritable_cache_builds_in_the_temporary_directory(fake, tmp_path, monkeypatch):
+    compiler, log = fake
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("XDS_CACHE_DIR", str(tmp_path / "not-a-dir" / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    build._build_all(compiler)
+    fallback = tmp_path / "tmp" / "xds_jax-kernels"
+    for name in build.library_names():
+        assert build._built[name] == fallback / build.library_path(name, compiler).name
+        assert build._built[name].read_bytes() == b"not a library"
     assert _compiled(log) == build.library_names()

@@ -14,7 +14,11 @@ the per-pair ratios: these machines are shared and noisy. Decode is timed inside
 decode rate is decoded tokens over the time from the first decode step's launch to the last
 one's end; the time ``finish`` spends waiting for the device (the step program and its
 sampler), subtracted from each step's period, gives the Python host time per step
-(``host_fraction``).
+(``host_fraction``, wall time). On a CPU that wall time includes the launch call waiting for a
+core while the step it enqueued runs on the others (XLA's threads fill both cores of a 2-core
+machine; docs/performance.md), so the CPU time the host thread itself spends over the decode
+span is reported too (``host_cpu_fraction``, ``time.thread_time``: schedule, build, dispatch,
+append, stop checks, whatever the thread computes).
 transformers: a logits processor timestamps each generation step of one ``generate`` call.
 Prompts are fresh random ids each run (no prefix-cache hits). Prefill: one ``generate`` call
 with ``max_tokens=1`` on a fresh 512-token prompt, whole-call wall time.
@@ -84,7 +88,7 @@ class StepClock:
         launch, finish = runner.launch, runner.finish
 
         def timed_launch(scheduled):
-            self.steps.append({"start": time.perf_counter(),
+            self.steps.append({"start": time.perf_counter(), "cpu_start": time.thread_time(),
                                "decode": all(s.num_tokens == 1 and s.start > 0 for s in scheduled),
                                "tokens": sum(s.num_tokens for s in scheduled)})
             return launch(scheduled)
@@ -96,21 +100,26 @@ class StepClock:
             self.steps[-1]["wait"] = time.perf_counter() - start
             finish(pending)
             self.steps[-1]["end"] = time.perf_counter()
+            self.steps[-1]["cpu_end"] = time.thread_time()
 
         runner.launch, runner.finish = timed_launch, timed_finish
 
-    def decode_stats(self) -> tuple[float, float]:
-        """Decode tok/s and host fraction (1 - device wait / step period) over decode steps."""
+    def decode_stats(self) -> tuple[float, float, float]:
+        """Decode tok/s, host fraction (1 - device wait / step period) and host CPU fraction
+        (the thread's CPU time over the wall time, first decode launch to last decode end)."""
         dec = [i for i, s in enumerate(self.steps) if s["decode"]]
+        first, last = self.steps[dec[0]], self.steps[dec[-1]]
         tokens = sum(self.steps[i]["tokens"] for i in dec)
-        span = self.steps[dec[-1]]["end"] - self.steps[dec[0]]["start"]
+        span = last["end"] - first["start"]
         periods = [self.steps[i + 1]["start"] - self.steps[i]["start"] for i in dec[:-1]]
         waits = [self.steps[i]["wait"] for i in dec[:-1]]
-        return tokens / span, 1 - sum(waits) / sum(periods)
+        cpu = last["cpu_end"] - first["cpu_start"]
+        return tokens / span, 1 - sum(waits) / sum(periods), cpu / span
 
 
-def xds_decode_once(llm: LLM, batch: int, tokens: int, seed: int) -> tuple[float, float]:
-    """Decode tok/s and host fraction of one ``generate`` call of ``batch`` fresh prompts."""
+def xds_decode_once(llm: LLM, batch: int, tokens: int, seed: int) -> tuple[float, float, float]:
+    """Decode tok/s, host fraction and host CPU fraction of one ``generate`` call of ``batch``
+    fresh prompts."""
     runner = llm.engine.drivers[0].runner
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     clock = StepClock(runner)
@@ -218,12 +227,13 @@ def run_dtype(dtype: str, batches: list[int], tokens: int, repeats: int, bandwid
         if hf is not None:
             hf_once(seed)
         compiled = runner.compile_count
-        ours, host, theirs = [], [], []
+        ours, host, host_cpu, theirs = [], [], [], []
         for r in range(1, repeats + 1):
             got = ours_once(seed + r)
             ours.append(got[0] if kind == "decode" else got)
             if kind == "decode":
                 host.append(got[1])
+                host_cpu.append(got[2])
             if hf is not None:
                 theirs.append(hf_once(seed + r))
         key = "decode_tok_s" if kind == "decode" else "prefill_tok_s"
@@ -232,6 +242,7 @@ def run_dtype(dtype: str, batches: list[int], tokens: int, repeats: int, bandwid
                 "recompiles": runner.compile_count - compiled}
         if host:
             line["host_fraction"] = summary(host)
+            line["host_cpu_fraction"] = summary(host_cpu)
         emit(line)
         name = f"{dtype}_{kind}_b{batch}" if kind == "decode" else f"{dtype}_prefill"
         medians[name] = statistics.median(ours)
@@ -239,6 +250,7 @@ def run_dtype(dtype: str, batches: list[int], tokens: int, repeats: int, bandwid
             ratios[f"{dtype}_decode_b1_of_roofline"] = statistics.median(ours) / roofline
         if host and batch == max(batches):
             ratios[f"{dtype}_host_fraction_b{batch}"] = statistics.median(host)
+            ratios[f"{dtype}_host_cpu_fraction_b{batch}"] = statistics.median(host_cpu)
         if theirs:
             emit({"engine": "transformers", **base, **shape, key: summary(theirs)})
             ratios[f"{name}_vs_hf"] = statistics.median(

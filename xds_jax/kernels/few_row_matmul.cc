@@ -16,10 +16,11 @@
 // - XdsF32Matmul: float32 x and w, AVX-512 FMAs (XLA's float32 dots stream 2-8 rows at ~10
 //   GB/s); AVX2 FMAs where forced (tests), not routed to there.
 // - XdsInt8Matmul: weight-only int8 (xds_jax.model.quant): w int8 with float32 scales [N]; the
-//   float32 or bfloat16 rows are split as quant._split_rows splits them (int8_rows.h): 16-bit
-//   fixed point in int8 halves hi and lo with a float32 scale per row, x ~= (256 hi + lo) *
-//   x_scale (attribute act_limit: the fixed point's largest value). Integer products accumulate exactly in int32
-//   (AVX-512 VNNI's byte dot product, or AVX2's 16-bit multiply-add), then
+//   float32 or bfloat16 rows are split as cpu_matmul.split_rows splits them (int8_rows.h):
+//   16-bit fixed point in int8 halves hi and lo with a float32 scale per row, x ~= (256 hi +
+//   lo) * x_scale (attribute act_limit: the fixed point's largest value). Integer products
+//   accumulate exactly in int32 (AVX-512 VNNI's byte dot product, or AVX2's 16-bit
+//   multiply-add), then
 //   y = ((256 acc_hi + acc_lo) * x_scale) * w_scale: the same numbers as XLA's int32 dot.
 //
 // Built and registered by xds_jax/kernels/build.py; used through xds_jax/kernels/cpu_matmul.py.

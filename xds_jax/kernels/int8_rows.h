@@ -1,5 +1,5 @@
 // The weight-only int8 matmul's rows in 16-bit fixed point (few_row_matmul.cc's XdsInt8Matmul):
-// quant._split_rows computed in the kernel rather than by five XLA ops before every call.
+// cpu_matmul.split_rows computed in the kernel rather than by five XLA ops before every call.
 #pragma once
 
 #include <immintrin.h>
@@ -14,11 +14,10 @@ namespace xds_kernels {
 // even, hi = (q + 128) >> 8 (int8 for |q| <= limit <= 127 * 256 + 127) and lo = q - 256 hi.
 // The same float32 operations as XLA's (rounding by adding and taking off 1.5 * 2^23, exact
 // for |q| < 2^22), so the same halves. A NaN counts as 0 and is left out of the maximum; an
-// infinity clamps. ``row``: K floats of scratch. Always inlined, so that a caller compiled for
-// AVX-512 vectorises it with AVX-512.
-__attribute__((always_inline)) inline float split_row(const void* x, bool bf16, int64_t K,
-                                                      float limit, float* row, int8_t* hi,
-                                                      int8_t* lo) {
+// infinity clamps. ``row``: K floats of scratch. The portable path (split_row_avx512 below
+// where the CPU has AVX-512).
+inline float split_row(const void* x, bool bf16, int64_t K, float limit, float* row, int8_t* hi,
+                       int8_t* lo) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
   if (bf16) {
     const auto* src = static_cast<const uint16_t*>(x);
@@ -49,8 +48,8 @@ __attribute__((always_inline)) inline float split_row(const void* x, bool bf16, 
   return s;
 }
 
-// split_row with AVX-512 (the same operations, 16 at a time; 10x the compiler's vectorisation
-// of the loops above, whose int8 stores it scatters).
+// split_row with AVX-512, the same operations 16 at a time: 0.42 ns an element against 1.0 for
+// the compiler's AVX-512 vectorisation of the loops above (measured standalone).
 #define XDS_SPLIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 XDS_SPLIT_AVX512 inline __m512 load16(const void* x, bool bf16, int64_t k, __mmask16 mask) {

@@ -139,16 +139,19 @@ def build(name: str, compiler: str) -> Path:
     if path.is_file():
         return path
     try:
-        with _file_lock(path):
-            if not path.is_file():
-                log.info("building CPU kernel %s -> %s", name, path)
-                compile_library(name, compiler, path)
+        return _build_at(name, compiler, path)
     except OSError as e:  # a read-only cache (a container's home): build in /tmp instead
-        path = Path(tempfile.gettempdir()) / "xds_jax-kernels" / path.name
-        log.info("cache directory not writable (%s); building %s in %s", e, name, path)
-        with _file_lock(path):
-            if not path.is_file():
-                compile_library(name, compiler, path)
+        fallback = Path(tempfile.gettempdir()) / "xds_jax-kernels" / path.name
+        log.info("cache directory not writable (%s); building %s in %s", e, name, fallback)
+        return _build_at(name, compiler, fallback)
+
+
+def _build_at(name: str, compiler: str, path: Path) -> Path:
+    """``path``, compiled under its lock unless another process built it meanwhile."""
+    with _file_lock(path):
+        if not path.is_file():
+            log.info("building CPU kernel %s -> %s", name, path)
+            compile_library(name, compiler, path)
     return path
 
 

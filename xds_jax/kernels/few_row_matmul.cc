@@ -176,7 +176,7 @@ struct Work : Chunks {
   Operands o;
   std::vector<int16_t> xq;
   std::vector<int32_t> xsum;
-  std::vector<int8_t> halves;  // int8: the rows' hi [M, K] then lo [M, K]
+  std::unique_ptr<int8_t[]> halves;  // int8: the rows' hi [M, K] then lo [M, K] (not zeroed)
   std::vector<float> x_scale;  // int8: the rows' scales [M]
   const uint32_t* xp = nullptr;  // x packed for AMX tiles (amx_pack); null: no AMX
   int64_t lo_at = 0;  // int8: where the lo half's tiles start in xp
@@ -294,9 +294,9 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   }
   auto work = std::make_shared<Work>();
   const int64_t M = x.dimensions()[0], K = w.dimensions()[1];
-  work->halves.resize(2 * M * K);
+  work->halves.reset(new int8_t[2 * M * K]);  // every byte written by split_rows
   work->x_scale.resize(M);
-  int8_t* h = work->halves.data();
+  int8_t* h = work->halves.get();
   int8_t* l = h + M * K;
   split_rows(x.untyped_data(), bf16, M, K, act_limit, h, work->x_scale.data());
   if (g_isa.load(std::memory_order_relaxed) == 2) {

@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP server over ``AsyncEngine`` (FastAPI + uvicorn), like ``vllm serve``.
 
-Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/responses`` (and
+its stored responses: ``responses_api``), ``GET /v1/models``,
 ``GET /health`` (and vLLM's ``/ping``), ``GET /metrics`` (Prometheus text). Every error is an
 OpenAI error body ``{"error": {"message", "type", "param", "code"}}``; a bad request never
 disturbs the others.
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.entrypoints import openai_protocol as api
 from serving.entrypoints.request_checks import InvalidFieldError
+from serving.entrypoints.responses_api import add_responses_routes
 from serving.entrypoints.server_guards import (
     DEFAULT_MAX_REQUEST_BYTES,
     ApiKeyMiddleware,
@@ -206,6 +208,7 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         return await respond(served, raw, req, model, [(prompt, params)], "chat", tools)
 
     add_tokenizer_routes(app, served)
+    add_responses_routes(app, served)
     return app
 
 

@@ -40,14 +40,14 @@ def fuzz(server, operation, mode, seen: list) -> None:
 def test_schema_generated_requests_never_take_the_server_down(server):
     api = schemathesis.openapi.from_url(server.url + "/openapi.json")
     operations = [result.ok() for result in api.get_all_operations()]
-    assert {"POST /v1/completions", "POST /v1/chat/completions"} <= {
+    assert {"POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses"} <= {
         op.label for op in operations}
     seen: list[tuple[str, str, int, object]] = []  # (operation, mode, status, body)
     for operation in operations:
         for mode in schemathesis.GenerationMode:
             fuzz(server, operation, mode, seen)
     assert {label for label, *_ in seen} == {op.label for op in operations}
-    for label in ("POST /v1/completions", "POST /v1/chat/completions"):
+    for label in ("POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses"):
         negative = [(status, body) for op, mode, status, body in seen
                     if op == label and mode == "negative"]
         assert negative and all(400 <= status < 500 for status, _ in negative), (label, [

@@ -56,9 +56,23 @@ def _float64(q, kp, vp, tables, mask, scale, cap):
 @pytest.mark.parametrize("g,d", [(2, 48), (3, 80), (5, 40)])  # value product in registers
 def test_kernel_equals_the_xla_path_and_float64(dtype, cap, window, g, d):
     """Head dims in blocks of 64 and 16 (48, 80) or in the plain loop (40; 5 heads a kv
-    head)."""
-    q, kp, vp, tables = _case(dtype, g=g, d=d, seed=int(cap) + (window or 0) + d)
-    pos = jnp.asarray([23, 0, 9, 17, 4])
+    head); pages of 4 tokens, fewer than the score blocks' (the tail of a block)."""
+    _assert_kernel_matches(dtype, cap, window, g, d, 4, [23, 0, 9, 17, 4])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("g", [1, 4, 6, 7, 8])
+def test_every_score_block_width_over_pages_of_16(dtype, g):
+    """The register-tiled scores (16 / 6 / 4 / 3 / 2 tokens a block, as many heads a kv head
+    as fit beside them) and value product over several 16-token pages, a sliding window
+    and a soft cap."""
+    _assert_kernel_matches(dtype, 0.0, None, g, 64, 16, [90, 0, 40, 17, 63])
+    _assert_kernel_matches(dtype, 30.0, 21, g, 32, 16, [90, 0, 40, 17, 63])
+
+
+def _assert_kernel_matches(dtype, cap, window, g, d, pg, positions):
+    q, kp, vp, tables = _case(dtype, g=g, d=d, pg=pg, seed=int(cap) + (window or 0) + d + g)
+    pos = jnp.asarray(positions)
     k_pos = jnp.arange(tables.shape[1] * kp.shape[1])[None]
     mask = k_pos <= pos[:, None]
     if window:

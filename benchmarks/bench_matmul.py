@@ -106,7 +106,9 @@ def shape_rates(k: int, n: int, dtype: str, rows: list[int], mb: float, rounds: 
         else:
             x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32).astype(dtype)
         variants = {"xla_KN": xla_call(x, ws_KN, False), "xla_NK": xla_call(x, ws_NK, True)}
-        if cpu_matmul.applies(x, ws_NK[0], True) or cpu_matmul.applies_int8(x, ws_NK[0], True):
+        # int8 rows go in as float32 (kernel_call), which is what applies_int8 takes
+        if cpu_matmul.applies(x, ws_NK[0], True) or cpu_matmul.applies_int8(
+                x.astype(jnp.float32), ws_NK[0], True):
             variants["xds_kernel"] = kernel_call(x, ws_NK)
         if torch_ws is not None:
             tx = torch.tensor(np.asarray(x.astype(jnp.float32))).to(torch_ws[0].dtype)

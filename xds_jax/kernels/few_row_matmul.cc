@@ -84,25 +84,31 @@ struct Bf16Avx512 {  // M x NB accumulators, M rows held
   static constexpr int kGroup = 3;
   static constexpr int nb(int M) { return M <= 1 ? 12 : 8; }
   template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0) { bf16_block512<M, NB>(o, n, r0); }
+  static void run(const Operands& o, int64_t n, int64_t r0, bool pf) {
+    bf16_block512<M, NB>(o, n, r0, pf);
+  }
 };
 struct F32Avx512 {  // M x NB accumulators, M rows held
   static constexpr int kGroup = 3;
   static constexpr int nb(int M) { return M <= 1 ? 12 : 8; }
   template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0) { f32_block512<M, NB>(o, n, r0); }
+  static void run(const Operands& o, int64_t n, int64_t r0, bool pf) {
+    f32_block512<M, NB>(o, n, r0, pf);
+  }
 };
 struct Int8Avx512 {  // 2M x NB accumulators, 2M rows
   static constexpr int kGroup = 2;
   static constexpr int nb(int M) { return M <= 1 ? 12 : 4; }
   template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0) { int8_block512<M, NB>(o, n, r0); }
+  static void run(const Operands& o, int64_t n, int64_t r0, bool pf) {
+    int8_block512<M, NB>(o, n, r0, pf);
+  }
 };
 struct Bf16Avx2 {
   static constexpr int kGroup = 4;
   static constexpr int nb(int M) { return M <= 1 ? 8 : M <= 2 ? 6 : M <= 3 ? 3 : M <= 4 ? 2 : 1; }
   template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0) {
+  static void run(const Operands& o, int64_t n, int64_t r0, bool) {
     float_block256<M, NB, uint16_t>(o, n, r0);
   }
 };
@@ -110,7 +116,7 @@ struct F32Avx2 {  // not routed to by cpu_matmul (unmeasured), correct where it 
   static constexpr int kGroup = 4;
   static constexpr int nb(int M) { return M <= 1 ? 8 : M <= 2 ? 6 : M <= 3 ? 3 : M <= 4 ? 2 : 1; }
   template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0) {
+  static void run(const Operands& o, int64_t n, int64_t r0, bool) {
     float_block256<M, NB, float>(o, n, r0);
   }
 };
@@ -118,7 +124,9 @@ struct Int8Avx2 {
   static constexpr int kGroup = 2;
   static constexpr int nb(int M) { return M <= 1 ? 4 : M <= 2 ? 2 : 1; }
   template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0) { int8_block256<M, NB>(o, n, r0); }
+  static void run(const Operands& o, int64_t n, int64_t r0, bool) {
+    int8_block256<M, NB>(o, n, r0);
+  }
 };
 
 // f(std::integral_constant<int, rows>) for 1 <= rows <= 4 (every group is at most 4 rows).
@@ -141,10 +149,15 @@ void tiles(const Operands& o, int64_t n0, int64_t n1) {
   for (int64_t p0 = 0; p0 < o.M; p0 += kPanel) {
     const int64_t p1 = std::min(o.M, p0 + kPanel), full = p0 + (p1 - p0) / G * G;
     blocks<NB>(n0, n1, [&](int64_t n, auto nb) {
-      for (int64_t r = p0; r < full; r += G) Path::template run<G, nb()>(o, n, r);
+      const bool next_here = n + 2 * nb() <= n1;  // the next block is this chunk's
+      for (int64_t r = p0; r < full; r += G) {
+        Path::template run<G, nb()>(o, n, r, r == p0 && next_here);
+      }
       if (full < p1) {
         with_rows(p1 - full, [&](auto rest) {
-          if constexpr (rest() < G) Path::template run<rest(), nb()>(o, n, full);
+          if constexpr (rest() < G) {
+            Path::template run<rest(), nb()>(o, n, full, full == p0 && next_here);
+          }
         });
       }
     });

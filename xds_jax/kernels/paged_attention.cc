@@ -167,11 +167,15 @@ XDS_AVX512 void value_heads(const float* s, int64_t L, const int64_t* keys, int6
   const int64_t E = K * D;
   for (int64_t i0 = 0; i0 < seen; i0 += kValueChunk) {
     const int64_t i1 = std::min(seen, i0 + kValueChunk);
-    for (int64_t i = i1; i < std::min(seen, i1 + kValueChunk); ++i) prefetch_row(vp + keys[i] * E, E);
+    for (int64_t i = i1; i < std::min(seen, i1 + kValueChunk); ++i) {
+      prefetch_row(vp + keys[i] * E, E);
+    }
     for (int64_t k = 0; k < K; ++k) {
       int64_t d0 = 0;
       if constexpr (G <= 4) {
-        for (; d0 + 64 <= D; d0 += 64) value_block<T, G, 4>(s, L, keys, i0, i1, vp, E, k, D, d0, out);
+        for (; d0 + 64 <= D; d0 += 64) {
+          value_block<T, G, 4>(s, L, keys, i0, i1, vp, E, k, D, d0, out);
+        }
       }
       for (; d0 + 32 <= D; d0 += 32) value_block<T, G, 2>(s, L, keys, i0, i1, vp, E, k, D, d0, out);
       for (; d0 < D; d0 += 16) value_block<T, G, 1>(s, L, keys, i0, i1, vp, E, k, D, d0, out);

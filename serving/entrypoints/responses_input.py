@@ -19,6 +19,7 @@ from typing import Any
 
 from serving.entrypoints import openai_protocol as api
 from serving.entrypoints.api_error import ApiError
+from xds_jax.sampling.params import MAX_LOGPROBS
 
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 TEXT_PARTS = {"input_text": "text", "output_text": "text", "text": "text", "refusal": "refusal"}
@@ -58,6 +59,9 @@ def refuse_unsupported(req: ResponsesRequest) -> None:
                        "truncation", "invalid_value")
     if req.n not in (None, 1):
         raise ApiError(400, "a response has one output; n must be 1", "n", "invalid_value")
+    if not 0 <= (req.top_logprobs or 0) <= MAX_LOGPROBS:
+        raise ApiError(400, f"top_logprobs must be in 0..{MAX_LOGPROBS}, got {req.top_logprobs}",
+                       "top_logprobs", "invalid_value")
     if req.max_output_tokens is not None and req.max_output_tokens < 1:
         raise ApiError(400, f"max_output_tokens must be at least 1, got "
                        f"{req.max_output_tokens}", "max_output_tokens", "invalid_value")

@@ -165,6 +165,8 @@ def test_requests_it_cannot_serve_are_400s_naming_the_field(fake, sdk):
         (dict(text={"format": {"type": "json_schema", "name": "x"}}), "text"),
         (dict(tool_choice={"type": "file_search"}), "tool_choice"),
         (dict(truncation="middle"), "truncation"),
+        (dict(top_logprobs=21), "top_logprobs"),
+        (dict(extra_body={"n": 2}), "n"),
     ]
     for fields, param in cases:
         with pytest.raises(openai.BadRequestError) as error:

@@ -24,29 +24,15 @@
 #include <new>
 #include <vector>
 
+#include "next_lines.h"
+
 namespace xds_kernels {
 
 #define XDS_AMX __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw")))
 
 constexpr int64_t kAmxPanel = 256;  // packed rows of x that stay in L2 while weights pass
 
-// The next block's weight rows (``bytes`` from ``next``, contiguous: the rows follow each
-// other) asked into L2, a share at each of a block's ``steps`` k steps: a block's tiles read
-// 16-64 weight rows a line at a time, more streams than the hardware prefetcher follows
-// (8-32-row bfloat16 matmuls streamed ~12 GB/s). ``on``: the block reads its weights from
-// memory (the first row tile of a panel) and the next block is the same chunk's.
-struct NextRows {
-  const char* next;
-  int64_t lines, per, line = 0;
-  NextRows(const void* p, int64_t bytes, int64_t steps, bool on)
-      : next(static_cast<const char*>(p)), lines(on ? bytes / 64 : 0),
-        per((lines + steps - 1) / steps) {}
-  inline void step() {
-    for (int64_t i = 0; i < per && line < lines; ++i, ++line) {
-      _mm_prefetch(next + line * 64, _MM_HINT_T1);
-    }
-  }
-};
+using NextRows = NextLines<_MM_HINT_T1>;  // the next block's weight rows, into L2
 
 // Packed rows on whole cache lines (a tile row is one line).
 template <typename T>

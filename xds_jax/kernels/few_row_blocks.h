@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "kernel_math.h"
+#include "next_lines.h"
 #include "lane_sums.h"  // lane_sums; UNROLL: loops over rows and block columns unrolled
                         // whole, so their accumulators stay in registers
 
@@ -36,23 +37,7 @@ struct Operands {
 // ---- AVX-512 -----------------------------------------------------------------------------------
 #define XDS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni")))
 
-// The weights of the block after this one (the next NB rows, ``bytes`` from ``next``) asked
-// for a share per k step, so they arrive while this block computes; ``on`` where the block's
-// first row group reads its weights from memory and the next block is in the same chunk (a
-// chunk's next is another thread's). The hardware prefetcher stops at every 4 KB page, and a
-// block's rows are read interleaved (1 row, int8: 1.15-1.4x the bandwidth).
-struct NextBlock {
-  const char* p;
-  int64_t lines, per, line = 0;
-  NextBlock(const void* next, int64_t bytes, int64_t steps, bool on)
-      : p(static_cast<const char*>(next)), lines(on ? bytes / 64 : 0),
-        per((lines + steps - 1) / steps) {}
-  inline void step() {
-    for (int64_t i = 0; i < per && line < lines; ++i, ++line) {
-      _mm_prefetch(p + line * 64, _MM_HINT_T0);
-    }
-  }
-};
+using NextBlock = NextLines<_MM_HINT_T0>;  // the next block's weights, into L1
 
 template <int M, int NB>
 XDS_AVX512 void bf16_block512(const Operands& o, int64_t n, int64_t r0, bool prefetch) {

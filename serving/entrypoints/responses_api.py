@@ -43,7 +43,6 @@ from serving.entrypoints.server_requests import (
     engine_error,
     sampling_params,
 )
-from serving.entrypoints.server_responses import merged
 from serving.entrypoints.server_state import Served, Watchdog
 from serving.entrypoints.tool_calls import ChoiceDeltas, ToolPlan, tool_plan
 from xds_jax.outputs import RequestOutput
@@ -138,7 +137,7 @@ def add_responses_routes(app: FastAPI, served: Served) -> None:
                    if req.previous_response_id else [])
         turn = input_messages(req.input)
         leading = [{"role": "system", "content": req.instructions}] if req.instructions else []
-        chat = chat_request(req, leading + history + turn)
+        chat = chat_request(req, leading + history + turn, fmt)
         if engine.tokenizer is None:
             raise ApiError(400, "this model has no tokenizer or chat template", "input")
         tools = tool_plan(chat, served.tool_parser)
@@ -223,16 +222,15 @@ class Run:
     async def whole(self, watch: Watchdog, stream: AsyncIterator[RequestOutput]) -> dict:
         final = None
         try:
-            async for _, output in merged([stream]):
+            async for output in stream:  # the last output is the whole reply
                 final = output
         finally:
             await watch.stop()
         if watch.timed_out:
-            raise ApiError(504, f"the request timed out after {watch.timeout_s} s", None,
-                           "timeout")
+            raise watch.timeout_error()
         c = final.outputs[0]
         message, _ = self.tools.reply(c.text, c.finish_reason)
-        status = "incomplete" if c.finish_reason == "length" else "completed"
+        status = out.status_of(c)
         self.response["output"] = out.output_items(message, self.logprobs(c, 0), status)
         out.finish(self.response, status, self.prompt_tokens, len(c.token_ids))
         self.keep()
@@ -246,7 +244,7 @@ class Run:
             for event in events.start():
                 yield sse(event)
             try:
-                async for _, final in merged([stream]):
+                async for final in stream:
                     c = final.outputs[0]
                     text, start, finished = cursor.advance(c)
                     deltas = shaper.feed(text, finished) if text or finished else []
@@ -262,11 +260,10 @@ class Run:
                     yield sse(event)
                 return
             if watch.timed_out:
-                for event in events.fail("timeout", f"the request timed out after "
-                                         f"{watch.timeout_s} s"):
+                for event in events.fail("timeout", watch.timeout_error().message):
                     yield sse(event)
                 return
-            status = "incomplete" if c is not None and c.finish_reason == "length" else "completed"
+            status = "completed" if c is None else out.status_of(c)
             for event in events.end(status, self.prompt_tokens,
                                     0 if c is None else len(c.token_ids)):
                 yield sse(event)

@@ -191,9 +191,10 @@ def wants_logprobs(req: ResponsesRequest) -> bool:
     return LOGPROBS_INCLUDE in (req.include or []) or bool(req.top_logprobs)
 
 
-def chat_request(req: ResponsesRequest,
-                 messages: list[dict[str, Any]]) -> api.ChatCompletionRequest:
-    """The chat request ``req`` amounts to, over ``messages`` (the whole conversation)."""
+def chat_request(req: ResponsesRequest, messages: list[dict[str, Any]],
+                 fmt: dict[str, Any]) -> api.ChatCompletionRequest:
+    """The chat request ``req`` amounts to, over ``messages`` (the whole conversation), with
+    ``fmt`` its checked ``text.format`` (``text_format``)."""
     shared = req.model_dump(include=set(api.SamplingFields.model_fields) - {
         "n", "stream", "stream_options", "response_format"}, exclude_none=True)
     if req.response_format is not None:
@@ -204,7 +205,7 @@ def chat_request(req: ResponsesRequest,
         **shared, messages=messages, tools=chat_tools(req.tools),
         tool_choice=chat_tool_choice(req.tool_choice),
         parallel_tool_calls=req.parallel_tool_calls,
-        response_format=response_format(text_format(req.text)),
+        response_format=response_format(fmt),
         max_completion_tokens=req.max_output_tokens, logprobs=logprobs,
         top_logprobs=(req.top_logprobs or 0) if logprobs else None,
         chat_template_kwargs=req.chat_template_kwargs)

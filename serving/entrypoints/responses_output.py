@@ -81,6 +81,11 @@ def output_items(message: ChatMessage, logprobs: list[dict[str, Any]],
     return items
 
 
+def status_of(c: Any) -> str:
+    """A reply's response status: ``incomplete`` where it hit ``max_output_tokens``."""
+    return "incomplete" if c.finish_reason == "length" else "completed"
+
+
 def finish(response: dict[str, Any], status: str, prompt_tokens: int,
            output_tokens: int) -> dict[str, Any]:
     """``response`` ended: its status (``incomplete`` when the output hit its limit), usage

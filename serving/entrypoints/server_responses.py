@@ -97,7 +97,7 @@ async def respond(served: Served, raw: Request, req: Any, model: str,
     finally:
         await watch.stop()
     if watch.timed_out:
-        raise ApiError(504, f"the request timed out after {watch.timeout_s} s", None, "timeout")
+        raise watch.timeout_error()
     if kind == "chat":
         return outputs.chat_response(request_id, model, req.top_logprobs or 0, finals[0],
                                      lens[0], tok, tools.reply, echoes[0]).model_dump()
@@ -194,8 +194,7 @@ async def finish_stream(watch: Watchdog, events: AsyncIterator[dict], req: Any,
             yield sse(engine_error(error).body())
         else:
             if watch.timed_out:
-                yield sse(ApiError(504, f"the request timed out after {watch.timeout_s} s",
-                                   None, "timeout").body())
+                yield sse(watch.timeout_error().body())
             elif include_usage:
                 last = {"id": request_id, "object": "chat.completion.chunk"
                         if request_id.startswith("chatcmpl") else "text_completion",

@@ -57,6 +57,10 @@ class Watchdog:
                  "client disconnected" if self.disconnected else "request timed out")
         self.abort()
 
+    def timeout_error(self) -> ApiError:
+        """The 504 a request whose time ran out answers (or sends as its stream's last event)."""
+        return ApiError(504, f"the request timed out after {self.timeout_s} s", None, "timeout")
+
     def finish(self, request_id: str) -> None:
         """``request_id`` finished in the engine; once all have, the ticket goes back (before
         the last chunk is sent, so a client that saw the end finds its room free)."""

@@ -49,24 +49,24 @@ template <typename T, typename Dot>
   for (int64_t i = 0; i < H * D; ++i) qf[i] = value(q[i]);
   std::fill(mx, mx + H, -std::numeric_limits<float>::infinity());
   int64_t seen = 0;  // visible keys: their scores s[h * L + i] and rows keys[i]
-  if (Dot::template scores<T>(a, b, qf, s, keys, mx, seen)) {
-  } else for (int64_t n = 0; n < a.N; ++n) {
-    const int64_t page = std::clamp<int64_t>(a.tables[b * a.N + n], 0, a.P - 1);
-    for (int64_t t = 0; t < a.Pg; ++t) {
-      if (!a.mask[b * L + n * a.Pg + t]) continue;
-      const int64_t row = page * a.Pg + t;
-      const T* kr = kp + row * E;
+  if (!Dot::template scores<T>(a, b, qf, s, keys, mx, seen)) {  // the plain loops
+    for (int64_t n = 0; n < a.N; ++n) {
+      const int64_t page = std::clamp<int64_t>(a.tables[b * a.N + n], 0, a.P - 1);
+      for (int64_t t = 0; t < a.Pg; ++t) {
+        if (!a.mask[b * L + n * a.Pg + t]) continue;
+        const int64_t row = page * a.Pg + t;
+        const T* kr = kp + row * E;
 #pragma omp simd
-      for (int64_t e = 0; e < E; ++e) kf[e] = value(kr[e]);
-      for (int64_t h = 0; h < H; ++h) {  // query head h = k G + g reads kv head k
-        const float* qh = qf + h * D;
-        const float* kk = kf + (h / G) * D;
-        float sc = Dot::dot(qh, kk, D) * a.scale;
-        if (a.cap > 0.0f) sc = a.cap * std::tanh(sc / a.cap);
-        s[h * L + seen] = sc;
-        mx[h] = std::max(mx[h], sc);
+        for (int64_t e = 0; e < E; ++e) kf[e] = value(kr[e]);
+        for (int64_t h = 0; h < H; ++h) {  // query head h = k G + g reads kv head k
+          const float* qh = qf + h * D;
+          const float* kk = kf + (h / G) * D;
+          const float sc = scaled_score(Dot::dot(qh, kk, D), a);
+          s[h * L + seen] = sc;
+          mx[h] = std::max(mx[h], sc);
+        }
+        keys[seen++] = row;
       }
-      keys[seen++] = row;
     }
   }
   std::fill(out, out + H * D, 0.0f);
@@ -114,18 +114,9 @@ struct Dot512 {
   template <typename T>
   XDS_AVX512 static bool scores(const Args& a, int64_t b, const float* qf, float* s,
                                 int64_t* keys, float* mx, int64_t& seen) {
-    if (a.D % 16 != 0) return false;
-    switch (a.G) {
-      case 1: page_scores<T, 1>(a, b, qf, s, keys, mx, seen); return true;
-      case 2: page_scores<T, 2>(a, b, qf, s, keys, mx, seen); return true;
-      case 3: page_scores<T, 3>(a, b, qf, s, keys, mx, seen); return true;
-      case 4: page_scores<T, 4>(a, b, qf, s, keys, mx, seen); return true;
-      case 5: page_scores<T, 5>(a, b, qf, s, keys, mx, seen); return true;
-      case 6: page_scores<T, 6>(a, b, qf, s, keys, mx, seen); return true;
-      case 7: page_scores<T, 7>(a, b, qf, s, keys, mx, seen); return true;
-      case 8: page_scores<T, 8>(a, b, qf, s, keys, mx, seen); return true;
-      default: return false;
-    }
+    return a.D % 16 == 0 && with_heads(a.G, [&](auto g) {
+      page_scores<T, g()>(a, b, qf, s, keys, mx, seen);
+    });
   }
 
   // A row's probabilities from its n scores and their maximum, in place (bf16: rounded to
@@ -152,18 +143,9 @@ struct Dot512 {
   template <typename T>
   XDS_AVX512 static bool values(const float* s, int64_t L, const int64_t* keys, int64_t seen,
                                 const T* vp, int64_t K, int64_t G, int64_t D, float* out) {
-    if (D % 16 != 0) return false;
-    switch (G) {
-      case 1: value_heads<T, 1>(s, L, keys, seen, vp, K, D, out); return true;
-      case 2: value_heads<T, 2>(s, L, keys, seen, vp, K, D, out); return true;
-      case 3: value_heads<T, 3>(s, L, keys, seen, vp, K, D, out); return true;
-      case 4: value_heads<T, 4>(s, L, keys, seen, vp, K, D, out); return true;
-      case 5: value_heads<T, 5>(s, L, keys, seen, vp, K, D, out); return true;
-      case 6: value_heads<T, 6>(s, L, keys, seen, vp, K, D, out); return true;
-      case 7: value_heads<T, 7>(s, L, keys, seen, vp, K, D, out); return true;
-      case 8: value_heads<T, 8>(s, L, keys, seen, vp, K, D, out); return true;
-      default: return false;
-    }
+    return D % 16 == 0 && with_heads(G, [&](auto g) {
+      value_heads<T, g()>(s, L, keys, seen, vp, K, D, out);
+    });
   }
 
   XDS_AVX512 static inline float dot(const float* a, const float* b, int64_t D) {

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "lane_sums.h"
 
@@ -32,6 +33,30 @@ struct PagedArgs {
   float scale = 1.0f, cap = 0.0f;
   bool bf16 = false;
 };
+
+// A query head's dot product with a key as its attention score: scaled, soft-capped where the
+// layer caps (both score paths, so they agree).
+inline float scaled_score(float dot, const PagedArgs& a) {
+  const float sc = dot * a.scale;
+  return a.cap > 0.0f ? a.cap * std::tanh(sc / a.cap) : sc;
+}
+
+// f(std::integral_constant<int, G>) for the query heads per kv head G in 1 .. 8, the widths
+// the register paths are instantiated for; false (nothing run) for any other G.
+template <typename F>
+inline bool with_heads(int64_t G, F&& f) {
+  switch (G) {
+    case 1: f(std::integral_constant<int, 1>{}); return true;
+    case 2: f(std::integral_constant<int, 2>{}); return true;
+    case 3: f(std::integral_constant<int, 3>{}); return true;
+    case 4: f(std::integral_constant<int, 4>{}); return true;
+    case 5: f(std::integral_constant<int, 5>{}); return true;
+    case 6: f(std::integral_constant<int, 6>{}); return true;
+    case 7: f(std::integral_constant<int, 7>{}); return true;
+    case 8: f(std::integral_constant<int, 8>{}); return true;
+    default: return false;
+  }
+}
 
 // 16 values from p as float32 (bfloat16 bits widened by a shift).
 XDS_PAGED512 inline __m512 load16(const uint16_t* p) {
@@ -161,8 +186,7 @@ XDS_PAGED512 void page_scores(const PagedArgs& a, int64_t b, const float* qf, fl
           float top = mx[k * G + g];
           for (int t = 0; t < tb; ++t) {
             if (idx[t] < 0) continue;
-            float v = sc[g * TB + t] * a.scale;
-            if (a.cap > 0.0f) v = a.cap * std::tanh(v / a.cap);
+            const float v = scaled_score(sc[g * TB + t], a);
             sh[idx[t]] = v;
             top = std::max(top, v);
           }
@@ -170,7 +194,7 @@ XDS_PAGED512 void page_scores(const PagedArgs& a, int64_t b, const float* qf, fl
         }
       }
       for (int t = 0; t < tb; ++t) {
-        if (idx[t] >= 0) keys[idx[t]] = (page * Pg + t0 + t);
+        if (idx[t] >= 0) keys[idx[t]] = page * Pg + t0 + t;
       }
       seen += visible;
     }

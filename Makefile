@@ -20,8 +20,9 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python -m serving.entrypoints.demo
 
-# tests/run_suite.py runs the suite's pytest processes, two at a time (most of a test is
-# single-threaded compiling): 8 virtual CPU devices in six processes (XLA:CPU segfaulted
+# tests/run_suite.py runs the suite's pytest processes, one more than the cores at a time
+# (most of a test is single-threaded compiling, and some wait on servers, child processes or
+# timeouts): 8 virtual CPU devices in seven processes (XLA:CPU segfaulted
 # late in processes that ran many serving tests), the 16-, 64- and 384-device tests in
 # their own (JAX fixes the device count when it starts), the 384-device one last with only
 # small processes beside it. Each runs under tests/run_pytest.sh: a native crash is
@@ -32,8 +33,11 @@ demo: install
 # s on a 2-core machine). They were once kept off disk after XLA:CPU segfaulted serializing
 # an executable late in long test processes, before xds_jax/memory_maps.py held a process's
 # memory mappings under half of vm.max_map_count (the likely cause); XDS_NO_COMPILE_CACHE=1
-# turns the cache off.
+# turns the cache off. Python writes its bytecode (and pytest its rewritten test modules)
+# for the processes after the first, even where PYTHONDONTWRITEBYTECODE is set (~4 s of
+# each process's start).
 test: export XDS_CACHE_DIR ?= $(CURDIR)/.cache/xds_jax
+test: export PYTHONDONTWRITEBYTECODE =
 test: install
 	$(BIN)/python tests/run_suite.py
 

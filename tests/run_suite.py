@@ -1,16 +1,16 @@
-"""`make test`: the suite's pytest processes, two at a time, each printed whole when it ends.
+"""`make test`: the suite's pytest processes, a few at a time, each printed whole when it ends.
 
 JAX fixes the number of virtual CPU devices when it starts, so tests needing 16, 64 or 384
-devices run in processes of their own; the 8-device tests run in six processes (so that the two
+devices run in processes of their own; the 8-device tests run in seven processes (so that the
 lanes end together; a process compiling thousands of programs also neared Linux's limit on
 memory mappings, where XLA:CPU segfaults: `tests/conftest.py` now frees them). Most of a test's
-time is single-threaded compiling, so two processes at once use both cores of a 2-core machine;
-the 384-device process (14.5 GB at its peak) runs last, with only the small t-z and 64-device
-processes beside it, one after the other (beside the 16-device one both were slowed by ~70 s:
-no gain; alone, one core idled for its ~95 s). The others start longest first, so the two
-lanes end together.
-Each process runs under ``tests/run_pytest.sh`` (a native crash is summarised and the process
-run once more).
+time is single-threaded compiling, and a process waits at times (on a server or child process
+it started, a fault's timeout), so one process more than the cores runs at once (three on a
+2-core machine: 813 s against 1007 s two at a time), no more than one per 6 GiB of memory; the
+384-device process (13-14.5 GB at its peak) runs last, with only the small t-z and 64-device
+processes beside it, one after the other. The others start longest first, so the lanes end
+together. Each process runs under ``tests/run_pytest.sh`` (a native crash is summarised and the
+process run once more), and its time, CPU time and peak memory are printed.
 
     python tests/run_suite.py [--jobs N] [NAME ...]    # names: see PROCESSES
 
@@ -38,27 +38,39 @@ BESIDE_ALONE = ("serving-t-z", "mesh64")  # small processes, run one by one next
 
 def serving(pattern: str) -> list[str]:
     """The serving test files whose names match ``pattern``, as pytest arguments."""
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests/serving").glob(pattern))
+    return files("tests/serving", pattern)
+
+
+def files(folder: str, pattern: str) -> list[str]:
+    """The test files under ``folder`` whose names match ``pattern``, as pytest arguments."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / folder).glob(pattern))
+
+
+def marked(marker: str) -> list[str]:
+    """The test files that name ``marker`` (the rest would only be imported to be deselected:
+    ~5 s of a process's start)."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
+                  if marker in p.read_text())
 
 
 # name -> (virtual CPU devices, pytest arguments), longest first (the order they start in;
-# seconds in a run on 2026-12-06's 2-core Intel machine, the compilation cache on and cold:
-# xds_jax 473, a-l 329, s 277, m-r 182, mesh16 152, rest 150, mesh384 93, t-z 29, mesh64 19:
-# 881 s in all, 1160 s the day before, before the references were padded to a few lengths,
-# MA programs were shared between engines and the cache was turned on). The serving tests run
-# in four processes (XLA:CPU segfaulted late in a process that ran the m-z files: the process
-# had reached vm.max_map_count, see tests/conftest.py); the other tests in two (model and
-# loader tests, the rest).
+# seconds in a run on 2026-12-06's 2-core Intel machine, three at a time, the compilation
+# cache on and cold: xds_jax 699 s as one process, a-l 465, s 459, m-r 198, mesh16 188, rest
+# 100, mesh384 72, t-z 25, mesh64 11: 820 s in all, 1007 s two at a time). The serving tests
+# run in four processes (XLA:CPU segfaulted late in a process that ran the m-z files: the
+# process had reached vm.max_map_count, see tests/conftest.py), the model and loader tests in
+# two (one was the suite's longest process), the other tests in one.
 PROCESSES = {
     "serving-a-l": (8, ["-m", NOT_MESH, *serving("test_[a-l]*.py")]),
-    "xds_jax": (8, ["-m", NOT_MESH, "tests/xds_jax"]),
     "serving-s": (8, ["-m", NOT_MESH, *serving("test_s*.py")]),
-    "mesh16": (16, ["-m", "mesh16"]),
+    "xds_jax-m-z": (8, ["-m", NOT_MESH, *files("tests/xds_jax", "test_[m-z]*.py")]),
+    "xds_jax-a-l": (8, ["-m", NOT_MESH, *files("tests/xds_jax", "test_[a-l]*.py")]),
+    "mesh16": (16, ["-m", "mesh16", *marked("mesh16")]),
     "serving-m-r": (8, ["-m", NOT_MESH, *serving("test_[m-r]*.py")]),
     "rest": (8, ["-m", NOT_MESH, "--ignore=tests/serving", "--ignore=tests/xds_jax"]),
     "serving-t-z": (8, ["-m", NOT_MESH, *serving("test_[t-z]*.py")]),
-    "mesh64": (64, ["-m", "mesh64"]),
-    "mesh384": (384, ["-m", "mesh384"]),
+    "mesh64": (64, ["-m", "mesh64", *marked("mesh64")]),
+    "mesh384": (384, ["-m", "mesh384", *marked("mesh384")]),
 }
 NO_TESTS = 5  # pytest's exit code when a marker selects nothing: not a failure
 CLOSING = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)")
@@ -76,7 +88,9 @@ def run(name: str, out: dict, lock: threading.Lock) -> None:
     with lock:
         print(f"===== {name}: started", flush=True)
     with tempfile.TemporaryFile("w+") as log:
-        rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = rc = os.waitstatus_to_exitcode(status)
         log.seek(0)
         text = log.read()
     seconds = time.monotonic() - start
@@ -85,8 +99,19 @@ def run(name: str, out: dict, lock: threading.Lock) -> None:
     with lock:
         print(f"\n===== {name}: {' '.join(cmd[1:])} (XDS_CPU_DEVICES={devices})", flush=True)
         print(text, end="", flush=True)
-        print(f"===== {name}: exit {rc} after {seconds:.0f} s", flush=True)
+        print(f"===== {name}: exit {rc} after {seconds:.0f} s, {usage.ru_utime:.0f} s CPU, "
+              f"peak memory {usage.ru_maxrss / 2**20:.1f} GiB", flush=True)
         out[name] = (rc, seconds, text)
+
+
+def default_jobs() -> int:
+    """One process more than the cores (a process waits at times: on a server it started, a
+    fault's timeout, a child process; two at a time left a 2-core machine's cores idle for
+    about a quarter of the suite), no more than one per 6 GiB of memory (an 8-device process
+    peaks at 2-4 GiB) and at least two."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return max(2, min((cores or 1) + 1, int(memory // 6)))
 
 
 def closing_counts(text: str) -> dict[str, int]:
@@ -101,16 +126,18 @@ def closing_counts(text: str) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--jobs", type=int, default=int(os.environ.get("XDS_TEST_JOBS", 2)),
-                    help="pytest processes at once (default 2, or $XDS_TEST_JOBS)")
+    ap.add_argument("--jobs", type=int, default=int(os.environ.get("XDS_TEST_JOBS", 0)),
+                    help="pytest processes at once (default $XDS_TEST_JOBS, else one more "
+                         "than the CPU cores, at most one per 6 GiB of memory)")
     ap.add_argument("names", nargs="*",
                     help=f"processes to run (default all: {', '.join(PROCESSES)})")
     args = ap.parse_args(argv)
     unknown = [n for n in args.names if n not in PROCESSES]
     if unknown:
         ap.error(f"unknown process {', '.join(unknown)}; choose from {', '.join(PROCESSES)}")
-    if args.jobs < 1:
+    if args.jobs < 0:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
+    args.jobs = args.jobs or default_jobs()
     names = args.names or list(PROCESSES)
     out: dict = {}
     lock = threading.Lock()

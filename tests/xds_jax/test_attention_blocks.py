@@ -112,7 +112,8 @@ def test_masked_key_blocks_are_not_visited():
 
 
 def whole_model_logits(m, tokens, forced):
-    """Every position's logits from a fresh trace (nothing cached across the forcing)."""
+    """Every position's logits from fresh traces (nothing cached across the forcing: the
+    layers' own functions, ``reference._layer_attention``, keep their traces too)."""
 
     def logits(params, tokens_S):
         t = tokens_S.shape[0]
@@ -129,9 +130,11 @@ def whole_model_logits(m, tokens, forced):
             mp.setattr(attention_blocks, "BLOCKWISE_MIN_SCORES", 0)
             mp.setattr(attention_blocks, "Q_BLOCK", 8)
             mp.setattr(attention_blocks, "K_BLOCK", 8)
+        jax.clear_caches()
         jitted = jax.jit(logits)
         text = str(jitted.lower(m.params, tokens).as_text())
         out = np.asarray(jitted(m.params, tokens))
+    jax.clear_caches()
     assert ("while" in text) == forced
     return out
 

@@ -53,10 +53,11 @@ def marked(marker: str) -> list[str]:
                   if marker in p.read_text())
 
 
-# name -> (virtual CPU devices, pytest arguments), longest first (the order they start in;
-# seconds in a run on 2026-12-06's 2-core Intel machine, three at a time, the compilation
-# cache on and cold: xds_jax 699 s as one process, a-l 465, s 459, m-r 198, mesh16 188, rest
-# 100, mesh384 72, t-z 25, mesh64 11: 820 s in all, 1007 s two at a time). The serving tests
+# name -> (virtual CPU devices, pytest arguments), in the order they start: the order that
+# ends three lanes soonest with these times (seconds in a run on 2026-12-06's 2-core Intel
+# machine, three at a time, the compilation cache on and cold: a-l 444, s 434, xds_jax m-z
+# 400 and a-l 290 (699 as one process), m-r 220, mesh16 202, rest 113, mesh384 64, t-z 25,
+# mesh64 4: 813 s in all, the rest started last; 1007 s two at a time). The serving tests
 # run in four processes (XLA:CPU segfaulted late in a process that ran the m-z files: the
 # process had reached vm.max_map_count, see tests/conftest.py), the model and loader tests in
 # two (one was the suite's longest process), the other tests in one.
@@ -64,8 +65,8 @@ PROCESSES = {
     "serving-a-l": (8, ["-m", NOT_MESH, *serving("test_[a-l]*.py")]),
     "serving-s": (8, ["-m", NOT_MESH, *serving("test_s*.py")]),
     "xds_jax-m-z": (8, ["-m", NOT_MESH, *files("tests/xds_jax", "test_[m-z]*.py")]),
-    "xds_jax-a-l": (8, ["-m", NOT_MESH, *files("tests/xds_jax", "test_[a-l]*.py")]),
     "mesh16": (16, ["-m", "mesh16", *marked("mesh16")]),
+    "xds_jax-a-l": (8, ["-m", NOT_MESH, *files("tests/xds_jax", "test_[a-l]*.py")]),
     "serving-m-r": (8, ["-m", NOT_MESH, *serving("test_[m-r]*.py")]),
     "rest": (8, ["-m", NOT_MESH, "--ignore=tests/serving", "--ignore=tests/xds_jax"]),
     "serving-t-z": (8, ["-m", NOT_MESH, *serving("test_[t-z]*.py")]),

@@ -6,10 +6,11 @@ lanes end together; a process compiling thousands of programs also neared Linux'
 memory mappings, where XLA:CPU segfaults: `tests/conftest.py` now frees them). Most of a test's
 time is single-threaded compiling, and a process waits at times (on a server or child process
 it started, a fault's timeout), so one process more than the cores runs at once (three on a
-2-core machine: 813 s against 1007 s two at a time), no more than one per 6 GiB of memory; the
-384-device process (13-14.5 GB at its peak) runs last, with only the small t-z and 64-device
-processes beside it, one after the other. The others start longest first, so the lanes end
-together. Each process runs under ``tests/run_pytest.sh`` (a native crash is summarised and the
+2-core machine: 813 s against 1007 s two at a time), no more than one per 6 GiB of memory,
+and a process starts only while the measured peaks of those running and its own fit in 85% of
+the memory (``PEAK_GIB``): the 384-device process (13-14.5 GB at its peak), last in the order,
+runs beside small ones only. The order is the one that ends the lanes soonest with measured
+times. Each process runs under ``tests/run_pytest.sh`` (a native crash is summarised and the
 process run once more), and its time, CPU time and peak memory are printed.
 
     python tests/run_suite.py [--jobs N] [NAME ...]    # names: see PROCESSES
@@ -31,8 +32,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_MESH = "not mesh16 and not mesh64 and not mesh384"
-ALONE = "mesh384"  # the memory of a 384-device process: only BESIDE_ALONE beside it
-BESIDE_ALONE = ("serving-t-z", "mesh64")  # small processes, run one by one next to it
+# Each process's peak memory in GiB (measured, rounded up): a process starts only while the
+# peaks of those running and its own fit in MEMORY_SHARE of the machine's memory (or when it
+# would run alone), so the 384-device one runs beside small processes only.
+PEAK_GIB = {"serving-a-l": 4, "serving-s": 7.5, "xds_jax-m-z": 5, "mesh16": 3, "xds_jax-a-l": 5,
+            "serving-m-r": 2.5, "rest": 10.5, "serving-t-z": 3, "mesh64": 0.5, "mesh384": 14.5}
+MEMORY_SHARE = 0.85
+NEW_PEAK_GIB = 5  # a process not measured yet
+
+
+def peak_gib(name: str) -> float:
+    return PEAK_GIB.get(name, NEW_PEAK_GIB)
 
 
 
@@ -105,14 +115,17 @@ def run(name: str, out: dict, lock: threading.Lock) -> None:
         out[name] = (rc, seconds, text)
 
 
+def memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
 def default_jobs() -> int:
     """One process more than the cores (a process waits at times: on a server it started, a
     fault's timeout, a child process; two at a time left a 2-core machine's cores idle for
     about a quarter of the suite), no more than one per 6 GiB of memory (an 8-device process
     peaks at 2-4 GiB) and at least two."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return max(2, min((cores or 1) + 1, int(memory // 6)))
+    return max(2, min((cores or 1) + 1, int(memory_gib() // 6)))
 
 
 def closing_counts(text: str) -> dict[str, int]:
@@ -143,25 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {}
     lock = threading.Lock()
     start = time.monotonic()
-    beside = [n for n in BESIDE_ALONE if n in names] if ALONE in names and args.jobs > 1 else []
-    pending = [n for n in names if n != ALONE and n not in beside]
-    running: list[threading.Thread] = []
-    while pending:
-        running = [t for t in running if t.is_alive()]
-        if len(running) < args.jobs:
-            t = threading.Thread(target=run, args=(pending.pop(0), out, lock))
-            t.start()
-            running.append(t)
+    pending = list(names)
+    running: dict[str, threading.Thread] = {}
+    budget = MEMORY_SHARE * memory_gib()
+    while pending or running:
+        running = {n: t for n, t in running.items() if t.is_alive()}
+        used = sum(peak_gib(n) for n in running)
+        fits = [n for n in pending if not running or used + peak_gib(n) <= budget]
+        if fits and len(running) < args.jobs:
+            pending.remove(fits[0])
+            running[fits[0]] = threading.Thread(target=run, args=(fits[0], out, lock))
+            running[fits[0]].start()
         else:
             time.sleep(0.2)
-    for t in running:
-        t.join()
-    # the small processes one after another beside the 384-device one, so both cores work
-    small = threading.Thread(target=lambda: [run(n, out, lock) for n in beside])
-    small.start()
-    if ALONE in names:
-        run(ALONE, out, lock)
-    small.join()
     totals: dict[str, int] = {}
     print("\n===== test processes")
     for name in names:

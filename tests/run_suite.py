@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown process {', '.join(unknown)}; choose from {', '.join(PROCESSES)}")
     if args.jobs < 0:
-        ap.error(f"--jobs must be >= 1, got {args.jobs}")
+        ap.error(f"--jobs must be >= 1 (0: the default), got {args.jobs}")
     args.jobs = args.jobs or default_jobs()
     names = args.names or list(PROCESSES)
     out: dict = {}

@@ -113,7 +113,7 @@ def test_masked_key_blocks_are_not_visited():
 
 def whole_model_logits(m, tokens, forced):
     """Every position's logits from fresh traces (nothing cached across the forcing: the
-    layers' own functions, ``reference._layer_attention``, keep their traces too)."""
+    layers' own functions, ``reference._attention``, keep their traces too)."""
 
     def logits(params, tokens_S):
         t = tokens_S.shape[0]

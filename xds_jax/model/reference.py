@@ -18,13 +18,16 @@ from xds_jax.model.config import ModelConfig
 from xds_jax.model.params import model_dtype
 from xds_jax.sampling.argmax import argmax_last
 
-# A layer's two stages as functions of their own inside the whole-model programs, keyed by
-# the first layer of the same kind (``attention_kind_layer``, ``dense_or_moe``): the layers of
-# a kind call one function, traced and lowered once (XLA inlines the calls: the compiled step
-# is the same op for op). SmolLM2's 30 layers were traced and lowered one by one: 0.65 s of
-# each step shape's 2.4 s (with the test suite's XLA flags), now 0.17 s.
-_layer_attention = jax.jit(stages.attention, static_argnums=(1, 6))
-_layer_feed_forward = jax.jit(stages.feed_forward, static_argnums=(1, 2))
+# A layer's two stages as programs of their own, keyed by the first layer of the same kind
+# (``attention_kind_layer``, ``dense_or_moe``). ``staged_step`` dispatches them one by one
+# (the KV pages donated); inside the whole-model programs (``forward``) the layers of a kind
+# call one function, traced and lowered once (XLA inlines the calls and ignores a nested
+# donation: the compiled step is the same op for op). SmolLM2's 30 layers were traced and
+# lowered one by one: 0.65 s of each step shape's 2.4 s (with the test suite's XLA flags),
+# now 0.17 s.
+_embed = jax.jit(stages.embed)
+_attention = jax.jit(stages.attention, static_argnums=(1, 6), donate_argnums=4)
+_feed_forward = jax.jit(stages.feed_forward, static_argnums=(1, 2))
 
 
 def dense_or_moe(cfg: ModelConfig, index: int) -> int:
@@ -46,9 +49,9 @@ def layer_outputs(params: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS
     """Every layer's output ``[B, S, D]`` from embeddings ``x_BSD``, and the new caches."""
     outs, new_caches = [], []
     for i, layer in enumerate(params["layers"]):
-        x_BSD, cache = _layer_attention(layer, cfg, x_BSD, positions_BS, caches[i],
-                                        block_tables_BN, cfg.attention_kind_layer(i))
-        x_BSD = _layer_feed_forward(layer, cfg, dense_or_moe(cfg, i), x_BSD)
+        x_BSD, cache = _attention(layer, cfg, x_BSD, positions_BS, caches[i], block_tables_BN,
+                                  cfg.attention_kind_layer(i))
+        x_BSD = _feed_forward(layer, cfg, dense_or_moe(cfg, i), x_BSD)
         outs.append(x_BSD)
         new_caches.append(cache)
     return outs, new_caches
@@ -130,9 +133,6 @@ def reference_hidden_states(params: dict, cfg: ModelConfig, tokens: jax.Array) -
     return _reference_hidden_states(params, cfg, _padded(tokens, cfg))[:, :t]
 
 
-_embed = jax.jit(stages.embed)
-_attention = jax.jit(stages.attention, static_argnums=(1, 6), donate_argnums=4)
-_feed_forward = jax.jit(stages.feed_forward, static_argnums=(1, 2))
 _last_outputs = jax.jit(last_token_outputs, static_argnums=1)
 
 

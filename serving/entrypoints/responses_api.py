@@ -7,18 +7,23 @@ server's tool-call parser, as in chat completions), structured output from ``tex
 admission, the watchdog that aborts a request whose client left or whose time ran out. The
 answer is a response object, or with ``stream`` its typed events (``responses_output``).
 
-With ``store`` (true by default, as OpenAI's) the finished response is kept in memory, the
-last ``STORED_RESPONSES`` of them: it can be read back, deleted, and continued by a request
-naming it as ``previous_response_id`` (its conversation, its input and output, comes before
-the new input; its ``instructions`` do not carry over). ``truncation: "auto"`` drops the
-oldest turns of a conversation that does not fit the context (the system message stays).
+With ``store`` (true by default, as OpenAI's) the response is kept in memory
+(``responses_store``): it can be read back while it runs and after, deleted, and once finished
+continued by a request naming it as ``previous_response_id`` (its conversation, its input and
+output, comes before the new input; its ``instructions`` do not carry over). With
+``background`` it runs detached from the request: the answer is the ``queued`` response (or,
+with ``stream``, its events, which a client may leave and resume with ``GET
+/v1/responses/{id}?stream=true&starting_after=N``), read back until it ends, and ``POST
+/v1/responses/{id}/cancel`` stops it. ``truncation: "auto"`` drops the oldest turns of a
+conversation that does not fit the context (the system message stays).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,6 +41,7 @@ from serving.entrypoints.responses_input import (
     text_format,
     wants_logprobs,
 )
+from serving.entrypoints.responses_store import EventLog, ResponseStore, Stored
 from serving.entrypoints.server_requests import (
     ApiError,
     chat_prompt,
@@ -47,41 +53,9 @@ from serving.entrypoints.server_state import Served, Watchdog
 from serving.entrypoints.tool_calls import ChoiceDeltas, ToolPlan, tool_plan
 from xds_jax.outputs import RequestOutput
 
-STORED_RESPONSES = 1024  # finished responses kept for retrieval and previous_response_id
+ABORTED = "the server aborted the request before it finished (it is shutting down)"
 ITEM_IDS = {"message": "msg", "function_call": "fc", "function_call_output": "fco",
             "reasoning": "rs"}
-
-
-@dataclasses.dataclass
-class Stored:
-    response: dict[str, Any]
-    conversation: list[dict[str, Any]]  # chat messages: earlier turns, the input, the output
-    input_items: list[dict[str, Any]]
-
-
-class ResponseStore:
-    """The last ``limit`` stored responses by id, oldest dropped first."""
-
-    def __init__(self, limit: int = STORED_RESPONSES):
-        self.limit = limit
-        self.items: OrderedDict[str, Stored] = OrderedDict()
-
-    def put(self, stored: Stored) -> None:
-        self.items[stored.response["id"]] = stored
-        while len(self.items) > self.limit:
-            self.items.popitem(last=False)
-
-    def get(self, response_id: str, param: str = "response_id") -> Stored:
-        stored = self.items.get(response_id)
-        if stored is None:
-            raise ApiError(404, f"Response with id '{response_id}' not found (responses are "
-                           f"kept in this server's memory, the last {self.limit}, when created "
-                           "with store true)", param, "response_not_found")
-        return stored
-
-    def delete(self, response_id: str) -> None:
-        self.get(response_id)
-        del self.items[response_id]
 
 
 def input_items(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -127,14 +101,14 @@ async def fitted_prompt(served: Served, req: ResponsesRequest, chat: api.ChatCom
 def add_responses_routes(app: FastAPI, served: Served) -> None:
     store = ResponseStore()
     engine = served.engine
+    app.state.responses = store
 
     @app.post("/v1/responses")
     async def create(req: ResponsesRequest, raw: Request):
         model = served.check_model(req.model)
         refuse_unsupported(req)
         fmt = text_format(req.text)
-        history = (store.get(req.previous_response_id, "previous_response_id").conversation
-                   if req.previous_response_id else [])
+        history = store.conversation(req.previous_response_id) if req.previous_response_id else []
         turn = input_messages(req.input)
         leading = [{"role": "system", "content": req.instructions}] if req.instructions else []
         chat = chat_request(req, leading + history + turn, fmt)
@@ -149,7 +123,8 @@ def add_responses_routes(app: FastAPI, served: Served) -> None:
         except ApiError as error:
             raise named_for_responses(error) from None
         ticket = served.admit(1, len(prompt[1]))
-        watch = Watchdog(raw, served, ticket)
+        # a background request runs on when its client leaves: only its time is watched
+        watch = Watchdog(None if req.background else raw, served, ticket)
         response = out.skeleton(req, out.new_id("resp"), model, fmt)
         try:
             streams = await served.open(watch, [(prompt, params)], response["id"])
@@ -160,19 +135,38 @@ def add_responses_routes(app: FastAPI, served: Served) -> None:
             await watch.stop()
             raise
         run = Run(served, req, response, len(prompt[1]), tools, history + turn, store,
-                  input_items(req.input))
+                  Stored(response, input_items(req.input), watch=watch), watch)
+        if req.background:
+            return run.detach(streams[0])
+        if req.store:
+            store.put(run.stored)  # readable while it runs
         if req.stream:
-            return StreamingResponse(run.stream(watch, streams[0]),
-                                     media_type="text/event-stream")
-        return await run.whole(watch, streams[0])
+            return StreamingResponse(run.stream(streams[0]), media_type="text/event-stream")
+        return await run.whole(streams[0])
 
     @app.get("/v1/responses/{response_id}")
-    async def retrieve(response_id: str) -> dict:
-        return store.get(response_id).response
+    async def retrieve(response_id: str, stream: bool = False, starting_after: int = -1):
+        stored = store.get(response_id)
+        if not stream:
+            return stored.response
+        if stored.log is None:
+            raise ApiError(400, "only a background response can be streamed again: this one "
+                           "was created without background", "stream", "invalid_value")
+        return StreamingResponse(sse_stream(stored.log.follow(starting_after)),
+                                 media_type="text/event-stream")
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel(response_id: str) -> dict:
+        stored = store.get(response_id)
+        if stored.log is None:
+            raise ApiError(400, "only a background response can be cancelled: this one was "
+                           "created without background", "response_id", "invalid_value")
+        await stored.cancel()
+        return stored.response
 
     @app.delete("/v1/responses/{response_id}")
     async def delete(response_id: str) -> dict:
-        store.delete(response_id)
+        await store.delete(response_id)
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 
     @app.get("/v1/responses/{response_id}/input_items")
@@ -197,7 +191,8 @@ def add_responses_routes(app: FastAPI, served: Served) -> None:
 
 @dataclasses.dataclass
 class Run:
-    """One admitted response request: answered whole or streamed, then stored."""
+    """One admitted response request: answered whole, streamed or run in the background; kept
+    in the store (with ``store``) from its start, its conversation once it finished."""
 
     served: Served
     req: ResponsesRequest
@@ -206,7 +201,8 @@ class Run:
     tools: ToolPlan
     conversation: list[dict[str, Any]]  # the chat messages before the reply, no instructions
     store: ResponseStore
-    items: list[dict[str, Any]]
+    stored: Stored
+    watch: Watchdog
 
     def logprobs(self, c, start: int) -> list[dict[str, Any]]:
         if not wants_logprobs(self.req):
@@ -215,34 +211,67 @@ class Run:
                                               self.served.engine.tokenizer))
 
     def keep(self) -> None:
-        if self.req.store:
+        """The reply finished: a follow-up may continue its conversation."""
+        if self.req.store and not self.watch.disconnected:
             reply = input_messages(self.response["output"])
-            self.store.put(Stored(self.response, self.conversation + reply, self.items))
+            self.stored.conversation = self.conversation + reply
 
-    async def whole(self, watch: Watchdog, stream: AsyncIterator[RequestOutput]) -> dict:
-        final = None
+    async def end(self) -> None:
+        """Stop watching; a response that did not finish is forgotten (a background one stays,
+        ``failed`` or ``cancelled``)."""
+        await self.watch.stop()
+        if self.stored.conversation is None and self.stored.log is None:
+            self.store.discard(self.response["id"])
+
+    async def whole(self, stream: AsyncIterator[RequestOutput]) -> dict:
         try:
+            final = None
             async for output in stream:  # the last output is the whole reply
                 final = output
+            if self.watch.timed_out:
+                raise self.watch.timeout_error()
+            c = final.outputs[0]
+            if c.finish_reason == "abort":
+                raise ApiError(503, ABORTED, None, "aborted")
+            message, _ = self.tools.reply(c.text, c.finish_reason)
+            status = out.status_of(c)
+            self.response["output"] = out.output_items(message, self.logprobs(c, 0), status)
+            out.finish(self.response, status, self.prompt_tokens, len(c.token_ids))
+            self.keep()
+            return self.response
         finally:
-            await watch.stop()
-        if watch.timed_out:
-            raise watch.timeout_error()
-        c = final.outputs[0]
-        message, _ = self.tools.reply(c.text, c.finish_reason)
-        status = out.status_of(c)
-        self.response["output"] = out.output_items(message, self.logprobs(c, 0), status)
-        out.finish(self.response, status, self.prompt_tokens, len(c.token_ids))
-        self.keep()
-        return self.response
+            await self.end()
 
-    async def stream(self, watch: Watchdog,
-                     stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+    async def stream(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+        async with contextlib.aclosing(self.events(stream)) as events:
+            async for event in events:
+                yield sse(event)
+
+    def detach(self, stream: AsyncIterator[RequestOutput]):
+        """Run in the background: its events go to the stored response's log. The answer is
+        the queued response, or with ``stream`` the log followed from its start."""
+        self.response["status"], self.response["background"] = "queued", True
+        self.stored.log = EventLog()
+        self.store.put(self.stored)
+        self.store.start(self.stored, self.log_events(stream))
+        if self.req.stream:
+            return StreamingResponse(sse_stream(self.stored.log.follow()),
+                                     media_type="text/event-stream")
+        return copy.deepcopy(self.response)
+
+    async def log_events(self, stream: AsyncIterator[RequestOutput]) -> None:
+        async with contextlib.aclosing(self.events(stream)) as events:
+            async for event in events:
+                self.stored.log.add(event)
+        self.stored.log.close()
+
+    async def events(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[dict]:
+        """The response's stream events as its reply comes (``responses_output``)."""
         events = out.ResponseEvents(self.response)
         shaper, cursor, c = ChoiceDeltas(self.tools), ChoiceCursor(), None
         try:
             for event in events.start():
-                yield sse(event)
+                yield event
             try:
                 async for final in stream:
                     c = final.outputs[0]
@@ -253,25 +282,31 @@ class Run:
                         events.pending += logprobs
                     for k, delta in enumerate(deltas):
                         for event in events.feed(delta, logprobs if k == 0 else []):
-                            yield sse(event)
+                            yield event
             except Exception as error:
                 failure = engine_error(error)
                 for event in events.fail(failure.code or "server_error", failure.message):
-                    yield sse(event)
+                    yield event
                 return
-            if watch.timed_out:
-                for event in events.fail("timeout", watch.timeout_error().message):
-                    yield sse(event)
+            if self.watch.timed_out or (c is not None and c.finish_reason == "abort"):
+                failure = (("timeout", self.watch.timeout_error().message)
+                           if self.watch.timed_out else ("aborted", ABORTED))
+                for event in events.fail(*failure):
+                    yield event
                 return
             status = "completed" if c is None else out.status_of(c)
             for event in events.end(status, self.prompt_tokens,
                                     0 if c is None else len(c.token_ids)):
-                yield sse(event)
+                yield event
             self.keep()
         finally:
-            await watch.stop()
+            await self.end()
 
 
 def sse(event: dict[str, Any]) -> str:
     return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
 
+
+async def sse_stream(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    async for event in events:
+        yield sse(event)

@@ -9,7 +9,7 @@ flat (``{"type": "function", "name", "parameters"}``), its output format is
 ``text.format`` and its token limit ``max_output_tokens``. ``chat_request`` turns all of it into
 the ``ChatCompletionRequest`` the chat route would get, so the chat template, tool choice,
 structured output and sampling fields work as they do there (vLLM's sampling extras too).
-Anything this server cannot serve (images, files, built-in tools, background mode) is a 400
+Anything this server cannot serve (images, files, built-in tools) is a 400
 naming the field.
 """
 
@@ -50,10 +50,10 @@ class ResponsesRequest(api.SamplingFields):
 
 def refuse_unsupported(req: ResponsesRequest) -> None:
     """A 400 for what this server does not do with a Responses request."""
-    if req.background:
-        raise ApiError(400, "background responses are not supported; send the request "
-                       "without background (stream it to see progress)", "background",
-                       "unsupported")
+    if req.background and not req.store:
+        raise ApiError(400, "a background response must be stored: background needs store "
+                       "true (it is read back with GET /v1/responses/{id})", "store",
+                       "invalid_value")
     if req.truncation not in ("disabled", "auto"):
         raise ApiError(400, f"truncation must be 'disabled' or 'auto', got {req.truncation!r}",
                        "truncation", "invalid_value")

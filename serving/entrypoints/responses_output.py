@@ -116,7 +116,10 @@ class ResponseEvents:
         return self.event(kind, response=copy.deepcopy(self.response))
 
     def start(self) -> list[dict[str, Any]]:
-        return [self.lifecycle("response.created"), self.lifecycle("response.in_progress")]
+        """``response.created`` (``queued`` in the background) and ``response.in_progress``."""
+        created = self.lifecycle("response.created")
+        self.response["status"] = "in_progress"
+        return [created, self.lifecycle("response.in_progress")]
 
     def feed(self, delta: DeltaMessage, logprobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self.pending += logprobs

@@ -34,9 +34,10 @@ TOKENIZER_THREADS = 4  # tokenization and template rendering run here, off the e
 
 class Watchdog:
     """Aborts a request's engine streams when its client disconnects or its time is up, and
-    gives its admission ticket back when it ends (``abort`` runs at the end of every path)."""
+    gives its admission ticket back when it ends (``abort`` runs at the end of every path).
+    ``raw`` None: a request that runs on without its client (a background response)."""
 
-    def __init__(self, raw: Request, served: Served, ticket: Ticket | None = None):
+    def __init__(self, raw: Request | None, served: Served, ticket: Ticket | None = None):
         self.raw, self.served, self.engine = raw, served, served.engine
         self.timeout_s, self.ticket = served.timeout_s, ticket
         self.request_ids: list[str] = []
@@ -48,6 +49,8 @@ class Watchdog:
     async def _watch(self) -> None:
         try:
             async with asyncio.timeout(self.timeout_s):
+                if self.raw is None:  # a background request: no client to lose, only time
+                    await asyncio.get_running_loop().create_future()
                 while (await self.raw.receive())["type"] != "http.disconnect":
                     pass
             self.disconnected = True

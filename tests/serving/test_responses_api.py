@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serving.fake_engine import REPLY, FakeEngine, client, serve
+from tests.serving.fake_engine import REPLY, FakeEngine, client, serve, wait_for
 from tests.serving.real_server import text_server_fixture
 from tests.serving.test_tool_calls import CALLS, HERMES, TOOLS, ScriptedEngine
 
@@ -156,7 +156,7 @@ def test_streamed_logprobs_match_the_whole_response(sdk):
 
 def test_requests_it_cannot_serve_are_400s_naming_the_field(fake, sdk):
     cases = [
-        (dict(background=True), "background"),
+        (dict(background=True, store=False), "store"),
         (dict(input=[{"role": "user", "content": [
             {"type": "input_image", "image_url": "http://x/y.png"}]}]), "input"),
         (dict(input=[{"role": "robot", "content": "x"}]), "input"),
@@ -246,6 +246,11 @@ def test_a_response_is_the_chat_reply_to_the_same_conversation(tiny):
                               max_output_tokens=8, **ask) as stream:
         deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
     assert "".join(deltas) == r.output_text
+    queued = sdk.responses.create(model=model, instructions="Be brief.", input="hi",
+                                  max_output_tokens=8, background=True, **ask)
+    assert queued.status == "queued" and queued.background
+    assert wait_for(lambda: sdk.responses.retrieve(queued.id).status == "incomplete", 60)
+    assert sdk.responses.retrieve(queued.id).output_text == r.output_text
 
 
 def test_text_format_json_schema_constrains_the_output(tiny):

@@ -130,12 +130,13 @@ XDS_PREFILL_AVX512 void softmax_row(float* s, const Row& row, int64_t lp, float 
   for (int64_t i = 0; i < n; i += 16) {
     top = _mm512_mask_max_ps(top, mask(i), top, _mm512_maskz_loadu_ps(mask(i), x + i));
   }
-  const __m512 total = _mm512_set1_ps(exp_sum(x, n, _mm512_reduce_max_ps(top)));
+  // times the sum's reciprocal: within an ulp of dividing, at a multiply's throughput
+  const __m512 inv = _mm512_set1_ps(1.0f / exp_sum(x, n, _mm512_reduce_max_ps(top)));
   if constexpr (sizeof(T) == 2) {
     auto* p = reinterpret_cast<uint16_t*>(probs);
     std::memset(p, 0, lp * sizeof(uint16_t));
     for (int64_t i = 0; i < n; i += 16) {
-      const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mask(i), x + i), total);
+      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask(i), x + i), inv);
       _mm256_mask_storeu_epi16(p + lo + i, mask(i), (__m256i)_mm512_cvtneps_pbh(v));
     }
   } else {
@@ -143,7 +144,7 @@ XDS_PREFILL_AVX512 void softmax_row(float* s, const Row& row, int64_t lp, float 
     std::memset(p, 0, lp * sizeof(float));
     for (int64_t i = 0; i < n; i += 16) {
       _mm512_mask_storeu_ps(p + lo + i, mask(i),
-                            _mm512_div_ps(_mm512_maskz_loadu_ps(mask(i), x + i), total));
+                            _mm512_mul_ps(_mm512_maskz_loadu_ps(mask(i), x + i), inv));
     }
   }
 }

@@ -21,6 +21,7 @@ from xds_jax.loading.loader import load_model, resolve
 from xds_jax.memory_maps import make_room
 from xds_jax.outputs import RequestMetrics, RequestOutput
 from xds_jax.sampling import structured
+from xds_jax.sampling.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_search
 from xds_jax.sampling.params import SamplingParams
 from xds_jax.sequence import Sequence, bad_word_ids
 from xds_jax.text.tokenizer import chat_template_options, open_final_message
@@ -217,6 +218,12 @@ class LLM:
             )
             for (text, ids, seqs), params in zip(requests, params_list, strict=True)
         ]
+
+    def beam_search(self, prompts: Any, params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's ``LLM.beam_search``: for each prompt (as ``generate`` takes them) the best
+        ``params.beam_width`` continuations, best first (``xds_jax.sampling.beam_search``)."""
+        return run_beam_search(self, prompts, params)
 
     def _prompt_logprobs(self, ids: list[int], params: SamplingParams):
         if params.prompt_logprobs is None:

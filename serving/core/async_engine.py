@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import time
 from collections.abc import AsyncIterator
 
 from serving.core.admission import Admission
@@ -20,7 +21,8 @@ from serving.core.request import Request
 from xds_jax.engine_config import EngineConfig
 from xds_jax.errors import ConfigError
 from xds_jax.llm import LLM
-from xds_jax.outputs import RequestOutput
+from xds_jax.outputs import RequestMetrics, RequestOutput
+from xds_jax.sampling.beam_search import BeamSearch, BeamSearchParams, next_logprobs
 from xds_jax.sampling.params import SamplingParams
 
 
@@ -65,6 +67,7 @@ class AsyncEngine:
         self.cfg = llm.cfg
         self._ids = itertools.count()
         self._scoring: PromptScoring | None = None
+        self._beams: dict[str, set[str]] = {}  # running beam searches: their round's requests
 
     @property
     def scoring(self) -> PromptScoring:
@@ -135,6 +138,57 @@ class AsyncEngine:
             else:
                 self.engine.release(request_id)
 
+    async def beam_search(self, prompt_ids: list[int], params: BeamSearchParams,
+                          request_id: str | None = None,
+                          prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Beam search (``xds_jax.sampling.beam_search``): each round's live beams run as
+        one-token requests of their own, concurrently; yields one finished output, the best
+        ``beam_width`` beams best first (finish reason "abort" for all when aborted)."""
+        self.llm.check_prompt(prompt_ids, SamplingParams(max_tokens=params.max_tokens))
+        request_id = request_id or f"req-{next(self._ids)}"
+        tok = self.tokenizer
+        search = BeamSearch(prompt_ids, params,
+                            tok.eos_token_ids if tok is not None else self.cfg.eos_token_ids)
+        each_round, arrival = params.round_params(), time.monotonic()
+        live = self._beams[request_id] = set()
+
+        async def extend(beam_id: str, tokens: list[int]) -> RequestOutput | None:
+            live.add(beam_id)
+            final = None
+            try:
+                async for out in self.generate(tokens, each_round, beam_id):
+                    final = out
+            finally:
+                live.discard(beam_id)
+            return final
+
+        aborted = False
+        try:
+            for r in itertools.count():
+                if request_id not in self._beams:  # aborted between rounds
+                    aborted = True
+                if aborted or search.done:
+                    break
+                finals = await asyncio.gather(*(
+                    extend(f"{request_id}-beam{r}.{j}", tokens)
+                    for j, tokens in enumerate(search.round_prompts())))
+                if any(f is None or f.outputs[0].finish_reason == "abort" for f in finals):
+                    aborted = True
+                    break
+                search.advance([next_logprobs(f) for f in finals])
+        finally:
+            self._beams.pop(request_id, None)
+        outputs = search.outputs(tok, params.logprobs)
+        for c in outputs:
+            c.finish_reason = "abort" if aborted else c.finish_reason
+        yield RequestOutput(request_id, prompt, list(prompt_ids), outputs, finished=True,
+                            metrics=RequestMetrics(arrival, finished_time=time.monotonic()))
+
     def abort(self, request_id: str) -> None:
-        """Stop a request now and free its KV blocks; its stream ends with "abort"."""
-        self.engine.abort(request_id)
+        """Stop a request now and free its KV blocks; its stream ends with "abort" (a beam
+        search: its running round's requests)."""
+        beams = self._beams.pop(request_id, None)
+        for beam_id in list(beams or ()):
+            self.engine.abort(beam_id)
+        if beams is None:
+            self.engine.abort(request_id)

@@ -72,7 +72,8 @@ class SamplingFields(OpenAIModel):
 
     null_is_default = frozenset({
         "n", "stream", "presence_penalty", "frequency_penalty", "min_tokens", "ignore_eos",
-        "include_stop_str_in_output", "skip_special_tokens"})
+        "include_stop_str_in_output", "skip_special_tokens", "use_beam_search",
+        "length_penalty"})
     model: str | None = None
     n: int | None = 1
     stream: bool | None = False
@@ -98,6 +99,8 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: bool | None = True
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the context)
     prompt_logprobs: int | None = None  # each prompt token's logprob and top k (not streamed)
+    use_beam_search: bool | None = False  # n beams (``server_requests.beam_search_params``)
+    length_penalty: float | None = 1.0  # beam search: score = logprob sum / length ** this
     # Structured outputs (at most one; ``server_requests.structured_outputs``): OpenAI's
     # response_format, vLLM's structured_outputs object and its older guided_* fields
     response_format: dict[str, Any] | None = None

@@ -11,6 +11,7 @@ from serving.entrypoints.api_error import ApiError
 from serving.entrypoints.tool_calls import tool_constraint
 from xds_jax.errors import PromptTooLongError, SamplingParamsError
 from xds_jax.llm import InvalidPromptError
+from xds_jax.sampling.beam_search import BeamSearchParams
 from xds_jax.sampling.params import SamplingParams
 from xds_jax.sampling.structured import FIELD as STRUCTURED
 from xds_jax.sampling.structured import StructuredOutputs
@@ -44,7 +45,7 @@ def engine_error(error: Exception) -> ApiError:
 
 
 def sampling_params(req: api.SamplingFields, max_tokens: int, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None) -> SamplingParams | BeamSearchParams:
     """The engine's ``SamplingParams`` for a request of either endpoint (fields it cannot
     honour are a 400 naming them)."""
     if getattr(req, "best_of", None) not in (None, req.n):
@@ -55,6 +56,8 @@ def sampling_params(req: api.SamplingFields, max_tokens: int, logprobs: int | No
     if req.prompt_logprobs is not None and req.stream:
         raise ApiError(400, "prompt_logprobs are not available when streaming (as in vLLM)",
                        "prompt_logprobs", "unsupported")
+    if req.use_beam_search:
+        return beam_search_params(req, max_tokens, logprobs)
     optional = {k: v for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
                 if (v := getattr(req, k)) is not None}
     try:
@@ -69,6 +72,39 @@ def sampling_params(req: api.SamplingFields, max_tokens: int, logprobs: int | No
             structured_outputs=structured_outputs(req))
     except SamplingParamsError as error:
         raise engine_error(error) from None
+
+
+# What beam search does not apply (vLLM ignores them): each field's value that leaves it unset.
+NOT_WITH_BEAMS = {"stop": (None, [], ""), "stop_token_ids": (None, []), "min_tokens": (0,),
+                  "logit_bias": (None, {}), "allowed_token_ids": (None,), "bad_words": (None, []),
+                  "prompt_logprobs": (None,), "presence_penalty": (0.0,),
+                  "frequency_penalty": (0.0,), "repetition_penalty": (None, 1.0),
+                  "top_p": (None, 1.0), "top_k": (None, 0, -1), "min_p": (None, 0.0)}
+
+
+def beam_search_params(req: api.SamplingFields, max_tokens: int,
+                       logprobs: int | None) -> BeamSearchParams:
+    """``use_beam_search`` (vLLM's extra): ``n`` beams searched, all returned, best first;
+    a field beam search would not honour is a 400 naming it."""
+    for field, unset in NOT_WITH_BEAMS.items():
+        if getattr(req, field) not in unset:
+            raise ApiError(400, f"{field} cannot be used with use_beam_search (beam search "
+                           "ranks whole sequences by their log-probability alone)", field,
+                           "unsupported")
+    found = constraints(req)
+    if found:
+        raise ApiError(400, f"{next(iter(found))} cannot be used with use_beam_search",
+                       next(iter(found)), "unsupported")
+    try:
+        return BeamSearchParams(
+            beam_width=req.n, max_tokens=max_tokens, ignore_eos=req.ignore_eos,
+            temperature=0.0 if req.temperature is None else req.temperature,
+            length_penalty=req.length_penalty,
+            include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs)
+    except SamplingParamsError as error:
+        field = str(error).split()[0]
+        raise ApiError(400, str(error).replace("beam_width", "n (the beam width)"),
+                       "n" if field == "beam_width" else field, "invalid_value") from None
 
 
 def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:

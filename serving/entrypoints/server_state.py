@@ -25,6 +25,7 @@ from serving.entrypoints.metrics import ServerMetrics
 from serving.entrypoints.server_requests import ApiError, Prompt, engine_error
 from serving.entrypoints.tool_parsers import ToolParser
 from xds_jax.outputs import RequestOutput
+from xds_jax.sampling.beam_search import BeamSearchParams
 from xds_jax.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -204,5 +205,7 @@ class Served:
 
     async def _open_one(self, prompt: Prompt, params: SamplingParams, request_id: str):
         # The first output surfaces the engine's synchronous errors before any header is sent.
-        gen = self.engine.generate(prompt[1], params, request_id, prompt=prompt[0])
+        run = (self.engine.beam_search if isinstance(params, BeamSearchParams)
+               else self.engine.generate)
+        gen = run(prompt[1], params, request_id, prompt=prompt[0])
         return await anext(gen), gen

@@ -45,6 +45,9 @@ def test_completions_answer_the_library_s_beams_best_first(real, library_beams):
         for c in chunk.choices:
             streamed[c.index] = streamed.get(c.index, "") + c.text
     assert [streamed[i] for i in range(3)] == [c.text for c in r.choices]
+    echoed = sdk.completions.create(model=real.engine.model_name, prompt=PROMPT, echo=True,
+                                    **BEAMS)
+    assert [c.text for c in echoed.choices] == [tok.decode(PROMPT) + c.text for c in r.choices]
 
 
 def test_chat_answers_n_beams(real):

@@ -19,7 +19,13 @@ from xds_jax.errors import ConfigError, PromptTooLongError, SamplingParamsError,
 from xds_jax.loading.draft_heads import attach_shipped_head
 from xds_jax.loading.loader import load_model, resolve
 from xds_jax.memory_maps import make_room
-from xds_jax.outputs import RequestMetrics, RequestOutput
+from xds_jax.model.pooling import check_pooling, model_pooling
+from xds_jax.outputs import (
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    RequestMetrics,
+    RequestOutput,
+)
 from xds_jax.sampling import structured
 from xds_jax.sampling.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_search
 from xds_jax.sampling.params import SamplingParams
@@ -99,6 +105,7 @@ class LLM:
         self.engine = engine
         self._request_ids = itertools.count()
         self._scoring = None
+        self._pooling: tuple[str, bool] | None = None
 
     @property
     def is_leader(self) -> bool:
@@ -225,14 +232,50 @@ class LLM:
         ``params.beam_width`` continuations, best first (``xds_jax.sampling.beam_search``)."""
         return run_beam_search(self, prompts, params)
 
-    def _prompt_logprobs(self, ids: list[int], params: SamplingParams):
-        if params.prompt_logprobs is None:
-            return None
-        if self._scoring is None:  # the serving engine's scorers, on the groups' devices
+    def embed(self, prompts: Any, pooling: str | None = None, normalize: bool | None = None,
+              truncate_prompt_tokens: int | None = None,
+              use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
+        """vLLM's ``LLM.embed``: each prompt's embedding from the model's final hidden states
+        (``xds_jax.model.pooling``: ``pooling`` "last", "mean" or "cls" and ``normalize``
+        default to what the model directory's sentence-transformers files name, else last
+        token, normalised), computed apart from generation on an entry group's devices."""
+        if isinstance(prompts, str | dict):
+            prompts = [prompts]
+        default_pooling, default_normalize = self.pooling
+        pooling = check_pooling(pooling or default_pooling)
+        normalize = default_normalize if normalize is None else bool(normalize)
+        params = SamplingParams(max_tokens=0, truncate_prompt_tokens=truncate_prompt_tokens)
+        outputs = []
+        for prompt in prompts:
+            _, ids = self._prompt_ids(prompt)
+            ids = self.truncate_prompt(ids, params)
+            self.check_prompt(ids, params)
+            vector = self.scoring.embed(ids, pooling, normalize)
+            outputs.append(EmbeddingRequestOutput(str(next(self._request_ids)), ids,
+                                                  EmbeddingOutput(vector.tolist())))
+        return outputs
+
+    @property
+    def pooling(self) -> tuple[str, bool]:
+        """The model's own pooling and normalisation (``xds_jax.model.pooling.model_pooling``)."""
+        if self._pooling is None:
+            self._pooling = model_pooling(resolve(self.config.model))
+        return self._pooling
+
+    @property
+    def scoring(self):
+        """The serving engine's prompt scorers, on its entry groups' devices (built on first
+        use: prompt log-probabilities and embeddings)."""
+        if self._scoring is None:
             from serving.core.prompt_scoring import PromptScoring
 
             self._scoring = PromptScoring(self.engine, self.params, self.cfg, self.tokenizer)
-        return self._scoring.score(ids, params.prompt_logprobs)
+        return self._scoring
+
+    def _prompt_logprobs(self, ids: list[int], params: SamplingParams):
+        if params.prompt_logprobs is None:
+            return None
+        return self.scoring.score(ids, params.prompt_logprobs)
 
     def chat(self, messages: list, sampling_params: SamplingParams | Seq | None = None,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,

@@ -15,6 +15,8 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 
+import numpy as np
+
 from serving.core.admission import Admission
 from serving.core.prompt_scoring import PromptScoring
 from serving.core.request import Request
@@ -66,15 +68,12 @@ class AsyncEngine:
         self.max_model_len = llm.max_model_len
         self.cfg = llm.cfg
         self._ids = itertools.count()
-        self._scoring: PromptScoring | None = None
         self._beams: dict[str, set[str]] = {}  # running beam searches: their round's requests
 
     @property
     def scoring(self) -> PromptScoring:
         """The prompt scorers (built on first use: most servers never score a prompt)."""
-        if self._scoring is None:
-            self._scoring = PromptScoring(self.engine, self.llm.params, self.cfg, self.tokenizer)
-        return self._scoring
+        return self.llm.scoring
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> AsyncEngine:
@@ -137,6 +136,15 @@ class AsyncEngine:
                 self.engine.abort(request_id)
             else:
                 self.engine.release(request_id)
+
+    async def embed(self, prompt_ids: list[int], pooling: str | None = None,
+                    normalize: bool | None = None) -> np.ndarray:
+        """The prompt's embedding (``LLM.embed``), computed on a worker thread."""
+        default_pooling, default_normalize = self.llm.pooling
+        normalize = default_normalize if normalize is None else normalize
+        self.llm.check_prompt(prompt_ids, SamplingParams(max_tokens=0))
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self.scoring.embed, list(prompt_ids), pooling or default_pooling, normalize)
 
     async def beam_search(self, prompt_ids: list[int], params: BeamSearchParams,
                           request_id: str | None = None,

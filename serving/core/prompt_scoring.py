@@ -1,4 +1,5 @@
-"""Log-probabilities of a prompt's own tokens (vLLM's ``prompt_logprobs``), apart from serving.
+"""Log-probabilities of a prompt's own tokens (vLLM's ``prompt_logprobs``) and a prompt's
+embedding (``xds_jax.model.pooling``), apart from serving.
 
 Scoring a prompt is one jitted forward over the whole prompt from an empty KV cache of its own,
 on a DP group's own parameters and device(s), then the log-softmax of every position's logits.
@@ -28,6 +29,7 @@ from xds_jax.memory_maps import ProgramShapes
 from xds_jax.model import stages
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.params import model_dtype
+from xds_jax.model.pooling import embed_tokens
 from xds_jax.model.reference import forward, new_caches
 from xds_jax.outputs import Logprob
 from xds_jax.sampling.params import logprobs_width
@@ -112,6 +114,19 @@ class PromptScorer:
             result.append(entry)
         return result
 
+    def embed(self, ids: list[int], pooling: str, normalize: bool) -> np.ndarray:
+        """The embedding of ``ids`` (``xds_jax.model.pooling``), float32 ``[D]``."""
+        length = bucket(len(ids), MIN_PROMPT_BUCKET)
+        tokens = np.zeros((length,), np.int32)
+        tokens[: len(ids)] = ids
+        with self.lock:
+            self._shapes_seen.first_launch((length, pooling, normalize),
+                                           "embedding (positions, pooling, normalize)")
+            out = embed_tokens(self.params, jax.device_put(tokens, self.input_sharding),
+                               np.int32(len(ids)), cfg=self.cfg, pooling=pooling,
+                               normalize=normalize)
+            return np.asarray(jax.device_get(out))
+
     def _piece(self, token: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token], False)
 
@@ -133,7 +148,12 @@ class PromptScoring:
         self._turns = itertools.cycle(range(len(self.scorers)))
         self._lock = threading.Lock()
 
-    def score(self, ids: list[int], top_n: int) -> list[dict[int, Logprob] | None]:
+    def _next(self) -> PromptScorer:
         with self._lock:
-            scorer = self.scorers[next(self._turns)]
-        return scorer.score(ids, top_n)
+            return self.scorers[next(self._turns)]
+
+    def score(self, ids: list[int], top_n: int) -> list[dict[int, Logprob] | None]:
+        return self._next().score(ids, top_n)
+
+    def embed(self, ids: list[int], pooling: str, normalize: bool) -> np.ndarray:
+        return self._next().embed(ids, pooling, normalize)

@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.entrypoints import openai_protocol as api
+from serving.entrypoints.embeddings_api import add_embeddings_routes
 from serving.entrypoints.request_checks import InvalidFieldError
 from serving.entrypoints.responses_api import add_responses_routes
 from serving.entrypoints.server_guards import (
@@ -209,6 +210,7 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
 
     add_tokenizer_routes(app, served)
     add_responses_routes(app, served)
+    add_embeddings_routes(app, served)
     return app
 
 

@@ -1,0 +1,74 @@
+"""``POST /v1/embeddings`` through the ``openai`` SDK on the real engine (the tiny golden Llama,
+byte tokenizer): each input's vector is transformers' last hidden state of the same tokens,
+pooled at the last token and normalised; base64 (the SDK's default) and float agree; bad
+inputs are 400s naming the field."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from tests.helpers import GOLDEN
+from tests.serving.fake_engine import client
+from tests.serving.real_server import text_server_fixture
+
+real = text_server_fixture()
+
+
+def transformers_vectors(token_lists):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModel.from_pretrained(GOLDEN / "llama", torch_dtype=torch.float32)
+    out = []
+    with torch.no_grad():
+        for ids in token_lists:
+            h = hf.eval()(torch.tensor([ids])).last_hidden_state[0, -1].numpy()
+            out.append(h / np.linalg.norm(h))
+    return out
+
+
+def test_vectors_are_the_models_last_hidden_states(real):
+    sdk = client(real)
+    tok = real.engine.tokenizer
+    texts = ["hello", "a longer input, with punctuation"]
+    r = sdk.embeddings.create(model=real.engine.model_name, input=texts)  # base64 on the wire
+    ids = [tok.encode(t) for t in texts]
+    want = transformers_vectors(ids)
+    assert [d.index for d in r.data] == [0, 1] and r.model == real.engine.model_name
+    for d, w in zip(r.data, want, strict=True):
+        np.testing.assert_allclose(d.embedding, w, rtol=1e-4, atol=1e-5)
+    assert r.usage.prompt_tokens == r.usage.total_tokens == sum(map(len, ids))
+    floats = sdk.embeddings.create(model=real.engine.model_name, input=texts,
+                                   encoding_format="float")
+    assert [d.embedding for d in floats.data] == [d.embedding for d in r.data]
+    tokens = sdk.embeddings.create(model=real.engine.model_name, input=ids[1],
+                                   encoding_format="float")
+    assert tokens.data[0].embedding == floats.data[1].embedding
+    raw = httpx.post(real.url + "/v1/embeddings", json={
+        "input": [ids[0]], "encoding_format": "base64", "normalize": False}).json()
+    vector = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), "<f4")
+    assert vector.shape == (real.engine.cfg.hidden_size,)
+    np.testing.assert_allclose(vector / np.linalg.norm(vector), want[0], rtol=1e-4, atol=1e-5)
+    assert real.engine.stats()["admitted_seqs"] == 0
+
+
+def test_bad_inputs_are_400s_naming_the_field(real):
+    sdk = client(real)
+    name = real.engine.model_name
+    cases = [(dict(input=""), "input"), (dict(input=[]), "input"),
+             (dict(input=[1] * 10_000), "input"), (dict(input=[[1, 10**9]]), "input"),
+             (dict(input="x", dimensions=3), "dimensions"),
+             (dict(input="x", encoding_format="int8"), "encoding_format"),
+             (dict(input="x", extra_body={"truncate_prompt_tokens": 0}),
+              "truncate_prompt_tokens")]
+    for fields, param in cases:
+        with pytest.raises(openai.BadRequestError) as error:
+            sdk.embeddings.create(model=name, **fields)
+        assert error.value.param == param, fields
+    with pytest.raises(openai.NotFoundError):
+        sdk.embeddings.create(model="nope", input="x")
+    assert real.engine.stats()["admitted_seqs"] == 0

@@ -109,6 +109,7 @@ def add_responses_routes(app: FastAPI, served: Served) -> None:
         refuse_unsupported(req)
         fmt = text_format(req.text)
         history = store.conversation(req.previous_response_id) if req.previous_response_id else []
+        req.input = store.resolve(req.input)
         turn = input_messages(req.input)
         leading = [{"role": "system", "content": req.instructions}] if req.instructions else []
         chat = chat_request(req, leading + history + turn, fmt)

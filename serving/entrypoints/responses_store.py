@@ -135,6 +135,28 @@ class ResponseStore:
                            "previous_response_id", "invalid_value")
         return stored.conversation
 
+    def resolve(self, items: str | list[Any]) -> str | list[Any]:
+        """``input`` with each ``item_reference`` (``{"type": "item_reference", "id"}``)
+        replaced by the stored item it names: an input item or an output item of a stored
+        response (a 400 on ``input`` when none is stored under that id)."""
+        if isinstance(items, str) or not any(
+                isinstance(item, dict) and item.get("type") == "item_reference"
+                for item in items):
+            return items
+        known = {item["id"]: item for stored in self.items.values()
+                 for item in stored.input_items + stored.response["output"] if "id" in item}
+        resolved = []
+        for i, item in enumerate(items):
+            if isinstance(item, dict) and item.get("type") == "item_reference":
+                found = known.get(item.get("id"))
+                if found is None:
+                    raise ApiError(400, f"input[{i}]: no stored item with id "
+                                   f"{item.get('id')!r} (items of the responses this server "
+                                   "keeps can be referenced)", "input", "invalid_value")
+                item = {k: v for k, v in found.items() if k != "status"}
+            resolved.append(item)
+        return resolved
+
     def discard(self, response_id: str) -> None:
         self.items.pop(response_id, None)
 

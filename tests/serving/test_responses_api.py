@@ -104,6 +104,20 @@ def test_previous_response_id_continues_the_stored_conversation(fake, sdk):
     assert error.value.param == "previous_response_id"
 
 
+def test_item_references_name_stored_input_and_output_items(fake, sdk):
+    first = sdk.responses.create(model="fake", input="hi", extra_body=STOP)
+    asked = sdk.responses.input_items.list(first.id).data[0].id
+    sdk.responses.create(model="fake", extra_body=STOP, input=[
+        {"type": "item_reference", "id": asked},
+        {"type": "item_reference", "id": first.output[0].id},
+        {"role": "user", "content": "more"}])
+    assert fake.engine.prompts[-1] == ("<user>hi\n<assistant>The answer is 42\n<user>more\n"
+                                       "<assistant>")
+    with pytest.raises(openai.BadRequestError) as error:
+        sdk.responses.create(model="fake", input=[{"type": "item_reference", "id": "msg_no"}])
+    assert error.value.param == "input" and "msg_no" in error.value.message
+
+
 def test_stored_responses_are_read_listed_and_deleted(sdk):
     r = sdk.responses.create(model="fake", input="hi", extra_body=STOP, metadata={"k": "v"})
     got = sdk.responses.retrieve(r.id)

@@ -211,6 +211,7 @@ def add_admission_options(parser: argparse.ArgumentParser) -> None:
 
 def add_openai_frontend_options(parser: argparse.ArgumentParser) -> None:
     """vLLM's OpenAI-frontend options (``--served-model-name`` is in the server group)."""
+    from serving.entrypoints.reasoning import PARSERS as REASONING_PARSERS
     from serving.entrypoints.tool_parsers import PARSERS
 
     group = parser.add_argument_group("OpenAI frontend (as vllm serve)")
@@ -226,6 +227,10 @@ def add_openai_frontend_options(parser: argparse.ArgumentParser) -> None:
                        help="how the model writes tool calls, for --enable-auto-tool-choice: "
                        f"{', '.join(sorted(PARSERS))} (hermes: Qwen2.5 and Hermes "
                        "<tool_call> blocks; llama3_json: Llama 3.1/3.2 JSON calls)")
+    group.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), metavar="NAME",
+                       help="split chat replies of a thinking model into reasoning_content "
+                       f"and content: {', '.join(sorted(REASONING_PARSERS))} (deepseek_r1: "
+                       "DeepSeek-R1 and its distillations; qwen3: Qwen3's <think> blocks)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:

@@ -129,7 +129,8 @@ class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``: ``messages`` rendered with the model's chat template."""
 
     null_is_default = SamplingFields.null_is_default | {
-        "logprobs", "add_generation_prompt", "continue_final_message", "echo"}
+        "logprobs", "add_generation_prompt", "continue_final_message", "echo",
+        "include_reasoning"}
     messages: list[dict[str, Any]]
     # vLLM's: the reply starts with the last message's content when it has the reply's role
     echo: bool | None = False
@@ -141,6 +142,7 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's: the reply continues the last message (an assistant prefill) instead of a new turn
     continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool | None = True  # vLLM: with a --reasoning-parser
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -224,17 +226,20 @@ class ToolCall(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """A reply; ``tool_calls`` appears only when the reply made some."""
+    """A reply; ``tool_calls`` appears only when the reply made some, ``reasoning_content``
+    only when a reasoning parser found reasoning."""
 
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # with a --reasoning-parser (``reasoning``)
     tool_calls: list[ToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _tool_calls_if_any(self, handler) -> dict:
         data = handler(self)
-        if self.tool_calls is None:
-            data.pop("tool_calls", None)
+        for key in ("tool_calls", "reasoning_content"):
+            if getattr(self, key) is None:
+                data.pop(key, None)
         return data
 
 
@@ -277,11 +282,13 @@ class DeltaMessage(BaseModel):
 
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None  # with a --reasoning-parser
     tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer
     def _without_nones(self) -> dict:
-        data = {k: v for k, v in (("role", self.role), ("content", self.content))
+        data = {k: v for k, v in (("role", self.role), ("content", self.content),
+                                  ("reasoning_content", self.reasoning_content))
                 if v is not None}
         if self.tool_calls is not None:
             data["tool_calls"] = [t.model_dump(exclude_none=True) for t in self.tool_calls]

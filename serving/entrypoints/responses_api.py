@@ -47,6 +47,7 @@ from serving.entrypoints.server_requests import (
     chat_prompt,
     constraint_error,
     engine_error,
+    reasoning_for,
     sampling_params,
 )
 from serving.entrypoints.server_state import Served, Watchdog
@@ -115,7 +116,8 @@ def add_responses_routes(app: FastAPI, served: Served) -> None:
         chat = chat_request(req, leading + history + turn, fmt)
         if engine.tokenizer is None:
             raise ApiError(400, "this model has no tokenizer or chat template", "input")
-        tools = tool_plan(chat, served.tool_parser)
+        tools = tool_plan(chat, served.tool_parser).with_reasoning(
+            reasoning_for(chat, served.reasoning_parser))
         served.precheck(1)
         prompt, budget = await fitted_prompt(served, req, chat)
         top = chat.top_logprobs if chat.logprobs else None

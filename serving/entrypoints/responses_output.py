@@ -68,10 +68,18 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str,
             "arguments": arguments, "status": status}
 
 
+def reasoning_item(item_id: str, status: str, text: str) -> dict[str, Any]:
+    return {"type": "reasoning", "id": item_id, "summary": [], "status": status,
+            "content": [{"type": "reasoning_text", "text": text}]}
+
+
 def output_items(message: ChatMessage, logprobs: list[dict[str, Any]],
                  status: str) -> list[dict[str, Any]]:
-    """A whole reply's items: its text (when it has some, or has no calls), then its calls."""
+    """A whole reply's items: its reasoning (with a reasoning parser), its text (when it has
+    some, or has no calls), then its calls."""
     items = []
+    if message.reasoning_content is not None:
+        items.append(reasoning_item(new_id("rs"), "completed", message.reasoning_content))
     if message.content or not message.tool_calls:
         items.append(message_item(new_id("msg"), status,
                                   [text_part(message.content or "", logprobs)]))
@@ -124,6 +132,14 @@ class ResponseEvents:
     def feed(self, delta: DeltaMessage, logprobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self.pending += logprobs
         events = []
+        if delta.reasoning_content:
+            if self.item is None or self.item["type"] != "reasoning":
+                events += self.close("completed")
+                self.item = reasoning_item(new_id("rs"), "in_progress", "")
+                events += self.opened()
+            self.item["content"][0]["text"] += delta.reasoning_content
+            events.append(self.event("response.reasoning_text.delta", **self.where(),
+                                     content_index=0, delta=delta.reasoning_content))
         if delta.content:
             if self.item is None or self.item["type"] != "message":
                 events += self.close("completed") + self.open_message()
@@ -173,6 +189,10 @@ class ResponseEvents:
                                   text=part["text"], logprobs=part["logprobs"]),
                        self.event("response.content_part.done", **self.where(),
                                   content_index=0, part=copy.deepcopy(part))]
+        elif item["type"] == "reasoning":
+            status = "completed"  # the thought ended where the answer began
+            events.append(self.event("response.reasoning_text.done", **self.where(),
+                                     content_index=0, text=item["content"][0]["text"]))
         else:
             status = "completed"  # a call's arguments are whole when the next item starts
             events.append(self.event("response.function_call_arguments.done", **self.where(),
@@ -186,9 +206,12 @@ class ResponseEvents:
         return events
 
     def end(self, status: str, prompt_tokens: int, output_tokens: int) -> list[dict[str, Any]]:
-        """The reply ended: close its last item (a reply of nothing still answers an empty
-        message, as a whole response does) and send the response's final event."""
-        events = [] if self.item or self.response["output"] else self.open_message()
+        """The reply ended: close its last item (a reply of nothing, or of reasoning only,
+        still answers an empty message, as a whole response does) and send the response's
+        final event."""
+        answered = any(i["type"] != "reasoning" for i in self.response["output"]) or (
+            self.item is not None and self.item["type"] != "reasoning")
+        events = [] if answered else self.close("completed") + self.open_message()
         events += self.close("incomplete" if status == "incomplete" else "completed")
         finish(self.response, status, prompt_tokens, output_tokens)
         return events + [self.lifecycle(f"response.{status}")]

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.entrypoints import openai_protocol as api
 from serving.entrypoints.embeddings_api import add_embeddings_routes
+from serving.entrypoints.reasoning import reasoning_parser as reasoning_parser_named
 from serving.entrypoints.request_checks import InvalidFieldError
 from serving.entrypoints.responses_api import add_responses_routes
 from serving.entrypoints.server_guards import (
@@ -43,6 +44,7 @@ from serving.entrypoints.server_requests import (
     chat_prompt,
     completion_prompts,
     engine_error,
+    reasoning_for,
     sampling_params,
     truncated,
 )
@@ -84,7 +86,8 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
               request_timeout_s: float | None = None, *, api_key: str | None = None,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               chat_template: str | None = None,
-              tool_call_parser: str | None = None) -> FastAPI:
+              tool_call_parser: str | None = None,
+              reasoning_parser: str | None = None) -> FastAPI:
     """The FastAPI app serving ``engine``, which the caller starts and shuts down.
 
     ``api_key``: required as ``Authorization: Bearer <key>`` on every route but ``/health``
@@ -92,7 +95,9 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
     ``chat_template``: Jinja source replacing the model's template (the tokenizer renders
     chats, ``/tokenize`` messages and ``/tokenizer_info`` with it); ``tool_call_parser``: the
     ``tool_parsers.PARSERS`` name that reads tool calls out of ``tool_choice`` "auto" replies
-    (None: "auto" is refused, as vLLM does without ``--enable-auto-tool-choice``).
+    (None: "auto" is refused, as vLLM does without ``--enable-auto-tool-choice``);
+    ``reasoning_parser``: the ``reasoning.PARSERS`` name that splits chat replies into
+    ``reasoning_content`` and ``content``.
     """
     if chat_template is not None:
         if engine.tokenizer is None:
@@ -100,7 +105,7 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         engine.tokenizer.chat_template = chat_template
     parser = None if tool_call_parser is None else tool_parser(True, tool_call_parser)
     served = Served(engine, served_model_names or [engine.model_name], request_timeout_s,
-                    parser)
+                    parser, reasoning_parser_named(reasoning_parser))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -198,7 +203,8 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         if not 0 <= (req.top_logprobs or 0) <= MAX_LOGPROBS:
             raise ApiError(400, f"top_logprobs must be in 0..{MAX_LOGPROBS}, got "
                            f"{req.top_logprobs}", "top_logprobs", "invalid_value")
-        tools = tool_plan(req, served.tool_parser)
+        tools = tool_plan(req, served.tool_parser).with_reasoning(
+            reasoning_for(req, served.reasoning_parser), req.include_reasoning)
         served.precheck(req.n)
         prompt = truncated(await served.off_loop(chat_prompt, req, engine.tokenizer),
                            req.truncate_prompt_tokens, engine.max_model_len)
@@ -218,7 +224,8 @@ def run_server(args: Any, engine: Any = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain (``serving.entrypoints.shutdown``). ``args``: the
     ``xds serve`` options (``host``, ``port``, ``served_model_name``, ``request_timeout``,
     ``api_key`` (else ``$XDS_API_KEY``), ``max_request_bytes``, ``shutdown_timeout``,
-    ``chat_template``, ``enable_auto_tool_choice``, ``tool_call_parser``, ``log_level``, and the
+    ``chat_template``, ``enable_auto_tool_choice``, ``tool_call_parser``, ``reasoning_parser``,
+    ``log_level``, and the
     engine's when ``engine`` is None)."""
     import uvicorn
 
@@ -226,6 +233,7 @@ def run_server(args: Any, engine: Any = None) -> None:
 
     parser = tool_parser(getattr(args, "enable_auto_tool_choice", False),
                          getattr(args, "tool_call_parser", None))  # before the slow load
+    reasoning_parser_named(getattr(args, "reasoning_parser", None))
     if engine is None:
         from serving.entrypoints.launch import load_engine
 
@@ -236,7 +244,8 @@ def run_server(args: Any, engine: Any = None) -> None:
     app = build_app(engine, names, args.request_timeout, api_key=api_key,
                     max_request_bytes=args.max_request_bytes,
                     chat_template=load_chat_template(template) if template else None,
-                    tool_call_parser=parser and parser.name)
+                    tool_call_parser=parser and parser.name,
+                    reasoning_parser=getattr(args, "reasoning_parser", None))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     log.info("serving %s at http://%s:%d/v1%s", names[0], args.host, args.port,

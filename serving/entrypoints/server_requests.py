@@ -181,6 +181,13 @@ def structured_outputs(req: api.SamplingFields) -> StructuredOutputs | None:
         raise constraint_error(engine_error(error), req) from None
 
 
+def reasoning_for(req: api.SamplingFields, parser: Any) -> Any:
+    """The reasoning parser a chat request's reply is read with: none where an output
+    constraint (a response format, a named or required tool choice) holds from the first
+    token, so the reply cannot think first."""
+    return None if parser is None or constraints(req) else parser
+
+
 def constraint_error(error: ApiError, req: api.SamplingFields) -> ApiError:
     """``error`` about ``structured_outputs.<key>`` (the engine's names, as when a schema does
     not compile) named after the request field that set the constraint; other errors as

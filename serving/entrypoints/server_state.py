@@ -92,12 +92,13 @@ class Watchdog:
 class Served:
     """What the routes share: the engine, its public names, the timeout, the metrics, the
     admission limits (``engine.admission``), the drain state, the tokenizer threads and the
-    tool-call parser of ``tool_choice`` "auto" (None: "auto" is refused)."""
+    tool-call parser of ``tool_choice`` "auto" (None: "auto" is refused) and the reasoning
+    parser of chat replies (``reasoning``; None: none)."""
 
     def __init__(self, engine: Any, names: list[str], timeout_s: float | None,
-                 tool_parser: ToolParser | None = None):
+                 tool_parser: ToolParser | None = None, reasoning_parser: Any = None):
         self.engine, self.names, self.timeout_s = engine, names, timeout_s
-        self.tool_parser = tool_parser
+        self.tool_parser, self.reasoning_parser = tool_parser, reasoning_parser
         self.admission = engine.admission
         self.registry = CollectorRegistry()
         self.metrics = ServerMetrics(self.registry, engine, names[0])

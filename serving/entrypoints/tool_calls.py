@@ -32,6 +32,7 @@ from serving.entrypoints.openai_protocol import (
     FunctionCall,
     ToolCall,
 )
+from serving.entrypoints.reasoning import ReasoningParser, ReasoningSplit
 from serving.entrypoints.tool_parsers import ParsedCall, ToolParser, object_end
 
 AUTO_NEEDS_FLAGS = ('"auto" tool choice requires --enable-auto-tool-choice and '
@@ -84,9 +85,25 @@ class ToolPlan:
     mode: str = "none"
     name: str | None = None
     parser: ToolParser | None = None
+    reasoning: ReasoningParser | None = None  # the reply's reasoning comes first
+    include_reasoning: bool = True
+
+    def with_reasoning(self, parser: ReasoningParser | None, include: bool = True) -> ToolPlan:
+        return dataclasses.replace(self, reasoning=parser, include_reasoning=include)
 
     def reply(self, text: str, finish_reason: str | None) -> tuple[ChatMessage, str | None]:
         """The message and finish reason of a whole reply ``text``."""
+        reasoning = None
+        if self.reasoning is not None:
+            reasoning, text = self.reasoning.split(text)
+        message, reason = self._reply(text, finish_reason)
+        if reasoning is not None and self.include_reasoning:
+            message.reasoning_content = reasoning
+        if self.reasoning is not None and message.content == "" and self.mode in ("none", "auto"):
+            message.content = None  # all reasoning, no answer (as vLLM)
+        return message, reason
+
+    def _reply(self, text: str, finish_reason: str | None) -> tuple[ChatMessage, str | None]:
         if self.mode == "named":
             return ChatMessage(content="", tool_calls=[tool_call(self.name, text)]), finish_reason
         if self.mode == "required":
@@ -203,8 +220,21 @@ class ChoiceDeltas:
     def __init__(self, plan: ToolPlan):
         self.plan, self.text = plan, ""
         self.sent_chars = self.sent_calls = 0
+        self.split = None if plan.reasoning is None else ReasoningSplit(plan.reasoning)
 
     def feed(self, text: str, finished: bool) -> list[DeltaMessage]:
+        if self.split is None:
+            return self._feed(text, finished)
+        reasoning, text = self.split.feed(text, finished)
+        deltas = []
+        if reasoning and self.plan.include_reasoning:
+            deltas.append(DeltaMessage(reasoning_content=reasoning))
+        if text or finished:
+            deltas += [d for d in self._feed(text, finished)
+                       if d.content or d.tool_calls or not deltas]
+        return deltas
+
+    def _feed(self, text: str, finished: bool) -> list[DeltaMessage]:
         mode = self.plan.mode
         if mode == "none":
             return [DeltaMessage(content=text)]

@@ -1,0 +1,103 @@
+"""Reasoning parsers (vLLM's ``--reasoning-parser``): a thinking model's chat reply split into
+its reasoning (``message.reasoning_content``, streamed as ``delta.reasoning_content``) and its
+answer (``content``, where tool calls are then looked for).
+
+Both parsers read the ``<think> ... </think>`` block a reply opens with:
+
+- ``deepseek_r1`` (DeepSeek-R1 and its distillations, whose chat template opens the block in the
+  prompt): the reply is reasoning up to ``</think>`` (a ``<think>`` it starts with dropped), the
+  answer after it; a reply that never closes the block is reasoning only.
+- ``qwen3`` (Qwen3, whose thinking a template switch may turn off): only a reply that opens with
+  ``<think>`` has reasoning (up to ``</think>``); any other is all answer.
+
+``ReasoningSplit`` splits a streamed reply as it comes, holding back text that may be the start
+of a tag, so that no tag is ever sent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+START, END = "<think>", "</think>"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReasoningParser:
+    """``opens_in_prompt``: the template opens the block, so a reply starts inside it."""
+
+    name: str
+    opens_in_prompt: bool
+
+    def split(self, text: str) -> tuple[str | None, str]:
+        """A whole reply as (reasoning or None, answer)."""
+        body = text.lstrip()
+        opened = body.startswith(START)
+        if opened:
+            body = body[len(START):]
+        elif not self.opens_in_prompt:
+            return None, text
+        else:
+            body = text
+        if END not in body:
+            return (body, "") if self.opens_in_prompt or opened else (None, text)
+        reasoning, answer = body.split(END, 1)
+        return reasoning, answer
+
+
+PARSERS = {"deepseek_r1": ReasoningParser("deepseek_r1", opens_in_prompt=True),
+           "qwen3": ReasoningParser("qwen3", opens_in_prompt=False)}
+
+
+def reasoning_parser(name: str | None) -> ReasoningParser | None:
+    from xds_jax.errors import ConfigError
+
+    if name is None:
+        return None
+    if name not in PARSERS:
+        raise ConfigError(f"--reasoning-parser must be one of {', '.join(sorted(PARSERS))}, "
+                          f"got {name!r}")
+    return PARSERS[name]
+
+
+def held_prefix(text: str, tag: str) -> int:
+    """How many characters at the end of ``text`` may begin ``tag`` (to hold back)."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class ReasoningSplit:
+    """One streamed reply: ``feed`` each piece of new text; it answers the (reasoning,
+    answer) text that may be sent now."""
+
+    def __init__(self, parser: ReasoningParser):
+        self.parser = parser
+        self.state = "start"  # start (may open with <think>), reasoning, answer
+        self.held = ""
+
+    def feed(self, text: str, finished: bool) -> tuple[str, str]:
+        self.held += text
+        reasoning = answer = ""
+        if self.state == "start":
+            body = self.held.lstrip()
+            if body.startswith(START):
+                self.state, self.held = "reasoning", body[len(START):]
+            elif START.startswith(body) and not finished:
+                return "", ""  # may still be the opening tag
+            elif self.parser.opens_in_prompt:
+                self.state = "reasoning"
+            else:
+                self.state = "answer"
+        if self.state == "reasoning":
+            if END in self.held:
+                reasoning, self.held = self.held.split(END, 1)
+                self.state = "answer"
+            else:
+                keep = 0 if finished else held_prefix(self.held, END)
+                reasoning = self.held[:len(self.held) - keep]
+                self.held = self.held[len(self.held) - keep:]
+                return reasoning, ""
+        if self.state == "answer":
+            answer, self.held = self.held, ""
+        return reasoning, answer

@@ -226,7 +226,8 @@ def add_openai_frontend_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tool-call-parser", choices=sorted(PARSERS), metavar="NAME",
                        help="how the model writes tool calls, for --enable-auto-tool-choice: "
                        f"{', '.join(sorted(PARSERS))} (hermes: Qwen2.5 and Hermes "
-                       "<tool_call> blocks; llama3_json: Llama 3.1/3.2 JSON calls)")
+                       "<tool_call> blocks; llama3_json: Llama 3.1/3.2 JSON calls; "
+                       "deepseek_v3: DeepSeek-V3 and R1; deepseek_v31: DeepSeek-V3.1)")
     group.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), metavar="NAME",
                        help="split chat replies of a thinking model into reasoning_content "
                        f"and content: {', '.join(sorted(REASONING_PARSERS))} (deepseek_r1: "

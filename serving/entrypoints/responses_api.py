@@ -118,6 +118,7 @@ def add_responses_routes(app: FastAPI, served: Served) -> None:
             raise ApiError(400, "this model has no tokenizer or chat template", "input")
         tools = tool_plan(chat, served.tool_parser).with_reasoning(
             reasoning_for(chat, served.reasoning_parser))
+        tools.keep_special_tokens(chat)
         served.precheck(1)
         prompt, budget = await fitted_prompt(served, req, chat)
         top = chat.top_logprobs if chat.logprobs else None

@@ -205,6 +205,7 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
                            f"{req.top_logprobs}", "top_logprobs", "invalid_value")
         tools = tool_plan(req, served.tool_parser).with_reasoning(
             reasoning_for(req, served.reasoning_parser), req.include_reasoning)
+        tools.keep_special_tokens(req)
         served.precheck(req.n)
         prompt = truncated(await served.off_loop(chat_prompt, req, engine.tokenizer),
                            req.truncate_prompt_tokens, engine.max_model_len)

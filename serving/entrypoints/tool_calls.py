@@ -88,6 +88,11 @@ class ToolPlan:
     reasoning: ReasoningParser | None = None  # the reply's reasoning comes first
     include_reasoning: bool = True
 
+    def keep_special_tokens(self, req: Any) -> None:
+        """An auto parser whose markers are special tokens reads the reply with them kept."""
+        if self.mode == "auto" and getattr(self.parser, "keeps_special_tokens", False):
+            req.skip_special_tokens = False
+
     def with_reasoning(self, parser: ReasoningParser | None, include: bool = True) -> ToolPlan:
         return dataclasses.replace(self, reasoning=parser, include_reasoning=include)
 

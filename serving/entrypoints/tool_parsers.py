@@ -14,6 +14,8 @@ without calls is returned unchanged.
 - ``llama3_json`` (Llama 3.1/3.2 JSON tool calls): the reply, optionally after
   ``<|python_tag|>``, is ``{"name": ..., "parameters": {...}}``, or several separated by
   ``;``; text after the calls is content.
+- ``deepseek_v3`` / ``deepseek_v31`` (DeepSeek-V3 and R1 / V3.1): the calls section between
+  DeepSeek's special markers (``DeepSeekParser``).
 """
 
 from __future__ import annotations
@@ -182,4 +184,76 @@ class Llama3JsonParser:
         return shaped([*calls, rest], final)
 
 
-PARSERS: dict[str, ToolParser] = {p.name: p for p in (HermesParser(), Llama3JsonParser())}
+class DeepSeekParser:
+    """DeepSeek's tool-call section: ``<｜tool▁calls▁begin｜>``, then per call
+    ``<｜tool▁call▁begin｜>`` ... ``<｜tool▁call▁end｜>``, then ``<｜tool▁calls▁end｜>``; text
+    before and after is content. A call is ``function<｜tool▁sep｜>NAME`` and its arguments in a
+    fenced ``json`` block (V3, R1: ``deepseek_v3``) or ``NAME<｜tool▁sep｜>`` and the arguments'
+    JSON (V3.1: ``deepseek_v31``). The markers are special tokens, so a request read with it
+    keeps special tokens in its text (``keeps_special_tokens``)."""
+
+    BEGIN, END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+    CALL, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+    keeps_special_tokens = True
+
+    def __init__(self, name: str, fenced: bool):
+        self.name, self.fenced = name, fenced
+
+    def call(self, block: str) -> ParsedCall | None:
+        head, sep, body = block.partition(self.SEP)
+        if not sep:
+            return None
+        if self.fenced:  # function<sep>NAME\n```json\n{...}\n```
+            name, _, body = body.partition("\n")
+            body = body.strip()
+            if not (body.startswith("```json") and body.endswith("```")):
+                return None
+            body = body[len("```json"):-3]
+        else:  # NAME<sep>{...}
+            name = head
+        try:
+            arguments = json.loads(body)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(arguments, dict) or not name.strip():
+            return None
+        return ParsedCall(name.strip(), json.dumps(arguments, ensure_ascii=False))
+
+    def parse(self, text: str, final: bool) -> list[Piece]:
+        pieces = self._pieces(text, final)
+        if final and not any(isinstance(p, ParsedCall) for p in pieces):
+            return shaped([text], final)  # no call: the reply as it is, markers and all
+        return pieces
+
+    def _pieces(self, text: str, final: bool) -> list[Piece]:
+        start = text.find(self.BEGIN)
+        if start < 0:
+            rest = text if final else text[:len(text) - partial_marker(text, self.BEGIN)]
+            return shaped([rest], final)
+        pieces: list[Piece] = [text[:start]]
+        pos = start + len(self.BEGIN)
+        while True:
+            rest = text[pos:].lstrip()
+            pos = len(text) - len(rest)
+            if rest.startswith(self.END):
+                pieces.append(text[pos + len(self.END):])
+                return shaped(pieces, final)
+            if not rest.startswith(self.CALL):
+                if not final:  # a marker still being written, or the text so far
+                    return shaped(pieces, final)
+                pieces.append(text[pos:])
+                return shaped(pieces, final)
+            end = text.find(self.CALL_END, pos)
+            if end < 0:
+                if not final:
+                    return shaped(pieces, final)
+                pieces.append(text[pos:])
+                return shaped(pieces, final)
+            block = text[pos + len(self.CALL):end]
+            pieces.append(self.call(block) or text[pos:end + len(self.CALL_END)])
+            pos = end + len(self.CALL_END)
+
+
+PARSERS: dict[str, ToolParser] = {p.name: p for p in (
+    HermesParser(), Llama3JsonParser(), DeepSeekParser("deepseek_v3", fenced=True),
+    DeepSeekParser("deepseek_v31", fenced=False))}

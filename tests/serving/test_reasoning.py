@@ -142,3 +142,41 @@ def test_responses_answer_a_reasoning_item_first(server):
     assert [i.type for i in only.output] == [i.type for i in streamed.output] == [
         "reasoning", "message"]
     assert only.output_text == streamed.output_text == ""
+
+
+class Utf8ScriptedEngine(ScriptedEngine):
+    """Writes ``script`` one UTF-8 byte a step (DeepSeek's markers are not ASCII); keeps the
+    sampling parameters it was sent."""
+
+    def _step(self, s, step, params) -> None:
+        data = self.script.encode()
+        s.token_ids.append(data[step] + 3)
+        s.text = bytes(t - 3 for t in s.token_ids).decode(errors="ignore")
+        self.params = params
+        if step + 1 == len(data):
+            s.finish_reason = "stop"
+        elif step + 1 == params.max_tokens:
+            s.finish_reason = "length"
+
+
+def test_deepseek_r1_thinks_then_calls_tools():
+    from tests.serving.test_tool_calls import DEEPSEEK_V3
+
+    engine = Utf8ScriptedEngine(max_model_len=2048)
+    engine.script = f"{THOUGHT}</think>\n\n{DEEPSEEK_V3}"
+    with serve(engine, tool_call_parser="deepseek_v3", reasoning_parser="deepseek_r1") as running:
+        sdk = client(running)
+        r = sdk.chat.completions.create(model="fake", messages=ASK, tools=TOOLS)
+        assert engine.params.skip_special_tokens is False  # the markers are special tokens
+        m = r.choices[0].message
+        assert m.reasoning_content == THOUGHT and m.content.strip() == "Let me check."
+        assert [(c.function.name, json.loads(c.function.arguments))
+                for c in m.tool_calls] == CALLS
+        assert r.choices[0].finish_reason == "tool_calls"
+        with sdk.chat.completions.stream(model="fake", messages=ASK, tools=TOOLS) as stream:
+            final = stream.get_final_completion().choices[0]
+        assert [(c.function.name, json.loads(c.function.arguments))
+                for c in final.message.tool_calls] == CALLS
+        plain = sdk.chat.completions.create(model="fake", messages=ASK)
+        assert engine.params.skip_special_tokens is True  # no tools: as the request asked
+        assert plain.choices[0].message.reasoning_content == THOUGHT

@@ -43,6 +43,12 @@ HERMES = ('Let me check.\n<tool_call>\n{"name": "w", "arguments": {"city": "Pari
 LLAMA = ('<|python_tag|>{"name": "w", "parameters": {"city": "Paris"}}; '
          '{"name": "add", "parameters": {"a": 1, "b": 2}}')
 CALLS = [("w", {"city": "Paris"}), ("add", {"a": 1, "b": 2})]
+B, E = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+C, CE, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+DEEPSEEK_V3 = (f"Let me check.{B}{C}function{SEP}w\n```json\n{{\"city\": \"Paris\"}}\n```{CE}"
+               f"{C}function{SEP}add\n```json\n{{\"a\": 1, \"b\": 2}}\n```{CE}{E}")
+DEEPSEEK_V31 = (f"Let me check.{B}{C}w{SEP}{{\"city\": \"Paris\"}}{CE}"
+                f"{C}add{SEP}{{\"a\": 1, \"b\": 2}}{CE}{E}")
 
 
 # -- parsers on strings -----------------------------------------------------------------------
@@ -68,6 +74,13 @@ def content_of(pieces) -> str:
     ("llama3_json", '{"answer": 42}', [], '{"answer": 42}'),
     ("llama3_json", "Plain words; {not a call}", [], "Plain words; {not a call}"),
     ("llama3_json", '{"name": "w", "parameters": {}}; {"oops": 1}', [("w", {})], '{"oops": 1}'),
+    ("deepseek_v3", DEEPSEEK_V3, CALLS, "Let me check."),
+    ("deepseek_v3", DEEPSEEK_V3 + " Done.", CALLS, "Let me check.\nDone."),
+    ("deepseek_v3", f"{B}{C}function{SEP}w\nnot fenced{CE}{E}", [],
+     f"{B}{C}function{SEP}w\nnot fenced{CE}{E}"),
+    ("deepseek_v3", "No calls <｜tool▁ here.", [], "No calls <｜tool▁ here."),
+    ("deepseek_v31", DEEPSEEK_V31, CALLS, "Let me check."),
+    ("deepseek_v31", f"{B}{C}w{SEP}{{broken{CE}{E}", [], f"{B}{C}w{SEP}{{broken{CE}{E}"),
 ])
 def test_parsers_find_calls_and_keep_content(name, text, calls, content):
     pieces = PARSERS[name].parse(text, True)
@@ -81,6 +94,8 @@ def test_parsers_find_calls_and_keep_content(name, text, calls, content):
     ("hermes", 'x <tool_call>{"name": "w", "arguments": {}}</tool_call> y <tool_call>'),
     ("llama3_json", LLAMA), ("llama3_json", '{"name": "w", "parameters": {}} ; tail'),
     ("llama3_json", "<|python_tag|>"), ("llama3_json", "  hello {}"),
+    ("deepseek_v3", DEEPSEEK_V3), ("deepseek_v3", DEEPSEEK_V3 + " and after"),
+    ("deepseek_v31", DEEPSEEK_V31), ("deepseek_v31", f"text {B}{C}w{SEP}{{}}"),
 ])
 def test_parsing_a_growing_text_only_ever_extends_the_pieces(name, text):
     """What a stream sent stays true: each longer prefix's pieces extend the shorter's."""
@@ -116,6 +131,8 @@ def reassembled(deltas: list[DeltaMessage]) -> tuple[str, list[tuple[str, str]]]
     (ToolPlan("auto", parser=PARSERS["hermes"]), HERMES),
     (ToolPlan("auto", parser=PARSERS["hermes"]), "No calls here.\n"),
     (ToolPlan("auto", parser=PARSERS["llama3_json"]), LLAMA),
+    (ToolPlan("auto", parser=PARSERS["deepseek_v3"]), DEEPSEEK_V3),
+    (ToolPlan("auto", parser=PARSERS["deepseek_v31"]), DEEPSEEK_V31 + "\nDone."),
     (ToolPlan("named", name="w"), '{"city": "Oslo", "unit": "C"}'),
     (ToolPlan("required"), '[{"name": "w", "parameters": {"city": "Oslo"}}, '
                            '{"name": "add", "parameters": {"a": 1, "b": 2}}]'),

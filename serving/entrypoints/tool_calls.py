@@ -104,7 +104,7 @@ class ToolPlan:
         message, reason = self._reply(text, finish_reason)
         if reasoning is not None and self.include_reasoning:
             message.reasoning_content = reasoning
-        if self.reasoning is not None and message.content == "" and self.mode in ("none", "auto"):
+        if reasoning is not None and message.content == "" and self.mode in ("none", "auto"):
             message.content = None  # all reasoning, no answer (as vLLM)
         return message, reason
 

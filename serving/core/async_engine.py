@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import itertools
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -26,6 +27,8 @@ from xds_jax.llm import LLM
 from xds_jax.outputs import RequestMetrics, RequestOutput
 from xds_jax.sampling.beam_search import BeamSearch, BeamSearchParams, next_logprobs
 from xds_jax.sampling.params import SamplingParams
+
+ABORTED_EARLY_KEPT = 4096  # aborts of ids the engine does not know (yet), remembered
 
 
 class RequestFailedError(RuntimeError):
@@ -69,6 +72,7 @@ class AsyncEngine:
         self.cfg = llm.cfg
         self._ids = itertools.count()
         self._beams: dict[str, set[str]] = {}  # running beam searches: their round's requests
+        self._aborted_early: OrderedDict[str, bool] = OrderedDict()
 
     @property
     def scoring(self) -> PromptScoring:
@@ -118,7 +122,9 @@ class AsyncEngine:
         if params.prompt_logprobs is not None:
             scored = await loop.run_in_executor(None, self.scoring.score, list(prompt_ids),
                                                 params.prompt_logprobs)
-        if request.finished:  # max_tokens=0: the prompt only
+        if self._aborted_early.pop(request_id, False):  # aborted before it was submitted
+            request.abort()
+        if request.finished:  # max_tokens=0: the prompt only (or aborted already)
             yield dataclasses.replace(request.snapshot(), prompt_logprobs=scored)
             return
         try:
@@ -159,6 +165,7 @@ class AsyncEngine:
                             tok.eos_token_ids if tok is not None else self.cfg.eos_token_ids)
         each_round, arrival = params.round_params(), time.monotonic()
         live = self._beams[request_id] = set()
+        aborted = self._aborted_early.pop(request_id, False)
 
         async def extend(beam_id: str, tokens: list[int]) -> RequestOutput | None:
             live.add(beam_id)
@@ -170,7 +177,6 @@ class AsyncEngine:
                 live.discard(beam_id)
             return final
 
-        aborted = False
         try:
             for r in itertools.count():
                 if request_id not in self._beams:  # aborted between rounds
@@ -189,8 +195,13 @@ class AsyncEngine:
         outputs = search.outputs(tok, params.logprobs)
         for c in outputs:
             c.finish_reason = "abort" if aborted else c.finish_reason
+        scored = None
+        if params.prompt_logprobs is not None and not aborted:
+            scored = await asyncio.get_running_loop().run_in_executor(
+                None, self.scoring.score, list(prompt_ids), params.prompt_logprobs)
         yield RequestOutput(request_id, prompt, list(prompt_ids), outputs, finished=True,
-                            metrics=RequestMetrics(arrival, finished_time=time.monotonic()))
+                            metrics=RequestMetrics(arrival, finished_time=time.monotonic()),
+                            prompt_logprobs=scored)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks; its stream ends with "abort" (a beam
@@ -200,3 +211,8 @@ class AsyncEngine:
             self.engine.abort(beam_id)
         if beams is None:
             self.engine.abort(request_id)
+            # a request not yet submitted (its client left while its prompt was read) is
+            # aborted when it comes; ids of requests that already ended age out
+            self._aborted_early[request_id] = True
+            while len(self._aborted_early) > ABORTED_EARLY_KEPT:
+                self._aborted_early.popitem(last=False)

@@ -7,8 +7,9 @@ state, normalised), computed apart from generation on an entry group's devices.
 ``encoding_format`` ``float`` (lists of numbers) or ``base64`` (little-endian float32 bytes, what
 the ``openai`` SDK asks for by default); ``dimensions`` may only name the model's own size (it
 is no Matryoshka model); vLLM's ``truncate_prompt_tokens``, ``add_special_tokens`` and
-``normalize`` are taken. Each input counts against admission like a prompt of a generation
-request while it is embedded.
+``normalize`` are taken. A request holds one admission slot and its inputs' tokens while its
+inputs are embedded one after another; a client that leaves (or the request timeout) stops
+it between inputs.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import base64
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from serving.entrypoints.api_error import ApiError
 from serving.entrypoints.openai_protocol import OpenAIModel
 from serving.entrypoints.server_requests import completion_prompts, engine_error, truncated
-from serving.entrypoints.server_state import Served
+from serving.entrypoints.server_state import Served, Watchdog
 
 ENCODINGS = ("float", "base64")
 
@@ -65,7 +66,7 @@ def add_embeddings_routes(app: FastAPI, served: Served) -> None:
     engine = served.engine
 
     @app.post("/v1/embeddings")
-    async def embeddings(req: EmbeddingRequest) -> dict:
+    async def embeddings(req: EmbeddingRequest, raw: Request) -> dict:
         model = served.check_model(req.model)
         if not hasattr(engine, "embed"):
             raise ApiError(400, "this engine does not compute embeddings", None, "unsupported")
@@ -81,15 +82,23 @@ def add_embeddings_routes(app: FastAPI, served: Served) -> None:
                                         req.add_special_tokens)
         prompts = [truncated(p, req.truncate_prompt_tokens, engine.max_model_len)
                    for p in prompts]
-        ticket = served.admit(len(prompts), sum(len(ids) for _, ids in prompts))
+        # one slot: the inputs are embedded one after another (a batch of 2,048 is OpenAI's
+        # limit, LangChain sends 1,000); their tokens count against the queued-token limit
+        watch = Watchdog(raw, served, served.admit(1, sum(len(ids) for _, ids in prompts)))
+        vectors = []
         try:
-            vectors = [await engine.embed(ids, normalize=req.normalize) for _, ids in prompts]
+            for _, ids in prompts:
+                if watch.disconnected or watch.timed_out:  # stop where the client left
+                    break
+                vectors.append(await engine.embed(ids, normalize=req.normalize))
         except Exception as error:
             failure = engine_error(error)
             failure.param = "input" if failure.param == "prompt" else failure.param
             raise failure from None
         finally:
-            ticket.release()
+            await watch.stop()
+        if watch.timed_out:
+            raise watch.timeout_error()
         tokens = sum(len(ids) for _, ids in prompts)
         return {"object": "list", "model": model,
                 "data": [{"object": "embedding", "index": i,

@@ -20,6 +20,7 @@ conversation that does not fit the context (the system message stays).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import dataclasses
@@ -130,6 +131,10 @@ def add_responses_routes(app: FastAPI, served: Served) -> None:
         # a background request runs on when its client leaves: only its time is watched
         watch = Watchdog(None if req.background else raw, served, ticket)
         response = out.skeleton(req, out.new_id("resp"), model, fmt)
+        run = Run(served, req, response, len(prompt[1]), tools, history + turn, store,
+                  Stored(response, input_items(req.input), watch=watch), watch, chat)
+        if req.background:  # answered now; the engine takes it in the background
+            return run.detach([(prompt, params)])
         try:
             streams = await served.open(watch, [(prompt, params)], response["id"])
         except ApiError as error:
@@ -138,10 +143,6 @@ def add_responses_routes(app: FastAPI, served: Served) -> None:
         except BaseException:
             await watch.stop()
             raise
-        run = Run(served, req, response, len(prompt[1]), tools, history + turn, store,
-                  Stored(response, input_items(req.input), watch=watch), watch)
-        if req.background:
-            return run.detach(streams[0])
         if req.store:
             store.put(run.stored)  # readable while it runs
         if req.stream:
@@ -207,6 +208,8 @@ class Run:
     store: ResponseStore
     stored: Stored
     watch: Watchdog
+    chat: api.ChatCompletionRequest  # what the request amounts to (its errors' names)
+    shaping: out.ResponseEvents | None = None  # a streamed or background run's events
 
     def logprobs(self, c, start: int) -> list[dict[str, Any]]:
         if not wants_logprobs(self.req):
@@ -220,12 +223,17 @@ class Run:
             reply = input_messages(self.response["output"])
             self.stored.conversation = self.conversation + reply
 
-    async def end(self) -> None:
-        """Stop watching; a response that did not finish is forgotten (a background one stays,
-        ``failed`` or ``cancelled``)."""
+    async def end(self, keep_failed: bool = False) -> None:
+        """Stop watching. A foreground response that did not finish is forgotten where its
+        client left, or (``keep_failed`` False) never saw it; a streamed one that failed stays
+        readable, ``failed``; a background one always stays (``failed``, ``cancelled``). The
+        request itself is let go (``Stored.left`` keeps whether its client left)."""
         await self.watch.stop()
-        if self.stored.conversation is None and self.stored.log is None:
-            self.store.discard(self.response["id"])
+        stored = self.stored
+        if stored.log is None:
+            stored.left, stored.watch = self.watch.disconnected, None
+            if stored.conversation is None and (stored.left or not keep_failed):
+                self.store.discard(self.response["id"])
 
     async def whole(self, stream: AsyncIterator[RequestOutput]) -> dict:
         try:
@@ -251,27 +259,53 @@ class Run:
             async for event in events:
                 yield sse(event)
 
-    def detach(self, stream: AsyncIterator[RequestOutput]):
-        """Run in the background: its events go to the stored response's log. The answer is
-        the queued response, or with ``stream`` the log followed from its start."""
+    def detach(self, jobs: list):
+        """Run in the background, submitted to the engine there: the events go to the stored
+        response's log. The answer is the queued response, or with ``stream`` the log
+        followed from its start."""
         self.response["status"], self.response["background"] = "queued", True
         self.stored.log = EventLog()
         self.store.put(self.stored)
-        self.store.start(self.stored, self.log_events(stream))
+        self.store.start(self.stored, self.background(jobs))
         if self.req.stream:
             return StreamingResponse(sse_stream(self.stored.log.follow()),
                                      media_type="text/event-stream")
         return copy.deepcopy(self.response)
 
-    async def log_events(self, stream: AsyncIterator[RequestOutput]) -> None:
-        async with contextlib.aclosing(self.events(stream)) as events:
-            async for event in events:
-                self.stored.log.add(event)
-        self.stored.log.close()
+    async def background(self, jobs: list) -> None:
+        """A background run: open the engine stream (a refusal ends the response ``failed``),
+        log its events; a cancel closes the open item; the log always closes."""
+        log = self.stored.log
+        try:
+            try:
+                streams = await self.served.open(self.watch, jobs, self.response["id"])
+            except Exception as error:
+                failure = error if isinstance(error, ApiError) else engine_error(error)
+                failure = named_for_responses(constraint_error(failure, self.chat))
+                events = out.ResponseEvents(self.response)
+                for event in events.start() + events.fail(failure.code or "invalid_request",
+                                                          failure.message):
+                    log.add(event)
+                return
+            async with contextlib.aclosing(self.events(streams[0])) as events:
+                async for event in events:
+                    log.add(event)
+        except asyncio.CancelledError:  # POST .../cancel: the open item ends as it stands
+            for event in self.shaping.close("incomplete") if self.shaping else []:
+                log.add(event)
+            raise
+        except Exception as error:  # a bug of ours: the response fails, its followers end
+            failure = engine_error(error)
+            shaping = self.shaping or out.ResponseEvents(self.response)
+            for event in shaping.fail(failure.code or "server_error", failure.message):
+                log.add(event)
+        finally:
+            log.close()
+            await self.watch.stop()
 
     async def events(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[dict]:
         """The response's stream events as its reply comes (``responses_output``)."""
-        events = out.ResponseEvents(self.response)
+        events = self.shaping = out.ResponseEvents(self.response)
         shaper, cursor, c = ChoiceDeltas(self.tools), ChoiceCursor(), None
         try:
             for event in events.start():
@@ -304,7 +338,7 @@ class Run:
                 yield event
             self.keep()
         finally:
-            await self.end()
+            await self.end(keep_failed=True)
 
 
 def sse(event: dict[str, Any]) -> str:

@@ -24,6 +24,12 @@ STORED_RESPONSES = 1024  # responses kept for retrieval and previous_response_id
 RUNNING = ("queued", "in_progress")
 
 
+def is_reference(item: Any) -> bool:
+    """An ``item_reference`` input item (its ``type`` may be left out: ``{"id": ...}``)."""
+    return isinstance(item, dict) and (item.get("type") == "item_reference" or (
+        item.get("type") is None and set(item) <= {"id", "type"} and "id" in item))
+
+
 class EventLog:
     """A background response's stream events, in order (``sequence_number`` is the index)."""
 
@@ -68,13 +74,14 @@ class Stored:
     conversation: list[dict[str, Any]] | None = None  # set when it finished
     log: EventLog | None = None  # a background response's events
     task: asyncio.Task | None = None  # a background response's run
-    watch: Any = None  # the run's ``Watchdog`` (server_state)
+    watch: Any = None  # the run's ``Watchdog`` (server_state), while it runs
+    left: bool = False  # a foreground response's client left before it finished
 
     @property
     def abandoned(self) -> bool:
         """A foreground response whose client left before it finished (it was aborted)."""
-        return (self.conversation is None and self.log is None and self.watch is not None
-                and self.watch.disconnected)
+        return self.conversation is None and self.log is None and (
+            self.left or (self.watch is not None and self.watch.disconnected))
 
     @property
     def running(self) -> bool:
@@ -139,16 +146,17 @@ class ResponseStore:
         """``input`` with each ``item_reference`` (``{"type": "item_reference", "id"}``)
         replaced by the stored item it names: an input item or an output item of a stored
         response (a 400 on ``input`` when none is stored under that id)."""
-        if isinstance(items, str) or not any(
-                isinstance(item, dict) and item.get("type") == "item_reference"
-                for item in items):
+        if isinstance(items, str) or not any(map(is_reference, items)):
             return items
         known = {item["id"]: item for stored in self.items.values()
                  for item in stored.input_items + stored.response["output"] if "id" in item}
         resolved = []
         for i, item in enumerate(items):
-            if isinstance(item, dict) and item.get("type") == "item_reference":
-                found = known.get(item.get("id"))
+            if is_reference(item):
+                if not isinstance(item.get("id"), str):
+                    raise ApiError(400, f"input[{i}].id must be a string (the id of a stored "
+                                   "item)", "input", "invalid_value")
+                found = known.get(item["id"])
                 if found is None:
                     raise ApiError(400, f"input[{i}]: no stored item with id "
                                    f"{item.get('id')!r} (items of the responses this server "

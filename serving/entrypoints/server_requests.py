@@ -57,7 +57,7 @@ def sampling_params(req: api.SamplingFields, max_tokens: int, logprobs: int | No
         raise ApiError(400, "prompt_logprobs are not available when streaming (as in vLLM)",
                        "prompt_logprobs", "unsupported")
     if req.use_beam_search:
-        return beam_search_params(req, max_tokens, logprobs)
+        return beam_search_params(req, max_tokens, logprobs, prompt_logprobs)
     optional = {k: v for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
                 if (v := getattr(req, k)) is not None}
     try:
@@ -77,13 +77,13 @@ def sampling_params(req: api.SamplingFields, max_tokens: int, logprobs: int | No
 # What beam search does not apply (vLLM ignores them): each field's value that leaves it unset.
 NOT_WITH_BEAMS = {"stop": (None, [], ""), "stop_token_ids": (None, []), "min_tokens": (0,),
                   "logit_bias": (None, {}), "allowed_token_ids": (None,), "bad_words": (None, []),
-                  "prompt_logprobs": (None,), "presence_penalty": (0.0,),
+                  "presence_penalty": (0.0,),
                   "frequency_penalty": (0.0,), "repetition_penalty": (None, 1.0),
                   "top_p": (None, 1.0), "top_k": (None, 0, -1), "min_p": (None, 0.0)}
 
 
-def beam_search_params(req: api.SamplingFields, max_tokens: int,
-                       logprobs: int | None) -> BeamSearchParams:
+def beam_search_params(req: api.SamplingFields, max_tokens: int, logprobs: int | None,
+                       prompt_logprobs: int | None) -> BeamSearchParams:
     """``use_beam_search`` (vLLM's extra): ``n`` beams searched, all returned, best first;
     a field beam search would not honour is a 400 naming it."""
     for field, unset in NOT_WITH_BEAMS.items():
@@ -100,7 +100,8 @@ def beam_search_params(req: api.SamplingFields, max_tokens: int,
             beam_width=req.n, max_tokens=max_tokens, ignore_eos=req.ignore_eos,
             temperature=0.0 if req.temperature is None else req.temperature,
             length_penalty=req.length_penalty,
-            include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs)
+            include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs, skip_special_tokens=req.skip_special_tokens)
     except SamplingParamsError as error:
         field = str(error).split()[0]
         raise ApiError(400, str(error).replace("beam_width", "n (the beam width)"),

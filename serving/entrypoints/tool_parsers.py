@@ -249,8 +249,10 @@ class DeepSeekParser:
                     return shaped(pieces, final)
                 pieces.append(text[pos:])
                 return shaped(pieces, final)
-            block = text[pos + len(self.CALL):end]
-            pieces.append(self.call(block) or text[pos:end + len(self.CALL_END)])
+            call = self.call(text[pos + len(self.CALL):end])
+            if call is None and not final:  # content only if no call ever parses: hold it
+                return shaped(pieces, final)
+            pieces.append(call or text[pos:end + len(self.CALL_END)])
             pos = end + len(self.CALL_END)
 
 

@@ -5,6 +5,8 @@ search would not honour are 400s naming them; a client that leaves stops the sea
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import openai
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from tests.helpers import GOLDEN
 from tests.serving.fake_engine import client, wait_for
 from tests.serving.real_server import text_server_fixture
-from xds_jax import LLM, BeamSearchParams
+from xds_jax import LLM, BeamSearchParams, SamplingParams
 
 real = text_server_fixture()
 slow = text_server_fixture(faults=["group_stall:group=0:seconds=0.2:after_steps=1:times=1000000"])
@@ -48,6 +50,14 @@ def test_completions_answer_the_library_s_beams_best_first(real, library_beams):
     echoed = sdk.completions.create(model=real.engine.model_name, prompt=PROMPT, echo=True,
                                     **BEAMS)
     assert [c.text for c in echoed.choices] == [tok.decode(PROMPT) + c.text for c in r.choices]
+    scored = sdk.completions.create(model=real.engine.model_name, prompt=PROMPT, echo=True,
+                                    logprobs=1, **BEAMS)
+    plain = sdk.completions.create(model=real.engine.model_name, prompt=PROMPT, echo=True,
+                                   logprobs=1, max_tokens=1, temperature=0)
+    prompt_part = plain.choices[0].logprobs.token_logprobs[:len(PROMPT)]
+    for c in scored.choices:  # the echoed prompt's log-probabilities, as without beams
+        assert c.logprobs.token_logprobs[:len(PROMPT)] == prompt_part
+        assert len(c.logprobs.token_logprobs) == len(PROMPT) + 6
 
 
 def test_chat_answers_n_beams(real):
@@ -84,3 +94,23 @@ def test_a_client_that_leaves_stops_the_search(slow):
                     seconds=10)
     assert wait_for(lambda: slow.engine.stats()["num_running"] == 0
                     and slow.engine.stats()["num_waiting"] == 0, seconds=10)
+
+
+def test_an_abort_that_comes_before_the_request_still_stops_it(real):
+    """A client may leave while its prompt is still read: the abort comes first, and the
+    request (plain or a beam search) ends at once when it is submitted."""
+    engine = real.engine
+
+    async def outputs(gen):
+        return [out async for out in gen]
+
+    engine.abort("early-plain")
+    (out,) = asyncio.run(outputs(engine.generate(
+        PROMPT, SamplingParams(max_tokens=50, ignore_eos=True), "early-plain")))
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    assert out.outputs[0].token_ids == []
+    engine.abort("early-beams")
+    (out,) = asyncio.run(outputs(engine.beam_search(
+        PROMPT, BeamSearchParams(beam_width=2, max_tokens=50, ignore_eos=True), "early-beams")))
+    assert [c.finish_reason for c in out.outputs] == ["abort"]
+    assert not engine._beams and engine.stats()["num_running"] == 0

@@ -54,6 +54,9 @@ def test_vectors_are_the_models_last_hidden_states(real):
     assert vector.shape == (real.engine.cfg.hidden_size,)
     np.testing.assert_allclose(vector / np.linalg.norm(vector), want[0], rtol=1e-4, atol=1e-5)
     assert real.engine.stats()["admitted_seqs"] == 0
+    many = sdk.embeddings.create(model=real.engine.model_name, input=[[5, i] for i in range(300)])
+    assert len(many.data) == 300  # more inputs than --max-num-queued-reqs (256): one request
+    assert [d.index for d in many.data] == list(range(300))
 
 
 def test_bad_inputs_are_400s_naming_the_field(real):

@@ -113,9 +113,14 @@ def test_item_references_name_stored_input_and_output_items(fake, sdk):
         {"role": "user", "content": "more"}])
     assert fake.engine.prompts[-1] == ("<user>hi\n<assistant>The answer is 42\n<user>more\n"
                                        "<assistant>")
+    sdk.responses.create(model="fake", extra_body=STOP, input=[{"id": asked}])  # type optional
+    assert fake.engine.prompts[-1] == "<user>hi\n<assistant>"
     with pytest.raises(openai.BadRequestError) as error:
         sdk.responses.create(model="fake", input=[{"type": "item_reference", "id": "msg_no"}])
     assert error.value.param == "input" and "msg_no" in error.value.message
+    with pytest.raises(openai.BadRequestError) as error:
+        sdk.responses.create(model="fake", input=[{"type": "item_reference", "id": {"a": 1}}])
+    assert error.value.param == "input"
 
 
 def test_stored_responses_are_read_listed_and_deleted(sdk):

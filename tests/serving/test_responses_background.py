@@ -5,10 +5,12 @@ on without its client, is read back, streamed again from any sequence number and
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import openai
 import pytest
 
+from serving.core.async_engine import RequestFailedError
 from serving.entrypoints.responses_store import EventLog, Stored
 from tests.serving.fake_engine import REPLY, FakeEngine, client, serve, wait_for
 
@@ -181,3 +183,77 @@ def test_a_background_run_cancelled_before_it_began_still_ends():
     started, stored, followed = asyncio.run(scenario())
     assert started == [] and stored.response["status"] == "cancelled"
     assert stored.log.closed and followed == [] and stored.watch.stopped == 1
+
+
+class GatedEngine(FakeEngine):
+    """The fake engine whose requests wait at a gate before their first token, and may fail
+    (``fail_after`` tokens: a ``RequestFailedError``, as the engine raises for one request)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.gate = threading.Event()
+        self.fail_after: int | None = None
+
+    async def generate(self, prompt_ids, params, request_id, prompt=None):
+        while not self.gate.is_set():
+            await asyncio.sleep(0.01)
+        if self.fail_after == 0:
+            raise RequestFailedError(f"request {request_id} failed: injected")
+        n = 0
+        async for out in super().generate(prompt_ids, params, request_id, prompt):
+            n += 1
+            if self.fail_after is not None and n > self.fail_after:
+                raise RequestFailedError(f"request {request_id} failed: injected")
+            yield out
+
+
+@pytest.fixture
+def gated():
+    engine = GatedEngine(delay=0.01, max_model_len=400)
+    with serve(engine) as running:
+        running.engine = engine
+        yield running
+
+
+def test_a_background_create_answers_before_the_engine_takes_it(gated):
+    sdk = client(gated)
+    r = sdk.responses.create(model="fake", input="hi", extra_body=STOP, background=True)
+    assert r.status == "queued" and sdk.responses.retrieve(r.id).status == "queued"
+    assert gated.engine.admission.requests == 1  # its room is held while it waits
+    gated.engine.gate.set()
+    assert wait_for(lambda: done(sdk, r.id))
+    assert sdk.responses.retrieve(r.id).output_text == "The answer is 42"
+    gated.engine.fail_after = 0  # the engine refuses it: the response fails, readable
+    refused = sdk.responses.create(model="fake", input="hi", background=True)
+    assert wait_for(lambda: done(sdk, refused.id))
+    got = sdk.responses.retrieve(refused.id)
+    assert got.status == "failed" and got.error.code == "request_failed"
+    assert list(sdk.responses.retrieve(refused.id, stream=True))[-1].type == "response.failed"
+    assert wait_for(lambda: gated.engine.admission.requests == 0)
+
+
+def test_a_streamed_response_that_fails_stays_readable_as_failed(gated):
+    gated.engine.gate.set()
+    gated.engine.fail_after = 5
+    sdk = client(gated)
+    events = list(sdk.responses.create(model="fake", input="hi", max_output_tokens=50,
+                                       stream=True))
+    assert events[-1].type == "response.failed"
+    got = sdk.responses.retrieve(events[0].response.id)
+    assert got.status == "failed" and got.error.code == "request_failed"
+    with pytest.raises(openai.APIStatusError):  # a whole one answers the error instead
+        sdk.responses.create(model="fake", input="hi", max_output_tokens=50)
+
+
+def test_a_cancelled_background_stream_closes_its_open_item(slow, sdk):
+    r = sdk.responses.create(model="fake", input="hi", max_output_tokens=300, background=True)
+    assert wait_for(lambda: sdk.responses.retrieve(r.id).status == "in_progress")
+    followed = sdk.responses.retrieve(r.id, stream=True)
+    seen = []
+    for event in followed:
+        seen.append(event.type)
+        if event.type == "response.output_text.delta" and len(seen) > 8:
+            sdk.responses.cancel(r.id)
+    assert seen[-1] == "response.output_item.done"  # the item closed; the stream ended
+    got = sdk.responses.retrieve(r.id)
+    assert got.status == "cancelled" and got.output[0].status == "incomplete"

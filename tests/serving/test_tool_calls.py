@@ -96,6 +96,7 @@ def test_parsers_find_calls_and_keep_content(name, text, calls, content):
     ("llama3_json", "<|python_tag|>"), ("llama3_json", "  hello {}"),
     ("deepseek_v3", DEEPSEEK_V3), ("deepseek_v3", DEEPSEEK_V3 + " and after"),
     ("deepseek_v31", DEEPSEEK_V31), ("deepseek_v31", f"text {B}{C}w{SEP}{{}}"),
+    ("deepseek_v3", f"Hi {B}{C}function{SEP}f\n```json\n{{bad}}\n```{CE}{E}"),
 ])
 def test_parsing_a_growing_text_only_ever_extends_the_pieces(name, text):
     """What a stream sent stays true: each longer prefix's pieces extend the shorter's."""
@@ -133,6 +134,10 @@ def reassembled(deltas: list[DeltaMessage]) -> tuple[str, list[tuple[str, str]]]
     (ToolPlan("auto", parser=PARSERS["llama3_json"]), LLAMA),
     (ToolPlan("auto", parser=PARSERS["deepseek_v3"]), DEEPSEEK_V3),
     (ToolPlan("auto", parser=PARSERS["deepseek_v31"]), DEEPSEEK_V31 + "\nDone."),
+    (ToolPlan("auto", parser=PARSERS["deepseek_v3"]),
+     f"Hi {B}{C}function{SEP}f\n```json\n{{bad}}\n```{CE}{E}"),  # no call: all content
+    (ToolPlan("auto", parser=PARSERS["deepseek_v31"]),
+     f"Hi {B}{C}w{SEP}{{}}{CE}{C}x{SEP}{{bad{CE}{C}add{SEP}{{}}{CE}{E} end"),
     (ToolPlan("named", name="w"), '{"city": "Oslo", "unit": "C"}'),
     (ToolPlan("required"), '[{"name": "w", "parameters": {"city": "Oslo"}}, '
                            '{"name": "add", "parameters": {"a": 1, "b": 2}}]'),

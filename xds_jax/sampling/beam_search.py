@@ -41,6 +41,8 @@ class BeamSearchParams:
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # alternatives reported per position (the server's logprobs)
+    prompt_logprobs: int | None = None  # the prompt scored too (the server's echo, vLLM's)
+    skip_special_tokens: bool = True  # in the answers' text
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> SamplingParamsError:
@@ -57,9 +59,10 @@ class BeamSearchParams:
                 raise bad(name, "must be a finite number")
         if self.temperature < 0:
             raise bad("temperature", "must be non-negative")
-        if self.logprobs is not None and (not _is_int(self.logprobs)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise bad("logprobs", f"must be in 0..{MAX_LOGPROBS}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise bad(name, f"must be in 0..{MAX_LOGPROBS}")
 
     def round_params(self) -> SamplingParams:
         """One round's request: one token and the top ``2 * beam_width`` alternatives."""
@@ -135,7 +138,8 @@ class BeamSearch:
             shown = beam.tokens
             if beam.finished and not self.params.include_stop_str_in_output:
                 shown = beam.tokens[:-1]
-            text = tokenizer.decode(shown, skip_special_tokens=True) if tokenizer else ""
+            text = tokenizer.decode(shown, skip_special_tokens=self.params.skip_special_tokens) \
+                if tokenizer else ""
             kept = None if logprobs is None else [
                 top_logprobs(options, token, logprobs)
                 for token, options in zip(beam.tokens, beam.logprobs, strict=True)]

@@ -62,14 +62,45 @@ def input_prompts(value: Any, tokenizer: Any, add_special_tokens: bool) -> list:
         raise
 
 
+def require_embeddings(engine: Any) -> Any:
+    if not hasattr(engine, "embed"):
+        raise ApiError(400, "this engine does not compute embeddings", None, "unsupported")
+    return engine
+
+
+async def embed_all(served: Served, raw: Request, prompts: list, truncate: int | None,
+                    normalize: bool | None, field: str = "input") -> list[np.ndarray]:
+    """Each prompt's embedding, one after another under one admission slot (a batch of 2,048
+    is OpenAI's limit, LangChain sends 1,000; their tokens count against the queued-token
+    limit), stopped where the client leaves; engine errors name ``field``. ``prompts`` are
+    cut to ``truncate`` tokens (vLLM's ``truncate_prompt_tokens``) in place."""
+    engine = require_embeddings(served.engine)
+    prompts[:] = [truncated(p, truncate, engine.max_model_len) for p in prompts]
+    watch = Watchdog(raw, served, served.admit(1, sum(len(ids) for _, ids in prompts)))
+    vectors = []
+    try:
+        for _, ids in prompts:
+            if watch.disconnected or watch.timed_out:
+                break
+            vectors.append(await engine.embed(ids, normalize=normalize))
+    except Exception as error:
+        failure = engine_error(error)
+        failure.param = field if failure.param == "prompt" else failure.param
+        raise failure from None
+    finally:
+        await watch.stop()
+    if watch.timed_out:
+        raise watch.timeout_error()
+    return vectors
+
+
 def add_embeddings_routes(app: FastAPI, served: Served) -> None:
     engine = served.engine
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest, raw: Request) -> dict:
         model = served.check_model(req.model)
-        if not hasattr(engine, "embed"):
-            raise ApiError(400, "this engine does not compute embeddings", None, "unsupported")
+        require_embeddings(engine)
         if req.encoding_format not in ENCODINGS:
             raise ApiError(400, f"encoding_format must be 'float' or 'base64', got "
                            f"{req.encoding_format!r}", "encoding_format", "invalid_value")
@@ -80,25 +111,8 @@ def add_embeddings_routes(app: FastAPI, served: Served) -> None:
                            "dimensions", "invalid_value")
         prompts = await served.off_loop(input_prompts, req.input, engine.tokenizer,
                                         req.add_special_tokens)
-        prompts = [truncated(p, req.truncate_prompt_tokens, engine.max_model_len)
-                   for p in prompts]
-        # one slot: the inputs are embedded one after another (a batch of 2,048 is OpenAI's
-        # limit, LangChain sends 1,000); their tokens count against the queued-token limit
-        watch = Watchdog(raw, served, served.admit(1, sum(len(ids) for _, ids in prompts)))
-        vectors = []
-        try:
-            for _, ids in prompts:
-                if watch.disconnected or watch.timed_out:  # stop where the client left
-                    break
-                vectors.append(await engine.embed(ids, normalize=req.normalize))
-        except Exception as error:
-            failure = engine_error(error)
-            failure.param = "input" if failure.param == "prompt" else failure.param
-            raise failure from None
-        finally:
-            await watch.stop()
-        if watch.timed_out:
-            raise watch.timeout_error()
+        vectors = await embed_all(served, raw, prompts, req.truncate_prompt_tokens,
+                                  req.normalize)
         tokens = sum(len(ids) for _, ids in prompts)
         return {"object": "list", "model": model,
                 "data": [{"object": "embedding", "index": i,

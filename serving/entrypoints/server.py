@@ -34,6 +34,7 @@ from serving.entrypoints.embeddings_api import add_embeddings_routes
 from serving.entrypoints.reasoning import reasoning_parser as reasoning_parser_named
 from serving.entrypoints.request_checks import InvalidFieldError
 from serving.entrypoints.responses_api import add_responses_routes
+from serving.entrypoints.score_api import add_score_routes
 from serving.entrypoints.server_guards import (
     DEFAULT_MAX_REQUEST_BYTES,
     ApiKeyMiddleware,
@@ -218,6 +219,7 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
     add_tokenizer_routes(app, served)
     add_responses_routes(app, served)
     add_embeddings_routes(app, served)
+    add_score_routes(app, served)
     return app
 
 

@@ -75,3 +75,35 @@ def test_bad_inputs_are_400s_naming_the_field(real):
     with pytest.raises(openai.NotFoundError):
         sdk.embeddings.create(model="nope", input="x")
     assert real.engine.stats()["admitted_seqs"] == 0
+
+
+def test_score_and_rerank_are_cosine_similarities_of_the_embeddings(real):
+    name = real.engine.model_name
+    query, docs = "river", ["a stone", "the river bank", "blue light"]
+    vectors = client(real).embeddings.create(model=name, input=[query, *docs],
+                                             encoding_format="float").data
+    q, d = np.array(vectors[0].embedding), [np.array(v.embedding) for v in vectors[1:]]
+    want = [float(q @ v / np.linalg.norm(q) / np.linalg.norm(v)) for v in d]
+    r = httpx.post(real.url + "/v1/score", json={"model": name, "text_1": query,
+                                                  "text_2": docs}).json()
+    assert [x["index"] for x in r["data"]] == [0, 1, 2] and r["object"] == "list"
+    np.testing.assert_allclose([x["score"] for x in r["data"]], want, rtol=1e-5, atol=1e-6)
+    pairwise = httpx.post(real.url + "/score", json={"text_1": [query, docs[0]],
+                                                      "text_2": [docs[1], docs[2]]}).json()
+    assert len(pairwise["data"]) == 2
+    ranked = httpx.post(real.url + "/v1/rerank", json={
+        "model": name, "query": query, "documents": [docs[0], {"text": docs[1]}, docs[2]],
+        "top_n": 2}).json()
+    best = sorted(range(3), key=lambda i: -want[i])[:2]
+    assert [x["index"] for x in ranked["results"]] == best
+    assert [x["document"]["text"] for x in ranked["results"]] == [docs[i] for i in best]
+    np.testing.assert_allclose([x["relevance_score"] for x in ranked["results"]],
+                               [want[i] for i in best], rtol=1e-5, atol=1e-6)
+    for path, body, param in [
+            ("/score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, "text_2"),
+            ("/score", {"text_1": "", "text_2": "x"}, "text_1"),
+            ("/rerank", {"query": "q", "documents": []}, "documents"),
+            ("/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, "top_n")]:
+        answer = httpx.post(real.url + path, json=body)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == param, body
+    assert real.engine.stats()["admitted_seqs"] == 0

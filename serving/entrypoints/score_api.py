@@ -1,0 +1,101 @@
+"""vLLM's score and rerank routes over embeddings: ``POST /score`` (``/v1/score``) and ``POST
+/rerank`` (``/v1/rerank``, ``/v2/rerank``: Jina's and Cohere's shape), as vLLM answers them for
+an embedding model: a pair's score is the cosine similarity of the two texts' embeddings
+(``embeddings_api``: the model's pooling). Meaningful for a model trained for embeddings
+(Qwen3-Embedding, e5-mistral); a cross-encoder reranker is not a model this engine loads.
+
+``/score``: ``text_1`` and ``text_2`` each a string or a list of strings: one against each of
+the other's (1:N), or pairwise (N:N, equal lengths); ``data[i].score`` for pair ``i``.
+``/rerank``: ``query`` against ``documents`` (strings, or ``{"text"}`` objects), the results
+best first, ``top_n`` of them (all by default), each with its ``index``, ``relevance_score`` and
+``document``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+
+from serving.entrypoints.api_error import ApiError
+from serving.entrypoints.embeddings_api import embed_all, input_prompts, require_embeddings
+from serving.entrypoints.openai_protocol import OpenAIModel, now, random_id
+from serving.entrypoints.server_state import Served
+
+
+class ScoreRequest(OpenAIModel):
+    model: str | None = None
+    text_1: str | list[str]
+    text_2: str | list[str]
+    truncate_prompt_tokens: int | None = None
+
+
+class RerankRequest(OpenAIModel):
+    model: str | None = None
+    query: str
+    documents: list[str | dict[str, Any]]
+    top_n: int | None = None
+    truncate_prompt_tokens: int | None = None
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
+
+
+def texts(value: str | list[str], field: str) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value)
+    if not items or any(not isinstance(t, str) or not t for t in items):
+        raise ApiError(400, f"{field} must be a non-empty string or a list of them", field,
+                       "invalid_value")
+    return items
+
+
+async def scores(served: Served, raw: Request, left: list[str], right: list[str],
+                 truncate: int | None, fields: tuple[str, str]) -> tuple[list[float], int]:
+    """The cosine similarity of each (left, right) pair (one side may be one text) and the
+    tokens embedded."""
+    engine = require_embeddings(served.engine)
+    if len(left) != 1 and len(right) != 1 and len(left) != len(right):
+        raise ApiError(400, f"{fields[0]} and {fields[1]} must be one text against several, or "
+                       f"lists of equal length; got {len(left)} and {len(right)}", fields[1],
+                       "invalid_value")
+    prompts = await served.off_loop(input_prompts, left + right, engine.tokenizer, True)
+    vectors = await embed_all(served, raw, prompts, truncate, True, fields[0])
+    a, b = vectors[:len(left)], vectors[len(left):]
+    pairs = max(len(a), len(b))
+    a, b = a * pairs if len(a) == 1 else a, b * pairs if len(b) == 1 else b
+    return [cosine(x, y) for x, y in zip(a, b, strict=True)], sum(len(i) for _, i in prompts)
+
+
+def add_score_routes(app: FastAPI, served: Served) -> None:
+    async def score(req: ScoreRequest, raw: Request) -> dict:
+        model = served.check_model(req.model)
+        found, tokens = await scores(served, raw, texts(req.text_1, "text_1"),
+                                     texts(req.text_2, "text_2"), req.truncate_prompt_tokens,
+                                     ("text_1", "text_2"))
+        return {"id": random_id("score"), "object": "list", "created": now(), "model": model,
+                "data": [{"index": i, "object": "score", "score": s}
+                         for i, s in enumerate(found)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    async def rerank(req: RerankRequest, raw: Request) -> dict:
+        model = served.check_model(req.model)
+        docs = [d.get("text") if isinstance(d, dict) else d for d in req.documents]
+        if not docs or any(not isinstance(d, str) or not d for d in docs):
+            raise ApiError(400, "documents must be a non-empty list of strings or {\"text\"} "
+                           "objects", "documents", "invalid_value")
+        if req.top_n is not None and req.top_n < 1:
+            raise ApiError(400, f"top_n must be at least 1, got {req.top_n}", "top_n",
+                           "invalid_value")
+        found, tokens = await scores(served, raw, texts(req.query, "query"), docs,
+                                     req.truncate_prompt_tokens, ("query", "documents"))
+        order = sorted(range(len(docs)), key=lambda i: -found[i])[:req.top_n or len(docs)]
+        return {"id": random_id("rerank"), "model": model, "usage": {"total_tokens": tokens},
+                "results": [{"index": i, "document": {"text": docs[i]},
+                             "relevance_score": found[i]} for i in order]}
+
+    for path in ("/score", "/v1/score"):
+        app.post(path)(score)
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.post(path)(rerank)

@@ -14,17 +14,18 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from xds_jax.compile_cache import enable_compilation_cache
+from xds_jax.embedding import embed_prompts, score_prompts
 from xds_jax.engine_config import DEFAULTS, EngineConfig
 from xds_jax.errors import ConfigError, PromptTooLongError, SamplingParamsError, XdsError
 from xds_jax.loading.draft_heads import attach_shipped_head
 from xds_jax.loading.loader import load_model, resolve
 from xds_jax.memory_maps import make_room
-from xds_jax.model.pooling import check_pooling, model_pooling
+from xds_jax.model.pooling import model_pooling
 from xds_jax.outputs import (
-    EmbeddingOutput,
     EmbeddingRequestOutput,
     RequestMetrics,
     RequestOutput,
+    ScoringRequestOutput,
 )
 from xds_jax.sampling import structured
 from xds_jax.sampling.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_search
@@ -236,24 +237,17 @@ class LLM:
               truncate_prompt_tokens: int | None = None,
               use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
         """vLLM's ``LLM.embed``: each prompt's embedding from the model's final hidden states
-        (``xds_jax.model.pooling``: ``pooling`` "last", "mean" or "cls" and ``normalize``
+        (``xds_jax/embedding.py``; ``pooling`` "last", "mean" or "cls" and ``normalize``
         default to what the model directory's sentence-transformers files name, else last
         token, normalised), computed apart from generation on an entry group's devices."""
-        if isinstance(prompts, str | dict):
-            prompts = [prompts]
-        default_pooling, default_normalize = self.pooling
-        pooling = check_pooling(pooling or default_pooling)
-        normalize = default_normalize if normalize is None else bool(normalize)
-        params = SamplingParams(max_tokens=0, truncate_prompt_tokens=truncate_prompt_tokens)
-        outputs = []
-        for prompt in prompts:
-            _, ids = self._prompt_ids(prompt)
-            ids = self.truncate_prompt(ids, params)
-            self.check_prompt(ids, params)
-            vector = self.scoring.embed(ids, pooling, normalize)
-            outputs.append(EmbeddingRequestOutput(str(next(self._request_ids)), ids,
-                                                  EmbeddingOutput(vector.tolist())))
-        return outputs
+        return embed_prompts(self, prompts, pooling, normalize, truncate_prompt_tokens)
+
+    def score(self, data_1: Any, data_2: Any, truncate_prompt_tokens: int | None = None,
+              use_tqdm: bool = False) -> list[ScoringRequestOutput]:
+        """vLLM's ``LLM.score`` for an embedding model: the cosine similarity of the
+        embeddings of each pair, ``data_1`` one prompt against each of ``data_2``'s or two
+        lists of equal length, pairwise (prompts as ``generate`` takes them)."""
+        return score_prompts(self, data_1, data_2, truncate_prompt_tokens)
 
     @property
     def pooling(self) -> tuple[str, bool]:

@@ -72,3 +72,20 @@ class EmbeddingRequestOutput:
     prompt_token_ids: list[int]
     outputs: EmbeddingOutput
     finished: bool = True
+
+
+@dataclasses.dataclass
+class ScoringOutput:
+    """One pair's score (``LLM.score``)."""
+
+    score: float
+
+
+@dataclasses.dataclass
+class ScoringRequestOutput:
+    """vLLM's shape for ``LLM.score``: the pair's token ids and its ``outputs.score``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: ScoringOutput
+    finished: bool = True

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 
 from serving.entrypoints.api_error import ApiError
 from serving.entrypoints.embeddings_api import embed_all, input_prompts, require_embeddings
 from serving.entrypoints.openai_protocol import OpenAIModel, now, random_id
 from serving.entrypoints.server_state import Served
+from xds_jax.embedding import cosine
 
 
 class ScoreRequest(OpenAIModel):
@@ -37,10 +37,6 @@ class RerankRequest(OpenAIModel):
     documents: list[str | dict[str, Any]]
     top_n: int | None = None
     truncate_prompt_tokens: int | None = None
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a, b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
 
 
 def texts(value: str | list[str], field: str) -> list[str]:

@@ -77,3 +77,16 @@ def test_sentence_transformers_files_name_the_pooling(tmp_path):
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(
         {"pooling_mode_lasttoken": True}))
     assert model_pooling(tmp_path) == ("last", True)
+
+
+def test_score_is_the_cosine_similarity_of_the_embeddings(llm):
+    a, b, c = ({"prompt_token_ids": p} for p in PROMPTS)
+    e = [np.array(o.outputs.embedding) for o in llm.embed([a, b, c], normalize=False)]
+    cos = [float(e[0] @ v / np.linalg.norm(e[0]) / np.linalg.norm(v)) for v in e[1:]]
+    one_to_many = llm.score(a, [b, c])
+    assert [o.outputs.score for o in one_to_many] == pytest.approx(cos, rel=1e-5)
+    assert one_to_many[0].prompt_token_ids == PROMPTS[0] + PROMPTS[1]
+    pairwise = llm.score([a, b], [b, c])
+    assert pairwise[0].outputs.score == pytest.approx(cos[0], rel=1e-5)
+    with pytest.raises(ValueError, match="data_1"):
+        llm.score([a, b], [a, b, c])

@@ -1,0 +1,62 @@
+"""``LLM.embed`` and ``LLM.score``: prompts' embeddings (``xds_jax.model.pooling``) through the
+serving engine's prompt scorers, and the cosine similarities of pairs of them (vLLM's shapes,
+``EmbeddingRequestOutput`` and ``ScoringRequestOutput``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from xds_jax.model.pooling import check_pooling
+from xds_jax.outputs import (
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
+from xds_jax.sampling.params import SamplingParams
+
+
+def embed_prompts(llm, prompts: Any, pooling: str | None, normalize: bool | None,
+                  truncate_prompt_tokens: int | None) -> list[EmbeddingRequestOutput]:
+    """Each prompt's embedding; ``pooling`` / ``normalize`` None: the model's own."""
+    if isinstance(prompts, str | dict):
+        prompts = [prompts]
+    default_pooling, default_normalize = llm.pooling
+    pooling = check_pooling(pooling or default_pooling)
+    normalize = default_normalize if normalize is None else bool(normalize)
+    params = SamplingParams(max_tokens=0, truncate_prompt_tokens=truncate_prompt_tokens)
+    outputs = []
+    for prompt in prompts:
+        _, ids = llm._prompt_ids(prompt)
+        ids = llm.truncate_prompt(ids, params)
+        llm.check_prompt(ids, params)
+        vector = llm.scoring.embed(ids, pooling, normalize)
+        outputs.append(EmbeddingRequestOutput(str(next(llm._request_ids)), ids,
+                                              EmbeddingOutput(vector.tolist())))
+    return outputs
+
+
+def cosine(u: np.ndarray, v: np.ndarray) -> float:
+    return float(u @ v / max(float(np.linalg.norm(u) * np.linalg.norm(v)), 1e-12))
+
+
+def score_prompts(llm, data_1: Any, data_2: Any,
+                  truncate_prompt_tokens: int | None) -> list[ScoringRequestOutput]:
+    """The cosine similarity of each pair: one prompt against several, or pairwise."""
+    from xds_jax.llm import InvalidPromptError
+
+    left = [data_1] if isinstance(data_1, str | dict) else list(data_1)
+    right = [data_2] if isinstance(data_2, str | dict) else list(data_2)
+    if len(left) != 1 and len(left) != len(right):
+        raise InvalidPromptError(f"data_1 must be one prompt or as many as data_2; got "
+                                 f"{len(left)} and {len(right)}")
+    vectors = embed_prompts(llm, left + right, None, None, truncate_prompt_tokens)
+    a, b = vectors[:len(left)], vectors[len(left):]
+    a = a * len(b) if len(a) == 1 else a
+    return [ScoringRequestOutput(str(next(llm._request_ids)),
+                                 x.prompt_token_ids + y.prompt_token_ids,
+                                 ScoringOutput(cosine(np.asarray(x.outputs.embedding),
+                                                      np.asarray(y.outputs.embedding))))
+            for x, y in zip(a, b, strict=True)]

@@ -231,7 +231,8 @@ def add_openai_frontend_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), metavar="NAME",
                        help="split chat replies of a thinking model into reasoning_content "
                        f"and content: {', '.join(sorted(REASONING_PARSERS))} (deepseek_r1: "
-                       "DeepSeek-R1 and its distillations; qwen3: Qwen3's <think> blocks)")
+                       "DeepSeek-R1 and its distillations; qwen3: Qwen3's <think> blocks; "
+                       "deepseek_v3: V3.1 and later, where chat_template_kwargs set thinking)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:

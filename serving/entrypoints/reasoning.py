@@ -9,6 +9,9 @@ Both parsers read the ``<think> ... </think>`` block a reply opens with:
   answer after it; a reply that never closes the block is reasoning only.
 - ``qwen3`` (Qwen3, whose thinking a template switch may turn off): only a reply that opens with
   ``<think>`` has reasoning (up to ``</think>``); any other is all answer.
+- ``deepseek_v3`` (DeepSeek-V3.1 and later, hybrid): as ``deepseek_r1`` where the request's
+  ``chat_template_kwargs`` set ``thinking`` (the template then opens the block), else no
+  reasoning at all.
 
 ``ReasoningSplit`` splits a streamed reply as it comes, holding back text that may be the start
 of a tag, so that no tag is ever sent.
@@ -27,6 +30,14 @@ class ReasoningParser:
 
     name: str
     opens_in_prompt: bool
+    switch: tuple[str, ...] = ()  # template kwargs that turn thinking on (else: no thought)
+
+    def for_template(self, kwargs: dict | None) -> ReasoningParser | None:
+        """The parser for a request's ``chat_template_kwargs``: none where thinking needs a
+        switch the request did not turn on."""
+        if not self.switch:
+            return self
+        return self if any((kwargs or {}).get(key) for key in self.switch) else None
 
     def split(self, text: str) -> tuple[str | None, str]:
         """A whole reply as (reasoning or None, answer)."""
@@ -45,7 +56,10 @@ class ReasoningParser:
 
 
 PARSERS = {"deepseek_r1": ReasoningParser("deepseek_r1", opens_in_prompt=True),
-           "qwen3": ReasoningParser("qwen3", opens_in_prompt=False)}
+           "qwen3": ReasoningParser("qwen3", opens_in_prompt=False),
+           # DeepSeek-V3.1 / V3.2: the template thinks only with ``thinking`` set
+           "deepseek_v3": ReasoningParser("deepseek_v3", opens_in_prompt=True,
+                                          switch=("thinking", "enable_thinking"))}
 
 
 def reasoning_parser(name: str | None) -> ReasoningParser | None:

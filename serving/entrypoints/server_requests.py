@@ -185,8 +185,11 @@ def structured_outputs(req: api.SamplingFields) -> StructuredOutputs | None:
 def reasoning_for(req: api.SamplingFields, parser: Any) -> Any:
     """The reasoning parser a chat request's reply is read with: none where an output
     constraint (a response format, a named or required tool choice) holds from the first
-    token, so the reply cannot think first."""
-    return None if parser is None or constraints(req) else parser
+    token, so the reply cannot think first; a parser whose thinking a template switch turns on
+    (``deepseek_v3``) only where the request's ``chat_template_kwargs`` turn it on."""
+    if parser is None or constraints(req):
+        return None
+    return parser.for_template(getattr(req, "chat_template_kwargs", None))
 
 
 def constraint_error(error: ApiError, req: api.SamplingFields) -> ApiError:

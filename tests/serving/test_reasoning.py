@@ -180,3 +180,17 @@ def test_deepseek_r1_thinks_then_calls_tools():
         plain = sdk.chat.completions.create(model="fake", messages=ASK)
         assert engine.params.skip_special_tokens is True  # no tools: as the request asked
         assert plain.choices[0].message.reasoning_content == THOUGHT
+
+
+def test_deepseek_v3_thinks_only_where_the_template_switch_is_on():
+    engine = ScriptedEngine(max_model_len=1024)
+    engine.script = f"{THOUGHT}</think>Sunny."
+    with serve(engine, reasoning_parser="deepseek_v3") as running:
+        sdk = client(running)
+        on = sdk.chat.completions.create(model="fake", messages=ASK, extra_body={
+            "chat_template_kwargs": {"thinking": True}}).choices[0].message
+        assert on.reasoning_content == THOUGHT and on.content == "Sunny."
+        engine.script = "Sunny, no thinking."
+        off = sdk.chat.completions.create(model="fake", messages=ASK).choices[0].message
+        assert off.content == "Sunny, no thinking." and getattr(
+            off, "reasoning_content", None) is None

@@ -28,7 +28,13 @@ from xds_jax.outputs import RequestMetrics, RequestOutput
 from xds_jax.sampling.beam_search import BeamSearch, BeamSearchParams, next_logprobs
 from xds_jax.sampling.params import SamplingParams
 
-ABORTED_EARLY_KEPT = 4096  # aborts of ids the engine does not know (yet), remembered
+IDS_KEPT = 4096  # request ids remembered: the last submitted, those aborted before submission
+
+
+def remember(ids: OrderedDict[str, bool], request_id: str) -> None:
+    ids[request_id] = True
+    while len(ids) > IDS_KEPT:
+        ids.popitem(last=False)
 
 
 class RequestFailedError(RuntimeError):
@@ -72,7 +78,8 @@ class AsyncEngine:
         self.cfg = llm.cfg
         self._ids = itertools.count()
         self._beams: dict[str, set[str]] = {}  # running beam searches: their round's requests
-        self._aborted_early: OrderedDict[str, bool] = OrderedDict()
+        self._aborted_early: OrderedDict[str, bool] = OrderedDict()  # ids aborted before
+        self._submitted: OrderedDict[str, bool] = OrderedDict()  # the last ids submitted
 
     @property
     def scoring(self) -> PromptScoring:
@@ -124,6 +131,7 @@ class AsyncEngine:
                                                 params.prompt_logprobs)
         if self._aborted_early.pop(request_id, False):  # aborted before it was submitted
             request.abort()
+        remember(self._submitted, request_id)
         if request.finished:  # max_tokens=0: the prompt only (or aborted already)
             yield dataclasses.replace(request.snapshot(), prompt_logprobs=scored)
             return
@@ -166,6 +174,7 @@ class AsyncEngine:
         each_round, arrival = params.round_params(), time.monotonic()
         live = self._beams[request_id] = set()
         aborted = self._aborted_early.pop(request_id, False)
+        remember(self._submitted, request_id)
 
         async def extend(beam_id: str, tokens: list[int]) -> RequestOutput | None:
             live.add(beam_id)
@@ -211,8 +220,5 @@ class AsyncEngine:
             self.engine.abort(beam_id)
         if beams is None:
             self.engine.abort(request_id)
-            # a request not yet submitted (its client left while its prompt was read) is
-            # aborted when it comes; ids of requests that already ended age out
-            self._aborted_early[request_id] = True
-            while len(self._aborted_early) > ABORTED_EARLY_KEPT:
-                self._aborted_early.popitem(last=False)
+            if request_id not in self._submitted:  # not submitted yet (its client left while
+                remember(self._aborted_early, request_id)  # its prompt was read): when it is

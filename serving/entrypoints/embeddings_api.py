@@ -48,8 +48,9 @@ def encoded(vector: np.ndarray, encoding: str) -> list[float] | str:
     return vector.astype(np.float32).tolist()
 
 
-def input_prompts(value: Any, tokenizer: Any, add_special_tokens: bool) -> list:
-    """The inputs as (text, token ids) prompts; errors name ``input``."""
+def input_prompts(value: Any, tokenizer: Any, add_special_tokens: bool,
+                  field: str = "input") -> list:
+    """The inputs as (text, token ids) prompts; errors name ``field``."""
     class Special:  # the tokenizer, with or without its special tokens
         def encode(self, text: str):
             return tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -57,8 +58,8 @@ def input_prompts(value: Any, tokenizer: Any, add_special_tokens: bool) -> list:
     try:
         return completion_prompts(value, None if tokenizer is None else Special())
     except ApiError as error:
-        error.param = "input"
-        error.message = error.message.replace("prompt", "input")
+        error.param = field
+        error.message = error.message.replace("prompt", field)
         raise
 
 
@@ -76,7 +77,12 @@ async def embed_all(served: Served, raw: Request, prompts: list, truncate: int |
     cut to ``truncate`` tokens (vLLM's ``truncate_prompt_tokens``) in place."""
     engine = require_embeddings(served.engine)
     prompts[:] = [truncated(p, truncate, engine.max_model_len) for p in prompts]
-    watch = Watchdog(raw, served, served.admit(1, sum(len(ids) for _, ids in prompts)))
+    try:
+        ticket = served.admit(1, sum(len(ids) for _, ids in prompts))
+    except ApiError as error:
+        error.param = field if error.param in ("prompt", "n") else error.param
+        raise
+    watch = Watchdog(raw, served, ticket)
     vectors = []
     try:
         for _, ids in prompts:
@@ -91,6 +97,8 @@ async def embed_all(served: Served, raw: Request, prompts: list, truncate: int |
         await watch.stop()
     if watch.timed_out:
         raise watch.timeout_error()
+    if len(vectors) < len(prompts):  # the client left: no answer is read
+        raise ApiError(499, "the client closed the request", None, "client_closed")
     return vectors
 
 

@@ -210,6 +210,7 @@ class Run:
     watch: Watchdog
     chat: api.ChatCompletionRequest  # what the request amounts to (its errors' names)
     shaping: out.ResponseEvents | None = None  # a streamed or background run's events
+    ended: bool = False  # the stream's last event was sent
 
     def logprobs(self, c, start: int) -> list[dict[str, Any]]:
         if not wants_logprobs(self.req):
@@ -227,13 +228,16 @@ class Run:
         """Stop watching. A foreground response that did not finish is forgotten where its
         client left, or (``keep_failed`` False) never saw it; a streamed one that failed stays
         readable, ``failed``; a background one always stays (``failed``, ``cancelled``). The
-        request itself is let go (``Stored.left`` keeps whether its client left)."""
-        await self.watch.stop()
+        request itself is let go (``Stored.left`` keeps whether its client left: a stream closed
+        before its last event counts). The store is settled before the first await: a closed
+        stream's cleanup is cancelled at it."""
         stored = self.stored
         if stored.log is None:
-            stored.left, stored.watch = self.watch.disconnected, None
-            if stored.conversation is None and (stored.left or not keep_failed):
+            left = self.watch.disconnected or (keep_failed and not self.ended)
+            stored.left, stored.watch = left, None
+            if stored.conversation is None and (left or not keep_failed):
                 self.store.discard(self.response["id"])
+        await self.watch.stop()
 
     async def whole(self, stream: AsyncIterator[RequestOutput]) -> dict:
         try:
@@ -282,17 +286,21 @@ class Run:
             except Exception as error:
                 failure = error if isinstance(error, ApiError) else engine_error(error)
                 failure = named_for_responses(constraint_error(failure, self.chat))
+                code = failure.code or ("server_error" if failure.status >= 500
+                                        else "invalid_request")
                 events = out.ResponseEvents(self.response)
-                for event in events.start() + events.fail(failure.code or "invalid_request",
-                                                          failure.message):
+                for event in events.start() + events.fail(code, failure.message):
                     log.add(event)
                 return
             async with contextlib.aclosing(self.events(streams[0])) as events:
                 async for event in events:
                     log.add(event)
         except asyncio.CancelledError:  # POST .../cancel: the open item ends as it stands
-            for event in self.shaping.close("incomplete") if self.shaping else []:
-                log.add(event)
+            if self.shaping is not None:
+                for event in self.shaping.close("incomplete"):
+                    log.add(event)
+            elif not log.events:  # cancelled while queued: followers still see it was made
+                log.add(out.ResponseEvents(self.response).lifecycle("response.created"))
             raise
         except Exception as error:  # a bug of ours: the response fails, its followers end
             failure = engine_error(error)
@@ -323,9 +331,11 @@ class Run:
                             yield event
             except Exception as error:
                 failure = engine_error(error)
+                self.ended = True
                 for event in events.fail(failure.code or "server_error", failure.message):
                     yield event
                 return
+            self.ended = True
             if self.watch.timed_out or (c is not None and c.finish_reason == "abort"):
                 failure = (("timeout", self.watch.timeout_error().message)
                            if self.watch.timed_out else ("aborted", ABORTED))

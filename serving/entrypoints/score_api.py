@@ -7,8 +7,8 @@ an embedding model: a pair's score is the cosine similarity of the two texts' em
 ``/score``: ``text_1`` and ``text_2`` each a string or a list of strings: one against each of
 the other's (1:N), or pairwise (N:N, equal lengths); ``data[i].score`` for pair ``i``.
 ``/rerank``: ``query`` against ``documents`` (strings, or ``{"text"}`` objects), the results
-best first, ``top_n`` of them (all by default), each with its ``index``, ``relevance_score`` and
-``document``.
+best first, ``top_n`` of them (all by default, and for 0 as in vLLM), each with its ``index``,
+``relevance_score`` and ``document``.
 """
 
 from __future__ import annotations
@@ -56,12 +56,15 @@ async def scores(served: Served, raw: Request, left: list[str], right: list[str]
         raise ApiError(400, f"{fields[0]} and {fields[1]} must be one text against several, or "
                        f"lists of equal length; got {len(left)} and {len(right)}", fields[1],
                        "invalid_value")
-    prompts = await served.off_loop(input_prompts, left + right, engine.tokenizer, True)
-    vectors = await embed_all(served, raw, prompts, truncate, True, fields[0])
-    a, b = vectors[:len(left)], vectors[len(left):]
+    sides, tokens = [], 0
+    for side, field in zip((left, right), fields, strict=True):
+        prompts = await served.off_loop(input_prompts, side, engine.tokenizer, True, field)
+        sides.append(await embed_all(served, raw, prompts, truncate, True, field))
+        tokens += sum(len(ids) for _, ids in prompts)
+    a, b = sides
     pairs = max(len(a), len(b))
     a, b = a * pairs if len(a) == 1 else a, b * pairs if len(b) == 1 else b
-    return [cosine(x, y) for x, y in zip(a, b, strict=True)], sum(len(i) for _, i in prompts)
+    return [cosine(x, y) for x, y in zip(a, b, strict=True)], tokens
 
 
 def add_score_routes(app: FastAPI, served: Served) -> None:
@@ -81,12 +84,10 @@ def add_score_routes(app: FastAPI, served: Served) -> None:
         if not docs or any(not isinstance(d, str) or not d for d in docs):
             raise ApiError(400, "documents must be a non-empty list of strings or {\"text\"} "
                            "objects", "documents", "invalid_value")
-        if req.top_n is not None and req.top_n < 1:
-            raise ApiError(400, f"top_n must be at least 1, got {req.top_n}", "top_n",
-                           "invalid_value")
         found, tokens = await scores(served, raw, texts(req.query, "query"), docs,
                                      req.truncate_prompt_tokens, ("query", "documents"))
-        order = sorted(range(len(docs)), key=lambda i: -found[i])[:req.top_n or len(docs)]
+        top = req.top_n if req.top_n and req.top_n > 0 else len(docs)  # vLLM: 0 is all
+        order = sorted(range(len(docs)), key=lambda i: -found[i])[:top]
         return {"id": random_id("rerank"), "model": model, "usage": {"total_tokens": tokens},
                 "results": [{"index": i, "document": {"text": docs[i]},
                              "relevance_score": found[i]} for i in order]}

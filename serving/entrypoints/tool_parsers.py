@@ -236,6 +236,8 @@ class DeepSeekParser:
             rest = text[pos:].lstrip()
             pos = len(text) - len(rest)
             if rest.startswith(self.END):
+                if not final and not any(isinstance(p, ParsedCall) for p in pieces):
+                    return shaped(pieces, final)  # no call: all of it content, at the end
                 pieces.append(text[pos + len(self.END):])
                 return shaped(pieces, final)
             if not rest.startswith(self.CALL):

@@ -114,3 +114,8 @@ def test_an_abort_that_comes_before_the_request_still_stops_it(real):
         PROMPT, BeamSearchParams(beam_width=2, max_tokens=50, ignore_eos=True), "early-beams")))
     assert [c.finish_reason for c in out.outputs] == ["abort"]
     assert not engine._beams and engine.stats()["num_running"] == 0
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    asyncio.run(outputs(engine.generate(PROMPT, params, "reused")))
+    engine.abort("reused")  # after it ended: nothing is kept against a later request
+    (again,) = asyncio.run(outputs(engine.generate(PROMPT, params, "reused")))[-1:]
+    assert again.outputs[0].finish_reason == "length"

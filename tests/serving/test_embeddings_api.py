@@ -97,13 +97,17 @@ def test_score_and_rerank_are_cosine_similarities_of_the_embeddings(real):
     best = sorted(range(3), key=lambda i: -want[i])[:2]
     assert [x["index"] for x in ranked["results"]] == best
     assert [x["document"]["text"] for x in ranked["results"]] == [docs[i] for i in best]
+    every = httpx.post(real.url + "/rerank", json={"query": query, "documents": docs,
+                                                   "top_n": 0}).json()  # vLLM: 0 is all
+    assert len(every["results"]) == 3
     np.testing.assert_allclose([x["relevance_score"] for x in ranked["results"]],
                                [want[i] for i in best], rtol=1e-5, atol=1e-6)
     for path, body, param in [
             ("/score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, "text_2"),
             ("/score", {"text_1": "", "text_2": "x"}, "text_1"),
             ("/rerank", {"query": "q", "documents": []}, "documents"),
-            ("/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, "top_n")]:
+            ("/score", {"text_1": "x", "text_2": "y" * 10_000}, "text_2"),
+            ("/rerank", {"query": "q", "documents": ["a", "b" * 10_000]}, "documents")]:
         answer = httpx.post(real.url + path, json=body)
         assert answer.status_code == 400 and answer.json()["error"]["param"] == param, body
     assert real.engine.stats()["admitted_seqs"] == 0

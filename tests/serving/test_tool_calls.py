@@ -97,6 +97,7 @@ def test_parsers_find_calls_and_keep_content(name, text, calls, content):
     ("deepseek_v3", DEEPSEEK_V3), ("deepseek_v3", DEEPSEEK_V3 + " and after"),
     ("deepseek_v31", DEEPSEEK_V31), ("deepseek_v31", f"text {B}{C}w{SEP}{{}}"),
     ("deepseek_v3", f"Hi {B}{C}function{SEP}f\n```json\n{{bad}}\n```{CE}{E}"),
+    ("deepseek_v3", f"Hi {B}{E} after"),
 ])
 def test_parsing_a_growing_text_only_ever_extends_the_pieces(name, text):
     """What a stream sent stays true: each longer prefix's pieces extend the shorter's."""
@@ -138,6 +139,7 @@ def reassembled(deltas: list[DeltaMessage]) -> tuple[str, list[tuple[str, str]]]
      f"Hi {B}{C}function{SEP}f\n```json\n{{bad}}\n```{CE}{E}"),  # no call: all content
     (ToolPlan("auto", parser=PARSERS["deepseek_v31"]),
      f"Hi {B}{C}w{SEP}{{}}{CE}{C}x{SEP}{{bad{CE}{C}add{SEP}{{}}{CE}{E} end"),
+    (ToolPlan("auto", parser=PARSERS["deepseek_v3"]), f"Hi {B}{E} after"),
     (ToolPlan("named", name="w"), '{"city": "Oslo", "unit": "C"}'),
     (ToolPlan("required"), '[{"name": "w", "parameters": {"city": "Oslo"}}, '
                            '{"name": "add", "parameters": {"a": 1, "b": 2}}]'),

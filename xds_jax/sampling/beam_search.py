@@ -184,6 +184,9 @@ def run_beam_search(llm, prompts, params: BeamSearchParams) -> list[BeamSearchOu
     ``llm.generate`` (any engine layout)."""
     if isinstance(prompts, str | dict):
         prompts = [prompts]
+    if params.prompt_logprobs is not None:
+        raise SamplingParamsError("prompt_logprobs is the server's (echo); offline, score a "
+                                  "prompt with LLM.generate(SamplingParams(prompt_logprobs=k))")
     eos = llm.tokenizer.eos_token_ids if llm.tokenizer is not None else llm.cfg.eos_token_ids
     searches = []
     for prompt in prompts:
@@ -199,7 +202,8 @@ def run_beam_search(llm, prompts, params: BeamSearchParams) -> list[BeamSearchOu
     tok = llm.tokenizer
     return [BeamSearchOutput([
         BeamSearchSequence(s.prompt_ids + c.token_ids, c.logprobs, c.cumulative_logprob,
-                           tok.decode(s.prompt_ids + c.token_ids, skip_special_tokens=True)
+                           tok.decode(s.prompt_ids + c.token_ids,
+                                      skip_special_tokens=params.skip_special_tokens)
                            if tok is not None else None,
                            c.finish_reason, c.token_ids[-1] if c.finish_reason == "stop" else None)
         for c in s.outputs(None, MAX_LOGPROBS)]) for s in searches]

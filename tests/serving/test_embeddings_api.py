@@ -1,7 +1,7 @@
 """``POST /v1/embeddings`` through the ``openai`` SDK on the real engine (the tiny golden Llama,
-byte tokenizer): each input's vector is transformers' last hidden state of the same tokens,
-pooled at the last token and normalised; base64 (the SDK's default) and float agree; bad
-inputs are 400s naming the field."""
+byte tokenizer): each input's vector is transformers' last hidden state of the same tokens (the
+golden file), pooled at the last token and normalised; base64 (the SDK's default) and float
+agree; bad inputs are 400s naming the field."""
 
 from __future__ import annotations
 
@@ -12,49 +12,45 @@ import numpy as np
 import openai
 import pytest
 
-from tests.helpers import GOLDEN
+from tests.helpers import golden
 from tests.serving.fake_engine import client
 from tests.serving.real_server import text_server_fixture
 
 real = text_server_fixture()
 
 
-def transformers_vectors(token_lists):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModel.from_pretrained(GOLDEN / "llama", torch_dtype=torch.float32)
-    out = []
-    with torch.no_grad():
-        for ids in token_lists:
-            h = hf.eval()(torch.tensor([ids])).last_hidden_state[0, -1].numpy()
-            out.append(h / np.linalg.norm(h))
-    return out
+GOLD = golden("llama")  # transformers' hidden states of 3 prompts (tests/golden/README.md)
 
 
 def test_vectors_are_the_models_last_hidden_states(real):
     sdk = client(real)
-    tok = real.engine.tokenizer
-    texts = ["hello", "a longer input, with punctuation"]
-    r = sdk.embeddings.create(model=real.engine.model_name, input=texts)  # base64 on the wire
-    ids = [tok.encode(t) for t in texts]
-    want = transformers_vectors(ids)
-    assert [d.index for d in r.data] == [0, 1] and r.model == real.engine.model_name
+    name = real.engine.model_name
+    ids = [GOLD[f"prompt_{i}"].tolist() for i in (1, 2)]
+    want = [GOLD[f"hidden_{i}"][-1][-1] for i in (1, 2)]  # the last token's, after the norm
+    want = [w / np.linalg.norm(w) for w in want]
+    r = sdk.embeddings.create(model=name, input=ids)  # base64 on the wire (the SDK's default)
+    assert [d.index for d in r.data] == [0, 1] and r.model == name
     for d, w in zip(r.data, want, strict=True):
         np.testing.assert_allclose(d.embedding, w, rtol=1e-4, atol=1e-5)
     assert r.usage.prompt_tokens == r.usage.total_tokens == sum(map(len, ids))
-    floats = sdk.embeddings.create(model=real.engine.model_name, input=texts,
-                                   encoding_format="float")
+    floats = sdk.embeddings.create(model=name, input=ids, encoding_format="float")
     assert [d.embedding for d in floats.data] == [d.embedding for d in r.data]
-    tokens = sdk.embeddings.create(model=real.engine.model_name, input=ids[1],
-                                   encoding_format="float")
-    assert tokens.data[0].embedding == floats.data[1].embedding
+    one = sdk.embeddings.create(model=name, input=ids[1], encoding_format="float")
+    assert one.data[0].embedding == floats.data[1].embedding
+    tok = real.engine.tokenizer
+    texts = sdk.embeddings.create(model=name, input=["hello", "a longer input, with commas"],
+                                  encoding_format="float")
+    by_ids = sdk.embeddings.create(model=name, encoding_format="float",
+                                   input=[tok.encode("hello"), tok.encode("a longer input, "
+                                                                          "with commas")])
+    assert [d.embedding for d in texts.data] == [d.embedding for d in by_ids.data]
     raw = httpx.post(real.url + "/v1/embeddings", json={
         "input": [ids[0]], "encoding_format": "base64", "normalize": False}).json()
     vector = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), "<f4")
     assert vector.shape == (real.engine.cfg.hidden_size,)
-    np.testing.assert_allclose(vector / np.linalg.norm(vector), want[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(vector, GOLD["hidden_1"][-1][-1], rtol=1e-4, atol=1e-5)
     assert real.engine.stats()["admitted_seqs"] == 0
-    many = sdk.embeddings.create(model=real.engine.model_name, input=[[5, i] for i in range(300)])
+    many = sdk.embeddings.create(model=name, input=[[5, i] for i in range(300)])
     assert len(many.data) == 300  # more inputs than --max-num-queued-reqs (256): one request
     assert [d.index for d in many.data] == list(range(300))
 

@@ -1,11 +1,12 @@
 """Beam search (``LLM.beam_search``, ``xds_jax/sampling/beam_search.py``) against transformers'
-``generate(num_beams=...)`` on the same tiny weights where their rules coincide (no beam ends:
-the same beams, the same summed log-probabilities), against a search written out here over the
-dense reference logits where beams end and the length penalty ranks them, and on hand-worked
-rounds."""
+``generate(num_beams=...)`` on the same tiny weights (a golden file) where their rules coincide
+(no beam ends: the same beams, the same summed log-probabilities), against a search written
+out here over the dense reference logits where beams end and the length penalty ranks them, and
+on hand-worked rounds."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -27,22 +28,17 @@ def llm():
 
 
 def test_beams_equal_transformers_where_no_beam_ends(llm):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(GOLDEN / "llama",
-                                                           torch_dtype=torch.float32).eval()
+    """transformers' ``generate(num_beams=3)`` on the same weights (tests/golden/
+    make_beam_golden.py): the same beams, best first, and their summed log-probabilities
+    (transformers scores a beam by that sum over its 6 generated tokens)."""
+    cases = json.loads((GOLDEN / "llama" / "beam_search.json").read_text())
+    assert [c["prompt"] for c in cases] == PROMPTS
     params = BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True)
     outs = llm.beam_search([{"prompt_token_ids": p} for p in PROMPTS], params)
-    for prompt, out in zip(PROMPTS, outs, strict=True):
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), num_beams=3, num_return_sequences=3,
-                              max_new_tokens=6, do_sample=False, length_penalty=1.0,
-                              eos_token_id=None, pad_token_id=0, return_dict_in_generate=True,
-                              output_scores=True)
-        assert [s.tokens for s in out.sequences] == ref.sequences.tolist()
-        # transformers scores a beam by its summed log-probability over its generated length
+    for case, out in zip(cases, outs, strict=True):
+        assert [s.tokens for s in out.sequences] == case["sequences"]
         np.testing.assert_allclose([s.cum_logprob / 6 for s in out.sequences],
-                                   ref.sequences_scores.numpy(), rtol=1e-4, atol=1e-5)
+                                   case["sequences_scores"], rtol=1e-4, atol=1e-5)
         assert all(s.finish_reason == "length" for s in out.sequences)
 
 

@@ -1,6 +1,6 @@
 """Embeddings (``LLM.embed``, ``xds_jax/model/pooling.py``) against transformers'
-``last_hidden_state`` on the same tiny weights, pooled by hand; the pooling a model directory's
-sentence-transformers files name."""
+``last_hidden_state`` on the same tiny weights (the golden file), pooled by hand; the pooling a
+model directory's sentence-transformers files name."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import GOLDEN
+from tests.helpers import GOLDEN, golden
 from xds_jax import LLM
 from xds_jax.errors import ConfigError, PromptTooLongError
 from xds_jax.model.pooling import model_pooling
 
-PROMPTS = [[1, 5, 9, 13], [1, 7], list(range(1, 40))]
+GOLD = golden("qwen3")  # transformers' hidden states on 3 prompts (tests/golden/README.md)
+PROMPTS = [GOLD[f"prompt_{i}"].tolist() for i in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +25,8 @@ def llm():
 
 @pytest.fixture(scope="module")
 def hidden():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModel.from_pretrained(GOLDEN / "qwen3", torch_dtype=torch.float32)
-    with torch.no_grad():
-        return [hf.eval()(torch.tensor([p])).last_hidden_state[0].numpy() for p in PROMPTS]
+    """transformers' ``last_hidden_state`` (after the final norm) of each prompt."""
+    return [GOLD[f"hidden_{i}"][-1] for i in range(3)]
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean", "cls"])
@@ -52,7 +50,8 @@ def test_defaults_bad_pooling_and_long_prompts(llm):
         llm.embed({"prompt_token_ids": PROMPTS[0]}, pooling="max")
     with pytest.raises(PromptTooLongError):
         llm.embed({"prompt_token_ids": [1] * (llm.max_model_len + 1)})
-    cut = llm.embed({"prompt_token_ids": [3] * 10 + PROMPTS[2]}, truncate_prompt_tokens=39)[0]
+    cut = llm.embed({"prompt_token_ids": [3] * 10 + PROMPTS[2]},
+                    truncate_prompt_tokens=len(PROMPTS[2]))[0]
     whole = llm.embed({"prompt_token_ids": PROMPTS[2]})[0]
     assert cut.prompt_token_ids == PROMPTS[2]
     np.testing.assert_allclose(cut.outputs.embedding, whole.outputs.embedding, atol=1e-6)

@@ -38,20 +38,20 @@ def embed_prompts(llm, prompts: Any, pooling: str | None, normalize: bool | None
     return outputs
 
 
+def pairs(data: Any) -> list:
+    """A side of ``LLM.score``: one prompt or a list of them."""
+    return [data] if isinstance(data, str | dict) else list(data)
+
+
 def cosine(u: np.ndarray, v: np.ndarray) -> float:
     return float(u @ v / max(float(np.linalg.norm(u) * np.linalg.norm(v)), 1e-12))
 
 
 def score_prompts(llm, data_1: Any, data_2: Any,
                   truncate_prompt_tokens: int | None) -> list[ScoringRequestOutput]:
-    """The cosine similarity of each pair: one prompt against several, or pairwise."""
-    from xds_jax.llm import InvalidPromptError
-
-    left = [data_1] if isinstance(data_1, str | dict) else list(data_1)
-    right = [data_2] if isinstance(data_2, str | dict) else list(data_2)
-    if len(left) != 1 and len(left) != len(right):
-        raise InvalidPromptError(f"data_1 must be one prompt or as many as data_2; got "
-                                 f"{len(left)} and {len(right)}")
+    """The cosine similarity of each pair: one prompt against several, or pairwise (lists of
+    equal length: ``pairs`` checks)."""
+    left, right = pairs(data_1), pairs(data_2)
     vectors = embed_prompts(llm, left + right, None, None, truncate_prompt_tokens)
     a, b = vectors[:len(left)], vectors[len(left):]
     a = a * len(b) if len(a) == 1 else a

@@ -14,7 +14,7 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from xds_jax.compile_cache import enable_compilation_cache
-from xds_jax.embedding import embed_prompts, score_prompts
+from xds_jax.embedding import embed_prompts, pairs, score_prompts
 from xds_jax.engine_config import DEFAULTS, EngineConfig
 from xds_jax.errors import ConfigError, PromptTooLongError, SamplingParamsError, XdsError
 from xds_jax.loading.draft_heads import attach_shipped_head
@@ -247,6 +247,10 @@ class LLM:
         """vLLM's ``LLM.score`` for an embedding model: the cosine similarity of the
         embeddings of each pair, ``data_1`` one prompt against each of ``data_2``'s or two
         lists of equal length, pairwise (prompts as ``generate`` takes them)."""
+        left, right = pairs(data_1), pairs(data_2)
+        if len(left) != 1 and len(left) != len(right):
+            raise InvalidPromptError(f"data_1 must be one prompt or as many as data_2; got "
+                                     f"{len(left)} and {len(right)}")
         return score_prompts(self, data_1, data_2, truncate_prompt_tokens)
 
     @property

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from serving.entrypoints.tool_parsers import partial_marker
+from xds_jax.errors import ConfigError
+
 START, END = "<think>", "</think>"
 
 
@@ -63,22 +66,12 @@ PARSERS = {"deepseek_r1": ReasoningParser("deepseek_r1", opens_in_prompt=True),
 
 
 def reasoning_parser(name: str | None) -> ReasoningParser | None:
-    from xds_jax.errors import ConfigError
-
     if name is None:
         return None
     if name not in PARSERS:
         raise ConfigError(f"--reasoning-parser must be one of {', '.join(sorted(PARSERS))}, "
                           f"got {name!r}")
     return PARSERS[name]
-
-
-def held_prefix(text: str, tag: str) -> int:
-    """How many characters at the end of ``text`` may begin ``tag`` (to hold back)."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class ReasoningSplit:
@@ -108,7 +101,7 @@ class ReasoningSplit:
                 reasoning, self.held = self.held.split(END, 1)
                 self.state = "answer"
             else:
-                keep = 0 if finished else held_prefix(self.held, END)
+                keep = 0 if finished else partial_marker(self.held, END)
                 reasoning = self.held[:len(self.held) - keep]
                 self.held = self.held[len(self.held) - keep:]
                 return reasoning, ""

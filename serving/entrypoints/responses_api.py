@@ -48,11 +48,10 @@ from serving.entrypoints.server_requests import (
     chat_prompt,
     constraint_error,
     engine_error,
-    reasoning_for,
     sampling_params,
 )
 from serving.entrypoints.server_state import Served, Watchdog
-from serving.entrypoints.tool_calls import ChoiceDeltas, ToolPlan, tool_plan
+from serving.entrypoints.tool_calls import ChoiceDeltas, ToolPlan
 from xds_jax.outputs import RequestOutput
 
 ABORTED = "the server aborted the request before it finished (it is shutting down)"
@@ -103,7 +102,6 @@ async def fitted_prompt(served: Served, req: ResponsesRequest, chat: api.ChatCom
 def add_responses_routes(app: FastAPI, served: Served) -> None:
     store = ResponseStore()
     engine = served.engine
-    app.state.responses = store
 
     @app.post("/v1/responses")
     async def create(req: ResponsesRequest, raw: Request):
@@ -117,9 +115,7 @@ def add_responses_routes(app: FastAPI, served: Served) -> None:
         chat = chat_request(req, leading + history + turn, fmt)
         if engine.tokenizer is None:
             raise ApiError(400, "this model has no tokenizer or chat template", "input")
-        tools = tool_plan(chat, served.tool_parser).with_reasoning(
-            reasoning_for(chat, served.reasoning_parser))
-        tools.keep_special_tokens(chat)
+        tools = served.reply_plan(chat)
         served.precheck(1)
         prompt, budget = await fitted_prompt(served, req, chat)
         top = chat.top_logprobs if chat.logprobs else None

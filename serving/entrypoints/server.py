@@ -45,14 +45,12 @@ from serving.entrypoints.server_requests import (
     chat_prompt,
     completion_prompts,
     engine_error,
-    reasoning_for,
     sampling_params,
     truncated,
 )
 from serving.entrypoints.server_responses import respond
 from serving.entrypoints.server_state import Served
 from serving.entrypoints.tokenizer_routes import add_tokenizer_routes
-from serving.entrypoints.tool_calls import tool_plan
 from serving.entrypoints.tool_parsers import PARSERS, ToolParser
 from xds_jax.errors import ConfigError, XdsError
 from xds_jax.sampling.params import MAX_LOGPROBS
@@ -204,9 +202,7 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         if not 0 <= (req.top_logprobs or 0) <= MAX_LOGPROBS:
             raise ApiError(400, f"top_logprobs must be in 0..{MAX_LOGPROBS}, got "
                            f"{req.top_logprobs}", "top_logprobs", "invalid_value")
-        tools = tool_plan(req, served.tool_parser).with_reasoning(
-            reasoning_for(req, served.reasoning_parser), req.include_reasoning)
-        tools.keep_special_tokens(req)
+        tools = served.reply_plan(req)
         served.precheck(req.n)
         prompt = truncated(await served.off_loop(chat_prompt, req, engine.tokenizer),
                            req.truncate_prompt_tokens, engine.max_model_len)

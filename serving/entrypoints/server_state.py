@@ -22,7 +22,8 @@ from prometheus_client import CollectorRegistry
 
 from serving.core.admission import OverloadedError, RequestTooLargeError, Ticket
 from serving.entrypoints.metrics import ServerMetrics
-from serving.entrypoints.server_requests import ApiError, Prompt, engine_error
+from serving.entrypoints.server_requests import ApiError, Prompt, engine_error, reasoning_for
+from serving.entrypoints.tool_calls import ToolPlan, tool_plan
 from serving.entrypoints.tool_parsers import ToolParser
 from xds_jax.outputs import RequestOutput
 from xds_jax.sampling.beam_search import BeamSearchParams
@@ -162,6 +163,15 @@ class Served:
         return engine_error(error)
 
     # -- requests ---------------------------------------------------------------------------
+    def reply_plan(self, req: Any) -> ToolPlan:
+        """How a chat request's reply is read (``tool_calls.ToolPlan``): its tools and choice,
+        the reasoning parser where it applies (``reasoning_for``), and special tokens kept in
+        the text where the tool parser's markers are special."""
+        plan = tool_plan(req, self.tool_parser).with_reasoning(
+            reasoning_for(req, self.reasoning_parser), req.include_reasoning)
+        plan.keep_special_tokens(req)
+        return plan
+
     def check_model(self, model: str | None) -> str:
         """The served name a request asked for (the first when it named none), as vLLM
         answers with it."""

@@ -18,14 +18,20 @@ from xds_jax.outputs import (
 from xds_jax.sampling.params import SamplingParams
 
 
+def embedding_options(llm, pooling: str | None, normalize: bool | None) -> tuple[str, bool]:
+    """The pooling and normalisation to embed with: those given, else the model's own
+    (``LLM.pooling``)."""
+    default_pooling, default_normalize = llm.pooling
+    return (check_pooling(pooling or default_pooling),
+            default_normalize if normalize is None else bool(normalize))
+
+
 def embed_prompts(llm, prompts: Any, pooling: str | None, normalize: bool | None,
                   truncate_prompt_tokens: int | None) -> list[EmbeddingRequestOutput]:
     """Each prompt's embedding; ``pooling`` / ``normalize`` None: the model's own."""
     if isinstance(prompts, str | dict):
         prompts = [prompts]
-    default_pooling, default_normalize = llm.pooling
-    pooling = check_pooling(pooling or default_pooling)
-    normalize = default_normalize if normalize is None else bool(normalize)
+    pooling, normalize = embedding_options(llm, pooling, normalize)
     params = SamplingParams(max_tokens=0, truncate_prompt_tokens=truncate_prompt_tokens)
     outputs = []
     for prompt in prompts:
@@ -43,6 +49,13 @@ def pairs(data: Any) -> list:
     return [data] if isinstance(data, str | dict) else list(data)
 
 
+def paired(a: list, b: list) -> list[tuple]:
+    """The pairs a score compares: a side of one against each of the other's, else in order
+    (the callers check the lengths)."""
+    n = max(len(a), len(b))
+    return list(zip(a * n if len(a) == 1 else a, b * n if len(b) == 1 else b, strict=True))
+
+
 def cosine(u: np.ndarray, v: np.ndarray) -> float:
     return float(u @ v / max(float(np.linalg.norm(u) * np.linalg.norm(v)), 1e-12))
 
@@ -53,10 +66,8 @@ def score_prompts(llm, data_1: Any, data_2: Any,
     equal length: ``pairs`` checks)."""
     left, right = pairs(data_1), pairs(data_2)
     vectors = embed_prompts(llm, left + right, None, None, truncate_prompt_tokens)
-    a, b = vectors[:len(left)], vectors[len(left):]
-    a = a * len(b) if len(a) == 1 else a
     return [ScoringRequestOutput(str(next(llm._request_ids)),
                                  x.prompt_token_ids + y.prompt_token_ids,
                                  ScoringOutput(cosine(np.asarray(x.outputs.embedding),
                                                       np.asarray(y.outputs.embedding))))
-            for x, y in zip(a, b, strict=True)]
+            for x, y in paired(vectors[:len(left)], vectors[len(left):])]

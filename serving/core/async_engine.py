@@ -21,6 +21,7 @@ import numpy as np
 from serving.core.admission import Admission
 from serving.core.prompt_scoring import PromptScoring
 from serving.core.request import Request
+from xds_jax.embedding import embedding_options
 from xds_jax.engine_config import EngineConfig
 from xds_jax.errors import ConfigError
 from xds_jax.llm import LLM
@@ -154,11 +155,10 @@ class AsyncEngine:
     async def embed(self, prompt_ids: list[int], pooling: str | None = None,
                     normalize: bool | None = None) -> np.ndarray:
         """The prompt's embedding (``LLM.embed``), computed on a worker thread."""
-        default_pooling, default_normalize = self.llm.pooling
-        normalize = default_normalize if normalize is None else normalize
+        pooling, normalize = embedding_options(self.llm, pooling, normalize)
         self.llm.check_prompt(prompt_ids, SamplingParams(max_tokens=0))
         return await asyncio.get_running_loop().run_in_executor(
-            None, self.scoring.embed, list(prompt_ids), pooling or default_pooling, normalize)
+            None, self.scoring.embed, list(prompt_ids), pooling, normalize)
 
     async def beam_search(self, prompt_ids: list[int], params: BeamSearchParams,
                           request_id: str | None = None,

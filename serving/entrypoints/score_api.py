@@ -21,7 +21,7 @@ from serving.entrypoints.api_error import ApiError
 from serving.entrypoints.embeddings_api import embed_all, input_prompts, require_embeddings
 from serving.entrypoints.openai_protocol import OpenAIModel, now, random_id
 from serving.entrypoints.server_state import Served
-from xds_jax.embedding import cosine
+from xds_jax.embedding import cosine, paired
 
 
 class ScoreRequest(OpenAIModel):
@@ -61,10 +61,7 @@ async def scores(served: Served, raw: Request, left: list[str], right: list[str]
         prompts = await served.off_loop(input_prompts, side, engine.tokenizer, True, field)
         sides.append(await embed_all(served, raw, prompts, truncate, True, field))
         tokens += sum(len(ids) for _, ids in prompts)
-    a, b = sides
-    pairs = max(len(a), len(b))
-    a, b = a * pairs if len(a) == 1 else a, b * pairs if len(b) == 1 else b
-    return [cosine(x, y) for x, y in zip(a, b, strict=True)], tokens
+    return [cosine(x, y) for x, y in paired(*sides)], tokens
 
 
 def add_score_routes(app: FastAPI, served: Served) -> None:

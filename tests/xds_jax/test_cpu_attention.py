@@ -84,8 +84,15 @@ def _assert_kernel_matches(dtype, cap, window, g, d, pg, positions):
     xla = np.asarray(jax.jit(lambda *a: att._paged_decode_reference(*a, **kw))(
         q, kp, vp, tables, mask))
     exact = _float64(q, kp, vp, tables, mask, 0.2, cap)
-    # the XLA path's arithmetic (float32, probabilities rounded to bfloat16 before the values)
-    np.testing.assert_allclose(got, xla, rtol=1e-5, atol=1e-5)
+    # the XLA path's arithmetic (float32, probabilities rounded to bfloat16 before the values;
+    # the kernel multiplies by the sum's reciprocal where XLA divides: a probability a float32
+    # ulp apart may round to the neighbouring bfloat16, one bfloat16 ulp (2 ** -8) of p times
+    # the value, in a few outputs; the rest agree to float32 rounding)
+    if dtype == jnp.bfloat16:
+        assert np.isclose(got, xla, rtol=1e-5, atol=1e-5).mean() >= 0.95
+        np.testing.assert_allclose(got, xla, rtol=0, atol=4e-3)
+    else:
+        np.testing.assert_allclose(got, xla, rtol=1e-5, atol=1e-5)
     tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5  # bfloat16: the rounded probabilities
     np.testing.assert_allclose(got, exact, rtol=tol, atol=tol)
 

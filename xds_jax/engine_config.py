@@ -9,9 +9,10 @@ and all), as nano-vllm's ``Config``. Groups derive their capacity from it
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import TYPE_CHECKING
 
-from xds_jax.errors import ConfigError
+from xds_jax.errors import ConfigError, SamplingParamsError
 
 if TYPE_CHECKING:
     from sharding.deployment import DeploymentSpec
@@ -43,6 +44,12 @@ class EngineConfig:
       kv_cache_bytes: size of a DP group's paged KV pool (capped at ``max_num_seqs`` full
         contexts; at least one).
       enable_prefix_caching: reuse cached KV blocks of shared prompt prefixes.
+      scheduling_policy: ``"fcfs"`` (first come, first served) or ``"priority"``: each DP
+        group's queues ordered by the requests' ``priority`` (lower first, then arrival), the
+        lowest-priority sequence preempted when blocks run out, and a waiting request
+        preempting running ones of strictly lower priority to start (vLLM's
+        ``--scheduling-policy``; ``serving.core.scheduler``). Under ``"fcfs"`` a request's
+        priority must be 0.
       async_scheduling: schedule and launch a DP group's step n + 1 while step n runs on the
         device, its decode inputs taken from step n's sampled tokens on device (vLLM's
         ``--async-scheduling``); the host's appends, stop checks and detokenization overlap
@@ -98,6 +105,7 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_bytes: int = 1 << 30
     enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"
     staged: bool = False
     async_scheduling: bool = False
     num_scheduler_steps: int = 1
@@ -125,6 +133,10 @@ class EngineConfig:
             raise ConfigError(f"num_scheduler_steps must be an integer in "
                               f"1..{MAX_SCHEDULER_STEPS} (decode steps chained per scheduler "
                               f"step; 1: none chained), got {steps!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ConfigError(f"scheduling_policy must be one of "
+                              f"{', '.join(map(repr, SCHEDULING_POLICIES))}, got "
+                              f"{self.scheduling_policy!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
         _check_speculative(self.speculative_config)
@@ -169,6 +181,21 @@ class EngineConfig:
     def replace(self, **changes) -> EngineConfig:
         """A copy with ``changes`` (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+SCHEDULING_POLICIES = ("fcfs", "priority")  # serving.core.scheduler orders its queues by them
+
+
+def check_priority(priority, policy: str) -> int:
+    """A request's ``priority`` (an integer, lower scheduled first) checked against the
+    engine's scheduling policy: under ``"fcfs"`` only 0 (vLLM refuses others too)."""
+    if isinstance(priority, bool) or not isinstance(priority, numbers.Integral):
+        raise SamplingParamsError(f"priority must be an integer, got {priority!r}")
+    if priority != 0 and policy != "priority":
+        raise SamplingParamsError(
+            f"priority {priority} needs priority scheduling (scheduling_policy='priority', "
+            f"--scheduling-policy priority); this engine schedules first come, first served")
+    return int(priority)
 
 
 MAX_SPECULATIVE_TOKENS = 4  # xds_jax.model.mtp holds the same limit (no JAX imported here)

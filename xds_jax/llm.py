@@ -15,7 +15,7 @@ from typing import Any
 
 from xds_jax.compile_cache import enable_compilation_cache
 from xds_jax.embedding import embed_prompts, pairs, score_prompts
-from xds_jax.engine_config import DEFAULTS, EngineConfig
+from xds_jax.engine_config import DEFAULTS, EngineConfig, check_priority
 from xds_jax.errors import ConfigError, PromptTooLongError, SamplingParamsError, XdsError
 from xds_jax.loading.draft_heads import attach_shipped_head
 from xds_jax.loading.loader import load_model, resolve
@@ -189,30 +189,43 @@ class LLM:
                                       f"1..{self.max_model_len} (the context length), got {keep}")
         return ids[-keep:]
 
-    def make_sequences(self, prompt_ids: list[int], params: SamplingParams) -> list[Sequence]:
-        """The ``n`` sequences of one request (seeded requests get seeds seed, seed+1, ...)."""
+    def make_sequences(self, prompt_ids: list[int], params: SamplingParams,
+                       priority: int = 0, cache_salt: str | None = None) -> list[Sequence]:
+        """The ``n`` sequences of one request (seeded requests get seeds seed, seed+1, ...);
+        ``priority`` orders them under the priority scheduling policy (lower first); they
+        share cached KV blocks only with sequences of the same ``cache_salt``."""
+        priority = check_priority(priority, self.config.scheduling_policy)
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else self.cfg.eos_token_ids
         return [
             Sequence(prompt_ids, params, index=i, seed=seed, tokenizer=self.tokenizer,
-                     eos_token_ids=eos, max_model_len=self.max_model_len)
+                     eos_token_ids=eos, max_model_len=self.max_model_len, priority=priority,
+                     cache_salt=cache_salt)
             for i, seed in enumerate(params.sample_seeds())
         ]
 
     # -- API ----------------------------------------------------------------------------------
     def generate(self, prompts: Any, sampling_params: SamplingParams | Seq | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, priority: list[int] | None = None
+                 ) -> list[RequestOutput]:
         """Complete each prompt. ``prompts``: a str, a ``{"prompt_token_ids": [...]}`` or
-        ``{"prompt": str}`` dict, or a list of them. One ``SamplingParams`` for all, or one each."""
+        ``{"prompt": str}`` dict (``"cache_salt"``: share cached KV only with prompts of the
+        same salt, vLLM's), or a list of them. One ``SamplingParams`` for all, or one each.
+        ``priority``: one per prompt (lower first; needs ``scheduling_policy="priority"``)."""
         if isinstance(prompts, str | dict):
             prompts = [prompts]
         prompts = list(prompts)
         params_list = self._params_list(sampling_params, len(prompts))
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise InvalidPromptError(f"got {len(priorities)} priorities for {len(prompts)} "
+                                     "prompts; pass one each")
         requests = []
-        for prompt, params in zip(prompts, params_list, strict=True):
+        for prompt, params, rank in zip(prompts, params_list, priorities, strict=True):
             text, ids = self._prompt_ids(prompt)
             ids = self.truncate_prompt(ids, params)
             self.check_prompt(ids, params)
-            requests.append((text, ids, self.make_sequences(ids, params)))
+            salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+            requests.append((text, ids, self.make_sequences(ids, params, rank, salt)))
         arrival = time.monotonic()
         self.engine.run([s for _, _, seqs in requests for s in seqs if not s.finished])
         done = time.monotonic()

@@ -19,14 +19,27 @@ from xds_jax.text.stop_strings import first_stop, held_back_length
 _ids = itertools.count()
 
 
+def salt_bytes(cache_salt: str | None) -> bytes:
+    """vLLM's ``cache_salt`` (None, or a non-empty string) as the block manager's salt."""
+    if cache_salt is None:
+        return b""
+    if not isinstance(cache_salt, str) or not cache_salt:
+        raise SamplingParamsError(f"cache_salt must be a non-empty string, got {cache_salt!r}")
+    return cache_salt.encode("utf-8", "surrogatepass")
+
+
 class Sequence:
     """One sample of one request: prompt ids in, output ids and text out."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, *, index: int = 0,
                  seed: int | None = None, tokenizer=None, eos_token_ids=(),
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, priority: int = 0,
+                 cache_salt: str | None = None):
         self.seq_id = next(_ids)
         self.index = index
+        self.priority = priority  # the priority scheduling policy's order: lower first
+        self.cache_salt = cache_salt
+        self.salt = salt_bytes(cache_salt)  # KV blocks shared only with the same salt
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.seed = device_seed(params.request_seed() if seed is None else seed)

@@ -22,12 +22,13 @@ from serving.core.admission import Admission
 from serving.core.prompt_scoring import PromptScoring
 from serving.core.request import Request
 from xds_jax.embedding import embedding_options
-from xds_jax.engine_config import EngineConfig
+from xds_jax.engine_config import EngineConfig, check_priority
 from xds_jax.errors import ConfigError
 from xds_jax.llm import LLM
 from xds_jax.outputs import RequestMetrics, RequestOutput
 from xds_jax.sampling.beam_search import BeamSearch, BeamSearchParams, next_logprobs
 from xds_jax.sampling.params import SamplingParams
+from xds_jax.sequence import salt_bytes
 
 IDS_KEPT = 4096  # request ids remembered: the last submitted, those aborted before submission
 
@@ -93,6 +94,11 @@ class AsyncEngine:
         admission = Admission(args.max_num_queued_reqs, args.max_num_queued_tokens)
         return cls(LLM(config=EngineConfig(**config)), admission)
 
+    @property
+    def scheduling_policy(self) -> str:
+        """``"fcfs"`` or ``"priority"`` (``EngineConfig.scheduling_policy``)."""
+        return self.llm.config.scheduling_policy
+
     def start(self) -> None:
         self.engine.start()
 
@@ -109,11 +115,14 @@ class AsyncEngine:
             "admitted_seqs": self.admission.slots, "admitted_tokens": self.admission.tokens}
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None,
-                       prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, prompt: str | None = None,
+                       priority: int = 0,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield cumulative outputs until the request finishes or is aborted.
 
-        Raises (before yielding) ``PromptTooLongError``/``InvalidPromptError`` for bad input.
+        Raises (before yielding) ``PromptTooLongError``/``InvalidPromptError`` for bad input
+        (``SamplingParamsError`` for a ``priority`` other than 0 without priority scheduling,
+        or a ``cache_salt`` that is not a non-empty string).
         Admission is the caller's (``self.admission.admit`` for a whole HTTP request).
         """
         prompt_ids = self.llm.truncate_prompt(prompt_ids, params)
@@ -123,7 +132,7 @@ class AsyncEngine:
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         request = Request(
             request_id, prompt, list(prompt_ids), params,
-            self.llm.make_sequences(prompt_ids, params),
+            self.llm.make_sequences(prompt_ids, params, priority, cache_salt),
             on_output=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
         )
         scored = None
@@ -161,12 +170,16 @@ class AsyncEngine:
             None, self.scoring.embed, list(prompt_ids), pooling, normalize)
 
     async def beam_search(self, prompt_ids: list[int], params: BeamSearchParams,
-                          request_id: str | None = None,
-                          prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+                          request_id: str | None = None, prompt: str | None = None,
+                          priority: int = 0,
+                          cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Beam search (``xds_jax.sampling.beam_search``): each round's live beams run as
-        one-token requests of their own, concurrently; yields one finished output, the best
-        ``beam_width`` beams best first (finish reason "abort" for all when aborted)."""
+        one-token requests of their own (of ``priority`` and ``cache_salt``), concurrently;
+        yields one finished output, the best ``beam_width`` beams best first (finish reason
+        "abort" for all when aborted)."""
         self.llm.check_prompt(prompt_ids, SamplingParams(max_tokens=params.max_tokens))
+        check_priority(priority, self.scheduling_policy)
+        salt_bytes(cache_salt)
         request_id = request_id or f"req-{next(self._ids)}"
         tok = self.tokenizer
         search = BeamSearch(prompt_ids, params,
@@ -180,7 +193,8 @@ class AsyncEngine:
             live.add(beam_id)
             final = None
             try:
-                async for out in self.generate(tokens, each_round, beam_id):
+                async for out in self.generate(tokens, each_round, beam_id, priority=priority,
+                                               cache_salt=cache_salt):
                     final = out
             finally:
                 live.discard(beam_id)

@@ -51,6 +51,7 @@ class GroupConfig:
     max_num_seqs: int = DEFAULTS.max_num_seqs
     max_num_batched_tokens: int = DEFAULTS.max_num_batched_tokens
     enable_prefix_caching: bool = DEFAULTS.enable_prefix_caching
+    scheduling_policy: str = DEFAULTS.scheduling_policy  # "fcfs" or "priority"
     staged: bool = DEFAULTS.staged  # separately jitted stage programs, or one fused program
     num_speculative_tokens: int = 0  # MTP drafts per decode step (serving.core.spec_decode)
     spec_disable_by_batch_size: int | None = None  # steps of more rows do not draft
@@ -99,7 +100,8 @@ class DPGroup(OverlappedSteps, Fencing, RequestIsolation):
         lookahead = getattr(self.runner, "num_lookahead_tokens", config.num_speculative_tokens)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
                                    config.max_num_batched_tokens,
-                                   num_lookahead_tokens=lookahead)
+                                   num_lookahead_tokens=lookahead,
+                                   policy=config.scheduling_policy)
         # Steps overlap only on a runner that says it can (not speculative, not MA ranks).
         self.overlap = (config.async_scheduling and self.may_overlap
                         and getattr(self.runner, "overlaps_steps", False))

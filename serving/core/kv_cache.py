@@ -4,14 +4,16 @@ Block ids ``0 .. num_blocks - 1`` index the device KV pages; this module only de
 sequence owns which page. A FULL block whose KV has been computed is registered under the hash
 of (parent block hash, its token ids), so a later prompt with the same prefix reuses the page
 (reference count > 1). Freed registered blocks stay cached and are evicted least recently used
-first, only when no never-cached free block is left. No JAX here.
+first, only when no never-cached free block is left. A sequence's ``salt`` (vLLM's
+``cache_salt``) roots its chain elsewhere: only sequences of the same salt share blocks, so one
+tenant cannot learn from cache hits what another's prompts were. No JAX here.
 """
 
 from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 
 
 class KVCacheError(RuntimeError):
@@ -23,9 +25,14 @@ def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
     return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
 
 
-def block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
+def chain_root(salt: bytes = b"") -> bytes:
+    """The parent hash of a chain's first block: ``b""``, or one of the salt's own."""
+    return hashlib.sha256(b"cache_salt\0" + salt).digest() if salt else b""
+
+
+def block_hashes(token_ids: list[int], block_size: int, salt: bytes = b"") -> list[bytes]:
     """Chained hashes of every full block of ``token_ids``, stable across processes."""
-    hashes, parent = [], b""
+    hashes, parent = [], chain_root(salt)
     for i in range(len(token_ids) // block_size):
         parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size])
         hashes.append(parent)
@@ -91,11 +98,11 @@ class BlockManager:
         return seq_id in self._tables
 
     # -- prefix lookup ------------------------------------------------------------------------
-    def _match(self, token_ids: list[int]) -> list[int]:
+    def _match(self, token_ids: list[int], salt: bytes = b"") -> list[int]:
         """Cached blocks of the longest computed prefix, leaving at least one token to compute."""
         if not self.enable_prefix_caching:
             return []
-        hits, parent = [], b""
+        hits, parent = [], chain_root(salt)
         for i in range((len(token_ids) - 1) // self.block_size):
             parent = hash_block(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
             block = self._cache.get(parent)
@@ -104,39 +111,51 @@ class BlockManager:
             hits.append(block)
         return hits
 
-    def num_cached_tokens(self, token_ids: list[int]) -> int:
+    def num_cached_tokens(self, token_ids: list[int], salt: bytes = b"") -> int:
         """Prompt tokens ``allocate`` would find cached now (a multiple of ``block_size``)."""
-        return len(self._match(token_ids)) * self.block_size
+        return len(self._match(token_ids, salt)) * self.block_size
 
     # -- allocation ---------------------------------------------------------------------------
-    def can_allocate(self, seq_id: int, token_ids: list[int], num_new_tokens: int) -> bool:
+    def can_allocate(self, seq_id: int, token_ids: list[int], num_new_tokens: int,
+                     salt: bytes = b"") -> bool:
         """Whether a new sequence can get blocks for its cached prefix plus ``num_new_tokens``."""
         if seq_id in self._tables:
             raise KVCacheError(f"sequence {seq_id} already holds blocks")
-        hits = self._match(token_ids)
-        revived = sum(1 for b in hits if self._ref[b] == 0)
-        needed = _cdiv(len(hits) * self.block_size + num_new_tokens, self.block_size) - len(hits)
-        return needed + revived <= self.num_free_blocks
+        return self.can_allocate_after([], token_ids, num_new_tokens, salt)
 
-    def allocate(self, seq_id: int, token_ids: list[int], num_new_tokens: int | None = None) -> int:
+    def can_allocate_after(self, freed: list[int], token_ids: list[int], num_new_tokens: int,
+                           salt: bytes = b"") -> bool:
+        """Whether ``can_allocate`` would hold once the sequences ``freed`` are freed: the
+        blocks only they hold come free, and a cached prefix block among them must be taken
+        back off the free list."""
+        holders = Counter(b for seq_id in freed for b in self._tables[seq_id])
+        gone = {b for b, n in holders.items() if n == self._ref[b]}
+        hits = self._match(token_ids, salt)
+        revived = sum(1 for b in hits if self._ref[b] == 0 or b in gone)
+        needed = _cdiv(len(hits) * self.block_size + num_new_tokens, self.block_size) - len(hits)
+        return needed + revived <= self.num_free_blocks + len(gone)
+
+    def allocate(self, seq_id: int, token_ids: list[int], num_new_tokens: int | None = None,
+                 salt: bytes = b"") -> int:
         """Take blocks for a new sequence: cached prefix blocks plus room for new tokens.
 
         Args:
             seq_id: the sequence.
             token_ids: all its tokens so far (prompt, plus output after a preemption).
             num_new_tokens: tokens to compute in the first step; default all the uncached ones.
+            salt: its cache salt (``chain_root``): it shares blocks with the same salt only.
 
         Returns:
             Number of leading tokens already cached (multiple of ``block_size``, < len).
         """
-        hits = self._match(token_ids)
+        hits = self._match(token_ids, salt)
         cached = len(hits) * self.block_size
         if num_new_tokens is None:
             num_new_tokens = len(token_ids) - cached
         if not 0 < cached + num_new_tokens <= len(token_ids):
             raise KVCacheError(f"sequence {seq_id}: {num_new_tokens} new tokens after {cached} "
                                f"cached do not fit its {len(token_ids)} tokens")
-        if not self.can_allocate(seq_id, token_ids, num_new_tokens):
+        if not self.can_allocate(seq_id, token_ids, num_new_tokens, salt):
             raise KVCacheError(f"not enough free blocks for sequence {seq_id}")
         for block in hits:
             if self._ref[block] == 0:
@@ -144,7 +163,7 @@ class BlockManager:
             self._ref[block] += 1
         self._tables[seq_id] = list(hits)
         self._reserved[seq_id] = cached
-        self._hashed[seq_id] = (len(hits), self._hash[hits[-1]] if hits else b"")
+        self._hashed[seq_id] = (len(hits), self._hash[hits[-1]] if hits else chain_root(salt))
         self.prefix_hit_tokens += cached
         self.prefix_query_tokens += len(token_ids)
         self._grow(seq_id, num_new_tokens)

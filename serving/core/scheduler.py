@@ -2,10 +2,15 @@
 
 Each step ``schedule`` picks, within a token budget, one token for every decoding sequence,
 then prefill chunks: first for sequences already part-way through their prompt, then for new
-ones from the waiting queue (FCFS). When blocks run out the most recently admitted running
-sequence is preempted by recompute: its blocks are freed (computed full blocks stay in the
-prefix cache) and it goes back to the front of the waiting queue, to be prefilled again over
-prompt + output. No JAX here.
+ones from the waiting queue. When blocks run out the last running sequence is preempted by
+recompute: its blocks are freed (computed full blocks stay in the prefix cache) and it goes
+back to wait, to be prefilled again over prompt + output. No JAX here.
+
+Which sequence is last, where a preempted one waits, and which running sequences a waiting one
+may preempt are the policy's (``serving.core.queue_order``): fcfs (the most recently admitted;
+back to the front of the queue; none), or by priority (the lowest-priority one; in its place;
+those of lower priority). A sequence this step had already scheduled is preempted only for one
+of higher priority, taken out of the step; a preempted sequence waits at least a step.
 
 Asynchronous scheduling (``launched``): a step may be scheduled while the previous one still
 runs. Its sequences count the KV slots that step writes and the token it samples as already
@@ -22,13 +27,15 @@ from typing import TYPE_CHECKING
 
 from serving.core.in_flight import InFlight
 from serving.core.kv_cache import BlockManager
+from serving.core.queue_order import QueueOrder
 from serving.core.scheduled import ScheduledSeq, SchedulerError, SchedulerOutput
+from serving.core.scheduler_handoffs import HandOffs
 
 if TYPE_CHECKING:
     from xds_jax.sequence import Sequence
 
 
-class Scheduler:
+class Scheduler(HandOffs):
     """Continuous-batching scheduler over one ``BlockManager``.
 
     Args:
@@ -42,11 +49,16 @@ class Scheduler:
         num_lookahead_tokens: KV slots reserved past each decoding sequence's last token
             (speculative decoding: a step appends 1 .. 1 + this many tokens); ``update``
             trims each reservation back to the tokens actually accepted.
+        policy: ``"fcfs"`` or ``"priority"`` (``serving.core.queue_order``).
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  chunk_size: int | None = None, enable_chunked_prefill: bool = True,
-                 num_lookahead_tokens: int = 0):
+                 num_lookahead_tokens: int = 0, policy: str = "fcfs"):
+        try:
+            self.order = QueueOrder(policy)
+        except ValueError as e:
+            raise SchedulerError(str(e)) from None
         if max_num_seqs < 1:
             raise SchedulerError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < max_num_seqs:
@@ -62,7 +74,7 @@ class Scheduler:
         self.chunk_size = chunk_size if enable_chunked_prefill else max_num_batched_tokens
         self.num_lookahead_tokens = num_lookahead_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # in admission order
+        self.running: list[Sequence] = []  # in admission order (or priority order: self.order)
         self._computed: dict[int, int] = {}  # seq_id -> tokens whose KV is written
         self._flight = InFlight()  # launched steps not yet updated (asynchronous scheduling)
         self.num_preemptions = 0
@@ -110,7 +122,11 @@ class Scheduler:
             raise SchedulerError(
                 f"prompt of sequence {seq.seq_id} has {seq.num_tokens} tokens, more than "
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) with chunked prefill off")
-        self.waiting.append(seq)
+        self.order.queue(self.waiting, seq)
+
+    def _start_running(self, seq: Sequence, computed: int) -> None:
+        self.order.run(self.running, seq)
+        self._computed[seq.seq_id] = computed
 
     def check_fits(self, seq: Sequence) -> None:
         """Raise ``SchedulerError`` if the sequence could never fit this pool, even alone."""
@@ -139,56 +155,6 @@ class Scheduler:
                 return seq
         return None
 
-    def detach(self, seq_id: int) -> list[int]:
-        """Take a running sequence out of scheduling but keep its blocks (PD prefill: its KV
-        is offered to a decode group). Returns its block table; the caller frees the blocks
-        (``block_manager.free``) once they are no longer read."""
-        seq = next((s for s in self.running if s.seq_id == seq_id), None)
-        if seq is None:
-            raise SchedulerError(f"sequence {seq_id} is not running")
-        self._stop_running(seq)
-        return self.block_manager.block_table(seq_id)
-
-    def can_admit_computed(self, seq: Sequence) -> bool:
-        """Whether ``seq`` can join now with KV for all but its last token written elsewhere."""
-        bm, computed = self.block_manager, seq.num_tokens - 1
-        cached = bm.num_cached_tokens(seq.all_ids)
-        return (len(self.running) < self.max_num_seqs
-                and bm.can_allocate(seq.seq_id, seq.all_ids, computed - cached))
-
-    def admit_computed(self, seq: Sequence) -> tuple[list[int], int]:
-        """Admit a sequence whose KV for all but its last token was computed elsewhere (PD
-        decode). Blocks of a prefix found in this pool's cache are reused. Returns the block
-        table and how many leading blocks were cached (the rest must be filled by the caller
-        before the next step); the sequence decodes from the next ``schedule``."""
-        self.check_fits(seq)
-        if seq.seq_id in self._computed:
-            raise SchedulerError(f"sequence {seq.seq_id} was already added")
-        bm, computed = self.block_manager, seq.num_tokens - 1
-        cached = bm.num_cached_tokens(seq.all_ids)
-        bm.allocate(seq.seq_id, seq.all_ids, computed - cached)
-        self.running.append(seq)
-        self._computed[seq.seq_id] = computed
-        return bm.block_table(seq.seq_id), cached // bm.block_size
-
-    def drop(self, seq_id: int) -> None:
-        """Take a running sequence out and free its blocks without touching the sequence (a
-        PD pull that failed: it goes on elsewhere)."""
-        seq = next((s for s in self.running if s.seq_id == seq_id), None)
-        if seq is None:
-            raise SchedulerError(f"sequence {seq_id} is not running")
-        self._release(seq)
-
-    def clear(self) -> list[Sequence]:
-        """Drop every sequence and free its blocks without touching the sequences (a group
-        taken out of service: they go on elsewhere). Returns them, running first."""
-        dropped = [*self.running, *self.waiting]
-        for seq in list(self.running):
-            self._release(seq)
-        self.waiting.clear()
-        self._flight.clear()
-        return dropped
-
     def _release(self, seq: Sequence) -> None:
         self._stop_running(seq)
         self.block_manager.free(seq.seq_id)
@@ -201,25 +167,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)
-        self.waiting.appendleft(seq)
+        self.order.requeue(self.waiting, seq)
         self.num_preemptions += 1
-
-    def roll_back(self, output: SchedulerOutput) -> list[int]:
-        """Undo a step that failed before ``update``: every sequence it scheduled goes back
-        to the front of the waiting queue with its blocks freed, to be recomputed from its
-        tokens (computed full blocks stay in the prefix cache). Returns their ids. Of launched
-        steps not yet updated, roll back the newest first."""
-        self._flight.land(output)
-        rolled = []
-        for item in reversed(output.scheduled):
-            seq = item.seq
-            if self._computed.get(seq.seq_id) != item.start:
-                continue  # aborted or preempted since schedule
-            self._release(seq)
-            if not seq.finished:
-                self.waiting.appendleft(seq)
-            rolled.append(seq.seq_id)
-        return rolled
 
     def launched(self, output: SchedulerOutput) -> None:
         """The step ``output`` was launched and the next one may be scheduled before its
@@ -237,9 +186,39 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         done: set[int] = set()
-        preempted: list[int] = []
+        preempted: list[int] = []  # for blocks a running sequence needs
+        made_room: list[int] = []  # for a waiting sequence of higher priority
         for seq in [s for s in self.running if s.finished]:  # e.g. seq.abort() by the engine
             self._release(seq)
+
+        def unschedule(victim: Sequence, into: list[int]) -> None:
+            """Preempt ``victim`` (priority policy: for a sequence of higher priority), taking
+            it out of this step if it was scheduled; its id goes ``into`` the list."""
+            nonlocal budget
+            item = next((x for x in scheduled if x.seq is victim), None)
+            if item is not None:
+                scheduled.remove(item)
+                done.discard(victim.seq_id)
+                budget += item.num_tokens
+            self._preempt(victim)
+            into.append(victim.seq_id)
+
+        def admissible(seq: Sequence, num: int) -> bool:
+            """A seat and blocks for ``seq``'s first ``num`` tokens, made (priority policy) by
+            preempting running sequences of lower priority."""
+            def fits() -> bool:
+                return (len(self.running) < self.max_num_seqs
+                        and bm.can_allocate(seq.seq_id, seq.all_ids, num, seq.salt))
+
+            if fits():
+                return True
+            victims = [] if only is not None else self.order.victims(
+                seq, num, self.running, bm, self.max_num_seqs)
+            for victim in victims:
+                unschedule(victim, made_room)
+                if fits():
+                    return True
+            return False
 
         def emit(seq: Sequence, start: int, num: int, lookahead: int = 0) -> None:
             nonlocal budget
@@ -249,11 +228,18 @@ class Scheduler:
             budget -= num
 
         def make_room(seq: Sequence, num: int, may_preempt_self: bool) -> bool:
-            """Preempt the newest running sequences until ``num`` more slots of ``seq`` fit."""
+            """Preempt the last running sequences (the newest, or the lowest-priority ones)
+            until ``num`` more slots of ``seq`` fit; one this step scheduled only for a
+            sequence of higher priority."""
             while not bm.can_append(seq.seq_id, num):
                 victim = self.running[-1]
-                if victim.seq_id in done or (victim is seq and not may_preempt_self):
+                if victim is seq and not may_preempt_self:
                     return False
+                if victim.seq_id in done:
+                    if not (self.order.by_priority and victim.priority > seq.priority):
+                        return False
+                    unschedule(victim, preempted)
+                    continue
                 self._preempt(victim)
                 preempted.append(victim.seq_id)
                 if victim is seq:
@@ -287,27 +273,25 @@ class Scheduler:
                 bm.append(seq.seq_id, self._token_ids(seq), num)
                 emit(seq, start, num)
 
-        while (self.waiting and not preempted and budget > 0
-               and len(self.running) < self.max_num_seqs):
+        while self.waiting and not preempted and budget > 0:
             seq = self.waiting[0] if only is None else next(
                 (s for s in self.waiting if s.seq_id in only or s.finished), None)
-            if seq is None:
+            if seq is None or seq.seq_id in made_room:  # preempted now: it waits a step
                 break
             if seq.finished:  # aborted through the sequence itself
                 self.waiting.remove(seq)
                 continue
-            cached = bm.num_cached_tokens(seq.all_ids)
+            cached = bm.num_cached_tokens(seq.all_ids, seq.salt)
             remaining = seq.num_tokens - cached
             if (not self.enable_chunked_prefill and budget < remaining
                     and remaining <= self.max_num_batched_tokens):
                 break
             num = min(remaining, self.chunk_size, budget)
-            if not bm.can_allocate(seq.seq_id, seq.all_ids, num):
+            if not admissible(seq, num):
                 break
             self.waiting.remove(seq)
-            bm.allocate(seq.seq_id, seq.all_ids, num)
-            self.running.append(seq)
-            self._computed[seq.seq_id] = cached
+            bm.allocate(seq.seq_id, seq.all_ids, num, seq.salt)
+            self._start_running(seq, cached)
             emit(seq, cached, num)
 
         # Nothing runs and nothing can start: an error only if no block is held at all (blocks
@@ -317,7 +301,8 @@ class Scheduler:
             seq = self.waiting[0]
             raise SchedulerError(f"sequence {seq.seq_id} with {seq.num_tokens} tokens cannot fit "
                                  f"the KV pool even alone; set max_tokens or enlarge the pool")
-        return SchedulerOutput(scheduled, preempted, self.max_num_batched_tokens - budget)
+        return SchedulerOutput(scheduled, preempted + made_room,
+                               self.max_num_batched_tokens - budget)
 
     def _start(self, seq: Sequence) -> int:
         """The first position a new step computes: past the KV written and in flight."""

@@ -25,6 +25,7 @@ their sequences prefilled again elsewhere.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import logging
@@ -37,6 +38,7 @@ from collectives.p2p import KVChannel, TransferError
 from serving.core.balancer import NoHealthyGroupError
 from serving.core.dp_group import DPGroup, Resume
 from serving.core.faults import KVTransferFailed
+from serving.core.queue_order import priority_key
 from serving.core.request import Request
 from serving.core.scheduler import SchedulerError, SchedulerOutput
 from xds_jax.sequence import Sequence
@@ -132,7 +134,8 @@ class PrefillGroup(DPGroup):
 
 
 class DecodeGroup(DPGroup):
-    """A DP group fed by pulled KV: arrivals wait in order until the pool has room."""
+    """A DP group fed by pulled KV: arrivals wait in order (the priority scheduling policy:
+    in ``priority_key`` order) until the pool has room."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -146,7 +149,10 @@ class DecodeGroup(DPGroup):
         request = item.request
         self.requests.setdefault(request.request_id, request)
         self._owners[item.seq.seq_id] = request
-        self.arrivals.append(item)
+        if self.scheduler.order.by_priority:
+            bisect.insort(self.arrivals, item, key=lambda a: priority_key(a.seq))
+        else:
+            self.arrivals.append(item)
         if self._early_aborts.pop(request.request_id, False):
             self._abort(request.request_id)  # aborted while in flight from prefill
 

@@ -67,6 +67,8 @@ class Submit:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     seqs: tuple[tuple[int, int], ...]  # (seq_id, seed) per sample
+    priority: int = 0  # the scheduling policy's order (every process's queues alike)
+    cache_salt: str | None = None  # which cached blocks it may share
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,7 +288,8 @@ class FollowerEngine:
     def _rebuild(self, event):
         if not isinstance(event, Submit):
             return event
-        seqs = self.make_sequences(list(event.prompt_ids), event.params)
+        seqs = self.make_sequences(list(event.prompt_ids), event.params, event.priority,
+                                   event.cache_salt)
         for seq, (seq_id, seed) in zip(seqs, event.seqs, strict=True):
             seq.seq_id, seq.seed = seq_id, seed
         return Request(event.request_id, event.prompt, list(event.prompt_ids), event.params,
@@ -311,8 +314,10 @@ class FollowerEngine:
 def _wire(item):
     """What a queued item looks like on the wire."""
     if isinstance(item, Request):
+        first = item.seqs[0]
         return Submit(item.request_id, item.prompt, tuple(item.prompt_ids), item.params,
-                      tuple((s.seq_id, s.seed) for s in item.seqs))
+                      tuple((s.seq_id, s.seed) for s in item.seqs), first.priority,
+                      first.cache_salt)
     return item
 
 

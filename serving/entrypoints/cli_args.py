@@ -54,9 +54,9 @@ def positive_float(text: str) -> float:
 # ``max_num_seqs``); their defaults are ``EngineConfig``'s. ``launch.engine_args`` maps them.
 ENGINE_FIELDS = ("model", "dtype", "quantization", "max_model_len", "seed", "num_dp_groups",
                  "max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching",
-                 "staged", "async_scheduling", "num_scheduler_steps", "micro_batches",
-                 "speculative_config", "enable_eplb", "eplb_config", "dispatch_dtype", "faults",
-                 "heartbeat_timeout_s", "kv_transfer_retries")
+                 "scheduling_policy", "staged", "async_scheduling", "num_scheduler_steps",
+                 "micro_batches", "speculative_config", "enable_eplb", "eplb_config",
+                 "dispatch_dtype", "faults", "heartbeat_timeout_s", "kv_transfer_retries")
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +109,11 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=d.enable_prefix_caching,
                        help="reuse the KV blocks of shared prompt prefixes (default: on)")
+    group.add_argument("--scheduling-policy", choices=["fcfs", "priority"],
+                       default=d.scheduling_policy,
+                       help="fcfs: first come, first served; priority: by each request's "
+                       "\"priority\" (lower first, then arrival), lower-priority sequences "
+                       "preempted for higher ones (default: %(default)s)")
     group.add_argument("--staged", action="store_true", default=d.staged,
                        help="run steps as separately jitted stage programs: faster to "
                        "compile, slower to run")

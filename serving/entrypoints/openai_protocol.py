@@ -73,7 +73,7 @@ class SamplingFields(OpenAIModel):
     null_is_default = frozenset({
         "n", "stream", "presence_penalty", "frequency_penalty", "min_tokens", "ignore_eos",
         "include_stop_str_in_output", "skip_special_tokens", "use_beam_search",
-        "length_penalty"})
+        "length_penalty", "priority"})
     model: str | None = None
     n: int | None = 1
     stream: bool | None = False
@@ -101,6 +101,8 @@ class SamplingFields(OpenAIModel):
     prompt_logprobs: int | None = None  # each prompt token's logprob and top k (not streamed)
     use_beam_search: bool | None = False  # n beams (``server_requests.beam_search_params``)
     length_penalty: float | None = 1.0  # beam search: score = logprob sum / length ** this
+    priority: int | None = 0  # --scheduling-policy priority: lower first
+    cache_salt: str | None = None  # share cached KV only with requests of the same salt
     # Structured outputs (at most one; ``server_requests.structured_outputs``): OpenAI's
     # response_format, vLLM's structured_outputs object and its older guided_* fields
     response_format: dict[str, Any] | None = None

@@ -123,6 +123,7 @@ def add_responses_routes(app: FastAPI, served: Served) -> None:
             params = sampling_params(chat, budget, top, None)
         except ApiError as error:
             raise named_for_responses(error) from None
+        options = served.request_options(req)
         ticket = served.admit(1, len(prompt[1]))
         # a background request runs on when its client leaves: only its time is watched
         watch = Watchdog(None if req.background else raw, served, ticket)
@@ -132,7 +133,7 @@ def add_responses_routes(app: FastAPI, served: Served) -> None:
         if req.background:  # answered now; the engine takes it in the background
             return run.detach([(prompt, params)])
         try:
-            streams = await served.open(watch, [(prompt, params)], response["id"])
+            streams = await served.open(watch, [(prompt, params)], response["id"], options)
         except ApiError as error:
             await watch.stop()
             raise named_for_responses(constraint_error(error, chat)) from None
@@ -278,7 +279,8 @@ class Run:
         log = self.stored.log
         try:
             try:
-                streams = await self.served.open(self.watch, jobs, self.response["id"])
+                streams = await self.served.open(self.watch, jobs, self.response["id"],
+                                                 self.served.request_options(self.req))
             except Exception as error:
                 failure = error if isinstance(error, ApiError) else engine_error(error)
                 failure = named_for_responses(constraint_error(failure, self.chat))

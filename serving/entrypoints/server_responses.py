@@ -67,11 +67,12 @@ async def respond(served: Served, raw: Request, req: Any, model: str,
                   tools: ToolPlan = PLAIN):
     """Admit and run the prompts; answer with one JSON body or, for ``stream``, an SSE
     stream. ``tools``: how a chat reply is read (plain text, or tool calls)."""
+    options = served.request_options(req)
     ticket = served.admit(len(jobs) * req.n, sum(len(prompt[1]) for prompt, _ in jobs))
     watch = Watchdog(raw, served, ticket)
     request_id = api.random_id("chatcmpl" if kind == "chat" else "cmpl")
     try:
-        streams = await served.open(watch, jobs, request_id)
+        streams = await served.open(watch, jobs, request_id, options)
     except ApiError as error:  # named after the request's fields, not the engine's
         await watch.stop()
         raise constraint_error(error, req) from None

@@ -25,9 +25,12 @@ from serving.entrypoints.metrics import ServerMetrics
 from serving.entrypoints.server_requests import ApiError, Prompt, engine_error, reasoning_for
 from serving.entrypoints.tool_calls import ToolPlan, tool_plan
 from serving.entrypoints.tool_parsers import ToolParser
+from xds_jax.engine_config import check_priority
+from xds_jax.errors import SamplingParamsError
 from xds_jax.outputs import RequestOutput
 from xds_jax.sampling.beam_search import BeamSearchParams
 from xds_jax.sampling.params import SamplingParams
+from xds_jax.sequence import salt_bytes
 
 log = logging.getLogger(__name__)
 
@@ -199,13 +202,26 @@ class Served:
                 "context_length_exceeded")
         return wanted
 
+    def request_options(self, req: Any) -> dict[str, Any]:
+        """The engine's per-request options a generation request names, checked before it is
+        admitted (a 400 naming the field): ``priority``, refused where the engine does not
+        schedule by priority, and ``cache_salt`` (a non-empty string, or absent)."""
+        try:
+            salt_bytes(req.cache_salt)
+            return {"priority": check_priority(req.priority, self.engine.scheduling_policy),
+                    "cache_salt": req.cache_salt}
+        except SamplingParamsError as error:
+            raise engine_error(error) from None
+
     async def open(self, watch: Watchdog, jobs: list[tuple[Prompt, SamplingParams]],
-                   request_id: str) -> list[AsyncIterator[RequestOutput]]:
-        """Submit every prompt; on any engine error abort the others and raise it."""
+                   request_id: str, options: dict[str, Any] | None = None
+                   ) -> list[AsyncIterator[RequestOutput]]:
+        """Submit every prompt (with the request's ``request_options``); on any engine error
+        abort the others and raise it."""
         ids = [f"{request_id}-{i}" for i in range(len(jobs))]
         watch.request_ids.extend(ids)
         opened = await asyncio.gather(
-            *(self._open_one(prompt, params, rid)
+            *(self._open_one(prompt, params, rid, options or {})
               for (prompt, params), rid in zip(jobs, ids, strict=True)),
             return_exceptions=True)
         errors = [e for e in opened if isinstance(e, BaseException)]
@@ -214,9 +230,10 @@ class Served:
             raise engine_error(errors[0]) if isinstance(errors[0], Exception) else errors[0]
         return [self.metrics.track(first, gen, watch.finish) for first, gen in opened]
 
-    async def _open_one(self, prompt: Prompt, params: SamplingParams, request_id: str):
+    async def _open_one(self, prompt: Prompt, params: SamplingParams, request_id: str,
+                        options: dict[str, Any]):
         # The first output surfaces the engine's synchronous errors before any header is sent.
         run = (self.engine.beam_search if isinstance(params, BeamSearchParams)
                else self.engine.generate)
-        gen = run(prompt[1], params, request_id, prompt=prompt[0])
+        gen = run(prompt[1], params, request_id, prompt=prompt[0], **options)
         return await anext(gen), gen

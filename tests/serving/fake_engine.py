@@ -50,12 +50,14 @@ class FakeEngine:
                  max_model_len: int = 128, max_num_queued_tokens: int = 1 << 20):
         self.model_name, self.tokenizer = "fake", ByteTokenizer()
         self.cfg = SimpleNamespace(vocab_size=259)
+        self.scheduling_policy = "fcfs"  # AsyncEngine's: a priority other than 0 is a 400
         self.delay, self.max_model_len = delay, max_model_len
         self.admission = Admission(max_num_queued_reqs, max_num_queued_tokens)
         self.active: set[str] = set()
         self.aborted: list[str] = []
 
-    async def generate(self, prompt_ids, params, request_id, prompt=None):
+    async def generate(self, prompt_ids, params, request_id, prompt=None, priority=0,
+                       cache_salt=None):
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise PromptTooLongError("prompt too long")
         self.active.add(request_id)

@@ -104,7 +104,8 @@ def test_dataset_and_arrivals():
 class SilentEngine(FakeEngine):
     """Ends every request at once with no text, as a chat model does on a raw completion."""
 
-    async def generate(self, prompt_ids, params, request_id, prompt=None):
+    async def generate(self, prompt_ids, params, request_id, prompt=None, priority=0,
+                       cache_salt=None):
         async for out in super().generate(prompt_ids, dataclasses.replace(params, stop=["T"]),
                                           request_id, prompt):
             yield out

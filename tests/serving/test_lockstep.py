@@ -8,13 +8,14 @@ import signal
 import subprocess
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from serving.core.request import Request
 from serving.distributed.channel import ControlChannel
 from serving.distributed.launcher import LaunchError, child_argv, describe, exit_code, launch, watch
-from serving.distributed.lockstep import Round, Submit, _wire
+from serving.distributed.lockstep import FollowerEngine, Round, Submit, _wire
 from sharding.devices import DeviceSetupError
 from sharding.processes import DistributedConfig
 from xds_jax.sampling.params import SamplingParams
@@ -119,6 +120,23 @@ def test_step_broadcast_round_trip():
     leader.stop()
     print(f"step broadcast round trip: {per_round_us:.0f} us")
     assert isinstance(_wire(request), Submit) and _wire(request).seqs[0][1] == request.seqs[0].seed
+
+
+def test_a_follower_rebuilds_a_request_as_the_leader_made_it():
+    """Sequence ids, seeds, priority and cache salt cross the wire: a follower's queues and
+    prefix cache then take the request as process 0's do."""
+    params = SamplingParams(max_tokens=4, n=2, seed=5)
+
+    def make_sequences(ids, params, priority=0, cache_salt=None):  # LLM.make_sequences
+        return [Sequence(ids, params, index=i, seed=seed, priority=priority,
+                         cache_salt=cache_salt) for i, seed in enumerate(params.sample_seeds())]
+
+    made = Request("r", None, [1, 2, 3], params, make_sequences([1, 2, 3], params, -7, "t1"))
+    wired = pickle.loads(pickle.dumps(_wire(made)))
+    again = FollowerEngine._rebuild(SimpleNamespace(make_sequences=make_sequences), wired)
+    for a, b in zip(made.seqs, again.seqs, strict=True):
+        assert (b.seq_id, b.seed, b.priority, b.cache_salt, b.salt) == (
+            a.seq_id, a.seed, -7, "t1", b"t1")
 
 
 def test_launcher_argv_and_statuses():

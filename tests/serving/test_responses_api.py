@@ -26,7 +26,8 @@ class RecordingEngine(FakeEngine):
         super().__init__(**kwargs)
         self.prompts: list[str] = []
 
-    async def generate(self, prompt_ids, params, request_id, prompt=None):
+    async def generate(self, prompt_ids, params, request_id, prompt=None, priority=0,
+                       cache_salt=None):
         self.prompts.append(self.tokenizer.decode(prompt_ids))
         async for out in super().generate(prompt_ids, params, request_id, prompt):
             yield out

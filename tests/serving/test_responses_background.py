@@ -194,7 +194,8 @@ class GatedEngine(FakeEngine):
         self.gate = threading.Event()
         self.fail_after: int | None = None
 
-    async def generate(self, prompt_ids, params, request_id, prompt=None):
+    async def generate(self, prompt_ids, params, request_id, prompt=None, priority=0,
+                       cache_salt=None):
         while not self.gate.is_set():
             await asyncio.sleep(0.01)
         if self.fail_after == 0:

@@ -212,7 +212,7 @@ class DecodeGroup(DPGroup):
                 self.arrivals.popleft()
                 self._refuse(arrival, e)
                 continue
-            if not self.scheduler.can_admit_computed(seq):
+            if not self.scheduler.can_admit_computed(seq) or self._outranked(seq):
                 self.transfer.deferred += 1
                 return  # backpressure: wait for running sequences to finish
             self.arrivals.popleft()
@@ -225,6 +225,13 @@ class DecodeGroup(DPGroup):
             except TransferError:  # withdrawn just now: the router prefills it again
                 self.scheduler.drop(seq.seq_id)
                 self._drop(arrival)
+
+    def _outranked(self, seq: Sequence) -> bool:
+        """Priority policy: a sequence of higher priority waits here (preempted or moved in),
+        so a pull now could be preempted for it in the same step, its transfer wasted."""
+        waiting = self.scheduler.waiting
+        return (self.scheduler.order.by_priority and bool(waiting)
+                and priority_key(waiting[0]) < priority_key(seq))
 
     def _pull_failed(self, arrival: Arrival, error: Exception) -> bool:
         """Queue a failed pull first again while retries are left (False), else cancel it and

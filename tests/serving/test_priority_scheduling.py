@@ -6,11 +6,16 @@ served), the OpenAI SDK's ``extra_body`` included."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import httpx
 import openai
 import pytest
 
+from serving.core.kv_cache import BlockManager
 from serving.core.request import Request
+from serving.core.scheduler import Scheduler
+from serving.disagg.pd import DecodeGroup
 from tests.helpers import GOLDEN
 from tests.serving.fake_engine import FakeEngine, serve, wait_for
 from tests.serving.real_server import text_server_fixture
@@ -189,3 +194,21 @@ def test_pd_decode_pulls_arrivals_in_priority_order(tmp_path):
         for group in llm.engine.groups:
             group.step()
     assert [r.seqs[0].output_ids for r in requests] == reference(llm, prompts)
+
+
+def test_a_decode_group_holds_pulls_behind_a_higher_priority_sequence_waiting_there():
+    """A sequence waiting in a decode group (preempted, or moved in by a recovery) outranks
+    arrivals of lower priority: pulling one now could see it preempted in the same step."""
+    def group(policy: str, *waiting: int) -> SimpleNamespace:
+        sched = Scheduler(BlockManager(64, 4), 4, 64, policy=policy)
+        for p in waiting:
+            seq = Sequence([1, 2, 3], SamplingParams(max_tokens=2), priority=p)
+            sched.add(seq)
+        return SimpleNamespace(scheduler=sched)
+
+    arrival = Sequence([4, 5], SamplingParams(max_tokens=2), priority=0)
+    assert DecodeGroup._outranked(group("priority", -1), arrival)
+    assert not DecodeGroup._outranked(group("priority", 0), arrival)  # the arrival came first
+    assert not DecodeGroup._outranked(group("priority", 1), arrival)
+    assert not DecodeGroup._outranked(group("priority"), arrival)
+    assert not DecodeGroup._outranked(group("fcfs", 0), arrival)

@@ -238,6 +238,10 @@ def add_openai_frontend_options(parser: argparse.ArgumentParser) -> None:
                        f"and content: {', '.join(sorted(REASONING_PARSERS))} (deepseek_r1: "
                        "DeepSeek-R1 and its distillations; qwen3: Qwen3's <think> blocks; "
                        "deepseek_v3: V3.1 and later, where chat_template_kwargs set thinking)")
+    group.add_argument("--return-tokens-as-token-ids", action="store_true",
+                       help='name logprob tokens "token_id:N" (for tokens whose text is no '
+                       "valid UTF-8 alone) unless a request's return_tokens_as_token_ids "
+                       "says otherwise")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:

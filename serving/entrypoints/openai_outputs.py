@@ -46,7 +46,13 @@ class ChoiceCursor:
         return text, start, finished
 
 
+AS_IDS = object()  # in place of a tokenizer: logprob tokens named "token_id:N" (vLLM's
+# return_tokens_as_token_ids, for tokens whose text is no valid UTF-8 on its own)
+
+
 def token_text(tokenizer: Any, entry: Logprob | None, token_id: int) -> str:
+    if tokenizer is AS_IDS:
+        return f"token_id:{token_id}"
     if entry is not None and entry.decoded_token is not None:
         return entry.decoded_token
     if tokenizer is None:
@@ -164,6 +170,21 @@ def completion_response(request_id: str, model: str, n: int, echoes: list[str | 
     ]
     return CompletionResponse(id=request_id, model=model, choices=choices,
                               usage=usage(prompt_lens, finals))
+
+
+def with_token_ids(body: dict, finals: list[RequestOutput], n: int, kind: str) -> dict:
+    """A whole response with vLLM's ``return_token_ids`` fields: each choice's ``token_ids``
+    and, per prompt, its ``prompt_token_ids`` (completions: on each of its choices; chat: on
+    the response)."""
+    for choice in body["choices"]:
+        i, j = divmod(choice["index"], n) if kind != "chat" else (0, choice["index"])
+        out = finals[i]
+        choice["token_ids"] = list(next(c for c in out.outputs if c.index == j).token_ids)
+        if kind != "chat":
+            choice["prompt_token_ids"] = list(out.prompt_token_ids)
+    if kind == "chat":
+        body["prompt_token_ids"] = list(finals[0].prompt_token_ids)
+    return body
 
 
 def plain_reply(text: str, finish_reason: str | None) -> tuple[ChatMessage, str | None]:

@@ -73,7 +73,7 @@ class SamplingFields(OpenAIModel):
     null_is_default = frozenset({
         "n", "stream", "presence_penalty", "frequency_penalty", "min_tokens", "ignore_eos",
         "include_stop_str_in_output", "skip_special_tokens", "use_beam_search",
-        "length_penalty", "priority"})
+        "length_penalty", "priority", "return_token_ids"})
     model: str | None = None
     n: int | None = 1
     stream: bool | None = False
@@ -103,6 +103,8 @@ class SamplingFields(OpenAIModel):
     length_penalty: float | None = 1.0  # beam search: score = logprob sum / length ** this
     priority: int | None = 0  # --scheduling-policy priority: lower first
     cache_salt: str | None = None  # share cached KV only with requests of the same salt
+    return_token_ids: bool | None = False  # token ids beside the text (server_responses)
+    return_tokens_as_token_ids: bool | None = None  # logprob tokens as "token_id:N"
     # Structured outputs (at most one; ``server_requests.structured_outputs``): OpenAI's
     # response_format, vLLM's structured_outputs object and its older guided_* fields
     response_format: dict[str, Any] | None = None

@@ -86,7 +86,8 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               chat_template: str | None = None,
               tool_call_parser: str | None = None,
-              reasoning_parser: str | None = None) -> FastAPI:
+              reasoning_parser: str | None = None,
+              return_tokens_as_token_ids: bool = False) -> FastAPI:
     """The FastAPI app serving ``engine``, which the caller starts and shuts down.
 
     ``api_key``: required as ``Authorization: Bearer <key>`` on every route but ``/health``
@@ -96,7 +97,8 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
     ``tool_parsers.PARSERS`` name that reads tool calls out of ``tool_choice`` "auto" replies
     (None: "auto" is refused, as vLLM does without ``--enable-auto-tool-choice``);
     ``reasoning_parser``: the ``reasoning.PARSERS`` name that splits chat replies into
-    ``reasoning_content`` and ``content``.
+    ``reasoning_content`` and ``content``; ``return_tokens_as_token_ids``: logprob tokens
+    named ``token_id:N`` unless a request says otherwise.
     """
     if chat_template is not None:
         if engine.tokenizer is None:
@@ -104,7 +106,7 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         engine.tokenizer.chat_template = chat_template
     parser = None if tool_call_parser is None else tool_parser(True, tool_call_parser)
     served = Served(engine, served_model_names or [engine.model_name], request_timeout_s,
-                    parser, reasoning_parser_named(reasoning_parser))
+                    parser, reasoning_parser_named(reasoning_parser), return_tokens_as_token_ids)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -224,7 +226,7 @@ def run_server(args: Any, engine: Any = None) -> None:
     ``xds serve`` options (``host``, ``port``, ``served_model_name``, ``request_timeout``,
     ``api_key`` (else ``$XDS_API_KEY``), ``max_request_bytes``, ``shutdown_timeout``,
     ``chat_template``, ``enable_auto_tool_choice``, ``tool_call_parser``, ``reasoning_parser``,
-    ``log_level``, and the
+    ``return_tokens_as_token_ids``, ``log_level``, and the
     engine's when ``engine`` is None)."""
     import uvicorn
 
@@ -244,7 +246,9 @@ def run_server(args: Any, engine: Any = None) -> None:
                     max_request_bytes=args.max_request_bytes,
                     chat_template=load_chat_template(template) if template else None,
                     tool_call_parser=parser and parser.name,
-                    reasoning_parser=getattr(args, "reasoning_parser", None))
+                    reasoning_parser=getattr(args, "reasoning_parser", None),
+                    return_tokens_as_token_ids=getattr(args, "return_tokens_as_token_ids",
+                                                       False))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     log.info("serving %s at http://%s:%d/v1%s", names[0], args.host, args.port,

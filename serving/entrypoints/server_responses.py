@@ -85,9 +85,10 @@ async def respond(served: Served, raw: Request, req: Any, model: str,
     else:
         echoes = [outputs.echo_text(p, tok) if req.echo else None for p, _ in jobs]
     finals: list[RequestOutput | None] = [None] * len(streams)
+    names = served.token_names(req)  # how logprobs name tokens
     if req.stream:
-        events = stream_events(served, req, model, request_id, streams, finals, echoes, kind,
-                               tools)
+        events = stream_events(req, model, request_id, streams, finals, echoes, kind, tools,
+                               names, [p[1] for p, _ in jobs])
         return StreamingResponse(
             finish_stream(watch, events, req, lambda: outputs.usage(lens, finals), model,
                           request_id),
@@ -100,28 +101,36 @@ async def respond(served: Served, raw: Request, req: Any, model: str,
     if watch.timed_out:
         raise watch.timeout_error()
     if kind == "chat":
-        return outputs.chat_response(request_id, model, req.top_logprobs or 0, finals[0],
-                                     lens[0], tok, tools.reply, echoes[0]).model_dump()
-    return outputs.completion_response(request_id, model, req.n, echoes, finals, lens,
-                                       tok).model_dump()
+        body = outputs.chat_response(request_id, model, req.top_logprobs or 0, finals[0],
+                                     lens[0], names, tools.reply, echoes[0]).model_dump()
+    else:
+        body = outputs.completion_response(request_id, model, req.n, echoes, finals, lens,
+                                           names).model_dump()
+    return outputs.with_token_ids(body, finals, req.n, kind) if req.return_token_ids else body
 
 
-async def stream_events(served: Served, req: Any, model: str, request_id: str,
-                        streams: list, finals: list, echoes: list[str | None], kind: str,
-                        tools: ToolPlan) -> AsyncIterator[dict]:
+async def stream_events(req: Any, model: str, request_id: str, streams: list, finals: list,
+                        echoes: list[str | None], kind: str, tools: ToolPlan, names: Any,
+                        prompts: list[list[int]]) -> AsyncIterator[dict]:
     """The chunks of a stream in OpenAI's shapes (without ``usage``); one chunk per choice
     update (chat: one per delta ``tools`` makes of it). Chat opens each choice with a ``role``
     delta, and leads with the echoed last message (``chat_echo``); completions may echo the
-    prompt."""
-    tok, created, n = served.engine.tokenizer, api.now(), req.n
+    prompt. Logprobs name tokens with ``names`` (a tokenizer, or ``outputs.AS_IDS``); with
+    ``return_token_ids`` (vLLM's) each choice's chunks carry its new ``token_ids`` and its
+    first its ``prompt_token_ids`` (chat: the stream's first chunk)."""
+    created, n, ids = api.now(), req.n, req.return_token_ids
     cursors = [[outputs.ChoiceCursor() for _ in range(n)] for _ in streams]
     offsets = [[0] * n for _ in streams]  # each choice's next text_offset
     shapers = [ChoiceDeltas(tools) for _ in range(n)]  # chat has one stream
+    opened = [[False] * n for _ in streams]  # completions: prompt_token_ids sent
     if kind == "chat":
         head = dict(id=request_id, created=created, model=model)
         for j in range(n):
-            yield api.ChatCompletionStreamResponse(**head, choices=[api.ChatStreamChoice(
+            chunk = api.ChatCompletionStreamResponse(**head, choices=[api.ChatStreamChoice(
                 index=j, delta=api.DeltaMessage(role="assistant", content=""))]).model_dump()
+            if ids and j == 0:
+                chunk["prompt_token_ids"] = list(prompts[0])
+            yield chunk
             if echoes[0]:  # the echoed last message leads the reply
                 yield api.ChatCompletionStreamResponse(**head, choices=[api.ChatStreamChoice(
                     index=j, delta=api.DeltaMessage(content=echoes[0]))]).model_dump()
@@ -130,11 +139,16 @@ async def stream_events(served: Served, req: Any, model: str, request_id: str,
     async for i, out in merged(streams):
         if kind != "chat" and finals[i] is None and echoes[i] is not None:
             # the echo and its scored prompt, sent even when the echo is no text
-            logprobs = outputs.prompt_logprobs(out, tok)
+            logprobs = outputs.prompt_logprobs(out, names)
             offsets[i] = [outputs.next_offset(logprobs, len(echoes[i]))] * n
             for j in range(n):
-                yield api.CompletionStreamResponse(**head, choices=[api.CompletionChoice(
+                chunk = api.CompletionStreamResponse(**head, choices=[api.CompletionChoice(
                     index=i * n + j, text=echoes[i], logprobs=logprobs)]).model_dump()
+                if ids:
+                    chunk["choices"][0] |= {"prompt_token_ids": list(prompts[i]),
+                                            "token_ids": []}
+                    opened[i][j] = True
+                yield chunk
         finals[i] = out
         for c in out.outputs:
             cursor = cursors[i][c.index]
@@ -143,25 +157,38 @@ async def stream_events(served: Served, req: Any, model: str, request_id: str,
                 continue
             reason = dict(finish_reason=c.finish_reason if finished else None,
                           stop_reason=c.stop_reason if finished else None)
+            new_ids = list(c.token_ids[start:])
             if kind == "chat":
-                for chunk in chat_chunks(shapers[c.index], c, text, start, finished, req, tok):
-                    yield api.ChatCompletionStreamResponse(**head, choices=[chunk]).model_dump()
+                chunks = chat_chunks(shapers[c.index], c, text, start, finished, req, names)
+                for k, choice in enumerate(chunks):
+                    chunk = api.ChatCompletionStreamResponse(**head, choices=[choice]).model_dump()
+                    if ids:
+                        chunk["choices"][0]["token_ids"] = new_ids if k == 0 else []
+                    yield chunk
             else:
-                logprobs = outputs.completion_logprobs(c, start, offsets[i][c.index], tok)
+                logprobs = outputs.completion_logprobs(c, start, offsets[i][c.index], names)
                 offsets[i][c.index] = outputs.next_offset(logprobs, offsets[i][c.index])
                 choice = api.CompletionChoice(index=i * n + c.index, text=text,
                                               logprobs=logprobs, **reason)
-                yield api.CompletionStreamResponse(**head, choices=[choice]).model_dump()
+                chunk = api.CompletionStreamResponse(**head, choices=[choice]).model_dump()
+                if ids:
+                    chunk["choices"][0]["token_ids"] = new_ids
+                    if not opened[i][c.index]:
+                        chunk["choices"][0]["prompt_token_ids"] = list(prompts[i])
+                        opened[i][c.index] = True
+                yield chunk
 
 
 def chat_chunks(shaper: ChoiceDeltas, c: CompletionOutput, text: str, start: int,
-                finished: bool, req: Any, tok: Any) -> list[api.ChatStreamChoice]:
+                finished: bool, req: Any, names: Any) -> list[api.ChatStreamChoice]:
     """A chat choice's update as stream choices: one per delta ``shaper`` makes of ``text``,
     the new tokens' logprobs on the first and the finish reason on the last. Held-back text
-    sends nothing unless it carries logprobs or the end."""
+    sends nothing unless it carries logprobs, the end, or (``return_token_ids``) new
+    tokens."""
     deltas = shaper.feed(text, finished)
-    logprobs = outputs.chat_logprobs(c, start, req.top_logprobs or 0, tok)
-    if not deltas and not (finished or (logprobs and logprobs.content)):
+    logprobs = outputs.chat_logprobs(c, start, req.top_logprobs or 0, names)
+    new_ids = req.return_token_ids and len(c.token_ids) > start
+    if not deltas and not (finished or (logprobs and logprobs.content) or new_ids):
         return []
     chunks = [api.ChatStreamChoice(index=c.index, delta=delta) for delta in deltas or
               [api.DeltaMessage()]]

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from serving.core.admission import OverloadedError, RequestTooLargeError, Ticket
 from serving.entrypoints.metrics import ServerMetrics
+from serving.entrypoints.openai_outputs import AS_IDS
 from serving.entrypoints.server_requests import ApiError, Prompt, engine_error, reasoning_for
 from serving.entrypoints.tool_calls import ToolPlan, tool_plan
 from serving.entrypoints.tool_parsers import ToolParser
@@ -100,9 +101,11 @@ class Served:
     parser of chat replies (``reasoning``; None: none)."""
 
     def __init__(self, engine: Any, names: list[str], timeout_s: float | None,
-                 tool_parser: ToolParser | None = None, reasoning_parser: Any = None):
+                 tool_parser: ToolParser | None = None, reasoning_parser: Any = None,
+                 tokens_as_ids: bool = False):
         self.engine, self.names, self.timeout_s = engine, names, timeout_s
         self.tool_parser, self.reasoning_parser = tool_parser, reasoning_parser
+        self.tokens_as_ids = tokens_as_ids  # --return-tokens-as-token-ids
         self.admission = engine.admission
         self.registry = CollectorRegistry()
         self.metrics = ServerMetrics(self.registry, engine, names[0])
@@ -201,6 +204,15 @@ class Served:
                 where if len(ids) >= limit or max_tokens is None else field,
                 "context_length_exceeded")
         return wanted
+
+    def token_names(self, req: Any) -> Any:
+        """What names a response's logprob tokens: the tokenizer, or ``"token_id:N"``
+        (``openai_outputs.AS_IDS``) where the request's ``return_tokens_as_token_ids``, else
+        the server's flag, says so."""
+        as_ids = req.return_tokens_as_token_ids
+        if as_ids is None:
+            as_ids = self.tokens_as_ids
+        return AS_IDS if as_ids else self.engine.tokenizer
 
     def request_options(self, req: Any) -> dict[str, Any]:
         """The engine's per-request options a generation request names, checked before it is

@@ -26,8 +26,12 @@ class NoHealthyGroupError(RuntimeError):
     """Every DP group is unhealthy."""
 
 
-def _prefix_keys(prompt_ids: list[int]) -> list[str]:
+def _prefix_keys(prompt_ids: list[int], salt: bytes = b"") -> list[str]:
+    """Chained keys of the prompt's leading blocks; a cache salt seeds the chain (placement
+    follows only prefixes the request could share: its own salt's)."""
     keys, h = [], hashlib.blake2b(digest_size=8)
+    if salt:
+        h.update(b"cache_salt\0" + salt)
     for start in range(0, len(prompt_ids) - PREFIX_BLOCK + 1, PREFIX_BLOCK):
         h.update(str(prompt_ids[start:start + PREFIX_BLOCK]).encode())
         keys.append(h.copy().hexdigest())
@@ -41,12 +45,12 @@ class Balancer:
         self._affinity: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._log_length: dict[int, float] = {}  # group -> EMA of log prompt length
 
-    def choose(self, loads: list[GroupLoad], prompt_ids: list[int]) -> int:
+    def choose(self, loads: list[GroupLoad], prompt_ids: list[int], salt: bytes = b"") -> int:
         healthy = [g for g in loads if g.healthy]
         if not healthy:
             raise NoHealthyGroupError("no healthy DP group is available")
         open_groups = [g for g in healthy if not g.full] or healthy
-        keys = _prefix_keys(prompt_ids)
+        keys = _prefix_keys(prompt_ids, salt)
         hits = {g.index: 0 for g in open_groups}
         for depth, key in enumerate(keys, start=1):
             group = self._affinity.get(key)

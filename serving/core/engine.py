@@ -100,7 +100,8 @@ class Engine:
             with self._lock:
                 if isinstance(message, Resume) and request.request_id not in self._placement:
                     return None
-                index = self.balancer.choose([g.load() for g in self.entry], request.prompt_ids)
+                index = self.balancer.choose([g.load() for g in self.entry], request.prompt_ids,
+                                             request.seqs[0].salt)
                 group = next(g for g in self.entry if g.index == index)
                 self._placement[request.request_id] = group
             try:

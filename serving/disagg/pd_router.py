@@ -57,7 +57,8 @@ class PDRouter:
             g.router = self
 
     def _balanced(self, request: Request) -> int:
-        return self._balancer.choose([g.load() for g in self.decode], request.prompt_ids)
+        return self._balancer.choose([g.load() for g in self.decode], request.prompt_ids,
+                                     request.seqs[0].salt)
 
     def _target(self, request: Request) -> DecodeGroup:
         """The request's decode group (under the lock): chosen at its first hand-off, again

@@ -46,12 +46,23 @@ class ChoiceCursor:
         return text, start, finished
 
 
-AS_IDS = object()  # in place of a tokenizer: logprob tokens named "token_id:N" (vLLM's
-# return_tokens_as_token_ids, for tokens whose text is no valid UTF-8 on its own)
+class TokenIds:
+    """In place of a tokenizer: logprob tokens named ``token_id:N`` (vLLM's
+    ``return_tokens_as_token_ids``, for tokens whose text is no valid UTF-8 on its own);
+    ``tokenizer`` still spells their text where a field holds the text (a chat token's
+    ``bytes``, vLLM's ``prompt_logprobs`` ``decoded_token``)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+
+def spelling(names: Any) -> Any:
+    """The tokenizer behind ``names`` (a tokenizer, or ``TokenIds``)."""
+    return names.tokenizer if isinstance(names, TokenIds) else names
 
 
 def token_text(tokenizer: Any, entry: Logprob | None, token_id: int) -> str:
-    if tokenizer is AS_IDS:
+    if isinstance(tokenizer, TokenIds):
         return f"token_id:{token_id}"
     if entry is not None and entry.decoded_token is not None:
         return entry.decoded_token
@@ -115,9 +126,11 @@ def prompt_logprobs(out: RequestOutput, tokenizer: Any) -> CompletionLogprobs | 
 
 def vllm_prompt_logprobs(out: RequestOutput, tokenizer: Any) -> PromptLogprobs | None:
     """vLLM's ``prompt_logprobs`` of a response: per prompt token, ``{token id: logprob, rank,
-    decoded_token}`` of the token and its top alternatives (None for the first token)."""
+    decoded_token}`` of the token and its top alternatives (None for the first token); keyed
+    by id, so ``decoded_token`` is the text whatever names the tokens elsewhere."""
     if out.prompt_logprobs is None:
         return None
+    tokenizer = spelling(tokenizer)
     return [None if entries is None else {
         t: PromptLogprob(logprob=max(lp.logprob, -9999.0), rank=lp.rank,
                          decoded_token=token_text(tokenizer, lp, t))
@@ -139,7 +152,9 @@ def echoed_logprobs(out: RequestOutput, c: CompletionOutput, echo: str | None,
 
 def chat_logprobs(c: CompletionOutput, start: int, top: int,
                   tokenizer: Any) -> ChatLogprobs | None:
-    """The chat ``logprobs`` object of tokens ``start:`` of ``c``, ``top`` alternatives each."""
+    """The chat ``logprobs`` object of tokens ``start:`` of ``c``, ``top`` alternatives each
+    (as vLLM: a token's ``bytes`` spell its text also where ``TokenIds`` name it, an
+    alternative's its name)."""
     if c.logprobs is None:
         return None
     content = []
@@ -151,8 +166,9 @@ def chat_logprobs(c: CompletionOutput, start: int, top: int,
             alt = token_text(tokenizer, entries[t], t)
             tops.append(TopLogprob(token=alt, logprob=entries[t].logprob, bytes=list(alt.encode())))
         logprob = entries[token_id].logprob if token_id in entries else -9999.0
+        spelt = token_text(spelling(tokenizer), entries.get(token_id), token_id)
         content.append(ChatTokenLogprob(token=text, logprob=max(logprob, -9999.0),
-                                        bytes=list(text.encode()), top_logprobs=tops))
+                                        bytes=list(spelt.encode()), top_logprobs=tops))
     return ChatLogprobs(content=content)
 
 

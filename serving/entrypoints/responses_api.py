@@ -213,7 +213,7 @@ class Run:
         if not wants_logprobs(self.req):
             return []
         return out.logprob_list(chat_logprobs(c, start, self.req.top_logprobs or 0,
-                                              self.served.engine.tokenizer))
+                                              self.served.token_names(self.req)))
 
     def keep(self) -> None:
         """The reply finished: a follow-up may continue its conversation."""

@@ -115,9 +115,9 @@ async def stream_events(req: Any, model: str, request_id: str, streams: list, fi
     """The chunks of a stream in OpenAI's shapes (without ``usage``); one chunk per choice
     update (chat: one per delta ``tools`` makes of it). Chat opens each choice with a ``role``
     delta, and leads with the echoed last message (``chat_echo``); completions may echo the
-    prompt. Logprobs name tokens with ``names`` (a tokenizer, or ``outputs.AS_IDS``); with
+    prompt. Logprobs name tokens with ``names`` (a tokenizer, or ``outputs.TokenIds``); with
     ``return_token_ids`` (vLLM's) each choice's chunks carry its new ``token_ids`` and its
-    first its ``prompt_token_ids`` (chat: the stream's first chunk)."""
+    first its ``prompt_token_ids`` (chat: on the chunk opening the choice)."""
     created, n, ids = api.now(), req.n, req.return_token_ids
     cursors = [[outputs.ChoiceCursor() for _ in range(n)] for _ in streams]
     offsets = [[0] * n for _ in streams]  # each choice's next text_offset
@@ -128,7 +128,7 @@ async def stream_events(req: Any, model: str, request_id: str, streams: list, fi
         for j in range(n):
             chunk = api.ChatCompletionStreamResponse(**head, choices=[api.ChatStreamChoice(
                 index=j, delta=api.DeltaMessage(role="assistant", content=""))]).model_dump()
-            if ids and j == 0:
+            if ids:  # on each choice's first chunk, as vLLM
                 chunk["prompt_token_ids"] = list(prompts[0])
             yield chunk
             if echoes[0]:  # the echoed last message leads the reply

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from serving.core.admission import OverloadedError, RequestTooLargeError, Ticket
 from serving.entrypoints.metrics import ServerMetrics
-from serving.entrypoints.openai_outputs import AS_IDS
+from serving.entrypoints.openai_outputs import TokenIds
 from serving.entrypoints.server_requests import ApiError, Prompt, engine_error, reasoning_for
 from serving.entrypoints.tool_calls import ToolPlan, tool_plan
 from serving.entrypoints.tool_parsers import ToolParser
@@ -207,12 +207,13 @@ class Served:
 
     def token_names(self, req: Any) -> Any:
         """What names a response's logprob tokens: the tokenizer, or ``"token_id:N"``
-        (``openai_outputs.AS_IDS``) where the request's ``return_tokens_as_token_ids``, else
-        the server's flag, says so."""
+        (``openai_outputs.TokenIds``) where the request's ``return_tokens_as_token_ids``,
+        else the server's flag, says so."""
         as_ids = req.return_tokens_as_token_ids
         if as_ids is None:
             as_ids = self.tokens_as_ids
-        return AS_IDS if as_ids else self.engine.tokenizer
+        tokenizer = self.engine.tokenizer
+        return TokenIds(tokenizer) if as_ids else tokenizer
 
     def request_options(self, req: Any) -> dict[str, Any]:
         """The engine's per-request options a generation request names, checked before it is

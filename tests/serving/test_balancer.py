@@ -26,6 +26,18 @@ def test_prefix_affinity_beats_load():
     assert b.choose(loads, prompt[: 2 * PREFIX_BLOCK] + [7] * 10) == first
 
 
+def test_affinity_follows_only_prefixes_of_the_same_cache_salt():
+    """A salted request cannot share another salt's blocks: no pull towards where they went
+    (and no clue to where that was); its own salt's prefixes attract it as before."""
+    b = Balancer()
+    prompt = list(range(3 * PREFIX_BLOCK))
+    first = b.choose([load(0), load(1)], prompt, b"tenant-a")
+    busy = [load(0, running=4 if first == 0 else 0), load(1, running=4 if first == 1 else 0)]
+    assert b.choose(busy, prompt, b"tenant-b") == 1 - first  # the idle group
+    assert b.choose(busy, prompt) == 1 - first  # unsalted: no affinity either
+    assert b.choose(busy, prompt, b"tenant-a") == first
+
+
 def test_least_loaded_wins():
     b = Balancer()
     assert b.choose([load(0, running=6, kv=0.5), load(1, running=1)], [5] * 10) == 1

@@ -12,7 +12,7 @@ from serving.core.kv_cache import BlockManager, block_hashes, chain_root
 from tests.helpers import GOLDEN
 from tests.serving.real_server import text_server_fixture
 from tests.serving.test_engine import params_for, reference, workload
-from xds_jax import LLM
+from xds_jax import LLM, BeamSearchParams
 from xds_jax.errors import SamplingParamsError
 from xds_jax.sequence import salt_bytes
 
@@ -43,9 +43,13 @@ def test_a_salt_is_a_non_empty_string():
             salt_bytes(bad)
 
 
-def test_generate_shares_the_prefix_cache_by_salt():
-    llm = LLM(str(GOLDEN / "llama"), dtype="float32", max_num_seqs=4,
-              max_num_batched_tokens=64, staged=True, use_param_cache=False)
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(str(GOLDEN / "llama"), dtype="float32", max_num_seqs=4,
+               max_num_batched_tokens=64, staged=True, use_param_cache=False)
+
+
+def test_generate_shares_the_prefix_cache_by_salt(llm):
     bm = llm.engine.groups[0].blocks
     prompts = workload(llm.cfg.vocab_size, 1, seed=5)
     want = reference(llm, prompts)[0]
@@ -64,6 +68,23 @@ def test_generate_shares_the_prefix_cache_by_salt():
     assert whole > 0 and hits("alice") == hits("bob") == hits(None) == whole  # own salt's blocks
     with pytest.raises(SamplingParamsError, match="cache_salt"):
         llm.generate({"prompt_token_ids": prompts[0], "cache_salt": ""}, params_for(0))
+
+
+def test_beam_search_rounds_keep_the_prompt_s_salt(llm):
+    bm = llm.engine.groups[0].blocks
+    prompt = workload(llm.cfg.vocab_size, 2, seed=6)[1]
+    llm.generate({"prompt_token_ids": prompt}, params_for(0))  # unsalted blocks cached
+    one_round = BeamSearchParams(beam_width=1, max_tokens=1)
+
+    def hits(**salt) -> int:
+        before = bm.prefix_hit_tokens
+        llm.beam_search({"prompt_token_ids": prompt} | salt, one_round)
+        return bm.prefix_hit_tokens - before
+
+    assert hits(cache_salt="carol") == 0
+    assert hits() > 0 and hits(cache_salt="carol") > 0  # each finds its own salt's blocks
+    with pytest.raises(SamplingParamsError, match="cache_salt"):
+        llm.beam_search({"prompt_token_ids": prompt, "cache_salt": ""}, one_round)
 
 
 server = text_server_fixture()

@@ -77,6 +77,11 @@ def test_chat_answers_the_rendered_prompt_s_ids_whole_and_streamed(http):
     assert not any("prompt_token_ids" in c for c in chunks[1:])
     ids = [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids", [])]
     assert ids == choice["token_ids"]
+    two = streamed(http, "/v1/chat/completions", GREEDY | CHAT | {
+        "return_token_ids": True, "n": 2, "temperature": 0.9, "seed": 1})
+    opening = [c for c in two if "prompt_token_ids" in c]  # each choice's first chunk, as vLLM
+    assert [c["choices"][0]["index"] for c in opening] == [0, 1]
+    assert all(c["prompt_token_ids"] == body["prompt_token_ids"] for c in opening)
 
 
 def test_logprob_tokens_as_token_ids_per_request_and_by_the_server_flag(server, http):
@@ -88,6 +93,11 @@ def test_logprob_tokens_as_token_ids_per_request_and_by_the_server_flag(server, 
                for k in top)
     named = http.post("/v1/completions", json=asked).json()["choices"][0]["logprobs"]
     assert not any(t.startswith("token_id:") for t in named["tokens"])
+    scored = http.post("/v1/completions", json=asked | {
+        "return_tokens_as_token_ids": True, "prompt_logprobs": 1}).json()["choices"][0]
+    first, *rest = scored["prompt_logprobs"]  # keyed by id: decoded_token stays the text
+    assert first is None and all(not e["decoded_token"].startswith("token_id:")
+                                 for entries in rest for e in entries.values())
     chat = GREEDY | CHAT | {"logprobs": True, "top_logprobs": 2, "return_token_ids": True}
     with serve(server.engine, return_tokens_as_token_ids=True) as flagged, \
             httpx.Client(base_url=flagged.url, timeout=60) as other:
@@ -96,6 +106,16 @@ def test_logprob_tokens_as_token_ids_per_request_and_by_the_server_flag(server, 
         assert [c["token"] for c in content] == [f"token_id:{t}" for t in choice["token_ids"]]
         assert all(alt["token"].startswith("token_id:") for c in content
                    for alt in c["top_logprobs"])
+        # as vLLM: a token's bytes spell its text, an alternative's its name
+        assert bytes(b for c in content for b in c["bytes"]).decode() == detokenize(
+            other, choice["token_ids"]) == choice["message"]["content"]
+        assert all(bytes(alt["bytes"]).decode() == alt["token"] for c in content
+                   for alt in c["top_logprobs"])
+        reply = other.post("/v1/responses", json={"input": "hi", "max_output_tokens": 3,
+                                                  "top_logprobs": 2,
+                                                  "include": ["message.output_text.logprobs"]})
+        logprobs = reply.json()["output"][0]["content"][0]["logprobs"]
+        assert logprobs and all(e["token"].startswith("token_id:") for e in logprobs)
         overridden = other.post("/v1/chat/completions", json=chat | {
             "return_tokens_as_token_ids": False}).json()["choices"][0]["logprobs"]["content"]
         assert not any(c["token"].startswith("token_id:") for c in overridden)

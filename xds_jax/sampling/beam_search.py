@@ -26,6 +26,7 @@ import math
 from xds_jax.errors import SamplingParamsError
 from xds_jax.outputs import CompletionOutput, Logprob
 from xds_jax.sampling.params import MAX_LOGPROBS, SamplingParams
+from xds_jax.sequence import salt_bytes
 
 MAX_BEAM_WIDTH = MAX_LOGPROBS // 2  # each round asks for 2 x beam_width log-probabilities
 
@@ -181,23 +182,26 @@ class BeamSearchOutput:
 
 def run_beam_search(llm, prompts, params: BeamSearchParams) -> list[BeamSearchOutput]:
     """``LLM.beam_search``: the rounds of every prompt's live beams, batched together through
-    ``llm.generate`` (any engine layout)."""
+    ``llm.generate`` (any engine layout), each round of a prompt under its ``cache_salt``."""
     if isinstance(prompts, str | dict):
         prompts = [prompts]
     if params.prompt_logprobs is not None:
         raise SamplingParamsError("prompt_logprobs is the server's (echo); offline, score a "
                                   "prompt with LLM.generate(SamplingParams(prompt_logprobs=k))")
     eos = llm.tokenizer.eos_token_ids if llm.tokenizer is not None else llm.cfg.eos_token_ids
-    searches = []
+    searches, salted = [], []  # salted: (search, its rounds' prompt dict fields)
     for prompt in prompts:
         _, ids = llm._prompt_ids(prompt)
         llm.check_prompt(ids, SamplingParams(max_tokens=params.max_tokens))
         searches.append(BeamSearch(ids, params, eos))
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        salt_bytes(salt)  # a bad one fails here, before any round
+        salted.append((searches[-1], {} if salt is None else {"cache_salt": salt}))
     each_round = params.round_params()
-    while live := [s for s in searches if not s.done]:
-        batch = [{"prompt_token_ids": p} for s in live for p in s.round_prompts()]
+    while live := [(s, fields) for s, fields in salted if not s.done]:
+        batch = [{"prompt_token_ids": p} | fields for s, fields in live for p in s.round_prompts()]
         results = iter(llm.generate(batch, each_round))
-        for s in live:
+        for s, _ in live:
             s.advance([next_logprobs(next(results)) for _ in s.live])
     tok = llm.tokenizer
     return [BeamSearchOutput([

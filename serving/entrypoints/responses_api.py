@@ -277,6 +277,9 @@ class Run:
         """A background run: open the engine stream (a refusal ends the response ``failed``),
         log its events; a cancel closes the open item; the log always closes."""
         log = self.stored.log
+        self.shaping = out.ResponseEvents(self.response)
+        for event in self.shaping.queue():  # followers see it made and queued at once
+            log.add(event)
         try:
             try:
                 streams = await self.served.open(self.watch, jobs, self.response["id"],
@@ -286,19 +289,15 @@ class Run:
                 failure = named_for_responses(constraint_error(failure, self.chat))
                 code = failure.code or ("server_error" if failure.status >= 500
                                         else "invalid_request")
-                events = out.ResponseEvents(self.response)
-                for event in events.start() + events.fail(code, failure.message):
+                for event in self.shaping.start() + self.shaping.fail(code, failure.message):
                     log.add(event)
                 return
             async with contextlib.aclosing(self.events(streams[0])) as events:
                 async for event in events:
                     log.add(event)
         except asyncio.CancelledError:  # POST .../cancel: the open item ends as it stands
-            if self.shaping is not None:
-                for event in self.shaping.close("incomplete"):
-                    log.add(event)
-            elif not log.events:  # cancelled while queued: followers still see it was made
-                log.add(out.ResponseEvents(self.response).lifecycle("response.created"))
+            for event in self.shaping.close("incomplete"):
+                log.add(event)
             raise
         except Exception as error:  # a bug of ours: the response fails, its followers end
             failure = engine_error(error)
@@ -311,7 +310,7 @@ class Run:
 
     async def events(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[dict]:
         """The response's stream events as its reply comes (``responses_output``)."""
-        events = self.shaping = out.ResponseEvents(self.response)
+        events = self.shaping = self.shaping or out.ResponseEvents(self.response)
         shaper, cursor, c = ChoiceDeltas(self.tools), ChoiceCursor(), None
         try:
             for event in events.start():

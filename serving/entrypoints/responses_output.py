@@ -113,6 +113,7 @@ class ResponseEvents:
     def __init__(self, response: dict[str, Any]):
         self.response = response
         self.seq = 0
+        self.created = False  # response.created sent
         self.item: dict[str, Any] | None = None  # the open output item
         self.pending: list[dict[str, Any]] = []  # logprobs of tokens not sent with a delta yet
 
@@ -123,11 +124,18 @@ class ResponseEvents:
     def lifecycle(self, kind: str) -> dict[str, Any]:
         return self.event(kind, response=copy.deepcopy(self.response))
 
+    def queue(self) -> list[dict[str, Any]]:
+        """A background response's first events, sent at once: ``response.created`` and
+        ``response.queued`` (status ``queued``); ``start`` then only moves it on."""
+        self.created = True
+        return [self.lifecycle("response.created"), self.lifecycle("response.queued")]
+
     def start(self) -> list[dict[str, Any]]:
-        """``response.created`` (``queued`` in the background) and ``response.in_progress``."""
-        created = self.lifecycle("response.created")
+        """``response.created`` (unless ``queue`` sent it) and ``response.in_progress``."""
+        events = [] if self.created else [self.lifecycle("response.created")]
+        self.created = True
         self.response["status"] = "in_progress"
-        return [created, self.lifecycle("response.in_progress")]
+        return [*events, self.lifecycle("response.in_progress")]
 
     def feed(self, delta: DeltaMessage, logprobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self.pending += logprobs

@@ -5,8 +5,10 @@ on without its client, is read back, streamed again from any sequence number and
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
+import httpx
 import openai
 import pytest
 
@@ -92,7 +94,9 @@ def test_a_background_stream_runs_on_without_its_client_and_resumes(slow, sdk):
     stream.close()  # the client leaves; the response runs on
     response_id = first[0].response.id
     assert first[0].type == "response.created" and first[0].response.status == "queued"
-    assert first[1].type == "response.in_progress"
+    assert first[1].type == "response.queued" and first[1].response.status == "queued"
+    assert first[2].type == "response.in_progress"
+    assert first[2].response.status == "in_progress"
     assert wait_for(lambda: done(sdk, response_id))
     assert sdk.responses.retrieve(response_id).output_text == (REPLY * 2)[:40]
     rest = list(sdk.responses.retrieve(response_id, stream=True, starting_after=5))
@@ -221,6 +225,13 @@ def test_a_background_create_answers_before_the_engine_takes_it(gated):
     r = sdk.responses.create(model="fake", input="hi", extra_body=STOP, background=True)
     assert r.status == "queued" and sdk.responses.retrieve(r.id).status == "queued"
     assert gated.engine.admission.requests == 1  # its room is held while it waits
+    with httpx.Client(base_url=gated.url, timeout=10) as http:  # followers see it queued
+        with http.stream("GET", f"/v1/responses/{r.id}", params={"stream": "true"}) as reply:
+            lines = reply.iter_lines()
+            seen = [json.loads(next(x for x in lines if x.startswith("data: "))[6:])
+                    for _ in range(2)]
+    assert [(e["type"], e["sequence_number"], e["response"]["status"]) for e in seen] == [
+        ("response.created", 0, "queued"), ("response.queued", 1, "queued")]
     gated.engine.gate.set()
     assert wait_for(lambda: done(sdk, r.id))
     assert sdk.responses.retrieve(r.id).output_text == "The answer is 42"

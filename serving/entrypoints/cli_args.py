@@ -232,11 +232,13 @@ def add_openai_frontend_options(parser: argparse.ArgumentParser) -> None:
                        help="how the model writes tool calls, for --enable-auto-tool-choice: "
                        f"{', '.join(sorted(PARSERS))} (hermes: Qwen2.5 and Hermes "
                        "<tool_call> blocks; llama3_json: Llama 3.1/3.2 JSON calls; "
-                       "deepseek_v3: DeepSeek-V3 and R1; deepseek_v31: DeepSeek-V3.1)")
+                       "deepseek_v3: DeepSeek-V3 and R1; deepseek_v31: DeepSeek-V3.1; glm45: "
+                       "GLM-4.5/4.6; qwen3_coder: Qwen3-Coder)")
     group.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), metavar="NAME",
                        help="split chat replies of a thinking model into reasoning_content "
                        f"and content: {', '.join(sorted(REASONING_PARSERS))} (deepseek_r1: "
-                       "DeepSeek-R1 and its distillations; qwen3: Qwen3's <think> blocks; "
+                       "DeepSeek-R1 and its distillations; qwen3, glm45: Qwen3's and GLM-4.5's "
+                       "<think> blocks; "
                        "deepseek_v3: V3.1 and later, where chat_template_kwargs set thinking)")
     group.add_argument("--return-tokens-as-token-ids", action="store_true",
                        help='name logprob tokens "token_id:N" (for tokens whose text is no '

@@ -7,8 +7,9 @@ Both parsers read the ``<think> ... </think>`` block a reply opens with:
 - ``deepseek_r1`` (DeepSeek-R1 and its distillations, whose chat template opens the block in the
   prompt): the reply is reasoning up to ``</think>`` (a ``<think>`` it starts with dropped), the
   answer after it; a reply that never closes the block is reasoning only.
-- ``qwen3`` (Qwen3, whose thinking a template switch may turn off): only a reply that opens with
-  ``<think>`` has reasoning (up to ``</think>``); any other is all answer.
+- ``qwen3`` (Qwen3, whose thinking a template switch may turn off) and ``glm45`` (GLM-4.5,
+  4.6): only a reply that opens with ``<think>`` has reasoning (up to ``</think>``); any
+  other is all answer.
 - ``deepseek_v3`` (DeepSeek-V3.1 and later, hybrid): as ``deepseek_r1`` where the request's
   ``chat_template_kwargs`` set ``thinking`` (the template then opens the block), else no
   reasoning at all.
@@ -60,6 +61,7 @@ class ReasoningParser:
 
 PARSERS = {"deepseek_r1": ReasoningParser("deepseek_r1", opens_in_prompt=True),
            "qwen3": ReasoningParser("qwen3", opens_in_prompt=False),
+           "glm45": ReasoningParser("glm45", opens_in_prompt=False),  # GLM-4.5's, as Qwen3's
            # DeepSeek-V3.1 / V3.2: the template thinks only with ``thinking`` set
            "deepseek_v3": ReasoningParser("deepseek_v3", opens_in_prompt=True,
                                           switch=("thinking", "enable_thinking"))}

@@ -136,7 +136,8 @@ def tool_plan(req: Any, parser: ToolParser | None) -> ToolPlan:
     if choice == "auto":
         if parser is None:
             raise ApiError(400, AUTO_NEEDS_FLAGS, "tool_choice", "unsupported")
-        return ToolPlan("auto", parser=parser)
+        bind = getattr(parser, "for_tools", None)  # a parser typing values by the schemas
+        return ToolPlan("auto", parser=bind(known) if bind else parser)
     if choice != "required" and not isinstance(choice, dict):
         raise ApiError(400, f"tool_choice must be {CHOICES}, got {choice!r:.40}", "tool_choice",
                        "invalid_value")

@@ -16,12 +16,16 @@ without calls is returned unchanged.
   ``;``; text after the calls is content.
 - ``deepseek_v3`` / ``deepseek_v31`` (DeepSeek-V3 and R1 / V3.1): the calls section between
   DeepSeek's special markers (``DeepSeekParser``).
+- ``glm45`` (GLM-4.5, 4.6) and ``qwen3_coder`` (Qwen3-Coder): ``<tool_call>`` blocks whose
+  arguments are written one by one in tags (``XmlArgsParser``), each value typed by the
+  request's tool schema (``for_tools``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any, Protocol
 
 
@@ -120,6 +124,9 @@ class HermesParser:
     name = "hermes"
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
+    def call(self, block: str) -> ParsedCall | None:
+        return call_from_json(block, ("arguments", "parameters"))
+
     def parse(self, text: str, final: bool) -> list[Piece]:
         pieces: list[Piece] = []
         pos = 0
@@ -130,8 +137,7 @@ class HermesParser:
                 return shaped(pieces, final)
             stop = len(text) if end < 0 else end + len(self.CLOSE)
             block = text[start + len(self.OPEN):end if end >= 0 else len(text)]
-            pieces.append(call_from_json(block, ("arguments", "parameters"))
-                          or text[start:stop])
+            pieces.append(self.call(block) or text[start:stop])
             pos = stop
         rest = text[pos:]
         if not final:
@@ -258,6 +264,102 @@ class DeepSeekParser:
             pos = end + len(self.CALL_END)
 
 
+def schema_types(schema: Any) -> set[str]:
+    """The JSON types a parameter's schema allows (``anyOf`` / ``oneOf`` branches too; an
+    ``enum``'s values'); empty where it says none."""
+    if not isinstance(schema, dict):
+        return set()
+    kind = schema.get("type")
+    types = {kind} if isinstance(kind, str) else set(kind) if isinstance(kind, list) else set()
+    for branch in (*schema.get("anyOf", ()), *schema.get("oneOf", ())):
+        types |= schema_types(branch)
+    names = {str: "string", bool: "boolean", int: "integer", float: "number"}
+    types |= {names.get(type(v), "other") for v in schema.get("enum", ())}
+    return types
+
+
+def typed_value(raw: str, schema: Any, untyped_json: bool) -> Any:
+    """A value written as text, typed as its schema says: a string stays the text; any other
+    type is the text read as JSON (the text where it is none). With no type in the schema,
+    read as JSON when ``untyped_json``, else the text."""
+    types = schema_types(schema)
+    if types == {"string"} or (not types and not untyped_json):
+        return raw
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+    return raw if isinstance(value, str) else value
+
+
+class XmlArgsParser(HermesParser):
+    """``<tool_call>`` blocks of one call whose arguments are tagged one by one:
+
+    - ``glm45`` (GLM-4.5, 4.6): ``NAME`` then ``<arg_key>K</arg_key><arg_value>V</arg_value>``
+      pairs (whitespace between); values of no schema type are read as JSON where they are;
+    - ``qwen3_coder``: ``<function=NAME>`` then ``<parameter=K>V</parameter>`` items (the
+      closing tag may be left out before the next), then ``</function>``; values of no schema
+      type stay text (as vLLM).
+
+    A value's one leading and trailing newline are not part of it. ``for_tools`` binds the
+    request's tools, whose parameter schemas type the values (``typed_value``)."""
+
+    def __init__(self, name: str, functions: dict[str, Any] | None = None):
+        self.name, self.functions = name, functions or {}
+
+    def for_tools(self, functions: dict[str, Any]) -> XmlArgsParser:
+        return XmlArgsParser(self.name, functions)
+
+    def call(self, block: str) -> ParsedCall | None:
+        found = self._glm(block) if self.name == "glm45" else self._qwen3_coder(block)
+        if found is None:
+            return None
+        name, raw = found
+        if not re.fullmatch(r"[^\s<>]+", name):  # a function name: no spaces, no tags
+            return None
+        schema = self.functions.get(name, {})
+        properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
+        arguments = {k: typed_value(v, properties.get(k), self.name == "glm45")
+                     for k, v in raw.items()}
+        return ParsedCall(name, json.dumps(arguments, ensure_ascii=False))
+
+    GLM_PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
+
+    def _glm(self, block: str) -> tuple[str, dict[str, str]] | None:
+        head, _, body = block.partition("<arg_key>")
+        body = "<arg_key>" + body if _ else ""
+        pairs, pos = {}, 0
+        for match in self.GLM_PAIR.finditer(body):
+            if body[pos:match.start()].strip():
+                return None
+            pairs[match.group(1).strip()] = _trimmed(match.group(2))
+            pos = match.end()
+        return (head.strip(), pairs) if not body[pos:].strip() else None
+
+    QWEN_FUNCTION = re.compile(r"\s*<function=([^>]*)>(.*?)</function>\s*", re.S)
+    QWEN_PARAMETER = re.compile(r"<parameter=([^>]*)>(.*?)(?:</parameter>|(?=<parameter=)|$)",
+                                re.S)
+
+    def _qwen3_coder(self, block: str) -> tuple[str, dict[str, str]] | None:
+        function = self.QWEN_FUNCTION.fullmatch(block)
+        if function is None:
+            return None
+        body, params, pos = function.group(2), {}, 0
+        for match in self.QWEN_PARAMETER.finditer(body):
+            if body[pos:match.start()].strip():
+                return None
+            params[match.group(1).strip()] = _trimmed(match.group(2))
+            pos = match.end()
+        return (function.group(1).strip(), params) if not body[pos:].strip() else None
+
+
+def _trimmed(value: str) -> str:
+    """A tagged value without the one newline that may open and close it."""
+    value = value[1:] if value.startswith("\n") else value
+    return value[:-1] if value.endswith("\n") else value
+
+
 PARSERS: dict[str, ToolParser] = {p.name: p for p in (
     HermesParser(), Llama3JsonParser(), DeepSeekParser("deepseek_v3", fenced=True),
-    DeepSeekParser("deepseek_v31", fenced=False))}
+    DeepSeekParser("deepseek_v31", fenced=False), XmlArgsParser("glm45"),
+    XmlArgsParser("qwen3_coder"))}

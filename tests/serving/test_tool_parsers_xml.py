@@ -1,0 +1,131 @@
+"""The tag-argument tool-call parsers, ``glm45`` (GLM-4.5 / 4.6) and ``qwen3_coder``: calls and
+content of whole replies, values typed by the request's tool schemas, malformed blocks kept as
+content, growing texts that only extend what was sent, streamed deltas adding up to the whole
+reply, and the server's auto tool choice through the ``openai`` SDK, streamed and not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from serving.entrypoints.tool_calls import ChoiceDeltas, ToolPlan, functions
+from serving.entrypoints.tool_parsers import PARSERS, typed_value
+from tests.serving.fake_engine import client, serve
+from tests.serving.test_tool_calls import (
+    ASK,
+    CALLS,
+    TOOLS,
+    ScriptedEngine,
+    calls_of,
+    content_of,
+    reassembled,
+)
+
+GLM = ("Let me check.<tool_call>w\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+       "</tool_call><tool_call>add\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n"
+       "<arg_key>b</arg_key>\n<arg_value>2</arg_value>\n</tool_call>")
+QWEN = ("Let me check.\n<tool_call>\n<function=w>\n<parameter=city>\nParis\n</parameter>\n"
+        "</function>\n</tool_call>\n<tool_call>\n<function=add>\n<parameter=a>\n1\n"
+        "</parameter>\n<parameter=b>\n2\n</parameter>\n</function>\n</tool_call>")
+TYPED = {"type": "object", "properties": {
+    "zip": {"type": "string"}, "n": {"type": "integer"}, "flag": {"type": "boolean"},
+    "opts": {"type": "object"}, "either": {"anyOf": [{"type": "null"}, {"type": "number"}]},
+    "color": {"enum": ["red", "blue"]}}}
+FUNCTIONS = functions([{"type": "function", "function": {"name": "f", "parameters": TYPED}},
+                       *TOOLS])
+
+
+def bound(name: str):
+    return PARSERS[name].for_tools(FUNCTIONS)
+
+
+@pytest.mark.parametrize("name,text", [("glm45", GLM), ("qwen3_coder", QWEN)])
+def test_calls_and_content_of_a_whole_reply(name, text):
+    pieces = bound(name).parse(text, True)
+    assert calls_of(pieces) == CALLS and content_of(pieces) == "Let me check."
+    assert calls_of(bound(name).parse(text + "\nDone.", True)) == CALLS
+    assert content_of(bound(name).parse(text + "\nDone.", True)) == "Let me check.\nDone."
+
+
+def test_values_are_typed_by_the_schema():
+    glm = ("<tool_call>f\n<arg_key>zip</arg_key><arg_value>0123</arg_value>"
+           "<arg_key>n</arg_key><arg_value>5</arg_value>"
+           "<arg_key>flag</arg_key><arg_value>true</arg_value>"
+           '<arg_key>opts</arg_key><arg_value>{"a": [1, "x"]}</arg_value>'
+           "<arg_key>either</arg_key><arg_value>2.5</arg_value>"
+           "<arg_key>color</arg_key><arg_value>red</arg_value>"
+           "<arg_key>extra</arg_key><arg_value>7</arg_value></tool_call>")
+    want = {"zip": "0123", "n": 5, "flag": True, "opts": {"a": [1, "x"]}, "either": 2.5,
+            "color": "red"}
+    [(name, args)] = calls_of(bound("glm45").parse(glm, True))
+    assert name == "f" and args == want | {"extra": 7}  # untyped: read as JSON (vLLM's GLM)
+    qwen = "<tool_call><function=f>" + "".join(
+        f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v)}\n</parameter>"
+        for k, v in (want | {"extra": "7"}).items()) + "</function></tool_call>"
+    [(name, args)] = calls_of(bound("qwen3_coder").parse(qwen, True))
+    assert name == "f" and args == want | {"extra": "7"}  # untyped: the text (vLLM's Qwen)
+    assert typed_value("not json", {"type": "integer"}, True) == "not json"
+    assert typed_value('"quoted"', {"type": "integer"}, True) == '"quoted"'
+
+
+def test_a_parameter_may_leave_its_closing_tag_out_and_values_keep_inner_newlines():
+    text = ("<tool_call>\n<function=w>\n<parameter=city>\nLine one\nLine two\n"
+            "<parameter=unit>\nC\n</function>\n</tool_call>")
+    assert calls_of(bound("qwen3_coder").parse(text, True)) == [
+        ("w", {"city": "Line one\nLine two", "unit": "C"})]
+
+
+@pytest.mark.parametrize("name,text", [
+    ("glm45", "<tool_call>w\n<arg_key>x</arg_key>junk</tool_call> kept"),
+    ("glm45", "<tool_call>\n</tool_call>"),
+    ("glm45", "<tool_call>bad name <arg_key>x</arg_key><arg_value>1</arg_value></tool_call>x"),
+    ("qwen3_coder", "<tool_call>no function here</tool_call>"),
+    ("qwen3_coder", "<tool_call><function=w>stray<parameter=a>1</parameter></function>"
+                    "</tool_call>"),
+    ("qwen3_coder", "Only <tool_ talk"),
+])
+def test_a_block_that_is_no_call_stays_content(name, text):
+    assert bound(name).parse(text, True) == [text]
+
+
+@pytest.mark.parametrize("name,text", [
+    ("glm45", GLM), ("glm45", GLM + " after <tool"), ("qwen3_coder", QWEN),
+    ("qwen3_coder", "x <tool_call><function=w></function></tool_call> y <tool_call>"),
+])
+def test_parsing_a_growing_text_only_ever_extends_the_pieces(name, text):
+    parser, before = bound(name), []
+    for end in range(len(text) + 1):
+        now = parser.parse(text[:end], False)
+        assert now[:max(len(before) - 1, 0)] == before[:-1], (text[:end], before, now)
+        if before:
+            last, same = before[-1], now[len(before) - 1]
+            assert last == same or (isinstance(last, str) and same.startswith(last))
+        before = now
+
+
+@pytest.mark.parametrize("name,text", [("glm45", GLM), ("qwen3_coder", QWEN + "\nDone.")])
+def test_streamed_deltas_add_up_to_the_whole_reply(name, text):
+    plan = ToolPlan("auto", parser=bound(name))
+    shaper = ChoiceDeltas(plan)
+    deltas = [d for i, char in enumerate(text) for d in shaper.feed(char, i == len(text) - 1)]
+    message, reason = plan.reply(text, "stop")
+    content, calls = reassembled(deltas)
+    assert (content or None) == (message.content or None) and reason == "tool_calls"
+    assert calls == [(c.function.name, c.function.arguments) for c in message.tool_calls]
+
+
+@pytest.mark.parametrize("name,script", [("glm45", GLM), ("qwen3_coder", QWEN)])
+def test_auto_tool_choice_reads_them_with_the_request_s_schemas(name, script):
+    engine = ScriptedEngine(max_model_len=1024)
+    engine.script = script
+    with serve(engine, tool_call_parser=name) as running:
+        sdk = client(running)
+        choice = sdk.chat.completions.create(model="fake", messages=ASK, tools=TOOLS)
+        calls = [(c.function.name, json.loads(c.function.arguments))
+                 for c in choice.choices[0].message.tool_calls]
+        assert calls == CALLS and choice.choices[0].finish_reason == "tool_calls"
+        with sdk.chat.completions.stream(model="fake", messages=ASK, tools=TOOLS) as stream:
+            streamed = stream.get_final_completion().choices[0]
+        assert [(c.function.name, json.loads(c.function.arguments))
+                for c in streamed.message.tool_calls] == CALLS

@@ -23,6 +23,7 @@ without calls is returned unchanged.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import re
@@ -280,15 +281,20 @@ def schema_types(schema: Any) -> set[str]:
 
 def typed_value(raw: str, schema: Any, untyped_json: bool) -> Any:
     """A value written as text, typed as its schema says: a string stays the text; any other
-    type is the text read as JSON (the text where it is none). With no type in the schema,
-    read as JSON when ``untyped_json``, else the text."""
+    type is the text read as JSON, or as a Python literal (``True``, ``None``: models write
+    them), else the text. With no type in the schema, read so when ``untyped_json``, else the
+    text."""
     types = schema_types(schema)
     if types == {"string"} or (not types and not untyped_json):
         return raw
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
-        return raw
+        try:
+            value = ast.literal_eval(raw)
+            json.dumps(value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return raw
     return raw if isinstance(value, str) else value
 
 
@@ -301,11 +307,14 @@ class XmlArgsParser(HermesParser):
       closing tag may be left out before the next), then ``</function>``; values of no schema
       type stay text (as vLLM).
 
-    A value's one leading and trailing newline are not part of it. ``for_tools`` binds the
-    request's tools, whose parameter schemas type the values (``typed_value``)."""
+    A ``glm45`` value is stripped of surrounding whitespace (as vLLM's parser reads it), a
+    ``qwen3_coder`` one of one leading and trailing newline. ``for_tools`` binds the request's
+    tools, whose parameter schemas type the values (``typed_value``). GLM's markers are read
+    with special tokens kept (vLLM's parser asks for it too)."""
 
     def __init__(self, name: str, functions: dict[str, Any] | None = None):
         self.name, self.functions = name, functions or {}
+        self.keeps_special_tokens = name == "glm45"
 
     def for_tools(self, functions: dict[str, Any]) -> XmlArgsParser:
         return XmlArgsParser(self.name, functions)
@@ -332,7 +341,7 @@ class XmlArgsParser(HermesParser):
         for match in self.GLM_PAIR.finditer(body):
             if body[pos:match.start()].strip():
                 return None
-            pairs[match.group(1).strip()] = _trimmed(match.group(2))
+            pairs[match.group(1).strip()] = match.group(2).strip()
             pos = match.end()
         return (head.strip(), pairs) if not body[pos:].strip() else None
 

@@ -129,3 +129,14 @@ def test_auto_tool_choice_reads_them_with_the_request_s_schemas(name, script):
             streamed = stream.get_final_completion().choices[0]
         assert [(c.function.name, json.loads(c.function.arguments))
                 for c in streamed.message.tool_calls] == CALLS
+
+
+def test_python_literals_and_glm_s_whitespace():
+    text = ("<tool_call>f\n<arg_key> flag </arg_key>\n<arg_value> True\n</arg_value>"
+            "<arg_key>zip</arg_key><arg_value>\n  0123 \n</arg_value>"
+            "<arg_key>either</arg_key><arg_value>None</arg_value></tool_call>")
+    [(_, args)] = calls_of(bound("glm45").parse(text, True))
+    assert args == {"flag": True, "zip": "0123", "either": None}
+    assert typed_value("__import__('os')", {"type": "object"}, True) == "__import__('os')"
+    # GLM's markers are read with special tokens kept, as vLLM's parser asks; Qwen's are not
+    assert bound("glm45").keeps_special_tokens and not bound("qwen3_coder").keeps_special_tokens

@@ -217,7 +217,7 @@ def add_admission_options(parser: argparse.ArgumentParser) -> None:
 def add_openai_frontend_options(parser: argparse.ArgumentParser) -> None:
     """vLLM's OpenAI-frontend options (``--served-model-name`` is in the server group)."""
     from serving.entrypoints.reasoning import PARSERS as REASONING_PARSERS
-    from serving.entrypoints.tool_parsers import PARSERS
+    from serving.entrypoints.tool_calls import PARSERS
 
     group = parser.add_argument_group("OpenAI frontend (as vllm serve)")
     group.add_argument("--chat-template", metavar="FILE",

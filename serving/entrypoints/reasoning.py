@@ -2,7 +2,7 @@
 its reasoning (``message.reasoning_content``, streamed as ``delta.reasoning_content``) and its
 answer (``content``, where tool calls are then looked for).
 
-Both parsers read the ``<think> ... </think>`` block a reply opens with:
+The parsers read the ``<think> ... </think>`` block a reply opens with:
 
 - ``deepseek_r1`` (DeepSeek-R1 and its distillations, whose chat template opens the block in the
   prompt): the reply is reasoning up to ``</think>`` (a ``<think>`` it starts with dropped), the

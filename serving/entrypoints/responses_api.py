@@ -266,6 +266,9 @@ class Run:
         followed from its start."""
         self.response["status"], self.response["background"] = "queued", True
         self.stored.log = EventLog()
+        self.shaping = out.ResponseEvents(self.response)
+        for event in self.shaping.queue():  # followers see it made and queued at once
+            self.stored.log.add(event)
         self.store.put(self.stored)
         self.store.start(self.stored, self.background(jobs))
         if self.req.stream:
@@ -277,9 +280,6 @@ class Run:
         """A background run: open the engine stream (a refusal ends the response ``failed``),
         log its events; a cancel closes the open item; the log always closes."""
         log = self.stored.log
-        self.shaping = out.ResponseEvents(self.response)
-        for event in self.shaping.queue():  # followers see it made and queued at once
-            log.add(event)
         try:
             try:
                 streams = await self.served.open(self.watch, jobs, self.response["id"],

@@ -51,7 +51,8 @@ from serving.entrypoints.server_requests import (
 from serving.entrypoints.server_responses import respond
 from serving.entrypoints.server_state import Served
 from serving.entrypoints.tokenizer_routes import add_tokenizer_routes
-from serving.entrypoints.tool_parsers import PARSERS, ToolParser
+from serving.entrypoints.tool_calls import PARSERS
+from serving.entrypoints.tool_parsers import ToolParser
 from xds_jax.errors import ConfigError, XdsError
 from xds_jax.sampling.params import MAX_LOGPROBS
 from xds_jax.text.tokenizer import TokenizerError

@@ -33,7 +33,12 @@ from serving.entrypoints.openai_protocol import (
     ToolCall,
 )
 from serving.entrypoints.reasoning import ReasoningParser, ReasoningSplit
-from serving.entrypoints.tool_parsers import ParsedCall, ToolParser, object_end
+from serving.entrypoints.tag_tool_parsers import XmlArgsParser
+from serving.entrypoints.tool_parsers import BUILT_IN, ParsedCall, ToolParser, object_end
+
+# ``--tool-call-parser`` names (vLLM's): the JSON and DeepSeek parsers, the tagged ones
+PARSERS: dict[str, ToolParser] = {p.name: p for p in (
+    *BUILT_IN, XmlArgsParser("glm45"), XmlArgsParser("qwen3_coder"))}
 
 AUTO_NEEDS_FLAGS = ('"auto" tool choice requires --enable-auto-tool-choice and '
                     "--tool-call-parser to be set")

@@ -17,16 +17,14 @@ without calls is returned unchanged.
 - ``deepseek_v3`` / ``deepseek_v31`` (DeepSeek-V3 and R1 / V3.1): the calls section between
   DeepSeek's special markers (``DeepSeekParser``).
 - ``glm45`` (GLM-4.5, 4.6) and ``qwen3_coder`` (Qwen3-Coder): ``<tool_call>`` blocks whose
-  arguments are written one by one in tags (``XmlArgsParser``), each value typed by the
-  request's tool schema (``for_tools``).
+  arguments are written one by one in tags (``tag_tool_parsers.XmlArgsParser``), each value
+  typed by the request's tool schema.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
-import re
 from typing import Any, Protocol
 
 
@@ -75,7 +73,7 @@ def call_from_json(text: str, keys: tuple[str, ...]) -> ParsedCall | None:
     """``{"name": str, <one of keys>: {...}}`` as a call; None for anything else."""
     try:
         value: Any = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON; a 4300+ digit integer; too deep
         return None
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
@@ -220,7 +218,7 @@ class DeepSeekParser:
             name = head
         try:
             arguments = json.loads(body)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return None
         if not isinstance(arguments, dict) or not name.strip():
             return None
@@ -265,110 +263,6 @@ class DeepSeekParser:
             pos = end + len(self.CALL_END)
 
 
-def schema_types(schema: Any) -> set[str]:
-    """The JSON types a parameter's schema allows (``anyOf`` / ``oneOf`` branches too; an
-    ``enum``'s values'); empty where it says none."""
-    if not isinstance(schema, dict):
-        return set()
-    kind = schema.get("type")
-    types = {kind} if isinstance(kind, str) else set(kind) if isinstance(kind, list) else set()
-    for branch in (*schema.get("anyOf", ()), *schema.get("oneOf", ())):
-        types |= schema_types(branch)
-    names = {str: "string", bool: "boolean", int: "integer", float: "number"}
-    types |= {names.get(type(v), "other") for v in schema.get("enum", ())}
-    return types
-
-
-def typed_value(raw: str, schema: Any, untyped_json: bool) -> Any:
-    """A value written as text, typed as its schema says: a string stays the text; any other
-    type is the text read as JSON, or as a Python literal (``True``, ``None``: models write
-    them), else the text. With no type in the schema, read so when ``untyped_json``, else the
-    text."""
-    types = schema_types(schema)
-    if types == {"string"} or (not types and not untyped_json):
-        return raw
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        try:
-            value = ast.literal_eval(raw)
-            json.dumps(value)
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            return raw
-    return raw if isinstance(value, str) else value
-
-
-class XmlArgsParser(HermesParser):
-    """``<tool_call>`` blocks of one call whose arguments are tagged one by one:
-
-    - ``glm45`` (GLM-4.5, 4.6): ``NAME`` then ``<arg_key>K</arg_key><arg_value>V</arg_value>``
-      pairs (whitespace between); values of no schema type are read as JSON where they are;
-    - ``qwen3_coder``: ``<function=NAME>`` then ``<parameter=K>V</parameter>`` items (the
-      closing tag may be left out before the next), then ``</function>``; values of no schema
-      type stay text (as vLLM).
-
-    A ``glm45`` value is stripped of surrounding whitespace (as vLLM's parser reads it), a
-    ``qwen3_coder`` one of one leading and trailing newline. ``for_tools`` binds the request's
-    tools, whose parameter schemas type the values (``typed_value``). GLM's markers are read
-    with special tokens kept (vLLM's parser asks for it too)."""
-
-    def __init__(self, name: str, functions: dict[str, Any] | None = None):
-        self.name, self.functions = name, functions or {}
-        self.keeps_special_tokens = name == "glm45"
-
-    def for_tools(self, functions: dict[str, Any]) -> XmlArgsParser:
-        return XmlArgsParser(self.name, functions)
-
-    def call(self, block: str) -> ParsedCall | None:
-        found = self._glm(block) if self.name == "glm45" else self._qwen3_coder(block)
-        if found is None:
-            return None
-        name, raw = found
-        if not re.fullmatch(r"[^\s<>]+", name):  # a function name: no spaces, no tags
-            return None
-        schema = self.functions.get(name, {})
-        properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
-        arguments = {k: typed_value(v, properties.get(k), self.name == "glm45")
-                     for k, v in raw.items()}
-        return ParsedCall(name, json.dumps(arguments, ensure_ascii=False))
-
-    GLM_PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
-
-    def _glm(self, block: str) -> tuple[str, dict[str, str]] | None:
-        head, _, body = block.partition("<arg_key>")
-        body = "<arg_key>" + body if _ else ""
-        pairs, pos = {}, 0
-        for match in self.GLM_PAIR.finditer(body):
-            if body[pos:match.start()].strip():
-                return None
-            pairs[match.group(1).strip()] = match.group(2).strip()
-            pos = match.end()
-        return (head.strip(), pairs) if not body[pos:].strip() else None
-
-    QWEN_FUNCTION = re.compile(r"\s*<function=([^>]*)>(.*?)</function>\s*", re.S)
-    QWEN_PARAMETER = re.compile(r"<parameter=([^>]*)>(.*?)(?:</parameter>|(?=<parameter=)|$)",
-                                re.S)
-
-    def _qwen3_coder(self, block: str) -> tuple[str, dict[str, str]] | None:
-        function = self.QWEN_FUNCTION.fullmatch(block)
-        if function is None:
-            return None
-        body, params, pos = function.group(2), {}, 0
-        for match in self.QWEN_PARAMETER.finditer(body):
-            if body[pos:match.start()].strip():
-                return None
-            params[match.group(1).strip()] = _trimmed(match.group(2))
-            pos = match.end()
-        return (function.group(1).strip(), params) if not body[pos:].strip() else None
-
-
-def _trimmed(value: str) -> str:
-    """A tagged value without the one newline that may open and close it."""
-    value = value[1:] if value.startswith("\n") else value
-    return value[:-1] if value.endswith("\n") else value
-
-
-PARSERS: dict[str, ToolParser] = {p.name: p for p in (
+BUILT_IN: tuple[ToolParser, ...] = (
     HermesParser(), Llama3JsonParser(), DeepSeekParser("deepseek_v3", fenced=True),
-    DeepSeekParser("deepseek_v31", fenced=False), XmlArgsParser("glm45"),
-    XmlArgsParser("qwen3_coder"))}
+    DeepSeekParser("deepseek_v31", fenced=False))  # tool_calls.PARSERS adds the tagged ones

@@ -19,8 +19,8 @@ import pytest
 from serving.entrypoints import cli
 from serving.entrypoints.openai_protocol import DeltaMessage
 from serving.entrypoints.server import build_app
-from serving.entrypoints.tool_calls import ChoiceDeltas, ToolPlan, required_calls
-from serving.entrypoints.tool_parsers import PARSERS, ParsedCall
+from serving.entrypoints.tool_calls import PARSERS, ChoiceDeltas, ToolPlan, required_calls
+from serving.entrypoints.tool_parsers import ParsedCall
 from tests.serving.fake_engine import FakeEngine, client, serve
 from tests.serving.real_server import text_server_fixture
 from xds_jax.errors import ConfigError
@@ -81,6 +81,11 @@ def content_of(pieces) -> str:
     ("deepseek_v3", "No calls <｜tool▁ here.", [], "No calls <｜tool▁ here."),
     ("deepseek_v31", DEEPSEEK_V31, CALLS, "Let me check."),
     ("deepseek_v31", f"{B}{C}w{SEP}{{broken{CE}{E}", [], f"{B}{C}w{SEP}{{broken{CE}{E}"),
+    # a 4300+ digit integer or deep nesting is no call (json.loads raised past the parsers)
+    ("hermes", '<tool_call>{"name": "w", "arguments": {"n": ' + "9" * 5000 + "}}</tool_call>",
+     [], '<tool_call>{"name": "w", "arguments": {"n": ' + "9" * 5000 + "}}</tool_call>"),
+    ("deepseek_v31", f"{B}{C}w{SEP}" + "[" * 3000 + f"{CE}{E}", [],
+     f"{B}{C}w{SEP}" + "[" * 3000 + f"{CE}{E}"),
 ])
 def test_parsers_find_calls_and_keep_content(name, text, calls, content):
     pieces = PARSERS[name].parse(text, True)

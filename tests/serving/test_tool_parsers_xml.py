@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from serving.entrypoints.tool_calls import ChoiceDeltas, ToolPlan, functions
-from serving.entrypoints.tool_parsers import PARSERS, typed_value
+from serving.entrypoints.tag_tool_parsers import typed_value
+from serving.entrypoints.tool_calls import PARSERS, ChoiceDeltas, ToolPlan, functions
 from tests.serving.fake_engine import client, serve
 from tests.serving.test_tool_calls import (
     ASK,
@@ -66,7 +66,47 @@ def test_values_are_typed_by_the_schema():
     [(name, args)] = calls_of(bound("qwen3_coder").parse(qwen, True))
     assert name == "f" and args == want | {"extra": "7"}  # untyped: the text (vLLM's Qwen)
     assert typed_value("not json", {"type": "integer"}, True) == "not json"
-    assert typed_value('"quoted"', {"type": "integer"}, True) == '"quoted"'
+    assert typed_value('"quoted"', {}, True) == "quoted"  # glm45 untyped: read as JSON
+    optional = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+    assert typed_value("12345", optional, False) == "12345"  # a string it may be: the text
+    assert typed_value("null", optional, False) is None
+    assert typed_value("3", {"type": ["string", "number"]}, False) == 3
+
+
+def test_hostile_values_stay_text_and_malformed_schemas_do_no_harm():
+    huge, deep = "9" * 5000, "[" * 2000
+    for value in (huge, deep, "NaN", "1e999", "[1e999]", "-Infinity"):
+        assert typed_value(value, {"type": "number"}, True) == value
+        assert typed_value(value, {}, True) == value
+    for schema in ({"properties": []}, {"properties": {"a": {"anyOf": 5}}},
+                   {"properties": {"a": {"enum": None, "type": 7}}}, "not a schema"):
+        parser = PARSERS["glm45"].for_tools({"f": schema})
+        text = "<tool_call>f\n<arg_key>a</arg_key><arg_value>1</arg_value></tool_call>"
+        assert calls_of(parser.parse(text, True)) == [("f", {"a": 1})]
+
+
+def test_long_malformed_blocks_parse_in_one_pass():
+    """Open values and tags (a cut-short or looping reply) are content, read in one pass (a
+    backtracking regex took minutes on the glm45 case)."""
+    glm = "<tool_call>f\n" + "".join(f"<arg_key>k{i}</arg_key><arg_value>v{i}\n"
+                                      for i in range(3000)) + "</tool_call>"
+    qwen = "<tool_call><function=f>" + "<parameter=" * 9000 + "</function></tool_call>"
+    for name, text in (("glm45", glm), ("qwen3_coder", qwen)):
+        assert bound(name).parse(text, True) == [text]
+
+
+def test_a_qwen3_coder_value_may_hold_either_tag_and_a_key_comes_once():
+    text = ("<tool_call><function=w><parameter=city>\nnotes.md\n</parameter>\n"
+            "<parameter=unit>\nUse <parameter=city>x, close with </parameter> then\n"
+            "</parameter>\n</function></tool_call>")
+    assert calls_of(bound("qwen3_coder").parse(text, True)) == [
+        ("w", {"city": "notes.md", "unit": "Use <parameter=city>x, close with </parameter> then"})]
+    twice = ("<tool_call><function=w><parameter=city>A</parameter><parameter=city>B"
+             "</parameter></function></tool_call>")
+    assert bound("qwen3_coder").parse(twice, True) == [twice]
+    glm_twice = ("<tool_call>w<arg_key>city</arg_key><arg_value>A</arg_value>"
+                 "<arg_key>city</arg_key><arg_value>B</arg_value></tool_call>")
+    assert bound("glm45").parse(glm_twice, True) == [glm_twice]
 
 
 def test_a_parameter_may_leave_its_closing_tag_out_and_values_keep_inner_newlines():
@@ -131,12 +171,12 @@ def test_auto_tool_choice_reads_them_with_the_request_s_schemas(name, script):
                 for c in streamed.message.tool_calls] == CALLS
 
 
-def test_python_literals_and_glm_s_whitespace():
+def test_python_literals_and_whitespace():
     text = ("<tool_call>f\n<arg_key> flag </arg_key>\n<arg_value> True\n</arg_value>"
             "<arg_key>zip</arg_key><arg_value>\n  0123 \n</arg_value>"
             "<arg_key>either</arg_key><arg_value>None</arg_value></tool_call>")
     [(_, args)] = calls_of(bound("glm45").parse(text, True))
-    assert args == {"flag": True, "zip": "0123", "either": None}
+    assert args == {"flag": True, "zip": "\n  0123 \n", "either": None}  # a string as written
     assert typed_value("__import__('os')", {"type": "object"}, True) == "__import__('os')"
     # GLM's markers are read with special tokens kept, as vLLM's parser asks; Qwen's are not
     assert bound("glm45").keeps_special_tokens and not bound("qwen3_coder").keeps_special_tokens

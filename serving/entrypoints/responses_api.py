@@ -287,9 +287,7 @@ class Run:
             except Exception as error:
                 failure = error if isinstance(error, ApiError) else engine_error(error)
                 failure = named_for_responses(constraint_error(failure, self.chat))
-                code = failure.code or ("server_error" if failure.status >= 500
-                                        else "invalid_request")
-                for event in self.shaping.start() + self.shaping.fail(code, failure.message):
+                for event in self.shaping.start() + self.shaping.failed_by(failure):
                     log.add(event)
                 return
             async with contextlib.aclosing(self.events(streams[0])) as events:
@@ -300,9 +298,7 @@ class Run:
                 log.add(event)
             raise
         except Exception as error:  # a bug of ours: the response fails, its followers end
-            failure = engine_error(error)
-            shaping = self.shaping or out.ResponseEvents(self.response)
-            for event in shaping.fail(failure.code or "server_error", failure.message):
+            for event in self.shaping.failed_by(engine_error(error)):
                 log.add(event)
         finally:
             log.close()
@@ -327,9 +323,8 @@ class Run:
                         for event in events.feed(delta, logprobs if k == 0 else []):
                             yield event
             except Exception as error:
-                failure = engine_error(error)
                 self.ended = True
-                for event in events.fail(failure.code or "server_error", failure.message):
+                for event in events.failed_by(engine_error(error)):
                     yield event
                 return
             self.ended = True

@@ -224,6 +224,12 @@ class ResponseEvents:
         finish(self.response, status, prompt_tokens, output_tokens)
         return events + [self.lifecycle(f"response.{status}")]
 
+    def failed_by(self, error: Any) -> list[dict[str, Any]]:
+        """``fail`` with an ``ApiError``'s code (without one: ``server_error`` for a 5xx,
+        else ``invalid_request``) and message."""
+        code = error.code or ("server_error" if error.status >= 500 else "invalid_request")
+        return self.fail(code, error.message)
+
     def fail(self, code: str, message: str) -> list[dict[str, Any]]:
         """The response failed after its stream began (engine error, timeout)."""
         events = self.close("incomplete")

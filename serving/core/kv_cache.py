@@ -121,19 +121,29 @@ class BlockManager:
         """Whether a new sequence can get blocks for its cached prefix plus ``num_new_tokens``."""
         if seq_id in self._tables:
             raise KVCacheError(f"sequence {seq_id} already holds blocks")
-        return self.can_allocate_after([], token_ids, num_new_tokens, salt)
+        return self.fewest_to_free([], token_ids, num_new_tokens, salt) == 0
 
-    def can_allocate_after(self, freed: list[int], token_ids: list[int], num_new_tokens: int,
-                           salt: bytes = b"") -> bool:
-        """Whether ``can_allocate`` would hold once the sequences ``freed`` are freed: the
-        blocks only they hold come free, and a cached prefix block among them must be taken
-        back off the free list."""
-        holders = Counter(b for seq_id in freed for b in self._tables[seq_id])
-        gone = {b for b, n in holders.items() if n == self._ref[b]}
+    def fewest_to_free(self, candidates: list[int], token_ids: list[int], num_new_tokens: int,
+                       salt: bytes = b"", at_least: int = 0) -> int | None:
+        """The fewest leading ``candidates`` (sequence ids, at least ``at_least`` of them) whose
+        freeing lets ``can_allocate`` hold: the blocks only they hold come free, and a cached
+        prefix block among them must be taken back off the free list. None where all of them
+        would not do. The prefix is looked up once, the blocks counted as candidates add."""
         hits = self._match(token_ids, salt)
-        revived = sum(1 for b in hits if self._ref[b] == 0 or b in gone)
         needed = _cdiv(len(hits) * self.block_size + num_new_tokens, self.block_size) - len(hits)
-        return needed + revived <= self.num_free_blocks + len(gone)
+        holders: Counter[int] = Counter()
+        gone: set[int] = set()  # blocks the candidates so far are the only holders of
+        for count in range(len(candidates) + 1):
+            if count:
+                for block in self._tables[candidates[count - 1]]:
+                    holders[block] += 1
+                    if holders[block] == self._ref[block]:
+                        gone.add(block)
+            if count >= at_least:
+                revived = sum(1 for b in hits if self._ref[b] == 0 or b in gone)
+                if needed + revived <= self.num_free_blocks + len(gone):
+                    return count
+        return None
 
     def allocate(self, seq_id: int, token_ids: list[int], num_new_tokens: int | None = None,
                  salt: bytes = b"") -> int:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from serving.core.kv_cache import BlockManager
@@ -42,12 +43,15 @@ class QueueOrder:
         self.policy = policy
         self.by_priority = policy == "priority"
 
-    def queue(self, waiting: deque, seq: Sequence) -> None:
-        """A new arrival: last, or in its place."""
+    def queue(self, waiting: deque, item: Any, seq_of: Callable[[Any], Sequence] | None = None
+              ) -> None:
+        """A new arrival: last, or in its place. ``seq_of``: its sequence, where the queue
+        holds something else (a PD decode group's arrivals)."""
         if self.by_priority:
-            bisect.insort(waiting, seq, key=priority_key)
+            bisect.insort(waiting, item,
+                          key=priority_key if seq_of is None else lambda x: priority_key(seq_of(x)))
         else:
-            waiting.append(seq)
+            waiting.append(item)
 
     def requeue(self, waiting: deque, seq: Sequence) -> None:
         """A sequence taken off the running list: first, or in its place (before every later
@@ -72,8 +76,6 @@ class QueueOrder:
         if not self.by_priority:
             return []
         lower = [s for s in reversed(running) if s.priority > seq.priority]  # the list's tail
-        for count in range(1, len(lower) + 1):
-            if len(running) - count < max_num_seqs and bm.can_allocate_after(
-                    [s.seq_id for s in lower[:count]], seq.all_ids, num, seq.salt):
-                return lower[:count]
-        return []
+        seats = max(1, len(running) - max_num_seqs + 1)  # preempted to free a seat
+        count = bm.fewest_to_free([s.seq_id for s in lower], seq.all_ids, num, seq.salt, seats)
+        return lower[:count] if count else []

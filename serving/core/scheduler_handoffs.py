@@ -82,4 +82,3 @@ class HandOffs:
                 self.order.requeue(self.waiting, seq)
             rolled.append(seq.seq_id)
         return rolled
-

@@ -25,7 +25,6 @@ their sequences prefilled again elsewhere.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 import logging
@@ -149,10 +148,7 @@ class DecodeGroup(DPGroup):
         request = item.request
         self.requests.setdefault(request.request_id, request)
         self._owners[item.seq.seq_id] = request
-        if self.scheduler.order.by_priority:
-            bisect.insort(self.arrivals, item, key=lambda a: priority_key(a.seq))
-        else:
-            self.arrivals.append(item)
+        self.scheduler.order.queue(self.arrivals, item, seq_of=lambda a: a.seq)
         if self._early_aborts.pop(request.request_id, False):
             self._abort(request.request_id)  # aborted while in flight from prefill
 

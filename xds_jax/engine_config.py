@@ -91,6 +91,11 @@ class EngineConfig:
         this long is taken out of service and its work moved; None: not watched.
       kv_transfer_retries: PD KV pulls retried after a failure before the sequence is
         prefilled again.
+      generation_config: where the model's default sampling parameters come from (vLLM's
+        option): ``"auto"`` its directory's ``generation_config.json``, ``"vllm"`` none (the
+        engine's defaults), or a directory holding one. ``override_generation_config``: fields
+        set on top (``{"temperature": 0.5, "max_new_tokens": 512}``; a dict or JSON text).
+        See ``xds_jax.loading.generation_config``.
     """
 
     model: str = "smollm2"
@@ -120,6 +125,8 @@ class EngineConfig:
     faults: tuple = ()
     heartbeat_timeout_s: float | None = 60.0
     kv_transfer_retries: int = 1
+    generation_config: str = "auto"
+    override_generation_config: dict | str | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_dp_groups", "max_num_seqs", "max_num_batched_tokens", "block_size",
@@ -155,6 +162,9 @@ class EngineConfig:
                 timeout, int | float) or not 0 < timeout < float("inf")):
             raise ConfigError(f"heartbeat_timeout_s must be a positive number of seconds or "
                               f"None, got {timeout!r}")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise ConfigError(f"generation_config must be 'auto', 'vllm' or a directory, got "
+                              f"{self.generation_config!r}")
         retries = self.kv_transfer_retries
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ConfigError(f"kv_transfer_retries must be an integer >= 0, got {retries!r}")

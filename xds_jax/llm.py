@@ -18,6 +18,7 @@ from xds_jax.embedding import embed_prompts, pairs, score_prompts
 from xds_jax.engine_config import DEFAULTS, EngineConfig, check_priority
 from xds_jax.errors import ConfigError, PromptTooLongError, SamplingParamsError, XdsError
 from xds_jax.loading.draft_heads import attach_shipped_head
+from xds_jax.loading.generation_config import sampling_defaults
 from xds_jax.loading.loader import load_model, resolve
 from xds_jax.memory_maps import make_room
 from xds_jax.model.pooling import model_pooling
@@ -79,6 +80,11 @@ class LLM:
         make_room("building an engine")  # programs of engines built before may hold them
         self.config = config = _read_deployment(config)
         _size_cpu_devices(config)
+        # The model's default sampling (generation_config.json), read and checked before the
+        # weights load.
+        self.sampling_defaults = sampling_defaults(config.generation_config,
+                                                   resolve(config.model),
+                                                   config.override_generation_config)
         loaded = load_model(config.model, dtype=config.dtype, seed=config.seed,
                             use_cache=config.use_param_cache, quantization=config.quantization)
         self.model_name = loaded.name
@@ -121,6 +127,12 @@ class LLM:
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The ``SamplingParams`` that ``generate`` uses when given none: the model's
+        generation config (``sampling_defaults``, vLLM's ``--generation-config``) over the
+        engine's defaults."""
+        return SamplingParams(**self.sampling_defaults)
 
     # -- inputs -------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
@@ -328,10 +340,9 @@ class LLM:
         # The template already holds BOS where the model wants it.
         return text, self.tokenizer.encode(text, add_special_tokens=False)
 
-    @staticmethod
-    def _params_list(sampling_params, count: int) -> list[SamplingParams]:
+    def _params_list(self, sampling_params, count: int) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams() for _ in range(count)]
+            return [self.get_default_sampling_params() for _ in range(count)]
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * count
         params = list(sampling_params)

@@ -78,6 +78,7 @@ class AsyncEngine:
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.max_model_len
         self.cfg = llm.cfg
+        self.sampling_defaults = llm.sampling_defaults  # generation_config.json's (the server's)
         self._ids = itertools.count()
         self._beams: dict[str, set[str]] = {}  # running beam searches: their round's requests
         self._aborted_early: OrderedDict[str, bool] = OrderedDict()  # ids aborted before

@@ -56,7 +56,8 @@ ENGINE_FIELDS = ("model", "dtype", "quantization", "max_model_len", "seed", "num
                  "max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching",
                  "scheduling_policy", "staged", "async_scheduling", "num_scheduler_steps",
                  "micro_batches", "speculative_config", "enable_eplb", "eplb_config",
-                 "dispatch_dtype", "faults", "heartbeat_timeout_s", "kv_transfer_retries")
+                 "dispatch_dtype", "faults", "heartbeat_timeout_s", "kv_transfer_retries",
+                 "generation_config", "override_generation_config")
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +143,16 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        '"num_speculative_tokens": 2}\' (needs MTP weights or a shipped '
                        'draft head, as smollm2 has; "disable_by_batch_size": N stops drafting '
                        'in decode steps of more than N rows)')
+    group.add_argument("--generation-config", default=d.generation_config, metavar="SOURCE",
+                       help="default sampling parameters (temperature, top_p, top_k, min_p, "
+                       "repetition_penalty; max_new_tokens as the default and most max_tokens) "
+                       "for requests that leave them unset: auto, the model directory's "
+                       "generation_config.json; vllm, none; or a directory holding one "
+                       "(default: %(default)s)")
+    group.add_argument("--override-generation-config", type=json_object, metavar="JSON",
+                       default=d.override_generation_config,
+                       help='sampling defaults set on top of --generation-config, e.g. '
+                       '\'{"temperature": 0.5, "max_new_tokens": 512}\'')
     group.add_argument("--no-warmup", action="store_true",
                        help="skip the warm-up request that compiles the step programs up front")
     group.add_argument("--fault", dest="faults", action="append", type=fault_spec, default=[],

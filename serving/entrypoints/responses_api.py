@@ -120,7 +120,7 @@ def add_responses_routes(app: FastAPI, served: Served) -> None:
         prompt, budget = await fitted_prompt(served, req, chat)
         top = chat.top_logprobs if chat.logprobs else None
         try:
-            params = sampling_params(chat, budget, top, None)
+            params = sampling_params(chat, budget, top, None, served.sampling_defaults)
         except ApiError as error:
             raise named_for_responses(error) from None
         options = served.request_options(req)

@@ -194,7 +194,8 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         scored = req.prompt_logprobs if req.prompt_logprobs is not None else (
             req.logprobs if req.echo else None)
         jobs = [(p, sampling_params(req, served.fit(p[1], req.max_tokens, "prompt", least=0),
-                                    req.logprobs, scored)) for p in prompts]
+                                    req.logprobs, scored, served.sampling_defaults))
+                for p in prompts]
         return await respond(served, raw, req, model, jobs, "completion")
 
     @app.post("/v1/chat/completions")
@@ -212,7 +213,8 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         field = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling_params(req, served.fit(prompt[1], getattr(req, field), "messages",
-                                                 field=field), logprobs, req.prompt_logprobs)
+                                                 field=field), logprobs, req.prompt_logprobs,
+                                 served.sampling_defaults)
         return await respond(served, raw, req, model, [(prompt, params)], "chat", tools)
 
     add_tokenizer_routes(app, served)

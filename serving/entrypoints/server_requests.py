@@ -45,9 +45,11 @@ def engine_error(error: Exception) -> ApiError:
 
 
 def sampling_params(req: api.SamplingFields, max_tokens: int, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams | BeamSearchParams:
+                    prompt_logprobs: int | None = None, defaults: dict | None = None
+                    ) -> SamplingParams | BeamSearchParams:
     """The engine's ``SamplingParams`` for a request of either endpoint (fields it cannot
-    honour are a 400 naming them)."""
+    honour are a 400 naming them); ``defaults``: the model's values of the sampling fields
+    the request leaves unset (``Served.sampling_defaults``)."""
     if getattr(req, "best_of", None) not in (None, req.n):
         raise ApiError(400, "best_of other than n is not supported", "best_of", "unsupported")
     if req.stream_options is not None and not req.stream:
@@ -58,8 +60,9 @@ def sampling_params(req: api.SamplingFields, max_tokens: int, logprobs: int | No
                        "prompt_logprobs", "unsupported")
     if req.use_beam_search:
         return beam_search_params(req, max_tokens, logprobs, prompt_logprobs)
-    optional = {k: v for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-                if (v := getattr(req, k)) is not None}
+    optional = {k: v for k, v in (defaults or {}).items() if k != "max_tokens"}  # served.fit's
+    optional |= {k: v for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+                 if (v := getattr(req, k)) is not None}
     try:
         return SamplingParams(
             **optional, n=req.n, seed=req.seed, max_tokens=max_tokens,

@@ -107,6 +107,8 @@ class Served:
         self.tool_parser, self.reasoning_parser = tool_parser, reasoning_parser
         self.tokens_as_ids = tokens_as_ids  # --return-tokens-as-token-ids
         self.admission = engine.admission
+        # the model's sampling defaults (generation_config.json), for fields a request leaves
+        self.sampling_defaults: dict = engine.sampling_defaults
         self.registry = CollectorRegistry()
         self.metrics = ServerMetrics(self.registry, engine, names[0])
         self.watches: set[Watchdog] = set()
@@ -189,7 +191,8 @@ class Served:
     def fit(self, ids: list[int], max_tokens: int | None, where: str, least: int = 1,
             field: str = "max_tokens") -> int:
         """``max_tokens`` checked against the context (None: all the room that is left) and
-        against ``least`` (0 for completions: score or echo the prompt only); ``field``: the
+        against ``least`` (0 for completions: score or echo the prompt only), then capped by
+        the model's ``max_new_tokens`` (its generation config, as vLLM); ``field``: the
         request field that gave it, named in errors."""
         limit = self.engine.max_model_len
         if max_tokens is not None and max_tokens < least:
@@ -203,7 +206,8 @@ class Served:
                 "the completion). Please reduce the length of the prompt or completion.",
                 where if len(ids) >= limit or max_tokens is None else field,
                 "context_length_exceeded")
-        return wanted
+        cap = self.sampling_defaults.get("max_tokens")
+        return wanted if cap is None else min(wanted, cap)
 
     def token_names(self, req: Any) -> Any:
         """What names a response's logprob tokens: the tokenizer, or ``"token_id:N"``

@@ -51,6 +51,7 @@ class FakeEngine:
         self.model_name, self.tokenizer = "fake", ByteTokenizer()
         self.cfg = SimpleNamespace(vocab_size=259)
         self.scheduling_policy = "fcfs"  # AsyncEngine's: a priority other than 0 is a 400
+        self.sampling_defaults: dict = {}  # AsyncEngine's: the model's generation config
         self.delay, self.max_model_len = delay, max_model_len
         self.admission = Admission(max_num_queued_reqs, max_num_queued_tokens)
         self.active: set[str] = set()

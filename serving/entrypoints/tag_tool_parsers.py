@@ -5,7 +5,10 @@
 - ``qwen3_coder`` (Qwen3-Coder): ``<tool_call><function=NAME>`` then ``<parameter=K>V
   </parameter>`` items, then ``</function></tool_call>``; a value ends at the first
   ``</parameter>`` followed by the next item or the end (so a value may hold either tag),
-  and where there is none at the next ``<parameter=`` (a closing tag left out).
+  and where there is none at the next ``<parameter=`` (a closing tag left out). As vLLM's
+  parser, a block may hold several functions (whitespace between), and a reply with no
+  ``<tool_call>`` at all has its calls read from its first ``<function=`` on (the model left
+  the wrapper out): once the reply ends, the text after its last function staying content.
 
 Blocks are found as ``hermes`` finds them (``tool_parsers.HermesParser``: the same growing-text
 contract). Each value is typed by the request's tool schema for its parameter (the parser is
@@ -26,10 +29,11 @@ import json
 import re
 from typing import Any
 
-from serving.entrypoints.tool_parsers import HermesParser, ParsedCall
+from serving.entrypoints.tool_parsers import HermesParser, ParsedCall, Piece, partial_marker, shaped
 
 MAX_REMEMBERED_BLOCKS = 64  # per bound parser (one request's reply)
 NAME = re.compile(r"[^\s<>]+")  # a function or parameter name: no spaces, no tags
+FUNCTION, FUNCTION_END = "<function=", "</function>"
 JSON_TYPES = {type(None): "null", bool: "boolean", int: "integer", float: "number",
               str: "string", dict: "object", list: "array"}
 
@@ -99,6 +103,28 @@ class XmlArgsParser(HermesParser):
                 self._calls.clear()
             self._calls[block] = self._call(block)
         return self._calls[block]
+
+    def calls(self, block: str) -> list[ParsedCall]:
+        if self.name != "qwen3_coder":
+            return super().calls(block)
+        items, end = functions_in(block)
+        found = [self.call(item) for item in items]
+        return found if found and all(found) and not block[end:].strip() else []
+
+    def parse(self, text: str, final: bool) -> list[Piece]:
+        if self.name != "qwen3_coder" or self.OPEN in text:
+            return super().parse(text, final)
+        start = text.find(FUNCTION)
+        if start < 0:  # a wrapper or a bare function may be starting
+            held = max(partial_marker(text, self.OPEN), partial_marker(text, FUNCTION))
+            return shaped([text if final else text[:len(text) - held]], final)
+        if not final:  # bare functions: read once the reply is whole
+            return shaped([text[:start]], final)
+        items, end = functions_in(text, start)
+        found = [self.call(item) for item in items]
+        if not found or not all(found):
+            return shaped([text], final)
+        return shaped([text[:start], *found, text[end:]], final)
 
     def _call(self, block: str) -> ParsedCall | None:
         found = glm_call(block) if self.name == "glm45" else qwen3_coder_call(block)
@@ -177,6 +203,27 @@ def qwen3_coder_call(block: str) -> tuple[str, list[tuple[str, str]]] | None:
         params.append((key, value[:-1] if value.endswith("\n") else value))
         pos = _skip_space(body, after)
     return name.strip(), params
+
+
+def functions_in(text: str, pos: int = 0) -> tuple[list[str], int]:
+    """The ``<function=...>...</function>`` items from ``pos`` on, whitespace between them,
+    and where the text after the last one starts. An item ends at the first ``</function>``
+    followed by the next item or the end (a value may hold the tag), else at the first."""
+    items: list[str] = []
+    pos = _skip_space(text, pos)
+    while text.startswith(FUNCTION, pos):
+        first = close = text.find(FUNCTION_END, pos)
+        while close >= 0:
+            after = _skip_space(text, close + len(FUNCTION_END))
+            if after == len(text) or text.startswith(FUNCTION, after):
+                break
+            close = text.find(FUNCTION_END, close + 1)
+        close = first if close < 0 else close
+        if close < 0:
+            break
+        items.append(text[pos:close + len(FUNCTION_END)])
+        pos = _skip_space(text, close + len(FUNCTION_END))
+    return items, pos if items else 0
 
 
 def _parameter_end(body: str, start: int) -> tuple[int, int]:

@@ -126,6 +126,11 @@ class HermesParser:
     def call(self, block: str) -> ParsedCall | None:
         return call_from_json(block, ("arguments", "parameters"))
 
+    def calls(self, block: str) -> list[ParsedCall]:
+        """The calls one block holds (none: the block stays text)."""
+        call = self.call(block)
+        return [call] if call else []
+
     def parse(self, text: str, final: bool) -> list[Piece]:
         pieces: list[Piece] = []
         pos = 0
@@ -136,7 +141,7 @@ class HermesParser:
                 return shaped(pieces, final)
             stop = len(text) if end < 0 else end + len(self.CLOSE)
             block = text[start + len(self.OPEN):end if end >= 0 else len(text)]
-            pieces.append(self.call(block) or text[start:stop])
+            pieces.extend(self.calls(block) or [text[start:stop]])
             pos = stop
         rest = text[pos:]
         if not final:

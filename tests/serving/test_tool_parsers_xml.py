@@ -28,6 +28,13 @@ GLM = ("Let me check.<tool_call>w\n<arg_key>city</arg_key>\n<arg_value>Paris</ar
 QWEN = ("Let me check.\n<tool_call>\n<function=w>\n<parameter=city>\nParis\n</parameter>\n"
         "</function>\n</tool_call>\n<tool_call>\n<function=add>\n<parameter=a>\n1\n"
         "</parameter>\n<parameter=b>\n2\n</parameter>\n</function>\n</tool_call>")
+# as Qwen3-Coder also writes them: two functions in one block; no <tool_call> wrapper at all
+QWEN_ONE_BLOCK = ("Let me check.\n<tool_call>\n<function=w>\n<parameter=city>\nParis\n"
+                  "</parameter>\n</function>\n<function=add>\n<parameter=a>\n1\n</parameter>\n"
+                  "<parameter=b>\n2\n</parameter>\n</function>\n</tool_call>")
+QWEN_BARE = ("Let me check.\n<function=w>\n<parameter=city>\nParis\n</parameter>\n"
+             "</function>\n<function=add>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\n2\n"
+             "</parameter>\n</function>")
 TYPED = {"type": "object", "properties": {
     "zip": {"type": "string"}, "n": {"type": "integer"}, "flag": {"type": "boolean"},
     "opts": {"type": "object"}, "either": {"anyOf": [{"type": "null"}, {"type": "number"}]},
@@ -46,6 +53,26 @@ def test_calls_and_content_of_a_whole_reply(name, text):
     assert calls_of(pieces) == CALLS and content_of(pieces) == "Let me check."
     assert calls_of(bound(name).parse(text + "\nDone.", True)) == CALLS
     assert content_of(bound(name).parse(text + "\nDone.", True)) == "Let me check.\nDone."
+
+
+@pytest.mark.parametrize("text", [QWEN_ONE_BLOCK, QWEN_BARE])
+def test_qwen3_coder_reads_several_functions_a_block_and_bare_functions(text):
+    pieces = bound("qwen3_coder").parse(text, True)
+    assert calls_of(pieces) == CALLS and content_of(pieces) == "Let me check."
+    after = bound("qwen3_coder").parse(text + "\nDone.", True)
+    assert calls_of(after) == CALLS and content_of(after) == "Let me check.\nDone."
+    # a bare function is read only once the reply is whole: until then the content before it
+    assert bound("qwen3_coder").parse(QWEN_BARE, False) == ["Let me check."]
+    assert bound("qwen3_coder").parse("Let me <func", False) == ["Let me"]
+
+
+@pytest.mark.parametrize("text", [
+    "<tool_call><function=w><parameter=city>P</parameter></function> junk</tool_call>",
+    "see <function=w><parameter=city>P</parameter>",  # never closed
+    "see <function=bad name></function>",
+])
+def test_qwen3_coder_blocks_and_bare_text_that_are_no_calls_stay_content(text):
+    assert bound("qwen3_coder").parse(text, True) == [text]
 
 
 def test_values_are_typed_by_the_schema():
@@ -132,6 +159,7 @@ def test_a_block_that_is_no_call_stays_content(name, text):
 @pytest.mark.parametrize("name,text", [
     ("glm45", GLM), ("glm45", GLM + " after <tool"), ("qwen3_coder", QWEN),
     ("qwen3_coder", "x <tool_call><function=w></function></tool_call> y <tool_call>"),
+    ("qwen3_coder", QWEN_ONE_BLOCK), ("qwen3_coder", QWEN_BARE + " then <tool_call>"),
 ])
 def test_parsing_a_growing_text_only_ever_extends_the_pieces(name, text):
     parser, before = bound(name), []
@@ -144,7 +172,9 @@ def test_parsing_a_growing_text_only_ever_extends_the_pieces(name, text):
         before = now
 
 
-@pytest.mark.parametrize("name,text", [("glm45", GLM), ("qwen3_coder", QWEN + "\nDone.")])
+@pytest.mark.parametrize("name,text", [("glm45", GLM), ("qwen3_coder", QWEN + "\nDone."),
+                                       ("qwen3_coder", QWEN_ONE_BLOCK),
+                                       ("qwen3_coder", QWEN_BARE + "\nDone.")])
 def test_streamed_deltas_add_up_to_the_whole_reply(name, text):
     plan = ToolPlan("auto", parser=bound(name))
     shaper = ChoiceDeltas(plan)
@@ -155,7 +185,8 @@ def test_streamed_deltas_add_up_to_the_whole_reply(name, text):
     assert calls == [(c.function.name, c.function.arguments) for c in message.tool_calls]
 
 
-@pytest.mark.parametrize("name,script", [("glm45", GLM), ("qwen3_coder", QWEN)])
+@pytest.mark.parametrize("name,script", [("glm45", GLM), ("qwen3_coder", QWEN),
+                                         ("qwen3_coder", QWEN_BARE)])
 def test_auto_tool_choice_reads_them_with_the_request_s_schemas(name, script):
     engine = ScriptedEngine(max_model_len=1024)
     engine.script = script

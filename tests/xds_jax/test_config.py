@@ -179,8 +179,10 @@ def test_granite_multipliers():
     assert tied.logits_scale == pytest.approx(1 / (4.0 * 12.0))
     untied = config_from_hf_dict(dict(d, tie_word_embeddings=False))
     assert untied.logits_scale == pytest.approx(1 / 4.0)
-    with pytest.raises(ConfigError, match="residual_multiplier must be a positive number"):
+    with pytest.raises(ConfigError, match="residual_multiplier must be a number, got 'big'"):
         config_from_hf_dict(dict(d, residual_multiplier="big"))
+    with pytest.raises(ConfigError, match="residual_multiplier must be a positive number"):
+        config_from_hf_dict(dict(d, residual_multiplier=-1.0))
 
 
 GEMMA3_1B_V4 = {  # google/gemma-3-1b-it as transformers 4 wrote it, trimmed

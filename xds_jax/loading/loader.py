@@ -161,6 +161,15 @@ def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool,
             "(pass the config.json file itself for random weights)"
         )
 
+    if cfg.tie_word_embeddings and "lm_head.weight" in text_model_source(
+            SafetensorsSource(path)).names():
+        # transformers 5 uses a stored head rather than tie it to the embeddings
+        log.warning("%s: tie_word_embeddings is true but the checkpoint stores lm_head.weight; "
+                    "the stored head is used (as transformers 5 does)", path.name)
+        raw = dict(raw, tie_word_embeddings=False)
+        if isinstance(raw.get("text_config"), dict):
+            raw["text_config"] = dict(raw["text_config"], tie_word_embeddings=False)
+        cfg = config_from_hf_dict(raw, str(path / "config.json"))  # Gemma's scales follow it
     if stored is not None:
         log.info("%s stores %s weights, dequantised to %s at load%s", path.name,
                  describe(stored), jdtype.__name__,

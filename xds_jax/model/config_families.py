@@ -43,7 +43,7 @@ def gemma_fields(d: dict, model_type: str, source: str) -> dict:
         out["attention_multiplier"] = float(scalar) ** -0.5
     for key, field in (("attn_logit_softcapping", "attn_softcap"),
                        ("final_logit_softcapping", "final_softcap")):
-        if d.get(key) is not None and model_type == "gemma2":
+        if d.get(key) is not None and model_type in ("gemma2", "gemma3_text"):
             out[field] = float(d[key])
     hidden = int_field(d, "hidden_size", source)
     out["embedding_multiplier"] = math.sqrt(hidden)

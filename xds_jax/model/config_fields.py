@@ -45,6 +45,6 @@ def rope_by_layer_type(d: dict) -> tuple[dict, dict] | None:
     """transformers 5's per-layer-type ``rope_parameters`` (``{"full_attention": {...},
     "sliding_attention": {...}}``) as (full, sliding); None where ``d`` has one set."""
     params = d.get("rope_parameters") or {}
-    if params and all(isinstance(v, dict) for v in params.values()):
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
         return params.get("full_attention") or {}, params.get("sliding_attention") or {}
     return None

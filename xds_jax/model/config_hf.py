@@ -8,13 +8,13 @@ Hub checkpoints (transformers 4) write ``rope_theta`` + ``rope_scaling`` (DeepSe
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from xds_jax.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
+from xds_jax.errors import ConfigError, ModelNotFoundError, UnsupportedModelError, XdsError
 from xds_jax.loading.checkpoint_quant import checkpoint_quantization
-from xds_jax.model.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
+from xds_jax.model.config import MLAConfig, ModelConfig, MoEConfig
+from xds_jax.model.config_defaults import TEXT_CLASS_TYPES, with_class_defaults
 from xds_jax.model.config_families import (
     GEMMA_TYPES,
     GLM_TYPES,
@@ -24,13 +24,14 @@ from xds_jax.model.config_families import (
     layer_types,
     window_fields,
 )
-from xds_jax.model.config_fields import bool_field, get_any, int_field, rope_by_layer_type
+from xds_jax.model.config_fields import bool_field, get_any, int_field
 from xds_jax.model.config_image_text import (
     QWEN_VL_TEXT_TYPES,
     gemma3_text_config,
     mistral3_text_config,
     qwen_vl_text_config,
 )
+from xds_jax.model.config_rope import parse_rope
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", *GEMMA_TYPES,
                *OLMO_TYPES, "glm4", "ernie4_5", "seed_oss", "exaone4", "internlm3")
@@ -45,77 +46,19 @@ DEEPSEEK_MOE_TYPES = (*MLA_TYPES, "glm4_moe", "dots1")
 # (V2: the topk_group groups with the best single expert score first).
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 SUPPORTED_TYPES = DENSE_TYPES + MOE_TYPES
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 _DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16",
                   "fp16": "float16"}
 
 
-def _token_ids(value: Any) -> tuple[int, ...]:
+def _token_ids(value: Any, source: str) -> tuple[int, ...]:
+    """``eos_token_id``: one id, a list of them, or null."""
     if value is None:
         return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
-
-
-def parse_rope(d: dict, source: str, interleaved: bool = False) -> RopeConfig:
-    """RoPE settings from ``rope_parameters`` (v5) or ``rope_theta`` + ``rope_scaling`` (v4)."""
-    if rope_by_layer_type(d) is not None:
-        raise UnsupportedModelError(f"{source}: per-layer-type rope_parameters are not supported")
-    scaling = d.get("rope_scaling") or {}
-    merged = {**scaling, **(d.get("rope_parameters") or {})}
-    theta = get_any(merged, "rope_theta", default=get_any(d, "rope_theta", default=10000.0))
-    rope_type = get_any(merged, "rope_type", "type", default="default")
-    if rope_type == "su":  # Phi-3's first name for LongRoPE
-        rope_type = "longrope"
-    if rope_type not in ROPE_TYPES:
-        raise UnsupportedModelError(
-            f"{source}: rope type {rope_type!r} is not supported (supported: {ROPE_TYPES})"
-        )
-    factor = float(get_any(merged, "factor", default=1.0))
-    original = get_any(merged, "original_max_position_embeddings",
-                    default=d.get("original_max_position_embeddings"))
-    if rope_type in ("yarn", "llama3", "longrope") and original is None:
-        original = d.get("max_position_embeddings")
-    freq_factors = attention = None
-    if rope_type == "longrope":
-        freq_factors, attention = _longrope(merged, d, original, source)
-    return RopeConfig(
-        theta=float(theta),
-        type=rope_type,
-        factor=factor,
-        original_max_position_embeddings=None if original is None else int(original),
-        low_freq_factor=float(get_any(merged, "low_freq_factor", default=1.0)),
-        high_freq_factor=float(get_any(merged, "high_freq_factor", default=4.0)),
-        beta_fast=float(get_any(merged, "beta_fast", default=32.0)),
-        beta_slow=float(get_any(merged, "beta_slow", default=1.0)),
-        mscale=merged.get("mscale"),
-        mscale_all_dim=merged.get("mscale_all_dim"),
-        attention_factor=attention if attention is not None else merged.get("attention_factor"),
-        truncate=bool(merged.get("truncate", True)),
-        interleaved=interleaved,
-        partial_rotary_factor=float(
-            get_any(merged, "partial_rotary_factor", default=d.get("partial_rotary_factor", 1.0))
-        ),
-        freq_factors=freq_factors,
-    )
-
-
-def _longrope(merged: dict, d: dict, original, source: str) -> tuple[tuple[float, ...], float]:
-    """LongRoPE (Phi-3/3.5/4-mini) within its original context: the short factors divide the
-    frequencies, and cos/sin carry transformers' attention factor, ``sqrt(1 + ln(s) / ln(L0))``
-    for ``s = max_position_embeddings / L0``. Past ``L0`` transformers switches every position
-    to the long factors; the engine serves the original context (``max_position_embeddings``
-    becomes ``L0``, ``config_from_hf_dict``)."""
-    short = merged.get("short_factor")
-    if not isinstance(short, list) or not short or original is None:
-        raise ConfigError(f"{source}: longrope needs short_factor (a list) and "
-                          "original_max_position_embeddings")
-    attention = merged.get("attention_factor")
-    if attention is None:
-        scale = d.get("max_position_embeddings", original) / original
-        attention = 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(original))
-    return tuple(float(f) for f in short), float(attention)
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"{source}: eos_token_id must be a token id or a list of them, got "
+                          f"{value!r}")
+    return tuple(values)
 
 
 def _dtype(d: dict) -> str:
@@ -267,9 +210,25 @@ def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | 
 
 
 def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
-    """Build and validate a ``ModelConfig`` from a parsed ``config.json``."""
+    """Build and validate a ``ModelConfig`` from a parsed ``config.json``: absent fields are
+    the architecture's transformers defaults (``config_defaults``), a field of the wrong type
+    a ``ConfigError`` naming it."""
     if not isinstance(d, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    if not isinstance(d.get("model_type"), str | None):
+        raise ConfigError(f"{source}: model_type must be a string, got {d['model_type']!r}")
+    try:
+        return _config_from_hf_dict(d, source)
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        if isinstance(e, XdsError):
+            raise
+        # a value of a type no check above foresaw: still an error about the config
+        raise ConfigError(f"{source}: a field has a value of the wrong type or form "
+                          f"({type(e).__name__}: {e})") from e
+
+
+def _config_from_hf_dict(d: dict, source: str) -> ModelConfig:
+    defaults_of = TEXT_CLASS_TYPES.get(d.get("model_type"))  # an image-text model's text class
     if d.get("model_type") == "gemma3":  # image-text Gemma 3: serve its language model
         d = gemma3_text_config(d, source)
     elif d.get("model_type") == "mistral3":  # image-text Mistral Small 3.x: likewise
@@ -285,6 +244,7 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
             f"(supported: {', '.join(SUPPORTED_TYPES)}; image-text checkpoints served as "
             f"their language model: gemma3, mistral3, {', '.join(QWEN_VL_TEXT_TYPES)})"
         )
+    d = with_class_defaults(d, defaults_of or model_type, source)
     family = family_fields(d, model_type, source)
     d = family.pop("config")  # e.g. per-layer-type rope_parameters: the global layers' ones
     act = d.get("hidden_act", "silu")
@@ -321,6 +281,10 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
     if mla is not None and qkv_bias:
         raise UnsupportedModelError(f"{source}: attention_bias is not supported with MLA")
     rope = parse_rope(d, source, interleaved=bool(d.get("rope_interleave", mla is not None)))
+    rotary = int(head_dim * rope.partial_rotary_factor) if mla is None else mla.qk_rope_head_dim
+    if rope.freq_factors is not None and len(rope.freq_factors) != rotary // 2:
+        raise ConfigError(f"{source}: rope short_factor has {len(rope.freq_factors)} factors; "
+                          f"a rotary dimension of {rotary} needs {rotary // 2}")
     context = int_field(d, "max_position_embeddings", source, default=2048)
     if rope.type == "longrope":  # served within the context its short factors cover
         context = min(context, rope.original_max_position_embeddings)
@@ -352,7 +316,7 @@ def config_from_hf_dict(d: dict, source: str = "config") -> ModelConfig:
         num_mtp_layers=int_field(d, "num_nextn_predict_layers", source, default=0) or 0,
         dtype=_dtype(d),
         bos_token_id=d.get("bos_token_id"),
-        eos_token_ids=_token_ids(d.get("eos_token_id")),
+        eos_token_ids=_token_ids(d.get("eos_token_id"), source),
     )
 
 

@@ -192,6 +192,8 @@ class Sequence:
         # A new match must end in the text added since the last check.
         start = max(0, self._checked - max(len(s) for s in stops) + 1)
         self._checked = len(text)
+        if len(self.output_ids) <= self.params.min_tokens:
+            return False  # as EOS, and as vLLM: only past min_tokens, in the text added since
         match = first_stop(text, stops, search_from=start)
         if match is None:
             return False

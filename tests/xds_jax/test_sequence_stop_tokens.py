@@ -56,3 +56,19 @@ def test_streamed_deltas_add_up_to_the_cut_text(tok):
         seq.append(t)
         deltas.append(seq.new_text())
     assert "".join(deltas) == " one two" and seq.finished
+
+
+def test_stop_strings_count_only_past_min_tokens(tok):
+    # vLLM (V1): a stop string is looked for once min_tokens tokens are out, in the text added
+    # from then on (a match may start in earlier text); before that it is plain text
+    reply = tok.encode(" Paris. It is big. Yes.", add_special_tokens=False)
+    early = _run(tok, reply, stop=["."])
+    assert early.text == " Paris" and early.finish_reason == "stop"
+    dots = [i for i, t in enumerate(reply) if tok.decode([t], True).strip() == "."]
+    held = _run(tok, reply, stop=["."], min_tokens=dots[0] + 1)
+    assert held.text == tok.decode(reply[:dots[1]], True) == " Paris. It is big"
+    assert len(held.output_ids) == dots[1] + 1 and held.stop_reason == "."
+    # a stop string spanning the threshold is found
+    spanning = _run(tok, reply, stop=["t is"], min_tokens=reply.index(
+        tok.encode(" is", add_special_tokens=False)[0]))
+    assert spanning.text == " Paris. I"

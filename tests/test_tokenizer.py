@@ -255,6 +255,13 @@ def test_no_chat_template_raises(fields):
         ([{"role": 3, "content": "x"}], "needs a string 'role'"),
         ([USER[0], {"role": "assistant"}], r"messages\[1\] needs 'content'"),
         ([{"role": "user", "content": 5}], "needs 'content'"),
+        ([USER[0], {"role": "assistant", "tool_calls": "x"}],
+         r"messages\[1\].tool_calls must be a list"),
+        ([USER[0], {"role": "assistant", "content": None, "tool_calls": ["x"]}],
+         r"messages\[1\].tool_calls must be a list of tool calls"),
+        ([{"role": "user", "content": [{"type": "text"}]}],
+         r"messages\[0\].content\[0\] is a text part without a 'text' string"),
+        ([{"role": "user", "content": [{"type": "image_url"}]}], "got type 'image_url'"),
     ],
 )
 def test_malformed_messages_raise(smollm2, messages, message):

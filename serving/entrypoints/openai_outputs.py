@@ -30,6 +30,19 @@ def usage(prompt_lens: list[int], finals: list[RequestOutput | None]) -> UsageIn
                      total_tokens=sum(prompt_lens) + done)
 
 
+def choice_usage(prompt_lens: list[int], finals: list[RequestOutput | None], choice: int,
+                 n: int) -> UsageInfo:
+    """The usage so far of one streamed choice (``continuous_usage_stats``, as vLLM counts
+    it): its prompt's tokens and its own completion tokens; choice ``i * n + j`` is prompt
+    ``i``'s sample ``j``."""
+    prompt, sample = divmod(choice, n)
+    out = finals[prompt] if prompt < len(finals) else None
+    done = next((len(c.token_ids) for c in (out.outputs if out is not None else [])
+                 if c.index == sample), 0)
+    size = prompt_lens[prompt] if prompt < len(prompt_lens) else 0
+    return UsageInfo(prompt_tokens=size, completion_tokens=done, total_tokens=size + done)
+
+
 class ChoiceCursor:
     """How much of one choice's text and tokens were already streamed."""
 

@@ -24,6 +24,12 @@ from xds_jax.sampling.params import MAX_LOGPROBS
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 TEXT_PARTS = {"input_text": "text", "output_text": "text", "text": "text", "refusal": "refusal"}
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+# OpenAI's ``include`` values: the logprobs one adds them; the others name outputs of tools
+# and inputs this server has none of, so they add nothing. Anything else is a 400, as OpenAI.
+INCLUDABLE = {LOGPROBS_INCLUDE, "web_search_call.action.sources", "web_search_call.results",
+              "code_interpreter_call.outputs", "computer_call_output.output.image_url",
+              "file_search_call.results", "message.input_image.image_url",
+              "reasoning.encrypted_content"}
 
 
 class ResponsesRequest(api.SamplingFields):
@@ -62,6 +68,11 @@ def refuse_unsupported(req: ResponsesRequest) -> None:
     if not 0 <= (req.top_logprobs or 0) <= MAX_LOGPROBS:
         raise ApiError(400, f"top_logprobs must be in 0..{MAX_LOGPROBS}, got {req.top_logprobs}",
                        "top_logprobs", "invalid_value")
+    unknown = sorted(set(req.include or []) - INCLUDABLE)
+    if unknown:
+        raise ApiError(400, f"include: unknown value(s) {', '.join(map(repr, unknown))}; "
+                       f"supported: {', '.join(sorted(INCLUDABLE))}", "include",
+                       "invalid_value")
     if req.max_output_tokens is not None and req.max_output_tokens < 1:
         raise ApiError(400, f"max_output_tokens must be at least 1, got "
                        f"{req.max_output_tokens}", "max_output_tokens", "invalid_value")

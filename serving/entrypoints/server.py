@@ -131,6 +131,9 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
             detail = first.get("ctx", {}).get("error", first.get("msg"))
             return ApiError(400, f"malformed JSON body: {detail}", None, "invalid_json").response()
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if not loc and first.get("input") is None:
+            return ApiError(400, "the body is empty: send a JSON object", None,
+                            "invalid_json").response()
         if not loc and isinstance(first.get("input"), bytes):  # not read as JSON
             return ApiError(400, "the body must be a JSON object, sent with Content-Type: "
                             "application/json", None, "invalid_json").response()

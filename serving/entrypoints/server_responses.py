@@ -91,7 +91,8 @@ async def respond(served: Served, raw: Request, req: Any, model: str,
                                names, [p[1] for p, _ in jobs])
         return StreamingResponse(
             finish_stream(watch, events, req, lambda: outputs.usage(lens, finals), model,
-                          request_id),
+                          request_id,
+                          lambda i: outputs.choice_usage(lens, finals, i, req.n)),
             media_type="text/event-stream")
     try:
         async for i, out in merged(streams):
@@ -201,10 +202,13 @@ def chat_chunks(shaper: ChoiceDeltas, c: CompletionOutput, text: str, start: int
 
 async def finish_stream(watch: Watchdog, events: AsyncIterator[dict], req: Any,
                         usage: Callable[[], api.UsageInfo], model: str,
-                        request_id: str) -> AsyncIterator[str]:
+                        request_id: str,
+                        choice_usage: Callable[[int], api.UsageInfo] | None = None
+                        ) -> AsyncIterator[str]:
     """SSE lines: the chunks, the usage chunk if asked for, an error event if the request
     failed after the 200 header, then ``[DONE]``. Cut-short requests are aborted. With
-    ``continuous_usage_stats`` (vLLM) every chunk carries the usage so far."""
+    ``continuous_usage_stats`` (vLLM) every chunk carries the usage so far: its choice's
+    (``choice_usage``; prompt and own tokens, as vLLM counts it), else the request's."""
     options = req.stream_options
     include_usage = bool(options and options.include_usage)
     continuous = include_usage and options.continuous_usage_stats
@@ -213,8 +217,13 @@ async def finish_stream(watch: Watchdog, events: AsyncIterator[dict], req: Any,
         try:
             async for chunk in events:
                 created = chunk["created"]
-                if include_usage:
-                    chunk["usage"] = usage().model_dump() if continuous else None
+                if include_usage and continuous:
+                    choices = chunk.get("choices") or []
+                    so_far = (choice_usage(choices[0]["index"]) if choice_usage and choices
+                              else usage())
+                    chunk["usage"] = so_far.model_dump()
+                elif include_usage:
+                    chunk["usage"] = None
                 else:
                     chunk.pop("usage", None)
                 yield sse(chunk)

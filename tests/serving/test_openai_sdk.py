@@ -51,6 +51,23 @@ def test_continuous_usage_stats(server, sdk):
     assert chunks[-1].choices == [] and len({u.prompt_tokens for u in usages}) == 1
 
 
+def test_continuous_usage_stats_counts_each_choice_s_own_tokens(server, sdk):
+    """With several prompts and samples each chunk's usage is its choice's (its prompt's
+    tokens, its own completion tokens), as vLLM reports it; the last chunk holds the totals."""
+    chunks = list(sdk.completions.create(
+        model=server.engine.model_name, prompt=[[5, 6, 7], [8, 9]], n=2, max_tokens=3,
+        temperature=0, stream=True, extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    seen: dict[int, list[int]] = {}
+    for chunk in chunks[:-1]:
+        [choice] = chunk.choices
+        assert chunk.usage.prompt_tokens == (3 if choice.index < 2 else 2)
+        seen.setdefault(choice.index, []).append(chunk.usage.completion_tokens)
+    assert sorted(seen) == [0, 1, 2, 3]
+    assert all(counts == sorted(counts) and counts[-1] == 3 for counts in seen.values())
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (5, 12)
+
+
 def test_continue_final_message(server, sdk):
     """vLLM's assistant prefill: ``continue_final_message`` ends the prompt inside the last
     message, so the reply is what a completion of that text gives (it was ignored: the turn

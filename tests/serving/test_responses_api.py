@@ -187,11 +187,16 @@ def test_requests_it_cannot_serve_are_400s_naming_the_field(fake, sdk):
         (dict(truncation="middle"), "truncation"),
         (dict(top_logprobs=21), "top_logprobs"),
         (dict(extra_body={"n": 2}), "n"),
+        (dict(include=["bogus"]), "include"),
     ]
     for fields, param in cases:
         with pytest.raises(openai.BadRequestError) as error:
             sdk.responses.create(**({"model": "fake", "input": "hi"} | fields))
         assert error.value.param == param, fields
+    # OpenAI's values for tools and inputs this server has none of add nothing
+    fine = sdk.responses.create(model="fake", input="hi", include=[
+        "reasoning.encrypted_content", "file_search_call.results"])
+    assert fine.error is None and fine.output_text
     with pytest.raises(openai.NotFoundError):
         sdk.responses.create(model="nope", input="hi")
     bad = httpx.post(fake.url + "/v1/responses", content=b"{not json")

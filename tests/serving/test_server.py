@@ -311,6 +311,10 @@ def test_body_that_is_no_json_object_says_so(fake):
         assert response.status_code == 400
         assert response.json()["error"]["code"] == "invalid_json"
     assert "Content-Type: application/json" in response.json()["error"]["message"]
+    empty = httpx.post(fake.url + "/v1/chat/completions", content=b"",
+                       headers={"Content-Type": "application/json"})
+    assert empty.status_code == 400 and empty.json()["error"]["code"] == "invalid_json"
+    assert "the body is empty" in empty.json()["error"]["message"]
 
 
 def test_tokenize_takes_nulls_as_defaults(fake):

@@ -88,7 +88,7 @@ def find_message_problem(messages: Any) -> str | None:
     """Why `messages` is not a usable chat, or None when it is one.
 
     A chat is a non-empty list of dicts, each with a string `role` and a `content` that is a
-    string, a list of content parts, or None beside `tool_calls`.
+    string, a list of content parts, or None beside `tool_calls` (a list of objects).
     """
     if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
         return f"messages must be a list of dicts, got {type(messages).__name__}"
@@ -104,4 +104,8 @@ def find_message_problem(messages: Any) -> str | None:
             content is None and "tool_calls" in message
         ):
             return f"messages[{index}] needs 'content' as a string or list of parts"
+        calls = message.get("tool_calls")
+        if calls is not None and not (isinstance(calls, list)
+                                      and all(isinstance(c, Mapping) for c in calls)):
+            return f"messages[{index}].tool_calls must be a list of tool calls (objects)"
     return None

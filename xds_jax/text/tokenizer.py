@@ -72,7 +72,10 @@ def text_parts_joined(message: Mapping[str, Any], index: int) -> dict[str, Any]:
         texts = []
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, Mapping) else None
-            if kind != "text" or not isinstance(part.get("text"), str):
+            if kind == "text" and not isinstance(part.get("text"), str):
+                raise TokenizerError(f"messages[{index}].content[{j}] is a text part without "
+                                     "a 'text' string")
+            if kind != "text":
                 raise TokenizerError(
                     f"messages[{index}].content[{j}] must be a text part "
                     f"{{'type': 'text', 'text': str}}, got type {kind!r} (text-only model)")

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import time
@@ -234,6 +235,11 @@ class LLM:
         requests = []
         for prompt, params, rank in zip(prompts, params_list, priorities, strict=True):
             text, ids = self._prompt_ids(prompt)
+            if sampling_params is None and "max_tokens" in self.sampling_defaults:
+                # the model's max_new_tokens is at most what the context leaves (the server
+                # caps it so too, Served.fit)
+                room = max(self.max_model_len - len(ids), 1)
+                params = dataclasses.replace(params, max_tokens=min(params.max_tokens, room))
             ids = self.truncate_prompt(ids, params)
             self.check_prompt(ids, params)
             salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None

@@ -124,7 +124,10 @@ class XmlArgsParser(HermesParser):
         found = [self.call(item) for item in items]
         if not found or not all(found):
             return shaped([text], final)
-        return shaped([text[:start], *found, text[end:]], final)
+        rest = text[end:]
+        if rest.startswith(self.CLOSE):  # the wrapper's close without its open
+            rest = rest[len(self.CLOSE):]
+        return shaped([text[:start], *found, rest], final)
 
     def _call(self, block: str) -> ParsedCall | None:
         found = glm_call(block) if self.name == "glm45" else qwen3_coder_call(block)

@@ -61,6 +61,9 @@ def test_qwen3_coder_reads_several_functions_a_block_and_bare_functions(text):
     assert calls_of(pieces) == CALLS and content_of(pieces) == "Let me check."
     after = bound("qwen3_coder").parse(text + "\nDone.", True)
     assert calls_of(after) == CALLS and content_of(after) == "Let me check.\nDone."
+    # a wrapper's close left without its open is no content
+    closed = bound("qwen3_coder").parse(QWEN_BARE + "\n</tool_call>", True)
+    assert calls_of(closed) == CALLS and content_of(closed) == "Let me check."
     # a bare function is read only once the reply is whole: until then the content before it
     assert bound("qwen3_coder").parse(QWEN_BARE, False) == ["Let me check."]
     assert bound("qwen3_coder").parse("Let me <func", False) == ["Let me"]

@@ -14,6 +14,7 @@ from tests.helpers import GOLDEN
 from tests.xds_jax.test_config_defaults import DEFAULTS, UNRUNNABLE
 from xds_jax import LLM, SamplingParams
 from xds_jax.errors import ConfigError
+from xds_jax.loading.loader import _cache_tag, load_config
 from xds_jax.model.config_hf import config_from_hf_dict
 
 # What a config must state (the sizes: else an error naming them), what the tokenizer's files
@@ -110,6 +111,7 @@ def test_a_tied_config_with_a_stored_head_uses_the_head(tmp_path):
     (folder / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
     prompt = {"prompt_token_ids": [5, 9, 200, 31, 7]}
     params = SamplingParams(temperature=0, max_tokens=4, logprobs=2)
+    assert not load_config(folder).tie_word_embeddings  # what xds plan sizes too
     runs = []
     for path in (GOLDEN / "llama", folder):
         llm = LLM(str(path), dtype="float32", kv_cache_bytes=4 << 20, use_param_cache=False)
@@ -119,3 +121,12 @@ def test_a_tied_config_with_a_stored_head_uses_the_head(tmp_path):
     first = [[lp[t].logprob for t in sorted(lp)] for lp in runs[0].logprobs]
     second = [[lp[t].logprob for t in sorted(lp)] for lp in runs[1].logprobs]
     np.testing.assert_allclose(first, second, rtol=1e-6)
+
+
+def test_a_cached_parameter_tree_is_keyed_by_the_config_read_from_its_files():
+    # how a config is read may change under the same files (this change gave absent fields
+    # transformers' defaults): a tree cached for another reading must not be restored
+    a = config_from_hf_dict(_llama())
+    b = config_from_hf_dict(_llama(tie_word_embeddings=True))
+    assert _cache_tag("hf", np.float32, None, a) == _cache_tag("hf", np.float32, None, a)
+    assert _cache_tag("hf", np.float32, None, a) != _cache_tag("hf", np.float32, None, b)

@@ -96,3 +96,11 @@ def test_llm_refuses_a_bad_override_before_loading(tmp_path):
     engine_default = LLM(str(model_dir(tmp_path, QWEN3, "q")), generation_config="vllm",
                          dtype="float32", kv_cache_bytes=4 << 20)
     assert engine_default.get_default_sampling_params() == SamplingParams()
+
+
+def test_a_default_max_new_tokens_past_the_context_stops_at_the_context(tmp_path):
+    # as the server caps it (and vLLM stops there), not a PromptTooLongError
+    folder = model_dir(tmp_path, {"temperature": 0.0, "max_new_tokens": 100})
+    llm = LLM(str(folder), dtype="float32", max_model_len=24, kv_cache_bytes=4 << 20)
+    out = llm.generate({"prompt_token_ids": [5, 9, 200, 31]})[0].outputs[0]
+    assert len(out.token_ids) == 20 and out.finish_reason == "length"

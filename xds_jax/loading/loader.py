@@ -13,6 +13,7 @@ second load of a checkpoint skips dequantisation and layout conversion.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import logging
 from pathlib import Path
@@ -101,7 +102,30 @@ def load_config(model: str | Path) -> ModelConfig:
 
         src = GGUFSource(path)
         return config_from_gguf(src.meta, set(src.names()), str(path), src.rope_freqs())
+    if path.is_dir() and (path / "config.json").is_file():
+        return _hf_dir_config(path, read_json(path / "config.json"), warn=False)
     return load_model_config(path)
+
+
+def _hf_dir_config(path: Path, raw: dict, warn: bool = True) -> ModelConfig:
+    """A Hugging Face directory's ``ModelConfig``: as its ``config.json`` says, but untied
+    where the config ties the head and the checkpoint stores one anyway (transformers 5 then
+    uses the stored head)."""
+    from xds_jax.loading.weights_hf import SafetensorsSource, text_model_source
+
+    source = str(path / "config.json")
+    cfg = config_from_hf_dict(raw, source)
+    if not cfg.tie_word_embeddings or not any(path.glob("*.safetensors")):
+        return cfg
+    if "lm_head.weight" not in text_model_source(SafetensorsSource(path)).names():
+        return cfg
+    if warn:
+        log.warning("%s: tie_word_embeddings is true but the checkpoint stores lm_head.weight; "
+                    "the stored head is used (as transformers 5 does)", path.name)
+    raw = dict(raw, tie_word_embeddings=False)
+    if isinstance(raw.get("text_config"), dict):
+        raw["text_config"] = dict(raw["text_config"], tie_word_embeddings=False)
+    return config_from_hf_dict(raw, source)  # Gemma's and Granite's scales follow the tying
 
 
 def load_model(model: str | Path, dtype: str | None = None, seed: int = 0,
@@ -132,8 +156,13 @@ def _load(model: str | Path, dtype: str | None, seed: int, use_cache: bool, load
     return _load_hf_dir(str(model), path, dtype, use_cache, load_mtp, q)
 
 
-def _cache_tag(fmt: str, jdtype, quantization: str | None) -> str:
-    return f"{fmt}-{jdtype.__name__}-fused" + (f"-{quantization}" if quantization else "")
+def _cache_tag(fmt: str, jdtype, quantization: str | None, cfg: ModelConfig) -> str:
+    """What a cached parameter tree depends on besides its files: the dtype, the quantization
+    and the config read from them (how configs are read may change under the same files:
+    absent fields' defaults, tying)."""
+    digest = hashlib.sha256(repr(cfg).encode()).hexdigest()[:12]
+    return (f"{fmt}-{jdtype.__name__}-fused" + (f"-{quantization}" if quantization else "")
+            + f"-{digest}")
 
 
 def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool,
@@ -151,7 +180,7 @@ def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool,
     )
 
     raw = read_json(path / "config.json")
-    cfg = config_from_hf_dict(raw, str(path / "config.json"))
+    cfg = _hf_dir_config(path, raw)
     stored = checkpoint_quantization(raw, str(path / "config.json"))
     jdtype = resolve_dtype(dtype, cfg)
     files = sorted(path.glob("*.safetensors"))
@@ -161,15 +190,6 @@ def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool,
             "(pass the config.json file itself for random weights)"
         )
 
-    if cfg.tie_word_embeddings and "lm_head.weight" in text_model_source(
-            SafetensorsSource(path)).names():
-        # transformers 5 uses a stored head rather than tie it to the embeddings
-        log.warning("%s: tie_word_embeddings is true but the checkpoint stores lm_head.weight; "
-                    "the stored head is used (as transformers 5 does)", path.name)
-        raw = dict(raw, tie_word_embeddings=False)
-        if isinstance(raw.get("text_config"), dict):
-            raw["text_config"] = dict(raw["text_config"], tie_word_embeddings=False)
-        cfg = config_from_hf_dict(raw, str(path / "config.json"))  # Gemma's scales follow it
     if stored is not None:
         log.info("%s stores %s weights, dequantised to %s at load%s", path.name,
                  describe(stored), jdtype.__name__,
@@ -184,7 +204,8 @@ def _load_hf_dir(name: str, path: Path, dtype, use_cache: bool, load_mtp: bool,
         return quantize_params(fuse_projections(params, cfg), quantization)
 
     params = param_cache.cached(files + [path / "config.json"],
-                                _cache_tag("hf", jdtype, quantization), build, enabled=use_cache)
+                                _cache_tag("hf", jdtype, quantization, cfg), build,
+                                enabled=use_cache)
     return LoadedModel(name, cfg, params, _hf_tokenizer(path))
 
 
@@ -214,6 +235,6 @@ def _load_gguf(name: str, path: Path, dtype, use_cache: bool,
         params = assemble(cfg, src, gguf_keymap(cfg, param_shapes(cfg)), jdtype, False)
         return quantize_params(fuse_projections(params, cfg), quantization)
 
-    params = param_cache.cached([path], _cache_tag("gguf", jdtype, quantization), build,
+    params = param_cache.cached([path], _cache_tag("gguf", jdtype, quantization, cfg), build,
                                 enabled=use_cache)
     return LoadedModel(name, cfg, params, Tokenizer.from_gguf_fields(src.meta))

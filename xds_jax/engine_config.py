@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 from typing import TYPE_CHECKING
 
 from xds_jax.errors import ConfigError, SamplingParamsError
@@ -144,8 +145,18 @@ class EngineConfig:
             raise ConfigError(f"scheduling_policy must be one of "
                               f"{', '.join(map(repr, SCHEDULING_POLICIES))}, got "
                               f"{self.scheduling_policy!r}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
+        limit = self.max_model_len
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1):
+            raise ConfigError(f"max_model_len must be a positive integer or None, got {limit!r}")
+        for name in ("enable_prefix_caching", "staged", "async_scheduling", "trace",
+                     "use_param_cache", "enable_eplb"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not (self.deployment is None or isinstance(self.deployment, str | os.PathLike)
+                or hasattr(self.deployment, "num_devices")):
+            raise ConfigError(f"deployment must be a deployment file's path or a "
+                              f"DeploymentSpec, got {self.deployment!r}")
         _check_speculative(self.speculative_config)
         if self.quantization not in (None, "int8"):
             raise ConfigError(f"quantization must be 'int8' or None, got {self.quantization!r}")

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import time
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
 
 from xds_jax.compile_cache import enable_compilation_cache
 from xds_jax.embedding import embed_prompts, pairs, score_prompts
 from xds_jax.engine_config import DEFAULTS, EngineConfig, check_priority
+from xds_jax.engine_setup import read_deployment_file, size_cpu_devices
 from xds_jax.errors import ConfigError, PromptTooLongError, SamplingParamsError, XdsError
 from xds_jax.loading.draft_heads import attach_shipped_head
 from xds_jax.loading.generation_config import sampling_defaults
@@ -65,6 +66,8 @@ class LLM:
         try:
             config = config or EngineConfig(model=model, **options)
         except TypeError as e:  # an unknown keyword: name it
+            if "unexpected keyword" not in str(e):
+                raise
             raise ConfigError(f"LLM: {e}; the options are EngineConfig's fields") from None
         if config.enable_eplb or config.eplb_config is not None:
             from serving.disagg.eplb_config import EplbConfig  # bad options fail before loading
@@ -79,8 +82,8 @@ class LLM:
             config = config.replace(faults=parse_faults(config.faults))
         enable_compilation_cache()
         make_room("building an engine")  # programs of engines built before may hold them
-        self.config = config = _read_deployment(config)
-        _size_cpu_devices(config)
+        self.config = config = read_deployment_file(config)
+        size_cpu_devices(config)
         # The model's default sampling (generation_config.json), read and checked before the
         # weights load.
         self.sampling_defaults = sampling_defaults(config.generation_config,
@@ -179,6 +182,9 @@ class LLM:
                 )
         if params.bad_words:  # needs a tokenizer: fails here, not in a step
             bad_word_ids(params.bad_words, self.tokenizer)
+        if params.stop and self.tokenizer is None:
+            raise SamplingParamsError("stop strings need a tokenizer (this model has none, so "
+                                      "its output has no text): use stop_token_ids")
         if params.structured_outputs is not None:  # an invalid schema fails here, not later
             structured.check(params.structured_outputs, self.tokenizer)
         more = 0 if params.max_tokens == 0 else params.max_tokens or 1  # 0: scoring only
@@ -192,11 +198,13 @@ class LLM:
 
     def truncate_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
         """vLLM's ``truncate_prompt_tokens``: the prompt's last k tokens (-1: as many as the
-        context holds); k above the context length is a ``SamplingParamsError``."""
+        context holds beside the ``max_tokens`` asked for, one where None); k above the
+        context length is a ``SamplingParamsError``."""
         keep = params.truncate_prompt_tokens
         if keep is None:
             return ids
-        keep = self.max_model_len if keep == -1 else keep
+        room = 1 if params.max_tokens is None else params.max_tokens
+        keep = max(self.max_model_len - room, 1) if keep == -1 else keep
         if keep > self.max_model_len:
             raise SamplingParamsError(f"truncate_prompt_tokens must be -1 or in "
                                       f"1..{self.max_model_len} (the context length), got {keep}")
@@ -224,9 +232,7 @@ class LLM:
         ``{"prompt": str}`` dict (``"cache_salt"``: share cached KV only with prompts of the
         same salt, vLLM's), or a list of them. One ``SamplingParams`` for all, or one each.
         ``priority``: one per prompt (lower first; needs ``scheduling_policy="priority"``)."""
-        if isinstance(prompts, str | dict):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = self._prompt_list(prompts)
         params_list = self._params_list(sampling_params, len(prompts))
         priorities = [0] * len(prompts) if priority is None else list(priority)
         if len(priorities) != len(prompts):
@@ -346,6 +352,16 @@ class LLM:
         # The template already holds BOS where the model wants it.
         return text, self.tokenizer.encode(text, add_special_tokens=False)
 
+    @staticmethod
+    def _prompt_list(prompts: Any) -> list:
+        """``generate``'s prompts as a list (one str or dict: a list of it)."""
+        if isinstance(prompts, str | dict):
+            return [prompts]
+        if not isinstance(prompts, Iterable):
+            raise InvalidPromptError(f"prompts must be a str, a dict or a list of them, got "
+                                     f"{type(prompts).__name__}")
+        return list(prompts)
+
     def _params_list(self, sampling_params, count: int) -> list[SamplingParams]:
         if sampling_params is None:
             return [self.get_default_sampling_params() for _ in range(count)]
@@ -357,33 +373,6 @@ class LLM:
                 f"got {len(params)} SamplingParams for {count} prompts; pass one or one each"
             )
         return params
-
-
-def _read_deployment(config: EngineConfig) -> EngineConfig:
-    """``config`` with its deployment file parsed (once, here: no JAX needed)."""
-    if not isinstance(config.deployment, str | os.PathLike):
-        return config
-    from sharding.deployment import read_deployment
-
-    return config.replace(deployment=read_deployment(config.deployment))
-
-
-def _size_cpu_devices(config: EngineConfig) -> None:
-    """Before JAX starts, give the CPU backend the virtual devices the layout needs (the
-    device count cannot change later in the process)."""
-    from sharding.devices import backends_started, ensure_cpu_devices, queues_collectives
-
-    needed = config.num_dp_groups
-    collectives = queues_collectives(config.deployment)
-    if config.deployment is not None:
-        needed = max(needed, config.deployment.num_devices)
-    if config.distributed is not None:  # first of all: join the other processes
-        from sharding.processes import DistributedConfig, initialize
-
-        initialize(DistributedConfig.of(config.distributed), needed, collectives)
-    if backends_started():
-        return
-    ensure_cpu_devices(needed, collectives)
 
 
 def _join_processes(engine, config: EngineConfig, make_sequences):

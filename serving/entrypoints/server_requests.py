@@ -213,16 +213,24 @@ def constraint_error(error: ApiError, req: api.SamplingFields) -> ApiError:
     return ApiError(error.status, path + error.message[len(param):], field, error.code)
 
 
-def truncated(prompt: Prompt, keep: int | None, max_model_len: int) -> Prompt:
+def truncated(prompt: Prompt, keep: int | None, max_model_len: int,
+              max_tokens: int | None = 0) -> Prompt:
     """vLLM's ``truncate_prompt_tokens``: the prompt's last ``keep`` tokens (-1: as many as the
-    context holds). A cut prompt loses its text, so an echo shows the tokens kept."""
+    context holds beside the ``max_tokens`` asked for, at least one when None; embeddings ask
+    for none). A cut prompt loses its text, so an echo shows the tokens kept."""
     if keep is None:
         return prompt
-    keep = max_model_len if keep == -1 else keep
+    keep = max(max_model_len - output_room(max_tokens), 1) if keep == -1 else keep
     if not 1 <= keep <= max_model_len:
         raise ApiError(400, f"truncate_prompt_tokens must be -1 or in 1..{max_model_len} (the "
                        f"context length), got {keep}", "truncate_prompt_tokens", "invalid_value")
     return prompt if len(prompt[1]) <= keep else (None, prompt[1][-keep:])
+
+
+def output_room(max_tokens: int | None) -> int:
+    """Context a request's output takes: ``max_tokens``, one where None (at least one token
+    is made), none for 0 (prompt scoring)."""
+    return 1 if max_tokens is None else max(max_tokens, 0)
 
 
 def completion_prompts(prompt: Any, tokenizer: Any) -> list[Prompt]:

@@ -128,6 +128,10 @@ def test_truncate_prompt_tokens(server, sdk):
     chat = sdk.chat.completions.create(messages=[{"role": "user", "content": "x" * 400}],
                                        **greedy | {"extra_body": {"truncate_prompt_tokens": 200}})
     assert chat.usage.prompt_tokens == 200 and chat.usage.completion_tokens == 4
+    # -1: as much of the prompt as the context holds beside the output asked for
+    most = sdk.completions.create(prompt=ids, **greedy | {"extra_body": {
+        "ignore_eos": True, "truncate_prompt_tokens": -1}})
+    assert most.usage.prompt_tokens == 252 and most.usage.completion_tokens == 4
     with pytest.raises(openai.BadRequestError) as error:
         sdk.completions.create(prompt=ids, **greedy | {"extra_body": {
             "truncate_prompt_tokens": 300}})

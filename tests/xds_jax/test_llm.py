@@ -10,6 +10,7 @@ from safetensors.numpy import load_file, save_file
 from tests.helpers import GOLDEN
 from xds_jax import LLM, SamplingParams
 from xds_jax.errors import (
+    ConfigError,
     ModelNotFoundError,
     PromptTooLongError,
     SamplingParamsError,
@@ -84,6 +85,9 @@ def test_bad_prompts(smollm2):
         smollm2.generate({"prompt_token_ids": [1, 10**9]})
     with pytest.raises(InvalidPromptError, match="str or dict"):
         smollm2.generate([3.5])
+    for bad in (5, None, 3.5):  # not even a list
+        with pytest.raises(InvalidPromptError, match="a str, a dict or a list of them"):
+            smollm2.generate(bad)
 
 
 def test_a_prompt_filling_the_context_can_be_scored_truncated_but_not_continued():
@@ -110,6 +114,15 @@ def test_a_prompt_filling_the_context_can_be_scored_truncated_but_not_continued(
     whole = llm.generate({"prompt_token_ids": ids + ids[:6]},
                          SamplingParams(truncate_prompt_tokens=-1, max_tokens=0))[0]
     assert whole.prompt_token_ids == (ids + ids[:6])[-64:]
+    # -1 leaves the room the output asks for (it kept all 64 tokens and then refused them)
+    room = llm.generate({"prompt_token_ids": ids + ids[:6]},
+                        SamplingParams(truncate_prompt_tokens=-1, **greedy))[0]
+    assert room.prompt_token_ids == (ids + ids[:6])[-60:] and len(room.outputs[0].token_ids) == 4
+    one = llm.generate({"prompt_token_ids": ids}, SamplingParams(truncate_prompt_tokens=-1,
+                                                                  max_tokens=None))[0]
+    assert len(one.prompt_token_ids) == 63 and len(one.outputs[0].token_ids) == 1
+    with pytest.raises(SamplingParamsError, match="stop strings need a tokenizer"):
+        llm.generate({"prompt_token_ids": ids[:8]}, SamplingParams(stop=["a"]))
     with pytest.raises(SamplingParamsError, match="must be -1 or in 1..64"):
         llm.generate({"prompt_token_ids": ids}, SamplingParams(truncate_prompt_tokens=65))
     with pytest.raises(SamplingParamsError, match="truncate_prompt_tokens must be -1"):
@@ -164,3 +177,18 @@ def jax_leaves(tree):
     import jax
 
     return jax.tree_util.tree_leaves(tree)
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"max_model_len": "128"}, "max_model_len must be a positive integer"),
+    ({"max_model_len": True}, "max_model_len must be a positive integer"),
+    ({"max_model_len": 64.5}, "max_model_len must be a positive integer"),
+    ({"deployment": 123}, "deployment must be a deployment file's path"),
+    ({"enable_prefix_caching": "no"}, "enable_prefix_caching must be true or false"),
+    ({"async_scheduling": 1}, "async_scheduling must be true or false"),
+    ({"bogus": 1}, "unexpected keyword argument 'bogus'; the options are EngineConfig's"),
+])
+def test_an_option_of_the_wrong_type_is_named_before_loading(options, named):
+    with pytest.raises(ConfigError) as error:
+        LLM("nowhere/not-a-model", **options)  # refused before the model is looked up
+    assert named in str(error.value)

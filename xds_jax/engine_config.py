@@ -204,6 +204,20 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
 
+# vLLM's LLM options that have another name or no counterpart here: what to use instead.
+VLLM_OPTIONS = {
+    "tensor_parallel_size": "decode DP groups run with TP=1 (xDeepServe's layout); tensor "
+                            "parallelism runs in a PD prefill pool, set in a deployment file "
+                            "(deployment=..., roles.prefill.tp); for more devices use "
+                            "num_dp_groups",
+    "data_parallel_size": "use num_dp_groups",
+    "pipeline_parallel_size": "pipeline parallelism is not supported; see deployment",
+    "gpu_memory_utilization": "the KV cache is sized by kv_cache_bytes (per DP group)",
+    "enforce_eager": "programs are always compiled (XLA); nothing to turn off",
+    "trust_remote_code": "no model code is loaded from checkpoints; supported architectures "
+                         "are built in",
+    "tokenizer": "the tokenizer is read from the model directory or GGUF file",
+}
 SCHEDULING_POLICIES = ("fcfs", "priority")  # serving.core.scheduler orders its queues by them
 
 

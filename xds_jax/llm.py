@@ -16,7 +16,7 @@ from typing import Any
 
 from xds_jax.compile_cache import enable_compilation_cache
 from xds_jax.embedding import embed_prompts, pairs, score_prompts
-from xds_jax.engine_config import DEFAULTS, EngineConfig, check_priority
+from xds_jax.engine_config import DEFAULTS, VLLM_OPTIONS, EngineConfig, check_priority
 from xds_jax.engine_setup import read_deployment_file, size_cpu_devices
 from xds_jax.errors import ConfigError, PromptTooLongError, SamplingParamsError, XdsError
 from xds_jax.loading.draft_heads import attach_shipped_head
@@ -68,7 +68,9 @@ class LLM:
         except TypeError as e:  # an unknown keyword: name it
             if "unexpected keyword" not in str(e):
                 raise
-            raise ConfigError(f"LLM: {e}; the options are EngineConfig's fields") from None
+            hints = [f"{name}: {VLLM_OPTIONS[name]}" for name in options if name in VLLM_OPTIONS]
+            raise ConfigError(f"LLM: {e}; the options are EngineConfig's fields"
+                              + "".join(f" ({hint})" for hint in hints)) from None
         if config.enable_eplb or config.eplb_config is not None:
             from serving.disagg.eplb_config import EplbConfig  # bad options fail before loading
 

@@ -187,6 +187,9 @@ def jax_leaves(tree):
     ({"enable_prefix_caching": "no"}, "enable_prefix_caching must be true or false"),
     ({"async_scheduling": 1}, "async_scheduling must be true or false"),
     ({"bogus": 1}, "unexpected keyword argument 'bogus'; the options are EngineConfig's"),
+    # vLLM's spellings say what to use here
+    ({"gpu_memory_utilization": 0.9}, "sized by kv_cache_bytes"),
+    ({"tensor_parallel_size": 2}, "decode DP groups run with TP=1"),
 ])
 def test_an_option_of_the_wrong_type_is_named_before_loading(options, named):
     with pytest.raises(ConfigError) as error:

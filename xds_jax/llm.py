@@ -198,6 +198,19 @@ class LLM:
                 f"({need} in all)"
             )
 
+    def fit_output(self, ids: list[int], params: SamplingParams) -> SamplingParams:
+        """``params`` with ``max_tokens`` lowered to what the context leaves after the prompt,
+        as vLLM's offline API stops an output at the context (the server refuses such a
+        request instead, as vLLM's does); a prompt that fills the context is still refused
+        (``check_prompt``)."""
+        room = self.max_model_len - len(ids)
+        if params.max_tokens is None or room < 1 or params.max_tokens <= room:
+            return params
+        if params.min_tokens > room:
+            raise PromptTooLongError(f"min_tokens {params.min_tokens} do not fit: the context "
+                                     f"({self.max_model_len}) leaves {room} after the prompt")
+        return dataclasses.replace(params, max_tokens=room)
+
     def truncate_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
         """vLLM's ``truncate_prompt_tokens``: the prompt's last k tokens (-1: as many as the
         context holds beside the ``max_tokens`` asked for, one where None); k above the
@@ -243,12 +256,8 @@ class LLM:
         requests = []
         for prompt, params, rank in zip(prompts, params_list, priorities, strict=True):
             text, ids = self._prompt_ids(prompt)
-            if sampling_params is None and "max_tokens" in self.sampling_defaults:
-                # the model's max_new_tokens is at most what the context leaves (the server
-                # caps it so too, Served.fit)
-                room = max(self.max_model_len - len(ids), 1)
-                params = dataclasses.replace(params, max_tokens=min(params.max_tokens, room))
             ids = self.truncate_prompt(ids, params)
+            params = self.fit_output(ids, params)
             self.check_prompt(ids, params)
             salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
             requests.append((text, ids, self.make_sequences(ids, params, rank, salt)))

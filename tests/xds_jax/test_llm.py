@@ -104,6 +104,12 @@ def test_a_prompt_filling_the_context_can_be_scored_truncated_but_not_continued(
         assert abs(a[t].logprob - b[t].logprob) < 1e-4
     with pytest.raises(PromptTooLongError, match="asks for 1 more"):
         llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1))
+    # as vLLM's offline API: an output asked past the context stops there
+    capped = llm.generate({"prompt_token_ids": ids[:60]},
+                          SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    assert len(capped.outputs[0].token_ids) == 4 and capped.outputs[0].finish_reason == "length"
+    with pytest.raises(PromptTooLongError, match="min_tokens 8 do not fit"):
+        llm.generate({"prompt_token_ids": ids[:60]}, SamplingParams(max_tokens=10, min_tokens=8))
     # vLLM's truncate_prompt_tokens keeps the last k tokens (-1: the context length).
     greedy = dict(temperature=0, max_tokens=4, ignore_eos=True)
     cut = llm.generate({"prompt_token_ids": ids}, SamplingParams(truncate_prompt_tokens=8,

@@ -163,7 +163,10 @@ class EngineConfig:
         if self.dispatch_dtype not in (None, "auto", "int8"):
             raise ConfigError(f"dispatch_dtype must be 'auto' or 'int8', got "
                               f"{self.dispatch_dtype!r}")
-        faults = (self.faults,) if isinstance(self.faults, str) else tuple(self.faults or ())
+        faults = self.faults
+        if not isinstance(faults, list | tuple | set | type(None)):
+            faults = (faults,)  # one spec (anything else is refused below)
+        faults = tuple(faults or ())
         if not all(isinstance(f, str) or dataclasses.is_dataclass(f) for f in faults):
             raise ConfigError(f"faults must be fault specs (strings like "
                               f"'group_crash:group=1:after_steps=3'), got {self.faults!r}")

@@ -66,8 +66,8 @@ class LLM:
         try:
             config = config or EngineConfig(model=model, **options)
         except TypeError as e:  # an unknown keyword: name it
-            if "unexpected keyword" not in str(e):
-                raise
+            if "unexpected keyword" not in str(e):  # an option whose type no check foresaw
+                raise ConfigError(f"LLM: an option has the wrong type ({e})") from None
             hints = [f"{name}: {VLLM_OPTIONS[name]}" for name in options if name in VLLM_OPTIONS]
             raise ConfigError(f"LLM: {e}; the options are EngineConfig's fields"
                               + "".join(f" ({hint})" for hint in hints)) from None
@@ -206,20 +206,19 @@ class LLM:
         room = self.max_model_len - len(ids)
         if params.max_tokens is None or room < 1 or params.max_tokens <= room:
             return params
-        if params.min_tokens > room:
-            raise PromptTooLongError(f"min_tokens {params.min_tokens} do not fit: the context "
-                                     f"({self.max_model_len}) leaves {room} after the prompt")
-        return dataclasses.replace(params, max_tokens=room)
+        return dataclasses.replace(params, max_tokens=room,
+                                   min_tokens=min(params.min_tokens, room))
 
     def truncate_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
         """vLLM's ``truncate_prompt_tokens``: the prompt's last k tokens (-1: as many as the
-        context holds beside the ``max_tokens`` asked for, one where None); k above the
-        context length is a ``SamplingParamsError``."""
+        context holds, less one to generate unless ``max_tokens`` is 0; the output then stops
+        where the context ends, ``fit_output``); k above the context length is a
+        ``SamplingParamsError``."""
         keep = params.truncate_prompt_tokens
         if keep is None:
             return ids
-        room = 1 if params.max_tokens is None else params.max_tokens
-        keep = max(self.max_model_len - room, 1) if keep == -1 else keep
+        if keep == -1:
+            keep = self.max_model_len - (params.max_tokens != 0)
         if keep > self.max_model_len:
             raise SamplingParamsError(f"truncate_prompt_tokens must be -1 or in "
                                       f"1..{self.max_model_len} (the context length), got {keep}")

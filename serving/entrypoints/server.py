@@ -191,10 +191,8 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
             raise ApiError(400, "suffix is not supported", "suffix", "unsupported")
         served.precheck(req.n)
         prompts = await served.off_loop(completion_prompts, req.prompt, engine.tokenizer)
-        wanted = served.sampling_defaults.get("max_tokens") if req.max_tokens is None \
-            else req.max_tokens
-        prompts = [truncated(p, req.truncate_prompt_tokens, engine.max_model_len, wanted)
-                   for p in prompts]
+        prompts = [truncated(p, req.truncate_prompt_tokens, engine.max_model_len,
+                             served.output_tokens(req.max_tokens)) for p in prompts]
         # echo with logprobs scores the prompt too (vLLM); max_tokens 0 generates nothing
         scored = req.prompt_logprobs if req.prompt_logprobs is not None else (
             req.logprobs if req.echo else None)
@@ -214,11 +212,9 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         tools = served.reply_plan(req)
         served.precheck(req.n)
         field = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
-        wanted = getattr(req, field)
         prompt = truncated(await served.off_loop(chat_prompt, req, engine.tokenizer),
                            req.truncate_prompt_tokens, engine.max_model_len,
-                           served.sampling_defaults.get("max_tokens") if wanted is None
-                           else wanted)
+                           served.output_tokens(getattr(req, field)))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling_params(req, served.fit(prompt[1], getattr(req, field), "messages",
                                                  field=field), logprobs, req.prompt_logprobs,

@@ -199,7 +199,7 @@ class Served:
             raise ApiError(400, f"{field} must be at least {least}, got {max_tokens}",
                            field, "invalid_value")
         wanted = max_tokens if max_tokens is not None else max(limit - len(ids), 1)
-        if len(ids) + wanted > limit or len(ids) >= limit:
+        if len(ids) + wanted > limit or (len(ids) >= limit and wanted > 0):
             raise ApiError(
                 400, f"This model's maximum context length is {limit} tokens. However, you "
                 f"requested {len(ids) + wanted} tokens ({len(ids)} in the {where}, {wanted} in "
@@ -208,6 +208,12 @@ class Served:
                 "context_length_exceeded")
         cap = self.sampling_defaults.get("max_tokens")
         return wanted if cap is None else min(wanted, cap)
+
+    def output_tokens(self, max_tokens: int | None) -> int | None:
+        """The output a request asking for ``max_tokens`` must find room for in the context:
+        its own number (``fit`` checks that one against the context, as vLLM does, before
+        capping it), else the model's ``max_new_tokens``; None where neither is set."""
+        return self.sampling_defaults.get("max_tokens") if max_tokens is None else max_tokens
 
     def token_names(self, req: Any) -> Any:
         """What names a response's logprob tokens: the tokenizer, or ``"token_id:N"``

@@ -87,3 +87,19 @@ def test_the_real_engine_samples_by_the_override(greedy_server):
     assert default.choices[0].message.content == greedy.choices[0].message.content
     capped = sdk.completions.create(model=model, prompt="once", max_tokens=12)
     assert capped.usage.completion_tokens == 4
+
+
+def test_truncation_to_the_context_leaves_room_for_the_capped_output(greedy_server):
+    sdk = client(greedy_server)
+    model, ids = sdk.models.list().data[0].id, list(range(3, 303))  # 300 ids, context 256
+    limit = greedy_server.engine.max_model_len
+    # no max_tokens: room for the model's max_new_tokens (4)
+    long_chat = [{"role": "user", "content": "x" * 400}]
+    out = sdk.chat.completions.create(model=model, messages=long_chat,
+                                      extra_body={"truncate_prompt_tokens": -1})
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (limit - 4, 4)
+    # a request's own max_tokens is what the context must hold (checked before the cap, as
+    # vLLM checks it), so the cut leaves room for it
+    own = sdk.completions.create(model=model, prompt=ids, max_tokens=100,
+                                 extra_body={"truncate_prompt_tokens": -1})
+    assert (own.usage.prompt_tokens, own.usage.completion_tokens) == (limit - 100, 4)

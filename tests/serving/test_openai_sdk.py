@@ -132,6 +132,9 @@ def test_truncate_prompt_tokens(server, sdk):
     most = sdk.completions.create(prompt=ids, **greedy | {"extra_body": {
         "ignore_eos": True, "truncate_prompt_tokens": -1}})
     assert most.usage.prompt_tokens == 252 and most.usage.completion_tokens == 4
+    scored = sdk.completions.create(prompt=ids, model=model, max_tokens=0, echo=True,
+                                    extra_body={"truncate_prompt_tokens": -1})
+    assert scored.usage.prompt_tokens == 256  # scoring only: the whole context
     with pytest.raises(openai.BadRequestError) as error:
         sdk.completions.create(prompt=ids, **greedy | {"extra_body": {
             "truncate_prompt_tokens": 300}})

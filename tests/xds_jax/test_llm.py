@@ -108,8 +108,9 @@ def test_a_prompt_filling_the_context_can_be_scored_truncated_but_not_continued(
     capped = llm.generate({"prompt_token_ids": ids[:60]},
                           SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
     assert len(capped.outputs[0].token_ids) == 4 and capped.outputs[0].finish_reason == "length"
-    with pytest.raises(PromptTooLongError, match="min_tokens 8 do not fit"):
-        llm.generate({"prompt_token_ids": ids[:60]}, SamplingParams(max_tokens=10, min_tokens=8))
+    both = llm.generate({"prompt_token_ids": ids[:60]}, SamplingParams(max_tokens=10,
+                                                                        min_tokens=8))[0]
+    assert len(both.outputs[0].token_ids) == 4
     # vLLM's truncate_prompt_tokens keeps the last k tokens (-1: the context length).
     greedy = dict(temperature=0, max_tokens=4, ignore_eos=True)
     cut = llm.generate({"prompt_token_ids": ids}, SamplingParams(truncate_prompt_tokens=8,
@@ -120,13 +121,14 @@ def test_a_prompt_filling_the_context_can_be_scored_truncated_but_not_continued(
     whole = llm.generate({"prompt_token_ids": ids + ids[:6]},
                          SamplingParams(truncate_prompt_tokens=-1, max_tokens=0))[0]
     assert whole.prompt_token_ids == (ids + ids[:6])[-64:]
-    # -1 leaves the room the output asks for (it kept all 64 tokens and then refused them)
+    # -1 keeps a token's room to generate (it kept all 64 tokens and then refused them); the
+    # output stops where the context ends, and a prompt that fits is not cut
     room = llm.generate({"prompt_token_ids": ids + ids[:6]},
                         SamplingParams(truncate_prompt_tokens=-1, **greedy))[0]
-    assert room.prompt_token_ids == (ids + ids[:6])[-60:] and len(room.outputs[0].token_ids) == 4
-    one = llm.generate({"prompt_token_ids": ids}, SamplingParams(truncate_prompt_tokens=-1,
-                                                                  max_tokens=None))[0]
-    assert len(one.prompt_token_ids) == 63 and len(one.outputs[0].token_ids) == 1
+    assert room.prompt_token_ids == (ids + ids[:6])[-63:] and len(room.outputs[0].token_ids) == 1
+    fits = llm.generate({"prompt_token_ids": ids[:40]}, SamplingParams(
+        truncate_prompt_tokens=-1, max_tokens=100, min_tokens=50, ignore_eos=True))[0]
+    assert fits.prompt_token_ids == ids[:40] and len(fits.outputs[0].token_ids) == 24
     with pytest.raises(SamplingParamsError, match="stop strings need a tokenizer"):
         llm.generate({"prompt_token_ids": ids[:8]}, SamplingParams(stop=["a"]))
     with pytest.raises(SamplingParamsError, match="must be -1 or in 1..64"):
@@ -193,6 +195,8 @@ def jax_leaves(tree):
     ({"enable_prefix_caching": "no"}, "enable_prefix_caching must be true or false"),
     ({"async_scheduling": 1}, "async_scheduling must be true or false"),
     ({"bogus": 1}, "unexpected keyword argument 'bogus'; the options are EngineConfig's"),
+    ({"faults": 5}, "faults must be fault specs"),
+    ({"speculative_config": {1: 2, "a": 3}}, "an option has the wrong type"),
     # vLLM's spellings say what to use here
     ({"gpu_memory_utilization": 0.9}, "sized by kv_cache_bytes"),
     ({"tensor_parallel_size": 2}, "decode DP groups run with TP=1"),

@@ -34,6 +34,7 @@ from serving.entrypoints.tool_parsers import HermesParser, ParsedCall, Piece, pa
 MAX_REMEMBERED_BLOCKS = 64  # per bound parser (one request's reply)
 NAME = re.compile(r"[^\s<>]+")  # a function or parameter name: no spaces, no tags
 FUNCTION, FUNCTION_END = "<function=", "</function>"
+CLOSE = HermesParser.CLOSE  # </tool_call>
 JSON_TYPES = {type(None): "null", bool: "boolean", int: "integer", float: "number",
               str: "string", dict: "object", list: "array"}
 
@@ -124,10 +125,7 @@ class XmlArgsParser(HermesParser):
         found = [self.call(item) for item in items]
         if not found or not all(found):
             return shaped([text], final)
-        rest = text[end:]
-        if rest.startswith(self.CLOSE):  # the wrapper's close without its open
-            rest = rest[len(self.CLOSE):]
-        return shaped([text[:start], *found, rest], final)
+        return shaped([text[:start], *found, text[end:]], final)
 
     def _call(self, block: str) -> ParsedCall | None:
         found = glm_call(block) if self.name == "glm45" else qwen3_coder_call(block)
@@ -209,16 +207,17 @@ def qwen3_coder_call(block: str) -> tuple[str, list[tuple[str, str]]] | None:
 
 
 def functions_in(text: str, pos: int = 0) -> tuple[list[str], int]:
-    """The ``<function=...>...</function>`` items from ``pos`` on, whitespace between them,
-    and where the text after the last one starts. An item ends at the first ``</function>``
-    followed by the next item or the end (a value may hold the tag), else at the first."""
+    """The ``<function=...>...</function>`` items from ``pos`` on, whitespace between them (and
+    a ``</tool_call>`` left without its open, in a bare reply), and where the text after the
+    last one starts. An item ends at the first ``</function>`` followed by the next item,
+    ``</tool_call>`` or the end (a value may hold the tag), else at the first."""
     items: list[str] = []
     pos = _skip_space(text, pos)
     while text.startswith(FUNCTION, pos):
         first = close = text.find(FUNCTION_END, pos)
         while close >= 0:
             after = _skip_space(text, close + len(FUNCTION_END))
-            if after == len(text) or text.startswith(FUNCTION, after):
+            if after == len(text) or text.startswith((FUNCTION, CLOSE), after):
                 break
             close = text.find(FUNCTION_END, close + 1)
         close = first if close < 0 else close
@@ -226,6 +225,8 @@ def functions_in(text: str, pos: int = 0) -> tuple[list[str], int]:
             break
         items.append(text[pos:close + len(FUNCTION_END)])
         pos = _skip_space(text, close + len(FUNCTION_END))
+        if text.startswith(CLOSE, pos):
+            pos = _skip_space(text, pos + len(CLOSE))
     return items, pos if items else 0
 
 

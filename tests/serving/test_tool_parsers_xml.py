@@ -64,6 +64,8 @@ def test_qwen3_coder_reads_several_functions_a_block_and_bare_functions(text):
     # a wrapper's close left without its open is no content
     closed = bound("qwen3_coder").parse(QWEN_BARE + "\n</tool_call>", True)
     assert calls_of(closed) == CALLS and content_of(closed) == "Let me check."
+    each = QWEN_BARE.replace("</function>", "</function>\n</tool_call>")
+    assert calls_of(bound("qwen3_coder").parse(each, True)) == CALLS
     # a bare function is read only once the reply is whole: until then the content before it
     assert bound("qwen3_coder").parse(QWEN_BARE, False) == ["Let me check."]
     assert bound("qwen3_coder").parse("Let me <func", False) == ["Let me"]

@@ -25,7 +25,7 @@ from xds_jax.embedding import embedding_options
 from xds_jax.engine_config import EngineConfig, check_priority
 from xds_jax.errors import ConfigError
 from xds_jax.llm import LLM
-from xds_jax.outputs import RequestMetrics, RequestOutput
+from xds_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from xds_jax.sampling.beam_search import BeamSearch, BeamSearchParams, next_logprobs
 from xds_jax.sampling.params import SamplingParams
 from xds_jax.sequence import salt_bytes
@@ -66,6 +66,21 @@ class EngineArgs(EngineConfig):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
+ABORTED = object()  # put in a request's output queue by abort: its stream ends there
+
+
+def aborted_output(request: Request, last: RequestOutput | None) -> RequestOutput:
+    """The final output of a request aborted before the engine reported it: the last output
+    yielded, every unfinished choice ended with "abort" (built on the event loop: the
+    request's own state belongs to its group's thread)."""
+    if last is None:
+        last = RequestOutput(request.request_id, request.prompt, request.prompt_ids,
+                             [CompletionOutput(i, "", []) for i in range(len(request.seqs))])
+    outputs = [c if c.finish_reason else dataclasses.replace(c, finish_reason="abort")
+               for c in last.outputs]
+    return dataclasses.replace(last, outputs=outputs, finished=True)
+
+
 class AsyncEngine:
     """Streams ``RequestOutput``s (cumulative) for requests submitted from asyncio."""
 
@@ -83,6 +98,9 @@ class AsyncEngine:
         self._beams: dict[str, set[str]] = {}  # running beam searches: their round's requests
         self._aborted_early: OrderedDict[str, bool] = OrderedDict()  # ids aborted before
         self._submitted: OrderedDict[str, bool] = OrderedDict()  # the last ids submitted
+        # running requests' output queues: an abort ends the stream at once, not when the
+        # group next steps (a stalled group steps late)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
 
     @property
     def scoring(self) -> PromptScoring:
@@ -146,17 +164,24 @@ class AsyncEngine:
         if request.finished:  # max_tokens=0: the prompt only (or aborted already)
             yield dataclasses.replace(request.snapshot(), prompt_logprobs=scored)
             return
+        self._streams[request_id] = (loop, outputs)
+        last = None
         try:
             self.engine.submit(request)
             while True:
                 out = await outputs.get()
+                if out is ABORTED:  # aborted here: the group drops it when it next steps
+                    yield aborted_output(request, last)
+                    return
                 if out.error is not None:
                     raise RequestFailedError(f"request {request_id} failed: {out.error}")
                 out.prompt_logprobs = scored
                 yield out
+                last = out
                 if out.finished:
                     return
         finally:
+            self._streams.pop(request_id, None)
             if not request.finished:
                 self.engine.abort(request_id)
             else:
@@ -235,5 +260,9 @@ class AsyncEngine:
             self.engine.abort(beam_id)
         if beams is None:
             self.engine.abort(request_id)
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                loop, outputs = stream
+                loop.call_soon_threadsafe(outputs.put_nowait, ABORTED)
             if request_id not in self._submitted:  # not submitted yet (its client left while
                 remember(self._aborted_early, request_id)  # its prompt was read): when it is

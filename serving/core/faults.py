@@ -281,6 +281,12 @@ class FaultInjector:
                                       getattr(spec, "times", 1)))
         return spec
 
+    @property
+    def pending(self) -> list[FaultSpec]:
+        """The armed faults still to fire (all their ``times``)."""
+        with self._lock:
+            return [armed.spec for armed in self._armed if armed.left > 0]
+
     def _target(self, spec: GroupCrash | GroupStall) -> Any:
         if spec.role is None:
             found = [g for g in self._groups if g.index == spec.group]

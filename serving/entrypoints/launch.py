@@ -106,6 +106,10 @@ def load_engine(args: argparse.Namespace) -> Any:
     from serving.core.async_engine import AsyncEngine
 
     options = engine_args(args)
+    # faults are armed after the warm-up request: it must not set them off or count toward
+    # their after_steps (docs/reliability.md)
+    faults = () if args.no_warmup else options.faults
+    options = options.replace(faults=()) if faults else options
     status = Status()
     try:
         status.stage(f"loading {args.model}")
@@ -114,6 +118,8 @@ def load_engine(args: argparse.Namespace) -> Any:
         if not args.no_warmup:
             status.stage("compiling step programs (warm-up request)")
             asyncio.run(warm_up(engine))
+        for spec in faults:
+            engine.engine.faults.add(spec)
     finally:
         elapsed = status.close()
     log.info("%s ready in %.1f s (context %d tokens)", engine.model_name, elapsed,

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from serving.core.admission import OverloadedError, RequestTooLargeError
+from serving.core.balancer import NoHealthyGroupError
 from serving.entrypoints import openai_protocol as api
 from serving.entrypoints.api_error import ApiError
 from serving.entrypoints.tool_calls import tool_constraint
@@ -35,6 +36,9 @@ def engine_error(error: Exception) -> ApiError:
         return ApiError(400, str(error), str(error).split()[0].rstrip(":"), "invalid_value")
     if type(error).__name__ == "RequestFailedError":  # that request alone; the engine serves on
         return ApiError(500, str(error), None, "request_failed")
+    if isinstance(error, NoHealthyGroupError):  # /health says so too; retry once one rejoins
+        return ApiError(503, f"no DP group can serve now: {error}", None, "unavailable",
+                        {"Retry-After": "5"})
     if isinstance(error, OverloadedError):
         code = "shutting_down" if error.reason == "shutting_down" else "overloaded"
         return ApiError(503, str(error), None, code, {"Retry-After": str(error.retry_after_s)})

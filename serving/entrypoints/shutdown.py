@@ -7,7 +7,8 @@ SIGINT the app answers new requests (and ``/health``) with 503 and ``Retry-After
 admitted ones run to their end, for at most ``timeout_s`` seconds; whatever is still running
 then is aborted (its streams end with ``finish_reason: "abort"``) and uvicorn shuts down as
 usual. A SIGTERM drain exits with status 0; a Ctrl-C drain still exits as an interrupt (130).
-A second signal stops at once.
+A second signal stops at once. A timeout of 0 aborts what runs at the first signal (its
+streams still end with "abort") and exits as a drain does.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler only sets flags: the work happens on the event loop (on_tick).
-        if self.drain_requested or self.timeout_s <= 0:
-            self.force_exit = self.drain_requested
+        if self.drain_requested:  # a second signal: stop at once
+            self.force_exit = True
             super().handle_exit(sig, frame)
             return
         self.drain_requested = True

@@ -301,3 +301,23 @@ rank without spare slots, are refused."""
         llm.engine.faults.add("group_stall:role=decode:group=0:seconds=1")
     with pytest.raises(UnsupportedFaultError, match="no replica"):  # 4 x 2 slots, none spare
         llm.engine.faults.add("expert_rank_down:rank=1:after_steps=2")
+
+
+def test_xds_serve_arms_faults_after_its_warm_up_request():
+    """The warm-up must not set a fault off nor count toward its after_steps: a crash of the
+    only group "at once" would keep the server from starting (it did)."""
+    from serving.entrypoints.cli_args import build_parser
+    from serving.entrypoints.launch import load_engine
+    from tests.helpers import GOLDEN
+
+    args = build_parser().parse_args([
+        "serve", "--model", str(GOLDEN / "llama"), "--dtype", "float32", "--kv-cache-gib",
+        "0.01", "--fault", "group_crash:group=0:after_steps=1"])
+    engine = load_engine(args)
+    try:
+        stats = engine.engine.stats()
+        assert stats["faults_injected"] == 0 and all(g.healthy for g in engine.engine.groups)
+        assert [str(spec) for spec in engine.engine.faults.pending] == [
+            "group_crash:group=0:after_steps=1"]
+    finally:
+        engine.shutdown()

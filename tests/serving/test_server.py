@@ -368,3 +368,24 @@ def test_metrics(fake):
     assert value("xds:expert_load", "xds:expert_load", layer="0", expert="1") == 1
     assert value("xds:request_success", "xds:request_success_total",
                  finished_reason="length") >= 1
+
+
+class DownEngine(FakeEngine):
+    """Every DP group out of service (crashed, fenced): the engine places nothing."""
+
+    async def generate(self, prompt_ids, params, request_id, prompt=None, priority=0,
+                       cache_salt=None):
+        from serving.core.balancer import NoHealthyGroupError
+
+        raise NoHealthyGroupError("no healthy DP group is available")
+        yield  # an async generator, as the engine's
+
+
+def test_no_healthy_group_is_a_503_to_retry_not_an_internal_error():
+    with serve(DownEngine()) as running:
+        for stream in (False, True):
+            reply = httpx.post(running.url + "/v1/completions", json={
+                "model": "fake", "prompt": "hi", "max_tokens": 2, "stream": stream})
+            assert reply.status_code == 503, reply.text
+            assert reply.json()["error"]["code"] == "unavailable"
+            assert reply.headers["retry-after"] == "5"

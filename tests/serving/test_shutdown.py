@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import uvicorn
 
 from serving.entrypoints.server import build_app
@@ -80,9 +81,10 @@ def test_sigterm_drains_in_flight_and_refuses_new():
     assert metrics._value.get() == 1
 
 
-def test_shutdown_timeout_aborts_what_is_left():
+@pytest.mark.parametrize("timeout_s", [0.5, 0.0])  # 0: abort at the first signal
+def test_shutdown_timeout_aborts_what_is_left(timeout_s):
     engine = FakeEngine(delay=0.05, max_model_len=2000)
-    running = DrainingThread(engine, timeout_s=0.5)
+    running = DrainingThread(engine, timeout_s=timeout_s)
     started, lines = threading.Event(), []
     body = {"model": "fake", "prompt": "Hi", "max_tokens": 1000}
     client = threading.Thread(target=stream_lines, args=(running.url, body, started, lines))

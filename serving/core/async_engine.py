@@ -69,13 +69,26 @@ class EngineArgs(EngineConfig):
 ABORTED = object()  # put in a request's output queue by abort: its stream ends there
 
 
-def aborted_output(request: Request, last: RequestOutput | None) -> RequestOutput:
+def report(loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue, out: RequestOutput) -> None:
+    """Hand a group's output to the request's stream, on its event loop (one that closed
+    stopped reading: an aborted request's caller may have gone)."""
+    try:
+        loop.call_soon_threadsafe(outputs.put_nowait, out)
+    except RuntimeError:  # the loop is closed
+        pass
+
+
+def aborted_output(request: Request, last: RequestOutput | None,
+                   scored: list | None = None) -> RequestOutput:
     """The final output of a request aborted before the engine reported it: the last output
     yielded, every unfinished choice ended with "abort" (built on the event loop: the
     request's own state belongs to its group's thread)."""
     if last is None:
+        logprobs = [] if request.params.logprobs is not None else None
         last = RequestOutput(request.request_id, request.prompt, request.prompt_ids,
-                             [CompletionOutput(i, "", []) for i in range(len(request.seqs))])
+                             [CompletionOutput(i, "", [], logprobs=logprobs)
+                              for i in range(len(request.seqs))],
+                             metrics=request.metrics, prompt_logprobs=scored)
     outputs = [c if c.finish_reason else dataclasses.replace(c, finish_reason="abort")
                for c in last.outputs]
     return dataclasses.replace(last, outputs=outputs, finished=True)
@@ -152,7 +165,7 @@ class AsyncEngine:
         request = Request(
             request_id, prompt, list(prompt_ids), params,
             self.llm.make_sequences(prompt_ids, params, priority, cache_salt),
-            on_output=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
+            on_output=lambda out: report(loop, outputs, out),
         )
         scored = None
         if params.prompt_logprobs is not None:
@@ -171,7 +184,7 @@ class AsyncEngine:
             while True:
                 out = await outputs.get()
                 if out is ABORTED:  # aborted here: the group drops it when it next steps
-                    yield aborted_output(request, last)
+                    yield aborted_output(request, last, scored)
                     return
                 if out.error is not None:
                     raise RequestFailedError(f"request {request_id} failed: {out.error}")
@@ -181,7 +194,8 @@ class AsyncEngine:
                 if out.finished:
                     return
         finally:
-            self._streams.pop(request_id, None)
+            if self._streams.get(request_id, (None, None))[1] is outputs:  # still its own
+                del self._streams[request_id]
             if not request.finished:
                 self.engine.abort(request_id)
             else:
@@ -252,17 +266,22 @@ class AsyncEngine:
                             metrics=RequestMetrics(arrival, finished_time=time.monotonic()),
                             prompt_logprobs=scored)
 
+    def _end_stream(self, request_id: str) -> None:
+        """End a running request's stream now (``generate`` yields its aborted output)."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            loop, outputs = stream
+            loop.call_soon_threadsafe(outputs.put_nowait, ABORTED)
+
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks; its stream ends with "abort" (a beam
         search: its running round's requests)."""
         beams = self._beams.pop(request_id, None)
         for beam_id in list(beams or ()):
             self.engine.abort(beam_id)
+            self._end_stream(beam_id)
         if beams is None:
             self.engine.abort(request_id)
-            stream = self._streams.pop(request_id, None)
-            if stream is not None:
-                loop, outputs = stream
-                loop.call_soon_threadsafe(outputs.put_nowait, ABORTED)
+            self._end_stream(request_id)
             if request_id not in self._submitted:  # not submitted yet (its client left while
                 remember(self._aborted_early, request_id)  # its prompt was read): when it is

@@ -245,6 +245,18 @@ class FaultInjector:
     def add(self, spec: str | FaultSpec) -> FaultSpec:
         """Arm a fault now (``after_steps`` counts from here); refuses what this layout
         cannot inject or recover from, with ``UnsupportedFaultError``."""
+        spec, target = self._resolve(spec)
+        with self._lock:
+            self._armed.append(_Armed(spec, target, target.steps if target else 0,
+                                      getattr(spec, "times", 1)))
+        return spec
+
+    def check(self, spec: str | FaultSpec) -> FaultSpec:
+        """``add``'s checks against this layout, without arming the fault."""
+        return self._resolve(spec)[0]
+
+    def _resolve(self, spec: str | FaultSpec) -> tuple[FaultSpec, Any]:
+        """The parsed spec and what it strikes (None: the first transfer, any group)."""
         spec = parse_fault(spec)
         pools = [d for d in self._drivers if list(d.groups) != [d]]  # MA pools
         target = None
@@ -276,10 +288,7 @@ class FaultInjector:
                 target = self._router.decode[spec.group]
         else:
             target = self._target(spec)
-        with self._lock:
-            self._armed.append(_Armed(spec, target, target.steps if target else 0,
-                                      getattr(spec, "times", 1)))
-        return spec
+        return spec, target
 
     @property
     def pending(self) -> list[FaultSpec]:

@@ -107,13 +107,17 @@ def load_engine(args: argparse.Namespace) -> Any:
 
     options = engine_args(args)
     # faults are armed after the warm-up request: it must not set them off or count toward
-    # their after_steps (docs/reliability.md)
-    faults = () if args.no_warmup else options.faults
+    # their after_steps (docs/reliability.md). Several processes arm them at build, where
+    # every process does (the others never warm up on their own: lockstep needs one count).
+    later = not args.no_warmup and args.num_processes == 1
+    faults = options.faults if later else ()
     options = options.replace(faults=()) if faults else options
     status = Status()
     try:
         status.stage(f"loading {args.model}")
         engine = AsyncEngine.from_args(options)
+        for spec in faults:  # checked against the layout now, before the warm-up compiles
+            engine.engine.faults.check(spec)
         engine.start()
         if not args.no_warmup:
             status.stage("compiling step programs (warm-up request)")

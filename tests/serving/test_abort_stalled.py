@@ -7,13 +7,17 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from serving.core.async_engine import AsyncEngine, EngineArgs
 from tests.helpers import GOLDEN
 from tests.serving.fake_engine import wait_for
 from xds_jax import SamplingParams
+from xds_jax.sampling.beam_search import BeamSearchParams
 
 
-def test_an_abort_ends_the_stream_while_its_group_is_stalled():
+@pytest.mark.parametrize("beams", [False, True])
+def test_an_abort_ends_the_stream_while_its_group_is_stalled(beams):
     engine = AsyncEngine.from_args(EngineArgs(
         model=str(GOLDEN / "llama"), dtype="float32", kv_cache_bytes=8 << 20,
         faults=["group_stall:group=0:seconds=60:after_steps=2"], heartbeat_timeout_s=None))
@@ -24,7 +28,10 @@ def test_an_abort_ends_the_stream_while_its_group_is_stalled():
             outs = []
 
             async def consume():
-                async for out in engine.generate([5, 9, 200, 31], params, "r1"):
+                stream = (engine.beam_search([5, 9, 200, 31], BeamSearchParams(
+                    beam_width=2, max_tokens=50, ignore_eos=True), "r1") if beams
+                    else engine.generate([5, 9, 200, 31], params, "r1"))
+                async for out in stream:
                     outs.append(out)
 
             task = asyncio.create_task(consume())

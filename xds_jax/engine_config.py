@@ -157,6 +157,9 @@ class EngineConfig:
                 or hasattr(self.deployment, "num_devices")):
             raise ConfigError(f"deployment must be a deployment file's path or a "
                               f"DeploymentSpec, got {self.deployment!r}")
+        if self.deployment is not None and self.num_dp_groups != 1:
+            raise ConfigError(f"num_dp_groups ({self.num_dp_groups}) and a deployment: the "
+                              "deployment sets its DP groups (roles.*.dp); give one of them")
         _check_speculative(self.speculative_config)
         if self.quantization not in (None, "int8"):
             raise ConfigError(f"quantization must be 'int8' or None, got {self.quantization!r}")

@@ -196,6 +196,8 @@ def jax_leaves(tree):
     ({"async_scheduling": 1}, "async_scheduling must be true or false"),
     ({"bogus": 1}, "unexpected keyword argument 'bogus'; the options are EngineConfig's"),
     ({"faults": 5}, "faults must be fault specs"),
+    ({"num_dp_groups": 3, "deployment": "configs/deployments/cpu8-pd.yaml"},
+     "the deployment sets its DP groups"),
     ({"speculative_config": {1: 2, "a": 3}}, "an option has the wrong type"),
     # vLLM's spellings say what to use here
     ({"gpu_memory_utilization": 0.9}, "sized by kv_cache_bytes"),

@@ -181,6 +181,31 @@ def test_param_cache_restores_identical_weights(tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_param_cache_keeps_the_most_recently_used_entries_within_its_limit(tmp_path,
+                                                                          monkeypatch):
+    # an entry whose sources changed is never restored again: the cache must not only grow
+    import os
+    import time
+
+    from xds_jax.loading import param_cache
+
+    monkeypatch.setenv("XDS_CACHE_DIR", str(tmp_path / "cache"))
+    root = param_cache.cache_root()
+    for name, size, age in (("old", 300, 30), ("mid", 300, 20), ("new", 300, 10)):
+        (root / name).mkdir(parents=True)
+        (root / name / "blob").write_bytes(b"x" * size)
+        os.utime(root / name, (time.time() - age, time.time() - age))
+    monkeypatch.setenv("XDS_PARAM_CACHE_GIB", str(700 / (1 << 30)))
+    assert param_cache.prune() == [root / "old"]
+    monkeypatch.setenv("XDS_PARAM_CACHE_GIB", str(1 / (1 << 30)))
+    assert param_cache.prune(keep=root / "new") == [root / "mid"]  # the one just written stays
+    assert sorted(p.name for p in root.iterdir()) == ["new"]
+    # a real load writes an entry and prunes around it
+    monkeypatch.setenv("XDS_PARAM_CACHE_GIB", "32")
+    load_model(GOLDEN / "llama", dtype="float32")
+    assert len(list(root.iterdir())) == 2
+
+
 def jax_leaves(tree):
     import jax
 

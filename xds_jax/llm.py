@@ -32,7 +32,7 @@ from xds_jax.outputs import (
 )
 from xds_jax.sampling import structured
 from xds_jax.sampling.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_search
-from xds_jax.sampling.params import SamplingParams
+from xds_jax.sampling.params import SamplingParams, output_room
 from xds_jax.sequence import Sequence, bad_word_ids
 from xds_jax.text.tokenizer import chat_template_options, open_final_message
 
@@ -189,7 +189,7 @@ class LLM:
                                       "its output has no text): use stop_token_ids")
         if params.structured_outputs is not None:  # an invalid schema fails here, not later
             structured.check(params.structured_outputs, self.tokenizer)
-        more = 0 if params.max_tokens == 0 else params.max_tokens or 1  # 0: scoring only
+        more = output_room(params.max_tokens)  # 0: scoring only
         need = len(ids) + more
         if need > self.max_model_len:
             raise PromptTooLongError(

@@ -13,7 +13,7 @@ from serving.entrypoints.tool_calls import tool_constraint
 from xds_jax.errors import PromptTooLongError, SamplingParamsError
 from xds_jax.llm import InvalidPromptError
 from xds_jax.sampling.beam_search import BeamSearchParams
-from xds_jax.sampling.params import SamplingParams
+from xds_jax.sampling.params import SamplingParams, output_room
 from xds_jax.sampling.structured import FIELD as STRUCTURED
 from xds_jax.sampling.structured import StructuredOutputs
 from xds_jax.text.tokenizer import TokenizerError, chat_template_options, text_parts_joined
@@ -229,12 +229,6 @@ def truncated(prompt: Prompt, keep: int | None, max_model_len: int,
         raise ApiError(400, f"truncate_prompt_tokens must be -1 or in 1..{max_model_len} (the "
                        f"context length), got {keep}", "truncate_prompt_tokens", "invalid_value")
     return prompt if len(prompt[1]) <= keep else (None, prompt[1][-keep:])
-
-
-def output_room(max_tokens: int | None) -> int:
-    """Context a request's output takes: ``max_tokens``, one where None (at least one token
-    is made), none for 0 (prompt scoring)."""
-    return 1 if max_tokens is None else max(max_tokens, 0)
 
 
 def completion_prompts(prompt: Any, tokenizer: Any) -> list[Prompt]:

@@ -33,6 +33,12 @@ def device_seed(seed: int) -> int:
     return int.from_bytes(hashlib.blake2b(raw, digest_size=4).digest(), "little")
 
 
+def output_room(max_tokens: int | None) -> int:
+    """Context a request's output takes: ``max_tokens``, one where None (at least one token
+    is made), none for 0 (prompt scoring)."""
+    return 1 if max_tokens is None else max(max_tokens, 0)
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """How to pick each output token and when to stop.

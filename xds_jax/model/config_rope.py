@@ -7,6 +7,7 @@ import math
 
 from xds_jax.errors import ConfigError, UnsupportedModelError
 from xds_jax.model.config import RopeConfig
+from xds_jax.model.config_defaults import check_value
 from xds_jax.model.config_fields import get_any, rope_by_layer_type
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
@@ -20,15 +21,13 @@ def _rope_settings(d: dict, source: str) -> dict:
     numeric fields numbers."""
     merged: dict = {}
     for key in ("rope_scaling", "rope_parameters"):
-        value = d.get(key)
-        if value is not None and not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key} must be an object, got {value!r}")
-        merged |= value or {}
+        if d.get(key) is not None:
+            check_value(key, d[key], {}, source)
+        merged |= d.get(key) or {}
     for key in ROPE_NUMBERS:
         for where, value in ((f"rope_parameters.{key}", merged.get(key)), (key, d.get(key))):
-            if value is not None and (isinstance(value, bool)
-                                      or not isinstance(value, int | float)):
-                raise ConfigError(f"{source}: {where} must be a number, got {value!r}")
+            if value is not None:
+                check_value(where, value, 1.0, source)
     return merged
 
 

@@ -214,13 +214,8 @@ def functions_in(text: str, pos: int = 0) -> tuple[list[str], int]:
     items: list[str] = []
     pos = _skip_space(text, pos)
     while text.startswith(FUNCTION, pos):
-        first = close = text.find(FUNCTION_END, pos)
-        while close >= 0:
-            after = _skip_space(text, close + len(FUNCTION_END))
-            if after == len(text) or text.startswith((FUNCTION, CLOSE), after):
-                break
-            close = text.find(FUNCTION_END, close + 1)
-        close = first if close < 0 else close
+        close = _closing(text, pos, FUNCTION_END, (FUNCTION, CLOSE))
+        close = text.find(FUNCTION_END, pos) if close < 0 else close
         if close < 0:
             break
         items.append(text[pos:close + len(FUNCTION_END)])
@@ -230,13 +225,22 @@ def functions_in(text: str, pos: int = 0) -> tuple[list[str], int]:
     return items, pos if items else 0
 
 
+def _closing(text: str, start: int, tag: str, nexts: tuple[str, ...]) -> int:
+    """The first ``tag`` from ``start`` on followed (after whitespace) by one of ``nexts`` or
+    the end of ``text``; -1 where none is."""
+    close = text.find(tag, start)
+    while close >= 0:
+        after = _skip_space(text, close + len(tag))
+        if after == len(text) or text.startswith(nexts, after):
+            return close
+        close = text.find(tag, close + 1)
+    return -1
+
+
 def _parameter_end(body: str, start: int) -> tuple[int, int]:
     """Where a value opening at ``start`` ends, and where the next item may start."""
-    close = body.find("</parameter>", start)
-    while close >= 0:
-        after = _skip_space(body, close + len("</parameter>"))
-        if after == len(body) or body.startswith("<parameter=", after):
-            return close, after
-        close = body.find("</parameter>", close + 1)
+    close = _closing(body, start, "</parameter>", ("<parameter=",))
+    if close >= 0:
+        return close, _skip_space(body, close + len("</parameter>"))
     following = body.find("<parameter=", start)
     return (len(body), len(body)) if following < 0 else (following, following)

@@ -30,15 +30,22 @@ def usage(prompt_lens: list[int], finals: list[RequestOutput | None]) -> UsageIn
                      total_tokens=sum(prompt_lens) + done)
 
 
+def choice_of(finals: list[RequestOutput | None], choice: int,
+              n: int) -> tuple[int, CompletionOutput | None]:
+    """Response choice ``i * n + j``: prompt ``i`` and its sample ``j`` so far (None before
+    its first output; a chat response's choice ``j`` is its one prompt's sample ``j``)."""
+    prompt, sample = divmod(choice, n)
+    out = finals[prompt] if prompt < len(finals) else None
+    return prompt, next((c for c in (out.outputs if out is not None else [])
+                         if c.index == sample), None)
+
+
 def choice_usage(prompt_lens: list[int], finals: list[RequestOutput | None], choice: int,
                  n: int) -> UsageInfo:
     """The usage so far of one streamed choice (``continuous_usage_stats``, as vLLM counts
-    it): its prompt's tokens and its own completion tokens; choice ``i * n + j`` is prompt
-    ``i``'s sample ``j``."""
-    prompt, sample = divmod(choice, n)
-    out = finals[prompt] if prompt < len(finals) else None
-    done = next((len(c.token_ids) for c in (out.outputs if out is not None else [])
-                 if c.index == sample), 0)
+    it): its prompt's tokens and its own completion tokens."""
+    prompt, sample = choice_of(finals, choice, n)
+    done = 0 if sample is None else len(sample.token_ids)
     size = prompt_lens[prompt] if prompt < len(prompt_lens) else 0
     return UsageInfo(prompt_tokens=size, completion_tokens=done, total_tokens=size + done)
 
@@ -206,11 +213,10 @@ def with_token_ids(body: dict, finals: list[RequestOutput], n: int, kind: str) -
     and, per prompt, its ``prompt_token_ids`` (completions: on each of its choices; chat: on
     the response)."""
     for choice in body["choices"]:
-        i, j = divmod(choice["index"], n) if kind != "chat" else (0, choice["index"])
-        out = finals[i]
-        choice["token_ids"] = list(next(c for c in out.outputs if c.index == j).token_ids)
+        i, sample = choice_of(finals, choice["index"], n)
+        choice["token_ids"] = list(sample.token_ids)
         if kind != "chat":
-            choice["prompt_token_ids"] = list(out.prompt_token_ids)
+            choice["prompt_token_ids"] = list(finals[i].prompt_token_ids)
     if kind == "chat":
         body["prompt_token_ids"] = list(finals[0].prompt_token_ids)
     return body

@@ -58,8 +58,9 @@ def isa(request):
 # every row count the kernels take (each has its own block width), N off the block widths and
 # the 24-column chunk multiples, K with tails past the 32-, 16- and 8-wide steps
 SHAPES = [(1, 1, 576), (1, 130, 100), (2, 67, 37), (3, 1000, 64), (4, 576, 1536), (5, 67, 37),
-          (6, 130, 100), (7, 25, 70), (8, 1000, 64), (13, 67, 37), (32, 130, 100),
-          (100, 25, 70),  # past 8 rows: groups of rows, a group's rest, a second panel of rows
+          (6, 130, 100), (7, 25, 70), (8, 1000, 64), (11, 1000, 64), (13, 67, 37),
+          (21, 67, 37), (32, 130, 100),
+          (100, 25, 70),  # past 8 rows: groups of rows (3, 4 or 6), each rest, a second panel
           # AMX: one tile of rows against 64 weight rows and a tail, pairs of tiles (rows
           # padded) against 32 and a tail, a second panel of 256 rows
           (2, 64, 64), (16, 70, 32), (17, 600, 576), (48, 64, 1536), (300, 96, 64)]
@@ -74,7 +75,7 @@ def test_kernel_equals_float_reference(isa, m, n, k):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4 * np.sqrt(k))
 
 
-@pytest.mark.parametrize("m,n,k", [s for s in SHAPES if s[0] <= 64] + [(64, 130, 100)])
+@pytest.mark.parametrize("m,n,k", SHAPES + [(64, 130, 100), (512, 30, 40)])
 def test_float32_kernel_equals_float64_reference(isa, m, n, k):
     """float32 rows and weights: float32 sums of the products, the lowering the kernel where
     ``applies`` says so (AVX-512 CPUs; the AVX2 blocks run only where forced, as here)."""

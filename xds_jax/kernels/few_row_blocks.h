@@ -37,14 +37,17 @@ struct Operands {
 // ---- AVX-512 -----------------------------------------------------------------------------------
 #define XDS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni")))
 
-using NextBlock = NextLines<_MM_HINT_T0>;  // the next block's weights, into L1
+// The next block's weights, into L1, a share at each k step of each group of rows that runs
+// the current block (the caller, few_row_matmul.cc's tiles, makes it): issued all in the first
+// group, 32-row float32 blocks waited on their weights (a burst more than the core's misses in
+// flight; 1.2-1.4x slower than spread over the groups, docs/performance.md).
+using NextBlock = NextLines<_MM_HINT_T0>;
 
 template <int M, int NB>
-XDS_AVX512 void bf16_block512(const Operands& o, int64_t n, int64_t r0, bool prefetch) {
+XDS_AVX512 void bf16_block512(const Operands& o, int64_t n, int64_t r0, NextBlock& next) {
   const int64_t K = o.K, kfull = K / 32 * 32;
   const auto* w = static_cast<const uint16_t*>(o.w) + n * K;
   const auto* x = o.x + r0 * K;
-  NextBlock next(w + NB * K, NB * K * 2, (K + 31) / 32, prefetch);
   __m512 acc[M][NB];
   UNROLL for (int m = 0; m < M; ++m)
     UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
@@ -76,11 +79,10 @@ XDS_AVX512 void bf16_block512(const Operands& o, int64_t n, int64_t r0, bool pre
 
 // float32 rows against float32 weights: FMAs on 16 lanes of K, the rows held in registers.
 template <int M, int NB>
-XDS_AVX512 void f32_block512(const Operands& o, int64_t n, int64_t r0, bool prefetch) {
+XDS_AVX512 void f32_block512(const Operands& o, int64_t n, int64_t r0, NextBlock& next) {
   const int64_t K = o.K, kfull = K / 16 * 16;
   const auto* w = static_cast<const float*>(o.w) + n * K;
   const float* x = o.xf + r0 * K;
-  NextBlock next(w + NB * K, NB * K * 4, (K + 15) / 16, prefetch);
   __m512 acc[M][NB];
   UNROLL for (int m = 0; m < M; ++m)
     UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
@@ -105,10 +107,9 @@ XDS_AVX512 void f32_block512(const Operands& o, int64_t n, int64_t r0, bool pref
 // one xor a vector) and multiplies the signed halves hi and lo (xh8, xl8 [M, K]), so 128 times
 // each row's sum (xsum: hi's M, then lo's M) comes off.
 template <int M, int NB>
-XDS_AVX512 void int8_block512(const Operands& o, int64_t n, int64_t r0, bool prefetch) {
+XDS_AVX512 void int8_block512(const Operands& o, int64_t n, int64_t r0, NextBlock& next) {
   const int64_t K = o.K, kfull = K / 64 * 64;
   const auto* w = static_cast<const int8_t*>(o.w) + n * K;
-  NextBlock next(w + NB * K, NB * K, (K + 63) / 64, prefetch);
   const int8_t* xh = o.xh8 + r0 * K;
   const int8_t* xl = o.xl8 + r0 * K;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));

@@ -77,66 +77,76 @@ std::atomic<int64_t> g_amx_rows{kAmx ? kAmxMinRows : 0};
 
 // Block widths keep the accumulators, the rows' values and a weight in registers: 32 zmm
 // (AVX-512) or 16 ymm (AVX2); each divides kBlocks. Up to kGroup rows run as one block; more
-// rows run in groups of kGroup (and one of the rest) per block of outputs, the block's weights
-// read from memory once and from L1 for the other groups. The int8 path was chosen when the
-// call's rows were prepared (xh8 or xq).
+// rows run in groups of kGroup (kWide from kWideFrom rows; and one of the rest) per block of
+// outputs, the block's weights read from memory once and from L1 for the other groups. The
+// shapes are measured (docs/performance.md): on an AMD EPYC (Zen 4) float32 32-row matmuls
+// run 1.3x faster in 4 x 6 tiles than in 3 x 8, bfloat16 ones from 10 rows 1.1-1.3x in 6 x 4.
+// The int8 path was chosen when the call's rows were prepared (xh8 or xq).
 struct Bf16Avx512 {  // M x NB accumulators, M rows held
-  static constexpr int kGroup = 3;
-  static constexpr int nb(int M) { return M <= 1 ? 12 : 8; }
+  static constexpr int kGroup = 3, kWide = 6, kWideFrom = 10;
+  static constexpr int kStepK = 32, kWeightBytes = 2;  // k per step, bytes a weight
+  static constexpr int nb(int M) { return M <= 1 ? 12 : M <= 3 ? 8 : 4; }
   template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0, bool pf) {
+  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock& pf) {
     bf16_block512<M, NB>(o, n, r0, pf);
   }
 };
 struct F32Avx512 {  // M x NB accumulators, M rows held
-  static constexpr int kGroup = 3;
-  static constexpr int nb(int M) { return M <= 1 ? 12 : 8; }
+  static constexpr int kGroup = 4, kWide = 4, kWideFrom = 0;
+  static constexpr int kStepK = 16, kWeightBytes = 4;  // k per step, bytes a weight
+  static constexpr int nb(int M) { return M <= 1 ? 12 : M <= 3 ? 8 : 6; }
   template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0, bool pf) {
+  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock& pf) {
     f32_block512<M, NB>(o, n, r0, pf);
   }
 };
 struct Int8Avx512 {  // 2M x NB accumulators, 2M rows
-  static constexpr int kGroup = 2;
+  static constexpr int kGroup = 2, kWide = 2, kWideFrom = 0;
+  static constexpr int kStepK = 64, kWeightBytes = 1;  // k per step, bytes a weight
   static constexpr int nb(int M) { return M <= 1 ? 12 : 4; }
   template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0, bool pf) {
+  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock& pf) {
     int8_block512<M, NB>(o, n, r0, pf);
   }
 };
 struct Bf16Avx2 {
-  static constexpr int kGroup = 4;
+  static constexpr int kGroup = 4, kWide = 4, kWideFrom = 0;
+  static constexpr int kStepK = 8, kWeightBytes = 2;  // k per step, bytes a weight
   static constexpr int nb(int M) { return M <= 1 ? 8 : M <= 2 ? 6 : M <= 3 ? 3 : M <= 4 ? 2 : 1; }
   template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0, bool) {
+  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock&) {
     float_block256<M, NB, uint16_t>(o, n, r0);
   }
 };
 struct F32Avx2 {  // not routed to by cpu_matmul (unmeasured), correct where it runs
-  static constexpr int kGroup = 4;
+  static constexpr int kGroup = 4, kWide = 4, kWideFrom = 0;
+  static constexpr int kStepK = 8, kWeightBytes = 4;  // k per step, bytes a weight
   static constexpr int nb(int M) { return M <= 1 ? 8 : M <= 2 ? 6 : M <= 3 ? 3 : M <= 4 ? 2 : 1; }
   template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0, bool) {
+  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock&) {
     float_block256<M, NB, float>(o, n, r0);
   }
 };
 struct Int8Avx2 {
-  static constexpr int kGroup = 2;
+  static constexpr int kGroup = 2, kWide = 2, kWideFrom = 0;
+  static constexpr int kStepK = 16, kWeightBytes = 1;  // k per step, bytes a weight
   static constexpr int nb(int M) { return M <= 1 ? 4 : M <= 2 ? 2 : 1; }
   template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0, bool) {
+  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock&) {
     int8_block256<M, NB>(o, n, r0);
   }
 };
 
-// f(std::integral_constant<int, rows>) for 1 <= rows <= 4 (every group is at most 4 rows).
+// f(std::integral_constant<int, rows>) for 1 <= rows <= 6 (every group is at most 6 rows).
 template <typename F>
 inline void with_rows(int64_t rows, F&& f) {
   switch (rows) {
     case 1: return f(std::integral_constant<int, 1>{});
     case 2: return f(std::integral_constant<int, 2>{});
     case 3: return f(std::integral_constant<int, 3>{});
-    default: return f(std::integral_constant<int, 4>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    default: return f(std::integral_constant<int, 6>{});
   }
 }
 
@@ -144,20 +154,22 @@ inline void with_rows(int64_t rows, F&& f) {
 // the chunk's weights pass; in a panel, groups of G rows and the rest (fewer) with the same NB.
 template <typename Path, int G>
 void tiles(const Operands& o, int64_t n0, int64_t n1) {
-  static_assert(G <= 4 && kPanel % G == 0 && kBlocks % Path::nb(G) == 0);
+  static_assert(G <= 6 && kPanel % G == 0 && kBlocks % Path::nb(G) == 0);
   constexpr int NB = Path::nb(G);
+  const int64_t steps = (o.K + Path::kStepK - 1) / Path::kStepK;
+  const auto* weights = static_cast<const char*>(o.w);
   for (int64_t p0 = 0; p0 < o.M; p0 += kPanel) {
     const int64_t p1 = std::min(o.M, p0 + kPanel), full = p0 + (p1 - p0) / G * G;
+    const int64_t groups = (p1 - p0 + G - 1) / G;
     blocks<NB>(n0, n1, [&](int64_t n, auto nb) {
       const bool next_here = n + 2 * nb() <= n1;  // the next block is this chunk's
-      for (int64_t r = p0; r < full; r += G) {
-        Path::template run<G, nb()>(o, n, r, r == p0 && next_here);
-      }
+      const int64_t row_bytes = o.K * Path::kWeightBytes;
+      NextBlock next(weights + (n + nb()) * row_bytes, nb() * row_bytes, groups * steps,
+                     next_here);
+      for (int64_t r = p0; r < full; r += G) Path::template run<G, nb()>(o, n, r, next);
       if (full < p1) {
         with_rows(p1 - full, [&](auto rest) {
-          if constexpr (rest() < G) {
-            Path::template run<rest(), nb()>(o, n, full, full == p0 && next_here);
-          }
+          if constexpr (rest() < G) Path::template run<rest(), nb()>(o, n, full, next);
         });
       }
     });
@@ -166,6 +178,9 @@ void tiles(const Operands& o, int64_t n0, int64_t n1) {
 
 template <typename Path>
 void columns(const Operands& o, int64_t n0, int64_t n1) {
+  if constexpr (Path::kWide != Path::kGroup) {
+    if (o.M >= Path::kWideFrom) return tiles<Path, Path::kWide>(o, n0, n1);
+  }
   if (o.M > Path::kGroup) return tiles<Path, Path::kGroup>(o, n0, n1);
   with_rows(o.M, [&](auto m) {
     if constexpr (m() <= Path::kGroup) tiles<Path, m()>(o, n0, n1);

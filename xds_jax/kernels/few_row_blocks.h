@@ -37,11 +37,22 @@ struct Operands {
 // ---- AVX-512 -----------------------------------------------------------------------------------
 #define XDS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni")))
 
-// The next block's weights, into L1, a share at each k step of each group of rows that runs
-// the current block (the caller, few_row_matmul.cc's tiles, makes it): issued all in the first
-// group, 32-row float32 blocks waited on their weights (a burst more than the core's misses in
-// flight; 1.2-1.4x slower than spread over the groups, docs/performance.md).
-using NextBlock = NextLines<_MM_HINT_T0>;
+// The next block's weights, a share at each k step of each group of rows that runs the current
+// block (few_row_matmul.cc's tiles makes it). Issued all in the first group, 32-row float32
+// blocks waited on their weights (a burst of more lines than the core keeps in flight: 1.2-1.4x
+// slower than spread over the groups); where one group runs the block (a few rows), into L2,
+// which keeps more misses in flight than L1: one-row decode 1.07-1.15x (docs/performance.md).
+struct NextBlock {
+  NextLines<_MM_HINT_T0> l1;
+  NextLines<_MM_HINT_T1> l2;
+  NextBlock(const void* next, int64_t bytes, int64_t steps, int64_t groups, bool on)
+      : l1(next, bytes, steps * groups, on && groups > 1),
+        l2(next, bytes, steps, on && groups == 1) {}
+  inline void step() {
+    l1.step();
+    l2.step();
+  }
+};
 
 template <int M, int NB>
 XDS_AVX512 void bf16_block512(const Operands& o, int64_t n, int64_t r0, NextBlock& next) {

@@ -165,7 +165,7 @@ void tiles(const Operands& o, int64_t n0, int64_t n1) {
     blocks<NB>(n0, n1, [&](int64_t n, auto nb) {
       const bool next_here = n + 2 * nb() <= n1;  // the next block is this chunk's
       const int64_t row_bytes = o.K * Path::kWeightBytes;
-      NextBlock next(weights + (n + nb()) * row_bytes, nb() * row_bytes, groups * steps,
+      NextBlock next(weights + (n + nb()) * row_bytes, nb() * row_bytes, steps, groups,
                      next_here);
       for (int64_t r = p0; r < full; r += G) Path::template run<G, nb()>(o, n, r, next);
       if (full < p1) {

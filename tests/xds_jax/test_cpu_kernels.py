@@ -60,7 +60,8 @@ def isa(request):
 SHAPES = [(1, 1, 576), (1, 130, 100), (2, 67, 37), (3, 1000, 64), (4, 576, 1536), (5, 67, 37),
           (6, 130, 100), (7, 25, 70), (8, 1000, 64), (11, 1000, 64), (13, 67, 37),
           (21, 67, 37), (32, 130, 100),
-          (100, 25, 70),  # past 8 rows: groups of rows (3, 4 or 6), each rest, a second panel
+          # past 8 rows: groups of rows (3, 4 or 6), each rest, later panels with a rest
+          (97, 67, 37), (100, 25, 70), (107, 67, 37), (197, 25, 70),
           # AMX: one tile of rows against 64 weight rows and a tail, pairs of tiles (rows
           # padded) against 32 and a tail, a second panel of 256 rows
           (2, 64, 64), (16, 70, 32), (17, 600, 576), (48, 64, 1536), (300, 96, 64)]
@@ -73,6 +74,17 @@ def test_kernel_equals_float_reference(isa, m, n, k):
     got = np.asarray(_kernel(x, w))
     assert got.shape == (m, n) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4 * np.sqrt(k))
+
+
+@pytest.mark.parametrize("m", [1, 3, 11])
+def test_empty_contraction_gives_zeros(isa, m):
+    """K = 0 (an empty contraction): zeros, as XLA's dot gives (it divided by zero k steps in
+    the weight prefetch and killed the process). (int8's split rows need a maximum: K >= 1.)"""
+    for dtype in (jnp.bfloat16, jnp.float32):
+        if dtype == jnp.float32 and cpu_matmul.kernel_isa() != 2:
+            continue
+        got = _kernel(jnp.ones((m, 0), dtype), jnp.ones((5, 0), dtype))
+        np.testing.assert_array_equal(np.asarray(got), np.zeros((m, 5), np.float32))
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES + [(64, 130, 100), (512, 30, 40)])
@@ -105,7 +117,7 @@ def _tied_rows(m: int, k: int, rng) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("m,n,k", SHAPES[::2] + [(2, 130, 100)])
+@pytest.mark.parametrize("m,n,k", SHAPES[::2] + [(2, 130, 100), (5, 67, 37), (97, 67, 37)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_int8_kernel_equals_xla_s_int32_dot(isa, m, n, k, dtype):
     """Weight-only int8: float32 or bfloat16 rows split in the kernel into 16-bit halves

@@ -20,7 +20,7 @@ struct NextLines {
   int64_t lines, per, line = 0;
   NextLines(const void* next, int64_t bytes, int64_t steps, bool on)
       : p(static_cast<const char*>(next)), lines(on ? bytes / 64 : 0),
-        per((lines + steps - 1) / steps) {}
+        per(steps > 0 ? (lines + steps - 1) / steps : 0) {}
   inline void step() {
     for (int64_t i = 0; i < per && line < lines; ++i, ++line) {
       _mm_prefetch(p + line * 64, static_cast<_mm_hint>(Hint));

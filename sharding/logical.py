@@ -49,6 +49,9 @@ _LEAF_AXES = {
     "v": ("embed", "kv_heads"),
     "kv": ("embed", "kv_heads"),  # fused, grouped by KV head (xds_jax.model.fused)
     "kv_bias": ("kv_heads",),
+    # q and kv fused (xds_jax.model.fused.fuse_query): only where a layer stays on one device
+    "qkv": ("embed", None),
+    "qkv_bias": (None,),
     "o": ("heads", "embed"),
     "q_bias": ("heads",),
     "k_bias": ("kv_heads",),

@@ -1,4 +1,5 @@
-"""What ``LLM`` does before JAX starts: read the deployment file, size the CPU devices."""
+"""What ``LLM`` does around loading: before JAX starts, read the deployment file and size the
+CPU devices; after, make the parameter tree the engine runs."""
 
 from __future__ import annotations
 
@@ -32,3 +33,17 @@ def size_cpu_devices(config: EngineConfig) -> None:
     if backends_started():
         return
     ensure_cpu_devices(needed, collectives)
+
+
+def engine_params(loaded, config: EngineConfig, model_path) -> dict:
+    """``loaded.params`` as the engine runs them: a shipped MTP head attached where speculative
+    decoding is asked for and the model has none; where each group holds whole layers
+    (colocated DP groups: no deployment file, TP 1), every layer's Q fused with its K/V
+    (``xds_jax.model.fused.fuse_query``: one matmul instead of two)."""
+    from xds_jax.loading.draft_heads import attach_shipped_head
+    from xds_jax.model.fused import fuse_query
+
+    params = loaded.params
+    if config.speculative_config:  # a model without MTP weights may have a shipped head
+        params = attach_shipped_head(params, loaded.cfg, model_path)
+    return fuse_query(params, loaded.cfg) if config.deployment is None else params

@@ -17,9 +17,8 @@ from typing import Any
 from xds_jax.compile_cache import enable_compilation_cache
 from xds_jax.embedding import embed_prompts, pairs, score_prompts
 from xds_jax.engine_config import DEFAULTS, VLLM_OPTIONS, EngineConfig, check_priority
-from xds_jax.engine_setup import read_deployment_file, size_cpu_devices
+from xds_jax.engine_setup import engine_params, read_deployment_file, size_cpu_devices
 from xds_jax.errors import ConfigError, PromptTooLongError, SamplingParamsError, XdsError
-from xds_jax.loading.draft_heads import attach_shipped_head
 from xds_jax.loading.generation_config import sampling_defaults
 from xds_jax.loading.loader import load_model, resolve
 from xds_jax.memory_maps import make_room
@@ -95,9 +94,8 @@ class LLM:
                             use_cache=config.use_param_cache, quantization=config.quantization)
         self.model_name = loaded.name
         self.cfg = loaded.cfg
-        self.params = loaded.params
-        if config.speculative_config:  # a model without MTP weights may have a shipped head
-            self.params = attach_shipped_head(loaded.params, loaded.cfg, resolve(config.model))
+        # loaded's own tree let go: fuse_query's copies replace its Q and K/V
+        self.params, loaded.params = engine_params(loaded, config, resolve(config.model)), None
         self.tokenizer = loaded.tokenizer
         limit = self.cfg.max_position_embeddings
         if config.max_model_len is not None and not config.max_model_len <= limit:

@@ -8,7 +8,14 @@ from jax.sharding import Mesh
 
 from sharding.params import param_shardings
 from tests.helpers import tiny
-from xds_jax.model.fused import fuse_projections, split_gate_up, split_kv, unfuse_layer
+from xds_jax.model.fused import (
+    fuse_projections,
+    fuse_query,
+    split_gate_up,
+    split_kv,
+    split_qkv,
+    unfuse_layer,
+)
 from xds_jax.model.layers import project, swiglu
 from xds_jax.model.out_major import has_weight, in_major_layer, out_major, weight_for
 from xds_jax.model.params import init_params
@@ -85,3 +92,45 @@ def test_tp_shards_hold_whole_kv_heads_and_gate_up_pairs():
         width = gate_up.shape[cols] // 2
         assert all(s.data.shape[cols] == width and s.index[cols].start % 2 == 0
                    for s in gu_s.addressable_shards)
+
+
+def test_fuse_query_computes_q_k_and_v_in_every_layout():
+    """``qkv`` = the query's columns then ``kv``'s, stored either way, int8 scales and biases
+    fused alike; the model's logits unchanged; ``unfuse_layer`` gives back the weights."""
+    for name in ("qwen2", "llama"):  # with and without attention biases
+        cfg = tiny(name).cfg
+        base = fuse_projections(init_params(cfg, seed=4), cfg)
+        tokens = jnp.asarray(RNG.integers(0, cfg.vocab_size, 7))
+        x = jnp.asarray(RNG.normal(size=(2, 3, cfg.hidden_size)), jnp.float32)
+        for q in (None, "int8"):
+            for params in (quantize_params(base, q), out_major(quantize_params(base, q), cfg)):
+                fused = fuse_query(params, cfg)
+                attn, before = fused["layers"][0]["attn"], params["layers"][0]["attn"]
+                assert has_weight(attn, "qkv") and not has_weight(attn, "q")
+                assert not has_weight(attn, "kv") and ("qkv_bias" in attn) == (name == "qwen2")
+                got_q, got_k, got_v = split_qkv(project(attn, "qkv", x), cfg)
+                want_k, want_v = split_kv(project(before, "kv", x), cfg)
+                want_q = project(before, "q", x).reshape(got_q.shape)
+                for got, want in ((got_q, want_q), (got_k, want_k), (got_v, want_v)):
+                    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6,
+                                               atol=1e-6)
+                np.testing.assert_allclose(
+                    np.asarray(reference_logits(fused, cfg, tokens)),
+                    np.asarray(reference_logits(params, cfg, tokens)), rtol=1e-5, atol=1e-5)
+                back = unfuse_layer(fused["layers"][0], cfg)
+                want_back = unfuse_layer(params["layers"][0], cfg)
+                assert jax.tree_util.tree_structure(back) == \
+                    jax.tree_util.tree_structure(want_back)
+                for a, b in zip(jax.tree_util.tree_leaves(back),
+                                jax.tree_util.tree_leaves(want_back), strict=True):
+                    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_fuse_query_leaves_mla_and_unfused_trees_alone():
+    for name in ("llama", "deepseek_v3"):  # k and v apart; MLA's latent projections
+        cfg = tiny(name).cfg
+        params = init_params(cfg, seed=5)
+        for tree in (params, fuse_projections(params, cfg)) if cfg.mla else (params,):
+            assert fuse_query(tree, cfg) is tree or all(
+                a["attn"].keys() == b["attn"].keys()
+                for a, b in zip(fuse_query(tree, cfg)["layers"], tree["layers"], strict=True))

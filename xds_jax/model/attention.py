@@ -23,7 +23,7 @@ from xds_jax.model.attention_blocks import (
     use_blockwise,
 )
 from xds_jax.model.config import ModelConfig
-from xds_jax.model.fused import split_kv
+from xds_jax.model.fused import split_kv, split_qkv
 from xds_jax.model.layers import (
     apply_rope,
     attention_scale,
@@ -260,10 +260,13 @@ def gqa_attention(p: dict, cfg: ModelConfig, x_BSD: jax.Array, positions_BS: jax
     whether it rotates at all (``uses_rope``)."""
     b, s, _ = x_BSD.shape
     h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = project(p, "q", x_BSD).reshape(b, s, h, dh)
-    if has_weight(p, "kv"):  # fused at load time (xds_jax.model.fused): one matmul
+    if has_weight(p, "qkv"):  # Q with K/V, where a layer stays on one device: one matmul
+        q, kk, v = split_qkv(project(p, "qkv", x_BSD), cfg)
+    elif has_weight(p, "kv"):  # fused at load time (xds_jax.model.fused)
+        q = project(p, "q", x_BSD).reshape(b, s, h, dh)
         kk, v = split_kv(project(p, "kv", x_BSD), cfg)
     else:
+        q = project(p, "q", x_BSD).reshape(b, s, h, dh)
         kk = project(p, "k", x_BSD).reshape(b, s, k, dh)
         v = project(p, "v", x_BSD).reshape(b, s, k, dh)
     if cfg.qk_norm:

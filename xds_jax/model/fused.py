@@ -4,10 +4,13 @@ Layouts that tensor parallelism splits whole (a TP shard is a contiguous block o
 with exactly the sharding the separate weights had:
 
 - ``kv [D, K * 2 * Dh]``: per KV head ``j``, ``k_j`` then ``v_j``; split by KV heads (axis
-  ``kv_heads``) as ``k`` and ``v`` were. Q stays its own matmul: fused into the KV-head
+  ``kv_heads``) as ``k`` and ``v`` were. Q stays its own matmul here: fused into the KV-head
   groups it would split only where TP divides the KV heads, and replicate the query
   projection where TP divides the query heads alone (2 KV heads under TP 4), so the loader,
-  which does not know the layout, never fuses it.
+  which does not know the layout, never fuses it. ``fuse_query`` does, for an engine whose
+  groups each hold a whole layer (``LLM``'s colocated DP groups, TP 1):
+  ``qkv [D, H * Dh + K * 2 * Dh]``, the query's columns then ``kv``'s (one matmul instead of
+  two: a decode step's calls are each a weight stream with a fixed cost).
 - ``gate_up [D, 2F]``: columns interleaved, ``2f`` gate ``f`` and ``2f + 1`` up ``f``, so a
   block of columns holds matching gate/up pairs (axis ``mlp``).
 
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.out_major import in_major_layer
+from xds_jax.model.quant import SCALE_SUFFIX, TRANSPOSED_SUFFIX
 
 
 def _fuse_kv_cols(k, v, kv_heads: int):
@@ -87,6 +91,51 @@ def fuse_block(block: dict, cfg: ModelConfig) -> dict:
     return dict(block, layer=fuse_layer(block["layer"], cfg))
 
 
+def fuse_query(params: dict, cfg: ModelConfig) -> dict:
+    """Every GQA layer's ``q`` and ``kv`` (either layout, int8 scales and biases too) as one
+    ``qkv``, MTP blocks' layers too; for layouts that keep each layer's attention on one
+    device (the ``qkv`` leaf splits on no mesh axis)."""
+    if cfg.mla is not None:
+        return params
+
+    def layer(lay: dict) -> dict:
+        return dict(lay, attn=_fuse_query_attn(lay["attn"])) if "attn" in lay else lay
+
+    out = dict(params, layers=[layer(lay) for lay in params["layers"]])
+    if params.get("mtp"):
+        out["mtp"] = [dict(block, layer=layer(block["layer"])) for block in params["mtp"]]
+    return out
+
+
+def _fuse_query_attn(p: dict) -> dict:
+    t = next((t for t in ("", TRANSPOSED_SUFFIX) if "q" + t in p and "kv" + t in p), None)
+    if t is None:
+        return p
+    q, kv = p["q" + t], p["kv" + t]
+    axis = -2 if t else -1  # the output axis: [out, in] stored output-major
+    fused = ("q" + t, "kv" + t, "q_bias", "kv_bias", "q" + t + SCALE_SUFFIX,
+             "kv" + t + SCALE_SUFFIX)
+    out = {n: w for n, w in p.items() if n not in fused}
+    out["qkv" + t] = jnp.concatenate([q, kv], axis=axis)
+    if "q" + t + SCALE_SUFFIX in p:
+        out["qkv" + t + SCALE_SUFFIX] = jnp.concatenate(
+            [p["q" + t + SCALE_SUFFIX], p["kv" + t + SCALE_SUFFIX]], axis=-1)
+    if "q_bias" in p or "kv_bias" in p:  # a missing one is zeros
+        dtype = p.get("q_bias", p.get("kv_bias")).dtype
+        out["qkv_bias"] = jnp.concatenate(
+            [p.get(n, jnp.zeros((w.shape[axis],), dtype))
+             for n, w in (("q_bias", q), ("kv_bias", kv))], axis=-1)
+    return out
+
+
+def split_qkv(y: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``qkv``'s output ``[B, S, H*Dh + K*2*Dh]`` -> q ``[B, S, H, Dh]``, k and v."""
+    b, s = y.shape[:2]
+    q_dim = cfg.num_heads * cfg.head_dim
+    k, v = split_kv(y[..., q_dim:], cfg)
+    return y[..., :q_dim].reshape(b, s, cfg.num_heads, cfg.head_dim), k, v
+
+
 def split_kv(y: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """``kv``'s output ``[B, S, K*2*Dh]`` -> k and v ``[B, S, K, Dh]``."""
     b, s = y.shape[:2]
@@ -123,6 +172,9 @@ def unfuse_layer(lay: dict, cfg: ModelConfig) -> dict:
     lay = in_major_layer(lay)
     out = dict(lay)
     attn = lay["attn"]
+    if "qkv" in attn:  # fuse_query's: the query's columns, then kv's
+        attn = _unfuse_query(attn, cfg.num_heads * cfg.head_dim)
+        out["attn"] = attn
     if "kv" in attn:
         out["attn"] = {n: w for n, w in attn.items() if n not in ("kv", "kv_bias")}
         out["attn"]["k"], out["attn"]["v"] = kv(attn["kv"])
@@ -132,4 +184,14 @@ def unfuse_layer(lay: dict, cfg: ModelConfig) -> dict:
         out["mlp"] = mlp(lay["mlp"])
     if "moe" in lay and "shared" in lay["moe"]:
         out["moe"] = dict(lay["moe"], shared=mlp(lay["moe"]["shared"]))
+    return out
+
+
+def _unfuse_query(p: dict, q_dim: int) -> dict:
+    """``fuse_query``'s ``qkv`` (input-major) back as ``q`` and ``kv``."""
+    out = {n: w for n, w in p.items() if n not in ("qkv", "qkv_bias", "qkv" + SCALE_SUFFIX)}
+    for name in ("qkv", "qkv_bias", "qkv" + SCALE_SUFFIX):
+        if name in p:
+            rest = name[len("qkv"):]
+            out["q" + rest], out["kv" + rest] = p[name][..., :q_dim], p[name][..., q_dim:]
     return out

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.quant import SCALE_SUFFIX, TRANSPOSED_SUFFIX
 
-OUT_MAJOR_LEAVES = frozenset({"q", "k", "v", "kv", "o", "gate", "up", "gate_up", "down",
+OUT_MAJOR_LEAVES = frozenset({"q", "k", "v", "kv", "qkv", "o", "gate", "up", "gate_up", "down",
                               "eh_proj"})
 
 

@@ -32,7 +32,7 @@ QUANTIZATIONS = ("int8",)
 # Leaves quantised in a layer (attention, MLP, shared and routed experts) and at the top.
 # Routers, the shared-expert gate, norms, biases and MTP blocks stay in the model's dtype:
 # routing decisions are sensitive and those weights are a tiny share of the bytes.
-LAYER_LEAVES = frozenset({"q", "k", "v", "kv", "o", "q_a", "q_b", "kv_a", "kv_b", "gate",
+LAYER_LEAVES = frozenset({"q", "k", "v", "kv", "qkv", "o", "q_a", "q_b", "kv_a", "kv_b", "gate",
                           "up", "gate_up", "down"})
 TOP_LEAVES = frozenset({"embed", "lm_head"})
 SCALE_SUFFIX = "_scale"

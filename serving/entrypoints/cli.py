@@ -24,12 +24,24 @@ class CliError(Exception):
     """A failure reported as one line, without a traceback."""
 
 
-def sampling(args: argparse.Namespace, room: int):
+def sampling(args: argparse.Namespace, room: int, defaults: dict | None = None):
+    """The flags' ``SamplingParams``: a flag left out takes the model's default (``defaults``,
+    the engine's ``sampling_defaults``: its generation config), else the CLI's (greedy);
+    the generation config's ``max_new_tokens`` is the default and the most (vLLM's). The
+    sampler's seed: ``--sampling-seed``, else ``--seed`` (vLLM's: repeated runs sample alike)."""
     from xds_jax.sampling.params import SamplingParams
 
-    return SamplingParams(max_tokens=max(min(args.max_tokens, room), 1),
-                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          seed=args.sampling_seed, stop=args.stop)
+    defaults = dict(defaults or {})
+    cap = defaults.pop("max_tokens", None)
+    fields = {k: v for k in ("temperature", "top_p", "top_k")
+              if (v := getattr(args, k)) is not None}
+    max_tokens = args.max_tokens or cap or args.max_tokens_default
+    if cap is not None:
+        max_tokens = min(max_tokens, cap)
+    return SamplingParams(**({"temperature": 0.0} | defaults | fields),
+                          max_tokens=max(min(max_tokens, room), 1),
+                          seed=args.sampling_seed if args.sampling_seed is not None
+                          else getattr(args, "seed", None), stop=args.stop)
 
 
 async def stream_text(engine: Any, ids: list[int], params: Any, request_id: str,
@@ -57,8 +69,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise CliError(f"model {engine.model_name!r} has no tokenizer to encode text")
         for i, prompt in enumerate(prompts):
             ids = engine.tokenizer.encode(prompt)
-            asyncio.run(stream_text(engine, ids, sampling(args, engine.max_model_len - len(ids)),
-                                    f"generate-{i}", prompt))
+            params = sampling(args, engine.max_model_len - len(ids), engine.sampling_defaults)
+            asyncio.run(stream_text(engine, ids, params, f"generate-{i}", prompt))
         finish_trace(engine, args)
     finally:
         engine.shutdown()
@@ -101,7 +113,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
                 log.error("the conversation no longer fits the context; /reset to start over")
                 continue
             reply = asyncio.run(stream_text(
-                engine, ids, sampling(args, engine.max_model_len - len(ids)), f"chat-{turn}",
+                engine, ids,
+                sampling(args, engine.max_model_len - len(ids), engine.sampling_defaults),
+                f"chat-{turn}",
                 text))
             history.append({"role": "assistant", "content": reply})
         finish_trace(engine, args)

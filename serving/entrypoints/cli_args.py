@@ -136,7 +136,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="virtual CPU devices to simulate a cluster on "
                        "(default: $XDS_CPU_DEVICES, else JAX's)")
     group.add_argument("--seed", type=int, default=d.seed,
-                       help="seed of random weights (config-only models) (default: %(default)s)")
+                       help="seed of random weights (config-only models) and, for generate "
+                       "and chat, of the sampler where --sampling-seed is not given (vLLM's: "
+                       "repeated runs sample alike) (default: %(default)s)")
     group.add_argument("--speculative-config", type=json_object, metavar="JSON",
                        default=d.speculative_config,
                        help='speculative decoding, e.g. \'{"method": "mtp", '
@@ -258,14 +260,20 @@ def add_openai_frontend_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--max-tokens", type=positive_int, default=max_tokens, metavar="N",
-                       help="most tokens to generate (default: %(default)s)")
-    group.add_argument("--temperature", type=float, default=0.0,
-                       help="0 is greedy; higher is more random (default: %(default)s)")
-    group.add_argument("--top-p", type=float, default=1.0,
-                       help="nucleus sampling mass, in (0, 1] (default: %(default)s)")
-    group.add_argument("--top-k", type=int, default=0,
+    """Sampling flags; one left out takes the model's generation config (``--generation-
+    config``), else the default named here (``cli.sampling`` applies them)."""
+    group = parser.add_argument_group(
+        "sampling", "a flag left out takes the model's generation config (--generation-config), "
+        "else the default shown")
+    group.set_defaults(max_tokens_default=max_tokens)
+    group.add_argument("--max-tokens", type=positive_int, metavar="N",
+                       help=f"most tokens to generate (default: {max_tokens}; the generation "
+                       "config's max_new_tokens is the default and the most)")
+    group.add_argument("--temperature", type=float,
+                       help="0 is greedy; higher is more random (default: 0.0)")
+    group.add_argument("--top-p", type=float,
+                       help="nucleus sampling mass, in (0, 1] (default: 1.0)")
+    group.add_argument("--top-k", type=int,
                        help="sample among the k likeliest tokens; 0 disables (default: 0)")
     group.add_argument("--sampling-seed", type=int, metavar="SEED",
                        help="seed of the sampler, for reproducible random samples")

@@ -83,6 +83,31 @@ def test_chat_with_piped_stdin(fake_engine, capsys, monkeypatch):
     assert code == 0 and out == (REPLY[:4] + "\n") * 2
 
 
+def test_generate_takes_the_models_generation_config(fake_engine, capsys):
+    """Flags left out take the model's defaults (vLLM's --generation-config), its
+    max_new_tokens the default and the most; flags given win, greedy where neither says."""
+    fake_engine.sampling_defaults = {"temperature": 0.6, "top_k": 20, "max_tokens": 4}
+    seen = []
+    generate = fake_engine.generate
+    fake_engine.generate = lambda ids, params, *a, **kw: (seen.append(params),
+                                                          generate(ids, params, *a, **kw))[1]
+    code, out, _ = run(["generate", "Hi"], capsys)
+    assert code == 0 and out == REPLY[:4] + "\n"
+    assert (seen[-1].temperature, seen[-1].top_k, seen[-1].max_tokens) == (0.6, 20, 4)
+    code, out, _ = run(["generate", "--max-tokens", "9", "--temperature", "0", "Hi"], capsys)
+    assert code == 0 and (seen[-1].temperature, seen[-1].top_k, seen[-1].max_tokens) == (0, 20, 4)
+    fake_engine.sampling_defaults = {}
+    code, out, _ = run(["generate", "Hi"], capsys)
+    assert (seen[-1].temperature, seen[-1].top_k, seen[-1].max_tokens) == (0.0, 0, 64)
+    args = cli.build_parser().parse_args(["chat"])
+    assert cli.sampling(args, 1000, {"max_tokens": 300}).max_tokens == 300  # the default
+    assert cli.sampling(args, 1000, {"max_tokens": 100}).max_tokens == 100
+    # the sampler's seed: --sampling-seed, else --seed (vLLM's --seed: runs sample alike)
+    assert cli.sampling(args, 1000).seed == 0
+    args = cli.build_parser().parse_args(["chat", "--seed", "7", "--sampling-seed", "3"])
+    assert cli.sampling(args, 1000).seed == 3
+
+
 def test_plan_delegates(monkeypatch, capsys):
     seen = []
     module = types.ModuleType("sharding.plan")

@@ -124,11 +124,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from serving.entrypoints.server import run_server
+    from serving.entrypoints.server import front_end_options, run_server
 
+    front_end = front_end_options(args)  # bad parser names, template or address: before loading
     engine = load_engine(args)
     try:
-        run_server(args, engine)
+        run_server(args, engine, front_end)
     finally:
         finish_trace(engine, args)
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -55,6 +57,7 @@ from serving.entrypoints.tool_calls import PARSERS
 from serving.entrypoints.tool_parsers import ToolParser
 from xds_jax.errors import ConfigError, XdsError
 from xds_jax.sampling.params import MAX_LOGPROBS
+from xds_jax.text.chat_template import compile_chat_template
 from xds_jax.text.tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
@@ -62,13 +65,52 @@ log = logging.getLogger(__name__)
 
 def load_chat_template(value: str) -> str:
     """``--chat-template``: a Jinja file's text, or the template itself when ``value`` is no
-    file but looks like Jinja (as ``vllm serve`` takes it)."""
+    file but looks like Jinja (as ``vllm serve`` takes it); one that does not compile is
+    refused here, not in every chat request."""
     path = Path(value).expanduser()
     if path.is_file():
-        return path.read_text(encoding="utf-8")
-    if "{" in value:
-        return value
-    raise ConfigError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+        source = path.read_text(encoding="utf-8")
+    elif "{" in value:
+        source = value
+    else:
+        raise ConfigError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+    try:
+        compile_chat_template(source)
+    except jinja2.TemplateSyntaxError as error:
+        raise ConfigError(f"--chat-template: not a valid Jinja template: {error} (line "
+                          f"{error.lineno})") from None
+    return source
+
+
+def check_address(host: str, port: int) -> None:
+    """``--host`` / ``--port`` bindable now (vLLM binds before it loads the model): a port in
+    use or an unknown host is a ConfigError before the slow load, not uvicorn's exit 3 after."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise ConfigError(f"--host {host!r}: {error.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ConfigError(f"--host {host} --port {port}: cannot listen there "
+                              f"({error.strerror})") from None
+
+
+def front_end_options(args: Any) -> tuple[ToolParser | None, str | None]:
+    """The ``xds serve`` options the HTTP front end reads, checked before the model loads:
+    the tool-call parser, the reasoning parser, the chat template (compiled), the address.
+    Returns the parser and the template's source."""
+    parser = tool_parser(getattr(args, "enable_auto_tool_choice", False),
+                         getattr(args, "tool_call_parser", None))
+    reasoning_parser_named(getattr(args, "reasoning_parser", None))
+    template = getattr(args, "chat_template", None)
+    source = load_chat_template(template) if template else None
+    if hasattr(args, "host") and hasattr(args, "port"):
+        check_address(args.host, args.port)
+    return parser, source
 
 
 def tool_parser(enable_auto_tool_choice: bool, name: str | None) -> ToolParser | None:
@@ -228,30 +270,27 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
     return app
 
 
-def run_server(args: Any, engine: Any = None) -> None:
+def run_server(args: Any, engine: Any = None, front_end: tuple | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain (``serving.entrypoints.shutdown``). ``args``: the
     ``xds serve`` options (``host``, ``port``, ``served_model_name``, ``request_timeout``,
     ``api_key`` (else ``$XDS_API_KEY``), ``max_request_bytes``, ``shutdown_timeout``,
     ``chat_template``, ``enable_auto_tool_choice``, ``tool_call_parser``, ``reasoning_parser``,
     ``return_tokens_as_token_ids``, ``log_level``, and the
-    engine's when ``engine`` is None)."""
+    engine's when ``engine`` is None); ``front_end``: ``front_end_options(args)`` where the
+    caller checked them before loading ``engine``."""
     import uvicorn
 
     from serving.entrypoints.shutdown import DrainingServer
 
-    parser = tool_parser(getattr(args, "enable_auto_tool_choice", False),
-                         getattr(args, "tool_call_parser", None))  # before the slow load
-    reasoning_parser_named(getattr(args, "reasoning_parser", None))
+    parser, template = front_end or front_end_options(args)  # before the slow load
     if engine is None:
         from serving.entrypoints.launch import load_engine
 
         engine = load_engine(args)
     names = args.served_model_name or [engine.model_name]
     api_key = args.api_key or os.environ.get("XDS_API_KEY") or None
-    template = getattr(args, "chat_template", None)
     app = build_app(engine, names, args.request_timeout, api_key=api_key,
-                    max_request_bytes=args.max_request_bytes,
-                    chat_template=load_chat_template(template) if template else None,
+                    max_request_bytes=args.max_request_bytes, chat_template=template,
                     tool_call_parser=parser and parser.name,
                     reasoning_parser=getattr(args, "reasoning_parser", None),
                     return_tokens_as_token_ids=getattr(args, "return_tokens_as_token_ids",

@@ -108,6 +108,27 @@ def test_generate_takes_the_models_generation_config(fake_engine, capsys):
     assert cli.sampling(args, 1000).seed == 3
 
 
+def test_serve_checks_its_front_end_before_loading(monkeypatch, capsys, tmp_path):
+    """A missing tool-call parser, a template that does not compile, a port in use or an
+    unknown host: a one-line error (exit 1) before the model loads (vLLM binds first)."""
+    import socket
+
+    monkeypatch.setattr(cli, "load_engine", lambda args: pytest.fail("loaded the model"))
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for argv, says in ((["--enable-auto-tool-choice"], "needs --tool-call-parser"),
+                           (["--chat-template", str(broken)], "not a valid Jinja template"),
+                           (["--host", "127.0.0.1", "--port", port], "cannot listen there"),
+                           (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid'")):
+            code, _, err = run(["serve", *argv], capsys)
+            assert code == 1 and "Traceback" not in err, (argv, err)
+            assert err.strip().splitlines()[-1].startswith("xds: error:") and says in err
+
+
 def test_plan_delegates(monkeypatch, capsys):
     seen = []
     module = types.ModuleType("sharding.plan")

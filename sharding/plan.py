@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
 from itertools import groupby
@@ -206,6 +207,8 @@ def format_plan(plan: Plan) -> str:
     lines = [head, ""] + ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                           for row in rows]
     lines += [""] + [f"{r.role}: {r.note}" for r in plan.roles if r.note]
+    lines += [f"{r.role}: does not fit: {_b(-r.free_bytes)} more per device needed"
+              for r in plan.roles if r.free_bytes < 0]
     lines.append("max batch: sequences per device (each DP rank holds its own) at the "
                  "model's full context; max context: one sequence per device")
     return "\n".join(lines)
@@ -247,11 +250,30 @@ def _perf(args, cfg, spec: DeploymentSpec) -> int:
     from sharding.hardware import hardware_preset
     from sharding.perf_model import estimate, format_estimates
 
+    if "decode_attention" in spec.roles and cfg.moe is None:
+        raise ConfigError(f"{spec.name!r} is an MA layout (attention and MoE experts on their "
+                          "own dies); this model has no MoE layers")
     est = estimate(cfg, spec, hardware_preset(args.hardware), batch_per_die=args.batch_per_die,
-                   context=args.context, mtp_acceptance=args.mtp_acceptance)
+                   context=args.context, mtp_acceptance=args.mtp_acceptance,
+                   mtp_tokens=1 if cfg.num_mtp_layers else 0)
     print(json.dumps([asdict(e) for e in est], indent=1) if args.json
           else format_estimates(est, args.model, spec.name))
     return 0
+
+
+def _number(kind, low: float, high: float = math.inf, open_low: bool = True):
+    """An argparse type: a finite ``kind`` in (low, high] (``open_low``) or [low, high]."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and (value > low if open_low else value >= low)
+                and value <= high):
+            span = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"{text} is not in {span}")
+        return value
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,8 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True,
                         help="model as LLM takes it: name, HF directory, .gguf or config.json")
     parser.add_argument("--deployment", required=True, help="deployment YAML")
-    parser.add_argument("--memory-gib", type=float, help="override memory per device")
-    parser.add_argument("--dtype", help="weights and KV dtype (default: the model's)")
+    parser.add_argument("--memory-gib", type=_number(float, 0),
+                        help="override memory per device (GiB, > 0)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights and KV dtype (default: the model's)")
     parser.add_argument("--quantization", choices=["int8"],
                         help="int8: weight-only INT8 linear weights (default: none)")
     parser.add_argument("--speculative-config", metavar="JSON",
@@ -272,10 +296,22 @@ def main(argv: list[str] | None = None) -> int:
                       help="estimate iteration time, TPOT and tokens/s per chip instead")
     perf.add_argument("--hardware", default="cloudmatrix384",
                       help="cloudmatrix384, h100 or h200 (default: %(default)s)")
-    perf.add_argument("--batch-per-die", type=int, help="default: 96 (MA), 60 (decode)")
-    perf.add_argument("--mtp-acceptance", type=float, default=0.9)
-    perf.add_argument("--context", type=int, default=3072, help="mean KV tokens per sequence")
+    perf.add_argument("--batch-per-die", type=_number(int, 0),
+                      help="default: 96 (MA), 60 (decode)")
+    perf.add_argument("--mtp-acceptance", type=_number(float, 0, 1, open_low=False),
+                      default=0.9, help="the MTP draft's acceptance rate in [0, 1] (default: "
+                      "%(default)s; models without MTP layers draft nothing)")
+    perf.add_argument("--context", type=_number(int, 0), default=3072,
+                      help="mean KV tokens per sequence")
     args = parser.parse_args(argv)
+    if args.perf:
+        given = [flag for flag, value in (("--dtype", args.dtype),
+                                          ("--quantization", args.quantization),
+                                          ("--speculative-config", args.speculative_config),
+                                          ("--memory-gib", args.memory_gib)) if value]
+        if given:  # the model takes its byte sizes and MTP from --hardware's preset
+            parser.error(f"--perf models the --hardware preset's dtypes and one MTP token at "
+                         f"--mtp-acceptance; {', '.join(given)} apply to the memory plan only")
     try:
         cfg = _load_model(args.model)
         spec = read_deployment(args.deployment)
@@ -290,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(asdict(plan), indent=1) if args.json else format_plan(plan))
+    short = [r.role for r in plan.roles if r.free_bytes < 0]
+    if short:  # the plan is printed, and a script sees the failure
+        print(f"error: the weights do not fit the memory per device in {', '.join(short)}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -108,7 +108,39 @@ def test_uneven_roles_show_their_range_and_dtype_can_be_chosen(capsys):
     assert main(args + ["--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     assert "(float32," in out and "144.0 KiB..432.0 KiB" in out  # routed vs shared devices
-    assert main(args + ["--dtype", "int3"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(args + ["--dtype", "int3"])
+    assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("extra", [["--memory-gib", "0"], ["--memory-gib", "nan"],
+                                   ["--memory-gib", "-1"], ["--perf", "--mtp-acceptance", "2"],
+                                   ["--perf", "--mtp-acceptance", "-1"],
+                                   ["--perf", "--context", "0"],
+                                   ["--perf", "--batch-per-die", "-5"],
+                                   ["--perf", "--quantization", "int8"],
+                                   ["--perf", "--dtype", "float32"]])
+def test_cli_refuses_values_it_cannot_plan_with(extra, capsys):
+    """Nonsense numbers (and options --perf does not model) are usage errors naming the flag,
+    not a silent default, a negative plan or a traceback."""
+    args = ["--model", str(TINY_V3), "--deployment",
+            str(ROOT / "configs" / "deployments" / "cm768-ma.yaml")]
+    with pytest.raises(SystemExit) as exit_:
+        main(args + extra)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and extra[-2] in err and "Traceback" not in err
+
+
+def test_cli_says_what_does_not_fit(capsys):
+    args = ["--model", str(TINY_V3), "--deployment",
+            str(ROOT / "configs" / "deployments" / "single.yaml")]
+    assert main(args + ["--memory-gib", "0.0001"]) == 1
+    out = capsys.readouterr()
+    assert "does not fit" in out.out and out.err.startswith("error:")
+    dense = ROOT / "tests" / "golden" / "llama"  # a dense model on an MA layout's perf model
+    ma = str(ROOT / "configs" / "deployments" / "cm768-ma.yaml")
+    assert main(["--model", str(dense), "--deployment", ma, "--perf"]) == 2
+    assert "no MoE layers" in capsys.readouterr().err
 
 
 def test_plan_reads_every_model_form_llm_reads(capsys):

@@ -25,6 +25,7 @@ import os
 
 from serving.core.dp_group import DPGroup, GroupConfig
 from serving.core.engine import Engine, build_colocated_engine, group_config_for
+from serving.core.host_memory import check_weight_copies
 from serving.core.timeline import Timeline
 from serving.disagg.ep_decode import ep_decode_pool, runs_ep_decode
 from serving.disagg.eplb_config import EplbConfig
@@ -72,6 +73,8 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
     if eplb.enabled and not pooled:  # refused here; MAPool checks the rest
         eplb.resolve(cfg.moe.num_experts if cfg.moe else None, None, repr(layout.name))
     roles = set(layout.roles)
+    check_weight_copies(params, _num_groups(layout), f"deployment {layout.name!r}",
+                        list(next(iter(layout.roles.values())).mesh.devices.flat))
     host_share = _host_kv_share(layout)
     timeline = Timeline() if config.trace else None
 

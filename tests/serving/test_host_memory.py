@@ -1,0 +1,38 @@
+"""Layouts of virtual CPU devices whose weight copies cannot fit this host are refused at
+build, naming the numbers, instead of the process being killed for memory mid-build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serving.core import host_memory
+from xds_jax import LLM
+from xds_jax.errors import ConfigError
+
+LLAMA = Path(__file__).parents[1] / "golden" / "llama"
+
+
+def test_tree_bytes_counts_every_array_or_those_under_a_key():
+    import numpy as np
+
+    tree = {"layers": [{"attn": {"q": np.zeros((2, 3), np.float32)},
+                        "moe": {"experts": {"up": np.zeros((4,), np.int8)}}}]}
+    assert host_memory.tree_bytes(tree) == 28
+    assert host_memory.tree_bytes(tree, "experts") == 4
+
+
+def test_weight_copies_past_the_hosts_memory_are_refused(monkeypatch):
+    weights = LLM(str(LLAMA), dtype="float32").params
+    size = host_memory.tree_bytes(weights)
+    # room for one more copy: two groups build; three are refused before anything is placed
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: int(1.5 * size))
+    assert LLM(str(LLAMA), dtype="float32", num_dp_groups=2).generate(
+        {"prompt_token_ids": [1, 2, 3]})[0].outputs[0].token_ids
+    with pytest.raises(ConfigError, match=r"num_dp_groups: 2 groups on virtual CPU devices each "
+                       r"hold a copy of the weights .* more than this host's"):
+        LLM(str(LLAMA), dtype="float32", num_dp_groups=3)
+    with pytest.raises(ConfigError, match="deployment 'cpu8-pd'"):
+        LLM(str(LLAMA), dtype="float32",
+            deployment=str(Path(__file__).parents[2] / "configs/deployments/cpu8-pd.yaml"))

@@ -58,6 +58,34 @@ async def stream_text(engine: Any, ids: list[int], params: Any, request_id: str,
     return text
 
 
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def writable(path: str, flag: str) -> None:
+    """``flag``'s file can be written (its folder exists and takes files): checked before the
+    run it records, not after."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise CliError(f"{flag} {path}: cannot write a file there")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """The files a command writes at its end, checked at its start: ``--trace`` (a
+    disaggregated deployment's timeline: without ``--deployment`` nothing records one),
+    ``bench``'s ``--output`` and ``--plot`` (an image format matplotlib writes)."""
+    if getattr(args, "trace", None):
+        if not getattr(args, "deployment", None):
+            raise CliError("--trace records a disaggregated deployment's stages and KV "
+                           "transfers; give --deployment (a colocated engine records none)")
+        writable(args.trace, "--trace")
+    if getattr(args, "output", None):
+        writable(args.output, "--output")
+    if getattr(args, "plot", None):
+        if not args.plot.lower().endswith(PLOT_FORMATS):
+            raise CliError(f"--plot {args.plot}: name an image file ({', '.join(PLOT_FORMATS)})")
+        writable(args.plot, "--plot")
+
+
 # -- commands ---------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> None:
     prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -182,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(args.log_level)
         if getattr(args, "process_id", 0):  # another process runs the command; follow it
             return run_follower(args)
+        check_outputs(args)
         COMMANDS[args.command](args)
         return 0
     except KeyboardInterrupt:

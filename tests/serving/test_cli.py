@@ -129,6 +129,23 @@ def test_serve_checks_its_front_end_before_loading(monkeypatch, capsys, tmp_path
             assert err.strip().splitlines()[-1].startswith("xds: error:") and says in err
 
 
+def test_output_files_are_checked_before_the_run(monkeypatch, capsys, tmp_path):
+    """--trace without a deployment (nothing records one), an unwritable --trace, --output
+    or --plot, and a --plot that is no image: one line before anything loads or runs."""
+    monkeypatch.setattr(cli, "load_engine", lambda args: pytest.fail("loaded the model"))
+    monkeypatch.setattr(cli, "COMMANDS", {})  # nothing may run
+    missing = str(tmp_path / "no" / "such" / "dir" / "f.json")
+    for argv, says in (
+            (["generate", "--trace", str(tmp_path / "t.json"), "hi"], "give --deployment"),
+            (["generate", "--deployment", "configs/deployments/cpu8-pd.yaml", "--trace",
+              missing, "hi"], "--trace " + missing),
+            (["bench", "--output", missing], "--output " + missing),
+            (["bench", "--plot", str(tmp_path / "x.txt")], "name an image file"),
+            (["bench", "--plot", str(tmp_path / "no" / "x.png")], "cannot write a file there")):
+        code, _, err = run(argv, capsys)
+        assert code == 1 and says in err and "Traceback" not in err, (argv, err)
+
+
 def test_plan_delegates(monkeypatch, capsys):
     seen = []
     module = types.ModuleType("sharding.plan")

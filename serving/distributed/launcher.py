@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="processes to start (default: %(default)s)")
     parser.add_argument("--log-dir", metavar="DIR",
                         help="where processes 1..N-1 write their output (default: a new "
-                        "temporary directory)")
+                        "temporary directory, removed when every process succeeds)")
     parser.add_argument("--grace", type=float, default=15.0, metavar="SECONDS",
                         help="after a process fails, how long the others get to exit by "
                         "themselves before they are terminated (default: %(default)s)")
@@ -92,6 +93,9 @@ def launch(command: list[str], num_processes: int, log_dir: str | None = None,
         raise LaunchError(f"xds launch runs serve, generate or chat, not {command[0]!r}")
     if num_processes < 1:
         raise LaunchError(f"--num-processes must be positive, got {num_processes}")
+    if not grace >= 0:
+        raise LaunchError(f"--grace must be 0 or more seconds, got {grace}")
+    temporary = log_dir is None  # removed when every process succeeds (nothing to read)
     log_dir = log_dir or tempfile.mkdtemp(prefix="xds-launch-")
     os.makedirs(log_dir, exist_ok=True)
     coordinator = f"127.0.0.1:{free_port()}"
@@ -112,7 +116,10 @@ def launch(command: list[str], num_processes: int, log_dir: str | None = None,
               flush=True)
     signal.signal(signal.SIGTERM, lambda signum, frame: _stop_leader(procs[0]))
     try:
-        return watch(procs, logs, grace)
+        status = watch(procs, logs, grace)
+        if status == 0 and temporary:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        return status
     except KeyboardInterrupt:
         _terminate(procs, 5.0)
         return 130

@@ -146,6 +146,11 @@ def test_output_files_are_checked_before_the_run(monkeypatch, capsys, tmp_path):
         assert code == 1 and says in err and "Traceback" not in err, (argv, err)
 
 
+def test_launch_refuses_a_negative_grace(capsys):
+    code, _, err = run(["launch", "--grace", "-1", "--", "generate", "hi"], capsys)
+    assert code == 2 and "--grace must be 0 or more seconds, got -1" in err
+
+
 def test_plan_delegates(monkeypatch, capsys):
     seen = []
     module = types.ModuleType("sharding.plan")

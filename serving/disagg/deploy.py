@@ -122,11 +122,15 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
 
 
 def _no_dispatch(config: EngineConfig, where: str) -> None:
-    """``dispatch_dtype: int8`` needs an expert dispatch: refused where none runs."""
+    """``dispatch_dtype: int8`` and ``micro_batches`` shape an expert dispatch (MA or EP
+    decode): refused where none runs rather than ignored."""
+    use = ("use a MoE model on an MA deployment or a decode role with ep: N")
     if config.dispatch_dtype == "int8":
         raise ConfigError(f"dispatch_dtype 'int8': {where} runs no expert dispatch (a dense "
-                          "model, or decode groups that hold every expert); use a MoE model "
-                          "on an MA deployment or a decode role with ep: N")
+                          f"model, or decode groups that hold every expert); {use}")
+    if config.micro_batches != EngineConfig.micro_batches:
+        raise ConfigError(f"micro_batches {config.micro_batches}: {where} runs no MA or EP "
+                          f"decode step to split in micro-batches; {use}")
 
 
 # Virtual CPU devices share the host's memory: all simulated KV pools together take at most

@@ -111,6 +111,10 @@ def test_shipped_cpu8_pd_ep_int8_dispatch(tmp_path):
         with pytest.raises(ConfigError, match="runs no expert dispatch"):
             LLM(str(GOLDEN / model), deployment=dep, dispatch_dtype="int8",
                 use_param_cache=False)
+        with pytest.raises(ConfigError, match="micro_batches 3: .* runs no MA or EP decode"):
+            LLM(str(GOLDEN / model), deployment=dep, micro_batches=3, use_param_cache=False)
+    with pytest.raises(ConfigError, match="micro_batches 3: a layout without a deployment"):
+        LLM(str(GOLDEN / "llama"), micro_batches=3, use_param_cache=False)
 
 
 def test_dense_model_on_ep_decode_keeps_dp_groups():

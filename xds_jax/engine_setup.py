@@ -3,9 +3,12 @@ CPU devices; after, make the parameter tree the engine runs."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 from xds_jax.engine_config import EngineConfig
+
+log = logging.getLogger(__name__)
 
 
 def read_deployment_file(config: EngineConfig) -> EngineConfig:
@@ -44,6 +47,11 @@ def engine_params(loaded, config: EngineConfig, model_path) -> dict:
     from xds_jax.model.fused import fuse_query
 
     params = loaded.params
+    if config.quantization:
+        from xds_jax.model.params import param_bytes
+
+        log.info("weights: %s weight-only, one scale per output channel (%.1f MiB)",
+                 config.quantization, param_bytes(params) / 2**20)
     if config.speculative_config:  # a model without MTP weights may have a shipped head
         params = attach_shipped_head(params, loaded.cfg, model_path)
     return fuse_query(params, loaded.cfg) if config.deployment is None else params

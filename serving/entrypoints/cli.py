@@ -97,6 +97,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise CliError(f"model {engine.model_name!r} has no tokenizer to encode text")
         for i, prompt in enumerate(prompts):
             ids = engine.tokenizer.encode(prompt)
+            if len(ids) >= engine.max_model_len:  # named before any text of it is printed
+                raise CliError(f"prompt {i + 1} of {len(prompts)} has {len(ids)} tokens; the "
+                               f"context holds {engine.max_model_len} (prompt and at least one "
+                               "new token)")
             params = sampling(args, engine.max_model_len - len(ids), engine.sampling_defaults)
             asyncio.run(stream_text(engine, ids, params, f"generate-{i}", prompt))
         finish_trace(engine, args)

@@ -58,11 +58,17 @@ def engine_args(args: argparse.Namespace) -> Any:
     ``--kv-cache-gib`` (``kv_cache_bytes``) and ``--trace`` (a file to save; ``trace`` is on
     when given)."""
     from sharding import read_deployment
-    from sharding.devices import configure_cpu_devices, queues_collectives
+    from sharding.devices import DeviceSetupError, configure_cpu_devices, queues_collectives
 
     deployment = read_deployment(args.deployment) if args.deployment else None
     distributed = join_processes(args, deployment)
     count = args.cpu_devices
+    needed = deployment.num_devices if deployment is not None else args.num_dp_groups
+    if count is not None and count < needed and distributed is None:
+        source = (f"deployment {deployment.name!r}" if deployment is not None
+                  else "--num-dp-groups")
+        raise DeviceSetupError(f"--cpu-devices {count}: the layout needs {needed} devices "
+                               f"({source})")
     if count is None and deployment is not None and not os.environ.get("XDS_CPU_DEVICES"):
         count = deployment.num_devices
     configure_cpu_devices(count, queues_collectives(deployment))

@@ -151,6 +151,18 @@ def test_launch_refuses_a_negative_grace(capsys):
     assert code == 2 and "--grace must be 0 or more seconds, got -1" in err
 
 
+def test_a_prompt_past_the_context_is_named(fake_engine, capsys):
+    fake_engine.max_model_len = 8
+    code, out, err = run(["generate", "Hi", "x " * 20], capsys)
+    assert code == 1 and out == REPLY[:5] + "\n"  # the first prompt's text, then the error
+    assert "prompt 2 of 2 has" in err and "the context holds 8" in err
+
+
+def test_cpu_devices_fewer_than_the_layout_needs_are_refused(capsys):
+    code, _, err = run(["generate", "--cpu-devices", "1", "--num-dp-groups", "3", "hi"], capsys)
+    assert code == 1 and "--cpu-devices 1: the layout needs 3 devices (--num-dp-groups)" in err
+
+
 def test_plan_delegates(monkeypatch, capsys):
     seen = []
     module = types.ModuleType("sharding.plan")

@@ -122,8 +122,13 @@ def read_turns(interactive: bool):
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from serving.entrypoints.server import load_chat_template
+
+    template = load_chat_template(args.chat_template) if args.chat_template else None
     engine = load_engine(args)
     try:
+        if template is not None and engine.tokenizer is not None:
+            engine.tokenizer.chat_template = template
         if engine.tokenizer is None or engine.tokenizer.chat_template is None:
             raise CliError(f"model {engine.model_name!r} has no chat template")
         start = [{"role": "system", "content": args.system}] if args.system else []

@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
         "is a user turn; /reset clears the history, /exit (or Ctrl-D) quits. Works with piped "
         "stdin too.")
     chat.add_argument("--system", metavar="TEXT", help="system prompt")
+    chat.add_argument("--chat-template", metavar="FILE",
+                      help="Jinja chat template replacing the model's (a file, or the template "
+                      "text itself)")
     add_engine_options(chat)
     add_sampling_options(chat, max_tokens=256)
 

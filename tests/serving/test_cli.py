@@ -81,6 +81,11 @@ def test_chat_with_piped_stdin(fake_engine, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n/reset\nHello\n/exit\nignored\n"))
     code, out, _ = run(["chat", "--max-tokens", "4", "--system", "Be brief."], capsys)
     assert code == 0 and out == (REPLY[:4] + "\n") * 2
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    code, out, _ = run(["chat", "--max-tokens", "4", "--chat-template", "{{ messages }}"], capsys)
+    assert code == 0 and fake_engine.tokenizer.chat_template == "{{ messages }}"
+    code, _, err = run(["chat", "--chat-template", "{% if %}"], capsys)
+    assert code == 1 and "not a valid Jinja template" in err
 
 
 def test_generate_takes_the_models_generation_config(fake_engine, capsys):

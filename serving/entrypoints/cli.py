@@ -205,9 +205,23 @@ def cmd_plan(argv: list[str]) -> int:
 COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench}
 
 
+def dashed(argv: list[str]) -> list[str]:
+    """Flags spelled with underscores (``--max_model_len``, which vLLM's parser takes) as
+    ours (``--max-model-len``); values and everything after a bare ``--`` as they are."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, eq, value = arg.partition("=")
+            arg = name.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``xds`` console script; returns the exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = dashed(sys.argv[1:] if argv is None else list(argv))
     try:
         if argv[:1] == ["plan"]:
             return cmd_plan(argv[1:])

@@ -68,6 +68,14 @@ def fake_engine(monkeypatch):
     return engine
 
 
+def test_flags_spelled_with_underscores_are_taken(fake_engine, capsys):
+    """vLLM's parser takes --max_tokens for --max-tokens; values keep their underscores."""
+    assert cli.dashed(["generate", "--max_tokens=3", "--stop", "a_b", "x_y", "--", "--a_b"]) \
+        == ["generate", "--max-tokens=3", "--stop", "a_b", "x_y", "--", "--a_b"]
+    code, out, _ = run(["generate", "--max_tokens", "5", "Hi"], capsys)
+    assert code == 0 and out == REPLY[:5] + "\n"
+
+
 def test_generate_streams_text(fake_engine, capsys, monkeypatch):
     code, out, _ = run(["generate", "--max-tokens", "5", "Hi", "there"], capsys)
     assert code == 0 and out == REPLY[:5] + "\n" + REPLY[:5] + "\n"

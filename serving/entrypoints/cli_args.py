@@ -50,6 +50,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def gibibytes(text: str) -> float:
+    """A positive, finite size in GiB."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB, got {text}")
+    return value
+
+
 # ``EngineArgs`` fields set by the engine flags of the same name (``--max-num-seqs`` sets
 # ``max_num_seqs``); their defaults are ``EngineConfig``'s. ``launch.engine_args`` maps them.
 ENGINE_FIELDS = ("model", "dtype", "quantization", "max_model_len", "seed", "num_dp_groups",
@@ -129,7 +137,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-dp-groups", type=positive_int, default=d.num_dp_groups,
                        metavar="N", help="data-parallel groups when no deployment file is "
                        "given (default: %(default)s)")
-    group.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_bytes / (1 << 30),
+    group.add_argument("--kv-cache-gib", type=gibibytes, default=d.kv_cache_bytes / (1 << 30),
                        metavar="GIB",
                        help="KV cache size per DP group in GiB (default: %(default)s)")
     group.add_argument("--cpu-devices", type=positive_int, metavar="N",

@@ -45,6 +45,8 @@ def test_help_explains_every_option(capsys):
     ["serve", "--port", "70000"],
     ["bench", "--request-rate", "0"],
     ["chat", "--dtype", "float8"],
+    ["generate", "--kv-cache-gib", "0", "hi"],
+    ["generate", "--kv-cache-gib", "inf", "hi"],
 ])
 def test_bad_options_exit_2(argv, capsys):
     code, _, err = run(argv, capsys)

@@ -91,6 +91,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise CliError("no prompt given (pass it as an argument or on stdin)")
+    for i, prompt in enumerate(prompts):  # undecodable input named before the slow load
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise CliError(f"prompt {i + 1} is not UTF-8 text: byte "
+                           f"0x{ord(prompt[error.start]) & 0xff:02x} at character "
+                           f"{error.start}") from None
     engine = load_engine(args)
     try:
         if engine.tokenizer is None:

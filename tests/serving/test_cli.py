@@ -173,6 +173,13 @@ def test_a_prompt_past_the_context_is_named(fake_engine, capsys):
     assert "prompt 2 of 2 has" in err and "the context holds 8" in err
 
 
+def test_a_prompt_that_is_not_utf8_is_named_before_loading(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_engine", lambda args: pytest.fail("loaded the model"))
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")  # how Python reads Latin-1 argv
+    code, _, err = run(["generate", "fine", bad], capsys)
+    assert code == 1 and "prompt 2 is not UTF-8 text: byte 0xe9 at character 3" in err
+
+
 def test_cpu_devices_fewer_than_the_layout_needs_are_refused(capsys):
     code, _, err = run(["generate", "--cpu-devices", "1", "--num-dp-groups", "3", "hi"], capsys)
     assert code == 1 and "--cpu-devices 1: the layout needs 3 devices (--num-dp-groups)" in err

@@ -319,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
             return _perf(args, cfg, spec)
         drafting = _speculative(args.speculative_config)
         head = _draft_head(cfg, args.model) if drafting else None
+        dtype = None if args.dtype == "auto" else args.dtype  # the model's, as the engine
         plan = plan_deployment(cfg, spec, model_name=args.model, memory_gib=args.memory_gib,
-                               dtype=args.dtype, quantization=args.quantization,
+                               dtype=dtype, quantization=args.quantization,
                                drafting=drafting, draft_head=head)
     except (DeploymentError, OSError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)

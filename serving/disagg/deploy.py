@@ -73,7 +73,8 @@ def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,
     if eplb.enabled and not pooled:  # refused here; MAPool checks the rest
         eplb.resolve(cfg.moe.num_experts if cfg.moe else None, None, repr(layout.name))
     roles = set(layout.roles)
-    check_weight_copies(params, _num_groups(layout), f"deployment {layout.name!r}",
+    # each group copies the loaded weights (one on the loaded tree's device may share them)
+    check_weight_copies(params, _num_groups(layout) - 1, f"deployment {layout.name!r}",
                         list(next(iter(layout.roles.values())).mesh.devices.flat))
     host_share = _host_kv_share(layout)
     timeline = Timeline() if config.trace else None

@@ -24,11 +24,13 @@ class CliError(Exception):
     """A failure reported as one line, without a traceback."""
 
 
-def sampling(args: argparse.Namespace, room: int, defaults: dict | None = None):
+def sampling(args: argparse.Namespace, room: int, defaults: dict | None = None,
+             index: int = 0):
     """The flags' ``SamplingParams``: a flag left out takes the model's default (``defaults``,
     the engine's ``sampling_defaults``: its generation config), else the CLI's (greedy);
     the generation config's ``max_new_tokens`` is the default and the most (vLLM's). The
-    sampler's seed: ``--sampling-seed``, else ``--seed`` (vLLM's: repeated runs sample alike)."""
+    sampler's seed: ``--sampling-seed``, else ``--seed`` plus the prompt's (turn's) ``index``
+    (vLLM's: repeated runs sample alike, different prompts apart)."""
     from xds_jax.sampling.params import SamplingParams
 
     defaults = dict(defaults or {})
@@ -41,7 +43,7 @@ def sampling(args: argparse.Namespace, room: int, defaults: dict | None = None):
     return SamplingParams(**({"temperature": 0.0} | defaults | fields),
                           max_tokens=max(min(max_tokens, room), 1),
                           seed=args.sampling_seed if args.sampling_seed is not None
-                          else getattr(args, "seed", None), stop=args.stop)
+                          else getattr(args, "seed", 0) + index, stop=args.stop)
 
 
 async def stream_text(engine: Any, ids: list[int], params: Any, request_id: str,
@@ -108,7 +110,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 raise CliError(f"prompt {i + 1} of {len(prompts)} has {len(ids)} tokens; the "
                                f"context holds {engine.max_model_len} (prompt and at least one "
                                "new token)")
-            params = sampling(args, engine.max_model_len - len(ids), engine.sampling_defaults)
+            params = sampling(args, engine.max_model_len - len(ids),
+                              getattr(engine, "sampling_defaults", None), i)
             asyncio.run(stream_text(engine, ids, params, f"generate-{i}", prompt))
         finish_trace(engine, args)
     finally:
@@ -158,7 +161,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
                 continue
             reply = asyncio.run(stream_text(
                 engine, ids,
-                sampling(args, engine.max_model_len - len(ids), engine.sampling_defaults),
+                sampling(args, engine.max_model_len - len(ids),
+                         getattr(engine, "sampling_defaults", None), turn),
                 f"chat-{turn}",
                 text))
             history.append({"role": "assistant", "content": reply})

@@ -85,6 +85,8 @@ def load_chat_template(value: str) -> str:
 def check_address(host: str, port: int) -> None:
     """``--host`` / ``--port`` bindable now (vLLM binds before it loads the model): a port in
     use or an unknown host is a ConfigError before the slow load, not uvicorn's exit 3 after."""
+    if not host:  # every interface, as asyncio reads an empty host
+        return
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as error:
@@ -92,6 +94,8 @@ def check_address(host: str, port: int) -> None:
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # as asyncio's server sockets: IPv6 only
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             probe.bind(address)
         except OSError as error:

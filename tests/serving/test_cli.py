@@ -118,7 +118,7 @@ def test_generate_takes_the_models_generation_config(fake_engine, capsys):
     assert cli.sampling(args, 1000, {"max_tokens": 300}).max_tokens == 300  # the default
     assert cli.sampling(args, 1000, {"max_tokens": 100}).max_tokens == 100
     # the sampler's seed: --sampling-seed, else --seed (vLLM's --seed: runs sample alike)
-    assert cli.sampling(args, 1000).seed == 0
+    assert cli.sampling(args, 1000).seed == 0 and cli.sampling(args, 1000, None, 2).seed == 2
     args = cli.build_parser().parse_args(["chat", "--seed", "7", "--sampling-seed", "3"])
     assert cli.sampling(args, 1000).seed == 3
 
@@ -183,6 +183,25 @@ def test_a_prompt_that_is_not_utf8_is_named_before_loading(monkeypatch, capsys):
 def test_cpu_devices_fewer_than_the_layout_needs_are_refused(capsys):
     code, _, err = run(["generate", "--cpu-devices", "1", "--num-dp-groups", "3", "hi"], capsys)
     assert code == 1 and "--cpu-devices 1: the layout needs 3 devices (--num-dp-groups)" in err
+
+
+def test_address_check_binds_as_the_server_would():
+    """An empty host is every interface (not checked); '::' is probed IPv6-only, as asyncio
+    binds it, so an IPv4 listener on the same port does not make it 'in use'."""
+    import socket
+
+    from serving.entrypoints.server import check_address
+
+    check_address("", 8000)
+    try:
+        with socket.socket(socket.AF_INET6) as six:
+            six.bind(("::", 0))
+    except OSError:
+        pytest.skip("no IPv6 here")
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        check_address("::", taken.getsockname()[1])  # would say "cannot listen there"
 
 
 def test_plan_delegates(monkeypatch, capsys):

@@ -26,13 +26,27 @@ def test_tree_bytes_counts_every_array_or_those_under_a_key():
 def test_weight_copies_past_the_hosts_memory_are_refused(monkeypatch):
     weights = LLM(str(LLAMA), dtype="float32").params
     size = host_memory.tree_bytes(weights)
-    # room for one more copy: two groups build; three are refused before anything is placed
+    # room for one more copy than the loaded one: two groups build; three are refused before
+    # anything is placed
     monkeypatch.setattr(host_memory, "available_bytes", lambda: int(1.5 * size))
     assert LLM(str(LLAMA), dtype="float32", num_dp_groups=2).generate(
         {"prompt_token_ids": [1, 2, 3]})[0].outputs[0].token_ids
-    with pytest.raises(ConfigError, match=r"num_dp_groups: 2 groups on virtual CPU devices each "
-                       r"hold a copy of the weights .* more than this host's"):
+    with pytest.raises(ConfigError, match=r"num_dp_groups: 3 groups on virtual CPU devices each "
+                       r"hold a copy of the weights .* past this host's"):
         LLM(str(LLAMA), dtype="float32", num_dp_groups=3)
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: int(0.5 * size))
     with pytest.raises(ConfigError, match="deployment 'cpu8-pd'"):
         LLM(str(LLAMA), dtype="float32",
             deployment=str(Path(__file__).parents[2] / "configs/deployments/cpu8-pd.yaml"))
+
+
+def test_available_memory_counts_the_page_cache():
+    """MemAvailable (free memory and the cache the kernel can drop), not MemFree, where no
+    cgroup limit is lower."""
+    limit = Path("/sys/fs/cgroup/memory.max")
+    if limit.exists() and limit.read_text().strip() != "max":
+        pytest.skip("a cgroup memory limit applies here")
+    got = host_memory.available_bytes()
+    with open("/proc/meminfo") as f:
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    assert got is not None and abs(got - fields["MemAvailable"]) < 256 << 20

@@ -108,6 +108,8 @@ def test_uneven_roles_show_their_range_and_dtype_can_be_chosen(capsys):
     assert main(args + ["--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     assert "(float32," in out and "144.0 KiB..432.0 KiB" in out  # routed vs shared devices
+    assert main(args + ["--dtype", "auto"]) == 0  # the model's, as the engine reads it
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         main(args + ["--dtype", "int3"])
     assert exit_.value.code == 2

@@ -134,3 +134,18 @@ def test_fuse_query_leaves_mla_and_unfused_trees_alone():
             assert fuse_query(tree, cfg) is tree or all(
                 a["attn"].keys() == b["attn"].keys()
                 for a, b in zip(fuse_query(tree, cfg)["layers"], tree["layers"], strict=True))
+
+
+def test_the_engine_fuses_the_query_only_where_groups_hold_whole_layers():
+    """``LLM``'s tree: Q fused with K/V for colocated groups (no deployment file, TP 1), as
+    loaded under a deployment (its prefill TP may split the heads)."""
+    from xds_jax.engine_config import EngineConfig
+    from xds_jax.engine_setup import engine_params
+
+    loaded = tiny("llama")
+    colocated = engine_params(loaded, EngineConfig(model="llama"), None)
+    assert has_weight(colocated["layers"][0]["attn"], "qkv")
+    deployed = engine_params(loaded, EngineConfig(model="llama",
+                                                  deployment="configs/deployments/cpu8-pd.yaml"),
+                             None)
+    assert deployed is loaded.params and has_weight(deployed["layers"][0]["attn"], "q")

@@ -324,13 +324,13 @@ def main(argv: list[str] | None = None) -> int:
                                dtype=dtype, quantization=args.quantization,
                                drafting=drafting, draft_head=head)
     except (DeploymentError, OSError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"xds: error: {e}", file=sys.stderr)  # as the other commands: 1, not a usage 2
+        return 1
     print(json.dumps(asdict(plan), indent=1) if args.json else format_plan(plan))
     short = [r.role for r in plan.roles if r.free_bytes < 0]
     if short:  # the plan is printed, and a script sees the failure
-        print(f"error: the weights do not fit the memory per device in {', '.join(short)}",
-              file=sys.stderr)
+        print(f"xds: error: the weights do not fit the memory per device in "
+              f"{', '.join(short)}", file=sys.stderr)
         return 1
     return 0
 

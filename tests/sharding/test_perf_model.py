@@ -149,4 +149,4 @@ def test_plan_perf_cli(cfg, capsys):
     assert main(args + ["--json", "--hardware", "h200", "--batch-per-die", "64"]) == 0
     (e,) = json.loads(capsys.readouterr().out)
     assert (e["layout"], e["hardware"], e["batch_per_die"]) == ("ma", "h200", 64)
-    assert main(args + ["--hardware", "nope"]) == 2
+    assert main(args + ["--hardware", "nope"]) == 1

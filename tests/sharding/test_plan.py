@@ -96,10 +96,10 @@ def test_cli_reports_errors_in_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nroles:\n  prefill: {devices: {start: 0, count: 3}, dp: 1, tp: 3}\n"
                    "  decode: {devices: {start: 3, count: 1}, dp: 1}\n")
-    assert main(["--model", str(TINY_V3), "--deployment", str(bad)]) == 2
+    assert main(["--model", str(TINY_V3), "--deployment", str(bad)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "tp = 3" in err
-    assert main(["--model", str(tmp_path / "none.json"), "--deployment", str(bad)]) == 2
+    assert err.startswith("xds: error:") and "tp = 3" in err
+    assert main(["--model", str(tmp_path / "none.json"), "--deployment", str(bad)]) == 1
 
 
 def test_uneven_roles_show_their_range_and_dtype_can_be_chosen(capsys):
@@ -138,10 +138,10 @@ def test_cli_says_what_does_not_fit(capsys):
             str(ROOT / "configs" / "deployments" / "single.yaml")]
     assert main(args + ["--memory-gib", "0.0001"]) == 1
     out = capsys.readouterr()
-    assert "does not fit" in out.out and out.err.startswith("error:")
+    assert "does not fit" in out.out and out.err.startswith("xds: error:")
     dense = ROOT / "tests" / "golden" / "llama"  # a dense model on an MA layout's perf model
     ma = str(ROOT / "configs" / "deployments" / "cm768-ma.yaml")
-    assert main(["--model", str(dense), "--deployment", ma, "--perf"]) == 2
+    assert main(["--model", str(dense), "--deployment", ma, "--perf"]) == 1
     assert "no MoE layers" in capsys.readouterr().err
 
 
@@ -156,5 +156,5 @@ def test_plan_reads_every_model_form_llm_reads(capsys):
                  str(ROOT / "configs" / "deployments" / "cpu10-pd-tp3.yaml")]) == 0
     assert "smollm2 (float32" in capsys.readouterr().out
     assert main(["--model", "no-such-model", "--deployment",
-                 str(ROOT / "configs" / "deployments" / "cpu10-pd-tp3.yaml")]) == 2
+                 str(ROOT / "configs" / "deployments" / "cpu10-pd-tp3.yaml")]) == 1
     assert "no-such-model" in capsys.readouterr().err

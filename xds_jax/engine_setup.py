@@ -54,4 +54,6 @@ def engine_params(loaded, config: EngineConfig, model_path) -> dict:
                  config.quantization, param_bytes(params) / 2**20)
     if config.speculative_config:  # a model without MTP weights may have a shipped head
         params = attach_shipped_head(params, loaded.cfg, model_path)
-    return fuse_query(params, loaded.cfg) if config.deployment is None else params
+    if config.deployment is not None:
+        return params
+    return fuse_query(params, loaded.cfg, in_place=params is loaded.params)  # LLM drops it

@@ -139,13 +139,19 @@ def test_fuse_query_leaves_mla_and_unfused_trees_alone():
 def test_the_engine_fuses_the_query_only_where_groups_hold_whole_layers():
     """``LLM``'s tree: Q fused with K/V for colocated groups (no deployment file, TP 1), as
     loaded under a deployment (its prefill TP may split the heads)."""
+    import copy
+
     from xds_jax.engine_config import EngineConfig
     from xds_jax.engine_setup import engine_params
 
-    loaded = tiny("llama")
+    cached = tiny("llama")
+    loaded = copy.copy(cached)  # the engine fuses the loaded tree's layers in place
+    loaded.params = dict(cached.params, layers=list(cached.params["layers"]))
     colocated = engine_params(loaded, EngineConfig(model="llama"), None)
     assert has_weight(colocated["layers"][0]["attn"], "qkv")
-    deployed = engine_params(loaded, EngineConfig(model="llama",
+    assert loaded.params["layers"] is colocated["layers"]  # the unfused layers let go
+    assert has_weight(cached.params["layers"][0]["attn"], "q")
+    deployed = engine_params(cached, EngineConfig(model="llama",
                                                   deployment="configs/deployments/cpu8-pd.yaml"),
                              None)
-    assert deployed is loaded.params and has_weight(deployed["layers"][0]["attn"], "q")
+    assert deployed is cached.params and has_weight(deployed["layers"][0]["attn"], "q")

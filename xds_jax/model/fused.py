@@ -91,17 +91,22 @@ def fuse_block(block: dict, cfg: ModelConfig) -> dict:
     return dict(block, layer=fuse_layer(block["layer"], cfg))
 
 
-def fuse_query(params: dict, cfg: ModelConfig) -> dict:
+def fuse_query(params: dict, cfg: ModelConfig, *, in_place: bool = False) -> dict:
     """Every GQA layer's ``q`` and ``kv`` (either layout, int8 scales and biases too) as one
     ``qkv``, MTP blocks' layers too; for layouts that keep each layer's attention on one
-    device (the ``qkv`` leaf splits on no mesh axis)."""
+    device (the ``qkv`` leaf splits on no mesh axis). ``in_place``: each layer replaced in
+    ``params``' own lists as it is fused, so a caller dropping the rest holds one layer's
+    Q and K/V twice at a time, not the model's (start-up peak memory)."""
     if cfg.mla is not None:
         return params
 
     def layer(lay: dict) -> dict:
         return dict(lay, attn=_fuse_query_attn(lay["attn"])) if "attn" in lay else lay
 
-    out = dict(params, layers=[layer(lay) for lay in params["layers"]])
+    layers = params["layers"] if in_place else list(params["layers"])
+    for i, lay in enumerate(layers):
+        layers[i] = layer(lay)
+    out = dict(params, layers=layers)
     if params.get("mtp"):
         out["mtp"] = [dict(block, layer=layer(block["layer"])) for block in params["mtp"]]
     return out

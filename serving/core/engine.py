@@ -25,7 +25,6 @@ from serving.core.dp_group import DPGroup, GroupConfig
 from serving.core.faults import FaultInjector, FaultSpec, InjectedFault
 from serving.core.fencing import GroupFencedError, Recovery, Resume
 from serving.core.heartbeat import watch_heartbeats
-from serving.core.host_memory import check_weight_copies
 from serving.core.interfaces import AddRequest, Driver, EngineMisuseError, Router
 from serving.core.request import Request
 from serving.core.step_gc import StepGC
@@ -388,16 +387,3 @@ def group_config_for(params: dict, cfg: ModelConfig, max_model_len: int,
                        spec_disable_by_batch_size=config.spec_disable_by_batch_size,
                        spec_chained_steps=config.spec_chained_steps)
 
-
-def build_colocated_engine(params: dict, cfg: ModelConfig, max_model_len: int,
-                           config: EngineConfig, devices: list | None = None) -> Engine:
-    """An engine with ``config.num_dp_groups`` colocated groups on the first ``devices``."""
-    devices = devices or jax.devices()
-    if not config.num_dp_groups <= len(devices):
-        raise ValueError(f"num_dp_groups must be in 1..{len(devices)} (devices available), "
-                         f"got {config.num_dp_groups}")
-    # device 0's group shares the loaded weights; each other one copies them
-    check_weight_copies(params, config.num_dp_groups - 1, "num_dp_groups", devices)
-    group = group_config_for(params, cfg, max_model_len, config)
-    return Engine(params, cfg, list(devices[:config.num_dp_groups]), group,
-                  faults=config.faults, heartbeat_timeout_s=config.heartbeat_timeout_s)

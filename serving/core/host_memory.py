@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 
 from xds_jax.errors import ConfigError
+from xds_jax.model.params import param_bytes
 
 
 def available_bytes() -> int | None:
@@ -30,14 +31,10 @@ def available_bytes() -> int | None:
     return found
 
 
-def tree_bytes(tree, within: str | None = None) -> int:
-    """Bytes of ``tree``'s arrays (only those under a key named ``within``, when given)."""
-    total = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        names = [str(getattr(p, "key", "")) for p in path]
-        if within is None or within in names:
-            total += leaf.size * leaf.dtype.itemsize
-    return total
+def expert_bytes(tree) -> int:
+    """Bytes of ``tree``'s arrays under a key named ``experts`` (routed experts)."""
+    return param_bytes([leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+                        if "experts" in (getattr(p, "key", None) for p in path)])
 
 
 def check_weight_copies(params: dict, copies: int, where: str, devices: list) -> None:
@@ -52,8 +49,8 @@ def check_weight_copies(params: dict, copies: int, where: str, devices: list) ->
     host = available_bytes()
     if host is None:
         return
-    experts = tree_bytes(params, "experts")
-    dense = tree_bytes(params) - experts
+    experts = expert_bytes(params)
+    dense = param_bytes(params) - experts
     need = copies * dense + experts  # a lower bound: TP groups' replicated leaves not counted
     if need > host:
         gib = 2**30

@@ -1,4 +1,5 @@
-"""Engines laid out by a deployment file (``configs/deployments/*.yaml``).
+"""Engines laid out by a deployment file (``configs/deployments/*.yaml``), or colocated DP
+groups without one (``build_colocated_engine``).
 
 =========================================  ================================================
 roles in the file                          engine
@@ -23,8 +24,10 @@ from __future__ import annotations
 import logging
 import os
 
+import jax
+
 from serving.core.dp_group import DPGroup, GroupConfig
-from serving.core.engine import Engine, build_colocated_engine, group_config_for
+from serving.core.engine import Engine, group_config_for
 from serving.core.host_memory import check_weight_copies
 from serving.core.timeline import Timeline
 from serving.disagg.ep_decode import ep_decode_pool, runs_ep_decode
@@ -55,6 +58,20 @@ def build_engine(params: dict, cfg: ModelConfig, max_model_len: int,
                 "a layout without a deployment file")
         return build_colocated_engine(params, cfg, max_model_len, config)
     return build_deployed_engine(params, cfg, max_model_len, config)
+
+
+def build_colocated_engine(params: dict, cfg: ModelConfig, max_model_len: int,
+                           config: EngineConfig, devices: list | None = None) -> Engine:
+    """An engine with ``config.num_dp_groups`` colocated groups on the first ``devices``."""
+    devices = devices or jax.devices()
+    if not config.num_dp_groups <= len(devices):
+        raise ValueError(f"num_dp_groups must be in 1..{len(devices)} (devices available), "
+                         f"got {config.num_dp_groups}")
+    # device 0's group shares the loaded weights; each other one copies them
+    check_weight_copies(params, config.num_dp_groups - 1, "num_dp_groups", devices)
+    group = group_config_for(params, cfg, max_model_len, config)
+    return Engine(params, cfg, list(devices[:config.num_dp_groups]), group,
+                  faults=config.faults, heartbeat_timeout_s=config.heartbeat_timeout_s)
 
 
 def build_deployed_engine(params: dict, cfg: ModelConfig, max_model_len: int,

@@ -10,22 +10,22 @@ import pytest
 from serving.core import host_memory
 from xds_jax import LLM
 from xds_jax.errors import ConfigError
+from xds_jax.model.params import param_bytes
 
 LLAMA = Path(__file__).parents[1] / "golden" / "llama"
 
 
-def test_tree_bytes_counts_every_array_or_those_under_a_key():
+def test_expert_bytes_counts_the_arrays_under_experts():
     import numpy as np
 
     tree = {"layers": [{"attn": {"q": np.zeros((2, 3), np.float32)},
                         "moe": {"experts": {"up": np.zeros((4,), np.int8)}}}]}
-    assert host_memory.tree_bytes(tree) == 28
-    assert host_memory.tree_bytes(tree, "experts") == 4
+    assert host_memory.expert_bytes(tree) == 4 and param_bytes(tree) == 28
 
 
 def test_weight_copies_past_the_hosts_memory_are_refused(monkeypatch):
     weights = LLM(str(LLAMA), dtype="float32").params
-    size = host_memory.tree_bytes(weights)
+    size = param_bytes(weights)
     # room for one more copy than the loaded one: two groups build; three are refused before
     # anything is placed
     monkeypatch.setattr(host_memory, "available_bytes", lambda: int(1.5 * size))

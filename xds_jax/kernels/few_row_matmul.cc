@@ -5,8 +5,9 @@
 // converts the weight to float32 on every call, 2-8-row dots at 10-15 GB/s and 16-256-row dots
 // 15-25% under these kernels (docs/performance.md). These kernels read each output's weight row
 // once from memory (output-major, the layout xds_jax.model.out_major stores on CPU), multiply it
-// into every row of x in register tiles (few_row_blocks.h; rows in groups, the block's weights
-// from L1 after the first group, the rows in panels that stay in L2) and split the outputs over
+// into every row of x in register tiles (few_row_blocks.h, shaped per path in
+// few_row_paths.h; rows in groups, the block's weights from L1 after the first group, the
+// rows in panels that stay in L2) and split the outputs over
 // XLA's intra-op thread pool (the caller takes chunks too, so it never waits on a task that has
 // not started).
 //
@@ -35,6 +36,7 @@
 #include "xla/ffi/api/ffi.h"
 #include "amx_tiles.h"
 #include "few_row_blocks.h"
+#include "few_row_paths.h"
 #include "int8_rows.h"
 #include "pool_chunks.h"
 
@@ -74,69 +76,6 @@ constexpr int64_t kAmxMinRows = 2;
 constexpr int64_t kAmxMaxRows = 512;  // bounds the packed rows each calling thread keeps
 const int kAmx = detect_isa() == 2 ? amx_usable() : 0;
 std::atomic<int64_t> g_amx_rows{kAmx ? kAmxMinRows : 0};
-
-// Block widths keep the accumulators, the rows' values and a weight in registers: 32 zmm
-// (AVX-512) or 16 ymm (AVX2); each divides kBlocks. Up to kGroup rows run as one block; more
-// rows run in groups of kGroup (kWide from kWideFrom rows; and one of the rest) per block of
-// outputs, the block's weights read from memory once and from L1 for the other groups. The
-// shapes are measured (docs/performance.md): on an AMD EPYC (Zen 4) float32 32-row matmuls
-// run 1.3x faster in 4 x 6 tiles than in 3 x 8, bfloat16 ones from 10 rows 1.1-1.3x in 6 x 4,
-// int8 batch-32 decode 1.1-1.2x with 6 outputs a block instead of 4.
-// The int8 path was chosen when the call's rows were prepared (xh8 or xq).
-struct Bf16Avx512 {  // M x NB accumulators, M rows held
-  static constexpr int kGroup = 3, kWide = 6, kWideFrom = 10;
-  static constexpr int kStepK = 32, kWeightBytes = 2;  // k per step, bytes a weight
-  static constexpr int nb(int M) { return M <= 1 ? 12 : M <= 3 ? 8 : 4; }
-  template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock& pf) {
-    bf16_block512<M, NB>(o, n, r0, pf);
-  }
-};
-struct F32Avx512 {  // M x NB accumulators, M rows held
-  static constexpr int kGroup = 4, kWide = 4, kWideFrom = 0;
-  static constexpr int kStepK = 16, kWeightBytes = 4;  // k per step, bytes a weight
-  static constexpr int nb(int M) { return M <= 1 ? 12 : M <= 3 ? 8 : 6; }
-  template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock& pf) {
-    f32_block512<M, NB>(o, n, r0, pf);
-  }
-};
-struct Int8Avx512 {  // 2M x NB accumulators, 2M rows
-  static constexpr int kGroup = 2, kWide = 2, kWideFrom = 0;
-  static constexpr int kStepK = 64, kWeightBytes = 1;  // k per step, bytes a weight
-  static constexpr int nb(int M) { return M <= 1 ? 12 : 6; }
-  template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock& pf) {
-    int8_block512<M, NB>(o, n, r0, pf);
-  }
-};
-struct Bf16Avx2 {
-  static constexpr int kGroup = 4, kWide = 4, kWideFrom = 0;
-  static constexpr int kStepK = 8, kWeightBytes = 2;  // k per step, bytes a weight
-  static constexpr int nb(int M) { return M <= 1 ? 8 : M <= 2 ? 6 : M <= 3 ? 3 : M <= 4 ? 2 : 1; }
-  template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock&) {
-    float_block256<M, NB, uint16_t>(o, n, r0);
-  }
-};
-struct F32Avx2 {  // not routed to by cpu_matmul (unmeasured), correct where it runs
-  static constexpr int kGroup = 4, kWide = 4, kWideFrom = 0;
-  static constexpr int kStepK = 8, kWeightBytes = 4;  // k per step, bytes a weight
-  static constexpr int nb(int M) { return M <= 1 ? 8 : M <= 2 ? 6 : M <= 3 ? 3 : M <= 4 ? 2 : 1; }
-  template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock&) {
-    float_block256<M, NB, float>(o, n, r0);
-  }
-};
-struct Int8Avx2 {
-  static constexpr int kGroup = 2, kWide = 2, kWideFrom = 0;
-  static constexpr int kStepK = 16, kWeightBytes = 1;  // k per step, bytes a weight
-  static constexpr int nb(int M) { return M <= 1 ? 4 : M <= 2 ? 2 : 1; }
-  template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock&) {
-    int8_block256<M, NB>(o, n, r0);
-  }
-};
 
 // f(std::integral_constant<int, rows>) for 1 <= rows <= 6 (every group is at most 6 rows).
 template <typename F>

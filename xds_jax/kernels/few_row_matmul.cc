@@ -92,8 +92,10 @@ inline void with_rows(int64_t rows, F&& f) {
 
 // Outputs n0 .. n1 for every row: panels of kPanel rows, so that a panel's rows stay in L2 while
 // the chunk's weights pass; in a panel, groups of G rows and the rest (fewer) with the same NB.
+// Each block fetches the next one's weights; the last panel's last block those of output
+// ``following`` (the first of this thread's next chunk; -1: none).
 template <typename Path, int G>
-void tiles(const Operands& o, int64_t n0, int64_t n1) {
+void tiles(const Operands& o, int64_t n0, int64_t n1, int64_t following) {
   static_assert(G <= 6 && kPanel % G == 0 && kBlocks % Path::nb(G) == 0);
   constexpr int NB = Path::nb(G);
   const int64_t steps = (o.K + Path::kStepK - 1) / Path::kStepK;
@@ -103,9 +105,10 @@ void tiles(const Operands& o, int64_t n0, int64_t n1) {
     const int64_t groups = (p1 - p0 + G - 1) / G;
     blocks<NB>(n0, n1, [&](int64_t n, auto nb) {
       const bool next_here = n + 2 * nb() <= n1;  // the next block is this chunk's
+      const int64_t ahead = next_here ? n + nb() : p1 == o.M ? following : -1;
       const int64_t row_bytes = o.K * Path::kWeightBytes;
-      NextBlock next(weights + (n + nb()) * row_bytes, nb() * row_bytes, steps, groups,
-                     next_here);
+      NextBlock next(weights + std::max<int64_t>(ahead, 0) * row_bytes, nb() * row_bytes, steps,
+                     groups, ahead >= 0);
       for (int64_t r = p0; r < full; r += G) Path::template run<G, nb()>(o, n, r, next);
       if (full < p1) {
         with_rows(p1 - full, [&](auto rest) {
@@ -117,25 +120,26 @@ void tiles(const Operands& o, int64_t n0, int64_t n1) {
 }
 
 template <typename Path>
-void columns(const Operands& o, int64_t n0, int64_t n1) {
+void columns(const Operands& o, int64_t n0, int64_t n1, int64_t following) {
   if constexpr (Path::kWide != Path::kGroup) {
-    if (o.M >= Path::kWideFrom) return tiles<Path, Path::kWide>(o, n0, n1);
+    if (o.M >= Path::kWideFrom) return tiles<Path, Path::kWide>(o, n0, n1, following);
   }
-  if (o.M > Path::kGroup) return tiles<Path, Path::kGroup>(o, n0, n1);
+  if (o.M > Path::kGroup) return tiles<Path, Path::kGroup>(o, n0, n1, following);
   with_rows(o.M, [&](auto m) {
-    if constexpr (m() <= Path::kGroup) tiles<Path, m()>(o, n0, n1);
+    if constexpr (m() <= Path::kGroup) tiles<Path, m()>(o, n0, n1, following);
   });
 }
 
-void columns(const Operands& o, int64_t n0, int64_t n1) {
+void columns(const Operands& o, int64_t n0, int64_t n1, int64_t following = -1) {
+  const int64_t f = following;
   if (o.xf != nullptr) {
-    if (g_isa.load(std::memory_order_relaxed) == 2) return columns<F32Avx512>(o, n0, n1);
-    return columns<F32Avx2>(o, n0, n1);
+    if (g_isa.load(std::memory_order_relaxed) == 2) return columns<F32Avx512>(o, n0, n1, f);
+    return columns<F32Avx2>(o, n0, n1, f);
   }
-  if (o.xh8 != nullptr) return columns<Int8Avx512>(o, n0, n1);
-  if (o.xq != nullptr) return columns<Int8Avx2>(o, n0, n1);
-  if (g_isa.load(std::memory_order_relaxed) == 2) return columns<Bf16Avx512>(o, n0, n1);
-  columns<Bf16Avx2>(o, n0, n1);
+  if (o.xh8 != nullptr) return columns<Int8Avx512>(o, n0, n1, f);
+  if (o.xq != nullptr) return columns<Int8Avx2>(o, n0, n1, f);
+  if (g_isa.load(std::memory_order_relaxed) == 2) return columns<Bf16Avx512>(o, n0, n1, f);
+  columns<Bf16Avx2>(o, n0, n1, f);
 }
 
 // One call's outputs, handed out in chunks to the caller and the pool's tasks. Shared so that
@@ -153,9 +157,10 @@ struct Work : Chunks {
   // Weight rows per AMX block (chunks are multiples of it).
   int64_t amx_unit() const { return o.xh8 != nullptr ? 32 : amx_width(o.M); }
 
-  void run(int64_t c) override {
+  void run(int64_t c) override { run_before(c, chunks); }
+  void run_before(int64_t c, int64_t following) override {
     const int64_t n0 = c * chunk, n1 = std::min(o.N, n0 + chunk);
-    if (xp == nullptr) return columns(o, n0, n1);
+    if (xp == nullptr) return columns(o, n0, n1, following < chunks ? following * chunk : -1);
     const int64_t width = amx_unit(), mid = n0 + (n1 - n0) / width * width;
     if (mid > n0 && o.xh8 != nullptr) {
       amx_int8_columns(static_cast<const int8_t*>(o.w), xp, lo_at, o.x_scale,
@@ -184,6 +189,7 @@ ffi::Error Run(ffi::ThreadPool& pool, std::shared_ptr<Work> work) {
   const int64_t unit = work->xp == nullptr ? kBlocks : work->amx_unit();
   work->chunk = (per_chunk + unit - 1) / unit * unit;
   work->chunks = (work->o.N + work->chunk - 1) / work->chunk;
+  work->grab_ahead = work->xp == nullptr;  // AMX blocks fetch their own next ones
   run_chunks(pool, work);
   return ffi::Error::Success();
 }

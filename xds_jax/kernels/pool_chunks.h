@@ -23,13 +23,28 @@ struct Chunks {
   alignas(64) std::atomic<int64_t> next{0};  // own cache lines: grabbed and done by different cores
   alignas(64) std::atomic<int64_t> done{0};
 
+  // Whether a thread takes its next chunk before running the one it holds (run_before): a
+  // kernel streaming weights then fetches the next chunk's first ones during this one's last
+  // block, instead of starting every chunk cold. A thread holds one chunk more than it runs,
+  // so the last chunks' balance is a chunk coarser.
+  bool grab_ahead = false;
+
   virtual ~Chunks() = default;
   virtual void run(int64_t chunk) = 0;
+  // ``chunk``, knowing the chunk this thread runs next (``chunks`` or more: none).
+  virtual void run_before(int64_t chunk, int64_t following) { run(chunk); }
 
   void drain() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      run(c);
+    int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+    while (c < chunks) {
+      const int64_t following = grab_ahead ? next.fetch_add(1, std::memory_order_relaxed) : -1;
+      if (grab_ahead) {
+        run_before(c, following);
+      } else {
+        run(c);
+      }
       done.fetch_add(1, std::memory_order_release);
+      c = grab_ahead ? following : next.fetch_add(1, std::memory_order_relaxed);
     }
   }
 };

@@ -81,40 +81,49 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
 
 
 class StepClock:
-    """Timestamps a ``ModelRunner``'s steps: launch start, time waiting for the device, end."""
+    """Timestamps a ``ModelRunner``'s steps: launch start, time waiting for the device, end.
+    With asynchronous scheduling step n + 1 is launched before step n is finished, so each
+    ``finish`` finds its step by the handle ``launch`` returned."""
 
     def __init__(self, runner):
         self.steps: list[dict] = []
         launch, finish = runner.launch, runner.finish
+        by_handle: dict[int, dict] = {}
 
-        def timed_launch(scheduled):
-            self.steps.append({"start": time.perf_counter(), "cpu_start": time.thread_time(),
-                               "decode": all(s.num_tokens == 1 and s.start > 0 for s in scheduled),
-                               "tokens": sum(s.num_tokens for s in scheduled)})
-            return launch(scheduled)
+        def timed_launch(scheduled, *args, **kwargs):
+            step = {"start": time.perf_counter(), "cpu_start": time.thread_time(),
+                    "decode": all(s.num_tokens == 1 and s.start > 0 for s in scheduled),
+                    "tokens": sum(s.num_tokens for s in scheduled)}
+            self.steps.append(step)
+            handle = launch(scheduled, *args, **kwargs)
+            by_handle[id(handle)] = step
+            return handle
 
         def timed_finish(pending):
+            step = by_handle.pop(id(pending))
             start = time.perf_counter()
             jax.block_until_ready([(logits, sampled.tokens_B if sampled else None)
                                    for logits, sampled in pending])  # the sampler is device work
-            self.steps[-1]["wait"] = time.perf_counter() - start
+            step["wait"] = time.perf_counter() - start
             finish(pending)
-            self.steps[-1]["end"] = time.perf_counter()
-            self.steps[-1]["cpu_end"] = time.thread_time()
+            step["end"] = time.perf_counter()
+            step["cpu_end"] = time.thread_time()
 
         runner.launch, runner.finish = timed_launch, timed_finish
 
     def decode_stats(self) -> tuple[float, float, float]:
         """Decode tok/s, host fraction (1 - device wait / step period) and host CPU fraction
-        (the thread's CPU time over the wall time, first decode launch to last decode end)."""
-        dec = [i for i, s in enumerate(self.steps) if s["decode"]]
-        first, last = self.steps[dec[0]], self.steps[dec[-1]]
-        tokens = sum(self.steps[i]["tokens"] for i in dec)
-        span = last["end"] - first["start"]
-        periods = [self.steps[i + 1]["start"] - self.steps[i]["start"] for i in dec[:-1]]
-        waits = [self.steps[i]["wait"] for i in dec[:-1]]
-        cpu = last["cpu_end"] - first["cpu_start"]
-        return tokens / span, 1 - sum(waits) / sum(periods), cpu / span
+        (the thread's CPU time over the wall time), from the first decode step's end to the
+        last one's: under asynchronous scheduling the first decode step is launched while the
+        prefill still runs, so launch times would count the prefill. There the host's share of
+        a period overlaps the device's next step (the device waits only where a launch comes
+        late)."""
+        dec = [s for s in self.steps if s["decode"]]
+        tokens = sum(s["tokens"] for s in dec[1:])
+        span = dec[-1]["end"] - dec[0]["end"]
+        waits = sum(s["wait"] for s in dec[1:])
+        cpu = dec[-1]["cpu_end"] - dec[0]["cpu_end"]
+        return tokens / span, 1 - waits / span, cpu / span
 
 
 def xds_decode_once(llm: LLM, batch: int, tokens: int, seed: int) -> tuple[float, float, float]:

@@ -55,7 +55,9 @@ class EngineConfig:
         device, its decode inputs taken from step n's sampled tokens on device (vLLM's
         ``--async-scheduling``); the host's appends, stop checks and detokenization overlap
         the device. Colocated and PD decode groups; speculative and MA ranks step one at a
-        time.
+        time. None (the default, as vLLM's): on unless ``num_scheduler_steps`` chains steps
+        (the two are alternative ways to hide the host's per-step work; True with a chain
+        runs asynchronously, one step a launch).
       num_scheduler_steps: decode steps a DP group launches per scheduler step (vLLM's
         multi-step scheduling): the same decode program back to back, each step's inputs the
         last one's sampled tokens on the device, into KV slots reserved up front; the host's
@@ -113,7 +115,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
     staged: bool = False
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None
     num_scheduler_steps: int = 1
     micro_batches: int = 2
     trace: bool = False
@@ -149,10 +151,14 @@ class EngineConfig:
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
                                   or limit < 1):
             raise ConfigError(f"max_model_len must be a positive integer or None, got {limit!r}")
-        for name in ("enable_prefix_caching", "staged", "async_scheduling", "trace",
-                     "use_param_cache", "enable_eplb"):
+        for name in ("enable_prefix_caching", "staged", "trace", "use_param_cache",
+                     "enable_eplb"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ConfigError(f"async_scheduling must be true, false or None (on unless "
+                              f"num_scheduler_steps chains steps), got "
+                              f"{self.async_scheduling!r}")
         if not (self.deployment is None or isinstance(self.deployment, str | os.PathLike)
                 or hasattr(self.deployment, "num_devices")):
             raise ConfigError(f"deployment must be a deployment file's path or a "
@@ -277,6 +283,12 @@ def _check_speculative(spec) -> None:
         raise ConfigError("speculative_config.num_chained_steps must be an integer in "
                           f"1..{MAX_CHAINED_STEPS} (greedy speculative steps launched back to "
                           f"back; 1: none chained) or null, got {chained!r}")
+
+
+def overlaps_steps(async_scheduling: bool | None, num_scheduler_steps: int) -> bool:
+    """Whether a group schedules asynchronously: as asked, or (None) where no chain of
+    ``num_scheduler_steps`` was asked for."""
+    return num_scheduler_steps == 1 if async_scheduling is None else async_scheduling
 
 
 DEFAULTS = EngineConfig()

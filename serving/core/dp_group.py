@@ -35,7 +35,7 @@ from serving.core.overlap import OverlappedSteps
 from serving.core.request import Request
 from serving.core.scheduler import Scheduler, SchedulerError, SchedulerOutput
 from serving.core.spec_decode import build_runner
-from xds_jax.engine_config import DEFAULT_CHAINED_STEPS, DEFAULTS
+from xds_jax.engine_config import DEFAULT_CHAINED_STEPS, DEFAULTS, overlaps_steps
 from xds_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,13 @@ class GroupConfig:
     num_speculative_tokens: int = 0  # MTP drafts per decode step (serving.core.spec_decode)
     spec_disable_by_batch_size: int | None = None  # steps of more rows do not draft
     spec_chained_steps: int = DEFAULT_CHAINED_STEPS  # greedy speculative steps back to back
-    async_scheduling: bool = DEFAULTS.async_scheduling  # launch step n + 1 before n's tokens
+    async_scheduling: bool | None = DEFAULTS.async_scheduling  # launch step n + 1 before n's
     num_scheduler_steps: int = DEFAULTS.num_scheduler_steps  # decode steps chained per launch
+
+    @property
+    def overlaps_steps(self) -> bool:
+        """Asynchronous scheduling asked for, or (None) no chain of steps asked for."""
+        return overlaps_steps(self.async_scheduling, self.num_scheduler_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +108,7 @@ class DPGroup(OverlappedSteps, Fencing, RequestIsolation):
                                    num_lookahead_tokens=lookahead,
                                    policy=config.scheduling_policy)
         # Steps overlap only on a runner that says it can (not speculative, not MA ranks).
-        self.overlap = (config.async_scheduling and self.may_overlap
+        self.overlap = (config.overlaps_steps and self.may_overlap
                         and getattr(self.runner, "overlaps_steps", False))
         self._in_flight: tuple | None = None  # (SchedulerOutput, handle, start) launched
         self.inbox: queue.Queue = queue.Queue()

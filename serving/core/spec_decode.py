@@ -321,6 +321,6 @@ def build_runner(params: dict, cfg: ModelConfig, config, device) -> ModelRunner:
                           num_chained_steps=config.spec_chained_steps)
     # Asynchronous scheduling overlaps the host with the device its own way: one step a
     # launch, the next launched before this one's tokens are read.
-    steps = 1 if config.async_scheduling else config.num_scheduler_steps
+    steps = 1 if config.overlaps_steps else config.num_scheduler_steps
     return ModelRunner(params, cfg, config.num_blocks, config.block_size, device,
                        staged=config.staged, num_scheduler_steps=steps)

@@ -126,9 +126,11 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--staged", action="store_true", default=d.staged,
                        help="run steps as separately jitted stage programs: faster to "
                        "compile, slower to run")
-    group.add_argument("--async-scheduling", action="store_true", default=d.async_scheduling,
+    group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                       default=d.async_scheduling,
                        help="schedule and launch step n + 1 while step n runs on the device "
-                       "(colocated and PD decode groups)")
+                       "(colocated and PD decode groups; default: on unless "
+                       "--num-scheduler-steps chains steps)")
     group.add_argument("--num-scheduler-steps", type=positive_int,
                        default=d.num_scheduler_steps, metavar="N",
                        help="decode steps launched back to back per scheduler step (host "

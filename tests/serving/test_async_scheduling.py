@@ -208,3 +208,35 @@ def test_a_crashed_group_with_a_step_in_flight_loses_nothing():
     stats = llm.engine.stats()
     assert stats["scale_downs"] == 1 and stats["requests_recovered"] >= 1
     assert_pools_whole(llm.engine)
+
+
+def test_on_by_default_unless_steps_are_chained():
+    """As vLLM's: groups schedule asynchronously unless ``num_scheduler_steps`` chains decode
+    steps (then they chain); an explicit ``True`` overlaps, one step a launch; ``False`` (and
+    the CLI's ``--no-async-scheduling``) turns it off."""
+    from serving.core.dp_group import GroupConfig
+    from serving.entrypoints import cli
+
+    assert GroupConfig().overlaps_steps and not GroupConfig(async_scheduling=False).overlaps_steps
+    assert not GroupConfig(num_scheduler_steps=4).overlaps_steps
+    assert GroupConfig(async_scheduling=True, num_scheduler_steps=4).overlaps_steps
+    default, chained = engine(None), engine(None, num_scheduler_steps=4)
+    explicit = engine(True, num_scheduler_steps=4)
+    assert default.engine.groups[0].overlap
+    assert default.engine.groups[0].runner.num_scheduler_steps == 1
+    assert not chained.engine.groups[0].overlap
+    assert chained.engine.groups[0].runner.num_scheduler_steps == 4
+    assert explicit.engine.groups[0].overlap
+    assert explicit.engine.groups[0].runner.num_scheduler_steps == 1
+    prompts = workload(default.cfg.vocab_size, 6, seed=3)
+    want = reference(default, prompts)
+    for llm in (default, chained):
+        counts = count_overlaps(llm)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            [params_for(i) for i in range(len(prompts))])
+        assert [o.outputs[0].token_ids for o in outs] == want
+        assert (counts[0] > 0) == (llm is default)
+    parse = cli.build_parser().parse_args
+    assert parse(["generate", "Hi"]).async_scheduling is None
+    assert parse(["generate", "--no-async-scheduling", "Hi"]).async_scheduling is False
+    assert parse(["generate", "--async-scheduling", "Hi"]).async_scheduling is True

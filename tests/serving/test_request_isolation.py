@@ -134,10 +134,10 @@ def test_a_request_failing_inside_fails_alone(server, monkeypatch):
     requests batched with it are recomputed and finish exactly as without it."""
     launch = ModelRunner.launch
 
-    def poisoned(self, scheduled):
+    def poisoned(self, scheduled, after=None):
         if any(s.seq.prompt_ids[0] == POISON for s in scheduled):
             raise RuntimeError("injected failure")
-        return launch(self, scheduled)
+        return launch(self, scheduled, after)
 
     monkeypatch.setattr(ModelRunner, "launch", poisoned)
     group = server.engine.llm.engine.groups[0]

@@ -218,7 +218,7 @@ def jax_leaves(tree):
     ({"max_model_len": 64.5}, "max_model_len must be a positive integer"),
     ({"deployment": 123}, "deployment must be a deployment file's path"),
     ({"enable_prefix_caching": "no"}, "enable_prefix_caching must be true or false"),
-    ({"async_scheduling": 1}, "async_scheduling must be true or false"),
+    ({"async_scheduling": 1}, "async_scheduling must be true, false or None"),
     ({"bogus": 1}, "unexpected keyword argument 'bogus'; the options are EngineConfig's"),
     ({"faults": 5}, "faults must be fault specs"),
     ({"num_dp_groups": 3, "deployment": "configs/deployments/cpu8-pd.yaml"},

@@ -30,7 +30,7 @@ using namespace xds_kernels;
 
 #define XDS_SWIGLU __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-constexpr int64_t kChunkValues = 1 << 16;  // outputs per chunk of work
+constexpr int64_t kChunkValues = 1 << 12;  // outputs per chunk: a batch-32 step's 49,152 take both cores
 
 XDS_SWIGLU inline __m512 silu_mul16(__m512 g, __m512 u) {
   const __m512 neg = _mm512_sub_ps(_mm512_setzero_ps(), g);

@@ -107,8 +107,9 @@ void tiles(const Operands& o, int64_t n0, int64_t n1, int64_t following) {
       const bool next_here = n + 2 * nb() <= n1;  // the next block is this chunk's
       const int64_t ahead = next_here ? n + nb() : p1 == o.M ? following : -1;
       const int64_t row_bytes = o.K * Path::kWeightBytes;
-      NextBlock next(weights + std::max<int64_t>(ahead, 0) * row_bytes, nb() * row_bytes, steps,
-                     groups, ahead >= 0);
+      const int64_t rows = ahead < 0 ? 0 : std::min<int64_t>(nb(), o.N - ahead);  // in w
+      NextBlock next(weights + std::max<int64_t>(ahead, 0) * row_bytes, rows * row_bytes, steps,
+                     groups, rows > 0);
       for (int64_t r = p0; r < full; r += G) Path::template run<G, nb()>(o, n, r, next);
       if (full < p1) {
         with_rows(p1 - full, [&](auto rest) {

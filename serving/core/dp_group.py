@@ -56,7 +56,7 @@ class GroupConfig:
     num_speculative_tokens: int = 0  # MTP drafts per decode step (serving.core.spec_decode)
     spec_disable_by_batch_size: int | None = None  # steps of more rows do not draft
     spec_chained_steps: int = DEFAULT_CHAINED_STEPS  # greedy speculative steps back to back
-    async_scheduling: bool | None = DEFAULTS.async_scheduling  # launch step n + 1 before n's
+    async_scheduling: bool | None = DEFAULTS.async_scheduling  # None: on unless chained
     num_scheduler_steps: int = DEFAULTS.num_scheduler_steps  # decode steps chained per launch
 
     @property

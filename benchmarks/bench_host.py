@@ -75,8 +75,14 @@ class Clock:
         del self.runner.launch, self.runner.finish
 
     def stats(self) -> dict:
+        """Rates over the decode steps, from the first one's start: its launch, or the end of
+        the prefill step it was launched beside (asynchronous scheduling launches the first
+        decode step while the prefill runs, and counting from the launch would count the
+        prefill as decode time)."""
         dec = [s for s in self.steps if s["decode"] and "end" in s]
-        span = max(s["end"] for s in dec) - dec[0]["start"]
+        before = self.steps[:self.steps.index(dec[0])]
+        start = max([dec[0]["start"]] + [s["end"] for s in before if "end" in s])
+        span = max(s["end"] for s in dec) - start
         steps = sum(s["programs"] for s in dec)  # decode launches hold only decode programs
         period = span / steps
         host = (span - sum(s["wait"] for s in dec)) / steps

@@ -285,10 +285,4 @@ def _check_speculative(spec) -> None:
                           f"back; 1: none chained) or null, got {chained!r}")
 
 
-def overlaps_steps(async_scheduling: bool | None, num_scheduler_steps: int) -> bool:
-    """Whether a group schedules asynchronously: as asked, or (None) where no chain of
-    ``num_scheduler_steps`` was asked for."""
-    return num_scheduler_steps == 1 if async_scheduling is None else async_scheduling
-
-
 DEFAULTS = EngineConfig()

@@ -35,7 +35,7 @@ from serving.core.overlap import OverlappedSteps
 from serving.core.request import Request
 from serving.core.scheduler import Scheduler, SchedulerError, SchedulerOutput
 from serving.core.spec_decode import build_runner
-from xds_jax.engine_config import DEFAULT_CHAINED_STEPS, DEFAULTS, overlaps_steps
+from xds_jax.engine_config import DEFAULT_CHAINED_STEPS, DEFAULTS
 from xds_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,10 @@ class GroupConfig:
 
     @property
     def overlaps_steps(self) -> bool:
-        """Asynchronous scheduling asked for, or (None) no chain of steps asked for."""
-        return overlaps_steps(self.async_scheduling, self.num_scheduler_steps)
+        """Asynchronous scheduling as asked, or (None) where no chain of steps was asked for."""
+        if self.async_scheduling is None:
+            return self.num_scheduler_steps == 1
+        return self.async_scheduling
 
 
 @dataclasses.dataclass(frozen=True)

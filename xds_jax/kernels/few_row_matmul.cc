@@ -131,8 +131,8 @@ void columns(const Operands& o, int64_t n0, int64_t n1, int64_t following) {
   });
 }
 
-void columns(const Operands& o, int64_t n0, int64_t n1, int64_t following = -1) {
-  const int64_t f = following;
+// ``f``: the first output of the thread's next chunk, as tiles() takes it (-1: none).
+void columns(const Operands& o, int64_t n0, int64_t n1, int64_t f = -1) {
   if (o.xf != nullptr) {
     if (g_isa.load(std::memory_order_relaxed) == 2) return columns<F32Avx512>(o, n0, n1, f);
     return columns<F32Avx2>(o, n0, n1, f);

@@ -31,18 +31,16 @@ struct Chunks {
 
   virtual ~Chunks() = default;
   virtual void run(int64_t chunk) = 0;
-  // ``chunk``, knowing the chunk this thread runs next (``chunks`` or more: none).
+  // ``chunk``, knowing the chunk this thread runs next (``chunks`` or more: none, or not
+  // taken ahead).
   virtual void run_before(int64_t chunk, int64_t following) { run(chunk); }
 
   void drain() {
     int64_t c = next.fetch_add(1, std::memory_order_relaxed);
     while (c < chunks) {
-      const int64_t following = grab_ahead ? next.fetch_add(1, std::memory_order_relaxed) : -1;
-      if (grab_ahead) {
-        run_before(c, following);
-      } else {
-        run(c);
-      }
+      const int64_t following =
+          grab_ahead ? next.fetch_add(1, std::memory_order_relaxed) : chunks;
+      run_before(c, following);
       done.fetch_add(1, std::memory_order_release);
       c = grab_ahead ? following : next.fetch_add(1, std::memory_order_relaxed);
     }

@@ -31,9 +31,14 @@ def test_explicit_nulls_take_the_defaults(server, sdk):
     plain = sdk.completions.create(model=model, prompt=[5, 6, 7], max_tokens=3, temperature=0)
     assert [c.text for c in done.choices] == [c.text for c in plain.choices]
     chat = sdk.chat.completions.create(model=model, messages=HI, max_tokens=2, logprobs=None,
-                                       stream_options=None, **nulls)
+                                       stream_options=None, temperature=0, **nulls)
+    plain = sdk.chat.completions.create(model=model, messages=HI, max_tokens=2, temperature=0)
     assert len(chat.choices) == 1 and chat.choices[0].logprobs is None
-    assert chat.usage.completion_tokens == 2
+    assert chat.choices[0].message.content == plain.choices[0].message.content
+    assert chat.usage == plain.usage and chat.usage.completion_tokens <= 2
+    # an unseeded sampled reply may end at its first token (EOS drawn); never past max_tokens
+    sampled = sdk.chat.completions.create(model=model, messages=HI, max_tokens=2, **nulls)
+    assert sampled.usage.completion_tokens == 2 or sampled.choices[0].finish_reason == "stop"
 
 
 def test_continuous_usage_stats(server, sdk):

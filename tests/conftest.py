@@ -30,6 +30,14 @@ from xds_jax.memory_maps import make_room  # noqa: E402
 
 enable_compilation_cache()
 
+from hypothesis import settings  # noqa: E402
+
+# CI (CI=true) runs the property and schema fuzz tests on examples fixed by each test rather
+# than fresh ones every run, so a pass or a failure repeats; run locally they draw new ones.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI", "").lower() in ("1", "true"):
+    settings.load_profile("ci")
+
 
 import gc  # noqa: E402
 

@@ -119,7 +119,7 @@ def test_admission_never_exceeds_its_limits(ops):
 
 # -- through the server -------------------------------------------------------------------------
 def test_n_counts_as_n_slots():
-    engine = FakeEngine(delay=0.02, max_num_queued_reqs=8)
+    engine = FakeEngine(delay=0.04, max_num_queued_reqs=8)  # the big stream runs 2.4 s
     with serve(engine) as server:
         c = client(server)
         big = c.completions.create(model="fake", prompt="a", max_tokens=60, n=6, stream=True)
@@ -148,7 +148,7 @@ def test_prompt_tokens_are_limited():
     engine = FakeEngine(delay=0.02, max_num_queued_tokens=40)
     with serve(engine) as server:
         c = client(server)
-        stream = c.completions.create(model="fake", prompt="x" * 24, max_tokens=40, stream=True)
+        stream = c.completions.create(model="fake", prompt="x" * 24, max_tokens=100, stream=True)
         next(iter(stream))
         assert engine.admission.tokens == 25  # BOS and 24 bytes
         with pytest.raises(openai.InternalServerError) as error:

@@ -167,7 +167,7 @@ def test_disconnect_aborts():
 
 
 def test_queue_full_is_503_with_retry_after():
-    engine = FakeEngine(delay=0.02, max_num_queued_reqs=1)
+    engine = FakeEngine(delay=0.04, max_num_queued_reqs=1)  # the stream runs 2 s
     with serve(engine) as server:
         c = client(server)
         stream = c.completions.create(model="fake", prompt="a", max_tokens=50, stream=True)

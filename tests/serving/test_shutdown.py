@@ -60,7 +60,7 @@ def texts(lines: list[str]) -> tuple[str, str | None]:
 
 
 def test_sigterm_drains_in_flight_and_refuses_new():
-    running = DrainingThread(FakeEngine(delay=0.02), timeout_s=30)
+    running = DrainingThread(FakeEngine(delay=0.04), timeout_s=30)  # the stream runs 2.4 s
     started, lines = threading.Event(), []
     body = {"model": "fake", "prompt": "Hi", "max_tokens": 60}
     client = threading.Thread(target=stream_lines, args=(running.url, body, started, lines))
@@ -112,7 +112,10 @@ def test_xds_serve_sigterm_exits_zero_after_draining():
     command = [sys.executable, "-m", "serving.entrypoints.cli", "serve", "--model",
                str(ROOT / "tests/golden/llama"), "--dtype", "float32", "--port", str(port),
                "--max-num-seqs", "4", "--kv-cache-gib", "0.01", "--shutdown-timeout", "60",
-               "--log-level", "warning"]
+               "--log-level", "warning",
+               # 20 ms a step: the 200-token stream is still running when the drain begins
+               # (at uvicorn's next tick, up to 100 ms after the signal)
+               "--fault", "group_stall:group=0:seconds=0.02:after_steps=1:times=1000000"]
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     try:

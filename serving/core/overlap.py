@@ -42,11 +42,11 @@ class OverlappedSteps:
                     self._beat()
                 except (EngineMisuseError, GroupCrashed):
                     self._undo(out)
-                    self._drop(prev)
+                    self._drop_flight(prev)
                     raise
                 except Exception as error:
                     self.step_failed(out, error)
-                    self._drop(prev)
+                    self._drop_flight(prev)
                     return True
                 self.scheduler.launched(out)
                 self._in_flight = (out, handle, start)
@@ -72,18 +72,18 @@ class OverlappedSteps:
                 if self.drained:
                     self.rollbacks += 1  # the pool is reset already (and the flight dropped)
                 else:
-                    self._drop(self._in_flight)
+                    self._drop_flight(self._in_flight)
                     self._undo(out)
                 self._in_flight = None
                 return
             try:
                 self.runner.finish(handle)
             except EngineMisuseError:
-                self._drop(self._in_flight)
+                self._drop_flight(self._in_flight)
                 self._undo(out)
                 raise
             except Exception as error:
-                self._drop(self._in_flight)
+                self._drop_flight(self._in_flight)
                 self.step_failed(out, error)
                 return
             if self.timeline is not None:
@@ -92,7 +92,7 @@ class OverlappedSteps:
                                    tokens=out.num_batched_tokens)
             self.complete(out)
 
-    def _drop(self, flight: tuple | None) -> None:
+    def _drop_flight(self, flight: tuple | None) -> None:
         """Roll back a launched step whose input tokens are gone (the step before it failed
         or was fenced); its results are never read."""
         if flight is None:

@@ -163,7 +163,7 @@ class DecodeGroup(DPGroup):
     def has_work(self) -> bool:
         return super().has_work() or bool(self.arrivals)
 
-    def _drop(self, arrival: Arrival) -> None:
+    def _forget_arrival(self, arrival: Arrival) -> None:
         """Forget an arrival's sequence here without touching it (it goes on elsewhere)."""
         request = arrival.request
         self._owners.pop(arrival.seq.seq_id, None)
@@ -175,7 +175,7 @@ class DecodeGroup(DPGroup):
             if arrival.channel.cancel(arrival.seq.seq_id):
                 self.transfer.cancelled += 1
             else:
-                self._drop(arrival)  # withdrawn already: the router prefills it again
+                self._forget_arrival(arrival)  # withdrawn already: the router prefills it again
         self.arrivals.clear()
         return super()._take_work()
 
@@ -196,11 +196,13 @@ class DecodeGroup(DPGroup):
             if seq.finished:  # aborted while waiting: the prefill side frees its blocks
                 self.arrivals.popleft()
                 arrival.channel.cancel(seq.seq_id)
-                self._owners.pop(seq.seq_id, None)
+                # its request goes with its last sequence here (another sample's arrival
+                # may have brought back a request the abort had ended)
+                self._forget_arrival(arrival)
                 continue
             if not arrival.channel.ready(seq.seq_id):  # withdrawn: its prefill group is lost
                 self.arrivals.popleft()
-                self._drop(arrival)
+                self._forget_arrival(arrival)
                 continue
             try:
                 self.scheduler.check_fits(seq)
@@ -220,7 +222,7 @@ class DecodeGroup(DPGroup):
                     return  # tried again at the next step
             except TransferError:  # withdrawn just now: the router prefills it again
                 self.scheduler.drop(seq.seq_id)
-                self._drop(arrival)
+                self._forget_arrival(arrival)
 
     def _outranked(self, seq: Sequence) -> bool:
         """Priority policy: a sequence of higher priority waits here (preempted or moved in),
@@ -242,7 +244,7 @@ class DecodeGroup(DPGroup):
             return False
         log.error("decode group %d: KV pull of sequence %d failed %d times (%s); prefilling "
                   "it again", self.index, seq.seq_id, arrival.failures, error)
-        self._drop(arrival)
+        self._forget_arrival(arrival)
         if arrival.channel.cancel(seq.seq_id):  # else withdrawn: the router took care of it
             self.transfer.reprefills += 1
             self.router.on_lost(Resume(arrival.request, [seq]))

@@ -6,11 +6,14 @@ once a workload's shapes are known, running it again compiles nothing, KV pulls 
 import jax
 from jax._src.dispatch import BACKEND_COMPILE_EVENT
 
+from serving.core.runner import ModelRunner
 from tests.helpers import GOLDEN
 from tests.serving.test_engine import params_for, reference, workload
 from tests.serving.test_faults import assert_pools_whole
 from tests.serving.test_pd import warm_until_nothing_compiles
 from xds_jax import LLM, SamplingParams
+from xds_jax.generate import LocalGenerator
+from xds_jax.sequence import Sequence
 
 PD8 = "configs/deployments/cpu8-pd.yaml"
 
@@ -62,3 +65,53 @@ def test_pd_async_steady_state_compiles_nothing_after_kv_pulls():
     assert llm.engine.stats()["compiles"] == counts[-1]
     assert compiled == []
     assert_pools_whole(llm.engine)
+
+
+POISON = 7
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def alone(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    """Each prompt's ``GREEDY`` tokens through the single-device loop."""
+    gen, out = LocalGenerator(llm.params, llm.cfg), []
+    for p in prompts:
+        seq = Sequence(p, GREEDY)
+        gen.run([seq])
+        out.append(seq.output_ids)
+    return out
+
+
+def test_a_request_failing_in_a_decode_group_fails_alone(monkeypatch):
+    """A decode launch that fails for one request, with the group's previous step in flight:
+    that request fails alone and every group stays in service (the mixin's roll-back of the
+    step in flight was shadowed by the decode group's own ``_drop`` of an arrival: the group
+    died on an AttributeError and a few such requests took every decode group down)."""
+    launch = ModelRunner.launch
+
+    def poisoned(self, scheduled, after=None):
+        if any(s.seq.prompt_ids[0] == POISON and not s.is_prefill for s in scheduled):
+            raise RuntimeError("injected decode failure")
+        return launch(self, scheduled, after)
+
+    llm = pd_engine()
+    monkeypatch.setattr(ModelRunner, "launch", poisoned)
+    prompts = [[5, 9, 10, 11], [POISON, 9, 10], [6, 9, 10, 12, 13], [8, 1, 2], [POISON, 3]]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)
+    want = alone(llm, [p for p in prompts if p[0] != POISON])
+    assert [o.outputs[0].token_ids for o in outs if o.prompt_token_ids[0] != POISON] == want
+    for out in outs:
+        if out.prompt_token_ids[0] == POISON:
+            assert out.outputs[0].finish_reason == "abort"
+            assert "injected decode failure" in out.error
+    stats = llm.engine.stats()
+    assert stats["healthy_groups"] == len(llm.engine.groups) and not llm.engine.recoveries
+    assert_pools_whole(llm.engine)
+
+
+def test_a_decode_group_crash_with_a_step_in_flight_is_recovered_as_a_crash():
+    llm = pd_engine(faults=["group_crash:role=decode:group=0:after_steps=2"])
+    prompts = workload(llm.cfg.vocab_size, 8, seed=4)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == alone(llm, prompts)
+    reasons = [r.reason for r in llm.engine.recoveries]
+    assert reasons and all(r.startswith("GroupCrashed") for r in reasons), reasons

@@ -11,6 +11,7 @@ from serving.core.request import Request
 from serving.disagg.deploy import build_deployed_engine
 from tests.helpers import GOLDEN, tiny
 from tests.serving.test_engine import params_for, reference, workload
+from tests.serving.test_faults import assert_pools_whole
 from xds_jax import LLM, SamplingParams
 from xds_jax.engine_config import EngineConfig
 from xds_jax.generate import LocalGenerator
@@ -214,3 +215,29 @@ def test_pd_steady_state_does_not_recompile():
     assert [r.seqs[0].output_ids for r in requests] == want
     assert engine.stats()["kv_transfers"] == transfers + len(prompts)
     assert compiled == []
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_request_of_two_samples_aborted_at_its_first_token_leaves_nothing(overlap):
+    """Aborted as prefill hands off its samples: the abort reaches the decode group before
+    the arrivals; the first arrival takes it and ends the request, and the second must not
+    bring the request back for good (it stayed in the group's requests, the group never
+    idle)."""
+    llm = LLM(str(GOLDEN / "llama"), dtype="float32", deployment=PD8, max_num_seqs=8,
+              staged=True, use_param_cache=False, async_scheduling=overlap)
+    engine, prompt = llm.engine, [6, 9, 10, 12, 3]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, n=2)
+
+    def abort_at_the_first_output(output):
+        if not output.finished:
+            engine.abort("r0")
+
+    request = Request("r0", None, prompt, params, llm.make_sequences(prompt, params, 0, None),
+                      on_output=abort_at_the_first_output)
+    engine.run_until_done([request])
+    assert request.finished and all(s.output().finish_reason == "abort" for s in request.seqs)
+    for _ in range(3):
+        for group in engine.groups:
+            group.step()
+    assert not any(g.requests or g.has_work() for g in engine.groups)
+    assert_pools_whole(engine)

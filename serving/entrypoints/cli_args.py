@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from serving.entrypoints.cli_frontend import (
+    add_cors_options,
+    add_openai_frontend_options,
+    parse_json,
+)
 
 EPILOG = "Run `xds <command> --help` for the options of each command."
 
@@ -17,10 +22,7 @@ def positive_int(text: str) -> int:
 
 
 def json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    value = parse_json(text)
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("expected a JSON object")
     return value
@@ -237,38 +239,6 @@ def add_admission_options(parser: argparse.ArgumentParser) -> None:
                        "(default: %(default)s, 16 MiB)")
 
 
-def add_openai_frontend_options(parser: argparse.ArgumentParser) -> None:
-    """vLLM's OpenAI-frontend options (``--served-model-name`` is in the server group)."""
-    from serving.entrypoints.reasoning import PARSERS as REASONING_PARSERS
-    from serving.entrypoints.tool_calls import PARSERS
-
-    group = parser.add_argument_group("OpenAI frontend (as vllm serve)")
-    group.add_argument("--chat-template", metavar="FILE",
-                       help="Jinja chat template replacing the model's (a file, or the "
-                       "template text itself) for chat completions, /tokenize and "
-                       "/tokenizer_info")
-    group.add_argument("--enable-auto-tool-choice", action="store_true",
-                       help='serve tool_choice "auto" (the default when tools are sent): '
-                       "the --tool-call-parser reads the calls out of the reply; without it "
-                       '"auto" is answered 400 (docs/server.md#tool-calling)')
-    group.add_argument("--tool-call-parser", choices=sorted(PARSERS), metavar="NAME",
-                       help="how the model writes tool calls, for --enable-auto-tool-choice: "
-                       f"{', '.join(sorted(PARSERS))} (hermes: Qwen2.5 and Hermes "
-                       "<tool_call> blocks; llama3_json: Llama 3.1/3.2 JSON calls; "
-                       "deepseek_v3: DeepSeek-V3 and R1; deepseek_v31: DeepSeek-V3.1; glm45: "
-                       "GLM-4.5/4.6; qwen3_coder: Qwen3-Coder)")
-    group.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), metavar="NAME",
-                       help="split chat replies of a thinking model into reasoning_content "
-                       f"and content: {', '.join(sorted(REASONING_PARSERS))} (deepseek_r1: "
-                       "DeepSeek-R1 and its distillations; qwen3, glm45: Qwen3's and GLM-4.5's "
-                       "<think> blocks; "
-                       "deepseek_v3: V3.1 and later, where chat_template_kwargs set thinking)")
-    group.add_argument("--return-tokens-as-token-ids", action="store_true",
-                       help='name logprob tokens "token_id:N" (for tokens whose text is no '
-                       "valid UTF-8 alone) unless a request's return_tokens_as_token_ids "
-                       "says otherwise")
-
-
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """Sampling flags; one left out takes the model's generation config (``--generation-
     config``), else the default named here (``cli.sampling`` applies them)."""
@@ -318,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "default: no limit")
     add_admission_options(serve)
     add_openai_frontend_options(serve)
+    add_cors_options(serve)
 
     generate = commands.add_parser(
         "generate", parents=[common], help="complete prompts and print the text",

@@ -145,6 +145,7 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool | None = True
     # vLLM's: the reply continues the last message (an assistant prefill) instead of a new turn
     continue_final_message: bool | None = False
+    chat_template: str | None = None  # applied with --trust-request-chat-template, else a 400
     chat_template_kwargs: dict[str, Any] | None = None
     include_reasoning: bool | None = True  # vLLM: with a --reasoning-parser
     tools: list[dict[str, Any]] | None = None

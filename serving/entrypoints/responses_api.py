@@ -83,7 +83,8 @@ async def fitted_prompt(served: Served, req: ResponsesRequest, chat: api.ChatCom
     """The rendered prompt and its token budget; with ``truncation: "auto"`` the oldest turns
     after any leading system message go (a call's tool answers with it) until it fits."""
     while True:
-        prompt = await served.off_loop(chat_prompt, chat, served.engine.tokenizer)
+        prompt = await served.off_loop(chat_prompt, chat, served.engine.tokenizer,
+                                       served.trust_request_chat_template)
         try:
             return prompt, served.fit(prompt[1], req.max_output_tokens, "input",
                                       field="max_output_tokens")

@@ -27,6 +27,7 @@ from typing import Any
 import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -117,6 +118,18 @@ def front_end_options(args: Any) -> tuple[ToolParser | None, str | None]:
     return parser, source
 
 
+CORS_DEFAULTS = {"allow_origins": ["*"], "allow_methods": ["*"], "allow_headers": ["*"],
+                 "allow_credentials": False}
+
+
+def cors_options(args: Any) -> dict:
+    """``CORSMiddleware``'s options from ``--allowed-origins``, ``--allowed-methods``,
+    ``--allowed-headers`` and ``--allow-credentials`` (vLLM's defaults where absent)."""
+    return {key: getattr(args, flag, default) for (key, default), flag in zip(
+        CORS_DEFAULTS.items(), ("allowed_origins", "allowed_methods", "allowed_headers",
+                                "allow_credentials"), strict=True)}
+
+
 def tool_parser(enable_auto_tool_choice: bool, name: str | None) -> ToolParser | None:
     """The parser of ``tool_choice`` "auto" (``--enable-auto-tool-choice`` with
     ``--tool-call-parser NAME``, as in vLLM); None when auto tool choice is off."""
@@ -134,7 +147,9 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
               chat_template: str | None = None,
               tool_call_parser: str | None = None,
               reasoning_parser: str | None = None,
-              return_tokens_as_token_ids: bool = False) -> FastAPI:
+              return_tokens_as_token_ids: bool = False,
+              trust_request_chat_template: bool = False,
+              cors: dict | None = None) -> FastAPI:
     """The FastAPI app serving ``engine``, which the caller starts and shuts down.
 
     ``api_key``: required as ``Authorization: Bearer <key>`` on every route but ``/health``
@@ -145,7 +160,10 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
     (None: "auto" is refused, as vLLM does without ``--enable-auto-tool-choice``);
     ``reasoning_parser``: the ``reasoning.PARSERS`` name that splits chat replies into
     ``reasoning_content`` and ``content``; ``return_tokens_as_token_ids``: logprob tokens
-    named ``token_id:N`` unless a request says otherwise.
+    named ``token_id:N`` unless a request says otherwise; ``trust_request_chat_template``:
+    apply a template a chat request sends (else a 400, as vLLM without
+    ``--trust-request-chat-template``); ``cors``: ``CORSMiddleware``'s options (default: every
+    origin, method and header, without credentials, as ``vllm serve``).
     """
     if chat_template is not None:
         if engine.tokenizer is None:
@@ -153,7 +171,8 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         engine.tokenizer.chat_template = chat_template
     parser = None if tool_call_parser is None else tool_parser(True, tool_call_parser)
     served = Served(engine, served_model_names or [engine.model_name], request_timeout_s,
-                    parser, reasoning_parser_named(reasoning_parser), return_tokens_as_token_ids)
+                    parser, reasoning_parser_named(reasoning_parser), return_tokens_as_token_ids,
+                    trust_request_chat_template)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -165,6 +184,8 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    # outermost: a browser's preflight is answered before the key is asked for
+    app.add_middleware(CORSMiddleware, **(cors or CORS_DEFAULTS))
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -258,7 +279,8 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
         tools = served.reply_plan(req)
         served.precheck(req.n)
         field = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
-        prompt = truncated(await served.off_loop(chat_prompt, req, engine.tokenizer),
+        prompt = truncated(await served.off_loop(chat_prompt, req, engine.tokenizer,
+                                                 served.trust_request_chat_template),
                            req.truncate_prompt_tokens, engine.max_model_len,
                            served.output_tokens(getattr(req, field)))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -279,7 +301,8 @@ def run_server(args: Any, engine: Any = None, front_end: tuple | None = None) ->
     ``xds serve`` options (``host``, ``port``, ``served_model_name``, ``request_timeout``,
     ``api_key`` (else ``$XDS_API_KEY``), ``max_request_bytes``, ``shutdown_timeout``,
     ``chat_template``, ``enable_auto_tool_choice``, ``tool_call_parser``, ``reasoning_parser``,
-    ``return_tokens_as_token_ids``, ``log_level``, and the
+    ``return_tokens_as_token_ids``, ``trust_request_chat_template``, the CORS options
+    (``cors_options``), ``log_level``, and the
     engine's when ``engine`` is None); ``front_end``: ``front_end_options(args)`` where the
     caller checked them before loading ``engine``."""
     import uvicorn
@@ -298,7 +321,10 @@ def run_server(args: Any, engine: Any = None, front_end: tuple | None = None) ->
                     tool_call_parser=parser and parser.name,
                     reasoning_parser=getattr(args, "reasoning_parser", None),
                     return_tokens_as_token_ids=getattr(args, "return_tokens_as_token_ids",
-                                                       False))
+                                                       False),
+                    trust_request_chat_template=getattr(args, "trust_request_chat_template",
+                                                        False),
+                    cors=cors_options(args))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     log.info("serving %s at http://%s:%d/v1%s", names[0], args.host, args.port,

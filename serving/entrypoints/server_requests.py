@@ -254,12 +254,13 @@ def completion_prompts(prompt: Any, tokenizer: Any) -> list[Prompt]:
     return result
 
 
-def chat_prompt(req: api.ChatCompletionRequest, tokenizer: Any) -> Prompt:
+def chat_prompt(req: api.ChatCompletionRequest, tokenizer: Any,
+                trust_template: bool = False) -> Prompt:
     if not req.messages:
         raise ApiError(400, "messages must be a non-empty list", "messages", "invalid_value")
     if tokenizer is None:
         raise ApiError(400, "this model has no tokenizer or chat template", "messages")
-    text = render_chat(tokenizer, req)
+    text = render_chat(tokenizer, req, trust_template)
     # The template already holds BOS where the model wants it.
     return text, encode_chat(tokenizer, text, False)
 
@@ -285,14 +286,30 @@ def encode_chat(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int
         raise ApiError(400, f"messages: {error}", "messages", "invalid_value") from None
 
 
-def render_chat(tokenizer: Any, req: Any) -> str:
+def render_chat(tokenizer: Any, req: Any, trust_template: bool = False) -> str:
     """A chat request's prompt text (chat completions and ``/tokenize`` alike): ``messages``
     through the chat template with ``add_generation_prompt``, ``chat_template_kwargs``,
     ``tools`` (rendered even with ``tool_choice`` "none", as vLLM does) and
-    ``continue_final_message``."""
+    ``continue_final_message``. A template the request sends (``chat_template``, or one in
+    ``chat_template_kwargs``) replaces the model's where ``trust_template``
+    (``--trust-request-chat-template``), else it is a 400: a template is code, and the
+    sandbox does not bound its time."""
     try:
         add_generation_prompt, kwargs = chat_template_options(req.add_generation_prompt,
                                                               req.chat_template_kwargs)
+        sent = kwargs.pop("chat_template", None)
+        template = getattr(req, "chat_template", None)
+        field = "chat_template" if template is not None else "chat_template_kwargs"
+        template = sent if template is None else template
+        if template is not None and not trust_template:
+            raise ApiError(400, f"{field}: a chat template sent with the request runs only on "
+                           "a server started with --trust-request-chat-template", field,
+                           "invalid_value")
+        if template is not None and not isinstance(template, str):
+            raise ApiError(400, f"{field}: the chat template must be a string", field,
+                           "invalid_value")
+        if template is not None:
+            kwargs["chat_template"] = template
         if req.tools:
             kwargs = {"tools": req.tools, **kwargs}
         if req.continue_final_message and add_generation_prompt:

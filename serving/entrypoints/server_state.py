@@ -102,8 +102,10 @@ class Served:
 
     def __init__(self, engine: Any, names: list[str], timeout_s: float | None,
                  tool_parser: ToolParser | None = None, reasoning_parser: Any = None,
-                 tokens_as_ids: bool = False):
+                 tokens_as_ids: bool = False, trust_request_chat_template: bool = False):
         self.engine, self.names, self.timeout_s = engine, names, timeout_s
+        # --trust-request-chat-template: a template a request sends is applied (else a 400)
+        self.trust_request_chat_template = trust_request_chat_template
         self.tool_parser, self.reasoning_parser = tool_parser, reasoning_parser
         self.tokens_as_ids = tokens_as_ids  # --return-tokens-as-token-ids
         self.admission = engine.admission

@@ -31,6 +31,7 @@ class TokenizeRequest(OpenAIModel):
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
+    chat_template: str | None = None  # applied with --trust-request-chat-template, else a 400
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     return_token_strs: bool | None = False
@@ -55,10 +56,12 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def tokenize_ids(tok: Any, req: TokenizeRequest) -> list[int]:
-    """The token ids of a ``/tokenize`` request (run on a tokenizer thread)."""
+def tokenize_ids(tok: Any, req: TokenizeRequest, trust_template: bool = False) -> list[int]:
+    """The token ids of a ``/tokenize`` request (run on a tokenizer thread); a template the
+    request sends is applied where ``trust_template``."""
     if req.messages is not None:  # as chat completions renders them
-        return encode_chat(tok, render_chat(tok, req), bool(req.add_special_tokens))
+        return encode_chat(tok, render_chat(tok, req, trust_template),
+                           bool(req.add_special_tokens))
     try:
         special = True if req.add_special_tokens is None else req.add_special_tokens
         return tok.encode(req.prompt, add_special_tokens=special)
@@ -83,7 +86,7 @@ def add_tokenizer_routes(app: FastAPI, served: Any) -> None:
         tok = tokenizer()
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "send either 'prompt' or 'messages'", "prompt", "invalid_value")
-        ids = await served.off_loop(tokenize_ids, tok, req)
+        ids = await served.off_loop(tokenize_ids, tok, req, served.trust_request_chat_template)
         strs = [tok.id_to_token(i) or "" for i in ids] if req.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids,
                                 token_strs=strs).model_dump()

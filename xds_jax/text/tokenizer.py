@@ -328,8 +328,8 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 **variables,
             )
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError,
-                IndexError) as error:  # the template is model code run on the caller's input
+        except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError,
+                AttributeError, RecursionError) as error:  # template code on the caller's input
             raise TokenizerError(f"chat template failed: {type(error).__name__}: {error}") \
                 from error
 

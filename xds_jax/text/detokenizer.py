@@ -4,15 +4,17 @@ Decoding one token at a time is wrong: a character may span several byte tokens,
 SentencePiece decoders change a token's text by its position. Like vLLM, `IncrementalDetokenizer`
 decodes a short window `ids[prefix_offset:]` and emits what it adds over `ids[prefix_offset:
 read_offset]`. It holds text back while the window ends in U+FFFD (an unfinished UTF-8 character),
-so a delta never carries half a character; `finish` releases what is held at the end.
+so a delta never carries half a character; `finish` releases what is held at the end but an
+unfinished last character, as vLLM's text never ends in one (output cut by `max_tokens` in the
+middle of an emoji ends before it, not in U+FFFD).
 
 SentencePiece byte fallback needs one more rule: its decoder turns a whole run of `<0xXX>` tokens
 into U+FFFDs when the run is not valid UTF-8, so a later stray byte can spoil characters already
 complete. Text is held back while the window ends in such a run, until another token closes it.
 
 Unlike vLLM the window starts at the first output id rather than inside the prompt, so the deltas
-always add up to `tokenizer.decode(output_ids)` (vLLM keeps a SentencePiece leading space that
-`decode` strips).
+add up to `tokenizer.decode(output_ids)` less a trailing U+FFFD (vLLM keeps a SentencePiece
+leading space that `decode` strips).
 """
 
 from collections.abc import Sequence
@@ -50,7 +52,8 @@ class IncrementalDetokenizer:
         return self._advance(final=False)
 
     def finish(self) -> str:
-        """Return the text still held back, such as a trailing U+FFFD, once output ends."""
+        """Return the text still held back once output ends, less an unfinished last character
+        (trailing U+FFFD: its bytes never came)."""
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> str:
@@ -64,6 +67,8 @@ class IncrementalDetokenizer:
         if not final and (window_text.endswith(REPLACEMENT_CHAR) or self._in_byte_run()):
             return ""
         delta = window_text[len(prefix_text) :]
+        if final:
+            delta = delta.rstrip(REPLACEMENT_CHAR)
         self._prefix_offset, self._read_offset = self._read_offset, len(ids)
         self.text += delta
         return delta

@@ -84,6 +84,21 @@ def test_kernel_equals_the_xla_path_and_float64(dtype, cap, window, d):
     np.testing.assert_allclose(got[real], exact[real], rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_a_table_wider_than_the_keys_seen(dtype):
+    """200 query tokens against tables of 1,024 keys of which they see at most 220: the
+    items are sized by the keys seen (64 tokens), not by the table's width (24)."""
+    args = _case(dtype, s=200, g=3, d=64, pg=16, n=64, pages=140, seed=11)
+    got, xla = _run(args, scale=0.15, cap=0.0, window=0.0)
+    real = np.asarray(args[4]) >= 0
+    assert not got[~real].any()
+    tol = 2e-3 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(got[real], xla[real], rtol=tol, atol=tol)
+    exact = _float64(*args, 0.15, 0.0, 0)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(got[real], exact[real], rtol=tol, atol=tol)
+
+
 @pytest.mark.skipif(not cpu_attention.prefill_amx(), reason="this CPU (or OS) has no AMX tiles")
 @pytest.mark.parametrize("cap", [0.0, 5.0])
 @pytest.mark.parametrize("window", [0, 9])

@@ -298,9 +298,12 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kp, ffi
   thread_local std::vector<uint32_t> keys, vals;  // kept between calls: no page faults
   keys.resize(a.offset.back()), vals.resize(a.offset.back());
   a.keys = keys.data(), a.vals = vals.data();
-  // query tokens per item: scores and probabilities of its rows within kScratch, at most 64,
-  // and enough items for the pool
-  const int64_t row_bytes = L * (sizeof(float) + (bf16 ? 2 : 4));
+  // query tokens per item: scores and probabilities of its rows (over the widest panel: the
+  // keys a sequence sees, not the table's width) within kScratch, at most 64, and enough
+  // items for the pool
+  int64_t widest = kTile;
+  for (int64_t b = 0; b < a.B; ++b) widest = std::max(widest, panel_width(a, b));
+  const int64_t row_bytes = widest * (sizeof(float) + (bf16 ? 2 : 4));
   int64_t tq = std::max<int64_t>(1, kScratch / (row_bytes * a.G));
   tq = std::min({tq, int64_t{64}, a.S});
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());

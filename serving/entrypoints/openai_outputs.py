@@ -127,9 +127,12 @@ def completion_logprobs(c: CompletionOutput, start: int, offset: int,
     return result
 
 
-def prompt_logprobs(out: RequestOutput, tokenizer: Any) -> CompletionLogprobs | None:
+def prompt_logprobs(out: RequestOutput, tokenizer: Any,
+                    top: int | None = None) -> CompletionLogprobs | None:
     """The legacy ``logprobs`` object of an echoed prompt (vLLM's shape: the first token's
-    ``token_logprobs`` and ``top_logprobs`` are null), or None when it was not scored."""
+    ``token_logprobs`` and ``top_logprobs`` are null), or None when it was not scored. ``top``:
+    the request's ``logprobs``: each token's own entry and that many likeliest alternatives,
+    as vLLM trims them (``prompt_logprobs`` may have scored more); None: every entry."""
     if out.prompt_logprobs is None:
         return None
     result, offset = CompletionLogprobs(), 0
@@ -138,7 +141,8 @@ def prompt_logprobs(out: RequestOutput, tokenizer: Any) -> CompletionLogprobs | 
         result.tokens.append(text)
         result.token_logprobs.append(None if entries is None else entries[token_id].logprob)
         result.top_logprobs.append(None if entries is None else {
-            token_text(tokenizer, lp, t): lp.logprob for t, lp in entries.items()})
+            token_text(tokenizer, lp, t): lp.logprob for t, lp in entries.items()
+            if top is None or t == token_id or (lp.rank or 0) <= top})
         result.text_offset.append(offset)
         offset += len(text)
     return result
@@ -158,10 +162,10 @@ def vllm_prompt_logprobs(out: RequestOutput, tokenizer: Any) -> PromptLogprobs |
 
 
 def echoed_logprobs(out: RequestOutput, c: CompletionOutput, echo: str | None,
-                    tokenizer: Any) -> CompletionLogprobs | None:
+                    tokenizer: Any, top: int | None = None) -> CompletionLogprobs | None:
     """A choice's ``logprobs``: the scored prompt's (``echo`` not None, even when it is no
-    text: special tokens), then its generated tokens'."""
-    prompt = prompt_logprobs(out, tokenizer) if echo is not None else None
+    text: special tokens; ``top`` alternatives each), then its generated tokens'."""
+    prompt = prompt_logprobs(out, tokenizer, top) if echo is not None else None
     generated = completion_logprobs(c, 0, next_offset(prompt, len(echo or "")), tokenizer)
     if prompt is None or generated is None:
         return generated
@@ -194,12 +198,12 @@ def chat_logprobs(c: CompletionOutput, start: int, top: int,
 
 def completion_response(request_id: str, model: str, n: int, echoes: list[str | None],
                         finals: list[RequestOutput], prompt_lens: list[int],
-                        tokenizer: Any) -> CompletionResponse:
+                        tokenizer: Any, top: int | None = None) -> CompletionResponse:
     """One choice per prompt and sample, indexed ``prompt * n + sample``; ``echoes``: each
-    prompt's ``echo_text``, None when not echoed."""
+    prompt's ``echo_text``, None when not echoed; ``top``: the request's ``logprobs``."""
     choices = [
         CompletionResponseChoice(index=i * n + c.index, text=(echoes[i] or "") + c.text,
-                                 logprobs=echoed_logprobs(out, c, echoes[i], tokenizer),
+                                 logprobs=echoed_logprobs(out, c, echoes[i], tokenizer, top),
                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                                  prompt_logprobs=vllm_prompt_logprobs(out, tokenizer))
         for i, out in enumerate(finals) for c in out.outputs

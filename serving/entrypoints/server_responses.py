@@ -106,7 +106,7 @@ async def respond(served: Served, raw: Request, req: Any, model: str,
                                      lens[0], names, tools.reply, echoes[0]).model_dump()
     else:
         body = outputs.completion_response(request_id, model, req.n, echoes, finals, lens,
-                                           names).model_dump()
+                                           names, req.logprobs).model_dump()
     return outputs.with_token_ids(body, finals, req.n, kind) if req.return_token_ids else body
 
 
@@ -140,7 +140,7 @@ async def stream_events(req: Any, model: str, request_id: str, streams: list, fi
     async for i, out in merged(streams):
         if kind != "chat" and finals[i] is None and echoes[i] is not None:
             # the echo and its scored prompt, sent even when the echo is no text
-            logprobs = outputs.prompt_logprobs(out, names)
+            logprobs = outputs.prompt_logprobs(out, names, req.logprobs)
             offsets[i] = [outputs.next_offset(logprobs, len(echoes[i]))] * n
             for j in range(n):
                 chunk = api.CompletionStreamResponse(**head, choices=[api.CompletionChoice(

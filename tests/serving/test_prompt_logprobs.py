@@ -103,3 +103,21 @@ def test_max_tokens_zero_without_logprobs_echoes_text_only(server):
     bad = httpx.post(server.url + "/v1/completions", timeout=60,
                      json={"prompt": "x", "max_tokens": -1})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+
+def test_echo_trims_the_prompt_s_alternatives_to_logprobs(server):
+    """``prompt_logprobs: 3`` scores three alternatives a prompt token; the echoed legacy
+    ``logprobs`` still holds each token and ``logprobs`` (1) alternatives, as vLLM trims
+    them (it held four), while vLLM's own ``prompt_logprobs`` field keeps all (not
+    available when streaming, as in vLLM)."""
+    ids = PROMPTS[1]
+    body = {"model": server.engine.model_name, "prompt": ids, "echo": True, "logprobs": 1,
+            "prompt_logprobs": 3, "max_tokens": 1, "temperature": 0}
+    reply = httpx.post(server.url + "/v1/completions", json=body, timeout=120).json()
+    echoed = reply["choices"][0]["logprobs"]
+    assert all(len(entries) >= 3 for entries in reply["choices"][0]["prompt_logprobs"][1:])
+    want = reference_logprobs(server.engine, ids)
+    assert echoed["top_logprobs"][0] is None
+    for i, top in enumerate(echoed["top_logprobs"][1:len(ids)]):
+        assert 1 <= len(top) <= 2 and echoed["tokens"][i + 1] in top
+        assert any(abs(lp - float(want[i].max())) < 1e-4 for lp in top.values())  # the likeliest

@@ -3,6 +3,9 @@
 Names follow vLLM's (``xds:`` instead of ``vllm:``): TTFT, TPOT, ITL and end-to-end histograms,
 running/waiting requests, KV use and free blocks, prefix-cache hit rate, token counters,
 admission (what is admitted, rejections by reason), per-collective latency and per-expert load.
+Those vLLM has too are also exported under vLLM's own names (``VLLM_NAMES``), so dashboards
+and autoscalers written for ``vllm serve`` (``vllm:num_requests_waiting``,
+``vllm:kv_cache_usage_perc``, ``vllm:time_to_first_token_seconds``) read this server as is.
 """
 
 from __future__ import annotations
@@ -25,14 +28,47 @@ E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
                240.0, 480.0, 960.0, 1920.0)
 
 
+# xds-jax's metric -> vLLM's name for the same quantity (exported under both)
+VLLM_NAMES = {name: "vllm:" + name[4:] for name in (
+    "xds:time_to_first_token_seconds", "xds:time_per_output_token_seconds",
+    "xds:inter_token_latency_seconds", "xds:e2e_request_latency_seconds",
+    "xds:request_success", "xds:num_requests_running", "xds:num_requests_waiting",
+    "xds:kv_cache_usage_perc", "xds:num_preemptions", "xds:prompt_tokens",
+    "xds:generation_tokens")}
+
+
+def exported_names(name: str) -> tuple[str, ...]:
+    """The names a metric is exported under: its own, and vLLM's where vLLM has it."""
+    return (name, VLLM_NAMES[name]) if name in VLLM_NAMES else (name,)
+
+
+class Both:
+    """A metric exported under two names: each call goes to both."""
+
+    def __init__(self, *metrics: Any):
+        self.metrics = metrics
+
+    def labels(self, *values: str) -> Both:
+        return Both(*(m.labels(*values) for m in self.metrics))
+
+    def observe(self, value: float) -> None:
+        for m in self.metrics:
+            m.observe(value)
+
+    def inc(self, amount: float = 1.0) -> None:
+        for m in self.metrics:
+            m.inc(amount)
+
+
 class ServerMetrics:
     """Prometheus metrics of one app (own registry): latency histograms observed here from
     each request's output stream, engine gauges read from ``engine.stats()`` at each scrape."""
 
     def __init__(self, registry: CollectorRegistry, engine: Any, model: str):
-        def histogram(name: str, doc: str, buckets: tuple) -> Any:
-            return Histogram(name, doc, ["model_name"], buckets=buckets,
-                             registry=registry).labels(model)
+        def histogram(name: str, doc: str, buckets: tuple) -> Both:
+            return Both(*(Histogram(n, doc, ["model_name"], buckets=buckets,
+                                    registry=registry).labels(model)
+                          for n in exported_names(name)))
 
         self.ttft = histogram("xds:time_to_first_token_seconds", "Time to first token.",
                               TTFT_BUCKETS)
@@ -43,8 +79,9 @@ class ServerMetrics:
                              "Time between consecutive output tokens.", TOKEN_BUCKETS)
         self.e2e = histogram("xds:e2e_request_latency_seconds", "Request latency, end to end.",
                              E2E_BUCKETS)
-        self.finished = Counter("xds:request_success", "Finished requests by finish reason.",
-                                ["model_name", "finished_reason"], registry=registry)
+        self.finished = Both(*(Counter(name, "Finished requests by finish reason.",
+                                       ["model_name", "finished_reason"], registry=registry)
+                               for name in exported_names("xds:request_success")))
         self.rejections = Counter(
             "xds:admission_rejections", "Requests turned away with 503, by reason: queued_reqs "
             "(--max-num-queued-reqs), queued_tokens (--max-num-queued-tokens), shutting_down.",
@@ -113,9 +150,10 @@ class EngineCollector:
                 ("xds:num_admitted_prompt_tokens", "admitted_tokens",
                  "Prompt tokens admitted and not finished (against --max-num-queued-tokens)."),
                 ("xds:healthy_groups", "healthy_groups", "DP groups in service.")):
-            gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
-            gauge.add_metric([m], float(stats.get(key, 0.0)))
-            yield gauge
+            for exported in exported_names(name):
+                gauge = GaugeMetricFamily(exported, doc, labels=["model_name"])
+                gauge.add_metric([m], float(stats.get(key, 0.0)))
+                yield gauge
         for name, key, doc in (
                 ("xds:num_preemptions", "num_preemptions", "Preemptions by recompute."),
                 ("xds:prompt_tokens", "prompt_tokens_total", "Prompt tokens prefilled."),
@@ -140,9 +178,10 @@ class EngineCollector:
                 ("xds:rollbacks", "rollbacks", "Steps undone and recomputed."),
                 ("xds:scale_downs", "scale_downs",
                  "DP groups and MA expert devices taken out of service.")):
-            counter = CounterMetricFamily(name, doc, labels=["model_name"])
-            counter.add_metric([m], float(stats.get(key, 0)))
-            yield counter
+            for exported in exported_names(name):
+                counter = CounterMetricFamily(exported, doc, labels=["model_name"])
+                counter.add_metric([m], float(stats.get(key, 0)))
+                yield counter
         latency = GaugeMetricFamily("xds:collective_latency_seconds",
                                     "Mean latency of each collective: kv_transfer (PD KV "
                                     "pulls), a2e / e2a hops of MA (with --trace).",

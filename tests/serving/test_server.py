@@ -368,6 +368,15 @@ def test_metrics(fake):
     assert value("xds:expert_load", "xds:expert_load", layer="0", expert="1") == 1
     assert value("xds:request_success", "xds:request_success_total",
                  finished_reason="length") >= 1
+    # vLLM's names of the same metrics, for dashboards and autoscalers written for vLLM
+    for ours, sample, labels in (
+            ("xds:num_requests_waiting", "", {}), ("xds:kv_cache_usage_perc", "", {}),
+            ("xds:generation_tokens", "_total", {}), ("xds:num_preemptions", "_total", {}),
+            ("xds:time_to_first_token_seconds", "_count", {"model_name": "fake"}),
+            ("xds:request_success", "_total", {"finished_reason": "length"})):
+        theirs = "vllm:" + ours[4:]
+        assert families[theirs].type == families[ours].type
+        assert value(theirs, theirs + sample, **labels) == value(ours, ours + sample, **labels)
 
 
 class DownEngine(FakeEngine):

@@ -125,9 +125,11 @@ CORS_DEFAULTS = {"allow_origins": ["*"], "allow_methods": ["*"], "allow_headers"
 def cors_options(args: Any) -> dict:
     """``CORSMiddleware``'s options from ``--allowed-origins``, ``--allowed-methods``,
     ``--allowed-headers`` and ``--allow-credentials`` (vLLM's defaults where absent)."""
-    return {key: getattr(args, flag, default) for (key, default), flag in zip(
-        CORS_DEFAULTS.items(), ("allowed_origins", "allowed_methods", "allowed_headers",
-                                "allow_credentials"), strict=True)}
+    d = CORS_DEFAULTS
+    return {"allow_origins": getattr(args, "allowed_origins", d["allow_origins"]),
+            "allow_methods": getattr(args, "allowed_methods", d["allow_methods"]),
+            "allow_headers": getattr(args, "allowed_headers", d["allow_headers"]),
+            "allow_credentials": getattr(args, "allow_credentials", d["allow_credentials"])}
 
 
 def tool_parser(enable_auto_tool_choice: bool, name: str | None) -> ToolParser | None:

@@ -98,6 +98,20 @@ TINY_MODELS = {
         ),
         0,
     ),
+    # Granite with attention and MLP biases: the residual multiplier scales o_proj's and
+    # down_proj's biases too (folded with their weights)
+    "granite_bias": (
+        tf.GraniteConfig(
+            **BASE,
+            attention_bias=True,
+            mlp_bias=True,
+            embedding_multiplier=12.0,
+            residual_multiplier=0.22,
+            attention_multiplier=0.125,
+            logits_scaling=4.0,
+        ),
+        2,
+    ),
     # Phi-3/3.5/4-mini: fused qkv_proj and gate_up_proj, LongRoPE (served within its original
     # context: short factors, attention factor sqrt(1 + ln 4 / ln 64)), partial rotary 0.75 as
     # Phi-4-mini, a 16-token sliding window the 23-token prompt crosses.

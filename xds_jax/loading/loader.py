@@ -107,6 +107,12 @@ def load_config(model: str | Path) -> ModelConfig:
     return load_model_config(path)
 
 
+def _names_dtype(raw: dict) -> bool:
+    """Whether a config.json (or its text_config) names the checkpoint's dtype."""
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    return any(d.get(k) is not None for d in (raw, text) for k in ("dtype", "torch_dtype"))
+
+
 def _hf_dir_config(path: Path, raw: dict, warn: bool = True) -> ModelConfig:
     """A Hugging Face directory's ``ModelConfig``: as its ``config.json`` says, but untied
     where the config ties the head and the checkpoint stores one anyway (transformers 5 then
@@ -114,6 +120,10 @@ def _hf_dir_config(path: Path, raw: dict, warn: bool = True) -> ModelConfig:
     from xds_jax.loading.weights_hf import SafetensorsSource, text_model_source
 
     source = str(path / "config.json")
+    if any(path.glob("*.safetensors")) and not _names_dtype(raw):
+        # no dtype in the config: the weights' own, as transformers' dtype="auto" reads it
+        found = SafetensorsSource(path).float_dtype()
+        raw = raw if found is None else dict(raw, torch_dtype=found)
     cfg = config_from_hf_dict(raw, source)
     if not cfg.tie_word_embeddings or not any(path.glob("*.safetensors")):
         return cfg

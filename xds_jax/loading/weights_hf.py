@@ -52,6 +52,18 @@ class SafetensorsSource:
     def names(self):
         return self._where.keys()
 
+    def float_dtype(self) -> str | None:
+        """The dtype of the checkpoint's first float32 / bfloat16 / float16 tensor (what
+        transformers loads with ``dtype="auto"`` where the config names none), or None."""
+        names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+        for f in dict.fromkeys(self._where.values()):
+            with safe_open(str(f), framework="numpy") as h:
+                for key in h.keys():
+                    found = names.get(h.get_slice(key).get_dtype())
+                    if found is not None:
+                        return found
+        return None
+
     def get(self, name: str) -> np.ndarray:
         f = self._where[name]
         if f not in self._handles:
@@ -226,11 +238,12 @@ def _layer(cfg: ModelConfig, p: str, shapes: dict, names: set[str]) -> dict:
         out["input_norm"] = Leaf((f"{p}.post_attention_layernorm.weight",))
         out["post_norm"] = Leaf((f"{p}.post_feedforward_layernorm.weight",))
     if cfg.residual_multiplier != 1.0:  # Granite: x + r * f(x), folded into f's last matmul
-        r = cfg.residual_multiplier
-        out["attn"]["o"] = _scaled(out["attn"]["o"], r)
+        r = cfg.residual_multiplier  # and its bias
         ffns = [out["mlp"]] if "mlp" in out else [out["moe"]["experts"], out["moe"].get("shared")]
-        for ffn in filter(None, ffns):
-            ffn["down"] = _scaled(ffn["down"], r)
+        for block, key in [(out["attn"], "o"), *((ffn, "down") for ffn in filter(None, ffns))]:
+            for name in (key, f"{key}_bias"):
+                if name in block:
+                    block[name] = _scaled(block[name], r)
     return out
 
 

@@ -116,7 +116,7 @@ class ModelConfig:
     # Gemma: GeLU (tanh) MLPs, norms after attention and after the MLP too ("sandwich"),
     # tanh soft-capping of attention scores and logits, and local layers: a sliding window and
     # their own RoPE base (the other layers attend to everything).
-    mlp_act: str = "silu"  # "silu" or "gelu_tanh"
+    mlp_act: str = "silu"  # "silu", "gelu_tanh" or "gelu" (exact)
     # Where a layer's norms sit: "pre" (on the attention and MLP inputs), "sandwich" (Gemma
     # 2/3: on their outputs too) or "post" (OLMo 2: on their outputs only).
     norm_placement: str = "pre"
@@ -208,8 +208,8 @@ def validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"the rotary dimension must be even, got {cfg.rope_dim}")
     if cfg.sliding_window is not None and cfg.sliding_window <= 0:
         raise ConfigError(f"sliding_window must be positive, got {cfg.sliding_window!r}")
-    if cfg.mlp_act not in ("silu", "gelu_tanh"):
-        raise ConfigError(f"mlp activation must be silu or gelu_tanh, got {cfg.mlp_act!r}")
+    if cfg.mlp_act not in ("silu", "gelu_tanh", "gelu"):
+        raise ConfigError(f"mlp activation must be silu, gelu_tanh or gelu, got {cfg.mlp_act!r}")
     if cfg.norm_placement not in NORM_PLACEMENTS:
         raise ConfigError(f"norm_placement must be one of {NORM_PLACEMENTS}, "
                           f"got {cfg.norm_placement!r}")

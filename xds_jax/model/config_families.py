@@ -17,7 +17,8 @@ OLMO_TYPES = ("olmo2", "olmo3")
 GRANITE_MOE_TYPES = ("granitemoe", "granitemoeshared")
 GLM_TYPES = ("glm4", "glm4_moe", "glm4_moe_lite")
 LAYER_TYPES = ("full_attention", "sliding_attention")
-GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu")
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")
+GELU_ACTS = (*GELU_TANH, "gelu")  # "gelu": exact (Gemma 1 checkpoints mean the tanh form)
 
 
 def gemma_fields(d: dict, model_type: str, source: str) -> dict:
@@ -32,26 +33,32 @@ def gemma_fields(d: dict, model_type: str, source: str) -> dict:
         raise UnsupportedModelError(f"{source}: use_bidirectional_attention (an embedding "
                                     "model) is not supported")
     act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in GELU_TANH:
+    if act not in GELU_ACTS:
         raise UnsupportedModelError(f"{source}: hidden_activation {act!r} is not supported "
-                                    f"for {model_type} (supported: {', '.join(GELU_TANH)})")
+                                    f"for {model_type} (supported: {', '.join(GELU_ACTS)})")
     layers = int_field(d, "num_hidden_layers", source)
-    out: dict = {"mlp_act": "gelu_tanh",
+    # transformers runs Gemma 1's "gelu" as the tanh form (its checkpoints say "gelu" and
+    # were trained with it), Gemma 2's and 3's as exact GELU
+    exact = act == "gelu" and model_type != "gemma"
+    out: dict = {"mlp_act": "gelu" if exact else "gelu_tanh",
                  "norm_placement": "pre" if model_type == "gemma" else "sandwich"}
     scalar = d.get("query_pre_attn_scalar")
     if scalar is not None and model_type != "gemma":
         out["attention_multiplier"] = float(scalar) ** -0.5
-    for key, field in (("attn_logit_softcapping", "attn_softcap"),
-                       ("final_logit_softcapping", "final_softcap")):
-        if d.get(key) is not None and model_type in ("gemma2", "gemma3_text"):
-            out[field] = float(d[key])
+    # Gemma 2 caps attention logits and final logits; Gemma 3 only the final ones
+    # (transformers' Gemma 3 reads no attn_logit_softcapping: its checkpoints set it null)
+    caps = {"gemma2": ("attn_logit_softcapping", "final_logit_softcapping"),
+            "gemma3_text": ("final_logit_softcapping",)}.get(model_type, ())
+    for key in caps:
+        if d.get(key) is not None:
+            out["attn_softcap" if key.startswith("attn") else "final_softcap"] = float(d[key])
     hidden = int_field(d, "hidden_size", source)
     out["embedding_multiplier"] = math.sqrt(hidden)
     tied = bool(d.get("tie_word_embeddings", True))
     out["logits_scale"] = 1 / math.sqrt(hidden) if tied else 1.0
     config = dict(d, tie_word_embeddings=tied)
     if model_type != "gemma" and d.get("sliding_window"):
-        types = d.get("layer_types")
+        types = layer_types(d, layers, source)
         if types:
             out["local_layers"] = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
         elif model_type == "gemma2":

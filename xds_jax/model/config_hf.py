@@ -99,7 +99,7 @@ def _spelt(d: dict, name: str, alias: str) -> str:
 def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | None:
     if model_type == "mixtral":
         return MoEConfig(
-            num_experts=int_field(d, "num_local_experts", source),
+            num_experts=int_field(d, _spelt(d, "num_local_experts", "num_experts"), source),
             num_experts_per_tok=int_field(d, "num_experts_per_tok", source),
             moe_intermediate_size=int_field(d, "intermediate_size", source),
             moe_layers=tuple(range(num_layers)),
@@ -117,7 +117,8 @@ def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | 
         )
     if model_type == "olmoe":  # softmax, top-k, renormalised only with norm_topk_prob
         return MoEConfig(
-            num_experts=int_field(d, "num_experts", source, default=64),
+            num_experts=int_field(d, _spelt(d, "num_experts", "num_local_experts"), source,
+                                  default=64),
             num_experts_per_tok=int_field(d, "num_experts_per_tok", source, default=8),
             moe_intermediate_size=int_field(d, "intermediate_size", source, default=2048),
             norm_topk_prob=bool_field(d, "norm_topk_prob", source, default=False),
@@ -188,7 +189,7 @@ def _moe(d: dict, model_type: str, num_layers: int, source: str) -> MoEConfig | 
             layers = tuple(i for i, kind in enumerate(kinds) if kind == "sparse")
         inter = int_field(d, "moe_intermediate_size", source)
         n_shared = int_field(d, "n_shared_experts", source, default=int(glm)) or 0
-        num_experts = get_any(d, "n_routed_experts", "num_local_experts")
+        num_experts = get_any(d, "n_routed_experts", "num_local_experts", "num_experts")
         if num_experts is None:
             raise ConfigError(f"{source}: required field 'n_routed_experts' is missing")
         return MoEConfig(

@@ -52,6 +52,9 @@ def parse_rope(d: dict, source: str, interleaved: bool = False) -> RopeConfig:
             raise ConfigError(f"{source}: {rope_type} RoPE needs "
                               "original_max_position_embeddings or max_position_embeddings")
     factor = merged.get("factor")
+    if factor is None and rope_type in ("linear", "dynamic", "llama3"):
+        raise ConfigError(f"{source}: {rope_type} RoPE needs a factor in "
+                          f"{'rope_parameters' if 'rope_parameters' in d else 'rope_scaling'}")
     if factor is None and rope_type == "yarn" and d.get("max_position_embeddings"):
         factor = d["max_position_embeddings"] / original  # transformers' default for YaRN
     factor = float(1.0 if factor is None else factor)

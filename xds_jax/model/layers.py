@@ -86,7 +86,8 @@ def weight_f32(p: dict, name: str) -> jax.Array:
 
 
 def swiglu(p: dict, x: jax.Array, act: str = "silu") -> jax.Array:
-    """``down(silu(gate(x)) * up(x))`` (``act="gelu_tanh"``: GeGLU, Gemma's); biases when the
+    """``down(silu(gate(x)) * up(x))`` (``act="gelu_tanh"``: GeGLU, Gemma's; ``"gelu"``: with
+    exact GELU); biases when the
     checkpoint has them. Float32 out. A ``gate_up`` weight (``xds_jax.model.fused``) computes
     gate and up in one matmul."""
     if has_weight(p, "gate_up"):
@@ -98,7 +99,8 @@ def swiglu(p: dict, x: jax.Array, act: str = "silu") -> jax.Array:
         g, u = split_gate_up(y)
     else:
         g, u = project(p, "gate", x), project(p, "up", x)
-    g = jax.nn.gelu(g, approximate=True) if act == "gelu_tanh" else jax.nn.silu(g)
+    g = (jax.nn.gelu(g, approximate=act == "gelu_tanh") if act.startswith("gelu")
+         else jax.nn.silu(g))
     return project(p, "down", g * u)
 
 

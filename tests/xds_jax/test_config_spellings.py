@@ -1,0 +1,100 @@
+"""Config spellings transformers reads that were missed or misread (a black-box comparison
+against transformers 5.24 on tiny checkpoints), each checked against what transformers does."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.helpers import GOLDEN
+from tests.xds_jax.test_config import GEMMA3_1B_V4, LLAMA_V4
+from xds_jax.errors import ConfigError
+from xds_jax.loading.loader import load_config
+from xds_jax.model.config_hf import config_from_hf_dict
+from xds_jax.model.layers import swiglu
+
+SMALL = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+         "num_experts_per_tok": 2}
+
+
+def test_expert_counts_in_either_spelling():
+    """transformers' attribute maps let Mixtral, OLMoE and DeepSeek write the expert count
+    as num_experts, num_local_experts or n_routed_experts (Mixtral and DeepSeek-V2 with
+    num_experts were refused; OLMoE with num_local_experts silently took 64)."""
+    for model_type, spelling in (("mixtral", "num_experts"), ("olmoe", "num_local_experts")):
+        cfg = config_from_hf_dict(dict(SMALL, model_type=model_type, **{spelling: 6}))
+        assert cfg.moe.num_experts == 6, model_type
+    hub = json.loads((GOLDEN.parent.parent / "configs/models/deepseek-v3-tiny.json").read_text())
+    count = hub.pop("n_routed_experts")
+    assert config_from_hf_dict(dict(hub, num_experts=count)).moe.num_experts == count
+
+
+@pytest.mark.parametrize("types", [["local", "global"] * 13, ["sliding_attention"] * 20])
+def test_gemma_layer_types_are_checked(types):
+    """Unknown kinds and a list shorter than the layers are refused, as transformers does
+    (they loaded: no sliding layers, or the missing ones full)."""
+    with pytest.raises(ConfigError, match="layer_types must list"):
+        config_from_hf_dict(dict(GEMMA3_1B_V4, layer_types=types))
+
+
+def test_gemma3_caps_only_its_final_logits():
+    """transformers' Gemma 3 reads no attn_logit_softcapping (its checkpoints set it null);
+    Gemma 2 caps both."""
+    capped = dict(GEMMA3_1B_V4, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    g3 = config_from_hf_dict(capped)
+    assert (g3.attn_softcap, g3.final_softcap) == (None, 30.0)
+    g2 = config_from_hf_dict(dict(capped, model_type="gemma2"))
+    assert (g2.attn_softcap, g2.final_softcap) == (50.0, 30.0)
+
+
+def test_gelu_is_exact_for_gemma_2_and_3_and_the_tanh_form_for_gemma():
+    for model_type, act in (("gemma", "gelu_tanh"), ("gemma2", "gelu"), ("gemma3_text", "gelu")):
+        cfg = config_from_hf_dict(dict(GEMMA3_1B_V4, model_type=model_type,
+                                       hidden_activation="gelu"))
+        assert cfg.mlp_act == act, model_type
+    assert config_from_hf_dict(GEMMA3_1B_V4).mlp_act == "gelu_tanh"  # gelu_pytorch_tanh
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 8)).astype(np.float32) * 3
+    gate, up, down = (rng.standard_normal(s).astype(np.float32) for s in
+                      ((8, 5), (8, 5), (5, 8)))
+    p = {"gate": jnp.asarray(gate), "up": jnp.asarray(up), "down": jnp.asarray(down)}
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(swiglu(p, jnp.asarray(x), "gelu"))
+    g = x.astype(np.float64) @ gate
+    exact = 0.5 * g * (1 + np.vectorize(math.erf)(g / math.sqrt(2)))
+    np.testing.assert_allclose(got, (exact * (x @ up)) @ down, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rope_type", ["llama3", "linear", "dynamic"])
+def test_scaled_rope_without_a_factor_is_named(rope_type):
+    """transformers raises on these; it loaded as factor 1."""
+    scaling = {k: v for k, v in LLAMA_V4["rope_scaling"].items() if k != "factor"}
+    with pytest.raises(ConfigError, match=f"{rope_type} RoPE needs a factor in rope_scaling"):
+        config_from_hf_dict(dict(LLAMA_V4, rope_scaling=dict(scaling, rope_type=rope_type)))
+
+
+def test_a_config_without_a_dtype_takes_the_weights(tmp_path):
+    """No dtype / torch_dtype key: ``dtype="auto"`` reads the weights' own, as transformers
+    does (it took bfloat16 for float32 weights)."""
+    from safetensors.flax import load_file, save_file
+
+    model = tmp_path / "llama"
+    shutil.copytree(GOLDEN / "llama", model)
+    config = json.loads((model / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        config.pop(key, None)
+    (model / "config.json").write_text(json.dumps(config))
+    assert load_config(model).dtype == "float32"
+    weights = load_file(str(model / "model.safetensors"))
+    save_file({k: v.astype(jnp.bfloat16) for k, v in weights.items()},
+              str(model / "model.safetensors"))
+    assert load_config(model).dtype == "bfloat16"
+    (model / "config.json").write_text(json.dumps(dict(config, torch_dtype="float16")))
+    assert load_config(model).dtype == "float16"  # a config's own dtype wins

@@ -60,7 +60,8 @@ def test_moe_expert_count_spellings():
     ({"vocab_size": "lots"}, ConfigError, "vocab_size must be an integer"),
     ({"hidden_act": "gelu"}, UnsupportedModelError, "hidden_act 'gelu'"),
     ({"rope_scaling": {"rope_type": "longrope2"}}, UnsupportedModelError, "rope type"),
-    ({"torch_dtype": "int4"}, ConfigError, "dtype must be one of"),
+    ({"torch_dtype": "int4"}, ConfigError, "torch_dtype 'int4' is not a dtype"),
+    ({"dtype": "float64"}, ConfigError, "dtype 'float64' is not a dtype"),
 ])
 def test_bad_fields_are_named(change, error, words):
     d = dict(LLAMA_V4, **change)

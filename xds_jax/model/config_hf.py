@@ -13,7 +13,7 @@ from typing import Any
 
 from xds_jax.errors import ConfigError, ModelNotFoundError, UnsupportedModelError, XdsError
 from xds_jax.loading.checkpoint_quant import checkpoint_quantization
-from xds_jax.model.config import MLAConfig, ModelConfig, MoEConfig
+from xds_jax.model.config import DTYPES, MLAConfig, ModelConfig, MoEConfig
 from xds_jax.model.config_defaults import TEXT_CLASS_TYPES, with_class_defaults
 from xds_jax.model.config_families import (
     GEMMA_TYPES,
@@ -61,10 +61,14 @@ def _token_ids(value: Any, source: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _dtype(d: dict) -> str:
-    name = get_any(d, "dtype", "torch_dtype", default="bfloat16")
-    name = str(name).removeprefix("torch.")
-    return _DTYPE_ALIASES.get(name, name)
+def _dtype(d: dict, source: str) -> str:
+    field = "dtype" if d.get("dtype") is not None else "torch_dtype"
+    name = str(get_any(d, "dtype", "torch_dtype", default="bfloat16")).removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ConfigError(f"{source}: {field} {name!r} is not a dtype this engine loads "
+                          f"(one of {', '.join(DTYPES)})")
+    return name
 
 
 def _sliding_window(d: dict, model_type: str) -> dict:
@@ -315,7 +319,7 @@ def _config_from_hf_dict(d: dict, source: str) -> ModelConfig:
         mla=mla,
         moe=_moe(d, model_type, layers, source),
         num_mtp_layers=int_field(d, "num_nextn_predict_layers", source, default=0) or 0,
-        dtype=_dtype(d),
+        dtype=_dtype(d, source),
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=_token_ids(d.get("eos_token_id"), source),
     )

@@ -105,6 +105,9 @@ class Fencing:
         self.requests.clear()
         self._owners.clear()
         self._suspects.clear()
+        pending = getattr(self.runner, "pending", None)  # a speculative runner's hiddens
+        if pending:
+            pending.clear()
 
     def rejoin(self) -> None:
         """Back in service after an evacuation (its loop beats again), with an empty pool."""

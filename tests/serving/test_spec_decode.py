@@ -202,6 +202,24 @@ def test_kv_blocks_return_after_aborts_mid_speculation(mimic):
     assert not group.runner.pending
 
 
+def test_an_evacuated_group_keeps_no_drafting_state(mimic):
+    """A group taken out of service hands its sequences back and forgets their pending
+    hiddens (they stayed in its runner until each sequence finished elsewhere)."""
+    llm = LLM(mimic, dtype="float32", use_param_cache=False, speculative_config=spec(2),
+              max_num_seqs=4)
+    group = llm.engine.groups[0]
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    for i, p in enumerate(PROMPTS):
+        llm.engine.submit(Request(f"r{i}", None, p, sp, llm.make_sequences(p, sp)))
+    for _ in range(2):
+        group.step()
+    assert group.runner.pending
+    moves = group.evacuate()
+    assert len(moves) == len(PROMPTS) and not group.runner.pending
+    group.rejoin()
+    assert not group.runner.pending and group.blocks.num_free_blocks == group.blocks.num_blocks
+
+
 @pytest.mark.parametrize("bad", [{"method": "mtp", "num_speculative_tokens": 0},
                                  {"method": "mtp", "num_speculative_tokens": 5},
                                  {"method": "eagle", "num_speculative_tokens": 1},

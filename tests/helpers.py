@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 GOLDEN = Path(__file__).parent / "golden"
-TINY_MODELS = ["llama", "phi3", "granite", "granite_bias", "gemma", "gemma2", "gemma3_text", "smollm3", "olmo2",
-               "olmo3", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe",
+TINY_MODELS = ["llama", "phi3", "granite", "granite_bias", "gemma", "gemma2", "gemma3_text",
+               "smollm3", "olmo2", "olmo3", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral",
+               "olmoe",
                "granitemoe", "granitemoeshared", "deepseek_v2", "deepseek_v3",
                "deepseek_v3_noqlora", "glm4", "glm4_moe",
                "ernie4_5", "dots1", "seed_oss", "ernie4_5_moe", "exaone4", "glm4_moe_lite",

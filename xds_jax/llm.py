@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -189,6 +189,12 @@ class LLM:
             structured.check(params.structured_outputs, self.tokenizer)
         more = output_room(params.max_tokens)  # 0: scoring only
         need = len(ids) + more
+        if len(ids) + min(more, 1) > self.max_model_len:  # the prompt alone fills it
+            raise PromptTooLongError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the "
+                f"prompt has {len(ids)} tokens"
+                + (" (the context holds the prompt and at least one new token)" if more else "")
+            )
         if need > self.max_model_len:
             raise PromptTooLongError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the "
@@ -375,11 +381,18 @@ class LLM:
             return [self.get_default_sampling_params() for _ in range(count)]
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * count
+        if isinstance(sampling_params, Mapping) or not isinstance(sampling_params, Iterable):
+            raise SamplingParamsError(f"sampling_params must be a SamplingParams or a list of "
+                                      f"them, got {type(sampling_params).__name__}")
         params = list(sampling_params)
         if len(params) != count:
             raise InvalidPromptError(
                 f"got {len(params)} SamplingParams for {count} prompts; pass one or one each"
             )
+        wrong = next((p for p in params if not isinstance(p, SamplingParams)), None)
+        if wrong is not None:
+            raise SamplingParamsError(f"sampling_params must be SamplingParams, got a "
+                                      f"{type(wrong).__name__} in the list")
         return params
 
 

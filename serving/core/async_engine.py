@@ -43,6 +43,14 @@ class RequestFailedError(RuntimeError):
     """The engine failed this one request (it kept serving the others)."""
 
 
+class EngineDeadError(RuntimeError):
+    """The engine was shut down: it takes no more requests (vLLM's name)."""
+
+
+class DuplicateRequestError(ValueError):
+    """A request id that names a request still running (vLLM refuses it too)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineArgs(EngineConfig):
     """How to build an ``AsyncEngine`` (the server's and CLI's options): the engine's
@@ -114,6 +122,7 @@ class AsyncEngine:
         # running requests' output queues: an abort ends the stream at once, not when the
         # group next steps (a stalled group steps late)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._closed = False  # shut down: new requests raise EngineDeadError
 
     @property
     def scoring(self) -> PromptScoring:
@@ -135,6 +144,11 @@ class AsyncEngine:
         self.engine.start()
 
     def shutdown(self) -> None:
+        """Stop the engine: running streams end now with "abort", later ``generate`` calls
+        raise ``EngineDeadError``."""
+        self._closed = True
+        for request_id in list(self._beams) + list(self._streams):
+            self.abort(request_id)
         self.engine.shutdown()
 
     def stats(self) -> dict:
@@ -156,7 +170,13 @@ class AsyncEngine:
         (``SamplingParamsError`` for a ``priority`` other than 0 without priority scheduling,
         or a ``cache_salt`` that is not a non-empty string).
         Admission is the caller's (``self.admission.admit`` for a whole HTTP request).
+        ``EngineDeadError`` after ``shutdown``; ``DuplicateRequestError`` for the id of a
+        request still running.
         """
+        if self._closed:
+            raise EngineDeadError("the engine was shut down; it takes no more requests")
+        if request_id is not None and (request_id in self._streams or request_id in self._beams):
+            raise DuplicateRequestError(f"request id {request_id!r} is already running")
         prompt_ids = self.llm.truncate_prompt(prompt_ids, params)
         self.llm.check_prompt(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
@@ -217,6 +237,8 @@ class AsyncEngine:
         one-token requests of their own (of ``priority`` and ``cache_salt``), concurrently;
         yields one finished output, the best ``beam_width`` beams best first (finish reason
         "abort" for all when aborted)."""
+        if self._closed:
+            raise EngineDeadError("the engine was shut down; it takes no more requests")
         self.llm.check_prompt(prompt_ids, SamplingParams(max_tokens=params.max_tokens))
         check_priority(priority, self.scheduling_policy)
         salt_bytes(cache_salt)

@@ -88,6 +88,10 @@ def test_bad_prompts(smollm2):
     for bad in (5, None, 3.5):  # not even a list
         with pytest.raises(InvalidPromptError, match="a str, a dict or a list of them"):
             smollm2.generate(bad)
+    for params in ({"max_tokens": 2}, 7, [SamplingParams(), {"max_tokens": 2}]):
+        with pytest.raises(SamplingParamsError,
+                           match="sampling_params must be (a )?SamplingParams"):
+            smollm2.generate(["hi", "there"], params)
 
 
 def test_a_prompt_filling_the_context_can_be_scored_truncated_but_not_continued():
@@ -102,8 +106,10 @@ def test_a_prompt_filling_the_context_can_be_scored_truncated_but_not_continued(
     for a, b, t in zip(scored.prompt_logprobs[1:63], shorter.prompt_logprobs[1:], ids[1:63],
                        strict=True):
         assert abs(a[t].logprob - b[t].logprob) < 1e-4
-    with pytest.raises(PromptTooLongError, match="asks for 1 more"):
-        llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1))
+    for max_tokens in (1, 4):  # the prompt fills the context: named so, not max_tokens
+        with pytest.raises(PromptTooLongError, match="prompt has 64 tokens .the context holds "
+                           "the prompt and at least one new token"):
+            llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=max_tokens))
     # as vLLM's offline API: an output asked past the context stops there
     capped = llm.generate({"prompt_token_ids": ids[:60]},
                           SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]

@@ -33,7 +33,8 @@ def test_sample_seeds_are_consecutive_then_mapped():
     ("temperature", math.nan), ("top_p", math.nan), ("min_p", -math.inf),
     ("repetition_penalty", math.inf), ("frequency_penalty", math.nan), ("seed", 1.5),
     ("seed", True), ("top_k", -2), ("top_k", 1.0), ("logprobs", 2.5), ("max_tokens", -1),
-    ("stop_token_ids", [-1]),
+    ("stop_token_ids", [-1]), ("stop_token_ids", 7), ("stop", 5), ("bad_words", 3),
+    ("allowed_token_ids", 4),
 ])
 def test_unrepresentable_values_name_the_field(field, value):
     with pytest.raises(SamplingParamsError, match=f"^{field} "):

@@ -81,15 +81,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self.structured_outputs = StructuredOutputs.coerce(self.structured_outputs)
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop = _listed(self.stop, "stop", one_string=True)
+        self.stop_token_ids = _listed(self.stop_token_ids, "stop_token_ids")
         if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, str):
-            self.allowed_token_ids = list(self.allowed_token_ids)
-        if isinstance(self.bad_words, str):
-            self.bad_words = [self.bad_words]
-        self.bad_words = list(self.bad_words or [])
+            self.allowed_token_ids = _listed(self.allowed_token_ids, "allowed_token_ids")
+        self.bad_words = _listed(self.bad_words, "bad_words", one_string=True)
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -186,6 +182,19 @@ class SamplingParams:
         ``device_seed``), so a seeded request is reproducible whatever its seed's size."""
         base = self.request_seed()
         return [device_seed(base + i) for i in range(self.n)]
+
+
+def _listed(value, field: str, one_string: bool = False) -> list:
+    """A list field as a list (None: empty; a lone string, where ``one_string``, one item);
+    a value that is no sequence at all is named."""
+    if value is None:
+        return []
+    if one_string and isinstance(value, str):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        raise SamplingParamsError(f"{field} must be a list, got {value!r}") from None
 
 
 def _is_int(value) -> bool:

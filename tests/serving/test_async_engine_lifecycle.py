@@ -1,0 +1,78 @@
+"""``AsyncEngine`` used from an app, as vLLM's ``AsyncLLM``: a shut-down engine refuses new
+requests (``EngineDeadError``) and ends the streams still running (both hung), and the id of
+a request still running is refused (``DuplicateRequestError``: the second stream hung after
+an abort of the id)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serving.core.async_engine import (
+    AsyncEngine,
+    DuplicateRequestError,
+    EngineArgs,
+    EngineDeadError,
+)
+from tests.helpers import GOLDEN
+from xds_jax import SamplingParams
+from xds_jax.sampling.beam_search import BeamSearchParams
+
+SLOW = "group_stall:group=0:seconds=0.05:after_steps=1:times=1000000"  # 50 ms a step
+PARAMS = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+
+
+def engine() -> AsyncEngine:
+    running = AsyncEngine.from_args(EngineArgs(
+        model=str(GOLDEN / "llama"), dtype="float32", kv_cache_bytes=8 << 20, faults=[SLOW],
+        heartbeat_timeout_s=None))
+    running.start()
+    return running
+
+
+def test_shutdown_ends_running_streams_and_refuses_new_requests():
+    eng = engine()
+
+    async def run():
+        outs: list = []
+
+        async def consume():
+            async for out in eng.generate([5, 9, 200, 31], PARAMS, "r1"):
+                outs.append(out)
+
+        task = asyncio.create_task(consume())
+        while not outs:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(eng.shutdown)
+        await asyncio.wait_for(task, 10)
+        with pytest.raises(EngineDeadError, match="shut down"):
+            await anext(eng.generate([5, 9], PARAMS))
+        with pytest.raises(EngineDeadError):
+            await anext(eng.beam_search([5, 9], BeamSearchParams(beam_width=2, max_tokens=4)))
+        return outs
+
+    outs = asyncio.run(run())
+    final = outs[-1].outputs[0]
+    assert outs[-1].finished and final.finish_reason == "abort" and len(final.token_ids) < 200
+
+
+def test_the_id_of_a_running_request_is_refused():
+    eng = engine()
+    short = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    try:
+        async def run():
+            first = eng.generate([5, 9, 200, 31], PARAMS, "dup")
+            opened = await anext(first)
+            with pytest.raises(DuplicateRequestError, match="'dup' is already running"):
+                await anext(eng.generate([7, 8], PARAMS, "dup"))
+            eng.abort("dup")
+            rest = [out async for out in first]
+            again = [out async for out in eng.generate([7, 8], short, "dup")]  # free again
+            return opened, rest, again
+
+        opened, rest, again = asyncio.run(asyncio.wait_for(run(), 60))
+        assert not opened.finished and rest[-1].outputs[0].finish_reason == "abort"
+        assert again[-1].finished and len(again[-1].outputs[0].token_ids) == 3
+    finally:
+        eng.shutdown()

@@ -239,6 +239,27 @@ def add_admission_options(parser: argparse.ArgumentParser) -> None:
                        "(default: %(default)s, 16 MiB)")
 
 
+def temperature(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def top_p(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def top_k(text: str) -> int:
+    value = int(text)
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be 0 or -1 (off) or a positive count, got {text}")
+    return value
+
+
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """Sampling flags; one left out takes the model's generation config (``--generation-
     config``), else the default named here (``cli.sampling`` applies them)."""
@@ -249,11 +270,11 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> No
     group.add_argument("--max-tokens", type=positive_int, metavar="N",
                        help=f"most tokens to generate (default: {max_tokens}; the generation "
                        "config's max_new_tokens is the default and the most)")
-    group.add_argument("--temperature", type=float,
+    group.add_argument("--temperature", type=temperature,
                        help="0 is greedy; higher is more random (default: 0.0)")
-    group.add_argument("--top-p", type=float,
+    group.add_argument("--top-p", type=top_p,
                        help="nucleus sampling mass, in (0, 1] (default: 1.0)")
-    group.add_argument("--top-k", type=int,
+    group.add_argument("--top-k", type=top_k,
                        help="sample among the k likeliest tokens; 0 disables (default: 0)")
     group.add_argument("--sampling-seed", type=int, metavar="SEED",
                        help="seed of the sampler, for reproducible random samples")

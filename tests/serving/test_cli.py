@@ -47,6 +47,12 @@ def test_help_explains_every_option(capsys):
     ["chat", "--dtype", "float8"],
     ["generate", "--kv-cache-gib", "0", "hi"],
     ["generate", "--kv-cache-gib", "inf", "hi"],
+    # sampling values are checked before the model loads (they exited 1 after loading it)
+    ["generate", "--temperature", "-1", "hi"],
+    ["generate", "--temperature", "nan", "hi"],
+    ["chat", "--top-p", "2"],
+    ["generate", "--top-p", "0", "hi"],
+    ["generate", "--top-k", "-5", "hi"],
 ])
 def test_bad_options_exit_2(argv, capsys):
     code, _, err = run(argv, capsys)

@@ -27,3 +27,7 @@ class PromptTooLongError(XdsError, ValueError):
 
 class SamplingParamsError(XdsError, ValueError):
     """A sampling parameter is out of range."""
+
+
+class InvalidPromptError(XdsError, ValueError):
+    """A prompt is empty, of the wrong type, or holds token ids outside the vocabulary."""

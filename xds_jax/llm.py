@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -18,7 +17,13 @@ from xds_jax.compile_cache import enable_compilation_cache
 from xds_jax.embedding import embed_prompts, pairs, score_prompts
 from xds_jax.engine_config import DEFAULTS, VLLM_OPTIONS, EngineConfig, check_priority
 from xds_jax.engine_setup import engine_params, read_deployment_file, size_cpu_devices
-from xds_jax.errors import ConfigError, PromptTooLongError, SamplingParamsError, XdsError
+from xds_jax.errors import (
+    ConfigError,
+    InvalidPromptError,
+    PromptTooLongError,
+    SamplingParamsError,
+)
+from xds_jax.llm_inputs import no_lora, params_list, prompt_list
 from xds_jax.loading.generation_config import sampling_defaults
 from xds_jax.loading.loader import load_model, resolve
 from xds_jax.memory_maps import make_room
@@ -34,10 +39,6 @@ from xds_jax.sampling.beam_search import BeamSearchOutput, BeamSearchParams, run
 from xds_jax.sampling.params import SamplingParams, output_room
 from xds_jax.sequence import Sequence, bad_word_ids
 from xds_jax.text.tokenizer import chat_template_options, open_final_message
-
-
-class InvalidPromptError(XdsError, ValueError):
-    """A prompt is empty, of the wrong type, or holds token ids outside the vocabulary."""
 
 
 class LLM:
@@ -244,20 +245,22 @@ class LLM:
 
     # -- API ----------------------------------------------------------------------------------
     def generate(self, prompts: Any, sampling_params: SamplingParams | Seq | None = None,
-                 use_tqdm: bool = False, priority: list[int] | None = None
-                 ) -> list[RequestOutput]:
+                 use_tqdm: bool = False, priority: list[int] | None = None,
+                 lora_request: Any = None) -> list[RequestOutput]:
         """Complete each prompt. ``prompts``: a str, a ``{"prompt_token_ids": [...]}`` or
         ``{"prompt": str}`` dict (``"cache_salt"``: share cached KV only with prompts of the
         same salt, vLLM's), or a list of them. One ``SamplingParams`` for all, or one each.
-        ``priority``: one per prompt (lower first; needs ``scheduling_policy="priority"``)."""
-        prompts = self._prompt_list(prompts)
-        params_list = self._params_list(sampling_params, len(prompts))
+        ``priority``: one per prompt (lower first; needs ``scheduling_policy="priority"``).
+        ``lora_request``: vLLM's, None only (no LoRA adapters here)."""
+        no_lora(lora_request)
+        prompts = prompt_list(prompts)
+        each = params_list(sampling_params, len(prompts), self.get_default_sampling_params)
         priorities = [0] * len(prompts) if priority is None else list(priority)
         if len(priorities) != len(prompts):
             raise InvalidPromptError(f"got {len(priorities)} priorities for {len(prompts)} "
                                      "prompts; pass one each")
         requests = []
-        for prompt, params, rank in zip(prompts, params_list, priorities, strict=True):
+        for prompt, params, rank in zip(prompts, each, priorities, strict=True):
             text, ids = self._prompt_ids(prompt)
             ids = self.truncate_prompt(ids, params)
             params = self.fit_output(ids, params)
@@ -275,7 +278,7 @@ class LLM:
                 error=next((s.error for s in seqs if s.error), None),
                 prompt_logprobs=self._prompt_logprobs(ids, params),
             )
-            for (text, ids, seqs), params in zip(requests, params_list, strict=True)
+            for (text, ids, seqs), params in zip(requests, each, strict=True)
         ]
 
     def beam_search(self, prompts: Any, params: BeamSearchParams,
@@ -330,11 +333,12 @@ class LLM:
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
              use_tqdm: bool = False, *, chat_template: str | None = None,
              continue_final_message: bool = False,
-             tools: list[dict] | None = None) -> list[RequestOutput]:
+             tools: list[dict] | None = None, lora_request: Any = None) -> list[RequestOutput]:
         """Reply to one conversation (a list of ``{"role", "content"}``) or to a list of them.
         As vLLM's ``LLM.chat``: ``chat_template`` replaces the model's, ``tools`` reach the
         template, ``continue_final_message`` (with ``add_generation_prompt=False``) continues
         the last message instead of opening a new turn."""
+        no_lora(lora_request)
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = []
         for conversation in conversations:
@@ -365,35 +369,6 @@ class LLM:
             text = open_final_message(text, conversation)
         # The template already holds BOS where the model wants it.
         return text, self.tokenizer.encode(text, add_special_tokens=False)
-
-    @staticmethod
-    def _prompt_list(prompts: Any) -> list:
-        """``generate``'s prompts as a list (one str or dict: a list of it)."""
-        if isinstance(prompts, str | dict):
-            return [prompts]
-        if not isinstance(prompts, Iterable):
-            raise InvalidPromptError(f"prompts must be a str, a dict or a list of them, got "
-                                     f"{type(prompts).__name__}")
-        return list(prompts)
-
-    def _params_list(self, sampling_params, count: int) -> list[SamplingParams]:
-        if sampling_params is None:
-            return [self.get_default_sampling_params() for _ in range(count)]
-        if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * count
-        if isinstance(sampling_params, Mapping) or not isinstance(sampling_params, Iterable):
-            raise SamplingParamsError(f"sampling_params must be a SamplingParams or a list of "
-                                      f"them, got {type(sampling_params).__name__}")
-        params = list(sampling_params)
-        if len(params) != count:
-            raise InvalidPromptError(
-                f"got {len(params)} SamplingParams for {count} prompts; pass one or one each"
-            )
-        wrong = next((p for p in params if not isinstance(p, SamplingParams)), None)
-        if wrong is not None:
-            raise SamplingParamsError(f"sampling_params must be SamplingParams, got a "
-                                      f"{type(wrong).__name__} in the list")
-        return params
 
 
 def _join_processes(engine, config: EngineConfig, make_sequences):

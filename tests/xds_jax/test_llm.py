@@ -88,6 +88,12 @@ def test_bad_prompts(smollm2):
     for bad in (5, None, 3.5):  # not even a list
         with pytest.raises(InvalidPromptError, match="a str, a dict or a list of them"):
             smollm2.generate(bad)
+    # vLLM's lora_request: None is accepted, an adapter named as unsupported
+    assert smollm2.generate("hi", SamplingParams(max_tokens=1), lora_request=None)
+    with pytest.raises(ConfigError, match="lora_request: LoRA adapters are not supported"):
+        smollm2.generate("hi", SamplingParams(max_tokens=1), lora_request=object())
+    with pytest.raises(ConfigError, match="lora_request"):
+        smollm2.chat([{"role": "user", "content": "hi"}], lora_request=object())
     for params in ({"max_tokens": 2}, 7, [SamplingParams(), {"max_tokens": 2}]):
         with pytest.raises(SamplingParamsError,
                            match="sampling_params must be (a )?SamplingParams"):

@@ -330,15 +330,19 @@ class LLM:
         return self.scoring.score(ids, params.prompt_logprobs)
 
     def chat(self, messages: list, sampling_params: SamplingParams | Seq | None = None,
-             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
-             use_tqdm: bool = False, *, chat_template: str | None = None,
-             continue_final_message: bool = False,
-             tools: list[dict] | None = None, lora_request: Any = None) -> list[RequestOutput]:
+             use_tqdm: bool = False, lora_request: Any = None, chat_template: str | None = None,
+             chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """Reply to one conversation (a list of ``{"role", "content"}``) or to a list of them.
-        As vLLM's ``LLM.chat``: ``chat_template`` replaces the model's, ``tools`` reach the
-        template, ``continue_final_message`` (with ``add_generation_prompt=False``) continues
-        the last message instead of opening a new turn."""
+        As vLLM's ``LLM.chat``, its arguments in its order: ``chat_template`` replaces the
+        model's, ``tools`` reach the template, ``continue_final_message`` (with
+        ``add_generation_prompt=False``) continues the last message instead of opening a new
+        turn; text content parts are joined whatever ``chat_template_content_format`` says."""
         no_lora(lora_request)
+        if chat_template_content_format not in ("auto", "string", "openai"):
+            raise ConfigError("chat_template_content_format must be 'auto', 'string' or "
+                              f"'openai', got {chat_template_content_format!r}")
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = []
         for conversation in conversations:

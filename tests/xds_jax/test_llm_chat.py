@@ -48,3 +48,18 @@ def test_chat_template_tools_and_continued_message(llm):
         llm.chat([*hi, {"role": "assistant", "content": ""}], params,
                  add_generation_prompt=False, chat_template=CHATML,
                  continue_final_message=True)
+
+
+def test_chat_takes_vllm_s_arguments_in_vllm_s_order(llm):
+    """vLLM's ``LLM.chat(messages, sampling_params, use_tqdm, lora_request, chat_template,
+    chat_template_content_format, add_generation_prompt, ...)``: a third positional argument
+    is ``use_tqdm`` (it was ``add_generation_prompt``, so ``chat(msgs, params, False)``
+    dropped the generation prompt)."""
+    hi = [{"role": "user", "content": "hi"}]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    positional = llm.chat(hi, params, False, None, CHATML, "openai")[0]
+    named = llm.chat(hi, params, chat_template=CHATML)[0]
+    assert positional.prompt == named.prompt == llm.chat_prompt(hi, chat_template=CHATML)[0]
+    assert positional.outputs[0].token_ids == named.outputs[0].token_ids
+    with pytest.raises(ValueError, match="chat_template_content_format must be"):
+        llm.chat(hi, params, chat_template=CHATML, chat_template_content_format="xml")

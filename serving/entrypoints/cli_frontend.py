@@ -63,11 +63,10 @@ def add_cors_options(parser: argparse.ArgumentParser) -> None:
     """CORS for browser clients, vLLM's flags and defaults (every origin, method and header;
     no credentials)."""
     group = parser.add_argument_group("CORS (as vllm serve)")
-    group.add_argument("--allowed-origins", type=json_strings, default=["*"], metavar="JSON",
-                       help='origins browsers may call from, a JSON list (default: ["*"])')
-    group.add_argument("--allowed-methods", type=json_strings, default=["*"], metavar="JSON",
-                       help='HTTP methods allowed across origins (default: ["*"])')
-    group.add_argument("--allowed-headers", type=json_strings, default=["*"], metavar="JSON",
-                       help='request headers allowed across origins (default: ["*"])')
+    for flag, what in (("--allowed-origins", "origins browsers may call from, a JSON list"),
+                       ("--allowed-methods", "HTTP methods allowed across origins"),
+                       ("--allowed-headers", "request headers allowed across origins")):
+        group.add_argument(flag, type=json_strings, default=["*"], metavar="JSON",
+                           help=f'{what} (default: ["*"])')
     group.add_argument("--allow-credentials", action="store_true",
                        help="let cross-origin requests carry cookies and authorization")

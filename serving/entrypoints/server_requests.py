@@ -301,14 +301,14 @@ def render_chat(tokenizer: Any, req: Any, trust_template: bool = False) -> str:
         template = getattr(req, "chat_template", None)
         field = "chat_template" if template is not None else "chat_template_kwargs"
         template = sent if template is None else template
-        if template is not None and not trust_template:
-            raise ApiError(400, f"{field}: a chat template sent with the request runs only on "
-                           "a server started with --trust-request-chat-template", field,
-                           "invalid_value")
-        if template is not None and not isinstance(template, str):
-            raise ApiError(400, f"{field}: the chat template must be a string", field,
-                           "invalid_value")
         if template is not None:
+            if not trust_template:
+                raise ApiError(400, f"{field}: a chat template sent with the request runs "
+                               "only on a server started with --trust-request-chat-template",
+                               field, "invalid_value")
+            if not isinstance(template, str):
+                raise ApiError(400, f"{field}: the chat template must be a string", field,
+                               "invalid_value")
             kwargs["chat_template"] = template
         if req.tools:
             kwargs = {"tools": req.tools, **kwargs}

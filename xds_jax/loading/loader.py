@@ -13,6 +13,7 @@ second load of a checkpoint skips dequantisation and layout conversion.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -120,14 +121,16 @@ def _hf_dir_config(path: Path, raw: dict, warn: bool = True) -> ModelConfig:
     from xds_jax.loading.weights_hf import SafetensorsSource, text_model_source
 
     source = str(path / "config.json")
-    if any(path.glob("*.safetensors")) and not _names_dtype(raw):
+    has_weights = any(path.glob("*.safetensors"))
+    weights = functools.cache(lambda: SafetensorsSource(path))  # indexed once, if read at all
+    if has_weights and not _names_dtype(raw):
         # no dtype in the config: the weights' own, as transformers' dtype="auto" reads it
-        found = SafetensorsSource(path).float_dtype()
+        found = weights().float_dtype()
         raw = raw if found is None else dict(raw, torch_dtype=found)
     cfg = config_from_hf_dict(raw, source)
-    if not cfg.tie_word_embeddings or not any(path.glob("*.safetensors")):
+    if not cfg.tie_word_embeddings or not has_weights:
         return cfg
-    if "lm_head.weight" not in text_model_source(SafetensorsSource(path)).names():
+    if "lm_head.weight" not in text_model_source(weights()).names():
         return cfg
     if warn:
         log.warning("%s: tie_word_embeddings is true but the checkpoint stores lm_head.weight; "

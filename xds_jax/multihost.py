@@ -99,11 +99,27 @@ def _zeros_program(specs: tuple, shardings: tuple):
                    out_shardings=shardings)
 
 
+def host_get(tree):
+    """``jax.device_get`` in one process, without its asynchronous host copies where they buy
+    nothing: for one array, or arrays on CPU, it reads each directly. Started on a CPU array
+    still being computed, ``copy_to_host_async`` cost ~0.3 ms of the host thread's CPU, 3-4x
+    the read itself; on an accelerator several arrays' copies still overlap."""
+    leaves = jax.tree.leaves(tree)
+    arrays = [a for a in leaves if isinstance(a, jax.Array)]
+    if len(arrays) > 1 and any(_off_cpu(a) for a in arrays):
+        return jax.device_get(tree)
+    return jax.tree.map(lambda a: np.asarray(a) if isinstance(a, jax.Array) else a, tree)
+
+
+def _off_cpu(a: jax.Array) -> bool:
+    return any(d.platform != "cpu" for d in a.sharding.device_set)
+
+
 def fetch(tree):
     """The arrays of ``tree`` as numpy, identical on every process (``jax.device_get`` in one
     process). Every process must call it at the same point: with several it is a collective."""
     if not multi_process():
-        return jax.device_get(tree)
+        return host_get(tree)
     leaves, treedef = jax.tree.flatten(tree)
     arrays = [i for i, a in enumerate(leaves) if isinstance(a, jax.Array)]
     if not arrays:

@@ -39,7 +39,7 @@ from xds_jax.model.config import ModelConfig
 from xds_jax.model.mtp import MAX_SPECULATIVE_TOKENS, draft_tokens, mtp_block
 from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import forward, last_token_outputs
-from xds_jax.multihost import zeros_tree
+from xds_jax.multihost import host_get, zeros_tree
 from xds_jax.sampling.argmax import argmax_last
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ class SpecRunner(ModelRunner):
             if kind == "prefill":
                 items, rows, logits, greedy, x_last = launched
                 sample_rows(logits, rows.sampling_seqs, self.cfg.vocab_size, greedy)
-                self.spec.keep_prefill(items, np.asarray(jax.device_get(x_last)))
+                self.spec.keep_prefill(items, np.asarray(host_get(x_last)))
             else:
                 items, rows, num_drafts, steps = launched
                 if len(steps) > 1:
@@ -268,7 +268,7 @@ class SpecRunner(ModelRunner):
                 drafts, logits, greedy, x = steps[0]
                 # one read of everything small the host needs (the logits stay on device:
                 # only sampled or logprob rows read them, through their own programs)
-                drafts, greedy, x = jax.device_get((drafts, greedy, x))
+                drafts, greedy, x = host_get((drafts, greedy, x))
                 seqs = [s.seq for s in items] + [None] * (len(num_drafts) - len(items))
                 accepted = emit_decode(seqs, num_drafts, drafts, logits, self.cfg.vocab_size,
                                        greedy)
@@ -287,7 +287,7 @@ class SpecRunner(ModelRunner):
                                    greedy)
             self.spec.count(num_drafts[live], accepted[live])
             if n == len(steps) - 1:
-                x = np.asarray(jax.device_get(x))
+                x = np.asarray(host_get(x))
                 for i in live:
                     self.spec.keep_pending(items[i].seq, x[i, :accepted[i] + 1], last_pos[i])
             for i in live:

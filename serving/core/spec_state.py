@@ -14,10 +14,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import numpy as np
 
 from xds_jax.generate import sample_rows
+from xds_jax.multihost import host_get
 from xds_jax.sampling.params import logprobs_width
 from xds_jax.sampling.rejection import verify_drafts
 
@@ -193,7 +193,7 @@ def _emit_verified(seqs: list, num_drafts, drafts, logits, vocab_size: int,
     want = any(p.logprobs is not None for p in live)
     num_drafts = np.where([s is not None for s in seqs], num_drafts, 0).astype(np.int32)
     if greedy_BK1 is not None and not random and not want:
-        tokens, drafts = jax.device_get((greedy_BK1, drafts))
+        tokens, drafts = host_get((greedy_BK1, drafts))
         accepted = accept_greedy(tokens, drafts, num_drafts)
     else:
         tokens, accepted, *logprobs = _verify(seqs, params, num_drafts, drafts, logits,
@@ -235,6 +235,6 @@ def _verify(seqs: list, params: list, num_drafts, drafts, logits, vocab_size: in
     steps = np.asarray([len(s.output_ids) if s else 0 for s in seqs], np.int32)
     sort = any(p.top_p < 1 or p.top_k > 0 for p in live if not p.greedy)
     n_lp = logprobs_width(max((p.logprobs or 0 for p in live), default=0))
-    return jax.device_get(verify_drafts(logits, drafts, num_drafts, temps, top_k, top_p, seeds,
+    return host_get(verify_drafts(logits, drafts, num_drafts, temps, top_k, top_p, seeds,
                                         steps, random=random, sort=sort, logprobs=want,
                                         num_logprobs=n_lp))

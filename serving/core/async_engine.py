@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -19,11 +20,12 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from serving.core.admission import Admission
-from serving.core.prompt_scoring import PromptScoring
+from serving.core.balancer import NoHealthyGroupError
+from serving.core.prompt_scoring import PromptScoring, ScoringCancelled
 from serving.core.request import Request
 from xds_jax.embedding import embedding_options
 from xds_jax.engine_config import EngineConfig, check_priority
-from xds_jax.errors import ConfigError
+from xds_jax.errors import ConfigError, XdsError
 from xds_jax.llm import LLM
 from xds_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from xds_jax.sampling.beam_search import BeamSearch, BeamSearchParams, next_logprobs
@@ -39,15 +41,21 @@ def remember(ids: OrderedDict[str, bool], request_id: str) -> None:
         ids.popitem(last=False)
 
 
-class RequestFailedError(RuntimeError):
+def _discard(work: asyncio.Future) -> None:
+    """Read the outcome of scoring no one waits for any more (asyncio would log an error)."""
+    if not work.cancelled():
+        work.exception()
+
+
+class RequestFailedError(XdsError, RuntimeError):
     """The engine failed this one request (it kept serving the others)."""
 
 
-class EngineDeadError(RuntimeError):
+class EngineDeadError(XdsError, RuntimeError):
     """The engine was shut down: it takes no more requests (vLLM's name)."""
 
 
-class DuplicateRequestError(ValueError):
+class DuplicateRequestError(XdsError, ValueError):
     """A request id that names a request still running (vLLM refuses it too)."""
 
 
@@ -123,6 +131,9 @@ class AsyncEngine:
         # group next steps (a stalled group steps late)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._closed = False  # shut down: new requests raise EngineDeadError
+        # requests whose prompt is being scored: (cancel flag, loop, future an abort cancels)
+        self._scoring: dict[str, tuple[threading.Event, asyncio.AbstractEventLoop,
+                                       asyncio.Future]] = {}
 
     @property
     def scoring(self) -> PromptScoring:
@@ -147,9 +158,13 @@ class AsyncEngine:
         """Stop the engine: running streams end now with "abort", later ``generate`` calls
         raise ``EngineDeadError``."""
         self._closed = True
-        for request_id in list(self._beams) + list(self._streams):
+        for request_id in list(self._beams) + list(self._streams) + list(self._scoring):
             self.abort(request_id)
         self.engine.shutdown()
+
+    def can_serve(self) -> bool:
+        """A new request can run now (``Engine.can_serve``)."""
+        return self.engine.can_serve()
 
     def stats(self) -> dict:
         """The engine's counters, the KV blocks free and in all (summed over groups; cached
@@ -189,8 +204,7 @@ class AsyncEngine:
         )
         scored = None
         if params.prompt_logprobs is not None:
-            scored = await loop.run_in_executor(None, self.scoring.score, list(prompt_ids),
-                                                params.prompt_logprobs)
+            scored = await self._score_prompt(request_id, prompt_ids, params.prompt_logprobs)
         if self._aborted_early.pop(request_id, False):  # aborted before it was submitted
             request.abort()
         remember(self._submitted, request_id)
@@ -207,6 +221,8 @@ class AsyncEngine:
                     yield aborted_output(request, last, scored)
                     return
                 if out.error is not None:
+                    if out.error.startswith(NoHealthyGroupError.__name__):  # nowhere to go on
+                        raise NoHealthyGroupError(out.error)
                     raise RequestFailedError(f"request {request_id} failed: {out.error}")
                 out.prompt_logprobs = scored
                 yield out
@@ -282,11 +298,36 @@ class AsyncEngine:
             c.finish_reason = "abort" if aborted else c.finish_reason
         scored = None
         if params.prompt_logprobs is not None and not aborted:
-            scored = await asyncio.get_running_loop().run_in_executor(
-                None, self.scoring.score, list(prompt_ids), params.prompt_logprobs)
+            scored = await self._score_prompt(request_id, prompt_ids, params.prompt_logprobs)
         yield RequestOutput(request_id, prompt, list(prompt_ids), outputs, finished=True,
                             metrics=RequestMetrics(arrival, finished_time=time.monotonic()),
                             prompt_logprobs=scored)
+
+    async def _score_prompt(self, request_id: str, prompt_ids: list[int],
+                            top_n: int) -> list | None:
+        """The prompt's logprobs, scored on a worker thread; None where the request is
+        aborted first (its client left, its time ran out): a prompt still waiting for the
+        scorer is then never scored, and one being scored is not waited for."""
+        loop = asyncio.get_running_loop()
+        cancelled, aborted = threading.Event(), loop.create_future()
+        self._scoring[request_id] = (cancelled, loop, aborted)
+        work = loop.run_in_executor(None, self.scoring.score, list(prompt_ids), top_n,
+                                    cancelled)
+        try:
+            await asyncio.wait((work, aborted), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cancelled.set()  # aborted, cancelled or done: nothing more to start
+            aborted.cancel()
+            if self._scoring.get(request_id, (None,))[0] is cancelled:
+                del self._scoring[request_id]
+            if not work.done():  # aborted: it ends unread
+                work.add_done_callback(_discard)
+        if not work.done():
+            return None
+        try:
+            return work.result()
+        except ScoringCancelled:
+            return None
 
     def _end_stream(self, request_id: str) -> None:
         """End a running request's stream now (``generate`` yields its aborted output)."""
@@ -302,6 +343,11 @@ class AsyncEngine:
         for beam_id in list(beams or ()):
             self.engine.abort(beam_id)
             self._end_stream(beam_id)
+        scoring = self._scoring.get(request_id)
+        if scoring is not None:  # its prompt is being scored (prompt_logprobs)
+            cancelled, loop, aborted = scoring
+            cancelled.set()
+            loop.call_soon_threadsafe(aborted.cancel)
         if beams is None:
             self.engine.abort(request_id)
             self._end_stream(request_id)

@@ -31,6 +31,7 @@ from xds_jax.model.config import ModelConfig
 from xds_jax.model.params import model_dtype
 from xds_jax.model.pooling import embed_tokens
 from xds_jax.model.reference import forward, new_caches
+from xds_jax.multihost import host_get
 from xds_jax.outputs import Logprob
 from xds_jax.sampling.params import logprobs_width
 
@@ -77,6 +78,10 @@ def score_tokens(params: dict, tokens_S: jax.Array, *, cfg: ModelConfig, top_n: 
     return tuple(a.reshape(s, *a.shape[2:]) for a in out)
 
 
+class ScoringCancelled(Exception):
+    """The request was aborted while its prompt waited for the scorer: it was not scored."""
+
+
 class PromptScorer:
     """Scores prompts with one parameter copy on its device(s); one prompt at a time, so the
     memory scoring takes is bounded by the longest prompt."""
@@ -87,23 +92,30 @@ class PromptScorer:
         self.lock = threading.Lock()
         self._shapes_seen = ProgramShapes()
 
-    def raw(self, ids: list[int], top_n: int) -> tuple[np.ndarray, ...]:
-        """``score_tokens`` of ``ids`` cut to the ``len(ids) - 1`` real positions."""
+    def raw(self, ids: list[int], top_n: int,
+            cancelled: threading.Event | None = None) -> tuple[np.ndarray, ...]:
+        """``score_tokens`` of ``ids`` cut to the ``len(ids) - 1`` real positions; raises
+        ``ScoringCancelled`` where ``cancelled`` is set by the time the scorer is free (a
+        program once launched runs to its end)."""
         length = bucket(len(ids), MIN_PROMPT_BUCKET)
         tokens = np.zeros((length,), np.int32)
         tokens[: len(ids)] = ids
         with self.lock:
+            if cancelled is not None and cancelled.is_set():
+                raise ScoringCancelled
             width = max(logprobs_width(top_n), 1)
             self._shapes_seen.first_launch((length, width), "prompt scoring (positions, top)")
             out = score_tokens(self.params, jax.device_put(tokens, self.input_sharding),
                                cfg=self.cfg, top_n=width)
-            out = jax.device_get(out)
+            out = host_get(out)
         return tuple(a[: len(ids) - 1] for a in out)
 
-    def score(self, ids: list[int], top_n: int) -> list[dict[int, Logprob] | None]:
+    def score(self, ids: list[int], top_n: int, cancelled: threading.Event | None = None
+              ) -> list[dict[int, Logprob] | None]:
         """vLLM's ``prompt_logprobs``: None for the first token, then for each later token
-        its own entry and the ``top_n`` likeliest tokens at its position."""
-        logprob, rank, top_ids, top_lps = self.raw(ids, top_n)
+        its own entry and the ``top_n`` likeliest tokens at its position (``cancelled``: as
+        ``raw`` takes it)."""
+        logprob, rank, top_ids, top_lps = self.raw(ids, top_n, cancelled)
         result: list[dict[int, Logprob] | None] = [None]
         for i, token in enumerate(ids[1:]):
             entry = {int(t): Logprob(float(lp), r + 1, self._piece(int(t)))
@@ -125,7 +137,7 @@ class PromptScorer:
             out = embed_tokens(self.params, jax.device_put(tokens, self.input_sharding),
                                np.int32(len(ids)), cfg=self.cfg, pooling=pooling,
                                normalize=normalize)
-            return np.asarray(jax.device_get(out))
+            return np.asarray(host_get(out))
 
     def _piece(self, token: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token], False)
@@ -152,8 +164,9 @@ class PromptScoring:
         with self._lock:
             return self.scorers[next(self._turns)]
 
-    def score(self, ids: list[int], top_n: int) -> list[dict[int, Logprob] | None]:
-        return self._next().score(ids, top_n)
+    def score(self, ids: list[int], top_n: int, cancelled: threading.Event | None = None
+              ) -> list[dict[int, Logprob] | None]:
+        return self._next().score(ids, top_n, cancelled)
 
     def embed(self, ids: list[int], pooling: str, normalize: bool) -> np.ndarray:
         return self._next().embed(ids, pooling, normalize)

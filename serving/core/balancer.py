@@ -15,6 +15,7 @@ import hashlib
 import math
 
 from serving.core.dp_group import GroupLoad
+from xds_jax.errors import XdsError
 
 PREFIX_BLOCK = 64  # tokens per affinity key
 MAX_REMEMBERED = 4096
@@ -22,7 +23,7 @@ LOAD_STEP = 0.25  # loads within one step count as equal; then prompt length dec
 LENGTH_EMA = 0.2  # weight of a new placement in a group's typical prompt length
 
 
-class NoHealthyGroupError(RuntimeError):
+class NoHealthyGroupError(XdsError, RuntimeError):
     """Every DP group is unhealthy."""
 
 

@@ -154,10 +154,10 @@ class Engine:
         """Continue a started request's sequences on a healthy entry group (any thread);
         a request aborted meanwhile ends aborted, and one with nowhere to go ends failed."""
         request = move.request
-        with self._lock:
-            self.requests_recovered += 1
         try:
             if self._place(request, move) is not None:
+                with self._lock:
+                    self.requests_recovered += 1
                 return
             request.abort()
         except NoHealthyGroupError as error:
@@ -257,6 +257,12 @@ class Engine:
             self.timeline.close()  # its watcher threads (recorded events stay readable)
 
     # -- observability ------------------------------------------------------------------------
+    def can_serve(self) -> bool:
+        """A new request can run now: an entry group in service and, with PD, a decode group
+        too (``/health``)."""
+        decode_ok = self.router is None or any(g.healthy for g in self.router.decode)
+        return decode_ok and any(g.healthy for g in self.entry)
+
     def stats(self) -> dict:
         loads = [g.load() for g in self.groups]
         schedulers = [g.scheduler for g in self.groups]

@@ -238,8 +238,8 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
     async def health() -> Response:
         if served.draining:
             raise ApiError(503, "the server is shutting down", None, "shutting_down")
-        if engine.stats().get("healthy_groups", 1) == 0:
-            raise ApiError(503, "no engine group is healthy", None, "unhealthy")
+        if not engine.can_serve():  # PD: a prefill and a decode group must be in service
+            raise ApiError(503, "no engine group can serve a request now", None, "unhealthy")
         return Response(status_code=200)
 
     @app.get("/v1/models")

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from serving.core.admission import OverloadedError, RequestTooLargeError
+from serving.core.async_engine import DuplicateRequestError, EngineDeadError, RequestFailedError
 from serving.core.balancer import NoHealthyGroupError
 from serving.entrypoints import openai_protocol as api
 from serving.entrypoints.api_error import ApiError
@@ -34,8 +35,12 @@ def engine_error(error: Exception) -> ApiError:
         return ApiError(400, str(error), "prompt", "invalid_prompt")
     if isinstance(error, SamplingParamsError):  # the message opens with the field's name
         return ApiError(400, str(error), str(error).split()[0].rstrip(":"), "invalid_value")
-    if type(error).__name__ == "RequestFailedError":  # that request alone; the engine serves on
+    if isinstance(error, RequestFailedError):  # that request alone; the engine serves on
         return ApiError(500, str(error), None, "request_failed")
+    if isinstance(error, EngineDeadError):
+        return ApiError(503, str(error), None, "shutting_down", {"Retry-After": "5"})
+    if isinstance(error, DuplicateRequestError):
+        return ApiError(400, str(error), None, "duplicate_request_id")
     if isinstance(error, NoHealthyGroupError):  # /health says so too; retry once one rejoins
         return ApiError(503, f"no DP group can serve now: {error}", None, "unavailable",
                         {"Retry-After": "5"})

@@ -117,6 +117,9 @@ class FakeEngine:
     def shutdown(self) -> None:
         self.started = False
 
+    def can_serve(self) -> bool:
+        return True
+
     def stats(self) -> dict:
         return {"num_running": len(self.active), "num_waiting": 0, "kv_usage": 0.25,
                 "prefix_hit_rate": 0.5, "num_preemptions": 0, "prompt_tokens_total": 10,

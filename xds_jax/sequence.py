@@ -77,6 +77,16 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def ids_between(self, start: int, stop: int) -> list[int]:
+        """``all_ids[start:stop]`` without building ``all_ids`` (a step reads a token or a
+        chunk of a long sequence)."""
+        n = len(self.prompt_ids)
+        if stop <= n:
+            return self.prompt_ids[start:stop]
+        if start >= n:
+            return self.output_ids[start - n:stop - n]
+        return self.prompt_ids[start:] + self.output_ids[:stop - n]
+
     def banned_ids(self, in_flight: int = 0) -> list[int]:
         """Ids that may not be sampled yet: EOS and stop ids before ``min_tokens``
         (``in_flight``: sampled tokens not appended yet, which count)."""

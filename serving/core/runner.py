@@ -26,6 +26,7 @@ Shape legend: B rows, S tokens per row, N blocks per row, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import threading
 
@@ -81,27 +82,35 @@ def build_rows(scheduled: list, rows_min: int, width_min: int, block_size: int,
     is_last_chunk) into bucketed host arrays. Padding uses position -1 (writes nothing).
     ``sources``: seq id -> index of the token in flight on device that a decode row of that
     sequence takes as input (its host token is then a 0 placeholder)."""
-    rows = bucket(len(scheduled), rows_min)
-    width = bucket(max(s.num_tokens for s in scheduled), width_min)
-    blocks = bucket(max(len(s.block_table) for s in scheduled),
-                    max(1, MIN_CONTEXT_TOKENS // block_size))
+    n = len(scheduled)
+    rows = bucket(n, rows_min)
+    counts = np.array([s.num_tokens for s in scheduled], np.int32)
+    starts = np.array([s.start for s in scheduled], np.int32)
+    lens = np.array([len(s.block_table) for s in scheduled], np.int64)
+    width = bucket(int(counts.max()), width_min)
+    blocks = bucket(int(lens.max()), max(1, MIN_CONTEXT_TOKENS // block_size))
+    assert blocks * block_size >= int((starts + counts).max()), "block table too short"
     tokens = np.zeros((rows, width), np.int32)
     positions = np.full((rows, width), -1, np.int32)
+    cols = np.arange(width, dtype=np.int32)
+    positions[:n] = np.where(cols < counts[:, None], starts[:, None] + cols, -1)
+    # every row's table at once: row i's j-th block to [i, j]
+    total = int(lens.sum())
     tables = np.zeros((rows, blocks), np.int32)
+    row_of = np.repeat(np.arange(n), lens)
+    col_of = np.arange(total) - np.repeat(lens.cumsum() - lens, lens)
+    tables[row_of, col_of] = np.fromiter(
+        itertools.chain.from_iterable(s.block_table for s in scheduled), np.int32, total)
     last = np.zeros((rows,), np.int32)
-    sampling: list = [None] * rows
-    source = np.full((rows,), -1, np.int32) if sources else None
+    last[:n] = counts - 1
+    sampling: list = [s.seq if s.is_last_chunk else None for s in scheduled] + [None] * (rows - n)
+    source = None
+    if sources:
+        source = np.full((rows,), -1, np.int32)
+        source[:n] = [sources.get(s.seq.seq_id, -1) for s in scheduled]
     for i, s in enumerate(scheduled):
-        if sources and s.seq.seq_id in sources:
-            source[i] = sources[s.seq.seq_id]
-        else:
-            tokens[i, : s.num_tokens] = s.seq.all_ids[s.start : s.start + s.num_tokens]
-        positions[i, : s.num_tokens] = np.arange(s.start, s.start + s.num_tokens)
-        tables[i, : len(s.block_table)] = s.block_table
-        last[i] = s.num_tokens - 1
-        if s.is_last_chunk:
-            sampling[i] = s.seq
-    assert blocks * block_size >= int(positions.max()) + 1, "block table too short"
+        if source is None or source[i] < 0:
+            tokens[i, : s.num_tokens] = s.seq.ids_between(s.start, s.start + s.num_tokens)
     return RowBatch(tokens, positions, tables, last, sampling, source)
 
 

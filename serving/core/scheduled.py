@@ -31,7 +31,7 @@ class ScheduledSeq:
 
     @property
     def token_ids(self) -> list[int]:
-        return self.seq.all_ids[self.start:self.start + self.num_tokens]
+        return self.seq.ids_between(self.start, self.start + self.num_tokens)
 
     @property
     def is_prefill(self) -> bool:

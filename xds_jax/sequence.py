@@ -53,7 +53,7 @@ class Sequence:
         self._bad_words: list[list[int]] | None = None
         self._allowed_only = None  # allowed_token_ids as a [V] mask (allowed_mask)
         self._detok = (IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
-                       if tokenizer is not None else None)
+                       if tokenizer is not None and params.detokenize else None)
         self._grammar = None  # its GrammarState, built at the first mask (structured outputs)
         self._eos = frozenset(() if params.ignore_eos else eos_token_ids)
         self._stop_ids = frozenset(params.stop_token_ids)
@@ -222,7 +222,9 @@ class Sequence:
         return self._detok.text
 
     def _piece(self, token: int) -> str | None:
-        return None if self._tokenizer is None else self._tokenizer.decode([token], False)
+        if self._tokenizer is None or not self.params.detokenize:
+            return None
+        return self._tokenizer.decode([token], False)
 
     # -- reporting ----------------------------------------------------------------------------
     @property

@@ -70,6 +70,22 @@ def test_stop_string_cuts_text(smollm2):
     assert kept.outputs[0].text == " Paris"
 
 
+def test_detokenize_false_gives_token_ids_only(smollm2):
+    """vLLM's ``detokenize=False``: the same tokens, no text, logprobs without decoded tokens;
+    stop strings (matched in the text) are refused with it."""
+    want = smollm2.generate("The capital of France is",
+                            SamplingParams(temperature=0, max_tokens=6, logprobs=2))[0]
+    got = smollm2.generate("The capital of France is", SamplingParams(
+        temperature=0, max_tokens=6, logprobs=2, detokenize=False))[0]
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert want.outputs[0].text and got.outputs[0].text == ""
+    assert all(lp.decoded_token is None for e in got.outputs[0].logprobs for lp in e.values())
+    with pytest.raises(SamplingParamsError, match="detokenize=True"):
+        SamplingParams(stop=["."], detokenize=False)
+    with pytest.raises(SamplingParamsError, match="detokenize"):
+        SamplingParams(detokenize="no")
+
+
 def test_n_samples_per_prompt(smollm2):
     out = smollm2.generate("Once upon a time", SamplingParams(n=3, seed=5, max_tokens=6))[0]
     assert [o.index for o in out.outputs] == [0, 1, 2]

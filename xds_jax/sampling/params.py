@@ -73,6 +73,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only (text "", logprobs' decoded tokens None)
     logit_bias: dict[int, float] | None = None
     structured_outputs: StructuredOutputs | dict | None = None
     allowed_token_ids: list[int] | None = None
@@ -132,6 +133,10 @@ class SamplingParams:
             raise bad("seed", "must be an integer")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "must be non-empty strings")
+        if not isinstance(self.detokenize, bool):
+            raise bad("detokenize", "must be true or false")
+        if self.stop and not self.detokenize:
+            raise bad("stop", "strings are matched in the text: they need detokenize=True")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative integers")
         allowed = self.allowed_token_ids

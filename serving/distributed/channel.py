@@ -3,7 +3,8 @@
 Process 0 (the leader) listens on a free port and publishes its address in the
 ``jax.distributed`` key-value store; the others (followers) read it there and connect. Frames
 are a 5-byte header (length, kind) and a payload: ``STEP`` and ``STOP`` go from the leader to
-the followers, ``BEAT`` both ways. A heartbeat thread on each side sends ``BEAT`` every
+the followers, ``DRAIN`` (a follower got SIGTERM: stop the deployment) from a follower to the
+leader, ``BEAT`` both ways. A heartbeat thread on each side sends ``BEAT`` every
 ``heartbeat_s`` (also while the main thread is busy compiling or inside a collective), and a
 watchdog reports a peer whose connection closed or that stayed silent for ``timeout_s``
 through ``on_lost(process_id, reason)``: a process that died or hangs is noticed in bounded
@@ -24,7 +25,7 @@ from sharding.processes import DistributedConfig
 
 log = logging.getLogger(__name__)
 
-STEP, STOP, BEAT = 1, 2, 3
+STEP, STOP, BEAT, DRAIN = 1, 2, 3, 4
 _HEADER = struct.Struct("!IB")
 ADDRESS_KEY = "xds/control_address"
 
@@ -77,14 +78,17 @@ class ControlChannel:
     """Leader and followers of one engine (``connect`` builds the right side).
 
     Leader: ``broadcast(payload)`` sends a ``STEP`` to every follower; ``stop()`` sends
-    ``STOP``. Follower: ``receive()`` returns the next ``STEP`` payload, or None at ``STOP``.
+    ``STOP``; a follower's ``DRAIN`` calls ``on_drain(process_id)``. Follower: ``receive()``
+    returns the next ``STEP`` payload, or None at ``STOP``; ``request_drain()`` sends ``DRAIN``.
     """
 
     def __init__(self, config: DistributedConfig, peers: list[_Peer],
-                 on_lost: Callable[[int, str], None]) -> None:
+                 on_lost: Callable[[int, str], None],
+                 on_drain: Callable[[int], None] | None = None) -> None:
         self.config = config
         self.peers = peers
         self.on_lost = on_lost
+        self.on_drain = on_drain
         self.steps: queue.Queue = queue.Queue()
         self.closing = threading.Event()
         self._lost = threading.Event()
@@ -98,10 +102,12 @@ class ControlChannel:
     # -- set-up -------------------------------------------------------------------------------
     @classmethod
     def connect(cls, config: DistributedConfig, on_lost: Callable[[int, str], None],
-                timeout_s: float = 300.0, store=None) -> ControlChannel:
+                timeout_s: float = 300.0, store=None,
+                on_drain: Callable[[int], None] | None = None) -> ControlChannel:
         """Process 0 listens and waits for the others; the others connect to it. ``store``
         (``key_value_set``, ``blocking_key_value_get``) is where the leader's address is
-        published: by default the ``jax.distributed`` client's key-value store."""
+        published: by default the ``jax.distributed`` client's key-value store. ``on_drain``
+        (leader): called from a reader thread when a follower asks to stop the deployment."""
         client = store if store is not None else _kv_client()
         if config.is_leader:
             server = socket.create_server(("", 0))
@@ -122,7 +128,7 @@ class ControlChannel:
             finally:
                 server.close()
             log.info("control channel: %d followers connected on %s", len(peers), address)
-            return cls(config, sorted(peers, key=lambda p: p.process_id), on_lost)
+            return cls(config, sorted(peers, key=lambda p: p.process_id), on_lost, on_drain)
         address = client.blocking_key_value_get(ADDRESS_KEY, int(timeout_s * 1000))
         host, _, port = address.rpartition(":")
         sock = socket.create_connection((host, int(port)), timeout=timeout_s)
@@ -161,6 +167,14 @@ class ControlChannel:
         """The next step's message from the leader; None once it said ``STOP``."""
         return self.steps.get()
 
+    def request_drain(self) -> None:
+        """Ask the leader to drain and stop the deployment (it answers with ``STOP``)."""
+        for peer in self.peers:
+            try:
+                peer.send(DRAIN)
+            except OSError as e:
+                self._report(peer, f"send failed: {e}")
+
     # -- threads ------------------------------------------------------------------------------
     def _read(self, peer: _Peer) -> None:
         while True:
@@ -177,6 +191,8 @@ class ControlChannel:
                 self.closing.set()
                 self.steps.put(None)
                 return
+            elif kind == DRAIN and self.on_drain is not None:
+                self.on_drain(peer.process_id)
 
     def _beat(self) -> None:
         interval, timeout = self.config.heartbeat_s, self.config.timeout_s

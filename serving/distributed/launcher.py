@@ -8,12 +8,15 @@ a non-zero status (or is killed), the others get ``--grace`` seconds to notice a
 that failed first, shows the end of its log and exits with its status (128 + signal number
 for a signal). SIGTERM to the launcher goes to process 0 (``xds serve`` drains its requests and
 shuts the engine down, which releases the others): a clean stop exits 0. Once process 0 has
-exited 0 the others get ``--grace`` seconds to follow it before they are terminated.
+exited 0 the others get ``--grace`` seconds to follow it before they are terminated. The
+processes die with the launcher (on Linux, by the parent-death signal: SIGKILL), so a
+``kill -9`` of it leaves nothing running.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import shutil
 import signal
@@ -22,8 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 POLL_S = 0.1
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class LaunchError(Exception):
@@ -62,6 +67,31 @@ def child_argv(command: list[str], coordinator: str, num_processes: int,
     return [sys.executable, "-m", "serving.entrypoints.cli", command[0],
             "--coordinator", coordinator, "--num-processes", str(num_processes),
             "--process-id", str(process_id), *command[1:]]
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child killed when this process dies, even by SIGKILL
+    (Linux ``prctl(PR_SET_PDEATHSIG)``); None where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return  # the child runs on, as it would without this
+        if os.getppid() != parent:  # the parent died before the signal was set
+            os._exit(128 + signal.SIGKILL)
+
+    return set_death_signal
+
+
+def spawn(argv: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` of one process, which dies with this one (``die_with_parent``)."""
+    return subprocess.Popen(argv, env=env, preexec_fn=die_with_parent(), **kwargs)
 
 
 def describe(status: int) -> str:
@@ -104,13 +134,13 @@ def launch(command: list[str], num_processes: int, log_dir: str | None = None,
     for i in range(num_processes):
         argv = child_argv(command, coordinator, num_processes, i)
         if i == 0:
-            procs.append(subprocess.Popen(argv, env=env))
+            procs.append(spawn(argv, env))
             logs.append(None)
             continue
         path = os.path.join(log_dir, f"process-{i}.log")
         with open(path, "w") as out:
-            procs.append(subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL))
+            procs.append(spawn(argv, env, stdout=out, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL))
         logs.append(path)
         print(f"xds launch: process {i} is pid {procs[i].pid} (log {path})", file=sys.stderr,
               flush=True)

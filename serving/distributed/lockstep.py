@@ -17,7 +17,9 @@ than letting the processes drift apart).
 A process that dies or hangs is reported by the channel within ``timeout_s``: the leader ends
 every request in flight with a ``PeerLostError`` and exits with ``EXIT_PEER_LOST`` (the JAX
 runtime cannot recover collectives that wait for a lost peer); a follower that loses the leader
-exits the same way.
+exits the same way. A follower that gets SIGTERM asks the leader to stop (``request_drain``):
+unless the leader is already stopping, it sends itself SIGTERM (``xds serve`` drains), and its
+shutdown sends every process ``STOP``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import signal
 import sys
 import threading
 import zlib
@@ -43,6 +46,10 @@ log = logging.getLogger(__name__)
 
 EXIT_PEER_LOST = 3  # exit status of a process whose peer died or hung
 LOST_GRACE_S = 2.0  # the leader's callers get this long to report failed requests
+# A follower's stop request waits this long for a SIGTERM to process 0 itself (a scheduler
+# that stops a job signals every process at about the same time): a second SIGTERM would
+# stop its server at once instead of draining.
+DRAIN_COALESCE_S = 2.0
 
 
 class PeerLostError(XdsError, RuntimeError):
@@ -132,7 +139,8 @@ class LeaderEngine:
         self._dead: set[int] = set()
         self.rounds = 0
         self.lost: str | None = None
-        self.channel = ControlChannel.connect(config, self._on_lost)
+        self.drain_asked_by: int | None = None
+        self.channel = ControlChannel.connect(config, self._on_lost, on_drain=self._on_drain)
 
     def __getattr__(self, name: str):  # groups, drivers, timeline, cfg, ...: the engine's
         return getattr(self.engine, name)
@@ -228,6 +236,23 @@ class LeaderEngine:
             "broadcast_us_per_round": 1e6 * self.channel.send_seconds / sent if sent else 0.0,
         }
 
+    def _on_drain(self, process_id: int) -> None:
+        """A follower got SIGTERM (a node drain): stop as at a SIGTERM to this process (the
+        server drains, then ``shutdown`` sends every process ``STOP``), unless this process
+        is stopping by then (``DRAIN_COALESCE_S``). Once only."""
+        if self.drain_asked_by is not None:
+            return
+        self.drain_asked_by = process_id
+        log.warning("process %d got SIGTERM; stopping the deployment", process_id)
+        timer = threading.Timer(DRAIN_COALESCE_S, self._stop_as_at_sigterm)
+        timer.daemon = True
+        timer.start()
+
+    def _stop_as_at_sigterm(self) -> None:
+        if self._stop.is_set() or self.lost is not None or _draining():
+            return  # already stopping: a SIGTERM now would be a second one
+        os.kill(os.getpid(), signal.SIGTERM)
+
     # -- failure ------------------------------------------------------------------------------
     def _on_lost(self, process_id: int, reason: str) -> None:
         self.lost = (f"process {process_id} of {self.config.num_processes} was lost "
@@ -304,6 +329,10 @@ class FollowerEngine:
     def shutdown(self) -> None:
         self.channel.stop()
 
+    def request_drain(self) -> None:
+        """Ask process 0 to stop the deployment; ``follow`` returns at its ``STOP``."""
+        self.channel.request_drain()
+
     def _on_lost(self, process_id: int, reason: str) -> None:
         log.error("process %d: lost process %d (%s); exiting", self.config.process_id,
                   process_id, reason)
@@ -330,6 +359,13 @@ def _apply(engine: Engine, item) -> None:
         engine.release(item.request_id)
     else:
         raise TypeError(f"unknown lockstep event {type(item).__name__}")
+
+
+def _draining() -> bool:
+    """Whether this process's SIGTERM handler is a server's that has started its drain
+    (``serving.entrypoints.shutdown.DrainingServer.drain_requested``)."""
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return bool(getattr(server, "drain_requested", False))
 
 
 def _exit_lost() -> None:

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -22,6 +23,7 @@ from tqdm import tqdm
 log = logging.getLogger("xds")
 
 GIB = 1 << 30
+FOLLOWER_EXIT_AFTER_S = 15.0  # past process 0's drain: a follower's SIGTERM ends it by then
 
 
 class Status:
@@ -94,17 +96,43 @@ def join_processes(args: argparse.Namespace, deployment: Any) -> Any:
     config = DistributedConfig(args.coordinator, args.num_processes, args.process_id)
     needed = deployment.num_devices if deployment is not None else args.num_dp_groups
     initialize(config, args.cpu_devices or needed, queues_collectives(deployment))
+    if threading.current_thread() is threading.main_thread():
+        # jax.distributed installs a preemption notifier that swallows SIGTERM (for
+        # checkpointing trainers); a server must stop on it, as it does without the flags.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return config
 
 
 def run_follower(args: argparse.Namespace) -> int:
     """A process other than 0: build the same engine and run process 0's steps until it
-    stops (prints nothing; process 0 prints)."""
+    stops (prints nothing; process 0 prints). SIGTERM: ``stop_deployment_on_sigterm``."""
     from serving.core.async_engine import AsyncEngine
 
     engine = AsyncEngine.from_args(engine_args(args))
+    wait_s = getattr(args, "shutdown_timeout", 0.0) + FOLLOWER_EXIT_AFTER_S
+    stop_deployment_on_sigterm(engine.llm.engine, wait_s)
     engine.llm.follow()
     return 0
+
+
+def stop_deployment_on_sigterm(follower: Any, wait_s: float) -> None:
+    """SIGTERM on a process other than 0 (a node drain) stops the whole deployment, which
+    cannot run without this process: process 0 is asked to stop as at its own SIGTERM
+    (``xds serve`` drains its requests, then releases every process) and this process keeps
+    following it until then. It dies by SIGTERM after ``wait_s`` seconds if process 0 has
+    not released it (process 0 then reports it lost), or at once at a second SIGTERM. Before
+    this is installed (while the engine loads) SIGTERM ends the process."""
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+        log.warning("SIGTERM: asking process 0 to stop the deployment (this process exits "
+                    "within %.0f s)", wait_s)
+        follower.request_drain()
+        timer = threading.Timer(wait_s, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def load_engine(args: argparse.Namespace) -> Any:

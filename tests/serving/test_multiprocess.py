@@ -100,6 +100,18 @@ def _get(url: str, body: dict | None = None) -> dict | None:
     return json.loads(raw) if raw else None
 
 
+def served_model(url: str, proc: subprocess.Popen, seconds: float = 300) -> str:
+    """The model name a launched server answers ``/v1/models`` with, once it is up."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return _get(f"{url}/v1/models")["data"][0]["id"]
+        except OSError:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(1)
+
+
 def test_serve_over_two_processes_answers_and_stops_cleanly(tmp_path):
     """``xds launch -- serve`` on cpu8-pd (prefill on process 0, decode on process 1): process
     0 answers an OpenAI completion with the text one process generates; SIGTERM to the
@@ -115,15 +127,7 @@ def test_serve_over_two_processes_answers_and_stops_cleanly(tmp_path):
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                model = _get(f"{url}/v1/models")["data"][0]["id"]
-                break
-            except OSError:
-                assert proc.poll() is None, proc.communicate()[1][-3000:]
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(1)
+        model = served_model(url, proc)
         reply = _get(f"{url}/v1/completions", {"model": model, "prompt": "Hello",
                                                "max_tokens": 8, "temperature": 0})
         proc.send_signal(signal.SIGTERM)

@@ -236,6 +236,11 @@ class LeaderEngine:
             "broadcast_us_per_round": 1e6 * self.channel.send_seconds / sent if sent else 0.0,
         }
 
+    def can_serve(self) -> bool:
+        """The engine's answer, but never once a process is lost (the deployment is ending:
+        every request fails with ``PeerLostError``)."""
+        return self.lost is None and self.engine.can_serve()
+
     def _on_drain(self, process_id: int) -> None:
         """A follower got SIGTERM (a node drain): stop as at a SIGTERM to this process (the
         server drains, then ``shutdown`` sends every process ``STOP``), unless this process

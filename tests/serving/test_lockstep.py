@@ -157,3 +157,16 @@ def test_launcher_stops_followers_that_outlive_process_0(capsys):
     assert "processes [1] did not follow" in capsys.readouterr().err
     assert watch([subprocess.Popen(["true"]), subprocess.Popen(["true"])], [None, None],
                   grace=5) == 0
+
+
+def test_a_leader_that_lost_a_process_cannot_serve():
+    """``/health`` of process 0 turns 503 once a peer is lost (it said 200 until the exit)."""
+    from types import SimpleNamespace
+
+    from serving.distributed.lockstep import LeaderEngine
+
+    leader = object.__new__(LeaderEngine)  # no channel: only the health answer is under test
+    leader.engine, leader.lost = SimpleNamespace(can_serve=lambda: True), None
+    assert leader.can_serve()
+    leader.lost = "process 1 of 2 was lost (connection closed)"
+    assert not leader.can_serve()

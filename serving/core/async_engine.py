@@ -190,7 +190,7 @@ class AsyncEngine:
         """
         if self._closed:
             raise EngineDeadError("the engine was shut down; it takes no more requests")
-        if request_id is not None and (request_id in self._streams or request_id in self._beams):
+        if request_id is not None and self._running(request_id):
             raise DuplicateRequestError(f"request id {request_id!r} is already running")
         prompt_ids = self.llm.truncate_prompt(prompt_ids, params)
         self.llm.check_prompt(prompt_ids, params)
@@ -328,6 +328,11 @@ class AsyncEngine:
             return work.result()
         except ScoringCancelled:
             return None
+
+    def _running(self, request_id: str) -> bool:
+        """A request of this id streams, searches beams or has its prompt scored now."""
+        return request_id in self._streams or request_id in self._beams \
+            or request_id in self._scoring
 
     def _end_stream(self, request_id: str) -> None:
         """End a running request's stream now (``generate`` yields its aborted output)."""

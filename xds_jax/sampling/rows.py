@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from xds_jax.errors import XdsError
-from xds_jax.multihost import fetch
+from xds_jax.multihost import fetch, host_get
 from xds_jax.sampling.params import SamplingParams
 from xds_jax.sampling.sampler import SamplerFlags, SamplingBatch, flags_for, make_batch, sample
 from xds_jax.sequence import Sequence
@@ -82,7 +82,7 @@ def append_rows(sampled: SampledRows | None, logits_BV: jax.Array | None = None)
     read on every process."""
     if sampled is None:
         return
-    read = jax.device_get if isinstance(logits_BV, np.ndarray) else fetch
+    read = host_get if isinstance(logits_BV, np.ndarray) else fetch
     if sampled.extras is None:
         tokens = read(sampled.tokens_B).tolist()
         for s, token in zip(sampled.seqs, tokens, strict=True):

@@ -25,11 +25,12 @@ from serving.core.prompt_scoring import PromptScoring, ScoringCancelled
 from serving.core.request import Request
 from xds_jax.embedding import embedding_options
 from xds_jax.engine_config import EngineConfig, check_priority
-from xds_jax.errors import ConfigError, XdsError
+from xds_jax.errors import ConfigError, SamplingParamsError, XdsError
 from xds_jax.llm import LLM
 from xds_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from xds_jax.sampling.beam_search import BeamSearch, BeamSearchParams, next_logprobs
 from xds_jax.sampling.params import SamplingParams
+from xds_jax.sampling.structured import FIELD as STRUCTURED
 from xds_jax.sequence import salt_bytes
 
 IDS_KEPT = 4096  # request ids remembered: the last submitted, those aborted before submission
@@ -223,6 +224,8 @@ class AsyncEngine:
                 if out.error is not None:
                     if out.error.startswith(NoHealthyGroupError.__name__):  # nowhere to go on
                         raise NoHealthyGroupError(out.error)
+                    if out.error.startswith(STRUCTURED):  # the grammar gave up (its limits)
+                        raise SamplingParamsError(out.error)
                     raise RequestFailedError(f"request {request_id} failed: {out.error}")
                 out.prompt_logprobs = scored
                 yield out

@@ -69,6 +69,8 @@ class Request:
             out = s.output()
             outputs.append(dataclasses.replace(out, text=self._sent_text[i])
                            if not s.finished else out)
+        # a sample may end failed alone (its grammar refused to go on): the request reports it
+        error = self.error or next((s.error for s in self.seqs if s.error), None)
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outputs,
-                             finished=self.finished, metrics=self.metrics, error=self.error)
+                             finished=self.finished, metrics=self.metrics, error=error)
 

@@ -138,8 +138,14 @@ OPTIONS = {"disable_any_whitespace"}  # structured_outputs keys that constrain n
 
 
 def response_format_fields(value: dict[str, Any] | None) -> dict[str, Any] | None:
-    """OpenAI's ``response_format`` as ``StructuredOutputs`` fields; None for plain text."""
-    kind = (value or {}).get("type", "text")
+    """OpenAI's ``response_format`` as ``StructuredOutputs`` fields; None for plain text (or
+    no ``response_format``; one without ``type`` is a 400, as OpenAI and vLLM answer)."""
+    if value is None:
+        return None
+    if "type" not in value:
+        raise ApiError(400, "response_format.type is required: 'text', 'json_object' or "
+                       "'json_schema'", "response_format", "invalid_value")
+    kind = value["type"]
     if kind == "text":
         return None
     if kind == "json_object":

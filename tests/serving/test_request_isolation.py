@@ -213,6 +213,7 @@ def test_fuzzed_completion_bodies_never_take_the_server_down(server, body):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      "response_format", "invalid_value"),
     ({"response_format": {"type": "xml"}}, "response_format", "unsupported"),
+    ({"response_format": {}}, "response_format", "invalid_value"),  # no type (was ignored)
     # tools default tool_choice to "auto", which needs --enable-auto-tool-choice (as in vLLM)
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
      "tool_choice", "unsupported"),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tests.helpers import assert_same_greedy, generate_with_and_without, spy
+from tests.helpers import assert_greedy_agrees, generate_with_and_without, spy
 from xds_jax.kernels import cpu_matmul
 from xds_jax.model.layers import matmul_f32
 
@@ -81,7 +81,7 @@ def test_empty_contraction_gives_zeros(isa, m):
     """K = 0 (an empty contraction): zeros, as XLA's dot gives (it divided by zero k steps in
     the weight prefetch and killed the process). (int8's split rows need a maximum: K >= 1.)"""
     for dtype in (jnp.bfloat16, jnp.float32):
-        if dtype == jnp.float32 and cpu_matmul.kernel_isa() != 2:
+        if dtype == jnp.float32 and m > cpu_matmul.max_rows(float32=True):
             continue
         got = _kernel(jnp.ones((m, 0), dtype), jnp.ones((5, 0), dtype))
         np.testing.assert_array_equal(np.asarray(got), np.zeros((m, 5), np.float32))
@@ -90,9 +90,10 @@ def test_empty_contraction_gives_zeros(isa, m):
 @pytest.mark.parametrize("m,n,k", SHAPES + [(64, 130, 100), (512, 30, 40)])
 def test_float32_kernel_equals_float64_reference(isa, m, n, k):
     """float32 rows and weights: float32 sums of the products, the lowering the kernel where
-    ``applies`` says so (AVX-512 CPUs; the AVX2 blocks run only where forced, as here)."""
-    if cpu_matmul.kernel_isa() != 2:
-        pytest.skip("float32 takes the kernel on AVX-512 CPUs only")
+    ``applies`` says so (AVX-512 CPUs to 512 rows, AVX2-only ones to 32; the AVX2 blocks run
+    here at every row count where forced)."""
+    if m > cpu_matmul.max_rows(float32=True):
+        pytest.skip(f"float32 takes the kernel to {cpu_matmul.max_rows(float32=True)} rows here")
     rng = np.random.default_rng(m * 1000 + n + k)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
@@ -152,8 +153,8 @@ def test_matmul_f32_takes_the_kernel_only_where_it_applies():
     x4, w, _ = _operands(4, 64, 32)
     assert cpu_matmul.applies(x4, w, w_transposed=True)
     assert not cpu_matmul.applies(x4, w.T, w_transposed=False)  # [K, N]: XLA's dot
-    x4f, wf = x4.astype(jnp.float32), w.astype(jnp.float32)  # float32: AVX-512 only
-    assert cpu_matmul.applies(x4f, wf, True) == (cpu_matmul.kernel_isa() == 2)
+    x4f, wf = x4.astype(jnp.float32), w.astype(jnp.float32)
+    assert cpu_matmul.applies(x4f, wf, True) == (cpu_matmul.kernel_isa() > 0)
     assert not cpu_matmul.applies(x4f, w, True)  # mixed dtypes: XLA's dot
     x_past = jnp.ones((cpu_matmul.max_rows() + 1, 32), jnp.bfloat16)  # past it: XLA's dot
     assert not cpu_matmul.applies(x_past, w, w_transposed=True)
@@ -178,7 +179,7 @@ def test_row_limits_follow_the_instruction_set(monkeypatch):
     assert cpu_matmul.max_rows(float32=True) == cpu_matmul.MAX_ROWS_F32
     monkeypatch.setattr(cpu_matmul, "kernel_isa", lambda: 1)
     assert cpu_matmul.max_rows() == cpu_matmul.max_rows(int8=True) == cpu_matmul.MAX_ROWS_AVX2
-    assert cpu_matmul.max_rows(float32=True) == 0  # no AVX2 float32 path
+    assert cpu_matmul.max_rows(float32=True) == cpu_matmul.MAX_ROWS_F32_AVX2
     monkeypatch.setattr(cpu_matmul, "kernel_isa", lambda: 0)
     assert cpu_matmul.max_rows() == cpu_matmul.max_rows(int8=True) == 0
     assert not cpu_matmul.applies(*_operands(2, 8, 16)[:2], w_transposed=True)
@@ -227,7 +228,9 @@ def test_gradients_and_vmap_see_the_dot():
 
 def test_tiny_model_greedy_output_is_the_dot_s(monkeypatch):
     """A bfloat16 decode through the kernel (a tiny model's rows pad to 4) gives XLA's dot's
-    greedy tokens and logits within bfloat16 rounding."""
+    greedy tokens and logits within bfloat16 rounding (on an AVX2-only CPU one step of this
+    random model was a near-tie, 79 against 111 within 0.004, that the two orders of
+    summation broke differently)."""
     from xds_jax import SamplingParams
 
     golden = ROOT / "tests" / "golden" / "llama"
@@ -238,7 +241,7 @@ def test_tiny_model_greedy_output_is_the_dot_s(monkeypatch):
         str(golden), "bfloat16", prompts, params,
         lambda: monkeypatch.setattr(cpu_matmul, "applies", lambda *a: False))
     assert traced  # the decode steps' projections went through it
-    assert_same_greedy(with_kernel, without, logprob_tol=3e-2)
+    assert_greedy_agrees(with_kernel, without, logprob_tol=3e-2)
 
 
 def _probe(env: dict, tmp_path: Path, cache: Path | None = None) -> str:

@@ -2,7 +2,7 @@
 (``few_row_matmul.cc``).
 
 ``few_row_matmul(x [M, K], w [N, K])`` is ``x @ w.T`` accumulated in float32, for bfloat16
-(or float32, AVX-512 only) operands and ``M <= max_rows()``: a decode step's projections and
+(or float32) operands and ``M <= max_rows()``: a decode step's projections and
 LM head, whose time is the weight stream at a few rows and the multiply-adds at tens
 (batched decode, short prefills).
 ``few_row_int8_matmul`` is the same for weight-only int8 (``--quantization int8``), half the
@@ -54,10 +54,13 @@ LIBRARY = "few_row_matmul"
 # held to 8 rows, where it was measured ahead; here XLA's dots beyond that have AVX-512.
 MAX_ROWS = 128
 MAX_ROWS_AVX2 = 8
-# float32 (AVX-512 only): 1.2x XLA's dot at 1 row, 1.6-2x at 2-8, 1.3-1.6x at 16-64,
+# float32, AVX-512: 1.2x XLA's dot at 1 row, 1.6-2x at 2-8, 1.3-1.6x at 16-64,
 # 1.05-1.15x at 128-256, 0.98-1.07x at 512 (SmolLM2's shapes and 2048 x 5632 ones, in 4 x 6
-# tiles since December 2026; even with XLA's packed GEMM beyond).
+# tiles since December 2026; even with XLA's packed GEMM beyond). AVX2 (an AMD EPYC Zen 3,
+# SmolLM2's matmuls weighed by their bytes, alternating in one process beside other load):
+# 1.1x XLA's [N, K] dot at 1 row, 3.1x at 2, 1.5-1.6x at 4-8, 1.7-1.9x at 16-32.
 MAX_ROWS_F32 = 512
+MAX_ROWS_F32_AVX2 = 32
 
 
 @functools.cache
@@ -109,7 +112,9 @@ def max_rows(int8: bool = False, float32: bool = False) -> int:
     isa = kernel_isa()
     if isa == 2:
         return sys.maxsize if int8 else MAX_ROWS_F32 if float32 else MAX_ROWS
-    return MAX_ROWS_AVX2 if isa == 1 and not float32 else 0
+    if isa == 1:
+        return MAX_ROWS_F32_AVX2 if float32 else MAX_ROWS_AVX2
+    return 0
 
 
 def _takes(x_MK: jax.Array, w: jax.Array, w_transposed: bool, int8: bool,

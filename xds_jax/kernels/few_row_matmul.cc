@@ -15,7 +15,7 @@
 //   or AVX2 FMAs on the widened values; from kAmxMinRows rows, Intel AMX tiles where the CPU
 //   and the OS allow them (amx_tiles.h).
 // - XdsF32Matmul: float32 x and w, AVX-512 FMAs (XLA's float32 dots stream 2-8 rows at ~10
-//   GB/s); AVX2 FMAs where forced (tests), not routed to there.
+//   GB/s), or AVX2 FMAs on CPUs without AVX-512 (up to cpu_matmul.MAX_ROWS_F32_AVX2 rows).
 // - XdsInt8Matmul: weight-only int8 (xds_jax.model.quant): w int8 with float32 scales [N]; the
 //   float32 or bfloat16 rows are split as cpu_matmul.split_rows splits them (int8_rows.h):
 //   16-bit fixed point in int8 halves hi and lo with a float32 scale per row, x ~= (256 hi +

@@ -117,7 +117,8 @@ def _off_cpu(a: jax.Array) -> bool:
 
 def fetch(tree):
     """The arrays of ``tree`` as numpy, identical on every process (``jax.device_get`` in one
-    process). Every process must call it at the same point: with several it is a collective."""
+    process, as ``host_get`` reads it). Every process must call it at the same point: with
+    several it is a collective."""
     if not multi_process():
         return host_get(tree)
     leaves, treedef = jax.tree.flatten(tree)

@@ -7,7 +7,6 @@ their largest magnitude. Greedy tokens must agree wherever the float32 top-1 mar
 """
 
 import re
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from serving.core.runner import ModelRunner
+from serving.core.scheduled import ScheduledSeq
 from tests.helpers import GOLDEN, TINY_MODELS, golden, tiny
 from xds_jax.generate import LocalGenerator, model_step
 from xds_jax.loading.loader import auto_dtype, load_model
@@ -141,9 +141,8 @@ def test_runner_launch_reuses_the_kv_pool_buffers():
     runner = ModelRunner(m.params, m.cfg, num_blocks=16, block_size=16)
     before = [c["k"].unsafe_buffer_pointer() for c in runner.caches]
     old = runner.caches
-    seq = SimpleNamespace(all_ids=list(range(1, 40)))
-    scheduled = [SimpleNamespace(seq=seq, start=38, num_tokens=1, block_table=[0, 1, 2],
-                                 is_last_chunk=False)]
+    seq = Sequence(list(range(1, 40)), SamplingParams(max_tokens=4))
+    scheduled = [ScheduledSeq(seq, 38, 1, [0, 1, 2], False)]
     runner.launch(scheduled)
     jax.block_until_ready(runner.caches)
     assert all(c["k"].is_deleted() for c in old)

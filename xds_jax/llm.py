@@ -270,16 +270,17 @@ class LLM:
         arrival = time.monotonic()
         self.engine.run([s for _, _, seqs in requests for s in seqs if not s.finished])
         done = time.monotonic()
-        return [
-            RequestOutput(
+        outputs = []
+        for (text, ids, seqs), params in zip(requests, each, strict=True):
+            failed = next((s for s in seqs if s.error), None)
+            outputs.append(RequestOutput(
                 request_id=str(next(self._request_ids)), prompt=text, prompt_token_ids=ids,
                 outputs=[s.output() for s in seqs], finished=True,
                 metrics=RequestMetrics(arrival_time=arrival, finished_time=done),
-                error=next((s.error for s in seqs if s.error), None),
+                error=failed and failed.error, failure=failed and failed.failure,
                 prompt_logprobs=self._prompt_logprobs(ids, params),
-            )
-            for (text, ids, seqs), params in zip(requests, each, strict=True)
-        ]
+            ))
+        return outputs
 
     def beam_search(self, prompts: Any, params: BeamSearchParams,
                     use_tqdm: bool = False) -> list[BeamSearchOutput]:

@@ -54,6 +54,8 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the engine failed this request (finish reason abort)
+    # the exception behind ``error`` (its kind: a client's mistake, no group left, internal)
+    failure: Exception | None = dataclasses.field(default=None, repr=False, compare=False)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 

@@ -49,6 +49,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.error: str | None = None  # why the engine failed it (finish reason "abort")
+        self.failure: Exception | None = None  # the exception behind ``error``
         self._tokenizer = tokenizer
         self._bad_words: list[list[int]] | None = None
         self._allowed_only = None  # allowed_token_ids as a [V] mask (allowed_mask)
@@ -173,8 +174,8 @@ class Sequence:
             grammar = self._grammar
             grammar.consume(token)
         if grammar.error is not None:
-            self.error = f"structured_outputs: {grammar.error}"
-            self.finish_reason = "abort"
+            text = f"structured_outputs: {grammar.error}"
+            self.fail(SamplingParamsError(text), text)
         elif grammar.stopped:
             self.finish_reason = "stop"
         return self.finished
@@ -193,6 +194,14 @@ class Sequence:
     def abort(self) -> None:
         if not self.finished:
             self.finish_reason = "abort"
+
+    def fail(self, error: Exception, text: str | None = None) -> None:
+        """End failed (finish reason "abort"): ``error`` is kept as ``failure``, ``text`` (by
+        default the error's class and message) as ``error``; a first failure is kept."""
+        if self.error is None:
+            self.error = text or f"{type(error).__name__}: {error}"
+            self.failure = error
+        self.abort()
 
     def _check_stop_strings(self) -> bool:
         stops = self.params.stop

@@ -10,6 +10,7 @@ steps (``serving.core.prompt_scoring``), on a worker thread, before the request 
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import itertools
 import threading
@@ -20,17 +21,15 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from serving.core.admission import Admission
-from serving.core.balancer import NoHealthyGroupError
 from serving.core.prompt_scoring import PromptScoring, ScoringCancelled
 from serving.core.request import Request
 from xds_jax.embedding import embedding_options
 from xds_jax.engine_config import EngineConfig, check_priority
-from xds_jax.errors import ConfigError, SamplingParamsError, XdsError
+from xds_jax.errors import ConfigError, XdsError
 from xds_jax.llm import LLM
 from xds_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from xds_jax.sampling.beam_search import BeamSearch, BeamSearchParams, next_logprobs
 from xds_jax.sampling.params import SamplingParams
-from xds_jax.sampling.structured import FIELD as STRUCTURED
 from xds_jax.sequence import salt_bytes
 
 IDS_KEPT = 4096  # request ids remembered: the last submitted, those aborted before submission
@@ -50,6 +49,15 @@ def _discard(work: asyncio.Future) -> None:
 
 class RequestFailedError(XdsError, RuntimeError):
     """The engine failed this one request (it kept serving the others)."""
+
+
+def request_failure(request_id: str, out: RequestOutput) -> Exception:
+    """What a request the engine failed raises to its caller: an error the engine names
+    (an ``XdsError``: no group left to run it, a peer process lost, a grammar past its limits)
+    as itself, so the server answers its kind; any other as ``RequestFailedError``."""
+    if isinstance(out.failure, XdsError):
+        return copy.copy(out.failure)
+    return RequestFailedError(f"request {request_id} failed: {out.error}")
 
 
 class EngineDeadError(XdsError, RuntimeError):
@@ -222,11 +230,7 @@ class AsyncEngine:
                     yield aborted_output(request, last, scored)
                     return
                 if out.error is not None:
-                    if out.error.startswith(NoHealthyGroupError.__name__):  # nowhere to go on
-                        raise NoHealthyGroupError(out.error)
-                    if out.error.startswith(STRUCTURED):  # the grammar gave up (its limits)
-                        raise SamplingParamsError(out.error)
-                    raise RequestFailedError(f"request {request_id} failed: {out.error}")
+                    raise request_failure(request_id, out)
                 out.prompt_logprobs = scored
                 yield out
                 last = out

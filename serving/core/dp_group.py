@@ -194,7 +194,7 @@ class DPGroup(OverlappedSteps, Fencing, RequestIsolation):
         self._emit(request)
 
     def _admit(self, request: Request) -> None:
-        """Queue a request's sequences; one the scheduler can never run is aborted alone."""
+        """Queue a request's sequences; one the scheduler can never run fails alone."""
         self.requests[request.request_id] = request
         for seq in request.seqs:
             self._owners[seq.seq_id] = request
@@ -203,8 +203,7 @@ class DPGroup(OverlappedSteps, Fencing, RequestIsolation):
                 self.scheduler.add(seq)
                 self.prompt_tokens += len(seq.prompt_ids)
         except SchedulerError as e:
-            log.error("DP group %d refused request %s: %s", self.index, request.request_id, e)
-            self._end_aborted(request)
+            self.fail_request(request, e)
 
     def _resume(self, message: Resume) -> None:
         """Take over sequences of a started request from a group taken out of service; they

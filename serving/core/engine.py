@@ -161,7 +161,7 @@ class Engine:
                 return
             request.abort()
         except NoHealthyGroupError as error:
-            request.fail(f"{type(error).__name__}: {error}")
+            request.fail(error)
         request.metrics.finished_time = time.monotonic()
         if request.on_output is not None:
             request.on_output(request.snapshot())

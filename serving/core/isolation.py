@@ -129,7 +129,7 @@ class RequestIsolation:
         for seq in request.seqs:
             if not seq.finished:
                 self.scheduler.abort(seq.seq_id)
-        request.fail(f"{type(error).__name__}: {error}")
+        request.fail(error)
         request.metrics.finished_time = time.monotonic()
         try:
             self._emit(request)

@@ -29,6 +29,7 @@ class Request:
         default_factory=lambda: RequestMetrics(arrival_time=time.monotonic())
     )
     error: str | None = None  # why the engine failed this request, if it did
+    failure: Exception | None = None  # the exception behind ``error``
     _sent_text: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
@@ -44,11 +45,13 @@ class Request:
         for s in self.seqs:
             s.abort()
 
-    def fail(self, error: str) -> None:
-        """End the request because processing it raised (finish reason "abort", ``error``)."""
-        self.error = error
+    def fail(self, error: Exception) -> None:
+        """End the request because processing it raised ``error`` (finish reason "abort";
+        outputs carry it as ``failure`` and its text as ``error``)."""
+        self.error = f"{type(error).__name__}: {error}"
+        self.failure = error
         for s in self.seqs:
-            s.error = s.error or error
+            s.fail(error, self.error)
         self.abort()
 
     def mark_tokens(self, now: float) -> None:
@@ -70,7 +73,12 @@ class Request:
             outputs.append(dataclasses.replace(out, text=self._sent_text[i])
                            if not s.finished else out)
         # a sample may end failed alone (its grammar refused to go on): the request reports it
-        error = self.error or next((s.error for s in self.seqs if s.error), None)
+        failed = next((s for s in self.seqs if s.error), None)
+        if self.error is not None:
+            error, failure = self.error, self.failure
+        else:
+            error, failure = (None, None) if failed is None else (failed.error, failed.failure)
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outputs,
-                             finished=self.finished, metrics=self.metrics, error=error)
+                             finished=self.finished, metrics=self.metrics, error=error,
+                             failure=failure)
 

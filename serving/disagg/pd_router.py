@@ -141,4 +141,4 @@ class PDRouter:
 
 def _nowhere(move: Resume) -> None:
     """``on_lost`` of a router no engine runs: the sequence cannot go on."""
-    move.request.fail("its KV transfer failed and no engine can prefill it again")
+    move.request.fail(RuntimeError("its KV transfer failed and no engine can prefill it again"))

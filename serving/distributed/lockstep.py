@@ -267,7 +267,7 @@ class LeaderEngine:
         with self._lock:
             waiting, self._outbox = [i for i in self._outbox if isinstance(i, Request)], []
         for request in waiting:
-            request.fail(f"PeerLostError: {self.lost}")
+            request.fail(error)
             if request.on_output is not None:
                 request.on_output(request.snapshot())
         for group in self.engine.groups:

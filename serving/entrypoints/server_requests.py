@@ -8,6 +8,7 @@ from typing import Any
 from serving.core.admission import OverloadedError, RequestTooLargeError
 from serving.core.async_engine import DuplicateRequestError, EngineDeadError, RequestFailedError
 from serving.core.balancer import NoHealthyGroupError
+from serving.distributed.lockstep import PeerLostError
 from serving.entrypoints import openai_protocol as api
 from serving.entrypoints.api_error import ApiError
 from serving.entrypoints.tool_calls import tool_constraint
@@ -37,7 +38,7 @@ def engine_error(error: Exception) -> ApiError:
         return ApiError(400, str(error), str(error).split()[0].rstrip(":"), "invalid_value")
     if isinstance(error, RequestFailedError):  # that request alone; the engine serves on
         return ApiError(500, str(error), None, "request_failed")
-    if isinstance(error, EngineDeadError):
+    if isinstance(error, EngineDeadError | PeerLostError):  # the server is going down
         return ApiError(503, str(error), None, "shutting_down", {"Retry-After": "5"})
     if isinstance(error, DuplicateRequestError):
         return ApiError(400, str(error), None, "duplicate_request_id")

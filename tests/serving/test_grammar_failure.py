@@ -1,7 +1,7 @@
 """A grammar that gives up mid-generation (llguidance's lexer past its limits: a regex such as
 ``b{1000}{1000}`` passes the up-front check, then fails after a token or two) is a 400 naming
 ``structured_outputs`` with the grammar's message; it was a 200 ending in "abort" with no
-word of why."""
+word of why. A failure's kind is carried as its exception (``RequestOutput.failure``)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import asyncio
 
 import pytest
 
-from serving.core.async_engine import AsyncEngine
+from serving.core.async_engine import AsyncEngine, RequestFailedError, request_failure
+from serving.core.balancer import NoHealthyGroupError
+from serving.core.request import Request
 from tests.helpers import GOLDEN
 from xds_jax import LLM, SamplingParams
 from xds_jax.errors import SamplingParamsError
+from xds_jax.outputs import RequestOutput
 from xds_jax.sampling import structured
 from xds_jax.text.byte_tokenizer import byte_tokenizer
 
@@ -45,3 +48,23 @@ def test_a_grammar_that_gives_up_is_an_error_naming_it(monkeypatch):
         eng.shutdown()
     out = llm.generate([{"prompt_token_ids": [5, 6]}], params)[0]  # the offline API says so too
     assert out.outputs[0].finish_reason == "abort" and LIMIT in out.error
+    assert isinstance(out.failure, SamplingParamsError)
+
+
+def test_a_failure_is_told_by_its_class_not_its_text():
+    """The caller of ``AsyncEngine.generate`` gets an error the engine names as itself (the
+    server answers its kind), anything else as ``RequestFailedError`` (500), whatever its
+    message says: the kind was read from the message's first word before."""
+    def failed_with(error: Exception) -> RequestOutput:
+        request = Request("r", None, [1, 2], SamplingParams(), [])
+        request.fail(error)
+        return request.snapshot()
+
+    named = request_failure("r", failed_with(NoHealthyGroupError("no group is in service")))
+    assert type(named) is NoHealthyGroupError and str(named) == "no group is in service"
+    grammar = request_failure("r", failed_with(SamplingParamsError("structured_outputs: x")))
+    assert type(grammar) is SamplingParamsError
+    for text in ("structured_outputs: x", "NoHealthyGroupError: x"):
+        other = request_failure("r", failed_with(RuntimeError(text)))
+        assert type(other) is RequestFailedError
+        assert str(other) == f"request r failed: RuntimeError: {text}"

@@ -14,6 +14,7 @@ import httpx
 
 from serving.core.async_engine import EngineDeadError, RequestFailedError
 from serving.core.balancer import NoHealthyGroupError
+from serving.distributed.lockstep import PeerLostError
 from tests.serving.fake_engine import FakeEngine, serve
 from tests.serving.test_faults import pd_engine
 
@@ -82,7 +83,8 @@ def test_health_and_engine_errors_keep_the_connection():
         conn = socket.create_connection((url.hostname, url.port), timeout=30)
         cases = [(RequestFailedError("request r failed: MAStepFailed"), 500, "request_failed"),
                  (NoHealthyGroupError("NoHealthyGroupError: none"), 503, "unavailable"),
-                 (EngineDeadError("the engine was shut down"), 503, "shutting_down")]
+                 (EngineDeadError("the engine was shut down"), 503, "shutting_down"),
+                 (PeerLostError("process 1 of 2 was lost"), 503, "shutting_down")]
         with conn:
             for error, status, code in cases:
                 engine.error = error

@@ -262,6 +262,9 @@ def test_no_chat_template_raises(fields):
         ([{"role": "user", "content": [{"type": "text"}]}],
          r"messages\[0\].content\[0\] is a text part without a 'text' string"),
         ([{"role": "user", "content": [{"type": "image_url"}]}], "got type 'image_url'"),
+        ([{"role": "user", "content": [{"type": "refusal", "text": "no"}]}],
+         r"content\[0\] is a refusal part without a 'refusal' string"),
+        ([{"role": "user", "content": [5]}], "got type None"),
     ],
 )
 def test_malformed_messages_raise(smollm2, messages, message):
@@ -274,6 +277,17 @@ def test_messages_with_tool_calls_or_content_parts_are_accepted(fields):
     tool_call = {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}
     parts = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
     assert tokenizer.apply_chat_template([parts, tool_call]) == "2"
+
+
+def test_text_parts_of_every_kind_vllm_reads_as_text_are_joined():
+    """``text`` and ``input_text`` parts, an assistant's ``refusal`` and bare strings are
+    text to vLLM's chat parser; they were refused here (400)."""
+    from xds_jax.text.tokenizer import text_parts_joined
+
+    message = {"role": "assistant", "content": [
+        {"type": "text", "text": "a"}, {"type": "input_text", "text": "b"},
+        {"type": "refusal", "refusal": "c"}, "d"]}
+    assert text_parts_joined(message, 0) == {"role": "assistant", "content": "a\nb\nc\nd"}
 
 
 def test_config_only_models_get_a_byte_tokenizer():

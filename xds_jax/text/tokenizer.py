@@ -60,10 +60,14 @@ def chat_template_options(add_generation_prompt: bool,
     return bool(extra.pop("add_generation_prompt", add_generation_prompt)), extra
 
 
+TEXT_PART_FIELDS = {"text": "text", "input_text": "text", "refusal": "refusal"}  # type -> key
+
+
 def text_parts_joined(message: Mapping[str, Any], index: int) -> dict[str, Any]:
     """A chat message with OpenAI content parts (``[{"type": "text", "text": ...}]``) turned
-    into one string, text parts joined by newlines as vLLM does; other part types are
-    refused (the models here read text only)."""
+    into one string, text parts joined by newlines as vLLM does. Text parts are what vLLM
+    reads as text: ``text`` and ``input_text`` (``text``), an assistant's ``refusal``
+    (``refusal``), a bare string; other part types are refused (text-only models)."""
     message = dict(message)
     content = message.get("content")
     if content is None:  # an assistant turn that only called tools
@@ -71,15 +75,19 @@ def text_parts_joined(message: Mapping[str, Any], index: int) -> dict[str, Any]:
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
+            if isinstance(part, str):
+                texts.append(part)
+                continue
             kind = part.get("type") if isinstance(part, Mapping) else None
-            if kind == "text" and not isinstance(part.get("text"), str):
-                raise TokenizerError(f"messages[{index}].content[{j}] is a text part without "
-                                     "a 'text' string")
-            if kind != "text":
+            field = TEXT_PART_FIELDS.get(kind)
+            if field is None:
                 raise TokenizerError(
                     f"messages[{index}].content[{j}] must be a text part "
                     f"{{'type': 'text', 'text': str}}, got type {kind!r} (text-only model)")
-            texts.append(part["text"])
+            if not isinstance(part.get(field), str):
+                raise TokenizerError(f"messages[{index}].content[{j}] is a {kind} part without "
+                                     f"a {field!r} string")
+            texts.append(part[field])
         message["content"] = "\n".join(texts)
     if isinstance(message.get("content"), str):
         check_unicode(message["content"], f"messages[{index}].content")

@@ -273,10 +273,14 @@ class LLM:
         outputs = []
         for (text, ids, seqs), params in zip(requests, each, strict=True):
             failed = next((s for s in seqs if s.error), None)
+            firsts = [s.first_token_time for s in seqs if s.first_token_time is not None]
+            lasts = [s.last_token_time for s in seqs if s.last_token_time is not None]
             outputs.append(RequestOutput(
                 request_id=str(next(self._request_ids)), prompt=text, prompt_token_ids=ids,
                 outputs=[s.output() for s in seqs], finished=True,
-                metrics=RequestMetrics(arrival_time=arrival, finished_time=done),
+                metrics=RequestMetrics(arrival_time=arrival, finished_time=done,
+                                       first_token_time=min(firsts, default=None),
+                                       last_token_time=max(lasts, default=None)),
                 error=failed and failed.error, failure=failed and failed.failure,
                 prompt_logprobs=self._prompt_logprobs(ids, params),
             ))

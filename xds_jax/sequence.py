@@ -7,6 +7,7 @@ in exactly the same way. No JAX here.
 from __future__ import annotations
 
 import itertools
+import time
 
 import numpy as np
 
@@ -50,6 +51,8 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.error: str | None = None  # why the engine failed it (finish reason "abort")
         self.failure: Exception | None = None  # the exception behind ``error``
+        self.first_token_time: float | None = None  # time.monotonic() of the first output
+        self.last_token_time: float | None = None
         self._tokenizer = tokenizer
         self._bad_words: list[list[int]] | None = None
         self._allowed_only = None  # allowed_token_ids as a [V] mask (allowed_mask)
@@ -143,6 +146,9 @@ class Sequence:
                top: list[tuple[int, float]] | None = None) -> None:
         """Record a sampled token and decide whether the sequence is finished."""
         self.output_ids.append(token)
+        self.last_token_time = time.monotonic()
+        if self.first_token_time is None:
+            self.first_token_time = self.last_token_time
         if logprob is not None:
             self.cumulative_logprob += logprob
         if self.logprobs is not None:

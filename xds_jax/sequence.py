@@ -91,6 +91,11 @@ class Sequence:
             return self.output_ids[start - n:stop - n]
         return self.prompt_ids[start:] + self.output_ids[:stop - n]
 
+    def token_view(self, pad: int = 0) -> TokenView:
+        """Its tokens to slice without building ``all_ids`` (the block manager reads a count,
+        or a new block's tokens to hash), followed by ``pad`` placeholder ids (-1)."""
+        return TokenView(self, pad)
+
     def banned_ids(self, in_flight: int = 0) -> list[int]:
         """Ids that may not be sampled yet: EOS and stop ids before ``min_tokens``
         (``in_flight``: sampled tokens not appended yet, which count)."""
@@ -284,3 +289,26 @@ def bad_word_ids(words: list[str], tokenizer) -> list[list[int]]:
         if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
             out.append(spaced)
     return out
+
+
+class TokenView:
+    """A sequence's tokens then ``pad`` placeholders (-1: tokens sampled but not appended
+    yet), read in place: ``len`` and contiguous slices (``Sequence.token_view``)."""
+
+    __slots__ = ("_seq", "_pad")
+
+    def __init__(self, seq: Sequence, pad: int = 0):
+        self._seq, self._pad = seq, pad
+
+    def __len__(self) -> int:
+        return self._seq.num_tokens + self._pad
+
+    def __getitem__(self, key: slice) -> list[int]:
+        if not isinstance(key, slice):
+            raise TypeError("a TokenView is read by slices")
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise ValueError("a TokenView is read by contiguous slices")
+        n = self._seq.num_tokens
+        known = self._seq.ids_between(start, min(stop, n)) if start < n else []
+        return known + [-1] * max(0, stop - max(start, n))

@@ -14,6 +14,13 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import Counter, OrderedDict, deque
+from collections.abc import Sized
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from xds_jax.sequence import TokenView
+
+    TokenIds = list[int] | TokenView
 
 
 class KVCacheError(RuntimeError):
@@ -183,7 +190,7 @@ class BlockManager:
         """Whether the sequence's table can grow to cover ``num_new_tokens`` more tokens."""
         return self._blocks_for(seq_id, num_new_tokens) <= self.num_free_blocks
 
-    def append(self, seq_id: int, token_ids_total: list[int], num_new_tokens: int,
+    def append(self, seq_id: int, token_ids_total: Sized, num_new_tokens: int,
                num_lookahead: int = 0) -> None:
         """Grow the table by ``num_new_tokens`` token slots (a decode token or a prefill chunk)
         plus ``num_lookahead`` slots past the known tokens (speculative drafts, given back by
@@ -191,7 +198,8 @@ class BlockManager:
 
         Args:
             seq_id: the sequence.
-            token_ids_total: all its tokens; must include the new ones.
+            token_ids_total: all its tokens (only their count is read); must include the new
+                ones.
             num_new_tokens: slots to add after those already reserved.
             num_lookahead: extra slots for tokens not known yet.
         """
@@ -242,12 +250,13 @@ class BlockManager:
         return block
 
     # -- prefix registration ------------------------------------------------------------------
-    def mark_computed(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
+    def mark_computed(self, seq_id: int, token_ids: TokenIds, num_computed: int) -> None:
         """Register the sequence's full blocks whose KV is now written in the prefix cache.
 
         Args:
             seq_id: the sequence.
-            token_ids: its tokens, at least the first ``num_computed``.
+            token_ids: its tokens, at least the first ``num_computed`` (a list, or anything
+                sliced the same way: ``Sequence.token_view``).
             num_computed: leading tokens whose KV the device has written.
         """
         if not self.enable_prefix_caching:

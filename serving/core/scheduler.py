@@ -32,7 +32,7 @@ from serving.core.scheduled import ScheduledSeq, SchedulerError, SchedulerOutput
 from serving.core.scheduler_handoffs import HandOffs
 
 if TYPE_CHECKING:
-    from xds_jax.sequence import Sequence
+    from xds_jax.sequence import Sequence, TokenView
 
 
 class Scheduler(HandOffs):
@@ -312,10 +312,10 @@ class Scheduler(HandOffs):
         """Tokens of a sequence, counting those sampled by launched steps."""
         return seq.num_tokens + self._flight.tokens(seq.seq_id)
 
-    def _token_ids(self, seq: Sequence) -> list[int]:
+    def _token_ids(self, seq: Sequence) -> TokenView:
         """All its tokens for the block manager (which reserves by their count); a token in
         flight is a placeholder, never hashed: hashes cover computed KV only."""
-        return seq.all_ids + [-1] * self._flight.tokens(seq.seq_id)
+        return seq.token_view(self._flight.tokens(seq.seq_id))
 
     def _last_in_flight(self, seq: Sequence) -> bool:
         """Its token in flight is its last (``max_tokens``): nothing more to schedule."""
@@ -355,7 +355,7 @@ class Scheduler(HandOffs):
                 computed = min(seq.num_tokens - 1, computed + item.num_lookahead)
                 self.block_manager.trim(seq.seq_id, computed)
             self._computed[seq.seq_id] = computed
-            self.block_manager.mark_computed(seq.seq_id, seq.all_ids, computed)
+            self.block_manager.mark_computed(seq.seq_id, seq.token_view(), computed)
             if seq.finished:
                 self._release(seq)
                 finished.append(seq)

@@ -272,7 +272,7 @@ class DecodeGroup(DPGroup):
                 except KVTransferFailed:
                     channel.unpull(seq.seq_id)  # the caller frees the blocks written so far
                     raise
-        self.blocks.mark_computed(seq.seq_id, seq.all_ids, seq.num_tokens - 1)
+        self.blocks.mark_computed(seq.seq_id, seq.token_view(), seq.num_tokens - 1)
         if arrival.hidden is not None and hasattr(self.runner, "pending"):
             self.runner.pending[seq.seq_id] = arrival.hidden  # the first step can draft
         now = time.perf_counter()

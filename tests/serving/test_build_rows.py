@@ -1,4 +1,4 @@
-"""``build_rows``: scheduled sequences padded into a step's host arrays, checked against a
+"""``build_rows`` (and the token reads it and the block manager use): scheduled sequences padded into a step's host arrays, checked against a
 hand-worked batch (a prefill chunk, a decode row, a decode row whose input is on device)."""
 
 from __future__ import annotations
@@ -22,6 +22,17 @@ def test_ids_between_reads_across_prompt_and_output():
     for start in range(6):
         for stop in range(start, 6):
             assert seq.ids_between(start, stop) == seq.all_ids[start:stop]
+
+
+def test_a_token_view_slices_as_its_tokens_and_placeholders_would():
+    seq = _seq([1, 2, 3], [4, 5])
+    for pad in (0, 2):
+        whole = seq.all_ids + [-1] * pad
+        view = seq.token_view(pad)
+        assert len(view) == len(whole)
+        for start in range(-2, len(whole) + 1):
+            for stop in (None, *range(start, len(whole) + 2)):
+                assert view[start:stop] == whole[start:stop], (pad, start, stop)
 
 
 def test_rows_of_a_prefill_chunk_and_decodes():

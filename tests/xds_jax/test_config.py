@@ -236,6 +236,21 @@ def test_qwen_sliding_window_covers_the_layers_from_max_window_layers():
     assert mistral.is_local_layer(0) and mistral.is_local_layer(None)
 
 
+def test_qwen_moe_windows_are_placed_as_transformers_places_them():
+    """transformers 5: Qwen2-MoE without ``layer_types`` slides its even layers below
+    ``max_window_layers`` (``Qwen2MoeConfig``); Qwen3-MoE slides every layer, whatever
+    ``max_window_layers`` says (its class has no ``layer_types``). Here they slid the layers
+    from ``max_window_layers`` on, as dense Qwen does: another model past the window."""
+    d = dict(json.loads((GOLDEN / "qwen2_moe" / "config.json").read_text()), sliding_window=8,
+             num_hidden_layers=5, use_sliding_window=True, max_window_layers=3)
+    d.pop("layer_types", None)
+    q2 = config_from_hf_dict(d)
+    assert q2.sliding_window == 8 and q2.local_layers == (0, 2)
+    q3 = config_from_hf_dict(dict(d, model_type="qwen3_moe", layer_types=["full_attention"] * 5))
+    assert q3.sliding_window == 8 and all(q3.is_local_layer(i) for i in range(5))
+    assert config_from_hf_dict(dict(d, use_sliding_window=False)).sliding_window is None
+
+
 def test_image_text_gemma3_config_leans_on_the_text_defaults():
     """gemma-3-4b-it's config.json: a text_config naming only what differs from
     Gemma3TextConfig's defaults; the top level holds the token ids."""

@@ -73,22 +73,28 @@ def _dtype(d: dict, source: str) -> str:
 
 def _sliding_window(d: dict, model_type: str) -> dict:
     """``sliding_window`` and ``local_layers`` of a model whose family sets none
-    (``config_families.family_fields``).
+    (``config_families.family_fields``), as transformers reads them.
 
-    Qwen's window (``use_sliding_window``) covers the layers from ``max_window_layers`` on, as
-    transformers builds its ``layer_types``; so does dots.llm1's, without the switch (its
-    class default: from layer 62); an explicit ``layer_types`` list wins. Others (Mistral)
-    slide on every layer."""
+    Qwen's window needs ``use_sliding_window``. Qwen2/Qwen3's covers the layers from
+    ``max_window_layers`` on, as does dots.llm1's without the switch (its class default: from
+    layer 62); Qwen2-MoE's the even layers below ``max_window_layers``; Qwen3-MoE's every layer
+    (its class has no ``layer_types``). An explicit ``layer_types`` list wins, except for
+    Qwen3-MoE. Others (Mistral) slide on every layer."""
     window = d.get("sliding_window")
     layers = d.get("num_hidden_layers", 0)
     types = d.get("layer_types")
     if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "dots1"):
         if model_type != "dots1" and not d.get("use_sliding_window", False):
             return {"sliding_window": None}
-        if not types:  # dots.llm1: the window from max_window_layers on, always
+        if model_type == "qwen3_moe":
+            return {"sliding_window": window}
+        if not types:
             start = d.get("max_window_layers", 62 if model_type == "dots1" else layers)
-            types = ["sliding_attention" if i >= start else "full_attention"
-                     for i in range(layers)]
+            if model_type == "qwen2_moe":
+                slides = [i % 2 == 0 and i < start for i in range(layers)]
+            else:
+                slides = [i >= start for i in range(layers)]
+            types = ["sliding_attention" if s else "full_attention" for s in slides]
     if window is None or not types:
         return {"sliding_window": window}
     return window_fields(window, types)

@@ -58,7 +58,7 @@ def test_moe_expert_count_spellings():
     ({"hidden_size": None}, ConfigError, "'hidden_size' is missing"),
     ({"vocab_size": -3}, ConfigError, "vocab_size must be a positive integer"),
     ({"vocab_size": "lots"}, ConfigError, "vocab_size must be an integer"),
-    ({"hidden_act": "gelu"}, UnsupportedModelError, "hidden_act 'gelu'"),
+    ({"hidden_act": "quick_gelu"}, UnsupportedModelError, "hidden_act 'quick_gelu'"),
     ({"rope_scaling": {"rope_type": "longrope2"}}, UnsupportedModelError, "rope type"),
     ({"torch_dtype": "int4"}, ConfigError, "torch_dtype 'int4' is not a dtype"),
     ({"dtype": "float64"}, ConfigError, "dtype 'float64' is not a dtype"),
@@ -68,6 +68,21 @@ def test_bad_fields_are_named(change, error, words):
     d = {k: v for k, v in d.items() if v is not None}
     with pytest.raises(error, match=words):
         config_from_hf_dict(d)
+
+
+@pytest.mark.parametrize("act, mlp_act", [("silu", "silu"), ("swish", "silu"), ("gelu", "gelu"),
+                                          ("gelu_pytorch_tanh", "gelu_tanh"),
+                                          ("gelu_new", "gelu_tanh"), ("gelu_fast", "gelu_tanh")])
+def test_dense_mlps_take_the_activations_transformers_runs(act, mlp_act):
+    """A Llama-family MLP runs ``ACT2FN[hidden_act]`` in transformers: exact GELU for "gelu",
+    the tanh form for the others (checked against transformers 5.24 on tiny random Llama and
+    Qwen2 models: log-probs within 1e-5). They were refused ("only silu"). MoE experts run
+    SiLU only: another activation is refused there."""
+    assert config_from_hf_dict(dict(LLAMA_V4, hidden_act=act)).mlp_act == mlp_act
+    moe = json.loads((GOLDEN / "qwen3_moe" / "config.json").read_text())
+    if mlp_act != "silu":
+        with pytest.raises(UnsupportedModelError, match="not supported for MoE experts"):
+            config_from_hf_dict(dict(moe, hidden_act=act))
 
 
 def test_moe_consistency_errors():

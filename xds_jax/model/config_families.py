@@ -17,7 +17,7 @@ OLMO_TYPES = ("olmo2", "olmo3")
 GRANITE_MOE_TYPES = ("granitemoe", "granitemoeshared")
 GLM_TYPES = ("glm4", "glm4_moe", "glm4_moe_lite")
 LAYER_TYPES = ("full_attention", "sliding_attention")
-GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast")
 GELU_ACTS = (*GELU_TANH, "gelu")  # "gelu": exact (Gemma 1 checkpoints mean the tanh form)
 
 

@@ -16,6 +16,7 @@ from xds_jax.loading.checkpoint_quant import checkpoint_quantization
 from xds_jax.model.config import DTYPES, MLAConfig, ModelConfig, MoEConfig
 from xds_jax.model.config_defaults import TEXT_CLASS_TYPES, with_class_defaults
 from xds_jax.model.config_families import (
+    GELU_ACTS,
     GEMMA_TYPES,
     GLM_TYPES,
     GRANITE_MOE_TYPES,
@@ -259,8 +260,8 @@ def _config_from_hf_dict(d: dict, source: str) -> ModelConfig:
     family = family_fields(d, model_type, source)
     d = family.pop("config")  # e.g. per-layer-type rope_parameters: the global layers' ones
     act = d.get("hidden_act", "silu")
-    if model_type not in GEMMA_TYPES and act not in ("silu", "swish"):
-        raise UnsupportedModelError(f"{source}: hidden_act {act!r} is not supported (only silu)")
+    if model_type not in GEMMA_TYPES:
+        family["mlp_act"] = _mlp_act(act, source)
     hidden = int_field(d, "hidden_size", source)
     heads = int_field(d, "num_attention_heads", source)
     layers = int_field(d, "num_hidden_layers", source)
@@ -301,6 +302,10 @@ def _config_from_hf_dict(d: dict, source: str) -> ModelConfig:
         context = min(context, rope.original_max_position_embeddings)
     if "sliding_window" not in family:
         family |= _sliding_window(d, model_type)
+    moe = _moe(d, model_type, layers, source)
+    if moe is not None and family.get("mlp_act", "silu") != "silu":
+        raise UnsupportedModelError(f"{source}: hidden_act {act!r} is not supported for MoE "
+                                    "experts (only silu)")
     return ModelConfig(
         **family,
         model_type=model_type,
@@ -323,12 +328,23 @@ def _config_from_hf_dict(d: dict, source: str) -> ModelConfig:
                  or (model_type == "glm4_moe" and bool_field(d, "use_qk_norm", source,
                                                              default=False))),
         mla=mla,
-        moe=_moe(d, model_type, layers, source),
+        moe=moe,
         num_mtp_layers=int_field(d, "num_nextn_predict_layers", source, default=0) or 0,
         dtype=_dtype(d, source),
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=_token_ids(d.get("eos_token_id"), source),
     )
+
+
+def _mlp_act(act: str, source: str) -> str:
+    """The MLP activation of a ``hidden_act`` as transformers' ``ACT2FN`` reads it: SiLU,
+    exact GELU, or GELU's tanh form."""
+    if act in ("silu", "swish"):
+        return "silu"
+    if act in GELU_ACTS:
+        return "gelu" if act == "gelu" else "gelu_tanh"
+    raise UnsupportedModelError(f"{source}: hidden_act {act!r} is not supported (supported: "
+                                f"silu, swish, {', '.join(GELU_ACTS)})")
 
 
 def read_json(path: Path) -> dict:

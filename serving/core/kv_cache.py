@@ -46,6 +46,9 @@ def block_hashes(token_ids: list[int], block_size: int, salt: bytes = b"") -> li
     return hashes
 
 
+MAX_CHAINS = 256  # sequences whose prefix hashes a block manager remembers
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -75,6 +78,9 @@ class BlockManager:
         self._tables: dict[int, list[int]] = {}
         self._reserved: dict[int, int] = {}  # token slots covered by the table
         self._hashed: dict[int, tuple[int, bytes]] = {}  # (full blocks registered, last hash)
+        # seq id -> (salt, its leading blocks' chained hashes as far as lookups went): a
+        # sequence's tokens only grow, so a waiting prompt is not hashed again each step
+        self._chains: OrderedDict[int, tuple[bytes, list[bytes]]] = OrderedDict()
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
 
@@ -105,38 +111,57 @@ class BlockManager:
         return seq_id in self._tables
 
     # -- prefix lookup ------------------------------------------------------------------------
-    def _match(self, token_ids: list[int], salt: bytes = b"") -> list[int]:
-        """Cached blocks of the longest computed prefix, leaving at least one token to compute."""
+    def _match(self, token_ids: TokenIds, salt: bytes = b"", seq_id: int | None = None
+               ) -> list[int]:
+        """Cached blocks of the longest computed prefix, leaving at least one token to compute
+        (``seq_id``: the hashes computed for that sequence before are reused)."""
         if not self.enable_prefix_caching:
             return []
-        hits, parent = [], chain_root(salt)
-        for i in range((len(token_ids) - 1) // self.block_size):
-            parent = hash_block(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
-            block = self._cache.get(parent)
+        chain = self._chain(seq_id, salt)
+        hits, parent, bs = [], chain[-1] if chain else chain_root(salt), self.block_size
+        for i in range((len(token_ids) - 1) // bs):
+            if i == len(chain):
+                parent = hash_block(parent, token_ids[i * bs:(i + 1) * bs])
+                chain.append(parent)
+            block = self._cache.get(chain[i])
             if block is None:
                 break
             hits.append(block)
         return hits
 
-    def num_cached_tokens(self, token_ids: list[int], salt: bytes = b"") -> int:
+    def _chain(self, seq_id: int | None, salt: bytes) -> list[bytes]:
+        """The remembered hashes of a sequence's leading blocks (a new list to fill)."""
+        if seq_id is None:
+            return []
+        kept = self._chains.pop(seq_id, None)
+        chain = kept[1] if kept is not None and kept[0] == salt else []
+        self._chains[seq_id] = (salt, chain)
+        while len(self._chains) > MAX_CHAINS:
+            self._chains.popitem(last=False)
+        return chain
+
+    def num_cached_tokens(self, token_ids: TokenIds, salt: bytes = b"",
+                          seq_id: int | None = None) -> int:
         """Prompt tokens ``allocate`` would find cached now (a multiple of ``block_size``)."""
-        return len(self._match(token_ids, salt)) * self.block_size
+        return len(self._match(token_ids, salt, seq_id)) * self.block_size
 
     # -- allocation ---------------------------------------------------------------------------
-    def can_allocate(self, seq_id: int, token_ids: list[int], num_new_tokens: int,
+    def can_allocate(self, seq_id: int, token_ids: TokenIds, num_new_tokens: int,
                      salt: bytes = b"") -> bool:
         """Whether a new sequence can get blocks for its cached prefix plus ``num_new_tokens``."""
         if seq_id in self._tables:
             raise KVCacheError(f"sequence {seq_id} already holds blocks")
-        return self.fewest_to_free([], token_ids, num_new_tokens, salt) == 0
+        return self.fewest_to_free([], token_ids, num_new_tokens, salt, seq_id=seq_id) == 0
 
-    def fewest_to_free(self, candidates: list[int], token_ids: list[int], num_new_tokens: int,
-                       salt: bytes = b"", at_least: int = 0) -> int | None:
+    def fewest_to_free(self, candidates: list[int], token_ids: TokenIds, num_new_tokens: int,
+                       salt: bytes = b"", at_least: int = 0, seq_id: int | None = None
+                       ) -> int | None:
         """The fewest leading ``candidates`` (sequence ids, at least ``at_least`` of them) whose
         freeing lets ``can_allocate`` hold: the blocks only they hold come free, and a cached
         prefix block among them must be taken back off the free list. None where all of them
-        would not do. The prefix is looked up once, the blocks counted as candidates add."""
-        hits = self._match(token_ids, salt)
+        would not do. The prefix is looked up once, the blocks counted as candidates add
+        (``seq_id``: the sequence asking, whose hashes are remembered)."""
+        hits = self._match(token_ids, salt, seq_id)
         needed = _cdiv(len(hits) * self.block_size + num_new_tokens, self.block_size) - len(hits)
         holders: Counter[int] = Counter()
         gone: set[int] = set()  # blocks the candidates so far are the only holders of
@@ -152,7 +177,7 @@ class BlockManager:
                     return count
         return None
 
-    def allocate(self, seq_id: int, token_ids: list[int], num_new_tokens: int | None = None,
+    def allocate(self, seq_id: int, token_ids: TokenIds, num_new_tokens: int | None = None,
                  salt: bytes = b"") -> int:
         """Take blocks for a new sequence: cached prefix blocks plus room for new tokens.
 
@@ -165,7 +190,7 @@ class BlockManager:
         Returns:
             Number of leading tokens already cached (multiple of ``block_size``, < len).
         """
-        hits = self._match(token_ids, salt)
+        hits = self._match(token_ids, salt, seq_id)
         cached = len(hits) * self.block_size
         if num_new_tokens is None:
             num_new_tokens = len(token_ids) - cached
@@ -290,3 +315,4 @@ class BlockManager:
                 else:
                     self._evictable[block] = None
         del self._reserved[seq_id], self._hashed[seq_id]
+        self._chains.pop(seq_id, None)

@@ -77,5 +77,6 @@ class QueueOrder:
             return []
         lower = [s for s in reversed(running) if s.priority > seq.priority]  # the list's tail
         seats = max(1, len(running) - max_num_seqs + 1)  # preempted to free a seat
-        count = bm.fewest_to_free([s.seq_id for s in lower], seq.all_ids, num, seq.salt, seats)
+        count = bm.fewest_to_free([s.seq_id for s in lower], seq.token_view(), num, seq.salt, seats,
+                                   seq_id=seq.seq_id)
         return lower[:count] if count else []

@@ -208,7 +208,7 @@ class Scheduler(HandOffs):
             preempting running sequences of lower priority."""
             def fits() -> bool:
                 return (len(self.running) < self.max_num_seqs
-                        and bm.can_allocate(seq.seq_id, seq.all_ids, num, seq.salt))
+                        and bm.can_allocate(seq.seq_id, seq.token_view(), num, seq.salt))
 
             if fits():
                 return True
@@ -281,7 +281,7 @@ class Scheduler(HandOffs):
             if seq.finished:  # aborted through the sequence itself
                 self.waiting.remove(seq)
                 continue
-            cached = bm.num_cached_tokens(seq.all_ids, seq.salt)
+            cached = bm.num_cached_tokens(seq.token_view(), seq.salt, seq.seq_id)
             remaining = seq.num_tokens - cached
             if (not self.enable_chunked_prefill and budget < remaining
                     and remaining <= self.max_num_batched_tokens):
@@ -290,7 +290,7 @@ class Scheduler(HandOffs):
             if not admissible(seq, num):
                 break
             self.waiting.remove(seq)
-            bm.allocate(seq.seq_id, seq.all_ids, num, seq.salt)
+            bm.allocate(seq.seq_id, seq.token_view(), num, seq.salt)
             self._start_running(seq, cached)
             emit(seq, cached, num)
 

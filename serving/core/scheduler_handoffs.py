@@ -30,9 +30,9 @@ class HandOffs:
     def can_admit_computed(self, seq: Sequence) -> bool:
         """Whether ``seq`` can join now with KV for all but its last token written elsewhere."""
         bm, computed = self.block_manager, seq.num_tokens - 1
-        cached = bm.num_cached_tokens(seq.all_ids, seq.salt)
+        cached = bm.num_cached_tokens(seq.token_view(), seq.salt, seq.seq_id)
         return (len(self.running) < self.max_num_seqs
-                and bm.can_allocate(seq.seq_id, seq.all_ids, computed - cached, seq.salt))
+                and bm.can_allocate(seq.seq_id, seq.token_view(), computed - cached, seq.salt))
 
     def admit_computed(self, seq: Sequence) -> tuple[list[int], int]:
         """Admit a sequence whose KV for all but its last token was computed elsewhere (PD
@@ -43,8 +43,8 @@ class HandOffs:
         if seq.seq_id in self._computed:
             raise SchedulerError(f"sequence {seq.seq_id} was already added")
         bm, computed = self.block_manager, seq.num_tokens - 1
-        cached = bm.num_cached_tokens(seq.all_ids, seq.salt)
-        bm.allocate(seq.seq_id, seq.all_ids, computed - cached, seq.salt)
+        cached = bm.num_cached_tokens(seq.token_view(), seq.salt, seq.seq_id)
+        bm.allocate(seq.seq_id, seq.token_view(), computed - cached, seq.salt)
         self._start_running(seq, computed)
         return bm.block_table(seq.seq_id), cached // bm.block_size
 

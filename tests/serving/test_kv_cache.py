@@ -172,3 +172,29 @@ def test_random_operations_keep_the_pool_consistent(ops):
             bm.free(sid)
     assert bm.num_free_blocks == 10 and bm.usage == 0
     _check(bm)
+
+
+def test_a_waiting_prompt_is_hashed_once_however_often_it_is_looked_up(monkeypatch):
+    """The scheduler looks a waiting prompt's prefix up every step it waits, then twice more
+    to admit it; with ``seq_id`` the chained hashes are remembered (tokens only grow), so each
+    block is hashed once. Lookups give what they give without the memory."""
+    import serving.core.kv_cache as kv
+
+    calls = []
+    real = kv.hash_block
+    monkeypatch.setattr(kv, "hash_block", lambda p, t: calls.append(1) or real(p, t))
+    bm = BlockManager(16, 4)
+    shared = list(range(12))
+    bm.allocate(0, shared + [99])
+    bm.mark_computed(0, shared + [99], 13)  # three full blocks cached
+    calls.clear()
+    prompt = shared + [7, 8, 9, 10, 11]
+    for _ in range(5):  # waiting
+        assert bm.num_cached_tokens(prompt, seq_id=1) == 12
+    assert bm.can_allocate(1, prompt, 5) and bm.allocate(1, prompt, 5) == 12
+    assert len(calls) == 4  # the three cached blocks, and the first that missed
+    assert bm.num_cached_tokens(prompt, b"salt", seq_id=1) == 0  # another salt: another chain
+    assert bm.num_cached_tokens(prompt) == 12  # no seq_id: hashed afresh, the same answer
+    bm.free(1)
+    assert 1 not in bm._chains
+    _check(bm)

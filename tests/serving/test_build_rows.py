@@ -1,5 +1,6 @@
-"""``build_rows`` (and the token reads it and the block manager use): scheduled sequences padded into a step's host arrays, checked against a
-hand-worked batch (a prefill chunk, a decode row, a decode row whose input is on device)."""
+"""``build_rows`` (and the token reads it and the block manager use): scheduled sequences
+padded into a step's host arrays, checked against a hand-worked batch (a prefill chunk, a
+decode row, a decode row whose input is on device)."""
 
 from __future__ import annotations
 

@@ -15,8 +15,13 @@ import pytest
 
 from tests.helpers import GOLDEN, golden, tiny
 from xds_jax import LLM, SamplingParams
-from xds_jax.errors import UnsupportedModelError
-from xds_jax.loading.compressed import WeightArgs, dequantize_module, unpack_int32
+from xds_jax.errors import UnsupportedModelError, WeightLoadError
+from xds_jax.loading.compressed import (
+    CompressedScheme,
+    WeightArgs,
+    dequantize_module,
+    unpack_int32,
+)
 from xds_jax.model.config_hf import load_model_config
 from xds_jax.model.reference import reference_logits
 
@@ -60,6 +65,24 @@ def test_group_index_maps_columns_to_their_groups():
     args = WeightArgs(("Linear",), "int-quantized", 8, "int", "group", True, group_size=2)
     got = dequantize_module(tensors.__getitem__, set(tensors), "m", args)
     np.testing.assert_array_equal(got, [[10, 1, 10, 1], [20, 2, 20, 2]])
+
+
+def test_config_groups_are_chosen_as_compressed_tensors_ranks_targets():
+    """A target naming the module beats a ``re:`` pattern, which beats the class (``Linear``),
+    whatever the groups' order: mixed-precision checkpoints list ``Linear`` first and a
+    regex for the layers kept wider (their 8-bit down_proj was read as 4-bit and failed on a
+    missing ``weight_shape``, a bare KeyError)."""
+    w4 = WeightArgs(("Linear",), "pack-quantized", 4, "int", "group", True, group_size=32)
+    w8 = WeightArgs(("re:.*down_proj$",), "int-quantized", 8, "int", "channel", True)
+    named = WeightArgs(("model.layers.0.mlp.down_proj",), "int-quantized", 8, "int", "tensor",
+                       True)
+    scheme = CompressedScheme((w4, w8, named))
+    assert scheme.args_for("model.layers.1.mlp.down_proj") is w8
+    assert scheme.args_for("model.layers.0.mlp.down_proj") is named
+    assert scheme.args_for("model.layers.1.mlp.up_proj") is w4
+    tensors = {"m.weight_packed": np.zeros((2, 4), np.int32)}
+    with pytest.raises(WeightLoadError, match="stores no m.weight_shape"):
+        dequantize_module(tensors.__getitem__, set(tensors), "m", w4)
 
 
 def _with_quantization(tmp_path, edit):

@@ -204,6 +204,7 @@ def describe(scheme: Scheme) -> str:
     if isinstance(scheme, Fp8Scheme):
         return f"FP8 (blocks {list(scheme.block) if scheme.block else 'per tensor'})"
     if isinstance(scheme, GroupQuantScheme):
-        return f"{scheme.method.upper()} int{scheme.bits} (group {scheme.group_size})"
+        overrides = f", {len(scheme.dynamic)} per-module overrides" if scheme.dynamic else ""
+        return f"{scheme.method.upper()} int{scheme.bits} (group {scheme.group_size}{overrides})"
     return "compressed-tensors " + ", ".join(
         f"{g.format} {g.type}{g.num_bits} per {g.strategy}" for g in scheme.groups)

@@ -56,12 +56,15 @@ class CompressedScheme:
     groups: tuple[WeightArgs, ...]
 
     def args_for(self, module: str) -> WeightArgs:
-        """The group whose targets match ``module`` (``Linear`` matches every projection)."""
-        for group in self.groups:
-            for target in group.targets:
-                if target == "Linear" or module == target or module.endswith("." + target):
-                    return group
-                if target.startswith("re:") and re.match(target[3:], module):
+        """The group whose targets match ``module``, ranked as compressed-tensors ranks them:
+        a target naming the module, then a ``re:`` pattern, then the class (``Linear``
+        matches every projection); the first group listed among equals."""
+        kinds = (lambda t: module == t or module.endswith("." + t),
+                 lambda t: t.startswith("re:") and re.match(t[3:], module) is not None,
+                 lambda t: t == "Linear")
+        for matches in kinds:
+            for group in self.groups:
+                if any(matches(target) for target in group.targets):
                     return group
         if len(self.groups) == 1:
             return self.groups[0]
@@ -164,6 +167,10 @@ def _expand(scale: np.ndarray, args: WeightArgs, shape: tuple[int, int],
 def dequantize_module(get, names: set[str], module: str, args: WeightArgs) -> np.ndarray:
     """Module ``module``'s weight, dequantised to float32; ``get`` reads a checkpoint tensor."""
     if args.format == "pack-quantized":
+        if module + ".weight_shape" not in names:
+            raise WeightLoadError(f"{module}: its config group is pack-quantized "
+                                  f"({args.type}{args.num_bits}) but the checkpoint stores no "
+                                  f"{module}.weight_shape")
         shape = tuple(int(v) for v in np.asarray(get(module + ".weight_shape")).reshape(-1))
         if len(shape) != 2:
             raise WeightLoadError(f"{module}.weight_shape must hold 2 sizes, got {shape}")

@@ -14,11 +14,17 @@ GPTQ a ``g_idx [in]`` (each input's group; absent means ``i // group_size``):
 
 The weight is ``(q - zero[g]) x scale[g]`` of each input's group ``g``, as GPTQModel's and
 vLLM's dequantisation compute it; the loader hands it on as ``[out, in]`` float32.
+
+GPTQModel's ``dynamic`` overrides ``bits`` / ``group_size`` per module: ``{"+:regex": {...}}``
+(or a bare regex) for the modules it matches (``re.match`` on the module's name, the first
+pattern that matches wins, as in GPTQModel and vLLM); ``"-:regex"`` modules are left
+unquantised (stored as float ``weight``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
@@ -34,20 +40,64 @@ class GroupQuantScheme:
     bits: int
     group_size: int  # -1: one group over all inputs
     zero_offset: int  # added to stored zeros: 1 for GPTQ v1, else 0
+    # GPTQModel's ``dynamic``: (pattern, negative, fields) in the config's order
+    dynamic: tuple[tuple[str, bool, tuple[tuple[str, int], ...]], ...] = ()
+
+    def for_module(self, module: str) -> GroupQuantScheme:
+        """The scheme of one module: the first ``dynamic`` pattern matching it overrides."""
+        for pattern, negative, fields in self.dynamic:
+            if re.match(pattern, module):
+                if negative:
+                    raise WeightLoadError(f"{module}: quantization_config.dynamic leaves it "
+                                          f"unquantised ('-:{pattern}') but it has a qweight")
+                return dataclasses.replace(self, dynamic=(), **dict(fields))
+        return self
 
 
-def parse_gptq_awq(q: dict, source: str) -> GroupQuantScheme:
-    method = q["quant_method"]
-    bits = q.get("bits", q.get("w_bit"))
-    group_size = q.get("group_size", q.get("q_group_size", -1))
+DYNAMIC_FIELDS = ("bits", "group_size", "sym", "desc_act")  # sym, desc_act: no effect here
+
+
+def _bits_and_group(bits, group_size, method: str, source: str) -> None:
     allowed = (2, 4, 8) if method == "gptq" else (4,)
-    if bits not in allowed:
+    if bits not in allowed or isinstance(bits, bool):
         raise UnsupportedModelError(f"{source}.bits {bits!r} is not supported for {method} "
                                     f"(supported: {', '.join(map(str, allowed))})")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or (
             group_size != -1 and group_size <= 0):
         raise UnsupportedModelError(f"{source}.group_size must be -1 or a positive integer, "
                                     f"got {group_size!r}")
+
+
+def _dynamic(q: dict, bits: int, group_size: int, source: str) -> tuple:
+    """GPTQModel's per-module overrides, checked (``GroupQuantScheme.dynamic``)."""
+    dynamic = q.get("dynamic") or {}
+    if not isinstance(dynamic, dict):
+        raise UnsupportedModelError(f"{source}.dynamic must be an object of regex -> "
+                                    f"overrides, got {dynamic!r}")
+    out = []
+    for key, fields in dynamic.items():
+        where = f"{source}.dynamic[{key!r}]"
+        negative = key.startswith("-:")
+        pattern = key[2:] if key.startswith(("+:", "-:")) else key
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UnsupportedModelError(f"{where}: not a regular expression ({e})") from None
+        if not isinstance(fields, dict) or set(fields) - set(DYNAMIC_FIELDS):
+            raise UnsupportedModelError(f"{where} must be an object of "
+                                        f"{', '.join(DYNAMIC_FIELDS)}, got {fields!r}")
+        _bits_and_group(fields.get("bits", bits), fields.get("group_size", group_size),
+                        "gptq", where)
+        kept = tuple((k, v) for k, v in fields.items() if k in ("bits", "group_size"))
+        out.append((pattern, negative, kept))
+    return tuple(out)
+
+
+def parse_gptq_awq(q: dict, source: str) -> GroupQuantScheme:
+    method = q["quant_method"]
+    bits = q.get("bits", q.get("w_bit"))
+    group_size = q.get("group_size", q.get("q_group_size", -1))
+    _bits_and_group(bits, group_size, method, source)
     if method == "awq":
         version = str(q.get("version", "gemm")).lower()
         if version != "gemm":
@@ -60,7 +110,8 @@ def parse_gptq_awq(q: dict, source: str) -> GroupQuantScheme:
     if fmt not in ("gptq", "gptq_v2"):
         raise UnsupportedModelError(f"{source}.checkpoint_format {fmt!r} is not supported "
                                     "(supported: gptq, gptq_v2)")
-    return GroupQuantScheme("gptq", bits, group_size, 1 if fmt == "gptq" else 0)
+    return GroupQuantScheme("gptq", bits, group_size, 1 if fmt == "gptq" else 0,
+                            _dynamic(q, bits, group_size, source))
 
 
 def unpack_words(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
@@ -79,6 +130,7 @@ def unpack_words(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
 def dequantize_group_quant(get, names: set[str], module: str,
                            scheme: GroupQuantScheme) -> np.ndarray:
     """``module``'s weight as ``[out, in]`` float32."""
+    scheme = scheme.for_module(module)
     scales = np.asarray(get(module + ".scales")).astype(np.float32)
     groups, out = scales.shape
     if scheme.method == "gptq":
@@ -94,7 +146,12 @@ def dequantize_group_quant(get, names: set[str], module: str,
     if module + ".g_idx" in names:
         g_idx = np.asarray(get(module + ".g_idx")).astype(np.int64).reshape(-1)
     else:
-        g_idx = np.arange(n_in) // (n_in if scheme.group_size == -1 else scheme.group_size)
+        size = n_in if scheme.group_size == -1 else scheme.group_size
+        if groups != -(-n_in // size):
+            raise WeightLoadError(f"{module}: scales hold {groups} groups, but group_size "
+                                  f"{scheme.group_size} over {n_in} inputs makes "
+                                  f"{-(-n_in // size)} (and no g_idx is stored)")
+        g_idx = np.arange(n_in) // size
     if g_idx.shape != (n_in,) or g_idx.min() < 0 or g_idx.max() >= groups:
         raise WeightLoadError(f"{module}: group indices do not fit {groups} groups of "
                               f"{n_in} inputs")

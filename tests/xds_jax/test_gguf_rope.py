@@ -50,7 +50,7 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
         w.shape)
 
 
-def write_llama_gguf(path, rope_freqs=True, **extra_meta) -> None:
+def write_llama_gguf(path, rope_freqs=True, vocab_size=True, **extra_meta) -> None:
     from safetensors.numpy import load_file
 
     hf = json.loads((GOLDEN / "llama" / "config.json").read_text())
@@ -65,7 +65,8 @@ def write_llama_gguf(path, rope_freqs=True, **extra_meta) -> None:
     writer.add_key_length(hf["head_dim"])
     writer.add_layer_norm_rms_eps(hf["rms_norm_eps"])
     writer.add_rope_freq_base(hf["rope_parameters"]["rope_theta"])
-    writer.add_vocab_size(hf["vocab_size"])
+    if vocab_size:
+        writer.add_vocab_size(hf["vocab_size"])
     for key, value in extra_meta.items():
         writer.add_uint32(key, value) if isinstance(value, int) else writer.add_string(key, value)
     writer.add_tensor("token_embd.weight", t["model.embed_tokens.weight"])
@@ -110,6 +111,24 @@ def test_llama3_rope_from_rope_freqs_matches_transformers(tmp_path):
     np.testing.assert_allclose(logits, g["logits_2"], atol=1e-4, rtol=1e-4)
     # Without the divisors it is another model: the scaling reaches short prompts too.
     assert np.abs(np.asarray(reference_logits(plain, plain_cfg, tokens)) - logits).max() > 1e-3
+
+
+def test_a_gguf_without_tokenizer_metadata_serves_token_ids(tmp_path):
+    """No ``tokenizer.*`` keys and no ``vocab_size``: the vocabulary is the embedding's rows
+    and the model runs on token ids, as an HF directory without tokenizer.json (it failed
+    with 'vocab_size must be a positive integer, got 0', then for want of a tokenizer)."""
+    from xds_jax import LLM, SamplingParams
+
+    g = golden("llama")
+    write_llama_gguf(tmp_path / "bare.gguf", vocab_size=False)
+    llm = LLM(str(tmp_path / "bare.gguf"), dtype="float32", use_param_cache=False)
+    assert llm.tokenizer is None
+    assert llm.cfg.vocab_size == json.loads((GOLDEN / "llama" / "config.json").read_text())[
+        "vocab_size"]
+    prompt = [int(t) for t in g["prompt_2"]]
+    out = llm.generate([{"prompt_token_ids": prompt}],
+                       SamplingParams(temperature=0, max_tokens=1))[0].outputs[0]
+    assert out.token_ids == [int(np.argmax(g["logits_2"][-1]))]
 
 
 def test_gguf_moe_and_unknown_rope_scaling_are_named(tmp_path):

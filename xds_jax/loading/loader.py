@@ -236,7 +236,9 @@ def _load_gguf(name: str, path: Path, dtype, use_cache: bool,
     from xds_jax.text.tokenizer import Tokenizer
 
     src = GGUFSource(path)
-    cfg = config_from_gguf(src.meta, set(src.names()), str(path), src.rope_freqs())
+    names = set(src.names())
+    rows = src.shape("token_embd.weight")[0] if "token_embd.weight" in names else None
+    cfg = config_from_gguf(src.meta, names, str(path), src.rope_freqs(), rows)
     jdtype = resolve_dtype(dtype, cfg)
     stored = src.linear_quant_types()
     if quantization is None and stored & {"Q8_0", "Q4_0", "Q4_1"}:
@@ -250,4 +252,8 @@ def _load_gguf(name: str, path: Path, dtype, use_cache: bool,
 
     params = param_cache.cached([path], _cache_tag("gguf", jdtype, quantization, cfg), build,
                                 enabled=use_cache)
+    if "tokenizer.ggml.tokens" not in src.meta:  # as an HF directory without tokenizer.json
+        log.warning("%s has no tokenizer metadata: prompts and outputs are token ids only",
+                    path.name)
+        return LoadedModel(name, cfg, params, None)
     return LoadedModel(name, cfg, params, Tokenizer.from_gguf_fields(src.meta))

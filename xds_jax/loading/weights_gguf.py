@@ -56,6 +56,9 @@ class GGUFSource:
         return {self.quant_type(n) for n, info in self._infos.items()
                 if n.startswith("blk.") and len(info.shape) == 2}
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._infos[name].shape
+
     def get(self, name: str) -> np.ndarray:
         info = self._infos[name]
         qtype = gguf.GGMLQuantizationType(info.ggml_type)
@@ -69,7 +72,8 @@ class GGUFSource:
 
 
 def config_from_gguf(meta: dict, tensor_names: set[str], source: str,
-                     rope_freqs: np.ndarray | None = None) -> ModelConfig:
+                     rope_freqs: np.ndarray | None = None,
+                     embedding_rows: int | None = None) -> ModelConfig:
     """``ModelConfig`` from GGUF metadata; the LM head is tied when ``output.weight`` is absent.
 
     ``rope_freqs`` is the file's ``rope_freqs.weight`` (llama.cpp stores Llama 3.x's RoPE
@@ -96,7 +100,8 @@ def config_from_gguf(meta: dict, tensor_names: set[str], source: str,
     hidden = int(field("embedding_length"))
     heads = int(field("attention.head_count"))
     head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+    vocab = (meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+             or embedding_rows or 0)
     eos = meta.get("tokenizer.ggml.eos_token_id")
     return ModelConfig(
         model_type=_ARCHS[arch],

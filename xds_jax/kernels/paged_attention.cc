@@ -234,6 +234,16 @@ void attend_items(const Args& a, int64_t b0, int64_t b1) {
   std::vector<float> s(H * L), qf(H * a.D), kf(a.K * a.D), mx(H);
   std::vector<int64_t> keys(L);
   for (int64_t b = b0; b < b1; ++b) {
+    if (b + 1 < a.B) {  // the next sequence's first keys to L2 while this one runs
+      const int64_t L1 = a.N * a.Pg;
+      for (int64_t n = 0; n < std::min<int64_t>(2, a.N); ++n) {
+        if (page_visible(a.mask + (b + 1) * L1, n, a.N, a.Pg)) {
+          const int64_t page = std::clamp<int64_t>(a.tables[(b + 1) * a.N + n], 0, a.P - 1);
+          prefetch_row<T, _MM_HINT_T1>(static_cast<const T*>(a.kp) + page * a.Pg * a.K * a.D,
+                                       a.Pg * a.K * a.D);
+        }
+      }
+    }
     if (g_isa == 2) {
       attend512<T>(a, b, s.data(), keys.data(), qf.data(), kf.data(), mx.data());
     } else if (g_isa == 1) {

@@ -65,13 +65,20 @@ XDS_PAGED512 inline __m512 load16(const uint16_t* p) {
 }
 XDS_PAGED512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 
-// E values from ``row`` on their way to L1.
-template <typename T>
+// E values from ``row`` on their way to L1 (``Hint`` T0), or to L2 (T1: further ahead, so
+// more lines are in flight than L1's miss buffers hold).
+template <typename T, int Hint = _MM_HINT_T0>
 inline void prefetch_row(const T* row, int64_t E) {
   const char* p = reinterpret_cast<const char*>(row);
   for (int64_t o = 0; o < E * static_cast<int64_t>(sizeof(T)); o += 64) {
-    _mm_prefetch(p + o, _MM_HINT_T0);
+    _mm_prefetch(p + o, static_cast<_mm_hint>(Hint));
   }
+}
+
+// Whether page n of a sequence (``mask`` its row) holds a visible key (its first or last:
+// the visible keys of a page are a run).
+inline bool page_visible(const bool* mask, int64_t n, int64_t N, int64_t Pg) {
+  return n < N && (mask[n * Pg] || mask[(n + 1) * Pg - 1]);
 }
 
 // out[k G + g][d0 .. d0 + 16 NV) += sum_{i0 <= i < i1} s[(k G + g) L + i] value_i[k][d0 ..]
@@ -168,11 +175,19 @@ XDS_PAGED512 void page_scores(const PagedArgs& a, int64_t b, const float* qf, fl
   const int32_t* table = a.tables + b * a.N;
   float sc[G * TB];
   int64_t idx[TB];
+  const T* vp = static_cast<const T*>(a.vp);
   for (int64_t n = 0; n < a.N; ++n) {
     const int64_t page = std::clamp<int64_t>(table[n], 0, a.P - 1);
-    if (n + 1 < a.N && (mask[(n + 1) * Pg] || mask[(n + 2) * Pg - 1])) {
+    // the next page's keys to L1, the one after to L2, this page's values to L2 (read after
+    // the softmax): from memory while this page is scored, not when each is first touched
+    if (page_visible(mask, n + 1, a.N, Pg)) {
       prefetch_row(kp + std::clamp<int64_t>(table[n + 1], 0, a.P - 1) * Pg * E, Pg * E);
     }
+    if (page_visible(mask, n + 2, a.N, Pg)) {
+      prefetch_row<T, _MM_HINT_T1>(kp + std::clamp<int64_t>(table[n + 2], 0, a.P - 1) * Pg * E,
+                                   Pg * E);
+    }
+    if (page_visible(mask, n, a.N, Pg)) prefetch_row<T, _MM_HINT_T1>(vp + page * Pg * E, Pg * E);
     for (int64_t t0 = 0; t0 < Pg; t0 += TB) {
       const int tb = static_cast<int>(std::min<int64_t>(TB, Pg - t0));
       int visible = 0;

@@ -52,6 +52,14 @@ def available() -> bool:
     return True
 
 
+def use_isa(isa: int) -> int:
+    """Run the decode kernel with at most instruction set ``isa`` (2: AVX-512, 1: AVX2 + FMA,
+    0: plain loops; tests and benchmarks check the paths another CPU takes); returns the one
+    in use."""
+    lib = build.load_x86_cpu(LIBRARY) if available() else None
+    return int(lib.xds_paged_attention_use_isa(isa)) if lib is not None else 0
+
+
 # Query tokens per sequence up to which the model's attention takes the kernel, each token a
 # row: decode steps and speculative verify passes (k + 1); longer chunks keep XLA's prefill
 # attention, whose dots share the keys among a sequence's tokens.

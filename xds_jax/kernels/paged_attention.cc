@@ -52,6 +52,14 @@ template <typename T, typename Dot>
   if (!Dot::template scores<T>(a, b, qf, s, keys, mx, seen)) {  // the plain loops
     for (int64_t n = 0; n < a.N; ++n) {
       const int64_t page = std::clamp<int64_t>(a.tables[b * a.N + n], 0, a.P - 1);
+      // as page_scores: the next page's keys and this page's values on their way meanwhile
+      if (page_visible(a.mask + b * L, n + 1, a.N, a.Pg)) {
+        const int64_t next = std::clamp<int64_t>(a.tables[b * a.N + n + 1], 0, a.P - 1);
+        prefetch_row(kp + next * a.Pg * E, a.Pg * E);
+      }
+      if (page_visible(a.mask + b * L, n, a.N, a.Pg)) {
+        prefetch_row<T, _MM_HINT_T1>(vp + page * a.Pg * E, a.Pg * E);
+      }
       for (int64_t t = 0; t < a.Pg; ++t) {
         if (!a.mask[b * L + n * a.Pg + t]) continue;
         const int64_t row = page * a.Pg + t;
@@ -226,7 +234,8 @@ int detect_isa() {
   }
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
 }
-const int g_isa = detect_isa();
+const int g_detected_isa = detect_isa();
+int g_isa = g_detected_isa;  // lowered by xds_paged_attention_use_isa (tests, benchmarks)
 
 template <typename T>
 void attend_items(const Args& a, int64_t b0, int64_t b1) {
@@ -306,6 +315,13 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kp, ffi
 }
 
 }  // namespace
+
+// Run at most instruction set ``isa`` (2: AVX-512, 1: AVX2, 0: plain loops; never above the
+// CPU's): the paths this CPU would not take can be checked on it. Returns the one now used.
+extern "C" int xds_paged_attention_use_isa(int isa) {
+  g_isa = std::clamp(isa, 0, g_detected_isa);
+  return g_isa;
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XdsPagedAttention, Attend,
                               ffi::Ffi::Bind()

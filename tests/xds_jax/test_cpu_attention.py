@@ -73,12 +73,15 @@ def test_every_score_block_width_over_pages_of_16(dtype, g):
 @pytest.mark.parametrize("isa", [1, 0])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_the_avx2_and_plain_paths_match_too(isa, dtype):
-    """The paths a CPU without AVX-512 (AVX2 + FMA: the dot products in vectors of 8) or
-    without AVX2 (plain loops) takes, run here by lowering the kernel's instruction set."""
+    """The paths a CPU without AVX-512 (AVX2 + FMA: register tiles on 8 lanes, every score
+    block width; a head dim not a multiple of 8 in dot products) or without AVX2 (plain
+    loops) takes, run here by lowering the kernel's instruction set."""
     assert cpu_attention.use_isa(isa) <= isa
     try:
         _assert_kernel_matches(dtype, 5.0, 7, 3, 80, 4, [23, 0, 9, 17, 4])
         _assert_kernel_matches(dtype, 0.0, None, 4, 64, 16, [90, 0, 40, 17, 63])
+        for g, d in ((1, 64), (2, 48), (5, 40), (8, 32), (2, 36)):
+            _assert_kernel_matches(dtype, 0.0, 21, g, d, 16, [90, 0, 40, 17, 63])
     finally:
         cpu_attention.use_isa(2)
 

@@ -24,6 +24,7 @@
 #include "xla/ffi/api/ffi.h"
 #include "kernel_math.h"
 #include "paged_blocks.h"
+#include "paged_avx2.h"
 #include "pool_chunks.h"
 
 namespace ffi = xla::ffi;
@@ -111,8 +112,9 @@ template <typename T, typename Dot>
 }
 
 // Per instruction set: the scores, softmax and value product (AVX-512: paged_blocks.h's
-// register tiles), or q . k over D float32s in vectors of 8 (AVX2) with one horizontal sum, or
-// a plain loop (the compiler had left the loop's reduction scalar, 3/4 of the kernel's time).
+// register tiles; AVX2: paged_avx2.h's, the softmax in the plain loop), or q . k over D
+// float32s in vectors of 8 (AVX2, D not a multiple of 8) with one horizontal sum, or a plain
+// loop (the compiler had left the loop's reduction scalar, 3/4 of the kernel's time).
 #define XDS_AVX512 XDS_PAGED512
 #define XDS_AVX2 __attribute__((target("avx2,fma")))
 
@@ -184,7 +186,23 @@ struct NoValues {  // the scores, the softmax and the value product in plain loo
   }
 };
 
-struct Dot256 : NoValues {
+struct Dot256 : NoValues {  // the scores and values in registers (paged_avx2.h), D % 8 == 0
+  template <typename T>
+  XDS_AVX2 static bool scores(const Args& a, int64_t b, const float* qf, float* s,
+                              int64_t* keys, float* mx, int64_t& seen) {
+    return a.D % 8 == 0 && with_heads(a.G, [&](auto g) {
+      page_scores8<T, g()>(a, b, qf, s, keys, mx, seen);
+    });
+  }
+
+  template <typename T>
+  XDS_AVX2 static bool values(const float* s, int64_t L, const int64_t* keys, int64_t seen,
+                              const T* vp, int64_t K, int64_t G, int64_t D, float* out) {
+    return D % 8 == 0 && with_heads(G, [&](auto g) {
+      value_heads8<T, g()>(s, L, keys, seen, vp, K, D, out);
+    });
+  }
+
   XDS_AVX2 static inline float dot(const float* a, const float* b, int64_t D) {
     __m256 acc = _mm256_setzero_ps();
     int64_t d = 0;

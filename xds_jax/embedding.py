@@ -35,7 +35,7 @@ def embed_prompts(llm, prompts: Any, pooling: str | None, normalize: bool | None
     params = SamplingParams(max_tokens=0, truncate_prompt_tokens=truncate_prompt_tokens)
     outputs = []
     for prompt in prompts:
-        _, ids = llm._prompt_ids(prompt)
+        _, ids = llm.prompt_ids_of(prompt)
         ids = llm.truncate_prompt(ids, params)
         llm.check_prompt(ids, params)
         vector = llm.scoring.embed(ids, pooling, normalize)

@@ -140,7 +140,10 @@ class LLM:
         return SamplingParams(**self.sampling_defaults)
 
     # -- inputs -------------------------------------------------------------------------------
-    def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
+    def prompt_ids_of(self, prompt: Any) -> tuple[str | None, list[int]]:
+        """A prompt's text (None if given as token ids) and token ids: a string, or a dict
+        with ``prompt`` or ``prompt_token_ids`` (vLLM's prompt forms); ``InvalidPromptError``
+        for anything else."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
@@ -261,7 +264,7 @@ class LLM:
                                      "prompts; pass one each")
         requests = []
         for prompt, params, rank in zip(prompts, each, priorities, strict=True):
-            text, ids = self._prompt_ids(prompt)
+            text, ids = self.prompt_ids_of(prompt)
             ids = self.truncate_prompt(ids, params)
             params = self.fit_output(ids, params)
             self.check_prompt(ids, params)

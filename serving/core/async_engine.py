@@ -10,22 +10,28 @@ steps (``serving.core.prompt_scoring``), on a worker thread, before the request 
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import itertools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import numpy as np
 
 from serving.core.admission import Admission
 from serving.core.prompt_scoring import PromptScoring, ScoringCancelled
 from serving.core.request import Request
+from serving.core.request_outcomes import (
+    Aborted,
+    DuplicateRequestError,
+    EngineDeadError,
+    request_failure,
+)
 from xds_jax.embedding import embedding_options
 from xds_jax.engine_config import EngineConfig, check_priority
-from xds_jax.errors import ConfigError, XdsError
+from xds_jax.errors import ConfigError
 from xds_jax.llm import LLM
 from xds_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from xds_jax.sampling.beam_search import BeamSearch, BeamSearchParams, next_logprobs
@@ -45,27 +51,6 @@ def _discard(work: asyncio.Future) -> None:
     """Read the outcome of scoring no one waits for any more (asyncio would log an error)."""
     if not work.cancelled():
         work.exception()
-
-
-class RequestFailedError(XdsError, RuntimeError):
-    """The engine failed this one request (it kept serving the others)."""
-
-
-def request_failure(request_id: str, out: RequestOutput) -> Exception:
-    """What a request the engine failed raises to its caller: an error the engine names
-    (an ``XdsError``: no group left to run it, a peer process lost, a grammar past its limits)
-    as itself, so the server answers its kind; any other as ``RequestFailedError``."""
-    if isinstance(out.failure, XdsError):
-        return copy.copy(out.failure)
-    return RequestFailedError(f"request {request_id} failed: {out.error}")
-
-
-class EngineDeadError(XdsError, RuntimeError):
-    """The engine was shut down: it takes no more requests (vLLM's name)."""
-
-
-class DuplicateRequestError(XdsError, ValueError):
-    """A request id that names a request still running (vLLM refuses it too)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,8 +119,9 @@ class AsyncEngine:
         self.sampling_defaults = llm.sampling_defaults  # generation_config.json's (the server's)
         self._ids = itertools.count()
         self._beams: dict[str, set[str]] = {}  # running beam searches: their round's requests
-        self._aborted_early: OrderedDict[str, bool] = OrderedDict()  # ids aborted before
-        self._submitted: OrderedDict[str, bool] = OrderedDict()  # the last ids submitted
+        # ids a caller announced (``expect``) whose ``generate`` has not submitted them yet:
+        # True once aborted, so a request whose client left meanwhile is never run
+        self._expected: OrderedDict[str, bool] = OrderedDict()
         # running requests' output queues: an abort ends the stream at once, not when the
         # group next steps (a stalled group steps late)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -161,6 +147,8 @@ class AsyncEngine:
         return self.llm.config.scheduling_policy
 
     def start(self) -> None:
+        if self._closed:
+            raise EngineDeadError("the engine was shut down; it cannot be started again")
         self.engine.start()
 
     def shutdown(self) -> None:
@@ -184,11 +172,23 @@ class AsyncEngine:
             "kv_total_blocks": sum(b.num_blocks for b in blocks),
             "admitted_seqs": self.admission.slots, "admitted_tokens": self.admission.tokens}
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+    def _prompt_of(self, given: Any, prompt: str | None) -> tuple[str | None, list[int]]:
+        """The text and token ids of what ``generate`` was given: token ids (a list, tuple or
+        numpy array of integers; ``prompt`` their text, if known) or vLLM's prompt forms, a
+        string or ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}`` (``InvalidPromptError``
+        for anything else)."""
+        if isinstance(given, str | dict):
+            return self.llm.prompt_ids_of(given)
+        if isinstance(given, np.ndarray):
+            given = given.tolist()
+        return prompt, self.llm.prompt_ids_of({"prompt_token_ids": given})[1]
+
+    async def generate(self, prompt_ids: Any, params: SamplingParams | None = None,
                        request_id: str | None = None, prompt: str | None = None,
                        priority: int = 0,
                        cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative outputs until the request finishes or is aborted.
+        """Yield cumulative outputs until the request finishes or is aborted. ``prompt_ids``:
+        token ids, or a string / vLLM prompt dict (``_prompt_of``); ``params`` None: defaults.
 
         Raises (before yielding) ``PromptTooLongError``/``InvalidPromptError`` for bad input
         (``SamplingParamsError`` for a ``priority`` other than 0 without priority scheduling,
@@ -201,6 +201,8 @@ class AsyncEngine:
             raise EngineDeadError("the engine was shut down; it takes no more requests")
         if request_id is not None and self._running(request_id):
             raise DuplicateRequestError(f"request id {request_id!r} is already running")
+        prompt, prompt_ids = self._prompt_of(prompt_ids, prompt)
+        params = SamplingParams() if params is None else params
         prompt_ids = self.llm.truncate_prompt(prompt_ids, params)
         self.llm.check_prompt(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
@@ -214,9 +216,8 @@ class AsyncEngine:
         scored = None
         if params.prompt_logprobs is not None:
             scored = await self._score_prompt(request_id, prompt_ids, params.prompt_logprobs)
-        if self._aborted_early.pop(request_id, False):  # aborted before it was submitted
+        if self._expected.pop(request_id, False):  # aborted before it was submitted
             request.abort()
-        remember(self._submitted, request_id)
         if request.finished:  # max_tokens=0: the prompt only (or aborted already)
             yield dataclasses.replace(request.snapshot(), prompt_logprobs=scored)
             return
@@ -252,7 +253,7 @@ class AsyncEngine:
         return await asyncio.get_running_loop().run_in_executor(
             None, self.scoring.embed, list(prompt_ids), pooling, normalize)
 
-    async def beam_search(self, prompt_ids: list[int], params: BeamSearchParams,
+    async def beam_search(self, prompt_ids: Any, params: BeamSearchParams,
                           request_id: str | None = None, prompt: str | None = None,
                           priority: int = 0,
                           cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -262,6 +263,7 @@ class AsyncEngine:
         "abort" for all when aborted)."""
         if self._closed:
             raise EngineDeadError("the engine was shut down; it takes no more requests")
+        prompt, prompt_ids = self._prompt_of(prompt_ids, prompt)
         self.llm.check_prompt(prompt_ids, SamplingParams(max_tokens=params.max_tokens))
         check_priority(priority, self.scheduling_policy)
         salt_bytes(cache_salt)
@@ -271,8 +273,7 @@ class AsyncEngine:
                             tok.eos_token_ids if tok is not None else self.cfg.eos_token_ids)
         each_round, arrival = params.round_params(), time.monotonic()
         live = self._beams[request_id] = set()
-        aborted = self._aborted_early.pop(request_id, False)
-        remember(self._submitted, request_id)
+        aborted = self._expected.pop(request_id, False)
 
         async def extend(beam_id: str, tokens: list[int]) -> RequestOutput | None:
             live.add(beam_id)
@@ -348,9 +349,22 @@ class AsyncEngine:
             loop, outputs = stream
             loop.call_soon_threadsafe(outputs.put_nowait, ABORTED)
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request now and free its KV blocks; its stream ends with "abort" (a beam
-        search: its running round's requests)."""
+    def expect(self, request_ids: list[str]) -> None:
+        """Announce ids about to be passed to ``generate`` / ``beam_search``: one aborted
+        before its call submits it is not run (a server's client may leave while it reads
+        the prompt). An abort of any other id not running is a no-op, as in vLLM."""
+        for request_id in request_ids:
+            remember(self._expected, request_id)
+            self._expected[request_id] = False
+
+    def abort(self, request_id: str | Iterable[str]) -> Aborted:
+        """Stop a request (or each of several) now and free its KV blocks; its stream ends
+        with "abort" (a beam search: its running round's requests). Done on return; the
+        result may be awaited, as vLLM's ``abort`` coroutine is."""
+        if not isinstance(request_id, str):
+            for one in request_id:
+                self.abort(one)
+            return Aborted()
         beams = self._beams.pop(request_id, None)
         for beam_id in list(beams or ()):
             self.engine.abort(beam_id)
@@ -363,5 +377,6 @@ class AsyncEngine:
         if beams is None:
             self.engine.abort(request_id)
             self._end_stream(request_id)
-            if request_id not in self._submitted:  # not submitted yet (its client left while
-                remember(self._aborted_early, request_id)  # its prompt was read): when it is
+            if request_id in self._expected:  # announced, not submitted yet (its client
+                self._expected[request_id] = True  # left while its prompt was read)
+        return Aborted()

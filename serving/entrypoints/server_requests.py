@@ -6,8 +6,12 @@ import logging
 from typing import Any
 
 from serving.core.admission import OverloadedError, RequestTooLargeError
-from serving.core.async_engine import DuplicateRequestError, EngineDeadError, RequestFailedError
 from serving.core.balancer import NoHealthyGroupError
+from serving.core.request_outcomes import (
+    DuplicateRequestError,
+    EngineDeadError,
+    RequestFailedError,
+)
 from serving.distributed.lockstep import PeerLostError
 from serving.entrypoints import openai_protocol as api
 from serving.entrypoints.api_error import ApiError

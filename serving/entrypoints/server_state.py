@@ -244,6 +244,7 @@ class Served:
         """Submit every prompt (with the request's ``request_options``); on any engine error
         abort the others and raise it."""
         ids = [f"{request_id}-{i}" for i in range(len(jobs))]
+        self.engine.expect(ids)  # an abort before a generate submits its id still holds
         watch.request_ids.extend(ids)
         opened = await asyncio.gather(
             *(self._open_one(prompt, params, rid, options or {})

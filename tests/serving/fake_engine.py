@@ -108,6 +108,9 @@ class FakeEngine:
                                    s.finish_reason, s.stop_reason) for s in samples]
         return RequestOutput(request_id, prompt, list(ids), copies, finished, metrics)
 
+    def expect(self, request_ids: list[str]) -> None:
+        pass
+
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from serving.core.async_engine import (
@@ -55,6 +56,8 @@ def test_shutdown_ends_running_streams_and_refuses_new_requests():
     outs = asyncio.run(run())
     final = outs[-1].outputs[0]
     assert outs[-1].finished and final.finish_reason == "abort" and len(final.token_ids) < 200
+    with pytest.raises(EngineDeadError, match="cannot be started again"):
+        eng.start()  # it restarted the engine's threads, which then ran for nothing
 
 
 def test_the_id_of_a_running_request_is_refused():
@@ -74,5 +77,46 @@ def test_the_id_of_a_running_request_is_refused():
         opened, rest, again = asyncio.run(asyncio.wait_for(run(), 60))
         assert not opened.finished and rest[-1].outputs[0].finish_reason == "abort"
         assert again[-1].finished and len(again[-1].outputs[0].token_ids) == 3
+    finally:
+        eng.shutdown()
+
+
+def test_prompts_in_vllm_forms_and_bad_ones_named():
+    """``generate`` takes what vLLM's ``AsyncLLM.generate`` takes besides token ids (a
+    string, ``{"prompt": ...}``, ``{"prompt_token_ids": ...}``, a numpy array) and refuses
+    what ``LLM.generate`` refuses (floats, booleans as ids) with ``InvalidPromptError``; they
+    were a TypeError deep inside, or ran with float ids. ``abort`` may be awaited, and takes
+    several ids, as vLLM's coroutine does."""
+    from xds_jax import LLM
+    from xds_jax.errors import InvalidPromptError
+
+    eng = AsyncEngine(LLM("smollm2", dtype="float32", max_num_seqs=4))
+    eng.start()
+    short = SamplingParams(max_tokens=2, temperature=0)
+    ids = eng.tokenizer.encode("Hello there", add_special_tokens=True)
+    try:
+        async def last(prompt, params=short, request_id=None):
+            return [out async for out in eng.generate(prompt, params, request_id)][-1]
+
+        async def run():
+            outs = [await last(p) for p in ("Hello there", {"prompt": "Hello there"},
+                                            {"prompt_token_ids": ids}, np.array(ids), ids)]
+            for bad, words in (([5.5, 9.7], "list of integers"), ([True, 9], "list of integers"),
+                               (7, "list of integers"), ({"text": "x"}, "'prompt' or")):
+                with pytest.raises(InvalidPromptError, match=words):
+                    await last(bad)
+            default = await last(ids, None)  # no params: the defaults (16 tokens at most)
+            gen = eng.generate(ids, PARAMS, "a1")
+            await anext(gen)
+            await eng.abort(["a1", "never-seen"])
+            rest = [out async for out in gen]
+            return outs, default, rest
+
+        outs, default, rest = asyncio.run(asyncio.wait_for(run(), 120))
+        assert len({tuple(o.outputs[0].token_ids) for o in outs}) == 1
+        assert [o.prompt for o in outs] == ["Hello there", "Hello there", None, None, None]
+        assert all(o.prompt_token_ids == ids for o in outs)
+        assert default.finished and 1 <= len(default.outputs[0].token_ids) <= 16
+        assert rest[-1].outputs[0].finish_reason == "abort"
     finally:
         eng.shutdown()

@@ -98,12 +98,16 @@ def test_a_client_that_leaves_stops_the_search(slow):
 
 def test_an_abort_that_comes_before_the_request_still_stops_it(real):
     """A client may leave while its prompt is still read: the abort comes first, and the
-    request (plain or a beam search) ends at once when it is submitted."""
+    request (plain or a beam search) the server announced (``expect``) ends at once when it
+    is submitted. An id never announced, or one that has ended, keeps nothing against a later
+    request of that id (vLLM's abort of an unknown id is a no-op; such an abort killed the
+    next request of the id)."""
     engine = real.engine
 
     async def outputs(gen):
         return [out async for out in gen]
 
+    engine.expect(["early-plain", "early-beams"])
     engine.abort("early-plain")
     (out,) = asyncio.run(outputs(engine.generate(
         PROMPT, SamplingParams(max_tokens=50, ignore_eos=True), "early-plain")))
@@ -119,3 +123,6 @@ def test_an_abort_that_comes_before_the_request_still_stops_it(real):
     engine.abort("reused")  # after it ended: nothing is kept against a later request
     (again,) = asyncio.run(outputs(engine.generate(PROMPT, params, "reused")))[-1:]
     assert again.outputs[0].finish_reason == "length"
+    engine.abort("never-seen")  # an id no one announced: a no-op
+    (fresh,) = asyncio.run(outputs(engine.generate(PROMPT, params, "never-seen")))[-1:]
+    assert fresh.outputs[0].finish_reason == "length"

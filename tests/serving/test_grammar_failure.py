@@ -9,9 +9,10 @@ import asyncio
 
 import pytest
 
-from serving.core.async_engine import AsyncEngine, RequestFailedError, request_failure
+from serving.core.async_engine import AsyncEngine
 from serving.core.balancer import NoHealthyGroupError
 from serving.core.request import Request
+from serving.core.request_outcomes import RequestFailedError, request_failure
 from tests.helpers import GOLDEN
 from xds_jax import LLM, SamplingParams
 from xds_jax.errors import SamplingParamsError

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from serving.core.async_engine import RequestFailedError
+from serving.core.request_outcomes import RequestFailedError
 from serving.entrypoints.responses_store import EventLog, Stored
 from tests.serving.fake_engine import REPLY, FakeEngine, client, serve, wait_for
 

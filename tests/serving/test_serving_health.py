@@ -12,8 +12,8 @@ from urllib.parse import urlparse
 
 import httpx
 
-from serving.core.async_engine import EngineDeadError, RequestFailedError
 from serving.core.balancer import NoHealthyGroupError
+from serving.core.request_outcomes import EngineDeadError, RequestFailedError
 from serving.distributed.lockstep import PeerLostError
 from tests.serving.fake_engine import FakeEngine, serve
 from tests.serving.test_faults import pd_engine

@@ -191,7 +191,7 @@ def run_beam_search(llm, prompts, params: BeamSearchParams) -> list[BeamSearchOu
     eos = llm.tokenizer.eos_token_ids if llm.tokenizer is not None else llm.cfg.eos_token_ids
     searches, salted = [], []  # salted: (search, its rounds' prompt dict fields)
     for prompt in prompts:
-        _, ids = llm._prompt_ids(prompt)
+        _, ids = llm.prompt_ids_of(prompt)
         llm.check_prompt(ids, SamplingParams(max_tokens=params.max_tokens))
         searches.append(BeamSearch(ids, params, eos))
         salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None

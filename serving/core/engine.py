@@ -22,6 +22,7 @@ import jax
 
 from serving.core.balancer import Balancer, NoHealthyGroupError
 from serving.core.dp_group import DPGroup, GroupConfig
+from serving.core.engine_runs import run_until_done
 from serving.core.faults import FaultInjector, FaultSpec, InjectedFault
 from serving.core.fencing import GroupFencedError, Recovery, Resume
 from serving.core.heartbeat import watch_heartbeats
@@ -166,7 +167,7 @@ class Engine:
         if request.on_output is not None:
             request.on_output(request.snapshot())
 
-    def _driver_failed(self, driver: Driver, error: Exception) -> None:
+    def driver_failed(self, driver: Driver, error: Exception) -> None:
         """A driver's step raised: a group driving itself is recovered (its work moves); the
         groups of a pool fail (their requests end aborted)."""
         reason = f"{type(error).__name__}: {error}"
@@ -206,25 +207,14 @@ class Engine:
         self.run_until_done([Request.of_sequence(s) for s in seqs])
 
     def run_until_done(self, requests: list[Request]) -> None:
-        """Submit ``requests`` and step all groups inline until they have finished."""
-        for r in requests:
-            self.submit(r)
-        with StepGC() as collector:
-            while not all(r.finished for r in requests):
-                busy = False
-                for d in self.drivers:
-                    try:
-                        busy |= d.step()
-                    except Exception as error:
-                        if d.groups != [d] or isinstance(error, EngineMisuseError):
-                            raise  # a pool's step, or a wiring bug: up to the caller
-                        self._driver_failed(d, error)
-                        busy = True
-                if not busy and not any(d.has_work() for d in self.drivers):
-                    raise RuntimeError("engine idle with unfinished requests")
-                collector.after_step()
-        for r in requests:
-            self.release(r.request_id)
+        """Submit ``requests`` and return once they have finished: stepped inline, or by the
+        driver threads of a started engine (``serving.core.engine_runs``)."""
+        run_until_done(self, requests)
+
+    @property
+    def started(self) -> bool:
+        """Its drivers run on their own threads (``start``; until ``shutdown``)."""
+        return bool(self._threads)
 
     def start(self) -> None:
         """Give every driver its own loop thread."""
@@ -234,7 +224,7 @@ class Engine:
         self._gc = StepGC().__enter__()  # collection only between steps while threads run
         for d in self.drivers:
             t = threading.Thread(target=drive, args=(d, self._stop, self._gc.after_step,
-                                                     self._driver_failed),
+                                                     self.driver_failed),
                                  name=_thread_name(d), daemon=True)
             t.start()
             self._threads.append(t)
@@ -337,7 +327,7 @@ def drive(driver: Driver, stop: threading.Event, after_step=lambda: None,
           failed=None) -> None:
     """A driver's loop until ``stop`` is set: step while there is work, otherwise wait on its
     groups' inboxes; ``after_step`` runs between busy steps (garbage collection). If a step
-    raises, the loop ends with ``failed(driver, error)`` (``Engine._driver_failed``; without
+    raises, the loop ends with ``failed(driver, error)`` (``Engine.driver_failed``; without
     it every group the driver steps fails: unhealthy, its requests aborted)."""
     groups = driver.groups
     while not stop.is_set():

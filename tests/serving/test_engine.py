@@ -116,10 +116,11 @@ def test_decode_tensor_parallel_deployment_is_refused_with_a_clear_error(tmp_pat
             use_param_cache=False)
 
 
-def test_a_request_that_can_never_fit_is_aborted_and_the_group_keeps_serving():
+def test_a_request_that_can_never_fit_fails_alone_and_the_group_keeps_serving():
     from serving.core.dp_group import GroupConfig
     from serving.core.engine import Engine
     from serving.core.request import Request
+    from serving.core.scheduled import SchedulerError
 
     llm = LLM(str(GOLDEN / "llama"), dtype="float32", engine="reference", use_param_cache=False)
     engine = Engine(llm.params, llm.cfg, group_config=GroupConfig(num_blocks=4, block_size=16,
@@ -129,6 +130,8 @@ def test_a_request_that_can_never_fit_is_aborted_and_the_group_keeps_serving():
     small = Request("small", None, [1, 2, 3], params, [Sequence([1, 2, 3], params)])
     engine.run_until_done([huge, small])
     assert huge.seqs[0].finish_reason == "abort"
+    failed = huge.snapshot()  # says why (it ended "abort" with no error)
+    assert isinstance(failed.failure, SchedulerError) and "needs KV for" in failed.error
     assert small.seqs[0].output_ids == _alone(llm, [1, 2, 3])[:4]
     assert engine.groups[0].healthy
 

@@ -123,24 +123,6 @@ def test_when_no_group_is_left_requests_end_with_an_error_not_a_hang():
     assert_pools_whole(llm.engine)
 
 
-def test_a_request_its_group_can_never_hold_fails_alone_with_the_reason():
-    """A sequence needing more KV than the group's whole pool (past the entry checks) ends
-    failed, saying why; it was ended "abort" with no error. The group serves on."""
-    from serving.core.scheduled import SchedulerError
-
-    llm = LLM(str(GOLDEN / "llama"), dtype="float32", max_num_seqs=2, staged=True,
-              use_param_cache=False)
-    pool = llm.engine.groups[0].config.num_blocks * llm.engine.groups[0].config.block_size
-    (big, fine), streams = requests_for([[5, 6, 7], [8, 9]], byte_tokenizer(llm.cfg))
-    big.seqs[0].max_tokens = pool + 1
-    llm.engine.run_until_done([big, fine])
-    last = streams[0].outputs[-1]
-    assert last.finished and last.outputs[0].finish_reason == "abort"
-    assert isinstance(last.failure, SchedulerError) and "needs KV for" in last.error
-    assert streams[1].check() == reference(llm, [[5, 6, 7], [8, 9]])[1]
-    assert_pools_whole(llm.engine)
-
-
 def pd_engine(*faults: str, decode_blocks: int | None = None, prefill_blocks: int | None = None):
     """cpu8-pd (2 TP=2 prefill groups, 4 decode groups); small decode pools make prefilled
     sequences wait for room, so offers are still unpulled when a group dies."""

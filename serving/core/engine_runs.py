@@ -1,0 +1,98 @@
+"""``Engine.run_until_done``: requests run to completion for a caller that waits (the ``LLM``
+path). Inline, the caller's thread steps the drivers; an engine already started (its drivers on
+their own threads, as under an ``AsyncEngine``) runs them there and the caller waits, since two
+threads stepping one group corrupt its state. A run cut short (Ctrl-C in ``LLM.generate``, a
+step raising to the caller) ends its requests and leaves every group empty, so the next run
+starts clean: a step interrupted between schedule and update had left the scheduler
+inconsistent, and the next run took the group out of service.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+from serving.core.interfaces import EngineMisuseError
+from serving.core.request import Request
+from serving.core.step_gc import StepGC
+
+if TYPE_CHECKING:
+    from serving.core.engine import Engine
+
+log = logging.getLogger(__name__)
+
+WAIT_S = 0.5  # a waiting caller checks that the engine still runs this often
+
+
+def run_until_done(engine: Engine, requests: list[Request]) -> None:
+    """Submit ``requests`` and return once all have finished."""
+    if engine.started:
+        _wait_started(engine, requests)
+        return
+    for r in requests:
+        engine.submit(r)
+    try:
+        _step_inline(engine, requests)
+    except BaseException:
+        _abandon(engine, requests)
+        raise
+    for r in requests:
+        engine.release(r.request_id)
+
+
+def _step_inline(engine: Engine, requests: list[Request]) -> None:
+    with StepGC() as collector:
+        while not all(r.finished for r in requests):
+            busy = False
+            for d in engine.drivers:
+                try:
+                    busy |= d.step()
+                except Exception as error:
+                    if d.groups != [d] or isinstance(error, EngineMisuseError):
+                        raise  # a pool's step, or a wiring bug: up to the caller
+                    engine.driver_failed(d, error)
+                    busy = True
+            if not busy and not any(d.has_work() for d in engine.drivers):
+                raise RuntimeError("engine idle with unfinished requests")
+            collector.after_step()
+
+
+def _wait_started(engine: Engine, requests: list[Request]) -> None:
+    """The started engine's threads run the requests; wake at each of their outputs."""
+    woken = threading.Condition()
+
+    def told(out, then=None) -> None:
+        if then is not None:
+            then(out)
+        with woken:
+            woken.notify_all()
+
+    for r in requests:
+        r.on_output = (lambda out, then=r.on_output: told(out, then))
+        engine.submit(r)
+    with woken:
+        while not all(r.finished for r in requests):
+            if not engine.started:  # shut down meanwhile: its threads will not end them
+                for r in requests:
+                    engine.abort(r.request_id)
+                    r.abort()
+                raise EngineMisuseError("the engine was shut down while a run waited on it")
+            woken.wait(WAIT_S)
+    for r in requests:
+        engine.release(r.request_id)
+
+
+def _abandon(engine: Engine, requests: list[Request]) -> None:
+    """End an interrupted inline run: its requests abort, every group forgets its work (the
+    fence's evacuation: queued messages applied, scheduler and pool reset) and serves on."""
+    for r in requests:
+        r.abort()
+        engine.abort(r.request_id)
+    for g in engine.groups:
+        try:
+            if g.evacuate(timeout=0) is not None:
+                g.rejoin()
+        except Exception as error:  # the run's own error is the one to raise
+            log.warning("%s group %d not reset after an interrupted run: %s", g.role, g.index,
+                        error)

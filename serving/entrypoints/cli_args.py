@@ -9,6 +9,7 @@ from serving.entrypoints.cli_frontend import (
     add_openai_frontend_options,
     parse_json,
 )
+from serving.entrypoints.cli_vllm import add_vllm_options, human_int
 
 EPILOG = "Run `xds <command> --help` for the options of each command."
 
@@ -78,10 +79,12 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=d.model,
                        help="registered name (smollm2), Hugging Face directory, .gguf file, or "
                        "config.json (random weights) (default: %(default)s)")
-    group.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+    group.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "half",
+                                           "float"],
                        default=d.dtype,
                        help="parameter and activation dtype (default auto: the checkpoint's, "
-                       "except float16 on CPU, which runs as float32)")
+                       "except float16 on CPU, which runs as float32; half and float are "
+                       "vLLM's names of float16 and float32)")
     group.add_argument("--quantization", choices=["int8"], default=d.quantization,
                        help="int8: weight-only INT8 linear layers and embeddings, one scale "
                        "per output channel (docs/quantization.md) (default: none)")
@@ -107,8 +110,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        "mesh's all-to-all) and EP decode: int8 rows with one scale each; "
                        "combine stays in the activations' dtype (default: the deployment's "
                        "field)")
-    group.add_argument("--max-model-len", type=positive_int, metavar="N", default=d.max_model_len,
-                       help="context limit in tokens, prompt plus output (default: the model's)")
+    group.add_argument("--max-model-len", type=human_int, metavar="N", default=d.max_model_len,
+                       help="context limit in tokens, prompt plus output, e.g. 4096, 4k or 4K "
+                       "(default: the model's)")
     group.add_argument("--max-num-seqs", type=positive_int, default=d.max_num_seqs, metavar="N",
                        help="most sequences decoded together per DP group (default: %(default)s)")
     group.add_argument("--max-num-batched-tokens", type=positive_int,
@@ -310,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_admission_options(serve)
     add_openai_frontend_options(serve)
     add_cors_options(serve)
+    add_vllm_options(serve)
 
     generate = commands.add_parser(
         "generate", parents=[common], help="complete prompts and print the text",

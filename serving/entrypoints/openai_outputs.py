@@ -236,13 +236,15 @@ Reply = Callable[[str, str | None], tuple[ChatMessage, str | None]]
 
 def chat_response(request_id: str, model: str, top: int, final: RequestOutput,
                   prompt_len: int, tokenizer: Any,
-                  reply: Reply = plain_reply, echo: str = "") -> ChatCompletionResponse:
+                  reply: Reply = plain_reply, echo: str = "",
+                  role: str = "assistant") -> ChatCompletionResponse:
     """One choice per sample; ``reply`` reads its text and finish reason as the message and
     the finish reason to answer (tool calls: ``tool_calls.ToolPlan.reply``); ``echo`` leads
-    each message's content (vLLM's chat ``echo``)."""
+    each message's content (vLLM's chat ``echo``); ``role``: the messages' role."""
     choices = []
     for c in final.outputs:
         message, reason = reply(c.text, c.finish_reason)
+        message.role = role
         if echo:
             message.content = echo + (message.content or "")
         choices.append(ChatChoice(index=c.index, message=message,

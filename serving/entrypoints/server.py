@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.entrypoints import cli_vllm
 from serving.entrypoints import openai_protocol as api
 from serving.entrypoints.embeddings_api import add_embeddings_routes
 from serving.entrypoints.reasoning import reasoning_parser as reasoning_parser_named
@@ -151,7 +151,8 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
               reasoning_parser: str | None = None,
               return_tokens_as_token_ids: bool = False,
               trust_request_chat_template: bool = False,
-              cors: dict | None = None) -> FastAPI:
+              cors: dict | None = None, response_role: str = "assistant",
+              max_logprobs: int = MAX_LOGPROBS, log_requests: bool = False) -> FastAPI:
     """The FastAPI app serving ``engine``, which the caller starts and shuts down.
 
     ``api_key``: required as ``Authorization: Bearer <key>`` on every route but ``/health``
@@ -165,7 +166,10 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
     named ``token_id:N`` unless a request says otherwise; ``trust_request_chat_template``:
     apply a template a chat request sends (else a 400, as vLLM without
     ``--trust-request-chat-template``); ``cors``: ``CORSMiddleware``'s options (default: every
-    origin, method and header, without credentials, as ``vllm serve``).
+    origin, method and header, without credentials, as ``vllm serve``); ``response_role``:
+    the role of chat replies after a generation prompt; ``max_logprobs``: most logprobs a
+    request may ask (a 400 past it); ``log_requests``: log each request (vLLM's
+    ``--enable-log-requests``).
     """
     if chat_template is not None:
         if engine.tokenizer is None:
@@ -175,6 +179,8 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
     served = Served(engine, served_model_names or [engine.model_name], request_timeout_s,
                     parser, reasoning_parser_named(reasoning_parser), return_tokens_as_token_ids,
                     trust_request_chat_template)
+    served.response_role, served.max_logprobs = response_role, max_logprobs
+    served.log_requests = log_requests
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -301,10 +307,10 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
 def run_server(args: Any, engine: Any = None, front_end: tuple | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain (``serving.entrypoints.shutdown``). ``args``: the
     ``xds serve`` options (``host``, ``port``, ``served_model_name``, ``request_timeout``,
-    ``api_key`` (else ``$XDS_API_KEY``), ``max_request_bytes``, ``shutdown_timeout``,
-    ``chat_template``, ``enable_auto_tool_choice``, ``tool_call_parser``, ``reasoning_parser``,
-    ``return_tokens_as_token_ids``, ``trust_request_chat_template``, the CORS options
-    (``cors_options``), ``log_level``, and the
+    ``api_key`` (else ``$XDS_API_KEY``, else ``$VLLM_API_KEY``), ``max_request_bytes``,
+    ``shutdown_timeout``, ``chat_template``, ``enable_auto_tool_choice``, ``tool_call_parser``,
+    ``reasoning_parser``, ``return_tokens_as_token_ids``, ``trust_request_chat_template``, the
+    CORS options (``cors_options``), ``log_level``, the vLLM spellings (``cli_vllm``), and the
     engine's when ``engine`` is None); ``front_end``: ``front_end_options(args)`` where the
     caller checked them before loading ``engine``."""
     import uvicorn
@@ -317,7 +323,7 @@ def run_server(args: Any, engine: Any = None, front_end: tuple | None = None) ->
 
         engine = load_engine(args)
     names = args.served_model_name or [engine.model_name]
-    api_key = args.api_key or os.environ.get("XDS_API_KEY") or None
+    api_key = cli_vllm.api_key(args)
     app = build_app(engine, names, args.request_timeout, api_key=api_key,
                     max_request_bytes=args.max_request_bytes, chat_template=template,
                     tool_call_parser=parser and parser.name,
@@ -326,8 +332,12 @@ def run_server(args: Any, engine: Any = None, front_end: tuple | None = None) ->
                                                        False),
                     trust_request_chat_template=getattr(args, "trust_request_chat_template",
                                                         False),
-                    cors=cors_options(args))
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                    cors=cors_options(args),
+                    response_role=getattr(args, "response_role", "assistant"),
+                    max_logprobs=getattr(args, "max_logprobs", MAX_LOGPROBS),
+                    log_requests=getattr(args, "enable_log_requests", False))
+    config = uvicorn.Config(app, host=args.host, port=args.port,
+                            log_level=getattr(args, "uvicorn_log_level", None) or args.log_level,
                             timeout_graceful_shutdown=5)
     log.info("serving %s at http://%s:%d/v1%s", names[0], args.host, args.port,
              " (API key required)" if api_key else "")

@@ -16,18 +16,23 @@ from starlette.exceptions import HTTPException
 
 from serving.entrypoints.server_requests import ApiError
 
-OPEN_PATHS = frozenset({"/health", "/ping", "/metrics"})
+# Routes that need the API key, as vLLM asks it: the /v1 API (and /v2/rerank), and the
+# scoring routes outside it, which compute too; /health, /ping, /metrics, /version, the
+# tokenizer routes and the docs stay open.
+PROTECTED_PREFIXES = ("/v1/", "/v2/", "/score", "/rerank")
 DEFAULT_MAX_REQUEST_BYTES = 16 << 20
 
 
 class ApiKeyMiddleware:
-    """401 unless the request carries ``Authorization: Bearer <api_key>`` (open paths aside)."""
+    """401 unless the request carries ``Authorization: Bearer <api_key>`` (the protected
+    routes only: ``PROTECTED_PREFIXES``)."""
 
     def __init__(self, app: Any, api_key: str):
         self.app, self._key = app, api_key.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        if (scope["type"] != "http" or scope["method"] == "OPTIONS"
+                or not scope["path"].startswith(PROTECTED_PREFIXES)):
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")

@@ -281,15 +281,21 @@ def chat_prompt(req: api.ChatCompletionRequest, tokenizer: Any,
     return text, encode_chat(tokenizer, text, False)
 
 
-def chat_echo(req: api.ChatCompletionRequest) -> str:
-    """vLLM's chat ``echo``: the last message's text when its role is the reply's (the
-    assistant's after a generation prompt, else the last message's own: a continued final
-    message), to lead the reply; "" otherwise."""
+def reply_role(req: api.ChatCompletionRequest, response_role: str = "assistant") -> str:
+    """The role of a chat reply, as vLLM names it: ``response_role`` (``--response-role``)
+    after a generation prompt, else the last message's (a continued final message)."""
+    if req.add_generation_prompt or not req.messages:
+        return response_role
+    return req.messages[-1].get("role") or response_role
+
+
+def chat_echo(req: api.ChatCompletionRequest, response_role: str = "assistant") -> str:
+    """vLLM's chat ``echo``: the last message's text when its role is the reply's
+    (``reply_role``), to lead the reply; "" otherwise."""
     if not req.echo or not req.messages:
         return ""
     last = req.messages[-1]
-    role = "assistant" if req.add_generation_prompt else last.get("role")
-    if last.get("role") != role:
+    if last.get("role") != reply_role(req, response_role):
         return ""
     return text_parts_joined(last, len(req.messages) - 1).get("content") or ""
 

@@ -23,6 +23,7 @@ from serving.entrypoints.server_requests import (
     chat_echo,
     constraint_error,
     engine_error,
+    reply_role,
 )
 from serving.entrypoints.server_state import Served, Watchdog
 from serving.entrypoints.tool_calls import PLAIN, ChoiceDeltas, ToolPlan
@@ -81,14 +82,14 @@ async def respond(served: Served, raw: Request, req: Any, model: str,
         raise
     tok, lens = served.engine.tokenizer, [len(p[1]) for p, _ in jobs]
     if kind == "chat":
-        echoes = [chat_echo(req)]
+        echoes = [chat_echo(req, served.response_role)]
     else:
         echoes = [outputs.echo_text(p, tok) if req.echo else None for p, _ in jobs]
     finals: list[RequestOutput | None] = [None] * len(streams)
     names = served.token_names(req)  # how logprobs name tokens
     if req.stream:
         events = stream_events(req, model, request_id, streams, finals, echoes, kind, tools,
-                               names, [p[1] for p, _ in jobs])
+                               names, [p[1] for p, _ in jobs], served.response_role)
         return StreamingResponse(
             finish_stream(watch, events, req, lambda: outputs.usage(lens, finals), model,
                           request_id,
@@ -103,7 +104,8 @@ async def respond(served: Served, raw: Request, req: Any, model: str,
         raise watch.timeout_error()
     if kind == "chat":
         body = outputs.chat_response(request_id, model, req.top_logprobs or 0, finals[0],
-                                     lens[0], names, tools.reply, echoes[0]).model_dump()
+                                     lens[0], names, tools.reply, echoes[0],
+                                     reply_role(req, served.response_role)).model_dump()
     else:
         body = outputs.completion_response(request_id, model, req.n, echoes, finals, lens,
                                            names, req.logprobs).model_dump()
@@ -112,13 +114,15 @@ async def respond(served: Served, raw: Request, req: Any, model: str,
 
 async def stream_events(req: Any, model: str, request_id: str, streams: list, finals: list,
                         echoes: list[str | None], kind: str, tools: ToolPlan, names: Any,
-                        prompts: list[list[int]]) -> AsyncIterator[dict]:
+                        prompts: list[list[int]], response_role: str = "assistant"
+                        ) -> AsyncIterator[dict]:
     """The chunks of a stream in OpenAI's shapes (without ``usage``); one chunk per choice
     update (chat: one per delta ``tools`` makes of it). Chat opens each choice with a ``role``
-    delta, and leads with the echoed last message (``chat_echo``); completions may echo the
-    prompt. Logprobs name tokens with ``names`` (a tokenizer, or ``outputs.TokenIds``); with
-    ``return_token_ids`` (vLLM's) each choice's chunks carry its new ``token_ids`` and its
-    first its ``prompt_token_ids`` (chat: on the chunk opening the choice)."""
+    delta (``reply_role``), and leads with the echoed last message (``chat_echo``);
+    completions may echo the prompt. Logprobs name tokens with ``names`` (a tokenizer, or
+    ``outputs.TokenIds``); with ``return_token_ids`` (vLLM's) each choice's chunks carry its
+    new ``token_ids`` and its first its ``prompt_token_ids`` (chat: on the chunk opening the
+    choice)."""
     created, n, ids = api.now(), req.n, req.return_token_ids
     cursors = [[outputs.ChoiceCursor() for _ in range(n)] for _ in streams]
     offsets = [[0] * n for _ in streams]  # each choice's next text_offset
@@ -128,7 +132,8 @@ async def stream_events(req: Any, model: str, request_id: str, streams: list, fi
         head = dict(id=request_id, created=created, model=model)
         for j in range(n):
             chunk = api.ChatCompletionStreamResponse(**head, choices=[api.ChatStreamChoice(
-                index=j, delta=api.DeltaMessage(role="assistant", content=""))]).model_dump()
+                index=j, delta=api.DeltaMessage(role=reply_role(req, response_role),
+                                                content=""))]).model_dump()
             if ids:  # on each choice's first chunk, as vLLM
                 chunk["prompt_token_ids"] = list(prompts[0])
             yield chunk

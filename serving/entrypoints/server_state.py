@@ -30,7 +30,7 @@ from xds_jax.engine_config import check_priority
 from xds_jax.errors import SamplingParamsError
 from xds_jax.outputs import RequestOutput
 from xds_jax.sampling.beam_search import BeamSearchParams
-from xds_jax.sampling.params import SamplingParams
+from xds_jax.sampling.params import MAX_LOGPROBS, SamplingParams
 from xds_jax.sequence import salt_bytes
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,9 @@ class Served:
         self.trust_request_chat_template = trust_request_chat_template
         self.tool_parser, self.reasoning_parser = tool_parser, reasoning_parser
         self.tokens_as_ids = tokens_as_ids  # --return-tokens-as-token-ids
+        self.response_role = "assistant"  # --response-role: the role of chat replies
+        self.max_logprobs = MAX_LOGPROBS  # --max-logprobs: most a request may ask
+        self.log_requests = False  # --enable-log-requests
         self.admission = engine.admission
         # the model's sampling defaults (generation_config.json), for fields a request leaves
         self.sampling_defaults: dict = engine.sampling_defaults
@@ -243,7 +246,11 @@ class Served:
                    ) -> list[AsyncIterator[RequestOutput]]:
         """Submit every prompt (with the request's ``request_options``); on any engine error
         abort the others and raise it."""
+        self.check_logprobs([params for _, params in jobs])
         ids = [f"{request_id}-{i}" for i in range(len(jobs))]
+        if self.log_requests:
+            log.info("request %s: %d prompt(s) of %s tokens, %s", request_id, len(jobs),
+                     [len(prompt[1]) for prompt, _ in jobs], jobs[0][1])
         self.engine.expect(ids)  # an abort before a generate submits its id still holds
         watch.request_ids.extend(ids)
         opened = await asyncio.gather(
@@ -255,6 +262,16 @@ class Served:
             watch.abort()
             raise engine_error(errors[0]) if isinstance(errors[0], Exception) else errors[0]
         return [self.metrics.track(first, gen, watch.finish) for first, gen in opened]
+
+    def check_logprobs(self, each: list[SamplingParams]) -> None:
+        """A 400 for a request asking more logprobs than ``--max-logprobs`` allows."""
+        for params in each:
+            for field in ("logprobs", "prompt_logprobs"):
+                asked = getattr(params, field, None)
+                if asked is not None and asked > self.max_logprobs:
+                    raise ApiError(400, f"{field} {asked} is more than this server returns "
+                                   f"({self.max_logprobs}; --max-logprobs)", field,
+                                   "invalid_value")
 
     async def _open_one(self, prompt: Prompt, params: SamplingParams, request_id: str,
                         options: dict[str, Any]):

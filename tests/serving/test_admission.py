@@ -196,7 +196,30 @@ def test_api_key():
             client(server).models.list()
         good = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0)
         assert good.completions.create(model="fake", prompt="a", max_tokens=2).choices
-        assert httpx.post(server.url + "/tokenize", json={"prompt": "a"}).status_code == 401
+        # as vLLM: the key guards the /v1 API (and the scoring routes), not the tokenizer's
+        # routes or /version, which vLLM users' scripts call without one
+        assert httpx.post(server.url + "/tokenize", json={"prompt": "a"}).status_code == 200
+        assert httpx.get(server.url + "/version").status_code == 200
+        for path in ("/score", "/rerank", "/v2/rerank", "/v1/score"):
+            assert httpx.post(server.url + path, json={}).status_code == 401, path
+
+
+def test_response_role_max_logprobs_and_request_log(caplog):
+    """--response-role names chat replies (streamed and not), --max-logprobs caps what a
+    request may ask (400 naming the field), --enable-log-requests logs each request."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="serving.entrypoints.server_state")
+    with serve(FakeEngine(), response_role="bot", max_logprobs=2, log_requests=True) as server:
+        sdk = client(server)
+        chat = dict(model="fake", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert sdk.chat.completions.create(**chat).choices[0].message.role == "bot"
+        first = next(iter(sdk.chat.completions.create(**chat, stream=True)))
+        assert first.choices[0].delta.role == "bot"
+        with pytest.raises(openai.BadRequestError, match="logprobs 3 is more than"):
+            sdk.completions.create(model="fake", prompt="a", max_tokens=2, logprobs=3)
+        assert sdk.completions.create(model="fake", prompt="a", max_tokens=2, logprobs=2)
+    assert "prompt(s) of" in caplog.text
 
 
 def test_body_size_limit():

@@ -234,3 +234,48 @@ def test_generate_on_a_disaggregated_deployment_saves_a_trace(capsys, tmp_path):
         assert role in err  # the per-role summary
     events = json.loads(trace.read_text())["traceEvents"]
     assert {e["cat"] for e in events if e["ph"] == "X"} >= {"prefill", "transfer", "decode"}
+
+
+def test_a_vllm_serve_launch_line_carries_over(monkeypatch, capsys, caplog):
+    """`vllm serve MODEL` with the flags vLLM users pass: the model positional, `4k`/`4K`
+    lengths, `--dtype half`, `-tp 1`, `--trust-remote-code`, `--revision main`, `--tokenizer`
+    naming the model, `--data-parallel-size`; each was "unrecognized arguments" (exit 2).
+    Flags with another meaning here are refused with a line saying why."""
+    seen = {}
+    monkeypatch.setattr(cli, "COMMANDS", {"serve": lambda args: seen.update(vars(args))})
+    code, _, err = run(["serve", "smollm2", "--max-model-len", "4K", "--dtype", "half",
+                        "-tp", "1", "--trust-remote-code", "--revision", "main",
+                        "--tokenizer", "smollm2", "--data-parallel-size", "2",
+                        "--gpu-memory-utilization", "0.9", "--disable-log-requests",
+                        "--uvicorn-log-level", "warning", "--response-role", "bot",
+                        "--max-logprobs", "5"], capsys)
+    assert code == 0, err
+    assert seen["model"] == "smollm2" and seen["max_model_len"] == 4096
+    assert seen["dtype"] == "float16" and seen["num_dp_groups"] == 2
+    assert seen["response_role"] == "bot" and seen["max_logprobs"] == 5
+    assert "--gpu-memory-utilization has no effect" in caplog.text
+    run(["serve", "--max-model-len", "4k"], capsys)
+    assert seen["max_model_len"] == 4000
+    for argv, says in ((["serve", "a", "--model", "b"], "the model is given twice"),
+                       (["serve", "-tp", "2"], "--tensor-parallel-size 2"),
+                       (["serve", "--revision", "v2"], "nothing is downloaded"),
+                       (["serve", "--tokenizer", "/elsewhere"], "--tokenizer '/elsewhere'"),
+                       (["serve", "--max-logprobs", "50"], "--max-logprobs must be in 0..20"),
+                       (["serve", "--gpu-memory-utilization", "2"], "must be in (0, 1]")):
+        code, _, err = run(argv, capsys)
+        assert code == 1 and says in err and "Traceback" not in err, (argv, err)
+    code, _, err = run(["serve", "--max-model-len", "4x"], capsys)
+    assert code == 2 and "4096, 4k or 4K" in err
+
+
+def test_the_api_key_comes_from_vllm_s_variable_too(monkeypatch):
+    from serving.entrypoints.cli_vllm import api_key
+
+    args = cli.build_parser().parse_args(["serve"])
+    monkeypatch.delenv("XDS_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "v")  # a vLLM deployment's key: it ran open
+    assert api_key(args) == "v"
+    monkeypatch.setenv("XDS_API_KEY", "x")
+    assert api_key(args) == "x"
+    args.api_key = "flag"
+    assert api_key(args) == "flag"

@@ -7,7 +7,7 @@ The library API follows vLLM: ``LLM``, ``SamplingParams``, ``RequestOutput``,
 from xds_jax.llm import LLM
 from xds_jax.outputs import CompletionOutput, Logprob, RequestOutput
 from xds_jax.sampling.beam_search import BeamSearchParams
-from xds_jax.sampling.params import SamplingParams
+from xds_jax.sampling.params import RequestOutputKind, SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput",
-           "Logprob"]
+           "Logprob", "RequestOutputKind"]

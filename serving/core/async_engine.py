@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from serving.core.admission import Admission
+from serving.core.output_kinds import OutputShaper, aborted_output
 from serving.core.prompt_scoring import PromptScoring, ScoringCancelled
 from serving.core.request import Request
 from serving.core.request_outcomes import (
@@ -33,7 +34,7 @@ from xds_jax.embedding import embedding_options
 from xds_jax.engine_config import EngineConfig, check_priority
 from xds_jax.errors import ConfigError
 from xds_jax.llm import LLM
-from xds_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from xds_jax.outputs import RequestMetrics, RequestOutput
 from xds_jax.sampling.beam_search import BeamSearch, BeamSearchParams, next_logprobs
 from xds_jax.sampling.params import SamplingParams
 from xds_jax.sequence import salt_bytes
@@ -88,24 +89,9 @@ def report(loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue, out: Request
         pass
 
 
-def aborted_output(request: Request, last: RequestOutput | None,
-                   scored: list | None = None) -> RequestOutput:
-    """The final output of a request aborted before the engine reported it: the last output
-    yielded, every unfinished choice ended with "abort" (built on the event loop: the
-    request's own state belongs to its group's thread)."""
-    if last is None:
-        logprobs = [] if request.params.logprobs is not None else None
-        last = RequestOutput(request.request_id, request.prompt, request.prompt_ids,
-                             [CompletionOutput(i, "", [], logprobs=logprobs)
-                              for i in range(len(request.seqs))],
-                             metrics=request.metrics, prompt_logprobs=scored)
-    outputs = [c if c.finish_reason else dataclasses.replace(c, finish_reason="abort")
-               for c in last.outputs]
-    return dataclasses.replace(last, outputs=outputs, finished=True)
-
-
 class AsyncEngine:
-    """Streams ``RequestOutput``s (cumulative) for requests submitted from asyncio."""
+    """Streams ``RequestOutput``s for requests submitted from asyncio: cumulative, or as the
+    request's ``SamplingParams.output_kind`` asks (``serving.core.output_kinds``)."""
 
     def __init__(self, llm: LLM, admission: Admission | None = None):
         self.llm = llm
@@ -163,6 +149,24 @@ class AsyncEngine:
         """A new request can run now (``Engine.can_serve``)."""
         return self.engine.can_serve()
 
+    @property
+    def is_running(self) -> bool:
+        """Started and not shut down (vLLM's ``AsyncLLM.is_running``)."""
+        return self.engine.started and not self._closed
+
+    @property
+    def errored(self) -> bool:
+        """Running but unable to serve a request: no group in service (vLLM's name)."""
+        return self.is_running and not self.can_serve()
+
+    async def check_health(self) -> None:
+        """Raise ``EngineDeadError`` unless a new request can run now (vLLM's)."""
+        if self._closed or not self.can_serve():
+            raise EngineDeadError("the engine cannot serve a request now")
+
+    async def get_tokenizer(self):
+        return self.tokenizer
+
     def stats(self) -> dict:
         """The engine's counters, the KV blocks free and in all (summed over groups; cached
         blocks no sequence holds count as free) and what admission holds now."""
@@ -218,8 +222,9 @@ class AsyncEngine:
             scored = await self._score_prompt(request_id, prompt_ids, params.prompt_logprobs)
         if self._expected.pop(request_id, False):  # aborted before it was submitted
             request.abort()
+        shaper = OutputShaper(params.output_kind)  # cumulative, delta or final only
         if request.finished:  # max_tokens=0: the prompt only (or aborted already)
-            yield dataclasses.replace(request.snapshot(), prompt_logprobs=scored)
+            yield shaper.shape(dataclasses.replace(request.snapshot(), prompt_logprobs=scored))
             return
         self._streams[request_id] = (loop, outputs)
         last = None
@@ -228,13 +233,14 @@ class AsyncEngine:
             while True:
                 out = await outputs.get()
                 if out is ABORTED:  # aborted here: the group drops it when it next steps
-                    yield aborted_output(request, last, scored)
+                    yield shaper.shape(aborted_output(request, last, scored))
                     return
                 if out.error is not None:
                     raise request_failure(request_id, out)
                 out.prompt_logprobs = scored
-                yield out
                 last = out
+                if (shaped := shaper.shape(out)) is not None:
+                    yield shaped
                 if out.finished:
                     return
         finally:
@@ -374,6 +380,7 @@ class AsyncEngine:
             cancelled, loop, aborted = scoring
             cancelled.set()
             loop.call_soon_threadsafe(aborted.cancel)
+            remember(self._expected, request_id)  # not submitted yet: it ends when it would be
         if beams is None:
             self.engine.abort(request_id)
             self._end_stream(request_id)

@@ -86,8 +86,9 @@ def test_prompts_in_vllm_forms_and_bad_ones_named():
     string, ``{"prompt": ...}``, ``{"prompt_token_ids": ...}``, a numpy array) and refuses
     what ``LLM.generate`` refuses (floats, booleans as ids) with ``InvalidPromptError``; they
     were a TypeError deep inside, or ran with float ids. ``abort`` may be awaited, and takes
-    several ids, as vLLM's coroutine does."""
-    from xds_jax import LLM
+    several ids, as vLLM's coroutine does; ``output_kind`` streams deltas or the final output
+    only (vLLM's ``RequestOutputKind``; it was a TypeError)."""
+    from xds_jax import LLM, RequestOutputKind
     from xds_jax.errors import InvalidPromptError
 
     eng = AsyncEngine(LLM("smollm2", dtype="float32", max_num_seqs=4))
@@ -110,9 +111,27 @@ def test_prompts_in_vllm_forms_and_bad_ones_named():
             await anext(gen)
             await eng.abort(["a1", "never-seen"])
             rest = [out async for out in gen]
-            return outs, default, rest
+            kinds = {}
+            for kind in RequestOutputKind:
+                params = SamplingParams(max_tokens=12, temperature=0.8, seed=3, n=2, logprobs=1,
+                                        ignore_eos=True, output_kind=kind)
+                kinds[kind] = [out async for out in eng.generate(ids, params)]
+            await eng.check_health()
+            assert eng.is_running and not eng.errored and await eng.get_tokenizer() is not None
+            return outs, default, rest, kinds
 
-        outs, default, rest = asyncio.run(asyncio.wait_for(run(), 120))
+        outs, default, rest, kinds = asyncio.run(asyncio.wait_for(run(), 120))
+        whole = kinds[RequestOutputKind.CUMULATIVE][-1]
+        final_only = kinds[RequestOutputKind.FINAL_ONLY]  # one output, the finished one
+        assert len(final_only) == 1 and final_only[0].outputs == whole.outputs
+        deltas = kinds[RequestOutputKind.DELTA]  # what each adds: together, the whole
+        assert len(deltas) > 2 and deltas[-1].finished
+        for c in whole.outputs:
+            mine = [d for out in deltas for d in out.outputs if d.index == c.index]
+            assert "".join(d.text for d in mine) == c.text
+            assert [t for d in mine for t in d.token_ids] == c.token_ids
+            assert [lp for d in mine for lp in d.logprobs] == c.logprobs
+            assert [d.finish_reason for d in mine].count("length") == 1
         assert len({tuple(o.outputs[0].token_ids) for o in outs}) == 1
         assert [o.prompt for o in outs] == ["Hello there", "Hello there", None, None, None]
         assert all(o.prompt_token_ids == ids for o in outs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import math
 import random
@@ -37,6 +38,15 @@ def output_room(max_tokens: int | None) -> int:
     """Context a request's output takes: ``max_tokens``, one where None (at least one token
     is made), none for 0 (prompt scoring)."""
     return 1 if max_tokens is None else max(max_tokens, 0)
+
+
+class RequestOutputKind(enum.Enum):
+    """What each output a streaming caller gets holds (vLLM's): all the text and tokens so
+    far, only what is new since the last one, or nothing until the finished output."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclasses.dataclass
@@ -79,6 +89,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the context)
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # AsyncEngine's streams
 
     def __post_init__(self) -> None:
         self.structured_outputs = StructuredOutputs.coerce(self.structured_outputs)
@@ -89,6 +100,7 @@ class SamplingParams:
         self.bad_words = _listed(self.bad_words, "bad_words", one_string=True)
         if self.top_k == -1:
             self.top_k = 0
+        self.output_kind = _output_kind(self.output_kind)
         self._validate()
         self.logit_bias = {int(t): max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, float(v)))
                            for t, v in (self.logit_bias or {}).items()}
@@ -204,3 +216,14 @@ def _listed(value, field: str, one_string: bool = False) -> list:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _output_kind(kind) -> RequestOutputKind:
+    """A ``RequestOutputKind``, or its name or value."""
+    if isinstance(kind, RequestOutputKind):
+        return kind
+    for k in RequestOutputKind:
+        if kind == k.value and not isinstance(kind, bool) or str(kind).upper() == k.name:
+            return k
+    raise SamplingParamsError(f"output_kind must be a RequestOutputKind (CUMULATIVE, DELTA or "
+                              f"FINAL_ONLY), got {kind!r}")

@@ -285,6 +285,7 @@ class LLM:
                                        first_token_time=min(firsts, default=None),
                                        last_token_time=max(lasts, default=None)),
                 error=failed and failed.error, failure=failed and failed.failure,
+                num_cached_tokens=seqs[0].num_cached_tokens if seqs else None,
                 prompt_logprobs=self._prompt_logprobs(ids, params),
             ))
         return outputs

@@ -57,6 +57,7 @@ class RequestOutput:
     # the exception behind ``error`` (its kind: a client's mistake, no group left, internal)
     failure: Exception | None = dataclasses.field(default=None, repr=False, compare=False)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache held (vLLM's)
 
 
 @dataclasses.dataclass

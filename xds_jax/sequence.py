@@ -52,6 +52,7 @@ class Sequence:
         self.error: str | None = None  # why the engine failed it (finish reason "abort")
         self.failure: Exception | None = None  # the exception behind ``error``
         self.first_token_time: float | None = None  # time.monotonic() of the first output
+        self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache
         self.last_token_time: float | None = None
         self._tokenizer = tokenizer
         self._bad_words: list[list[int]] | None = None

@@ -80,5 +80,7 @@ class Request:
             error, failure = (None, None) if failed is None else (failed.error, failed.failure)
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outputs,
                              finished=self.finished, metrics=self.metrics, error=error,
-                             failure=failure)
+                             failure=failure, num_cached_tokens=next(
+                                 (s.num_cached_tokens for s in self.seqs
+                                  if s.num_cached_tokens is not None), None))
 

@@ -292,6 +292,8 @@ class Scheduler(HandOffs):
             self.waiting.remove(seq)
             bm.allocate(seq.seq_id, seq.token_view(), num, seq.salt)
             self._start_running(seq, cached)
+            if seq.num_cached_tokens is None:  # its first admission (vLLM's count)
+                seq.num_cached_tokens = cached
             emit(seq, cached, num)
 
         # Nothing runs and nothing can start: an error only if no block is held at all (blocks

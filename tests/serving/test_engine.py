@@ -67,11 +67,12 @@ def test_prefix_cache_computes_only_the_remainder():
     first = prefix + rng.integers(0, llm.cfg.vocab_size, 16).tolist()
     second = prefix + rng.integers(0, llm.cfg.vocab_size, 16).tolist()
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    llm.generate({"prompt_token_ids": first}, params)
+    assert llm.generate({"prompt_token_ids": first}, params)[0].num_cached_tokens == 0
     before = llm.engine.stats()["prefill_tokens_total"]
     out = llm.generate({"prompt_token_ids": second}, params)[0]
     computed = llm.engine.stats()["prefill_tokens_total"] - before
     assert computed == len(second) - 144  # 144 = 9 full blocks of 16 reused
+    assert out.num_cached_tokens == 144  # reported as vLLM's RequestOutput does
     assert out.outputs[0].token_ids == _alone(llm, second)
 
 

@@ -45,7 +45,8 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for request bodies over ``max_bytes``."""
+    """413 for request bodies over ``max_bytes``; 415 for a compressed body
+    (``Content-Encoding``)."""
 
     def __init__(self, app: Any, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -58,7 +59,13 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding not in (b"identity", b""):  # read as JSON it said "not UTF-8"
+            return await ApiError(415, f"Content-Encoding {encoding.decode(errors='replace')} "
+                                  "is not supported: send the JSON body uncompressed", None,
+                                  "unsupported_media_type").response()(scope, receive, send)
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._error(length.decode()).response()(scope, receive, send)
         seen = 0

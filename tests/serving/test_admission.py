@@ -3,6 +3,9 @@ Retry-After), the API key and the body-size limit, over the fake engine."""
 
 from __future__ import annotations
 
+import gzip
+import json
+
 import httpx
 import openai
 import pytest
@@ -240,3 +243,8 @@ def test_body_size_limit():
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "request_too_large"
         assert httpx.post(url, json={**big, "prompt": "x" * 100}).status_code == 200
+        # a compressed body: said so (it was "not UTF-8 JSON")
+        packed = gzip.compress(json.dumps({**big, "prompt": "x"}).encode())
+        response = httpx.post(url, content=packed, headers={
+            "Content-Type": "application/json", "Content-Encoding": "gzip"})
+        assert response.status_code == 415 and "Content-Encoding gzip" in response.text

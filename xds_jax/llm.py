@@ -276,14 +276,16 @@ class LLM:
         outputs = []
         for (text, ids, seqs), params in zip(requests, each, strict=True):
             failed = next((s for s in seqs if s.error), None)
-            firsts = [s.first_token_time for s in seqs if s.first_token_time is not None]
-            lasts = [s.last_token_time for s in seqs if s.last_token_time is not None]
+            firsts, lasts, scheduled = ([t for s in seqs if (t := getattr(s, name)) is not None]
+                                        for name in ("first_token_time", "last_token_time",
+                                                     "first_scheduled_time"))
             outputs.append(RequestOutput(
                 request_id=str(next(self._request_ids)), prompt=text, prompt_token_ids=ids,
                 outputs=[s.output() for s in seqs], finished=True,
                 metrics=RequestMetrics(arrival_time=arrival, finished_time=done,
                                        first_token_time=min(firsts, default=None),
-                                       last_token_time=max(lasts, default=None)),
+                                       last_token_time=max(lasts, default=None),
+                                       first_scheduled_time=min(scheduled, default=None)),
                 error=failed and failed.error, failure=failed and failed.failure,
                 num_cached_tokens=seqs[0].num_cached_tokens if seqs else None,
                 prompt_logprobs=self._prompt_logprobs(ids, params),

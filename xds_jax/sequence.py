@@ -53,6 +53,7 @@ class Sequence:
         self.failure: Exception | None = None  # the exception behind ``error``
         self.first_token_time: float | None = None  # time.monotonic() of the first output
         self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache
+        self.first_scheduled_time: float | None = None  # its first admission to a step
         self.last_token_time: float | None = None
         self._tokenizer = tokenizer
         self._bad_words: list[list[int]] | None = None

@@ -22,6 +22,7 @@ is not scheduled again.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -294,6 +295,7 @@ class Scheduler(HandOffs):
             self._start_running(seq, cached)
             if seq.num_cached_tokens is None:  # its first admission (vLLM's count)
                 seq.num_cached_tokens = cached
+                seq.first_scheduled_time = time.monotonic()
             emit(seq, cached, num)
 
         # Nothing runs and nothing can start: an error only if no block is held at all (blocks

@@ -22,7 +22,7 @@ import jax
 
 from serving.core.balancer import Balancer, NoHealthyGroupError
 from serving.core.dp_group import DPGroup, GroupConfig
-from serving.core.engine_runs import run_until_done
+from serving.core.engine_runs import reset_groups, run_until_done
 from serving.core.faults import FaultInjector, FaultSpec, InjectedFault
 from serving.core.fencing import GroupFencedError, Recovery, Resume
 from serving.core.heartbeat import watch_heartbeats
@@ -242,6 +242,7 @@ class Engine:
             t.join(timeout=10)
         if self._threads:
             self._gc.__exit__(None, None, None)
+            reset_groups(self)  # what it was aborted with goes (the stats, the pools)
         self._threads = []
         if self.timeline is not None:
             self.timeline.close()  # its watcher threads (recorded events stay readable)

@@ -84,15 +84,20 @@ def _wait_started(engine: Engine, requests: list[Request]) -> None:
 
 
 def _abandon(engine: Engine, requests: list[Request]) -> None:
-    """End an interrupted inline run: its requests abort, every group forgets its work (the
-    fence's evacuation: queued messages applied, scheduler and pool reset) and serves on."""
+    """End an interrupted inline run: its requests abort, every group forgets its work."""
     for r in requests:
         r.abort()
         engine.abort(r.request_id)
+    reset_groups(engine)
+
+
+def reset_groups(engine: Engine) -> None:
+    """Every group forgets its work (the fence's evacuation: queued messages applied,
+    scheduler and pool reset) and serves on: after an interrupted run, or a shutdown that
+    stopped the threads before they dropped what was aborted."""
     for g in engine.groups:
         try:
             if g.evacuate(timeout=0) is not None:
                 g.rejoin()
         except Exception as error:  # the run's own error is the one to raise
-            log.warning("%s group %d not reset after an interrupted run: %s", g.role, g.index,
-                        error)
+            log.warning("%s group %d not reset: %s", g.role, g.index, error)

@@ -58,6 +58,9 @@ def test_shutdown_ends_running_streams_and_refuses_new_requests():
     assert outs[-1].finished and final.finish_reason == "abort" and len(final.token_ids) < 200
     with pytest.raises(EngineDeadError, match="cannot be started again"):
         eng.start()  # it restarted the engine's threads, which then ran for nothing
+    stats = eng.stats()  # what shutdown aborted is gone (it counted as running)
+    assert stats["num_running"] == stats["num_waiting"] == 0
+    assert stats["kv_free_blocks"] == stats["kv_total_blocks"]
 
 
 def test_the_id_of_a_running_request_is_refused():

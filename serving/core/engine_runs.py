@@ -92,10 +92,12 @@ def _abandon(engine: Engine, requests: list[Request]) -> None:
 
 
 def reset_groups(engine: Engine) -> None:
-    """Every group forgets its work (the fence's evacuation: queued messages applied,
-    scheduler and pool reset) and serves on: after an interrupted run, or a shutdown that
+    """Every group in service forgets its work (the fence's evacuation: queued messages
+    applied, scheduler and pool reset) and serves on: after an interrupted run, or a shutdown that
     stopped the threads before they dropped what was aborted."""
     for g in engine.groups:
+        if not g.healthy:  # out of service (a crash, a stall): it stays out
+            continue
         try:
             if g.evacuate(timeout=0) is not None:
                 g.rejoin()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
 import time
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -148,10 +149,10 @@ class LLM:
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
                 if not isinstance(ids, list | tuple) or not all(
-                    isinstance(t, int) and not isinstance(t, bool) for t in ids
+                    isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids
                 ):
                     raise InvalidPromptError("prompt_token_ids must be a list of integers")
-                return prompt.get("prompt"), list(ids)
+                return prompt.get("prompt"), [int(t) for t in ids]
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:

@@ -71,24 +71,28 @@ def _wait_started(engine: Engine, requests: list[Request]) -> None:
     for r in requests:
         r.on_output = (lambda out, then=r.on_output: told(out, then))
         engine.submit(r)
-    with woken:
-        while not all(r.finished for r in requests):
-            if not engine.started:  # shut down meanwhile: its threads will not end them
-                for r in requests:
-                    engine.abort(r.request_id)
-                    r.abort()
-                raise EngineMisuseError("the engine was shut down while a run waited on it")
-            woken.wait(WAIT_S)
+    try:
+        with woken:
+            while not all(r.finished for r in requests):
+                if not engine.started:  # shut down meanwhile: its threads will not end them
+                    raise EngineMisuseError("the engine was shut down while a run waited on it")
+                woken.wait(WAIT_S)
+    except BaseException:  # Ctrl-C, or the shutdown: the threads drop what is aborted
+        for r in requests:
+            engine.abort(r.request_id)
+            r.abort()
+        raise
     for r in requests:
         engine.release(r.request_id)
 
 
 def _abandon(engine: Engine, requests: list[Request]) -> None:
-    """End an interrupted inline run: its requests abort, every group forgets its work."""
+    """End an interrupted inline run: every group forgets its work (admitting what it was
+    still sent first), then its requests abort."""
+    reset_groups(engine)
     for r in requests:
         r.abort()
         engine.abort(r.request_id)
-    reset_groups(engine)
 
 
 def reset_groups(engine: Engine) -> None:

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import re
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,10 @@ def human_int(text: str) -> int:
     if match is None:
         raise argparse.ArgumentTypeError(f"must be a positive integer such as 4096, 4k or 4K, "
                                          f"got {text!r}")
-    number, unit = float(match[1]), match[2]
+    number, unit = Fraction(match[1]), match[2]  # exact: 1.001k is 1001
     scale = {"k": 10**3, "m": 10**6, "g": 10**9, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     value = number * scale.get(unit, 1)
-    if value != int(value) or value < 1:
+    if value.denominator != 1 or value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive whole number of tokens, got "
                                          f"{text!r}")
     return int(value)
@@ -82,6 +83,11 @@ def apply_vllm_options(args: Any, error: type[Exception]) -> None:
             raise error(f"the model is given twice: {args.model_tag!r} and --model "
                         f"{args.model!r}")
         args.model = args.model_tag
+    elif args.model == args.model_default and len(args.served_model_name or ()) > 1 \
+            and _names_a_model(args.served_model_name[-1]):
+        raise error(f"--served-model-name took the model {args.served_model_name[-1]!r} as a "
+                    "name (it takes several): put the model first (xds serve MODEL "
+                    "--served-model-name ...) or give --model")
     args.dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
     if args.tensor_parallel_size != 1:
         raise error(f"--tensor-parallel-size {args.tensor_parallel_size}: each DP group runs "
@@ -118,6 +124,13 @@ def api_key(args: Any) -> str | None:
     ``$VLLM_API_KEY``; None for an open server."""
     return (getattr(args, "api_key", None) or os.environ.get("XDS_API_KEY")
             or os.environ.get("VLLM_API_KEY") or None)
+
+
+def _names_a_model(name: str) -> bool:
+    """A path that exists, or a registered model name: what a positional model looks like."""
+    from xds_jax.loading.loader import registered_models
+
+    return Path(name).expanduser().exists() or name in registered_models()
 
 
 def _same_path(a: str, b: str) -> bool:

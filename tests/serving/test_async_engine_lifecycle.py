@@ -104,7 +104,8 @@ def test_prompts_in_vllm_forms_and_bad_ones_named():
 
         async def run():
             outs = [await last(p) for p in ("Hello there", {"prompt": "Hello there"},
-                                            {"prompt_token_ids": ids}, np.array(ids), ids)]
+                                            {"prompt_token_ids": ids}, np.array(ids),
+                                            [np.int64(t) for t in ids])]
             for bad, words in (([5.5, 9.7], "list of integers"), ([True, 9], "list of integers"),
                                (7, "list of integers"), ({"text": "x"}, "'prompt' or")):
                 with pytest.raises(InvalidPromptError, match=words):

@@ -266,6 +266,12 @@ def test_a_vllm_serve_launch_line_carries_over(monkeypatch, capsys, caplog):
         assert code == 1 and says in err and "Traceback" not in err, (argv, err)
     code, _, err = run(["serve", "--max-model-len", "4x"], capsys)
     assert code == 2 and "4096, 4k or 4K" in err
+    run(["serve", "--max-model-len", "1.001k"], capsys)  # exact: float arithmetic said 1000.99
+    assert seen["max_model_len"] == 1001
+    # --served-model-name takes several names: a model after it was swallowed as one, and the
+    # default model served silently
+    code, _, err = run(["serve", "--served-model-name", "a", "smollm2"], capsys)
+    assert code == 1 and "--served-model-name took the model 'smollm2'" in err
 
 
 def test_the_api_key_comes_from_vllm_s_variable_too(monkeypatch):

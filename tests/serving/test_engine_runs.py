@@ -64,3 +64,33 @@ def test_a_run_cut_short_leaves_the_engine_clean(monkeypatch):
     assert not group.requests and group.blocks.num_free_blocks == group.config.num_blocks
     assert _tokens(llm.generate(PROMPTS, PARAMS)) == alone
     assert group.healthy
+
+
+def test_ctrl_c_while_waiting_on_a_started_engine_stops_the_run():
+    """A KeyboardInterrupt in LLM.generate beside a started engine: its requests are
+    aborted (they ran on, holding KV, and stayed placed for good)."""
+    import _thread
+    import threading
+    import time
+
+    llm = LLM(str(GOLDEN / "llama"), dtype="float32", max_num_seqs=4, use_param_cache=False,
+              faults=["group_stall:group=0:seconds=0.02:after_steps=1:times=1000000"])
+    eng = AsyncEngine(llm)
+    eng.start()
+    try:
+        waiting = threading.Event()  # interrupt the run only, never the test after it
+        threading.Timer(0.5, lambda: waiting.is_set() and _thread.interrupt_main()).start()
+        with pytest.raises(KeyboardInterrupt):
+            waiting.set()
+            try:
+                llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=400,
+                                                     ignore_eos=True))
+            finally:
+                waiting.clear()
+        group = llm.engine.groups[0]
+        deadline = time.monotonic() + 10
+        while group.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not group.requests and not llm.engine._placement
+    finally:
+        eng.shutdown()

@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import GOLDEN
 from tests.xds_jax.test_config import GEMMA3_1B_V4, LLAMA_V4
-from xds_jax.errors import ConfigError
+from xds_jax.errors import ConfigError, UnsupportedModelError
 from xds_jax.loading.loader import load_config
 from xds_jax.model.config_hf import config_from_hf_dict
 from xds_jax.model.layers import swiglu
@@ -98,3 +98,33 @@ def test_a_config_without_a_dtype_takes_the_weights(tmp_path):
     assert load_config(model).dtype == "bfloat16"
     (model / "config.json").write_text(json.dumps(dict(config, torch_dtype="float16")))
     assert load_config(model).dtype == "float16"  # a config's own dtype wins
+
+
+@pytest.mark.parametrize("act, mlp_act", [("silu", "silu"), ("swish", "silu"), ("gelu", "gelu"),
+                                          ("gelu_pytorch_tanh", "gelu_tanh"),
+                                          ("gelu_new", "gelu_tanh"), ("gelu_fast", "gelu_tanh")])
+def test_dense_mlps_take_the_activations_transformers_runs(act, mlp_act):
+    """A Llama-family MLP runs ``ACT2FN[hidden_act]`` in transformers: exact GELU for "gelu",
+    the tanh form for the others (checked against transformers 5.24 on tiny random Llama and
+    Qwen2 models: log-probs within 1e-5). They were refused ("only silu"). MoE experts run
+    SiLU only: another activation is refused there."""
+    assert config_from_hf_dict(dict(LLAMA_V4, hidden_act=act)).mlp_act == mlp_act
+    moe = json.loads((GOLDEN / "qwen3_moe" / "config.json").read_text())
+    if mlp_act != "silu":
+        with pytest.raises(UnsupportedModelError, match="not supported for MoE experts"):
+            config_from_hf_dict(dict(moe, hidden_act=act))
+
+
+def test_qwen_moe_windows_are_placed_as_transformers_places_them():
+    """transformers 5: Qwen2-MoE without ``layer_types`` slides its even layers below
+    ``max_window_layers`` (``Qwen2MoeConfig``); Qwen3-MoE slides every layer, whatever
+    ``max_window_layers`` says (its class has no ``layer_types``). Here they slid the layers
+    from ``max_window_layers`` on, as dense Qwen does: another model past the window."""
+    d = dict(json.loads((GOLDEN / "qwen2_moe" / "config.json").read_text()), sliding_window=8,
+             num_hidden_layers=5, use_sliding_window=True, max_window_layers=3)
+    d.pop("layer_types", None)
+    q2 = config_from_hf_dict(d)
+    assert q2.sliding_window == 8 and q2.local_layers == (0, 2)
+    q3 = config_from_hf_dict(dict(d, model_type="qwen3_moe", layer_types=["full_attention"] * 5))
+    assert q3.sliding_window == 8 and all(q3.is_local_layer(i) for i in range(5))
+    assert config_from_hf_dict(dict(d, use_sliding_window=False)).sliding_window is None

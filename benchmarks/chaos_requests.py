@@ -33,7 +33,7 @@ BAD_BODIES = [
     {"prompt": "x", "model": "no-such-model"},
     {"prompt": "x", "logprobs": 99},
     {"prompt": "x", "stop_token_ids": [10**9]},
-    {"prompt": "x", "logit_bias": {"5": 1.0}},
+    {"prompt": "x", "logit_bias": {"99999": 1.0}},  # outside the vocabulary ({"5": 1.0} is valid)
 ]
 
 

@@ -38,7 +38,7 @@ from xds_jax.outputs import (
 from xds_jax.sampling import structured
 from xds_jax.sampling.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_search
 from xds_jax.sampling.params import SamplingParams, output_room
-from xds_jax.sequence import Sequence, bad_word_ids
+from xds_jax.sequence import Sequence, bad_word_ids, samples_outcome
 from xds_jax.text.tokenizer import chat_template_options, open_final_message
 
 
@@ -276,7 +276,6 @@ class LLM:
         done = time.monotonic()
         outputs = []
         for (text, ids, seqs), params in zip(requests, each, strict=True):
-            failed = next((s for s in seqs if s.error), None)
             firsts, lasts, scheduled = ([t for s in seqs if (t := getattr(s, name)) is not None]
                                         for name in ("first_token_time", "last_token_time",
                                                      "first_scheduled_time"))
@@ -287,8 +286,7 @@ class LLM:
                                        first_token_time=min(firsts, default=None),
                                        last_token_time=max(lasts, default=None),
                                        first_scheduled_time=min(scheduled, default=None)),
-                error=failed and failed.error, failure=failed and failed.failure,
-                num_cached_tokens=seqs[0].num_cached_tokens if seqs else None,
+                **samples_outcome(seqs),
                 prompt_logprobs=self._prompt_logprobs(ids, params),
             ))
         return outputs

@@ -210,9 +210,9 @@ class Sequence:
 
     def fail(self, error: Exception, text: str | None = None) -> None:
         """End failed (finish reason "abort"): ``error`` is kept as ``failure``, ``text`` (by
-        default the error's class and message) as ``error``; a first failure is kept."""
+        default ``failure_text``) as ``error``; a first failure is kept."""
         if self.error is None:
-            self.error = text or f"{type(error).__name__}: {error}"
+            self.error = text or failure_text(error)
             self.failure = error
         self.abort()
 
@@ -291,6 +291,21 @@ def bad_word_ids(words: list[str], tokenizer) -> list[list[int]]:
         if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
             out.append(spaced)
     return out
+
+
+def failure_text(error: Exception) -> str:
+    """How a failure reads in ``RequestOutput.error``: its class and message."""
+    return f"{type(error).__name__}: {error}"
+
+
+def samples_outcome(seqs: list[Sequence]) -> dict:
+    """The ``RequestOutput`` fields a request's samples give together: the first failed
+    one's ``error`` and ``failure``, and the prompt tokens the prefix cache held at the first
+    admission (``num_cached_tokens``)."""
+    failed = next((s for s in seqs if s.error), None)
+    return {"error": failed and failed.error, "failure": failed and failed.failure,
+            "num_cached_tokens": next((s.num_cached_tokens for s in seqs
+                                       if s.num_cached_tokens is not None), None)}
 
 
 class TokenView:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from xds_jax.outputs import RequestMetrics, RequestOutput
 from xds_jax.sampling.params import SamplingParams
-from xds_jax.sequence import Sequence
+from xds_jax.sequence import Sequence, failure_text, samples_outcome
 
 
 @dataclasses.dataclass(eq=False)
@@ -48,8 +48,7 @@ class Request:
     def fail(self, error: Exception) -> None:
         """End the request because processing it raised ``error`` (finish reason "abort";
         outputs carry it as ``failure`` and its text as ``error``)."""
-        self.error = f"{type(error).__name__}: {error}"
-        self.failure = error
+        self.error, self.failure = failure_text(error), error
         for s in self.seqs:
             s.fail(error, self.error)
         self.abort()
@@ -73,14 +72,9 @@ class Request:
             outputs.append(dataclasses.replace(out, text=self._sent_text[i])
                            if not s.finished else out)
         # a sample may end failed alone (its grammar refused to go on): the request reports it
-        failed = next((s for s in self.seqs if s.error), None)
+        outcome = samples_outcome(self.seqs)
         if self.error is not None:
-            error, failure = self.error, self.failure
-        else:
-            error, failure = (None, None) if failed is None else (failed.error, failed.failure)
+            outcome |= {"error": self.error, "failure": self.failure}
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outputs,
-                             finished=self.finished, metrics=self.metrics, error=error,
-                             failure=failure, num_cached_tokens=next(
-                                 (s.num_cached_tokens for s in self.seqs
-                                  if s.num_cached_tokens is not None), None))
+                             finished=self.finished, metrics=self.metrics, **outcome)
 

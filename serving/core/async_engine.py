@@ -39,7 +39,7 @@ from xds_jax.sampling.beam_search import BeamSearch, BeamSearchParams, next_logp
 from xds_jax.sampling.params import SamplingParams
 from xds_jax.sequence import salt_bytes
 
-IDS_KEPT = 4096  # request ids remembered: the last submitted, those aborted before submission
+IDS_KEPT = 4096  # request ids remembered: those announced (``expect``) and not yet submitted
 
 
 def remember(ids: OrderedDict[str, bool], request_id: str) -> None:

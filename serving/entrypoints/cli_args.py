@@ -235,8 +235,9 @@ def add_admission_options(parser: argparse.ArgumentParser) -> None:
                        "(new ones get 503), then abort the rest and exit 0; 0 stops at once "
                        "(default: %(default)s)")
     group.add_argument("--api-key", metavar="KEY",
-                       help="require 'Authorization: Bearer KEY' on every route but /health "
-                       "and /metrics (default: $XDS_API_KEY; none: open)")
+                       help="require 'Authorization: Bearer KEY' on the /v1 API and /score, "
+                       "/rerank, as vllm serve (default: $XDS_API_KEY, else $VLLM_API_KEY; "
+                       "none: open)")
     group.add_argument("--max-request-bytes", type=positive_int,
                        default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
                        help="largest request body accepted; larger ones get 413 "

@@ -155,8 +155,9 @@ def build_app(engine: Any, served_model_names: list[str] | None = None,
               max_logprobs: int = MAX_LOGPROBS, log_requests: bool = False) -> FastAPI:
     """The FastAPI app serving ``engine``, which the caller starts and shuts down.
 
-    ``api_key``: required as ``Authorization: Bearer <key>`` on every route but ``/health``
-    and ``/metrics``; ``max_request_bytes``: larger bodies are answered 413;
+    ``api_key``: required as ``Authorization: Bearer <key>`` on the ``/v1`` API and the
+    scoring routes (``server_guards.PROTECTED_PREFIXES``); ``max_request_bytes``: larger
+    bodies are answered 413;
     ``chat_template``: Jinja source replacing the model's template (the tokenizer renders
     chats, ``/tokenize`` messages and ``/tokenizer_info`` with it); ``tool_call_parser``: the
     ``tool_parsers.PARSERS`` name that reads tool calls out of ``tool_choice`` "auto" replies

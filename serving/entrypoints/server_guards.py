@@ -1,8 +1,9 @@
 """Checks at the server's door, as ASGI middleware: the API key and the request body size.
 
-``ApiKeyMiddleware`` wants ``Authorization: Bearer <key>`` on every route but the open ones
-(``/health``, ``/ping`` and ``/metrics``, for load balancers and Prometheus), answering 401 in
-OpenAI's shape otherwise, as ``vllm serve --api-key`` does. ``BodyLimitMiddleware`` answers 413 to a
+``ApiKeyMiddleware`` wants ``Authorization: Bearer <key>`` on the routes ``vllm serve
+--api-key`` guards (the ``/v1`` API) and the scoring routes (``PROTECTED_PREFIXES``),
+answering 401 in OpenAI's shape otherwise; health, metrics, version and tokenizer routes stay
+open. ``BodyLimitMiddleware`` answers 413 to a
 body over the limit, from ``Content-Length`` before anything is read, or as soon as a streamed
 (chunked) body passes it, so no one can make the server buffer and parse gigabytes.
 """

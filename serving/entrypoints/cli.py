@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from serving.entrypoints.cli_args import build_parser
-from serving.entrypoints.cli_vllm import DTYPE_ALIASES, apply_vllm_options
+from serving.entrypoints.cli_vllm import apply_vllm_options
 from serving.entrypoints.launch import finish_trace, load_engine, run_follower
 
 log = logging.getLogger("xds")
@@ -243,8 +243,6 @@ def main(argv: list[str] | None = None) -> int:
             return launch_main(argv[1:])
         args = build_parser().parse_args(argv)
         setup_logging(args.log_level)
-        if hasattr(args, "dtype"):
-            args.dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
         if args.command == "serve":
             apply_vllm_options(args, CliError)
         if getattr(args, "process_id", 0):  # another process runs the command; follow it

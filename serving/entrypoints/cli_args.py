@@ -9,7 +9,7 @@ from serving.entrypoints.cli_frontend import (
     add_openai_frontend_options,
     parse_json,
 )
-from serving.entrypoints.cli_vllm import add_vllm_options, human_int
+from serving.entrypoints.cli_vllm import add_vllm_options, dtype_name, human_int
 
 EPILOG = "Run `xds <command> --help` for the options of each command."
 
@@ -79,9 +79,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=d.model,
                        help="registered name (smollm2), Hugging Face directory, .gguf file, or "
                        "config.json (random weights) (default: %(default)s)")
-    group.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "half",
-                                           "float"],
-                       default=d.dtype,
+    group.add_argument("--dtype", type=dtype_name,
+                       choices=["auto", "float32", "bfloat16", "float16"], default=d.dtype,
                        help="parameter and activation dtype (default auto: the checkpoint's, "
                        "except float16 on CPU, which runs as float32; half and float are "
                        "vLLM's names of float16 and float32)")

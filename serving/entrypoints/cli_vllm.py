@@ -24,6 +24,11 @@ DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's --dtype spelli
 UVICORN_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
 
 
+def dtype_name(text: str) -> str:
+    """A ``--dtype`` value with vLLM's aliases read as ours (``half``, ``float``)."""
+    return DTYPE_ALIASES.get(text, text)
+
+
 def human_int(text: str) -> int:
     """A positive count as vLLM's ``--max-model-len`` reads it: ``4096``, ``4k`` (4,000),
     ``4K`` (4,096), ``1m`` / ``1M``, ``0.5k``."""
@@ -88,7 +93,6 @@ def apply_vllm_options(args: Any, error: type[Exception]) -> None:
         raise error(f"--served-model-name took the model {args.served_model_name[-1]!r} as a "
                     "name (it takes several): put the model first (xds serve MODEL "
                     "--served-model-name ...) or give --model")
-    args.dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
     if args.tensor_parallel_size != 1:
         raise error(f"--tensor-parallel-size {args.tensor_parallel_size}: each DP group runs "
                     "TP=1 here; tensor parallelism is a deployment's layout (--deployment, "

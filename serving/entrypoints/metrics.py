@@ -177,7 +177,8 @@ class EngineCollector:
                  "Requests moved off a group taken out of service, recomputed elsewhere."),
                 ("xds:rollbacks", "rollbacks", "Steps undone and recomputed."),
                 ("xds:scale_downs", "scale_downs",
-                 "DP groups and MA expert devices taken out of service.")):
+                 "DP groups and MA expert devices taken out of service."),
+                ("xds:rejoins", "rejoins", "Stalled DP groups back in service.")):
             for exported in exported_names(name):
                 counter = CounterMetricFamily(exported, doc, labels=["model_name"])
                 counter.add_metric([m], float(stats.get(key, 0)))

@@ -60,21 +60,33 @@ ITEM_IDS = {"message": "msg", "function_call": "fc", "function_call_output": "fc
 
 
 def input_items(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A request's ``input`` as items with ids, as ``input_items`` lists them."""
+    """A request's ``input`` as items with ids, as ``input_items`` lists them: a message's
+    text content as a list of parts (``input_text``, an assistant's ``output_text``) with a
+    ``status``, as OpenAI lists it and its SDK's item types read it."""
     if isinstance(value, str):
-        value = [{"type": "message", "role": "user",
-                  "content": [{"type": "input_text", "text": value}]}]
+        value = [{"type": "message", "role": "user", "content": value}]
     items = []
     for item in value:
         kind = item.get("type", "message")
-        items.append({"id": out.new_id(ITEM_IDS.get(kind, "item")), "type": kind, **item})
+        item = {"id": out.new_id(ITEM_IDS.get(kind, "item")), "type": kind, **item}
+        if kind == "message":
+            item.setdefault("status", "completed")
+            if isinstance(item.get("content"), str):
+                item["content"] = [
+                    {"type": "output_text", "text": item["content"], "annotations": []}
+                    if item.get("role") == "assistant"
+                    else {"type": "input_text", "text": item["content"]}]
+        items.append(item)
     return items
 
 
 def named_for_responses(error: ApiError) -> ApiError:
-    """An error about the chat request's ``response_format`` named after ``text``."""
+    """An error about the chat request's ``response_format`` named after ``text`` (its
+    ``json_schema.schema`` is the format's ``schema``)."""
     if error.param == "response_format":
         error.param = "text"
+        error.message = error.message.replace("response_format.json_schema.schema",
+                                              "text.format.schema")
         error.message = error.message.replace("response_format", "text.format")
     return error
 

@@ -12,7 +12,8 @@ serves them.
   complete item is a call, ``content`` "" and the engine's finish reason.
 - ``auto`` (the default with tools): needs the server's ``--enable-auto-tool-choice`` and
   ``--tool-call-parser``; the parser (``tool_parsers``) finds the calls in free text, the rest
-  is ``content`` (None if empty) and the finish reason is ``tool_calls`` when it found some.
+  is ``content`` (None if empty) and the finish reason is ``tool_calls`` when it found some;
+  with ``parallel_tool_calls: false`` only the first call is answered (vLLM, OpenAI).
 
 ``ToolPlan.reply`` shapes a whole reply, ``ChoiceDeltas`` the deltas of a streamed one.
 """
@@ -92,6 +93,7 @@ class ToolPlan:
     parser: ToolParser | None = None
     reasoning: ReasoningParser | None = None  # the reply's reasoning comes first
     include_reasoning: bool = True
+    single_call: bool = False  # parallel_tool_calls false: an auto reply's first call only
 
     def keep_special_tokens(self, req: Any) -> None:
         """An auto parser whose markers are special tokens reads the reply with them kept."""
@@ -122,6 +124,8 @@ class ToolPlan:
         if self.mode == "auto":
             pieces = self.parser.parse(text, True)
             calls = [tool_call(p.name, p.arguments) for p in pieces if isinstance(p, ParsedCall)]
+            if self.single_call:
+                calls = calls[:1]
             if calls:
                 content = "".join(p for p in pieces if isinstance(p, str))
                 return ChatMessage(content=content or None, tool_calls=calls), "tool_calls"
@@ -142,7 +146,8 @@ def tool_plan(req: Any, parser: ToolParser | None) -> ToolPlan:
         if parser is None:
             raise ApiError(400, AUTO_NEEDS_FLAGS, "tool_choice", "unsupported")
         bind = getattr(parser, "for_tools", None)  # a parser typing values by the schemas
-        return ToolPlan("auto", parser=bind(known) if bind else parser)
+        return ToolPlan("auto", parser=bind(known) if bind else parser,
+                        single_call=req.parallel_tool_calls is False)
     if choice != "required" and not isinstance(choice, dict):
         raise ApiError(400, f"tool_choice must be {CHOICES}, got {choice!r:.40}", "tool_choice",
                        "invalid_value")
@@ -270,7 +275,7 @@ class ChoiceDeltas:
                     deltas.append(DeltaMessage(content=piece[max(self.sent_chars - chars, 0):]))
                 chars += len(piece)
             else:
-                if calls >= self.sent_calls:
+                if calls >= self.sent_calls and not (calls and self.plan.single_call):
                     deltas += call_deltas(calls, piece.name, piece.arguments)
                 calls += 1
         self.sent_chars, self.sent_calls = max(chars, self.sent_chars), max(calls, self.sent_calls)

@@ -211,7 +211,7 @@ def test_prometheus_exports_the_fault_counters():
     from serving.entrypoints.metrics import EngineCollector
 
     stats = {"faults_injected": 2, "requests_recovered": 5, "rollbacks": 3, "scale_downs": 1,
-             "healthy_groups": 3}
+             "rejoins": 4, "healthy_groups": 3}
     registry = CollectorRegistry()
     registry.register(EngineCollector(argparse.Namespace(stats=lambda: stats), "m"))
     text = generate_latest(registry).decode()
@@ -219,5 +219,6 @@ def test_prometheus_exports_the_fault_counters():
                  'xds:requests_recovered_total{model_name="m"} 5.0',
                  'xds:rollbacks_total{model_name="m"} 3.0',
                  'xds:scale_downs_total{model_name="m"} 1.0',
+                 'xds:rejoins_total{model_name="m"} 4.0',
                  'xds:healthy_groups{model_name="m"} 3.0'):
         assert line in text

@@ -130,6 +130,14 @@ def test_stored_responses_are_read_listed_and_deleted(sdk):
     assert got.id == r.id and got.output_text == r.output_text and got.metadata == {"k": "v"}
     items = sdk.responses.input_items.list(r.id)
     assert [i.content[0].text for i in items.data] == ["hi"] and items.data[0].id
+    listed = sdk.responses.create(model="fake", extra_body=STOP, input=[
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+        {"role": "user", "content": [{"type": "input_text", "text": "c"}]}])
+    items = sdk.responses.input_items.list(listed.id, order="asc").data  # OpenAI's item types
+    assert [(type(i).__name__, i.status, i.content[0].type, i.content[0].text) for i in items] \
+        == [("ResponseInputMessageItem", "completed", "input_text", "a"),
+            ("ResponseOutputMessage", "completed", "output_text", "b"),
+            ("ResponseInputMessageItem", "completed", "input_text", "c")]
     sdk.responses.delete(r.id)
     with pytest.raises(openai.NotFoundError):
         sdk.responses.retrieve(r.id)
@@ -287,3 +295,7 @@ def test_text_format_json_schema_constrains_the_output(tiny):
         extra_body={"structured_outputs": {"disable_any_whitespace": True}})
     value = json.loads(r.output_text)
     assert set(value) == {"n"} and 0 <= value["n"] <= 9
+    with pytest.raises(openai.BadRequestError) as error:
+        client(tiny).responses.create(model=tiny.engine.model_name, input="x", text={
+            "format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}})
+    assert error.value.param == "text" and "400 - text.format.schema: " in error.value.message

@@ -137,6 +137,8 @@ def reassembled(deltas: list[DeltaMessage]) -> tuple[str, list[tuple[str, str]]]
 @pytest.mark.parametrize("plan,text", [
     (ToolPlan("auto", parser=PARSERS["hermes"]), HERMES),
     (ToolPlan("auto", parser=PARSERS["hermes"]), "No calls here.\n"),
+    (ToolPlan("auto", parser=PARSERS["hermes"], single_call=True), HERMES),
+    (ToolPlan("auto", parser=PARSERS["deepseek_v31"], single_call=True), DEEPSEEK_V31),
     (ToolPlan("auto", parser=PARSERS["llama3_json"]), LLAMA),
     (ToolPlan("auto", parser=PARSERS["deepseek_v3"]), DEEPSEEK_V3),
     (ToolPlan("auto", parser=PARSERS["deepseek_v31"]), DEEPSEEK_V31 + "\nDone."),
@@ -157,6 +159,8 @@ def test_streamed_deltas_add_up_to_the_whole_reply(plan, text):
     assert (content or None) == (message.content or None)
     assert calls == [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
     assert shaper.finish_reason("stop") == reason
+    if plan.single_call and "add" in text:
+        assert [name for name, _ in calls] == ["w"]  # parallel_tool_calls false: the first
 
 
 def test_required_calls_are_the_complete_items_only():
@@ -273,10 +277,10 @@ def auto_chat(server, script: str, **kwargs):
                                                   **kwargs)
 
 
-def streamed_message(server, script: str):
+def streamed_message(server, script: str, **kwargs):
     server.engine.script = script
-    with client(server).chat.completions.stream(model="fake", messages=ASK,
-                                                tools=TOOLS) as stream:
+    with client(server).chat.completions.stream(model="fake", messages=ASK, tools=TOOLS,
+                                                **kwargs) as stream:
         return stream.get_final_completion().choices[0]
 
 
@@ -293,6 +297,11 @@ def test_auto_finds_the_calls_and_keeps_the_content(auto):
     assert (streamed.message.content or None) == choice.message.content
     assert [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls] == \
         [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    for one in (auto_chat(auto, script, parallel_tool_calls=False).choices[0],  # first only
+                streamed_message(auto, script, parallel_tool_calls=False)):
+        assert [(c.function.name, c.function.arguments) for c in one.message.tool_calls] == \
+            [(c.function.name, c.function.arguments) for c in choice.message.tool_calls[:1]]
+        assert one.finish_reason == "tool_calls"
 
 
 @pytest.mark.parametrize("script", ["Just words, no calls.", "<tool_call>oops</tool_call>",

@@ -253,8 +253,9 @@ def test_no_chat_template_raises(fields):
         (["hello"], r"messages\[0\] must be a dict"),
         ([{"content": "x"}], r"messages\[0\] needs a string 'role'"),
         ([{"role": 3, "content": "x"}], "needs a string 'role'"),
-        ([USER[0], {"role": "assistant"}], r"messages\[1\] needs 'content'"),
-        ([{"role": "user", "content": 5}], "needs 'content'"),
+        ([USER[0], {"role": "assistant", "content": {"a": 1}}],
+         r"messages\[1\].content must be a string or a list of parts"),
+        ([{"role": "user", "content": 5}], "content must be a string or a list"),
         ([USER[0], {"role": "assistant", "tool_calls": "x"}],
          r"messages\[1\].tool_calls must be a list"),
         ([USER[0], {"role": "assistant", "content": None, "tool_calls": ["x"]}],
@@ -277,6 +278,10 @@ def test_messages_with_tool_calls_or_content_parts_are_accepted(fields):
     tool_call = {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}
     parts = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
     assert tokenizer.apply_chat_template([parts, tool_call]) == "2"
+    # content null or left out is empty text, as vLLM reads it (the template sees "")
+    shown = _with_template(fields, "{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    assert shown.apply_chat_template([parts, {"role": "assistant", "content": None},
+                                      {"role": "user"}]) == "[hi][][]"
 
 
 def test_text_parts_of_every_kind_vllm_reads_as_text_are_joined():

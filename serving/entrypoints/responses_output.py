@@ -6,8 +6,10 @@ one ``function_call`` item per tool call. A streamed reply opens each item as it
 arrives (``response.output_item.added``, then ``response.content_part.added`` for text),
 sends ``response.output_text.delta`` / ``response.function_call_arguments.delta`` events, and
 closes it (``...done`` events) when the next item starts or the reply ends; the stream opens
-with ``response.created`` and ``response.in_progress`` and ends with ``response.completed``,
-``response.incomplete`` (the output hit ``max_output_tokens``) or ``response.failed``.
+with ``response.created`` and ``response.in_progress`` and ends with ``response.completed``
+(its response's status ``incomplete`` where the output hit ``max_output_tokens``: vLLM and
+SGLang end so, and the SDK's ``responses.stream`` helper reads only that event; OpenAI sends
+``response.incomplete`` there) or ``response.failed``.
 """
 
 from __future__ import annotations
@@ -222,7 +224,7 @@ class ResponseEvents:
         events = [] if answered else self.close("completed") + self.open_message()
         events += self.close("incomplete" if status == "incomplete" else "completed")
         finish(self.response, status, prompt_tokens, output_tokens)
-        return events + [self.lifecycle(f"response.{status}")]
+        return events + [self.lifecycle("response.completed")]
 
     def failed_by(self, error: Any) -> list[dict[str, Any]]:
         """``fail`` with an ``ApiError``'s code (without one: ``server_error`` for a 5xx,

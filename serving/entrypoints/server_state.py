@@ -67,8 +67,11 @@ class Watchdog:
         self.abort()
 
     def timeout_error(self) -> ApiError:
-        """The 504 a request whose time ran out answers (or sends as its stream's last event)."""
-        return ApiError(504, f"the request timed out after {self.timeout_s} s", None, "timeout")
+        """The 504 a request whose time ran out answers (or sends as its stream's last event),
+        telling the ``openai`` SDK not to retry it (it retries a 5xx twice by default, each
+        try running until the same timeout)."""
+        return ApiError(504, f"the request timed out after {self.timeout_s} s", None, "timeout",
+                        headers={"x-should-retry": "false"})
 
     def finish(self, request_id: str) -> None:
         """``request_id`` finished in the engine; once all have, the ticket goes back (before

@@ -163,7 +163,11 @@ def test_streamed_events_add_up_to_the_whole_response(sdk):
     with sdk.responses.stream(model="fake", input="hi", extra_body=STOP) as stream:
         assert stream.get_final_response().output_text == whole.output_text
     cut = list(sdk.responses.create(model="fake", input="hi", max_output_tokens=4, stream=True))
-    assert cut[-1].type == "response.incomplete" and cut[-1].response.output_text == REPLY[:4]
+    assert cut[-1].type == "response.completed" and cut[-1].response.output_text == REPLY[:4]
+    assert cut[-1].response.status == "incomplete"  # as vLLM ends it, and the SDK's helper:
+    with sdk.responses.stream(model="fake", input="hi", max_output_tokens=4) as stream:
+        final = stream.get_final_response()
+    assert final.status == "incomplete" and final.output_text == REPLY[:4]
 
 
 def test_streamed_logprobs_match_the_whole_response(sdk):

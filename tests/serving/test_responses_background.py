@@ -102,7 +102,7 @@ def test_a_background_stream_runs_on_without_its_client_and_resumes(slow, sdk):
     rest = list(sdk.responses.retrieve(response_id, stream=True, starting_after=5))
     events = first + rest
     assert [e.sequence_number for e in events] == list(range(len(events)))
-    assert events[-1].type == "response.incomplete"
+    assert events[-1].type == "response.completed" and events[-1].response.status == "incomplete"
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == (REPLY * 2)[:40] == events[-1].response.output_text
     again = list(sdk.responses.retrieve(response_id, stream=True))
@@ -126,7 +126,7 @@ def test_a_stored_foreground_response_reads_back_while_it_streams(slow, sdk):
         list(sdk.responses.retrieve(response_id, stream=True))
     assert error.value.param == "stream"
     last = list(events)[-1]
-    assert last.type == "response.incomplete"
+    assert last.type == "response.completed" and last.response.status == "incomplete"
     assert sdk.responses.retrieve(response_id).output_text == last.response.output_text
     left = sdk.responses.create(model="fake", input="hi", max_output_tokens=300, stream=True)
     left_id = next(iter(left)).response.id

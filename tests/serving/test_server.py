@@ -184,12 +184,12 @@ def test_request_timeout():
     engine = FakeEngine(delay=0.05)
     with serve(engine, request_timeout_s=0.3) as server:
         body = {"model": "fake", "prompt": "Hi", "max_tokens": 100}
-        response = httpx.post(server.url + "/v1/completions", json=body)
-        assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+        timed = httpx.post(server.url + "/v1/completions", json=body)
+        assert (timed.status_code, timed.headers["x-should-retry"]) == (504, "false")
         with httpx.stream("POST", server.url + "/v1/completions",
                           json={**body, "stream": True}) as response:
             events = sse_events(response)
-        assert events[-1]["error"]["code"] == "timeout"
+        assert events[-1]["error"]["code"] == timed.json()["error"]["code"] == "timeout"
         assert len(engine.aborted) == 2 and not engine.active
 
 

@@ -88,7 +88,9 @@ def find_message_problem(messages: Any) -> str | None:
     """Why `messages` is not a usable chat, or None when it is one.
 
     A chat is a non-empty list of dicts, each with a string `role` and a `content` that is a
-    string, a list of content parts, or None beside `tool_calls` (a list of objects).
+    string, a list of content parts, or None or absent (empty text, as vLLM reads it: an
+    assistant turn that only called tools, or one whose content a client left out), and
+    `tool_calls`, when given, a list of objects.
     """
     if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
         return f"messages must be a list of dicts, got {type(messages).__name__}"
@@ -100,10 +102,8 @@ def find_message_problem(messages: Any) -> str | None:
         if not isinstance(message.get("role"), str):
             return f"messages[{index}] needs a string 'role'"
         content = message.get("content")
-        if not isinstance(content, str | list) and not (
-            content is None and "tool_calls" in message
-        ):
-            return f"messages[{index}] needs 'content' as a string or list of parts"
+        if not isinstance(content, str | list | None):
+            return f"messages[{index}].content must be a string or a list of parts"
         calls = message.get("tool_calls")
         if calls is not None and not (isinstance(calls, list)
                                       and all(isinstance(c, Mapping) for c in calls)):

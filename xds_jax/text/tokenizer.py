@@ -70,7 +70,7 @@ def text_parts_joined(message: Mapping[str, Any], index: int) -> dict[str, Any]:
     (``refusal``), a bare string; other part types are refused (text-only models)."""
     message = dict(message)
     content = message.get("content")
-    if content is None:  # an assistant turn that only called tools
+    if content is None:  # as vLLM: an assistant turn that only called tools, or left out
         message["content"] = ""
     if isinstance(content, list):
         texts = []

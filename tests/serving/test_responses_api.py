@@ -257,6 +257,12 @@ def test_auto_tool_calls_are_function_call_items_whole_and_streamed(hermes):
     assert calls_in(final.output) == CALLS and final.output_text == "Let me check."
     args = [e for e in events if e.type == "response.function_call_arguments.done"]
     assert [(e.name, json.loads(e.arguments)) for e in args] == CALLS
+    one = sdk.responses.create(model="fake", input="Tool?", tools=RESPONSE_TOOLS,
+                               parallel_tool_calls=False)
+    with sdk.responses.stream(model="fake", input="Tool?", tools=RESPONSE_TOOLS,
+                              parallel_tool_calls=False) as stream:
+        streamed = stream.get_final_response()
+    assert calls_in(one.output) == calls_in(streamed.output) == CALLS[:1]  # the first only
     # the calls' answers continue the conversation
     follow = sdk.responses.create(model="fake", previous_response_id=r.id, tools=RESPONSE_TOOLS,
                                   input=[{"type": "function_call_output", "call_id": item.call_id,

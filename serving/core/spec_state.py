@@ -233,8 +233,8 @@ def _verify(seqs: list, params: list, num_drafts, drafts, logits, vocab_size: in
     top_p = f32([p.top_p if p else 1 for p in params])
     seeds = np.asarray([(s.seed if s else 0) % (1 << 32) for s in seqs], np.uint32)
     steps = np.asarray([len(s.output_ids) if s else 0 for s in seqs], np.int32)
-    sort = any(p.top_p < 1 or p.top_k > 0 for p in live if not p.greedy)
+    top_k_top_p = any(p.top_p < 1 or p.top_k > 0 for p in live if not p.greedy)
     n_lp = logprobs_width(max((p.logprobs or 0 for p in live), default=0))
     return host_get(verify_drafts(logits, drafts, num_drafts, temps, top_k, top_p, seeds,
-                                        steps, random=random, sort=sort, logprobs=want,
-                                        num_logprobs=n_lp))
+                                  steps, random=random, top_k_top_p=top_k_top_p,
+                                  logprobs=want, num_logprobs=n_lp))

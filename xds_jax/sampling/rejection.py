@@ -12,20 +12,13 @@ Shape legend: B rows, K draft slots, V vocabulary, N logprobs.
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
 from xds_jax.sampling.argmax import argmax_last, first_true
-from xds_jax.sampling.sampler import _filter_sorted
-
-
-@dataclasses.dataclass(frozen=True)
-class _Filters:
-    top_k: jax.Array
-    top_p: jax.Array
+from xds_jax.sampling.truncation import truncate
 
 
 def _keys(seed_B: jax.Array, step_B: jax.Array, k1: int, salt: int) -> jax.Array:
@@ -42,11 +35,11 @@ def _categorical(probs_NV: jax.Array, keys_N: jax.Array) -> jax.Array:
     return first_true(cdf > u[:, None])
 
 
-@partial(jax.jit, static_argnames=("random", "sort", "logprobs", "num_logprobs"))
+@partial(jax.jit, static_argnames=("random", "top_k_top_p", "logprobs", "num_logprobs"))
 def verify_drafts(logits_BKV: jax.Array, drafts_BK: jax.Array, num_drafts_B: jax.Array,
                   temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array,
                   seed_B: jax.Array, step_B: jax.Array, *, random: bool = False,
-                  sort: bool = False, logprobs: bool = True, num_logprobs: int = 0):
+                  top_k_top_p: bool = False, logprobs: bool = True, num_logprobs: int = 0):
     """Tokens to emit per row and how many drafts were accepted.
 
     Args:
@@ -74,9 +67,8 @@ def verify_drafts(logits_BKV: jax.Array, drafts_BK: jax.Array, num_drafts_B: jax
     if random:
         temp = jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None, None]
         scaled = (logits / temp).reshape(b * k1, v)
-        if sort:
-            f = _Filters(jnp.repeat(top_k_B, k1), jnp.repeat(top_p_B, k1))
-            scaled = _filter_sorted(scaled, f)
+        if top_k_top_p:
+            scaled = truncate(scaled, jnp.repeat(top_k_B, k1), jnp.repeat(top_p_B, k1))
         probs = jax.nn.softmax(scaled, axis=-1).reshape(b, k1, v)
         p_draft = jnp.take_along_axis(probs, drafts_pad[..., None], axis=-1)[..., 0]
         u = jax.vmap(jax.vmap(jax.random.uniform))(_keys(seed_B, step_B, k1, 1))

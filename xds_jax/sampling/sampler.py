@@ -16,6 +16,7 @@ import numpy as np
 
 from xds_jax.sampling.argmax import argmax_last, first_true
 from xds_jax.sampling.params import SamplingParams, logprobs_width
+from xds_jax.sampling.truncation import truncate
 
 
 @jax.tree_util.register_dataclass
@@ -45,7 +46,7 @@ class SamplerFlags:
     penalties: bool = False
     bias: bool = False  # some row has a logit_bias
     random: bool = False  # some row samples (temperature > 0); else all rows are greedy
-    sort: bool = False
+    top_k_top_p: bool = False  # some sampling row has a top_k or a top_p (``truncation``)
     min_p: bool = False
     logprobs: bool = False  # some row asked for logprobs (even 0: the sampled token's)
     num_logprobs: int = 0
@@ -56,7 +57,7 @@ def flags_for(params: list[SamplingParams]) -> SamplerFlags:
         penalties=any(p.penalized for p in params),
         bias=any(p.logit_bias for p in params),
         random=any(not p.greedy for p in params),
-        sort=any(p.top_p < 1 or p.top_k > 0 for p in params if not p.greedy),
+        top_k_top_p=any(p.top_p < 1 or p.top_k > 0 for p in params if not p.greedy),
         min_p=any(p.min_p > 0 for p in params if not p.greedy),
         logprobs=any(p.logprobs is not None for p in params),
         num_logprobs=logprobs_width(max((p.logprobs or 0 for p in params), default=0)),
@@ -125,20 +126,6 @@ def apply_penalties(logits_BV: jax.Array, b: SamplingBatch) -> jax.Array:
     return logits_BV - b.presence_penalty[:, None] * (counts > 0)
 
 
-def _filter_sorted(logits_BV: jax.Array, b: SamplingBatch) -> jax.Array:
-    """Mask tokens outside each row's top-k and top-p nucleus."""
-    v = logits_BV.shape[-1]
-    sorted_desc = -jnp.sort(-logits_BV, axis=-1)
-    k = jnp.where(b.top_k > 0, jnp.minimum(b.top_k, v), v)
-    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
-    probs = jax.nn.softmax(jnp.where(sorted_desc >= kth, sorted_desc, -jnp.inf), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted token
-    keep_sorted = (before < b.top_p[:, None]) & (sorted_desc >= kth)
-    keep_sorted = keep_sorted.at[:, 0].set(True)
-    threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits_BV >= threshold, logits_BV, -jnp.inf)
-
-
 def _draw(scaled_BV: jax.Array, b: SamplingBatch) -> jax.Array:
     """One categorical draw per row from a single uniform: the first token whose cumulative
     probability exceeds it (masked tokens have probability 0 and are never chosen)."""
@@ -168,8 +155,8 @@ def sample(logits_BV: jax.Array, b: SamplingBatch, flags: SamplerFlags):
     if flags.random:
         temp = jnp.where(b.temperature > 0, b.temperature, 1.0)[:, None]
         scaled = logits_BV / temp
-        if flags.sort:
-            scaled = _filter_sorted(scaled, b)
+        if flags.top_k_top_p:
+            scaled = truncate(scaled, b.top_k, b.top_p)
         if flags.min_p:
             probs = jax.nn.softmax(scaled, axis=-1)
             floor = b.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)

@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import sys
+import threading
 from typing import Any
 
 from sharding.devices import DeviceSetupError, backends_started, size_dispatch_pool
 
 log = logging.getLogger(__name__)
+
+# For every process to join (a cluster's processes start unevenly); XDS_JOIN_TIMEOUT_S sets it
+JOIN_TIMEOUT_S = 120
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,9 +110,50 @@ def initialize(config: DistributedConfig, devices_needed: int = 0,
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     log.info("process %d of %d joining %s", config.process_id, config.num_processes,
              config.coordinator)
-    jax.distributed.initialize(config.coordinator, config.num_processes, config.process_id,
-                               initialization_timeout=120,
-                               heartbeat_timeout_seconds=max(int(config.timeout_s * 3), 10))
+    timeout = join_timeout()
+    joined = threading.Event()
+    threading.Thread(target=_exit_unjoined, args=(config, joined, timeout - 1),
+                     name="xds-join-watch", daemon=True).start()
+    try:
+        jax.distributed.initialize(config.coordinator, config.num_processes, config.process_id,
+                                   initialization_timeout=timeout,
+                                   heartbeat_timeout_seconds=max(int(config.timeout_s * 3), 10))
+    finally:
+        joined.set()
+
+
+def join_timeout() -> int:
+    """Seconds every process has to join: ``XDS_JOIN_TIMEOUT_S``, else ``JOIN_TIMEOUT_S``."""
+    text = os.environ.get("XDS_JOIN_TIMEOUT_S", "").strip()
+    if not text:
+        return JOIN_TIMEOUT_S
+    try:
+        seconds = int(text)
+    except ValueError:
+        seconds = 0
+    if seconds < 2:
+        raise DeviceSetupError(f"XDS_JOIN_TIMEOUT_S must be a whole number of seconds >= 2, "
+                               f"got {text!r}")
+    return seconds
+
+
+def _exit_unjoined(config: DistributedConfig, joined: threading.Event, seconds: float) -> None:
+    """Exit with an error naming what to check where the processes have not all joined in
+    ``seconds``: jax.distributed would abort the process just after, with a native stack
+    trace and no word of which setting is wrong."""
+    if joined.wait(seconds):
+        return
+    if config.process_id == 0:
+        what = (f"process 0 waited {seconds:.0f} s at {config.coordinator} for the other "
+                f"{config.num_processes - 1}: start each with the same --coordinator and "
+                f"--num-processes {config.num_processes} and its own --process-id")
+    else:
+        what = (f"process {config.process_id} of {config.num_processes} could not join "
+                f"{config.coordinator} within {seconds:.0f} s: is process 0 running there, "
+                f"with --num-processes {config.num_processes}?")
+    log.error("%s", what)
+    print(f"xds: error: {what}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def process_count() -> int:

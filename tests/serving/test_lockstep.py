@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -17,7 +20,7 @@ from serving.distributed.channel import ControlChannel
 from serving.distributed.launcher import LaunchError, child_argv, describe, exit_code, launch, watch
 from serving.distributed.lockstep import FollowerEngine, Round, Submit, _wire
 from sharding.devices import DeviceSetupError
-from sharding.processes import DistributedConfig
+from sharding.processes import DistributedConfig, join_timeout
 from xds_jax.sampling.params import SamplingParams
 from xds_jax.sequence import Sequence
 
@@ -170,3 +173,24 @@ def test_a_leader_that_lost_a_process_cannot_serve():
     assert leader.can_serve()
     leader.lost = "process 1 of 2 was lost (connection closed)"
     assert not leader.can_serve()
+
+
+@pytest.mark.parametrize("process_id,says", [(1, "could not join"), (0, "waited")])
+def test_processes_that_never_all_join_exit_with_an_error_naming_what_to_check(process_id,
+                                                                                says):
+    """jax.distributed alone aborts with a native stack trace after its join timeout."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = ("from sharding.processes import DistributedConfig, initialize; "
+            f"initialize(DistributedConfig('127.0.0.1:{port}', 2, {process_id}))")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "XDS_JOIN_TIMEOUT_S": "4"})
+    assert done.returncode == 1 and time.monotonic() - start < 30
+    assert f"xds: error: process {process_id}" in done.stderr and says in done.stderr
+    assert "--num-processes 2" in done.stderr
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDS_JOIN_TIMEOUT_S", "soon")
+        with pytest.raises(DeviceSetupError, match="XDS_JOIN_TIMEOUT_S"):
+            join_timeout()

@@ -17,7 +17,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from xds_jax.sampling.argmax import argmax_last, first_true
+from xds_jax.sampling.argmax import argmax_last
+from xds_jax.sampling.draws import inverse_cdf
 from xds_jax.sampling.truncation import truncate
 
 
@@ -30,9 +31,7 @@ def _keys(seed_B: jax.Array, step_B: jax.Array, k1: int, salt: int) -> jax.Array
 
 
 def _categorical(probs_NV: jax.Array, keys_N: jax.Array) -> jax.Array:
-    cdf = jnp.cumsum(probs_NV, axis=-1)
-    u = jax.vmap(jax.random.uniform)(keys_N) * cdf[:, -1] * (1 - 1e-6)
-    return first_true(cdf > u[:, None])
+    return inverse_cdf(probs_NV, jax.vmap(jax.random.uniform)(keys_N))
 
 
 @partial(jax.jit, static_argnames=("random", "top_k_top_p", "logprobs", "num_logprobs"))

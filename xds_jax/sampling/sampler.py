@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xds_jax.sampling.argmax import argmax_last, first_true
+from xds_jax.sampling.argmax import argmax_last
+from xds_jax.sampling.draws import inverse_cdf
 from xds_jax.sampling.params import SamplingParams, logprobs_width
 from xds_jax.sampling.truncation import truncate
 
@@ -129,10 +130,9 @@ def apply_penalties(logits_BV: jax.Array, b: SamplingBatch) -> jax.Array:
 def _draw(scaled_BV: jax.Array, b: SamplingBatch) -> jax.Array:
     """One categorical draw per row from a single uniform: the first token whose cumulative
     probability exceeds it (masked tokens have probability 0 and are never chosen)."""
-    cdf = jnp.cumsum(jax.nn.softmax(scaled_BV, axis=-1), axis=-1)
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(b.seed, b.step)
-    u = jax.vmap(lambda k: jax.random.uniform(k))(keys) * cdf[:, -1] * (1 - 1e-6)
-    return first_true(cdf > u[:, None])
+    u = jax.vmap(lambda k: jax.random.uniform(k))(keys)
+    return inverse_cdf(jax.nn.softmax(scaled_BV, axis=-1), u)
 
 
 @partial(jax.jit, static_argnames=("flags",))

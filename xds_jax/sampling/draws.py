@@ -30,9 +30,11 @@ def inverse_cdf(probs_BV: jax.Array, u_B: jax.Array) -> jax.Array:
     block_B = first_true(cdf_BM > target_B[:, None])
     before_B = jnp.take_along_axis(cdf_BM - sums_BM, block_B[:, None], axis=-1)[:, 0]
     inside_BK = jnp.take_along_axis(blocks_BMK, block_B[:, None, None], axis=1)[:, 0]
-    hit_BK = before_B[:, None] + jnp.cumsum(inside_BK, axis=-1) > target_B[:, None]
-    # rounding inside the block may leave no hit where the block sums had one: its last
-    # token of positive probability then
+    # ``before`` may round a step above the mass before the block, past a target between
+    # them: a hit needs probability, and rounding that leaves none takes the block's last
+    # token of positive probability
+    hit_BK = (before_B[:, None] + jnp.cumsum(inside_BK, axis=-1) > target_B[:, None]) \
+        & (inside_BK > 0)
     last_B = BLOCK - 1 - first_true((inside_BK > 0)[:, ::-1])
     token_B = jnp.where(jnp.any(hit_BK, axis=-1), first_true(hit_BK), last_B)
     return (block_B * BLOCK + token_B).astype(jnp.int32)

@@ -112,11 +112,11 @@ def initialize(config: DistributedConfig, devices_needed: int = 0,
              config.coordinator)
     timeout = join_timeout()
     joined = threading.Event()
-    threading.Thread(target=_exit_unjoined, args=(config, joined, timeout - 1),
+    threading.Thread(target=_exit_unjoined, args=(config, joined, timeout),
                      name="xds-join-watch", daemon=True).start()
-    try:
+    try:  # jax.distributed waits longer: the watcher has the last word
         jax.distributed.initialize(config.coordinator, config.num_processes, config.process_id,
-                                   initialization_timeout=timeout,
+                                   initialization_timeout=timeout + 10,
                                    heartbeat_timeout_seconds=max(int(config.timeout_s * 3), 10))
     finally:
         joined.set()

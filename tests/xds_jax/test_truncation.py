@@ -112,3 +112,18 @@ def test_no_row_is_sorted_whole():
     text = jax.jit(truncate).lower(x, jnp.zeros(8, jnp.int32), jnp.ones(8)).compile().as_text()
     assert 'custom_call_target="TopK"' in text
     assert not [line for line in text.splitlines() if " sort(" in line]
+
+
+def test_a_row_keeps_the_same_tokens_whatever_road_its_neighbours_need():
+    """Rows whose top_p is exactly a cumulative mass (an edge within rounding) keep the same
+    set beside a row the candidates settle and beside one that needs the bisection."""
+    rng = np.random.default_rng(11)
+    x = rows(rng, 16, 2048, 6.0)
+    top = np.sort(np.asarray(jax.nn.softmax(jnp.asarray(x), axis=-1)), axis=-1)[:, ::-1]
+    top_p = np.cumsum(top[:, :8], axis=-1, dtype=np.float32)[np.arange(16), np.arange(16) % 8]
+    neighbours = {"peaked": rows(rng, 1, 2048, 9.0), "flat": rows(rng, 1, 2048, 0.2)}
+    kept = {}
+    for name, other in neighbours.items():
+        kept[name] = [run(np.concatenate([x[i:i + 1], other]), [0, 0], [top_p[i], 0.9])[0]
+                      for i in range(16)]
+    assert all(np.array_equal(a, b) for a, b in zip(kept["peaked"], kept["flat"], strict=True))

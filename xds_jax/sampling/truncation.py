@@ -86,8 +86,10 @@ def truncate(logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array) -> ja
     """``logits_BV`` with the tokens outside each row's top-k and top-p set to -inf
     (``top_k`` 0: no top-k; ``top_p`` 1: no top-p)."""
     edge, covered = _candidate_edges(logits_BV, top_k_B, top_p_B)
-    edge = jax.lax.cond(jnp.all(covered), lambda: edge,
-                        lambda: _bisected_edges(logits_BV, top_k_B, top_p_B))
+    # a row the candidates settle keeps their edge whatever its neighbours need (the two roads
+    # sum the mass in different orders, so an edge within rounding could differ)
+    edge = jax.lax.cond(jnp.all(covered), lambda: edge, lambda: jnp.where(
+        covered[:, None], edge, _bisected_edges(logits_BV, top_k_B, top_p_B)))
     return jnp.where(logits_BV >= edge, logits_BV, -jnp.inf)
 
 

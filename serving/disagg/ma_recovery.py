@@ -145,8 +145,10 @@ class StepRecovery:
         try:
             for emap in [layout.expert_map, *(reb.maps.values() if reb else ())]:
                 emap.without_device(index)
-        except ExpertMapError as e:
-            raise ScaleDownError(f"cannot scale the expert slice down: {e}") from None
+        except ExpertMapError as e:  # it names the device by its place in today's slice
+            raise ScaleDownError(f"cannot scale the expert slice down to lose expert rank "
+                                 f"{rank} (device {index} of the {len(layout.expert_devices)} "
+                                 f"left): {e}") from None
         return index
 
 

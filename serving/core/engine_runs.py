@@ -4,13 +4,15 @@ their own threads, as under an ``AsyncEngine``) runs them there and the caller w
 threads stepping one group corrupt its state. A run cut short (Ctrl-C in ``LLM.generate``, a
 step raising to the caller) ends its requests and leaves every group empty, so the next run
 starts clean: a step interrupted between schedule and update had left the scheduler
-inconsistent, and the next run took the group out of service.
+inconsistent, and the next run took the group out of service. ``precompile``: a server's
+warm-up compiles the decode buckets before requests come.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from serving.core.interfaces import EngineMisuseError
@@ -107,3 +109,30 @@ def reset_groups(engine: Engine) -> None:
                 g.rejoin()
         except Exception as error:  # the run's own error is the one to raise
             log.warning("%s group %d not reset: %s", g.role, g.index, error)
+
+
+def precompile(engine: Engine, max_model_len: int, seconds: float) -> int:
+    """Compile the step buckets a server meets (``ModelRunner.step_buckets``: decode up to
+    ``max_num_seqs`` rows and ``max_model_len`` tokens, fresh prompts' prefill up to the step's
+    token budget) on each plain group of ``engine`` with nothing running, smallest first and
+    every group a shape before the next, for up to ``seconds``; returns how many compiled.
+    Other runners (speculative, MA ranks) compile as they meet shapes; PD's prefill groups
+    take only prefill buckets, its decode groups only decode ones."""
+    groups = [g for g in engine.groups if g.healthy
+              and getattr(g.runner, "overlaps_steps", False)]
+    if not groups:
+        return 0
+    config = engine.group_config
+    shapes = groups[0].runner.step_buckets(config.max_num_seqs, max_model_len,
+                                           config.max_num_batched_tokens or max_model_len)
+    before = sum(g.runner.compile_count for g in groups)
+    deadline = time.monotonic() + seconds
+    pd = engine.router is not None
+    for shape in shapes:
+        for g in groups:
+            if (g.role == "prefill") if shape[1] == 1 else (pd and g.role != "prefill"):
+                continue  # a PD prefill group decodes nothing, its decode groups prefill nothing
+            if time.monotonic() > deadline:
+                return sum(g.runner.compile_count for g in groups) - before
+            g.runner.precompile(*shape)
+    return sum(g.runner.compile_count for g in groups) - before

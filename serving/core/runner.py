@@ -244,6 +244,34 @@ class ModelRunner:
                 logits, greedy, self.caches = model_step(self.params, *args, cfg=self.cfg)
         return logits, greedy
 
+    def step_buckets(self, max_rows: int, max_context: int,
+                     max_chunk: int) -> list[tuple[int, int, int]]:
+        """``(rows, tokens, blocks)`` step buckets to compile ahead: the decode step's (rows
+        up to ``max_rows``, contexts up to ``max_context`` tokens), then fresh prompts'
+        prefill (1, 2 or 4 rows, chunks up to ``max_chunk`` tokens, the block table their
+        tokens fill), each smallest first."""
+        first = max(1, MIN_CONTEXT_TOKENS // self.block_size)
+        top = bucket(max_rows)
+        rows_of = [r for r in (bucket(self.decode_rows_min) << i for i in range(32)) if r <= top]
+        blocks_of = [b for b in (first << i for i in range(32))
+                     if b <= bucket(-(-max_context // self.block_size), first)]
+        decode = sorted(((r, 1, b) for r, b in itertools.product(rows_of, blocks_of)),
+                        key=lambda s: (s[0] * s[2], s))
+        widths = [w for w in (MIN_PREFILL_WIDTH << i for i in range(32))
+                  if w <= bucket(min(max_chunk, max_context), MIN_PREFILL_WIDTH)]
+        prefill = [(r, w, bucket(-(-w // self.block_size), first))
+                   for r in (1, 2, 4) if r <= top for w in widths]
+        return decode + sorted(prefill, key=lambda s: (s[0] * s[1], s))
+
+    def precompile(self, rows: int, tokens: int, blocks: int) -> None:
+        """Compile the step of bucket ``(rows, tokens, blocks)`` and run it once over padding
+        rows (they write nothing). Only while the runner has no step in flight: a server's
+        warm-up, so that contexts growing and batches filling later find it compiled."""
+        batch = RowBatch(np.zeros((rows, tokens), np.int32),
+                         np.full((rows, tokens), -1, np.int32), np.zeros((rows, blocks), np.int32),
+                         np.zeros((rows,), np.int32), [None] * rows)
+        jax.block_until_ready(self._launch(batch))
+
     def launch(self, scheduled: list, after: list | None = None) -> list[tuple]:
         """Dispatch the programs of one step and their sampling (asynchronous); returns what
         ``finish`` needs, a ``(logits, sampled)`` pair per program, in order. ``after``: the

@@ -156,6 +156,9 @@ def load_engine(args: argparse.Namespace) -> Any:
         if not args.no_warmup:
             status.stage("compiling step programs (warm-up request)")
             asyncio.run(warm_up(engine))
+        if later and getattr(args, "precompile_seconds", 0) > 0:
+            status.stage("compiling the step buckets ahead (--precompile-seconds)")
+            precompile_buckets(engine, args.precompile_seconds)
         for spec in faults:
             engine.engine.faults.add(spec)
     finally:
@@ -165,6 +168,15 @@ def load_engine(args: argparse.Namespace) -> Any:
     if timeline_of(engine) is not None:
         timeline_of(engine).clear()  # the trace starts after the warm-up
     return engine
+
+
+def precompile_buckets(engine: Any, seconds: float) -> None:
+    """``serving.core.engine_runs.precompile`` on the started ``engine`` before it serves."""
+    from serving.core.engine_runs import precompile
+
+    start = time.monotonic()
+    count = precompile(engine.engine, engine.max_model_len, seconds)
+    log.info("compiled %d step programs ahead in %.1f s", count, time.monotonic() - start)
 
 
 def timeline_of(engine: Any):

@@ -1,0 +1,64 @@
+"""Compiling the step buckets ahead (``xds serve --precompile-seconds``): every decode bucket
+and fresh prompts' prefill buckets compile before traffic, the padding steps that compile
+them write nothing (the same tokens as an engine that never ran them, prefix cache
+included), traffic within the buckets compiles no decode program, and the deadline holds."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from serving.core.engine_runs import precompile
+from serving.entrypoints import cli
+from tests.helpers import GOLDEN
+from xds_jax import LLM, SamplingParams
+
+
+def engine(**options) -> LLM:
+    return LLM(str(GOLDEN / "llama"), dtype="float32", max_num_seqs=8, max_model_len=256,
+               max_num_batched_tokens=64, use_param_cache=False, **options)
+
+
+def workload(vocab: int) -> tuple[list[dict], list[SamplingParams]]:
+    rng = np.random.default_rng(0)
+    shared = rng.integers(3, vocab, 40).tolist()  # a prefix the cache shares
+    prompts = [{"prompt_token_ids": shared + rng.integers(3, vocab, n).tolist()}
+               for n in (1, 9, 30, 70, 5, 100)]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
+              for m in (3, 40, 12, 60, 90, 20)]
+    return prompts, params
+
+
+def tokens(llm: LLM, prompts, params) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+def test_buckets_compile_ahead_write_nothing_and_cover_decode():
+    ahead, plain = engine(), engine()
+    runner = ahead.engine.groups[0].runner
+    shapes = runner.step_buckets(8, 256, 64)
+    decode = [s for s in shapes if s[1] == 1]
+    assert decode == sorted(decode, key=lambda s: (s[0] * s[2], s))
+    assert {(r, b) for r, _, b in decode} == {(r, b) for r in (4, 8) for b in (8, 16)}
+    assert [s for s in shapes if s[1] > 1] == [
+        (1, 16, 8), (1, 32, 8), (2, 16, 8), (1, 64, 8), (2, 32, 8), (4, 16, 8), (2, 64, 8),
+        (4, 32, 8), (4, 64, 8)]
+    prompts, params = workload(ahead.cfg.vocab_size)
+    first = tokens(plain, prompts, params)
+    assert tokens(ahead, prompts, params) == first  # its pool now holds cached prefixes
+    fresh = set(shapes) - {(*k[0], k[1][1]) for k in runner._shapes_seen if k[0] != "inputs"}
+    assert precompile(ahead.engine, 256, seconds=600) == len(fresh) > 0
+    seen = set(runner._shapes_seen)
+    # the padding steps wrote nothing: the cached blocks (block 0 among them) read the same
+    outs = ahead.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == tokens(plain, prompts, params) == first
+    assert all(o.num_cached_tokens >= 32 for o in outs)  # through the cached blocks
+    assert not [k for k in set(runner._shapes_seen) - seen if k[0][1] == 1]  # decode compiled
+
+
+def test_the_deadline_and_the_flag():
+    llm = engine()
+    assert precompile(llm.engine, 256, seconds=0) == 0
+    assert llm.engine.groups[0].runner.compile_count == 0
+    assert cli.build_parser().parse_args(["serve"]).precompile_seconds == 60.0
+    args = cli.build_parser().parse_args(["serve", "--precompile-seconds", "0"])
+    assert args.precompile_seconds == 0.0

@@ -87,6 +87,14 @@ def make_room(why: str = "a new program") -> bool:
         return True
 
 
+def room_for_more(share: float = 0.8) -> bool:
+    """Whether the process's mappings are under ``share`` of the level past which
+    ``make_room`` drops every program (programs compiled ahead stop there); True where the
+    count cannot be read."""
+    limit, count = map_limit(), map_count()
+    return limit is None or count is None or count < share * limit * HIGH_WATER
+
+
 class ProgramShapes:
     """The program shapes an owner (a runner, the prompt scorer) has launched since the
     compiled programs were last dropped: a shape's first launch compiles it."""

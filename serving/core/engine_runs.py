@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from serving.core.interfaces import EngineMisuseError
 from serving.core.request import Request
 from serving.core.step_gc import StepGC
+from xds_jax import memory_maps
 
 if TYPE_CHECKING:
     from serving.core.engine import Engine
@@ -115,7 +116,9 @@ def precompile(engine: Engine, max_model_len: int, seconds: float) -> int:
     """Compile the step buckets a server meets (``ModelRunner.step_buckets``: decode up to
     ``max_num_seqs`` rows and ``max_model_len`` tokens, fresh prompts' prefill up to the step's
     token budget) on each plain group of ``engine`` with nothing running, smallest first and
-    every group a shape before the next, for up to ``seconds``; returns how many compiled.
+    every group a shape before the next, for up to ``seconds`` and while compiled programs
+    hold under 80% of ``memory_maps``' high-water mark (past it they would all be dropped);
+    returns how many compiled.
     Other runners (speculative, MA ranks) compile as they meet shapes; PD's prefill groups
     take only prefill buckets, its decode groups only decode ones."""
     groups = [g for g in engine.groups if g.healthy
@@ -132,7 +135,7 @@ def precompile(engine: Engine, max_model_len: int, seconds: float) -> int:
         for g in groups:
             if (g.role == "prefill") if shape[1] == 1 else (pd and g.role != "prefill"):
                 continue  # a PD prefill group decodes nothing, its decode groups prefill nothing
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or not memory_maps.room_for_more():
                 return sum(g.runner.compile_count for g in groups) - before
             g.runner.precompile(*shape)
     return sum(g.runner.compile_count for g in groups) - before

@@ -10,7 +10,7 @@ import numpy as np
 from serving.core.engine_runs import precompile
 from serving.entrypoints import cli
 from tests.helpers import GOLDEN
-from xds_jax import LLM, SamplingParams
+from xds_jax import LLM, SamplingParams, memory_maps
 
 
 def engine(**options) -> LLM:
@@ -55,9 +55,14 @@ def test_buckets_compile_ahead_write_nothing_and_cover_decode():
     assert not [k for k in set(runner._shapes_seen) - seen if k[0][1] == 1]  # decode compiled
 
 
-def test_the_deadline_and_the_flag():
+def test_the_deadline_the_mapping_limit_and_the_flag(monkeypatch):
     llm = engine()
     assert precompile(llm.engine, 256, seconds=0) == 0
+    with monkeypatch.context() as patch:  # near the level where every program is dropped
+        patch.setattr(memory_maps, "map_limit", lambda: 1000)
+        patch.setattr(memory_maps, "map_count", lambda: 400)
+        assert not memory_maps.room_for_more()
+        assert precompile(llm.engine, 256, seconds=600) == 0
     assert llm.engine.groups[0].runner.compile_count == 0
     assert cli.build_parser().parse_args(["serve"]).precompile_seconds == 60.0
     args = cli.build_parser().parse_args(["serve", "--precompile-seconds", "0"])

@@ -5,7 +5,7 @@ threads stepping one group corrupt its state. A run cut short (Ctrl-C in ``LLM.g
 step raising to the caller) ends its requests and leaves every group empty, so the next run
 starts clean: a step interrupted between schedule and update had left the scheduler
 inconsistent, and the next run took the group out of service. ``precompile``: a server's
-warm-up compiles the decode buckets before requests come.
+warm-up compiles the step buckets before requests come.
 """
 
 from __future__ import annotations

@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--request-timeout", type=positive_float, metavar="SECONDS",
                        help="abort requests running longer than this (HTTP 504); "
                        "default: no limit")
-    group.add_argument("--precompile-seconds", type=float, default=60.0, metavar="SECONDS",
+    group.add_argument("--precompile-seconds", type=non_negative_float, default=60.0,
+                       metavar="SECONDS",
                        help="after the warm-up, compile the decode step of every batch and "
                        "context bucket, smallest first, for up to this long, so traffic does "
                        "not stall on compiles; 0 skips it (default: %(default)s)")

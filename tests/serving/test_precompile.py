@@ -6,6 +6,7 @@ included), traffic within the buckets compiles no decode program, and the deadli
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from serving.core.engine_runs import precompile
 from serving.entrypoints import cli
@@ -67,3 +68,5 @@ def test_the_deadline_the_mapping_limit_and_the_flag(monkeypatch):
     assert cli.build_parser().parse_args(["serve"]).precompile_seconds == 60.0
     args = cli.build_parser().parse_args(["serve", "--precompile-seconds", "0"])
     assert args.precompile_seconds == 0.0
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--precompile-seconds", "-1"])

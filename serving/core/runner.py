@@ -249,7 +249,9 @@ class ModelRunner:
         """``(rows, tokens, blocks)`` step buckets to compile ahead: the decode step's (rows
         up to ``max_rows``, contexts up to ``max_context`` tokens), then fresh prompts'
         prefill (1, 2 or 4 rows, chunks up to ``max_chunk`` tokens, the block table their
-        tokens fill), each smallest first."""
+        tokens fill), then one prompt's chunk after cached or earlier tokens (tables up to
+        four times as wide: prefix-cache hits, a long prompt's next chunks), each smallest
+        first."""
         first = max(1, MIN_CONTEXT_TOKENS // self.block_size)
         top = bucket(max_rows)
         rows_of = [r for r in (bucket(self.decode_rows_min) << i for i in range(32)) if r <= top]
@@ -259,9 +261,11 @@ class ModelRunner:
                         key=lambda s: (s[0] * s[2], s))
         widths = [w for w in (MIN_PREFILL_WIDTH << i for i in range(32))
                   if w <= bucket(min(max_chunk, max_context), MIN_PREFILL_WIDTH)]
-        prefill = [(r, w, bucket(-(-w // self.block_size), first))
-                   for r in (1, 2, 4) if r <= top for w in widths]
-        return decode + sorted(prefill, key=lambda s: (s[0] * s[1], s))
+        fresh = {w: bucket(-(-w // self.block_size), first) for w in widths}
+        prefill = [(r, w, fresh[w]) for r in (1, 2, 4) if r <= top for w in widths]
+        later = [(1, w, b) for w in widths for b in blocks_of if fresh[w] < b <= 4 * fresh[w]]
+        return (decode + sorted(prefill, key=lambda s: (s[0] * s[1], s))
+                + sorted(later, key=lambda s: (s[1] * s[2], s)))
 
     def precompile(self, rows: int, tokens: int, blocks: int) -> None:
         """Compile the step of bucket ``(rows, tokens, blocks)`` and run it once over padding

@@ -42,7 +42,8 @@ def test_buckets_compile_ahead_write_nothing_and_cover_decode():
     assert {(r, b) for r, _, b in decode} == {(r, b) for r in (4, 8) for b in (8, 16)}
     assert [s for s in shapes if s[1] > 1] == [
         (1, 16, 8), (1, 32, 8), (2, 16, 8), (1, 64, 8), (2, 32, 8), (4, 16, 8), (2, 64, 8),
-        (4, 32, 8), (4, 64, 8)]
+        (4, 32, 8), (4, 64, 8),  # fresh prompts, then a chunk after cached tokens:
+        (1, 16, 16), (1, 32, 16), (1, 64, 16)]
     prompts, params = workload(ahead.cfg.vocab_size)
     first = tokens(plain, prompts, params)
     assert tokens(ahead, prompts, params) == first  # its pool now holds cached prefixes

@@ -176,7 +176,10 @@ def precompile_buckets(engine: Any, seconds: float) -> None:
 
     start = time.monotonic()
     count = precompile(engine.engine, engine.max_model_len, seconds)
-    log.info("compiled %d step programs ahead in %.1f s", count, time.monotonic() - start)
+    if count:
+        log.info("compiled %d step programs ahead in %.1f s", count, time.monotonic() - start)
+    else:  # speculative and MA runners compile as they meet shapes
+        log.info("no step program to compile ahead for this layout")
 
 
 def timeline_of(engine: Any):

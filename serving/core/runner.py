@@ -43,7 +43,9 @@ from xds_jax.model.config import ModelConfig
 from xds_jax.model.params import model_dtype, param_bytes
 from xds_jax.model.reference import new_caches, staged_step
 from xds_jax.multihost import multi_process, place, place_tree, zeros_tree
+from xds_jax.sampling.params import SamplingParams
 from xds_jax.sampling.rows import append_rows, dispatch_rows
+from xds_jax.sampling.sampler import flags_for, make_batch, sample
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,10 @@ class RowBatch:
     sampling_seqs: list  # per row: the Sequence to sample for, or None
     source_B: np.ndarray | None = None  # per row: index of its input token on device, or -1
 
+
+# Sampler programs compiled ahead for each batch size (``ModelRunner.precompile``): plain
+# temperature, and with top-p (the same program serves top-k), as benchmarks and chat apps ask.
+PRECOMPILED_SAMPLING = (SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.9))
 
 # Smallest buckets: a few padded rows or key slots cost less than another compiled program.
 MIN_DECODE_ROWS = 4
@@ -173,6 +179,7 @@ class ModelRunner:
         self.num_scheduler_steps = num_scheduler_steps
         self.num_lookahead_tokens = num_scheduler_steps - 1
         self._shapes_seen = ProgramShapes()
+        self._sampled_rows: set[int] = set()  # batch sizes whose samplers compiled ahead
         self.compile_count = 0
 
     @property
@@ -269,12 +276,23 @@ class ModelRunner:
 
     def precompile(self, rows: int, tokens: int, blocks: int) -> None:
         """Compile the step of bucket ``(rows, tokens, blocks)`` and run it once over padding
-        rows (they write nothing). Only while the runner has no step in flight: a server's
-        warm-up, so that contexts growing and batches filling later find it compiled."""
+        rows (they write nothing), and the first time a batch of ``rows`` comes, the sampler
+        programs of ``PRECOMPILED_SAMPLING`` over its logits. Only while the runner has no
+        step in flight: a server's warm-up, so that contexts growing and batches filling
+        later find them compiled."""
         batch = RowBatch(np.zeros((rows, tokens), np.int32),
                          np.full((rows, tokens), -1, np.int32), np.zeros((rows, blocks), np.int32),
                          np.zeros((rows,), np.int32), [None] * rows)
-        jax.block_until_ready(self._launch(batch))
+        logits, greedy = self._launch(batch)
+        jax.block_until_ready(greedy)
+        if rows in self._sampled_rows:
+            return
+        self._sampled_rows.add(rows)
+        for params in PRECOMPILED_SAMPLING:
+            flags = flags_for([params])
+            sampling = make_batch([params] * rows, [0] * rows, [0] * rows, [[]] * rows,
+                                  [[]] * rows, [[]] * rows, self.cfg.vocab_size, flags)
+            jax.block_until_ready(sample(logits, sampling, flags))
 
     def launch(self, scheduled: list, after: list | None = None) -> list[tuple]:
         """Dispatch the programs of one step and their sampling (asynchronous); returns what

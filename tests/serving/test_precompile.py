@@ -71,3 +71,28 @@ def test_the_deadline_the_mapping_limit_and_the_flag(monkeypatch):
     assert args.precompile_seconds == 0.0
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["serve", "--precompile-seconds", "-1"])
+
+
+def test_sampled_traffic_finds_its_sampler_programs_compiled(monkeypatch):
+    """Temperature and top-p batches of every size meet sampler programs compiled ahead (the
+    same logits, shapes and flags), and sample as an engine that never compiled ahead."""
+    import serving.core.runner as runner_module
+    import xds_jax.sampling.rows as rows_module
+
+    def recording(calls, sample):
+        def call(logits, batch, flags):
+            calls.add((logits.shape, flags))
+            return sample(logits, batch, flags)
+        return call
+
+    ahead, plain = engine(), engine()
+    compiled, met = set(), set()
+    monkeypatch.setattr(runner_module, "sample", recording(compiled, runner_module.sample))
+    precompile(ahead.engine, 256, seconds=600)
+    monkeypatch.setattr(rows_module, "sample", recording(met, rows_module.sample))
+    prompts, _ = workload(ahead.cfg.vocab_size)
+    params = [SamplingParams(temperature=0.8, top_p=p, max_tokens=12, seed=i)
+              for i, p in enumerate((1.0, 0.9, 0.5, 1.0, 0.95, 0.9))]
+    got = [o.outputs[0].token_ids for o in ahead.generate(prompts, params)]
+    assert got == [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    assert met and met <= compiled, met - compiled

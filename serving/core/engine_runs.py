@@ -128,14 +128,14 @@ def precompile(engine: Engine, max_model_len: int, seconds: float) -> int:
     config = engine.group_config
     shapes = groups[0].runner.step_buckets(config.max_num_seqs, max_model_len,
                                            config.max_num_batched_tokens or max_model_len)
+    # a PD prefill group decodes nothing, its decode groups prefill nothing
+    pd = engine.router is not None
+    work = [(g, shape) for shape in shapes for g in groups
+            if not ((g.role == "prefill") if shape[1] == 1 else (pd and g.role != "prefill"))]
     before = sum(g.runner.compile_count for g in groups)
     deadline = time.monotonic() + seconds
-    pd = engine.router is not None
-    for shape in shapes:
-        for g in groups:
-            if (g.role == "prefill") if shape[1] == 1 else (pd and g.role != "prefill"):
-                continue  # a PD prefill group decodes nothing, its decode groups prefill nothing
-            if time.monotonic() > deadline or not memory_maps.room_for_more():
-                return sum(g.runner.compile_count for g in groups) - before
-            g.runner.precompile(*shape)
+    for g, shape in work:
+        if time.monotonic() > deadline or not memory_maps.room_for_more():
+            break
+        g.runner.precompile(*shape)
     return sum(g.runner.compile_count for g in groups) - before

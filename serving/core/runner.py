@@ -45,7 +45,7 @@ from xds_jax.model.reference import new_caches, staged_step
 from xds_jax.multihost import multi_process, place, place_tree, zeros_tree
 from xds_jax.sampling.params import SamplingParams
 from xds_jax.sampling.rows import append_rows, dispatch_rows
-from xds_jax.sampling.sampler import flags_for, make_batch, sample
+from xds_jax.sampling.sampler import flags_for, rows_batch, sample
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class ModelRunner:
         self.num_scheduler_steps = num_scheduler_steps
         self.num_lookahead_tokens = num_scheduler_steps - 1
         self._shapes_seen = ProgramShapes()
-        self._sampled_rows: set[int] = set()  # batch sizes whose samplers compiled ahead
+        self._samplers_ahead = ProgramShapes()  # batch sizes whose samplers compiled ahead
         self.compile_count = 0
 
     @property
@@ -285,13 +285,11 @@ class ModelRunner:
                          np.zeros((rows,), np.int32), [None] * rows)
         logits, greedy = self._launch(batch)
         jax.block_until_ready(greedy)
-        if rows in self._sampled_rows:
+        if not self._samplers_ahead.first_launch(rows, "samplers compiled ahead"):
             return
-        self._sampled_rows.add(rows)
         for params in PRECOMPILED_SAMPLING:
             flags = flags_for([params])
-            sampling = make_batch([params] * rows, [0] * rows, [0] * rows, [[]] * rows,
-                                  [[]] * rows, [[]] * rows, self.cfg.vocab_size, flags)
+            sampling = rows_batch(params, rows, self.cfg.vocab_size, flags)
             jax.block_until_ready(sample(logits, sampling, flags))
 
     def launch(self, scheduled: list, after: list | None = None) -> list[tuple]:

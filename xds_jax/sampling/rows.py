@@ -19,7 +19,14 @@ import numpy as np
 from xds_jax.errors import XdsError
 from xds_jax.multihost import fetch, host_get
 from xds_jax.sampling.params import SamplingParams
-from xds_jax.sampling.sampler import SamplerFlags, SamplingBatch, flags_for, make_batch, sample
+from xds_jax.sampling.sampler import (
+    SamplerFlags,
+    SamplingBatch,
+    flags_for,
+    make_batch,
+    rows_batch,
+    sample,
+)
 from xds_jax.sequence import Sequence
 
 _IDLE_ROW = SamplingParams(temperature=0)
@@ -107,6 +114,4 @@ def sample_rows(logits_BV: jax.Array, seqs: list[Sequence | None], vocab_size: i
 def _greedy_batch(rows: int) -> SamplingBatch:
     """The batch of ``rows`` greedy rows that ban nothing (the sampler reads none of it but
     its shape), built once."""
-    params = [_IDLE_ROW] * rows
-    zeros = [0] * rows
-    return make_batch(params, zeros, zeros, [[]] * rows, [[]] * rows, [[]] * rows, 1, _GREEDY)
+    return rows_batch(_IDLE_ROW, rows, 1, _GREEDY)

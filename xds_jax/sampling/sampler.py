@@ -116,6 +116,14 @@ def make_batch(params: list[SamplingParams], seeds: list[int], steps: list[int],
     )
 
 
+def rows_batch(params: SamplingParams, rows: int, vocab_size: int,
+               flags: SamplerFlags) -> SamplingBatch:
+    """``rows`` rows of ``params`` with seed and step 0 and no prompt, outputs or bans: a
+    batch whose programs compile, or are read, only for its shapes."""
+    zeros, none = [0] * rows, [[]] * rows
+    return make_batch([params] * rows, zeros, zeros, none, none, none, vocab_size, flags)
+
+
 def apply_penalties(logits_BV: jax.Array, b: SamplingBatch) -> jax.Array:
     """vLLM semantics: repetition over prompt and output, frequency/presence over output."""
     seen = b.prompt_mask | (b.output_counts > 0)

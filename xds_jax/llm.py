@@ -99,6 +99,11 @@ class LLM:
         # loaded's own tree let go: fuse_query's copies replace its Q and K/V
         self.params, loaded.params = engine_params(loaded, config, resolve(config.model)), None
         self.tokenizer = loaded.tokenizer
+        # What ends an output unless ignore_eos: the tokenizer's EOS (and its generation
+        # config's) and the model's own eos_token_id(s), as vLLM adds the generation config's
+        # (or, without one, config.json's) to the tokenizer's.
+        self.eos_token_ids = frozenset(self.cfg.eos_token_ids).union(
+            self.tokenizer.eos_token_ids if self.tokenizer is not None else ())
         limit = self.cfg.max_position_embeddings
         if config.max_model_len is not None and not config.max_model_len <= limit:
             raise ConfigError(f"max_model_len must be in 1..{limit}, got {config.max_model_len}")
@@ -239,7 +244,7 @@ class LLM:
         ``priority`` orders them under the priority scheduling policy (lower first); they
         share cached KV blocks only with sequences of the same ``cache_salt``."""
         priority = check_priority(priority, self.config.scheduling_policy)
-        eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else self.cfg.eos_token_ids
+        eos = self.eos_token_ids
         return [
             Sequence(prompt_ids, params, index=i, seed=seed, tokenizer=self.tokenizer,
                      eos_token_ids=eos, max_model_len=self.max_model_len, priority=priority,

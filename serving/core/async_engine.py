@@ -274,9 +274,7 @@ class AsyncEngine:
         check_priority(priority, self.scheduling_policy)
         salt_bytes(cache_salt)
         request_id = request_id or f"req-{next(self._ids)}"
-        tok = self.tokenizer
-        search = BeamSearch(prompt_ids, params,
-                            tok.eos_token_ids if tok is not None else self.cfg.eos_token_ids)
+        search = BeamSearch(prompt_ids, params, self.llm.eos_token_ids)
         each_round, arrival = params.round_params(), time.monotonic()
         live = self._beams[request_id] = set()
         aborted = self._expected.pop(request_id, False)
@@ -307,7 +305,7 @@ class AsyncEngine:
                 search.advance([next_logprobs(f) for f in finals])
         finally:
             self._beams.pop(request_id, None)
-        outputs = search.outputs(tok, params.logprobs)
+        outputs = search.outputs(self.tokenizer, params.logprobs)
         for c in outputs:
             c.finish_reason = "abort" if aborted else c.finish_reason
         scored = None

@@ -128,3 +128,39 @@ def test_qwen_moe_windows_are_placed_as_transformers_places_them():
     q3 = config_from_hf_dict(dict(d, model_type="qwen3_moe", layer_types=["full_attention"] * 5))
     assert q3.sliding_window == 8 and all(q3.is_local_layer(i) for i in range(5))
     assert config_from_hf_dict(dict(d, use_sliding_window=False)).sliding_window is None
+
+
+@pytest.mark.parametrize("scaling, context", [
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, 256),
+    ({"type": "yarn", "factor": 4.0}, 512),  # the original context is max_position_embeddings
+    ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}, 64),
+    ({"rope_type": "linear", "factor": 2.0}, 256),
+    ({"rope_type": "dynamic", "factor": 2.0}, 128),  # transformers' frequencies within 128
+    ({"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16}, 128),
+    ({"rope_type": "default"}, 128),
+])
+def test_a_scaled_ropes_context_is_its_scaled_length(scaling, context):
+    """A Qwen2.5 config with YaRN added (its long-context recipe) was capped at
+    max_position_embeddings: vLLM serves original x factor (linear: max_position_embeddings x
+    factor), which transformers runs too."""
+    qwen = dict(SMALL, model_type="qwen2", max_position_embeddings=128, rope_theta=1e6)
+    cfg = config_from_hf_dict(dict(qwen, rope_scaling=scaling))
+    assert cfg.max_position_embeddings == context
+
+
+def test_a_yarn_model_serves_prompts_past_its_unscaled_context(tmp_path):
+    """The golden Llama with YaRN x4 over its 256 positions: a 600-token prompt is served, and
+    its greedy tokens are the single-device reference's."""
+    from xds_jax import LLM, SamplingParams
+
+    model = tmp_path / "llama"
+    shutil.copytree(GOLDEN / "llama", model)
+    config = json.loads((model / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (model / "config.json").write_text(json.dumps(config))
+    prompt = {"prompt_token_ids": [(i * 37) % 300 + 3 for i in range(600)]}
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = [LLM(str(model), dtype="float32", max_model_len=1024, engine=engine,
+                kv_cache_bytes=8 << 20).generate(prompt, params)[0].outputs[0].token_ids
+            for engine in ("flowserve", "reference")]
+    assert outs[0] == outs[1] and len(outs[0]) == 6

@@ -11,6 +11,8 @@ from tests.helpers import GOLDEN
 from xds_jax import LLM, SamplingParams
 from xds_jax.errors import ConfigError
 from xds_jax.loading.generation_config import sampling_defaults
+from xds_jax.loading.loader import load_config
+from xds_jax.text.byte_tokenizer import byte_tokenizer
 
 QWEN3 = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
          "pad_token_id": 151643, "temperature": 0.6, "top_k": 20, "top_p": 0.95,
@@ -104,3 +106,37 @@ def test_a_default_max_new_tokens_past_the_context_stops_at_the_context(tmp_path
     llm = LLM(str(folder), dtype="float32", max_model_len=24, kv_cache_bytes=4 << 20)
     out = llm.generate({"prompt_token_ids": [5, 9, 200, 31]})[0].outputs[0]
     assert len(out.token_ids) == 20 and out.finish_reason == "length"
+
+
+def _stops_at_a_listed_eos(folder, config_eos: bool):
+    """Greedy decoding from the directory stops at the first token that an ``eos_token_id``
+    list names (in generation_config.json, or in config.json with ``config_eos``)."""
+    prompt, kv = {"prompt_token_ids": [5, 9, 200, 31, 7]}, 4 << 20
+    free = LLM(str(folder), dtype="float32", kv_cache_bytes=kv).generate(
+        prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
+    stop_at = next(i for i, t in enumerate(free.token_ids) if i >= 3 and t != 2)
+    eos = [2, free.token_ids[stop_at]]
+    if config_eos:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(dict(config, eos_token_id=eos)))
+    else:
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    llm = LLM(str(folder), dtype="float32", kv_cache_bytes=kv)
+    assert eos[1] in llm.eos_token_ids
+    got = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+    first = next(i for i, t in enumerate(free.token_ids) if t in eos)
+    assert got.finish_reason == "stop" and got.token_ids == free.token_ids[:first + 1]
+
+
+def test_a_generation_config_eos_list_ends_outputs_without_a_tokenizer(tmp_path):
+    """Token ids only (no tokenizer.json): generation_config.json's list was ignored."""
+    _stops_at_a_listed_eos(model_dir(tmp_path, None), config_eos=False)
+
+
+def test_a_config_eos_list_ends_outputs_beside_a_tokenizer(tmp_path):
+    """With a tokenizer and no generation_config.json, config.json's eos_token_id list was
+    ignored (only the tokenizer's EOS ended an output); vLLM reads it as the generation config."""
+    folder = model_dir(tmp_path, None)
+    byte_tokenizer(load_config(folder))._backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    _stops_at_a_listed_eos(folder, config_eos=True)

@@ -26,7 +26,7 @@ from xds_jax.errors import ConfigError, ModelNotFoundError
 from xds_jax.loading import param_cache
 from xds_jax.loading.weights import assemble
 from xds_jax.model.config import ModelConfig
-from xds_jax.model.config_hf import config_from_hf_dict, load_model_config, read_json
+from xds_jax.model.config_hf import config_from_hf_dict, load_model_config, read_json, token_ids
 from xds_jax.model.fused import fuse_projections
 from xds_jax.model.out_major import out_major, prefers_out_major
 from xds_jax.model.params import init_params, param_shapes
@@ -127,6 +127,13 @@ def _hf_dir_config(path: Path, raw: dict, warn: bool = True) -> ModelConfig:
         # no dtype in the config: the weights' own, as transformers' dtype="auto" reads it
         found = weights().float_dtype()
         raw = raw if found is None else dict(raw, torch_dtype=found)
+    generation = path / "generation_config.json"
+    if generation.is_file():
+        # The file's eos_token_id(s) end outputs, as vLLM's generation config adds them; a
+        # directory without a tokenizer has no other reader of them.
+        eos = token_ids(read_json(generation).get("eos_token_id"), str(generation))
+        if eos:
+            raw = dict(raw, eos_token_id=list(eos))
     cfg = config_from_hf_dict(raw, source)
     if not cfg.tie_word_embeddings or not has_weights:
         return cfg

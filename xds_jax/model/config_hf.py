@@ -51,7 +51,7 @@ _DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "ha
                   "fp16": "float16"}
 
 
-def _token_ids(value: Any, source: str) -> tuple[int, ...]:
+def token_ids(value: Any, source: str) -> tuple[int, ...]:
     """``eos_token_id``: one id, a list of them, or null."""
     if value is None:
         return ()
@@ -300,6 +300,12 @@ def _config_from_hf_dict(d: dict, source: str) -> ModelConfig:
     context = int_field(d, "max_position_embeddings", source, default=2048)
     if rope.type == "longrope":  # served within the context its short factors cover
         context = min(context, rope.original_max_position_embeddings)
+    elif rope.type in ("linear", "yarn") and "gemma3" not in model_type:
+        # The scaled positions are the context, as vLLM derives it (YaRN: the original
+        # context times the factor); dynamic NTK is served within max_position_embeddings,
+        # where transformers' frequencies are the unscaled ones.
+        scaled = context if rope.type == "linear" else rope.original_max_position_embeddings
+        context = int(scaled * rope.factor)
     if "sliding_window" not in family:
         family |= _sliding_window(d, model_type)
     moe = _moe(d, model_type, layers, source)
@@ -332,7 +338,7 @@ def _config_from_hf_dict(d: dict, source: str) -> ModelConfig:
         num_mtp_layers=int_field(d, "num_nextn_predict_layers", source, default=0) or 0,
         dtype=_dtype(d, source),
         bos_token_id=d.get("bos_token_id"),
-        eos_token_ids=_token_ids(d.get("eos_token_id"), source),
+        eos_token_ids=token_ids(d.get("eos_token_id"), source),
     )
 
 

@@ -188,7 +188,7 @@ def run_beam_search(llm, prompts, params: BeamSearchParams) -> list[BeamSearchOu
     if params.prompt_logprobs is not None:
         raise SamplingParamsError("prompt_logprobs is the server's (echo); offline, score a "
                                   "prompt with LLM.generate(SamplingParams(prompt_logprobs=k))")
-    eos = llm.tokenizer.eos_token_ids if llm.tokenizer is not None else llm.cfg.eos_token_ids
+    eos = llm.eos_token_ids
     searches, salted = [], []  # salted: (search, its rounds' prompt dict fields)
     for prompt in prompts:
         _, ids = llm.prompt_ids_of(prompt)

@@ -188,6 +188,9 @@ class Sequence:
             grammar.consume(token)
         if grammar.error is not None:
             text = f"structured_outputs: {grammar.error}"
+            if self.params.allowed_token_ids is not None:
+                text = ("allowed_token_ids: no allowed id is one the output's grammar accepts "
+                        f"next ({text})")
             self.fail(SamplingParamsError(text), text)
         elif grammar.stopped:
             self.finish_reason = "stop"

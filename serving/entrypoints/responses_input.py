@@ -79,22 +79,23 @@ def refuse_unsupported(req: ResponsesRequest) -> None:
 
 
 def text_of(content: Any, where: str) -> str:
-    """A message's content as text: a string, or its text parts joined (other parts: 400)."""
+    """A message's content (``where``: its path in the request) as text: a string, or its
+    text parts joined (other parts: 400)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise ApiError(400, f"{where}.content must be a string or a list of content parts, got "
+        raise ApiError(400, f"{where} must be a string or a list of content parts, got "
                        f"{type(content).__name__}", "input", "invalid_value")
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         key = TEXT_PARTS.get(kind)
         if key is None:
-            raise ApiError(400, f"{where}.content[{j}]: part type {kind!r} is not supported; "
+            raise ApiError(400, f"{where}[{j}]: part type {kind!r} is not supported; "
                            f"this server takes text parts ({', '.join(TEXT_PARTS)})", "input",
                            "unsupported")
         if not isinstance(part.get(key), str):
-            raise ApiError(400, f"{where}.content[{j}].{key} must be a string", "input",
+            raise ApiError(400, f"{where}[{j}].{key} must be a string", "input",
                            "invalid_value")
         texts.append(part[key])
     return "".join(texts)
@@ -119,7 +120,8 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             if role is None:
                 raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}, got "
                                f"{item.get('role')!r}", "input", "invalid_value")
-            messages.append({"role": role, "content": text_of(item.get("content"), where)})
+            messages.append({"role": role, "content": text_of(item.get("content"),
+                                                                     f"{where}.content")})
         elif kind == "function_call":
             call = function_call(item, where)
             last = messages[-1] if messages else None
@@ -132,11 +134,14 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             if not isinstance(call_id, str):
                 raise ApiError(400, f"{where}.call_id must be a string", "input", "invalid_value")
             messages.append({"role": "tool", "tool_call_id": call_id,
-                             "content": text_of(output, where)})
+                             "content": text_of(output, f"{where}.output")})
         elif kind != "reasoning":
             raise ApiError(400, f"{where}: item type {kind!r} is not supported; this server "
                            "takes message, function_call, function_call_output and reasoning "
                            "items", "input", "unsupported")
+    if not messages:
+        raise ApiError(400, "input holds no message or function call output (reasoning items "
+                       "alone are dropped)", "input", "invalid_value")
     return messages
 
 
@@ -181,7 +186,8 @@ def text_format(text: dict[str, Any] | None) -> dict[str, Any]:
     if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object",
                                                              "json_schema"):
         raise ApiError(400, "text.format.type must be 'text', 'json_object' or 'json_schema', "
-                       f"got {fmt!r:.80}", "text", "invalid_value")
+                       f"got {fmt.get('type') if isinstance(fmt, dict) else fmt!r:.80}",
+                       "text", "invalid_value")
     if fmt["type"] == "json_schema" and not isinstance(fmt.get("schema"), dict):
         raise ApiError(400, "text.format.schema is required with type 'json_schema': the JSON "
                        "schema the output must match", "text", "invalid_value")

@@ -83,11 +83,12 @@ def output_items(message: ChatMessage, logprobs: list[dict[str, Any]],
     if message.reasoning_content is not None:
         items.append(reasoning_item(new_id("rs"), "completed", message.reasoning_content))
     if message.content or not message.tool_calls:
-        items.append(message_item(new_id("msg"), status,
+        items.append(message_item(new_id("msg"), "completed",
                                   [text_part(message.content or "", logprobs)]))
     for call in message.tool_calls or []:
         items.append(call_item(new_id("fc"), call.id, call.function.name,
                                call.function.arguments, "completed"))
+    items[-1]["status"] = status  # what max_output_tokens cut is the last item
     return items
 
 
@@ -203,8 +204,7 @@ class ResponseEvents:
             status = "completed"  # the thought ended where the answer began
             events.append(self.event("response.reasoning_text.done", **self.where(),
                                      content_index=0, text=item["content"][0]["text"]))
-        else:
-            status = "completed"  # a call's arguments are whole when the next item starts
+        else:  # a call cut by max_output_tokens keeps "incomplete", as a message does
             events.append(self.event("response.function_call_arguments.done", **self.where(),
                                      name=item["name"], arguments=item["arguments"]))
         item["status"] = status

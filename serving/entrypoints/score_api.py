@@ -52,10 +52,10 @@ async def scores(served: Served, raw: Request, left: list[str], right: list[str]
     """The cosine similarity of each (left, right) pair (one side may be one text) and the
     tokens embedded."""
     engine = require_embeddings(served.engine)
-    if len(left) != 1 and len(right) != 1 and len(left) != len(right):
-        raise ApiError(400, f"{fields[0]} and {fields[1]} must be one text against several, or "
-                       f"lists of equal length; got {len(left)} and {len(right)}", fields[1],
-                       "invalid_value")
+    if len(left) > 1 and len(left) != len(right):  # vLLM's 1:1, 1:N or N:N
+        raise ApiError(400, f"{fields[0]} and {fields[1]} must be one text against one or "
+                       f"several ({fields[0]} the one), or lists of equal length; got "
+                       f"{len(left)} and {len(right)}", fields[1], "invalid_value")
     sides, tokens = [], 0
     for side, field in zip((left, right), fields, strict=True):
         prompts = await served.off_loop(input_prompts, side, engine.tokenizer, True, field)

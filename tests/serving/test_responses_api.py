@@ -213,6 +213,17 @@ def test_requests_it_cannot_serve_are_400s_naming_the_field(fake, sdk):
         sdk.responses.create(model="nope", input="hi")
     bad = httpx.post(fake.url + "/v1/responses", content=b"{not json")
     assert bad.status_code == 400 and "error" in bad.json()
+    # each names the field at fault (they named messages, input[0].content, the whole format)
+    for fields, text in [(dict(input=[{"type": "reasoning", "summary": []}]), "input holds no"),
+                         (dict(input=[{"type": "function_call_output", "call_id": "c",
+                                       "output": {"a": 1}}]), "input[0].output must be"),
+                         (dict(text={"format": {"type": "bogus"}}), "got 'bogus'")]:
+        with pytest.raises(openai.BadRequestError) as error:
+            sdk.responses.create(**({"model": "fake", "input": "hi"} | fields))
+        assert text in error.value.message and error.value.param in ("input", "text"), fields
+    huge = httpx.post(fake.url + "/v1/responses", headers={"Content-Type": "application/json"},
+                      content=b'{"model": "fake", "input": "hi", "seed": 1' + b"0" * 5000 + b"}")
+    assert huge.status_code == 400 and "4300 digits" in huge.json()["error"]["message"]
 
 
 def test_truncation_auto_drops_the_oldest_turns_that_do_not_fit(fake, sdk):
@@ -268,6 +279,20 @@ def test_auto_tool_calls_are_function_call_items_whole_and_streamed(hermes):
                                   input=[{"type": "function_call_output", "call_id": item.call_id,
                                           "output": "ok"} for item in r.output[1:]])
     assert follow.status == "completed"
+
+
+def test_a_call_cut_by_max_output_tokens_is_incomplete():
+    """The last item is the one max_output_tokens cut: a function call there was marked
+    completed with half its arguments (a message before it is whole)."""
+    from serving.entrypoints import openai_protocol as api
+    from serving.entrypoints.responses_output import output_items
+
+    call = api.ToolCall(id="c1", function=api.FunctionCall(name="f", arguments='{"a": '))
+    message = api.ChatMessage(role="assistant", content="Let me check.", tool_calls=[call])
+    items = output_items(message, [], "incomplete")
+    assert [(i["type"], i["status"]) for i in items] == [("message", "completed"),
+                                                         ("function_call", "incomplete")]
+    assert output_items(message, [], "completed")[-1]["status"] == "completed"
 
 
 # -- the real engine -----------------------------------------------------------------------------

@@ -124,6 +124,13 @@ def test_allowed_token_ids_and_bad_words(server):
     r = httpx.post(server.url + "/v1/completions", timeout=60,
                    json=dict(body, model=NAMES[0], allowed_token_ids=[1, 10**6]))
     assert r.status_code == 400 and r.json()["error"]["param"] == "allowed_token_ids"
+    # allowed ids that a JSON output cannot start with: a short 400 naming allowed_token_ids
+    # (it was a ~1 KB dump of the grammar parser's state named after response_format)
+    r = httpx.post(server.url + "/v1/completions", timeout=60,
+                   json=dict(body, model=NAMES[0], response_format={"type": "json_object"}))
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "allowed_token_ids", error
+    assert "<state>" not in error["message"] and len(error["message"]) < 500, error
 
 
 def _split(body: dict) -> dict:

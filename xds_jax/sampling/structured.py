@@ -149,9 +149,15 @@ def check(spec: StructuredOutputs, tokenizer) -> str:
     if error:
         field = next(n for n in ("json", "regex", "choice", "grammar", "json_object")
                      if getattr(spec, n))
-        raise SamplingParamsError(f"{FIELD}.{field}: {error.strip()}")
+        raise SamplingParamsError(f"{FIELD}.{field}: {short_error(error)}")
     object.__setattr__(spec, "_checked", (lltok, text))
     return text
+
+
+def short_error(error: str, limit: int = 300) -> str:
+    """llguidance's error without the parser state and grammar it dumps after it."""
+    text = error.split("<state>")[0].split("<grammar>")[0].strip()
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class GrammarState:
@@ -186,4 +192,4 @@ class GrammarState:
 
     @property
     def error(self) -> str | None:
-        return self._matcher.get_error() if self._matcher.is_error() else None
+        return short_error(self._matcher.get_error()) if self._matcher.is_error() else None

@@ -127,11 +127,11 @@ def as_decode_inputs(tokens_B: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def take_inputs(sampled: tuple, source_B: jax.Array, tokens_BS: jax.Array) -> jax.Array:
-    """Decode inputs on device: row ``i`` takes the ``source_B[i]``-th token of the previous
-    step's ``sampled`` launches (concatenated), or keeps its host token where -1."""
-    flat = jnp.concatenate(sampled)
-    taken = flat[jnp.maximum(source_B, 0)]
+def take_inputs(sampled_P: jax.Array, source_B: jax.Array, tokens_BS: jax.Array) -> jax.Array:
+    """Decode inputs on device: row ``i`` takes the ``source_B[i]``-th token of one launch's
+    ``sampled_P`` tokens, or keeps its input where -1. One program per (P, B) pair, whatever
+    else the previous step launched, so they are few enough to compile ahead."""
+    taken = sampled_P[jnp.maximum(source_B, 0)]
     return jnp.where(source_B[:, None] >= 0, taken[:, None], tokens_BS)
 
 
@@ -180,6 +180,7 @@ class ModelRunner:
         self.num_lookahead_tokens = num_scheduler_steps - 1
         self._shapes_seen = ProgramShapes()
         self._samplers_ahead = ProgramShapes()  # batch sizes whose samplers compiled ahead
+        self._input_sizes: list[int] = []  # launch sizes decode inputs come from (step_buckets)
         self.compile_count = 0
 
     @property
@@ -231,16 +232,30 @@ class ModelRunner:
             return list(arrays)
         return [place(a, self.input_sharding) for a in arrays]
 
+    def _put_tokens(self, tokens_BS: np.ndarray) -> jax.Array:
+        """A step's input tokens, always on the device: a decode step's often come from the
+        step before on device (``take_inputs``), and a program called with a host array in
+        their place is another program (XLA compiles it again)."""
+        return place(tokens_BS, self.input_sharding)
+
     def _launch(self, rows: RowBatch, sampled: tuple = (), tokens_B: jax.Array | None = None):
         """Dispatch one step program; ``tokens_B``: the decode inputs of a chained step, the
         previous step's sampled tokens on device."""
         key = (rows.tokens_BS.shape, rows.tables_BN.shape)
         self._seen(key, "step program (rows x tokens, rows x blocks)")
-        inputs = self._put(rows.tokens_BS, rows.positions_BS, rows.tables_BN, rows.last_B)
+        inputs = [self._put_tokens(rows.tokens_BS),
+                  *self._put(rows.positions_BS, rows.tables_BN, rows.last_B)]
         if rows.source_B is not None:
-            self._seen(("inputs", tuple(a.shape for a in sampled), rows.tokens_BS.shape),
-                       "decode inputs taken on device")
-            inputs[0] = take_inputs(sampled, *self._put(rows.source_B), inputs[0])
+            offset = 0
+            for tokens_P in sampled:  # each launch of the previous step gives its rows' tokens
+                size = tokens_P.shape[0]
+                mine = (rows.source_B >= offset) & (rows.source_B < offset + size)
+                if mine.any():
+                    self._seen(_inputs_key(tokens_P, rows.tokens_BS),
+                               "decode inputs taken on device")
+                    local = np.where(mine, rows.source_B - offset, -1).astype(np.int32)
+                    inputs[0] = take_inputs(tokens_P, *self._put(local), inputs[0])
+                offset += size
         elif tokens_B is not None:
             inputs[0] = as_decode_inputs(tokens_B)
         with self.lock:
@@ -270,6 +285,8 @@ class ModelRunner:
                   if w <= bucket(min(max_chunk, max_context), MIN_PREFILL_WIDTH)]
         fresh = {w: bucket(-(-w // self.block_size), first) for w in widths}
         prefill = [(r, w, fresh[w]) for r in (1, 2, 4) if r <= top for w in widths]
+        # the launches a decode step may take its inputs from: decode and prefill batches
+        self._input_sizes = sorted(set(rows_of) | {r for r in (1, 2, 4) if r <= top})
         later = [(1, w, b) for w in widths for b in blocks_of if fresh[w] < b <= 4 * fresh[w]]
         return (decode + sorted(prefill, key=lambda s: (s[0] * s[1], s))
                 + sorted(later, key=lambda s: (s[1] * s[2], s)))
@@ -287,6 +304,13 @@ class ModelRunner:
         jax.block_until_ready(greedy)
         if not self._samplers_ahead.first_launch(rows, "samplers compiled ahead"):
             return
+        if tokens == 1:  # decode: its inputs taken from each batch size the step before ran
+            for size in self._input_sizes:
+                tokens_P = place(np.zeros((size,), np.int32), self.input_sharding)
+                self._shapes_seen.first_launch(_inputs_key(tokens_P, batch.tokens_BS), "")
+                source = np.full((rows,), -1, np.int32)
+                jax.block_until_ready(take_inputs(tokens_P, *self._put(source),
+                                                  self._put_tokens(batch.tokens_BS)))
         for params in PRECOMPILED_SAMPLING:
             flags = flags_for([params])
             sampling = rows_batch(params, rows, self.cfg.vocab_size, flags)
@@ -355,6 +379,11 @@ class ModelRunner:
         finished or aborted since the launch drop theirs)."""
         for logits, sampled in pending:
             append_rows(sampled, logits)
+
+
+def _inputs_key(tokens_P, tokens_BS) -> tuple:
+    """The ``_shapes_seen`` key of the ``take_inputs`` program for these shapes."""
+    return ("inputs", tokens_P.shape, tokens_BS.shape)
 
 
 def _in_flight(handle: list | None) -> tuple[tuple, dict[int, int]]:

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from serving.core.engine_runs import precompile
+from serving.core.runner import take_inputs
 from serving.entrypoints import cli
 from tests.helpers import GOLDEN
 from xds_jax import LLM, SamplingParams, memory_maps
+from xds_jax.generate import model_step
 
 
 def engine(**options) -> LLM:
@@ -49,9 +51,19 @@ def test_buckets_compile_ahead_write_nothing_and_cover_decode():
     assert tokens(ahead, prompts, params) == first  # its pool now holds cached prefixes
     fresh = set(shapes) - {(*k[0], k[1][1]) for k in runner._shapes_seen if k[0] != "inputs"}
     assert precompile(ahead.engine, 256, seconds=600) == len(fresh) > 0
-    seen = set(runner._shapes_seen)
+    seen, taken = set(runner._shapes_seen), take_inputs._cache_size()
+    programs = model_step._cache_size()
     # the padding steps wrote nothing: the cached blocks (block 0 among them) read the same
     outs = ahead.generate(prompts, params)
+    # decode inputs taken on device from the step before (asynchronous scheduling) found
+    # their programs compiled (~40 ms each in traffic, keyed on every launch of that step)
+    assert not [k for k in set(runner._shapes_seen) - seen if k[0] == "inputs"]
+    assert take_inputs._cache_size() == taken > 0
+    # and JAX compiled a step program only for the shapes counted: a decode step's tokens
+    # taken on device had made every decode bucket compile again (a host array in the
+    # precompiled call, a device array in traffic: two programs)
+    new = [k for k in set(runner._shapes_seen) - seen if k[0] != "inputs"]
+    assert model_step._cache_size() - programs == len(new)
     assert [o.outputs[0].token_ids for o in outs] == tokens(plain, prompts, params) == first
     assert all(o.num_cached_tokens >= 32 for o in outs)  # through the cached blocks
     assert not [k for k in set(runner._shapes_seen) - seen if k[0][1] == 1]  # decode compiled

@@ -90,6 +90,7 @@ def test_sampled_traffic_finds_its_sampler_programs_compiled(monkeypatch):
     same logits, shapes and flags), and sample as an engine that never compiled ahead."""
     import serving.core.runner as runner_module
     import xds_jax.sampling.rows as rows_module
+    import xds_jax.sampling.sampler as sampler
 
     def recording(calls, sample):
         def call(logits, batch, flags):
@@ -105,6 +106,8 @@ def test_sampled_traffic_finds_its_sampler_programs_compiled(monkeypatch):
     prompts, _ = workload(ahead.cfg.vocab_size)
     params = [SamplingParams(temperature=0.8, top_p=p, max_tokens=12, seed=i)
               for i, p in enumerate((1.0, 0.9, 0.5, 1.0, 0.95, 0.9))]
+    programs = sampler.sample._cache_size()
     got = [o.outputs[0].token_ids for o in ahead.generate(prompts, params)]
+    assert sampler.sample._cache_size() == programs  # none compiled again by JAX
     assert got == [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
     assert met and met <= compiled, met - compiled

@@ -71,6 +71,16 @@ def test_min_p_drops_unlikely_tokens():
     assert got <= allowed
 
 
+def test_min_p_comes_before_top_p_as_in_vllm_v1():
+    """vLLM V1: temperature, min_p, then top-k / top-p over what min_p left (renormalised).
+    Here min_p 0.3 keeps tokens 0-2 (0.3, 0.25, 0.2 of the mass), whose nucleus at 0.6 is
+    tokens 0 and 1 (0.4 + 0.33 of their mass); top_p first kept token 2 as well."""
+    probs = np.full(V, 0.25 / (V - 3))
+    probs[:3] = 0.3, 0.25, 0.2
+    got = draws({"temperature": 1.0, "min_p": 0.3, "top_p": 0.6}, np.log(probs)[None])
+    assert set(got.tolist()) == {0, 1}
+
+
 def test_penalties_follow_vllm():
     logits = logits_rows(1, seed=7)
     prompt, output = [1, 2], [3, 3, 4]

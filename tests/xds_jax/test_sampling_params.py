@@ -43,3 +43,14 @@ def test_unrepresentable_values_name_the_field(field, value):
 
 def test_huge_top_k_is_accepted_and_means_no_filter():
     assert SamplingParams(top_k=2**70).top_k == 2**70  # the sampler clamps to the vocabulary
+
+
+def test_vllms_spellings_of_no_seed_and_tiny_temperatures(caplog):
+    """vLLM reads seed -1 as no seed, and raises a positive temperature below 0.01 to 0.01
+    (logits divided by less may overflow), with a warning; 0 stays greedy."""
+    assert SamplingParams(seed=-1).seed is None
+    assert len({tuple(SamplingParams(n=2, seed=-1).sample_seeds()) for _ in range(4)}) > 1
+    assert SamplingParams(temperature=1e-5).temperature == 0.01
+    assert "temperature" in caplog.text
+    assert SamplingParams(temperature=0).temperature == 0
+    assert SamplingParams(temperature=0.01).temperature == 0.01

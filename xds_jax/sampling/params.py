@@ -5,15 +5,19 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import logging
 import math
 import random
 
 from xds_jax.errors import SamplingParamsError
 from xds_jax.sampling.structured import StructuredOutputs
 
+log = logging.getLogger(__name__)
+
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value; larger ones are clipped to it
 MAX_N = 128  # samples per request: each is a running sequence holding its own KV
+MIN_TEMPERATURE = 0.01  # a positive temperature below it is raised to it (vLLM's _MAX_TEMP)
 SEED_SPACE = 1 << 32  # the device draws from 32-bit seeds
 
 
@@ -100,8 +104,15 @@ class SamplingParams:
         self.bad_words = _listed(self.bad_words, "bad_words", one_string=True)
         if self.top_k == -1:
             self.top_k = 0
+        if self.seed == -1 and _is_int(self.seed):  # vLLM: -1 is no seed
+            self.seed = None
         self.output_kind = _output_kind(self.output_kind)
         self._validate()
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            log.warning("temperature %s is below %s, where logits divided by it may overflow; "
+                        "%s is used (as vLLM does)", self.temperature, MIN_TEMPERATURE,
+                        MIN_TEMPERATURE)
+            self.temperature = MIN_TEMPERATURE
         self.logit_bias = {int(t): max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, float(v)))
                            for t, v in (self.logit_bias or {}).items()}
 

@@ -163,12 +163,12 @@ def sample(logits_BV: jax.Array, b: SamplingBatch, flags: SamplerFlags):
     if flags.random:
         temp = jnp.where(b.temperature > 0, b.temperature, 1.0)[:, None]
         scaled = logits_BV / temp
-        if flags.top_k_top_p:
-            scaled = truncate(scaled, b.top_k, b.top_p)
-        if flags.min_p:
+        if flags.min_p:  # before top-k / top-p, as vLLM (V1) applies it
             probs = jax.nn.softmax(scaled, axis=-1)
             floor = b.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
             scaled = jnp.where(probs >= floor, scaled, -jnp.inf)
+        if flags.top_k_top_p:
+            scaled = truncate(scaled, b.top_k, b.top_p)
         tokens_B = jnp.where(b.temperature > 0, _draw(scaled, b), tokens_B)
     tokens_B = tokens_B.astype(jnp.int32)
     n = min(flags.num_logprobs, logits_BV.shape[-1])  # a bucketed width past a tiny vocabulary

@@ -62,6 +62,8 @@ class Sequence:
                        if tokenizer is not None and params.detokenize else None)
         self._grammar = None  # its GrammarState, built at the first mask (structured outputs)
         self._eos = frozenset(() if params.ignore_eos else eos_token_ids)
+        # min_tokens bans EOS even under ignore_eos, as vLLM's min-tokens processor does
+        self._ban_early = frozenset(eos_token_ids) | frozenset(params.stop_token_ids)
         self._stop_ids = frozenset(params.stop_token_ids)
         self._text_cut: int | None = None
         self._sent = 0
@@ -99,11 +101,12 @@ class Sequence:
         return TokenView(self, pad)
 
     def banned_ids(self, in_flight: int = 0) -> list[int]:
-        """Ids that may not be sampled yet: EOS and stop ids before ``min_tokens``
-        (``in_flight``: sampled tokens not appended yet, which count)."""
+        """Ids that may not be sampled yet: EOS (with ``ignore_eos`` too, as vLLM) and stop
+        ids before ``min_tokens`` (``in_flight``: sampled tokens not appended yet, which
+        count)."""
         if len(self.output_ids) + in_flight >= self.params.min_tokens:
             return []
-        return sorted(self._eos | self._stop_ids)
+        return sorted(self._ban_early)
 
     def allowed_mask(self, vocab_size: int):
         """``[vocab_size]`` bool numpy mask of the ids it may draw next (``params.masked``):

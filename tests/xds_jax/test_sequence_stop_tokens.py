@@ -72,3 +72,16 @@ def test_stop_strings_count_only_past_min_tokens(tok):
     spanning = _run(tok, reply, stop=["t is"], min_tokens=reply.index(
         tok.encode(" is", add_special_tokens=False)[0]))
     assert spanning.text == " Paris. I"
+
+
+def test_min_tokens_bans_eos_under_ignore_eos_too():
+    """vLLM's min-tokens processor masks the model's EOS whatever ignore_eos says (an EOS
+    drawn early would not stop the output, but is still banned until min_tokens)."""
+    params = SamplingParams(min_tokens=3, max_tokens=6, ignore_eos=True, stop_token_ids=[9])
+    seq = Sequence([5, 6], params, eos_token_ids=(2,))
+    assert seq.banned_ids() == [2, 9]
+    for token in (2, 7, 8):
+        seq.append(token)
+    assert seq.banned_ids() == [] and not seq.finished  # EOS does not stop it
+    plain = Sequence([5, 6], SamplingParams(min_tokens=3, max_tokens=6), eos_token_ids=(2,))
+    assert plain.banned_ids() == [2]

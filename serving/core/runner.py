@@ -31,11 +31,11 @@ import logging
 import threading
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from collectives.p2p import gather_blocks, scatter_blocks_donated
+from serving.core.decode_inputs import as_decode_inputs, in_flight, inputs_key, take_inputs
 from sharding.params import kv_page_shardings, param_shardings, tp_mesh
 from xds_jax.generate import bucket, model_step
 from xds_jax.memory_maps import ProgramShapes
@@ -120,21 +120,6 @@ def build_rows(scheduled: list, rows_min: int, width_min: int, block_size: int,
     return RowBatch(tokens, positions, tables, last, sampling, source)
 
 
-@jax.jit
-def as_decode_inputs(tokens_B: jax.Array) -> jax.Array:
-    """A chained decode step's ``[B, 1]`` inputs: the previous step's sampled tokens."""
-    return tokens_B[:, None]
-
-
-@jax.jit
-def take_inputs(sampled_P: jax.Array, source_B: jax.Array, tokens_BS: jax.Array) -> jax.Array:
-    """Decode inputs on device: row ``i`` takes the ``source_B[i]``-th token of one launch's
-    ``sampled_P`` tokens, or keeps its input where -1. One program per (P, B) pair, whatever
-    else the previous step launched, so they are few enough to compile ahead."""
-    taken = sampled_P[jnp.maximum(source_B, 0)]
-    return jnp.where(source_B[:, None] >= 0, taken[:, None], tokens_BS)
-
-
 class ModelRunner:
     """Owns a group's parameters and KV pages on its devices and runs scheduled steps.
 
@@ -181,6 +166,7 @@ class ModelRunner:
         self._shapes_seen = ProgramShapes()
         self._samplers_ahead = ProgramShapes()  # batch sizes whose samplers compiled ahead
         self._input_sizes: list[int] = []  # launch sizes decode inputs come from (step_buckets)
+        self._anchors: dict[int, jax.Array] = {}  # rows -> a device array placing their take
         self.compile_count = 0
 
     @property
@@ -232,32 +218,14 @@ class ModelRunner:
             return list(arrays)
         return [place(a, self.input_sharding) for a in arrays]
 
-    def _put_tokens(self, tokens_BS: np.ndarray) -> jax.Array:
-        """A step's input tokens, always on the device: a decode step's often come from the
-        step before on device (``take_inputs``), and a program called with a host array in
-        their place is another program (XLA compiles it again)."""
-        return place(tokens_BS, self.input_sharding)
-
     def _launch(self, rows: RowBatch, sampled: tuple = (), tokens_B: jax.Array | None = None):
         """Dispatch one step program; ``tokens_B``: the decode inputs of a chained step, the
         previous step's sampled tokens on device."""
         key = (rows.tokens_BS.shape, rows.tables_BN.shape)
         self._seen(key, "step program (rows x tokens, rows x blocks)")
-        inputs = [self._put_tokens(rows.tokens_BS),
-                  *self._put(rows.positions_BS, rows.tables_BN, rows.last_B)]
-        if rows.source_B is not None:
-            offset = 0
-            for tokens_P in sampled:  # each launch of the previous step gives its rows' tokens
-                size = tokens_P.shape[0]
-                mine = (rows.source_B >= offset) & (rows.source_B < offset + size)
-                if mine.any():
-                    self._seen(_inputs_key(tokens_P, rows.tokens_BS),
-                               "decode inputs taken on device")
-                    local = np.where(mine, rows.source_B - offset, -1).astype(np.int32)
-                    inputs[0] = take_inputs(tokens_P, *self._put(local), inputs[0])
-                offset += size
-        elif tokens_B is not None:
-            inputs[0] = as_decode_inputs(tokens_B)
+        inputs = self._put(rows.tokens_BS, rows.positions_BS, rows.tables_BN, rows.last_B)
+        if rows.tokens_BS.shape[1] == 1:
+            inputs[0] = self._decode_tokens(rows, inputs[0], sampled, tokens_B)
         with self.lock:
             args = (inputs[0], inputs[1], self.caches, inputs[2], inputs[3])
             if self.staged:
@@ -265,6 +233,34 @@ class ModelRunner:
             else:
                 logits, greedy, self.caches = model_step(self.params, *args, cfg=self.cfg)
         return logits, greedy
+
+    def _decode_tokens(self, rows: RowBatch, tokens, sampled: tuple,
+                       tokens_B: jax.Array | None) -> jax.Array:
+        """A decode step's input tokens, always a device array: under asynchronous
+        scheduling they come from the step before on device, and a step program called with
+        a host array in their place is another program, compiled again (a ``device_put``
+        instead costs ~0.3 ms of host CPU a step while a step runs). ``tokens_B``: a chained
+        step's, the step before's sampled tokens."""
+        if tokens_B is not None:
+            return as_decode_inputs(tokens_B)
+        offset = 0
+        for tokens_P in sampled if rows.source_B is not None else ():
+            size = tokens_P.shape[0]  # each launch of the step before gives its rows' tokens
+            mine = (rows.source_B >= offset) & (rows.source_B < offset + size)
+            if mine.any():
+                tokens = self._take(tokens_P, np.where(mine, rows.source_B - offset, -1), tokens)
+            offset += size
+        if not isinstance(tokens, jax.Array):  # nothing taken: the host tokens, on device
+            n = tokens.shape[0]
+            anchor = self._anchors.get(n)
+            if anchor is None:  # a device array of n rows, for the program's placement
+                anchor = self._anchors[n] = place(np.zeros((n,), np.int32), self.input_sharding)
+            tokens = self._take(anchor, np.full((n,), -1), tokens)
+        return tokens
+
+    def _take(self, tokens_P: jax.Array, source_B: np.ndarray, tokens_BS) -> jax.Array:
+        self._seen(inputs_key(tokens_P, tokens_BS), "decode inputs taken on device")
+        return take_inputs(tokens_P, *self._put(source_B.astype(np.int32)), tokens_BS)
 
     def step_buckets(self, max_rows: int, max_context: int,
                      max_chunk: int) -> list[tuple[int, int, int]]:
@@ -304,13 +300,15 @@ class ModelRunner:
         jax.block_until_ready(greedy)
         if not self._samplers_ahead.first_launch(rows, "samplers compiled ahead"):
             return
-        if tokens == 1:  # decode: its inputs taken from each batch size the step before ran
+        if tokens == 1:  # decode: its inputs taken from each batch size the step before ran,
+            source = np.full((rows,), -1)  # over host tokens, or after another launch's take
+            host = self._put(batch.tokens_BS)[0]
             for size in self._input_sizes:
                 tokens_P = place(np.zeros((size,), np.int32), self.input_sharding)
-                self._shapes_seen.first_launch(_inputs_key(tokens_P, batch.tokens_BS), "")
-                source = np.full((rows,), -1, np.int32)
-                jax.block_until_ready(take_inputs(tokens_P, *self._put(source),
-                                                  self._put_tokens(batch.tokens_BS)))
+                self._shapes_seen.first_launch(inputs_key(tokens_P, host), "")
+                taken = self._take(tokens_P, source, host)
+                self._shapes_seen.first_launch(inputs_key(tokens_P, taken), "")
+                jax.block_until_ready(self._take(tokens_P, source, taken))
         for params in PRECOMPILED_SAMPLING:
             flags = flags_for([params])
             sampling = rows_batch(params, rows, self.cfg.vocab_size, flags)
@@ -323,7 +321,7 @@ class ModelRunner:
         whose input token that step samples takes it on device."""
         decodes = [s for s in scheduled if s.num_tokens == 1 and s.start > 0]
         prefills = [s for s in scheduled if not (s.num_tokens == 1 and s.start > 0)]
-        sampled, sources = _in_flight(after)
+        sampled, sources = in_flight(after)
         pending = []
         if decodes:
             pending += self._launch_decodes(decodes, sampled, sources)
@@ -379,26 +377,3 @@ class ModelRunner:
         finished or aborted since the launch drop theirs)."""
         for logits, sampled in pending:
             append_rows(sampled, logits)
-
-
-def _inputs_key(tokens_P, tokens_BS) -> tuple:
-    """The ``_shapes_seen`` key of the ``take_inputs`` program for these shapes."""
-    return ("inputs", tokens_P.shape, tokens_BS.shape)
-
-
-def _in_flight(handle: list | None) -> tuple[tuple, dict[int, int]]:
-    """The sampled token arrays of a launched step and, per sequence, the index of its token
-    in their concatenation."""
-    if not handle:
-        return (), {}
-    arrays, sources, offset = [], {}, 0
-    for _, sampled in handle:
-        if sampled is None:
-            continue
-        arrays.append(sampled.tokens_B)
-        for row, seq in enumerate(sampled.seqs):
-            if seq is not None:
-                sources[seq.seq_id] = offset + row
-        offset += len(sampled.seqs)
-    return tuple(arrays), sources
-

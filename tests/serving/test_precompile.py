@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from serving.core.decode_inputs import take_inputs
 from serving.core.engine_runs import precompile
-from serving.core.runner import take_inputs
 from serving.entrypoints import cli
 from tests.helpers import GOLDEN
 from xds_jax import LLM, SamplingParams, memory_maps

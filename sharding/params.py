@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sharding.logical import axis_units, kv_page_axes, param_logical_axes
 from sharding.rules import tree_shardings
@@ -29,7 +29,18 @@ def kv_page_shardings(caches, cfg: ModelConfig, mesh, role: str = "prefill"):
     ``caches`` (a list of dicts, as ``xds_jax.model.reference.new_caches`` makes)."""
     axes = kv_page_axes(cfg)
     logical = jax.tree.map(lambda _: axes, caches)
-    return tree_shardings(mesh, role, logical, caches, axis_units(cfg))
+    return jax.tree.map(_without_trailing_nones,
+                        tree_shardings(mesh, role, logical, caches, axis_units(cfg)))
+
+
+def _without_trailing_nones(sharding: NamedSharding) -> NamedSharding:
+    """``P(None, None, 'tp')`` for ``P(None, None, 'tp', None)``: the spelling a step program
+    gives the (donated) pages it returns. Called with the other spelling, the same program
+    is another one to JAX, compiled again at the first step after any compiled ahead."""
+    spec = list(sharding.spec)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
 def tp_mesh(devices: list) -> Mesh:

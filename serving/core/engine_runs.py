@@ -134,8 +134,9 @@ def precompile(engine: Engine, max_model_len: int, seconds: float) -> int:
             if not ((g.role == "prefill") if shape[1] == 1 else (pd and g.role != "prefill"))]
     before = sum(g.runner.compile_count for g in groups)
     deadline = time.monotonic() + seconds
+    sizes = groups[0].runner.input_sizes(config.max_num_seqs)
     for g, shape in work:
         if time.monotonic() > deadline or not memory_maps.room_for_more():
             break
-        g.runner.precompile(*shape)
+        g.runner.precompile(*shape, input_sizes=sizes)
     return sum(g.runner.compile_count for g in groups) - before

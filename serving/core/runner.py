@@ -165,7 +165,6 @@ class ModelRunner:
         self.num_lookahead_tokens = num_scheduler_steps - 1
         self._shapes_seen = ProgramShapes()
         self._samplers_ahead = ProgramShapes()  # batch sizes whose samplers compiled ahead
-        self._input_sizes: list[int] = []  # launch sizes decode inputs come from (step_buckets)
         self._anchors: dict[int, jax.Array] = {}  # rows -> a device array placing their take
         self.compile_count = 0
 
@@ -272,7 +271,7 @@ class ModelRunner:
         first."""
         first = max(1, MIN_CONTEXT_TOKENS // self.block_size)
         top = bucket(max_rows)
-        rows_of = [r for r in (bucket(self.decode_rows_min) << i for i in range(32)) if r <= top]
+        rows_of = self._decode_rows(max_rows)
         blocks_of = [b for b in (first << i for i in range(32))
                      if b <= bucket(-(-max_context // self.block_size), first)]
         decode = sorted(((r, 1, b) for r, b in itertools.product(rows_of, blocks_of)),
@@ -281,18 +280,29 @@ class ModelRunner:
                   if w <= bucket(min(max_chunk, max_context), MIN_PREFILL_WIDTH)]
         fresh = {w: bucket(-(-w // self.block_size), first) for w in widths}
         prefill = [(r, w, fresh[w]) for r in (1, 2, 4) if r <= top for w in widths]
-        # the launches a decode step may take its inputs from: decode and prefill batches
-        self._input_sizes = sorted(set(rows_of) | {r for r in (1, 2, 4) if r <= top})
         later = [(1, w, b) for w in widths for b in blocks_of if fresh[w] < b <= 4 * fresh[w]]
         return (decode + sorted(prefill, key=lambda s: (s[0] * s[1], s))
                 + sorted(later, key=lambda s: (s[1] * s[2], s)))
 
-    def precompile(self, rows: int, tokens: int, blocks: int) -> None:
+    def _decode_rows(self, max_rows: int) -> list[int]:
+        """The decode steps' row buckets up to ``max_rows`` rows."""
+        top = bucket(max_rows)
+        return [r for r in (bucket(self.decode_rows_min) << i for i in range(32)) if r <= top]
+
+    def input_sizes(self, max_rows: int) -> list[int]:
+        """The launch sizes a decode step may take its inputs from (decode batches, fresh
+        prompts' prefill batches of 1, 2 or 4 rows), for ``precompile``."""
+        top = bucket(max_rows)
+        return sorted(set(self._decode_rows(max_rows)) | {r for r in (1, 2, 4) if r <= top})
+
+    def precompile(self, rows: int, tokens: int, blocks: int,
+                   input_sizes: list[int] = ()) -> None:
         """Compile the step of bucket ``(rows, tokens, blocks)`` and run it once over padding
         rows (they write nothing), and the first time a batch of ``rows`` comes, the sampler
-        programs of ``PRECOMPILED_SAMPLING`` over its logits. Only while the runner has no
-        step in flight: a server's warm-up, so that contexts growing and batches filling
-        later find them compiled."""
+        programs of ``PRECOMPILED_SAMPLING`` over its logits and (decode) the programs taking
+        its inputs from a launch of each of ``input_sizes`` rows (``input_sizes``). Only while
+        the runner has no step in flight: a server's warm-up, so that contexts growing and
+        batches filling later find them compiled."""
         batch = RowBatch(np.zeros((rows, tokens), np.int32),
                          np.full((rows, tokens), -1, np.int32), np.zeros((rows, blocks), np.int32),
                          np.zeros((rows,), np.int32), [None] * rows)
@@ -303,7 +313,7 @@ class ModelRunner:
         if tokens == 1:  # decode: its inputs taken from each batch size the step before ran,
             source = np.full((rows,), -1)  # over host tokens, or after another launch's take
             host = self._put(batch.tokens_BS)[0]
-            for size in self._input_sizes:
+            for size in input_sizes:
                 tokens_P = place(np.zeros((size,), np.int32), self.input_sharding)
                 self._shapes_seen.first_launch(inputs_key(tokens_P, host), "")
                 taken = self._take(tokens_P, source, host)

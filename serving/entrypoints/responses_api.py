@@ -125,6 +125,9 @@ def add_responses_routes(app: FastAPI, served: Served) -> None:
         req.input = store.resolve(req.input)
         turn = input_messages(req.input)
         leading = [{"role": "system", "content": req.instructions}] if req.instructions else []
+        if not (leading or history or turn):
+            raise ApiError(400, "input holds no message or function call output (reasoning "
+                           "items alone are dropped)", "input", "invalid_value")
         chat = chat_request(req, leading + history + turn, fmt)
         if engine.tokenizer is None:
             raise ApiError(400, "this model has no tokenizer or chat template", "input")

@@ -139,9 +139,6 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             raise ApiError(400, f"{where}: item type {kind!r} is not supported; this server "
                            "takes message, function_call, function_call_output and reasoning "
                            "items", "input", "unsupported")
-    if not messages:
-        raise ApiError(400, "input holds no message or function call output (reasoning items "
-                       "alone are dropped)", "input", "invalid_value")
     return messages
 
 

@@ -49,8 +49,8 @@ def texts(value: str | list[str], field: str) -> list[str]:
 
 async def scores(served: Served, raw: Request, left: list[str], right: list[str],
                  truncate: int | None, fields: tuple[str, str]) -> tuple[list[float], int]:
-    """The cosine similarity of each (left, right) pair (one side may be one text) and the
-    tokens embedded."""
+    """The cosine similarity of each (left, right) pair (``left`` may be one text against
+    several) and the tokens embedded."""
     engine = require_embeddings(served.engine)
     if len(left) > 1 and len(left) != len(right):  # vLLM's 1:1, 1:N or N:N
         raise ApiError(400, f"{fields[0]} and {fields[1]} must be one text against one or "

@@ -111,3 +111,40 @@ def test_sampled_traffic_finds_its_sampler_programs_compiled(monkeypatch):
     assert sampler.sample._cache_size() == programs  # none compiled again by JAX
     assert got == [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
     assert met and met <= compiled, met - compiled
+
+
+def test_every_group_and_a_tensor_parallel_runner_meet_no_compile_in_traffic():
+    """Each DP group compiles its own take programs ahead (only the first group did), and a
+    tensor-parallel runner's decode step is the program compiled ahead (its pages' sharding
+    was spelt P(None, None, 'tp', None) at first and P(None, None, 'tp') once a step had
+    returned them: every decode bucket compiled again at its first step)."""
+    import jax
+
+    from serving.core.runner import ModelRunner
+    from serving.core.scheduled import ScheduledSeq
+    from tests.helpers import tiny
+    from xds_jax.sequence import Sequence
+
+    dp = engine(num_dp_groups=2)
+    precompile(dp.engine, 256, seconds=600)
+    runners = [g.runner for g in dp.engine.groups]
+    seen = [set(r._shapes_seen) for r in runners]
+    taken, programs = take_inputs._cache_size(), model_step._cache_size()
+    prompts, params = workload(dp.cfg.vocab_size)
+    dp.generate(prompts * 2, params * 2)
+    assert all(not [k for k in set(r._shapes_seen) - s if k[0] == "inputs" or k[0][1] == 1]
+               for r, s in zip(runners, seen, strict=True))
+    assert take_inputs._cache_size() == taken
+    m = tiny("llama")
+    tp = ModelRunner(m.params, m.cfg, num_blocks=32, block_size=16, device=jax.devices()[:2])
+    tp.precompile(4, 1, 8, input_sizes=tp.input_sizes(8))
+    programs, counted = model_step._cache_size(), tp.compile_count
+    seqs = [Sequence(list(range(1, 40)), SamplingParams(max_tokens=8)) for _ in range(2)]
+    first = tp.launch([ScheduledSeq(s, 38, 1, [2 * i, 2 * i + 1, 8 + i], True)
+                       for i, s in enumerate(seqs)])
+    second = tp.launch([ScheduledSeq(s, 39, 1, [2 * i, 2 * i + 1, 8 + i], True)
+                        for i, s in enumerate(seqs)], after=first)
+    tp.finish(first)
+    tp.finish(second)
+    assert all(len(s.output_ids) == 2 for s in seqs)
+    assert model_step._cache_size() == programs and tp.compile_count == counted

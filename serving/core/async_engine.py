@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -103,7 +104,6 @@ class AsyncEngine:
         self.max_model_len = llm.max_model_len
         self.cfg = llm.cfg
         self.sampling_defaults = llm.sampling_defaults  # generation_config.json's (the server's)
-        self._ids = itertools.count()
         self._beams: dict[str, set[str]] = {}  # running beam searches: their round's requests
         # ids a caller announced (``expect``) whose ``generate`` has not submitted them yet:
         # True once aborted, so a request whose client left meanwhile is never run
@@ -112,6 +112,7 @@ class AsyncEngine:
         # group next steps (a stalled group steps late)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._closed = False  # shut down: new requests raise EngineDeadError
+        self._starting = threading.Lock()  # a first request from two loops starts it once
         # requests whose prompt is being scored: (cancel flag, loop, future an abort cancels)
         self._scoring: dict[str, tuple[threading.Event, asyncio.AbstractEventLoop,
                                        asyncio.Future]] = {}
@@ -187,12 +188,16 @@ class AsyncEngine:
             given = given.tolist()
         return prompt, self.llm.prompt_ids_of({"prompt_token_ids": given})[1]
 
-    async def generate(self, prompt_ids: Any, params: SamplingParams | None = None,
-                       request_id: str | None = None, prompt: str | None = None,
-                       priority: int = 0,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt_ids: Any = None, params: SamplingParams | None = None,
+                       request_id: str | None = None, prompt: Any = None,
+                       priority: int = 0, cache_salt: str | None = None, *,
+                       sampling_params: SamplingParams | None = None,
+                       lora_request: None = None) -> AsyncIterator[RequestOutput]:
         """Yield cumulative outputs until the request finishes or is aborted. ``prompt_ids``:
-        token ids, or a string / vLLM prompt dict (``_prompt_of``); ``params`` None: defaults.
+        token ids, or a string / vLLM prompt dict (``_prompt_of``); ``params`` None: the
+        model's defaults (``LLM.get_default_sampling_params``). vLLM's keywords work too:
+        ``generate(prompt=..., sampling_params=..., request_id=...)``. An engine not started
+        yet starts (vLLM's ``AsyncLLM`` runs once built).
 
         Raises (before yielding) ``PromptTooLongError``/``InvalidPromptError`` for bad input
         (``SamplingParamsError`` for a ``priority`` other than 0 without priority scheduling,
@@ -203,13 +208,24 @@ class AsyncEngine:
         """
         if self._closed:
             raise EngineDeadError("the engine was shut down; it takes no more requests")
+        if lora_request is not None:
+            raise ConfigError("LoRA adapters are not supported; lora_request must be None")
+        if sampling_params is not None:
+            if params is not None:
+                raise ConfigError("give params or sampling_params, not both")
+            params = sampling_params
+        if prompt_ids is None:  # vLLM's keyword: the prompt itself
+            prompt_ids, prompt = prompt, None
         if request_id is not None and self._running(request_id):
             raise DuplicateRequestError(f"request id {request_id!r} is already running")
         prompt, prompt_ids = self._prompt_of(prompt_ids, prompt)
-        params = SamplingParams() if params is None else params
+        params = self.llm.get_default_sampling_params() if params is None else params
         prompt_ids = self.llm.truncate_prompt(prompt_ids, params)
         self.llm.check_prompt(prompt_ids, params)
-        request_id = request_id or f"req-{next(self._ids)}"
+        request_id = request_id or self._new_id()
+        if self.engine.placed(request_id):  # e.g. an LLM.generate request's own id
+            raise DuplicateRequestError(f"request id {request_id!r} is already running")
+        self._start_once()
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         request = Request(
@@ -251,10 +267,12 @@ class AsyncEngine:
             else:
                 self.engine.release(request_id)
 
-    async def embed(self, prompt_ids: list[int], pooling: str | None = None,
+    async def embed(self, prompt_ids: Any, pooling: str | None = None,
                     normalize: bool | None = None) -> np.ndarray:
-        """The prompt's embedding (``LLM.embed``), computed on a worker thread."""
+        """The prompt's embedding (``LLM.embed``), computed on a worker thread; the prompt in
+        any form ``generate`` takes."""
         pooling, normalize = embedding_options(self.llm, pooling, normalize)
+        prompt_ids = self._prompt_of(prompt_ids, None)[1]
         self.llm.check_prompt(prompt_ids, SamplingParams(max_tokens=0))
         return await asyncio.get_running_loop().run_in_executor(
             None, self.scoring.embed, list(prompt_ids), pooling, normalize)
@@ -273,7 +291,7 @@ class AsyncEngine:
         self.llm.check_prompt(prompt_ids, SamplingParams(max_tokens=params.max_tokens))
         check_priority(priority, self.scheduling_policy)
         salt_bytes(cache_salt)
-        request_id = request_id or f"req-{next(self._ids)}"
+        request_id = request_id or self._new_id()
         search = BeamSearch(prompt_ids, params, self.llm.eos_token_ids)
         each_round, arrival = params.round_params(), time.monotonic()
         live = self._beams[request_id] = set()
@@ -340,6 +358,17 @@ class AsyncEngine:
             return work.result()
         except ScoringCancelled:
             return None
+
+    def _new_id(self) -> str:
+        """A request id of the engine's own, which no caller's id can be (vLLM's are random
+        too): a caller naming its requests "req-0", "req-1", ... would collide with a count."""
+        return f"req-{uuid.uuid4().hex}"
+
+    def _start_once(self) -> None:
+        """Start the engine on its first request if the caller has not."""
+        if not self.engine.started:
+            with self._starting:
+                self.start()
 
     def _running(self, request_id: str) -> bool:
         """A request of this id streams, searches beams or has its prompt scored now."""

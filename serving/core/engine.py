@@ -28,6 +28,7 @@ from serving.core.fencing import GroupFencedError, Recovery, Resume
 from serving.core.heartbeat import watch_heartbeats
 from serving.core.interfaces import AddRequest, Driver, EngineMisuseError, Router
 from serving.core.request import Request
+from serving.core.request_outcomes import DuplicateRequestError
 from serving.core.step_gc import StepGC
 from xds_jax.engine_config import EngineConfig
 from xds_jax.model.config import ModelConfig
@@ -90,8 +91,17 @@ class Engine:
 
     # -- control plane ------------------------------------------------------------------------
     def submit(self, request: Request) -> int:
-        """Place a request on an entry group; returns the group's index."""
+        """Place a request on an entry group; returns the group's index. An id already
+        placed is a ``DuplicateRequestError`` (two requests under one id: an abort or the
+        output of one would reach the other)."""
+        if self.placed(request.request_id):
+            raise DuplicateRequestError(f"request id {request.request_id!r} is already running")
         return self._place(request, AddRequest(request))
+
+    def placed(self, request_id: str) -> bool:
+        """A request of this id is placed on a group (running, not released yet)."""
+        with self._lock:
+            return request_id in self._placement
 
     def _place(self, request: Request, message: AddRequest | Resume) -> int | None:
         """Deliver ``message`` to a healthy entry group chosen by the balancer (again if that

@@ -143,3 +143,42 @@ def test_prompts_in_vllm_forms_and_bad_ones_named():
         assert rest[-1].outputs[0].finish_reason == "abort"
     finally:
         eng.shutdown()
+
+
+def test_ids_never_collide_and_vllms_call_shape_starts_the_engine():
+    """The engine's own ids were "req-0", "req-1", ...: a caller's stream named "req-0" and
+    an unnamed one ran under one id (an abort ended the wrong one, the other hung holding KV).
+    A request id placed already is refused at the engine too (an ``LLM.generate`` request's
+    "seq-N"). ``generate`` before ``start`` hung; it starts the engine, and takes vLLM's
+    keywords (``prompt``, ``sampling_params``); ``embed`` takes every prompt form."""
+    from serving.core.request import Request
+
+    eng = AsyncEngine.from_args(EngineArgs(
+        model=str(GOLDEN / "llama"), dtype="float32", kv_cache_bytes=8 << 20, faults=[SLOW],
+        heartbeat_timeout_s=None))  # not started
+    short = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    try:
+        async def run():
+            named = eng.generate(prompt={"prompt_token_ids": [5, 9, 200]}, sampling_params=PARAMS,
+                                 request_id="req-0")
+            await anext(named)
+            assert eng.is_running
+            unnamed = [out async for out in eng.generate([7, 8], short)]
+            clash = Request.of_sequence(eng.llm.make_sequences([4, 5], short)[0])
+            clash.request_id = "req-0"
+            with pytest.raises(DuplicateRequestError, match="'req-0' is already running"):
+                eng.engine.submit(clash)
+            await eng.abort("req-0")
+            rest = [out async for out in named]
+            embedded = [await eng.embed(p)
+                        for p in ([5, 9, 200], {"prompt_token_ids": [5, 9, 200]})]
+            return unnamed, rest, embedded
+
+        unnamed, rest, embedded = asyncio.run(asyncio.wait_for(run(), 60))
+        assert unnamed[-1].request_id != "req-0" and len(unnamed[-1].outputs[0].token_ids) == 3
+        assert rest[-1].outputs[0].finish_reason == "abort"
+        np.testing.assert_array_equal(embedded[0], embedded[1])
+        stats = eng.stats()
+        assert stats["num_running"] == 0 and stats["kv_free_blocks"] == stats["kv_total_blocks"]
+    finally:
+        eng.shutdown()

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from xds_jax.errors import InvalidPromptError
 from xds_jax.model.pooling import check_pooling
 from xds_jax.outputs import (
     EmbeddingOutput,
@@ -49,6 +50,15 @@ def pairs(data: Any) -> list:
     return [data] if isinstance(data, str | dict) else list(data)
 
 
+def check_pair_counts(left: int, right: int, names: tuple[str, str], error=None) -> None:
+    """vLLM's rule for the two sides of a score: 1:1, 1:N or N:N (``error``: the exception
+    type, ``InvalidPromptError`` by default, called with the message)."""
+    if left > 1 and left != right:
+        raise (error or InvalidPromptError)(
+            f"{names[0]} must be one prompt (against one or several of {names[1]}) or as many "
+            f"as {names[1]}; got {left} and {right}")
+
+
 def paired(a: list, b: list) -> list[tuple]:
     """The pairs a score compares: a side of one against each of the other's, else in order
     (the callers check the lengths)."""
@@ -65,6 +75,7 @@ def score_prompts(llm, data_1: Any, data_2: Any,
     """The cosine similarity of each pair: one prompt against several, or pairwise (lists of
     equal length: ``pairs`` checks)."""
     left, right = pairs(data_1), pairs(data_2)
+    check_pair_counts(len(left), len(right), ("data_1", "data_2"))
     vectors = embed_prompts(llm, left + right, None, None, truncate_prompt_tokens)
     return [ScoringRequestOutput(str(next(llm._request_ids)),
                                  x.prompt_token_ids + y.prompt_token_ids,

@@ -15,7 +15,7 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from xds_jax.compile_cache import enable_compilation_cache
-from xds_jax.embedding import embed_prompts, pairs, score_prompts
+from xds_jax.embedding import embed_prompts, score_prompts
 from xds_jax.engine_config import DEFAULTS, VLLM_OPTIONS, EngineConfig, check_priority
 from xds_jax.engine_setup import engine_params, read_deployment_file, size_cpu_devices
 from xds_jax.errors import (
@@ -100,8 +100,8 @@ class LLM:
         self.params, loaded.params = engine_params(loaded, config, resolve(config.model)), None
         self.tokenizer = loaded.tokenizer
         # What ends an output unless ignore_eos: the tokenizer's EOS (and its generation
-        # config's) and the model's own eos_token_id(s), as vLLM adds the generation config's
-        # (or, without one, config.json's) to the tokenizer's.
+        # config's) and the model's eos_token_id(s) (vLLM: the generation config's, or else
+        # config.json's, beside the tokenizer's).
         self.eos_token_ids = frozenset(self.cfg.eos_token_ids).union(
             self.tokenizer.eos_token_ids if self.tokenizer is not None else ())
         limit = self.cfg.max_position_embeddings
@@ -242,15 +242,16 @@ class LLM:
                        priority: int = 0, cache_salt: str | None = None) -> list[Sequence]:
         """The ``n`` sequences of one request (seeded requests get seeds seed, seed+1, ...);
         ``priority`` orders them under the priority scheduling policy (lower first); they
-        share cached KV blocks only with sequences of the same ``cache_salt``."""
+        share cached KV blocks only with sequences of the same ``cache_salt``; the samples
+        after the first wait for its prompt's KV (``fork_of``)."""
         priority = check_priority(priority, self.config.scheduling_policy)
-        eos = self.eos_token_ids
-        return [
-            Sequence(prompt_ids, params, index=i, seed=seed, tokenizer=self.tokenizer,
-                     eos_token_ids=eos, max_model_len=self.max_model_len, priority=priority,
-                     cache_salt=cache_salt)
-            for i, seed in enumerate(params.sample_seeds())
-        ]
+        seqs = [Sequence(prompt_ids, params, index=i, seed=seed, tokenizer=self.tokenizer,
+                         eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
+                         priority=priority, cache_salt=cache_salt)
+                for i, seed in enumerate(params.sample_seeds())]
+        for seq in seqs[1:]:
+            seq.fork_of = seqs[0]
+        return seqs
 
     # -- API ----------------------------------------------------------------------------------
     def generate(self, prompts: Any, sampling_params: SamplingParams | Seq | None = None,
@@ -316,10 +317,6 @@ class LLM:
         """vLLM's ``LLM.score`` for an embedding model: the cosine similarity of the
         embeddings of each pair, ``data_1`` one prompt against each of ``data_2``'s or two
         lists of equal length, pairwise (prompts as ``generate`` takes them)."""
-        left, right = pairs(data_1), pairs(data_2)
-        if len(left) != 1 and len(left) != len(right):
-            raise InvalidPromptError(f"data_1 must be one prompt or as many as data_2; got "
-                                     f"{len(left)} and {len(right)}")
         return score_prompts(self, data_1, data_2, truncate_prompt_tokens)
 
     @property

@@ -38,6 +38,7 @@ class Sequence:
                  cache_salt: str | None = None):
         self.seq_id = next(_ids)
         self.index = index
+        self.fork_of: Sequence | None = None  # an n > 1 request's first sample, for the others
         self.priority = priority  # the priority scheduling policy's order: lower first
         self.cache_salt = cache_salt
         self.salt = salt_bytes(cache_salt)  # KV blocks shared only with the same salt

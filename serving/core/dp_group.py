@@ -186,8 +186,8 @@ class DPGroup(OverlappedSteps, Fencing, RequestIsolation):
     def _end_aborted(self, request: Request) -> None:
         """Drop a request here: free its sequences' blocks, mark it aborted, tell the caller."""
         self._forget(request)
-        for seq in request.seqs:
-            if not seq.finished:
+        for seq in request.seqs:  # one still waiting here may be marked aborted already
+            if not seq.finished or seq in self.scheduler.waiting:  # (by another group: PD)
                 self.scheduler.abort(seq.seq_id)
         request.abort()
         request.metrics.finished_time = time.monotonic()

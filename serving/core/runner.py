@@ -29,6 +29,7 @@ import dataclasses
 import itertools
 import logging
 import threading
+import time
 
 import jax
 import numpy as np
@@ -201,14 +202,22 @@ class ModelRunner:
         with self.lock:
             self.caches = scatter_blocks_donated(self.caches, ids_B, pages)
 
-    def _seen(self, key: tuple, what: str) -> None:
+    def _seen(self, key: tuple, what: str) -> float | None:
         """Count a program shape the first time it is launched (it compiles then), first
         making room for it among the process's memory mappings (``xds_jax.memory_maps``);
         after every program was dropped there, each shape counts (and compiles) again, so
-        the heartbeat's compile grace covers the recompiles."""
-        if self._shapes_seen.first_launch(key, what):
-            self.compile_count += 1
-            log.info("compiling %s for %s", what, key)
+        the heartbeat's compile grace covers the recompiles. Returns the time it started
+        compiling (``_compiled`` logs how long it took), or None."""
+        if not self._shapes_seen.first_launch(key, what):
+            return None
+        self.compile_count += 1
+        log.info("compiling %s for %s", what, key)
+        return time.perf_counter()
+
+    @staticmethod
+    def _compiled(key: tuple, start: float | None) -> None:
+        if start is not None:  # the call compiled before it dispatched
+            log.info("compiled %s in %.2f s", key, time.perf_counter() - start)
 
     def _put(self, *arrays) -> list:
         """Host inputs of a step program: straight into it where ``_direct_inputs``, else
@@ -221,7 +230,7 @@ class ModelRunner:
         """Dispatch one step program; ``tokens_B``: the decode inputs of a chained step, the
         previous step's sampled tokens on device."""
         key = (rows.tokens_BS.shape, rows.tables_BN.shape)
-        self._seen(key, "step program (rows x tokens, rows x blocks)")
+        compiling = self._seen(key, "step program (rows x tokens, rows x blocks)")
         inputs = self._put(rows.tokens_BS, rows.positions_BS, rows.tables_BN, rows.last_B)
         if rows.tokens_BS.shape[1] == 1:
             inputs[0] = self._decode_tokens(rows, inputs[0], sampled, tokens_B)
@@ -231,6 +240,7 @@ class ModelRunner:
                 logits, greedy, self.caches = staged_step(self.params, self.cfg, *args)
             else:
                 logits, greedy, self.caches = model_step(self.params, *args, cfg=self.cfg)
+        self._compiled(key, compiling)
         return logits, greedy
 
     def _decode_tokens(self, rows: RowBatch, tokens, sampled: tuple,

@@ -282,6 +282,8 @@ class Scheduler(HandOffs):
             if seq.finished:  # aborted through the sequence itself
                 self.waiting.remove(seq)
                 continue
+            if self._behind_first_sample(seq):
+                break
             cached = bm.num_cached_tokens(seq.token_view(), seq.salt, seq.seq_id)
             remaining = seq.num_tokens - cached
             if (not self.enable_chunked_prefill and budget < remaining
@@ -326,6 +328,16 @@ class Scheduler(HandOffs):
         flying = self._flight.tokens(seq.seq_id)
         return bool(flying) and seq.max_tokens is not None \
             and len(seq.output_ids) + flying >= seq.max_tokens
+
+    def _behind_first_sample(self, seq: Sequence) -> bool:
+        """Another sample of an n > 1 request waits while the first one's prompt is being
+        prefilled here: it then finds the prompt's blocks in the prefix cache, so the prompt
+        is prefilled once rather than n times side by side (2x the first token's wait at n=2)."""
+        first = seq.fork_of
+        if first is None or first.finished or not self.block_manager.enable_prefix_caching:
+            return False
+        computed = self._computed.get(first.seq_id)
+        return computed is not None and computed < len(first.prompt_ids)
 
     def _lookahead(self, seq: Sequence) -> int:
         """Draft slots worth reserving: none past the sequence's ``max_tokens``."""

@@ -21,7 +21,7 @@ from serving.entrypoints.api_error import ApiError
 from serving.entrypoints.embeddings_api import embed_all, input_prompts, require_embeddings
 from serving.entrypoints.openai_protocol import OpenAIModel, now, random_id
 from serving.entrypoints.server_state import Served
-from xds_jax.embedding import cosine, paired
+from xds_jax.embedding import check_pair_counts, cosine, paired
 
 
 class ScoreRequest(OpenAIModel):
@@ -52,10 +52,8 @@ async def scores(served: Served, raw: Request, left: list[str], right: list[str]
     """The cosine similarity of each (left, right) pair (``left`` may be one text against
     several) and the tokens embedded."""
     engine = require_embeddings(served.engine)
-    if len(left) > 1 and len(left) != len(right):  # vLLM's 1:1, 1:N or N:N
-        raise ApiError(400, f"{fields[0]} and {fields[1]} must be one text against one or "
-                       f"several ({fields[0]} the one), or lists of equal length; got "
-                       f"{len(left)} and {len(right)}", fields[1], "invalid_value")
+    check_pair_counts(len(left), len(right), fields,
+                      lambda message: ApiError(400, message, fields[1], "invalid_value"))
     sides, tokens = [], 0
     for side, field in zip((left, right), fields, strict=True):
         prompts = await served.off_loop(input_prompts, side, engine.tokenizer, True, field)

@@ -263,3 +263,18 @@ def test_an_option_of_the_wrong_type_is_named_before_loading(options, named):
     with pytest.raises(ConfigError) as error:
         LLM("nowhere/not-a-model", **options)  # refused before the model is looked up
     assert named in str(error.value)
+
+
+def test_an_n_request_prefills_its_prompt_once():
+    """The samples of an n > 1 request after the first wait for its prompt's KV and find its
+    full blocks in the prefix cache (they were prefilled side by side, n times the work and
+    twice the first token's wait at n=2); each samples as its own seeded request does."""
+    llm = LLM(str(GOLDEN / "llama"), dtype="float32", max_num_batched_tokens=64,
+              max_model_len=256)
+    prompt = {"prompt_token_ids": np.random.default_rng(0).integers(3, 300, 200).tolist()}
+    out = llm.generate(prompt, SamplingParams(n=3, max_tokens=6, temperature=0.8, seed=5))[0]
+    group = llm.engine.groups[0]
+    assert group.prefill_tokens == 200 + 2 * (200 - 192)  # the tail of a partial block
+    alone = [llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0.8, seed=5 + i))
+             [0].outputs[0].token_ids for i in range(3)]
+    assert [c.token_ids for c in out.outputs] == alone

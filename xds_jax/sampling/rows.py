@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import time
 
 import jax
 import numpy as np
 
 from xds_jax.errors import XdsError
 from xds_jax.multihost import fetch, host_get
+from xds_jax.sampling import sampler
 from xds_jax.sampling.params import SamplingParams
 from xds_jax.sampling.sampler import (
     SamplerFlags,
@@ -28,6 +31,8 @@ from xds_jax.sampling.sampler import (
     sample,
 )
 from xds_jax.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 _IDLE_ROW = SamplingParams(temperature=0)
 _GREEDY = SamplerFlags()
@@ -78,7 +83,11 @@ def dispatch_rows(logits_BV: jax.Array, seqs: list[Sequence | None], vocab_size:
             [s.prompt_ids if s else [] for s in live], [s.output_ids if s else [] for s in live],
             [s.banned_ids(a) if s else [] for s, a in zip(live, ahead_B, strict=True)],
             vocab_size, flags, allowed if constrained else None)
+    programs, start = sampler.sample._cache_size(), time.perf_counter()
     tokens, *extras = sample(logits_BV, batch, flags)
+    if sampler.sample._cache_size() != programs:  # compiled before it dispatched
+        log.info("compiled the sampler program for %d rows (%s) in %.2f s", len(live), flags,
+                 time.perf_counter() - start)
     return SampledRows(live, tokens, tuple(extras) if flags.logprobs else None)
 
 

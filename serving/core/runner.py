@@ -91,25 +91,25 @@ def build_rows(scheduled: list, rows_min: int, width_min: int, block_size: int,
     sequence takes as input (its host token is then a 0 placeholder)."""
     n = len(scheduled)
     rows = bucket(n, rows_min)
-    counts = np.array([s.num_tokens for s in scheduled], np.int32)
-    starts = np.array([s.start for s in scheduled], np.int32)
-    lens = np.array([len(s.block_table) for s in scheduled], np.int64)
-    width = bucket(int(counts.max()), width_min)
-    blocks = bucket(int(lens.max()), max(1, MIN_CONTEXT_TOKENS // block_size))
-    assert blocks * block_size >= int((starts + counts).max()), "block table too short"
+    counts = [s.num_tokens for s in scheduled]
+    width = bucket(max(counts), width_min)
+    blocks = bucket(max(len(s.block_table) for s in scheduled),
+                    max(1, MIN_CONTEXT_TOKENS // block_size))
+    assert blocks * block_size >= max(s.start + s.num_tokens for s in scheduled), \
+        "block table too short"
+    # Few numpy calls: each costs tens of microseconds on caches cold from the step before.
     tokens = np.zeros((rows, width), np.int32)
     positions = np.full((rows, width), -1, np.int32)
-    cols = np.arange(width, dtype=np.int32)
-    positions[:n] = np.where(cols < counts[:, None], starts[:, None] + cols, -1)
-    # every row's table at once: row i's j-th block to [i, j]
-    total = int(lens.sum())
+    if width == 1:  # decode rows
+        positions[:n, 0] = [s.start for s in scheduled]
+    else:
+        starts, cols = np.array([s.start for s in scheduled], np.int32), np.arange(width)
+        positions[:n] = np.where(cols < np.array(counts)[:, None], starts[:, None] + cols, -1)
     tables = np.zeros((rows, blocks), np.int32)
-    row_of = np.repeat(np.arange(n), lens)
-    col_of = np.arange(total) - np.repeat(lens.cumsum() - lens, lens)
-    tables[row_of, col_of] = np.fromiter(
-        itertools.chain.from_iterable(s.block_table for s in scheduled), np.int32, total)
+    pad = [0] * blocks
+    tables[:n] = [[*s.block_table, *pad[len(s.block_table):]] for s in scheduled]
     last = np.zeros((rows,), np.int32)
-    last[:n] = counts - 1
+    last[:n] = [c - 1 for c in counts]
     sampling: list = [s.seq if s.is_last_chunk else None for s in scheduled] + [None] * (rows - n)
     source = None
     if sources:

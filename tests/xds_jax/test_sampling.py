@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from xds_jax.errors import SamplingParamsError
-from xds_jax.sampling.params import SamplingParams, logprobs_width
+from xds_jax.sampling.params import SamplingParams
 from xds_jax.sampling.sampler import flags_for, make_batch, sample
 
 V = 50
@@ -111,10 +111,10 @@ def test_logprobs_are_raw_log_softmax_with_ranks():
     for i in range(2):
         np.testing.assert_allclose(lp[i], ref[i, tokens[i]], rtol=1e-5, atol=1e-5)
         assert rank[i] == 1 + (ref[i] > ref[i, tokens[i]]).sum()
-        # the batch's widest request (5) computed as its power-of-two width: 7 programs
-        # serve the 21 allowed counts; each request keeps its own top N (Sequence.append)
-        assert top_ids.shape[1] == logprobs_width(5) == 8
-        np.testing.assert_array_equal(top_ids[i], np.argsort(-ref[i])[:8])
+        # every count computes the top 20 (one program for the 20 allowed counts, instead
+        # of one per width); each request keeps its own top N (Sequence.append)
+        assert top_ids.shape[1] == 20
+        np.testing.assert_array_equal(top_ids[i], np.argsort(-ref[i])[:20])
     assert rank[1] == 1
 
 

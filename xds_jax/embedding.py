@@ -53,7 +53,7 @@ def pairs(data: Any) -> list:
 def check_pair_counts(left: int, right: int, names: tuple[str, str], error=None) -> None:
     """vLLM's rule for the two sides of a score: 1:1, 1:N or N:N (``error``: the exception
     type, ``InvalidPromptError`` by default, called with the message)."""
-    if left > 1 and left != right:
+    if not left or not right or (left > 1 and left != right):
         raise (error or InvalidPromptError)(
             f"{names[0]} must be one prompt (against one or several of {names[1]}) or as many "
             f"as {names[1]}; got {left} and {right}")

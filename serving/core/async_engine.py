@@ -242,10 +242,13 @@ class AsyncEngine:
         if request.finished:  # max_tokens=0: the prompt only (or aborted already)
             yield shaper.shape(dataclasses.replace(request.snapshot(), prompt_logprobs=scored))
             return
+        if self._running(request_id):  # another stream took the id while the prompt scored
+            raise DuplicateRequestError(f"request id {request_id!r} is already running")
         self._streams[request_id] = (loop, outputs)
-        last = None
+        last, submitted = None, False
         try:
-            self.engine.submit(request)
+            self.engine.submit(request)  # a DuplicateRequestError: the id is another's
+            submitted = True
             while True:
                 out = await outputs.get()
                 if out is ABORTED:  # aborted here: the group drops it when it next steps
@@ -262,9 +265,9 @@ class AsyncEngine:
         finally:
             if self._streams.get(request_id, (None, None))[1] is outputs:  # still its own
                 del self._streams[request_id]
-            if not request.finished:
+            if submitted and not request.finished:
                 self.engine.abort(request_id)
-            else:
+            elif submitted:
                 self.engine.release(request_id)
 
     async def embed(self, prompt_ids: Any, pooling: str | None = None,

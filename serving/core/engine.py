@@ -94,8 +94,6 @@ class Engine:
         """Place a request on an entry group; returns the group's index. An id already
         placed is a ``DuplicateRequestError`` (two requests under one id: an abort or the
         output of one would reach the other)."""
-        if self.placed(request.request_id):
-            raise DuplicateRequestError(f"request id {request.request_id!r} is already running")
         return self._place(request, AddRequest(request))
 
     def placed(self, request_id: str) -> bool:
@@ -107,10 +105,15 @@ class Engine:
         """Deliver ``message`` to a healthy entry group chosen by the balancer (again if that
         group is fenced meanwhile) and record the placement. A ``Resume`` of a request no
         longer placed (its caller aborted it while it moved) is not delivered: None."""
+        new = isinstance(message, AddRequest)
         while True:
             with self._lock:
                 if isinstance(message, Resume) and request.request_id not in self._placement:
                     return None
+                if new and request.request_id in self._placement:  # not placed by a retry
+                    raise DuplicateRequestError(
+                        f"request id {request.request_id!r} is already running")
+                new = False
                 index = self.balancer.choose([g.load() for g in self.entry], request.prompt_ids,
                                              request.seqs[0].salt)
                 group = next(g for g in self.entry if g.index == index)

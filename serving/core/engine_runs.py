@@ -33,9 +33,9 @@ def run_until_done(engine: Engine, requests: list[Request]) -> None:
     if engine.started:
         _wait_started(engine, requests)
         return
-    for r in requests:
-        engine.submit(r)
     try:
+        for r in requests:
+            engine.submit(r)
         _step_inline(engine, requests)
     except BaseException:
         _abandon(engine, requests)
@@ -71,18 +71,21 @@ def _wait_started(engine: Engine, requests: list[Request]) -> None:
         with woken:
             woken.notify_all()
 
-    for r in requests:
-        r.on_output = (lambda out, then=r.on_output: told(out, then))
-        engine.submit(r)
+    submitted: list[Request] = []
     try:
+        for r in requests:
+            r.on_output = (lambda out, then=r.on_output: told(out, then))
+            engine.submit(r)  # a DuplicateRequestError: the id is another's, not aborted here
+            submitted.append(r)
         with woken:
             while not all(r.finished for r in requests):
                 if not engine.started:  # shut down meanwhile: its threads will not end them
                     raise EngineMisuseError("the engine was shut down while a run waited on it")
                 woken.wait(WAIT_S)
     except BaseException:  # Ctrl-C, or the shutdown: the threads drop what is aborted
-        for r in requests:
+        for r in submitted:
             engine.abort(r.request_id)
+        for r in requests:
             r.abort()
         raise
     for r in requests:

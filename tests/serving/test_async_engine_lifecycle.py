@@ -182,3 +182,35 @@ def test_ids_never_collide_and_vllms_call_shape_starts_the_engine():
         assert stats["num_running"] == 0 and stats["kv_free_blocks"] == stats["kv_total_blocks"]
     finally:
         eng.shutdown()
+
+
+def test_a_refused_duplicate_leaves_the_request_holding_the_id_alone(monkeypatch):
+    """An id placed at the engine while ``generate`` scored its prompt (another loop, an
+    ``LLM.generate`` request) is refused there, and the request holding it runs on: the
+    refused stream's cleanup aborted it."""
+    from serving.core.request import Request
+
+    eng = engine()
+    long = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    holder = Request.of_sequence(eng.llm.make_sequences([4, 5, 6], long)[0])
+    holder.request_id = "X"
+    scored = eng._score_prompt
+
+    async def place_meanwhile(request_id, prompt_ids, top_n):
+        eng.engine.submit(holder)  # the id is taken while this request's prompt scores
+        return await scored(request_id, prompt_ids, top_n)
+
+    monkeypatch.setattr(eng, "_score_prompt", place_meanwhile)
+    try:
+        async def run():
+            with pytest.raises(DuplicateRequestError, match="'X' is already running"):
+                await anext(eng.generate([7, 8, 9], SamplingParams(max_tokens=2,
+                                                                   prompt_logprobs=1), "X"))
+            while not holder.finished:
+                await asyncio.sleep(0.05)
+
+        asyncio.run(asyncio.wait_for(run(), 60))
+        out = holder.seqs[0].output()
+        assert out.finish_reason == "length" and len(out.token_ids) == 12
+    finally:
+        eng.shutdown()

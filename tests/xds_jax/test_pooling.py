@@ -87,5 +87,6 @@ def test_score_is_the_cosine_similarity_of_the_embeddings(llm):
     assert one_to_many[0].prompt_token_ids == PROMPTS[0] + PROMPTS[1]
     pairwise = llm.score([a, b], [b, c])
     assert pairwise[0].outputs.score == pytest.approx(cos[0], rel=1e-5)
-    with pytest.raises(ValueError, match="data_1"):
-        llm.score([a, b], [a, b, c])
+    for data_1, data_2 in (([a, b], [a, b, c]), ([a, b], [c]), ([], [a, b]), (a, [])):
+        with pytest.raises(ValueError, match="data_1"):  # vLLM's 1:1, 1:N or N:N only
+            llm.score(data_1, data_2)

@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 from serving.core.engine import IDLE_WAIT_S, Engine
 from serving.core.request import Request
+from serving.core.request_outcomes import DuplicateRequestError
 from serving.core.step_gc import StepGC
 from serving.distributed.channel import ControlChannel
 from sharding.processes import DistributedConfig
@@ -357,7 +358,12 @@ def _wire(item):
 
 def _apply(engine: Engine, item) -> None:
     if isinstance(item, Request):
-        engine.submit(item)
+        try:
+            engine.submit(item)
+        except DuplicateRequestError as error:  # refused alike on every process
+            item.fail(error)
+            if item.on_output is not None:  # process 0's caller hears of it
+                item.on_output(item.snapshot())
     elif isinstance(item, Abort):
         engine.abort(item.request_id)
     elif isinstance(item, Release):

@@ -194,3 +194,21 @@ def test_processes_that_never_all_join_exit_with_an_error_naming_what_to_check(p
         patch.setenv("XDS_JOIN_TIMEOUT_S", "soon")
         with pytest.raises(DeviceSetupError, match="XDS_JOIN_TIMEOUT_S"):
             join_timeout()
+
+
+def test_a_duplicate_id_fails_that_request_alike_on_every_process():
+    """A request whose id another still holds is refused by the engine; applied in a round
+    (on process 0 and each follower) it fails that request alone instead of raising out of
+    the round loop, which took every process down."""
+    from serving.core.request_outcomes import DuplicateRequestError
+    from serving.distributed.lockstep import _apply
+
+    class Placed:
+        def submit(self, request):
+            raise DuplicateRequestError(f"request id {request.request_id!r} is already running")
+
+    seen = []
+    seq = Sequence([1, 2, 3], SamplingParams(max_tokens=2))
+    request = Request("dup", None, [1, 2, 3], seq.params, [seq], on_output=seen.append)
+    _apply(Placed(), request)
+    assert request.finished and seen and seen[-1].error and "already running" in seen[-1].error

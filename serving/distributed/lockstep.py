@@ -186,7 +186,7 @@ class LeaderEngine:
 
     def run(self, seqs: list) -> None:
         """Run sequences to completion inline (the ``LLM.generate`` contract)."""
-        self.run_until_done([Request.of_sequence(s) for s in seqs])
+        self.run_until_done(requests_of(seqs))
 
     def run_until_done(self, requests: list[Request]) -> None:
         for r in requests:
@@ -346,6 +346,18 @@ class FollowerEngine:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def requests_of(seqs: list) -> list[Request]:
+    """``LLM.generate``'s sequences as requests of all the samples one ``make_sequences``
+    made (a first sample and those ``fork_of`` it), as every process rebuilds a request from
+    its wire form: a request per sample of an n > 1 prompt made each follower build n
+    samples for one and fail."""
+    groups: dict[int, list] = {}
+    for seq in seqs:
+        groups.setdefault((seq.fork_of or seq).seq_id, []).append(seq)
+    return [Request(f"seq-{group[0].seq_id}", None, group[0].prompt_ids, group[0].params, group)
+            for group in groups.values()]
+
+
 def _wire(item):
     """What a queued item looks like on the wire."""
     if isinstance(item, Request):

@@ -212,3 +212,27 @@ def test_a_duplicate_id_fails_that_request_alike_on_every_process():
     request = Request("dup", None, [1, 2, 3], seq.params, [seq], on_output=seen.append)
     _apply(Placed(), request)
     assert request.finished and seen and seen[-1].error and "already running" in seen[-1].error
+
+
+def test_llm_generates_n_samples_as_one_request_every_process_rebuilds():
+    """``LLM.generate`` hands the leader its sequences; the samples of an n > 1 prompt went
+    out as a request each, which a follower rebuilt as n samples (zip(strict) failed)."""
+    from serving.distributed.lockstep import requests_of
+
+    params = SamplingParams(max_tokens=4, n=3, seed=5)
+
+    def make_sequences(ids, params, priority=0, cache_salt=None):  # LLM.make_sequences
+        seqs = [Sequence(ids, params, index=i, seed=seed)
+                for i, seed in enumerate(params.sample_seeds())]
+        for seq in seqs[1:]:
+            seq.fork_of = seqs[0]
+        return seqs
+
+    seqs = make_sequences([1, 2, 3], params) + make_sequences([4, 5], SamplingParams(max_tokens=2))
+    requests = requests_of(seqs)
+    assert [len(r.seqs) for r in requests] == [3, 1]
+    for made in requests:
+        wired = pickle.loads(pickle.dumps(_wire(made)))
+        again = FollowerEngine._rebuild(SimpleNamespace(make_sequences=make_sequences), wired)
+        assert [(s.seq_id, s.seed) for s in again.seqs] == [(s.seq_id, s.seed) for s in made.seqs]
+        assert all(s.fork_of is again.seqs[0] for s in again.seqs[1:])

@@ -136,7 +136,8 @@ class AsyncEngine:
     def start(self) -> None:
         if self._closed:
             raise EngineDeadError("the engine was shut down; it cannot be started again")
-        self.engine.start()
+        with self._starting:  # once, whoever starts it first (a first request, the caller)
+            self.engine.start()
 
     def shutdown(self) -> None:
         """Stop the engine: running streams end now with "abort", later ``generate`` calls
@@ -370,8 +371,7 @@ class AsyncEngine:
     def _start_once(self) -> None:
         """Start the engine on its first request if the caller has not."""
         if not self.engine.started:
-            with self._starting:
-                self.start()
+            self.start()
 
     def _running(self, request_id: str) -> bool:
         """A request of this id streams, searches beams or has its prompt scored now."""

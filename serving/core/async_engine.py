@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from serving.core.admission import Admission
+from serving.core.engine_args import EngineArgs
 from serving.core.output_kinds import OutputShaper, aborted_output
 from serving.core.prompt_scoring import PromptScoring, ScoringCancelled
 from serving.core.request import Request
@@ -53,29 +54,6 @@ def _discard(work: asyncio.Future) -> None:
     """Read the outcome of scoring no one waits for any more (asyncio would log an error)."""
     if not work.cancelled():
         work.exception()
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineArgs(EngineConfig):
-    """How to build an ``AsyncEngine`` (the server's and CLI's options): the engine's
-    configuration and the admission limits (``serving.core.admission``).
-
-    Attributes:
-      max_num_queued_reqs: most sequences in flight, running or waiting (a request counts
-        prompts x ``n``); more are answered 503.
-      max_num_queued_tokens: most prompt tokens of the requests in flight; more are
-        answered 503.
-    """
-
-    max_num_queued_reqs: int = 256
-    max_num_queued_tokens: int = 1 << 20
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("max_num_queued_reqs", "max_num_queued_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 ABORTED = object()  # put in a request's output queue by abort: its stream ends there

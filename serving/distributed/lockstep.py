@@ -24,24 +24,30 @@ shutdown sends every process ``STOP``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import pickle
 import signal
 import sys
 import threading
-import zlib
 from collections.abc import Callable
 
 from serving.core.engine import IDLE_WAIT_S, Engine
 from serving.core.request import Request
-from serving.core.request_outcomes import DuplicateRequestError
 from serving.core.step_gc import StepGC
 from serving.distributed.channel import ControlChannel
+from serving.distributed.round_events import (
+    Abort,
+    Release,
+    Round,
+    Submit,
+    apply,
+    fingerprint,
+    requests_of,
+    wire,
+)
 from sharding.processes import DistributedConfig
 from xds_jax.errors import XdsError
-from xds_jax.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -63,47 +69,6 @@ class DivergenceError(XdsError, RuntimeError):
 
 class FollowerError(XdsError, RuntimeError):
     """A process other than 0 was asked to take requests; it follows process 0."""
-
-
-# -- the message ------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Submit:
-    """A new request, as every process rebuilds it (sequence ids and seeds as the leader's)."""
-
-    request_id: str
-    prompt: str | None
-    prompt_ids: tuple[int, ...]
-    params: SamplingParams
-    seqs: tuple[tuple[int, int], ...]  # (seq_id, seed) per sample
-    priority: int = 0  # the scheduling policy's order (every process's queues alike)
-    cache_salt: str | None = None  # which cached blocks it may share
-
-
-@dataclasses.dataclass(frozen=True)
-class Abort:
-    request_id: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Release:
-    request_id: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Round:
-    """What process 0 sends before each round: the inputs that arrived since the last one and
-    a fingerprint of its engine state before applying them."""
-
-    number: int
-    events: tuple
-    fingerprint: int
-
-
-def fingerprint(engine: Engine) -> int:
-    """A checksum of what the schedulers did so far (equal on every process in lockstep)."""
-    state = [(g.index, g.steps, g.generated_tokens, g.scheduler.num_running,
-              g.scheduler.num_waiting, g.healthy) for g in engine.groups]
-    return zlib.crc32(repr(state).encode())
 
 
 def step_drivers(engine: Engine, dead: set[int]) -> bool:
@@ -173,11 +138,11 @@ class LeaderEngine:
         with self._round_lock:
             with self._lock:
                 items, self._outbox = self._outbox, []
-            message = Round(self.rounds, tuple(_wire(i) for i in items),
+            message = Round(self.rounds, tuple(wire(i) for i in items),
                             fingerprint(self.engine))
             self.channel.broadcast(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
             for item in items:
-                _apply(self.engine, item)
+                apply(self.engine, item)
             self.rounds += 1
             return step_drivers(self.engine, self._dead)
 
@@ -307,7 +272,7 @@ class FollowerEngine:
                         f"{message.number} (its round {self.rounds}; state {mine:#x} vs "
                         f"{message.fingerprint:#x})")
                 for event in message.events:
-                    _apply(self.engine, self._rebuild(event))
+                    apply(self.engine, self._rebuild(event))
                 self.rounds += 1
                 step_drivers(self.engine, self._dead)
                 collector.after_step()
@@ -346,44 +311,6 @@ class FollowerEngine:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def requests_of(seqs: list) -> list[Request]:
-    """``LLM.generate``'s sequences as requests of all the samples one ``make_sequences``
-    made (a first sample and those ``fork_of`` it), as every process rebuilds a request from
-    its wire form: a request per sample of an n > 1 prompt made each follower build n
-    samples for one and fail."""
-    groups: dict[int, list] = {}
-    for seq in seqs:
-        groups.setdefault((seq.fork_of or seq).seq_id, []).append(seq)
-    return [Request(f"seq-{group[0].seq_id}", None, group[0].prompt_ids, group[0].params, group)
-            for group in groups.values()]
-
-
-def _wire(item):
-    """What a queued item looks like on the wire."""
-    if isinstance(item, Request):
-        first = item.seqs[0]
-        return Submit(item.request_id, item.prompt, tuple(item.prompt_ids), item.params,
-                      tuple((s.seq_id, s.seed) for s in item.seqs), first.priority,
-                      first.cache_salt)
-    return item
-
-
-def _apply(engine: Engine, item) -> None:
-    if isinstance(item, Request):
-        try:
-            engine.submit(item)
-        except DuplicateRequestError as error:  # refused alike on every process
-            item.fail(error)
-            if item.on_output is not None:  # process 0's caller hears of it
-                item.on_output(item.snapshot())
-    elif isinstance(item, Abort):
-        engine.abort(item.request_id)
-    elif isinstance(item, Release):
-        engine.release(item.request_id)
-    else:
-        raise TypeError(f"unknown lockstep event {type(item).__name__}")
-
-
 def _draining() -> bool:
     """Whether this process's SIGTERM handler is a server's that has started its drain
     (``serving.entrypoints.shutdown.DrainingServer.drain_requested``)."""

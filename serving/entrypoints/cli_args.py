@@ -72,7 +72,7 @@ ENGINE_FIELDS = ("model", "dtype", "quantization", "max_model_len", "seed", "num
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    from serving.core.async_engine import EngineArgs
+    from serving.core.engine_args import EngineArgs
 
     d = EngineArgs()  # the defaults, from xds_jax.engine_config.EngineConfig
     group = parser.add_argument_group("model and engine")
@@ -214,7 +214,7 @@ def non_negative_float(text: str) -> float:
 
 
 def add_admission_options(parser: argparse.ArgumentParser) -> None:
-    from serving.core.async_engine import EngineArgs
+    from serving.core.engine_args import EngineArgs
     from serving.entrypoints.server_guards import DEFAULT_MAX_REQUEST_BYTES
 
     d = EngineArgs()

@@ -74,7 +74,7 @@ def engine_args(args: argparse.Namespace) -> Any:
     if count is None and deployment is not None and not os.environ.get("XDS_CPU_DEVICES"):
         count = deployment.num_devices
     configure_cpu_devices(count, queues_collectives(deployment))
-    from serving.core.async_engine import EngineArgs
+    from serving.core.engine_args import EngineArgs
     from serving.entrypoints.cli_args import ADMISSION_FIELDS, ENGINE_FIELDS
 
     # Only ``xds serve`` has the admission flags; the other commands keep the defaults.

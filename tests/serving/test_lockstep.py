@@ -18,7 +18,8 @@ import pytest
 from serving.core.request import Request
 from serving.distributed.channel import ControlChannel
 from serving.distributed.launcher import LaunchError, child_argv, describe, exit_code, launch, watch
-from serving.distributed.lockstep import FollowerEngine, Round, Submit, _wire
+from serving.distributed.lockstep import FollowerEngine
+from serving.distributed.round_events import Round, Submit, wire
 from sharding.devices import DeviceSetupError
 from sharding.processes import DistributedConfig, join_timeout
 from xds_jax.sampling.params import SamplingParams
@@ -115,14 +116,14 @@ def test_step_broadcast_round_trip():
     rounds = 500
     start = time.perf_counter()
     for i in range(rounds):
-        events = (_wire(request),) if i % 8 == 0 else ()
+        events = (wire(request),) if i % 8 == 0 else ()
         leader.broadcast(pickle.dumps(Round(i, events, 123), protocol=pickle.HIGHEST_PROTOCOL))
         message = pickle.loads(follower.receive())
         assert message.number == i
     per_round_us = (time.perf_counter() - start) / rounds * 1e6
     leader.stop()
     print(f"step broadcast round trip: {per_round_us:.0f} us")
-    assert isinstance(_wire(request), Submit) and _wire(request).seqs[0][1] == request.seqs[0].seed
+    assert isinstance(wire(request), Submit) and wire(request).seqs[0][1] == request.seqs[0].seed
 
 
 def test_a_follower_rebuilds_a_request_as_the_leader_made_it():
@@ -135,7 +136,7 @@ def test_a_follower_rebuilds_a_request_as_the_leader_made_it():
                          cache_salt=cache_salt) for i, seed in enumerate(params.sample_seeds())]
 
     made = Request("r", None, [1, 2, 3], params, make_sequences([1, 2, 3], params, -7, "t1"))
-    wired = pickle.loads(pickle.dumps(_wire(made)))
+    wired = pickle.loads(pickle.dumps(wire(made)))
     again = FollowerEngine._rebuild(SimpleNamespace(make_sequences=make_sequences), wired)
     for a, b in zip(made.seqs, again.seqs, strict=True):
         assert (b.seq_id, b.seed, b.priority, b.cache_salt, b.salt) == (
@@ -201,7 +202,7 @@ def test_a_duplicate_id_fails_that_request_alike_on_every_process():
     (on process 0 and each follower) it fails that request alone instead of raising out of
     the round loop, which took every process down."""
     from serving.core.request_outcomes import DuplicateRequestError
-    from serving.distributed.lockstep import _apply
+    from serving.distributed.round_events import apply
 
     class Placed:
         def submit(self, request):
@@ -210,14 +211,14 @@ def test_a_duplicate_id_fails_that_request_alike_on_every_process():
     seen = []
     seq = Sequence([1, 2, 3], SamplingParams(max_tokens=2))
     request = Request("dup", None, [1, 2, 3], seq.params, [seq], on_output=seen.append)
-    _apply(Placed(), request)
+    apply(Placed(), request)
     assert request.finished and seen and seen[-1].error and "already running" in seen[-1].error
 
 
 def test_llm_generates_n_samples_as_one_request_every_process_rebuilds():
     """``LLM.generate`` hands the leader its sequences; the samples of an n > 1 prompt went
     out as a request each, which a follower rebuilt as n samples (zip(strict) failed)."""
-    from serving.distributed.lockstep import requests_of
+    from serving.distributed.round_events import requests_of
 
     params = SamplingParams(max_tokens=4, n=3, seed=5)
 
@@ -232,7 +233,7 @@ def test_llm_generates_n_samples_as_one_request_every_process_rebuilds():
     requests = requests_of(seqs)
     assert [len(r.seqs) for r in requests] == [3, 1]
     for made in requests:
-        wired = pickle.loads(pickle.dumps(_wire(made)))
+        wired = pickle.loads(pickle.dumps(wire(made)))
         again = FollowerEngine._rebuild(SimpleNamespace(make_sequences=make_sequences), wired)
         assert [(s.seq_id, s.seed) for s in again.seqs] == [(s.seq_id, s.seed) for s in made.seqs]
         assert all(s.fork_of is again.seqs[0] for s in again.seqs[1:])

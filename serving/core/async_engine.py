@@ -195,15 +195,13 @@ class AsyncEngine:
             params = sampling_params
         if prompt_ids is None:  # vLLM's keyword: the prompt itself
             prompt_ids, prompt = prompt, None
-        if request_id is not None and self._running(request_id):
-            raise DuplicateRequestError(f"request id {request_id!r} is already running")
+        if request_id is not None:
+            self._refuse_taken(request_id)
         prompt, prompt_ids = self._prompt_of(prompt_ids, prompt)
         params = self.llm.get_default_sampling_params() if params is None else params
         prompt_ids = self.llm.truncate_prompt(prompt_ids, params)
         self.llm.check_prompt(prompt_ids, params)
         request_id = request_id or self._new_id()
-        if self.engine.placed(request_id):  # e.g. an LLM.generate request's own id
-            raise DuplicateRequestError(f"request id {request_id!r} is already running")
         self._start_once()
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
@@ -221,8 +219,7 @@ class AsyncEngine:
         if request.finished:  # max_tokens=0: the prompt only (or aborted already)
             yield shaper.shape(dataclasses.replace(request.snapshot(), prompt_logprobs=scored))
             return
-        if self._running(request_id):  # another stream took the id while the prompt scored
-            raise DuplicateRequestError(f"request id {request_id!r} is already running")
+        self._refuse_taken(request_id)  # taken by another stream while the prompt scored?
         self._streams[request_id] = (loop, outputs)
         last, submitted = None, False
         try:
@@ -350,6 +347,12 @@ class AsyncEngine:
         """Start the engine on its first request if the caller has not."""
         if not self.engine.started:
             self.start()
+
+    def _refuse_taken(self, request_id: str) -> None:
+        """``DuplicateRequestError`` for the id of a request running here or placed at the
+        engine (an ``LLM.generate`` request's own id)."""
+        if self._running(request_id) or self.engine.placed(request_id):
+            raise DuplicateRequestError(f"request id {request_id!r} is already running")
 
     def _running(self, request_id: str) -> bool:
         """A request of this id streams, searches beams or has its prompt scored now."""

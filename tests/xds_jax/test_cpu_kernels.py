@@ -149,6 +149,28 @@ def test_int8_kernel_equals_xla_s_int32_dot(isa, m, n, k, dtype):
         assert np.all(np.abs(via - exact) <= bound)
 
 
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_int8_kernel_sums_extreme_rows_past_int32(isa, m):
+    """Rows at the fixed point's limit against weights at int8's (127 and -128) over K = 8229:
+    every lane's int32 sum would overflow (the AVX2 path sums spans of 4096 k into int64), so
+    the result is the exact sum within one float32 rounding."""
+    from xds_jax.model.quant import _ACT_LIMIT
+
+    k, n = 2 * 4096 + 37, 30
+    x = np.full((m, k), 1.0, np.float32)
+    x[:, 1::7] = -1.0
+    w = np.where(np.arange(n)[:, None] % 2 == 0, 127, -128) * np.ones((1, k), np.int64)
+    w[:, 3::11] *= -1
+    w = np.clip(w, -128, 127).astype(np.int8)
+    scale = np.full(n, 1e-3, np.float32)
+    got = np.asarray(jax.jit(cpu_matmul.few_row_int8_matmul, static_argnums=3)(
+        jnp.asarray(x), jnp.asarray(w), jnp.asarray(scale), _ACT_LIMIT))
+    q = np.round(x * _ACT_LIMIT).astype(np.int64)  # max|row| = 1 maps to the limit
+    exact = (q @ w.T.astype(np.int64)) * (np.float64(1) / _ACT_LIMIT) * 1e-3
+    assert np.abs(q @ w.T.astype(np.int64)).max() > 2**31  # a lane-free int32 sum overflows
+    np.testing.assert_allclose(got, exact, rtol=4e-7)
+
+
 def test_matmul_f32_takes_the_kernel_only_where_it_applies():
     x4, w, _ = _operands(4, 64, 32)
     assert cpu_matmul.applies(x4, w, w_transposed=True)
@@ -161,9 +183,9 @@ def test_matmul_f32_takes_the_kernel_only_where_it_applies():
     w_q = jnp.ones((64, 32), jnp.int8)
     assert cpu_matmul.applies_int8(x4, w_q, w_transposed=True)
     assert not cpu_matmul.applies_int8(x4, w_q.T, w_transposed=False)
-    # int8 takes any rows with AVX-512 (ahead of XLA's int32 dot at every count), AVX2 to 8
+    # int8 takes any rows (ahead of XLA's int32 dot at every count, AVX-512 and AVX2)
     x_many = jnp.ones((600, 32), jnp.bfloat16)
-    assert cpu_matmul.applies_int8(x_many, w_q, True) == (cpu_matmul.kernel_isa() == 2)
+    assert cpu_matmul.applies_int8(x_many, w_q, True) == (cpu_matmul.kernel_isa() > 0)
     assert not cpu_matmul.applies_int8(x4, w, w_transposed=True)  # not int8
     # matmul_f32 over leading dims: [B, S, K] rows flattened, the same numbers either way
     x_BSK = x4.reshape(2, 2, 32)
@@ -178,7 +200,8 @@ def test_row_limits_follow_the_instruction_set(monkeypatch):
     monkeypatch.setattr(cpu_matmul, "kernel_isa", lambda: 2)
     assert cpu_matmul.max_rows(float32=True) == cpu_matmul.MAX_ROWS_F32
     monkeypatch.setattr(cpu_matmul, "kernel_isa", lambda: 1)
-    assert cpu_matmul.max_rows() == cpu_matmul.max_rows(int8=True) == cpu_matmul.MAX_ROWS_AVX2
+    assert cpu_matmul.max_rows() == cpu_matmul.MAX_ROWS_AVX2
+    assert cpu_matmul.max_rows(int8=True) == sys.maxsize  # ahead of XLA's at every count
     assert cpu_matmul.max_rows(float32=True) == cpu_matmul.MAX_ROWS_F32_AVX2
     monkeypatch.setattr(cpu_matmul, "kernel_isa", lambda: 0)
     assert cpu_matmul.max_rows() == cpu_matmul.max_rows(int8=True) == 0

@@ -50,17 +50,20 @@ LIBRARY = "few_row_matmul"
 # Intel Xeon with AMX tiles, even at 128 rows; docs/performance.md). AVX-512: bfloat16 to 128
 # rows (1.15-1.25x at 16-64, even around 256,
 # behind from 512 where XLA's packed GEMM is at its peak), weight-only int8 at every count
-# (1.3-1.9x the model's int32 dot, whose split halves double the rows). The AVX2 path is
-# held to 8 rows, where it was measured ahead; here XLA's dots beyond that have AVX-512.
+# (1.3-1.9x the model's int32 dot, whose split halves double the rows). AVX2 (an AMD EPYC
+# Zen 3, SmolLM2's matmuls weighed by their bytes, December 2026): bfloat16 1.4-1.5x XLA's dot
+# at 8-16 rows, even at 32-128 (both ~85-105 GFLOP/s); int8 1.5-2x XLA's split and int32 dot
+# at every count from 8 to 512 rows.
 MAX_ROWS = 128
-MAX_ROWS_AVX2 = 8
+MAX_ROWS_AVX2 = 32
 # float32, AVX-512: 1.2x XLA's dot at 1 row, 1.6-2x at 2-8, 1.3-1.6x at 16-64,
 # 1.05-1.15x at 128-256, 0.98-1.07x at 512 (SmolLM2's shapes and 2048 x 5632 ones, in 4 x 6
 # tiles since December 2026; even with XLA's packed GEMM beyond). AVX2 (an AMD EPYC Zen 3,
-# SmolLM2's matmuls weighed by their bytes, alternating in one process beside other load):
-# 1.1x XLA's [N, K] dot at 1 row, 3.1x at 2, 1.5-1.6x at 4-8, 1.7-1.9x at 16-32.
+# SmolLM2's matmuls weighed by their bytes; 3 x 4 tiles since December 2026's evening):
+# 1.1-1.5x XLA's [N, K] dot at 1-16 rows, 1.55x at 32, 1.2x at 64, 1.14x at 128, behind from
+# 256 (0.85x).
 MAX_ROWS_F32 = 512
-MAX_ROWS_F32_AVX2 = 32
+MAX_ROWS_F32_AVX2 = 128
 
 
 @functools.cache
@@ -113,7 +116,7 @@ def max_rows(int8: bool = False, float32: bool = False) -> int:
     if isa == 2:
         return sys.maxsize if int8 else MAX_ROWS_F32 if float32 else MAX_ROWS
     if isa == 1:
-        return MAX_ROWS_F32_AVX2 if float32 else MAX_ROWS_AVX2
+        return sys.maxsize if int8 else MAX_ROWS_F32_AVX2 if float32 else MAX_ROWS_AVX2
     return 0
 
 
@@ -247,6 +250,8 @@ def few_row_int8_matmul(x_MK: jax.Array, w_q_NK: jax.Array, scale_N: jax.Array,
                         act_limit: int) -> jax.Array:
     """``quant.int8_matmul`` through the kernel: float32 or bfloat16 rows split as
     ``split_rows`` splits them, against an output-major int8 ``w_q_NK`` with per-output
-    ``scale_N``; exact int32 sums, the same float32 result as XLA's int32 dot of the halves.
-    Callers check ``applies_int8`` first."""
+    ``scale_N``; exact integer sums, the same float32 result as XLA's int32 dot of the halves
+    (the AVX2 path sums ``256 hi + lo`` at once: the same wherever ``|sum(hi w)| < 2^24``,
+    every ``K <= 1040``; beyond, at most one float32 rounding apart). Callers check
+    ``applies_int8`` first."""
     return _int8_prim.bind(x_MK, w_q_NK, scale_N.astype(jnp.float32), act_limit=act_limit)

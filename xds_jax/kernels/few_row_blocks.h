@@ -23,7 +23,8 @@ namespace xds_kernels {
 struct Operands {
   const uint16_t* x = nullptr;
   const float* xf = nullptr;      // float32 rows (float32 weights), AVX-512
-  const int16_t* xq = nullptr;    // AVX2
+  const int16_t* xq = nullptr;    // AVX2: [M, K] q = 256 hi + lo
+  const float* xe = nullptr;      // AVX2: bfloat16 rows widened (widen_rows)
   const int8_t* xh8 = nullptr;    // AVX-512 VNNI
   const int8_t* xl8 = nullptr;
   const int32_t* xsum = nullptr;  // [2M]: each row's sum of hi, then of lo
@@ -160,11 +161,6 @@ XDS_AVX512 void int8_block512(const Operands& o, int64_t n, int64_t r0, NextBloc
 // ---- AVX2 + FMA --------------------------------------------------------------------------------
 #define XDS_AVX2 __attribute__((target("avx2,fma")))
 
-XDS_AVX2 inline __m256 widen8(const uint16_t* p) {  // 8 bfloat16 -> float32: a 16-bit shift
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
 XDS_AVX2 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -172,34 +168,67 @@ XDS_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-XDS_AVX2 inline int32_t hsum(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-  return _mm_cvtsi128_si32(s);
+// The lanes' sum in int64 (each lane may hold up to 2^31 - 1).
+XDS_AVX2 inline int64_t hsum64(__m256i v) {
+  const __m256i s = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                     _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+  const __m128i t = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  return _mm_cvtsi128_si64(t) + _mm_extract_epi64(t, 1);
 }
 
-XDS_AVX2 inline __m256 load8(const uint16_t* p) { return widen8(p); }
-XDS_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-
-// bfloat16 (T = uint16_t, rows o.x) or float32 (rows o.xf) rows and weights: FMAs on 8 lanes.
-template <int M, int NB, typename T>
-XDS_AVX2 void float_block256(const Operands& o, int64_t n, int64_t r0) {
+// float32 rows and weights: FMAs on 8 lanes, the rows held in registers.
+template <int M, int NB>
+XDS_AVX2 void f32_block256(const Operands& o, int64_t n, int64_t r0, NextBlock& next) {
   const int64_t K = o.K, kfull = K / 8 * 8;
-  const auto* w = static_cast<const T*>(o.w) + n * K;
-  const T* x = (std::is_same_v<T, float> ? reinterpret_cast<const T*>(o.xf)
-                                         : reinterpret_cast<const T*>(o.x)) + r0 * K;
+  const auto* w = static_cast<const float*>(o.w) + n * K;
+  const float* x = o.xf + r0 * K;
   __m256 acc[M][NB];
   UNROLL for (int m = 0; m < M; ++m)
     UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kfull; k += 8) {
+    next.step();
     __m256 xv[M];
-    UNROLL for (int m = 0; m < M; ++m) xv[m] = load8(x + m * K + k);
+    UNROLL for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
     UNROLL for (int j = 0; j < NB; ++j) {
-      const __m256 wv = load8(w + j * K + k);
+      const __m256 wv = _mm256_loadu_ps(w + j * K + k);
       UNROLL for (int m = 0; m < M; ++m) acc[m][j] = _mm256_fmadd_ps(xv[m], wv, acc[m][j]);
     }
   }
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) {
+      float s = hsum(acc[m][j]);
+      for (int64_t k = kfull; k < K; ++k) s += x[m * K + k] * w[j * K + k];
+      o.y[(r0 + m) * o.N + n + j] = s;
+    }
+}
+
+// bfloat16 rows and weights with AVX2: 16 weights a step, widened by a shift (the even ones)
+// and a mask (the odd ones) where a widening load of 8 took two instructions and a shift; the
+// rows come widened in that order (``xe`` [M, K / 16 * 16]: each 16 k, the 8 even then the 8
+// odd values, as float32; widen_rows), read from L1 as the FMAs' operands, so blocks of up to
+// 14 accumulators fit. The k % 16 tail from the bfloat16 rows.
+template <int M, int NB>
+XDS_AVX2 void bf16_block256(const Operands& o, int64_t n, int64_t r0, NextBlock& next) {
+  const int64_t K = o.K, kfull = K / 16 * 16;
+  const auto* w = static_cast<const uint16_t*>(o.w) + n * K;
+  const float* xe = o.xe + r0 * kfull;
+  const __m256i odd = _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u));
+  __m256 acc[M][NB];
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kfull; k += 16) {
+    next.step();
+    UNROLL for (int j = 0; j < NB; ++j) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k));
+      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+      const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(wv, odd));
+      UNROLL for (int m = 0; m < M; ++m) {
+        acc[m][j] = _mm256_fmadd_ps(_mm256_loadu_ps(xe + m * kfull + k), we, acc[m][j]);
+        acc[m][j] = _mm256_fmadd_ps(_mm256_loadu_ps(xe + m * kfull + k + 8), wo, acc[m][j]);
+      }
+    }
+  }
+  const uint16_t* x = o.x + r0 * K;
   UNROLL for (int m = 0; m < M; ++m)
     UNROLL for (int j = 0; j < NB; ++j) {
       float s = hsum(acc[m][j]);
@@ -208,38 +237,60 @@ XDS_AVX2 void float_block256(const Operands& o, int64_t n, int64_t r0) {
     }
 }
 
+// The bfloat16 rows x [M, K] widened for bf16_block256: each 16 k, the even then the odd values.
+XDS_AVX2 inline void widen_rows(const uint16_t* x, int64_t M, int64_t K, float* xe) {
+  const int64_t kfull = K / 16 * 16;
+  const __m256i odd = _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < kfull; k += 16) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * K + k));
+      float* out = xe + m * kfull + k;
+      _mm256_storeu_ps(out, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+      _mm256_storeu_ps(out + 8, _mm256_castsi256_ps(_mm256_and_si256(v, odd)));
+    }
+  }
+}
+
+// Weight-only int8 with AVX2: each row's 16-bit fixed point q = 256 hi + lo (|q| <= 32639) as
+// int16 (``xq`` [M, K]) against the weights widened to int16, 16-bit multiply-adds into int32
+// lanes. A lane gains at most 2 * 32639 * 128 a step, so 256 steps (4096 k) fit in int32; the
+// lanes are summed into int64 every 4096 k. One multiply-add a weight and row where the hi and
+// lo halves took two (the AVX-512 path's byte products need them): t = 256 h + l exactly, so
+// the float32 result is XLA's (float(h) * 256 + float(l), each exact) wherever |h| < 2^24
+// (every K <= 1040: |hi| <= 127); beyond, at most one rounding apart (docs/performance.md).
 template <int M, int NB>
-XDS_AVX2 void int8_block256(const Operands& o, int64_t n, int64_t r0) {
+XDS_AVX2 void int8_block256(const Operands& o, int64_t n, int64_t r0, NextBlock& next) {
+  constexpr int64_t kSpan = 4096;  // k per int32 span
   const int64_t K = o.K, kfull = K / 16 * 16;
   const auto* w = static_cast<const int8_t*>(o.w) + n * K;
-  const int16_t* xh = o.xq + r0 * K;
-  const int16_t* xl = o.xq + (o.M + r0) * K;
-  __m256i hi[M][NB], lo[M][NB];
-  UNROLL for (int m = 0; m < M; ++m)
-    UNROLL for (int j = 0; j < NB; ++j) hi[m][j] = lo[m][j] = _mm256_setzero_si256();
-  for (int64_t k = 0; k < kfull; k += 16) {
-    __m256i wv[NB];
-    UNROLL for (int j = 0; j < NB; ++j)
-      wv[j] = _mm256_cvtepi8_epi16(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * K + k)));
-    UNROLL for (int m = 0; m < M; ++m) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh + m * K + k));
-      const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl + m * K + k));
+  const int16_t* x = o.xq + r0 * K;
+  int64_t total[M][NB] = {};
+  for (int64_t k0 = 0; k0 < kfull; k0 += kSpan) {
+    const int64_t k1 = std::min(kfull, k0 + kSpan);
+    __m256i acc[M][NB];
+    UNROLL for (int m = 0; m < M; ++m)
+      UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += 16) {
+      next.step();
+      __m256i xv[M];
+      UNROLL for (int m = 0; m < M; ++m)
+        xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * K + k));
       UNROLL for (int j = 0; j < NB; ++j) {
-        hi[m][j] = _mm256_add_epi32(hi[m][j], _mm256_madd_epi16(h, wv[j]));
-        lo[m][j] = _mm256_add_epi32(lo[m][j], _mm256_madd_epi16(l, wv[j]));
+        const __m256i wv = _mm256_cvtepi8_epi16(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * K + k)));
+        UNROLL for (int m = 0; m < M; ++m)
+          acc[m][j] = _mm256_add_epi32(acc[m][j], _mm256_madd_epi16(xv[m], wv));
       }
     }
+    UNROLL for (int m = 0; m < M; ++m)
+      UNROLL for (int j = 0; j < NB; ++j) total[m][j] += hsum64(acc[m][j]);
   }
   UNROLL for (int m = 0; m < M; ++m)
     UNROLL for (int j = 0; j < NB; ++j) {
-      int32_t h = hsum(hi[m][j]), l = hsum(lo[m][j]);
-      for (int64_t k = kfull; k < K; ++k) {
-        h += xh[m * K + k] * w[j * K + k];
-        l += xl[m * K + k] * w[j * K + k];
-      }
-      o.y[(r0 + m) * o.N + n + j] = (static_cast<float>(h) * 256.0f + static_cast<float>(l)) *
-                                    o.x_scale[r0 + m] * o.w_scale[n + j];
+      int64_t t = total[m][j];
+      for (int64_t k = kfull; k < K; ++k) t += int64_t{x[m * K + k]} * w[j * K + k];
+      o.y[(r0 + m) * o.N + n + j] =
+          static_cast<float>(t) * o.x_scale[r0 + m] * o.w_scale[n + j];
     }
 }
 

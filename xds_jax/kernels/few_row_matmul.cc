@@ -148,6 +148,7 @@ void columns(const Operands& o, int64_t n0, int64_t n1, int64_t f = -1) {
 struct Work : Chunks {
   Operands o;
   std::vector<int16_t> xq;
+  std::vector<float> xe;  // bfloat16 rows widened for the AVX2 blocks
   std::vector<int32_t> xsum;
   std::unique_ptr<int8_t[]> halves;  // int8: the rows' hi [M, K] then lo [M, K] (not zeroed)
   std::vector<float> x_scale;  // int8: the rows' scales [M]
@@ -219,6 +220,11 @@ ffi::Error FloatMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer&
   const int64_t M = work->o.M = x.dimensions()[0];
   work->o.N = w.dimensions()[0];
   const int64_t K = work->o.K = w.dimensions()[1];
+  if (dtype == ffi::DataType::BF16 && g_isa.load(std::memory_order_relaxed) == 1) {
+    work->xe.resize(M * (K / 16 * 16));
+    widen_rows(work->o.x, M, K, work->xe.data());
+    work->o.xe = work->xe.data();
+  }
   if (dtype == ffi::DataType::BF16 && takes_amx(1, M, K, 32)) {
     uint32_t* xp = amx_buffer(amx_rows(M) * K / 2);
     amx_pack(work->o.x, M, K / 2, amx_rows(M), xp);
@@ -293,7 +299,8 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
       work->xp = xp;
     }
   } else {
-    work->xq.assign(h, h + 2 * M * K);
+    work->xq.resize(M * K);  // q = 256 hi + lo, as int8_block256 takes it
+    for (int64_t i = 0; i < M * K; ++i) work->xq[i] = static_cast<int16_t>(h[i] * 256 + l[i]);
     work->o.xq = work->xq.data();
   }
   work->o.x_scale = work->x_scale.data();

@@ -46,31 +46,31 @@ struct Int8Avx512 {  // 2M x NB accumulators, 2M rows
     int8_block512<M, NB>(o, n, r0, pf);
   }
 };
-struct Bf16Avx2 {
+struct Bf16Avx2 {  // M x NB accumulators, the rows read from L1
   static constexpr int kGroup = 4, kWide = 4, kWideFrom = 0;
-  static constexpr int kStepK = 8, kWeightBytes = 2;  // k per step, bytes a weight
-  static constexpr int nb(int M) { return M <= 1 ? 8 : M <= 2 ? 6 : M <= 3 ? 3 : M <= 4 ? 2 : 1; }
+  static constexpr int kStepK = 16, kWeightBytes = 2;  // k per step, bytes a weight
+  static constexpr int nb(int M) { return M <= 1 ? 8 : M <= 2 ? 6 : M <= 3 ? 4 : 3; }
   template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock&) {
-    float_block256<M, NB, uint16_t>(o, n, r0);
+  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock& pf) {
+    bf16_block256<M, NB>(o, n, r0, pf);
   }
 };
-struct F32Avx2 {  // not routed to by cpu_matmul (unmeasured), correct where it runs
-  static constexpr int kGroup = 4, kWide = 4, kWideFrom = 0;
+struct F32Avx2 {  // M x NB accumulators, M rows held
+  static constexpr int kGroup = 3, kWide = 3, kWideFrom = 0;
   static constexpr int kStepK = 8, kWeightBytes = 4;  // k per step, bytes a weight
-  static constexpr int nb(int M) { return M <= 1 ? 8 : M <= 2 ? 6 : M <= 3 ? 3 : M <= 4 ? 2 : 1; }
+  static constexpr int nb(int M) { return M <= 1 ? 8 : M <= 2 ? 6 : 4; }
   template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock&) {
-    float_block256<M, NB, float>(o, n, r0);
+  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock& pf) {
+    f32_block256<M, NB>(o, n, r0, pf);
   }
 };
-struct Int8Avx2 {
-  static constexpr int kGroup = 2, kWide = 2, kWideFrom = 0;
+struct Int8Avx2 {  // M x NB accumulators, M rows held
+  static constexpr int kGroup = 3, kWide = 3, kWideFrom = 0;
   static constexpr int kStepK = 16, kWeightBytes = 1;  // k per step, bytes a weight
-  static constexpr int nb(int M) { return M <= 1 ? 4 : M <= 2 ? 2 : 1; }
+  static constexpr int nb(int M) { return M <= 1 ? 8 : M <= 2 ? 6 : 4; }
   template <int M, int NB>
-  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock&) {
-    int8_block256<M, NB>(o, n, r0);
+  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock& pf) {
+    int8_block256<M, NB>(o, n, r0, pf);
   }
 };
 

@@ -139,8 +139,8 @@ void columns(const Operands& o, int64_t n0, int64_t n1, int64_t f = -1) {
   }
   if (o.xh8 != nullptr) return columns<Int8Avx512>(o, n0, n1, f);
   if (o.xq != nullptr) return columns<Int8Avx2>(o, n0, n1, f);
-  if (g_isa.load(std::memory_order_relaxed) == 2) return columns<Bf16Avx512>(o, n0, n1, f);
-  columns<Bf16Avx2>(o, n0, n1, f);
+  if (o.xe != nullptr) return columns<Bf16Avx2>(o, n0, n1, f);  // chosen once, for the call
+  columns<Bf16Avx512>(o, n0, n1, f);
 }
 
 // One call's outputs, handed out in chunks to the caller and the pool's tasks. Shared so that
@@ -221,7 +221,7 @@ ffi::Error FloatMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer&
   work->o.N = w.dimensions()[0];
   const int64_t K = work->o.K = w.dimensions()[1];
   if (dtype == ffi::DataType::BF16 && g_isa.load(std::memory_order_relaxed) == 1) {
-    work->xe.resize(M * (K / 16 * 16));
+    work->xe.resize(std::max<int64_t>(1, M * (K / 16 * 16)));  // never null: it picks the path
     widen_rows(work->o.x, M, K, work->xe.data());
     work->o.xe = work->xe.data();
   }

@@ -311,9 +311,11 @@ def test_xds_serve_arms_faults_after_its_warm_up_request():
     from serving.entrypoints.launch import load_engine
     from tests.helpers import GOLDEN
 
+    # --precompile-seconds 0: compiling the buckets ahead runs no step (the faults are armed
+    # after it either way) and is not what this checks (tests/serving/test_precompile.py)
     args = build_parser().parse_args([
         "serve", "--model", str(GOLDEN / "llama"), "--dtype", "float32", "--kv-cache-gib",
-        "0.01", "--fault", "group_crash:group=0:after_steps=1"])
+        "0.01", "--fault", "group_crash:group=0:after_steps=1", "--precompile-seconds", "0"])
     engine = load_engine(args)
     try:
         stats = engine.engine.stats()

@@ -6,6 +6,7 @@ compile)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -35,17 +36,26 @@ def generate_args(deployment: str, max_tokens: int = 8) -> list[str]:
             "Hello"]
 
 
+@functools.cache
+def one_process(deployment: str) -> str:
+    """What ``xds generate`` prints in one process on ``deployment`` (the two-process
+    ``generate`` and ``serve`` cases compare against it: run once, not once each)."""
+    one = xds(*generate_args(deployment))
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.strip()
+    return one.stdout
+
+
 @pytest.mark.parametrize("deployment", ["cpu16-ma.yaml", "cpu8-pd.yaml"])
 def test_two_processes_print_what_one_prints(deployment):
     """cpu16-ma (PD + MA over 8 devices each): prefill and attention domain 0 on process 0,
     domain 1 across both, the expert slice on process 1; KV hand-off, A2E/E2A and the
     sampled tokens all cross the process boundary. cpu8-pd: prefill on process 0, decode on
     process 1, so every KV pull is a device-to-device copy between the processes."""
-    one = xds(*generate_args(deployment))
-    assert one.returncode == 0, one.stderr
+    one = one_process(deployment)
     two = xds("launch", "--num-processes", "2", "--", *generate_args(deployment))
     assert two.returncode == 0, two.stderr
-    assert two.stdout == one.stdout and one.stdout.strip()
+    assert two.stdout == one
 
 
 def test_a_killed_process_is_named_and_the_launch_fails(tmp_path):
@@ -136,6 +146,4 @@ def test_serve_over_two_processes_answers_and_stops_cleanly(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err[-3000:]
-    one = xds(*generate_args("cpu8-pd.yaml"))
-    assert one.returncode == 0, one.stderr
-    assert reply["choices"][0]["text"] == one.stdout.removesuffix("\n") != ""
+    assert reply["choices"][0]["text"] == one_process("cpu8-pd.yaml").removesuffix("\n") != ""

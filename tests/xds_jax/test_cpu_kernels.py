@@ -57,7 +57,8 @@ def isa(request):
 
 # every row count the kernels take (each has its own block width), N off the block widths and
 # the 24-column chunk multiples, K with tails past the 32-, 16- and 8-wide steps
-SHAPES = [(1, 1, 576), (1, 130, 100), (2, 67, 37), (3, 1000, 64), (4, 576, 1536), (5, 67, 37),
+SHAPES = [(1, 1, 576), (1, 130, 100), (2, 67, 37), (3, 50, 9), (3, 1000, 64), (4, 576, 1536),
+          (5, 67, 37),
           (6, 130, 100), (7, 25, 70), (8, 1000, 64), (11, 1000, 64), (13, 67, 37),
           (21, 67, 37), (32, 130, 100),
           # past 8 rows: groups of rows (3, 4 or 6), each rest, later panels with a rest
@@ -90,7 +91,7 @@ def test_empty_contraction_gives_zeros(isa, m):
 @pytest.mark.parametrize("m,n,k", SHAPES + [(64, 130, 100), (512, 30, 40)])
 def test_float32_kernel_equals_float64_reference(isa, m, n, k):
     """float32 rows and weights: float32 sums of the products, the lowering the kernel where
-    ``applies`` says so (AVX-512 CPUs to 512 rows, AVX2-only ones to 32; the AVX2 blocks run
+    ``applies`` says so (AVX-512 CPUs to 512 rows, AVX2-only ones to 128; the AVX2 blocks run
     here at every row count where forced)."""
     if m > cpu_matmul.max_rows(float32=True):
         pytest.skip(f"float32 takes the kernel to {cpu_matmul.max_rows(float32=True)} rows here")
@@ -150,24 +151,30 @@ def test_int8_kernel_equals_xla_s_int32_dot(isa, m, n, k, dtype):
 
 
 @pytest.mark.parametrize("m", [1, 2, 5])
-def test_int8_kernel_sums_extreme_rows_past_int32(isa, m):
-    """Rows at the fixed point's limit against weights at int8's (127 and -128) over K = 8229:
-    every lane's int32 sum would overflow (the AVX2 path sums spans of 4096 k into int64), so
-    the result is the exact sum within one float32 rounding."""
+@pytest.mark.parametrize("k", [1024, 2 * 4096 + 37])
+def test_int8_kernel_sums_extreme_rows_past_int32(isa, m, k):
+    """Rows at the fixed point's limit (every value the largest, 32639) against weights at
+    int8's (-128 and 127): each int32 lane of the AVX2 path meets the bound of its 4096-k span
+    (2 x 32639 x 128 a step), the whole sum far past int32. At K = 1024 the halves' sums stay
+    within float32's exact integers, so the result is XLA's bit for bit; at 8229, the exact
+    sum within one float32 rounding."""
     from xds_jax.model.quant import _ACT_LIMIT
 
-    k, n = 2 * 4096 + 37, 30
-    x = np.full((m, k), 1.0, np.float32)
-    x[:, 1::7] = -1.0
-    w = np.where(np.arange(n)[:, None] % 2 == 0, 127, -128) * np.ones((1, k), np.int64)
-    w[:, 3::11] *= -1
-    w = np.clip(w, -128, 127).astype(np.int8)
+    n = 30
+    x = np.ones((m, k), np.float32)
+    w = np.where(np.arange(n)[:, None] % 2 == 0, -128, 127) * np.ones((1, k), np.int64)
+    w = w.astype(np.int8)
     scale = np.full(n, 1e-3, np.float32)
+    args = (jnp.asarray(x), jnp.asarray(w), jnp.asarray(scale))
     got = np.asarray(jax.jit(cpu_matmul.few_row_int8_matmul, static_argnums=3)(
-        jnp.asarray(x), jnp.asarray(w), jnp.asarray(scale), _ACT_LIMIT))
+        *args, _ACT_LIMIT))
     q = np.round(x * _ACT_LIMIT).astype(np.int64)  # max|row| = 1 maps to the limit
-    exact = (q @ w.T.astype(np.int64)) * (np.float64(1) / _ACT_LIMIT) * 1e-3
-    assert np.abs(q @ w.T.astype(np.int64)).max() > 2**31  # a lane-free int32 sum overflows
+    sums = q @ w.T.astype(np.int64)
+    assert np.abs(sums).max() > 2**31 or k == 1024
+    if k == 1024:
+        xla = jax.jit(functools.partial(cpu_matmul._int8_dot, act_limit=_ACT_LIMIT))
+        np.testing.assert_array_equal(got, np.asarray(xla(*args)))
+    exact = sums * (np.float64(1) / _ACT_LIMIT) * 1e-3
     np.testing.assert_allclose(got, exact, rtol=4e-7)
 
 

@@ -251,7 +251,7 @@ def few_row_int8_matmul(x_MK: jax.Array, w_q_NK: jax.Array, scale_N: jax.Array,
     """``quant.int8_matmul`` through the kernel: float32 or bfloat16 rows split as
     ``split_rows`` splits them, against an output-major int8 ``w_q_NK`` with per-output
     ``scale_N``; exact integer sums, the same float32 result as XLA's int32 dot of the halves
-    (the AVX2 path sums ``256 hi + lo`` at once: the same wherever ``|sum(hi w)| < 2^24``,
-    every ``K <= 1040``; beyond, at most one float32 rounding apart). Callers check
-    ``applies_int8`` first."""
+    (the AVX2 path sums ``256 hi + lo`` at once: the same wherever ``|sum(hi w)|`` and
+    ``|sum(lo w)|`` are at most ``2^24``, every ``K <= 1024``; beyond, at most one float32
+    rounding apart). Callers check ``applies_int8`` first."""
     return _int8_prim.bind(x_MK, w_q_NK, scale_N.astype(jnp.float32), act_limit=act_limit)

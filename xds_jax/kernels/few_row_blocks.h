@@ -18,8 +18,8 @@
 namespace xds_kernels {
 
 // The operands of one call. ``x`` is bfloat16 rows; or, with int8 weights, the rows' hi and lo
-// halves: as they are (``xh8``, ``xl8`` [M, K]) with their sums, or widened to int16, hi then
-// lo (``xq`` [2M, K]).
+// halves as they are (``xh8``, ``xl8`` [M, K]) with their sums (AVX-512), or the rows' whole
+// 16-bit values 256 hi + lo (``xq`` [M, K], AVX2).
 struct Operands {
   const uint16_t* x = nullptr;
   const float* xf = nullptr;      // float32 rows (float32 weights), AVX-512
@@ -256,8 +256,9 @@ XDS_AVX2 inline void widen_rows(const uint16_t* x, int64_t M, int64_t K, float* 
 // lanes. A lane gains at most 2 * 32639 * 128 a step, so 256 steps (4096 k) fit in int32; the
 // lanes are summed into int64 every 4096 k. One multiply-add a weight and row where the hi and
 // lo halves took two (the AVX-512 path's byte products need them): t = 256 h + l exactly, so
-// the float32 result is XLA's (float(h) * 256 + float(l), each exact) wherever |h| < 2^24
-// (every K <= 1040: |hi| <= 127); beyond, at most one rounding apart (docs/performance.md).
+// the float32 result is XLA's (float(h) * 256 + float(l), both exact) wherever |h| and |l| are
+// at most 2^24 (every K <= 1024: |hi| <= 127, |lo| <= 128, |w| <= 128); beyond, at most one
+// rounding apart (docs/performance.md).
 template <int M, int NB>
 XDS_AVX2 void int8_block256(const Operands& o, int64_t n, int64_t r0, NextBlock& next) {
   constexpr int64_t kSpan = 4096;  // k per int32 span

@@ -20,9 +20,10 @@
 //   float32 or bfloat16 rows are split as cpu_matmul.split_rows splits them (int8_rows.h):
 //   16-bit fixed point in int8 halves hi and lo with a float32 scale per row, x ~= (256 hi +
 //   lo) * x_scale (attribute act_limit: the fixed point's largest value). Integer products
-//   accumulate exactly in int32 (AVX-512 VNNI's byte dot product, or AVX2's 16-bit
-//   multiply-add), then
-//   y = ((256 acc_hi + acc_lo) * x_scale) * w_scale: the same numbers as XLA's int32 dot.
+//   accumulate exactly: in int32 per half (AVX-512 VNNI's byte dot product), then
+//   y = ((256 acc_hi + acc_lo) * x_scale) * w_scale, the same numbers as XLA's int32 dot; or
+//   AVX2's 16-bit multiply-add of 256 hi + lo, summed in int64 (the same numbers for K <= 1024,
+//   at most one rounding apart beyond: int8_block256).
 //
 // Built and registered by xds_jax/kernels/build.py; used through xds_jax/kernels/cpu_matmul.py.
 #include <immintrin.h>
@@ -98,7 +99,9 @@ template <typename Path, int G>
 void tiles(const Operands& o, int64_t n0, int64_t n1, int64_t following) {
   static_assert(G <= 6 && kPanel % G == 0 && kBlocks % Path::nb(G) == 0);
   constexpr int NB = Path::nb(G);
-  const int64_t steps = (o.K + Path::kStepK - 1) / Path::kStepK;
+  // the k steps that call next.step(): the AVX-512 blocks' masked tail is one, AVX2's is not
+  const int64_t steps = Path::kTailStep ? (o.K + Path::kStepK - 1) / Path::kStepK
+                                        : o.K / Path::kStepK;
   const auto* weights = static_cast<const char*>(o.w);
   for (int64_t p0 = 0; p0 < o.M; p0 += kPanel) {
     const int64_t p1 = std::min(o.M, p0 + kPanel), full = p0 + (p1 - p0) / G * G;
@@ -299,8 +302,10 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
       work->xp = xp;
     }
   } else {
-    work->xq.resize(M * K);  // q = 256 hi + lo, as int8_block256 takes it
-    for (int64_t i = 0; i < M * K; ++i) work->xq[i] = static_cast<int16_t>(h[i] * 256 + l[i]);
+    work->xq.resize(std::max<int64_t>(1, M * K));  // never null: it picks the path
+    for (int64_t i = 0; i < M * K; ++i) {  // q = 256 hi + lo, as int8_block256 takes it
+      work->xq[i] = static_cast<int16_t>(h[i] * 256 + l[i]);
+    }
     work->o.xq = work->xq.data();
   }
   work->o.x_scale = work->x_scale.data();

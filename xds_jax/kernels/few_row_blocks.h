@@ -22,7 +22,7 @@ namespace xds_kernels {
 // 16-bit values 256 hi + lo (``xq`` [M, K], AVX2).
 struct Operands {
   const uint16_t* x = nullptr;
-  const float* xf = nullptr;      // float32 rows (float32 weights), AVX-512
+  const float* xf = nullptr;      // float32 rows (float32 weights)
   const int16_t* xq = nullptr;    // AVX2: [M, K] q = 256 hi + lo
   const float* xe = nullptr;      // AVX2: bfloat16 rows widened (widen_rows)
   const int8_t* xh8 = nullptr;    // AVX-512 VNNI

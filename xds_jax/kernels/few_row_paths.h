@@ -22,7 +22,7 @@ namespace xds_kernels {
 struct Bf16Avx512 {  // M x NB accumulators, M rows held
   static constexpr int kGroup = 3, kWide = 6, kWideFrom = 10;
   static constexpr int kStepK = 32, kWeightBytes = 2;  // k per step, bytes a weight
-  static constexpr bool kTailStep = true;  // the k % kStepK tail calls next.step()
+  static constexpr bool kTailStep = true;  // whether the k % kStepK tail calls next.step()
   static constexpr int nb(int M) { return M <= 1 ? 12 : M <= 3 ? 8 : 4; }
   template <int M, int NB>
   static void run(const Operands& o, int64_t n, int64_t r0, NextBlock& pf) {
@@ -32,7 +32,7 @@ struct Bf16Avx512 {  // M x NB accumulators, M rows held
 struct F32Avx512 {  // M x NB accumulators, M rows held
   static constexpr int kGroup = 4, kWide = 4, kWideFrom = 0;
   static constexpr int kStepK = 16, kWeightBytes = 4;  // k per step, bytes a weight
-  static constexpr bool kTailStep = true;  // the k % kStepK tail calls next.step()
+  static constexpr bool kTailStep = true;  // whether the k % kStepK tail calls next.step()
   static constexpr int nb(int M) { return M <= 1 ? 12 : M <= 3 ? 8 : 6; }
   template <int M, int NB>
   static void run(const Operands& o, int64_t n, int64_t r0, NextBlock& pf) {
@@ -42,7 +42,7 @@ struct F32Avx512 {  // M x NB accumulators, M rows held
 struct Int8Avx512 {  // 2M x NB accumulators, 2M rows
   static constexpr int kGroup = 2, kWide = 2, kWideFrom = 0;
   static constexpr int kStepK = 64, kWeightBytes = 1;  // k per step, bytes a weight
-  static constexpr bool kTailStep = true;  // the k % kStepK tail calls next.step()
+  static constexpr bool kTailStep = true;  // whether the k % kStepK tail calls next.step()
   static constexpr int nb(int M) { return M <= 1 ? 12 : 6; }
   template <int M, int NB>
   static void run(const Operands& o, int64_t n, int64_t r0, NextBlock& pf) {
@@ -52,7 +52,7 @@ struct Int8Avx512 {  // 2M x NB accumulators, 2M rows
 struct Bf16Avx2 {  // M x NB accumulators, the rows read from L1
   static constexpr int kGroup = 4, kWide = 4, kWideFrom = 0;
   static constexpr int kStepK = 16, kWeightBytes = 2;  // k per step, bytes a weight
-  static constexpr bool kTailStep = false;  // the k % kStepK tail calls next.step()
+  static constexpr bool kTailStep = false;  // whether the k % kStepK tail calls next.step()
   static constexpr int nb(int M) { return M <= 1 ? 8 : M <= 3 ? 4 : 3; }  // no spills
   template <int M, int NB>
   static void run(const Operands& o, int64_t n, int64_t r0, NextBlock& pf) {
@@ -62,7 +62,7 @@ struct Bf16Avx2 {  // M x NB accumulators, the rows read from L1
 struct F32Avx2 {  // M x NB accumulators, M rows held
   static constexpr int kGroup = 3, kWide = 3, kWideFrom = 0;
   static constexpr int kStepK = 8, kWeightBytes = 4;  // k per step, bytes a weight
-  static constexpr bool kTailStep = false;  // the k % kStepK tail calls next.step()
+  static constexpr bool kTailStep = false;  // whether the k % kStepK tail calls next.step()
   static constexpr int nb(int M) { return M <= 1 ? 8 : M <= 2 ? 6 : 4; }
   template <int M, int NB>
   static void run(const Operands& o, int64_t n, int64_t r0, NextBlock& pf) {
@@ -72,7 +72,7 @@ struct F32Avx2 {  // M x NB accumulators, M rows held
 struct Int8Avx2 {  // M x NB accumulators, M rows held
   static constexpr int kGroup = 2, kWide = 2, kWideFrom = 0;
   static constexpr int kStepK = 16, kWeightBytes = 1;  // k per step, bytes a weight
-  static constexpr bool kTailStep = false;  // the k % kStepK tail calls next.step()
+  static constexpr bool kTailStep = false;  // whether the k % kStepK tail calls next.step()
   static constexpr int nb(int M) { return M <= 1 ? 8 : 4; }
   template <int M, int NB>
   static void run(const Operands& o, int64_t n, int64_t r0, NextBlock& pf) {

@@ -73,7 +73,7 @@ def cosine(u: np.ndarray, v: np.ndarray) -> float:
 def score_prompts(llm, data_1: Any, data_2: Any,
                   truncate_prompt_tokens: int | None) -> list[ScoringRequestOutput]:
     """The cosine similarity of each pair: one prompt against several, or pairwise (lists of
-    equal length: ``pairs`` checks)."""
+    equal length: ``check_pair_counts``)."""
     left, right = pairs(data_1), pairs(data_2)
     check_pair_counts(len(left), len(right), ("data_1", "data_2"))
     vectors = embed_prompts(llm, left + right, None, None, truncate_prompt_tokens)

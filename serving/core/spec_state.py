@@ -18,7 +18,7 @@ import numpy as np
 
 from xds_jax.generate import sample_rows
 from xds_jax.multihost import host_get
-from xds_jax.sampling.params import logprobs_width
+from xds_jax.sampling.params import logprobs_program_width
 from xds_jax.sampling.rejection import verify_drafts
 
 
@@ -234,7 +234,7 @@ def _verify(seqs: list, params: list, num_drafts, drafts, logits, vocab_size: in
     seeds = np.asarray([(s.seed if s else 0) % (1 << 32) for s in seqs], np.uint32)
     steps = np.asarray([len(s.output_ids) if s else 0 for s in seqs], np.int32)
     top_k_top_p = any(p.top_p < 1 or p.top_k > 0 for p in live if not p.greedy)
-    n_lp = logprobs_width(max((p.logprobs or 0 for p in live), default=0))
     return host_get(verify_drafts(logits, drafts, num_drafts, temps, top_k, top_p, seeds,
                                   steps, random=random, top_k_top_p=top_k_top_p,
-                                  logprobs=want, num_logprobs=n_lp))
+                                  logprobs=want,
+                                  num_logprobs=logprobs_program_width(live)))

@@ -29,6 +29,15 @@ def logprobs_width(n: int) -> int:
     return 0 if n <= 0 else min(1 << (n - 1).bit_length(), max(n, MAX_LOGPROBS))
 
 
+def logprobs_program_width(params) -> int:
+    """How many top log-probabilities a decode or verify program computes for a batch of
+    ``params`` (None rows skipped): ``MAX_LOGPROBS`` where any row asks for some, else 0. One
+    width for every count: each row keeps its own top n on the host, a top-20 costs what a
+    top-2 does beside the log-softmax, and each width was a program per batch size, each
+    taking its memory mappings."""
+    return MAX_LOGPROBS if any(p.logprobs for p in params if p is not None) else 0
+
+
 def device_seed(seed: int) -> int:
     """Any integer as a 32-bit device seed: 0 .. 2**32 - 1 map to themselves, every other
     integer (negative, or 64-bit and beyond, as clients send) to a fixed hash of it."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from xds_jax.sampling.argmax import argmax_last
 from xds_jax.sampling.draws import inverse_cdf
-from xds_jax.sampling.params import MAX_LOGPROBS, SamplingParams
+from xds_jax.sampling.params import SamplingParams, logprobs_program_width
 from xds_jax.sampling.truncation import truncate
 
 
@@ -61,10 +61,7 @@ def flags_for(params: list[SamplingParams]) -> SamplerFlags:
         top_k_top_p=any(p.top_p < 1 or p.top_k > 0 for p in params if not p.greedy),
         min_p=any(p.min_p > 0 for p in params if not p.greedy),
         logprobs=any(p.logprobs is not None for p in params),
-        # every width one program: a row's own top n are sliced on the host (a top-20 costs
-        # what a top-2 does beside the log-softmax, and each width was a program per batch
-        # size, each taking its memory mappings)
-        num_logprobs=MAX_LOGPROBS if any(p.logprobs for p in params) else 0,
+        num_logprobs=logprobs_program_width(params),
     )
 
 

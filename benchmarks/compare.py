@@ -221,7 +221,8 @@ def run_dtype(dtype: str, batches: list[int], tokens: int, repeats: int, bandwid
     emit({"engine": "roofline", **base, "bandwidth_GBps": bandwidth / 1e9,
           "batch1_decode_tok_s": roofline,
           # xds-jax's CPU matmul kernel (cpu_matmul.max_rows): its instruction set, or off
-          "cpu_kernel": {2: "avx512", 1: "avx2"}.get(cpu_matmul.kernel_isa(), "off")})
+          "cpu_kernel": {3: "avx512-bf16", 2: "avx512", 1: "avx2"}.get(cpu_matmul.kernel_isa(),
+                                                                          "off")})
     runner = llm.engine.drivers[0].runner
     configs = [("decode", b) for b in batches] + [("prefill", 1)]
     for kind, batch in configs:

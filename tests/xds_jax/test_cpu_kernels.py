@@ -37,21 +37,22 @@ def _kernel(x, w):
     return jax.jit(cpu_matmul.few_row_matmul)(x, w)
 
 
-@pytest.fixture(params=["amx", 2, 1], ids=["amx", "avx512-bf16", "avx2"])
+@pytest.fixture(params=["amx", 3, 2, 1], ids=["amx", "avx512-bf16", "avx512", "avx2"])
 def isa(request):
     """The kernel's paths: Intel AMX tiles (from 2 rows; bfloat16 with K a multiple of 32,
-    int8 of 64), AVX-512 BF16 (AMX off) and AVX2."""
+    int8 of 64), AVX-512 BF16 (AMX off), AVX-512 without BF16 (bfloat16 widened to float32
+    FMAs) and AVX2."""
     default_amx = cpu_matmul.amx_rows()
     if request.param == "amx":
         if not default_amx:
             pytest.skip("this CPU (or its OS) gives no AMX tiles")
-        yield cpu_matmul.use_isa(2)
+        yield cpu_matmul.use_isa(3)
         return
     if request.param > cpu_matmul.kernel_isa():
-        pytest.skip("this CPU lacks AVX-512 BF16")
+        pytest.skip(f"this CPU lacks {cpu_matmul.ISA_NAMES[request.param]}")
     cpu_matmul.use_amx(0)
     yield cpu_matmul.use_isa(request.param)
-    cpu_matmul.use_isa(2)
+    cpu_matmul.use_isa(3)
     cpu_matmul.use_amx(default_amx)
 
 
@@ -204,8 +205,13 @@ def test_matmul_f32_takes_the_kernel_only_where_it_applies():
 
 
 def test_row_limits_follow_the_instruction_set(monkeypatch):
-    monkeypatch.setattr(cpu_matmul, "kernel_isa", lambda: 2)
+    monkeypatch.setattr(cpu_matmul, "kernel_isa", lambda: 3)
     assert cpu_matmul.max_rows(float32=True) == cpu_matmul.MAX_ROWS_F32
+    assert cpu_matmul.max_rows() == cpu_matmul.MAX_ROWS
+    monkeypatch.setattr(cpu_matmul, "kernel_isa", lambda: 2)  # AVX-512 without BF16
+    assert cpu_matmul.max_rows(float32=True) == cpu_matmul.MAX_ROWS_F32_AVX512
+    assert cpu_matmul.max_rows() == cpu_matmul.MAX_ROWS
+    assert cpu_matmul.max_rows(int8=True) == sys.maxsize
     monkeypatch.setattr(cpu_matmul, "kernel_isa", lambda: 1)
     assert cpu_matmul.max_rows() == cpu_matmul.MAX_ROWS_AVX2
     assert cpu_matmul.max_rows(int8=True) == sys.maxsize  # ahead of XLA's at every count

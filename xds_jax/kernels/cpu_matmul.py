@@ -54,6 +54,8 @@ LIBRARY = "few_row_matmul"
 # Zen 3, SmolLM2's matmuls weighed by their bytes, December 2026): bfloat16 1.4-1.5x XLA's dot
 # at 8-16 rows, even at 32-128 (both ~85-105 GFLOP/s); int8 1.5-2x XLA's split and int32 dot
 # at every count from 8 to 512 rows.
+# AVX-512 without BF16 (an Intel Xeon, Ice Lake class; the widening blocks): bfloat16 1.48x
+# XLA's dot at 32 rows, 1.34x at 64, 1.2x at 128, 1.1x at 256, so to MAX_ROWS as well.
 MAX_ROWS = 128
 MAX_ROWS_AVX2 = 32
 # float32, AVX-512: 1.2x XLA's dot at 1 row, 1.6-2x at 2-8, 1.3-1.6x at 16-64,
@@ -62,15 +64,23 @@ MAX_ROWS_AVX2 = 32
 # SmolLM2's matmuls weighed by their bytes; 3 x 4 tiles since December 2026's evening):
 # 1.1-1.5x XLA's [N, K] dot at 1-16 rows, 1.55x at 32, 1.2x at 64, 1.14x at 128, behind from
 # 256 (0.85x).
+# AVX-512 without BF16 (the same Xeon): float32 1.03x at 128 rows, 0.92x at 256 and 512.
 MAX_ROWS_F32 = 512
+MAX_ROWS_F32_AVX512 = 128
 MAX_ROWS_F32_AVX2 = 128
+
+
+# kernel_isa()'s levels, as the log and the benchmarks name them
+ISA_NAMES = {3: "AVX-512 BF16", 2: "AVX-512", 1: "AVX2"}
 
 
 @functools.cache
 def kernel_isa() -> int:
-    """The instruction set the kernels run on this CPU (2: AVX-512 BF16, 1: AVX2 + FMA), or 0
-    where they are unavailable (not built, turned off, JAX's backend not the CPU, no support):
-    registers the FFI targets on first use."""
+    """The instruction set the kernels run on this CPU (3: AVX-512 with BF16 and VNNI; 2:
+    AVX-512 F/BW/VL without BF16, Skylake to Ice Lake servers: float32 as at 3, bfloat16 widened
+    to float32 FMAs, int8 on VNNI where the CPU has it; 1: AVX2 + FMA), or 0 where they are
+    unavailable (not built, turned off, JAX's backend not the CPU, no support): registers the
+    FFI targets on first use."""
     lib = build.load_x86_cpu(LIBRARY)
     if lib is None:
         return 0
@@ -82,14 +92,15 @@ def kernel_isa() -> int:
         lib.xds_few_row_amx.restype = lib.xds_few_row_use_amx.restype = ctypes.c_int64
         amx = int(lib.xds_few_row_amx())
         log.info("few-row bfloat16 and int8 matmuls run xds-jax's CPU kernel (%s%s)",
-                 "AVX-512 BF16" if isa == 2 else "AVX2",
+                 ISA_NAMES[isa],
                  f"; on AMX tiles from {amx} rows" if amx else "")
     return isa
 
 
 def use_isa(isa: int) -> int:
-    """Run the kernels with at most instruction set ``isa`` (tests: 1 forces the AVX2 path on
-    an AVX-512 machine); returns the one in use. Takes effect for calls made after it."""
+    """Run the kernels with at most instruction set ``isa`` (tests: 1 forces the AVX2 paths on
+    an AVX-512 machine, 2 the paths without BF16 on an AVX-512 BF16 one); returns the one in
+    use. Takes effect for calls made after it."""
     lib = build.load(LIBRARY)
     return int(lib.xds_few_row_use_isa(isa)) if lib is not None else 0
 
@@ -113,8 +124,10 @@ def max_rows(int8: bool = False, float32: bool = False) -> int:
     """The most rows a matmul takes through the kernel on this CPU (0: the kernel is
     unavailable): bfloat16, int8 or float32 weights; see ``MAX_ROWS``."""
     isa = kernel_isa()
-    if isa == 2:
+    if isa == 3:
         return sys.maxsize if int8 else MAX_ROWS_F32 if float32 else MAX_ROWS
+    if isa == 2:
+        return sys.maxsize if int8 else MAX_ROWS_F32_AVX512 if float32 else MAX_ROWS
     if isa == 1:
         return sys.maxsize if int8 else MAX_ROWS_F32_AVX2 if float32 else MAX_ROWS_AVX2
     return 0

@@ -24,7 +24,8 @@ struct Operands {
   const uint16_t* x = nullptr;
   const float* xf = nullptr;      // float32 rows (float32 weights)
   const int16_t* xq = nullptr;    // AVX2: [M, K] q = 256 hi + lo
-  const float* xe = nullptr;      // AVX2: bfloat16 rows widened (widen_rows)
+  const float* xe = nullptr;      // bfloat16 rows widened (widen_rows, widen_rows512)
+  int xe_step = 0;                // k a step of xe's layout: 16 (AVX2) or 32 (AVX-512)
   const int8_t* xh8 = nullptr;    // AVX-512 VNNI
   const int8_t* xl8 = nullptr;
   const int32_t* xsum = nullptr;  // [2M]: each row's sum of hi, then of lo
@@ -36,6 +37,11 @@ struct Operands {
 };
 
 // ---- AVX-512 -----------------------------------------------------------------------------------
+// AVX-512 F/BW/VL (every AVX-512 server core since Skylake): the float32 blocks and the widening
+// bfloat16 ones; VNNI (Cascade Lake on) the int8 blocks; BF16 (Cooper Lake, Sapphire Rapids,
+// Zen 4 on) the pair-dot bfloat16 blocks.
+#define XDS_AVX512F __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define XDS_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define XDS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni")))
 
 // The next block's weights, a share at each k step of each group of rows that runs the current
@@ -91,7 +97,7 @@ XDS_AVX512 void bf16_block512(const Operands& o, int64_t n, int64_t r0, NextBloc
 
 // float32 rows against float32 weights: FMAs on 16 lanes of K, the rows held in registers.
 template <int M, int NB>
-XDS_AVX512 void f32_block512(const Operands& o, int64_t n, int64_t r0, NextBlock& next) {
+XDS_AVX512F void f32_block512(const Operands& o, int64_t n, int64_t r0, NextBlock& next) {
   const int64_t K = o.K, kfull = K / 16 * 16;
   const auto* w = static_cast<const float*>(o.w) + n * K;
   const float* x = o.xf + r0 * K;
@@ -115,11 +121,62 @@ XDS_AVX512 void f32_block512(const Operands& o, int64_t n, int64_t r0, NextBlock
     UNROLL for (int j = 0; j < NB; ++j) o.y[(r0 + m) * o.N + n + j] = sums[m * NB + j];
 }
 
+// bfloat16 rows and weights where AVX-512 has no BF16 pair dot product: as bf16_block256 at
+// twice the width, 32 weights a step (16 even by a shift, 16 odd by a mask), the rows widened
+// once a call in that order (``xe`` [M, K / 32 * 32]: each 32 k, the 16 even then the 16 odd
+// values; widen_rows512) and read from L1 as the FMAs' operands. The k % 32 tail from the
+// bfloat16 rows.
+template <int M, int NB>
+XDS_AVX512F void bf16_widen_block512(const Operands& o, int64_t n, int64_t r0, NextBlock& next) {
+  const int64_t K = o.K, kfull = K / 32 * 32;
+  const auto* w = static_cast<const uint16_t*>(o.w) + n * K;
+  const float* xe = o.xe + r0 * kfull;
+  const __m512i odd = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
+  __m512 acc[M][NB];
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kfull; k += 32) {
+    next.step();
+    UNROLL for (int j = 0; j < NB; ++j) {
+      const __m512i wv = _mm512_loadu_si512(w + j * K + k);
+      const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+      const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(wv, odd));
+      UNROLL for (int m = 0; m < M; ++m) {
+        acc[m][j] = _mm512_fmadd_ps(_mm512_loadu_ps(xe + m * kfull + k), we, acc[m][j]);
+        acc[m][j] = _mm512_fmadd_ps(_mm512_loadu_ps(xe + m * kfull + k + 16), wo, acc[m][j]);
+      }
+    }
+  }
+  float sums[M * NB];
+  lane_sums<M * NB>(&acc[0][0], sums);
+  const uint16_t* x = o.x + r0 * K;
+  UNROLL for (int m = 0; m < M; ++m)
+    UNROLL for (int j = 0; j < NB; ++j) {
+      float s = sums[m * NB + j];
+      for (int64_t k = kfull; k < K; ++k) s += value(x[m * K + k]) * value(w[j * K + k]);
+      o.y[(r0 + m) * o.N + n + j] = s;
+    }
+}
+
+// The bfloat16 rows x [M, K] widened for bf16_widen_block512: each 32 k, the even then the odd.
+XDS_AVX512F inline void widen_rows512(const uint16_t* x, int64_t M, int64_t K, float* xe) {
+  const int64_t kfull = K / 32 * 32;
+  const __m512i odd = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < kfull; k += 32) {
+      const __m512i v = _mm512_loadu_si512(x + m * K + k);
+      float* out = xe + m * kfull + k;
+      _mm512_storeu_ps(out, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+      _mm512_storeu_ps(out + 16, _mm512_castsi512_ps(_mm512_and_si512(v, odd)));
+    }
+  }
+}
+
 // VNNI multiplies unsigned by signed bytes: each weight byte is flipped to w + 128 (unsigned,
 // one xor a vector) and multiplies the signed halves hi and lo (xh8, xl8 [M, K]), so 128 times
 // each row's sum (xsum: hi's M, then lo's M) comes off.
 template <int M, int NB>
-XDS_AVX512 void int8_block512(const Operands& o, int64_t n, int64_t r0, NextBlock& next) {
+XDS_AVX512VNNI void int8_block512(const Operands& o, int64_t n, int64_t r0, NextBlock& next) {
   const int64_t K = o.K, kfull = K / 64 * 64;
   const auto* w = static_cast<const int8_t*>(o.w) + n * K;
   const int8_t* xh = o.xh8 + r0 * K;

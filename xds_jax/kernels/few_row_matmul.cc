@@ -12,8 +12,8 @@
 // not started).
 //
 // - XdsBf16Matmul: bfloat16 x and w, float32 accumulation: AVX-512 BF16's pair dot product,
-//   or AVX2 FMAs on the widened values; from kAmxMinRows rows, Intel AMX tiles where the CPU
-//   and the OS allow them (amx_tiles.h).
+//   or AVX-512 (without BF16) or AVX2 FMAs on the widened values; from kAmxMinRows rows, Intel
+//   AMX tiles where the CPU and the OS allow them (amx_tiles.h).
 // - XdsF32Matmul: float32 x and w, AVX-512 FMAs (XLA's float32 dots stream 2-8 rows at ~10
 //   GB/s), or AVX2 FMAs on CPUs without AVX-512 (up to cpu_matmul.MAX_ROWS_F32_AVX2 rows).
 // - XdsInt8Matmul: weight-only int8 (xds_jax.model.quant): w int8 with float32 scales [N]; the
@@ -60,22 +60,26 @@ inline void blocks(int64_t n0, int64_t n1, Block&& block) {
 }
 
 // ---- dispatch -----------------------------------------------------------------------------------
+// 3: AVX-512 with BF16 and VNNI, 2: AVX-512 F/BW/VL without BF16 (Skylake to Ice Lake
+// servers), 1: AVX2 + FMA, 0: neither.
 int detect_isa() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16") &&
-      __builtin_cpu_supports("avx512vnni")) {
-    return 2;
+      __builtin_cpu_supports("avx512vl")) {
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni") ? 3 : 2;
   }
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
 }
 
-// 2: AVX-512 (BF16, VNNI), 1: AVX2 + FMA, 0: neither. Lowered by xds_few_row_use_isa (tests).
+// The instruction set the kernels run (detect_isa's levels); lowered by xds_few_row_use_isa
+// (tests, benchmarks).
 std::atomic<int> g_isa{detect_isa()};
+// AVX-512 VNNI's byte dot product (the int8 blocks' at level 2 and up; AVX2's otherwise).
+const bool kVnni = __builtin_cpu_supports("avx512vnni");
 // bfloat16 and int8 matmuls of at least this many rows run AMX tiles (0: never;
 // xds_few_row_use_amx), where the CPU has them (kAmx: 1 BF16, 2 INT8).
 constexpr int64_t kAmxMinRows = 2;
 constexpr int64_t kAmxMaxRows = 512;  // bounds the packed rows each calling thread keeps
-const int kAmx = detect_isa() == 2 ? amx_usable() : 0;
+const int kAmx = detect_isa() == 3 ? amx_usable() : 0;
 std::atomic<int64_t> g_amx_rows{kAmx ? kAmxMinRows : 0};
 
 // f(std::integral_constant<int, rows>) for 1 <= rows <= 6 (every group is at most 6 rows).
@@ -137,12 +141,14 @@ void columns(const Operands& o, int64_t n0, int64_t n1, int64_t following) {
 // ``f``: the first output of the thread's next chunk, as tiles() takes it (-1: none).
 void columns(const Operands& o, int64_t n0, int64_t n1, int64_t f = -1) {
   if (o.xf != nullptr) {
-    if (g_isa.load(std::memory_order_relaxed) == 2) return columns<F32Avx512>(o, n0, n1, f);
+    if (g_isa.load(std::memory_order_relaxed) >= 2) return columns<F32Avx512>(o, n0, n1, f);
     return columns<F32Avx2>(o, n0, n1, f);
   }
+  // the int8 and bfloat16 paths were chosen once, for the call, as its rows were prepared
   if (o.xh8 != nullptr) return columns<Int8Avx512>(o, n0, n1, f);
   if (o.xq != nullptr) return columns<Int8Avx2>(o, n0, n1, f);
-  if (o.xe != nullptr) return columns<Bf16Avx2>(o, n0, n1, f);  // chosen once, for the call
+  if (o.xe_step == 32) return columns<Bf16Avx512Widen>(o, n0, n1, f);
+  if (o.xe_step == 16) return columns<Bf16Avx2>(o, n0, n1, f);
   columns<Bf16Avx512>(o, n0, n1, f);
 }
 
@@ -151,7 +157,7 @@ void columns(const Operands& o, int64_t n0, int64_t n1, int64_t f = -1) {
 struct Work : Chunks {
   Operands o;
   std::vector<int16_t> xq;
-  std::vector<float> xe;  // bfloat16 rows widened for the AVX2 blocks
+  std::vector<float> xe;  // bfloat16 rows widened for the AVX2 or AVX-512 F blocks
   std::vector<int32_t> xsum;
   std::unique_ptr<int8_t[]> halves;  // int8: the rows' hi [M, K] then lo [M, K] (not zeroed)
   std::vector<float> x_scale;  // int8: the rows' scales [M]
@@ -182,7 +188,7 @@ struct Work : Chunks {
 bool takes_amx(int kind, int64_t M, int64_t K, int64_t k_step) {
   const int64_t rows = g_amx_rows.load(std::memory_order_relaxed);
   return (kAmx & kind) && rows > 0 && M >= rows && M <= kAmxMaxRows && K % k_step == 0 &&
-         g_isa.load(std::memory_order_relaxed) == 2;
+         g_isa.load(std::memory_order_relaxed) == 3;
 }
 
 ffi::Error Run(ffi::ThreadPool& pool, std::shared_ptr<Work> work) {
@@ -223,10 +229,17 @@ ffi::Error FloatMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer&
   const int64_t M = work->o.M = x.dimensions()[0];
   work->o.N = w.dimensions()[0];
   const int64_t K = work->o.K = w.dimensions()[1];
-  if (dtype == ffi::DataType::BF16 && g_isa.load(std::memory_order_relaxed) == 1) {
-    work->xe.resize(std::max<int64_t>(1, M * (K / 16 * 16)));  // never null: it picks the path
-    widen_rows(work->o.x, M, K, work->xe.data());
+  const int isa = g_isa.load(std::memory_order_relaxed);
+  if (dtype == ffi::DataType::BF16 && (isa == 1 || isa == 2)) {  // no BF16 pair dot product
+    const int step = isa == 2 ? 32 : 16;
+    work->xe.resize(std::max<int64_t>(1, M * (K / step * step)));
+    if (isa == 2) {
+      widen_rows512(work->o.x, M, K, work->xe.data());
+    } else {
+      widen_rows(work->o.x, M, K, work->xe.data());
+    }
     work->o.xe = work->xe.data();
+    work->o.xe_step = step;
   }
   if (dtype == ffi::DataType::BF16 && takes_amx(1, M, K, 32)) {
     uint32_t* xp = amx_buffer(amx_rows(M) * K / 2);
@@ -253,7 +266,7 @@ ffi::Error F32Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
 // The rows of x [M, K] split (int8_rows.h): hi [M, K], then lo [M, K] at hi + M K, scales [M].
 void split_rows(const void* x, bool bf16, int64_t M, int64_t K, float limit, int8_t* hi,
                 float* scale) {
-  const bool avx512 = g_isa.load(std::memory_order_relaxed) == 2;
+  const bool avx512 = g_isa.load(std::memory_order_relaxed) >= 2;
   std::vector<float> row(avx512 ? 0 : K);
   const char* bytes = static_cast<const char*>(x);
   const int64_t stride = K * (bf16 ? 2 : 4);
@@ -283,7 +296,7 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   int8_t* h = work->halves.get();
   int8_t* l = h + M * K;
   split_rows(x.untyped_data(), bf16, M, K, act_limit, h, work->x_scale.data());
-  if (g_isa.load(std::memory_order_relaxed) == 2) {
+  if (g_isa.load(std::memory_order_relaxed) >= 2 && kVnni) {
     work->xsum.resize(2 * M);
     for (int64_t m = 0; m < 2 * M; ++m) {
       const int8_t* row = h + m * K;  // lo's rows follow hi's
@@ -343,7 +356,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XdsInt8Matmul, Int8Matmul,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<float>("act_limit"));
 
-// The instruction set the kernels run: 2 AVX-512 (BF16, VNNI), 1 AVX2 + FMA, 0 none (not used).
+// The instruction set the kernels run: 3 AVX-512 with BF16 and VNNI, 2 AVX-512 F/BW/VL, 1 AVX2
+// + FMA, 0 none (not used).
 extern "C" int xds_few_row_isa() { return g_isa.load(); }
 
 // The fewest rows a bfloat16 or int8 matmul runs AMX tiles at (0: AMX unavailable or off).

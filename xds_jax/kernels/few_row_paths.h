@@ -29,6 +29,16 @@ struct Bf16Avx512 {  // M x NB accumulators, M rows held
     bf16_block512<M, NB>(o, n, r0, pf);
   }
 };
+struct Bf16Avx512Widen {  // M x NB accumulators, the rows read from L1 (AVX-512 without BF16)
+  static constexpr int kGroup = 4, kWide = 4, kWideFrom = 0;
+  static constexpr int kStepK = 32, kWeightBytes = 2;  // k per step, bytes a weight
+  static constexpr bool kTailStep = false;  // whether the k % kStepK tail calls next.step()
+  static constexpr int nb(int M) { return M <= 1 ? 12 : M <= 3 ? 8 : 6; }
+  template <int M, int NB>
+  static void run(const Operands& o, int64_t n, int64_t r0, NextBlock& pf) {
+    bf16_widen_block512<M, NB>(o, n, r0, pf);
+  }
+};
 struct F32Avx512 {  // M x NB accumulators, M rows held
   static constexpr int kGroup = 4, kWide = 4, kWideFrom = 0;
   static constexpr int kStepK = 16, kWeightBytes = 4;  // k per step, bytes a weight

@@ -24,7 +24,13 @@ from xds_jax.kernels import cpu_attention
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not cpu_attention.prefill_available(),
-                                reason="the kernel cannot run here (no AVX-512 BF16 or compiler)")
+                                reason="the kernel cannot run here (no AVX-512 or compiler)")
+
+
+def _runs(dtype):
+    """Skip a bfloat16 case where the CPU has AVX-512 without BF16 (the kernel runs float32)."""
+    if not cpu_attention.prefill_available(dtype):
+        pytest.skip("bfloat16 prefill attention needs AVX-512 BF16")
 
 
 def _case(dtype, s=37, k=3, g=2, d=48, pg=4, n=16, pages=70, start=(5, 20), seed=0):
@@ -70,6 +76,7 @@ def _run(args, **kw):
 @pytest.mark.parametrize("window", [0, 9])
 @pytest.mark.parametrize("d", [48, 80])
 def test_kernel_equals_the_xla_path_and_float64(dtype, cap, window, d):
+    _runs(dtype)
     args = _case(dtype, d=d, seed=d + int(cap) + window)
     kw = {"scale": 0.15, "cap": cap, "window": float(window)}
     got, xla = _run(args, **kw)
@@ -88,6 +95,7 @@ def test_kernel_equals_the_xla_path_and_float64(dtype, cap, window, d):
 def test_a_table_wider_than_the_keys_seen(dtype):
     """200 query tokens against tables of 1,024 keys of which they see at most 220: the
     items are sized by the keys seen (64 tokens), not by the table's width (24)."""
+    _runs(dtype)
     args = _case(dtype, s=200, g=3, d=64, pg=16, n=64, pages=140, seed=11)
     got, xla = _run(args, scale=0.15, cap=0.0, window=0.0)
     real = np.asarray(args[4]) >= 0
@@ -127,6 +135,7 @@ def test_amx_tiles_equal_the_avx512_path_and_float64(cap, window, d):
 def test_long_context_against_the_blockwise_path(dtype):
     """A 240-token chunk at positions 2800.. over 3072 slots (few query tokens per work item),
     and a window: the reference there is XLA's blockwise attention."""
+    _runs(dtype)
     for window in (0, 700):
         args = _case(dtype, s=240, k=2, g=3, d=64, pg=16, n=192, pages=400, start=(2800, 10),
                      seed=window)
@@ -150,6 +159,8 @@ def test_applies_and_vmap_sees_the_xla_path():
     assert cpu_attention.prefill_applies(q, kp)
     assert not cpu_attention.prefill_applies(q[..., :40], kp)  # head dims not a multiple of 16
     assert not cpu_attention.prefill_applies(q.astype(jnp.bfloat16), kp)  # float32 pages
+    bf16 = (q.astype(jnp.bfloat16), att.as_bits(jnp.zeros(kp.shape, jnp.bfloat16)))
+    assert cpu_attention.prefill_applies(*bf16) == (cpu_attention.prefill_level() == 2)
     kw = {"scale": 0.1, "cap": 0.0, "window": 0.0}
     got = np.asarray(att._paged_prefill.bind(q, kp, vp, tables, pos, **kw))
     batched = jax.vmap(lambda q_: att._paged_prefill.bind(q_, kp, vp, tables, pos, **kw))(
@@ -162,6 +173,7 @@ def test_applies_and_vmap_sees_the_xla_path():
 def test_model_attention_with_and_without_the_kernel(dtype, monkeypatch):
     """A tiny Llama layer's prefill of a 13-token chunk after 6 cached tokens (and a padded
     sequence): the same output as XLA's prefill attention, the same cache."""
+    _runs(dtype)
     from tests.helpers import tiny
 
     if tiny("llama").cfg.head_dim % 16:

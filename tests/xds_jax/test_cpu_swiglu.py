@@ -17,7 +17,7 @@ from xds_jax.kernels import cpu_swiglu
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not cpu_swiglu.available(),
-                                reason="the kernel cannot run here (no AVX-512 BF16 or compiler)")
+                                reason="the kernel cannot run here (no AVX-512 or compiler)")
 
 
 def _gate_up(shape, seed=0):
@@ -46,6 +46,23 @@ def test_kernel_equals_xla(shape, dtype):
         assert (got != want).mean() < 1e-3
     gates = np.asarray(y).reshape(-1, 2)[:, 0].reshape(got.shape)
     assert not got[gates < -88.72].any()  # exp(-g) past float32: XLA's 0
+
+
+def test_bfloat16_ties_and_specials_round_as_xla_converts():
+    """Gates of 32 (silu(32) is 32 in float32: its sigmoid rounds to 1) times ups whose
+    products sit halfway between two bfloat16 values (both directions, both signs, the largest
+    rounding to infinity) or off a tie, an infinity and a NaN: the kernel's integer rounding to
+    nearest even is XLA's conversion bit for bit, the NaN a NaN."""
+    products = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0xBF818000, 0x3F80FFFF, 0x3F808001,
+                         0x7F7F8000, 0x7F7F7FFF, 0x00800000, 0x7F800000, 0x7FC00001], np.uint32)
+    ups = products.view(np.float32) / np.float32(32)  # exact: powers of two, normal values
+    y = jnp.asarray(np.stack([np.full_like(ups, 32.0), ups], -1).reshape(1, -1))
+    got = np.asarray(jax.jit(lambda v: cpu_swiglu.silu_mul(v, jnp.bfloat16))(y)).view(np.uint16)
+    want = np.asarray(jax.jit(lambda v: cpu_swiglu.reference(v, jnp.bfloat16))(y))
+    want = want.view(np.uint16)
+    np.testing.assert_array_equal(got[0, :-1], want[0, :-1])
+    assert got[0, 6] == 0x7F80 and got[0, 0] == 0x3F80 and got[0, 1] == 0x3F82  # to even
+    assert (got[0, -1] & 0x7F80) == 0x7F80 and got[0, -1] & 0x7F  # a NaN
 
 
 def test_partitioned_programs_keep_xla():

@@ -86,21 +86,29 @@ def paged_decode_primitive(reference):
 
 
 @functools.cache
-def prefill_available() -> bool:
-    """Whether the prefill kernel runs here: as ``available``, and a CPU with AVX-512 BF16
-    (the kernel has no AVX2 path); registers its FFI target on first use."""
+def prefill_level() -> int:
+    """The dtypes the prefill kernel runs here: 2 bfloat16 and float32 (AVX-512 BF16), 1
+    float32 only (AVX-512 without BF16), 0 none (no AVX-512: the kernel has no AVX2 path; not
+    built); registers its FFI target on first use."""
     lib = build.load_x86_cpu(PREFILL_LIBRARY)
-    if lib is None or not lib.xds_prefill_attention_ok():
-        return False
-    jax.ffi.register_ffi_target(PREFILL_TARGET, jax.ffi.pycapsule(lib.XdsPrefillAttention),
-                                platform="cpu")
-    log.info("prefill attention over paged KV runs xds-jax's CPU kernel")
-    return True
+    level = int(lib.xds_prefill_attention_ok()) if lib is not None else 0
+    if level:
+        jax.ffi.register_ffi_target(PREFILL_TARGET, jax.ffi.pycapsule(lib.XdsPrefillAttention),
+                                    platform="cpu")
+        log.info("prefill attention over paged KV runs xds-jax's CPU kernel (%s)",
+                 "bfloat16 and float32" if level == 2 else "float32")
+    return level
+
+
+def prefill_available(dtype=jnp.float32) -> bool:
+    """Whether the prefill kernel runs here for ``dtype`` queries (bfloat16 or float32)."""
+    return prefill_level() >= (2 if jnp.dtype(dtype) == jnp.bfloat16 else 1)
 
 
 def prefill_amx() -> bool:
     """Whether bfloat16 prefill attention with head dims a multiple of 32 runs AMX tiles."""
-    return prefill_available() and bool(build.load(PREFILL_LIBRARY).xds_prefill_attention_amx())
+    return (prefill_available(jnp.bfloat16)
+            and bool(build.load(PREFILL_LIBRARY).xds_prefill_attention_amx()))
 
 
 def use_prefill_amx(on: bool) -> bool:
@@ -114,9 +122,9 @@ def use_prefill_amx(on: bool) -> bool:
 
 def prefill_applies(q_BSKGD: jax.Array, k_pages: jax.Array) -> bool:
     """Whether the prefill kernel takes queries ``q_BSKGD`` against pages ``k_pages``: the
-    dtypes of ``applies``, head dims a multiple of 16."""
+    dtypes of ``applies`` where this CPU runs them, head dims a multiple of 16."""
     return (_dtypes_ok(q_BSKGD, k_pages) and q_BSKGD.ndim == 5 and k_pages.ndim == 4
-            and q_BSKGD.shape[-1] % 16 == 0 and prefill_available())
+            and q_BSKGD.shape[-1] % 16 == 0 and prefill_available(q_BSKGD.dtype))
 
 
 def paged_prefill_primitive(reference):

@@ -10,7 +10,7 @@ kernel splits 16 pairs at a time in registers. The arithmetic is XLA's (the expo
 a few ulps of its own). A ``cpu_matmul.primitive``: the kernel where the program is not
 partitioned (one device, a ``shard_map`` body manual over every axis), the XLA computation
 everywhere else, under ``vmap`` and for derivatives; callers check ``applies`` (a CPU with
-AVX-512 BF16 and the kernel built) first.
+AVX-512 and the kernel built) first.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ DTYPES = (jnp.bfloat16, jnp.float32)
 
 @functools.cache
 def available() -> bool:
-    """Whether the kernel runs here (built, an x86 CPU with AVX-512 BF16); registers its FFI
+    """Whether the kernel runs here (built, an x86 CPU with AVX-512); registers its FFI
     target on first use."""
     lib = build.load_x86_cpu(LIBRARY)
     if lib is None or not lib.xds_swiglu_ok():

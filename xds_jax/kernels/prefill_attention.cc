@@ -19,8 +19,8 @@
 // On a CPU with AMX-BF16, bfloat16 items with head dims a multiple of 32 run both products on
 // AMX tiles instead (prefill_amx.h), 16 rows a group; the softmax stays AVX-512.
 //
-// AVX-512 only (cpu_attention.prefill_applies checks); built and registered by
-// xds_jax/kernels/build.py, used through xds_jax/kernels/cpu_attention.py.
+// AVX-512 only, bfloat16 with BF16 (cpu_attention.prefill_applies checks); built and registered
+// by xds_jax/kernels/build.py, used through xds_jax/kernels/cpu_attention.py.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -77,7 +77,10 @@ struct Scratch {
 
 // Whether bfloat16 items with head dims a multiple of 32 run AMX tiles (prefill_amx.h): where
 // the CPU has AMX-BF16 and the OS grants tile data; xds_prefill_attention_use_amx (tests).
-const bool kAmxBf16 = (amx_usable() & 1) != 0;
+const int kLevel = !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl")) ? 0
+                   : __builtin_cpu_supports("avx512bf16") ? 2 : 1;
+const bool kAmxBf16 = kLevel == 2 && (amx_usable() & 1) != 0;
 std::atomic<bool> g_amx{kAmxBf16};
 
 inline int64_t panel_width(const Args& a, int64_t b) {
@@ -268,6 +271,10 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kp, ffi
         "pages [P, Pg, K, D] (uint16 bits or float32), int32 tables [B, N] and positions "
         "[B, S] expected");
   }
+  if (kLevel < (bf16 ? 2 : 1)) {
+    return ffi::Error::InvalidArgument(bf16 ? "xds_prefill_attention: bfloat16 needs AVX-512 BF16"
+                                            : "xds_prefill_attention: float32 needs AVX-512");
+  }
   auto args = std::make_shared<Args>();
   Args& a = *args;
   a.q = q.untyped_data();
@@ -337,11 +344,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XdsPrefillAttention, Attend,
                                   .Attr<float>("window")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// Whether this CPU runs the kernel (AVX-512 with BF16: both dtypes' paths are compiled for it).
-extern "C" int xds_prefill_attention_ok() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-}
+// The dtypes this CPU runs the kernel for: 2 both (AVX-512 with BF16), 1 float32 only (AVX-512
+// F/BW/VL: the float32 path's FMAs; bfloat16 takes the pair dot product), 0 none.
+extern "C" int xds_prefill_attention_ok() { return kLevel; }
 
 // Whether bfloat16 prefill attention runs AMX tiles (1) or AVX-512 (0); ``on`` 0 turns them off,
 // 1 back on where the CPU has them (tests and benchmarks compare the paths).

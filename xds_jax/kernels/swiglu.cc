@@ -10,8 +10,9 @@
 // bfloat16. A gate below -88.7 (its exponential past float32's range) gives 0, as XLA's
 // infinity does.
 //
-// AVX-512 with BF16 only (cpu_swiglu.available checks); built and registered by
-// xds_jax/kernels/build.py, used through xds_jax/kernels/cpu_swiglu.py.
+// AVX-512 F/BW/VL (cpu_swiglu.available checks; the bfloat16 rounding is integer arithmetic,
+// so CPUs without AVX-512 BF16 run it too); built and registered by xds_jax/kernels/build.py,
+// used through xds_jax/kernels/cpu_swiglu.py.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -28,7 +29,7 @@ namespace {
 
 using namespace xds_kernels;
 
-#define XDS_SWIGLU __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define XDS_SWIGLU __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 constexpr int64_t kChunkValues = 1 << 12;  // outputs per chunk: a batch-32 step's 49,152 take both cores
 
@@ -39,6 +40,19 @@ XDS_SWIGLU inline __m512 silu_mul16(__m512 g, __m512 u) {
   const __mmask16 big = _mm512_cmp_ps_mask(neg, _mm512_set1_ps(88.7228394f), _CMP_GT_OQ);
   d = _mm512_mask_mov_ps(d, big, _mm512_setzero_ps());
   return _mm512_mul_ps(_mm512_mul_ps(g, d), u);
+}
+
+// 16 float32 values rounded to bfloat16, nearest even (XLA's conversion, subnormals kept); a
+// NaN stays a NaN, quiet.
+XDS_SWIGLU inline __m256i bf16x16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i top = _mm512_srli_epi32(bits, 16);
+  const __m512i even = _mm512_add_epi32(_mm512_and_si512(top, _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7fff));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, even), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, top, _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
 }
 
 // Outputs [i0, i1) of the flattened [M, F] result.
@@ -58,8 +72,7 @@ XDS_SWIGLU void silu_mul_range(const float* y, int64_t F, void* out, bool bf16, 
                                   _mm512_permutex2var_ps(a, odd, b));
       const int64_t at = m * F + f;
       if (bf16) {
-        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + at, lanes16(n, 0),
-                                 (__m256i)_mm512_cvtneps_pbh(v));
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + at, lanes16(n, 0), bf16x16(v));
       } else {
         _mm512_mask_storeu_ps(static_cast<float*>(out) + at, lanes16(n, 0), v);
       }
@@ -106,8 +119,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XdsSiluMul, SiluMul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>());
 
-// Whether this CPU runs the kernel (AVX-512 with BF16).
+// Whether this CPU runs the kernel (AVX-512 F/BW/VL).
 extern "C" int xds_swiglu_ok() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+         __builtin_cpu_supports("avx512vl");
 }

@@ -41,12 +41,16 @@ def test_cpu_loads_store_layer_projections_out_major():
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3_moe", "deepseek_v3"])
 @pytest.mark.parametrize("dtype, quantization", [(jnp.float32, None), (jnp.bfloat16, None),
                                                  (jnp.float32, "int8")])
-def test_out_major_logits_equal_in_major(name, dtype, quantization, monkeypatch):
+def test_out_major_logits_equal_in_major(name, dtype, quantization, monkeypatch, request):
     """GQA with and without biases, MoE, MLA (its attention keeps [in, out]); float32 up to
     the summation order of a dot, bfloat16 and int8 (exact int32 products) alike. Both
     layouts take XLA's dots here: on CPU the output-major one would otherwise take xds-jax's
     kernel, whose rounding against XLA's is tested in tests/xds_jax/test_cpu_kernels.py."""
     monkeypatch.setattr(cpu_matmul, "max_rows", lambda *a, **k: 0)
+    # the layers' jitted kinds retrace with it (an earlier test of the process, test_bf16's,
+    # compiled them for these shapes with the kernel in), and again after it
+    jax.clear_caches()
+    request.addfinalizer(jax.clear_caches)
     m = tiny(name)
     base = quantize_params(jax.tree.map(lambda w: w.astype(dtype), _in_major(m.params)),
                            quantization)

@@ -1,7 +1,7 @@
 """xds-jax's CPU kernel for few-row bfloat16 matmuls (``xds_jax.kernels``): against a float32
-reference on both instruction-set paths, its lowering (the kernel only where a program sees
-whole arrays), the transformations, the model's greedy output, and the fallback where it
-cannot be built."""
+reference on every instruction-set path the CPU has (AMX, AVX-512 BF16, AVX-512, AVX2), its
+lowering (the kernel only where a program sees whole arrays), the transformations, the
+model's greedy output, and the fallback where it cannot be built."""
 
 import functools
 import os
@@ -177,6 +177,28 @@ def test_int8_kernel_sums_extreme_rows_past_int32(isa, m, k):
         np.testing.assert_array_equal(got, np.asarray(xla(*args)))
     exact = sums * (np.float64(1) / _ACT_LIMIT) * 1e-3
     np.testing.assert_allclose(got, exact, rtol=4e-7)
+
+
+@pytest.mark.skipif(cpu_matmul.kernel_isa() < 2, reason="this CPU lacks AVX-512")
+@pytest.mark.parametrize("m,n,k", [(1, 130, 100), (3, 50, 9), (8, 1000, 64), (97, 67, 37)])
+def test_int8_on_avx512_without_vnni_equals_xla(m, n, k):
+    """An AVX-512 CPU without VNNI (a Skylake-SP): the rows split by the AVX-512 code, the
+    products by AVX2's 16-bit blocks; XLA's numbers (K <= 1024)."""
+    from xds_jax.model.quant import _ACT_LIMIT
+
+    rng = np.random.default_rng(m + n + k)
+    x = jnp.asarray(_tied_rows(m, k, rng), jnp.bfloat16)
+    w_q = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
+    scale = jnp.asarray(rng.uniform(1e-3, 2e-2, n), jnp.float32)
+    xla = jax.jit(functools.partial(cpu_matmul._int8_dot, act_limit=_ACT_LIMIT))
+    kernel = jax.jit(cpu_matmul.few_row_int8_matmul, static_argnums=3)
+    isa, vnni = cpu_matmul.use_isa(2), cpu_matmul.use_vnni(False)
+    try:
+        assert isa == 2 and not vnni
+        got = np.asarray(kernel(x, w_q, scale, _ACT_LIMIT))
+    finally:
+        cpu_matmul.use_isa(3), cpu_matmul.use_vnni(True)
+    np.testing.assert_array_equal(got, np.asarray(xla(x, w_q, scale)))
 
 
 def test_matmul_f32_takes_the_kernel_only_where_it_applies():

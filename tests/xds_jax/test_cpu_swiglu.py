@@ -51,18 +51,20 @@ def test_kernel_equals_xla(shape, dtype):
 def test_bfloat16_ties_and_specials_round_as_xla_converts():
     """Gates of 32 (silu(32) is 32 in float32: its sigmoid rounds to 1) times ups whose
     products sit halfway between two bfloat16 values (both directions, both signs, the largest
-    rounding to infinity) or off a tie, an infinity and a NaN: the kernel's integer rounding to
-    nearest even is XLA's conversion bit for bit, the NaN a NaN."""
+    rounding to infinity) or off a tie, a small normal value, an infinity and NaNs with
+    payloads and signs: the kernel's integer rounding to nearest even is XLA's conversion bit
+    for bit (a NaN XLA's quiet NaN with its sign)."""
     products = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0xBF818000, 0x3F80FFFF, 0x3F808001,
-                         0x7F7F8000, 0x7F7F7FFF, 0x00800000, 0x7F800000, 0x7FC00001], np.uint32)
+                         0x7F7F8000, 0x7F7F7FFF, 0x03818000, 0x7F800000, 0xFFC12345, 0x7FBFFFFF,
+                         0x7FC00001], np.uint32)
     ups = products.view(np.float32) / np.float32(32)  # exact: powers of two, normal values
     y = jnp.asarray(np.stack([np.full_like(ups, 32.0), ups], -1).reshape(1, -1))
     got = np.asarray(jax.jit(lambda v: cpu_swiglu.silu_mul(v, jnp.bfloat16))(y)).view(np.uint16)
     want = np.asarray(jax.jit(lambda v: cpu_swiglu.reference(v, jnp.bfloat16))(y))
     want = want.view(np.uint16)
-    np.testing.assert_array_equal(got[0, :-1], want[0, :-1])
+    np.testing.assert_array_equal(got, want)
     assert got[0, 6] == 0x7F80 and got[0, 0] == 0x3F80 and got[0, 1] == 0x3F82  # to even
-    assert (got[0, -1] & 0x7F80) == 0x7F80 and got[0, -1] & 0x7F  # a NaN
+    assert got[0, 8] == 0x0382 and list(got[0, -3:]) == [0xFFC0, 0x7FC0, 0x7FC0]
 
 
 def test_partitioned_programs_keep_xla():

@@ -58,13 +58,13 @@ LIBRARY = "few_row_matmul"
 # XLA's dot at 32 rows, 1.34x at 64, 1.2x at 128, 1.1x at 256, so to MAX_ROWS as well.
 MAX_ROWS = 128
 MAX_ROWS_AVX2 = 32
-# float32, AVX-512: 1.2x XLA's dot at 1 row, 1.6-2x at 2-8, 1.3-1.6x at 16-64,
-# 1.05-1.15x at 128-256, 0.98-1.07x at 512 (SmolLM2's shapes and 2048 x 5632 ones, in 4 x 6
-# tiles since December 2026; even with XLA's packed GEMM beyond). AVX2 (an AMD EPYC Zen 3,
-# SmolLM2's matmuls weighed by their bytes; 3 x 4 tiles since December 2026's evening):
-# 1.1-1.5x XLA's [N, K] dot at 1-16 rows, 1.55x at 32, 1.2x at 64, 1.14x at 128, behind from
-# 256 (0.85x).
-# AVX-512 without BF16 (the same Xeon): float32 1.03x at 128 rows, 0.92x at 256 and 512.
+# float32, AVX-512 BF16 CPUs (an AMD EPYC Zen 4): 1.2x XLA's dot at 1 row, 1.6-2x at 2-8,
+# 1.3-1.6x at 16-64, 1.05-1.15x at 128-256, 0.98-1.07x at 512 (SmolLM2's shapes and 2048 x
+# 5632 ones, in 4 x 6 tiles since December 2026; even with XLA's packed GEMM beyond). AVX2 (an
+# AMD EPYC Zen 3, SmolLM2's matmuls weighed by their bytes; 3 x 4 tiles since December 2026's
+# evening): 1.1-1.5x XLA's [N, K] dot at 1-16 rows, 1.55x at 32, 1.2x at 64, 1.14x at 128,
+# behind from 256 (0.85x). AVX-512 without BF16 (the Intel Xeon above): 1.5x at 32 rows, 1.03x
+# at 128, 0.92x at 256 and 512.
 MAX_ROWS_F32 = 512
 MAX_ROWS_F32_AVX512 = 128
 MAX_ROWS_F32_AVX2 = 128
@@ -103,6 +103,13 @@ def use_isa(isa: int) -> int:
     use. Takes effect for calls made after it."""
     lib = build.load(LIBRARY)
     return int(lib.xds_few_row_use_isa(isa)) if lib is not None else 0
+
+
+def use_vnni(on: bool) -> bool:
+    """int8 matmuls on AVX-512 VNNI's blocks (where the CPU has VNNI) or, off, AVX2's (tests: the
+    path of an AVX-512 CPU without VNNI, a Skylake-SP); returns whether VNNI is in use."""
+    lib = build.load(LIBRARY) if kernel_isa() else None
+    return bool(lib.xds_few_row_use_vnni(int(on))) if lib is not None else False
 
 
 def amx_rows() -> int:

@@ -17,9 +17,10 @@
 
 namespace xds_kernels {
 
-// The operands of one call. ``x`` is bfloat16 rows; or, with int8 weights, the rows' hi and lo
-// halves as they are (``xh8``, ``xl8`` [M, K]) with their sums (AVX-512), or the rows' whole
-// 16-bit values 256 hi + lo (``xq`` [M, K], AVX2).
+// The operands of one call. ``x`` is bfloat16 rows (and ``xe`` them widened where the CPU has
+// no AVX-512 BF16); or, with int8 weights, the rows' hi and lo halves as they are (``xh8``,
+// ``xl8`` [M, K]) with their sums (AVX-512 VNNI), or the rows' whole 16-bit values 256 hi + lo
+// (``xq`` [M, K], AVX2).
 struct Operands {
   const uint16_t* x = nullptr;
   const float* xf = nullptr;      // float32 rows (float32 weights)

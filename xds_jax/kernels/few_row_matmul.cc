@@ -71,10 +71,12 @@ int detect_isa() {
 }
 
 // The instruction set the kernels run (detect_isa's levels); lowered by xds_few_row_use_isa
-// (tests, benchmarks).
+// (tests).
 std::atomic<int> g_isa{detect_isa()};
-// AVX-512 VNNI's byte dot product (the int8 blocks' at level 2 and up; AVX2's otherwise).
+// AVX-512 VNNI's byte dot product (the int8 blocks' at level 2 and up; AVX2's otherwise), where
+// the CPU has it; turned off by xds_few_row_use_vnni (tests: a Skylake-SP's int8 path).
 const bool kVnni = __builtin_cpu_supports("avx512vnni");
+std::atomic<bool> g_vnni{kVnni};
 // bfloat16 and int8 matmuls of at least this many rows run AMX tiles (0: never;
 // xds_few_row_use_amx), where the CPU has them (kAmx: 1 BF16, 2 INT8).
 constexpr int64_t kAmxMinRows = 2;
@@ -192,7 +194,7 @@ bool takes_amx(int kind, int64_t M, int64_t K, int64_t k_step) {
 }
 
 ffi::Error Run(ffi::ThreadPool& pool, std::shared_ptr<Work> work) {
-  if (g_isa.load(std::memory_order_relaxed) == 0) {
+  if (g_isa.load(std::memory_order_relaxed) <= 0) {
     return ffi::Error::Internal("xds few-row matmul: this CPU has neither AVX-512 nor AVX2");
   }
   const int64_t pieces = std::max<int64_t>(1, pool.num_threads()) * kChunksPerThread;
@@ -230,7 +232,7 @@ ffi::Error FloatMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer&
   work->o.N = w.dimensions()[0];
   const int64_t K = work->o.K = w.dimensions()[1];
   const int isa = g_isa.load(std::memory_order_relaxed);
-  if (dtype == ffi::DataType::BF16 && (isa == 1 || isa == 2)) {  // no BF16 pair dot product
+  if (dtype == ffi::DataType::BF16 && isa < 3) {  // no BF16 pair dot product
     const int step = isa == 2 ? 32 : 16;
     work->xe.resize(std::max<int64_t>(1, M * (K / step * step)));
     if (isa == 2) {
@@ -296,7 +298,7 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   int8_t* h = work->halves.get();
   int8_t* l = h + M * K;
   split_rows(x.untyped_data(), bf16, M, K, act_limit, h, work->x_scale.data());
-  if (g_isa.load(std::memory_order_relaxed) >= 2 && kVnni) {
+  if (g_isa.load(std::memory_order_relaxed) >= 2 && g_vnni.load(std::memory_order_relaxed)) {
     work->xsum.resize(2 * M);
     for (int64_t m = 0; m < 2 * M; ++m) {
       const int8_t* row = h + m * K;  // lo's rows follow hi's
@@ -369,8 +371,15 @@ extern "C" int64_t xds_few_row_use_amx(int64_t rows) {
   return g_amx_rows.load();
 }
 
+// int8 on VNNI's blocks at level 2 and up (``on``, where the CPU has VNNI) or AVX2's; returns
+// whether it now is.
+extern "C" int xds_few_row_use_vnni(int on) {
+  g_vnni.store(on != 0 && kVnni);
+  return g_vnni.load() ? 1 : 0;
+}
+
 // Run at most ``isa`` (never above what the CPU has); returns the one now in use.
 extern "C" int xds_few_row_use_isa(int isa) {
-  g_isa.store(std::min(isa, detect_isa()));
+  g_isa.store(std::clamp(isa, 0, detect_isa()));
   return g_isa.load();
 }

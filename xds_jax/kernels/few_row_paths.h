@@ -18,7 +18,8 @@ namespace xds_kernels {
 // (Zen 4) float32 32-row matmuls run 1.3x faster in 4 x 6 tiles than in 3 x 8, bfloat16 ones
 // from 10 rows 1.1-1.3x in 6 x 4, int8 batch-32 decode 1.1-1.2x with 6 outputs a block
 // instead of 4.
-// The int8 path was chosen when the call's rows were prepared (xh8 or xq).
+// The int8 and bfloat16 paths were chosen when the call's rows were prepared (xh8 or xq; xe and
+// its step).
 struct Bf16Avx512 {  // M x NB accumulators, M rows held
   static constexpr int kGroup = 3, kWide = 6, kWideFrom = 10;
   static constexpr int kStepK = 32, kWeightBytes = 2;  // k per step, bytes a weight

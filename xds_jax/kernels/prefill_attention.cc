@@ -75,11 +75,12 @@ struct Scratch {
   std::vector<float> scores, outs;
 };
 
-// Whether bfloat16 items with head dims a multiple of 32 run AMX tiles (prefill_amx.h): where
-// the CPU has AMX-BF16 and the OS grants tile data; xds_prefill_attention_use_amx (tests).
+// The dtypes the kernel runs here: 2 both (AVX-512 with BF16), 1 float32 (AVX-512 F/BW/VL), 0.
 const int kLevel = !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                      __builtin_cpu_supports("avx512vl")) ? 0
                    : __builtin_cpu_supports("avx512bf16") ? 2 : 1;
+// Whether bfloat16 items with head dims a multiple of 32 run AMX tiles (prefill_amx.h): where
+// the CPU has AMX-BF16 and the OS grants tile data; xds_prefill_attention_use_amx (tests).
 const bool kAmxBf16 = kLevel == 2 && (amx_usable() & 1) != 0;
 std::atomic<bool> g_amx{kAmxBf16};
 

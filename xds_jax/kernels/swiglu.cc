@@ -42,8 +42,8 @@ XDS_SWIGLU inline __m512 silu_mul16(__m512 g, __m512 u) {
   return _mm512_mul_ps(_mm512_mul_ps(g, d), u);
 }
 
-// 16 float32 values rounded to bfloat16, nearest even (XLA's conversion, subnormals kept); a
-// NaN stays a NaN, quiet.
+// 16 float32 values rounded to bfloat16, nearest even, as XLA converts them: a NaN becomes the
+// quiet NaN 0x7fc0 with its sign (no payload).
 XDS_SWIGLU inline __m256i bf16x16(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i top = _mm512_srli_epi32(bits, 16);
@@ -51,7 +51,8 @@ XDS_SWIGLU inline __m256i bf16x16(__m512 v) {
                                         _mm512_set1_epi32(0x7fff));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, even), 16);
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_or_epi32(r, nan, top, _mm512_set1_epi32(0x40));
+  r = _mm512_mask_or_epi32(r, nan, _mm512_and_si512(top, _mm512_set1_epi32(0x8000)),
+                           _mm512_set1_epi32(0x7fc0));
   return _mm512_cvtepi32_epi16(r);
 }
 

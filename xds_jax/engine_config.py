@@ -33,7 +33,9 @@ class EngineConfig:
       quantization: ``"int8"``: weight-only INT8 linear layers, experts, embedding and LM head
         with one scale per output channel, quantised at load time (``docs/quantization.md``);
         None: weights as ``dtype``.
-      max_model_len: context limit in tokens, prompt plus output; None: the model's.
+      max_model_len: context limit in tokens, prompt plus output; None: the model's; ``"auto"``
+        (or -1, as vLLM takes them): the longest a DP group's KV pool of ``kv_cache_bytes``
+        holds, at most the model's.
       seed: seed of random weights when ``model`` is a bare config.
       num_dp_groups: colocated DP groups, one per device, when there is no ``deployment``.
       deployment: a deployment file (``configs/deployments/*.yaml``), or its spec already
@@ -104,7 +106,7 @@ class EngineConfig:
     model: str = "smollm2"
     dtype: str | None = None
     quantization: str | None = None
-    max_model_len: int | None = None
+    max_model_len: int | str | None = None
     seed: int = 0
     num_dp_groups: int = 1
     deployment: str | DeploymentSpec | None = None
@@ -148,9 +150,10 @@ class EngineConfig:
                               f"{', '.join(map(repr, SCHEDULING_POLICIES))}, got "
                               f"{self.scheduling_policy!r}")
         limit = self.max_model_len
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
-                                  or limit < 1):
-            raise ConfigError(f"max_model_len must be a positive integer or None, got {limit!r}")
+        if limit not in (None, "auto", -1) and (isinstance(limit, bool)
+                                                or not isinstance(limit, int) or limit < 1):
+            raise ConfigError(f"max_model_len must be a positive integer, 'auto' (or -1) or "
+                              f"None, got {limit!r}")
         for name in ("enable_prefix_caching", "staged", "trace", "use_param_cache",
                      "enable_eplb"):
             if not isinstance(getattr(self, name), bool):

@@ -57,3 +57,24 @@ def engine_params(loaded, config: EngineConfig, model_path) -> dict:
     if config.deployment is not None:
         return params
     return fuse_query(params, loaded.cfg, in_place=params is loaded.params)  # LLM drops it
+
+
+def context_length(cfg, params: dict, config: EngineConfig) -> int:
+    """The engine's ``max_model_len``: the one configured (at most the model's
+    ``max_position_embeddings``), the model's where None, or with ``"auto"`` (vLLM's spelling;
+    -1 too) the longest context a DP group's KV pool of ``kv_cache_bytes`` holds, in whole
+    blocks, at most the model's (and at least one block)."""
+    from xds_jax.errors import ConfigError
+    from xds_jax.model.params import model_dtype
+
+    limit, asked = cfg.max_position_embeddings, config.max_model_len
+    if asked in ("auto", -1):
+        per_token = cfg.kv_bytes_per_token(model_dtype(params).itemsize)
+        fit = config.kv_cache_bytes // max(per_token * config.block_size, 1) * config.block_size
+        chosen = min(limit, max(fit, config.block_size))
+        log.info("max_model_len auto: %d tokens (the model's %d; a KV pool of %d bytes holds "
+                 "%d)", chosen, limit, config.kv_cache_bytes, fit)
+        return chosen
+    if asked is not None and not asked <= limit:
+        raise ConfigError(f"max_model_len must be in 1..{limit} or 'auto', got {asked}")
+    return asked or limit

@@ -17,7 +17,12 @@ from typing import Any
 from xds_jax.compile_cache import enable_compilation_cache
 from xds_jax.embedding import embed_prompts, score_prompts
 from xds_jax.engine_config import DEFAULTS, VLLM_OPTIONS, EngineConfig, check_priority
-from xds_jax.engine_setup import engine_params, read_deployment_file, size_cpu_devices
+from xds_jax.engine_setup import (
+    context_length,
+    engine_params,
+    read_deployment_file,
+    size_cpu_devices,
+)
 from xds_jax.errors import (
     ConfigError,
     InvalidPromptError,
@@ -87,11 +92,9 @@ class LLM:
         make_room("building an engine")  # programs of engines built before may hold them
         self.config = config = read_deployment_file(config)
         size_cpu_devices(config)
-        # The model's default sampling (generation_config.json), read and checked before the
-        # weights load.
-        self.sampling_defaults = sampling_defaults(config.generation_config,
-                                                   resolve(config.model),
-                                                   config.override_generation_config)
+        # The model's default sampling (generation_config.json), checked before weights load.
+        self.sampling_defaults = sampling_defaults(
+            config.generation_config, resolve(config.model), config.override_generation_config)
         loaded = load_model(config.model, dtype=config.dtype, seed=config.seed,
                             use_cache=config.use_param_cache, quantization=config.quantization)
         self.model_name = loaded.name
@@ -104,12 +107,9 @@ class LLM:
         # config.json's, beside the tokenizer's).
         self.eos_token_ids = frozenset(self.cfg.eos_token_ids).union(
             self.tokenizer.eos_token_ids if self.tokenizer is not None else ())
-        limit = self.cfg.max_position_embeddings
-        if config.max_model_len is not None and not config.max_model_len <= limit:
-            raise ConfigError(f"max_model_len must be in 1..{limit}, got {config.max_model_len}")
+        self.max_model_len = context_length(self.cfg, self.params, config)
         if isinstance(engine, str) and engine not in ("flowserve", "reference"):
             raise ConfigError(f"engine must be 'flowserve' or 'reference', got {engine!r}")
-        self.max_model_len = config.max_model_len or limit
         if engine == "reference":
             from xds_jax.generate import LocalGenerator
 

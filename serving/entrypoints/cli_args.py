@@ -9,7 +9,7 @@ from serving.entrypoints.cli_frontend import (
     add_openai_frontend_options,
     parse_json,
 )
-from serving.entrypoints.cli_vllm import add_vllm_options, dtype_name, human_int
+from serving.entrypoints.cli_vllm import add_vllm_options, dtype_name, model_len
 
 EPILOG = "Run `xds <command> --help` for the options of each command."
 
@@ -109,8 +109,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        "mesh's all-to-all) and EP decode: int8 rows with one scale each; "
                        "combine stays in the activations' dtype (default: the deployment's "
                        "field)")
-    group.add_argument("--max-model-len", type=human_int, metavar="N", default=d.max_model_len,
-                       help="context limit in tokens, prompt plus output, e.g. 4096, 4k or 4K "
+    group.add_argument("--max-model-len", type=model_len, metavar="N", default=d.max_model_len,
+                       help="context limit in tokens, prompt plus output, e.g. 4096, 4k or 4K; "
+                       "auto (or -1): the longest the KV cache holds, at most the model's "
                        "(default: the model's)")
     group.add_argument("--max-num-seqs", type=positive_int, default=d.max_num_seqs, metavar="N",
                        help="most sequences decoded together per DP group (default: %(default)s)")

@@ -45,6 +45,12 @@ def human_int(text: str) -> int:
     return int(value)
 
 
+def model_len(text: str) -> int | str:
+    """``--max-model-len``: a count as ``human_int`` reads it, or ``auto`` (vLLM's; ``-1``
+    too): the longest context the KV cache holds, at most the model's."""
+    return "auto" if text.strip().lower() in ("auto", "-1") else human_int(text)
+
+
 def add_vllm_options(serve: argparse.ArgumentParser) -> None:
     """``vllm serve``'s spellings on the ``serve`` parser (after ``add_engine_options``)."""
     serve.add_argument("model_tag", nargs="?", metavar="MODEL",

@@ -268,6 +268,11 @@ def test_a_vllm_serve_launch_line_carries_over(monkeypatch, capsys, caplog):
     assert code == 2 and "4096, 4k or 4K" in err
     run(["serve", "--max-model-len", "1.001k"], capsys)  # exact: float arithmetic said 1000.99
     assert seen["max_model_len"] == 1001
+    for spelling in ("auto", "-1", "AUTO"):  # vLLM's: the longest the KV cache holds
+        run(["serve", "--max-model-len", spelling], capsys)
+        assert seen["max_model_len"] == "auto"
+    code, _, err = run(["serve", "--max-model-len", "-2"], capsys)
+    assert code == 2 and "4096, 4k or 4K" in err
     # --served-model-name takes several names: a model after it was swallowed as one, and the
     # default model served silently
     code, _, err = run(["serve", "--served-model-name", "a", "smollm2"], capsys)

@@ -119,6 +119,24 @@ def test_bad_prompts(smollm2):
             smollm2.generate(["hi", "there"], params)
 
 
+@pytest.mark.parametrize("spelling", ["auto", -1])
+def test_max_model_len_auto_is_the_longest_context_the_kv_pool_holds(spelling):
+    """vLLM's ``max_model_len="auto"`` (or -1): whole blocks of a KV pool of kv_cache_bytes,
+    at most the model's; a prompt past it is refused with the length it got; a budget larger
+    than the model's context gives the model's."""
+    llm = LLM(str(GOLDEN / "llama"), dtype="float32", max_model_len=spelling,
+              kv_cache_bytes=100_000, max_num_seqs=4)
+    per_block = llm.cfg.kv_bytes_per_token(4) * 16
+    assert llm.max_model_len == 100_000 // per_block * 16 < llm.cfg.max_position_embeddings
+    assert llm.engine.groups[0].config.num_blocks * 16 >= llm.max_model_len
+    with pytest.raises(PromptTooLongError, match=f"length is {llm.max_model_len} tokens"):
+        llm.generate({"prompt_token_ids": [5] * (llm.max_model_len + 1)})
+    roomy = LLM(str(GOLDEN / "llama"), dtype="float32", max_model_len="auto")  # 1 GiB
+    assert roomy.max_model_len == roomy.cfg.max_position_embeddings
+    with pytest.raises(ConfigError, match="or 'auto'"):
+        LLM(str(GOLDEN / "llama"), max_model_len=roomy.max_model_len + 1)
+
+
 def test_a_prompt_filling_the_context_can_be_scored_truncated_but_not_continued():
     """max_tokens=0 only scores the prompt (vLLM: a prompt may be max_model_len long)."""
     llm = LLM(str(GOLDEN / "llama"), dtype="float32", max_model_len=64)

@@ -30,7 +30,7 @@ from xds_jax.errors import (
     SamplingParamsError,
 )
 from xds_jax.llm_inputs import no_lora, params_list, prompt_list
-from xds_jax.loading.generation_config import sampling_defaults
+from xds_jax.loading.generation_config import directory_eos, sampling_defaults
 from xds_jax.loading.loader import load_model, resolve
 from xds_jax.memory_maps import make_room
 from xds_jax.model.pooling import model_pooling
@@ -97,16 +97,16 @@ class LLM:
             config.generation_config, resolve(config.model), config.override_generation_config)
         loaded = load_model(config.model, dtype=config.dtype, seed=config.seed,
                             use_cache=config.use_param_cache, quantization=config.quantization)
-        self.model_name = loaded.name
-        self.cfg = loaded.cfg
+        self.model_name, self.cfg = loaded.name, loaded.cfg
         # loaded's own tree let go: fuse_query's copies replace its Q and K/V
         self.params, loaded.params = engine_params(loaded, config, resolve(config.model)), None
         self.tokenizer = loaded.tokenizer
         # What ends an output unless ignore_eos: the tokenizer's EOS (and its generation
-        # config's) and the model's eos_token_id(s) (vLLM: the generation config's, or else
-        # config.json's, beside the tokenizer's).
+        # config's), the model's eos_token_id(s) (vLLM: the generation config's, or else
+        # config.json's, beside the tokenizer's) and those of a --generation-config directory.
         self.eos_token_ids = frozenset(self.cfg.eos_token_ids).union(
-            self.tokenizer.eos_token_ids if self.tokenizer is not None else ())
+            self.tokenizer.eos_token_ids if self.tokenizer is not None else (),
+            directory_eos(config.generation_config))
         self.max_model_len = context_length(self.cfg, self.params, config)
         if isinstance(engine, str) and engine not in ("flowserve", "reference"):
             raise ConfigError(f"engine must be 'flowserve' or 'reference', got {engine!r}")

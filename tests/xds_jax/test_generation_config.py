@@ -140,3 +140,26 @@ def test_a_config_eos_list_ends_outputs_beside_a_tokenizer(tmp_path):
     byte_tokenizer(load_config(folder))._backend.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     _stops_at_a_listed_eos(folder, config_eos=True)
+
+
+def test_a_generation_config_directory_s_eos_ends_outputs(tmp_path):
+    """``generation_config=DIR`` (``--generation-config DIR``): the file's eos_token_id ends
+    outputs too, as vLLM reads stop tokens from the generation config it is given (only the
+    model directory's file was read); the model directory's own stay."""
+    folder, kv = model_dir(tmp_path, None), 4 << 20
+    prompt = {"prompt_token_ids": [5, 9, 200, 31, 7]}
+    free = LLM(str(folder), dtype="float32", kv_cache_bytes=kv).generate(
+        prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
+    stop_at = next(i for i, t in enumerate(free.token_ids) if i >= 3 and t != 2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": free.token_ids[stop_at], "temperature": 0.0}))
+    llm = LLM(str(folder), dtype="float32", kv_cache_bytes=kv, generation_config=str(elsewhere))
+    assert free.token_ids[stop_at] in llm.eos_token_ids and 2 in llm.eos_token_ids
+    got = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+    first = next(i for i, t in enumerate(free.token_ids) if t in llm.eos_token_ids)
+    assert got.finish_reason == "stop" and got.token_ids == free.token_ids[:first + 1]
+    (elsewhere / "generation_config.json").write_text(json.dumps({"eos_token_id": "two"}))
+    with pytest.raises(ConfigError, match="eos_token_id must be a token id"):
+        LLM(str(folder), dtype="float32", kv_cache_bytes=kv, generation_config=str(elsewhere))

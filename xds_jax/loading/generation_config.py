@@ -53,6 +53,23 @@ def generation_file(source: str, model_path: Path) -> Path | None:
     return folder / FILE
 
 
+def directory_eos(source: str) -> tuple[int, ...]:
+    """The ``eos_token_id`` (one or a list) of a directory source's generation_config.json:
+    vLLM reads a model's stop tokens from the generation config it is given. () for ``"auto"``
+    and ``"vllm"`` (the loader reads the model directory's own file)."""
+    if source in SOURCES:
+        return ()
+    from xds_jax.model.config_hf import token_ids
+
+    path = generation_file(source, Path())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it as JSON: {e}") from None
+    return tuple(token_ids(data.get("eos_token_id") if isinstance(data, dict) else None,
+                           str(path)))
+
+
 def overrides_dict(value) -> dict:
     """``override_generation_config`` as a dict (None: empty; text: a JSON object)."""
     if value is None:

@@ -70,8 +70,11 @@ MAX_ROWS_F32_AVX512 = 128
 MAX_ROWS_F32_AVX2 = 128
 
 
-# kernel_isa()'s levels, as the log and the benchmarks name them
+# kernel_isa()'s levels, as the log and the benchmarks name them, and the most rows each takes
+# through the kernel: (bfloat16, float32); int8 takes every row count at each
 ISA_NAMES = {3: "AVX-512 BF16", 2: "AVX-512", 1: "AVX2"}
+ROW_LIMITS = {3: (MAX_ROWS, MAX_ROWS_F32), 2: (MAX_ROWS, MAX_ROWS_F32_AVX512),
+              1: (MAX_ROWS_AVX2, MAX_ROWS_F32_AVX2)}
 
 
 @functools.cache
@@ -130,14 +133,10 @@ def use_amx(rows: int) -> int:
 def max_rows(int8: bool = False, float32: bool = False) -> int:
     """The most rows a matmul takes through the kernel on this CPU (0: the kernel is
     unavailable): bfloat16, int8 or float32 weights; see ``MAX_ROWS``."""
-    isa = kernel_isa()
-    if isa == 3:
-        return sys.maxsize if int8 else MAX_ROWS_F32 if float32 else MAX_ROWS
-    if isa == 2:
-        return sys.maxsize if int8 else MAX_ROWS_F32_AVX512 if float32 else MAX_ROWS
-    if isa == 1:
-        return sys.maxsize if int8 else MAX_ROWS_F32_AVX2 if float32 else MAX_ROWS_AVX2
-    return 0
+    limits = ROW_LIMITS.get(kernel_isa())
+    if limits is None:
+        return 0
+    return sys.maxsize if int8 else limits[1] if float32 else limits[0]
 
 
 def _takes(x_MK: jax.Array, w: jax.Array, w_transposed: bool, int8: bool,

@@ -62,12 +62,18 @@ def directory_eos(source: str) -> tuple[int, ...]:
     from xds_jax.model.config_hf import token_ids
 
     path = generation_file(source, Path())
+    return token_ids(_read_object(path).get("eos_token_id"), str(path))
+
+
+def _read_object(path: Path) -> dict:
+    """The JSON object in ``path``, or a ConfigError naming the file."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: cannot read it as JSON: {e}") from None
-    return tuple(token_ids(data.get("eos_token_id") if isinstance(data, dict) else None,
-                           str(path)))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
 
 
 def overrides_dict(value) -> dict:
@@ -115,13 +121,7 @@ def sampling_defaults(source: str, model_path: Path, overrides=None) -> dict:
     path = generation_file(source, model_path)
     found = {}
     if path is not None:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read it as JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        data = {k: v for k, v in data.items()
+        data = {k: v for k, v in _read_object(path).items()
                 if k in FIELDS and (isinstance(v, bool) or HF_DEFAULTS.get(k) != v)}
         found = _checked(data, str(path))
     found |= _checked(extra, "override_generation_config")

@@ -139,7 +139,8 @@ def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
 # -- structured outputs -----------------------------------------------------------------------
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
           "guided_grammar": "grammar"}  # vLLM's older fields, each one structured_outputs key
-OPTIONS = {"disable_any_whitespace"}  # structured_outputs keys that constrain nothing alone
+OPTIONS = {"disable_any_whitespace", "disable_additional_properties", "disable_fallback",
+           "whitespace_pattern"}  # structured_outputs keys that constrain nothing alone
 
 
 def response_format_fields(value: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -148,6 +148,20 @@ def test_disable_any_whitespace(server, sdk):
         assert not re.search(r"\s", reply.message.content) and reply.finish_reason == "stop"
 
 
+def test_listed_properties_only_and_vllm_options_beside_a_response_format(server, sdk):
+    """A schema that does not close its objects still gets only their listed keys (vLLM's
+    default backend); vLLM's other options shape the response format's constraint."""
+    open_person = {k: v for k, v in PERSON.items() if k != "additionalProperties"}
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": open_person}}
+    options = {"disable_fallback": False, "disable_additional_properties": True,
+               "whitespace_pattern": "[ ]?"}
+    for kwargs in (dict(response_format=fmt, extra_body={"structured_outputs": options}),
+                   dict(extra_body={"guided_json": open_person}), dict(response_format=fmt)):
+        reply = chat(server, sdk, **kwargs).choices[0]
+        assert_person(reply.message.content)
+        assert reply.finish_reason == "stop"
+
+
 def test_completions_take_every_form(server, sdk):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
     assert_person(complete(server, sdk, extra_body={"response_format": fmt}).choices[0].text)

@@ -29,7 +29,16 @@ class StructuredOutputs:
     """Exactly one constraint: ``json`` (a JSON schema, dict or JSON text), ``json_object``
     (any JSON object), ``regex``, ``choice`` (one of these strings) or ``grammar`` (a Lark
     grammar as llguidance reads it, or GBNF/EBNF as llama.cpp and XGrammar write it).
-    ``disable_any_whitespace``: JSON without whitespace between tokens."""
+    ``disable_any_whitespace``: JSON without whitespace between tokens; ``whitespace_pattern``:
+    a regex the whitespace between JSON tokens matches instead.
+
+    A schema's objects that list ``properties`` and say nothing of other properties
+    (``additionalProperties``, ``patternProperties``, ``unevaluatedProperties``) take no others,
+    as vLLM's default JSON backend (XGrammar's strict mode) reads them: a model that may add
+    keys writes some (a small one, on and on). ``disable_additional_properties`` closes every
+    object schema so, those without ``properties`` too (vLLM's option of that name).
+    ``disable_fallback`` is accepted as vLLM's clients send it: one grammar engine, nothing to
+    fall back to."""
 
     json: dict | str | None = None
     json_object: bool = False
@@ -37,6 +46,9 @@ class StructuredOutputs:
     choice: list[str] | None = None
     grammar: str | None = None
     disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    disable_fallback: bool = False
+    whitespace_pattern: str | None = None
 
     def __post_init__(self) -> None:
         given = [name for name in ("json", "regex", "choice", "grammar")
@@ -50,6 +62,12 @@ class StructuredOutputs:
                                       f"JSON text), got {type(self.json).__name__}")
         if self.regex is not None and not isinstance(self.regex, str):
             raise SamplingParamsError(f"{FIELD}.regex must be a string")
+        if self.whitespace_pattern is not None and not isinstance(self.whitespace_pattern, str):
+            raise SamplingParamsError(f"{FIELD}.whitespace_pattern must be a string")
+        for flag in ("disable_any_whitespace", "disable_additional_properties",
+                     "disable_fallback"):
+            if not isinstance(getattr(self, flag), bool):
+                raise SamplingParamsError(f"{FIELD}.{flag} must be true or false")
         if self.grammar is not None and not (isinstance(self.grammar, str) and self.grammar):
             raise SamplingParamsError(f"{FIELD}.grammar must be a non-empty string")
         if self.choice is not None and not (
@@ -93,6 +111,10 @@ class StructuredOutputs:
             # lenient: keywords llguidance does not implement (formats, say) constrain nothing
             options = {"whitespace_flexible": not self.disable_any_whitespace,
                        "coerce_one_of": True, "lenient": True}
+            if self.whitespace_pattern is not None:
+                options["whitespace_pattern"] = self.whitespace_pattern
+            if self.json is not None:
+                schema = closed_objects(schema, self.disable_additional_properties)
             try:
                 return matcher.grammar_from_json_schema(schema, overrides=options)
             except ValueError as error:
@@ -102,6 +124,41 @@ class StructuredOutputs:
         if self.choice is not None:
             return matcher.grammar_from_regex("|".join(re.escape(c) for c in self.choice))
         return matcher.grammar_from_lark(_as_lark(self.grammar))
+
+
+_OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_VALUES = ("enum", "const", "default", "examples")  # JSON values, not schemas
+# beside these a schema's properties may come from elsewhere: it stays open
+_COMBINED = ("allOf", "anyOf", "oneOf", "if", "dependentSchemas", "$ref")
+
+
+def closed_objects(schema: Any, every_object: bool = False, close: bool = True) -> Any:
+    """``schema`` with ``"additionalProperties": false`` on each object schema that lists
+    ``properties`` (with ``every_object``: each ``"type": "object"`` too) and says nothing of
+    other properties (StructuredOutputs); a copy, the input untouched. An ``allOf``'s
+    branches stay open themselves (``close``), as does a schema that combines others
+    (``_COMBINED``): closed, each would refuse the properties the others list."""
+    if isinstance(schema, list):
+        return [closed_objects(s, every_object) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "allOf" and isinstance(value, list):
+            out[key] = [closed_objects(s, every_object, close=False) for s in value]
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: closed_objects(sub, every_object) for name, sub in value.items()}
+        elif key in _VALUES:
+            out[key] = value
+        else:
+            out[key] = closed_objects(value, every_object)
+    types = schema.get("type")
+    is_object = types == "object" or (isinstance(types, list) and "object" in types)
+    if close and (isinstance(schema.get("properties"), dict) or every_object and is_object) \
+            and not any(key in schema for key in _OPEN_KEYS + _COMBINED):
+        out["additionalProperties"] = False
+    return out
 
 
 def _as_lark(grammar: str) -> str:

@@ -11,14 +11,17 @@ bytes read + bytes written per second), and batch-1 decode is reported against
 xds-jax and transformers runs alternate (one each per repeat) and each ratio is the median of
 the per-pair ratios: these machines are shared and noisy. Decode is timed inside one
 ``generate`` call. xds-jax: the runner's ``launch`` and ``finish`` are timestamped, so the
-decode rate is decoded tokens over the time from the first decode step's launch to the last
-one's end; the time ``finish`` spends waiting for the device (the step program and its
-sampler), subtracted from each step's period, gives the Python host time per step
-(``host_fraction``, wall time). On a CPU that wall time includes the launch call waiting for a
-core while the step it enqueued runs on the others (XLA's threads fill both cores of a 2-core
-machine; docs/performance.md), so the CPU time the host thread itself spends over the decode
-span is reported too (``host_cpu_fraction``, ``time.thread_time``: schedule, build, dispatch,
-append, stop checks, whatever the thread computes).
+decode rate is decoded tokens over the time from the end of the first step that decodes every
+row to the end of the last (transformers decodes every row every step: under chunked prefill
+the first prompts' rows start decoding, and so finish, a few steps before the last prompts',
+and those steps of fewer rows are not batch-``B`` decode); the time ``finish`` spends waiting
+for the device (the step program and its sampler), subtracted from each step's period, gives
+the Python host time per step (``host_fraction``, wall time). On a CPU that wall time
+includes the launch call waiting for a core while the step it enqueued runs on the others
+(XLA's threads fill both cores of a 2-core machine; docs/performance.md), so the CPU time the
+host thread itself spends over the decode span is reported too (``host_cpu_fraction``,
+``time.thread_time``: schedule, build, dispatch, append, stop checks, whatever the thread
+computes).
 transformers: a logits processor timestamps each generation step of one ``generate`` call.
 Prompts are fresh random ids each run (no prefix-cache hits). Prefill: one ``generate`` call
 with ``max_tokens=1`` on a fresh 512-token prompt, whole-call wall time.
@@ -111,14 +114,16 @@ class StepClock:
 
         runner.launch, runner.finish = timed_launch, timed_finish
 
-    def decode_stats(self) -> tuple[float, float, float]:
+    def decode_stats(self, batch: int) -> tuple[float, float, float]:
         """Decode tok/s, host fraction (1 - device wait / step period) and host CPU fraction
-        (the thread's CPU time over the wall time), from the first decode step's end to the
-        last one's: under asynchronous scheduling the first decode step is launched while the
-        prefill still runs, so launch times would count the prefill. There the host's share of
-        a period overlaps the device's next step (the device waits only where a launch comes
-        late)."""
-        dec = [s for s in self.steps if s["decode"]]
+        (the thread's CPU time over the wall time) over the steps that decode all ``batch``
+        rows, from the first one's end to the last one's: under asynchronous scheduling the
+        first decode step is launched while the prefill still runs, so launch times would
+        count the prefill. There the host's share of a period overlaps the device's next step
+        (the device waits only where a launch comes late)."""
+        dec = [s for s in self.steps if s["decode"] and s["tokens"] == batch]
+        if len(dec) < 2:  # too few tokens for two full steps: every decode step
+            dec = [s for s in self.steps if s["decode"]]
         tokens = sum(s["tokens"] for s in dec[1:])
         span = dec[-1]["end"] - dec[0]["end"]
         waits = sum(s["wait"] for s in dec[1:])
@@ -137,7 +142,7 @@ def xds_decode_once(llm: LLM, batch: int, tokens: int, seed: int) -> tuple[float
                       for p in prompts(batch, PROMPT_LEN, llm.cfg.vocab_size, seed)], params)
     finally:
         del runner.launch, runner.finish  # back to the class's methods
-    return clock.decode_stats()
+    return clock.decode_stats(batch)
 
 
 def xds_prefill_once(llm: LLM, seed: int) -> float:

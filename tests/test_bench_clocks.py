@@ -1,7 +1,8 @@
 """The decode clocks of ``benchmarks.compare`` and ``benchmarks.bench_host`` on hand-worked
 timelines: with asynchronous scheduling the first decode step is launched while the prefill
 still runs, and its launch must not start the decode span (it had counted the prefill as
-decode time, reporting a sixth of the rate below)."""
+decode time, reporting a sixth of the rate below); and the batch's rate is its steps that
+decode every row (under chunked prefill the first prompts' rows finish a few steps early)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,21 @@ def test_compare_clock_counts_decode_from_the_first_decode_steps_end(timeline):
     clock = compare.StepClock(_runner())
     clock.steps = [{"decode": d, "start": s, "wait": w, "end": e, "tokens": n,
                     "cpu_start": s, "cpu_end": e / 10} for d, s, w, e, n in timeline]
-    rate, host, cpu = clock.decode_stats()
+    rate, host, cpu = clock.decode_stats(8)
     assert rate == pytest.approx(16 / 0.040)  # steps 2 and 3 over their 40 ms
     assert host == pytest.approx(1 - (timeline[2][2] + timeline[3][2]) / 0.040)
     assert cpu == pytest.approx(0.1)
+
+
+def test_compare_clock_rates_the_batch_on_the_steps_that_decode_every_row():
+    # then the rows that started first finish: steps of 5 and 2 rows, slower per token
+    tail = SYNC + [(True, 0.360, 0.016, 0.380, 5), (True, 0.380, 0.005, 0.400, 2)]
+    clock = compare.StepClock(_runner())
+    clock.steps = [{"decode": d, "start": s, "wait": w, "end": e, "tokens": n,
+                    "cpu_start": s, "cpu_end": e} for d, s, w, e, n in tail]
+    rate, host, _ = clock.decode_stats(8)
+    assert rate == pytest.approx(16 / 0.040)
+    assert host == pytest.approx(1 - 0.034 / 0.040)
 
 
 @pytest.mark.parametrize("timeline", [ASYNC, SYNC])

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xds_jax.model.config import ModelConfig
+from xds_jax.model.packed_params import PackedParams, as_tree
 from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import forward, last_token_outputs, new_caches
 from xds_jax.sampling.rows import sample_rows
@@ -30,10 +31,13 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("caches",))
-def model_step(params: dict, tokens_BS: jax.Array, positions_BS: jax.Array, caches: list,
-               block_tables_BN: jax.Array, last_B: jax.Array, *, cfg: ModelConfig):
+def model_step(params: dict | PackedParams, tokens_BS: jax.Array, positions_BS: jax.Array,
+               caches: list, block_tables_BN: jax.Array, last_B: jax.Array, *,
+               cfg: ModelConfig):
     """One forward step; returns the logits ``[B, V]`` of each row's last real token, their
-    greedy tokens ``[B]`` and the new caches."""
+    greedy tokens ``[B]`` and the new caches. ``params``: the tree or, on one device, its
+    packed form (``xds_jax.model.packed_params``: fewer leaves to dispatch)."""
+    params = as_tree(params)
     x, caches = forward(params, cfg, tokens_BS, positions_BS, caches, block_tables_BN)
     return *last_token_outputs(params, cfg, x, last_B), caches
 

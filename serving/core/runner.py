@@ -41,6 +41,7 @@ from sharding.params import kv_page_shardings, param_shardings, tp_mesh
 from xds_jax.generate import bucket, model_step
 from xds_jax.memory_maps import ProgramShapes
 from xds_jax.model.config import ModelConfig
+from xds_jax.model.packed_params import pack
 from xds_jax.model.params import model_dtype, param_bytes
 from xds_jax.model.reference import new_caches, staged_step
 from xds_jax.multihost import multi_process, place, place_tree, zeros_tree
@@ -144,11 +145,14 @@ class ModelRunner:
         if len(devices) == 1:
             self.input_sharding = self.device
             self.params = place_tree(params, self.device)
+            # what the step program takes: fewer leaves to dispatch
+            self.step_params = pack(self.params, lambda v: place(v, self.device), params)
             cache_shardings = self.device
         else:
             mesh = tp_mesh(devices)
             self.input_sharding = NamedSharding(mesh, PartitionSpec())
             self.params = place_tree(params, param_shardings(params, cfg, mesh))
+            self.step_params = self.params  # vectors sharded as their matrices: not packed
             cache_shardings = None
         # Built where they live, shard by shard (a group may lie on another process).
         shapes = jax.eval_shape(lambda: new_caches(cfg, num_blocks, block_size, dtype))
@@ -239,7 +243,8 @@ class ModelRunner:
             if self.staged:
                 logits, greedy, self.caches = staged_step(self.params, self.cfg, *args)
             else:
-                logits, greedy, self.caches = model_step(self.params, *args, cfg=self.cfg)
+                logits, greedy, self.caches = model_step(self.step_params, *args,
+                                                         cfg=self.cfg)
         self._compiled(key, compiling)
         return logits, greedy
 

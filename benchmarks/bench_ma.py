@@ -175,7 +175,7 @@ def build_pool(args):
     """The MA pool (the engine's MA driver) with ``rows`` prefilled requests per attention
     rank, submitted to each rank's group and stepped through the driver API."""
     from serving.core.dp_group import GroupConfig
-    from serving.core.runner import MIN_CONTEXT_TOKENS
+    from serving.core.step_rows import MIN_CONTEXT_TOKENS
     from serving.disagg.ma import MAPool
     from serving.disagg.ma_layout import MALayout
     from xds_jax.loading.loader import load_model
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     from sharding.devices import configure_cpu_devices
 
     configure_cpu_devices(DEVICES, collectives=True)
-    from serving.core.runner import MIN_CONTEXT_TOKENS
+    from serving.core.step_rows import MIN_CONTEXT_TOKENS
 
     decode_steps = len(CONFIGS) * (3 * args.warmup + 2 + args.rounds * (args.steps + 4))
     if args.prompt_len + decode_steps >= MIN_CONTEXT_TOKENS:

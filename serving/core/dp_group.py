@@ -58,6 +58,7 @@ class GroupConfig:
     spec_chained_steps: int = DEFAULT_CHAINED_STEPS  # greedy speculative steps back to back
     async_scheduling: bool | None = DEFAULTS.async_scheduling  # None: on unless chained
     num_scheduler_steps: int = DEFAULTS.num_scheduler_steps  # decode steps chained per launch
+    max_model_len: int | None = None  # the longest sequence (prefill tables' width; runner)
 
     @property
     def overlaps_steps(self) -> bool:

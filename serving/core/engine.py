@@ -393,6 +393,7 @@ def group_config_for(params: dict, cfg: ModelConfig, max_model_len: int,
                        scheduling_policy=config.scheduling_policy,
                        staged=config.staged, async_scheduling=config.async_scheduling,
                        num_scheduler_steps=config.num_scheduler_steps,
+                       max_model_len=max_model_len,
                        num_speculative_tokens=config.num_speculative_tokens,
                        spec_disable_by_batch_size=config.spec_disable_by_batch_size,
                        spec_chained_steps=config.spec_chained_steps)

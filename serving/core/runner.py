@@ -6,7 +6,8 @@ stage programs (embed, per layer attention and FFN/MoE, head), which compile onc
 whatever the depth but pay a dispatch per stage (SmolLM2 on 2 CPU cores: ~2 s instead of ~9 s
 to compile a shape, ~30% slower decode). Shapes come from buckets: rows (powers of two up to
 ``max_num_seqs``), tokens per row (powers of two from 16 up to the chunk size) and block-table
-width (powers of two). The KV pages are donated through every program, so they are updated in
+width (powers of two; prefill steps, where the prefill attention kernel runs, always the widest
+a sequence has: ``prefill_blocks``). The KV pages are donated through every program, so they are updated in
 place. The same bucket never compiles twice: ``compile_count`` lets tests and benchmarks check
 steady state.
 
@@ -37,12 +38,20 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from collectives.p2p import gather_blocks, scatter_blocks_donated
 from serving.core.decode_inputs import as_decode_inputs, in_flight, inputs_key, take_inputs
+from serving.core.step_rows import (
+    MIN_CONTEXT_TOKENS,
+    MIN_PREFILL_WIDTH,
+    RowBatch,
+    build_rows,
+    decode_rows_min,
+)
 from sharding.params import kv_page_shardings, param_shardings, tp_mesh
 from xds_jax.generate import bucket, model_step
+from xds_jax.kernels import cpu_attention
 from xds_jax.memory_maps import ProgramShapes
 from xds_jax.model.config import ModelConfig
 from xds_jax.model.packed_params import pack
-from xds_jax.model.params import model_dtype, param_bytes
+from xds_jax.model.params import model_dtype
 from xds_jax.model.reference import new_caches, staged_step
 from xds_jax.multihost import multi_process, place, place_tree, zeros_tree
 from xds_jax.sampling.params import SamplingParams
@@ -52,74 +61,9 @@ from xds_jax.sampling.sampler import flags_for, rows_batch, sample
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class RowBatch:
-    """Host arrays of one program launch, and which rows sample."""
-
-    tokens_BS: np.ndarray
-    positions_BS: np.ndarray
-    tables_BN: np.ndarray
-    last_B: np.ndarray
-    sampling_seqs: list  # per row: the Sequence to sample for, or None
-    source_B: np.ndarray | None = None  # per row: index of its input token on device, or -1
-
-
 # Sampler programs compiled ahead for each batch size (``ModelRunner.precompile``): plain
 # temperature, and with top-p (the same program serves top-k), as benchmarks and chat apps ask.
 PRECOMPILED_SAMPLING = (SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.9))
-
-# Smallest buckets: a few padded rows or key slots cost less than another compiled program.
-MIN_DECODE_ROWS = 4
-MIN_PREFILL_WIDTH = 16
-MIN_CONTEXT_TOKENS = 128
-# Decode rows keep MIN_DECODE_ROWS except where a step streams enough weight bytes that
-# padding one live row to four costs more than a compile: on XLA:CPU a 1-row SmolLM2-135M step
-# ran 1.78x faster than the 4-row one in float32 (matmul-vector at ~30 GB/s against ~15 GB/s
-# for 4 rows), 1.09x in bfloat16 (docs/performance.md). Tiny models keep the 4-row floor.
-ONE_ROW_DECODE_BYTES = 32 << 20
-
-
-def decode_rows_min(params: dict) -> int:
-    """The smallest decode bucket for these weights (see ``ONE_ROW_DECODE_BYTES``)."""
-    return 1 if param_bytes(params) >= ONE_ROW_DECODE_BYTES else MIN_DECODE_ROWS
-
-
-def build_rows(scheduled: list, rows_min: int, width_min: int, block_size: int,
-               sources: dict[int, int] | None = None) -> RowBatch:
-    """Pad scheduled sequences (objects with seq, start, num_tokens, block_table,
-    is_last_chunk) into bucketed host arrays. Padding uses position -1 (writes nothing).
-    ``sources``: seq id -> index of the token in flight on device that a decode row of that
-    sequence takes as input (its host token is then a 0 placeholder)."""
-    n = len(scheduled)
-    rows = bucket(n, rows_min)
-    counts = [s.num_tokens for s in scheduled]
-    width = bucket(max(counts), width_min)
-    blocks = bucket(max(len(s.block_table) for s in scheduled),
-                    max(1, MIN_CONTEXT_TOKENS // block_size))
-    assert blocks * block_size >= max(s.start + s.num_tokens for s in scheduled), \
-        "block table too short"
-    # Few numpy calls: each costs tens of microseconds on caches cold from the step before.
-    tokens = np.zeros((rows, width), np.int32)
-    positions = np.full((rows, width), -1, np.int32)
-    if width == 1:  # decode rows
-        positions[:n, 0] = [s.start for s in scheduled]
-    else:
-        starts, cols = np.array([s.start for s in scheduled], np.int32), np.arange(width)
-        positions[:n] = np.where(cols < np.array(counts)[:, None], starts[:, None] + cols, -1)
-    tables = np.zeros((rows, blocks), np.int32)
-    pad = [0] * blocks
-    tables[:n] = [[*s.block_table, *pad[len(s.block_table):]] for s in scheduled]
-    last = np.zeros((rows,), np.int32)
-    last[:n] = [c - 1 for c in counts]
-    sampling: list = [s.seq if s.is_last_chunk else None for s in scheduled] + [None] * (rows - n)
-    source = None
-    if sources:
-        source = np.full((rows,), -1, np.int32)
-        source[:n] = [sources.get(s.seq.seq_id, -1) for s in scheduled]
-    for i, s in enumerate(scheduled):
-        if source is None or source[i] < 0:
-            tokens[i, : s.num_tokens] = s.seq.ids_between(s.start, s.start + s.num_tokens)
-    return RowBatch(tokens, positions, tables, last, sampling, source)
 
 
 class ModelRunner:
@@ -132,7 +76,7 @@ class ModelRunner:
 
     def __init__(self, params: dict, cfg: ModelConfig, num_blocks: int, block_size: int,
                  device: jax.Device | list | None = None, staged: bool = False,
-                 num_scheduler_steps: int = 1):
+                 num_scheduler_steps: int = 1, max_context: int | None = None):
         self.cfg = cfg
         self.staged = staged
         self.decode_rows_min = decode_rows_min(params)
@@ -172,6 +116,17 @@ class ModelRunner:
         self._samplers_ahead = ProgramShapes()  # batch sizes whose samplers compiled ahead
         self._anchors: dict[int, jax.Array] = {}  # rows -> a device array placing their take
         self.compile_count = 0
+        # Prefill steps' block tables: where the prefill attention kernel runs (its cost
+        # follows the query positions, not the table), every prefill step takes the widest
+        # table a sequence of ``max_context`` tokens has, so a long prompt's later chunks
+        # run the programs compiled ahead (one per rows x tokens) instead of compiling a
+        # (rows, tokens, blocks) bucket each in traffic (~0.3-2.7 s a stall); elsewhere
+        # (XLA's attention reads every key the table holds) the longest table's bucket.
+        self.prefill_blocks = None
+        if (max_context and len(devices) == 1 and not staged
+                and cpu_attention.prefill_runs(cfg.head_dim, dtype, cfg.mla is not None)):
+            self.prefill_blocks = bucket(-(-max_context // block_size),
+                                         max(1, MIN_CONTEXT_TOKENS // block_size))
 
     @property
     def overlaps_steps(self) -> bool:
@@ -293,9 +248,11 @@ class ModelRunner:
                         key=lambda s: (s[0] * s[2], s))
         widths = [w for w in (MIN_PREFILL_WIDTH << i for i in range(32))
                   if w <= bucket(min(max_chunk, max_context), MIN_PREFILL_WIDTH)]
-        fresh = {w: bucket(-(-w // self.block_size), first) for w in widths}
+        fresh = {w: self.prefill_blocks or bucket(-(-w // self.block_size), first)
+                 for w in widths}
         prefill = [(r, w, fresh[w]) for r in (1, 2, 4) if r <= top for w in widths]
-        later = [(1, w, b) for w in widths for b in blocks_of if fresh[w] < b <= 4 * fresh[w]]
+        later = [] if self.prefill_blocks else [
+            (1, w, b) for w in widths for b in blocks_of if fresh[w] < b <= 4 * fresh[w]]
         return (decode + sorted(prefill, key=lambda s: (s[0] * s[1], s))
                 + sorted(later, key=lambda s: (s[1] * s[2], s)))
 
@@ -351,7 +308,8 @@ class ModelRunner:
         if decodes:
             pending += self._launch_decodes(decodes, sampled, sources)
         if prefills:
-            rows = build_rows(prefills, 1, MIN_PREFILL_WIDTH, self.block_size)
+            rows = build_rows(prefills, 1, MIN_PREFILL_WIDTH, self.block_size,
+                              blocks=self.prefill_blocks)
             logits, greedy = self._launch(rows)
             pending.append((logits, dispatch_rows(logits, rows.sampling_seqs,
                                                   self.cfg.vocab_size, greedy_B=greedy)))

@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from collectives.p2p import gather_blocks, scatter_blocks_donated
-from serving.core.runner import MIN_DECODE_ROWS, MIN_PREFILL_WIDTH, ModelRunner, build_rows
+from serving.core.runner import ModelRunner
 from serving.core.spec_state import SpecState, emit_decode, prefill_pairs, speculable
+from serving.core.step_rows import MIN_DECODE_ROWS, MIN_PREFILL_WIDTH, build_rows
 from sharding.params import kv_page_shardings, tp_mesh
 from xds_jax.engine_config import DEFAULT_CHAINED_STEPS
 from xds_jax.errors import ConfigError
@@ -323,4 +324,5 @@ def build_runner(params: dict, cfg: ModelConfig, config, device) -> ModelRunner:
     # launch, the next launched before this one's tokens are read.
     steps = 1 if config.overlaps_steps else config.num_scheduler_steps
     return ModelRunner(params, cfg, config.num_blocks, config.block_size, device,
-                       staged=config.staged, num_scheduler_steps=steps)
+                       staged=config.staged, num_scheduler_steps=steps,
+                       max_context=config.max_model_len)

@@ -31,9 +31,9 @@ from collectives.a2e import A2E
 from collectives.eplb import device_loads, max_over_mean
 from serving.core.dp_group import DPGroup, GroupConfig
 from serving.core.faults import NO_FAULTS
-from serving.core.runner import MIN_DECODE_ROWS, MIN_PREFILL_WIDTH
 from serving.core.spec_decode import check_speculative, default_disable_by_batch_size
 from serving.core.spec_state import SpecState
+from serving.core.step_rows import MIN_DECODE_ROWS, MIN_PREFILL_WIDTH
 from serving.core.timeline import Timeline
 from serving.disagg.eplb_config import EplbConfig
 from serving.disagg.ma_capacity import CapacityPolicy

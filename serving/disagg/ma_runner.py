@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from serving.core.runner import MIN_CONTEXT_TOKENS, RowBatch, build_rows
+from serving.core.step_rows import MIN_CONTEXT_TOKENS, RowBatch, build_rows
 from sharding.rules import program_spec
 from xds_jax.generate import bucket
 from xds_jax.memory_maps import ProgramShapes

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from serving.core.runner import build_rows
 from serving.core.scheduled import ScheduledSeq
+from serving.core.step_rows import build_rows
 from xds_jax.sampling.params import SamplingParams
 from xds_jax.sequence import Sequence
 

@@ -5,6 +5,9 @@ included), traffic within the buckets compiles no decode program, and the deadli
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
@@ -42,10 +45,15 @@ def test_buckets_compile_ahead_write_nothing_and_cover_decode():
     decode = [s for s in shapes if s[1] == 1]
     assert decode == sorted(decode, key=lambda s: (s[0] * s[2], s))
     assert {(r, b) for r, _, b in decode} == {(r, b) for r in (4, 8) for b in (8, 16)}
-    assert [s for s in shapes if s[1] > 1] == [
-        (1, 16, 8), (1, 32, 8), (2, 16, 8), (1, 64, 8), (2, 32, 8), (4, 16, 8), (2, 64, 8),
-        (4, 32, 8), (4, 64, 8),  # fresh prompts, then a chunk after cached tokens:
-        (1, 16, 16), (1, 32, 16), (1, 64, 16)]
+    fresh_rows = [(1, 16), (1, 32), (2, 16), (1, 64), (2, 32), (4, 16), (2, 64), (4, 32),
+                  (4, 64)]
+    if runner.prefill_blocks is None:  # tables as wide as the chunk's context needs
+        assert [s for s in shapes if s[1] > 1] == [
+            (r, w, 8) for r, w in fresh_rows] + [  # then a chunk after cached tokens:
+            (1, 16, 16), (1, 32, 16), (1, 64, 16)]
+    else:  # the prefill kernel: every prefill table as wide as max_model_len's (256 / 16)
+        assert runner.prefill_blocks == 16
+        assert [s for s in shapes if s[1] > 1] == [(r, w, 16) for r, w in fresh_rows]
     prompts, params = workload(ahead.cfg.vocab_size)
     first = tokens(plain, prompts, params)
     assert tokens(ahead, prompts, params) == first  # its pool now holds cached prefixes
@@ -148,3 +156,31 @@ def test_every_group_and_a_tensor_parallel_runner_meet_no_compile_in_traffic():
     tp.finish(second)
     assert all(len(s.output_ids) == 2 for s in seqs)
     assert model_step._cache_size() == programs and tp.compile_count == counted
+
+
+def test_long_prompts_later_chunks_take_one_table_width(tmp_path):
+    """Where the prefill kernel runs, every prefill step's block table is as wide as
+    max_model_len's: a prompt of many chunks, past four times a chunk's context (where the
+    precompile's later-chunk buckets stop), runs the fresh prompts' programs, and reads the
+    same tokens as tables sized to each chunk's context."""
+    model = tmp_path / "llama"
+    shutil.copytree(GOLDEN / "llama", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 1024}))
+    wide, sized = (LLM(str(model), dtype="float32", max_num_seqs=4, max_model_len=1024,
+                       max_num_batched_tokens=64, use_param_cache=False) for _ in range(2))
+    runner = wide.engine.groups[0].runner
+    if runner.prefill_blocks is None:
+        pytest.skip("the prefill attention kernel does not run here")
+    assert runner.prefill_blocks == 1024 // 16
+    sized.engine.groups[0].runner.prefill_blocks = None
+    rng = np.random.default_rng(1)
+    prompts = [{"prompt_token_ids": rng.integers(3, wide.cfg.vocab_size, n).tolist()}
+               for n in (700, 90)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    assert tokens(wide, prompts, params) == tokens(sized, prompts, params)
+    prefill = {k for k in runner._shapes_seen if k[0] != "inputs" and k[0][1] > 1}
+    assert prefill and {k[1][1] for k in prefill} == {runner.prefill_blocks}
+    grown = {k for k in sized.engine.groups[0].runner._shapes_seen
+             if k[0] != "inputs" and k[0][1] > 1}
+    assert max(k[1][1] for k in grown) == 64 > 4 * 8  # sized: past the later buckets

@@ -127,6 +127,14 @@ def prefill_applies(q_BSKGD: jax.Array, k_pages: jax.Array) -> bool:
             and q_BSKGD.shape[-1] % 16 == 0 and prefill_available(q_BSKGD.dtype))
 
 
+def prefill_runs(head_dim: int, dtype, mla: bool = False) -> bool:
+    """Whether a model's prefill chunks take the prefill kernel on one device: GQA attention
+    (not MLA) with ``head_dim`` a multiple of 16 in ``dtype`` (the KV pages'), where this CPU
+    runs it. Its cost then follows the query positions, not the block table's width
+    (``serving.core.runner.ModelRunner``'s prefill tables)."""
+    return not mla and head_dim % 16 == 0 and prefill_available(dtype)
+
+
 def paged_prefill_primitive(reference):
     """The primitive ``(q [B, S, K, G, D], k_pages, v_pages [P, Pg, K, D], tables [B, N]
     int32, positions [B, S] int32; scale, cap, window) -> float32 [B, S, K G D]``: causal

@@ -7,9 +7,9 @@ whatever the depth but pay a dispatch per stage (SmolLM2 on 2 CPU cores: ~2 s in
 to compile a shape, ~30% slower decode). Shapes come from buckets: rows (powers of two up to
 ``max_num_seqs``), tokens per row (powers of two from 16 up to the chunk size) and block-table
 width (powers of two; prefill steps, where the prefill attention kernel runs, always the widest
-a sequence has: ``prefill_blocks``). The KV pages are donated through every program, so they are updated in
-place. The same bucket never compiles twice: ``compile_count`` lets tests and benchmarks check
-steady state.
+a sequence has: ``prefill_blocks``). The KV pages are donated through every program, so they
+are updated in place. The same bucket never compiles twice: ``compile_count`` lets tests and
+benchmarks check steady state.
 
 Sampling is dispatched with the step (``launch``) and read by ``finish``. Decode rows may run
 ``num_scheduler_steps`` steps a launch (vLLM's multi-step scheduling): the same decode program

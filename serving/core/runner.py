@@ -124,7 +124,8 @@ class ModelRunner:
         # (XLA's attention reads every key the table holds) the longest table's bucket.
         self.prefill_blocks = None
         if (max_context and len(devices) == 1 and not staged
-                and cpu_attention.prefill_runs(cfg.head_dim, dtype, cfg.mla is not None)):
+                and cpu_attention.prefill_runs(cfg.head_dim, dtype, cfg.mla is not None,
+                                               self.device.platform)):
             self.prefill_blocks = bucket(-(-max_context // block_size),
                                          max(1, MIN_CONTEXT_TOKENS // block_size))
 

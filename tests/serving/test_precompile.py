@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,10 +18,12 @@ from serving.entrypoints import cli
 from tests.helpers import GOLDEN
 from xds_jax import LLM, SamplingParams, memory_maps
 from xds_jax.generate import model_step
+from xds_jax.kernels import cpu_attention
 
 
 def engine(**options) -> LLM:
-    return LLM(str(GOLDEN / "llama"), dtype="float32", max_num_seqs=8, max_model_len=256,
+    options = {"dtype": "float32"} | options
+    return LLM(str(GOLDEN / "llama"), max_num_seqs=8, max_model_len=256,
                max_num_batched_tokens=64, use_param_cache=False, **options)
 
 
@@ -156,6 +159,18 @@ def test_every_group_and_a_tensor_parallel_runner_meet_no_compile_in_traffic():
     tp.finish(second)
     assert all(len(s.output_ids) == 2 for s in seqs)
     assert model_step._cache_size() == programs and tp.compile_count == counted
+
+
+def test_prefill_tables_stay_sized_where_the_kernel_does_not_run():
+    """XLA's prefill attention reads every key its table holds: only where the kernel runs
+    do prefill tables take max_model_len's width."""
+    for args in ((64, jnp.float16), (64, jnp.float32, False, "gpu"), (64, jnp.float32, True),
+                 (24, jnp.float32)):
+        assert not cpu_attention.prefill_runs(*args)
+    for dtype in ("float32", "bfloat16"):
+        runner = engine(dtype=dtype).engine.groups[0].runner
+        runs = cpu_attention.prefill_runs(runner.cfg.head_dim, dtype)
+        assert (runner.prefill_blocks == 256 // 16) if runs else runner.prefill_blocks is None
 
 
 def test_long_prompts_later_chunks_take_one_table_width(tmp_path):

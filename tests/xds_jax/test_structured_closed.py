@@ -10,7 +10,9 @@ import pytest
 from tests.helpers import GOLDEN
 from xds_jax import LLM, SamplingParams
 from xds_jax.errors import SamplingParamsError
-from xds_jax.sampling.structured import GrammarState, StructuredOutputs, closed_objects
+from xds_jax.sampling import structured
+from xds_jax.sampling.schema_closing import closed_objects
+from xds_jax.sampling.structured import GrammarState, StructuredOutputs
 from xds_jax.text.byte_tokenizer import byte_tokenizer
 
 POINT = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
@@ -59,6 +61,57 @@ def test_closed_objects_closes_what_lists_properties_and_leaves_the_input():
     assert all("additionalProperties" not in branch for branch in merged["allOf"])
     assert closed_objects({"properties": {"a": {}}, "$ref": "#/$defs/X"}) == \
         {"properties": {"a": {}}, "$ref": "#/$defs/X"}
+    # pydantic's nested models: a $ref with a description (or alone in an allOf) closes it
+    for field in ({"$ref": "#/$defs/P", "description": "d"},
+                  {"allOf": [{"$ref": "#/$defs/P"}], "description": "d"}):
+        nested = closed_objects({"$defs": {"P": POINT}, "properties": {"p": field}})
+        assert nested["$defs"]["P"]["additionalProperties"] is False
+    # a definition merged with other keys stays open
+    merged = closed_objects({"$defs": {"P": POINT}, "allOf": [{"$ref": "#/$defs/P"},
+                                                              {"properties": {"b": {}}}]})
+    assert "additionalProperties" not in merged["$defs"]["P"]
+
+
+# (schema, an instance it takes): closing may narrow what a schema takes, never refuse these
+MERGED = [
+    ({"$defs": {"Base": POINT}, "allOf": [{"$ref": "#/$defs/Base"}, {
+        "properties": {"b": {"type": "integer"}}, "required": ["b"]}]}, '{"x":1,"b":2}'),
+    ({"$defs": {"B": {"properties": {"x": {"type": "integer"}}}}, "$ref": "#/$defs/B",
+      "properties": {"b": {"type": "integer"}}, "required": ["b"]}, '{"b":2}'),
+    ({"properties": {"a": {"type": "integer"}}, "required": ["a"],
+      "anyOf": [{"properties": {"x": {"type": "integer"}}},
+                {"properties": {"y": {"type": "integer"}}}]}, '{"a":1}'),
+    ({"properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}, '{"a":1,"b":2}'),
+    ({"properties": {"a": {"type": "integer"}},
+      "dependencies": {"a": {"properties": {"b": {"type": "integer"}}}}}, '{"a":1,"b":2}'),
+    ({"properties": {"a": {"type": "integer"}}, "if": {"properties": {"a": {"const": 1}}},
+      "then": {"properties": {"b": {"type": "integer"}}, "required": ["b"]}}, '{"a":1,"b":2}'),
+    ({"type": "array", "items": {"allOf": [POINT, {"properties": {"y": {"type": "integer"}},
+                                                   "required": ["y"]}]}}, '[{"x":1,"y":2}]'),
+]
+
+
+def takes(tok, so: dict, text: str) -> bool:
+    """Whether the grammar takes ``text`` whole and ends there."""
+    try:
+        state = GrammarState(StructuredOutputs(**so), tok)
+    except SamplingParamsError:
+        return False
+    for char in text:
+        token = tok.encode(char, add_special_tokens=False)[0]
+        if not state.allowed(tok.vocab_size)[token]:
+            return False
+        state.consume(token)
+    return state.stopped or bool(state.allowed(tok.vocab_size)[sorted(tok.eos_token_ids)[0]])
+
+
+@pytest.mark.parametrize("schema, text", MERGED)
+def test_closing_never_refuses_what_merged_schemas_take(tok, schema, text, monkeypatch):
+    so = {"json": schema, "disable_any_whitespace": True}
+    with monkeypatch.context() as patch:
+        patch.setattr(structured, "closed_objects", lambda schema, every: schema)
+        assert takes(tok, so, text), "the instance is the schema's, open"
+    assert takes(tok, so, text), (schema, text)
 
 
 def test_listed_properties_are_the_only_keys(tok):

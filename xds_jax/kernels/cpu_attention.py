@@ -127,12 +127,15 @@ def prefill_applies(q_BSKGD: jax.Array, k_pages: jax.Array) -> bool:
             and q_BSKGD.shape[-1] % 16 == 0 and prefill_available(q_BSKGD.dtype))
 
 
-def prefill_runs(head_dim: int, dtype, mla: bool = False) -> bool:
-    """Whether a model's prefill chunks take the prefill kernel on one device: GQA attention
-    (not MLA) with ``head_dim`` a multiple of 16 in ``dtype`` (the KV pages'), where this CPU
-    runs it. Its cost then follows the query positions, not the block table's width
-    (``serving.core.runner.ModelRunner``'s prefill tables)."""
-    return not mla and head_dim % 16 == 0 and prefill_available(dtype)
+def prefill_runs(head_dim: int, dtype, mla: bool = False, platform: str = "cpu") -> bool:
+    """Whether a model's prefill chunks take the prefill kernel on one device of
+    ``platform``: GQA attention (not MLA) with ``head_dim`` a multiple of 16 in ``dtype``
+    (bfloat16 or float32, the KV pages'), on a CPU that runs it. Its cost then follows the
+    query positions, not the block table's width (``serving.core.runner.ModelRunner``'s
+    prefill tables)."""
+    return (platform == "cpu" and not mla and head_dim % 16 == 0
+            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+            and prefill_available(dtype))
 
 
 def paged_prefill_primitive(reference):

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from xds_jax.errors import SamplingParamsError
+from xds_jax.sampling.schema_closing import closed_objects
 
 FIELD = "structured_outputs"
 
@@ -33,10 +34,11 @@ class StructuredOutputs:
     a regex the whitespace between JSON tokens matches instead.
 
     A schema's objects that list ``properties`` and say nothing of other properties
-    (``additionalProperties``, ``patternProperties``, ``unevaluatedProperties``) take no others,
-    as vLLM's default JSON backend (XGrammar's strict mode) reads them: a model that may add
-    keys writes some (a small one, on and on). ``disable_additional_properties`` closes every
-    object schema so, those without ``properties`` too (vLLM's option of that name).
+    (``additionalProperties``, ``patternProperties``, ``unevaluatedProperties``) take no others
+    where nothing else may add keys to them (``schema_closing``), as vLLM's default JSON
+    backend (XGrammar's strict mode) reads them: a model that may add keys writes some (a
+    small one, on and on). ``disable_additional_properties`` closes the object schemas
+    without ``properties`` too (vLLM's option of that name).
     ``disable_fallback`` is accepted as vLLM's clients send it: one grammar engine, nothing to
     fall back to."""
 
@@ -124,41 +126,6 @@ class StructuredOutputs:
         if self.choice is not None:
             return matcher.grammar_from_regex("|".join(re.escape(c) for c in self.choice))
         return matcher.grammar_from_lark(_as_lark(self.grammar))
-
-
-_OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_VALUES = ("enum", "const", "default", "examples")  # JSON values, not schemas
-# beside these a schema's properties may come from elsewhere: it stays open
-_COMBINED = ("allOf", "anyOf", "oneOf", "if", "dependentSchemas", "$ref")
-
-
-def closed_objects(schema: Any, every_object: bool = False, close: bool = True) -> Any:
-    """``schema`` with ``"additionalProperties": false`` on each object schema that lists
-    ``properties`` (with ``every_object``: each ``"type": "object"`` too) and says nothing of
-    other properties (StructuredOutputs); a copy, the input untouched. An ``allOf``'s
-    branches stay open themselves (``close``), as does a schema that combines others
-    (``_COMBINED``): closed, each would refuse the properties the others list."""
-    if isinstance(schema, list):
-        return [closed_objects(s, every_object) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {}
-    for key, value in schema.items():
-        if key == "allOf" and isinstance(value, list):
-            out[key] = [closed_objects(s, every_object, close=False) for s in value]
-        elif key in _SCHEMA_MAPS and isinstance(value, dict):
-            out[key] = {name: closed_objects(sub, every_object) for name, sub in value.items()}
-        elif key in _VALUES:
-            out[key] = value
-        else:
-            out[key] = closed_objects(value, every_object)
-    types = schema.get("type")
-    is_object = types == "object" or (isinstance(types, list) and "object" in types)
-    if close and (isinstance(schema.get("properties"), dict) or every_object and is_object) \
-            and not any(key in schema for key in _OPEN_KEYS + _COMBINED):
-        out["additionalProperties"] = False
-    return out
 
 
 def _as_lark(grammar: str) -> str:

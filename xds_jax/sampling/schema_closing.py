@@ -1,0 +1,129 @@
+"""JSON schemas with their objects closed: ``"additionalProperties": false`` where an object
+schema lists its properties and nothing else can add any, as vLLM's default JSON backend
+(XGrammar's strict mode) reads a schema (``xds_jax.sampling.structured``).
+
+JSON Schema lets an object hold keys it does not list unless it says otherwise, and a model
+free to add keys adds them (a small one, on and on). Closing must never make a satisfiable
+schema unsatisfiable, so an object stays open wherever its keys may come from elsewhere:
+
+- beside a combinator (``allOf``, ``anyOf``, ``oneOf``, ``if``/``then``/``else``,
+  ``dependentSchemas``/``dependencies``, ``$ref``), and the branches that merge with it: every
+  ``allOf`` branch but a lone one, ``anyOf``/``oneOf`` branches of a schema with its own
+  ``properties`` or ``required``, conditionals, dependent schemas, and the combinators
+  nested directly in those;
+- a definition another schema reaches through such a branch or a ``$ref`` with merging
+  siblings (a lone ``$ref`` with a ``description``, as pydantic writes it, merges nothing);
+- an object whose ``required`` names a key it does not list.
+
+Property values, ``items`` and other nested schemas are objects of their own and close again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+_SCHEMA_MAPS = ("properties", "patternProperties")
+_DEFINITIONS = ("$defs", "definitions")
+_VALUES = ("enum", "const", "default", "examples")  # JSON values, not schemas
+_UNIONS = ("anyOf", "oneOf")
+_CONDITIONALS = ("if", "then", "else")
+_DEPENDENT = ("dependentSchemas", "dependencies")
+# keywords that add to or constrain an object's keys beside its own properties
+_MERGING = ("properties", "required", "allOf", *_UNIONS, *_CONDITIONALS, *_DEPENDENT,
+            *_OPEN_KEYS)
+_COMBINED = ("allOf", *_UNIONS, *_CONDITIONALS, *_DEPENDENT, "$ref")
+
+
+def closed_objects(schema: Any, every_object: bool = False) -> Any:
+    """``schema`` with ``"additionalProperties": false`` on each object schema that lists
+    ``properties`` (with ``every_object``: each ``"type": "object"`` too) and says nothing of
+    other keys, where nothing else may add any (the module's rules); a copy, the input
+    untouched."""
+    return _Closer(every_object, _merged_definitions(schema)).walk(schema, True)
+
+
+class _Closer:
+    def __init__(self, every_object: bool, open_definitions: set[str]):
+        self.every_object = every_object
+        self.open_definitions = open_definitions
+
+    def walk(self, node: Any, close: bool) -> Any:
+        if isinstance(node, list):
+            return [self.walk(item, True) for item in node]
+        if not isinstance(node, dict):
+            return node
+        merges = any(key in node for key in ("properties", "required"))
+        out = {}
+        for key, value in node.items():
+            if key == "allOf" and isinstance(value, list):
+                lone = len(value) == 1 and not merges
+                out[key] = [self.walk(branch, close and lone) for branch in value]
+            elif key in _UNIONS and isinstance(value, list):
+                out[key] = [self.walk(branch, close and not merges) for branch in value]
+            elif key in _CONDITIONALS:
+                out[key] = self.walk(value, False)
+            elif key in _DEPENDENT and isinstance(value, dict):
+                out[key] = {name: self.walk(sub, False) for name, sub in value.items()}
+            elif key in _DEFINITIONS and isinstance(value, dict):
+                out[key] = {name: self.walk(sub, f"#/{key}/{name}" not in self.open_definitions)
+                            for name, sub in value.items()}
+            elif key in _SCHEMA_MAPS and isinstance(value, dict):
+                out[key] = {name: self.walk(sub, True) for name, sub in value.items()}
+            elif key in _VALUES:
+                out[key] = value
+            else:
+                out[key] = self.walk(value, True)
+        if close and self._closable(node):
+            out["additionalProperties"] = False
+        return out
+
+    def _closable(self, node: dict) -> bool:
+        listed = node.get("properties")
+        types = node.get("type")
+        is_object = types == "object" or (isinstance(types, list) and "object" in types)
+        if not (isinstance(listed, dict) or (self.every_object and is_object)):
+            return False
+        if any(key in node for key in _OPEN_KEYS + _COMBINED):
+            return False
+        required = node.get("required", [])
+        names = listed if isinstance(listed, dict) else {}
+        return isinstance(required, list) and all(name in names for name in required)
+
+
+def _merged_definitions(schema: Any) -> set[str]:
+    """The ``$ref`` targets some schema merges with other keys: a ``$ref`` beside merging
+    keywords, or inside a branch that merges (``_Closer.walk``'s open branches)."""
+    found: set[str] = set()
+
+    def visit(node: Any, merging: bool) -> None:
+        if isinstance(node, list):
+            for item in node:
+                visit(item, False)
+            return
+        if not isinstance(node, dict):
+            return
+        ref = node.get("$ref")
+        if isinstance(ref, str) and (merging or any(key in node for key in _MERGING)):
+            found.add(ref)
+        merges = any(key in node for key in ("properties", "required"))
+        for key, value in node.items():
+            if key == "allOf" and isinstance(value, list):
+                for branch in value:
+                    visit(branch, merging or len(value) > 1 or merges)
+            elif key in _UNIONS and isinstance(value, list):
+                for branch in value:
+                    visit(branch, merging or merges)
+            elif key in _CONDITIONALS:
+                visit(value, True)
+            elif key in _DEPENDENT and isinstance(value, dict):
+                for sub in value.values():
+                    visit(sub, True)
+            elif key in (*_SCHEMA_MAPS, *_DEFINITIONS) and isinstance(value, dict):
+                for sub in value.values():
+                    visit(sub, False)
+            elif key not in _VALUES:
+                visit(value, False)
+
+    visit(schema, False)
+    return found

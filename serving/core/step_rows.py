@@ -47,15 +47,15 @@ def build_rows(scheduled: list, rows_min: int, width_min: int, block_size: int,
     """Pad scheduled sequences (objects with seq, start, num_tokens, block_table,
     is_last_chunk) into bucketed host arrays. Padding uses position -1 (writes nothing).
     ``sources``: seq id -> index of the token in flight on device that a decode row of that
-    sequence takes as input (its host token is then a 0 placeholder). ``blocks``: the block
-    tables' width (default: the longest table's, bucketed)."""
+    sequence takes as input (its host token is then a 0 placeholder). Block tables are the
+    longest table's width, bucketed, or ``blocks`` where that is wider (the runner's prefill
+    tables)."""
     n = len(scheduled)
     rows = bucket(n, rows_min)
     counts = [s.num_tokens for s in scheduled]
     width = bucket(max(counts), width_min)
-    if blocks is None:
-        blocks = bucket(max(len(s.block_table) for s in scheduled),
-                        max(1, MIN_CONTEXT_TOKENS // block_size))
+    blocks = max(blocks or 0, bucket(max(len(s.block_table) for s in scheduled),
+                                     max(1, MIN_CONTEXT_TOKENS // block_size)))
     assert blocks * block_size >= max(s.start + s.num_tokens for s in scheduled), \
         "block table too short"
     # Few numpy calls: each costs tens of microseconds on caches cold from the step before.

@@ -4,6 +4,8 @@ decode row, a decode row whose input is on device)."""
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 
 from serving.core.scheduled import ScheduledSeq
@@ -58,3 +60,13 @@ def test_rows_of_a_prefill_chunk_and_decodes():
     assert rows.source_B.tolist() == [-1, -1, 3, -1]
     assert all(a.dtype == np.int32 for a in (rows.tokens_BS, rows.positions_BS,
                                               rows.tables_BN, rows.last_B, rows.source_B))
+
+
+def test_blocks_is_the_tables_least_width():
+    seq = types.SimpleNamespace(seq_id=1, ids_between=lambda a, b: list(range(a, b)))
+    item = types.SimpleNamespace(seq=seq, start=0, num_tokens=5, block_table=[7, 8],
+                                 is_last_chunk=True)
+    assert build_rows([item], 1, 4, 4, blocks=64).tables_BN.shape == (1, 64)
+    assert build_rows([item], 1, 4, 4).tables_BN.shape == (1, 32)  # 128 tokens' bucket
+    longer = types.SimpleNamespace(**{**vars(item), "block_table": list(range(40))})
+    assert build_rows([longer], 1, 4, 4, blocks=16).tables_BN.shape == (1, 64)

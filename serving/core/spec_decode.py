@@ -138,9 +138,10 @@ class SpecRunner(ModelRunner):
     def __init__(self, params: dict, cfg: ModelConfig, num_blocks: int, block_size: int,
                  device=None, staged: bool = False, *, num_speculative_tokens: int,
                  disable_by_batch_size: int | None = None,
-                 num_chained_steps: int = DEFAULT_CHAINED_STEPS):
+                 num_chained_steps: int = DEFAULT_CHAINED_STEPS, max_context: int | None = None):
         check_speculative(params, num_speculative_tokens)
-        super().__init__(params, cfg, num_blocks, block_size, device, staged=False)
+        super().__init__(params, cfg, num_blocks, block_size, device, staged=False,
+                         max_context=max_context)
         self.k = num_speculative_tokens
         # Chained steps need their KV slots reserved up front, by the group's scheduler.
         self.chained_steps = num_chained_steps if self._direct_inputs else 1
@@ -197,7 +198,8 @@ class SpecRunner(ModelRunner):
         return pending
 
     def _launch_prefill(self, items: list) -> tuple:
-        rows = build_rows(items, 1, MIN_PREFILL_WIDTH, self.block_size)
+        rows = build_rows(items, 1, MIN_PREFILL_WIDTH, self.block_size,
+                          blocks=self.prefill_blocks)
         nxt, mtp_pos = prefill_pairs(items, rows.tokens_BS.shape)
         self._seen(("prefill", rows.tokens_BS.shape, rows.tables_BN.shape),
                    "prefill step with the MTP block")
@@ -319,7 +321,8 @@ def build_runner(params: dict, cfg: ModelConfig, config, device) -> ModelRunner:
         return SpecRunner(params, cfg, config.num_blocks, config.block_size, device,
                           num_speculative_tokens=config.num_speculative_tokens,
                           disable_by_batch_size=config.spec_disable_by_batch_size,
-                          num_chained_steps=config.spec_chained_steps)
+                          num_chained_steps=config.spec_chained_steps,
+                          max_context=config.max_model_len)
     # Asynchronous scheduling overlaps the host with the device its own way: one step a
     # launch, the next launched before this one's tokens are read.
     steps = 1 if config.overlaps_steps else config.num_scheduler_steps

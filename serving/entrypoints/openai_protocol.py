@@ -113,6 +113,7 @@ class SamplingFields(OpenAIModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None  # structured_outputs.whitespace_pattern
 
 
 class CompletionRequest(SamplingFields):

@@ -200,6 +200,8 @@ def structured_outputs(req: api.SamplingFields) -> StructuredOutputs | None:
         return None
     options = {k: v for k, v in (req.structured_outputs or {}).items()
                if k in OPTIONS and v is not None}
+    if getattr(req, "guided_whitespace_pattern", None) is not None:  # vLLM's older field
+        options.setdefault("whitespace_pattern", req.guided_whitespace_pattern)
     try:
         return StructuredOutputs.coerce(options | next(iter(found.values())))
     except SamplingParamsError as error:

@@ -162,6 +162,16 @@ def test_listed_properties_only_and_vllm_options_beside_a_response_format(server
         assert reply.finish_reason == "stop"
 
 
+def test_whitespace_pattern_from_either_field(server, sdk):
+    """vLLM's ``structured_outputs.whitespace_pattern`` and older ``guided_whitespace_pattern``:
+    here newlines only, where this model's JSON otherwise fills with spaces too."""
+    for extra in ({"structured_outputs": {"json": PERSON, "whitespace_pattern": "\n?"}},
+                  {"guided_json": PERSON, "guided_whitespace_pattern": "\n?"}):
+        reply = chat(server, sdk, logit_bias=None, extra_body=extra).choices[0]
+        assert_person(reply.message.content)
+        assert not re.search(r"[ \t\r]", reply.message.content), reply.message.content
+
+
 def test_completions_take_every_form(server, sdk):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
     assert_person(complete(server, sdk, extra_body={"response_format": fmt}).choices[0].text)

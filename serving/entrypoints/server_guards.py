@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
-from serving.entrypoints.server_requests import ApiError
+from serving.entrypoints.api_error import ApiError
 
 # Routes that need the API key, as vLLM asks it: the /v1 API (and /v2/rerank), and the
 # scoring routes outside it, which compute too; /health, /ping, /metrics, /version, the

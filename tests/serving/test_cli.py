@@ -290,3 +290,22 @@ def test_the_api_key_comes_from_vllm_s_variable_too(monkeypatch):
     assert api_key(args) == "x"
     args.api_key = "flag"
     assert api_key(args) == "flag"
+
+
+def test_help_answers_without_importing_jax():
+    """``xds --help`` and a command's help parse arguments only: JAX and the engine load on
+    first use (``xds_jax`` names load lazily), so help answers in well under a second."""
+    import subprocess
+
+    code = ("import sys\nfrom serving.entrypoints.cli import main\n"
+            "for argv in (['--help'], ['serve', '--help'], ['generate', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('jax', 'xds_jax.llm') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+    import xds_jax
+
+    assert xds_jax.LLM.__name__ == "LLM" and "SamplingParams" in dir(xds_jax)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        xds_jax.nope  # noqa: B018

@@ -23,16 +23,18 @@ from __future__ import annotations
 from typing import Any
 
 _OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
-_SCHEMA_MAPS = ("properties", "patternProperties")
 _DEFINITIONS = ("$defs", "definitions")
 _VALUES = ("enum", "const", "default", "examples")  # JSON values, not schemas
 _UNIONS = ("anyOf", "oneOf")
 _CONDITIONALS = ("if", "then", "else")
 _DEPENDENT = ("dependentSchemas", "dependencies")
+# keys whose schemas may merge with the schema holding them (``_merges``)
+_BRANCHES = ("allOf", *_UNIONS, *_CONDITIONALS, *_DEPENDENT)
+# keys holding a map of name -> schema
+_MAPS = ("properties", "patternProperties", *_DEFINITIONS, *_DEPENDENT)
 # keywords that add to or constrain an object's keys beside its own properties
-_MERGING = ("properties", "required", "allOf", *_UNIONS, *_CONDITIONALS, *_DEPENDENT,
-            *_OPEN_KEYS)
-_COMBINED = ("allOf", *_UNIONS, *_CONDITIONALS, *_DEPENDENT, "$ref")
+_MERGING = ("properties", "required", *_BRANCHES, *_OPEN_KEYS)
+_COMBINED = (*_BRANCHES, "$ref")
 
 
 def closed_objects(schema: Any, every_object: bool = False) -> Any:
@@ -41,6 +43,27 @@ def closed_objects(schema: Any, every_object: bool = False) -> Any:
     other keys, where nothing else may add any (the module's rules); a copy, the input
     untouched."""
     return _Closer(every_object, _merged_definitions(schema)).walk(schema, True)
+
+
+def _merges(node: dict, key: str) -> bool:
+    """Whether the schemas under ``node[key]`` (one of ``_BRANCHES``) merge their keys with
+    ``node``'s: a lone ``allOf`` branch beside no properties does not, nor the ``anyOf`` /
+    ``oneOf`` branches of a schema listing none; conditionals and dependent schemas do."""
+    lists_keys = any(k in node for k in ("properties", "required"))
+    value = node[key]
+    if key == "allOf":
+        return not (isinstance(value, list) and len(value) == 1) or lists_keys
+    return lists_keys if key in _UNIONS else True
+
+
+def _each(key: str, value: Any, fn) -> Any:
+    """``fn(name, schema)`` over the schemas under ``key``: a list's items (name None), a map's
+    values by name (``_MAPS``), or the value itself."""
+    if isinstance(value, list):
+        return [fn(None, item) for item in value]
+    if key in _MAPS and isinstance(value, dict):
+        return {name: fn(name, sub) for name, sub in value.items()}
+    return fn(None, value)
 
 
 class _Closer:
@@ -53,27 +76,16 @@ class _Closer:
             return [self.walk(item, True) for item in node]
         if not isinstance(node, dict):
             return node
-        merges = any(key in node for key in ("properties", "required"))
         out = {}
         for key, value in node.items():
-            if key == "allOf" and isinstance(value, list):
-                lone = len(value) == 1 and not merges
-                out[key] = [self.walk(branch, close and lone) for branch in value]
-            elif key in _UNIONS and isinstance(value, list):
-                out[key] = [self.walk(branch, close and not merges) for branch in value]
-            elif key in _CONDITIONALS:
-                out[key] = self.walk(value, False)
-            elif key in _DEPENDENT and isinstance(value, dict):
-                out[key] = {name: self.walk(sub, False) for name, sub in value.items()}
-            elif key in _DEFINITIONS and isinstance(value, dict):
-                out[key] = {name: self.walk(sub, f"#/{key}/{name}" not in self.open_definitions)
-                            for name, sub in value.items()}
-            elif key in _SCHEMA_MAPS and isinstance(value, dict):
-                out[key] = {name: self.walk(sub, True) for name, sub in value.items()}
-            elif key in _VALUES:
+            if key in _VALUES:
                 out[key] = value
+            elif key in _DEFINITIONS:
+                out[key] = _each(key, value, lambda name, sub, key=key: self.walk(
+                    sub, f"#/{key}/{name}" not in self.open_definitions))
             else:
-                out[key] = self.walk(value, True)
+                child = close and not _merges(node, key) if key in _BRANCHES else True
+                out[key] = _each(key, value, lambda _, sub, child=child: self.walk(sub, child))
         if close and self._closable(node):
             out["additionalProperties"] = False
         return out
@@ -106,24 +118,10 @@ def _merged_definitions(schema: Any) -> set[str]:
         ref = node.get("$ref")
         if isinstance(ref, str) and (merging or any(key in node for key in _MERGING)):
             found.add(ref)
-        merges = any(key in node for key in ("properties", "required"))
         for key, value in node.items():
-            if key == "allOf" and isinstance(value, list):
-                for branch in value:
-                    visit(branch, merging or len(value) > 1 or merges)
-            elif key in _UNIONS and isinstance(value, list):
-                for branch in value:
-                    visit(branch, merging or merges)
-            elif key in _CONDITIONALS:
-                visit(value, True)
-            elif key in _DEPENDENT and isinstance(value, dict):
-                for sub in value.values():
-                    visit(sub, True)
-            elif key in (*_SCHEMA_MAPS, *_DEFINITIONS) and isinstance(value, dict):
-                for sub in value.values():
-                    visit(sub, False)
-            elif key not in _VALUES:
-                visit(value, False)
+            if key not in _VALUES:
+                child = (merging or _merges(node, key)) if key in _BRANCHES else False
+                _each(key, value, lambda _, sub, child=child: visit(sub, child))
 
     visit(schema, False)
     return found

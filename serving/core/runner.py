@@ -44,6 +44,7 @@ from serving.core.step_rows import (
     RowBatch,
     build_rows,
     decode_rows_min,
+    table_blocks,
 )
 from sharding.params import kv_page_shardings, param_shardings, tp_mesh
 from xds_jax.generate import bucket, model_step
@@ -126,8 +127,7 @@ class ModelRunner:
         if (max_context and len(devices) == 1 and not staged
                 and cpu_attention.prefill_runs(cfg.head_dim, dtype, cfg.mla is not None,
                                                self.device.platform)):
-            self.prefill_blocks = bucket(-(-max_context // block_size),
-                                         max(1, MIN_CONTEXT_TOKENS // block_size))
+            self.prefill_blocks = table_blocks(-(-max_context // block_size), block_size)
 
     @property
     def overlaps_steps(self) -> bool:

@@ -42,6 +42,12 @@ def decode_rows_min(params: dict) -> int:
     return 1 if param_bytes(params) >= ONE_ROW_DECODE_BYTES else MIN_DECODE_ROWS
 
 
+def table_blocks(longest: int, block_size: int) -> int:
+    """The block-table width bucket of a step whose longest table is ``longest`` blocks:
+    a power of two, and MIN_CONTEXT_TOKENS' worth at least."""
+    return bucket(longest, max(1, MIN_CONTEXT_TOKENS // block_size))
+
+
 def build_rows(scheduled: list, rows_min: int, width_min: int, block_size: int,
                sources: dict[int, int] | None = None, blocks: int | None = None) -> RowBatch:
     """Pad scheduled sequences (objects with seq, start, num_tokens, block_table,
@@ -54,8 +60,8 @@ def build_rows(scheduled: list, rows_min: int, width_min: int, block_size: int,
     rows = bucket(n, rows_min)
     counts = [s.num_tokens for s in scheduled]
     width = bucket(max(counts), width_min)
-    blocks = max(blocks or 0, bucket(max(len(s.block_table) for s in scheduled),
-                                     max(1, MIN_CONTEXT_TOKENS // block_size)))
+    blocks = max(blocks or 0, table_blocks(max(len(s.block_table) for s in scheduled),
+                                           block_size))
     assert blocks * block_size >= max(s.start + s.num_tokens for s in scheduled), \
         "block table too short"
     # Few numpy calls: each costs tens of microseconds on caches cold from the step before.

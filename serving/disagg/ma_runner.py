@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from serving.core.step_rows import MIN_CONTEXT_TOKENS, RowBatch, build_rows
+from serving.core.step_rows import RowBatch, build_rows, table_blocks
 from sharding.rules import program_spec
 from xds_jax.generate import bucket
 from xds_jax.memory_maps import ProgramShapes
@@ -322,8 +322,7 @@ class Domain:
             live = [s for part in parts for s in part]
             rows = bucket(max(len(p) for p in parts), rows_min)
             width = bucket(max(s.num_tokens for s in live), width_min)
-            blocks = bucket(max(len(s.block_table) for s in live),
-                            max(1, MIN_CONTEXT_TOKENS // self.block_size))
+            blocks = table_blocks(max(len(s.block_table) for s in live), self.block_size)
             batches = [_rank_rows(p, rows, width, blocks, self.block_size) for p in parts]
             arrays = {name: np.concatenate([getattr(b, name) for b in batches])
                       for name in ("tokens_BS", "positions_BS", "tables_BN", "last_B")}

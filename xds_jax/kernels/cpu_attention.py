@@ -124,7 +124,7 @@ def prefill_applies(q_BSKGD: jax.Array, k_pages: jax.Array) -> bool:
     """Whether the prefill kernel takes queries ``q_BSKGD`` against pages ``k_pages``: the
     dtypes of ``applies`` where this CPU runs them, head dims a multiple of 16."""
     return (_dtypes_ok(q_BSKGD, k_pages) and q_BSKGD.ndim == 5 and k_pages.ndim == 4
-            and q_BSKGD.shape[-1] % 16 == 0 and prefill_available(q_BSKGD.dtype))
+            and prefill_runs(q_BSKGD.shape[-1], q_BSKGD.dtype))
 
 
 def prefill_runs(head_dim: int, dtype, mla: bool = False, platform: str = "cpu") -> bool:

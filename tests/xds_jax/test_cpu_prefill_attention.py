@@ -2,8 +2,8 @@
 (``xds_jax/kernels/prefill_attention.cc``): against the XLA paths it replaces (dense and
 blockwise) and a float64 reference, both dtypes, head dims that are not a multiple of 64,
 sliding windows, soft-capping, padding rows, page ids past the pool, long contexts (few query
-tokens per work item); the model's attention and a tiny model's generation with and without
-it."""
+tokens per work item), on each instruction-set path the CPU has (AVX-512, AVX2); the model's
+attention and a tiny model's generation with and without it."""
 
 from pathlib import Path
 
@@ -24,13 +24,19 @@ from xds_jax.kernels import cpu_attention
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not cpu_attention.prefill_available(),
-                                reason="the kernel cannot run here (no AVX-512 or compiler)")
+                                reason="the kernel cannot run here (no AVX2 or compiler)")
 
 
-def _runs(dtype):
-    """Skip a bfloat16 case where the CPU has AVX-512 without BF16 (the kernel runs float32)."""
-    if not cpu_attention.prefill_available(dtype):
-        pytest.skip("bfloat16 prefill attention needs AVX-512 BF16")
+@pytest.fixture(params=[2, 1], ids=["avx512", "avx2"])
+def isa(request):
+    """The kernel on AVX-512 tiles (bfloat16 there on AVX-512 BF16's where the CPU has it,
+    AMX's where it has them, else the AVX2 tiles) and on the AVX2 tiles, where the CPU has
+    each."""
+    if cpu_attention.use_prefill_isa(request.param) != request.param:
+        cpu_attention.use_prefill_isa(2)
+        pytest.skip(f"this CPU has no {request.node.callspec.id} path")
+    yield request.param
+    cpu_attention.use_prefill_isa(2)
 
 
 def _case(dtype, s=37, k=3, g=2, d=48, pg=4, n=16, pages=70, start=(5, 20), seed=0):
@@ -75,8 +81,7 @@ def _run(args, **kw):
 @pytest.mark.parametrize("cap", [0.0, 5.0])
 @pytest.mark.parametrize("window", [0, 9])
 @pytest.mark.parametrize("d", [48, 80])
-def test_kernel_equals_the_xla_path_and_float64(dtype, cap, window, d):
-    _runs(dtype)
+def test_kernel_equals_the_xla_path_and_float64(dtype, cap, window, d, isa):
     args = _case(dtype, d=d, seed=d + int(cap) + window)
     kw = {"scale": 0.15, "cap": cap, "window": float(window)}
     got, xla = _run(args, **kw)
@@ -92,10 +97,9 @@ def test_kernel_equals_the_xla_path_and_float64(dtype, cap, window, d):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_a_table_wider_than_the_keys_seen(dtype):
+def test_a_table_wider_than_the_keys_seen(dtype, isa):
     """200 query tokens against tables of 1,024 keys of which they see at most 220: the
     items are sized by the keys seen (64 tokens), not by the table's width (24)."""
-    _runs(dtype)
     args = _case(dtype, s=200, g=3, d=64, pg=16, n=64, pages=140, seed=11)
     got, xla = _run(args, scale=0.15, cap=0.0, window=0.0)
     real = np.asarray(args[4]) >= 0
@@ -132,10 +136,9 @@ def test_amx_tiles_equal_the_avx512_path_and_float64(cap, window, d):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_long_context_against_the_blockwise_path(dtype):
+def test_long_context_against_the_blockwise_path(dtype, isa):
     """A 240-token chunk at positions 2800.. over 3072 slots (few query tokens per work item),
     and a window: the reference there is XLA's blockwise attention."""
-    _runs(dtype)
     for window in (0, 700):
         args = _case(dtype, s=240, k=2, g=3, d=64, pg=16, n=192, pages=400, start=(2800, 10),
                      seed=window)
@@ -160,7 +163,7 @@ def test_applies_and_vmap_sees_the_xla_path():
     assert not cpu_attention.prefill_applies(q[..., :40], kp)  # head dims not a multiple of 16
     assert not cpu_attention.prefill_applies(q.astype(jnp.bfloat16), kp)  # float32 pages
     bf16 = (q.astype(jnp.bfloat16), att.as_bits(jnp.zeros(kp.shape, jnp.bfloat16)))
-    assert cpu_attention.prefill_applies(*bf16) == (cpu_attention.prefill_level() == 2)
+    assert cpu_attention.prefill_applies(*bf16)
     kw = {"scale": 0.1, "cap": 0.0, "window": 0.0}
     got = np.asarray(att._paged_prefill.bind(q, kp, vp, tables, pos, **kw))
     batched = jax.vmap(lambda q_: att._paged_prefill.bind(q_, kp, vp, tables, pos, **kw))(
@@ -173,7 +176,6 @@ def test_applies_and_vmap_sees_the_xla_path():
 def test_model_attention_with_and_without_the_kernel(dtype, monkeypatch):
     """A tiny Llama layer's prefill of a 13-token chunk after 6 cached tokens (and a padded
     sequence): the same output as XLA's prefill attention, the same cache."""
-    _runs(dtype)
     from tests.helpers import tiny
 
     if tiny("llama").cfg.head_dim % 16:

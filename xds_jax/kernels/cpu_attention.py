@@ -18,7 +18,8 @@ takes a block of query tokens of one sequence and kv head at a time, both produc
 products in registers over the keys each block sees (causal: half the dense work), the same
 float32 softmax and rounding; ``paged_prefill_primitive`` makes its primitive likewise. On a
 CPU with AMX-BF16, bfloat16 blocks with head dims a multiple of 32 run both products on AMX
-tiles, 16 rows at a time (``prefill_amx.h``).
+tiles, 16 rows at a time (``prefill_amx.h``); without AVX-512 (and bfloat16 without AVX-512
+BF16) AVX2 + FMA tiles on float32 panels (``prefill_avx2.h``).
 """
 
 from __future__ import annotations
@@ -87,17 +88,25 @@ def paged_decode_primitive(reference):
 
 @functools.cache
 def prefill_level() -> int:
-    """The dtypes the prefill kernel runs here: 2 bfloat16 and float32 (AVX-512 BF16), 1
-    float32 only (AVX-512 without BF16), 0 none (no AVX-512: the kernel has no AVX2 path; not
-    built); registers its FFI target on first use."""
+    """The dtypes the prefill kernel runs here: 2 bfloat16 and float32 (AVX2 + FMA or
+    AVX-512), 0 none (neither, not an x86-64 CPU, not built); registers its FFI target on
+    first use."""
     lib = build.load_x86_cpu(PREFILL_LIBRARY)
     level = int(lib.xds_prefill_attention_ok()) if lib is not None else 0
     if level:
         jax.ffi.register_ffi_target(PREFILL_TARGET, jax.ffi.pycapsule(lib.XdsPrefillAttention),
                                     platform="cpu")
-        log.info("prefill attention over paged KV runs xds-jax's CPU kernel (%s)",
-                 "bfloat16 and float32" if level == 2 else "float32")
+        log.info("prefill attention over paged KV runs xds-jax's CPU kernel")
     return level
+
+
+def use_prefill_isa(isa: int) -> int:
+    """Run the prefill kernel with at most instruction set ``isa`` (2: AVX-512, 1: AVX2 +
+    FMA; tests and benchmarks check the path another CPU takes); returns the one in use, 0
+    where the kernel does not run. Read at run time, so compiled programs follow it."""
+    if not prefill_level():
+        return 0
+    return int(build.load(PREFILL_LIBRARY).xds_prefill_attention_use_isa(isa))
 
 
 def prefill_available(dtype=jnp.float32) -> bool:

@@ -19,8 +19,9 @@
 // On a CPU with AMX-BF16, bfloat16 items with head dims a multiple of 32 run both products on
 // AMX tiles instead (prefill_amx.h), 16 rows a group; the softmax stays AVX-512.
 //
-// AVX-512 only, bfloat16 with BF16 (cpu_attention.prefill_applies checks); built and registered
-// by xds_jax/kernels/build.py, used through xds_jax/kernels/cpu_attention.py.
+// Without AVX-512 (and for bfloat16 without AVX-512 BF16) the items run AVX2 + FMA tiles on
+// float32 panels (prefill_avx2.h). Needs AVX2 + FMA (cpu_attention.prefill_applies checks);
+// built and registered by xds_jax/kernels/build.py, used through xds_jax/kernels/cpu_attention.py.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -35,6 +36,7 @@
 #include "kernel_math.h"
 #include "pool_chunks.h"
 #include "prefill_tiles.h"
+#include "prefill_avx2.h"
 #include "prefill_amx.h"
 
 namespace ffi = xla::ffi;
@@ -59,29 +61,36 @@ struct Args {
   int64_t tq = 1, q_blocks = 1;  // query tokens per item, items per (sequence, kv head)
   float scale = 1.0f, cap = 0.0f;
   bool bf16 = false;
+  bool wide = false;  // the AVX2 path: float32 panels (bfloat16 widened), one value a word
   // per sequence: the keys any of its queries sees [first, last] (last < first: none), and
   // per (sequence, kv head) panel the offset of its words in keys and vals
   std::vector<int64_t> first, last, offset;
   uint32_t* keys = nullptr;  // panels: [D / per_word][Lp] words, Lp = keys seen rounded to 64
   uint32_t* vals = nullptr;  // panels: [Lp / per_word][D] words (bf16: keys 2t, 2t + 1 paired)
+
+  int64_t per_word() const { return bf16 && !wide ? 2 : 1; }
 };
 
 // One item's scratch, per thread: its rows, scores [M][Lp] and the probabilities [M][Lp] in
-// the values' dtype (M rounded up to a group of AMX rows), and the AMX path's packed queries
-// and outputs of a group.
+// the values' dtype (M rounded up to a group of AMX rows), the AMX path's packed queries and
+// outputs of a group; the AVX2 path's (prefill_avx2.h).
 struct Scratch {
   std::vector<Row> rows;
   std::vector<uint32_t> probs, qpack;
   std::vector<float> scores, outs;
+  WideScratch wide;
 };
 
-// The dtypes the kernel runs here: 2 both (AVX-512 with BF16), 1 float32 (AVX-512 F/BW/VL), 0.
-const int kLevel = !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                     __builtin_cpu_supports("avx512vl")) ? 0
-                   : __builtin_cpu_supports("avx512bf16") ? 2 : 1;
+// The instruction set the kernel runs here: 2 AVX-512 F/BW/VL, 1 AVX2 + FMA, 0 none (not run).
+const int kIsa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") ? 2
+                 : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+// Whether bfloat16 items can take AVX-512 BF16's pair dot product (else the AVX2 path).
+const bool kBf16Dot = kIsa == 2 && __builtin_cpu_supports("avx512bf16");
+std::atomic<int> g_isa{kIsa};  // lowered by xds_prefill_attention_use_isa (tests, benchmarks)
 // Whether bfloat16 items with head dims a multiple of 32 run AMX tiles (prefill_amx.h): where
 // the CPU has AMX-BF16 and the OS grants tile data; xds_prefill_attention_use_amx (tests).
-const bool kAmxBf16 = kLevel == 2 && (amx_usable() & 1) != 0;
+const bool kAmxBf16 = kBf16Dot && (amx_usable() & 1) != 0;
 std::atomic<bool> g_amx{kAmxBf16};
 
 inline int64_t panel_width(const Args& a, int64_t b) {
@@ -96,16 +105,24 @@ void pack_panel(const Args& a, int64_t panel) {
   constexpr int pw = Words<T>::per_word;
   const int64_t kv = panel % a.K, b = panel / a.K, D = a.D, dw = D / pw;
   const int64_t lp = panel_width(a, b), lv = a.last[b] - a.first[b] + 1;
-  uint32_t* keys = a.keys + a.offset[panel];
-  T* vals = reinterpret_cast<T*>(a.vals + a.offset[panel]);
   const T* kp = static_cast<const T*>(a.kp);
   const T* vp = static_cast<const T*>(a.vp);
+  auto row = [&](int64_t t) {  // the offset of key first + t in the pages
+    const int64_t l = a.first[b] + t;
+    const int64_t page = std::clamp<int64_t>(a.tables[b * a.N + l / a.Pg], 0, a.P - 1);
+    return ((page * a.Pg + l % a.Pg) * a.K + kv) * D;
+  };
+  if (a.wide) {
+    return pack_panel_wide(kp, vp, lv, lp, D, row,
+                           reinterpret_cast<float*>(a.keys + a.offset[panel]),
+                           reinterpret_cast<float*>(a.vals + a.offset[panel]));
+  }
+  uint32_t* keys = a.keys + a.offset[panel];
+  T* vals = reinterpret_cast<T*>(a.vals + a.offset[panel]);
   for (int64_t t = 0; t < lp; ++t) {
     T* v = vals + (t / pw * D) * pw + t % pw;  // value d of key t at v[d * pw]
     if (t < lv) {
-      const int64_t l = a.first[b] + t;
-      const int64_t page = std::clamp<int64_t>(a.tables[b * a.N + l / a.Pg], 0, a.P - 1);
-      const int64_t at = ((page * a.Pg + l % a.Pg) * a.K + kv) * D;
+      const int64_t at = row(t);
       for (int64_t w = 0; w < dw; ++w) keys[w * lp + t] = word(kp + at + w * pw);
       for (int64_t d = 0; d < D; ++d) v[d * pw] = vp[at + d];
     } else {
@@ -158,9 +175,10 @@ XDS_AMX void attend_rows_amx(const Args& a, Row* rows, int64_t M, const uint32_t
   amx_end();
 }
 
+// Work item ``item``'s rows into sc.rows, padding rows' outputs zeroed; returns their count, 0
+// where every row is padding.
 template <typename T>
-XDS_PREFILL_AVX512 void attend_item(const Args& a, int64_t item, Scratch& sc) {
-  constexpr int pw = Words<T>::per_word;
+int64_t item_rows(const Args& a, int64_t item, Scratch& sc) {
   const int64_t kv = item % a.K, b = item / a.K % a.B;
   const int64_t qb = a.q_blocks - 1 - item / (a.K * a.B);  // the longest blocks first
   const int64_t s0 = qb * a.tq, s1 = std::min(a.S, s0 + a.tq), G = a.G, D = a.D;
@@ -182,10 +200,17 @@ XDS_PREFILL_AVX512 void attend_item(const Args& a, int64_t item, Scratch& sc) {
       if (row.hi < row.lo) std::fill(row.out, row.out + D, 0.0f);
     }
   }
-  if (!any) return;
-  const int64_t lp = panel_width(a, b), dw = D / pw;
-  const uint32_t* keys = a.keys + a.offset[b * a.K + kv];
-  const uint32_t* vals = a.vals + a.offset[b * a.K + kv];
+  return any ? M : 0;
+}
+
+// An item's M rows of panel ``panel`` on the AVX-512 tiles (or AMX's).
+template <typename T>
+XDS_PREFILL_AVX512 void attend_rows512(const Args& a, int64_t panel, int64_t M, Scratch& sc) {
+  constexpr int pw = Words<T>::per_word;
+  Row* rows = sc.rows.data();
+  const int64_t D = a.D, lp = panel_width(a, panel / a.K), dw = D / pw;
+  const uint32_t* keys = a.keys + a.offset[panel];
+  const uint32_t* vals = a.vals + a.offset[panel];
   const int64_t padded = (M + kAmxGroup - 1) / kAmxGroup * kAmxGroup;  // whole AMX groups
   sc.scores.resize(padded * lp);
   sc.probs.resize(padded * lp / pw);
@@ -225,6 +250,20 @@ XDS_PREFILL_AVX512 void attend_item(const Args& a, int64_t item, Scratch& sc) {
     for (int64_t r = r0; r < r0 + n; ++r) {
       if (rows[r].hi < rows[r].lo) std::fill(rows[r].out, rows[r].out + D, 0.0f);
     }
+  }
+}
+
+template <typename T>
+void attend_item(const Args& a, int64_t item, Scratch& sc) {
+  const int64_t M = item_rows<T>(a, item, sc);
+  if (M == 0) return;
+  const int64_t panel = item % (a.K * a.B);  // b K + kv
+  if (a.wide) {
+    attend_rows8(sc.rows.data(), M, a.bf16, reinterpret_cast<const float*>(a.keys + a.offset[panel]),
+                 reinterpret_cast<const float*>(a.vals + a.offset[panel]),
+                 panel_width(a, panel / a.K), a.D, a.scale, a.cap, sc.wide);
+  } else {
+    attend_rows512<T>(a, panel, M, sc);
   }
 }
 
@@ -272,10 +311,8 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kp, ffi
         "pages [P, Pg, K, D] (uint16 bits or float32), int32 tables [B, N] and positions "
         "[B, S] expected");
   }
-  if (kLevel < (bf16 ? 2 : 1)) {
-    return ffi::Error::InvalidArgument(bf16 ? "xds_prefill_attention: bfloat16 needs AVX-512 BF16"
-                                            : "xds_prefill_attention: float32 needs AVX-512");
-  }
+  const int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa == 0) return ffi::Error::InvalidArgument("xds_prefill_attention: needs AVX2 and FMA");
   auto args = std::make_shared<Args>();
   Args& a = *args;
   a.q = q.untyped_data();
@@ -286,7 +323,7 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kp, ffi
   a.out = out->typed_data();
   a.B = qd[0], a.S = qd[1], a.K = qd[2], a.G = qd[3], a.D = qd[4];
   a.P = kd[0], a.Pg = kd[1], a.N = td[1];
-  a.scale = scale, a.cap = cap, a.bf16 = bf16;
+  a.scale = scale, a.cap = cap, a.bf16 = bf16, a.wide = isa == 1 || (bf16 && !kBf16Dot);
   a.window = static_cast<int64_t>(window);
   if (a.B == 0 || a.S == 0) return ffi::Error::Success();
   const int64_t L = std::max<int64_t>(a.N * a.Pg, 1);
@@ -299,7 +336,7 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kp, ffi
       a.first[b] = std::min(a.first[b], a.window ? std::max<int64_t>(p - a.window + 1, 0) : 0);
     }
     for (int64_t kv = 0; kv < a.K; ++kv) {
-      const int64_t words = panel_width(a, b) * a.D / (bf16 ? 2 : 1);
+      const int64_t words = panel_width(a, b) * a.D / a.per_word();
       a.offset[b * a.K + kv + 1] = a.offset[b * a.K + kv] + words;
     }
   }
@@ -311,7 +348,7 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kp, ffi
   // items for the pool
   int64_t widest = kTile;
   for (int64_t b = 0; b < a.B; ++b) widest = std::max(widest, panel_width(a, b));
-  const int64_t row_bytes = widest * (sizeof(float) + (bf16 ? 2 : 4));
+  const int64_t row_bytes = widest * (sizeof(float) + 4 / a.per_word());
   int64_t tq = std::max<int64_t>(1, kScratch / (row_bytes * a.G));
   tq = std::min({tq, int64_t{64}, a.S});
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
@@ -345,11 +382,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XdsPrefillAttention, Attend,
                                   .Attr<float>("window")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// The dtypes this CPU runs the kernel for: 2 both (AVX-512 with BF16), 1 float32 only (AVX-512
-// F/BW/VL: the float32 path's FMAs; bfloat16 takes the pair dot product), 0 none.
-extern "C" int xds_prefill_attention_ok() { return kLevel; }
+// The dtypes this CPU runs the kernel for: 2 both (AVX2 + FMA or AVX-512), 0 none.
+extern "C" int xds_prefill_attention_ok() { return kIsa > 0 ? 2 : 0; }
+
+// Run at most instruction set ``isa`` (2: AVX-512, 1: AVX2; never above the CPU's, never below
+// 1 where the CPU has one); returns the one in use (tests and benchmarks check the AVX2 path).
+extern "C" int xds_prefill_attention_use_isa(int isa) {
+  g_isa.store(std::clamp(isa, std::min(kIsa, 1), kIsa));
+  return g_isa.load();
+}
 
 // Whether bfloat16 prefill attention runs AMX tiles (1) or AVX-512 (0); ``on`` 0 turns them off,
 // 1 back on where the CPU has them (tests and benchmarks compare the paths).
-extern "C" int xds_prefill_attention_amx() { return g_amx.load() ? 1 : 0; }
+extern "C" int xds_prefill_attention_amx() { return g_amx.load() && g_isa.load() == 2 ? 1 : 0; }
 extern "C" void xds_prefill_attention_use_amx(int on) { g_amx.store(on != 0 && kAmxBf16); }

@@ -92,8 +92,8 @@ def test_empty_contraction_gives_zeros(isa, m):
 @pytest.mark.parametrize("m,n,k", SHAPES + [(64, 130, 100), (512, 30, 40)])
 def test_float32_kernel_equals_float64_reference(isa, m, n, k):
     """float32 rows and weights: float32 sums of the products, the lowering the kernel where
-    ``applies`` says so (AVX-512 CPUs to 512 rows, AVX2-only ones to 128; the AVX2 blocks run
-    here at every row count where forced)."""
+    ``applies`` says so (AVX-512 BF16 CPUs and AVX2-only ones to 512 rows, the AVX2 ones on the
+    packed GEMM from 48; the AVX2 paths run here at every row count where forced)."""
     if m > cpu_matmul.max_rows(float32=True):
         pytest.skip(f"float32 takes the kernel to {cpu_matmul.max_rows(float32=True)} rows here")
     rng = np.random.default_rng(m * 1000 + n + k)
@@ -105,6 +105,29 @@ def test_float32_kernel_equals_float64_reference(isa, m, n, k):
     got = np.asarray(f(x, w))
     ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-6 * np.sqrt(k) * np.sqrt(k))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 16, 7), (5, 48, 300), (6, 80, 8), (7, 1040, 100),
+                                   (13, 32, 600), (64, 576, 1536), (97, 48, 256), (50, 30, 40),
+                                   (3, 16, 0)])
+def test_float32_packed_gemm_equals_float64_reference(m, n, k):
+    """AVX2's packed GEMM (forced from one row): 6-row tiles and each rest, one to 65 panels of
+    16 outputs (chunks of 16 to 64), K steps of 256 with tails past the 8-wide transposes, an
+    empty contraction; N off the panels (30) keeps the blocks."""
+    if not cpu_matmul.kernel_isa():
+        pytest.skip("the kernel cannot run here")
+    default = cpu_matmul.use_gemm(-1)
+    assert cpu_matmul.use_isa(1) == 1
+    try:
+        assert cpu_matmul.use_gemm(1) == 1
+        rng = np.random.default_rng(m * 1000 + n + k)
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+        got = np.asarray(jax.jit(cpu_matmul.few_row_matmul)(x, w))
+    finally:
+        cpu_matmul.use_gemm(default), cpu_matmul.use_isa(3)
+    ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-6 * k + 1e-30)
 
 
 def _tied_rows(m: int, k: int, rng) -> np.ndarray:

@@ -62,12 +62,13 @@ MAX_ROWS_AVX2 = 32
 # 1.3-1.6x at 16-64, 1.05-1.15x at 128-256, 0.98-1.07x at 512 (SmolLM2's shapes and 2048 x
 # 5632 ones, in 4 x 6 tiles since December 2026; even with XLA's packed GEMM beyond). AVX2 (an
 # AMD EPYC Zen 3, SmolLM2's matmuls weighed by their bytes; 3 x 4 tiles since December 2026's
-# evening): 1.1-1.5x XLA's [N, K] dot at 1-16 rows, 1.55x at 32, 1.2x at 64, 1.14x at 128,
-# behind from 256 (0.85x). AVX-512 without BF16 (the Intel Xeon above): 1.5x at 32 rows, 1.03x
-# at 128, 0.92x at 256 and 512.
+# evening): 1.1-1.5x XLA's [N, K] dot at 1-16 rows, 1.3x at 32; from 48 rows the packed GEMM
+# (f32_gemm.h; December 8, weights streamed from memory): 1.08x XLA at 64 rows, 1.08x at 128,
+# 1.11x at 256, 1.04x at 512, behind at 1024 (0.94x). AVX-512 without BF16 (the Intel Xeon
+# above): 1.5x at 32 rows, 1.03x at 128, 0.92x at 256 and 512.
 MAX_ROWS_F32 = 512
 MAX_ROWS_F32_AVX512 = 128
-MAX_ROWS_F32_AVX2 = 128
+MAX_ROWS_F32_AVX2 = 512
 
 
 # kernel_isa()'s levels, as the log and the benchmarks name them, and the most rows each takes
@@ -93,6 +94,7 @@ def kernel_isa() -> int:
                                (INT8_TARGET, lib.XdsInt8Matmul)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
         lib.xds_few_row_amx.restype = lib.xds_few_row_use_amx.restype = ctypes.c_int64
+        lib.xds_few_row_use_gemm.restype = ctypes.c_int64
         amx = int(lib.xds_few_row_amx())
         log.info("few-row bfloat16 and int8 matmuls run xds-jax's CPU kernel (%s%s)",
                  ISA_NAMES[isa],
@@ -128,6 +130,14 @@ def use_amx(rows: int) -> int:
     after it."""
     lib = build.load(LIBRARY) if kernel_isa() else None
     return int(lib.xds_few_row_use_amx(ctypes.c_int64(rows))) if lib is not None else 0
+
+
+def use_gemm(rows: int) -> int:
+    """Run float32 matmuls of ``rows`` rows or more on AVX2 (N a multiple of 16) as the packed
+    GEMM (``f32_gemm.h``; 0: never, negative: unchanged; tests force it at a few rows,
+    benchmarks compare); returns the rows now. Takes effect for calls made after it."""
+    lib = build.load(LIBRARY) if kernel_isa() else None
+    return int(lib.xds_few_row_use_gemm(ctypes.c_int64(rows))) if lib is not None else 0
 
 
 def max_rows(int8: bool = False, float32: bool = False) -> int:

@@ -15,7 +15,8 @@
 //   or AVX-512 (without BF16) or AVX2 FMAs on the widened values; from kAmxMinRows rows, Intel
 //   AMX tiles where the CPU and the OS allow them (amx_tiles.h).
 // - XdsF32Matmul: float32 x and w, AVX-512 FMAs (XLA's float32 dots stream 2-8 rows at ~10
-//   GB/s), or AVX2 FMAs on CPUs without AVX-512 (up to cpu_matmul.MAX_ROWS_F32_AVX2 rows).
+//   GB/s), or AVX2 FMAs on CPUs without AVX-512 (up to cpu_matmul.MAX_ROWS_F32_AVX2 rows; from
+//   kGemmMinRows the packed GEMM, f32_gemm.h).
 // - XdsInt8Matmul: weight-only int8 (xds_jax.model.quant): w int8 with float32 scales [N]; the
 //   float32 or bfloat16 rows are split as cpu_matmul.split_rows splits them (int8_rows.h):
 //   16-bit fixed point in int8 halves hi and lo with a float32 scale per row, x ~= (256 hi +
@@ -36,6 +37,7 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "amx_tiles.h"
+#include "f32_gemm.h"
 #include "few_row_blocks.h"
 #include "few_row_paths.h"
 #include "int8_rows.h"
@@ -83,19 +85,10 @@ constexpr int64_t kAmxMinRows = 2;
 constexpr int64_t kAmxMaxRows = 512;  // bounds the packed rows each calling thread keeps
 const int kAmx = detect_isa() == 3 ? amx_usable() : 0;
 std::atomic<int64_t> g_amx_rows{kAmx ? kAmxMinRows : 0};
-
-// f(std::integral_constant<int, rows>) for 1 <= rows <= 6 (every group is at most 6 rows).
-template <typename F>
-inline void with_rows(int64_t rows, F&& f) {
-  switch (rows) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    default: return f(std::integral_constant<int, 6>{});
-  }
-}
+// float32 matmuls of at least this many rows run the packed GEMM on AVX2 (f32_gemm.h; 0: never;
+// xds_few_row_use_gemm).
+constexpr int64_t kGemmMinRows = 48;
+std::atomic<int64_t> g_gemm_rows{kGemmMinRows};
 
 // Outputs n0 .. n1 for every row: panels of kPanel rows, so that a panel's rows stay in L2 while
 // the chunk's weights pass; in a panel, groups of G rows and the rest (fewer) with the same NB.
@@ -121,7 +114,7 @@ void tiles(const Operands& o, int64_t n0, int64_t n1, int64_t following) {
                      groups, rows > 0);
       for (int64_t r = p0; r < full; r += G) Path::template run<G, nb()>(o, n, r, next);
       if (full < p1) {
-        with_rows(p1 - full, [&](auto rest) {
+        with_rows<6>(p1 - full, [&](auto rest) {
           if constexpr (rest() < G) Path::template run<rest(), nb()>(o, n, full, next);
         });
       }
@@ -135,7 +128,7 @@ void columns(const Operands& o, int64_t n0, int64_t n1, int64_t following) {
     if (o.M >= Path::kWideFrom) return tiles<Path, Path::kWide>(o, n0, n1, following);
   }
   if (o.M > Path::kGroup) return tiles<Path, Path::kGroup>(o, n0, n1, following);
-  with_rows(o.M, [&](auto m) {
+  with_rows<6>(o.M, [&](auto m) {
     if constexpr (m() <= Path::kGroup) tiles<Path, m()>(o, n0, n1, following);
   });
 }
@@ -165,6 +158,7 @@ struct Work : Chunks {
   std::vector<float> x_scale;  // int8: the rows' scales [M]
   const uint32_t* xp = nullptr;  // x packed for AMX tiles (amx_pack); null: no AMX
   int64_t lo_at = 0;  // int8: where the lo half's tiles start in xp
+  bool gemm = false;  // float32 on AVX2's packed GEMM (f32_gemm.h)
   int64_t chunk = 0;
 
   // Weight rows per AMX block (chunks are multiples of it).
@@ -173,6 +167,10 @@ struct Work : Chunks {
   void run(int64_t c) override { run_before(c, chunks); }
   void run_before(int64_t c, int64_t following) override {
     const int64_t n0 = c * chunk, n1 = std::min(o.N, n0 + chunk);
+    if (gemm) {
+      thread_local std::vector<float> packed;
+      return gemm_columns(o, n0, n1, packed);
+    }
     if (xp == nullptr) return columns(o, n0, n1, following < chunks ? following * chunk : -1);
     const int64_t width = amx_unit(), mid = n0 + (n1 - n0) / width * width;
     if (mid > n0 && o.xh8 != nullptr) {
@@ -197,12 +195,17 @@ ffi::Error Run(ffi::ThreadPool& pool, std::shared_ptr<Work> work) {
   if (g_isa.load(std::memory_order_relaxed) <= 0) {
     return ffi::Error::Internal("xds few-row matmul: this CPU has neither AVX-512 nor AVX2");
   }
-  const int64_t pieces = std::max<int64_t>(1, pool.num_threads()) * kChunksPerThread;
-  const int64_t per_chunk = (work->o.N + pieces - 1) / pieces;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t per_chunk = (work->o.N + threads * kChunksPerThread - 1) /
+                            (threads * kChunksPerThread);
   const int64_t unit = work->xp == nullptr ? kBlocks : work->amx_unit();
   work->chunk = (per_chunk + unit - 1) / unit * unit;
+  if (work->gemm) {  // 64 outputs a chunk, fewer where that leaves under 8 a thread
+    work->chunk = 64;
+    while (work->chunk > kGemmCols && work->o.N < work->chunk * 8 * threads) work->chunk /= 2;
+  }
   work->chunks = (work->o.N + work->chunk - 1) / work->chunk;
-  work->grab_ahead = work->xp == nullptr;  // AMX blocks fetch their own next ones
+  work->grab_ahead = work->xp == nullptr && !work->gemm;  // AMX, GEMM: no weights fetched ahead
   run_chunks(pool, work);
   return ffi::Error::Success();
 }
@@ -243,6 +246,9 @@ ffi::Error FloatMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer&
     work->o.xe = work->xe.data();
     work->o.xe_step = step;
   }
+  const int64_t gemm_rows = g_gemm_rows.load(std::memory_order_relaxed);
+  work->gemm = dtype == ffi::DataType::F32 && isa == 1 && gemm_rows > 0 && M >= gemm_rows &&
+               work->o.N % kGemmCols == 0;
   if (dtype == ffi::DataType::BF16 && takes_amx(1, M, K, 32)) {
     uint32_t* xp = amx_buffer(amx_rows(M) * K / 2);
     amx_pack(work->o.x, M, K / 2, amx_rows(M), xp);
@@ -376,6 +382,13 @@ extern "C" int64_t xds_few_row_use_amx(int64_t rows) {
 extern "C" int xds_few_row_use_vnni(int on) {
   g_vnni.store(on != 0 && kVnni);
   return g_vnni.load() ? 1 : 0;
+}
+
+// float32 matmuls of ``rows`` rows or more on AVX2's packed GEMM (0: never; negative: unchanged);
+// returns the rows now.
+extern "C" int64_t xds_few_row_use_gemm(int64_t rows) {
+  if (rows >= 0) g_gemm_rows.store(rows);
+  return g_gemm_rows.load();
 }
 
 // Run at most ``isa`` (never above what the CPU has); returns the one now in use.

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace xds_kernels {
 
@@ -82,6 +83,16 @@ inline uint32_t bf16_bits(float f) {  // round to nearest even, as XLA's convert
   std::memcpy(&u, &f, sizeof u);
   if ((u & 0x7f800000u) != 0x7f800000u) u += 0x7fffu + ((u >> 16) & 1u);
   return u & 0xffff0000u;
+}
+
+// f(std::integral_constant<int, n>) for 1 <= n <= Max (n past Max: Max): a register tile's
+// row count as a compile-time constant.
+template <int Max, typename F>
+inline void with_rows(int64_t n, F&& f) {
+  if constexpr (Max > 1) {
+    if (n < Max) return with_rows<Max - 1>(n, f);
+  }
+  f(std::integral_constant<int, Max>{});
 }
 
 inline float round_bf16(float f) {

@@ -226,7 +226,7 @@ XDS_PREFILL_AVX512 void attend_rows512(const Args& a, int64_t panel, int64_t M, 
     if (hi < lo) continue;
     float* scores = sc.scores.data() + r0 * lp;
     uint32_t* probs = sc.probs.data() + r0 * lp / pw;
-    with_count(n, [&](auto R) {
+    with_rows<kRows>(n, [&](auto R) {
       for (int64_t t0 = lo / kTile * kTile; t0 <= hi; t0 += kTile) {
         score_tile<T, R()>(rows + r0, keys, lp, dw, t0, a.scale, scores);
       }
@@ -238,7 +238,7 @@ XDS_PREFILL_AVX512 void attend_rows512(const Args& a, int64_t panel, int64_t M, 
     }
     // rows without a visible key have zero probabilities and are overwritten with zeros
     const int64_t w0 = lo / pw, w1 = hi / pw + 1;
-    with_count(n, [&](auto R) {
+    with_rows<kRows>(n, [&](auto R) {
       int64_t d0 = 0;
       for (; d0 + 64 <= D; d0 += 64) {
         value_tile<T, R(), 4>(rows + r0, probs, vals, lp / pw, D, d0, w0, w1);

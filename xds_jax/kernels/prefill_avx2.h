@@ -190,7 +190,7 @@ XDS_PREFILL256 inline void attend_rows8(Row* rows, int64_t M, bool bf16, const f
     if (hi < lo) continue;  // every row is padding, its output already zeros
     float* sc = scores + r0 * lp;
     float* pr = probs + r0 * lp;
-    with_count<kRows8>(n, [&](auto R) {
+    with_rows<kRows8>(n, [&](auto R) {
       for (int64_t t0 = lo / kTile8 * kTile8; t0 <= hi; t0 += kTile8) {
         score_tile8<R()>(rows + r0, keys, lp, D, t0, scale, sc);
       }
@@ -201,7 +201,7 @@ XDS_PREFILL256 inline void attend_rows8(Row* rows, int64_t M, bool bf16, const f
       }
     }
     // rows without a visible key have zero probabilities and are overwritten with zeros
-    with_count<kRows8>(n, [&](auto R) {
+    with_rows<kRows8>(n, [&](auto R) {
       int64_t d0 = 0;
       for (; d0 + 32 <= D; d0 += 32) value_tile8<R(), 4>(rows + r0, pr, vals, lp, D, d0, lo, hi + 1);
       for (; d0 < D; d0 += 16) value_tile8<R(), 2>(rows + r0, pr, vals, lp, D, d0, lo, hi + 1);

@@ -102,15 +102,6 @@ XDS_PREFILL_AVX512 void value_tile(Row* rows, const uint32_t* probs, const uint3
     XDS_UNROLL for (int j = 0; j < NV; ++j) _mm512_storeu_ps(rows[r].out + d0 + 16 * j, acc[r][j]);
 }
 
-// f(std::integral_constant<int, n>) for 1 <= n <= Max (n past Max: Max).
-template <int Max = kRows, typename F>
-inline void with_count(int64_t n, F&& f) {
-  if constexpr (Max > 1) {
-    if (n < Max) return with_count<Max - 1>(n, f);
-  }
-  f(std::integral_constant<int, Max>{});
-}
-
 // Softmax of one row's visible scores [lo, hi]; its probabilities (zeros elsewhere, up to lp)
 // in the values' dtype, as words: 16 lanes at a time, the last ones masked.
 template <typename T>

@@ -99,13 +99,19 @@ XDS_AVX2 inline void gemm_columns(const Operands& o, int64_t n0, int64_t n1,
     for (int64_t j = 0; j < panels; ++j) {
       pack_panel16(w, K, n0 + j * kGemmCols, k0, kc, packed.data() + j * kGemmCols * kc);
     }
-    for (int64_t m = 0; m < M; m += kGemmRows) {
-      with_rows<kGemmRows>(std::min<int64_t>(kGemmRows, M - m), [&](auto R) {
+    for (int64_t m = 0; m < M;) {
+      // groups of 6; a rest of 1 or 2 (after 6 or more) as two groups of 3 or 4, whose 6 or 8
+      // accumulators keep more FMAs in flight than 2 or 4
+      const int64_t left = M - m, rest = left % kGemmRows;
+      const int64_t rows = left > kGemmRows && left < 2 * kGemmRows && rest <= 2 ? left / 2
+                           : std::min<int64_t>(kGemmRows, left);
+      with_rows<kGemmRows>(rows, [&](auto R) {
         for (int64_t j = 0; j < panels; ++j) {
           gemm_tile<R()>(o.xf + m * K + k0, K, packed.data() + j * kGemmCols * kc, kc,
                          o.y + m * N + n0 + j * kGemmCols, N, k0 > 0);
         }
       });
+      m += rows;
     }
   }
 }

@@ -109,12 +109,12 @@ def test_float32_kernel_equals_float64_reference(isa, m, n, k):
 
 @pytest.mark.parametrize("m,n,k", [(1, 16, 7), (5, 48, 300), (6, 80, 8), (7, 1040, 100),
                                    (13, 32, 600), (64, 576, 1536), (97, 48, 256), (50, 30, 40),
-                                   (8, 16, 300), (3, 16, 0)])
+                                   (8, 16, 300), (3, 16, 0), (9, 150, 70), (4, 8, 20)])
 def test_float32_packed_gemm_equals_float64_reference(m, n, k):
     """AVX2's packed GEMM (forced from one row): 6-row tiles, each rest (1 or 2 past 6 as two
     groups of 3 or 4), one to 65 panels of 16 outputs (chunks of 16 to 64), K steps of 256
-    with tails past the 8-wide transposes, an empty contraction; N off the panels (30) keeps
-    the blocks."""
+    with tails past the 8-wide transposes, an empty contraction; outputs past the last whole
+    panel (30, 150) on the blocks, fewer than one panel (8) all on them."""
     if not cpu_matmul.kernel_isa():
         pytest.skip("the kernel cannot run here")
     default = cpu_matmul.use_gemm(-1)
@@ -124,7 +124,9 @@ def test_float32_packed_gemm_equals_float64_reference(m, n, k):
         rng = np.random.default_rng(m * 1000 + n + k)
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
         w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+        calls = cpu_matmul.gemm_calls()
         got = np.asarray(jax.jit(cpu_matmul.few_row_matmul)(x, w))
+        assert cpu_matmul.gemm_calls() == calls + (n >= 16)  # the GEMM ran (not under 16)
     finally:
         cpu_matmul.use_gemm(default), cpu_matmul.use_isa(3)
     ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T

@@ -94,7 +94,7 @@ def kernel_isa() -> int:
                                (INT8_TARGET, lib.XdsInt8Matmul)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
         lib.xds_few_row_amx.restype = lib.xds_few_row_use_amx.restype = ctypes.c_int64
-        lib.xds_few_row_use_gemm.restype = ctypes.c_int64
+        lib.xds_few_row_use_gemm.restype = lib.xds_few_row_gemm_calls.restype = ctypes.c_int64
         amx = int(lib.xds_few_row_amx())
         log.info("few-row bfloat16 and int8 matmuls run xds-jax's CPU kernel (%s%s)",
                  ISA_NAMES[isa],
@@ -138,6 +138,12 @@ def use_gemm(rows: int) -> int:
     benchmarks compare); returns the rows now. Takes effect for calls made after it."""
     lib = build.load(LIBRARY) if kernel_isa() else None
     return int(lib.xds_few_row_use_gemm(ctypes.c_int64(rows))) if lib is not None else 0
+
+
+def gemm_calls() -> int:
+    """The float32 matmul calls that ran the packed GEMM in this process (tests)."""
+    lib = build.load(LIBRARY) if kernel_isa() else None
+    return int(lib.xds_few_row_gemm_calls()) if lib is not None else 0
 
 
 def max_rows(int8: bool = False, float32: bool = False) -> int:

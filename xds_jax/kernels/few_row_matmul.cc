@@ -89,6 +89,7 @@ std::atomic<int64_t> g_amx_rows{kAmx ? kAmxMinRows : 0};
 // xds_few_row_use_gemm).
 constexpr int64_t kGemmMinRows = 48;
 std::atomic<int64_t> g_gemm_rows{kGemmMinRows};
+std::atomic<int64_t> g_gemm_calls{0};  // calls that took it (tests check the path ran)
 
 // Outputs n0 .. n1 for every row: panels of kPanel rows, so that a panel's rows stay in L2 while
 // the chunk's weights pass; in a panel, groups of G rows and the rest (fewer) with the same NB.
@@ -167,9 +168,12 @@ struct Work : Chunks {
   void run(int64_t c) override { run_before(c, chunks); }
   void run_before(int64_t c, int64_t following) override {
     const int64_t n0 = c * chunk, n1 = std::min(o.N, n0 + chunk);
-    if (gemm) {
+    if (gemm) {  // whole panels of 16 outputs; a last N % 16 on the blocks
       thread_local std::vector<float> packed;
-      return gemm_columns(o, n0, n1, packed);
+      const int64_t whole = std::min(n1, o.N / kGemmCols * kGemmCols);
+      if (whole > n0) gemm_columns(o, n0, whole, packed);
+      if (whole < n1) columns(o, std::max(n0, whole), n1);
+      return;
     }
     if (xp == nullptr) return columns(o, n0, n1, following < chunks ? following * chunk : -1);
     const int64_t width = amx_unit(), mid = n0 + (n1 - n0) / width * width;
@@ -195,6 +199,7 @@ ffi::Error Run(ffi::ThreadPool& pool, std::shared_ptr<Work> work) {
   if (g_isa.load(std::memory_order_relaxed) <= 0) {
     return ffi::Error::Internal("xds few-row matmul: this CPU has neither AVX-512 nor AVX2");
   }
+  if (work->o.N == 0) return ffi::Error::Success();  // no outputs (and no chunk to size)
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t per_chunk = (work->o.N + threads * kChunksPerThread - 1) /
                             (threads * kChunksPerThread);
@@ -248,7 +253,8 @@ ffi::Error FloatMatmul(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer&
   }
   const int64_t gemm_rows = g_gemm_rows.load(std::memory_order_relaxed);
   work->gemm = dtype == ffi::DataType::F32 && isa == 1 && gemm_rows > 0 && M >= gemm_rows &&
-               work->o.N % kGemmCols == 0;
+               work->o.N >= kGemmCols;
+  if (work->gemm) g_gemm_calls.fetch_add(1, std::memory_order_relaxed);
   if (dtype == ffi::DataType::BF16 && takes_amx(1, M, K, 32)) {
     uint32_t* xp = amx_buffer(amx_rows(M) * K / 2);
     amx_pack(work->o.x, M, K / 2, amx_rows(M), xp);
@@ -390,6 +396,9 @@ extern "C" int64_t xds_few_row_use_gemm(int64_t rows) {
   if (rows >= 0) g_gemm_rows.store(rows);
   return g_gemm_rows.load();
 }
+
+// The float32 calls that took the packed GEMM so far.
+extern "C" int64_t xds_few_row_gemm_calls() { return g_gemm_calls.load(); }
 
 // Run at most ``isa`` (never above what the CPU has); returns the one now in use.
 extern "C" int xds_few_row_use_isa(int isa) {

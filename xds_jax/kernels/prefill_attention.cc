@@ -236,7 +236,7 @@ XDS_PREFILL_AVX512 void attend_rows512(const Args& a, int64_t panel, int64_t M, 
         softmax_row<T>(scores + r * lp, rows[r0 + r], lp, a.cap, probs + r * lp / pw);
       }
     }
-    // rows without a visible key have zero probabilities and are overwritten with zeros
+    // rows without a visible key multiply stale probabilities: their outputs are zeroed below
     const int64_t w0 = lo / pw, w1 = hi / pw + 1;
     with_rows<kRows>(n, [&](auto R) {
       int64_t d0 = 0;
@@ -392,7 +392,7 @@ extern "C" int xds_prefill_attention_use_isa(int isa) {
   return g_isa.load();
 }
 
-// Whether bfloat16 prefill attention runs AMX tiles (1) or AVX-512 (0); ``on`` 0 turns them off,
-// 1 back on where the CPU has them (tests and benchmarks compare the paths).
+// Whether bfloat16 prefill attention runs AMX tiles (1) or not (0: AVX-512 BF16 or AVX2 tiles);
+// ``on`` 0 turns them off, 1 back on where the CPU has them (tests and benchmarks compare paths).
 extern "C" int xds_prefill_attention_amx() { return g_amx.load() && g_isa.load() == 2 ? 1 : 0; }
 extern "C" void xds_prefill_attention_use_amx(int on) { g_amx.store(on != 0 && kAmxBf16); }

@@ -90,7 +90,7 @@ XDS_PREFILL256 void value_tile8(Row* rows, const float* probs, const float* vals
 
 // exp_nonpositive (kernel_math.h) on 8 lanes.
 XDS_PREFILL256 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // a NaN stays NaN (maxps returns its second)
   const __m256 n = _mm256_floor_ps(
       _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   const __m256 r = _mm256_add_ps(_mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x),
@@ -200,7 +200,7 @@ XDS_PREFILL256 inline void attend_rows8(Row* rows, int64_t M, bool bf16, const f
         softmax_row8(sc + r * lp, rows[r0 + r], lp, cap, bf16, pr + r * lp);
       }
     }
-    // rows without a visible key have zero probabilities and are overwritten with zeros
+    // rows without a visible key multiply stale probabilities: their outputs are zeroed below
     with_rows<kRows8>(n, [&](auto R) {
       int64_t d0 = 0;
       for (; d0 + 32 <= D; d0 += 32) value_tile8<R(), 4>(rows + r0, pr, vals, lp, D, d0, lo, hi + 1);

@@ -88,25 +88,6 @@ XDS_PREFILL256 void value_tile8(Row* rows, const float* probs, const float* vals
     XDS_UNROLL for (int j = 0; j < NV; ++j) _mm256_storeu_ps(rows[r].out + d0 + 8 * j, acc[r][j]);
 }
 
-// exp_nonpositive (kernel_math.h) on 8 lanes.
-XDS_PREFILL256 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // a NaN stays NaN (maxps returns its second)
-  const __m256 n = _mm256_floor_ps(
-      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  const __m256 r = _mm256_add_ps(_mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x),
-                                 _mm256_mul_ps(n, _mm256_set1_ps(2.12194440e-4f)));
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 // bf16_bits (kernel_math.h) on 8 lanes: rounded to nearest even, infinities and NaNs kept.
 XDS_PREFILL256 inline __m256 round_bf16_8(__m256 v) {
   const __m256i u = _mm256_castps_si256(v), exp = _mm256_set1_epi32(0x7f800000);

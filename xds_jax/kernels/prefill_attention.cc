@@ -259,7 +259,8 @@ void attend_item(const Args& a, int64_t item, Scratch& sc) {
   if (M == 0) return;
   const int64_t panel = item % (a.K * a.B);  // b K + kv
   if (a.wide) {
-    attend_rows8(sc.rows.data(), M, a.bf16, reinterpret_cast<const float*>(a.keys + a.offset[panel]),
+    attend_rows8(sc.rows.data(), M, a.bf16,
+                 reinterpret_cast<const float*>(a.keys + a.offset[panel]),
                  reinterpret_cast<const float*>(a.vals + a.offset[panel]),
                  panel_width(a, panel / a.K), a.D, a.scale, a.cap, sc.wide);
   } else {

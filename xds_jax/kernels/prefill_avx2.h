@@ -184,7 +184,9 @@ XDS_PREFILL256 inline void attend_rows8(Row* rows, int64_t M, bool bf16, const f
     // rows without a visible key multiply stale probabilities: their outputs are zeroed below
     with_rows<kRows8>(n, [&](auto R) {
       int64_t d0 = 0;
-      for (; d0 + 32 <= D; d0 += 32) value_tile8<R(), 4>(rows + r0, pr, vals, lp, D, d0, lo, hi + 1);
+      for (; d0 + 32 <= D; d0 += 32) {
+        value_tile8<R(), 4>(rows + r0, pr, vals, lp, D, d0, lo, hi + 1);
+      }
       for (; d0 < D; d0 += 16) value_tile8<R(), 2>(rows + r0, pr, vals, lp, D, d0, lo, hi + 1);
     });
     for (int64_t r = r0; r < r0 + n; ++r) {

@@ -87,36 +87,30 @@ def paged_decode_primitive(reference):
 
 
 @functools.cache
-def prefill_level() -> int:
-    """The dtypes the prefill kernel runs here: 2 bfloat16 and float32 (AVX2 + FMA or
-    AVX-512), 0 none (neither, not an x86-64 CPU, not built); registers its FFI target on
-    first use."""
+def prefill_available() -> bool:
+    """Whether the prefill kernel runs here, for bfloat16 and float32 alike (an x86-64 CPU
+    with AVX2 + FMA or AVX-512, the kernel built); registers its FFI target on first use."""
     lib = build.load_x86_cpu(PREFILL_LIBRARY)
-    level = int(lib.xds_prefill_attention_ok()) if lib is not None else 0
-    if level:
-        jax.ffi.register_ffi_target(PREFILL_TARGET, jax.ffi.pycapsule(lib.XdsPrefillAttention),
-                                    platform="cpu")
-        log.info("prefill attention over paged KV runs xds-jax's CPU kernel")
-    return level
+    if lib is None or not lib.xds_prefill_attention_ok():
+        return False
+    jax.ffi.register_ffi_target(PREFILL_TARGET, jax.ffi.pycapsule(lib.XdsPrefillAttention),
+                                platform="cpu")
+    log.info("prefill attention over paged KV runs xds-jax's CPU kernel")
+    return True
 
 
 def use_prefill_isa(isa: int) -> int:
     """Run the prefill kernel with at most instruction set ``isa`` (2: AVX-512, 1: AVX2 +
     FMA; tests and benchmarks check the path another CPU takes); returns the one in use, 0
     where the kernel does not run. Read at run time, so compiled programs follow it."""
-    if not prefill_level():
+    if not prefill_available():
         return 0
     return int(build.load(PREFILL_LIBRARY).xds_prefill_attention_use_isa(isa))
 
 
-def prefill_available(dtype=jnp.float32) -> bool:
-    """Whether the prefill kernel runs here for ``dtype`` queries (bfloat16 or float32)."""
-    return prefill_level() >= (2 if jnp.dtype(dtype) == jnp.bfloat16 else 1)
-
-
 def prefill_amx() -> bool:
     """Whether bfloat16 prefill attention with head dims a multiple of 32 runs AMX tiles."""
-    return (prefill_available(jnp.bfloat16)
+    return (prefill_available()
             and bool(build.load(PREFILL_LIBRARY).xds_prefill_attention_amx()))
 
 
@@ -144,7 +138,7 @@ def prefill_runs(head_dim: int, dtype, mla: bool = False, platform: str = "cpu")
     prefill tables)."""
     return (platform == "cpu" and not mla and head_dim % 16 == 0
             and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
-            and prefill_available(dtype))
+            and prefill_available())
 
 
 def paged_prefill_primitive(reference):

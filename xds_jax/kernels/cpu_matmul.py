@@ -133,9 +133,10 @@ def use_amx(rows: int) -> int:
 
 
 def use_gemm(rows: int) -> int:
-    """Run float32 matmuls of ``rows`` rows or more on AVX2 (N a multiple of 16) as the packed
-    GEMM (``f32_gemm.h``; 0: never, negative: unchanged; tests force it at a few rows,
-    benchmarks compare); returns the rows now. Takes effect for calls made after it."""
+    """Run float32 matmuls of ``rows`` rows or more (and 16 or more outputs) on AVX2 as the
+    packed GEMM (``f32_gemm.h``: whole panels of 16 outputs, any rest on the blocks; 0: never,
+    negative: unchanged; tests force it at a few rows, benchmarks compare); returns the rows
+    now. Takes effect for calls made after it."""
     lib = build.load(LIBRARY) if kernel_isa() else None
     return int(lib.xds_few_row_use_gemm(ctypes.c_int64(rows))) if lib is not None else 0
 

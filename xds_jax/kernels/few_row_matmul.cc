@@ -201,13 +201,14 @@ ffi::Error Run(ffi::ThreadPool& pool, std::shared_ptr<Work> work) {
   }
   if (work->o.N == 0) return ffi::Error::Success();  // no outputs (and no chunk to size)
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t per_chunk = (work->o.N + threads * kChunksPerThread - 1) /
-                            (threads * kChunksPerThread);
-  const int64_t unit = work->xp == nullptr ? kBlocks : work->amx_unit();
-  work->chunk = (per_chunk + unit - 1) / unit * unit;
   if (work->gemm) {  // 64 outputs a chunk, fewer where that leaves under 8 a thread
     work->chunk = 64;
     while (work->chunk > kGemmCols && work->o.N < work->chunk * 8 * threads) work->chunk /= 2;
+  } else {
+    const int64_t pieces = threads * kChunksPerThread;
+    const int64_t per_chunk = (work->o.N + pieces - 1) / pieces;
+    const int64_t unit = work->xp == nullptr ? kBlocks : work->amx_unit();
+    work->chunk = (per_chunk + unit - 1) / unit * unit;
   }
   work->chunks = (work->o.N + work->chunk - 1) / work->chunk;
   work->grab_ahead = work->xp == nullptr && !work->gemm;  // AMX, GEMM: no weights fetched ahead

@@ -383,8 +383,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XdsPrefillAttention, Attend,
                                   .Attr<float>("window")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// The dtypes this CPU runs the kernel for: 2 both (AVX2 + FMA or AVX-512), 0 none.
-extern "C" int xds_prefill_attention_ok() { return kIsa > 0 ? 2 : 0; }
+// Whether this CPU runs the kernel (AVX2 + FMA or AVX-512; bfloat16 and float32 alike).
+extern "C" int xds_prefill_attention_ok() { return kIsa > 0 ? 1 : 0; }
 
 // Run at most instruction set ``isa`` (2: AVX-512, 1: AVX2; never above the CPU's, never below
 // 1 where the CPU has one); returns the one in use (tests and benchmarks check the AVX2 path).
